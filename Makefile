@@ -1,0 +1,54 @@
+# The two set-up commands of the README: `make run` and `make test`.
+# Everything they need is installed from here (PyPI, Debian packages, npm); nothing by hand.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PEER   := tests/fhir_peer
+DEMO_DIR ?= var
+
+.PHONY: run test test-fast lint typecheck bench deps-system clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Node.js runs the Medplum FHIR peer the sync tests talk to.
+deps-system:
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "installing nodejs and npm (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+
+$(PEER)/node_modules/.package-lock.json: $(PEER)/package.json $(PEER)/package-lock.json | deps-system
+	npm ci --prefix $(PEER) --no-audit --no-fund --loglevel=error
+
+run: $(STAMP)
+	$(BIN)/appliance demo --demo $(DEMO_DIR)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) deps-system $(PEER)/node_modules/.package-lock.json lint typecheck
+	$(BIN)/pytest -q -ra
+
+# A quick subset for the edit-test loop: everything but the slow groups.
+test-fast: $(STAMP) $(PEER)/node_modules/.package-lock.json
+	$(BIN)/pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/store_ingest.py --quick
+	$(BIN)/python bench/store_read.py --quick
+	$(BIN)/python bench/audit_verify.py --quick
+	$(BIN)/python bench/demo_memory.py
+
+clean:
+	rm -rf $(VENV) $(PEER)/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,448 @@
+"""The ``appliance`` command line (a stable surface: DESIGN.md, "Stable surfaces").
+
+Every command takes ``--config FILE`` (default ``$APPLIANCE_CONFIG`` or
+``/etc/appliance/site.toml``) or ``--demo DATA_DIR``. Errors are one line on stderr with a
+non-zero exit code; nothing here prints PHI.
+
+This module is an entry point, so it is where the parts are assembled: the processes are
+started as ``python -m web.main`` / ``services.devices`` / ``sync_agent.process``, and
+``sync once`` imports the sync agent lazily (STYLE.md rule 1 keeps the core free of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import getpass
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tqdm import tqdm
+
+from appliance import __version__, audit, db
+from appliance.config import Config
+from appliance.errors import ApplianceError
+from appliance.keys import generate_kek_file, load_keyring
+from appliance.runtime import add_config_arguments, config_from_args, setup_logging
+
+PROCESS_MODULES = {"web": "web.main", "devices": "services.devices", "sync": "sync_agent.process"}
+DEMO_USERS = (("nurse", "nurse-demo-2026", "nurse"), ("admin", "admin-demo-2026", "admin"))
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _open(config: Config) -> tuple[sqlite3.Connection, bytes]:
+    """Open the database and read the key-encryption key (finishing a KEK rotation)."""
+    from appliance.key_rotation import resolve_kek
+
+    conn = db.connect_sync(config.paths.database)
+    return conn, resolve_kek(conn, config.keys.kek_file)
+
+
+# -- init / run / demo --------------------------------------------------------------------
+
+
+def init_site(config: Config, *, dev_key: bool) -> list[str]:
+    """Create the data directory, a development KEK if allowed, the schema and keys."""
+    from appliance.keys import ensure_keys, read_kek_file
+
+    notes = []
+    config.paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not config.keys.kek_file.exists():
+        if not dev_key:
+            raise ApplianceError(
+                f"{config.keys.kek_file}: no key-encryption key; provision it (Ansible) or run "
+                "'appliance init --dev-key' on a development machine"
+            )
+        generate_kek_file(config.keys.kek_file)
+        notes.append(f"generated a development key-encryption key at {config.keys.kek_file} (0600)")
+    kek = read_kek_file(config.keys.kek_file)
+    conn = db.connect_sync(config.paths.database)
+    try:
+        if ensure_keys(conn, kek):
+            notes.append(f"created database and data keys at {config.paths.database}")
+        load_keyring(conn, kek, config.keys.kek_file)
+    finally:
+        conn.close()
+    return notes
+
+
+def cmd_init(args: argparse.Namespace, config: Config) -> int:
+    for note in init_site(config, dev_key=args.dev_key or args.demo is not None):
+        _out(note)
+    _out("ready")
+    return 0
+
+
+def _child_specs(args: argparse.Namespace, only: Sequence[str]) -> list[object]:
+    from appliance.supervisor import ChildSpec
+
+    tail = ["--demo", str(Path(args.demo).resolve())] if args.demo else []
+    if not args.demo and args.config:
+        tail = ["--config", str(Path(args.config).resolve())]
+    return [
+        ChildSpec(name=name, argv=(sys.executable, "-m", PROCESS_MODULES[name], *tail))
+        for name in only
+    ]
+
+
+def _supervise(args: argparse.Namespace, config: Config, banner: Callable[[], None] | None) -> int:
+    from appliance.supervisor import Supervisor
+
+    specs = _child_specs(args, args.only or list(PROCESS_MODULES))
+    supervisor = Supervisor(specs)  # type: ignore[arg-type]
+
+    async def go() -> int:
+        task = asyncio.create_task(supervisor.run())
+        if banner is not None and await supervisor.wait_ready(60):
+            banner()
+        return await task
+
+    return asyncio.run(go())
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    return _supervise(args, config, None)
+
+
+def ensure_demo_users(config: Config) -> None:
+    """Create the demo logins if they are missing (demo mode only)."""
+    from appliance.users import create_user
+
+    conn = db.connect_sync(config.paths.database)
+    try:
+        for username, password, role in DEMO_USERS:
+            if (
+                conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone()
+                is None
+            ):
+                create_user(conn, username, password, role, now=datetime.now(UTC))
+    finally:
+        conn.close()
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    init_site(config, dev_key=True)
+    ensure_demo_users(config)
+    url = config.web.public_url
+
+    def banner() -> None:
+        _out("")
+        _out("Telehealth appliance demo is running (Ctrl-C to stop)")
+        _out(f"  Nurse console: {url}/nurse/")
+        _out(f"  Health:        {url}/healthz")
+        _out(f"  Metrics:       {url}/metrics")
+        for username, password, role in DEMO_USERS:
+            _out(f"  Demo login ({role}): {username} / {password}")
+        _out(f"  Data directory: {config.paths.data_dir} (synthetic patients only)")
+        _out("")
+
+    return _supervise(args, config, banner)
+
+
+# -- audit --------------------------------------------------------------------------------
+
+
+def cmd_audit_verify(args: argparse.Namespace, config: Config) -> int:
+    conn, kek = _open(config)
+    try:
+        keyring = load_keyring(conn, kek, config.keys.kek_file)
+        total = int(conn.execute("SELECT count(*) FROM audit").fetchone()[0])
+        with tqdm(total=total, unit="rec", disable=args.quiet or not sys.stderr.isatty()) as bar:
+
+            def progress(done: int, _total: int) -> None:
+                bar.update(done - bar.n)
+
+            result = audit.verify(conn, keyring.signing_public_key, progress=progress)
+    finally:
+        conn.close()
+    if result.ok:
+        _out(
+            f"audit trail intact: {result.records} records, {result.checkpoints} signed checkpoints"
+        )
+        return 0
+    sys.stderr.write(f"audit trail NOT intact: {result.problem}\n")
+    return 1
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def cmd_audit_report(args: argparse.Namespace, config: Config) -> int:
+    conn, kek = _open(config)
+    try:
+        patient_key = None
+        if args.patient:
+            keyring = load_keyring(conn, kek, config.keys.kek_file)
+            patient_key = keyring.patient_key(
+                args.patient if args.patient.startswith("Patient/") else f"Patient/{args.patient}"
+            )
+        records = audit.report(
+            conn,
+            since=_parse_time(args.since),
+            until=_parse_time(args.until),
+            actor=args.user if args.user is None or ":" in args.user else f"user:{args.user}",
+            patient_key=patient_key,
+            limit=args.limit,
+        )
+        rows = audit.format_report_rows(records)
+    finally:
+        conn.close()
+    if args.format == "json":
+        for row in rows:
+            _out(json.dumps(row))
+    elif rows:
+        writer = csv.DictWriter(
+            sys.stdout, fieldnames=list(rows[0]), delimiter="," if args.format == "csv" else "\t"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    return 0
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
+    from appliance import key_rotation
+
+    conn, kek = _open(config)
+    try:
+        if args.what == "kek":
+            fingerprint = key_rotation.rotate_kek(conn, config.keys.kek_file, args.new_kek_file)
+            _out(f"key-encryption key rotated; new fingerprint {fingerprint}")
+            if args.new_kek_file:
+                _out(f"install {args.new_kek_file} as {config.keys.kek_file} before the next start")
+            return 0
+        if not args.resume:
+            version = key_rotation.rotate_data_key(conn, kek)
+            _out(f"data key version {version} is now active; re-encrypting existing records")
+        with tqdm(unit="rows", disable=not sys.stderr.isatty()) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            result = key_rotation.reencrypt(conn, kek, batch=args.batch, progress=progress)
+        _out(
+            f"re-encrypted {result.rows} rows; retired key versions: {list(result.retired_versions) or 'none'}"
+        )
+        return 0
+    finally:
+        conn.close()
+
+
+# -- users --------------------------------------------------------------------------------
+
+
+def cmd_users_add(args: argparse.Namespace, config: Config) -> int:
+    from appliance.users import create_user
+
+    if args.password_file:
+        password = Path(args.password_file).read_text(encoding="utf-8").strip()
+    else:
+        password = getpass.getpass(f"Password for {args.username}: ")
+        if getpass.getpass("Again: ") != password:
+            raise ApplianceError("the passwords do not match; nothing was changed")
+    conn = db.connect_sync(config.paths.database)
+    try:
+        create_user(conn, args.username, password, args.role, now=datetime.now(UTC))
+    finally:
+        conn.close()
+    _out(f"user {args.username} ({args.role}) added")
+    return 0
+
+
+# -- sync ---------------------------------------------------------------------------------
+
+
+def cmd_sync_status(args: argparse.Namespace, config: Config) -> int:
+    conn = db.connect_sync(config.paths.database)
+    try:
+        rows = conn.execute(
+            "SELECT lane, state, count(*) FROM outbox GROUP BY lane, state ORDER BY lane, state"
+        ).fetchall()
+        dead = conn.execute(
+            "SELECT o.id, r.type, o.attempts, o.last_error FROM outbox o JOIN resources r "
+            "ON r.id = o.resource_id WHERE o.state = 'dead' ORDER BY o.id LIMIT 20"
+        ).fetchall()
+        beat = conn.execute(
+            "SELECT beat_at, status FROM heartbeats WHERE process = 'sync'"
+        ).fetchone()
+    finally:
+        conn.close()
+    _out(
+        json.dumps(
+            {
+                "outbox": [
+                    {"lane": lane, "state": state, "count": count} for lane, state, count in rows
+                ],
+                "dead_letters": [
+                    {"outbox_id": i, "type": t, "attempts": a, "error": e} for i, t, a, e in dead
+                ],
+                "sync_process": None
+                if beat is None
+                else {"beat_at": beat[0], **json.loads(beat[1])},
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
+    from appliance.store import Store
+    from sync_agent.outbox_delivery import Deliverer
+    from sync_agent.upstream import build_client
+
+    if not config.sync.upstreams:
+        raise ApplianceError("no [[sync.upstream]] is configured; nothing to sync to")
+    upstream = config.sync.upstreams[0]
+
+    async def go() -> int:
+        store = await Store.open(config.paths.database, config.keys.kek_file)
+        try:
+            async with build_client(upstream) as client:
+                result = await Deliverer(
+                    store, client, max_entries=upstream.max_bundle_entries
+                ).drain()
+        finally:
+            await store.close()
+        _out(json.dumps({k: v for k, v in result.__dict__.items() if k != "failures"}))
+        return 0 if result.error is None else 2
+
+    return asyncio.run(go())
+
+
+# -- the parser ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree (``--help`` at every level)."""
+    parser = argparse.ArgumentParser(prog="appliance", description="Telehealth edge appliance.")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str,
+        handler: Callable[..., int],
+        help_text: str,
+        parent: argparse._SubParsersAction = sub,
+    ) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
+        add_config_arguments(p)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("init", cmd_init, "create the data directory, database and keys")
+    p.add_argument(
+        "--dev-key",
+        action="store_true",
+        help="generate a development key-encryption key if none exists",
+    )
+    for name, handler, text in (
+        ("run", cmd_run, "start the web, devices and sync processes under the supervisor"),
+        ("demo", cmd_demo, "demo mode: synthetic patients, simulated devices, demo logins"),
+    ):
+        p = command(name, handler, text)
+        p.add_argument(
+            "--only",
+            action="append",
+            choices=sorted(PROCESS_MODULES),
+            help="start only these processes",
+        )
+
+    audit_cmd = sub.add_parser("audit", help="verify and report the audit trail").add_subparsers(
+        dest="audit_command", required=True, metavar="COMMAND"
+    )
+    p = command(
+        "verify",
+        cmd_audit_verify,
+        "check the hash chain and signed checkpoints; exit 1 naming the first bad record",
+        audit_cmd,
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = command(
+        "report", cmd_audit_report, "list audit records by time window, user and patient", audit_cmd
+    )
+    p.add_argument("--since", help="ISO time (UTC if no offset)")
+    p.add_argument("--until", help="ISO time (UTC if no offset)")
+    p.add_argument("--user", help="username (or actor such as service:devices)")
+    p.add_argument("--patient", help="local Patient id")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+    keys_cmd = sub.add_parser("keys", help="key management").add_subparsers(
+        dest="keys_command", required=True, metavar="COMMAND"
+    )
+    p = command(
+        "rotate",
+        cmd_keys_rotate,
+        "rotate the key-encryption key (re-wrap) or the data key (re-encrypt)",
+        keys_cmd,
+    )
+    p.add_argument("what", choices=("kek", "data"))
+    p.add_argument(
+        "--new-kek-file", type=Path, help="use this new KEK instead of generating one (kek only)"
+    )
+    p.add_argument(
+        "--batch", type=int, default=500, help="rows per re-encryption transaction (data only)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted re-encryption without a new key",
+    )
+
+    users_cmd = sub.add_parser("users", help="staff accounts").add_subparsers(
+        dest="users_command", required=True, metavar="COMMAND"
+    )
+    p = command("add", cmd_users_add, "add a staff account (argon2id password hash)", users_cmd)
+    p.add_argument("username")
+    p.add_argument("--role", choices=("nurse", "provider", "admin"), default="nurse")
+    p.add_argument(
+        "--password-file", type=Path, help="read the password from a file instead of prompting"
+    )
+
+    sync_cmd = sub.add_parser("sync", help="outbox delivery").add_subparsers(
+        dest="sync_command", required=True, metavar="COMMAND"
+    )
+    command(
+        "status",
+        cmd_sync_status,
+        "outbox counts by lane and state, dead letters, sync process health",
+        sync_cmd,
+    )
+    command("once", cmd_sync_once, "drain the outbox to the first upstream now", sync_cmd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(os.environ.get("APPLIANCE_LOG_LEVEL", "WARNING"))
+    try:
+        config = config_from_args(args)
+        return int(args.handler(args, config))
+    except ApplianceError as exc:
+        sys.stderr.write(f"appliance: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""FHIR R4 helpers at the store's edge: validation, identity, and the plain index columns.
+
+Validation uses ``fhir.resources.R4B`` (wire compatible with the R4 EHRs speak; REFERENCE.md).
+Validation errors name the element path and the rule, never the offending value, because
+the value may be PHI and error messages reach logs and HTTP responses.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from appliance.errors import InvalidResourceError
+
+# Our resources carry their own globally unique identifier, so a conditional create
+# (``ifNoneExist: identifier=urn:ietf:rfc:3986|urn:uuid:...``) upstream is idempotent.
+IDENTIFIER_SYSTEM = "urn:ietf:rfc:3986"
+
+# Resource types whose subject/patient reference we index. Patient indexes itself.
+_PATIENT_FIELDS = ("subject", "patient", "beneficiary")
+
+FhirJson = dict[str, Any]
+
+
+def uuid7(now_ms: int | None = None) -> str:
+    """A time-ordered UUID (RFC 9562 version 7): 48-bit Unix ms time, then random bits.
+
+    Time ordering keeps the ``logical_id`` index growing at its right edge like the rowid,
+    so inserting it costs little more than an append.
+    """
+    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | rand
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return str(uuid.UUID(int=value))
+
+
+def identifier_value(logical_id: str) -> str:
+    """The identifier value that makes a resource's upstream create idempotent."""
+    return f"urn:uuid:{logical_id}"
+
+
+def validate(resource: Mapping[str, Any]) -> None:
+    """Validate against FHIR R4(B); raises :class:`InvalidResourceError` listing every problem."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    rtype = resource.get("resourceType")
+    if not isinstance(rtype, str):
+        raise InvalidResourceError("resourceType: required")
+    try:
+        model = get_fhir_model_class(rtype)
+    except KeyError as exc:
+        raise InvalidResourceError(f"resourceType: unknown type {rtype!r}") from exc
+    try:
+        model.model_validate(dict(resource))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False, include_context=False):
+            where = ".".join(str(p) for p in (rtype, *err["loc"]))
+            problems.append(f"{where}: {err['msg']}")
+        raise InvalidResourceError("; ".join(problems)) from None
+
+
+def patient_reference(resource: Mapping[str, Any]) -> str | None:
+    """The ``Patient/<id>`` a resource is about, or None (the Patient itself counts)."""
+    if resource.get("resourceType") == "Patient" and resource.get("id"):
+        return f"Patient/{resource['id']}"
+    for field in _PATIENT_FIELDS:
+        ref = resource.get(field)
+        if isinstance(ref, Mapping):
+            value = ref.get("reference")
+            if isinstance(value, str) and value.startswith("Patient/"):
+                return value
+    return None
+
+
+def primary_code(resource: Mapping[str, Any]) -> str | None:
+    """``system|code`` of the first coding of ``code`` (a LOINC code is not PHI)."""
+    code = resource.get("code")
+    if isinstance(code, Mapping):
+        codings = code.get("coding")
+        if isinstance(codings, list) and codings and isinstance(codings[0], Mapping):
+            return f"{codings[0].get('system', '')}|{codings[0].get('code', '')}"
+    return None
+
+
+def effective_utc(resource: Mapping[str, Any]) -> str | None:
+    """The clinically relevant time as fixed-width UTC text, so it sorts as a string."""
+    for field in ("effectiveDateTime", "effectiveInstant", "issued", "recorded", "authoredOn"):
+        value = resource.get(field)
+        if isinstance(value, str):
+            return _to_utc_text(value)
+    period = resource.get("effectivePeriod") or resource.get("period")
+    if isinstance(period, Mapping) and isinstance(period.get("start"), str):
+        return _to_utc_text(period["start"])
+    return None
+
+
+def utc_text(moment: datetime) -> str:
+    """Fixed-width UTC text (``2026-11-26T10:00:00.000000Z``) for plain date columns."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: the appliance stores timezone-aware times only")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _to_utc_text(value: str) -> str | None:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None  # partial dates (YYYY, YYYY-MM) are valid FHIR but not indexable to an instant
+    if parsed.tzinfo is None:
+        return None
+    return utc_text(parsed)

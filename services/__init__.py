@@ -1,0 +1,1 @@
+"""Domain services that run inside the box's processes (devices, check-in, alerting, ...)."""

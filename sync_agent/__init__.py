@@ -1,0 +1,1 @@
+"""The sync agent: outbox delivery to upstream FHIR servers and pull-down."""

@@ -1,0 +1,175 @@
+"""Keys: KEK file checks, wrong key fails closed, blind indexes, KEK and data-key rotation."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appliance import db, key_rotation
+from appliance.errors import KeyFileError, WrongKeyError
+from appliance.keys import generate_kek_file, normalise_name, read_kek_file
+from appliance.store import Store
+from tests import factories
+
+NURSE = "user:nurse1"
+
+
+def test_missing_key_file_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="appliance init") as info:
+        read_kek_file(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(info.value)
+
+
+def test_group_readable_key_file_is_refused(kek_path: Path) -> None:
+    kek_path.chmod(0o640)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        read_kek_file(kek_path)
+
+
+def test_key_file_of_wrong_size_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "kek"
+    path.write_bytes(b"short")
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError, match="exactly 32 bytes"):
+        read_kek_file(path)
+
+
+def test_existing_key_is_never_overwritten(kek_path: Path) -> None:
+    before = kek_path.read_bytes()
+    with pytest.raises(KeyFileError, match="refusing to overwrite"):
+        generate_kek_file(kek_path)
+    assert kek_path.read_bytes() == before
+    assert (kek_path.stat().st_mode & 0o777) == 0o600
+
+
+async def test_wrong_key_fails_closed_with_a_clear_error(
+    tmp_path: Path, db_path: Path, kek_path: Path
+) -> None:
+    store = await Store.open(db_path, kek_path)
+    await store.create([factories.patient()], NURSE)
+    await store.close()
+    other = tmp_path / "other-kek"
+    generate_kek_file(other)
+    with pytest.raises(WrongKeyError, match="not the one that protects this database") as info:
+        await Store.open(db_path, other)
+    assert "\n" not in str(info.value)
+
+
+async def test_wrong_key_with_forged_fingerprint_still_fails_closed(
+    tmp_path: Path, db_path: Path, kek_path: Path
+) -> None:
+    store = await Store.open(db_path, kek_path)
+    await store.close()
+    other = tmp_path / "other-kek"
+    generate_kek_file(other)
+    from appliance.keys import kek_fingerprint
+
+    conn = sqlite3.connect(db_path)
+    conn.execute(
+        "UPDATE meta SET value = ? WHERE key = 'kek_fingerprint'",
+        (kek_fingerprint(other.read_bytes()),),
+    )
+    conn.commit()
+    conn.close()
+    with pytest.raises(WrongKeyError, match="does not unwrap"):
+        await Store.open(db_path, other)
+
+
+@given(st.text(alphabet=st.characters(categories=("L", "Zs", "Pd")), min_size=1, max_size=30))
+def test_name_normalisation_ignores_case_spacing_and_punctuation(name: str) -> None:
+    assert normalise_name(name) == normalise_name(name.upper().replace(" ", "-"))
+
+
+async def test_kek_rotation_rewraps_and_old_key_no_longer_opens(
+    db_path: Path, kek_path: Path
+) -> None:
+    store = await Store.open(db_path, kek_path)
+    [pat] = await store.create([factories.patient()], NURSE)
+    await store.close()
+    old = kek_path.read_bytes()
+    conn = db.connect_sync(db_path)
+    key_rotation.rotate_kek(conn, kek_path)
+    conn.close()
+    assert kek_path.read_bytes() != old
+    assert (kek_path.stat().st_mode & 0o777) == 0o600
+    reopened = await Store.open(db_path, kek_path)
+    assert (await reopened.read("Patient", pat.logical_id, NURSE))["id"] == pat.logical_id
+    await reopened.close()
+    stale = kek_path.with_name("stale")
+    stale.write_bytes(old)
+    stale.chmod(0o600)
+    with pytest.raises(WrongKeyError):
+        await Store.open(db_path, stale)
+
+
+async def test_kek_rotation_interrupted_before_rename_is_finished_on_next_open(
+    db_path: Path, kek_path: Path
+) -> None:
+    store = await Store.open(db_path, kek_path)
+    [pat] = await store.create([factories.patient()], NURSE)
+    await store.close()
+    conn = db.connect_sync(db_path)
+    real_replace = os.replace
+
+    def crash(*_args: object) -> None:
+        raise SystemExit("power lost")
+
+    os.replace = crash  # type: ignore[assignment]
+    try:
+        with pytest.raises(SystemExit):
+            key_rotation.rotate_kek(conn, kek_path)
+    finally:
+        os.replace = real_replace
+        conn.close()
+    assert kek_path.with_name("kek.next").exists()
+    reopened = await Store.open(db_path, kek_path)  # finishes the rename
+    assert not kek_path.with_name("kek.next").exists()
+    assert (await reopened.read("Patient", pat.logical_id, NURSE))["id"] == pat.logical_id
+    await reopened.close()
+
+
+async def test_data_key_rotation_reencrypts_resumably_and_reads_work_throughout(
+    db_path: Path, kek_path: Path
+) -> None:
+    store = await Store.open(db_path, kek_path)
+    [pat] = await store.create([factories.patient()], NURSE)
+    ref = f"Patient/{pat.logical_id}"
+    created = await store.create(
+        [factories.bp_observation(ref, systolic=100 + i) for i in range(25)], "service:devices"
+    )
+    kek = kek_path.read_bytes()
+    conn = db.connect_sync(db_path)
+    new_version = key_rotation.rotate_data_key(conn, kek)
+    # A crash part-way: two small batches done, the rest still under the old key.
+    partial = key_rotation.reencrypt(conn, kek, batch=5, max_batches=2)
+    assert partial.rows == 10
+    assert partial.retired_versions == ()
+    versions = {v for (v,) in conn.execute("SELECT DISTINCT key_version FROM resources")}
+    assert len(versions) == 2
+    # The running store (loaded before the rotation) reads both old and new rows ...
+    for item in created:
+        assert (await store.read("Observation", item.logical_id, NURSE))["id"] == item.logical_id
+    # ... and its next write uses the new key.
+    [late] = await store.create([factories.bp_observation(ref)], "service:devices")
+    late_version = conn.execute(
+        "SELECT key_version FROM resources WHERE logical_id = ?", (late.logical_id,)
+    ).fetchone()[0]
+    assert late_version == new_version
+    finished = key_rotation.reencrypt(conn, kek, batch=5)
+    assert finished.rows == 16
+    assert len(finished.retired_versions) == 1
+    assert {v for (v,) in conn.execute("SELECT DISTINCT key_version FROM resources")} == {
+        new_version
+    }
+    wrapped = conn.execute("SELECT wrapped FROM data_keys WHERE state = 'retired'").fetchone()[0]
+    assert wrapped == b""
+    conn.close()
+    await store.close()
+    reopened = await Store.open(db_path, kek_path)
+    assert len(await reopened.newest(ref, "Observation", NURSE)) == 26
+    await reopened.close()

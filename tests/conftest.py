@@ -1,0 +1,32 @@
+"""Shared fixtures: a real SQLite store on a temp file with a generated key, the FHIR peer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from appliance.keys import generate_kek_file
+from appliance.store import Store
+
+
+@pytest.fixture
+def kek_path(tmp_path: Path) -> Path:
+    path = tmp_path / "keys" / "kek"
+    generate_kek_file(path)
+    return path
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "appliance.db"
+
+
+@pytest.fixture
+async def store(db_path: Path, kek_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path, kek_path)
+    try:
+        yield opened
+    finally:
+        await opened.close()

@@ -1,0 +1,1 @@
+"""The Quart web application: kiosk, nurse, provider and admin UIs, health and metrics."""
