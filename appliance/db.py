@@ -113,8 +113,17 @@ def connect_sync(path: Path, *, migrate: bool = True) -> sqlite3.Connection:
     return conn
 
 
+def silence_driver_debug_logs() -> None:
+    """aiosqlite logs every operation *with its arguments* at DEBUG: rows, PHI, even the KEK.
+
+    Cap it at WARNING whatever the root level is, so no debug setting can leak them.
+    """
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+
+
 async def connect(path: Path, *, migrate: bool = True) -> aiosqlite.Connection:
     """Open the database for use from the event loop (aiosqlite runs it on its own thread)."""
+    silence_driver_debug_logs()
     try:
         conn = await aiosqlite.connect(path, isolation_level=None)
     except sqlite3.Error as exc:

@@ -82,7 +82,12 @@ async def test_wrong_key_with_forged_fingerprint_still_fails_closed(
 
 @given(st.text(alphabet=st.characters(categories=("L", "Zs", "Pd")), min_size=1, max_size=30))
 def test_name_normalisation_ignores_case_spacing_and_punctuation(name: str) -> None:
-    assert normalise_name(name) == normalise_name(name.upper().replace(" ", "-"))
+    assert normalise_name(name) == normalise_name(name.casefold().replace(" ", "-"))
+
+
+def test_name_normalisation_examples() -> None:
+    assert normalise_name("NÚÑEZ-ORTEGA") == normalise_name("nunez ortega") == "nunezortega"
+    assert normalise_name("O'Brien") == normalise_name("obrien")
 
 
 async def test_kek_rotation_rewraps_and_old_key_no_longer_opens(
