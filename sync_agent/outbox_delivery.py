@@ -6,6 +6,11 @@ lost response finds the resource already there (200) instead of creating it twic
 Entries of a ``batch`` are independent: each gets its own outcome, a refused entry is
 dead-lettered with the server's message and the rest land.
 
+Entries carry no ``fullUrl``: batch entries do not reference each other, and a
+``urn:uuid`` fullUrl equal to our identifier value gets rewritten by some servers (the
+Medplum peer replaces it in every string of the Bundle, identifiers included), which would
+break idempotency on the next resend.
+
 References: a resource that points at ``Patient/<local id>`` is sent pointing at the
 Patient's upstream id, learnt when that Patient was delivered (its outbox row keeps the
 ``upstream_ref``). A batch therefore ends before the first item whose Patient is not
@@ -187,7 +192,6 @@ class Deliverer:
             "type": "batch",
             "entry": [
                 {
-                    "fullUrl": f"urn:uuid:{item.logical_id}",
                     "resource": body,
                     "request": {
                         "method": "POST",

@@ -124,17 +124,33 @@ async def test_refused_entry_is_dead_lettered_with_the_servers_message_and_the_r
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
     ref = await _patient_with_readings(store, 2)
-    # Valid FHIR for our validator, but pointing at a resource type the server will refuse
-    # as a subject; stored without validation to reach the server at all.
+    # The upstream refuses this one entry (an EHR business rule, say); the peer's reject
+    # rule answers that entry 422 with an OperationOutcome and processes the others.
     bad = factories.bp_observation(ref)
-    bad["subject"] = {"reference": "Group/does-not-exist"}
-    bad["status"] = "not-a-status"
-    await store.create([bad], "service:devices", validate=False)
+    bad["note"] = [{"text": "refuse-me-upstream"}]
+    await store.create([bad], "service:devices")
+    fhir_peer.reject("refuse-me-upstream")
     result = await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
     assert result.delivered == 3
     assert result.dead == 1
     conn = sqlite3.connect(db_path)
     [(error,)] = conn.execute("SELECT last_error FROM outbox WHERE state = 'dead'").fetchall()
     conn.close()
-    assert error
+    assert "refused by the test rule" in error
     assert fhir_peer.count("Observation") == 2
+
+
+async def test_bundle_refused_as_too_large_is_halved_and_everything_lands(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    await _patient_with_readings(store, 6)
+    deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1))
+    fhir_peer.fault("status", status=413, count=1)
+    first = await deliverer.drain_once()
+    assert first.error is not None
+    assert "too_large" in first.error
+    assert deliverer.batch_size == 3  # 7 due items, halved
+    result = await deliverer.drain()
+    assert result.delivered == 7
+    assert fhir_peer.count("Observation") == 6
+    assert _states(db_path) == [("delivered", 7)]
