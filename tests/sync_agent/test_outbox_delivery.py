@@ -145,12 +145,13 @@ async def test_bundle_refused_as_too_large_is_halved_and_everything_lands(
 ) -> None:
     await _patient_with_readings(store, 6)
     deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1))
+    assert (await deliverer.drain_once()).delivered == 1  # the Patient goes first, alone
     fhir_peer.fault("status", status=413, count=1)
     first = await deliverer.drain_once()
     assert first.error is not None
     assert "too_large" in first.error
-    assert deliverer.batch_size == 3  # 7 due items, halved
+    assert deliverer.batch_size == 3  # 6 readings, halved
     result = await deliverer.drain()
-    assert result.delivered == 7
+    assert result.delivered == 6
     assert fhir_peer.count("Observation") == 6
     assert _states(db_path) == [("delivered", 7)]
