@@ -118,7 +118,7 @@ async def test_ciphertext_copied_into_another_row_is_rejected(store: Store, db_p
     conn.close()
     with pytest.raises(TamperedDataError, match="failed authentication"):
         await store.read("Patient", b.logical_id, NURSE)
-    assert (await store.read("Patient", a.logical_id, NURSE))["identifier"][0]["value"] == "A1"
+    assert (await store.read("Patient", a.logical_id, NURSE))["identifier"][1]["value"] == "A1"
 
 
 async def test_flipped_ciphertext_bit_is_rejected(store: Store, db_path: Path) -> None:
