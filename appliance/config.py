@@ -1,10 +1,11 @@
 """The site configuration: one TOML file, parsed once into frozen dataclasses.
 
-One schema (the ``_FIELDS`` tables below) drives validation, defaults and the reference in
-``docs/site-config.md``. Every problem is collected and reported at once with its dotted
-path (``site.npi: ...``), borgmatic-style; unknown keys are errors too, because a typo in a
-key name must not silently fall back to a default. Secrets never appear here: only the
-paths of files that hold them.
+One schema (``_SCHEMA`` below: a table of field specs per section) drives validation,
+defaults and the key reference in ``docs/site-config.md`` (rendered by :func:`reference`;
+a test keeps the document in step). Every problem is collected and reported at once as
+``"<dotted.path>: <message>"``, borgmatic-style. Unknown keys are errors, because a typo in
+a key name must not silently fall back to a default. Secrets never appear here, only the
+paths of the files that hold them; files are not opened here but where they are used.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from appliance.errors import ConfigError
 
 
 class SiteType(StrEnum):
-    """Kinds of originating site (they decide the claim form later)."""
+    """Kinds of originating site (they decide the claim form and place of service later)."""
 
     OFFICE = "office"
     HOSPITAL_OUTPATIENT = "hospital_outpatient"
@@ -33,7 +35,7 @@ class SiteType(StrEnum):
 
 
 class AuthKind(StrEnum):
-    """How the box authenticates to an upstream."""
+    """How the box authenticates to an upstream FHIR server."""
 
     NONE = "none"
     BEARER = "bearer"
@@ -43,7 +45,7 @@ class AuthKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """The site's postal address (billing provider address on claims)."""
+    """The site's postal address (the billing provider address on claims)."""
 
     lines: tuple[str, ...]
     city: str
@@ -67,7 +69,7 @@ class SiteConfig:
 
 @dataclass(frozen=True, slots=True)
 class PathsConfig:
-    """Where data lives."""
+    """Where the box keeps its data (absolute paths)."""
 
     data_dir: Path
     database: Path
@@ -76,14 +78,14 @@ class PathsConfig:
 
 @dataclass(frozen=True, slots=True)
 class KeysConfig:
-    """Where the key-encryption key is read from."""
+    """Where the key-encryption key is read from (absolute path)."""
 
     kek_file: Path
 
 
 @dataclass(frozen=True, slots=True)
 class WebConfig:
-    """The web process's listener."""
+    """The web process's listener and sessions."""
 
     host: str
     port: int
@@ -97,13 +99,13 @@ class WebConfig:
 class DevicesConfig:
     """The devices process."""
 
-    simulated: bool
-    simulated_interval_s: float
+    simulated: bool = False
+    simulated_interval_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    """One upstream FHIR server."""
+    """One upstream FHIR server the sync agent delivers to."""
 
     name: str
     base_url: str
@@ -124,13 +126,13 @@ class UpstreamConfig:
 class SyncConfig:
     """The sync process."""
 
-    interval_s: float
-    upstreams: tuple[UpstreamConfig, ...]
+    interval_s: float = 5.0
+    upstreams: tuple[UpstreamConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """The whole site configuration."""
+    """The whole site configuration; ``source`` is the file it came from, if any."""
 
     site: SiteConfig
     paths: PathsConfig
@@ -142,349 +144,454 @@ class Config:
 
 
 def npi_is_valid(npi: str) -> bool:
-    """NPI check digit: Luhn over the 9 digits with the 80840 prefix (CMS NPI standard)."""
-    if not re.fullmatch(r"\d{10}", npi):
+    """Whether ``npi`` is 10 digits whose last is the Luhn check digit with prefix 80840.
+
+    The prefix is the NPI's ISO 7812 issuer identifier (CMS, "NPI check digit" note); the
+    doubled and plain digits of "80840" always add 24 to the Luhn sum.
+    """
+    if not re.fullmatch(r"[0-9]{10}", npi):
         return False
-    total = 24  # the constant contribution of the "80840" prefix
+    total = 24
     for index, char in enumerate(reversed(npi[:9])):
-        digit = int(char)
-        if index % 2 == 0:
-            digit *= 2
-            if digit > 9:
-                digit -= 9
-        total += digit
+        digit = int(char) * (2 if index % 2 == 0 else 1)
+        total += digit - 9 if digit > 9 else digit
     return (10 - total % 10) % 10 == int(npi[9])
+
+
+# --- value types: how the docs name a value, and how a raw TOML value becomes ours --------
+
+
+@dataclass(frozen=True, slots=True)
+class _Type:
+    describe: str
+    convert: Callable[[object], object]  # raises ValueError(message) for a wrong value
+
+
+def _expect(
+    describe: str, ok: Callable[[Any], bool], convert: Callable[[Any], object] = lambda v: v
+) -> _Type:
+    def run(value: object) -> object:
+        if not ok(value):
+            raise ValueError(f"expected {describe}, got {value!r}")
+        return convert(value)
+
+    return _Type(describe, run)
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _int(low: int, high: int) -> _Type:
+    return _expect(
+        f"an integer from {low} to {high}", lambda v: type(v) is int and low <= v <= high
+    )
+
+
+def _number(low: float, high: float) -> _Type:
+    return _expect(
+        f"a number from {low:g} to {high:g}",
+        lambda v: type(v) in (int, float) and low <= v <= high,
+        float,
+    )
+
+
+def _pattern(describe: str, regex: str, convert: Callable[[str], object] = str) -> _Type:
+    return _expect(describe, lambda v: isinstance(v, str) and bool(re.fullmatch(regex, v)), convert)
+
+
+def _one_of(values: tuple[str, ...], convert: Callable[[str], object] = str) -> _Type:
+    def run(value: object) -> object:
+        if value not in values:
+            raise ValueError(f"unknown value {value!r}; expected one of {', '.join(values)}")
+        return convert(str(value))
+
+    return _Type(f"one of {', '.join(values)}", run)
+
+
+def _is_url(value: object) -> bool:
+    if not isinstance(value, str) or re.search(r"\s", value):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _check_npi(value: object) -> object:
+    npi = _pattern("a 10-digit NPI", r"[0-9]{10}").convert(value)
+    if not npi_is_valid(str(npi)):
+        raise ValueError(f"{npi!r} fails the NPI check digit (Luhn with prefix 80840)")
+    return npi
+
+
+def _check_zone(value: object) -> object:
+    name = _TEXT.convert(value)
+    try:
+        ZoneInfo(str(name))
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"{name!r} is not an IANA time zone (e.g. America/Chicago)") from None
+    return name
+
+
+# USPS codes: the states, DC, the territories, the freely associated states and APO/FPO.
+_USPS_CODES = (
+    "AL AK AZ AR CA CO CT DE FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT NE NV NH "
+    "NJ NM NY NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY DC AS GU MP PR VI FM MH "
+    "PW AA AE AP"
+)
+_USPS_STATES = frozenset(_USPS_CODES.split())
+
+_TEXT = _expect("a non-empty string", _is_text)
+_BOOL = _expect("true or false", lambda v: isinstance(v, bool))
+_PATH = _expect("a file path", _is_text, Path)
+_URL = _expect("an http:// or https:// URL", _is_url, lambda v: v.rstrip("/"))
+_NPI = _Type("a 10-digit NPI with a valid check digit", _check_npi)
+_ZONE = _Type("an IANA time zone name", _check_zone)
+_LINES = _expect(
+    "a list of one or more address lines",
+    lambda v: isinstance(v, list) and len(v) > 0 and all(_is_text(line) for line in v),
+    tuple,
+)
+_STATE = _expect(
+    "a 2-letter USPS state code",
+    lambda v: isinstance(v, str) and v.upper() in _USPS_STATES,
+    str.upper,
+)
 
 
 # --- the schema -------------------------------------------------------------------------
 
-Check = Callable[[Any], Any]  # returns the normalised value or raises ValueError(message)
+
+@dataclass(frozen=True, slots=True)
+class _Computed:
+    """A default worked out from other values; ``text`` is how the docs show it."""
+
+    text: str
 
 
-def _str(pattern: str | None = None, what: str = "text") -> Check:
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"expected {what}, got {value!r}")
-        if pattern is not None and not re.fullmatch(pattern, value):
-            raise ValueError(f"{value!r} is not valid {what}")
-        return value
-
-    return check
+_REQUIRED = _Computed("required")
 
 
-def _int(low: int, high: int) -> Check:
-    def check(value: Any) -> int:
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"expected an integer from {low} to {high}, got {value!r}")
-        return value
-
-    return check
+@dataclass(frozen=True, slots=True)
+class _Field:
+    key: str
+    type: _Type
+    default: object
+    help: str
 
 
-def _float(low: float, high: float) -> Check:
-    def check(value: Any) -> float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-            raise ValueError(f"expected a number from {low} to {high}, got {value!r}")
-        return float(value)
-
-    return check
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
-
-
-def _enum(kind: type[StrEnum]) -> Check:
-    def check(value: Any) -> StrEnum:
-        try:
-            return kind(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in kind)
-            raise ValueError(f"unknown value {value!r}; expected one of {choices}") from None
-
-    return check
-
-
-def _path(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a file path, got {value!r}")
-    return value
-
-
-def _url(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
-    return value.rstrip("/")
-
-
-def _npi(value: Any) -> str:
-    text = _str(r"\d{10}", "a 10-digit NPI")(value)
-    if not npi_is_valid(text):
-        raise ValueError(f"{text!r} fails the NPI check digit (Luhn with prefix 80840)")
-    return text
-
-
-def _ein(value: Any) -> str:
-    text = _str(r"\d{2}-?\d{7}", "an EIN (12-3456789)")(value)
-    return text.replace("-", "")
-
-
-def _zone(value: Any) -> str:
-    text = _str(None, "an IANA time zone")(value)
-    try:
-        ZoneInfo(text)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"{text!r} is not a known IANA time zone (e.g. America/Chicago)") from None
-    return text
-
-
-def _lines(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ValueError("expected a list of one or more address lines")
-    return tuple(value)
-
-
-REQUIRED = object()
-# section -> key -> (check, default). A default of REQUIRED means the key must be given;
-# None means optional with no value.
-_FIELDS: dict[str, dict[str, tuple[Check, Any]]] = {
-    "site": {
-        "id": (_str(r"[a-z0-9][a-z0-9-]{2,63}", "a site id (lowercase letters, digits, dashes; 3-64)"), REQUIRED),
-        "name": (_str(), REQUIRED),
-        "type": (_enum(SiteType), REQUIRED),
-        "npi": (_npi, REQUIRED),
-        "tax_id": (_ein, REQUIRED),
-        "timezone": (_zone, REQUIRED),
-        "rural": (_bool, False),
-    },
-    "site.address": {
-        "lines": (_lines, REQUIRED),
-        "city": (_str(), REQUIRED),
-        "state": (_str(r"[A-Z]{2}", "a 2-letter USPS state code"), REQUIRED),
-        "postal_code": (_str(r"\d{5}(-?\d{4})?", "a ZIP code (12345 or 12345-6789)"), REQUIRED),
-    },
-    "paths": {"data_dir": (_path, REQUIRED), "database": (_path, None), "backups": (_path, None)},
-    "keys": {"kek_file": (_path, None)},
-    "web": {
-        "host": (_str(), "127.0.0.1"),
-        "port": (_int(1, 65535), 8443),
-        "public_url": (_url, None),
-        "tls_cert": (_path, None),
-        "tls_key": (_path, None),
-        "session_idle_timeout_s": (_int(60, 86400), 900),
-    },
-    "devices": {"simulated": (_bool, False), "simulated_interval_s": (_float(0.05, 3600), 5.0)},
-    "sync": {"interval_s": (_float(0.1, 3600), 5.0), "upstream": (lambda v: v, ())},
-    "sync.upstream": {
-        "name": (_str(r"[a-z0-9][a-z0-9_-]{0,31}", "an upstream name (lowercase, digits, - and _)"), REQUIRED),
-        "base_url": (_url, REQUIRED),
-        "auth": (_enum(AuthKind), AuthKind.NONE),
-        "token_file": (_path, None),
-        "client_id": (_str(), None),
-        "token_url": (_url, None),
-        "private_key_file": (_path, None),
-        "algorithm": (_enum(StrEnum("Alg", {"RS384": "RS384", "ES384": "ES384"})), "RS384"),
-        "client_cert_file": (_path, None),
-        "client_key_file": (_path, None),
-        "ca_file": (_path, None),
-        "max_bundle_entries": (_int(1, 1000), 8),
-        "timeout_s": (_float(1, 600), 30.0),
-    },
+_F = _Field
+# fmt: off
+_SCHEMA: dict[str, tuple[_Field, ...]] = {
+    "site": (
+        _F("id", _pattern("a site id (3-64 of a-z, 0-9, -; starts with a letter or digit)",
+                          r"[a-z0-9][a-z0-9-]{2,63}"), _REQUIRED,
+           "Stable identifier of the site, used in resource identifiers and upstream tags."),
+        _F("name", _TEXT, _REQUIRED, "Name shown to staff and patients."),
+        _F("type", _one_of(tuple(SiteType), SiteType), _REQUIRED,
+           "Kind of originating site; decides place of service and claim rules."),
+        _F("npi", _NPI, _REQUIRED, "Organisation NPI (type 2), billing provider on claims."),
+        _F("tax_id", _pattern("an EIN (12-3456789 or 123456789)", r"[0-9]{2}-?[0-9]{7}",
+                              lambda v: v.replace("-", "")), _REQUIRED,
+           "Employer identification number; stored as 9 digits."),
+        _F("timezone", _ZONE, _REQUIRED, "Local time zone for schedules and reading times."),
+        _F("rural", _BOOL, False, "The site is in a non-MSA county or a rural HPSA."),
+    ),
+    "site.address": (
+        _F("lines", _LINES, _REQUIRED, "Street address lines."),
+        _F("city", _TEXT, _REQUIRED, "City."),
+        _F("state", _STATE, _REQUIRED, "USPS state or territory code."),
+        _F("postal_code", _pattern("a ZIP code (12345, 12345-6789 or 123456789)",
+                                   r"[0-9]{5}(-?[0-9]{4})?"), _REQUIRED, "ZIP or ZIP+4."),
+    ),
+    "paths": (
+        _F("data_dir", _PATH, _REQUIRED, "Folder for the database, backups and dev keys."),
+        _F("database", _PATH, _Computed("data_dir/appliance.db"), "The SQLite database."),
+        _F("backups", _PATH, _Computed("data_dir/backups"), "Where `backup create` writes."),
+    ),
+    "keys": (
+        _F("kek_file", _PATH, _Computed("$CREDENTIALS_DIRECTORY/kek, else data_dir/keys/kek"),
+           "The key-encryption key file (a systemd credential in production)."),
+    ),
+    "web": (
+        _F("host", _TEXT, "127.0.0.1", "Address the web process listens on."),
+        _F("port", _int(1, 65535), 8443, "TCP port the web process listens on."),
+        _F("public_url", _URL, _Computed("https://host:port"),
+           "The URL staff and remote providers use (links, banner, SMART redirects)."),
+        _F("tls_cert", _PATH, None, "PEM server certificate chain (give with tls_key)."),
+        _F("tls_key", _PATH, None, "PEM private key of tls_cert (give with tls_cert)."),
+        _F("session_idle_timeout_s", _int(60, 86400), 900,
+           "Seconds of inactivity before a staff session ends."),
+    ),
+    "devices": (
+        _F("simulated", _BOOL, False, "Add a simulated blood-pressure cuff (demo, testing)."),
+        _F("simulated_interval_s", _number(0.05, 3600), 5.0,
+           "Seconds between simulated readings."),
+    ),
+    "sync": (
+        _F("interval_s", _number(0.1, 3600), 5.0, "Seconds between outbox polls when idle."),
+    ),
+    "sync.upstream": (
+        _F("name", _TEXT, _REQUIRED, "Unique name of the upstream (logs, sync status)."),
+        _F("base_url", _URL, _REQUIRED, "FHIR R4 base URL (a trailing slash is dropped)."),
+        _F("auth", _one_of(tuple(AuthKind), AuthKind), AuthKind.NONE, "How the box authenticates."),
+        _F("token_file", _PATH, None, "File holding the bearer token (required for bearer)."),
+        _F("client_id", _TEXT, None, "SMART Backend Services client id (required for smart)."),
+        _F("token_url", _expect("an http:// or https:// URL", _is_url), None,
+           "SMART token endpoint (required for smart)."),
+        _F("private_key_file", _PATH, None,
+           "PEM key signing SMART client assertions (required for smart)."),
+        _F("algorithm", _one_of(("RS384", "ES384")), "RS384", "SMART client assertion algorithm."),
+        _F("client_cert_file", _PATH, None, "PEM client certificate (required for mtls)."),
+        _F("client_key_file", _PATH, None, "PEM key of client_cert_file (required for mtls)."),
+        _F("ca_file", _PATH, None, "PEM CA bundle to verify the server (default: system CAs)."),
+        _F("max_bundle_entries", _int(1, 1000), 8, "Most entries in one transaction Bundle."),
+        _F("timeout_s", _number(1, 600), 30.0, "Seconds to wait for one HTTP exchange."),
+    ),
 }
+# fmt: on
+_TOP_LEVEL = ("site", "paths", "keys", "web", "devices", "sync")
 _REQUIRED_BY_AUTH = {
     AuthKind.BEARER: ("token_file",),
     AuthKind.SMART: ("client_id", "token_url", "private_key_file"),
     AuthKind.MTLS: ("client_cert_file", "client_key_file"),
 }
-_ENV = {"APPLIANCE_WEB_PORT": ("web", "port"), "APPLIANCE_WEB_HOST": ("web", "host"), "APPLIANCE_DATA_DIR": ("paths", "data_dir")}
+
+
+def _whole_number_text(text: str) -> object:
+    return int(text) if re.fullmatch(r"\s*-?[0-9]+\s*", text) else text
+
+
+def _path_from_cwd(text: str) -> object:
+    return str(Path(text).absolute()) if text.strip() else text
+
+
+# Environment variable -> (section, key, how its text becomes a TOML-like value).
+_ENV_OVERRIDES: dict[str, tuple[str, str, Callable[[str], object]]] = {
+    "APPLIANCE_WEB_PORT": ("web", "port", _whole_number_text),
+    "APPLIANCE_WEB_HOST": ("web", "host", str),
+    "APPLIANCE_DATA_DIR": ("paths", "data_dir", _path_from_cwd),
+}
 
 
 class _Reader:
-    """Collects problems while reading sections against the schema."""
+    """Reads tables against the schema, collecting every problem instead of stopping."""
 
-    def __init__(self) -> None:
+    def __init__(self, base_dir: Path, environ: Mapping[str, str]) -> None:
+        self.base_dir = base_dir
         self.problems: list[str] = []
+        self.overrides = {
+            (section, key): (f"env {name}", parse_text(environ[name]))
+            for name, (section, key, parse_text) in _ENV_OVERRIDES.items()
+            if name in environ
+        }
 
-    def section(self, schema: str, where: str, raw: Any, *, nested: tuple[str, ...] = ()) -> dict[str, Any]:
-        if not isinstance(raw, Mapping):
-            self.problems.append(f"{where}: expected a table")
+    def table(
+        self, schema: str, raw: object, where: str | None = None, nested: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """The converted values of one table; an absent table reads as an empty one."""
+        where = where or schema
+        if raw is None:
             raw = {}
-        fields = _FIELDS[schema]
-        for key in raw:
-            if key not in fields and key not in nested:
-                self.problems.append(f"{where}.{key}: unknown key")
-        out: dict[str, Any] = {}
-        for key, (check, default) in fields.items():
-            if key not in raw:
-                if default is REQUIRED:
-                    self.problems.append(f"{where}.{key}: required")
-                out[key] = None if default is REQUIRED else default
+        if not isinstance(raw, Mapping):
+            self.problems.append(f"{where}: expected a table, got {raw!r}")
+            raw = {}
+        fields = _SCHEMA[schema]
+        known = {field.key for field in fields} | set(nested)
+        self.problems.extend(f"{where}.{key}: unknown key" for key in raw if key not in known)
+        values: dict[str, Any] = {}
+        for field in fields:
+            path, value = f"{where}.{field.key}", raw.get(field.key)
+            if (where, field.key) in self.overrides:
+                path, value = self.overrides[where, field.key]
+            values[field.key] = None if isinstance(field.default, _Computed) else field.default
+            if value is None:
+                if field.default is _REQUIRED:
+                    self.problems.append(f"{path}: required")
                 continue
             try:
-                out[key] = check(raw[key])
+                values[field.key] = field.type.convert(value)
             except ValueError as exc:
-                self.problems.append(f"{where}.{key}: {exc}")
-                out[key] = None if default is REQUIRED else default
-        return out
+                self.problems.append(f"{path}: {exc}")
+            if isinstance(values[field.key], Path):
+                values[field.key] = self.base_dir / values[field.key]
+        return values
+
+    def upstreams(self, raw: object) -> list[dict[str, Any]]:
+        """The ``[[sync.upstream]]`` tables, with the rules that span their keys."""
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.problems.append("sync.upstream: expected an array of tables ([[sync.upstream]])")
+            return []
+        result: list[dict[str, Any]] = []
+        first_with_name: dict[str, str] = {}
+        for index, item in enumerate(raw):
+            where = f"sync.upstream[{index}]"
+            up = self.table("sync.upstream", item, where)
+            name = up["name"]
+            if name in first_with_name:
+                self.problems.append(
+                    f"{where}.name: {name!r} is already used by {first_with_name[name]}"
+                )
+            elif name is not None:
+                first_with_name[name] = where
+            auth = up["auth"]
+            for key in _REQUIRED_BY_AUTH.get(auth, ()):
+                if up[key] is None:
+                    self.problems.append(f"{where}.{key}: required when auth is {auth.value!r}")
+            result.append(up)
+        return result
 
 
-def _resolve(base: Path, value: str | None) -> Path | None:
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else (base / path).resolve()
+def _subtable(data: Mapping[str, object], section: str, key: str) -> object:
+    table = data.get(section)
+    return table.get(key) if isinstance(table, Mapping) else None
 
 
 def parse(
-    data: Mapping[str, Any],
+    data: Mapping[str, object],
     *,
     source: str = "<config>",
     base_dir: Path | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Validate a parsed TOML document; raises :class:`ConfigError` listing every problem."""
+    """Validate a parsed TOML document into a :class:`Config`.
+
+    Relative paths resolve against ``base_dir`` (default: the current directory).
+    ``environ`` (default ``os.environ``) supplies ``APPLIANCE_WEB_PORT``,
+    ``APPLIANCE_WEB_HOST`` and ``APPLIANCE_DATA_DIR`` overrides and
+    ``CREDENTIALS_DIRECTORY``. Raises :class:`ConfigError` listing every problem.
+    """
     env = os.environ if environ is None else environ
-    base = base_dir or Path.cwd()
-    reader = _Reader()
-    doc = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
-    for name, (section, key) in _ENV.items():
-        if name in env:
-            doc.setdefault(section, {})
-            if isinstance(doc[section], dict):
-                doc[section][key] = env[name]
-    for key in doc:
-        if key not in ("site", "paths", "keys", "web", "devices", "sync"):
-            reader.problems.append(f"{key}: unknown section")
-    site = reader.section("site", "site", doc.get("site", {}), nested=("address",))
-    address = reader.section("site.address", "site.address", (doc.get("site") or {}).get("address", {}) if isinstance(doc.get("site"), Mapping) else {})
-    paths = reader.section("paths", "paths", doc.get("paths", {}))
-    keys = reader.section("keys", "keys", doc.get("keys", {}))
-    web = reader.section("web", "web", doc.get("web", {}))
-    devices = reader.section("devices", "devices", doc.get("devices", {}))
-    sync = reader.section("sync", "sync", doc.get("sync", {}))
-    upstreams = []
-    raw_upstreams = sync["upstream"]
-    if not isinstance(raw_upstreams, list | tuple):
-        reader.problems.append("sync.upstream: expected an array of tables ([[sync.upstream]])")
-        raw_upstreams = []
-    seen: set[str] = set()
-    for index, raw in enumerate(raw_upstreams):
-        where = f"sync.upstream[{index}]"
-        up = reader.section("sync.upstream", where, raw)
-        if up["name"] in seen:
-            reader.problems.append(f"{where}.name: {up['name']!r} is used by another upstream")
-        seen.add(up["name"])
-        for key in _REQUIRED_BY_AUTH.get(up["auth"], ()):
-            if up[key] is None:
-                reader.problems.append(f"{where}.{key}: required when auth = {up['auth'].value!r}")
-        upstreams.append(up)
-    if (web["tls_cert"] is None) != (web["tls_key"] is None):
-        reader.problems.append("web.tls_cert: tls_cert and tls_key go together (give both or neither)")
+    reader = _Reader(base_dir or Path.cwd(), env)
+    reader.problems.extend(f"{key}: unknown key" for key in data if key not in _TOP_LEVEL)
+    site = reader.table("site", data.get("site"), nested=("address",))
+    address = reader.table("site.address", _subtable(data, "site", "address"))
+    paths = reader.table("paths", data.get("paths"))
+    keys = reader.table("keys", data.get("keys"))
+    web = reader.table("web", data.get("web"))
+    devices = reader.table("devices", data.get("devices"))
+    sync = reader.table("sync", data.get("sync"), nested=("upstream",))
+    upstreams = reader.upstreams(_subtable(data, "sync", "upstream"))
+    for present, missing in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
+        if web[present] is not None and web[missing] is None:
+            reader.problems.append(f"web.{missing}: required when web.{present} is set")
     if reader.problems:
         raise ConfigError(reader.problems, source)
 
-    data_dir = _resolve(base, paths["data_dir"])
-    assert data_dir is not None
-    if keys["kek_file"] is not None:
-        kek = _resolve(base, keys["kek_file"])
-    elif env.get("CREDENTIALS_DIRECTORY"):
-        kek = Path(env["CREDENTIALS_DIRECTORY"]) / "kek"
-    else:
-        kek = data_dir / "keys" / "kek"
-    assert kek is not None
-    scheme = "https" if web["tls_cert"] else "http"
+    data_dir: Path = paths["data_dir"]
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    default_kek = Path(credentials) / "kek" if credentials else data_dir / "keys" / "kek"
     return Config(
-        site=SiteConfig(
-            id=site["id"], name=site["name"], type=site["type"], npi=site["npi"], tax_id=site["tax_id"],
-            timezone=site["timezone"], rural=site["rural"],
-            address=Address(address["lines"], address["city"], address["state"], address["postal_code"]),
-        ),
+        site=SiteConfig(**site, address=Address(**address)),
         paths=PathsConfig(
             data_dir=data_dir,
-            database=_resolve(base, paths["database"]) or data_dir / "appliance.db",
-            backups=_resolve(base, paths["backups"]) or data_dir / "backups",
+            database=paths["database"] or data_dir / "appliance.db",
+            backups=paths["backups"] or data_dir / "backups",
         ),
-        keys=KeysConfig(kek_file=kek),
-        web=WebConfig(
-            host=web["host"], port=web["port"],
-            public_url=web["public_url"] or f"{scheme}://{web['host']}:{web['port']}",
-            tls_cert=_resolve(base, web["tls_cert"]), tls_key=_resolve(base, web["tls_key"]),
-            session_idle_timeout_s=web["session_idle_timeout_s"],
-        ),
-        devices=DevicesConfig(simulated=devices["simulated"], simulated_interval_s=devices["simulated_interval_s"]),
-        sync=SyncConfig(
-            interval_s=sync["interval_s"],
-            upstreams=tuple(
-                UpstreamConfig(
-                    **{
-                        k: (_resolve(base, v) if k.endswith("_file") else v)
-                        for k, v in up.items()
-                    }
-                )
-                for up in upstreams
-            ),
-        ),
-        source=None if source.startswith("<") else Path(source),
+        keys=KeysConfig(kek_file=keys["kek_file"] or default_kek),
+        web=WebConfig(**{**web, "public_url": web["public_url"] or _https_url(web)}),
+        devices=DevicesConfig(**devices),
+        sync=SyncConfig(**sync, upstreams=tuple(UpstreamConfig(**up) for up in upstreams)),
+        source=None,
     )
 
 
+def _https_url(web: Mapping[str, Any]) -> str:
+    host = f"[{web['host']}]" if ":" in web["host"] else web["host"]
+    return f"https://{host}:{web['port']}"
+
+
+def _toml_problem(exc: tomllib.TOMLDecodeError) -> str:
+    # Python 3.11's TOMLDecodeError has no lineno attribute; the place ends the message.
+    message = str(exc)
+    found = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message)
+    if found is None:
+        return f"malformed TOML: {message}"
+    text, line, column = found.groups()
+    return f"line {line}, column {column}: malformed TOML: {text}"
+
+
 def load(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate the TOML file at ``path``."""
+    """Read, parse and validate the TOML file at ``path``; raises :class:`ConfigError`."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError([f"file not found; create it from docs/site.example.toml or pass --config"], str(path)) from None
-    except OSError as exc:
-        raise ConfigError([f"cannot read the file ({exc.strerror})"], str(path)) from None
+        hint = "copy docs/site.example.toml there and edit it, or pass --config FILE"
+        raise ConfigError([f"{path}: no such file; {hint}"], str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        hint = "check that it is a UTF-8 text file the appliance user can read"
+        raise ConfigError([f"{path}: cannot read ({why}); {hint}"], str(path)) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"malformed TOML: {exc}"], str(path)) from None
-    return parse(data, source=str(path), base_dir=path.parent.resolve(), environ=environ)
+        raise ConfigError([_toml_problem(exc)], str(path)) from None
+    config = parse(data, source=str(path), base_dir=path.parent.absolute(), environ=environ)
+    return replace(config, source=path)
 
 
-# A synthetic site for demo mode; the NPI passes the check digit but belongs to nobody.
-DEMO_SITE: dict[str, Any] = {
+# A synthetic site for demo mode: the NPI passes the check digit but is nobody's.
+_DEMO_SITE: dict[str, object] = {
     "id": "demo-clinic",
     "name": "Demo Rural Health Clinic",
     "type": "rhc",
     "npi": "1234567893",
-    "tax_id": "12-3456789",
+    "tax_id": "123456789",
     "timezone": "America/Chicago",
     "rural": True,
-    "address": {"lines": ["100 Demo Road"], "city": "Pine Valley", "state": "TX", "postal_code": "79999"},
+    "address": {
+        "lines": ["100 Example Road"],
+        "city": "Prairie Bend",
+        "state": "KS",
+        "postal_code": "67000",
+    },
 }
 
 
 def demo_config(data_dir: Path, *, environ: Mapping[str, str] | None = None) -> Config:
-    """The embedded defaults of ``make run``: synthetic site, simulated cuff, dev TLS and keys."""
-    env = os.environ if environ is None else environ
-    data_dir = Path(env.get("APPLIANCE_DATA_DIR", data_dir)).resolve()
-    doc: dict[str, Any] = {
-        "site": DEMO_SITE,
+    """The embedded configuration of ``make run``: a synthetic RHC with a simulated cuff.
+
+    HTTPS on 127.0.0.1:8443 with the development certificate of :mod:`appliance.tls`
+    under ``data_dir/tls/``; the key-encryption key is always ``data_dir/keys/kek`` (never
+    a systemd credential). ``APPLIANCE_DEMO_UPSTREAM=<base url>`` adds an upstream named
+    ``ehr`` without authentication; the usual environment overrides apply.
+    """
+    env = dict(os.environ if environ is None else environ)
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    doc: dict[str, object] = {
+        "site": _DEMO_SITE,
         "paths": {"data_dir": str(data_dir)},
-        "keys": {"kek_file": str(data_dir / "keys" / "kek")},
-        "web": {
-            "port": 8443,
-            "tls_cert": str(data_dir / "tls" / "server.pem"),
-            "tls_key": str(data_dir / "tls" / "server-key.pem"),
-        },
+        "web": {"host": "127.0.0.1", "port": 8443},
         "devices": {"simulated": True, "simulated_interval_s": 3.0},
-        "sync": {},
     }
     if env.get("APPLIANCE_DEMO_UPSTREAM"):
-        doc["sync"] = {"upstream": [{"name": "ehr", "base_url": env["APPLIANCE_DEMO_UPSTREAM"]}]}
-    if env.get("APPLIANCE_DEMO_INTERVAL"):
-        doc["devices"]["simulated_interval_s"] = env["APPLIANCE_DEMO_INTERVAL"]
-    if env.get("APPLIANCE_DEMO_NO_TLS"):
-        del doc["web"]["tls_cert"], doc["web"]["tls_key"]
-    return parse(doc, source="<demo>", base_dir=data_dir, environ={k: v for k, v in env.items() if k != "CREDENTIALS_DIRECTORY"})
+        upstream = {"name": "ehr", "base_url": env["APPLIANCE_DEMO_UPSTREAM"], "auth": "none"}
+        doc["sync"] = {"upstream": [upstream]}
+    config = parse(doc, source="<demo>", base_dir=Path.cwd(), environ=env)
+    tls = config.paths.data_dir / "tls"
+    web = replace(config.web, tls_cert=tls / "server.pem", tls_key=tls / "server-key.pem")
+    return replace(config, web=web)
+
+
+def _shown(default: object) -> str:
+    if isinstance(default, _Computed):
+        return default.text
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return "`true`" if default else "`false`"
+    return f'`"{default}"`' if isinstance(default, str) else f"`{default}`"
+
+
+def reference() -> str:
+    """The key reference of ``docs/site-config.md`` (Markdown), rendered from the schema."""
+    out: list[str] = []
+    for schema, fields in _SCHEMA.items():
+        title = "[[sync.upstream]]" if schema == "sync.upstream" else f"[{schema}]"
+        out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += [
+            f"| `{f.key}` | {f.type.describe} | {_shown(f.default)} | {f.help} |" for f in fields
+        ]
+        out.append("")
+    return "\n".join(out)

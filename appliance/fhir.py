@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -39,7 +38,8 @@ def uuid7(now_ms: int | None = None) -> str:
     value = (ms & ((1 << 48) - 1)) << 80 | rand
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def identifier_value(logical_id: str) -> str:
@@ -107,7 +107,7 @@ def utc_text(moment: datetime) -> str:
     """Fixed-width UTC text (``2026-11-26T10:00:00.000000Z``) for plain date columns."""
     if moment.tzinfo is None:
         raise ValueError("naive datetime: the appliance stores timezone-aware times only")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def _to_utc_text(value: str) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -83,4 +82,3 @@ async def test_kill_9_loop_loses_nothing_acknowledged(db_path: Path, kek_path: P
             ] == logical_id
     finally:
         await reopened.close()
-    assert isinstance(sqlite3.sqlite_version, str)
