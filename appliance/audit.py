@@ -2,21 +2,43 @@
 
 Every access to PHI appends a record: who (``user:<name>`` or ``service:<process>``), what
 action, which patient (the pseudonymous key, never a name), which entity, when (UTC) and
-the outcome. Records form a hash chain: ``hash = SHA-256(prev_hash || encode(record))``
-where ``encode`` length-prefixes every field, so no two different records encode alike,
-and the record id is part of it, so reordering is detected. Triggers refuse UPDATE and
-DELETE; someone with raw file access can drop them, which is why :func:`verify` recomputes
-the whole chain, checks the signed checkpoints (Ed25519, the box's key) and reports the
-triggers' absence too. The newest checkpoint bounds truncation: records cut off after it
-are detected (the sync issue also sends it upstream).
+the outcome — the "who, what, when, which patient, outcome" of ASTM E2147 that (d)(2)
+cites, and the fields IHE BALP puts in a FHIR AuditEvent when the record goes upstream.
+
+**Chain.** ``hash = SHA-256(message)`` with, byte for byte (so an upstream verifier can
+re-implement it)::
+
+    message = prev_hash (32 bytes; 32 zero bytes for record 1)
+              || id (8-byte big-endian signed)
+              || field(ts) || field(actor) || field(action) || field(outcome)
+              || field(patient_key) || field(entity) || field(detail)
+    field(NULL) = 0x00
+    field(TEXT) = 0x01 || 4-byte big-endian length || UTF-8 bytes
+    field(BLOB) = 0x02 || 4-byte big-endian length || bytes
+    field(anything else) = 0x03 || 4-byte big-endian length || Python repr (tampering only)
+
+Each field is tagged with its SQLite type and length-prefixed, so no two different records
+encode alike — not even a TEXT and a BLOB holding the same bytes, which matters because a
+patient key re-typed to TEXT would silently drop out of a (d)(3) report's patient filter.
+The id is inside the hash, so moving a record is detected; ``ts`` is fixed-width UTC
+(``2026-11-26T08:00:00.000000Z``), so time windows filter correctly as strings.
+
+**What is guaranteed.** Triggers refuse UPDATE and DELETE. Someone with raw file access can
+drop them, so :func:`verify` recomputes the whole chain and checks the signed checkpoints
+(Ed25519, the box's key). Any edit, removal, insertion or reordering at or before the newest
+checkpoint is reported at the first record it affects; a checkpoint also bounds truncation.
+Records after the newest checkpoint are protected by the chain alone: someone who rewrites
+or truncates that tail and recomputes every hash after it is caught only by the copy of the
+checkpoint held upstream — which is why checkpoints are taken often and sent upstream.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sqlite3
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -28,12 +50,45 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from appliance import db
 
 GENESIS = bytes(32)
-_TRIGGERS = ("audit_no_update", "audit_no_delete")
-_CHUNK = 5000
+"""``prev_hash`` of record 1."""
+
+_FETCH_CHUNK = 10_000  # big enough that fetchmany's per-call cost vanishes, small in memory
+_CHECKPOINT_DOMAIN = b"appliance-audit-checkpoint-v1\x00"  # a signature means only this
+_RECORD_COLUMNS = "id, ts, actor, action, outcome, patient_key, entity, detail"
+_HEAD_SQL = "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"
+
+_pack_len = struct.Struct(">I").pack
+_pack_id = struct.Struct(">q").pack  # signed: a tampered negative id must hash, not crash
+
+# Tampered TEXT need not be UTF-8; decoding with surrogateescape keeps the exact bytes
+# (re-encoded identically by _field) instead of letting sqlite3 raise mid-verification.
+_tolerant_text = functools.partial(str, encoding="utf-8", errors="surrogateescape")
+
+
+def _append_only_guard(name: str, verb: str, table: str, what: str) -> tuple[str, str]:
+    # Must match appliance/migrations/0001_initial.sql up to whitespace.
+    return name, (
+        f"CREATE TRIGGER {name} BEFORE {verb} ON {table} "
+        f"BEGIN SELECT RAISE(ABORT, '{what} are append-only'); END"
+    )
+
+
+_GUARDS = dict(
+    (
+        _append_only_guard("audit_no_update", "UPDATE", "audit", "audit records"),
+        _append_only_guard("audit_no_delete", "DELETE", "audit", "audit records"),
+        _append_only_guard(
+            "audit_checkpoints_no_update", "UPDATE", "audit_checkpoints", "audit checkpoints"
+        ),
+        _append_only_guard(
+            "audit_checkpoints_no_delete", "DELETE", "audit_checkpoints", "audit checkpoints"
+        ),
+    )
+)
 
 
 class AuditAction(StrEnum):
-    """What was done (IHE BALP maps these to AuditEvent.action/subtype when sent upstream)."""
+    """What was done; persisted as its value, mapped to BALP AuditEvent shapes upstream."""
 
     READ = "read"
     SEARCH = "search"
@@ -41,26 +96,32 @@ class AuditAction(StrEnum):
     UPDATE = "update"
     DELETE = "delete"
     EXPORT = "export"
+    PRINT = "print"  # ASTM E2147 lists printing among the accesses (d)(2) must record
     SYNC = "sync"
     LOGIN = "login"
     LOGOUT = "logout"
     LOGIN_FAILED = "login_failed"
-    BREAK_GLASS = "break_glass"
+    BREAK_GLASS = "break_glass"  # 164.312(a)(2)(ii) emergency access, 170.315(d)(6)
     KEY_ROTATION = "key_rotation"
     CONFIG = "config"
 
 
 class Outcome(StrEnum):
-    """Whether the access succeeded."""
+    """How the attempt ended (BALP: AuditEvent.outcome)."""
 
     SUCCESS = "success"
     FAILURE = "failure"
-    DENIED = "denied"
+    DENIED = "denied"  # refused by access control, as distinct from an error
 
 
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
-    """One access to record; ``detail`` is free text that must never hold PHI."""
+    """One access to record. No field may hold PHI.
+
+    ``actor`` is ``user:<username>`` or ``service:<process>``; ``patient_key`` is the
+    pseudonymous keyed-HMAC patient key, never a name or identifier; ``entity`` names what
+    was touched (``Observation/<uuid>``, ``Observation x25``); ``detail`` is non-PHI text.
+    """
 
     actor: str
     action: AuditAction
@@ -72,13 +133,13 @@ class AuditEvent:
 
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
-    """A stored record as read back for reports."""
+    """A stored record as read back for (d)(3) reports."""
 
     id: int
     ts: datetime
     actor: str
-    action: str
-    outcome: str
+    action: AuditAction
+    outcome: Outcome
     patient_key: bytes | None
     entity: str | None
     detail: str | None
@@ -86,21 +147,34 @@ class AuditRecord:
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """A signed statement: the chain up to ``audit_id`` ends in ``hash``."""
+    """A signed statement that the chain up to record ``audit_id`` ends in ``hash``."""
 
     audit_id: int
     hash: bytes
-    ts: str
+    ts: datetime
     signature: bytes
 
+    def message(self) -> bytes:
+        """The exact bytes the Ed25519 signature covers."""
+        return _checkpoint_message(self.audit_id, self.hash, ts_text(self.ts))
+
     def to_json(self) -> dict[str, Any]:
-        """The form sent upstream."""
-        return {"audit_id": self.audit_id, "hash": self.hash.hex(), "ts": self.ts, "signature": self.signature.hex()}
+        """JSON-ready form, as sent upstream (hex bytes, the signed timestamp text)."""
+        return {
+            "audit_id": self.audit_id,
+            "hash": self.hash.hex(),
+            "ts": ts_text(self.ts),
+            "signature": self.signature.hex(),
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
-    """The outcome of :func:`verify`; ``problem`` names the first bad record in one line."""
+    """The outcome of :func:`verify`.
+
+    ``records`` and ``checkpoints`` count what was verified intact (everything when ``ok``);
+    ``first_bad_id`` is the first record found bad and ``problem`` says why in one line.
+    """
 
     ok: bool
     records: int
@@ -109,37 +183,57 @@ class VerifyResult:
     problem: str | None = None
 
 
+class _Broken(Exception):
+    """Internal: the first problem found, unwinding out of the walk."""
+
+    def __init__(self, first_bad_id: int | None, problem: str) -> None:
+        super().__init__(problem)
+        self.first_bad_id = first_bad_id
+        self.problem = problem
+
+
 def ts_text(moment: datetime) -> str:
-    """Fixed-width UTC text, so time windows filter correctly as strings."""
-    if moment.tzinfo is None:
+    """The stored form of a time: UTC, always microseconds, always ``Z`` (27 characters)."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError("audit timestamps must be timezone-aware")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-def _field(value: str | bytes | None) -> bytes:
+def _parse_ts(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _field(value: object) -> bytes:
+    # Type checks by exact class, cheapest first in the order values occur (see verify's
+    # throughput goal); sqlite3 only ever returns str, bytes, None, int and float.
+    if value.__class__ is str:
+        data = value.encode("utf-8", "surrogateescape")  # type: ignore[attr-defined]
+        return b"\x01" + _pack_len(len(data)) + data
     if value is None:
-        return b"\xff"  # distinct from any length-prefixed value, including the empty one
-    data = value.encode() if isinstance(value, str) else value
-    return struct.pack(">I", len(data)) + data
+        return b"\x00"
+    if value.__class__ is bytes:
+        return b"\x02" + _pack_len(len(value)) + value  # type: ignore[arg-type, operator]
+    data = repr(value).encode()
+    return b"\x03" + _pack_len(len(data)) + data
 
 
 def record_hash(
     prev_hash: bytes,
     record_id: int,
-    ts: str,
-    actor: str,
-    action: str,
-    outcome: str,
-    patient_key: bytes | None,
-    entity: str | None,
-    detail: str | None,
+    ts: object,
+    actor: object,
+    action: object,
+    outcome: object,
+    patient_key: object,
+    entity: object,
+    detail: object,
 ) -> bytes:
-    """SHA-256 over the previous hash and the record's canonical encoding."""
+    """SHA-256 of a record's canonical message (the module docstring gives its layout)."""
     return hashlib.sha256(
         b"".join(
             (
                 prev_hash,
-                struct.pack(">Q", record_id),
+                _pack_id(record_id),
                 _field(ts),
                 _field(actor),
                 _field(action),
@@ -152,57 +246,223 @@ def record_hash(
     ).digest()
 
 
-def append(conn: sqlite3.Connection, events: Sequence[AuditEvent], *, now: datetime) -> int:
-    """Append records inside the caller's open write transaction; returns the last id.
+def _head(conn: sqlite3.Connection) -> tuple[int, bytes]:
+    row = conn.execute(_HEAD_SQL).fetchone()
+    return (0, GENESIS) if row is None else (int(row[0]), bytes(row[1]))
 
-    The caller holds the write lock (``BEGIN IMMEDIATE``), so the head cannot move under us.
+
+def append(conn: sqlite3.Connection, events: Sequence[AuditEvent], *, now: datetime) -> int:
+    """Append ``events`` at time ``now`` (timezone-aware); returns the id of the last record.
+
+    Runs inside the caller's open write transaction (``BEGIN IMMEDIATE``), so the records
+    commit or vanish together with the access they describe, and the caller's write lock
+    keeps the chain head from moving between reading it and inserting after it. With no
+    events it returns the current head id.
     """
     ts = ts_text(now)
-    head = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-    last_id, prev = (0, GENESIS) if head is None else (int(head[0]), bytes(head[1]))
+    if not conn.in_transaction:
+        raise RuntimeError("audit.append must run inside the caller's BEGIN IMMEDIATE")
+    last_id, prev = _head(conn)
     rows = []
     for event in events:
         last_id += 1
+        action = AuditAction(event.action).value
+        outcome = Outcome(event.outcome).value
         digest = record_hash(
-            prev, last_id, ts, event.actor, event.action.value, event.outcome.value,
-            event.patient_key, event.entity, event.detail,
+            prev,
+            last_id,
+            ts,
+            event.actor,
+            action,
+            outcome,
+            event.patient_key,
+            event.entity,
+            event.detail,
         )
-        rows.append((last_id, ts, event.actor, event.action.value, event.outcome.value,
-                     event.patient_key, event.entity, event.detail, prev, digest))
+        rows.append(
+            (
+                last_id,
+                ts,
+                event.actor,
+                action,
+                outcome,
+                event.patient_key,
+                event.entity,
+                event.detail,
+                prev,
+                digest,
+            )
+        )
         prev = digest
+    # Explicit ids: the chain is computed before the insert, so SQLite must not choose them.
     conn.executemany(
-        "INSERT INTO audit (id, ts, actor, action, outcome, patient_key, entity, detail, prev_hash, hash) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?)",
+        f"INSERT INTO audit ({_RECORD_COLUMNS}, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?)",  # noqa: S608 - constant column list
         rows,
     )
     return last_id
 
 
 def _checkpoint_message(audit_id: int, digest: bytes, ts: str) -> bytes:
-    return b"appliance-audit-checkpoint-v1\x00" + struct.pack(">Q", audit_id) + digest + ts.encode()
+    # Fixed-width fields first, the one variable field last: unambiguous without prefixes.
+    return _CHECKPOINT_DOMAIN + _pack_id(audit_id) + digest + ts.encode()
 
 
-def checkpoint(conn: sqlite3.Connection, signer: Ed25519PrivateKey, *, now: datetime) -> Checkpoint | None:
-    """Sign the current chain head; None when nothing was added since the last checkpoint."""
+def checkpoint(
+    conn: sqlite3.Connection, signer: Ed25519PrivateKey, *, now: datetime
+) -> Checkpoint | None:
+    """Sign the chain head in its own transaction; None when nothing is new since the last.
+
+    A checkpoint is what makes a rewritten or truncated chain detectable: the chain alone
+    can be recomputed by anyone with file access, a signature cannot.
+    """
     ts = ts_text(now)
     with db.transaction_sync(conn):
-        head = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-        if head is None:
+        audit_id, digest = _head(conn)
+        if audit_id == 0:
             return None
         last = conn.execute("SELECT max(audit_id) FROM audit_checkpoints").fetchone()[0]
-        if last is not None and int(last) >= int(head[0]):
+        if last is not None and int(last) >= audit_id:
             return None
-        audit_id, digest = int(head[0]), bytes(head[1])
         signature = signer.sign(_checkpoint_message(audit_id, digest, ts))
         conn.execute(
             "INSERT INTO audit_checkpoints (audit_id, hash, ts, signature) VALUES (?,?,?,?)",
             (audit_id, digest, ts, signature),
         )
-    return Checkpoint(audit_id, digest, ts, signature)
+    return Checkpoint(audit_id, digest, _parse_ts(ts), signature)
 
 
-def _bad(records: int, checkpoints: int, record_id: int | None, problem: str) -> VerifyResult:
-    return VerifyResult(False, records, checkpoints, record_id, problem)
+def latest_checkpoint(conn: sqlite3.Connection) -> Checkpoint | None:
+    """The newest checkpoint, as sent upstream; None before the first one."""
+    row = conn.execute(
+        "SELECT audit_id, hash, ts, signature FROM audit_checkpoints ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return None
+    return Checkpoint(int(row[0]), bytes(row[1]), _parse_ts(row[2]), bytes(row[3]))
+
+
+def _guard_problems(conn: sqlite3.Connection) -> list[str]:
+    found = {
+        name: " ".join(str(sql).split())
+        for name, sql in conn.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'trigger'")
+    }
+    return [name for name, sql in _GUARDS.items() if found.get(name) != sql]
+
+
+def _checked_checkpoints(
+    conn: sqlite3.Connection, public_key: Ed25519PublicKey
+) -> tuple[list[tuple[int, int, bytes]], _Broken | None]:
+    """Checkpoints that are well-formed, signed and in order, then the first fault if any.
+
+    Each good one is ``(checkpoint id, audit_id, hash)``; a fault carries the record it
+    concerns, so the walk can report it in record order.
+    """
+    good: list[tuple[int, int, bytes]] = []
+    rows = conn.execute(
+        "SELECT id, audit_id, hash, ts, signature FROM audit_checkpoints ORDER BY id"
+    ).fetchall()
+    for cp_id, audit_id, digest, ts, signature in rows:
+        expected_id = len(good) + 1
+        last_audit_id = good[-1][1] if good else 0
+        if not (
+            isinstance(audit_id, int)
+            and isinstance(digest, bytes)
+            and len(digest) == len(GENESIS)
+            and isinstance(ts, str)
+            and isinstance(signature, bytes)
+        ):
+            return good, _Broken(last_audit_id + 1, f"checkpoint {cp_id}: malformed (altered)")
+        label = f"checkpoint {cp_id} (record {audit_id})"
+        if cp_id != expected_id:
+            return good, _Broken(
+                audit_id,
+                f"{label}: checkpoint {expected_id} is missing (removed)",
+            )
+        try:
+            public_key.verify(signature, _checkpoint_message(audit_id, digest, ts))
+        except InvalidSignature:
+            return good, _Broken(audit_id, f"{label}: signature does not verify (forged)")
+        if audit_id <= last_audit_id:
+            return good, _Broken(
+                audit_id,
+                f"{label}: not after checkpoint {cp_id - 1} (record {last_audit_id}); "
+                "checkpoints out of order",
+            )
+        good.append((cp_id, audit_id, digest))
+    return good, None
+
+
+def _chunks(conn: sqlite3.Connection) -> Iterator[list[Any]]:
+    cursor = conn.execute(
+        f"SELECT {_RECORD_COLUMNS}, prev_hash, hash FROM audit ORDER BY id"  # noqa: S608 - constant
+    )
+    while chunk := cursor.fetchmany(_FETCH_CHUNK):
+        yield chunk
+
+
+def _walk(
+    conn: sqlite3.Connection,
+    checkpoints: list[tuple[int, int, bytes]],
+    fault: _Broken | None,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[int, int]:
+    """Recompute the chain in id order; returns (records, checkpoints) verified, or raises.
+
+    Raises :class:`_Broken` at the first bad record — or at the checkpoint fault, when the
+    walk reaches the record that checkpoint names before finding anything earlier.
+    """
+    total = int(conn.execute("SELECT ifnull(max(id), 0) FROM audit").fetchone()[0])
+    fault_at = fault.first_bad_id if fault is not None and fault.first_bad_id else -1
+    pending = iter(checkpoints)
+    cp_id, cp_at, cp_hash = next(pending, (0, -1, b""))
+    verified_cps = 0
+    expected = 0
+    prev = GENESIS
+    hash_of = record_hash  # a local: this loop is the throughput figure in bench/
+    for chunk in _chunks(conn):
+        for rid, ts, actor, action, outcome, pkey, entity, detail, stored_prev, stored in chunk:
+            expected += 1
+            if rid != expected:
+                if rid > expected:
+                    raise _Broken(
+                        expected,
+                        f"record {expected}: missing, the trail jumps from record "
+                        f"{expected - 1} to {rid} (removed)",
+                    )
+                raise _Broken(rid, f"record {rid}: ids must start at 1 (inserted)")
+            if stored_prev != prev:
+                raise _Broken(
+                    rid,
+                    f"record {rid}: previous-hash link broken "
+                    "(a record before it was removed, inserted or reordered)",
+                )
+            prev = hash_of(prev, rid, ts, actor, action, outcome, pkey, entity, detail)
+            if prev != stored:
+                raise _Broken(rid, f"record {rid}: hash does not match its contents (altered)")
+            if rid == cp_at:
+                if cp_hash != prev:
+                    raise _Broken(
+                        rid,
+                        f"checkpoint {cp_id} (record {rid}): signed hash differs from the "
+                        "chain (records up to it were rewritten)",
+                    )
+                verified_cps += 1
+                cp_id, cp_at, cp_hash = next(pending, (0, -1, b""))
+            if rid == fault_at and fault is not None:
+                raise fault
+        if progress is not None:
+            progress(expected, total)
+    if fault is not None:
+        raise fault
+    if cp_at != -1:
+        # The newest good checkpoint may be beyond the last record; earlier ones must be too.
+        newest_id, newest_at, _ = checkpoints[-1]
+        raise _Broken(
+            expected + 1,
+            f"checkpoint {newest_id} (record {newest_at}): the audit trail ends at record "
+            f"{expected} (truncated)",
+        )
+    return expected, verified_cps
 
 
 def verify(
@@ -211,66 +471,52 @@ def verify(
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> VerifyResult:
-    """Recompute the chain and check the signed checkpoints; stops at the first bad record."""
-    present = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'trigger'")}
-    missing = [t for t in _TRIGGERS if t not in present]
-    checkpoints = conn.execute(
-        "SELECT id, audit_id, hash, ts, signature FROM audit_checkpoints ORDER BY id"
-    ).fetchall()
-    by_record: dict[int, tuple[int, bytes]] = {}
-    previous_cp = 0
-    for cp_id, audit_id, digest, ts, signature in checkpoints:
-        try:
-            public_key.verify(bytes(signature), _checkpoint_message(int(audit_id), bytes(digest), str(ts)))
-        except InvalidSignature:
-            return _bad(0, len(checkpoints), int(audit_id), f"checkpoint {cp_id} (record {audit_id}): signature does not verify")
-        if int(audit_id) <= previous_cp:
-            return _bad(0, len(checkpoints), int(audit_id), f"checkpoint {cp_id}: checkpoints out of order")
-        previous_cp = int(audit_id)
-        by_record[int(audit_id)] = (cp_id, bytes(digest))
+    """Check the whole trail and stop at the first bad record (170.315(d)(2) integrity).
 
-    total = int(conn.execute("SELECT count(*) FROM audit").fetchone()[0])
-    sha256 = hashlib.sha256
-    pack_q = struct.Struct(">Q").pack
-    field = _field
-    expected_id = 0
-    prev = GENESIS
-    cursor = conn.execute(
-        "SELECT id, ts, actor, action, outcome, patient_key, entity, detail, prev_hash, hash FROM audit ORDER BY id"
-    )
-    while True:
-        chunk = cursor.fetchmany(_CHUNK)
-        if not chunk:
-            break
-        for rid, ts, actor, action, outcome, pkey, entity, detail, prev_hash, digest in chunk:
-            expected_id += 1
-            if rid != expected_id:
-                return _bad(expected_id - 1, len(checkpoints), rid,
-                            f"record {rid}: expected record {expected_id} (a record was removed or inserted)")
-            if prev_hash != prev:
-                return _bad(rid - 1, len(checkpoints), rid,
-                            f"record {rid}: previous-hash link broken (a record before it was removed, inserted or reordered)")
-            computed = sha256(
-                b"".join((prev, pack_q(rid), field(ts), field(actor), field(action), field(outcome),
-                          field(pkey), field(entity), field(detail)))
-            ).digest()
-            if computed != digest:
-                return _bad(rid - 1, len(checkpoints), rid, f"record {rid}: hash does not match its contents (altered)")
-            cp = by_record.get(rid)
-            if cp is not None and cp[1] != computed:
-                return _bad(rid - 1, len(checkpoints), rid,
-                            f"checkpoint {cp[0]} (record {rid}): signed hash differs from the chain (rewritten)")
-            prev = computed
-        if progress is not None:
-            progress(expected_id, total)
-    if previous_cp > expected_id:
-        cp_id = by_record[previous_cp][0]
-        return _bad(expected_id, len(checkpoints), expected_id + 1,
-                    f"checkpoint {cp_id} (record {previous_cp}): the audit trail ends at record {expected_id} (truncated)")
-    if missing:
-        return _bad(expected_id, len(checkpoints), None,
-                    f"append-only triggers missing ({', '.join(missing)}): records could be edited")
-    return VerifyResult(True, expected_id, len(checkpoints))
+    Streams the records in id order and checks that ids run 1, 2, 3…, that each
+    ``prev_hash`` is the previous record's hash, that each hash recomputes, that every
+    checkpoint is signed by ``public_key``, in order and matches the record it names, that
+    the newest checkpoint is not beyond the last record (truncation), and that the
+    append-only triggers are intact. ``progress(done, total)`` is called after each chunk.
+    Reads one consistent snapshot, so it can run while the appliance keeps appending.
+    """
+    saved_text_factory = conn.text_factory
+    own_snapshot = not conn.in_transaction
+    conn.text_factory = _tolerant_text
+    if own_snapshot:
+        conn.execute("BEGIN")  # deferred: a read snapshot, no write lock
+    try:
+        guards = _guard_problems(conn)
+        checkpoints, fault = _checked_checkpoints(conn, public_key)
+        try:
+            records, verified_cps = _walk(conn, checkpoints, fault, progress)
+        except _Broken as broken:
+            problem = broken.problem
+            if guards:
+                problem += f"; append-only triggers also missing or altered: {', '.join(guards)}"
+            return VerifyResult(
+                False, 0, 0, broken.first_bad_id, problem
+            ) if broken.first_bad_id is None else VerifyResult(
+                False,
+                max(broken.first_bad_id - 1, 0),
+                sum(1 for _, at, _ in checkpoints if at < broken.first_bad_id),
+                broken.first_bad_id,
+                problem,
+            )
+        if guards:
+            return VerifyResult(
+                False,
+                records,
+                verified_cps,
+                None,
+                f"append-only triggers missing or altered ({', '.join(guards)}): "
+                "records could be changed without trace",
+            )
+        return VerifyResult(True, records, verified_cps)
+    finally:
+        if own_snapshot:
+            conn.execute("COMMIT")
+        conn.text_factory = saved_text_factory
 
 
 def report(
@@ -283,19 +529,24 @@ def report(
     action: AuditAction | None = None,
     limit: int | None = None,
 ) -> list[AuditRecord]:
-    """Records filtered by time window, actor, patient and action, oldest first."""
-    clauses, params = [], []
+    """Records in ``[since, until)`` by actor, patient and action, oldest first ((d)(3)).
+
+    The window compares the stored text, which is exact because :func:`ts_text` is
+    fixed-width UTC.
+    """
+    clauses: list[str] = []
+    params: list[str | bytes | int] = []
     for clause, value in (
         ("ts >= ?", None if since is None else ts_text(since)),
         ("ts < ?", None if until is None else ts_text(until)),
         ("actor = ?", actor),
         ("patient_key = ?", patient_key),
-        ("action = ?", None if action is None else action.value),
+        ("action = ?", None if action is None else AuditAction(action).value),
     ):
         if value is not None:
             clauses.append(clause)
             params.append(value)
-    sql = "SELECT id, ts, actor, action, outcome, patient_key, entity, detail FROM audit"
+    sql = f"SELECT {_RECORD_COLUMNS} FROM audit"  # noqa: S608 - constant column list
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY id"
@@ -303,22 +554,33 @@ def report(
         sql += " LIMIT ?"
         params.append(limit)
     return [
-        AuditRecord(rid, datetime.fromisoformat(ts.replace("Z", "+00:00")), a, act, out,
-                    None if pk is None else bytes(pk), ent, det)
-        for rid, ts, a, act, out, pk, ent, det in conn.execute(sql, params)
+        AuditRecord(
+            rid,
+            _parse_ts(ts),
+            actor_,
+            AuditAction(act),
+            Outcome(out),
+            None if pkey is None else bytes(pkey),
+            entity,
+            detail,
+        )
+        for rid, ts, actor_, act, out, pkey, entity, detail in conn.execute(sql, params)
     ]
 
 
 def format_report_rows(records: Sequence[AuditRecord]) -> list[dict[str, str]]:
-    """Records as flat string rows for table, CSV and JSON output."""
+    """Records as flat string rows (same keys in every row) for table, CSV and JSON output.
+
+    The patient is shown as the hex of its pseudonymous key: the report never holds PHI.
+    """
     return [
         {
             "id": str(r.id),
-            "time_utc": r.ts.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "time_utc": ts_text(r.ts),
             "actor": r.actor,
-            "action": r.action,
-            "outcome": r.outcome,
-            "patient": "" if r.patient_key is None else r.patient_key.hex(),
+            "action": r.action.value,
+            "outcome": r.outcome.value,
+            "patient_key": "" if r.patient_key is None else r.patient_key.hex(),
             "entity": r.entity or "",
             "detail": r.detail or "",
         }

@@ -131,6 +131,10 @@ def ensure_demo_users(config: Config) -> None:
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     init_site(config, dev_key=True)
+    if config.web.tls_cert is not None and not config.web.tls_cert.exists():
+        from appliance.tls import ensure_dev_certificate
+
+        ensure_dev_certificate(config.web.tls_cert.parent)
     ensure_demo_users(config)
     url = config.web.public_url
 
