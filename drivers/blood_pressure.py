@@ -1,71 +1,136 @@
-"""Blood Pressure Measurement (GATT 0x2A35) and Intermediate Cuff Pressure (0x2A36).
+"""Blood Pressure Measurement (GATT 0x2A35) and Intermediate Cuff Pressure (0x2A36), sans-I/O.
 
-Layout (Bluetooth SIG Blood Pressure Service 1.1, §3.1; REFERENCE.md): flags (u8), then
-systolic, diastolic and mean arterial pressure as SFLOAT, then in flag order: timestamp
-(b1, 7-byte DateTime), pulse rate (b2, SFLOAT), user id (b3, u8, 0xFF unknown), measurement
-status (b4, u16). Flag b0 selects kPa instead of mmHg. Bits 5-7 are reserved: a value that
-sets them is refused, because the fields after it could not be located with certainty.
-Bytes after the flagged fields are ignored (later versions of the characteristic may append
-fields) and counted in ``trailing``.
+Wire layout (Bluetooth SIG Blood Pressure Service 1.1, §3.1 and §3.2, field definitions in the
+GATT Specification Supplement; REFERENCE.md), all little-endian:
+
+====  ===================================  ======================================
+size  field                                present when
+====  ===================================  ======================================
+1     flags                                always
+2     systolic (SFLOAT)                    always
+2     diastolic (SFLOAT)                   always
+2     mean arterial pressure (SFLOAT)      always
+7     time stamp (Date Time)               flags bit 1
+2     pulse rate (SFLOAT, beats/min)       flags bit 2
+1     user id (u8, 0xFF = unknown user)    flags bit 3
+2     measurement status (u16)             flags bit 4
+====  ===================================  ======================================
+
+Flags bit 0 selects kPa instead of mmHg for the three pressures. 0x2A36 has the same layout,
+but only the first pressure means anything: the live cuff pressure during inflation. The
+other two are unused there (cuffs send NaN, or 0 as in Nordic's test vectors); they are kept
+as sent and never interpreted.
+
+Decisions (documented here because the specification leaves them to the receiver):
+
+* Flags bits 5-7 are reserved. A value that sets them is refused with ProtocolError, because
+  a future field announced by such a bit would sit at an offset we cannot know.
+* Bytes after the last flagged field are ignored and counted in ``trailing``: GATT values
+  may be extended at their end by later versions of a characteristic, and refusing them would
+  lose a valid reading from a newer cuff.
+* Measurement status bits 6-15 are reserved for future use and ignored.
+* A time stamp whose year, month or day is 0 ("not known") becomes None; one that is not a
+  real date or time (month 13, hour 24) makes the whole value a ProtocolError, since a stored
+  reading with a wrong time must not be mistaken for a new one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 
 from drivers.errors import ProtocolError
-from drivers.ieee11073 import SFloatValue, decode_datetime, decode_sfloat, encode_datetime, encode_sfloat
+from drivers.ieee11073 import (
+    SFloatValue,
+    decode_datetime,
+    decode_sfloat,
+    encode_datetime,
+    encode_sfloat,
+)
 
+# Flags field (BPS §3.1; GATT Specification Supplement, Blood Pressure Measurement).
 _UNIT_KPA = 0x01
 _TIMESTAMP = 0x02
-_PULSE = 0x04
-_USER = 0x08
+_PULSE_RATE = 0x04
+_USER_ID = 0x08
 _STATUS = 0x10
-_RESERVED = 0xE0
+_RESERVED_FLAGS = 0xE0
+
+_FIXED_SIZE = 7  # flags + three SFLOAT pressures
+_DATETIME_SIZE = 7
+_UNKNOWN_USER = 0xFF  # User ID field: 0xFF is "unknown user"
+
+MEASUREMENT_NAME = "Blood Pressure Measurement"
+INTERMEDIATE_NAME = "Intermediate Cuff Pressure"
 
 
 class PressureUnit(StrEnum):
-    """UCUM codes of the two units the profile allows."""
+    """The unit of the pressures, as the UCUM code FHIR expects (flags bit 0)."""
 
     MMHG = "mm[Hg]"
     KPA = "kPa"
 
 
-class PulseRateRange(IntEnum):
-    """Measurement status bits 3-4."""
+class PulseRateRange(StrEnum):
+    """Measurement status bits 3-4: the pulse rate against the cuff's own limits."""
 
-    WITHIN = 0
-    EXCEEDS_UPPER = 1
-    BELOW_LOWER = 2
-    RESERVED = 3
+    WITHIN = "within-range"  # 0
+    EXCEEDS_UPPER = "exceeds-upper-limit"  # 1
+    BELOW_LOWER = "below-lower-limit"  # 2
+    RESERVED = "reserved"  # 3, reserved for future use
+
+
+# Index = the two-bit wire code.
+_PULSE_RATE_RANGES = (
+    PulseRateRange.WITHIN,
+    PulseRateRange.EXCEEDS_UPPER,
+    PulseRateRange.BELOW_LOWER,
+    PulseRateRange.RESERVED,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class BloodPressureStatus:
-    """Measurement status flags a clinician must see."""
+    """The measurement status field (flags bit 4): conditions a clinician must see."""
 
-    body_movement: bool
-    cuff_too_loose: bool
-    irregular_pulse: bool
-    pulse_rate_range: PulseRateRange
-    improper_position: bool
+    body_movement: bool  # bit 0
+    cuff_too_loose: bool  # bit 1
+    irregular_pulse: bool  # bit 2
+    pulse_rate_range: PulseRateRange  # bits 3-4
+    improper_position: bool  # bit 5
 
     @classmethod
     def from_bits(cls, bits: int) -> BloodPressureStatus:
-        """Decode the u16 status field."""
-        return cls(bool(bits & 1), bool(bits & 2), bool(bits & 4), PulseRateRange((bits >> 3) & 3), bool(bits & 32))
+        """Decode the u16 status field; the reserved bits 6-15 are ignored."""
+        return cls(
+            body_movement=bool(bits & 0x01),
+            cuff_too_loose=bool(bits & 0x02),
+            irregular_pulse=bool(bits & 0x04),
+            pulse_rate_range=_PULSE_RATE_RANGES[(bits >> 3) & 0x03],
+            improper_position=bool(bits & 0x20),
+        )
 
     def to_bits(self) -> int:
-        """Encode as the u16 status field."""
-        return (int(self.body_movement) | int(self.cuff_too_loose) << 1 | int(self.irregular_pulse) << 2
-                | int(self.pulse_rate_range) << 3 | int(self.improper_position) << 5)
+        """Encode as the u16 status field (reserved bits 0)."""
+        return (
+            int(self.body_movement)
+            | int(self.cuff_too_loose) << 1
+            | int(self.irregular_pulse) << 2
+            | _PULSE_RATE_RANGES.index(self.pulse_rate_range) << 3
+            | int(self.improper_position) << 5
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class BloodPressureMeasurement:
-    """One decoded 0x2A35 (or 0x2A36, with ``intermediate``) value."""
+    """One decoded 0x2A35 value, or a 0x2A36 value when ``intermediate`` is True.
+
+    ``timestamp`` is the cuff's naive wall-clock time (see
+    :func:`drivers.ieee11073.decode_datetime`); the caller attaches the zone. ``user_id`` is
+    None both when absent and when the cuff sent 0xFF, "unknown user". ``trailing`` counts
+    ignored bytes after the flagged fields (see the module docstring).
+    """
 
     unit: PressureUnit
     systolic: SFloatValue
@@ -80,30 +145,48 @@ class BloodPressureMeasurement:
 
     @property
     def current_cuff_pressure(self) -> SFloatValue:
-        """For 0x2A36: the live cuff pressure (the only meaningful value)."""
+        """For 0x2A36, the live cuff pressure: the first pressure field, the only meaningful one."""
         return self.systolic
 
 
-def _parse(data: bytes, intermediate: bool) -> BloodPressureMeasurement:
+def _expected_size(flags: int) -> int:
+    return (
+        _FIXED_SIZE
+        + (_DATETIME_SIZE if flags & _TIMESTAMP else 0)
+        + (2 if flags & _PULSE_RATE else 0)
+        + (1 if flags & _USER_ID else 0)
+        + (2 if flags & _STATUS else 0)
+    )
+
+
+def _parse(data: bytes, *, intermediate: bool) -> BloodPressureMeasurement:
+    name = INTERMEDIATE_NAME if intermediate else MEASUREMENT_NAME
     if not data:
-        raise ProtocolError("blood pressure value is empty")
+        raise ProtocolError(f"{name} is empty")
     flags = data[0]
-    if flags & _RESERVED:
-        raise ProtocolError(f"blood pressure flags 0x{flags:02X} set reserved bits")
-    need = 7 + 7 * bool(flags & _TIMESTAMP) + 2 * bool(flags & _PULSE) + bool(flags & _USER) + 2 * bool(flags & _STATUS)
+    if flags & _RESERVED_FLAGS:
+        raise ProtocolError(f"{name} flags 0x{flags:02X} set reserved bits 5-7")
+    need = _expected_size(flags)
     if len(data) < need:
-        raise ProtocolError(f"blood pressure value is {len(data)} bytes, flags 0x{flags:02X} need {need}")
-    offset = 7
-    timestamp = pulse = user = status = None
+        raise ProtocolError(f"{name} is {len(data)} bytes, flags 0x{flags:02X} need {need}")
+    # From here every read is in bounds: the length was checked against the flags.
+    offset = _FIXED_SIZE
+    timestamp = None
     if flags & _TIMESTAMP:
-        timestamp = decode_datetime(data, offset)
-        offset += 7
-    if flags & _PULSE:
-        pulse = decode_sfloat(data, offset)
+        try:
+            timestamp = decode_datetime(data, offset)
+        except ProtocolError as exc:
+            raise ProtocolError(f"{name} time stamp: {exc}") from None
+        offset += _DATETIME_SIZE
+    pulse_rate = None
+    if flags & _PULSE_RATE:
+        pulse_rate = decode_sfloat(data, offset)
         offset += 2
-    if flags & _USER:
-        user = None if data[offset] == 0xFF else data[offset]
+    user_id = None
+    if flags & _USER_ID:
+        user_id = None if data[offset] == _UNKNOWN_USER else data[offset]
         offset += 1
+    status = None
     if flags & _STATUS:
         status = BloodPressureStatus.from_bits(int.from_bytes(data[offset : offset + 2], "little"))
         offset += 2
@@ -113,8 +196,8 @@ def _parse(data: bytes, intermediate: bool) -> BloodPressureMeasurement:
         diastolic=decode_sfloat(data, 3),
         mean_arterial=decode_sfloat(data, 5),
         timestamp=timestamp,
-        pulse_rate=pulse,
-        user_id=user,
+        pulse_rate=pulse_rate,
+        user_id=user_id,
         status=status,
         intermediate=intermediate,
         trailing=len(data) - offset,
@@ -122,27 +205,42 @@ def _parse(data: bytes, intermediate: bool) -> BloodPressureMeasurement:
 
 
 def parse_measurement(data: bytes) -> BloodPressureMeasurement:
-    """Decode a Blood Pressure Measurement (0x2A35); raises :class:`ProtocolError` only."""
+    """Decode a Blood Pressure Measurement (0x2A35) value.
+
+    Raises :class:`~drivers.errors.ProtocolError`, and nothing else, when the value is short
+    for its flags, sets reserved flag bits or carries an impossible time stamp.
+    """
     return _parse(bytes(data), intermediate=False)
 
 
 def parse_intermediate_cuff_pressure(data: bytes) -> BloodPressureMeasurement:
-    """Decode an Intermediate Cuff Pressure (0x2A36) notification."""
+    """Decode an Intermediate Cuff Pressure (0x2A36) value; read ``current_cuff_pressure``.
+
+    Same layout and the same errors as :func:`parse_measurement`.
+    """
     return _parse(bytes(data), intermediate=True)
 
 
-def encode_measurement(m: BloodPressureMeasurement) -> bytes:
-    """Encode (the simulated cuff and tests); round-trips with :func:`parse_measurement`."""
-    flags = (_UNIT_KPA if m.unit is PressureUnit.KPA else 0)
+def encode_measurement(measurement: BloodPressureMeasurement) -> bytes:
+    """Encode as a 0x2A35 (or, same layout, 0x2A36) value, for the simulated cuff and tests.
+
+    Round-trips with :func:`parse_measurement`: flags are derived from which optional fields
+    are set. ``intermediate`` and ``trailing`` are not encoded. Raises ValueError when a value
+    does not fit its field (an SFLOAT, a user id outside 0-254, a year outside 1582-9999).
+    """
+    m = measurement
+    flags = _UNIT_KPA if m.unit is PressureUnit.KPA else 0
     body = encode_sfloat(m.systolic) + encode_sfloat(m.diastolic) + encode_sfloat(m.mean_arterial)
     if m.timestamp is not None:
         flags |= _TIMESTAMP
         body += encode_datetime(m.timestamp)
     if m.pulse_rate is not None:
-        flags |= _PULSE
+        flags |= _PULSE_RATE
         body += encode_sfloat(m.pulse_rate)
     if m.user_id is not None:
-        flags |= _USER
+        if not 0 <= m.user_id < _UNKNOWN_USER:
+            raise ValueError("user id must be 0-254 (0xFF means unknown: use None)")
+        flags |= _USER_ID
         body += bytes((m.user_id,))
     if m.status is not None:
         flags |= _STATUS
