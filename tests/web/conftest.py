@@ -1,0 +1,90 @@
+"""The web app over a real store on a temp SQLite file, with a login helper and a fake clock."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from quart import Quart, Response
+from quart.testing import QuartClient
+from quart.typing import TestAppProtocol
+
+from appliance import db, users
+from appliance.config import Config, demo_config
+from appliance.store import Store
+from web.app import create_app
+
+NURSE = "nurse1"
+PASSWORD = "correct horse battery"
+_TOKEN = re.compile(rb'name="csrf_token" value="([^"]+)"')
+
+
+@dataclass
+class FakeClock:
+    """The app's clock; tests move it instead of sleeping."""
+
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(datetime.now(UTC).replace(microsecond=0))
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    # The demo configuration puts the database and KEK where the shared `store` fixture does.
+    return demo_config(tmp_path)
+
+
+@pytest.fixture
+async def app(config: Config, store: Store, clock: FakeClock) -> AsyncIterator[TestAppProtocol]:
+    await db.run_sync(
+        store.connection, users.create_user, NURSE, PASSWORD, users.Role.NURSE, now=clock()
+    )
+    quart_app: Quart = create_app(config, store, clock=clock, sse_poll_s=0.02)
+    async with quart_app.test_app() as test_app:
+        yield test_app
+
+
+@pytest.fixture
+def client(app: TestAppProtocol) -> QuartClient:
+    return app.test_client()  # type: ignore[return-value]
+
+
+def form_token(body: bytes) -> str:
+    """The CSRF token of the first form on a page."""
+    found = _TOKEN.search(body)
+    assert found is not None, "no csrf_token field on the page"
+    return found.group(1).decode()
+
+
+async def submit_login(
+    client: QuartClient, username: str = NURSE, password: str = PASSWORD, **extra: str
+) -> Response:
+    """Fetch the login form and submit it as a browser would (with its CSRF token)."""
+    page = await client.get("/login")
+    fields = {"username": username, "password": password, **extra}
+    fields["csrf_token"] = form_token(await page.get_data())
+    return await client.post("/login", form=fields)
+
+
+async def login(client: QuartClient, username: str = NURSE, password: str = PASSWORD) -> int:
+    """Log in through the real form; returns the status of the POST."""
+    return (await submit_login(client, username, password)).status_code
+
+
+@pytest.fixture
+async def logged_in(client: QuartClient) -> QuartClient:
+    assert await login(client) == 302
+    return client

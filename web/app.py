@@ -1,0 +1,158 @@
+"""The Quart application factory: one app per call, its store and config kept on the app.
+
+There is no module-level app (STYLE.md, convention 6): the web entry point
+(:mod:`web.main`) and each test build their own with :func:`create_app`. Every response
+carries the security headers of OWASP ASVS V14.4: a strict Content-Security-Policy (no
+inline script or style, so every script and stylesheet is a file in ``web/static/``),
+``nosniff``, no referrer, no framing, HSTS over TLS, and ``Cache-Control: no-store`` on
+everything but static assets, since any page may carry PHI.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from quart import Quart, Response, current_app, redirect, render_template, request
+from quart.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
+
+from appliance.config import Config
+from appliance.store import Store
+from appliance.users import LoginThrottle
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+HSTS = "max-age=31536000"
+_HERE = Path(__file__).parent
+
+# What an error page says: a fixed sentence per status, never the exception's text, which
+# could name a record (and so a patient).
+_ERROR_TEXT = {
+    400: "The request could not be understood.",
+    401: "Please log in.",
+    403: "This action is not allowed. If you were filling in a form, reload the page and "
+    "try again.",
+    404: "There is no page at this address.",
+    405: "This address does not accept that kind of request.",
+}
+_GENERIC_ERROR = "Something went wrong on the appliance. Try again; if it keeps happening, call IT."
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class AppState:
+    """What the blueprints share, kept on the app (``app.extensions["appliance"]``)."""
+
+    config: Config
+    store: Store
+    clock: Clock
+    sse_poll_s: float
+    zone: ZoneInfo
+    secure: bool  # served over TLS: Secure, ``__Host-`` cookies and HSTS
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    # Signs the pre-login CSRF tokens; per process, so a restart only voids open login forms.
+    form_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+
+
+def app_state() -> AppState:
+    """The current app's :class:`AppState` (inside a request or app context)."""
+    state: AppState = current_app.extensions["appliance"]
+    return state
+
+
+def create_app(
+    config: Config,
+    store: Store,
+    *,
+    clock: Clock = _utcnow,
+    sse_poll_s: float = 0.25,
+) -> Quart:
+    """Build the web app over an open ``store``; ``clock`` gives aware UTC datetimes."""
+    # Imported here, not at the top: the blueprints import :func:`app_state` from this
+    # module, so importing them first would be circular.
+    from web.auth import bp as auth_bp
+    from web.health import bp as health_bp
+    from web.nurse import bp as nurse_bp
+
+    app = Quart(
+        __name__,
+        static_folder=str(_HERE / "static"),
+        template_folder=str(_HERE / "templates"),
+    )
+    app.jinja_options = {**app.jinja_options, "autoescape": True}
+    app.config.update(MAX_CONTENT_LENGTH=64 * 1024, PROPAGATE_EXCEPTIONS=False)
+    app.extensions["appliance"] = AppState(
+        config=config,
+        store=store,
+        clock=clock,
+        sse_poll_s=sse_poll_s,
+        zone=ZoneInfo(config.site.timezone),
+        secure=config.web.tls_cert is not None or config.web.public_url.startswith("https:"),
+    )
+    app.register_blueprint(auth_bp)
+    app.register_blueprint(nurse_bp)
+    app.register_blueprint(health_bp)
+
+    @app.get("/")
+    async def index() -> ResponseReturnValue:
+        return redirect("/nurse/")
+
+    @app.context_processor
+    async def site() -> dict[str, object]:
+        return {"site_name": config.site.name}
+
+    app.after_request(_security_headers)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    return app
+
+
+async def _security_headers(response: Response) -> Response:
+    headers = response.headers
+    headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Referrer-Policy"] = "no-referrer"
+    headers["X-Frame-Options"] = "DENY"
+    if request.endpoint != "static":
+        headers["Cache-Control"] = "no-store"
+    if app_state().secure or request.scheme == "https":
+        headers["Strict-Transport-Security"] = HSTS
+    return response
+
+
+async def _error_page(status: int, message: str) -> ResponseReturnValue:
+    return await render_template("error.html", status=status, message=message), status
+
+
+async def _http_error(error: HTTPException) -> ResponseReturnValue:
+    status = error.code or 500
+    if status < 400:  # a redirect raised as an exception (RequestRedirect) is not an error
+        return error.get_response()
+    return await _error_page(status, _ERROR_TEXT.get(status, _GENERIC_ERROR))
+
+
+async def _unexpected_error(error: Exception) -> ResponseReturnValue:
+    # The type and the stack only: an exception's message may quote data (PHI).
+    logger.error(
+        "unhandled %s in %s\n%s",
+        type(error).__name__,
+        request.endpoint,
+        "".join(traceback.format_tb(error.__traceback__)),
+    )
+    return await _error_page(500, _GENERIC_ERROR)

@@ -1,0 +1,216 @@
+"""Fleet monitoring: ``/healthz`` (JSON liveness) and ``/metrics`` (Prometheus text).
+
+Both read the same non-PHI figures from the database at request time: each process's
+heartbeat (written by :mod:`appliance.runtime`; the store is the bus), the outbox backlog
+and the audit chain's length. Neither needs a login; neither shows anything about a
+patient. ``/metrics`` uses a registry of its own per app, never prometheus_client's global
+default one, so two apps in one process (tests) never share or collide on metrics.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from quart import Blueprint, Response, current_app
+from quart.blueprints import BlueprintSetupState
+from quart.typing import ResponseReturnValue
+
+from appliance import db
+from appliance.errors import StoreError
+from appliance.runtime import HEARTBEAT_STALE_S
+from appliance.store import Lane
+from web.app import AppState, app_state
+
+bp = Blueprint("health", __name__)
+
+EXPECTED_PROCESSES = ("web", "devices", "sync")
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """One process's last heartbeat as /healthz reports it."""
+
+    pid: int | None
+    age_s: float | None
+    status: str  # ok | stale | missing
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The figures both endpoints report, read in one go."""
+
+    processes: dict[str, Heartbeat]
+    database: str  # "ok" or what went wrong
+    pending_by_lane: dict[str, int] = field(default_factory=dict)
+    dead_by_lane: dict[str, int] = field(default_factory=dict)
+    oldest_pending_age_s: float | None = None
+    audit_records: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Every expected process is beating and the database answers.
+
+        Dead letters are reported but do not fail the check: they need a person, not a
+        restart, and a failing check stops a rolling update.
+        """
+        return self.database == "ok" and all(b.status == "ok" for b in self.processes.values())
+
+
+def _lane_name(lane: int) -> str:
+    try:
+        return Lane(lane).name.lower()
+    except ValueError:
+        return str(lane)
+
+
+def _uuid7_ms(logical_id: str) -> int:
+    """The creation time (Unix ms) in a UUIDv7's first 48 bits (:func:`appliance.fhir.uuid7`)."""
+    return int(logical_id.replace("-", "")[:12], 16)
+
+
+def _heartbeats(conn: sqlite3.Connection, now: datetime) -> dict[str, Heartbeat]:
+    found: dict[str, Heartbeat] = {}
+    rows = conn.execute("SELECT process, pid, beat_at FROM heartbeats ORDER BY process")
+    for process, pid, beat_at in rows.fetchall():
+        age = (now - datetime.fromisoformat(beat_at)).total_seconds()
+        status = "ok" if age <= HEARTBEAT_STALE_S else "stale"
+        found[str(process)] = Heartbeat(int(pid), round(age, 3), status)
+    for process in EXPECTED_PROCESSES:
+        found.setdefault(process, Heartbeat(None, None, "missing"))
+    return found
+
+
+def read_snapshot(conn: sqlite3.Connection, now: datetime) -> Snapshot:
+    """Read every figure (on the database thread); a database error becomes its text."""
+    try:
+        processes = _heartbeats(conn, now)
+        pending: dict[str, int] = {}
+        dead: dict[str, int] = {}
+        counts = conn.execute(
+            "SELECT lane, state, count(*) FROM outbox WHERE state != 'delivered' "
+            "GROUP BY lane, state"
+        ).fetchall()
+        for lane, state, count in counts:
+            (pending if state == "pending" else dead)[_lane_name(lane)] = int(count)
+        # The outbox has no time column; the resource's UUIDv7 id carries its creation time.
+        oldest = conn.execute(
+            "SELECT r.logical_id FROM outbox o JOIN resources r ON r.id = o.resource_id "
+            "WHERE o.state = 'pending' ORDER BY o.id LIMIT 1"
+        ).fetchone()
+        oldest_age = None
+        if oldest is not None:
+            oldest_age = round(max(0.0, now.timestamp() - _uuid7_ms(oldest[0]) / 1000), 3)
+        # Audit ids are the chain positions 1..n, so the newest id is the count (O(1)).
+        audit_records = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
+    except (sqlite3.Error, StoreError, ValueError) as exc:
+        return Snapshot({p: Heartbeat(None, None, "missing") for p in EXPECTED_PROCESSES}, str(exc))
+    return Snapshot(processes, "ok", pending, dead, oldest_age, audit_records)
+
+
+async def _snapshot(state: AppState) -> Snapshot:
+    return await db.run_sync(state.store.connection, read_snapshot, state.clock())
+
+
+class SnapshotCollector(Collector):
+    """Turns the snapshot taken for this scrape into Prometheus gauges."""
+
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The gauges of the latest snapshot (none before the first scrape)."""
+        snap = self.snapshot
+        if snap is None:
+            return
+        pending = GaugeMetricFamily(
+            "appliance_outbox_pending", "Outbox items waiting for delivery.", labels=["lane"]
+        )
+        dead = GaugeMetricFamily(
+            "appliance_outbox_dead",
+            "Outbox items refused for good (dead letters).",
+            labels=["lane"],
+        )
+        for lane in Lane:
+            name = lane.name.lower()
+            pending.add_metric([name], snap.pending_by_lane.get(name, 0))
+            dead.add_metric([name], snap.dead_by_lane.get(name, 0))
+        yield pending
+        yield dead
+        oldest = GaugeMetricFamily(
+            "appliance_outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending outbox item (0 when none).",
+        )
+        oldest.add_metric([], snap.oldest_pending_age_s or 0.0)
+        yield oldest
+        yield GaugeMetricFamily(
+            "appliance_audit_records", "Records in the audit chain.", value=snap.audit_records
+        )
+        age = GaugeMetricFamily(
+            "appliance_heartbeat_age_seconds",
+            "Seconds since each process's last heartbeat (absent when it never beat).",
+            labels=["process"],
+        )
+        up = GaugeMetricFamily(
+            "appliance_process_up", "1 when the process's heartbeat is fresh.", labels=["process"]
+        )
+        for process, beat in snap.processes.items():
+            if beat.age_s is not None:
+                age.add_metric([process], beat.age_s)
+            up.add_metric([process], 1.0 if beat.status == "ok" else 0.0)
+        yield age
+        yield up
+        yield GaugeMetricFamily(
+            "appliance_database_up",
+            "1 when the database answers.",
+            value=1.0 if snap.database == "ok" else 0.0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Metrics:
+    registry: CollectorRegistry
+    collector: SnapshotCollector
+
+
+@bp.record_once
+def _register_metrics(setup: BlueprintSetupState) -> None:
+    app = setup.app
+    registry = CollectorRegistry(auto_describe=False)
+    collector = SnapshotCollector()
+    registry.register(collector)
+    app.extensions["web.health.metrics"] = _Metrics(registry, collector)
+
+
+@bp.get("/healthz")
+async def healthz() -> ResponseReturnValue:
+    """Liveness of the processes, the database and the outbox; 503 unless all is well."""
+    snap = await _snapshot(app_state())
+    body = {
+        "status": "ok" if snap.ok else "degraded",
+        "processes": {
+            name: {"pid": beat.pid, "age_s": beat.age_s, "status": beat.status}
+            for name, beat in snap.processes.items()
+        },
+        "database": snap.database,
+        "outbox": {
+            "pending": sum(snap.pending_by_lane.values()),
+            "oldest_pending_age_s": snap.oldest_pending_age_s,
+            "dead": sum(snap.dead_by_lane.values()),
+        },
+    }
+    return body, 200 if snap.ok else 503
+
+
+@bp.get("/metrics")
+async def metrics() -> ResponseReturnValue:
+    """Prometheus text exposition of the same figures, read at scrape time."""
+    found: _Metrics = current_app.extensions["web.health.metrics"]
+    # No await between taking the snapshot and rendering it: concurrent scrapes cannot mix.
+    found.collector.snapshot = await _snapshot(app_state())
+    return Response(generate_latest(found.registry), content_type=CONTENT_TYPE_LATEST)
