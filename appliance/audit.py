@@ -8,18 +8,19 @@ cites, and the fields IHE BALP puts in a FHIR AuditEvent when the record goes up
 **Chain.** ``hash = SHA-256(message)`` with, byte for byte (so an upstream verifier can
 re-implement it)::
 
-    message = prev_hash (32 bytes; 32 zero bytes for record 1)
-              || id (8-byte big-endian signed)
-              || field(ts) || field(actor) || field(action) || field(outcome)
-              || field(patient_key) || field(entity) || field(detail)
-    field(NULL) = 0x00
-    field(TEXT) = 0x01 || 4-byte big-endian length || UTF-8 bytes
-    field(BLOB) = 0x02 || 4-byte big-endian length || bytes
-    field(anything else) = 0x03 || 4-byte big-endian length || Python repr (tampering only)
+    message = prev_hash                 32 bytes; 32 zero bytes for record 1
+              || id                     8-byte big-endian signed
+              || tag[1] .. tag[7]       1 byte each
+              || length[1] .. length[7] 4-byte big-endian unsigned each
+              || data[1] .. data[7]     the fields' bytes, back to back
 
-Each field is tagged with its SQLite type and length-prefixed, so no two different records
-encode alike — not even a TEXT and a BLOB holding the same bytes, which matters because a
-patient key re-typed to TEXT would silently drop out of a (d)(3) report's patient filter.
+over the fields ts, actor, action, outcome, patient_key, entity, detail in that order,
+where NULL is tag 0 with no data, TEXT tag 1 with its UTF-8 bytes, BLOB tag 2 with its
+bytes, and anything else (only ever written by tampering) tag 3 with its Python ``repr``.
+Every field's type and length sit in a fixed-size header before the data, so no two
+different records encode alike — not even a TEXT and a BLOB holding the same bytes, which
+matters because a patient key re-typed to TEXT would silently drop out of a (d)(3)
+report's patient filter. One header per record keeps verification fast (one ``pack``).
 The id is inside the hash, so moving a record is detected; ``ts`` is fixed-width UTC
 (``2026-11-26T08:00:00.000000Z``), so time windows filter correctly as strings.
 
@@ -57,11 +58,13 @@ _CHECKPOINT_DOMAIN = b"appliance-audit-checkpoint-v1\x00"  # a signature means o
 _RECORD_COLUMNS = "id, ts, actor, action, outcome, patient_key, entity, detail"
 _HEAD_SQL = "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"
 
-_pack_len = struct.Struct(">I").pack
-_pack_id = struct.Struct(">q").pack  # signed: a tampered negative id must hash, not crash
+# id (signed: a tampered negative id must hash, not crash), 7 type tags, 7 lengths.
+_header = struct.Struct(">q7B7I").pack
+_pack_id = struct.Struct(">q").pack
+_NULL, _TEXT, _BLOB, _OTHER = 0, 1, 2, 3
 
 # Tampered TEXT need not be UTF-8; decoding with surrogateescape keeps the exact bytes
-# (re-encoded identically by _field) instead of letting sqlite3 raise mid-verification.
+# (re-encoded identically by _typed) instead of letting sqlite3 raise mid-verification.
 _tolerant_text = functools.partial(str, encoding="utf-8", errors="surrogateescape")
 
 
@@ -186,7 +189,7 @@ class VerifyResult:
 class _Broken(Exception):
     """Internal: the first problem found, unwinding out of the walk."""
 
-    def __init__(self, first_bad_id: int | None, problem: str) -> None:
+    def __init__(self, first_bad_id: int, problem: str) -> None:
         super().__init__(problem)
         self.first_bad_id = first_bad_id
         self.problem = problem
@@ -203,47 +206,55 @@ def _parse_ts(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 
 
-def _field(value: object) -> bytes:
-    # Type checks by exact class, cheapest first in the order values occur (see verify's
-    # throughput goal); sqlite3 only ever returns str, bytes, None, int and float.
-    if value.__class__ is str:
-        data = value.encode("utf-8", "surrogateescape")  # type: ignore[attr-defined]
-        return b"\x01" + _pack_len(len(data)) + data
+def _typed(value: object) -> tuple[int, bytes]:
+    if isinstance(value, str):
+        return _TEXT, value.encode("utf-8", "surrogateescape")
     if value is None:
-        return b"\x00"
-    if value.__class__ is bytes:
-        return b"\x02" + _pack_len(len(value)) + value  # type: ignore[arg-type, operator]
-    data = repr(value).encode()
-    return b"\x03" + _pack_len(len(data)) + data
+        return _NULL, b""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return _BLOB, bytes(value)
+    return _OTHER, repr(value).encode()
 
 
 def record_hash(
     prev_hash: bytes,
     record_id: int,
-    ts: object,
-    actor: object,
-    action: object,
-    outcome: object,
-    patient_key: object,
-    entity: object,
-    detail: object,
+    ts: Any,
+    actor: Any,
+    action: Any,
+    outcome: Any,
+    patient_key: Any,
+    entity: Any,
+    detail: Any,
 ) -> bytes:
-    """SHA-256 of a record's canonical message (the module docstring gives its layout)."""
-    return hashlib.sha256(
-        b"".join(
-            (
-                prev_hash,
-                _pack_id(record_id),
-                _field(ts),
-                _field(actor),
-                _field(action),
-                _field(outcome),
-                _field(patient_key),
-                _field(entity),
-                _field(detail),
-            )
-        )
-    ).digest()
+    """SHA-256 of a record's canonical message (the module docstring gives its layout).
+
+    Values are as SQLite stores them (``str``, ``bytes``, ``None``; ``int`` or ``float``
+    only after tampering), so the same function serves :func:`append` and :func:`verify`.
+    """
+    # Fast path for the shapes honest records have; it runs once per record in verify,
+    # whose throughput is a goal (bench/audit_verify.py). Anything else — wrong types,
+    # surrogate-escaped text — raises here and takes the general path below.
+    try:
+        if patient_key is None:
+            pk_tag, pk = _NULL, b""
+        elif patient_key.__class__ is bytes:
+            pk_tag, pk = _BLOB, patient_key
+        else:
+            raise TypeError
+        t, a, ac, o = ts.encode(), actor.encode(), action.encode(), outcome.encode()
+        e_tag, e = (_NULL, b"") if entity is None else (_TEXT, entity.encode())
+        d_tag, d = (_NULL, b"") if detail is None else (_TEXT, detail.encode())
+        lengths = len(t), len(a), len(ac), len(o), len(pk), len(e), len(d)
+        header = _header(record_id, _TEXT, _TEXT, _TEXT, _TEXT, pk_tag, e_tag, d_tag, *lengths)
+        return hashlib.sha256(b"".join((prev_hash, header, t, a, ac, o, pk, e, d))).digest()
+    except (AttributeError, TypeError, UnicodeEncodeError):
+        pass
+    tags, data = zip(
+        *map(_typed, (ts, actor, action, outcome, patient_key, entity, detail)), strict=True
+    )
+    header = _header(record_id, *tags, *map(len, data))
+    return hashlib.sha256(prev_hash + header + b"".join(data)).digest()
 
 
 def _head(conn: sqlite3.Connection) -> tuple[int, bytes]:
@@ -263,36 +274,20 @@ def append(conn: sqlite3.Connection, events: Sequence[AuditEvent], *, now: datet
     if not conn.in_transaction:
         raise RuntimeError("audit.append must run inside the caller's BEGIN IMMEDIATE")
     last_id, prev = _head(conn)
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for event in events:
         last_id += 1
-        action = AuditAction(event.action).value
-        outcome = Outcome(event.outcome).value
-        digest = record_hash(
-            prev,
-            last_id,
+        fields = (
             ts,
             event.actor,
-            action,
-            outcome,
+            AuditAction(event.action).value,
+            Outcome(event.outcome).value,
             event.patient_key,
             event.entity,
             event.detail,
         )
-        rows.append(
-            (
-                last_id,
-                ts,
-                event.actor,
-                action,
-                outcome,
-                event.patient_key,
-                event.entity,
-                event.detail,
-                prev,
-                digest,
-            )
-        )
+        digest = record_hash(prev, last_id, *fields)
+        rows.append((last_id, *fields, prev, digest))
         prev = digest
     # Explicit ids: the chain is computed before the insert, so SQLite must not choose them.
     conn.executemany(
@@ -304,7 +299,7 @@ def append(conn: sqlite3.Connection, events: Sequence[AuditEvent], *, now: datet
 
 def _checkpoint_message(audit_id: int, digest: bytes, ts: str) -> bytes:
     # Fixed-width fields first, the one variable field last: unambiguous without prefixes.
-    return _CHECKPOINT_DOMAIN + _pack_id(audit_id) + digest + ts.encode()
+    return _CHECKPOINT_DOMAIN + _pack_id(audit_id) + digest + ts.encode("utf-8", "surrogateescape")
 
 
 def checkpoint(
@@ -392,77 +387,110 @@ def _checked_checkpoints(
     return good, None
 
 
+_NO_CHECKPOINT = (0, -1, b"")
+
+
 def _chunks(conn: sqlite3.Connection) -> Iterator[list[Any]]:
-    cursor = conn.execute(
-        f"SELECT {_RECORD_COLUMNS}, prev_hash, hash FROM audit ORDER BY id"  # noqa: S608 - constant
-    )
-    while chunk := cursor.fetchmany(_FETCH_CHUNK):
+    """The records in id order, in big chunks, decoding text the fast way until it fails.
+
+    Only tampering writes TEXT that is not UTF-8; sqlite3 then raises mid-chunk, and the
+    rest is re-read after the last record handed out, keeping the raw bytes (the caller
+    restores the connection's text factory).
+    """
+    select = f"SELECT {_RECORD_COLUMNS}, prev_hash, hash FROM audit"  # noqa: S608 - constant
+    cursor = conn.execute(select + " ORDER BY id")
+    last_id: int | None = None
+    while True:
+        try:
+            chunk = cursor.fetchmany(_FETCH_CHUNK)
+        except sqlite3.OperationalError:
+            if conn.text_factory is _tolerant_text:
+                raise
+            conn.text_factory = _tolerant_text
+            if last_id is None:
+                cursor = conn.execute(select + " ORDER BY id")
+            else:
+                cursor = conn.execute(select + " WHERE id > ? ORDER BY id", (last_id,))
+            continue
+        if not chunk:
+            return
+        last_id = chunk[-1][0]
         yield chunk
 
 
-def _walk(
-    conn: sqlite3.Connection,
-    checkpoints: list[tuple[int, int, bytes]],
-    fault: _Broken | None,
-    progress: Callable[[int, int], None] | None,
-) -> tuple[int, int]:
-    """Recompute the chain in id order; returns (records, checkpoints) verified, or raises.
+class _Walk:
+    """One pass over the chain; counts what it verified even when it stops early."""
 
-    Raises :class:`_Broken` at the first bad record — or at the checkpoint fault, when the
-    walk reaches the record that checkpoint names before finding anything earlier.
-    """
-    total = int(conn.execute("SELECT ifnull(max(id), 0) FROM audit").fetchone()[0])
-    fault_at = fault.first_bad_id if fault is not None and fault.first_bad_id else -1
-    pending = iter(checkpoints)
-    cp_id, cp_at, cp_hash = next(pending, (0, -1, b""))
-    verified_cps = 0
-    expected = 0
-    prev = GENESIS
-    hash_of = record_hash  # a local: this loop is the throughput figure in bench/
-    for chunk in _chunks(conn):
-        for rid, ts, actor, action, outcome, pkey, entity, detail, stored_prev, stored in chunk:
-            expected += 1
-            if rid != expected:
-                if rid > expected:
-                    raise _Broken(
-                        expected,
-                        f"record {expected}: missing, the trail jumps from record "
-                        f"{expected - 1} to {rid} (removed)",
-                    )
-                raise _Broken(rid, f"record {rid}: ids must start at 1 (inserted)")
-            if stored_prev != prev:
-                raise _Broken(
-                    rid,
-                    f"record {rid}: previous-hash link broken "
-                    "(a record before it was removed, inserted or reordered)",
-                )
-            prev = hash_of(prev, rid, ts, actor, action, outcome, pkey, entity, detail)
-            if prev != stored:
-                raise _Broken(rid, f"record {rid}: hash does not match its contents (altered)")
-            if rid == cp_at:
-                if cp_hash != prev:
+    def __init__(self, checkpoints: list[tuple[int, int, bytes]]) -> None:
+        self.checkpoints = checkpoints
+        self.records = 0
+        self.verified_checkpoints = 0
+
+    def run(
+        self,
+        conn: sqlite3.Connection,
+        fault: _Broken | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        """Recompute the chain in id order; raises :class:`_Broken` at the first problem.
+
+        A checkpoint ``fault`` is raised when the walk reaches the record it names, so
+        problems come out in record order whichever table they are in.
+        """
+        total = int(conn.execute("SELECT ifnull(max(id), 0) FROM audit").fetchone()[0])
+        fault_at = -1 if fault is None else max(fault.first_bad_id, 1)
+        pending = iter(self.checkpoints)
+        cp_id, cp_at, cp_hash = next(pending, _NO_CHECKPOINT)
+        expected = 0
+        prev = GENESIS
+        hash_of = record_hash  # a local: this loop is the throughput figure in bench/
+        for chunk in _chunks(conn):
+            for rid, ts, actor, action, outcome, pkey, entity, detail, link, stored in chunk:
+                expected += 1
+                if rid != expected:
+                    raise _id_gap(rid, expected)
+                if link != prev:
                     raise _Broken(
                         rid,
-                        f"checkpoint {cp_id} (record {rid}): signed hash differs from the "
-                        "chain (records up to it were rewritten)",
+                        f"record {rid}: previous-hash link broken "
+                        "(a record before it was removed, inserted or reordered)",
                     )
-                verified_cps += 1
-                cp_id, cp_at, cp_hash = next(pending, (0, -1, b""))
-            if rid == fault_at and fault is not None:
-                raise fault
-        if progress is not None:
-            progress(expected, total)
-    if fault is not None:
-        raise fault
-    if cp_at != -1:
-        # The newest good checkpoint may be beyond the last record; earlier ones must be too.
-        newest_id, newest_at, _ = checkpoints[-1]
-        raise _Broken(
-            expected + 1,
-            f"checkpoint {newest_id} (record {newest_at}): the audit trail ends at record "
-            f"{expected} (truncated)",
+                prev = hash_of(prev, rid, ts, actor, action, outcome, pkey, entity, detail)
+                if prev != stored:
+                    raise _Broken(rid, f"record {rid}: hash does not match its contents (altered)")
+                self.records = rid
+                if rid == cp_at:
+                    if cp_hash != prev:
+                        raise _Broken(
+                            rid,
+                            f"checkpoint {cp_id} (record {rid}): signed hash differs from "
+                            "the chain (records up to it were rewritten)",
+                        )
+                    self.verified_checkpoints += 1
+                    cp_id, cp_at, cp_hash = next(pending, _NO_CHECKPOINT)
+                if rid == fault_at and fault is not None:
+                    raise fault
+            if progress is not None:
+                progress(expected, total)
+        if cp_at != _NO_CHECKPOINT[1]:
+            newest_id, newest_at, _ = self.checkpoints[-1]
+            raise _Broken(
+                expected + 1,
+                f"checkpoint {newest_id} (record {newest_at}): the audit trail ends at record "
+                f"{expected} (truncated)",
+            )
+        if fault is not None:
+            raise fault
+
+
+def _id_gap(rid: int, expected: int) -> _Broken:
+    if rid > expected:
+        return _Broken(
+            expected,
+            f"record {expected}: missing, the trail jumps from record {expected - 1} to {rid} "
+            "(removed)",
         )
-    return expected, verified_cps
+    return _Broken(rid, f"record {rid}: ids must start at 1 (inserted)")
 
 
 def verify(
@@ -482,37 +510,33 @@ def verify(
     """
     saved_text_factory = conn.text_factory
     own_snapshot = not conn.in_transaction
-    conn.text_factory = _tolerant_text
+    conn.text_factory = _tolerant_text  # the few schema and checkpoint rows: never raise
     if own_snapshot:
         conn.execute("BEGIN")  # deferred: a read snapshot, no write lock
     try:
         guards = _guard_problems(conn)
         checkpoints, fault = _checked_checkpoints(conn, public_key)
+        conn.text_factory = str  # the records: fast, and _chunks falls back when it fails
+        walk = _Walk(checkpoints)
         try:
-            records, verified_cps = _walk(conn, checkpoints, fault, progress)
+            walk.run(conn, fault, progress)
         except _Broken as broken:
             problem = broken.problem
             if guards:
                 problem += f"; append-only triggers also missing or altered: {', '.join(guards)}"
             return VerifyResult(
-                False, 0, 0, broken.first_bad_id, problem
-            ) if broken.first_bad_id is None else VerifyResult(
-                False,
-                max(broken.first_bad_id - 1, 0),
-                sum(1 for _, at, _ in checkpoints if at < broken.first_bad_id),
-                broken.first_bad_id,
-                problem,
+                False, walk.records, walk.verified_checkpoints, broken.first_bad_id, problem
             )
         if guards:
             return VerifyResult(
                 False,
-                records,
-                verified_cps,
+                walk.records,
+                walk.verified_checkpoints,
                 None,
                 f"append-only triggers missing or altered ({', '.join(guards)}): "
                 "records could be changed without trace",
             )
-        return VerifyResult(True, records, verified_cps)
+        return VerifyResult(True, walk.records, walk.verified_checkpoints)
     finally:
         if own_snapshot:
             conn.execute("COMMIT")
@@ -580,7 +604,7 @@ def format_report_rows(records: Sequence[AuditRecord]) -> list[dict[str, str]]:
             "actor": r.actor,
             "action": r.action.value,
             "outcome": r.outcome.value,
-            "patient_key": "" if r.patient_key is None else r.patient_key.hex(),
+            "patient": "" if r.patient_key is None else r.patient_key.hex(),
             "entity": r.entity or "",
             "detail": r.detail or "",
         }

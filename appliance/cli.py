@@ -30,6 +30,7 @@ from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.keys import generate_kek_file, load_keyring
 from appliance.runtime import add_config_arguments, config_from_args, setup_logging
+from appliance.supervisor import ChildSpec
 
 PROCESS_MODULES = {"web": "web.main", "devices": "services.devices", "sync": "sync_agent.process"}
 DEMO_USERS = (("nurse", "nurse-demo-2026", "nurse"), ("admin", "admin-demo-2026", "admin"))
@@ -82,8 +83,7 @@ def cmd_init(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _child_specs(args: argparse.Namespace, only: Sequence[str]) -> list[object]:
-    from appliance.supervisor import ChildSpec
+def _child_specs(args: argparse.Namespace, only: Sequence[str]) -> list[ChildSpec]:
 
     tail = ["--demo", str(Path(args.demo).resolve())] if args.demo else []
     if not args.demo and args.config:
@@ -98,7 +98,7 @@ def _supervise(args: argparse.Namespace, config: Config, banner: Callable[[], No
     from appliance.supervisor import Supervisor
 
     specs = _child_specs(args, args.only or list(PROCESS_MODULES))
-    supervisor = Supervisor(specs)  # type: ignore[arg-type]
+    supervisor = Supervisor(specs)
 
     async def go() -> int:
         task = asyncio.create_task(supervisor.run())
@@ -343,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
         name: str,
         handler: Callable[..., int],
         help_text: str,
-        parent: argparse._SubParsersAction = sub,
-    ) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+        parent: argparse._SubParsersAction[argparse.ArgumentParser] = sub,
+    ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
         add_config_arguments(p)
         p.set_defaults(handler=handler)

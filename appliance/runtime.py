@@ -23,7 +23,7 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,7 +94,7 @@ class ProcessContext:
         self.status.update(values)
 
 
-Main = Callable[[ProcessContext], Awaitable[None]]
+Main = Callable[[ProcessContext], Coroutine[object, object, None]]
 
 
 async def _heartbeat_loop(ctx: ProcessContext, healthy: list[bool]) -> None:

@@ -12,7 +12,6 @@ demographics arrive with the sync issue.
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -69,7 +68,6 @@ class _Prepared:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
 
 
 class Store:

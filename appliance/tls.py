@@ -33,15 +33,23 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def ensure_dev_certificate(folder: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> tuple[Path, Path]:
+def ensure_dev_certificate(
+    folder: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+) -> tuple[Path, Path]:
     """Create (once) a dev CA and a server certificate; returns ``(cert_path, key_path)``."""
-    cert_path, key_path, ca_path = folder / "server.pem", folder / "server-key.pem", folder / "dev-ca.pem"
+    cert_path, key_path, ca_path = (
+        folder / "server.pem",
+        folder / "server-key.pem",
+        folder / "dev-ca.pem",
+    )
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     now = datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Telehealth appliance development CA")])
+    ca_name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "Telehealth appliance development CA")]
+    )
     ca = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -51,7 +59,10 @@ def ensure_dev_certificate(folder: Path, hosts: tuple[str, ...] = ("localhost", 
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=825))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     server_key = ec.generate_private_key(ec.SECP256R1())
@@ -77,5 +88,10 @@ def ensure_dev_certificate(folder: Path, hosts: tuple[str, ...] = ("localhost", 
     _write(ca_path, ca.public_bytes(serialization.Encoding.PEM), 0o644)
     _write(folder / "dev-ca-key.pem", _key_pem(ca_key), 0o600)
     _write(key_path, _key_pem(server_key), 0o600)
-    _write(cert_path, server.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(
+        cert_path,
+        server.public_bytes(serialization.Encoding.PEM)
+        + ca.public_bytes(serialization.Encoding.PEM),
+        0o644,
+    )
     return cert_path, key_path

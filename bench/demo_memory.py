@@ -55,7 +55,7 @@ def healthy(url: str) -> bool:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=2, context=ctx) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(f"{url}/healthz", timeout=2, context=ctx) as resp:
             return bool(resp.status == 200)
     except OSError:
         return False
@@ -72,7 +72,10 @@ def main() -> None:
         env = {**os.environ, "APPLIANCE_WEB_PORT": str(port)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "demo", "--demo", tmp],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         url = None
         try:
@@ -101,13 +104,23 @@ def main() -> None:
     baseline_mb = 4 * bare_rss / 1024
     rss_mb = rss / 1024
     for row in (
-        {"figure": "demo_idle_rss_mb", "value": round(rss_mb, 1), "unit": "MB", "baseline": round(baseline_mb, 1),
-         "ratio": round(rss_mb / baseline_mb, 2), "goal": "value < 300 MB", "met": rss_mb < 300, "processes": len(pids)},
+        {
+            "figure": "demo_idle_rss_mb",
+            "value": round(rss_mb, 1),
+            "unit": "MB",
+            "baseline": round(baseline_mb, 1),
+            "ratio": round(rss_mb / baseline_mb, 2),
+            "goal": "value < 300 MB",
+            "met": rss_mb < 300,
+            "processes": len(pids),
+        },
         {"figure": "demo_idle_pss_mb", "value": round(pss / 1024, 1), "unit": "MB"},
     ):
         print(json.dumps(row), flush=True)
-    sys.stderr.write(f"demo idle: {len(pids)} processes, RSS {rss_mb:.0f} MB, PSS {pss / 1024:.0f} MB "
-                     f"(4 bare interpreters: {baseline_mb:.0f} MB)\n")
+    sys.stderr.write(
+        f"demo idle: {len(pids)} processes, RSS {rss_mb:.0f} MB, PSS {pss / 1024:.0f} MB "
+        f"(4 bare interpreters: {baseline_mb:.0f} MB)\n"
+    )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from appliance.audit import AuditAction, AuditEvent, Outcome
 
 from appliance import audit, db, fhir
+from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.store import Store
 from sync_agent.upstream import Failure, UpstreamError, outcome_text, post_bundle
 

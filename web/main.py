@@ -32,7 +32,7 @@ async def main(ctx: ProcessContext) -> None:
         await ctx.stopping.wait()
 
     sdnotify.ready()
-    await serve(app, hyper, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    await serve(app, hyper, shutdown_trigger=shutdown_trigger)
 
 
 if __name__ == "__main__":

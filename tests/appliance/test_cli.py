@@ -46,42 +46,68 @@ def _audit_rows(site: Path, n: int) -> None:
     conn = db.connect_sync(site.parent / "data" / "appliance.db")
     for i in range(n):
         with db.transaction_sync(conn):
-            audit.append(conn, [audit.AuditEvent(f"user:nurse{i % 2}", audit.AuditAction.READ, entity=f"Observation/{i}")], now=datetime.now(UTC))
+            audit.append(
+                conn,
+                [
+                    audit.AuditEvent(
+                        f"user:nurse{i % 2}", audit.AuditAction.READ, entity=f"Observation/{i}"
+                    )
+                ],
+                now=datetime.now(UTC),
+            )
     conn.close()
 
 
-def test_init_creates_a_private_key_and_the_database(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_init_creates_a_private_key_and_the_database(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = site.parent / "data"
     assert (data / "keys" / "kek").stat().st_mode & 0o777 == 0o600
     assert (data / "appliance.db").exists()
     assert main(["init", "--config", str(site)]) == 0  # idempotent, never overwrites the key
 
 
-def test_audit_verify_passes_then_names_the_altered_record(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_audit_verify_passes_then_names_the_altered_record(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _audit_rows(site, 12)
     assert main(["audit", "verify", "--quiet", "--config", str(site)]) == 0
     assert "12 records" in capsys.readouterr().out
     raw = sqlite3.connect(site.parent / "data" / "appliance.db")
     raw.execute("DROP TRIGGER audit_no_update")
     raw.execute("UPDATE audit SET actor = 'user:mallory' WHERE id = 5")
-    raw.execute("CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'x'); END")
+    raw.execute(
+        "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'x'); END"
+    )
     raw.commit()
     raw.close()
     assert main(["audit", "verify", "--quiet", "--config", str(site)]) == 1
     assert "record 5" in capsys.readouterr().err
 
 
-def test_audit_report_filters_by_user_as_json(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_audit_report_filters_by_user_as_json(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _audit_rows(site, 6)
     capsys.readouterr()
-    assert main(["audit", "report", "--user", "nurse1", "--format", "json", "--config", str(site)]) == 0
+    assert (
+        main(["audit", "report", "--user", "nurse1", "--format", "json", "--config", str(site)])
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["actor"] for r in rows] == ["user:nurse1"] * 3
 
 
-def test_config_with_mistakes_lists_them_all_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_with_mistakes_lists_them_all_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text(SITE.replace('npi = "1234567893"', 'npi = "1234567890"').replace('type = "office"', 'type = "spaceport"') + "\n[web]\nport = 0\ncolour = 'red'\n")
+    bad.write_text(
+        SITE.replace('npi = "1234567893"', 'npi = "1234567890"').replace(
+            'type = "office"', 'type = "spaceport"'
+        )
+        + "\n[web]\nport = 0\ncolour = 'red'\n"
+    )
     assert main(["audit", "verify", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     for path in ("site.npi", "site.type", "web.port", "web.colour"):
@@ -98,7 +124,9 @@ def test_wrong_key_is_one_clear_line(site: Path, capsys: pytest.CaptureFixture[s
     assert "\n" not in err
 
 
-def test_keys_rotate_kek_and_data_through_the_cli(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_keys_rotate_kek_and_data_through_the_cli(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     kek = site.parent / "data" / "keys" / "kek"
     before = kek.read_bytes()
     assert main(["keys", "rotate", "kek", "--config", str(site)]) == 0

@@ -19,7 +19,13 @@ async def test_connection_has_the_durability_settings(tmp_path: Path) -> None:
         def pragmas(raw: sqlite3.Connection) -> tuple[object, ...]:
             return tuple(
                 raw.execute(f"PRAGMA {name}").fetchone()[0]
-                for name in ("journal_mode", "synchronous", "secure_delete", "temp_store", "foreign_keys")
+                for name in (
+                    "journal_mode",
+                    "synchronous",
+                    "secure_delete",
+                    "temp_store",
+                    "foreign_keys",
+                )
             )
 
         # synchronous FULL = 2, temp_store MEMORY = 2
@@ -42,23 +48,35 @@ def test_migrations_apply_once_and_record_the_version(tmp_path: Path) -> None:
 def test_aiosqlite_internals_run_sync_relies_on_are_still_there() -> None:
     # run_sync uses Connection._execute and Connection._conn (see appliance/db.py). If an
     # aiosqlite upgrade renames them, this fails with a clear pointer instead of a hang.
-    assert callable(getattr(aiosqlite.Connection, "_execute", None)), "aiosqlite changed: fix db.run_sync"
-    assert isinstance(aiosqlite.Connection.__dict__.get("_conn"), property), "aiosqlite changed: fix db.run_sync"
+    assert callable(getattr(aiosqlite.Connection, "_execute", None)), (
+        "aiosqlite changed: fix db.run_sync"
+    )
+    assert isinstance(aiosqlite.Connection.__dict__.get("_conn"), property), (
+        "aiosqlite changed: fix db.run_sync"
+    )
 
 
 async def test_run_sync_runs_on_the_connection_thread_and_returns(tmp_path: Path) -> None:
     conn = await db.connect(tmp_path / "a.db")
     try:
-        assert await db.run_sync(conn, lambda raw, x: raw.execute("SELECT ?", (x,)).fetchone()[0], 41) == 41
+        assert (
+            await db.run_sync(conn, lambda raw, x: raw.execute("SELECT ?", (x,)).fetchone()[0], 41)
+            == 41
+        )
     finally:
         await conn.close()
 
 
 def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
     conn = db.connect_sync(tmp_path / "a.db")
-    with pytest.raises(RuntimeError), db.transaction_sync(conn):
-        conn.execute("INSERT INTO meta (key, value) VALUES ('x', 'y')")
-        raise RuntimeError("boom")
+
+    def fail_inside() -> None:
+        with db.transaction_sync(conn):
+            conn.execute("INSERT INTO meta (key, value) VALUES ('x', 'y')")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        fail_inside()
     assert conn.execute("SELECT count(*) FROM meta WHERE key = 'x'").fetchone()[0] == 0
     conn.close()
 

@@ -206,7 +206,9 @@ async def test_full_disk_fails_the_write_cleanly_and_keeps_what_was_acknowledged
 
     async def fill_up() -> None:
         for _ in range(500):
-            acknowledged.extend(await store.create([factories.bp_observation(ref) for _ in range(5)], DEVICES))
+            acknowledged.extend(
+                await store.create([factories.bp_observation(ref) for _ in range(5)], DEVICES)
+            )
 
     with pytest.raises(StoreError, match="disk is full") as info:
         await fill_up()

@@ -90,7 +90,9 @@ def _login(client: httpx.Client, username: str, password: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.peer
-def test_reading_travels_from_cuff_to_nurse_screen_to_upstream(tmp_path: Path, fhir_peer: FhirPeer) -> None:
+def test_reading_travels_from_cuff_to_nurse_screen_to_upstream(
+    tmp_path: Path, fhir_peer: FhirPeer
+) -> None:
     fhir_peer.reset()
     port = _free_port()
     site = tmp_path / "site.toml"
@@ -98,7 +100,22 @@ def test_reading_travels_from_cuff_to_nurse_screen_to_upstream(tmp_path: Path, f
     assert cli(["init", "--dev-key", "--config", str(site)]) == 0
     password = tmp_path / "pw"
     password.write_text("a-long-nurse-password")
-    assert cli(["users", "add", "nurse1", "--role", "nurse", "--password-file", str(password), "--config", str(site)]) == 0
+    assert (
+        cli(
+            [
+                "users",
+                "add",
+                "nurse1",
+                "--role",
+                "nurse",
+                "--password-file",
+                str(password),
+                "--config",
+                str(site),
+            ]
+        )
+        == 0
+    )
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance.cli", "run", "--config", str(site)],
@@ -136,7 +153,9 @@ def test_reading_travels_from_cuff_to_nurse_screen_to_upstream(tmp_path: Path, f
             assert "systolic" in event
             assert "diastolic" in event
 
-            _wait(lambda: fhir_peer.count("Observation") >= 2, 30, "readings to reach the FHIR server")
+            _wait(
+                lambda: fhir_peer.count("Observation") >= 2, 30, "readings to reach the FHIR server"
+            )
             assert fhir_peer.count("Patient") == 5  # the synthetic demo patients, once each
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

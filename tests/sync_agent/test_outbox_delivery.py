@@ -30,7 +30,9 @@ async def client(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
 
 def _states(db_path: Path) -> list[tuple[str, int]]:
     conn = sqlite3.connect(db_path)
-    rows = conn.execute("SELECT state, count(*) FROM outbox GROUP BY state ORDER BY state").fetchall()
+    rows = conn.execute(
+        "SELECT state, count(*) FROM outbox GROUP BY state ORDER BY state"
+    ).fetchall()
     conn.close()
     return rows
 
@@ -38,7 +40,9 @@ def _states(db_path: Path) -> list[tuple[str, int]]:
 async def _patient_with_readings(store: Store, n: int) -> str:
     [pat] = await store.create([factories.patient()], "user:nurse1")
     ref = f"Patient/{pat.logical_id}"
-    await store.create([factories.bp_observation(ref, systolic=110 + i) for i in range(n)], "service:devices")
+    await store.create(
+        [factories.bp_observation(ref, systolic=110 + i) for i in range(n)], "service:devices"
+    )
     return ref
 
 
@@ -84,7 +88,10 @@ async def test_lost_response_is_resent_without_creating_a_duplicate(
 
     start = datetime(2026, 11, 26, 12, tzinfo=UTC)
     deliverer = Deliverer(
-        store, client, max_entries=8, rng=random.Random(1),
+        store,
+        client,
+        max_entries=8,
+        rng=random.Random(1),
         clock=lambda: start + timedelta(hours=next(clock_moves)),
     )
     # The server processes the bundle, then the connection drops before the answer.
