@@ -315,7 +315,7 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
     "web": (
         _F("host", _TEXT, "127.0.0.1", "Address the web process listens on."),
         _F("port", _int(1, 65535), 8443, "TCP port the web process listens on."),
-        _F("public_url", _URL, _Computed("https://host:port"),
+        _F("public_url", _URL, _Computed("https://host:port with TLS, else http://host:port"),
            "The URL staff and remote providers use (links, banner, SMART redirects)."),
         _F("tls_cert", _PATH, None, "PEM server certificate chain (give with tls_key)."),
         _F("tls_key", _PATH, None, "PEM private key of tls_cert (give with tls_cert)."),
@@ -490,16 +490,17 @@ def parse(
             backups=paths["backups"] or data_dir / "backups",
         ),
         keys=KeysConfig(kek_file=keys["kek_file"] or default_kek),
-        web=WebConfig(**{**web, "public_url": web["public_url"] or _https_url(web)}),
+        web=WebConfig(**{**web, "public_url": web["public_url"] or _default_url(web)}),
         devices=DevicesConfig(**devices),
         sync=SyncConfig(**sync, upstreams=tuple(UpstreamConfig(**up) for up in upstreams)),
         source=None,
     )
 
 
-def _https_url(web: Mapping[str, Any]) -> str:
+def _default_url(web: Mapping[str, Any]) -> str:
     host = f"[{web['host']}]" if ":" in web["host"] else web["host"]
-    return f"https://{host}:{web['port']}"
+    scheme = "https" if web.get("tls_cert") else "http"
+    return f"{scheme}://{host}:{web['port']}"
 
 
 def _toml_problem(exc: tomllib.TOMLDecodeError) -> str:
@@ -568,10 +569,13 @@ def demo_config(data_dir: Path, *, environ: Mapping[str, str] | None = None) -> 
     if env.get("APPLIANCE_DEMO_UPSTREAM"):
         upstream = {"name": "ehr", "base_url": env["APPLIANCE_DEMO_UPSTREAM"], "auth": "none"}
         doc["sync"] = {"upstream": [upstream]}
-    config = parse(doc, source="<demo>", base_dir=Path.cwd(), environ=env)
-    tls = config.paths.data_dir / "tls"
-    web = replace(config.web, tls_cert=tls / "server.pem", tls_key=tls / "server-key.pem")
-    return replace(config, web=web)
+    data = Path(env.get("APPLIANCE_DATA_DIR") or data_dir)
+    doc["web"] = {
+        **doc["web"],
+        "tls_cert": str(data / "tls" / "server.pem"),  # type: ignore[dict-item]
+        "tls_key": str(data / "tls" / "server-key.pem"),
+    }
+    return parse(doc, source="<demo>", base_dir=Path.cwd(), environ=env)
 
 
 def _shown(default: object) -> str:

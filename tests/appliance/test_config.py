@@ -83,7 +83,7 @@ def test_minimal_config_takes_the_documented_defaults() -> None:
     assert config.paths.backups == Path("/srv/appliance/backups")
     assert config.keys.kek_file == Path("/srv/appliance/keys/kek")
     assert (config.web.host, config.web.port) == ("127.0.0.1", 8443)
-    assert config.web.public_url == "https://127.0.0.1:8443"
+    assert config.web.public_url == "http://127.0.0.1:8443"  # no TLS configured
     assert (config.web.tls_cert, config.web.session_idle_timeout_s) == (None, 900)
     assert (config.devices.simulated, config.devices.simulated_interval_s) == (False, 5.0)
     assert (config.sync.interval_s, config.sync.upstreams) == (5.0, ())
@@ -312,7 +312,7 @@ def test_environment_overrides_apply(tmp_path: Path, monkeypatch: pytest.MonkeyP
     env = {"APPLIANCE_WEB_PORT": "9000", "APPLIANCE_WEB_HOST": "::1", "APPLIANCE_DATA_DIR": "var"}
     config = parse(doc(web={"port": 8443}), base_dir=Path("/etc/appliance"), environ=env)
     assert (config.web.host, config.web.port) == ("::1", 9000)
-    assert config.web.public_url == "https://[::1]:9000"
+    assert config.web.public_url == "http://[::1]:9000"  # no TLS configured
     assert config.paths.data_dir == tmp_path / "var"  # the shell's folder, not the file's
 
 
