@@ -560,21 +560,21 @@ def demo_config(data_dir: Path, *, environ: Mapping[str, str] | None = None) -> 
     """
     env = dict(os.environ if environ is None else environ)
     env.pop("CREDENTIALS_DIRECTORY", None)
+    data = Path(env.get("APPLIANCE_DATA_DIR") or data_dir)
     doc: dict[str, object] = {
         "site": _DEMO_SITE,
         "paths": {"data_dir": str(data_dir)},
-        "web": {"host": "127.0.0.1", "port": 8443},
+        "web": {
+            "host": "127.0.0.1",
+            "port": 8443,
+            "tls_cert": str(data / "tls" / "server.pem"),
+            "tls_key": str(data / "tls" / "server-key.pem"),
+        },
         "devices": {"simulated": True, "simulated_interval_s": 3.0},
     }
     if env.get("APPLIANCE_DEMO_UPSTREAM"):
         upstream = {"name": "ehr", "base_url": env["APPLIANCE_DEMO_UPSTREAM"], "auth": "none"}
         doc["sync"] = {"upstream": [upstream]}
-    data = Path(env.get("APPLIANCE_DATA_DIR") or data_dir)
-    doc["web"] = {
-        **doc["web"],
-        "tls_cert": str(data / "tls" / "server.pem"),  # type: ignore[dict-item]
-        "tls_key": str(data / "tls" / "server-key.pem"),
-    }
     return parse(doc, source="<demo>", base_dir=Path.cwd(), environ=env)
 
 
