@@ -27,8 +27,9 @@ deps-system:
 $(PEER)/node_modules/.package-lock.json: $(PEER)/package.json $(PEER)/package-lock.json | deps-system
 	npm ci --prefix $(PEER) --no-audit --no-fund --loglevel=error
 
-run: $(STAMP)
-	$(BIN)/appliance demo --demo $(DEMO_DIR)
+# The demo's upstream EHR is the same Medplum FHIR peer the tests use, on loopback.
+run: $(STAMP) $(PEER)/node_modules/.package-lock.json
+	$(BIN)/python -m tests.fhir_peer.run_with_peer $(BIN)/appliance demo --demo $(DEMO_DIR)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
