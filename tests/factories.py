@@ -55,3 +55,24 @@ def bp_observation(
         "effectiveDateTime": effective,
         "component": [component("8480-6", systolic), component("8462-4", diastolic)],
     }
+
+
+# A minimal valid site configuration for CLI and process tests; extend it per test.
+SITE_TOML = """
+[site]
+id = "test-clinic"
+name = "Test Clinic"
+type = "office"
+npi = "1234567893"
+tax_id = "12-3456789"
+timezone = "America/Chicago"
+
+[site.address]
+lines = ["1 Test Way"]
+city = "Testville"
+state = "TX"
+postal_code = "79999"
+
+[paths]
+data_dir = "data"
+"""

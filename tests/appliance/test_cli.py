@@ -11,25 +11,9 @@ import pytest
 from appliance import audit, db
 from appliance.cli import main
 from appliance.keys import generate_kek_file
+from tests import factories
 
-SITE = """
-[site]
-id = "test-clinic"
-name = "Test Clinic"
-type = "office"
-npi = "1234567893"
-tax_id = "12-3456789"
-timezone = "America/Chicago"
-
-[site.address]
-lines = ["1 Test Way"]
-city = "Testville"
-state = "TX"
-postal_code = "79999"
-
-[paths]
-data_dir = "data"
-"""
+SITE = factories.SITE_TOML
 
 
 @pytest.fixture

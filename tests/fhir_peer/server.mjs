@@ -326,6 +326,16 @@ async function handleFhir(req, res, url) {
 
 // ---- control -------------------------------------------------------------------------------
 
+// The JSON body of a control request, or undefined after answering 400 for bad JSON.
+async function readControlJson(req, res) {
+  try {
+    return JSON.parse((await readBody(req)) || '{}');
+  } catch (err) {
+    sendJson(res, 400, { error: `invalid JSON: ${err.message}` });
+    return undefined;
+  }
+}
+
 async function handleControl(req, res, url) {
   const route = `${req.method} ${url.pathname}`;
   if (route === 'GET /__control/count') {
@@ -351,11 +361,8 @@ async function handleControl(req, res, url) {
     return;
   }
   if (route === 'POST /__control/reject') {
-    let spec;
-    try {
-      spec = JSON.parse((await readBody(req)) || '{}');
-    } catch (err) {
-      sendJson(res, 400, { error: `invalid JSON: ${err.message}` });
+    const spec = await readControlJson(req, res);
+    if (spec === undefined) {
       return;
     }
     rejectMarker = typeof spec.marker === 'string' && spec.marker ? spec.marker : null;
@@ -363,11 +370,8 @@ async function handleControl(req, res, url) {
     return;
   }
   if (route === 'POST /__control/fault') {
-    let spec;
-    try {
-      spec = JSON.parse((await readBody(req)) || '{}');
-    } catch (err) {
-      sendJson(res, 400, { error: `invalid JSON: ${err.message}` });
+    const spec = await readControlJson(req, res);
+    if (spec === undefined) {
       return;
     }
     const mode = spec.mode ?? 'none';

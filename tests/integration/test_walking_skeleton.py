@@ -22,28 +22,14 @@ import httpx
 import pytest
 
 from appliance.cli import main as cli
+from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 
 REPO = Path(__file__).resolve().parents[2]
 
-SITE = """
-[site]
-id = "skeleton-clinic"
-name = "Skeleton Clinic"
-type = "rhc"
-npi = "1234567893"
-tax_id = "12-3456789"
-timezone = "America/Chicago"
-
-[site.address]
-lines = ["1 Test Way"]
-city = "Testville"
-state = "TX"
-postal_code = "79999"
-
-[paths]
-data_dir = "data"
-
+SITE = (
+    factories.SITE_TOML.replace("office", "rhc")
+    + """
 [web]
 host = "127.0.0.1"
 port = {port}
@@ -60,6 +46,7 @@ name = "ehr"
 base_url = "{base_url}"
 max_bundle_entries = 8
 """
+)
 
 
 def _free_port() -> int:
