@@ -17,14 +17,13 @@ import sys
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-from drivers.blood_pressure import parse_measurement
-from drivers.errors import ProtocolError
-from drivers.simulated import SimulatedBloodPressureCuff
-
 from appliance import runtime, sdnotify
 from appliance.errors import ApplianceError
 from appliance.runtime import ProcessContext
 from appliance.store import StoredResource
+from drivers.blood_pressure import parse_measurement
+from drivers.errors import ProtocolError
+from drivers.simulated import SimulatedBloodPressureCuff
 from services import demo, vitals
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from enum import StrEnum
 from typing import Any
 
 import httpx
-from appliance.config import AuthKind, UpstreamConfig
 
+from appliance.config import AuthKind, UpstreamConfig
 from appliance.errors import ApplianceError, KeyFileError
 
 logger = logging.getLogger(__name__)
