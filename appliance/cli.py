@@ -28,7 +28,7 @@ from tqdm import tqdm
 from appliance import __version__, audit, db
 from appliance.config import Config
 from appliance.errors import ApplianceError
-from appliance.keys import generate_kek_file, load_keyring
+from appliance.keys import Keyring, generate_kek_file, load_keyring
 from appliance.runtime import add_config_arguments, config_from_args, setup_logging
 from appliance.supervisor import ChildSpec
 
@@ -273,8 +273,9 @@ def cmd_users_add(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_sync_status(args: argparse.Namespace, config: Config) -> int:
-    conn = db.connect_sync(config.paths.database)
+    conn, kek = _open(config)
     try:
+        keyring = load_keyring(conn, kek, config.keys.kek_file)
         rows = conn.execute(
             "SELECT lane, state, count(*) FROM outbox GROUP BY lane, state ORDER BY lane, state"
         ).fetchall()
@@ -287,23 +288,24 @@ def cmd_sync_status(args: argparse.Namespace, config: Config) -> int:
         ).fetchone()
     finally:
         conn.close()
-    _out(
-        json.dumps(
-            {
-                "outbox": [
-                    {"lane": lane, "state": state, "count": count} for lane, state, count in rows
-                ],
-                "dead_letters": [
-                    {"outbox_id": i, "type": t, "attempts": a, "error": e} for i, t, a, e in dead
-                ],
-                "sync_process": None
-                if beat is None
-                else {"beat_at": beat[0], **json.loads(beat[1])},
-            },
-            indent=2,
-        )
-    )
+    # Staff see the upstream's own words for a dead letter (they may quote the refused
+    # data, which is why they are stored encrypted); this goes to the terminal, not a log.
+    report = {
+        "outbox": [{"lane": lane, "state": state, "count": count} for lane, state, count in rows],
+        "dead_letters": [
+            {"outbox_id": i, "type": t, "attempts": a, "error": _unseal_error(keyring, i, e)}
+            for i, t, a, e in dead
+        ],
+        "sync_process": None if beat is None else {"beat_at": beat[0], **json.loads(beat[1])},
+    }
+    _out(json.dumps(report, indent=2))
     return 0
+
+
+def _unseal_error(keyring: Keyring, outbox_id: int, sealed: bytes | str | None) -> str | None:
+    if sealed is None or isinstance(sealed, str):
+        return sealed
+    return keyring.unseal("outbox", str(outbox_id), sealed)
 
 
 def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:

@@ -192,13 +192,45 @@ def reencrypt(
             progress(done, total)
     retired: tuple[int, ...] = ()
     if max_batches is None or batches < max_batches:
+        _reseal_outbox_errors(conn, keyring, active)
         retired = _retire_unused(conn, active)
     return ReencryptResult(done, retired)
+
+
+def _reseal_outbox_errors(conn: sqlite3.Connection, keyring: Keyring, active: int) -> None:
+    """Upstream error messages are sealed too (a small table: one transaction)."""
+    with db.transaction_sync(conn):
+        rows = conn.execute(
+            "SELECT id, last_error FROM outbox WHERE typeof(last_error) = 'blob'"
+        ).fetchall()
+        updates = []
+        for outbox_id, sealed in rows:
+            if int.from_bytes(sealed[:4], "big") != active:
+                text = keyring.unseal("outbox", str(outbox_id), sealed)
+                updates.append(
+                    (
+                        keyring.encrypt_with(active, "outbox", str(outbox_id), text.encode()),
+                        outbox_id,
+                    )
+                )
+        conn.executemany(
+            "UPDATE outbox SET last_error = ? WHERE id = ?",
+            [(active.to_bytes(4, "big") + blob, outbox_id) for blob, outbox_id in updates],
+        )
 
 
 def _retire_unused(conn: sqlite3.Connection, active: int) -> tuple[int, ...]:
     with db.transaction_sync(conn):
         used = {int(v) for (v,) in conn.execute("SELECT DISTINCT key_version FROM resources")}
+        # A sealed error written by a process that had not reloaded its keys yet still
+        # names an old version: such a key stays until that row is re-sealed.
+        used |= {
+            int(h, 16)
+            for (h,) in conn.execute(
+                "SELECT DISTINCT hex(substr(last_error, 1, 4)) FROM outbox "
+                "WHERE typeof(last_error) = 'blob'"
+            )
+        }
         old = [
             int(v)
             for (v,) in conn.execute(

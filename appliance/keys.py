@@ -191,6 +191,19 @@ class Keyring:
                 "another row, or wrong key version)"
             ) from exc
 
+    def seal(self, table: str, row: str, text: str) -> bytes:
+        """Self-describing ciphertext for small free-text fields (upstream error messages).
+
+        ``version (4 bytes) || nonce || ciphertext``, bound to table and row like resources.
+        """
+        version, blob = self.encrypt(table, row, text.encode())
+        return version.to_bytes(4, "big") + blob
+
+    def unseal(self, table: str, row: str, sealed: bytes) -> str:
+        """Open :meth:`seal` output (raises :class:`TamperedDataError` when it does not verify)."""
+        version = int.from_bytes(sealed[:4], "big")
+        return self.decrypt(table, row, version, sealed[4:]).decode()
+
     def blind(self, kind: str, value: str) -> bytes:
         """Keyed digest of a normalised value, for equality look-ups on PHI."""
         msg = f"{kind}\x00{value}".encode()

@@ -222,13 +222,17 @@ class Deliverer:
             conn.executemany(
                 "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1 "
                 "WHERE id = ? AND state = 'pending'",
-                [(message, item.outbox_id) for item, message in dead],
+                [(self._seal(item, message), item.outbox_id) for item, message in dead],
             )
             conn.executemany(
                 "UPDATE outbox SET last_error = ?, attempts = attempts + 1, next_attempt_at = ? "
                 "WHERE id = ? AND state = 'pending'",
                 [
-                    (message, _iso(now + timedelta(seconds=delay)), item.outbox_id)
+                    (
+                        self._seal(item, message),
+                        _iso(now + timedelta(seconds=delay)),
+                        item.outbox_id,
+                    )
                     for item, message, delay in retry
                 ],
             )
@@ -255,6 +259,11 @@ class Deliverer:
                 )
             if events:
                 audit.append(conn, events, now=now)
+
+    def _seal(self, item: Item, message: str) -> bytes:
+        # The server's diagnostics may quote what it refused (names, identifiers): PHI,
+        # so the message is stored encrypted like the resource itself (see error_message).
+        return self._store.keyring.seal("outbox", str(item.outbox_id), message)
 
     @staticmethod
     def _entry_ref(entry: dict[str, Any]) -> str | None:

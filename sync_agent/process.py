@@ -86,7 +86,8 @@ async def main(ctx: ProcessContext, *, rng: random.Random | None = None) -> None
                     last_delivered=result.delivered,
                     dead=result.dead,
                     batch_size=deliverer.batch_size,
-                    last_error=result.error,
+                    # Only the class of failure: the server's words may quote PHI.
+                    last_failure=None if result.error is None else result.error.split(":", 1)[0],
                 )
                 if result.delivered or result.dead:
                     logger.info(

@@ -178,3 +178,29 @@ async def test_data_key_rotation_reencrypts_resumably_and_reads_work_throughout(
     reopened = await Store.open(db_path, kek_path)
     assert len(await reopened.newest(ref, "Observation", NURSE)) == 26
     await reopened.close()
+
+
+async def test_data_key_rotation_reseals_upstream_error_messages(
+    db_path: Path, kek_path: Path
+) -> None:
+    store = await Store.open(db_path, kek_path)
+    [pat] = await store.create([factories.patient()], NURSE)
+    await store.close()
+    kek = kek_path.read_bytes()
+    conn = db.connect_sync(db_path)
+    from appliance.keys import load_keyring
+
+    keyring = load_keyring(conn, kek)
+    outbox_id = conn.execute("SELECT id FROM outbox").fetchone()[0]
+    conn.execute(
+        "UPDATE outbox SET last_error = ? WHERE id = ?",
+        (keyring.seal("outbox", str(outbox_id), "Patient Testperson already exists"), outbox_id),
+    )
+    key_rotation.rotate_data_key(conn, kek)
+    result = key_rotation.reencrypt(conn, kek)
+    assert len(result.retired_versions) == 1
+    sealed = conn.execute("SELECT last_error FROM outbox WHERE id = ?", (outbox_id,)).fetchone()[0]
+    fresh = load_keyring(conn, kek)
+    assert fresh.unseal("outbox", str(outbox_id), sealed) == "Patient Testperson already exists"
+    assert pat.logical_id
+    conn.close()
