@@ -326,19 +326,34 @@ class Store:
         return found[0].resource
 
     async def newest(
-        self, patient_ref: str, rtype: str, actor: str, *, limit: int = 100
+        self,
+        patient_ref: str,
+        rtype: str,
+        actor: str,
+        *,
+        limit: int = 100,
+        code: str | None = None,
     ) -> list[fhir.FhirJson]:
-        """A patient's newest resources of one type, newest first (audited as a search)."""
-        key = self._keyring.patient_key(patient_ref)
+        """A patient's newest resources of one type (and ``system|code``), newest first.
+
+        Audited as one search. The index is (patient key, type, effective), so a code filter
+        walks back from the newest until enough match.
+        """
+        key = self._patient_key(patient_ref)
         event = AuditEvent(
-            actor, AuditAction.SEARCH, patient_key=key, entity=f"{rtype} newest {limit}"
+            actor,
+            AuditAction.SEARCH,
+            patient_key=key,
+            entity=f"{rtype}{'' if code is None else ' ' + code} newest {limit}",
         )
+        where = "patient_key = ? AND type = ?" + ("" if code is None else " AND code = ?")
+        params: tuple[object, ...] = (key, rtype) if code is None else (key, rtype, code)
         found = await db.run_sync(
             self._conn,
             self._audited_read,
-            "SELECT id, logical_id, type, key_version, body FROM resources "
-            "WHERE patient_key = ? AND type = ? ORDER BY effective DESC LIMIT ?",
-            (key, rtype, limit),
+            "SELECT id, logical_id, type, key_version, body FROM resources "  # noqa: S608 - fixed clauses
+            f"WHERE {where} ORDER BY effective DESC LIMIT ?",
+            (*params, limit),
             event,
         )
         return [item.resource for item in found]

@@ -41,9 +41,8 @@ KEEPALIVE_S = 15.0
 # How far back a reconnecting browser may ask to be replayed (rows of every type).
 MAX_REPLAY_ROWS = 1000
 FEED_BATCH = 200
-# Newest Observations looked at per patient to find the newest blood pressure: a cuff
-# writes a heart-rate Observation with the same time, and other devices write theirs.
-NEWEST_SCAN = 10
+# The blood-pressure panel's code as the store indexes it (system|code).
+BP_PANEL_CODE = "http://loinc.org|85354-9"
 LATEST_SHOWN = 20
 _STAFF = (Role.NURSE, Role.ADMIN)
 
@@ -180,7 +179,7 @@ async def vitals() -> ResponseReturnValue:
     for patient in await state.store.patients(actor):
         patient_id = str(patient["id"])
         newest = await state.store.newest(
-            f"Patient/{patient_id}", "Observation", actor, limit=NEWEST_SCAN
+            f"Patient/{patient_id}", "Observation", actor, limit=1, code=BP_PANEL_CODE
         )
         reading = next((r for r in map(blood_pressure, newest) if r is not None), None)
         birth_date = str(patient.get("birthDate", ""))

@@ -233,3 +233,18 @@ async def test_corrupt_database_gives_one_clear_line(tmp_path: Path, kek_path: P
         await Store.open(db_path, kek_path)
     assert "\n" not in str(info.value)
     assert "backup" in str(info.value)
+
+
+async def test_newest_can_filter_by_code(store: Store) -> None:
+    [pat] = await store.create([factories.patient()], NURSE)
+    ref = f"Patient/{pat.logical_id}"
+    bp = factories.bp_observation(ref, effective="2026-11-26T08:00:00+00:00")
+    hr = {
+        **factories.bp_observation(ref, effective="2026-11-26T09:00:00+00:00"),
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+    }
+    await store.create([bp, hr], DEVICES)
+    [only] = await store.newest(ref, "Observation", NURSE, limit=1, code="http://loinc.org|85354-9")
+    assert only["code"]["coding"][0]["code"] == "85354-9"
+    [latest] = await store.newest(ref, "Observation", NURSE, limit=1)
+    assert latest["code"]["coding"][0]["code"] == "8867-4"
