@@ -25,7 +25,6 @@ except when its answer was lost — and then the resend is harmless.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import random
 import sqlite3
@@ -387,19 +386,3 @@ class Deliverer:
                 total.link_down = step.link_down
                 break
         return total
-
-
-def status_counts(conn: sqlite3.Connection, now: datetime) -> dict[str, Any]:
-    """Outbox figures staff see: pending, dead, age of the oldest pending (no PHI)."""
-    pending, oldest = conn.execute(
-        "SELECT count(*), min(r.effective) FROM outbox o JOIN resources r ON r.id = o.resource_id "
-        "WHERE o.state = 'pending'"
-    ).fetchone()
-    dead = conn.execute("SELECT count(*) FROM outbox WHERE state = 'dead'").fetchone()[0]
-    delivered = conn.execute("SELECT count(*) FROM outbox WHERE state = 'delivered'").fetchone()[0]
-    return {"pending": pending, "dead": dead, "delivered": delivered, "oldest_pending": oldest}
-
-
-def dumps(result: DrainResult) -> str:
-    """A JSON line for the CLI."""
-    return json.dumps(result.__dict__)
