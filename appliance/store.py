@@ -12,6 +12,7 @@ demographics arrive with the sync issue.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -64,6 +65,11 @@ class _Prepared:
     payload: bytes
     blind: tuple[tuple[str, bytes], ...]
     body: fhir.FhirJson
+
+
+def _validate_all(resources: Sequence[Mapping[str, Any]]) -> None:
+    for resource in resources:
+        fhir.validate(resource)
 
 
 def _utcnow() -> datetime:
@@ -252,8 +258,9 @@ class Store:
         if not resources:
             return []
         if validate:
-            for resource in resources:
-                fhir.validate(resource)
+            # ~230 µs per resource in pydantic: off the event loop, so a batch from a hub
+            # does not stall the nurse screens served by the same process.
+            await asyncio.to_thread(_validate_all, resources)
         now = self._clock()
         now_ms, updated = int(now.timestamp() * 1000), now.isoformat()
         prepared = [self._prepare(r, now_ms, updated) for r in resources]

@@ -113,24 +113,34 @@ def _need(data: bytes, offset: int, size: int, field: str) -> None:
         raise ProtocolError(f"{field} needs {size} bytes at offset {offset}, {have} left")
 
 
-def decode_sfloat(data: bytes, offset: int = 0) -> SFloatValue:
-    """Decode the SFLOAT at ``data[offset:offset + 2]``; raises ProtocolError only if short."""
-    _need(data, offset, 2, "SFLOAT")
-    raw = int.from_bytes(data[offset : offset + 2], "little")
-    special = _SFLOAT_SPECIALS.get(raw)
+def _decode(
+    data: bytes,
+    offset: int,
+    size: int,
+    specials: dict[int, Special],
+    mantissa_bits: int,
+    field: str,
+) -> SFloatValue:
+    _need(data, offset, size, field)
+    raw = int.from_bytes(data[offset : offset + size], "little")
+    special = specials.get(raw)
     if special is not None:
         return SFloatValue(0, 0, special)
-    return SFloatValue(_signed(raw & 0x0FFF, 12), _signed(raw >> 12, 4))
+    mantissa = raw & ((1 << mantissa_bits) - 1)
+    exponent_bits = size * 8 - mantissa_bits
+    return SFloatValue(
+        _signed(mantissa, mantissa_bits), _signed(raw >> mantissa_bits, exponent_bits)
+    )
+
+
+def decode_sfloat(data: bytes, offset: int = 0) -> SFloatValue:
+    """Decode the SFLOAT at ``data[offset:offset + 2]``; raises ProtocolError only if short."""
+    return _decode(data, offset, 2, _SFLOAT_SPECIALS, 12, "SFLOAT")
 
 
 def decode_float(data: bytes, offset: int = 0) -> SFloatValue:
     """Decode the 32-bit FLOAT at ``data[offset:offset + 4]``; raises ProtocolError only if short."""
-    _need(data, offset, 4, "FLOAT")
-    raw = int.from_bytes(data[offset : offset + 4], "little")
-    special = _FLOAT_SPECIALS.get(raw)
-    if special is not None:
-        return SFloatValue(0, 0, special)
-    return SFloatValue(_signed(raw & 0xFFFFFF, 24), _signed(raw >> 24, 8))
+    return _decode(data, offset, 4, _FLOAT_SPECIALS, 24, "FLOAT")
 
 
 def _encode(value: SFloatValue, mantissa_bits: int, exponent_bits: int, name: str) -> int:
