@@ -192,31 +192,41 @@ def reencrypt(
             progress(done, total)
     retired: tuple[int, ...] = ()
     if max_batches is None or batches < max_batches:
-        _reseal_outbox_errors(conn, keyring, active)
+        _reseal_columns(conn, keyring, active)
         retired = _retire_unused(conn, active)
     return ReencryptResult(done, retired)
 
 
-def _reseal_outbox_errors(conn: sqlite3.Connection, keyring: Keyring, active: int) -> None:
-    """Upstream error messages are sealed too (a small table: one transaction)."""
+# Small sealed columns (Keyring.seal): (table, key column, sealed column, label bound in the
+# associated data). Upstream error messages may quote PHI; held readings are Observations
+# without a subject, and a nurse's note about one is free text. All are re-sealed under the
+# new key so the old one can be destroyed.
+SEALED_COLUMNS = (
+    ("outbox", "id", "last_error", "outbox"),
+    ("unmatched_readings", "id", "payload", "unmatched_readings"),
+    ("unmatched_readings", "id", "note", "unmatched_readings.note"),
+)
+
+
+def _reseal_columns(conn: sqlite3.Connection, keyring: Keyring, active: int) -> None:
+    """Re-seal every sealed column under the active key (small tables: one transaction)."""
     with db.transaction_sync(conn):
-        rows = conn.execute(
-            "SELECT id, last_error FROM outbox WHERE typeof(last_error) = 'blob'"
-        ).fetchall()
-        updates = []
-        for outbox_id, sealed in rows:
-            if int.from_bytes(sealed[:4], "big") != active:
-                text = keyring.unseal("outbox", str(outbox_id), sealed)
-                updates.append(
-                    (
-                        keyring.encrypt_with(active, "outbox", str(outbox_id), text.encode()),
-                        outbox_id,
-                    )
-                )
-        conn.executemany(
-            "UPDATE outbox SET last_error = ? WHERE id = ?",
-            [(active.to_bytes(4, "big") + blob, outbox_id) for blob, outbox_id in updates],
-        )
+        for table, key, column, label in SEALED_COLUMNS:
+            rows = conn.execute(
+                f"SELECT {key}, {column} FROM {table} WHERE typeof({column}) = 'blob' "  # noqa: S608 - constant names
+                f"AND substr({column}, 1, 4) != ?",
+                (active.to_bytes(4, "big"),),
+            ).fetchall()
+            updates = []
+            for row_key, sealed in rows:
+                version = int.from_bytes(sealed[:4], "big")
+                plaintext = keyring.decrypt(label, str(row_key), version, sealed[4:])
+                blob = keyring.encrypt_with(active, label, str(row_key), plaintext)
+                updates.append((active.to_bytes(4, "big") + blob, row_key))
+            conn.executemany(
+                f"UPDATE {table} SET {column} = ? WHERE {key} = ?",  # noqa: S608 - constant names
+                updates,
+            )
 
 
 def _retire_unused(conn: sqlite3.Connection, active: int) -> tuple[int, ...]:
@@ -224,13 +234,14 @@ def _retire_unused(conn: sqlite3.Connection, active: int) -> tuple[int, ...]:
         used = {int(v) for (v,) in conn.execute("SELECT DISTINCT key_version FROM resources")}
         # A sealed error written by a process that had not reloaded its keys yet still
         # names an old version: such a key stays until that row is re-sealed.
-        used |= {
-            int(h, 16)
-            for (h,) in conn.execute(
-                "SELECT DISTINCT hex(substr(last_error, 1, 4)) FROM outbox "
-                "WHERE typeof(last_error) = 'blob'"
-            )
-        }
+        for table, _key, column, _label in SEALED_COLUMNS:
+            used |= {
+                int(h, 16)
+                for (h,) in conn.execute(
+                    f"SELECT DISTINCT hex(substr({column}, 1, 4)) FROM {table} "  # noqa: S608 - constant names
+                    f"WHERE typeof({column}) = 'blob'"
+                )
+            }
         old = [
             int(v)
             for (v,) in conn.execute(

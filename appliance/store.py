@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 TABLE = "resources"
 Clock = Callable[[], datetime]
+T = TypeVar("T")
 
 
 class Lane(IntEnum):
@@ -192,6 +193,7 @@ class Store:
         lane: Lane,
         events: Sequence[AuditEvent],
         now: datetime,
+        also: Callable[[sqlite3.Connection, list[int]], None] | None = None,
     ) -> list[int]:
         with db.transaction_sync(conn, self._path):
             # Inside the write lock: a key rotation committed by another process is seen
@@ -236,6 +238,8 @@ class Store:
                     "INSERT OR IGNORE INTO blind_index (kind, digest, resource_id) VALUES (?,?,?)",
                     blind,
                 )
+            if also is not None:
+                also(conn, ids)
             audit.append(conn, events, now=now)
         return ids
 
@@ -247,6 +251,7 @@ class Store:
         lane: Lane = Lane.CLINICAL,
         validate: bool = True,
         audit_each: bool | None = None,
+        also: Callable[[sqlite3.Connection, list[int]], None] | None = None,
     ) -> list[StoredResource]:
         """Validate, encrypt and store resources with their outbox rows, in one transaction.
 
@@ -254,6 +259,9 @@ class Store:
         one record per resource; a service's (a device batch) with one record per batch
         (the issue allows it), unless ``audit_each`` says otherwise. Returns after COMMIT.
         ``validate=False`` is for builders whose every shape the test suite validates.
+        ``also(conn, row_ids)`` runs inside the same transaction, for state that must commit
+        with the resources or not at all (a glucose meter's last stored record number, a held
+        reading marked assigned).
         """
         if not resources:
             return []
@@ -266,7 +274,7 @@ class Store:
         prepared = [self._prepare(r, now_ms, updated) for r in resources]
         per_resource = actor.startswith("user:") if audit_each is None else audit_each
         events = self._write_events(actor, prepared, per_resource)
-        ids = await db.run_sync(self._conn, self._write, prepared, lane, events, now)
+        ids = await db.run_sync(self._conn, self._write, prepared, lane, events, now, also)
         return [
             StoredResource(row_id, item.logical_id, item.type, item.body)
             for row_id, item in zip(ids, prepared, strict=True)
@@ -297,6 +305,35 @@ class Store:
                 detail=f"first {prepared[0].logical_id}",
             )
         ]
+
+    async def transact(
+        self, work: Callable[[sqlite3.Connection], T], events: Sequence[AuditEvent] = ()
+    ) -> T:
+        """Run ``work`` in one write transaction with its audit records (registry tables)."""
+
+        def run(conn: sqlite3.Connection) -> T:
+            with db.transaction_sync(conn, self._path):
+                result = work(conn)
+                audit.append(conn, events, now=self._clock())
+            return result
+
+        return await db.run_sync(self._conn, run)
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read of non-PHI registry tables (no audit record: nothing about a person)."""
+
+        def run(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return [tuple(row) for row in conn.execute(sql, params).fetchall()]
+
+        return await db.run_sync(self._conn, run)
+
+    def patient_key(self, reference: str) -> bytes:
+        """The pseudonymous key of ``Patient/<id>`` (for audit records about that patient)."""
+        return self._patient_key(reference)
+
+    def now(self) -> datetime:
+        """The store's clock (timezone-aware UTC)."""
+        return self._clock()
 
     # -- reading -------------------------------------------------------------------------
 

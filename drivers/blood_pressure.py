@@ -41,6 +41,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from drivers.errors import ProtocolError
+from drivers.gatt import Action, CommonCharacteristics, Subscribe, uuid16
 from drivers.ieee11073 import (
     SFloatValue,
     decode_datetime,
@@ -60,6 +61,10 @@ _RESERVED_FLAGS = 0xE0
 _FIXED_SIZE = 7  # flags + three SFLOAT pressures
 _DATETIME_SIZE = 7
 _UNKNOWN_USER = 0xFF  # User ID field: 0xFF is "unknown user"
+
+SERVICE = uuid16(0x1810)
+MEASUREMENT = uuid16(0x2A35)
+INTERMEDIATE_CUFF_PRESSURE = uuid16(0x2A36)
 
 MEASUREMENT_NAME = "Blood Pressure Measurement"
 INTERMEDIATE_NAME = "Intermediate Cuff Pressure"
@@ -246,3 +251,35 @@ def encode_measurement(measurement: BloodPressureMeasurement) -> bytes:
         flags |= _STATUS
         body += m.status.to_bits().to_bytes(2, "little")
     return bytes((flags,)) + body
+
+
+class BloodPressureSession:
+    """The GATT session for a blood-pressure cuff (Blood Pressure Service 0x1810).
+
+    Subscribes to the measurement indications (required) and to intermediate cuff pressure
+    notifications (optional: shown live on the kiosk while the cuff inflates).
+    """
+
+    profile = "blood_pressure"
+    service_uuid = SERVICE
+
+    def __init__(self, *, set_time: bool = True) -> None:
+        self._common = CommonCharacteristics(set_time=set_time)
+
+    def on_connected(self, now: datetime) -> list[Action]:
+        """Common reads and the clock, then the two subscriptions."""
+        return [
+            *self._common.actions(now),
+            Subscribe(MEASUREMENT),
+            Subscribe(INTERMEDIATE_CUFF_PRESSURE, optional=True),
+        ]
+
+    def on_value(self, uuid: str, value: bytes) -> list[object]:
+        """Decode a measurement, a live cuff pressure or a common characteristic."""
+        if uuid == MEASUREMENT:
+            return [parse_measurement(value)]
+        if uuid == INTERMEDIATE_CUFF_PRESSURE:
+            return [parse_intermediate_cuff_pressure(value)]
+        if self._common.handles(uuid):
+            return self._common.on_value(uuid, value)
+        raise ProtocolError(f"a blood-pressure cuff sent an unexpected characteristic {uuid}")

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
 from drivers.blood_pressure import (
+    INTERMEDIATE_CUFF_PRESSURE,
+    MEASUREMENT,
     BloodPressureMeasurement,
     BloodPressureStatus,
     PressureUnit,
     PulseRateRange,
     encode_measurement,
 )
-from drivers.ieee11073 import SFloatValue
+from drivers.gatt import BATTERY_LEVEL, CURRENT_TIME, uuid16
+from drivers.ieee11073 import SFloatValue, decode_datetime
 
 # Plausible adult ranges (mmHg, beats/min) for a demo, not a clinical model.
 SYSTOLIC_RANGE = (100, 170)
@@ -74,3 +78,76 @@ class SimulatedBloodPressureCuff:
     def next_payload(self) -> bytes:
         """The next reading as the bytes a real cuff indicates on 0x2A35."""
         return encode_measurement(self.next_measurement())
+
+
+class SimulatedGattPeripheral:
+    """A simulated device's GATT table: Device Information, battery and a settable clock.
+
+    Profile peripherals subclass it and add their characteristics. The device clock starts
+    wrong by ``clock_error`` (as a real device's does after a battery change) and is right
+    once the box writes Current Time; a device's time stamps come from :meth:`device_now`.
+    """
+
+    def __init__(
+        self,
+        *,
+        now: Callable[[], datetime],
+        manufacturer: str = "Simulated Devices Inc.",
+        model: str = "SIM-1",
+        serial_number: str = "SIM-000001",
+        firmware: str = "1.0.0",
+        battery: int = 87,
+        clock_error: timedelta = timedelta(hours=-3),
+    ) -> None:
+        self._now = now
+        self._clock_offset = clock_error
+        self.values: dict[str, bytes] = {
+            uuid16(0x2A29): manufacturer.encode(),
+            uuid16(0x2A24): model.encode(),
+            uuid16(0x2A25): serial_number.encode(),
+            uuid16(0x2A26): firmware.encode(),
+            BATTERY_LEVEL: bytes([battery]),
+            CURRENT_TIME: b"",
+        }
+        self.time_writes: list[bytes] = []
+
+    def device_now(self) -> datetime:
+        """The device's own (naive) wall clock."""
+        return (self._now() + self._clock_offset).replace(microsecond=0, tzinfo=None)
+
+    def has(self, uuid: str) -> bool:
+        """Whether the peripheral has this characteristic."""
+        return uuid in self.values
+
+    def read(self, uuid: str) -> bytes:
+        """The stored value of a characteristic."""
+        return self.values[uuid]
+
+    def write(self, uuid: str, value: bytes) -> list[tuple[str, bytes]]:
+        """Current Time sets the device clock; other writes are kept as the value."""
+        if uuid == CURRENT_TIME:
+            self.time_writes.append(value)
+            written = decode_datetime(value, 0)
+            if written is not None:
+                self._clock_offset = written - self._now().replace(tzinfo=None)
+            return []
+        self.values[uuid] = value
+        return []
+
+    def take_reading(self) -> list[tuple[str, bytes]]:
+        """Profile peripherals override this."""
+        return []
+
+
+class SimulatedCuffPeripheral(SimulatedGattPeripheral):
+    """A blood-pressure cuff (service 0x1810) indicating 0x2A35 measurements."""
+
+    def __init__(self, *, rng: random.Random, now: Callable[[], datetime], **info: Any) -> None:
+        super().__init__(now=now, model=info.pop("model", "SIM-BP"), **info)
+        self.values[MEASUREMENT] = b""
+        self.values[INTERMEDIATE_CUFF_PRESSURE] = b""
+        self.cuff = SimulatedBloodPressureCuff(rng=rng, now=self.device_now)
+
+    def take_reading(self) -> list[tuple[str, bytes]]:
+        """One measurement indication."""
+        return [(MEASUREMENT, self.cuff.next_payload())]

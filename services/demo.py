@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import random
 from typing import Any
+
+from appliance.device_registry import DeviceRegistry, Setting, StationKind, Transport
+from appliance.store import Store
+
+logger = logging.getLogger(__name__)
 
 # Invented names; any resemblance to a real person is accidental.
 _PEOPLE = (
@@ -46,3 +54,62 @@ def synthetic_patients(rng: random.Random | None = None) -> list[dict[str, Any]]
             }
         )
     return patients
+
+
+# -- demo stations and devices ---------------------------------------------------------------
+
+DEMO_STATIONS = (
+    ("kiosk-1", "Kiosk 1", StationKind.KIOSK),
+    ("exam-1", "Exam room 1", StationKind.EXAM_ROOM),
+)
+# (device id, name, profile, setting, station); the last is a home device of patient 0.
+DEMO_DEVICES = (
+    ("sim-bp-kiosk-1", "Kiosk 1 cuff (simulated)", "blood_pressure", Setting.CLINIC, "kiosk-1"),
+    ("sim-bp-exam-1", "Exam room 1 cuff (simulated)", "blood_pressure", Setting.CLINIC, "exam-1"),
+    ("sim-bp-home-1", "Home cuff (simulated)", "blood_pressure", Setting.HOME, None),
+)
+ACTOR = "service:devices"
+
+
+async def seed_devices(store: Store, registry: DeviceRegistry) -> list[str]:
+    """Synthetic patients, demo stations and simulated devices (idempotent); patient ids."""
+    patients = await store.patients(ACTOR)
+    if not patients:
+        created = await store.create(synthetic_patients(), ACTOR)
+        patients = [item.resource for item in created]
+        logger.info("created %d synthetic demo patients", len(created))
+    ids = [str(p["id"]) for p in patients]
+    for station_id, name, kind in DEMO_STATIONS:
+        await registry.add_station(station_id, name, kind, ACTOR)
+    known = {d.id for d in await registry.devices()}
+    for device_id, name, profile, setting, station in DEMO_DEVICES:
+        if device_id in known:
+            continue
+        await registry.register_device(
+            device_id,
+            name=name,
+            transport=Transport.SIMULATED,
+            profile=profile,
+            address=None,
+            setting=setting,
+            actor=ACTOR,
+        )
+        if station is not None:
+            await registry.assign_device(device_id, ACTOR, station_id=station)
+        else:
+            await registry.assign_device(device_id, ACTOR, patient_id=ids[0])
+    return ids
+
+
+async def front_desk(
+    registry: DeviceRegistry, patient_ids: list[str], stop: asyncio.Event, *, interval_s: float
+) -> None:
+    """Check the next synthetic patient in at each demo station every ``interval_s``."""
+    turn = 0
+    while not stop.is_set():
+        for offset, (station_id, _name, _kind) in enumerate(DEMO_STATIONS):
+            patient = patient_ids[(turn + offset) % len(patient_ids)]
+            await registry.check_in(station_id, patient, ACTOR)
+        turn += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)

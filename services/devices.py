@@ -1,10 +1,13 @@
-"""The devices process: device drivers turning readings into Observations in the store.
+"""The devices process: every registered device's transport, feeding the device hub.
 
-For the walking skeleton this runs the simulated blood-pressure cuff (``devices.simulated``
-in the site config): its bytes go through the real 0x2A35 parser, then the FHIR builder,
-then one store transaction per reading (Observation + outbox row + one audit record for the
-batch). The Bluetooth and serial transports arrive with the device-driver issue and plug in
-at :func:`ingest_payload`.
+Registered devices (``appliance devices add`` or the admin UI) are read from the store; each
+gets its own task — a Bluetooth link, a serial port, or a simulated peripheral — so one
+device's failure never touches another's. The list is re-read every few seconds, so pairing
+or retiring a device needs no restart.
+
+Demo mode (``devices.simulated``) also seeds synthetic patients, two stations with
+simulated devices, a home scale, and a "front desk" that checks the next synthetic patient
+in at each station now and then, so readings visibly land in different charts.
 """
 
 from __future__ import annotations
@@ -14,84 +17,158 @@ import contextlib
 import logging
 import random
 import sys
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from appliance import runtime, sdnotify
+from appliance.device_registry import Device, DeviceRegistry, Transport
 from appliance.errors import ApplianceError
 from appliance.runtime import ProcessContext
-from appliance.store import StoredResource
-from drivers.blood_pressure import parse_measurement
-from drivers.errors import ProtocolError
-from drivers.simulated import SimulatedBloodPressureCuff
-from services import demo, vitals
+from services import demo, device_profiles
+from services.device_hub import DeviceHub
+from services.simulated_link import SimulatedGattLink
+from services.vitals import CaptureMethod
 
 logger = logging.getLogger(__name__)
 
 ACTOR = "service:devices"
-SIMULATED_CUFF = "Simulated blood-pressure cuff (demo)"
+RELOAD_S = 5.0
+RESTART_BACKOFF_S = (1.0, 60.0)
 
 
-async def ensure_demo_patients(ctx: ProcessContext) -> list[str]:
-    """The demo's patient references, creating the synthetic patients on first start."""
-    patients = await ctx.store.patients(ACTOR)
-    if not patients:
-        created = await ctx.store.create(demo.synthetic_patients(), ACTOR)
-        patients = [item.resource for item in created]
-        logger.info("created %d synthetic demo patients", len(created))
-    return [f"Patient/{p['id']}" for p in patients]
+class DeviceRunner:
+    """Keeps one transport task per registered device, restarting a failed one on its own."""
 
+    def __init__(
+        self,
+        ctx: ProcessContext,
+        registry: DeviceRegistry,
+        hub: DeviceHub,
+        *,
+        rng: random.Random,
+    ) -> None:
+        self._ctx = ctx
+        self._registry = registry
+        self._hub = hub
+        self._rng = rng
+        self._zone = ZoneInfo(ctx.config.site.timezone)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.errors: dict[str, str] = {}
 
-async def ingest_payload(
-    ctx: ProcessContext, payload: bytes, patient_ref: str, *, device: str, received: datetime
-) -> list[StoredResource]:
-    """Parse one 0x2A35 value and store its Observations; malformed bytes are logged once."""
-    try:
-        measurement = parse_measurement(payload)
-    except ProtocolError as exc:
-        logger.warning("discarded a malformed blood-pressure value from %s: %s", device, exc)
-        return []
-    observations = vitals.blood_pressure_observations(
-        measurement,
-        patient_ref,
-        received=received,
-        site_zone=ZoneInfo(ctx.config.site.timezone),
-        device_display=device,
-    )
-    return await ctx.store.create(observations, ACTOR)
+    def site_now(self) -> datetime:
+        """The site's naive wall clock (what device clocks are set to)."""
+        return datetime.now(self._zone).replace(tzinfo=None)
 
-
-async def run_simulated(ctx: ProcessContext, *, rng: random.Random | None = None) -> None:
-    """Take a simulated reading every ``devices.simulated_interval_s`` until stopping."""
-    rng = rng or random.Random()  # noqa: S311 - simulated readings, not security
-    zone = ZoneInfo(ctx.config.site.timezone)
-    cuff = SimulatedBloodPressureCuff(rng=rng, now=lambda: datetime.now(zone).replace(tzinfo=None))
-    patients = await ensure_demo_patients(ctx)
-    readings = 0
-    sdnotify.ready()
-    while not ctx.stopping.is_set():
-        patient = patients[readings % len(patients)]
+    async def run(self) -> None:
+        """Reconcile tasks with the registry until stopping, then stop them all."""
+        stopping = self._ctx.stopping
         try:
-            stored = await ingest_payload(
-                ctx, cuff.next_payload(), patient, device=SIMULATED_CUFF, received=datetime.now(UTC)
+            while not stopping.is_set():
+                await self.reconcile()
+                self._ctx.set_status(
+                    devices=len(self._tasks),
+                    readings_stored=self._hub.readings_stored,
+                    readings_held=self._hub.readings_held,
+                    device_errors=dict(self.errors),
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), RELOAD_S)
+        finally:
+            for task in self._tasks.values():
+                task.cancel()
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def reconcile(self) -> None:
+        """Start tasks for new devices and stop those of retired ones."""
+        devices = {d.id: d for d in await self._registry.devices()}
+        for device_id in set(self._tasks) - set(devices):
+            self._tasks.pop(device_id).cancel()
+        for device_id, device in devices.items():
+            if device_id not in self._tasks:
+                await self._hub.load(device)
+                self._tasks[device_id] = asyncio.create_task(
+                    self._supervise(device), name=f"device {device_id}"
+                )
+
+    async def _supervise(self, device: Device) -> None:
+        """Run a device's transport; on an unexpected failure log it and restart later."""
+        delay = RESTART_BACKOFF_S[0]
+        while not self._ctx.stopping.is_set():
+            try:
+                await self._transport(device)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one device must not stop the others
+                self.errors[device.id] = type(exc).__name__
+                logger.error(
+                    "device %s transport failed (%s); restarting in %.0f s",
+                    device.id,
+                    type(exc).__name__,
+                    delay,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ctx.stopping.wait(), delay)
+            delay = min(RESTART_BACKOFF_S[1], delay * 2) * self._rng.uniform(0.8, 1.2)
+
+    def _on_event(
+        self, device_id: str, method: CaptureMethod
+    ) -> Callable[[object], Coroutine[Any, Any, None]]:
+        async def on_event(event: object) -> None:
+            try:
+                await self._hub.on_event(device_id, event, datetime.now(UTC), method)
+            except ApplianceError as exc:
+                # e.g. a full disk: the reading is not acknowledged; a meter re-sends its
+                # stored records on the next connection (last_sequence did not move).
+                logger.error("could not file a reading from device %s: %s", device_id, exc)
+
+        return on_event
+
+    async def _transport(self, device: Device) -> None:
+        stop = self._ctx.stopping
+        if device.transport is Transport.SIMULATED:
+            peripheral = device_profiles.simulated_peripheral(
+                device.profile, rng=self._rng, now=lambda: datetime.now(self._zone)
             )
-            readings += bool(stored)
-        except ApplianceError as exc:
-            # e.g. a full disk: nothing was acknowledged, the cuff's next reading retries.
-            logger.error("could not store a reading: %s", exc)
-        ctx.set_status(readings=readings, simulated=True)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ctx.stopping.wait(), ctx.config.devices.simulated_interval_s)
+            link = SimulatedGattLink(
+                peripheral,
+                device_profiles.session_factory(device, self._hub.last_sequence),
+                self._on_event(device.id, CaptureMethod.SIMULATED),
+                clock=self.site_now,
+            )
+            await link.run(stop, self._ctx.config.devices.simulated_interval_s)
+            return
+        raise ApplianceError(f"device {device.id}: transport {device.transport} is not available")
 
 
 async def main(ctx: ProcessContext) -> None:
     """Entry of the devices process."""
+    rng = random.Random()  # noqa: S311 - simulated readings and back-off jitter, not security
+    registry = DeviceRegistry(ctx.store)
+    hub = DeviceHub(ctx.store, registry, ZoneInfo(ctx.config.site.timezone))
+    runner = DeviceRunner(ctx, registry, hub, rng=rng)
+    tasks = []
     if ctx.config.devices.simulated:
-        await run_simulated(ctx)
-        return
-    logger.info("no simulated devices configured; Bluetooth and serial drivers are not built yet")
+        patients = await demo.seed_devices(ctx.store, registry)
+        tasks.append(
+            asyncio.create_task(
+                demo.front_desk(
+                    registry,
+                    patients,
+                    ctx.stopping,
+                    interval_s=ctx.config.devices.simulated_interval_s * 4,
+                )
+            )
+        )
     sdnotify.ready()
-    await ctx.stopping.wait()
+    try:
+        await runner.run()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 if __name__ == "__main__":

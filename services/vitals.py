@@ -7,12 +7,18 @@ NRes, ±INF) carries a ``dataAbsentReason`` instead of a number, so nothing is i
 
 from __future__ import annotations
 
-from datetime import datetime, tzinfo
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
+from appliance.device_registry import Device, Setting
 from drivers.blood_pressure import BloodPressureMeasurement, PressureUnit
 from drivers.ieee11073 import SFloatValue, Special
+from services.routing import ReadingTime, TimeFlag
+
+FhirJson = dict[str, Any]
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -32,6 +38,39 @@ _ABSENT = {
     Special.NEGATIVE_INFINITY: ("NINF", "Negative Infinity (NINF)"),
     Special.NRES: ("error", "Error"),
     Special.RESERVED: ("error", "Error"),
+}
+
+# Project-defined code systems for where and how a reading was captured (docs/devices.md).
+CAPTURE_SETTING_SYSTEM = "urn:telehealth-appliance:fhir:capture-setting"
+CAPTURE_METHOD_SYSTEM = "urn:telehealth-appliance:fhir:capture-method"
+TIME_SOURCE_SYSTEM = "urn:telehealth-appliance:fhir:time-source"
+
+
+class CaptureMethod(StrEnum):
+    """How a reading reached the box."""
+
+    BLE = "ble"
+    SERIAL = "serial"
+    MANUAL = "manual"
+    VENDOR_HUB = "vendor-hub"
+    SIMULATED = "simulated"
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """Where, how and when a reading was taken, and by which device (``Device/<id>``)."""
+
+    setting: Setting
+    method: CaptureMethod
+    time: ReadingTime
+    device_display: str
+    device_ref: str | None = None
+
+
+_TIME_NOTES = {
+    TimeFlag.NO_DEVICE_TIME: "The device sent no time; the time of receipt is recorded.",
+    TimeFlag.CLOCK_NOT_SET: "The device clock was not set; the time of receipt is recorded.",
+    TimeFlag.CLOCK_AHEAD: "The device clock was ahead of the box; the time of receipt is recorded.",
 }
 
 _VITAL_SIGNS = [
@@ -60,15 +99,37 @@ def _value(value: SFloatValue, unit: PressureUnit | None) -> dict[str, Any]:
     return {"valueQuantity": {"value": number, "unit": "mm[Hg]", "system": UCUM, "code": "mm[Hg]"}}
 
 
-def effective_time(measured: datetime | None, received: datetime, site_zone: tzinfo) -> datetime:
-    """When the reading was taken: the device clock in the site's zone, else arrival time.
+def _common(patient_ref: str | None, capture: Capture, category: list[Any]) -> FhirJson:
+    """The fields every device Observation shares: status, category, subject, time, device, tags."""
+    device: FhirJson = {"display": capture.device_display}
+    if capture.device_ref is not None:
+        device["reference"] = capture.device_ref
+    common: FhirJson = {
+        "resourceType": "Observation",
+        "meta": {
+            "tag": [
+                {"system": CAPTURE_SETTING_SYSTEM, "code": capture.setting.value},
+                {"system": CAPTURE_METHOD_SYSTEM, "code": capture.method.value},
+                {"system": TIME_SOURCE_SYSTEM, "code": capture.time.source.value},
+            ]
+        },
+        "status": "final",
+        "category": category,
+        "effectiveDateTime": capture.time.effective.isoformat(),
+        "device": device,
+    }
+    if patient_ref is not None:
+        common["subject"] = {"reference": patient_ref}
+    return common
 
-    Device clocks carry no zone (Bluetooth DateTime is local wall time); the devices process
-    sets them from the box (Current Time 0x2A2B), so the site's zone is the right one.
-    """
-    if measured is None:
-        return received
-    return measured.replace(tzinfo=site_zone)
+
+def _add_notes(resource: FhirJson, capture: Capture, notes: list[str]) -> None:
+    """Append clinician-facing notes: device status bits, and why the time is not the device's."""
+    texts = list(notes)
+    if capture.time.flag is not None:
+        texts.append(_TIME_NOTES[capture.time.flag])
+    if texts:
+        resource["note"] = [{"text": text} for text in texts]
 
 
 def _jsonable(resource: dict[str, Any]) -> dict[str, Any]:
@@ -88,24 +149,11 @@ def _jsonable(resource: dict[str, Any]) -> dict[str, Any]:
 
 
 def blood_pressure_observations(
-    measurement: BloodPressureMeasurement,
-    patient_ref: str,
-    *,
-    received: datetime,
-    site_zone: tzinfo,
-    device_display: str,
-) -> list[dict[str, Any]]:
+    measurement: BloodPressureMeasurement, patient_ref: str | None, capture: Capture
+) -> list[FhirJson]:
     """A US Core blood-pressure Observation, plus a heart-rate one when the cuff sent a pulse."""
-    when = effective_time(measurement.timestamp, received, site_zone).isoformat()
-    common: dict[str, Any] = {
-        "resourceType": "Observation",
-        "status": "final",
-        "category": _VITAL_SIGNS,
-        "subject": {"reference": patient_ref},
-        "effectiveDateTime": when,
-        "device": {"display": device_display},
-    }
-    bp: dict[str, Any] = {
+    common = _common(patient_ref, capture, _VITAL_SIGNS)
+    bp: FhirJson = {
         **common,
         "code": _code(BP_PANEL, "Blood pressure panel with all children optional"),
         "component": [
@@ -119,9 +167,7 @@ def blood_pressure_observations(
             },
         ],
     }
-    notes = _status_notes(measurement)
-    if notes:
-        bp["note"] = [{"text": text} for text in notes]
+    _add_notes(bp, capture, _status_notes(measurement))
     result = [_jsonable(bp)]
     if measurement.pulse_rate is not None:
         hr = {
@@ -129,6 +175,7 @@ def blood_pressure_observations(
             "code": _code(HEART_RATE, "Heart rate"),
             **_value(measurement.pulse_rate, None),
         }
+        _add_notes(hr, capture, [])
         result.append(_jsonable(hr))
     return result
 
@@ -145,3 +192,70 @@ def _status_notes(measurement: BloodPressureMeasurement) -> list[str]:
         (status.improper_position, "Improper measurement position"),
     ]
     return [text for present, text in flags if present]
+
+
+# -- what the hub needs to know about each kind of measurement ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingFacts:
+    """The facts about a decoded measurement that routing needs (no values: no PHI).
+
+    ``summary`` names the kinds of reading for staff lists ("Blood pressure, heart rate");
+    ``stored`` is True for a record from the device's memory; ``sequence`` is its record
+    number where the device numbers them.
+    """
+
+    summary: str
+    device_time: datetime | None
+    clock_not_set: bool = False
+    stored: bool = False
+    sequence: int | None = None
+
+
+def describe(event: object) -> ReadingFacts | None:
+    """What the hub must know to route ``event``; None for events that are not filed."""
+    if isinstance(event, BloodPressureMeasurement):
+        if event.intermediate:
+            return None  # the live cuff pressure while inflating: shown, never filed
+        summary = "Blood pressure" + (", heart rate" if event.pulse_rate is not None else "")
+        return ReadingFacts(summary, event.timestamp)
+    return None
+
+
+def observations(event: object, patient_ref: str | None, capture: Capture) -> list[FhirJson]:
+    """The Observations for a measurement that :func:`describe` accepted."""
+    if isinstance(event, BloodPressureMeasurement):
+        return blood_pressure_observations(event, patient_ref, capture)
+    raise TypeError(f"no FHIR mapping for {type(event).__name__}")
+
+
+_DEVICE_TYPES = {
+    "blood_pressure": "Blood pressure cuff",
+    "glucose": "Blood glucose meter",
+    "weight": "Weight scale",
+    "pulse_oximetry": "Pulse oximeter",
+    "thermometer": "Thermometer",
+}
+DEVICE_ID_SYSTEM = "urn:telehealth-appliance:device-id"
+
+
+def device_resource(device: Device) -> FhirJson:
+    """A FHIR Device from the registry and the device's own Device Information."""
+    resource: FhirJson = {
+        "resourceType": "Device",
+        "identifier": [{"system": DEVICE_ID_SYSTEM, "value": device.id}],
+        "status": "active",
+        "deviceName": [{"name": device.name, "type": "user-friendly-name"}],
+        "type": {"text": _DEVICE_TYPES.get(device.profile, device.profile)},
+    }
+    if device.manufacturer:
+        resource["manufacturer"] = device.manufacturer
+    if device.model:
+        resource["modelNumber"] = device.model
+        resource["deviceName"].append({"name": device.model, "type": "model-name"})
+    if device.serial_number:
+        resource["serialNumber"] = device.serial_number
+    if device.firmware_revision:
+        resource["version"] = [{"type": {"text": "firmware"}, "value": device.firmware_revision}]
+    return resource

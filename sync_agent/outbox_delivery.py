@@ -11,11 +11,13 @@ Entries carry no ``fullUrl``: batch entries do not reference each other, and a
 Medplum peer replaces it in every string of the Bundle, identifiers included), which would
 break idempotency on the next resend.
 
-References: a resource that points at ``Patient/<local id>`` is sent pointing at the
-Patient's upstream id, learnt when that Patient was delivered (its outbox row keeps the
-``upstream_ref``). A batch therefore ends before the first item whose Patient is not
-delivered yet; that Patient comes earlier in outbox order, so it goes in this batch or the
-next (dependencies respected without a transaction).
+References: a resource that points at ``Patient/<local id>`` or ``Device/<local id>``
+(subject, patient, device) is sent pointing at that resource's upstream id, learnt when it
+was delivered (its outbox row keeps the ``upstream_ref``). A batch therefore ends before the
+first item whose Patient or Device is not delivered yet; that resource comes earlier in
+outbox order, so it goes in this batch or the next (dependencies respected without a
+transaction). A dead-lettered Device does not hold its readings back: they go without the
+link, keeping the device's name.
 
 Every answer is committed at once (delivered, dead, or retry-at), so a drain interrupted
 anywhere resumes where it stopped; nothing is ever re-sent that the server acknowledged,
@@ -44,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 ACTOR = "service:sync"
 MAX_BACKOFF_S = 300.0
+# References to our own resources that are rewritten to the upstream's ids on the way out.
+_REFERENCE_FIELDS = ("subject", "patient", "device")
+_LOCAL_TYPES = ("Patient/", "Device/")
 _PENDING_SQL = (
     "SELECT o.id, o.lane, o.attempts, r.id, r.logical_id, r.type, r.key_version, r.body "
     "FROM outbox o JOIN resources r ON r.id = o.resource_id "
@@ -148,40 +153,54 @@ class Deliverer:
     # -- building the bundle -------------------------------------------------------------
 
     @staticmethod
-    def _local_patient_id(resource: fhir.FhirJson) -> str | None:
-        ref = fhir.patient_reference(resource)
-        if ref is None or resource.get("resourceType") == "Patient":
-            return None
-        return ref.split("/", 1)[1]
+    def _local_refs(resource: fhir.FhirJson) -> dict[str, str]:
+        """Reference field → the local logical id it points at (Patient or Device)."""
+        found = {}
+        for fieldname in _REFERENCE_FIELDS:
+            value = resource.get(fieldname)
+            ref = value.get("reference") if isinstance(value, dict) else None
+            if isinstance(ref, str) and ref.startswith(_LOCAL_TYPES):
+                found[fieldname] = ref.split("/", 1)[1]
+        return found
 
     def _plan(
         self, conn: sqlite3.Connection, items: list[Item]
     ) -> tuple[list[tuple[Item, fhir.FhirJson]], list[Item]]:
         """Choose the items of this bundle (stopping at an undelivered dependency)."""
-        wanted = {pid for item in items if (pid := self._local_patient_id(item.resource))}
+        wanted = {lid for item in items for lid in self._local_refs(item.resource).values()}
         refs = self._upstream_refs(conn, wanted)
-        in_batch: dict[str, Item] = {}
+        in_batch: set[str] = set()
         ready: list[tuple[Item, fhir.FhirJson]] = []
         blocked_dead: list[Item] = []
         for item in items:
             body = copy.deepcopy(item.resource)
-            pid = self._local_patient_id(body)
-            if pid is not None:
-                target = refs.get(pid)
+            blocked = waits = False
+            for fieldname, local_id in self._local_refs(body).items():
+                target = refs.get(local_id)
                 if target == "dead":
-                    blocked_dead.append(item)
-                    continue
-                if target is None or pid in in_batch:
-                    break  # its Patient goes first; this item waits for the next bundle
-                if target != "absent":
-                    for fieldname in ("subject", "patient"):
-                        if isinstance(body.get(fieldname), dict):
-                            body[fieldname] = {**body[fieldname], "reference": target}
-            body.pop("meta", None)
+                    if fieldname == "device":
+                        # The reading stands without its device: keep the name, drop the link.
+                        body["device"] = {
+                            k: v for k, v in body["device"].items() if k != "reference"
+                        }
+                        continue
+                    blocked = True
+                elif target is None or local_id in in_batch:
+                    waits = True  # what it points at goes first, in this bundle or the next
+                elif target != "absent":
+                    body[fieldname] = {**body[fieldname], "reference": target}
+            if waits:
+                break
+            if blocked:
+                blocked_dead.append(item)
+                continue
+            # Server-owned meta goes; our tags (where/how a reading was captured) stay.
+            meta = body.pop("meta", None)
+            if isinstance(meta, dict) and meta.get("tag"):
+                body["meta"] = {"tag": meta["tag"]}
             body.pop("id", None)
             ready.append((item, body))
-            if item.type == "Patient":
-                in_batch[item.logical_id] = item
+            in_batch.add(item.logical_id)
         return ready, blocked_dead
 
     @staticmethod

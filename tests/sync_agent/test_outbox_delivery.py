@@ -165,3 +165,37 @@ async def test_bundle_refused_as_too_large_is_halved_and_everything_lands(
     assert result.delivered == 6
     assert fhir_peer.count("Observation") == 6
     assert _states(db_path) == [("delivered", 7)]
+
+
+async def test_device_references_and_capture_tags_survive_the_trip_upstream(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    [pat] = await store.create([factories.patient()], "user:nurse1")
+    [dev] = await store.create(
+        [
+            {
+                "resourceType": "Device",
+                "status": "active",
+                "deviceName": [{"name": "Kiosk cuff", "type": "user-friendly-name"}],
+            }
+        ],
+        "service:devices",
+    )
+    reading = factories.bp_observation(f"Patient/{pat.logical_id}")
+    reading["device"] = {"reference": f"Device/{dev.logical_id}", "display": "Kiosk cuff"}
+    reading["meta"] = {
+        "tag": [{"system": "urn:telehealth-appliance:fhir:capture-setting", "code": "clinic"}]
+    }
+    await store.create([reading], "service:devices")
+    # One entry per bundle: the Observation must wait until its Device has an upstream id.
+    result = await Deliverer(store, client, max_entries=1, rng=random.Random(1)).drain()
+    assert (result.delivered, result.dead) == (3, 0)
+    device_id = (await client.get("Device")).json()["entry"][0]["resource"]["id"]
+    [entry] = (await client.get("Observation")).json()["entry"]
+    assert entry["resource"]["device"] == {
+        "reference": f"Device/{device_id}",
+        "display": "Kiosk cuff",
+    }
+    assert {"system": "urn:telehealth-appliance:fhir:capture-setting", "code": "clinic"} in entry[
+        "resource"
+    ]["meta"]["tag"]
