@@ -432,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
         sync_cmd,
     )
     command("once", cmd_sync_once, "drain the outbox to the first upstream now", sync_cmd)
+
+    # Device registry, routing and decoding live with the device services (an entry point
+    # may assemble the parts; STYLE.md rule 1).
+    from services import device_cli
+
+    device_cli.add_commands(sub, command)
     return parser
 
 

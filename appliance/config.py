@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from appliance.errors import ConfigError
+from drivers import line_protocol
+from drivers.line_protocol import LineProtocolSpec
 
 
 class SiteType(StrEnum):
@@ -101,6 +103,12 @@ class DevicesConfig:
 
     simulated: bool = False
     simulated_interval_s: float = 5.0
+    clock_tolerance_s: float = 300.0
+    line_protocols: tuple[LineProtocolSpec, ...] = ()
+
+    def line_protocol(self, name: str) -> LineProtocolSpec | None:
+        """The ``[[devices.line_protocol]]`` called ``name``, if declared."""
+        return next((spec for spec in self.line_protocols if spec.name == name), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,9 +331,11 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
            "Seconds of inactivity before a staff session ends."),
     ),
     "devices": (
-        _F("simulated", _BOOL, False, "Add a simulated blood-pressure cuff (demo, testing)."),
+        _F("simulated", _BOOL, False, "Run simulated devices at demo stations (demo, testing)."),
         _F("simulated_interval_s", _number(0.05, 3600), 5.0,
            "Seconds between simulated readings."),
+        _F("clock_tolerance_s", _number(0, 86400), 300.0,
+           "A device time later than its receipt by more than this is not trusted."),
     ),
     "sync": (
         _F("interval_s", _number(0.1, 3600), 5.0, "Seconds between outbox polls when idle."),
@@ -442,6 +452,31 @@ class _Reader:
             result.append(up)
         return result
 
+    def line_protocols(self, raw: object) -> list[LineProtocolSpec]:
+        """The ``[[devices.line_protocol]]`` tables (checked by drivers/line_protocol.py)."""
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.problems.append(
+                "devices.line_protocol: expected an array of tables ([[devices.line_protocol]])"
+            )
+            return []
+        specs: list[LineProtocolSpec] = []
+        for index, item in enumerate(raw):
+            where = f"devices.line_protocol[{index}]"
+            if not isinstance(item, Mapping):
+                self.problems.append(f"{where}: expected a table")
+                continue
+            try:
+                spec = line_protocol.from_mapping(item)
+            except line_protocol.SpecError as exc:
+                self.problems.extend(f"{where}.{problem}" for problem in exc.problems)
+                continue
+            if any(s.name == spec.name for s in specs):
+                self.problems.append(f"{where}.name: {spec.name!r} is declared twice")
+            specs.append(spec)
+        return specs
+
 
 def _subtable(data: Mapping[str, object], section: str, key: str) -> object:
     table = data.get(section)
@@ -470,7 +505,8 @@ def parse(
     paths = reader.table("paths", data.get("paths"))
     keys = reader.table("keys", data.get("keys"))
     web = reader.table("web", data.get("web"))
-    devices = reader.table("devices", data.get("devices"))
+    devices = reader.table("devices", data.get("devices"), nested=("line_protocol",))
+    line_protocols = reader.line_protocols(_subtable(data, "devices", "line_protocol"))
     sync = reader.table("sync", data.get("sync"), nested=("upstream",))
     upstreams = reader.upstreams(_subtable(data, "sync", "upstream"))
     for present, missing in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
@@ -491,7 +527,7 @@ def parse(
         ),
         keys=KeysConfig(kek_file=keys["kek_file"] or default_kek),
         web=WebConfig(**{**web, "public_url": web["public_url"] or _default_url(web)}),
-        devices=DevicesConfig(**devices),
+        devices=DevicesConfig(**devices, line_protocols=tuple(line_protocols)),
         sync=SyncConfig(**sync, upstreams=tuple(UpstreamConfig(**up) for up in upstreams)),
         source=None,
     )
@@ -598,4 +634,26 @@ def reference() -> str:
             f"| `{f.key}` | {f.type.describe} | {_shown(f.default)} | {f.help} |" for f in fields
         ]
         out.append("")
+        if schema == "devices":
+            out += _LINE_PROTOCOL_REFERENCE
     return "\n".join(out)
+
+
+# [[devices.line_protocol]] is validated by drivers/line_protocol.py (from_mapping); its keys:
+_LINE_PROTOCOL_REFERENCE = [
+    "### `[[devices.line_protocol]]`",
+    "",
+    "A serial device that prints one result per line, added without code; register it with",
+    "`appliance devices add ID --transport serial --profile line:<name> --address /dev/ttyUSB0`.",
+    "",
+    "| key | type | default | meaning |",
+    "|---|---|---|---|",
+    "| `name` | a non-empty string | required | Referred to as profile `line:<name>`. |",
+    '| `delimiter` | a string (U+0000-U+00FF) | required | Ends each line, e.g. `"\\r\\n"` or ETX `"\\u0003"`. |',
+    "| `start` | a string (U+0000-U+00FF) | unset | Begins each line (e.g. STX); bytes before it are skipped. |",
+    '| `encoding` | a text encoding name | `"ascii"` | How the line\'s bytes become text. |',
+    "| `max_line_length` | an integer 1-65536 | `256` | Longer lines are dropped whole and counted. |",
+    "| `pattern` | a regular expression | required | Matches a whole line; each named group is a value. |",
+    "| `fields.<group>` | a table | required per group | `loinc`, `unit` (UCUM), `display`, optional `scale` (e.g. 0.1). |",
+    "",
+]

@@ -180,6 +180,11 @@ class DeviceRegistry:
     def __init__(self, store: Store) -> None:
         self._store = store
 
+    @property
+    def store(self) -> Store:
+        """The store this registry lives in."""
+        return self._store
+
     def _now(self) -> str:
         return fhir.utc_text(self._store.now())
 
@@ -271,6 +276,22 @@ class DeviceRegistry:
         detail = f"station {station_id}" if station_id else ("patient" if patient_id else "none")
         event = AuditEvent(
             actor, AuditAction.CONFIG, patient_key=key, entity=f"device/{device_id}", detail=detail
+        )
+        await self._store.transact(work, [event])
+
+    async def retire_device(self, device_id: str, actor: str) -> None:
+        """Stop using a device (kept for the history its readings refer to)."""
+        await self.device(device_id)
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE devices SET retired_at = ?, station_id = NULL, patient_id = NULL "
+                "WHERE id = ?",
+                (self._now(), device_id),
+            )
+
+        event = AuditEvent(
+            actor, AuditAction.CONFIG, entity=f"device/{device_id}", detail="retired"
         )
         await self._store.transact(work, [event])
 

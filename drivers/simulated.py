@@ -10,8 +10,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
+from drivers import glucose, nonin, pulse_oximetry, tanita, thermometer, weight
 from drivers.blood_pressure import (
     INTERMEDIATE_CUFF_PRESSURE,
     MEASUREMENT,
@@ -22,6 +24,7 @@ from drivers.blood_pressure import (
     encode_measurement,
 )
 from drivers.gatt import BATTERY_LEVEL, CURRENT_TIME, uuid16
+from drivers.glucose import GlucoseMeasurement
 from drivers.ieee11073 import SFloatValue, decode_datetime
 
 # Plausible adult ranges (mmHg, beats/min) for a demo, not a clinical model.
@@ -110,6 +113,9 @@ class SimulatedGattPeripheral:
             CURRENT_TIME: b"",
         }
         self.time_writes: list[bytes] = []
+        # A device that stores readings (a glucose meter) asks for a new connection after a
+        # test; the transport reconnects and the session downloads what is new.
+        self.wants_reconnect = False
 
     def device_now(self) -> datetime:
         """The device's own (naive) wall clock."""
@@ -151,3 +157,198 @@ class SimulatedCuffPeripheral(SimulatedGattPeripheral):
     def take_reading(self) -> list[tuple[str, bytes]]:
         """One measurement indication."""
         return [(MEASUREMENT, self.cuff.next_payload())]
+
+
+class SimulatedGlucoseMeter(SimulatedGattPeripheral):
+    """A glucose meter (0x1808) holding numbered records and answering RACP requests.
+
+    A new test adds a record to the meter's memory and asks to be connected again (a real
+    meter advertises after a test); the box then downloads what it has not seen. Only the
+    requests a glucose session makes are answered (report all / >= n / <= n); others get
+    "op code not supported", as a real meter's subset would.
+    """
+
+    def __init__(self, *, rng: random.Random, now: Callable[[], datetime], **info: Any) -> None:
+        super().__init__(now=now, model=info.pop("model", "SIM-GLU"), **info)
+        self._rng = rng
+        self.records: list[GlucoseMeasurement] = []
+        for uuid in (
+            glucose.MEASUREMENT,
+            glucose.MEASUREMENT_CONTEXT,
+            glucose.RECORD_ACCESS_CONTROL_POINT,
+        ):
+            self.values[uuid] = b""
+
+    def take_reading(self) -> list[tuple[str, bytes]]:
+        """A finger-stick test: stored, then the meter asks for a connection."""
+        mg_dl = self._rng.randint(70, 220)
+        self.records.append(
+            GlucoseMeasurement(
+                sequence_number=len(self.records) + 1,
+                base_time=self.device_now(),
+                time_offset=0,
+                # mg/dL × 10^-5 = kg/L: the wire unit (REFERENCE.md).
+                concentration=SFloatValue(mg_dl, -5),
+                unit=glucose.GlucoseUnit.KG_PER_L,
+                sample_type=glucose.SampleType.CAPILLARY_WHOLE_BLOOD,
+                sample_location=glucose.SampleLocation.FINGER,
+            )
+        )
+        self.wants_reconnect = True
+        return []
+
+    def write(self, uuid: str, value: bytes) -> list[tuple[str, bytes]]:
+        """RACP requests are answered with records then a response-code indication."""
+        if uuid != glucose.RECORD_ACCESS_CONTROL_POINT:
+            return super().write(uuid, value)
+        self.wants_reconnect = False
+        op, operator, rest = value[0], value[1], value[2:]
+        if op != glucose.RacpOpCode.REPORT_STORED_RECORDS:
+            return [self._answer(op, glucose.RacpResponseCode.OP_CODE_NOT_SUPPORTED)]
+        if operator == glucose.RacpOperator.ALL:
+            chosen = self.records
+        elif operator in (
+            glucose.RacpOperator.GREATER_OR_EQUAL,
+            glucose.RacpOperator.LESS_OR_EQUAL,
+        ):
+            bound = int.from_bytes(rest[1:3], "little")
+            newer = operator == glucose.RacpOperator.GREATER_OR_EQUAL
+            chosen = [
+                r
+                for r in self.records
+                if (r.sequence_number >= bound if newer else r.sequence_number <= bound)
+            ]
+        else:
+            return [self._answer(op, glucose.RacpResponseCode.OPERATOR_NOT_SUPPORTED)]
+        if not chosen:
+            return [self._answer(op, glucose.RacpResponseCode.NO_RECORDS_FOUND)]
+        sent = [(glucose.MEASUREMENT, glucose.encode_measurement(r)) for r in chosen]
+        return [*sent, self._answer(op, glucose.RacpResponseCode.SUCCESS)]
+
+    @staticmethod
+    def _answer(op: int, code: glucose.RacpResponseCode) -> tuple[str, bytes]:
+        response = glucose.RacpResponse(op, code)
+        return (glucose.RECORD_ACCESS_CONTROL_POINT, glucose.encode_racp_response(response))
+
+
+class SimulatedScale(SimulatedGattPeripheral):
+    """A weight scale (0x181D) with BMI and height, 0.05 kg resolution."""
+
+    def __init__(self, *, rng: random.Random, now: Callable[[], datetime], **info: Any) -> None:
+        super().__init__(now=now, model=info.pop("model", "SIM-SCALE"), **info)
+        self._rng = rng
+        self.values[weight.MEASUREMENT] = b""
+        self.values[weight.FEATURE] = weight.encode_feature(
+            weight.WeightScaleFeature(True, False, True, 1, 1)
+        )
+
+    def take_reading(self) -> list[tuple[str, bytes]]:
+        """A weighing: 50-120 kg in 0.05 kg steps, height 1.50-1.95 m."""
+        kg = Decimal(self._rng.randint(1000, 2400)) * Decimal("0.05")
+        height = Decimal(self._rng.randint(1500, 1950)) / 1000
+        bmi = (kg / (height * height)).quantize(Decimal("0.1"))
+        m = weight.WeightMeasurement(
+            units=weight.WeightUnits.SI,
+            weight=kg,
+            timestamp=self.device_now(),
+            user_id=1,
+            bmi=bmi,
+            height=height,
+        )
+        return [(weight.MEASUREMENT, weight.encode_measurement(m))]
+
+
+class SimulatedOximeter(SimulatedGattPeripheral):
+    """A pulse oximeter (0x1822) sending PLX spot checks."""
+
+    def __init__(self, *, rng: random.Random, now: Callable[[], datetime], **info: Any) -> None:
+        super().__init__(now=now, model=info.pop("model", "SIM-OX"), **info)
+        self._rng = rng
+        self.values[pulse_oximetry.SPOT_CHECK] = b""
+
+    def take_reading(self) -> list[tuple[str, bytes]]:
+        """A spot check: SpO2 90-100 %, pulse 55-110 /min."""
+        m = pulse_oximetry.SpotCheckMeasurement(
+            spo2=SFloatValue(self._rng.randint(90, 100), 0),
+            pulse_rate=SFloatValue(self._rng.randint(55, 110), 0),
+            timestamp=self.device_now(),
+        )
+        return [(pulse_oximetry.SPOT_CHECK, pulse_oximetry.encode_spot_check(m))]
+
+
+class SimulatedThermometer(SimulatedGattPeripheral):
+    """An ear thermometer (0x1809) sending body temperatures in °C."""
+
+    def __init__(self, *, rng: random.Random, now: Callable[[], datetime], **info: Any) -> None:
+        super().__init__(now=now, model=info.pop("model", "SIM-THERMO"), **info)
+        self._rng = rng
+        self.values[thermometer.MEASUREMENT] = b""
+
+    def take_reading(self) -> list[tuple[str, bytes]]:
+        """A temperature between 36.0 and 39.4 °C, in tenths."""
+        m = thermometer.TemperatureMeasurement(
+            unit=thermometer.TemperatureUnit.CELSIUS,
+            temperature=SFloatValue(self._rng.randint(360, 394), -1),
+            timestamp=self.device_now(),
+            temperature_type=thermometer.TemperatureType.EAR,
+        )
+        return [(thermometer.MEASUREMENT, thermometer.encode_measurement(m))]
+
+
+# -- serial devices: the bytes a real device writes to its port ----------------------------------
+
+
+class SimulatedNoninDf7:
+    """A Nonin oximeter in Data Format #7: one 125-byte packet per reading (3 a second live)."""
+
+    def __init__(self, *, rng: random.Random, now: Callable[[], datetime]) -> None:
+        self._rng = rng
+
+    def next_bytes(self) -> bytes:
+        """One packet with SpO2 90-100 % and pulse 55-110 /min."""
+        return nonin.encode_df7_packet(self._rng.randint(90, 100), self._rng.randint(55, 110))
+
+
+class SimulatedNoninAscii:
+    """A Nonin oximeter printing ``SPO2=097 HR=072`` lines."""
+
+    def __init__(self, *, rng: random.Random, now: Callable[[], datetime]) -> None:
+        self._rng = rng
+
+    def next_bytes(self) -> bytes:
+        """One line."""
+        reading = nonin.NoninAsciiReading(self._rng.randint(90, 100), self._rng.randint(55, 110))
+        return nonin.encode_ascii_line(reading)
+
+
+class SimulatedTanita:
+    """A Tanita TBF-310 body-composition analyser printing one result line per weighing."""
+
+    def __init__(self, *, rng: random.Random, now: Callable[[], datetime]) -> None:
+        self._rng = rng
+
+    def next_bytes(self) -> bytes:
+        """One result line for an adult of 50-120 kg."""
+        rng = self._rng
+        weight = Decimal(rng.randint(500, 1200)) / 10
+        height = Decimal(rng.randint(150, 195))
+        fat = Decimal(rng.randint(120, 380)) / 10
+        fat_mass = (weight * fat / 100).quantize(Decimal("0.1"))
+        lean = weight - fat_mass
+        result = tanita.TanitaResult(
+            model=tanita.TanitaModel.TBF_310,
+            body_type=tanita.BodyType.STANDARD,
+            gender=rng.choice(list(tanita.Gender)),
+            age=rng.randint(20, 85),
+            height=height,
+            weight=weight,
+            mass_unit=tanita.MassUnit.KG,
+            impedance=rng.randint(400, 650),
+            fat_percent=fat,
+            fat_mass=fat_mass,
+            fat_free_mass=lean,
+            total_body_water=(lean * Decimal("0.73")).quantize(Decimal("0.1")),
+            bmi=(weight / (height / 100) ** 2).quantize(Decimal("0.1")),
+            bmr_kj=rng.randint(5500, 9500),
+        )
+        return tanita.encode_result_line(result)

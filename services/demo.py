@@ -62,10 +62,41 @@ DEMO_STATIONS = (
     ("kiosk-1", "Kiosk 1", StationKind.KIOSK),
     ("exam-1", "Exam room 1", StationKind.EXAM_ROOM),
 )
-# (device id, name, profile, setting, station); the last is a home device of patient 0.
+# (device id, name, profile, setting, station); the last is a home device of patient 0. One
+# simulated device per Bluetooth profile and serial protocol, driven by the real decoders.
 DEMO_DEVICES = (
     ("sim-bp-kiosk-1", "Kiosk 1 cuff (simulated)", "blood_pressure", Setting.CLINIC, "kiosk-1"),
+    ("sim-ox-kiosk-1", "Kiosk 1 oximeter (simulated)", "pulse_oximetry", Setting.CLINIC, "kiosk-1"),
+    (
+        "sim-thermo-kiosk-1",
+        "Kiosk 1 thermometer (simulated)",
+        "thermometer",
+        Setting.CLINIC,
+        "kiosk-1",
+    ),
     ("sim-bp-exam-1", "Exam room 1 cuff (simulated)", "blood_pressure", Setting.CLINIC, "exam-1"),
+    (
+        "sim-glucose-exam-1",
+        "Exam room 1 glucose meter (simulated)",
+        "glucose",
+        Setting.CLINIC,
+        "exam-1",
+    ),
+    ("sim-scale-exam-1", "Exam room 1 scale (simulated)", "weight", Setting.CLINIC, "exam-1"),
+    (
+        "sim-nonin-exam-1",
+        "Exam room 1 Nonin DF7 (simulated serial)",
+        "nonin-df7",
+        Setting.CLINIC,
+        "exam-1",
+    ),
+    (
+        "sim-tanita-exam-1",
+        "Exam room 1 Tanita (simulated serial)",
+        "tanita",
+        Setting.CLINIC,
+        "exam-1",
+    ),
     ("sim-bp-home-1", "Home cuff (simulated)", "blood_pressure", Setting.HOME, None),
 )
 ACTOR = "service:devices"

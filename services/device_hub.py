@@ -25,14 +25,16 @@ from appliance import fhir
 from appliance.device_registry import Device, DeviceRegistry, Setting
 from appliance.store import Store, StoredResource
 from drivers.gatt import BatteryLevel, DeviceInformation
-from services import routing, vitals
-from services.routing import DEFAULT_CLOCK_TOLERANCE, Routed
+from services import readings, routing
+from services.routing import DEFAULT_CLOCK_TOLERANCE, Routed, Unmatched
 from services.vitals import Capture, CaptureMethod
 
 logger = logging.getLogger(__name__)
 
 ACTOR = "service:devices"
-_CHECKIN_LOOKBACK = timedelta(days=2)  # how far back a stored reading may find its check-in
+_CHECKIN_LOOKBACK = timedelta(days=2)
+# A continuous oximeter sends a value every second; one a minute goes into the chart.
+CONTINUOUS_SAMPLE = timedelta(seconds=60)  # how far back a stored reading may find its check-in
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,7 @@ class DeviceHub:
         site_zone: tzinfo,
         *,
         clock_tolerance: timedelta = DEFAULT_CLOCK_TOLERANCE,
+        continuous_every: timedelta = CONTINUOUS_SAMPLE,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -62,6 +65,8 @@ class DeviceHub:
         self.readings_stored = 0
         self.readings_held = 0
         self._sequences: dict[str, int | None] = {}
+        self._continuous_every = continuous_every
+        self._last_continuous: dict[str, datetime] = {}
 
     def last_sequence(self, device_id: str) -> int | None:
         """The highest stored-record number filed for a device (None: nothing yet).
@@ -85,9 +90,14 @@ class DeviceHub:
         if isinstance(event, BatteryLevel):
             await self._registry.note_seen(device_id, battery_percent=event.percent)
             return None
-        reading = vitals.describe(event)
+        reading = readings.describe(event)
         if reading is None:
             return None  # live-only (cuff inflating) or bookkeeping events: nothing to file
+        if reading.continuous:
+            last = self._last_continuous.get(device_id)
+            if last is not None and received - last < self._continuous_every:
+                return None  # a continuous oximeter streams ~1/s; the chart gets a sample
+            self._last_continuous[device_id] = received
         device = await self._registry.device(device_id)
         when = routing.reading_time(
             reading.device_time,
@@ -110,22 +120,24 @@ class DeviceHub:
             since = fhir.utc_text(when.effective - _CHECKIN_LOOKBACK)
             checkins = await self._registry.checkins(device.station_id, since=since)
             station_name = await self._station_name(device.station_id)
-        decision = routing.route(
+        decision: Routed | Unmatched = routing.route(
             device, when, checkins, stored=reading.stored, station_name=station_name
         )
+        if reading.not_a_patient is not None:
+            decision = Unmatched(reading.not_a_patient)
         also = (
             None
             if reading.sequence is None
             else self._registry.sequence_update(device_id, reading.sequence)
         )
         if isinstance(decision, Routed):
-            resources = vitals.observations(event, f"Patient/{decision.patient_id}", capture)
+            resources = readings.observations(event, f"Patient/{decision.patient_id}", capture)
             stored = await self._store.create(resources, ACTOR, also=also)
             self._remember(device_id, reading.sequence)
             self.readings_stored += 1
             await self._registry.note_seen(device_id)
             return Outcome(stored=tuple(stored))
-        resources = vitals.observations(event, None, capture)
+        resources = readings.observations(event, None, capture)
         held_id = await self._registry.hold(
             device_id=device_id,
             station_id=device.station_id,
@@ -154,7 +166,7 @@ class DeviceHub:
     async def _device_reference(self, device: Device) -> str:
         """``Device/<id>`` of the FHIR Device describing this device, created on first use."""
         if device.fhir_device_id is None:
-            [stored] = await self._store.create([vitals.device_resource(device)], ACTOR)
+            [stored] = await self._store.create([readings.device_resource(device)], ACTOR)
             await self._registry.set_fhir_device(device.id, stored.logical_id)
             return f"Device/{stored.logical_id}"
         return f"Device/{device.fhir_device_id}"

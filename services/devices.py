@@ -26,9 +26,11 @@ from appliance import runtime, sdnotify
 from appliance.device_registry import Device, DeviceRegistry, Transport
 from appliance.errors import ApplianceError
 from appliance.runtime import ProcessContext
+from drivers.ble import BleDeviceSpec, BleEvent, BleLink, LinkStatus
+from drivers.serial_port import SerialSource
 from services import demo, device_profiles
 from services.device_hub import DeviceHub
-from services.simulated_link import SimulatedGattLink
+from services.simulated_link import SimulatedGattLink, SimulatedSerialLink
 from services.vitals import CaptureMethod
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 ACTOR = "service:devices"
 RELOAD_S = 5.0
 RESTART_BACKOFF_S = (1.0, 60.0)
+FILE_RETRIES = 6  # ~1 minute of retries before a reading is given up (and logged)
+FILE_RETRY_S = (1.0, 30.0)
 
 
 class DeviceRunner:
@@ -56,6 +60,8 @@ class DeviceRunner:
         self._zone = ZoneInfo(ctx.config.site.timezone)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.errors: dict[str, str] = {}
+        self.link_states: dict[str, dict[str, object]] = {}
+        self._serial_sources: dict[str, SerialSource] = {}
 
     def site_now(self) -> datetime:
         """The site's naive wall clock (what device clocks are set to)."""
@@ -72,6 +78,7 @@ class DeviceRunner:
                     readings_stored=self._hub.readings_stored,
                     readings_held=self._hub.readings_held,
                     device_errors=dict(self.errors),
+                    links={**self.link_states, **self._serial_states()},
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), RELOAD_S)
@@ -115,19 +122,74 @@ class DeviceRunner:
 
     def _on_event(
         self, device_id: str, method: CaptureMethod
+    ) -> Callable[[object, datetime | None], Coroutine[Any, Any, None]]:
+        async def on_event(event: object, received: datetime | None) -> None:
+            when = received or datetime.now(UTC)
+            delay = FILE_RETRY_S[0]
+            for attempt in range(FILE_RETRIES):
+                try:
+                    await self._hub.on_event(device_id, event, when, method)
+                    return
+                except ApplianceError as exc:
+                    # e.g. a full disk. The device has already had its confirmation, so the
+                    # reading is kept in memory and retried (the transport waits meanwhile);
+                    # a meter's stored records come again on the next connection anyway.
+                    logger.error(
+                        "could not file a reading from device %s (attempt %d of %d): %s",
+                        device_id,
+                        attempt + 1,
+                        FILE_RETRIES,
+                        exc,
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ctx.stopping.wait(), delay)
+                if self._ctx.stopping.is_set():
+                    break
+                delay = min(FILE_RETRY_S[1], delay * 2)
+            self.errors[device_id] = "reading not filed"
+            logger.error("gave up filing a reading from device %s", device_id)
+
+        return on_event
+
+    def _now_filer(
+        self, device_id: str, method: CaptureMethod
     ) -> Callable[[object], Coroutine[Any, Any, None]]:
+        file_event = self._on_event(device_id, method)
+
         async def on_event(event: object) -> None:
-            try:
-                await self._hub.on_event(device_id, event, datetime.now(UTC), method)
-            except ApplianceError as exc:
-                # e.g. a full disk: the reading is not acknowledged; a meter re-sends its
-                # stored records on the next connection (last_sequence did not move).
-                logger.error("could not file a reading from device %s: %s", device_id, exc)
+            await file_event(event, None)
 
         return on_event
 
     async def _transport(self, device: Device) -> None:
         stop = self._ctx.stopping
+        if device.transport is Transport.SIMULATED and device_profiles.is_serial(device.profile):
+            simulated, decoder = device_profiles.simulated_serial(
+                device.profile, rng=self._rng, now=lambda: datetime.now(self._zone)
+            )
+            serial_link = SimulatedSerialLink(
+                simulated,
+                decoder,
+                self._now_filer(device.id, CaptureMethod.SIMULATED),
+                rng=self._rng,
+            )
+            await serial_link.run(stop, self._ctx.config.devices.simulated_interval_s)
+            return
+        if device.transport is Transport.SERIAL:
+            port, baud, factory = device_profiles.serial_port(device, self._ctx.config)
+            source = SerialSource(
+                port,
+                baud,
+                factory,
+                self._now_filer(device.id, CaptureMethod.SERIAL),
+                rng=self._rng,
+            )
+            self._serial_sources[device.id] = source
+            try:
+                await source.run(stop)
+            finally:
+                self._serial_sources.pop(device.id, None)
+            return
         if device.transport is Transport.SIMULATED:
             peripheral = device_profiles.simulated_peripheral(
                 device.profile, rng=self._rng, now=lambda: datetime.now(self._zone)
@@ -135,12 +197,54 @@ class DeviceRunner:
             link = SimulatedGattLink(
                 peripheral,
                 device_profiles.session_factory(device, self._hub.last_sequence),
-                self._on_event(device.id, CaptureMethod.SIMULATED),
+                self._now_filer(device.id, CaptureMethod.SIMULATED),
                 clock=self.site_now,
             )
             await link.run(stop, self._ctx.config.devices.simulated_interval_s)
             return
+        if device.transport is Transport.BLE:
+            on_event = self._on_event(device.id, CaptureMethod.BLE)
+
+            async def deliver(event: BleEvent) -> None:
+                await on_event(event.event, event.received)
+
+            ble_link = BleLink(
+                BleDeviceSpec(
+                    address=device.address,
+                    service_uuid=device_profiles.service_uuid(device.profile),
+                    name=device.id,
+                    requires_bonding=device.requires_bonding,
+                ),
+                device_profiles.session_factory(device, self._hub.last_sequence),
+                deliver,
+                clock=lambda: datetime.now(self._zone),
+                rng=self._rng,
+                on_status=self._link_status,
+            )
+            await ble_link.run(stop)
+            return
         raise ApplianceError(f"device {device.id}: transport {device.transport} is not available")
+
+    def _serial_states(self) -> dict[str, dict[str, object]]:
+        states: dict[str, dict[str, object]] = {}
+        for device_id, source in self._serial_sources.items():
+            status = source.status
+            states[device_id] = {
+                "state": "connected" if status.connected else "backoff",
+                "connections": status.opens,
+                "protocol_errors": status.protocol_errors + status.skip_events,
+                "last_error": status.last_error,
+            }
+        return states
+
+    def _link_status(self, status: LinkStatus) -> None:
+        """Keep each link's state for /healthz and the device-status page (no PHI)."""
+        self.link_states[status.device] = {
+            "state": status.state.value,
+            "connections": status.connections,
+            "protocol_errors": status.protocol_errors,
+            "last_error": status.last_error,
+        }
 
 
 async def main(ctx: ProcessContext) -> None:

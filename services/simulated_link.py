@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -18,6 +19,7 @@ from typing import Protocol
 
 from drivers.errors import ProtocolError
 from drivers.gatt import Action, GattSession, ReadCharacteristic, Subscribe, WriteCharacteristic
+from drivers.serial_port import Decoder, SkipEvent
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,11 @@ class SimulatedPeripheral(Protocol):
 
     def take_reading(self) -> list[Notification]:
         """Take a new measurement: the notifications a real device would send for it."""
+        ...
+
+    @property
+    def wants_reconnect(self) -> bool:
+        """True after a reading the device keeps in memory until the box connects again."""
         ...
 
 
@@ -75,8 +82,14 @@ class SimulatedGattLink:
         await self._perform(deque(self._session.on_connected(self._clock())))
 
     async def reading(self) -> None:
-        """Have the peripheral take a measurement and deliver what it sends."""
+        """Have the peripheral take a measurement and deliver what it sends.
+
+        A device that keeps the reading in memory (a glucose meter) is connected again, as a
+        real one advertises after a test; the new session fetches only what is new.
+        """
         await self._deliver(self._peripheral.take_reading())
+        if self._peripheral.wants_reconnect:
+            await self.connect()
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
         """Connect, then take a reading every ``interval_s`` until ``stop`` is set."""
@@ -126,3 +139,48 @@ class SimulatedGattLink:
             else:
                 await self._on_event(item)
         return actions
+
+
+class SimulatedSerialDevice(Protocol):
+    """A simulated serial device: the bytes it writes for one reading."""
+
+    def next_bytes(self) -> bytes:
+        """The bytes of the next reading."""
+        ...
+
+
+class SimulatedSerialLink:
+    """Feeds a simulated serial device's bytes, in random small chunks as a UART delivers
+    them, through the real stream decoder (what ``drivers/serial_port.py`` does with a port)."""
+
+    def __init__(
+        self,
+        device: SimulatedSerialDevice,
+        decoder: Decoder,
+        on_event: OnEvent,
+        *,
+        rng: random.Random,
+    ) -> None:
+        self._device = device
+        self._decoder = decoder
+        self._on_event = on_event
+        self._rng = rng
+
+    async def reading(self) -> None:
+        """One reading's bytes through the decoder; decoded events are delivered in order."""
+        data = self._device.next_bytes()
+        offset = 0
+        while offset < len(data):
+            size = self._rng.randint(1, 64)
+            for event in self._decoder.feed(data[offset : offset + size]):
+                if not isinstance(event, SkipEvent):
+                    await self._on_event(event)
+            offset += size
+
+    async def run(self, stop: asyncio.Event, interval_s: float) -> None:
+        """A reading every ``interval_s`` until ``stop`` is set."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+            if not stop.is_set():
+                await self.reading()

@@ -8,12 +8,11 @@ NRes, ±INF) carries a ``dataAbsentReason`` instead of a number, so nothing is i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from appliance.device_registry import Device, Setting
+from appliance.device_registry import Setting
 from drivers.blood_pressure import BloodPressureMeasurement, PressureUnit
 from drivers.ieee11073 import SFloatValue, Special
 from services.routing import ReadingTime, TimeFlag
@@ -73,24 +72,35 @@ _TIME_NOTES = {
     TimeFlag.CLOCK_AHEAD: "The device clock was ahead of the box; the time of receipt is recorded.",
 }
 
-_VITAL_SIGNS = [
+VITAL_SIGNS = [
     {"coding": [{"system": CATEGORY_SYSTEM, "code": "vital-signs", "display": "Vital Signs"}]}
 ]
 
 
-def _code(code: str, display: str) -> dict[str, Any]:
+def loinc(code: str, display: str) -> dict[str, Any]:
     return {"coding": [{"system": LOINC, "code": code, "display": display}], "text": display}
+
+
+def quantity(value: SFloatValue | Decimal | None, ucum: str) -> dict[str, Any]:
+    """``valueQuantity`` in a UCUM unit, or the ``dataAbsentReason`` of a special/absent value."""
+    if value is None:
+        return {"dataAbsentReason": {"coding": [{"system": ABSENT_SYSTEM, "code": "unknown"}]}}
+    if isinstance(value, SFloatValue):
+        if value.special is not None:
+            code, display = _ABSENT[value.special]
+            return {
+                "dataAbsentReason": {
+                    "coding": [{"system": ABSENT_SYSTEM, "code": code, "display": display}]
+                }
+            }
+        value = value.to_decimal()
+    return {"valueQuantity": {"value": value, "unit": ucum, "system": UCUM, "code": ucum}}
 
 
 def _value(value: SFloatValue, unit: PressureUnit | None) -> dict[str, Any]:
     """A component/observation value: a UCUM quantity, or the reason it is absent."""
     if value.special is not None:
-        code, display = _ABSENT[value.special]
-        return {
-            "dataAbsentReason": {
-                "coding": [{"system": ABSENT_SYSTEM, "code": code, "display": display}]
-            }
-        }
+        return quantity(value, "/min")
     number = value.to_decimal()
     if unit is None:
         return {"valueQuantity": {"value": number, "unit": "/min", "system": UCUM, "code": "/min"}}
@@ -99,7 +109,7 @@ def _value(value: SFloatValue, unit: PressureUnit | None) -> dict[str, Any]:
     return {"valueQuantity": {"value": number, "unit": "mm[Hg]", "system": UCUM, "code": "mm[Hg]"}}
 
 
-def _common(patient_ref: str | None, capture: Capture, category: list[Any]) -> FhirJson:
+def common_fields(patient_ref: str | None, capture: Capture, category: list[Any]) -> FhirJson:
     """The fields every device Observation shares: status, category, subject, time, device, tags."""
     device: FhirJson = {"display": capture.device_display}
     if capture.device_ref is not None:
@@ -123,7 +133,7 @@ def _common(patient_ref: str | None, capture: Capture, category: list[Any]) -> F
     return common
 
 
-def _add_notes(resource: FhirJson, capture: Capture, notes: list[str]) -> None:
+def add_notes(resource: FhirJson, capture: Capture, notes: list[str]) -> None:
     """Append clinician-facing notes: device status bits, and why the time is not the device's."""
     texts = list(notes)
     if capture.time.flag is not None:
@@ -132,7 +142,7 @@ def _add_notes(resource: FhirJson, capture: Capture, notes: list[str]) -> None:
         resource["note"] = [{"text": text} for text in texts]
 
 
-def _jsonable(resource: dict[str, Any]) -> dict[str, Any]:
+def jsonable(resource: dict[str, Any]) -> dict[str, Any]:
     """Decimals → JSON numbers without binary-float noise (120 stays 120, 16.5 stays 16.5)."""
 
     def convert(value: Any) -> Any:
@@ -152,31 +162,31 @@ def blood_pressure_observations(
     measurement: BloodPressureMeasurement, patient_ref: str | None, capture: Capture
 ) -> list[FhirJson]:
     """A US Core blood-pressure Observation, plus a heart-rate one when the cuff sent a pulse."""
-    common = _common(patient_ref, capture, _VITAL_SIGNS)
+    common = common_fields(patient_ref, capture, VITAL_SIGNS)
     bp: FhirJson = {
         **common,
-        "code": _code(BP_PANEL, "Blood pressure panel with all children optional"),
+        "code": loinc(BP_PANEL, "Blood pressure panel with all children optional"),
         "component": [
             {
-                "code": _code(SYSTOLIC, "Systolic blood pressure"),
+                "code": loinc(SYSTOLIC, "Systolic blood pressure"),
                 **_value(measurement.systolic, measurement.unit),
             },
             {
-                "code": _code(DIASTOLIC, "Diastolic blood pressure"),
+                "code": loinc(DIASTOLIC, "Diastolic blood pressure"),
                 **_value(measurement.diastolic, measurement.unit),
             },
         ],
     }
-    _add_notes(bp, capture, _status_notes(measurement))
-    result = [_jsonable(bp)]
+    add_notes(bp, capture, _status_notes(measurement))
+    result = [jsonable(bp)]
     if measurement.pulse_rate is not None:
         hr = {
             **common,
-            "code": _code(HEART_RATE, "Heart rate"),
+            "code": loinc(HEART_RATE, "Heart rate"),
             **_value(measurement.pulse_rate, None),
         }
-        _add_notes(hr, capture, [])
-        result.append(_jsonable(hr))
+        add_notes(hr, capture, [])
+        result.append(jsonable(hr))
     return result
 
 
@@ -192,70 +202,3 @@ def _status_notes(measurement: BloodPressureMeasurement) -> list[str]:
         (status.improper_position, "Improper measurement position"),
     ]
     return [text for present, text in flags if present]
-
-
-# -- what the hub needs to know about each kind of measurement ------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ReadingFacts:
-    """The facts about a decoded measurement that routing needs (no values: no PHI).
-
-    ``summary`` names the kinds of reading for staff lists ("Blood pressure, heart rate");
-    ``stored`` is True for a record from the device's memory; ``sequence`` is its record
-    number where the device numbers them.
-    """
-
-    summary: str
-    device_time: datetime | None
-    clock_not_set: bool = False
-    stored: bool = False
-    sequence: int | None = None
-
-
-def describe(event: object) -> ReadingFacts | None:
-    """What the hub must know to route ``event``; None for events that are not filed."""
-    if isinstance(event, BloodPressureMeasurement):
-        if event.intermediate:
-            return None  # the live cuff pressure while inflating: shown, never filed
-        summary = "Blood pressure" + (", heart rate" if event.pulse_rate is not None else "")
-        return ReadingFacts(summary, event.timestamp)
-    return None
-
-
-def observations(event: object, patient_ref: str | None, capture: Capture) -> list[FhirJson]:
-    """The Observations for a measurement that :func:`describe` accepted."""
-    if isinstance(event, BloodPressureMeasurement):
-        return blood_pressure_observations(event, patient_ref, capture)
-    raise TypeError(f"no FHIR mapping for {type(event).__name__}")
-
-
-_DEVICE_TYPES = {
-    "blood_pressure": "Blood pressure cuff",
-    "glucose": "Blood glucose meter",
-    "weight": "Weight scale",
-    "pulse_oximetry": "Pulse oximeter",
-    "thermometer": "Thermometer",
-}
-DEVICE_ID_SYSTEM = "urn:telehealth-appliance:device-id"
-
-
-def device_resource(device: Device) -> FhirJson:
-    """A FHIR Device from the registry and the device's own Device Information."""
-    resource: FhirJson = {
-        "resourceType": "Device",
-        "identifier": [{"system": DEVICE_ID_SYSTEM, "value": device.id}],
-        "status": "active",
-        "deviceName": [{"name": device.name, "type": "user-friendly-name"}],
-        "type": {"text": _DEVICE_TYPES.get(device.profile, device.profile)},
-    }
-    if device.manufacturer:
-        resource["manufacturer"] = device.manufacturer
-    if device.model:
-        resource["modelNumber"] = device.model
-        resource["deviceName"].append({"name": device.model, "type": "model-name"})
-    if device.serial_number:
-        resource["serialNumber"] = device.serial_number
-    if device.firmware_revision:
-        resource["version"] = [{"type": {"text": "firmware"}, "value": device.firmware_revision}]
-    return resource

@@ -87,6 +87,7 @@ def create_app(
     # Imported here, not at the top: the blueprints import :func:`app_state` from this
     # module, so importing them first would be circular.
     from web.auth import bp as auth_bp
+    from web.devices import bp as devices_bp
     from web.health import bp as health_bp
     from web.nurse import bp as nurse_bp
 
@@ -107,6 +108,7 @@ def create_app(
     )
     app.register_blueprint(auth_bp)
     app.register_blueprint(nurse_bp)
+    app.register_blueprint(devices_bp)
     app.register_blueprint(health_bp)
 
     @app.get("/")

@@ -342,3 +342,27 @@ def test_cross_key_rules() -> None:
         "sync.upstream[1].name: 'a' is already used by sync.upstream[0]",
         "web.tls_cert: required when web.tls_key is set",
     ]
+
+
+def test_every_problem_of_a_line_protocol_is_listed_with_its_path() -> None:
+    good = {
+        "name": "thermo",
+        "delimiter": "\r\n",
+        "pattern": r"T=(?P<temp>\d+\.\d)C",
+        "fields": {"temp": {"loinc": "8310-5", "unit": "Cel", "display": "Body temperature"}},
+    }
+    bad = {"name": "thermo", "pattern": r"(?P<x>\d+", "fields": {"temp": {"loinc": "x"}}}
+    data = doc(devices={"line_protocol": [good, bad, dict(good)]})
+    with pytest.raises(ConfigError) as info:
+        parse(data, environ={})
+    problems = info.value.problems
+    assert "devices.line_protocol[1].delimiter: required" in problems
+    assert "devices.line_protocol[1].fields.temp.unit: required" in problems
+    assert any(
+        p.startswith("devices.line_protocol[1].pattern: not a valid regular") for p in problems
+    )
+    assert "devices.line_protocol[2].name: 'thermo' is declared twice" in problems
+    assert not any(p.startswith("devices.line_protocol[0]") for p in problems)
+    ok = parse(doc(devices={"line_protocol": [good]}), environ={})
+    assert ok.devices.line_protocol("thermo") is not None
+    assert ok.devices.line_protocol("other") is None

@@ -23,7 +23,7 @@ from appliance.store import Store
 from drivers.blood_pressure import BloodPressureSession, parse_measurement
 from drivers.gatt import BatteryLevel, DeviceInformation
 from drivers.simulated import SimulatedBloodPressureCuff, SimulatedCuffPeripheral
-from services import vitals
+from services import readings, vitals
 from services.device_hub import DeviceHub
 from services.simulated_link import SimulatedGattLink
 from services.vitals import CaptureMethod
@@ -73,7 +73,7 @@ async def test_reading_lands_in_the_chart_of_the_patient_checked_in_at_the_stati
     [bp] = await store.newest(f"Patient/{p1}", "Observation", NURSE, code=BP_CODE)
     assert bp["device"]["reference"].startswith("Device/")
     device = await store.read("Device", bp["device"]["reference"].split("/")[1], NURSE)
-    assert device["identifier"][1] == {"system": vitals.DEVICE_ID_SYSTEM, "value": "cuff-1"}
+    assert device["identifier"][1] == {"system": readings.DEVICE_ID_SYSTEM, "value": "cuff-1"}
     # The next patient checked in gets the next reading; the first chart is unchanged. (A
     # reading in the very second of the hand-over could be either patient's: it is held.)
     handover = await registry.check_in("kiosk-1", p2, NURSE)
