@@ -52,7 +52,8 @@ _LOCAL_TYPES = ("Patient/", "Device/")
 _PENDING_SQL = (
     "SELECT o.id, o.lane, o.attempts, r.id, r.logical_id, r.type, r.key_version, r.body "
     "FROM outbox o JOIN resources r ON r.id = o.resource_id "
-    "WHERE o.state = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?) "
+    "WHERE o.state = 'pending' AND o.kind = 'create' "
+    "AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?) "
     "ORDER BY o.lane, o.id LIMIT ?"
 )
 
