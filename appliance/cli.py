@@ -447,7 +447,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(os.environ.get("APPLIANCE_LOG_LEVEL", "WARNING"))
     try:
-        config = config_from_args(args)
+        # A few commands (decode) work without a site config unless one is given.
+        wanted = getattr(args, "needs_config", True)
+        if callable(wanted):
+            wanted = wanted(args)
+        config = config_from_args(args) if wanted else None
         return int(args.handler(args, config))
     except ApplianceError as exc:
         sys.stderr.write(f"appliance: {exc}\n")

@@ -222,6 +222,45 @@ def cmd_held_discard(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+# -- decode -----------------------------------------------------------------------------------
+
+
+def _decode_needs_config(args: argparse.Namespace) -> bool:
+    """decode reads the site config only when given one, or for a site-declared protocol."""
+    given = args.config is not None or getattr(args, "demo", None) is not None
+    return given or str(args.serial or "").startswith("line:")
+
+
+def cmd_decode(args: argparse.Namespace, config: Config | None) -> int:
+    from zoneinfo import ZoneInfo
+
+    from services import decode
+
+    zone = ZoneInfo(config.site.timezone) if config is not None else ZoneInfo(args.timezone)
+    try:
+        data = decode.parse_hex(" ".join(args.hex))
+        if args.gatt:
+            result = decode.decode_gatt(decode.parse_uuid16(args.gatt), data, zone=zone)
+            notes: list[str] = []
+        else:
+            spec = None
+            if args.serial.startswith("line:"):
+                assert config is not None  # _decode_needs_config
+                spec = config.devices.line_protocol(args.serial.removeprefix("line:"))
+                if spec is None:
+                    raise decode.DecodeError(
+                        f"no [[devices.line_protocol]] named {args.serial[5:]!r} in {config.source}"
+                    )
+            result, notes = decode.decode_serial(args.serial, data, line_spec=spec, zone=zone)
+    except decode.DecodeError as exc:
+        sys.stderr.write(f"appliance decode: {exc}\n")
+        return 2
+    for note in notes:
+        sys.stderr.write(f"appliance decode: {note}\n")
+    _out(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -268,6 +307,24 @@ def add_commands(sub: Any, command: CommandFactory) -> None:
     p.add_argument("patient_id", help="local Patient id")
     p = command("checkout", cmd_stations_checkout, "end the check-in at a station", stations)
     p.add_argument("station_id")
+
+    p = command(
+        "decode",
+        cmd_decode,
+        "print the FHIR Observations (or decoded fields) a device's bytes become",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--gatt", metavar="UUID", help="a characteristic such as 0x2A35")
+    which.add_argument(
+        "--serial", metavar="PROTOCOL", help="nonin-df7, nonin-ascii, tanita or line:<name>"
+    )
+    p.add_argument("hex", nargs="+", help="the bytes in hex (spaces and colons allowed)")
+    p.add_argument(
+        "--timezone",
+        default="UTC",
+        help="zone of the device clock when no site config is given (default UTC)",
+    )
+    p.set_defaults(needs_config=_decode_needs_config)
 
     held = sub.add_parser("held", help="readings held for a nurse").add_subparsers(
         dest="held_command", required=True, metavar="COMMAND"
