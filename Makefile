@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/store_ingest.py --quick
 	$(BIN)/python bench/store_read.py --quick
 	$(BIN)/python bench/audit_verify.py --quick
+	$(BIN)/python bench/drivers.py --quick
 	$(BIN)/python bench/demo_memory.py
 
 clean:

@@ -335,14 +335,20 @@ class DeviceRegistry:
             )
         )
 
-    @staticmethod
-    def sequence_update(
-        device_id: str, sequence: int
+    def reading_filed(
+        self, device_id: str, sequence: int | None
     ) -> Callable[[sqlite3.Connection, list[int]], None]:
-        """A Store.create ``also`` hook that records a glucose meter's last stored record."""
+        """A Store.create ``also`` hook: the device was seen now; its last record number."""
+        now = self._now()
 
         def also(conn: sqlite3.Connection, _ids: list[int]) -> None:
-            conn.execute("UPDATE devices SET last_sequence = ? WHERE id = ?", (sequence, device_id))
+            if sequence is None:
+                conn.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device_id))
+            else:
+                conn.execute(
+                    "UPDATE devices SET last_seen = ?, last_sequence = ? WHERE id = ?",
+                    (now, sequence, device_id),
+                )
 
         return also
 

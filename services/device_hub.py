@@ -125,17 +125,13 @@ class DeviceHub:
         )
         if reading.not_a_patient is not None:
             decision = Unmatched(reading.not_a_patient)
-        also = (
-            None
-            if reading.sequence is None
-            else self._registry.sequence_update(device_id, reading.sequence)
-        )
+        # The device's record number and "last seen" commit with the readings themselves.
+        also = self._registry.reading_filed(device_id, reading.sequence)
         if isinstance(decision, Routed):
             resources = readings.observations(event, f"Patient/{decision.patient_id}", capture)
             stored = await self._store.create(resources, ACTOR, also=also)
             self._remember(device_id, reading.sequence)
             self.readings_stored += 1
-            await self._registry.note_seen(device_id)
             return Outcome(stored=tuple(stored))
         resources = readings.observations(event, None, capture)
         held_id = await self._registry.hold(

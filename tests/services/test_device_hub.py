@@ -199,7 +199,7 @@ async def test_device_information_and_battery_update_the_registry(store: Store) 
 async def test_record_number_commits_with_the_readings(store: Store) -> None:
     registry, _, p1, _ = await _setup(store)
     obs = factories.bp_observation(f"Patient/{p1}")
-    await store.create([obs], "service:devices", also=registry.sequence_update("cuff-1", 41))
+    await store.create([obs], "service:devices", also=registry.reading_filed("cuff-1", 41))
     assert (await registry.device("cuff-1")).last_sequence == 41
 
     def fail(conn: object, ids: list[int]) -> None:
