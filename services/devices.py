@@ -26,7 +26,7 @@ from appliance import runtime, sdnotify
 from appliance.device_registry import Device, DeviceRegistry, Transport
 from appliance.errors import ApplianceError
 from appliance.runtime import ProcessContext
-from drivers.ble import BleDeviceSpec, BleEvent, BleLink, LinkStatus
+from drivers.ble import BleakBackends, BleDeviceSpec, BleEvent, BleLink, LinkStatus
 from drivers.serial_port import SerialSource
 from services import demo, device_profiles
 from services.device_hub import DeviceHub
@@ -52,8 +52,10 @@ class DeviceRunner:
         hub: DeviceHub,
         *,
         rng: random.Random,
+        ble_backends: BleakBackends | None = None,
     ) -> None:
         self._ctx = ctx
+        self._ble_backends = ble_backends or BleakBackends()
         self._registry = registry
         self._hub = hub
         self._rng = rng
@@ -220,6 +222,7 @@ class DeviceRunner:
                 clock=lambda: datetime.now(self._zone),
                 rng=self._rng,
                 on_status=self._link_status,
+                backends=self._ble_backends,
             )
             await ble_link.run(stop)
             return
