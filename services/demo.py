@@ -133,10 +133,21 @@ async def seed_devices(store: Store, registry: DeviceRegistry) -> list[str]:
 
 
 async def front_desk(
-    registry: DeviceRegistry, patient_ids: list[str], stop: asyncio.Event, *, interval_s: float
+    registry: DeviceRegistry,
+    patient_ids: list[str],
+    stop: asyncio.Event,
+    *,
+    interval_s: float,
+    offset_s: float = 0.0,
 ) -> None:
-    """Check the next synthetic patient in at each demo station every ``interval_s``."""
+    """Check the next synthetic patient in at each demo station every ``interval_s``.
+
+    ``offset_s`` keeps hand-overs away from the simulated devices' reading ticks: a reading
+    in the very second of a hand-over could be either patient's, and is rightly held.
+    """
     turn = 0
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), offset_s)
     while not stop.is_set():
         for offset, (station_id, _name, _kind) in enumerate(DEMO_STATIONS):
             patient = patient_ids[(turn + offset) % len(patient_ids)]

@@ -266,6 +266,7 @@ async def main(ctx: ProcessContext) -> None:
                     patients,
                     ctx.stopping,
                     interval_s=ctx.config.devices.simulated_interval_s * 4,
+                    offset_s=ctx.config.devices.simulated_interval_s / 2,
                 )
             )
         )

@@ -51,6 +51,7 @@ class HeldView:
     station: str
     reason: str
     values: tuple[str, ...]
+    taken: str | None
 
 
 def _registry() -> DeviceRegistry:
@@ -72,10 +73,30 @@ def _quantity(node: Mapping[str, Any]) -> str:
     return "?"
 
 
+# Short names a nurse reads at a glance (LOINC's long names are for machines).
+SHORT_NAMES = {
+    "85354-9": "Blood pressure",
+    "8867-4": "Heart rate",
+    "59408-5": "SpO2",
+    "2708-6": "SpO2",
+    "8310-5": "Temperature",
+    "29463-7": "Weight",
+    "8302-2": "Height",
+    "39156-5": "BMI",
+    "41982-0": "Body fat",
+    "41653-7": "Glucose",
+    "14743-9": "Glucose",
+    "2339-0": "Glucose",
+    "15074-8": "Glucose",
+}
+
+
 def describe_observation(observation: Mapping[str, Any]) -> str:
     """``Blood pressure: 128/82 mm[Hg]``, ``Heart rate: 72 /min`` — for a person to check."""
     code = observation.get("code")
-    name = code.get("text") if isinstance(code, Mapping) else None
+    codings = code.get("coding", []) if isinstance(code, Mapping) else []
+    first = codings[0].get("code") if codings and isinstance(codings[0], Mapping) else None
+    name = SHORT_NAMES.get(str(first)) or (code.get("text") if isinstance(code, Mapping) else None)
     components = [c for c in observation.get("component", []) if isinstance(c, Mapping)]
     if components:
         values = [_quantity(c) for c in components]
@@ -123,9 +144,17 @@ async def _overview(error: str | None = None, status: int = 200) -> ResponseRetu
         open_ = [c for c in await registry.checkins(station.id) if c.checked_out_at is None]
         if open_:
             present[station.id] = names.get(open_[-1].patient_id, "(unknown patient)")
+    zone = app_state().zone
+    seen = {
+        d.id: datetime.fromisoformat(d.last_seen).astimezone(zone).strftime("%Y-%m-%d %H:%M")
+        for d in await registry.devices()
+        if d.last_seen
+    }
     page = await render_template(
         "devices.html",
         stations=stations,
+        station_names={s.id: s.name for s in stations},
+        seen=seen,
         present=present,
         devices=await registry.devices(),
         links=await _link_states(),
@@ -270,6 +299,11 @@ async def _held_page(error: str | None = None, status: int = 200) -> ResponseRet
     for held in await registry.held():
         observations = await registry.open_held(held.id, actor)
         received = datetime.fromisoformat(held.received_at).astimezone(zone)
+        taken = (
+            datetime.fromisoformat(held.measured_at).astimezone(zone).strftime("%H:%M")
+            if held.measured_at
+            else None
+        )
         views.append(
             HeldView(
                 id=held.id,
@@ -278,6 +312,7 @@ async def _held_page(error: str | None = None, status: int = 200) -> ResponseRet
                 station=stations.get(held.station_id or "", "—"),
                 reason=held.reason,
                 values=tuple(describe_observation(o) for o in observations),
+                taken=taken,
             )
         )
     page = await render_template(
