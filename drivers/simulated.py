@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from drivers import glucose, nonin, pulse_oximetry, tanita, thermometer, weight
+from drivers import glucose, nonin, pulse_oximetry, record_access, tanita, thermometer, weight
 from drivers.blood_pressure import (
     INTERMEDIATE_CUFF_PRESSURE,
     MEASUREMENT,
@@ -203,32 +203,32 @@ class SimulatedGlucoseMeter(SimulatedGattPeripheral):
             return super().write(uuid, value)
         self.wants_reconnect = False
         op, operator, rest = value[0], value[1], value[2:]
-        if op != glucose.RacpOpCode.REPORT_STORED_RECORDS:
-            return [self._answer(op, glucose.RacpResponseCode.OP_CODE_NOT_SUPPORTED)]
-        if operator == glucose.RacpOperator.ALL:
+        if op != record_access.RacpOpCode.REPORT_STORED_RECORDS:
+            return [self._answer(op, record_access.RacpResponseCode.OP_CODE_NOT_SUPPORTED)]
+        if operator == record_access.RacpOperator.ALL:
             chosen = self.records
         elif operator in (
-            glucose.RacpOperator.GREATER_OR_EQUAL,
-            glucose.RacpOperator.LESS_OR_EQUAL,
+            record_access.RacpOperator.GREATER_OR_EQUAL,
+            record_access.RacpOperator.LESS_OR_EQUAL,
         ):
             bound = int.from_bytes(rest[1:3], "little")
-            newer = operator == glucose.RacpOperator.GREATER_OR_EQUAL
+            newer = operator == record_access.RacpOperator.GREATER_OR_EQUAL
             chosen = [
                 r
                 for r in self.records
                 if (r.sequence_number >= bound if newer else r.sequence_number <= bound)
             ]
         else:
-            return [self._answer(op, glucose.RacpResponseCode.OPERATOR_NOT_SUPPORTED)]
+            return [self._answer(op, record_access.RacpResponseCode.OPERATOR_NOT_SUPPORTED)]
         if not chosen:
-            return [self._answer(op, glucose.RacpResponseCode.NO_RECORDS_FOUND)]
+            return [self._answer(op, record_access.RacpResponseCode.NO_RECORDS_FOUND)]
         sent = [(glucose.MEASUREMENT, glucose.encode_measurement(r)) for r in chosen]
-        return [*sent, self._answer(op, glucose.RacpResponseCode.SUCCESS)]
+        return [*sent, self._answer(op, record_access.RacpResponseCode.SUCCESS)]
 
     @staticmethod
-    def _answer(op: int, code: glucose.RacpResponseCode) -> tuple[str, bytes]:
-        response = glucose.RacpResponse(op, code)
-        return (glucose.RECORD_ACCESS_CONTROL_POINT, glucose.encode_racp_response(response))
+    def _answer(op: int, code: record_access.RacpResponseCode) -> tuple[str, bytes]:
+        response = record_access.RacpResponse(op, code)
+        return (glucose.RECORD_ACCESS_CONTROL_POINT, record_access.encode_racp_response(response))
 
 
 class SimulatedScale(SimulatedGattPeripheral):

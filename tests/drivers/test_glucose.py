@@ -34,27 +34,29 @@ from drivers.glucose import (
     Health,
     Meal,
     Medication,
+    RecordTransferComplete,
+    RecordTransferFailed,
+    SampleLocation,
+    SampleType,
+    encode_measurement,
+    encode_measurement_context,
+    parse_measurement,
+    parse_measurement_context,
+    to_clinical_units,
+)
+from drivers.glucose import Tester as GlucoseTester  # a "Test*" name would be collected
+from drivers.ieee11073 import SFloatValue, Special
+from drivers.record_access import (
     RacpOpCode,
     RacpOperator,
     RacpRequest,
     RacpResponse,
     RacpResponseCode,
-    RecordTransferComplete,
-    RecordTransferFailed,
-    SampleLocation,
-    SampleType,
     StoredRecordCount,
-    encode_measurement,
-    encode_measurement_context,
     encode_racp_request,
     encode_racp_response,
-    parse_measurement,
-    parse_measurement_context,
     parse_racp_response,
-    to_clinical_units,
 )
-from drivers.glucose import Tester as GlucoseTester  # a "Test*" name would be collected
-from drivers.ieee11073 import SFloatValue, Special
 
 # Nordic onGlucoseMeasurementReceived: flags 0x1B (time offset, concentration + type/location,
 # kg/L, status, context follows); seq 1; base 2019-02-27 11:10:30; offset -5 min; 30 kg/L
