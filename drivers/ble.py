@@ -39,7 +39,7 @@ from bleak import BleakClient, BleakScanner
 from bleak.backends.client import BaseBleakClient
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
-from bleak.exc import BleakGATTProtocolError
+from bleak.exc import BleakError, BleakGATTProtocolError
 
 from drivers.errors import ProtocolError
 from drivers.gatt import Action, GattSession, ReadCharacteristic, Subscribe, WriteCharacteristic
@@ -58,6 +58,18 @@ class LinkState(StrEnum):
     CONNECTED = "connected"
     BACKOFF = "backoff"
     STOPPED = "stopped"
+
+
+class BluetoothUnavailableError(Exception):
+    """No Bluetooth stack to talk to: BlueZ (bluetoothd over D-Bus) is missing or refused us."""
+
+
+def _failure_name(exc: BaseException) -> str:
+    """A short, PHI-free name for a failure, shown on the device-status page."""
+    if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+        # bleak reaches BlueZ through the system D-Bus socket; an OSError there means no stack.
+        return "BluetoothUnavailable"
+    return type(exc).__name__
 
 
 class MissingCharacteristicError(Exception):
@@ -197,8 +209,9 @@ class BleLink:
                 await self._connect_and_serve(device, stop)
             # Any transport, session or consumer failure ends this connection, not the link.
             except Exception as exc:
-                self._update(last_error=type(exc).__name__)
-                logger.warning("%s: connection failed: %s", self.spec.name, type(exc).__name__)
+                why = _failure_name(exc)
+                self._update(last_error=why)
+                logger.warning("%s: connection failed: %s", self.spec.name, why)
             if self._status.connections > connected_before:
                 attempt = 0
             if stop.is_set():
@@ -338,3 +351,44 @@ class BleManager:
                 logger.exception("%s: link crashed; restarting", link.spec.name)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self._restart_delay)
+
+
+@dataclass(frozen=True, slots=True)
+class Advertised:
+    """A device seen while scanning for pairing: its address, name and health services."""
+
+    address: str
+    name: str | None
+    service_uuids: tuple[str, ...]
+    rssi: int | None
+
+
+async def discover(
+    service_uuids: Sequence[str],
+    *,
+    seconds: float = 10.0,
+    backends: BleakBackends = BleakBackends(),
+) -> list[Advertised]:
+    """Scan for ``seconds``; devices advertising any of ``service_uuids``, strongest first.
+
+    For pairing: an admin sees what is in range and registers it by address.
+    """
+    wanted = {u.lower() for u in service_uuids}
+    kwargs: BleakScanner.ExtraArgs = {}
+    if backends.scanner is not None:
+        kwargs["backend"] = backends.scanner
+    try:
+        found = await BleakScanner.discover(timeout=seconds, return_adv=True, **kwargs)
+    except (OSError, BleakError) as exc:
+        raise BluetoothUnavailableError(
+            f"cannot scan: no Bluetooth stack ({type(exc).__name__}); is bluetoothd running "
+            "and an adapter present (bluetoothctl show)?"
+        ) from exc
+    result = []
+    for device, advertisement in found.values():
+        services = tuple(u.lower() for u in advertisement.service_uuids if u.lower() in wanted)
+        if services:
+            result.append(
+                Advertised(device.address, advertisement.local_name, services, advertisement.rssi)
+            )
+    return sorted(result, key=lambda a: -(a.rssi if a.rssi is not None else -999))

@@ -125,6 +125,35 @@ def cmd_devices_add(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_devices_scan(args: argparse.Namespace, config: Config | None) -> int:
+    from drivers.ble import BluetoothUnavailableError, discover
+    from services import device_profiles
+
+    by_service = {device_profiles.service_uuid(p): p for p in device_profiles.GATT_PROFILES}
+    _out(f"scanning for {args.seconds:g} s for Bluetooth health devices ...")
+    try:
+        found = asyncio.run(discover(list(by_service), seconds=args.seconds))
+    except BluetoothUnavailableError as exc:
+        raise ApplianceError(str(exc)) from None
+    if not found:
+        _out("none found: wake the device (take a measurement) and scan again")
+        return 0
+    _table(
+        ["ADDRESS", "NAME", "PROFILE", "SIGNAL"],
+        [
+            [
+                a.address,
+                a.name or "(no name)",
+                ", ".join(by_service[u] for u in a.service_uuids),
+                f"{a.rssi} dBm" if a.rssi is not None else "",
+            ]
+            for a in found
+        ],
+    )
+    _out("register one with: appliance devices add ID --transport ble --profile P --address A")
+    return 0
+
+
 def cmd_devices_assign(args: argparse.Namespace, config: Config) -> int:
     if sum(bool(x) for x in (args.station, args.patient, args.none)) != 1:
         raise ApplianceError("give exactly one of --station, --patient or --none")
@@ -284,6 +313,11 @@ def add_commands(sub: Any, command: CommandFactory) -> None:
     p.add_argument("--setting", choices=[s.value for s in Setting], default="clinic")
     p.add_argument("--station", help="assign to this station at once")
     p.add_argument("--bonding", action="store_true", help="the device requires pairing (bond)")
+    p = command(
+        "scan", cmd_devices_scan, "list Bluetooth health devices in range (for pairing)", devices
+    )
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to scan (default 10)")
+    p.set_defaults(needs_config=False)
     p = command(
         "assign", cmd_devices_assign, "assign a device to a station or a home patient", devices
     )

@@ -425,3 +425,21 @@ async def test_glucose_download_resumes_after_a_drop_without_duplicates_or_gaps(
     # First: "report all"; after the drop at record 7: "report >= 8" by sequence number.
     assert meter.requests == [bytes((1, 1)), bytes((1, 3, 1, 8, 0))]
     assert link.status.reconnects == 1
+
+
+async def test_discover_lists_health_devices_in_range_for_pairing(
+    box: Box, devices: AsyncExitStack
+) -> None:
+    from drivers.ble import discover
+
+    cuff = await start(devices, blood_pressure_cuff(box.radio, name="Kiosk cuff"))
+    found = await discover(
+        [BP_SERVICE, "00001808-0000-1000-8000-00805f9b34fb"], seconds=0.5, backends=box.backends
+    )
+    assert [(a.address, a.name, a.service_uuids) for a in found] == [
+        (cuff.address, "Kiosk cuff", (BP_SERVICE,))
+    ]
+    assert (
+        await discover(["00001822-0000-1000-8000-00805f9b34fb"], seconds=0.3, backends=box.backends)
+        == []
+    )

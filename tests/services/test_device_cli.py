@@ -125,3 +125,14 @@ def test_mistakes_get_one_clear_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert reason in err
+
+
+def test_scan_without_a_bluetooth_stack_says_so_in_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-such-bus")
+    assert main(["devices", "scan", "--seconds", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "no Bluetooth stack" in err
+    assert "bluetoothd" in err
