@@ -22,15 +22,20 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from appliance import __version__, audit, db
 from appliance.config import Config
 from appliance.errors import ApplianceError
-from appliance.keys import Keyring, generate_kek_file, load_keyring
+from appliance.keys import generate_kek_file, load_keyring
 from appliance.runtime import add_config_arguments, config_from_args, setup_logging
 from appliance.supervisor import ChildSpec
+
+if TYPE_CHECKING:  # the sync agent is imported lazily, by the commands that use it
+    from sync_agent.outbox_delivery import DrainResult
+    from sync_agent.status import SyncStatus
 
 PROCESS_MODULES = {"web": "web.main", "devices": "services.devices", "sync": "sync_agent.process"}
 DEMO_USERS = (("nurse", "nurse-demo-2026", "nurse"), ("admin", "admin-demo-2026", "admin"))
@@ -272,45 +277,155 @@ def cmd_users_add(args: argparse.Namespace, config: Config) -> int:
 # -- sync ---------------------------------------------------------------------------------
 
 
+def _sync_status_json(found: SyncStatus, messages: dict[int, str] | None) -> dict[str, object]:
+    """The JSON form (its first three keys are those of earlier releases: scripts rely on it)."""
+    process = found.process
+    return {
+        "outbox": [
+            {"lane": lane, "state": state, "count": count} for lane, state, count in found.counts
+        ],
+        "dead_letters": [
+            {
+                "outbox_id": d.outbox_id,
+                "lane": d.lane,
+                "type": d.type,
+                "attempts": d.attempts,
+                # Opened only with --show-errors (audited): the upstream's words may quote PHI.
+                "error": None if messages is None else messages.get(d.outbox_id),
+            }
+            for d in found.dead_letters
+        ],
+        "sync_process": None
+        if process is None
+        else {"beat_at": process.beat_at.isoformat(), "age_s": process.age_s, **process.figures},
+        "online": found.online,
+        "lanes": [
+            {
+                "lane": lane.name,
+                "waiting": lane.waiting,
+                "oldest_age_s": lane.oldest_age_s,
+                "dead": lane.dead,
+            }
+            for lane in found.lanes
+        ],
+        "waiting": found.waiting,
+        "last_success": None if found.last_success is None else found.last_success.isoformat(),
+        "dead_total": found.dead_total,
+        "audit_export": {
+            "cursor": found.export.cursor,
+            "head": found.export.head,
+            "lag": found.export.lag,
+            "refused": found.export.refused,
+            "anchored": found.export.anchored,
+        },
+        "sync_now": found.sync_now,
+    }
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    if whole < 120:
+        return f"{whole} s"
+    if whole < 7200:
+        return f"{whole // 60} min"
+    if whole < 172_800:
+        return f"{whole // 3600} h {whole % 3600 // 60} min"
+    return f"{whole // 86_400} d {whole % 86_400 // 3600} h"
+
+
+def _sync_status_table(
+    found: SyncStatus, messages: dict[int, str] | None, now: datetime
+) -> list[str]:
+    process = found.process
+    if process is None:
+        link = "unknown: the sync process has never run"
+    elif not process.fresh:
+        link = (
+            f"unknown: the sync process is not running (last heartbeat {_age(process.age_s)} ago)"
+        )
+    elif process.upstream is None:
+        link = "no upstream configured"
+    elif found.online:
+        link = f"online ({process.upstream})"
+    else:
+        link = f"OFFLINE ({process.upstream}; last failure: {process.last_failure or 'unknown'})"
+    if found.last_success is None:
+        success = "never"
+    else:
+        ago = _age((now - found.last_success).total_seconds())
+        success = f"{found.last_success.isoformat(timespec='seconds')} ({ago} ago)"
+    export = found.export
+    lines = [
+        f"Upstream       {link}",
+        f"Last success   {success}",
+        f"Waiting        {found.waiting}",
+        f"Dead letters   {found.dead_total}",
+        f"Audit export   {export.lag} waiting (exported up to record {export.cursor} of "
+        f"{export.head}; {export.refused} refused; checkpoint anchored at record {export.anchored})",
+        f"Sync now       {found.sync_now or 'never asked'}",
+        "",
+        f"{'Lane':<10} {'Waiting':>8} {'Oldest':>12} {'Dead':>6}",
+    ]
+    lines += [
+        f"{lane.name:<10} {lane.waiting:>8} {_age(lane.oldest_age_s):>12} {lane.dead:>6}"
+        for lane in found.lanes
+    ]
+    if found.dead_letters:
+        lines += ["", f"{'Dead letter':>11}  {'Lane':<9} {'Resource':<22} {'Attempts':>8}"]
+        for d in found.dead_letters:
+            lines.append(f"{d.outbox_id:>11}  {d.lane:<9} {d.type:<22} {d.attempts:>8}")
+            if messages is not None and d.outbox_id in messages:
+                lines.append(f"{'':>13}{messages[d.outbox_id] or '(no message)'}")
+        if messages is None:
+            lines.append("(messages hidden: --show-errors opens them, recorded in the audit trail)")
+    return lines
+
+
+def _cli_actor() -> str:
+    """The audit actor of a person at the box's terminal: the OS account they are logged in as."""
+    try:
+        login = getpass.getuser()
+    except (OSError, KeyError):
+        login = f"uid{os.getuid()}"
+    return f"service:cli:{login}"
+
+
 def cmd_sync_status(args: argparse.Namespace, config: Config) -> int:
+    from sync_agent.status import open_dead_letter_messages, read_status
+
+    now = datetime.now(UTC)
     conn, kek = _open(config)
     try:
-        keyring = load_keyring(conn, kek, config.keys.kek_file)
-        rows = conn.execute(
-            "SELECT lane, state, count(*) FROM outbox GROUP BY lane, state ORDER BY lane, state"
-        ).fetchall()
-        dead = conn.execute(
-            "SELECT o.id, r.type, o.attempts, o.last_error FROM outbox o JOIN resources r "
-            "ON r.id = o.resource_id WHERE o.state = 'dead' ORDER BY o.id LIMIT 20"
-        ).fetchall()
-        beat = conn.execute(
-            "SELECT beat_at, status FROM heartbeats WHERE process = 'sync'"
-        ).fetchone()
+        found = read_status(conn, now)
+        messages = None
+        if args.show_errors:
+            keyring = load_keyring(conn, kek, config.keys.kek_file)
+            messages = open_dead_letter_messages(
+                conn,
+                keyring,
+                actor=_cli_actor(),
+                now=now,
+                outbox_ids=[d.outbox_id for d in found.dead_letters],
+            )
     finally:
         conn.close()
-    # Staff see the upstream's own words for a dead letter (they may quote the refused
-    # data, which is why they are stored encrypted); this goes to the terminal, not a log.
-    report = {
-        "outbox": [{"lane": lane, "state": state, "count": count} for lane, state, count in rows],
-        "dead_letters": [
-            {"outbox_id": i, "type": t, "attempts": a, "error": _unseal_error(keyring, i, e)}
-            for i, t, a, e in dead
-        ],
-        "sync_process": None if beat is None else {"beat_at": beat[0], **json.loads(beat[1])},
-    }
-    _out(json.dumps(report, indent=2))
+    fmt = args.format
+    if fmt == "auto":  # a table for a person, JSON for a script (as earlier releases printed)
+        fmt = "table" if sys.stdout.isatty() else "json"
+    if fmt == "json":
+        _out(json.dumps(_sync_status_json(found, messages), indent=2))
+    else:
+        for line in _sync_status_table(found, messages, now):
+            _out(line)
     return 0
-
-
-def _unseal_error(keyring: Keyring, outbox_id: int, sealed: bytes | str | None) -> str | None:
-    if sealed is None or isinstance(sealed, str):
-        return sealed
-    return keyring.unseal("outbox", str(outbox_id), sealed)
 
 
 def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
     from appliance.store import Store
-    from sync_agent.outbox_delivery import Deliverer
+    from sync_agent.audit_export import AuditExporter, read_export_state
+    from sync_agent.outbox_delivery import Deliverer, DrainResult
     from sync_agent.upstream import build_client
 
     if not config.sync.upstreams:
@@ -319,17 +434,74 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
 
     async def go() -> int:
         store = await Store.open(config.paths.database, config.keys.kek_file)
+        exported = None
         try:
+            conn = store.connection
+            waiting = (await store.query("SELECT count(*) FROM outbox WHERE state = 'pending'"))[0][
+                0
+            ]
+            lag = (await db.run_sync(conn, read_export_state)).lag
+            total = DrainResult()
+            failure: str | None = None
             async with build_client(upstream) as client:
-                result = await Deliverer(
-                    store, client, max_entries=upstream.max_bundle_entries
-                ).drain()
+                deliverer = Deliverer(store, client, max_entries=upstream.max_bundle_entries)
+                exporter = AuditExporter(
+                    store, client, site_id=config.site.id, batch=upstream.max_bundle_entries
+                )
+                with tqdm(
+                    total=int(waiting) + lag,
+                    unit="item",
+                    desc="delivered",
+                    disable=args.quiet or not sys.stderr.isatty(),
+                ) as bar:
+                    # Deliverer.drain's loop, one bundle at a time so the bar moves.
+                    for _ in range(args.max_bundles):
+                        step = await deliverer.drain_once()
+                        _add(total, step)
+                        bar.update(step.delivered + step.dead)
+                        if step.link_down or step.ambiguous:
+                            failure = step.error
+                            break
+                        if step.bundles == 0 and step.dead == 0 and step.error is None:
+                            break
+                    if failure is None:
+                        exported = await exporter.drain(max_bundles=args.max_bundles)
+                        bar.update(exported.exported + exported.refused)
+                        if exported.error is not None:
+                            failure = exported.error
         finally:
             await store.close()
-        _out(json.dumps({k: v for k, v in result.__dict__.items() if k != "failures"}))
-        return 0 if result.error is None else 2
+        summary: dict[str, object] = {k: v for k, v in total.__dict__.items() if k != "failures"}
+        if exported is not None:
+            summary["audit_export"] = {
+                "exported": exported.exported,
+                "existing": exported.existing,
+                "refused": exported.refused,
+                "cursor": exported.cursor,
+                "anchored": exported.anchored,
+            }
+        _out(json.dumps(summary))
+        if failure is not None:
+            # The class and our own words (cannot connect, no response, HTTP 503…).
+            sys.stderr.write(f"appliance: sync failed, the upstream link is down: {failure}\n")
+            return 2
+        return 0
 
     return asyncio.run(go())
+
+
+def _add(total: DrainResult, step: DrainResult) -> None:
+    total.delivered += step.delivered
+    total.existing += step.existing
+    total.dead += step.dead
+    total.retry += step.retry
+    total.ambiguous += step.ambiguous
+    total.bundles += step.bundles
+    total.batch_size = step.batch_size
+    total.link_down = step.link_down
+    if step.error:
+        total.error = step.error
+        total.failures.append(step.error)
 
 
 # -- the parser ---------------------------------------------------------------------------
@@ -425,13 +597,33 @@ def build_parser() -> argparse.ArgumentParser:
     sync_cmd = sub.add_parser("sync", help="outbox delivery").add_subparsers(
         dest="sync_command", required=True, metavar="COMMAND"
     )
-    command(
+    p = command(
         "status",
         cmd_sync_status,
-        "outbox counts by lane and state, dead letters, sync process health",
+        "online or not, items waiting per lane and the oldest's age, last success, dead "
+        "letters, audit export lag",
         sync_cmd,
     )
-    command("once", cmd_sync_once, "drain the outbox to the first upstream now", sync_cmd)
+    p.add_argument(
+        "--format",
+        choices=("auto", "table", "json"),
+        default="auto",
+        help="table on a terminal, JSON otherwise (default auto)",
+    )
+    p.add_argument(
+        "--show-errors",
+        action="store_true",
+        help="open the dead letters' messages (they may quote patient data; audited)",
+    )
+    p = command(
+        "once",
+        cmd_sync_once,
+        "drain the outbox and the audit export to the first upstream now; exit 2 when the "
+        "link fails",
+        sync_cmd,
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--max-bundles", type=int, default=1000, help="stop after this many bundles")
 
     # Device registry, routing and decoding live with the device services (an entry point
     # may assemble the parts; STYLE.md rule 1).

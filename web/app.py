@@ -90,6 +90,7 @@ def create_app(
     from web.devices import bp as devices_bp
     from web.health import bp as health_bp
     from web.nurse import bp as nurse_bp
+    from web.sync import bp as sync_bp
 
     app = Quart(
         __name__,
@@ -110,6 +111,7 @@ def create_app(
     app.register_blueprint(nurse_bp)
     app.register_blueprint(devices_bp)
     app.register_blueprint(health_bp)
+    app.register_blueprint(sync_bp)
 
     @app.get("/")
     async def index() -> ResponseReturnValue:

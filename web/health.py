@@ -2,7 +2,9 @@
 
 Both read the same non-PHI figures from the database at request time: each process's
 heartbeat (written by :mod:`appliance.runtime`; the store is the bus), the outbox backlog
-and the audit chain's length. Neither needs a login; neither shows anything about a
+and the audit chain's length. ``/metrics`` adds the sync health of
+:func:`sync_agent.status.read_status` (the figures of ``appliance sync status`` and the
+``/sync`` page): per-lane oldest age, last success, the sync process online, audit export lag. Neither needs a login; neither shows anything about a
 patient. ``/metrics`` uses a registry of its own per app, never prometheus_client's global
 default one, so two apps in one process (tests) never share or collide on metrics.
 """
@@ -25,6 +27,7 @@ from appliance import db
 from appliance.errors import StoreError
 from appliance.runtime import HEARTBEAT_STALE_S
 from appliance.store import Lane
+from sync_agent.status import SyncStatus, read_status
 from web.app import AppState, app_state
 
 bp = Blueprint("health", __name__)
@@ -51,6 +54,7 @@ class Snapshot:
     dead_by_lane: dict[str, int] = field(default_factory=dict)
     oldest_pending_age_s: float | None = None
     audit_records: int = 0
+    sync: SyncStatus | None = None
 
     @property
     def ok(self) -> bool:
@@ -108,9 +112,10 @@ def read_snapshot(conn: sqlite3.Connection, now: datetime) -> Snapshot:
             oldest_age = round(max(0.0, now.timestamp() - _uuid7_ms(oldest[0]) / 1000), 3)
         # Audit ids are the chain positions 1..n, so the newest id is the count (O(1)).
         audit_records = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
+        sync = read_status(conn, now)
     except (sqlite3.Error, StoreError, ValueError) as exc:
         return Snapshot({p: Heartbeat(None, None, "missing") for p in EXPECTED_PROCESSES}, str(exc))
-    return Snapshot(processes, "ok", pending, dead, oldest_age, audit_records)
+    return Snapshot(processes, "ok", pending, dead, oldest_age, audit_records, sync)
 
 
 async def _snapshot(state: AppState) -> Snapshot:
@@ -165,11 +170,52 @@ class SnapshotCollector(Collector):
             up.add_metric([process], 1.0 if beat.status == "ok" else 0.0)
         yield age
         yield up
+        if snap.sync is not None:
+            yield from _sync_metrics(snap.sync)
         yield GaugeMetricFamily(
             "appliance_database_up",
             "1 when the database answers.",
             value=1.0 if snap.database == "ok" else 0.0,
         )
+
+
+def _sync_metrics(sync: SyncStatus) -> Iterator[GaugeMetricFamily]:
+    """The sync health gauges (DESIGN.md, "Sync": what staff see, for the fleet too)."""
+    oldest = GaugeMetricFamily(
+        "appliance_outbox_lane_oldest_pending_age_seconds",
+        "Age of the oldest item waiting in each lane (0 when none).",
+        labels=["lane"],
+    )
+    for lane in sync.lanes:
+        oldest.add_metric([lane.name], lane.oldest_age_s or 0.0)
+    yield oldest
+    yield GaugeMetricFamily(
+        "appliance_outbox_dead_letters",
+        "Outbox items refused for good, all lanes.",
+        value=sync.dead_total,
+    )
+    last = GaugeMetricFamily(
+        "appliance_sync_last_success_timestamp_seconds",
+        "Unix time of the newest successful delivery (absent before the first).",
+    )
+    if sync.last_success is not None:
+        last.add_metric([], sync.last_success.timestamp())
+    yield last
+    yield GaugeMetricFamily(
+        "appliance_sync_online",
+        "1 when the sync process is alive and its last drain reached the upstream.",
+        value=1.0 if sync.online else 0.0,
+    )
+    yield GaugeMetricFamily(
+        "appliance_audit_export_lag_records",
+        "Audit records not yet exported upstream.",
+        value=sync.export.lag,
+    )
+    yield GaugeMetricFamily(
+        "appliance_audit_export_refused",
+        "Audit records (and checkpoint anchors) the upstream refused for good.",
+        value=sync.export.refused,
+    )
 
 
 @dataclass(frozen=True, slots=True)

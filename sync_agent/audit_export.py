@@ -1,0 +1,472 @@
+"""Audit export: the hash-chained audit records go upstream as FHIR AuditEvents, exactly once.
+
+The shapes (IHE BALP AuditEvents, the checkpoint's Provenance) are built by the pure
+:mod:`sync_agent.balp`; this module streams, sends and keeps count.
+
+**Exactly once.** Records leave in id order from a cursor (``meta`` key :data:`CURSOR_KEY`,
+the last audit id settled upstream), in ``batch`` Bundles of conditional creates
+(``ifNoneExist: _tag=<record system>|<chain hash>``), so a resend after a lost answer finds
+the event (200) instead of making a second one. The cursor moves in the same transaction
+that records the outcome; a bundle that fails leaves it. Errors are those of
+:mod:`sync_agent.upstream`: transient or ambiguous → stop, retry later; too large → smaller
+bundles; an entry the server refuses for good is recorded (:data:`REFUSED_KEY`: a count and
+the newest reasons) and passed, so one bad record never stalls the chain.
+
+**Anchor.** The newest signed checkpoint (:func:`appliance.audit.latest_checkpoint`) goes up
+first, as a ``Provenance`` carrying the box's Ed25519 signature (:data:`ANCHOR_KEY` remembers
+the last one sent). :func:`verify_against_anchor` compares the upstream's newest anchor
+(:func:`fetch_upstream_anchor`) with the local chain: a local trail truncated, or rewritten
+and re-hashed, below a checkpoint held upstream is caught even when the local checkpoints
+were removed with it (``appliance/audit.py``, "What is guaranteed").
+
+Exporting audit records is not itself audited: they hold no PHI, and a record per export
+would leave one new record to export after every export, for ever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from appliance import audit, db, fhir
+from appliance.audit import Checkpoint, VerifyResult
+from appliance.store import Store
+from sync_agent.balp import (
+    ExportRow,
+    anchor_from_provenance,
+    audit_event,
+    checkpoint_provenance,
+    checkpoint_system,
+    record_system,
+)
+from sync_agent.upstream import (
+    Failure,
+    UpstreamError,
+    classify_response,
+    outcome_text,
+    post_bundle,
+)
+
+logger = logging.getLogger(__name__)
+
+CURSOR_KEY = "audit_export.cursor"
+REFUSED_KEY = "audit_export.refused"
+ANCHOR_KEY = "audit_export.anchor"
+REFUSED_KEPT = 20  # the newest refusals kept with their reason; the count is kept in full
+
+_ROWS_SQL = (
+    "SELECT id, ts, actor, action, outcome, patient_key, entity, detail, hash FROM audit "
+    "WHERE id > ? ORDER BY id LIMIT ?"
+)
+
+
+def verify_against_anchor(
+    conn: sqlite3.Connection, public_key: Ed25519PublicKey, anchor: Checkpoint
+) -> VerifyResult:
+    """:func:`appliance.audit.verify`, then the local chain against the upstream's anchor.
+
+    The anchor must carry this box's signature, the local trail must reach its record, and
+    the (recomputed, so trustworthy) hash there must be the signed one. A trail cut back
+    below the anchor, even with its local checkpoints removed and the chain re-hashed, fails.
+    """
+    label = f"upstream anchor (record {anchor.audit_id}, signed {audit.ts_text(anchor.ts)})"
+    try:
+        public_key.verify(anchor.signature, anchor.message())
+    except InvalidSignature:
+        return VerifyResult(
+            False, 0, 0, anchor.audit_id, f"{label}: signature does not verify (not this box's)"
+        )
+    local = audit.verify(conn, public_key)
+    if not local.ok:
+        return local
+    if local.records < anchor.audit_id:
+        return VerifyResult(
+            False,
+            local.records,
+            local.checkpoints,
+            local.records + 1,
+            f"{label}: the local audit trail ends at record {local.records} (truncated)",
+        )
+    row = conn.execute("SELECT hash FROM audit WHERE id = ?", (anchor.audit_id,)).fetchone()
+    if row is None or bytes(row[0]) != anchor.hash:
+        return VerifyResult(
+            False,
+            local.records,
+            local.checkpoints,
+            anchor.audit_id,
+            f"{label}: the local chain differs from the signed hash (records up to it rewritten)",
+        )
+    return local
+
+
+# -- state in the meta table ------------------------------------------------------------
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        return None
+    value = row[0]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ExportState:
+    """Where the export stands (read without decrypting anything)."""
+
+    cursor: int  # the last audit id settled upstream (exported or refused)
+    head: int  # the newest audit id
+    refused: int  # records (and anchors) the upstream refused for good
+    recent_refusals: tuple[tuple[int, str], ...]  # (audit id, reason), newest last
+    anchored: int  # audit id of the newest checkpoint anchored upstream (0: none)
+
+    @property
+    def lag(self) -> int:
+        """Records not yet exported."""
+        return max(0, self.head - self.cursor)
+
+
+def _refusals(conn: sqlite3.Connection) -> dict[str, Any]:
+    text = _meta(conn, REFUSED_KEY)
+    found: dict[str, Any] = {"count": 0, "recent": []}
+    if text:
+        try:
+            loaded = json.loads(text)
+        except ValueError:
+            loaded = None
+        if isinstance(loaded, dict):
+            found.update(loaded)
+    return found
+
+
+def read_export_state(conn: sqlite3.Connection) -> ExportState:
+    """The cursor, the chain head, the refusals and the newest anchor (cheap reads)."""
+    head = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
+    refused = _refusals(conn)
+    recent = tuple(
+        (int(item[0]), str(item[1]))
+        for item in refused.get("recent", [])
+        if isinstance(item, list) and len(item) == 2
+    )
+    return ExportState(
+        cursor=int(_meta(conn, CURSOR_KEY) or 0),
+        head=head,
+        refused=int(refused.get("count", 0)),
+        recent_refusals=recent,
+        anchored=int(_meta(conn, ANCHOR_KEY) or 0),
+    )
+
+
+def _settle(
+    conn: sqlite3.Connection, start: int, end: int, refused: Sequence[tuple[int, str]]
+) -> int:
+    """Move the cursor from ``start`` to ``end`` and record the refusals, in one transaction.
+
+    Returns the cursor after. Another exporter (``appliance sync once`` beside the sync
+    process) may have settled the same records first; then nothing is counted twice.
+    """
+    with db.transaction_sync(conn):
+        current = int(_meta(conn, CURSOR_KEY) or 0)
+        if current != start or end <= start:
+            return current
+        _set_meta(conn, CURSOR_KEY, str(end))
+        if refused:
+            _record_refusals(conn, refused)
+    return end
+
+
+def _record_refusals(conn: sqlite3.Connection, refused: Sequence[tuple[int, str]]) -> None:
+    state = _refusals(conn)
+    recent = [*state.get("recent", []), *([rid, reason[:300]] for rid, reason in refused)]
+    state = {"count": int(state.get("count", 0)) + len(refused), "recent": recent[-REFUSED_KEPT:]}
+    _set_meta(conn, REFUSED_KEY, json.dumps(state))
+
+
+def _set_anchor(conn: sqlite3.Connection, audit_id: int, refusal: str | None) -> None:
+    with db.transaction_sync(conn):
+        if int(_meta(conn, ANCHOR_KEY) or 0) >= audit_id:
+            return
+        _set_meta(conn, ANCHOR_KEY, str(audit_id))
+        if refusal is not None:
+            _record_refusals(conn, [(audit_id, f"checkpoint anchor refused: {refusal}")])
+
+
+def _load(conn: sqlite3.Connection, limit: int) -> tuple[int, list[ExportRow]]:
+    cursor = int(_meta(conn, CURSOR_KEY) or 0)
+    rows = conn.execute(_ROWS_SQL, (cursor, limit)).fetchall()
+    return cursor, [
+        ExportRow(
+            int(rid),
+            ts,
+            actor,
+            action,
+            outcome,
+            None if pkey is None else bytes(pkey),
+            entity,
+            detail,
+            bytes(digest),
+        )
+        for rid, ts, actor, action, outcome, pkey, entity, detail, digest in rows
+    ]
+
+
+# -- the exporter ---------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    """What an export did (figures for logs, the heartbeat and tests; no PHI)."""
+
+    exported: int = 0  # created upstream, or found there already
+    existing: int = 0  # of which the upstream already had (a resend)
+    refused: int = 0
+    retry: int = 0
+    bundles: int = 0
+    anchored: int | None = None  # audit id of the checkpoint anchored by this call
+    error: str | None = None
+    link_down: bool = False
+    cursor: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def _entry_status(entry: Any) -> int:
+    response = entry.get("response", {}) if isinstance(entry, dict) else {}
+    text = str(response.get("status", ""))
+    return int(text.split()[0]) if text[:3].isdigit() else 0
+
+
+def _entry_message(entry: Any, code: int) -> str:
+    response = entry.get("response", {}) if isinstance(entry, dict) else {}
+    return outcome_text(response.get("outcome")) or f"HTTP {code}"
+
+
+class AuditExporter:
+    """Streams one store's audit chain to one upstream FHIR server, then anchors it."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: httpx.AsyncClient,
+        *,
+        site_id: str,
+        batch: int = 8,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        self._store = store
+        self._client = client
+        self._site_id = site_id
+        self._max_batch = batch
+        self._batch = batch
+        self._clock = clock
+
+    @property
+    def batch_size(self) -> int:
+        """The current bundle size (shrinks when the server says bundles are too large)."""
+        return self._batch
+
+    async def state(self) -> ExportState:
+        """Where the export stands now."""
+        return await db.run_sync(self._store.connection, read_export_state)
+
+    async def anchor_once(self) -> int | None:
+        """Send the newest checkpoint upstream unless it is there; its audit id, else None.
+
+        Raises :class:`UpstreamError` for a link or bundle failure (nothing is recorded). A
+        checkpoint the server refuses for good is recorded as a refusal and not retried.
+        """
+        conn = self._store.connection
+        checkpoint = await db.run_sync(conn, audit.latest_checkpoint)
+        sent = await db.run_sync(conn, _meta, ANCHOR_KEY)
+        if checkpoint is None or checkpoint.audit_id <= int(sent or 0):
+            return None
+        resource = checkpoint_provenance(
+            checkpoint,
+            site_id=self._site_id,
+            public_key_hex=self._store.keyring.signing_public_key_hex(),
+        )
+        tag = f"{checkpoint_system(self._site_id)}|{checkpoint.audit_id}"
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [
+                {
+                    "resource": resource,
+                    "request": {
+                        "method": "POST",
+                        "url": "Provenance",
+                        "ifNoneExist": f"_tag={tag}",
+                    },
+                }
+            ],
+        }
+        response = await post_bundle(self._client, bundle)
+        entry = (response.get("entry") or [{}])[0]
+        code = _entry_status(entry)
+        if 200 <= code < 300:
+            await db.run_sync(conn, _set_anchor, checkpoint.audit_id, None)
+            return checkpoint.audit_id
+        if 400 <= code < 500 and code not in (408, 409, 429):
+            message = _entry_message(entry, code)
+            logger.warning("upstream refused the audit checkpoint anchor: HTTP %d", code)
+            await db.run_sync(conn, _set_anchor, checkpoint.audit_id, message)
+            return None
+        raise UpstreamError(Failure.TRANSIENT, f"checkpoint anchor: entry HTTP {code or 'missing'}")
+
+    def _bundle(self, built: Sequence[tuple[ExportRow, fhir.FhirJson]]) -> dict[str, Any]:
+        system = record_system(self._site_id)
+        return {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [
+                {
+                    "resource": event,
+                    "request": {
+                        "method": "POST",
+                        "url": "AuditEvent",
+                        "ifNoneExist": f"_tag={system}|{row.hash.hex()}",
+                    },
+                }
+                for row, event in built
+            ],
+        }
+
+    async def export_once(self) -> ExportResult:
+        """Anchor the newest checkpoint, then send one bundle of records after the cursor.
+
+        Never raises for the link: a failure is in the result and the cursor stays put.
+        """
+        result = ExportResult()
+        conn = self._store.connection
+        try:
+            result.anchored = await self.anchor_once()
+        except UpstreamError as exc:
+            cursor = int(await db.run_sync(conn, _meta, CURSOR_KEY) or 0)
+            return self._failed(result, exc, cursor)
+        start, rows = await db.run_sync(conn, _load, self._batch)
+        result.cursor = start
+        if not rows:
+            return result
+        built: list[tuple[ExportRow, fhir.FhirJson]] = []
+        refused: list[tuple[int, str]] = []
+        for row in rows:
+            try:
+                built.append((row, audit_event(row, site_id=self._site_id)))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                # Only tampering writes a record like this; verify names it. Pass it by.
+                refused.append((row.id, f"cannot be expressed as an AuditEvent: {exc}"))
+        end = rows[-1].id
+        if built:
+            try:
+                response = await post_bundle(self._client, self._bundle(built))
+            except UpstreamError as exc:
+                if exc.failure is Failure.PERMANENT and len(built) == 1:
+                    refused.append((built[0][0].id, exc.message))
+                    built = []
+                else:
+                    return self._failed(result, exc, start)
+            else:
+                result.bundles = 1
+                entries = response.get("entry", [])
+                for index, (row, _event) in enumerate(built):
+                    entry = entries[index] if index < len(entries) else {}
+                    code = _entry_status(entry)
+                    if 200 <= code < 300:
+                        result.exported += 1
+                        result.existing += code == 200
+                    elif 400 <= code < 500 and code not in (408, 409, 429):
+                        refused.append((row.id, _entry_message(entry, code)))
+                    else:
+                        # Settle only up to here: the rest is resent (harmlessly) next time.
+                        end = row.id - 1
+                        result.retry = sum(1 for r, _ in built if r.id >= row.id)
+                        result.error = f"{Failure.TRANSIENT}: entry HTTP {code or 'missing'}"
+                        result.failures.append(result.error)
+                        break
+                self._batch = min(self._max_batch, self._batch * 2)
+        refused = [(rid, reason) for rid, reason in refused if rid <= end]
+        result.refused = len(refused)
+        result.cursor = await db.run_sync(conn, _settle, start, end, refused)
+        if refused:
+            logger.warning("upstream refused %d audit record(s); passed over", len(refused))
+        return result
+
+    def _failed(self, result: ExportResult, exc: UpstreamError, cursor: int) -> ExportResult:
+        result.cursor = cursor
+        result.error = str(exc)
+        result.failures.append(result.error)
+        if exc.failure is Failure.TOO_LARGE and self._batch > 1:
+            self._batch = max(1, self._batch // 2)
+            result.error = None  # not a stop: the next call sends a smaller bundle
+        elif exc.failure is Failure.PERMANENT and self._batch > 1:
+            self._batch = 1  # one at a time finds the record at fault
+            result.error = None
+        else:
+            result.link_down = exc.failure is Failure.TRANSIENT
+        return result
+
+    async def drain(self, *, max_bundles: int = 1000) -> ExportResult:
+        """Export until nothing is left, the link fails, or ``max_bundles`` were sent."""
+        total = ExportResult()
+        for _ in range(max_bundles):
+            step = await self.export_once()
+            total.exported += step.exported
+            total.existing += step.existing
+            total.refused += step.refused
+            total.retry = step.retry
+            total.bundles += step.bundles
+            total.cursor = step.cursor
+            total.anchored = step.anchored if step.anchored is not None else total.anchored
+            total.failures.extend(step.failures)
+            idle = step.bundles == 0 and step.refused == 0 and not step.failures
+            if idle or step.error is not None:
+                total.error, total.link_down = step.error, step.link_down
+                break
+        return total
+
+
+async def fetch_upstream_anchor(client: httpx.AsyncClient, site_id: str) -> Checkpoint | None:
+    """The newest checkpoint anchor this site has upstream (None when there is none).
+
+    Raises :class:`UpstreamError` when the server cannot be asked.
+    """
+    params = {
+        "_tag": f"{checkpoint_system(site_id)}|",
+        "_sort": "-recorded",
+        "_count": "10",
+    }
+    try:
+        response = await client.get("Provenance", params=params)
+    except httpx.TransportError as exc:
+        raise UpstreamError(Failure.TRANSIENT, f"cannot ask: {type(exc).__name__}") from exc
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code >= 300:
+        raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
+    anchors = []
+    for entry in body.get("entry", []) if isinstance(body, dict) else []:
+        try:
+            anchors.append(anchor_from_provenance(entry.get("resource", {})))
+        except ValueError:
+            continue
+    return max(anchors, key=lambda cp: cp.audit_id, default=None)

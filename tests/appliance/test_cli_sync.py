@@ -1,0 +1,164 @@
+"""``appliance sync status`` and ``sync once``: the real entry point over a demo site."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from appliance.cli import main
+from appliance.store import Lane, Store
+from tests import factories
+from tests.fhir_peer.peer import FhirPeer
+
+SECRET = "Refused: family name Zzyzxmarkerfamily is not allowed"
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("APPLIANCE_DEMO_UPSTREAM", raising=False)
+    assert main(["init", "--demo", str(tmp_path)]) == 0
+    return tmp_path
+
+
+def _db(site: Path) -> Path:
+    return site / "appliance.db"
+
+
+def _fill(site: Path, *, dead_letter: bool = True) -> None:
+    """A patient and two readings (one in the alerts lane); the patient dead-lettered."""
+
+    async def go() -> None:
+        store = await Store.open(_db(site), site / "keys" / "kek")
+        try:
+            [pat] = await store.create([factories.patient()], "user:nurse1")
+            ref = f"Patient/{pat.logical_id}"
+            await store.create([factories.bp_observation(ref)], "service:devices")
+            await store.create([factories.bp_observation(ref)], "service:devices", lane=Lane.ALERTS)
+            sealed = store.keyring.seal("outbox", "1", SECRET)
+        finally:
+            await store.close()
+        if not dead_letter:
+            return
+        raw = sqlite3.connect(_db(site))
+        with raw:
+            raw.execute("UPDATE outbox SET state = 'dead', last_error = ? WHERE id = 1", (sealed,))
+        raw.close()
+
+    asyncio.run(go())
+
+
+def _audit_reads(site: Path) -> list[tuple[str, str]]:
+    raw = sqlite3.connect(_db(site))
+    try:
+        return raw.execute(
+            "SELECT actor, entity FROM audit WHERE action = 'read' ORDER BY id"
+        ).fetchall()
+    finally:
+        raw.close()
+
+
+def test_status_as_json_matches_the_database_and_hides_messages(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fill(site)
+    capsys.readouterr()
+    assert main(["sync", "status", "--format", "json", "--demo", str(site)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    lanes = {lane["lane"]: lane for lane in status["lanes"]}
+    assert lanes["clinical"]["waiting"] == 1
+    assert lanes["alerts"]["waiting"] == 1
+    assert lanes["clinical"]["dead"] == 1
+    assert lanes["alerts"]["oldest_age_s"] is not None
+    assert lanes["claims"]["oldest_age_s"] is None
+    assert status["waiting"] == 2
+    assert status["dead_total"] == 1
+    assert status["online"] is False
+    assert status["sync_process"] is None
+    assert status["last_success"] is None
+    assert status["audit_export"]["lag"] == status["audit_export"]["head"] > 0
+    assert status["dead_letters"] == [
+        {"outbox_id": 1, "lane": "clinical", "type": "Patient", "attempts": 0, "error": None}
+    ]
+    assert SECRET not in json.dumps(status)
+    assert _audit_reads(site) == []
+
+
+def test_show_errors_opens_the_messages_and_audits_it(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fill(site)
+    capsys.readouterr()
+    assert main(["sync", "status", "--format", "table", "--show-errors", "--demo", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert SECRET in out
+    [(actor, entity)] = _audit_reads(site)
+    assert actor.startswith("service:cli:")
+    assert entity == "outbox/1"
+
+
+def test_status_table_is_readable(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fill(site)
+    capsys.readouterr()
+    assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "Upstream       unknown: the sync process has never run" in out
+    assert "Dead letters   1" in out
+    assert "Waiting        2" in out
+    clinical = next(line for line in out.splitlines() if line.startswith("clinical"))
+    assert clinical.split()[1] == "1"
+    assert "--show-errors" in out
+    assert SECRET not in out
+
+
+def test_once_without_an_upstream_is_one_line_and_exit_2(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["sync", "once", "--demo", str(site)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no [[sync.upstream]]" in err
+    assert "\n" not in err
+
+
+def test_once_with_the_link_down_exits_2_with_the_reason(
+    site: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fill(site)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", f"http://127.0.0.1:{port}/fhir")
+    capsys.readouterr()
+    assert main(["sync", "once", "--quiet", "--demo", str(site)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "link is down" in err
+    assert "cannot connect" in err
+    assert "\n" not in err
+    assert json.loads(captured.out)["delivered"] == 0
+
+
+@pytest.mark.peer
+def test_once_drains_the_outbox_and_the_audit_trail_then_reports_nothing_waiting(
+    site: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    fhir_peer: FhirPeer,
+) -> None:
+    fhir_peer.reset()
+    _fill(site, dead_letter=False)
+    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
+    capsys.readouterr()
+    assert main(["sync", "once", "--demo", str(site)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["delivered"], summary["dead"]) == (3, 0)
+    assert fhir_peer.count("Observation") == 2
+    assert fhir_peer.count("AuditEvent") == summary["audit_export"]["exported"] > 0
+    assert main(["sync", "status", "--format", "json", "--demo", str(site)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["last_success"] is not None
+    assert status["audit_export"]["lag"] == 0  # the delivery's sync record went up too

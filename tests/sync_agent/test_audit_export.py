@@ -1,0 +1,321 @@
+"""Audit export to the real Medplum peer: BALP-shaped AuditEvents, exactly once, anchored."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance import audit, db, fhir
+from appliance.audit import AuditAction, AuditEvent, Outcome
+from appliance.store import Store
+from sync_agent import balp
+from sync_agent.audit_export import (
+    AuditExporter,
+    fetch_upstream_anchor,
+    read_export_state,
+    verify_against_anchor,
+)
+from sync_agent.balp import ExportRow, anchor_from_provenance, audit_event, checkpoint_provenance
+from sync_agent.upstream import FHIR_JSON
+from tests import factories
+from tests.fhir_peer.peer import FhirPeer
+
+SITE = "test-clinic"
+T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
+GUARDS = (
+    ("audit_no_update", "UPDATE", "audit", "audit records"),
+    ("audit_no_delete", "DELETE", "audit", "audit records"),
+    ("audit_checkpoints_no_update", "UPDATE", "audit_checkpoints", "audit checkpoints"),
+    ("audit_checkpoints_no_delete", "DELETE", "audit_checkpoints", "audit checkpoints"),
+)
+
+
+def _row(action: AuditAction, outcome: Outcome = Outcome.SUCCESS, **fields: object) -> ExportRow:
+    values: dict[str, object] = {
+        "id": 7,
+        "ts": audit.ts_text(T0),
+        "actor": "user:nurse1",
+        "action": str(action),
+        "outcome": outcome.value,
+        "patient_key": None,
+        "entity": None,
+        "detail": None,
+        "hash": bytes(range(32)),
+    }
+    values.update(fields)
+    return ExportRow(**values)  # type: ignore[arg-type]
+
+
+# -- the shapes (pure) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", list(AuditAction))
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_every_action_and_outcome_builds_a_valid_r4_audit_event(
+    action: AuditAction, outcome: Outcome
+) -> None:
+    event = audit_event(
+        _row(action, outcome, patient_key=b"\x01" * 16, entity="Observation x3", detail="d"),
+        site_id=SITE,
+    )
+    fhir.validate(event)
+    assert event["subtype"][-1] == {"system": balp.ACTION_SYSTEM, "code": action.value}
+    assert event["outcome"] == {"success": "0", "denied": "4", "failure": "8"}[outcome.value]
+
+
+def test_a_patient_read_has_the_balp_patient_read_shape_with_only_the_pseudonymous_key() -> None:
+    key = bytes.fromhex("a1" * 16)
+    event = audit_event(
+        _row(
+            AuditAction.READ,
+            patient_key=key,
+            entity="Observation/01890a5d-ac96-774b-bcce-b302099a8057",
+        ),
+        site_id=SITE,
+    )
+    assert event["type"]["code"] == "rest"
+    assert event["subtype"][0] == {
+        "system": "http://hl7.org/fhir/restful-interaction",
+        "code": "read",
+        "display": "read",
+    }
+    assert event["action"] == "R"
+    assert event["recorded"] == "2026-11-26T08:00:00.000000Z"
+    patient, data = event["entity"]
+    assert patient == {
+        "what": {
+            "type": "Patient",
+            "identifier": {
+                "system": f"urn:telehealth-appliance:site:{SITE}:patient-key",
+                "value": key.hex(),
+            },
+        },
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+            "code": "1",
+            "display": "Person",
+        },
+        "role": {
+            "system": "http://terminology.hl7.org/CodeSystem/object-role",
+            "code": "1",
+            "display": "Patient",
+        },
+    }
+    # The resource is named by the identifier it carries upstream, not by a local id.
+    assert data["what"] == {
+        "type": "Observation",
+        "identifier": {
+            "system": "urn:ietf:rfc:3986",
+            "value": "urn:uuid:01890a5d-ac96-774b-bcce-b302099a8057",
+        },
+    }
+    user, box = event["agent"]
+    assert user["who"]["identifier"]["value"] == "user:nurse1"
+    assert user["requestor"] is True
+    assert user["type"]["coding"][0]["code"] == "IRCP"
+    assert box["who"]["identifier"]["value"] == SITE
+    assert event["source"]["site"] == SITE
+    assert event["meta"]["tag"][0]["code"] == bytes(range(32)).hex()
+
+
+@pytest.mark.parametrize(
+    ("action", "type_code", "subtype_code", "code"),
+    [
+        (AuditAction.SEARCH, "rest", "search", "E"),
+        (AuditAction.CREATE, "rest", "create", "C"),
+        (AuditAction.UPDATE, "rest", "update", "U"),
+        (AuditAction.DELETE, "rest", "delete", "D"),
+        (AuditAction.LOGIN, "110114", "110122", "E"),
+        (AuditAction.LOGOUT, "110114", "110123", "E"),
+        (AuditAction.LOGIN_FAILED, "110114", "110122", "E"),
+        (AuditAction.BREAK_GLASS, "110113", "110127", "E"),
+        (AuditAction.KEY_ROTATION, "110113", "110129", "E"),
+        (AuditAction.EXPORT, "110106", balp.ACTION_SYSTEM, "R"),
+        (AuditAction.SYNC, "110106", balp.ACTION_SYSTEM, "R"),
+    ],
+)
+def test_actions_map_to_balp_and_dicom_codes(
+    action: AuditAction, type_code: str, subtype_code: str, code: str
+) -> None:
+    event = audit_event(_row(action), site_id=SITE)
+    assert event["type"]["code"] == type_code
+    first = event["subtype"][0]
+    assert subtype_code in (first["code"], first["system"])
+    assert event["action"] == code
+
+
+def test_a_tampered_action_is_a_value_error_not_a_crash() -> None:
+    with pytest.raises(ValueError):
+        audit_event(_row("teleport"), site_id=SITE)  # type: ignore[arg-type]
+
+
+def test_the_anchor_is_a_valid_provenance_that_round_trips(store: Store) -> None:
+    signer = store.keyring.signing_key
+    checkpoint = audit.Checkpoint(5, b"\x07" * 32, T0, signer.sign(b"x"))
+    resource = checkpoint_provenance(
+        checkpoint, site_id=SITE, public_key_hex=store.keyring.signing_public_key_hex()
+    )
+    fhir.validate(resource)
+    assert anchor_from_provenance(resource) == checkpoint
+    with pytest.raises(ValueError):
+        anchor_from_provenance({"resourceType": "Provenance"})
+
+
+# -- against the peer ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def client(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
+    fhir_peer.reset()
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
+    ) as http:
+        yield http
+
+
+async def _records(store: Store, n: int) -> None:
+    """One patient (its create is audited with the pseudonymous key) and n-1 audited reads."""
+    [pat] = await store.create([factories.patient(family=factories.MARKER_FAMILY)], "user:nurse1")
+    for _ in range(n - 1):
+        await store.read("Patient", pat.logical_id, "user:nurse1")
+
+
+def _lose_cursor(db_path: Path) -> None:
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.execute("DELETE FROM meta WHERE key LIKE 'audit_export.%'")
+    raw.close()
+
+
+@pytest.mark.peer
+async def test_n_records_become_n_audit_events_even_after_the_cursor_is_lost(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    await _records(store, 11)
+    exporter = AuditExporter(store, client, site_id=SITE, batch=4)
+    result = await exporter.drain()
+    assert (result.exported, result.refused, result.error, result.cursor) == (11, 0, None, 11)
+    assert result.bundles == 3
+    assert fhir_peer.count("AuditEvent") == 11
+    state = await db.run_sync(store.connection, read_export_state)
+    assert (state.cursor, state.head, state.lag) == (11, 11, 0)
+    # Lost cursor (a restored backup): everything is sent again and nothing is duplicated.
+    _lose_cursor(db_path)
+    again = await AuditExporter(store, client, site_id=SITE, batch=8).drain()
+    assert (again.exported, again.existing) == (11, 11)
+    assert fhir_peer.count("AuditEvent") == 11
+    # What went upstream holds no PHI: the marker name never left the box.
+    page = (await client.get("AuditEvent", params={"_count": "50"})).text
+    assert factories.MARKER_FAMILY not in page
+    assert "patient-key" in page
+
+
+@pytest.mark.peer
+async def test_a_link_failure_leaves_the_cursor_and_the_next_export_resumes(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 3)
+    fhir_peer.fault("status", status=503, count=1)
+    failed = await AuditExporter(store, client, site_id=SITE).drain()
+    assert failed.link_down
+    assert failed.cursor == 0
+    assert fhir_peer.count("AuditEvent") == 0
+    resumed = await AuditExporter(store, client, site_id=SITE).drain()
+    assert (resumed.exported, resumed.cursor) == (3, 3)
+
+
+@pytest.mark.peer
+async def test_a_lost_answer_is_resent_without_a_duplicate(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 3)
+    fhir_peer.fault("close", after="response")  # written upstream, the answer never comes
+    first = await AuditExporter(store, client, site_id=SITE).drain()
+    assert first.error is not None
+    assert first.cursor == 0
+    again = await AuditExporter(store, client, site_id=SITE).drain()
+    assert (again.exported, again.existing) == (3, 3)
+    assert fhir_peer.count("AuditEvent") == 3
+
+
+@pytest.mark.peer
+async def test_a_refused_record_is_recorded_and_the_chain_moves_on(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 2)
+
+    def work(conn: sqlite3.Connection) -> None:
+        audit.append(
+            conn, [AuditEvent("service:test", AuditAction.CONFIG, detail="refuse-me")], now=T0
+        )
+
+    await store.transact(work)
+    await _records(store, 2)
+    fhir_peer.reject("refuse-me")
+    try:
+        result = await AuditExporter(store, client, site_id=SITE, batch=8).drain()
+    finally:
+        fhir_peer.reject(None)
+    assert (result.exported, result.refused, result.cursor) == (4, 1, 5)
+    state = await db.run_sync(store.connection, read_export_state)
+    assert state.refused == 1
+    assert state.recent_refusals[0][0] == 3
+    assert fhir_peer.count("AuditEvent") == 4
+
+
+@pytest.mark.peer
+async def test_the_checkpoint_goes_upstream_and_exposes_a_truncated_local_chain(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    await _records(store, 6)
+    conn = store.connection
+    keyring = store.keyring
+    checkpoint = await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+    assert checkpoint is not None
+    result = await AuditExporter(store, client, site_id=SITE).drain()
+    assert result.anchored == checkpoint.audit_id == 6
+    assert fhir_peer.count("Provenance") == 1
+    await AuditExporter(store, client, site_id=SITE).drain()  # already anchored: not resent
+    assert fhir_peer.count("Provenance") == 1
+
+    anchor = await fetch_upstream_anchor(client, SITE)
+    assert anchor == checkpoint
+    public = keyring.signing_public_key
+    intact = await db.run_sync(conn, verify_against_anchor, public, anchor)
+    assert intact.ok
+
+    # Someone with file access cuts the trail back to record 4 and removes the checkpoint
+    # that would have given it away locally; the local chain alone then looks intact.
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    for name, *_ in GUARDS:
+        raw.execute(f"DROP TRIGGER {name}")
+    raw.execute("DELETE FROM audit WHERE id > 4")
+    raw.execute("DELETE FROM audit_checkpoints")
+    for name, verb, table, what in GUARDS:
+        raw.execute(
+            f"CREATE TRIGGER {name} BEFORE {verb} ON {table} "
+            f"BEGIN SELECT RAISE(ABORT, '{what} are append-only'); END"
+        )
+    raw.close()
+    assert (await db.run_sync(conn, audit.verify, public)).ok
+    truncated = await db.run_sync(conn, verify_against_anchor, public, anchor)
+    assert not truncated.ok
+    assert truncated.first_bad_id == 5
+    assert "truncated" in (truncated.problem or "")
+
+
+async def test_an_anchor_signed_by_another_key_is_refused(store: Store) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    await _records(store, 2)
+    forged = audit.Checkpoint(2, b"\x00" * 32, T0, Ed25519PrivateKey.generate().sign(b"x"))
+    result = await db.run_sync(
+        store.connection, verify_against_anchor, store.keyring.signing_public_key, forged
+    )
+    assert not result.ok
+    assert "signature" in (result.problem or "")

@@ -1,0 +1,189 @@
+"""The /sync page and the sync gauges of /metrics over a real store and the real app."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from quart.testing import QuartClient
+
+from appliance import audit, db, users
+from appliance.store import Lane, Store
+from tests import factories
+from tests.web.conftest import FakeClock, form_token, login
+
+ADMIN = "admin1"
+PASSWORD = "correct horse battery"
+SECRET = "Refused: family name Zzyzxmarkerfamily is not allowed"
+
+
+@pytest.fixture
+async def admin(client: QuartClient, store: Store, clock: FakeClock) -> QuartClient:
+    await db.run_sync(
+        store.connection, users.create_user, ADMIN, PASSWORD, users.Role.ADMIN, now=clock()
+    )
+    assert await login(client, ADMIN, PASSWORD) == 302
+    return client
+
+
+async def _backlog(store: Store, db_path: Path, clock: FakeClock) -> int:
+    """Two pending clinical items, one alert delivered, one dead letter; its outbox id."""
+    [pat] = await store.create([factories.patient()], "user:nurse1")
+    ref = f"Patient/{pat.logical_id}"
+    await store.create([factories.bp_observation(ref)], "service:devices")
+    await store.create([factories.bp_observation(ref)], "service:devices", lane=Lane.ALERTS)
+    await store.create([factories.bp_observation(ref)], "service:devices")
+    raw = sqlite3.connect(db_path)
+    with raw:
+        # the first clinical row (the patient) refused for good, the alert delivered
+        raw.execute(
+            "UPDATE outbox SET state = 'dead', attempts = 2, last_error = ? WHERE id = 1",
+            (store.keyring.seal("outbox", "1", SECRET),),
+        )
+        raw.execute(
+            "UPDATE outbox SET state = 'delivered', delivered_at = ? WHERE lane = 0",
+            ("2026-11-26T08:00:00.000000Z",),
+        )
+        raw.execute(
+            "INSERT INTO heartbeats (process, pid, started_at, beat_at, status) "
+            "VALUES ('sync', 1, ?, ?, ?)",
+            (
+                clock().isoformat(),
+                clock().isoformat(),
+                json.dumps({"upstream": "ehr", "online": True, "batch_size": 8}),
+            ),
+        )
+    raw.close()
+    return 1
+
+
+def _audit_count(db_path: Path, action: str) -> int:
+    raw = sqlite3.connect(db_path)
+    try:
+        return int(
+            raw.execute("SELECT count(*) FROM audit WHERE action = ?", (action,)).fetchone()[0]
+        )
+    finally:
+        raw.close()
+
+
+async def test_nurse_sees_the_figures_of_the_database(
+    logged_in: QuartClient, store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    await _backlog(store, db_path, clock)
+    response = await logged_in.get("/sync/")
+    assert response.status_code == 200
+    page = (await response.get_data()).decode()
+    assert "Online" in page
+    assert '<td id="waiting">2 items</td>' in page
+    assert '<span class="warn">1</span>' in page
+    clinical = page.split('data-lane="clinical"')[1].split("</tr>")[0]
+    assert '<td class="num waiting">2</td>' in clinical
+    assert '<td class="num dead">1</td>' in clinical
+    assert "2026-11-26" in page  # the last success
+    # A nurse sees the dead letter but cannot open it, and has no Sync now button.
+    assert 'data-outbox-id="1"' in page
+    assert "Show message" not in page
+    assert "Sync now</button>" not in page
+    assert SECRET not in page
+
+
+async def test_nurse_cannot_press_sync_now(logged_in: QuartClient, db_path: Path) -> None:
+    page = await logged_in.get("/sync/")
+    token = form_token(await page.get_data())  # the logout form's, a valid session token
+    response = await logged_in.post("/sync/now", form={"csrf_token": token})
+    assert response.status_code == 403
+    response = await logged_in.post("/sync/dead-letters/1/message", form={"csrf_token": token})
+    assert response.status_code == 403
+
+
+async def test_sync_now_without_the_csrf_token_is_refused(
+    admin: QuartClient, db_path: Path
+) -> None:
+    response = await admin.post("/sync/now")
+    assert response.status_code == 403
+    raw = sqlite3.connect(db_path)
+    assert raw.execute("SELECT value FROM meta WHERE key = 'sync_now'").fetchone() is None
+    raw.close()
+
+
+async def test_admin_sync_now_writes_the_request_with_its_audit_record(
+    admin: QuartClient, db_path: Path, clock: FakeClock
+) -> None:
+    page = await admin.get("/sync/")
+    body = await page.get_data()
+    assert b"Sync now</button>" in body
+    before = _audit_count(db_path, "sync")
+    response = await admin.post("/sync/now", form={"csrf_token": form_token(body)})
+    assert response.status_code == 303
+    raw = sqlite3.connect(db_path)
+    [value] = raw.execute("SELECT value FROM meta WHERE key = 'sync_now'").fetchone()
+    [actor, detail] = raw.execute(
+        "SELECT actor, detail FROM audit WHERE action = 'sync' ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    raw.close()
+    assert value == clock().isoformat()
+    assert (actor, detail) == (f"user:{ADMIN}", "sync now requested")
+    assert _audit_count(db_path, "sync") == before + 1
+
+
+async def test_admin_opens_a_dead_letter_message_only_on_request_and_it_is_audited(
+    admin: QuartClient, store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    outbox_id = await _backlog(store, db_path, clock)
+    page = await admin.get("/sync/")
+    body = await page.get_data()
+    assert SECRET.encode() not in body
+    assert b"Show message" in body
+    reads = _audit_count(db_path, "read")
+    opened = await admin.post(
+        f"/sync/dead-letters/{outbox_id}/message", form={"csrf_token": form_token(body)}
+    )
+    assert opened.status_code == 200
+    assert SECRET in (await opened.get_data()).decode()
+    assert _audit_count(db_path, "read") == reads + 1
+    conn = db.connect_sync(db_path)
+    [record] = audit.report(conn, actor=f"user:{ADMIN}", action=audit.AuditAction.READ)
+    conn.close()
+    assert record.entity == f"outbox/{outbox_id}"
+    assert record.patient_key == store.patient_key(
+        f"Patient/{(await store.patients('user:test'))[0]['id']}"
+    )
+    # The next page view shows it closed again.
+    assert SECRET.encode() not in await (await admin.get("/sync/")).get_data()
+
+
+async def test_sync_gauges_match_the_database(
+    client: QuartClient, store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    await _backlog(store, db_path, clock)
+    clock.advance(5)
+    response = await client.get("/metrics")
+    families = {
+        f.name: f for f in text_string_to_metric_families((await response.get_data()).decode())
+    }
+
+    def value(name: str, **labels: str) -> float:
+        for sample in families[name].samples:
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+        raise AssertionError(f"{name} {labels} missing")
+
+    assert value("appliance_outbox_pending", lane="clinical") == 2
+    assert value("appliance_outbox_lane_oldest_pending_age_seconds", lane="clinical") > 0
+    assert value("appliance_outbox_lane_oldest_pending_age_seconds", lane="alerts") == 0
+    assert value("appliance_outbox_dead_letters") == 1
+    delivered = datetime(2026, 11, 26, 8, 0, tzinfo=UTC).timestamp()
+    assert value("appliance_sync_last_success_timestamp_seconds") == delivered
+    assert value("appliance_sync_online") == 1
+    raw = sqlite3.connect(db_path)
+    head = raw.execute("SELECT max(id) FROM audit").fetchone()[0]
+    raw.close()
+    assert value("appliance_audit_export_lag_records") == head
+    clock.advance(60)  # the heartbeat goes stale: no longer online
+    response = await client.get("/metrics")
+    assert b"appliance_sync_online 0.0" in await response.get_data()
