@@ -4,12 +4,24 @@ The classes follow the Medplum agent's queue (STYLE.md): **transient** (connecti
 reset, 5xx, 429) → retry later with backoff; **ambiguous** (the request went out but no answer
 came back) → resend, which is safe only because every write we send is idempotent;
 **too large** (413, or a 400 whose OperationOutcome says the bundle has too many entries) →
-send smaller bundles; **permanent** (other 4xx) → the server refused the content.
+send smaller bundles; **permanent** (other 4xx) → the server refused the content;
+**auth** → the two ends did not accept each other: the token endpoint refused our client
+(an OAuth error), the server answered 401 to a freshly obtained token, it refused our TLS
+client certificate, or we refused its certificate. That is a configuration problem for a
+person to fix, not a fault of the items: they stay pending and the exchange is retried with
+backoff (sync_agent/auth.py has the details).
+
+TLS handshake refusals are recognised in the transport (:class:`TlsAwareTransport`), so every
+request through :func:`build_client`'s client gets them as ``UpstreamError(AUTH)`` with a
+message that says which side refused, instead of an anonymous ``ConnectError``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import ssl
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -17,7 +29,7 @@ from typing import Any
 import httpx
 
 from appliance.config import AuthKind, UpstreamConfig
-from appliance.errors import ApplianceError, KeyFileError
+from appliance.errors import KeyFileError
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +43,15 @@ class Failure(StrEnum):
     AMBIGUOUS = "ambiguous"
     TOO_LARGE = "too_large"
     PERMANENT = "permanent"
+    # Credentials or certificates refused, either way; the items are not at fault.
+    AUTH = "auth"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: Python sets ``__traceback__`` on an exception that leaves a
+# ``@contextmanager`` block (httpx wraps every send in one), and a frozen dataclass refuses
+# every attribute, which turned the error into a TypeError. eq=False keeps exceptions
+# compared (and hashed) by identity, as exceptions are.
+@dataclass(slots=True, eq=False)
 class UpstreamError(Exception):
     """A failed exchange with the upstream, classified; ``message`` is free of PHI."""
 
@@ -80,35 +98,195 @@ def classify_response(status: int, body: Any, retry_after: str | None) -> Upstre
     return UpstreamError(Failure.PERMANENT, text)
 
 
-def build_client(upstream: UpstreamConfig) -> httpx.AsyncClient:
-    """An HTTP client for one upstream, authenticated as the site config says."""
-    headers = {"Accept": FHIR_JSON, "Content-Type": FHIR_JSON}
-    kwargs: dict[str, Any] = {}
-    if upstream.auth is AuthKind.BEARER:
-        assert upstream.token_file is not None  # the config parser requires it
+# OpenSSL's names for the alerts by which a server refuses our certificate or the handshake
+# (RFC 8446 section 6.2; TLS 1.3 sends certificate_required when none was presented). An
+# end-of-file or reset is deliberately not here: that is a lost connection, not a refusal.
+_TLS_REFUSALS = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+    }
+)
+
+
+def tls_refusal(exc: BaseException) -> str | None:
+    """Why a TLS handshake failed for a configuration reason, or None if it did not.
+
+    Walks the exception chain (httpx wraps httpcore, which wraps :mod:`ssl`).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return (
+                f"we do not trust the server's certificate ({current.verify_message}); "
+                "check ca_file and the server name"
+            )
+        if isinstance(current, ssl.SSLError) and current.reason in _TLS_REFUSALS:
+            return (
+                f"the server refused the TLS handshake ({current.reason}); check "
+                "client_cert_file and that the upstream trusts its issuer"
+            )
+        current = current.__cause__ or current.__context__
+    return None
+
+
+class TlsAwareTransport(httpx.AsyncBaseTransport):
+    """httpx's own transport, except that a refused TLS handshake raises ``UpstreamError(AUTH)``.
+
+    Raised without a cause, so the sync loop backs off instead of probing: the link is up, the
+    two ends just do not accept each other, and that needs a person.
+    """
+
+    def __init__(self, verify: ssl.SSLContext | bool = True) -> None:
+        self._context = verify if isinstance(verify, ssl.SSLContext) else None
+        self._verify = verify
+        self._inner = httpx.AsyncHTTPTransport(verify=verify)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send one request through the wrapped transport."""
         try:
-            token = upstream.token_file.read_text(encoding="utf-8").strip()
+            return await self._inner.handle_async_request(request)
+        except httpx.TransportError as exc:
+            reason = tls_refusal(exc)
+            if reason is None and request.url.scheme == "https" and _was_reset(exc):
+                reason = await self._handshake_refusal(request.url)
+            if reason is None:
+                raise
+            where = f"{request.url.host}:{request.url.port or 443}"
+            raise UpstreamError(Failure.AUTH, f"TLS with {where}: {reason}") from None
+
+    async def aclose(self) -> None:
+        """Close the wrapped transport's connections."""
+        await self._inner.aclose()
+
+    async def _handshake_refusal(self, url: httpx.URL) -> str | None:
+        """Whether a bare handshake with our credentials is refused (see ``_was_reset``)."""
+        if self._context is None:
+            self._context = httpx.create_ssl_context(verify=self._verify)
+        host, port = url.host, url.port or 443
+        try:
+            async with asyncio.timeout(_DIAGNOSIS_S):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=self._context, server_hostname=host
+                )
+                try:
+                    # A server that accepts our certificate sends session tickets and waits
+                    # for a request; one that refuses it sends an alert, or (asyncio servers
+                    # such as Hypercorn) just closes the connection.
+                    first = await reader.read(1)
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError, ssl.SSLError):
+                        await writer.wait_closed()
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            return tls_refusal(exc)
+        if first:
+            return None
+        return (
+            "the server closed the connection right after the TLS handshake, before any "
+            "request: it does not accept our client certificate (none, or one it does not "
+            "trust); check client_cert_file and that the upstream trusts its issuer"
+        )
+
+
+# How long the diagnosis of a reset connection waits for the server's verdict.
+_DIAGNOSIS_S = 1.0
+
+
+def _was_reset(exc: BaseException) -> bool:
+    """Whether the connection was reset: with TLS 1.3 the server checks our certificate only
+    after the client considers the handshake done, and when our request is already in its
+    buffer its refusal can arrive as a bare reset that hides the alert. Such a reset is worth
+    one fresh handshake (without a request) to tell a refusal from a lost connection."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionResetError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def tls_context(upstream: UpstreamConfig) -> ssl.SSLContext | bool:
+    """How the client verifies the server, and (mtls) the certificate it presents.
+
+    ``True`` (httpx's default CA bundle) unless the site gives ``ca_file`` or a client
+    certificate. Any file that does not load is a :class:`KeyFileError` naming it.
+    """
+    mtls = upstream.auth is AuthKind.MTLS
+    if upstream.ca_file is None and not mtls:
+        return True
+    if upstream.ca_file is None:
+        context = httpx.create_ssl_context()
+    else:
+        try:
+            context = ssl.create_default_context(cafile=str(upstream.ca_file))
+        except ssl.SSLError as exc:  # before OSError, its base class
+            raise KeyFileError(
+                f"{upstream.ca_file}: not a PEM CA bundle ({exc.reason or 'unreadable'})"
+            ) from exc
         except OSError as exc:
             raise KeyFileError(
-                f"{upstream.token_file}: cannot read the bearer token ({exc.strerror})"
+                f"{upstream.ca_file}: cannot read the CA bundle ({exc.strerror or exc})"
             ) from exc
-        headers["Authorization"] = f"Bearer {token}"
-    elif upstream.auth is AuthKind.MTLS:
-        assert upstream.client_cert_file is not None
+    if mtls:
+        # Imported here: auth raises this module's errors, so it imports this module.
+        from sync_agent.auth import check_private_file
+
+        assert upstream.client_cert_file is not None  # the config parser requires both
         assert upstream.client_key_file is not None
-        kwargs["cert"] = (str(upstream.client_cert_file), str(upstream.client_key_file))
-        if upstream.ca_file is not None:
-            kwargs["verify"] = str(upstream.ca_file)
-    elif upstream.auth is AuthKind.SMART:
-        raise ApplianceError(
-            f"sync.upstream {upstream.name}: SMART Backend Services authentication is not "
-            "available in this release; use bearer or mtls (see docs/site-config.md)"
-        )
+        check_private_file(upstream.client_key_file, "TLS client key")
+        try:
+            context.load_cert_chain(str(upstream.client_cert_file), str(upstream.client_key_file))
+        except ssl.SSLError as exc:  # before OSError, its base class
+            # e.g. KEY_VALUES_MISMATCH: OpenSSL's reason names no key material.
+            raise KeyFileError(
+                f"{upstream.client_cert_file}, {upstream.client_key_file}: the client "
+                f"certificate and key do not load together ({exc.reason or 'unreadable'})"
+            ) from exc
+        except OSError as exc:
+            raise KeyFileError(
+                f"{upstream.client_cert_file}: cannot read the client certificate "
+                f"({exc.strerror or exc})"
+            ) from exc
+    return context
+
+
+def build_client(upstream: UpstreamConfig, *, auth: httpx.Auth | None = None) -> httpx.AsyncClient:
+    """An HTTP client for one upstream, authenticated as the site config says.
+
+    Key, token and certificate files are read here, so a bad one stops the process at start
+    with a :class:`KeyFileError` naming the file. ``auth`` replaces the configured method
+    (tests pass a :class:`sync_agent.auth.SmartBackendAuth` with an injected clock).
+    """
+    from sync_agent.auth import SmartBackendAuth, StaticBearerAuth
+
+    headers = {"Accept": FHIR_JSON, "Content-Type": FHIR_JSON}
+    timeout = httpx.Timeout(upstream.timeout_s, connect=min(10.0, upstream.timeout_s))
+    verify = tls_context(upstream)
+    if auth is None and upstream.auth is AuthKind.BEARER:
+        assert upstream.token_file is not None  # the config parser requires it
+        auth = StaticBearerAuth(upstream.token_file)
+    elif auth is None and upstream.auth is AuthKind.SMART:
+        auth = SmartBackendAuth.from_config(upstream, verify=verify, timeout=timeout)
     return httpx.AsyncClient(
         base_url=upstream.base_url,
         headers=headers,
-        timeout=httpx.Timeout(upstream.timeout_s, connect=min(10.0, upstream.timeout_s)),
-        **kwargs,
+        timeout=timeout,
+        auth=auth,
+        verify=verify,
+        transport=TlsAwareTransport(verify),
     )
 
 
