@@ -19,14 +19,32 @@ outbox order, so it goes in this batch or the next (dependencies respected witho
 transaction). A dead-lettered Device does not hold its readings back: they go without the
 link, keeping the device's name.
 
+A resource that points at one of ours still waiting in the outbox pulls it into the bundle
+ahead of itself, whatever lane that one is in: an alert (lane 0) about a patient registered a
+moment ago (clinical, lane 2) must not wait for the whole clinical lane, nor block it.
+
 Every answer is committed at once (delivered, dead, or retry-at), so a drain interrupted
 anywhere resumes where it stopped; nothing is ever re-sent that the server acknowledged,
 except when its answer was lost — and then the resend is harmless.
+
+A failure of the whole exchange (no connection, no answer, 5xx, 429) says nothing about the
+items, so it writes nothing to their rows: they stay due, in lane order, and the caller (the
+sync process) owns the pacing — it gets ``link_down``, ``unreachable`` (no connection was
+made at all) and the server's ``Retry-After``. A week offline therefore costs no writes and
+leaves no item behind a per-item backoff when the link returns. Only an entry-level
+transient answer (an entry's own 5xx/429/408/409, or a missing entry) schedules that one
+item later with jittered exponential backoff (:func:`backoff_s`).
+
+Bundle size: a 413 (or "too many entries") halves it and it grows back by doubling after each
+bundle that goes through, but not past a size refused before (for the next
+``_TOO_LARGE_MEMORY`` bundles); a bundle that got no answer is resent at half its size, in
+case the timeout was its size. :meth:`Deliverer.drain` works one bundle ahead (its docstring).
 """
 
 from __future__ import annotations
 
-import copy
+import asyncio
+import contextlib
 import logging
 import random
 import sqlite3
@@ -39,7 +57,7 @@ import httpx
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
-from appliance.store import Store
+from appliance.store import Store, upstream_refs_of_pulled
 from sync_agent.upstream import Failure, UpstreamError, outcome_text, post_bundle
 
 logger = logging.getLogger(__name__)
@@ -49,13 +67,21 @@ MAX_BACKOFF_S = 300.0
 # References to our own resources that are rewritten to the upstream's ids on the way out.
 _REFERENCE_FIELDS = ("subject", "patient", "device")
 _LOCAL_TYPES = ("Patient/", "Device/")
+_ITEM_COLUMNS = "o.id, o.lane, o.attempts, r.id, r.logical_id, r.type, r.key_version, r.body"
 _PENDING_SQL = (
-    "SELECT o.id, o.lane, o.attempts, r.id, r.logical_id, r.type, r.key_version, r.body "
-    "FROM outbox o JOIN resources r ON r.id = o.resource_id "
+    f"SELECT {_ITEM_COLUMNS} FROM outbox o JOIN resources r ON r.id = o.resource_id "  # noqa: S608 - constant
     "WHERE o.state = 'pending' AND o.kind = 'create' "
     "AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?) "
     "ORDER BY o.lane, o.id LIMIT ?"
 )
+# SQLite's default limit on host parameters is 999 (older builds); stay well below it.
+_IN_CHUNK = 500
+# Upstream references of delivered (or dead) resources never change: remembered, bounded.
+_REF_CACHE_MAX = 50_000
+_NO_LOCATION = "delivered-without-location"
+_DEAD_DEPENDENCY = "depends on a Patient the server refused"
+# After this many bundles fitting, a size once refused as too large is tried again.
+_TOO_LARGE_MEMORY = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +96,14 @@ class Item:
     resource: fhir.FhirJson
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """One bundle's worth: the entries to send, and items refused without sending."""
+
+    ready: list[tuple[Item, fhir.FhirJson]]
+    dead: list[tuple[Item, str]]
+
+
 @dataclass
 class DrainResult:
     """What one drain did (figures for logs, /healthz and tests; no PHI)."""
@@ -81,9 +115,29 @@ class DrainResult:
     ambiguous: int = 0
     bundles: int = 0
     error: str | None = None
+    # The exchange failed as a whole (transient or ambiguous): nothing was marked.
     link_down: bool = False
+    # No connection could be made at all (refused, unreachable, DNS): the link is down.
+    unreachable: bool = False
+    # The server asked for this pause (429/503 Retry-After).
+    retry_after_s: float | None = None
     batch_size: int = 0
     failures: list[str] = field(default_factory=list)
+
+
+def _add(total: DrainResult, step: DrainResult) -> None:
+    total.delivered += step.delivered
+    total.existing += step.existing
+    total.dead += step.dead
+    total.retry += step.retry
+    total.ambiguous += step.ambiguous
+    total.bundles += step.bundles
+    if step.error:
+        total.error = step.error
+        total.failures.append(step.error)
+    total.link_down = step.link_down
+    total.unreachable = step.unreachable
+    total.retry_after_s = step.retry_after_s
 
 
 def backoff_s(
@@ -113,8 +167,13 @@ class Deliverer:
         self._client = client
         self._max_entries = max_entries
         self._batch_size = max_entries
+        # Bundles of this many entries were refused as too large: growing back stops below,
+        # until enough bundles went through to try again (the limit may have been transient).
+        self._too_large_at: int | None = None
+        self._fits_since = 0
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._clock = clock
+        self._refs: dict[str, str] = {}
 
     @property
     def batch_size(self) -> int:
@@ -123,8 +182,7 @@ class Deliverer:
 
     # -- reading the outbox ----------------------------------------------------------------
 
-    def _load(self, conn: sqlite3.Connection, now: str, limit: int) -> list[Item]:
-        rows = conn.execute(_PENDING_SQL, (now, limit)).fetchall()
+    def _items(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Item]:
         items = []
         for outbox_id, lane, attempts, *resource_row in rows:
             stored = self._store.decrypt_stored(conn, tuple(resource_row))
@@ -133,22 +191,71 @@ class Deliverer:
             )
         return items
 
-    @staticmethod
-    def _upstream_refs(conn: sqlite3.Connection, logical_ids: set[str]) -> dict[str, str | None]:
-        """Local logical id → upstream reference (None while not delivered)."""
-        found: dict[str, str | None] = dict.fromkeys(logical_ids)
+    def _load(
+        self, conn: sqlite3.Connection, now: str, limit: int, busy: frozenset[int] = frozenset()
+    ) -> list[Item]:
+        """Due items in lane order, skipping ``busy`` outbox ids (a bundle in flight)."""
+        rows = conn.execute(_PENDING_SQL, (now, limit + len(busy))).fetchall()
+        return self._items(conn, [row for row in rows if row[0] not in busy][:limit])
+
+    def _load_by_logical_id(
+        self, conn: sqlite3.Connection, logical_ids: list[str], now: str
+    ) -> list[Item]:
+        """Due pending creates of these resources (dependencies pulled ahead of their lane)."""
+        rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(logical_ids), _IN_CHUNK):
+            chunk = logical_ids[start : start + _IN_CHUNK]
+            rows += conn.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM resources r JOIN outbox o ON o.resource_id = r.id "  # noqa: S608 - placeholders only
+                f"WHERE r.logical_id IN ({','.join('?' * len(chunk))}) AND o.state = 'pending' "
+                "AND o.kind = 'create' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)",
+                (*chunk, now),
+            ).fetchall()
+        return self._items(conn, sorted(rows))
+
+    def _upstream_refs(
+        self, conn: sqlite3.Connection, logical_ids: set[str]
+    ) -> dict[str, str | None]:
+        """Local logical id → upstream reference (None while not delivered).
+
+        ``"absent"``: not a resource of ours (the reference is left as is); ``"dead"``: ours,
+        refused upstream. Final answers are remembered, so a drain of many readings of a few
+        patients asks the database once per patient.
+        """
+        found: dict[str, str | None] = {}
+        unknown = []
         for logical_id in logical_ids:
-            row = conn.execute(
-                "SELECT o.upstream_ref, o.state FROM resources r JOIN outbox o ON o.resource_id = r.id "
-                "WHERE r.logical_id = ? ORDER BY o.id DESC LIMIT 1",
-                (logical_id,),
-            ).fetchone()
-            if row is None:
-                found[logical_id] = "absent"  # not a resource of ours: leave the reference as is
-            elif row[1] == "delivered":
-                found[logical_id] = row[0]
-            elif row[1] == "dead":
-                found[logical_id] = "dead"
+            known = self._refs.get(logical_id)
+            if known is None:
+                unknown.append(logical_id)
+            else:
+                found[logical_id] = known
+        for start in range(0, len(unknown), _IN_CHUNK):
+            chunk = unknown[start : start + _IN_CHUNK]
+            rows = conn.execute(
+                "SELECT r.logical_id, o.upstream_ref, o.state FROM resources r "  # noqa: S608 - placeholders only
+                "JOIN outbox o ON o.resource_id = r.id "
+                f"WHERE r.logical_id IN ({','.join('?' * len(chunk))}) AND o.kind = 'create'",
+                chunk,
+            ).fetchall()
+            states = {logical_id: (ref, state) for logical_id, ref, state in rows}
+            # A Patient that came from the upstream has no create row: its link says where.
+            pulled = upstream_refs_of_pulled(conn, chunk)
+            for logical_id in chunk:
+                ref, state = states.get(logical_id, (None, None))
+                if state is None:
+                    found[logical_id] = pulled.get(logical_id, "absent")
+                elif state == "delivered":
+                    found[logical_id] = ref or _NO_LOCATION
+                elif state == "dead":
+                    found[logical_id] = "dead"
+                else:
+                    found[logical_id] = None
+        if len(self._refs) > _REF_CACHE_MAX:
+            self._refs.clear()
+        for logical_id, target in found.items():
+            if target is not None and target != "absent":
+                self._refs[logical_id] = target
         return found
 
     # -- building the bundle -------------------------------------------------------------
@@ -165,18 +272,47 @@ class Deliverer:
         return found
 
     def _plan(
-        self, conn: sqlite3.Connection, items: list[Item]
+        self,
+        conn: sqlite3.Connection,
+        items: list[Item],
+        now: str,
+        in_flight: frozenset[str] = frozenset(),
     ) -> tuple[list[tuple[Item, fhir.FhirJson]], list[Item]]:
-        """Choose the items of this bundle (stopping at an undelivered dependency)."""
-        wanted = {lid for item in items for lid in self._local_refs(item.resource).values()}
-        refs = self._upstream_refs(conn, wanted)
+        """Choose the items of this bundle, dependencies first.
+
+        A Patient or Device that a loaded item points at and that is itself due goes at the
+        front (loaded from any lane when it is not among the items); the bundle then ends before the first item pointing at something in this same
+        bundle or in the one still in flight (``in_flight``: it needs that resource's upstream
+        id, known only from the answer), so a lane keeps its order. An item whose dependency is waiting out a backoff is held back.
+        """
+        local = {item.outbox_id: self._local_refs(item.resource) for item in items}
+        refs: dict[str, str | None] = {}
+        for _ in range(3):  # a reading → its Device → the Device's Patient
+            for item in items:
+                if item.outbox_id not in local:
+                    local[item.outbox_id] = self._local_refs(item.resource)
+            wanted = {lid for item in items for lid in local[item.outbox_id].values()} - refs.keys()
+            if not wanted:
+                break
+            refs.update(self._upstream_refs(conn, wanted))
+            pending = {lid for lid in wanted if refs[lid] is None} - in_flight
+            if not pending:
+                break
+            loaded = {item.logical_id: item for item in items}
+            ahead = [loaded[lid] for lid in pending if lid in loaded]
+            ahead += self._load_by_logical_id(conn, sorted(pending - loaded.keys()), now)
+            ahead.sort(key=lambda item: item.outbox_id)
+            moved = {item.logical_id for item in ahead}
+            rest = [item for item in items if item.logical_id not in moved]
+            items = (ahead + rest)[: self._batch_size]
         in_batch: set[str] = set()
         ready: list[tuple[Item, fhir.FhirJson]] = []
         blocked_dead: list[Item] = []
         for item in items:
-            body = copy.deepcopy(item.resource)
-            blocked = waits = False
-            for fieldname, local_id in self._local_refs(body).items():
+            # A fresh dict per load (decrypted JSON): top-level keys are replaced, never mutated.
+            body = dict(item.resource)
+            blocked = waits = held = False
+            for fieldname, local_id in local[item.outbox_id].items():
                 target = refs.get(local_id)
                 if target == "dead":
                     if fieldname == "device":
@@ -186,14 +322,28 @@ class Deliverer:
                         }
                         continue
                     blocked = True
-                elif target is None or local_id in in_batch:
-                    waits = True  # what it points at goes first, in this bundle or the next
+                elif local_id in in_batch or local_id in in_flight:
+                    waits = True  # it goes in this bundle; this item in the next one
+                elif target is None:
+                    held = True  # not due yet (per-item backoff): this item waits for it
+                elif target == _NO_LOCATION:
+                    # Delivered, but the server gave no id: point at it by our identifier.
+                    body[fieldname] = {
+                        **{k: v for k, v in body[fieldname].items() if k != "reference"},
+                        "type": body[fieldname]["reference"].split("/", 1)[0],
+                        "identifier": {
+                            "system": fhir.IDENTIFIER_SYSTEM,
+                            "value": fhir.identifier_value(local_id),
+                        },
+                    }
                 elif target != "absent":
                     body[fieldname] = {**body[fieldname], "reference": target}
             if waits:
                 break
             if blocked:
                 blocked_dead.append(item)
+                continue
+            if held:
                 continue
             # Server-owned meta goes; our tags (where/how a reading was captured) stay.
             meta = body.pop("meta", None)
@@ -232,11 +382,12 @@ class Deliverer:
         retry: list[tuple[Item, str, float]],
         now: datetime,
     ) -> None:
+        stamp = _iso(now)
         with db.transaction_sync(conn):
             conn.executemany(
                 "UPDATE outbox SET state = 'delivered', upstream_ref = ?, delivered_at = ?, "
                 "attempts = attempts + 1, last_error = NULL WHERE id = ? AND state = 'pending'",
-                [(ref, _iso(now), item.outbox_id) for item, ref in delivered],
+                [(ref, stamp, item.outbox_id) for item, ref in delivered],
             )
             conn.executemany(
                 "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1 "
@@ -298,31 +449,36 @@ class Deliverer:
 
     # -- the drain -----------------------------------------------------------------------
 
-    async def drain_once(self) -> DrainResult:
-        """Send one bundle of due items; returns what happened. Never raises for the link."""
-        result = DrainResult(batch_size=self._batch_size)
-        now = self._clock()
-        conn = self._store.connection
-        items = await db.run_sync(conn, self._load, _iso(now), self._batch_size)
+    def _choose(
+        self, conn: sqlite3.Connection, now: str, in_flight: tuple[Item, ...]
+    ) -> _Batch | None:
+        busy = frozenset(item.outbox_id for item in in_flight)
+        items = self._load(conn, now, self._batch_size, busy)
         if not items:
-            return result
-        ready, blocked_dead = await db.run_sync(conn, self._plan, items)
-        dead: list[tuple[Item, str]] = [
-            (i, "depends on a Patient the server refused") for i in blocked_dead
-        ]
-        if not ready:
-            await db.run_sync(conn, self._record, [], dead, [], now)
-            result.dead = len(dead)
-            return result
-        try:
-            response = await post_bundle(self._client, self._bundle(ready))
-        except UpstreamError as exc:
-            return await self._on_bundle_failure(exc, ready, dead, now, result)
+            return None
+        ready, blocked = self._plan(
+            conn, items, now, frozenset(item.logical_id for item in in_flight)
+        )
+        return _Batch(ready, [(item, _DEAD_DEPENDENCY) for item in blocked])
+
+    async def _prepare(self, in_flight: tuple[Item, ...] = ()) -> tuple[_Batch | None, datetime]:
+        now = self._clock()
+        batch = await db.run_sync(self._store.connection, self._choose, _iso(now), in_flight)
+        return batch, now
+
+    def _send(self, batch: _Batch) -> asyncio.Task[dict[str, Any]]:
+        return asyncio.ensure_future(post_bundle(self._client, self._bundle(batch.ready)))
+
+    async def _settle(
+        self, batch: _Batch, response: dict[str, Any], now: datetime, result: DrainResult
+    ) -> None:
+        """Record each entry's outcome (delivered, dead, retry-at) in one transaction."""
         result.bundles = 1
+        dead = list(batch.dead)
         delivered: list[tuple[Item, str | None]] = []
         retry: list[tuple[Item, str, float]] = []
         entries = response.get("entry", [])
-        for index, (item, _body) in enumerate(ready):
+        for index, (item, _body) in enumerate(batch.ready):
             entry = entries[index] if index < len(entries) else {}
             status_text = str(entry.get("response", {}).get("status", ""))
             code = int(status_text.split()[0]) if status_text[:3].isdigit() else 0
@@ -336,11 +492,40 @@ class Deliverer:
                 retry.append(
                     (item, f"entry HTTP {code or 'missing'}", backoff_s(item.attempts, self._rng))
                 )
-        await db.run_sync(conn, self._record, delivered, dead, retry, now)
+        await db.run_sync(self._store.connection, self._record, delivered, dead, retry, now)
         result.delivered, result.dead, result.retry = len(delivered), len(dead), len(retry)
-        # A bundle that went through lets the size grow back towards the configured maximum.
-        self._batch_size = min(self._max_entries, self._batch_size * 2)
+        self._grow()
+
+    async def _only_dead(self, batch: _Batch, now: datetime, result: DrainResult) -> None:
+        await db.run_sync(self._store.connection, self._record, [], batch.dead, [], now)
+        result.dead = len(batch.dead)
+
+    async def drain_once(self) -> DrainResult:
+        """Send one bundle of due items; returns what happened. Never raises for the link."""
+        result = DrainResult(batch_size=self._batch_size)
+        batch, now = await self._prepare()
+        if batch is None:
+            return result
+        if not batch.ready:
+            await self._only_dead(batch, now, result)
+            return result
+        try:
+            response = await self._send(batch)
+        except UpstreamError as exc:
+            return await self._on_bundle_failure(exc, batch.ready, list(batch.dead), now, result)
+        await self._settle(batch, response, now, result)
         return result
+
+    def _grow(self) -> None:
+        """A bundle went through: grow back towards the maximum, below a known refusal."""
+        ceiling = self._max_entries
+        if self._too_large_at is not None:
+            self._fits_since += 1
+            if self._fits_since >= _TOO_LARGE_MEMORY:
+                self._too_large_at = None
+            else:
+                ceiling = min(ceiling, self._too_large_at - 1)
+        self._batch_size = max(self._batch_size, min(ceiling, self._batch_size * 2))
 
     async def _on_bundle_failure(
         self,
@@ -354,6 +539,8 @@ class Deliverer:
         result.error = str(exc)
         if exc.failure is Failure.TOO_LARGE and len(ready) > 1:
             self._batch_size = max(1, len(ready) // 2)
+            self._too_large_at = min(len(ready), self._too_large_at or len(ready))
+            self._fits_since = 0
             logger.info(
                 "upstream refused a bundle of %d as too large; now sending %d",
                 len(ready),
@@ -373,36 +560,91 @@ class Deliverer:
             await db.run_sync(conn, self._record, [], dead, [], now)
             result.dead = len(dead)
             return result
-        # Transient or ambiguous: nothing is marked; the items are due again after a backoff.
-        result.link_down = exc.failure is Failure.TRANSIENT
-        result.ambiguous = len(ready) if exc.failure is Failure.AMBIGUOUS else 0
-        attempts = max(item.attempts for item, _ in ready)
-        delay = (
-            exc.retry_after_s if exc.retry_after_s is not None else backoff_s(attempts, self._rng)
+        # Transient or ambiguous: the exchange failed, not the items. Nothing is written to
+        # their rows (they stay due, in order); the caller paces the next attempt.
+        result.link_down = True
+        result.unreachable = exc.failure is Failure.TRANSIENT and isinstance(
+            exc.__cause__, httpx.TransportError
         )
-        retry = [(item, exc.message, delay) for item, _ in ready]
-        await db.run_sync(conn, self._record, [], dead, retry, now)
-        result.retry = len(retry)
+        result.retry_after_s = exc.retry_after_s
+        if exc.failure is Failure.AMBIGUOUS:
+            result.ambiguous = len(ready)
+            # A timeout may be the bundle's size: resend smaller, grow back on success.
+            self._batch_size = max(1, len(ready) // 2)
+        if dead:
+            await db.run_sync(conn, self._record, [], dead, [], now)
         result.dead = len(dead)
         return result
 
     async def drain(self, *, max_bundles: int = 1000) -> DrainResult:
-        """Drain until nothing is due, the link fails, or ``max_bundles`` were sent."""
+        """Drain until nothing is due, the link fails, or ``max_bundles`` were sent.
+
+        Pipelined, one bundle ahead: while bundle *k* is on the wire the next one is read and
+        planned (its items, and those pointing at *k*'s, left out); once *k*'s answer is in,
+        *k+1* goes out at once and *k*'s outcomes are committed while it travels. So *k+1* is
+        never sent before *k* succeeded, and the database work overlaps the network instead of
+        adding to it. Nothing else changes: each answer is committed as it comes, a failure
+        drops the bundle read ahead (unsent, still pending).
+        """
         total = DrainResult()
-        for _ in range(max_bundles):
-            step = await self.drain_once()
-            total.delivered += step.delivered
-            total.existing += step.existing
-            total.dead += step.dead
-            total.retry += step.retry
-            total.ambiguous += step.ambiguous
-            total.bundles += step.bundles
-            total.batch_size = self._batch_size
-            if step.error:
-                total.error = step.error
-                total.failures.append(step.error)
-            idle = step.bundles == 0 and step.dead == 0 and step.error is None
-            if idle or step.link_down or step.ambiguous:
-                total.link_down = step.link_down
-                break
+        send: asyncio.Task[dict[str, Any]] | None = None
+        try:
+            batch, now = await self._prepare()
+            sent = 0
+            while batch is not None and sent < max_bundles:
+                step = DrainResult()
+                if not batch.ready:
+                    await self._only_dead(batch, now, step)
+                    _add(total, step)
+                    if not step.dead:
+                        break  # everything due waits for something not due yet
+                    batch, now = await self._prepare()
+                    continue
+                if send is None:
+                    send = self._send(batch)
+                sent += 1
+                ahead: _Batch | None = None
+                if sent < max_bundles:
+                    ahead, ahead_now = await self._prepare(tuple(i for i, _ in batch.ready))
+                try:
+                    response = await send
+                except UpstreamError as exc:
+                    send = None
+                    await self._on_bundle_failure(exc, batch.ready, list(batch.dead), now, step)
+                    _add(total, step)
+                    if step.link_down:
+                        break
+                    batch, now = await self._prepare()  # the size changed: plan again
+                    continue
+                send = None
+                if ahead is not None and ahead.ready:
+                    send = self._send(ahead)
+                await self._settle(batch, response, now, step)
+                _add(total, step)
+                if ahead is not None and ahead.ready:
+                    batch, now = ahead, ahead_now
+                else:
+                    # Nothing read ahead, or only items waiting for this bundle's answers.
+                    batch, now = await self._prepare()
+        finally:
+            if send is not None:
+                # Never sent for good (stopped, or an error): the items stay pending, and a
+                # request that did reach the server is harmless to resend.
+                send.cancel()
+                with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+                    await send
+        total.batch_size = self._batch_size
         return total
+
+    async def make_due(self) -> int:
+        """Cancel every per-item backoff ("sync now"); returns how many rows were waiting."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            with db.transaction_sync(conn):
+                cursor = conn.execute(
+                    "UPDATE outbox SET next_attempt_at = NULL "
+                    "WHERE state = 'pending' AND next_attempt_at IS NOT NULL"
+                )
+            return int(cursor.rowcount)
+
+        return await db.run_sync(self._store.connection, work)

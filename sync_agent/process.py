@@ -1,9 +1,40 @@
 """The sync process: drains the outbox to the upstream EHR whenever the link allows.
 
-It wakes when another process commits (``PRAGMA data_version`` changes) or when the
-interval passes, drains until nothing is due, and backs off with jitter when the link is
-down, so a dead upstream is not hammered and a fleet does not reconnect in lock-step. It
-also seals the audit chain with a signed checkpoint every minute when records were added.
+After each drain it waits in one of three ways, decided by how the drain ended:
+
+* **online** (the last bundle went through, or nothing was due): it waits ``interval_s`` and
+  wakes early when another process adds outbox rows (``PRAGMA data_version`` moved and the
+  newest outbox id changed — other processes' heartbeats do not count);
+* **the server answered with an error** (5xx, 429, no answer to a sent bundle): full-jitter
+  exponential backoff, ``BACKOFF_BASE_S`` doubling to ``BACKOFF_CAP_S``, never shorter than the
+  server's ``Retry-After``; new readings do not cut it short — an overloaded EHR is not
+  hammered because a clinic is busy, nor is a fleet in lock-step;
+* **unreachable** (no connection could be made: refused, no route, DNS): no more drains —
+  loading and sealing a bundle only to fail the connect again is waste — but a cheap probe,
+  ``HEAD <base>/metadata`` with a ``PROBE_TIMEOUT_S`` timeout, at intervals that grow from
+  ``PROBE_BASE_S`` to ``PROBE_CAP_S`` with jitter (each wait is uniform in [c/2, c], so probes
+  never bunch up). Any HTTP answer ends the wait and a drain runs at once.
+
+Why probes rather than one long backoff: a clinic's link drops for hours (cellular, rural
+DSL), and staff expect records to flow within seconds when it is back. With a plain backoff
+capped at five minutes the first delivery after an outage would wait up to five minutes; a
+probe costs one TCP connect (no database work, no body), so probing every few seconds keeps
+the resume time under ``PROBE_CAP_S`` + one drain however long the outage, while a dead
+upstream sees at most one connection attempt per ``PROBE_CAP_S / 2`` (≤ 1,440 an hour).
+An upstream that answers, even with 503, is reachable: it gets the backoff, not the probes.
+
+Detecting that the link is down costs one failed connect: the drain stops at the first
+failed bundle and writes nothing to the items (see ``outbox_delivery``).
+
+"Sync now": staff (the ``/sync`` page, ``status.request_sync_now``) write the ``meta`` row
+``sync_now``; when its value
+changes, any remaining wait — backoff, probe interval or the randomised start — is skipped,
+per-item backoffs are cancelled, and a drain runs at once. The check rides on the same
+``data_version`` poll (every ``WAKE_POLL_S``), so it costs nothing while nothing is written.
+
+At start the first drain is delayed by a random fraction of the interval (≤ 5 s), so a fleet
+coming back after an outage does not arrive at once. The process also seals the audit chain
+with a signed checkpoint every minute when records were added.
 """
 
 from __future__ import annotations
@@ -14,21 +45,137 @@ import logging
 import random
 import sqlite3
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
+
+import httpx
 
 from appliance import audit, db, runtime, sdnotify
+from appliance.config import UpstreamConfig
 from appliance.runtime import ProcessContext
-from sync_agent.outbox_delivery import Deliverer, backoff_s
-from sync_agent.upstream import build_client
+from sync_agent.audit_export import AuditExporter
+from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
+from sync_agent.pull import Puller
+from sync_agent.status import SYNC_NOW_KEY
+from sync_agent.updates import UpdateSender
+from sync_agent.upstream import UpstreamError, build_client
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_INTERVAL_S = 60.0
 WAKE_POLL_S = 0.5
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 300.0
+PROBE_BASE_S = 0.5
+PROBE_CAP_S = 5.0
+PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pacing:
+    """How long the loop waits between attempts (module docstring); tests shorten it."""
+
+    interval_s: float
+    backoff_base_s: float = BACKOFF_BASE_S
+    backoff_cap_s: float = BACKOFF_CAP_S
+    probe_base_s: float = PROBE_BASE_S
+    probe_cap_s: float = PROBE_CAP_S
+    probe_timeout_s: float = PROBE_TIMEOUT_S
+
+    def backoff(self, failures: int, rng: random.Random) -> float:
+        """Wait after the ``failures``-th failed drain in a row (full jitter)."""
+        return backoff_s(failures, rng, base=self.backoff_base_s, cap=self.backoff_cap_s)
+
+    def probe_wait(self, probes: int, rng: random.Random) -> float:
+        """Wait before the next probe, ``probes`` having failed (equal jitter, capped)."""
+        ceiling = min(self.probe_cap_s, self.probe_base_s * 2 ** min(probes, 20))
+        return rng.uniform(ceiling / 2, ceiling)
+
+
+class Wake(Enum):
+    """Why a wait ended."""
+
+    TIMEOUT = "timeout"
+    WORK = "work"
+    SYNC_NOW = "sync_now"
+    STOP = "stop"
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _marks(conn: sqlite3.Connection) -> tuple[int, int, bytes | str | None]:
+    """(data_version, newest outbox id, the sync-now value), read on the DB thread."""
+    version = _data_version(conn)
+    newest = int(conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0])
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (SYNC_NOW_KEY,)).fetchone()
+    return version, newest, None if row is None else row[0]
+
+
+class Wakeups:
+    """Watches the store for reasons to stop waiting: new outbox rows, a "sync now" request."""
+
+    def __init__(self, ctx: ProcessContext) -> None:
+        self._ctx = ctx
+        self._version = -1
+        self._newest = 0
+        self._sync_now: bytes | str | None = None
+
+    async def prime(self) -> None:
+        """Take the current marks as seen (a request made before we started is not new)."""
+        self._version, self._newest, self._sync_now = await db.run_sync(
+            self._ctx.store.connection, _marks
+        )
+
+    async def _check(self) -> Wake | None:
+        conn = self._ctx.store.connection
+        if await db.run_sync(conn, _data_version) == self._version:
+            return None
+        self._version, newest, sync_now = await db.run_sync(conn, _marks)
+        if sync_now != self._sync_now:
+            self._sync_now = sync_now
+            return Wake.SYNC_NOW
+        if newest != self._newest:
+            self._newest = newest
+            return Wake.WORK
+        return None
+
+    async def wait(self, seconds: float, *, on_work: bool) -> Wake:
+        """Sleep up to ``seconds``; return early on stop, "sync now" or (``on_work``) new rows."""
+        stopping = self._ctx.stopping
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not stopping.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                return Wake.TIMEOUT
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), min(WAKE_POLL_S, left))
+            if stopping.is_set():
+                break
+            wake = await self._check()
+            if wake is Wake.SYNC_NOW or (wake is Wake.WORK and on_work):
+                return wake
+        return Wake.STOP
+
+
+async def probe(client: httpx.AsyncClient, timeout_s: float) -> bool:
+    """Whether the upstream answers at all (``HEAD metadata``; any status counts).
+
+    Sent without the client's authentication: the CapabilityStatement is public, a 401 is an
+    answer too, and a probe must not fetch tokens from a token endpoint while offline. A TLS
+    refusal (``UpstreamError`` from the transport) is an answer as well: the drain that
+    follows reports it as an authentication problem and backs off.
+    """
+    try:
+        await client.head("metadata", timeout=timeout_s, auth=httpx.Auth())
+    except httpx.HTTPError:
+        return False
+    except UpstreamError as exc:
+        return not isinstance(exc.__cause__, httpx.TransportError)
+    return True
 
 
 async def _checkpoints(ctx: ProcessContext) -> None:
@@ -42,17 +189,112 @@ async def _checkpoints(ctx: ProcessContext) -> None:
             await asyncio.wait_for(ctx.stopping.wait(), CHECKPOINT_INTERVAL_S)
 
 
-async def _wait_for_work(ctx: ProcessContext, seconds: float) -> None:
-    """Sleep up to ``seconds``, returning early when another process commits or we stop."""
-    conn = ctx.store.connection
-    start = await db.run_sync(conn, _data_version)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not ctx.stopping.is_set() and loop.time() < deadline:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ctx.stopping.wait(), min(WAKE_POLL_S, deadline - loop.time()))
-        if await db.run_sync(conn, _data_version) != start:
-            return
+class SyncLoop:
+    """Drain, then wait as the drain's outcome says (module docstring), until stopped."""
+
+    def __init__(
+        self,
+        ctx: ProcessContext,
+        client: httpx.AsyncClient,
+        upstream: UpstreamConfig,
+        *,
+        rng: random.Random,
+        pacing: Pacing | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._client = client
+        self._upstream = upstream
+        self._rng = rng
+        self._pacing = pacing or Pacing(interval_s=ctx.config.sync.interval_s)
+        self.deliverer = Deliverer(
+            ctx.store, client, max_entries=upstream.max_bundle_entries, rng=rng
+        )
+        self.updates = UpdateSender(ctx.store, client, rng=rng)
+        self.puller = Puller(ctx.store, client, upstream)
+        self.exporter = AuditExporter(
+            ctx.store, client, site_id=ctx.config.site.id, batch=upstream.max_bundle_entries
+        )
+        self.wakeups = Wakeups(ctx)
+        self.probes = 0
+
+    async def run(self) -> None:
+        """The loop; returns when the context is stopping."""
+        pacing, rng = self._pacing, self._rng
+        await self.wakeups.prime()
+        # Randomised start: a fleet coming back after an outage does not arrive at once.
+        wake = await self.wakeups.wait(rng.uniform(0, min(5.0, pacing.interval_s)), on_work=False)
+        failures = 0
+        while wake is not Wake.STOP:
+            if wake is Wake.SYNC_NOW:
+                failures = 0
+                await self.deliverer.make_due()
+            result = await self.deliverer.drain()
+            self._report(result)
+            more = False
+            if not result.link_down:
+                # Then, in priority order after the outbox lanes: version-checked updates,
+                # pull-down of schedules and home readings, and the audit trail last.
+                # None of them raises for the link; each says what happened.
+                updated = await self.updates.send_once()
+                pulled = await self.puller.pull_once(force=wake is Wake.SYNC_NOW)
+                exported = await self.exporter.drain()
+                more = bool(pulled.more)
+                if updated.link_down or pulled.link_down or exported.link_down:
+                    logger.info("link failed after the outbox drain; will retry")
+            if not result.link_down:
+                failures = 0
+                wake = await self.wakeups.wait(0.0 if more else pacing.interval_s, on_work=True)
+            elif result.unreachable:
+                wake = await self._until_reachable()
+            else:
+                failures += 1
+                wait = max(pacing.backoff(failures, rng), result.retry_after_s or 0.0)
+                wake = await self.wakeups.wait(wait, on_work=False)
+
+    async def _until_reachable(self) -> Wake:
+        logger.warning(
+            "upstream %s unreachable; probing every %.0f s at most",
+            self._upstream.name,
+            self._pacing.probe_cap_s,
+        )
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        failed = 0
+        while True:
+            wake = await self.wakeups.wait(
+                self._pacing.probe_wait(failed, self._rng), on_work=False
+            )
+            if wake is not Wake.TIMEOUT:
+                return wake
+            self.probes += 1
+            if await probe(self._client, self._pacing.probe_timeout_s):
+                logger.info(
+                    "upstream %s answers again after %.0f s",
+                    self._upstream.name,
+                    loop.time() - since,
+                )
+                return Wake.TIMEOUT
+            failed += 1
+
+    def _report(self, result: DrainResult) -> None:
+        self._ctx.set_status(
+            upstream=self._upstream.name,
+            online=not result.link_down,
+            unreachable=result.unreachable,
+            last_delivered=result.delivered,
+            dead=result.dead,
+            ambiguous=result.ambiguous,
+            batch_size=self.deliverer.batch_size,
+            # Only the class of failure: the server's words may quote PHI.
+            last_failure=None if result.error is None else result.error.split(":", 1)[0],
+        )
+        if result.delivered or result.dead:
+            logger.info(
+                "delivered %d (%d already upstream), dead-lettered %d",
+                result.delivered,
+                result.existing,
+                result.dead,
+            )
 
 
 async def main(ctx: ProcessContext, *, rng: random.Random | None = None) -> None:
@@ -69,39 +311,9 @@ async def main(ctx: ProcessContext, *, rng: random.Random | None = None) -> None
             return
         upstream = upstreams[0]
         async with build_client(upstream) as client:
-            deliverer = Deliverer(
-                ctx.store, client, max_entries=upstream.max_bundle_entries, rng=rng
-            )
+            loop = SyncLoop(ctx, client, upstream, rng=rng)
             sdnotify.ready()
-            # Randomised start: a fleet coming back after an outage does not arrive at once.
-            await _wait_for_work(ctx, rng.uniform(0, min(5.0, ctx.config.sync.interval_s)))
-            failures = 0
-            while not ctx.stopping.is_set():
-                result = await deliverer.drain()
-                online = not result.link_down
-                failures = 0 if online else failures + 1
-                ctx.set_status(
-                    upstream=upstream.name,
-                    online=online,
-                    last_delivered=result.delivered,
-                    dead=result.dead,
-                    batch_size=deliverer.batch_size,
-                    # Only the class of failure: the server's words may quote PHI.
-                    last_failure=None if result.error is None else result.error.split(":", 1)[0],
-                )
-                if result.delivered or result.dead:
-                    logger.info(
-                        "delivered %d (%d already upstream), dead-lettered %d",
-                        result.delivered,
-                        result.existing,
-                        result.dead,
-                    )
-                wait = (
-                    ctx.config.sync.interval_s
-                    if online
-                    else backoff_s(failures, rng, base=1.0, cap=60.0)
-                )
-                await _wait_for_work(ctx, wait)
+            await loop.run()
     finally:
         checkpoints.cancel()
         with contextlib.suppress(asyncio.CancelledError):
