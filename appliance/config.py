@@ -128,6 +128,7 @@ class UpstreamConfig:
     ca_file: Path | None = None
     max_bundle_entries: int = 8
     timeout_s: float = 30.0
+    location: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +357,9 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
         _F("ca_file", _PATH, None, "PEM CA bundle to verify the server (default: system CAs)."),
         _F("max_bundle_entries", _int(1, 1000), 8, "Most entries in one transaction Bundle."),
         _F("timeout_s", _number(1, 600), 30.0, "Seconds to wait for one HTTP exchange."),
+        _F("location", _pattern("a reference Location/<id>", r"Location/[A-Za-z0-9.-]{1,64}"),
+           None, "This site's Location on this upstream: Appointments with it as a participant "
+           "(`actor`) are pulled, with their Patients. Unset: no Appointments are pulled."),
     ),
 }
 # fmt: on

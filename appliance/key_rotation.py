@@ -205,6 +205,14 @@ SEALED_COLUMNS = (
     ("outbox", "id", "last_error", "outbox"),
     ("unmatched_readings", "id", "payload", "unmatched_readings"),
     ("unmatched_readings", "id", "note", "unmatched_readings.note"),
+    # Pull-down and updates (0004): earlier versions of resources and review-queue copies.
+    ("resource_history", "id", "body", "resource_history"),
+    ("review_queue", "id", "mine", "review_queue.mine"),
+    ("review_queue", "id", "theirs", "review_queue.theirs"),
+    # Remote monitoring (0005): alert values and notes, staff time-log notes.
+    ("alerts", "id", "detail", "alerts.detail"),
+    ("alerts", "id", "note", "alerts.note"),
+    ("rpm_time_log", "id", "note", "rpm_time_log.note"),
 )
 
 

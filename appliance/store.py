@@ -6,19 +6,24 @@ function on the connection's thread (one hop from the event loop), and the call 
 after ``COMMIT`` — with ``synchronous=FULL`` that is the acknowledgement (DESIGN.md,
 "Durability"). Every read of PHI appends an audit record before the data is returned.
 
-Resources made on the box are append-only (DESIGN.md, "Data"); updates of upstream-owned
-demographics arrive with the sync issue.
+Resources made on the box are append-only (DESIGN.md, "Data"). Two writes replace a
+resource in place, each keeping the version it replaces (sealed, in ``resource_history``):
+:meth:`Store.update`, a person's edit of demographics, which queues a version-checked update
+(outbox ``kind='update'``, ``if_match`` = the upstream version it was based on); and
+:meth:`Store.import_upstream`, a copy pulled from the upstream, which writes no outbox row and
+never replaces a local edit still on its way up or waiting for a nurse's review.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +32,7 @@ import orjson
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent
-from appliance.errors import NotFoundError, TamperedDataError
+from appliance.errors import InvalidResourceError, NotFoundError, StoreError, TamperedDataError
 from appliance.keys import Keyring, ensure_keys, load_keyring
 
 logger = logging.getLogger(__name__)
@@ -75,6 +80,210 @@ def _validate_all(resources: Sequence[Mapping[str, Any]]) -> None:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# -- upstream copies, local edits and their history (issue 5) ----------------------------
+
+# Demographics belong to the upstream EHR (DESIGN.md, "Data"): the only resources a person
+# edits in place. Everything else made here is append-only.
+UPDATABLE_TYPES = frozenset({"Patient"})
+HISTORY_LABEL = "resource_history"
+
+
+class ReviewPendingError(StoreError):
+    """A resource with a conflict waiting for a nurse's review cannot be edited meanwhile."""
+
+
+class ImportOutcome(StrEnum):
+    """What :meth:`Store.import_upstream` did with one upstream copy."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    CURRENT = "current"  # the local copy already is that upstream version
+    HELD = "held"  # a local edit is on its way up or waiting for review: not overwritten
+    OWN = "own"  # a resource this box made (append-only): never replaced by a copy of it
+    INVALID = "invalid"  # refused by validation: not stored
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCopy:
+    """A resource as the upstream holds it: ``reference`` is ``<Type>/<upstream id>``."""
+
+    reference: str
+    version_id: str | None
+    last_updated: str | None
+    resource: fhir.FhirJson
+
+    @property
+    def type(self) -> str:
+        """The resource type (the reference's first part)."""
+        return self.reference.partition("/")[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Imported:
+    """The outcome of importing one upstream copy (no PHI: ids and versions only)."""
+
+    reference: str
+    outcome: ImportOutcome
+    row_id: int | None
+    logical_id: str | None
+    version_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamLink:
+    """Which upstream resource a local one is, and the upstream version it is based on."""
+
+    resource_id: int
+    upstream_ref: str
+    version_id: str | None
+    last_updated: str | None
+    origin: str  # 'pulled' | 'delivered'
+    stored: bool  # False: learnt from the outbox, not written to upstream_links yet
+
+
+def link_for_resource(conn: sqlite3.Connection, resource_id: int) -> UpstreamLink | None:
+    """The upstream identity of a local resource: its link, else its delivered create."""
+    row = conn.execute(
+        "SELECT upstream_ref, version_id, last_updated, origin FROM upstream_links "
+        "WHERE resource_id = ?",
+        (resource_id,),
+    ).fetchone()
+    if row is not None:
+        return UpstreamLink(resource_id, row[0], row[1], row[2], row[3], stored=True)
+    row = conn.execute(
+        "SELECT upstream_ref FROM outbox WHERE resource_id = ? AND kind = 'create' "
+        "AND state = 'delivered' AND upstream_ref IS NOT NULL ORDER BY id LIMIT 1",
+        (resource_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return UpstreamLink(resource_id, row[0], None, None, "delivered", stored=False)
+
+
+def resource_for_upstream(conn: sqlite3.Connection, upstream_ref: str) -> tuple[int, str] | None:
+    """``(row id, logical id)`` of the local resource that is ``upstream_ref``, if any."""
+    row = conn.execute(
+        "SELECT r.id, r.logical_id FROM upstream_links l JOIN resources r ON r.id = l.resource_id "
+        "WHERE l.upstream_ref = ?",
+        (upstream_ref,),
+    ).fetchone()
+    if row is None:
+        row = conn.execute(
+            "SELECT r.id, r.logical_id FROM outbox o JOIN resources r ON r.id = o.resource_id "
+            "WHERE o.upstream_ref = ? AND o.kind = 'create' AND o.state = 'delivered' "
+            "ORDER BY o.id LIMIT 1",
+            (upstream_ref,),
+        ).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def upstream_refs_of_pulled(conn: sqlite3.Connection, logical_ids: Iterable[str]) -> dict[str, str]:
+    """Local logical id → upstream reference, for resources that came from the upstream.
+
+    For the outbox deliverer: a local reading about a pulled Patient must point upstream at
+    that Patient's upstream id, and a pulled resource has no create row to learn it from.
+    """
+    found: dict[str, str] = {}
+    for logical_id in logical_ids:
+        row = conn.execute(
+            "SELECT l.upstream_ref FROM resources r JOIN upstream_links l ON l.resource_id = r.id "
+            "WHERE r.logical_id = ?",
+            (logical_id,),
+        ).fetchone()
+        if row is not None:
+            found[logical_id] = str(row[0])
+    return found
+
+
+def save_link(
+    conn: sqlite3.Connection,
+    link: UpstreamLink,
+    *,
+    version_id: str | None,
+    last_updated: str | None,
+    now: str,
+) -> None:
+    """Record (or move) a local resource's upstream version (inside a write transaction)."""
+    conn.execute(
+        "INSERT INTO upstream_links (resource_id, upstream_ref, version_id, last_updated, origin, "
+        "synced_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (resource_id) DO UPDATE SET "
+        "upstream_ref = excluded.upstream_ref, version_id = excluded.version_id, "
+        "last_updated = excluded.last_updated, synced_at = excluded.synced_at",
+        (link.resource_id, link.upstream_ref, version_id, last_updated, link.origin, now),
+    )
+
+
+def has_local_change(conn: sqlite3.Connection, resource_id: int) -> bool:
+    """Whether a local edit of the resource is still to go up, or is waiting for review."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM outbox WHERE resource_id = ? AND kind = 'update' "
+        "AND state = 'pending') OR EXISTS (SELECT 1 FROM review_queue WHERE resource_id = ? "
+        "AND state = 'open')",
+        (resource_id, resource_id),
+    ).fetchone()
+    return bool(row[0])
+
+
+def _made_here(conn: sqlite3.Connection, resource_id: int) -> bool:
+    """Whether the resource was made on this box (it has a create in the outbox)."""
+    return (
+        conn.execute(
+            "SELECT 1 FROM outbox WHERE resource_id = ? AND kind = 'create' LIMIT 1",
+            (resource_id,),
+        ).fetchone()
+        is not None
+    )
+
+
+def _ours_by_identifier(
+    conn: sqlite3.Connection, resource: Mapping[str, Any]
+) -> tuple[int, str] | None:
+    """The local resource an upstream copy carries our identifier of (``urn:uuid:<id>``).
+
+    Finds a resource made here whose create landed but whose answer was lost (so the outbox
+    does not know its upstream id yet): it is that resource, not a new one.
+    """
+    for ident in resource.get("identifier", []):
+        if not isinstance(ident, Mapping):
+            continue
+        value = ident.get("value")
+        if ident.get("system") == fhir.IDENTIFIER_SYSTEM and isinstance(value, str):
+            row = conn.execute(
+                "SELECT id, logical_id FROM resources WHERE logical_id = ? AND type = ?",
+                (value.removeprefix("urn:uuid:"), resource.get("resourceType")),
+            ).fetchone()
+            if row is not None:
+                return int(row[0]), str(row[1])
+    return None
+
+
+def rewrite_references(value: Any, mapping: Callable[[str], str | None]) -> Any:
+    """A copy of ``value`` with every ``reference`` that ``mapping`` knows replaced."""
+    if isinstance(value, dict):
+        out = {k: rewrite_references(v, mapping) for k, v in value.items()}
+        ref = value.get("reference")
+        if isinstance(ref, str):
+            new = mapping(ref)
+            if new is not None:
+                out["reference"] = new
+        return out
+    if isinstance(value, list):
+        return [rewrite_references(v, mapping) for v in value]
+    return value
+
+
+def _subject(body: Mapping[str, Any]) -> str | None:
+    """The Patient a resource is about; for an Appointment, its first Patient participant."""
+    ref = fhir.patient_reference(body)
+    if ref is None and body.get("resourceType") == "Appointment":
+        for participant in body.get("participant", []):
+            actor = participant.get("actor") if isinstance(participant, Mapping) else None
+            value = actor.get("reference") if isinstance(actor, Mapping) else None
+            if isinstance(value, str) and value.startswith("Patient/"):
+                return value
+    return ref
 
 
 class Store:
@@ -490,3 +699,390 @@ class Store:
         except TamperedDataError:
             logger.error("resource row %s failed authentication", row[0])
             raise
+
+    # -- replacing in place: a person's edit, an upstream copy (issue 5) -----------------
+
+    def _patient_blind(self, body: Mapping[str, Any]) -> list[tuple[str, bytes]]:
+        """The blind-index rows of a Patient (as :meth:`_prepare`; our own identifier skipped)."""
+        if body.get("resourceType") != "Patient":
+            return []
+        keyring = self._keyring
+        birth = body.get("birthDate")
+        blind: list[tuple[str, bytes]] = []
+        for name in body.get("name", []):
+            family = name.get("family")
+            if isinstance(family, str) and isinstance(birth, str):
+                blind.append(("name_dob", keyring.name_birthdate_index(family, birth)))
+        for ident in body.get("identifier", []):
+            value = ident.get("value")
+            if isinstance(value, str) and ident.get("system") != fhir.IDENTIFIER_SYSTEM:
+                blind.append(
+                    ("identifier", keyring.identifier_index(ident.get("system", ""), value))
+                )
+        return list(dict.fromkeys(blind))
+
+    def _replace_row(
+        self, conn: sqlite3.Connection, row_id: int, logical_id: str, body: fhir.FhirJson
+    ) -> None:
+        subject = _subject(body)
+        version, blob = self._keyring.encrypt(TABLE, logical_id, orjson.dumps(body))
+        conn.execute(
+            "UPDATE resources SET patient_key = ?, code = ?, effective = ?, key_version = ?, "
+            "body = ? WHERE id = ?",
+            (
+                None if subject is None else self._patient_key(subject),
+                fhir.primary_code(body),
+                fhir.effective_utc(body),
+                version,
+                blob,
+                row_id,
+            ),
+        )
+        conn.execute("DELETE FROM blind_index WHERE resource_id = ?", (row_id,))
+        conn.executemany(
+            "INSERT OR IGNORE INTO blind_index (kind, digest, resource_id) VALUES (?,?,?)",
+            [(kind, digest, row_id) for kind, digest in self._patient_blind(body)],
+        )
+
+    def _keep_history(
+        self,
+        conn: sqlite3.Connection,
+        current: StoredResource,
+        actor: str,
+        reason: str,
+        stamp: str,
+    ) -> None:
+        """Seal the version about to be replaced into ``resource_history`` (nothing is lost)."""
+        history_id = int(
+            conn.execute("SELECT coalesce(max(id), 0) + 1 FROM resource_history").fetchone()[0]
+        )
+        sealed = self._keyring.seal(
+            HISTORY_LABEL, str(history_id), orjson.dumps(current.resource).decode()
+        )
+        conn.execute(
+            "INSERT INTO resource_history (id, resource_id, replaced_at, replaced_by, reason, "
+            "body) VALUES (?, ?, ?, ?, ?, ?)",
+            (history_id, current.row_id, stamp, actor, reason, sealed),
+        )
+
+    def _current(
+        self, conn: sqlite3.Connection, where: str, params: Sequence[Any]
+    ) -> StoredResource | None:
+        row = conn.execute(
+            f"SELECT id, logical_id, type, key_version, body FROM resources WHERE {where}",  # noqa: S608 - fixed clauses
+            params,
+        ).fetchone()
+        return None if row is None else self._decrypt_row(conn, tuple(row))
+
+    async def update(
+        self,
+        rtype: str,
+        logical_id: str,
+        resource: Mapping[str, Any],
+        actor: str,
+        *,
+        lane: Lane = Lane.CLINICAL,
+    ) -> StoredResource:
+        """A person's edit of demographics: the new version here, a version-checked update queued.
+
+        Validates, then in one transaction: seals the version it replaces into
+        ``resource_history``, writes the new one (blind indexes follow), and queues an outbox
+        row ``kind='update'`` whose ``if_match`` is the upstream version the edit was based on
+        (NULL while the upstream version is not known yet: a resource whose create has not
+        landed, or whose version nobody read back). One pending update row per resource is
+        enough, because the sender sends the resource as it is when it goes. Audited per
+        resource. Refused (:class:`ReviewPendingError`) while a conflict waits for review.
+        """
+        if rtype not in UPDATABLE_TYPES:
+            raise InvalidResourceError(
+                f"{rtype}: resources of this type are append-only; only "
+                f"{', '.join(sorted(UPDATABLE_TYPES))} can be edited"
+            )
+        if resource.get("resourceType") != rtype:
+            raise InvalidResourceError(f"resourceType: expected {rtype}")
+        await asyncio.to_thread(fhir.validate, resource)
+        return await db.run_sync(
+            self._conn, self._update, rtype, logical_id, resource, actor, lane, self._clock()
+        )
+
+    def _update(
+        self,
+        conn: sqlite3.Connection,
+        rtype: str,
+        logical_id: str,
+        resource: Mapping[str, Any],
+        actor: str,
+        lane: Lane,
+        now: datetime,
+    ) -> StoredResource:
+        with db.transaction_sync(conn, self._path):
+            self._check_key_generation(conn)
+            current = self._current(conn, "logical_id = ? AND type = ?", (logical_id, rtype))
+            if current is None:
+                raise NotFoundError(f"{rtype}/{logical_id} not found")
+            if conn.execute(
+                "SELECT 1 FROM review_queue WHERE resource_id = ? AND state = 'open'",
+                (current.row_id,),
+            ).fetchone():
+                raise ReviewPendingError(
+                    f"{rtype}/{logical_id} has a change waiting for review; resolve it first"
+                )
+            body = copy.deepcopy(dict(resource))
+            body["id"] = logical_id
+            # Our own identifier (what makes its create idempotent upstream) stays, first.
+            ours = {"system": fhir.IDENTIFIER_SYSTEM, "value": fhir.identifier_value(logical_id)}
+            identifiers = [i for i in body.get("identifier", []) if i != ours]
+            if ours in current.resource.get("identifier", []):
+                identifiers.insert(0, ours)
+            if identifiers:
+                body["identifier"] = identifiers
+            body["meta"] = {
+                **current.resource.get("meta", {}),
+                **body.get("meta", {}),
+                "lastUpdated": now.isoformat(),
+            }
+            self._keep_history(conn, current, actor, "local-edit", fhir.utc_text(now))
+            self._replace_row(conn, current.row_id, logical_id, body)
+            pending = conn.execute(
+                "SELECT 1 FROM outbox WHERE resource_id = ? AND kind = 'update' "
+                "AND state = 'pending'",
+                (current.row_id,),
+            ).fetchone()
+            if pending is None:
+                link = link_for_resource(conn, current.row_id)
+                conn.execute(
+                    "INSERT INTO outbox (lane, resource_id, kind, if_match) "
+                    "VALUES (?, ?, 'update', ?)",
+                    (int(lane), current.row_id, None if link is None else link.version_id),
+                )
+            event = AuditEvent(
+                actor,
+                AuditAction.UPDATE,
+                patient_key=self._patient_key(f"Patient/{logical_id}")
+                if rtype == "Patient"
+                else None,
+                entity=f"{rtype}/{logical_id}",
+                detail="local edit",
+            )
+            audit.append(conn, [event], now=now)
+        return StoredResource(current.row_id, logical_id, rtype, body)
+
+    async def import_upstream(
+        self,
+        copies: Sequence[UpstreamCopy],
+        actor: str,
+        *,
+        tags: Sequence[Mapping[str, str]] = (),
+        reason: str = "pulled",
+        before: Callable[[sqlite3.Connection], None] | None = None,
+        also: Callable[[sqlite3.Connection, list[Imported]], None] | None = None,
+    ) -> list[Imported]:
+        """Store copies of upstream resources, in one transaction, without outbox rows.
+
+        Each copy is matched to a local resource by its upstream id only (its link, or the
+        delivered create of a resource made here), never by content: a match is replaced in
+        place (the old version kept in ``resource_history``) under the same logical id, else
+        a new resource is made. Not replaced: a copy of the version already held
+        (``CURRENT``), a resource with a local edit still to go up or under review (``HELD``:
+        the version check upstream turns that into a review, never a silent overwrite), and a
+        resource this box made other than demographics (``OWN``, append-only). References to
+        upstream resources held here are rewritten to the local ids; others are kept.
+        ``tags`` are added to each copy's ``meta.tag``. Audited per resource written (and
+        held) as ``actor``. ``before(conn)`` and ``also(conn, outcomes)`` run inside the
+        transaction (a review resolved, a pull cursor moved), so they commit with the copies.
+        """
+        unique = list({c.reference: c for c in copies}.values())
+        invalid = await asyncio.to_thread(_invalid_copies, unique)
+        return await db.run_sync(
+            self._conn,
+            self._import,
+            unique,
+            invalid,
+            actor,
+            tags,
+            reason,
+            before,
+            also,
+            self._clock(),
+        )
+
+    def _import(
+        self,
+        conn: sqlite3.Connection,
+        copies: list[UpstreamCopy],
+        invalid: set[int],
+        actor: str,
+        tags: Sequence[Mapping[str, str]],
+        reason: str,
+        before: Callable[[sqlite3.Connection], None] | None,
+        also: Callable[[sqlite3.Connection, list[Imported]], None] | None,
+        now: datetime,
+    ) -> list[Imported]:
+        stamp = fhir.utc_text(now)
+        now_ms = int(now.timestamp() * 1000)
+        with db.transaction_sync(conn, self._path):
+            self._check_key_generation(conn)
+            if before is not None:
+                before(conn)
+            # Every copy's local identity first, so references between them resolve.
+            local: dict[str, tuple[int | None, str]] = {}
+            for item in copies:
+                found = resource_for_upstream(conn, item.reference) or _ours_by_identifier(
+                    conn, item.resource
+                )
+                local[item.reference] = found if found is not None else (None, fhir.uuid7(now_ms))
+
+            def to_local(ref: str) -> str | None:
+                rtype, _, rid = ref.partition("/")
+                if not rtype.isalpha() or not rid or "/" in rid:
+                    return None  # absolute, contained or versioned: left as it is
+                found = local.get(ref) or resource_for_upstream(conn, ref)
+                return None if found is None else f"{rtype}/{found[1]}"
+
+            results: list[Imported] = []
+            events: list[AuditEvent] = []
+            for index, item in enumerate(copies):
+                row_id, logical_id = local[item.reference]
+                skip = ImportOutcome.INVALID if index in invalid else self._skip(conn, item, row_id)
+                if skip is not None:
+                    results.append(
+                        Imported(
+                            item.reference,
+                            skip,
+                            row_id,
+                            None if row_id is None else logical_id,
+                            item.version_id,
+                        )
+                    )
+                    if skip is ImportOutcome.HELD:
+                        events.append(
+                            AuditEvent(
+                                actor,
+                                AuditAction.SYNC,
+                                entity=f"{item.type}/{logical_id}",
+                                detail=f"{reason} {item.reference}: held, a local edit is pending",
+                            )
+                        )
+                    continue
+                body = rewrite_references(item.resource, to_local)
+                body["id"] = logical_id
+                meta = dict(body.get("meta") or {})
+                if tags:
+                    known_tags = list(meta.get("tag", []))
+                    meta["tag"] = known_tags + [dict(t) for t in tags if dict(t) not in known_tags]
+                body["meta"] = meta
+                if row_id is None:
+                    cur = conn.execute(
+                        "INSERT INTO resources (logical_id, type, key_version, body) "
+                        "VALUES (?, ?, 0, x'')",
+                        (logical_id, item.type),
+                    )
+                    row_id = int(cur.lastrowid or 0)
+                    link = UpstreamLink(row_id, item.reference, None, None, "pulled", stored=False)
+                    kind, action = ImportOutcome.CREATED, AuditAction.CREATE
+                else:
+                    current = self._current(conn, "id = ?", (row_id,))
+                    assert current is not None  # found a moment ago, in this transaction
+                    self._keep_history(conn, current, actor, reason, stamp)
+                    link = link_for_resource(conn, row_id) or UpstreamLink(
+                        row_id,
+                        item.reference,
+                        None,
+                        None,
+                        "delivered" if _made_here(conn, row_id) else "pulled",
+                        stored=False,
+                    )
+                    kind, action = ImportOutcome.UPDATED, AuditAction.UPDATE
+                self._replace_row(conn, row_id, logical_id, body)
+                save_link(
+                    conn,
+                    link,
+                    version_id=item.version_id,
+                    last_updated=item.last_updated,
+                    now=stamp,
+                )
+                subject = _subject(body)
+                events.append(
+                    AuditEvent(
+                        actor,
+                        action,
+                        patient_key=None if subject is None else self._patient_key(subject),
+                        entity=f"{item.type}/{logical_id}",
+                        detail=f"{reason} {item.reference}",
+                    )
+                )
+                results.append(Imported(item.reference, kind, row_id, logical_id, item.version_id))
+            if also is not None:
+                also(conn, results)
+            audit.append(conn, events, now=now)
+        return results
+
+    @staticmethod
+    def _skip(
+        conn: sqlite3.Connection, item: UpstreamCopy, row_id: int | None
+    ) -> ImportOutcome | None:
+        """Why an upstream copy must not replace the local resource it matches (None: it may)."""
+        if row_id is None:
+            return None
+        if item.type not in UPDATABLE_TYPES and _made_here(conn, row_id):
+            return ImportOutcome.OWN
+        link = link_for_resource(conn, row_id)
+        if (
+            link is not None
+            and link.stored
+            and item.version_id is not None
+            and link.version_id == item.version_id
+        ):
+            return ImportOutcome.CURRENT
+        if has_local_change(conn, row_id):
+            return ImportOutcome.HELD
+        return None
+
+    async def history(self, rtype: str, logical_id: str, actor: str) -> list[fhir.FhirJson]:
+        """The versions a resource had before it was replaced in place, oldest first (audited)."""
+
+        def work(conn: sqlite3.Connection) -> list[tuple[int, bytes]] | None:
+            row = conn.execute(
+                "SELECT id FROM resources WHERE logical_id = ? AND type = ?", (logical_id, rtype)
+            ).fetchone()
+            if row is None:
+                return None
+            rows = conn.execute(
+                "SELECT id, body FROM resource_history WHERE resource_id = ? ORDER BY id",
+                (row[0],),
+            ).fetchall()
+            with db.transaction_sync(conn, self._path):
+                audit.append(
+                    conn,
+                    [AuditEvent(actor, AuditAction.READ, entity=f"{rtype}/{logical_id} history")],
+                    now=self._clock(),
+                )
+            return [(int(i), bytes(b)) for i, b in rows]
+
+        found = await db.run_sync(self._conn, work)
+        if found is None:
+            raise NotFoundError(f"{rtype}/{logical_id} not found")
+        keyring = self._keyring
+        return [orjson.loads(keyring.unseal(HISTORY_LABEL, str(i), sealed)) for i, sealed in found]
+
+    async def upstream_link(self, rtype: str, logical_id: str) -> UpstreamLink | None:
+        """Which upstream resource (and version) a local one is; None if not known upstream."""
+
+        def work(conn: sqlite3.Connection) -> UpstreamLink | None:
+            row = conn.execute(
+                "SELECT id FROM resources WHERE logical_id = ? AND type = ?", (logical_id, rtype)
+            ).fetchone()
+            return None if row is None else link_for_resource(conn, int(row[0]))
+
+        return await db.run_sync(self._conn, work)
+
+
+def _invalid_copies(copies: Sequence[UpstreamCopy]) -> set[int]:
+    """Indexes of copies that fail FHIR validation (they are skipped, never half-stored)."""
+    invalid = set()
+    for index, item in enumerate(copies):
+        try:
+            fhir.validate(item.resource)
+        except InvalidResourceError:
+            invalid.add(index)
+    return invalid

@@ -1,0 +1,439 @@
+"""Pull-down: this site's Appointments, their Patients, and home readings of RPM patients.
+
+What is pulled, from the first configured upstream (the one the outbox delivers to):
+
+1. **Appointments of this site**: ``Appointment?actor=<sync.upstream.location>`` — the site's
+   Location on that upstream is a participant of every appointment booked here. Without a
+   configured ``location`` no Appointments are pulled.
+2. **Their Patients**, fetched by id (``Patient?_id=a,b,…``) with each page of Appointments
+   and stored in the same transaction, so every pulled Appointment points at a local Patient.
+   Only Patients not already current are fetched: unknown ones, and known ones only when
+   changed since the version held (``_lastUpdated=gt…``). Enrolled RPM patients (below) are
+   refreshed the same way on every pass.
+3. **Home readings of enrolled RPM patients**: ``Observation?subject=Patient/<upstream id>``
+   per patient. Until the RPM issue adds an enrolment table, *enrolled* means a patient with an
+   assigned home device (``devices.setting = 'home'``, not retired). They are tagged as home
+   readings (capture-setting ``home``), have no outbox row, so are never sent back; our own
+   readings found there are recognised (``OWN``) and one tagged as captured elsewhere is skipped.
+
+**Incremental.** Every stream (``Appointment``; ``Observation Patient/<id>``) pages through
+``_lastUpdated=ge<cursor>&_sort=_lastUpdated&_count=N`` (following ``Bundle.link`` *next* when
+the server gives one, to the same server only). The cursor is the newest ``meta.lastUpdated``
+taken plus the ids taken at exactly that instant, and it is written in the transaction that
+stores the page: a pass interrupted anywhere resumes at the last stored page, and a run of
+equal timestamps cut by a page boundary is neither lost (``ge``) nor taken twice (the ids).
+A full page of nothing new (more equal timestamps than a page holds, without a next link)
+doubles the page size, up to 1,000.
+
+**Stored** through :meth:`appliance.store.Store.import_upstream`: encrypted, audited as
+``service:sync``, keeping the upstream id and version (the ``If-Match`` of a later local
+edit); a re-pulled resource replaces the local copy under the same logical id — unless a
+local edit of it is on its way up or waiting for review, in which case it is held back and an
+open review gets the upstream's newer version instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+
+from appliance import db, fhir
+from appliance.config import UpstreamConfig
+from appliance.store import (
+    Imported,
+    ImportOutcome,
+    Store,
+    UpstreamCopy,
+    link_for_resource,
+    resource_for_upstream,
+)
+from services.vitals import CAPTURE_SETTING_SYSTEM
+from sync_agent.updates import exchange, refresh_review, response_json
+from sync_agent.upstream import Failure, UpstreamError, classify_response
+
+logger = logging.getLogger(__name__)
+
+ACTOR = "service:sync"
+HOME_TAG = {"system": CAPTURE_SETTING_SYSTEM, "code": "home"}
+APPOINTMENTS = "Appointment"
+MAX_PAGE_SIZE = 1000
+_ID_CHUNK = 50  # ids per Patient?_id= request: keeps the URL short on every server
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a stream stands: the newest ``lastUpdated`` taken, and the ids taken at it."""
+
+    since: str | None = None
+    seen: frozenset[str] = frozenset()
+
+    def advance(self, resources: Iterable[fhir.FhirJson]) -> Cursor:
+        """The cursor after taking ``resources`` (in any order)."""
+        since, seen = self.since, set(self.seen)
+        since_at = _instant(since)
+        for resource in resources:
+            updated = _last_updated(resource)
+            at = _instant(updated)
+            if at is None:
+                continue
+            if since_at is None or at > since_at:
+                since, since_at, seen = updated, at, {str(resource.get("id"))}
+            elif at == since_at:
+                seen.add(str(resource.get("id")))
+        return Cursor(since, frozenset(seen))
+
+    def taken(self, resource: fhir.FhirJson) -> bool:
+        """Whether ``resource`` (this version) was taken already."""
+        at = _instant(_last_updated(resource))
+        return at is not None and at == _instant(self.since) and resource.get("id") in self.seen
+
+
+@dataclass
+class PullResult:
+    """What one pass did (figures for logs and status; no PHI)."""
+
+    due: bool = True
+    pages: int = 0
+    created: int = 0
+    updated: int = 0
+    current: int = 0
+    held: int = 0
+    skipped: int = 0  # ours, captured elsewhere, or invalid
+    more: bool = False  # stopped at max_pages: call again soon
+    error: str | None = None
+    link_down: bool = False
+
+    def count(self, outcomes: Sequence[Imported]) -> None:
+        """Add the outcomes of one import."""
+        for item in outcomes:
+            if item.outcome is ImportOutcome.CREATED:
+                self.created += 1
+            elif item.outcome is ImportOutcome.UPDATED:
+                self.updated += 1
+            elif item.outcome is ImportOutcome.CURRENT:
+                self.current += 1
+            elif item.outcome is ImportOutcome.HELD:
+                self.held += 1
+            else:
+                self.skipped += 1
+
+
+def _last_updated(resource: fhir.FhirJson) -> str | None:
+    meta = resource.get("meta")
+    value = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _instant(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def _copy(resource: fhir.FhirJson) -> UpstreamCopy:
+    meta = resource.get("meta")
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return UpstreamCopy(
+        f"{resource['resourceType']}/{resource['id']}",
+        version if isinstance(version, str) else None,
+        _last_updated(resource),
+        resource,
+    )
+
+
+def _patients_of(appointment: fhir.FhirJson) -> set[str]:
+    found = set()
+    for participant in appointment.get("participant", []):
+        actor = participant.get("actor") if isinstance(participant, dict) else None
+        ref = actor.get("reference") if isinstance(actor, dict) else None
+        if isinstance(ref, str) and ref.startswith("Patient/") and ref.count("/") == 1:
+            found.add(ref)
+    return found
+
+
+def _captured_elsewhere(observation: fhir.FhirJson) -> bool:
+    meta = observation.get("meta")
+    tags = meta.get("tag", []) if isinstance(meta, dict) else []
+    return any(
+        isinstance(t, dict)
+        and t.get("system") == CAPTURE_SETTING_SYSTEM
+        and t.get("code") != "home"
+        for t in tags
+    )
+
+
+def _entries(bundle: Any, rtype: str) -> list[fhir.FhirJson]:
+    """The matches of a searchset (not included resources, not OperationOutcomes)."""
+    found = []
+    for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        mode = (entry.get("search") or {}).get("mode", "match")
+        if (
+            isinstance(resource, dict)
+            and resource.get("resourceType") == rtype
+            and isinstance(resource.get("id"), str)
+            and mode == "match"
+        ):
+            found.append(resource)
+    return found
+
+
+def _next_link(bundle: Any) -> str | None:
+    for link in bundle.get("link", []) if isinstance(bundle, dict) else []:
+        if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
+            return str(link["url"])
+    return None
+
+
+class Puller:
+    """Pulls from one upstream into one store, incrementally; call :meth:`pull_once` often."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: httpx.AsyncClient,
+        upstream: UpstreamConfig,
+        *,
+        page_size: int = 50,
+        max_pages: int = 20,
+        interval_s: float = 60.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._upstream = upstream
+        self._page_size = page_size
+        self._max_pages = max_pages
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last_pass: datetime | None = None
+        self._more = False
+
+    # -- the pass --------------------------------------------------------------------------
+
+    async def pull_once(self, *, force: bool = False) -> PullResult:
+        """One pass when due (every ``interval_s``, at once while more is waiting, or when
+        forced: "sync now"). Never raises for the link: the result says what happened."""
+        now = self._clock()
+        if (
+            not force
+            and not self._more
+            and self._last_pass is not None
+            and (now - self._last_pass).total_seconds() < self._interval_s
+        ):
+            return PullResult(due=False)
+        self._last_pass = now
+        result = PullResult()
+        try:
+            if self._upstream.location is not None:
+                await self._stream(
+                    APPOINTMENTS, APPOINTMENTS, {"actor": self._upstream.location}, result
+                )
+            enrolled = await db.run_sync(self._store.connection, _enrolled_upstream_refs)
+            patients = await self._patients(set(enrolled))
+            if patients:
+                result.count(
+                    await self._store.import_upstream(
+                        patients,
+                        ACTOR,
+                        also=lambda conn, outcomes: self._hold_newer(conn, outcomes, patients),
+                    )
+                )
+            for ref in enrolled:
+                await self._stream(f"Observation {ref}", "Observation", {"subject": ref}, result)
+        except UpstreamError as exc:
+            result.error = str(exc)
+            result.link_down = exc.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)
+            # Only the class: a server's words may quote what it refused.
+            logger.warning("pull stopped: %s", exc.failure)
+        self._more = result.more
+        if result.created or result.updated or result.held:
+            logger.info(
+                "pulled %d new, %d updated, %d held back (local edits pending), %d pages",
+                result.created,
+                result.updated,
+                result.held,
+                result.pages,
+            )
+        return result
+
+    async def _get(self, url: str, params: dict[str, str] | None = None) -> Any:
+        response = await exchange(self._client, "GET", url, params=params)
+        body = response_json(response)
+        if response.status_code >= 300:
+            raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
+        if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+            raise UpstreamError(Failure.TRANSIENT, f"HTTP {response.status_code} without a Bundle")
+        return body
+
+    async def _stream(
+        self, stream: str, rtype: str, params: dict[str, str], result: PullResult
+    ) -> None:
+        """Page through one stream from its cursor, storing each page with the new cursor."""
+        conn = self._store.connection
+        cursor = await db.run_sync(conn, _load_cursor, self._upstream.name, stream)
+        base = str(self._client.base_url).rstrip("/") + "/"
+        size = self._page_size
+        next_url: str | None = None
+        for _ in range(self._max_pages):
+            if next_url is not None:
+                bundle = await self._get(next_url)
+            else:
+                query = {**params, "_sort": "_lastUpdated", "_count": str(size)}
+                if cursor.since is not None:
+                    query["_lastUpdated"] = f"ge{cursor.since}"
+                bundle = await self._get(rtype, query)
+            resources = _entries(bundle, rtype)
+            fresh = [r for r in resources if not cursor.taken(r)]
+            after = cursor.advance(resources)
+            copies = [_copy(r) for r in fresh]
+            tags: list[dict[str, str]] = []
+            if rtype == APPOINTMENTS:
+                wanted = set().union(*(_patients_of(r) for r in fresh)) if fresh else set()
+                copies = await self._patients(wanted) + copies
+            elif rtype == "Observation":
+                result.skipped += sum(1 for r in fresh if _captured_elsewhere(r))
+                copies = [c for c in copies if not _captured_elsewhere(c.resource)]
+                tags = [HOME_TAG]
+
+            def also(
+                conn: sqlite3.Connection,
+                outcomes: list[Imported],
+                after: Cursor = after,
+                copies: list[UpstreamCopy] = copies,
+            ) -> None:
+                self._hold_newer(conn, outcomes, copies)
+                _save_cursor(conn, self._upstream.name, stream, after, self._clock())
+
+            outcomes = await self._store.import_upstream(copies, ACTOR, tags=tags, also=also)
+            result.count(outcomes)
+            result.pages += 1
+            progressed = after != cursor
+            cursor = after
+            link = _next_link(bundle)
+            next_url = link if link is not None and link.startswith(base) else None
+            if next_url is not None:
+                continue
+            if len(resources) < size:
+                return  # the last page
+            if not progressed:
+                if size >= MAX_PAGE_SIZE:
+                    logger.warning(
+                        "pull %s: more than %d resources share one lastUpdated; skipping past",
+                        rtype,
+                        MAX_PAGE_SIZE,
+                    )
+                    return
+                size = min(MAX_PAGE_SIZE, size * 2)
+        result.more = True
+
+    async def _patients(self, refs: set[str]) -> list[UpstreamCopy]:
+        """The Patients among ``refs`` that are not current here, fetched by id."""
+        if not refs:
+            return []
+        known = await db.run_sync(self._store.connection, _known_versions, sorted(refs))
+        unknown = sorted(r for r in refs if known.get(r) is None)
+        held = sorted(r for r in refs if known.get(r) is not None)
+        copies: list[UpstreamCopy] = []
+        for group, changed_only in ((unknown, False), (held, True)):
+            for start in range(0, len(group), _ID_CHUNK):
+                chunk = group[start : start + _ID_CHUNK]
+                query = {
+                    "_id": ",".join(r.partition("/")[2] for r in chunk),
+                    "_count": str(len(chunk)),
+                }
+                if changed_only:
+                    oldest = min(
+                        (known[r] for r in chunk),
+                        key=lambda v: _instant(v) or datetime.min.replace(tzinfo=UTC),
+                    )
+                    query["_lastUpdated"] = f"gt{oldest}"
+                bundle = await self._get("Patient", query)
+                copies += [_copy(r) for r in _entries(bundle, "Patient")]
+        return copies
+
+    def _hold_newer(
+        self,
+        conn: sqlite3.Connection,
+        outcomes: list[Imported],
+        copies: Sequence[UpstreamCopy],
+    ) -> None:
+        """A newer upstream version of a resource under review goes into the review."""
+        by_ref = {c.reference: c for c in copies}
+        for item in outcomes:
+            if item.outcome is not ImportOutcome.HELD or item.row_id is None:
+                continue
+            review = conn.execute(
+                "SELECT id FROM review_queue WHERE resource_id = ? AND state = 'open'",
+                (item.row_id,),
+            ).fetchone()
+            copy = by_ref.get(item.reference)
+            if review is not None and copy is not None:
+                refresh_review(conn, self._store.keyring, int(review[0]), copy.resource)
+
+
+# -- database helpers (run on the connection's thread) --------------------------------------
+
+
+def _load_cursor(conn: sqlite3.Connection, upstream: str, stream: str) -> Cursor:
+    row = conn.execute(
+        "SELECT since, seen FROM pull_cursors WHERE upstream = ? AND stream = ?",
+        (upstream, stream),
+    ).fetchone()
+    if row is None:
+        return Cursor()
+    return Cursor(row[0], frozenset(orjson.loads(row[1])))
+
+
+def _save_cursor(
+    conn: sqlite3.Connection, upstream: str, stream: str, cursor: Cursor, now: datetime
+) -> None:
+    conn.execute(
+        "INSERT INTO pull_cursors (upstream, stream, since, seen, updated_at) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (upstream, stream) DO UPDATE SET "
+        "since = excluded.since, seen = excluded.seen, updated_at = excluded.updated_at",
+        (
+            upstream,
+            stream,
+            cursor.since,
+            orjson.dumps(sorted(cursor.seen)).decode(),
+            fhir.utc_text(now),
+        ),
+    )
+
+
+def _enrolled_upstream_refs(conn: sqlite3.Connection) -> list[str]:
+    """Upstream references of the patients with a home device (known upstream only)."""
+    refs = []
+    for (patient_id,) in conn.execute(
+        "SELECT DISTINCT patient_id FROM devices WHERE setting = 'home' "
+        "AND patient_id IS NOT NULL AND retired_at IS NULL ORDER BY patient_id"
+    ).fetchall():
+        row = conn.execute(
+            "SELECT id FROM resources WHERE logical_id = ? AND type = 'Patient'", (patient_id,)
+        ).fetchone()
+        link = None if row is None else link_for_resource(conn, int(row[0]))
+        if link is not None:
+            refs.append(link.upstream_ref)
+    return refs
+
+
+def _known_versions(conn: sqlite3.Connection, refs: list[str]) -> dict[str, str | None]:
+    """Upstream ref → ``lastUpdated`` of the version held here (None: not held, or unknown)."""
+    found: dict[str, str | None] = {}
+    for ref in refs:
+        local = resource_for_upstream(conn, ref)
+        link = None if local is None else link_for_resource(conn, local[0])
+        found[ref] = None if link is None else link.last_updated
+    return found

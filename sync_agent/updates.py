@@ -1,0 +1,665 @@
+"""Version-checked updates upstream, and the review queue for the conflicts they meet.
+
+A person's edit of demographics (:meth:`appliance.store.Store.update`) leaves an outbox row
+``kind='update'`` whose ``if_match`` names the upstream version the edit was based on.
+:class:`UpdateSender` sends those rows one at a time — each carries its own precondition, and
+a refusal must reach a person — as ``PUT <Type>/<upstream id>`` with ``If-Match: W/"<version>"``
+and the resource as it is *now* (so one row also carries any later edit):
+
+* 200/201 → delivered; the new upstream version is recorded as the base of the next edit;
+* 412 (or 409, which some servers answer for a version conflict) → the upstream changed
+  meanwhile. Unless it now holds exactly our version (our own earlier PUT whose answer was
+  lost), the row is set aside ('dead', sealed message) and a review item keeps both versions,
+  sealed, for a nurse: :class:`ReviewQueue`. Nothing is overwritten either way;
+* 5xx, 429, 408, no connection, no answer → retried later with jittered backoff. Resending a
+  PUT whose answer was lost is safe: it meets a 412, and the rule above recognises our version;
+* any other 4xx → dead letter with the server's message (sealed, it may quote PHI).
+
+A row whose resource has no upstream id yet waits until its create lands. A resource made
+here whose upstream version was never read back (``if_match`` NULL) gets it from
+``_history``: a single version there is our own create; more means someone else changed it,
+which is a conflict like a 412.
+
+The review queue: :meth:`ReviewQueue.keep_mine` re-queues the update against the upstream's
+current version; :meth:`ReviewQueue.take_theirs` imports the upstream's version locally (ours
+stays in ``resource_history``). Opening an item is audited as a read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import httpx
+import orjson
+
+from appliance import audit, db, fhir
+from appliance.audit import AuditAction, AuditEvent, Outcome
+from appliance.errors import NotFoundError
+from appliance.keys import Keyring
+from appliance.store import (
+    Lane,
+    Store,
+    UpstreamCopy,
+    UpstreamLink,
+    link_for_resource,
+    rewrite_references,
+    save_link,
+)
+from sync_agent.outbox_delivery import backoff_s
+from sync_agent.upstream import Failure, UpstreamError, outcome_text
+
+logger = logging.getLogger(__name__)
+
+ACTOR = "service:sync"
+REVIEW_TABLE = "review_queue"
+MINE_LABEL = "review_queue.mine"
+THEIRS_LABEL = "review_queue.theirs"
+_CONFLICT = (409, 412)
+_RETRY = (408, 429)
+_LOAD_SQL = (
+    "SELECT o.id, o.lane, o.attempts, o.if_match, r.id, r.logical_id, r.type, r.key_version, "
+    "r.body FROM outbox o JOIN resources r ON r.id = o.resource_id "
+    "WHERE o.state = 'pending' AND o.kind = 'update' "
+    "AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?) ORDER BY o.id LIMIT ?"
+)
+
+
+class ReviewError(NotFoundError):
+    """A review item that does not exist or is no longer open."""
+
+
+async def exchange(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    params: dict[str, str] | None = None,
+    json: Any = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """One HTTP exchange; a failed connection or a lost answer raises :class:`UpstreamError`.
+
+    Status codes are left to the caller (they mean different things to a search and a PUT).
+    The same classes as :func:`sync_agent.upstream.post_bundle`.
+    """
+    try:
+        return await client.request(method, url, params=params, json=json, headers=headers)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise UpstreamError(Failure.TRANSIENT, f"cannot connect: {type(exc).__name__}") from exc
+    except (
+        httpx.ReadTimeout,
+        httpx.WriteTimeout,
+        httpx.RemoteProtocolError,
+        httpx.ReadError,
+    ) as exc:
+        raise UpstreamError(Failure.AMBIGUOUS, f"no response: {type(exc).__name__}") from exc
+    except httpx.TransportError as exc:
+        raise UpstreamError(Failure.TRANSIENT, f"transport error: {type(exc).__name__}") from exc
+
+
+def response_json(response: httpx.Response) -> Any:
+    """The body as JSON, or None."""
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _server_message(response: httpx.Response) -> str:
+    return outcome_text(response_json(response)) or f"HTTP {response.status_code}"
+
+
+def _transient(response: httpx.Response) -> UpstreamError:
+    retry_after = response.headers.get("Retry-After")
+    delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+    return UpstreamError(Failure.TRANSIENT, _server_message(response), delay)
+
+
+def _content(resource: Any) -> Any:
+    """A resource without what the server owns (id, meta, narrative): for "same version?"."""
+    if not isinstance(resource, dict):
+        return resource
+    return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+
+
+def _version_of(resource: Any, response: httpx.Response | None = None) -> str | None:
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    if isinstance(version, str):
+        return version
+    etag = None if response is None else response.headers.get("ETag")
+    if etag:
+        return str(etag).removeprefix("W/").strip('"')
+    return None
+
+
+def _updated_of(resource: Any) -> str | None:
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    value = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _patient_key(store: Store, rtype: str, logical_id: str) -> bytes | None:
+    return store.patient_key(f"Patient/{logical_id}") if rtype == "Patient" else None
+
+
+# -- the sender ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    outbox_id: int
+    lane: int
+    attempts: int
+    if_match: str | None
+    resource_id: int
+    logical_id: str
+    type: str
+    blob: bytes  # the ciphertext as read: a later edit changes it
+    resource: fhir.FhirJson  # local ids
+    outgoing: fhir.FhirJson | None  # upstream ids; None without an upstream id
+    link: UpstreamLink | None
+    create_state: str | None
+
+
+@dataclass
+class UpdateResult:
+    """What one pass did (figures for logs and status; no PHI)."""
+
+    delivered: int = 0
+    conflicts: int = 0
+    dead: int = 0
+    retry: int = 0
+    waiting: int = 0
+    error: str | None = None
+    link_down: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Conflict:
+    theirs: fhir.FhirJson
+    base: str | None
+
+
+class UpdateSender:
+    """Sends the pending version-checked updates of one store to one upstream."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: httpx.AsyncClient,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._clock = clock
+
+    def _load(self, conn: sqlite3.Connection, now: str, limit: int) -> list[_Row]:
+        rows = []
+        for outbox_id, lane, attempts, if_match, *resource_row in conn.execute(
+            _LOAD_SQL, (now, limit)
+        ).fetchall():
+            stored = self._store.decrypt_stored(conn, tuple(resource_row))
+            link = link_for_resource(conn, stored.row_id)
+            create = conn.execute(
+                "SELECT state FROM outbox WHERE resource_id = ? AND kind = 'create' "
+                "ORDER BY id DESC LIMIT 1",
+                (stored.row_id,),
+            ).fetchone()
+            outgoing = None
+            if link is not None:
+                outgoing = rewrite_references(stored.resource, lambda ref: _to_upstream(conn, ref))
+                outgoing["id"] = link.upstream_ref.partition("/")[2]
+                meta = outgoing.pop("meta", None)
+                if isinstance(meta, dict) and meta.get("tag"):
+                    outgoing["meta"] = {"tag": meta["tag"]}
+            rows.append(
+                _Row(
+                    outbox_id,
+                    lane,
+                    attempts,
+                    if_match,
+                    stored.row_id,
+                    stored.logical_id,
+                    stored.type,
+                    bytes(resource_row[4]),
+                    stored.resource,
+                    outgoing,
+                    link,
+                    None if create is None else str(create[0]),
+                )
+            )
+        return rows
+
+    async def send_once(self, *, max_items: int = 20) -> UpdateResult:
+        """Send the due updates (at most ``max_items``); stops at a link failure. Never raises
+        for the link: the result says what happened."""
+        result = UpdateResult()
+        now = self._clock()
+        conn = self._store.connection
+        rows = await db.run_sync(conn, self._load, fhir.utc_text(now), max_items)
+        for row in rows:
+            try:
+                await self._send(row, now, result)
+            except UpstreamError as exc:
+                delay = (
+                    exc.retry_after_s
+                    if exc.retry_after_s is not None
+                    else backoff_s(row.attempts, self._rng)
+                )
+                await db.run_sync(conn, self._retry, row, exc.message, delay, now)
+                result.retry += 1
+                result.error = str(exc)
+                result.link_down = exc.failure is Failure.TRANSIENT
+                break
+        if result.delivered or result.conflicts or result.dead:
+            logger.info(
+                "updates: %d delivered, %d conflicts for review, %d dead-lettered",
+                result.delivered,
+                result.conflicts,
+                result.dead,
+            )
+        return result
+
+    async def _send(self, row: _Row, now: datetime, result: UpdateResult) -> None:
+        conn = self._store.connection
+        if row.link is None or row.outgoing is None:
+            if row.create_state == "pending":
+                result.waiting += 1  # its create has not landed yet: nothing to update
+                return
+            why = "its create was refused upstream" if row.create_state == "dead" else "unknown"
+            await db.run_sync(conn, self._dead, row, f"not on the upstream ({why})", None, now)
+            result.dead += 1
+            return
+        ref = row.link.upstream_ref
+        base = row.if_match or row.link.version_id
+        if base is None:
+            base = await self._own_version(ref)
+            if base is None:
+                await self._conflict(row, ref, None, now, result)
+                return
+        response = await exchange(
+            self._client, "PUT", ref, json=row.outgoing, headers={"If-Match": f'W/"{base}"'}
+        )
+        status = response.status_code
+        if 200 <= status < 300:
+            body = response_json(response)
+            await db.run_sync(
+                conn, self._delivered, row, ref, _version_of(body, response), _updated_of(body), now
+            )
+            result.delivered += 1
+        elif status in _CONFLICT:
+            await self._conflict(row, ref, base, now, result)
+        elif status in _RETRY or status >= 500:
+            raise _transient(response)
+        else:
+            await db.run_sync(conn, self._dead, row, _server_message(response), None, now)
+            result.dead += 1
+
+    async def _own_version(self, ref: str) -> str | None:
+        """The version of a resource we created, if nobody has changed it since (else None)."""
+        response = await exchange(self._client, "GET", f"{ref}/_history")
+        if response.status_code in _RETRY or response.status_code >= 500:
+            raise _transient(response)
+        body = response_json(response)
+        entries = body.get("entry", []) if isinstance(body, dict) else []
+        if response.status_code != 200 or len(entries) != 1:
+            return None  # changed upstream since our create (or unknowable): a person decides
+        return _version_of(entries[0].get("resource"))
+
+    async def _conflict(
+        self, row: _Row, ref: str, base: str | None, now: datetime, result: UpdateResult
+    ) -> None:
+        conn = self._store.connection
+        response = await exchange(self._client, "GET", ref)
+        if response.status_code in _RETRY or response.status_code >= 500:
+            raise _transient(response)
+        theirs = response_json(response)
+        if response.status_code != 200 or not isinstance(theirs, dict):
+            message = f"version conflict, and the upstream copy is unreadable: {_server_message(response)}"
+            await db.run_sync(conn, self._dead, row, message, None, now)
+            result.dead += 1
+            return
+        if _content(theirs) == _content(row.outgoing):
+            # Our own earlier PUT landed and its answer was lost: nothing to review.
+            await db.run_sync(
+                conn, self._delivered, row, ref, _version_of(theirs), _updated_of(theirs), now
+            )
+            result.delivered += 1
+            return
+        message = f"the upstream changed since version {base or 'unknown'}: held for review"
+        await db.run_sync(conn, self._dead, row, message, _Conflict(theirs, base), now)
+        result.conflicts += 1
+
+    # -- recording outcomes (on the database thread, one transaction each) ---------------
+
+    def _delivered(
+        self,
+        conn: sqlite3.Connection,
+        row: _Row,
+        ref: str,
+        version: str | None,
+        updated: str | None,
+        now: datetime,
+    ) -> None:
+        assert row.link is not None
+        stamp = fhir.utc_text(now)
+        with db.transaction_sync(conn):
+            conn.execute(
+                "UPDATE outbox SET state = 'delivered', upstream_ref = ?, delivered_at = ?, "
+                "attempts = attempts + 1, last_error = NULL WHERE id = ? AND state = 'pending'",
+                (ref, stamp, row.outbox_id),
+            )
+            save_link(conn, row.link, version_id=version, last_updated=updated, now=stamp)
+            blob = conn.execute(
+                "SELECT body FROM resources WHERE id = ?", (row.resource_id,)
+            ).fetchone()[0]
+            pending = conn.execute(
+                "SELECT 1 FROM outbox WHERE resource_id = ? AND kind = 'update' "
+                "AND state = 'pending'",
+                (row.resource_id,),
+            ).fetchone()
+            if bytes(blob) != row.blob and pending is None:
+                # Edited again while this one was on the wire: that edit goes next, on top.
+                conn.execute(
+                    "INSERT INTO outbox (lane, resource_id, kind, if_match) "
+                    "VALUES (?, ?, 'update', ?)",
+                    (row.lane, row.resource_id, version),
+                )
+            event = AuditEvent(
+                ACTOR,
+                AuditAction.SYNC,
+                patient_key=_patient_key(self._store, row.type, row.logical_id),
+                entity=f"{row.type}/{row.logical_id}",
+                detail=f"updated upstream {ref}",
+            )
+            audit.append(conn, [event], now=now)
+
+    def _dead(
+        self,
+        conn: sqlite3.Connection,
+        row: _Row,
+        message: str,
+        conflict: _Conflict | None,
+        now: datetime,
+    ) -> None:
+        keyring = self._store.keyring
+        key = _patient_key(self._store, row.type, row.logical_id)
+        entity = f"{row.type}/{row.logical_id}"
+        with db.transaction_sync(conn):
+            conn.execute(
+                "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1 "
+                "WHERE id = ? AND state = 'pending'",
+                (keyring.seal("outbox", str(row.outbox_id), message), row.outbox_id),
+            )
+            events = [
+                AuditEvent(
+                    ACTOR,
+                    AuditAction.SYNC,
+                    outcome=Outcome.FAILURE,
+                    patient_key=key,
+                    entity=entity,
+                    detail="update refused upstream"
+                    + (" (conflict: held for review)" if conflict else " (dead letter)"),
+                )
+            ]
+            if conflict is not None:
+                assert row.link is not None
+                review_id = _open_review(conn, keyring, row, conflict, fhir.utc_text(now))
+                events.append(
+                    AuditEvent(
+                        ACTOR,
+                        AuditAction.CREATE,
+                        patient_key=key,
+                        entity=f"review/{review_id}",
+                        detail=entity,
+                    )
+                )
+            audit.append(conn, events, now=now)
+
+    def _retry(
+        self, conn: sqlite3.Connection, row: _Row, message: str, delay: float, now: datetime
+    ) -> None:
+        sealed = self._store.keyring.seal("outbox", str(row.outbox_id), message)
+        with db.transaction_sync(conn):
+            conn.execute(
+                "UPDATE outbox SET last_error = ?, attempts = attempts + 1, next_attempt_at = ? "
+                "WHERE id = ? AND state = 'pending'",
+                (sealed, fhir.utc_text(now + timedelta(seconds=delay)), row.outbox_id),
+            )
+
+
+def _to_upstream(conn: sqlite3.Connection, ref: str) -> str | None:
+    """``<Type>/<local id>`` → the upstream reference of that resource, when it has one."""
+    row = conn.execute(
+        "SELECT id FROM resources WHERE logical_id = ? AND type = ?",
+        (ref.partition("/")[2], ref.partition("/")[0]),
+    ).fetchone()
+    link = None if row is None else link_for_resource(conn, int(row[0]))
+    return None if link is None else link.upstream_ref
+
+
+def _open_review(
+    conn: sqlite3.Connection, keyring: Keyring, row: _Row, conflict: _Conflict, stamp: str
+) -> int:
+    assert row.link is not None
+    existing = conn.execute(
+        "SELECT id FROM review_queue WHERE resource_id = ? AND state = 'open'",
+        (row.resource_id,),
+    ).fetchone()
+    if existing is None:
+        review_id = int(
+            conn.execute("SELECT coalesce(max(id), 0) + 1 FROM review_queue").fetchone()[0]
+        )
+        conn.execute(
+            "INSERT INTO review_queue (id, resource_id, outbox_id, upstream_ref, base_version, "
+            "created_at, mine, theirs) VALUES (?, ?, ?, ?, ?, ?, x'', x'')",
+            (
+                review_id,
+                row.resource_id,
+                row.outbox_id,
+                row.link.upstream_ref,
+                conflict.base,
+                stamp,
+            ),
+        )
+    else:
+        review_id = int(existing[0])
+    conn.execute(
+        "UPDATE review_queue SET mine = ? WHERE id = ?",
+        (keyring.seal(MINE_LABEL, str(review_id), orjson.dumps(row.resource).decode()), review_id),
+    )
+    refresh_review(conn, keyring, review_id, conflict.theirs)
+    return review_id
+
+
+def refresh_review(
+    conn: sqlite3.Connection, keyring: Keyring, review_id: int, theirs: fhir.FhirJson
+) -> None:
+    """Put the upstream's newest version into an open review (inside a write transaction)."""
+    conn.execute(
+        "UPDATE review_queue SET theirs = ?, theirs_version = ?, theirs_updated = ? WHERE id = ?",
+        (
+            keyring.seal(THEIRS_LABEL, str(review_id), orjson.dumps(theirs).decode()),
+            _version_of(theirs),
+            _updated_of(theirs),
+            review_id,
+        ),
+    )
+
+
+# -- the review queue -----------------------------------------------------------------------
+
+
+class ReviewState(StrEnum):
+    """The life of a review item."""
+
+    OPEN = "open"
+    KEPT_MINE = "kept-mine"
+    TOOK_THEIRS = "took-theirs"
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewItem:
+    """A conflict as listed for a nurse (no PHI: the versions themselves stay sealed)."""
+
+    id: int
+    resource_type: str
+    logical_id: str
+    upstream_ref: str
+    base_version: str | None
+    theirs_version: str | None
+    created_at: str
+    state: ReviewState
+    resolved_by: str | None
+    resolved_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewCase:
+    """An opened review item: our version (local ids) and the upstream's (upstream ids)."""
+
+    item: ReviewItem
+    mine: fhir.FhirJson
+    theirs: fhir.FhirJson
+
+
+_ITEM_SQL = (
+    "SELECT q.id, r.type, r.logical_id, q.upstream_ref, q.base_version, q.theirs_version, "
+    "q.created_at, q.state, q.resolved_by, q.resolved_at FROM review_queue q "
+    "JOIN resources r ON r.id = q.resource_id"
+)
+
+
+def _item(row: tuple[Any, ...]) -> ReviewItem:
+    return ReviewItem(
+        id=row[0],
+        resource_type=row[1],
+        logical_id=row[2],
+        upstream_ref=row[3],
+        base_version=row[4],
+        theirs_version=row[5],
+        created_at=row[6],
+        state=ReviewState(row[7]),
+        resolved_by=row[8],
+        resolved_at=row[9],
+    )
+
+
+class ReviewQueue:
+    """Local edits the upstream refused as out of date, waiting for a nurse to decide."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def items(self, state: ReviewState | None = ReviewState.OPEN) -> list[ReviewItem]:
+        """Review items (open ones by default), oldest first; their contents stay sealed."""
+        where, params = (" WHERE q.state = ?", (state.value,)) if state else ("", ())
+        rows = await self._store.query(f"{_ITEM_SQL}{where} ORDER BY q.id", params)
+        return [_item(row) for row in rows]
+
+    async def _get(self, review_id: int) -> tuple[ReviewItem, bytes, bytes, int]:
+        rows = await self._store.query(f"{_ITEM_SQL} WHERE q.id = ?", (review_id,))
+        sealed = await self._store.query(
+            "SELECT mine, theirs, resource_id FROM review_queue WHERE id = ?", (review_id,)
+        )
+        if not rows or not sealed:
+            raise ReviewError(f"no review item {review_id}")
+        mine, theirs, resource_id = sealed[0]
+        return _item(rows[0]), bytes(mine), bytes(theirs), int(resource_id)
+
+    async def open(self, review_id: int, actor: str) -> ReviewCase:
+        """Both versions of a review item (audited as a read of that patient's record)."""
+        item, mine, theirs, _ = await self._get(review_id)
+        keyring = self._store.keyring
+        event = AuditEvent(
+            actor,
+            AuditAction.READ,
+            patient_key=_patient_key(self._store, item.resource_type, item.logical_id),
+            entity=f"review/{review_id}",
+            detail=f"{item.resource_type}/{item.logical_id}",
+        )
+        await self._store.transact(lambda _conn: None, [event])
+        return ReviewCase(
+            item,
+            orjson.loads(keyring.unseal(MINE_LABEL, str(review_id), mine)),
+            orjson.loads(keyring.unseal(THEIRS_LABEL, str(review_id), theirs)),
+        )
+
+    def _resolve(
+        self, conn: sqlite3.Connection, review_id: int, state: ReviewState, actor: str
+    ) -> None:
+        cur = conn.execute(
+            "UPDATE review_queue SET state = ?, resolved_by = ?, resolved_at = ? "
+            "WHERE id = ? AND state = 'open'",
+            (state.value, actor, fhir.utc_text(self._store.now()), review_id),
+        )
+        if cur.rowcount != 1:
+            raise ReviewError(f"review item {review_id} is not open")
+
+    async def keep_mine(self, review_id: int, actor: str) -> None:
+        """Keep our version: re-queue the update, checked against the upstream's current one."""
+        item, _, _, resource_id = await self._get(review_id)
+
+        def work(conn: sqlite3.Connection) -> None:
+            self._resolve(conn, review_id, ReviewState.KEPT_MINE, actor)
+            lane = conn.execute(
+                "SELECT o.lane FROM review_queue q JOIN outbox o ON o.id = q.outbox_id "
+                "WHERE q.id = ?",
+                (review_id,),
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO outbox (lane, resource_id, kind, if_match) VALUES (?, ?, 'update', ?)",
+                (int(Lane.CLINICAL) if lane is None else lane[0], resource_id, item.theirs_version),
+            )
+            link = link_for_resource(conn, resource_id)
+            if link is not None:
+                # Our copy is now "theirs plus our edit": a pull of their version changes nothing.
+                save_link(
+                    conn,
+                    link,
+                    version_id=item.theirs_version,
+                    last_updated=link.last_updated,
+                    now=fhir.utc_text(self._store.now()),
+                )
+
+        event = AuditEvent(
+            actor,
+            AuditAction.UPDATE,
+            patient_key=_patient_key(self._store, item.resource_type, item.logical_id),
+            entity=f"review/{review_id}",
+            detail="kept the local version; update re-queued",
+        )
+        await self._store.transact(work, [event])
+
+    async def take_theirs(self, review_id: int, actor: str) -> None:
+        """Take the upstream's version: it replaces ours locally (ours stays in the history)."""
+        item, _, sealed, _ = await self._get(review_id)
+        theirs = orjson.loads(self._store.keyring.unseal(THEIRS_LABEL, str(review_id), sealed))
+        # Refused here, before the review is marked resolved.
+        await asyncio.to_thread(fhir.validate, theirs)
+        copy = UpstreamCopy(item.upstream_ref, item.theirs_version, _updated_of(theirs), theirs)
+        event = AuditEvent(
+            actor,
+            AuditAction.UPDATE,
+            patient_key=_patient_key(self._store, item.resource_type, item.logical_id),
+            entity=f"review/{review_id}",
+            detail="took the upstream version",
+        )
+
+        def before(conn: sqlite3.Connection) -> None:
+            self._resolve(conn, review_id, ReviewState.TOOK_THEIRS, actor)
+            audit.append(conn, [event], now=self._store.now())
+
+        await self._store.import_upstream([copy], actor, reason="review", before=before)

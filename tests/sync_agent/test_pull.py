@@ -1,0 +1,350 @@
+"""Incremental pull-down against the real Medplum FHIR peer: cursors, paging, interruptions."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import httpx
+import orjson
+import pytest
+
+from appliance.config import UpstreamConfig
+from appliance.device_registry import DeviceRegistry, Setting, Transport
+from appliance.store import Store
+from services.vitals import CAPTURE_SETTING_SYSTEM
+from sync_agent.outbox_delivery import Deliverer
+from sync_agent.pull import HOME_TAG, Puller
+from sync_agent.updates import ReviewQueue, UpdateSender
+from sync_agent.upstream import FHIR_JSON
+from tests import factories
+from tests.fhir_peer.peer import FhirPeer
+
+pytestmark = pytest.mark.peer
+
+NURSE = "user:nurse1"
+
+
+class Transport_(httpx.AsyncBaseTransport):
+    """The real HTTP transport, plus what a test needs: a request log, a dropped request, and
+    optionally ``next`` links on search pages (the peer gives none; real servers do)."""
+
+    def __init__(self, *, fail_at: int | None = None, add_next_links: bool = False) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self.fail_at = fail_at
+        self.add_next_links = add_next_links
+        self.requests: list[httpx.URL] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request.url)
+        if self.fail_at is not None and len(self.requests) == self.fail_at:
+            raise httpx.ConnectError("dropped by the test", request=request)
+        response = await self._inner.handle_async_request(request)
+        if not self.add_next_links or request.method != "GET":
+            return response
+        await response.aread()
+        body = orjson.loads(response.content)
+        query = dict(parse_qsl(request.url.query.decode()))
+        count = int(query.get("_count", "0"))
+        if body.get("type") == "searchset" and count and len(body.get("entry", [])) == count:
+            query["_offset"] = str(int(query.get("_offset", "0")) + count)
+            url = request.url.copy_with(query=urlencode(query).encode())
+            body["link"] = [{"relation": "next", "url": str(url)}]
+        return httpx.Response(
+            response.status_code, headers={"Content-Type": FHIR_JSON}, content=orjson.dumps(body)
+        )
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.fixture
+def transport(fhir_peer: FhirPeer) -> Transport_:
+    fhir_peer.reset()
+    return Transport_()
+
+
+@pytest.fixture
+async def client(fhir_peer: FhirPeer, transport: Transport_) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url,
+        headers={"Content-Type": FHIR_JSON},
+        timeout=5.0,
+        transport=transport,
+    ) as http:
+        yield http
+
+
+async def _post(client: httpx.AsyncClient, resource: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post(resource["resourceType"], json=resource)
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _appointment(
+    patient: dict[str, Any], location: dict[str, Any], updated: str | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "resourceType": "Appointment",
+        "status": "booked",
+        "start": "2026-11-30T15:00:00Z",
+        "end": "2026-11-30T15:30:00Z",
+        "participant": [
+            {"actor": {"reference": f"Patient/{patient['id']}"}, "status": "accepted"},
+            {"actor": {"reference": f"Location/{location['id']}"}, "status": "accepted"},
+        ],
+    }
+    if updated is not None:
+        body["meta"] = {"lastUpdated": updated}
+    return body
+
+
+def _puller(store: Store, client: httpx.AsyncClient, site: dict[str, Any], **kwargs: Any) -> Puller:
+    upstream = UpstreamConfig(
+        name="ehr", base_url=str(client.base_url), location=f"Location/{site['id']}"
+    )
+    return Puller(store, client, upstream, **kwargs)
+
+
+def _count(db_path: Path, rtype: str) -> int:
+    conn = sqlite3.connect(db_path)
+    found = int(
+        conn.execute("SELECT count(*) FROM resources WHERE type = ?", (rtype,)).fetchone()[0]
+    )
+    conn.close()
+    return found
+
+
+def _outbox_rows(db_path: Path) -> int:
+    conn = sqlite3.connect(db_path)
+    found = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    conn.close()
+    return found
+
+
+async def _local_id(store: Store, rtype: str, upstream_id: str) -> str:
+    rows = await store.query(
+        "SELECT r.logical_id FROM upstream_links l JOIN resources r ON r.id = l.resource_id "
+        "WHERE l.upstream_ref = ?",
+        (f"{rtype}/{upstream_id}",),
+    )
+    assert rows, f"{rtype}/{upstream_id} was not pulled"
+    return str(rows[0][0])
+
+
+async def _enrol(store: Store, patient_logical_id: str) -> None:
+    registry = DeviceRegistry(store)
+    await registry.register_device(
+        "home-bp-1",
+        name="Home cuff",
+        transport=Transport.HUB,
+        profile="blood_pressure",
+        address=None,
+        setting=Setting.HOME,
+        actor="user:admin",
+    )
+    await registry.assign_device("home-bp-1", "user:admin", patient_id=patient_logical_id)
+
+
+async def test_pull_takes_this_sites_appointments_their_patients_and_home_readings(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    other = await _post(client, {"resourceType": "Location", "name": "Another clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    bob = await _post(client, factories.patient(family="Bobperson", mrn="T0002"))
+    eve = await _post(client, factories.patient(family="Eveperson", mrn="T0003"))
+    await _post(client, _appointment(ada, site))
+    await _post(client, _appointment(bob, site))
+    await _post(client, _appointment(eve, other))
+    for systolic in (121, 122, 123):
+        await _post(client, factories.bp_observation(f"Patient/{ada['id']}", systolic=systolic))
+    await _post(client, factories.bp_observation(f"Patient/{bob['id']}"))  # not enrolled
+    clinic = factories.bp_observation(f"Patient/{ada['id']}", systolic=150)
+    clinic["meta"] = {"tag": [{"system": CAPTURE_SETTING_SYSTEM, "code": "clinic"}]}
+    await _post(client, clinic)  # a clinic reading from another box: not a home reading
+
+    puller = _puller(store, client, site)
+    first = await puller.pull_once()
+    assert first.error is None
+    assert (_count(db_path, "Appointment"), _count(db_path, "Patient")) == (2, 2)
+    assert _count(db_path, "Observation") == 0  # nobody is enrolled yet
+
+    ada_local = await _local_id(store, "Patient", ada["id"])
+    appointment_local = await _local_id(
+        store,
+        "Appointment",
+        ((await client.get("Appointment", params={"actor": f"Patient/{ada['id']}"})).json())[
+            "entry"
+        ][0]["resource"]["id"],
+    )
+    appointment = await store.read("Appointment", appointment_local, NURSE)
+    actors = {p["actor"]["reference"] for p in appointment["participant"]}
+    assert actors == {f"Patient/{ada_local}", f"Location/{site['id']}"}
+
+    await _enrol(store, ada_local)
+    second = await puller.pull_once(force=True)
+    assert (second.created, second.skipped, second.error) == (3, 1, None)
+    readings = await store.newest(f"Patient/{ada_local}", "Observation", NURSE)
+    assert sorted(r["component"][0]["valueQuantity"]["value"] for r in readings) == [
+        121,
+        122,
+        123,
+    ]
+    assert all(HOME_TAG in r["meta"]["tag"] for r in readings)
+    # Pulled resources never go back up: nothing in the outbox, nothing for the deliverer.
+    assert _outbox_rows(db_path) == 0
+    assert (await Deliverer(store, client, max_entries=8).drain()).delivered == 0
+    conn = sqlite3.connect(db_path)
+    actors_seen = {row[0] for row in conn.execute("SELECT DISTINCT actor FROM audit")}
+    cursors = conn.execute("SELECT stream, since FROM pull_cursors ORDER BY stream").fetchall()
+    conn.close()
+    assert "service:sync" in actors_seen
+    assert [stream for stream, _ in cursors] == ["Appointment", f"Observation Patient/{ada['id']}"]
+
+    # A second pass finds nothing new and writes nothing.
+    again = await puller.pull_once(force=True)
+    assert (again.created, again.updated, again.held, again.error) == (0, 0, 0, None)
+    assert (_count(db_path, "Appointment"), _count(db_path, "Observation")) == (2, 3)
+
+
+async def test_an_upstream_change_is_pulled_as_an_update_of_the_same_local_resource(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    booked = await _post(client, _appointment(ada, site))
+    puller = _puller(store, client, site)
+    await puller.pull_once()
+    appointment_local = await _local_id(store, "Appointment", booked["id"])
+    ada_local = await _local_id(store, "Patient", ada["id"])
+    await _enrol(store, ada_local)
+
+    arrived = {**booked, "status": "arrived"}
+    assert (await client.put(f"Appointment/{booked['id']}", json=arrived)).status_code == 200
+    renamed = {**ada, "name": [{"family": "Renamedperson", "given": ["Ada"]}]}
+    assert (await client.put(f"Patient/{ada['id']}", json=renamed)).status_code == 200
+
+    result = await puller.pull_once(force=True)
+    assert (result.created, result.updated) == (0, 2)
+    assert (_count(db_path, "Appointment"), _count(db_path, "Patient")) == (1, 1)
+    assert (await store.read("Appointment", appointment_local, NURSE))["status"] == "arrived"
+    patient = await store.read("Patient", ada_local, NURSE)
+    assert patient["name"][0]["family"] == "Renamedperson"
+    history = await store.history("Patient", ada_local, NURSE)
+    assert [h["name"][0]["family"] for h in history] == ["Adaperson"]
+
+
+async def test_a_pull_interrupted_mid_page_resumes_without_loss_or_duplicates(
+    store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    for index in range(5):
+        patient = await _post(client, factories.patient(mrn=f"T{index:04d}"))
+        await _post(client, _appointment(patient, site))
+    puller = _puller(store, client, site, page_size=2)
+    # Requests: Appointment page 1, its Patients, Appointment page 2, its Patients (dropped).
+    transport.fail_at = len(transport.requests) + 4
+    broken = await puller.pull_once()
+    assert broken.link_down
+    assert (_count(db_path, "Appointment"), _count(db_path, "Patient")) == (2, 2)
+    transport.fail_at = None
+    resumed = await puller.pull_once(force=True)
+    assert resumed.error is None
+    assert resumed.created == 6  # the three appointments and three patients not yet taken
+    assert (_count(db_path, "Appointment"), _count(db_path, "Patient")) == (5, 5)
+
+
+async def test_equal_timestamps_across_a_page_boundary_are_taken_once_each(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patient = await _post(client, factories.patient())
+    same_instant = "2026-11-26T08:00:00.000Z"
+    for _ in range(5):
+        await _post(client, _appointment(patient, site, updated=same_instant))
+    later = await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:01.000Z"))
+    puller = _puller(store, client, site, page_size=2)
+    result = await puller.pull_once()
+    assert result.error is None
+    assert _count(db_path, "Appointment") == 6
+    assert result.created == 7  # six appointments and their one patient
+    await _local_id(store, "Appointment", later["id"])
+    assert (await puller.pull_once(force=True)).created == 0
+
+
+async def test_next_links_are_followed_when_the_server_gives_them(
+    store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patient = await _post(client, factories.patient())
+    for _ in range(5):
+        await _post(client, _appointment(patient, site))
+    transport.add_next_links = True
+    start = len(transport.requests)
+    result = await _puller(store, client, site, page_size=2).pull_once()
+    assert (result.error, result.pages) == (None, 3)
+    assert _count(db_path, "Appointment") == 5
+    pages = [u for u in transport.requests[start:] if u.path.endswith("/Appointment")]
+    assert [dict(parse_qsl(u.query.decode())).get("_offset") for u in pages] == [None, "2", "4"]
+
+
+async def test_passes_are_paced_unless_forced(
+    store: Store, client: httpx.AsyncClient, transport: Transport_
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    puller = _puller(store, client, site, interval_s=3600)
+    assert (await puller.pull_once()).due
+    assert not (await puller.pull_once()).due
+    assert (await puller.pull_once(force=True)).due
+
+
+async def test_a_pull_holds_back_an_upstream_version_while_a_local_edit_is_pending(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    await _post(client, _appointment(ada, site))
+    puller = _puller(store, client, site)
+    await puller.pull_once()
+    ada_local = await _local_id(store, "Patient", ada["id"])
+    await _enrol(store, ada_local)
+    current = await store.read("Patient", ada_local, NURSE)
+    await store.update("Patient", ada_local, {**current, "name": [{"family": "Mineperson"}]}, NURSE)
+    theirs = {**ada, "name": [{"family": "Theirsperson"}]}
+    assert (await client.put(f"Patient/{ada['id']}", json=theirs)).status_code == 200
+
+    held = await puller.pull_once(force=True)
+    assert held.held == 1
+    assert (await store.read("Patient", ada_local, NURSE))["name"][0]["family"] == "Mineperson"
+    # The update meets the upstream's change: a review, with their newest version in it.
+    assert (await UpdateSender(store, client, rng=random.Random(1)).send_once()).conflicts == 1
+    newest = {**theirs, "name": [{"family": "Theirnewestperson"}]}
+    assert (await client.put(f"Patient/{ada['id']}", json=newest)).status_code == 200
+    assert (await puller.pull_once(force=True)).held == 1
+    queue = ReviewQueue(store)
+    [item] = await queue.items()
+    assert (await queue.open(item.id, NURSE)).theirs["name"][0]["family"] == "Theirnewestperson"
+    await queue.take_theirs(item.id, NURSE)
+    patient = await store.read("Patient", ada_local, NURSE)
+    assert patient["name"][0]["family"] == "Theirnewestperson"
+    assert (await puller.pull_once(force=True)).updated == 0  # that version is current here
+
+
+async def test_a_local_reading_about_a_pulled_patient_points_at_the_upstream_patient(
+    store: Store, client: httpx.AsyncClient
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient())
+    await _post(client, _appointment(ada, site))
+    await _puller(store, client, site).pull_once()
+    ada_local = await _local_id(store, "Patient", ada["id"])
+    await store.create([factories.bp_observation(f"Patient/{ada_local}")], "service:devices")
+    await Deliverer(store, client, max_entries=8).drain()
+    [sent] = [e["resource"] for e in (await client.get("Observation")).json()["entry"]]
+    assert sent["subject"]["reference"] == f"Patient/{ada['id']}"

@@ -1,0 +1,320 @@
+"""Version-checked updates and the review queue, against the real Medplum FHIR peer."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from appliance.store import ReviewPendingError, Store, UpstreamCopy
+from sync_agent.outbox_delivery import Deliverer
+from sync_agent.updates import ReviewError, ReviewQueue, ReviewState, UpdateSender
+from sync_agent.upstream import FHIR_JSON
+from tests import factories
+from tests.fhir_peer.peer import FhirPeer
+
+pytestmark = pytest.mark.peer
+
+NURSE = "user:nurse1"
+START = datetime(2026, 11, 26, 12, tzinfo=UTC)
+
+
+@pytest.fixture
+async def client(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
+    fhir_peer.reset()
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
+    ) as http:
+        yield http
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _sender(store: Store, client: httpx.AsyncClient, clock: Clock | None = None) -> UpdateSender:
+    return UpdateSender(store, client, rng=random.Random(1), clock=clock or Clock())
+
+
+async def _pulled_patient(
+    store: Store, client: httpx.AsyncClient, family: str = "Upstreamperson"
+) -> tuple[str, dict[str, Any]]:
+    """A Patient on the peer, and its local copy's logical id."""
+    response = await client.post("Patient", json=factories.patient(family=family))
+    upstream = response.json()
+    [imported] = await store.import_upstream(
+        [
+            UpstreamCopy(
+                f"Patient/{upstream['id']}",
+                upstream["meta"]["versionId"],
+                upstream["meta"]["lastUpdated"],
+                upstream,
+            )
+        ],
+        "service:sync",
+    )
+    assert imported.logical_id is not None
+    return imported.logical_id, upstream
+
+
+async def _edit(store: Store, logical_id: str, family: str) -> None:
+    current = await store.read("Patient", logical_id, NURSE)
+    await store.update(
+        "Patient", logical_id, {**current, "name": [{"family": family, "given": ["Ada"]}]}, NURSE
+    )
+
+
+async def _upstream(client: httpx.AsyncClient, upstream: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = (await client.get(f"Patient/{upstream['id']}")).json()
+    return body
+
+
+async def _their_edit(client: httpx.AsyncClient, upstream: dict[str, Any], family: str) -> None:
+    current = await _upstream(client, upstream)
+    response = await client.put(
+        f"Patient/{upstream['id']}",
+        json={**current, "name": [{"family": family, "given": ["Ada"]}]},
+    )
+    assert response.status_code == 200
+
+
+def _outbox(db_path: Path) -> list[tuple[str, str, str | None]]:
+    conn = sqlite3.connect(db_path)
+    rows = conn.execute(
+        "SELECT kind, state, if_match FROM outbox WHERE kind = 'update' ORDER BY id"
+    ).fetchall()
+    conn.close()
+    return rows
+
+
+async def test_a_local_edit_goes_up_with_if_match_and_the_new_version_is_recorded(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    result = await _sender(store, client).send_once()
+    assert (result.delivered, result.conflicts, result.dead, result.error) == (1, 0, 0, None)
+    now_upstream = await _upstream(client, upstream)
+    assert now_upstream["name"][0]["family"] == "Editedperson"
+    assert now_upstream["id"] == upstream["id"]  # updated in place, not created
+    link = await store.upstream_link("Patient", logical_id)
+    assert link is not None
+    assert link.version_id == now_upstream["meta"]["versionId"] != upstream["meta"]["versionId"]
+    assert _outbox(db_path) == [("update", "delivered", upstream["meta"]["versionId"])]
+    # Nothing left: a second pass sends nothing.
+    assert (await _sender(store, client).send_once()).delivered == 0
+    # The next edit is checked against the version our update made.
+    await _edit(store, logical_id, "Againperson")
+    assert _outbox(db_path)[-1] == ("update", "pending", link.version_id)
+    assert (await _sender(store, client).send_once()).delivered == 1
+
+
+async def test_a_concurrent_upstream_edit_puts_the_change_into_the_review_queue(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Mineperson")
+    await _their_edit(client, upstream, "Theirsperson")
+    result = await _sender(store, client).send_once()
+    assert (result.delivered, result.conflicts) == (0, 1)
+    # Nothing was overwritten on either side.
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Theirsperson"
+    assert (await store.read("Patient", logical_id, NURSE))["name"][0]["family"] == "Mineperson"
+    assert _outbox(db_path) == [("update", "dead", upstream["meta"]["versionId"])]
+    queue = ReviewQueue(store)
+    [item] = await queue.items()
+    assert (item.resource_type, item.logical_id, item.state) == ("Patient", logical_id, "open")
+    assert item.upstream_ref == f"Patient/{upstream['id']}"
+    assert item.base_version == upstream["meta"]["versionId"]
+    case = await queue.open(item.id, NURSE)
+    assert case.mine["name"][0]["family"] == "Mineperson"
+    assert case.theirs["name"][0]["family"] == "Theirsperson"
+    conn = sqlite3.connect(db_path)
+    sealed = conn.execute("SELECT mine, theirs FROM review_queue").fetchone()
+    assert all(b"person" not in bytes(blob) for blob in sealed)
+    error = conn.execute("SELECT last_error FROM outbox WHERE kind = 'update'").fetchone()[0]
+    assert store.keyring.unseal("outbox", "1", error).startswith("the upstream changed")
+    opened = conn.execute(
+        "SELECT actor, action FROM audit WHERE entity = ?", (f"review/{item.id}",)
+    ).fetchall()
+    conn.close()
+    assert ("service:sync", "create") in opened
+    assert (NURSE, "read") in opened
+    # While it waits for the nurse, nobody edits over it.
+    with pytest.raises(ReviewPendingError):
+        await _edit(store, logical_id, "Thirdperson")
+
+
+async def test_keep_mine_requeues_the_update_against_the_upstreams_version(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Mineperson")
+    await _their_edit(client, upstream, "Theirsperson")
+    await _sender(store, client).send_once()
+    queue = ReviewQueue(store)
+    [item] = await queue.items()
+    await queue.keep_mine(item.id, NURSE)
+    assert await queue.items() == []
+    [resolved] = await queue.items(ReviewState.KEPT_MINE)
+    assert resolved.resolved_by == NURSE
+    assert _outbox(db_path)[-1] == ("update", "pending", item.theirs_version)
+    result = await _sender(store, client).send_once()
+    assert result.delivered == 1
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Mineperson"
+    with pytest.raises(ReviewError):
+        await queue.take_theirs(item.id, NURSE)  # already resolved
+
+
+async def test_take_theirs_imports_the_upstreams_version_and_keeps_ours_in_the_history(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Mineperson")
+    await _their_edit(client, upstream, "Theirsperson")
+    await _sender(store, client).send_once()
+    queue = ReviewQueue(store)
+    [item] = await queue.items()
+    await queue.take_theirs(item.id, NURSE)
+    read = await store.read("Patient", logical_id, NURSE)
+    assert read["name"][0]["family"] == "Theirsperson"
+    assert read["id"] == logical_id
+    history = await store.history("Patient", logical_id, NURSE)
+    assert [h["name"][0]["family"] for h in history] == ["Upstreamperson", "Mineperson"]
+    link = await store.upstream_link("Patient", logical_id)
+    assert link is not None
+    assert link.version_id == item.theirs_version
+    assert [s for _, s, _ in _outbox(db_path)] == ["dead"]  # nothing re-queued
+    assert (await _sender(store, client).send_once()).delivered == 0
+    [resolved] = await queue.items(None)
+    assert resolved.state is ReviewState.TOOK_THEIRS
+    # A fresh edit is checked against their version and goes through.
+    await _edit(store, logical_id, "Agreedperson")
+    assert (await _sender(store, client).send_once()).delivered == 1
+
+
+async def test_an_edit_of_a_patient_made_here_waits_for_its_create_then_goes_up(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    [pat] = await store.create([factories.patient()], NURSE)
+    await _edit(store, pat.logical_id, "Editedperson")
+    waiting = await _sender(store, client).send_once()
+    assert (waiting.waiting, waiting.delivered) == (1, 0)
+    deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1))
+    assert (await deliverer.drain()).delivered == 1
+    result = await _sender(store, client).send_once()
+    assert (result.delivered, result.conflicts) == (1, 0)
+    [upstream] = [e["resource"] for e in (await client.get("Patient")).json()["entry"]]
+    assert upstream["name"][0]["family"] == "Editedperson"
+    assert fhir_peer.count("Patient") == 1
+    link = await store.upstream_link("Patient", pat.logical_id)
+    assert link is not None
+    assert (link.origin, link.version_id) == ("delivered", upstream["meta"]["versionId"])
+
+
+async def test_a_patient_made_here_and_changed_upstream_meanwhile_goes_to_review(
+    store: Store, client: httpx.AsyncClient
+) -> None:
+    [pat] = await store.create([factories.patient()], NURSE)
+    await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
+    [upstream] = [e["resource"] for e in (await client.get("Patient")).json()["entry"]]
+    await _their_edit(client, upstream, "Theirsperson")
+    await _edit(store, pat.logical_id, "Mineperson")
+    result = await _sender(store, client).send_once()
+    assert (result.delivered, result.conflicts) == (0, 1)
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Theirsperson"
+
+
+async def test_a_lost_answer_is_resent_and_recognised_as_our_own_version(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    clock = Clock()
+    sender = _sender(store, client, clock)
+    fhir_peer.fault("close", after="response")  # the PUT lands, its answer is lost
+    lost = await sender.send_once()
+    assert (lost.delivered, lost.retry, lost.link_down) == (0, 1, False)
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Editedperson"
+    clock.now += timedelta(hours=1)
+    again = await sender.send_once()  # 412 (the version moved), and it is ours: no review
+    assert (again.delivered, again.conflicts) == (1, 0)
+    assert await ReviewQueue(store).items() == []
+    assert _outbox(db_path)[0][1] == "delivered"
+
+
+async def test_a_transient_failure_retries_after_a_backoff(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    logical_id, _ = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    clock = Clock()
+    sender = _sender(store, client, clock)
+    fhir_peer.fault("status", status=503)
+    failed = await sender.send_once()
+    assert (failed.retry, failed.link_down) == (1, True)
+    assert (await sender.send_once()).delivered == 0  # not due yet
+    clock.now += timedelta(hours=1)
+    assert (await sender.send_once()).delivered == 1
+
+
+async def test_a_permanent_refusal_is_dead_lettered_with_the_servers_words(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    logical_id, _ = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    fhir_peer.fault("status", status=422)
+    result = await _sender(store, client).send_once()
+    assert (result.dead, result.conflicts) == (1, 0)
+    conn = sqlite3.connect(db_path)
+    error = conn.execute("SELECT last_error FROM outbox WHERE kind = 'update'").fetchone()[0]
+    conn.close()
+    assert "injected fault: status 422" in store.keyring.unseal("outbox", "1", error)
+    assert await ReviewQueue(store).items() == []
+
+
+async def test_an_edit_made_while_the_update_is_on_the_wire_follows_it(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Firstedit")
+    fhir_peer.fault("delay", delay_ms=400)
+    sending = asyncio.create_task(_sender(store, client).send_once())
+    await asyncio.sleep(0.2)
+    await _edit(store, logical_id, "Secondedit")
+    assert (await sending).delivered == 1
+    link = await store.upstream_link("Patient", logical_id)
+    assert link is not None
+    assert _outbox(db_path)[-1] == ("update", "pending", link.version_id)
+    assert (await _sender(store, client).send_once()).delivered == 1
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Secondedit"
+
+
+async def test_readings_keep_flowing_for_a_patient_whose_edit_waits_for_review(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    [pat] = await store.create([factories.patient()], NURSE)
+    deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1))
+    await deliverer.drain()
+    [upstream] = [e["resource"] for e in (await client.get("Patient")).json()["entry"]]
+    await _their_edit(client, upstream, "Theirsperson")
+    await _edit(store, pat.logical_id, "Mineperson")
+    assert (await _sender(store, client).send_once()).conflicts == 1
+    await store.create([factories.bp_observation(f"Patient/{pat.logical_id}")], "service:devices")
+    result = await deliverer.drain()
+    assert (result.delivered, result.dead) == (1, 0)
+    [sent] = [e["resource"] for e in (await client.get("Observation")).json()["entry"]]
+    assert sent["subject"]["reference"] == f"Patient/{upstream['id']}"
