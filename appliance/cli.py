@@ -630,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services import device_cli
 
     device_cli.add_commands(sub, command)
+    from services import rpm_cli  # vendor keys (ingest) and RPM billing, likewise
+
+    rpm_cli.add_commands(sub, command)
     return parser
 
 

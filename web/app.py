@@ -86,6 +86,7 @@ def create_app(
     """Build the web app over an open ``store``; ``clock`` gives aware UTC datetimes."""
     # Imported here, not at the top: the blueprints import :func:`app_state` from this
     # module, so importing them first would be circular.
+    from web import ingest
     from web.auth import bp as auth_bp
     from web.devices import bp as devices_bp
     from web.health import bp as health_bp
@@ -112,6 +113,8 @@ def create_app(
     app.register_blueprint(devices_bp)
     app.register_blueprint(health_bp)
     app.register_blueprint(sync_bp)
+    app.register_blueprint(ingest.bp)
+    ingest.exempt_from_browser_csrf(app)  # the vendor API takes a key, never the session cookie
 
     @app.get("/")
     async def index() -> ResponseReturnValue:
