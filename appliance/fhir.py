@@ -21,6 +21,12 @@ from appliance.errors import InvalidResourceError
 # (``ifNoneExist: identifier=urn:ietf:rfc:3986|urn:uuid:...``) upstream is idempotent.
 IDENTIFIER_SYSTEM = "urn:ietf:rfc:3986"
 
+# Project-defined tag systems on every reading: where (clinic | home), how (ble | serial |
+# manual | vendor-hub | simulated) it was captured, and where its time came from.
+CAPTURE_SETTING_SYSTEM = "urn:telehealth-appliance:fhir:capture-setting"
+CAPTURE_METHOD_SYSTEM = "urn:telehealth-appliance:fhir:capture-method"
+TIME_SOURCE_SYSTEM = "urn:telehealth-appliance:fhir:time-source"
+
 # Resource types whose subject/patient reference we index. Patient indexes itself.
 _PATIENT_FIELDS = ("subject", "patient", "beneficiary")
 

@@ -12,6 +12,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+from appliance import fhir
 from appliance.device_registry import Setting
 from drivers.blood_pressure import BloodPressureMeasurement, PressureUnit
 from drivers.ieee11073 import SFloatValue, Special
@@ -39,10 +40,11 @@ _ABSENT = {
     Special.RESERVED: ("error", "Error"),
 }
 
-# Project-defined code systems for where and how a reading was captured (docs/devices.md).
-CAPTURE_SETTING_SYSTEM = "urn:telehealth-appliance:fhir:capture-setting"
-CAPTURE_METHOD_SYSTEM = "urn:telehealth-appliance:fhir:capture-method"
-TIME_SOURCE_SYSTEM = "urn:telehealth-appliance:fhir:time-source"
+# Project-defined code systems for where and how a reading was captured (docs/devices.md);
+# defined in appliance/fhir.py so the sync agent can read the tags without importing services.
+CAPTURE_SETTING_SYSTEM = fhir.CAPTURE_SETTING_SYSTEM
+CAPTURE_METHOD_SYSTEM = fhir.CAPTURE_METHOD_SYSTEM
+TIME_SOURCE_SYSTEM = fhir.TIME_SOURCE_SYSTEM
 
 
 class CaptureMethod(StrEnum):

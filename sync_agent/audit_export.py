@@ -52,8 +52,10 @@ from sync_agent.upstream import (
     Failure,
     UpstreamError,
     classify_response,
+    exchange,
     outcome_text,
     post_bundle,
+    response_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -453,14 +455,8 @@ async def fetch_upstream_anchor(client: httpx.AsyncClient, site_id: str) -> Chec
         "_sort": "-recorded",
         "_count": "10",
     }
-    try:
-        response = await client.get("Provenance", params=params)
-    except httpx.TransportError as exc:
-        raise UpstreamError(Failure.TRANSIENT, f"cannot ask: {type(exc).__name__}") from exc
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
+    response = await exchange(client, "GET", "Provenance", params=params)
+    body = response_json(response)
     if response.status_code >= 300:
         raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
     anchors = []

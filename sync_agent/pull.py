@@ -54,14 +54,19 @@ from appliance.store import (
     link_for_resource,
     resource_for_upstream,
 )
-from services.vitals import CAPTURE_SETTING_SYSTEM
-from sync_agent.updates import exchange, refresh_review, response_json
-from sync_agent.upstream import Failure, UpstreamError, classify_response
+from sync_agent.updates import refresh_review
+from sync_agent.upstream import (
+    Failure,
+    UpstreamError,
+    classify_response,
+    exchange,
+    response_json,
+)
 
 logger = logging.getLogger(__name__)
 
 ACTOR = "service:sync"
-HOME_TAG = {"system": CAPTURE_SETTING_SYSTEM, "code": "home"}
+HOME_TAG = {"system": fhir.CAPTURE_SETTING_SYSTEM, "code": "home"}
 APPOINTMENTS = "Appointment"
 MAX_PAGE_SIZE = 1000
 _ID_CHUNK = 50  # ids per Patient?_id= request: keeps the URL short on every server
@@ -167,7 +172,7 @@ def _captured_elsewhere(observation: fhir.FhirJson) -> bool:
     tags = meta.get("tag", []) if isinstance(meta, dict) else []
     return any(
         isinstance(t, dict)
-        and t.get("system") == CAPTURE_SETTING_SYSTEM
+        and t.get("system") == fhir.CAPTURE_SETTING_SYSTEM
         and t.get("code") != "home"
         for t in tags
     )

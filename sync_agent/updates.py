@@ -54,7 +54,7 @@ from appliance.store import (
     save_link,
 )
 from sync_agent.outbox_delivery import backoff_s
-from sync_agent.upstream import Failure, UpstreamError, outcome_text
+from sync_agent.upstream import Failure, UpstreamError, exchange, outcome_text, response_json
 
 logger = logging.getLogger(__name__)
 
@@ -74,43 +74,6 @@ _LOAD_SQL = (
 
 class ReviewError(NotFoundError):
     """A review item that does not exist or is no longer open."""
-
-
-async def exchange(
-    client: httpx.AsyncClient,
-    method: str,
-    url: str,
-    *,
-    params: dict[str, str] | None = None,
-    json: Any = None,
-    headers: dict[str, str] | None = None,
-) -> httpx.Response:
-    """One HTTP exchange; a failed connection or a lost answer raises :class:`UpstreamError`.
-
-    Status codes are left to the caller (they mean different things to a search and a PUT).
-    The same classes as :func:`sync_agent.upstream.post_bundle`.
-    """
-    try:
-        return await client.request(method, url, params=params, json=json, headers=headers)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise UpstreamError(Failure.TRANSIENT, f"cannot connect: {type(exc).__name__}") from exc
-    except (
-        httpx.ReadTimeout,
-        httpx.WriteTimeout,
-        httpx.RemoteProtocolError,
-        httpx.ReadError,
-    ) as exc:
-        raise UpstreamError(Failure.AMBIGUOUS, f"no response: {type(exc).__name__}") from exc
-    except httpx.TransportError as exc:
-        raise UpstreamError(Failure.TRANSIENT, f"transport error: {type(exc).__name__}") from exc
-
-
-def response_json(response: httpx.Response) -> Any:
-    """The body as JSON, or None."""
-    try:
-        return response.json()
-    except ValueError:
-        return None
 
 
 def _server_message(response: httpx.Response) -> str:

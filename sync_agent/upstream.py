@@ -290,10 +290,22 @@ def build_client(upstream: UpstreamConfig, *, auth: httpx.Auth | None = None) ->
     )
 
 
-async def post_bundle(client: httpx.AsyncClient, bundle: dict[str, Any]) -> dict[str, Any]:
-    """POST a batch/transaction Bundle to the server base; returns the response Bundle."""
+async def exchange(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    params: dict[str, str] | None = None,
+    json: Any = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """One HTTP exchange; a failed connection or a lost answer raises :class:`UpstreamError`.
+
+    Status codes are left to the caller (they mean different things to a search, a PUT and
+    a bundle). Every request to the upstream goes through here, so the classes are one.
+    """
     try:
-        response = await client.post("", json=bundle)
+        return await client.request(method, url, params=params, json=json, headers=headers)
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise UpstreamError(Failure.TRANSIENT, f"cannot connect: {type(exc).__name__}") from exc
     except (
@@ -306,10 +318,20 @@ async def post_bundle(client: httpx.AsyncClient, bundle: dict[str, Any]) -> dict
         raise UpstreamError(Failure.AMBIGUOUS, f"no response: {type(exc).__name__}") from exc
     except httpx.TransportError as exc:
         raise UpstreamError(Failure.TRANSIENT, f"transport error: {type(exc).__name__}") from exc
+
+
+def response_json(response: httpx.Response) -> Any:
+    """The body as JSON, or None."""
     try:
-        body = response.json()
+        return response.json()
     except ValueError:
-        body = None
+        return None
+
+
+async def post_bundle(client: httpx.AsyncClient, bundle: dict[str, Any]) -> dict[str, Any]:
+    """POST a batch/transaction Bundle to the server base; returns the response Bundle."""
+    response = await exchange(client, "POST", "", json=bundle)
+    body = response_json(response)
     if response.status_code >= 300:
         raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
