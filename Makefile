@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Node.js runs the Medplum FHIR peer the sync tests talk to.
+# Node.js runs the Medplum FHIR peer the sync tests talk to; Debian's Chromium runs the
+# browser tests (Playwright drives it at /usr/bin/chromium; it never downloads a browser).
 deps-system:
-	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
-	  echo "installing nodejs and npm (Debian packages)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && \
+	  command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing nodejs, npm and chromium (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm chromium; }
 
 $(PEER)/node_modules/.package-lock.json: $(PEER)/package.json $(PEER)/package-lock.json | deps-system
 	npm ci --prefix $(PEER) --no-audit --no-fund --loglevel=error

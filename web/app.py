@@ -91,6 +91,8 @@ def create_app(
     from web.devices import bp as devices_bp
     from web.health import bp as health_bp
     from web.nurse import bp as nurse_bp
+    from web.rpm import bp as rpm_bp
+    from web.rpm_patient import bp as rpm_patient_bp
     from web.sync import bp as sync_bp
 
     app = Quart(
@@ -113,6 +115,8 @@ def create_app(
     app.register_blueprint(devices_bp)
     app.register_blueprint(health_bp)
     app.register_blueprint(sync_bp)
+    app.register_blueprint(rpm_bp)
+    app.register_blueprint(rpm_patient_bp)
     app.register_blueprint(ingest.bp)
     ingest.exempt_from_browser_csrf(app)  # the vendor API takes a key, never the session cookie
 
