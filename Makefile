@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/store_read.py --quick
 	$(BIN)/python bench/audit_verify.py --quick
 	$(BIN)/python bench/drivers.py --quick
+	$(BIN)/python bench/rpm.py --quick
 	$(BIN)/python bench/demo_memory.py
 
 clean:

@@ -540,6 +540,73 @@ def _write(
     return ids
 
 
+@dataclass(frozen=True, slots=True)
+class AlertView:
+    """An alert as a person's screen shows it: the row, its unsealed finding, where it came from.
+
+    PHI (``values`` holds the measured numbers): only ever built by :meth:`AlertBook.views`,
+    which audits the read.
+    """
+
+    alert: Alert
+    summary: str  # the rule's threshold ("systolic ≥ 180"), no value
+    values: str  # the measured values ("systolic 186 mm[Hg], diastolic 100 mm[Hg]")
+    setting: str | None  # "home" or "clinic": the capture setting of the triggering reading
+
+    @property
+    def escalated(self) -> bool:
+        """Escalated since the alert last needed attention, and still nobody on it."""
+        a = self.alert
+        return (
+            a.state is AlertState.OPEN
+            and a.escalated_at is not None
+            and a.escalated_at >= a.attention_since
+        )
+
+
+def _trigger_setting(conn: sqlite3.Connection, store: Store, trigger_ref: str | None) -> str | None:
+    """The capture setting tag of an alert's triggering Observation (decrypted on the DB thread)."""
+    if trigger_ref is None or not trigger_ref.startswith("Observation/"):
+        return None
+    row = conn.execute(
+        "SELECT id, logical_id, type, key_version, body FROM resources "
+        "WHERE logical_id = ? AND type = 'Observation'",
+        (trigger_ref.removeprefix("Observation/"),),
+    ).fetchone()
+    if row is None:
+        return None
+    resource = store.decrypt_stored(conn, tuple(row)).resource
+    for tag in (resource.get("meta") or {}).get("tag") or []:
+        if isinstance(tag, Mapping) and tag.get("system") == fhir.CAPTURE_SETTING_SYSTEM:
+            return str(tag.get("code"))
+    return None
+
+
+async def last_readings(
+    store: Store, patient_ids: Sequence[str], actor: str
+) -> dict[str, datetime]:
+    """Each patient's newest Observation time, from the plain index (one audited search)."""
+    if not patient_ids:
+        return {}
+    keys = {pid: store.patient_key(f"Patient/{pid}") for pid in patient_ids}
+
+    def work(conn: sqlite3.Connection) -> dict[str, datetime]:
+        found = {}
+        for pid, key in keys.items():
+            row = conn.execute(
+                "SELECT max(effective) FROM resources WHERE patient_key = ? "
+                "AND type = 'Observation'",
+                (key,),
+            ).fetchone()
+            moment = _time(row[0]) if row is not None else None
+            if moment is not None:
+                found[pid] = moment
+        return found
+
+    event = AuditEvent(actor, AuditAction.SEARCH, entity=f"Observation last reading x{len(keys)}")
+    return await store.transact(work, [event])
+
+
 class AlertBook:
     """The alerts in the store: the worklist's reads and the people's actions on them."""
 
@@ -647,6 +714,79 @@ class AlertBook:
         if sealed_note is not None:
             note = keyring.unseal(NOTE_LABEL, str(alert_id), bytes(sealed_note))
         return str(info["summary"]), str(info["detail"]), note
+
+    async def views(self, actor: str, *, alert_ids: Sequence[int] | None = None) -> list[AlertView]:
+        """Live alerts (or the ones named, resolved included) with their finding unsealed.
+
+        For the worklist and its live stream: each alert's summary and values, and whether
+        the reading that raised it was taken at home or in clinic (its Observation's capture
+        setting, decrypted). Audited in one transaction: one search per patient named, so
+        each patient's accounting of disclosures shows the screen that opened their alert.
+        Ordered like :meth:`live`: most severe first, then oldest.
+        """
+        if alert_ids is not None and not alert_ids:
+            return []
+        store = self._store
+        keyring = store.keyring
+        ids = tuple(alert_ids or ())
+        where = (
+            "a.state != 'resolved'"
+            if alert_ids is None
+            else f"a.id IN ({','.join('?' * len(ids))})"
+        )
+
+        def work(conn: sqlite3.Connection) -> list[AlertView]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS}, a.detail FROM alerts a WHERE {where}",  # noqa: S608 - constant
+                ids,
+            ).fetchall()
+            found = []
+            for row in rows:
+                alert = _alert(row)
+                info = {"summary": "", "detail": ""}
+                if row[-1] is not None:
+                    info = orjson.loads(keyring.unseal(DETAIL_LABEL, str(alert.id), bytes(row[-1])))
+                found.append(
+                    AlertView(
+                        alert,
+                        str(info["summary"]),
+                        str(info["detail"]),
+                        _trigger_setting(conn, store, alert.trigger_ref),
+                    )
+                )
+            return found
+
+        found = await db.run_sync(store.connection, work)
+        patients = sorted({v.alert.patient_id for v in found})
+        events = [
+            AuditEvent(
+                actor,
+                AuditAction.SEARCH,
+                patient_key=None if pid == SITE else store.patient_key(f"Patient/{pid}"),
+                entity="alert worklist",
+                detail=f"{sum(v.alert.patient_id == pid for v in found)} alert(s)",
+            )
+            for pid in patients
+        ] or [AuditEvent(actor, AuditAction.SEARCH, entity="alert worklist x0")]
+        await store.transact(lambda _conn: None, events)
+        return sorted(found, key=lambda v: (-v.alert.severity.rank, v.alert.opened_at, v.alert.id))
+
+    async def last_event_id(self) -> int:
+        """The newest ``alert_events`` id (where a live stream of alert changes starts)."""
+        rows = await self._store.query("SELECT coalesce(max(id), 0) FROM alert_events")
+        return int(rows[0][0])
+
+    async def changed_since(self, after_event_id: int, limit: int = 200) -> list[tuple[int, int]]:
+        """``(alert id, its newest event id)`` of alerts changed after an event, in event order.
+
+        Ids and times only (no PHI, no audit); the caller opens the alerts with :meth:`views`.
+        """
+        rows = await self._store.query(
+            "SELECT alert_id, max(id) AS last FROM (SELECT id, alert_id FROM alert_events "
+            "WHERE id > ? ORDER BY id LIMIT ?) GROUP BY alert_id ORDER BY last",
+            (after_event_id, limit),
+        )
+        return [(int(a), int(e)) for a, e in rows]
 
     async def events(self, alert_id: int) -> list[AlertEvent]:
         """An alert's history, oldest first (ids, times, actions: nothing about the patient)."""
@@ -811,6 +951,20 @@ class AlertEngine:
             found[patient_id] = Enrolled(patient_id, _must(enrolled_at), thresholds)
         return found
 
+    async def _pin_cursor(self) -> None:
+        """Store where a first run starts, so readings committed between passes are not skipped.
+
+        Without a stored cursor, :meth:`cursor` answers "the newest resource now" afresh on
+        every pass, which would step over whatever arrived since the previous one.
+        """
+        start = await self._store.last_row_id()
+        await self._store.transact(
+            lambda conn: conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                (CURSOR_KEY, str(start)),
+            )
+        )
+
     async def evaluate_new(self, after_row_id: int) -> int:
         """Evaluate Observations committed after ``after_row_id``; returns the next cursor.
 
@@ -885,6 +1039,7 @@ class AlertEngine:
         """
         loop = asyncio.get_running_loop()
         last_tick: float | None = None
+        await self._pin_cursor()
         while True:
             try:
                 await self.run_until_idle()
@@ -956,28 +1111,8 @@ class AlertEngine:
             return await self.book.commit(plan_work, ACTOR, now=now)
 
     async def _last_readings(self, patient_ids: Sequence[str]) -> dict[str, datetime]:
-        """Each patient's newest Observation time, from the plain index (one audited search)."""
-        if not patient_ids:
-            return {}
-        keys = {pid: self._store.patient_key(f"Patient/{pid}") for pid in patient_ids}
-
-        def work(conn: sqlite3.Connection) -> dict[str, datetime]:
-            found = {}
-            for pid, key in keys.items():
-                row = conn.execute(
-                    "SELECT max(effective) FROM resources WHERE patient_key = ? "
-                    "AND type = 'Observation'",
-                    (key,),
-                ).fetchone()
-                moment = _time(row[0]) if row is not None else None
-                if moment is not None:
-                    found[pid] = moment
-            return found
-
-        event = AuditEvent(
-            ACTOR, AuditAction.SEARCH, entity=f"Observation last reading x{len(keys)}"
-        )
-        return await self._store.transact(work, [event])
+        """Each patient's newest Observation time (one audited search as the engine)."""
+        return await last_readings(self._store, patient_ids, ACTOR)
 
     async def _oldest_pending(self) -> datetime | None:
         """Creation time of the oldest resource waiting to go upstream (its UUIDv7)."""

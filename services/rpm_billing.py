@@ -50,7 +50,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from appliance import db
+from appliance import db, fhir
 from appliance.audit import AuditAction, AuditEvent
 from appliance.errors import ApplianceError
 from appliance.store import Store
@@ -224,6 +224,46 @@ class RpmBilling:
             Enrollment(str(p), str(program), _day(start, self._zone), end and _day(end, self._zone))
             for p, program, start, end in rows
         ]
+
+    async def observations(
+        self,
+        patient_id: str,
+        since: datetime,
+        codes: Sequence[str],
+        *,
+        actor: str,
+        limit: int = 5000,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """A patient's Observations coded one of ``codes`` (``system|code``) taken since ``since``.
+
+        Newest first, at most ``limit``; the flag is True when older ones in the window were
+        left out. Audited as one search. For the patient page's trend charts: the index
+        ``(patient_key, type, effective)`` bounds the scan to the window, so a long history
+        costs nothing, and only the wanted codes are decrypted.
+        """
+        key = self._store.patient_key(f"Patient/{patient_id}")
+        marks = ",".join("?" * len(codes))
+        store = self._store
+
+        def work(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT id, logical_id, type, key_version, body FROM resources "  # noqa: S608 - placeholders only
+                f"WHERE patient_key = ? AND type = 'Observation' AND effective >= ? "
+                f"AND code IN ({marks}) ORDER BY effective DESC LIMIT ?",
+                (key, fhir.utc_text(since), *codes, limit + 1),
+            ).fetchall()
+            return [store.decrypt_stored(conn, tuple(row)).resource for row in rows]
+
+        found = await db.run_sync(store.connection, work) if codes else []
+        event = AuditEvent(
+            actor,
+            AuditAction.SEARCH,
+            patient_key=key,
+            entity=f"Observation trend since {since.date().isoformat()}",
+            detail=f"{min(len(found), limit)} readings",
+        )
+        await store.transact(lambda _conn: None, [event])
+        return found[:limit], len(found) > limit
 
     # -- staff time ---------------------------------------------------------------------
 

@@ -1,0 +1,97 @@
+"""Browser tests: the real app under Hypercorn on loopback, driven by headless Chromium.
+
+Fixtures for any browser test:
+
+* ``live_app`` — ``web.app.create_app`` over a real SQLite store (the shared ``store``
+  fixture's file), served on 127.0.0.1 on a free port, with a nurse account;
+  ``live_app.url(path)``, ``live_app.store``, ``await live_app.log_in(page)``, and
+  ``await live_app.devices_store()`` for a second connection to the same database, as another
+  process (devices, sync) would have;
+* ``browser`` / ``page`` — Debian's Chromium (``/usr/bin/chromium``) through Playwright,
+  never a downloaded browser. Skipped with a reason only when that binary is absent;
+  ``make test`` installs it, so in CI these tests run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.config import demo_config
+from appliance.store import Store
+from appliance.users import Role
+from tests.e2e import live_server
+from web.app import create_app
+
+NURSE = "nurse-e2e"
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass
+class LiveApp:
+    """The served app: its base URL, its store, and helpers to use it as a person would."""
+
+    base_url: str
+    store: Store
+    db_path: Path
+    kek_path: Path
+    _others: list[Store] = field(default_factory=list)
+
+    def url(self, path: str = "/") -> str:
+        return f"{self.base_url}{path}"
+
+    async def log_in(
+        self, page: Any, path: str = "/", username: str = NURSE, password: str = PASSWORD
+    ) -> None:
+        """Sign ``page`` in through the login form (the nurse by default), landing on ``path``."""
+        await live_server.log_in(page, self.base_url, username, password, path)
+
+    async def devices_store(self) -> Store:
+        """Another connection to the same database, as the devices or sync process has."""
+        other = await Store.open(self.db_path, self.kek_path)
+        self._others.append(other)
+        return other
+
+
+@pytest.fixture
+async def live_app(
+    tmp_path: Path, store: Store, db_path: Path, kek_path: Path
+) -> AsyncIterator[LiveApp]:
+    config = demo_config(tmp_path)  # its database and KEK are where the store fixture put them
+    await live_server.create_user(store, NURSE, PASSWORD, Role.NURSE)
+    app = create_app(config, store)  # the production SSE poll (0.25 s)
+    async with live_server.serve(app) as base_url:
+        served = LiveApp(base_url, store, db_path, kek_path)
+        try:
+            yield served
+        finally:
+            for other in served._others:
+                await other.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    if not live_server.CHROMIUM.exists():
+        pytest.skip(f"{live_server.CHROMIUM} is not installed (`make test` installs chromium)")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        launched = await live_server.launch_chromium(playwright)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture
+async def page(browser: Any) -> AsyncIterator[Any]:
+    context = await browser.new_context(viewport={"width": 1440, "height": 1000})
+    opened = await context.new_page()
+    try:
+        yield opened
+    finally:
+        await context.close()
