@@ -41,8 +41,8 @@ the FHIR client: its transport errors must be classed here (a timeout fetching a
 not an ambiguous bundle delivery), and a token is fetched every few minutes at most, so a
 fresh connection costs nothing that matters.
 
-The scope: the config has no ``scope`` key yet, so :data:`DEFAULT_SCOPE` asks for what the
-agent does (read and search; create and update) on every type; EHRs grant only what the
+The scope: the upstream's ``scope`` key, by default :data:`DEFAULT_SCOPE`, what the agent
+does (read and search; create and update) on every type; EHRs grant only what the
 registration allows whatever is asked. Public endpoints (``metadata``, the SMART
 configuration) go without a token, which keeps the sync loop's reachability probe from
 fetching tokens.
@@ -242,6 +242,8 @@ class SmartBackendAuth(httpx.Auth):
         *,
         verify: ssl.SSLContext | bool = True,
         timeout: httpx.Timeout | float = 30.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> SmartBackendAuth:
         """The flow for one ``auth = "smart"`` upstream; reads and checks its private key."""
         assert upstream.client_id is not None  # the config parser requires these for smart
@@ -251,8 +253,11 @@ class SmartBackendAuth(httpx.Auth):
             client_id=upstream.client_id,
             token_url=upstream.token_url,
             key=load_signing_key(upstream.private_key_file, upstream.algorithm),
+            scope=upstream.scope,
             verify=verify,
             timeout=timeout,
+            clock=clock,
+            monotonic=monotonic,
         )
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:

@@ -54,6 +54,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import orjson
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
@@ -384,11 +385,20 @@ class Deliverer:
     ) -> None:
         stamp = _iso(now)
         with db.transaction_sync(conn):
-            conn.executemany(
-                "UPDATE outbox SET state = 'delivered', upstream_ref = ?, delivered_at = ?, "
-                "attempts = attempts + 1, last_error = NULL WHERE id = ? AND state = 'pending'",
-                [(ref, stamp, item.outbox_id) for item, ref in delivered],
-            )
+            if delivered:
+                # One statement for the whole bundle (the ids and references as one JSON
+                # array): a row-by-row executemany hands the GIL back and forth with the
+                # event loop once per row, which is most of a drain's cost.
+                conn.execute(
+                    "UPDATE outbox SET state = 'delivered', upstream_ref = v.ref, "
+                    "delivered_at = ?, attempts = attempts + 1, last_error = NULL "
+                    "FROM (SELECT value ->> 0 AS id, value ->> 1 AS ref FROM json_each(?)) AS v "
+                    "WHERE outbox.id = v.id AND outbox.state = 'pending'",
+                    (
+                        stamp,
+                        orjson.dumps([(item.outbox_id, ref) for item, ref in delivered]).decode(),
+                    ),
+                )
             conn.executemany(
                 "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1 "
                 "WHERE id = ? AND state = 'pending'",
@@ -485,7 +495,7 @@ class Deliverer:
             if 200 <= code < 300:
                 delivered.append((item, self._entry_ref(entry)))
                 result.existing += code == 200
-            elif 400 <= code < 500 and code not in (408, 409, 429):
+            elif 400 <= code < 500 and code not in (401, 403, 408, 409, 429):
                 message = outcome_text(entry.get("response", {}).get("outcome")) or f"HTTP {code}"
                 dead.append((item, message))
             else:

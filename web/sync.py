@@ -7,18 +7,30 @@
   transaction; the sync process wakes on the commit and skips its backoff;
 * ``POST /sync/dead-letters/<id>/message`` opens one dead letter's sealed message (the
   upstream's words, which may quote PHI) and shows it on this response only, audited.
+
+The review queue (``/sync/review``) is for nurses and admins: local edits the upstream
+refused because it had changed meanwhile (412 on ``If-Match``). The list shows no PHI;
+opening one shows both versions field by field (audited as a read of that patient's record)
+and the nurse decides: keep ours (the update is sent again, checked against their version)
+or take theirs (it replaces ours here; ours stays in the history). Nothing is overwritten
+without that decision.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from quart import Blueprint, redirect, render_template, url_for
+from quart import Blueprint, abort, redirect, render_template, request, url_for
 from quart.typing import ResponseReturnValue
 
 from appliance import db
+from appliance.errors import InvalidResourceError
 from appliance.users import Role
 from sync_agent import status
+from sync_agent.updates import ReviewError, ReviewItem, ReviewQueue
 from web.app import app_state
 from web.auth import current_session, login_required
 
@@ -64,8 +76,10 @@ async def _page(*, opened: dict[int, str] | None = None, notice: str | None = No
     last_success_age = (
         None if found.last_success is None else (now - found.last_success).total_seconds()
     )
+    open_reviews = await ReviewQueue(state.store).items()
     return await render_template(
         "sync.html",
+        open_reviews=len(open_reviews),
         status=found,
         is_admin=is_admin,
         opened=opened or {},
@@ -108,3 +122,133 @@ async def dead_letter_message(outbox_id: int) -> ResponseReturnValue:
     if not opened:
         return await _page(notice="That dead letter is no longer there."), 404
     return await _page(opened=opened)
+
+
+# -- the review queue -----------------------------------------------------------------------
+
+# Server-owned or local-only parts of a resource: never a difference a nurse decides on.
+_NOT_COMPARED = frozenset({"id", "meta", "text"})
+_NOTICES = {
+    "kept": "Kept the version made here; it is sent to the upstream again, checked against "
+    "their current version.",
+    "took": "Took the upstream's version; it replaces the one here (which stays in the "
+    "record's history).",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRow:
+    """One field of the compared versions (``None``: the version does not have it)."""
+
+    path: str
+    mine: str | None
+    theirs: str | None
+
+    @property
+    def differs(self) -> bool:
+        """The two versions disagree on this field."""
+        return self.mine != self.theirs
+
+
+def _flatten(value: Any, path: str, out: dict[str, str]) -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _flatten(item, f"{path}.{key}" if path else str(key), out)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _flatten(item, f"{path}[{index}]", out)
+    elif isinstance(value, bool):
+        out[path] = "true" if value else "false"
+    else:
+        out[path] = str(value)
+
+
+def compare(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[FieldRow]:
+    """Both versions field by field (``name[0].family``), in the order they first appear."""
+    flat_mine: dict[str, str] = {}
+    flat_theirs: dict[str, str] = {}
+    for key, value in mine.items():
+        if key not in _NOT_COMPARED:
+            _flatten(value, key, flat_mine)
+    for key, value in theirs.items():
+        if key not in _NOT_COMPARED:
+            _flatten(value, key, flat_theirs)
+    paths = list(dict.fromkeys([*flat_mine, *flat_theirs]))
+    return [FieldRow(path, flat_mine.get(path), flat_theirs.get(path)) for path in paths]
+
+
+async def _review_page(
+    *, case: Any = None, rows: list[FieldRow] | None = None, notice: str | None = None
+) -> str:
+    state = app_state()
+    queue = ReviewQueue(state.store)
+    items: list[ReviewItem] = await queue.items()
+    return await render_template(
+        "sync_review.html",
+        items=items,
+        case=case,
+        rows=rows or [],
+        notice=notice,
+        local=lambda text: _local_text(text, state.zone),
+    )
+
+
+def _local_text(text: str | None, zone: Any) -> str:
+    if not text:
+        return "–"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+
+
+@bp.get("/review")
+@login_required(role=_VIEWERS)
+async def review_list() -> ResponseReturnValue:
+    """Open conflicts, oldest first (no PHI on this page until one is opened)."""
+    return await _review_page(notice=_NOTICES.get(request.args.get("done", "")))
+
+
+@bp.get("/review/<int:review_id>")
+@login_required(role=_VIEWERS)
+async def review_case(review_id: int) -> ResponseReturnValue:
+    """Both versions of one conflict, field by field (audited as a read of the record)."""
+    state = app_state()
+    actor, _ = await _actor()
+    try:
+        case = await ReviewQueue(state.store).open(review_id, actor)
+    except ReviewError:
+        abort(404)
+    return await _review_page(case=case, rows=compare(case.mine, case.theirs))
+
+
+@bp.post("/review/<int:review_id>/keep-mine")
+@login_required(role=_VIEWERS)
+async def review_keep_mine(review_id: int) -> ResponseReturnValue:
+    """Keep the version made here: the update is queued again, checked against theirs."""
+    state = app_state()
+    actor, _ = await _actor()
+    try:
+        await ReviewQueue(state.store).keep_mine(review_id, actor)
+    except ReviewError:
+        return await _review_page(notice="That conflict was already decided or is gone."), 409
+    return redirect(url_for("sync.review_list", done="kept"), 303)
+
+
+@bp.post("/review/<int:review_id>/take-theirs")
+@login_required(role=_VIEWERS)
+async def review_take_theirs(review_id: int) -> ResponseReturnValue:
+    """Take the upstream's version: it replaces the one here."""
+    state = app_state()
+    actor, _ = await _actor()
+    try:
+        await ReviewQueue(state.store).take_theirs(review_id, actor)
+    except ReviewError:
+        return await _review_page(notice="That conflict was already decided or is gone."), 409
+    except InvalidResourceError:
+        return await _review_page(
+            notice="The upstream's version is not valid FHIR, so it cannot replace the one "
+            "here. Keep the version made here, or ask the EHR team to correct theirs."
+        ), 422
+    return redirect(url_for("sync.review_list", done="took"), 303)

@@ -266,6 +266,17 @@ async def test_outbox_drains_over_many_bundles_with_one_token(
     assert _states(db_path) == [("delivered", 7)]
 
 
+async def test_the_scope_in_the_site_config_is_the_one_asked_for(smart: Smart) -> None:
+    narrow = "system/Observation.cu system/Patient.rs"
+    upstream = replace(smart.upstream, scope=narrow)
+    auth = SmartBackendAuth.from_config(
+        upstream, timeout=5.0, clock=smart.clock.now, monotonic=smart.clock.monotonic
+    )
+    async with build_client(upstream, auth=auth) as client:
+        await post_bundle(client, {"resourceType": "Bundle", "type": "batch", "entry": []})
+    assert smart.server.scopes == [narrow]
+
+
 async def test_token_is_refreshed_shortly_before_it_expires(smart: Smart) -> None:
     async with smart.client() as client:
         await post_bundle(client, _bundle())

@@ -135,6 +135,31 @@ async def test_503_is_transient_nothing_is_written_and_the_retry_lands(
     assert proxy.counts["status"] == 1
 
 
+@pytest.mark.parametrize("status", [401, 403])
+async def test_refused_credentials_keep_every_record_pending_instead_of_dead(
+    store: Store,
+    client: httpx.AsyncClient,
+    proxy: FaultProxy,
+    fhir_peer: FhirPeer,
+    db_path: Path,
+    status: int,
+) -> None:
+    # A server that wants credentials we did not send (auth = none, or a revoked grant):
+    # a person fixes the config, and nothing may have been dead-lettered meanwhile.
+    await _readings(store, 3)
+    deliverer = _deliverer(store, client)
+    await proxy.set(Fault.STATUS, status=status, count=2)
+    for _ in range(2):
+        failed = await deliverer.drain()
+        assert (failed.link_down, failed.unreachable, failed.dead) == (True, False, 0)
+        assert failed.error is not None
+        assert failed.error.startswith("auth: the upstream refused our credentials")
+    assert _rows(db_path) == [("pending", 0, None)] * 4
+    result = await deliverer.drain()
+    assert (result.delivered, result.dead, result.error) == (4, 0, None)
+    assert fhir_peer.count("Observation") == 3
+
+
 def test_backoff_is_full_jitter_exponential_and_capped() -> None:
     rng = random.Random(3)
     pacing = Pacing(interval_s=5.0)

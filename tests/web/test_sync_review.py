@@ -1,0 +1,175 @@
+"""The review queue pages (/sync/review) over a real store, with conflicts made by the sync
+agent against the real Medplum FHIR peer."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from quart.testing import QuartClient
+
+from appliance.store import Store, UpstreamCopy
+from sync_agent.updates import ReviewQueue, UpdateSender
+from sync_agent.upstream import FHIR_JSON
+from tests import factories
+from tests.fhir_peer.peer import FhirPeer
+from tests.web.conftest import NURSE, form_token
+from web.sync import compare
+
+pytestmark = pytest.mark.peer
+
+ACTOR = f"user:{NURSE}"
+
+
+@pytest.fixture
+async def upstream(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
+    fhir_peer.reset()
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
+    ) as http:
+        yield http
+
+
+async def _conflict(store: Store, upstream: httpx.AsyncClient) -> tuple[str, dict[str, Any]]:
+    """A pulled Patient edited here ("Mineperson") and upstream ("Theirsperson"); the sync
+    agent's update is refused with 412 and the change waits for review."""
+    created = (await upstream.post("Patient", json=factories.patient(family="Firstperson"))).json()
+    [imported] = await store.import_upstream(
+        [
+            UpstreamCopy(
+                f"Patient/{created['id']}",
+                created["meta"]["versionId"],
+                created["meta"]["lastUpdated"],
+                created,
+            )
+        ],
+        "service:sync",
+    )
+    assert imported.logical_id is not None
+    logical_id = imported.logical_id
+    ours = await store.read("Patient", logical_id, ACTOR)
+    await store.update(
+        "Patient",
+        logical_id,
+        {**ours, "name": [{"family": "Mineperson", "given": ["Ada"]}]},
+        ACTOR,
+    )
+    theirs = (await upstream.get(f"Patient/{created['id']}")).json()
+    theirs["name"] = [{"family": "Theirsperson", "given": ["Ada"]}]
+    assert (await upstream.put(f"Patient/{created['id']}", json=theirs)).status_code == 200
+    sent = await UpdateSender(store, upstream, rng=random.Random(1)).send_once()
+    assert sent.conflicts == 1
+    return logical_id, created
+
+
+def test_compare_marks_the_fields_that_differ_and_skips_server_parts() -> None:
+    rows = compare(
+        {"resourceType": "Patient", "id": "a", "name": [{"family": "A"}], "active": True},
+        {
+            "resourceType": "Patient",
+            "id": "b",
+            "meta": {"versionId": "2"},
+            "name": [{"family": "B"}],
+        },
+    )
+    assert [(r.path, r.mine, r.theirs, r.differs) for r in rows] == [
+        ("resourceType", "Patient", "Patient", False),
+        ("name[0].family", "A", "B", True),
+        ("active", "true", None, True),
+    ]
+
+
+async def test_the_sync_page_counts_open_conflicts_and_the_list_shows_no_phi(
+    logged_in: QuartClient, store: Store, upstream: httpx.AsyncClient
+) -> None:
+    await _conflict(store, upstream)
+    page = await (await logged_in.get("/sync/")).get_data(as_text=True)
+    assert "1 conflict waiting for a decision" in page
+    listing = await logged_in.get("/sync/review")
+    body = await listing.get_data(as_text=True)
+    assert listing.status_code == 200
+    assert "Compare and decide" in body
+    assert "Mineperson" not in body
+    assert "Theirsperson" not in body
+
+
+async def test_opening_a_conflict_shows_both_versions_and_is_audited(
+    logged_in: QuartClient, store: Store, upstream: httpx.AsyncClient, db_path: Path
+) -> None:
+    await _conflict(store, upstream)
+    [item] = await ReviewQueue(store).items()
+    response = await logged_in.get(f"/sync/review/{item.id}")
+    body = await response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    assert 'data-path="name[0].family"' in body
+    row = body.split('data-path="name[0].family"', 1)[1].split("</tr>", 1)[0]
+    assert "Mineperson" in row
+    assert "Theirsperson" in row
+    assert "differs" in row
+    conn = sqlite3.connect(db_path)
+    reads = conn.execute(
+        "SELECT actor, action FROM audit WHERE entity = ?", (f"review/{item.id}",)
+    ).fetchall()
+    conn.close()
+    assert (ACTOR, "read") in reads
+
+
+async def test_keep_mine_requeues_the_update_which_then_lands_upstream(
+    logged_in: QuartClient, store: Store, upstream: httpx.AsyncClient
+) -> None:
+    _, created = await _conflict(store, upstream)
+    [item] = await ReviewQueue(store).items()
+    page = await (await logged_in.get(f"/sync/review/{item.id}")).get_data()
+    decided = await logged_in.post(
+        f"/sync/review/{item.id}/keep-mine", form={"csrf_token": form_token(page)}
+    )
+    assert decided.status_code == 303
+    assert decided.headers["Location"].endswith("/sync/review?done=kept")
+    assert await ReviewQueue(store).items() == []
+    sent = await UpdateSender(store, upstream, rng=random.Random(2)).send_once()
+    assert (sent.delivered, sent.conflicts) == (1, 0)
+    now_upstream = (await upstream.get(f"Patient/{created['id']}")).json()
+    assert now_upstream["name"][0]["family"] == "Mineperson"
+    # Deciding twice is refused, with a clear page.
+    again = await logged_in.post(
+        f"/sync/review/{item.id}/keep-mine", form={"csrf_token": form_token(page)}
+    )
+    assert again.status_code == 409
+    assert "already decided" in await again.get_data(as_text=True)
+
+
+async def test_take_theirs_replaces_ours_here(
+    logged_in: QuartClient, store: Store, upstream: httpx.AsyncClient
+) -> None:
+    logical_id, _ = await _conflict(store, upstream)
+    [item] = await ReviewQueue(store).items()
+    page = await (await logged_in.get(f"/sync/review/{item.id}")).get_data()
+    decided = await logged_in.post(
+        f"/sync/review/{item.id}/take-theirs", form={"csrf_token": form_token(page)}
+    )
+    assert decided.status_code == 303
+    assert "Took the upstream" in await (await logged_in.get(decided.headers["Location"])).get_data(
+        as_text=True
+    )
+    here = await store.read("Patient", logical_id, ACTOR)
+    assert here["name"][0]["family"] == "Theirsperson"
+
+
+async def test_a_decision_needs_the_csrf_token(
+    logged_in: QuartClient, store: Store, upstream: httpx.AsyncClient
+) -> None:
+    await _conflict(store, upstream)
+    [item] = await ReviewQueue(store).items()
+    refused = await logged_in.post(f"/sync/review/{item.id}/take-theirs", form={})
+    assert refused.status_code == 403
+    assert len(await ReviewQueue(store).items()) == 1
+
+
+async def test_an_unknown_conflict_is_a_404(logged_in: QuartClient) -> None:
+    assert (await logged_in.get("/sync/review/999")).status_code == 404
