@@ -633,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
     from services import rpm_cli  # vendor keys (ingest) and RPM billing, likewise
 
     rpm_cli.add_commands(sub, command)
+    from services.claims import cli as claims_cli  # Q3014 claims (issue 8), likewise
+
+    claims_cli.add_commands(sub, command)
+    from appliance import discovery  # `appliance discover` (issue 9)
+
+    discovery.add_commands(sub, command)
     return parser
 
 

@@ -15,6 +15,8 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,7 @@ class UpstreamConfig:
     token_url: str | None = None
     private_key_file: Path | None = None
     algorithm: str = "RS384"
+    scope: str = "system/*.rs system/*.cu"
     client_cert_file: Path | None = None
     client_key_file: Path | None = None
     ca_file: Path | None = None
@@ -139,6 +142,71 @@ class SyncConfig:
     upstreams: tuple[UpstreamConfig, ...] = ()
 
 
+class PayerKind(StrEnum):
+    """Kinds of payer a Q3014 claim can go to (the eligibility rules differ per kind)."""
+
+    MEDICARE = "medicare"
+    MEDICAID = "medicaid"
+    COMMERCIAL = "commercial"
+
+
+@dataclass(frozen=True, slots=True)
+class PayerConfig:
+    """One payer the site bills (``[[claims.payer]]``); ``id`` is its X12 payer id."""
+
+    id: str
+    name: str
+    kind: PayerKind
+    state: str | None = None
+    pays_q3014: bool | None = None
+    geography_rule: bool | None = None
+    fee: Decimal | None = None
+    timely_filing_days: int | None = None
+    filing_indicator: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimsConfig:
+    """Originating-site facility-fee claims (Q3014): who submits, who receives, how."""
+
+    enabled: bool = False
+    auto_ready: bool = False
+    charge: Decimal | None = None
+    usage: str = "test"
+    submitter_name: str | None = None
+    submitter_id: str | None = None
+    contact_name: str | None = None
+    contact_phone: str | None = None
+    receiver_name: str | None = None
+    receiver_id: str | None = None
+    attending_npi: str | None = None
+    attending_family: str | None = None
+    attending_given: str | None = None
+    payers: tuple[PayerConfig, ...] = ()
+
+    def payer(self, payer_id: str) -> PayerConfig | None:
+        """The ``[[claims.payer]]`` with this payer id, if declared."""
+        return next((p for p in self.payers if p.id == payer_id), None)
+
+    def payer_of_kind(self, kind: PayerKind) -> PayerConfig | None:
+        """The first declared payer of a kind (the Medicare MAC, typically)."""
+        return next((p for p in self.payers if p.kind is kind), None)
+
+
+@dataclass(frozen=True, slots=True)
+class RpmConfig:
+    """Remote-monitoring alerts (the engine in the devices process; docs/rpm.md)."""
+
+    poll_s: float = 0.25
+    tick_s: float = 60.0
+    escalate_critical_min: int = 15
+    escalate_high_min: int = 60  # 0: high alerts never escalate
+    escalate_to_role: str = "provider"
+    sync_backlog_hours: float = 24.0  # 0: the sync-backlog rule is off
+    quiet_days: float = 3.0
+    device_silent_hours: float = 48.0
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole site configuration; ``source`` is the file it came from, if any."""
@@ -150,6 +218,8 @@ class Config:
     devices: DevicesConfig
     sync: SyncConfig
     source: Path | None
+    rpm: RpmConfig = dataclass_field(default_factory=RpmConfig)
+    claims: ClaimsConfig = dataclass_field(default_factory=ClaimsConfig)
 
 
 def npi_is_valid(npi: str) -> bool:
@@ -254,6 +324,15 @@ _BOOL = _expect("true or false", lambda v: isinstance(v, bool))
 _PATH = _expect("a file path", _is_text, Path)
 _URL = _expect("an http:// or https:// URL", _is_url, lambda v: v.rstrip("/"))
 _NPI = _Type("a 10-digit NPI with a valid check digit", _check_npi)
+_MONEY = _expect(
+    'an amount in dollars as a string ("31.85")',
+    lambda v: isinstance(v, str) and bool(re.fullmatch(r"[0-9]{1,7}(\.[0-9]{1,2})?", v)),
+    Decimal,
+)
+_X12_ID = _pattern("2-15 letters or digits", r"[A-Za-z0-9]{2,15}")
+_X12_NAME = _pattern(
+    "1-60 characters of letters, digits, spaces and .,&'-", r"[A-Za-z0-9 .,&'-]{1,60}"
+)
 _ZONE = _Type("an IANA time zone name", _check_zone)
 _LINES = _expect(
     "a list of one or more address lines",
@@ -352,18 +431,92 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
         _F("private_key_file", _PATH, None,
            "PEM key signing SMART client assertions (required for smart)."),
         _F("algorithm", _one_of(("RS384", "ES384")), "RS384", "SMART client assertion algorithm."),
+        _F("scope", _pattern("space-separated SMART scopes such as system/Observation.cu",
+                             r"[!#-\[\]-~]+( [!#-\[\]-~]+)*"),
+           "system/*.rs system/*.cu",
+           "SMART scopes asked for (smart only); the EHR grants what the registration allows."),
         _F("client_cert_file", _PATH, None, "PEM client certificate (required for mtls)."),
         _F("client_key_file", _PATH, None, "PEM key of client_cert_file (required for mtls)."),
-        _F("ca_file", _PATH, None, "PEM CA bundle to verify the server (default: system CAs)."),
+        _F("ca_file", _PATH, None, "PEM CA bundle to verify the server (default: the Mozilla CA bundle of certifi)."),
         _F("max_bundle_entries", _int(1, 1000), 8, "Most entries in one transaction Bundle."),
         _F("timeout_s", _number(1, 600), 30.0, "Seconds to wait for one HTTP exchange."),
         _F("location", _pattern("a reference Location/<id>", r"Location/[A-Za-z0-9.-]{1,64}"),
            None, "This site's Location on this upstream: Appointments with it as a participant "
            "(`actor`) are pulled, with their Patients. Unset: no Appointments are pulled."),
     ),
+    "claims": (
+        _F("enabled", _BOOL, False, "Draft a Q3014 facility-fee claim for each eligible visit."),
+        _F("auto_ready", _BOOL, False,
+           "A draft that passes every check becomes ready without a biller's review."),
+        _F("charge", _MONEY, _Computed("the fee schedule amount on the date of service"),
+           "The site's charge for Q3014 (CLM02); Medicare pays 80 % of the lesser of "
+           "charge and fee."),
+        _F("usage", _one_of(("test", "production")), "test",
+           "ISA15: interchanges marked as test (T) or production (P) data."),
+        _F("submitter_name", _X12_NAME, _Computed("site.name"), "1000A submitter name."),
+        _F("submitter_id", _X12_ID, None,
+           "1000A submitter id (ETIN) the clearinghouse gave you (required when enabled)."),
+        _F("contact_name", _X12_NAME, None, "1000A PER contact (required when enabled)."),
+        _F("contact_phone", _pattern("10 digits", r"[0-9]{10}"), None,
+           "1000A PER telephone, 10 digits (required when enabled)."),
+        _F("receiver_name", _X12_NAME, None, "1000B receiver (clearinghouse) name "
+           "(required when enabled)."),
+        _F("receiver_id", _X12_ID, None, "1000B receiver id, also ISA08/GS03 "
+           "(required when enabled)."),
+        _F("attending_npi", _NPI, None,
+           "837I 2310A attending provider NPI (required for every site type but office)."),
+        _F("attending_family", _X12_NAME, None, "Attending provider's family name."),
+        _F("attending_given", _X12_NAME, None, "Attending provider's given name."),
+    ),
+    "claims.payer": (
+        _F("id", _X12_ID, _REQUIRED, "Payer id (2010BB NM1*PR ... PI), e.g. the MAC's id."),
+        _F("name", _X12_NAME, _REQUIRED, "Payer name."),
+        _F("kind", _one_of(tuple(PayerKind), PayerKind), _REQUIRED,
+           "medicare, medicaid or commercial: which eligibility rules apply."),
+        _F("state", _STATE, None, "For medicaid: the state whose program this is "
+           "(default site.address.state)."),
+        _F("pays_q3014", _BOOL, _Computed("the data table's rule for the kind"),
+           "Whether this payer pays the originating-site fee (required for commercial)."),
+        _F("geography_rule", _BOOL, _Computed("the data table's rule for the kind"),
+           "Whether the rural (non-MSA or rural HPSA) requirement applies."),
+        _F("fee", _MONEY, _Computed("the Medicare fee schedule"),
+           "This payer's own fee for Q3014."),
+        _F("timely_filing_days", _int(30, 1095), _Computed("365"),
+           "Days after the date of service within which a claim must be filed."),
+        _F("filing_indicator", _pattern("a claim filing indicator code (2 characters)",
+                                        r"[0-9A-Z]{2}"), _Computed("by kind: MB/MA, MC, CI"),
+           "SBR09 claim filing indicator."),
+    ),
+    # Ranges of quiet_days and device_silent_hours: those of the rules' own parameters
+    # (services/rpm_rules.py RULE_PARAMS; a test keeps them equal). Roles: users.Role.
+    "rpm": (
+        _F("poll_s", _number(0.05, 60), 0.25,
+           "Seconds between looks for newly committed readings to evaluate."),
+        _F("tick_s", _number(1, 3600), 60.0,
+           "Seconds between runs of the time-based rules, snooze ends and escalation."),
+        _F("escalate_critical_min", _int(1, 1440), 15,
+           "Minutes a critical alert may stay unacknowledged before it escalates."),
+        _F("escalate_high_min", _int(0, 1440), 60,
+           "Minutes a high alert may stay unacknowledged before it escalates (0: never)."),
+        _F("escalate_to_role", _one_of(("provider", "nurse", "admin")), "provider",
+           "The role an alert escalates to (shown on the worklist)."),
+        _F("sync_backlog_hours", _number(0, 720), 24.0,
+           "A site alert when an item has waited this long to go upstream (0: off)."),
+        _F("quiet_days", _number(1, 30), 3.0,
+           "Days without a reading before a patient is quiet (a patient's own value wins)."),
+        _F("device_silent_hours", _number(1, 720), 48.0,
+           "Hours a patient's home device may go unseen (a patient's own value wins)."),
+    ),
 }
 # fmt: on
-_TOP_LEVEL = ("site", "paths", "keys", "web", "devices", "sync")
+_TOP_LEVEL = ("site", "paths", "keys", "web", "devices", "sync", "claims", "rpm")
+_REQUIRED_WHEN_CLAIMS = (
+    "submitter_id",
+    "contact_name",
+    "contact_phone",
+    "receiver_name",
+    "receiver_id",
+)
 _REQUIRED_BY_AUTH = {
     AuthKind.BEARER: ("token_file",),
     AuthKind.SMART: ("client_id", "token_url", "private_key_file"),
@@ -454,6 +607,13 @@ class _Reader:
                 if up[key] is None:
                     self.problems.append(f"{where}.{key}: required when auth is {auth.value!r}")
             result.append(up)
+        if len(result) > 1:
+            # One outbox, one delivery state per record: a second EHR would silently get
+            # nothing. Payer endpoints for claims are configured with the claims, not here.
+            self.problems.append(
+                "sync.upstream: one upstream EHR per site is supported "
+                f"({len(result)} are configured); keep the one this site's records belong to"
+            )
         return result
 
     def line_protocols(self, raw: object) -> list[LineProtocolSpec]:
@@ -480,6 +640,30 @@ class _Reader:
                 self.problems.append(f"{where}.name: {spec.name!r} is declared twice")
             specs.append(spec)
         return specs
+
+    def claims(self, raw: object, payers_raw: object) -> tuple[dict[str, Any], list[PayerConfig]]:
+        """The ``[claims]`` table and its ``[[claims.payer]]`` tables."""
+        claims = self.table("claims", raw, nested=("payer",))
+        if claims["enabled"]:
+            for key in _REQUIRED_WHEN_CLAIMS:
+                if claims[key] is None:
+                    self.problems.append(f"claims.{key}: required when claims.enabled is true")
+        payers: list[PayerConfig] = []
+        if payers_raw is None:
+            return claims, payers
+        if not isinstance(payers_raw, list):
+            self.problems.append("claims.payer: expected an array of tables ([[claims.payer]])")
+            return claims, payers
+        for index, item in enumerate(payers_raw):
+            where = f"claims.payer[{index}]"
+            payer = self.table("claims.payer", item, where)
+            if payer["id"] is not None and any(p.id == payer["id"] for p in payers):
+                self.problems.append(f"{where}.id: {payer['id']!r} is declared twice")
+            if payer["kind"] is PayerKind.COMMERCIAL and payer["pays_q3014"] is None:
+                self.problems.append(f"{where}.pays_q3014: required when kind is 'commercial'")
+            if None not in (payer["id"], payer["name"], payer["kind"]):
+                payers.append(PayerConfig(**payer))
+        return claims, payers
 
 
 def _subtable(data: Mapping[str, object], section: str, key: str) -> object:
@@ -513,6 +697,8 @@ def parse(
     line_protocols = reader.line_protocols(_subtable(data, "devices", "line_protocol"))
     sync = reader.table("sync", data.get("sync"), nested=("upstream",))
     upstreams = reader.upstreams(_subtable(data, "sync", "upstream"))
+    rpm = reader.table("rpm", data.get("rpm"))
+    claims, payers = reader.claims(data.get("claims"), _subtable(data, "claims", "payer"))
     for present, missing in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
         if web[present] is not None and web[missing] is None:
             reader.problems.append(f"web.{missing}: required when web.{present} is set")
@@ -534,6 +720,11 @@ def parse(
         devices=DevicesConfig(**devices, line_protocols=tuple(line_protocols)),
         sync=SyncConfig(**sync, upstreams=tuple(UpstreamConfig(**up) for up in upstreams)),
         source=None,
+        rpm=RpmConfig(**rpm),
+        claims=ClaimsConfig(
+            **{**claims, "submitter_name": claims["submitter_name"] or site["name"]},
+            payers=tuple(payers),
+        ),
     )
 
 
@@ -632,7 +823,7 @@ def reference() -> str:
     """The key reference of ``docs/site-config.md`` (Markdown), rendered from the schema."""
     out: list[str] = []
     for schema, fields in _SCHEMA.items():
-        title = "[[sync.upstream]]" if schema == "sync.upstream" else f"[{schema}]"
+        title = f"[[{schema}]]" if schema in ("sync.upstream", "claims.payer") else f"[{schema}]"
         out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         out += [
             f"| `{f.key}` | {f.type.describe} | {_shown(f.default)} | {f.help} |" for f in fields

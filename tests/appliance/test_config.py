@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from appliance.config import (
     AuthKind,
     Config,
+    RpmConfig,
     SiteType,
     UpstreamConfig,
     demo_config,
@@ -64,10 +65,7 @@ def test_example_file_loads() -> None:
     assert config.site.type is SiteType.HOSPITAL_OUTPATIENT
     assert config.site.tax_id == "841234567"
     assert config.paths.database == Path("/var/lib/appliance/appliance.db")
-    assert [(u.name, u.auth) for u in config.sync.upstreams] == [
-        ("ehr", AuthKind.SMART),
-        ("hie", AuthKind.BEARER),
-    ]
+    assert [(u.name, u.auth) for u in config.sync.upstreams] == [("ehr", AuthKind.SMART)]
     assert config.sync.upstreams[0].algorithm == "ES384"
 
 
@@ -185,8 +183,9 @@ auth = "bearer"
         "sync.upstream[0].auth",
         "sync.upstream[1].name",
         "sync.upstream[1].token_file",
+        "sync.upstream",
     }
-    assert len(caught.value.problems) == 14
+    assert len(caught.value.problems) == 15
     assert "site.npi: '1234567890' fails the NPI check digit (Luhn with prefix 80840)" in (
         caught.value.problems
     )
@@ -196,7 +195,7 @@ auth = "bearer"
         in caught.value.problems
     )
     assert "paths.data_dir: required" in caught.value.problems
-    assert "14 problems" in str(caught.value)
+    assert "15 problems" in str(caught.value)
 
 
 def test_unknown_keys_are_errors_at_every_level() -> None:
@@ -295,7 +294,7 @@ def test_relative_paths_resolve_against_the_files_folder(
         (DOCS / "site.example.toml")
         .read_text(encoding="utf-8")
         .replace('"/var/lib/appliance"', '"data"')
-        .replace('"/etc/appliance/hie-token"', '"secrets/hie-token"')
+        .replace('"/etc/appliance/smart/client-key.pem"', '"secrets/client-key.pem"')
         .replace('"/etc/appliance/tls/server.pem"', '"../tls/server.pem"'),
         encoding="utf-8",
     )
@@ -303,7 +302,7 @@ def test_relative_paths_resolve_against_the_files_folder(
     config = load(Path("etc/site.toml"), environ={})
     assert config.paths.data_dir == folder / "data"
     assert config.paths.database == folder / "data" / "appliance.db"
-    assert config.sync.upstreams[1].token_file == folder / "secrets" / "hie-token"
+    assert config.sync.upstreams[0].private_key_file == folder / "secrets" / "client-key.pem"
     assert config.web.tls_cert == folder / ".." / "tls" / "server.pem"
 
 
@@ -340,7 +339,26 @@ def test_cross_key_rules() -> None:
     )
     assert problems_of(data) == [
         "sync.upstream[1].name: 'a' is already used by sync.upstream[0]",
+        "sync.upstream: one upstream EHR per site is supported (2 are configured); keep the "
+        "one this site's records belong to",
         "web.tls_cert: required when web.tls_key is set",
+    ]
+
+
+def test_smart_scope_defaults_to_what_the_agent_does_and_is_checked() -> None:
+    from sync_agent.auth import DEFAULT_SCOPE
+
+    upstream = {"name": "ehr", "base_url": "https://ehr.example"}
+    etc = Path("/etc/appliance")
+    [default] = parse(doc(sync={"upstream": [upstream]}), base_dir=etc, environ={}).sync.upstreams
+    assert default.scope == DEFAULT_SCOPE
+    narrow = "system/Observation.cu system/Patient.rs"
+    chosen_doc = doc(sync={"upstream": [upstream | {"scope": narrow}]})
+    [chosen] = parse(chosen_doc, base_dir=etc, environ={}).sync.upstreams
+    assert chosen.scope == narrow
+    assert problems_of(doc(sync={"upstream": [upstream | {"scope": "a  b"}]})) == [
+        "sync.upstream[0].scope: expected space-separated SMART scopes such as "
+        "system/Observation.cu, got 'a  b'"
     ]
 
 
@@ -366,3 +384,92 @@ def test_every_problem_of_a_line_protocol_is_listed_with_its_path() -> None:
     ok = parse(doc(devices={"line_protocol": [good]}), environ={})
     assert ok.devices.line_protocol("thermo") is not None
     assert ok.devices.line_protocol("other") is None
+
+
+# -- [rpm] ---------------------------------------------------------------------------------
+
+
+def test_rpm_defaults_are_the_engines_and_rules_own() -> None:
+    from services import devices
+    from services.alerts import EscalationPolicy
+    from services.rpm_rules import RULE_PARAMS, Rule, Severity
+
+    rpm = parse(MINIMAL, environ={}).rpm
+    assert rpm == RpmConfig()
+    assert (rpm.poll_s, rpm.tick_s) == (devices.ALERT_POLL_S, devices.ALERT_TICK_S)
+    policy = EscalationPolicy()
+    assert policy.after[Severity.CRITICAL].total_seconds() == rpm.escalate_critical_min * 60
+    assert policy.after[Severity.HIGH].total_seconds() == rpm.escalate_high_min * 60
+    assert policy.to_role == rpm.escalate_to_role
+    assert rpm.quiet_days == RULE_PARAMS[Rule.NO_DATA]["days"].default
+    assert rpm.device_silent_hours == RULE_PARAMS[Rule.DEVICE_SILENT]["hours"].default
+
+
+def test_rpm_values_are_read() -> None:
+    rpm = parse(
+        doc(
+            rpm={
+                "poll_s": 1,
+                "tick_s": 30,
+                "escalate_critical_min": 5,
+                "escalate_high_min": 0,
+                "escalate_to_role": "nurse",
+                "sync_backlog_hours": 0,
+                "quiet_days": 2.5,
+                "device_silent_hours": 72,
+            }
+        ),
+        environ={},
+    ).rpm
+    assert rpm == RpmConfig(1.0, 30.0, 5, 0, "nurse", 0.0, 2.5, 72.0)
+
+
+def test_every_bad_rpm_value_is_reported_with_its_path() -> None:
+    problems = problems_of(
+        doc(
+            rpm={
+                "poll_s": 0,
+                "tick_s": "60",
+                "escalate_critical_min": 0,
+                "escalate_high_min": 1.5,
+                "escalate_to_role": "doctor",
+                "sync_backlog_hours": -1,
+                "quiet_days": 31,
+                "device_silent_hours": True,
+                "quiet_hours": 3,
+            }
+        )
+    )
+    assert paths_of(problems) == {
+        "rpm.poll_s",
+        "rpm.tick_s",
+        "rpm.escalate_critical_min",
+        "rpm.escalate_high_min",
+        "rpm.escalate_to_role",
+        "rpm.sync_backlog_hours",
+        "rpm.quiet_days",
+        "rpm.device_silent_hours",
+        "rpm.quiet_hours",
+    }
+    assert (
+        "rpm.escalate_to_role: unknown value 'doctor'; expected one of provider, nurse, admin"
+        in (problems)
+    )
+    assert "rpm.quiet_hours: unknown key" in problems
+    assert problems_of({**MINIMAL, "rpm": ["poll_s"]}) == ["rpm: expected a table, got ['poll_s']"]
+
+
+def test_rpm_ranges_are_those_of_the_rules_and_roles_of_the_users() -> None:
+    from appliance.users import Role
+    from services.rpm_rules import RULE_PARAMS, Rule
+
+    for key, spec in (
+        ("quiet_days", RULE_PARAMS[Rule.NO_DATA]["days"]),
+        ("device_silent_hours", RULE_PARAMS[Rule.DEVICE_SILENT]["hours"]),
+    ):
+        for inside in (spec.low, spec.high):
+            parse(doc(rpm={key: float(inside)}), environ={})
+        for outside in (spec.low - 1, spec.high + 1):
+            assert paths_of(problems_of(doc(rpm={key: float(outside)}))) == {f"rpm.{key}"}
+    for role in Role:
+        assert parse(doc(rpm={"escalate_to_role": role.value}), environ={}).rpm.escalate_to_role
