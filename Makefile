@@ -53,7 +53,17 @@ bench: $(STAMP)
 	$(BIN)/python bench/audit_verify.py --quick
 	$(BIN)/python bench/drivers.py --quick
 	$(BIN)/python bench/rpm.py --quick
+	$(BIN)/python bench/claims.py --quick
 	$(BIN)/python bench/demo_memory.py
 
 clean:
 	rm -rf $(VENV) $(PEER)/node_modules .pytest_cache .mypy_cache .ruff_cache
+
+# Provisioning tests (issue 9): systemd-analyze scores and verifies the unit files, openssl
+# plays the fleet CA in the converge test. ansible-core and ansible-lint come with '.[dev]'.
+.PHONY: deps-provisioning
+deps-provisioning:
+	@command -v systemd-analyze >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { \
+	  echo "installing systemd and openssl (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd openssl; }
+test: deps-provisioning

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -636,10 +636,29 @@ def build_parser() -> argparse.ArgumentParser:
     from services.claims import cli as claims_cli  # Q3014 claims (issue 8), likewise
 
     claims_cli.add_commands(sub, command)
-    from appliance import discovery  # `appliance discover` (issue 9)
-
-    discovery.add_commands(sub, command)
+    _add_discover(sub, command)
     return parser
+
+
+def _cmd_discover(args: argparse.Namespace, config: object) -> int:
+    # zeroconf is imported only by the command that needs it (~0.2 s at every start else).
+    from appliance import discovery
+
+    return discovery.cmd_discover(args, config)
+
+
+def _add_discover(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    """``appliance discover``: list the boxes advertised on the LAN (mDNS; issue 9)."""
+    p = command("discover", _cmd_discover, "list the appliances advertised on the LAN (mDNS)", sub)
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to listen (default 3)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    p.add_argument(
+        "--interface",
+        action="append",
+        metavar="ADDRESS",
+        help="listen only on the interface with this IPv4 address (repeatable; default all)",
+    )
+    p.set_defaults(needs_config=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
