@@ -182,6 +182,16 @@ class ClaimsConfig:
     attending_npi: str | None = None
     attending_family: str | None = None
     attending_given: str | None = None
+    endpoint_kind: str = "x12"
+    endpoint_url: str | None = None
+    auth: AuthKind = AuthKind.NONE
+    token_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    ca_file: Path | None = None
+    timeout_s: float = 30.0
+    batch_size: int = 100
+    poll_responses: bool = True
     payers: tuple[PayerConfig, ...] = ()
 
     def payer(self, payer_id: str) -> PayerConfig | None:
@@ -467,6 +477,22 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
            "837I 2310A attending provider NPI (required for every site type but office)."),
         _F("attending_family", _X12_NAME, None, "Attending provider's family name."),
         _F("attending_given", _X12_NAME, None, "Attending provider's given name."),
+        _F("endpoint_kind", _one_of(("x12", "fhir")), "x12",
+           "Where ready claims go: X12 837 to a clearinghouse, or FHIR Claim to a FHIR payer."),
+        _F("endpoint_url", _URL, None,
+           "The clearinghouse (x12: POST {url}/submissions, GET {url}/responses) or FHIR payer "
+           "base URL (POST {url}/Claim). Unset: claims are not submitted (docs/claims.md)."),
+        _F("auth", _one_of((AuthKind.NONE, AuthKind.BEARER, AuthKind.MTLS), AuthKind),
+           AuthKind.NONE, "How the box authenticates to the endpoint: none, bearer or mtls."),
+        _F("token_file", _PATH, None, "File holding the bearer token (required for bearer)."),
+        _F("client_cert_file", _PATH, None, "PEM client certificate (required for mtls)."),
+        _F("client_key_file", _PATH, None, "PEM key of client_cert_file (required for mtls)."),
+        _F("ca_file", _PATH, None,
+           "PEM CA bundle to verify the endpoint (default: the Mozilla CA bundle of certifi)."),
+        _F("timeout_s", _number(1, 600), 30.0, "Seconds to wait for one HTTP exchange."),
+        _F("batch_size", _int(1, 500), 100, "Most claims in one interchange (x12)."),
+        _F("poll_responses", _BOOL, True,
+           "Poll the clearinghouse for 999/277CA/835 files after each submission pass (x12)."),
     ),
     "claims.payer": (
         _F("id", _X12_ID, _REQUIRED, "Payer id (2010BB NM1*PR ... PI), e.g. the MAC's id."),
@@ -648,6 +674,12 @@ class _Reader:
             for key in _REQUIRED_WHEN_CLAIMS:
                 if claims[key] is None:
                     self.problems.append(f"claims.{key}: required when claims.enabled is true")
+        if claims["endpoint_url"] is not None:
+            for key in _REQUIRED_BY_AUTH.get(claims["auth"], ()):
+                if claims[key] is None:
+                    self.problems.append(
+                        f"claims.{key}: required when claims.auth is {claims['auth'].value!r}"
+                    )
         payers: list[PayerConfig] = []
         if payers_raw is None:
             return claims, payers

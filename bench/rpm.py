@@ -5,8 +5,8 @@
    rules on (COPD without chronic lung disease: BP crisis, SpO2, fever, glucose low, no data,
    device silent). The readings — blood pressure, SpO2, temperature and glucose, about 5 %
    out of range — are committed first; the figure is the engine's pass over them: the
-   audited feed read, each patient's audited history searches, the pure rules, and the
-   alerts written (FHIR Flag + DetectedIssue on the alerts lane, events, audit) with the
+   audited feed read, the batch's history read (one audit record per patient), the pure
+   rules, and the alerts written (FHIR Flag + DetectedIssue on the alerts lane, events, audit) with the
    cursor. Same-run baseline: the least any evaluator must do — read the same rows through
    the store's feed (decrypt, one audit record per batch) and run the pure rules
    (``rpm_rules.evaluate``) on them without history or writes.

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -68,6 +68,16 @@ _HISTORY: Mapping[rpm_rules.Measure, tuple[tuple[str, ...], int]] = {
     rpm_rules.Measure.WEIGHT: (("29463-7",), 60),
     rpm_rules.Measure.GLUCOSE: (("41653-7", "2339-0", "14743-9", "15074-8"), 10),
 }
+
+
+def _wanted_codes(new: Sequence[Reading]) -> dict[str, int]:
+    """The primary codes whose history the new readings need, with how many of each."""
+    wanted: dict[str, int] = {}
+    for reading in new:
+        codes, limit = _HISTORY.get(reading.measure, ((), 0))
+        for code in codes:
+            wanted[code] = max(wanted.get(code, 0), limit)
+    return wanted
 
 
 class AlertError(ApplianceError):
@@ -163,6 +173,16 @@ class EscalationPolicy:
 
     after: Mapping[Severity, timedelta] = field(default_factory=_default_after)
     to_role: str = "provider"
+
+
+def escalation_policy(critical_min: int, high_min: int, to_role: str) -> EscalationPolicy:
+    """The policy of the ``[rpm]`` site config (0 minutes: that severity never escalates)."""
+    after = {
+        severity: timedelta(minutes=minutes)
+        for severity, minutes in ((Severity.CRITICAL, critical_min), (Severity.HIGH, high_min))
+        if minutes > 0
+    }
+    return EscalationPolicy(after, to_role)
 
 
 # -- pure decisions ---------------------------------------------------------------------
@@ -903,8 +923,12 @@ class AlertEngine:
         backlog_hours: float | None = 24.0,
         batch: int = 200,
         max_age: timedelta = rpm_rules.MAX_AGE,
+        site: rpm_rules.SiteDefaults | None = None,
     ) -> None:
+        """``site``: the site's own defaults (``[rpm]`` quiet days, device-silent hours);
+        ``backlog_hours`` None turns the sync-backlog rule off."""
         self._store = store
+        self._site = site or {}
         self._clock = clock or store.now
         self.book = AlertBook(store, clock=self._clock)
         self._escalation = escalation or EscalationPolicy()
@@ -912,6 +936,7 @@ class AlertEngine:
         self._batch = batch
         self._max_age = max_age
         self._lock = asyncio.Lock()  # evaluate_new and tick plan against the same alerts
+        self._pinned = False  # the starting cursor is stored (run_until_idle pins it once)
 
     async def cursor(self) -> int:
         """Where evaluation resumes: the stored cursor, else the newest resource now.
@@ -924,8 +949,9 @@ class AlertEngine:
             return int(rows[0][0])
         return await self._store.last_row_id()
 
-    async def enrolled(self) -> dict[str, Enrolled]:
-        """Enrolled patients with their thresholds (a bad stored override: program defaults)."""
+    async def enrolled(self, only: Collection[str] | None = None) -> dict[str, Enrolled]:
+        """Enrolled patients (of ``only``) with their thresholds (a bad stored override:
+        program defaults). Thresholds are worked out only for the patients asked about."""
         rows = await self._store.query(
             "SELECT patient_id, program, chronic_lung_disease, enrolled_at FROM rpm_enrollment "
             "WHERE ended_at IS NULL"
@@ -938,25 +964,33 @@ class AlertEngine:
             overrides.setdefault(patient_id, {})[rule] = orjson.loads(params)
         found = {}
         for patient_id, program, lung, enrolled_at in rows:
+            if only is not None and patient_id not in only:
+                continue
             program_ = rpm_rules.Program(program)
             try:
                 thresholds = rpm_rules.thresholds_for(
                     program_,
                     chronic_lung_disease=bool(lung),
                     overrides=overrides.get(patient_id, {}),
+                    site=self._site,
                 )
             except rpm_rules.ThresholdError:
                 logger.error("stored thresholds no longer validate; program defaults used")
-                thresholds = rpm_rules.thresholds_for(program_, chronic_lung_disease=bool(lung))
+                thresholds = rpm_rules.thresholds_for(
+                    program_, chronic_lung_disease=bool(lung), site=self._site
+                )
             found[patient_id] = Enrolled(patient_id, _must(enrolled_at), thresholds)
         return found
 
-    async def _pin_cursor(self) -> None:
-        """Store where a first run starts, so readings committed between passes are not skipped.
+    async def pin_start(self) -> None:
+        """Store where a first run starts (once per engine; a stored cursor is kept).
 
         Without a stored cursor, :meth:`cursor` answers "the newest resource now" afresh on
-        every pass, which would step over whatever arrived since the previous one.
+        every pass, which would step over whatever arrived since the previous one. Readings
+        committed after this call are evaluated.
         """
+        if self._pinned:
+            return
         start = await self._store.last_row_id()
         await self._store.transact(
             lambda conn: conn.execute(
@@ -964,6 +998,7 @@ class AlertEngine:
                 (CURSOR_KEY, str(start)),
             )
         )
+        self._pinned = True
 
     async def evaluate_new(self, after_row_id: int) -> int:
         """Evaluate Observations committed after ``after_row_id``; returns the next cursor.
@@ -979,19 +1014,19 @@ class AlertEngine:
                 return after_row_id
             cursor = rows[-1].row_id
             now = self._clock()
-            enrolled = await self.enrolled()
+            new = [r for row in rows for r in rpm_rules.readings_from_observation(row.resource)]
+            enrolled = await self.enrolled({r.patient_id for r in new if r.patient_id})
             by_patient: dict[str, list[Reading]] = {}
-            for row in rows:
-                for reading in rpm_rules.readings_from_observation(row.resource):
-                    if reading.patient_id in enrolled:
-                        by_patient.setdefault(reading.patient_id, []).append(reading)
+            for reading in new:
+                if reading.patient_id in enrolled:
+                    by_patient.setdefault(reading.patient_id, []).append(reading)
+            histories = await self._histories(by_patient)
             findings: list[Finding] = []
             for patient_id, new in sorted(by_patient.items()):
-                history = await self._history(patient_id, new)
                 findings += rpm_rules.evaluate(
                     patient_id,
                     new,
-                    history,
+                    histories.get(patient_id, []),
                     enrolled[patient_id].thresholds,
                     now,
                     max_age=self._max_age,
@@ -1004,23 +1039,65 @@ class AlertEngine:
             await self.book.commit(plan_work, ACTOR, now=now, cursor=cursor)
             return cursor
 
-    async def _history(self, patient_id: str, new: Sequence[Reading]) -> list[Reading]:
-        """The patient's stored readings of the kinds that just arrived (audited searches)."""
-        wanted: dict[str, int] = {}
-        for reading in new:
-            codes, limit = _HISTORY.get(reading.measure, ((), 0))
-            for code in codes:
-                wanted[code] = max(wanted.get(code, 0), limit)
-        history: list[Reading] = []
-        for code, limit in sorted(wanted.items()):
-            for resource in await self._store.newest(
-                f"Patient/{patient_id}", "Observation", ACTOR, limit=limit, code=f"{_LOINC}|{code}"
-            ):
-                history += rpm_rules.readings_from_observation(resource)
-        return history
+    async def _histories(
+        self, by_patient: Mapping[str, Sequence[Reading]]
+    ) -> dict[str, list[Reading]]:
+        """Each patient's stored readings of the kinds that just arrived, in one hop.
+
+        The searches of a whole batch run on the database thread together and are audited
+        in one short transaction with one search record per patient (``Store.newest`` would
+        commit one record, one fsync, per patient and code: the engine's bottleneck, see
+        docs/benchmarks.md). The records are written before any reading is used, as the
+        store's own reads do.
+        """
+        wanted = {pid: _wanted_codes(new) for pid, new in by_patient.items()}
+        wanted = {pid: codes for pid, codes in wanted.items() if codes}
+        if not wanted:
+            return {}
+        store = self._store
+        keys = {pid: store.patient_key(f"Patient/{pid}") for pid in wanted}
+
+        def work(conn: sqlite3.Connection) -> dict[str, list[fhir.FhirJson]]:
+            found: dict[str, list[fhir.FhirJson]] = {}
+            events = []
+            for pid, codes in sorted(wanted.items()):
+                resources = found.setdefault(pid, [])
+                for code, limit in sorted(codes.items()):
+                    rows = conn.execute(
+                        "SELECT id, logical_id, type, key_version, body FROM resources "
+                        "WHERE patient_key = ? AND type = 'Observation' AND code = ? "
+                        "ORDER BY effective DESC LIMIT ?",
+                        (keys[pid], f"{_LOINC}|{code}", limit),
+                    ).fetchall()
+                    resources += [store.decrypt_stored(conn, tuple(r)).resource for r in rows]
+                events.append(
+                    AuditEvent(
+                        ACTOR,
+                        AuditAction.SEARCH,
+                        patient_key=keys[pid],
+                        entity="Observation history",
+                        detail=" ".join(f"{code} newest {n}" for code, n in sorted(codes.items())),
+                    )
+                )
+            with db.transaction_sync(conn):
+                audit.append(conn, events, now=store.now())
+            return found
+
+        found = await db.run_sync(store.connection, work)
+        return {
+            pid: [
+                r for resource in resources for r in rpm_rules.readings_from_observation(resource)
+            ]
+            for pid, resources in found.items()
+        }
 
     async def run_until_idle(self) -> int:
-        """Evaluate from the stored cursor until nothing new is left; returns the cursor."""
+        """Evaluate from the stored cursor until nothing new is left; returns the cursor.
+
+        A fresh engine first stores where it starts (:meth:`pin_start`), so a reading
+        committed between two calls is evaluated by the second, not stepped over.
+        """
+        await self.pin_start()
         cursor = await self.cursor()
         while True:
             following = await self.evaluate_new(cursor)
@@ -1039,7 +1116,6 @@ class AlertEngine:
         """
         loop = asyncio.get_running_loop()
         last_tick: float | None = None
-        await self._pin_cursor()
         while True:
             try:
                 await self.run_until_idle()

@@ -1,4 +1,8 @@
-"""Synthetic patients for demo mode and tests. Every name and number here is made up."""
+"""Synthetic patients for demo mode and tests. Every name and number here is made up.
+
+The remote-monitoring part of the demo (enrolments, a month of home readings, alerts) is
+``services/rpm_demo.py``.
+"""
 
 from __future__ import annotations
 
@@ -21,15 +25,30 @@ _PEOPLE = (
     ("Dunmore", "Elias", "male", "1963-01-30"),
     ("Espinoza", "Lucia", "female", "1980-09-05"),
 )
+# Remote-monitoring patients (services/rpm_demo.py): measured at home, never checked in at
+# the demo stations, so their charts and alerts stay as seeded until a nurse acts.
+_HOME_PEOPLE = (
+    ("Fairweather", "Orrin", "male", "1952-06-18"),
+    ("Galloway", "Ines", "female", "1947-02-09"),
+    ("Harrow", "Delphine", "female", "1956-10-27"),
+    ("Ibarra", "Tomas", "male", "1968-04-12"),
+)
 DEMO_MRN_SYSTEM = "urn:oid:2.16.840.1.113883.3.9999.1"  # a made-up OID arc for demo MRNs
+HOME_MRN_PREFIX = "RPM"  # demo MRNs of the home-monitored patients
 
 
-def synthetic_patients(rng: random.Random | None = None) -> list[dict[str, Any]]:
-    """US Core-shaped Patients with demo MRNs; deterministic for a given RNG."""
+def synthetic_patients(
+    rng: random.Random | None = None, *, home: bool = False
+) -> list[dict[str, Any]]:
+    """US Core-shaped Patients with demo MRNs; deterministic for a given RNG.
+
+    ``home``: the remote-monitoring patients instead of the ones seen at the stations.
+    """
     rng = rng or random.Random(2026)  # noqa: S311 - synthetic data, not security
+    prefix = HOME_MRN_PREFIX if home else "DEMO"
     patients = []
-    for family, given, gender, birth in _PEOPLE:
-        mrn = f"DEMO{rng.randrange(100000, 999999)}"
+    for family, given, gender, birth in _HOME_PEOPLE if home else _PEOPLE:
+        mrn = f"{prefix}{rng.randrange(100000, 999999)}"
         patients.append(
             {
                 "resourceType": "Patient",
@@ -103,13 +122,14 @@ ACTOR = "service:devices"
 
 
 async def seed_devices(store: Store, registry: DeviceRegistry) -> list[str]:
-    """Synthetic patients, demo stations and simulated devices (idempotent); patient ids."""
+    """Synthetic patients, demo stations and simulated devices (idempotent); the ids of the
+    patients seen at the stations (not the remote-monitoring ones)."""
     patients = await store.patients(ACTOR)
     if not patients:
         created = await store.create(synthetic_patients(), ACTOR)
         patients = [item.resource for item in created]
         logger.info("created %d synthetic demo patients", len(created))
-    ids = [str(p["id"]) for p in patients]
+    ids = [str(p["id"]) for p in patients if not is_home_patient(p)]
     for station_id, name, kind in DEMO_STATIONS:
         await registry.add_station(station_id, name, kind, ACTOR)
     known = {d.id for d in await registry.devices()}
@@ -130,6 +150,14 @@ async def seed_devices(store: Store, registry: DeviceRegistry) -> list[str]:
         else:
             await registry.assign_device(device_id, ACTOR, patient_id=ids[0])
     return ids
+
+
+def is_home_patient(patient: dict[str, Any]) -> bool:
+    """One of the demo's remote-monitoring patients (kept away from the demo stations)."""
+    return any(
+        i.get("system") == DEMO_MRN_SYSTEM and str(i.get("value", "")).startswith(HOME_MRN_PREFIX)
+        for i in patient.get("identifier") or []
+    )
 
 
 async def front_desk(

@@ -44,12 +44,13 @@ class Enrollment:
     enrolled_by: str
     overrides: Mapping[str, Mapping[str, float | bool]]
 
-    def thresholds(self) -> Thresholds:
-        """The thresholds in force (program defaults, lung disease, the patient's own)."""
+    def thresholds(self, site: rpm_rules.SiteDefaults | None = None) -> Thresholds:
+        """The thresholds in force (program and ``site`` defaults, lung disease, own values)."""
         return rpm_rules.thresholds_for(
             self.program,
             chronic_lung_disease=self.chronic_lung_disease,
             overrides=self.overrides,
+            site=site,
         )
 
 
@@ -64,6 +65,36 @@ def _jsonable(params: Mapping[str, Fraction | bool]) -> dict[str, float | int | 
         else:
             out[name] = float(value)
     return out
+
+
+# An ended enrolment is replaced by the new one; a current one changes program and keeps its
+# start (_ENROLL) or takes the one given (_ENROLL_FROM, a back-dated start).
+_ENROLL_SQL = (
+    "INSERT INTO rpm_enrollment (patient_id, program, chronic_lung_disease, enrolled_at, "
+    "enrolled_by) VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id) DO UPDATE SET "
+    "program = excluded.program, chronic_lung_disease = excluded.chronic_lung_disease, "
+    "enrolled_at = CASE WHEN ended_at IS NULL THEN {current} ELSE excluded.enrolled_at END, "
+    "enrolled_by = CASE WHEN ended_at IS NULL THEN enrolled_by ELSE excluded.enrolled_by END, "
+    "ended_at = NULL"
+)
+_ENROLL = _ENROLL_SQL.format(current="enrolled_at")
+_ENROLL_FROM = _ENROLL_SQL.format(current="excluded.enrolled_at")
+MAX_BACKDATE_DAYS = 30  # how far back an enrolment may start (a late-entered enrolment)
+
+
+def _check_start(enrolled_at: datetime, now: datetime) -> datetime:
+    """A back-dated start, checked: aware, not after ``now``, at most 30 calendar days back."""
+    zone = enrolled_at.tzinfo
+    if zone is None or enrolled_at.utcoffset() is None:
+        raise EnrollmentError("the enrolment start needs a time zone")
+    if enrolled_at > now:
+        raise EnrollmentError("the enrolment cannot start in the future")
+    today = now.astimezone(zone).date()
+    if (today - enrolled_at.date()).days > MAX_BACKDATE_DAYS:
+        raise EnrollmentError(
+            f"the enrolment can start at most {MAX_BACKDATE_DAYS} days back ({today})"
+        )
+    return enrolled_at
 
 
 def _time(text: str) -> datetime:
@@ -92,10 +123,15 @@ class Enrollments:
         actor: str,
         *,
         chronic_lung_disease: bool | None = None,
+        enrolled_at: datetime | None = None,
     ) -> Enrollment:
         """Enrol a patient (or move them to another program; their thresholds are kept).
 
-        ``chronic_lung_disease`` defaults to True for COPD, else False.
+        ``chronic_lung_disease`` defaults to True for COPD, else False. ``enrolled_at``
+        back-dates the start (the billing periods count from its calendar day in its own
+        time zone): not in the future, and at most :data:`MAX_BACKDATE_DAYS` calendar days
+        back. Without it a new enrolment starts now and a current one keeps its start; with
+        it a current enrolment's start is corrected.
         """
         try:
             chosen = Program(program)
@@ -103,23 +139,16 @@ class Enrollments:
             known = ", ".join(p.value for p in Program)
             raise EnrollmentError(f"unknown program {program!r}; one of {known}") from None
         lung = chosen is Program.COPD if chronic_lung_disease is None else chronic_lung_disease
-        now = fhir.utc_text(self._store.now())
+        moment = self._store.now()
+        now = fhir.utc_text(moment)
+        start = now if enrolled_at is None else fhir.utc_text(_check_start(enrolled_at, moment))
+        sql = _ENROLL if enrolled_at is None else _ENROLL_FROM
 
         def work(conn: sqlite3.Connection) -> None:
-            # An ended enrolment is replaced by the new one; a current one changes program.
-            conn.execute(
-                "INSERT INTO rpm_enrollment (patient_id, program, chronic_lung_disease, "
-                "enrolled_at, enrolled_by) VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id) DO "
-                "UPDATE SET program = excluded.program, "
-                "chronic_lung_disease = excluded.chronic_lung_disease, "
-                "enrolled_at = CASE WHEN ended_at IS NULL THEN enrolled_at "
-                "ELSE excluded.enrolled_at END, "
-                "enrolled_by = CASE WHEN ended_at IS NULL THEN enrolled_by "
-                "ELSE excluded.enrolled_by END, ended_at = NULL",
-                (patient_id, chosen.value, int(lung), now, actor),
-            )
+            conn.execute(sql, (patient_id, chosen.value, int(lung), start, actor))
 
-        event = self._event(actor, AuditAction.CREATE, patient_id, f"enrolled {chosen.value}")
+        detail = f"enrolled {chosen.value}" + ("" if enrolled_at is None else f" from {start}")
+        event = self._event(actor, AuditAction.CREATE, patient_id, detail)
         await self._store.transact(work, [event])
         return await self._current(patient_id)
 

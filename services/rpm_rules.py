@@ -294,13 +294,34 @@ def _cross_checks(rule: Rule, clean: Mapping[str, Fraction | bool]) -> list[str]
     return []
 
 
+# A site's own defaults for some parameters (the ``[rpm]`` site config), rule → name → value.
+SiteDefaults = Mapping[Rule, Mapping[str, Fraction]]
+
+
+def site_defaults(*, quiet_days: float, device_silent_hours: float) -> SiteDefaults:
+    """The site-wide defaults the ``[rpm]`` config sets (no-data days, device-silent hours).
+
+    Raises :class:`ThresholdError` when one is outside its parameter's range.
+    """
+    wanted = {
+        Rule.NO_DATA: {"days": quiet_days},
+        Rule.DEVICE_SILENT: {"hours": device_silent_hours},
+    }
+    out: dict[Rule, dict[str, Fraction]] = {}
+    for rule, params in wanted.items():
+        clean = validate_params(rule.value, params)
+        out[rule] = {k: v for k, v in clean.items() if isinstance(v, Fraction)}
+    return out
+
+
 def thresholds_for(
     program: Program,
     *,
     chronic_lung_disease: bool,
     overrides: Mapping[str, Mapping[str, object]] = {},
+    site: SiteDefaults | None = None,
 ) -> Thresholds:
-    """Program defaults, then chronic-lung-disease SpO2, then the patient's own values.
+    """Program defaults, then the site's, then chronic-lung-disease SpO2, then the patient's.
 
     Raises :class:`ThresholdError` when a stored override no longer validates.
     """
@@ -308,6 +329,8 @@ def thresholds_for(
         rule: {name: spec.default for name, spec in params.items()}
         for rule, params in RULE_PARAMS.items()
     }
+    for rule, params in (site or {}).items():
+        values[rule].update(params)
     if chronic_lung_disease:
         values[Rule.SPO2_LOW].update(CHRONIC_LUNG_SPO2)
     enabled = set(PROGRAM_RULES[program])
@@ -555,7 +578,72 @@ def _bp_pairs(readings: Iterable[Reading]) -> list[_Bp]:
 
 
 def _detail(*readings: Reading | None) -> str:
+    # "systolic 186 mm[Hg], diastolic 100 mm[Hg]": parsed back by describe_values.
     return ", ".join(f"{r.measure.value} {r.value} {r.unit}" for r in readings if r is not None)
+
+
+# -- for people -------------------------------------------------------------------------
+
+# How people write the UCUM units the readings and thresholds carry.
+UNIT_TEXT: Mapping[str, str] = {
+    "mm[Hg]": "mmHg",
+    "%": "%",
+    "Cel": "°C",
+    "[degF]": "°F",
+    "kg": "kg",
+    "[lb_av]": "lb",
+    "g": "g",
+    "mg/dL": "mg/dL",
+    "mmol/L": "mmol/L",
+    "/min": "/min",
+    "h": "hours",
+    "d": "days",
+}
+MEASURE_LABELS: Mapping[Measure, str] = {
+    Measure.SYSTOLIC: "Systolic",
+    Measure.DIASTOLIC: "Diastolic",
+    Measure.HEART_RATE: "Pulse",
+    Measure.SPO2: "SpO2",
+    Measure.TEMPERATURE: "Temperature",
+    Measure.WEIGHT: "Weight",
+    Measure.GLUCOSE: "Glucose",
+}
+PROGRAM_TITLES: Mapping[Program, str] = {
+    Program.HYPERTENSION: "Hypertension",
+    Program.HEART_FAILURE: "Heart failure",
+    Program.DIABETES: "Diabetes",
+    Program.COPD: "COPD",
+}
+
+
+def unit_text(unit: str) -> str:
+    """A UCUM unit as people write it (``Cel`` → ``°C``); unknown units unchanged."""
+    return UNIT_TEXT.get(unit, unit)
+
+
+def describe_values(detail: str) -> str:
+    """A finding's sealed ``detail`` for a screen: ``BP 186/100 mmHg``, ``SpO2 91 %``.
+
+    Parts that are not ``<measure> <value> <unit>`` are shown as they are.
+    """
+    parts: list[tuple[str, str, str]] = []
+    for chunk in filter(None, (c.strip() for c in detail.split(","))):
+        name, _, rest = chunk.partition(" ")
+        value, _, unit = rest.partition(" ")
+        parts.append((name, value, unit))
+    known = {m.value for m in Measure}
+    pressure = {n: (v, u) for n, v, u in parts if n in ("systolic", "diastolic")}
+    out: list[str] = []
+    for name, value, unit in parts:
+        if name not in known or not value:
+            out.append(" ".join(x for x in (name, value, unit) if x))
+        elif name == "systolic" and "diastolic" in pressure and pressure["diastolic"][1] == unit:
+            out.append(f"BP {value}/{pressure['diastolic'][0]} {unit_text(unit)}")
+        elif name == "diastolic" and "systolic" in pressure and pressure["systolic"][1] == unit:
+            continue  # shown with the systolic value
+        else:
+            out.append(f"{MEASURE_LABELS[Measure(name)]} {value} {unit_text(unit)}".rstrip())
+    return ", ".join(out)
 
 
 # A threshold check: (severity, summary) for one reading (or BP pair) of a patient.

@@ -9,6 +9,8 @@
 * ``POST /rpm/alerts/<id>/acknowledge|snooze|resolve`` — the nurse's actions (CSRF-checked by
   ``web.auth``); each redirects back with a fixed message, or answers a 4xx page saying what
   is wrong (no such alert 404, already resolved 409, a missing note or duration 400).
+  Providers — where alerts escalate — see the worklist and acknowledge; snoozing and
+  resolving are the nurses' and admins'.
 * ``GET /rpm/events`` — Server-Sent Events: an ``alert`` event whenever an alert is opened,
   raised, acknowledged, snoozed, escalated, un-snoozed or resolved, which ``static/rpm.js``
   applies to the open table (textContent only).
@@ -46,7 +48,10 @@ from web.nurse import display_name
 
 bp = Blueprint("rpm", __name__, url_prefix="/rpm")
 
-_STAFF = (Role.NURSE, Role.ADMIN)
+# Providers are where alerts escalate to: they see the worklist and acknowledge ("I am on
+# it"); snoozing and resolving stay with the nurses (and admins) who run the program.
+_VIEWERS = (Role.NURSE, Role.ADMIN, Role.PROVIDER)
+_MANAGERS = (Role.NURSE, Role.ADMIN)
 KEEPALIVE_S = 15.0
 MAX_REPLAY_EVENTS = 1000  # how far back a reconnecting browser may ask to be replayed
 FEED_BATCH = 200
@@ -95,6 +100,16 @@ def _shown(moment: datetime | None, zone: ZoneInfo) -> str:
     return "" if moment is None else moment.astimezone(zone).strftime("%Y-%m-%d %H:%M")
 
 
+def _when(moment: datetime | None, zone: ZoneInfo, now: datetime) -> str:
+    """A time short enough for a narrow column: ``21:02`` today, else ``11-25 21:02``."""
+    if moment is None:
+        return ""
+    local, today = moment.astimezone(zone), now.astimezone(zone)
+    if local.date() == today.date():
+        return local.strftime("%H:%M")
+    return local.strftime("%m-%d %H:%M" if local.year == today.year else "%Y-%m-%d %H:%M")
+
+
 def age_text(delta: timedelta) -> str:
     """``just now``, ``12 min``, ``3 h 5 min``, ``2 d 4 h`` — how long something has waited."""
     minutes = max(0, int(delta.total_seconds() // 60))
@@ -110,11 +125,13 @@ def age_text(delta: timedelta) -> str:
 
 
 def rule_title(key: str) -> str:
-    """The rule's name for people (``device-silent:<device>`` names the rule)."""
+    """The rule's name for people; ``device-silent:<device>`` names the device too."""
+    rule, _, scope = key.partition(":")
     try:
-        return rpm_rules.RULE_TITLES[rpm_rules.Rule(key.partition(":")[0])]
+        title = rpm_rules.RULE_TITLES[rpm_rules.Rule(rule)]
     except ValueError:
         return key
+    return f"{title} ({scope})" if scope else title
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +149,18 @@ class AlertRow:
     summary: str
     values: str
     setting: str | None
+    taken_at: str  # site time of the reading that raised it, short ("" without one)
     opened_at: str  # ISO, for ordering live rows
     since: str  # site wall clock
     age: str
     state: str  # open, acknowledged, snoozed, escalated, resolved
     state_label: str
     live: bool
+
+    @property
+    def site(self) -> bool:
+        """A site-level alert (a sync backlog): about the appliance, not a patient."""
+        return self.patient_id == alerts.SITE
 
     def to_event(self) -> dict[str, Any]:
         """The JSON body of an ``alert`` event."""
@@ -146,6 +169,7 @@ class AlertRow:
             "patient_id": self.patient_id,
             "patient_name": self.patient_name,
             "patient_url": self.patient_url,
+            "site": self.site,
             "rule": self.rule,
             "title": self.title,
             "severity": self.severity,
@@ -154,6 +178,7 @@ class AlertRow:
             "summary": self.summary,
             "values": self.values,
             "setting": self.setting,
+            "taken_at": self.taken_at,
             "opened_at": self.opened_at,
             "since": self.since,
             "age": self.age,
@@ -165,7 +190,7 @@ class AlertRow:
     @property
     def patient_url(self) -> str | None:
         """The patient's chart page (none for a site-level alert)."""
-        return None if self.patient_id == alerts.SITE else f"/rpm/patients/{self.patient_id}"
+        return None if self.site else f"/rpm/patients/{self.patient_id}"
 
 
 def alert_row(view: AlertView, names: Mapping[str, str], zone: ZoneInfo, now: datetime) -> AlertRow:
@@ -197,8 +222,9 @@ def alert_row(view: AlertView, names: Mapping[str, str], zone: ZoneInfo, now: da
         severity_label=SEVERITY_LABELS.get(a.severity, a.severity.value),
         rank=a.severity.rank,
         summary=view.summary,
-        values=view.values,
+        values=rpm_rules.describe_values(view.values),
         setting=view.setting,
+        taken_at=_when(a.trigger_at, zone, now),
         opened_at=a.opened_at.isoformat(),
         since=_shown(a.opened_at, zone),
         age=age_text(now - a.opened_at),
@@ -249,13 +275,17 @@ async def _quiet(actor: str, names: Mapping[str, str], now: datetime) -> list[Qu
     state = app_state()
     enrolled = await Enrollments(state.store).enrolled(actor)
     last = await alerts.last_readings(state.store, [e.patient_id for e in enrolled], actor)
+    site = rpm_rules.site_defaults(
+        quiet_days=state.config.rpm.quiet_days,
+        device_silent_hours=state.config.rpm.device_silent_hours,
+    )
     rows = []
     for enrollment in enrolled:
         try:
-            thresholds = enrollment.thresholds()
+            thresholds = enrollment.thresholds(site)
         except rpm_rules.ThresholdError:
             thresholds = rpm_rules.thresholds_for(
-                enrollment.program, chronic_lung_disease=enrollment.chronic_lung_disease
+                enrollment.program, chronic_lung_disease=enrollment.chronic_lung_disease, site=site
             )
         newest = last.get(enrollment.patient_id)
         finding = rpm_rules.quiet_patient(
@@ -269,7 +299,7 @@ async def _quiet(actor: str, names: Mapping[str, str], now: datetime) -> list[Qu
             QuietRow(
                 patient_id=enrollment.patient_id,
                 name=names.get(enrollment.patient_id, "(patient not on this appliance)"),
-                program=enrollment.program.value,
+                program=rpm_rules.PROGRAM_TITLES[enrollment.program],
                 last_reading="never" if newest is None else _shown(newest, state.zone),
                 quiet_for=age_text(now - since),
                 threshold_days=f"{float(days):g}",
@@ -292,7 +322,7 @@ async def _at_risk(actor: str, names: Mapping[str, str]) -> list[AtRiskRow]:
             AtRiskRow(
                 patient_id=item.patient_id,
                 name=names.get(item.patient_id, "(patient not on this appliance)"),
-                program=item.program,
+                program=_program_title(item.program),
                 days=len(item.days),
                 period=f"{item.period.start.isoformat()} to {item.period.end.isoformat()}",
                 days_left=max(0, left),
@@ -302,16 +332,25 @@ async def _at_risk(actor: str, names: Mapping[str, str]) -> list[AtRiskRow]:
     return sorted(rows, key=lambda r: (r.best, r.name))
 
 
+def _program_title(program: str) -> str:
+    try:
+        return rpm_rules.PROGRAM_TITLES[rpm_rules.Program(program)]
+    except ValueError:
+        return program
+
+
 def _setting_filter(value: str | None) -> str | None:
     return value if value in SETTINGS else None
 
 
 @bp.get("/")
-@login_required(role=_STAFF)
+@login_required(role=_VIEWERS)
 async def worklist() -> ResponseReturnValue:
     """Live alerts, then quiet patients, then patients at risk of missing 99454."""
     state = app_state()
-    actor = await _actor()
+    session = await current_session()
+    assert session is not None  # login_required
+    actor = session.user.actor
     now = state.clock()
     setting = _setting_filter(request.args.get("setting"))
     names = await _names(actor)
@@ -330,6 +369,7 @@ async def worklist() -> ResponseReturnValue:
         snooze_choices=[(k, label) for k, (_d, label) in SNOOZE_CHOICES.items()],
         message=MESSAGES.get(done),
         max_note=alerts.MAX_NOTE,
+        can_manage=session.user.role in _MANAGERS,
     )
 
 
@@ -378,7 +418,7 @@ async def _act(alert_id: int, done: str, work: Action) -> ResponseReturnValue:
 
 
 @bp.post("/alerts/<int:alert_id>/acknowledge")
-@login_required(role=_STAFF)
+@login_required(role=_VIEWERS)
 async def acknowledge(alert_id: int) -> ResponseReturnValue:
     """Someone is on it: no escalation; a snooze ends."""
 
@@ -389,7 +429,7 @@ async def acknowledge(alert_id: int) -> ResponseReturnValue:
 
 
 @bp.post("/alerts/<int:alert_id>/snooze")
-@login_required(role=_STAFF)
+@login_required(role=_MANAGERS)
 async def snooze(alert_id: int) -> ResponseReturnValue:
     """Quiet an alert for a chosen time; it opens again when the snooze ends."""
 
@@ -403,7 +443,7 @@ async def snooze(alert_id: int) -> ResponseReturnValue:
 
 
 @bp.post("/alerts/<int:alert_id>/resolve")
-@login_required(role=_STAFF)
+@login_required(role=_MANAGERS)
 async def resolve(alert_id: int) -> ResponseReturnValue:
     """Close an alert with a note saying what was done (required)."""
 
@@ -422,7 +462,7 @@ async def resolve(alert_id: int) -> ResponseReturnValue:
 
 
 @bp.get("/events")
-@login_required(role=_STAFF)
+@login_required(role=_VIEWERS)
 async def events() -> ResponseReturnValue:
     """Server-Sent Events: ``alert`` events as alerts open, worsen and change state."""
     state = app_state()

@@ -8,7 +8,9 @@
 * ``GET /rpm/patients/<id>/series.json?window=30&setting=home`` — the chart data that
   ``static/rpm_patient.js`` draws with the vendored uPlot (``static/vendor/uplot``).
 
-Every read goes through the store or the RPM services under the nurse's name, so each is
+Nurses and admins use the whole page; providers read it (the forms are not shown to them,
+and their changes are refused). Every read goes through the store or the RPM services under
+the nurse's name, so each is
 audited; every change goes through :mod:`services.rpm_enrollment` or
 :mod:`services.rpm_billing`, which audit it. Changes answer with a redirect carrying a fixed
 message key (no reflected text); refusals re-render the page with what was wrong.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
@@ -32,7 +34,7 @@ from appliance.users import Role
 from services import rpm_rules
 from services.alerts import Alert, AlertBook
 from services.rpm_billing import MAX_MINUTES, MAX_NOTE, PatientBilling, RpmBilling, RpmError
-from services.rpm_enrollment import Enrollment, EnrollmentError, Enrollments
+from services.rpm_enrollment import MAX_BACKDATE_DAYS, Enrollment, EnrollmentError, Enrollments
 from services.rpm_rules import KG_PER_LB, Measure, Program, Rule, Severity, Thresholds
 from web.app import app_state
 from web.auth import current_session, login_required
@@ -40,7 +42,9 @@ from web.nurse import display_name
 
 bp = Blueprint("rpm_patient", __name__, url_prefix="/rpm/patients")
 
-_STAFF = (Role.NURSE, Role.ADMIN)
+_STAFF = (Role.NURSE, Role.ADMIN)  # who changes enrolment, thresholds, time logs
+# Providers (where alerts escalate) read the page and its charts; the forms are not theirs.
+_VIEWERS = (Role.NURSE, Role.ADMIN, Role.PROVIDER)
 WINDOWS = (7, 30, 90)
 DEFAULT_WINDOW = 30
 SETTINGS = ("all", "home", "clinic")
@@ -50,7 +54,7 @@ _LOINC = "http://loinc.org"
 
 # Fixed messages after a change (the redirect carries only the key).
 DONE = {
-    "enrolled": "Enrolled. Monitoring and its billing periods start today.",
+    "enrolled": "Enrolled. The 30-day billing periods count from the start date.",
     "program": "Enrolment updated.",
     "ended": "Enrolment ended. The readings and alerts stay in the chart.",
     "thresholds": "Thresholds saved. They apply to readings from now on.",
@@ -58,24 +62,11 @@ DONE = {
     "time": "Management time logged.",
 }
 
-PROGRAM_LABELS = {
-    Program.HYPERTENSION: "Hypertension",
-    Program.HEART_FAILURE: "Heart failure",
-    Program.DIABETES: "Diabetes",
-    Program.COPD: "COPD",
-}
+PROGRAM_LABELS = rpm_rules.PROGRAM_TITLES
 SETTING_LABELS = {"home": "Home", "clinic": "Clinic", UNRECORDED: "Not recorded"}
 
-# How people read the units of RULE_PARAMS (UCUM is for machines).
-UNIT_TEXT = {
-    "mm[Hg]": "mmHg",
-    "%": "%",
-    "Cel": "°C",
-    "mg/dL": "mg/dL",
-    "[lb_av]": "lb",
-    "h": "hours",
-    "d": "days",
-}
+# How people read the units of RULE_PARAMS and readings (UCUM is for machines).
+UNIT_TEXT = rpm_rules.UNIT_TEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,15 +185,7 @@ CHARTS = (
         ),
     ),
 )
-MEASURE_LABELS = {
-    Measure.SYSTOLIC: "Systolic",
-    Measure.DIASTOLIC: "Diastolic",
-    Measure.HEART_RATE: "Pulse",
-    Measure.SPO2: "SpO2",
-    Measure.TEMPERATURE: "Temperature",
-    Measure.WEIGHT: "Weight",
-    Measure.GLUCOSE: "Glucose",
-}
+MEASURE_LABELS = rpm_rules.MEASURE_LABELS
 _UNITS = {
     Measure.SYSTOLIC: "mmHg",
     Measure.DIASTOLIC: "mmHg",
@@ -413,11 +396,11 @@ def build_charts(
 
 
 def _recorded(reading: rpm_rules.Reading, value: float, unit: str) -> str:
-    """``38.2 °C``, or ``38.2 °C (100.8 [degF] as measured)`` when converted."""
+    """``38.2 °C``, or ``38.2 °C (100.8 °F as measured)`` when converted."""
     text = f"{_show(value)} {unit}"
-    same = {"mm[Hg]": "mmHg", "Cel": "°C", "[lb_av]": "lb"}.get(reading.unit, reading.unit)
+    same = rpm_rules.unit_text(reading.unit)
     if same != unit:
-        text += f" ({reading.value} {reading.unit} as measured)"
+        text += f" ({reading.value} {same} as measured)"
     return text
 
 
@@ -447,11 +430,19 @@ def _choices() -> tuple[int, str]:
     return window, setting if setting in SETTINGS else "all"
 
 
+def _site() -> rpm_rules.SiteDefaults:
+    """The site's own defaults (``[rpm]`` quiet days and device-silent hours)."""
+    rpm = app_state().config.rpm
+    return rpm_rules.site_defaults(
+        quiet_days=rpm.quiet_days, device_silent_hours=rpm.device_silent_hours
+    )
+
+
 def _thresholds(enrollment: Enrollment | None) -> Thresholds | None:
     if enrollment is None:
         return None
     try:
-        return enrollment.thresholds()
+        return enrollment.thresholds(_site())
     except rpm_rules.ThresholdError:
         return None  # a stored override no longer valid: the form shows it to fix
 
@@ -512,7 +503,7 @@ def _threshold_rows(
     errors: Mapping[str, str],
 ) -> list[ThresholdRow]:
     defaults = rpm_rules.thresholds_for(
-        enrollment.program, chronic_lung_disease=enrollment.chronic_lung_disease
+        enrollment.program, chronic_lung_disease=enrollment.chronic_lung_disease, site=_site()
     )
     current = _thresholds(enrollment) or defaults
     rows = []
@@ -573,6 +564,8 @@ class AlertView:
     state: str
     opened: str
     escalated_to: str | None
+    severity_label: str
+    state_label: str
 
 
 def _alert_view(alert: Alert, zone: ZoneInfo) -> AlertView:
@@ -585,6 +578,8 @@ def _alert_view(alert: Alert, zone: ZoneInfo) -> AlertView:
         alert.state.value,
         alert.opened_at.astimezone(zone).strftime("%Y-%m-%d %H:%M"),
         alert.escalated_to,
+        alert.severity.value.capitalize(),
+        alert.state.value.capitalize(),
     )
 
 
@@ -597,7 +592,9 @@ async def _page(
     status: int = 200,
 ) -> ResponseReturnValue:
     state = app_state()
-    actor, _ = await _actor()
+    session = await current_session()
+    assert session is not None  # login_required
+    actor = session.user.actor
     window, setting = _choices()
     patient = await _patient(patient_id, actor)
     enrollment = await Enrollments(state.store).get(patient_id, actor)
@@ -639,6 +636,9 @@ async def _page(
         else _threshold_rows(enrollment, submitted, errors or {}),
         thresholds_broken=enrollment is not None and thresholds is None,
         today=today.isoformat(),
+        can_manage=session.user.role in _STAFF,
+        earliest_start=(today - timedelta(days=MAX_BACKDATE_DAYS)).isoformat(),
+        max_backdate_days=MAX_BACKDATE_DAYS,
         max_minutes=MAX_MINUTES,
         max_note=MAX_NOTE,
         error=error,
@@ -651,14 +651,14 @@ async def _page(
 
 
 @bp.get("/<patient_id>")
-@login_required(role=_STAFF)
+@login_required(role=_VIEWERS)
 async def patient(patient_id: str) -> ResponseReturnValue:
     """The patient's RPM page."""
     return await _page(patient_id)
 
 
 @bp.get("/<patient_id>/series.json")
-@login_required(role=_STAFF)
+@login_required(role=_VIEWERS)
 async def series(patient_id: str) -> ResponseReturnValue:
     """The charts' data: per vital, series per measure and setting, and threshold lines."""
     state = app_state()
@@ -710,15 +710,37 @@ async def enroll(patient_id: str) -> ResponseReturnValue:
         )
     book = Enrollments(state.store)
     before = await book.get(patient_id, actor)
+    start: datetime | None = None
+    if before is None and form.get("enrolled_on"):
+        today = state.clock().astimezone(state.zone).date()
+        earliest = today - timedelta(days=MAX_BACKDATE_DAYS)
+        try:
+            day = date.fromisoformat(form["enrolled_on"])
+        except ValueError:
+            day = None
+        if day is None or not earliest <= day <= today:
+            return await _page(
+                patient_id,
+                error=f"Start date: today or up to {MAX_BACKDATE_DAYS} days back "
+                f"({earliest.isoformat()} to {today.isoformat()}), never in the future.",
+                status=400,
+            )
+        if day < today:  # today: the enrolment starts now
+            start = datetime.combine(day, time.min, state.zone)
+    if form.get("program") not in {p.value for p in Program}:
+        return await _page(patient_id, error="Choose one of the programs listed.", status=400)
     try:
         await book.enroll(
             patient_id,
             form.get("program", ""),
             actor,
             chronic_lung_disease=None if not lung_choice else lung_choice == "yes",
+            enrolled_at=start,
         )
     except EnrollmentError:
-        return await _page(patient_id, error="Choose one of the programs listed.", status=400)
+        return await _page(
+            patient_id, error="The enrolment was not saved; check the start date.", status=400
+        )
     return _done(patient_id, "enrolled" if before is None else "program")
 
 
@@ -742,7 +764,7 @@ def _parse_thresholds(
     wanted: dict[str, dict[str, object]] = {}
     errors: dict[str, str] = {}
     defaults = rpm_rules.thresholds_for(
-        enrollment.program, chronic_lung_disease=enrollment.chronic_lung_disease
+        enrollment.program, chronic_lung_disease=enrollment.chronic_lung_disease, site=_site()
     )
     for rule_form in RULE_FORMS:
         rule = rule_form.rule.value
@@ -835,6 +857,7 @@ async def thresholds(patient_id: str) -> ResponseReturnValue:
                 enrollment.program,
                 chronic_lung_disease=enrollment.chronic_lung_disease,
                 overrides={rule: params for rule, params in wanted.items() if params},
+                site=_site(),
             )
         except rpm_rules.ThresholdError as exc:
             errors["form"] = str(exc)

@@ -59,10 +59,9 @@ async def test_a_crisis_reading_appears_on_the_open_worklist_without_reload(
         assert await page.evaluate("() => window.__noReload === true")
         assert await row.locator(".sev-label").text_content() == "Critical"
         assert await row.locator(".title").text_content() == "Blood pressure crisis"
-        assert await row.locator(".values").text_content() == (
-            "systolic 192 mm[Hg], diastolic 124 mm[Hg]"
-        )
-        assert await row.locator(".where").text_content() == "Home"
+        assert await row.locator(".values").text_content() == "BP 192/124 mmHg"
+        assert await row.locator(".where .place").text_content() == "Home"
+        assert await row.locator(".where .taken").text_content() != ""  # when it was taken
         assert await row.locator(".patient a").get_attribute("href") == (
             f"/rpm/patients/{cuff.patient_id}"
         )

@@ -536,3 +536,77 @@ async def test_run_catches_up_and_ticks_then_stops(store: Store) -> None:
         "SELECT max(id) FROM resources WHERE type = 'Observation'"
     )
     assert await engine.cursor() == last_observation
+
+
+async def test_a_batch_reads_each_patients_history_once_audited_per_patient(
+    store: Store,
+) -> None:
+    clock = Clock(NOW)
+    patients = [await _patient(store) for _ in range(3)]
+    copd = await _patient(store, Program.COPD)
+    for patient in patients:  # the earlier reading is history, not part of the batch
+        await _bp(store, patient, 128, 80, NOW - timedelta(hours=2))
+    engine, cursor = await _engine(store, clock)
+    await _file(
+        store,
+        *[factories.bp_observation(f"Patient/{p}", 176, 95, NOW.isoformat()) for p in patients],
+        _spo2(copd, 96, NOW),
+    )
+    await engine.evaluate_new(cursor)
+    # The rise from 128 to 176 is only visible with the history read back from the store.
+    rules = sorted((a[1], a[2]) for a in await _alerts(store))
+    assert rules == sorted((p, "systolic-rise") for p in patients)
+    rows = await store.query(
+        "SELECT patient_key, detail, ts FROM audit WHERE actor = ? AND action = 'search' "
+        "AND entity = 'Observation history' ORDER BY id",
+        (alerts.ACTOR,),
+    )
+    keys = [bytes(r[0]) for r in rows]
+    assert sorted(keys) == sorted(store.patient_key(f"Patient/{p}") for p in [*patients, copd])
+    assert len(set(keys)) == 4  # one record per patient, not per code searched
+    details = {bytes(r[0]): r[1] for r in rows}
+    assert details[store.patient_key(f"Patient/{copd}")] == "2708-6 newest 10 59408-5 newest 10"
+    assert len({r[2] for r in rows}) == 1  # written together, in one transaction
+
+
+async def test_run_until_idle_on_a_fresh_engine_keeps_its_starting_point(store: Store) -> None:
+    clock = Clock(NOW)
+    patient = await _patient(store)
+    engine = AlertEngine(store, clock=clock, backlog_hours=None)
+    start = await engine.run_until_idle()  # nothing new: the start is stored all the same
+    await _bp(store, patient, 192, 104, NOW)
+    assert await engine.run_until_idle() > start
+    assert [(a[2], a[4]) for a in await _alerts(store)] == [("bp-crisis", "open")]
+    # Another engine on the same database (a restart) resumes there, not at the newest row.
+    later = AlertEngine(store, clock=clock, backlog_hours=None)
+    assert await later.cursor() == await engine.cursor()
+
+
+async def test_the_site_config_sets_escalation_backlog_and_quiet_days(store: Store) -> None:
+    from appliance.config import RpmConfig
+    from services.devices import alert_engine
+
+    start = datetime.now(UTC).replace(microsecond=0)
+    quiet, own = await _patient(store), await _patient(store)
+    await Enrollments(store).set_threshold(own, "no-data", {"days": 5}, NURSE)
+    config = RpmConfig(
+        escalate_critical_min=5, escalate_high_min=0, sync_backlog_hours=0, quiet_days=1
+    )
+    engine = alert_engine(store, config)
+    # One day without readings: quiet for the site's 1 day; the patient's own 5 days win.
+    changed = await engine.tick(start + timedelta(days=1, minutes=1))
+    assert [(a.patient_id, a.rule) for a in changed] == [(quiet, "no-data")]
+    # Backlog off: the outbox has waited two days (the patients), and no site alert opens.
+    assert await engine.tick(start + timedelta(days=2)) == []
+    assert alerts.SITE not in {a.patient_id for a in await engine.book.live(NURSE)}
+    # A critical alert escalates after 5 minutes; a high one never does (0 minutes).
+    crisis = alert_engine(store, config, clock=Clock(start))
+    cursor = await crisis.cursor()
+    await _bp(store, quiet, 200, 110, start)
+    await _bp(store, own, 85, 60, start)
+    await crisis.evaluate_new(cursor)
+    changed = await crisis.tick(start + timedelta(minutes=5))
+    assert [(a.patient_id, a.rule, a.escalated_to) for a in changed] == [
+        (quiet, "bp-crisis", "provider")
+    ]
+    assert not await crisis.tick(start + timedelta(hours=12))  # hypotension (high): never

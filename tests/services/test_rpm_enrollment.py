@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from fractions import Fraction
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -118,3 +120,35 @@ async def test_the_engine_uses_the_patients_thresholds(store: Store) -> None:
     assert who.thresholds.on(Rule.HYPOTENSION)
     assert who.thresholds.value(Rule.HYPOTENSION, "systolic") == 100
     assert not who.thresholds.on(Rule.NO_DATA)
+
+
+async def test_an_enrolment_may_start_up_to_30_days_back_never_in_the_future(
+    store: Store,
+) -> None:
+    book = Enrollments(store)
+    a, b = await _patient(store), await _patient(store)
+    zone = ZoneInfo("America/Chicago")
+    today = store.now().astimezone(zone).date()
+    earliest = datetime.combine(today - timedelta(days=30), datetime.min.time(), zone)
+    started = await book.enroll(a, Program.HYPERTENSION, NURSE, enrolled_at=earliest)
+    assert started.enrolled_at == earliest  # midnight of that day, site time
+    too_early = earliest - timedelta(minutes=1)  # 31 calendar days back
+    tomorrow = store.now() + timedelta(hours=1)
+    for wrong, why in (
+        (too_early, "at most 30 days back"),
+        (tomorrow, "cannot start in the future"),
+        (datetime(2026, 1, 1), "needs a time zone"),  # naive: the mistake tested
+    ):
+        with pytest.raises(EnrollmentError, match=why):
+            await book.enroll(b, Program.HYPERTENSION, NURSE, enrolled_at=wrong)
+    assert await book.get(b, NURSE) is None
+    # A program change keeps the start; a start given with it corrects the start.
+    moved = await book.enroll(a, Program.DIABETES, NURSE)
+    assert moved.enrolled_at == earliest
+    corrected = await book.enroll(
+        a, Program.DIABETES, NURSE, enrolled_at=earliest + timedelta(days=2)
+    )
+    assert corrected.enrolled_at == earliest + timedelta(days=2)
+    details = [x[2] for x in await _audit(store, a) if x[2].startswith("enrolled")]
+    assert details[0].startswith("enrolled hypertension from ")
+    assert details[1] == "enrolled diabetes"

@@ -22,6 +22,7 @@ from services.rpm_rules import (
     Severity,
     ThresholdError,
     Thresholds,
+    describe_values,
 )
 from tests import factories
 
@@ -499,3 +500,24 @@ def test_no_data_never_fires_before_n_days(seconds_quiet: int) -> None:
     )
     assert finding is not None
     assert (finding.severity is Severity.LOW) == (seconds_quiet >= 3 * 24 * 3600)
+
+
+def test_values_are_described_in_the_units_people_read() -> None:
+    assert describe_values("systolic 196 mm[Hg], diastolic 100 mm[Hg]") == "BP 196/100 mmHg"
+    assert describe_values("systolic 85 mm[Hg]") == "Systolic 85 mmHg"
+    assert describe_values("spo2 91 %") == "SpO2 91 %"
+    assert describe_values("temperature 38.4 Cel") == "Temperature 38.4 °C"
+    assert describe_values("temperature 101.3 [degF]") == "Temperature 101.3 °F"
+    assert describe_values("weight 180.2 [lb_av]") == "Weight 180.2 lb"
+    assert describe_values("weight 82.1 kg") == "Weight 82.1 kg"
+    assert describe_values("glucose 3.1 mmol/L") == "Glucose 3.1 mmol/L"
+    assert describe_values("glucose 48 mg/dL") == "Glucose 48 mg/dL"
+    assert describe_values("heart-rate 130 /min") == "Pulse 130 /min"
+    assert describe_values("") == ""
+    assert describe_values("something else") == "something else"
+
+
+def test_the_detail_of_a_finding_reads_back_for_people() -> None:
+    at = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
+    reading = Reading("o1", "p1", Measure.TEMPERATURE, Decimal("38.4"), "Cel", at)
+    assert describe_values(rpm_rules._detail(reading)) == "Temperature 38.4 °C"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from quart.testing import QuartClient
 
@@ -18,6 +19,7 @@ from services.rpm_enrollment import Enrollments
 from services.rpm_rules import Program
 from tests import factories
 from tests.web.conftest import NURSE, PASSWORD, FakeClock, form_token, login
+from web.rpm import _when, rule_title
 
 ACTOR = f"user:{NURSE}"
 DEVICES = "service:devices"
@@ -88,7 +90,7 @@ async def test_worklist_orders_alerts_by_severity_then_age(
     order = [m.group(1) for m in re.finditer(r'<a href="/rpm/patients/[^"]+">(\w+), Ada</a>', page)]
     assert order[:3] == ["Crisisbp", "Firstspo", "Laterspo"]
     assert "Blood pressure crisis" in page
-    assert "systolic 188 mm[Hg], diastolic 100 mm[Hg]" in page  # unsealed for the nurse
+    assert "BP 188/100 mmHg" in page  # unsealed for the nurse, in the units people read
     assert "Critical" in page  # severity in words, not colour alone
     assert 'data-events="/rpm/events"' in page
 
@@ -217,19 +219,39 @@ async def test_actions_without_the_csrf_token_are_refused(
     assert await _state(store, crisis) == "open"
 
 
-async def test_only_nurses_and_admins_see_the_worklist(
+async def test_providers_see_the_worklist_and_acknowledge_but_do_not_snooze_or_resolve(
     client: QuartClient, store: Store, clock: FakeClock
 ) -> None:
     anonymous = await client.get("/rpm/")
     assert anonymous.status_code == 302
     assert anonymous.headers["Location"].startswith("/login?next=/rpm/")
     assert (await client.post("/rpm/alerts/1/acknowledge", form={})).status_code == 401
+    await _three_alerts(store, clock)
+    crisis = (await _alert_ids(store))["bp-crisis"]
     await db.run_sync(
         store.connection, users.create_user, "prov1", PASSWORD, users.Role.PROVIDER, now=clock()
     )
     assert await login(client, "prov1") == 302
-    assert (await client.get("/rpm/")).status_code == 403
-    assert (await client.get("/rpm/events")).status_code == 403
+    response = await client.get("/rpm/")
+    assert response.status_code == 200
+    page = (await response.get_data()).decode()
+    assert "Crisisbp" in page
+    assert f"/rpm/alerts/{crisis}/acknowledge" in page
+    assert "/snooze" not in page  # not theirs: no dead buttons
+    assert "/resolve" not in page
+    assert "As a provider you can acknowledge alerts" in page
+    async with client.request("/rpm/events") as connection:
+        await connection.send_complete()
+        assert (await asyncio.wait_for(connection.receive(), 1.0)).startswith(b"retry:")
+        await connection.disconnect()
+    for action, fields in (("snooze", {"duration": "1h"}), ("resolve", {"note": "Seen."})):
+        refused = await _post(client, f"/rpm/alerts/{crisis}/{action}", **fields)
+        assert refused.status_code == 403
+    assert await _state(store, crisis) == "open"
+    acked = await _post(client, f"/rpm/alerts/{crisis}/acknowledge")
+    assert acked.status_code == 302
+    [(state, by)] = await store.query("SELECT state, acked_by FROM alerts WHERE id = ?", (crisis,))
+    assert (state, by) == ("acknowledged", "user:prov1")
 
 
 async def test_reading_the_worklist_is_audited_under_the_nurse(
@@ -275,9 +297,11 @@ async def test_stream_emits_an_alert_when_the_engine_evaluates_a_crisis(
         assert alert["patient_name"] == "Streamcase, Ada"
         assert alert["title"] == "Blood pressure crisis"
         assert alert["severity"] == "critical"
-        assert alert["values"] == "systolic 196 mm[Hg], diastolic 100 mm[Hg]"
+        assert alert["values"] == "BP 196/100 mmHg"
         assert alert["state"] == "open"
         assert alert["setting"] == "clinic"
+        taken = clock().astimezone(ZoneInfo("America/Chicago")).strftime("%H:%M")
+        assert alert["taken_at"] == taken  # when the reading was taken: today, site time
         assert alert["patient_url"] == f"/rpm/patients/{patient}"
         # A state change is an event too.
         await engine.book.acknowledge(alert["id"], "user:someone")
@@ -308,3 +332,42 @@ async def test_stream_replays_after_last_event_id(
     assert int(event_id) > first_event
     assert json.loads(data)["id"] != events[0][1]
     assert json.loads(data)["id"] in ids.values()
+
+
+async def test_a_site_alert_shows_as_the_whole_site_without_a_patient_link(
+    logged_in: QuartClient, store: Store, clock: FakeClock
+) -> None:
+    await _patient(store, "Waitingone")  # its Patient waits in the outbox from now
+    engine = AlertEngine(store, clock=clock, backlog_hours=24)
+    [backlog] = await engine.tick(store.now() + timedelta(hours=25))
+    assert backlog.patient_id == alerts.SITE
+    page = (await (await logged_in.get("/rpm/")).get_data()).decode()
+    row = page.split(f'data-alert-id="{backlog.id}"')[1].split("</tr>")[0]
+    assert '<span class="site-alert" title="About the appliance, not a patient">Whole site' in row
+    assert "/rpm/patients/" not in row
+    assert "Sync backlog" in row
+    async with logged_in.request("/rpm/events", headers={"Last-Event-ID": "0"}) as connection:
+        await connection.send_complete()
+        _rest, _id, data = await _next_event(connection, b"", b"alert")
+        await connection.disconnect()
+    event = json.loads(data)
+    assert (event["site"], event["patient_url"], event["patient_name"]) == (
+        True,
+        None,
+        "Whole site",
+    )
+
+
+def test_reading_times_are_short_in_the_narrow_taken_column() -> None:
+    zone = ZoneInfo("America/Chicago")
+    now = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)  # 21:00 on the 26th in Chicago
+    assert _when(datetime(2026, 11, 27, 2, 2, tzinfo=UTC), zone, now) == "20:02"
+    assert _when(datetime(2026, 11, 26, 2, 2, tzinfo=UTC), zone, now) == "11-25 20:02"
+    assert _when(datetime(2025, 12, 31, 18, 0, tzinfo=UTC), zone, now) == "2025-12-31 12:00"
+    assert _when(None, zone, now) == ""
+
+
+def test_a_device_alert_names_its_device() -> None:
+    assert rule_title("device-silent:cuff-17") == "Home device not seen (cuff-17)"
+    assert rule_title("bp-crisis") == "Blood pressure crisis"
+    assert rule_title("something-new") == "something-new"

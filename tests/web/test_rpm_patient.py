@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -11,6 +12,7 @@ import pytest
 from quart.testing import QuartClient
 
 from appliance import db, users
+from appliance.config import Config, RpmConfig
 from appliance.store import Store
 from services.alerts import AlertEngine
 from services.rpm_billing import RpmBilling
@@ -18,7 +20,8 @@ from services.rpm_enrollment import Enrollments
 from services.rpm_rules import Program
 from services.vitals import CAPTURE_METHOD_SYSTEM, CAPTURE_SETTING_SYSTEM
 from tests import factories
-from tests.web.conftest import NURSE, FakeClock, form_token, login
+from tests.web.conftest import NURSE, PASSWORD, FakeClock, form_token, login
+from web.app import create_app
 from web.rpm_patient import build_charts
 
 LOINC = "http://loinc.org"
@@ -163,7 +166,7 @@ async def test_page_shows_the_patient_counters_alerts_charts_and_tables(
     assert "99445 so far" in body
     assert re.search(r'id="minutes"><strong>12</strong> min · 99470', body)
     assert re.search(
-        r"<td>Blood-pressure crisis</td>\s*<td><span class=\"sev sev-critical\">critical<", body
+        r"<td>Blood-pressure crisis</td>\s*<td><span class=\"sev sev-critical\">Critical<", body
     )
     for chart_id in ("bp", "spo2", "weight", "glucose", "temperature"):
         assert f'id="chart-{chart_id}"' in body
@@ -171,7 +174,7 @@ async def test_page_shows_the_patient_counters_alerts_charts_and_tables(
     # The readings as tables: where, values, what threshold a value is beyond.
     assert "186 mmHg" in body
     assert "systolic ≥ 180" in body
-    assert "38.2 °C (100.8 [degF] as measured)" in body
+    assert "38.2 °C (100.8 °F as measured)" in body
     assert "glucose ≤ 70 mg/dL (level 1)" in body
     assert "<td>Clinic</td>" in body
     assert "<td>Home</td>" in body
@@ -234,7 +237,7 @@ async def test_unknown_patient_is_404(logged_in: QuartClient) -> None:
         assert (await logged_in.get(path)).status_code == 404
 
 
-async def test_anonymous_and_other_roles_are_kept_out(
+async def test_providers_read_the_page_but_change_nothing_and_anonymous_log_in(
     client: QuartClient, store: Store, clock: FakeClock
 ) -> None:
     patient_id = await _patient(store)
@@ -250,14 +253,25 @@ async def test_anonymous_and_other_roles_are_kept_out(
         now=clock(),
     )
     assert await login(client, "provider1", "provider horse battery") == 302
-    assert (await client.get(f"/rpm/patients/{patient_id}")).status_code == 403
-    assert (await client.get(f"/rpm/patients/{patient_id}/series.json")).status_code == 403
+    page = await client.get(f"/rpm/patients/{patient_id}")
+    assert page.status_code == 200  # where alerts escalate: they read the chart
+    body = (await page.get_data()).decode()
+    assert "Trends" in body
+    for form in ("/enroll", "/unenroll", "/thresholds", "/time"):
+        assert f'action="/rpm/patients/{patient_id}{form}"' not in body
+    assert "Nurses and administrators change the enrolment" in body
+    assert (await client.get(f"/rpm/patients/{patient_id}/series.json")).status_code == 200
     token = form_token(await (await client.get("/devices/")).get_data())
-    refused = await client.post(
-        f"/rpm/patients/{patient_id}/enroll",
-        form={"csrf_token": token, "program": "hypertension"},
-    )
-    assert refused.status_code == 403
+    for path, fields in (
+        ("enroll", {"program": "hypertension"}),
+        ("unenroll", {}),
+        ("thresholds", {"t.bp-crisis.systolic": "170"}),
+        ("time", {"minutes": "20"}),
+    ):
+        refused = await client.post(
+            f"/rpm/patients/{patient_id}/{path}", form={"csrf_token": token, **fields}
+        )
+        assert refused.status_code == 403
     assert await Enrollments(store).get(patient_id, "user:test") is None
 
 
@@ -397,7 +411,7 @@ async def test_nurse_enrols_changes_program_and_ends_the_enrolment(
         False,
     )
     after = (await (await logged_in.get(response.headers["Location"])).get_data()).decode()
-    assert "Enrolled. Monitoring and its billing periods start today." in after
+    assert "Enrolled. The 30-day billing periods count from the start date." in after
     assert "Heart failure" in after
     assert "Thresholds for this patient" in after
 
@@ -425,6 +439,42 @@ async def test_nurse_enrols_changes_program_and_ends_the_enrolment(
         (NURSE_ACTOR, "enrolled copd"),
         (NURSE_ACTOR, "unenrolled"),
     ]
+
+
+async def test_an_enrolment_can_start_up_to_30_days_back(
+    logged_in: QuartClient, store: Store, clock: FakeClock
+) -> None:
+    patient_id = await _patient(store)
+    page = (await (await logged_in.get(f"/rpm/patients/{patient_id}")).get_data()).decode()
+    today = clock().astimezone(CHICAGO).date()
+    earliest = today - timedelta(days=30)
+    assert f'name="enrolled_on" value="{today}" min="{earliest}" max="{today}"' in page
+    assert "up to 30 days back" in page
+    token = form_token(page.encode())
+    for wrong in (today + timedelta(days=1), earliest - timedelta(days=1), "last week"):
+        refused = await logged_in.post(
+            f"/rpm/patients/{patient_id}/enroll",
+            form={"csrf_token": token, "program": "diabetes", "enrolled_on": str(wrong)},
+        )
+        assert refused.status_code == 400
+        assert (
+            f"Start date: today or up to 30 days back ({earliest}"
+            in (await refused.get_data()).decode()
+        )
+    assert await Enrollments(store).get(patient_id, "user:test") is None
+    started = today - timedelta(days=12)
+    response = await logged_in.post(
+        f"/rpm/patients/{patient_id}/enroll",
+        form={"csrf_token": token, "program": "diabetes", "enrolled_on": started.isoformat()},
+    )
+    assert response.status_code == 303
+    enrolled = await Enrollments(store).get(patient_id, "user:test")
+    assert enrolled is not None
+    assert enrolled.enrolled_at.astimezone(CHICAGO).date() == started
+    after = (await (await logged_in.get(f"/rpm/patients/{patient_id}")).get_data()).decode()
+    assert f"since {started}" in after
+    assert f"{started.isoformat()} to {(started + timedelta(days=29)).isoformat()}" in after
+    assert 'name="enrolled_on"' not in after  # a current enrolment keeps its start
 
 
 async def test_enrolment_refusals_say_what_is_wrong(logged_in: QuartClient, store: Store) -> None:
@@ -639,3 +689,22 @@ async def test_invalid_time_logs_are_refused(
     assert response.status_code == 400
     assert message in (await response.get_data()).decode()
     assert await store.query("SELECT count(*) FROM rpm_time_log") == [(0,)]
+
+
+async def test_the_site_config_sets_the_no_data_and_device_defaults_shown(
+    config: Config, store: Store, clock: FakeClock
+) -> None:
+    patient_id = await _patient(store)
+    await Enrollments(store).enroll(patient_id, Program.HYPERTENSION, "user:admin")
+    await db.run_sync(
+        store.connection, users.create_user, NURSE, PASSWORD, users.Role.NURSE, now=clock()
+    )
+    site = replace(config, rpm=RpmConfig(quiet_days=5, device_silent_hours=12))
+    app = create_app(site, store, clock=clock, sse_poll_s=0.02)
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        assert await login(client) == 302
+        page = (await (await client.get(f"/rpm/patients/{patient_id}")).get_data()).decode()
+    assert 'name="t.no-data.days" value="" placeholder="5"' in page
+    assert 'name="t.device-silent.hours" value="" placeholder="12"' in page
+    assert "1–30 days; default 5" in page

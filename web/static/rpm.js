@@ -69,14 +69,20 @@
       link.textContent = alert.patient_name;
       patient.replaceChildren(link);
     } else {
-      patient.textContent = alert.patient_name;
+      // A site-level alert (a sync backlog): about the appliance, no patient to link to.
+      const site = document.createElement("span");
+      site.className = "site-alert";
+      site.title = "About the appliance, not a patient";
+      site.textContent = alert.patient_name;
+      patient.replaceChildren(site);
     }
     row.querySelector(".title").textContent = alert.title;
     row.querySelector(".summary").textContent = alert.summary;
     row.querySelector(".values").textContent = alert.values || "—";
     row.querySelector(".time").textContent = alert.since;
     row.querySelector(".age").textContent = alert.age;
-    row.querySelector(".where").textContent = capitalise(alert.setting);
+    row.querySelector(".place").textContent = capitalise(alert.setting);
+    row.querySelector(".taken").textContent = alert.taken_at || "";
     row.querySelector(".alert-state").textContent = alert.state_label;
     const ack = row.querySelector(".act-ack");
     if (ack) {
