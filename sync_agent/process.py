@@ -55,6 +55,7 @@ from appliance import audit, db, runtime, sdnotify
 from appliance.config import UpstreamConfig
 from appliance.runtime import ProcessContext
 from sync_agent.audit_export import AuditExporter
+from sync_agent.claims_submit import ClaimsSubmitter  # claims (issue 8)
 from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
 from sync_agent.pull import Puller
 from sync_agent.status import SYNC_NOW_KEY
@@ -216,6 +217,8 @@ class SyncLoop:
         )
         self.wakeups = Wakeups(ctx)
         self.probes = 0
+        # -- claims (issue 8): ready claims to the payer endpoint, its acks back. ------------
+        self.claims = ClaimsSubmitter(ctx.store, ctx.config)
 
     async def run(self) -> None:
         """The loop; returns when the context is stopping."""
@@ -230,6 +233,8 @@ class SyncLoop:
                 await self.deliverer.make_due()
             result = await self.deliverer.drain()
             self._report(result)
+            # -- claims (issue 8): after the drain, whatever the EHR link; never raises. -----
+            await self.claims.run_once()
             more = False
             if not result.link_down:
                 # Then, in priority order after the outbox lanes: version-checked updates,
@@ -297,6 +302,15 @@ class SyncLoop:
             )
 
 
+async def _claims_only(ctx: ProcessContext) -> None:
+    """A site with no EHR upstream still submits its claims (issue 8) until stopped."""
+    claims = ClaimsSubmitter(ctx.store, ctx.config)
+    while not ctx.stopping.is_set():
+        await claims.run_once()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.stopping.wait(), ctx.config.sync.interval_s)
+
+
 async def main(ctx: ProcessContext, *, rng: random.Random | None = None) -> None:
     """Entry of the sync process."""
     rng = rng or random.Random()  # noqa: S311 - jitter, not security
@@ -307,7 +321,8 @@ async def main(ctx: ProcessContext, *, rng: random.Random | None = None) -> None
             logger.info("no upstream configured; records stay in the outbox until one is")
             ctx.set_status(upstream=None)
             sdnotify.ready()
-            await ctx.stopping.wait()
+            # Claims go to the payer endpoint, not the EHR: they flow without an upstream.
+            await _claims_only(ctx)
             return
         upstream = upstreams[0]
         async with build_client(upstream) as client:

@@ -88,6 +88,7 @@ def create_app(
     # module, so importing them first would be circular.
     from web import ingest
     from web.auth import bp as auth_bp
+    from web.claims import bp as claims_bp
     from web.devices import bp as devices_bp
     from web.health import bp as health_bp
     from web.nurse import bp as nurse_bp
@@ -118,6 +119,7 @@ def create_app(
     app.register_blueprint(rpm_bp)
     app.register_blueprint(rpm_patient_bp)
     app.register_blueprint(ingest.bp)
+    app.register_blueprint(claims_bp)
     ingest.exempt_from_browser_csrf(app)  # the vendor API takes a key, never the session cookie
 
     @app.get("/")

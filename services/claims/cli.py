@@ -1,4 +1,4 @@
-"""``appliance claims list|check|export|decisions|ready|override``.
+"""``appliance claims list|check|export|decisions|ready|override|submit|import-response|resolve``.
 
 Registered by the CLI entry point (``appliance/cli.py``) like :mod:`services.rpm_cli`. The
 list prints no PHI (claim numbers, local ids, dates, states, our check messages); ``export``
@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.store import Store
+from services.claims.acks import AckError
+from services.claims.lifecycle import Lifecycle
 from services.claims.model import ClaimStatus, Form, money
 from services.claims.service import ClaimRow, ClaimsService
 
@@ -173,6 +175,61 @@ def cmd_override(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace, config: Config) -> int:
+    """Send ready claims now (what the sync process does after each drain)."""
+    from sync_agent.claims_submit import ClaimsSubmitter  # the entry point assembles parts
+
+    if config.claims.endpoint_url is None:
+        raise ApplianceError("[claims] endpoint_url is not set: there is nowhere to submit to")
+
+    def say(text: str) -> None:
+        sys.stderr.write(text + "\n")
+
+    async def work(service: ClaimsService) -> int:
+        store = service.store
+        result = await ClaimsSubmitter(store, config, service=service).submit(
+            dry_run=args.dry_run, progress=say
+        )
+        if not args.dry_run:
+            sys.stdout.write(
+                f"{result.submitted} submitted, {result.in_review} in review, "
+                f"{result.refused} refused, {result.not_sent} not sent, "
+                f"{result.responses} response file(s) applied\n"
+            )
+        for error in result.errors:
+            say(f"error: {error}")
+        return 1 if result.errors or result.in_review or result.refused else 0
+
+    return _with_service(config, work)
+
+
+def cmd_import_response(args: argparse.Namespace, config: Config) -> int:
+    """Apply a 999, 277CA or 835 file a biller downloaded from the clearinghouse."""
+    text = Path(args.file).read_text(encoding="utf-8", errors="strict")
+
+    async def work(service: ClaimsService) -> str:
+        applied = await Lifecycle(service, service.store).apply_response(text, _actor())
+        return "already applied (nothing changed)" if applied.duplicate else applied.summary
+
+    try:
+        summary = _with_service(config, work)
+    except AckError as exc:
+        sys.stderr.write(f"{args.file}: {exc}; nothing was changed\n")
+        return 1
+    sys.stdout.write(summary + "\n")
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace, config: Config) -> int:
+    """Settle an in_review claim after asking the clearinghouse."""
+    row = _with_service(
+        config,
+        lambda s: Lifecycle(s, s.store).resolve(args.claim_id, args.as_, args.reason, _actor()),
+    )
+    sys.stdout.write(f"claim {row.claim_number} is {row.status.value}\n")
+    return 0
+
+
 def add_commands(sub: Any, command: CommandFactory) -> None:
     """Add the ``claims`` command group to the CLI."""
     claims = sub.add_parser("claims", help="Q3014 facility-fee claims").add_subparsers(
@@ -198,3 +255,21 @@ def add_commands(sub: Any, command: CommandFactory) -> None:
     )
     p.add_argument("encounter_id")
     p.add_argument("--reason", required=True, help="why (stored encrypted, audited)")
+    p = command("submit", cmd_submit, "send ready claims to the payer endpoint now", claims)
+    p.add_argument("--dry-run", action="store_true", help="say what would be sent; send nothing")
+    p = command(
+        "import-response", cmd_import_response, "apply a 999, 277CA or 835 file by hand", claims
+    )
+    p.add_argument("file", help="the X12 file downloaded from the clearinghouse")
+    p = command("resolve", cmd_resolve, "settle a claim in review, with a reason", claims)
+    p.add_argument("claim_id", type=int)
+    p.add_argument(
+        "--as",
+        dest="as_",
+        choices=("acknowledged", "ready"),
+        required=True,
+        help="acknowledged: the clearinghouse has it; ready: it never arrived",
+    )
+    p.add_argument(
+        "--reason", required=True, help="what the clearinghouse said (no patient details)"
+    )

@@ -10,8 +10,11 @@ States and who moves a claim between them (docs/adr/0006-claims.md)::
                            ├──► acknowledged / rejected (the answer turned up)
                            └──► ready (proved never received: may be sent again)
 
-``submitted`` means bytes left the box; an answer that never came (timeout mid-send) is
-``in_review``, never a blind resend. Money is integer cents; dates are dates.
+A claim being sent is still ``ready`` with ``claims.sending_batch`` set (the intent written
+before the request, :mod:`.lifecycle`): it is never picked again meanwhile. ``submitted`` means
+the clearinghouse clearly received it; a request that may have landed without a clear answer
+(timeout after sending, reset, 5xx, a crash mid-send) goes ``ready → in_review``, never a
+blind resend. Money is integer cents; dates are dates.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class ClaimStatus(StrEnum):
 _S = ClaimStatus
 TRANSITIONS: dict[ClaimStatus, frozenset[ClaimStatus]] = {
     _S.DRAFT: frozenset({_S.READY, _S.CANCELLED}),
-    _S.READY: frozenset({_S.DRAFT, _S.SUBMITTED, _S.CANCELLED}),
+    # ready → in_review: only the submitter, for a request that may have landed (lifecycle.py)
+    _S.READY: frozenset({_S.DRAFT, _S.SUBMITTED, _S.IN_REVIEW, _S.CANCELLED}),
     _S.SUBMITTED: frozenset({_S.ACKNOWLEDGED, _S.REJECTED, _S.IN_REVIEW}),
     _S.IN_REVIEW: frozenset({_S.ACKNOWLEDGED, _S.REJECTED, _S.READY, _S.CANCELLED}),
     _S.ACKNOWLEDGED: frozenset({_S.ACCEPTED, _S.REJECTED}),

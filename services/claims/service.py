@@ -51,7 +51,8 @@ SITE_SYSTEM = "urn:telehealth-appliance:fhir:site"
 VIRTUAL_CLASSES = frozenset({"VR"})  # v3 ActCode "virtual"
 _CLAIM_COLUMNS = (
     "id, claim_number, encounter_id, patient_id, service_date, form, payer_id, payer_kind, "
-    "charge_cents, fee_cents, status, problems, x12_valid, override_at, created_at, updated_at"
+    "charge_cents, fee_cents, status, problems, x12_valid, override_at, created_at, updated_at, "
+    "sending_batch"
 )
 
 
@@ -79,6 +80,12 @@ class ClaimRow:
     overridden: bool
     created_at: str
     updated_at: str
+    sending_batch: int | None = None  # set while a submission request may be on the wire
+
+    @property
+    def sending(self) -> bool:
+        """A submission of this claim is in flight (ready, but never picked again meanwhile)."""
+        return self.sending_batch is not None
 
 
 def _row(row: Sequence[Any]) -> ClaimRow:
@@ -100,6 +107,7 @@ def _row(row: Sequence[Any]) -> ClaimRow:
         row[13] is not None,
         row[14],
         row[15],
+        None if row[16] is None else int(row[16]),
     )
 
 
@@ -367,6 +375,24 @@ class ClaimsService:
         if not result.valid and not result.errors:
             found.append(Problem("x12", "X12 syntax: pyx12 refused the interchange"))
         return found, result.valid
+
+    @property
+    def store(self) -> Store:
+        """The store this service works on."""
+        return self._store
+
+    def submission_time(self) -> datetime:
+        """The site-local minute an interchange made now carries (ISA09/ISA10)."""
+        return self._store.now().astimezone(self._zone).replace(second=0, microsecond=0)
+
+    @property
+    def usage_production(self) -> bool:
+        """ISA15 is P (production data) rather than T."""
+        return self._config.claims.usage == "production"
+
+    def envelope(self, isa: int, gs: int, created: datetime | None = None) -> Envelope:
+        """The envelope of an interchange with these control numbers (for the lifecycle)."""
+        return self._envelope(isa, gs, created)
 
     def _envelope(self, isa: int, gs: int, created: datetime | None = None) -> Envelope:
         claims = self._config.claims
@@ -656,7 +682,8 @@ class ClaimsService:
         missing = set(claim_ids) - {f[0] for f in found}
         if missing:
             raise NotFoundError(f"no claim {', '.join(str(i) for i in sorted(missing))}")
-        action = AuditAction.EXPORT if purpose == "export" else AuditAction.READ
+        leaves = purpose in ("export", "submission")
+        action = AuditAction.EXPORT if leaves else AuditAction.READ
         events = [
             AuditEvent(
                 actor,
@@ -677,6 +704,10 @@ class ClaimsService:
     ) -> ClaimRow:
         """Move a claim to ``to`` if the state machine allows it (for the lifecycle too)."""
         row = await self.claim(claim_id)
+        if row.sending:
+            raise ClaimsError(
+                f"claim {row.claim_number} is being sent; wait for the answer (or in_review)"
+            )
         if to not in TRANSITIONS[row.status]:
             raise ClaimsError(f"claim {row.claim_number}: cannot go from {row.status} to {to}")
         if to is ClaimStatus.READY and row.status is ClaimStatus.DRAFT and row.problems:
@@ -688,7 +719,8 @@ class ClaimsService:
 
         def work(conn: sqlite3.Connection) -> None:
             moved = conn.execute(
-                "UPDATE claims SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
+                "UPDATE claims SET status = ?, updated_at = ? WHERE id = ? AND status = ? "
+                "AND sending_batch IS NULL",
                 (to.value, now, claim_id, row.status.value),
             ).rowcount
             if moved != 1:
@@ -706,7 +738,7 @@ class ClaimsService:
         (resources are append-only), the old one kept. A ready claim with problems goes back
         to draft.
         """
-        rows = await self.claims(list(EDITABLE), claim_ids)
+        rows = [r for r in await self.claims(list(EDITABLE), claim_ids) if not r.sending]
         if not rows:
             return []
         contents = await self.content([r.id for r in rows], actor, purpose="check")
@@ -741,7 +773,7 @@ class ClaimsService:
                     )
                 conn.execute(
                     "UPDATE claims SET problems = ?, checked_at = ?, x12_valid = ?, status = ?, "
-                    "updated_at = ? WHERE id = ?",
+                    "updated_at = ? WHERE id = ? AND sending_batch IS NULL",
                     (
                         _problems_json(problems),
                         now,

@@ -152,12 +152,3 @@ def validate_x12(text: str) -> X12Result:
         or (seg.strip().startswith(("IK5", "AK9")) and not seg.strip()[4:].startswith("A"))
     )
     return X12Result(valid, ack_text, errors)
-
-
-def warm() -> None:
-    """Load the 837P/837I/control maps now (the sync process calls it at start)."""
-    for name in ("x12.control.00501.xml", "837.5010.X222.A1.xml", "837Q3.I.5010.X223.A1.xml"):
-        try:
-            _map(name)
-        except (OSError, pyx12.errors.EngineError):
-            continue

@@ -1,0 +1,599 @@
+"""The claims lifecycle over the store: submission intents, answers, 999/277CA/835, review.
+
+Never submitted twice (docs/adr/0006-claims.md, "Lifecycle"): before a request goes out,
+:meth:`Lifecycle.take_batch` writes the **intent** in one transaction — the batch row (state
+``sending``, control numbers), its items, and ``claims.sending_batch`` on each claim, which
+keeps the claim out of every later batch. The answer then settles it, each in one
+transaction: a clear 2xx → ``submitted`` (:meth:`sent`); nothing left the box (connection
+refused) → still ``ready`` (:meth:`not_sent`); a clear refusal → ``rejected``
+(:meth:`refused`); anything that may have landed without a clear answer → ``in_review``
+(:meth:`ambiguous`), and at start :meth:`recover` does the same for intents a crash left
+behind. Only a person moves a claim out of ``in_review`` (:meth:`resolve`), or a 999/277CA
+that turns up for it.
+
+Acknowledgement and remittance files (:mod:`.acks`) are applied by :meth:`apply_response`:
+parsed completely first (a malformed file changes nothing), then applied in one transaction
+with the file's row, whose digest makes a second import of the same file a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from appliance import fhir
+from appliance.audit import AuditAction, AuditEvent
+from appliance.errors import NotFoundError
+from appliance.store import Store
+from services.claims import acks
+from services.claims.fhir_claim import from_fhir
+from services.claims.model import TRANSITIONS, ClaimStatus, Form, money
+from services.claims.service import ClaimRow, ClaimsError, ClaimsService, _take
+from services.claims.x12 import interchange
+
+ACTOR = "service:claims-submit"
+_S = ClaimStatus
+RESOLVE_TO = {"acknowledged": _S.ACKNOWLEDGED, "ready": _S.READY}
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A submission intent, written: what to send and which claims it carries."""
+
+    id: int
+    kind: str  # "x12" | "fhir"
+    claim_ids: tuple[int, ...]
+    claim_numbers: tuple[str, ...]
+    interchange_control: int
+    payload: bytes  # the X12 interchange, or the FHIR Claim's JSON
+    identifier: str | None = None  # FHIR: the Claim's identifier (conditional create)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one acknowledgement or remittance file did."""
+
+    kind: str
+    control: str
+    duplicate: bool
+    moved: int
+    ignored: int
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One line of a claim's history: a state move, or a message from outside."""
+
+    at: str
+    actor: str
+    from_status: str | None
+    to_status: str | None
+    detail: str | None
+    source: str | None = None  # messages: '999', '277CA', '835', 'submission'
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """An 835 line for the claim, reconciled."""
+
+    at: str
+    status_code: str
+    billed_cents: int
+    allowed_cents: int
+    paid_cents: int
+    patient_cents: int
+    adjustments: tuple[acks.Adjustment, ...]
+
+    @property
+    def short_cents(self) -> int:
+        """Billed minus paid: what the payer did not pay (patient share included)."""
+        return self.billed_cents - self.paid_cents
+
+
+class Lifecycle:
+    """Submission bookkeeping and acknowledgements for one site's claims."""
+
+    def __init__(self, service: ClaimsService, store: Store) -> None:
+        self._service = service
+        self._store = store
+
+    def _now(self) -> str:
+        return fhir.utc_text(self._store.now())
+
+    # -- submission intents ---------------------------------------------------------------
+
+    async def due(self) -> list[ClaimRow]:
+        """Ready claims with no problems and no submission in flight, oldest first."""
+        return [
+            r for r in await self._service.claims([_S.READY]) if not r.sending and not r.problems
+        ]
+
+    async def take_batch(self, kind: str, limit: int = 100, actor: str = ACTOR) -> Batch | None:
+        """Write the intent for the next batch (one form; FHIR: one claim) and build it."""
+        due = await self.due()
+        if not due:
+            return None
+        form = due[0].form
+        rows = [r for r in due if r.form == form][: 1 if kind == "fhir" else limit]
+        contents = await self._service.content([r.id for r in rows], actor, purpose="submission")
+        datas = [(claim_id, resource_id, body) for claim_id, resource_id, body in contents]
+        service = self._service
+        created = service.submission_time()
+        usage = "P" if service.usage_production else "T"
+        now = self._now()
+
+        def work(conn: sqlite3.Connection) -> tuple[int, int, int, list[int]]:
+            for claim_id, resource_id, _ in datas:
+                fresh = conn.execute(
+                    "SELECT 1 FROM claims WHERE id = ? AND status = 'ready' AND "
+                    "sending_batch IS NULL AND resource_id = ?",
+                    (claim_id, resource_id),
+                ).fetchone()
+                if fresh is None:
+                    raise ClaimsError("a claim changed while its batch was made; try again")
+            isa, gs = _take(conn, "isa", 1), _take(conn, "gs", 1)
+            first_st = _take(conn, "st", len(datas)) - len(datas) + 1
+            batch_id = int(
+                conn.execute(
+                    "INSERT INTO claim_batches (interchange_control, group_control, form, usage, "
+                    "purpose, created_at, created_by, claim_count, state, endpoint_kind) "
+                    "VALUES (?,?,?,?, 'submission', ?,?,?, 'sending', ?)",
+                    (isa, gs, form, usage, created.isoformat(), actor, len(datas), kind),
+                ).lastrowid
+                or 0
+            )
+            sts = [first_st + n for n in range(len(datas))]
+            conn.executemany(
+                "INSERT INTO claim_batch_items (batch_id, claim_id, resource_id, st_control) "
+                "VALUES (?,?,?,?)",
+                [(batch_id, c, r, st) for (c, r, _), st in zip(datas, sts, strict=True)],
+            )
+            for (claim_id, _, _), st in zip(datas, sts, strict=True):
+                conn.execute(
+                    "UPDATE claims SET sending_batch = ?, updated_at = ? WHERE id = ?",
+                    (batch_id, now, claim_id),
+                )
+                _event(
+                    conn, claim_id, actor, _S.READY, _S.READY,
+                    f"sending ({kind}) in interchange {isa:09d}, transaction set {st:04d}", now,
+                )  # fmt: skip
+            return batch_id, isa, gs, sts
+
+        batch_id, isa, gs, sts = await self._store.transact(work)
+        numbers = tuple(r.claim_number for r in rows)
+        if kind == "fhir":
+            body = dict(datas[0][2])
+            body["status"] = "active"
+            ident: dict[str, Any] = next(iter(body.get("identifier", [])), {})
+            token = f"{ident.get('system', '')}|{ident.get('value', '')}" if ident else None
+            return Batch(
+                batch_id, kind, tuple(r.id for r in rows), numbers, isa,
+                json.dumps(body).encode(), token,
+            )  # fmt: skip
+        envelope = service.envelope(isa, gs, created)
+        text = interchange(
+            envelope,
+            Form(form),
+            [(from_fhir(body), st) for (_, _, body), st in zip(datas, sts, strict=True)],
+        )
+        return Batch(batch_id, kind, tuple(r.id for r in rows), numbers, isa, text.encode("ascii"))
+
+    async def _settle(
+        self,
+        batch_id: int,
+        state: str,
+        outcome: str,
+        to: Sequence[ClaimStatus],
+        message: str | None,
+        actor: str,
+    ) -> list[int]:
+        now = self._now()
+
+        def work(conn: sqlite3.Connection) -> list[int]:
+            done = conn.execute(
+                "UPDATE claim_batches SET state = ?, answered_at = ?, outcome = ? "
+                "WHERE id = ? AND state = 'sending'",
+                (state, now, outcome, batch_id),
+            ).rowcount
+            if done != 1:
+                raise ClaimsError(f"batch {batch_id} is not being sent")
+            ids = [
+                int(r[0])
+                for r in conn.execute(
+                    "SELECT id FROM claims WHERE sending_batch = ? ORDER BY id", (batch_id,)
+                )
+            ]
+            for claim_id in ids:
+                conn.execute(
+                    "UPDATE claims SET sending_batch = NULL, updated_at = ? WHERE id = ?",
+                    (now, claim_id),
+                )
+                before = _S.READY
+                for step in to:
+                    _move(conn, claim_id, before, step, actor, outcome, now)
+                    before = step
+                if not to:
+                    _event(conn, claim_id, actor, _S.READY, _S.READY, outcome, now)
+                if message:
+                    _message(conn, claim_id, "submission", None, message, now, None)
+            return ids
+
+        return await self._store.transact(work)
+
+    async def sent(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:
+        """The endpoint clearly received the batch (2xx): its claims are ``submitted``."""
+        return await self._settle(batch_id, "sent", outcome, [_S.SUBMITTED], None, actor)
+
+    async def delivered(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:
+        """A FHIR payer endpoint took the Claim (2xx): ``submitted`` then ``acknowledged``."""
+        return await self._settle(
+            batch_id, "sent", outcome, [_S.SUBMITTED, _S.ACKNOWLEDGED], None, actor
+        )
+
+    async def not_sent(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:
+        """Nothing left the box (connection refused): the claims stay ``ready``."""
+        return await self._settle(batch_id, "not_sent", outcome, [], None, actor)
+
+    async def refused(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:
+        """A clear refusal of the whole batch (4xx): received, not accepted → ``rejected``."""
+        words = f"the endpoint refused the submission ({outcome}); correct and resubmit"
+        return await self._settle(
+            batch_id, "refused", outcome, [_S.SUBMITTED, _S.REJECTED], words, actor
+        )
+
+    async def ambiguous(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:
+        """It may have landed and no clear answer came: ``in_review``, never a blind resend."""
+        words = (
+            f"no clear answer to the submission ({outcome}): it may have been received. Ask "
+            "the clearinghouse, then resolve: acknowledged if they have it, ready if not"
+        )
+        return await self._settle(batch_id, "ambiguous", outcome, [_S.IN_REVIEW], words, actor)
+
+    async def recover(self, actor: str = ACTOR) -> int:
+        """Intents a crash left ``sending`` become ambiguous (the request may have gone)."""
+        rows = await self._store.query("SELECT id FROM claim_batches WHERE state = 'sending'")
+        for (batch_id,) in rows:
+            await self.ambiguous(int(batch_id), "interrupted while sending", actor)
+        return len(rows)
+
+    # -- answers from outside -------------------------------------------------------------
+
+    async def apply_response(self, text: str, received_by: str) -> Applied:
+        """Apply a 999, 277CA or 835 (raises :class:`acks.AckError` before writing anything)."""
+        kind, parsed = acks.parse(text)
+        digest = hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+        now = self._now()
+        control = parsed.control
+
+        def work(conn: sqlite3.Connection) -> Applied:
+            if conn.execute("SELECT 1 FROM claim_responses WHERE digest = ?", (digest,)).fetchone():
+                return Applied(kind, control, True, 0, 0, "already applied")
+            response = int(
+                conn.execute(
+                    "INSERT INTO claim_responses (kind, digest, control, received_at, "
+                    "received_by, summary) VALUES (?,?,?,?,?, '')",
+                    (kind, digest, control, now, received_by),
+                ).lastrowid
+                or 0
+            )
+            ctx = _Apply(conn, response, received_by, now)
+            if isinstance(parsed, acks.Ack999):
+                ctx.apply_999(parsed)
+            elif isinstance(parsed, acks.Ack277):
+                ctx.apply_277(parsed)
+            else:
+                ctx.apply_835(parsed)
+            summary = f"{kind}: {ctx.moved} claim(s) updated, {ctx.ignored} not matched"
+            conn.execute("UPDATE claim_responses SET summary = ? WHERE id = ?", (summary, response))
+            return Applied(kind, control, False, ctx.moved, ctx.ignored, summary)
+
+        event = AuditEvent(received_by, AuditAction.UPDATE, entity=f"Claim {kind} {control}")
+        return await self._store.transact(work, [event])
+
+    # -- a person ---------------------------------------------------------------------------
+
+    async def resolve(self, claim_id: int, as_: str, reason: str, actor: str) -> ClaimRow:
+        """Settle an ``in_review`` claim after asking the clearinghouse."""
+        if as_ not in RESOLVE_TO:
+            raise ClaimsError("resolve as 'acknowledged' (they have it) or 'ready' (they do not)")
+        if len(reason.strip()) < 10:
+            raise ClaimsError(
+                "give a reason of at least 10 characters (what the clearinghouse said)"
+            )
+        row = await self._service.claim(claim_id)
+        if row.status is not _S.IN_REVIEW:
+            raise ClaimsError(f"claim {row.claim_number} is {row.status}, not in_review")
+        return await self._service.transition(
+            claim_id, RESOLVE_TO[as_], actor, f"resolved by a person: {reason.strip()}"
+        )
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def history(self, claim_id: int) -> list[Event]:
+        """State moves and messages of a claim, oldest first (no PHI: our words and codes)."""
+        moves = await self._store.query(
+            "SELECT at, actor, from_status, to_status, detail FROM claim_events "
+            "WHERE claim_id = ? ORDER BY id",
+            (claim_id,),
+        )
+        notes = await self._store.query(
+            "SELECT at, source, code, message FROM claim_messages WHERE claim_id = ? ORDER BY id",
+            (claim_id,),
+        )
+        found = [Event(a, b, c, d, e) for a, b, c, d, e in moves]
+        found += [Event(a, s, None, None, m, s) for a, s, _c, m in notes]
+        return sorted(found, key=lambda e: e.at)
+
+    async def messages(self, claim_ids: Sequence[int]) -> dict[int, list[str]]:
+        """The outside messages per claim (999/277CA/835/submission), oldest first."""
+        if not claim_ids:
+            return {}
+        marks = ",".join("?" * len(claim_ids))
+        rows = await self._store.query(
+            f"SELECT claim_id, message FROM claim_messages WHERE claim_id IN ({marks}) "  # noqa: S608 - placeholders
+            "ORDER BY id",
+            list(claim_ids),
+        )
+        found: dict[int, list[str]] = {}
+        for claim_id, message in rows:
+            found.setdefault(int(claim_id), []).append(message)
+        return found
+
+    async def payments(self, claim_ids: Sequence[int]) -> dict[int, Payment]:
+        """The latest 835 payment per claim."""
+        if not claim_ids:
+            return {}
+        marks = ",".join("?" * len(claim_ids))
+        rows = await self._store.query(
+            "SELECT claim_id, at, status_code, billed_cents, allowed_cents, paid_cents, "  # noqa: S608 - placeholders
+            f"patient_cents, adjustments FROM claim_payments WHERE claim_id IN ({marks}) "
+            "ORDER BY id",
+            list(claim_ids),
+        )
+        found: dict[int, Payment] = {}
+        for claim_id, at, code, billed, allowed, paid, patient, adj in rows:
+            found[int(claim_id)] = Payment(
+                at, code, int(billed), int(allowed), int(paid), int(patient),
+                tuple(acks.Adjustment(a["group"], a["reason"], int(a["cents"]))
+                      for a in json.loads(adj)),
+            )  # fmt: skip
+        return found
+
+    async def search(
+        self,
+        statuses: Sequence[ClaimStatus] = (),
+        since: date | None = None,
+        until: date | None = None,
+        payer_id: str | None = None,
+    ) -> list[ClaimRow]:
+        """Claims filtered for the queue, newest service date first."""
+        rows = await self._service.claims(statuses)
+        return sorted(
+            (
+                r
+                for r in rows
+                if (since is None or r.service_date >= since.isoformat())
+                and (until is None or r.service_date <= until.isoformat())
+                and (payer_id is None or r.payer_id == payer_id)
+            ),
+            key=lambda r: (r.service_date, r.id),
+            reverse=True,
+        )
+
+    async def batch_state(self, batch_id: int) -> str | None:
+        """A submission batch's state (``sending``/``sent``/``not_sent``/...)."""
+        rows = await self._store.query("SELECT state FROM claim_batches WHERE id = ?", (batch_id,))
+        if not rows:
+            raise NotFoundError(f"no batch {batch_id}")
+        return None if rows[0][0] is None else str(rows[0][0])
+
+
+def _event(
+    conn: sqlite3.Connection,
+    claim_id: int,
+    actor: str,
+    before: ClaimStatus | None,
+    after: ClaimStatus,
+    detail: str | None,
+    now: str,
+) -> None:
+    conn.execute(
+        "INSERT INTO claim_events (claim_id, at, actor, from_status, to_status, detail) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (claim_id, now, actor, None if before is None else before.value, after.value, detail),
+    )
+
+
+def _message(
+    conn: sqlite3.Connection,
+    claim_id: int,
+    source: str,
+    code: str | None,
+    message: str,
+    now: str,
+    response: int | None,
+) -> None:
+    conn.execute(
+        "INSERT INTO claim_messages (claim_id, at, source, code, message, response) "
+        "VALUES (?,?,?,?,?,?)",
+        (claim_id, now, source, code, message, response),
+    )
+
+
+def _move(
+    conn: sqlite3.Connection,
+    claim_id: int,
+    before: ClaimStatus,
+    to: ClaimStatus,
+    actor: str,
+    detail: str | None,
+    now: str,
+) -> None:
+    """Compare-and-set one allowed move inside a transaction."""
+    if to not in TRANSITIONS[before]:
+        raise ClaimsError(f"claim {claim_id}: cannot go from {before} to {to}")
+    moved = conn.execute(
+        "UPDATE claims SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
+        (to.value, now, claim_id, before.value),
+    ).rowcount
+    if moved != 1:
+        raise ClaimsError(f"claim {claim_id} changed meanwhile; try again")
+    _event(conn, claim_id, actor, before, to, detail, now)
+
+
+# Which states an answer may find a claim in, and the steps that bring it to the answer's
+# state (an 835 can arrive with no 277CA before it: the payer adjudicated, so it was accepted).
+_TO_ACKNOWLEDGED = {_S.SUBMITTED: [_S.ACKNOWLEDGED], _S.IN_REVIEW: [_S.ACKNOWLEDGED]}
+_TO_ACCEPTED = {
+    _S.SUBMITTED: [_S.ACKNOWLEDGED, _S.ACCEPTED],
+    _S.IN_REVIEW: [_S.ACKNOWLEDGED, _S.ACCEPTED],
+    _S.ACKNOWLEDGED: [_S.ACCEPTED],
+    _S.ACCEPTED: [],
+}
+_TO_REJECTED = {
+    _S.SUBMITTED: [_S.REJECTED],
+    _S.IN_REVIEW: [_S.REJECTED],
+    _S.ACKNOWLEDGED: [_S.REJECTED],
+}
+
+
+class _Apply:
+    """Applies one parsed file inside its transaction; counts what it moved and ignored."""
+
+    def __init__(self, conn: sqlite3.Connection, response: int, actor: str, now: str) -> None:
+        self.conn, self.response, self.actor, self.now = conn, response, actor, now
+        self.moved = self.ignored = 0
+
+    def _status(self, claim_id: int) -> ClaimStatus:
+        row = self.conn.execute("SELECT status FROM claims WHERE id = ?", (claim_id,)).fetchone()
+        return ClaimStatus(row[0])
+
+    def _walk(self, claim_id: int, plan: dict[ClaimStatus, list[ClaimStatus]], detail: str) -> bool:
+        before = self._status(claim_id)
+        if before not in plan:
+            return False
+        for step in plan[before]:
+            _move(self.conn, claim_id, before, step, self.actor, detail, self.now)
+            before = step
+        return True
+
+    def _note(self, claim_id: int, source: str, code: str | None, message: str) -> None:
+        _message(self.conn, claim_id, source, code, message, self.now, self.response)
+
+    def _by_number(self, number: str) -> int | None:
+        row = self.conn.execute(
+            "SELECT id FROM claims WHERE claim_number = ?", (number,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def apply_999(self, ack: acks.Ack999) -> None:
+        items = {
+            int(st): int(claim_id)
+            for st, claim_id in self.conn.execute(
+                "SELECT i.st_control, i.claim_id FROM claim_batch_items i JOIN claim_batches b "
+                "ON b.id = i.batch_id WHERE b.purpose = 'submission' AND b.group_control = ?",
+                (int(ack.group_control),),
+            )
+        }
+        answered = set()
+        for answer in ack.sets:
+            claim_id = items.get(int(answer.st_control))
+            if claim_id is None:
+                self.ignored += 1
+                continue
+            answered.add(claim_id)
+            plan = _TO_ACKNOWLEDGED if answer.accepted else _TO_REJECTED
+            verdict = acks.SET_RESULTS[answer.code]
+            for message in answer.messages:
+                self._note(claim_id, "999", answer.code, message)
+            if self._walk(claim_id, plan, f"999 {verdict}"):
+                self.moved += 1
+            else:
+                self.ignored += 1
+        if ack.group_code not in ("A", "E", "P"):
+            # The whole group was refused without a per-set answer for these.
+            for claim_id in sorted(set(items.values()) - answered):
+                self._note(claim_id, "999", ack.group_code, "999: the whole batch was rejected")
+                if self._walk(claim_id, _TO_REJECTED, "999 rejected (whole batch)"):
+                    self.moved += 1
+
+    def apply_277(self, ack: acks.Ack277) -> None:
+        for status in ack.claims:
+            claim_id = self._by_number(status.claim_number)
+            if claim_id is None:
+                self.ignored += 1
+                continue
+            for code, message in zip(status.codes, status.messages, strict=True):
+                self._note(claim_id, "277CA", code, message)
+            if status.accepted is None:
+                continue
+            plan = _TO_ACCEPTED if status.accepted else _TO_REJECTED
+            detail = "277CA " + ("accepted" if status.accepted else "rejected")
+            if self._walk(claim_id, plan, detail):
+                self.moved += 1
+            else:
+                self.ignored += 1
+
+    def apply_835(self, ack: acks.Ack835) -> None:
+        for remit in ack.claims:
+            claim_id = self._by_number(remit.claim_number)
+            if claim_id is None:
+                self.ignored += 1
+                continue
+            self.conn.execute(
+                "INSERT INTO claim_payments (claim_id, at, status_code, billed_cents, "
+                "allowed_cents, paid_cents, patient_cents, adjustments, payer_claim_id, "
+                "response) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    claim_id, self.now, remit.status_code, remit.billed_cents,
+                    remit.allowed_cents, remit.paid_cents, remit.patient_cents,
+                    json.dumps([{"group": a.group, "reason": a.reason, "cents": a.cents}
+                                for a in remit.adjustments]),
+                    remit.payer_claim_id, self.response,
+                ),
+            )  # fmt: skip
+            self._note(claim_id, "835", remit.status_code, _payment_words(remit))
+            if remit.reversal:
+                self._note(claim_id, "835", "22", "835: the payer reversed a payment: review it")
+                self.moved += 1
+                continue
+            final = _S.DENIED if remit.denied else _S.PAID
+            plan = {k: [*v, final] for k, v in _TO_ACCEPTED.items()}
+            if self._walk(claim_id, plan, f"835 {final.value}"):
+                self.moved += 1
+            else:
+                self.ignored += 1
+
+
+def _payment_words(remit: acks.Remittance) -> str:
+    head = (
+        f"835: paid ${money(remit.paid_cents)} of ${money(remit.billed_cents)} billed "
+        f"(allowed ${money(remit.allowed_cents)}, patient owes ${money(remit.patient_cents)})"
+    )
+    if remit.denied:
+        head = f"835: denied; paid ${money(remit.paid_cents)} of ${money(remit.billed_cents)}"
+    short = remit.billed_cents - remit.paid_cents
+    if short <= 0:
+        return head
+    reasons = "; ".join(a.words() for a in remit.adjustments) or "no reason given"
+    return f"{head}; ${money(short)} not paid: {reasons}"
+
+
+def fhir_outcome(body: Any) -> str | None:
+    """An error a FHIR payer put in its answer (OperationOutcome/ClaimResponse), or None."""
+    if not isinstance(body, dict):
+        return None
+    if body.get("resourceType") == "ClaimResponse" and body.get("outcome") == "error":
+        return "the FHIR payer answered with a ClaimResponse outcome 'error'"
+    if body.get("resourceType") == "OperationOutcome":
+        issues = [i for i in body.get("issue", []) if i.get("severity") in ("error", "fatal")]
+        if issues:
+            codes = ", ".join(str(i.get("code", "?")) for i in issues)
+            return f"the FHIR payer refused the Claim (issue codes: {codes})"
+    return None

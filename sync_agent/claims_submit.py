@@ -1,0 +1,306 @@
+"""Claims submission and acknowledgement polling, run by the sync process after each drain.
+
+Ready claims go to the payer endpoint configured for the site (``[claims] endpoint_kind``):
+
+* ``x12`` — a clearinghouse. ``POST {endpoint_url}/submissions`` with one X12 837
+  interchange (``Content-Type: application/edi-x12``) per batch; a 2xx means it was
+  received (a 999 in the answer body is applied at once); its 999, 277CA and 835 files are
+  fetched later with ``GET {endpoint_url}/responses?since=<cursor>``, which answers
+  ``{"responses": [{"id", "kind", "body"}], "next": "<cursor>"}`` (docs/claims.md).
+* ``fhir`` — a FHIR payer. ``POST {endpoint_url}/Claim`` with one Claim, with
+  ``If-None-Exist: identifier=<system>|<claim number>``; a 2xx is received and acknowledged.
+
+Never twice (services/claims/lifecycle.py): the intent is written before each request, and
+the answer is classed like the Medplum agent's queue (STYLE.md): **not sent** — no
+connection could be made (refused, DNS, TLS handshake refused): the claims stay ready and the
+next pass tries again; **clear** — 2xx: submitted; 4xx: refused (401/403/407/408/429: the
+endpoint turned the request away unread, the claims stay ready); **ambiguous** — the request
+went out and no clear answer came (timeout, reset, 5xx): in_review for a person, never a
+blind resend.
+
+Claims never enter the EHR outbox: they have their own queue (``claims.status = 'ready'``)
+and endpoint, so the outbox's lane order cannot delay them behind clinical resources and a
+down EHR does not hold them back. In the sync loop they run right after the outbox drain,
+before updates, pull-down and the audit export, whatever the EHR link's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from appliance.config import AuthKind, ClaimsConfig, Config
+from appliance.errors import KeyFileError
+from appliance.store import Store
+from services.claims.acks import AckError
+from services.claims.lifecycle import Batch, Lifecycle, fhir_outcome
+from services.claims.service import ClaimsError, ClaimsService
+
+logger = logging.getLogger(__name__)
+
+X12_MEDIA = "application/edi-x12"
+CURSOR_KEY = "claims.responses_since"
+POLL_INTERVAL_S = 300.0
+# Refusals that say the request was not read: nothing was accepted, nothing to review.
+_UNREAD = frozenset({401, 403, 407, 408, 429})
+
+
+@dataclass(slots=True)
+class SubmitResult:
+    """What one pass did (counts of claims; ``responses`` = files applied)."""
+
+    submitted: int = 0
+    not_sent: int = 0
+    in_review: int = 0
+    refused: int = 0
+    responses: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def tls_verify(claims: ClaimsConfig) -> ssl.SSLContext | bool:
+    """How the client verifies the endpoint, and (mtls) the certificate it presents."""
+    mtls = claims.auth is AuthKind.MTLS
+    if claims.ca_file is None and not mtls:
+        return True
+    try:
+        context = (
+            ssl.create_default_context(cafile=str(claims.ca_file))
+            if claims.ca_file is not None
+            else httpx.create_ssl_context()
+        )
+        if mtls:
+            assert claims.client_cert_file is not None  # the config parser requires both
+            assert claims.client_key_file is not None
+            context.load_cert_chain(str(claims.client_cert_file), str(claims.client_key_file))
+    except (ssl.SSLError, OSError) as exc:
+        raise KeyFileError(f"[claims] TLS files: cannot load ({type(exc).__name__})") from exc
+    return context
+
+
+def build_claims_client(claims: ClaimsConfig) -> httpx.AsyncClient:
+    """An HTTP client for the claims endpoint, authenticated as ``[claims]`` says."""
+    assert claims.endpoint_url is not None
+    auth: httpx.Auth | None = None
+    if claims.auth is AuthKind.BEARER:
+        from sync_agent.auth import StaticBearerAuth
+
+        assert claims.token_file is not None
+        auth = StaticBearerAuth(claims.token_file)
+    timeout = httpx.Timeout(claims.timeout_s, connect=min(10.0, claims.timeout_s))
+    return httpx.AsyncClient(
+        base_url=claims.endpoint_url + "/",
+        timeout=timeout,
+        auth=auth,
+        verify=tls_verify(claims),
+    )
+
+
+class ClaimsSubmitter:
+    """Sends ready claims and fetches acknowledgements; one pass per :meth:`run_once`."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        *,
+        client_factory: Callable[[ClaimsConfig], httpx.AsyncClient] = build_claims_client,
+        clock: Callable[[], float] | None = time.monotonic,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        service: ClaimsService | None = None,
+    ) -> None:
+        self._store = store
+        self._claims = config.claims
+        self._service = service or ClaimsService(store, config, run_pyx12=False)
+        self.lifecycle = Lifecycle(self._service, store)
+        self._client_factory = client_factory
+        self._clock = clock
+        self._poll_interval_s = poll_interval_s
+        self._last_poll: float | None = None
+        self._recovered = False
+
+    @property
+    def configured(self) -> bool:
+        """Claims are enabled and an endpoint is set."""
+        return self._claims.enabled and self._claims.endpoint_url is not None
+
+    async def run_once(self) -> SubmitResult | None:
+        """One pass for the sync loop; never raises (a failure is logged, retried next pass)."""
+        if not self.configured:
+            return None
+        try:
+            return await self.submit(poll=None)
+        except Exception as exc:
+            # The type only: an exception's text may quote a claim (PHI).
+            logger.error("claims submission pass failed (%s); will retry", type(exc).__name__)
+            return None
+
+    def _poll_due(self) -> bool:
+        if self._clock is None:
+            return True
+        now = self._clock()
+        if self._last_poll is not None and now - self._last_poll < self._poll_interval_s:
+            return False
+        self._last_poll = now
+        return True
+
+    async def submit(
+        self,
+        *,
+        poll: bool | None = True,
+        dry_run: bool = False,
+        progress: Callable[[str], None] | None = None,
+    ) -> SubmitResult:
+        """Send every due claim in batches, then (x12) poll for responses."""
+        result = SubmitResult()
+        say = progress or (lambda _text: None)
+        if not self._recovered:
+            recovered = await self.lifecycle.recover()
+            if recovered:
+                logger.warning("%d claim batch(es) were interrupted mid-send: in review", recovered)
+            self._recovered = True
+        if dry_run:
+            due = await self.lifecycle.due()
+            say(f"{len(due)} claim(s) would be sent to the {self._claims.endpoint_kind} endpoint")
+            return result
+        kind = self._claims.endpoint_kind
+        async with self._client_factory(self._claims) as client:
+            while True:
+                try:
+                    batch = await self.lifecycle.take_batch(kind, self._claims.batch_size)
+                except ClaimsError as exc:
+                    result.errors.append(str(exc))
+                    break
+                if batch is None:
+                    break
+                say(
+                    f"sending {len(batch.claim_ids)} claim(s), interchange {batch.interchange_control:09d}"
+                )
+                state = await self._send(client, batch, result)
+                say(f"  {state}")
+                if state == "not sent":
+                    break  # the endpoint is unreachable: the rest waits for the next pass
+            polling = kind == "x12" and self._claims.poll_responses
+            if polling and (poll or (poll is None and self._poll_due())):
+                result.responses += await self._poll(client, result)
+        if result.submitted or result.in_review or result.refused or result.responses:
+            logger.info(
+                "claims: %d submitted, %d in review, %d refused, %d not sent, %d responses",
+                result.submitted, result.in_review, result.refused, result.not_sent,
+                result.responses,
+            )  # fmt: skip
+        return result
+
+    async def _send(self, client: httpx.AsyncClient, batch: Batch, result: SubmitResult) -> str:
+        count = len(batch.claim_ids)
+        if batch.kind == "fhir":
+            headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+            if batch.identifier:
+                headers["If-None-Exist"] = f"identifier={batch.identifier}"
+            url = "Claim"
+        else:
+            headers = {"Content-Type": X12_MEDIA, "Accept": f"{X12_MEDIA}, */*"}
+            url = "submissions"
+        try:
+            response = await client.post(url, content=batch.payload, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            await self.lifecycle.not_sent(batch.id, f"not sent: {type(exc).__name__}")
+            result.not_sent += count
+            return "not sent"
+        except httpx.TransportError as exc:
+            # The request (or part of it) left the box and no answer came: it may have landed.
+            await self.lifecycle.ambiguous(batch.id, f"no answer: {type(exc).__name__}")
+            result.in_review += count
+            return "in review (no answer)"
+        status = response.status_code
+        if 200 <= status < 300:
+            return await self._received(batch, response, result)
+        if status in _UNREAD:
+            await self.lifecycle.not_sent(batch.id, f"not taken: HTTP {status}")
+            result.not_sent += count
+            logger.warning("claims endpoint answered HTTP %d: check [claims] auth", status)
+            return "not sent"
+        if status >= 500:
+            await self.lifecycle.ambiguous(batch.id, f"HTTP {status}")
+            result.in_review += count
+            return f"in review (HTTP {status})"
+        await self.lifecycle.refused(batch.id, f"HTTP {status}")
+        result.refused += count
+        return f"refused (HTTP {status})"
+
+    async def _received(self, batch: Batch, response: httpx.Response, result: SubmitResult) -> str:
+        count = len(batch.claim_ids)
+        outcome = f"received: HTTP {response.status_code}"
+        if batch.kind == "fhir":
+            body: Any = None
+            if response.content:
+                try:
+                    body = response.json()
+                except ValueError:
+                    body = None
+            refusal = fhir_outcome(body)
+            if refusal is not None:
+                await self.lifecycle.refused(batch.id, refusal)
+                result.refused += count
+                return "refused"
+            await self.lifecycle.delivered(batch.id, outcome)
+            result.submitted += count
+            return "submitted and acknowledged"
+        await self.lifecycle.sent(batch.id, outcome)
+        result.submitted += count
+        text = response.text
+        if text.lstrip().startswith("ISA"):
+            try:
+                applied = await self.lifecycle.apply_response(text, "sync:submission")
+                result.responses += 0 if applied.duplicate else 1
+            except AckError as exc:
+                result.errors.append(f"the answer's 999 could not be read: {exc}")
+        return "submitted"
+
+    async def _poll(self, client: httpx.AsyncClient, result: SubmitResult) -> int:
+        """Fetch and apply new response files; the cursor moves after each applied file."""
+        rows = await self._store.query("SELECT value FROM meta WHERE key = ?", (CURSOR_KEY,))
+        since = (
+            ""
+            if not rows
+            else bytes(rows[0][0]).decode()
+            if isinstance(rows[0][0], bytes)
+            else str(rows[0][0])
+        )
+        try:
+            response = await client.get("responses", params={"since": since})
+        except httpx.TransportError as exc:
+            result.errors.append(f"polling responses: {type(exc).__name__}")
+            return 0
+        if response.status_code != 200:
+            result.errors.append(f"polling responses: HTTP {response.status_code}")
+            return 0
+        try:
+            page = response.json()
+            items = page["responses"]
+            cursor = str(page.get("next", since))
+        except (ValueError, KeyError, TypeError):
+            result.errors.append("polling responses: not the documented JSON")
+            return 0
+        applied = 0
+        for item in items:
+            try:
+                done = await self.lifecycle.apply_response(str(item["body"]), "sync:poll")
+                applied += 0 if done.duplicate else 1
+            except (AckError, KeyError, TypeError) as exc:
+                # Kept out of the cursor's way: a bad file is reported, the rest still apply.
+                result.errors.append(f"response {item.get('id', '?')}: {exc}")
+                logger.warning("a claims response file could not be applied: %s", exc)
+        await self._store.transact(
+            lambda conn: conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (CURSOR_KEY, cursor.encode()),
+            )
+        )
+        return applied

@@ -1,0 +1,426 @@
+"""The claims lifecycle against a test clearinghouse on loopback: submission, 999, 277CA, 835.
+
+Real SQLite store, real pyx12 (in the clearinghouse), real HTTP over 127.0.0.1; synthetic
+patients only. tests/services/clearinghouse.py is the other end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from appliance.config import Config
+from appliance.store import Store
+from services.claims import acks
+from services.claims import cli as claims_cli
+from services.claims.lifecycle import Lifecycle
+from services.claims.model import ClaimStatus
+from services.claims.service import ClaimsError, ClaimsService
+from services.claims.x12_read import read
+from sync_agent.claims_submit import ClaimsSubmitter
+from tests.services.clearinghouse import Clearinghouse, envelope
+from tests.services.test_claims import NOW, encounter, make_mbi, patient, site_doc
+
+S = ClaimStatus
+
+
+@pytest.fixture
+async def house() -> AsyncIterator[Clearinghouse]:
+    ch = Clearinghouse(when=datetime(2026, 3, 10, 12, 0))
+    await ch.start()
+    try:
+        yield ch
+    finally:
+        await ch.stop()
+
+
+@pytest.fixture
+async def clocked(db_path: Path, kek_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path, kek_path, clock=lambda: NOW)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def cfg(ch: Clearinghouse, **claims: Any) -> Config:
+    return site_doc(**{"endpoint_url": ch.url, "auto_ready": True, **claims})
+
+
+async def drafted(store: Store, config: Config, days: list[str]) -> list[int]:
+    """One claim per day (each visit a different synthetic patient)."""
+    service = ClaimsService(store, config)
+    rng = random.Random(len(days))
+    ids = []
+    for day in days:
+        [pat] = await store.create([patient(make_mbi(rng))], "user:test")
+        [enc] = await store.create(
+            [encounter(pat.logical_id, start=f"{day}T10:00:00-06:00")], "user:test"
+        )
+        decided = await service.on_visit_finished(enc.resource)
+        assert decided.claim_id is not None, decided.reason
+        ids.append(decided.claim_id)
+    return ids
+
+
+def submitter(store: Store, config: Config) -> ClaimsSubmitter:
+    return ClaimsSubmitter(store, config, service=ClaimsService(store, config, run_pyx12=False))
+
+
+async def status(store: Store, config: Config, claim_id: int) -> ClaimStatus:
+    return (await ClaimsService(store, config).claim(claim_id)).status
+
+
+async def test_full_lifecycle_from_draft_to_paid(clocked: Store, house: Clearinghouse) -> None:
+    config = cfg(house, auto_ready=False)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    service = ClaimsService(clocked, config)
+    assert await status(clocked, config, claim_id) is S.DRAFT
+    sub = submitter(clocked, config)
+    assert (await sub.submit(poll=False)).submitted == 0  # a draft is never sent
+    await service.transition(claim_id, S.READY, "user:biller", "reviewed")
+    result = await sub.submit(poll=False)
+    assert (result.submitted, result.responses, len(house.received)) == (1, 1, 1)
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED  # the 999 in the answer
+    house.adjudicate()
+    result = await sub.submit(poll=True)
+    assert result.responses == 2  # 277CA and 835 (the 999 polled again is a no-op)
+    assert await status(clocked, config, claim_id) is S.PAID
+    life = Lifecycle(service, clocked)
+    payment = (await life.payments([claim_id]))[claim_id]
+    assert (payment.billed_cents, payment.allowed_cents, payment.paid_cents) == (3185, 3185, 3185)
+    moves = [(e.from_status, e.to_status) for e in await life.history(claim_id) if e.to_status]
+    assert moves == [
+        (None, "draft"), ("draft", "ready"), ("ready", "ready"), ("ready", "submitted"),
+        ("submitted", "acknowledged"), ("acknowledged", "accepted"), ("accepted", "paid"),
+    ]  # fmt: skip
+    assert len(house.received) == 1
+
+
+async def test_a_999_reject_is_explained_in_plain_words(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house)
+    first, second = await drafted(clocked, config, ["2026-03-02", "2026-03-03"])
+    rows = await ClaimsService(clocked, config).claims()
+    house.reject_999 = {rows[1].claim_number}
+    await submitter(clocked, config).submit(poll=False)
+    assert len(house.received) == 1  # one interchange for the batch
+    assert await status(clocked, config, first) is S.ACKNOWLEDGED
+    assert await status(clocked, config, second) is S.REJECTED
+    words = (await Lifecycle(ClaimsService(clocked, config), clocked).messages([second]))[second]
+    assert words == [
+        "999: rejected",
+        "segment NM1 at position 14 (loop 2010BA): segment has data element errors",
+        "segment NM1 at position 14, element 9 (identification code (e.g. an NPI or member "
+        "id)): invalid code value",
+    ]
+
+
+async def test_a_277ca_rejection_rejects_the_claim(clocked: Store, house: Clearinghouse) -> None:
+    config = cfg(house)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    [row] = await ClaimsService(clocked, config).claims()
+    house.reject_277 = {row.claim_number}
+    sub = submitter(clocked, config)
+    await sub.submit(poll=False)
+    house.adjudicate()
+    await sub.submit()
+    assert await status(clocked, config, claim_id) is S.REJECTED
+    words = (await Lifecycle(ClaimsService(clocked, config), clocked).messages([claim_id]))[
+        claim_id
+    ]
+    assert "277CA A7: rejected: information invalid; the entity's NPI (billing provider)" in words
+
+
+async def test_a_lost_response_goes_to_review_and_is_never_resent(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house, poll_responses=False)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    house.drop_next = True
+    sub = submitter(clocked, config)
+    result = await sub.submit(poll=False)
+    assert (result.in_review, len(house.received)) == (1, 1)
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    for _ in range(3):
+        await sub.submit(poll=False)
+    assert len(house.received) == 1  # never a blind resend
+    life = Lifecycle(ClaimsService(clocked, config), clocked)
+    with pytest.raises(ClaimsError, match="at least 10 characters"):
+        await life.resolve(claim_id, "ready", "no", "user:biller")
+    row = await life.resolve(
+        claim_id, "ready", "clearinghouse support says nothing arrived", "user:biller"
+    )
+    assert row.status is S.READY
+    await sub.submit(poll=False)
+    assert len(house.received) == 2  # sent again only after a person said so
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+
+
+async def test_a_999_that_turns_up_later_settles_a_claim_in_review(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    house.drop_next = True
+    sub = submitter(clocked, config)
+    await sub.submit(poll=False)
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    await sub.submit(poll=True)  # the clearinghouse kept it: its 999 is in the responses
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+    assert len(house.received) == 1
+
+
+async def test_connection_refused_leaves_the_claim_ready_and_it_goes_later(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    await house.stop()
+    sub = submitter(clocked, config)
+    result = await sub.submit()
+    assert (result.not_sent, result.submitted) == (1, 0)
+    row = await ClaimsService(clocked, config).claim(claim_id)
+    assert (row.status, row.sending) == (S.READY, False)
+    await house.start()
+    assert (await sub.submit(poll=False)).submitted == 1
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+
+
+async def test_a_crash_mid_send_is_recovered_as_in_review(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    life = Lifecycle(ClaimsService(clocked, config), clocked)
+    batch = await life.take_batch("x12")  # the intent is written; the process then "dies"
+    assert batch is not None
+    row = await ClaimsService(clocked, config).claim(claim_id)
+    assert (row.status, row.sending) == (S.READY, True)
+    with pytest.raises(ClaimsError, match="being sent"):
+        await ClaimsService(clocked, config).transition(claim_id, S.CANCELLED, "user:x")
+    await submitter(clocked, config).submit(poll=False)  # the next process starts
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    assert house.received == []
+
+
+async def test_an_835_paying_less_than_billed_is_reconciled(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    [row] = await ClaimsService(clocked, config).claims()
+    house.pay = {row.claim_number: 2000}
+    sub = submitter(clocked, config)
+    await sub.submit(poll=False)
+    house.adjudicate()
+    await sub.submit()
+    assert await status(clocked, config, claim_id) is S.PAID
+    life = Lifecycle(ClaimsService(clocked, config), clocked)
+    pay = (await life.payments([claim_id]))[claim_id]
+    # billed 31.85 = paid 20.00 + patient 5.92 (coinsurance) + 5.93 contractual (CO-45)
+    assert (pay.billed_cents, pay.paid_cents, pay.patient_cents) == (3185, 2000, 592)
+    assert (pay.allowed_cents, pay.short_cents) == (2592, 1185)
+    words = (await life.messages([claim_id]))[claim_id]
+    assert (
+        "835: paid $20.00 of $31.85 billed (allowed $25.92, patient owes $5.92); $11.85 not "
+        "paid: $5.93 contractual obligation: charge exceeds the fee schedule or maximum "
+        "allowable (CO-45); $5.92 patient responsibility: coinsurance (PR-2)"
+    ) in words
+
+
+async def test_control_numbers_go_up_across_batches_and_restarts(
+    db_path: Path, kek_path: Path, house: Clearinghouse
+) -> None:
+    config = cfg(house)
+    seen: list[tuple[int, list[int]]] = []
+    for day in ("2026-03-02", "2026-03-03", "2026-03-04"):
+        store = await Store.open(db_path, kek_path, clock=lambda: NOW)  # a restart each time
+        try:
+            await drafted(store, config, [day])
+            await submitter(store, config).submit(poll=False)
+        finally:
+            await store.close()
+        text = house.received[-1]
+        isa13 = int(text.split("*")[13])
+        sts = [int(seg.split("*")[2]) for seg in text.split("~\n") if seg.startswith("ST*")]
+        seen.append((isa13, sts))
+    isas = [i for i, _ in seen]
+    sts = [s for _, group in seen for s in group]
+    assert isas == sorted(set(isas))
+    assert sts == sorted(set(sts))
+
+
+async def test_fhir_payer_endpoint_gets_one_conditional_claim_each(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house, endpoint_kind="fhir", endpoint_url=house.fhir_url)
+    ids = await drafted(clocked, config, ["2026-03-02", "2026-03-03"])
+    result = await submitter(clocked, config).submit()
+    assert (result.submitted, len(house.fhir_claims)) == (2, 2)
+    assert {c["resourceType"] for c in house.fhir_claims} == {"Claim"}
+    assert all(h.startswith("identifier=") for h in house.fhir_if_none_exist)
+    for claim_id in ids:
+        assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+    assert house.received == []  # nothing went the X12 way
+
+
+async def test_dry_run_sends_nothing(clocked: Store, house: Clearinghouse) -> None:
+    config = cfg(house)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    said: list[str] = []
+    await submitter(clocked, config).submit(dry_run=True, progress=said.append)
+    assert said == ["1 claim(s) would be sent to the x12 endpoint"]
+    assert await status(clocked, config, claim_id) is S.READY
+    assert house.received == []
+
+
+# -- the parsers: strict, clear errors, nothing half-written ------------------------------
+
+
+def _999(ak2: str = "AK2*837*0001*005010X222A1", ik5: str = "IK5*A") -> str:
+    body = ["999", "AK1*HC*7*005010X222A1", ak2, ik5, "AK9*A*1*1*1"]
+    return envelope("FA", "005010X231A1", [body], 9, datetime(2026, 3, 10, 12, 0))
+
+
+def test_a_999_is_read_per_transaction_set() -> None:
+    kind, ack = acks.parse(_999())
+    assert kind == "999"
+    assert isinstance(ack, acks.Ack999)
+    assert (ack.group_control, ack.sets[0].st_control, ack.sets[0].accepted) == ("7", "0001", True)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("", "does not start with a complete ISA"),
+        (_999().replace("SE*6*0001", "SE*5*0001"), "SE01 says 5 segments, there are 6"),
+        (_999().replace("IEA*1*000000009", "IEA*1*000000008"), "IEA02 does not match ISA13"),
+        (_999(ik5="IK5*Q"), "IK501 is not an acknowledgement code"),
+        (_999().rstrip("\n").rstrip("~"), "the last segment is not terminated"),
+    ],
+)
+def test_malformed_acknowledgements_are_refused_with_a_clear_error(text: str, error: str) -> None:
+    with pytest.raises(acks.AckError, match=error):
+        acks.parse(text)
+
+
+def test_an_835_out_of_balance_is_refused() -> None:
+    body = ["835", "BPR*I*10*C", "LX*1", "CLP*Q1*1*31.85*10.00*0*MB*X*11*1", "CAS*CO*45*1.00"]
+    text = envelope("HP", "005010X221A1", [body], 3, datetime(2026, 3, 10, 12, 0))
+    with pytest.raises(acks.AckError, match="out of balance"):
+        acks.parse(text)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.integers(0, 400), st.integers(0, 3), st.text(alphabet="*~:^AZ09 \n", max_size=3))
+def test_a_mutated_999_either_parses_or_raises_ack_error(at: int, cut: int, junk: str) -> None:
+    text = _999()
+    at = at % len(text)
+    mutated = text[:at] + junk + text[at + cut :]
+    with contextlib.suppress(acks.AckError):
+        acks.parse(mutated)
+
+
+async def test_a_malformed_file_changes_nothing_and_a_good_one_applies_once(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house, poll_responses=False)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    house.drop_next = True
+    await submitter(clocked, config).submit(poll=False)
+    life = Lifecycle(ClaimsService(clocked, config), clocked)
+    good = house.responses[-1][1]
+    before = await clocked.query("SELECT count(*) FROM claim_responses")
+    with pytest.raises(acks.AckError):
+        await life.apply_response(good.replace("IK5*A", "IK5*?"), "cli:test")
+    assert await clocked.query("SELECT count(*) FROM claim_responses") == before
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    first = await life.apply_response(good, "cli:test")
+    again = await life.apply_response(good, "cli:test")
+    assert (first.moved, first.duplicate, again.duplicate) == (1, False, True)
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+
+
+def test_pyx12_with_maps_kept_loaded_judges_each_interchange_alone(
+    db_path: Path, kek_path: Path
+) -> None:
+    from services.claims.x12_validation import validate_x12
+
+    async def made() -> str:
+        store = await Store.open(db_path, kek_path, clock=lambda: NOW)
+        try:
+            config = site_doc("rhc")
+            [claim_id] = await drafted(store, config, ["2026-03-02"])
+            return await ClaimsService(store, config).export_x12([claim_id], "user:test")
+        finally:
+            await store.close()
+
+    good = asyncio.run(made())
+    broken = good.replace("NM1*IL*1*", "NM1*IL*9*")
+    verdicts = [validate_x12(t) for t in (good, broken, good, broken)]
+    assert [v.valid for v in verdicts] == [True, False, True, False]
+    body = [v.ack.split("ST*999", 1)[1].split("GE*")[0] for v in verdicts]  # (random ISA13)
+    assert body[0] == body[2]  # nothing left over from the broken walk
+    assert verdicts[1].errors == verdicts[3].errors != ()
+    start = time.perf_counter()
+    for _ in range(5):
+        assert validate_x12(good).valid
+    assert (time.perf_counter() - start) / 5 < 0.2  # it was ≈0.45 s with the maps reloaded
+
+
+def test_cli_import_response_and_resolve(db_path: Path, kek_path: Path, tmp_path: Path) -> None:
+    config = site_doc(auto_ready=True, endpoint_url="http://127.0.0.1:9/x12")
+    config = replace(
+        config,
+        paths=replace(config.paths, database=db_path),
+        keys=replace(config.keys, kek_file=kek_path),
+    )
+    house = Clearinghouse(when=datetime(2026, 3, 10, 12, 0))
+
+    async def setup() -> tuple[list[int], str]:
+        store = await Store.open(db_path, kek_path, clock=lambda: NOW)
+        try:
+            ids = await drafted(store, config, ["2026-03-02", "2026-03-03"])
+            life = Lifecycle(ClaimsService(store, config), store)
+            batch = await life.take_batch("x12")
+            assert batch is not None
+            await life.ambiguous(batch.id, "no answer: ReadTimeout")
+            return ids, house._999(read(batch.payload.decode()))
+        finally:
+            await store.close()
+
+    (first, second), ack = asyncio.run(setup())
+    file = tmp_path / "ack.999"
+    file.write_text(ack.replace("IK5*A", "IK5*Z"), encoding="utf-8")
+    assert claims_cli.cmd_import_response(argparse.Namespace(file=str(file)), config) == 1
+    file.write_text(ack, encoding="utf-8")
+    assert claims_cli.cmd_import_response(argparse.Namespace(file=str(file)), config) == 0
+    assert claims_cli.cmd_import_response(argparse.Namespace(file=str(file)), config) == 0
+    with pytest.raises(ClaimsError, match="not in_review"):
+        claims_cli.cmd_resolve(
+            argparse.Namespace(claim_id=first, as_="ready", reason="clearinghouse says no"), config
+        )
+
+    async def statuses() -> list[ClaimStatus]:
+        store = await Store.open(db_path, kek_path, clock=lambda: NOW)
+        try:
+            return [r.status for r in await ClaimsService(store, config).claims()]
+        finally:
+            await store.close()
+
+    assert asyncio.run(statuses()) == [S.ACKNOWLEDGED, S.ACKNOWLEDGED]
+    assert second > first

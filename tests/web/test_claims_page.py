@@ -1,0 +1,153 @@
+"""The claims queue page: filters, plain words, actions with CSRF and roles (real store)."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime
+
+import pytest
+from quart.testing import QuartClient
+
+from appliance import db, users
+from appliance.store import Store
+from services.claims.lifecycle import Lifecycle
+from services.claims.model import ClaimStatus
+from services.claims.service import ClaimsService
+from services.claims.x12_read import read
+from tests.services.clearinghouse import Clearinghouse
+from tests.services.test_claims import encounter, make_mbi, patient, site_doc
+from tests.web.conftest import PASSWORD, FakeClock, form_token, login
+
+ADMIN = "admin1"
+
+
+async def seed(store: Store) -> dict[str, int]:
+    """A draft, a ready claim that went through a 999 reject, one paid less, one in review."""
+    config = site_doc(auto_ready=False)
+    service = ClaimsService(store, config)
+    rng = random.Random(5)
+    ids = {}
+    for name, day in (("draft", "02"), ("rejected", "03"), ("paid", "04"), ("review", "05")):
+        [pat] = await store.create([patient(make_mbi(rng))], "user:test")
+        [enc] = await store.create(
+            [encounter(pat.logical_id, start=f"2026-03-{day}T10:00:00-06:00")], "user:test"
+        )
+        decided = await service.on_visit_finished(enc.resource)
+        assert decided.claim_id is not None
+        ids[name] = decided.claim_id
+    life = Lifecycle(service, store)
+    house = Clearinghouse(when=datetime(2026, 3, 10, 12, 0))
+    rejected = (await service.claim(ids["rejected"])).claim_number
+    house.reject_999 = {rejected}
+    for name in ("rejected", "paid"):
+        await service.transition(ids[name], ClaimStatus.READY, "user:biller")
+    batch = await life.take_batch("x12")
+    assert batch is not None
+    await life.sent(batch.id, "received: HTTP 200")
+    await life.apply_response(house._999(read(batch.payload.decode())), "sync:poll")
+    paid = (await service.claim(ids["paid"])).claim_number
+    house.pay = {paid: 2000}
+    house.adjudicate()
+    for _kind, text in house.responses:
+        await life.apply_response(text, "sync:poll")
+    await service.transition(ids["review"], ClaimStatus.READY, "user:biller")
+    batch = await life.take_batch("x12")
+    assert batch is not None
+    await life.ambiguous(batch.id, "no answer: ReadTimeout")
+    return ids
+
+
+@pytest.fixture
+async def ids(store: Store, clock: FakeClock) -> dict[str, int]:
+    await db.run_sync(
+        store.connection, users.create_user, ADMIN, PASSWORD, users.Role.ADMIN, now=clock()
+    )
+    return await seed(store)
+
+
+async def test_the_queue_shows_states_answers_and_amounts_in_plain_words(
+    logged_in: QuartClient, ids: dict[str, int]
+) -> None:
+    page = await logged_in.get("/claims/")
+    assert page.status_code == 200
+    html = (await page.get_data()).decode()
+    for word in ("draft", "rejected", "paid", "in review"):
+        assert f">{word}</span>" in html
+    assert "segment NM1 at position 14 (loop 2010BA): segment has data element errors" in html
+    assert "$20.00" in html
+    assert "patient $5.92" in html
+    assert "no clear answer to the submission" in html
+    assert 'href="/claims/"' in html  # the nav link
+    assert "<script" not in html
+    assert "style=" not in html
+
+
+async def test_filters_by_status_date_and_payer(
+    logged_in: QuartClient, ids: dict[str, int]
+) -> None:
+    html = (await (await logged_in.get("/claims/?status=paid")).get_data()).decode()
+    assert html.count('class="claim-row') == 1
+    assert f'data-claim-id="{ids["paid"]}"' in html
+    html = (
+        await (await logged_in.get("/claims/?since=2026-03-03&until=2026-03-04")).get_data()
+    ).decode()
+    assert html.count('class="claim-row') == 2
+    html = (await (await logged_in.get("/claims/?payer=NOPE")).get_data()).decode()
+    assert 'id="no-claims"' in html
+    assert (await logged_in.get("/claims/?status=bogus")).status_code == 400
+
+
+async def test_a_nurse_marks_a_draft_ready_with_csrf(
+    logged_in: QuartClient, ids: dict[str, int], store: Store
+) -> None:
+    page = await logged_in.get(f"/claims/{ids['draft']}")
+    token = form_token(await page.get_data())
+    refused = await logged_in.post(f"/claims/{ids['draft']}/ready", form={})
+    assert refused.status_code in (400, 403)
+    done = await logged_in.post(f"/claims/{ids['draft']}/ready", form={"csrf_token": token})
+    assert done.status_code == 303
+    row = await ClaimsService(store, site_doc()).claim(ids["draft"])
+    assert row.status is ClaimStatus.READY
+    html = (await (await logged_in.get(f"/claims/{ids['draft']}")).get_data()).decode()
+    assert "reviewed in the queue" in html
+    assert "nurse1" in html
+    # resolving is an admin's decision
+    forbidden = await logged_in.post(
+        f"/claims/{ids['review']}/resolve",
+        form={"csrf_token": token, "as": "ready", "reason": "they never got it"},
+    )
+    assert forbidden.status_code == 403
+
+
+async def test_an_admin_resolves_a_claim_in_review_with_a_reason(
+    client: QuartClient, ids: dict[str, int], store: Store
+) -> None:
+    assert await login(client, ADMIN) == 302
+    page = await client.get(f"/claims/{ids['review']}")
+    html = (await page.get_data()).decode()
+    assert 'id="resolve-form"' in html
+    token = form_token(html.encode())
+    short = await client.post(
+        f"/claims/{ids['review']}/resolve", form={"csrf_token": token, "as": "ready", "reason": "x"}
+    )
+    assert short.status_code == 409
+    assert "at least 10 characters" in (await short.get_data()).decode()
+    done = await client.post(
+        f"/claims/{ids['review']}/resolve",
+        form={
+            "csrf_token": token,
+            "as": "acknowledged",
+            "reason": "clearinghouse confirmed receipt",
+        },
+    )
+    assert done.status_code == 303
+    row = await ClaimsService(store, site_doc()).claim(ids["review"])
+    assert row.status is ClaimStatus.ACKNOWLEDGED
+    html = (await (await client.get(f"/claims/{ids['review']}")).get_data()).decode()
+    assert "resolved by a person: clearinghouse confirmed receipt" in html
+
+
+async def test_anonymous_visitors_go_to_the_login_page(client: QuartClient) -> None:
+    response = await client.get("/claims/")
+    assert response.status_code == 302
+    assert "/login" in response.headers["Location"]
