@@ -424,3 +424,26 @@ def test_cli_import_response_and_resolve(db_path: Path, kek_path: Path, tmp_path
 
     assert asyncio.run(statuses()) == [S.ACKNOWLEDGED, S.ACKNOWLEDGED]
     assert second > first
+
+
+async def test_a_site_without_an_ehr_upstream_still_submits_its_claims(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    from appliance.runtime import ProcessContext
+    from sync_agent import process
+
+    config = cfg(house)
+    assert config.sync.upstreams == ()
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    ctx = ProcessContext(name="sync", config=config, store=clocked)
+    task = asyncio.create_task(process.main(ctx))
+    try:
+        for _ in range(200):
+            if house.received:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 10)
+    assert len(house.received) == 1
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
