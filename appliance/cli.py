@@ -147,6 +147,9 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
         _out("")
         _out("Telehealth appliance demo is running (Ctrl-C to stop)")
         _out(f"  Nurse console: {url}/nurse/")
+        _out(f"  Monitoring:    {url}/rpm/  (remote-monitoring worklist, live alerts)")
+        _out(f"  Sync:          {url}/sync/  (outbox, dead letters, review queue)")
+        _out(f"  Claims:        {url}/claims/  (Q3014 facility-fee claims)")
         _out(f"  Health:        {url}/healthz")
         _out(f"  Metrics:       {url}/metrics")
         for username, password, role in DEMO_USERS:
