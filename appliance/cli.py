@@ -154,6 +154,8 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
         _out(f"  Metrics:       {url}/metrics")
         for username, password, role in DEMO_USERS:
             _out(f"  Demo login ({role}): {username} / {password}")
+        _out("  (an admin sets up an authenticator app at the first sign-in: TOTP is required)")
+        _out(f"  Kiosk:         {url}/kiosk/  (pair it from {url}/kiosk/admin as admin)")
         _out(f"  Data directory: {config.paths.data_dir} (synthetic patients only)")
         _out("")
 
@@ -270,10 +272,57 @@ def cmd_users_add(args: argparse.Namespace, config: Config) -> int:
             raise ApplianceError("the passwords do not match; nothing was changed")
     conn = db.connect_sync(config.paths.database)
     try:
-        create_user(conn, args.username, password, args.role, now=datetime.now(UTC))
+        now = datetime.now(UTC)
+        create_user(conn, args.username, password, args.role, now=now)
+        with db.transaction_sync(conn):
+            audit.append(
+                conn,
+                [
+                    audit.AuditEvent(
+                        _cli_actor(),
+                        audit.AuditAction.CONFIG,
+                        entity=f"user:{args.username}",
+                        detail=f"account created at the terminal ({args.role})",
+                    )
+                ],
+                now=now,
+            )
     finally:
         conn.close()
     _out(f"user {args.username} ({args.role}) added")
+    return 0
+
+
+def cmd_users_reset_mfa(args: argparse.Namespace, config: Config) -> int:
+    """The way back in for an admin who lost both the authenticator and the recovery codes."""
+    from appliance import mfa
+
+    conn = db.connect_sync(config.paths.database)
+    try:
+        row = conn.execute("SELECT id FROM users WHERE username = ?", (args.username,)).fetchone()
+        if row is None:
+            raise ApplianceError(f"no user {args.username!r}; nothing was changed")
+        now = datetime.now(UTC)
+        with db.transaction_sync(conn):
+            mfa.remove(conn, int(row[0]))
+            audit.append(
+                conn,
+                [
+                    audit.AuditEvent(
+                        _cli_actor(),
+                        audit.AuditAction.CONFIG,
+                        entity=f"user:{args.username}",
+                        detail="second factor removed at the terminal",
+                    )
+                ],
+                now=now,
+            )
+    finally:
+        conn.close()
+    _out(
+        f"the second factor of {args.username} is removed; an admin must set up a new one "
+        "at the next sign-in"
+    )
     return 0
 
 
@@ -596,6 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--password-file", type=Path, help="read the password from a file instead of prompting"
     )
+    p = command(
+        "reset-mfa",
+        cmd_users_reset_mfa,
+        "remove an account's authenticator and recovery codes (audited; for a lost phone)",
+        users_cmd,
+    )
+    p.add_argument("username")
 
     sync_cmd = sub.add_parser("sync", help="outbox delivery").add_subparsers(
         dest="sync_command", required=True, metavar="COMMAND"

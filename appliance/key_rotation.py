@@ -213,6 +213,9 @@ SEALED_COLUMNS = (
     ("alerts", "id", "detail", "alerts.detail"),
     ("alerts", "id", "note", "alerts.note"),
     ("rpm_time_log", "id", "note", "rpm_time_log.note"),
+    # Nurse console security (0011): TOTP secrets, break-glass reasons.
+    ("mfa_totp", "user_id", "secret", "mfa_totp.secret"),
+    ("break_glass", "id", "reason", "break_glass.reason"),
 )
 
 

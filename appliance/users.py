@@ -33,7 +33,8 @@ from enum import StrEnum
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from appliance import db
+from appliance import audit, db, mfa
+from appliance.audit import AuditAction, AuditEvent
 from appliance.errors import ApplianceError
 from appliance.fhir import utc_text
 
@@ -72,6 +73,14 @@ class DuplicateUserError(UserError):
     """An account with this username already exists."""
 
 
+class UnknownUserError(UserError):
+    """No account has this id."""
+
+
+class LastAdminError(UserError):
+    """The change would leave no enabled administrator, or an admin would lock themselves out."""
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     """A staff account as the web layer sees it (never the hash)."""
@@ -94,6 +103,8 @@ class Session:
     csrf: str
     created_at: datetime
     seen_at: datetime
+    must_change_password: bool = False
+    mfa_enabled: bool = False
 
 
 @functools.cache
@@ -106,18 +117,38 @@ def _token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
-def create_user(
-    conn: sqlite3.Connection, username: str, password: str, role: Role | str, *, now: datetime
-) -> int:
-    """Create a staff account and return its id; raises a :class:`UserError` subclass."""
-    if not USERNAME_PATTERN.fullmatch(username):
-        raise InvalidUsernameError(
-            f"username {username!r} must be 2-32 characters of a-z, 0-9, '.', '_' or '-'"
-        )
+def check_password_policy(password: str) -> None:
+    """Raise :class:`WeakPasswordError` unless ``password`` meets the policy (ASVS V2.1).
+
+    Length is the rule (12 to 1024 characters, any characters); no composition rules,
+    which ASVS 2.1.9 forbids.
+    """
     if len(password) < MIN_PASSWORD_LENGTH:
         raise WeakPasswordError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
     if len(password) > MAX_PASSWORD_LENGTH:
         raise WeakPasswordError(f"the password must have at most {MAX_PASSWORD_LENGTH} characters")
+
+
+def create_user(
+    conn: sqlite3.Connection,
+    username: str,
+    password: str,
+    role: Role | str,
+    *,
+    now: datetime,
+    must_change_password: bool = False,
+    actor: str | None = None,
+) -> int:
+    """Create a staff account and return its id; raises a :class:`UserError` subclass.
+
+    With ``actor`` (an administrator in the web UI) the creation is audited in the same
+    transaction.
+    """
+    if not USERNAME_PATTERN.fullmatch(username):
+        raise InvalidUsernameError(
+            f"username {username!r} must be 2-32 characters of a-z, 0-9, '.', '_' or '-'"
+        )
+    check_password_policy(password)
     try:
         checked_role = Role(role)
     except ValueError:
@@ -126,11 +157,14 @@ def create_user(
     with db.transaction_sync(conn):
         try:
             cursor = conn.execute(
-                "INSERT INTO users (username, role, password_hash, created_at) VALUES (?,?,?,?)",
-                (username, checked_role.value, password_hash, utc_text(now)),
+                "INSERT INTO users (username, role, password_hash, created_at, "
+                "must_change_password) VALUES (?,?,?,?,?)",
+                (username, checked_role.value, password_hash, utc_text(now), must_change_password),
             )
         except sqlite3.IntegrityError:
             raise DuplicateUserError(f"a user named {username!r} already exists") from None
+        if actor is not None:
+            _audit_admin(conn, actor, username, f"created with role {checked_role.value}", now)
     assert cursor.lastrowid is not None
     return cursor.lastrowid
 
@@ -201,13 +235,15 @@ def load_session(
     # A plain read first: most requests only need to know the session, and a guessed or
     # stale token must not take the write lock.
     row = conn.execute(
-        "SELECT s.csrf, s.created_at, s.seen_at, u.id, u.username, u.role, u.disabled "
+        "SELECT s.csrf, s.created_at, s.seen_at, u.id, u.username, u.role, u.disabled, "
+        "u.must_change_password, EXISTS (SELECT 1 FROM mfa_totp m WHERE m.user_id = u.id "
+        "AND m.confirmed_at IS NOT NULL) "
         "FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = ?",
         (digest,),
     ).fetchone()
     if row is None:
         return None
-    csrf, created_text, seen_text, user_id, username, role, disabled = row
+    csrf, created_text, seen_text, user_id, username, role, disabled, must_change, mfa = row
     created_at = datetime.fromisoformat(created_text)
     seen_at = datetime.fromisoformat(seen_text)
     idle = (now - seen_at).total_seconds()
@@ -221,7 +257,14 @@ def load_session(
             conn.execute(
                 "UPDATE sessions SET seen_at = ? WHERE token_hash = ?", (utc_text(now), digest)
             )
-    return Session(User(int(user_id), username, Role(role)), csrf, created_at, seen_at)
+    return Session(
+        User(int(user_id), username, Role(role)),
+        csrf,
+        created_at,
+        seen_at,
+        must_change_password=bool(must_change),
+        mfa_enabled=bool(mfa),
+    )
 
 
 def delete_session(conn: sqlite3.Connection, token: str) -> None:
@@ -287,3 +330,181 @@ class LoginThrottle:
     def succeeded(self, key: str) -> None:
         """Forget the failures of ``key`` (the account that just logged in)."""
         self._failures.pop(key, None)
+
+
+# -- administration (web UI, admin only) ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UserSummary:
+    """One row of the user-administration table (never the hash, never the MFA secret)."""
+
+    id: int
+    username: str
+    role: Role
+    disabled: bool
+    mfa_enabled: bool
+    must_change_password: bool
+    created_at: datetime
+
+
+def _audit_admin(
+    conn: sqlite3.Connection, actor: str, username: str, detail: str, now: datetime
+) -> None:
+    """An account change, audited inside the caller's transaction (``config`` action)."""
+    audit.append(
+        conn,
+        [AuditEvent(actor, AuditAction.CONFIG, entity=f"User/{username}", detail=detail)],
+        now=now,
+    )
+
+
+def list_users(conn: sqlite3.Connection) -> list[UserSummary]:
+    """Every staff account, by username."""
+    rows = conn.execute(
+        "SELECT u.id, u.username, u.role, u.disabled, u.must_change_password, u.created_at, "
+        "EXISTS (SELECT 1 FROM mfa_totp m WHERE m.user_id = u.id AND m.confirmed_at IS NOT NULL) "
+        "FROM users u ORDER BY u.username"
+    ).fetchall()
+    return [
+        UserSummary(
+            int(uid),
+            name,
+            Role(role),
+            bool(disabled),
+            bool(mfa),
+            bool(must_change),
+            datetime.fromisoformat(created),
+        )
+        for uid, name, role, disabled, must_change, created, mfa in rows
+    ]
+
+
+def user_by_id(conn: sqlite3.Connection, user_id: int) -> User:
+    """The account with ``user_id``; raises :class:`UnknownUserError`."""
+    row = conn.execute("SELECT username, role FROM users WHERE id = ?", (user_id,)).fetchone()
+    if row is None:
+        raise UnknownUserError(f"no user with id {user_id}")
+    return User(user_id, row[0], Role(row[1]))
+
+
+def end_sessions(conn: sqlite3.Connection, user_id: int) -> int:
+    """Delete every session and pending MFA step of ``user_id`` (inside the caller's
+    transaction); returns how many sessions ended."""
+    conn.execute("DELETE FROM mfa_challenges WHERE user_id = ?", (user_id,))
+    return conn.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,)).rowcount
+
+
+def reset_password(
+    conn: sqlite3.Connection, user_id: int, password: str, *, actor: str, now: datetime
+) -> None:
+    """An administrator sets a new password: the person must change it at next login,
+    and every session of theirs ends."""
+    check_password_policy(password)
+    password_hash = HASHER.hash(password)
+    with db.transaction_sync(conn):
+        target = user_by_id(conn, user_id)
+        conn.execute(
+            "UPDATE users SET password_hash = ?, must_change_password = 1 WHERE id = ?",
+            (password_hash, user_id),
+        )
+        end_sessions(conn, user_id)
+        _audit_admin(conn, actor, target.username, "password reset", now)
+
+
+def change_own_password(
+    conn: sqlite3.Connection,
+    user_id: int,
+    current: str,
+    new: str,
+    *,
+    keep_token: str | None,
+    now: datetime,
+) -> bool:
+    """The person changes their own password; False when ``current`` is wrong.
+
+    Other sessions of the account end (a stolen session does not survive a change);
+    the one holding ``keep_token`` stays.
+    """
+    check_password_policy(new)
+    row = conn.execute(
+        "SELECT username, password_hash FROM users WHERE id = ?", (user_id,)
+    ).fetchone()
+    if row is None:
+        return False
+    try:
+        HASHER.verify(row[1], current)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+    if current == new:
+        raise WeakPasswordError("the new password must differ from the current one")
+    password_hash = HASHER.hash(new)
+    keep = b"" if keep_token is None else _token_hash(keep_token)
+    with db.transaction_sync(conn):
+        conn.execute(
+            "UPDATE users SET password_hash = ?, must_change_password = 0 WHERE id = ?",
+            (password_hash, user_id),
+        )
+        conn.execute("DELETE FROM sessions WHERE user_id = ? AND token_hash != ?", (user_id, keep))
+        audit.append(
+            conn,
+            [
+                AuditEvent(
+                    f"user:{row[0]}",
+                    AuditAction.CONFIG,
+                    entity=f"User/{row[0]}",
+                    detail="password changed",
+                )
+            ],
+            now=now,
+        )
+    return True
+
+
+def _enabled_admins(conn: sqlite3.Connection) -> int:
+    return int(
+        conn.execute("SELECT count(*) FROM users WHERE role = 'admin' AND disabled = 0").fetchone()[
+            0
+        ]
+    )
+
+
+def set_disabled(
+    conn: sqlite3.Connection,
+    user_id: int,
+    disabled: bool,
+    *,
+    acting_user_id: int,
+    actor: str,
+    now: datetime,
+) -> None:
+    """Disable or enable an account (disabling ends its sessions at once).
+
+    Refuses (:class:`LastAdminError`) to let an administrator disable themselves or the
+    last enabled administrator: the box would be left with nobody to manage it.
+    """
+    with db.transaction_sync(conn):
+        target = user_by_id(conn, user_id)
+        if disabled:
+            if user_id == acting_user_id:
+                raise LastAdminError("you cannot disable your own account")
+            if target.role is Role.ADMIN and _enabled_admins(conn) <= 1:
+                raise LastAdminError("the last enabled administrator cannot be disabled")
+        conn.execute("UPDATE users SET disabled = ? WHERE id = ?", (int(disabled), user_id))
+        if disabled:
+            end_sessions(conn, user_id)
+        _audit_admin(conn, actor, target.username, "disabled" if disabled else "enabled", now)
+
+
+def reset_second_factor(
+    conn: sqlite3.Connection, user_id: int, *, acting_user_id: int, actor: str, now: datetime
+) -> None:
+    """An administrator removes someone's second factor (lost phone): the person enrols
+    again at next login if their role requires it; their sessions end."""
+    with db.transaction_sync(conn):
+        target = user_by_id(conn, user_id)
+        if user_id == acting_user_id:
+            raise LastAdminError("ask another administrator to reset your own second factor")
+        mfa.remove(conn, user_id)
+        end_sessions(conn, user_id)
+        _audit_admin(conn, actor, target.username, "second factor reset", now)

@@ -125,3 +125,40 @@ def test_sync_status_reports_the_outbox(site: Path, capsys: pytest.CaptureFixtur
     status = json.loads(capsys.readouterr().out)
     assert status["outbox"] == []
     assert status["dead_letters"] == []
+
+
+def test_users_add_and_reset_mfa_are_audited_and_remove_the_factor(
+    site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import UTC, datetime
+
+    import pyotp
+
+    from appliance import mfa
+    from appliance.keys import load_keyring
+
+    secret_file = tmp_path / "pw"
+    secret_file.write_text("correct horse battery staple\n")
+    argv = ["users", "add", "admin9", "--role", "admin", "--password-file", str(secret_file)]
+    assert main([*argv, "--config", str(site)]) == 0
+    database = site.parent / "data" / "appliance.db"
+    conn = db.connect_sync(database)
+    kek = (site.parent / "data" / "keys" / "kek").read_bytes()
+    keyring = load_keyring(conn, kek)
+    [user_id] = conn.execute("SELECT id FROM users WHERE username = 'admin9'").fetchone()
+    now = datetime.now(UTC)
+    secret = mfa.begin_enrolment(conn, keyring, user_id, now=now)
+    assert mfa.confirm_enrolment(conn, keyring, user_id, pyotp.TOTP(secret).now(), now=now)
+    assert mfa.is_enabled(conn, user_id)
+    assert main(["users", "reset-mfa", "admin9", "--config", str(site)]) == 0
+    assert not mfa.is_enabled(conn, user_id)
+    assert "second factor of admin9 is removed" in capsys.readouterr().out
+    rows = conn.execute(
+        "SELECT action, detail FROM audit WHERE entity = 'user:admin9' ORDER BY id"
+    ).fetchall()
+    conn.close()
+    assert rows == [
+        ("config", "account created at the terminal (admin)"),
+        ("config", "second factor removed at the terminal"),
+    ]
+    assert main(["users", "reset-mfa", "nobody", "--config", str(site)]) == 2

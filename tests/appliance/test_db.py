@@ -86,3 +86,10 @@ def test_unopenable_location_is_one_clear_line(tmp_path: Path) -> None:
         db.connect_sync(tmp_path / "missing-dir" / "a.db")
     assert "\n" not in str(info.value)
     assert "data directory" in str(info.value)
+
+
+def test_migration_numbers_are_contiguous_from_one() -> None:
+    # The runner applies every migration above the database's user_version: a number added
+    # later below the highest would never run on a database already past it.
+    versions = [version for version, _ in db.migrations()]
+    assert versions == list(range(1, len(versions) + 1))
