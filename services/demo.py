@@ -35,6 +35,8 @@ _HOME_PEOPLE = (
 )
 DEMO_MRN_SYSTEM = "urn:oid:2.16.840.1.113883.3.9999.1"  # a made-up OID arc for demo MRNs
 HOME_MRN_PREFIX = "RPM"  # demo MRNs of the home-monitored patients
+# Every synthetic patient a fresh demo creates (clinic and home-monitored).
+PATIENT_COUNT = len(_PEOPLE) + len(_HOME_PEOPLE)
 
 
 def synthetic_patients(

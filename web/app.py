@@ -86,11 +86,12 @@ def create_app(
     """Build the web app over an open ``store``; ``clock`` gives aware UTC datetimes."""
     # Imported here, not at the top: the blueprints import :func:`app_state` from this
     # module, so importing them first would be circular.
-    from web import ingest
+    from web import admin, audit_report, break_glass, ingest
     from web.auth import bp as auth_bp
     from web.claims import bp as claims_bp
     from web.devices import bp as devices_bp
     from web.health import bp as health_bp
+    from web.kiosk import bp as kiosk_bp
     from web.nurse import bp as nurse_bp
     from web.rpm import bp as rpm_bp
     from web.rpm_patient import bp as rpm_patient_bp
@@ -120,6 +121,9 @@ def create_app(
     app.register_blueprint(rpm_patient_bp)
     app.register_blueprint(ingest.bp)
     app.register_blueprint(claims_bp)
+    app.register_blueprint(kiosk_bp)
+    for security_bp in (admin.bp, audit_report.bp, break_glass.bp):  # issue 6 security
+        app.register_blueprint(security_bp)
     ingest.exempt_from_browser_csrf(app)  # the vendor API takes a key, never the session cookie
 
     @app.get("/")

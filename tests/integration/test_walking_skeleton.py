@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from appliance.cli import main as cli
+from services import demo
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 
@@ -143,7 +144,10 @@ def test_reading_travels_from_cuff_to_nurse_screen_to_upstream(
             _wait(
                 lambda: fhir_peer.count("Observation") >= 2, 30, "readings to reach the FHIR server"
             )
-            assert fhir_peer.count("Patient") == 5  # the synthetic demo patients, once each
+            # The synthetic demo patients (clinic and home-monitored), once each.
+            demo_patients = demo.PATIENT_COUNT
+            _wait(lambda: fhir_peer.count("Patient") >= demo_patients, 30, "every demo patient")
+            assert fhir_peer.count("Patient") == demo_patients
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
