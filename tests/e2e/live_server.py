@@ -194,3 +194,27 @@ async def alert_engine(store: Store) -> AsyncIterator[AlertEngine]:
     finally:
         stopping.set()
         await asyncio.wait_for(task, 10)
+
+
+def watch_problems(page: Any) -> list[str]:
+    """What the page reports as wrong from now on: console errors (a CSP violation is one),
+    uncaught exceptions and 4xx/5xx responses. A missing favicon is not ours."""
+    problems: list[str] = []
+    page.on(
+        "console",
+        lambda m: (
+            problems.append(m.text)
+            if m.type == "error" and "favicon" not in str(m.location.get("url", ""))
+            else None
+        ),
+    )
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on(
+        "response",
+        lambda r: (
+            problems.append(f"{r.status} {r.url}")
+            if r.status >= 400 and not r.url.endswith("/favicon.ico")
+            else None
+        ),
+    )
+    return problems

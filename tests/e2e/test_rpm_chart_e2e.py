@@ -19,6 +19,7 @@ from services.rpm_enrollment import Enrollments
 from services.rpm_rules import Program
 from services.vitals import CAPTURE_METHOD_SYSTEM, CAPTURE_SETTING_SYSTEM
 from tests import factories
+from tests.e2e import live_server
 from tests.e2e.conftest import LiveApp
 
 pytestmark = pytest.mark.slow
@@ -163,25 +164,7 @@ async def seed_monitored_patient(
 async def test_trend_charts_are_drawn_with_home_and_clinic_series(
     live_app: LiveApp, page: Any
 ) -> None:
-    problems: list[str] = []
-    # Errors the page reports (a CSP violation is one); a missing favicon is not ours.
-    page.on(
-        "console",
-        lambda m: (
-            problems.append(m.text)
-            if m.type == "error" and "favicon" not in str(m.location.get("url", ""))
-            else None
-        ),
-    )
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on(
-        "response",
-        lambda r: (
-            problems.append(f"{r.status} {r.url}")
-            if r.status >= 400 and not r.url.endswith("/favicon.ico")
-            else None
-        ),
-    )
+    problems = live_server.watch_problems(page)
     patient_id = await seed_monitored_patient(live_app.store, datetime.now(UTC))
     await live_app.log_in(page, f"/rpm/patients/{patient_id}")
     assert page.url.endswith(f"/rpm/patients/{patient_id}")

@@ -17,6 +17,7 @@ import pytest
 
 from sync_agent.updates import ReviewQueue
 from sync_agent.upstream import FHIR_JSON
+from tests.e2e import live_server
 from tests.e2e.conftest import LiveApp
 from tests.fhir_peer.peer import FhirPeer
 from tests.web.test_sync_review import _conflict
@@ -36,17 +37,7 @@ async def upstream(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
 async def test_a_nurse_compares_both_versions_and_keeps_ours(
     live_app: LiveApp, page: Any, upstream: httpx.AsyncClient
 ) -> None:
-    problems: list[str] = []
-    # Errors the page reports (a CSP violation is one); a missing favicon is not ours.
-    page.on(
-        "console",
-        lambda m: (
-            problems.append(m.text)
-            if m.type == "error" and "favicon" not in str(m.location.get("url", ""))
-            else None
-        ),
-    )
-    page.on("pageerror", lambda e: problems.append(str(e)))
+    problems = live_server.watch_problems(page)
     await _conflict(live_app.store, upstream)
     await live_app.log_in(page, "/sync/")
     await page.get_by_role("link", name="Review queue").click()
