@@ -696,7 +696,68 @@ def build_parser() -> argparse.ArgumentParser:
 
     claims_cli.add_commands(sub, command)
     _add_discover(sub, command)
+    _add_visits(sub, command)
     return parser
+
+
+def _cmd_visit_link(args: argparse.Namespace, config: Config) -> int:
+    """``appliance visits link issue|list|revoke``: provider links (docs/provider.md)."""
+    from appliance import visit_links
+    from appliance.store import Store
+
+    actor, now = f"cli:{getpass.getuser()}", datetime.now(UTC)
+
+    async def go() -> int:
+        store = await Store.open(config.paths.database, config.keys.kek_file)
+        try:
+            conn = store.connection
+            if args.link_command == "list":
+                for link in await db.run_sync(conn, visit_links.recent, now=now, limit=200):
+                    _out(f"{link.id}\t{link.state(now).value}\t{link.issued_at}\t"
+                         f"{link.expires_at}\t{link.claim_outcome or ''}")  # fmt: skip
+                return 0
+            if args.link_command == "revoke":
+                found = await db.run_sync(conn, visit_links.by_id, args.id)
+                if found is None:
+                    raise ApplianceError(f"no visit link {args.id}")
+                key = store.patient_key(f"Patient/{found.patient_id}")
+                done = await db.run_sync(
+                    conn, visit_links.revoke, args.id, by=actor, patient_key=key, now=now
+                )
+                _out("revoked" if done else "already ended")
+                return 0
+            encounter = await store.read("Encounter", args.encounter, actor)
+            patient = str(encounter.get("subject", {}).get("reference", ""))
+            if encounter.get("status") != "arrived" or not patient.startswith("Patient/"):
+                raise ApplianceError("that Encounter is not an arrived patient's")
+            link, token = await db.run_sync(
+                conn, visit_links.issue, args.encounter, patient.removeprefix("Patient/"),
+                issued_by=actor, patient_key=store.patient_key(patient), now=now,
+                provider_name=args.provider or "",
+            )  # fmt: skip
+            _out(f"{config.web.public_url.rstrip('/')}/visit/{token}")
+            sys.stderr.write(f"visit link {link.id}, valid until {link.expires_at}\n")
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _add_visits(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    """``appliance visits link ...``: single-visit links for remote providers (issue 6)."""
+    visits_cmd = sub.add_parser("visits", help="telehealth visits").add_subparsers(
+        dest="visits_command", required=True, metavar="COMMAND"
+    )
+    link_cmd = visits_cmd.add_parser("link", help="provider links").add_subparsers(
+        dest="link_command", required=True, metavar="COMMAND"
+    )
+    p = command("issue", _cmd_visit_link, "issue a link for an arrived Encounter", link_cmd)
+    p.add_argument("encounter", help="local id of the arrival Encounter")
+    p.add_argument("--provider", help="the provider's name (the note's author)")
+    command("list", _cmd_visit_link, "links issued in the last day (no PHI)", link_cmd)
+    p = command("revoke", _cmd_visit_link, "withdraw a link at once", link_cmd)
+    p.add_argument("id", type=int)
 
 
 def _cmd_discover(args: argparse.Namespace, config: object) -> int:

@@ -88,11 +88,13 @@ def create_app(
     # module, so importing them first would be circular.
     from web import admin, audit_report, break_glass, ingest
     from web.auth import bp as auth_bp
+    from web.chart import bp as chart_bp
     from web.claims import bp as claims_bp
     from web.devices import bp as devices_bp
     from web.health import bp as health_bp
     from web.kiosk import bp as kiosk_bp
     from web.nurse import bp as nurse_bp
+    from web.provider import bp as provider_bp
     from web.rpm import bp as rpm_bp
     from web.rpm_patient import bp as rpm_patient_bp
     from web.sync import bp as sync_bp
@@ -114,6 +116,7 @@ def create_app(
     )
     app.register_blueprint(auth_bp)
     app.register_blueprint(nurse_bp)
+    app.register_blueprint(chart_bp)
     app.register_blueprint(devices_bp)
     app.register_blueprint(health_bp)
     app.register_blueprint(sync_bp)
@@ -122,6 +125,7 @@ def create_app(
     app.register_blueprint(ingest.bp)
     app.register_blueprint(claims_bp)
     app.register_blueprint(kiosk_bp)
+    app.register_blueprint(provider_bp)
     for security_bp in (admin.bp, audit_report.bp, break_glass.bp):  # issue 6 security
         app.register_blueprint(security_bp)
     ingest.exempt_from_browser_csrf(app)  # the vendor API takes a key, never the session cookie

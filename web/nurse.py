@@ -1,11 +1,17 @@
-"""The nurse's live vitals screen: every patient's newest blood pressure, updated live.
+"""The nurse's arrivals queue and live vitals: today's patients, updated live.
 
-``GET /nurse/`` renders the table from the store; ``GET /nurse/events`` is a Server-Sent
-Events stream of new blood-pressure Observations, which ``static/nurse.js`` applies to the
-table. The store is the bus (DESIGN.md, "Processes"): the stream notices commits of the
-devices process by polling the newest row id, a single-index look-up, and only then
-decrypts the new rows. Every read goes through the store, so every one is audited under
-the nurse's name.
+``GET /nurse/`` renders, from the store, **today's arrivals** from the kiosk (Encounters in
+status ``arrived`` or ``in-progress`` that started on the site's local day: arrival time,
+station, what the kiosk collected, waiting time, a link to the chart), the newest blood
+pressure of each of today's patients, and the latest readings. Only patients that normal
+access covers appear (:func:`web.access.normally_visible`): nobody else is listed.
+
+``GET /nurse/events`` is a Server-Sent Events stream: ``observation`` events with new blood
+pressures and ``arrival`` events with a new or changed arrival row, which
+``static/nurse.js`` applies to the page. The store is the bus (DESIGN.md, "Processes"): the
+stream notices commits of other processes by polling the newest row id, a single-index
+look-up, and only then decrypts the new rows. Every read goes through the store or is
+audited here, under the nurse's name.
 
 The stream ends when the browser goes away or the session expires. It re-checks the
 session without touching it, so an open page alone never keeps a session alive (automatic
@@ -16,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,8 +32,13 @@ from zoneinfo import ZoneInfo
 from quart import Blueprint, Response, render_template, request
 from quart.typing import ResponseReturnValue
 
-from appliance import db, users
+from appliance import audit, break_glass, db, users
+from appliance.audit import AuditAction, AuditEvent
+from appliance.errors import NotFoundError
+from appliance.fhir import utc_text
+from appliance.store import Store
 from appliance.users import Role
+from web.access import local_midnight, normally_visible
 from web.app import AppState, app_state
 from web.auth import current_session, login_required, session_token
 
@@ -45,6 +57,10 @@ FEED_BATCH = 200
 BP_PANEL_CODE = "http://loinc.org|85354-9"
 LATEST_SHOWN = 20
 _STAFF = (Role.NURSE, Role.ADMIN)
+WAITING = ("arrived", "in-progress")  # Encounter statuses of a patient still in the queue
+CLINIC_DAY = "checked in today"  # the normal-access reason of today's clinic patients
+# How long the stream trusts its answer to "may this nurse see this patient?".
+ACCESS_CACHE_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +175,195 @@ def display_name(patient: Mapping[str, Any]) -> str:
     return ", ".join(part for part in (family, given) if part) or str(name.get("text", ""))
 
 
+# -- arrivals ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One patient in today's arrivals queue: the kiosk's Encounter and what was collected."""
+
+    encounter_id: str
+    patient_id: str
+    name: str
+    status: str
+    arrived: datetime
+    station: str
+    intake: int  # QuestionnaireResponses answered today
+    consent: int  # Consents signed today
+    vitals: int  # Observations taken today
+    photos: int  # Media taken today
+
+    def waiting_minutes(self, now: datetime) -> int:
+        """Whole minutes since arrival (never negative)."""
+        return max(0, int((now - self.arrived).total_seconds() // 60))
+
+    def to_event(self, zone: ZoneInfo, now: datetime) -> dict[str, Any]:
+        """The JSON body of the ``arrival`` event."""
+        return {
+            "encounter_id": self.encounter_id,
+            "patient_id": self.patient_id,
+            "name": self.name,
+            "status": self.status,
+            "arrived": self.arrived.isoformat(),
+            "arrived_display": self.arrived.astimezone(zone).strftime("%H:%M"),
+            "arrived_epoch": int(self.arrived.timestamp()),
+            "waiting_minutes": self.waiting_minutes(now),
+            "station": self.station,
+            "intake": self.intake,
+            "consent": self.consent,
+            "vitals": self.vitals,
+            "photos": self.photos,
+            "chart_url": f"/patients/{self.patient_id}",
+        }
+
+
+def _instant(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+def _station(encounter: Mapping[str, Any]) -> str:
+    for location in encounter.get("location", []):
+        inner = location.get("location") if isinstance(location, Mapping) else None
+        display = inner.get("display") if isinstance(inner, Mapping) else None
+        if isinstance(display, str):
+            return display.removeprefix("kiosk ")
+    return ""
+
+
+def _rows(
+    conn: sqlite3.Connection, store: Store, sql: str, params: Iterable[object]
+) -> list[dict[str, Any]]:
+    return [store.decrypt_stored(conn, row).resource for row in conn.execute(sql, tuple(params))]
+
+
+def arrivals_sync(
+    conn: sqlite3.Connection,
+    store: Store,
+    actor: str,
+    visible: Mapping[str, str],
+    *,
+    now: datetime,
+    zone: ZoneInfo,
+) -> list[Arrival]:
+    """Today's arrivals of the ``visible`` patients (id → access reason), oldest first.
+
+    Runs on the database thread. Only the Encounters of visible patients are decrypted;
+    each patient shown is audited (one search record with the patient's key).
+    """
+    if not visible:
+        return []
+    midnight = utc_text(local_midnight(now, zone))
+    keys = {store.patient_key(f"Patient/{p}"): p for p in visible}
+    marks = ",".join("?" * len(keys))
+    encounters = _rows(
+        conn,
+        store,
+        "SELECT id, logical_id, type, key_version, body FROM resources "  # noqa: S608 - placeholders only
+        f"WHERE type = 'Encounter' AND effective >= ? AND patient_key IN ({marks}) "
+        "ORDER BY effective",
+        (midnight, *keys),
+    )
+    waiting = [e for e in encounters if e.get("status") in WAITING]
+    by_patient: dict[str, list[dict[str, Any]]] = {}
+    for encounter in waiting:
+        ref = str(encounter.get("subject", {}).get("reference", ""))
+        by_patient.setdefault(ref.removeprefix("Patient/"), []).append(encounter)
+    found: list[Arrival] = []
+    events: list[AuditEvent] = []
+    start = local_midnight(now, zone)
+    for patient_id, mine in by_patient.items():
+        if patient_id not in visible:
+            continue
+        key = store.patient_key(f"Patient/{patient_id}")
+        patients = _rows(
+            conn,
+            store,
+            "SELECT id, logical_id, type, key_version, body FROM resources "
+            "WHERE type = 'Patient' AND logical_id = ?",
+            (patient_id,),
+        )
+        name = display_name(patients[0]) if patients else "(unknown patient)"
+        counted = {
+            rtype: int(
+                conn.execute(
+                    "SELECT count(*) FROM resources WHERE patient_key = ? AND type = ? "
+                    "AND effective >= ?",
+                    (key, rtype, midnight),
+                ).fetchone()[0]
+            )
+            for rtype in ("Observation", "Media")
+        }
+        # Neither carries an indexed time (authored, dateTime): decrypt the patient's few.
+        answered = _rows(
+            conn,
+            store,
+            "SELECT id, logical_id, type, key_version, body FROM resources "
+            "WHERE patient_key = ? AND type IN ('QuestionnaireResponse', 'Consent')",
+            (key,),
+        )
+
+        def today(resource: Mapping[str, Any], field: str) -> bool:
+            moment = _instant(resource.get(field))
+            return moment is not None and moment >= start
+
+        intake = sum(
+            1
+            for r in answered
+            if r["resourceType"] == "QuestionnaireResponse" and today(r, "authored")
+        )
+        consent = sum(
+            1 for r in answered if r["resourceType"] == "Consent" and today(r, "dateTime")
+        )
+        for encounter in mine:
+            arrived = _instant(encounter.get("period", {}).get("start")) or now
+            found.append(
+                Arrival(
+                    encounter_id=str(encounter["id"]),
+                    patient_id=patient_id,
+                    name=name,
+                    status=str(encounter.get("status", "")),
+                    arrived=arrived,
+                    station=_station(encounter),
+                    intake=intake,
+                    consent=consent,
+                    vitals=counted["Observation"],
+                    photos=counted["Media"],
+                )
+            )
+        events.append(
+            AuditEvent(
+                actor,
+                AuditAction.SEARCH,
+                patient_key=key,
+                entity="Encounter+Patient+QuestionnaireResponse+Consent arrivals today",
+                detail=f"normal access: {visible[patient_id]}",
+            )
+        )
+    if events:
+        with db.transaction_sync(conn):
+            audit.append(conn, events, now=now)
+    found.sort(key=lambda a: a.arrived)
+    return found
+
+
+def _visible(conn: sqlite3.Connection, *, now: datetime, zone: ZoneInfo) -> dict[str, str]:
+    """Patient id → normal-access reason, for every patient normal access covers now."""
+    return {
+        p: reason
+        for p in normally_visible(conn, now=now, zone=zone)
+        if (reason := break_glass.normal_access(conn, p, now=now, zone=zone)) is not None
+    }
+
+
+# -- the page ------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class _Row:
     patient_id: str
@@ -170,20 +375,33 @@ class _Row:
 @bp.get("/")
 @login_required(role=_STAFF)
 async def vitals() -> ResponseReturnValue:
-    """The table of patients with their newest blood pressure, and the latest readings."""
+    """Today's arrivals, the newest blood pressure of today's patients, the latest readings."""
     state = app_state()
     session = await current_session()
     assert session is not None  # login_required
     actor = session.user.actor
+    now = state.clock()
+    conn = state.store.connection
+    visible = await db.run_sync(conn, _visible, now=now, zone=state.zone)
+    arrivals = await db.run_sync(
+        conn, arrivals_sync, state.store, actor, visible, now=now, zone=state.zone
+    )
+    # Today's clinic patients: checked in at a station today, or arrived at the kiosk.
+    today = {p for p, reason in visible.items() if reason == CLINIC_DAY}
+    today |= {a.patient_id for a in arrivals}
     rows = []
-    for patient in await state.store.patients(actor):
-        patient_id = str(patient["id"])
+    for patient_id in sorted(today):
+        try:
+            patient = await state.store.read("Patient", patient_id, actor)
+        except NotFoundError:
+            continue
         newest = await state.store.newest(
             f"Patient/{patient_id}", "Observation", actor, limit=1, code=BP_PANEL_CODE
         )
         reading = next((r for r in map(blood_pressure, newest) if r is not None), None)
         birth_date = str(patient.get("birthDate", ""))
         rows.append(_Row(patient_id, display_name(patient), birth_date, reading))
+    rows.sort(key=lambda row: row.name.casefold())
     names = {row.patient_id: row.name for row in rows}
     timed = [
         (row.reading.effective, row.reading)
@@ -193,14 +411,20 @@ async def vitals() -> ResponseReturnValue:
     timed.sort(key=lambda pair: pair[0], reverse=True)
     latest = [reading for _, reading in timed[:LATEST_SHOWN]]
     return await render_template(
-        "nurse.html", rows=rows, latest=latest, names=names, zone=state.zone
+        "nurse.html",
+        arrivals=arrivals,
+        rows=rows,
+        latest=latest,
+        names=names,
+        zone=state.zone,
+        now=now,
     )
 
 
 @bp.get("/events")
 @login_required(role=_STAFF)
 async def events() -> ResponseReturnValue:
-    """Server-Sent Events: ``observation`` events with blood pressures as they are stored."""
+    """Server-Sent Events: ``observation`` (blood pressures) and ``arrival`` events."""
     state = app_state()
     session = await current_session()
     token = session_token()
@@ -231,12 +455,46 @@ async def _session_alive(state: AppState, token: str) -> bool:
     return session is not None
 
 
+class _Visibility:
+    """The stream's memory of which patients normal access covers (refreshed every 10 s)."""
+
+    def __init__(self, state: AppState) -> None:
+        self._state = state
+        self._visible: dict[str, str] = {}
+        self._until = float("-inf")
+
+    async def now(self) -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._until:
+            state = self._state
+            self._visible = await db.run_sync(
+                state.store.connection, _visible, now=state.clock(), zone=state.zone
+            )
+            self._until = loop.time() + ACCESS_CACHE_S
+        return self._visible
+
+    def forget(self) -> None:
+        """A new arrival or check-in may have changed who is covered: ask again."""
+        self._until = float("-inf")
+
+
+def _subject_id(resource: Mapping[str, Any]) -> str | None:
+    subject = resource.get("subject")
+    ref = subject.get("reference") if isinstance(subject, Mapping) else None
+    return (
+        ref.removeprefix("Patient/")
+        if isinstance(ref, str) and ref.startswith("Patient/")
+        else None
+    )
+
+
 async def _feed(state: AppState, actor: str, token: str, after: int) -> AsyncIterator[bytes]:
     store = state.store
     loop = asyncio.get_running_loop()
     session_check_s = min(5.0, 20 * state.sse_poll_s)
     next_keepalive = loop.time() + KEEPALIVE_S
     next_session_check = loop.time() + session_check_s
+    visibility = _Visibility(state)
     yield b"retry: 3000\n\n"
     while True:
         await asyncio.sleep(state.sse_poll_s)
@@ -247,12 +505,41 @@ async def _feed(state: AppState, actor: str, token: str, after: int) -> AsyncIte
                 return
         newest = await store.last_row_id()
         while after < newest:
-            batch = await store.changes_since(after, ["Observation"], actor, limit=FEED_BATCH)
+            batch = await store.changes_since(
+                after, ["Observation", "Encounter"], actor, limit=FEED_BATCH
+            )
+            touched: dict[str, int] = {}  # patient → the row id of their latest change
             for item in batch:
+                patient_id = _subject_id(item.resource)
+                if patient_id is None:
+                    continue
+                if item.type == "Encounter":
+                    visibility.forget()
+                visible = await visibility.now()
+                if patient_id not in visible:
+                    continue  # outside normal access: not on this screen
+                touched[patient_id] = item.row_id
                 reading = blood_pressure(item.resource)
                 if reading is not None:
                     data = json.dumps(reading.to_event(state.zone), separators=(",", ":"))
                     yield f"id: {item.row_id}\nevent: observation\ndata: {data}\n\n".encode()
+                    next_keepalive = loop.time() + KEEPALIVE_S
+            if touched:
+                visible = await visibility.now()
+                now = state.clock()
+                changed = await db.run_sync(
+                    store.connection,
+                    arrivals_sync,
+                    store,
+                    actor,
+                    {p: visible[p] for p in touched if p in visible},
+                    now=now,
+                    zone=state.zone,
+                )
+                for arrival in changed:
+                    data = json.dumps(arrival.to_event(state.zone, now), separators=(",", ":"))
+                    row_id = touched[arrival.patient_id]
+                    yield f"id: {row_id}\nevent: arrival\ndata: {data}\n\n".encode()
                     next_keepalive = loop.time() + KEEPALIVE_S
             full = len(batch) == FEED_BATCH
             after = batch[-1].row_id if full else max(newest, batch[-1].row_id if batch else 0)

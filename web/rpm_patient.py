@@ -36,6 +36,7 @@ from services.alerts import Alert, AlertBook
 from services.rpm_billing import MAX_MINUTES, MAX_NOTE, PatientBilling, RpmBilling, RpmError
 from services.rpm_enrollment import MAX_BACKDATE_DAYS, Enrollment, EnrollmentError, Enrollments
 from services.rpm_rules import KG_PER_LB, Measure, Program, Rule, Severity, Thresholds
+from web.access import require_access
 from web.app import app_state
 from web.auth import current_session, login_required
 from web.nurse import display_name
@@ -654,6 +655,7 @@ async def _page(
 @login_required(role=_VIEWERS)
 async def patient(patient_id: str) -> ResponseReturnValue:
     """The patient's RPM page."""
+    await require_access(patient_id)
     return await _page(patient_id)
 
 
@@ -661,6 +663,7 @@ async def patient(patient_id: str) -> ResponseReturnValue:
 @login_required(role=_VIEWERS)
 async def series(patient_id: str) -> ResponseReturnValue:
     """The charts' data: per vital, series per measure and setting, and threshold lines."""
+    await require_access(patient_id)
     state = app_state()
     actor, _ = await _actor()
     window, setting = _choices()
@@ -699,6 +702,7 @@ def _done(patient_id: str, key: str) -> ResponseReturnValue:
 @login_required(role=_STAFF)
 async def enroll(patient_id: str) -> ResponseReturnValue:
     """Enrol the patient, or change the program of their current enrolment."""
+    await require_access(patient_id)
     state = app_state()
     actor, _ = await _actor()
     form = await _form()
@@ -748,6 +752,7 @@ async def enroll(patient_id: str) -> ResponseReturnValue:
 @login_required(role=_STAFF)
 async def unenroll(patient_id: str) -> ResponseReturnValue:
     """End the patient's enrolment (kept for billing; alerts already open stay open)."""
+    await require_access(patient_id)
     actor, _ = await _actor()
     await _patient(patient_id, actor)
     try:
@@ -840,6 +845,7 @@ def _same(rule: str, a: Mapping[str, object], b: Mapping[str, object]) -> bool:
 @login_required(role=_STAFF)
 async def thresholds(patient_id: str) -> ResponseReturnValue:
     """Save the patient's own thresholds (a blank field is the program default)."""
+    await require_access(patient_id)
     state = app_state()
     actor, _ = await _actor()
     form = await _form()
@@ -884,6 +890,7 @@ async def thresholds(patient_id: str) -> ResponseReturnValue:
 @login_required(role=_STAFF)
 async def log_time(patient_id: str) -> ResponseReturnValue:
     """Log minutes of management time (99457/99458/99470) with an optional note."""
+    await require_access(patient_id)
     state = app_state()
     actor, username = await _actor()
     form = await _form()

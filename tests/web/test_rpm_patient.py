@@ -13,6 +13,7 @@ from quart.testing import QuartClient
 
 from appliance import db, users
 from appliance.config import Config, RpmConfig
+from appliance.device_registry import DeviceRegistry, StationKind
 from appliance.store import Store
 from services.alerts import AlertEngine
 from services.rpm_billing import RpmBilling
@@ -80,10 +81,15 @@ def simple(
 
 
 async def _patient(store: Store, *, family: str = "Testperson", mrn: str = "T0001") -> str:
+    """A patient the staff may open: checked in at the clinic today (web/access.py)."""
     [patient] = await store.create(
         [factories.patient(family=family, given="Ada", birth_date="1961-04-09", mrn=mrn)],
         "user:admin",
     )
+    registry = DeviceRegistry(store)
+    if "room-1" not in {station.id for station in await registry.stations()}:
+        await registry.add_station("room-1", "Exam room 1", StationKind.EXAM_ROOM, "user:setup")
+    await registry.check_in("room-1", patient.logical_id, "user:setup")
     return patient.logical_id
 
 
@@ -235,6 +241,23 @@ async def test_a_patient_not_enrolled_has_charts_without_thresholds_and_an_enrol
 async def test_unknown_patient_is_404(logged_in: QuartClient) -> None:
     for path in ("/rpm/patients/no-such-patient", "/rpm/patients/no-such-patient/series.json"):
         assert (await logged_in.get(path)).status_code == 404
+
+
+async def test_a_patient_outside_normal_access_needs_break_glass(
+    logged_in: QuartClient, store: Store
+) -> None:
+    # Neither checked in today nor enrolled: the same rule as the chart (web/access.py).
+    [stranger] = await store.create(
+        [factories.patient(family="Elsewhere", given="Bo", birth_date="1970-01-01", mrn="T0009")],
+        "user:admin",
+    )
+    for path in (
+        f"/rpm/patients/{stranger.logical_id}",
+        f"/rpm/patients/{stranger.logical_id}/series.json",
+    ):
+        refused = await logged_in.get(path)
+        assert refused.status_code == 403
+    assert "Elsewhere" not in await refused.get_data(as_text=True)
 
 
 async def test_providers_read_the_page_but_change_nothing_and_anonymous_log_in(

@@ -1,4 +1,5 @@
-// Live vitals for the nurse screen: applies "observation" events from /nurse/events.
+// The live arrivals queue and vitals of /nurse/: applies "arrival" and "observation" events
+// from /nurse/events, and keeps the waiting times ticking.
 // Data only ever goes into the page through textContent, never innerHTML (CSP + XSS).
 "use strict";
 
@@ -49,16 +50,22 @@
     el.classList.add("fresh");
   }
 
+  const pending = {};
+
   function apply(reading) {
     const row = findRow(reading.patient_id);
-    let name = "Patient not on this list (reload)";
+    let name = "Patient not in today's list";
     if (row) {
       name = row.querySelector(".name").textContent;
       pressureCell(row.querySelector(".bp"), reading);
       row.querySelector(".time").textContent = reading.effective_display;
       flash(row);
     }
+    if (!row) {
+      pending[reading.patient_id] = reading; // shown in their row once they arrive
+    }
     const item = document.createElement("li");
+    item.dataset.patientId = reading.patient_id;
     const bp = span("bp", "");
     pressureCell(bp, reading);
     item.append(span("time", reading.effective_display), span("name", name), bp);
@@ -70,6 +77,138 @@
     if (latestEmpty) {
       latestEmpty.hidden = true;
     }
+  }
+
+  // -- arrivals --------------------------------------------------------------------------
+  const arrivals = document.getElementById("arrivals");
+  const arrivalsBody = arrivals ? arrivals.querySelector("tbody") : null;
+  const arrivalsEmpty = document.getElementById("arrivals-empty");
+  const arrivalsCount = document.getElementById("arrivals-count");
+  const LONG_WAIT_MIN = 30;
+
+  function cell(className, text) {
+    const td = document.createElement("td");
+    td.className = className;
+    td.textContent = text;
+    return td;
+  }
+
+  function link(href, text, className) {
+    const a = document.createElement("a");
+    a.href = href;
+    a.textContent = text;
+    if (className) {
+      a.className = className;
+    }
+    return a;
+  }
+
+  function yesNo(className, count, withCount) {
+    const text = count ? (withCount ? "Yes (" + count + ")" : "Yes") : "No";
+    return cell(className + " " + (count ? "yes" : "no"), text);
+  }
+
+  function waitingText(arrivedEpoch) {
+    const minutes = Math.max(0, Math.floor((Date.now() / 1000 - arrivedEpoch) / 60));
+    return minutes;
+  }
+
+  function setWaiting(row) {
+    const td = row.querySelector(".waiting");
+    const minutes = waitingText(Number(row.dataset.arrived));
+    td.textContent = minutes + " min";
+    td.classList.toggle("long", minutes >= LONG_WAIT_MIN);
+  }
+
+  function arrivalRow(a) {
+    const row = document.createElement("tr");
+    row.dataset.encounterId = a.encounter_id;
+    row.dataset.patientId = a.patient_id;
+    row.dataset.arrived = String(a.arrived_epoch);
+    const nameCell = cell("name", "");
+    nameCell.append(link(a.chart_url, a.name));
+    const chartCell = document.createElement("td");
+    chartCell.append(link(a.chart_url, "Open chart", "open-chart"));
+    row.append(
+      nameCell,
+      cell("time arrived", a.arrived_display),
+      cell("station", a.station),
+      yesNo("intake", a.intake, false),
+      yesNo("consent", a.consent, false),
+      yesNo("vitals", a.vitals, true),
+      cell("photos", String(a.photos)),
+      cell("num waiting", a.waiting_minutes + " min"),
+      chartCell,
+    );
+    return row;
+  }
+
+  function applyArrival(a) {
+    if (!arrivalsBody) {
+      return;
+    }
+    const fresh = arrivalRow(a);
+    let existing = null;
+    for (const row of arrivalsBody.children) {
+      if (row.dataset.encounterId === a.encounter_id) {
+        existing = row;
+      }
+    }
+    if (a.status !== "arrived" && a.status !== "in-progress") {
+      if (existing) {
+        existing.remove();
+      }
+    } else if (existing) {
+      existing.replaceWith(fresh);
+      flash(fresh);
+    } else {
+      arrivalsBody.append(fresh); // the queue is oldest first: a new arrival goes last
+      flash(fresh);
+    }
+    setWaiting(fresh);
+    const count = arrivalsBody.children.length;
+    arrivals.hidden = count === 0;
+    arrivalsEmpty.hidden = count !== 0;
+    arrivalsCount.textContent = String(count);
+    ensurePatient(a);
+  }
+
+  // A patient who just arrived gets a row in "today's patients" for their readings.
+  function ensurePatient(a) {
+    const table = document.getElementById("patients");
+    if (!table || findRow(a.patient_id)) {
+      return;
+    }
+    const row = document.createElement("tr");
+    row.dataset.patientId = a.patient_id;
+    const nameCell = cell("name", "");
+    nameCell.append(link(a.chart_url, a.name));
+    row.append(nameCell, cell("", ""), cell("num bp empty", "No reading"), cell("time", ""));
+    table.querySelector("tbody").append(row);
+    table.hidden = false;
+    const reading = pending[a.patient_id];
+    if (reading) {
+      pressureCell(row.querySelector(".bp"), reading);
+      row.querySelector(".time").textContent = reading.effective_display;
+      delete pending[a.patient_id];
+    }
+    for (const item of latest.children) {
+      if (item.dataset.patientId === a.patient_id) {
+        item.querySelector(".name").textContent = a.name;
+      }
+    }
+    const empty = document.getElementById("patients-empty");
+    if (empty) {
+      empty.hidden = true;
+    }
+  }
+
+  if (arrivalsBody) {
+    window.setInterval(function () {
+      for (const row of arrivalsBody.children) {
+        setWaiting(row);
+      }
+    }, 30000);
   }
 
   const source = new EventSource(live.dataset.events);
@@ -88,6 +227,15 @@
       return;
     }
     apply(reading);
+  });
+  source.addEventListener("arrival", function (event) {
+    let arrival;
+    try {
+      arrival = JSON.parse(event.data);
+    } catch (err) {
+      return;
+    }
+    applyArrival(arrival);
   });
   source.addEventListener("expired", function () {
     source.close();
