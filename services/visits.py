@@ -55,7 +55,7 @@ HISTORY_SCAN = 200
 PHOTOS_SHOWN = 6
 # ICD-10-CM: a letter, two digits (or digit + letter, e.g. C4A), then up to 4 characters after
 # the dot. The same letters as the claim check (services/claims/checks.py), which refuses U.
-_ICD10_CM = re.compile(r"([A-TV-Z][0-9][0-9A-Z])\.?([0-9A-Z]{1,4})?")
+_ICD10_CM = re.compile(r"([A-Z][0-9][0-9A-Z])\.?([0-9A-Z]{1,4})?")  # U codes too (U07.1)
 LOINC = intake.LOINC
 PROGRESS_NOTE = ("11506-3", "Progress note")
 NOTE_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category"

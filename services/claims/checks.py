@@ -23,7 +23,7 @@ MBI_PATTERN = re.compile(
     f"[1-9]{_MBI_LETTER}{_MBI_EITHER}[0-9]{_MBI_LETTER}{_MBI_EITHER}[0-9]"
     f"{_MBI_LETTER}{_MBI_LETTER}[0-9][0-9]"
 )
-_ICD10_CM = re.compile(r"[A-TV-Z][0-9][0-9A-Z]([0-9A-Z]{1,4})?")
+_ICD10_CM = re.compile(r"[A-Z][0-9][0-9A-Z]([0-9A-Z]{1,4})?")  # U codes too (U07.1)
 _ZIP9 = re.compile(r"[0-9]{9}")
 _EIN = re.compile(r"[0-9]{9}")
 

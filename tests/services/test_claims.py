@@ -303,6 +303,7 @@ async def test_broken_claims_are_caught_before_submission(clocked: Store) -> Non
     [(_, _, body)] = await service.content([1], "user:test")
     good = from_fhir(body)
     today = date(2026, 3, 10)
+    at: dict[str, Any] = {"today": today, "timely_filing_days": 365}
     assert checks.check(good, today=today, timely_filing_days=365) == []
     broken = {
         "npi": replace(good, billing=replace(good.billing, npi="1234567890")),
@@ -320,6 +321,10 @@ async def test_broken_claims_are_caught_before_submission(clocked: Store) -> Non
     for code, claim in broken.items():
         found = checks.check(claim, today=today, timely_filing_days=365)
         assert code in {p.code for p in found}, code
+    # U codes are ICD-10-CM too (U07.1 COVID-19, U09.9 post-COVID); a made-up shape is not.
+    assert checks.check(replace(good, diagnoses=("U071", "U099")), **at) == []
+    wrong = checks.check(replace(good, diagnoses=("I10", "1A2")), **at)
+    assert [p.message for p in wrong] == ["diagnosis 2: not an ICD-10-CM code"]
     late = checks.check(good, today=date(2027, 3, 10), timely_filing_days=365)
     assert [p.message for p in late] == [
         "past the timely filing limit (365 days after the date of service)"
