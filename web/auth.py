@@ -672,3 +672,17 @@ async def change_password() -> ResponseReturnValue:
         "login_password_change.html", forced=session.must_change_password, error=error
     )
     return Response(body, status=400, mimetype="text/html")
+
+
+async def session_alive(state: AppState, token: str) -> bool:
+    """Is the session still valid? Checked without touching it, so a long-lived stream
+    (server-sent events) alone never keeps a session alive (HIPAA 164.312(a)(2)(iii))."""
+    session = await db.run_sync(
+        state.store.connection,
+        users.load_session,
+        token,
+        now=state.clock(),
+        idle_timeout_s=state.config.web.session_idle_timeout_s,
+        touch=False,
+    )
+    return session is not None

@@ -32,7 +32,7 @@ from zoneinfo import ZoneInfo
 from quart import Blueprint, Response, render_template, request
 from quart.typing import ResponseReturnValue
 
-from appliance import audit, break_glass, db, users
+from appliance import audit, break_glass, db
 from appliance.audit import AuditAction, AuditEvent
 from appliance.errors import NotFoundError
 from appliance.fhir import utc_text
@@ -40,7 +40,7 @@ from appliance.store import Store
 from appliance.users import Role
 from web.access import local_midnight, normally_visible
 from web.app import AppState, app_state
-from web.auth import current_session, login_required, session_token
+from web.auth import current_session, login_required, session_alive, session_token
 
 bp = Blueprint("nurse", __name__, url_prefix="/nurse")
 
@@ -443,18 +443,6 @@ async def events() -> ResponseReturnValue:
     return response
 
 
-async def _session_alive(state: AppState, token: str) -> bool:
-    session = await db.run_sync(
-        state.store.connection,
-        users.load_session,
-        token,
-        now=state.clock(),
-        idle_timeout_s=state.config.web.session_idle_timeout_s,
-        touch=False,
-    )
-    return session is not None
-
-
 class _Visibility:
     """The stream's memory of which patients normal access covers (refreshed every 10 s)."""
 
@@ -500,7 +488,7 @@ async def _feed(state: AppState, actor: str, token: str, after: int) -> AsyncIte
         await asyncio.sleep(state.sse_poll_s)
         if loop.time() >= next_session_check:
             next_session_check = loop.time() + session_check_s
-            if not await _session_alive(state, token):
+            if not await session_alive(state, token):
                 yield b"event: expired\ndata: {}\n\n"
                 return
         newest = await store.last_row_id()

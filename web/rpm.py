@@ -35,7 +35,6 @@ from zoneinfo import ZoneInfo
 from quart import Blueprint, Response, redirect, render_template, request, url_for
 from quart.typing import ResponseReturnValue
 
-from appliance import db, users
 from appliance.errors import ApplianceError, NotFoundError
 from appliance.users import Role
 from services import alerts, rpm_rules
@@ -43,7 +42,7 @@ from services.alerts import AlertBook, AlertError, AlertState, AlertView
 from services.rpm_billing import RpmBilling
 from services.rpm_enrollment import Enrollments
 from web.app import AppState, app_state
-from web.auth import current_session, login_required, session_token
+from web.auth import current_session, login_required, session_alive, session_token
 from web.nurse import display_name
 
 bp = Blueprint("rpm", __name__, url_prefix="/rpm")
@@ -484,18 +483,6 @@ async def events() -> ResponseReturnValue:
     return response
 
 
-async def _session_alive(state: AppState, token: str) -> bool:
-    session = await db.run_sync(
-        state.store.connection,
-        users.load_session,
-        token,
-        now=state.clock(),
-        idle_timeout_s=state.config.web.session_idle_timeout_s,
-        touch=False,
-    )
-    return session is not None
-
-
 async def _names_of(
     state: AppState, actor: str, patient_ids: Iterable[str], known: dict[str, str]
 ) -> None:
@@ -521,7 +508,7 @@ async def _feed(
     while True:
         if loop.time() >= next_session_check:
             next_session_check = loop.time() + session_check_s
-            if not await _session_alive(state, token):
+            if not await session_alive(state, token):
                 yield b"event: expired\ndata: {}\n\n"
                 return
         while after < await book.last_event_id():
