@@ -86,17 +86,45 @@ def _apply_pragmas(conn: sqlite3.Connection) -> None:
         )
 
 
+def _statements(sql: str) -> list[str]:
+    """Split a migration script into statements with SQLite's own tokenizer (triggers too)."""
+    found, pending = [], ""
+    for line in sql.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            found.append(pending)
+            pending = ""
+    if pending.strip() and not all(
+        not ln.strip() or ln.strip().startswith("--") for ln in pending.splitlines()
+    ):
+        raise ValueError(f"migration ends with an incomplete statement: {pending[:80]!r}")
+    return found
+
+
 def _migrate(conn: sqlite3.Connection) -> int:
-    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
     for version, sql in migrations():
         if version <= current:
             continue
-        logger.info("applying schema migration %04d", version)
-        # executescript() commits any open transaction first; each migration is wrapped in
-        # its own explicit transaction so a crash leaves the previous version intact.
-        conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version={version};\nCOMMIT;")
+        # Each migration in its own transaction, so a crash leaves the previous version
+        # intact. The version is read again under the write lock: two processes starting on
+        # a new database (web and sync at boot) must not both apply the same migration.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version <= current:
+                conn.execute("COMMIT")
+                continue
+            logger.info("applying schema migration %04d", version)
+            for statement in _statements(sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version:d}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
         current = version
-    return int(current)
+    return current
 
 
 def connect_sync(path: Path, *, migrate: bool = True) -> sqlite3.Connection:

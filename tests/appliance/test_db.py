@@ -93,3 +93,35 @@ def test_migration_numbers_are_contiguous_from_one() -> None:
     # later below the highest would never run on a database already past it.
     versions = [version for version, _ in db.migrations()]
     assert versions == list(range(1, len(versions) + 1))
+
+
+def test_processes_starting_together_on_a_new_database_migrate_it_once(tmp_path: Path) -> None:
+    """Web and sync start at the same moment at boot: neither may apply a migration twice."""
+    import multiprocessing
+
+    latest = db.migrations()[-1][0]
+    for attempt in range(3):
+        path = tmp_path / f"race-{attempt}.db"
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(4) as pool:
+            versions = pool.map(_open_and_migrate, [path] * 4)
+        assert versions == [latest] * 4
+
+
+def test_a_migration_script_is_split_like_sqlite_splits_it() -> None:
+    script = (
+        "CREATE TABLE t (x TEXT DEFAULT ';');\n"
+        "CREATE TRIGGER g BEFORE DELETE ON t\nBEGIN SELECT RAISE(ABORT, 'no; never'); END;\n"
+        "-- a trailing comment\n"
+    )
+    assert [s.split()[1] for s in db._statements(script)] == ["TABLE", "TRIGGER"]
+    with pytest.raises(ValueError, match="incomplete statement"):
+        db._statements("CREATE TABLE u (x")
+
+
+def _open_and_migrate(path: Path) -> int:
+    conn = db.connect_sync(path)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
