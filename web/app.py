@@ -86,7 +86,7 @@ def create_app(
     """Build the web app over an open ``store``; ``clock`` gives aware UTC datetimes."""
     # Imported here, not at the top: the blueprints import :func:`app_state` from this
     # module, so importing them first would be circular.
-    from web import admin, audit_report, break_glass, ingest
+    from web import admin, audit_report, break_glass, ingest, openapi
     from web.auth import bp as auth_bp
     from web.chart import bp as chart_bp
     from web.claims import bp as claims_bp
@@ -94,6 +94,7 @@ def create_app(
     from web.health import bp as health_bp
     from web.kiosk import bp as kiosk_bp
     from web.nurse import bp as nurse_bp
+    from web.policy import deny_unclassified
     from web.provider import bp as provider_bp
     from web.rpm import bp as rpm_bp
     from web.rpm_patient import bp as rpm_patient_bp
@@ -114,6 +115,9 @@ def create_app(
         zone=ZoneInfo(config.site.timezone),
         secure=config.web.tls_cert is not None or config.web.public_url.startswith("https:"),
     )
+    # Deny by default: an endpoint missing from the policy table (web/policy.py) is refused
+    # before any other hook runs.
+    app.before_request(deny_unclassified)
     app.register_blueprint(auth_bp)
     app.register_blueprint(nurse_bp)
     app.register_blueprint(chart_bp)
@@ -123,6 +127,7 @@ def create_app(
     app.register_blueprint(rpm_bp)
     app.register_blueprint(rpm_patient_bp)
     app.register_blueprint(ingest.bp)
+    app.register_blueprint(openapi.bp)  # GET /openapi.json (issue 6)
     app.register_blueprint(claims_bp)
     app.register_blueprint(kiosk_bp)
     app.register_blueprint(provider_bp)

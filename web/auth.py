@@ -59,6 +59,10 @@ _GATE_EXEMPT = frozenset(
 )
 # Pre-MFA forms check the challenge's own CSRF token, not a session's.
 _CHALLENGE_ENDPOINTS = frozenset({"auth.mfa_verify", "auth.mfa_enrol"})
+# Forms that carry their own signed double-submit token in ``csrf_token`` (the login form,
+# the kiosk pairing form): the session's token cannot share that field, so a staff session
+# in the same browser must not be asked for it (it would refuse them all).
+_OWN_TOKEN_ENDPOINTS = frozenset({"auth.login", "kiosk.pair"})
 
 
 def _cookie_name(state: AppState, base: str) -> str:
@@ -153,7 +157,7 @@ def _gate(session: Session) -> str | None:
 @bp.before_app_request
 async def enforce_csrf() -> None:
     """Refuse an unsafe request from a logged-in browser that lacks the session's token."""
-    if request.method not in _UNSAFE_METHODS or request.endpoint == "auth.login":
+    if request.method not in _UNSAFE_METHODS or request.endpoint in _OWN_TOKEN_ENDPOINTS:
         return
     if request.endpoint in _CHALLENGE_ENDPOINTS and await current_challenge() is not None:
         return  # the view checks the challenge's own token
@@ -496,6 +500,8 @@ async def mfa_enrol() -> ResponseReturnValue:
     if challenge is not None and not _challenge_csrf_ok(challenge, form.get("csrf_token", "")):
         abort(403)
     session = await current_session()
+    if challenge is None and session is not None and session.mfa_enabled:
+        return redirect("/mfa/")  # already enrolled (another tab): nothing to confirm
     csrf = challenge.csrf if challenge is not None else session.csrf if session else ""
     keys = _mfa_keys(user.username)
     await _slow_down(keys)

@@ -211,6 +211,12 @@ def _cookie_name(state: AppState) -> str:
     return "__Secure-kiosk" if state.secure else "kiosk"
 
 
+def _pair_cookie_name(state: AppState) -> str:
+    # Path /kiosk rules out __Host-; __Secure- still keeps a plain-HTTP or sibling-domain
+    # response from planting the pairing form's nonce.
+    return "__Secure-kiosk_pair" if state.secure else "kiosk_pair"
+
+
 # -- flows --------------------------------------------------------------------------------
 
 
@@ -501,7 +507,7 @@ async def _pair_page(error: str | None = None, status: int = 200) -> Response:
         "kiosk_pair.html", status=status, pair_token=_pair_mac(state, nonce), error=error
     )
     response.set_cookie(
-        "kiosk_pair",
+        _pair_cookie_name(state),
         nonce,
         max_age=PAIRING_TTL_S,
         path="/kiosk",
@@ -523,7 +529,7 @@ async def pair() -> ResponseReturnValue:
     """Turn a one-time pairing code into this browser's long-lived kiosk cookie."""
     state = app_state()
     form = await request.form
-    nonce = request.cookies.get("kiosk_pair", "")
+    nonce = request.cookies.get(_pair_cookie_name(state), "")
     if not nonce or not hmac.compare_digest(
         form.get("csrf_token", "").encode(), _pair_mac(state, nonce).encode()
     ):
@@ -574,7 +580,13 @@ async def pair() -> ResponseReturnValue:
         httponly=True,
         samesite="Strict",
     )
-    response.delete_cookie("kiosk_pair", path="/kiosk")
+    response.delete_cookie(
+        _pair_cookie_name(state),
+        path="/kiosk",
+        secure=state.secure,
+        httponly=True,
+        samesite="Strict",
+    )
     return response
 
 
