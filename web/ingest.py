@@ -280,8 +280,15 @@ def check_observation(resource: Any, root: str, now: datetime) -> list[Issue]:
             Issue(f"{root}.code.coding", "a coding with system and code is required", "required")
         )
     # Only effective[x] (effective_utc would fall back to ``issued``, the time of the report).
-    effective = fhir.effective_utc({k: v for k, v in resource.items() if k.startswith("effective")})
-    if effective is None:
+    try:
+        effective = fhir.effective_utc(
+            {k: v for k, v in resource.items() if k.startswith("effective")}
+        )
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-14:00: past the last representable UTC time
+        effective = ""
+    if effective == "":
+        issues.append(Issue(f"{root}.effective[x]", "is out of range (years 1 to 9999 in UTC)"))
+    elif effective is None:
         issues.append(
             Issue(
                 f"{root}.effective[x]",

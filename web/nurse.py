@@ -34,7 +34,6 @@ from quart.typing import ResponseReturnValue
 
 from appliance import audit, break_glass, db
 from appliance.audit import AuditAction, AuditEvent
-from appliance.errors import NotFoundError
 from appliance.fhir import utc_text
 from appliance.store import Store
 from appliance.users import Role
@@ -361,6 +360,52 @@ def _visible(conn: sqlite3.Connection, *, now: datetime, zone: ZoneInfo) -> dict
     }
 
 
+def patients_and_pressures_sync(
+    conn: sqlite3.Connection, store: Store, actor: str, patient_ids: Iterable[str]
+) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """Each patient (skipping unknown ids) with their newest blood-pressure panel, if any.
+
+    Runs on the database thread. Audited as :meth:`Store.read` and :meth:`Store.newest` would
+    audit it (a read of the Patient, a search of its newest panel), but all in one write
+    transaction: one commit (an fsync, ``synchronous=FULL``) per page instead of two per
+    patient, which was most of the page's time with a busy day's queue (bench/web.py).
+    """
+    found: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+    events: list[AuditEvent] = []
+    for patient_id in patient_ids:
+        events.append(AuditEvent(actor, AuditAction.READ, entity=f"Patient/{patient_id}"))
+        patients = _rows(
+            conn,
+            store,
+            "SELECT id, logical_id, type, key_version, body FROM resources "
+            "WHERE logical_id = ? AND type = 'Patient'",
+            (patient_id,),
+        )
+        if not patients:
+            continue
+        key = store.patient_key(f"Patient/{patient_id}")
+        newest = _rows(
+            conn,
+            store,
+            "SELECT id, logical_id, type, key_version, body FROM resources WHERE patient_key = ? "
+            "AND type = 'Observation' AND code = ? ORDER BY effective DESC LIMIT 1",
+            (key, BP_PANEL_CODE),
+        )
+        events.append(
+            AuditEvent(
+                actor,
+                AuditAction.SEARCH,
+                patient_key=key,
+                entity=f"Observation {BP_PANEL_CODE} newest 1",
+            )
+        )
+        found.append((patient_id, patients[0], newest[0] if newest else None))
+    if events:
+        with db.transaction_sync(conn):
+            audit.append(conn, events, now=store.now())
+    return found
+
+
 # -- the page ------------------------------------------------------------------------------
 
 
@@ -389,16 +434,10 @@ async def vitals() -> ResponseReturnValue:
     # Today's clinic patients: checked in at a station today, or arrived at the kiosk.
     today = {p for p, reason in visible.items() if reason == CLINIC_DAY}
     today |= {a.patient_id for a in arrivals}
+    found = await db.run_sync(conn, patients_and_pressures_sync, state.store, actor, sorted(today))
     rows = []
-    for patient_id in sorted(today):
-        try:
-            patient = await state.store.read("Patient", patient_id, actor)
-        except NotFoundError:
-            continue
-        newest = await state.store.newest(
-            f"Patient/{patient_id}", "Observation", actor, limit=1, code=BP_PANEL_CODE
-        )
-        reading = next((r for r in map(blood_pressure, newest) if r is not None), None)
+    for patient_id, patient, newest in found:
+        reading = None if newest is None else blood_pressure(newest)
         birth_date = str(patient.get("birthDate", ""))
         rows.append(_Row(patient_id, display_name(patient), birth_date, reading))
     rows.sort(key=lambda row: row.name.casefold())
