@@ -1,0 +1,405 @@
+"""Video relay CPU: the forwarding relay against aiortc's ``MediaRelay``, in the same run.
+
+The relay runs in its own process (this file with ``--serve``), so its CPU time
+(``time.process_time``, all threads) is the relay's alone. In this process, one publisher
+sends 640x480@30 VP8 (a scrolling checkerboard with a band of noise; aiortc's encoder is CBR,
+500 kbps unless the relay's REMB moves it)
+and the viewers count the frames they receive without decoding them (their receivers are
+tapped with ``services.video.forwarding``), so the machine's second core is not spent on
+viewers. For 0, 1, 2, 4 (and 8) viewers the relay's CPU and each viewer's frame rate are
+measured over a window: the cost per incoming stream is the CPU with no viewer, the cost
+per extra viewer the least-squares slope over all the counts.
+
+Then latency: numbered 320x240 frames (tests/video/media.py) from made to decoded, direct
+peer to peer and through the relay process, one viewer; the figure is the p95 added.
+
+Baseline, same run: aiortc ``MediaRelay`` (decode once, ``subscribe`` per viewer, so each
+viewer's sender re-encodes). Loopback only (ICE gathers 127.0.0.1); no STUN.
+
+    python bench/video_relay.py [--quick] [--seconds S] [--viewers 0,1,2,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aioice.ice
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
+from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+
+from services.video.forwarding import ForwardingRelay, publisher_receiver
+from tests.video.media import NumberedVideoTrack, read_frame_id
+
+WIDTH, HEIGHT, SQUARE = 640, 480, 32
+NOISE_ROWS = 16  # a band of sensor-like noise; the bitrate it costs is reported (kbps_in)
+WARM_UP_S = 2.0  # after viewers join, before measuring
+LATENCY_SKIP = 30  # the first second: the stream settling
+SETTLE_S = 10.0  # after the publisher connects: REMB ramps its bitrate up to aiortc's cap
+
+
+def loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    return ["127.0.0.1"]
+
+
+aioice.ice.get_host_addresses = loopback_only  # keep ICE on 127.0.0.1
+
+
+def peer() -> RTCPeerConnection:
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+def emit(figure: str, value: float, unit: str, **extra: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"figure": figure, "value": round(value, 2), "unit": unit, **extra}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+class ScrollingCheckerboard(VideoStreamTrack):
+    """640x480@30 frames of a checkerboard scrolling 4 px a frame."""
+
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        shift = (pts // 3000 * 4) % (2 * SQUARE)
+        light = bytes(16 + 200 * (((x + shift) // SQUARE) % 2) for x in range(WIDTH))
+        dark = bytes(216 - 200 * (((x + shift) // SQUARE) % 2) for x in range(WIDTH))
+        rows = [(light if (y // SQUARE) % 2 else dark) * SQUARE for y in range(0, HEIGHT, SQUARE)]
+        rows[-1] = os.urandom(WIDTH * NOISE_ROWS) + rows[-1][WIDTH * NOISE_ROWS :]
+        frame = VideoFrame(WIDTH, HEIGHT, "yuv420p")
+        frame.planes[0].update(b"".join(rows))
+        for plane in frame.planes[1:]:
+            plane.update(b"\x80" * plane.buffer_size)
+        frame.pts, frame.time_base = pts, time_base
+        return frame
+
+
+# -- the relay process ---------------------------------------------------------------------
+
+
+class RelayServer:
+    """One relay (forwarding or MediaRelay) driven by JSON lines on stdin."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.forwarding = ForwardingRelay("video")
+        self.media_relay = MediaRelay()
+        self.source: MediaStreamTrack | None = None
+        self.pcs: dict[str, RTCPeerConnection] = {}
+
+    async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
+        op = command["op"]
+        if op == "publish":
+            pc = self.pcs["publisher"] = peer()
+
+            @pc.on("track")
+            def on_track(track: MediaStreamTrack) -> None:
+                self.source = track
+                if self.mode == "forwarding":
+                    self.forwarding.attach(publisher_receiver(pc, track))
+
+            await pc.setRemoteDescription(RTCSessionDescription(command["sdp"], "offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+            return {"sdp": pc.localDescription.sdp}
+        if op == "view":
+            pc = self.pcs[command["name"]] = peer()
+            if self.mode == "forwarding":
+                self.forwarding.add_viewer(pc, command["name"])
+            else:
+                assert self.source is not None
+                pc.addTrack(self.media_relay.subscribe(self.source, buffered=False))
+            await pc.setLocalDescription(await pc.createOffer())
+            return {"sdp": pc.localDescription.sdp}
+        if op == "answer":
+            answer = RTCSessionDescription(command["sdp"], "answer")
+            await self.pcs[command["name"]].setRemoteDescription(answer)
+            return {}
+        if op == "cpu":
+            received = self.forwarding.stats.bytes_in
+            return {"cpu": time.process_time(), "wall": time.monotonic(), "bytes_in": received}
+        raise ValueError(op)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            command = json.loads(line)
+            if command["op"] == "stop":
+                break
+            reply = await self.handle(command)
+            sys.stdout.write(json.dumps(reply) + "\n")
+            sys.stdout.flush()
+        self.forwarding.stop()
+        await asyncio.gather(*(pc.close() for pc in self.pcs.values()))
+
+
+# -- this process: publisher and viewers ----------------------------------------------------
+
+
+class RelayProcess:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    async def call(self, **command: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write((json.dumps(command) + "\n").encode())
+        await self.process.stdin.drain()
+        reply: dict[str, Any] = json.loads(await self.process.stdout.readline())
+        return reply
+
+
+async def wait_connected(pc: RTCPeerConnection) -> None:
+    for _ in range(500):
+        if pc.connectionState == "connected":
+            return
+        await asyncio.sleep(0.02)
+    raise RuntimeError("peer connection did not connect")
+
+
+async def start_relay(mode: str) -> RelayProcess:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--serve",
+        mode,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    return RelayProcess(process)
+
+
+async def stop_relay(relay: RelayProcess) -> None:
+    process = relay.process
+    if process.returncode is None:
+        assert process.stdin is not None
+        process.stdin.write(b'{"op": "stop"}\n')
+        await process.stdin.drain()
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def publish(relay: RelayProcess, publisher: RTCPeerConnection) -> None:
+    await publisher.setLocalDescription(await publisher.createOffer())
+    answer = await relay.call(op="publish", sdp=publisher.localDescription.sdp)
+    await publisher.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+    await wait_connected(publisher)
+
+
+async def view(relay: RelayProcess, pc: RTCPeerConnection, name: str) -> None:
+    offer = await relay.call(op="view", name=name)
+    await pc.setRemoteDescription(RTCSessionDescription(offer["sdp"], "offer"))
+    await pc.setLocalDescription(await pc.createAnswer())
+    await relay.call(op="answer", name=name, sdp=pc.localDescription.sdp)
+    await wait_connected(pc)
+
+
+async def measure_mode(mode: str, viewer_counts: list[int], seconds: float) -> list[dict[str, Any]]:
+    relay = await start_relay(mode)
+    publisher = peer()
+    publisher.addTrack(ScrollingCheckerboard())
+    viewers: list[tuple[RTCPeerConnection, ForwardingRelay]] = []
+    rows = []
+    try:
+        await publish(relay, publisher)
+        await asyncio.sleep(SETTLE_S)
+        for count in viewer_counts:
+            while len(viewers) < count:
+                name = f"viewer-{len(viewers)}"
+                pc, counter = peer(), ForwardingRelay("video")
+
+                @pc.on("track")
+                def on_track(
+                    track: MediaStreamTrack,
+                    pc: RTCPeerConnection = pc,
+                    counter: ForwardingRelay = counter,
+                ) -> None:
+                    counter.attach(publisher_receiver(pc, track))  # counts, never decodes
+
+                await view(relay, pc, name)
+                viewers.append((pc, counter))
+            await asyncio.sleep(WARM_UP_S)
+            start = await relay.call(op="cpu")
+            frames_before = [counter.stats.frames_in for _, counter in viewers]
+            await asyncio.sleep(seconds)
+            end = await relay.call(op="cpu")
+            wall = end["wall"] - start["wall"]
+            fps = [
+                (counter.stats.frames_in - before) / wall
+                for (_, counter), before in zip(viewers, frames_before, strict=True)
+            ]
+            cpu = 100 * (end["cpu"] - start["cpu"]) / wall
+            row = {"viewers": count, "cpu_percent": round(cpu, 2)}
+            if mode == "forwarding":  # VP8 payload into the relay (MediaRelay's is the same)
+                row["kbps_in"] = round((end["bytes_in"] - start["bytes_in"]) * 8 / wall / 1000)
+            if fps:
+                row |= {"fps_min": round(min(fps), 1), "fps_mean": round(statistics.mean(fps), 1)}
+            sys.stderr.write(f"{mode}: {row}\n")
+            rows.append(row)
+    finally:
+        await stop_relay(relay)
+        await asyncio.gather(publisher.close(), *(pc.close() for pc, _ in viewers))
+    return rows
+
+
+async def measure_latency(through_relay: bool, frames: int) -> list[float]:
+    """Made → decoded (ms) for numbered 320x240 frames: direct, or through the relay process."""
+    camera = NumberedVideoTrack()
+    publisher, viewer = peer(), peer()
+    publisher.addTrack(camera)
+    arrivals: list[tuple[int | None, float]] = []
+    enough = asyncio.Event()
+
+    async def consume(track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                assert isinstance(frame, VideoFrame)
+                arrivals.append((read_frame_id(frame), time.monotonic()))
+                if len(arrivals) >= frames + LATENCY_SKIP:
+                    enough.set()
+
+    tasks: list[asyncio.Task[None]] = []
+    viewer.on("track", lambda track: tasks.append(asyncio.ensure_future(consume(track))))
+    relay = await start_relay("forwarding") if through_relay else None
+    try:
+        if relay is not None:
+            await publish(relay, publisher)
+            await view(relay, viewer, "viewer")
+        else:
+            await publisher.setLocalDescription(await publisher.createOffer())
+            await viewer.setRemoteDescription(publisher.localDescription)
+            await viewer.setLocalDescription(await viewer.createAnswer())
+            await publisher.setRemoteDescription(viewer.localDescription)
+        await asyncio.wait_for(enough.wait(), frames / 10)
+    finally:
+        if relay is not None:
+            await stop_relay(relay)
+        await asyncio.gather(publisher.close(), viewer.close())
+        for task in tasks:
+            task.cancel()
+    return [
+        (arrived - camera.made_at[frame_id]) * 1000
+        for frame_id, arrived in arrivals[LATENCY_SKIP:]
+        if frame_id is not None
+    ]
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[-1]
+
+
+def fit(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(per incoming stream, per extra viewer): CPU % with no viewer, and the least-squares
+    slope of CPU % against the number of viewers."""
+    by_count = {r["viewers"]: r["cpu_percent"] for r in rows}
+    if len(by_count) < 2:
+        return by_count.get(0, 0.0), 0.0
+    slope, intercept = statistics.linear_regression(list(by_count), list(by_count.values()))
+    return by_count.get(0, intercept), slope
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run")
+    parser.add_argument("--seconds", type=float, help="measuring window per step")
+    parser.add_argument("--viewers", help="viewer counts, e.g. 0,1,2,4,8")
+    parser.add_argument("--serve", choices=["forwarding", "mediarelay"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(RelayServer(args.serve).serve())
+        return
+    seconds = args.seconds or (4.0 if args.quick else 10.0)
+    default = "0,1,2,4" if args.quick else "0,1,2,4,8"
+    counts = [int(n) for n in (args.viewers or default).split(",")]
+    forwarding = asyncio.run(measure_mode("forwarding", counts, seconds))
+    baseline = asyncio.run(measure_mode("mediarelay", [n for n in counts if n <= 4], seconds))
+    stream, per_viewer = fit(forwarding)
+    base_stream, base_per_viewer = fit(baseline)
+    at4 = {r["viewers"]: r for r in forwarding}.get(4)
+    base_at4 = {r["viewers"]: r for r in baseline}.get(4)
+    common = {"resolution": f"{WIDTH}x{HEIGHT}@30", "cores": os.cpu_count(), "window_s": seconds}
+    emit(
+        "video_relay_cpu_per_incoming_stream",
+        stream,
+        "% of a core",
+        baseline=round(base_stream, 2),
+        baseline_is="aiortc MediaRelay (decode + re-encode per viewer), same run",
+        ratio=round(stream / base_stream, 3) if base_stream else None,
+        goal="<= 6 %",
+        met=stream <= 6,
+        **common,
+    )
+    emit(
+        "video_relay_cpu_per_extra_viewer",
+        per_viewer,
+        "% of a core",
+        baseline=round(base_per_viewer, 2),
+        baseline_is="aiortc MediaRelay, same run",
+        ratio=round(per_viewer / base_per_viewer, 3) if base_per_viewer else None,
+        **common,
+    )
+    if at4 and base_at4:
+        ratio = at4["cpu_percent"] / base_at4["cpu_percent"]
+        emit(
+            "video_relay_cpu_at_4_viewers",
+            at4["cpu_percent"],
+            "% of a core",
+            fps_min=at4.get("fps_min"),
+            baseline=base_at4["cpu_percent"],
+            baseline_fps_min=base_at4.get("fps_min"),
+            baseline_is="aiortc MediaRelay, same run",
+            ratio=round(ratio, 3),
+            goal="<= 1/10 of MediaRelay",
+            met=ratio <= 0.1,
+            **common,
+        )
+    frames = 150 if args.quick else 450
+    direct = asyncio.run(measure_latency(through_relay=False, frames=frames))
+    relayed = asyncio.run(measure_latency(through_relay=True, frames=frames))
+    direct_p50, relayed_p50 = statistics.median(direct), statistics.median(relayed)
+    added_p95 = p95(relayed) - p95(direct)
+    sys.stderr.write(
+        f"latency made → decoded, 320x240: direct p50 {direct_p50:.1f} ms p95 {p95(direct):.1f}; "
+        f"through the relay p50 {relayed_p50:.1f} p95 {p95(relayed):.1f}\n"
+    )
+    emit(
+        "video_relay_added_latency_p95",
+        added_p95,
+        "ms",
+        added_p50=round(relayed_p50 - direct_p50, 1),
+        relayed_p50=round(relayed_p50, 1),
+        relayed_p95=round(p95(relayed), 1),
+        baseline=round(p95(direct), 1),
+        baseline_is="direct peer-to-peer, same run (p95 made → decoded)",
+        frames=len(relayed),
+        resolution="320x240@30, 1 viewer",
+        goal="p95 added <= 15 ms",
+        met=added_p95 <= 15,
+    )
+    emit("video_relay_steps", len(forwarding), "runs", forwarding=forwarding, mediarelay=baseline)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,468 @@
+"""Forward a publisher's encoded media to N viewers without decoding or re-encoding.
+
+aiortc only offers decoded frames: its ``RTCRtpReceiver`` reassembles frames in a jitter
+buffer and hands them to a decoder thread, and its ``RTCRtpSender`` encodes whatever its
+track returns. This module is the one place that reaches underneath, pinned to aiortc
+``1.16.0`` (checked at import; ``tests/video/test_forwarding_internals.py`` fails loudly if
+any of the internals below change):
+
+* the receiver's ``__jitter_buffer`` is replaced: video frames are released on the RTP marker
+  bit (stock aiortc waits for the next frame's first packet, one frame period per hop), and
+  audio packets are released as they arrive, since the viewer's own jitter buffer smooths;
+* the receiver's ``__decoder_queue`` is replaced by a tap that hands each encoded frame to
+  the relay; only the end-of-stream sentinel reaches the decoder thread, which therefore
+  never creates a decoder;
+* each viewer's sender gets a packer as its ``__encoder`` before it starts: the sender's own
+  pre-encoded path (``Encoder.pack`` for ``av.Packet``) then packetizes, keeps its RTX
+  history and sends; no codec context is ever created for a forwarded track;
+* the sender's ``_send_keyframe`` (called on PLI and FIR) is replaced per instance by the
+  relay's keyframe request, rate-limited and sent to the publisher with the receiver's
+  ``_send_rtcp_pli``. The packer's ``target_bitrate`` records the viewer's REMB.
+
+Everything else goes through aiortc's public API. See docs/video.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiortc
+import av
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs.vpx import Vp8Encoder
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtp import RtpPacket
+from aiortc.utils import uint16_gt
+
+AIORTC_VERSION = "1.16.0"
+
+if aiortc.__version__ != AIORTC_VERSION:  # pragma: no cover - guards an upgrade
+    raise ImportError(
+        f"services.video.forwarding adapts to aiortc {AIORTC_VERSION} internals, "
+        f"found aiortc {aiortc.__version__}: re-check the internals listed in its "
+        "docstring and run tests/video/test_forwarding_internals.py before changing the pin"
+    )
+
+logger = logging.getLogger(__name__)
+
+# Name-mangled private attributes of aiortc 1.16.0 (set in each __init__).
+RECEIVER_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
+RECEIVER_DECODER_QUEUE = "_RTCRtpReceiver__decoder_queue"
+SENDER_ENCODER = "_RTCRtpSender__encoder"
+
+CLOCK_RATES = {"video": 90_000, "audio": 48_000}
+MIME_TYPES = {"video": "video/VP8", "audio": "audio/opus"}
+# Frames a viewer may lag behind before it is resynchronised on a keyframe (~1 s of video).
+VIEWER_QUEUE_FRAMES = {"video": 30, "audio": 50}
+KEYFRAME_MIN_INTERVAL = 0.5  # seconds between keyframe requests sent to the publisher
+
+
+class AiortcInternalsChanged(RuntimeError):
+    """aiortc no longer has an internal attribute the forwarding relay relies on."""
+
+
+def _require(obj: object, name: str, expected: type | None = None) -> Any:
+    try:
+        value = getattr(obj, name)
+    except AttributeError:
+        raise AiortcInternalsChanged(
+            f"{type(obj).__name__} has no {name!r} (aiortc {aiortc.__version__}, "
+            f"forwarding is written for {AIORTC_VERSION})"
+        ) from None
+    if expected is not None and not isinstance(value, expected):
+        raise AiortcInternalsChanged(
+            f"{type(obj).__name__}.{name} is a {type(value).__name__}, expected "
+            f"{expected.__name__} (aiortc {aiortc.__version__})"
+        )
+    return value
+
+
+def is_vp8_keyframe(data: bytes) -> bool:
+    """Whether a depayloaded VP8 frame is a keyframe (RFC 6386 §9.1: P bit 0, start code)."""
+    return len(data) >= 10 and not data[0] & 0x01 and data[3:6] == b"\x9d\x01\x2a"
+
+
+class MarkerJitterBuffer(JitterBuffer):
+    """aiortc's video jitter buffer, releasing a frame as soon as its marker packet is in.
+
+    A frame is released when every packet from its first to the one carrying the marker
+    bit is present; a frame whose sender sets no marker is released, as stock aiortc does,
+    when the next frame's first packet arrives. The receiver takes one frame per packet:
+    when a repaired gap completes several, the others wait in ``ready`` (raw RTP
+    timestamps) for the relay. Also remembers the media SSRC, which keyframe requests need.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(capacity=512, is_video=True)
+        self.ssrc: int | None = None
+        self.released_timestamp = 0  # raw RTP timestamp of the frame ``add`` last returned
+        self.ready: list[JitterFrame] = []
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        self.ssrc = packet.ssrc
+        return super().add(packet)
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        self.ready = []  # not taken with the frame before them: that one was not delivered
+        first = self._pop_complete_frame()
+        if first is not None:
+            self.released_timestamp = first.timestamp
+            while (more := self._pop_complete_frame()) is not None:
+                self.ready.append(more)
+        return first
+
+    def _pop_complete_frame(self) -> JitterFrame | None:
+        if self._origin is None:
+            return None
+        packets: list[RtpPacket] = []
+        for count in range(self._capacity):
+            packet = self._packets[(self._origin + count) % self._capacity]
+            if packet is None:
+                return None
+            if packets and packet.timestamp != packets[0].timestamp:
+                self.remove(count)
+                return _joined(packets)
+            packets.append(packet)
+            if packet.marker:
+                self.remove(count + 1)
+                return _joined(packets)
+        return None
+
+
+def _joined(packets: list[RtpPacket]) -> JitterFrame:
+    data = b"".join(p._data for p in packets)  # type: ignore[attr-defined]
+    return JitterFrame(data=data, timestamp=packets[0].timestamp)
+
+
+class PassThroughAudioBuffer(JitterBuffer):
+    """Releases each audio packet newer than the last one at once; older ones are dropped.
+
+    An Opus packet is a whole frame, and the viewer's jitter buffer does the smoothing, so
+    holding packets here (stock aiortc prefetches 4, 80 ms) would only add delay.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(capacity=16)
+        self.ssrc: int | None = None
+        self._last: int | None = None
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        self.ssrc = packet.ssrc
+        if self._last is not None and not uint16_gt(packet.sequence_number, self._last):
+            return False, None
+        self._last = packet.sequence_number
+        return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
+
+
+class _FrameTap:
+    """Stands in for the receiver's decoder queue: frames go to the relay, not a decoder.
+
+    The decoder thread blocks on ``get`` of the original queue, which only ever receives the
+    end-of-stream ``None``, so ``RTCRtpReceiver.stop()`` still ends the thread and its track.
+    """
+
+    def __init__(
+        self,
+        original: queue.Queue[Any],
+        on_frame: Callable[[RTCRtpCodecParameters, JitterFrame], None],
+    ) -> None:
+        self._original = original
+        self._on_frame = on_frame
+
+    def put(self, item: tuple[RTCRtpCodecParameters, JitterFrame] | None) -> None:
+        if item is None:
+            self._original.put(None)
+        else:
+            self._on_frame(*item)
+
+    def get(self) -> Any:
+        return self._original.get()
+
+
+class _ForwardingPacker:
+    """Replaces a viewer sender's encoder: packetizes already-encoded frames, never encodes."""
+
+    def __init__(self, kind: str, on_remb: Callable[[int], None]) -> None:
+        self._kind = kind
+        self._on_remb = on_remb
+        self._picture_id = 0
+        self._remb = 0
+
+    def encode(self, frame: object, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        raise AssertionError("a forwarded track is never encoded")
+
+    def pack(self, packet: av.Packet[Any]) -> tuple[list[bytes], int]:
+        assert packet.pts is not None
+        if self._kind == "audio":
+            return [bytes(packet)], packet.pts
+        payloads = Vp8Encoder._packetize(bytes(packet), self._picture_id)
+        self._picture_id = (self._picture_id + 1) % (1 << 15)
+        return payloads, packet.pts
+
+    # The sender sets this from the viewer's REMB (receiver estimated maximum bitrate).
+    @property
+    def target_bitrate(self) -> int:
+        return self._remb
+
+    @target_bitrate.setter
+    def target_bitrate(self, bitrate: int) -> None:
+        self._remb = bitrate
+        self._on_remb(bitrate)
+
+
+class KeyframeRequestLimiter:
+    """At most one keyframe request per interval; a request inside it is deferred, once."""
+
+    def __init__(self, min_interval: float = KEYFRAME_MIN_INTERVAL) -> None:
+        self._min_interval = min_interval
+        self._last: float | None = None
+        self._deferred = False
+
+    def request(self, now: float) -> float | None:
+        """Seconds to wait before sending (0: send now), or None if a send is already due."""
+        if self._deferred:
+            return None
+        if self._last is None or now - self._last >= self._min_interval:
+            self._last = now
+            return 0.0
+        self._deferred = True
+        return self._last + self._min_interval - now
+
+    def fired(self, now: float) -> None:
+        """Record that the deferred request has been sent."""
+        self._deferred = False
+        self._last = now
+
+
+@dataclass(slots=True)
+class ViewerStats:
+    """Counters for one viewer's forwarded track."""
+
+    frames_out: int = 0
+    frames_dropped: int = 0
+    keyframe_requests: int = 0
+    remb_bps: int | None = None
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """Counters for one forwarded track."""
+
+    frames_in: int = 0
+    keyframes_in: int = 0
+    bytes_in: int = 0
+    frames_wrong_codec: int = 0
+    keyframe_requests_sent: int = 0
+    viewers: dict[str, ViewerStats] = field(default_factory=dict)
+
+
+class ForwardedTrack(MediaStreamTrack):
+    """One viewer's copy of the publisher's track: yields ``av.Packet``, already encoded."""
+
+    def __init__(self, kind: str, stats: ViewerStats, request_keyframe: Callable[[], None]) -> None:
+        super().__init__()
+        self.kind = kind
+        self.stats = stats
+        self._request_keyframe = request_keyframe
+        self._queue: asyncio.Queue[av.Packet[Any] | None] = asyncio.Queue()
+        self._limit = VIEWER_QUEUE_FRAMES[kind]
+        self._awaiting_keyframe = kind == "video"
+
+    def offer(self, packet: av.Packet[Any], keyframe: bool) -> None:
+        """Queue a frame; a lagging video viewer is flushed and resynchronised on a keyframe."""
+        if self._awaiting_keyframe and not keyframe:
+            self.stats.frames_dropped += 1
+            self._ask_keyframe()
+            return
+        self._awaiting_keyframe = False
+        if self._queue.qsize() >= self._limit:
+            dropped = 0
+            while not self._queue.empty():
+                self._queue.get_nowait()
+                dropped += 1
+            self.stats.frames_dropped += dropped
+            if self.kind == "video" and not keyframe:
+                self._awaiting_keyframe = True
+                self.stats.frames_dropped += 1
+                self._ask_keyframe()
+                return
+        self._queue.put_nowait(packet)
+
+    def request_keyframe(self) -> None:
+        """The viewer sent PLI or FIR."""
+        self._ask_keyframe()
+
+    def _ask_keyframe(self) -> None:
+        self.stats.keyframe_requests += 1
+        self._request_keyframe()
+
+    def end(self) -> None:
+        """End the track: the sender's loop stops at the next ``recv``."""
+        self._queue.put_nowait(None)
+
+    async def recv(self) -> av.Packet[Any]:
+        if self.readyState != "live":
+            raise MediaStreamError
+        packet = await self._queue.get()
+        if packet is None:
+            self.stop()
+            raise MediaStreamError
+        self.stats.frames_out += 1
+        return packet
+
+
+class ForwardingRelay:
+    """One published track (VP8 video or Opus audio) fanned out to any number of viewers.
+
+    ``attach`` takes the publisher's receiver (from its peer connection's transceivers,
+    before the connection starts), ``add_viewer`` adds the track to a viewer's peer
+    connection before its offer or answer is created. The clock is a parameter.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        keyframe_min_interval: float = KEYFRAME_MIN_INTERVAL,
+    ) -> None:
+        if kind not in MIME_TYPES:
+            raise ValueError(f"cannot forward {kind!r} media")
+        self.kind = kind
+        self.mime_type = MIME_TYPES[kind]
+        self.stats = RelayStats()
+        self._clock = clock
+        self._time_base = fractions.Fraction(1, CLOCK_RATES[kind])
+        self._limiter = KeyframeRequestLimiter(keyframe_min_interval)
+        self._receiver: RTCRtpReceiver | None = None
+        self._buffer: MarkerJitterBuffer | PassThroughAudioBuffer | None = None
+        self._viewers: dict[str, ForwardedTrack] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._codec_warned = False
+
+    def attach(self, receiver: RTCRtpReceiver) -> None:
+        """Take the publisher's encoded frames from ``receiver`` instead of decoding them."""
+        original = _require(receiver, RECEIVER_DECODER_QUEUE, queue.Queue)
+        _require(receiver, RECEIVER_JITTER_BUFFER, JitterBuffer)
+        _require(receiver, "_send_rtcp_pli")
+        buffer = MarkerJitterBuffer() if self.kind == "video" else PassThroughAudioBuffer()
+        setattr(receiver, RECEIVER_JITTER_BUFFER, buffer)
+        setattr(receiver, RECEIVER_DECODER_QUEUE, _FrameTap(original, self._on_frame))
+        self._receiver, self._buffer = receiver, buffer
+
+    def add_viewer(self, pc: RTCPeerConnection, viewer_id: str) -> RTCRtpSender:
+        """Send this track to the viewer on ``pc``; negotiate the publisher's codec only."""
+        if viewer_id in self._viewers:
+            raise ValueError(f"viewer {viewer_id!r} already added")
+        stats = ViewerStats()
+        track = ForwardedTrack(self.kind, stats, self.request_keyframe)
+        sender = pc.addTrack(track)
+        if _require(sender, SENDER_ENCODER) is not None:
+            raise AiortcInternalsChanged("RTCRtpSender created its encoder before sending")
+        _require(sender, "_send_keyframe")
+
+        def on_remb(bitrate: int) -> None:
+            stats.remb_bps = bitrate
+
+        setattr(sender, SENDER_ENCODER, _ForwardingPacker(self.kind, on_remb))
+        sender._send_keyframe = track.request_keyframe  # type: ignore[method-assign]
+        for transceiver in pc.getTransceivers():
+            if transceiver.sender is sender:
+                capabilities = RTCRtpSender.getCapabilities(self.kind)
+                transceiver.setCodecPreferences(
+                    [
+                        codec
+                        for codec in capabilities.codecs
+                        if codec.mimeType.lower() in (self.mime_type.lower(), f"{self.kind}/rtx")
+                    ]
+                )
+        self._viewers[viewer_id] = track
+        self.stats.viewers[viewer_id] = stats
+        return sender
+
+    def remove_viewer(self, viewer_id: str) -> None:
+        """Stop forwarding to one viewer (its sender's loop ends)."""
+        track = self._viewers.pop(viewer_id, None)
+        if track is not None:
+            track.end()
+
+    def stop(self) -> None:
+        """End every viewer's track and cancel pending keyframe requests."""
+        for viewer_id in list(self._viewers):
+            self.remove_viewer(viewer_id)
+        for task in self._tasks:
+            task.cancel()
+
+    def request_keyframe(self) -> None:
+        """Ask the publisher for a keyframe, at most once per ``keyframe_min_interval``."""
+        delay = self._limiter.request(self._clock())
+        if delay is None:
+            return
+        if delay == 0.0:
+            self._spawn(self._send_pli())
+        else:
+            self._spawn(self._send_pli_later(delay))
+
+    async def _send_pli_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._limiter.fired(self._clock())
+        await self._send_pli()
+
+    async def _send_pli(self) -> None:
+        if self._receiver is None or self._buffer is None or self._buffer.ssrc is None:
+            return
+        self.stats.keyframe_requests_sent += 1
+        await self._receiver._send_rtcp_pli(self._buffer.ssrc)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_frame(self, codec: RTCRtpCodecParameters, frame: JitterFrame) -> None:
+        if codec.mimeType.lower() != self.mime_type.lower():
+            self.stats.frames_wrong_codec += 1
+            if not self._codec_warned:
+                self._codec_warned = True
+                logger.warning("forwarding %s: publisher sends %s", self.mime_type, codec.mimeType)
+            return
+        self._forward(frame)
+        if isinstance(self._buffer, MarkerJitterBuffer) and self._buffer.ready:
+            # Frames completed by the same packet: the receiver mapped only the first one's
+            # timestamp (to ``frame.timestamp``); the others keep their distance from it.
+            released, ready = self._buffer.released_timestamp, self._buffer.ready
+            self._buffer.ready = []
+            for extra in ready:
+                extra.timestamp = frame.timestamp + ((extra.timestamp - released) & 0xFFFFFFFF)
+                self._forward(extra)
+
+    def _forward(self, frame: JitterFrame) -> None:
+        keyframe = self.kind == "audio" or is_vp8_keyframe(frame.data)
+        self.stats.frames_in += 1
+        self.stats.bytes_in += len(frame.data)
+        if self.kind == "video" and keyframe:
+            self.stats.keyframes_in += 1
+        if not self._viewers:
+            return
+        packet = av.Packet(frame.data)
+        packet.pts = frame.timestamp
+        packet.time_base = self._time_base
+        for track in self._viewers.values():
+            track.offer(packet, keyframe)
+
+
+def publisher_receiver(pc: RTCPeerConnection, track: MediaStreamTrack) -> RTCRtpReceiver:
+    """The receiver behind a track from ``pc``'s ``track`` event (public API only)."""
+    for transceiver in pc.getTransceivers():
+        if transceiver.receiver.track is track:
+            return transceiver.receiver
+    raise LookupError("track does not belong to this peer connection")

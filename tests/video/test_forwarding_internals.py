@@ -1,0 +1,231 @@
+"""The aiortc internals services.video.forwarding relies on, pinned to aiortc 1.16.0.
+
+If aiortc changes underneath, these fail first and name what moved. They use real aiortc
+receivers and senders on an in-memory transport (no network), as aiortc's own tests do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import inspect
+import queue
+
+import aiortc
+import av
+import pytest
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
+from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpReceiveParameters
+from aiortc.rtcrtpreceiver import RemoteStreamTrack
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RtcpPacket,
+    RtcpPsfbPacket,
+    RtpPacket,
+    pack_remb_fci,
+)
+from aiortc.stats import RTCStatsReport
+
+from services.video.forwarding import (
+    AIORTC_VERSION,
+    RECEIVER_DECODER_QUEUE,
+    RECEIVER_JITTER_BUFFER,
+    SENDER_ENCODER,
+    ForwardedTrack,
+    ForwardingRelay,
+    ViewerStats,
+    _ForwardingPacker,
+    is_vp8_keyframe,
+)
+from tests.video.media import draw_frame_id
+
+VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
+KEYFRAME = b"\x10\x02\x00\x9d\x01\x2a\x40\x01\xf0\x00" + bytes(range(200)) * 10
+DELTA = b"\x11\x02\x00" + bytes(range(100))
+
+
+class MemoryTransport:
+    """Just enough of RTCDtlsTransport for a receiver or sender: records what is sent."""
+
+    state = "connected"
+    _stats_id = "transport_memory"
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def _register_rtp_receiver(self, receiver: object, parameters: object) -> None:
+        pass
+
+    def _unregister_rtp_receiver(self, receiver: object) -> None:
+        pass
+
+    def _get_stats(self) -> RTCStatsReport:
+        return RTCStatsReport()
+
+    async def _send_rtp(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+def vp8_packets(frame: bytes, seq: int, timestamp: int) -> list[RtpPacket]:
+    payloads = Vp8Encoder._packetize(frame, picture_id=1)
+    return [
+        RtpPacket(
+            payload_type=97,
+            sequence_number=(seq + i) & 0xFFFF,
+            timestamp=timestamp,
+            ssrc=1234,
+            marker=int(i == len(payloads) - 1),
+            payload=payload,
+        )
+        for i, payload in enumerate(payloads)
+    ]
+
+
+def test_aiortc_is_the_pinned_version() -> None:
+    assert aiortc.__version__ == AIORTC_VERSION
+
+
+async def test_receiver_and_sender_have_the_attributes_the_relay_replaces() -> None:
+    receiver = RTCRtpReceiver("video", MemoryTransport())  # type: ignore[arg-type]
+    assert isinstance(getattr(receiver, RECEIVER_JITTER_BUFFER), JitterBuffer)
+    assert isinstance(getattr(receiver, RECEIVER_DECODER_QUEUE), queue.Queue)
+    assert inspect.iscoroutinefunction(receiver._send_rtcp_pli)
+    sender = RTCRtpSender("video", MemoryTransport())  # type: ignore[arg-type]
+    assert getattr(sender, SENDER_ENCODER) is None
+    assert callable(sender._send_keyframe)
+
+
+async def test_real_receiver_hands_frames_to_the_relay_on_the_marker_and_stops() -> None:
+    transport = MemoryTransport()
+    receiver = RTCRtpReceiver("video", transport)  # type: ignore[arg-type]
+    receiver._track = RemoteStreamTrack(kind="video")
+    receiver._set_rtcp_ssrc(999)
+    relay = ForwardingRelay("video")
+    relay.attach(receiver)
+    pc = RTCPeerConnection()
+    sender = relay.add_viewer(pc, "viewer")
+    track = sender.track
+    assert isinstance(track, ForwardedTrack)
+    await receiver.receive(RTCRtpReceiveParameters(codecs=[VP8]))
+    try:
+        packets = vp8_packets(KEYFRAME, seq=100, timestamp=5000)
+        assert len(packets) >= 2
+        for packet in packets:
+            assert relay.stats.frames_in == 0
+            await receiver._handle_rtp_packet(packet, arrival_time_ms=0)
+        # Released on the marker packet, without waiting for the next frame.
+        assert (relay.stats.frames_in, relay.stats.keyframes_in) == (1, 1)
+        forwarded = await asyncio.wait_for(track.recv(), 1)
+        assert bytes(forwarded) == KEYFRAME
+        assert forwarded.pts == 0  # the receiver's timestamp mapper starts each stream at 0
+        assert forwarded.time_base == fractions.Fraction(1, 90000)
+
+        # A keyframe request goes to the publisher as an RTCP PLI for its SSRC.
+        relay.request_keyframe()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert relay.stats.keyframe_requests_sent == 1
+        [pli] = RtcpPacket.parse(transport.sent[-1])
+        assert isinstance(pli, RtcpPsfbPacket)
+        assert (pli.fmt, pli.media_ssrc) == (RTCP_PSFB_PLI, 1234)
+    finally:
+        # The decoder thread only ever sees the end-of-stream sentinel: stop() returns.
+        await asyncio.wait_for(receiver.stop(), 5)
+        await pc.close()
+
+
+async def test_frames_completed_by_a_late_packet_all_reach_viewers_in_order() -> None:
+    receiver = RTCRtpReceiver("video", MemoryTransport())  # type: ignore[arg-type]
+    receiver._track = RemoteStreamTrack(kind="video")
+    relay = ForwardingRelay("video")
+    relay.attach(receiver)
+    pc = RTCPeerConnection()
+    track = relay.add_viewer(pc, "viewer").track
+    assert isinstance(track, ForwardedTrack)
+    await receiver.receive(RTCRtpReceiveParameters(codecs=[VP8]))
+    try:
+        frames = [KEYFRAME, DELTA + b"1", DELTA + b"2", DELTA + b"3"]
+        packets = [
+            p
+            for n, data in enumerate(frames)
+            for p in vp8_packets(
+                data, seq=100 + 10 * n, timestamp=(4_294_960_000 + 3000 * n) % 2**32
+            )
+        ]
+        # Packets numbered without gaps; the first delta frame's packet arrives last.
+        for seq, p in enumerate(packets, start=100):
+            p.sequence_number = seq
+        *keyframe, late, second, third = packets
+        for p in [*keyframe, second, third]:
+            await receiver._handle_rtp_packet(p, arrival_time_ms=0)
+        assert relay.stats.frames_in == 1
+        await receiver._handle_rtp_packet(late, arrival_time_ms=0)
+        assert relay.stats.frames_in == 4
+        forwarded = [await asyncio.wait_for(track.recv(), 1) for _ in frames]
+        assert [bytes(p) for p in forwarded] == frames
+        assert [p.pts for p in forwarded] == [0, 3000, 6000, 9000]  # across the RTP wrap
+    finally:
+        await asyncio.wait_for(receiver.stop(), 5)
+        await pc.close()
+
+
+async def test_stock_jitter_buffer_still_holds_a_frame_until_the_next_one() -> None:
+    # Why MarkerJitterBuffer exists; if aiortc starts honouring the marker, revisit it.
+    stock = JitterBuffer(capacity=512, is_video=True)
+    for packet in vp8_packets(KEYFRAME, seq=1, timestamp=3000):
+        packet._data = vp8_depayload(packet.payload)  # type: ignore[attr-defined]
+        assert stock.add(packet) == (False, None)
+
+
+async def test_sender_calls_its_keyframe_hook_on_pli_and_fir_and_reports_remb() -> None:
+    sender = RTCRtpSender("video", MemoryTransport())  # type: ignore[arg-type]
+    calls: list[str] = []
+    sender._send_keyframe = lambda: calls.append("keyframe")  # type: ignore[method-assign]
+    rembs: list[int] = []
+    setattr(sender, SENDER_ENCODER, _ForwardingPacker("video", rembs.append))
+    for fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+        await sender._handle_rtcp_packet(RtcpPsfbPacket(fmt=fmt, ssrc=1, media_ssrc=sender._ssrc))
+    remb = pack_remb_fci(300_000, [sender._ssrc])
+    await sender._handle_rtcp_packet(
+        RtcpPsfbPacket(fmt=RTCP_PSFB_APP, ssrc=1, media_ssrc=0, fci=remb)
+    )
+    assert calls == ["keyframe", "keyframe"]
+    assert rembs == [300_000]
+
+
+async def test_sender_packs_a_forwarded_packet_with_the_relay_packer_not_an_encoder() -> None:
+    sender = RTCRtpSender("video", MemoryTransport())  # type: ignore[arg-type]
+    track = ForwardedTrack("video", ViewerStats(), request_keyframe=lambda: None)
+    sender.replaceTrack(track)
+    packer = _ForwardingPacker("video", lambda bitrate: None)
+    setattr(sender, SENDER_ENCODER, packer)
+    packet = av.Packet(KEYFRAME)
+    packet.pts, packet.time_base = 4500, fractions.Fraction(1, 90000)
+    track.offer(packet, keyframe=True)
+    encoded = await sender._next_encoded_frame(VP8)
+    assert encoded is not None
+    assert encoded.timestamp == 4500
+    assert b"".join(vp8_depayload(p) for p in encoded.payloads) == KEYFRAME
+    assert getattr(sender, SENDER_ENCODER) is packer
+
+
+def test_packer_never_encodes() -> None:
+    with pytest.raises(AssertionError):
+        _ForwardingPacker("video", lambda bitrate: None).encode(draw_frame_id(0))
+
+
+def test_vp8_keyframes_are_recognised_in_real_libvpx_output() -> None:
+    encoder = Vp8Encoder()
+    kinds = []
+    for frame_id in range(3):
+        frame = draw_frame_id(frame_id)
+        frame.pts, frame.time_base = frame_id * 3000, fractions.Fraction(1, 90000)
+        payloads, _ = encoder.encode(frame)
+        kinds.append(is_vp8_keyframe(b"".join(vp8_depayload(p) for p in payloads)))
+    assert kinds == [True, False, False]
+    assert not is_vp8_keyframe(DELTA)
+    assert not is_vp8_keyframe(b"")
