@@ -6,6 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PEER   := tests/fhir_peer
+ASSETS := tests/browser_assets
 DEMO_DIR ?= var
 
 .PHONY: run test test-fast lint typecheck bench deps-system clean
@@ -29,6 +30,10 @@ deps-system:
 $(PEER)/node_modules/.package-lock.json: $(PEER)/package.json $(PEER)/package-lock.json | deps-system
 	npm ci --prefix $(PEER) --no-audit --no-fund --loglevel=error
 
+# axe-core, which the accessibility browser test injects into the served pages.
+$(ASSETS)/node_modules/.package-lock.json: $(ASSETS)/package.json $(ASSETS)/package-lock.json | deps-system
+	npm ci --prefix $(ASSETS) --no-audit --no-fund --loglevel=error
+
 # The demo's upstream EHR is the same Medplum FHIR peer the tests use, on loopback.
 run: $(STAMP) $(PEER)/node_modules/.package-lock.json
 	$(BIN)/python -m tests.fhir_peer.run_with_peer $(BIN)/appliance demo --demo $(DEMO_DIR)
@@ -40,11 +45,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) deps-system $(PEER)/node_modules/.package-lock.json lint typecheck
+test: $(STAMP) deps-system $(PEER)/node_modules/.package-lock.json $(ASSETS)/node_modules/.package-lock.json lint typecheck
 	$(BIN)/pytest -q -ra
 
 # A quick subset for the edit-test loop: everything but the slow groups.
-test-fast: $(STAMP) $(PEER)/node_modules/.package-lock.json
+test-fast: $(STAMP) $(PEER)/node_modules/.package-lock.json $(ASSETS)/node_modules/.package-lock.json
 	$(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP)
@@ -54,16 +59,26 @@ bench: $(STAMP)
 	$(BIN)/python bench/drivers.py --quick
 	$(BIN)/python bench/rpm.py --quick
 	$(BIN)/python bench/claims.py --quick
+	$(BIN)/python bench/web.py --quick
 	$(BIN)/python bench/demo_memory.py
 
 clean:
-	rm -rf $(VENV) $(PEER)/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEER)/node_modules $(ASSETS)/node_modules .pytest_cache .mypy_cache .ruff_cache
 
 # Provisioning tests (issue 9): systemd-analyze scores and verifies the unit files, openssl
 # plays the fleet CA in the converge test. ansible-core and ansible-lint come with '.[dev]'.
-.PHONY: deps-provisioning
+# The container tier (docs/provisioning.md) needs debootstrap and systemd-nspawn; without
+# recommends, as libnss-mymachines would edit the host's /etc/nsswitch.conf.
+.PHONY: deps-provisioning test-container
 deps-provisioning:
 	@command -v systemd-analyze >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { \
 	  echo "installing systemd and openssl (Debian packages)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd openssl; }
+	@command -v debootstrap >/dev/null 2>&1 && command -v systemd-nspawn >/dev/null 2>&1 && \
+	  command -v ssh >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 || { \
+	  echo "installing debootstrap, systemd-container, openssh-client, iproute2 (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends debootstrap systemd-container openssh-client iproute2; }
 test: deps-provisioning
+test-container: $(STAMP) deps-provisioning
+	$(BIN)/pytest -q -ra -m container
