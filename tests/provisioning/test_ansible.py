@@ -3,8 +3,8 @@
 What runs here is what can run safely on a CI machine that is not a box (PID 1 is not
 systemd, no users may be created): the roles converge into a temporary root directory with
 ``connection: local``, twice; the second run must report ``changed=0``. The full converge
-in a booted systemd-nspawn container and the OS image are not built yet
-(docs/provisioning.md, "Not yet").
+over SSH into a booted systemd-nspawn container is test_nspawn_converge.py; the OS image is
+not built yet (docs/provisioning.md).
 """
 
 from __future__ import annotations
