@@ -327,6 +327,11 @@ class Store:
         return self._keyring
 
     @property
+    def path(self) -> Path | None:
+        """The database file (None for a store opened on a connection without one)."""
+        return self._path if isinstance(self._path, Path) else None
+
+    @property
     def connection(self) -> aiosqlite.Connection:
         """The underlying connection (for modules that share the store's transaction rules)."""
         return self._conn

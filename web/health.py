@@ -11,11 +11,14 @@ default one, so two apps in one process (tests) never share or collide on metric
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
+from cryptography import x509
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -45,6 +48,19 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class Fleet:
+    """What a fleet's monitoring watches besides sync (issue 9): no PHI, ids only."""
+
+    # (severity, state) -> count of alerts not resolved
+    alerts: dict[tuple[str, str], int]
+    # device id -> (setting, seconds since last seen; None when never seen)
+    devices: dict[str, tuple[str, float | None]]
+    # audit records written after the newest signed checkpoint; its age (None: none yet)
+    audit_after_checkpoint: int
+    checkpoint_age_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """The figures both endpoints report, read in one go."""
 
@@ -55,6 +71,7 @@ class Snapshot:
     oldest_pending_age_s: float | None = None
     audit_records: int = 0
     sync: SyncStatus | None = None
+    fleet: Fleet | None = None
 
     @property
     def ok(self) -> bool:
@@ -113,13 +130,80 @@ def read_snapshot(conn: sqlite3.Connection, now: datetime) -> Snapshot:
         # Audit ids are the chain positions 1..n, so the newest id is the count (O(1)).
         audit_records = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
         sync = read_status(conn, now)
+        fleet = _fleet(conn, now, audit_records)
     except (sqlite3.Error, StoreError, ValueError) as exc:
         return Snapshot({p: Heartbeat(None, None, "missing") for p in EXPECTED_PROCESSES}, str(exc))
-    return Snapshot(processes, "ok", pending, dead, oldest_age, audit_records, sync)
+    return Snapshot(processes, "ok", pending, dead, oldest_age, audit_records, sync, fleet)
+
+
+def _age(now: datetime, stamp: str | None) -> float | None:
+    if stamp is None:
+        return None
+    return round(max(0.0, (now - datetime.fromisoformat(stamp)).total_seconds()), 3)
+
+
+def _fleet(conn: sqlite3.Connection, now: datetime, audit_records: int) -> Fleet:
+    alerts = {
+        (str(severity), str(state)): int(count)
+        for severity, state, count in conn.execute(
+            "SELECT severity, state, count(*) FROM alerts WHERE state != 'resolved' "
+            "GROUP BY severity, state"
+        ).fetchall()
+    }
+    devices = {
+        str(device_id): (str(setting), _age(now, last_seen))
+        for device_id, setting, last_seen in conn.execute(
+            "SELECT id, setting, last_seen FROM devices WHERE retired_at IS NULL"
+        ).fetchall()
+    }
+    checkpoint = conn.execute(
+        "SELECT audit_id, ts FROM audit_checkpoints ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    if checkpoint is None:
+        return Fleet(alerts, devices, audit_records, None)
+    return Fleet(alerts, devices, audit_records - int(checkpoint[0]), _age(now, checkpoint[1]))
+
+
+def _disk_free_bytes(path: Path) -> float | None:
+    try:
+        return float(shutil.disk_usage(path).free)
+    except OSError:
+        return None
+
+
+def _certificate_days_left(path: Path | None, now: datetime) -> float | None:
+    """Days until the web certificate expires (None: no certificate configured/readable)."""
+    if path is None:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return round((cert.not_valid_after_utc - now).total_seconds() / 86400, 3)
 
 
 async def _snapshot(state: AppState) -> Snapshot:
     return await db.run_sync(state.store.connection, read_snapshot, state.clock())
+
+
+def _host_metrics(state: AppState) -> Iterator[GaugeMetricFamily]:
+    """Disk free under the data directory and the web certificate's days left."""
+    db_file = state.store.path
+    free = None if db_file is None else _disk_free_bytes(db_file.parent)
+    disk = GaugeMetricFamily(
+        "appliance_disk_free_bytes", "Free bytes on the file system of the database."
+    )
+    if free is not None:
+        disk.add_metric([], free)
+    yield disk
+    days = _certificate_days_left(state.config.web.tls_cert, state.clock())
+    cert = GaugeMetricFamily(
+        "appliance_certificate_days_left",
+        "Days until the web TLS certificate expires (absent without one).",
+    )
+    if days is not None:
+        cert.add_metric([], days)
+    yield cert
 
 
 class SnapshotCollector(Collector):
@@ -127,6 +211,7 @@ class SnapshotCollector(Collector):
 
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
+        self.host: list[GaugeMetricFamily] = []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """The gauges of the latest snapshot (none before the first scrape)."""
@@ -172,11 +257,55 @@ class SnapshotCollector(Collector):
         yield up
         if snap.sync is not None:
             yield from _sync_metrics(snap.sync)
+        if snap.fleet is not None:
+            yield from _fleet_metrics(snap.fleet)
+        yield from self.host
         yield GaugeMetricFamily(
             "appliance_database_up",
             "1 when the database answers.",
             value=1.0 if snap.database == "ok" else 0.0,
         )
+
+
+def _fleet_metrics(fleet: Fleet) -> Iterator[GaugeMetricFamily]:
+    alerts = GaugeMetricFamily(
+        "appliance_alerts",
+        "Remote-monitoring alerts not resolved, by severity and state.",
+        labels=["severity", "state"],
+    )
+    for severity in ("critical", "high", "medium", "low"):
+        for state in ("open", "acknowledged", "snoozed"):
+            alerts.add_metric([severity, state], fleet.alerts.get((severity, state), 0))
+    for (severity, state), count in fleet.alerts.items():
+        if severity not in ("critical", "high", "medium", "low"):
+            alerts.add_metric([severity, state], count)
+    yield alerts
+    seen = GaugeMetricFamily(
+        "appliance_device_last_seen_age_seconds",
+        "Seconds since each registered device was last heard from (absent: never).",
+        labels=["device", "setting"],
+    )
+    for device_id, (setting, seen_s) in sorted(fleet.devices.items()):
+        if seen_s is not None:
+            seen.add_metric([device_id, setting], seen_s)
+    yield seen
+    yield GaugeMetricFamily(
+        "appliance_devices_registered",
+        "Registered (not retired) devices.",
+        value=len(fleet.devices),
+    )
+    yield GaugeMetricFamily(
+        "appliance_audit_records_after_checkpoint",
+        "Audit records written after the newest signed checkpoint.",
+        value=fleet.audit_after_checkpoint,
+    )
+    age = GaugeMetricFamily(
+        "appliance_audit_checkpoint_age_seconds",
+        "Age of the newest signed audit checkpoint (absent before the first).",
+    )
+    if fleet.checkpoint_age_s is not None:
+        age.add_metric([], fleet.checkpoint_age_s)
+    yield age
 
 
 def _sync_metrics(sync: SyncStatus) -> Iterator[GaugeMetricFamily]:
@@ -258,5 +387,7 @@ async def metrics() -> ResponseReturnValue:
     """Prometheus text exposition of the same figures, read at scrape time."""
     found: _Metrics = current_app.extensions["web.health.metrics"]
     # No await between taking the snapshot and rendering it: concurrent scrapes cannot mix.
-    found.collector.snapshot = await _snapshot(app_state())
+    state = app_state()
+    found.collector.snapshot = await _snapshot(state)
+    found.collector.host = list(_host_metrics(state))
     return Response(generate_latest(found.registry), content_type=CONTENT_TYPE_LATEST)

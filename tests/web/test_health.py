@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -129,3 +130,93 @@ async def test_pages_have_no_inline_script_or_style(logged_in: QuartClient) -> N
         assert "<style" not in body
         assert " style=" not in body
         assert " onclick=" not in body
+
+
+async def test_metrics_carry_the_fleet_health_gauges(
+    client: QuartClient, store: Store, db_path: Path, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Open alerts by severity, devices last seen, the audit checkpoint, disk free (issue 9)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from appliance import audit
+    from appliance.tls import ensure_dev_certificate
+    from web.health import _certificate_days_left
+
+    await store.create([factories.patient()], "user:admin")  # an audit record to sign
+    stamp = clock().isoformat()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("BEGIN")
+    for patient, rule, severity, state in (
+        ("p1", "bp-crisis", "critical", "open"),
+        ("p2", "bp-crisis", "critical", "acknowledged"),
+        ("p3", "spo2-low", "high", "open"),
+        ("p4", "spo2-low", "high", "resolved"),
+    ):
+        conn.execute(
+            "INSERT INTO alerts (patient_id, rule, severity, state, opened_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (patient, rule, severity, state, stamp, stamp),
+        )
+    earlier = (clock() - timedelta(seconds=90)).isoformat()
+    for device, last_seen in (("dev-seen", earlier), ("dev-never", None)):
+        conn.execute(
+            "INSERT INTO devices (id, name, transport, profile, setting, last_seen, "
+            "registered_at) VALUES (?, 'Cuff', 'simulated', 'blood-pressure', 'clinic', ?, ?)",
+            (device, last_seen, stamp),
+        )
+    conn.execute("COMMIT")
+    signed = audit.checkpoint(
+        conn, Ed25519PrivateKey.generate(), now=clock() - timedelta(seconds=60)
+    )
+    assert signed is not None
+    conn.close()
+    await store.create([factories.patient()], "user:admin")  # an audit record after it
+
+    response = await client.get("/metrics")
+    families = {
+        f.name: f for f in text_string_to_metric_families((await response.get_data()).decode())
+    }
+    alerts = {
+        (s.labels["severity"], s.labels["state"]): s.value
+        for s in families["appliance_alerts"].samples
+    }
+    assert alerts[("critical", "open")] == 1
+    assert alerts[("critical", "acknowledged")] == 1
+    assert alerts[("high", "open")] == 1
+    assert alerts[("low", "open")] == 0
+    assert all(state != "resolved" for _, state in alerts)
+    seen = {
+        s.labels["device"]: s.value
+        for s in families["appliance_device_last_seen_age_seconds"].samples
+    }
+    assert seen == {"dev-seen": 90.0}
+    assert families["appliance_devices_registered"].samples[0].value == 2
+    assert families["appliance_audit_records_after_checkpoint"].samples[0].value >= 1
+    assert families["appliance_audit_checkpoint_age_seconds"].samples[0].value == 60.0
+    assert families["appliance_disk_free_bytes"].samples[0].value > 0
+    # The demo config serves plain HTTP: no certificate, no gauge sample (not a made-up 0).
+    assert families["appliance_certificate_days_left"].samples == []
+
+    cert, _key = ensure_dev_certificate(tmp_path / "tls")
+    days = _certificate_days_left(cert, clock())
+    assert days is not None
+    assert 300 < days < 3700
+    assert _certificate_days_left(tmp_path / "missing.pem", clock()) is None
+
+
+async def test_the_example_alert_rules_name_only_metrics_the_box_exports(
+    client: QuartClient,
+) -> None:
+    """docs/monitoring/appliance-alerts.yml must not watch a metric that does not exist."""
+    import re
+
+    import yaml
+
+    rules_file = Path(__file__).resolve().parents[2] / "docs/monitoring/appliance-alerts.yml"
+    rules = yaml.safe_load(rules_file.read_text())["groups"][0]["rules"]
+    text = (await (await client.get("/metrics")).get_data()).decode()
+    exported = {f.name for f in text_string_to_metric_families(text)}
+    named = {m for rule in rules for m in re.findall(r"\bappliance_[a-z_]+", rule["expr"])}
+    assert len(rules) >= 10
+    assert named, "the rules name no appliance metric"
+    assert named <= exported, f"not exported: {sorted(named - exported)}"
