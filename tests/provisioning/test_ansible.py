@@ -120,22 +120,14 @@ def _openssl(*args: str, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="module")
-def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The control node's files: a fleet CA (key locked with the vault's passphrase) and the
-    backup recipient certificate."""
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl is missing (Debian package openssl)")
-    ca = tmp_path_factory.mktemp("control")
-    (ca / "issued").mkdir()
+def make_control_files(ca: Path) -> None:
+    """The fleet CA (key locked with the vault's passphrase) and the backup recipient, where
+    group_vars/all.yml looks for them (``<inventory_dir>/ca``; here or in the container tier)."""
+    (ca / "issued").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PASS": VAULT_CA_PASSPHRASE}
+    common = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-days", "2"]
     _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
+        *common,
         "-passout",
         "env:PASS",
         "-keyout",
@@ -144,19 +136,12 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(ca / "fleet-ca.pem"),
         "-subj",
         "/CN=Test fleet CA",
-        "-days",
-        "2",
         "-addext",
         "basicConstraints=critical,CA:TRUE",
         env=env,
     )
     _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
+        *common,
         "-nodes",
         "-keyout",
         str(ca / "backup-recipient-key.pem"),
@@ -164,9 +149,17 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(ca / "backup-recipient.pem"),
         "-subj",
         "/CN=Test backup recipient",
-        "-days",
-        "2",
     )
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The control node's files: a fleet CA (key locked with the vault's passphrase) and the
+    backup recipient certificate."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is missing (Debian package openssl)")
+    ca = tmp_path_factory.mktemp("control")
+    make_control_files(ca)
     return ca
 
 
