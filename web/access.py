@@ -118,16 +118,25 @@ def normally_visible(conn: sqlite3.Connection, *, now: datetime, zone: ZoneInfo)
     in) and of current remote-monitoring enrolments; each is confirmed with
     :func:`appliance.break_glass.normal_access`, so the rule itself stays in one place.
     """
+    return list(normal_access_reasons(conn, now=now, zone=zone))
+
+
+def normal_access_reasons(
+    conn: sqlite3.Connection, *, now: datetime, zone: ZoneInfo
+) -> dict[str, str]:
+    """:func:`normally_visible` with each patient's reason (patient id → reason), in id
+    order; each candidate is asked :func:`appliance.break_glass.normal_access` once."""
     rows = conn.execute(
         "SELECT patient_id FROM station_checkins WHERE checked_in_at >= ? "
         "OR checked_out_at IS NULL UNION SELECT patient_id FROM rpm_enrollment "
         "WHERE ended_at IS NULL",
         (utc_text(local_midnight(now, zone)),),
     ).fetchall()
-    candidates = sorted({str(patient_id) for (patient_id,) in rows})
-    return [
-        p for p in candidates if break_glass.normal_access(conn, p, now=now, zone=zone) is not None
-    ]
+    return {
+        p: reason
+        for p in sorted({str(patient_id) for (patient_id,) in rows})
+        if (reason := break_glass.normal_access(conn, p, now=now, zone=zone)) is not None
+    }
 
 
 def local_midnight(now: datetime, zone: ZoneInfo) -> datetime:

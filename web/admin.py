@@ -10,13 +10,14 @@ V3.3). An administrator cannot disable themselves, nor disable the last administ
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, redirect, render_template, request
+from quart import Blueprint, Response, redirect, request
 from quart.typing import ResponseReturnValue
 
 from appliance import db, users
 from appliance.users import Role, UserError
 from web.app import app_state
 from web.auth import current_session, login_required
+from web.templating import render_template
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 

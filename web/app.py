@@ -19,13 +19,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from quart import Quart, Response, current_app, redirect, render_template, request
+from quart import Quart, Response, current_app, redirect, request
 from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from appliance.config import Config
 from appliance.store import Store
 from appliance.users import LoginThrottle
+from web.changes import ChangeFeed
+from web.templating import render_template
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class AppState:
     sse_poll_s: float
     zone: ZoneInfo
     secure: bool  # served over TLS: Secure, ``__Host-`` cookies and HSTS
+    changes: ChangeFeed  # the live pages' one poll of the store (web/changes.py)
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     # Signs the pre-login CSRF tokens; per process, so a restart only voids open login forms.
     form_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
@@ -112,6 +115,7 @@ def create_app(
         store=store,
         clock=clock,
         sse_poll_s=sse_poll_s,
+        changes=ChangeFeed(store, sse_poll_s),
         zone=ZoneInfo(config.site.timezone),
         secure=config.web.tls_cert is not None or config.web.public_url.startswith("https:"),
     )
@@ -142,6 +146,10 @@ def create_app(
     @app.context_processor
     async def site() -> dict[str, object]:
         return {"site_name": config.site.name}
+
+    @app.after_serving
+    async def stop_change_feed() -> None:
+        await app.extensions["appliance"].changes.close()
 
     app.after_request(_security_headers)
     app.register_error_handler(HTTPException, _http_error)

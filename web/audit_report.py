@@ -28,7 +28,7 @@ from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from quart import Blueprint, Response, render_template, request
+from quart import Blueprint, Response, request
 from quart.typing import ResponseReturnValue
 
 from appliance import audit, break_glass, db
@@ -36,6 +36,7 @@ from appliance.audit import AuditAction, AuditEvent, AuditRecord, Outcome, Verif
 from appliance.users import Role, Session
 from web.app import AppState, app_state
 from web.auth import current_session, login_required
+from web.templating import render_template
 
 bp = Blueprint("audit_report", __name__, url_prefix="/audit")
 

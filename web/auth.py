@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import ParamSpec
 from urllib.parse import quote
 
-from quart import Blueprint, Response, abort, g, redirect, render_template, request
+from quart import Blueprint, Response, abort, g, redirect, request
 from quart.typing import ResponseReturnValue
 from werkzeug.sansio.response import Response as BaseResponse
 
@@ -42,6 +42,7 @@ from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.mfa import Challenge, ChallengePurpose
 from appliance.users import Role, Session, User, UserError
 from web.app import AppState, app_state
+from web.templating import render_template
 
 logger = logging.getLogger(__name__)
 

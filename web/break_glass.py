@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import date
 from typing import Any
 
-from quart import Blueprint, Response, abort, redirect, render_template, request
+from quart import Blueprint, Response, abort, redirect, request
 from quart.typing import ResponseReturnValue
 
 from appliance import audit, break_glass, db
@@ -26,6 +26,7 @@ from appliance.users import Role, Session
 from web.app import AppState, app_state
 from web.auth import current_session, login_required
 from web.nurse import display_name
+from web.templating import render_template
 
 bp = Blueprint("break_glass", __name__, url_prefix="/break-glass")
 

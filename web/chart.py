@@ -23,7 +23,7 @@ from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from quart import Blueprint, Response, abort, render_template
+from quart import Blueprint, Response, abort
 from quart.typing import ResponseReturnValue
 
 from appliance import audit, db
@@ -35,6 +35,7 @@ from web.access import Access, AccessDenied, local_midnight, require_access
 from web.app import app_state
 from web.auth import current_session, login_required
 from web.nurse import display_name
+from web.templating import render_template
 
 bp = Blueprint("chart", __name__, url_prefix="/patients")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from datetime import date
 
-from quart import Blueprint, abort, redirect, render_template, request, url_for
+from quart import Blueprint, abort, redirect, request, url_for
 from quart.typing import ResponseReturnValue
 
 from appliance.errors import ApplianceError, NotFoundError
@@ -26,6 +26,7 @@ from services.claims.model import ClaimStatus, DecisionOutcome, money
 from services.claims.service import ClaimsService
 from web.app import app_state
 from web.auth import current_session, login_required
+from web.templating import render_template
 
 bp = Blueprint("claims", __name__, url_prefix="/claims")
 

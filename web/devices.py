@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from quart import Blueprint, redirect, render_template, request, url_for
+from quart import Blueprint, redirect, request, url_for
 from quart.typing import ResponseReturnValue
 
 from appliance.device_registry import (
@@ -34,6 +34,7 @@ from appliance.users import Role
 from web.app import app_state
 from web.auth import current_session, login_required
 from web.nurse import display_name
+from web.templating import render_template
 
 bp = Blueprint("devices", __name__, url_prefix="/devices")
 

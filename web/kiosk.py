@@ -1034,7 +1034,7 @@ async def _feed(
         if kstate.flows.get(kiosk.id) is not flow or flow.ended or flow.checked_in_at is None:
             yield b"event: reset\ndata: {}\n\n"
             return
-        newest = await state.store.last_row_id()
+        newest = await state.changes.tick()  # one poll per interval for all streams
         if newest != after:
             after = newest
             for reading in await _readings(state, kiosk, flow, gettext_):
@@ -1043,7 +1043,6 @@ async def _feed(
                     flow.last_seen = state.clock()  # a reading is somebody at the station
                     data = json.dumps(reading, separators=(",", ":"))
                     yield f"event: reading\ndata: {data}\n\n".encode()
-        await asyncio.sleep(state.sse_poll_s)
 
 
 @bp.post("/vitals/next")

@@ -29,17 +29,18 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from quart import Blueprint, Response, render_template, request
+from quart import Blueprint, Response, request
 from quart.typing import ResponseReturnValue
 
-from appliance import audit, break_glass, db
+from appliance import audit, db
 from appliance.audit import AuditAction, AuditEvent
 from appliance.fhir import utc_text
 from appliance.store import Store
 from appliance.users import Role
-from web.access import local_midnight, normally_visible
+from web.access import local_midnight, normal_access_reasons
 from web.app import AppState, app_state
 from web.auth import current_session, login_required, session_alive, session_token
+from web.templating import render_template
 
 bp = Blueprint("nurse", __name__, url_prefix="/nurse")
 
@@ -249,11 +250,13 @@ def arrivals_sync(
     *,
     now: datetime,
     zone: ZoneInfo,
+    audit_into: list[AuditEvent] | None = None,
 ) -> list[Arrival]:
     """Today's arrivals of the ``visible`` patients (id → access reason), oldest first.
 
     Runs on the database thread. Only the Encounters of visible patients are decrypted;
-    each patient shown is audited (one search record with the patient's key).
+    each patient shown is audited (one search record with the patient's key), committed
+    here, or added to ``audit_into`` for the caller to commit with its own records.
     """
     if not visible:
         return []
@@ -276,50 +279,58 @@ def arrivals_sync(
     found: list[Arrival] = []
     events: list[AuditEvent] = []
     start = local_midnight(now, zone)
-    for patient_id, mine in by_patient.items():
-        if patient_id not in visible:
-            continue
-        key = store.patient_key(f"Patient/{patient_id}")
-        patients = _rows(
+    shown = [p for p in by_patient if p in visible]
+    if not shown:
+        return found
+    # One query each for every patient shown (not four per patient): names, today's
+    # readings and photos counted, and their intake answers and consents.
+    key_of = {p: store.patient_key(f"Patient/{p}") for p in shown}
+    id_marks = ",".join("?" * len(shown))
+    names = {
+        str(r["id"]): display_name(r)
+        for r in _rows(
             conn,
             store,
-            "SELECT id, logical_id, type, key_version, body FROM resources "
-            "WHERE type = 'Patient' AND logical_id = ?",
-            (patient_id,),
+            "SELECT id, logical_id, type, key_version, body FROM resources "  # noqa: S608 - placeholders only
+            f"WHERE type = 'Patient' AND logical_id IN ({id_marks})",
+            shown,
         )
-        name = display_name(patients[0]) if patients else "(unknown patient)"
-        counted = {
-            rtype: int(
-                conn.execute(
-                    "SELECT count(*) FROM resources WHERE patient_key = ? AND type = ? "
-                    "AND effective >= ?",
-                    (key, rtype, midnight),
-                ).fetchone()[0]
-            )
-            for rtype in ("Observation", "Media")
-        }
-        # Neither carries an indexed time (authored, dateTime): decrypt the patient's few.
-        answered = _rows(
-            conn,
-            store,
-            "SELECT id, logical_id, type, key_version, body FROM resources "
-            "WHERE patient_key = ? AND type IN ('QuestionnaireResponse', 'Consent')",
-            (key,),
+    }
+    counted: dict[tuple[bytes, str], int] = {
+        (bytes(k), str(t)): int(n)
+        for k, t, n in conn.execute(
+            "SELECT patient_key, type, count(*) FROM resources "  # noqa: S608 - placeholders only
+            f"WHERE patient_key IN ({id_marks}) AND type IN ('Observation', 'Media') "
+            "AND effective >= ? GROUP BY patient_key, type",
+            (*key_of.values(), midnight),
         )
+    }
+    answered: dict[bytes, list[dict[str, Any]]] = {}
+    for row in conn.execute(
+        "SELECT id, logical_id, type, key_version, body, patient_key FROM resources "  # noqa: S608 - placeholders only
+        f"WHERE patient_key IN ({id_marks}) AND type IN ('QuestionnaireResponse', 'Consent')",
+        tuple(key_of.values()),
+    ):
+        answered.setdefault(bytes(row[5]), []).append(store.decrypt_stored(conn, row[:5]).resource)
 
-        def today(resource: Mapping[str, Any], field: str) -> bool:
-            moment = _instant(resource.get(field))
-            return moment is not None and moment >= start
+    def today(resource: Mapping[str, Any], field: str) -> bool:
+        moment = _instant(resource.get(field))
+        return moment is not None and moment >= start
 
+    for patient_id in shown:
+        key = key_of[patient_id]
+        name = names.get(patient_id, "(unknown patient)")
+        mine_answered = answered.get(bytes(key), [])
+        # Neither carries an indexed time (authored, dateTime): decrypted, then compared.
         intake = sum(
             1
-            for r in answered
+            for r in mine_answered
             if r["resourceType"] == "QuestionnaireResponse" and today(r, "authored")
         )
         consent = sum(
-            1 for r in answered if r["resourceType"] == "Consent" and today(r, "dateTime")
+            1 for r in mine_answered if r["resourceType"] == "Consent" and today(r, "dateTime")
         )
-        for encounter in mine:
+        for encounter in by_patient[patient_id]:
             arrived = _instant(encounter.get("period", {}).get("start")) or now
             found.append(
                 Arrival(
@@ -331,8 +342,8 @@ def arrivals_sync(
                     station=_station(encounter),
                     intake=intake,
                     consent=consent,
-                    vitals=counted["Observation"],
-                    photos=counted["Media"],
+                    vitals=counted.get((bytes(key), "Observation"), 0),
+                    photos=counted.get((bytes(key), "Media"), 0),
                 )
             )
         events.append(
@@ -344,7 +355,9 @@ def arrivals_sync(
                 detail=f"normal access: {visible[patient_id]}",
             )
         )
-    if events:
+    if audit_into is not None:
+        audit_into.extend(events)
+    elif events:
         with db.transaction_sync(conn):
             audit.append(conn, events, now=now)
     found.sort(key=lambda a: a.arrived)
@@ -353,22 +366,24 @@ def arrivals_sync(
 
 def _visible(conn: sqlite3.Connection, *, now: datetime, zone: ZoneInfo) -> dict[str, str]:
     """Patient id → normal-access reason, for every patient normal access covers now."""
-    return {
-        p: reason
-        for p in normally_visible(conn, now=now, zone=zone)
-        if (reason := break_glass.normal_access(conn, p, now=now, zone=zone)) is not None
-    }
+    return normal_access_reasons(conn, now=now, zone=zone)
 
 
 def patients_and_pressures_sync(
-    conn: sqlite3.Connection, store: Store, actor: str, patient_ids: Iterable[str]
+    conn: sqlite3.Connection,
+    store: Store,
+    actor: str,
+    patient_ids: Iterable[str],
+    *,
+    audit_into: list[AuditEvent] | None = None,
 ) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
     """Each patient (skipping unknown ids) with their newest blood-pressure panel, if any.
 
     Runs on the database thread. Audited as :meth:`Store.read` and :meth:`Store.newest` would
     audit it (a read of the Patient, a search of its newest panel), but all in one write
-    transaction: one commit (an fsync, ``synchronous=FULL``) per page instead of two per
-    patient, which was most of the page's time with a busy day's queue (bench/web.py).
+    transaction (or added to ``audit_into``): one commit (an fsync, ``synchronous=FULL``)
+    instead of two per patient, which was most of the page's time with a busy day's queue
+    (bench/web.py).
     """
     found: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
     events: list[AuditEvent] = []
@@ -400,13 +415,36 @@ def patients_and_pressures_sync(
             )
         )
         found.append((patient_id, patients[0], newest[0] if newest else None))
-    if events:
+    if audit_into is not None:
+        audit_into.extend(events)
+    elif events:
         with db.transaction_sync(conn):
             audit.append(conn, events, now=store.now())
     return found
 
 
 # -- the page ------------------------------------------------------------------------------
+
+
+def dashboard_sync(
+    conn: sqlite3.Connection, store: Store, actor: str, *, now: datetime, zone: ZoneInfo
+) -> tuple[list[Arrival], list[tuple[str, dict[str, Any], dict[str, Any] | None]]]:
+    """Everything ``GET /nurse/`` shows, in one call on the database thread: who normal
+    access covers, today's arrivals, and today's patients with their newest blood pressure.
+    The reads are audited in **one** transaction, committed before anything is returned —
+    one commit (an fsync) per page instead of two, and one trip to the database thread
+    instead of three (the single web process's bottleneck under load, bench/web.py)."""
+    visible = _visible(conn, now=now, zone=zone)
+    events: list[AuditEvent] = []
+    arrivals = arrivals_sync(conn, store, actor, visible, now=now, zone=zone, audit_into=events)
+    # Today's clinic patients: checked in at a station today, or arrived at the kiosk.
+    today = {p for p, reason in visible.items() if reason == CLINIC_DAY}
+    today |= {a.patient_id for a in arrivals}
+    found = patients_and_pressures_sync(conn, store, actor, sorted(today), audit_into=events)
+    if events:
+        with db.transaction_sync(conn):
+            audit.append(conn, events, now=now)
+    return arrivals, found
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,15 +464,9 @@ async def vitals() -> ResponseReturnValue:
     assert session is not None  # login_required
     actor = session.user.actor
     now = state.clock()
-    conn = state.store.connection
-    visible = await db.run_sync(conn, _visible, now=now, zone=state.zone)
-    arrivals = await db.run_sync(
-        conn, arrivals_sync, state.store, actor, visible, now=now, zone=state.zone
+    arrivals, found = await db.run_sync(
+        state.store.connection, dashboard_sync, state.store, actor, now=now, zone=state.zone
     )
-    # Today's clinic patients: checked in at a station today, or arrived at the kiosk.
-    today = {p for p, reason in visible.items() if reason == CLINIC_DAY}
-    today |= {a.patient_id for a in arrivals}
-    found = await db.run_sync(conn, patients_and_pressures_sync, state.store, actor, sorted(today))
     rows = []
     for patient_id, patient, newest in found:
         reading = None if newest is None else blood_pressure(newest)
@@ -524,13 +556,12 @@ async def _feed(state: AppState, actor: str, token: str, after: int) -> AsyncIte
     visibility = _Visibility(state)
     yield b"retry: 3000\n\n"
     while True:
-        await asyncio.sleep(state.sse_poll_s)
+        newest = await state.changes.tick()  # one poll per interval for all streams
         if loop.time() >= next_session_check:
             next_session_check = loop.time() + session_check_s
             if not await session_alive(state, token):
                 yield b"event: expired\ndata: {}\n\n"
                 return
-        newest = await store.last_row_id()
         while after < newest:
             batch = await store.changes_since(
                 after, ["Observation", "Encounter"], actor, limit=FEED_BATCH

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, time
 from typing import Any
 
-from quart import Blueprint, Response, abort, current_app, redirect, render_template, request
+from quart import Blueprint, Response, abort, current_app, redirect, request
 from quart.typing import ResponseReturnValue
 from werkzeug.wrappers import Response as WerkzeugResponse
 
@@ -42,6 +42,7 @@ from appliance.visit_links import LinkState, VisitLink
 from services import visits
 from web.app import AppState, app_state
 from web.auth import current_session, login_required
+from web.templating import render_template
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +414,7 @@ async def _feed(state: AppState, link: VisitLink, started: str) -> AsyncIterator
             if current is None or current.state(state.clock()) is not LinkState.ACTIVE:
                 yield b"event: ended\ndata: {}\n\n"
                 return
-        newest = await state.store.last_row_id()
+        newest = await state.changes.tick()  # one poll per interval for all streams
         if newest != after:
             after = newest
             for reading in await visits.readings_since(state.store, link, started):
@@ -421,7 +422,6 @@ async def _feed(state: AppState, link: VisitLink, started: str) -> AsyncIterator
                     sent.add(reading.id)
                     data = json.dumps(reading.to_event(state.zone), separators=(",", ":"))
                     yield f"event: reading\ndata: {data}\n\n".encode()
-        await asyncio.sleep(state.sse_poll_s)
 
 
 @bp.post("/<token>/complete")

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from quart import Blueprint, Response, redirect, render_template, request, url_for
+from quart import Blueprint, Response, redirect, request, url_for
 from quart.typing import ResponseReturnValue
 
 from appliance.errors import ApplianceError, NotFoundError
@@ -44,6 +44,7 @@ from services.rpm_enrollment import Enrollments
 from web.app import AppState, app_state
 from web.auth import current_session, login_required, session_alive, session_token
 from web.nurse import display_name
+from web.templating import render_template
 
 bp = Blueprint("rpm", __name__, url_prefix="/rpm")
 

@@ -26,7 +26,7 @@ from fractions import Fraction
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from quart import Blueprint, abort, jsonify, redirect, render_template, request, url_for
+from quart import Blueprint, abort, jsonify, redirect, request, url_for
 from quart.typing import ResponseReturnValue
 
 from appliance.errors import ApplianceError, NotFoundError
@@ -40,6 +40,7 @@ from web.access import require_access
 from web.app import app_state
 from web.auth import current_session, login_required
 from web.nurse import display_name
+from web.templating import render_template
 
 bp = Blueprint("rpm_patient", __name__, url_prefix="/rpm/patients")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from quart import Blueprint, abort, redirect, render_template, request, url_for
+from quart import Blueprint, abort, redirect, request, url_for
 from quart.typing import ResponseReturnValue
 
 from appliance import db
@@ -33,6 +33,7 @@ from sync_agent import status
 from sync_agent.updates import ReviewError, ReviewItem, ReviewQueue
 from web.app import app_state
 from web.auth import current_session, login_required
+from web.templating import render_template
 
 bp = Blueprint("sync", __name__, url_prefix="/sync")
 
