@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from appliance.config import Config
 from appliance.store import Store
-from appliance.users import LoginThrottle
+from appliance.users import LoginThrottle, Role
 from web.changes import ChangeFeed
 from web.templating import render_template
 
@@ -91,6 +91,7 @@ def create_app(
     # module, so importing them first would be circular.
     from web import admin, audit_report, break_glass, ingest, openapi
     from web.auth import bp as auth_bp
+    from web.auth import current_session
     from web.chart import bp as chart_bp
     from web.claims import bp as claims_bp
     from web.devices import bp as devices_bp
@@ -141,6 +142,10 @@ def create_app(
 
     @app.get("/")
     async def index() -> ResponseReturnValue:
+        """Each role's home page: providers have no arrivals queue, but remote monitoring."""
+        session = await current_session()
+        if session is not None and session.user.role is Role.PROVIDER:
+            return redirect("/rpm/")
         return redirect("/nurse/")
 
     @app.context_processor

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from quart.testing import QuartClient
 
-from appliance.users import LoginThrottle
+from appliance import db, users
+from appliance.store import Store
+from appliance.users import LoginThrottle, Role
 from tests.web.conftest import NURSE, FakeClock, form_token, login, submit_login
 from web.app import AppState
 
@@ -168,3 +170,24 @@ async def test_failed_logins_through_the_form_count_towards_the_throttle(
     for _ in range(5):
         assert await login(client, password="wrong password!") == 401
     assert state.throttle.delay_s((f"account:{NURSE}", "ip:<local>"), state.clock()) > 0
+
+
+async def test_each_role_lands_on_a_page_it_may_open(
+    client: QuartClient, store: Store, clock: FakeClock
+) -> None:
+    """``/`` sends a provider to remote monitoring (a provider has no arrivals queue, and
+    ``/nurse/`` would refuse them); nurses and anonymous visitors go to the queue."""
+    assert (await client.get("/")).location == "/nurse/"
+    await db.run_sync(
+        store.connection,
+        users.create_user,
+        "prov1",
+        "a long provider password",
+        Role.PROVIDER,
+        now=clock(),
+    )
+    assert await login(client, "prov1", "a long provider password") == 302
+    home = await client.get("/")
+    assert home.location == "/rpm/"
+    assert (await client.get(home.location)).status_code == 200
+    assert (await client.get("/nurse/")).status_code == 403
