@@ -190,9 +190,7 @@ def _plain_cookies(client: httpx.AsyncClient) -> None:
 async def log_in(url: str, username: str) -> httpx.AsyncClient:
     # Idle connections are dropped before Hypercorn's 5 s keep-alive timeout closes them
     # under the client (a request sent on a just-closed connection fails).
-    client = httpx.AsyncClient(
-        base_url=url, timeout=60, limits=httpx.Limits(keepalive_expiry=3.0)
-    )
+    client = httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(keepalive_expiry=3.0))
     form = await client.get("/login")
     _plain_cookies(client)
     token = _TOKEN.search(form.text)
@@ -502,7 +500,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, help="requests per session (default 200)")
     parser.add_argument("--arrivals", type=int, default=30, help="today's arrivals (default 30)")
     parser.add_argument(
-        "--reload-every", type=float, default=5.0,
+        "--reload-every",
+        type=float,
+        default=5.0,
         help="open loop: mean seconds between one nurse's reloads (default 5)",
     )
     parser.add_argument(
