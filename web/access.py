@@ -25,7 +25,6 @@ from quart import abort
 from appliance import audit, break_glass, db
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.break_glass import Grant
-from appliance.fhir import utc_text
 from appliance.users import User
 from web.app import app_state
 from web.auth import current_session
@@ -112,12 +111,9 @@ async def require_access(patient_id: str) -> Access:
 
 
 def normally_visible(conn: sqlite3.Connection, *, now: datetime, zone: ZoneInfo) -> list[str]:
-    """Every patient normal access covers at ``now`` (database thread), as ids.
-
-    The candidates are the patients of today's station check-ins (and those still checked
-    in) and of current remote-monitoring enrolments; each is confirmed with
-    :func:`appliance.break_glass.normal_access`, so the rule itself stays in one place.
-    """
+    """Every patient normal access covers at ``now`` (database thread), as ids: the
+    patients of today's station check-ins (and those still checked in) and of current
+    remote-monitoring enrolments (:func:`appliance.break_glass.normal_access_all`)."""
     return list(normal_access_reasons(conn, now=now, zone=zone))
 
 
@@ -125,18 +121,9 @@ def normal_access_reasons(
     conn: sqlite3.Connection, *, now: datetime, zone: ZoneInfo
 ) -> dict[str, str]:
     """:func:`normally_visible` with each patient's reason (patient id → reason), in id
-    order; each candidate is asked :func:`appliance.break_glass.normal_access` once."""
-    rows = conn.execute(
-        "SELECT patient_id FROM station_checkins WHERE checked_in_at >= ? "
-        "OR checked_out_at IS NULL UNION SELECT patient_id FROM rpm_enrollment "
-        "WHERE ended_at IS NULL",
-        (utc_text(local_midnight(now, zone)),),
-    ).fetchall()
-    return {
-        p: reason
-        for p in sorted({str(patient_id) for (patient_id,) in rows})
-        if (reason := break_glass.normal_access(conn, p, now=now, zone=zone)) is not None
-    }
+    order: :func:`appliance.break_glass.normal_access_all`, the same rule as one patient's
+    :func:`~appliance.break_glass.normal_access`, in two queries."""
+    return break_glass.normal_access_all(conn, now=now, zone=zone)
 
 
 def local_midnight(now: datetime, zone: ZoneInfo) -> datetime:

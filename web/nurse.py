@@ -385,27 +385,41 @@ def patients_and_pressures_sync(
     instead of two per patient, which was most of the page's time with a busy day's queue
     (bench/web.py).
     """
+    wanted = list(dict.fromkeys(patient_ids))
     found: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
     events: list[AuditEvent] = []
-    for patient_id in patient_ids:
+    if not wanted:
+        return found
+    # Two queries for all of them (not two per patient): the Patients, then each one's
+    # newest panel — the index (patient_key, type, effective) ranks them, only the
+    # newest is decrypted.
+    marks = ",".join("?" * len(wanted))
+    patients = {
+        str(row[1]): store.decrypt_stored(conn, row).resource
+        for row in conn.execute(
+            "SELECT id, logical_id, type, key_version, body FROM resources "  # noqa: S608 - placeholders only
+            f"WHERE type = 'Patient' AND logical_id IN ({marks})",
+            wanted,
+        )
+    }
+    key_of = {p: store.patient_key(f"Patient/{p}") for p in wanted}
+    newest: dict[bytes, dict[str, Any]] = {
+        bytes(row[5]): store.decrypt_stored(conn, row[:5]).resource
+        for row in conn.execute(
+            "SELECT id, logical_id, type, key_version, body, patient_key FROM ("  # noqa: S608 - placeholders only
+            "SELECT id, logical_id, type, key_version, body, patient_key, row_number() OVER "
+            "(PARTITION BY patient_key ORDER BY effective DESC, id DESC) AS rank "
+            f"FROM resources WHERE patient_key IN ({marks}) AND type = 'Observation' "
+            "AND code = ?) WHERE rank = 1",
+            (*key_of.values(), BP_PANEL_CODE),
+        )
+    }
+    for patient_id in wanted:
         events.append(AuditEvent(actor, AuditAction.READ, entity=f"Patient/{patient_id}"))
-        patients = _rows(
-            conn,
-            store,
-            "SELECT id, logical_id, type, key_version, body FROM resources "
-            "WHERE logical_id = ? AND type = 'Patient'",
-            (patient_id,),
-        )
-        if not patients:
+        patient = patients.get(patient_id)
+        if patient is None:
             continue
-        key = store.patient_key(f"Patient/{patient_id}")
-        newest = _rows(
-            conn,
-            store,
-            "SELECT id, logical_id, type, key_version, body FROM resources WHERE patient_key = ? "
-            "AND type = 'Observation' AND code = ? ORDER BY effective DESC LIMIT 1",
-            (key, BP_PANEL_CODE),
-        )
+        key = key_of[patient_id]
         events.append(
             AuditEvent(
                 actor,
@@ -414,7 +428,7 @@ def patients_and_pressures_sync(
                 entity=f"Observation {BP_PANEL_CODE} newest 1",
             )
         )
-        found.append((patient_id, patients[0], newest[0] if newest else None))
+        found.append((patient_id, patient, newest.get(bytes(key))))
     if audit_into is not None:
         audit_into.extend(events)
     elif events:
