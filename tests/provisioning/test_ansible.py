@@ -3,8 +3,8 @@
 What runs here is what can run safely on a CI machine that is not a box (PID 1 is not
 systemd, no users may be created): the roles converge into a temporary root directory with
 ``connection: local``, twice; the second run must report ``changed=0``. The full converge
-over SSH into a booted systemd-nspawn container is test_nspawn_converge.py; the OS image is
-not built yet (docs/provisioning.md).
+over SSH into a booted systemd-nspawn container is test_nspawn_converge.py; the OS image,
+booted under qemu, is test_image.py (docs/provisioning.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ PROVISIONING = REPO / "provisioning"
 INVENTORY = PROVISIONING / "inventories/example/hosts.yml"
 VAULT_PASSWORD = PROVISIONING / "inventories/example/vault-password.TEST-ONLY.txt"
 BIN = Path(sys.executable).parent
-PLAYBOOKS = ("site.yml", "rolling_update.yml", "decommission.yml")
+PLAYBOOKS = (
+    "site.yml",
+    "rolling_update.yml",
+    "decommission.yml",
+    # The Molecule-style scenario (verify.yml runs in the container tier).
+    "molecule/default/converge.yml",
+    "molecule/default/verify.yml",
+)
 # The CA key passphrase stored in the example vault (encrypted with the test-only password).
 VAULT_CA_PASSPHRASE = "example-ca-passphrase-test-only"
 
