@@ -45,8 +45,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Everything but the OS image's boot under emulation (`make test-image`, below).
 test: $(STAMP) deps-system $(PEER)/node_modules/.package-lock.json $(ASSETS)/node_modules/.package-lock.json lint typecheck
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra -m "not image"
 
 # A quick subset for the edit-test loop: everything but the slow groups.
 test-fast: $(STAMP) $(PEER)/node_modules/.package-lock.json $(ASSETS)/node_modules/.package-lock.json
@@ -82,3 +83,22 @@ deps-provisioning:
 test: deps-provisioning
 test-container: $(STAMP) deps-provisioning
 	$(BIN)/pytest -q -ra -m container
+
+# The OS image (images/README.md, docs/provisioning.md "The OS image"): mkfs.ext4 and debugfs
+# (e2fsprogs) make and read the image, qemu boots it (TCG: no KVM needed). Opt-in, as the
+# emulated boot takes minutes: `make test-image` builds (or reuses a cached build), boots,
+# and checks; `make image` only builds into $(IMAGE_DIR) (PROVISION_KEY=<file.pub>: the
+# fleet control node's public key, authorized for the provisioning account).
+IMAGE_DIR ?= build/image
+PROVISION_KEY ?=
+.PHONY: deps-image test-image image
+deps-image:
+	@command -v qemu-system-x86_64 >/dev/null 2>&1 && command -v mkfs.ext4 >/dev/null 2>&1 && \
+	  command -v debugfs >/dev/null 2>&1 && command -v e2fsck >/dev/null 2>&1 || { \
+	  echo "installing qemu-system-x86 and e2fsprogs (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends qemu-system-x86 e2fsprogs; }
+test-image: $(STAMP) deps-provisioning deps-image
+	$(BIN)/pytest -q -ra -m image
+image: $(STAMP) deps-provisioning deps-image
+	$(BIN)/python -m images.build --output $(IMAGE_DIR) $(if $(PROVISION_KEY),--provision-key $(PROVISION_KEY))

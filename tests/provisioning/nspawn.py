@@ -117,30 +117,40 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def cache_key() -> str:
+def cache_key(packages: Sequence[str] = PACKAGES) -> str:
     """The hash that names the cached root: suite, mirror, package list, layout."""
-    blob = json.dumps([SUITE, MIRROR, sorted(PACKAGES), BASE_LAYOUT]).encode()
+    blob = json.dumps([SUITE, MIRROR, sorted(packages), BASE_LAYOUT]).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def base_root(log: Callable[[str], None] = print) -> Path:
-    """The cached bookworm root, built with debootstrap on first use (several minutes)."""
-    key = cache_key()
-    final = CACHE_DIR / f"bookworm-{key}"
-    with _locked(CACHE_DIR / f".bookworm-{key}.lock"):
+def base_root(
+    log: Callable[[str], None] = print,
+    *,
+    packages: Sequence[str] = PACKAGES,
+    name: str = "bookworm",
+) -> Path:
+    """The cached bookworm root, built with debootstrap on first use (several minutes).
+
+    ``packages`` and ``name`` make another cached root beside the container tier's (the OS
+    image's, images/build.py: these packages plus a kernel, ``name`` "image-bookworm"); a
+    root is replaced only by a newer one of the same ``name``.
+    """
+    key = cache_key(packages)
+    final = CACHE_DIR / f"{name}-{key}"
+    with _locked(CACHE_DIR / f".{name}-{key}.lock"):
         if (final / COMPLETE_MARKER).exists():
             return final
-        for stale in (final, CACHE_DIR / f".build-bookworm-{key}"):
+        for stale in (final, CACHE_DIR / f".build-{name}-{key}"):
             if stale.exists():
                 remove_root(stale)
-        build = CACHE_DIR / f".build-bookworm-{key}"
+        build = CACHE_DIR / f".build-{name}-{key}"
         started = time.monotonic()
         log(f"debootstrap {SUITE} into {build} (cold cache)")
         run(
             [
                 "debootstrap",
                 "--variant=minbase",
-                f"--include={','.join(PACKAGES)}",
+                f"--include={','.join(packages)}",
                 SUITE,
                 str(build),
                 MIRROR,
@@ -152,7 +162,7 @@ def base_root(log: Callable[[str], None] = print) -> Path:
         build.rename(final)
         log(f"cached {final} in {time.monotonic() - started:.0f} s")
     # Roots cached for an older package list are dropped (unless something still uses one).
-    for old in CACHE_DIR.glob("bookworm-*"):
+    for old in CACHE_DIR.glob(f"{name}-*"):
         if old != final and old.is_dir():
             with contextlib.suppress(ContainerError):
                 remove_root(old)
@@ -203,16 +213,20 @@ def _users(root: Path) -> dict[str, tuple[int, int, str]]:
 
 def authorize_key(root: Path, public_key: str) -> None:
     """Let the key in as root (the test's checks) and as the provisioning account (Ansible)."""
-    users = _users(root)
     for user in ("root", PROVISION_USER):
-        uid, gid, home = users[user]
-        ssh_dir = root / home.lstrip("/") / ".ssh"
-        ssh_dir.mkdir(mode=0o700, exist_ok=True)
-        keys = ssh_dir / "authorized_keys"
-        keys.write_text(public_key.strip() + "\n")
-        keys.chmod(0o600)
-        os.chown(ssh_dir, uid, gid)
-        os.chown(keys, uid, gid)
+        authorize_key_for(root, user, public_key)
+
+
+def authorize_key_for(root: Path, user: str, public_key: str) -> None:
+    """Let the key in as ``user`` (its ``~/.ssh/authorized_keys`` holds only this key)."""
+    uid, gid, home = _users(root)[user]
+    ssh_dir = root / home.lstrip("/") / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    keys = ssh_dir / "authorized_keys"
+    keys.write_text(public_key.strip() + "\n")
+    keys.chmod(0o600)
+    os.chown(ssh_dir, uid, gid)
+    os.chown(keys, uid, gid)
 
 
 def configure_sshd(root: Path, port: int) -> None:
@@ -638,3 +652,79 @@ def build_wheel(
     if len(wheels) != 1:
         raise ContainerError(f"expected one wheel in {dist}, found {wheels}")
     return wheels[0]
+
+
+# The container's "clinic LAN": a veth pair with both ends in the container's own network
+# namespace (this kernel has no dummy driver), the address from TEST-NET-2, one of the
+# example inventory's base_lan_cidrs. Nothing sent on it leaves the namespace.
+LAN_ADDRESS = "198.51.100.10/24"
+# Where the dependency wheels are bound (read-only) inside the container.
+WHEELHOUSE = "/var/cache/appliance-wheels"
+
+
+@contextlib.contextmanager
+def boot_box(
+    root: Path, machine: str, work: Path, *, wheels: Path, comment: str
+) -> Iterator[tuple[Box, str]]:
+    """Boot ``root`` as ``machine`` for a converge over SSH: a fresh SSH key in ``work``
+    authorised for root and the provision account, sshd on the container's port 22, the
+    wheelhouse bound at :data:`WHEELHOUSE`, the veth "clinic LAN" at :data:`LAN_ADDRESS`, a
+    relay from the host's loopback. Yields the box and its boot state. On the way out the
+    journal is kept in ``work/journal.log``, the relay closed and the container powered off
+    (its root is left for the caller: :func:`remove_root` once nothing uses it)."""
+    key = work / "id_ed25519"
+    run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
+        timeout=60,
+    )
+    authorize_key(root, key.with_suffix(".pub").read_text())
+    configure_sshd(root, 22)
+    (root / "etc/hostname").write_text(f"{machine}\n")
+    container = Container(
+        root, machine, log_path=work / "nspawn.log", binds_ro=[(wheels, WHEELHOUSE)]
+    )
+    relay: NetnsRelay | None = None
+    try:
+        container.start()
+        container.init_pid()
+        for argv in (
+            ["ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"],
+            ["ip", "link", "set", "lan1", "up"],
+            ["ip", "link", "set", "lan0", "up"],
+            ["ip", "address", "add", LAN_ADDRESS, "dev", "lan0"],
+        ):
+            container.host_run(argv)
+        relay = NetnsRelay(container.netns, 22)
+        box = Box(container, relay, key)
+        yield box, box.wait_booted()
+    finally:
+        if relay is not None:
+            if container.running:
+                journal = run(
+                    [*Box(container, relay, key).ssh_argv(), "journalctl -b --no-pager"],
+                    timeout=120,
+                    check=False,
+                )
+                (work / "journal.log").write_text(journal.stdout + journal.stderr)
+            relay.close()
+        stopped = container.stop()
+        (work / "poweroff.log").write_text(f"{stopped:.1f} s\n")
+
+
+def converge_vars(box: Box, wheel: Path) -> dict[str, object]:
+    """The extra variables of a converge of a booted box (:func:`boot_box`): its SSH key,
+    the wheel and the wheelhouse instead of PyPI, no apt list refresh (the container has no
+    route out and the cached root has every package), no kiosk (no display)."""
+    return {
+        "ansible_ssh_private_key_file": str(box.key),
+        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "appliance_wheel": str(wheel),
+        "appliance_pip_extra_args": f"--no-index --find-links={WHEELHOUSE}",
+        # Never refresh apt's lists there, however old the cache is (they would be refreshed
+        # on a real box after an hour).
+        "base_apt_cache_valid_s": 10 * 365 * 86400,
+        # No display in a container: the kiosk role's files are checked by the file-only
+        # converge (test_ansible.py); cage and Chromium need a DRM device.
+        "kiosk_enabled": False,
+    }

@@ -50,11 +50,6 @@ SERVICES = (
     "appliance-discovery.service",
 )
 WEB_PORT = 8443
-WHEELHOUSE = "/var/cache/appliance-wheels"
-# The container's "clinic LAN": a veth pair with both ends in the container's own network
-# namespace (this kernel has no dummy driver), the address from TEST-NET-2, one of the
-# example inventory's base_lan_cidrs. Nothing sent on it leaves the namespace.
-LAN_ADDRESS = "198.51.100.10/24"
 BROKEN_VERSION = "0.1.1"
 
 
@@ -183,71 +178,28 @@ def converged() -> Iterator[Converged]:
     started = time.monotonic()
     root = nspawn.working_copy(base, HOST)
     timings["copy"] = time.monotonic() - started
-    key = work / "id_ed25519"
-    nspawn.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "nspawn-test", "-f", str(key)],
-        timeout=60,
-    )
-    nspawn.authorize_key(root, key.with_suffix(".pub").read_text())
-    nspawn.configure_sshd(root, 22)
-    (root / "etc/hostname").write_text(f"{HOST}\n")
-    container = nspawn.Container(
-        root, HOST, log_path=work / "nspawn.log", binds_ro=[(wheels, WHEELHOUSE)]
-    )
-    relay: nspawn.NetnsRelay | None = None
     try:
         started = time.monotonic()
-        container.start()
-        container.init_pid()
-        for argv in (
-            ["ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"],
-            ["ip", "link", "set", "lan1", "up"],
-            ["ip", "link", "set", "lan0", "up"],
-            ["ip", "address", "add", LAN_ADDRESS, "dev", "lan0"],
+        with nspawn.boot_box(root, HOST, work, wheels=wheels, comment="nspawn-test") as (
+            box,
+            boot_state,
         ):
-            container.host_run(argv)
-        relay = nspawn.NetnsRelay(container.netns, 22)
-        box = nspawn.Box(container, relay, key)
-        boot_state = box.wait_booted()
-        timings["boot"] = time.monotonic() - started
-        _log(f"booted: {boot_state}")
-        inventory = _write_inventory(work / "inventory", relay.port)
-        extra: dict[str, object] = {
-            "ansible_ssh_private_key_file": str(key),
-            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
-            "ansible_python_interpreter": "/usr/bin/python3",
-            "appliance_wheel": str(wheel),
-            "appliance_pip_extra_args": f"--no-index --find-links={WHEELHOUSE}",
-            # The container has no route out (private network), and every package the roles
-            # install is already in the cached root: never refresh apt's lists there, however
-            # old the cache is (they would be refreshed on a real box after an hour).
-            "base_apt_cache_valid_s": 10 * 365 * 86400,
-            # No display in a container: the kiosk role's files are checked by the file-only
-            # converge (test_ansible.py); cage and Chromium need a DRM device.
-            "kiosk_enabled": False,
-        }
-        result = Converged(box, work, inventory, extra, boot_state, timings=timings)
-        for run in ("converge", "reconverge"):
-            started = time.monotonic()
-            done = _playbook((work, inventory, extra), "site.yml")
-            timings[run] = time.monotonic() - started
-            output = done.stdout + done.stderr
-            (work / f"{run}.log").write_text(output)
-            assert done.returncode == 0, output[-6000:]
-            result.runs.append((_recap(output)[0], output))
-        yield result
+            timings["boot"] = time.monotonic() - started
+            _log(f"booted: {boot_state}")
+            inventory = _write_inventory(work / "inventory", box.relay.port)
+            extra = nspawn.converge_vars(box, wheel)
+            result = Converged(box, work, inventory, extra, boot_state, timings=timings)
+            for run in ("converge", "reconverge"):
+                started = time.monotonic()
+                done = _playbook((work, inventory, extra), "site.yml")
+                timings[run] = time.monotonic() - started
+                output = done.stdout + done.stderr
+                (work / f"{run}.log").write_text(output)
+                assert done.returncode == 0, output[-6000:]
+                result.runs.append((_recap(output)[0], output))
+            yield result
     finally:
-        if relay is not None:
-            if container.running:
-                journal = nspawn.run(
-                    [*nspawn.Box(container, relay, key).ssh_argv(), "journalctl -b --no-pager"],
-                    timeout=120,
-                    check=False,
-                )
-                (work / "journal.log").write_text(journal.stdout + journal.stderr)
-            relay.close()
-        stop_seconds = container.stop()
-        _log(f"container powered off in {stop_seconds:.1f} s; timings {timings}")
+        _log(f"container powered off; timings {timings}")
         (work / "timings.log").write_text(json.dumps(timings, indent=2) + "\n")
         _keep_logs(work)
         # Only now that systemd-nspawn has exited (remove_root refuses a root still in use).
@@ -418,3 +370,73 @@ def test_rolling_update_to_a_broken_release_rolls_back_by_itself(converged: Conv
         "/opt/appliance/current/bin/python -c 'import appliance; print(appliance.__version__)'"
     )
     assert version.strip() == "0.1.0"
+
+
+HEALTHY_VERSION = "0.1.2"
+# What identifies the box's database: its wrapped data keys (made when the store was first
+# opened; a new database would have new ones) and how many audit records it holds.
+_DATABASE_SNAPSHOT = (
+    '/opt/appliance/current/bin/python -c "import hashlib, sqlite3; '
+    "c = sqlite3.connect('file:/var/lib/appliance/appliance.db?mode=ro', uri=True); "
+    "keys = c.execute('SELECT version, wrapped FROM data_keys ORDER BY version').fetchall(); "
+    "print(len(keys), hashlib.sha256(repr(keys).encode()).hexdigest(), "
+    "c.execute('SELECT count(*) FROM audit').fetchone()[0])\""
+)
+
+
+def test_rolling_update_to_a_healthy_release_switches_and_keeps_the_data(
+    converged: Converged,
+) -> None:
+    """After the broken release was rolled back: a healthy one goes in, ``current`` moves,
+    the services answer from the new code, and the database (the audit chain here) is the
+    same one, carried over untouched."""
+    box = converged.box
+    keys_before, digest_before, audit_before = box.sh(_DATABASE_SNAPSHOT).split()
+    healthy = nspawn.build_wheel(
+        REPO, converged.work / "wheels", sys.executable, version=HEALTHY_VERSION
+    )
+    extra = {
+        **converged.extra,
+        "appliance_version": HEALTHY_VERSION,
+        "appliance_wheel": str(healthy),
+    }
+    started = time.monotonic()
+    done = _playbook((converged.work, converged.inventory, extra), "rolling_update.yml")
+    converged.timings["rolling_update_healthy"] = time.monotonic() - started
+    output = done.stdout + done.stderr
+    (converged.work / "rolling_update_healthy.log").write_text(output)
+    assert done.returncode == 0, output[-6000:]
+    assert _recap(output)[1] == 0, output[-6000:]
+    assert box.sh("readlink /opt/appliance/current").strip() == f"releases/{HEALTHY_VERSION}"
+    for service in SERVICES:
+        unit = box.unit(service)
+        assert (unit["ActiveState"], unit["SubState"]) == ("active", "running"), (service, unit)
+        # Restarted onto the new release: its extension modules are mapped from there.
+        pid = unit["MainPID"]
+        mapped = box.sh(f"grep -c 'releases/{HEALTHY_VERSION}/' /proc/{pid}/maps", check=False)
+        assert int(mapped.strip() or 0) > 0, (service, pid)
+    version = box.sh(
+        "/opt/appliance/current/bin/python -c 'import appliance; print(appliance.__version__)'"
+    )
+    assert version.strip() == HEALTHY_VERSION
+    # The same database, carried over: the same data keys, and every audit record of before.
+    keys_after, digest_after, audit_after = box.sh(_DATABASE_SNAPSHOT).split()
+    assert int(keys_before) > 0
+    assert (keys_after, digest_after) == (keys_before, digest_before)
+    assert int(audit_after) >= int(audit_before)
+
+
+def test_molecule_scenario_verify_passes_on_the_converged_box(converged: Converged) -> None:
+    """provisioning/molecule/default/verify.yml: the scenario's own checks, run by Ansible
+    against the box this tier created and converged (create/destroy are nspawn's here)."""
+    done = _playbook(
+        (converged.work, converged.inventory, converged.extra),
+        "molecule/default/verify.yml",
+        timeout=600,
+    )
+    output = done.stdout + done.stderr
+    (converged.work / "verify.log").write_text(output)
+    assert done.returncode == 0, output[-6000:]
+    changed, failed = _recap(output)
+    assert (changed, failed) == (0, 0), output[-6000:]
+    assert "The box says it is healthy" in output
