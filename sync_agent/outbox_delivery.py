@@ -11,9 +11,10 @@ Entries carry no ``fullUrl``: batch entries do not reference each other, and a
 Medplum peer replaces it in every string of the Bundle, identifiers included), which would
 break idempotency on the next resend.
 
-References: a resource that points at ``Patient/<local id>`` or ``Device/<local id>``
-(subject, patient, device) is sent pointing at that resource's upstream id, learnt when it
-was delivered (its outbox row keeps the ``upstream_ref``). A batch therefore ends before the
+References: a resource that points at ``Patient/<local id>`` or ``Device/<local id>`` (in
+any Reference, at any depth) is sent pointing at that resource's upstream id, learnt when
+it was delivered (its outbox row keeps the ``upstream_ref``). The stored JSON bytes are
+sent with those references replaced in place, never parsed (:func:`_outgoing`). A batch therefore ends before the
 first item whose Patient or Device is not delivered yet; that resource comes earlier in
 outbox order, so it goes in this batch or the next (dependencies respected without a
 transaction). A dead-lettered Device does not hold its readings back: they go without the
@@ -47,11 +48,12 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import orjson
@@ -65,14 +67,26 @@ logger = logging.getLogger(__name__)
 
 ACTOR = "service:sync"
 MAX_BACKOFF_S = 300.0
-# References to our own resources that are rewritten to the upstream's ids on the way out.
-_REFERENCE_FIELDS = ("subject", "patient", "device")
+# A reference to one of our own Patients or Devices, as it appears in the compact JSON the
+# store writes. FHIR ids are [A-Za-z0-9\-.]{1,64}, so nothing in one needs escaping, and in
+# valid JSON an unescaped `"reference":"` can only be a key with its string value (inside a
+# string every quote is escaped): each match is a Reference, at any depth.
+_LOCAL_REF = re.compile(rb'"reference":"(Patient|Device)/([A-Za-z0-9\-.]{1,64})"')
 _LOCAL_TYPES = ("Patient/", "Device/")
+# The store's server-owned meta, last in the object as the store writes it, with our tags
+# (where and how a reading was captured) kept. A server ignores a create's ``id`` and
+# ``meta.lastUpdated`` anyway (FHIR R4 RESTful API, *create*); they are dropped so the
+# upstream copy carries only what is ours to say.
+_STORED_META = re.compile(rb',"meta":\{(?:("tag":\[[^\]]*\]),)?"lastUpdated":"[^"\\]*"\}\}')
+_DROP = object()
 _ITEM_COLUMNS = "o.id, o.lane, o.attempts, r.id, r.logical_id, r.type, r.key_version, r.body"
+# Rows of the bundle in flight (a JSON array of outbox ids) are skipped before the join, so
+# their resources are not read twice.
 _PENDING_SQL = (
     f"SELECT {_ITEM_COLUMNS} FROM outbox o JOIN resources r ON r.id = o.resource_id "  # noqa: S608 - constant
     "WHERE o.state = 'pending' AND o.kind = 'create' "
     "AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?) "
+    "AND o.id NOT IN (SELECT value FROM json_each(?)) "
     "ORDER BY o.lane, o.id LIMIT ?"
 )
 # SQLite's default limit on host parameters is 999 (older builds); stay well below it.
@@ -85,23 +99,41 @@ _DEAD_DEPENDENCY = "depends on a Patient the server refused"
 _TOO_LARGE_MEMORY = 100
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One pending outbox row with its decrypted resource."""
+class Item(NamedTuple):
+    """One pending outbox row with its decrypted resource: the JSON bytes as stored.
+
+    A tuple rather than a frozen dataclass: a drain makes one per item, and a frozen
+    dataclass's ``__init__`` (``object.__setattr__`` per field) costs about three times as much.
+    """
 
     outbox_id: int
     lane: int
     attempts: int
     logical_id: str
     type: str
-    resource: fhir.FhirJson
+    raw: bytes
+
+    @property
+    def resource(self) -> fhir.FhirJson:
+        """The resource, parsed (a fresh dict at each call)."""
+        parsed: fhir.FhirJson = orjson.loads(self.raw)
+        return parsed
+
+    def local_refs(self) -> list[tuple[str, str]]:
+        """(type, logical id) of every Patient or Device reference in the resource."""
+        return [(t.decode(), i.decode()) for t, i in _LOCAL_REF.findall(self.raw)]
+
+
+# What goes in an entry's ``resource``: the stored bytes with references rewritten (the
+# common case, never parsed), or a parsed copy when it needed more than that.
+Outgoing = orjson.Fragment | fhir.FhirJson
 
 
 @dataclass(frozen=True, slots=True)
 class _Batch:
     """One bundle's worth: the entries to send, and items refused without sending."""
 
-    ready: list[tuple[Item, fhir.FhirJson]]
+    ready: list[tuple[Item, Outgoing]]
     dead: list[tuple[Item, str]]
 
 
@@ -152,6 +184,101 @@ def _iso(moment: datetime) -> str:
     return fhir.utc_text(moment)
 
 
+def _outgoing(item: Item, refs: list[tuple[str, str]], targets: dict[str, str | None]) -> Outgoing:
+    """The resource as it goes upstream: our references to the upstream's ids, no id/meta.
+
+    Most resources are sent as the stored bytes with each reference replaced in place
+    (parsing ~1 KB of JSON into dicts and encoding it again cost more than the rest of the
+    agent's work for the item). Whatever does not fit that (a reference to a Device the
+    server refused or to a resource delivered without a location, a body not laid out as
+    the store writes it) is parsed and rewritten as a dict: same result, slower.
+    """
+    raw = item.raw
+    for rtype, local_id in refs:
+        target = targets.get(local_id)
+        if target == "dead" or target == _NO_LOCATION:
+            return _outgoing_parsed(item, targets)
+        if target is not None and target != "absent":
+            raw = raw.replace(
+                b'"reference":"%s/%s"' % (rtype.encode(), local_id.encode()),
+                b'"reference":' + orjson.dumps(target),
+            )
+    cut = raw.rfind(b',"meta":{')
+    meta = _STORED_META.fullmatch(raw, cut) if cut > 0 else None
+    own_id = b'"id":' + orjson.dumps(item.logical_id)
+    at = raw.find(own_id)
+    if meta is None or not 0 < at < cut or raw.count(own_id) != 1:
+        return _outgoing_parsed(item, targets)
+    end = at + len(own_id)
+    if raw[at - 1] == 0x2C:  # ,"id":"…"
+        raw = raw[: at - 1] + raw[end:cut]
+    elif at == 1 and raw[end] == 0x2C:  # {"id":"…",
+        raw = b"{" + raw[end + 1 : cut]
+    else:
+        return _outgoing_parsed(item, targets)
+    tags = meta[1]
+    return orjson.Fragment(raw + (b',"meta":{' + tags + b"}}" if tags else b"}"))
+
+
+def _outgoing_parsed(item: Item, targets: dict[str, str | None]) -> fhir.FhirJson:
+    body: fhir.FhirJson = _rewrite_references(item.resource, targets)
+    # Server-owned meta goes; our tags (where/how a reading was captured) stay.
+    meta = body.pop("meta", None)
+    if isinstance(meta, dict) and meta.get("tag"):
+        body["meta"] = {"tag": meta["tag"]}
+    body.pop("id", None)
+    return body
+
+
+def _rewrite_references(value: Any, targets: dict[str, str | None]) -> Any:
+    """``value`` with each Reference to our Patients and Devices as the upstream must see it.
+
+    Delivered: the upstream's id. Delivered without a location: by our identifier. A Device
+    the server refused: the link goes and the rest (its display name) stays; a Reference
+    left empty goes altogether. Not ours, or not delivered yet: as it is.
+    """
+    if isinstance(value, list):
+        kept = [new for part in value if (new := _rewrite_references(part, targets)) is not _DROP]
+        return _DROP if value and not kept else kept
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, part in value.items():
+        new = _rewrite_references(part, targets)
+        if new is not _DROP:
+            out[key] = new
+    ref = value.get("reference")
+    if isinstance(ref, str) and ref.startswith(_LOCAL_TYPES):
+        rtype, local_id = ref.split("/", 1)
+        target = targets.get(local_id)
+        if target == "dead":
+            del out["reference"]
+            return out or _DROP
+        if target == _NO_LOCATION:
+            del out["reference"]
+            out["type"] = rtype
+            out["identifier"] = {
+                "system": fhir.IDENTIFIER_SYSTEM,
+                "value": fhir.identifier_value(local_id),
+            }
+        elif target is not None and target != "absent":
+            out["reference"] = target
+    return out
+
+
+def _entry_ref(entry: Any, answer: dict[str, Any]) -> str | None:
+    """``Type/id`` of what an entry created or found: from its location, else its resource."""
+    location = answer.get("location")
+    if isinstance(location, str) and location:
+        head, sep, rid = location.split("/_history", 1)[0].rpartition("/")
+        if sep:
+            return f"{head.rpartition('/')[2]}/{rid}"
+    resource = entry.get("resource") if isinstance(entry, dict) else None
+    if isinstance(resource, dict) and resource.get("id"):
+        return f"{resource['resourceType']}/{resource['id']}"
+    return None
+
+
 class Deliverer:
     """Drains the outbox of one store to one upstream FHIR server."""
 
@@ -184,20 +311,18 @@ class Deliverer:
     # -- reading the outbox ----------------------------------------------------------------
 
     def _items(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Item]:
-        items = []
-        for outbox_id, lane, attempts, *resource_row in rows:
-            stored = self._store.decrypt_stored(conn, tuple(resource_row))
-            items.append(
-                Item(outbox_id, lane, attempts, stored.logical_id, stored.type, stored.resource)
-            )
-        return items
+        # Columns: outbox id, lane, attempts, then the resource row (see _ITEM_COLUMNS).
+        decrypt = self._store.decrypt_stored_json
+        return [
+            Item(row[0], row[1], row[2], row[4], row[5], decrypt(conn, row[3:])) for row in rows
+        ]
 
     def _load(
         self, conn: sqlite3.Connection, now: str, limit: int, busy: frozenset[int] = frozenset()
     ) -> list[Item]:
         """Due items in lane order, skipping ``busy`` outbox ids (a bundle in flight)."""
-        rows = conn.execute(_PENDING_SQL, (now, limit + len(busy))).fetchall()
-        return self._items(conn, [row for row in rows if row[0] not in busy][:limit])
+        skip = orjson.dumps(sorted(busy)).decode()
+        return self._items(conn, conn.execute(_PENDING_SQL, (now, skip, limit)).fetchall())
 
     def _load_by_logical_id(
         self, conn: sqlite3.Connection, logical_ids: list[str], now: str
@@ -261,38 +386,29 @@ class Deliverer:
 
     # -- building the bundle -------------------------------------------------------------
 
-    @staticmethod
-    def _local_refs(resource: fhir.FhirJson) -> dict[str, str]:
-        """Reference field → the local logical id it points at (Patient or Device)."""
-        found = {}
-        for fieldname in _REFERENCE_FIELDS:
-            value = resource.get(fieldname)
-            ref = value.get("reference") if isinstance(value, dict) else None
-            if isinstance(ref, str) and ref.startswith(_LOCAL_TYPES):
-                found[fieldname] = ref.split("/", 1)[1]
-        return found
-
     def _plan(
         self,
         conn: sqlite3.Connection,
         items: list[Item],
         now: str,
         in_flight: frozenset[str] = frozenset(),
-    ) -> tuple[list[tuple[Item, fhir.FhirJson]], list[Item]]:
+    ) -> tuple[list[tuple[Item, Outgoing]], list[Item]]:
         """Choose the items of this bundle, dependencies first.
 
         A Patient or Device that a loaded item points at and that is itself due goes at the
-        front (loaded from any lane when it is not among the items); the bundle then ends before the first item pointing at something in this same
-        bundle or in the one still in flight (``in_flight``: it needs that resource's upstream
-        id, known only from the answer), so a lane keeps its order. An item whose dependency is waiting out a backoff is held back.
+        front (loaded from any lane when it is not among the items); the bundle then ends
+        before the first item pointing at something in this same bundle or in the one still
+        in flight (``in_flight``: it needs that resource's upstream id, known only from the
+        answer), so a lane keeps its order. An item whose dependency is waiting out a backoff
+        is held back; one pointing at a Patient the server refused is dead-lettered.
         """
-        local = {item.outbox_id: self._local_refs(item.resource) for item in items}
+        local = {item.outbox_id: item.local_refs() for item in items}
         refs: dict[str, str | None] = {}
         for _ in range(3):  # a reading → its Device → the Device's Patient
             for item in items:
                 if item.outbox_id not in local:
-                    local[item.outbox_id] = self._local_refs(item.resource)
-            wanted = {lid for item in items for lid in local[item.outbox_id].values()} - refs.keys()
+                    local[item.outbox_id] = item.local_refs()
+            wanted = {lid for item in items for _, lid in local[item.outbox_id]} - refs.keys()
             if not wanted:
                 break
             refs.update(self._upstream_refs(conn, wanted))
@@ -307,38 +423,20 @@ class Deliverer:
             rest = [item for item in items if item.logical_id not in moved]
             items = (ahead + rest)[: self._batch_size]
         in_batch: set[str] = set()
-        ready: list[tuple[Item, fhir.FhirJson]] = []
+        ready: list[tuple[Item, Outgoing]] = []
         blocked_dead: list[Item] = []
         for item in items:
-            # A fresh dict per load (decrypted JSON): top-level keys are replaced, never mutated.
-            body = dict(item.resource)
             blocked = waits = held = False
-            for fieldname, local_id in local[item.outbox_id].items():
+            for rtype, local_id in local[item.outbox_id]:
                 target = refs.get(local_id)
                 if target == "dead":
-                    if fieldname == "device":
-                        # The reading stands without its device: keep the name, drop the link.
-                        body["device"] = {
-                            k: v for k, v in body["device"].items() if k != "reference"
-                        }
-                        continue
-                    blocked = True
+                    # A reading stands without its device (the name stays, the link goes);
+                    # nothing stands without its Patient.
+                    blocked = blocked or rtype == "Patient"
                 elif local_id in in_batch or local_id in in_flight:
                     waits = True  # it goes in this bundle; this item in the next one
                 elif target is None:
                     held = True  # not due yet (per-item backoff): this item waits for it
-                elif target == _NO_LOCATION:
-                    # Delivered, but the server gave no id: point at it by our identifier.
-                    body[fieldname] = {
-                        **{k: v for k, v in body[fieldname].items() if k != "reference"},
-                        "type": body[fieldname]["reference"].split("/", 1)[0],
-                        "identifier": {
-                            "system": fhir.IDENTIFIER_SYSTEM,
-                            "value": fhir.identifier_value(local_id),
-                        },
-                    }
-                elif target != "absent":
-                    body[fieldname] = {**body[fieldname], "reference": target}
             if waits:
                 break
             if blocked:
@@ -346,17 +444,12 @@ class Deliverer:
                 continue
             if held:
                 continue
-            # Server-owned meta goes; our tags (where/how a reading was captured) stay.
-            meta = body.pop("meta", None)
-            if isinstance(meta, dict) and meta.get("tag"):
-                body["meta"] = {"tag": meta["tag"]}
-            body.pop("id", None)
-            ready.append((item, body))
+            ready.append((item, _outgoing(item, local[item.outbox_id], refs)))
             in_batch.add(item.logical_id)
         return ready, blocked_dead
 
     @staticmethod
-    def _bundle(entries: list[tuple[Item, fhir.FhirJson]]) -> dict[str, Any]:
+    def _bundle(entries: list[tuple[Item, Outgoing]]) -> dict[str, Any]:
         return {
             "resourceType": "Bundle",
             "type": "batch",
@@ -445,18 +538,6 @@ class Deliverer:
         # so the message is stored encrypted like the resource itself (see error_message).
         return self._store.keyring.seal("outbox", str(item.outbox_id), message)
 
-    @staticmethod
-    def _entry_ref(entry: dict[str, Any]) -> str | None:
-        location = entry.get("response", {}).get("location")
-        if isinstance(location, str) and location:
-            parts = location.split("/_history")[0].split("/")
-            if len(parts) >= 2:
-                return f"{parts[-2]}/{parts[-1]}"
-        resource = entry.get("resource")
-        if isinstance(resource, dict) and resource.get("id"):
-            return f"{resource['resourceType']}/{resource['id']}"
-        return None
-
     # -- the drain -----------------------------------------------------------------------
 
     def _choose(
@@ -487,17 +568,21 @@ class Deliverer:
         dead = list(batch.dead)
         delivered: list[tuple[Item, str | None]] = []
         retry: list[tuple[Item, str, float]] = []
-        entries = response.get("entry", [])
+        entries = response.get("entry")
+        if not isinstance(entries, list):
+            entries = []
         for index, (item, _body) in enumerate(batch.ready):
-            entry = entries[index] if index < len(entries) else {}
-            status_text = str(entry.get("response", {}).get("status", ""))
-            code = int(status_text.split()[0]) if status_text[:3].isdigit() else 0
+            entry = entries[index] if index < len(entries) else None
+            answer = entry.get("response") if isinstance(entry, dict) else None
+            if not isinstance(answer, dict):
+                answer = {}
+            status = answer.get("status")
+            code = int(status[:3]) if isinstance(status, str) and status[:3].isdigit() else 0
             if 200 <= code < 300:
-                delivered.append((item, self._entry_ref(entry)))
+                delivered.append((item, _entry_ref(entry, answer)))
                 result.existing += code == 200
             elif 400 <= code < 500 and code not in (401, 403, 408, 409, 429):
-                message = outcome_text(entry.get("response", {}).get("outcome")) or f"HTTP {code}"
-                dead.append((item, message))
+                dead.append((item, outcome_text(answer.get("outcome")) or f"HTTP {code}"))
             else:
                 retry.append(
                     (item, f"entry HTTP {code or 'missing'}", backoff_s(item.attempts, self._rng))
@@ -540,7 +625,7 @@ class Deliverer:
     async def _on_bundle_failure(
         self,
         exc: UpstreamError,
-        ready: list[tuple[Item, fhir.FhirJson]],
+        ready: list[tuple[Item, Outgoing]],
         dead: list[tuple[Item, str]],
         now: datetime,
         result: DrainResult,
