@@ -62,7 +62,7 @@ async def test_polling_stops_when_nobody_waits_and_restarts(store: Store) -> Non
     await feed.close()
 
 
-async def test_a_failed_poll_reaches_every_waiting_stream(store: Store) -> None:
+async def test_a_failed_poll_reaches_every_waiting_stream() -> None:
     class Broken:
         async def last_row_id(self) -> int:
             raise OSError("disk I/O error")
