@@ -1,0 +1,155 @@
+"""Exam cameras: a USB (V4L2) camera on the box, as a track for the visit and for stills.
+
+An otoscope or exam camera plugged into the box is opened once with libav (aiortc's
+``MediaPlayer``: ``/dev/video0``, format ``v4l2``). Its frames are shared through aiortc's
+``MediaRelay``: the visit gets one subscription as an extra video track (the one place the
+box encodes video itself: the camera's frames are raw), and each still takes a short-lived
+subscription of its own, so a still never steals frames from the visit.
+
+A still is the next frame, encoded as JPEG (libav's ``mjpeg`` encoder, off the event loop)
+and stored as a FHIR Media like the kiosk's photos (:func:`services.intake.photo_media`):
+encrypted at rest by the store, audited, and queued in the outbox, so it reaches the EHR
+when the link allows (store-and-forward). Nothing is recorded but the stills people take.
+
+Opening a camera that is not there, or one that stops giving frames, raises
+:class:`CameraError` with the device's path and what went wrong; nothing is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from fractions import Fraction
+
+import av
+from aiortc import MediaStreamTrack
+from aiortc.contrib.media import MediaPlayer, MediaRelay
+from aiortc.mediastreams import MediaStreamError
+
+from appliance import fhir
+from appliance.store import Store, StoredResource
+from services import intake
+
+logger = logging.getLogger(__name__)
+
+STILL_TIMEOUT_S = 5.0
+JPEG_QUALITY = 3  # mjpeg quantiser: 2 (best) … 31; 3 keeps an otoscope's detail (~65 KB at 720p)
+
+
+class CameraError(RuntimeError):
+    """The exam camera could not be opened or gave no frame."""
+
+
+@dataclass(frozen=True, slots=True)
+class CameraConfig:
+    """Where the camera is and what to ask of it (V4L2 unless told otherwise)."""
+
+    device: str = "/dev/video0"
+    format: str = "v4l2"
+    size: str = "1280x720"
+    framerate: int = 30
+    name: str = "exam camera"
+
+
+class ExamCamera:
+    """One camera attached to the box; :meth:`open` before use, :meth:`close` after."""
+
+    def __init__(self, config: CameraConfig) -> None:
+        self.config = config
+        self._player: MediaPlayer | None = None
+        self._relay = MediaRelay()
+
+    async def open(self) -> None:
+        """Open the device (libav opens it synchronously: off the event loop)."""
+        options = {"video_size": self.config.size, "framerate": str(self.config.framerate)}
+        if self.config.format == "lavfi":  # a test pattern: the source names its own size
+            options = {}
+        try:
+            self._player = await asyncio.to_thread(
+                MediaPlayer, self.config.device, format=self.config.format, options=options
+            )
+        except (av.FFmpegError, OSError) as exc:
+            raise CameraError(f"{self.config.name} at {self.config.device}: {exc}") from exc
+        if self._player.video is None:
+            raise CameraError(f"{self.config.name} at {self.config.device}: no video stream")
+        logger.info("%s opened at %s", self.config.name, self.config.device)
+
+    def track(self) -> MediaStreamTrack:
+        """A video track of the camera for the visit (one per call, all sharing the device)."""
+        return self._relay.subscribe(self._source(), buffered=False)
+
+    async def still(self) -> bytes:
+        """The next frame as JPEG bytes."""
+        subscription = self._relay.subscribe(self._source(), buffered=False)
+        try:
+            async with asyncio.timeout(STILL_TIMEOUT_S):
+                frame = await subscription.recv()
+        except (TimeoutError, MediaStreamError) as exc:
+            raise CameraError(
+                f"{self.config.name} at {self.config.device}: no frame within {STILL_TIMEOUT_S:g} s"
+            ) from exc
+        finally:
+            subscription.stop()
+        if not isinstance(frame, av.VideoFrame):
+            raise CameraError(f"{self.config.name} at {self.config.device}: not a video frame")
+        return await asyncio.to_thread(encode_jpeg, frame)
+
+    async def close(self) -> None:
+        """Release the device. Stopping the player joins its reader thread (up to one frame
+        period), so it runs off the event loop; nothing in aiortc listens for its "ended"."""
+        player, self._player = self._player, None
+        if player is not None and player.video is not None:
+            await asyncio.to_thread(player.video.stop)
+
+    def _source(self) -> MediaStreamTrack:
+        if self._player is None or self._player.video is None:
+            raise CameraError(f"{self.config.name} at {self.config.device} is not open")
+        return self._player.video
+
+
+def encode_jpeg(frame: av.VideoFrame) -> bytes:
+    """One frame as a baseline JPEG (full-range YUV 4:2:0, as cameras and browsers expect)."""
+    codec = av.CodecContext.create("mjpeg", "w")
+    codec.width, codec.height = frame.width, frame.height
+    codec.pix_fmt = "yuvj420p"
+    codec.time_base = Fraction(1, 30)
+    codec.qmin = codec.qmax = JPEG_QUALITY  # a fixed quantiser, not a bitrate
+    packets = codec.encode(frame.reformat(format="yuvj420p"))
+    packets += codec.encode(None)
+    return b"".join(bytes(packet) for packet in packets)
+
+
+def still_media(
+    patient_ref: str,
+    jpeg: bytes,
+    taken: datetime,
+    camera: str,
+    encounter_ref: str | None = None,
+) -> fhir.FhirJson:
+    """The still as a FHIR Media: the kiosk photo's shape, from the exam camera, in the visit."""
+    media = intake.photo_media(patient_ref, jpeg, taken, camera)
+    media["deviceName"] = camera
+    media["content"]["title"] = f"Still from the {camera}"
+    if encounter_ref is not None:
+        media["encounter"] = {"reference": encounter_ref}
+    return media
+
+
+async def take_still(
+    store: Store,
+    camera: ExamCamera,
+    patient_ref: str,
+    actor: str,
+    taken: datetime,
+    encounter_ref: str | None = None,
+) -> StoredResource:
+    """Take a still and store it (encrypted, audited, queued for the EHR)."""
+    jpeg = await camera.still()
+    [stored] = await store.create(
+        [still_media(patient_ref, jpeg, taken, camera.config.name, encounter_ref)],
+        actor,
+        audit_each=True,
+    )
+    return stored
