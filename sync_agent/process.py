@@ -71,6 +71,9 @@ BACKOFF_CAP_S = 300.0
 PROBE_BASE_S = 0.5
 PROBE_CAP_S = 5.0
 PROBE_TIMEOUT_S = 2.0
+# While online, the round trip of a ``HEAD metadata`` is measured this often and published
+# as ``upstream_rtt_ms`` (the pre-call check shows it: web/precall.py).
+RTT_EVERY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +220,7 @@ class SyncLoop:
         )
         self.wakeups = Wakeups(ctx)
         self.probes = 0
+        self._rtt_at: float | None = None
         # -- claims (issue 8): ready claims to the payer endpoint, its acks back. ------------
         self.claims = ClaimsSubmitter(ctx.store, ctx.config)
 
@@ -233,6 +237,8 @@ class SyncLoop:
                 await self.deliverer.make_due()
             result = await self.deliverer.drain()
             self._report(result)
+            if not result.link_down:
+                await self._measure_rtt()
             # -- claims (issue 8): after the drain, whatever the EHR link; never raises. -----
             await self.claims.run_once()
             more = False
@@ -255,6 +261,15 @@ class SyncLoop:
                 failures += 1
                 wait = max(pacing.backoff(failures, rng), result.retry_after_s or 0.0)
                 wake = await self.wakeups.wait(wait, on_work=False)
+
+    async def _measure_rtt(self) -> None:
+        """Time one ``HEAD metadata`` (at most every :data:`RTT_EVERY_S`); no PHI, no auth."""
+        loop = asyncio.get_running_loop()
+        if self._rtt_at is not None and loop.time() - self._rtt_at < RTT_EVERY_S:
+            return
+        self._rtt_at = start = loop.time()
+        if await probe(self._client, self._pacing.probe_timeout_s):
+            self._ctx.set_status(upstream_rtt_ms=round((loop.time() - start) * 1000, 1))
 
     async def _until_reachable(self) -> Wake:
         logger.warning(

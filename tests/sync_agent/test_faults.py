@@ -534,6 +534,28 @@ async def test_dead_upstream_is_not_hammered_and_the_link_back_delivers_within_s
     assert resumed < PROBE_CAP_S + 2
 
 
+async def test_the_round_trip_to_the_upstream_is_published_while_online(
+    store: Store, client: httpx.AsyncClient, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    ctx = await _loop_ctx(tmp_path, store, proxy.base_url, 0.5)
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=random.Random(4))
+    await proxy.set(Fault.DELAY, delay_s=0.3)  # a slow link: every answer 300 ms late
+    task = asyncio.create_task(loop.run())
+    try:
+        started = time.monotonic()
+        while "upstream_rtt_ms" not in ctx.status:
+            await asyncio.sleep(0.05)
+            assert time.monotonic() - started < 15
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 5)
+    rtt = ctx.status["upstream_rtt_ms"]
+    assert isinstance(rtt, float)
+    assert 300 <= rtt < 2000
+    assert ctx.status["online"] is True
+    assert loop.probes == 0  # a measurement while online, not an offline probe
+
+
 def test_probe_schedule_over_a_week_offline_is_bounded() -> None:
     pacing, rng = Pacing(interval_s=5.0), random.Random(11)
     elapsed, probes, longest = 0.0, 0, 0.0
