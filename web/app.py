@@ -99,6 +99,7 @@ def create_app(
     from web.kiosk import bp as kiosk_bp
     from web.nurse import bp as nurse_bp
     from web.policy import deny_unclassified
+    from web.precall import bp as precall_bp
     from web.provider import bp as provider_bp
     from web.rpm import bp as rpm_bp
     from web.rpm_patient import bp as rpm_patient_bp
@@ -136,6 +137,7 @@ def create_app(
     app.register_blueprint(claims_bp)
     app.register_blueprint(kiosk_bp)
     app.register_blueprint(provider_bp)
+    app.register_blueprint(precall_bp)  # issue 7: the pre-call check
     for security_bp in (admin.bp, audit_report.bp, break_glass.bp):  # issue 6 security
         app.register_blueprint(security_bp)
     ingest.exempt_from_browser_csrf(app)  # the vendor API takes a key, never the session cookie

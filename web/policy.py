@@ -182,6 +182,12 @@ POLICY: Mapping[str, Rule] = {
     "sync.review_case": _r(CLINIC, phi=True),
     "sync.review_keep_mine": _r(CLINIC, phi=True),
     "sync.review_take_theirs": _r(CLINIC, phi=True),
+    # the pre-call check (web/precall.py): devices and the network, no patient data
+    "precall.page": _r(STAFF),
+    "precall.ping": _r(STAFF),
+    "precall.download": _r(STAFF),
+    "precall.upload": _r(STAFF),
+    "precall.upstream": _r(STAFF),
 }
 
 # Unsafe requests that take no browser CSRF token, and why: they never read a cookie.

@@ -8,7 +8,7 @@ Fixtures for any browser test:
   ``await live_app.devices_store()`` for a second connection to the same database, as another
   process (devices, sync) would have;
 * ``browser`` / ``page`` — Debian's Chromium (``/usr/bin/chromium``) through Playwright,
-  never a downloaded browser. Skipped with a reason only when that binary is absent;
+  never a downloaded browser (``media_browser``: with its fake camera and microphone). Skipped with a reason only when that binary is absent;
   ``make test`` installs it, so in CI these tests run.
 """
 
@@ -81,6 +81,21 @@ async def browser() -> AsyncIterator[Any]:
 
     async with async_playwright() as playwright:
         launched = await live_server.launch_chromium(playwright)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture
+async def media_browser() -> AsyncIterator[Any]:
+    """As ``browser``, with Chromium's fake camera and microphone, permissions granted."""
+    if not live_server.CHROMIUM.exists():
+        pytest.skip(f"{live_server.CHROMIUM} is not installed (`make test` installs chromium)")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        launched = await live_server.launch_chromium(playwright, fake_media=True)
         try:
             yield launched
         finally:

@@ -57,6 +57,16 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+# Chromium's fake camera (a test pattern with a frame counter) and microphone (a beep), and
+# every permission prompt answered yes: for the pre-call check and the video pages.
+FAKE_MEDIA_ARGS = [
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--autoplay-policy=no-user-gesture-required",
+    # Host candidates as addresses, not mDNS names, which aioice would have to resolve.
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
 ACTOR = "service:devices"
 
 
@@ -101,11 +111,11 @@ async def _wait_until_up(port: int, task: asyncio.Task[Any]) -> None:
     raise RuntimeError("the app did not start listening")
 
 
-async def launch_chromium(playwright: Any) -> Any:
-    """Headless Chromium from the Debian package, with the flags a CI container needs."""
-    return await playwright.chromium.launch(
-        executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-    )
+async def launch_chromium(playwright: Any, *, fake_media: bool = False) -> Any:
+    """Headless Chromium from the Debian package, with the flags a CI container needs
+    (and, with ``fake_media``, :data:`FAKE_MEDIA_ARGS`)."""
+    args = CHROMIUM_ARGS + (FAKE_MEDIA_ARGS if fake_media else [])
+    return await playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
 
 
 async def create_user(store: Store, username: str, password: str, role: users.Role) -> None:

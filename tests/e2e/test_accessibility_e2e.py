@@ -324,6 +324,7 @@ async def test_nurse_and_provider_pages_have_no_serious_or_critical_violations(
         ("/sync/", "h1", "sync status"),
         ("/sync/review", "h1", "sync review queue"),
         ("/break-glass", "form", "emergency access"),
+        ("/precall/", "#start", "pre-call check"),
         ("/visit/new", "input[name=encounter]", "provider links"),
     )
     for path, ready, name in pages:
@@ -358,4 +359,4 @@ async def test_nurse_and_provider_pages_have_no_serious_or_critical_violations(
         await axe.check(provider, "provider: visit completed")
     finally:
         await context.close()
-    axe.assert_clean(expected_pages=17)
+    axe.assert_clean(expected_pages=18)
