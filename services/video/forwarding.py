@@ -17,7 +17,9 @@ any of the internals below change):
   history and sends; no codec context is ever created for a forwarded track;
 * the sender's ``_send_keyframe`` (called on PLI and FIR) is replaced per instance by the
   relay's keyframe request, rate-limited and sent to the publisher with the receiver's
-  ``_send_rtcp_pli``. The packer's ``target_bitrate`` records the viewer's REMB.
+  ``_send_rtcp_pli``. The packer's ``target_bitrate`` records the viewer's REMB;
+* video packets still missing are NACKed again (``services/video/nack.py`` decides when)
+  with the receiver's ``_send_rtcp_nack``: aiortc asks for a lost packet once.
 
 Everything else goes through aiortc's public API. See docs/video.md.
 """
@@ -42,6 +44,8 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 from aiortc.utils import uint16_gt
+
+from services.video.nack import NackSchedule
 
 AIORTC_VERSION = "1.16.0"
 
@@ -98,18 +102,28 @@ class MarkerJitterBuffer(JitterBuffer):
     bit is present; a frame whose sender sets no marker is released, as stock aiortc does,
     when the next frame's first packet arrives. The receiver takes one frame per packet:
     when a repaired gap completes several, the others wait in ``ready`` (raw RTP
-    timestamps) for the relay. Also remembers the media SSRC, which keyframe requests need.
+    timestamps) for the relay. Also remembers the media SSRC, which keyframe requests need,
+    and tells ``on_packet`` (the relay's repeated NACKs) of every packet it is given.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_packet: Callable[[int], None] | None = None) -> None:
         super().__init__(capacity=512, is_video=True)
         self.ssrc: int | None = None
         self.released_timestamp = 0  # raw RTP timestamp of the frame ``add`` last returned
         self.ready: list[JitterFrame] = []
+        self._on_packet = on_packet
+
+    @property
+    def origin(self) -> int | None:
+        """The oldest sequence number still wanted (the first slot), None before any packet."""
+        return self._origin
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
         self.ssrc = packet.ssrc
-        return super().add(packet)
+        result = super().add(packet)
+        if self._on_packet is not None:
+            self._on_packet(packet.sequence_number)
+        return result
 
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
         self.ready = []  # not taken with the frame before them: that one was not delivered
@@ -262,6 +276,8 @@ class RelayStats:
     bytes_in: int = 0
     frames_wrong_codec: int = 0
     keyframe_requests_sent: int = 0
+    nacks_repeated: int = 0  # missing packets asked for again (aiortc asks once)
+    nacks_given_up: int = 0  # missing packets no longer asked for, never repaired
     viewers: dict[str, ViewerStats] = field(default_factory=dict)
 
 
@@ -326,6 +342,8 @@ class ForwardingRelay:
     ``attach`` takes the publisher's receiver (from its peer connection's transceivers,
     before the connection starts), ``add_viewer`` adds the track to a viewer's peer
     connection before its offer or answer is created. The clock is a parameter.
+    ``repeat_nacks=False`` leaves loss repair to stock aiortc (one NACK per gap); it exists
+    to measure what repeated NACKs are worth (tests/video/test_loss.py).
     """
 
     def __init__(
@@ -334,6 +352,7 @@ class ForwardingRelay:
         *,
         clock: Callable[[], float] = time.monotonic,
         keyframe_min_interval: float = KEYFRAME_MIN_INTERVAL,
+        repeat_nacks: bool = True,
     ) -> None:
         if kind not in MIME_TYPES:
             raise ValueError(f"cannot forward {kind!r} media")
@@ -348,13 +367,21 @@ class ForwardingRelay:
         self._viewers: dict[str, ForwardedTrack] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._codec_warned = False
+        self._nacks = NackSchedule() if repeat_nacks and kind == "video" else None
 
     def attach(self, receiver: RTCRtpReceiver) -> None:
         """Take the publisher's encoded frames from ``receiver`` instead of decoding them."""
         original = _require(receiver, RECEIVER_DECODER_QUEUE, queue.Queue)
         _require(receiver, RECEIVER_JITTER_BUFFER, JitterBuffer)
         _require(receiver, "_send_rtcp_pli")
-        buffer = MarkerJitterBuffer() if self.kind == "video" else PassThroughAudioBuffer()
+        buffer: MarkerJitterBuffer | PassThroughAudioBuffer
+        if self.kind == "audio":
+            buffer = PassThroughAudioBuffer()
+        elif self._nacks is None:
+            buffer = MarkerJitterBuffer()
+        else:
+            _require(receiver, "_send_rtcp_nack")
+            buffer = MarkerJitterBuffer(on_packet=self._on_video_packet)
         setattr(receiver, RECEIVER_JITTER_BUFFER, buffer)
         setattr(receiver, RECEIVER_DECODER_QUEUE, _FrameTap(original, self._on_frame))
         self._receiver, self._buffer = receiver, buffer
@@ -422,6 +449,17 @@ class ForwardingRelay:
             return
         self.stats.keyframe_requests_sent += 1
         await self._receiver._send_rtcp_pli(self._buffer.ssrc)
+
+    def _on_video_packet(self, sequence_number: int) -> None:
+        if self._nacks is None or not isinstance(self._buffer, MarkerJitterBuffer):
+            return
+        now = self._clock()
+        self._nacks.packet(sequence_number, now)
+        lost = self._nacks.due(now, self._buffer.origin)
+        self.stats.nacks_repeated = self._nacks.repeated
+        self.stats.nacks_given_up = self._nacks.given_up
+        if lost and self._receiver is not None and self._buffer.ssrc is not None:
+            self._spawn(self._receiver._send_rtcp_nack(self._buffer.ssrc, lost))
 
     def _spawn(self, coroutine: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
