@@ -34,3 +34,18 @@ async def store(db_path: Path, kek_path: Path) -> AsyncIterator[Store]:
 
 # The Medplum FHIR peer (Node.js) on loopback, started once per session when a test asks.
 from tests.fhir_peer.fixtures import fhir_peer  # noqa: E402, F401
+
+
+@pytest.fixture
+def loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every aiortc peer on 127.0.0.1 (video tests).
+
+    aioice gathers host candidates on every interface except 127.0.0.1; the tests must stay
+    on loopback, and there is no public option for it, so its address lookup is replaced.
+    """
+    import aioice.ice
+
+    def loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return ["127.0.0.1"]
+
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", loopback_only)

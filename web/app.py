@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 from appliance.config import Config
 from appliance.store import Store
 from appliance.users import LoginThrottle, Role
+from services.video.service import VideoService
 from web.changes import ChangeFeed
 from web.templating import render_template
 
@@ -71,6 +72,8 @@ class AppState:
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     # Signs the pre-login CSRF tokens; per process, so a restart only voids open login forms.
     form_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    # Video rooms and the box's peer connections (docs/video.md); closed after serving.
+    video: VideoService = field(default_factory=VideoService)
 
 
 def app_state() -> AppState:
@@ -104,6 +107,7 @@ def create_app(
     from web.rpm import bp as rpm_bp
     from web.rpm_patient import bp as rpm_patient_bp
     from web.sync import bp as sync_bp
+    from web.video import bp as video_bp
 
     app = Quart(
         __name__,
@@ -138,6 +142,7 @@ def create_app(
     app.register_blueprint(kiosk_bp)
     app.register_blueprint(provider_bp)
     app.register_blueprint(precall_bp)  # issue 7: the pre-call check
+    app.register_blueprint(video_bp)  # issue 7: the video visit's signalling
     for security_bp in (admin.bp, audit_report.bp, break_glass.bp):  # issue 6 security
         app.register_blueprint(security_bp)
     ingest.exempt_from_browser_csrf(app)  # the vendor API takes a key, never the session cookie
@@ -157,6 +162,10 @@ def create_app(
     @app.after_serving
     async def stop_change_feed() -> None:
         await app.extensions["appliance"].changes.close()
+
+    @app.after_serving
+    async def close_video() -> None:
+        await app.extensions["appliance"].video.async_close()
 
     app.after_request(_security_headers)
     app.register_error_handler(HTTPException, _http_error)

@@ -66,7 +66,8 @@ _CHALLENGE_ENDPOINTS = frozenset({"auth.mfa_verify", "auth.mfa_enrol"})
 _OWN_TOKEN_ENDPOINTS = frozenset({"auth.login", "kiosk.pair"})
 
 
-def _cookie_name(state: AppState, base: str) -> str:
+def cookie_name(state: AppState, base: str) -> str:
+    """A staff cookie's name: ``__Host-`` prefixed when the box is served over HTTPS."""
     return f"__Host-{base}" if state.secure else base
 
 
@@ -74,7 +75,7 @@ def _set_cookie(
     response: BaseResponse, state: AppState, base: str, value: str, max_age: int | None = None
 ) -> None:
     response.set_cookie(
-        _cookie_name(state, base),
+        cookie_name(state, base),
         value,
         max_age=max_age,
         path="/",
@@ -86,7 +87,7 @@ def _set_cookie(
 
 def _delete_cookie(response: BaseResponse, state: AppState, base: str) -> None:
     response.delete_cookie(
-        _cookie_name(state, base), path="/", secure=state.secure, httponly=True, samesite="Strict"
+        cookie_name(state, base), path="/", secure=state.secure, httponly=True, samesite="Strict"
     )
 
 
@@ -97,7 +98,7 @@ async def current_session() -> Session | None:
     """This request's live session (loaded once per request, restarting its idle timer)."""
     if "session" not in g:
         state = app_state()
-        token = request.cookies.get(_cookie_name(state, "session"))
+        token = request.cookies.get(cookie_name(state, "session"))
         g.session = None
         if token:
             g.session = await db.run_sync(
@@ -113,7 +114,7 @@ async def current_session() -> Session | None:
 
 def session_token() -> str | None:
     """The raw session token of this request's cookie (for the live feed's re-checks)."""
-    return request.cookies.get(_cookie_name(app_state(), "session"))
+    return request.cookies.get(cookie_name(app_state(), "session"))
 
 
 def login_required(
@@ -132,7 +133,7 @@ def login_required(
                     target = request.full_path.rstrip("?")
                     return redirect(f"/login?next={quote(target, safe='/')}")
                 abort(401)
-            gate = _gate(session)
+            gate = session_gate(session)
             if gate is not None and request.endpoint not in _GATE_EXEMPT:
                 if request.method == "GET":
                     return redirect(gate)
@@ -146,7 +147,7 @@ def login_required(
     return decorate
 
 
-def _gate(session: Session) -> str | None:
+def session_gate(session: Session) -> str | None:
     """Where a session must go before anything else (None: nowhere)."""
     if session.user.role is Role.ADMIN and not session.mfa_enabled:
         return "/mfa/enrol"
@@ -282,7 +283,7 @@ async def login() -> ResponseReturnValue:
     """Check the password, start a session and set its cookie."""
     state = app_state()
     form = await request.form
-    nonce = request.cookies.get(_cookie_name(state, "login"))
+    nonce = request.cookies.get(cookie_name(state, "login"))
     if not _login_form_token_ok(state, nonce, form.get("csrf_token", "")):
         abort(403)
     username = form.get("username", "").strip().lower()
@@ -320,10 +321,10 @@ async def login() -> ResponseReturnValue:
 async def _start_session(response: BaseResponse, state: AppState, user: User, how: str) -> None:
     """A new session for ``user`` on ``response`` (audited as a login ``how``)."""
     conn = state.store.connection
-    old = request.cookies.get(_cookie_name(state, "session"))
+    old = request.cookies.get(cookie_name(state, "session"))
     if old:  # no session fixation: a login always starts a new session
         await db.run_sync(conn, users.delete_session, old)
-    challenge = request.cookies.get(_cookie_name(state, "mfa"))
+    challenge = request.cookies.get(cookie_name(state, "mfa"))
     if challenge:
         await db.run_sync(conn, mfa.end_challenge, challenge)
     token, _csrf = await db.run_sync(conn, users.create_session, user.id, now=state.clock())
@@ -355,7 +356,7 @@ async def current_challenge() -> Challenge | None:
     """This request's pre-MFA challenge (a correct password, no session yet), if any."""
     if "mfa_challenge" not in g:
         state = app_state()
-        token = request.cookies.get(_cookie_name(state, "mfa"))
+        token = request.cookies.get(cookie_name(state, "mfa"))
         g.mfa_challenge = None
         if token:
             g.mfa_challenge = await db.run_sync(
@@ -366,7 +367,7 @@ async def current_challenge() -> Challenge | None:
 
 
 def _challenge_token() -> str:
-    token = request.cookies.get(_cookie_name(app_state(), "mfa"))
+    token = request.cookies.get(cookie_name(app_state(), "mfa"))
     assert token is not None  # only called once current_challenge() found one
     return token
 

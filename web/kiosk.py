@@ -207,7 +207,8 @@ def _hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _cookie_name(state: AppState) -> str:
+def cookie_name(state: AppState) -> str:
+    """The paired kiosk's cookie (also read by the video signalling, web/video.py)."""
     return "__Secure-kiosk" if state.secure else "kiosk"
 
 
@@ -309,7 +310,7 @@ async def _sweeper() -> AsyncGenerator[None, None]:
 
 
 async def _load_kiosk(state: AppState) -> Kiosk | None:
-    token = request.cookies.get(_cookie_name(state))
+    token = request.cookies.get(cookie_name(state))
     if not token:
         return None
     rows = await state.store.query(
@@ -572,7 +573,7 @@ async def pair() -> ResponseReturnValue:
         return await _pair_page("That code is not valid. Ask an administrator.", status=400)
     response = redirect("/kiosk/", code=303)
     response.set_cookie(
-        _cookie_name(state),
+        cookie_name(state),
         token,
         max_age=COOKIE_MAX_AGE_S,
         path="/kiosk",

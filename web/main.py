@@ -10,6 +10,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from appliance import runtime, sdnotify
 from appliance.runtime import ProcessContext
+from services.video.signalling import MAX_MESSAGE_BYTES
 from web.app import create_app
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,9 @@ async def main(ctx: ProcessContext) -> None:
     hyper.bind = [f"{web.host}:{web.port}"]
     hyper.accesslog = None  # URLs can carry identifiers; no access log (audit is in the store)
     hyper.errorlog = logging.getLogger("hypercorn.error")
+    # A signalling message is at most 64 KiB (services/video/signalling.py); Hypercorn would
+    # otherwise buffer up to 16 MiB of one before the route could refuse it.
+    hyper.websocket_max_message_size = MAX_MESSAGE_BYTES
     if web.tls_cert is not None and web.tls_key is not None:
         hyper.certfile = str(web.tls_cert)
         hyper.keyfile = str(web.tls_key)

@@ -214,6 +214,7 @@ class Arrival:
             "vitals": self.vitals,
             "photos": self.photos,
             "chart_url": f"/patients/{self.patient_id}",
+            "video_url": f"/video/nurse?visit={self.encounter_id}",
         }
 
 

@@ -188,6 +188,12 @@ POLICY: Mapping[str, Rule] = {
     "precall.download": _r(STAFF),
     "precall.upload": _r(STAFF),
     "precall.upstream": _r(STAFF),
+    # video visit signalling (web/video.py): WebSocket, one route per audience's cookie;
+    # an HTTP GET passes the same guard and answers 426
+    "video.nurse_visit": _r(CLINIC, phi=True),  # the nurse's video page (patient's name)
+    "video.nurse_ws": _r(CLINIC, phi=True),
+    "video.provider_ws": _r(VISIT_LINK, phi=True),
+    "video.kiosk_ws": _r(KIOSK, phi=True),
 }
 
 # Unsafe requests that take no browser CSRF token, and why: they never read a cookie.

@@ -94,7 +94,8 @@ def _guesses() -> Guesses:
     return found
 
 
-def _cookie_name(state: AppState) -> str:
+def cookie_name(state: AppState) -> str:
+    """The cookie binding a visit link to a browser (also read by web/video.py)."""
     # __Host- needs path "/"; this cookie is scoped to /visit, so the __Secure- prefix.
     return "__Secure-visit" if state.secure else "visit"
 
@@ -166,7 +167,7 @@ async def _link_for(token: str, *, need_bound: bool = True) -> VisitLink:
         await _audit(link, AuditAction.READ, Outcome.DENIED, f"visit link {link_state.value}")
         raise Refused(await _refusal(_REFUSED[link_state], 410))
     if need_bound:
-        browser = request.cookies.get(_cookie_name(state), "")
+        browser = request.cookies.get(cookie_name(state), "")
         if link.browser_hash is None:
             raise Refused(Response(status=303, headers={"Location": f"/visit/{token}"}))
         if not browser or not hmac.compare_digest(
@@ -344,7 +345,7 @@ async def join(token: str) -> ResponseReturnValue:
     state = app_state()
     link = await _link_for(token, need_bound=False)
     _check_form_token(state, link, (await request.form).get("visit_csrf", ""))
-    browser = request.cookies.get(_cookie_name(state), "")
+    browser = request.cookies.get(cookie_name(state), "")
     if len(browser) < 32:
         browser = secrets.token_urlsafe(32)
     won = await db.run_sync(
@@ -359,7 +360,7 @@ async def join(token: str) -> ResponseReturnValue:
         return await _another_browser()
     response: WerkzeugResponse = redirect(f"/visit/{token}", code=303)
     response.set_cookie(
-        _cookie_name(state),
+        cookie_name(state),
         browser,
         max_age=int(visit_links.LINK_TTL.total_seconds()),
         path="/visit",

@@ -76,10 +76,11 @@ class Join:
 
 @dataclass(frozen=True, slots=True)
 class Description:
-    """An SDP offer or answer (DTLS-SRTP only)."""
+    """An SDP offer or answer (DTLS-SRTP only); ``pc`` names the connection (None: publish)."""
 
     kind: Literal["offer", "answer"]
     sdp: str
+    pc: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,7 @@ class Candidate:
     candidate: str
     sdp_mid: str | None
     sdp_mline_index: int | None
+    pc: str | None = None  # which peer connection; None: the sender's publish connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +124,11 @@ ClientMessage = Join | Description | Candidate | Admit | Mute | End | Leave
 # type → (required fields, optional fields)
 _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "join": (frozenset({"visit", "role", "token"}), frozenset()),
-    "offer": (frozenset({"sdp"}), frozenset()),
-    "answer": (frozenset({"sdp"}), frozenset()),
+    "offer": (frozenset({"sdp"}), frozenset({"pc"})),
+    "answer": (frozenset({"sdp"}), frozenset({"pc"})),
     "candidate": (
         frozenset({"candidate"}),
-        frozenset({"sdpMid", "sdpMLineIndex", "usernameFragment"}),
+        frozenset({"sdpMid", "sdpMLineIndex", "usernameFragment", "pc"}),
     ),
     "admit": (frozenset({"participant"}), frozenset()),
     "mute": (frozenset({"participant", "kind", "muted"}), frozenset()),
@@ -172,8 +174,9 @@ def _build(kind: str, data: dict[str, Any]) -> ClientMessage:
         sdp = data["sdp"]
         if not isinstance(sdp, str):
             raise SignallingError(ErrorCode.INVALID_SDP, "sdp is a string")
+        pc = _optional_id(data, "pc")
         validate_sdp(sdp)
-        return Description("offer" if kind == "offer" else "answer", sdp)
+        return Description("offer" if kind == "offer" else "answer", sdp, pc)
     if kind == "candidate":
         return _candidate(data)
     if kind == "admit":
@@ -193,6 +196,12 @@ def _matching(data: dict[str, Any], name: str, pattern: re.Pattern[str]) -> str:
     return value
 
 
+def _optional_id(data: dict[str, Any], name: str) -> str | None:
+    if name not in data:
+        return None
+    return _matching(data, name, _ID)
+
+
 def _enum(data: dict[str, Any], name: str, enum: type[_E]) -> _E:
     value = data[name]
     try:
@@ -204,6 +213,7 @@ def _enum(data: dict[str, Any], name: str, enum: type[_E]) -> _E:
 
 
 def _candidate(data: dict[str, Any]) -> Candidate:
+    pc = _optional_id(data, "pc")
     candidate = data["candidate"]
     if not isinstance(candidate, str):
         raise SignallingError(ErrorCode.INVALID_CANDIDATE, "candidate is a string")
@@ -222,7 +232,7 @@ def _candidate(data: dict[str, Any]) -> Candidate:
         raise SignallingError(ErrorCode.INVALID_CANDIDATE, "usernameFragment is malformed")
     if candidate and mid is None and index is None:
         raise SignallingError(ErrorCode.INVALID_CANDIDATE, "sdpMid or sdpMLineIndex is needed")
-    return Candidate(candidate, mid, index)
+    return Candidate(candidate, mid, index, pc)
 
 
 def validate_sdp(sdp: str) -> None:
@@ -375,20 +385,24 @@ def encode_error(code: ErrorCode | rooms.RoomErrorCode, detail: str) -> bytes:
 
 
 def encode_description(description: Description) -> bytes:
-    """An ``offer`` or ``answer`` from the relay."""
-    return orjson.dumps({"type": description.kind, "sdp": description.sdp})
+    """An ``offer`` or ``answer`` from the relay (with ``pc`` when it names one)."""
+    body = {"type": description.kind, "sdp": description.sdp}
+    if description.pc is not None:
+        body["pc"] = description.pc
+    return orjson.dumps(body)
 
 
 def encode_candidate(candidate: Candidate) -> bytes:
-    """A ``candidate`` from the relay."""
-    return orjson.dumps(
-        {
-            "type": "candidate",
-            "candidate": candidate.candidate,
-            "sdpMid": candidate.sdp_mid,
-            "sdpMLineIndex": candidate.sdp_mline_index,
-        }
-    )
+    """A ``candidate`` from the relay (with ``pc`` when it names one)."""
+    body: dict[str, Any] = {
+        "type": "candidate",
+        "candidate": candidate.candidate,
+        "sdpMid": candidate.sdp_mid,
+        "sdpMLineIndex": candidate.sdp_mline_index,
+    }
+    if candidate.pc is not None:
+        body["pc"] = candidate.pc
+    return orjson.dumps(body)
 
 
 def encode_joined(participant: rooms.Participant) -> bytes:

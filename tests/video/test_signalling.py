@@ -110,6 +110,32 @@ def test_every_documented_client_message_parses() -> None:
     assert parse_message('{"type": "leave"}') == Leave()
 
 
+def test_offer_answer_and_candidate_may_name_their_peer_connection() -> None:
+    assert parse_message(message(type="offer", sdp=CHROME_OFFER, pc="a1b2-3")) == Description(
+        "offer", CHROME_OFFER, "a1b2-3"
+    )
+    assert parse_message(message(type="answer", sdp=CHROME_OFFER, pc="x")).pc == "x"  # type: ignore[union-attr]
+    assert parse_message(message(type="candidate", candidate="", pc="a1b2-3")) == Candidate(
+        "", None, None, "a1b2-3"
+    )
+    assert parse_message(message(type="offer", sdp=CHROME_OFFER)).pc is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("pc", [None, "", "a b", "x" * 65, "dot.ted", 3, ["a"], {"a": 1}])
+@pytest.mark.parametrize("kind", ["offer", "answer", "candidate"])
+def test_a_malformed_peer_connection_id_is_rejected(kind: str, pc: object) -> None:
+    body = {"candidate": ""} if kind == "candidate" else {"sdp": CHROME_OFFER}
+    with rejected(ErrorCode.INVALID_FIELD):
+        parse_message(message(type=kind, pc=pc, **body))
+
+
+def test_only_offer_answer_and_candidate_take_a_peer_connection_id() -> None:
+    with rejected(ErrorCode.INVALID_FIELD):
+        parse_message(message(type="admit", participant="p-2", pc="a"))
+    with rejected(ErrorCode.INVALID_FIELD):
+        parse_message(message(type="leave", pc="a"))
+
+
 @pytest.mark.usefixtures("loopback")
 async def test_aiortc_offer_with_its_candidates_is_accepted() -> None:
     pc: RTCPeerConnection = loopback_pc()
@@ -312,6 +338,12 @@ def test_server_messages_encode_as_documented() -> None:
         "sdpMid": "0",
         "sdpMLineIndex": None,
     }
+    assert orjson.loads(encode_description(Description("offer", "v=0", "a1-2"))) == {
+        "type": "offer",
+        "sdp": "v=0",
+        "pc": "a1-2",
+    }
+    assert orjson.loads(encode_candidate(Candidate("", None, 0, "a1-2")))["pc"] == "a1-2"
     events: list[rooms.Event] = [
         rooms.Joined("p", Role.PATIENT, rooms.Presence.WAITING),
         rooms.Admitted("p", "n"),

@@ -128,7 +128,11 @@
     const nameCell = cell("name", "");
     nameCell.append(link(a.chart_url, a.name));
     const chartCell = document.createElement("td");
-    chartCell.append(link(a.chart_url, "Open chart", "open-chart"));
+    chartCell.append(
+      link(a.chart_url, "Open chart", "open-chart"),
+      document.createTextNode(" · "),
+      link(a.video_url, "Video", "open-video"),
+    );
     row.append(
       nameCell,
       cell("time arrived", a.arrived_display),

@@ -1,0 +1,443 @@
+"""The video service: rooms, the box's peer connections and the forwarding relays, glued.
+
+Transport-independent: the web layer opens one :class:`Session` per client connection with
+a ``send(bytes)`` callback, and hands it every parsed client message
+(``signalling.Inbound.receive``); the session answers through ``send`` only. See
+docs/video.md ("The video service").
+
+No SFU renegotiation. Each admitted participant has:
+
+* one **publish** connection: the client offers its audio and video (``pc`` absent), the box
+  answers; each received track feeds a :class:`ForwardingRelay` (one per kind);
+* one **subscribe** connection per other admitted participant it is routed to
+  (``Room.routes``): the box offers that publisher's relayed tracks (``pc`` =
+  ``<publisher>-<n>``), the client answers.
+
+Muting a kind removes the viewers of that kind from the publisher's relay (frames stop at
+once, nothing is renegotiated); anything that adds a kind to a viewer (an unmute) replaces
+the subscribe connection with a new ``n``. Leaving or ending closes the connections. Every
+room has its own lock, so one room's messages (or a slow ICE gathering) never wait on
+another's. Participants' ids and the clock are parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.sdp import candidate_from_sdp
+
+from services.video import signalling
+from services.video.forwarding import ForwardingRelay, publisher_receiver
+from services.video.rooms import Event, Joined, MediaKind, Presence, RoomError, RoomErrorCode
+from services.video.rooms import Rooms as RoomRules
+from services.video.signalling import (
+    Admit,
+    Candidate,
+    ClientMessage,
+    Description,
+    End,
+    ErrorCode,
+    Join,
+    Leave,
+    Mute,
+)
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[bytes], None]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id() -> str:
+    return secrets.token_hex(6)  # hex: a subscribe id "<publisher>-<n>" splits on "-"
+
+
+class _Refused(Exception):
+    """A message this session may not send now; the code goes back in an ``error``."""
+
+    def __init__(self, code: ErrorCode | RoomErrorCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class _Member:
+    """One joined participant's connection and media on the box."""
+
+    session: Session
+    publish: RTCPeerConnection | None = None
+    relays: dict[MediaKind, ForwardingRelay] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Subscription:
+    """The box's connection carrying one publisher's media to one viewer."""
+
+    pc_id: str
+    pc: RTCPeerConnection
+    kinds: frozenset[MediaKind]
+
+
+@dataclass(slots=True)
+class _RoomMedia:
+    """The box's side of one room: members, subscribe connections, and the room's lock."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    members: dict[str, _Member] = field(default_factory=dict)
+    subscriptions: dict[tuple[str, str], _Subscription] = field(default_factory=dict)
+    generations: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+
+class VideoService:
+    """The box's video rooms. ``async_close`` on shutdown closes every peer connection."""
+
+    def __init__(
+        self,
+        rooms: RoomRules | None = None,
+        *,
+        ice_servers: Sequence[RTCIceServer] = (),
+        clock: Callable[[], datetime] = _utcnow,
+        new_id: Callable[[], str] = _new_id,
+    ) -> None:
+        self.rooms = rooms or RoomRules()
+        # An explicit empty list: aiortc's default configuration asks a public STUN server.
+        self._ice_servers = list(ice_servers)
+        self._clock = clock
+        self._new_id = new_id
+        self._media: dict[str, _RoomMedia] = {}
+        self._running: set[asyncio.Task[None]] = set()
+
+    def session(self, send: Send) -> Session:
+        """A new client connection; ``send`` must not block (queue, then write)."""
+        return Session(self, send)
+
+    def relays(self, visit_id: str, participant_id: str) -> Mapping[MediaKind, ForwardingRelay]:
+        """The relays of a participant's published tracks (for figures and tests)."""
+        member = self._media.get(visit_id, _RoomMedia()).members.get(participant_id)
+        return dict(member.relays) if member else {}
+
+    def connections(self, visit_id: str) -> int:
+        """How many peer connections the box holds for a visit."""
+        media = self._media.get(visit_id)
+        if media is None:
+            return 0
+        publish = sum(m.publish is not None for m in media.members.values())
+        return publish + len(media.subscriptions)
+
+    async def async_close(self) -> None:
+        """Close every room's connections (the rooms' rules stay as they are)."""
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        for visit_id in list(self._media):
+            media = self._media.pop(visit_id)
+            async with media.lock:
+                await _close_all(media)
+
+    # -- for Session ---------------------------------------------------------------------
+
+    async def _run(self, operation: Coroutine[Any, Any, None]) -> None:
+        """Run one message's work to its end, even if the connection that sent it drops.
+
+        A WebSocket handler is cancelled when its client goes; an ``end`` half done (some
+        peer connections closed, the rest left open) must not be the result.
+        """
+        task = asyncio.ensure_future(operation)
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+        await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("video message failed (%s)", type(error).__name__)
+
+    def _new_pc(self) -> RTCPeerConnection:
+        return RTCPeerConnection(RTCConfiguration(iceServers=list(self._ice_servers)))
+
+    async def _join(self, session: Session, message: Join) -> None:
+        media = self._media.setdefault(message.visit, _RoomMedia())
+        async with media.lock:
+            participant_id = self._new_id()
+            try:
+                events = self.rooms.join(message.visit, participant_id, message.role, self._clock())
+            except RoomError:
+                if not media.members:
+                    self._media.pop(message.visit, None)
+                raise
+            media.members[participant_id] = _Member(session)
+            session.visit_id, session.participant_id = message.visit, participant_id
+            room = self.rooms.get(message.visit)
+            session.send(signalling.encode_joined(room.participant(participant_id)))
+            for other in room:
+                if other.id != participant_id:
+                    event = Joined(other.id, other.role, other.presence)
+                    session.send(signalling.encode_event(event))
+            _tell(media, events, skip=participant_id)
+
+    async def _in_room(self, session: Session, message: ClientMessage) -> None:
+        visit_id, participant_id = session.visit_id, session.participant_id
+        if visit_id is None or participant_id is None:
+            raise _Refused(RoomErrorCode.NOT_ALLOWED, "join a visit first")
+        media = self._media.get(visit_id)
+        if media is None:  # the service closed (shutting down)
+            session.forget()
+            raise _Refused(RoomErrorCode.ROOM_ENDED, "the video service has stopped")
+        async with media.lock:
+            if session.participant_id is None:  # the room ended while this waited
+                raise _Refused(RoomErrorCode.ROOM_ENDED, "the visit has ended")
+            room = self.rooms.get(visit_id)
+            match message:
+                case Admit(target):
+                    _tell(media, room.admit(participant_id, target))
+                case Mute(target, kind, muted):
+                    _tell(media, room.set_muted(participant_id, target, kind, muted))
+                case End():
+                    events = self.rooms.end(visit_id, participant_id)
+                    _tell(media, events)
+                    await _close_all(media)
+                    for member in media.members.values():
+                        member.session.forget()
+                    media.members.clear()
+                    self._media.pop(visit_id, None)
+                    return
+                case Leave():
+                    await self._leave(session, media, visit_id, participant_id)
+                    return
+                case Description(kind="offer", pc=None):
+                    if room.participant(participant_id).presence is not Presence.ADMITTED:
+                        raise _Refused(RoomErrorCode.NOT_ALLOWED, "wait to be admitted")
+                    await self._publish(media, participant_id, message.sdp)
+                case Description(kind="answer", pc=str(pc_id)):
+                    subscription = _subscription(media, participant_id, pc_id)
+                    await _remote_description(subscription.pc, message.sdp, "answer")
+                case Description():
+                    raise _Refused(ErrorCode.INVALID_FIELD, "offer on publish, answer on pc")
+                case Candidate():
+                    await _add_candidate(_pc_of(media, participant_id, message.pc), message)
+                case Join():
+                    raise _Refused(RoomErrorCode.ALREADY_JOINED, "this connection has joined")
+            await self._reconcile(media, visit_id)
+
+    async def _leave(
+        self, session: Session, media: _RoomMedia, visit_id: str, participant_id: str
+    ) -> None:
+        """Leave (caller holds the lock): tell everyone, close this member's connections."""
+        events = self.rooms.leave(visit_id, participant_id)
+        _tell(media, events)
+        member = media.members.pop(participant_id)
+        session.forget()
+        for key in [k for k in media.subscriptions if participant_id in k]:
+            await _close_subscription(media, key, member.relays)
+        for relay in member.relays.values():
+            relay.stop()
+        if member.publish is not None:
+            await member.publish.close()
+        if not media.members:
+            self._media.pop(visit_id, None)
+        else:
+            await self._reconcile(media, visit_id)
+
+    async def _publish(self, media: _RoomMedia, participant_id: str, sdp: str) -> None:
+        kinds = [line.split(" ", 1)[0][2:] for line in sdp.splitlines() if line.startswith("m=")]
+        if kinds.count("audio") > 1 or kinds.count("video") > 1:
+            raise _Refused(ErrorCode.INVALID_SDP, "publish at most one audio and one video track")
+        member = media.members[participant_id]
+        if member.publish is not None:  # published again (a new camera): start over
+            for key in [k for k in media.subscriptions if k[0] == participant_id]:
+                await _close_subscription(media, key, member.relays)
+            for relay in member.relays.values():
+                relay.stop()
+            member.relays.clear()
+            old, member.publish = member.publish, None
+            await old.close()
+        pc = self._new_pc()
+        relays: dict[MediaKind, ForwardingRelay] = {}
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            kind = MediaKind(track.kind)
+            if kind not in relays:  # the offer was checked: one track per kind
+                relays[kind] = ForwardingRelay(kind)
+                relays[kind].attach(publisher_receiver(pc, track))
+
+        try:
+            await _remote_description(pc, sdp, "offer")
+            await pc.setLocalDescription(await pc.createAnswer())
+        except _Refused:
+            await pc.close()
+            raise
+        except Exception as exc:  # aiortc raises many types for SDP it cannot use
+            await pc.close()
+            logger.info("publish answer failed (%s)", type(exc).__name__)
+            raise _Refused(ErrorCode.INVALID_SDP, "the offer cannot be answered") from None
+        member.publish, member.relays = pc, relays
+        answer = Description("answer", pc.localDescription.sdp)
+        member.session.send(signalling.encode_description(answer))
+
+    async def _reconcile(self, media: _RoomMedia, visit_id: str) -> None:
+        """Make the subscribe connections match the room's routes (caller holds the lock)."""
+        room = self.rooms.get(visit_id)
+        wanted: dict[tuple[str, str], set[MediaKind]] = {}
+        for kind in MediaKind:
+            for publisher, viewer in room.routes(kind):
+                member = media.members.get(publisher)
+                if member is not None and kind in member.relays and viewer in media.members:
+                    wanted.setdefault((publisher, viewer), set()).add(kind)
+        for key, subscription in list(media.subscriptions.items()):
+            kinds = frozenset(wanted.get(key, ()))
+            relays = media.members[key[0]].relays if key[0] in media.members else {}
+            if kinds and kinds <= subscription.kinds:
+                for kind in subscription.kinds - kinds:  # muted: stop forwarding, no SDP
+                    relays[kind].remove_viewer(key[1])
+                subscription.kinds = kinds
+            else:
+                await _close_subscription(media, key, relays)
+        for (publisher, viewer), wanted_kinds in wanted.items():
+            if (publisher, viewer) not in media.subscriptions:
+                await self._subscribe(media, publisher, viewer, frozenset(wanted_kinds))
+
+    async def _subscribe(
+        self, media: _RoomMedia, publisher: str, viewer: str, kinds: frozenset[MediaKind]
+    ) -> None:
+        pc = self._new_pc()
+        pc_id = f"{publisher}-{next(media.generations)}"
+        relays = media.members[publisher].relays
+        for kind in sorted(kinds):
+            relays[kind].add_viewer(pc, viewer)
+        media.subscriptions[(publisher, viewer)] = _Subscription(pc_id, pc, kinds)
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = Description("offer", pc.localDescription.sdp, pc_id)
+        media.members[viewer].session.send(signalling.encode_description(offer))
+
+
+class Session:
+    """One client connection: it joins one visit, then sends messages about it."""
+
+    def __init__(self, service: VideoService, send: Send) -> None:
+        self._service = service
+        self._send = send
+        self.visit_id: str | None = None
+        self.participant_id: str | None = None
+
+    @property
+    def joined(self) -> bool:
+        """Whether this connection is in a room now."""
+        return self.participant_id is not None
+
+    def send(self, data: bytes) -> None:
+        """Send one server message to this client; a failing transport is its own problem."""
+        try:
+            self._send(data)
+        except Exception as exc:  # one dead client must not break the room's loop
+            logger.warning("video send failed (%s)", type(exc).__name__)
+
+    def forget(self) -> None:
+        """The room is gone for this connection (left or ended)."""
+        self.visit_id = self.participant_id = None
+
+    async def handle(self, message: ClientMessage) -> None:
+        """Act on one parsed message; refusals are answered with an ``error`` message.
+
+        A ``Join`` is trusted: the transport checks the credential against it first.
+        """
+        await self._service._run(self._handle(message))
+
+    async def _handle(self, message: ClientMessage) -> None:
+        try:
+            if isinstance(message, Join) and not self.joined:
+                await self._service._join(self, message)
+            else:
+                await self._service._in_room(self, message)
+        except RoomError as error:
+            self.send(signalling.encode_error(error.code, str(error)))
+        except _Refused as refused:
+            self.send(signalling.encode_error(refused.code, refused.detail))
+
+    async def async_close(self) -> None:
+        """The connection is gone: leave the room if still in one."""
+        if self.joined:
+            await self.handle(Leave())
+
+
+def _tell(media: _RoomMedia, events: Iterable[Event], skip: str | None = None) -> None:
+    for event in events:
+        data = signalling.encode_event(event)
+        for participant_id, member in media.members.items():
+            if participant_id != skip:
+                member.session.send(data)
+
+
+def _pc_of(media: _RoomMedia, participant_id: str, pc_id: str | None) -> RTCPeerConnection:
+    if pc_id is None:
+        publish = media.members[participant_id].publish
+        if publish is None:
+            raise _Refused(ErrorCode.INVALID_FIELD, "no publish connection yet")
+        return publish
+    return _subscription(media, participant_id, pc_id).pc
+
+
+def _subscription(media: _RoomMedia, viewer: str, pc_id: str) -> _Subscription:
+    for (_publisher, subscriber), subscription in media.subscriptions.items():
+        if subscriber == viewer and subscription.pc_id == pc_id:
+            return subscription
+    raise _Refused(ErrorCode.INVALID_FIELD, "no such connection (closed or replaced)")
+
+
+async def _remote_description(pc: RTCPeerConnection, sdp: str, kind: str) -> None:
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+    except Exception as exc:  # a well-formed SDP aiortc still cannot use
+        logger.info("remote %s refused by aiortc (%s)", kind, type(exc).__name__)
+        raise _Refused(ErrorCode.INVALID_SDP, f"the {kind} cannot be used") from None
+
+
+async def _add_candidate(pc: RTCPeerConnection, message: Candidate) -> None:
+    if not message.candidate:
+        await pc.addIceCandidate(None)
+        return
+    candidate = candidate_from_sdp(message.candidate.removeprefix("candidate:"))
+    candidate.sdpMid, candidate.sdpMLineIndex = message.sdp_mid, message.sdp_mline_index
+    try:
+        await pc.addIceCandidate(candidate)
+    except Exception as exc:  # checked already; aiortc may still refuse (e.g. no transport)
+        logger.info("candidate refused by aiortc (%s)", type(exc).__name__)
+        raise _Refused(ErrorCode.INVALID_CANDIDATE, "the candidate cannot be used") from None
+
+
+async def _close_subscription(
+    media: _RoomMedia, key: tuple[str, str], relays: Mapping[MediaKind, ForwardingRelay]
+) -> None:
+    subscription = media.subscriptions.pop(key)
+    for relay in relays.values():
+        relay.remove_viewer(key[1])
+    await subscription.pc.close()
+
+
+async def _close_all(media: _RoomMedia) -> None:
+    for key in list(media.subscriptions):
+        publisher = media.members.get(key[0])
+        await _close_subscription(media, key, publisher.relays if publisher else {})
+    for member in media.members.values():
+        for relay in member.relays.values():
+            relay.stop()
+        if member.publish is not None:
+            await member.publish.close()
+            member.publish = None

@@ -1,0 +1,168 @@
+"""A video visit in Chromium: the provider joins through the real page, a nurse admits.
+
+Debian's Chromium, headless, with fake media (``--use-fake-device-for-media-stream``): the
+nurse on ``/video/nurse`` and the provider on the visit link's page, both over the real
+WebSocket routes of the app served by Hypercorn on 127.0.0.1. The patient is an aiortc peer
+handed to the app's own ``VideoService`` (in this process; no kiosk page has a video panel
+yet) sending numbered frames. Media must flow both ways: the provider page's
+``inbound-rtp`` counts decoded frames from the patient, and the patient decodes the
+provider's fake camera. A screenshot goes to ``APPLIANCE_SCREENSHOTS`` (e.g. docs/images,
+as ``video-provider.png``) when that is set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.config import demo_config
+from appliance.device_registry import DeviceRegistry, StationKind
+from appliance.store import Store
+from appliance.users import Role
+from services import intake
+from tests import factories
+from tests.e2e import live_server
+from tests.e2e.live_server import watch_problems
+from tests.video.peers import wait_for
+from tests.video.test_service import Client
+from web.app import AppState, create_app
+
+pytestmark = pytest.mark.slow
+
+NURSE, PASSWORD = "nurse-video", "correct horse battery staple"
+PNG = (
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00"
+    b"\x90wS\xde\x00\x00\x00\x0cIDATx\x9cc\xf8\xcf\xc0\x00\x00\x03\x01\x01\x00\xc9\xfe\x92\xef"
+    b"\x00\x00\x00\x00IEND\xaeB`\x82"
+)  # a 1x1 PNG
+
+
+@pytest.fixture
+async def served(
+    tmp_path: Path, store: Store, loopback: None
+) -> AsyncIterator[tuple[str, AppState]]:
+    app = create_app(demo_config(tmp_path), store)
+    await live_server.create_user(store, NURSE, PASSWORD, Role.NURSE)
+    async with live_server.serve(app) as base_url:
+        yield base_url, app.extensions["appliance"]
+
+
+async def _arrived_patient(store: Store) -> str:
+    now = datetime.now(UTC)
+    [patient] = await store.create([factories.patient(family="Zzvideoe2e")], "user:e2e")
+    ref = f"Patient/{patient.logical_id}"
+    stored = await store.create(
+        [
+            intake.consent(ref, PNG, now - timedelta(minutes=8), "en", "I agree"),
+            factories.bp_observation(ref, 126, 80, (now - timedelta(minutes=6)).isoformat()),
+            intake.arrival(ref, now - timedelta(seconds=2), "kiosk-1", None),
+        ],
+        "kiosk:kiosk-1",
+    )
+    # Checked in at the exam room: the nurse's normal access to the patient (web/access.py).
+    registry = DeviceRegistry(store)
+    await registry.add_station("exam-1", "Exam room 1", StationKind.EXAM_ROOM, "user:e2e")
+    await registry.check_in("exam-1", patient.logical_id, "user:e2e")
+    return stored[-1].logical_id
+
+
+async def _frames_decoded(page: Any, publisher: str) -> int:
+    value = await page.get_attribute(
+        f"#video-tiles figure[data-publisher='{publisher}']", "data-frames-decoded"
+    )
+    return int(value or 0)
+
+
+async def test_provider_page_and_patient_see_each_other_after_the_nurse_admits(
+    served: tuple[str, AppState], store: Store, media_browser: Any, tmp_path: Path
+) -> None:
+    base_url, state = served
+    encounter_id = await _arrived_patient(store)
+
+    # The nurse issues the provider's link, then opens the visit's video page.
+    nurse_context = await media_browser.new_context(viewport={"width": 1280, "height": 900})
+    nurse = await nurse_context.new_page()
+    nurse.on("dialog", lambda dialog: dialog.accept())
+    await live_server.log_in(nurse, base_url, NURSE, PASSWORD, "/visit/new")
+    await nurse.click("text=Issue the link")
+    url = await nurse.input_value("#issued-url")
+    link_path = "/visit/" + url.rsplit("/visit/", 1)[1]
+    # From the arrivals queue: the patient's row links to the visit's video page.
+    await nurse.goto(f"{base_url}/nurse/")
+    row = nurse.locator(f'#arrivals tr[data-encounter-id="{encounter_id}"]')
+    async with nurse.expect_navigation():
+        await row.locator("a.open-video").click()
+    assert nurse.url.endswith(f"/video/nurse?visit={encounter_id}")
+    assert "Zzvideoe2e" in await nurse.inner_text("h1")
+    await nurse.click("#video-start")
+
+    # The provider joins by the link in a browser of their own, and waits.
+    provider_context = await media_browser.new_context(viewport={"width": 1440, "height": 1100})
+    provider = await provider_context.new_page()
+    problems = watch_problems(provider)
+    await provider.goto(base_url + link_path)
+    async with provider.expect_navigation():
+        await provider.click("#join")
+    await provider.click("#video-start")
+    await provider.wait_for_selector("#video-status:has-text('Waiting for the nurse')")
+
+    # The patient (aiortc, numbered frames) joins the same room.
+    patient = Client(state.video, "patient")
+    try:
+        await patient.join("patient", visit=encounter_id)
+
+        # The nurse admits both from the page.
+        for role in ("provider", "patient"):
+            admit = f"#video-people li[data-role='{role}'] button:has-text('Admit')"
+            await nurse.click(admit, timeout=10_000)
+        await wait_for(
+            lambda: any(
+                m["type"] == "admitted" and m["participant"] == patient.id for m in patient.received
+            ),
+            10,
+            "the patient admitted",
+        )
+        await patient.publish()
+        provider_id = next(
+            m["participant"]
+            for m in patient.received
+            if m["type"] == "participant" and m["role"] == "provider"
+        )
+
+        # Media both ways: the provider's page decodes the patient, the patient the provider.
+        tile = f"#video-tiles figure[data-publisher='{patient.id}']"
+        await provider.wait_for_selector(tile, timeout=15_000)
+        for _ in range(150):
+            if await _frames_decoded(provider, patient.id) >= 30:
+                break
+            await provider.wait_for_timeout(200)
+        assert await _frames_decoded(provider, patient.id) >= 30
+        await wait_for(lambda: patient.video[provider_id] >= 30, 30, "provider frames at patient")
+        await wait_for(lambda: patient.audio[provider_id] >= 50, 30, "provider audio at patient")
+        nurse_tile = "#video-tiles figure.remote"
+        await nurse.wait_for_selector(nurse_tile, timeout=15_000)
+        await provider.wait_for_selector(f"{tile} .stats:has-text('fps')", timeout=10_000)
+
+        shots = os.environ.get("APPLIANCE_SCREENSHOTS")
+        target = Path(shots) if shots else tmp_path
+        await provider.screenshot(path=str(target / "video-provider.png"), full_page=False)
+
+        # The nurse ends the visit: everyone is told and the box closes every connection.
+        await nurse.click("#video-end")
+        await provider.wait_for_selector("#video-status:has-text('The visit has ended')")
+        await wait_for(
+            lambda: any(m["type"] == "ended" for m in patient.received), 10, "ended at patient"
+        )
+        await wait_for(  # told first, then the box closes its connections
+            lambda: state.video.connections(encounter_id) == 0, 10, "the connections closed"
+        )
+        assert problems == []
+    finally:
+        await patient.close()
+        await provider_context.close()
+        await nurse_context.close()

@@ -1,0 +1,360 @@
+"""The video service: rooms, publish and subscribe connections, real aiortc clients on loopback.
+
+Each client speaks the documented wire messages (parsed by ``signalling``, as the WebSocket
+route will), publishes numbered video and audio from an aiortc peer, and counts the frames
+it decodes per publisher. No network for the rules-only tests; the others are ``slow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiortc import AudioStreamTrack, MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+
+from services.video.rooms import MediaKind
+from services.video.service import VideoService
+from services.video.signalling import End, Inbound, Leave, SignallingError, encode_error
+from tests.video.media import NumberedVideoTrack, read_frame_id
+from tests.video.peers import loopback_pc, wait_for
+
+VISIT, OTHER_VISIT = "enc-1", "enc-2"
+
+
+class Client:
+    """A participant as a browser would be one: wire messages in and out, aiortc media."""
+
+    def __init__(self, service: VideoService, name: str) -> None:
+        self.name = name
+        self.session = service.session(self._deliver)
+        self.inbound = Inbound()
+        self.received: list[dict[str, Any]] = []
+        self.publish_pc: RTCPeerConnection | None = None
+        self.subscriptions: dict[str, RTCPeerConnection] = {}  # pc id → connection
+        self.video = Counter[str]()  # publisher id → frames decoded
+        self.audio = Counter[str]()
+        self.unreadable = 0
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = [asyncio.create_task(self._pump())]
+
+    @property
+    def id(self) -> str:
+        assert self.session.participant_id is not None
+        return self.session.participant_id
+
+    def _deliver(self, data: bytes) -> None:
+        message = orjson.loads(data)
+        self.received.append(message)
+        self._queue.put_nowait(message)
+
+    async def send_raw(self, raw: str | bytes) -> None:
+        """What the WebSocket route does with a frame: parse, then handle or answer."""
+        try:
+            message = self.inbound.receive(raw, time.monotonic())
+        except SignallingError as error:
+            if error.reply:
+                self._deliver(encode_error(error.code, error.detail))
+            return
+        await self.session.handle(message)
+
+    async def send(self, **fields: object) -> None:
+        await self.send_raw(orjson.dumps(fields))
+
+    async def join(self, role: str, visit: str = VISIT) -> dict[str, Any]:
+        await self.send(type="join", visit=visit, role=role, token="tok")
+        return self.last("joined")
+
+    async def publish(self) -> None:
+        pc = self.publish_pc = loopback_pc()
+        pc.addTrack(NumberedVideoTrack())
+        pc.addTrack(AudioStreamTrack())
+        await pc.setLocalDescription(await pc.createOffer())
+        await self.send(type="offer", sdp=pc.localDescription.sdp)
+
+    def last(self, type_: str, **fields: object) -> dict[str, Any]:
+        for message in reversed(self.received):
+            if message["type"] == type_ and all(message.get(k) == v for k, v in fields.items()):
+                return message
+        raise AssertionError(f"{self.name}: no {type_} {fields} in {self.received}")
+
+    def errors(self) -> list[str]:
+        return [m["code"] for m in self.received if m["type"] == "error"]
+
+    async def _pump(self) -> None:
+        while True:
+            message = await self._queue.get()
+            if message["type"] == "offer":
+                await self._answer(message["pc"], message["sdp"])
+            elif message["type"] == "answer" and self.publish_pc is not None:
+                await self.publish_pc.setRemoteDescription(
+                    RTCSessionDescription(message["sdp"], "answer")
+                )
+
+    async def _answer(self, pc_id: str, sdp: str) -> None:
+        publisher = pc_id.split("-")[0]
+        for old_id in [i for i in self.subscriptions if i.split("-")[0] == publisher]:
+            await self.subscriptions.pop(old_id).close()  # replaced by the new one
+        pc = self.subscriptions[pc_id] = loopback_pc()
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            self._tasks.append(asyncio.create_task(self._consume(track, publisher)))
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+        await self.send(type="answer", sdp=pc.localDescription.sdp, pc=pc_id)
+
+    async def _consume(self, track: MediaStreamTrack, publisher: str) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                if isinstance(frame, VideoFrame):
+                    self.video[publisher] += 1
+                    self.unreadable += read_frame_id(frame) is None
+                else:
+                    self.audio[publisher] += 1
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        pcs = [*self.subscriptions.values(), *([self.publish_pc] if self.publish_pc else [])]
+        await asyncio.gather(*(pc.close() for pc in pcs))
+
+
+@contextlib.asynccontextmanager
+async def video_service() -> AsyncIterator[tuple[VideoService, Callable[[str], Client]]]:
+    service = VideoService()
+    clients: list[Client] = []
+
+    def client(name: str) -> Client:
+        clients.append(Client(service, name))
+        return clients[-1]
+
+    try:
+        yield service, client
+    finally:
+        await service.async_close()
+        for each in clients:
+            await each.close()
+
+
+async def flowing(counter: Counter[str], key: str, more: int = 10, seconds: float = 15) -> None:
+    start = counter[key]
+    await wait_for(lambda: counter[key] >= start + more, seconds, f"{more} frames from {key}")
+
+
+# -- the rules through the service (no media) --------------------------------------------------
+
+
+async def test_the_room_hears_of_joins_and_admits_and_newcomers_learn_who_is_there() -> None:
+    async with video_service() as (_service, client):
+        nurse, patient, provider = client("nurse"), client("patient"), client("provider")
+        assert (await nurse.join("nurse"))["presence"] == "admitted"
+        assert (await patient.join("patient"))["presence"] == "waiting"
+        nurse.last("participant", participant=patient.id, role="patient", presence="waiting")
+        await provider.join("provider")
+        provider.last("participant", participant=nurse.id, presence="admitted")
+        provider.last("participant", participant=patient.id, presence="waiting")
+
+        await nurse.send(type="admit", participant=provider.id)
+        for each in (nurse, patient, provider):
+            each.last("admitted", participant=provider.id, by=nurse.id)
+
+
+async def test_waiting_or_unjoined_participants_cannot_publish_or_run_the_room() -> None:
+    async with video_service() as (_service, client):
+        stranger, nurse, patient = client("stranger"), client("nurse"), client("patient")
+        await stranger.send(type="admit", participant="abc")
+        assert stranger.errors() == ["not_allowed"]
+
+        await nurse.join("nurse")
+        await patient.join("patient")
+        await patient.send(type="offer", sdp=_sdp_with_one_video())
+        await patient.send(type="admit", participant=patient.id)
+        await patient.send(type="end")
+        await patient.send(type="join", visit=VISIT, role="patient", token="tok")
+        assert patient.errors() == ["not_allowed", "not_allowed", "not_allowed", "already_joined"]
+        await nurse.send(type="admit", participant=nurse.id)
+        assert nurse.errors() == ["not_waiting"]
+
+
+async def test_leaving_tells_the_room_and_an_ended_visit_cannot_be_joined_again() -> None:
+    async with video_service() as (service, client):
+        nurse, patient = client("nurse"), client("patient")
+        await nurse.join("nurse")
+        await patient.join("patient")
+        await patient.send(type="leave")
+        nurse.last("left", participant=patient.last("joined")["participant"])
+        assert not patient.session.joined
+
+        await nurse.send(type="end")
+        nurse.last("ended", by=nurse.last("joined")["participant"])
+        late = client("late")
+        await late.send(type="join", visit=VISIT, role="patient", token="tok")
+        assert late.errors() == ["room_ended"]
+        assert service.connections(VISIT) == 0
+
+
+async def test_an_end_runs_to_completion_even_if_its_connection_drops_meanwhile() -> None:
+    async with video_service() as (service, client):
+        nurse, patient = client("nurse"), client("patient")
+        await nurse.join("nurse")
+        await patient.join("patient")
+        handling = asyncio.create_task(nurse.session.handle(End()))
+        await asyncio.sleep(0)
+        handling.cancel()  # what the WebSocket route's task gets when the client goes
+        with contextlib.suppress(asyncio.CancelledError):
+            await handling
+        await wait_for(lambda: service.rooms.get(VISIT).ended, 5, "the visit ended")
+        patient.last("ended")
+
+
+async def test_after_the_service_closes_a_message_is_told_the_visit_is_over() -> None:
+    async with video_service() as (service, client):
+        nurse = client("nurse")
+        await nurse.join("nurse")
+        await service.async_close()
+        await nurse.send(type="leave")
+        assert nurse.errors() == ["room_ended"]
+        assert not nurse.session.joined
+
+
+def _sdp_with_one_video() -> str:
+    return "\r\n".join(
+        [
+            "v=0",
+            "o=- 1 2 IN IP4 127.0.0.1",
+            "s=-",
+            "t=0 0",
+            "m=video 9 UDP/TLS/RTP/SAVPF 96",
+            "c=IN IP4 0.0.0.0",
+            "a=fingerprint:sha-256 7B:8B",
+            "a=mid:0",
+            "",
+        ]
+    )
+
+
+# -- media on loopback ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("loopback")
+async def test_patient_and_provider_see_and_hear_each_other_after_the_nurse_admits_them() -> None:
+    async with video_service() as (service, client):
+        nurse, patient, provider = client("nurse"), client("patient"), client("provider")
+        await nurse.join("nurse")
+        await patient.join("patient")
+        await provider.join("provider")
+        for each in (patient, provider):
+            await nurse.send(type="admit", participant=each.id)
+            await each.publish()
+
+        await flowing(provider.video, patient.id, 30)
+        await flowing(patient.video, provider.id, 30)
+        await flowing(nurse.video, patient.id, 10)
+        await flowing(provider.audio, patient.id, 50)
+        await flowing(patient.audio, provider.id, 50)
+        assert patient.unreadable == provider.unreadable == 0
+        # Two publish connections and four subscribe ones (the nurse publishes nothing).
+        assert service.connections(VISIT) == 6
+        assert nurse.errors() + patient.errors() + provider.errors() == []
+
+        await provider.send(type="leave")
+        patient.last("left", participant=provider.last("joined")["participant"])
+        assert service.connections(VISIT) == 2  # the patient's publish, patient → nurse
+        # The box closed its side (DTLS close_notify): the provider's end sees it closed.
+        subscriptions = list(provider.subscriptions.values())
+        assert len(subscriptions) == 1  # the patient's media; the nurse publishes nothing
+        await wait_for(
+            lambda: subscriptions[0].connectionState == "closed", 10, "the subscription closed"
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("loopback")
+async def test_mute_stops_forwarding_that_kind_and_unmute_brings_it_back() -> None:
+    async with video_service() as (service, client):
+        nurse, patient, provider = client("nurse"), client("patient"), client("provider")
+        await nurse.join("nurse")
+        await patient.join("patient")
+        await provider.join("provider")
+        await nurse.send(type="admit", participant=patient.id)
+        await nurse.send(type="admit", participant=provider.id)
+        await patient.publish()
+        await flowing(provider.video, patient.id, 20)
+        video = service.relays(VISIT, patient.id)[MediaKind.VIDEO]
+
+        await nurse.send(type="mute", participant=patient.id, kind="video", muted=True)
+        provider.last("muted", participant=patient.id, kind="video", muted=True, by=nurse.id)
+        await asyncio.sleep(0.3)  # frames already on the wire
+        frames_out = video.stats.viewers[provider.id].frames_out
+        decoded = provider.video[patient.id]
+        await flowing(provider.audio, patient.id, 25)  # a second of audio still flows
+        assert video.stats.viewers[provider.id].frames_out == frames_out
+        assert provider.video[patient.id] <= decoded + 1
+        assert video.stats.frames_in > 0  # the patient still sends; the box drops it
+
+        await patient.send(type="mute", participant=patient.id, kind="video", muted=False)
+        assert patient.errors() == ["not_allowed"]  # a nurse muted it: a nurse unmutes it
+        await nurse.send(type="mute", participant=patient.id, kind="video", muted=False)
+        await flowing(provider.video, patient.id, 20)  # on a new subscribe connection
+        assert len(provider.subscriptions) == 1
+        assert not next(iter(provider.subscriptions)).endswith("-1")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("loopback")
+async def test_bad_and_flooding_messages_in_one_room_leave_another_room_streaming() -> None:
+    async with video_service() as (service, client):
+        nurse, patient = client("nurse"), client("patient")
+        await nurse.join("nurse")
+        await patient.join("patient")
+        await nurse.send(type="admit", participant=patient.id)
+        await patient.publish()
+        await flowing(nurse.video, patient.id, 20)
+
+        bad_nurse, bad = client("bad-nurse"), client("bad")
+        await bad_nurse.join("nurse", visit=OTHER_VISIT)
+        await bad.join("patient", visit=OTHER_VISIT)
+        await bad_nurse.send(type="admit", participant=bad.id)
+        await bad.send_raw(b"{not json")
+        await bad.send_raw(b'{"type": "offer", "sdp": "' + b"a" * 70_000 + b'"}')
+        await bad.send(type="offer", sdp="v=0\r\nm=video 9 RTP/AVP 96\r\n")  # no DTLS
+        await bad.send(type="offer", sdp=_sdp_with_one_video())  # well-formed, unusable
+        await bad.send(type="candidate", candidate="candidate:1 1 udp 1 224.0.0.1 9 typ host")
+        await bad.send(type="candidate", candidate="", pc="nope-1")
+        await bad.send(type="answer", sdp=_sdp_with_one_video(), pc="nope-1")
+        assert bad.errors() == [
+            "malformed",
+            "too_large",
+            "invalid_sdp",
+            "invalid_sdp",
+            "invalid_candidate",
+            "invalid_field",
+            "invalid_field",
+        ]
+        assert service.connections(OTHER_VISIT) == 0
+        for _ in range(300):  # a flood: one error reply, then the connection is to go
+            await bad.send_raw(b"[]")
+        assert bad.inbound.closing
+        assert bad.errors().count("rate_limited") == 1
+
+        await flowing(nurse.video, patient.id, 20)
+        assert nurse.errors() + patient.errors() == []
+        # The bad client's room still works for a good message.
+        await bad.session.handle(Leave())  # what the route does as it drops the connection
+        bad_nurse.last("left", participant=bad.last("joined")["participant"])
+
+        nurse_id = nurse.id
+        await nurse.send(type="end")
+        patient.last("ended", by=nurse_id)
+        assert service.connections(VISIT) == 0

@@ -1,0 +1,446 @@
+// The video panel (issue 7): the WebSocket signalling of docs/video.md, plain RTCPeerConnection.
+// One publish connection (we offer our camera and microphone, the box answers) and one
+// subscribe connection per person we see (the box offers with pc "<publisher>-<n>", we
+// answer). Offers and answers are sent once ICE gathering is done, so nothing trickles.
+// Data only ever goes into the page through textContent, never innerHTML (CSP + XSS).
+"use strict";
+
+(function () {
+  const panel = document.getElementById("video");
+  if (!panel || typeof RTCPeerConnection === "undefined" || typeof WebSocket === "undefined") {
+    return;
+  }
+  const cfg = panel.dataset;
+  const status = document.getElementById("video-status");
+  const tiles = document.getElementById("video-tiles");
+  const selfTile = document.getElementById("video-self");
+  const people = document.getElementById("video-people");
+  const buttons = {
+    start: document.getElementById("video-start"),
+    audio: document.getElementById("video-mute-audio"),
+    video: document.getElementById("video-mute-video"),
+    leave: document.getElementById("video-leave"),
+    end: document.getElementById("video-end"),
+  };
+  const ROLE_NAMES = { patient: "Patient", nurse: "Nurse", provider: "Provider" };
+  const GATHER_MS = 3000;
+
+  let ws = null;
+  let me = null;
+  let publishPc = null;
+  let localStream = null;
+  const roster = new Map(); // participant id -> {role, presence, muted: Set}
+  const subscriptions = new Map(); // pc id -> {pc, publisher}
+  const remoteTiles = new Map(); // publisher id -> figure
+  let statsTimer = null;
+
+  function say(text, isError) {
+    status.textContent = text;
+    status.classList.toggle("error", Boolean(isError));
+  }
+
+  function send(message) {
+    if (ws && ws.readyState === WebSocket.OPEN) {
+      ws.send(JSON.stringify(message));
+    }
+  }
+
+  function gathered(pc) {
+    if (pc.iceGatheringState === "complete") {
+      return Promise.resolve();
+    }
+    return new Promise(function (resolve) {
+      const timer = setTimeout(resolve, GATHER_MS);
+      pc.addEventListener("icegatheringstatechange", function () {
+        if (pc.iceGatheringState === "complete") {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+    });
+  }
+
+  function preferVp8(transceiver) {
+    // The box forwards VP8 without transcoding (docs/video.md); offer it first.
+    if (!RTCRtpSender.getCapabilities || !transceiver.setCodecPreferences) {
+      return;
+    }
+    const codecs = RTCRtpSender.getCapabilities("video").codecs;
+    const vp8 = codecs.filter(function (c) {
+      return c.mimeType.toLowerCase() === "video/vp8" || c.mimeType.toLowerCase() === "video/rtx";
+    });
+    if (vp8.length) {
+      transceiver.setCodecPreferences(vp8);
+    }
+  }
+
+  // -- the people in the visit -----------------------------------------------------------
+
+  function button(text, onClick, secondary) {
+    const el = document.createElement("button");
+    el.type = "button";
+    el.textContent = text;
+    if (secondary) {
+      el.className = "secondary";
+    }
+    el.addEventListener("click", onClick);
+    return el;
+  }
+
+  function span(className, text) {
+    const el = document.createElement("span");
+    el.className = className;
+    el.textContent = text;
+    return el;
+  }
+
+  function renderPeople() {
+    people.replaceChildren();
+    if (!roster.size) {
+      const empty = document.createElement("li");
+      empty.className = "empty";
+      empty.textContent = "Nobody yet.";
+      people.append(empty);
+    }
+    for (const [id, person] of roster) {
+      const item = document.createElement("li");
+      item.dataset.participant = id;
+      item.dataset.role = person.role;
+      const name = (ROLE_NAMES[person.role] || person.role) + (id === me ? " (you)" : "");
+      item.append(span("role", name));
+      const presence = person.presence === "waiting" ? "waiting to be admitted" : "in the visit";
+      item.append(span("presence " + person.presence, presence));
+      const muted = Array.from(person.muted).sort();
+      if (muted.length) {
+        item.append(span("muted", muted.join(" and ") + " muted"));
+      }
+      if (cfg.role === "nurse" && id !== me) {
+        const actions = document.createElement("span");
+        actions.className = "actions";
+        if (person.presence === "waiting") {
+          actions.append(button("Admit", function () {
+            send({ type: "admit", participant: id });
+          }));
+        } else {
+          for (const kind of ["audio", "video"]) {
+            const isMuted = person.muted.has(kind);
+            const label = (isMuted ? "Unmute " : "Mute ") + kind;
+            actions.append(button(label, function () {
+              send({ type: "mute", participant: id, kind: kind, muted: !isMuted });
+            }, true));
+          }
+        }
+        item.append(actions);
+      }
+      people.append(item);
+    }
+    refreshOwnButtons();
+    for (const [publisher, tile] of remoteTiles) {
+      const person = roster.get(publisher);
+      if (person) {
+        tile.querySelector(".who").textContent = ROLE_NAMES[person.role] || person.role;
+      }
+    }
+  }
+
+  function refreshOwnButtons() {
+    const mine = roster.get(me);
+    const muted = mine ? mine.muted : new Set();
+    buttons.audio.textContent = muted.has("audio") ? "Unmute my microphone" : "Mute my microphone";
+    buttons.video.textContent = muted.has("video") ? "Turn my camera on" : "Turn my camera off";
+  }
+
+  // -- media -----------------------------------------------------------------------------
+
+  async function publish() {
+    if (publishPc) {
+      return;
+    }
+    say("Starting your camera and microphone…");
+    try {
+      localStream = await navigator.mediaDevices.getUserMedia({
+        audio: true,
+        video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } },
+      });
+    } catch (error) {
+      say("Your camera or microphone could not be started (" + error.name + ").", true);
+      return;
+    }
+    selfTile.querySelector("video").srcObject = localStream;
+    selfTile.hidden = false;
+    publishPc = new RTCPeerConnection({ iceServers: [] });
+    for (const track of localStream.getTracks()) {
+      const transceiver = publishPc.addTransceiver(track, {
+        direction: "sendonly",
+        streams: [localStream],
+      });
+      if (track.kind === "video") {
+        preferVp8(transceiver);
+      }
+    }
+    publishPc.addEventListener("connectionstatechange", function () {
+      if (publishPc && publishPc.connectionState === "connected") {
+        say("In the visit.");
+      } else if (publishPc && publishPc.connectionState === "failed") {
+        say("The video connection failed. Reload the page to try again.", true);
+      }
+    });
+    await publishPc.setLocalDescription(await publishPc.createOffer());
+    await gathered(publishPc);
+    send({ type: "offer", sdp: publishPc.localDescription.sdp });
+    say("Connecting the video…");
+  }
+
+  function tileFor(publisher) {
+    let tile = remoteTiles.get(publisher);
+    if (!tile) {
+      tile = document.createElement("figure");
+      tile.className = "video-tile remote";
+      tile.dataset.publisher = publisher;
+      const video = document.createElement("video");
+      video.autoplay = true;
+      video.playsInline = true;
+      const caption = document.createElement("figcaption");
+      caption.append(span("who", ""), span("stats", ""));
+      tile.append(video, caption);
+      tiles.append(tile);
+      remoteTiles.set(publisher, tile);
+    }
+    return tile;
+  }
+
+  function dropTile(publisher) {
+    const tile = remoteTiles.get(publisher);
+    if (tile) {
+      tile.remove();
+      remoteTiles.delete(publisher);
+    }
+  }
+
+  function closeSubscription(pcId) {
+    const found = subscriptions.get(pcId);
+    if (found) {
+      found.pc.close();
+      subscriptions.delete(pcId);
+    }
+  }
+
+  async function subscribe(pcId, sdp) {
+    const publisher = pcId.split("-")[0];
+    for (const [id, found] of subscriptions) {
+      if (found.publisher === publisher && id !== pcId) {
+        closeSubscription(id); // replaced (after an unmute)
+      }
+    }
+    const pc = new RTCPeerConnection({ iceServers: [] });
+    const stream = new MediaStream();
+    subscriptions.set(pcId, { pc: pc, publisher: publisher });
+    const tile = tileFor(publisher);
+    const video = tile.querySelector("video");
+    video.srcObject = stream;
+    pc.addEventListener("track", function (event) {
+      stream.addTrack(event.track);
+      video.play().catch(function () {});
+    });
+    await pc.setRemoteDescription({ type: "offer", sdp: sdp });
+    await pc.setLocalDescription(await pc.createAnswer());
+    await gathered(pc);
+    send({ type: "answer", sdp: pc.localDescription.sdp, pc: pcId });
+    renderPeople();
+  }
+
+  async function updateStats() {
+    for (const [, found] of subscriptions) {
+      const stats = await found.pc.getStats();
+      stats.forEach(function (report) {
+        if (report.type === "inbound-rtp" && report.kind === "video") {
+          const tile = remoteTiles.get(found.publisher);
+          if (!tile) {
+            return;
+          }
+          const before = Number(tile.dataset.framesDecoded || 0);
+          tile.dataset.framesDecoded = String(Math.max(before, report.framesDecoded || 0));
+          const size = report.frameWidth ? report.frameWidth + "×" + report.frameHeight : "";
+          const fps = report.framesPerSecond ? Math.round(report.framesPerSecond) + " fps" : "";
+          tile.querySelector(".stats").textContent = [size, fps].filter(Boolean).join(", ");
+        }
+      });
+    }
+    if (publishPc) {
+      const stats = await publishPc.getStats();
+      stats.forEach(function (report) {
+        if (report.type === "outbound-rtp" && report.kind === "video") {
+          selfTile.dataset.framesEncoded = String(report.framesEncoded || 0);
+          const size = report.frameWidth ? report.frameWidth + "×" + report.frameHeight : "";
+          selfTile.querySelector(".stats").textContent = size ? "sending " + size : "";
+        }
+      });
+    }
+  }
+
+  function stopAll() {
+    for (const id of Array.from(subscriptions.keys())) {
+      closeSubscription(id);
+    }
+    for (const publisher of Array.from(remoteTiles.keys())) {
+      dropTile(publisher);
+    }
+    if (publishPc) {
+      publishPc.close();
+      publishPc = null;
+    }
+    if (localStream) {
+      localStream.getTracks().forEach(function (track) {
+        track.stop();
+      });
+      localStream = null;
+    }
+    selfTile.hidden = true;
+    if (statsTimer) {
+      clearInterval(statsTimer);
+      statsTimer = null;
+    }
+  }
+
+  // -- signalling ------------------------------------------------------------------------
+
+  function handle(message) {
+    switch (message.type) {
+      case "joined":
+        me = message.participant;
+        roster.set(me, { role: message.role, presence: message.presence, muted: new Set() });
+        if (message.presence === "admitted") {
+          publish();
+        } else {
+          say("Waiting for the nurse to let you in…");
+        }
+        break;
+      case "participant":
+        roster.set(message.participant, {
+          role: message.role,
+          presence: message.presence,
+          muted: new Set(),
+        });
+        break;
+      case "admitted": {
+        const person = roster.get(message.participant);
+        if (person) {
+          person.presence = "admitted";
+        }
+        if (message.participant === me) {
+          publish();
+        }
+        break;
+      }
+      case "muted": {
+        const person = roster.get(message.participant);
+        if (person) {
+          if (message.muted) {
+            person.muted.add(message.kind);
+          } else {
+            person.muted.delete(message.kind);
+          }
+        }
+        if (message.participant === me && localStream) {
+          localStream.getTracks().forEach(function (track) {
+            if (track.kind === message.kind) {
+              track.enabled = !message.muted;
+            }
+          });
+        }
+        break;
+      }
+      case "left":
+        if (message.participant === me) {
+          stopAll();
+          roster.clear();
+          say("You left the video.");
+          ws.close();
+        } else {
+          roster.delete(message.participant);
+          for (const [id, found] of subscriptions) {
+            if (found.publisher === message.participant) {
+              closeSubscription(id);
+            }
+          }
+          dropTile(message.participant);
+        }
+        break;
+      case "ended":
+        stopAll();
+        roster.clear();
+        say("The visit has ended.");
+        ws.close();
+        break;
+      case "offer":
+        if (message.pc) {
+          subscribe(message.pc, message.sdp).catch(function (error) {
+            say("A video stream could not be opened (" + error.name + ").", true);
+          });
+        }
+        break;
+      case "answer":
+        if (!message.pc && publishPc) {
+          publishPc.setRemoteDescription({ type: "answer", sdp: message.sdp });
+        }
+        break;
+      case "error":
+        say("The visit refused that: " + message.message, true);
+        break;
+      default:
+        break;
+    }
+    renderPeople();
+  }
+
+  function start() {
+    buttons.start.hidden = true;
+    say("Connecting…");
+    const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+    ws = new WebSocket(scheme + location.host + cfg.ws);
+    ws.addEventListener("open", function () {
+      send({ type: "join", visit: cfg.visit, role: cfg.role, token: cfg.token });
+      for (const key of ["audio", "video", "leave", "end"]) {
+        if (buttons[key]) {
+          buttons[key].hidden = false;
+        }
+      }
+      statsTimer = setInterval(updateStats, 1000);
+    });
+    ws.addEventListener("message", function (event) {
+      handle(JSON.parse(event.data));
+    });
+    ws.addEventListener("close", function () {
+      stopAll();
+      for (const key of ["audio", "video", "leave", "end"]) {
+        if (buttons[key]) {
+          buttons[key].hidden = true;
+        }
+      }
+      buttons.start.hidden = false;
+      if (!status.classList.contains("error") && status.textContent !== "The visit has ended.") {
+        say("Disconnected.");
+      }
+    });
+  }
+
+  buttons.start.addEventListener("click", start);
+  buttons.audio.addEventListener("click", function () {
+    const mine = roster.get(me);
+    send({ type: "mute", participant: me, kind: "audio", muted: !(mine && mine.muted.has("audio")) });
+  });
+  buttons.video.addEventListener("click", function () {
+    const mine = roster.get(me);
+    send({ type: "mute", participant: me, kind: "video", muted: !(mine && mine.muted.has("video")) });
+  });
+  buttons.leave.addEventListener("click", function () {
+    send({ type: "leave" });
+  });
+  if (buttons.end) {
+    buttons.end.addEventListener("click", function () {
+      if (window.confirm("End the visit for everyone? It cannot be joined again.")) {
+        send({ type: "end" });
+      }
+    });
+  }
+})();

@@ -1,0 +1,353 @@
+"""The video visit's signalling over WebSockets (issue 7): authenticate, then the video service.
+
+One route per audience, because each audience's credential is a cookie scoped to its own
+path (the visit link's to ``/visit``, the kiosk's to ``/kiosk``):
+
+* ``/video/ws``: a nurse's (or admin's) staff session; joins as ``nurse`` one of today's
+  arrivals. The ``join`` token is the session's CSRF token (only a page of this box has it).
+* ``/visit/<token>/video``: the remote provider's visit link, bound to this browser (its
+  ``/visit`` cookie); joins as ``provider`` that link's visit. The ``join`` token is the
+  link's own. Unknown tokens count against the provider pages' guess throttle.
+* ``/kiosk/video``: a paired kiosk or exam-room station; joins as ``patient`` the visit of
+  the patient checked in at its station. The ``join`` token is the kiosk flow's CSRF token.
+
+A visit's room is named by its arrival Encounter's id. The handshake must come from this
+box's own origin (a cross-site page cannot ride the cookies). Then every frame passes
+``Inbound`` (rate limit, 64 KiB cap, schema); rejected frames are answered ``error`` (once
+per flood) and a flooding connection, or one that does not read what it is sent, is closed
+with 1008. An HTTP GET on these addresses passes the same guard and answers 426. Joining is
+audited (``read`` of the Encounter, success or denied) under the caller's actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, time
+from urllib.parse import urlsplit
+
+from quart import Blueprint, Response, abort, current_app, has_websocket_context, request, websocket
+from quart.typing import ResponseReturnValue
+from quart.wrappers.base import BaseRequestWebsocket
+
+from appliance import db, users, visit_links
+from appliance.audit import AuditAction, AuditEvent, Outcome
+from appliance.device_registry import DeviceRegistry
+from appliance.users import Role as StaffRole
+from appliance.visit_links import LinkState
+from services import visits
+from services.video.rooms import Role, RoomErrorCode
+from services.video.service import Session
+from services.video.signalling import Inbound, Join, SignallingError, encode_error
+from web.access import decide, require_access
+from web.app import AppState, app_state
+
+# The cookie names and the session gate belong to the guards that own them.
+from web.auth import cookie_name as staff_cookie_name
+from web.auth import current_session, login_required, session_gate
+from web.kiosk import cookie_name as kiosk_cookie_name
+from web.provider import Guesses
+from web.provider import cookie_name as visit_cookie_name
+from web.templating import render_template
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("video", __name__)
+
+OUTGOING_QUEUE = 256  # server messages a client may leave unread before it is dropped
+POLICY_VIOLATION = 1008  # WebSocket close code (RFC 6455 §7.4.1)
+FLUSH_S = 1.0  # how long a flooding client's queued replies may take before it is dropped
+_CLINIC = (StaffRole.NURSE, StaffRole.ADMIN)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is on the connection, as its credential says, and which visits it may join."""
+
+    role: Role
+    actor: str
+    token: str  # what ``join.token`` must be
+    patient_of: Callable[[str], Awaitable[str | None]]  # the visit's patient, if allowed
+
+
+def _connection() -> BaseRequestWebsocket:
+    return websocket if has_websocket_context() else request
+
+
+def _local_midnight(state: AppState) -> datetime:
+    today = state.clock().astimezone(state.zone).date()
+    return datetime.combine(today, time()).replace(tzinfo=state.zone)
+
+
+async def _todays_arrival(state: AppState, actor: str, visit: str) -> str | None:
+    found = await visits.arrivals(state.store, actor, _local_midnight(state))
+    return next((a.patient_id for a in found if a.encounter_id == visit), None)
+
+
+# -- who is asking ---------------------------------------------------------------------------
+
+
+async def _nurse() -> Caller:
+    state, conn = app_state(), _connection()
+    token = conn.cookies.get(staff_cookie_name(state, "session"))
+    session = None
+    if token:
+        session = await db.run_sync(
+            state.store.connection,
+            users.load_session,
+            token,
+            now=state.clock(),
+            idle_timeout_s=state.config.web.session_idle_timeout_s,
+        )
+    if session is None:
+        abort(401)
+    if session_gate(session) is not None or session.user.role not in _CLINIC:
+        abort(403)
+    actor, user_id = session.user.actor, session.user.id
+
+    async def patient_of(visit: str) -> str | None:
+        # As every patient page: normal access (checked in today, enrolled) or break-glass.
+        patient = await _todays_arrival(state, actor, visit)
+        if patient is None:
+            return None
+        allowed = await db.run_sync(
+            state.store.connection, decide, user_id, patient, now=state.clock(), zone=state.zone
+        )
+        return patient if allowed is not None else None
+
+    return Caller(Role.NURSE, actor, session.csrf, patient_of)
+
+
+async def _provider(token: str) -> Caller:
+    state, conn = app_state(), _connection()
+    guesses: Guesses = current_app.extensions["provider"]
+    address, now = f"ip:{conn.remote_addr}", state.clock()
+    if guesses.exceeded(address, now):
+        abort(429)
+    link = None
+    if 20 <= len(token) <= 100:
+        link = await db.run_sync(state.store.connection, visit_links.by_token, token)
+    if link is None:
+        guesses.failed(address, now)
+        logger.info("unknown visit link token refused (video)")
+        abort(404)
+    patient_key = state.store.patient_key(f"Patient/{link.patient_id}")
+    browser = conn.cookies.get(visit_cookie_name(state), "")
+    refusal = None
+    if link.state(now) is not LinkState.ACTIVE:
+        refusal = f"video: visit link {link.state(now).value}"
+    elif (
+        link.browser_hash is None
+        or not browser
+        or not hmac.compare_digest(visit_links.token_hash(browser), link.browser_hash)
+    ):
+        refusal = "video: another browser refused"
+    if refusal is not None:
+        await _audit(state, link.actor, patient_key, link.encounter_id, Outcome.DENIED, refusal)
+        abort(403)
+    link_id = link.id
+
+    async def patient_of(visit: str) -> str | None:
+        current = await db.run_sync(state.store.connection, visit_links.by_id, link_id)
+        if current is None or current.state(state.clock()) is not LinkState.ACTIVE:
+            return None
+        return current.patient_id if current.encounter_id == visit else None
+
+    return Caller(Role.PROVIDER, link.actor, token, patient_of)
+
+
+async def _kiosk() -> Caller:
+    state, conn = app_state(), _connection()
+    token = conn.cookies.get(kiosk_cookie_name(state))
+    rows = []
+    if token:
+        rows = await state.store.query(
+            "SELECT id, station_id FROM kiosks WHERE token_hash = ? AND revoked_at IS NULL",
+            (hashlib.sha256(token.encode()).digest(),),
+        )
+    if not rows:
+        abort(403)
+    kiosk_id, station_id = int(rows[0][0]), str(rows[0][1])
+    actor = f"kiosk:{station_id}"
+    flow = current_app.extensions["kiosk"].flows.get(kiosk_id)
+    flow_token = flow.csrf if flow is not None else ""
+
+    async def patient_of(visit: str) -> str | None:
+        open_checkins = [
+            c
+            for c in await DeviceRegistry(state.store).checkins(station_id)
+            if not c.checked_out_at
+        ]
+        patient = await _todays_arrival(state, actor, visit)
+        if patient is None or not any(c.patient_id == patient for c in open_checkins):
+            return None
+        return patient
+
+    return Caller(Role.PATIENT, actor, flow_token, patient_of)
+
+
+# -- the routes ------------------------------------------------------------------------------
+
+
+@bp.get("/video/ws")
+@bp.websocket("/video/ws")
+async def nurse_ws() -> ResponseReturnValue:
+    """A nurse's signalling connection."""
+    return await _serve(await _nurse())
+
+
+@bp.get("/visit/<token>/video")
+@bp.websocket("/visit/<token>/video")
+async def provider_ws(token: str) -> ResponseReturnValue:
+    """The remote provider's signalling connection (the bound visit link)."""
+    return await _serve(await _provider(token))
+
+
+@bp.get("/kiosk/video")
+@bp.websocket("/kiosk/video")
+async def kiosk_ws() -> ResponseReturnValue:
+    """The patient station's signalling connection (a paired kiosk)."""
+    return await _serve(await _kiosk())
+
+
+@bp.get("/video/nurse")
+@login_required(role=_CLINIC)
+async def nurse_visit() -> ResponseReturnValue:
+    """The nurse's video page for one of today's arrivals (``?visit=<Encounter id>``)."""
+    state = app_state()
+    session = await current_session()
+    assert session is not None  # login_required
+    actor, visit = session.user.actor, request.args.get("visit", "")
+    found = await visits.arrivals(state.store, actor, _local_midnight(state))
+    arrival = next((a for a in found if a.encounter_id == visit), None)
+    if arrival is None:
+        abort(404)
+    await require_access(arrival.patient_id)  # AccessDenied: the 403 page offering break-glass
+    patient = await state.store.read("Patient", arrival.patient_id, actor)
+    arrived = datetime.fromisoformat(arrival.arrived.replace("Z", "+00:00"))
+    return await render_template(
+        "video_nurse.html",
+        visit=visit,
+        patient_name=visits.display_name(patient),
+        arrived=arrived.astimezone(state.zone).strftime("%H:%M"),
+    )
+
+
+def _same_origin(conn: BaseRequestWebsocket) -> bool:
+    origin = urlsplit(conn.headers.get("Origin", ""))
+    scheme = "https" if conn.scheme in ("wss", "https") else "http"
+    return origin.scheme == scheme and origin.netloc == conn.host
+
+
+async def _serve(caller: Caller) -> ResponseReturnValue:
+    if not has_websocket_context():
+        return Response(
+            "This address takes a WebSocket (video visit signalling).\n",
+            status=426,
+            headers={"Upgrade": "websocket"},
+            mimetype="text/plain",
+        )
+    if not _same_origin(websocket):
+        logger.info("video signalling refused: cross-origin handshake")
+        abort(403)
+    state = app_state()
+    outgoing: asyncio.Queue[bytes] = asyncio.Queue(OUTGOING_QUEUE)
+    overflowed = asyncio.Event()
+
+    def send(data: bytes) -> None:
+        try:
+            outgoing.put_nowait(data)
+        except asyncio.QueueFull:
+            overflowed.set()
+
+    session = state.video.session(send)
+    await websocket.accept()
+    tasks = [
+        asyncio.create_task(_read(state, caller, session, send)),
+        asyncio.create_task(_write(outgoing)),
+        asyncio.create_task(overflowed.wait()),
+    ]
+    try:
+        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.shield(session.async_close())
+    for task in done:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("video signalling failed (%s)", type(error).__name__)
+    if not overflowed.is_set():  # a flood: the replies already queued still go out
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_flush(outgoing), FLUSH_S)
+    # The reader stopped (a flood) or the client does not read what it is sent: drop it.
+    await websocket.close(POLICY_VIOLATION)
+    return ""  # ignored once accepted
+
+
+async def _flush(outgoing: asyncio.Queue[bytes]) -> None:
+    while not outgoing.empty():
+        await websocket.send(outgoing.get_nowait().decode())
+
+
+async def _write(outgoing: asyncio.Queue[bytes]) -> None:
+    while True:
+        data = await outgoing.get()
+        await websocket.send(data.decode())
+
+
+async def _read(
+    state: AppState, caller: Caller, session: Session, send: Callable[[bytes], None]
+) -> None:
+    inbound = Inbound()
+    loop = asyncio.get_running_loop()
+    while True:
+        raw = await websocket.receive()
+        try:
+            message = inbound.receive(raw, loop.time())
+        except SignallingError as error:
+            if error.reply:
+                send(encode_error(error.code, error.detail))
+            if inbound.closing:
+                logger.info("video signalling: flooding connection dropped")
+                return
+            continue
+        if isinstance(message, Join) and not session.joined:
+            patient = await _may_join(caller, message)
+            if patient is None:
+                send(encode_error(RoomErrorCode.NOT_ALLOWED, "this link or login cannot join that"))
+                continue
+            await session.handle(message)
+            if session.joined:
+                key = state.store.patient_key(f"Patient/{patient}")
+                detail = f"video visit joined as {caller.role}"
+                await _audit(state, caller.actor, key, message.visit, Outcome.SUCCESS, detail)
+            continue
+        await session.handle(message)
+
+
+async def _may_join(caller: Caller, message: Join) -> str | None:
+    """The visit's patient if ``caller`` may join it in that role with that token, else None."""
+    if message.role is not caller.role or not caller.token:
+        return None
+    if not hmac.compare_digest(message.token.encode(), caller.token.encode()):
+        return None
+    return await caller.patient_of(message.visit)
+
+
+async def _audit(
+    state: AppState, actor: str, patient_key: bytes, visit: str, outcome: Outcome, detail: str
+) -> None:
+    event = AuditEvent(
+        actor,
+        AuditAction.READ,
+        outcome=outcome,
+        patient_key=patient_key,
+        entity=f"Encounter/{visit}",
+        detail=detail,
+    )
+    await state.store.transact(lambda _conn: None, [event])
