@@ -218,6 +218,17 @@ class RpmConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExamCameraConfig:
+    """A camera attached to the box (``[[video.exam_camera]]``; services/video/exam_camera.py)."""
+
+    name: str = "exam camera"
+    device: str = "/dev/video0"
+    format: str = "v4l2"
+    size: str = "1280x720"
+    framerate: int = 30
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole site configuration; ``source`` is the file it came from, if any."""
 
@@ -230,6 +241,11 @@ class Config:
     source: Path | None
     rpm: RpmConfig = dataclass_field(default_factory=RpmConfig)
     claims: ClaimsConfig = dataclass_field(default_factory=ClaimsConfig)
+    exam_cameras: tuple[ExamCameraConfig, ...] = ()
+
+    def exam_camera(self, name: str) -> ExamCameraConfig | None:
+        """The ``[[video.exam_camera]]`` called ``name``, if declared."""
+        return next((c for c in self.exam_cameras if c.name == name), None)
 
 
 def npi_is_valid(npi: str) -> bool:
@@ -513,6 +529,19 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
                                         r"[0-9A-Z]{2}"), _Computed("by kind: MB/MA, MC, CI"),
            "SBR09 claim filing indicator."),
     ),
+    "video.exam_camera": (
+        _F("name", _pattern("a name of letters, digits, spaces and - (1-40)",
+                            r"[A-Za-z0-9][A-Za-z0-9 -]{0,39}"), _REQUIRED,
+           "Shown on the nurse's video page and in each still's Media, e.g. \"otoscope\". "
+           "Not yet usable on a provisioned box (docs/video.md, Exam cameras)."),
+        _F("device", _TEXT, "/dev/video0",
+           "The V4L2 device (with format lavfi: a libav test source, e.g. testsrc2)."),
+        _F("format", _one_of(("v4l2", "lavfi")), "v4l2",
+           "v4l2: a USB camera; lavfi: libav's test pattern instead (demo, testing)."),
+        _F("size", _pattern("WIDTHxHEIGHT", r"[1-9][0-9]{1,4}x[1-9][0-9]{1,4}"), "1280x720",
+           "The frame size asked of the camera."),
+        _F("framerate", _int(1, 60), 30, "Frames per second asked of the camera."),
+    ),
     # Ranges of quiet_days and device_silent_hours: those of the rules' own parameters
     # (services/rpm_rules.py RULE_PARAMS; a test keeps them equal). Roles: users.Role.
     "rpm": (
@@ -535,7 +564,7 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
     ),
 }
 # fmt: on
-_TOP_LEVEL = ("site", "paths", "keys", "web", "devices", "sync", "claims", "rpm")
+_TOP_LEVEL = ("site", "paths", "keys", "web", "devices", "sync", "claims", "rpm", "video")
 _REQUIRED_WHEN_CLAIMS = (
     "submitter_id",
     "contact_name",
@@ -642,6 +671,34 @@ class _Reader:
             )
         return result
 
+    def exam_cameras(self, raw: object) -> list[ExamCameraConfig]:
+        """The ``[video]`` table: its ``[[video.exam_camera]]`` tables, names unique."""
+        if raw is None:
+            return []
+        if not isinstance(raw, Mapping):
+            self.problems.append(f"video: expected a table, got {raw!r}")
+            return []
+        self.problems.extend(f"video.{key}: unknown key" for key in raw if key != "exam_camera")
+        tables = raw.get("exam_camera")
+        if tables is None:
+            return []
+        if not isinstance(tables, list):
+            self.problems.append(
+                "video.exam_camera: expected an array of tables ([[video.exam_camera]])"
+            )
+            return []
+        cameras: list[ExamCameraConfig] = []
+        for index, item in enumerate(tables):
+            where = f"video.exam_camera[{index}]"
+            camera = self.table("video.exam_camera", item, where)
+            if camera["name"] is None:
+                continue
+            if any(c.name == camera["name"] for c in cameras):
+                self.problems.append(f"{where}.name: {camera['name']!r} is declared twice")
+                continue
+            cameras.append(ExamCameraConfig(**camera))
+        return cameras
+
     def line_protocols(self, raw: object) -> list[LineProtocolSpec]:
         """The ``[[devices.line_protocol]]`` tables (checked by drivers/line_protocol.py)."""
         if raw is None:
@@ -731,6 +788,7 @@ def parse(
     upstreams = reader.upstreams(_subtable(data, "sync", "upstream"))
     rpm = reader.table("rpm", data.get("rpm"))
     claims, payers = reader.claims(data.get("claims"), _subtable(data, "claims", "payer"))
+    exam_cameras = reader.exam_cameras(data.get("video"))
     for present, missing in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
         if web[present] is not None and web[missing] is None:
             reader.problems.append(f"web.{missing}: required when web.{present} is set")
@@ -757,6 +815,7 @@ def parse(
             **{**claims, "submitter_name": claims["submitter_name"] or site["name"]},
             payers=tuple(payers),
         ),
+        exam_cameras=tuple(exam_cameras),
     )
 
 
@@ -834,6 +893,16 @@ def demo_config(data_dir: Path, *, environ: Mapping[str, str] | None = None) -> 
             "tls_key": str(data / "tls" / "server-key.pem"),
         },
         "devices": {"simulated": True, "simulated_interval_s": 3.0},
+        # No camera on a developer's machine: libav's test pattern stands in for one.
+        "video": {
+            "exam_camera": [
+                {
+                    "name": "demo exam camera",
+                    "device": "testsrc2=size=1280x720:rate=30",
+                    "format": "lavfi",
+                }
+            ]
+        },
     }
     if env.get("APPLIANCE_DEMO_UPSTREAM"):
         upstream = {"name": "ehr", "base_url": env["APPLIANCE_DEMO_UPSTREAM"], "auth": "none"}
@@ -855,7 +924,8 @@ def reference() -> str:
     """The key reference of ``docs/site-config.md`` (Markdown), rendered from the schema."""
     out: list[str] = []
     for schema, fields in _SCHEMA.items():
-        title = f"[[{schema}]]" if schema in ("sync.upstream", "claims.payer") else f"[{schema}]"
+        arrays = ("sync.upstream", "claims.payer", "video.exam_camera")
+        title = f"[[{schema}]]" if schema in arrays else f"[{schema}]"
         out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         out += [
             f"| `{f.key}` | {f.type.describe} | {_shown(f.default)} | {f.help} |" for f in fields

@@ -41,6 +41,7 @@ from appliance.device_registry import DeviceRegistry
 from appliance.users import Role as StaffRole
 from appliance.visit_links import LinkState
 from services import visits
+from services.video.exam_camera import CameraError, ExamCamera, take_still
 from services.video.rooms import Role, RoomErrorCode
 from services.video.service import Session
 from services.video.signalling import Inbound, Join, SignallingError, encode_error
@@ -215,19 +216,27 @@ async def kiosk_ws() -> ResponseReturnValue:
     return await _serve(await _kiosk())
 
 
-@bp.get("/video/nurse")
-@login_required(role=_CLINIC)
-async def nurse_visit() -> ResponseReturnValue:
-    """The nurse's video page for one of today's arrivals (``?visit=<Encounter id>``)."""
+async def _nurse_arrival(visit: str) -> tuple[str, visits.Arrival]:
+    """The nurse's actor and today's arrival ``visit``, which the nurse may see (else 404/403)."""
     state = app_state()
     session = await current_session()
     assert session is not None  # login_required
-    actor, visit = session.user.actor, request.args.get("visit", "")
+    actor = session.user.actor
     found = await visits.arrivals(state.store, actor, _local_midnight(state))
     arrival = next((a for a in found if a.encounter_id == visit), None)
     if arrival is None:
         abort(404)
     await require_access(arrival.patient_id)  # AccessDenied: the 403 page offering break-glass
+    return actor, arrival
+
+
+@bp.get("/video/nurse")
+@login_required(role=_CLINIC)
+async def nurse_visit() -> ResponseReturnValue:
+    """The nurse's video page for one of today's arrivals (``?visit=<Encounter id>``)."""
+    state = app_state()
+    visit = request.args.get("visit", "")
+    actor, arrival = await _nurse_arrival(visit)
     patient = await state.store.read("Patient", arrival.patient_id, actor)
     arrived = datetime.fromisoformat(arrival.arrived.replace("Z", "+00:00"))
     return await render_template(
@@ -235,7 +244,46 @@ async def nurse_visit() -> ResponseReturnValue:
         visit=visit,
         patient_name=visits.display_name(patient),
         arrived=arrived.astimezone(state.zone).strftime("%H:%M"),
+        cameras=[camera.name for camera in state.config.exam_cameras],
     )
+
+
+@bp.post("/video/nurse/still")
+@login_required(role=_CLINIC)
+async def take_exam_still() -> ResponseReturnValue:
+    """A still from an exam camera into the visit's patient's record; JSON, the call goes on.
+
+    The camera is opened for the still and closed after it (a V4L2 device held open keeps its
+    light on and its frames flowing), one still at a time per camera. The Media is stored
+    encrypted, audited and queued for the EHR (services/video/exam_camera.py).
+    """
+    state = app_state()
+    form = await request.form
+    visit, name = form.get("visit", ""), form.get("camera", "")
+    actor, arrival = await _nurse_arrival(visit)
+    config = state.config.exam_camera(name)
+    if config is None:
+        abort(404)
+    locks: dict[str, asyncio.Lock] = current_app.extensions.setdefault("exam_cameras", {})
+    async with locks.setdefault(name, asyncio.Lock()):
+        camera = ExamCamera(config)
+        try:
+            await camera.open()
+            stored = await take_still(
+                state.store,
+                camera,
+                f"Patient/{arrival.patient_id}",
+                actor,
+                state.clock(),
+                f"Encounter/{visit}",
+            )
+        except CameraError as error:
+            # The device's path and libav's words: no patient data.
+            logger.warning("exam camera still failed: %s", error)
+            return {"error": str(error)}, 503
+        finally:
+            await camera.close()
+    return {"media": stored.logical_id, "camera": name}
 
 
 def _same_origin(conn: BaseRequestWebsocket) -> bool:

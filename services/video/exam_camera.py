@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
 
@@ -29,6 +28,7 @@ from aiortc.contrib.media import MediaPlayer, MediaRelay
 from aiortc.mediastreams import MediaStreamError
 
 from appliance import fhir
+from appliance.config import ExamCameraConfig
 from appliance.store import Store, StoredResource
 from services import intake
 
@@ -42,21 +42,10 @@ class CameraError(RuntimeError):
     """The exam camera could not be opened or gave no frame."""
 
 
-@dataclass(frozen=True, slots=True)
-class CameraConfig:
-    """Where the camera is and what to ask of it (V4L2 unless told otherwise)."""
-
-    device: str = "/dev/video0"
-    format: str = "v4l2"
-    size: str = "1280x720"
-    framerate: int = 30
-    name: str = "exam camera"
-
-
 class ExamCamera:
     """One camera attached to the box; :meth:`open` before use, :meth:`close` after."""
 
-    def __init__(self, config: CameraConfig) -> None:
+    def __init__(self, config: ExamCameraConfig) -> None:
         self.config = config
         self._player: MediaPlayer | None = None
         self._relay = MediaRelay()

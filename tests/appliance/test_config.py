@@ -473,3 +473,40 @@ def test_rpm_ranges_are_those_of_the_rules_and_roles_of_the_users() -> None:
             assert paths_of(problems_of(doc(rpm={key: float(outside)}))) == {f"rpm.{key}"}
     for role in Role:
         assert parse(doc(rpm={"escalate_to_role": role.value}), environ={}).rpm.escalate_to_role
+
+
+def test_exam_cameras_take_their_defaults_and_their_names_are_unique() -> None:
+    cameras = [{"name": "otoscope"}, {"name": "exam room 2", "device": "/dev/video2"}]
+    config = parse({**MINIMAL, "video": {"exam_camera": cameras}}, environ={})
+    [otoscope, room] = config.exam_cameras
+    assert (otoscope.device, otoscope.format, otoscope.size, otoscope.framerate) == (
+        "/dev/video0",
+        "v4l2",
+        "1280x720",
+        30,
+    )
+    assert config.exam_camera("exam room 2") == room
+    assert config.exam_camera("nothing") is None
+    assert parse(MINIMAL, environ={}).exam_cameras == ()
+    problems = problems_of(
+        {
+            **MINIMAL,
+            "video": {
+                "exam_camera": [
+                    {"name": "otoscope"},
+                    {"name": "otoscope"},
+                    {"name": "x", "format": "mjpeg", "size": "big", "framerate": 0},
+                    {"device": "/dev/video1"},
+                ],
+                "uplink": 5,
+            },
+        }
+    )
+    assert "video.exam_camera[1].name: 'otoscope' is declared twice" in problems
+    assert paths_of(problems) >= {
+        "video.exam_camera[2].format",
+        "video.exam_camera[2].size",
+        "video.exam_camera[2].framerate",
+        "video.exam_camera[3].name",
+        "video.uplink",
+    }

@@ -152,6 +152,14 @@ async def test_provider_page_and_patient_see_each_other_after_the_nurse_admits(
         target = Path(shots) if shots else tmp_path
         await provider.screenshot(path=str(target / "video-provider.png"), full_page=False)
 
+        # A still from the exam camera (the demo's libav test pattern) while the call goes on.
+        await nurse.click("#exam-cameras button[data-camera='demo exam camera']")
+        await nurse.wait_for_selector(
+            "#exam-camera-status:has-text('Still from the demo exam camera saved')",
+            timeout=15_000,
+        )
+        assert await nurse.locator("#video-tiles figure.remote").count() >= 1  # still in the call
+
         # The nurse ends the visit: everyone is told and the box closes every connection.
         await nurse.click("#video-end")
         await provider.wait_for_selector("#video-status:has-text('The visit has ended')")

@@ -12,11 +12,12 @@ from pathlib import Path
 import av
 import pytest
 
+from appliance.config import ExamCameraConfig
 from appliance.store import Store
-from services.video.exam_camera import CameraConfig, CameraError, ExamCamera, take_still
+from services.video.exam_camera import CameraError, ExamCamera, take_still
 from tests import factories
 
-PATTERN = CameraConfig(device="testsrc2=size=640x480:rate=30", format="lavfi", name="otoscope")
+PATTERN = ExamCameraConfig(device="testsrc2=size=640x480:rate=30", format="lavfi", name="otoscope")
 NURSE = "user:nurse1"
 
 
@@ -91,7 +92,7 @@ async def test_the_visit_track_and_stills_share_the_camera() -> None:
 
 
 async def test_a_missing_camera_is_a_clear_error_and_nothing_is_stored(store: Store) -> None:
-    camera = ExamCamera(CameraConfig(device="/dev/video-not-here", name="exam camera"))
+    camera = ExamCamera(ExamCameraConfig(device="/dev/video-not-here", name="exam camera"))
     with pytest.raises(CameraError, match="exam camera at /dev/video-not-here"):
         await camera.open()
     with pytest.raises(CameraError, match="is not open"):
