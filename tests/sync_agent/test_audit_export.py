@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from sync_agent.audit_export import (
     verify_against_anchor,
 )
 from sync_agent.balp import ExportRow, anchor_from_provenance, audit_event, checkpoint_provenance
-from sync_agent.upstream import FHIR_JSON
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 
@@ -167,15 +165,6 @@ def test_the_anchor_is_a_valid_provenance_that_round_trips(store: Store) -> None
 
 
 # -- against the peer ----------------------------------------------------------------------
-
-
-@pytest.fixture
-async def client(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
-    fhir_peer.reset()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
-    ) as http:
-        yield http
 
 
 async def _records(store: Store, n: int) -> None:

@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from appliance.store import Store
 from sync_agent.outbox_delivery import Deliverer
-from sync_agent.upstream import FHIR_JSON
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 
 pytestmark = pytest.mark.peer
-
-
-@pytest.fixture
-async def client(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
-    fhir_peer.reset()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
-    ) as http:
-        yield http
 
 
 def _states(db_path: Path) -> list[tuple[str, int]]:
@@ -167,22 +157,28 @@ async def test_bundle_refused_as_too_large_is_halved_and_everything_lands(
     assert _states(db_path) == [("delivered", 7)]
 
 
-async def test_device_references_and_capture_tags_survive_the_trip_upstream(
-    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
-) -> None:
+async def reading_from_a_device(store: Store, device_name: str) -> dict[str, Any]:
+    """A Patient and a Device stored, and a reading (not stored) pointing at both."""
     [pat] = await store.create([factories.patient()], "user:nurse1")
     [dev] = await store.create(
         [
             {
                 "resourceType": "Device",
                 "status": "active",
-                "deviceName": [{"name": "Kiosk cuff", "type": "user-friendly-name"}],
+                "deviceName": [{"name": device_name, "type": "user-friendly-name"}],
             }
         ],
         "service:devices",
     )
     reading = factories.bp_observation(f"Patient/{pat.logical_id}")
     reading["device"] = {"reference": f"Device/{dev.logical_id}", "display": "Kiosk cuff"}
+    return reading
+
+
+async def test_device_references_and_capture_tags_survive_the_trip_upstream(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    reading = await reading_from_a_device(store, "Kiosk cuff")
     reading["meta"] = {
         "tag": [{"system": "urn:telehealth-appliance:fhir:capture-setting", "code": "clinic"}]
     }

@@ -10,7 +10,6 @@ and every kind of target. The peer tests show the same on a real server.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -28,9 +27,9 @@ from sync_agent.outbox_delivery import (
     _outgoing,
     _outgoing_parsed,
 )
-from sync_agent.upstream import FHIR_JSON
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
+from tests.sync_agent.test_outbox_delivery import reading_from_a_device
 
 LOCAL_IDS = ["01a2-p1", "01a2-p2", "01a2-d1", "x.y-Z9"]
 OWN_ID = "01a21cac-1183-7a03-9c5b-ddc1300eb4ec"
@@ -151,16 +150,6 @@ def test_the_common_case_is_not_parsed_and_a_strange_layout_is() -> None:
 # -- on the real server ---------------------------------------------------------------------
 
 
-@pytest.fixture
-async def client(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
-    fhir_peer.reset()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
-    ) as http:
-        yield http
-    fhir_peer.reject(None)
-
-
 @pytest.mark.peer
 async def test_a_reference_below_the_top_level_waits_for_its_patient_and_is_mapped(
     store: Store, client: httpx.AsyncClient
@@ -190,22 +179,13 @@ async def test_a_reference_below_the_top_level_waits_for_its_patient_and_is_mapp
 async def test_a_reading_whose_device_was_refused_goes_without_the_link(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
 ) -> None:
-    [pat] = await store.create([factories.patient()], "user:nurse1")
-    [dev] = await store.create(
-        [
-            {
-                "resourceType": "Device",
-                "status": "active",
-                "deviceName": [{"name": "refuse-this-device", "type": "user-friendly-name"}],
-            }
-        ],
-        "service:devices",
-    )
-    reading = factories.bp_observation(f"Patient/{pat.logical_id}")
-    reading["device"] = {"reference": f"Device/{dev.logical_id}", "display": "Kiosk cuff"}
+    reading = await reading_from_a_device(store, "refuse-this-device")
     await store.create([reading], "service:devices")
     fhir_peer.reject("refuse-this-device")
-    result = await Deliverer(store, client, max_entries=1, rng=random.Random(1)).drain()
+    try:
+        result = await Deliverer(store, client, max_entries=1, rng=random.Random(1)).drain()
+    finally:
+        fhir_peer.reject(None)
     assert (result.delivered, result.dead) == (2, 1)
     [entry] = (await client.get("Observation")).json()["entry"]
     assert entry["resource"]["device"] == {"display": "Kiosk cuff"}

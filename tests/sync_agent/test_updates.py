@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ import pytest
 from appliance.store import ReviewPendingError, Store, UpstreamCopy
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.updates import ReviewError, ReviewQueue, ReviewState, UpdateSender
-from sync_agent.upstream import FHIR_JSON
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 
@@ -24,15 +22,6 @@ pytestmark = pytest.mark.peer
 
 NURSE = "user:nurse1"
 START = datetime(2026, 11, 26, 12, tzinfo=UTC)
-
-
-@pytest.fixture
-async def client(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
-    fhir_peer.reset()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
-    ) as http:
-        yield http
 
 
 class Clock:
