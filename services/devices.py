@@ -5,6 +5,10 @@ gets its own task — a Bluetooth link, a serial port, or a simulated peripheral
 device's failure never touches another's. The list is re-read every few seconds, so pairing
 or retiring a device needs no restart.
 
+The exam cameras of the site config (``[[video.exam_camera]]``) are opened here too, for the
+stills nurses take from the web process, which may not open devices: the request and its
+outcome cross through the store (:mod:`services.video.still_requests`).
+
 Demo mode (``devices.simulated``) also seeds synthetic patients, two stations with
 simulated devices, a home scale, and a "front desk" that checks the next synthetic patient
 in at each station now and then, so readings visibly land in different charts.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import sys
 from collections.abc import Callable, Coroutine
@@ -34,6 +39,7 @@ from services import demo, device_profiles, rpm_demo, rpm_rules
 from services.alerts import AlertEngine, escalation_policy
 from services.device_hub import DeviceHub
 from services.simulated_link import SimulatedGattLink, SimulatedSerialLink
+from services.video.still_requests import StillWorker
 from services.vitals import CaptureMethod
 
 logger = logging.getLogger(__name__)
@@ -295,6 +301,15 @@ async def main(ctx: ProcessContext) -> None:
             name="rpm alerts",
         )
     ]
+    if ctx.config.exam_cameras:
+        # Exam-camera stills the web process asks for (it may not open cameras itself).
+        stills = StillWorker(
+            ctx.store,
+            ctx.config.exam_cameras,
+            name=f"devices:{os.getpid()}",
+            on_status=ctx.set_status,
+        )
+        tasks.append(asyncio.create_task(stills.run(ctx.stopping), name="exam camera stills"))
     if ctx.config.devices.simulated:
         tasks.append(
             asyncio.create_task(

@@ -13,12 +13,18 @@ when the link allows (store-and-forward). Nothing is recorded but the stills peo
 
 Opening a camera that is not there, or one that stops giving frames, raises
 :class:`CameraError` with the device's path and what went wrong; nothing is stored.
+
+Only the devices process opens cameras (its unit allows ``/dev/video*``; the web process's
+does not): stills a nurse asks for in the web process reach it through the store
+(:mod:`services.video.still_requests`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+from collections.abc import Callable
 from datetime import datetime
 from fractions import Fraction
 
@@ -133,12 +139,19 @@ async def take_still(
     actor: str,
     taken: datetime,
     encounter_ref: str | None = None,
+    *,
+    also: Callable[[sqlite3.Connection, list[int]], None] | None = None,
 ) -> StoredResource:
-    """Take a still and store it (encrypted, audited, queued for the EHR)."""
+    """Take a still and store it (encrypted, audited, queued for the EHR).
+
+    ``also(conn, row_ids)`` runs in the Media's own write transaction (the devices process
+    marks the web's request done with it: both commit, or neither).
+    """
     jpeg = await camera.still()
     [stored] = await store.create(
         [still_media(patient_ref, jpeg, taken, camera.config.name, encounter_ref)],
         actor,
         audit_each=True,
+        also=also,
     )
     return stored

@@ -12,7 +12,8 @@ benchmark measures is what the end-to-end test checks:
   the bytes of a 0x2A35 indication, decoded by ``BloodPressureSession`` and filed by
   ``DeviceHub`` (routing, FHIR, encrypted write with outbox and audit), on the devices
   process's own store connection;
-* :func:`alert_engine` runs ``AlertEngine.run`` with the devices process's poll settings.
+* :func:`alert_engine` runs ``AlertEngine.run`` with the devices process's poll settings;
+* :func:`still_worker` runs the devices process's exam-camera still worker.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,7 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 
 from appliance import db, users
+from appliance.config import ExamCameraConfig
 from appliance.device_registry import DeviceRegistry, Setting, Transport
 from appliance.store import Store
 from drivers import blood_pressure
@@ -44,6 +46,7 @@ from services.alerts import AlertEngine
 from services.device_hub import DeviceHub
 from services.rpm_enrollment import Enrollments
 from services.rpm_rules import Program
+from services.video.still_requests import StillWorker
 from services.vitals import CaptureMethod
 from tests import factories
 
@@ -204,6 +207,34 @@ async def alert_engine(store: Store) -> AsyncIterator[AlertEngine]:
     finally:
         stopping.set()
         await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def still_worker(
+    db_path: Path,
+    kek_path: Path,
+    cameras: Sequence[ExamCameraConfig],
+    *,
+    clock: Callable[[], datetime] | None = None,
+) -> AsyncIterator[StillWorker]:
+    """The devices process's exam-camera still worker (``services.devices.main`` runs it), on
+    a store connection of its own as that process has, until the block ends."""
+    store = await Store.open(db_path, kek_path)
+    worker = StillWorker(store, cameras, name="devices:test", clock=clock or _utcnow)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(worker.run(stopping), name="exam camera stills")
+    try:
+        yield worker
+    finally:
+        stopping.set()
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:
+            await store.close()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 def watch_problems(page: Any) -> list[str]:

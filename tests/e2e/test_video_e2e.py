@@ -44,11 +44,16 @@ PNG = (
 
 @pytest.fixture
 async def served(
-    tmp_path: Path, store: Store, loopback: None
+    tmp_path: Path, store: Store, db_path: Path, kek_path: Path, loopback: None
 ) -> AsyncIterator[tuple[str, AppState]]:
-    app = create_app(demo_config(tmp_path), store)
+    config = demo_config(tmp_path)
+    app = create_app(config, store)
     await live_server.create_user(store, NURSE, PASSWORD, Role.NURSE)
-    async with live_server.serve(app) as base_url:
+    # The devices process's side: it takes the exam-camera stills the page asks for.
+    async with (
+        live_server.serve(app) as base_url,
+        live_server.still_worker(db_path, kek_path, config.exam_cameras),
+    ):
         yield base_url, app.extensions["appliance"]
 
 

@@ -316,6 +316,9 @@ def test_units_firewall_kiosk_and_backup_files(
     policy = json.loads((root / "etc/chromium/policies/managed/appliance-kiosk.json").read_text())
     assert policy["URLBlocklist"] == ["*"]
     assert policy["URLAllowlist"] == ["https://localhost:8443"]
+    # The video visit's camera and microphone, without a prompt, for the box's pages only.
+    assert policy["VideoCaptureAllowedUrls"] == ["https://localhost:8443"]
+    assert policy["AudioCaptureAllowedUrls"] == ["https://localhost:8443"]
     assert "--kiosk" in (units / "appliance-kiosk.service").read_text()
     assert _mode(root / "usr/local/lib/appliance/appliance-backup") == 0o755
     assert (root / "etc/appliance/backup/recipient.pem").exists()

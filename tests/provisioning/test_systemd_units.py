@@ -184,12 +184,22 @@ def test_only_the_devices_unit_reaches_devices(name: str) -> None:
     if name == "appliance-devices.service":
         assert service["PrivateDevices"] == "no"
         assert service["DevicePolicy"] == "closed"
-        assert "dialout" in service["SupplementaryGroups"].split()
+        # Serial adapters and the exam cameras (V4L2), nothing else (its own list below).
+        assert {"dialout", "video"} <= set(service["SupplementaryGroups"].split())
         assert families == ["AF_UNIX"]
     else:
         assert service["PrivateDevices"] == "yes"
         assert "DeviceAllow" not in service
         assert "SupplementaryGroups" not in service
+
+
+def test_the_devices_unit_allows_serial_adapters_and_cameras_only() -> None:
+    allowed = [
+        line.split("=", 1)[1]
+        for line in _lines("appliance-devices.service")
+        if line.startswith("DeviceAllow=")
+    ]
+    assert allowed == ["char-ttyUSB rw", "char-ttyACM rw", "char-video4linux rw"]
 
 
 @pytest.mark.parametrize("name", SERVICES)
