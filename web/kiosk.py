@@ -16,6 +16,11 @@ See ``docs/kiosk.md``. In short:
   asking), so a kiosk left mid-flow never shows the previous patient anything. Ending a
   flow checks the patient out of the station, so later readings are held for a nurse
   instead of being filed to someone who walked away.
+* **Video visits.** Every kiosk page asks ``/kiosk/video/state`` every few seconds whether a
+  nurse has the visit of the patient checked in at this station live; if so ``/kiosk/``
+  shows the video panel (``kiosk_video.html``) instead of the step. While the kiosk is in
+  the call, that question keeps the flow alive on the server, and ``kiosk.js`` suspends its
+  idle reset, so neither ends a call; both resume when it is over.
 * **No enumeration.** A look-up needs a birth date with the family name or appointment
   code; "not found" is one fixed answer after a fixed minimum time, whatever failed, and
   failures are limited per kiosk (:data:`IDENTIFY_FAILURES` per :data:`IDENTIFY_WINDOW_S`).
@@ -35,7 +40,7 @@ import sqlite3
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -55,11 +60,13 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent
-from appliance.device_registry import DeviceRegistry, RegistryError, StationKind
+from appliance.device_registry import CheckIn, DeviceRegistry, RegistryError, StationKind
 from appliance.errors import NotFoundError
 from appliance.store import ReviewPendingError, Store
 from appliance.users import Role
-from services import intake
+from services import intake, visits
+from services.video.rooms import Presence
+from services.video.rooms import Role as VideoRole
 from web.app import AppState, app_state
 from web.auth import current_session, login_required
 from web.kiosk_i18n import LANGUAGES, language_or_default, load_catalogs
@@ -82,11 +89,16 @@ PAIRING_CODE_LENGTH = 10  # 50 bits: unguessable in 10 tries
 COOKIE_MAX_AGE_S = 400 * 24 * 3600  # Chromium's ceiling for a cookie's lifetime
 PHOTO_CHUNK_MAX = 60 * 1024  # under the app-wide 64 KiB request cap (see docs/kiosk.md)
 SWEEP_EVERY_S = 5.0
+# kiosk.js asks /kiosk/video/state every 3 s; a call seen then holds the flow this long.
+CALL_HOLD_S = 15
 APPOINTMENT_WINDOW = timedelta(hours=24)
 APPOINTMENT_SCAN_LIMIT = 2000
 _CLOSED_APPOINTMENT = frozenset({"cancelled", "noshow", "entered-in-error", "fulfilled"})
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _OPEN_ENDPOINTS = frozenset({"kiosk.pair_form", "kiosk.pair", "kiosk.admin", "kiosk.admin_post"})
+# Requests the page's script makes by itself: no redirect to pairing (the script reads the
+# 403), and no touch of the screen (they do not keep an idle flow alive).
+_BY_THE_PAGE = frozenset({"kiosk.vitals_events", "kiosk.video_state"})
 
 # Vital-sign labels by LOINC code (message ids; anything else shows its own code.text).
 VITAL_LABELS = {
@@ -147,6 +159,7 @@ class Flow:
     photos_sent: int = 0
     message: str | None = None  # a fixed sentence (message id) shown once
     ended: bool = False
+    in_call_until: datetime | None = None  # the kiosk is in a video call: no idle expiry
 
 
 class Window:
@@ -186,6 +199,8 @@ class KioskState:
     )
     posts: Window = field(default_factory=lambda: Window(POSTS_PER_MINUTE, 60))
     pair_attempts: Window = field(default_factory=lambda: Window(PAIR_ATTEMPTS, PAIRING_TTL_S))
+    # A station check-in's id → that patient's arrival Encounter today (None: none found).
+    arrivals: dict[int, str | None] = field(default_factory=dict)
 
 
 @bp.record_once
@@ -226,6 +241,8 @@ def _new_flow(now: datetime) -> Flow:
 
 
 def _expired(flow: Flow, now: datetime, idle_s: int) -> bool:
+    if flow.in_call_until is not None and now < flow.in_call_until:
+        return False  # a video call in progress is never ended by the idle rules
     idle = (now - flow.last_seen).total_seconds() > idle_s + SERVER_GRACE_S
     return idle or (now - flow.started).total_seconds() > FLOW_MAX_S
 
@@ -328,7 +345,7 @@ async def _guard() -> ResponseReturnValue | None:
     state = app_state()
     kiosk = await _load_kiosk(state)
     if kiosk is None:
-        if request.method == "GET" and request.endpoint != "kiosk.vitals_events":
+        if request.method == "GET" and request.endpoint not in _BY_THE_PAGE:
             return redirect("/kiosk/pair")
         abort(403)
     g.kiosk = kiosk
@@ -349,7 +366,7 @@ async def _guard() -> ResponseReturnValue | None:
             sent = (await request.form).get("csrf_token", "")
         if not hmac.compare_digest(sent.encode(), flow.csrf.encode()):
             return await _page("kiosk_expired.html", status=403, reason="expired")
-    if request.endpoint != "kiosk.vitals_events":
+    if request.endpoint not in _BY_THE_PAGE:
         flow.last_seen = now
     return None
 
@@ -604,6 +621,9 @@ async def home() -> ResponseReturnValue:
     """Whatever step the kiosk's flow is at."""
     state = app_state()
     flow, kiosk = _flow(), _kiosk()
+    visit, _in_call = await _live_visit(state, kiosk)
+    if visit is not None:
+        return await _page("kiosk_video.html", step="video", visit=visit)
     message, flow.message = flow.message, None
     context: dict[str, Any] = {"step": flow.step.value, "message": message}
     if flow.step is Step.CONFIRM:
@@ -625,6 +645,67 @@ async def home() -> ResponseReturnValue:
             chunk_max=PHOTO_CHUNK_MAX,
         )
     return await _page(f"kiosk_{flow.step.value.replace('-', '_')}.html", **context)
+
+
+# -- the video visit ----------------------------------------------------------------------
+
+
+def _local_midnight(state: AppState) -> datetime:
+    today = state.clock().astimezone(state.zone).date()
+    return datetime.combine(today, time()).replace(tzinfo=state.zone)
+
+
+async def _arrival_of(state: AppState, kiosk: Kiosk, checkin: CheckIn) -> str | None:
+    """The arrival Encounter today of the patient of a check-in at this station (cached: one
+    audited search per check-in, made only while some video room is open)."""
+    arrivals = _kiosk_state().arrivals
+    if checkin.id not in arrivals:
+        if len(arrivals) > 1000:
+            arrivals.clear()  # bounded memory; a look-up again costs one search
+        found = await visits.arrivals(state.store, kiosk.actor, _local_midnight(state))
+        arrivals[checkin.id] = next(
+            (a.encounter_id for a in found if a.patient_id == checkin.patient_id), None
+        )
+    return arrivals[checkin.id]
+
+
+async def _live_visit(state: AppState, kiosk: Kiosk) -> tuple[str | None, bool]:
+    """The visit of the patient checked in at this kiosk's station, if a nurse has it live
+    (the nurse is in its video room), and whether a patient (this kiosk) is in it too.
+
+    The same patient the video route lets this kiosk join (web/video.py): checked in at the
+    station, arrived today. No room open on the box: nothing is read at all.
+    """
+    rooms = state.video.rooms
+    if not len(rooms):
+        return None, False
+    registry = DeviceRegistry(state.store)
+    for checkin in await registry.checkins(kiosk.station_id):
+        if checkin.checked_out_at:
+            continue
+        visit = await _arrival_of(state, kiosk, checkin)
+        if visit is None or visit not in rooms or rooms.get(visit).ended:
+            continue
+        people = list(rooms.get(visit))
+        if any(p.role is VideoRole.NURSE and p.presence is Presence.ADMITTED for p in people):
+            return visit, any(p.role is VideoRole.PATIENT for p in people)
+    return None, False
+
+
+@bp.get("/video/state")
+async def video_state() -> ResponseReturnValue:
+    """Whether this station's patient has a live video visit (``kiosk.js`` asks every 3 s).
+
+    Not a touch of the screen; but while the kiosk is in the call it holds the flow
+    (:data:`CALL_HOLD_S`), and the idle time counts from the call's end.
+    """
+    state, kiosk, flow = app_state(), _kiosk(), _flow()
+    visit, in_call = await _live_visit(state, kiosk)
+    if in_call:
+        now = state.clock()
+        flow.last_seen = now
+        flow.in_call_until = now + timedelta(seconds=CALL_HOLD_S)
+    return jsonify(live=visit is not None)
 
 
 @bp.post("/lang")

@@ -149,6 +149,7 @@ POLICY: Mapping[str, Rule] = {
     "kiosk.intake_answers": _r(KIOSK, phi=True),
     "kiosk.consent": _r(KIOSK, phi=True),
     "kiosk.vitals_events": _r(KIOSK, phi=True),
+    "kiosk.video_state": _r(KIOSK),  # whether this station's visit is live: a yes or no
     "kiosk.vitals_next": _r(KIOSK),
     "kiosk.photo_chunk": _r(KIOSK, phi=True),
     "kiosk.photo_finish": _r(KIOSK, phi=True),

@@ -1,4 +1,4 @@
-// The patient kiosk: idle reset, signature pad, live readings, photo upload.
+// The patient kiosk: idle reset, signature pad, live readings, photo upload, video visit.
 // No inline script (CSP); everything hangs off data- attributes the templates set.
 (function () {
   "use strict";
@@ -20,6 +20,7 @@
   var timer = null;
   var warnTimer = null;
   var resetting = false;
+  var inCall = false;  // a video call is on (video.js says so): no idle reset meanwhile
 
   function goHome() {
     clearBrowserState();
@@ -45,7 +46,7 @@
   }
 
   function touched() {
-    if (resetting) { return; }
+    if (resetting || inCall) { return; }
     if (warning) { warning.hidden = true; }
     window.clearTimeout(timer);
     window.clearTimeout(warnTimer);
@@ -65,6 +66,40 @@
   window.addEventListener("pageshow", function (event) {
     if (event.persisted) { window.location.replace("/kiosk/"); }
   });
+
+  // -- the video visit ----------------------------------------------------------------
+  // The server says whether a nurse has this station's patient's visit live; /kiosk/ then
+  // shows the video panel. During the call the idle reset waits; it starts afresh after.
+  var VIDEO_POLL_MS = 3000;
+  var LEAVE_AFTER_MS = 5000;  // time to read "The visit has ended." before the step returns
+  var videoPanel = document.getElementById("video");
+  var leaving = null;
+  document.addEventListener("videocall", function (event) {
+    inCall = Boolean(event.detail && event.detail.live);
+    body.classList.toggle("in-call", inCall);
+    if (inCall) {
+      window.clearTimeout(timer);
+      window.clearTimeout(warnTimer);
+      if (warning) { warning.hidden = true; }
+    } else {
+      touched();
+    }
+  });
+  function pollVideo() {
+    if (resetting) { return; }
+    fetch("/kiosk/video/state", { credentials: "same-origin", headers: { "X-Requested-With": "kiosk.js" } })
+      .then(function (response) { return response.ok ? response.json() : null; })
+      .then(function (state) {
+        if (!state || resetting) { return; }
+        if (state.live && !videoPanel) {
+          window.location.replace("/kiosk/");
+        } else if (!state.live && videoPanel && !inCall && leaving === null) {
+          leaving = window.setTimeout(function () { window.location.replace("/kiosk/"); }, LEAVE_AFTER_MS);
+        }
+      })
+      .catch(function () { /* the box is restarting: ask again next time */ });
+  }
+  if (csrf) { window.setInterval(pollVideo, VIDEO_POLL_MS); }
 
   // -- signature pad ------------------------------------------------------------------
   var pad = document.getElementById("signature-pad");
