@@ -229,6 +229,24 @@ class ExamCameraConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IceServerConfig:
+    """A STUN or TURN server for video visits (``[[video.ice_server]]``)."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VideoConfig:
+    """The video relay's WAN leg (``[video]``; services/video/bandwidth.py)."""
+
+    uplink_kbps: int = 2500
+    audio_only_kbps: int = 150
+    ice_servers: tuple[IceServerConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole site configuration; ``source`` is the file it came from, if any."""
 
@@ -242,6 +260,7 @@ class Config:
     rpm: RpmConfig = dataclass_field(default_factory=RpmConfig)
     claims: ClaimsConfig = dataclass_field(default_factory=ClaimsConfig)
     exam_cameras: tuple[ExamCameraConfig, ...] = ()
+    video: VideoConfig = dataclass_field(default_factory=VideoConfig)
 
     def exam_camera(self, name: str) -> ExamCameraConfig | None:
         """The ``[[video.exam_camera]]`` called ``name``, if declared."""
@@ -360,6 +379,15 @@ _X12_NAME = _pattern(
     "1-60 characters of letters, digits, spaces and .,&'-", r"[A-Za-z0-9 .,&'-]{1,60}"
 )
 _ZONE = _Type("an IANA time zone name", _check_zone)
+_ICE_URLS = _expect(
+    "a list of stun:, stuns:, turn: or turns: URLs",
+    lambda v: (
+        isinstance(v, list)
+        and len(v) > 0
+        and all(isinstance(u, str) and re.fullmatch(r"(stuns?|turns?):[^\s]{1,250}", u) for u in v)
+    ),
+    tuple,
+)
 _LINES = _expect(
     "a list of one or more address lines",
     lambda v: isinstance(v, list) and len(v) > 0 and all(_is_text(line) for line in v),
@@ -529,6 +557,25 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
                                         r"[0-9A-Z]{2}"), _Computed("by kind: MB/MA, MC, CI"),
            "SBR09 claim filing indicator."),
     ),
+    "video": (
+        _F("uplink_kbps", _int(100, 1_000_000), 2500,
+           "Uplink budget (kbit/s) for the video the box sends to remote providers, shared "
+           "among their streams; each publisher is capped to it and to what its remote "
+           "viewers report they can take (REMB). Leave room for the rest of the site's traffic."),
+        _F("audio_only_kbps", _int(30, 10_000), 150,
+           "Below this estimate (kbit/s), on a congested path, a remote viewer gets audio "
+           "only; the box probes from 3 s on and restores video once the path carries 1.5 "
+           "times this (or all the video sends) for 3 s (docs/video.md, The WAN leg)."),
+    ),
+    "video.ice_server": (
+        _F("urls", _ICE_URLS, _REQUIRED,
+           "STUN or TURN server URLs (stun:, turns: or turn:host:port?transport=udp), given "
+           "to the box's peer connections and to every browser in the visit."),
+        _F("username", _TEXT, None, "TURN username (required for turn: and turns: URLs)."),
+        _F("credential_file", _PATH, None,
+           "File holding the TURN credential (required with username); browsers in the "
+           "visit are given it, so use a TURN account for video only."),
+    ),
     "video.exam_camera": (
         _F("name", _pattern("a name of letters, digits, spaces and - (1-40)",
                             r"[A-Za-z0-9][A-Za-z0-9 -]{0,39}"), _REQUIRED,
@@ -678,7 +725,7 @@ class _Reader:
         if not isinstance(raw, Mapping):
             self.problems.append(f"video: expected a table, got {raw!r}")
             return []
-        self.problems.extend(f"video.{key}: unknown key" for key in raw if key != "exam_camera")
+        # Unknown keys of [video] itself: reported by ``table("video", ...)``.
         tables = raw.get("exam_camera")
         if tables is None:
             return []
@@ -698,6 +745,28 @@ class _Reader:
                 continue
             cameras.append(ExamCameraConfig(**camera))
         return cameras
+
+    def ice_servers(self, raw: object) -> list[IceServerConfig]:
+        """The ``[[video.ice_server]]`` tables; a TURN server needs its credentials."""
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.problems.append(
+                "video.ice_server: expected an array of tables ([[video.ice_server]])"
+            )
+            return []
+        servers: list[IceServerConfig] = []
+        for index, item in enumerate(raw):
+            where = f"video.ice_server[{index}]"
+            server = self.table("video.ice_server", item, where)
+            if server["urls"] is None:
+                continue
+            turn = any(url.startswith("turn") for url in server["urls"])
+            for key in ("username", "credential_file"):
+                if turn and server[key] is None:
+                    self.problems.append(f"{where}.{key}: required for a TURN server")
+            servers.append(IceServerConfig(**server))
+        return servers
 
     def line_protocols(self, raw: object) -> list[LineProtocolSpec]:
         """The ``[[devices.line_protocol]]`` tables (checked by drivers/line_protocol.py)."""
@@ -789,6 +858,13 @@ def parse(
     rpm = reader.table("rpm", data.get("rpm"))
     claims, payers = reader.claims(data.get("claims"), _subtable(data, "claims", "payer"))
     exam_cameras = reader.exam_cameras(data.get("video"))
+    raw_video = data.get("video")  # not a table: exam_cameras reported it
+    video = reader.table(
+        "video",
+        raw_video if isinstance(raw_video, Mapping) else None,
+        nested=("exam_camera", "ice_server"),
+    )
+    ice_servers = reader.ice_servers(_subtable(data, "video", "ice_server"))
     for present, missing in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
         if web[present] is not None and web[missing] is None:
             reader.problems.append(f"web.{missing}: required when web.{present} is set")
@@ -816,6 +892,7 @@ def parse(
             payers=tuple(payers),
         ),
         exam_cameras=tuple(exam_cameras),
+        video=VideoConfig(**video, ice_servers=tuple(ice_servers)),
     )
 
 
@@ -924,7 +1001,7 @@ def reference() -> str:
     """The key reference of ``docs/site-config.md`` (Markdown), rendered from the schema."""
     out: list[str] = []
     for schema, fields in _SCHEMA.items():
-        arrays = ("sync.upstream", "claims.payer", "video.exam_camera")
+        arrays = ("sync.upstream", "claims.payer", "video.exam_camera", "video.ice_server")
         title = f"[[{schema}]]" if schema in arrays else f"[{schema}]"
         out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         out += [

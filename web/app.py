@@ -26,7 +26,9 @@ from werkzeug.exceptions import HTTPException
 from appliance.config import Config
 from appliance.store import Store
 from appliance.users import LoginThrottle, Role
-from services.video.service import VideoService
+from services.video import still_requests
+from services.video.bandwidth import WanPolicy
+from services.video.service import VideoService, ice_servers
 from web.changes import ChangeFeed
 from web.templating import render_template
 
@@ -74,6 +76,8 @@ class AppState:
     form_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     # Video rooms and the box's peer connections (docs/video.md); closed after serving.
     video: VideoService = field(default_factory=VideoService)
+    # How long a still waits for the devices process (services/video/still_requests.py).
+    still_wait_s: float = still_requests.STILL_WAIT_S
 
 
 def app_state() -> AppState:
@@ -88,8 +92,10 @@ def create_app(
     *,
     clock: Clock = _utcnow,
     sse_poll_s: float = 0.25,
+    still_wait_s: float = still_requests.STILL_WAIT_S,
 ) -> Quart:
-    """Build the web app over an open ``store``; ``clock`` gives aware UTC datetimes."""
+    """Build the web app over an open ``store``; ``clock`` gives aware UTC datetimes;
+    ``still_wait_s`` bounds an exam-camera still's wait for the devices process."""
     # Imported here, not at the top: the blueprints import :func:`app_state` from this
     # module, so importing them first would be circular.
     from web import admin, audit_report, break_glass, ingest, openapi
@@ -124,6 +130,14 @@ def create_app(
         changes=ChangeFeed(store, sse_poll_s),
         zone=ZoneInfo(config.site.timezone),
         secure=config.web.tls_cert is not None or config.web.public_url.startswith("https:"),
+        still_wait_s=still_wait_s,
+        video=VideoService(
+            wan=WanPolicy(
+                uplink_kbps=config.video.uplink_kbps,
+                audio_only_kbps=config.video.audio_only_kbps,
+            ),
+            ice_servers=ice_servers(config.video.ice_servers),
+        ),
     )
     # Deny by default: an endpoint missing from the policy table (web/policy.py) is refused
     # before any other hook runs.

@@ -41,7 +41,7 @@ from appliance.device_registry import DeviceRegistry
 from appliance.users import Role as StaffRole
 from appliance.visit_links import LinkState
 from services import visits
-from services.video.exam_camera import CameraError, ExamCamera, take_still
+from services.video import still_requests
 from services.video.rooms import Role, RoomErrorCode
 from services.video.service import Session
 from services.video.signalling import Inbound, Join, SignallingError, encode_error
@@ -253,37 +253,48 @@ async def nurse_visit() -> ResponseReturnValue:
 async def take_exam_still() -> ResponseReturnValue:
     """A still from an exam camera into the visit's patient's record; JSON, the call goes on.
 
-    The camera is opened for the still and closed after it (a V4L2 device held open keeps its
-    light on and its frames flowing), one still at a time per camera. The Media is stored
-    encrypted, audited and queued for the EHR (services/video/exam_camera.py).
+    This process may not open cameras (its unit has ``PrivateDevices=yes``): it asks the
+    devices process through the store and waits for the outcome, one still at a time per
+    camera (services/video/still_requests.py). The devices process opens the camera for the
+    still and closes it after, and stores the Media encrypted, audited under this nurse and
+    queued for the EHR. 503: the camera failed (the device's words); 504: the devices
+    service did not answer in time (the request is expired, never taken later) or is still
+    taking the still (it will be stored with the visit).
     """
     state = app_state()
     form = await request.form
     visit, name = form.get("visit", ""), form.get("camera", "")
     actor, arrival = await _nurse_arrival(visit)
-    config = state.config.exam_camera(name)
-    if config is None:
+    if state.config.exam_camera(name) is None:
         abort(404)
     locks: dict[str, asyncio.Lock] = current_app.extensions.setdefault("exam_cameras", {})
     async with locks.setdefault(name, asyncio.Lock()):
-        camera = ExamCamera(config)
-        try:
-            await camera.open()
-            stored = await take_still(
-                state.store,
-                camera,
-                f"Patient/{arrival.patient_id}",
-                actor,
-                state.clock(),
-                f"Encounter/{visit}",
-            )
-        except CameraError as error:
+        request_id = await still_requests.submit(
+            state.store, name, arrival.patient_id, visit, actor, state.clock()
+        )
+        outcome = await still_requests.wait(
+            state.store, request_id, timeout_s=state.still_wait_s, clock=state.clock
+        )
+    waited = f"{state.still_wait_s:g} s"
+    match outcome.state:
+        case still_requests.RequestState.DONE:
+            return {"media": outcome.media_id, "camera": name}
+        case still_requests.RequestState.FAILED:
             # The device's path and libav's words: no patient data.
-            logger.warning("exam camera still failed: %s", error)
-            return {"error": str(error)}, 503
-        finally:
-            await camera.close()
-    return {"media": stored.logical_id, "camera": name}
+            logger.warning("exam camera still %d failed: %s", request_id, outcome.error)
+            return {"error": outcome.error}, 503
+        case still_requests.RequestState.CLAIMED:
+            message = (
+                f"the devices service did not finish the still within {waited}; "
+                "it will be stored with the visit if the camera gives a frame"
+            )
+            return {"error": message}, 504
+        case _:
+            message = (
+                f"the devices service did not answer within {waited}; no still was taken "
+                "(is appliance-devices running?)"
+            )
+            return {"error": message}, 504
 
 
 def _same_origin(conn: BaseRequestWebsocket) -> bool:

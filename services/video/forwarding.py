@@ -19,7 +19,9 @@ any of the internals below change):
   relay's keyframe request, rate-limited and sent to the publisher with the receiver's
   ``_send_rtcp_pli``. The packer's ``target_bitrate`` records the viewer's REMB;
 * video packets still missing are NACKed again (``services/video/nack.py`` decides when)
-  with the receiver's ``_send_rtcp_nack``: aiortc asks for a lost packet once.
+  with the receiver's ``_send_rtcp_nack``: aiortc asks for a lost packet once;
+* the receiver's ``__remote_bitrate_estimator`` is wrapped, so that the REMB the box sends
+  the publisher never exceeds the cap the WAN leg sets (``services/video/bandwidth.py``).
 
 Everything else goes through aiortc's public API. See docs/video.md.
 """
@@ -41,10 +43,12 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver, RTCRtpSe
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 from aiortc.utils import uint16_gt
 
+from services.video.bandwidth import send_cap_now
 from services.video.nack import NackSchedule
 
 AIORTC_VERSION = "1.16.0"
@@ -62,6 +66,7 @@ logger = logging.getLogger(__name__)
 RECEIVER_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 RECEIVER_DECODER_QUEUE = "_RTCRtpReceiver__decoder_queue"
 SENDER_ENCODER = "_RTCRtpSender__encoder"
+RECEIVER_BITRATE_ESTIMATOR = "_RTCRtpReceiver__remote_bitrate_estimator"
 
 CLOCK_RATES = {"video": 90_000, "audio": 48_000}
 MIME_TYPES = {"video": "video/VP8", "audio": "audio/opus"}
@@ -177,6 +182,47 @@ class PassThroughAudioBuffer(JitterBuffer):
         return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
 
 
+class CappedBitrateEstimator:
+    """Wraps the receiver's bitrate estimator: the REMB it makes never exceeds ``cap``.
+
+    aiortc's receiver feeds every video packet to its estimator and sends the publisher a
+    REMB (RTCP PSFB fmt 15) whenever ``add`` returns ``(bitrate, ssrcs)``: every 0.5 s once
+    initialised, and at once on overuse. The cap lowers what it returns; a cap lowered by
+    more than 5 % is sent with the next packet rather than waiting for the estimator, and
+    also before the estimator has initialised (its first 3 s).
+    """
+
+    def __init__(self, inner: RemoteBitrateEstimator) -> None:
+        self._inner = inner
+        self.cap: int | None = None
+        self.last_sent: int | None = None  # the last REMB value handed to the receiver
+        self._send_now = False
+
+    def set_cap(self, cap: int | None) -> None:
+        """Cap the REMB at ``cap`` bit/s (None: the estimator's own value)."""
+        self.cap = cap
+        self._send_now = cap is not None and send_cap_now(cap, self.last_sent)
+
+    def add(
+        self, arrival_time_ms: int, abs_send_time: int, payload_size: int, ssrc: int
+    ) -> tuple[int, list[int]] | None:
+        result = self._inner.add(
+            arrival_time_ms=arrival_time_ms,
+            abs_send_time=abs_send_time,
+            payload_size=payload_size,
+            ssrc=ssrc,
+        )
+        if self.cap is not None:
+            if result is not None:
+                result = (min(result[0], self.cap), result[1])
+            elif self._send_now:
+                result = (self.cap, list(self._inner.ssrcs))
+        self._send_now = False
+        if result is not None:
+            self.last_sent = result[0]
+        return result
+
+
 class _FrameTap:
     """Stands in for the receiver's decoder queue: frames go to the relay, not a decoder.
 
@@ -265,6 +311,8 @@ class ViewerStats:
     frames_dropped: int = 0
     keyframe_requests: int = 0
     remb_bps: int | None = None
+    bytes_out: int = 0
+    frames_paused: int = 0  # not forwarded while the WAN leg is audio only
 
 
 @dataclass(slots=True)
@@ -292,9 +340,30 @@ class ForwardedTrack(MediaStreamTrack):
         self._queue: asyncio.Queue[av.Packet[Any] | None] = asyncio.Queue()
         self._limit = VIEWER_QUEUE_FRAMES[kind]
         self._awaiting_keyframe = kind == "video"
+        self.paused = False
+
+    def pause(self) -> None:
+        """Stop forwarding (the WAN leg is audio only): frames queued are dropped too."""
+        self.paused = True
+        while not self._queue.empty():
+            if self._queue.get_nowait() is None:  # ended meanwhile: keep the end
+                self._queue.put_nowait(None)
+                break
+
+    def resume(self) -> None:
+        """Forward again, from the next keyframe (asked for at once)."""
+        if not self.paused:
+            return
+        self.paused = False
+        if self.kind == "video":
+            self._awaiting_keyframe = True
+            self._ask_keyframe()
 
     def offer(self, packet: av.Packet[Any], keyframe: bool) -> None:
         """Queue a frame; a lagging video viewer is flushed and resynchronised on a keyframe."""
+        if self.paused:
+            self.stats.frames_paused += 1
+            return
         if self._awaiting_keyframe and not keyframe:
             self.stats.frames_dropped += 1
             self._ask_keyframe()
@@ -314,8 +383,14 @@ class ForwardedTrack(MediaStreamTrack):
         self._queue.put_nowait(packet)
 
     def request_keyframe(self) -> None:
-        """The viewer sent PLI or FIR."""
-        self._ask_keyframe()
+        """The viewer sent PLI or FIR (ignored while paused: no frames are due)."""
+        if not self.paused:
+            self._ask_keyframe()
+
+    def resync(self) -> None:
+        """The publisher's stream starts over (it reconnected): video waits for a keyframe."""
+        if self.kind == "video":
+            self._awaiting_keyframe = True
 
     def _ask_keyframe(self) -> None:
         self.stats.keyframe_requests += 1
@@ -333,6 +408,7 @@ class ForwardedTrack(MediaStreamTrack):
             self.stop()
             raise MediaStreamError
         self.stats.frames_out += 1
+        self.stats.bytes_out += packet.size
         return packet
 
 
@@ -343,7 +419,10 @@ class ForwardingRelay:
     before the connection starts), ``add_viewer`` adds the track to a viewer's peer
     connection before its offer or answer is created. The clock is a parameter.
     ``repeat_nacks=False`` leaves loss repair to stock aiortc (one NACK per gap); it exists
-    to measure what repeated NACKs are worth (tests/video/test_loss.py).
+    to measure what repeated NACKs are worth (tests/video/test_loss.py). For the WAN leg
+    (services/video/service.py): ``on_remb`` hears each viewer's REMB, ``cap_publisher``
+    caps the REMB sent to the publisher, ``pause_viewer`` / ``resume_viewer`` stop and
+    restart one viewer's frames.
     """
 
     def __init__(
@@ -353,6 +432,7 @@ class ForwardingRelay:
         clock: Callable[[], float] = time.monotonic,
         keyframe_min_interval: float = KEYFRAME_MIN_INTERVAL,
         repeat_nacks: bool = True,
+        on_remb: Callable[[str, int], None] | None = None,
     ) -> None:
         if kind not in MIME_TYPES:
             raise ValueError(f"cannot forward {kind!r} media")
@@ -368,9 +448,22 @@ class ForwardingRelay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._codec_warned = False
         self._nacks = NackSchedule() if repeat_nacks and kind == "video" else None
+        self._on_remb = on_remb
+        self._estimator: CappedBitrateEstimator | None = None
+        # Output timestamps continue across a re-attach (the publisher reconnected): the new
+        # receiver maps its stream from 0 again, so frames are shifted by ``_offset``.
+        self._offset = 0
+        self._last_pts: int | None = None
+        self._last_at = 0.0
+        self._rebase = False
 
     def attach(self, receiver: RTCRtpReceiver) -> None:
-        """Take the publisher's encoded frames from ``receiver`` instead of decoding them."""
+        """Take the publisher's encoded frames from ``receiver`` instead of decoding them.
+
+        Attaching again (the publisher reconnected on a new peer connection) keeps every
+        viewer: their timestamps continue from the last frame forwarded, shifted by the time
+        that passed, and video viewers resume on the new stream's first keyframe.
+        """
         original = _require(receiver, RECEIVER_DECODER_QUEUE, queue.Queue)
         _require(receiver, RECEIVER_JITTER_BUFFER, JitterBuffer)
         _require(receiver, "_send_rtcp_pli")
@@ -382,9 +475,43 @@ class ForwardingRelay:
         else:
             _require(receiver, "_send_rtcp_nack")
             buffer = MarkerJitterBuffer(on_packet=self._on_video_packet)
+        if self._receiver is not None:  # a new stream from the same publisher
+            self._rebase = self._last_pts is not None
+            if self._nacks is not None:
+                self._nacks = NackSchedule()
+            for track in self._viewers.values():
+                track.resync()
+        if self.kind == "video":
+            estimator = _require(receiver, RECEIVER_BITRATE_ESTIMATOR, RemoteBitrateEstimator)
+            cap = self.publisher_cap
+            self._estimator = CappedBitrateEstimator(estimator)
+            self._estimator.set_cap(cap)
+            setattr(receiver, RECEIVER_BITRATE_ESTIMATOR, self._estimator)
         setattr(receiver, RECEIVER_JITTER_BUFFER, buffer)
         setattr(receiver, RECEIVER_DECODER_QUEUE, _FrameTap(original, self._on_frame))
         self._receiver, self._buffer = receiver, buffer
+
+    def cap_publisher(self, bps: int | None) -> None:
+        """Keep the REMB the box sends the publisher at or under ``bps`` (None: uncapped)."""
+        if self._estimator is not None:
+            self._estimator.set_cap(bps)
+
+    @property
+    def publisher_cap(self) -> int | None:
+        """The cap now set on the publisher's REMB (video only)."""
+        return self._estimator.cap if self._estimator is not None else None
+
+    def pause_viewer(self, viewer_id: str) -> None:
+        """Stop forwarding to one viewer without closing anything (audio-only fallback)."""
+        track = self._viewers.get(viewer_id)
+        if track is not None:
+            track.pause()
+
+    def resume_viewer(self, viewer_id: str) -> None:
+        """Forward to a paused viewer again, from a keyframe."""
+        track = self._viewers.get(viewer_id)
+        if track is not None:
+            track.resume()
 
     def add_viewer(self, pc: RTCPeerConnection, viewer_id: str) -> RTCRtpSender:
         """Send this track to the viewer on ``pc``; negotiate the publisher's codec only."""
@@ -399,6 +526,8 @@ class ForwardingRelay:
 
         def on_remb(bitrate: int) -> None:
             stats.remb_bps = bitrate
+            if self._on_remb is not None:
+                self._on_remb(viewer_id, bitrate)
 
         setattr(sender, SENDER_ENCODER, _ForwardingPacker(self.kind, on_remb))
         sender._send_keyframe = track.request_keyframe  # type: ignore[method-assign]
@@ -491,8 +620,15 @@ class ForwardingRelay:
             self.stats.keyframes_in += 1
         if not self._viewers:
             return
+        now = self._clock()
+        if self._rebase and self._last_pts is not None:
+            self._rebase = False
+            elapsed = max(1, round((now - self._last_at) / self._time_base))
+            self._offset = self._last_pts + elapsed - frame.timestamp
+        pts = frame.timestamp + self._offset
+        self._last_pts, self._last_at = pts, now
         packet = av.Packet(frame.data)
-        packet.pts = frame.timestamp
+        packet.pts = pts
         packet.time_base = self._time_base
         for track in self._viewers.values():
             track.offer(packet, keyframe)

@@ -18,6 +18,12 @@ once, nothing is renegotiated); anything that adds a kind to a viewer (an unmute
 the subscribe connection with a new ``n``. Leaving or ending closes the connections. Every
 room has its own lock, so one room's messages (or a slow ICE gathering) never wait on
 another's. Participants' ids and the clock are parameters.
+
+The WAN leg (``services/video/bandwidth.py`` decides): every subscribe connection carrying
+video to a remote provider is a ``RemoteStream``; a watcher task reads the relays' counters
+four times a second, caps each publisher at what its remote viewers can take (the relay
+sends it as REMB), pauses a remote viewer's video below the threshold (telling the room
+``video_paused``) and probes and restores it.
 """
 
 from __future__ import annotations
@@ -26,23 +32,42 @@ import asyncio
 import itertools
 import logging
 import secrets
+import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
     RTCIceServer,
     RTCPeerConnection,
+    RTCRtpSender,
     RTCSessionDescription,
 )
 from aiortc.sdp import candidate_from_sdp
 
 from services.video import signalling
+from services.video.bandwidth import (
+    Change,
+    LinkState,
+    RemoteStream,
+    WanPolicy,
+    budget_share,
+    publisher_cap,
+)
 from services.video.forwarding import ForwardingRelay, publisher_receiver
-from services.video.rooms import Event, Joined, MediaKind, Presence, RoomError, RoomErrorCode
+from services.video.rooms import (
+    Event,
+    Joined,
+    MediaKind,
+    Presence,
+    Role,
+    RoomError,
+    RoomErrorCode,
+)
 from services.video.rooms import Rooms as RoomRules
 from services.video.signalling import (
     Admit,
@@ -54,11 +79,40 @@ from services.video.signalling import (
     Join,
     Leave,
     Mute,
+    Reconnect,
 )
 
 logger = logging.getLogger(__name__)
 
 Send = Callable[[bytes], None]
+
+WAN_TICK_S = 0.25  # how often the WAN leg's counters are read and its decisions made
+# Each reconnect gathers ICE for every new connection: a client may not ask more often.
+RECONNECT_MIN_INTERVAL_S = 5.0
+
+
+class IceServerSettings(Protocol):
+    """A STUN or TURN server as the site config gives it (``appliance.config``)."""
+
+    @property
+    def urls(self) -> tuple[str, ...]: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def credential_file(self) -> Path | None: ...
+
+
+def ice_servers(settings: Iterable[IceServerSettings]) -> list[RTCIceServer]:
+    """The configured STUN/TURN servers, each TURN credential read from its file (at start)."""
+    servers = []
+    for server in settings:
+        credential = None
+        if server.credential_file is not None:
+            credential = server.credential_file.read_text(encoding="utf-8").strip()
+        servers.append(
+            RTCIceServer(urls=list(server.urls), username=server.username, credential=credential)
+        )
+    return servers
 
 
 def _utcnow() -> datetime:
@@ -85,6 +139,7 @@ class _Member:
     session: Session
     publish: RTCPeerConnection | None = None
     relays: dict[MediaKind, ForwardingRelay] = field(default_factory=dict)
+    reconnected_at: float | None = None  # monotonic
 
 
 @dataclass(slots=True)
@@ -94,6 +149,9 @@ class _Subscription:
     pc_id: str
     pc: RTCPeerConnection
     kinds: frozenset[MediaKind]
+    remote: RemoteStream | None = None  # video to a remote viewer: the WAN leg watches it
+    video_sender: RTCRtpSender | None = None
+    last_report: datetime | None = None  # the newest receiver report read from it
 
 
 @dataclass(slots=True)
@@ -116,8 +174,13 @@ class VideoService:
         ice_servers: Sequence[RTCIceServer] = (),
         clock: Callable[[], datetime] = _utcnow,
         new_id: Callable[[], str] = _new_id,
+        wan: WanPolicy | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rooms = rooms or RoomRules()
+        self.wan = wan or WanPolicy()
+        self._monotonic = monotonic
+        self._wan_task: asyncio.Task[None] | None = None
         # An explicit empty list: aiortc's default configuration asks a public STUN server.
         self._ice_servers = list(ice_servers)
         self._clock = clock
@@ -142,10 +205,19 @@ class VideoService:
         publish = sum(m.publish is not None for m in media.members.values())
         return publish + len(media.subscriptions)
 
+    def remote_stream(self, visit_id: str, publisher: str, viewer: str) -> RemoteStream | None:
+        """The WAN leg's view of one publisher's video to one remote viewer (for tests)."""
+        media = self._media.get(visit_id)
+        subscription = media.subscriptions.get((publisher, viewer)) if media else None
+        return subscription.remote if subscription else None
+
     async def async_close(self) -> None:
         """Close every room's connections (the rooms' rules stay as they are)."""
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+        if self._wan_task is not None:
+            self._wan_task.cancel()
+            self._wan_task = None
         for visit_id in list(self._media):
             media = self._media.pop(visit_id)
             async with media.lock:
@@ -185,7 +257,10 @@ class VideoService:
             media.members[participant_id] = _Member(session)
             session.visit_id, session.participant_id = message.visit, participant_id
             room = self.rooms.get(message.visit)
-            session.send(signalling.encode_joined(room.participant(participant_id)))
+            joined = signalling.encode_joined(
+                room.participant(participant_id), [_ice_dict(s) for s in self._ice_servers]
+            )
+            session.send(joined)
             for other in room:
                 if other.id != participant_id:
                     event = Joined(other.id, other.role, other.presence)
@@ -221,6 +296,19 @@ class VideoService:
                 case Leave():
                     await self._leave(session, media, visit_id, participant_id)
                     return
+                case Reconnect():
+                    # Only this participant's subscribe connections; ``_reconcile`` below
+                    # offers new ones (a new ``n`` each).
+                    member = media.members[participant_id]
+                    now = self._monotonic()
+                    last = member.reconnected_at
+                    if last is not None and now - last < RECONNECT_MIN_INTERVAL_S:
+                        raise _Refused(ErrorCode.RATE_LIMITED, "reconnect at most every 5 s")
+                    member.reconnected_at = now
+                    for key in [k for k in media.subscriptions if k[1] == participant_id]:
+                        publisher = media.members.get(key[0])
+                        await _close_subscription(media, key, publisher.relays if publisher else {})
+                    logger.info("video: a participant's subscribe connections rebuilt")
                 case Description(kind="offer", pc=None):
                     if room.participant(participant_id).presence is not Presence.ADMITTED:
                         raise _Refused(RoomErrorCode.NOT_ALLOWED, "wait to be admitted")
@@ -260,22 +348,34 @@ class VideoService:
         if kinds.count("audio") > 1 or kinds.count("video") > 1:
             raise _Refused(ErrorCode.INVALID_SDP, "publish at most one audio and one video track")
         member = media.members[participant_id]
-        if member.publish is not None:  # published again (a new camera): start over
+        media_kinds = sorted(k for k in kinds if k in ("audio", "video"))
+        if member.relays and media_kinds == sorted(member.relays):
+            # Published again with the same kinds (reconnected after a network flap): the
+            # relays and every viewer's connection stay; the relays take the new stream.
+            await self._republish(media, participant_id, sdp)
+            return
+        if member.publish is not None or member.relays:  # other media: start over
             for key in [k for k in media.subscriptions if k[0] == participant_id]:
                 await _close_subscription(media, key, member.relays)
             for relay in member.relays.values():
                 relay.stop()
             member.relays.clear()
             old, member.publish = member.publish, None
-            await old.close()
+            if old is not None:
+                await old.close()
         pc = self._new_pc()
         relays: dict[MediaKind, ForwardingRelay] = {}
+
+        def on_remb(viewer: str, bps: int) -> None:
+            subscription = media.subscriptions.get((participant_id, viewer))
+            if subscription is not None and subscription.remote is not None:
+                subscription.remote.remb(bps, self._monotonic())
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             kind = MediaKind(track.kind)
             if kind not in relays:  # the offer was checked: one track per kind
-                relays[kind] = ForwardingRelay(kind)
+                relays[kind] = ForwardingRelay(kind, on_remb=on_remb)
                 relays[kind].attach(publisher_receiver(pc, track))
 
         try:
@@ -289,6 +389,37 @@ class VideoService:
             logger.info("publish answer failed (%s)", type(exc).__name__)
             raise _Refused(ErrorCode.INVALID_SDP, "the offer cannot be answered") from None
         member.publish, member.relays = pc, relays
+        answer = Description("answer", pc.localDescription.sdp)
+        member.session.send(signalling.encode_description(answer))
+
+    async def _republish(self, media: _RoomMedia, participant_id: str, sdp: str) -> None:
+        member = media.members[participant_id]
+        relays = member.relays
+        old, member.publish = member.publish, None
+        if old is not None:
+            await old.close()
+        pc = self._new_pc()
+        attached: set[MediaKind] = set()
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            kind = MediaKind(track.kind)
+            if kind in relays and kind not in attached:
+                attached.add(kind)
+                relays[kind].attach(publisher_receiver(pc, track))
+
+        try:
+            await _remote_description(pc, sdp, "offer")
+            await pc.setLocalDescription(await pc.createAnswer())
+        except _Refused:
+            await pc.close()
+            raise
+        except Exception as exc:  # aiortc raises many types for SDP it cannot use
+            await pc.close()
+            logger.info("publish answer failed (%s)", type(exc).__name__)
+            raise _Refused(ErrorCode.INVALID_SDP, "the offer cannot be answered") from None
+        member.publish = pc
+        logger.info("video: a publisher reconnected; its viewers' connections kept")
         answer = Description("answer", pc.localDescription.sdp)
         member.session.send(signalling.encode_description(answer))
 
@@ -308,6 +439,8 @@ class VideoService:
                 for kind in subscription.kinds - kinds:  # muted: stop forwarding, no SDP
                     relays[kind].remove_viewer(key[1])
                 subscription.kinds = kinds
+                if MediaKind.VIDEO not in kinds:
+                    subscription.remote = None
             else:
                 await _close_subscription(media, key, relays)
         for (publisher, viewer), wanted_kinds in wanted.items():
@@ -320,12 +453,120 @@ class VideoService:
         pc = self._new_pc()
         pc_id = f"{publisher}-{next(media.generations)}"
         relays = media.members[publisher].relays
-        for kind in sorted(kinds):
-            relays[kind].add_viewer(pc, viewer)
-        media.subscriptions[(publisher, viewer)] = _Subscription(pc_id, pc, kinds)
+        senders = {kind: relays[kind].add_viewer(pc, viewer) for kind in sorted(kinds)}
+        subscription = _Subscription(pc_id, pc, kinds)
+        if MediaKind.VIDEO in kinds and self._is_remote(media, viewer):
+            subscription.remote = RemoteStream(self.wan, self._monotonic())
+            subscription.video_sender = senders[MediaKind.VIDEO]
+            self._watch_wan()
+        media.subscriptions[(publisher, viewer)] = subscription
         await pc.setLocalDescription(await pc.createOffer())
         offer = Description("offer", pc.localDescription.sdp, pc_id)
         media.members[viewer].session.send(signalling.encode_description(offer))
+
+    # -- the WAN leg ----------------------------------------------------------------------
+
+    def _is_remote(self, media: _RoomMedia, participant_id: str) -> bool:
+        session = media.members[participant_id].session
+        if session.visit_id is None:
+            return False
+        room = self.rooms.get(session.visit_id)
+        return room.participant(participant_id).role is Role.PROVIDER
+
+    def _watch_wan(self) -> None:
+        if self._wan_task is None or self._wan_task.done():
+            self._wan_task = asyncio.ensure_future(self._run_wan())
+
+    async def _run_wan(self) -> None:
+        while True:
+            await asyncio.sleep(WAN_TICK_S)
+            try:
+                await self._read_reports()
+                self.wan_tick()
+            except Exception:  # one bad tick must not end the watcher for every room
+                logger.exception("video WAN tick failed")
+
+    async def _read_reports(self) -> None:
+        """Hand each remote stream the loss and round trip of its viewer's newest report."""
+        watched = [
+            s
+            for media in list(self._media.values())
+            for s in list(media.subscriptions.values())
+            if s.remote is not None and s.video_sender is not None
+        ]
+        for subscription in watched:
+            assert subscription.video_sender is not None
+            assert subscription.remote is not None
+            try:
+                stats = await subscription.video_sender.getStats()
+            except Exception as exc:  # closed meanwhile
+                logger.debug("video sender stats unavailable (%s)", type(exc).__name__)
+                continue
+            for report in stats.values():
+                if report.type != "remote-inbound-rtp" or report.timestamp == (
+                    subscription.last_report
+                ):
+                    continue
+                subscription.last_report = report.timestamp
+                # RTCP carries the fraction lost in 1/256ths (RFC 3550 6.4.1).
+                subscription.remote.report(
+                    report.fractionLost / 256, report.roundTripTime, self._monotonic()
+                )
+
+    def wan_tick(self) -> None:
+        """Read the relays' counters, then pause, probe, restore and cap (no awaiting).
+
+        The budget is the box's: every room's remote streams share it.
+        """
+        now = self._monotonic()
+        streams: list[tuple[_RoomMedia, str, str, RemoteStream]] = []
+        audio_streams = 0
+        for media in self._media.values():
+            for (publisher, viewer), subscription in media.subscriptions.items():
+                member = media.members.get(publisher)
+                if member is None:
+                    continue
+                if subscription.remote is not None:
+                    streams.append((media, publisher, viewer, subscription.remote))
+                if (
+                    MediaKind.AUDIO in subscription.kinds
+                    and viewer in media.members
+                    and self._is_remote(media, viewer)
+                ):
+                    audio_streams += 1  # remote audio takes its allowance, video or not
+        for media, publisher, viewer, remote in streams:
+            relay = media.members[publisher].relays[MediaKind.VIDEO]
+            viewer_stats = relay.stats.viewers.get(viewer)
+            if viewer_stats is not None:
+                remote.sent(viewer_stats.bytes_out, now)
+            change = remote.step(now)
+            if change in (Change.PAUSE, Change.PROBE_FAILED):
+                relay.pause_viewer(viewer)
+            elif change is Change.PROBE:
+                relay.resume_viewer(viewer)
+            if change is Change.PROBE_FAILED:
+                logger.info("video probe to a remote viewer failed (%s)", remote.congestion)
+            if change in (Change.PAUSE, Change.RESTORE):
+                paused = change is Change.PAUSE
+                logger.info(
+                    "video to a remote viewer %s (estimate %s bit/s%s)",
+                    "paused" if paused else "restored",
+                    remote.estimate(now),
+                    f"; {remote.congestion}" if paused else "",
+                )
+                _tell_raw(media, signalling.encode_video_paused(publisher, viewer, paused))
+        carrying = [entry for entry in streams if entry[3].carries_video]
+        share = budget_share(self.wan, len(carrying), audio_streams)
+        for media in self._media.values():
+            for publisher, member in media.members.items():
+                video = member.relays.get(MediaKind.VIDEO)
+                if video is None:
+                    continue
+                mine = [remote for m, p, _v, remote in carrying if m is media and p == publisher]
+                # A probing stream's estimate is what the probe is finding out: it does not
+                # hold the publisher back meanwhile (only the budget share does).
+                estimates = [r.estimate(now) if r.state is LinkState.VIDEO else None for r in mine]
+                video.cap_publisher(publisher_cap(share, estimates) if mine else None)
 
 
 class Session:
@@ -385,6 +626,22 @@ def _tell(media: _RoomMedia, events: Iterable[Event], skip: str | None = None) -
                 member.session.send(data)
 
 
+def _ice_dict(server: RTCIceServer) -> dict[str, Any]:
+    """A server as a browser's ``RTCPeerConnection`` takes it."""
+    urls = [server.urls] if isinstance(server.urls, str) else list(server.urls)
+    body: dict[str, Any] = {"urls": urls}
+    if server.username is not None:
+        body["username"] = server.username
+    if server.credential is not None:
+        body["credential"] = server.credential
+    return body
+
+
+def _tell_raw(media: _RoomMedia, data: bytes) -> None:
+    for member in media.members.values():
+        member.session.send(data)
+
+
 def _pc_of(media: _RoomMedia, participant_id: str, pc_id: str | None) -> RTCPeerConnection:
     if pc_id is None:
         publish = media.members[participant_id].publish
@@ -426,6 +683,10 @@ async def _close_subscription(
     media: _RoomMedia, key: tuple[str, str], relays: Mapping[MediaKind, ForwardingRelay]
 ) -> None:
     subscription = media.subscriptions.pop(key)
+    if subscription.remote is not None and subscription.remote.state is not LinkState.VIDEO:
+        # The viewer was told its video paused; whatever replaces this connection starts
+        # with video again.
+        _tell_raw(media, signalling.encode_video_paused(key[0], key[1], False))
     for relay in relays.values():
         relay.remove_viewer(key[1])
     await subscription.pc.close()

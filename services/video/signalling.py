@@ -119,7 +119,14 @@ class Leave:
     """The sender leaves the visit."""
 
 
-ClientMessage = Join | Description | Candidate | Admit | Mute | End | Leave
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """The sender's media connections failed (its network flapped): rebuild its subscribe
+    connections. It re-offers its publish connection itself; nobody else's connection
+    changes."""
+
+
+ClientMessage = Join | Description | Candidate | Admit | Mute | End | Leave | Reconnect
 
 # type → (required fields, optional fields)
 _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -134,6 +141,7 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "mute": (frozenset({"participant", "kind", "muted"}), frozenset()),
     "end": (frozenset(), frozenset()),
     "leave": (frozenset(), frozenset()),
+    "reconnect": (frozenset(), frozenset()),
 }
 
 
@@ -186,6 +194,8 @@ def _build(kind: str, data: dict[str, Any]) -> ClientMessage:
         if not isinstance(muted, bool):
             raise SignallingError(ErrorCode.INVALID_FIELD, "muted is true or false")
         return Mute(_matching(data, "participant", _ID), _enum(data, "kind", MediaKind), muted)
+    if kind == "reconnect":
+        return Reconnect()
     return End() if kind == "end" else Leave()
 
 
@@ -405,15 +415,26 @@ def encode_candidate(candidate: Candidate) -> bytes:
     return orjson.dumps(body)
 
 
-def encode_joined(participant: rooms.Participant) -> bytes:
-    """``joined``: the answer to the sender's own ``join``."""
+def encode_joined(
+    participant: rooms.Participant, ice_servers: list[dict[str, Any]] | None = None
+) -> bytes:
+    """``joined``: the answer to the sender's own ``join`` (with the site's STUN/TURN
+    servers for the browser's connections, when any are configured)."""
+    body: dict[str, Any] = {
+        "type": "joined",
+        "participant": participant.id,
+        "role": str(participant.role),
+        "presence": str(participant.presence),
+    }
+    if ice_servers:
+        body["iceServers"] = ice_servers
+    return orjson.dumps(body)
+
+
+def encode_video_paused(publisher: str, viewer: str, paused: bool) -> bytes:
+    """``video_paused``: the WAN leg stopped (or restored) a publisher's video to a viewer."""
     return orjson.dumps(
-        {
-            "type": "joined",
-            "participant": participant.id,
-            "role": str(participant.role),
-            "presence": str(participant.presence),
-        }
+        {"type": "video_paused", "publisher": publisher, "viewer": viewer, "paused": paused}
     )
 
 

@@ -9,6 +9,13 @@ a fraction ``loss`` of datagrams, chosen by its own seeded ``random.Random``, an
 each for ``delay`` seconds. Loss starts at 0 so the ICE and DTLS handshakes complete; set
 ``link.loss`` once connected. A direction may also drop chosen datagrams (``drop``): SRTP
 leaves the RTP header in the clear, so ``rtp_header`` can pick a packet by payload type.
+
+A direction can also be **rate-limited** (``rate_bps``): a bottleneck link with a FIFO
+queue, as a WAN uplink is. Each datagram waits until the ones before it have been
+serialised at that rate; one that would wait longer than ``queue_s`` is dropped (tail
+drop). Delay-based bandwidth estimators (REMB) see the queue grow, as they would on a
+real link. ``blackhole`` drops everything, both ways (the WAN leg gone). ``bytes``
+counts what was forwarded.
 """
 
 from __future__ import annotations
@@ -32,8 +39,22 @@ class Direction:
 
     rng: random.Random
     drop: Callable[[bytes], bool] | None = None
+    rate_bps: float | None = None
+    queue_s: float = 0.5
     forwarded: int = 0
     dropped: int = 0
+    bytes: int = 0
+    _free_at: float = 0.0  # when the bottleneck has sent everything queued so far
+
+    def shaped_wait(self, size: int, now: float) -> float | None:
+        """Seconds this datagram waits at the bottleneck, or None if the queue is full."""
+        if self.rate_bps is None:
+            return 0.0
+        start = max(now, self._free_at)
+        if start - now > self.queue_s:
+            return None
+        self._free_at = start + size * 8 / self.rate_bps
+        return self._free_at - now
 
 
 def rtp_header(data: bytes) -> tuple[int, int] | None:
@@ -63,6 +84,7 @@ class LossyProxy:
         self.delay = delay
         self.to_answerer = Direction(random.Random(seed))
         self.to_offerer = Direction(random.Random(seed + 1))
+        self.blackhole = False
         self._a = _Socket()
         self._b = _Socket()
 
@@ -102,14 +124,22 @@ class LossyProxy:
         target = self.answerer if to_answerer else self.offerer
         if target is None or out.transport is None:
             return
-        if (way.drop is not None and way.drop(data)) or (
-            self.loss and way.rng.random() < self.loss
+        if (
+            self.blackhole
+            or (way.drop is not None and way.drop(data))
+            or (self.loss and way.rng.random() < self.loss)
         ):
             way.dropped += 1
             return
+        loop = asyncio.get_running_loop()
+        wait = way.shaped_wait(len(data), loop.time())
+        if wait is None:
+            way.dropped += 1
+            return
         way.forwarded += 1
-        if self.delay:
-            asyncio.get_running_loop().call_later(self.delay, self._send, out, data, target)
+        way.bytes += len(data)
+        if self.delay or wait:
+            loop.call_later(self.delay + wait, self._send, out, data, target)
         else:
             out.transport.sendto(data, target)
 
@@ -146,6 +176,7 @@ class LossyLink:
     seed: int
     delay: float = 0.0
     proxies: list[LossyProxy] = field(default_factory=list)
+    _by_offerer: dict[Address, LossyProxy] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
@@ -167,32 +198,49 @@ class LossyLink:
     def forwarded(self) -> int:
         return sum(p.to_answerer.forwarded + p.to_offerer.forwarded for p in self.proxies)
 
+    def rate_to_answerer(self, bps: float | None, queue_s: float = 0.5) -> None:
+        """Put a bottleneck of ``bps`` on the way to the answerer (None: none)."""
+        for proxy in self.proxies:
+            proxy.to_answerer.rate_bps, proxy.to_answerer.queue_s = bps, queue_s
+
+    def set_blackhole(self, on: bool) -> None:
+        """Drop every datagram both ways (the path gone), or stop doing so."""
+        for proxy in self.proxies:
+            proxy.blackhole = on
+
+    async def route_offer(self, offer_sdp: str) -> str:
+        """The offer with the offerer's host candidates replaced by new proxies' ``b`` sockets."""
+        self._by_offerer = {}
+        for section in host_candidates(offer_sdp):
+            for address in section:
+                if address not in self._by_offerer:
+                    proxy = LossyProxy(address, seed=self.seed + 2 * len(self.proxies))
+                    proxy.delay = self.delay
+                    await proxy.start()
+                    self._by_offerer[address] = proxy
+                    self.proxies.append(proxy)
+        return rewrite_candidates(offer_sdp, {a: p.b for a, p in self._by_offerer.items()})
+
+    def route_answer(self, offer_sdp: str, answer_sdp: str) -> str:
+        """The answer with the answerer's host candidates replaced by the proxies' ``a``."""
+        to_answerer: dict[Address, Address] = {}
+        for offered, answered in zip(
+            host_candidates(offer_sdp), host_candidates(answer_sdp), strict=True
+        ):
+            for offerer_address, answerer_address in zip(offered, answered, strict=True):
+                proxy = self._by_offerer[offerer_address]
+                proxy.answerer = answerer_address
+                to_answerer[answerer_address] = proxy.a
+        return rewrite_candidates(answer_sdp, to_answerer)
+
     async def negotiate(self, offerer: RTCPeerConnection, answerer: RTCPeerConnection) -> None:
         """Offer/answer between the two, with every host candidate routed through a proxy."""
         await offerer.setLocalDescription(await offerer.createOffer())
         offer = offerer.localDescription
-        by_offerer: dict[Address, LossyProxy] = {}
-        for section in host_candidates(offer.sdp):
-            for address in section:
-                if address not in by_offerer:
-                    proxy = LossyProxy(address, seed=self.seed + 2 * len(self.proxies))
-                    proxy.delay = self.delay
-                    await proxy.start()
-                    by_offerer[address] = proxy
-                    self.proxies.append(proxy)
-        offer_sdp = rewrite_candidates(offer.sdp, {a: p.b for a, p in by_offerer.items()})
+        offer_sdp = await self.route_offer(offer.sdp)
         await answerer.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         await answerer.setLocalDescription(await answerer.createAnswer())
-        answer = answerer.localDescription
-        to_answerer: dict[Address, Address] = {}
-        for offered, answered in zip(
-            host_candidates(offer.sdp), host_candidates(answer.sdp), strict=True
-        ):
-            for offerer_address, answerer_address in zip(offered, answered, strict=True):
-                proxy = by_offerer[offerer_address]
-                proxy.answerer = answerer_address
-                to_answerer[answerer_address] = proxy.a
-        answer_sdp = rewrite_candidates(answer.sdp, to_answerer)
+        answer_sdp = self.route_answer(offer.sdp, answerer.localDescription.sdp)
         await offerer.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
 
     def close(self) -> None:

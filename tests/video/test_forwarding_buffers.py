@@ -162,3 +162,21 @@ async def test_ended_track_stops_its_reader() -> None:
     with pytest.raises(MediaStreamError):
         await track.recv()
     assert track.readyState == "ended"
+
+
+async def test_a_paused_viewer_gets_nothing_and_resumes_on_a_keyframe_it_asks_for() -> None:
+    asks: list[int] = []
+    track = ForwardedTrack("video", ViewerStats(), lambda: asks.append(1))
+    track.offer(frame(1), keyframe=True)
+    track.offer(frame(2), keyframe=False)
+    track.pause()  # the WAN leg went audio only: what is queued goes too
+    track.offer(frame(3), keyframe=False)
+    track.offer(frame(4), keyframe=True)
+    assert track.stats.frames_paused == 2
+    track.resume()
+    assert len(asks) == 1  # a keyframe is asked for at once
+    track.offer(frame(5), keyframe=False)
+    track.offer(frame(6), keyframe=True)
+    track.offer(frame(7), keyframe=False)
+    assert [(await track.recv()).pts for _ in range(2)] == [6, 7]
+    assert track.stats.bytes_out == len(bytes(frame(6))) + len(bytes(frame(7)))

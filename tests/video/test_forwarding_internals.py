@@ -17,6 +17,7 @@ import pytest
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
 from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpReceiveParameters
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from aiortc.rtp import (
@@ -27,14 +28,17 @@ from aiortc.rtp import (
     RtcpPsfbPacket,
     RtpPacket,
     pack_remb_fci,
+    unpack_remb_fci,
 )
 from aiortc.stats import RTCStatsReport
 
 from services.video.forwarding import (
     AIORTC_VERSION,
+    RECEIVER_BITRATE_ESTIMATOR,
     RECEIVER_DECODER_QUEUE,
     RECEIVER_JITTER_BUFFER,
     SENDER_ENCODER,
+    CappedBitrateEstimator,
     ForwardedTrack,
     ForwardingRelay,
     ViewerStats,
@@ -94,6 +98,9 @@ async def test_receiver_and_sender_have_the_attributes_the_relay_replaces() -> N
     assert isinstance(getattr(receiver, RECEIVER_JITTER_BUFFER), JitterBuffer)
     assert isinstance(getattr(receiver, RECEIVER_DECODER_QUEUE), queue.Queue)
     assert inspect.iscoroutinefunction(receiver._send_rtcp_pli)
+    assert isinstance(getattr(receiver, RECEIVER_BITRATE_ESTIMATOR), RemoteBitrateEstimator)
+    audio = RTCRtpReceiver("audio", MemoryTransport())  # type: ignore[arg-type]
+    assert getattr(audio, RECEIVER_BITRATE_ESTIMATOR) is None  # REMB is video's only
     sender = RTCRtpSender("video", MemoryTransport())  # type: ignore[arg-type]
     assert getattr(sender, SENDER_ENCODER) is None
     assert callable(sender._send_keyframe)
@@ -229,3 +236,119 @@ def test_vp8_keyframes_are_recognised_in_real_libvpx_output() -> None:
     assert kinds == [True, False, False]
     assert not is_vp8_keyframe(DELTA)
     assert not is_vp8_keyframe(b"")
+
+
+def rembs_sent(transport: MemoryTransport) -> list[tuple[int, list[int]]]:
+    found = []
+    for data in transport.sent:
+        for packet in RtcpPacket.parse(data):
+            if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+                found.append(unpack_remb_fci(packet.fci))
+    return found
+
+
+async def test_the_remb_the_relay_sends_its_publisher_never_exceeds_the_cap() -> None:
+    transport = MemoryTransport()
+    receiver = RTCRtpReceiver("video", transport)  # type: ignore[arg-type]
+    receiver._track = RemoteStreamTrack(kind="video")
+    receiver._set_rtcp_ssrc(999)
+    relay = ForwardingRelay("video")
+    relay.attach(receiver)
+    assert isinstance(getattr(receiver, RECEIVER_BITRATE_ESTIMATOR), CappedBitrateEstimator)
+    await receiver.receive(RTCRtpReceiveParameters(codecs=[VP8]))
+    seq, timestamp = 100, 0
+
+    async def send_for(start_ms: int, end_ms: int) -> None:
+        # ~1.2 Mbit/s: a 5 KB frame every 33 ms, its packets 1 ms apart, abs-send-time set.
+        nonlocal seq, timestamp
+        for frame_ms in range(start_ms, end_ms, 33):
+            for offset, packet in enumerate(vp8_packets(KEYFRAME * 2, seq, timestamp)):
+                sent_ms = frame_ms + offset
+                packet.extensions.abs_send_time = (sent_ms << 18) // 1000 & 0xFFFFFF
+                await receiver._handle_rtp_packet(packet, arrival_time_ms=sent_ms)
+                seq += 1
+            timestamp += 3000
+
+    try:
+        await send_for(0, 1000)
+        assert rembs_sent(transport) == []  # aiortc's estimator waits 3 s before its first
+        relay.cap_publisher(300_000)
+        await send_for(1000, 1100)
+        # Sent at once, for the publisher's SSRC, before the estimator has an estimate.
+        assert rembs_sent(transport) == [(300_000, [1234])]
+        await send_for(1100, 6000)
+        later = rembs_sent(transport)[1:]
+        assert len(later) >= 4
+        assert all(bitrate <= 300_000 for bitrate, _ in later)
+        relay.cap_publisher(None)
+        count = len(rembs_sent(transport))
+        await send_for(6000, 8000)
+        uncapped = [bitrate for bitrate, _ in rembs_sent(transport)[count:]]
+        assert uncapped
+        assert min(uncapped) > 600_000
+    finally:
+        await asyncio.wait_for(receiver.stop(), 5)
+
+
+async def test_a_publishers_aiortc_encoder_takes_its_target_from_remb_within_its_limits() -> None:
+    # How an aiortc publisher reacts to the cap: its sender sets the encoder's target
+    # bitrate from REMB, which aiortc's VP8 encoder keeps within 250 kbit/s-1.5 Mbit/s.
+    sender = RTCRtpSender("video", MemoryTransport())  # type: ignore[arg-type]
+    encoder = Vp8Encoder()
+    setattr(sender, SENDER_ENCODER, encoder)
+    for bitrate, expected in ((400_000, 400_000), (100_000, 250_000), (9_000_000, 1_500_000)):
+        remb = pack_remb_fci(bitrate, [sender._ssrc])
+        await sender._handle_rtcp_packet(
+            RtcpPsfbPacket(fmt=RTCP_PSFB_APP, ssrc=1, media_ssrc=0, fci=remb)
+        )
+        assert encoder.target_bitrate == expected
+
+
+async def test_a_publisher_reattached_on_a_new_receiver_continues_its_viewers_timeline() -> None:
+    # The publisher reconnected: a new receiver maps its stream from 0 again; the viewer's
+    # timestamps go on from the last frame, shifted by the time that passed, and it resumes
+    # on the new stream's keyframe (a delta frame first is dropped).
+    now = [100.0]
+    relay = ForwardingRelay("video", clock=lambda: now[0])
+    receivers = []
+    for _ in range(2):
+        receiver = RTCRtpReceiver("video", MemoryTransport())  # type: ignore[arg-type]
+        receiver._track = RemoteStreamTrack(kind="video")
+        receivers.append(receiver)
+    pc = RTCPeerConnection()
+    track = relay.add_viewer(pc, "viewer").track
+    assert isinstance(track, ForwardedTrack)
+    try:
+        relay.attach(receivers[0])
+        await receivers[0].receive(RTCRtpReceiveParameters(codecs=[VP8]))
+        seq = 100
+        for n, data in enumerate([KEYFRAME, DELTA + b"1"]):
+            for packet in vp8_packets(data, seq, timestamp=50_000 + 3000 * n):
+                await receivers[0]._handle_rtp_packet(packet, arrival_time_ms=0)
+                seq += 1
+            now[0] += 0.033
+        first = [await asyncio.wait_for(track.recv(), 1) for _ in range(2)]
+        assert [p.pts for p in first] == [0, 3000]
+        await receivers[0].stop()
+
+        now[0] += 2.0  # two seconds without the publisher
+        relay.attach(receivers[1])
+        relay.cap_publisher(None)
+        await receivers[1].receive(RTCRtpReceiveParameters(codecs=[VP8]))
+        seq = 7000
+        for n, data in enumerate([DELTA + b"x", KEYFRAME, DELTA + b"2"]):
+            for packet in vp8_packets(data, seq, timestamp=900_000 + 3000 * n):
+                await receivers[1]._handle_rtp_packet(packet, arrival_time_ms=0)
+                seq += 1
+            now[0] += 0.033
+        after = [await asyncio.wait_for(track.recv(), 1) for _ in range(2)]
+        assert [bytes(p) for p in after] == [KEYFRAME, DELTA + b"2"]
+        gap = after[0].pts - first[-1].pts
+        # 2 s and two frame periods (the dropped delta and the last frame) at 90 kHz.
+        assert gap == pytest.approx(90_000 * (2.0 + 0.033 + 0.033), abs=90)
+        assert after[1].pts - after[0].pts == 3000
+        assert track.stats.frames_dropped == 1
+    finally:
+        for receiver in receivers:
+            await asyncio.wait_for(receiver.stop(), 5)
+        await pc.close()

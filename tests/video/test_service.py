@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,8 +21,9 @@ from aiortc import AudioStreamTrack, MediaStreamTrack, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
+from appliance.config import IceServerConfig
 from services.video.rooms import MediaKind
-from services.video.service import VideoService
+from services.video.service import VideoService, ice_servers
 from services.video.signalling import End, Inbound, Leave, SignallingError, encode_error
 from tests.video.media import NumberedVideoTrack, read_frame_id
 from tests.video.peers import loopback_pc, wait_for
@@ -40,8 +42,10 @@ class Client:
         self.publish_pc: RTCPeerConnection | None = None
         self.subscriptions: dict[str, RTCPeerConnection] = {}  # pc id → connection
         self.video = Counter[str]()  # publisher id → frames decoded
+        self.video_times: dict[str, list[float]] = {}  # publisher id → when each was decoded
         self.audio = Counter[str]()
         self.unreadable = 0
+        self._publish_offer = ""
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = [asyncio.create_task(self._pump())]
 
@@ -72,12 +76,13 @@ class Client:
         await self.send(type="join", visit=visit, role=role, token="tok")
         return self.last("joined")
 
-    async def publish(self) -> None:
+    async def publish(self, camera: MediaStreamTrack | None = None) -> None:
         pc = self.publish_pc = loopback_pc()
-        pc.addTrack(NumberedVideoTrack())
+        pc.addTrack(camera or NumberedVideoTrack())
         pc.addTrack(AudioStreamTrack())
         await pc.setLocalDescription(await pc.createOffer())
-        await self.send(type="offer", sdp=pc.localDescription.sdp)
+        self._publish_offer = pc.localDescription.sdp
+        await self.send(type="offer", sdp=await self.route_offer(self._publish_offer))
 
     def last(self, type_: str, **fields: object) -> dict[str, Any]:
         for message in reversed(self.received):
@@ -94,9 +99,8 @@ class Client:
             if message["type"] == "offer":
                 await self._answer(message["pc"], message["sdp"])
             elif message["type"] == "answer" and self.publish_pc is not None:
-                await self.publish_pc.setRemoteDescription(
-                    RTCSessionDescription(message["sdp"], "answer")
-                )
+                answer = self.route_answer(self._publish_offer, message["sdp"])
+                await self.publish_pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
 
     async def _answer(self, pc_id: str, sdp: str) -> None:
         publisher = pc_id.split("-")[0]
@@ -108,9 +112,19 @@ class Client:
         def on_track(track: MediaStreamTrack) -> None:
             self._tasks.append(asyncio.create_task(self._consume(track, publisher)))
 
-        await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        await pc.setRemoteDescription(RTCSessionDescription(await self.route_offer(sdp), "offer"))
         await pc.setLocalDescription(await pc.createAnswer())
-        await self.send(type="answer", sdp=pc.localDescription.sdp, pc=pc_id)
+        answer = self.route_answer(sdp, pc.localDescription.sdp)
+        await self.send(type="answer", sdp=answer, pc=pc_id)
+
+    async def route_offer(self, sdp: str) -> str:
+        """An offer (the box's, or this client's publish one) as the path between them lets
+        it through (here: as it is)."""
+        return sdp
+
+    def route_answer(self, offer: str, answer: str) -> str:
+        """The answer to ``offer`` as the path lets it through (here: as it is)."""
+        return answer
 
     async def _consume(self, track: MediaStreamTrack, publisher: str) -> None:
         with contextlib.suppress(MediaStreamError):
@@ -118,6 +132,7 @@ class Client:
                 frame = await track.recv()
                 if isinstance(frame, VideoFrame):
                     self.video[publisher] += 1
+                    self.video_times.setdefault(publisher, []).append(time.monotonic())
                     self.unreadable += read_frame_id(frame) is None
                 else:
                     self.audio[publisher] += 1
@@ -130,12 +145,14 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def video_service() -> AsyncIterator[tuple[VideoService, Callable[[str], Client]]]:
-    service = VideoService()
+async def video_service(
+    service: VideoService | None = None,
+) -> AsyncIterator[tuple[VideoService, Callable[..., Client]]]:
+    service = service or VideoService()
     clients: list[Client] = []
 
-    def client(name: str) -> Client:
-        clients.append(Client(service, name))
+    def client(name: str, kind: type[Client] = Client) -> Client:
+        clients.append(kind(service, name))
         return clients[-1]
 
     try:
@@ -358,3 +375,46 @@ async def test_bad_and_flooding_messages_in_one_room_leave_another_room_streamin
         await nurse.send(type="end")
         patient.last("ended", by=nurse_id)
         assert service.connections(VISIT) == 0
+
+
+async def test_the_sites_ice_servers_reach_the_box_and_every_browser(tmp_path: Path) -> None:
+    secret = tmp_path / "turn-credential"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    settings = [
+        IceServerConfig(urls=("stun:stun.example.test:3478",)),
+        IceServerConfig(
+            urls=("turns:turn.example.test:5349",), username="clinic", credential_file=secret
+        ),
+    ]
+    servers = ice_servers(settings)
+    assert [(s.urls, s.username, s.credential) for s in servers] == [
+        (["stun:stun.example.test:3478"], None, None),
+        (["turns:turn.example.test:5349"], "clinic", "s3cret"),
+    ]
+    # The box's own connections take the same list (RTCConfiguration(iceServers=...)).
+    async with video_service(VideoService(ice_servers=servers)) as (_service, client):
+        nurse = client("nurse")
+        joined = await nurse.join("nurse")
+        assert joined["iceServers"] == [
+            {"urls": ["stun:stun.example.test:3478"]},
+            {
+                "urls": ["turns:turn.example.test:5349"],
+                "username": "clinic",
+                "credential": "s3cret",
+            },
+        ]
+
+
+async def test_reconnect_keeps_the_participant_in_the_room_and_is_not_a_flood() -> None:
+    async with video_service() as (_service, client):
+        stranger, nurse, provider = client("stranger"), client("nurse"), client("provider")
+        await stranger.send(type="reconnect")
+        assert stranger.errors() == ["not_allowed"]
+        await nurse.join("nurse")
+        await provider.join("provider")
+        await nurse.send(type="admit", participant=provider.id)
+        await provider.send(type="reconnect")
+        await provider.send(type="reconnect")  # at once again: each costs ICE gathering
+        assert provider.errors() == ["rate_limited"]
+        assert provider.session.joined
+        assert all(m["type"] != "left" for m in nurse.received)

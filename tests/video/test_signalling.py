@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -27,15 +28,20 @@ from services.video.signalling import (
     Leave,
     MessageRateLimiter,
     Mute,
+    Reconnect,
     SignallingError,
     encode_candidate,
     encode_description,
     encode_error,
     encode_event,
+    encode_joined,
+    encode_video_paused,
     parse_message,
     validate_candidate,
 )
 from tests.video.peers import loopback_pc
+
+_NOON = datetime(2026, 11, 27, 12, tzinfo=UTC)
 
 CHROME_OFFER = "\r\n".join(
     [
@@ -108,6 +114,9 @@ def test_every_documented_client_message_parses() -> None:
     )
     assert parse_message('{"type": "end"}') == End()
     assert parse_message('{"type": "leave"}') == Leave()
+    assert parse_message('{"type": "reconnect"}') == Reconnect()
+    with pytest.raises(SignallingError):
+        parse_message('{"type": "reconnect", "pc": "a1-2"}')
 
 
 def test_offer_answer_and_candidate_may_name_their_peer_connection() -> None:
@@ -438,3 +447,22 @@ def test_sdp_checks_raise_only_signalling_errors(lines: list[str]) -> None:
 def test_candidate_checks_raise_only_signalling_errors(candidate: str) -> None:
     with contextlib.suppress(SignallingError):
         validate_candidate(candidate)
+
+
+def test_wan_leg_messages_encode_as_documented() -> None:
+    assert orjson.loads(encode_video_paused("a1", "b2", True)) == {
+        "type": "video_paused",
+        "publisher": "a1",
+        "viewer": "b2",
+        "paused": True,
+    }
+    participant = rooms.Participant("b2", Role.PROVIDER, rooms.Presence.WAITING, joined_at=_NOON)
+    assert "iceServers" not in orjson.loads(encode_joined(participant))
+    turn = {"urls": ["turn:turn.example.test:3478"], "username": "u", "credential": "c"}
+    assert orjson.loads(encode_joined(participant, [turn])) == {
+        "type": "joined",
+        "participant": "b2",
+        "role": "provider",
+        "presence": "waiting",
+        "iceServers": [turn],
+    }

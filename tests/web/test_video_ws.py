@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,16 +19,14 @@ from quart.testing.connections import WebsocketDisconnectError
 from quart.typing import TestAppProtocol as AppClientFactory
 from quart.typing import TestWebsocketConnectionProtocol as WebsocketConnection
 
-from appliance import db, users
-from appliance.config import Config, ExamCameraConfig
+from appliance.config import Config, IceServerConfig, VideoConfig, demo_config
 from appliance.device_registry import DeviceRegistry, StationKind
 from appliance.store import Store
 from tests import factories
-from tests.web.conftest import NURSE, PASSWORD, FakeClock, form_token, login
+from tests.web.conftest import NURSE, FakeClock, form_token
 from tests.web.test_kiosk import STATION, _paired
 from tests.web.test_provider import Seeded, audit_rows, issue_link, join, seed
 from tests.web.test_route_matrix import kiosk_token
-from web.app import create_app
 
 ORIGIN = {"Origin": "http://localhost"}
 
@@ -306,50 +305,36 @@ async def test_a_nurse_cannot_see_or_join_the_visit_of_a_patient_outside_normal_
         await peer.expect("joined", role="nurse", presence="admitted")
 
 
-async def test_a_nurse_takes_an_exam_camera_still_into_the_visit_and_the_call_goes_on(
-    app: AppClientFactory,
-    nurse: QuartClient,
-    seeded: Seeded,
-    nurse_csrf: str,
-    store: Store,
-    clock: FakeClock,
-) -> None:
-    # The demo configuration's camera is libav's test pattern (no camera in CI).
-    page = await nurse.get(f"/video/nurse?visit={seeded.encounter_id}")
-    assert b'data-camera="demo exam camera"' in await page.get_data()
-    form = {"visit": seeded.encounter_id, "camera": "demo exam camera", "csrf_token": nurse_csrf}
-    answer = await nurse.post("/video/nurse/still", form=form)
-    assert answer.status_code == 200, await answer.get_data()
-    media_id = (await answer.get_json())["media"]
-    media = await store.read("Media", media_id, "user:test")
-    assert media["subject"] == {"reference": f"Patient/{seeded.patient_id}"}
-    assert media["encounter"] == {"reference": f"Encounter/{seeded.encounter_id}"}
-    assert media["content"]["contentType"] == "image/jpeg"
-    # Refused: without the CSRF token, an unknown camera, a patient outside normal access.
-    no_token = {k: v for k, v in form.items() if k != "csrf_token"}
-    assert (await nurse.post("/video/nurse/still", form=no_token)).status_code == 403
-    unknown = {**form, "camera": "no such camera"}
-    assert (await nurse.post("/video/nurse/still", form=unknown)).status_code == 404
-    stranger = await seed(store, clock, factories.patient(family="Zzstill"))
-    outside = {**form, "visit": stranger.encounter_id}
-    assert (await nurse.post("/video/nurse/still", form=outside)).status_code == 403
+class TestTheSitesIceServers:
+    """``[[video.ice_server]]`` reaches the browsers through the app's own video service."""
 
+    @pytest.fixture
+    def config(self, tmp_path: Path) -> Config:
+        secret = tmp_path / "turn-credential"
+        secret.write_text("s3cret\n", encoding="utf-8")
+        turn = IceServerConfig(
+            urls=("turns:turn.example.test:5349",), username="clinic", credential_file=secret
+        )
+        return replace(demo_config(tmp_path), video=VideoConfig(ice_servers=(turn,)))
 
-async def test_a_camera_that_is_not_there_is_a_clear_error_and_nothing_is_stored(
-    config: Config, store: Store, clock: FakeClock, seeded: Seeded
-) -> None:
-    await db.run_sync(
-        store.connection, users.create_user, NURSE, PASSWORD, users.Role.NURSE, now=clock()
-    )
-    gone = ExamCameraConfig(name="otoscope", device="/dev/video-unplugged")
-    quart_app = create_app(replace(config, exam_cameras=(gone,)), store, clock=clock)
-    async with quart_app.test_app() as test_app:
-        nurse = test_app.test_client()
-        await login(nurse)
-        csrf = form_token(await (await nurse.get("/mfa/")).get_data())
-        before = await store.last_row_id()
-        form = {"visit": seeded.encounter_id, "camera": "otoscope", "csrf_token": csrf}
-        failed = await nurse.post("/video/nurse/still", form=form)
-        assert failed.status_code == 503
-        assert "otoscope at /dev/video-unplugged" in (await failed.get_json())["error"]
-        assert await store.last_row_id() == before
+    async def test_joined_carries_them_and_a_reconnect_keeps_the_provider_in(
+        self, connected: tuple[Peer, Peer], seeded: Seeded, nurse_csrf: str, link: str
+    ) -> None:
+        nurse, provider = connected
+        await nurse.send(type="join", visit=seeded.encounter_id, role="nurse", token=nurse_csrf)
+        joined = await nurse.expect("joined", role="nurse")
+        assert joined["iceServers"] == [
+            {"urls": ["turns:turn.example.test:5349"], "username": "clinic", "credential": "s3cret"}
+        ]
+        await provider.send(type="join", visit=seeded.encounter_id, role="provider", token=link)
+        provider_id = (await provider.expect("joined", role="provider"))["participant"]
+        await provider.expect("participant", role="nurse")
+        await nurse.expect("participant", participant=provider_id)
+        await nurse.send(type="admit", participant=provider_id)
+        await provider.expect("admitted", participant=provider_id)
+        await nurse.expect("admitted", participant=provider_id)
+        await provider.send(type="reconnect")
+        await provider.send(type="reconnect")
+        await provider.expect("error", code="rate_limited")  # only the second one
+        await provider.send(type="leave")
+        await nurse.expect("left", participant=provider_id)

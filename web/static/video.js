@@ -23,7 +23,12 @@
     end: document.getElementById("video-end"),
   };
   const ROLE_NAMES = { patient: "Patient", nurse: "Nurse", provider: "Provider" };
+  const PAUSED_NOTICE = "Video paused: weak connection. Audio continues.";
   const GATHER_MS = 3000;
+  // A connection "disconnected" this long, or "failed", is rebuilt without leaving the visit
+  // (the box replaces only our own connections; docs/video.md, "The WAN leg").
+  const RECONNECT_AFTER_MS = 3000;
+  const RECONNECT_EVERY_MS = 10000;
 
   let ws = null;
   let me = null;
@@ -32,7 +37,11 @@
   const roster = new Map(); // participant id -> {role, presence, muted: Set}
   const subscriptions = new Map(); // pc id -> {pc, publisher}
   const remoteTiles = new Map(); // publisher id -> figure
+  const pausedFrom = new Set(); // publishers whose video the box paused to us (weak WAN link)
   let statsTimer = null;
+  let iceServers = []; // the site's STUN/TURN servers, from "joined"
+  let lastReconnect = 0;
+  let reconnectTimer = null;
 
   function say(text, isError) {
     status.textContent = text;
@@ -114,6 +123,9 @@
       if (muted.length) {
         item.append(span("muted", muted.join(" and ") + " muted"));
       }
+      if (person.weak && person.weak.size) {
+        item.append(span("weak", "weak connection: audio only"));
+      }
       if (cfg.role === "nurse" && id !== me) {
         const actions = document.createElement("span");
         actions.className = "actions";
@@ -156,19 +168,22 @@
     if (publishPc) {
       return;
     }
-    say("Starting your camera and microphone…");
-    try {
-      localStream = await navigator.mediaDevices.getUserMedia({
-        audio: true,
-        video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } },
-      });
-    } catch (error) {
-      say("Your camera or microphone could not be started (" + error.name + ").", true);
-      return;
+    if (!localStream) {
+      say("Starting your camera and microphone…");
+      try {
+        localStream = await navigator.mediaDevices.getUserMedia({
+          audio: true,
+          video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } },
+        });
+      } catch (error) {
+        say("Your camera or microphone could not be started (" + error.name + ").", true);
+        return;
+      }
+      selfTile.querySelector("video").srcObject = localStream;
+      selfTile.hidden = false;
     }
-    selfTile.querySelector("video").srcObject = localStream;
-    selfTile.hidden = false;
-    publishPc = new RTCPeerConnection({ iceServers: [] });
+    publishPc = new RTCPeerConnection({ iceServers: iceServers });
+    watchConnection(publishPc);
     for (const track of localStream.getTracks()) {
       const transceiver = publishPc.addTransceiver(track, {
         direction: "sendonly",
@@ -181,14 +196,58 @@
     publishPc.addEventListener("connectionstatechange", function () {
       if (publishPc && publishPc.connectionState === "connected") {
         say("In the visit.");
-      } else if (publishPc && publishPc.connectionState === "failed") {
-        say("The video connection failed. Reload the page to try again.", true);
       }
     });
     await publishPc.setLocalDescription(await publishPc.createOffer());
     await gathered(publishPc);
     send({ type: "offer", sdp: publishPc.localDescription.sdp });
     say("Connecting the video…");
+  }
+
+  function watchConnection(pc) {
+    pc.addEventListener("connectionstatechange", function () {
+      if (pc.connectionState === "failed") {
+        reconnect();
+      } else if (pc.connectionState === "disconnected") {
+        setTimeout(function () {
+          if (pc.connectionState === "disconnected" || pc.connectionState === "failed") {
+            reconnect();
+          }
+        }, RECONNECT_AFTER_MS);
+      }
+    });
+  }
+
+  function reconnect() {
+    // Our network flapped: ask the box over the signalling (still open) to rebuild the
+    // connections that bring us the others, and publish again on a new connection. The
+    // others' connections are not touched; nobody leaves or has to be admitted again.
+    if (!ws || ws.readyState !== WebSocket.OPEN || !me || !publishPc) {
+      return;
+    }
+    const wait = lastReconnect + RECONNECT_EVERY_MS - Date.now();
+    if (wait > 0) {
+      if (!reconnectTimer) {
+        reconnectTimer = setTimeout(function () {
+          reconnectTimer = null;
+          const pcs = [publishPc].concat(Array.from(subscriptions.values(), function (f) {
+            return f.pc;
+          }));
+          if (pcs.some(function (pc) {
+            return pc && pc.connectionState !== "connected" && pc.connectionState !== "closed";
+          })) {
+            reconnect();
+          }
+        }, wait);
+      }
+      return;
+    }
+    lastReconnect = Date.now();
+    say("The connection dropped. Reconnecting the video…");
+    send({ type: "reconnect" });
+    publishPc.close();
+    publishPc = null;
+    publish();
   }
 
   function tileFor(publisher) {
@@ -205,11 +264,37 @@
       tile.append(video, caption);
       tiles.append(tile);
       remoteTiles.set(publisher, tile);
+      showPaused(publisher);
     }
     return tile;
   }
 
+  function showPaused(publisher) {
+    // The box stopped this publisher's video to us (our link is too weak); audio goes on.
+    const tile = remoteTiles.get(publisher);
+    if (!tile) {
+      return;
+    }
+    let notice = tile.querySelector(".video-notice");
+    if (pausedFrom.has(publisher)) {
+      if (!notice) {
+        notice = document.createElement("p");
+        notice.className = "video-notice";
+        notice.setAttribute("role", "status");
+        notice.textContent = PAUSED_NOTICE;
+        tile.insertBefore(notice, tile.querySelector("figcaption"));
+      }
+      tile.classList.add("paused");
+    } else {
+      if (notice) {
+        notice.remove();
+      }
+      tile.classList.remove("paused");
+    }
+  }
+
   function dropTile(publisher) {
+    pausedFrom.delete(publisher);
     const tile = remoteTiles.get(publisher);
     if (tile) {
       tile.remove();
@@ -232,7 +317,8 @@
         closeSubscription(id); // replaced (after an unmute)
       }
     }
-    const pc = new RTCPeerConnection({ iceServers: [] });
+    const pc = new RTCPeerConnection({ iceServers: iceServers });
+    watchConnection(pc);
     const stream = new MediaStream();
     subscriptions.set(pcId, { pc: pc, publisher: publisher });
     const tile = tileFor(publisher);
@@ -289,6 +375,10 @@
       publishPc.close();
       publishPc = null;
     }
+    if (reconnectTimer) {
+      clearTimeout(reconnectTimer);
+      reconnectTimer = null;
+    }
     if (localStream) {
       localStream.getTracks().forEach(function (track) {
         track.stop();
@@ -308,6 +398,7 @@
     switch (message.type) {
       case "joined":
         me = message.participant;
+        iceServers = Array.isArray(message.iceServers) ? message.iceServers : [];
         roster.set(me, { role: message.role, presence: message.presence, muted: new Set() });
         if (message.presence === "admitted") {
           publish();
@@ -358,6 +449,11 @@
           ws.close();
         } else {
           roster.delete(message.participant);
+          for (const person of roster.values()) {
+            if (person.weak) {
+              person.weak.delete(message.participant);
+            }
+          }
           for (const [id, found] of subscriptions) {
             if (found.publisher === message.participant) {
               closeSubscription(id);
@@ -384,6 +480,26 @@
           publishPc.setRemoteDescription({ type: "answer", sdp: message.sdp });
         }
         break;
+      case "video_paused": {
+        const viewer = roster.get(message.viewer);
+        if (viewer) {
+          viewer.weak = viewer.weak || new Set();
+          if (message.paused) {
+            viewer.weak.add(message.publisher);
+          } else {
+            viewer.weak.delete(message.publisher);
+          }
+        }
+        if (message.viewer === me) {
+          if (message.paused) {
+            pausedFrom.add(message.publisher);
+          } else {
+            pausedFrom.delete(message.publisher);
+          }
+          showPaused(message.publisher);
+        }
+        break;
+      }
       case "error":
         say("The visit refused that: " + message.message, true);
         break;
@@ -399,6 +515,8 @@
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     ws = new WebSocket(scheme + location.host + cfg.ws);
     ws.addEventListener("open", function () {
+      // The page around the panel may listen (the kiosk suspends its idle reset meanwhile).
+      panel.dispatchEvent(new CustomEvent("videocall", { bubbles: true, detail: { live: true } }));
       send({ type: "join", visit: cfg.visit, role: cfg.role, token: cfg.token });
       for (const key of ["audio", "video", "leave", "end"]) {
         if (buttons[key]) {
@@ -411,6 +529,7 @@
       handle(JSON.parse(event.data));
     });
     ws.addEventListener("close", function () {
+      panel.dispatchEvent(new CustomEvent("videocall", { bubbles: true, detail: { live: false } }));
       stopAll();
       for (const key of ["audio", "video", "leave", "end"]) {
         if (buttons[key]) {
