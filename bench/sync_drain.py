@@ -12,6 +12,11 @@ asyncio HTTP/1.1 server that answers each entry's conditional create from a dict
 ``ifNoneExist``, in constant time. (The Medplum peer scans every stored resource per
 conditional create; a 2,000-item drain into it is reported beside, as context.)
 
+CPU per item, same rounds: the agent's process (event loop and database thread) against the
+bare client's, and the upstream's process while each of them drains. On a machine with
+few cores these bound the ratio whatever the agent's threading: the agent and the upstream
+share the cores, and the agent's Python shares one GIL (docs/benchmarks.md).
+
 Also: the agent's RSS when 10k and when all items are delivered (the queue is read one bundle
 at a time, never whole), and the time from the link coming back to the first delivery, with
 the real sync loop (``sync_agent.process.SyncLoop``) behind the fault proxy refusing
@@ -133,6 +138,8 @@ class FastUpstream:
                     self.record = None if path is None else open(path, "wb")  # noqa: SIM115
                 elif target.startswith("/__count"):
                     answer = orjson.dumps({"count": len(self.known)})
+                elif target.startswith("/__cpu"):
+                    answer = orjson.dumps({"cpu": time.process_time()})
                 elif "metadata" not in target:
                     status = "404 Not Found"
                 writer.write(
@@ -168,6 +175,10 @@ class UpstreamProcess:
 
     def reset(self) -> None:
         self.control.post("/__reset")
+
+    def cpu(self) -> float:
+        """The upstream process's CPU seconds so far (all its threads)."""
+        return float(self.control.get("/__cpu").json()["cpu"])
 
     def record(self, path: Path | None) -> None:
         self.control.post(
@@ -230,15 +241,18 @@ def _client(base_url: str) -> httpx.AsyncClient:
 
 async def agent_drain(
     db_path: Path, kek: Path, base_url: str, bundle: int, marks: tuple[int, ...] = ()
-) -> tuple[float, int, dict[int, float]]:
-    """Items/s of the Deliverer draining everything; RSS (MB) when passing each mark."""
+) -> tuple[float, int, dict[int | str, float]]:
+    """Items/s of the Deliverer draining everything; RSS (MB) when passing each mark.
+
+    Also ``cpu_us_per_item``: this process's CPU (event loop and database thread) per item.
+    """
     store = await Store.open(db_path, kek)
-    rss: dict[int, float] = {}
+    rss: dict[int | str, float] = {}
     try:
         async with _client(base_url) as client:
             deliverer = Deliverer(store, client, max_entries=bundle, rng=random.Random(1))
             delivered = 0
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             while True:
                 # drain() pipelines; in slices of 20 bundles to read the RSS as it goes.
                 step = await deliverer.drain(max_bundles=20)
@@ -251,13 +265,16 @@ async def agent_drain(
                     if mark not in rss and delivered >= mark:
                         rss[mark] = rss_mb()
             elapsed = time.perf_counter() - start
+            cpu = time.process_time() - cpu_start
     finally:
         await store.close()
+    rss["cpu_us_per_item"] = cpu / delivered * 1e6
     return delivered / elapsed, delivered, rss
 
 
-async def bare_post(base_url: str, recorded: Path) -> tuple[float, int]:
-    """Items/s of a bare client POSTing the recorded bundles, parsing each answer."""
+async def bare_post(base_url: str, recorded: Path) -> tuple[float, int, float]:
+    """Items/s of a bare client POSTing the recorded bundles, parsing each answer; its CPU
+    per item (µs)."""
     data = recorded.read_bytes()
     bodies, offset = [], 0
     while offset < len(data):
@@ -266,13 +283,14 @@ async def bare_post(base_url: str, recorded: Path) -> tuple[float, int]:
         offset += 4 + size
     items = 0
     async with _client(base_url) as client:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for body in bodies:
             response = await client.post("", content=body)
             response.raise_for_status()
             items += len(response.json()["entry"])
         elapsed = time.perf_counter() - start
-    return items / elapsed, items
+        cpu = time.process_time() - cpu_start
+    return items / elapsed, items, cpu / items * 1e6
 
 
 async def link_back(folder: Path, upstream: UpstreamProcess, outage_s: float) -> float:
@@ -340,7 +358,13 @@ def main() -> None:
     outages = (3.0, 8.0) if args.quick else (5.0, 15.0, 30.0)
     ours: list[float] = []
     bare: list[float] = []
-    rss: dict[int, float] = {}
+    rss: dict[int | str, float] = {}
+    cpu: dict[str, list[float]] = {
+        "agent": [],
+        "bare": [],
+        "upstream_agent": [],
+        "upstream_bare": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp, UpstreamProcess() as upstream:
         folder = Path(tmp)
         db_path, kek = populate_in_child(folder, items)
@@ -350,18 +374,25 @@ def main() -> None:
         for round_no in range(rounds):
             upstream.reset()
             upstream.record(recorded if round_no == 0 else None)
+            server_start = upstream.cpu()
             rate, delivered, seen = asyncio.run(
                 agent_drain(db_path, kek, upstream.base_url, args.bundle, marks)
             )
             assert delivered == items + 1, delivered
             ours.append(rate)
+            cpu["agent"].append(seen.pop("cpu_us_per_item"))
             if round_no == 0:
                 rss = seen
                 upstream.record(None)
+            else:  # the first round's upstream also wrote the recording
+                cpu["upstream_agent"].append((upstream.cpu() - server_start) / delivered * 1e6)
             upstream.reset()
-            rate, posted = asyncio.run(bare_post(upstream.base_url, recorded))
+            server_start = upstream.cpu()
+            rate, posted, bare_cpu = asyncio.run(bare_post(upstream.base_url, recorded))
             assert posted == items + 1, posted
             bare.append(rate)
+            cpu["bare"].append(bare_cpu)
+            cpu["upstream_bare"].append((upstream.cpu() - server_start) / posted * 1e6)
             requeue(db_path)
         link_times = [asyncio.run(link_back(folder, upstream, outage)) for outage in outages]
 
@@ -383,6 +414,18 @@ def main() -> None:
             med_bare,
             "ratio >= 0.7",
             med_ours / med_bare >= 0.7,
+        ),
+        emit(
+            "sync_drain_cpu_us_per_item",
+            statistics.median(cpu["agent"]),
+            "µs",
+            statistics.median(cpu["bare"]),
+        ),
+        emit(
+            "sync_drain_upstream_cpu_us_per_item",
+            statistics.median(cpu["upstream_agent"] or cpu["upstream_bare"]),
+            "µs",
+            statistics.median(cpu["upstream_bare"]),
         ),
         emit(f"sync_drain_rss_mb_at_{marks[0]}", rss[marks[0]], "MB"),
         emit(
