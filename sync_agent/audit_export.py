@@ -425,10 +425,15 @@ class AuditExporter:
             result.link_down = exc.failure is Failure.TRANSIENT
         return result
 
-    async def drain(self, *, max_bundles: int = 1000) -> ExportResult:
-        """Export until nothing is left, the link fails, or ``max_bundles`` were sent."""
+    async def drain(
+        self, *, max_bundles: int = 1000, stop: Callable[[], bool] = lambda: False
+    ) -> ExportResult:
+        """Export until nothing is left, the link fails, ``max_bundles`` were sent, or
+        ``stop()`` (asked before each bundle: the process is shutting down)."""
         total = ExportResult()
         for _ in range(max_bundles):
+            if stop():
+                break
             step = await self.export_once()
             total.exported += step.exported
             total.existing += step.existing

@@ -671,8 +671,14 @@ class Deliverer:
         result.dead = len(dead)
         return result
 
-    async def drain(self, *, max_bundles: int = 1000) -> DrainResult:
-        """Drain until nothing is due, the link fails, or ``max_bundles`` were sent.
+    async def drain(
+        self, *, max_bundles: int = 1000, stop: Callable[[], bool] = lambda: False
+    ) -> DrainResult:
+        """Drain until nothing is due, the link fails, ``max_bundles`` were sent, or ``stop()``.
+
+        ``stop`` is asked before each bundle goes out (the process is shutting down): the
+        bundle on the wire is waited for and its answer committed, nothing more is sent, so a
+        stop takes one exchange however long the queue.
 
         Pipelined, one bundle ahead: while bundle *k* is on the wire the next one is read and
         planned (its items, and those pointing at *k*'s, left out); once *k*'s answer is in,
@@ -686,7 +692,7 @@ class Deliverer:
         try:
             batch, now = await self._prepare()
             sent = 0
-            while batch is not None and sent < max_bundles:
+            while batch is not None and sent < max_bundles and not stop():
                 step = DrainResult()
                 if not batch.ready:
                     await self._only_dead(batch, now, step)
@@ -712,10 +718,13 @@ class Deliverer:
                     batch, now = await self._prepare()  # the size changed: plan again
                     continue
                 send = None
-                if ahead is not None and ahead.ready:
+                stopping = stop()
+                if ahead is not None and ahead.ready and not stopping:
                     send = self._send(ahead)
                 await self._settle(batch, response, now, step)
                 _add(total, step)
+                if stopping:
+                    break
                 if ahead is not None and ahead.ready:
                     batch, now = ahead, ahead_now
                 else:

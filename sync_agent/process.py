@@ -235,8 +235,11 @@ class SyncLoop:
             if wake is Wake.SYNC_NOW:
                 failures = 0
                 await self.deliverer.make_due()
-            result = await self.deliverer.drain()
+            stopping = self._ctx.stopping.is_set
+            result = await self.deliverer.drain(stop=stopping)
             self._report(result)
+            if stopping():
+                break  # a stop takes one exchange, not the rest of the queue
             if not result.link_down:
                 await self._measure_rtt()
             # -- claims (issue 8): after the drain, whatever the EHR link; never raises. -----
@@ -248,7 +251,7 @@ class SyncLoop:
                 # None of them raises for the link; each says what happened.
                 updated = await self.updates.send_once()
                 pulled = await self.puller.pull_once(force=wake is Wake.SYNC_NOW)
-                exported = await self.exporter.drain()
+                exported = await self.exporter.drain(stop=stopping)
                 more = bool(pulled.more)
                 if updated.link_down or pulled.link_down or exported.link_down:
                     logger.info("link failed after the outbox drain; will retry")

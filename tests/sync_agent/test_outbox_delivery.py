@@ -195,3 +195,28 @@ async def test_device_references_and_capture_tags_survive_the_trip_upstream(
     assert {"system": "urn:telehealth-appliance:fhir:capture-setting", "code": "clinic"} in entry[
         "resource"
     ]["meta"]["tag"]
+
+
+async def test_a_stop_ends_the_drain_after_the_bundle_on_the_wire_and_loses_nothing(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    # The process is told to stop while one bundle travels: its answer is committed, the
+    # bundle read ahead is not sent, and the rest waits for the next start.
+    await _patient_with_readings(store, 30)
+    deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1))
+    asked = 0
+
+    def stop() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked > 1  # the first bundle goes; the stop arrives while it is on the wire
+
+    first = await deliverer.drain(stop=stop)
+    # The first bundle is the Patient alone (its readings need its upstream id).
+    assert (first.delivered, first.bundles, first.error) == (1, 1, None)
+    assert _states(db_path) == [("delivered", 1), ("pending", 30)]
+    assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 0)
+    rest = await deliverer.drain()
+    assert (rest.delivered, rest.existing) == (30, 0)
+    assert _states(db_path) == [("delivered", 31)]
+    assert fhir_peer.count("Observation") == 30
