@@ -6,8 +6,10 @@ device's failure never touches another's. The list is re-read every few seconds,
 or retiring a device needs no restart.
 
 The exam cameras of the site config (``[[video.exam_camera]]``) are opened here too, for the
-stills nurses take from the web process, which may not open devices: the request and its
-outcome cross through the store (:mod:`services.video.still_requests`).
+stills nurses take from the web process, which may not open devices, and for showing a camera
+live in a visit (this process publishes it as a WebRTC participant on loopback): the requests
+cross through the store (:mod:`services.video.still_requests`,
+:mod:`services.video.camera_streams`).
 
 Demo mode (``devices.simulated``) also seeds synthetic patients, two stations with
 simulated devices, a home scale, and a "front desk" that checks the next synthetic patient
@@ -39,6 +41,8 @@ from services import demo, device_profiles, rpm_demo, rpm_rules
 from services.alerts import AlertEngine, escalation_policy
 from services.device_hub import DeviceHub
 from services.simulated_link import SimulatedGattLink, SimulatedSerialLink
+from services.video import camera_streams
+from services.video.exam_camera import CameraHub
 from services.video.still_requests import StillWorker
 from services.vitals import CaptureMethod
 
@@ -302,14 +306,28 @@ async def main(ctx: ProcessContext) -> None:
         )
     ]
     if ctx.config.exam_cameras:
-        # Exam-camera stills the web process asks for (it may not open cameras itself).
+        # Exam-camera stills and live streams the web process asks for (it may not open
+        # cameras itself); a still taken while the camera is in a visit shares its capture.
+        open_cameras = CameraHub()
         stills = StillWorker(
             ctx.store,
             ctx.config.exam_cameras,
             name=f"devices:{os.getpid()}",
             on_status=ctx.set_status,
+            hub=open_cameras,
         )
         tasks.append(asyncio.create_task(stills.run(ctx.stopping), name="exam camera stills"))
+        # This process's only WebRTC peers are cameras publishing to the box's own video
+        # service: they gather 127.0.0.1 only (docs/video.md, "Exam cameras").
+        camera_streams.gather_loopback_only()
+        streams = camera_streams.StreamWorker(
+            ctx.store,
+            ctx.config.exam_cameras,
+            open_cameras,
+            name=f"devices:{os.getpid()}",
+            on_status=ctx.set_status,
+        )
+        tasks.append(asyncio.create_task(streams.run(ctx.stopping), name="exam camera streams"))
     if ctx.config.devices.simulated:
         tasks.append(
             asyncio.create_task(

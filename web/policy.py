@@ -193,6 +193,7 @@ POLICY: Mapping[str, Rule] = {
     # an HTTP GET passes the same guard and answers 426
     "video.nurse_visit": _r(CLINIC, phi=True),  # the nurse's video page (patient's name)
     "video.take_exam_still": _r(CLINIC),  # answers the new Media's id, no patient data
+    "video.show_exam_camera": _r(CLINIC),  # answers the camera's participant id, no patient data
     "video.nurse_ws": _r(CLINIC, phi=True),
     "video.provider_ws": _r(VISIT_LINK, phi=True),
     "video.kiosk_ws": _r(KIOSK, phi=True),

@@ -22,9 +22,10 @@ does not): stills a nurse asks for in the web process reach it through the store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from fractions import Fraction
 
@@ -42,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 STILL_TIMEOUT_S = 5.0
 JPEG_QUALITY = 3  # mjpeg quantiser: 2 (best) … 31; 3 keeps an otoscope's detail (~65 KB at 720p)
+# What the devices process encodes for a live camera (VP8, in Python's aiortc): 640x480 at
+# 15 fps costs about a fifth of what 1280x720 at 30 does; stills keep the camera's full size.
+STREAM_MAX_SIZE = (640, 480)
+STREAM_MAX_FPS = 15
 
 
 class CameraError(RuntimeError):
@@ -102,6 +107,91 @@ class ExamCamera:
         if self._player is None or self._player.video is None:
             raise CameraError(f"{self.config.name} at {self.config.device} is not open")
         return self._player.video
+
+
+class CappedTrack(MediaStreamTrack):
+    """A camera's frames at most ``max_size`` (scaled down, aspect kept) and ``max_fps``
+    (frames dropped): what the visit gets, so the devices process's VP8 encoder stays cheap."""
+
+    kind = "video"
+
+    def __init__(
+        self,
+        source: MediaStreamTrack,
+        max_size: tuple[int, int] = STREAM_MAX_SIZE,
+        max_fps: float = STREAM_MAX_FPS,
+    ) -> None:
+        super().__init__()
+        self._source = source
+        self._max_width, self._max_height = max_size
+        # Keep a frame once 90 % of the period has passed since the last one kept, so a
+        # 30 fps camera gives exactly 15 and timestamp jitter does not drop extra frames.
+        self._gap = 0.9 / max_fps
+        self._next: float | None = None
+
+    async def recv(self) -> av.VideoFrame:
+        while True:
+            frame = await self._source.recv()
+            if not isinstance(frame, av.VideoFrame):
+                raise MediaStreamError
+            when = frame.time
+            if when is None or self._next is None or when >= self._next:
+                break
+        if when is not None:
+            self._next = when + self._gap
+        scale = min(self._max_width / frame.width, self._max_height / frame.height)
+        if scale < 1:
+            width, height = int(frame.width * scale) // 2 * 2, int(frame.height * scale) // 2 * 2
+            pts, time_base = frame.pts, frame.time_base
+            frame = frame.reformat(width=width, height=height)
+            frame.pts, frame.time_base = pts, time_base
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        self._source.stop()
+
+
+class CameraHub:
+    """The cameras open in the devices process, shared: a still taken while the camera is in
+    a visit comes from the same capture (a V4L2 device opens once), and the last user closes
+    it (a camera held open keeps its light on)."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[ExamCamera, int]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def is_open(self, name: str) -> bool:
+        """Whether the camera is open now (for tests and the heartbeat)."""
+        return name in self._open
+
+    @contextlib.asynccontextmanager
+    async def use(self, config: ExamCameraConfig) -> AsyncIterator[ExamCamera]:
+        """The camera, open for the ``async with`` block (``CameraError`` if it cannot be)."""
+        lock = self._locks.setdefault(config.name, asyncio.Lock())
+        async with lock:
+            camera, users = self._open.get(config.name, (None, 0))
+            if camera is None:
+                camera = ExamCamera(config)
+                try:
+                    await camera.open()
+                except BaseException:
+                    await camera.close()
+                    raise
+            self._open[config.name] = (camera, users + 1)
+        try:
+            yield camera
+        finally:
+            await asyncio.shield(self._release(config.name))
+
+    async def _release(self, name: str) -> None:
+        async with self._locks[name]:
+            camera, users = self._open[name]
+            if users > 1:
+                self._open[name] = (camera, users - 1)
+                return
+            del self._open[name]
+            await camera.close()
 
 
 def encode_jpeg(frame: av.VideoFrame) -> bytes:

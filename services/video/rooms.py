@@ -26,6 +26,7 @@ class Role(StrEnum):
     PATIENT = "patient"  # the kiosk or exam-room station, with the patient
     NURSE = "nurse"
     PROVIDER = "provider"  # the remote provider, joining by the signed link
+    CAMERA = "camera"  # an exam camera the box publishes (devices process): video only
 
 
 class Presence(StrEnum):
@@ -72,6 +73,7 @@ class Participant:
     joined_at: datetime
     muted: frozenset[MediaKind] = frozenset()
     muted_by_nurse: frozenset[MediaKind] = frozenset()
+    label: str | None = None  # a camera's configured name, shown on its tile
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,7 @@ class Joined:
     participant_id: str
     role: Role
     presence: Presence
+    label: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,16 +145,24 @@ class Room:
                 RoomErrorCode.UNKNOWN_PARTICIPANT, f"{participant_id!r} is not in the room"
             ) from None
 
-    def join(self, participant_id: str, role: Role, now: datetime) -> list[Event]:
-        """Add a participant: a nurse is admitted, anyone else waits for a nurse."""
+    def join(
+        self, participant_id: str, role: Role, now: datetime, label: str | None = None
+    ) -> list[Event]:
+        """Add a participant: a nurse is admitted, anyone else waits for a nurse.
+
+        A camera is admitted too: only a nurse's action on the box adds one.
+        """
         self._check_open()
         if participant_id in self._participants:
             raise RoomError(RoomErrorCode.ALREADY_JOINED, f"{participant_id!r} is already in")
         if len(self._participants) >= self.capacity:
             raise RoomError(RoomErrorCode.ROOM_FULL, f"the room holds {self.capacity}")
-        presence = Presence.ADMITTED if role is Role.NURSE else Presence.WAITING
-        self._participants[participant_id] = Participant(participant_id, role, presence, now)
-        return [Joined(participant_id, role, presence)]
+        admitted = role in (Role.NURSE, Role.CAMERA)
+        presence = Presence.ADMITTED if admitted else Presence.WAITING
+        self._participants[participant_id] = Participant(
+            participant_id, role, presence, now, label=label
+        )
+        return [Joined(participant_id, role, presence, label)]
 
     def admit(self, by: str, participant_id: str) -> list[Event]:
         """A nurse admits a waiting participant."""
@@ -199,14 +210,17 @@ class Room:
         return [Ended(by)]
 
     def routes(self, kind: MediaKind) -> frozenset[tuple[str, str]]:
-        """(publisher, viewer) pairs for ``kind``: admitted, unmuted, to every other admitted."""
+        """(publisher, viewer) pairs for ``kind``: admitted, unmuted, to every other admitted.
+
+        A camera publishes and never views.
+        """
         admitted = [p for p in self._participants.values() if p.presence is Presence.ADMITTED]
         return frozenset(
             (publisher.id, viewer.id)
             for publisher in admitted
             if kind not in publisher.muted
             for viewer in admitted
-            if viewer.id != publisher.id
+            if viewer.id != publisher.id and viewer.role is not Role.CAMERA
         )
 
     def _check_open(self) -> None:

@@ -41,7 +41,7 @@ from enum import StrEnum
 from appliance.config import ExamCameraConfig
 from appliance.errors import ApplianceError
 from appliance.store import Store
-from services.video.exam_camera import CameraError, ExamCamera, take_still
+from services.video.exam_camera import CameraError, CameraHub, take_still
 
 logger = logging.getLogger(__name__)
 
@@ -284,8 +284,10 @@ class StillWorker:
         clock: Clock = _utcnow,
         poll_s: float = CLAIM_POLL_S,
         on_status: Callable[..., None] | None = None,
+        hub: CameraHub | None = None,
     ) -> None:
         self._store = store
+        self._hub = hub or CameraHub()  # shared with the live streams (camera_streams.py)
         self._cameras = {camera.name: camera for camera in cameras}
         self._name = name
         self._clock = clock
@@ -334,7 +336,6 @@ class StillWorker:
         if config is None:
             await self._fail(request, f"no camera named {request.camera!r} in the site config")
             return
-        camera = ExamCamera(config)
 
         def done(conn: sqlite3.Connection, row_ids: list[int]) -> None:
             [(media_id,)] = conn.execute(
@@ -343,18 +344,19 @@ class StillWorker:
             finish(conn, request.id, RequestState.DONE, self._clock(), media_id=media_id)
 
         try:
-            await camera.open()
-            await take_still(
-                self._store,
-                camera,
-                f"Patient/{request.patient_id}",
-                request.requested_by,
-                self._clock(),
-                f"Encounter/{request.encounter_id}",
-                also=done,
-            )
-            self.taken += 1
-            logger.info("camera request %d done (%s)", request.id, request.camera)
+            async with self._hub.use(config) as camera:  # the live capture, if streaming
+                await take_still(
+                    self._store,
+                    camera,
+                    f"Patient/{request.patient_id}",
+                    request.requested_by,
+                    self._clock(),
+                    f"Encounter/{request.encounter_id}",
+                    also=done,
+                )
+                # Counted and logged before the camera closes (up to a frame period).
+                self.taken += 1
+                logger.info("camera request %d done (%s)", request.id, request.camera)
         except CameraError as error:
             # The device's path and libav's words: no patient data.
             logger.warning("camera request %d failed: %s", request.id, error)
@@ -370,8 +372,6 @@ class StillWorker:
             )
             await self._fail(request, f"unexpected {type(error).__name__} in the devices service")
             return
-        finally:
-            await camera.close()
 
     async def _fail(self, request: StillRequest, error: str) -> None:
         self.failed += 1

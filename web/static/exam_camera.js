@@ -38,7 +38,58 @@
     }
   }
 
+  // Show a camera live in the visit, or stop showing it (web/video.py show_exam_camera): the
+  // devices process publishes it; everyone in the visit gets a tile named after the camera.
+  async function toggleStream(button) {
+    const camera = button.dataset.stream;
+    const showing = button.dataset.showing === "true";
+    button.disabled = true;
+    status.textContent = showing ? `Stopping the ${camera}…` : `Starting the ${camera}…`;
+    const body = new URLSearchParams({
+      visit: section.dataset.visit,
+      camera: camera,
+      action: showing ? "stop" : "start",
+    });
+    try {
+      const response = await fetch(section.dataset.streamUrl, {
+        method: "POST",
+        body: body,
+        credentials: "same-origin",
+        headers: { "X-CSRF-Token": token ? token.content : "" },
+      });
+      const answer = await response.json().catch(() => ({}));
+      if (response.ok) {
+        button.dataset.showing = showing ? "false" : "true";
+        button.textContent = showing ? `Show ${camera} in the visit` : "Stop showing it";
+        status.textContent = showing
+          ? `The ${camera} is no longer shown.`
+          : `The ${camera} is shown in the visit.`;
+      } else {
+        status.textContent = answer.error
+          ? `Not shown: ${answer.error}`
+          : `Not shown (HTTP ${response.status}).`;
+      }
+    } catch (error) {
+      status.textContent = "Not shown: the box did not answer.";
+    } finally {
+      button.disabled = false;
+    }
+  }
+
   for (const button of section.querySelectorAll("button[data-camera]")) {
     button.addEventListener("click", () => take(button));
   }
+  for (const button of section.querySelectorAll("button[data-stream]")) {
+    button.addEventListener("click", () => toggleStream(button));
+  }
+  // The camera left the visit without the button (the visit ended, the devices service
+  // stopped): video.js tells us, and the button offers to show it again.
+  document.addEventListener("video:camera-left", (event) => {
+    for (const button of section.querySelectorAll("button[data-stream]")) {
+      if (button.dataset.stream === event.detail.label && button.dataset.showing === "true") {
+        button.dataset.showing = "false";
+        button.textContent = `Show ${button.dataset.stream} in the visit`;
+      }
+    }
+  });
 })();
