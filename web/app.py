@@ -10,6 +10,7 @@ everything but static assets, since any page may carry PHI.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import traceback
@@ -28,6 +29,7 @@ from appliance.store import Store
 from appliance.users import LoginThrottle, Role
 from services.video import still_requests
 from services.video.bandwidth import WanPolicy
+from services.video.camera_streams import StreamWatcher
 from services.video.service import VideoService, ice_servers
 from web.changes import ChangeFeed
 from web.templating import render_template
@@ -176,6 +178,26 @@ def create_app(
     @app.after_serving
     async def stop_change_feed() -> None:
         await app.extensions["appliance"].changes.close()
+
+    if config.exam_cameras:
+        # A camera shown in a visit leaves it when its devices process stops stamping it,
+        # and is stopped when its visit is over (services/video/camera_streams.py).
+        watching = asyncio.Event()
+
+        @app.before_serving
+        async def watch_camera_streams() -> None:
+            state = app.extensions["appliance"]
+            watcher = StreamWatcher(state.store, state.video, clock=state.clock)
+            app.extensions["camera_streams"] = asyncio.create_task(
+                watcher.run(watching), name="exam camera streams"
+            )
+
+        @app.after_serving
+        async def stop_watching_camera_streams() -> None:
+            watching.set()
+            task = app.extensions.pop("camera_streams", None)
+            if task is not None:
+                await task
 
     @app.after_serving
     async def close_video() -> None:

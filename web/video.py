@@ -41,10 +41,10 @@ from appliance.device_registry import DeviceRegistry
 from appliance.users import Role as StaffRole
 from appliance.visit_links import LinkState
 from services import visits
-from services.video import still_requests
+from services.video import camera_streams, still_requests
 from services.video.rooms import Role, RoomErrorCode
-from services.video.service import Session
-from services.video.signalling import Inbound, Join, SignallingError, encode_error
+from services.video.service import CameraRefused, Session
+from services.video.signalling import Inbound, Join, Resume, SignallingError, encode_error
 from web.access import decide, require_access
 from web.app import AppState, app_state
 
@@ -297,6 +297,55 @@ async def take_exam_still() -> ResponseReturnValue:
             return {"error": message}, 504
 
 
+@bp.post("/video/nurse/camera")
+@login_required(role=_CLINIC)
+async def show_exam_camera() -> ResponseReturnValue:
+    """Show an exam camera live in the visit (``action=start``) or stop showing it (``stop``).
+
+    The devices process owns the camera and publishes it as a participant of its own (video
+    only, on loopback); its offer and the video service's answer cross the store
+    (services/video/camera_streams.py). 200 ``{"participant"}`` once the camera is in the
+    room; 409 when it is already in a visit or the visit cannot take it; 503 with the
+    device's words; 504 when the devices service did not answer in time.
+    """
+    state = app_state()
+    form = await request.form
+    visit, name, action = form.get("visit", ""), form.get("camera", ""), form.get("action", "")
+    actor, _arrival = await _nurse_arrival(visit)
+    if state.config.exam_camera(name) is None or action not in ("start", "stop"):
+        abort(404)
+    if action == "stop":
+        stopped = await camera_streams.stop(state.store, state.video, name, visit)
+        return {"stopped": stopped, "camera": name}
+    try:
+        stream_id = await camera_streams.submit(state.store, name, visit, actor, state.clock())
+    except camera_streams.CameraBusy as busy:
+        return {"error": str(busy)}, 409
+    stream = await camera_streams.wait_offer(
+        state.store, stream_id, timeout_s=state.still_wait_s, clock=state.clock
+    )
+    match stream.state:
+        case camera_streams.StreamState.OFFERED:
+            try:
+                participant = await camera_streams.start(
+                    state.store, state.video, stream, state.clock()
+                )
+            except CameraRefused as refused:
+                return {"error": f"not shown: {refused}"}, 409
+            return {"participant": participant, "camera": name}
+        case camera_streams.StreamState.FAILED:
+            # The device's path and libav's words: no patient data.
+            logger.warning("exam camera stream %d failed: %s", stream_id, stream.error)
+            return {"error": stream.error}, 503
+        case _:
+            waited = f"{state.still_wait_s:g} s"
+            message = (
+                f"the devices service did not answer within {waited}; the camera is not "
+                "shown (is appliance-devices running?)"
+            )
+            return {"error": message}, 504
+
+
 def _same_origin(conn: BaseRequestWebsocket) -> bool:
     origin = urlsplit(conn.headers.get("Origin", ""))
     scheme = "https" if conn.scheme in ("wss", "https") else "http"
@@ -324,19 +373,22 @@ async def _serve(caller: Caller) -> ResponseReturnValue:
         except asyncio.QueueFull:
             overflowed.set()
 
-    session = state.video.session(send)
+    session = state.video.session(send, caller.actor)
     await websocket.accept()
-    tasks = [
-        asyncio.create_task(_read(state, caller, session, send)),
-        asyncio.create_task(_write(outgoing)),
-        asyncio.create_task(overflowed.wait()),
-    ]
+    reader = asyncio.create_task(_read(state, caller, session, send))
+    tasks = [reader, asyncio.create_task(_write(outgoing)), asyncio.create_task(overflowed.wait())]
+    flooded = False
     try:
         done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        flooded = reader in done and not reader.cancelled() and reader.exception() is None
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.shield(session.async_close())
+        # A flooding connection leaves the visit. Any other end (the client went, the
+        # network dropped, a send stalled until the queue filled) keeps the seat for a
+        # ``resume`` on a new connection (docs/video.md).
+        closing = session.async_close() if flooded else session.async_disconnected()
+        await asyncio.shield(closing)
     for task in done:
         if not task.cancelled() and (error := task.exception()) is not None:
             logger.error("video signalling failed (%s)", type(error).__name__)
@@ -384,6 +436,19 @@ async def _read(
             if session.joined:
                 key = state.store.patient_key(f"Patient/{patient}")
                 detail = f"video visit joined as {caller.role}"
+                await _audit(state, caller.actor, key, message.visit, Outcome.SUCCESS, detail)
+            continue
+        if isinstance(message, Resume) and not session.joined:
+            # The same checks as a join's, but the seat's token stands for the page's: the
+            # service holds it to the credential (the actor) that joined.
+            patient = await caller.patient_of(message.visit)
+            if patient is None:
+                send(encode_error(RoomErrorCode.NOT_ALLOWED, "this link or login cannot join that"))
+                continue
+            await session.handle(message)
+            if session.joined:
+                key = state.store.patient_key(f"Patient/{patient}")
+                detail = f"video visit resumed as {caller.role}"
                 await _audit(state, caller.actor, key, message.visit, Outcome.SUCCESS, detail)
             continue
         await session.handle(message)

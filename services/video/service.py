@@ -13,11 +13,14 @@ No SFU renegotiation. Each admitted participant has:
   (``Room.routes``): the box offers that publisher's relayed tracks (``pc`` =
   ``<publisher>-<n>``), the client answers.
 
-Muting a kind removes the viewers of that kind from the publisher's relay (frames stop at
-once, nothing is renegotiated); anything that adds a kind to a viewer (an unmute) replaces
-the subscribe connection with a new ``n``. Leaving or ending closes the connections. Every
-room has its own lock, so one room's messages (or a slow ICE gathering) never wait on
-another's. Participants' ids and the clock are parameters.
+A subscribe connection carries every kind its publisher publishes; muting a kind pauses that
+viewer on the publisher's relay and unmuting resumes it (frames stop and start at once,
+nothing is renegotiated, the other kind never stops). Leaving or ending closes the
+connections; a connection that drops without a ``leave`` keeps its seat and media for
+``resume_grace_s``, for a new connection presenting the seat's resume token (docs/video.md,
+"Resuming after the signalling connection drops"). Every room has its own lock, so one
+room's messages (or a slow ICE gathering) never wait on another's. Participants' ids and
+the clock are parameters.
 
 The WAN leg (``services/video/bandwidth.py`` decides): every subscribe connection carrying
 video to a remote provider is a ``RemoteStream``; a watcher task reads the relays' counters
@@ -29,6 +32,8 @@ sends it as REMB), pauses a remote viewer's video below the threshold (telling t
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import itertools
 import logging
 import secrets
@@ -61,10 +66,10 @@ from services.video.bandwidth import (
 from services.video.forwarding import ForwardingRelay, publisher_receiver
 from services.video.rooms import (
     Event,
-    Joined,
     MediaKind,
     Presence,
     Role,
+    Room,
     RoomError,
     RoomErrorCode,
 )
@@ -80,6 +85,7 @@ from services.video.signalling import (
     Leave,
     Mute,
     Reconnect,
+    Resume,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,6 +95,9 @@ Send = Callable[[bytes], None]
 WAN_TICK_S = 0.25  # how often the WAN leg's counters are read and its decisions made
 # Each reconnect gathers ICE for every new connection: a client may not ask more often.
 RECONNECT_MIN_INTERVAL_S = 5.0
+# A participant whose signalling connection drops without a ``leave`` keeps its seat (and
+# its media connections) this long, for a new connection presenting its resume token.
+RESUME_GRACE_S = 60.0
 
 
 class IceServerSettings(Protocol):
@@ -123,6 +132,18 @@ def _new_id() -> str:
     return secrets.token_hex(6)  # hex: a subscribe id "<publisher>-<n>" splits on "-"
 
 
+def _new_token() -> str:
+    return secrets.token_urlsafe(32)  # 256 bits
+
+
+def _token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class CameraRefused(Exception):
+    """An exam camera cannot be added to the visit (nobody there, full, unusable offer)."""
+
+
 class _Refused(Exception):
     """A message this session may not send now; the code goes back in an ``error``."""
 
@@ -140,6 +161,19 @@ class _Member:
     publish: RTCPeerConnection | None = None
     relays: dict[MediaKind, ForwardingRelay] = field(default_factory=dict)
     reconnected_at: float | None = None  # monotonic
+    # Resuming the seat on a new connection: who the transport said the caller is (the
+    # new connection must say the same), the current token's hash, the hashes of the
+    # tokens already used (so a second use is told so), and, while the connection is
+    # down, the task that gives the seat up when the grace period ends.
+    principal: str | None = None
+    resume_hash: bytes = b""
+    used_hashes: list[bytes] = field(default_factory=list)
+    expiry: asyncio.Task[None] | None = None
+
+    @property
+    def reconnecting(self) -> bool:
+        """The member's signalling connection dropped; the seat waits for a resume."""
+        return self.expiry is not None
 
 
 @dataclass(slots=True)
@@ -148,8 +182,9 @@ class _Subscription:
 
     pc_id: str
     pc: RTCPeerConnection
-    kinds: frozenset[MediaKind]
+    kinds: frozenset[MediaKind]  # forwarded now; the others negotiated are paused (muted)
     remote: RemoteStream | None = None  # video to a remote viewer: the WAN leg watches it
+    negotiated: frozenset[MediaKind] = frozenset()  # every kind the publisher publishes
     video_sender: RTCRtpSender | None = None
     last_report: datetime | None = None  # the newest receiver report read from it
 
@@ -176,6 +211,8 @@ class VideoService:
         new_id: Callable[[], str] = _new_id,
         wan: WanPolicy | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        resume_grace_s: float = RESUME_GRACE_S,
+        new_token: Callable[[], str] = _new_token,
     ) -> None:
         self.rooms = rooms or RoomRules()
         self.wan = wan or WanPolicy()
@@ -185,12 +222,18 @@ class VideoService:
         self._ice_servers = list(ice_servers)
         self._clock = clock
         self._new_id = new_id
+        self._new_token = new_token
+        self.resume_grace_s = resume_grace_s
         self._media: dict[str, _RoomMedia] = {}
         self._running: set[asyncio.Task[None]] = set()
 
-    def session(self, send: Send) -> Session:
-        """A new client connection; ``send`` must not block (queue, then write)."""
-        return Session(self, send)
+    def session(self, send: Send, principal: str | None = None) -> Session:
+        """A new client connection; ``send`` must not block (queue, then write).
+
+        ``principal`` is who the transport authenticated (the web route's actor): a seat
+        joined by one principal can be resumed only by a connection of the same one.
+        """
+        return Session(self, send, principal)
 
     def relays(self, visit_id: str, participant_id: str) -> Mapping[MediaKind, ForwardingRelay]:
         """The relays of a participant's published tracks (for figures and tests)."""
@@ -210,6 +253,90 @@ class VideoService:
         media = self._media.get(visit_id)
         subscription = media.subscriptions.get((publisher, viewer)) if media else None
         return subscription.remote if subscription else None
+
+    # -- exam cameras (services/video/camera_streams.py) ---------------------------------
+
+    async def add_camera(self, visit_id: str, label: str, offer: str) -> tuple[str, str]:
+        """Add an exam camera to a visit: a participant publishing ``offer``'s one video track.
+
+        Returns the camera's participant id and the box's answer. The camera has no client
+        connection: it sends no messages (so it cannot admit, mute or end), and it views
+        nothing (``Room.routes``). ``CameraRefused`` when nobody is in the visit, the room is
+        full, or the offer is not one usable video track.
+        """
+        kinds = [line.split(" ", 1)[0][2:] for line in offer.splitlines() if line.startswith("m=")]
+        if kinds != ["video"]:
+            raise CameraRefused("a camera publishes one video track and nothing else")
+        try:
+            signalling.validate_sdp(offer)
+        except signalling.SignallingError as error:
+            raise CameraRefused(f"the camera's offer: {error.detail}") from None
+        result: list[tuple[str, str] | CameraRefused] = []
+        await self._run(self._add_camera(visit_id, label, offer, result))
+        if not result:
+            raise CameraRefused("the camera could not be added")
+        if isinstance(result[0], CameraRefused):
+            raise result[0]
+        return result[0]
+
+    async def _add_camera(
+        self, visit_id: str, label: str, offer: str, result: list[tuple[str, str] | CameraRefused]
+    ) -> None:
+        try:
+            result.append(await self._camera_joins(visit_id, label, offer))
+        except CameraRefused as refused:  # an answer for the caller, not a failure to log
+            result.append(refused)
+
+    async def _camera_joins(self, visit_id: str, label: str, offer: str) -> tuple[str, str]:
+        media = self._media.get(visit_id)
+        if media is None or not _people(self, visit_id, media):
+            raise CameraRefused("nobody is in the visit")
+        session = self.session(lambda _data: None)  # nobody reads a camera's messages
+        async with media.lock:
+            if self._media.get(visit_id) is not media:
+                raise CameraRefused("the visit has ended")
+            participant_id = self._new_id()
+            try:
+                room = self.rooms.get(visit_id)
+                events = room.join(participant_id, Role.CAMERA, self._clock(), label)
+            except RoomError as error:
+                raise CameraRefused(str(error)) from None
+            media.members[participant_id] = member = _Member(session)
+            session.visit_id, session.participant_id = visit_id, participant_id
+            _tell(media, events, skip=participant_id)
+            try:
+                await self._publish(media, participant_id, offer)
+            except _Refused as refused:
+                await self._leave(session, media, visit_id, participant_id)
+                raise CameraRefused(refused.detail) from None
+            assert member.publish is not None
+            answer = member.publish.localDescription.sdp
+            await self._reconcile(media, visit_id)
+        logger.info("video: an exam camera joined a visit as %s", participant_id)
+        return participant_id, answer
+
+    async def remove_camera(self, visit_id: str, participant_id: str) -> None:
+        """Take an exam camera out of a visit (the room is told ``left``); no-op if gone."""
+        await self._run(self._remove_camera(visit_id, participant_id))
+
+    async def _remove_camera(self, visit_id: str, participant_id: str) -> None:
+        media = self._media.get(visit_id)
+        if media is None:
+            return
+        async with media.lock:
+            member = media.members.get(participant_id)
+            if member is None or not _is_camera(self, visit_id, participant_id):
+                return
+            await self._leave(member.session, media, visit_id, participant_id)
+        logger.info("video: exam camera %s left a visit", participant_id)
+
+    def camera_in_visit(self, visit_id: str, participant_id: str) -> bool:
+        """Whether the camera is still in the visit with someone to see it (not ended, not
+        alone, not removed)."""
+        media = self._media.get(visit_id)
+        if media is None or participant_id not in media.members:
+            return False
+        return _is_camera(self, visit_id, participant_id) and bool(_people(self, visit_id, media))
 
     async def async_close(self) -> None:
         """Close every room's connections (the rooms' rules stay as they are)."""
@@ -254,18 +381,120 @@ class VideoService:
                 if not media.members:
                     self._media.pop(message.visit, None)
                 raise
-            media.members[participant_id] = _Member(session)
+            token = self._new_token()
+            member = _Member(session, principal=session.principal, resume_hash=_token_hash(token))
+            media.members[participant_id] = member
             session.visit_id, session.participant_id = message.visit, participant_id
             room = self.rooms.get(message.visit)
             joined = signalling.encode_joined(
-                room.participant(participant_id), [_ice_dict(s) for s in self._ice_servers]
+                room.participant(participant_id), [_ice_dict(s) for s in self._ice_servers], token
             )
             session.send(joined)
-            for other in room:
-                if other.id != participant_id:
-                    event = Joined(other.id, other.role, other.presence)
-                    session.send(signalling.encode_event(event))
+            _send_room_state(media, room, session)
             _tell(media, events, skip=participant_id)
+
+    async def _resume(self, session: Session, message: Resume) -> None:
+        """Seat a new connection in the place of one that dropped (docs/video.md, "Resuming
+        after the signalling connection drops"): no admission; a fresh token."""
+        gone = _Refused(
+            ErrorCode.RESUME_REFUSED,
+            "that seat is gone (left, ended, or no connection for too long): join again",
+        )
+        media = self._media.get(message.visit)
+        if media is None or message.participant not in media.members:
+            raise gone
+        async with media.lock:
+            member = media.members.get(message.participant)
+            if self._media.get(message.visit) is not media or member is None:
+                raise gone
+            if member.principal != session.principal:
+                raise _Refused(
+                    ErrorCode.RESUME_REFUSED, "that seat was joined with another credential"
+                )
+            presented = _token_hash(message.token)
+            if not hmac.compare_digest(presented, member.resume_hash):
+                used = any(hmac.compare_digest(presented, old) for old in member.used_hashes)
+                detail = "that resume token was used already" if used else "not that seat's token"
+                raise _Refused(ErrorCode.RESUME_REFUSED, detail)
+            token = self._new_token()
+            member.used_hashes = [*member.used_hashes[-15:], member.resume_hash]
+            member.resume_hash = _token_hash(token)
+            was_reconnecting = member.reconnecting
+            if member.expiry is not None:
+                member.expiry.cancel()
+                member.expiry = None
+            # A connection the box still thinks open (a half-open TCP after a NAT rebinding)
+            # loses the seat: only the newest holder of the token speaks for it.
+            member.session.forget()
+            member.session = session
+            participant_id = message.participant
+            session.visit_id, session.participant_id = message.visit, participant_id
+            room = self.rooms.get(message.visit)
+            ice = [_ice_dict(s) for s in self._ice_servers]
+            me = room.participant(participant_id)
+            session.send(signalling.encode_joined(me, ice, token, resumed=True))
+            _send_room_state(media, room, session)
+            # The box's offers made while the connection was down went nowhere: again, on
+            # the same connections (still waiting for their answers).
+            for (_publisher, viewer), subscription in media.subscriptions.items():
+                pc = subscription.pc
+                if viewer == participant_id and pc.remoteDescription is None:
+                    offer = Description("offer", pc.localDescription.sdp, subscription.pc_id)
+                    session.send(signalling.encode_description(offer))
+            if was_reconnecting:
+                back = signalling.encode_reconnecting(participant_id, False)
+                for other_id, other in media.members.items():
+                    if other_id != participant_id:
+                        other.session.send(back)
+        logger.info("video: a participant resumed its seat on a new connection")
+
+    async def _disconnected(self, session: Session) -> None:
+        """The connection dropped without a ``leave``: keep the seat and its media for the
+        grace period, then leave."""
+        visit_id, participant_id = session.visit_id, session.participant_id
+        media = self._media.get(visit_id) if visit_id is not None else None
+        if media is None or visit_id is None or participant_id is None:
+            session.forget()
+            return
+        async with media.lock:
+            member = media.members.get(participant_id)
+            if member is None or member.session is not session:
+                return  # left, ended or resumed on another connection meanwhile
+            if self.resume_grace_s <= 0:
+                await self._leave(session, media, visit_id, participant_id)
+                return
+            session.forget()
+            # Nobody reads it: what the room tells the seat meanwhile is dropped, and the
+            # offers among it are sent again on resume.
+            member.session = Session(self, _discard, member.principal)
+            member.session.visit_id, member.session.participant_id = visit_id, participant_id
+            member.expiry = asyncio.ensure_future(
+                self._expire(media, visit_id, participant_id, member)
+            )
+            _tell_raw(media, signalling.encode_reconnecting(participant_id, True))
+        logger.info(
+            "video: a participant's signalling connection dropped; seat kept %g s",
+            self.resume_grace_s,
+        )
+
+    async def _expire(
+        self, media: _RoomMedia, visit_id: str, participant_id: str, member: _Member
+    ) -> None:
+        await asyncio.sleep(self.resume_grace_s)
+        await self._run(self._give_up(media, visit_id, participant_id, member))
+
+    async def _give_up(
+        self, media: _RoomMedia, visit_id: str, participant_id: str, member: _Member
+    ) -> None:
+        async with media.lock:
+            current = media.members.get(participant_id)
+            if self._media.get(visit_id) is not media or current is not member:
+                return
+            if not member.reconnecting:
+                return  # resumed meanwhile
+            member.expiry = None
+            await self._leave(member.session, media, visit_id, participant_id)
+        logger.info("video: a seat given up after %g s without a connection", self.resume_grace_s)
 
     async def _in_room(self, session: Session, message: ClientMessage) -> None:
         visit_id, participant_id = session.visit_id, session.participant_id
@@ -320,7 +549,7 @@ class VideoService:
                     raise _Refused(ErrorCode.INVALID_FIELD, "offer on publish, answer on pc")
                 case Candidate():
                     await _add_candidate(_pc_of(media, participant_id, message.pc), message)
-                case Join():
+                case Join() | Resume():
                     raise _Refused(RoomErrorCode.ALREADY_JOINED, "this connection has joined")
             await self._reconcile(media, visit_id)
 
@@ -435,12 +664,20 @@ class VideoService:
         for key, subscription in list(media.subscriptions.items()):
             kinds = frozenset(wanted.get(key, ()))
             relays = media.members[key[0]].relays if key[0] in media.members else {}
-            if kinds and kinds <= subscription.kinds:
-                for kind in subscription.kinds - kinds:  # muted: stop forwarding, no SDP
-                    relays[kind].remove_viewer(key[1])
+            if kinds and kinds <= subscription.negotiated:
+                # A mute pauses that kind on the relay and an unmute resumes it (from a
+                # keyframe): no SDP, so the other kind never stops.
+                for kind in subscription.kinds - kinds:
+                    relays[kind].pause_viewer(key[1])
+                for kind in kinds - subscription.kinds:
+                    relays[kind].resume_viewer(key[1])
+                added_video = MediaKind.VIDEO in kinds - subscription.kinds
                 subscription.kinds = kinds
                 if MediaKind.VIDEO not in kinds:
-                    subscription.remote = None
+                    _stop_watching(media, key, subscription)
+                elif added_video and self._is_remote(media, key[1]):
+                    subscription.remote = RemoteStream(self.wan, self._monotonic())
+                    self._watch_wan()
             else:
                 await _close_subscription(media, key, relays)
         for (publisher, viewer), wanted_kinds in wanted.items():
@@ -453,11 +690,15 @@ class VideoService:
         pc = self._new_pc()
         pc_id = f"{publisher}-{next(media.generations)}"
         relays = media.members[publisher].relays
-        senders = {kind: relays[kind].add_viewer(pc, viewer) for kind in sorted(kinds)}
-        subscription = _Subscription(pc_id, pc, kinds)
+        # Every kind the publisher publishes is negotiated, the muted ones paused at once, so
+        # that an unmute later needs no new connection.
+        senders = {kind: relays[kind].add_viewer(pc, viewer) for kind in sorted(relays)}
+        for kind in set(relays) - kinds:
+            relays[kind].pause_viewer(viewer)
+        subscription = _Subscription(pc_id, pc, kinds, negotiated=frozenset(relays))
+        subscription.video_sender = senders.get(MediaKind.VIDEO)
         if MediaKind.VIDEO in kinds and self._is_remote(media, viewer):
             subscription.remote = RemoteStream(self.wan, self._monotonic())
-            subscription.video_sender = senders[MediaKind.VIDEO]
             self._watch_wan()
         media.subscriptions[(publisher, viewer)] = subscription
         await pc.setLocalDescription(await pc.createOffer())
@@ -572,9 +813,10 @@ class VideoService:
 class Session:
     """One client connection: it joins one visit, then sends messages about it."""
 
-    def __init__(self, service: VideoService, send: Send) -> None:
+    def __init__(self, service: VideoService, send: Send, principal: str | None = None) -> None:
         self._service = service
         self._send = send
+        self.principal = principal  # who the transport authenticated (resume binds to it)
         self.visit_id: str | None = None
         self.participant_id: str | None = None
 
@@ -605,6 +847,8 @@ class Session:
         try:
             if isinstance(message, Join) and not self.joined:
                 await self._service._join(self, message)
+            elif isinstance(message, Resume) and not self.joined:
+                await self._service._resume(self, message)
             else:
                 await self._service._in_room(self, message)
         except RoomError as error:
@@ -616,6 +860,24 @@ class Session:
         """The connection is gone: leave the room if still in one."""
         if self.joined:
             await self.handle(Leave())
+
+    async def async_disconnected(self) -> None:
+        """The connection dropped without a ``leave``: the seat waits for a ``resume``
+        (``VideoService.resume_grace_s``), then leaves; the room is told ``reconnecting``."""
+        if self.joined:
+            await self._service._run(self._service._disconnected(self))
+
+
+def _is_camera(service: VideoService, visit_id: str, participant_id: str) -> bool:
+    try:
+        return service.rooms.get(visit_id).participant(participant_id).role is Role.CAMERA
+    except (KeyError, RoomError):
+        return False
+
+
+def _people(service: VideoService, visit_id: str, media: _RoomMedia) -> list[str]:
+    """The members of a room who are not cameras."""
+    return [p for p in media.members if not _is_camera(service, visit_id, p)]
 
 
 def _tell(media: _RoomMedia, events: Iterable[Event], skip: str | None = None) -> None:
@@ -640,6 +902,30 @@ def _ice_dict(server: RTCIceServer) -> dict[str, Any]:
 def _tell_raw(media: _RoomMedia, data: bytes) -> None:
     for member in media.members.values():
         member.session.send(data)
+
+
+def _stop_watching(media: _RoomMedia, key: tuple[str, str], subscription: _Subscription) -> None:
+    """The video to a viewer was muted: the WAN leg lets it be (and lifts a pause it told)."""
+    if subscription.remote is not None and subscription.remote.state is not LinkState.VIDEO:
+        _tell_raw(media, signalling.encode_video_paused(key[0], key[1], False))
+    subscription.remote = None
+
+
+def _discard(_data: bytes) -> None:
+    """Where a dropped connection's messages go until its seat is resumed."""
+
+
+def _send_room_state(media: _RoomMedia, room: Room, session: Session) -> None:
+    """Tell a newcomer (or a participant resuming) who else is in the room and in what
+    state: presence, mutes, a dropped connection, and video the WAN leg paused."""
+    for other in room:
+        if other.id != session.participant_id:
+            member = media.members.get(other.id)
+            reconnecting = member is not None and member.reconnecting
+            session.send(signalling.encode_participant(other, reconnecting))
+    for (publisher, viewer), subscription in media.subscriptions.items():
+        if subscription.remote is not None and subscription.remote.state is not LinkState.VIDEO:
+            session.send(signalling.encode_video_paused(publisher, viewer, True))
 
 
 def _pc_of(media: _RoomMedia, participant_id: str, pc_id: str | None) -> RTCPeerConnection:
@@ -693,6 +979,10 @@ async def _close_subscription(
 
 
 async def _close_all(media: _RoomMedia) -> None:
+    for member in media.members.values():
+        if member.expiry is not None:  # a seat waiting for a resume: the room is closing
+            member.expiry.cancel()
+            member.expiry = None
     for key in list(media.subscriptions):
         publisher = media.members.get(key[0])
         await _close_subscription(media, key, publisher.relays if publisher else {})

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
@@ -53,6 +53,7 @@ class ErrorCode(StrEnum):
     INVALID_FIELD = "invalid_field"
     INVALID_SDP = "invalid_sdp"
     INVALID_CANDIDATE = "invalid_candidate"
+    RESUME_REFUSED = "resume_refused"  # a resume token from elsewhere, used already, or late
 
 
 class SignallingError(ValueError):
@@ -126,7 +127,17 @@ class Reconnect:
     changes."""
 
 
-ClientMessage = Join | Description | Candidate | Admit | Mute | End | Leave | Reconnect
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Take one's seat back on a new connection after the previous one dropped, with the
+    resume token the box gave on ``joined`` (or the last ``resumed``). Single use."""
+
+    visit: str
+    participant: str
+    token: str = field(repr=False)  # a secret: never in a repr, so never in a log
+
+
+ClientMessage = Join | Description | Candidate | Admit | Mute | End | Leave | Reconnect | Resume
 
 # type → (required fields, optional fields)
 _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -142,6 +153,7 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "end": (frozenset(), frozenset()),
     "leave": (frozenset(), frozenset()),
     "reconnect": (frozenset(), frozenset()),
+    "resume": (frozenset({"visit", "participant", "token"}), frozenset()),
 }
 
 
@@ -173,9 +185,12 @@ def parse_message(raw: str | bytes) -> ClientMessage:
 
 def _build(kind: str, data: dict[str, Any]) -> ClientMessage:
     if kind == "join":
+        role = _enum(data, "role", Role)
+        if role is Role.CAMERA:  # only the box adds a camera (services/video/camera_streams.py)
+            raise SignallingError(ErrorCode.INVALID_FIELD, "a client cannot join as a camera")
         return Join(
             visit=_matching(data, "visit", _ID),
-            role=_enum(data, "role", Role),
+            role=role,
             token=_matching(data, "token", _TOKEN),
         )
     if kind in ("offer", "answer"):
@@ -196,6 +211,12 @@ def _build(kind: str, data: dict[str, Any]) -> ClientMessage:
         return Mute(_matching(data, "participant", _ID), _enum(data, "kind", MediaKind), muted)
     if kind == "reconnect":
         return Reconnect()
+    if kind == "resume":
+        return Resume(
+            visit=_matching(data, "visit", _ID),
+            participant=_matching(data, "participant", _ID),
+            token=_matching(data, "token", _TOKEN),
+        )
     return End() if kind == "end" else Leave()
 
 
@@ -416,19 +437,52 @@ def encode_candidate(candidate: Candidate) -> bytes:
 
 
 def encode_joined(
-    participant: rooms.Participant, ice_servers: list[dict[str, Any]] | None = None
+    participant: rooms.Participant,
+    ice_servers: list[dict[str, Any]] | None = None,
+    resume_token: str | None = None,
+    *,
+    resumed: bool = False,
 ) -> bytes:
     """``joined``: the answer to the sender's own ``join`` (with the site's STUN/TURN
-    servers for the browser's connections, when any are configured)."""
+    servers for the browser's connections, when any are configured, and the token that
+    resumes the seat on a new connection); ``resumed`` (same fields) answers ``resume``."""
     body: dict[str, Any] = {
-        "type": "joined",
+        "type": "resumed" if resumed else "joined",
         "participant": participant.id,
         "role": str(participant.role),
         "presence": str(participant.presence),
+        "muted": sorted(participant.muted),
     }
+    if resume_token is not None:
+        body["resume"] = resume_token
     if ice_servers:
         body["iceServers"] = ice_servers
     return orjson.dumps(body)
+
+
+def encode_participant(participant: rooms.Participant, reconnecting: bool) -> bytes:
+    """``participant`` for someone already in the room, as a newcomer (or a participant
+    resuming its seat) learns of them: with their mute state and whether their connection
+    is down (``reconnecting``)."""
+    body: dict[str, Any] = {
+        "type": "participant",
+        "participant": participant.id,
+        "role": str(participant.role),
+        "presence": str(participant.presence),
+        "muted": sorted(participant.muted),
+        "reconnecting": reconnecting,
+    }
+    if participant.label is not None:  # a camera's configured name
+        body["label"] = participant.label
+    return orjson.dumps(body)
+
+
+def encode_reconnecting(participant: str, reconnecting: bool) -> bytes:
+    """``reconnecting``: a participant's signalling connection dropped (``true``: the seat
+    is kept for the grace period) or came back (``false``)."""
+    return orjson.dumps(
+        {"type": "reconnecting", "participant": participant, "reconnecting": reconnecting}
+    )
 
 
 def encode_video_paused(publisher: str, viewer: str, paused: bool) -> bytes:
@@ -442,9 +496,11 @@ def encode_event(event: rooms.Event) -> bytes:
     """A room event, as told to the room's participants."""
     body: dict[str, Any]
     match event:
-        case rooms.Joined(participant_id, role, presence):
+        case rooms.Joined(participant_id, role, presence, label):
             body = {"type": "participant", "participant": participant_id, "role": str(role)}
             body["presence"] = str(presence)
+            if label is not None:  # a camera's configured name
+                body["label"] = label
         case rooms.Admitted(participant_id, by):
             body = {"type": "admitted", "participant": participant_id, "by": by}
         case rooms.MuteChanged(participant_id, kind, muted, by):

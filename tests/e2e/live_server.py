@@ -13,7 +13,8 @@ benchmark measures is what the end-to-end test checks:
   ``DeviceHub`` (routing, FHIR, encrypted write with outbox and audit), on the devices
   process's own store connection;
 * :func:`alert_engine` runs ``AlertEngine.run`` with the devices process's poll settings;
-* :func:`still_worker` runs the devices process's exam-camera still worker.
+* :func:`still_worker` runs the devices process's exam-camera still worker;
+* :func:`stream_worker` runs the devices process's worker that shows cameras live in visits.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from services.alerts import AlertEngine
 from services.device_hub import DeviceHub
 from services.rpm_enrollment import Enrollments
 from services.rpm_rules import Program
+from services.video import camera_streams
+from services.video.exam_camera import CameraHub
 from services.video.still_requests import StillWorker
 from services.vitals import CaptureMethod
 from tests import factories
@@ -259,3 +262,30 @@ def watch_problems(page: Any) -> list[str]:
         ),
     )
     return problems
+
+
+@contextlib.asynccontextmanager
+async def stream_worker(
+    db_path: Path,
+    kek_path: Path,
+    cameras: Sequence[ExamCameraConfig],
+    *,
+    clock: Callable[[], datetime] | None = None,
+) -> AsyncIterator[camera_streams.StreamWorker]:
+    """The devices process's worker publishing exam cameras live in visits
+    (``services.devices.main`` runs it), on a store connection of its own, until the block
+    ends (its streams then end as a stopping devices process's do)."""
+    store = await Store.open(db_path, kek_path)
+    worker = camera_streams.StreamWorker(
+        store, cameras, CameraHub(), name="devices:test", clock=clock or _utcnow
+    )
+    stopping = asyncio.Event()
+    task = asyncio.create_task(worker.run(stopping), name="exam camera streams")
+    try:
+        yield worker
+    finally:
+        stopping.set()
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:
+            await store.close()

@@ -6,7 +6,9 @@ WebSocket routes of the app served by Hypercorn on 127.0.0.1. The patient is an 
 handed to the app's own ``VideoService`` (in this process; no kiosk page has a video panel
 yet) sending numbered frames. Media must flow both ways: the provider page's
 ``inbound-rtp`` counts decoded frames from the patient, and the patient decodes the
-provider's fake camera. A screenshot goes to ``APPLIANCE_SCREENSHOTS`` (e.g. docs/images,
+provider's fake camera. The nurse then shows the exam camera (the demo's libav test pattern,
+published by the devices process's worker) and the provider's page decodes it as a third
+tile. A screenshot goes to ``APPLIANCE_SCREENSHOTS`` (e.g. docs/images,
 as ``video-provider.png``) when that is set.
 """
 
@@ -49,10 +51,12 @@ async def served(
     config = demo_config(tmp_path)
     app = create_app(config, store)
     await live_server.create_user(store, NURSE, PASSWORD, Role.NURSE)
-    # The devices process's side: it takes the exam-camera stills the page asks for.
+    # The devices process's side: it takes the exam-camera stills the page asks for, and
+    # publishes a camera the nurse shows in the visit.
     async with (
         live_server.serve(app) as base_url,
         live_server.still_worker(db_path, kek_path, config.exam_cameras),
+        live_server.stream_worker(db_path, kek_path, config.exam_cameras),
     ):
         yield base_url, app.extensions["appliance"]
 
@@ -164,6 +168,31 @@ async def test_provider_page_and_patient_see_each_other_after_the_nurse_admits(
             timeout=15_000,
         )
         assert await nurse.locator("#video-tiles figure.remote").count() >= 1  # still in the call
+
+        # The nurse shows the exam camera in the visit: the provider gets a third tile, named
+        # after the camera, with decoded frames; "Stop showing it" takes it away.
+        show = "#exam-cameras button[data-stream='demo exam camera']"
+        tiles_before = await provider.locator("#video-tiles figure.remote").count()
+        await nurse.click(show)
+        await nurse.wait_for_selector(f"{show}:has-text('Stop showing it')", timeout=20_000)
+        await wait_for(
+            lambda: any(m.get("role") == "camera" for m in patient.received), 10, "the camera"
+        )
+        camera_id = next(m["participant"] for m in patient.received if m.get("role") == "camera")
+        camera_tile = f"#video-tiles figure[data-publisher='{camera_id}']"
+        await provider.wait_for_selector(camera_tile, timeout=30_000)
+        assert await provider.locator("#video-tiles figure.remote").count() == tiles_before + 1
+        for _ in range(150):
+            if await _frames_decoded(provider, camera_id) >= 10:
+                break
+            await provider.wait_for_timeout(200)
+        assert await _frames_decoded(provider, camera_id) >= 10
+        await provider.wait_for_selector(
+            f"{camera_tile} .who:has-text('demo exam camera')", timeout=5_000
+        )
+        await nurse.click(show)
+        await nurse.wait_for_selector(f"{show}:has-text('Show demo exam camera')", timeout=10_000)
+        await provider.wait_for_selector(camera_tile, state="detached", timeout=10_000)
 
         # The nurse ends the visit: everyone is told and the box closes every connection.
         await nurse.click("#video-end")

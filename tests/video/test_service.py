@@ -322,10 +322,17 @@ async def test_mute_stops_forwarding_that_kind_and_unmute_brings_it_back() -> No
 
         await patient.send(type="mute", participant=patient.id, kind="video", muted=False)
         assert patient.errors() == ["not_allowed"]  # a nurse muted it: a nurse unmutes it
+        connections = dict(provider.subscriptions)
+        audio = provider.audio[patient.id]
         await nurse.send(type="mute", participant=patient.id, kind="video", muted=False)
-        await flowing(provider.video, patient.id, 20)  # on a new subscribe connection
-        assert len(provider.subscriptions) == 1
-        assert not next(iter(provider.subscriptions)).endswith("-1")
+        await flowing(provider.video, patient.id, 20)  # on the same subscribe connection
+        assert provider.subscriptions == connections
+        assert provider.audio[patient.id] > audio  # the audio never stopped meanwhile
+        await patient.send(type="mute", participant=patient.id, kind="audio", muted=True)
+        await patient.send(type="mute", participant=patient.id, kind="audio", muted=False)
+        await flowing(provider.video, patient.id, 20)
+        await flowing(provider.audio, patient.id, 25)
+        assert provider.subscriptions == connections
 
 
 @pytest.mark.slow

@@ -464,5 +464,6 @@ def test_wan_leg_messages_encode_as_documented() -> None:
         "participant": "b2",
         "role": "provider",
         "presence": "waiting",
+        "muted": [],
         "iceServers": [turn],
     }

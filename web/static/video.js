@@ -22,7 +22,11 @@
     leave: document.getElementById("video-leave"),
     end: document.getElementById("video-end"),
   };
-  const ROLE_NAMES = { patient: "Patient", nurse: "Nurse", provider: "Provider" };
+  const ROLE_NAMES = { patient: "Patient", nurse: "Nurse", provider: "Provider", camera: "Exam camera" };
+  // A camera's tile and list entry carry its configured name (the "label" of "participant").
+  function nameOf(person) {
+    return person.label || ROLE_NAMES[person.role] || person.role;
+  }
   const PAUSED_NOTICE = "Video paused: weak connection. Audio continues.";
   const GATHER_MS = 3000;
   // A connection "disconnected" this long, or "failed", is rebuilt without leaving the visit
@@ -42,6 +46,18 @@
   let iceServers = []; // the site's STUN/TURN servers, from "joined"
   let lastReconnect = 0;
   let reconnectTimer = null;
+  // When the signalling WebSocket drops, the box keeps our seat (and media) a while: a new
+  // socket presents the seat's resume token (from "joined", then each "resumed") and takes
+  // it back without being admitted again (docs/video.md, "Resuming after the signalling
+  // connection drops"). The token lives in this page's memory only.
+  let resumeToken = null;
+  let closing = false; // we close the socket ourselves (left, ended): nothing to resume
+  let socketLostAt = 0;
+  let socketAttempts = 0;
+  let socketTimer = null;
+  let pruneTimer = null;
+  const SOCKET_RETRY_MS = [500, 1000, 2000, 4000, 8000]; // then every 8 s
+  const SOCKET_GIVE_UP_MS = 120000;
 
   function say(text, isError) {
     status.textContent = text;
@@ -115,7 +131,7 @@
       const item = document.createElement("li");
       item.dataset.participant = id;
       item.dataset.role = person.role;
-      const name = (ROLE_NAMES[person.role] || person.role) + (id === me ? " (you)" : "");
+      const name = nameOf(person) + (id === me ? " (you)" : "");
       item.append(span("role", name));
       const presence = person.presence === "waiting" ? "waiting to be admitted" : "in the visit";
       item.append(span("presence " + person.presence, presence));
@@ -126,6 +142,9 @@
       if (person.weak && person.weak.size) {
         item.append(span("weak", "weak connection: audio only"));
       }
+      if (person.reconnecting) {
+        item.append(span("reconnecting", "connection lost, reconnecting…"));
+      }
       if (cfg.role === "nurse" && id !== me) {
         const actions = document.createElement("span");
         actions.className = "actions";
@@ -134,7 +153,7 @@
             send({ type: "admit", participant: id });
           }));
         } else {
-          for (const kind of ["audio", "video"]) {
+          for (const kind of person.role === "camera" ? ["video"] : ["audio", "video"]) {
             const isMuted = person.muted.has(kind);
             const label = (isMuted ? "Unmute " : "Mute ") + kind;
             actions.append(button(label, function () {
@@ -150,7 +169,7 @@
     for (const [publisher, tile] of remoteTiles) {
       const person = roster.get(publisher);
       if (person) {
-        tile.querySelector(".who").textContent = ROLE_NAMES[person.role] || person.role;
+        tile.querySelector(".who").textContent = nameOf(person);
       }
     }
   }
@@ -398,6 +417,7 @@
     switch (message.type) {
       case "joined":
         me = message.participant;
+        resumeToken = message.resume || null;
         iceServers = Array.isArray(message.iceServers) ? message.iceServers : [];
         roster.set(me, { role: message.role, presence: message.presence, muted: new Set() });
         if (message.presence === "admitted") {
@@ -407,10 +427,14 @@
         }
         break;
       case "participant":
+        // Someone joined, or (to a newcomer, or after "resumed") is there already, with
+        // their mutes and whether their own connection is down.
         roster.set(message.participant, {
           role: message.role,
           presence: message.presence,
-          muted: new Set(),
+          muted: new Set(message.muted || []),
+          reconnecting: Boolean(message.reconnecting),
+          label: message.label,
         });
         break;
       case "admitted": {
@@ -441,13 +465,29 @@
         }
         break;
       }
+      case "resumed":
+        resumed(message);
+        break;
+      case "reconnecting": {
+        const person = roster.get(message.participant);
+        if (person) {
+          person.reconnecting = Boolean(message.reconnecting);
+        }
+        break;
+      }
       case "left":
         if (message.participant === me) {
           stopAll();
           roster.clear();
           say("You left the video.");
+          closing = true;
           ws.close();
         } else {
+          const leaving = roster.get(message.participant);
+          if (leaving && leaving.role === "camera") {
+            // exam_camera.js offers to show it again
+            document.dispatchEvent(new CustomEvent("video:camera-left", { detail: { label: leaving.label } }));
+          }
           roster.delete(message.participant);
           for (const person of roster.values()) {
             if (person.weak) {
@@ -466,6 +506,7 @@
         stopAll();
         roster.clear();
         say("The visit has ended.");
+        closing = true;
         ws.close();
         break;
       case "offer":
@@ -501,6 +542,10 @@
         break;
       }
       case "error":
+        if (message.code === "resume_refused") {
+          rejoin();
+          break;
+        }
         say("The visit refused that: " + message.message, true);
         break;
       default:
@@ -509,38 +554,154 @@
     renderPeople();
   }
 
-  function start() {
-    buttons.start.hidden = true;
-    say("Connecting…");
+  // -- the signalling socket, and taking the seat back after it drops ---------------------
+
+  function mediaBroken() {
+    // Our publish offer unanswered (the answer went to the dead socket), or a connection
+    // down: the network went with the socket, so the media legs are rebuilt.
+    if (publishPc && publishPc.signalingState !== "stable") {
+      return true;
+    }
+    const pcs = [publishPc].concat(Array.from(subscriptions.values(), function (found) {
+      return found.pc;
+    }));
+    return pcs.some(function (pc) {
+      return pc && ["failed", "disconnected", "closed"].includes(pc.connectionState);
+    });
+  }
+
+  function resumed(message) {
+    // Our seat on the new socket, without being admitted again. The box follows with who is
+    // there now (so the list starts over) and sends again the offers we missed.
+    socketLostAt = 0;
+    socketAttempts = 0;
+    resumeToken = message.resume || null;
+    iceServers = Array.isArray(message.iceServers) ? message.iceServers : iceServers;
+    const muted = new Set(message.muted || []);
+    roster.clear();
+    roster.set(me, { role: message.role, presence: message.presence, muted: muted });
+    pausedFrom.clear(); // told again ("video_paused") for what is still paused
+    for (const publisher of remoteTiles.keys()) {
+      showPaused(publisher);
+    }
+    if (localStream) {
+      localStream.getTracks().forEach(function (track) {
+        track.enabled = !muted.has(track.kind);
+      });
+    }
+    if (pruneTimer) {
+      clearTimeout(pruneTimer);
+    }
+    pruneTimer = setTimeout(function () {
+      // Whoever left while we were away has no place in the list any more: drop their tiles.
+      pruneTimer = null;
+      for (const publisher of Array.from(remoteTiles.keys())) {
+        if (!roster.has(publisher)) {
+          for (const [id, found] of subscriptions) {
+            if (found.publisher === publisher) {
+              closeSubscription(id);
+            }
+          }
+          dropTile(publisher);
+        }
+      }
+    }, 1500);
+    if (message.presence !== "admitted") {
+      say("Waiting for the nurse to let you in…");
+    } else if (!publishPc) {
+      publish();
+    } else if (mediaBroken()) {
+      reconnect();
+    } else {
+      say("In the visit.");
+    }
+  }
+
+  function rejoin() {
+    // The seat is gone (away too long, or the box restarted): join again, as a new arrival.
+    resumeToken = null;
+    stopAll();
+    roster.clear();
+    me = null;
+    say("Your place in the visit was lost. Joining again…");
+    send({ type: "join", visit: cfg.visit, role: cfg.role, token: cfg.token });
+    statsTimer = setInterval(updateStats, 1000);
+  }
+
+  function showControls(live) {
+    for (const key of ["audio", "video", "leave", "end"]) {
+      if (buttons[key]) {
+        buttons[key].hidden = !live;
+      }
+    }
+    buttons.start.hidden = live;
+  }
+
+  function connect(resuming) {
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-    ws = new WebSocket(scheme + location.host + cfg.ws);
-    ws.addEventListener("open", function () {
+    const socket = new WebSocket(scheme + location.host + cfg.ws);
+    ws = socket;
+    socket.addEventListener("open", function () {
+      if (resuming) {
+        send({ type: "resume", visit: cfg.visit, participant: me, token: resumeToken });
+        return;
+      }
       // The page around the panel may listen (the kiosk suspends its idle reset meanwhile).
       panel.dispatchEvent(new CustomEvent("videocall", { bubbles: true, detail: { live: true } }));
       send({ type: "join", visit: cfg.visit, role: cfg.role, token: cfg.token });
-      for (const key of ["audio", "video", "leave", "end"]) {
-        if (buttons[key]) {
-          buttons[key].hidden = false;
-        }
-      }
+      showControls(true);
       statsTimer = setInterval(updateStats, 1000);
     });
-    ws.addEventListener("message", function (event) {
+    socket.addEventListener("message", function (event) {
       handle(JSON.parse(event.data));
     });
-    ws.addEventListener("close", function () {
-      panel.dispatchEvent(new CustomEvent("videocall", { bubbles: true, detail: { live: false } }));
-      stopAll();
-      for (const key of ["audio", "video", "leave", "end"]) {
-        if (buttons[key]) {
-          buttons[key].hidden = true;
-        }
-      }
-      buttons.start.hidden = false;
-      if (!status.classList.contains("error") && status.textContent !== "The visit has ended.") {
-        say("Disconnected.");
+    socket.addEventListener("close", function () {
+      if (socket === ws) {
+        socketClosed();
       }
     });
+  }
+
+  function socketClosed() {
+    // Not our doing (a network outage, a sleeping laptop): keep the camera, the media
+    // connections and the call, and try new sockets, backing off, with jitter so that the
+    // pages of one clinic do not all come back at the same instant.
+    if (!closing && me && resumeToken) {
+      socketLostAt = socketLostAt || Date.now();
+      if (Date.now() - socketLostAt < SOCKET_GIVE_UP_MS) {
+        const base = SOCKET_RETRY_MS[Math.min(socketAttempts, SOCKET_RETRY_MS.length - 1)];
+        socketAttempts += 1;
+        say("The connection to the visit dropped. Reconnecting…");
+        socketTimer = setTimeout(function () {
+          socketTimer = null;
+          connect(true);
+        }, base / 2 + Math.random() * (base / 2));
+        return;
+      }
+    }
+    panel.dispatchEvent(new CustomEvent("videocall", { bubbles: true, detail: { live: false } }));
+    stopAll();
+    roster.clear();
+    renderPeople();
+    me = null;
+    resumeToken = null;
+    socketLostAt = 0;
+    socketAttempts = 0;
+    showControls(false);
+    if (!status.classList.contains("error") && status.textContent !== "The visit has ended.") {
+      say("Disconnected.");
+    }
+  }
+
+  function start() {
+    say("Connecting…");
+    closing = false;
+    if (socketTimer) {
+      clearTimeout(socketTimer);
+      socketTimer = null;
+    }
+    buttons.start.hidden = true;
+    connect(false);
   }
 
   buttons.start.addEventListener("click", start);

@@ -1,0 +1,122 @@
+"""The provider's page in Chromium takes its seat back after its signalling socket drops.
+
+As ``test_video_e2e.py`` (the nurse and the provider in Chromium with fake media over the
+real routes, the patient an aiortc peer of the app's own video service), then Playwright
+cuts the provider page's WebSocket both ways (``route_web_socket``): the nurse's page shows
+the provider reconnecting, ``video.js`` opens a new socket after its backoff and resumes
+with the seat's token, nobody admits anyone again, and the provider's page keeps decoding
+the patient while the patient keeps decoding the provider.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.config import demo_config
+from appliance.store import Store
+from appliance.users import Role
+from tests.e2e import live_server
+from tests.e2e.live_server import watch_problems
+from tests.e2e.test_video_e2e import NURSE, PASSWORD, _arrived_patient, _frames_decoded
+from tests.video.peers import wait_for
+from tests.video.test_service import Client
+from web.app import AppState, create_app
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def served(
+    tmp_path: Path, store: Store, loopback: None
+) -> AsyncIterator[tuple[str, AppState]]:
+    app = create_app(demo_config(tmp_path), store)
+    await live_server.create_user(store, NURSE, PASSWORD, Role.NURSE)
+    async with live_server.serve(app) as base_url:
+        yield base_url, app.extensions["appliance"]
+
+
+async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
+    served: tuple[str, AppState], store: Store, media_browser: Any
+) -> None:
+    base_url, state = served
+    encounter_id = await _arrived_patient(store)
+
+    nurse_context = await media_browser.new_context()
+    nurse = await nurse_context.new_page()
+    await live_server.log_in(nurse, base_url, NURSE, PASSWORD, "/visit/new")
+    await nurse.click("text=Issue the link")
+    url = await nurse.input_value("#issued-url")
+    link_path = "/visit/" + url.rsplit("/visit/", 1)[1]
+    await nurse.goto(f"{base_url}/video/nurse?visit={encounter_id}")
+    await nurse.click("#video-start")
+
+    provider_context = await media_browser.new_context()
+    provider = await provider_context.new_page()
+    problems = watch_problems(provider)
+    sockets: list[tuple[Any, Any]] = []  # (the page's side, the server's side)
+
+    def route(ws: Any) -> None:
+        sockets.append((ws, ws.connect_to_server()))  # messages pass as they are
+
+    await provider.route_web_socket(re.compile(r".*/video$"), route)
+    await provider.goto(base_url + link_path)
+    async with provider.expect_navigation():
+        await provider.click("#join")
+    await provider.click("#video-start")
+    await provider.wait_for_selector("#video-status:has-text('Waiting for the nurse')")
+
+    patient = Client(state.video, "patient")
+    try:
+        await patient.join("patient", visit=encounter_id)
+        for role in ("provider", "patient"):
+            admit = f"#video-people li[data-role='{role}'] button:has-text('Admit')"
+            await nurse.click(admit, timeout=10_000)
+        await wait_for(
+            lambda: any(m["type"] == "admitted" for m in patient.received), 10, "admitted"
+        )
+        await patient.publish()
+        provider_id = next(
+            m["participant"]
+            for m in patient.received
+            if m["type"] == "participant" and m["role"] == "provider"
+        )
+        await _decoded_at_least(provider, patient.id, 30)
+        await wait_for(lambda: patient.video[provider_id] >= 30, 30, "provider at patient")
+
+        # The provider's socket dies, both ways, without a word.
+        page_side, server_side = sockets[-1]
+        await server_side.close(code=4000, reason="cut by the test")
+        await page_side.close(code=4000, reason="cut by the test")
+        provider_row = f"#video-people li[data-participant='{provider_id}']"
+        await nurse.wait_for_selector(f"{provider_row} .reconnecting", timeout=10_000)
+
+        # video.js reconnects, resumes the seat with its token; nobody admits anyone.
+        await nurse.wait_for_selector(f"{provider_row} .reconnecting", state="detached")
+        assert len(sockets) >= 2
+        assert await nurse.locator(f"{provider_row} button:has-text('Admit')").count() == 0
+        await provider.wait_for_selector("#video-status:has-text('In the visit')")
+        before = await _frames_decoded(provider, patient.id)
+        await _decoded_at_least(provider, patient.id, before + 30)
+        seen = patient.video[provider_id]
+        await wait_for(lambda: patient.video[provider_id] >= seen + 30, 30, "provider again")
+        assert all(m["type"] != "left" for m in patient.received)
+        assert problems == []
+    finally:
+        await patient.close()
+        await provider_context.close()
+        await nurse_context.close()
+
+
+async def _decoded_at_least(page: Any, publisher: str, frames: int) -> None:
+    tile = f"#video-tiles figure[data-publisher='{publisher}']"
+    await page.wait_for_selector(tile, timeout=15_000)
+    for _ in range(150):
+        if await _frames_decoded(page, publisher) >= frames:
+            return
+        await page.wait_for_timeout(200)
+    raise AssertionError(f"{frames} frames not decoded from {publisher}")
