@@ -23,6 +23,10 @@ viewer's sender re-encodes). Loopback only (ICE gathers 127.0.0.1); no STUN.
 
 With 16 among the viewer counts, the 16-viewer step is reported on its own against the
 issue's goal (every viewer ≥ 29.5 fps, the relay within 25 % of a core).
+
+For an A/B of the relay's send path: ``--send-path stock`` gives each viewer's sender
+aiortc's own RTP loop (``ForwardingRelay(frame_sender=False)``), ``frame`` (the default) the
+relay's ``_FrameSender``; ``--forwarding-only`` skips ``MediaRelay`` and the latency runs.
 """
 
 from __future__ import annotations
@@ -49,8 +53,16 @@ from aiortc import (
     VideoStreamTrack,
 )
 from aiortc.contrib.media import MediaRelay
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcrtpparameters import (
+    RTCRtpCodecParameters,
+    RTCRtpHeaderExtensionParameters,
+    RTCRtpSendParameters,
+)
+from aiortc.rtp import is_rtcp
 from av import VideoFrame
+from pylibsrtp import Policy, Session
 
 from services.video.forwarding import ForwardingRelay, publisher_receiver
 from tests.video.media import NumberedVideoTrack, read_frame_id
@@ -60,6 +72,7 @@ NOISE_ROWS = 16  # a band of sensor-like noise; the bitrate it costs is reported
 WARM_UP_S = 2.0  # after viewers join, before measuring
 LATENCY_SKIP = 30  # the first second: the stream settling
 SETTLE_S = 10.0  # after the publisher connects: REMB ramps its bitrate up to aiortc's cap
+SEND_PATH_ENV = "VIDEO_RELAY_SEND_PATH"  # how --send-path reaches the relay process
 
 
 def loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
@@ -105,7 +118,8 @@ class RelayServer:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        self.forwarding = ForwardingRelay("video")
+        frame_sender = os.environ.get(SEND_PATH_ENV, "frame") != "stock"
+        self.forwarding = ForwardingRelay("video", frame_sender=frame_sender)
         self.media_relay = MediaRelay()
         self.source: MediaStreamTrack | None = None
         self.pcs: dict[str, RTCPeerConnection] = {}
@@ -138,8 +152,14 @@ class RelayServer:
             await self.pcs[command["name"]].setRemoteDescription(answer)
             return {}
         if op == "cpu":
-            received = self.forwarding.stats.bytes_in
-            return {"cpu": time.process_time(), "wall": time.monotonic(), "bytes_in": received}
+            stats = self.forwarding.stats
+            return {
+                "cpu": time.process_time(),
+                "wall": time.monotonic(),
+                "bytes_in": stats.bytes_in,
+                "keyframe_requests": stats.keyframe_requests_sent,
+                "frames_dropped": sum(v.frames_dropped for v in stats.viewers.values()),
+            }
         raise ValueError(op)
 
     async def serve(self) -> None:
@@ -300,6 +320,8 @@ async def measure_mode(mode: str, viewer_counts: list[int], seconds: float) -> l
             row = {"viewers": count, "cpu_percent": round(cpu, 2)}
             if mode == "forwarding":  # VP8 payload into the relay (MediaRelay's is the same)
                 row["kbps_in"] = round((end["bytes_in"] - start["bytes_in"]) * 8 / wall / 1000)
+                for key in ("keyframe_requests", "frames_dropped"):  # viewers resynchronised
+                    row[key] = end[key] - start[key]
             if fps:
                 row |= {"fps_min": round(min(fps), 1), "fps_mean": round(statistics.mean(fps), 1)}
             sys.stderr.write(f"{mode}: {row}\n")
@@ -373,6 +395,116 @@ async def measure_latency(through_relay: bool, frames: int, viewers: int = 1) ->
     ]
 
 
+class LoopbackSrtpTransport:
+    """Stands in for a viewer's DTLS transport: SRTP-protects and sends to a UDP sink.
+
+    Leaves out only the ICE layer's coroutine calls, the same for both send paths.
+    """
+
+    state = "connected"
+    _stats_id = "transport_bench"
+
+    def __init__(self, udp: asyncio.DatagramTransport) -> None:
+        policy = Policy(
+            key=os.urandom(30),
+            ssrc_type=Policy.SSRC_ANY_OUTBOUND,
+            srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
+        )
+        policy.allow_repeat_tx = True
+        self._srtp = Session(policy)
+        self._udp = udp
+
+    def _register_rtp_sender(self, sender: object, parameters: object) -> None:
+        pass
+
+    def _unregister_rtp_sender(self, sender: object) -> None:
+        pass
+
+    async def _send_rtp(self, data: bytes) -> None:
+        protect = self._srtp.protect_rtcp if is_rtcp(data) else self._srtp.protect
+        self._udp.sendto(protect(data))
+
+
+async def measure_send_path(frame_sender: bool, viewers: int, frames: int, size: int) -> float:
+    """CPU µs per frame per viewer of the relay's send side, with no network in the way.
+
+    One relay, ``viewers`` senders on ``LoopbackSrtpTransport`` (SRTP, UDP to a sink on
+    127.0.0.1); ``frames`` VP8-sized frames of ``size`` bytes go in through the relay's
+    frame tap entry point, as fast as the senders take them. Independent of the publisher's
+    bitrate and of the network, so the two send paths can be compared run against run.
+    """
+    loop = asyncio.get_running_loop()
+    sink, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
+    )
+    udp, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, remote_addr=sink.get_extra_info("sockname")
+    )
+    vp8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
+    parameters = RTCRtpSendParameters(
+        codecs=[vp8],
+        headerExtensions=[
+            RTCRtpHeaderExtensionParameters(id=1, uri="urn:ietf:params:rtp-hdrext:sdes:mid"),
+            RTCRtpHeaderExtensionParameters(
+                id=3, uri="http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+            ),
+        ],
+        muxId="0",
+    )
+    relay = ForwardingRelay("video", frame_sender=frame_sender)
+    pcs = [peer() for _ in range(viewers)]
+    senders = []
+    for n, pc in enumerate(pcs):
+        sender = relay.add_viewer(pc, f"viewer-{n}")
+        sender.setTransport(LoopbackSrtpTransport(udp))  # type: ignore[arg-type]
+        await sender.send(parameters)
+        senders.append(sender)
+    keyframe = b"\x10\x02\x00\x9d\x01\x2a\x80\x02\xe0\x01" + os.urandom(size - 10)
+    delta = b"\x11\x02\x00" + os.urandom(size - 3)
+    try:
+        start = time.process_time()
+        for n in range(frames):
+            # The tap's entry point, as the publisher's receiver would call it.
+            relay._on_frame(
+                vp8, JitterFrame(data=keyframe if n == 0 else delta, timestamp=3000 * n)
+            )
+            for _ in range(3):  # each sender's loop takes its frame and sends it
+                await asyncio.sleep(0)
+        elapsed = time.process_time() - start
+        sent = [stats.frames_out for stats in relay.stats.viewers.values()]
+        assert min(sent) == frames, sent
+    finally:
+        relay.stop()
+        await asyncio.gather(*(s.stop() for s in senders))
+        await asyncio.gather(*(pc.close() for pc in pcs))
+        udp.close()
+        sink.close()
+    return elapsed / frames / viewers * 1e6
+
+
+def send_path_ab(runs: int, viewers: int, frames: int, size: int) -> None:
+    """Alternate the stock and the frame send path ``runs`` times each; emit the medians."""
+    results: dict[str, list[float]] = {"stock": [], "frame": []}
+    for _ in range(runs):
+        for path in ("stock", "frame"):
+            cost = asyncio.run(measure_send_path(path == "frame", viewers, frames, size))
+            results[path].append(cost)
+            sys.stderr.write(f"send path {path}: {cost:.1f} µs per frame per viewer\n")
+    stock, frame = statistics.median(results["stock"]), statistics.median(results["frame"])
+    emit(
+        "video_relay_send_cpu_per_viewer_frame",
+        frame,
+        "µs of CPU",
+        baseline=round(stock, 2),
+        baseline_is="the same relay with aiortc's own sender loop (frame_sender=False)",
+        ratio=round(frame / stock, 3),
+        runs={path: [round(v, 1) for v in values] for path, values in results.items()},
+        viewers=viewers,
+        frame_bytes=size,
+        frames=frames,
+    )
+
+
 def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20)[-1]
 
@@ -394,6 +526,21 @@ def main() -> None:
     parser.add_argument("--viewers", help="viewer counts, e.g. 0,1,2,4,8")
     parser.add_argument("--size", default="640x480", help="publisher's frame size, WxH")
     parser.add_argument(
+        "--send-path",
+        choices=["frame", "stock"],
+        default="frame",
+        help="the relay's send path per viewer (stock: aiortc's own RTP loop)",
+    )
+    parser.add_argument(
+        "--forwarding-only", action="store_true", help="no MediaRelay baseline, no latency"
+    )
+    parser.add_argument(
+        "--send-path-ab",
+        type=int,
+        metavar="RUNS",
+        help="only the send path's CPU per frame, stock against frame, RUNS times each",
+    )
+    parser.add_argument(
         "--serve", choices=["forwarding", "mediarelay", "viewers"], help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -403,19 +550,31 @@ def main() -> None:
     if args.serve:
         asyncio.run(RelayServer(args.serve).serve())
         return
+    if args.send_path_ab:
+        send_path_ab(args.send_path_ab, viewers=4, frames=1500, size=6000)
+        return
     global WIDTH, HEIGHT
     WIDTH, HEIGHT = (int(n) for n in args.size.lower().split("x"))
+    os.environ[SEND_PATH_ENV] = args.send_path
     seconds = args.seconds or (4.0 if args.quick else 10.0)
     default = "0,1,2,4" if args.quick else "0,1,2,4,8,16"
     counts = [int(n) for n in (args.viewers or default).split(",")]
     forwarding = asyncio.run(measure_mode("forwarding", counts, seconds))
-    baseline = asyncio.run(measure_mode("mediarelay", [n for n in counts if n <= 4], seconds))
+    baseline_counts = [] if args.forwarding_only else [n for n in counts if n <= 4]
+    baseline = (
+        asyncio.run(measure_mode("mediarelay", baseline_counts, seconds)) if baseline_counts else []
+    )
     stream, per_viewer = fit(forwarding)
     base_stream, base_per_viewer = fit(baseline)
     measured = {r["viewers"] for r in forwarding}
     at4 = {r["viewers"]: r for r in forwarding}.get(4)
     base_at4 = {r["viewers"]: r for r in baseline}.get(4)
-    common = {"resolution": f"{WIDTH}x{HEIGHT}@30", "cores": os.cpu_count(), "window_s": seconds}
+    common = {
+        "resolution": f"{WIDTH}x{HEIGHT}@30",
+        "cores": os.cpu_count(),
+        "window_s": seconds,
+        "send_path": args.send_path,
+    }
     if 0 in measured:  # the cost of a stream is read with no viewer
         emit(
             "video_relay_cpu_per_incoming_stream",
@@ -465,6 +624,9 @@ def main() -> None:
             met=ok,
             **common,
         )
+    if args.forwarding_only:
+        emit("video_relay_steps", len(forwarding), "runs", forwarding=forwarding, mediarelay=[])
+        return
     frames = 150 if args.quick else 450
     direct = asyncio.run(measure_latency(through_relay=False, frames=frames))
     direct_p50, direct_p95 = statistics.median(direct), p95(direct)

@@ -14,18 +14,25 @@ import queue
 import aiortc
 import av
 import pytest
-from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, clock
 from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rate import RemoteBitrateEstimator
-from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpReceiveParameters
+from aiortc.rtcrtpparameters import (
+    RTCRtpCodecParameters,
+    RTCRtpHeaderExtensionParameters,
+    RTCRtpReceiveParameters,
+    RTCRtpSendParameters,
+)
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
     RTCP_PSFB_PLI,
+    HeaderExtensionsMap,
     RtcpPacket,
     RtcpPsfbPacket,
+    RtcpRtpfbPacket,
     RtpPacket,
     pack_remb_fci,
     unpack_remb_fci,
@@ -38,12 +45,20 @@ from services.video.forwarding import (
     RECEIVER_DECODER_QUEUE,
     RECEIVER_JITTER_BUFFER,
     SENDER_ENCODER,
+    SENDER_EXTENSIONS_MAP,
+    SENDER_LOOP_STATE,
+    SENDER_NTP_TIMESTAMP,
+    SENDER_RTP_TIMESTAMP,
+    AiortcInternalsChanged,
     CappedBitrateEstimator,
     ForwardedTrack,
     ForwardingRelay,
     ViewerStats,
     _ForwardingPacker,
+    _FrameSender,
+    _header_template,
     is_vp8_keyframe,
+    ntp_time,
 )
 from tests.video.media import draw_frame_id
 
@@ -72,6 +87,12 @@ class MemoryTransport:
 
     async def _send_rtp(self, data: bytes) -> None:
         self.sent.append(data)
+
+    def _register_rtp_sender(self, sender: object, parameters: object) -> None:
+        pass
+
+    def _unregister_rtp_sender(self, sender: object) -> None:
+        pass
 
 
 def vp8_packets(frame: bytes, seq: int, timestamp: int) -> list[RtpPacket]:
@@ -352,3 +373,136 @@ async def test_a_publisher_reattached_on_a_new_receiver_continues_its_viewers_ti
         for receiver in receivers:
             await asyncio.wait_for(receiver.stop(), 5)
         await pc.close()
+
+
+RTX = RTCRtpCodecParameters(
+    mimeType="video/rtx", clockRate=90000, payloadType=98, parameters={"apt": 97}
+)
+SEND_PARAMETERS = RTCRtpSendParameters(
+    codecs=[VP8, RTX],
+    headerExtensions=[
+        RTCRtpHeaderExtensionParameters(id=1, uri="urn:ietf:params:rtp-hdrext:sdes:mid"),
+        RTCRtpHeaderExtensionParameters(
+            id=3, uri="http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+        ),
+    ],
+    muxId="0",
+)
+WALLCLOCK = 1_790_000_000.25  # a Unix time, for the NTP and abs-send-time figures
+
+
+async def send_one_frame(frame_sender: bool, frame: bytes) -> tuple[RTCRtpSender, list[bytes]]:
+    """A real sender sends ``frame`` (pts 4500) with aiortc's loop or the relay's."""
+    transport = MemoryTransport()
+    track = ForwardedTrack("video", ViewerStats(), request_keyframe=lambda: None)
+    sender = RTCRtpSender(track, transport)  # type: ignore[arg-type]
+    packer = _ForwardingPacker("video", lambda bitrate: None)
+    setattr(sender, SENDER_ENCODER, packer)
+    if frame_sender:
+        loop = _FrameSender(sender, track, packer, wallclock=lambda: WALLCLOCK)
+        sender._run_rtp = loop.run  # type: ignore[method-assign]
+    packet = av.Packet(frame)
+    packet.pts, packet.time_base = 4500, fractions.Fraction(1, 90000)
+    payloads = Vp8Encoder._packetize(frame, 0) if frame_sender else None
+    track.offer(packet, keyframe=True, payloads=payloads)
+    await sender.send(SEND_PARAMETERS)
+    for _ in range(100):
+        if transport.sent:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)
+    return sender, transport.sent
+
+
+def test_ntp_time_is_aiortcs_figure() -> None:
+    assert ntp_time(clock.NTP_EPOCH.timestamp()) == 0
+    now = clock.current_datetime()
+    expected = clock.datetime_to_ntp(now)
+    assert abs(ntp_time(now.timestamp()) - expected) < 2**32 // 1_000_000  # within 1 µs
+
+
+async def test_sender_has_the_rtp_loop_the_frame_sender_replaces() -> None:
+    sender = RTCRtpSender("video", MemoryTransport())  # type: ignore[arg-type]
+    for name, expected in SENDER_LOOP_STATE.items():
+        assert isinstance(getattr(sender, name), expected), name
+    assert list(inspect.signature(sender._run_rtp).parameters) == ["codec"]
+    # send() starts the loop through the instance attribute, which the relay replaces.
+    assert "self._run_rtp(parameters.codecs[0])" in inspect.getsource(RTCRtpSender.send)
+    # _retransmit answers NACKs from the history the frame sender fills.
+    assert "__rtp_history.get(" in inspect.getsource(RTCRtpSender._retransmit)
+    # The RTCP SR reports the figures the frame sender keeps.
+    source = inspect.getsource(RTCRtpSender._run_rtcp)
+    for name in ("ntp_timestamp", "rtp_timestamp", "packet_count", "octet_count"):
+        assert f"self.__{name}" in source
+    track = ForwardedTrack("video", ViewerStats(), request_keyframe=lambda: None)
+    packer = _ForwardingPacker("video", lambda bitrate: None)
+    del sender._RTCRtpSender__rtp_history  # type: ignore[attr-defined]
+    with pytest.raises(AiortcInternalsChanged, match="__rtp_history"):
+        _FrameSender(sender, track, packer)
+
+
+async def test_frame_sender_sends_the_packets_aiortcs_loop_sends() -> None:
+    stock_sender, stock = await send_one_frame(frame_sender=False, frame=KEYFRAME)
+    sender, sent = await send_one_frame(frame_sender=True, frame=KEYFRAME)
+    try:
+        extensions_map = getattr(sender, SENDER_EXTENSIONS_MAP)
+        assert len(sent) == len(stock) >= 2
+        ours = [RtpPacket.parse(data, extensions_map) for data in sent]
+        theirs = [RtpPacket.parse(data, extensions_map) for data in stock]
+        assert [p.payload for p in ours] == [p.payload for p in theirs]
+        assert [p.marker for p in ours] == [p.marker for p in theirs] == [0] * (len(sent) - 1) + [1]
+        assert [p.payload_type for p in ours] == [97] * len(sent)
+        assert {p.ssrc for p in ours} == {sender._ssrc}
+        assert len({p.timestamp for p in ours}) == 1
+        first = ours[0].sequence_number
+        assert [p.sequence_number for p in ours] == [(first + n) % 65536 for n in range(len(sent))]
+        abs_send_time = (ntp_time(WALLCLOCK) >> 14) & 0xFFFFFF
+        for packet in ours:
+            assert packet.extensions.mid == "0"
+            assert packet.extensions.abs_send_time == abs_send_time
+        assert {p.extensions.mid for p in theirs} == {"0"}
+        assert all(p.extensions.abs_send_time is not None for p in theirs)
+        # Byte for byte what aiortc's own serialisation makes of the same packet.
+        for data, packet in zip(sent, ours, strict=True):
+            assert packet.serialize(extensions_map) == data
+
+        # The RTCP SR figures and the stats, as aiortc's loop keeps them.
+        stats = [s for s in (await sender.getStats()).values() if s.type == "outbound-rtp"]
+        assert stats[0].packetsSent == len(sent)
+        assert stats[0].bytesSent == sum(len(p.payload) for p in ours)
+        assert getattr(sender, SENDER_NTP_TIMESTAMP) == ntp_time(WALLCLOCK)
+        assert getattr(sender, SENDER_RTP_TIMESTAMP) == ours[0].timestamp
+
+        # A NACK is answered from the history, by RTX.
+        lost = ours[1].sequence_number
+        nack = RtcpRtpfbPacket(fmt=1, ssrc=1, media_ssrc=sender._ssrc, lost=[lost])
+        await sender._handle_rtcp_packet(nack)
+        rtx = RtpPacket.parse(sent[-1], extensions_map)
+        assert (rtx.payload_type, rtx.ssrc) == (98, sender._rtx_ssrc)
+        assert rtx.payload == lost.to_bytes(2, "big") + ours[1].payload
+        assert rtx.extensions.mid == "0"
+    finally:
+        # The track ending ends the loop; stop() returns once it has exited.
+        track = sender.track
+        assert isinstance(track, ForwardedTrack)
+        track.end()
+        await asyncio.wait_for(sender.stop(), 5)
+        await asyncio.wait_for(stock_sender.stop(), 5)
+    assert track.readyState == "ended"
+
+
+def test_header_template_without_abs_send_time_is_aiortcs_header() -> None:
+    # An audio sender negotiates mid (and audio level) but not abs-send-time.
+    extensions_map = HeaderExtensionsMap()
+    extensions_map.configure(
+        RTCRtpSendParameters(
+            headerExtensions=[
+                RTCRtpHeaderExtensionParameters(id=1, uri="urn:ietf:params:rtp-hdrext:sdes:mid")
+            ]
+        )
+    )
+    header, offset = _header_template(extensions_map, 111, 0x01020304, "1")
+    assert offset is None
+    packet = RtpPacket.parse(header + b"opus", extensions_map)
+    assert (packet.payload_type, packet.ssrc, packet.extensions.mid) == (111, 0x01020304, "1")
+    assert packet.extensions.abs_send_time is None
