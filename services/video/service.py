@@ -607,16 +607,7 @@ class VideoService:
                 relays[kind] = ForwardingRelay(kind, on_remb=on_remb)
                 relays[kind].attach(publisher_receiver(pc, track))
 
-        try:
-            await _remote_description(pc, sdp, "offer")
-            await pc.setLocalDescription(await pc.createAnswer())
-        except _Refused:
-            await pc.close()
-            raise
-        except Exception as exc:  # aiortc raises many types for SDP it cannot use
-            await pc.close()
-            logger.info("publish answer failed (%s)", type(exc).__name__)
-            raise _Refused(ErrorCode.INVALID_SDP, "the offer cannot be answered") from None
+        await _answer_publish_offer(pc, sdp)
         member.publish, member.relays = pc, relays
         answer = Description("answer", pc.localDescription.sdp)
         member.session.send(signalling.encode_description(answer))
@@ -637,16 +628,7 @@ class VideoService:
                 attached.add(kind)
                 relays[kind].attach(publisher_receiver(pc, track))
 
-        try:
-            await _remote_description(pc, sdp, "offer")
-            await pc.setLocalDescription(await pc.createAnswer())
-        except _Refused:
-            await pc.close()
-            raise
-        except Exception as exc:  # aiortc raises many types for SDP it cannot use
-            await pc.close()
-            logger.info("publish answer failed (%s)", type(exc).__name__)
-            raise _Refused(ErrorCode.INVALID_SDP, "the offer cannot be answered") from None
+        await _answer_publish_offer(pc, sdp)
         member.publish = pc
         logger.info("video: a publisher reconnected; its viewers' connections kept")
         answer = Description("answer", pc.localDescription.sdp)
@@ -950,6 +932,20 @@ async def _remote_description(pc: RTCPeerConnection, sdp: str, kind: str) -> Non
     except Exception as exc:  # a well-formed SDP aiortc still cannot use
         logger.info("remote %s refused by aiortc (%s)", kind, type(exc).__name__)
         raise _Refused(ErrorCode.INVALID_SDP, f"the {kind} cannot be used") from None
+
+
+async def _answer_publish_offer(pc: RTCPeerConnection, sdp: str) -> None:
+    """Apply a publisher's offer and make the answer; a connection that cannot is closed."""
+    try:
+        await _remote_description(pc, sdp, "offer")
+        await pc.setLocalDescription(await pc.createAnswer())
+    except _Refused:
+        await pc.close()
+        raise
+    except Exception as exc:  # aiortc raises many types for SDP it cannot use
+        await pc.close()
+        logger.info("publish answer failed (%s)", type(exc).__name__)
+        raise _Refused(ErrorCode.INVALID_SDP, "the offer cannot be answered") from None
 
 
 async def _add_candidate(pc: RTCPeerConnection, message: Candidate) -> None:

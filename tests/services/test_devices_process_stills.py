@@ -26,9 +26,11 @@ format = "lavfi"
 """
 
 
-async def test_the_devices_process_takes_the_still_the_web_process_asked_for(
+async def start_devices_with_camera(
     tmp_path: Path,
-) -> None:
+) -> tuple[Store, asyncio.subprocess.Process]:
+    """A box initialised with the ``otoscope`` camera, its store open here, and the real
+    devices process started on it (stderr piped: its log)."""
     site = tmp_path / "site.toml"
     site.write_text(factories.SITE_TOML + CAMERA)
     assert cli(["init", "--dev-key", "--config", str(site)]) == 0
@@ -45,6 +47,13 @@ async def test_the_devices_process_takes_the_still_the_web_process_asked_for(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+    return store, process
+
+
+async def test_the_devices_process_takes_the_still_the_web_process_asked_for(
+    tmp_path: Path,
+) -> None:
+    store, process = await start_devices_with_camera(tmp_path)
     try:
         [patient] = await store.create([factories.patient()], NURSE)
         request_id = await still_requests.submit(

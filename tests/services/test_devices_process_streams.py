@@ -11,21 +11,15 @@ camera's connection pairs them as on the box. No STUN server: nothing leaves the
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from appliance.cli import main as cli
-from appliance.config import load
-from appliance.store import Store
 from services.video import camera_streams
 from services.video.camera_streams import StreamState, StreamWatcher
-from tests import factories
-from tests.services.test_devices_process_stills import CAMERA, REPO
+from tests.services.test_devices_process_stills import start_devices_with_camera
 from tests.video.peers import wait_for
 from tests.video.test_service import VISIT, flowing, video_service
 
@@ -36,22 +30,7 @@ NURSE = "user:nurse1"
 async def test_a_camera_from_the_real_devices_process_leaves_the_visit_when_it_dies(
     tmp_path: Path,
 ) -> None:
-    site = tmp_path / "site.toml"
-    site.write_text(factories.SITE_TOML + CAMERA)
-    assert cli(["init", "--dev-key", "--config", str(site)]) == 0
-    config = load(site)
-    store = await Store.open(config.paths.database, config.keys.kek_file)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.devices",
-        "--config",
-        str(site),
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    store, process = await start_devices_with_camera(tmp_path)
     try:
         async with video_service() as (service, client):
             nurse, provider = client("nurse"), client("provider")
