@@ -678,7 +678,10 @@ class Deliverer:
 
         ``stop`` is asked before each bundle goes out (the process is shutting down): the
         bundle on the wire is waited for and its answer committed, nothing more is sent, so a
-        stop takes one exchange however long the queue.
+        stop takes one exchange however long the queue. That holds for a bundle sent ahead
+        too: a stop that arrives while *k*'s answer is being committed and *k+1* already
+        travels waits for *k+1*'s answer, so after a clean stop nothing the server applied is
+        left pending here.
 
         Pipelined, one bundle ahead: while bundle *k* is on the wire the next one is read and
         planned (its items, and those pointing at *k*'s, left out); once *k*'s answer is in,
@@ -692,7 +695,9 @@ class Deliverer:
         try:
             batch, now = await self._prepare()
             sent = 0
-            while batch is not None and sent < max_bundles and not stop():
+            while batch is not None and sent < max_bundles:
+                if send is None and stop():
+                    break  # a bundle already on the wire is waited for, below
                 step = DrainResult()
                 if not batch.ready:
                     await self._only_dead(batch, now, step)
@@ -705,7 +710,7 @@ class Deliverer:
                     send = self._send(batch)
                 sent += 1
                 ahead: _Batch | None = None
-                if sent < max_bundles:
+                if sent < max_bundles and not stop():
                     ahead, ahead_now = await self._prepare(tuple(i for i, _ in batch.ready))
                 try:
                     response = await send

@@ -220,3 +220,26 @@ async def test_a_stop_ends_the_drain_after_the_bundle_on_the_wire_and_loses_noth
     assert (rest.delivered, rest.existing) == (30, 0)
     assert _states(db_path) == [("delivered", 31)]
     assert fhir_peer.count("Observation") == 30
+
+
+async def test_a_stop_while_the_next_bundle_travels_waits_for_its_answer(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    # Pipelined: bundle k+1 goes out as soon as k's answer is in, and k's outcomes are
+    # committed while it travels. A stop that arrives during that commit must still wait
+    # for k+1's answer: a clean stop leaves nothing applied upstream and pending here
+    # (a CI run once found one bundle of 8 upstream and not marked delivered).
+    await _patient_with_readings(store, 30)
+    deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1))
+
+    def stop() -> bool:
+        # The stop arrives once readings 1-8 are committed: by then 9-16 were sent ahead.
+        return dict(_states(db_path)).get("delivered", 0) >= 9
+
+    first = await deliverer.drain(stop=stop)
+    assert (first.delivered, first.bundles, first.error) == (17, 3, None)
+    assert _states(db_path) == [("delivered", 17), ("pending", 14)]
+    assert fhir_peer.count("Observation") == 16
+    rest = await deliverer.drain()
+    assert (rest.delivered, rest.existing) == (14, 0)
+    assert fhir_peer.count("Observation") == 30
