@@ -235,6 +235,8 @@ class IceServerConfig:
     urls: tuple[str, ...]
     username: str | None = None
     credential_file: Path | None = None
+    secret_file: Path | None = None
+    credential_ttl_s: int = 14_400
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,10 +573,18 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
         _F("urls", _ICE_URLS, _REQUIRED,
            "STUN or TURN server URLs (stun:, turns: or turn:host:port?transport=udp), given "
            "to the box's peer connections and to every browser in the visit."),
-        _F("username", _TEXT, None, "TURN username (required for turn: and turns: URLs)."),
+        _F("username", _TEXT, None,
+           "TURN username of one static account (turn: and turns: URLs need it and "
+           "credential_file, or secret_file instead)."),
         _F("credential_file", _PATH, None,
-           "File holding the TURN credential (required with username); browsers in the "
-           "visit are given it, so use a TURN account for video only."),
+           "File holding that account's TURN credential; every browser in every visit is "
+           "given it, so prefer secret_file."),
+        _F("secret_file", _PATH, None,
+           "File holding the secret shared with the TURN server (coturn use-auth-secret, "
+           "static-auth-secret): each participant gets its own credential that expires "
+           "(docs/video.md, The WAN leg)."),
+        _F("credential_ttl_s", _int(600, 86_400), 14_400,
+           "Lifetime (seconds) of a credential made from secret_file: longer than a visit."),
     ),
     "video.exam_camera": (
         _F("name", _pattern("a name of letters, digits, spaces and - (1-40)",
@@ -762,9 +772,18 @@ class _Reader:
             if server["urls"] is None:
                 continue
             turn = any(url.startswith("turn") for url in server["urls"])
-            for key in ("username", "credential_file"):
-                if turn and server[key] is None:
-                    self.problems.append(f"{where}.{key}: required for a TURN server")
+            static = server["username"] is not None or server["credential_file"] is not None
+            if server["secret_file"] is not None and static:
+                self.problems.append(
+                    f"{where}.secret_file: give either secret_file or username and "
+                    "credential_file, not both"
+                )
+            elif turn and server["secret_file"] is None:
+                for key in ("username", "credential_file"):
+                    if server[key] is None:
+                        self.problems.append(
+                            f"{where}.{key}: required for a TURN server (or secret_file)"
+                        )
             servers.append(IceServerConfig(**server))
         return servers
 

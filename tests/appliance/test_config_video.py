@@ -74,3 +74,49 @@ def test_every_video_mistake_is_reported_at_once() -> None:
     assert problems_of(doc(video={"ice_server": {"urls": []}})) == [
         "video.ice_server: expected an array of tables ([[video.ice_server]])"
     ]
+
+
+def test_a_turn_server_with_a_shared_secret_needs_no_static_account() -> None:
+    data = doc(
+        video={
+            "ice_server": [
+                {"urls": ["turns:turn.example.test:5349"], "secret_file": "turn-secret"},
+                {
+                    "urls": ["turn:turn.example.test:3478"],
+                    "secret_file": "turn-secret",
+                    "credential_ttl_s": 3600,
+                },
+            ]
+        }
+    )
+    config = parse(data, base_dir=Path("/etc/appliance"), environ={})
+    assert [(s.secret_file, s.credential_ttl_s, s.username) for s in config.video.ice_servers] == [
+        (Path("/etc/appliance/turn-secret"), 14_400, None),
+        (Path("/etc/appliance/turn-secret"), 3600, None),
+    ]
+
+
+def test_a_shared_secret_and_a_static_account_together_are_refused() -> None:
+    data = doc(
+        video={
+            "ice_server": [
+                {
+                    "urls": ["turn:turn.example.test:3478"],
+                    "secret_file": "turn-secret",
+                    "username": "clinic",
+                    "credential_file": "turn-credential",
+                },
+                {
+                    "urls": ["turn:turn.example.test:3478"],
+                    "secret_file": "s",
+                    "credential_ttl_s": 5,
+                },
+            ]
+        }
+    )
+    problems = problems_of(data)
+    assert {p.split(": ", 1)[0] for p in problems} == {
+        "video.ice_server[0].secret_file",
+        "video.ice_server[1].credential_ttl_s",
+    }
+    assert any("not both" in p for p in problems)
