@@ -30,7 +30,13 @@ any of the internals below change):
 * video packets still missing are NACKed again (``services/video/nack.py`` decides when)
   with the receiver's ``_send_rtcp_nack``: aiortc asks for a lost packet once;
 * the receiver's ``__remote_bitrate_estimator`` is wrapped, so that the REMB the box sends
-  the publisher never exceeds the cap the WAN leg sets (``services/video/bandwidth.py``).
+  the publisher never exceeds the cap the WAN leg sets (``services/video/bandwidth.py``);
+* video is VP8 or H.264, as the publisher's offer chose; frames are packetized once per
+  relay with aiortc's own ``Vp8Encoder._packetize`` or ``H264Encoder._split_bitstream`` and
+  ``_packetize``. A viewer whose answer took the other codec is the one exception to
+  "never decode": its sender runs aiortc's stock ``_run_rtp`` with a
+  ``TranscodingEncoder`` as its ``__encoder``, fed by one shared decoder
+  (``services/video/transcode.py``).
 
 Everything else goes through aiortc's public API. See docs/video.md.
 """
@@ -50,17 +56,21 @@ from typing import Any
 import aiortc
 import av
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc import sdp as aiortc_sdp
+from aiortc.codecs import get_encoder
+from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rate import RemoteBitrateEstimator
-from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
 from aiortc.rtcrtpsender import random_sequence_number
 from aiortc.rtp import RTP_HISTORY_SIZE, HeaderExtensions, HeaderExtensionsMap, RtpPacket
 from aiortc.utils import random32, uint16_gt
 
 from services.video.bandwidth import send_cap_now
 from services.video.nack import NackSchedule
+from services.video.transcode import SharedDecoder, TranscodingEncoder
 
 AIORTC_VERSION = "1.16.0"
 
@@ -104,7 +114,10 @@ SENDER_LOOP_STATE: dict[str, type | tuple[type, ...]] = {
 NTP_UNIX_OFFSET = 2_208_988_800  # seconds from the NTP epoch (1900) to the Unix epoch (1970)
 
 CLOCK_RATES = {"video": 90_000, "audio": 48_000}
-MIME_TYPES = {"video": "video/VP8", "audio": "audio/opus"}
+MIME_TYPES = {"video": "video/VP8", "audio": "audio/opus"}  # the defaults
+# The codecs a publisher's video may use: forwarded to viewers that take it, transcoded
+# (services/video/transcode.py) for viewers that take only the other one.
+VIDEO_MIME_TYPES = ("video/vp8", "video/h264")
 # Frames a viewer may lag behind before it is resynchronised on a keyframe (~1 s of video).
 VIEWER_QUEUE_FRAMES = {"video": 30, "audio": 50}
 KEYFRAME_MIN_INTERVAL = 0.5  # seconds between keyframe requests sent to the publisher
@@ -136,6 +149,44 @@ def _require(obj: object, name: str, expected: type | tuple[type, ...] | None = 
 def is_vp8_keyframe(data: bytes) -> bool:
     """Whether a depayloaded VP8 frame is a keyframe (RFC 6386 §9.1: P bit 0, start code)."""
     return len(data) >= 10 and not data[0] & 0x01 and data[3:6] == b"\x9d\x01\x2a"
+
+
+def is_h264_keyframe(data: bytes) -> bool:
+    """Whether a depayloaded H.264 frame (Annex B, as aiortc's ``h264_depayload`` makes it)
+    holds an IDR slice (NAL type 5) or a sequence parameter set (7) (RFC 6184 §1.3).
+
+    A start code cannot occur inside a NAL unit (emulation prevention, H.264 §7.4.1), so
+    every ``00 00 01`` is followed by a NAL header.
+    """
+    start = data.find(b"\x00\x00\x01")
+    while start != -1 and start + 3 < len(data):
+        if data[start + 3] & 0x1F in (5, 7):
+            return True
+        start = data.find(b"\x00\x00\x01", start + 3)
+    return False
+
+
+def is_keyframe(mime_type: str, data: bytes) -> bool:
+    """Whether a depayloaded VP8 or H.264 frame is a keyframe."""
+    if mime_type.lower() == "video/h264":
+        return is_h264_keyframe(data)
+    return is_vp8_keyframe(data)
+
+
+def packetize(mime_type: str, data: bytes, picture_id: int) -> list[bytes]:
+    """A depayloaded frame's RTP payloads, as aiortc's own encoders packetize them.
+
+    VP8: payload descriptors with ``picture_id`` (``Vp8Encoder._packetize``). H.264
+    (packetization-mode 1): the Annex B stream split into NAL units, small ones aggregated
+    (STAP-A), large ones fragmented (FU-A) (``H264Encoder._split_bitstream`` and
+    ``_packetize``). Opus: the packet itself.
+    """
+    mime = mime_type.lower()
+    if mime == "video/vp8":
+        return Vp8Encoder._packetize(data, picture_id)
+    if mime == "video/h264":
+        return H264Encoder._packetize(H264Encoder._split_bitstream(data))
+    return [data]
 
 
 class MarkerJitterBuffer(JitterBuffer):
@@ -289,8 +340,11 @@ class _FrameTap:
 class _ForwardingPacker:
     """Replaces a viewer sender's encoder: packetizes already-encoded frames, never encodes."""
 
-    def __init__(self, kind: str, on_remb: Callable[[int], None]) -> None:
+    def __init__(
+        self, kind: str, on_remb: Callable[[int], None], mime_type: str | None = None
+    ) -> None:
         self._kind = kind
+        self._mime_type = mime_type or MIME_TYPES[kind]
         self._on_remb = on_remb
         self._picture_id = 0
         self._remb = 0
@@ -302,7 +356,7 @@ class _ForwardingPacker:
         assert packet.pts is not None
         if self._kind == "audio":
             return [bytes(packet)], packet.pts
-        payloads = Vp8Encoder._packetize(bytes(packet), self._picture_id)
+        payloads = packetize(self._mime_type, bytes(packet), self._picture_id)
         self._picture_id = (self._picture_id + 1) % (1 << 15)
         return payloads, packet.pts
 
@@ -399,7 +453,7 @@ class _FrameSender:
         try:
             while True:
                 packet, payloads = await self._track.recv_payloads()
-                if not sender._enabled:
+                if not sender._enabled or not isinstance(packet, av.Packet):
                     continue
                 if payloads is None:
                     payloads, _ = self._packer.pack(packet)
@@ -482,6 +536,7 @@ class ViewerStats:
     remb_bps: int | None = None
     bytes_out: int = 0
     frames_paused: int = 0  # not forwarded while the WAN leg is audio only
+    transcoded_to: str | None = None  # the viewer's codec when it gets a transcoded copy
 
 
 @dataclass(slots=True)
@@ -496,22 +551,46 @@ class RelayStats:
     nacks_repeated: int = 0  # missing packets asked for again (aiortc asks once)
     nacks_given_up: int = 0  # missing packets no longer asked for, never repaired
     viewers: dict[str, ViewerStats] = field(default_factory=dict)
+    # Viewers now given a decoded and re-encoded copy (their codec is not the publisher's):
+    # each costs an encoder, and the first a decoder too (services/video/transcode.py).
+    transcoded_viewers: int = 0
+    decoders_created: int = 0
 
 
 class ForwardedTrack(MediaStreamTrack):
-    """One viewer's copy of the publisher's track: yields ``av.Packet``, already encoded."""
+    """One viewer's copy of the publisher's track: yields ``av.Packet``, already encoded.
+
+    A transcoded viewer's copy (``transcode``) yields decoded ``av.VideoFrame`` pictures
+    instead, which its sender's own encoder encodes.
+    """
 
     def __init__(self, kind: str, stats: ViewerStats, request_keyframe: Callable[[], None]) -> None:
         super().__init__()
         self.kind = kind
         self.stats = stats
         self._request_keyframe = request_keyframe
-        self._queue: asyncio.Queue[tuple[av.Packet[Any], list[bytes] | None] | None] = (
-            asyncio.Queue()
-        )
+        self._queue: asyncio.Queue[
+            tuple[av.Packet[Any] | av.VideoFrame, list[bytes] | None] | None
+        ] = asyncio.Queue()
         self._limit = VIEWER_QUEUE_FRAMES[kind]
         self._awaiting_keyframe = kind == "video"
         self.paused = False
+        self.transcoded = False
+
+    def transcode(self, force_keyframe: Callable[[], None]) -> None:
+        """From now on this copy carries decoded pictures (``offer_picture``); the viewer's
+        keyframe requests go to ``force_keyframe`` (its own encoder), not the publisher."""
+        self.transcoded = True
+        self._request_keyframe = force_keyframe
+        self._awaiting_keyframe = False
+        while not self._queue.empty():  # encoded frames queued before the answer was known
+            if self._queue.get_nowait() is None:
+                self._queue.put_nowait(None)
+                break
+
+    def offer_picture(self, frame: av.VideoFrame) -> None:
+        """Queue one decoded picture for a transcoded viewer's encoder."""
+        self.offer(frame, keyframe=True)
 
     def pause(self) -> None:
         """Stop forwarding (the WAN leg is audio only): frames queued are dropped too."""
@@ -531,7 +610,10 @@ class ForwardedTrack(MediaStreamTrack):
             self._ask_keyframe()
 
     def offer(
-        self, packet: av.Packet[Any], keyframe: bool, payloads: list[bytes] | None = None
+        self,
+        packet: av.Packet[Any] | av.VideoFrame,
+        keyframe: bool,
+        payloads: list[bytes] | None = None,
     ) -> None:
         """Queue a frame; a lagging video viewer is flushed and resynchronised on a keyframe.
 
@@ -566,7 +648,7 @@ class ForwardedTrack(MediaStreamTrack):
 
     def resync(self) -> None:
         """The publisher's stream starts over (it reconnected): video waits for a keyframe."""
-        if self.kind == "video":
+        if self.kind == "video" and not self.transcoded:
             self._awaiting_keyframe = True
 
     def _ask_keyframe(self) -> None:
@@ -577,11 +659,11 @@ class ForwardedTrack(MediaStreamTrack):
         """End the track: the sender's loop stops at the next ``recv``."""
         self._queue.put_nowait(None)
 
-    async def recv(self) -> av.Packet[Any]:
+    async def recv(self) -> av.Packet[Any] | av.VideoFrame:
         packet, _ = await self.recv_payloads()
         return packet
 
-    async def recv_payloads(self) -> tuple[av.Packet[Any], list[bytes] | None]:
+    async def recv_payloads(self) -> tuple[av.Packet[Any] | av.VideoFrame, list[bytes] | None]:
         """The next frame and its RTP payloads (None: not packetized by the relay)."""
         if self.readyState != "live":
             raise MediaStreamError
@@ -590,12 +672,13 @@ class ForwardedTrack(MediaStreamTrack):
             self.stop()
             raise MediaStreamError
         self.stats.frames_out += 1
-        self.stats.bytes_out += item[0].size
+        if isinstance(item[0], av.Packet):  # a transcoded copy counts what its encoder made
+            self.stats.bytes_out += item[0].size
         return item
 
 
 class ForwardingRelay:
-    """One published track (VP8 video or Opus audio) fanned out to any number of viewers.
+    """One published track (VP8 or H.264 video, Opus audio) fanned out to any number of viewers.
 
     ``attach`` takes the publisher's receiver (from its peer connection's transceivers,
     before the connection starts), ``add_viewer`` adds the track to a viewer's peer
@@ -618,12 +701,24 @@ class ForwardingRelay:
         repeat_nacks: bool = True,
         on_remb: Callable[[str, int], None] | None = None,
         frame_sender: bool = True,
+        transcode_fallback: bool = True,
+        name: str = "",
     ) -> None:
         if kind not in MIME_TYPES:
             raise ValueError(f"cannot forward {kind!r} media")
         self.kind = kind
+        self.name = name  # the publisher's participant id, for the log (never PHI)
         self.mime_type = MIME_TYPES[kind]
+        self.codec = RTCRtpCodecParameters(
+            mimeType=self.mime_type,
+            clockRate=CLOCK_RATES[kind],
+            channels=2 if kind == "audio" else None,
+        )
         self.stats = RelayStats()
+        # A viewer whose codec is not the publisher's gets a decoded and re-encoded copy,
+        # offered to it as a second choice (video only); False: the publisher's codec only.
+        self._transcode_fallback = transcode_fallback and kind == "video"
+        self.decoder: SharedDecoder | None = None  # only while a viewer is transcoded
         self._clock = clock
         self._time_base = fractions.Fraction(1, CLOCK_RATES[kind])
         self._limiter = KeyframeRequestLimiter(keyframe_min_interval)
@@ -678,6 +773,19 @@ class ForwardingRelay:
         setattr(receiver, RECEIVER_DECODER_QUEUE, _FrameTap(original, self._on_frame))
         self._receiver, self._buffer = receiver, buffer
 
+    def set_codec(self, codec: RTCRtpCodecParameters) -> bool:
+        """The codec the publisher's connection negotiated (see ``negotiated_codec``); True
+        if it differs from the one before, when the caller re-adds the viewers (their
+        connections negotiated for the old one)."""
+        if self.kind != "video" or codec.mimeType.lower() not in VIDEO_MIME_TYPES:
+            raise ValueError(f"cannot forward {codec.mimeType} as {self.kind}")
+        changed = codec.mimeType.lower() != self.mime_type.lower()
+        self.codec, self.mime_type = codec, codec.mimeType
+        if changed and self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
+        return changed
+
     def cap_publisher(self, bps: int | None) -> None:
         """Keep the REMB the box sends the publisher at or under ``bps`` (None: uncapped)."""
         if self._estimator is not None:
@@ -716,31 +824,95 @@ class ForwardingRelay:
             if self._on_remb is not None:
                 self._on_remb(viewer_id, bitrate)
 
-        packer = _ForwardingPacker(self.kind, on_remb)
-        if self._frame_sender:
-            loop = _FrameSender(sender, track, packer)
-            sender._run_rtp = loop.run  # type: ignore[method-assign]
+        packer = _ForwardingPacker(self.kind, on_remb, self.mime_type)
+        frame_loop = _FrameSender(sender, track, packer) if self._frame_sender else None
+        stock_loop = _require(sender, "_run_rtp")
+
+        async def run_rtp(codec: RTCRtpCodecParameters) -> None:
+            # The viewer's answer decided ``codec``: forward if it is the publisher's.
+            if codec.mimeType.lower() != self.mime_type.lower() and self.kind == "video":
+                encoder = self._transcode_for(viewer_id, track, codec, on_remb)
+                setattr(sender, SENDER_ENCODER, encoder)
+                await stock_loop(codec)  # aiortc's loop, encoding in a thread
+            elif frame_loop is not None:
+                await frame_loop.run(codec)
+            else:
+                await stock_loop(codec)
+
+        sender._run_rtp = run_rtp  # type: ignore[method-assign]
         setattr(sender, SENDER_ENCODER, packer)
         sender._send_keyframe = track.request_keyframe  # type: ignore[method-assign]
         for transceiver in pc.getTransceivers():
             if transceiver.sender is sender:
-                capabilities = RTCRtpSender.getCapabilities(self.kind)
-                transceiver.setCodecPreferences(
-                    [
-                        codec
-                        for codec in capabilities.codecs
-                        if codec.mimeType.lower() in (self.mime_type.lower(), f"{self.kind}/rtx")
-                    ]
-                )
+                transceiver.setCodecPreferences(self._viewer_codecs())
         self._viewers[viewer_id] = track
         self.stats.viewers[viewer_id] = stats
         return sender
+
+    def _viewer_codecs(self) -> list[RTCRtpCodecCapability]:
+        """What a viewer's leg offers: the publisher's codec first (same H.264 profile
+        first), then, if transcoding is allowed, the other video codecs; RTX for each."""
+        capabilities = RTCRtpSender.getCapabilities(self.kind).codecs
+        mime = self.mime_type.lower()
+        rtx = [c for c in capabilities if c.mimeType.lower() == f"{self.kind}/rtx"]
+        same = [c for c in capabilities if c.mimeType.lower() == mime]
+        profile = str(self.codec.parameters.get("profile-level-id", "")).lower()
+        same.sort(key=lambda c: str(c.parameters.get("profile-level-id", "")).lower() != profile)
+        others = [
+            c
+            for c in capabilities
+            if self._transcode_fallback
+            and c.mimeType.lower() != mime
+            and c.mimeType.lower() in VIDEO_MIME_TYPES
+        ]
+        return same + others + rtx
+
+    def _transcode_for(
+        self,
+        viewer_id: str,
+        track: ForwardedTrack,
+        codec: RTCRtpCodecParameters,
+        on_remb: Callable[[int], None],
+    ) -> TranscodingEncoder:
+        """The viewer's answer did not take the publisher's codec: it gets pictures from the
+        shared decoder (made now if it is the first such viewer) and an encoder of its own."""
+        stats = track.stats
+
+        def on_bytes(size: int) -> None:
+            stats.bytes_out += size
+
+        encoder = TranscodingEncoder(get_encoder(codec), on_remb, on_bytes)
+        track.transcode(encoder.force_keyframe)
+        stats.transcoded_to = codec.mimeType
+        if viewer_id not in self._viewers:  # removed before its sender started
+            return encoder
+        if self.decoder is None:
+            self.decoder = SharedDecoder(self.codec, self.request_keyframe)
+            self.stats.decoders_created += 1
+        self.decoder.add_sink(viewer_id, track.offer_picture)
+        self.stats.transcoded_viewers = len(self.decoder.sinks)
+        logger.info(
+            "video relay %s: viewer %s cannot receive %s; transcoding to %s for it "
+            "(decode + re-encode, CPU-heavy; %d transcoded viewer(s) on this track)",
+            self.name or "-",
+            viewer_id,
+            self.mime_type,
+            codec.mimeType,
+            self.stats.transcoded_viewers,
+        )
+        return encoder
 
     def remove_viewer(self, viewer_id: str) -> None:
         """Stop forwarding to one viewer (its sender's loop ends)."""
         track = self._viewers.pop(viewer_id, None)
         if track is not None:
             track.end()
+        if self.decoder is not None and viewer_id in self.decoder.sinks:
+            self.decoder.remove_sink(viewer_id)
+            self.stats.transcoded_viewers = len(self.decoder.sinks)
+            if not self.decoder.sinks:  # the last transcoded viewer: no more decoding
+                self.decoder.close()
+                self.decoder = None
 
     def stop(self) -> None:
         """End every viewer's track and cancel pending keyframe requests."""
@@ -804,7 +976,7 @@ class ForwardingRelay:
                 self._forward(extra)
 
     def _forward(self, frame: JitterFrame) -> None:
-        keyframe = self.kind == "audio" or is_vp8_keyframe(frame.data)
+        keyframe = self.kind == "audio" or is_keyframe(self.mime_type, frame.data)
         self.stats.frames_in += 1
         self.stats.bytes_in += len(frame.data)
         if self.kind == "video" and keyframe:
@@ -822,14 +994,14 @@ class ForwardingRelay:
         packet.pts = pts
         packet.time_base = self._time_base
         payloads: list[bytes] | None = None
-        if self._frame_sender:  # packetized once here rather than once per viewer
-            if self.kind == "audio":
-                payloads = [frame.data]
-            else:
-                payloads = Vp8Encoder._packetize(frame.data, self._picture_id)
-                self._picture_id = (self._picture_id + 1) % (1 << 15)
-        for track in self._viewers.values():
+        forwarded = [track for track in self._viewers.values() if not track.transcoded]
+        if self._frame_sender and forwarded:  # packetized once here, not once per viewer
+            payloads = packetize(self.mime_type, frame.data, self._picture_id)
+            self._picture_id = (self._picture_id + 1) % (1 << 15)
+        for track in forwarded:
             track.offer(packet, keyframe, payloads)
+        if self.decoder is not None:  # decoded once for every transcoded viewer
+            self.decoder.feed(frame.data, pts, keyframe)
 
 
 def publisher_receiver(pc: RTCPeerConnection, track: MediaStreamTrack) -> RTCRtpReceiver:
@@ -838,3 +1010,22 @@ def publisher_receiver(pc: RTCPeerConnection, track: MediaStreamTrack) -> RTCRtp
         if transceiver.receiver.track is track:
             return transceiver.receiver
     raise LookupError("track does not belong to this peer connection")
+
+
+def negotiated_codec(pc: RTCPeerConnection, kind: str) -> RTCRtpCodecParameters | None:
+    """The codec ``pc``'s local description (the box's answer) puts first for ``kind``.
+
+    aiortc answers with the codecs both sides support in the order of the offer, and the
+    offerer sends with the first of them, so a publisher's offer decides: VP8 if it lists
+    VP8 first, H.264 if it lists H.264 first or only. None before an answer or for no such
+    media.
+    """
+    description = pc.localDescription
+    if description is None:
+        return None
+    for media in aiortc_sdp.SessionDescription.parse(description.sdp).media:
+        if media.kind == kind:
+            for codec in media.rtp.codecs:
+                if codec.mimeType.lower() != f"{kind}/rtx":
+                    return codec
+    return None

@@ -63,7 +63,7 @@ from services.video.bandwidth import (
     budget_share,
     publisher_cap,
 )
-from services.video.forwarding import ForwardingRelay, publisher_receiver
+from services.video.forwarding import ForwardingRelay, negotiated_codec, publisher_receiver
 from services.video.rooms import (
     Event,
     MediaKind,
@@ -604,10 +604,11 @@ class VideoService:
         def on_track(track: MediaStreamTrack) -> None:
             kind = MediaKind(track.kind)
             if kind not in relays:  # the offer was checked: one track per kind
-                relays[kind] = ForwardingRelay(kind, on_remb=on_remb)
+                relays[kind] = ForwardingRelay(kind, on_remb=on_remb, name=participant_id)
                 relays[kind].attach(publisher_receiver(pc, track))
 
         await _answer_publish_offer(pc, sdp)
+        _use_negotiated_codec(pc, relays)
         member.publish, member.relays = pc, relays
         answer = Description("answer", pc.localDescription.sdp)
         member.session.send(signalling.encode_description(answer))
@@ -630,7 +631,14 @@ class VideoService:
 
         await _answer_publish_offer(pc, sdp)
         member.publish = pc
-        logger.info("video: a publisher reconnected; its viewers' connections kept")
+        if _use_negotiated_codec(pc, relays):
+            # Its video codec changed: the viewers' legs negotiated the old one; new
+            # connections are offered (``_reconcile``).
+            for key in [k for k in media.subscriptions if k[0] == participant_id]:
+                await _close_subscription(media, key, relays)
+            logger.info("video: a publisher reconnected with another video codec")
+        else:
+            logger.info("video: a publisher reconnected; its viewers' connections kept")
         answer = Description("answer", pc.localDescription.sdp)
         member.session.send(signalling.encode_description(answer))
 
@@ -946,6 +954,18 @@ async def _answer_publish_offer(pc: RTCPeerConnection, sdp: str) -> None:
         await pc.close()
         logger.info("publish answer failed (%s)", type(exc).__name__)
         raise _Refused(ErrorCode.INVALID_SDP, "the offer cannot be answered") from None
+
+
+def _use_negotiated_codec(
+    pc: RTCPeerConnection, relays: Mapping[MediaKind, ForwardingRelay]
+) -> bool:
+    """Tell the video relay the codec the publisher's offer chose (VP8 or H.264); True if
+    it changed. A codec the relay cannot forward was never in the box's answer."""
+    relay = relays.get(MediaKind.VIDEO)
+    codec = negotiated_codec(pc, "video") if relay is not None else None
+    if relay is None or codec is None:
+        return False
+    return relay.set_codec(codec)
 
 
 async def _add_candidate(pc: RTCPeerConnection, message: Candidate) -> None:

@@ -10,13 +10,16 @@ import asyncio
 import fractions
 import inspect
 import queue
+import random
 
 import aiortc
 import av
 import pytest
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, clock
+from aiortc.codecs import depayload
+from aiortc.codecs.h264 import H264Decoder, H264Encoder, h264_depayload
 from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
-from aiortc.jitterbuffer import JitterBuffer
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtcrtpparameters import (
     RTCRtpCodecParameters,
@@ -57,10 +60,13 @@ from services.video.forwarding import (
     _ForwardingPacker,
     _FrameSender,
     _header_template,
+    is_h264_keyframe,
     is_vp8_keyframe,
     ntp_time,
+    packetize,
 )
-from tests.video.media import draw_frame_id
+from services.video.transcode import TranscodingEncoder, own_copy
+from tests.video.media import draw_frame_id, read_frame_id
 
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
 KEYFRAME = b"\x10\x02\x00\x9d\x01\x2a\x40\x01\xf0\x00" + bytes(range(200)) * 10
@@ -506,3 +512,138 @@ def test_header_template_without_abs_send_time_is_aiortcs_header() -> None:
     packet = RtpPacket.parse(header + b"opus", extensions_map)
     assert (packet.payload_type, packet.ssrc, packet.extensions.mid) == (111, 0x01020304, "1")
     assert packet.extensions.abs_send_time is None
+
+
+H264 = RTCRtpCodecParameters(
+    mimeType="video/H264",
+    clockRate=90000,
+    payloadType=99,
+    parameters={"packetization-mode": "1", "profile-level-id": "42e01f"},
+)
+
+
+def x264_frames(count: int, noise: bool = False) -> list[list[bytes]]:
+    """``count`` numbered frames through aiortc's own H.264 encoder: RTP payloads each.
+
+    ``noise`` draws random pixels instead (a keyframe too large for one packet).
+    """
+    encoder = H264Encoder()
+    frames = []
+    for frame_id in range(count):
+        frame = draw_frame_id(frame_id)
+        if noise:
+            frame.planes[0].update(random.Random(frame_id).randbytes(frame.planes[0].buffer_size))
+        frame.pts, frame.time_base = frame_id * 3000, fractions.Fraction(1, 90000)
+        payloads, _ = encoder.encode(frame)
+        frames.append(payloads)
+    return frames
+
+
+def test_h264_keyframes_are_recognised_in_real_libx264_output() -> None:
+    # The receiver depayloads each packet with aiortc's h264_depayload (Annex B out).
+    frames = [b"".join(depayload(H264, p) for p in payloads) for payloads in x264_frames(3)]
+    assert [is_h264_keyframe(frame) for frame in frames] == [True, False, False]
+    assert frames[0].startswith(b"\x00\x00\x00\x01")
+    assert not is_h264_keyframe(b"")
+    assert not is_h264_keyframe(b"\x00\x00\x01")
+    assert is_h264_keyframe(b"\x00\x00\x00\x01\x67\x42")  # an SPS alone
+    assert not is_h264_keyframe(b"\x00\x00\x00\x01\x41\x9a")  # a non-IDR slice
+
+
+def test_h264_frames_are_packetized_as_aiortcs_encoder_packetizes_them() -> None:
+    frames = x264_frames(3, noise=True)
+    assert any(payload[0] & 0x1F == 28 for payload in frames[0])  # FU-A: a large keyframe
+    assert frames[0][0][0] & 0x1F == 24  # STAP-A: SPS and PPS (and SEI) together
+    for payloads in frames:
+        depayloaded = b"".join(h264_depayload(p) for p in payloads)
+        # Packetized once by the relay: the same payloads the publisher's encoder sent.
+        assert packetize("video/H264", depayloaded, picture_id=0) == payloads
+        packer = _ForwardingPacker("video", lambda bitrate: None, "video/H264")
+        packet = av.Packet(depayloaded)
+        packet.pts, packet.time_base = 4500, fractions.Fraction(1, 90000)
+        assert packer.pack(packet) == (payloads, 4500)
+
+
+def test_forwarded_h264_decodes_with_aiortcs_decoder() -> None:
+    decoder = H264Decoder()
+    for frame_id, payloads in enumerate(x264_frames(3)):
+        data = b"".join(h264_depayload(p) for p in payloads)
+        (picture,) = decoder.decode(JitterFrame(data=data, timestamp=frame_id * 3000))
+        assert isinstance(picture, av.VideoFrame)
+        assert read_frame_id(picture) == frame_id
+
+
+def test_a_viewer_is_offered_the_publishers_codec_first_and_the_other_for_transcoding() -> None:
+    relay = ForwardingRelay("video")
+    assert relay.set_codec(H264) is True
+    offered = [(c.mimeType, c.parameters.get("profile-level-id")) for c in relay._viewer_codecs()]
+    assert offered == [
+        ("video/H264", "42e01f"),
+        ("video/H264", "42001f"),
+        ("video/VP8", None),
+        ("video/rtx", None),
+    ]
+    assert relay.set_codec(H264) is False
+    strict = ForwardingRelay("video", transcode_fallback=False)
+    assert [c.mimeType for c in strict._viewer_codecs()] == ["video/VP8", "video/rtx"]
+    with pytest.raises(ValueError, match="VP9"):
+        relay.set_codec(RTCRtpCodecParameters(mimeType="video/VP9", clockRate=90000))
+
+
+async def test_a_transcoded_copy_is_encoded_by_the_senders_stock_path_with_our_encoder() -> None:
+    # The transcoded viewer's sender runs aiortc's own loop: ``_next_encoded_frame`` takes
+    # the preset encoder (not get_encoder) and encodes a picture in a worker thread.
+    sender = RTCRtpSender("video", MemoryTransport())  # type: ignore[arg-type]
+    stats = ViewerStats()
+    track = ForwardedTrack("video", stats, request_keyframe=lambda: None)
+    sender.replaceTrack(track)
+    remb: list[int] = []
+    sizes: list[int] = []
+    encoder = TranscodingEncoder(H264Encoder(), remb.append, sizes.append)
+    setattr(sender, SENDER_ENCODER, encoder)
+    track.transcode(encoder.force_keyframe)
+    picture = draw_frame_id(7)
+    picture.pts, picture.time_base = 4500, fractions.Fraction(1, 90000)
+    track.offer_picture(picture)
+    encoded = await sender._next_encoded_frame(H264)
+    assert encoded is not None
+    assert encoded.timestamp == 4500
+    assert getattr(sender, SENDER_ENCODER) is encoder
+    assert sizes == [sum(len(p) for p in encoded.payloads)]
+    assert is_h264_keyframe(b"".join(h264_depayload(p) for p in encoded.payloads))
+    # The viewer's REMB reaches aiortc's encoder (clamped) and the relay.
+    encoder.target_bitrate = 800_000
+    assert (encoder.target_bitrate, remb) == (800_000, [800_000])
+    # A keyframe request from the viewer goes to its own encoder.
+    track.request_keyframe()
+    assert stats.keyframe_requests == 1
+    picture = draw_frame_id(8)
+    picture.pts, picture.time_base = 7500, fractions.Fraction(1, 90000)
+    track.offer_picture(picture)
+    encoded = await sender._next_encoded_frame(H264)
+    assert encoded is not None
+    assert is_h264_keyframe(b"".join(h264_depayload(p) for p in encoded.payloads))
+
+
+def test_each_transcoded_viewer_encodes_its_own_copy_of_the_shared_picture() -> None:
+    # aiortc's H.264 encoder writes to the frame it is given: hence one copy per encoder.
+    picture = draw_frame_id(3)
+    picture.pts, picture.time_base = 0, fractions.Fraction(1, 90000)
+    H264Encoder().encode(picture, force_keyframe=True)
+    assert picture.pict_type == av.video.frame.PictureType.I
+    # A decoded picture's rows may be padded otherwise than a new frame's (128 against 112
+    # bytes at 100 px here): the copy keeps every visible pixel.
+    small = av.VideoFrame(100, 60, "yuv420p")
+    small.planes[0].update(random.Random(1).randbytes(small.planes[0].buffer_size))
+    small.pts, small.time_base = 0, fractions.Fraction(1, 90000)
+    payloads, _ = H264Encoder().encode(small)
+    (decoded,) = H264Decoder().decode(JitterFrame(b"".join(map(h264_depayload, payloads)), 0))
+    assert isinstance(decoded, av.VideoFrame)
+    copy = own_copy(decoded)
+    assert copy is not decoded
+    assert (copy.width, copy.height, copy.pts) == (100, 60, decoded.pts)
+    for source, target in zip(decoded.planes, copy.planes, strict=True):
+        for row in range(source.height):
+            start, end = row * source.line_size, row * source.line_size + source.width
+            copied = bytes(target)[row * target.line_size : row * target.line_size + target.width]
+            assert bytes(source)[start:end] == copied
