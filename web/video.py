@@ -429,29 +429,37 @@ async def _read(
             continue
         if isinstance(message, Join) and not session.joined:
             patient = await _may_join(caller, message)
-            if patient is None:
-                send(encode_error(RoomErrorCode.NOT_ALLOWED, "this link or login cannot join that"))
-                continue
-            await session.handle(message)
-            if session.joined:
-                key = state.store.patient_key(f"Patient/{patient}")
-                detail = f"video visit joined as {caller.role}"
-                await _audit(state, caller.actor, key, message.visit, Outcome.SUCCESS, detail)
-            continue
-        if isinstance(message, Resume) and not session.joined:
+            detail = f"video visit joined as {caller.role}"
+            await _take_seat(state, caller, session, send, message, patient, detail)
+        elif isinstance(message, Resume) and not session.joined:
             # The same checks as a join's, but the seat's token stands for the page's: the
             # service holds it to the credential (the actor) that joined.
             patient = await caller.patient_of(message.visit)
-            if patient is None:
-                send(encode_error(RoomErrorCode.NOT_ALLOWED, "this link or login cannot join that"))
-                continue
+            detail = f"video visit resumed as {caller.role}"
+            await _take_seat(state, caller, session, send, message, patient, detail)
+        else:
             await session.handle(message)
-            if session.joined:
-                key = state.store.patient_key(f"Patient/{patient}")
-                detail = f"video visit resumed as {caller.role}"
-                await _audit(state, caller.actor, key, message.visit, Outcome.SUCCESS, detail)
-            continue
-        await session.handle(message)
+
+
+async def _take_seat(
+    state: AppState,
+    caller: Caller,
+    session: Session,
+    send: Callable[[bytes], None],
+    message: Join | Resume,
+    patient: str | None,
+    detail: str,
+) -> None:
+    """A ``join`` or ``resume``: refused ``not_allowed`` when ``patient`` is None (the caller
+    may not take a seat in that visit), else handed to the service; a seat taken is audited
+    as a ``read`` of the Encounter with ``detail``."""
+    if patient is None:
+        send(encode_error(RoomErrorCode.NOT_ALLOWED, "this link or login cannot join that"))
+        return
+    await session.handle(message)
+    if session.joined:
+        key = state.store.patient_key(f"Patient/{patient}")
+        await _audit(state, caller.actor, key, message.visit, Outcome.SUCCESS, detail)
 
 
 async def _may_join(caller: Caller, message: Join) -> str | None:

@@ -6,6 +6,11 @@ cuts the provider page's WebSocket both ways (``route_web_socket``): the nurse's
 the provider reconnecting, ``video.js`` opens a new socket after its backoff and resumes
 with the seat's token, nobody admits anyone again, and the provider's page keeps decoding
 the patient while the patient keeps decoding the provider.
+
+Then the same after a reload of the provider's page: the old page hands its seat to the next
+through the tab's ``sessionStorage``, the new page resumes it at once (no admission, the same
+participant id), rebuilds its media legs and media flows both ways again; after *Leave the
+video* a reload keeps nothing and the page starts afresh.
 """
 
 from __future__ import annotations
@@ -106,6 +111,85 @@ async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
         await wait_for(lambda: patient.video[provider_id] >= seen + 30, 30, "provider again")
         assert all(m["type"] != "left" for m in patient.received)
         assert problems == []
+    finally:
+        await patient.close()
+        await provider_context.close()
+        await nurse_context.close()
+
+
+async def test_a_reloaded_provider_page_takes_its_seat_back_without_admission(
+    served: tuple[str, AppState], store: Store, media_browser: Any
+) -> None:
+    base_url, state = served
+    encounter_id = await _arrived_patient(store)
+
+    nurse_context = await media_browser.new_context()
+    nurse = await nurse_context.new_page()
+    await live_server.log_in(nurse, base_url, NURSE, PASSWORD, "/visit/new")
+    await nurse.click("text=Issue the link")
+    url = await nurse.input_value("#issued-url")
+    link_path = "/visit/" + url.rsplit("/visit/", 1)[1]
+    await nurse.goto(f"{base_url}/video/nurse?visit={encounter_id}")
+    await nurse.click("#video-start")
+
+    provider_context = await media_browser.new_context()
+    provider = await provider_context.new_page()
+    await provider.goto(base_url + link_path)
+    async with provider.expect_navigation():
+        await provider.click("#join")
+    await provider.click("#video-start")
+    await provider.wait_for_selector("#video-status:has-text('Waiting for the nurse')")
+
+    patient = Client(state.video, "patient")
+    try:
+        await patient.join("patient", visit=encounter_id)
+        for role in ("provider", "patient"):
+            admit = f"#video-people li[data-role='{role}'] button:has-text('Admit')"
+            await nurse.click(admit, timeout=10_000)
+        await wait_for(
+            lambda: any(m["type"] == "admitted" for m in patient.received), 10, "admitted"
+        )
+        await patient.publish()
+        provider_id = next(
+            m["participant"]
+            for m in patient.received
+            if m["type"] == "participant" and m["role"] == "provider"
+        )
+        await _decoded_at_least(provider, patient.id, 30)
+        await wait_for(lambda: patient.video[provider_id] >= 30, 30, "provider at patient")
+        # In the call, the token is in the page's memory only, not in the tab's storage.
+        assert await provider.evaluate("() => sessionStorage.length") == 0
+        await wait_for(lambda: state.video.connections(encounter_id) == 9, 15, "9 connections")
+
+        # The provider reloads the page mid-visit (F5): the same seat, nobody admits again.
+        problems = watch_problems(provider)
+        await provider.reload()
+        me = f"#video-people li[data-participant='{provider_id}']"
+        await provider.wait_for_selector(f"{me}:has-text('(you)')", timeout=15_000)
+        assert await provider.evaluate("() => sessionStorage.length") == 0  # taken at once
+        await provider.wait_for_selector("#video-status:has-text('In the visit')", timeout=20_000)
+        provider_row = f"#video-people li[data-participant='{provider_id}']"
+        await nurse.wait_for_selector(f"{provider_row} .reconnecting", state="detached")
+        assert await nurse.locator(f"{provider_row} button:has-text('Admit')").count() == 0
+        assert await provider.locator("#video-leave").is_visible()
+        # Media both ways again, on the new page's connections.
+        await _decoded_at_least(provider, patient.id, 30)
+        seen = patient.video[provider_id]
+        await wait_for(lambda: patient.video[provider_id] >= seen + 30, 30, "provider again")
+        assert all(m["type"] != "left" for m in patient.received)
+        # Three publishers, each seen by two: the page's old connections were replaced.
+        assert state.video.connections(encounter_id) == 9
+        assert problems == []
+
+        # Leaving keeps nothing for a later load: a reload then starts afresh.
+        await provider.click("#video-leave")
+        await provider.wait_for_selector("#video-start", state="visible")
+        await wait_for(lambda: state.video.connections(encounter_id) == 4, 15, "provider gone")
+        await provider.reload()
+        await provider.wait_for_selector("#video-start", state="visible")
+        assert await provider.inner_text("#video-status") == "Not started."
+        await provider.wait_for_timeout(1000)
+        assert await nurse.locator(f"{provider_row}").count() == 0  # no seat taken
     finally:
         await patient.close()
         await provider_context.close()

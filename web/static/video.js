@@ -49,8 +49,11 @@
   // When the signalling WebSocket drops, the box keeps our seat (and media) a while: a new
   // socket presents the seat's resume token (from "joined", then each "resumed") and takes
   // it back without being admitted again (docs/video.md, "Resuming after the signalling
-  // connection drops"). The token lives in this page's memory only.
+  // connection drops"). The token lives in this page's memory; only when the page goes (a
+  // reload) is it put in this tab's sessionStorage, for the next page to take at once.
   let resumeToken = null;
+  let reloaded = false; // we took the seat over from this tab's previous page
+  const SEAT_KEY = "video-seat";
   let closing = false; // we close the socket ourselves (left, ended): nothing to resume
   let socketLostAt = 0;
   let socketAttempts = 0;
@@ -300,8 +303,13 @@
         notice = document.createElement("p");
         notice.className = "video-notice";
         notice.setAttribute("role", "status");
-        notice.textContent = PAUSED_NOTICE;
         tile.insertBefore(notice, tile.querySelector("figcaption"));
+        // Filled once it is in the page: screen readers announce a live region's changes,
+        // not a region that arrives with its text already in it.
+        const shown = notice;
+        setTimeout(function () {
+          shown.textContent = PAUSED_NOTICE;
+        }, 100);
       }
       tile.classList.add("paused");
     } else {
@@ -575,6 +583,8 @@
     // there now (so the list starts over) and sends again the offers we missed.
     socketLostAt = 0;
     socketAttempts = 0;
+    const wasReloaded = reloaded;
+    reloaded = false;
     resumeToken = message.resume || null;
     iceServers = Array.isArray(message.iceServers) ? message.iceServers : iceServers;
     const muted = new Set(message.muted || []);
@@ -609,6 +619,10 @@
     if (message.presence !== "admitted") {
       say("Waiting for the nurse to let you in…");
     } else if (!publishPc) {
+      if (wasReloaded) {
+        // The box's connections to us ended with the previous page: offered again (new pcs).
+        send({ type: "reconnect" });
+      }
       publish();
     } else if (mediaBroken()) {
       reconnect();
@@ -620,6 +634,7 @@
   function rejoin() {
     // The seat is gone (away too long, or the box restarted): join again, as a new arrival.
     resumeToken = null;
+    reloaded = false;
     stopAll();
     roster.clear();
     me = null;
@@ -685,6 +700,7 @@
     renderPeople();
     me = null;
     resumeToken = null;
+    reloaded = false;
     socketLostAt = 0;
     socketAttempts = 0;
     showControls(false);
@@ -704,6 +720,68 @@
     connect(false);
   }
 
+  // -- taking the seat back after a reload ------------------------------------------------
+
+  function keepSeat() {
+    // The page goes (reload, or away and back) while in the visit: the next page of this tab
+    // takes the seat back within the box's grace period. Nothing is kept after leave or end.
+    if (closing || !me || !resumeToken) {
+      return;
+    }
+    const seat = { ws: cfg.ws, visit: cfg.visit, role: cfg.role, participant: me, token: resumeToken };
+    try {
+      sessionStorage.setItem(SEAT_KEY, JSON.stringify(seat));
+    } catch (error) {
+      // Storage refused (private mode, quota): a reload joins afresh through admission.
+    }
+  }
+
+  function takeSeat() {
+    // Taken out at once: the token is in storage only between two pages of this tab, so a
+    // tab duplicated during the call copies none (the box would give the seat to that tab).
+    let seat = null;
+    try {
+      const raw = sessionStorage.getItem(SEAT_KEY);
+      sessionStorage.removeItem(SEAT_KEY);
+      seat = raw ? JSON.parse(raw) : null;
+    } catch (error) {
+      return null;
+    }
+    if (
+      !seat || seat.ws !== cfg.ws || seat.visit !== cfg.visit || seat.role !== cfg.role ||
+      typeof seat.participant !== "string" || typeof seat.token !== "string"
+    ) {
+      return null;
+    }
+    return seat;
+  }
+
+  function restore(seat) {
+    // As start(), but the first socket resumes the seat (no admission). If the box refuses
+    // ("resume_refused": away too long, or the box restarted), rejoin() joins afresh.
+    me = seat.participant;
+    resumeToken = seat.token;
+    reloaded = true;
+    closing = false;
+    say("Taking your place in the visit again…");
+    panel.dispatchEvent(new CustomEvent("videocall", { bubbles: true, detail: { live: true } }));
+    showControls(true);
+    statsTimer = setInterval(updateStats, 1000);
+    connect(true);
+  }
+
+  window.addEventListener("pagehide", keepSeat);
+  window.addEventListener("pageshow", function (event) {
+    if (event.persisted) {
+      // Back from the back-forward cache: this page still holds its seat in memory.
+      try {
+        sessionStorage.removeItem(SEAT_KEY);
+      } catch (error) {
+        // nothing stored
+      }
+    }
+  });
+
   buttons.start.addEventListener("click", start);
   buttons.audio.addEventListener("click", function () {
     const mine = roster.get(me);
@@ -722,5 +800,9 @@
         send({ type: "end" });
       }
     });
+  }
+  const seat = takeSeat();
+  if (seat) {
+    restore(seat);
   }
 })();

@@ -1,0 +1,266 @@
+"""The audio-only notice in Chromium: the provider page's link squeezed, then cleared.
+
+The app as served, with the site's default ``[video]`` settings (2500 kbit/s uplink, audio
+only under 150 kbit/s). The provider is in Chromium on the visit link's page, over the real
+route; the nurse (admitting) and the patient are aiortc peers of the app's own video
+service, the patient sending 640x480 VP8 with a band of noise (``LargeNumberedVideoTrack``,
+~0.6 Mbit/s, as in tests/video/test_wan.py). Playwright passes the provider page's
+WebSocket through, message by message and in order, rewriting only the ICE candidates of
+the box's subscribe offers and of the page's answers, so that every datagram between the
+box and the page's subscribe connection crosses a ``LossyLink`` (tests/video/lossy_proxy.py)
+with a bottleneck that can be set. Nothing else is faked: the box's WAN leg decides from
+Chromium's own REMB and receiver reports.
+
+Squeezed to 100 kbit/s, the box pauses the patient's video to the provider and the page
+shows the calm notice over the patient's tile (a ``status`` live region), which passes axe;
+cleared, the box's probe restores the video and the notice goes. A screenshot of the notice
+goes to ``APPLIANCE_SCREENSHOTS`` as ``pause-notice.png`` when that is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.config import demo_config
+from appliance.store import Store
+from appliance.users import Role
+from services.video.rooms import MediaKind
+from tests.e2e import live_server
+from tests.e2e.live_server import watch_problems
+from tests.e2e.test_accessibility_e2e import AXE, Axe
+from tests.e2e.test_video_e2e import NURSE, PASSWORD, _arrived_patient, _frames_decoded
+from tests.video.lossy_proxy import CANDIDATE, LossyLink, host_candidates
+from tests.video.peers import wait_for
+from tests.video.test_loss import LargeNumberedVideoTrack
+from tests.video.test_service import Client
+from web.app import AppState, create_app
+
+pytestmark = pytest.mark.slow
+
+NOTICE = "Video paused: weak connection. Audio continues."
+SQUEEZE_BPS = 100_000  # well under the default 150 kbit/s threshold, as test_wan.py's
+
+
+class SqueezableSignalling:
+    """The provider page's signalling, passed through in order; the box's subscribe offers
+    and the page's answers to them are rewritten so that each subscribe connection's
+    datagrams cross a ``LossyLink`` of its own (``links``, by ``pc``)."""
+
+    def __init__(self) -> None:
+        self.links: dict[str, LossyLink] = {}
+        self._offers: dict[str, str] = {}  # the box's offers as it made them, by pc
+        self.failures: list[BaseException] = []  # a rewrite that failed (the test fails)
+        self.sockets = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def route(self, ws: Any) -> None:
+        """``page.route_web_socket``'s handler: one socket of the page."""
+        self.sockets += 1
+        server = ws.connect_to_server()
+        from_server: asyncio.Queue[str | bytes] = asyncio.Queue()
+        from_page: asyncio.Queue[str | bytes] = asyncio.Queue()
+        server.on_message(from_server.put_nowait)
+        ws.on_message(from_page.put_nowait)
+        self._tasks += [
+            asyncio.create_task(self._pump(from_server, self._from_box, ws.send)),
+            asyncio.create_task(self._pump(from_page, self._from_page, server.send)),
+        ]
+
+    async def _pump(
+        self,
+        queue: asyncio.Queue[str | bytes],
+        rewrite: Callable[[str | bytes], Awaitable[str | bytes]],
+        forward: Callable[[str | bytes], None],
+    ) -> None:
+        while True:
+            raw = await queue.get()
+            try:
+                forward(await rewrite(raw))
+            except Exception as error:  # reported by the test, not lost in a task
+                self.failures.append(error)
+                forward(raw)
+
+    async def _from_box(self, raw: str | bytes) -> str | bytes:
+        message = json.loads(raw)
+        if message.get("type") != "offer" or not message.get("pc"):
+            return raw
+        link = LossyLink(seed=1 + 10 * len(self.links))
+        self.links[message["pc"]], self._offers[message["pc"]] = link, message["sdp"]
+        message["sdp"] = await link.route_offer(message["sdp"])
+        return json.dumps(message)
+
+    async def _from_page(self, raw: str | bytes) -> str | bytes:
+        message = json.loads(raw)
+        pc = message.get("pc") or ""
+        link = self.links.get(pc)
+        if message.get("type") != "answer" or link is None:
+            return raw
+        message["sdp"] = _route_chromium_answer(link, self._offers[pc], message["sdp"])
+        return json.dumps(message)
+
+    def squeeze(self, bps: int | None) -> None:
+        """A bottleneck of ``bps`` from the box to the page on every link (None: none)."""
+        for link in self.links.values():
+            link.rate_to_answerer(bps)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for link in self.links.values():
+            link.close()
+
+
+def _route_chromium_answer(link: LossyLink, offer: str, answer: str) -> str:
+    """Chromium's answer with, in each media section that has candidates, one of its UDP
+    host candidates (loopback if it has one) behind the proxy of the box's candidate in that
+    section, and its other candidates left out: the box reaches the page only through it.
+
+    ``LossyLink.route_answer`` pairs candidates one to one, as two aiortc peers on loopback
+    give them; Chromium gives one per interface, TCP ones too, and accepting the box's
+    BUNDLE, candidates in the first section only."""
+    offered = host_candidates(offer)
+    section = -1
+    chosen: dict[int, tuple[str, int]] = {}
+    for line in answer.split("\r\n"):
+        section += line.startswith("m=")
+        found = CANDIDATE.match(line)
+        if found is None:
+            continue
+        address = (found.group(2), int(found.group(3)))
+        loopback = address[0] == "127.0.0.1"
+        if section not in chosen or (loopback and chosen[section][0] != "127.0.0.1"):
+            chosen[section] = address
+    assert chosen, f"no UDP host candidate in Chromium's answer:\n{answer}"
+    lines, section = [], -1
+    for line in answer.split("\r\n"):
+        section += line.startswith("m=")
+        if line.startswith("a=candidate:"):
+            found = CANDIDATE.match(line)
+            if found is None or (found.group(2), int(found.group(3))) != chosen[section]:
+                continue
+            [proxy] = [p for p in link.proxies if p.offerer == offered[section][0]]
+            proxy.answerer = chosen[section]
+            host, port = proxy.a
+            line = f"{found.group(1)}{host} {port}{found.group(4)}"
+        lines.append(line)
+    return "\r\n".join(lines)
+
+
+@pytest.fixture
+async def served(
+    tmp_path: Path, store: Store, loopback: None
+) -> AsyncIterator[tuple[str, AppState]]:
+    app = create_app(demo_config(tmp_path), store)
+    await live_server.create_user(store, NURSE, PASSWORD, Role.NURSE)
+    async with live_server.serve(app) as base_url:
+        yield base_url, app.extensions["appliance"]
+
+
+async def test_a_squeezed_provider_page_shows_the_audio_only_notice_until_video_returns(
+    served: tuple[str, AppState], store: Store, media_browser: Any, tmp_path: Path
+) -> None:
+    base_url, state = served
+    encounter_id = await _arrived_patient(store)
+
+    # The nurse issues the provider's link (her own video is an aiortc peer, below).
+    nurse_context = await media_browser.new_context()
+    nurse_page = await nurse_context.new_page()
+    await live_server.log_in(nurse_page, base_url, NURSE, PASSWORD, "/visit/new")
+    await nurse_page.click("text=Issue the link")
+    url = await nurse_page.input_value("#issued-url")
+    link_path = "/visit/" + url.rsplit("/visit/", 1)[1]
+    await nurse_context.close()
+
+    signalling = SqueezableSignalling()
+    provider_context = await media_browser.new_context(viewport={"width": 1280, "height": 900})
+    provider = await provider_context.new_page()
+    problems = watch_problems(provider)
+    await provider.route_web_socket(re.compile(r".*/video$"), signalling.route)
+    await provider.goto(base_url + link_path)
+    async with provider.expect_navigation():
+        await provider.click("#join")
+    await provider.click("#video-start")
+    await provider.wait_for_selector("#video-status:has-text('Waiting for the nurse')")
+
+    nurse, patient = Client(state.video, "nurse"), Client(state.video, "patient")
+    try:
+        await nurse.join("nurse", visit=encounter_id)
+        await patient.join("patient", visit=encounter_id)
+        provider_id = next(
+            m["participant"]
+            for m in nurse.received
+            if m["type"] == "participant" and m["role"] == "provider"
+        )
+        for participant in (provider_id, patient.id):
+            await nurse.send(type="admit", participant=participant)
+        await patient.publish(LargeNumberedVideoTrack())
+        tile = f"#video-tiles figure[data-publisher='{patient.id}']"
+        await _decoded_at_least(provider, patient.id, 30)
+        remote = state.video.remote_stream(encounter_id, patient.id, provider_id)
+        assert remote is not None  # the provider is a remote viewer: the WAN leg watches
+        await wait_for(lambda: remote.last_remb is not None, 15, "Chromium's first REMB")
+        # No notice before the squeeze. (On a loaded 2-core machine Chromium's estimator has
+        # seen its own stalls as a queue and the box paused on it: then wait for the restore.)
+        await provider.locator(f"{tile} .video-notice").wait_for(state="detached", timeout=60_000)
+
+        # The provider's downlink squeezed: the box pauses the video, the page says so calmly.
+        signalling.squeeze(SQUEEZE_BPS)
+        notice = provider.locator(f"{tile} .video-notice")
+        await notice.filter(has_text=NOTICE).wait_for(state="visible", timeout=30_000)
+        assert await notice.get_attribute("role") == "status"  # a polite live region
+        assert await provider.get_by_role("status").filter(has_text=NOTICE).count() == 1
+        me = provider.locator(f"#video-people li[data-participant='{provider_id}']")
+        assert "weak connection: audio only" in await me.inner_text()
+        nurse.last("video_paused", publisher=patient.id, viewer=provider_id, paused=True)
+        assert await provider.locator(f"{tile} video").is_visible()  # the tile stays
+        audio = state.video.relays(encounter_id, patient.id)[MediaKind.AUDIO]
+        heard = audio.stats.viewers[provider_id].frames_out
+        await wait_for(  # 20 ms Opus frames
+            lambda: audio.stats.viewers[provider_id].frames_out >= heard + 50,
+            5,
+            "audio still forwarded to the provider",
+        )
+        axe = Axe(AXE.read_text())
+        await axe.check(provider, "provider page, video paused")
+        assert axe.blocking == {}, axe.blocking
+        shots = os.environ.get("APPLIANCE_SCREENSHOTS")
+        target = Path(shots) if shots else tmp_path
+        await provider.screenshot(path=str(target / "pause-notice.png"), full_page=False)
+
+        # Cleared: the box's probe finds the path good again, and the notice goes.
+        signalling.squeeze(None)
+        # The first probe 3 s after the pause, held 3 s; on a loaded machine a probe may
+        # fail on the machine's own stalls (the back-off doubles: 6, 12, 24 s).
+        await notice.wait_for(state="detached", timeout=90_000)
+        nurse.last("video_paused", publisher=patient.id, viewer=provider_id, paused=False)
+        assert "weak connection" not in await me.inner_text()
+        before = await _frames_decoded(provider, patient.id)
+        await _decoded_at_least(provider, patient.id, before + 30)
+        assert signalling.sockets == 1  # one signalling connection throughout
+        assert signalling.failures == []
+        assert problems == []
+    finally:
+        for client in (patient, nurse):
+            with contextlib.suppress(Exception):
+                await client.close()
+        await provider_context.close()
+        signalling.close()
+
+
+async def _decoded_at_least(page: Any, publisher: str, frames: int) -> None:
+    tile = f"#video-tiles figure[data-publisher='{publisher}']"
+    await page.wait_for_selector(tile, timeout=15_000)
+    for _ in range(150):
+        if await _frames_decoded(page, publisher) >= frames:
+            return
+        await page.wait_for_timeout(200)
+    raise AssertionError(f"{frames} frames not decoded from {publisher}")
