@@ -285,7 +285,8 @@ async def test_a_walk_in_matching_a_patient_goes_to_the_front_desk(
     )
     assert b"Please see the front desk" in page
     assert b"A. T." not in page
-    assert b"Ada" not in page
+    # Random tokens in the page (CSRF, CSP nonce) may spell "Ada" by chance: not a leak.
+    assert b"Ada" not in re.sub(rb'"[A-Za-z0-9_\-+/=]{20,}"', b'""', page)
     assert len(await store.patients("user:test")) == 1
 
 
