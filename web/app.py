@@ -30,7 +30,8 @@ from appliance.users import LoginThrottle, Role
 from services.video import still_requests
 from services.video.bandwidth import WanPolicy
 from services.video.camera_streams import StreamWatcher
-from services.video.service import VideoService, ice_servers
+from services.video.service import VideoService
+from services.video.turn import ice_servers
 from web.changes import ChangeFeed
 from web.templating import render_template
 

@@ -41,13 +41,11 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
-    RTCIceServer,
     RTCPeerConnection,
     RTCRtpSender,
     RTCSessionDescription,
@@ -87,6 +85,7 @@ from services.video.signalling import (
     Reconnect,
     Resume,
 )
+from services.video.turn import IceServer
 
 logger = logging.getLogger(__name__)
 
@@ -98,30 +97,6 @@ RECONNECT_MIN_INTERVAL_S = 5.0
 # A participant whose signalling connection drops without a ``leave`` keeps its seat (and
 # its media connections) this long, for a new connection presenting its resume token.
 RESUME_GRACE_S = 60.0
-
-
-class IceServerSettings(Protocol):
-    """A STUN or TURN server as the site config gives it (``appliance.config``)."""
-
-    @property
-    def urls(self) -> tuple[str, ...]: ...
-    @property
-    def username(self) -> str | None: ...
-    @property
-    def credential_file(self) -> Path | None: ...
-
-
-def ice_servers(settings: Iterable[IceServerSettings]) -> list[RTCIceServer]:
-    """The configured STUN/TURN servers, each TURN credential read from its file (at start)."""
-    servers = []
-    for server in settings:
-        credential = None
-        if server.credential_file is not None:
-            credential = server.credential_file.read_text(encoding="utf-8").strip()
-        servers.append(
-            RTCIceServer(urls=list(server.urls), username=server.username, credential=credential)
-        )
-    return servers
 
 
 def _utcnow() -> datetime:
@@ -206,7 +181,7 @@ class VideoService:
         self,
         rooms: RoomRules | None = None,
         *,
-        ice_servers: Sequence[RTCIceServer] = (),
+        ice_servers: Sequence[IceServer] = (),
         clock: Callable[[], datetime] = _utcnow,
         new_id: Callable[[], str] = _new_id,
         wan: WanPolicy | None = None,
@@ -368,8 +343,15 @@ class VideoService:
         if not task.cancelled() and (error := task.exception()) is not None:
             logger.error("video message failed (%s)", type(error).__name__)
 
+    def _browser_ice(self, participant_id: str) -> list[dict[str, Any]]:
+        """The ICE servers for one participant's browser (its own TURN credential when the
+        site shares a secret with its TURN server; services/video/turn.py)."""
+        return [server.for_browser(participant_id) for server in self._ice_servers]
+
     def _new_pc(self) -> RTCPeerConnection:
-        return RTCPeerConnection(RTCConfiguration(iceServers=list(self._ice_servers)))
+        return RTCPeerConnection(
+            RTCConfiguration(iceServers=[server.for_box() for server in self._ice_servers])
+        )
 
     async def _join(self, session: Session, message: Join) -> None:
         media = self._media.setdefault(message.visit, _RoomMedia())
@@ -387,7 +369,7 @@ class VideoService:
             session.visit_id, session.participant_id = message.visit, participant_id
             room = self.rooms.get(message.visit)
             joined = signalling.encode_joined(
-                room.participant(participant_id), [_ice_dict(s) for s in self._ice_servers], token
+                room.participant(participant_id), self._browser_ice(participant_id), token
             )
             session.send(joined)
             _send_room_state(media, room, session)
@@ -430,7 +412,7 @@ class VideoService:
             participant_id = message.participant
             session.visit_id, session.participant_id = message.visit, participant_id
             room = self.rooms.get(message.visit)
-            ice = [_ice_dict(s) for s in self._ice_servers]
+            ice = self._browser_ice(participant_id)
             me = room.participant(participant_id)
             session.send(signalling.encode_joined(me, ice, token, resumed=True))
             _send_room_state(media, room, session)
@@ -876,17 +858,6 @@ def _tell(media: _RoomMedia, events: Iterable[Event], skip: str | None = None) -
         for participant_id, member in media.members.items():
             if participant_id != skip:
                 member.session.send(data)
-
-
-def _ice_dict(server: RTCIceServer) -> dict[str, Any]:
-    """A server as a browser's ``RTCPeerConnection`` takes it."""
-    urls = [server.urls] if isinstance(server.urls, str) else list(server.urls)
-    body: dict[str, Any] = {"urls": urls}
-    if server.username is not None:
-        body["username"] = server.username
-    if server.credential is not None:
-        body["credential"] = server.credential
-    return body
 
 
 def _tell_raw(media: _RoomMedia, data: bytes) -> None:

@@ -22,8 +22,14 @@ import base64
 import hmac
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiortc import RTCIceServer
+
+from appliance.errors import ConfigError
 
 _WHO = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -56,3 +62,93 @@ def expiry_of(username: str) -> int:
     if not sep or not (head.isascii() and head.isdigit()):
         raise ValueError("not a TURN REST username")
     return int(head)
+
+
+class IceServerSettings(Protocol):
+    """A STUN or TURN server as the site config gives it (``appliance.config``)."""
+
+    @property
+    def urls(self) -> tuple[str, ...]: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def credential_file(self) -> Path | None: ...
+    @property
+    def secret_file(self) -> Path | None: ...
+    @property
+    def credential_ttl_s(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IceServer:
+    """One STUN or TURN server, and the credential each party is given for it.
+
+    A static account (``username``, ``credential``) is the same for everyone; with a shared
+    ``secret`` each party gets its own short-lived credential (:func:`rest_credential`).
+    """
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
+    secret: bytes | None = None
+    ttl_s: int = 14_400
+
+    def __repr__(self) -> str:  # credentials and secrets never reach a log line
+        how = "shared secret" if self.secret else "static account" if self.username else "none"
+        return f"IceServer(urls={self.urls!r}, credentials={how})"
+
+    def login(self, who: str, now: Callable[[], float] = time.time) -> tuple[str, str] | None:
+        """(username, credential) for ``who`` (a participant id, or "box"); None for STUN."""
+        if self.secret is not None:
+            made = rest_credential(self.secret, who, ttl_s=self.ttl_s, now=now)
+            return made.username, made.credential
+        if self.username is not None and self.credential is not None:
+            return self.username, self.credential
+        return None
+
+    def for_box(self) -> RTCIceServer:
+        """For one of the box's own peer connections (aiortc)."""
+        login = self.login("box")
+        if login is None:
+            return RTCIceServer(urls=list(self.urls))
+        return RTCIceServer(urls=list(self.urls), username=login[0], credential=login[1])
+
+    def for_browser(self, participant_id: str) -> dict[str, Any]:
+        """As one participant's browser ``RTCPeerConnection`` takes it (``iceServers``)."""
+        body: dict[str, Any] = {"urls": list(self.urls)}
+        login = self.login(participant_id)
+        if login is not None:
+            body["username"], body["credential"] = login
+        return body
+
+
+def ice_servers(settings: Iterable[IceServerSettings]) -> list[IceServer]:
+    """The configured servers, each credential or shared secret read from its file (at
+    start). A file missing, unreadable or empty is a :class:`ConfigError` naming it."""
+    servers, problems = [], []
+    for server in settings:
+        credential = secret = None
+        try:
+            if server.credential_file is not None:
+                credential = server.credential_file.read_text(encoding="utf-8").strip()
+                if not credential:
+                    problems.append(f"{server.credential_file}: the TURN credential file is empty")
+            if server.secret_file is not None:
+                secret = server.secret_file.read_bytes().strip()
+                if not secret:
+                    problems.append(f"{server.secret_file}: the TURN secret file is empty")
+        except OSError as exc:
+            problems.append(f"{exc.filename}: cannot read ({exc.strerror})")
+            continue
+        servers.append(
+            IceServer(
+                urls=tuple(server.urls),
+                username=server.username,
+                credential=credential,
+                secret=secret,
+                ttl_s=server.credential_ttl_s,
+            )
+        )
+    if problems:
+        raise ConfigError(problems, "video.ice_server")
+    return servers

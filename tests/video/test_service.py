@@ -8,7 +8,10 @@ it decodes per publisher. No network for the rules-only tests; the others are ``
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -22,9 +25,11 @@ from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
 from appliance.config import IceServerConfig
+from appliance.errors import ConfigError
 from services.video.rooms import MediaKind
-from services.video.service import VideoService, ice_servers
+from services.video.service import VideoService
 from services.video.signalling import End, Inbound, Leave, SignallingError, encode_error
+from services.video.turn import ice_servers
 from tests.video.media import NumberedVideoTrack, read_frame_id
 from tests.video.peers import loopback_pc, wait_for
 
@@ -395,6 +400,11 @@ async def test_the_sites_ice_servers_reach_the_box_and_every_browser(tmp_path: P
     ]
     servers = ice_servers(settings)
     assert [(s.urls, s.username, s.credential) for s in servers] == [
+        (("stun:stun.example.test:3478",), None, None),
+        (("turns:turn.example.test:5349",), "clinic", "s3cret"),
+    ]
+    assert "s3cret" not in repr(servers)
+    assert [(s.urls, s.username, s.credential) for s in (x.for_box() for x in servers)] == [
         (["stun:stun.example.test:3478"], None, None),
         (["turns:turn.example.test:5349"], "clinic", "s3cret"),
     ]
@@ -410,6 +420,53 @@ async def test_the_sites_ice_servers_reach_the_box_and_every_browser(tmp_path: P
                 "credential": "s3cret",
             },
         ]
+
+
+async def test_with_a_shared_secret_each_party_gets_its_own_expiring_turn_login(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "turn-secret"
+    secret.write_bytes(b"shared-with-coturn\n")
+    settings = [
+        IceServerConfig(
+            urls=("turns:turn.example.test:5349",), secret_file=secret, credential_ttl_s=3600
+        )
+    ]
+    [server] = ice_servers(settings)
+    assert b"shared-with-coturn" not in repr(server).encode()
+    box = server.for_box()
+    assert box.username is not None
+    assert box.username.endswith(":box")
+    before = int(time.time())
+    async with video_service(VideoService(ice_servers=[server])) as (_service, client):
+        nurse, patient = client("nurse"), client("patient")
+        joined = [await nurse.join("nurse"), await patient.join("patient")]
+    logins = []
+    for message in joined:
+        [ice] = message["iceServers"]
+        expiry, _, who = ice["username"].partition(":")
+        assert who == message["participant"]  # a random id, never a name
+        assert before + 3600 <= int(expiry) <= int(time.time()) + 3600
+        expected = base64.b64encode(
+            hmac.new(b"shared-with-coturn", ice["username"].encode(), hashlib.sha1).digest()
+        ).decode()
+        assert ice["credential"] == expected
+        logins.append((ice["username"], ice["credential"]))
+    assert logins[0] != logins[1]
+
+
+def test_an_unreadable_or_empty_turn_file_is_one_clear_config_error(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("\n", encoding="utf-8")
+    settings = [
+        IceServerConfig(urls=("turn:turn.example.test",), secret_file=tmp_path / "missing"),
+        IceServerConfig(urls=("turn:turn.example.test",), username="u", credential_file=empty),
+    ]
+    with pytest.raises(ConfigError) as caught:
+        ice_servers(settings)
+    assert len(caught.value.problems) == 2
+    assert "missing: cannot read" in caught.value.problems[0]
+    assert "credential file is empty" in caught.value.problems[1]
 
 
 async def test_reconnect_keeps_the_participant_in_the_room_and_is_not_a_flood() -> None:

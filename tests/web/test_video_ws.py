@@ -7,6 +7,7 @@ no media (tests/video/test_service.py covers the peer connections).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -338,3 +339,33 @@ class TestTheSitesIceServers:
         await provider.expect("error", code="rate_limited")  # only the second one
         await provider.send(type="leave")
         await nurse.expect("left", participant=provider_id)
+
+
+class TestATurnServerWithASharedSecret:
+    """``secret_file``: the app gives each participant its own expiring TURN login."""
+
+    @pytest.fixture
+    def config(self, tmp_path: Path) -> Config:
+        secret = tmp_path / "turn-secret"
+        secret.write_text("shared-with-coturn\n", encoding="utf-8")
+        turn = IceServerConfig(urls=("turns:turn.example.test:5349",), secret_file=secret)
+        return replace(demo_config(tmp_path), video=VideoConfig(ice_servers=(turn,)))
+
+    async def test_nurse_and_provider_get_different_logins_naming_no_one(
+        self, connected: tuple[Peer, Peer], seeded: Seeded, nurse_csrf: str, link: str
+    ) -> None:
+        nurse, provider = connected
+        await nurse.send(type="join", visit=seeded.encounter_id, role="nurse", token=nurse_csrf)
+        await provider.send(type="join", visit=seeded.encounter_id, role="provider", token=link)
+        logins = []
+        for joined in (
+            await nurse.expect("joined", role="nurse"),
+            await provider.expect("joined", role="provider"),
+        ):
+            [ice] = joined["iceServers"]
+            expiry, _, who = ice["username"].partition(":")
+            assert who == joined["participant"]
+            assert int(expiry) > time.time() + 14_000  # the default lifetime, 4 h
+            assert ice["credential"] != "shared-with-coturn"
+            logins.append(ice["credential"])
+        assert logins[0] != logins[1]
