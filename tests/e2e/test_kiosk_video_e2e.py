@@ -31,6 +31,7 @@ from tests import factories
 from tests.e2e import live_server
 from tests.e2e.live_server import watch_problems
 from tests.e2e.test_accessibility_e2e import Axe, axe  # noqa: F401 - the axe fixture
+from tests.e2e.video_call import frames_decoded
 from tests.video.peers import wait_for
 from tests.video.test_service import Client
 from web.app import AppState, create_app
@@ -83,13 +84,6 @@ async def _arrived_and_in_the_exam_room(store: Store) -> str:
     return arrival.logical_id
 
 
-async def _frames_decoded(page: Any, publisher: str) -> int:
-    value = await page.get_attribute(
-        f"#video-tiles figure[data-publisher='{publisher}']", "data-frames-decoded"
-    )
-    return int(value or 0)
-
-
 @pytest.mark.timeout(150)
 async def test_the_patient_joins_from_the_kiosk_and_idle_waits_for_the_call_to_end(
     served: tuple[str, AppState],
@@ -137,10 +131,10 @@ async def test_the_patient_joins_from_the_kiosk_and_idle_waits_for_the_call_to_e
         await page.wait_for_selector(tile, timeout=15_000)
         await wait_for(lambda: nurse.video[patient_id] >= 30, 30, "kiosk frames at the nurse")
         for _ in range(150):
-            if await _frames_decoded(page, nurse.id) >= 30:
+            if await frames_decoded(page, nurse.id) >= 30:
                 break
             await page.wait_for_timeout(200)
-        assert await _frames_decoded(page, nurse.id) >= 30
+        assert await frames_decoded(page, nurse.id) >= 30
 
         shots = os.environ.get("APPLIANCE_SCREENSHOTS")
         target = Path(shots) if shots else tmp_path
@@ -149,11 +143,11 @@ async def test_the_patient_joins_from_the_kiosk_and_idle_waits_for_the_call_to_e
         axe.assert_clean(1)
 
         # Three idle periods without a touch: the call goes on, no warning, no reset.
-        before = await _frames_decoded(page, nurse.id)
+        before = await frames_decoded(page, nurse.id)
         await page.wait_for_timeout(3 * IDLE_S * 1000)
         assert await page.locator("#video").count() == 1
         assert await page.locator("#kiosk-idle-warning").is_hidden()
-        assert await _frames_decoded(page, nurse.id) > before
+        assert await frames_decoded(page, nurse.id) > before
         assert not [m for m in nurse.received if m["type"] == "left"]
 
         # The nurse ends the visit: the kiosk says so, then its step is back, then the idle

@@ -30,13 +30,13 @@ from services import intake
 from tests import factories
 from tests.e2e import live_server
 from tests.e2e.live_server import watch_problems
+from tests.e2e.video_call import NURSE, PASSWORD, frames_decoded, issue_link, provider_waits
 from tests.video.peers import wait_for
 from tests.video.test_service import Client
 from web.app import AppState, create_app
 
 pytestmark = pytest.mark.slow
 
-NURSE, PASSWORD = "nurse-video", "correct horse battery staple"
 PNG = (
     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00"
     b"\x90wS\xde\x00\x00\x00\x0cIDATx\x9cc\xf8\xcf\xc0\x00\x00\x03\x01\x01\x00\xc9\xfe\x92\xef"
@@ -80,13 +80,6 @@ async def _arrived_patient(store: Store) -> str:
     return stored[-1].logical_id
 
 
-async def _frames_decoded(page: Any, publisher: str) -> int:
-    value = await page.get_attribute(
-        f"#video-tiles figure[data-publisher='{publisher}']", "data-frames-decoded"
-    )
-    return int(value or 0)
-
-
 async def test_provider_page_and_patient_see_each_other_after_the_nurse_admits(
     served: tuple[str, AppState], store: Store, media_browser: Any, tmp_path: Path
 ) -> None:
@@ -97,10 +90,7 @@ async def test_provider_page_and_patient_see_each_other_after_the_nurse_admits(
     nurse_context = await media_browser.new_context(viewport={"width": 1280, "height": 900})
     nurse = await nurse_context.new_page()
     nurse.on("dialog", lambda dialog: dialog.accept())
-    await live_server.log_in(nurse, base_url, NURSE, PASSWORD, "/visit/new")
-    await nurse.click("text=Issue the link")
-    url = await nurse.input_value("#issued-url")
-    link_path = "/visit/" + url.rsplit("/visit/", 1)[1]
+    link_path = await issue_link(nurse, base_url)
     # From the arrivals queue: the patient's row links to the visit's video page.
     await nurse.goto(f"{base_url}/nurse/")
     row = nurse.locator(f'#arrivals tr[data-encounter-id="{encounter_id}"]')
@@ -114,11 +104,7 @@ async def test_provider_page_and_patient_see_each_other_after_the_nurse_admits(
     provider_context = await media_browser.new_context(viewport={"width": 1440, "height": 1100})
     provider = await provider_context.new_page()
     problems = watch_problems(provider)
-    await provider.goto(base_url + link_path)
-    async with provider.expect_navigation():
-        await provider.click("#join")
-    await provider.click("#video-start")
-    await provider.wait_for_selector("#video-status:has-text('Waiting for the nurse')")
+    await provider_waits(provider, base_url, link_path)
 
     # The patient (aiortc, numbered frames) joins the same room.
     patient = Client(state.video, "patient")
@@ -147,10 +133,10 @@ async def test_provider_page_and_patient_see_each_other_after_the_nurse_admits(
         tile = f"#video-tiles figure[data-publisher='{patient.id}']"
         await provider.wait_for_selector(tile, timeout=15_000)
         for _ in range(150):
-            if await _frames_decoded(provider, patient.id) >= 30:
+            if await frames_decoded(provider, patient.id) >= 30:
                 break
             await provider.wait_for_timeout(200)
-        assert await _frames_decoded(provider, patient.id) >= 30
+        assert await frames_decoded(provider, patient.id) >= 30
         await wait_for(lambda: patient.video[provider_id] >= 30, 30, "provider frames at patient")
         await wait_for(lambda: patient.audio[provider_id] >= 50, 30, "provider audio at patient")
         nurse_tile = "#video-tiles figure.remote"
@@ -183,10 +169,10 @@ async def test_provider_page_and_patient_see_each_other_after_the_nurse_admits(
         await provider.wait_for_selector(camera_tile, timeout=30_000)
         assert await provider.locator("#video-tiles figure.remote").count() == tiles_before + 1
         for _ in range(150):
-            if await _frames_decoded(provider, camera_id) >= 10:
+            if await frames_decoded(provider, camera_id) >= 10:
                 break
             await provider.wait_for_timeout(200)
-        assert await _frames_decoded(provider, camera_id) >= 10
+        assert await frames_decoded(provider, camera_id) >= 10
         await provider.wait_for_selector(
             f"{camera_tile} .who:has-text('demo exam camera')", timeout=5_000
         )

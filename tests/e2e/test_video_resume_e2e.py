@@ -22,15 +22,19 @@ from typing import Any
 
 import pytest
 
-from appliance.config import demo_config
 from appliance.store import Store
-from appliance.users import Role
-from tests.e2e import live_server
 from tests.e2e.live_server import watch_problems
-from tests.e2e.test_video_e2e import NURSE, PASSWORD, _arrived_patient, _frames_decoded
+from tests.e2e.test_video_e2e import _arrived_patient
+from tests.e2e.video_call import (
+    decoded_at_least,
+    frames_decoded,
+    issue_link,
+    provider_waits,
+    served_app,
+)
 from tests.video.peers import wait_for
 from tests.video.test_service import Client
-from web.app import AppState, create_app
+from web.app import AppState
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +43,8 @@ pytestmark = pytest.mark.slow
 async def served(
     tmp_path: Path, store: Store, loopback: None
 ) -> AsyncIterator[tuple[str, AppState]]:
-    app = create_app(demo_config(tmp_path), store)
-    await live_server.create_user(store, NURSE, PASSWORD, Role.NURSE)
-    async with live_server.serve(app) as base_url:
-        yield base_url, app.extensions["appliance"]
+    async with served_app(tmp_path, store) as served:
+        yield served
 
 
 async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
@@ -53,10 +55,7 @@ async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
 
     nurse_context = await media_browser.new_context()
     nurse = await nurse_context.new_page()
-    await live_server.log_in(nurse, base_url, NURSE, PASSWORD, "/visit/new")
-    await nurse.click("text=Issue the link")
-    url = await nurse.input_value("#issued-url")
-    link_path = "/visit/" + url.rsplit("/visit/", 1)[1]
+    link_path = await issue_link(nurse, base_url)
     await nurse.goto(f"{base_url}/video/nurse?visit={encounter_id}")
     await nurse.click("#video-start")
 
@@ -69,11 +68,7 @@ async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
         sockets.append((ws, ws.connect_to_server()))  # messages pass as they are
 
     await provider.route_web_socket(re.compile(r".*/video$"), route)
-    await provider.goto(base_url + link_path)
-    async with provider.expect_navigation():
-        await provider.click("#join")
-    await provider.click("#video-start")
-    await provider.wait_for_selector("#video-status:has-text('Waiting for the nurse')")
+    await provider_waits(provider, base_url, link_path)
 
     patient = Client(state.video, "patient")
     try:
@@ -90,7 +85,7 @@ async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
             for m in patient.received
             if m["type"] == "participant" and m["role"] == "provider"
         )
-        await _decoded_at_least(provider, patient.id, 30)
+        await decoded_at_least(provider, patient.id, 30)
         await wait_for(lambda: patient.video[provider_id] >= 30, 30, "provider at patient")
 
         # The provider's socket dies, both ways, without a word.
@@ -105,8 +100,8 @@ async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
         assert len(sockets) >= 2
         assert await nurse.locator(f"{provider_row} button:has-text('Admit')").count() == 0
         await provider.wait_for_selector("#video-status:has-text('In the visit')")
-        before = await _frames_decoded(provider, patient.id)
-        await _decoded_at_least(provider, patient.id, before + 30)
+        before = await frames_decoded(provider, patient.id)
+        await decoded_at_least(provider, patient.id, before + 30)
         seen = patient.video[provider_id]
         await wait_for(lambda: patient.video[provider_id] >= seen + 30, 30, "provider again")
         assert all(m["type"] != "left" for m in patient.received)
@@ -125,20 +120,13 @@ async def test_a_reloaded_provider_page_takes_its_seat_back_without_admission(
 
     nurse_context = await media_browser.new_context()
     nurse = await nurse_context.new_page()
-    await live_server.log_in(nurse, base_url, NURSE, PASSWORD, "/visit/new")
-    await nurse.click("text=Issue the link")
-    url = await nurse.input_value("#issued-url")
-    link_path = "/visit/" + url.rsplit("/visit/", 1)[1]
+    link_path = await issue_link(nurse, base_url)
     await nurse.goto(f"{base_url}/video/nurse?visit={encounter_id}")
     await nurse.click("#video-start")
 
     provider_context = await media_browser.new_context()
     provider = await provider_context.new_page()
-    await provider.goto(base_url + link_path)
-    async with provider.expect_navigation():
-        await provider.click("#join")
-    await provider.click("#video-start")
-    await provider.wait_for_selector("#video-status:has-text('Waiting for the nurse')")
+    await provider_waits(provider, base_url, link_path)
 
     patient = Client(state.video, "patient")
     try:
@@ -155,7 +143,7 @@ async def test_a_reloaded_provider_page_takes_its_seat_back_without_admission(
             for m in patient.received
             if m["type"] == "participant" and m["role"] == "provider"
         )
-        await _decoded_at_least(provider, patient.id, 30)
+        await decoded_at_least(provider, patient.id, 30)
         await wait_for(lambda: patient.video[provider_id] >= 30, 30, "provider at patient")
         # In the call, the token is in the page's memory only, not in the tab's storage.
         assert await provider.evaluate("() => sessionStorage.length") == 0
@@ -173,7 +161,7 @@ async def test_a_reloaded_provider_page_takes_its_seat_back_without_admission(
         assert await nurse.locator(f"{provider_row} button:has-text('Admit')").count() == 0
         assert await provider.locator("#video-leave").is_visible()
         # Media both ways again, on the new page's connections.
-        await _decoded_at_least(provider, patient.id, 30)
+        await decoded_at_least(provider, patient.id, 30)
         seen = patient.video[provider_id]
         await wait_for(lambda: patient.video[provider_id] >= seen + 30, 30, "provider again")
         assert all(m["type"] != "left" for m in patient.received)
@@ -194,13 +182,3 @@ async def test_a_reloaded_provider_page_takes_its_seat_back_without_admission(
         await patient.close()
         await provider_context.close()
         await nurse_context.close()
-
-
-async def _decoded_at_least(page: Any, publisher: str, frames: int) -> None:
-    tile = f"#video-tiles figure[data-publisher='{publisher}']"
-    await page.wait_for_selector(tile, timeout=15_000)
-    for _ in range(150):
-        if await _frames_decoded(page, publisher) >= frames:
-            return
-        await page.wait_for_timeout(200)
-    raise AssertionError(f"{frames} frames not decoded from {publisher}")

@@ -30,19 +30,23 @@ from typing import Any
 
 import pytest
 
-from appliance.config import demo_config
 from appliance.store import Store
-from appliance.users import Role
 from services.video.rooms import MediaKind
-from tests.e2e import live_server
 from tests.e2e.live_server import watch_problems
 from tests.e2e.test_accessibility_e2e import AXE, Axe
-from tests.e2e.test_video_e2e import NURSE, PASSWORD, _arrived_patient, _frames_decoded
+from tests.e2e.test_video_e2e import _arrived_patient
+from tests.e2e.video_call import (
+    decoded_at_least,
+    frames_decoded,
+    issue_link,
+    provider_waits,
+    served_app,
+)
 from tests.video.lossy_proxy import CANDIDATE, LossyLink, host_candidates
 from tests.video.peers import wait_for
 from tests.video.test_loss import LargeNumberedVideoTrack
 from tests.video.test_service import Client
-from web.app import AppState, create_app
+from web.app import AppState
 
 pytestmark = pytest.mark.slow
 
@@ -159,10 +163,8 @@ def _route_chromium_answer(link: LossyLink, offer: str, answer: str) -> str:
 async def served(
     tmp_path: Path, store: Store, loopback: None
 ) -> AsyncIterator[tuple[str, AppState]]:
-    app = create_app(demo_config(tmp_path), store)
-    await live_server.create_user(store, NURSE, PASSWORD, Role.NURSE)
-    async with live_server.serve(app) as base_url:
-        yield base_url, app.extensions["appliance"]
+    async with served_app(tmp_path, store) as served:
+        yield served
 
 
 async def test_a_squeezed_provider_page_shows_the_audio_only_notice_until_video_returns(
@@ -174,10 +176,7 @@ async def test_a_squeezed_provider_page_shows_the_audio_only_notice_until_video_
     # The nurse issues the provider's link (her own video is an aiortc peer, below).
     nurse_context = await media_browser.new_context()
     nurse_page = await nurse_context.new_page()
-    await live_server.log_in(nurse_page, base_url, NURSE, PASSWORD, "/visit/new")
-    await nurse_page.click("text=Issue the link")
-    url = await nurse_page.input_value("#issued-url")
-    link_path = "/visit/" + url.rsplit("/visit/", 1)[1]
+    link_path = await issue_link(nurse_page, base_url)
     await nurse_context.close()
 
     signalling = SqueezableSignalling()
@@ -185,11 +184,7 @@ async def test_a_squeezed_provider_page_shows_the_audio_only_notice_until_video_
     provider = await provider_context.new_page()
     problems = watch_problems(provider)
     await provider.route_web_socket(re.compile(r".*/video$"), signalling.route)
-    await provider.goto(base_url + link_path)
-    async with provider.expect_navigation():
-        await provider.click("#join")
-    await provider.click("#video-start")
-    await provider.wait_for_selector("#video-status:has-text('Waiting for the nurse')")
+    await provider_waits(provider, base_url, link_path)
 
     nurse, patient = Client(state.video, "nurse"), Client(state.video, "patient")
     try:
@@ -204,7 +199,7 @@ async def test_a_squeezed_provider_page_shows_the_audio_only_notice_until_video_
             await nurse.send(type="admit", participant=participant)
         await patient.publish(LargeNumberedVideoTrack())
         tile = f"#video-tiles figure[data-publisher='{patient.id}']"
-        await _decoded_at_least(provider, patient.id, 30)
+        await decoded_at_least(provider, patient.id, 30)
         remote = state.video.remote_stream(encounter_id, patient.id, provider_id)
         assert remote is not None  # the provider is a remote viewer: the WAN leg watches
         await wait_for(lambda: remote.last_remb is not None, 15, "Chromium's first REMB")
@@ -243,8 +238,8 @@ async def test_a_squeezed_provider_page_shows_the_audio_only_notice_until_video_
         await notice.wait_for(state="detached", timeout=90_000)
         nurse.last("video_paused", publisher=patient.id, viewer=provider_id, paused=False)
         assert "weak connection" not in await me.inner_text()
-        before = await _frames_decoded(provider, patient.id)
-        await _decoded_at_least(provider, patient.id, before + 30)
+        before = await frames_decoded(provider, patient.id)
+        await decoded_at_least(provider, patient.id, before + 30)
         assert signalling.sockets == 1  # one signalling connection throughout
         assert signalling.failures == []
         assert problems == []
@@ -254,13 +249,3 @@ async def test_a_squeezed_provider_page_shows_the_audio_only_notice_until_video_
                 await client.close()
         await provider_context.close()
         signalling.close()
-
-
-async def _decoded_at_least(page: Any, publisher: str, frames: int) -> None:
-    tile = f"#video-tiles figure[data-publisher='{publisher}']"
-    await page.wait_for_selector(tile, timeout=15_000)
-    for _ in range(150):
-        if await _frames_decoded(page, publisher) >= frames:
-            return
-        await page.wait_for_timeout(200)
-    raise AssertionError(f"{frames} frames not decoded from {publisher}")
