@@ -241,10 +241,11 @@ class IceServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class VideoConfig:
-    """The video relay's WAN leg (``[video]``; services/video/bandwidth.py)."""
+    """The video relay's WAN leg and its codec fallback (``[video]``; services/video/)."""
 
     uplink_kbps: int = 2500
     audio_only_kbps: int = 150
+    transcode_encoders: int = 1
     ice_servers: tuple[IceServerConfig, ...] = ()
 
 
@@ -568,6 +569,10 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
            "Below this estimate (kbit/s), on a congested path, a remote viewer gets audio "
            "only; the box probes from 3 s on and restores video once the path carries 1.5 "
            "times this (or all the video sends) for 3 s (docs/video.md, The WAN leg)."),
+        _F("transcode_encoders", _int(0, 4), 1,
+           "Decode + re-encode copies the box may run at once, for viewers whose browser "
+           "cannot take the publisher's video codec (VP8/H.264); each costs 15-60 % of a "
+           "core. 0: such a viewer gets audio only (docs/video.md, Codecs)."),
     ),
     "video.ice_server": (
         _F("urls", _ICE_URLS, _REQUIRED,

@@ -1,18 +1,23 @@
-"""What one transcoded viewer costs the relay: decode + re-encode against forwarding.
+"""What transcoded viewers cost the relay: decode + re-encode against forwarding.
 
 A publisher's stream (libav's ``testsrc2`` pattern, 640x480@30 unless ``--size``; encoded
 beforehand, not timed, with aiortc's own encoder for the publisher's codec) is taken
 frame by frame as the relay would: the baseline is forwarding (packetizing the frame once,
 ``services.video.forwarding.packetize``); the transcoded viewer is the shared decoder
 (aiortc's decoder, ``services.video.transcode``'s path) plus one of aiortc's encoders for
-the viewer's codec. CPU is this process's (``time.process_time``, all threads) over the
+the viewer's codec, as ``SharedEncoder`` runs it (encode, then the depayload and keyframe
+test it adds). Two viewers transcoded to the same codec share that one encoder (the
+per-viewer send path is not codec work: bench/video_relay.py); the figure they would cost
+with one encoder each (the design before the shared encoder) is measured beside it, two
+encoders each encoding every picture. CPU is this process's (``time.process_time``, all threads) over the
 frames, as a percentage of one core for real-time video (frames / fps seconds). Codec
 work only: no network, SRTP or event loop (bench/video_relay.py measures those).
 
     python bench/video_transcode.py [--seconds S] [--size 640x480] [--fps 30]
 
 Prints JSON: per direction (VP8 → H.264, H.264 → VP8) the decode, encode and forwarding
-figures, and the ratio of transcoding to forwarding.
+figures, the ratio of transcoding to forwarding, and two viewers shared against one
+encoder each.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from aiortc.codecs import depayload, get_decoder, get_encoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from services.video.forwarding import packetize
+from services.video.forwarding import is_keyframe, packetize
 
 CODECS = {
     "video/VP8": RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97),
@@ -89,14 +94,23 @@ def direction(
                 picture.pts, picture.time_base = index * 90000 // fps, TIME_BASE
                 decoded.append(picture)
 
-    def encode() -> None:
-        encoder = get_encoder(CODECS[viewer])
+    def encode() -> None:  # SharedEncoder._encode's work, once per picture
+        codec = CODECS[viewer]
+        encoder = get_encoder(codec)
         for picture in decoded:
-            encoder.encode(picture)
+            payloads, _ = encoder.encode(picture)
+            is_keyframe(viewer, b"".join(depayload(codec, payload) for payload in payloads))
+
+    def encode_each() -> None:  # before: one encoder per transcoded viewer, two viewers
+        encoders = [get_encoder(CODECS[viewer]) for _ in range(2)]
+        for picture in decoded:
+            for encoder in encoders:
+                encoder.encode(picture)
 
     forwarding = cpu_percent(forward, len(frames), fps)
     decoding = cpu_percent(decode, len(frames), fps)
     encoding = cpu_percent(encode, len(frames), fps)
+    encoding_each = cpu_percent(encode_each, len(frames), fps)
     return {
         "publisher": publisher,
         "viewer": viewer,
@@ -107,6 +121,11 @@ def direction(
         "encode_cpu_percent": encoding,
         "transcoded_viewer_cpu_percent": round(decoding + encoding, 2),
         "ratio_to_forwarding": round((decoding + encoding) / max(forwarding, 0.01), 1),
+        "two_viewers_shared_encoder_cpu_percent": round(decoding + encoding, 2),
+        "two_viewers_encoder_each_cpu_percent": round(decoding + encoding_each, 2),
+        "shared_to_encoder_each_ratio": round(
+            (decoding + encoding) / max(decoding + encoding_each, 0.01), 2
+        ),
     }
 
 

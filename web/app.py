@@ -140,6 +140,7 @@ def create_app(
                 audio_only_kbps=config.video.audio_only_kbps,
             ),
             ice_servers=ice_servers(config.video.ice_servers),
+            transcode_encoders=config.video.transcode_encoders,
         ),
     )
     # Deny by default: an endpoint missing from the policy table (web/policy.py) is refused

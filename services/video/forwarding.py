@@ -34,9 +34,9 @@ any of the internals below change):
 * video is VP8 or H.264, as the publisher's offer chose; frames are packetized once per
   relay with aiortc's own ``Vp8Encoder._packetize`` or ``H264Encoder._split_bitstream`` and
   ``_packetize``. A viewer whose answer took the other codec is the one exception to
-  "never decode": its sender runs aiortc's stock ``_run_rtp`` with a
-  ``TranscodingEncoder`` as its ``__encoder``, fed by one shared decoder
-  (``services/video/transcode.py``).
+  "never decode": one shared decoder per track and one shared encoder per target codec
+  (``services/video/transcode.py``) make a copy whose payloads go to each such viewer's
+  ``_FrameSender`` as forwarded frames do; a box-wide ``TranscodeBudget`` caps the encoders.
 
 Everything else goes through aiortc's public API. See docs/video.md.
 """
@@ -57,7 +57,6 @@ import aiortc
 import av
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
 from aiortc import sdp as aiortc_sdp
-from aiortc.codecs import get_encoder
 from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
@@ -70,7 +69,7 @@ from aiortc.utils import random32, uint16_gt
 
 from services.video.bandwidth import send_cap_now
 from services.video.nack import NackSchedule
-from services.video.transcode import SharedDecoder, TranscodingEncoder
+from services.video.transcode import SharedDecoder, SharedEncoder, TranscodeBudget
 
 AIORTC_VERSION = "1.16.0"
 
@@ -552,16 +551,20 @@ class RelayStats:
     nacks_given_up: int = 0  # missing packets no longer asked for, never repaired
     viewers: dict[str, ViewerStats] = field(default_factory=dict)
     # Viewers now given a decoded and re-encoded copy (their codec is not the publisher's):
-    # each costs an encoder, and the first a decoder too (services/video/transcode.py).
+    # the first for a codec costs an encoder, shared by the others; the first of all a
+    # decoder too (services/video/transcode.py). Refused: no encoder left in the budget.
     transcoded_viewers: int = 0
     decoders_created: int = 0
+    encoders_created: int = 0
+    transcode_encoders: int = 0  # running now (at most one per target codec)
+    transcodes_refused: int = 0
 
 
 class ForwardedTrack(MediaStreamTrack):
     """One viewer's copy of the publisher's track: yields ``av.Packet``, already encoded.
 
-    A transcoded viewer's copy (``transcode``) yields decoded ``av.VideoFrame`` pictures
-    instead, which its sender's own encoder encodes.
+    A transcoded viewer's copy (``transcode``) is fed by a ``SharedEncoder`` instead of the
+    publisher, with payloads packetized once by its encoder.
     """
 
     def __init__(self, kind: str, stats: ViewerStats, request_keyframe: Callable[[], None]) -> None:
@@ -578,19 +581,15 @@ class ForwardedTrack(MediaStreamTrack):
         self.transcoded = False
 
     def transcode(self, force_keyframe: Callable[[], None]) -> None:
-        """From now on this copy carries decoded pictures (``offer_picture``); the viewer's
-        keyframe requests go to ``force_keyframe`` (its own encoder), not the publisher."""
+        """From now on this copy is not the publisher's stream but a shared encoder's (or,
+        refused, nothing); the viewer's keyframe requests go to ``force_keyframe``."""
         self.transcoded = True
         self._request_keyframe = force_keyframe
-        self._awaiting_keyframe = False
+        self._awaiting_keyframe = self.kind == "video"
         while not self._queue.empty():  # encoded frames queued before the answer was known
             if self._queue.get_nowait() is None:
                 self._queue.put_nowait(None)
                 break
-
-    def offer_picture(self, frame: av.VideoFrame) -> None:
-        """Queue one decoded picture for a transcoded viewer's encoder."""
-        self.offer(frame, keyframe=True)
 
     def pause(self) -> None:
         """Stop forwarding (the WAN leg is audio only): frames queued are dropped too."""
@@ -672,7 +671,9 @@ class ForwardedTrack(MediaStreamTrack):
             self.stop()
             raise MediaStreamError
         self.stats.frames_out += 1
-        if isinstance(item[0], av.Packet):  # a transcoded copy counts what its encoder made
+        if self.transcoded and item[1] is not None:  # an encoder's payloads, no bitstream
+            self.stats.bytes_out += sum(len(payload) for payload in item[1])
+        elif isinstance(item[0], av.Packet):
             self.stats.bytes_out += item[0].size
         return item
 
@@ -689,7 +690,9 @@ class ForwardingRelay:
     caps the REMB sent to the publisher, ``pause_viewer`` / ``resume_viewer`` stop and
     restart one viewer's frames. ``frame_sender=False`` leaves each viewer's sender its stock
     aiortc RTP loop (packetizing per viewer, per-packet headers); it exists to measure what
-    ``_FrameSender`` saves (bench/video_relay.py).
+    ``_FrameSender`` saves (bench/video_relay.py). ``transcode_budget`` is the box's cap
+    on transcoding encoders (shared by every relay; one of its own, for one encoder, if not
+    given); ``on_transcode_refused`` hears the id of a viewer refused for lack of one.
     """
 
     def __init__(
@@ -702,6 +705,8 @@ class ForwardingRelay:
         on_remb: Callable[[str, int], None] | None = None,
         frame_sender: bool = True,
         transcode_fallback: bool = True,
+        transcode_budget: TranscodeBudget | None = None,
+        on_transcode_refused: Callable[[str], None] | None = None,
         name: str = "",
     ) -> None:
         if kind not in MIME_TYPES:
@@ -719,6 +724,10 @@ class ForwardingRelay:
         # offered to it as a second choice (video only); False: the publisher's codec only.
         self._transcode_fallback = transcode_fallback and kind == "video"
         self.decoder: SharedDecoder | None = None  # only while a viewer is transcoded
+        self.encoders: dict[str, SharedEncoder] = {}  # by target codec, lower case
+        self._budget = transcode_budget if transcode_budget is not None else TranscodeBudget()
+        self._on_transcode_refused = on_transcode_refused
+        self._keyframe_min_interval = keyframe_min_interval
         self._clock = clock
         self._time_base = fractions.Fraction(1, CLOCK_RATES[kind])
         self._limiter = KeyframeRequestLimiter(keyframe_min_interval)
@@ -781,9 +790,8 @@ class ForwardingRelay:
             raise ValueError(f"cannot forward {codec.mimeType} as {self.kind}")
         changed = codec.mimeType.lower() != self.mime_type.lower()
         self.codec, self.mime_type = codec, codec.mimeType
-        if changed and self.decoder is not None:
-            self.decoder.close()
-            self.decoder = None
+        if changed:
+            self._stop_transcoding()
         return changed
 
     def cap_publisher(self, bps: int | None) -> None:
@@ -821,6 +829,9 @@ class ForwardingRelay:
 
         def on_remb(bitrate: int) -> None:
             stats.remb_bps = bitrate
+            shared = self.encoders.get((stats.transcoded_to or "").lower())
+            if shared is not None:  # the lowest REMB of its viewers sets its bitrate
+                shared.update_bitrate()
             if self._on_remb is not None:
                 self._on_remb(viewer_id, bitrate)
 
@@ -831,9 +842,10 @@ class ForwardingRelay:
         async def run_rtp(codec: RTCRtpCodecParameters) -> None:
             # The viewer's answer decided ``codec``: forward if it is the publisher's.
             if codec.mimeType.lower() != self.mime_type.lower() and self.kind == "video":
-                encoder = self._transcode_for(viewer_id, track, codec, on_remb)
-                setattr(sender, SENDER_ENCODER, encoder)
-                await stock_loop(codec)  # aiortc's loop, encoding in a thread
+                self._transcode_for(viewer_id, track, codec)
+                # The shared encoder's payloads (refused: none) go out as forwarded frames
+                # do; aiortc's stock loop cannot send payloads packetized elsewhere.
+                await (frame_loop or _FrameSender(sender, track, packer)).run(codec)
             elif frame_loop is not None:
                 await frame_loop.run(codec)
             else:
@@ -868,56 +880,96 @@ class ForwardingRelay:
         return same + others + rtx
 
     def _transcode_for(
-        self,
-        viewer_id: str,
-        track: ForwardedTrack,
-        codec: RTCRtpCodecParameters,
-        on_remb: Callable[[int], None],
-    ) -> TranscodingEncoder:
-        """The viewer's answer did not take the publisher's codec: it gets pictures from the
-        shared decoder (made now if it is the first such viewer) and an encoder of its own."""
-        stats = track.stats
-
-        def on_bytes(size: int) -> None:
-            stats.bytes_out += size
-
-        encoder = TranscodingEncoder(get_encoder(codec), on_remb, on_bytes)
-        track.transcode(encoder.force_keyframe)
-        stats.transcoded_to = codec.mimeType
+        self, viewer_id: str, track: ForwardedTrack, codec: RTCRtpCodecParameters
+    ) -> bool:
+        """The viewer's answer did not take the publisher's codec: it joins the shared
+        encoder for ``codec`` (made now, with the shared decoder if need be, if the box's
+        budget allows one more). False if refused: the viewer is sent no video and
+        ``on_transcode_refused`` is told."""
+        mime = codec.mimeType.lower()
         if viewer_id not in self._viewers:  # removed before its sender started
-            return encoder
-        if self.decoder is None:
-            self.decoder = SharedDecoder(self.codec, self.request_keyframe)
-            self.stats.decoders_created += 1
-        self.decoder.add_sink(viewer_id, track.offer_picture)
-        self.stats.transcoded_viewers = len(self.decoder.sinks)
+            track.transcode(lambda: None)
+            return False
+        encoder = self.encoders.get(mime)
+        if encoder is None:
+            if not self._budget.acquire((self, mime)):
+                track.transcode(lambda: None)  # neither forwarded nor encoded for
+                self.stats.transcodes_refused += 1
+                logger.warning(
+                    "video relay %s: viewer %s cannot receive %s and the box already runs "
+                    "%d transcoding encoder(s), its limit; no video is sent to it",
+                    self.name or "-",
+                    viewer_id,
+                    self.mime_type,
+                    self._budget.limit,
+                )
+                if self._on_transcode_refused is not None:
+                    self._on_transcode_refused(viewer_id)
+                return False
+            limiter = KeyframeRequestLimiter(self._keyframe_min_interval)
+            encoder = SharedEncoder(codec, limiter, self._clock, is_keyframe)
+            self.encoders[mime] = encoder
+            self.stats.encoders_created += 1
+            self.stats.transcode_encoders = len(self.encoders)
+            if self.decoder is None:
+                self.decoder = SharedDecoder(self.codec, self.request_keyframe)
+                self.stats.decoders_created += 1
+            self.decoder.add_sink(mime, encoder.offer_picture)
+        track.transcode(encoder.request_keyframe)
+        track.stats.transcoded_to = codec.mimeType
+        encoder.add_sink(viewer_id, track)
+        self._count_transcoded()
         logger.info(
             "video relay %s: viewer %s cannot receive %s; transcoding to %s for it "
-            "(decode + re-encode, CPU-heavy; %d transcoded viewer(s) on this track)",
+            "(decode + re-encode, CPU-heavy; %d viewer(s) share this encoder)",
             self.name or "-",
             viewer_id,
             self.mime_type,
             codec.mimeType,
-            self.stats.transcoded_viewers,
+            len(encoder.sinks),
         )
-        return encoder
+        return True
+
+    def _count_transcoded(self) -> None:
+        self.stats.transcoded_viewers = sum(len(e.sinks) for e in self.encoders.values())
+        self.stats.transcode_encoders = len(self.encoders)
+
+    def _close_encoder(self, mime: str) -> None:
+        """Close one shared encoder, give it back to the budget, and the decoder if unused."""
+        self.encoders.pop(mime).close()
+        self._budget.release((self, mime))
+        if self.decoder is not None:
+            self.decoder.remove_sink(mime)
+            if not self.decoder.sinks:  # nothing left to decode for
+                self.decoder.close()
+                self.decoder = None
+        self._count_transcoded()
+
+    def _stop_transcoding(self) -> None:
+        for mime in list(self.encoders):
+            self._close_encoder(mime)
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
 
     def remove_viewer(self, viewer_id: str) -> None:
-        """Stop forwarding to one viewer (its sender's loop ends)."""
+        """Stop forwarding to one viewer (its sender's loop ends); the last viewer of a
+        shared encoder closes it, and the last encoder the decoder."""
         track = self._viewers.pop(viewer_id, None)
         if track is not None:
             track.end()
-        if self.decoder is not None and viewer_id in self.decoder.sinks:
-            self.decoder.remove_sink(viewer_id)
-            self.stats.transcoded_viewers = len(self.decoder.sinks)
-            if not self.decoder.sinks:  # the last transcoded viewer: no more decoding
-                self.decoder.close()
-                self.decoder = None
+        for mime, encoder in list(self.encoders.items()):
+            if viewer_id in encoder.sinks:
+                encoder.remove_sink(viewer_id)
+                if not encoder.sinks:
+                    self._close_encoder(mime)
+        self._count_transcoded()
 
     def stop(self) -> None:
         """End every viewer's track and cancel pending keyframe requests."""
         for viewer_id in list(self._viewers):
             self.remove_viewer(viewer_id)
+        self._stop_transcoding()
         for task in self._tasks:
             task.cancel()
 

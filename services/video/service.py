@@ -85,6 +85,7 @@ from services.video.signalling import (
     Reconnect,
     Resume,
 )
+from services.video.transcode import TranscodeBudget
 from services.video.turn import IceServer
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,11 @@ RECONNECT_MIN_INTERVAL_S = 5.0
 # A participant whose signalling connection drops without a ``leave`` keeps its seat (and
 # its media connections) this long, for a new connection presenting its resume token.
 RESUME_GRACE_S = 60.0
+# Told to a viewer refused a transcoded copy (``ErrorCode.TRANSCODING_UNAVAILABLE``).
+TRANSCODE_BUSY = (
+    "your browser cannot play this video format and the box is already converting video "
+    "for another participant"
+)
 
 
 def _utcnow() -> datetime:
@@ -188,8 +194,12 @@ class VideoService:
         monotonic: Callable[[], float] = time.monotonic,
         resume_grace_s: float = RESUME_GRACE_S,
         new_token: Callable[[], str] = _new_token,
+        transcode_encoders: int = 1,
     ) -> None:
         self.rooms = rooms or RoomRules()
+        # The box's cap on decode + re-encode copies (docs/video.md, "Codecs"): each costs
+        # 13-63 % of a core, so every room's relays share this one budget.
+        self.transcode_budget = TranscodeBudget(transcode_encoders)
         self.wan = wan or WanPolicy()
         self._monotonic = monotonic
         self._wan_task: asyncio.Task[None] | None = None
@@ -544,7 +554,10 @@ class VideoService:
         member = media.members.pop(participant_id)
         session.forget()
         for key in [k for k in media.subscriptions if participant_id in k]:
-            await _close_subscription(media, key, member.relays)
+            # As a viewer, its copy leaves the publisher's relays (which frees a shared
+            # transcoding encoder it was the last viewer of).
+            publisher = member if key[0] == participant_id else media.members.get(key[0])
+            await _close_subscription(media, key, publisher.relays if publisher else {})
         for relay in member.relays.values():
             relay.stop()
         if member.publish is not None:
@@ -582,11 +595,23 @@ class VideoService:
             if subscription is not None and subscription.remote is not None:
                 subscription.remote.remb(bps, self._monotonic())
 
+        def on_transcode_refused(viewer: str) -> None:
+            member = media.members.get(viewer)
+            if member is not None:
+                error = signalling.encode_error(ErrorCode.TRANSCODING_UNAVAILABLE, TRANSCODE_BUSY)
+                member.session.send(error)
+
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             kind = MediaKind(track.kind)
             if kind not in relays:  # the offer was checked: one track per kind
-                relays[kind] = ForwardingRelay(kind, on_remb=on_remb, name=participant_id)
+                relays[kind] = ForwardingRelay(
+                    kind,
+                    on_remb=on_remb,
+                    name=participant_id,
+                    transcode_budget=self.transcode_budget,
+                    on_transcode_refused=on_transcode_refused,
+                )
                 relays[kind].attach(publisher_receiver(pc, track))
 
         await _answer_publish_offer(pc, sdp)

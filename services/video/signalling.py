@@ -54,6 +54,9 @@ class ErrorCode(StrEnum):
     INVALID_SDP = "invalid_sdp"
     INVALID_CANDIDATE = "invalid_candidate"
     RESUME_REFUSED = "resume_refused"  # a resume token from elsewhere, used already, or late
+    # A subscribe leg's viewer takes only the other video codec and the box's transcoding
+    # encoders are all in use: that publisher's video is not sent to it (audio is).
+    TRANSCODING_UNAVAILABLE = "transcoding_unavailable"
 
 
 class SignallingError(ValueError):

@@ -6,15 +6,19 @@ or the reverse) cannot be forwarded to; it gets a transcoded copy instead:
 
 * one :class:`SharedDecoder` per published track, created when its first such viewer's
   sender starts and closed when the last one goes; it decodes each frame once, in a worker
-  thread (never on the event loop), and hands the picture to every transcoded viewer;
-* one :class:`TranscodingEncoder` per transcoded viewer: aiortc's standard encoder for the
-  viewer's codec (``aiortc.codecs.get_encoder``), run by the viewer sender's own stock RTP
-  loop (which encodes in a thread too), so that the viewer's REMB sets its bitrate and its
-  PLI/FIR forces a keyframe of its own; the publisher is asked for a keyframe only when the
-  shared decoder needs one.
+  thread (never on the event loop), and hands the picture to the shared encoder;
+* one :class:`SharedEncoder` per published track and target codec: aiortc's standard
+  encoder for that codec (``aiortc.codecs.get_encoder``), encoding each picture once in a
+  worker thread; its RTP payloads go to every viewer transcoded to that codec the way
+  forwarded frames do (each viewer's ``_FrameSender``), at the lowest of their REMBs, and
+  a PLI/FIR from any of them forces one keyframe (rate-limited); the publisher is asked for
+  a keyframe only when the shared decoder needs one;
+* a :class:`TranscodeBudget`, the box's: at most ``limit`` shared encoders at once, across
+  every relay; a viewer that would need one more is refused (the relay says so).
 
 It costs a decoder and an encoder's CPU (docs/video.md, "Codecs"), which is why the relay
-logs each transcoded viewer and counts them (``RelayStats.transcoded_viewers``).
+logs each transcoded viewer and counts them (``RelayStats.transcoded_viewers``,
+``transcode_encoders``).
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ import asyncio
 import fractions
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import av
-from aiortc.codecs import get_decoder
+from aiortc.codecs import depayload, get_decoder, get_encoder
 from aiortc.codecs.base import Encoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
@@ -38,6 +42,9 @@ VIDEO_TIME_BASE = fractions.Fraction(1, 90_000)
 # Encoded frames waiting for the decoder before it drops them and starts again on a
 # keyframe (~1 s of video): a decoder that cannot keep up must not grow a backlog.
 DECODER_BACKLOG_FRAMES = 30
+# Pictures waiting for the shared encoder before the oldest are dropped: an encoder that
+# falls behind skips pictures (the stream stays valid) rather than adding delay.
+ENCODER_BACKLOG_FRAMES = 3
 
 
 class SharedDecoder:
@@ -131,71 +138,180 @@ class SharedDecoder:
         return frames
 
 
-def own_copy(picture: av.VideoFrame) -> av.VideoFrame:
-    """A copy of a picture the shared decoder gave every transcoded viewer.
+class KeyframeLimiter(Protocol):
+    """The relay's ``KeyframeRequestLimiter`` (services/video/forwarding.py)."""
 
-    aiortc's ``H264Encoder`` sets ``pict_type`` on the frame it encodes (to force a
-    keyframe, or to clear that), so two encoders in two threads must not share one. About
-    0.1 ms for 640x480, against ~20 ms to encode it.
+    def request(self, now: float) -> float | None: ...
+
+    def fired(self, now: float) -> None: ...
+
+
+class EncodedSink(Protocol):
+    """A transcoded viewer's copy of the track (``ForwardedTrack``), as the encoder sees it."""
+
+    @property
+    def stats(self) -> Any: ...
+
+    def offer(self, packet: av.Packet[Any], keyframe: bool, payloads: list[bytes]) -> None: ...
+
+
+class TranscodeBudget:
+    """How many transcoding encoders the whole box may run at once (default 1).
+
+    One encoder costs 13-63 % of a core (docs/video.md, "Codecs"), so the video service
+    owns one budget and hands it to every relay it makes; a relay made without one gets its
+    own. Holders are any hashable key (a relay and a target codec).
     """
-    copy = av.VideoFrame(picture.width, picture.height, picture.format.name)
-    for source, target in zip(picture.planes, copy.planes, strict=True):
-        data = bytes(source)
-        if source.line_size == target.line_size:
-            target.update(data)
-            continue
-        width, step = min(source.line_size, target.line_size), source.line_size
-        pad = bytes(target.line_size - width)
-        target.update(
-            b"".join(data[r * step : r * step + width] + pad for r in range(target.height))
-        )
-    copy.pts = picture.pts
-    if picture.time_base is not None:
-        copy.time_base = picture.time_base
-    return copy
+
+    def __init__(self, limit: int = 1) -> None:
+        if limit < 0:
+            raise ValueError("the transcoding limit cannot be negative")
+        self.limit = limit
+        self._holders: set[object] = set()
+
+    @property
+    def in_use(self) -> int:
+        """Encoders running now."""
+        return len(self._holders)
+
+    def acquire(self, holder: object) -> bool:
+        """Take one encoder for ``holder`` (True if it holds one now, already or anew)."""
+        if holder in self._holders:
+            return True
+        if len(self._holders) >= self.limit:
+            return False
+        self._holders.add(holder)
+        return True
+
+    def release(self, holder: object) -> None:
+        """Give ``holder``'s encoder back (no-op if it holds none)."""
+        self._holders.discard(holder)
 
 
-class TranscodingEncoder:
-    """A transcoded viewer sender's encoder: aiortc's own, plus the relay's bookkeeping.
+class SharedEncoder:
+    """One published track re-encoded once in one codec for every viewer that needs it.
 
-    The sender's stock loop calls ``encode`` in a worker thread and sets ``target_bitrate``
-    from the viewer's REMB (handed on to ``on_remb`` too); ``force_keyframe`` (the viewer's
-    PLI or FIR, on the loop) makes the next picture a keyframe; ``on_bytes`` is told the
-    size of each encoded frame (from the worker thread; its only writer).
+    The shared decoder's pictures (``offer_picture``, on the loop) are encoded in order by
+    one of aiortc's encoders in the default executor; each encoded frame's RTP payloads
+    (aiortc's encoder packetizes) go to every sink as a forwarded frame does, so each
+    viewer's sender keeps its own SSRC, sequence numbers and RTX history. Its bitrate is the
+    lowest REMB among the sinks (``update_bitrate``; aiortc's encoder clamps it: 500 kbit/s
+    to 3 Mbit/s for H.264, 250 kbit/s to 1.5 Mbit/s for VP8); ``request_keyframe`` (a sink's
+    PLI/FIR, or a sink that joined) forces one keyframe, rate-limited by ``limiter``.
+    ``is_keyframe`` tells a depayloaded frame's kind (the relay's ``is_keyframe``).
     """
 
     def __init__(
-        self, inner: Encoder, on_remb: Callable[[int], None], on_bytes: Callable[[int], None]
+        self,
+        codec: RTCRtpCodecParameters,
+        limiter: KeyframeLimiter,
+        clock: Callable[[], float],
+        is_keyframe: Callable[[str, bytes], bool],
+        encoder: Encoder | None = None,
     ) -> None:
-        self.inner = inner
-        self._on_remb = on_remb
-        self._on_bytes = on_bytes
+        self.codec = codec
+        self._is_keyframe = is_keyframe
+        self.inner = encoder or get_encoder(codec)
+        self.frames_encoded = 0
+        self.frames_dropped = 0
+        self.keyframes_forced = 0
+        self.encode_errors = 0
+        self._limiter = limiter
+        self._clock = clock
+        self._sinks: dict[str, EncodedSink] = {}
+        self._queue: asyncio.Queue[av.VideoFrame | None] = asyncio.Queue()
         self._force = False
+        self._deferred: asyncio.TimerHandle | None = None
+        self._task = asyncio.ensure_future(self._run())
 
-    def force_keyframe(self) -> None:
-        """Make the next encoded picture a keyframe."""
-        self._force = True
+    @property
+    def sinks(self) -> list[str]:
+        """The ids of the viewers given this copy."""
+        return list(self._sinks)
 
-    def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
-        """Encode one decoded picture with aiortc's encoder (called in a worker thread)."""
-        force, self._force = force_keyframe or self._force, False
-        if isinstance(frame, av.VideoFrame):
-            frame = own_copy(frame)
-        payloads, timestamp = self.inner.encode(frame, force)
-        self._on_bytes(sum(len(payload) for payload in payloads))
-        return payloads, timestamp
+    def add_sink(self, viewer_id: str, sink: EncodedSink) -> None:
+        """Give ``sink`` the encoded frames from the next keyframe on (forced now)."""
+        self._sinks[viewer_id] = sink
+        self.update_bitrate()
+        self.request_keyframe()
 
-    def pack(self, packet: av.Packet[Any]) -> tuple[list[bytes], int]:
-        raise AssertionError("a transcoded track yields pictures, never encoded packets")
+    def remove_sink(self, viewer_id: str) -> None:
+        """Stop giving one viewer this copy (its REMB no longer counts)."""
+        if self._sinks.pop(viewer_id, None) is not None:
+            self.update_bitrate()
+
+    def update_bitrate(self) -> None:
+        """Encode at the lowest REMB any sink reported (aiortc's default before any)."""
+        rembs = [s.stats.remb_bps for s in self._sinks.values() if s.stats.remb_bps]
+        if rembs and hasattr(self.inner, "target_bitrate"):
+            self.inner.target_bitrate = min(rembs)
 
     @property
     def target_bitrate(self) -> int:
-        """The viewer's REMB, as aiortc's encoder clamps it."""
+        """The bitrate the encoder uses now (bit/s, as aiortc clamped it)."""
         bitrate: int = getattr(self.inner, "target_bitrate", 0)
         return bitrate
 
-    @target_bitrate.setter
-    def target_bitrate(self, bitrate: int) -> None:
-        if hasattr(self.inner, "target_bitrate"):
-            self.inner.target_bitrate = bitrate
-        self._on_remb(bitrate)
+    def request_keyframe(self) -> None:
+        """Make the next encoded picture a keyframe, at most once per the limiter's interval
+        (a request inside it is deferred to its end, once)."""
+        delay = self._limiter.request(self._clock())
+        if delay is None:
+            return
+        if delay == 0.0:
+            self._force = True
+        else:
+            self._deferred = asyncio.get_running_loop().call_later(delay, self._fire_deferred)
+
+    def _fire_deferred(self) -> None:
+        self._deferred = None
+        self._limiter.fired(self._clock())
+        self._force = True
+
+    def offer_picture(self, picture: av.VideoFrame) -> None:
+        """Queue one decoded picture; a backlog is dropped, oldest first, not encoded late."""
+        while self._queue.qsize() >= ENCODER_BACKLOG_FRAMES:
+            if self._queue.get_nowait() is None:  # closed meanwhile
+                self._queue.put_nowait(None)
+                return
+            self.frames_dropped += 1
+        self._queue.put_nowait(picture)
+
+    def close(self) -> None:
+        """Stop encoding (the last viewer of this copy went)."""
+        self._sinks.clear()
+        if self._deferred is not None:
+            self._deferred.cancel()
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (picture := await self._queue.get()) is not None:
+            force, self._force = self._force, False
+            if force:
+                self.keyframes_forced += 1
+            try:
+                payloads, timestamp, keyframe = await loop.run_in_executor(
+                    None, self._encode, picture, force
+                )
+            except (av.FFmpegError, ValueError):  # one bad picture; the next one is tried
+                self.encode_errors += 1
+                if self.encode_errors == 1:
+                    logger.info(
+                        "transcoding: a picture could not be encoded (%s)", self.codec.mimeType
+                    )
+                self._force = True
+                continue
+            if not payloads:
+                continue
+            self.frames_encoded += 1
+            packet: av.Packet[Any] = av.Packet()
+            packet.pts = timestamp
+            for sink in list(self._sinks.values()):
+                sink.offer(packet, keyframe, payloads)
+
+    def _encode(self, picture: av.VideoFrame, force: bool) -> tuple[list[bytes], int, bool]:
+        """Encode and packetize one picture (in a worker thread); whether it is a keyframe."""
+        payloads, timestamp = self.inner.encode(picture, force)
+        data = b"".join(depayload(self.codec, payload) for payload in payloads)
+        return payloads, timestamp, self._is_keyframe(self.codec.mimeType, data)

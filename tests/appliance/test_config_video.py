@@ -10,7 +10,9 @@ from tests.appliance.test_config import DOCS, MINIMAL, doc, problems_of
 
 def test_video_defaults_without_a_video_table() -> None:
     config = parse(MINIMAL, environ={})
-    assert config.video == VideoConfig(uplink_kbps=2500, audio_only_kbps=150, ice_servers=())
+    assert config.video == VideoConfig(
+        uplink_kbps=2500, audio_only_kbps=150, transcode_encoders=1, ice_servers=()
+    )
 
 
 def test_the_example_sets_the_wan_budget() -> None:
@@ -24,6 +26,7 @@ def test_video_keys_and_ice_servers_are_read() -> None:
         video={
             "uplink_kbps": 800,
             "audio_only_kbps": 120,
+            "transcode_encoders": 0,
             "ice_server": [
                 {"urls": ["stun:stun.example.test:3478"]},
                 {
@@ -38,6 +41,7 @@ def test_video_keys_and_ice_servers_are_read() -> None:
     assert config.video == VideoConfig(
         uplink_kbps=800,
         audio_only_kbps=120,
+        transcode_encoders=0,
         ice_servers=(
             IceServerConfig(urls=("stun:stun.example.test:3478",)),
             IceServerConfig(

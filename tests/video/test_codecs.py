@@ -39,10 +39,9 @@ from services.video.forwarding import (
     publisher_receiver,
 )
 from services.video.rooms import MediaKind
-from services.video.transcode import TranscodingEncoder
 from tests.video.media import NumberedVideoTrack, read_frame_id
 from tests.video.peers import loopback_pc, negotiate, wait_for
-from tests.video.test_service import VISIT, Client, flowing, video_service
+from tests.video.test_service import OTHER_VISIT, VISIT, Client, flowing, video_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("loopback")]
 
@@ -91,6 +90,7 @@ class CodecViewer:
     relay_pc: RTCPeerConnection
     sender: RTCRtpSender
     ids: list[int | None] = field(default_factory=list)
+    keyframes: int = 0  # pictures its decoder marked as decoded from a keyframe
     task: asyncio.Task[None] | None = None
 
     async def consume(self, track: MediaStreamTrack) -> None:
@@ -99,6 +99,7 @@ class CodecViewer:
                 frame = await track.recv()
                 assert isinstance(frame, VideoFrame)
                 self.ids.append(read_frame_id(frame))
+                self.keyframes += frame.key_frame
 
     def codec(self) -> str:
         codec = negotiated_codec(self.pc, "video")  # the viewer's answer
@@ -255,14 +256,16 @@ async def test_vp8_publisher_transcoded_for_h264_only_viewers_forwarded_to_vp8_v
         stats = room.relay.stats
         assert stats.transcoded_viewers == 2
         assert stats.decoders_created == 1  # one decoder for the track, shared
+        assert stats.encoders_created == stats.transcode_encoders == 1  # one H.264 encoder
         assert stats.viewers["viewer-vp8"].transcoded_to is None
         assert stats.viewers["viewer-h264-a"].transcoded_to == H264
-        assert stats.viewers["viewer-h264-b"].bytes_out > 0  # what its encoder made
-        assert isinstance(getattr(vp8.sender, SENDER_ENCODER), _ForwardingPacker)
-        for viewer in (first, second):
-            encoder = getattr(viewer.sender, SENDER_ENCODER)
-            assert isinstance(encoder, TranscodingEncoder)
-            assert isinstance(encoder.inner, H264Encoder)
+        assert stats.viewers["viewer-h264-b"].bytes_out > 0  # what the shared encoder made
+        shared = room.relay.encoders["video/h264"]
+        assert isinstance(shared.inner, H264Encoder)
+        assert sorted(shared.sinks) == ["viewer-h264-a", "viewer-h264-b"]
+        # Every viewer's sender sends frames packetized once, forwarded or encoded.
+        for viewer in room.viewers.values():
+            assert isinstance(getattr(viewer.sender, SENDER_ENCODER), _ForwardingPacker)
         logged = [r for r in caplog.records if "transcoding to video/H264" in r.getMessage()]
         assert [r.levelno for r in logged] == [logging.INFO, logging.INFO]
         assert {"viewer-h264-a", "viewer-h264-b"} == {r.args[1] for r in logged}  # type: ignore[index]
@@ -271,18 +274,20 @@ async def test_vp8_publisher_transcoded_for_h264_only_viewers_forwarded_to_vp8_v
         await room.remove_viewer("viewer-h264-a")
         assert stats.transcoded_viewers == 1
         assert room.relay.decoder is not None
+        assert stats.transcode_encoders == 1
         await room.remove_viewer("viewer-h264-b")
-        assert stats.transcoded_viewers == 0
+        assert stats.transcoded_viewers == stats.transcode_encoders == 0
         assert room.relay.decoder is None
+        assert room.relay.encoders == {}
         frames = len(vp8.ids)
         await wait_for(lambda: len(vp8.ids) > frames + 15, 10, "frames at the VP8 viewer")
         assert_in_order(vp8)
 
-    # Publisher's VP8 encoder, the relay's one VP8 decoder, and one H.264 encoder per
-    # transcoded viewer; the VP8 viewer's decoder and the H.264 viewers' decoders.
+    # Publisher's VP8 encoder, the relay's one VP8 decoder, and ONE H.264 encoder shared by
+    # the transcoded viewers; the VP8 viewer's decoder and the H.264 viewers' decoders.
     assert codec_census["Vp8Encoder instances encoding"] == 1
     assert codec_census["Vp8Decoder.__init__"] == 2
-    assert codec_census["H264Encoder instances encoding"] == 2
+    assert codec_census["H264Encoder instances encoding"] == 1
     assert codec_census["H264Decoder.__init__"] == 2
 
 
@@ -305,14 +310,12 @@ async def test_h264_publisher_transcoded_for_a_vp8_only_viewer(
         assert (stats.transcoded_viewers, stats.decoders_created) == (1, 1)
         assert stats.viewers["viewer-vp8"].transcoded_to == VP8
         assert stats.viewers["viewer-h264"].transcoded_to is None
-        encoder = getattr(vp8.sender, SENDER_ENCODER)
-        assert isinstance(encoder, TranscodingEncoder)
-        assert isinstance(encoder.inner, Vp8Encoder)
+        assert isinstance(room.relay.encoders["video/vp8"].inner, Vp8Encoder)
         logged = [r for r in caplog.records if "transcoding to video/VP8" in r.getMessage()]
         assert len(logged) == 1
         assert "publisher-1" in logged[0].getMessage()
 
-        # The transcoded viewer's keyframe request is answered by its own encoder.
+        # The transcoded viewer's keyframe request is answered by the shared encoder.
         sent = stats.keyframe_requests_sent
         receiver = vp8.pc.getTransceivers()[0].receiver
         await asyncio.sleep(0.6)
@@ -348,10 +351,13 @@ class H264Publisher(Client):
 class Vp8OnlyViewer(Client):
     """A client whose answers accept VP8 only for video."""
 
+    accepts: tuple[str, ...] = (VP8,)
+
     async def _answer(self, pc_id: str, sdp: str) -> None:
         publisher = pc_id.split("-")[0]
         pc = self.subscriptions[pc_id] = loopback_pc()
-        pc.addTransceiver("video", direction="recvonly").setCodecPreferences(preferences(VP8))
+        transceiver = pc.addTransceiver("video", direction="recvonly")
+        transceiver.setCodecPreferences(preferences(*self.accepts))
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -402,3 +408,106 @@ async def test_a_viewer_preferring_the_other_codec_but_taking_the_publishers_is_
         assert stats.transcoded_viewers == stats.decoders_created == 0
         assert stats.viewers["viewer-h264-first"].transcoded_to is None
     assert codec_census["H264Encoder instances encoding"] == 0
+
+
+async def test_h264_only_viewers_share_one_encoder_at_the_lower_remb_and_its_keyframes(
+    codec_census: Counter[str],
+) -> None:
+    async with codec_room(VP8) as room:
+        first = await room.add_viewer("viewer-h264-a", H264)
+        await wait_for(lambda: len(first.ids) >= 30, 30, "30 frames at the first")
+        second = await room.add_viewer("viewer-h264-b", H264)  # joins mid-stream
+        await wait_for(lambda: len(second.ids) >= 30, 30, "30 frames at the second")
+        assert second.keyframes >= 1  # it started on a keyframe forced for it
+        relay, stats = room.relay, room.relay.stats
+        shared = relay.encoders["video/h264"]
+        assert (stats.encoders_created, stats.transcode_encoders) == (1, 1)
+
+        # Each REMB reaches the sender's encoder slot as aiortc's sender hands it on; the
+        # shared encoder takes the lower (aiortc's H.264 encoder clamps to >= 500 kbit/s).
+        getattr(first.sender, SENDER_ENCODER).target_bitrate = 1_800_000
+        getattr(second.sender, SENDER_ENCODER).target_bitrate = 900_000
+        assert shared.target_bitrate == 900_000
+        getattr(second.sender, SENDER_ENCODER).target_bitrate = 2_400_000
+        assert shared.target_bitrate == 1_800_000
+
+        # One viewer's PLI: one keyframe from the shared encoder, which both receive; the
+        # publisher is not asked.
+        await asyncio.sleep(0.6)  # past the rate limit of the second viewer's join
+        forced, sent = shared.keyframes_forced, stats.keyframe_requests_sent
+        keyframes = first.keyframes, second.keyframes
+        receiver = first.pc.getTransceivers()[0].receiver
+        await receiver._send_rtcp_pli(first.sender._ssrc)
+        await wait_for(lambda: shared.keyframes_forced > forced, 5, "a forced keyframe")
+        await wait_for(
+            lambda: first.keyframes > keyframes[0] and second.keyframes > keyframes[1],
+            10,
+            "the keyframe at both viewers",
+        )
+        assert shared.keyframes_forced == forced + 1
+        assert stats.keyframe_requests_sent == sent
+        assert_in_order(first, complete=False)
+        assert_in_order(second, complete=False)
+    # The publisher's VP8 encoder; one H.264 encoder on the relay for both viewers.
+    assert codec_census["H264Encoder instances encoding"] == 1
+    assert codec_census["Vp8Encoder instances encoding"] == 1
+    assert codec_census["Vp8Decoder.__init__"] == 1
+
+
+class H264OnlyViewer(Vp8OnlyViewer):
+    """A client whose answers accept H.264 only for video."""
+
+    accepts = (H264,)
+
+
+async def test_a_viewer_needing_an_encoder_beyond_the_boxs_cap_is_refused_clearly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="services.video.forwarding")
+    async with video_service() as (service, client):
+        assert service.transcode_budget.limit == 1  # the default: one encoder per box
+        # Visit 1: an H.264 publisher and a VP8-only viewer take the box's one encoder.
+        nurse, patient = client("nurse"), client("patient", H264Publisher)
+        provider = client("provider", Vp8OnlyViewer)
+        for each, role in ((nurse, "nurse"), (patient, "patient"), (provider, "provider")):
+            await each.join(role)
+        await nurse.send(type="admit", participant=patient.id)
+        await nurse.send(type="admit", participant=provider.id)
+        await patient.publish()
+        await flowing(provider.video, patient.id, 30, seconds=30)
+
+        # Visit 2: a VP8 publisher and an H.264-only viewer would need another (VP8 → H.264).
+        nurse_2, patient_2 = client("nurse-2"), client("patient-2")
+        provider_2 = client("provider-2", H264OnlyViewer)
+        for each, role in ((nurse_2, "nurse"), (patient_2, "patient"), (provider_2, "provider")):
+            await each.join(role, OTHER_VISIT)
+        await nurse_2.send(type="admit", participant=patient_2.id)
+        await nurse_2.send(type="admit", participant=provider_2.id)
+        await patient_2.publish()
+        await wait_for(lambda: "transcoding_unavailable" in provider_2.errors(), 20, "the refusal")
+        refusal = provider_2.last("error", code="transcoding_unavailable")
+        assert "already converting video for another participant" in refusal["message"]
+        relay_2 = service.relays(OTHER_VISIT, patient_2.id)[MediaKind.VIDEO]
+        assert relay_2.stats.transcodes_refused == 1
+        assert relay_2.encoders == {}
+        assert relay_2.decoder is None
+        assert relay_2.stats.viewers[provider_2.id].transcoded_to is None
+
+        # Everyone else goes on: visit 1's transcoded copy, visit 2's forwarded video, and
+        # the refused viewer's audio.
+        await flowing(provider.video, patient.id, 30, seconds=30)
+        await flowing(nurse_2.video, patient_2.id, 30, seconds=30)
+        await flowing(provider_2.audio, patient_2.id, 50)
+        assert provider_2.video[patient_2.id] == 0
+        assert nurse.errors() + provider.errors() + nurse_2.errors() + patient_2.errors() == []
+        assert service.transcode_budget.in_use == 1
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1
+        assert provider_2.id in warned[0].getMessage()
+
+        # The first encoder's last viewer leaves: the budget is free again.
+        await provider.send(type="leave")
+        relay_1 = service.relays(VISIT, patient.id)[MediaKind.VIDEO]
+        await wait_for(lambda: service.transcode_budget.in_use == 0, 10, "the encoder closed")
+        assert relay_1.encoders == {}
+        assert relay_1.decoder is None

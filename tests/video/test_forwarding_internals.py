@@ -56,16 +56,18 @@ from services.video.forwarding import (
     CappedBitrateEstimator,
     ForwardedTrack,
     ForwardingRelay,
+    KeyframeRequestLimiter,
     ViewerStats,
     _ForwardingPacker,
     _FrameSender,
     _header_template,
     is_h264_keyframe,
+    is_keyframe,
     is_vp8_keyframe,
     ntp_time,
     packetize,
 )
-from services.video.transcode import TranscodingEncoder, own_copy
+from services.video.transcode import SharedEncoder, TranscodeBudget
 from tests.video.media import draw_frame_id, read_frame_id
 
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
@@ -590,60 +592,68 @@ def test_a_viewer_is_offered_the_publishers_codec_first_and_the_other_for_transc
         relay.set_codec(RTCRtpCodecParameters(mimeType="video/VP9", clockRate=90000))
 
 
-async def test_a_transcoded_copy_is_encoded_by_the_senders_stock_path_with_our_encoder() -> None:
-    # The transcoded viewer's sender runs aiortc's own loop: ``_next_encoded_frame`` takes
-    # the preset encoder (not get_encoder) and encodes a picture in a worker thread.
-    sender = RTCRtpSender("video", MemoryTransport())  # type: ignore[arg-type]
-    stats = ViewerStats()
-    track = ForwardedTrack("video", stats, request_keyframe=lambda: None)
-    sender.replaceTrack(track)
-    remb: list[int] = []
-    sizes: list[int] = []
-    encoder = TranscodingEncoder(H264Encoder(), remb.append, sizes.append)
-    setattr(sender, SENDER_ENCODER, encoder)
-    track.transcode(encoder.force_keyframe)
-    picture = draw_frame_id(7)
-    picture.pts, picture.time_base = 4500, fractions.Fraction(1, 90000)
-    track.offer_picture(picture)
-    encoded = await sender._next_encoded_frame(H264)
-    assert encoded is not None
-    assert encoded.timestamp == 4500
-    assert getattr(sender, SENDER_ENCODER) is encoder
-    assert sizes == [sum(len(p) for p in encoded.payloads)]
-    assert is_h264_keyframe(b"".join(h264_depayload(p) for p in encoded.payloads))
-    # The viewer's REMB reaches aiortc's encoder (clamped) and the relay.
-    encoder.target_bitrate = 800_000
-    assert (encoder.target_bitrate, remb) == (800_000, [800_000])
-    # A keyframe request from the viewer goes to its own encoder.
-    track.request_keyframe()
-    assert stats.keyframe_requests == 1
-    picture = draw_frame_id(8)
-    picture.pts, picture.time_base = 7500, fractions.Fraction(1, 90000)
-    track.offer_picture(picture)
-    encoded = await sender._next_encoded_frame(H264)
-    assert encoded is not None
-    assert is_h264_keyframe(b"".join(h264_depayload(p) for p in encoded.payloads))
+async def test_a_shared_encoder_encodes_once_and_gives_every_viewer_the_same_payloads() -> None:
+    # One H.264 encoder for two transcoded viewers: each picture is encoded and packetized
+    # once; both tracks get the same payloads (their senders add their own headers).
+    now = [0.0]
+    encoder = SharedEncoder(
+        H264, KeyframeRequestLimiter(0.5), lambda: now[0], is_keyframe, H264Encoder()
+    )
+    tracks = [ForwardedTrack("video", ViewerStats(), request_keyframe=lambda: None) for _ in "ab"]
+    for name, track in zip("ab", tracks, strict=True):
+        track.transcode(encoder.request_keyframe)
+        encoder.add_sink(name, track)
+    for frame_id in range(3):
+        picture = draw_frame_id(frame_id)
+        picture.pts, picture.time_base = 3000 * frame_id, fractions.Fraction(1, 90000)
+        encoder.offer_picture(picture)
+    received = [[await t.recv_payloads() for _ in range(3)] for t in tracks]
+    assert encoder.frames_encoded == 3
+    for (packet_a, payloads_a), (packet_b, payloads_b) in zip(*received, strict=True):
+        assert packet_a is packet_b
+        assert payloads_a is payloads_b
+    assert [p.pts for p, _ in received[0]] == [0, 3000, 6000]
+    assert received[0][0][1] is not None
+    assert is_h264_keyframe(b"".join(h264_depayload(p) for p in received[0][0][1]))
+    assert tracks[0].stats.bytes_out == sum(len(p) for _, ps in received[0] for p in ps or [])
+
+    # The lowest REMB sets the bitrate (aiortc clamps it to 500 kbit/s .. 3 Mbit/s).
+    tracks[0].stats.remb_bps, tracks[1].stats.remb_bps = 2_000_000, 700_000
+    encoder.update_bitrate()
+    assert encoder.target_bitrate == 700_000
+    encoder.remove_sink("b")
+    assert encoder.target_bitrate == 2_000_000
+
+    # The second viewer's join asked inside the 0.5 s: that keyframe was deferred, once.
+    assert encoder.keyframes_forced == 1
+    now[0] = 0.5
+    await asyncio.sleep(0.55)  # the deferred request fires (the loop's timer)
+
+    # Then a PLI from a viewer, past the interval, forces one more.
+    async def next_is_keyframe(frame_id: int) -> bool:
+        picture = draw_frame_id(frame_id)
+        picture.pts, picture.time_base = 3000 * frame_id, fractions.Fraction(1, 90000)
+        encoder.offer_picture(picture)
+        _packet, payloads = await tracks[0].recv_payloads()
+        assert payloads is not None
+        return is_h264_keyframe(b"".join(h264_depayload(p) for p in payloads))
+
+    assert await next_is_keyframe(9)
+    now[0] = 2.0
+    tracks[0].request_keyframe()
+    assert await next_is_keyframe(10)
+    assert encoder.keyframes_forced == 3
+    encoder.close()
 
 
-def test_each_transcoded_viewer_encodes_its_own_copy_of_the_shared_picture() -> None:
-    # aiortc's H.264 encoder writes to the frame it is given: hence one copy per encoder.
-    picture = draw_frame_id(3)
-    picture.pts, picture.time_base = 0, fractions.Fraction(1, 90000)
-    H264Encoder().encode(picture, force_keyframe=True)
-    assert picture.pict_type == av.video.frame.PictureType.I
-    # A decoded picture's rows may be padded otherwise than a new frame's (128 against 112
-    # bytes at 100 px here): the copy keeps every visible pixel.
-    small = av.VideoFrame(100, 60, "yuv420p")
-    small.planes[0].update(random.Random(1).randbytes(small.planes[0].buffer_size))
-    small.pts, small.time_base = 0, fractions.Fraction(1, 90000)
-    payloads, _ = H264Encoder().encode(small)
-    (decoded,) = H264Decoder().decode(JitterFrame(b"".join(map(h264_depayload, payloads)), 0))
-    assert isinstance(decoded, av.VideoFrame)
-    copy = own_copy(decoded)
-    assert copy is not decoded
-    assert (copy.width, copy.height, copy.pts) == (100, 60, decoded.pts)
-    for source, target in zip(decoded.planes, copy.planes, strict=True):
-        for row in range(source.height):
-            start, end = row * source.line_size, row * source.line_size + source.width
-            copied = bytes(target)[row * target.line_size : row * target.line_size + target.width]
-            assert bytes(source)[start:end] == copied
+def test_the_transcode_budget_counts_encoders_across_holders() -> None:
+    budget = TranscodeBudget(1)
+    assert budget.acquire(("relay-1", "video/H264"))
+    assert budget.acquire(("relay-1", "video/H264"))  # held already
+    assert not budget.acquire(("relay-2", "video/VP8"))
+    budget.release(("relay-1", "video/H264"))
+    assert budget.acquire(("relay-2", "video/VP8"))
+    assert budget.in_use == 1
+    assert not TranscodeBudget(0).acquire("any")
+    with pytest.raises(ValueError, match="negative"):
+        TranscodeBudget(-1)

@@ -369,3 +369,16 @@ class TestATurnServerWithASharedSecret:
             assert ice["credential"] != "shared-with-coturn"
             logins.append(ice["credential"])
         assert logins[0] != logins[1]
+
+
+class TestTheTranscodingCap:
+    """``[video] transcode_encoders`` reaches the app's one video service."""
+
+    @pytest.fixture
+    def config(self, tmp_path: Path) -> Config:
+        return replace(demo_config(tmp_path), video=VideoConfig(transcode_encoders=0))
+
+    async def test_the_service_budget_is_the_sites(self, app: AppClientFactory) -> None:
+        state = app.app.extensions["appliance"]  # type: ignore[attr-defined]
+        assert state.video.transcode_budget.limit == 0
+        assert state.video.transcode_budget.acquire("a relay") is False
