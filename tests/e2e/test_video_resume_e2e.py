@@ -26,6 +26,7 @@ from appliance.store import Store
 from tests.e2e.live_server import watch_problems
 from tests.e2e.test_video_e2e import _arrived_patient
 from tests.e2e.video_call import (
+    admitted_and_seeing_each_other,
     decoded_at_least,
     frames_decoded,
     issue_link,
@@ -72,21 +73,7 @@ async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
 
     patient = Client(state.video, "patient")
     try:
-        await patient.join("patient", visit=encounter_id)
-        for role in ("provider", "patient"):
-            admit = f"#video-people li[data-role='{role}'] button:has-text('Admit')"
-            await nurse.click(admit, timeout=10_000)
-        await wait_for(
-            lambda: any(m["type"] == "admitted" for m in patient.received), 10, "admitted"
-        )
-        await patient.publish()
-        provider_id = next(
-            m["participant"]
-            for m in patient.received
-            if m["type"] == "participant" and m["role"] == "provider"
-        )
-        await decoded_at_least(provider, patient.id, 30)
-        await wait_for(lambda: patient.video[provider_id] >= 30, 30, "provider at patient")
+        provider_id = await admitted_and_seeing_each_other(nurse, provider, patient, encounter_id)
 
         # The provider's socket dies, both ways, without a word.
         page_side, server_side = sockets[-1]
@@ -130,21 +117,7 @@ async def test_a_reloaded_provider_page_takes_its_seat_back_without_admission(
 
     patient = Client(state.video, "patient")
     try:
-        await patient.join("patient", visit=encounter_id)
-        for role in ("provider", "patient"):
-            admit = f"#video-people li[data-role='{role}'] button:has-text('Admit')"
-            await nurse.click(admit, timeout=10_000)
-        await wait_for(
-            lambda: any(m["type"] == "admitted" for m in patient.received), 10, "admitted"
-        )
-        await patient.publish()
-        provider_id = next(
-            m["participant"]
-            for m in patient.received
-            if m["type"] == "participant" and m["role"] == "provider"
-        )
-        await decoded_at_least(provider, patient.id, 30)
-        await wait_for(lambda: patient.video[provider_id] >= 30, 30, "provider at patient")
+        provider_id = await admitted_and_seeing_each_other(nurse, provider, patient, encounter_id)
         # In the call, the token is in the page's memory only, not in the tab's storage.
         assert await provider.evaluate("() => sessionStorage.length") == 0
         await wait_for(lambda: state.video.connections(encounter_id) == 9, 15, "9 connections")

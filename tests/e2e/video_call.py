@@ -12,6 +12,8 @@ from appliance.config import demo_config
 from appliance.store import Store
 from appliance.users import Role
 from tests.e2e import live_server
+from tests.video.peers import wait_for
+from tests.video.test_service import Client
 from web.app import AppState, create_app
 
 NURSE, PASSWORD = "nurse-video", "correct horse battery staple"
@@ -60,3 +62,24 @@ async def decoded_at_least(page: Any, publisher: str, frames: int) -> None:
             return
         await page.wait_for_timeout(200)
     raise AssertionError(f"{frames} frames not decoded from {publisher}")
+
+
+async def admitted_and_seeing_each_other(
+    nurse: Any, provider: Any, patient: Client, encounter_id: str
+) -> str:
+    """The aiortc patient joins; the nurse's page admits the waiting provider and the
+    patient; the patient publishes; both decode 30 of the other's frames. The provider's id."""
+    await patient.join("patient", visit=encounter_id)
+    for role in ("provider", "patient"):
+        admit = f"#video-people li[data-role='{role}'] button:has-text('Admit')"
+        await nurse.click(admit, timeout=10_000)
+    await wait_for(lambda: any(m["type"] == "admitted" for m in patient.received), 10, "admitted")
+    await patient.publish()
+    provider_id: str = next(
+        m["participant"]
+        for m in patient.received
+        if m["type"] == "participant" and m["role"] == "provider"
+    )
+    await decoded_at_least(provider, patient.id, 30)
+    await wait_for(lambda: patient.video[provider_id] >= 30, 30, "provider at patient")
+    return provider_id
