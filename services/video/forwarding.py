@@ -558,6 +558,7 @@ class RelayStats:
     encoders_created: int = 0
     transcode_encoders: int = 0  # running now (at most one per target codec)
     transcodes_refused: int = 0
+    transcodes_recovered: int = 0  # refused viewers given a copy once an encoder was free
 
 
 class ForwardedTrack(MediaStreamTrack):
@@ -727,6 +728,8 @@ class ForwardingRelay:
         self.encoders: dict[str, SharedEncoder] = {}  # by target codec, lower case
         self._budget = transcode_budget if transcode_budget is not None else TranscodeBudget()
         self._on_transcode_refused = on_transcode_refused
+        # Viewers refused a transcoded copy, waiting for the box's budget (their track, codec).
+        self._refused: dict[str, tuple[ForwardedTrack, RTCRtpCodecParameters]] = {}
         self._keyframe_min_interval = keyframe_min_interval
         self._clock = clock
         self._time_base = fractions.Fraction(1, CLOCK_RATES[kind])
@@ -792,6 +795,7 @@ class ForwardingRelay:
         self.codec, self.mime_type = codec, codec.mimeType
         if changed:
             self._stop_transcoding()
+            self._refused.clear()  # their legs are offered again for the new codec
         return changed
 
     def cap_publisher(self, bps: int | None) -> None:
@@ -880,12 +884,19 @@ class ForwardingRelay:
         return same + others + rtx
 
     def _transcode_for(
-        self, viewer_id: str, track: ForwardedTrack, codec: RTCRtpCodecParameters
+        self,
+        viewer_id: str,
+        track: ForwardedTrack,
+        codec: RTCRtpCodecParameters,
+        *,
+        again: bool = False,
     ) -> bool:
         """The viewer's answer did not take the publisher's codec: it joins the shared
         encoder for ``codec`` (made now, with the shared decoder if need be, if the box's
-        budget allows one more). False if refused: the viewer is sent no video and
-        ``on_transcode_refused`` is told."""
+        budget allows one more). False if refused: the viewer is sent no video,
+        ``on_transcode_refused`` is told, and it waits for an encoder to be given back
+        anywhere in the box (``again``: this is that retry; refused again, it waits on
+        quietly)."""
         mime = codec.mimeType.lower()
         if viewer_id not in self._viewers:  # removed before its sender started
             track.transcode(lambda: None)
@@ -894,10 +905,15 @@ class ForwardingRelay:
         if encoder is None:
             if not self._budget.acquire((self, mime)):
                 track.transcode(lambda: None)  # neither forwarded nor encoded for
+                self._refused[viewer_id] = (track, codec)
+                self._budget.wait(self, self._retry_refused)
+                if again:
+                    return False
                 self.stats.transcodes_refused += 1
                 logger.warning(
                     "video relay %s: viewer %s cannot receive %s and the box already runs "
-                    "%d transcoding encoder(s), its limit; no video is sent to it",
+                    "%d transcoding encoder(s), its limit; no video is sent to it until one "
+                    "is free",
                     self.name or "-",
                     viewer_id,
                     self.mime_type,
@@ -930,6 +946,14 @@ class ForwardingRelay:
         )
         return True
 
+    def _retry_refused(self) -> None:
+        """An encoder was given back somewhere in the box: the viewers refused one try again
+        (the first to ask gets it; the others wait for the next)."""
+        refused, self._refused = self._refused, {}
+        for viewer_id, (track, codec) in refused.items():
+            if self._transcode_for(viewer_id, track, codec, again=True):
+                self.stats.transcodes_recovered += 1
+
     def _count_transcoded(self) -> None:
         self.stats.transcoded_viewers = sum(len(e.sinks) for e in self.encoders.values())
         self.stats.transcode_encoders = len(self.encoders)
@@ -958,6 +982,7 @@ class ForwardingRelay:
         track = self._viewers.pop(viewer_id, None)
         if track is not None:
             track.end()
+        self._refused.pop(viewer_id, None)
         for mime, encoder in list(self.encoders.items()):
             if viewer_id in encoder.sinks:
                 encoder.remove_sink(viewer_id)
@@ -969,6 +994,8 @@ class ForwardingRelay:
         """End every viewer's track and cancel pending keyframe requests."""
         for viewer_id in list(self._viewers):
             self.remove_viewer(viewer_id)
+        self._budget.forget(self)
+        self._refused.clear()
         self._stop_transcoding()
         for task in self._tasks:
             task.cancel()

@@ -101,7 +101,7 @@ RESUME_GRACE_S = 60.0
 # Told to a viewer refused a transcoded copy (``ErrorCode.TRANSCODING_UNAVAILABLE``).
 TRANSCODE_BUSY = (
     "your browser cannot play this video format and the box is already converting video "
-    "for another participant"
+    "for another participant; it will show here when that ends"
 )
 
 

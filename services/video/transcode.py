@@ -168,6 +168,8 @@ class TranscodeBudget:
             raise ValueError("the transcoding limit cannot be negative")
         self.limit = limit
         self._holders: set[object] = set()
+        # Who was refused and wants to hear when an encoder is given back (insertion order).
+        self._waiting: dict[object, Callable[[], None]] = {}
 
     @property
     def in_use(self) -> int:
@@ -184,8 +186,26 @@ class TranscodeBudget:
         return True
 
     def release(self, holder: object) -> None:
-        """Give ``holder``'s encoder back (no-op if it holds none)."""
+        """Give ``holder``'s encoder back (no-op if it holds none); everyone waiting is
+        woken, soon after (``call_soon``: never inside the releaser's own bookkeeping), and
+        may try again; whoever is refused again waits again."""
+        if holder not in self._holders:
+            return
         self._holders.discard(holder)
+        waiting, self._waiting = list(self._waiting.values()), {}
+        if not waiting:
+            return
+        loop = asyncio.get_running_loop()
+        for wake in waiting:
+            loop.call_soon(wake)
+
+    def wait(self, key: object, wake: Callable[[], None]) -> None:
+        """Call ``wake`` once an encoder is given back (one call per ``key``)."""
+        self._waiting[key] = wake
+
+    def forget(self, key: object) -> None:
+        """``key`` no longer waits (its relay stopped)."""
+        self._waiting.pop(key, None)
 
 
 class SharedEncoder:

@@ -505,9 +505,14 @@ async def test_a_viewer_needing_an_encoder_beyond_the_boxs_cap_is_refused_clearl
         assert len(warned) == 1
         assert provider_2.id in warned[0].getMessage()
 
-        # The first encoder's last viewer leaves: the budget is free again.
+        # The first encoder's last viewer leaves: its encoder and decoder close, and the
+        # refused viewer gets the freed encoder without asking (no reconnect, same legs).
         await provider.send(type="leave")
         relay_1 = service.relays(VISIT, patient.id)[MediaKind.VIDEO]
-        await wait_for(lambda: service.transcode_budget.in_use == 0, 10, "the encoder closed")
-        assert relay_1.encoders == {}
+        await wait_for(lambda: relay_1.encoders == {}, 10, "the first encoder closed")
         assert relay_1.decoder is None
+        await flowing(provider_2.video, patient_2.id, 30, seconds=30)
+        assert relay_2.stats.transcodes_recovered == 1
+        assert relay_2.stats.viewers[provider_2.id].transcoded_to == "video/H264"
+        assert service.transcode_budget.in_use == 1
+        assert provider_2.errors() == ["transcoding_unavailable"]  # told once, not again

@@ -657,3 +657,21 @@ def test_the_transcode_budget_counts_encoders_across_holders() -> None:
     assert not TranscodeBudget(0).acquire("any")
     with pytest.raises(ValueError, match="negative"):
         TranscodeBudget(-1)
+
+
+async def test_a_released_encoder_wakes_those_refused_soon_not_inside_the_release() -> None:
+    budget = TranscodeBudget(1)
+    assert budget.acquire("relay-1/H264")
+    woken: list[str] = []
+    budget.wait("relay-2", lambda: woken.append("relay-2"))
+    budget.wait("relay-3", lambda: woken.append("relay-3"))
+    budget.wait("relay-3", lambda: woken.append("relay-3 again"))  # one call per key
+    budget.forget("relay-2")  # its relay stopped
+    budget.release("nobody")  # held nothing: wakes nobody
+    budget.release("relay-1/H264")
+    assert woken == []  # never inside the releaser's own bookkeeping
+    await asyncio.sleep(0)
+    assert woken == ["relay-3 again"]
+    budget.release("relay-1/H264")  # given back already: nothing more
+    await asyncio.sleep(0)
+    assert woken == ["relay-3 again"]
