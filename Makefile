@@ -22,10 +22,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # Node.js runs the Medplum FHIR peer the sync tests talk to; Debian's Chromium runs the
 # browser tests (Playwright drives it at /usr/bin/chromium; it never downloads a browser).
 deps-system:
-	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && \
-	  command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing nodejs, npm and chromium (Debian packages)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm chromium; }
+	@missing=""; \
+	  command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
+	  command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing$$missing (Debian packages)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  fi
 
 $(PEER)/node_modules/.package-lock.json: $(PEER)/package.json $(PEER)/package-lock.json | deps-system
 	npm ci --prefix $(PEER) --no-audit --no-fund --loglevel=error
