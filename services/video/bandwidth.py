@@ -26,11 +26,15 @@ flowed throughout. Without it a viewer just out of
 congestion would stay paused for many seconds: its REMB climbs back by at most 8 % a second
 (aiortc's ``AimdRateControl``). See docs/video.md, "The WAN leg".
 
+A remote viewer's own ``b=AS`` / ``b=TIAS`` (its answer's SDP: ``sdp_bandwidth``) is a
+ceiling on what its publisher is capped to.
+
 Time is a parameter (``now``, seconds, monotonic); no I/O.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,6 +65,11 @@ RTT_RISE_S = 0.1
 # A cap lowered by more than this is sent to the publisher at once; smaller moves ride on
 # the next regular REMB (every 0.5 s from aiortc's estimator).
 CAP_CHANGE = 0.05
+# A bandwidth line in an SDP (RFC 4566 5.8 ``b=AS:<kbit/s>``, RFC 3890 ``b=TIAS:<bit/s>``):
+# ASCII digits only (eleven at most), at most 10 Gbit/s; anything else is ignored.
+MAX_SDP_BANDWIDTH_BPS = 10_000_000_000
+_SDP_BANDWIDTH_VALUE = re.compile(r"[0-9]{1,11}")
+_SDP_BANDWIDTH_UNIT = {"AS": 1000, "TIAS": 1}
 
 
 class LinkState(StrEnum):
@@ -149,6 +158,7 @@ class RemoteStream:
         self._probe_at: float | None = None
         self.pauses = 0
         self.probes = 0
+        self.ceiling: int | None = None  # the viewer's own b=AS / b=TIAS (``set_ceiling``)
 
     @property
     def carries_video(self) -> bool:
@@ -220,6 +230,25 @@ class RemoteStream:
         remb = None if self._remb_stale else self.last_remb
         values = [v for v in (remb, self.throughput(now)) if v is not None]
         return max(values) if values else None
+
+    def set_ceiling(self, bps: int | None) -> None:
+        """The viewer's SDP says it takes at most ``bps`` (``sdp_bandwidth``; None: no limit).
+
+        A ceiling under the audio-only threshold counts as the threshold: below it the rule
+        is audio only, which congestion decides (``step``), not a line in an SDP, and a cap
+        of 0 would starve the video without the room being told. The ceiling bounds the
+        cap (``cap_estimate``) and nothing else: pauses, probes and restores go on the
+        path's own signals.
+        """
+        self.ceiling = None if bps is None else max(bps, self.policy.threshold_bps)
+
+    def cap_estimate(self, now: float) -> int | None:
+        """What this viewer lets its publisher send (bit/s; None: no limit known): its
+        estimate, within its ceiling; the ceiling alone until an estimate is known. While
+        probing, the estimate is what the probe is finding out: only the ceiling holds."""
+        estimate = self.estimate(now) if self.state is LinkState.VIDEO else None
+        known = [v for v in (estimate, self.ceiling) if v is not None]
+        return min(known) if known else None
 
     def step(self, now: float) -> Change | None:
         """Advance the state machine; the change to make now, if any."""
@@ -306,3 +335,53 @@ def publisher_cap(share: int, estimates: Iterable[int | None]) -> int:
 def send_cap_now(cap: int, last_sent: int | None) -> bool:
     """Whether a new cap must reach the publisher now rather than with the next regular REMB."""
     return last_sent is None or cap < (1 - CAP_CHANGE) * last_sent
+
+
+@dataclass(frozen=True, slots=True)
+class SdpBandwidth:
+    """The bandwidth an SDP gives one kind of media (``sdp_bandwidth``)."""
+
+    bps: int | None  # None: no usable bandwidth line
+    ignored: tuple[str, ...] = ()  # why lines were ignored: fixed texts, for the logs
+
+
+def sdp_bandwidth(sdp: str, kind: str = "video") -> SdpBandwidth:
+    """The ceiling an SDP's bandwidth lines put on its first ``kind`` m-section, in bit/s.
+
+    ``b=TIAS:<bit/s>`` (RFC 3890) wins over ``b=AS:<kbit/s>`` (RFC 4566) when both are
+    there; the media section's lines win over the session's (before the first ``m=``),
+    which apply only when it has none. Several of one type: the lowest. A value is one to
+    eleven ASCII digits and at most ``MAX_SDP_BANDWIDTH_BPS``; anything else in an ``AS`` or
+    ``TIAS`` line (or a ``b=`` line without a type) is ignored and said so in ``ignored``.
+    Other types (CT, RR, RS) are not ceilings on one stream: skipped. Zero is returned as
+    zero (``RemoteStream.set_ceiling`` decides what it means). Never raises.
+    """
+    found: dict[str, dict[str, list[int]]] = {"session": {}, "media": {}}
+    ignored: list[str] = []
+    section: str | None = "session"
+    seen_kind = False
+    for raw in sdp.split("\n"):
+        line = raw.removesuffix("\r")
+        if line.startswith("m="):
+            is_kind = not seen_kind and line[2:].split(" ", 1)[0] == kind
+            seen_kind = seen_kind or is_kind
+            section = "media" if is_kind else None
+            continue
+        if section is None or not line.startswith("b="):
+            continue
+        bwtype, colon, value = line[2:].partition(":")
+        if not colon:
+            ignored.append("a bandwidth line without a type")
+            continue
+        unit = _SDP_BANDWIDTH_UNIT.get(bwtype)
+        if unit is None:
+            continue
+        if not _SDP_BANDWIDTH_VALUE.fullmatch(value) or int(value) * unit > MAX_SDP_BANDWIDTH_BPS:
+            ignored.append(f"b={bwtype} is not a whole number up to 10 Gbit/s")
+            continue
+        found[section].setdefault(bwtype, []).append(int(value) * unit)
+    for level in ("media", "session"):
+        for bwtype in ("TIAS", "AS"):
+            if values := found[level].get(bwtype):
+                return SdpBandwidth(min(values), tuple(ignored))
+    return SdpBandwidth(None, tuple(ignored))

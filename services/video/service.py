@@ -26,7 +26,8 @@ The WAN leg (``services/video/bandwidth.py`` decides): every subscribe connectio
 video to a remote provider is a ``RemoteStream``; a watcher task reads the relays' counters
 four times a second, caps each publisher at what its remote viewers can take (the relay
 sends it as REMB), pauses a remote viewer's video below the threshold (telling the room
-``video_paused``) and probes and restores it.
+``video_paused``) and probes and restores it. A remote viewer's own ``b=AS`` / ``b=TIAS``
+bounds what it gives the cap.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from services.video.bandwidth import (
     WanPolicy,
     budget_share,
     publisher_cap,
+    sdp_bandwidth,
 )
 from services.video.forwarding import ForwardingRelay, negotiated_codec, publisher_receiver
 from services.video.rooms import (
@@ -168,6 +170,7 @@ class _Subscription:
     negotiated: frozenset[MediaKind] = frozenset()  # every kind the publisher publishes
     video_sender: RTCRtpSender | None = None
     last_report: datetime | None = None  # the newest receiver report read from it
+    ceiling: int | None = None  # a remote viewer's own b=AS / b=TIAS (bit/s), from its answer
 
 
 @dataclass(slots=True)
@@ -537,6 +540,8 @@ class VideoService:
                 case Description(kind="answer", pc=str(pc_id)):
                     subscription = _subscription(media, participant_id, pc_id)
                     await _remote_description(subscription.pc, message.sdp, "answer")
+                    if self._is_remote(media, participant_id):
+                        _take_ceiling(subscription, message.sdp)
                 case Description():
                     raise _Refused(ErrorCode.INVALID_FIELD, "offer on publish, answer on pc")
                 case Candidate():
@@ -674,6 +679,7 @@ class VideoService:
                     _stop_watching(media, key, subscription)
                 elif added_video and self._is_remote(media, key[1]):
                     subscription.remote = RemoteStream(self.wan, self._monotonic())
+                    subscription.remote.set_ceiling(subscription.ceiling)
                     self._watch_wan()
             else:
                 await _close_subscription(media, key, relays)
@@ -751,12 +757,9 @@ class VideoService:
                     report.fractionLost / 256, report.roundTripTime, self._monotonic()
                 )
 
-    def wan_tick(self) -> None:
-        """Read the relays' counters, then pause, probe, restore and cap (no awaiting).
-
-        The budget is the box's: every room's remote streams share it.
-        """
-        now = self._monotonic()
+    def _wan_streams(self) -> tuple[list[tuple[_RoomMedia, str, str, RemoteStream]], int]:
+        """Every remote video stream of the box (room, publisher, viewer, its state) and the
+        number of remote audio streams."""
         streams: list[tuple[_RoomMedia, str, str, RemoteStream]] = []
         audio_streams = 0
         for media in self._media.values():
@@ -772,6 +775,15 @@ class VideoService:
                     and self._is_remote(media, viewer)
                 ):
                     audio_streams += 1  # remote audio takes its allowance, video or not
+        return streams, audio_streams
+
+    def wan_tick(self) -> None:
+        """Read the relays' counters, then pause, probe, restore and cap (no awaiting).
+
+        The budget is the box's: every room's remote streams share it.
+        """
+        now = self._monotonic()
+        streams, audio_streams = self._wan_streams()
         for media, publisher, viewer, remote in streams:
             relay = media.members[publisher].relays[MediaKind.VIDEO]
             viewer_stats = relay.stats.viewers.get(viewer)
@@ -802,8 +814,9 @@ class VideoService:
                     continue
                 mine = [remote for m, p, _v, remote in carrying if m is media and p == publisher]
                 # A probing stream's estimate is what the probe is finding out: it does not
-                # hold the publisher back meanwhile (only the budget share does).
-                estimates = [r.estimate(now) if r.state is LinkState.VIDEO else None for r in mine]
+                # hold the publisher back meanwhile (only the budget share and the viewer's
+                # own b=AS do).
+                estimates = [r.cap_estimate(now) for r in mine]
                 video.cap_publisher(publisher_cap(share, estimates) if mine else None)
 
 
@@ -895,6 +908,18 @@ def _stop_watching(media: _RoomMedia, key: tuple[str, str], subscription: _Subsc
     if subscription.remote is not None and subscription.remote.state is not LinkState.VIDEO:
         _tell_raw(media, signalling.encode_video_paused(key[0], key[1], False))
     subscription.remote = None
+
+
+def _take_ceiling(subscription: _Subscription, sdp: str) -> None:
+    """A remote viewer's answer: its b=TIAS or b=AS for video, if any, bounds its cap."""
+    bandwidth = sdp_bandwidth(sdp, "video")
+    for reason in bandwidth.ignored:
+        logger.info("video: a bandwidth line in a viewer's answer ignored (%s)", reason)
+    subscription.ceiling = bandwidth.bps
+    if subscription.remote is not None:
+        subscription.remote.set_ceiling(bandwidth.bps)
+    if bandwidth.bps is not None:
+        logger.info("video: a remote viewer's answer limits it to %d bit/s", bandwidth.bps)
 
 
 def _discard(_data: bytes) -> None:

@@ -340,3 +340,83 @@ def test_policy_rejects_nonsense() -> None:
         WanPolicy(probe_after_s=10, probe_max_s=5)
     with pytest.raises(ValueError):
         WanPolicy(uplink_kbps=0)
+
+
+# -- a remote viewer's own b=AS / b=TIAS: a ceiling on what its publisher is capped to ------
+
+
+def test_the_ceiling_bounds_the_cap_from_the_start_and_below_a_higher_estimate() -> None:
+    stream = RemoteStream(POLICY, now=0.0)
+    assert stream.cap_estimate(0.0) is None  # nothing known: the share alone caps
+    stream.set_ceiling(200_000)
+    assert stream.cap_estimate(0.0) == 200_000  # before any REMB or throughput
+    total = flowing(stream, 0.0, 3.0, 600_000)
+    stream.remb(900_000, 3.0)
+    assert stream.estimate(3.0) == 900_000  # the path's own estimate is left as it is
+    assert stream.cap_estimate(3.0) == 200_000
+    assert publisher_cap(budget_share(POLICY, 1, 1), [stream.cap_estimate(3.0)]) == 200_000
+    flowing(stream, 3.25, 5.0, 150_000, total)
+    stream.remb(160_000, 5.0)  # a lower estimate is lower still
+    assert stream.cap_estimate(5.0) == 160_000
+    stream.set_ceiling(None)  # a later answer without one
+    assert stream.cap_estimate(5.0) == 160_000
+
+
+@pytest.mark.parametrize("declared", [0, 1, 149_999])
+def test_a_ceiling_under_the_threshold_counts_as_the_threshold(declared: int) -> None:
+    stream = RemoteStream(POLICY, now=0.0)
+    stream.set_ceiling(declared)
+    assert stream.ceiling == POLICY.threshold_bps
+    assert publisher_cap(budget_share(POLICY, 1, 1), [stream.cap_estimate(0.0)]) == 150_000
+
+
+def test_the_ceiling_neither_pauses_nor_keeps_a_probe_from_restoring() -> None:
+    # A path that carries 600 kbit/s with no congestion: a ceiling at the threshold pauses
+    # nothing (only congestion does), and a probe restores on what the path demonstrates.
+    stream = RemoteStream(POLICY, now=0.0)
+    stream.set_ceiling(POLICY.threshold_bps)
+    assert run(stream, 0.0, 6.0, 600_000) == []
+    assert stream.state is LinkState.VIDEO
+
+    squeezed = RemoteStream(POLICY, now=0.0)
+    squeezed.set_ceiling(POLICY.threshold_bps)
+    total = flowing(squeezed, 0.0, 2.0, 500_000)
+    squeezed.sent(total + 4_000, 2.25)
+    squeezed.remb(100_000, 2.25)
+    assert squeezed.step(2.25) is Change.PAUSE
+    assert run(squeezed, 2.5, 5.25) == [(5.25, Change.PROBE)]
+    # While probing the estimate is what the probe finds out: only the ceiling holds.
+    assert squeezed.cap_estimate(5.25) == POLICY.threshold_bps
+    changes = run(squeezed, 5.5, 15.0, 600_000)
+    assert [change for _, change in changes] == [Change.RESTORE]
+    assert squeezed.state is LinkState.VIDEO
+    assert squeezed.cap_estimate(15.0) == POLICY.threshold_bps
+
+
+@given(
+    ceiling=st.one_of(st.none(), st.integers(0, 10**10)),
+    rembs=st.lists(
+        st.tuples(st.floats(0, 0.5), st.integers(0, 3_000_000)), min_size=1, max_size=40
+    ),
+)
+def test_the_cap_never_exceeds_the_ceiling_nor_falls_under_the_threshold_for_it(
+    ceiling: int | None, rembs: list[tuple[float, int]]
+) -> None:
+    stream = RemoteStream(POLICY, now=0.0)
+    stream.set_ceiling(ceiling)
+    share = budget_share(POLICY, 1, 1)
+    now, total = 0.0, 0
+    for gap, bps in rembs:
+        now += gap
+        stream.remb(bps, now)
+        total += bps // 32
+        stream.sent(total, now)
+        stream.step(now)
+        limit = stream.cap_estimate(now)
+        cap = publisher_cap(share, [limit])
+        estimate = stream.estimate(now) if stream.state is LinkState.VIDEO else None
+        bounded = None if ceiling is None else max(ceiling, POLICY.threshold_bps)
+        # The lowest of the share, the estimate and the ceiling, which alone never takes the
+        # cap under the threshold (only a low estimate does).
+        assert cap == min(v for v in (share, estimate, bounded) if v is not None)
+        assert limit is not None or (ceiling is None and estimate is None)
