@@ -6,9 +6,10 @@ route; the nurse (admitting) and the patient are aiortc peers of the app's own v
 service, the patient sending 640x480 VP8 with a band of noise (``LargeNumberedVideoTrack``,
 ~0.6 Mbit/s, as in tests/video/test_wan.py). Playwright passes the provider page's
 WebSocket through, message by message and in order, rewriting only the ICE candidates of
-the box's subscribe offers and of the page's answers, so that every datagram between the
-box and the page's subscribe connection crosses a ``LossyLink`` (tests/video/lossy_proxy.py)
-with a bottleneck that can be set. Nothing else is faked: the box's WAN leg decides from
+the box's subscribe offers and those the page gives for its answers (in the answer, or
+trickled after it as ``candidate`` messages, held until the page's last), so that every
+datagram between the box and the page's subscribe connection crosses a ``LossyLink``
+(tests/video/lossy_proxy.py) with a bottleneck that can be set. Nothing else is faked: the box's WAN leg decides from
 Chromium's own REMB and receiver reports.
 
 Squeezed to 100 kbit/s, the box pauses the patient's video to the provider and the page
@@ -56,12 +57,15 @@ SQUEEZE_BPS = 100_000  # well under the default 150 kbit/s threshold, as test_wa
 
 class SqueezableSignalling:
     """The provider page's signalling, passed through in order; the box's subscribe offers
-    and the page's answers to them are rewritten so that each subscribe connection's
-    datagrams cross a ``LossyLink`` of its own (``links``, by ``pc``)."""
+    and the page's answers and candidates for them are rewritten so that each subscribe
+    connection's datagrams cross a ``LossyLink`` of its own (``links``, by ``pc``)."""
 
     def __init__(self) -> None:
         self.links: dict[str, LossyLink] = {}
         self._offers: dict[str, str] = {}  # the box's offers as it made them, by pc
+        # The page's candidates for each answered pc, (section, candidate), held until its
+        # empty one: then one per section goes on, behind the link's proxy.
+        self._held: dict[str, list[tuple[int, str]]] = {}
         self.failures: list[BaseException] = []  # a rewrite that failed (the test fails)
         self.sockets = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -82,34 +86,50 @@ class SqueezableSignalling:
     async def _pump(
         self,
         queue: asyncio.Queue[str | bytes],
-        rewrite: Callable[[str | bytes], Awaitable[str | bytes]],
+        rewrite: Callable[[str | bytes], Awaitable[list[str | bytes]]],
         forward: Callable[[str | bytes], None],
     ) -> None:
         while True:
             raw = await queue.get()
             try:
-                forward(await rewrite(raw))
+                for message in await rewrite(raw):
+                    forward(message)
             except Exception as error:  # reported by the test, not lost in a task
                 self.failures.append(error)
                 forward(raw)
 
-    async def _from_box(self, raw: str | bytes) -> str | bytes:
+    async def _from_box(self, raw: str | bytes) -> list[str | bytes]:
         message = json.loads(raw)
         if message.get("type") != "offer" or not message.get("pc"):
-            return raw
+            return [raw]
         link = LossyLink(seed=1 + 10 * len(self.links))
         self.links[message["pc"]], self._offers[message["pc"]] = link, message["sdp"]
         message["sdp"] = await link.route_offer(message["sdp"])
-        return json.dumps(message)
+        return [json.dumps(message)]
 
-    async def _from_page(self, raw: str | bytes) -> str | bytes:
+    async def _from_page(self, raw: str | bytes) -> list[str | bytes]:
         message = json.loads(raw)
         pc = message.get("pc") or ""
         link = self.links.get(pc)
-        if message.get("type") != "answer" or link is None:
-            return raw
-        message["sdp"] = _route_chromium_answer(link, self._offers[pc], message["sdp"])
-        return json.dumps(message)
+        if link is None:
+            return [raw]
+        if message.get("type") == "answer":
+            # Its candidates (those Chromium had when it was sent) wait with the trickled.
+            self._held[pc], message["sdp"] = _without_candidates(message["sdp"])
+            return [json.dumps(message)]
+        if message.get("type") != "candidate":
+            return [raw]
+        if message["candidate"]:
+            self._held[pc].append((message.get("sdpMLineIndex") or 0, message["candidate"]))
+            return []
+        routed = _route_chromium_candidates(link, self._offers[pc], self._held.pop(pc))
+        return [
+            *(
+                json.dumps({"type": "candidate", "candidate": c, "sdpMLineIndex": i, "pc": pc})
+                for i, c in routed
+            ),
+            raw,
+        ]
 
     def squeeze(self, bps: int | None) -> None:
         """A bottleneck of ``bps`` from the box to the page on every link (None: none)."""
@@ -123,40 +143,45 @@ class SqueezableSignalling:
             link.close()
 
 
-def _route_chromium_answer(link: LossyLink, offer: str, answer: str) -> str:
-    """Chromium's answer with, in each media section that has candidates, one of its UDP
-    host candidates (loopback if it has one) behind the proxy of the box's candidate in that
-    section, and its other candidates left out: the box reaches the page only through it.
-
-    ``LossyLink.route_answer`` pairs candidates one to one, as two aiortc peers on loopback
-    give them; Chromium gives one per interface, TCP ones too, and accepting the box's
-    BUNDLE, candidates in the first section only."""
-    offered = host_candidates(offer)
-    section = -1
-    chosen: dict[int, tuple[str, int]] = {}
-    for line in answer.split("\r\n"):
-        section += line.startswith("m=")
-        found = CANDIDATE.match(line)
-        if found is None:
-            continue
-        address = (found.group(2), int(found.group(3)))
-        loopback = address[0] == "127.0.0.1"
-        if section not in chosen or (loopback and chosen[section][0] != "127.0.0.1"):
-            chosen[section] = address
-    assert chosen, f"no UDP host candidate in Chromium's answer:\n{answer}"
-    lines, section = [], -1
+def _without_candidates(answer: str) -> tuple[list[tuple[int, str]], str]:
+    """The answer's candidates, (section, ``candidate:…``), and the answer without them."""
+    candidates, lines, section = [], [], -1
     for line in answer.split("\r\n"):
         section += line.startswith("m=")
         if line.startswith("a=candidate:"):
-            found = CANDIDATE.match(line)
-            if found is None or (found.group(2), int(found.group(3))) != chosen[section]:
-                continue
-            [proxy] = [p for p in link.proxies if p.offerer == offered[section][0]]
-            proxy.answerer = chosen[section]
-            host, port = proxy.a
-            line = f"{found.group(1)}{host} {port}{found.group(4)}"
-        lines.append(line)
-    return "\r\n".join(lines)
+            candidates.append((section, line.removeprefix("a=")))
+        else:
+            lines.append(line)
+    return candidates, "\r\n".join(lines)
+
+
+def _route_chromium_candidates(
+    link: LossyLink, offer: str, candidates: list[tuple[int, str]]
+) -> list[tuple[int, str]]:
+    """Of Chromium's candidates for one answer, (section, candidate), one UDP host
+    candidate per section (loopback if it has one) behind the proxy of the box's candidate
+    in that section; the others are left out: the box reaches the page only through it.
+
+    ``LossyLink.route_answer`` pairs candidates one to one, as two aiortc peers on loopback
+    give them in their SDP; Chromium trickles one per interface, TCP ones too, and accepting
+    the box's BUNDLE, candidates for the first section only."""
+    offered = host_candidates(offer)
+    chosen: dict[int, tuple[str, str, str, str]] = {}  # section → the regex groups
+    for section, candidate in candidates:
+        found = CANDIDATE.match("a=" + candidate)
+        if found is None:
+            continue
+        loopback = found.group(2) == "127.0.0.1"
+        if section not in chosen or (loopback and chosen[section][1] != "127.0.0.1"):
+            chosen[section] = (found.group(1), found.group(2), found.group(3), found.group(4))
+    assert chosen, f"no UDP host candidate from Chromium: {candidates}"
+    routed = []
+    for section, (before, address, port, after) in sorted(chosen.items()):
+        [proxy] = [p for p in link.proxies if p.offerer == offered[section][0]]
+        proxy.answerer = (address, int(port))
+        host, proxy_port = proxy.a
+        routed.append((section, f"{before}{host} {proxy_port}{after}".removeprefix("a=")))
+    return routed
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 // The video panel (issue 7): the WebSocket signalling of docs/video.md, plain RTCPeerConnection.
 // One publish connection (we offer our camera and microphone, the box answers) and one
 // subscribe connection per person we see (the box offers with pc "<publisher>-<n>", we
-// answer). Offers and answers are sent once ICE gathering is done, so nothing trickles.
+// answer). Our offers and answers go as soon as they are set; our ICE candidates follow them
+// one by one ("candidate"), then an empty one when gathering is done. The box trickles none.
 // Data only ever goes into the page through textContent, never innerHTML (CSP + XSS).
 "use strict";
 
@@ -28,7 +29,6 @@
     return person.label || ROLE_NAMES[person.role] || person.role;
   }
   const PAUSED_NOTICE = "Video paused: weak connection. Audio continues.";
-  const GATHER_MS = 3000;
   // A connection "disconnected" this long, or "failed", is rebuilt without leaving the visit
   // (the box replaces only our own connections; docs/video.md, "The WAN leg").
   const RECONNECT_AFTER_MS = 3000;
@@ -73,19 +73,36 @@
     }
   }
 
-  function gathered(pc) {
-    if (pc.iceGatheringState === "complete") {
-      return Promise.resolve();
-    }
-    return new Promise(function (resolve) {
-      const timer = setTimeout(resolve, GATHER_MS);
-      pc.addEventListener("icegatheringstatechange", function () {
-        if (pc.iceGatheringState === "complete") {
-          clearTimeout(timer);
-          resolve();
-        }
-      });
+  function trickle(pc, pcId) {
+    // Sends pc's ICE candidates as it finds them ("candidate", with the connection's pc; none
+    // for our publish connection), then an empty one when gathering is done (a TURN relay
+    // candidate may take seconds). Those found before the offer or answer went out wait for
+    // it: call the function returned once it is sent.
+    let waiting = [];
+    pc.addEventListener("icecandidate", function (event) {
+      if (event.candidate && !event.candidate.candidate) {
+        return; // an end of one generation (not Chromium's): the null event ends them all
+      }
+      const message = { type: "candidate", candidate: "" };
+      if (event.candidate) {
+        message.candidate = event.candidate.candidate;
+        message.sdpMid = event.candidate.sdpMid;
+        message.sdpMLineIndex = event.candidate.sdpMLineIndex;
+      }
+      if (pcId) {
+        message.pc = pcId;
+      }
+      if (waiting) {
+        waiting.push(message);
+      } else {
+        send(message);
+      }
     });
+    return function described() {
+      const queued = waiting || [];
+      waiting = null;
+      queued.forEach(send);
+    };
   }
 
   function preferVp8(transceiver) {
@@ -204,10 +221,12 @@
       selfTile.querySelector("video").srcObject = localStream;
       selfTile.hidden = false;
     }
-    publishPc = new RTCPeerConnection({ iceServers: iceServers });
-    watchConnection(publishPc);
+    const pc = new RTCPeerConnection({ iceServers: iceServers });
+    publishPc = pc;
+    watchConnection(pc);
+    const described = trickle(pc, null);
     for (const track of localStream.getTracks()) {
-      const transceiver = publishPc.addTransceiver(track, {
+      const transceiver = pc.addTransceiver(track, {
         direction: "sendonly",
         streams: [localStream],
       });
@@ -215,14 +234,17 @@
         preferVp8(transceiver);
       }
     }
-    publishPc.addEventListener("connectionstatechange", function () {
-      if (publishPc && publishPc.connectionState === "connected") {
+    pc.addEventListener("connectionstatechange", function () {
+      if (publishPc === pc && pc.connectionState === "connected") {
         say("In the visit.");
       }
     });
-    await publishPc.setLocalDescription(await publishPc.createOffer());
-    await gathered(publishPc);
-    send({ type: "offer", sdp: publishPc.localDescription.sdp });
+    await pc.setLocalDescription(await pc.createOffer());
+    if (publishPc !== pc) {
+      return; // closed meanwhile (left, or rebuilt by reconnect())
+    }
+    send({ type: "offer", sdp: pc.localDescription.sdp });
+    described();
     say("Connecting the video…");
   }
 
@@ -346,6 +368,7 @@
     }
     const pc = new RTCPeerConnection({ iceServers: iceServers });
     watchConnection(pc);
+    const described = trickle(pc, pcId);
     const stream = new MediaStream();
     subscriptions.set(pcId, { pc: pc, publisher: publisher });
     const tile = tileFor(publisher);
@@ -357,8 +380,8 @@
     });
     await pc.setRemoteDescription({ type: "offer", sdp: sdp });
     await pc.setLocalDescription(await pc.createAnswer());
-    await gathered(pc);
     send({ type: "answer", sdp: pc.localDescription.sdp, pc: pcId });
+    described();
     renderPeople();
   }
 
@@ -553,6 +576,9 @@
         if (message.code === "resume_refused") {
           rejoin();
           break;
+        }
+        if (message.code === "invalid_candidate") {
+          break; // one candidate the box cannot use (the others may still connect): no call ends
         }
         say("The visit refused that: " + message.message, true);
         break;
