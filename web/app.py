@@ -175,7 +175,7 @@ def create_app(
 
     @app.context_processor
     async def site() -> dict[str, object]:
-        return {"site_name": config.site.name}
+        return {"site_name": config.site.name, "site_zone": config.site.timezone}
 
     @app.after_serving
     async def stop_change_feed() -> None:

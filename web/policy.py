@@ -196,6 +196,8 @@ POLICY: Mapping[str, Rule] = {
     "video.show_exam_camera": _r(CLINIC),  # answers the camera's participant id, no patient data
     "video.nurse_ws": _r(CLINIC, phi=True),
     "video.provider_ws": _r(VISIT_LINK, phi=True),
+    "video.provider_exam_still": _r(VISIT_LINK),  # the link's own visit; the Media's id only
+    "video.provider_exam_camera": _r(VISIT_LINK),  # the link's own visit; a participant id
     "video.kiosk_ws": _r(KIOSK, phi=True),
 }
 

@@ -100,7 +100,9 @@ def cookie_name(state: AppState) -> str:
     return "__Secure-visit" if state.secure else "visit"
 
 
-def _form_token(state: AppState, link: VisitLink) -> str:
+def form_token(state: AppState, link: VisitLink) -> str:
+    """The CSRF token of the link's forms (``visit_csrf``): derived from the link and the
+    browser it is bound to (also checked by web/video.py's camera routes)."""
     bound = (link.browser_hash or b"").hex()
     message = f"visit-form|{link.id}|{bound}".encode()
     return hmac.new(state.form_secret, message, hashlib.sha256).hexdigest()
@@ -186,8 +188,9 @@ async def _another_browser() -> Response:
     )
 
 
-def _check_form_token(state: AppState, link: VisitLink, sent: str) -> None:
-    if not hmac.compare_digest(sent.encode(), _form_token(state, link).encode()):
+def check_form_token(state: AppState, link: VisitLink, sent: str) -> None:
+    """403 unless ``sent`` is the link's form token."""
+    if not hmac.compare_digest(sent.encode(), form_token(state, link).encode()):
         abort(403)
 
 
@@ -320,22 +323,34 @@ async def visit(token: str) -> ResponseReturnValue:
     link = await _link_for(token, need_bound=False)
     if link.browser_hash is None:
         await _audit(link, AuditAction.READ, Outcome.SUCCESS, "visit link opened, not joined")
-        return await _page("provider_join.html", token=token, form_token=_form_token(state, link))
+        return await _page("provider_join.html", token=token, form_token=form_token(state, link))
     link = await _link_for(token)
-    shown = await visits.load_visit(state.store, link, state.zone, state.clock())
+    page = await _visit_page(token, link)
     await _audit(link, AuditAction.READ, Outcome.SUCCESS, "visit page")
+    return page
+
+
+async def _visit_page(
+    token: str, link: VisitLink, status: int = 200, error: str | None = None, **form: str
+) -> Response:
+    """The visit page of ``link``; after a refused completion, with its ``error`` and the
+    ``note`` and ``codes`` as typed."""
+    state = app_state()
+    shown = await visits.load_visit(state.store, link, state.zone, state.clock())
     return await _page(
         "provider_visit.html",
+        status=status,
         token=token,
         link=link,
         visit=shown,
         zone=state.zone,
         shown=lambda text: _shown(state, text),
-        form_token=_form_token(state, link),
+        form_token=form_token(state, link),
+        cameras=[camera.name for camera in state.config.exam_cameras],
         note_max=visits.NOTE_MAX_BYTES,
-        error=None,
-        note="",
-        codes="",
+        error=error,
+        note=form.get("note", ""),
+        codes=form.get("codes", ""),
     )
 
 
@@ -344,7 +359,7 @@ async def join(token: str) -> ResponseReturnValue:
     """Bind the link to this browser (the first one only) and open the visit."""
     state = app_state()
     link = await _link_for(token, need_bound=False)
-    _check_form_token(state, link, (await request.form).get("visit_csrf", ""))
+    check_form_token(state, link, (await request.form).get("visit_csrf", ""))
     browser = request.cookies.get(cookie_name(state), "")
     if len(browser) < 32:
         browser = secrets.token_urlsafe(32)
@@ -431,27 +446,13 @@ async def complete(token: str) -> ResponseReturnValue:
     state = app_state()
     link = await _link_for(token)
     form = await request.form
-    _check_form_token(state, link, form.get("visit_csrf", ""))
+    check_form_token(state, link, form.get("visit_csrf", ""))
     note, codes = form.get("note", ""), form.get("codes", "")
     try:
         done = await visits.complete(state.store, state.config, link, note, codes, state.clock())
     except visits.AlreadyEnded:
         return await _refusal(_REFUSED[LinkState.COMPLETED], 410)
     except visits.VisitError as error:
-        shown = await visits.load_visit(state.store, link, state.zone, state.clock())
-        return await _page(
-            "provider_visit.html",
-            status=400,
-            token=token,
-            link=link,
-            visit=shown,
-            zone=state.zone,
-            shown=lambda text: _shown(state, text),
-            form_token=_form_token(state, link),
-            note_max=visits.NOTE_MAX_BYTES,
-            error=str(error),
-            note=note,
-            codes=codes,
-        )
+        return await _visit_page(token, link, 400, str(error), note=note, codes=codes)
     logger.info("visit link %s completed; claim %s", link.id, done.claim_outcome)
     return await _page("provider_done.html", done=done)

@@ -17,6 +17,12 @@ box's own origin (a cross-site page cannot ride the cookies). Then every frame p
 per flood) and a flooding connection, or one that does not read what it is sent, is closed
 with 1008. An HTTP GET on these addresses passes the same guard and answers 426. Joining is
 audited (``read`` of the Encounter, success or denied) under the caller's actor.
+
+Exam cameras (a still into the record, a camera shown live in the visit) are asked by the
+nurse (``/video/nurse/still``, ``/video/nurse/camera``: the visit named in the form, the
+patient access rule) or by the remote provider (``/visit/<token>/video/still``,
+``/visit/<token>/video/camera``: the link bound to this browser as for signalling, its own
+visit only, its form token ``visit_csrf``); both then run the same code under their actor.
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ from urllib.parse import urlsplit
 from quart import Blueprint, Response, abort, current_app, has_websocket_context, request, websocket
 from quart.typing import ResponseReturnValue
 from quart.wrappers.base import BaseRequestWebsocket
+from werkzeug.datastructures import MultiDict
 
 from appliance import db, users, visit_links
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.device_registry import DeviceRegistry
 from appliance.users import Role as StaffRole
-from appliance.visit_links import LinkState
+from appliance.visit_links import LinkState, VisitLink
 from services import visits
 from services.video import camera_streams, still_requests
 from services.video.rooms import Role, RoomErrorCode
@@ -52,7 +59,7 @@ from web.app import AppState, app_state
 from web.auth import cookie_name as staff_cookie_name
 from web.auth import current_session, login_required, session_gate
 from web.kiosk import cookie_name as kiosk_cookie_name
-from web.provider import Guesses
+from web.provider import Guesses, check_form_token
 from web.provider import cookie_name as visit_cookie_name
 from web.templating import render_template
 
@@ -124,7 +131,8 @@ async def _nurse() -> Caller:
     return Caller(Role.NURSE, actor, session.csrf, patient_of)
 
 
-async def _provider(token: str) -> Caller:
+async def _provider_link(token: str) -> VisitLink:
+    """The active visit link of ``token``, bound to this browser (else 429, 404 or 403)."""
     state, conn = app_state(), _connection()
     guesses: Guesses = current_app.extensions["provider"]
     address, now = f"ip:{conn.remote_addr}", state.clock()
@@ -151,6 +159,12 @@ async def _provider(token: str) -> Caller:
     if refusal is not None:
         await _audit(state, link.actor, patient_key, link.encounter_id, Outcome.DENIED, refusal)
         abort(403)
+    return link
+
+
+async def _provider(token: str) -> Caller:
+    state = app_state()
+    link = await _provider_link(token)
     link_id = link.id
 
     async def patient_of(visit: str) -> str | None:
@@ -253,24 +267,73 @@ async def nurse_visit() -> ResponseReturnValue:
 async def take_exam_still() -> ResponseReturnValue:
     """A still from an exam camera into the visit's patient's record; JSON, the call goes on.
 
+    The nurse names the visit (``visit``, one of today's arrivals the nurse may see) and the
+    camera; see :func:`_exam_still`.
+    """
+    form = await request.form
+    visit = form.get("visit", "")
+    actor, arrival = await _nurse_arrival(visit)
+    return await _exam_still(form.get("camera", ""), arrival.patient_id, visit, actor)
+
+
+@bp.post("/video/nurse/camera")
+@login_required(role=_CLINIC)
+async def show_exam_camera() -> ResponseReturnValue:
+    """Show an exam camera live in the visit (``action=start``) or stop showing it (``stop``).
+
+    The nurse names the visit (``visit``, as for a still); see :func:`_exam_camera`.
+    """
+    form = await request.form
+    visit = form.get("visit", "")
+    actor, _arrival = await _nurse_arrival(visit)
+    return await _exam_camera(form.get("camera", ""), form.get("action", ""), visit, actor)
+
+
+async def _provider_form(token: str) -> tuple[VisitLink, MultiDict[str, str]]:
+    """The link of a provider's camera POST and its form: the link bound to this browser as
+    for signalling (429, 404 counted as a guess, 403), then the link's own form token
+    (``visit_csrf``, 403), as every form of the provider's pages."""
+    link = await _provider_link(token)
+    form = await request.form
+    check_form_token(app_state(), link, form.get("visit_csrf", ""))
+    return link, form
+
+
+@bp.post("/visit/<token>/video/still")
+async def provider_exam_still(token: str) -> ResponseReturnValue:
+    """The remote provider's still: the link's own visit and patient (a ``visit`` in the form
+    is ignored), stored under the link's actor; otherwise as the nurse's."""
+    link, form = await _provider_form(token)
+    return await _exam_still(form.get("camera", ""), link.patient_id, link.encounter_id, link.actor)
+
+
+@bp.post("/visit/<token>/video/camera")
+async def provider_exam_camera(token: str) -> ResponseReturnValue:
+    """The remote provider shows an exam camera in the link's own visit, or stops it."""
+    link, form = await _provider_form(token)
+    camera, action = form.get("camera", ""), form.get("action", "")
+    return await _exam_camera(camera, action, link.encounter_id, link.actor)
+
+
+async def _exam_still(name: str, patient_id: str, visit: str, actor: str) -> ResponseReturnValue:
+    """A still from camera ``name`` for ``visit``, asked as ``actor`` (who may: the caller
+    checked); an undeclared camera 404.
+
     This process may not open cameras (its unit has ``PrivateDevices=yes``): it asks the
     devices process through the store and waits for the outcome, one still at a time per
     camera (services/video/still_requests.py). The devices process opens the camera for the
-    still and closes it after, and stores the Media encrypted, audited under this nurse and
-    queued for the EHR. 503: the camera failed (the device's words); 504: the devices
-    service did not answer in time (the request is expired, never taken later) or is still
-    taking the still (it will be stored with the visit).
+    still and closes it after, and stores the Media encrypted, audited under ``actor`` and
+    queued for the EHR. 200 ``{"media", "camera"}``; 503: the camera failed (the device's
+    words); 504: the devices service did not answer in time (the request is expired, never
+    taken later) or is still taking the still (it will be stored with the visit).
     """
     state = app_state()
-    form = await request.form
-    visit, name = form.get("visit", ""), form.get("camera", "")
-    actor, arrival = await _nurse_arrival(visit)
     if state.config.exam_camera(name) is None:
         abort(404)
     locks: dict[str, asyncio.Lock] = current_app.extensions.setdefault("exam_cameras", {})
     async with locks.setdefault(name, asyncio.Lock()):
         request_id = await still_requests.submit(
-            state.store, name, arrival.patient_id, visit, actor, state.clock()
+            state.store, name, patient_id, visit, actor, state.clock()
         )
         outcome = await still_requests.wait(
             state.store, request_id, timeout_s=state.still_wait_s, clock=state.clock
@@ -297,21 +360,18 @@ async def take_exam_still() -> ResponseReturnValue:
             return {"error": message}, 504
 
 
-@bp.post("/video/nurse/camera")
-@login_required(role=_CLINIC)
-async def show_exam_camera() -> ResponseReturnValue:
-    """Show an exam camera live in the visit (``action=start``) or stop showing it (``stop``).
+async def _exam_camera(name: str, action: str, visit: str, actor: str) -> ResponseReturnValue:
+    """Camera ``name`` shown live in ``visit`` (``action`` ``start``) or no longer (``stop``),
+    asked as ``actor`` (who may: the caller checked); an undeclared camera or action 404.
 
     The devices process owns the camera and publishes it as a participant of its own (video
     only, on loopback); its offer and the video service's answer cross the store
     (services/video/camera_streams.py). 200 ``{"participant"}`` once the camera is in the
     room; 409 when it is already in a visit or the visit cannot take it; 503 with the
-    device's words; 504 when the devices service did not answer in time.
+    device's words; 504 when the devices service did not answer in time. Stopping stops the
+    camera only if it is in ``visit``.
     """
     state = app_state()
-    form = await request.form
-    visit, name, action = form.get("visit", ""), form.get("camera", ""), form.get("action", "")
-    actor, _arrival = await _nurse_arrival(visit)
     if state.config.exam_camera(name) is None or action not in ("start", "stop"):
         abort(404)
     if action == "stop":

@@ -1,5 +1,10 @@
-// Exam camera stills on the nurse's video page (web/video.py take_exam_still): one POST per
-// click, the call on the page goes on. Text reaches the page through textContent only.
+// Exam camera stills and live cameras on the nurse's video page and on the remote provider's
+// visit page (web/video.py): one POST per click, the call on the page goes on. The section's
+// data- attributes say where to post (data-url: a still, data-stream-url: live) and what
+// to send beside the camera: the nurse's page names its visit (data-visit) and sends the
+// session's token (the csrf-token meta); the provider's page sends its link's form token
+// (data-visit-csrf) and no visit (the link's own is used). Text reaches the page through
+// textContent only.
 "use strict";
 
 (function () {
@@ -10,21 +15,46 @@
   const status = document.getElementById("exam-camera-status");
   const token = document.querySelector('meta[name="csrf-token"]');
 
+  // The form of one request: the camera, what the section says to send, and ``extra``.
+  function form(camera, extra) {
+    const body = new URLSearchParams({ camera: camera, ...extra });
+    if (section.dataset.visit) {
+      body.set("visit", section.dataset.visit);
+    }
+    if (section.dataset.visitCsrf) {
+      body.set("visit_csrf", section.dataset.visitCsrf);
+    }
+    return body;
+  }
+
+  // POST ``body`` to ``url``: the response and its JSON answer ({} when it is not JSON).
+  async function post(url, body) {
+    const response = await fetch(url, {
+      method: "POST",
+      body: body,
+      credentials: "same-origin",
+      headers: { "X-CSRF-Token": token ? token.content : "" },
+    });
+    const answer = await response.json().catch(() => ({}));
+    return [response, answer];
+  }
+
   async function take(button) {
     const camera = button.dataset.camera;
     button.disabled = true;
     status.textContent = `Taking a still from the ${camera}…`;
-    const body = new URLSearchParams({ visit: section.dataset.visit, camera: camera });
+    const body = form(camera, {});
     try {
-      const response = await fetch(section.dataset.url, {
-        method: "POST",
-        body: body,
-        credentials: "same-origin",
-        headers: { "X-CSRF-Token": token ? token.content : "" },
-      });
-      const answer = await response.json().catch(() => ({}));
+      const [response, answer] = await post(section.dataset.url, body);
       if (response.ok) {
-        const time = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+        // The clinic's time (data-zone), as the page's other times: a remote provider's own
+        // zone would disagree with them.
+        const time = new Date().toLocaleTimeString([], {
+          hour: "2-digit",
+          minute: "2-digit",
+          hourCycle: "h23",
+          timeZone: section.dataset.zone || undefined,
+        });
         status.textContent = `Still from the ${camera} saved at ${time}.`;
       } else {
         status.textContent = answer.error
@@ -38,26 +68,16 @@
     }
   }
 
-  // Show a camera live in the visit, or stop showing it (web/video.py show_exam_camera): the
+  // Show a camera live in the visit, or stop showing it (web/video.py _exam_camera): the
   // devices process publishes it; everyone in the visit gets a tile named after the camera.
   async function toggleStream(button) {
     const camera = button.dataset.stream;
     const showing = button.dataset.showing === "true";
     button.disabled = true;
     status.textContent = showing ? `Stopping the ${camera}…` : `Starting the ${camera}…`;
-    const body = new URLSearchParams({
-      visit: section.dataset.visit,
-      camera: camera,
-      action: showing ? "stop" : "start",
-    });
+    const body = form(camera, { action: showing ? "stop" : "start" });
     try {
-      const response = await fetch(section.dataset.streamUrl, {
-        method: "POST",
-        body: body,
-        credentials: "same-origin",
-        headers: { "X-CSRF-Token": token ? token.content : "" },
-      });
-      const answer = await response.json().catch(() => ({}));
+      const [response, answer] = await post(section.dataset.streamUrl, body);
       if (response.ok) {
         button.dataset.showing = showing ? "false" : "true";
         button.textContent = showing ? `Show ${camera} in the visit` : "Stop showing it";
