@@ -62,6 +62,15 @@ class StoredResource:
 
 
 @dataclass(frozen=True, slots=True)
+class PatientPage:
+    """One page of a patient's resources (:meth:`Store.patient_page`)."""
+
+    resources: list[fhir.FhirJson]
+    total: int  # every match, on every page
+    more: bool  # whether a page follows this one
+
+
+@dataclass(frozen=True, slots=True)
 class _Prepared:
     logical_id: str
     type: str
@@ -565,12 +574,18 @@ class Store:
         return StoredResource(row_id, logical_id, rtype, orjson.loads(plaintext))
 
     def _audited_read(
-        self, conn: sqlite3.Connection, sql: str, params: Sequence[Any], event: AuditEvent
+        self,
+        conn: sqlite3.Connection,
+        sql: str,
+        params: Sequence[Any],
+        event: AuditEvent | Callable[[list[StoredResource]], AuditEvent],
     ) -> list[StoredResource]:
+        """Rows decrypted, then the audit record (``event`` may name what was found)."""
         rows = conn.execute(sql, params).fetchall()
         found = [self._decrypt_row(conn, row) for row in rows]
+        record = event if isinstance(event, AuditEvent) else event(found)
         with db.transaction_sync(conn, self._path):
-            audit.append(conn, [event], now=self._clock())
+            audit.append(conn, [record], now=self._clock())
         return found
 
     async def read(self, rtype: str, logical_id: str, actor: str) -> fhir.FhirJson:
@@ -620,6 +635,83 @@ class Store:
             event,
         )
         return [item.resource for item in found]
+
+    async def patient_page(
+        self,
+        patient_ref: str,
+        rtype: str,
+        actor: str,
+        *,
+        limit: int,
+        code: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        after: str | None = None,
+    ) -> PatientPage:
+        """One page of a patient's resources of one type, newest first (the FHIR read API).
+
+        Only the plain index columns are filtered — the pseudonymous patient key and type
+        (the index), ``code`` (``system|code`` of the first coding), the effective time as
+        UTC text (``since`` inclusive, ``until`` exclusive; resources without one are left
+        out when either is given) — so only the rows returned are decrypted. ``after`` is the
+        logical id of the last resource of the previous page (keyset paging on effective time
+        then row id: stable while new readings arrive); one that is not among the patient's
+        resources of this type raises :class:`NotFoundError`. ``total`` counts every match
+        (an index count, nothing decrypted). Audited as one search naming every logical id
+        returned, with the patient's key.
+        """
+        key = self._patient_key(patient_ref)
+        where = ["patient_key = ?", "type = ?"]
+        params: list[object] = [key, rtype]
+        if code is not None:
+            where.append("code = ?")
+            params.append(code)
+        if since is not None:
+            where.append("effective >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("effective < ?")
+            params.append(until)
+        clause = " AND ".join(where)
+        order = "coalesce(effective, '')"
+
+        def work(conn: sqlite3.Connection) -> PatientPage:
+            page_where, page_params = clause, list(params)
+            if after is not None:
+                mark = conn.execute(
+                    f"SELECT {order}, id FROM resources WHERE patient_key = ? AND type = ? "  # noqa: S608 - fixed clauses
+                    "AND logical_id = ?",
+                    (key, rtype, after),
+                ).fetchone()
+                if mark is None:
+                    raise NotFoundError(f"{rtype}/{after} is not a page mark of this search")
+                page_where += f" AND ({order} < ? OR ({order} = ? AND id < ?))"
+                page_params += [mark[0], mark[0], mark[1]]
+            total = int(
+                conn.execute(
+                    f"SELECT count(*) FROM resources WHERE {clause}",  # noqa: S608 - fixed clauses
+                    params,
+                ).fetchone()[0]
+            )
+            rows = conn.execute(
+                "SELECT id, logical_id, type, key_version, body FROM resources "  # noqa: S608 - fixed clauses
+                f"WHERE {page_where} ORDER BY {order} DESC, id DESC LIMIT ?",
+                (*page_params, limit + 1),
+            ).fetchall()
+            found = [self._decrypt_row(conn, row) for row in rows[:limit]]
+            returned = ", ".join(r.logical_id for r in found) or "nothing"
+            event = AuditEvent(
+                actor,
+                AuditAction.SEARCH,
+                patient_key=key,
+                entity=f"{rtype}{'' if code is None else ' ' + code} page x{len(found)}",
+                detail=f"returned {rtype} {returned}",
+            )
+            with db.transaction_sync(conn, self._path):
+                audit.append(conn, [event], now=self._clock())
+            return PatientPage([r.resource for r in found], total, len(rows) > limit)
+
+        return await db.run_sync(self._conn, work)
 
     async def changes_since(
         self, after_row_id: int, types: Iterable[str], actor: str, *, limit: int = 200
@@ -675,7 +767,16 @@ class Store:
         return await self._find_by_blind("identifier", digest, actor)
 
     async def _find_by_blind(self, kind: str, digest: bytes, actor: str) -> list[fhir.FhirJson]:
-        event = AuditEvent(actor, AuditAction.SEARCH, entity=f"Patient by {kind}")
+        def event(found: list[StoredResource]) -> AuditEvent:
+            # What the search returned, by logical id (never a name or an identifier).
+            returned = ", ".join(f"{r.type}/{r.logical_id}" for r in found) or "nothing"
+            return AuditEvent(
+                actor,
+                AuditAction.SEARCH,
+                entity=f"Patient by {kind}",
+                detail=f"returned {returned}",
+            )
+
         found = await db.run_sync(
             self._conn,
             self._audited_read,

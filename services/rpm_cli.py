@@ -1,4 +1,4 @@
-"""``appliance vendors add|list|disable`` and ``appliance rpm time-log|billing``.
+"""``appliance vendors add [--scope ingest|read]|list|disable`` and ``appliance rpm time-log|billing``.
 
 Registered by the CLI entry point (``appliance/cli.py``), as :mod:`services.device_cli` is.
 Changes are audited with the actor ``cli:<login name>``; the billing look-up is audited as
@@ -23,7 +23,7 @@ from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.store import Store
 from services.rpm_billing import PatientBilling, RpmBilling
-from services.vendor_keys import VendorKey, VendorKeys
+from services.vendor_keys import KeyScope, VendorKey, VendorKeys
 
 T = TypeVar("T")
 CommandFactory = Callable[..., argparse.ArgumentParser]
@@ -70,11 +70,14 @@ def _day(text: str) -> date:
 
 
 def cmd_vendors_add(args: argparse.Namespace, config: Config) -> int:
+    scope = None if args.scope is None else KeyScope(args.scope)
     key = _with_store(
-        config, lambda s: VendorKeys(s).add(args.vendor, _actor(), replace=args.replace)
+        config,
+        lambda s: VendorKeys(s).add(args.vendor, _actor(), replace=args.replace, scope=scope),
     )
+    what = "read key" if scope is KeyScope.READ else "API key"
     sys.stderr.write(
-        f"API key for {args.vendor} (shown once; give it to the vendor over a secure channel, "
+        f"{what} for {args.vendor} (shown once; give it over a secure channel, "
         "it is sent as 'Authorization: Bearer <key>'):\n"
     )
     _out(key)
@@ -90,10 +93,11 @@ def cmd_vendors_list(args: argparse.Namespace, config: Config) -> int:
         _out("no vendor keys; add one with: appliance vendors add VENDOR")
         return 0
     _table(
-        ["VENDOR", "STATE", "CREATED", "BY", "DISABLED"],
+        ["VENDOR", "SCOPE", "STATE", "CREATED", "BY", "DISABLED"],
         [
             [
                 v.vendor,
+                v.scope.value,
                 "active" if v.active else "disabled",
                 v.created_at,
                 v.created_by,
@@ -108,6 +112,7 @@ def cmd_vendors_list(args: argparse.Namespace, config: Config) -> int:
 def _vendor_json(vendor: VendorKey) -> dict[str, Any]:
     return {
         "vendor": vendor.vendor,
+        "scope": vendor.scope.value,
         "active": vendor.active,
         "created_at": vendor.created_at,
         "created_by": vendor.created_by,
@@ -186,13 +191,21 @@ def cmd_rpm_billing(args: argparse.Namespace, config: Config) -> int:
 
 def add_commands(sub: Any, command: CommandFactory) -> None:
     """Add the ``vendors`` and ``rpm`` command groups to the CLI."""
-    vendors = sub.add_parser("vendors", help="device-vendor API keys (ingest)").add_subparsers(
-        dest="vendors_command", required=True, metavar="COMMAND"
-    )
+    vendors = sub.add_parser(
+        "vendors", help="API keys: device vendors (ingest) and local integrations (read)"
+    ).add_subparsers(dest="vendors_command", required=True, metavar="COMMAND")
     p = command("add", cmd_vendors_add, "issue a vendor's API key (printed once)", vendors)
     p.add_argument("vendor", help="short name: lower-case letters, digits, '-' (e.g. acme-rpm)")
     p.add_argument(
         "--replace", action="store_true", help="issue a new key; the old one stops working"
+    )
+    p.add_argument(
+        "--scope",
+        choices=[s.value for s in KeyScope],
+        default=None,
+        help="ingest: a device vendor's hub posts readings (the default for a new key); "
+        "read: a local integration reads and searches /fhir/ (docs/fhir-api.md). "
+        "With --replace, the key keeps its scope unless this is given",
     )
     p = command("list", cmd_vendors_list, "list vendors and whether their key works", vendors)
     p.add_argument("--format", choices=("table", "json"), default="table")

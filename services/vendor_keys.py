@@ -1,4 +1,10 @@
-"""API keys of the device vendors that post readings to the ingest endpoint (``web/ingest.py``).
+"""API keys: device vendors posting readings (``web/ingest.py``) and local read integrations.
+
+A key has one scope (migration 0015): ``ingest``, a device vendor's hub posting readings to
+the ingest endpoint (the default, and every key issued before scopes existed), or ``read``,
+a local integration (the clinic's own scripts, a local EHR interface) reading and searching
+the local FHIR API (``web/fhir_api.py``, ``docs/fhir-api.md``). An ingest key cannot read and
+a read key cannot post readings; the web layer refuses either with 403.
 
 One key per vendor, made by ``appliance vendors add VENDOR`` and shown once: 32 random bytes,
 URL-safe base64, behind the prefix ``thv_`` so a leaked key is recognisable in a scanner's
@@ -22,6 +28,7 @@ import secrets
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from appliance import fhir
 from appliance.audit import AuditAction, AuditEvent
@@ -33,6 +40,13 @@ KEY_BYTES = 32
 _VENDOR_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,39}")
 
 TokenSource = Callable[[int], str]
+
+
+class KeyScope(StrEnum):
+    """What a key may do (persisted as its value in ``vendor_keys.scope``)."""
+
+    INGEST = "ingest"  # post readings: POST /fhir/Observation, POST /fhir
+    READ = "read"  # read and search under /fhir/
 
 
 class VendorKeyError(ApplianceError):
@@ -47,6 +61,7 @@ class VendorKey:
     created_at: str
     created_by: str
     disabled_at: str | None
+    scope: KeyScope = KeyScope.INGEST
 
     @property
     def active(self) -> bool:
@@ -60,6 +75,7 @@ class KeyCheck:
 
     vendor: str | None
     active: bool
+    scope: KeyScope = KeyScope.INGEST
 
 
 def check_vendor_name(vendor: str) -> str:
@@ -82,17 +98,17 @@ def key_hash(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def match_key(presented: str, stored: list[tuple[str, bytes, str | None]]) -> KeyCheck:
-    """Which of ``(vendor, key_hash, disabled_at)`` rows ``presented`` is, in constant time.
+def match_key(presented: str, stored: list[tuple[str, bytes, str | None, str]]) -> KeyCheck:
+    """Which of ``(vendor, key_hash, disabled_at, scope)`` rows ``presented`` is, in constant time.
 
     Every row is compared (no early exit) so the time taken does not depend on which row,
     if any, matched.
     """
     digest = key_hash(presented)
     found: KeyCheck = KeyCheck(None, False)
-    for vendor, stored_hash, disabled_at in stored:
+    for vendor, stored_hash, disabled_at, scope in stored:
         if hmac.compare_digest(digest, stored_hash):
-            found = KeyCheck(vendor, disabled_at is None)
+            found = KeyCheck(vendor, disabled_at is None, KeyScope(scope))
     return found
 
 
@@ -103,13 +119,23 @@ class VendorKeys:
         self._store = store
         self._token = token
 
-    async def add(self, vendor: str, actor: str, *, replace: bool = False) -> str:
+    async def add(
+        self,
+        vendor: str,
+        actor: str,
+        *,
+        replace: bool = False,
+        scope: KeyScope | None = None,
+    ) -> str:
         """Issue a key for ``vendor`` and return it (it is not stored: show it once).
 
         A vendor that already has a key keeps it unless ``replace``: then the new key
-        replaces the old one at once (and re-enables a disabled vendor).
+        replaces the old one at once (and re-enables a disabled vendor). ``scope`` is what
+        the key may do: a new key is ``ingest`` unless told; a replaced one keeps its scope
+        unless told.
         """
         check_vendor_name(vendor)
+        given = None if scope is None else KeyScope(scope).value
         key = generate_key(self._token)
         now = fhir.utc_text(self._store.now())
 
@@ -123,14 +149,17 @@ class VendorKeys:
                     "(the old one stops working at once)"
                 )
             conn.execute(
-                "INSERT INTO vendor_keys (vendor, key_hash, created_at, created_by) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (vendor) DO UPDATE SET "
+                "INSERT INTO vendor_keys (vendor, key_hash, created_at, created_by, scope) "
+                "VALUES (?, ?, ?, ?, coalesce(?, 'ingest')) ON CONFLICT (vendor) DO UPDATE SET "
                 "key_hash = excluded.key_hash, created_at = excluded.created_at, "
-                "created_by = excluded.created_by, disabled_at = NULL",
-                (vendor, key_hash(key), now, actor),
+                "created_by = excluded.created_by, disabled_at = NULL, "
+                "scope = coalesce(?, vendor_keys.scope)",
+                (vendor, key_hash(key), now, actor, given, given),
             )
 
         detail = "key replaced" if replace else "key issued"
+        if given is not None:
+            detail += f", scope {given}"
         event = AuditEvent(actor, AuditAction.CONFIG, entity=f"vendor/{vendor}", detail=detail)
         await self._store.transact(work, [event])
         return key
@@ -153,11 +182,14 @@ class VendorKeys:
     async def vendors(self) -> list[VendorKey]:
         """Every vendor with a key, by name."""
         rows = await self._store.query(
-            "SELECT vendor, created_at, created_by, disabled_at FROM vendor_keys ORDER BY vendor"
+            "SELECT vendor, created_at, created_by, disabled_at, scope FROM vendor_keys "
+            "ORDER BY vendor"
         )
-        return [VendorKey(*row) for row in rows]
+        return [VendorKey(v, c, b, d, KeyScope(s)) for v, c, b, d, s in rows]
 
     async def check(self, presented: str) -> KeyCheck:
         """Whose key ``presented`` is (constant-time comparison against every stored hash)."""
-        rows = await self._store.query("SELECT vendor, key_hash, disabled_at FROM vendor_keys")
-        return match_key(presented, [(str(v), bytes(h), d) for v, h, d in rows])
+        rows = await self._store.query(
+            "SELECT vendor, key_hash, disabled_at, scope FROM vendor_keys"
+        )
+        return match_key(presented, [(str(v), bytes(h), d, str(s)) for v, h, d, s in rows])

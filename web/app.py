@@ -101,7 +101,7 @@ def create_app(
     ``still_wait_s`` bounds an exam-camera still's wait for the devices process."""
     # Imported here, not at the top: the blueprints import :func:`app_state` from this
     # module, so importing them first would be circular.
-    from web import admin, audit_report, break_glass, ingest, openapi
+    from web import admin, audit_report, break_glass, fhir_api, ingest, openapi
     from web.auth import bp as auth_bp
     from web.auth import current_session
     from web.chart import bp as chart_bp
@@ -155,6 +155,7 @@ def create_app(
     app.register_blueprint(rpm_bp)
     app.register_blueprint(rpm_patient_bp)
     app.register_blueprint(ingest.bp)
+    app.register_blueprint(fhir_api.bp)  # GET /fhir/metadata, read and search (read keys)
     app.register_blueprint(openapi.bp)  # GET /openapi.json (issue 6)
     app.register_blueprint(claims_bp)
     app.register_blueprint(kiosk_bp)

@@ -53,7 +53,7 @@ from appliance import fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.errors import ApplianceError, InvalidResourceError, StoreError
 from appliance.store import Store
-from services.vendor_keys import VendorKeys
+from services.vendor_keys import KeyScope, VendorKeys
 from services.vitals import CAPTURE_METHOD_SYSTEM, CAPTURE_SETTING_SYSTEM, TIME_SOURCE_SYSTEM
 from web.app import app_state
 
@@ -69,6 +69,9 @@ BLIND_KIND = "vendor_reading"
 MAX_BUNDLE_ENTRIES = 100
 # A hub sends a reading within minutes; hundreds of patients behind one vendor still fit.
 VENDOR_BURST, VENDOR_PER_S = 120, 10.0
+# A local integration reading the API (web/fhir_api.py): a sync script pages through a
+# patient's readings; 200 a page at 5 pages a second is far beyond a clinic's needs.
+READER_BURST, READER_PER_S = 60, 5.0
 # Wrong keys: a few typos pass, a guessing run is slowed to one try in ten seconds.
 FAILURE_BURST, FAILURE_PER_S = 10, 0.1
 # An effective time later than this past the box's clock is a wrong device clock.
@@ -114,9 +117,14 @@ class TokenBuckets:
 
 @dataclass(frozen=True, slots=True)
 class IngestLimits:
-    """The endpoint's per-app state: the rate limits (kept on the app, not the module)."""
+    """The API keys' per-app state: the rate limits (kept on the app, not the module).
+
+    ``vendors`` limits each ingest key, ``readers`` each read key (``web/fhir_api.py``);
+    ``failures`` limits failed keys per client address, for both APIs alike.
+    """
 
     vendors: TokenBuckets = field(default_factory=lambda: TokenBuckets(VENDOR_BURST, VENDOR_PER_S))
+    readers: TokenBuckets = field(default_factory=lambda: TokenBuckets(READER_BURST, READER_PER_S))
     failures: TokenBuckets = field(
         default_factory=lambda: TokenBuckets(FAILURE_BURST, FAILURE_PER_S)
     )
@@ -174,15 +182,15 @@ def operation_outcome(issues: Sequence[Issue]) -> dict[str, Any]:
     return {"resourceType": "OperationOutcome", "issue": [i.json() for i in issues]}
 
 
-def _fhir_response(body: Mapping[str, Any], status: int, **headers: str) -> Response:
+def fhir_response(body: Mapping[str, Any], status: int, **headers: str) -> Response:
     response = Response(orjson.dumps(body), status=status, mimetype=FHIR_JSON)
     for name, value in headers.items():
         response.headers[name.replace("_", "-")] = value
     return response
 
 
-def _refuse(status: int, expression: str, text: str, code: str, **headers: str) -> Response:
-    return _fhir_response(operation_outcome([Issue(expression, text, code)]), status, **headers)
+def refuse(status: int, expression: str, text: str, code: str, **headers: str) -> Response:
+    return fhir_response(operation_outcome([Issue(expression, text, code)]), status, **headers)
 
 
 # -- checking one Observation (pure) --------------------------------------------------------
@@ -542,15 +550,22 @@ def _presented_key() -> str | None:
     return key or None
 
 
-async def _authenticate() -> str | Response:
-    """The vendor of the request's key, or the response refusing it."""
+async def authenticate(scope: KeyScope) -> str | Response:
+    """The vendor of the request's key if it is valid for ``scope``, or the response refusing it.
+
+    The one key check of both key APIs (ingest, and the read API of ``web/fhir_api.py``):
+    failed keys are audited (``login_failed``) and limited per client address; a valid key
+    of the other scope is refused with 403 ``forbidden`` and audited as denied; accepted
+    requests are limited per key (``vendors`` for ingest, ``readers`` for read).
+    """
     state = app_state()
     limits: IngestLimits = current_app.extensions["ingest"]
     now = state.clock().timestamp()
     address = request.remote_addr or "unknown"
+    entity = "fhir ingest" if scope is KeyScope.INGEST else "fhir read"
     wait = limits.failures.wait_s(address, now)
     if wait > 0:
-        return _refuse(
+        return refuse(
             429,
             "",
             "too many failed attempts; try later",
@@ -566,19 +581,37 @@ async def _authenticate() -> str | Response:
             f"vendor:{found.vendor}" if known and found else "vendor:(unknown)",
             AuditAction.LOGIN_FAILED,
             outcome=Outcome.DENIED if known else Outcome.FAILURE,
-            entity="fhir ingest",
+            entity=entity,
         )
         await state.store.transact(lambda _conn: None, [event])
-        return _refuse(
+        return refuse(
             401,
             "",
             "a valid API key is required (Authorization: Bearer <key>)",
             "security",
-            WWW_Authenticate='Bearer realm="ingest"',
+            WWW_Authenticate=f'Bearer realm="{scope.value}"',
         )
-    wait = limits.vendors.take(found.vendor, now)
+    if found.scope is not scope:
+        # A real key used for what it was not issued for: access control, not a guess.
+        action = AuditAction.CREATE if scope is KeyScope.INGEST else AuditAction.READ
+        event = AuditEvent(
+            f"vendor:{found.vendor}",
+            action,
+            outcome=Outcome.DENIED,
+            entity=entity,
+            detail=f"a {found.scope.value} key; this API needs a {scope.value} key",
+        )
+        await state.store.transact(lambda _conn: None, [event])
+        return refuse(
+            403,
+            "",
+            f"this key is a {found.scope.value} key; this API needs a {scope.value} key",
+            "forbidden",
+        )
+    buckets = limits.vendors if scope is KeyScope.INGEST else limits.readers
+    wait = buckets.take(found.vendor, now)
     if wait > 0:
-        return _refuse(
+        return refuse(
             429, "", "too many requests; slow down", "throttled", Retry_After=str(int(wait) + 1)
         )
     return found.vendor
@@ -590,13 +623,13 @@ async def _read_json() -> Any:
     charset = request.mimetype_params.get("charset", "utf-8").lower()
     if mimetype not in (FHIR_JSON, "application/json") or charset not in ("utf-8", "utf8"):
         raise _BadRequest(
-            _refuse(415, "", f"send {FHIR_JSON} (or application/json) in UTF-8", "not-supported")
+            refuse(415, "", f"send {FHIR_JSON} (or application/json) in UTF-8", "not-supported")
         )
     data = await request.get_data(cache=False)
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise _BadRequest(_refuse(400, "", "the body is not valid JSON", "structure")) from None
+        raise _BadRequest(refuse(400, "", "the body is not valid JSON", "structure")) from None
 
 
 class _BadRequest(Exception):
@@ -634,7 +667,7 @@ def _entry_response(entry: Entry) -> dict[str, Any]:
 @bp.post("/fhir/Observation")
 async def post_observation() -> ResponseReturnValue:
     """File one Observation."""
-    vendor = await _authenticate()
+    vendor = await authenticate(KeyScope.INGEST)
     if isinstance(vendor, Response):
         return vendor
     try:
@@ -644,19 +677,19 @@ async def post_observation() -> ResponseReturnValue:
     entry = Entry(resource, "Observation")
     await _file([entry], vendor, atomic=True)
     if entry.issues:
-        return _fhir_response(operation_outcome(entry.issues), entry.status)
+        return fhir_response(operation_outcome(entry.issues), entry.status)
     assert entry.logical_id is not None
     location = _location(entry.logical_id)
     if not entry.created:
-        return _fhir_response(_RESENT, 200, Location=location)
+        return fhir_response(_RESENT, 200, Location=location)
     assert entry.body is not None
     stored = {**entry.body, "id": entry.logical_id}
-    return _fhir_response(stored, 201, Location=location)
+    return fhir_response(stored, 201, Location=location)
 
 
 def _bundle_entries(bundle: Any) -> tuple[list[Entry], str] | Response:
     if not isinstance(bundle, Mapping) or bundle.get("resourceType") != "Bundle":
-        return _refuse(
+        return refuse(
             400,
             "Bundle.resourceType",
             "POST /fhir takes a transaction or batch Bundle (one Observation: POST "
@@ -665,12 +698,12 @@ def _bundle_entries(bundle: Any) -> tuple[list[Entry], str] | Response:
         )
     kind = bundle.get("type")
     if kind not in ("transaction", "batch"):
-        return _refuse(400, "Bundle.type", "must be transaction or batch", "not-supported")
+        return refuse(400, "Bundle.type", "must be transaction or batch", "not-supported")
     items = bundle.get("entry", [])
     if not isinstance(items, list):
-        return _refuse(400, "Bundle.entry", "must be a list", "structure")
+        return refuse(400, "Bundle.entry", "must be a list", "structure")
     if len(items) > MAX_BUNDLE_ENTRIES:
-        return _refuse(
+        return refuse(
             413, "Bundle.entry", f"at most {MAX_BUNDLE_ENTRIES} entries per Bundle", "too-costly"
         )
     entries = []
@@ -694,7 +727,7 @@ def _bundle_entries(bundle: Any) -> tuple[list[Entry], str] | Response:
 @bp.post("/fhir")
 async def post_bundle() -> ResponseReturnValue:
     """File a transaction (all or nothing) or batch (entry by entry) Bundle of Observations."""
-    vendor = await _authenticate()
+    vendor = await authenticate(KeyScope.INGEST)
     if isinstance(vendor, Response):
         return vendor
     try:
@@ -707,13 +740,13 @@ async def post_bundle() -> ResponseReturnValue:
     entries, kind = parsed
     if not await _file(entries, vendor, atomic=kind == "transaction"):
         issues = [i for e in entries for i in e.issues]
-        return _fhir_response(operation_outcome(issues), _status(issues))
+        return fhir_response(operation_outcome(issues), _status(issues))
     response = {
         "resourceType": "Bundle",
         "type": f"{kind}-response",
         "entry": [_entry_response(e) for e in entries],
     }
-    return _fhir_response(response, 200)
+    return fhir_response(response, 200)
 
 
 # -- errors: an OperationOutcome, never the HTML error page ---------------------------------
@@ -725,8 +758,8 @@ async def _http_error(error: HTTPException) -> ResponseReturnValue:
     if status == 413:
         limit = current_app.config["MAX_CONTENT_LENGTH"] // 1024
         text = f"the body is larger than {limit} KiB: send fewer readings per Bundle"
-        return _refuse(413, "", text, "too-costly")
-    return _refuse(status, "", error.name, "processing")
+        return refuse(413, "", text, "too-costly")
+    return refuse(status, "", error.name, "processing")
 
 
 @bp.errorhandler(Exception)
@@ -738,11 +771,11 @@ async def _unexpected_error(error: Exception) -> ResponseReturnValue:
         "".join(traceback.format_tb(error.__traceback__)),
     )
     if isinstance(error, StoreError):
-        return _refuse(
+        return refuse(
             503,
             "",
             "the readings could not be stored; send them again",
             "transient",
             Retry_After="5",
         )
-    return _refuse(500, "", "the appliance failed to file the readings", "exception")
+    return refuse(500, "", "the appliance failed to file the readings", "exception")

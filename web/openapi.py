@@ -5,6 +5,9 @@ What it describes, and nothing else (the HTML pages and their forms are not an A
 * the device-vendor ingest API (:mod:`web.ingest`): ``POST /fhir/Observation`` and
   ``POST /fhir``, authenticated by a vendor's API key (``Authorization: Bearer`` or
   ``X-API-Key``), answered in ``application/fhir+json`` — OperationOutcome on every error;
+* the local FHIR read API (:mod:`web.fhir_api`): ``GET /fhir/metadata`` (anonymous), read by
+  id and the searches of ``Patient`` and ``Observation``, authenticated by a *read* key on the
+  same two headers;
 * fleet monitoring (:mod:`web.health`): ``GET /healthz`` (JSON) and ``GET /metrics``
   (Prometheus text), anonymous;
 * the remote-monitoring chart data (:mod:`web.rpm_patient`):
@@ -28,7 +31,7 @@ from typing import Any
 from quart import Blueprint, current_app
 from quart.typing import ResponseReturnValue
 
-from web import ingest, rpm_patient
+from web import fhir_api, ingest, rpm_patient
 from web.app import app_state
 
 bp = Blueprint("openapi", __name__)
@@ -93,6 +96,139 @@ def _ingest_errors() -> dict[str, Any]:
     }
 
 
+def _read_errors() -> dict[str, Any]:
+    """The refusals every read and search shares (``docs/fhir-api.md``, "Errors")."""
+    return {
+        "401": _outcome(
+            "No key, or an unknown or disabled key.", **{"WWW-Authenticate": "WWWAuthenticate"}
+        ),
+        "403": _outcome("An ingest key: reading needs a key of scope `read` (`forbidden`)."),
+        "429": _outcome(
+            "Rate limited (per read key, or per address after failed keys).",
+            **{"Retry-After": "RetryAfter"},
+        ),
+        "503": _outcome("The store did not answer; retry.", **{"Retry-After": "RetryAfter"}),
+    }
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "description": description, "schema": schema}
+
+
+def _search(operation_id: str, rtype: str, summary: str) -> dict[str, Any]:
+    string = {"type": "string", "minLength": 1}
+    params = [_query(p.name, p.documentation, string) for p in fhir_api.SEARCH_PARAMS[rtype]]
+    for param in params:
+        if param["name"] == "date":
+            param["schema"] = {"type": "array", "items": string, "maxItems": 2}
+            param["style"], param["explode"] = "form", True
+    params.append(
+        _query(
+            "_count",
+            f"Results per page (default {fhir_api.DEFAULT_COUNT}; more than "
+            f"{fhir_api.MAX_COUNT} is served as {fhir_api.MAX_COUNT}).",
+            {"type": "integer", "minimum": 1},
+        )
+    )
+    if rtype == "Patient":
+        params.append(
+            _query(
+                "_offset",
+                "Skip this many (from the `next` link).",
+                {"type": "integer", "minimum": 0},
+            )
+        )
+    else:
+        params.append(
+            _query(
+                "_after",
+                "The last Observation id of the page before (from the `next` link).",
+                string,
+            )
+        )
+    return {
+        "operationId": operation_id,
+        "tags": ["fhir"],
+        "summary": summary,
+        "description": "Strict: any other parameter, a modifier or a repeat is a 400 naming it.",
+        "security": _VENDOR_SECURITY,
+        "parameters": params,
+        "responses": {
+            "200": {
+                "description": "One page: a searchset Bundle with `total` and a `next` link "
+                "when more follow.",
+                "content": _fhir_content("SearchBundle"),
+            },
+            "400": _outcome("A parameter that is unknown, unsupported, missing or malformed."),
+            **_read_errors(),
+        },
+    }
+
+
+def _fhir_read_paths() -> dict[str, Any]:
+    return {
+        "/fhir/metadata": {
+            "get": {
+                "operationId": "fhirMetadata",
+                "tags": ["fhir"],
+                "summary": "The CapabilityStatement: what the local FHIR API serves (no PHI).",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "FHIR CapabilityStatement.",
+                        "content": _fhir_content("CapabilityStatement"),
+                    }
+                },
+            }
+        },
+        "/fhir/{resource_type}/{resource_id}": {
+            "get": {
+                "operationId": "fhirRead",
+                "tags": ["fhir"],
+                "summary": "Read one resource by id (audited with the key's name).",
+                "security": _VENDOR_SECURITY,
+                "parameters": [
+                    {
+                        "name": "resource_type",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": list(fhir_api.READ_TYPES)},
+                    },
+                    {
+                        "name": "resource_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9.-]{1,64}$"},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The resource as stored. `ETag` is the appliance's "
+                        "version of it; `Last-Modified` its meta.lastUpdated.",
+                        "headers": {
+                            "ETag": {"schema": {"type": "string"}},
+                            "Last-Modified": {"schema": {"type": "string"}},
+                        },
+                        "content": _fhir_content("Resource"),
+                    },
+                    "404": _outcome(
+                        "No resource of this type has this id, or the type is not served "
+                        "(`not-found` either way)."
+                    ),
+                    **_read_errors(),
+                },
+            }
+        },
+        "/fhir/Patient": {
+            "get": _search(
+                "fhirSearchPatient",
+                "Patient",
+                "Find patients by identifier, or by family name and birth date.",
+            )
+        },
+    }
+
+
 def _request_body(schema: str, what: str) -> dict[str, Any]:
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     content = {
@@ -109,7 +245,13 @@ def _request_body(schema: str, what: str) -> dict[str, Any]:
 def _paths() -> dict[str, Any]:
     location = {"Location": {"$ref": "#/components/headers/Location"}}
     return {
+        **_fhir_read_paths(),
         "/fhir/Observation": {
+            "get": _search(
+                "fhirSearchObservation",
+                "Observation",
+                "One patient's Observations, newest first, by code and date.",
+            ),
             "post": {
                 "operationId": "ingestObservation",
                 "tags": ["ingest"],
@@ -129,7 +271,7 @@ def _paths() -> dict[str, Any]:
                     },
                     **_ingest_errors(),
                 },
-            }
+            },
         },
         "/fhir": {
             "post": {
@@ -354,6 +496,50 @@ def _schemas() -> dict[str, Any]:
                 },
             },
         },
+        "Resource": {
+            "type": "object",
+            "required": ["resourceType", "id"],
+            "properties": {"resourceType": string, "id": string, "meta": {"type": "object"}},
+        },
+        "SearchBundle": {
+            "type": "object",
+            "required": ["resourceType", "type", "total", "link"],
+            "properties": {
+                "resourceType": {"const": "Bundle"},
+                "type": {"const": "searchset"},
+                "total": {"type": "integer", "minimum": 0},
+                "link": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["relation", "url"],
+                        "properties": {
+                            "relation": {"type": "string", "enum": ["self", "next"]},
+                            "url": string,
+                        },
+                    },
+                },
+                "entry": {
+                    "type": "array",
+                    "maxItems": fhir_api.MAX_COUNT,
+                    "items": {
+                        "type": "object",
+                        "required": ["fullUrl", "resource"],
+                        "properties": {"fullUrl": string, "resource": _ref("Resource")},
+                    },
+                },
+            },
+        },
+        "CapabilityStatement": {
+            "type": "object",
+            "required": ["resourceType", "status", "kind", "fhirVersion", "format", "rest"],
+            "properties": {
+                "resourceType": {"const": "CapabilityStatement"},
+                "fhirVersion": {"const": fhir_api.FHIR_VERSION},
+                "format": {"type": "array", "items": string},
+                "rest": {"type": "array", "items": {"type": "object"}},
+            },
+        },
         "OperationOutcome": {
             "type": "object",
             "required": ["resourceType", "issue"],
@@ -445,7 +631,8 @@ def document() -> dict[str, Any]:
             "title": f"Telehealth appliance JSON API ({state.config.site.name})",
             "version": API_VERSION,
             "description": "The appliance's JSON endpoints: the device-vendor ingest API, "
-            "fleet monitoring and the RPM chart data. Vendors: see docs/ingest.md.",
+            "the local FHIR read API, fleet monitoring and the RPM chart data. Vendors: see "
+            "docs/ingest.md; local integrations: docs/fhir-api.md.",
         },
         "paths": _paths(),
         "components": {
@@ -462,9 +649,15 @@ def document() -> dict[str, Any]:
                 "vendorBearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "A vendor's API key (`appliance vendors add`).",
+                    "description": "An API key (`appliance vendors add`): scope `ingest` "
+                    "posts readings, scope `read` reads and searches under /fhir/.",
                 },
-                "vendorApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "vendorApiKey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-API-Key",
+                    "description": "The same key in another header.",
+                },
                 "staffSession": {
                     "type": "apiKey",
                     "in": "cookie",

@@ -4,7 +4,7 @@ One entry per Quart endpoint of :func:`web.app.create_app` (``app.url_map``): th
 *audiences* allowed past its guard, and whether its pages carry PHI. The guards themselves
 are the decorators and hooks of the blueprints (``login_required`` in ``web/auth.py``, the
 kiosk's pairing cookie in ``web/kiosk.py``, the signed visit link in ``web/provider.py``, the
-vendor key in ``web/ingest.py``); this table is the reference they are held to:
+vendor key in ``web/ingest.py``, also checking read keys for ``web/fhir_api.py``); this table is the reference they are held to:
 
 * ``tests/web/test_route_matrix.py`` sends every route as every audience and fails on any
   difference between what the guard did and what the table says (and on any route of the
@@ -42,7 +42,8 @@ class Audience(StrEnum):
     PROVIDER = "provider"  # a staff session with role provider (reads remote monitoring)
     ADMIN = "admin"  # a staff session with role admin (second factor proven)
     VISIT_LINK = "visit-link"  # a remote provider's browser bound to one signed visit link
-    API_KEY = "api-key"  # a device vendor's hub presenting its API key
+    API_KEY = "api-key"  # a device vendor's hub presenting its API key (scope ingest)
+    READ_KEY = "read-key"  # a local integration presenting a read key (web/fhir_api.py)
     MFA_VERIFY = "mfa-verify"  # right password, TOTP or recovery code still to prove
     MFA_ENROL = "mfa-enrol"  # an administrator's right password, a factor still to set up
 
@@ -54,6 +55,7 @@ ADMIN = frozenset({Audience.ADMIN})
 KIOSK = frozenset({Audience.KIOSK})
 VISIT_LINK = frozenset({Audience.VISIT_LINK})
 API_KEY = frozenset({Audience.API_KEY})
+READ_KEY = frozenset({Audience.READ_KEY})
 PUBLIC = frozenset(Audience)  # the credential, if any, is checked by the view itself
 
 
@@ -130,6 +132,10 @@ POLICY: Mapping[str, Rule] = {
     # health (web/health.py): figures only, no PHI; read by monitoring without a login
     "health.healthz": _r(PUBLIC),
     "health.metrics": _r(PUBLIC),
+    # local FHIR read API (web/fhir_api.py): a read key, never a cookie; metadata is public
+    "fhir_api.metadata": _r(PUBLIC),  # the CapabilityStatement: no data
+    "fhir_api.read": _r(READ_KEY, phi=True),
+    "fhir_api.search": _r(READ_KEY, phi=True),
     # vendor ingest API (web/ingest.py): the key, never a cookie
     "ingest.post_observation": _r(API_KEY, phi=True),
     "ingest.post_bundle": _r(API_KEY, phi=True),

@@ -68,6 +68,42 @@ def test_vendor_keys_are_issued_once_replaced_and_disabled(
     assert main(["vendors", "add", "Bad Name", *cfg]) == 2
 
 
+def _scope(site: Path, key: str) -> str:
+    async def go() -> str:
+        store = await _open(site)
+        try:
+            return (await VendorKeys(store).check(key)).scope.value
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def test_a_read_key_is_issued_with_its_scope_and_listed_with_it(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = ["--config", str(site)]
+    assert main(["vendors", "add", "acme-rpm", *cfg]) == 0
+    ingest = capsys.readouterr().out.strip()
+    assert main(["vendors", "add", "ehr-bridge", "--scope", "read", *cfg]) == 0
+    captured = capsys.readouterr()
+    read = captured.out.strip()
+    assert "read key for ehr-bridge" in captured.err
+    assert (_scope(site, ingest), _scope(site, read)) == ("ingest", "read")
+    # A replaced key keeps its scope unless told otherwise.
+    assert main(["vendors", "add", "ehr-bridge", "--replace", *cfg]) == 0
+    assert _scope(site, capsys.readouterr().out.strip()) == "read"
+    assert main(["vendors", "list", "--format", "json", *cfg]) == 0
+    listed = {v["vendor"]: v["scope"] for v in json.loads(capsys.readouterr().out)}
+    assert listed == {"acme-rpm": "ingest", "ehr-bridge": "read"}
+    assert main(["vendors", "list", *cfg]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["VENDOR", "SCOPE", "STATE"]
+    assert table[2].split()[:3] == ["ehr-bridge", "read", "active"]
+    with pytest.raises(SystemExit):  # argparse refuses a scope that does not exist
+        main(["vendors", "add", "other", "--scope", "write", *cfg])
+
+
 def _enrol_with_readings(site: Path, enrolled: date, home_days: int) -> str:
     async def go() -> str:
         store = await _open(site)

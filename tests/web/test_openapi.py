@@ -4,8 +4,9 @@ The app runs as in production — ``create_app`` under Hypercorn on a loopback s
 (:func:`tests.e2e.live_server.serve`) over a real SQLite store — but in a thread with its
 own event loop, so schemathesis' synchronous client can call it from the test. The store
 holds one synthetic patient enrolled in remote monitoring with a home cuff reading, a
-nurse, and a vendor key. Every operation of the document is fuzzed (positive and negative
-data, derandomized so CI is repeatable) with the vendor key and a nurse's session supplied,
+nurse, a vendor key and a local integration's read key. Every operation of the document is
+fuzzed (positive and negative data, derandomized so CI is repeatable) with the vendor key (the
+read key for the FHIR read API) and a nurse's session supplied,
 and every response is checked: no server error, a documented status, content type, headers
 and body schema.
 """
@@ -36,7 +37,7 @@ from appliance.keys import generate_kek_file
 from appliance.runtime import write_heartbeat
 from appliance.store import Store
 from appliance.users import Role
-from services.vendor_keys import VendorKeys
+from services.vendor_keys import KeyScope, VendorKeys
 from tests import factories
 from tests.e2e import live_server
 from web.app import create_app
@@ -56,6 +57,7 @@ class Served:
     key: str  # the vendor's API key
     patient_id: str  # enrolled in RPM: the nurse's normal access covers them
     mrn: str
+    read_key: str  # a local integration's key for the FHIR read API
 
 
 async def _heartbeats(store: Store) -> None:
@@ -76,15 +78,18 @@ def _serve(folder: Path, ready: Any, stop: threading.Event) -> None:
         try:
             await live_server.create_user(store, NURSE, PASSWORD, Role.NURSE)
             key = await VendorKeys(store).add("acme-rpm", "user:admin")
+            read_key = await VendorKeys(store).add("ehr-bridge", "user:admin", scope=KeyScope.READ)
             cuff = await live_server.HomeCuff.enrol(store, "Openapi")
             await cuff.measure(128, 82)
             beating = asyncio.create_task(_heartbeats(store))
             app = create_app(config, store)
             # The fuzzer sends far more than a hub would: lift the per-vendor rate limit
             # (the limit itself is tested in test_ingest.py).
-            app.extensions["ingest"] = IngestLimits(vendors=TokenBuckets(1e6, 1e6))
+            app.extensions["ingest"] = IngestLimits(
+                vendors=TokenBuckets(1e6, 1e6), readers=TokenBuckets(1e6, 1e6)
+            )
             async with live_server.serve(app) as url:
-                ready.append(Served(url, key, cuff.patient_id, "E2E-Openapi"))
+                ready.append(Served(url, key, cuff.patient_id, "E2E-Openapi", read_key))
                 await asyncio.to_thread(stop.wait)
             beating.cancel()
         finally:
@@ -169,6 +174,9 @@ def test_document_is_valid_openapi_31(served: Served, api_schema: Any) -> None:
     for name, found in document["components"]["schemas"].items():
         assert jsonschema_rs.meta.is_valid(found), name
     assert set(document["paths"]) == {
+        "/fhir/metadata",
+        "/fhir/{resource_type}/{resource_id}",
+        "/fhir/Patient",
         "/fhir/Observation",
         "/fhir",
         "/healthz",
@@ -186,9 +194,13 @@ def test_document_is_valid_openapi_31(served: Served, api_schema: Any) -> None:
     assert schemes["staffSession"]["name"] == "__Host-session"
 
 
-WITH_INPUT = ("ingestObservation", "ingestBundle", "rpmSeries")
+READ_API = ("fhirRead", "fhirSearchPatient", "fhirSearchObservation")  # the read key's
+WITH_INPUT = ("ingestObservation", "ingestBundle", "rpmSeries", *READ_API)
 RUNS = [
-    *((op, GenerationMode.POSITIVE) for op in (*WITH_INPUT, "healthz", "metrics", "openapi")),
+    *(
+        (op, GenerationMode.POSITIVE)
+        for op in (*WITH_INPUT, "healthz", "metrics", "openapi", "fhirMetadata")
+    ),
     *((op, GenerationMode.NEGATIVE) for op in WITH_INPUT),  # the others take nothing to break
 ]
 
@@ -199,9 +211,14 @@ RUNS = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("operation_id", "mode"), RUNS)
 def test_api_conforms_to_its_document(
-    api_schema: Any, http: requests.Session, operation_id: str, mode: GenerationMode
+    api_schema: Any,
+    http: requests.Session,
+    served: Served,
+    operation_id: str,
+    mode: GenerationMode,
 ) -> None:
     operation = api_schema.find_operation_by_id(operation_id)
+    headers = {"Authorization": f"Bearer {served.read_key}"} if operation_id in READ_API else {}
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
@@ -212,7 +229,7 @@ def test_api_conforms_to_its_document(
         suppress_health_check=list(HealthCheck),
     )
     def call(case: Any) -> None:
-        case.call_and_validate(session=http, checks=CHECKS)
+        case.call_and_validate(session=http, headers=headers, checks=CHECKS)
 
     call()
 
@@ -256,6 +273,31 @@ def test_accepted_readings_match_the_document(
     response = case.call_and_validate(session=http, checks=CHECKS)
     assert response.status_code == 200
     assert response.json()["charts"], "the enrolled patient's reading is charted"
+
+
+def test_fhir_reads_match_the_document(served: Served, api_schema: Any) -> None:
+    with requests.Session() as reader:
+        reader.headers["Authorization"] = f"Bearer {served.read_key}"
+        metadata = api_schema["/fhir/metadata"]["GET"].Case()
+        assert metadata.call_and_validate(session=reader, checks=CHECKS).status_code == 200
+        read = api_schema["/fhir/{resource_type}/{resource_id}"]["GET"].Case(
+            path_parameters={"resource_type": "Patient", "resource_id": served.patient_id}
+        )
+        response = read.call_and_validate(session=reader, checks=CHECKS)
+        assert response.status_code == 200
+        etag = {k.lower(): v for k, v in response.headers.items()}["etag"]
+        assert etag in ('W/"1"', ['W/"1"'])  # schemathesis keeps each header as a list
+        patients = api_schema["/fhir/Patient"]["GET"].Case(
+            query={"identifier": f"{MRN_SYSTEM}|{served.mrn}"}
+        )
+        response = patients.call_and_validate(session=reader, checks=CHECKS)
+        assert response.json()["total"] == 1
+        readings = api_schema["/fhir/Observation"]["GET"].Case(
+            query={"patient": served.patient_id, "_count": 1}
+        )
+        response = readings.call_and_validate(session=reader, checks=CHECKS)
+        assert response.status_code == 200
+        assert response.json()["entry"]
 
 
 async def test_served_anonymously(client: QuartClient) -> None:

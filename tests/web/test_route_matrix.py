@@ -3,7 +3,7 @@
 The world: a real store with synthetic patients A (checked in at an exam room today: normal
 access) and B (no care relationship), a nurse, a provider, an administrator (second factor
 enrolled), a paired kiosk, a remote provider's browser bound to a visit link for A, a
-vendor's API key, and two browsers half-way through a login (second factor pending). Each
+vendor's API key, a local integration's read key, and two browsers half-way through a login (second factor pending). Each
 route of ``app.url_map`` is sent by each of them — GET for safe methods, POST with the
 audience's own valid CSRF token for unsafe ones — and what the guard did is compared with
 the table. Every response is also checked for the security headers.
@@ -29,7 +29,7 @@ from appliance import db, users
 from appliance.config import Config
 from appliance.device_registry import DeviceRegistry, StationKind
 from appliance.store import Store
-from services.vendor_keys import VendorKeys
+from services.vendor_keys import KeyScope, VendorKeys
 from tests.web.conftest import NURSE, PASSWORD, FakeClock, form_token, login, submit_login
 from tests.web.test_kiosk import _identified, _paired
 from tests.web.test_provider import Seeded, issue_link, join, seed, visit_csrf
@@ -75,6 +75,7 @@ class World:
     clients: dict[Audience, QuartClient] = field(default_factory=dict)
     csrf: dict[Audience, str] = field(default_factory=dict)  # each audience's own token
     link_csrf: str = ""  # the visit link's form token (field ``visit_csrf``)
+    read_key: str = ""  # a local integration's read key (web/fhir_api.py)
 
     @property
     def quart(self) -> Quart:
@@ -95,6 +96,8 @@ class World:
                 ("grant_id", "claim_id", "alert_id", "outbox_id", "review_id", "held_id"), NO_ID
             ),
             "link_id": NO_ID,
+            "rtype": "Patient",  # the FHIR read API: read and search
+            "rid": NO_ID,
         }
 
     def scope(self, audience: Audience) -> dict[str, object]:
@@ -135,7 +138,8 @@ async def build_world(app: AppClientFactory, store: Store, clock: FakeClock) -> 
         (Audience.ADMIN, ADMIN_USER),  # the helper enrols the required second factor
     ):
         assert await login(clients[audience], name) == 302, name
-    world = World(app, store, seeded, "", api_key, spare_id, clients)
+    read_key = await VendorKeys(store).add("ehr-bridge", "user:test", scope=KeyScope.READ)
+    world = World(app, store, seeded, "", api_key, spare_id, clients, read_key=read_key)
     world.visit_token = await issue_link(clients[Audience.NURSE], seeded.encounter_id)
     world.link_csrf = visit_csrf(await join(clients[Audience.VISIT_LINK], world.visit_token))
     clients[Audience.KIOSK] = await _paired(app, store)
@@ -183,6 +187,8 @@ async def send(
     headers: dict[str, str] = {}
     if audience is Audience.API_KEY:
         headers["Authorization"] = f"Bearer {world.api_key}"
+    if audience is Audience.READ_KEY:
+        headers["Authorization"] = f"Bearer {world.read_key}"
     scope = world.scope(audience)
     if method not in _UNSAFE:
         async with client.request(path, method=method, headers=headers, scope_base=scope) as conn:
