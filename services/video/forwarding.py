@@ -49,7 +49,7 @@ import inspect
 import logging
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -802,6 +802,14 @@ class ForwardingRelay:
         """Keep the REMB the box sends the publisher at or under ``bps`` (None: uncapped)."""
         if self._estimator is not None:
             self._estimator.set_cap(bps)
+
+    def cap_transcoded(self, bps: int | None, remote_viewers: Collection[str]) -> None:
+        """Keep each transcoding encoder that feeds any of ``remote_viewers`` at or under
+        ``bps`` (the WAN leg's cap: its copy crosses the uplink as the publisher's stream
+        would); the others only at their viewers' REMBs."""
+        for encoder in self.encoders.values():
+            feeds_remote = any(viewer in remote_viewers for viewer in encoder.sinks)
+            encoder.set_ceiling(bps if feeds_remote else None)
 
     @property
     def publisher_cap(self) -> int | None:

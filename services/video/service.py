@@ -817,7 +817,12 @@ class VideoService:
                 # hold the publisher back meanwhile (only the budget share and the viewer's
                 # own b=AS do).
                 estimates = [r.cap_estimate(now) for r in mine]
-                video.cap_publisher(publisher_cap(share, estimates) if mine else None)
+                cap = publisher_cap(share, estimates) if mine else None
+                video.cap_publisher(cap)
+                # A remote viewer's transcoded copy crosses the uplink instead of the
+                # publisher's stream: its encoder is held to the same cap.
+                remote_viewers = {v for m, p, v, _r in carrying if m is media and p == publisher}
+                video.cap_transcoded(cap, remote_viewers)
 
 
 class Session:

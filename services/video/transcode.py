@@ -215,8 +215,9 @@ class SharedEncoder:
     one of aiortc's encoders in the default executor; each encoded frame's RTP payloads
     (aiortc's encoder packetizes) go to every sink as a forwarded frame does, so each
     viewer's sender keeps its own SSRC, sequence numbers and RTX history. Its bitrate is the
-    lowest REMB among the sinks (``update_bitrate``; aiortc's encoder clamps it: 500 kbit/s
-    to 3 Mbit/s for H.264, 250 kbit/s to 1.5 Mbit/s for VP8); ``request_keyframe`` (a sink's
+    lowest REMB among the sinks, and never over ``ceiling`` (``set_ceiling``: the WAN leg's
+    cap while a remote viewer takes this copy) (``update_bitrate``; aiortc's encoder clamps
+    it: 500 kbit/s to 3 Mbit/s for H.264, 250 kbit/s to 1.5 Mbit/s for VP8); ``request_keyframe`` (a sink's
     PLI/FIR, or a sink that joined) forces one keyframe, rate-limited by ``limiter``.
     ``is_keyframe`` tells a depayloaded frame's kind (the relay's ``is_keyframe``).
     """
@@ -232,6 +233,8 @@ class SharedEncoder:
         self.codec = codec
         self._is_keyframe = is_keyframe
         self.inner = encoder or get_encoder(codec)
+        self.ceiling: int | None = None  # bit/s, the WAN leg's cap (set_ceiling)
+        self._default_bitrate: int | None = getattr(self.inner, "target_bitrate", None)
         self.frames_encoded = 0
         self.frames_dropped = 0
         self.keyframes_forced = 0
@@ -260,11 +263,21 @@ class SharedEncoder:
         if self._sinks.pop(viewer_id, None) is not None:
             self.update_bitrate()
 
+    def set_ceiling(self, bps: int | None) -> None:
+        """Never encode above ``bps`` (None: no ceiling but the sinks' REMBs)."""
+        if bps != self.ceiling:
+            self.ceiling = bps
+            self.update_bitrate()
+
     def update_bitrate(self) -> None:
-        """Encode at the lowest REMB any sink reported (aiortc's default before any)."""
-        rembs = [s.stats.remb_bps for s in self._sinks.values() if s.stats.remb_bps]
-        if rembs and hasattr(self.inner, "target_bitrate"):
-            self.inner.target_bitrate = min(rembs)
+        """Encode at the lowest REMB any sink reported and the ceiling (aiortc's default
+        before either)."""
+        limits = [s.stats.remb_bps for s in self._sinks.values() if s.stats.remb_bps]
+        if self.ceiling is not None:
+            limits.append(self.ceiling)
+        bitrate = min(limits) if limits else self._default_bitrate
+        if bitrate is not None and hasattr(self.inner, "target_bitrate"):
+            self.inner.target_bitrate = bitrate
 
     @property
     def target_bitrate(self) -> int:

@@ -31,6 +31,7 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from av import VideoFrame
 
+from services.video.bandwidth import WanPolicy, budget_share
 from services.video.forwarding import (
     SENDER_ENCODER,
     ForwardingRelay,
@@ -39,6 +40,7 @@ from services.video.forwarding import (
     publisher_receiver,
 )
 from services.video.rooms import MediaKind
+from services.video.service import VideoService
 from tests.video.media import NumberedVideoTrack, read_frame_id
 from tests.video.peers import loopback_pc, negotiate, wait_for
 from tests.video.test_service import OTHER_VISIT, VISIT, Client, flowing, video_service
@@ -390,6 +392,40 @@ async def test_the_service_forwards_an_h264_publisher_and_transcodes_for_a_vp8_o
         assert relay.stats.viewers[nurse.id].transcoded_to is None  # forwarded
         assert relay.stats.viewers[provider.id].transcoded_to == VP8
         assert relay.stats.transcoded_viewers == 1
+        assert nurse.errors() + patient.errors() + provider.errors() == []
+
+
+async def test_a_remote_viewers_transcoded_copy_is_held_to_the_wan_cap() -> None:
+    # 500 kbit/s of uplink: one remote video and one remote audio stream, a 323 kbit/s share.
+    service = VideoService(wan=WanPolicy(uplink_kbps=500))
+    async with video_service(service) as (service, client):
+        nurse = client("nurse")
+        patient = client("patient", H264Publisher)
+        provider = client("provider", Vp8OnlyViewer)  # remote: its copy crosses the uplink
+        for each, role in ((nurse, "nurse"), (patient, "patient"), (provider, "provider")):
+            await each.join(role)
+        await nurse.send(type="admit", participant=patient.id)
+        await nurse.send(type="admit", participant=provider.id)
+        await patient.publish()
+        await flowing(provider.video, patient.id, 30, seconds=30)
+        relay = service.relays(VISIT, patient.id)[MediaKind.VIDEO]
+        shared = relay.encoders[VP8.lower()]
+        share = budget_share(service.wan, 1, 1)
+        assert share == 323_000
+        await wait_for(lambda: shared.ceiling is not None, 5, "the WAN cap on the encoder")
+        assert shared.ceiling == relay.publisher_cap
+        assert shared.ceiling is not None
+        assert shared.ceiling <= share
+        # A REMB above the cap changes nothing; one under it decides (as the relay's REMB
+        # handler does: the viewer's figure, then the encoder's bitrate).
+        viewer = relay.stats.viewers[provider.id]
+        viewer.remb_bps = 1_200_000
+        shared.update_bitrate()
+        assert shared.target_bitrate == shared.ceiling
+        viewer.remb_bps = 280_000
+        shared.update_bitrate()
+        assert shared.target_bitrate == 280_000
+        await flowing(provider.video, patient.id, 10, seconds=30)
         assert nurse.errors() + patient.errors() + provider.errors() == []
 
 
