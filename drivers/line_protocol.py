@@ -246,7 +246,7 @@ def from_mapping(raw: Mapping[str, Any]) -> LineProtocolSpec:
     encoding = raw.get("encoding", "ascii")
     try:
         codecs.lookup(encoding)
-    except (LookupError, TypeError):
+    except (LookupError, TypeError, ValueError):  # ValueError: a name with a NUL in it
         problems.append("encoding: not a known text encoding")
     max_length = raw.get("max_line_length", 256)
     if isinstance(max_length, bool) or not isinstance(max_length, int):

@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from drivers.errors import ProtocolError
@@ -267,6 +267,7 @@ tables = st.dictionaries(
 
 
 @given(tables)
+@example({"name": "x", "delimiter": "\n", "encoding": "\x00"})  # codecs: ValueError (NUL)
 def test_from_mapping_raises_only_spec_error(raw: dict[str, Any]) -> None:
     try:
         from_mapping(raw)
