@@ -7,6 +7,8 @@ Fixtures for any browser test:
   ``live_app.url(path)``, ``live_app.store``, ``await live_app.log_in(page)``, and
   ``await live_app.devices_store()`` for a second connection to the same database, as another
   process (devices, sync) would have;
+* ``video_app`` — the demo app with the video nurse (``video_call.served_app``), ICE on
+  loopback only: ``(base URL, its state)``, for the video tests;
 * ``browser`` / ``page`` — Debian's Chromium (``/usr/bin/chromium``) through Playwright,
   never a downloaded browser (``media_browser``: with its fake camera and microphone). Skipped with a reason only when that binary is absent;
   ``make test`` installs it, so in CI these tests run.
@@ -25,7 +27,7 @@ from appliance.config import demo_config
 from appliance.store import Store
 from appliance.users import Role
 from tests.e2e import live_server
-from web.app import create_app
+from web.app import AppState, create_app
 
 NURSE = "nurse-e2e"
 PASSWORD = "correct horse battery staple"
@@ -110,3 +112,14 @@ async def page(browser: Any) -> AsyncIterator[Any]:
         yield opened
     finally:
         await context.close()
+
+
+@pytest.fixture
+async def video_app(
+    tmp_path: Path, store: Store, loopback: None
+) -> AsyncIterator[tuple[str, AppState]]:
+    """The demo app with the video nurse, served; aioice gathers 127.0.0.1 only."""
+    from tests.e2e.video_call import served_app  # aiortc only for the video tests
+
+    async with served_app(tmp_path, store) as served:
+        yield served

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +27,7 @@ from services.video.forwarding import ForwardingRelay, negotiated_codec
 from services.video.rooms import MediaKind
 from tests.e2e.live_server import watch_problems
 from tests.e2e.test_video_e2e import _arrived_patient
-from tests.e2e.video_call import decoded_at_least, issue_link, provider_waits, served_app
+from tests.e2e.video_call import decoded_at_least, issue_link, provider_waits
 from tests.video.peers import wait_for
 from tests.video.test_codecs import H264, H264Publisher, Vp8OnlyViewer
 from tests.video.test_service import Client
@@ -90,21 +89,13 @@ class H264FirstViewer(Vp8OnlyViewer):
     accepts = (H264, "video/VP8")
 
 
-@pytest.fixture
-async def served(
-    tmp_path: Path, store: Store, loopback: None
-) -> AsyncIterator[tuple[str, AppState]]:
-    async with served_app(tmp_path, store) as served:
-        yield served
-
-
 @contextlib.asynccontextmanager
 async def provider_in_room(
-    served: tuple[str, AppState], store: Store, media_browser: Any, *, h264: bool
+    video_app: tuple[str, AppState], store: Store, media_browser: Any, *, h264: bool
 ) -> AsyncIterator[tuple[Any, list[str], str, Client]]:
     """The provider's page waiting in a visit, and an aiortc nurse (an ``H264FirstViewer``)
     in it: (page, its problems, the visit's id, the nurse). The nurse admits no one."""
-    base_url, state = served
+    base_url, state = video_app
     encounter_id = await _arrived_patient(store)
     nurse_context = await media_browser.new_context()
     link_path = await issue_link(await nurse_context.new_page(), base_url)
@@ -151,10 +142,10 @@ def assert_forwarded(relay: ForwardingRelay, *viewers: str) -> None:
 
 
 async def test_chromium_publishing_h264_is_forwarded_to_an_aiortc_viewer(
-    served: tuple[str, AppState], store: Store, media_browser: Any
+    video_app: tuple[str, AppState], store: Store, media_browser: Any
 ) -> None:
-    _, state = served
-    async with provider_in_room(served, store, media_browser, h264=True) as room:
+    _, state = video_app
+    async with provider_in_room(video_app, store, media_browser, h264=True) as room:
         provider, problems, encounter_id, nurse = room
         provider_id = provider_of(nurse)
         await nurse.send(type="admit", participant=provider_id)
@@ -180,10 +171,10 @@ async def test_chromium_publishing_h264_is_forwarded_to_an_aiortc_viewer(
 
 
 async def test_an_aiortc_h264_publisher_is_forwarded_to_the_chromium_page(
-    served: tuple[str, AppState], store: Store, media_browser: Any
+    video_app: tuple[str, AppState], store: Store, media_browser: Any
 ) -> None:
-    _, state = served
-    async with provider_in_room(served, store, media_browser, h264=False) as room:
+    _, state = video_app
+    async with provider_in_room(video_app, store, media_browser, h264=False) as room:
         provider, problems, encounter_id, nurse = room
         patient = H264Publisher(state.video, "patient")
         try:

@@ -16,8 +16,6 @@ video* a reload keeps nothing and the page starts afresh.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +29,6 @@ from tests.e2e.video_call import (
     frames_decoded,
     issue_link,
     provider_waits,
-    served_app,
 )
 from tests.video.peers import wait_for
 from tests.video.test_service import Client
@@ -40,18 +37,10 @@ from web.app import AppState
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-async def served(
-    tmp_path: Path, store: Store, loopback: None
-) -> AsyncIterator[tuple[str, AppState]]:
-    async with served_app(tmp_path, store) as served:
-        yield served
-
-
 async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
-    served: tuple[str, AppState], store: Store, media_browser: Any
+    video_app: tuple[str, AppState], store: Store, media_browser: Any
 ) -> None:
-    base_url, state = served
+    base_url, state = video_app
     encounter_id = await _arrived_patient(store)
 
     nurse_context = await media_browser.new_context()
@@ -100,9 +89,9 @@ async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
 
 
 async def test_a_reloaded_provider_page_takes_its_seat_back_without_admission(
-    served: tuple[str, AppState], store: Store, media_browser: Any
+    video_app: tuple[str, AppState], store: Store, media_browser: Any
 ) -> None:
-    base_url, state = served
+    base_url, state = video_app
     encounter_id = await _arrived_patient(store)
 
     nurse_context = await media_browser.new_context()

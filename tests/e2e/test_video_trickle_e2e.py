@@ -13,8 +13,6 @@ the patient and the nurse's page decode the provider.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +25,6 @@ from tests.e2e.video_call import (
     decoded_at_least,
     issue_link,
     provider_waits,
-    served_app,
 )
 from tests.video.peers import wait_for
 from tests.video.test_service import Client
@@ -79,18 +76,10 @@ class Recorded:
         await wait_for(done, 15, f"the {name} page's {connections} connections trickled")
 
 
-@pytest.fixture
-async def served(
-    tmp_path: Path, store: Store, loopback: None
-) -> AsyncIterator[tuple[str, AppState]]:
-    async with served_app(tmp_path, store) as served:
-        yield served
-
-
 async def test_the_pages_send_offers_and_answers_at_once_and_trickle_their_candidates(
-    served: tuple[str, AppState], store: Store, media_browser: Any
+    video_app: tuple[str, AppState], store: Store, media_browser: Any
 ) -> None:
-    base_url, state = served
+    base_url, state = video_app
     encounter_id = await _arrived_patient(store)
 
     nurse_context = await media_browser.new_context()

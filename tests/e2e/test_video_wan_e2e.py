@@ -25,7 +25,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ from tests.e2e.video_call import (
     frames_decoded,
     issue_link,
     provider_waits,
-    served_app,
 )
 from tests.video.lossy_proxy import CANDIDATE, LossyLink, host_candidates
 from tests.video.peers import wait_for
@@ -184,18 +183,10 @@ def _route_chromium_candidates(
     return routed
 
 
-@pytest.fixture
-async def served(
-    tmp_path: Path, store: Store, loopback: None
-) -> AsyncIterator[tuple[str, AppState]]:
-    async with served_app(tmp_path, store) as served:
-        yield served
-
-
 async def test_a_squeezed_provider_page_shows_the_audio_only_notice_until_video_returns(
-    served: tuple[str, AppState], store: Store, media_browser: Any, tmp_path: Path
+    video_app: tuple[str, AppState], store: Store, media_browser: Any, tmp_path: Path
 ) -> None:
-    base_url, state = served
+    base_url, state = video_app
     encounter_id = await _arrived_patient(store)
 
     # The nurse issues the provider's link (her own video is an aiortc peer, below).
