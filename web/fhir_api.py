@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import re
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,11 +47,19 @@ from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from appliance import fhir
-from appliance.errors import NotFoundError, StoreError
+from appliance.errors import NotFoundError
 from appliance.store import Store
 from services.vendor_keys import KeyScope
 from web.app import app_state
-from web.ingest import FHIR_JSON, Issue, authenticate, fhir_response, operation_outcome, refuse
+from web.ingest import (
+    FHIR_JSON,
+    Issue,
+    authenticate,
+    fhir_response,
+    operation_outcome,
+    refuse,
+    unexpected,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -563,12 +570,9 @@ async def _http_error(error: HTTPException) -> ResponseReturnValue:
 
 @bp.errorhandler(Exception)
 async def _unexpected_error(error: Exception) -> ResponseReturnValue:
-    # The type and the stack only (as web/app.py): an exception's message may quote data.
-    logger.error(
-        "fhir read API failed: %s\n%s",
-        type(error).__name__,
-        "".join(traceback.format_tb(error.__traceback__)),
+    return unexpected(
+        error,
+        "fhir read API",
+        "the store did not answer; try again",
+        "the appliance failed to answer",
     )
-    if isinstance(error, StoreError):
-        return refuse(503, "", "the store did not answer; try again", "transient", Retry_After="5")
-    return refuse(500, "", "the appliance failed to answer", "exception")

@@ -193,6 +193,21 @@ def refuse(status: int, expression: str, text: str, code: str, **headers: str) -
     return fhir_response(operation_outcome([Issue(expression, text, code)]), status, **headers)
 
 
+def unexpected(error: Exception, api: str, store_failed: str, failed: str) -> Response:
+    """An unexpected failure of a key API as an OperationOutcome: 503 with ``store_failed``
+    (try again) when the store failed, else 500 with ``failed``. Logged with its type and
+    stack only (as web/app.py): an exception's message may quote data."""
+    logger.error(
+        "%s failed: %s\n%s",
+        api,
+        type(error).__name__,
+        "".join(traceback.format_tb(error.__traceback__)),
+    )
+    if isinstance(error, StoreError):
+        return refuse(503, "", store_failed, "transient", Retry_After="5")
+    return refuse(500, "", failed, "exception")
+
+
 # -- checking one Observation (pure) --------------------------------------------------------
 
 
@@ -764,18 +779,9 @@ async def _http_error(error: HTTPException) -> ResponseReturnValue:
 
 @bp.errorhandler(Exception)
 async def _unexpected_error(error: Exception) -> ResponseReturnValue:
-    # The type and the stack only (as web/app.py): an exception's message may quote data.
-    logger.error(
-        "ingest failed: %s\n%s",
-        type(error).__name__,
-        "".join(traceback.format_tb(error.__traceback__)),
+    return unexpected(
+        error,
+        "ingest",
+        "the readings could not be stored; send them again",
+        "the appliance failed to file the readings",
     )
-    if isinstance(error, StoreError):
-        return refuse(
-            503,
-            "",
-            "the readings could not be stored; send them again",
-            "transient",
-            Retry_After="5",
-        )
-    return refuse(500, "", "the appliance failed to file the readings", "exception")
