@@ -7,8 +7,11 @@ track returns. This module is the one place that reaches underneath, pinned to a
 any of the internals below change):
 
 * the receiver's ``__jitter_buffer`` is replaced: video frames are released on the RTP marker
-  bit (stock aiortc waits for the next frame's first packet, one frame period per hop), and
-  audio packets are released as they arrive, since the viewer's own jitter buffer smooths;
+  bit (stock aiortc waits for the next frame's first packet, one frame period per hop), a
+  frame with a packet the relay has given up on is dropped at once and a keyframe asked for
+  through the relay's limiter (so is one the buffer drops itself, instead of the receiver's
+  own PLI), and audio packets are released as they arrive, since the viewer's own jitter
+  buffer smooths;
 * the receiver's ``__decoder_queue`` is replaced by a tap that hands each encoded frame to
   the relay; only the end-of-stream sentinel reaches the decoder thread, which therefore
   never creates a decoder;
@@ -65,7 +68,7 @@ from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
 from aiortc.rtcrtpsender import random_sequence_number
 from aiortc.rtp import RTP_HISTORY_SIZE, HeaderExtensions, HeaderExtensionsMap, RtpPacket
-from aiortc.utils import random32, uint16_gt
+from aiortc.utils import random32, uint16_add, uint16_gt
 
 from services.video.bandwidth import send_cap_now
 from services.video.nack import NackSchedule
@@ -197,14 +200,27 @@ class MarkerJitterBuffer(JitterBuffer):
     when a repaired gap completes several, the others wait in ``ready`` (raw RTP
     timestamps) for the relay. Also remembers the media SSRC, which keyframe requests need,
     and tells ``on_packet`` (the relay's repeated NACKs) of every packet it is given.
+
+    A missing packet the relay gives up on is ``abandon``ed: its frame, which can never be
+    complete, is dropped with everything before it, so the frames behind it (the keyframe
+    asked for) are released without waiting for the buffer to overflow; the given-up packet
+    arriving late after all is dropped. With ``on_loss``, a frame aiortc's own logic drops
+    (overflow, a stream reset) is reported to it instead of making the receiver send a PLI
+    itself, so that keyframe request goes through the relay's limiter too.
     """
 
-    def __init__(self, on_packet: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_packet: Callable[[int], None] | None = None,
+        on_loss: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(capacity=512, is_video=True)
         self.ssrc: int | None = None
         self.released_timestamp = 0  # raw RTP timestamp of the frame ``add`` last returned
         self.ready: list[JitterFrame] = []
         self._on_packet = on_packet
+        self._on_loss = on_loss
+        self._abandoned: tuple[int, int] | None = None  # [first, end) of the last abandon
 
     @property
     def origin(self) -> int | None:
@@ -213,10 +229,66 @@ class MarkerJitterBuffer(JitterBuffer):
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
         self.ssrc = packet.ssrc
-        result = super().add(packet)
+        sequence_number = packet.sequence_number
+        pli_flag, frame = (
+            (False, None) if self._was_abandoned(sequence_number) else super().add(packet)
+        )
         if self._on_packet is not None:
-            self._on_packet(packet.sequence_number)
-        return result
+            origin = self._origin
+            self._on_packet(sequence_number)
+            if self._origin != origin:  # a frame was abandoned: the ones behind it may be in
+                if frame is None:
+                    frame = self._remove_frame(sequence_number)
+                else:
+                    while (more := self._pop_complete_frame()) is not None:
+                        self.ready.append(more)
+        if pli_flag and self._on_loss is not None:
+            self._on_loss()
+            pli_flag = False
+        return pli_flag, frame
+
+    def abandon(self, sequence_number: int) -> bool:
+        """Give up on a missing packet: drop its frame and everything before it.
+
+        The packets from the first slot through ``sequence_number`` go, then, if the packet
+        before the lost one was in the middle of a frame, the rest of that frame. When the
+        lost packet began a frame, what is left of that frame is released as one: it is not
+        a keyframe, and the relay drops frames until a keyframe after a loss. False if the
+        buffer is already past the packet (a frame it dropped itself).
+        """
+        origin = self._origin
+        if origin is None or uint16_gt(origin, sequence_number):
+            return False
+        count = uint16_add(sequence_number, -origin) + 1
+        if count > self._capacity:
+            return False
+        position = origin
+        previous: RtpPacket | None = None
+        for _ in range(count):
+            packet = self._packets[position % self._capacity]
+            if packet is not None:
+                previous = packet
+            position = uint16_add(position, 1)
+        if previous is not None and not previous.marker:
+            for _ in range(self._capacity - count):
+                packet = self._packets[position % self._capacity]
+                if packet is None or packet.timestamp != previous.timestamp:
+                    break
+                position = uint16_add(position, 1)
+        self.remove(uint16_add(position, -origin))
+        self._abandoned = (origin, position)
+        return True
+
+    def _was_abandoned(self, sequence_number: int) -> bool:
+        """Whether the packet is one ``abandon`` dropped the frame of (arriving late): stock
+        aiortc would take one 100 or more behind the first slot for a restarted stream and
+        empty the buffer."""
+        if self._abandoned is None or self._origin is None:
+            return False
+        first, end = self._abandoned
+        return uint16_gt(self._origin, sequence_number) and (
+            uint16_add(sequence_number, -first) < uint16_add(end, -first)
+        )
 
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
         self.ready = []  # not taken with the frame before them: that one was not delivered
@@ -549,6 +621,10 @@ class RelayStats:
     keyframe_requests_sent: int = 0
     nacks_repeated: int = 0  # missing packets asked for again (aiortc asks once)
     nacks_given_up: int = 0  # missing packets no longer asked for, never repaired
+    # Keyframes asked for because a frame will never be complete (a packet given up, or
+    # dropped by the jitter buffer), retries included; sent through the same limiter.
+    keyframe_requests_after_loss: int = 0
+    frames_dropped_after_loss: int = 0  # not forwarded: after a lost frame, before a keyframe
     viewers: dict[str, ViewerStats] = field(default_factory=dict)
     # Viewers now given a decoded and re-encoded copy (their codec is not the publisher's):
     # the first for a codec costs an encoder, shared by the others; the first of all a
@@ -740,6 +816,8 @@ class ForwardingRelay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._codec_warned = False
         self._nacks = NackSchedule() if repeat_nacks and kind == "video" else None
+        # When the relay last asked for a keyframe after a lost frame; None: not waiting.
+        self._loss_asked_at: float | None = None
         self._on_remb = on_remb
         self._estimator: CappedBitrateEstimator | None = None
         self._frame_sender = frame_sender
@@ -768,9 +846,10 @@ class ForwardingRelay:
             buffer = MarkerJitterBuffer()
         else:
             _require(receiver, "_send_rtcp_nack")
-            buffer = MarkerJitterBuffer(on_packet=self._on_video_packet)
+            buffer = MarkerJitterBuffer(on_packet=self._on_video_packet, on_loss=self._frame_lost)
         if self._receiver is not None:  # a new stream from the same publisher
             self._rebase = self._last_pts is not None
+            self._loss_asked_at = None
             if self._nacks is not None:
                 self._nacks = NackSchedule()
             for track in self._viewers.values():
@@ -1039,6 +1118,24 @@ class ForwardingRelay:
         self.stats.nacks_given_up = self._nacks.given_up
         if lost and self._receiver is not None and self._buffer.ssrc is not None:
             self._spawn(self._receiver._send_rtcp_nack(self._buffer.ssrc, lost))
+        given_up = self._nacks.take_given_up()
+        if given_up:
+            for seq in given_up:
+                self._buffer.abandon(seq)
+            self._frame_lost()
+
+    def _frame_lost(self) -> None:
+        """A frame will never be complete: a packet of it was given up (no more NACKs), or
+        the jitter buffer dropped it. The frames after it cannot be decoded until a keyframe,
+        so they are not forwarded, and one is asked for now (rate-limited as any request);
+        more losses before it comes ask nothing more."""
+        if self._loss_asked_at is None:
+            self._ask_keyframe_after_loss()
+
+    def _ask_keyframe_after_loss(self) -> None:
+        self._loss_asked_at = self._clock()
+        self.stats.keyframe_requests_after_loss += 1
+        self.request_keyframe()
 
     def _spawn(self, coroutine: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
@@ -1068,9 +1165,16 @@ class ForwardingRelay:
         self.stats.bytes_in += len(frame.data)
         if self.kind == "video" and keyframe:
             self.stats.keyframes_in += 1
+        now = self._clock()
+        if self._loss_asked_at is not None:
+            if not keyframe:  # refers to the lost frame, directly or not: undecodable
+                self.stats.frames_dropped_after_loss += 1
+                if now - self._loss_asked_at >= self._keyframe_min_interval:
+                    self._ask_keyframe_after_loss()  # the request or its keyframe was lost
+                return
+            self._loss_asked_at = None
         if not self._viewers:
             return
-        now = self._clock()
         if self._rebase and self._last_pts is not None:
             self._rebase = False
             elapsed = max(1, round((now - self._last_at) / self._time_base))

@@ -11,9 +11,11 @@ passed since its last NACK (100 ms until a round trip is measured, then 1.5 smoo
 trips, within 20-250 ms), at most ``max_nacks`` times in all, and forgotten once the jitter
 buffer has moved past it or the sender can no longer have it.
 
-Pure: sequence numbers and a clock reading in, sequence numbers to NACK out. The relay
-(``services/video/forwarding.py``) feeds it every packet its receiver buffers and sends the
-NACKs through the receiver. See docs/video.md, "Loss repair".
+Pure: sequence numbers and a clock reading in, sequence numbers to NACK out (and, through
+``take_given_up``, the ones given up). The relay (``services/video/forwarding.py``) feeds it
+every packet its receiver buffers and sends the NACKs through the receiver; a packet given
+up makes it drop that frame and ask the publisher for a keyframe at once. See docs/video.md,
+"Loss repair".
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class NackSchedule:
         self.repeated = 0  # NACKs sent by ``due`` (one per packet asked for)
         self.repaired = 0  # missing packets that arrived
         self.given_up = 0  # missing packets forgotten before they arrived
+        self._given_up_seqs: list[int] = []  # since the last ``take_given_up``
 
     @property
     def missing(self) -> list[int]:
@@ -133,17 +136,28 @@ class NackSchedule:
             if entry.nacks >= self._max_nacks:
                 del self._missing[seq]
                 self.given_up += 1
+                self._given_up_seqs.append(seq)
                 continue
             entry.last_nack, entry.nacks = now, entry.nacks + 1
             ask.append(seq)
         self.repeated += len(ask)
         return ask
 
+    def take_given_up(self) -> list[int]:
+        """The packets given up since the last call, oldest first: their frames will never
+        be complete (the relay drops them and asks for a keyframe)."""
+        seqs, self._given_up_seqs = self._given_up_seqs, []
+        newest = self._newest
+        if newest is None or len(seqs) < 2:
+            return seqs
+        return sorted(seqs, key=lambda seq: uint16_add(newest, -seq), reverse=True)
+
     def _forget_older_than(self, oldest: int) -> None:
         stale = [seq for seq in self._missing if uint16_gt(oldest, seq)]
         for seq in stale:
             del self._missing[seq]
         self.given_up += len(stale)
+        self._given_up_seqs += stale
 
     def _in_order(self, seqs: dict[int, _Missing]) -> list[int]:
         if self._newest is None:

@@ -1,9 +1,10 @@
 """Loss repair end to end: 2 % loss on the publisher's (WAN) leg, and the viewer keeps 30 fps.
 
 The relay's receiver asks for packets still missing again (``services/video/nack.py``);
-stock aiortc asks once. The other two tests make the difference deterministic: they drop
+stock aiortc asks once. Two more tests make the difference deterministic: they drop
 one video packet and the retransmission that answers the NACK for it, and nothing else,
-with the relay's repeated NACKs and without them.
+with the relay's repeated NACKs and without them. The last drops one packet and every
+retransmission for 1.5 s: the relay gives up on it and asks for a keyframe at once.
 
 Publisher → relay runs through ``LossyLink`` (tests/video/lossy_proxy.py): 2 % of the
 datagrams dropped each way (media, retransmissions, NACKs, RTCP and STUN alike), seeded,
@@ -93,6 +94,8 @@ class Figures:
     nacks_given_up: int
     kbps_in: float
     loop_late_ms: float
+    keyframe_requests_after_loss: int = 0
+    keyframe_requests_sent: int = 0
 
 
 @contextlib.asynccontextmanager
@@ -200,6 +203,30 @@ async def run_lossy_stream(repeat_nacks: bool) -> Figures:
         return figures
 
 
+class LoseOneForGood:
+    """Picks one video packet, then drops every retransmission for ``hold`` seconds (SRTP
+    hides which packet a retransmission carries, and only the one packet is missing)."""
+
+    def __init__(self, video_payload_type: int, rtx_payload_type: int, hold: float) -> None:
+        self._video, self._rtx, self._hold = video_payload_type, rtx_payload_type, hold
+        self.dropped_at: float | None = None
+        self.done = False
+
+    def __call__(self, datagram: bytes) -> bool:
+        header = rtp_header(datagram)
+        if header is None or self.done:
+            return False
+        if self.dropped_at is None:
+            if header[0] == self._video:
+                self.dropped_at = time.monotonic()
+                return True
+            return False
+        if time.monotonic() - self.dropped_at >= self._hold:
+            self.done = True
+            return False
+        return header[0] == self._rtx
+
+
 class LoseOneRepair:
     """Picks one video packet and then the first retransmission, which answers its NACK."""
 
@@ -230,14 +257,20 @@ def video_payload_types(sdp: str) -> tuple[int, int]:
     return int(vp8.group(1)), int(rtx.group(1))
 
 
-async def run_lost_retransmission(repeat_nacks: bool, seconds: float) -> Figures:
+async def run_lost_retransmission(
+    repeat_nacks: bool, seconds: float, for_good: bool = False
+) -> Figures:
     async with lossy_session(repeat_nacks) as (session, link):
         viewer = session.viewers[0]
         await wait_for(lambda: len(viewer.video) >= 30, 20, "30 frames before the drop")
         answer = session.relay_publisher_pc.localDescription.sdp
-        drop = LoseOneRepair(*video_payload_types(answer))
+        drop: LoseOneRepair | LoseOneForGood
+        if for_good:
+            drop = LoseOneForGood(*video_payload_types(answer), hold=1.5)
+        else:
+            drop = LoseOneRepair(*video_payload_types(answer))
         link.drop_to_answerer(drop)
-        await wait_for(lambda: drop.done, 5, "a packet and its retransmission dropped")
+        await wait_for(lambda: drop.done, 5, "a packet and its retransmission(s) dropped")
         assert drop.dropped_at is not None
         lateness = LoopLateness()
         await asyncio.sleep(drop.dropped_at + seconds - time.monotonic())
@@ -256,8 +289,15 @@ async def run_lost_retransmission(repeat_nacks: bool, seconds: float) -> Figures
             nacks_given_up=stats.nacks_given_up,
             kbps_in=0,
             loop_late_ms=loop_late_ms,
+            keyframe_requests_after_loss=stats.keyframe_requests_after_loss,
+            keyframe_requests_sent=stats.keyframe_requests_sent,
         )
-        logger.info("lost retransmission, repeat_nacks=%s: %s", repeat_nacks, figures)
+        logger.info(
+            "lost retransmission%s, repeat_nacks=%s: %s",
+            " for good" if for_good else "",
+            repeat_nacks,
+            figures,
+        )
         return figures
 
 
@@ -284,3 +324,13 @@ async def test_stock_aiortc_stalls_when_a_retransmission_is_lost() -> None:
     assert figures.dropped_datagrams == 2, figures
     assert figures.nacks_repeated == 0, figures
     assert figures.longest_gap_ms >= 2000, figures
+
+
+async def test_a_packet_given_up_on_is_followed_by_a_keyframe_at_once() -> None:
+    # 10 NACKs ~0.1 s apart go unanswered: the relay gives up ~1 s after the drop and asks
+    # for a keyframe then, instead of waiting for 512 packets (seconds) behind the hole.
+    figures = await run_lost_retransmission(repeat_nacks=True, seconds=4.0, for_good=True)
+    assert figures.nacks_given_up == 1, figures
+    assert figures.keyframe_requests_after_loss == 1, figures
+    assert figures.longest_gap_ms <= 2000, figures
+    assert figures.missing_ids > 0, figures  # the frames between the loss and the keyframe
