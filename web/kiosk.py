@@ -70,6 +70,7 @@ from services.video.rooms import Role as VideoRole
 from web.app import AppState, app_state
 from web.auth import current_session, login_required
 from web.kiosk_i18n import LANGUAGES, language_or_default, load_catalogs
+from web.video_messages import video_messages
 
 logger = logging.getLogger(__name__)
 
@@ -623,7 +624,10 @@ async def home() -> ResponseReturnValue:
     flow, kiosk = _flow(), _kiosk()
     visit, _in_call = await _live_visit(state, kiosk)
     if visit is not None:
-        return await _page("kiosk_video.html", step="video", visit=visit)
+        # The panel's own texts too (video.js's) in the check-in's language.
+        return await _page(
+            "kiosk_video.html", step="video", visit=visit, video_messages=video_messages(_t)
+        )
     message, flow.message = flow.message, None
     context: dict[str, Any] = {"step": flow.step.value, "message": message}
     if flow.step is Step.CONFIRM:

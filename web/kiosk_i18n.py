@@ -6,7 +6,7 @@ when the app starts, so the repository holds no build product that could go stal
 catalog after changing texts with::
 
     pybabel extract -F web/translations/babel.cfg -o /tmp/kiosk.pot web/kiosk.py \\
-        web/templates services/intake.py
+        web/video_messages.py web/templates services/intake.py
     pybabel update -i /tmp/kiosk.pot -d web/translations -D kiosk
 """
 

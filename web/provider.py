@@ -43,6 +43,7 @@ from services import visits
 from web.app import AppState, app_state
 from web.auth import current_session, login_required
 from web.templating import render_template
+from web.video_messages import video_messages
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +348,7 @@ async def _visit_page(
         shown=lambda text: _shown(state, text),
         form_token=form_token(state, link),
         cameras=[camera.name for camera in state.config.exam_cameras],
+        video_messages=video_messages(),
         note_max=visits.NOTE_MAX_BYTES,
         error=error,
         note=form.get("note", ""),

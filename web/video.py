@@ -62,6 +62,7 @@ from web.kiosk import cookie_name as kiosk_cookie_name
 from web.provider import Guesses, check_form_token
 from web.provider import cookie_name as visit_cookie_name
 from web.templating import render_template
+from web.video_messages import video_messages
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,7 @@ async def nurse_visit() -> ResponseReturnValue:
         patient_name=visits.display_name(patient),
         arrived=arrived.astimezone(state.zone).strftime("%H:%M"),
         cameras=[camera.name for camera in state.config.exam_cameras],
+        video_messages=video_messages(),
     )
 
 

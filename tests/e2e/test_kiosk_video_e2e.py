@@ -8,6 +8,8 @@ itself; the patient joins with the big button, the nurse admits, and media flows
 The kiosk's idle reset (shortened here to 4 s) waits while the call is on, and works again
 once the nurse has ended it. axe-core checks the page during the call; a screenshot goes to
 ``APPLIANCE_SCREENSHOTS`` (e.g. docs/images, as ``kiosk-video.png``) when that is set.
+With the kiosk switched to Spanish, ``video.js``'s own texts (status line, the people list)
+are Spanish too.
 """
 
 from __future__ import annotations
@@ -84,6 +86,20 @@ async def _arrived_and_in_the_exam_room(store: Store) -> str:
     return arrival.logical_id
 
 
+async def _paired_kiosk(media_browser: Any, base_url: str) -> tuple[Any, Any, list[str]]:
+    """The exam-room kiosk's browser, paired to the station, at its first step (with the
+    page's problems, watched from the start)."""
+    context = await media_browser.new_context(viewport=TABLET)
+    page = await context.new_page()
+    problems = watch_problems(page)
+    await page.goto(f"{base_url}/kiosk/")
+    await page.fill("#pair-code", CODE)
+    await page.click("button[type=submit]")
+    await page.wait_for_url(f"{base_url}/kiosk/")
+    await page.wait_for_selector("#by-name")
+    return context, page, problems
+
+
 @pytest.mark.timeout(150)
 async def test_the_patient_joins_from_the_kiosk_and_idle_waits_for_the_call_to_end(
     served: tuple[str, AppState],
@@ -94,14 +110,7 @@ async def test_the_patient_joins_from_the_kiosk_and_idle_waits_for_the_call_to_e
 ) -> None:
     base_url, state = served
     visit = await _arrived_and_in_the_exam_room(store)
-    context = await media_browser.new_context(viewport=TABLET)
-    page = await context.new_page()
-    problems = watch_problems(page)
-    await page.goto(f"{base_url}/kiosk/")
-    await page.fill("#pair-code", CODE)
-    await page.click("button[type=submit]")
-    await page.wait_for_url(f"{base_url}/kiosk/")
-    await page.wait_for_selector("#by-name")
+    context, page, problems = await _paired_kiosk(media_browser, base_url)
 
     nurse = Client(state.video, "nurse")
     try:
@@ -160,6 +169,37 @@ async def test_the_patient_joins_from_the_kiosk_and_idle_waits_for_the_call_to_e
             timeout=(IDLE_S + 5) * 1000,
         ):
             pass
+    finally:
+        await nurse.session.async_close()
+        await context.close()
+    assert problems == []
+
+
+@pytest.mark.timeout(90)
+async def test_the_video_panel_speaks_the_kiosks_spanish(
+    served: tuple[str, AppState], store: Store, media_browser: Any
+) -> None:
+    base_url, state = served
+    visit = await _arrived_and_in_the_exam_room(store)
+    context, page, problems = await _paired_kiosk(media_browser, base_url)
+    await page.click("button[name=lang][value=es]")
+    await page.wait_for_selector("html[lang=es]")
+    nurse = Client(state.video, "nurse")
+    try:
+        await nurse.join("nurse", visit=visit)
+        await page.wait_for_selector("#video", timeout=10_000)
+        await page.click("#video-start")
+        # video.js's own texts, from the page's table: the status line and the people list.
+        await page.wait_for_selector(
+            "#video-status:has-text('Esperando a que la enfermera le dé entrada')"
+        )
+        me = page.locator("#video-people li[data-role=patient]")
+        await me.locator(".presence:has-text('esperando para entrar')").wait_for()
+        assert await me.locator(".role").inner_text() == "Paciente (usted)"
+        nurse_entry = page.locator("#video-people li[data-role=nurse]")
+        assert await nurse_entry.locator(".role").inner_text() == "Enfermera"
+        await nurse.send(type="end")
+        await page.wait_for_selector("#video-status:has-text('La visita ha terminado')")
     finally:
         await nurse.session.async_close()
         await context.close()

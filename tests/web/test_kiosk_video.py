@@ -7,6 +7,8 @@ app's own video service (signalling only: no media is needed to be "in the room"
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +26,7 @@ from tests.web.test_provider import Seeded, seed
 from tests.web.test_route_matrix import kiosk_token
 from web import kiosk
 from web.app import AppState
+from web.video_messages import ENGLISH, video_messages
 
 ORIGIN = {"Origin": "http://localhost"}
 GONE_S = kiosk.IDLE_TIMEOUT_S + kiosk.SERVER_GRACE_S + 1  # past the server's idle limit
@@ -95,6 +98,32 @@ async def test_the_kiosk_shows_the_panel_while_a_nurse_has_its_patients_visit_li
     assert 'id="video"' not in body
     assert 'id="by-name"' in body
     await nurse.session.async_close()
+
+
+def _video_messages(body: str) -> dict[str, str]:
+    found = re.search(
+        r'<script type="application/json" id="video-messages">(.*?)</script>', body, re.DOTALL
+    )
+    assert found is not None, "no video messages on the page"
+    table: dict[str, str] = json.loads(found.group(1))
+    return table
+
+
+async def test_the_panel_speaks_the_check_ins_language_and_english_to_the_nurse(
+    kc: QuartClient, logged_in: QuartClient, seeded: Seeded, nurse_in: Client
+) -> None:
+    spanish = video_messages(kiosk.load_catalogs()["es"].gettext)
+    await kc.post("/kiosk/lang", form={"lang": "es", "csrf_token": await kiosk_token(kc)})
+    body = (await (await kc.get("/kiosk/")).get_data()).decode()
+    assert _video_messages(body) == spanish
+    assert spanish["waiting"] == "Esperando a que la enfermera le dé entrada…"
+    assert "Unirse a la visita por video" in body  # the join button, as before
+    assert f">{spanish['micMute']}</button>" in body  # the panel's own buttons too
+    assert "Mute my microphone" not in body
+    # The nurse's page: English.
+    page = await logged_in.get(f"/video/nurse?visit={seeded.encounter_id}")
+    assert page.status_code == 200
+    assert _video_messages((await page.get_data()).decode()) == ENGLISH
 
 
 async def test_a_patient_checked_out_of_the_station_has_no_panel_here(

@@ -23,12 +23,81 @@
     leave: document.getElementById("video-leave"),
     end: document.getElementById("video-end"),
   };
-  const ROLE_NAMES = { patient: "Patient", nurse: "Nurse", provider: "Provider", camera: "Exam camera" };
+  // Every text shown to a person, in English: the same table as web/video_messages.py (a test
+  // compares them). The page gives it in its own language as JSON (#video-messages, data
+  // only: the CSP runs no inline script); a key the page lacks is shown in English.
+  const ENGLISH = {
+    "panelTitle": "Video",
+    "notStarted": "Not started.",
+    "you": "You",
+    "start": "Start video",
+    "peopleTitle": "In the visit",
+    "leave": "Leave the video",
+    "end": "End the visit for everyone",
+    "nobody": "Nobody yet.",
+    "rolePatient": "Patient",
+    "roleNurse": "Nurse",
+    "roleProvider": "Provider",
+    "roleCamera": "Exam camera",
+    "isYou": "{name} (you)",
+    "presenceWaiting": "waiting to be admitted",
+    "presenceAdmitted": "in the visit",
+    "mutedAudio": "audio muted",
+    "mutedVideo": "video muted",
+    "mutedBoth": "audio and video muted",
+    "weak": "weak connection: audio only",
+    "reconnecting": "connection lost, reconnecting…",
+    "admit": "Admit",
+    "muteAudio": "Mute audio",
+    "unmuteAudio": "Unmute audio",
+    "muteVideo": "Mute video",
+    "unmuteVideo": "Unmute video",
+    "micMute": "Mute my microphone",
+    "micUnmute": "Unmute my microphone",
+    "cameraOff": "Turn my camera off",
+    "cameraOn": "Turn my camera on",
+    "paused": "Video paused: weak connection. Audio continues.",
+    "sending": "sending {size}",
+    "confirmEnd": "End the visit for everyone? It cannot be joined again.",
+    "connecting": "Connecting…",
+    "startingMedia": "Starting your camera and microphone…",
+    "mediaFailed": "Your camera or microphone could not be started ({error}).",
+    "connectingVideo": "Connecting the video…",
+    "inVisit": "In the visit.",
+    "mediaDropped": "The connection dropped. Reconnecting the video…",
+    "waiting": "Waiting for the nurse to let you in…",
+    "left": "You left the video.",
+    "ended": "The visit has ended.",
+    "streamFailed": "A video stream could not be opened ({error}).",
+    "refused": "The visit refused that: {message}",
+    "seatLost": "Your place in the visit was lost. Joining again…",
+    "socketDropped": "The connection to the visit dropped. Reconnecting…",
+    "disconnected": "Disconnected.",
+    "retaking": "Taking your place in the visit again…"
+  };
+  const messages = (function () {
+    const block = document.getElementById("video-messages");
+    try {
+      const given = block ? JSON.parse(block.textContent) : null;
+      return given && typeof given === "object" ? given : {};
+    } catch (error) {
+      return {};
+    }
+  })();
+  // The text of key in the page's language, its {placeholders} filled from values (as is:
+  // a name, or the box's own message, is never read as a pattern or as markup).
+  function t(key, values) {
+    const own = Object.prototype.hasOwnProperty.call(messages, key) ? messages[key] : null;
+    const text = typeof own === "string" ? own : ENGLISH[key] || key;
+    return text.replace(/\{(\w+)\}/g, function (whole, name) {
+      return values && Object.prototype.hasOwnProperty.call(values, name) ? String(values[name]) : whole;
+    });
+  }
+  const ROLE_KEYS = { patient: "rolePatient", nurse: "roleNurse", provider: "roleProvider", camera: "roleCamera" };
   // A camera's tile and list entry carry its configured name (the "label" of "participant").
   function nameOf(person) {
-    return person.label || ROLE_NAMES[person.role] || person.role;
+    return person.label || (ROLE_KEYS[person.role] ? t(ROLE_KEYS[person.role]) : person.role);
   }
-  const PAUSED_NOTICE = "Video paused: weak connection. Audio continues.";
   // A connection "disconnected" this long, or "failed", is rebuilt without leaving the visit
   // (the box replaces only our own connections; docs/video.md, "The WAN leg").
   const RECONNECT_AFTER_MS = 3000;
@@ -144,38 +213,39 @@
     if (!roster.size) {
       const empty = document.createElement("li");
       empty.className = "empty";
-      empty.textContent = "Nobody yet.";
+      empty.textContent = t("nobody");
       people.append(empty);
     }
     for (const [id, person] of roster) {
       const item = document.createElement("li");
       item.dataset.participant = id;
       item.dataset.role = person.role;
-      const name = nameOf(person) + (id === me ? " (you)" : "");
+      const name = id === me ? t("isYou", { name: nameOf(person) }) : nameOf(person);
       item.append(span("role", name));
-      const presence = person.presence === "waiting" ? "waiting to be admitted" : "in the visit";
+      const presence = t(person.presence === "waiting" ? "presenceWaiting" : "presenceAdmitted");
       item.append(span("presence " + person.presence, presence));
       const muted = Array.from(person.muted).sort();
       if (muted.length) {
-        item.append(span("muted", muted.join(" and ") + " muted"));
+        const which = muted.length > 1 ? "mutedBoth" : muted[0] === "audio" ? "mutedAudio" : "mutedVideo";
+        item.append(span("muted", t(which)));
       }
       if (person.weak && person.weak.size) {
-        item.append(span("weak", "weak connection: audio only"));
+        item.append(span("weak", t("weak")));
       }
       if (person.reconnecting) {
-        item.append(span("reconnecting", "connection lost, reconnecting…"));
+        item.append(span("reconnecting", t("reconnecting")));
       }
       if (cfg.role === "nurse" && id !== me) {
         const actions = document.createElement("span");
         actions.className = "actions";
         if (person.presence === "waiting") {
-          actions.append(button("Admit", function () {
+          actions.append(button(t("admit"), function () {
             send({ type: "admit", participant: id });
           }));
         } else {
           for (const kind of person.role === "camera" ? ["video"] : ["audio", "video"]) {
             const isMuted = person.muted.has(kind);
-            const label = (isMuted ? "Unmute " : "Mute ") + kind;
+            const label = t((isMuted ? "unmute" : "mute") + (kind === "audio" ? "Audio" : "Video"));
             actions.append(button(label, function () {
               send({ type: "mute", participant: id, kind: kind, muted: !isMuted });
             }, true));
@@ -197,8 +267,8 @@
   function refreshOwnButtons() {
     const mine = roster.get(me);
     const muted = mine ? mine.muted : new Set();
-    buttons.audio.textContent = muted.has("audio") ? "Unmute my microphone" : "Mute my microphone";
-    buttons.video.textContent = muted.has("video") ? "Turn my camera on" : "Turn my camera off";
+    buttons.audio.textContent = t(muted.has("audio") ? "micUnmute" : "micMute");
+    buttons.video.textContent = t(muted.has("video") ? "cameraOn" : "cameraOff");
   }
 
   // -- media -----------------------------------------------------------------------------
@@ -208,14 +278,14 @@
       return;
     }
     if (!localStream) {
-      say("Starting your camera and microphone…");
+      say(t("startingMedia"));
       try {
         localStream = await navigator.mediaDevices.getUserMedia({
           audio: true,
           video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } },
         });
       } catch (error) {
-        say("Your camera or microphone could not be started (" + error.name + ").", true);
+        say(t("mediaFailed", { error: error.name }), true);
         return;
       }
       selfTile.querySelector("video").srcObject = localStream;
@@ -236,7 +306,7 @@
     }
     pc.addEventListener("connectionstatechange", function () {
       if (publishPc === pc && pc.connectionState === "connected") {
-        say("In the visit.");
+        say(t("inVisit"));
       }
     });
     await pc.setLocalDescription(await pc.createOffer());
@@ -245,7 +315,7 @@
     }
     send({ type: "offer", sdp: pc.localDescription.sdp });
     described();
-    say("Connecting the video…");
+    say(t("connectingVideo"));
   }
 
   function watchConnection(pc) {
@@ -287,7 +357,7 @@
       return;
     }
     lastReconnect = Date.now();
-    say("The connection dropped. Reconnecting the video…");
+    say(t("mediaDropped"));
     send({ type: "reconnect" });
     publishPc.close();
     publishPc = null;
@@ -330,7 +400,7 @@
         // not a region that arrives with its text already in it.
         const shown = notice;
         setTimeout(function () {
-          shown.textContent = PAUSED_NOTICE;
+          shown.textContent = t("paused");
         }, 100);
       }
       tile.classList.add("paused");
@@ -408,7 +478,7 @@
         if (report.type === "outbound-rtp" && report.kind === "video") {
           selfTile.dataset.framesEncoded = String(report.framesEncoded || 0);
           const size = report.frameWidth ? report.frameWidth + "×" + report.frameHeight : "";
-          selfTile.querySelector(".stats").textContent = size ? "sending " + size : "";
+          selfTile.querySelector(".stats").textContent = size ? t("sending", { size: size }) : "";
         }
       });
     }
@@ -454,7 +524,7 @@
         if (message.presence === "admitted") {
           publish();
         } else {
-          say("Waiting for the nurse to let you in…");
+          say(t("waiting"));
         }
         break;
       case "participant":
@@ -510,7 +580,7 @@
         if (message.participant === me) {
           stopAll();
           roster.clear();
-          say("You left the video.");
+          say(t("left"));
           closing = true;
           ws.close();
         } else {
@@ -536,14 +606,14 @@
       case "ended":
         stopAll();
         roster.clear();
-        say("The visit has ended.");
+        say(t("ended"));
         closing = true;
         ws.close();
         break;
       case "offer":
         if (message.pc) {
           subscribe(message.pc, message.sdp).catch(function (error) {
-            say("A video stream could not be opened (" + error.name + ").", true);
+            say(t("streamFailed", { error: error.name }), true);
           });
         }
         break;
@@ -580,7 +650,7 @@
         if (message.code === "invalid_candidate") {
           break; // one candidate the box cannot use (the others may still connect): no call ends
         }
-        say("The visit refused that: " + message.message, true);
+        say(t("refused", { message: message.message }), true);
         break;
       default:
         break;
@@ -643,7 +713,7 @@
       }
     }, 1500);
     if (message.presence !== "admitted") {
-      say("Waiting for the nurse to let you in…");
+      say(t("waiting"));
     } else if (!publishPc) {
       if (wasReloaded) {
         // The box's connections to us ended with the previous page: offered again (new pcs).
@@ -653,7 +723,7 @@
     } else if (mediaBroken()) {
       reconnect();
     } else {
-      say("In the visit.");
+      say(t("inVisit"));
     }
   }
 
@@ -664,7 +734,7 @@
     stopAll();
     roster.clear();
     me = null;
-    say("Your place in the visit was lost. Joining again…");
+    say(t("seatLost"));
     send({ type: "join", visit: cfg.visit, role: cfg.role, token: cfg.token });
     statsTimer = setInterval(updateStats, 1000);
   }
@@ -712,7 +782,7 @@
       if (Date.now() - socketLostAt < SOCKET_GIVE_UP_MS) {
         const base = SOCKET_RETRY_MS[Math.min(socketAttempts, SOCKET_RETRY_MS.length - 1)];
         socketAttempts += 1;
-        say("The connection to the visit dropped. Reconnecting…");
+        say(t("socketDropped"));
         socketTimer = setTimeout(function () {
           socketTimer = null;
           connect(true);
@@ -730,13 +800,13 @@
     socketLostAt = 0;
     socketAttempts = 0;
     showControls(false);
-    if (!status.classList.contains("error") && status.textContent !== "The visit has ended.") {
-      say("Disconnected.");
+    if (!status.classList.contains("error") && status.textContent !== t("ended")) {
+      say(t("disconnected"));
     }
   }
 
   function start() {
-    say("Connecting…");
+    say(t("connecting"));
     closing = false;
     if (socketTimer) {
       clearTimeout(socketTimer);
@@ -789,7 +859,7 @@
     resumeToken = seat.token;
     reloaded = true;
     closing = false;
-    say("Taking your place in the visit again…");
+    say(t("retaking"));
     panel.dispatchEvent(new CustomEvent("videocall", { bubbles: true, detail: { live: true } }));
     showControls(true);
     statsTimer = setInterval(updateStats, 1000);
@@ -822,7 +892,7 @@
   });
   if (buttons.end) {
     buttons.end.addEventListener("click", function () {
-      if (window.confirm("End the visit for everyone? It cannot be joined again.")) {
+      if (window.confirm(t("confirmEnd"))) {
         send({ type: "end" });
       }
     });
