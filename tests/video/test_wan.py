@@ -147,6 +147,9 @@ async def test_with_the_budget_cut_the_publishers_bitrate_settles_under_it() -> 
         await nurse.send(type="admit", participant=provider.id)
         await flowing(provider.video, patient.id, 10, seconds=20)
         share = budget_share(service.wan, 1, 1)  # one remote video stream, one audio
+        # The watcher caps at its next tick (every 0.25 s), not on admission: frames may
+        # reach the viewer first (a full CI run on a fast machine saw 10 before the tick).
+        await wait_for(lambda: video.publisher_cap is not None, 5, "the publisher capped")
         assert video.publisher_cap is not None
         assert video.publisher_cap <= share
         await asyncio.sleep(5.0)  # the encoder settles on its new target
