@@ -176,9 +176,15 @@ async def test_provider_page_and_patient_see_each_other_after_the_nurse_admits(
         await provider.wait_for_selector(
             f"{camera_tile} .who:has-text('demo exam camera')", timeout=5_000
         )
-        await nurse.click(show)
-        await nurse.wait_for_selector(f"{show}:has-text('Show demo exam camera')", timeout=10_000)
+        # The provider's page knows the camera the nurse showed, and stops it; the nurse's
+        # page learns that too.
+        await provider.wait_for_selector(f"{show}:has-text('Stop showing it')", timeout=5_000)
+        await provider.click(show)
+        await provider.wait_for_selector(
+            f"{show}:has-text('Show demo exam camera')", timeout=10_000
+        )
         await provider.wait_for_selector(camera_tile, state="detached", timeout=10_000)
+        await nurse.wait_for_selector(f"{show}:has-text('Show demo exam camera')", timeout=10_000)
 
         # The nurse ends the visit: everyone is told and the box closes every connection.
         await nurse.click("#video-end")

@@ -102,8 +102,19 @@
   for (const button of section.querySelectorAll("button[data-stream]")) {
     button.addEventListener("click", () => toggleStream(button));
   }
+  // The camera came into the visit from elsewhere (the other page, or this one before a
+  // reload): video.js tells us, and the button offers to stop it.
+  document.addEventListener("video:camera-joined", (event) => {
+    for (const button of section.querySelectorAll("button[data-stream]")) {
+      if (button.dataset.stream === event.detail.label && button.dataset.showing !== "true") {
+        button.dataset.showing = "true";
+        button.textContent = "Stop showing it";
+      }
+    }
+  });
   // The camera left the visit without the button (the visit ended, the devices service
-  // stopped): video.js tells us, and the button offers to show it again.
+  // stopped, the other page stopped it): video.js tells us, and the button offers to show it
+  // again.
   document.addEventListener("video:camera-left", (event) => {
     for (const button of section.querySelectorAll("button[data-stream]")) {
       if (button.dataset.stream === event.detail.label && button.dataset.showing === "true") {

@@ -537,6 +537,11 @@
           reconnecting: Boolean(message.reconnecting),
           label: message.label,
         });
+        if (message.role === "camera") {
+          // exam_camera.js: a camera shown from the other page (or before a reload) is
+          // offered as "Stop" here too
+          document.dispatchEvent(new CustomEvent("video:camera-joined", { detail: { label: message.label } }));
+        }
         break;
       case "admitted": {
         const person = roster.get(message.participant);
