@@ -38,7 +38,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from importlib import metadata as package_metadata
 from typing import Any
 from urllib.parse import urlencode
 
@@ -46,7 +45,7 @@ from quart import Blueprint, Response, request
 from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from appliance import fhir
+from appliance import __version__, fhir
 from appliance.errors import NotFoundError
 from appliance.store import Store
 from services.vendor_keys import KeyScope
@@ -165,13 +164,6 @@ def _not_found(rtype: str) -> Response:
 # -- the CapabilityStatement ----------------------------------------------------------------
 
 
-def _software_version() -> str:
-    try:
-        return package_metadata.version("telehealth-appliance")
-    except package_metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
-        return "unknown"
-
-
 def _resource_capability(rtype: str) -> dict[str, Any]:
     interactions = [{"code": "read"}]
     found: dict[str, Any] = {"type": rtype}
@@ -205,7 +197,7 @@ def capability_statement(now: datetime) -> dict[str, Any]:
         "date": now.astimezone(UTC).date().isoformat(),
         "publisher": state.config.site.name,
         "kind": "instance",
-        "software": {"name": "Telehealth appliance", "version": _software_version()},
+        "software": {"name": "Telehealth appliance", "version": __version__},
         "implementation": {
             "description": f"Local FHIR API of {state.config.site.name}",
             "url": _base(),

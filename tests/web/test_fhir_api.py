@@ -14,6 +14,7 @@ from quart.testing import QuartClient
 from quart.typing import TestAppProtocol as AppFactory
 from werkzeug.datastructures import Headers
 
+import appliance
 from appliance import fhir
 from appliance.store import Store, UpstreamCopy
 from services.vendor_keys import KeyScope, VendorKeys
@@ -91,6 +92,7 @@ async def test_metadata_is_a_valid_capability_statement_of_exactly_what_is_serve
     assert status == 200
     fhir.validate(statement)
     assert statement["fhirVersion"] == "4.3.0"  # the R4B models of appliance/fhir.py
+    assert statement["software"]["version"] == appliance.__version__
     assert "application/fhir+json" in statement["format"]
     [rest] = statement["rest"]
     assert "Bearer" in rest["security"]["description"]
