@@ -73,6 +73,7 @@ WARM_UP_S = 2.0  # after viewers join, before measuring
 LATENCY_SKIP = 30  # the first second: the stream settling
 SETTLE_S = 10.0  # after the publisher connects: REMB ramps its bitrate up to aiortc's cap
 SEND_PATH_ENV = "VIDEO_RELAY_SEND_PATH"  # how --send-path reaches the relay process
+RECEIVE_PATH_ENV = "VIDEO_RELAY_RECEIVE_PATH"  # how --receive-path reaches it
 
 
 def loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
@@ -119,7 +120,8 @@ class RelayServer:
     def __init__(self, mode: str) -> None:
         self.mode = mode
         frame_sender = os.environ.get(SEND_PATH_ENV, "frame") != "stock"
-        self.forwarding = ForwardingRelay("video", frame_sender=frame_sender)
+        direct = os.environ.get(RECEIVE_PATH_ENV, "direct") != "stock"
+        self.forwarding = ForwardingRelay("video", frame_sender=frame_sender, direct_receive=direct)
         self.media_relay = MediaRelay()
         self.source: MediaStreamTrack | None = None
         self.pcs: dict[str, RTCPeerConnection] = {}
@@ -159,6 +161,8 @@ class RelayServer:
                 "bytes_in": stats.bytes_in,
                 "keyframe_requests": stats.keyframe_requests_sent,
                 "frames_dropped": sum(v.frames_dropped for v in stats.viewers.values()),
+                # packets the publisher's connection handed over as read (--receive-path)
+                "packets_direct": direct.packets if (direct := self.forwarding.direct) else 0,
             }
         raise ValueError(op)
 
@@ -320,7 +324,7 @@ async def measure_mode(mode: str, viewer_counts: list[int], seconds: float) -> l
             row = {"viewers": count, "cpu_percent": round(cpu, 2)}
             if mode == "forwarding":  # VP8 payload into the relay (MediaRelay's is the same)
                 row["kbps_in"] = round((end["bytes_in"] - start["bytes_in"]) * 8 / wall / 1000)
-                for key in ("keyframe_requests", "frames_dropped"):  # viewers resynchronised
+                for key in ("keyframe_requests", "frames_dropped", "packets_direct"):
                     row[key] = end[key] - start[key]
             if fps:
                 row |= {"fps_min": round(min(fps), 1), "fps_mean": round(statistics.mean(fps), 1)}
@@ -532,6 +536,12 @@ def main() -> None:
         help="the relay's send path per viewer (stock: aiortc's own RTP loop)",
     )
     parser.add_argument(
+        "--receive-path",
+        choices=["direct", "stock"],
+        default="direct",
+        help="the publisher's packets: handled as read (direct) or via aiortc's queue (stock)",
+    )
+    parser.add_argument(
         "--forwarding-only", action="store_true", help="no MediaRelay baseline, no latency"
     )
     parser.add_argument(
@@ -556,6 +566,7 @@ def main() -> None:
     global WIDTH, HEIGHT
     WIDTH, HEIGHT = (int(n) for n in args.size.lower().split("x"))
     os.environ[SEND_PATH_ENV] = args.send_path
+    os.environ[RECEIVE_PATH_ENV] = args.receive_path
     seconds = args.seconds or (4.0 if args.quick else 10.0)
     default = "0,1,2,4" if args.quick else "0,1,2,4,8,16"
     counts = [int(n) for n in (args.viewers or default).split(",")]
@@ -574,6 +585,7 @@ def main() -> None:
         "cores": os.cpu_count(),
         "window_s": seconds,
         "send_path": args.send_path,
+        "receive_path": args.receive_path,
     }
     if 0 in measured:  # the cost of a stream is read with no viewer
         emit(

@@ -32,6 +32,11 @@ any of the internals below change):
   ``_send_rtcp_pli``. The packer's ``target_bitrate`` records the viewer's REMB;
 * video packets still missing are NACKed again (``services/video/nack.py`` decides when)
   with the receiver's ``_send_rtcp_nack``: aiortc asks for a lost packet once;
+* the publisher's ICE connection (aioice ``Connection``, under the receiver's
+  ``transport.transport._connection``) gets ``_DirectSrtpReceive`` as its
+  ``data_received``: an SRTP packet is handled as it is read, with the DTLS transport's
+  ``_rx_srtp``, ``_state``, ``_handle_rtp_data`` and receive counters, instead of through the
+  connection's ``_queue`` and the DTLS transport's task; all else still queues;
 * the receiver's ``__remote_bitrate_estimator`` is wrapped, so that the REMB the box sends
   the publisher never exceeds the cap the WAN leg sets (``services/video/bandwidth.py``);
 * video is VP8 or H.264, as the publisher's offer chose; frames are packetized once per
@@ -47,6 +52,8 @@ Everything else goes through aiortc's public API. See docs/video.md.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import fractions
 import inspect
 import logging
@@ -58,16 +65,30 @@ from typing import Any
 
 import aiortc
 import av
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+import pylibsrtp
+from aiortc import (
+    MediaStreamTrack,
+    RTCDtlsTransport,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
+)
 from aiortc import sdp as aiortc_sdp
 from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rate import RemoteBitrateEstimator
+from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
 from aiortc.rtcrtpsender import random_sequence_number
-from aiortc.rtp import RTP_HISTORY_SIZE, HeaderExtensions, HeaderExtensionsMap, RtpPacket
+from aiortc.rtp import (
+    RTP_HISTORY_SIZE,
+    HeaderExtensions,
+    HeaderExtensionsMap,
+    RtpPacket,
+    is_rtcp,
+)
 from aiortc.utils import random32, uint16_add, uint16_gt
 
 from services.video.bandwidth import send_cap_now
@@ -100,6 +121,9 @@ SENDER_NTP_TIMESTAMP = "_RTCRtpSender__ntp_timestamp"
 SENDER_RTP_TIMESTAMP = "_RTCRtpSender__rtp_timestamp"
 SENDER_OCTET_COUNT = "_RTCRtpSender__octet_count"
 SENDER_PACKET_COUNT = "_RTCRtpSender__packet_count"
+# The DTLS transport's receive counters (its getStats), kept by ``_DirectSrtpReceive``.
+DTLS_RX_BYTES = "_RTCDtlsTransport__rx_bytes"
+DTLS_RX_PACKETS = "_RTCDtlsTransport__rx_packets"
 SENDER_LOOP_STATE: dict[str, type | tuple[type, ...]] = {
     SENDER_RTP_STARTED: asyncio.Event,
     SENDER_RTP_EXITED: asyncio.Event,
@@ -381,6 +405,125 @@ class CappedBitrateEstimator:
         if result is not None:
             self.last_sent = result[0]
         return result
+
+
+class _DirectSrtpReceive:
+    """Hands the publisher's SRTP packets to aiortc's RTP handling as they arrive.
+
+    Stock aiortc puts every datagram into the ICE connection's queue, and the DTLS
+    transport's task takes it from there on the next turn of the loop: a queue, a future, a
+    task wake-up and a second ``select`` per packet. Installed as the aioice ``Connection``'s
+    ``data_received`` (per instance), this takes an SRTP (not SRTCP) packet straight to what
+    ``RTCDtlsTransport._recv_next`` does with it — the same receive counters, the same
+    ``_rx_srtp.unprotect`` and the same ``_handle_rtp_data`` (parse, route, the receiver) —
+    inside the socket's read callback. Everything else (DTLS, SRTCP, STUN, anything before
+    SRTP is keyed or after the DTLS transport left ``connected``, and any packet while the
+    queue still holds some) goes into the queue as before, so no packet overtakes one
+    queued before it. ``_handle_rtp_data`` is run eagerly: it normally finishes without
+    suspending (its RTCP sends are UDP writes); if it does suspend (a TURN channel still
+    being bound), a task finishes it and the packets arriving meanwhile wait behind it, in
+    order. Counts its packets in ``packets``.
+    """
+
+    def __init__(self, dtls: Any, connection: Any) -> None:
+        _require(dtls, "_rx_srtp")  # None until the DTLS handshake keys SRTP
+        _require(dtls, "_handle_rtp_data")
+        _require(dtls, "_state", DtlsState)
+        _require(dtls, DTLS_RX_BYTES, int)
+        _require(dtls, DTLS_RX_PACKETS, int)
+        self._queue: asyncio.Queue[Any] = _require(connection, "_queue", asyncio.Queue)
+        self._queued: Callable[[bytes, int], None] = _require(connection, "data_received")
+        if list(inspect.signature(self._queued).parameters) != ["data", "component"]:
+            raise AiortcInternalsChanged("aioice Connection.data_received changed its signature")
+        self._dtls = dtls
+        self._backlog: collections.deque[tuple[bytes, int]] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.packets = 0
+
+    @classmethod
+    def install(cls, receiver: RTCRtpReceiver) -> _DirectSrtpReceive:
+        """On the ICE connection under ``receiver``'s transport, once per connection (the
+        publisher's audio and video share one with BUNDLE)."""
+        dtls = _require(receiver, "transport")
+        connection = _require(_require(dtls, "transport"), "_connection")
+        installed = connection.__dict__.get("data_received")
+        if isinstance(installed, cls):
+            return installed
+        direct = cls(dtls, connection)
+        connection.data_received = direct
+        return direct
+
+    def __call__(self, data: bytes, component: int) -> None:
+        dtls = self._dtls
+        rx_srtp = dtls._rx_srtp
+        if (
+            rx_srtp is None
+            or not data
+            or not 127 < data[0] < 192
+            or is_rtcp(data)
+            or not self._queue.empty()
+            or dtls._state is not DtlsState.CONNECTED  # its ``state`` formats an enum
+        ):
+            self._queued(data, component)
+            return
+        setattr(dtls, DTLS_RX_BYTES, getattr(dtls, DTLS_RX_BYTES) + len(data))
+        setattr(dtls, DTLS_RX_PACKETS, getattr(dtls, DTLS_RX_PACKETS) + 1)
+        self.packets += 1
+        arrival_time_ms = int((time.time() + NTP_UNIX_OFFSET) * 1000)  # aiortc's current_ms()
+        if self._backlog is not None:  # an earlier packet's handling is still suspended
+            self._backlog.append((data, arrival_time_ms))
+            return
+        self._handle(data, arrival_time_ms)
+
+    def _handle(self, data: bytes, arrival_time_ms: int) -> None:
+        try:
+            plain = self._dtls._rx_srtp.unprotect(data)
+        except pylibsrtp.Error as exc:
+            logger.debug("forwarding: SRTP unprotect failed: %s", exc)
+            return
+        coroutine = self._dtls._handle_rtp_data(plain, arrival_time_ms=arrival_time_ms)
+        try:
+            awaited = coroutine.send(None)
+        except StopIteration:
+            return
+        except Exception:  # stock aiortc would end the DTLS transport's task on it
+            logger.exception("forwarding: handling an RTP packet failed")
+            return
+        self._backlog = collections.deque()
+        self._task = asyncio.ensure_future(self._finish(coroutine, awaited))
+
+    async def _finish(self, coroutine: Any, awaited: Any) -> None:
+        """Drive a suspended ``_handle_rtp_data`` as its task would, then the backlog."""
+        try:
+            while True:
+                if awaited is None:  # a bare yield: asyncio.sleep(0)
+                    await asyncio.sleep(0)
+                else:
+                    # As a task's step does with the future its coroutine yielded; else
+                    # awaiting it again here fails ("await wasn't used with future").
+                    awaited._asyncio_future_blocking = False
+                    with contextlib.suppress(BaseException):  # the coroutine reads the outcome
+                        await awaited
+                try:
+                    awaited = coroutine.send(None)
+                except StopIteration:
+                    break
+            backlog = self._backlog
+            while backlog:
+                data, arrival_time_ms = backlog.popleft()
+                try:
+                    plain = self._dtls._rx_srtp.unprotect(data)
+                except pylibsrtp.Error as exc:
+                    logger.debug("forwarding: SRTP unprotect failed: %s", exc)
+                    continue
+                await self._dtls._handle_rtp_data(plain, arrival_time_ms=arrival_time_ms)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("forwarding: handling an RTP packet failed")
+        finally:
+            self._backlog = None
+            self._task = None
 
 
 class _FrameTap:
@@ -767,7 +910,9 @@ class ForwardingRelay:
     caps the REMB sent to the publisher, ``pause_viewer`` / ``resume_viewer`` stop and
     restart one viewer's frames. ``frame_sender=False`` leaves each viewer's sender its stock
     aiortc RTP loop (packetizing per viewer, per-packet headers); it exists to measure what
-    ``_FrameSender`` saves (bench/video_relay.py). ``transcode_budget`` is the box's cap
+    ``_FrameSender`` saves (bench/video_relay.py); ``direct_receive=False`` leaves the
+    publisher's packets to aiortc's queue and DTLS task (``_DirectSrtpReceive``), for the
+    same reason. ``transcode_budget`` is the box's cap
     on transcoding encoders (shared by every relay; one of its own, for one encoder, if not
     given); ``on_transcode_refused`` hears the id of a viewer refused for lack of one.
     """
@@ -781,6 +926,7 @@ class ForwardingRelay:
         repeat_nacks: bool = True,
         on_remb: Callable[[str, int], None] | None = None,
         frame_sender: bool = True,
+        direct_receive: bool = True,
         transcode_fallback: bool = True,
         transcode_budget: TranscodeBudget | None = None,
         on_transcode_refused: Callable[[str], None] | None = None,
@@ -821,6 +967,10 @@ class ForwardingRelay:
         self._on_remb = on_remb
         self._estimator: CappedBitrateEstimator | None = None
         self._frame_sender = frame_sender
+        self._direct_receive = direct_receive
+        # The publisher's DTLS transport whose ICE connection hands SRTP straight to it.
+        self._direct_on: object | None = None
+        self.direct: _DirectSrtpReceive | None = None  # shared by the publisher's tracks
         self._picture_id = 0  # VP8 picture ID of the frames packetized for every viewer
         # Output timestamps continue across a re-attach (the publisher reconnected): the new
         # receiver maps its stream from 0 again, so frames are shifted by ``_offset``.
@@ -1143,6 +1293,18 @@ class ForwardingRelay:
         task.add_done_callback(self._tasks.discard)
 
     def _on_frame(self, codec: RTCRtpCodecParameters, frame: JitterFrame) -> None:
+        if self._direct_receive and self._receiver is not None:
+            # Checked per frame, not at attach: aiortc settles the BUNDLE transport after
+            # the track event, and a reconnected publisher comes with a new one.
+            transport = self._receiver.transport
+            if transport is not self._direct_on:
+                self._direct_on = transport
+                self.direct = None
+                if isinstance(transport, RTCDtlsTransport):
+                    try:
+                        self.direct = _DirectSrtpReceive.install(self._receiver)
+                    except AiortcInternalsChanged as exc:  # stock aiortc's path still works
+                        logger.warning("forwarding: packets go through aiortc's queue: %s", exc)
         if codec.mimeType.lower() != self.mime_type.lower():
             self.stats.frames_wrong_codec += 1
             if not self._codec_warned:

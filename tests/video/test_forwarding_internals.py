@@ -11,6 +11,7 @@ import fractions
 import inspect
 import queue
 import random
+from collections.abc import Callable
 
 import aiortc
 import av
@@ -21,6 +22,9 @@ from aiortc.codecs.h264 import H264Decoder, H264Encoder, h264_depayload
 from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rate import RemoteBitrateEstimator
+from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
+from aiortc.rtcdtlstransport import State as DtlsState
+from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
 from aiortc.rtcrtpparameters import (
     RTCRtpCodecParameters,
     RTCRtpHeaderExtensionParameters,
@@ -41,9 +45,12 @@ from aiortc.rtp import (
     unpack_remb_fci,
 )
 from aiortc.stats import RTCStatsReport
+from pylibsrtp import Policy, Session
 
 from services.video.forwarding import (
     AIORTC_VERSION,
+    DTLS_RX_BYTES,
+    DTLS_RX_PACKETS,
     RECEIVER_BITRATE_ESTIMATOR,
     RECEIVER_DECODER_QUEUE,
     RECEIVER_JITTER_BUFFER,
@@ -58,6 +65,7 @@ from services.video.forwarding import (
     ForwardingRelay,
     KeyframeRequestLimiter,
     ViewerStats,
+    _DirectSrtpReceive,
     _ForwardingPacker,
     _FrameSender,
     _header_template,
@@ -675,3 +683,134 @@ async def test_a_released_encoder_wakes_those_refused_soon_not_inside_the_releas
     budget.release("relay-1/H264")  # given back already: nothing more
     await asyncio.sleep(0)
     assert woken == ["relay-3 again"]
+
+
+# --- the publisher's packets handled as read (_DirectSrtpReceive) ---------------------------
+
+SRTP_KEY = bytes(range(30))  # synthetic keying material, as DTLS would derive
+
+
+def direct_transport() -> tuple[RTCDtlsTransport, Session]:
+    """A real DTLS transport on a real (unconnected) ICE connection, keyed for SRTP as the
+    handshake would leave it, and the publisher's side of those keys."""
+    dtls = RTCDtlsTransport(
+        RTCIceTransport(RTCIceGatherer()), [RTCCertificate.generateCertificate()]
+    )
+    dtls._rx_srtp = Session(Policy(key=SRTP_KEY, ssrc_type=Policy.SSRC_ANY_INBOUND))
+    dtls._set_state(DtlsState.CONNECTED)
+    return dtls, Session(Policy(key=SRTP_KEY, ssrc_type=Policy.SSRC_ANY_OUTBOUND))
+
+
+def srtp(tx: Session, seq: int) -> bytes:
+    packet = RtpPacket(payload_type=97, sequence_number=seq, timestamp=seq, ssrc=1234)
+    packet.payload = bytes([seq & 0xFF]) * 20
+    return tx.protect(packet.serialize())
+
+
+async def test_the_ice_connection_and_dtls_transport_have_what_direct_receive_uses() -> None:
+    dtls, _ = direct_transport()
+    connection = dtls.transport._connection
+    assert isinstance(connection._queue, asyncio.Queue)
+    assert list(inspect.signature(connection.data_received).parameters) == ["data", "component"]
+    assert inspect.iscoroutinefunction(dtls._handle_rtp_data)
+    assert getattr(dtls, DTLS_RX_BYTES) == getattr(dtls, DTLS_RX_PACKETS) == 0
+    receiver = RTCRtpReceiver("video", dtls)
+    direct = _DirectSrtpReceive.install(receiver)
+    assert connection.data_received is direct
+    assert _DirectSrtpReceive.install(receiver) is direct  # once per connection
+    await dtls.stop()
+
+
+async def test_srtp_is_handled_as_it_is_read_and_everything_else_still_queues() -> None:
+    dtls, tx = direct_transport()
+    connection = dtls.transport._connection
+    handled: list[tuple[int, int]] = []
+
+    async def handle(data: bytes, arrival_time_ms: int) -> None:
+        handled.append((RtpPacket.parse(data).sequence_number, arrival_time_ms))
+
+    dtls._handle_rtp_data = handle  # type: ignore[method-assign]
+    direct = _DirectSrtpReceive(dtls, connection)
+    before_keys = srtp(tx, 1)
+    dtls._rx_srtp, rx = None, dtls._rx_srtp
+    direct(before_keys, 1)  # SRTP not keyed yet: the DTLS task's business
+    assert connection._queue.qsize() == 1
+    assert handled == []
+    connection._queue.get_nowait()
+    dtls._rx_srtp = rx
+
+    now_ms = clock.current_ms()
+    direct(srtp(tx, 2), 1)
+    [(seq, arrival)] = handled  # handled inside the call, no turn of the loop
+    assert seq == 2
+    assert abs(arrival - now_ms) < 1000
+    assert getattr(dtls, DTLS_RX_PACKETS) == 1
+    assert getattr(dtls, DTLS_RX_BYTES) > 0
+    assert connection._queue.empty()
+    assert direct.packets == 1
+
+    rtcp = tx.protect_rtcp(bytes(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=2)))
+    dtls_record = b"\x16\xfe\xfd" + bytes(20)
+    for other in (rtcp, dtls_record):
+        direct(other, 1)
+    assert [connection._queue.get_nowait() for _ in range(2)] == [(rtcp, 1), (dtls_record, 1)]
+    # With anything queued, SRTP queues behind it: nothing overtakes.
+    direct(dtls_record, 1)
+    third = srtp(tx, 3)
+    direct(third, 1)
+    assert connection._queue.qsize() == 2
+    assert len(handled) == 1
+    connection._queue.get_nowait(), connection._queue.get_nowait()
+
+    tampered = bytearray(srtp(tx, 4))
+    tampered[-1] ^= 0xFF  # fails authentication: dropped, as aiortc drops it
+    direct(bytes(tampered), 1)
+    direct(srtp(tx, 5), 1)
+    assert [seq for seq, _ in handled] == [2, 5]
+    dtls._set_state(DtlsState.CLOSED)
+    direct(srtp(tx, 6), 1)  # a closed transport handles nothing itself
+    assert connection._queue.qsize() == 1
+    assert [seq for seq, _ in handled] == [2, 5]
+
+
+async def test_a_suspended_packet_holds_the_ones_behind_it_in_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dtls, tx = direct_transport()
+    connection = dtls.transport._connection
+    handled: list[int] = []
+    release = asyncio.Event()
+
+    async def handle(data: bytes, arrival_time_ms: int) -> None:
+        seq = RtpPacket.parse(data).sequence_number
+        if seq == 10:
+            await release.wait()  # as a TURN channel still being bound would
+        if seq == 20:
+            raise RuntimeError("synthetic failure")
+        handled.append(seq)
+
+    dtls._handle_rtp_data = handle  # type: ignore[method-assign]
+    direct = _DirectSrtpReceive(dtls, connection)
+    for seq in (10, 11, 12):
+        direct(srtp(tx, seq), 1)
+    await asyncio.sleep(0.01)
+    assert handled == []  # 11 and 12 wait behind 10
+    release.set()
+    await wait_until(lambda: len(handled) == 3)
+    assert handled == [10, 11, 12]
+    direct(srtp(tx, 13), 1)
+    assert handled[-1] == 13  # and the next is handled as read again
+    with caplog.at_level("ERROR", logger="services.video.forwarding"):
+        direct(srtp(tx, 20), 1)
+    assert "handling an RTP packet failed" in caplog.text
+    direct(srtp(tx, 21), 1)
+    assert handled[-1] == 21
+    assert connection._queue.empty()
+
+
+async def wait_until(predicate: Callable[[], bool], seconds: float = 2.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")

@@ -12,6 +12,7 @@ import pytest
 from aiortc.codecs.opus import OpusDecoder, OpusEncoder
 from aiortc.codecs.vpx import Vp8Decoder, Vp8Encoder
 
+from services.video.forwarding import DTLS_RX_PACKETS
 from tests.video.peers import RelaySession, Viewer, relay_session, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("loopback")]
@@ -81,6 +82,14 @@ async def test_three_viewers_get_every_frame_in_order_and_nothing_is_transcoded(
         assert stats.frames_wrong_codec == 0
         assert all(s.frames_out >= 60 for s in stats.viewers.values())
         assert session.audio_relay.stats.frames_in >= 50
+        # The publisher's packets were handled as read, not through aiortc's queue: one
+        # handler for its BUNDLEd connection, counted in the DTLS transport's own figures.
+        direct = session.video_relay.direct
+        assert direct is not None
+        assert session.audio_relay.direct is direct
+        assert direct.packets >= 100
+        [dtls] = {t.receiver.transport for t in session.relay_publisher_pc.getTransceivers()}
+        assert getattr(dtls, DTLS_RX_PACKETS) >= direct.packets
 
     # Only the endpoints hold codecs: 1 publisher encoding, 3 viewers decoding. A relay that
     # decoded would add a decoder per track, one that re-encoded an encoder per viewer.
