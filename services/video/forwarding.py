@@ -439,6 +439,7 @@ class _DirectSrtpReceive:
         self._backlog: collections.deque[tuple[bytes, int]] | None = None
         self._task: asyncio.Task[None] | None = None
         self.packets = 0
+        self.failures = 0  # packets whose handling raised (logged, then dropped)
 
     @classmethod
     def install(cls, receiver: RTCRtpReceiver) -> _DirectSrtpReceive:
@@ -486,8 +487,8 @@ class _DirectSrtpReceive:
             awaited = coroutine.send(None)
         except StopIteration:
             return
-        except Exception:  # stock aiortc would end the DTLS transport's task on it
-            logger.exception("forwarding: handling an RTP packet failed")
+        except Exception as exc:  # stock aiortc would end the DTLS transport's task on it
+            self._failed(exc)
             return
         self._backlog = collections.deque()
         self._task = asyncio.ensure_future(self._finish(coroutine, awaited))
@@ -519,11 +520,20 @@ class _DirectSrtpReceive:
                 await self._dtls._handle_rtp_data(plain, arrival_time_ms=arrival_time_ms)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            logger.exception("forwarding: handling an RTP packet failed")
+        except Exception as exc:
+            self._failed(exc)
         finally:
             self._backlog = None
             self._task = None
+
+    def _failed(self, exc: Exception) -> None:
+        """Log a packet whose handling raised: the first, then every 1000th (~6 s of
+        video), so a fault on every packet cannot flood the journal."""
+        self.failures += 1
+        if self.failures == 1 or self.failures % 1000 == 0:
+            logger.error(
+                "forwarding: handling an RTP packet failed (%d so far)", self.failures, exc_info=exc
+            )
 
 
 class _FrameTap:
