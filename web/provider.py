@@ -40,6 +40,7 @@ from appliance.errors import NotFoundError
 from appliance.users import Role
 from appliance.visit_links import LinkState, VisitLink
 from services import visits
+from services.video import camera_streams
 from web.app import AppState, app_state
 from web.auth import current_session, login_required
 from web.templating import render_template
@@ -348,6 +349,7 @@ async def _visit_page(
         shown=lambda text: _shown(state, text),
         form_token=form_token(state, link),
         cameras=[camera.name for camera in state.config.exam_cameras],
+        showing=await camera_streams.showing(state.store, link.encounter_id),
         video_messages=video_messages(),
         note_max=visits.NOTE_MAX_BYTES,
         error=error,

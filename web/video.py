@@ -260,6 +260,7 @@ async def nurse_visit() -> ResponseReturnValue:
         patient_name=visits.display_name(patient),
         arrived=arrived.astimezone(state.zone).strftime("%H:%M"),
         cameras=[camera.name for camera in state.config.exam_cameras],
+        showing=await camera_streams.showing(state.store, visit),
         video_messages=video_messages(),
     )
 

@@ -270,6 +270,18 @@ async def start(
     return participant
 
 
+async def showing(store: Store, encounter_id: str) -> set[str]:
+    """The cameras shown in the visit, or on their way: what :func:`stop` would stop, and
+    what a second start would be refused (409). The visit's pages render their buttons from
+    it, so a camera shown before the page loaded is offered as one to stop."""
+    rows = await store.query(
+        "SELECT camera FROM camera_streams WHERE encounter_id = ? "
+        "AND state IN ('pending', 'claimed', 'offered', 'live')",
+        (encounter_id,),
+    )
+    return {str(row[0]) for row in rows}
+
+
 async def stop(store: Store, service: VideoService, camera: str, encounter_id: str) -> int:
     """The nurse stops showing ``camera`` in the visit: it leaves the room now, and the
     devices process closes it; how many streams were stopped (0 or 1)."""

@@ -72,11 +72,23 @@ async def test_the_nurse_shows_the_camera_in_the_visit_and_stops_it(
             again = await nurse.post("/video/nurse/camera", form=form)
             assert again.status_code == 409
             assert _streams(db_path) == ["live"]
+            # The page loaded now offers to stop it (before the call connects, too).
+            reloaded = await (
+                await nurse.get(f"/video/nurse?visit={seeded.encounter_id}")
+            ).get_data()
+            assert (
+                f'data-stream="{CAMERA}" data-showing="true">Stop showing it'.encode() in reloaded
+            )
+            assert f"Show {CAMERA} in the visit".encode() not in reloaded
 
             stopped = await nurse.post("/video/nurse/camera", form={**form, "action": "stop"})
             assert (await stopped.get_json()) == {"stopped": 1, "camera": CAMERA}
             in_visit.last("left", participant=camera)
             await wait_for(lambda: _streams(db_path) == ["stopped"], 10, "the camera stopped")
+            reloaded = await (
+                await nurse.get(f"/video/nurse?visit={seeded.encounter_id}")
+            ).get_data()
+            assert f'data-showing="false">Show {CAMERA} in the visit'.encode() in reloaded
         finally:
             await in_visit.close()
 

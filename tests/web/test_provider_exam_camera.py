@@ -270,6 +270,11 @@ async def test_the_provider_shows_the_camera_in_their_visit_and_stops_it(
             )
             assert (await elsewhere.get_json()) == {"stopped": 0, "camera": CAMERA}
             assert _rows(db_path, "SELECT state FROM camera_streams") == [("live",)]
+            # This visit's page, loaded now, offers to stop it; the other visit's does not.
+            page = await (await provider.get(f"/visit/{token}")).get_data()
+            assert f'data-stream="{CAMERA}" data-showing="true">Stop showing it'.encode() in page
+            page = await (await other_provider.get(f"/visit/{other_token}")).get_data()
+            assert f'data-showing="false">Show {CAMERA} in the visit'.encode() in page
 
             stopped = await provider.post(path, form={**form, "action": "stop"})
             assert (await stopped.get_json()) == {"stopped": 1, "camera": CAMERA}

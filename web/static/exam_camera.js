@@ -102,8 +102,9 @@
   for (const button of section.querySelectorAll("button[data-stream]")) {
     button.addEventListener("click", () => toggleStream(button));
   }
-  // The camera came into the visit from elsewhere (the other page, or this one before a
-  // reload): video.js tells us, and the button offers to stop it.
+  // The page comes with each button as the camera stood when it loaded (data-showing, from
+  // the box's camera_streams). The camera came into the visit from elsewhere since (the other
+  // page): video.js tells us, and the button offers to stop it.
   document.addEventListener("video:camera-joined", (event) => {
     for (const button of section.querySelectorAll("button[data-stream]")) {
       if (button.dataset.stream === event.detail.label && button.dataset.showing !== "true") {
