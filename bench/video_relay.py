@@ -329,7 +329,7 @@ async def measure_mode(
                 ]
                 samples.append((100 * (end["cpu"] - start["cpu"]) / wall, start, end, wall, fps))
             cpus = [sample[0] for sample in samples]
-            cpu, start, end, wall, fps = sorted(samples, key=lambda sample: sample[0])[
+            cpu, start, end, wall, _ = sorted(samples, key=lambda sample: sample[0])[
                 len(samples) // 2
             ]
             row = {"viewers": count, "cpu_percent": round(cpu, 2)}

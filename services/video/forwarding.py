@@ -437,7 +437,7 @@ class _DirectSrtpReceive:
             raise AiortcInternalsChanged("aioice Connection.data_received changed its signature")
         self._dtls = dtls
         self._backlog: collections.deque[tuple[bytes, int]] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
         self.packets = 0
         self.failures = 0  # packets whose handling raised (logged, then dropped)
 
@@ -476,11 +476,18 @@ class _DirectSrtpReceive:
             return
         self._handle(data, arrival_time_ms)
 
-    def _handle(self, data: bytes, arrival_time_ms: int) -> None:
+    def _unprotect(self, data: bytes) -> bytes | None:
+        """The RTP packet, or None if SRTP refused it (dropped, as aiortc drops it)."""
         try:
-            plain = self._dtls._rx_srtp.unprotect(data)
+            plain: bytes = self._dtls._rx_srtp.unprotect(data)
         except pylibsrtp.Error as exc:
             logger.debug("forwarding: SRTP unprotect failed: %s", exc)
+            return None
+        return plain
+
+    def _handle(self, data: bytes, arrival_time_ms: int) -> None:
+        plain = self._unprotect(data)
+        if plain is None:
             return
         coroutine = self._dtls._handle_rtp_data(plain, arrival_time_ms=arrival_time_ms)
         try:
@@ -512,12 +519,8 @@ class _DirectSrtpReceive:
             backlog = self._backlog
             while backlog:
                 data, arrival_time_ms = backlog.popleft()
-                try:
-                    plain = self._dtls._rx_srtp.unprotect(data)
-                except pylibsrtp.Error as exc:
-                    logger.debug("forwarding: SRTP unprotect failed: %s", exc)
-                    continue
-                await self._dtls._handle_rtp_data(plain, arrival_time_ms=arrival_time_ms)
+                if (plain := self._unprotect(data)) is not None:
+                    await self._dtls._handle_rtp_data(plain, arrival_time_ms=arrival_time_ms)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -203,11 +203,14 @@ async def run_lossy_stream(repeat_nacks: bool) -> Figures:
         return figures
 
 
-class LoseOneForGood:
-    """Picks one video packet, then drops every retransmission for ``hold`` seconds (SRTP
-    hides which packet a retransmission carries, and only the one packet is missing)."""
+class LoseOne:
+    """Picks one video packet, then drops retransmissions: the first one (which answers its
+    NACK) or, with ``hold``, every one for ``hold`` seconds (SRTP hides which packet a
+    retransmission carries, and only the one packet is missing)."""
 
-    def __init__(self, video_payload_type: int, rtx_payload_type: int, hold: float) -> None:
+    def __init__(
+        self, video_payload_type: int, rtx_payload_type: int, hold: float | None = None
+    ) -> None:
         self._video, self._rtx, self._hold = video_payload_type, rtx_payload_type, hold
         self.dropped_at: float | None = None
         self.done = False
@@ -221,31 +224,13 @@ class LoseOneForGood:
                 self.dropped_at = time.monotonic()
                 return True
             return False
+        if self._hold is None:  # the first retransmission, then nothing more
+            self.done = header[0] == self._rtx
+            return self.done
         if time.monotonic() - self.dropped_at >= self._hold:
             self.done = True
             return False
         return header[0] == self._rtx
-
-
-class LoseOneRepair:
-    """Picks one video packet and then the first retransmission, which answers its NACK."""
-
-    def __init__(self, video_payload_type: int, rtx_payload_type: int) -> None:
-        self._video, self._rtx = video_payload_type, rtx_payload_type
-        self.dropped_at: float | None = None
-        self.done = False
-
-    def __call__(self, datagram: bytes) -> bool:
-        header = rtp_header(datagram)
-        if header is None or self.done:
-            return False
-        if self.dropped_at is None and header[0] == self._video:
-            self.dropped_at = time.monotonic()
-            return True
-        if self.dropped_at is not None and header[0] == self._rtx:
-            self.done = True
-            return True
-        return False
 
 
 def video_payload_types(sdp: str) -> tuple[int, int]:
@@ -264,11 +249,7 @@ async def run_lost_retransmission(
         viewer = session.viewers[0]
         await wait_for(lambda: len(viewer.video) >= 30, 20, "30 frames before the drop")
         answer = session.relay_publisher_pc.localDescription.sdp
-        drop: LoseOneRepair | LoseOneForGood
-        if for_good:
-            drop = LoseOneForGood(*video_payload_types(answer), hold=1.5)
-        else:
-            drop = LoseOneRepair(*video_payload_types(answer))
+        drop = LoseOne(*video_payload_types(answer), hold=1.5 if for_good else None)
         link.drop_to_answerer(drop)
         await wait_for(lambda: drop.done, 5, "a packet and its retransmission(s) dropped")
         assert drop.dropped_at is not None
