@@ -28,8 +28,10 @@ With 16 among the viewer counts, the 16-viewer step is reported on its own again
 issue's goal (every viewer ≥ 29.5 fps, the relay within 25 % of a core).
 
 For an A/B of the relay's send path: ``--send-path stock`` gives each viewer's sender
-aiortc's own RTP loop (``ForwardingRelay(frame_sender=False)``), ``frame`` (the default) the
-relay's ``_FrameSender``; ``--forwarding-only`` skips ``MediaRelay`` and the latency runs.
+aiortc's own RTP loop (``ForwardingRelay(frame_sender=False)``), ``frame`` the relay's
+``_FrameSender`` run by each viewer's sender task (``direct_send=False``), ``direct`` (the
+default) the same, with each frame sent as it is complete (``_FrameSender.send_now``);
+``--forwarding-only`` skips ``MediaRelay`` and the latency runs.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import aioice
 import aioice.ice
 from aiortc import (
     MediaStreamTrack,
@@ -58,12 +61,14 @@ from aiortc import (
 from aiortc.contrib.media import MediaRelay
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
+from aiortc.rtcdtlstransport import State as DtlsState
+from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
 from aiortc.rtcrtpparameters import (
     RTCRtpCodecParameters,
     RTCRtpHeaderExtensionParameters,
     RTCRtpSendParameters,
 )
-from aiortc.rtp import is_rtcp
 from av import VideoFrame
 from pylibsrtp import Policy, Session
 
@@ -122,9 +127,14 @@ class RelayServer:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        frame_sender = os.environ.get(SEND_PATH_ENV, "frame") != "stock"
+        send_path = os.environ.get(SEND_PATH_ENV, "direct")
         direct = os.environ.get(RECEIVE_PATH_ENV, "direct") != "stock"
-        self.forwarding = ForwardingRelay("video", frame_sender=frame_sender, direct_receive=direct)
+        self.forwarding = ForwardingRelay(
+            "video",
+            frame_sender=send_path != "stock",
+            direct_send=send_path == "direct",
+            direct_receive=direct,
+        )
         self.media_relay = MediaRelay()
         self.source: MediaStreamTrack | None = None
         self.pcs: dict[str, RTCPeerConnection] = {}
@@ -413,50 +423,46 @@ async def measure_latency(through_relay: bool, frames: int, viewers: int = 1) ->
     ]
 
 
-class LoopbackSrtpTransport:
-    """Stands in for a viewer's DTLS transport: SRTP-protects and sends to a UDP sink.
-
-    Leaves out only the ICE layer's coroutine calls, the same for both send paths.
-    """
-
-    state = "connected"
-    _stats_id = "transport_bench"
-
-    def __init__(self, udp: asyncio.DatagramTransport) -> None:
-        policy = Policy(
-            key=os.urandom(30),
-            ssrc_type=Policy.SSRC_ANY_OUTBOUND,
-            srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
-        )
-        policy.allow_repeat_tx = True
-        self._srtp = Session(policy)
-        self._udp = udp
-
-    def _register_rtp_sender(self, sender: object, parameters: object) -> None:
-        pass
-
-    def _unregister_rtp_sender(self, sender: object) -> None:
-        pass
-
-    async def _send_rtp(self, data: bytes) -> None:
-        protect = self._srtp.protect_rtcp if is_rtcp(data) else self._srtp.protect
-        self._udp.sendto(protect(data))
+async def keyed_transport(sink: tuple[str, int]) -> RTCDtlsTransport:
+    """A viewer's DTLS transport as the handshake and ICE leave it, without either: keyed
+    for SRTP (random synthetic keys), ``connected``, its ICE connection nominated on a
+    real UDP socket on 127.0.0.1 to ``sink``. Every send goes through the real layers."""
+    dtls = RTCDtlsTransport(
+        RTCIceTransport(RTCIceGatherer()), [RTCCertificate.generateCertificate()]
+    )
+    policy = Policy(key=os.urandom(30), ssrc_type=Policy.SSRC_ANY_OUTBOUND)
+    policy.allow_repeat_tx = True
+    dtls._tx_srtp = Session(policy)
+    dtls._set_state(DtlsState.CONNECTED)
+    connection = dtls.transport._connection
+    _, protocol = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: aioice.ice.StunProtocol(connection), local_addr=("127.0.0.1", 0)
+    )
+    remote = aioice.Candidate(
+        foundation="1",
+        component=1,
+        transport="udp",
+        priority=1,
+        host=sink[0],
+        port=sink[1],
+        type="host",
+    )
+    connection._nominated[1] = aioice.ice.CandidatePair(protocol, remote)
+    return dtls
 
 
-async def measure_send_path(frame_sender: bool, viewers: int, frames: int, size: int) -> float:
-    """CPU µs per frame per viewer of the relay's send side, with no network in the way.
+async def measure_send_path(path: str, viewers: int, frames: int, size: int) -> float:
+    """CPU µs per frame per viewer of the relay's send side, with no publisher in the way.
 
-    One relay, ``viewers`` senders on ``LoopbackSrtpTransport`` (SRTP, UDP to a sink on
+    One relay, ``viewers`` senders on ``keyed_transport``s (SRTP, ICE, UDP to a sink on
     127.0.0.1); ``frames`` VP8-sized frames of ``size`` bytes go in through the relay's
     frame tap entry point, as fast as the senders take them. Independent of the publisher's
-    bitrate and of the network, so the two send paths can be compared run against run.
+    bitrate, so the send paths (``stock``, ``frame``, ``direct``: see ``--send-path``) can
+    be compared run against run.
     """
     loop = asyncio.get_running_loop()
     sink, _ = await loop.create_datagram_endpoint(
         asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
-    )
-    udp, _ = await loop.create_datagram_endpoint(
-        asyncio.DatagramProtocol, remote_addr=sink.get_extra_info("sockname")
     )
     vp8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
     parameters = RTCRtpSendParameters(
@@ -469,14 +475,17 @@ async def measure_send_path(frame_sender: bool, viewers: int, frames: int, size:
         ],
         muxId="0",
     )
-    relay = ForwardingRelay("video", frame_sender=frame_sender)
+    relay = ForwardingRelay("video", frame_sender=path != "stock", direct_send=path == "direct")
     pcs = [peer() for _ in range(viewers)]
-    senders = []
+    senders, transports = [], []
     for n, pc in enumerate(pcs):
         sender = relay.add_viewer(pc, f"viewer-{n}")
-        sender.setTransport(LoopbackSrtpTransport(udp))  # type: ignore[arg-type]
+        transport = await keyed_transport(sink.get_extra_info("sockname"))
+        sender.setTransport(transport)
         await sender.send(parameters)
         senders.append(sender)
+        transports.append(transport)
+    await asyncio.sleep(0)  # the senders' loops start
     keyframe = b"\x10\x02\x00\x9d\x01\x2a\x80\x02\xe0\x01" + os.urandom(size - 10)
     delta = b"\x11\x02\x00" + os.urandom(size - 3)
     try:
@@ -489,33 +498,43 @@ async def measure_send_path(frame_sender: bool, viewers: int, frames: int, size:
             for _ in range(3):  # each sender's loop takes its frame and sends it
                 await asyncio.sleep(0)
         elapsed = time.process_time() - start
-        sent = [stats.frames_out for stats in relay.stats.viewers.values()]
-        assert min(sent) == frames, sent
+        stats = list(relay.stats.viewers.values())
+        assert min(s.frames_out for s in stats) == frames, stats
+        direct = sum(s.frames_direct for s in stats)
+        assert direct == (frames * viewers if path == "direct" else 0), (path, direct)
     finally:
         relay.stop()
         await asyncio.gather(*(s.stop() for s in senders))
         await asyncio.gather(*(pc.close() for pc in pcs))
-        udp.close()
+        for transport in transports:
+            for pair in transport.transport._connection._nominated.values():
+                pair.protocol.transport.close()
         sink.close()
     return elapsed / frames / viewers * 1e6
 
 
+SEND_PATHS = ("stock", "frame", "direct")
+
+
 def send_path_ab(runs: int, viewers: int, frames: int, size: int) -> None:
-    """Alternate the stock and the frame send path ``runs`` times each; emit the medians."""
-    results: dict[str, list[float]] = {"stock": [], "frame": []}
+    """Alternate the three send paths ``runs`` times each; emit the medians."""
+    results: dict[str, list[float]] = {path: [] for path in SEND_PATHS}
     for _ in range(runs):
-        for path in ("stock", "frame"):
-            cost = asyncio.run(measure_send_path(path == "frame", viewers, frames, size))
+        for path in SEND_PATHS:
+            cost = asyncio.run(measure_send_path(path, viewers, frames, size))
             results[path].append(cost)
             sys.stderr.write(f"send path {path}: {cost:.1f} µs per frame per viewer\n")
-    stock, frame = statistics.median(results["stock"]), statistics.median(results["frame"])
+    median = {path: statistics.median(values) for path, values in results.items()}
     emit(
         "video_relay_send_cpu_per_viewer_frame",
-        frame,
+        median["direct"],
         "µs of CPU",
-        baseline=round(stock, 2),
+        baseline=round(median["stock"], 2),
         baseline_is="the same relay with aiortc's own sender loop (frame_sender=False)",
-        ratio=round(frame / stock, 3),
+        ratio=round(median["direct"] / median["stock"], 3),
+        frame=round(median["frame"], 2),
+        frame_ratio=round(median["frame"] / median["stock"], 3),
+        direct_over_frame=round(median["direct"] / median["frame"], 3),
         runs={path: [round(v, 1) for v in values] for path, values in results.items()},
         viewers=viewers,
         frame_bytes=size,
@@ -551,9 +570,10 @@ def main() -> None:
     parser.add_argument("--size", default="640x480", help="publisher's frame size, WxH")
     parser.add_argument(
         "--send-path",
-        choices=["frame", "stock"],
-        default="frame",
-        help="the relay's send path per viewer (stock: aiortc's own RTP loop)",
+        choices=["direct", "frame", "stock"],
+        default="direct",
+        help="the relay's send path per viewer (direct: frames sent as they are complete, "
+        "frame: by each viewer's sender task, stock: aiortc's own RTP loop)",
     )
     parser.add_argument(
         "--receive-path",

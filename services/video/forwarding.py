@@ -24,7 +24,14 @@ any of the internals below change):
   through the transport's ``_send_rtp``, and keeps the state aiortc's loop keeps:
   ``__rtp_history`` (RTX), the RTCP SR's ``__ntp_timestamp``, ``__rtp_timestamp``,
   ``__packet_count`` and ``__octet_count``, the ``__rtp_started`` / ``__rtp_exited``
-  events; it reads ``_ssrc`` and ``_enabled``. With ``frame_sender=False`` aiortc's own loop
+  events; it reads ``_ssrc`` and ``_enabled``. A frame that finds the loop idle is sent at
+  once from the relay's turn of the loop (``_FrameSender.send_now``, set on the track as
+  ``ForwardedTrack.send_now``) when the viewer's pair is plain UDP: the DTLS transport's
+  ``_state``, ``_tx_srtp`` and send counters, its ICE connection's ``_nominated`` pair
+  (aioice ``CandidatePair.protocol``, ``remote_addr``; an ``aioice.ice.StunProtocol``
+  exactly, never TURN) and that protocol's datagram ``transport``; anything else, and any
+  frame while the loop is still sending one, goes through the loop and ``_send_rtp``.
+  With ``frame_sender=False`` aiortc's own loop
   runs (its pre-encoded path, ``Encoder.pack`` for ``av.Packet``, packetizing per viewer),
   for comparison;
 * the sender's ``_send_keyframe`` (called on PLI and FIR) is replaced per instance by the
@@ -63,6 +70,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+import aioice.ice
 import aiortc
 import av
 import pylibsrtp
@@ -124,6 +132,8 @@ SENDER_PACKET_COUNT = "_RTCRtpSender__packet_count"
 # The DTLS transport's receive counters (its getStats), kept by ``_DirectSrtpReceive``.
 DTLS_RX_BYTES = "_RTCDtlsTransport__rx_bytes"
 DTLS_RX_PACKETS = "_RTCDtlsTransport__rx_packets"
+DTLS_TX_BYTES = "_RTCDtlsTransport__tx_bytes"
+DTLS_TX_PACKETS = "_RTCDtlsTransport__tx_packets"
 SENDER_LOOP_STATE: dict[str, type | tuple[type, ...]] = {
     SENDER_RTP_STARTED: asyncio.Event,
     SENDER_RTP_EXITED: asyncio.Event,
@@ -652,6 +662,7 @@ class _FrameSender:
         track: ForwardedTrack,
         packer: _ForwardingPacker,
         wallclock: Callable[[], float] = time.time,
+        direct: bool = True,
     ) -> None:
         for name, expected in SENDER_LOOP_STATE.items():
             _require(sender, name, expected)
@@ -663,20 +674,54 @@ class _FrameSender:
         self._track = track
         self._packer = packer
         self._wallclock = wallclock
+        self._direct = direct and self._can_send_now(sender)
+        self._busy = False
+        # Set when the loop starts (run), as aiortc's loop sets its locals.
+        self._history: dict[int, RtpPacket] = {}
+        self._mid: str | None = None
+        self._payload_type = 0
+        self._sequence_number = 0
+        self._timestamp_origin = 0
+        self._ssrc = 0
+        self._base_header = b""
+        self._abs_offset: int | None = None
+
+    @staticmethod
+    def _can_send_now(sender: RTCRtpSender) -> bool:
+        """Whether the internals ``send_now`` reads are there (else: the loop only)."""
+        dtls = sender.transport
+        if not isinstance(dtls, RTCDtlsTransport):  # a test's stand-in: the loop only
+            return False
+        try:
+            _require(dtls, "_state", DtlsState)
+            _require(dtls, "_tx_srtp")  # None until the DTLS handshake keys SRTP
+            _require(dtls, DTLS_TX_BYTES, int)
+            _require(dtls, DTLS_TX_PACKETS, int)
+            _require(_require(_require(dtls, "transport"), "_connection"), "_nominated", dict)
+            _require(aioice.ice.CandidatePair, "remote_addr", property)
+        except AiortcInternalsChanged as exc:
+            logger.warning("forwarding: frames go through the sender's loop only: %s", exc)
+            return False
+        return True
 
     async def run(self, codec: RTCRtpCodecParameters) -> None:
         """The sender's RTP loop, started by ``RTCRtpSender.send`` as ``_run_rtp(codec)``."""
         sender = self._sender
         getattr(sender, SENDER_RTP_STARTED).set()
-        history: dict[int, RtpPacket] = getattr(sender, SENDER_RTP_HISTORY)
+        self._history = getattr(sender, SENDER_RTP_HISTORY)
         extensions_map: HeaderExtensionsMap = getattr(sender, SENDER_EXTENSIONS_MAP)
-        mid: str | None = getattr(sender, SENDER_MID)
+        self._mid = getattr(sender, SENDER_MID)
         payload_type = codec.payloadType
         assert payload_type is not None  # negotiated before send() starts the loop
-        sequence_number = random_sequence_number()
-        timestamp_origin = random32()
-        ssrc = sender._ssrc
-        base_header, abs_offset = _header_template(extensions_map, payload_type, ssrc, mid)
+        self._payload_type = payload_type
+        self._sequence_number = random_sequence_number()
+        self._timestamp_origin = random32()
+        self._ssrc = sender._ssrc
+        self._base_header, self._abs_offset = _header_template(
+            extensions_map, payload_type, self._ssrc, self._mid
+        )
+        if self._direct:
+            self._track.send_now = self.send_now
         try:
             while True:
                 packet, payloads = await self._track.recv_payloads()
@@ -686,47 +731,102 @@ class _FrameSender:
                     payloads, _ = self._packer.pack(packet)
                 if not payloads:
                     continue
-                assert packet.pts is not None
-                timestamp = (timestamp_origin + packet.pts) & 0xFFFFFFFF
-                ntp = ntp_time(self._wallclock())
-                abs_send_time = (ntp >> 14) & 0xFFFFFF
-                extensions = HeaderExtensions(mid=mid, abs_send_time=abs_send_time)
-                header = bytearray(base_header)
-                header[4:8] = timestamp.to_bytes(4, "big")
-                if abs_offset is not None:
-                    header[abs_offset : abs_offset + 3] = abs_send_time.to_bytes(3, "big")
                 transport = sender.transport
-                last = len(payloads) - 1
-                octets = 0
-                for index, payload in enumerate(payloads):
-                    marker = 1 if index == last else 0
-                    header[1] = marker << 7 | payload_type
-                    header[2] = sequence_number >> 8
-                    header[3] = sequence_number & 0xFF
-                    sent = RtpPacket(
-                        payload_type=payload_type,
-                        marker=marker,
-                        sequence_number=sequence_number,
-                        timestamp=timestamp,
-                        ssrc=ssrc,
-                        payload=payload,
-                    )
-                    sent.extensions = extensions
-                    history[sequence_number % RTP_HISTORY_SIZE] = sent
-                    await transport._send_rtp(bytes(header) + payload)
-                    octets += len(payload)
-                    sequence_number = (sequence_number + 1) & 0xFFFF
-                setattr(sender, SENDER_NTP_TIMESTAMP, ntp)
-                setattr(sender, SENDER_RTP_TIMESTAMP, timestamp)
-                setattr(sender, SENDER_OCTET_COUNT, getattr(sender, SENDER_OCTET_COUNT) + octets)
-                count = getattr(sender, SENDER_PACKET_COUNT) + len(payloads)
-                setattr(sender, SENDER_PACKET_COUNT, count)
+                self._busy = True  # until its last packet is out, no frame overtakes it
+                try:
+                    for data in self._packets(packet, payloads):
+                        await transport._send_rtp(data)
+                finally:
+                    self._busy = False
         except (asyncio.CancelledError, ConnectionError, MediaStreamError):
             pass
         except Exception:  # the sender's stop() waits for the exit event: always set it
             logger.exception("forwarding %s: sender loop failed", self._track.kind)
+        self._track.send_now = None
         self._track.stop()
         getattr(sender, SENDER_RTP_EXITED).set()
+
+    def _packets(self, packet: av.Packet[Any], payloads: list[bytes]) -> list[bytes]:
+        """The frame's RTP packets, in order: each also goes into the RTX history, and the
+        figures the RTCP SR reports are moved on as if they were sent."""
+        sender = self._sender
+        payload_type, ssrc, history = self._payload_type, self._ssrc, self._history
+        assert packet.pts is not None
+        timestamp = (self._timestamp_origin + packet.pts) & 0xFFFFFFFF
+        ntp = ntp_time(self._wallclock())
+        abs_send_time = (ntp >> 14) & 0xFFFFFF
+        extensions = HeaderExtensions(mid=self._mid, abs_send_time=abs_send_time)
+        header = bytearray(self._base_header)
+        header[4:8] = timestamp.to_bytes(4, "big")
+        if (offset := self._abs_offset) is not None:
+            header[offset : offset + 3] = abs_send_time.to_bytes(3, "big")
+        sequence_number = self._sequence_number
+        last = len(payloads) - 1
+        octets = 0
+        out = []
+        for index, payload in enumerate(payloads):
+            marker = 1 if index == last else 0
+            header[1] = marker << 7 | payload_type
+            header[2] = sequence_number >> 8
+            header[3] = sequence_number & 0xFF
+            sent = RtpPacket(
+                payload_type=payload_type,
+                marker=marker,
+                sequence_number=sequence_number,
+                timestamp=timestamp,
+                ssrc=ssrc,
+                payload=payload,
+            )
+            sent.extensions = extensions
+            history[sequence_number % RTP_HISTORY_SIZE] = sent
+            out.append(bytes(header) + payload)
+            octets += len(payload)
+            sequence_number = (sequence_number + 1) & 0xFFFF
+        self._sequence_number = sequence_number
+        setattr(sender, SENDER_NTP_TIMESTAMP, ntp)
+        setattr(sender, SENDER_RTP_TIMESTAMP, timestamp)
+        setattr(sender, SENDER_OCTET_COUNT, getattr(sender, SENDER_OCTET_COUNT) + octets)
+        setattr(sender, SENDER_PACKET_COUNT, getattr(sender, SENDER_PACKET_COUNT) + len(out))
+        return out
+
+    def send_now(self, packet: av.Packet[Any], payloads: list[bytes]) -> bool:
+        """Send a frame from the caller's turn of the loop, not the sender's task: False
+        (the frame is queued for the loop instead) unless it can go out at once.
+
+        What ``RTCDtlsTransport._send_rtp`` and the aioice connection under it do with an
+        RTP packet on a plain UDP pair (SRTP ``protect``, then the pair's datagram
+        transport's ``sendto`` to its remote address, and the DTLS transport's send
+        counters), without their four coroutines per packet or the task's wake-up per frame.
+        Anything else — a frame while the loop is still sending one, the sender disabled,
+        DTLS not ``connected``, no nominated pair, a TURN relay (its sends can wait for a
+        channel binding) — goes through the loop and ``_send_rtp`` as before.
+        """
+        sender = self._sender
+        if self._busy or not sender._enabled:
+            return False
+        dtls = sender.transport
+        if (
+            not isinstance(dtls, RTCDtlsTransport)
+            or dtls._state is not DtlsState.CONNECTED
+            or dtls._tx_srtp is None
+        ):
+            return False
+        pair = dtls.transport._connection._nominated.get(1)
+        if pair is None or type(pair.protocol) is not aioice.ice.StunProtocol:
+            return False
+        udp = pair.protocol.transport
+        if udp is None or udp.is_closing():
+            return False
+        protect, sendto, address = dtls._tx_srtp.protect, udp.sendto, pair.remote_addr
+        octets = 0
+        packets = self._packets(packet, payloads)
+        for data in packets:
+            protected = protect(data)
+            sendto(protected, address)
+            octets += len(protected)
+        setattr(dtls, DTLS_TX_BYTES, getattr(dtls, DTLS_TX_BYTES) + octets)
+        setattr(dtls, DTLS_TX_PACKETS, getattr(dtls, DTLS_TX_PACKETS) + len(packets))
+        return True
 
 
 class KeyframeRequestLimiter:
@@ -758,6 +858,7 @@ class ViewerStats:
     """Counters for one viewer's forwarded track."""
 
     frames_out: int = 0
+    frames_direct: int = 0  # of frames_out: sent as they were complete (_FrameSender.send_now)
     frames_dropped: int = 0
     keyframe_requests: int = 0
     remb_bps: int | None = None
@@ -812,6 +913,9 @@ class ForwardedTrack(MediaStreamTrack):
         self._awaiting_keyframe = kind == "video"
         self.paused = False
         self.transcoded = False
+        # The sender's ``_FrameSender.send_now`` while its loop runs: a frame that finds
+        # the queue empty is sent from the relay's own turn of the loop if it can be.
+        self.send_now: Callable[[av.Packet[Any], list[bytes]], bool] | None = None
 
     def transcode(self, force_keyframe: Callable[[], None]) -> None:
         """From now on this copy is not the publisher's stream but a shared encoder's (or,
@@ -871,6 +975,18 @@ class ForwardedTrack(MediaStreamTrack):
                 self.stats.frames_dropped += 1
                 self._ask_keyframe()
                 return
+        if (
+            self.send_now is not None
+            and payloads is not None
+            and not self.transcoded
+            and isinstance(packet, av.Packet)
+            and self._queue.empty()
+            and self.send_now(packet, payloads)
+        ):
+            self.stats.frames_out += 1
+            self.stats.frames_direct += 1
+            self.stats.bytes_out += packet.size
+            return
         self._queue.put_nowait((packet, payloads))
 
     def request_keyframe(self) -> None:
@@ -923,7 +1039,8 @@ class ForwardingRelay:
     caps the REMB sent to the publisher, ``pause_viewer`` / ``resume_viewer`` stop and
     restart one viewer's frames. ``frame_sender=False`` leaves each viewer's sender its stock
     aiortc RTP loop (packetizing per viewer, per-packet headers); it exists to measure what
-    ``_FrameSender`` saves (bench/video_relay.py); ``direct_receive=False`` leaves the
+    ``_FrameSender`` saves (bench/video_relay.py); ``direct_send=False`` sends every frame
+    from the viewer's sender task (``_FrameSender.send_now``); ``direct_receive=False`` leaves the
     publisher's packets to aiortc's queue and DTLS task (``_DirectSrtpReceive``), for the
     same reason. ``transcode_budget`` is the box's cap
     on transcoding encoders (shared by every relay; one of its own, for one encoder, if not
@@ -939,6 +1056,7 @@ class ForwardingRelay:
         repeat_nacks: bool = True,
         on_remb: Callable[[str, int], None] | None = None,
         frame_sender: bool = True,
+        direct_send: bool = True,
         direct_receive: bool = True,
         transcode_fallback: bool = True,
         transcode_budget: TranscodeBudget | None = None,
@@ -980,6 +1098,7 @@ class ForwardingRelay:
         self._on_remb = on_remb
         self._estimator: CappedBitrateEstimator | None = None
         self._frame_sender = frame_sender
+        self._direct_send = direct_send
         self._direct_receive = direct_receive
         # The publisher's DTLS transport whose ICE connection hands SRTP straight to it.
         self._direct_on: object | None = None
@@ -1090,7 +1209,11 @@ class ForwardingRelay:
                 self._on_remb(viewer_id, bitrate)
 
         packer = _ForwardingPacker(self.kind, on_remb, self.mime_type)
-        frame_loop = _FrameSender(sender, track, packer) if self._frame_sender else None
+        frame_loop = (
+            _FrameSender(sender, track, packer, direct=self._direct_send)
+            if self._frame_sender
+            else None
+        )
         stock_loop = _require(sender, "_run_rtp")
 
         async def run_rtp(codec: RTCRtpCodecParameters) -> None:
@@ -1099,7 +1222,7 @@ class ForwardingRelay:
                 self._transcode_for(viewer_id, track, codec)
                 # The shared encoder's payloads (refused: none) go out as forwarded frames
                 # do; aiortc's stock loop cannot send payloads packetized elsewhere.
-                await (frame_loop or _FrameSender(sender, track, packer)).run(codec)
+                await (frame_loop or _FrameSender(sender, track, packer, direct=False)).run(codec)
             elif frame_loop is not None:
                 await frame_loop.run(codec)
             else:

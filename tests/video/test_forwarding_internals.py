@@ -12,7 +12,10 @@ import inspect
 import queue
 import random
 from collections.abc import Callable
+from typing import Any
 
+import aioice
+import aioice.ice
 import aiortc
 import av
 import pytest
@@ -41,6 +44,7 @@ from aiortc.rtp import (
     RtcpPsfbPacket,
     RtcpRtpfbPacket,
     RtpPacket,
+    is_rtcp,
     pack_remb_fci,
     unpack_remb_fci,
 )
@@ -51,6 +55,8 @@ from services.video.forwarding import (
     AIORTC_VERSION,
     DTLS_RX_BYTES,
     DTLS_RX_PACKETS,
+    DTLS_TX_BYTES,
+    DTLS_TX_PACKETS,
     RECEIVER_BITRATE_ESTIMATOR,
     RECEIVER_DECODER_QUEUE,
     RECEIVER_JITTER_BUFFER,
@@ -820,3 +826,182 @@ async def wait_until(predicate: Callable[[], bool], seconds: float = 2.0) -> Non
             return
         await asyncio.sleep(0.01)
     raise AssertionError("timed out")
+
+
+# --- frames sent as they are complete (_FrameSender.send_now) -------------------------------
+
+
+class Sink(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not is_rtcp(data):  # the sender's RTCP reports come when they are due
+            self.received.append(data)
+
+
+class SlowRelayProtocol(aioice.ice.StunProtocol):
+    """A relayed pair's protocol as far as the relay can tell (not aioice's plain UDP
+    one): each send waits a little first, as a TURN channel being bound makes it wait."""
+
+    async def send_data(self, data: bytes, addr: tuple[str, int]) -> None:
+        await asyncio.sleep(0.02)
+        self.transport.sendto(data, addr)
+
+
+async def nominated_udp(
+    dtls: RTCDtlsTransport,
+    sink: asyncio.DatagramTransport,
+    protocol_type: type = aioice.ice.StunProtocol,
+) -> None:
+    """Nominate a pair on ``dtls``'s ICE connection, as ICE would: a real UDP socket on
+    127.0.0.1 to the sink's address."""
+    connection = dtls.transport._connection
+    _, protocol = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: protocol_type(connection), local_addr=("127.0.0.1", 0)
+    )
+    host, port = sink.get_extra_info("sockname")
+    remote = aioice.Candidate(
+        foundation="1", component=1, transport="udp", priority=1, host=host, port=port, type="host"
+    )
+    connection._nominated[1] = aioice.ice.CandidatePair(protocol, remote)
+
+
+def av_packet(frame: bytes, pts: int) -> av.Packet[Any]:
+    packet = av.Packet(frame)
+    packet.pts, packet.time_base = pts, fractions.Fraction(1, 90000)
+    return packet
+
+
+async def test_a_frame_finding_its_sender_idle_goes_out_at_once_in_order_with_the_loops() -> None:
+    dtls = RTCDtlsTransport(
+        RTCIceTransport(RTCIceGatherer()), [RTCCertificate.generateCertificate()]
+    )
+    dtls._tx_srtp = Session(Policy(key=SRTP_KEY, ssrc_type=Policy.SSRC_ANY_OUTBOUND))
+    dtls._set_state(DtlsState.CONNECTED)
+    viewer = Session(Policy(key=SRTP_KEY, ssrc_type=Policy.SSRC_ANY_INBOUND))
+    sink, sunk = await asyncio.get_running_loop().create_datagram_endpoint(
+        Sink, local_addr=("127.0.0.1", 0)
+    )
+    stats = ViewerStats()
+    track = ForwardedTrack("video", stats, request_keyframe=lambda: None)
+    sender = RTCRtpSender(track, dtls)
+    packer = _ForwardingPacker("video", lambda bitrate: None)
+    setattr(sender, SENDER_ENCODER, packer)
+    frame_loop = _FrameSender(sender, track, packer, wallclock=lambda: WALLCLOCK)
+    sender._run_rtp = frame_loop.run  # type: ignore[method-assign]
+    extensions_map = getattr(sender, SENDER_EXTENSIONS_MAP)
+    frames = [KEYFRAME, DELTA + b"b" * 3000, DELTA + b"c" * 1500, DELTA]
+    payloads = [Vp8Encoder._packetize(frame, n) for n, frame in enumerate(frames)]
+    try:
+        first = payloads[0]
+        assert track.send_now is None  # until the loop runs: frames queue for it
+        await sender.send(SEND_PARAMETERS)
+        await wait_until(lambda: track.send_now is not None)
+        assert frame_loop.send_now(av_packet(frames[0], 0), first) is False  # no pair yet
+
+        await nominated_udp(dtls, sink)
+        track.offer(av_packet(frames[0], 0), keyframe=True, payloads=first)
+        # Sent inside offer, through SRTP and the pair's socket: nothing for the loop.
+        assert track._queue.empty()
+        assert (stats.frames_out, stats.frames_direct) == (1, 1)
+        assert getattr(dtls, DTLS_TX_PACKETS) == len(first)
+        await wait_until(lambda: len(sunk.received) == len(first))
+        assert getattr(dtls, DTLS_TX_BYTES) == sum(len(d) for d in sunk.received)
+
+        # A pair that is not plain UDP (TURN): the loop sends, through _send_rtp; a frame
+        # offered while it is still sending waits for it, even on a plain pair again.
+        await nominated_udp(dtls, sink, SlowRelayProtocol)
+        track.offer(av_packet(frames[1], 3000), keyframe=False, payloads=payloads[1])
+        assert track._queue.qsize() == 1
+        await wait_until(lambda: len(sunk.received) > len(first))  # the loop is mid-frame
+        await nominated_udp(dtls, sink)
+        track.offer(av_packet(frames[2], 6000), keyframe=False, payloads=payloads[2])
+        sent_so_far = sum(map(len, payloads[:3]))
+        await wait_until(lambda: len(sunk.received) == sent_so_far)
+        # And once the loop is idle again, the next frame goes out at once.
+        track.offer(av_packet(frames[3], 9000), keyframe=False, payloads=payloads[3])
+        assert (stats.frames_out, stats.frames_direct) == (4, 2)
+        await wait_until(lambda: len(sunk.received) == sum(map(len, payloads)))
+
+        packets = [RtpPacket.parse(viewer.unprotect(d), extensions_map) for d in sunk.received]
+        start = packets[0].sequence_number
+        assert [p.sequence_number for p in packets] == [
+            (start + n) % 65536 for n in range(len(packets))
+        ]
+        assert [p.payload for p in packets] == [x for frame in payloads for x in frame]
+        markers = [0] * (len(first) - 1) + [1]
+        assert [p.marker for p in packets[: len(first)]] == markers
+        assert sorted({p.timestamp - packets[0].timestamp for p in packets}) == [
+            0,
+            3000,
+            6000,
+            9000,
+        ]
+        abs_send_time = (ntp_time(WALLCLOCK) >> 14) & 0xFFFFFF
+        assert {(p.extensions.mid, p.extensions.abs_send_time) for p in packets} == {
+            ("0", abs_send_time)
+        }
+        assert getattr(dtls, DTLS_TX_PACKETS) == len(packets)
+        report = [s for s in (await sender.getStats()).values() if s.type == "outbound-rtp"]
+        assert report[0].packetsSent == len(packets)
+        assert report[0].bytesSent == sum(len(p.payload) for p in packets)
+
+        # A NACK for a packet sent at once is answered from the history, by RTX.
+        lost = packets[1].sequence_number
+        await sender._handle_rtcp_packet(
+            RtcpRtpfbPacket(fmt=1, ssrc=1, media_ssrc=sender._ssrc, lost=[lost])
+        )
+        await wait_until(lambda: len(sunk.received) == len(packets) + 1)
+        rtx = RtpPacket.parse(viewer.unprotect(sunk.received[-1]), extensions_map)
+        assert (rtx.payload_type, rtx.ssrc) == (98, sender._rtx_ssrc)
+        assert rtx.payload == lost.to_bytes(2, "big") + packets[1].payload
+
+        # Not sent at once (and nothing sent, no sequence number used): the sender
+        # disabled, DTLS no longer connected.
+        sender._enabled = False
+        assert frame_loop.send_now(av_packet(DELTA, 12000), [DELTA]) is False
+        sender._enabled = True
+        dtls._set_state(DtlsState.CLOSED)
+        assert frame_loop.send_now(av_packet(DELTA, 12000), [DELTA]) is False
+        await asyncio.sleep(0.05)
+        assert len(sunk.received) == len(packets) + 1
+    finally:
+        track.end()
+        await asyncio.wait_for(sender.stop(), 5)
+        sink.close()
+        for pair in dtls.transport._connection._nominated.values():
+            pair.protocol.transport.close()
+    assert track.send_now is None  # the loop's end takes it back
+
+
+async def test_a_sender_on_a_stand_in_transport_only_ever_uses_its_loop() -> None:
+    track = ForwardedTrack("video", ViewerStats(), request_keyframe=lambda: None)
+    sender = RTCRtpSender(track, MemoryTransport())  # type: ignore[arg-type]
+    packer = _ForwardingPacker("video", lambda bitrate: None)
+    frame_loop = _FrameSender(sender, track, packer)
+    sender._run_rtp = frame_loop.run  # type: ignore[method-assign]
+    setattr(sender, SENDER_ENCODER, packer)
+    await sender.send(SEND_PARAMETERS)
+    await asyncio.sleep(0.01)
+    assert track.send_now is None
+    track.end()
+    await asyncio.wait_for(sender.stop(), 5)
+
+
+async def test_a_dtls_transport_without_what_send_now_reads_leaves_frames_to_the_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dtls = RTCDtlsTransport(
+        RTCIceTransport(RTCIceGatherer()), [RTCCertificate.generateCertificate()]
+    )
+    track = ForwardedTrack("video", ViewerStats(), request_keyframe=lambda: None)
+    sender = RTCRtpSender(track, dtls)
+    packer = _ForwardingPacker("video", lambda bitrate: None)
+    assert _FrameSender(sender, track, packer)._direct
+    del dtls._RTCDtlsTransport__tx_bytes  # type: ignore[attr-defined]
+    with caplog.at_level("WARNING", logger="services.video.forwarding"):
+        frame_loop = _FrameSender(sender, track, packer)
+    assert not frame_loop._direct
+    assert "__tx_bytes" in caplog.text
+    assert "sender's loop only" in caplog.text
