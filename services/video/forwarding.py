@@ -814,7 +814,7 @@ class _FrameSender:
         pair = dtls.transport._connection._nominated.get(1)
         if pair is None or type(pair.protocol) is not aioice.ice.StunProtocol:
             return False
-        udp = pair.protocol.transport
+        udp = getattr(pair.protocol, "transport", None)  # set once its socket is made
         if udp is None or udp.is_closing():
             return False
         protect, sendto, address = dtls._tx_srtp.protect, udp.sendto, pair.remote_addr
@@ -981,12 +981,25 @@ class ForwardedTrack(MediaStreamTrack):
             and not self.transcoded
             and isinstance(packet, av.Packet)
             and self._queue.empty()
-            and self.send_now(packet, payloads)
         ):
-            self.stats.frames_out += 1
-            self.stats.frames_direct += 1
-            self.stats.bytes_out += packet.size
-            return
+            try:
+                sent = self.send_now(packet, payloads)
+            except Exception:
+                # This viewer only (the relay's other viewers are served in the same
+                # call): its frames go through its sender's loop from now on, from the
+                # next keyframe, since this one may have left only in part.
+                logger.exception("forwarding %s: sending a frame at once failed", self.kind)
+                self.send_now = None
+                self.stats.frames_dropped += 1
+                if self.kind == "video":
+                    self._awaiting_keyframe = True
+                    self._ask_keyframe()
+                return
+            if sent:
+                self.stats.frames_out += 1
+                self.stats.frames_direct += 1
+                self.stats.bytes_out += packet.size
+                return
         self._queue.put_nowait((packet, payloads))
 
     def request_keyframe(self) -> None:

@@ -18,6 +18,7 @@ import aioice
 import aioice.ice
 import aiortc
 import av
+import pylibsrtp
 import pytest
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, clock
 from aiortc.codecs import depayload
@@ -1005,3 +1006,26 @@ async def test_a_dtls_transport_without_what_send_now_reads_leaves_frames_to_the
     assert not frame_loop._direct
     assert "__tx_bytes" in caplog.text
     assert "sender's loop only" in caplog.text
+
+
+def test_a_viewer_whose_send_at_once_fails_goes_back_to_its_loop_from_a_keyframe(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    asked: list[str] = []
+    stats = ViewerStats()
+    track = ForwardedTrack("video", stats, request_keyframe=lambda: asked.append("keyframe"))
+
+    def failing(packet: av.Packet[Any], payloads: list[bytes]) -> bool:
+        raise pylibsrtp.Error("srtp_err_status_fail")
+
+    track.send_now = failing
+    with caplog.at_level("ERROR", logger="services.video.forwarding"):
+        # Raised inside the relay's fan-out, it would cost every later viewer the frame.
+        track.offer(av_packet(KEYFRAME, 0), keyframe=True, payloads=[KEYFRAME])
+    assert "sending a frame at once failed" in caplog.text
+    assert track.send_now is None
+    assert (stats.frames_out, stats.frames_dropped, asked) == (0, 1, ["keyframe"])
+    track.offer(av_packet(DELTA, 3000), keyframe=False, payloads=[DELTA])
+    assert track._queue.empty()  # it may have left in part: the viewer resyncs on a keyframe
+    track.offer(av_packet(KEYFRAME, 6000), keyframe=True, payloads=[KEYFRAME])
+    assert track._queue.qsize() == 1  # for the sender's loop
