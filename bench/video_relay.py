@@ -570,7 +570,7 @@ def main() -> None:
     parser.add_argument("--size", default="640x480", help="publisher's frame size, WxH")
     parser.add_argument(
         "--send-path",
-        choices=["direct", "frame", "stock"],
+        choices=SEND_PATHS,
         default="direct",
         help="the relay's send path per viewer (direct: frames sent as they are complete, "
         "frame: by each viewer's sender task, stock: aiortc's own RTP loop)",

@@ -77,6 +77,8 @@ class StreamState(StrEnum):
 
 
 FINISHED = frozenset({StreamState.STOPPED, StreamState.FAILED, StreamState.EXPIRED})
+# The states a nurse's or provider's stop acts on, and what their pages show as shown.
+SHOWN = (StreamState.PENDING, StreamState.CLAIMED, StreamState.OFFERED, StreamState.LIVE)
 
 
 class CameraBusy(Exception):
@@ -275,9 +277,8 @@ async def showing(store: Store, encounter_id: str) -> set[str]:
     what a second start would be refused (409). The visit's pages render their buttons from
     it, so a camera shown before the page loaded is offered as one to stop."""
     rows = await store.query(
-        "SELECT camera FROM camera_streams WHERE encounter_id = ? "
-        "AND state IN ('pending', 'claimed', 'offered', 'live')",
-        (encounter_id,),
+        "SELECT camera FROM camera_streams WHERE encounter_id = ? AND state IN (?, ?, ?, ?)",
+        (encounter_id, *SHOWN),
     )
     return {str(row[0]) for row in rows}
 
@@ -289,8 +290,8 @@ async def stop(store: Store, service: VideoService, camera: str, encounter_id: s
     def update(conn: sqlite3.Connection) -> list[str | None]:
         rows = conn.execute(
             "UPDATE camera_streams SET state = 'stopping' WHERE camera = ? AND encounter_id = ? "
-            "AND state IN ('pending', 'claimed', 'offered', 'live') RETURNING participant_id",
-            (camera, encounter_id),
+            "AND state IN (?, ?, ?, ?) RETURNING participant_id",
+            (camera, encounter_id, *SHOWN),
         ).fetchall()
         return [None if row[0] is None else str(row[0]) for row in rows]
 
