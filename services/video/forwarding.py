@@ -43,7 +43,10 @@ any of the internals below change):
   ``transport.transport._connection``) gets ``_DirectSrtpReceive`` as its
   ``data_received``: an SRTP packet is handled as it is read, with the DTLS transport's
   ``_rx_srtp``, ``_state``, ``_handle_rtp_data`` and receive counters, instead of through the
-  connection's ``_queue`` and the DTLS transport's task; all else still queues;
+  connection's ``_queue`` and the DTLS transport's task; all else still queues. Having
+  handled one, it reads what else the nominated pair's socket holds (the ``_sock`` of
+  asyncio's selector datagram transport; ``_nominated`` as above) and hands it to the pair's
+  protocol as the loop would, at most ``READS_PER_CALL`` datagrams a callback;
 * the receiver's ``__remote_bitrate_estimator`` is wrapped, so that the REMB the box sends
   the publisher never exceeds the cap the WAN leg sets (``services/video/bandwidth.py``);
 * video is VP8 or H.264, as the publisher's offer chose; frames are packetized once per
@@ -157,6 +160,10 @@ VIDEO_MIME_TYPES = ("video/vp8", "video/h264")
 # Frames a viewer may lag behind before it is resynchronised on a keyframe (~1 s of video).
 VIEWER_QUEUE_FRAMES = {"video": 30, "audio": 50}
 KEYFRAME_MIN_INTERVAL = 0.5  # seconds between keyframe requests sent to the publisher
+# Datagrams the publisher's connection reads in one socket callback (_DirectSrtpReceive):
+# a 720p keyframe is ~30 packets; the loop gets a turn at least this often under a flood.
+READS_PER_CALL = 32
+DATAGRAM_MAX = 256 * 1024  # asyncio's datagram transport reads up to this much
 
 
 class AiortcInternalsChanged(RuntimeError):
@@ -433,9 +440,17 @@ class _DirectSrtpReceive:
     suspending (its RTCP sends are UDP writes); if it does suspend (a TURN channel still
     being bound), a task finishes it and the packets arriving meanwhile wait behind it, in
     order. Counts its packets in ``packets``.
+
+    Having handled a packet, it reads what else the socket of the connection's nominated
+    pair holds (``_drain``): a frame's packets arrive together, and stock asyncio reads one
+    datagram per turn of the loop, each turn a ``select``. Each is passed to the pair's
+    protocol exactly as the loop would pass it (so STUN, DTLS and SRTCP take their usual
+    way); at most ``READS_PER_CALL`` datagrams are read in one callback, so a flood cannot
+    keep the loop from its other work. Not on a TURN relay (its datagrams come wrapped).
+    Counts the datagrams it read in ``drained``.
     """
 
-    def __init__(self, dtls: Any, connection: Any) -> None:
+    def __init__(self, dtls: Any, connection: Any, drain: bool = True) -> None:
         _require(dtls, "_rx_srtp")  # None until the DTLS handshake keys SRTP
         _require(dtls, "_handle_rtp_data")
         _require(dtls, "_state", DtlsState)
@@ -448,11 +463,15 @@ class _DirectSrtpReceive:
         self._dtls = dtls
         self._backlog: collections.deque[tuple[bytes, int]] | None = None
         self._task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
+        self._connection = connection
+        _require(connection, "_nominated", dict)
+        self._draining = not drain  # False: read only by the loop, one datagram a turn
         self.packets = 0
+        self.drained = 0  # datagrams read by _drain rather than by the loop
         self.failures = 0  # packets whose handling raised (logged, then dropped)
 
     @classmethod
-    def install(cls, receiver: RTCRtpReceiver) -> _DirectSrtpReceive:
+    def install(cls, receiver: RTCRtpReceiver, drain: bool = True) -> _DirectSrtpReceive:
         """On the ICE connection under ``receiver``'s transport, once per connection (the
         publisher's audio and video share one with BUNDLE)."""
         dtls = _require(receiver, "transport")
@@ -460,7 +479,7 @@ class _DirectSrtpReceive:
         installed = connection.__dict__.get("data_received")
         if isinstance(installed, cls):
             return installed
-        direct = cls(dtls, connection)
+        direct = cls(dtls, connection, drain)
         connection.data_received = direct
         return direct
 
@@ -483,8 +502,36 @@ class _DirectSrtpReceive:
         arrival_time_ms = int((time.time() + NTP_UNIX_OFFSET) * 1000)  # aiortc's current_ms()
         if self._backlog is not None:  # an earlier packet's handling is still suspended
             self._backlog.append((data, arrival_time_ms))
+        else:
+            self._handle(data, arrival_time_ms)
+        if not self._draining:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Hand the pair's protocol the datagrams its socket already holds, in order, as
+        asyncio's datagram transport would on the next turns of the loop (its errors too)."""
+        pair = self._connection._nominated.get(1)
+        if pair is None or type(pair.protocol) is not aioice.ice.StunProtocol:
             return
-        self._handle(data, arrival_time_ms)
+        protocol = pair.protocol
+        udp = getattr(protocol, "transport", None)  # set once its socket is made
+        sock = getattr(udp, "_sock", None)  # asyncio's selector datagram transport's
+        if udp is None or sock is None or udp.is_closing():
+            return
+        self._draining = True
+        try:
+            for _ in range(READS_PER_CALL - 1):
+                try:
+                    data, addr = sock.recvfrom(DATAGRAM_MAX)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    protocol.error_received(exc)
+                    return
+                self.drained += 1
+                protocol.datagram_received(data, addr)
+        finally:
+            self._draining = False
 
     def _unprotect(self, data: bytes) -> bytes | None:
         """The RTP packet, or None if SRTP refused it (dropped, as aiortc drops it)."""
@@ -1054,8 +1101,8 @@ class ForwardingRelay:
     aiortc RTP loop (packetizing per viewer, per-packet headers); it exists to measure what
     ``_FrameSender`` saves (bench/video_relay.py); ``direct_send=False`` sends every frame
     from the viewer's sender task (``_FrameSender.send_now``); ``direct_receive=False`` leaves the
-    publisher's packets to aiortc's queue and DTLS task (``_DirectSrtpReceive``), for the
-    same reason. ``transcode_budget`` is the box's cap
+    publisher's packets to aiortc's queue and DTLS task (``_DirectSrtpReceive``), and
+    ``drain_reads=False`` has them read one per turn of the loop, for the same reason. ``transcode_budget`` is the box's cap
     on transcoding encoders (shared by every relay; one of its own, for one encoder, if not
     given); ``on_transcode_refused`` hears the id of a viewer refused for lack of one.
     """
@@ -1071,6 +1118,7 @@ class ForwardingRelay:
         frame_sender: bool = True,
         direct_send: bool = True,
         direct_receive: bool = True,
+        drain_reads: bool = True,
         transcode_fallback: bool = True,
         transcode_budget: TranscodeBudget | None = None,
         on_transcode_refused: Callable[[str], None] | None = None,
@@ -1113,6 +1161,7 @@ class ForwardingRelay:
         self._frame_sender = frame_sender
         self._direct_send = direct_send
         self._direct_receive = direct_receive
+        self._drain_reads = drain_reads
         # The publisher's DTLS transport whose ICE connection hands SRTP straight to it.
         self._direct_on: object | None = None
         self.direct: _DirectSrtpReceive | None = None  # shared by the publisher's tracks
@@ -1451,7 +1500,7 @@ class ForwardingRelay:
                 self.direct = None
                 if isinstance(transport, RTCDtlsTransport):
                     try:
-                        self.direct = _DirectSrtpReceive.install(self._receiver)
+                        self.direct = _DirectSrtpReceive.install(self._receiver, self._drain_reads)
                     except AiortcInternalsChanged as exc:  # stock aiortc's path still works
                         logger.warning("forwarding: packets go through aiortc's queue: %s", exc)
         if codec.mimeType.lower() != self.mime_type.lower():

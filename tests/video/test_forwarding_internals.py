@@ -11,6 +11,7 @@ import fractions
 import inspect
 import queue
 import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,7 @@ from services.video.forwarding import (
     DTLS_RX_PACKETS,
     DTLS_TX_BYTES,
     DTLS_TX_PACKETS,
+    READS_PER_CALL,
     RECEIVER_BITRATE_ESTIMATOR,
     RECEIVER_DECODER_QUEUE,
     RECEIVER_JITTER_BUFFER,
@@ -819,6 +821,102 @@ async def test_a_suspended_packet_holds_the_ones_behind_it_in_order(
     direct(srtp(tx, 30), 1)
     assert handled[-1] == 30
     assert connection._queue.empty()
+
+
+async def relay_socket(
+    connection: Any, protocol_type: type = aioice.ice.StunProtocol
+) -> tuple[asyncio.DatagramTransport, socket.socket]:
+    """The relay's end of a nominated pair, as ICE leaves it: a real UDP socket on 127.0.0.1
+    whose protocol hands what it reads to ``connection``, and the publisher's socket."""
+    udp, protocol = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: protocol_type(connection), local_addr=("127.0.0.1", 0)
+    )
+    host, port = udp.get_extra_info("sockname")
+    protocol.local_candidate = aioice.Candidate(
+        foundation="1", component=1, transport="udp", priority=1, host=host, port=port, type="host"
+    )
+    publisher = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    publisher.bind(("127.0.0.1", 0))
+    p_host, p_port = publisher.getsockname()
+    remote = aioice.Candidate(
+        foundation="2",
+        component=1,
+        transport="udp",
+        priority=1,
+        host=p_host,
+        port=p_port,
+        type="host",
+    )
+    connection._nominated[1] = aioice.ice.CandidatePair(protocol, remote)
+    return udp, publisher
+
+
+async def test_a_burst_is_read_in_one_callback_a_bounded_number_at_a_time() -> None:
+    dtls, tx = direct_transport()
+    connection = dtls.transport._connection
+    handled: list[int] = []
+
+    async def handle(data: bytes, arrival_time_ms: int) -> None:
+        handled.append(RtpPacket.parse(data).sequence_number)
+
+    dtls._handle_rtp_data = handle  # type: ignore[method-assign]
+    direct = _DirectSrtpReceive(dtls, connection)
+    connection.data_received = direct
+    udp, publisher = await relay_socket(connection)
+    to = udp.get_extra_info("sockname")
+    try:
+        burst = READS_PER_CALL + 8
+        for seq in range(burst):  # all in the socket before the loop reads the first
+            publisher.sendto(srtp(tx, seq), to)
+        await wait_until(lambda: len(handled) == burst)
+        assert handled == list(range(burst))
+        # The loop read two (one per callback); the rest were read behind them: 31, then 7,
+        # so the loop got a turn after READS_PER_CALL datagrams.
+        assert direct.drained == burst - 2
+        assert direct.packets == burst
+
+        # What is not SRTP takes its usual way from the drain too, and nothing overtakes it.
+        dtls_record = b"\x16\xfe\xfd" + bytes(20)
+        for seq in range(100, 103):
+            publisher.sendto(srtp(tx, seq), to)
+        publisher.sendto(dtls_record, to)
+        later = [srtp(tx, seq) for seq in range(103, 106)]
+        for data in later:
+            publisher.sendto(data, to)
+        await wait_until(lambda: connection._queue.qsize() == 4)
+        assert handled[burst:] == [100, 101, 102]
+        assert [connection._queue.get_nowait() for _ in range(4)] == [
+            (dtls_record, 1),
+            *((data, 1) for data in later),
+        ]
+        assert direct.drained == burst - 2 + 6
+    finally:
+        udp.close()
+        publisher.close()
+
+
+async def test_no_drain_through_a_relay_or_when_turned_off() -> None:
+    for protocol_type, drain in ((SlowRelayProtocol, True), (aioice.ice.StunProtocol, False)):
+        dtls, tx = direct_transport()
+        connection = dtls.transport._connection
+        handled: list[int] = []
+
+        async def handle(data: bytes, arrival_time_ms: int, into: list[int] = handled) -> None:
+            into.append(RtpPacket.parse(data).sequence_number)
+
+        dtls._handle_rtp_data = handle  # type: ignore[method-assign]
+        direct = _DirectSrtpReceive(dtls, connection, drain=drain)
+        connection.data_received = direct
+        udp, publisher = await relay_socket(connection, protocol_type)
+        try:
+            for seq in range(10):
+                publisher.sendto(srtp(tx, seq), udp.get_extra_info("sockname"))
+            await wait_until(lambda into=handled: len(into) == 10)  # type: ignore[misc]
+            assert handled == list(range(10))
+            assert direct.drained == 0, protocol_type
+        finally:
+            udp.close()
+            publisher.close()
 
 
 async def wait_until(predicate: Callable[[], bool], seconds: float = 2.0) -> None:
