@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -173,6 +174,8 @@ class RelayServer:
             return {
                 "cpu": time.process_time(),
                 "cpu_system": os.times().system,  # of it, in the kernel (socket calls)
+                # times the process slept and was woken (each costs a cold start)
+                "wakeups": resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw,
                 "wall": time.monotonic(),
                 "bytes_in": stats.bytes_in,
                 "keyframe_requests": stats.keyframe_requests_sent,
@@ -351,6 +354,7 @@ async def measure_mode(
                 "viewers": count,
                 "cpu_percent": round(cpu, 2),
                 "system_percent": round(100 * (end["cpu_system"] - start["cpu_system"]) / wall, 2),
+                "wakeups_per_s": round((end["wakeups"] - start["wakeups"]) / wall),
             }
             if windows > 1:
                 row["cpu_windows"] = [round(c, 2) for c in cpus]

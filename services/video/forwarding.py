@@ -521,6 +521,8 @@ class _DirectSrtpReceive:
         self._draining = True
         try:
             for _ in range(READS_PER_CALL - 1):
+                if udp.is_closing():  # closed by what the last datagram did
+                    return
                 try:
                     data, addr = sock.recvfrom(DATAGRAM_MAX)
                 except (BlockingIOError, InterruptedError):
