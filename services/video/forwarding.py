@@ -465,7 +465,8 @@ class _DirectSrtpReceive:
         self._task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
         self._connection = connection
         _require(connection, "_nominated", dict)
-        self._draining = not drain  # False: read only by the loop, one datagram a turn
+        self._drain_reads = drain  # False: read only by the loop, one datagram a turn
+        self._draining = False
         self.packets = 0
         self.drained = 0  # datagrams read by _drain rather than by the loop
         self.failures = 0  # packets whose handling raised (logged, then dropped)
@@ -504,7 +505,7 @@ class _DirectSrtpReceive:
             self._backlog.append((data, arrival_time_ms))
         else:
             self._handle(data, arrival_time_ms)
-        if not self._draining:
+        if self._drain_reads and not self._draining:
             self._drain()
 
     def _drain(self) -> None:
@@ -516,12 +517,12 @@ class _DirectSrtpReceive:
         protocol = pair.protocol
         udp = getattr(protocol, "transport", None)  # set once its socket is made
         sock = getattr(udp, "_sock", None)  # asyncio's selector datagram transport's
-        if udp is None or sock is None or udp.is_closing():
+        if udp is None or sock is None:
             return
         self._draining = True
         try:
             for _ in range(READS_PER_CALL - 1):
-                if udp.is_closing():  # closed by what the last datagram did
+                if udp.is_closing():  # closing, or closed by what the last datagram did
                     return
                 try:
                     data, addr = sock.recvfrom(DATAGRAM_MAX)
@@ -1104,8 +1105,8 @@ class ForwardingRelay:
     ``_FrameSender`` saves (bench/video_relay.py); ``direct_send=False`` sends every frame
     from the viewer's sender task (``_FrameSender.send_now``); ``direct_receive=False`` leaves the
     publisher's packets to aiortc's queue and DTLS task (``_DirectSrtpReceive``), and
-    ``drain_reads=False`` has them read one per turn of the loop, for the same reason. ``transcode_budget`` is the box's cap
-    on transcoding encoders (shared by every relay; one of its own, for one encoder, if not
+    ``drain_reads=False`` has them read one per turn of the loop, for the same reason.
+    ``transcode_budget`` is the box's cap on transcoding encoders (shared by every relay; one of its own, for one encoder, if not
     given); ``on_transcode_refused`` hears the id of a viewer refused for lack of one.
     """
 

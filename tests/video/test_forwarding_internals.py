@@ -826,28 +826,11 @@ async def test_a_suspended_packet_holds_the_ones_behind_it_in_order(
 async def relay_socket(
     connection: Any, protocol_type: type = aioice.ice.StunProtocol
 ) -> tuple[asyncio.DatagramTransport, socket.socket]:
-    """The relay's end of a nominated pair, as ICE leaves it: a real UDP socket on 127.0.0.1
-    whose protocol hands what it reads to ``connection``, and the publisher's socket."""
-    udp, protocol = await asyncio.get_running_loop().create_datagram_endpoint(
-        lambda: protocol_type(connection), local_addr=("127.0.0.1", 0)
-    )
-    host, port = udp.get_extra_info("sockname")
-    protocol.local_candidate = aioice.Candidate(
-        foundation="1", component=1, transport="udp", priority=1, host=host, port=port, type="host"
-    )
+    """The relay's end of a nominated pair, as ICE leaves it (``nominated_udp``), and the
+    publisher's socket at the other end."""
     publisher = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     publisher.bind(("127.0.0.1", 0))
-    p_host, p_port = publisher.getsockname()
-    remote = aioice.Candidate(
-        foundation="2",
-        component=1,
-        transport="udp",
-        priority=1,
-        host=p_host,
-        port=p_port,
-        type="host",
-    )
-    connection._nominated[1] = aioice.ice.CandidatePair(protocol, remote)
+    udp = await nominated_udp(connection, publisher.getsockname(), protocol_type)
     return udp, publisher
 
 
@@ -949,21 +932,30 @@ class SlowRelayProtocol(aioice.ice.StunProtocol):
 
 
 async def nominated_udp(
-    dtls: RTCDtlsTransport,
-    sink: asyncio.DatagramTransport,
+    connection: Any,
+    remote: tuple[str, int],
     protocol_type: type = aioice.ice.StunProtocol,
-) -> None:
-    """Nominate a pair on ``dtls``'s ICE connection, as ICE would: a real UDP socket on
-    127.0.0.1 to the sink's address."""
-    connection = dtls.transport._connection
-    _, protocol = await asyncio.get_running_loop().create_datagram_endpoint(
+) -> asyncio.DatagramTransport:
+    """Nominate a pair on an ICE connection, as ICE would: a real UDP socket on 127.0.0.1
+    (whose protocol hands what it reads to ``connection``) to the ``remote`` address."""
+    udp, protocol = await asyncio.get_running_loop().create_datagram_endpoint(
         lambda: protocol_type(connection), local_addr=("127.0.0.1", 0)
     )
-    host, port = sink.get_extra_info("sockname")
-    remote = aioice.Candidate(
+    (host, port), (r_host, r_port) = udp.get_extra_info("sockname"), remote
+    protocol.local_candidate = aioice.Candidate(
         foundation="1", component=1, transport="udp", priority=1, host=host, port=port, type="host"
     )
-    connection._nominated[1] = aioice.ice.CandidatePair(protocol, remote)
+    remote_candidate = aioice.Candidate(
+        foundation="2",
+        component=1,
+        transport="udp",
+        priority=1,
+        host=r_host,
+        port=r_port,
+        type="host",
+    )
+    connection._nominated[1] = aioice.ice.CandidatePair(protocol, remote_candidate)
+    return udp
 
 
 def av_packet(frame: bytes, pts: int) -> av.Packet[Any]:
@@ -982,6 +974,7 @@ async def test_a_frame_finding_its_sender_idle_goes_out_at_once_in_order_with_th
     sink, sunk = await asyncio.get_running_loop().create_datagram_endpoint(
         Sink, local_addr=("127.0.0.1", 0)
     )
+    connection, sink_at = dtls.transport._connection, sink.get_extra_info("sockname")
     stats = ViewerStats()
     track = ForwardedTrack("video", stats, request_keyframe=lambda: None)
     sender = RTCRtpSender(track, dtls)
@@ -999,7 +992,7 @@ async def test_a_frame_finding_its_sender_idle_goes_out_at_once_in_order_with_th
         await wait_until(lambda: track.send_now is not None)
         assert frame_loop.send_now(av_packet(frames[0], 0), first) is False  # no pair yet
 
-        await nominated_udp(dtls, sink)
+        await nominated_udp(connection, sink_at)
         track.offer(av_packet(frames[0], 0), keyframe=True, payloads=first)
         # Sent inside offer, through SRTP and the pair's socket: nothing for the loop.
         assert track._queue.empty()
@@ -1010,11 +1003,11 @@ async def test_a_frame_finding_its_sender_idle_goes_out_at_once_in_order_with_th
 
         # A pair that is not plain UDP (TURN): the loop sends, through _send_rtp; a frame
         # offered while it is still sending waits for it, even on a plain pair again.
-        await nominated_udp(dtls, sink, SlowRelayProtocol)
+        await nominated_udp(connection, sink_at, SlowRelayProtocol)
         track.offer(av_packet(frames[1], 3000), keyframe=False, payloads=payloads[1])
         assert track._queue.qsize() == 1
         await wait_until(lambda: len(sunk.received) > len(first))  # the loop is mid-frame
-        await nominated_udp(dtls, sink)
+        await nominated_udp(connection, sink_at)
         track.offer(av_packet(frames[2], 6000), keyframe=False, payloads=payloads[2])
         sent_so_far = sum(map(len, payloads[:3]))
         await wait_until(lambda: len(sunk.received) == sent_so_far)
