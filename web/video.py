@@ -320,7 +320,8 @@ async def provider_exam_camera(token: str) -> ResponseReturnValue:
 
 async def _exam_still(name: str, patient_id: str, visit: str, actor: str) -> ResponseReturnValue:
     """A still from camera ``name`` for ``visit``, asked as ``actor`` (who may: the caller
-    checked); an undeclared camera 404.
+    checked); an undeclared camera 404; 409 while the camera is shown live in another visit
+    (the still would be of that visit's patient).
 
     This process may not open cameras (its unit has ``PrivateDevices=yes``): it asks the
     devices process through the store and waits for the outcome, one still at a time per
@@ -335,9 +336,12 @@ async def _exam_still(name: str, patient_id: str, visit: str, actor: str) -> Res
         abort(404)
     locks: dict[str, asyncio.Lock] = current_app.extensions.setdefault("exam_cameras", {})
     async with locks.setdefault(name, asyncio.Lock()):
-        request_id = await still_requests.submit(
-            state.store, name, patient_id, visit, actor, state.clock()
-        )
+        try:
+            request_id = await still_requests.submit(
+                state.store, name, patient_id, visit, actor, state.clock()
+            )
+        except camera_streams.CameraBusy as busy:  # live in another visit: another patient
+            return {"error": str(busy)}, 409
         outcome = await still_requests.wait(
             state.store, request_id, timeout_s=state.still_wait_s, clock=state.clock
         )

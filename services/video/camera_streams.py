@@ -178,6 +178,17 @@ async def _finish(
 # -- the web side ----------------------------------------------------------------------------
 
 
+def shown_in(conn: sqlite3.Connection, camera: str) -> str | None:
+    """The visit ``camera`` is shown in (or being started for), if any; call
+    :func:`end_stale` first in the same transaction."""
+    row = conn.execute(
+        "SELECT encounter_id FROM camera_streams WHERE camera = ? AND state IN "
+        "('pending', 'claimed', 'offered', 'live', 'stopping') LIMIT 1",
+        (camera,),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 async def submit(
     store: Store, camera: str, encounter_id: str, requested_by: str, now: datetime
 ) -> int:
@@ -185,12 +196,7 @@ async def submit(
 
     def insert(conn: sqlite3.Connection) -> int:
         end_stale(conn, now)
-        busy = conn.execute(
-            "SELECT 1 FROM camera_streams WHERE camera = ? AND state IN "
-            "('pending', 'claimed', 'offered', 'live', 'stopping') LIMIT 1",
-            (camera,),
-        ).fetchone()
-        if busy:
+        if shown_in(conn, camera) is not None:
             return 0
         cursor = conn.execute(
             "INSERT INTO camera_streams (camera, encounter_id, requested_by, requested_at) "

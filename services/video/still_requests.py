@@ -41,6 +41,7 @@ from enum import StrEnum
 from appliance.config import ExamCameraConfig
 from appliance.errors import ApplianceError
 from appliance.store import Store
+from services.video import camera_streams
 from services.video.exam_camera import CameraError, CameraHub, take_still
 
 logger = logging.getLogger(__name__)
@@ -123,9 +124,19 @@ async def submit(
     requested_by: str,
     now: datetime,
 ) -> int:
-    """Ask the devices process for a still; returns the request's id once it is committed."""
+    """Ask the devices process for a still; returns the request's id once it is committed.
+
+    ``CameraBusy`` while the camera is shown live in another visit: the still would be of
+    that visit's patient, filed under this one's (and synced to the EHR as such).
+    """
 
     def insert(conn: sqlite3.Connection) -> int:
+        camera_streams.end_stale(conn, now)
+        shown = camera_streams.shown_in(conn, camera)
+        if shown is not None and shown != encounter_id:
+            raise camera_streams.CameraBusy(
+                f"the {camera} is live in another visit; stop it there first"
+            )
         cursor = conn.execute(
             "INSERT INTO camera_requests "
             "(camera, patient_id, encounter_id, requested_by, requested_at) VALUES (?,?,?,?,?)",

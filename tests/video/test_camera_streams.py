@@ -156,6 +156,15 @@ async def test_the_provider_sees_the_camera_as_a_labelled_tile_until_the_nurse_s
         # A second start of the same camera is refused while it is on.
         with pytest.raises(CameraBusy):
             await camera_streams.submit(store, "otoscope", VISIT, NURSE, datetime.now(UTC))
+        # A still from it for another visit too (that visit's patient is not on it); for
+        # this visit it is asked.
+        with pytest.raises(CameraBusy):
+            await still_requests.submit(
+                store, "otoscope", "patient-x", "other-visit", NURSE, datetime.now(UTC)
+            )
+        assert await still_requests.submit(
+            store, "otoscope", "patient-x", VISIT, NURSE, datetime.now(UTC)
+        )
 
         assert await camera_streams.stop(store, b.service, "otoscope", VISIT) == 1
         b.provider.last("left", participant=camera)  # the tile goes at once

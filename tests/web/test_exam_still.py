@@ -13,6 +13,7 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,50 @@ async def test_a_still_asked_through_the_page_is_taken_by_the_devices_worker(
         assert outbox == "pending"
     finally:
         conn.close()
+
+
+async def test_no_still_while_the_camera_is_live_in_another_visit(
+    config: Config,
+    store: Store,
+    clock: FakeClock,
+    seeded: Seeded,
+    db_path: Path,
+    kek_path: Path,
+    nurse_account: None,
+) -> None:
+    """The camera shows another visit's patient: a still asked for this visit would be that
+    patient's picture filed under this one (and synced to the EHR). 409, nothing asked;
+    once the stream has ended, the still is taken."""
+    other = await seed(store, clock, factories.patient(family="Zzother"))
+    stamp = clock().astimezone(UTC).isoformat(timespec="microseconds")
+    conn = sqlite3.connect(db_path)
+    with conn:
+        stream = conn.execute(
+            "INSERT INTO camera_streams (camera, encounter_id, requested_by, requested_at, "
+            "state, alive_at) VALUES (?, ?, 'user:other', ?, 'live', ?)",
+            (CAMERA, other.encounter_id, stamp, stamp),
+        ).lastrowid
+    before = await store.last_row_id()
+    async with (
+        _nurse(config, store, clock) as nurse,
+        still_worker(db_path, kek_path, config.exam_cameras, clock=clock) as worker,
+    ):
+        form = await _form(nurse, seeded.encounter_id)
+        refused = await nurse.post("/video/nurse/still", form=form)
+        assert refused.status_code == 409
+        assert (await refused.get_json())["error"] == (
+            f"the {CAMERA} is live in another visit; stop it there first"
+        )
+        assert _requests(db_path) == []
+        assert await store.last_row_id() == before
+        with conn:
+            conn.execute("UPDATE camera_streams SET state = 'stopped' WHERE id = ?", (stream,))
+        taken = await nurse.post("/video/nurse/still", form=form)
+        assert taken.status_code == 200, await taken.get_data()
+    conn.close()
+    assert (worker.taken, worker.failed) == (1, 0)
+    media = await store.read("Media", (await taken.get_json())["media"], "user:test")
+    assert media["subject"] == {"reference": f"Patient/{seeded.patient_id}"}
 
 
 async def test_a_camera_that_is_not_there_answers_with_the_devices_words(
