@@ -998,9 +998,9 @@ async def _add_candidate(pc: RTCPeerConnection, message: Candidate) -> None:
     if not message.candidate:
         await pc.addIceCandidate(None)
         return
-    candidate = candidate_from_sdp(message.candidate.removeprefix("candidate:"))
-    candidate.sdpMid, candidate.sdpMLineIndex = message.sdp_mid, message.sdp_mline_index
     try:
+        candidate = candidate_from_sdp(message.candidate.removeprefix("candidate:"))
+        candidate.sdpMid, candidate.sdpMLineIndex = message.sdp_mid, message.sdp_mline_index
         await pc.addIceCandidate(candidate)
     except Exception as exc:  # checked already; aiortc may still refuse (e.g. no transport)
         logger.info("candidate refused by aiortc (%s)", type(exc).__name__)

@@ -34,6 +34,7 @@ _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{1,2048}")
 _SDP_LINE = re.compile(r"[a-z]=[\x20-\x7e\t]*")
 _MEDIA_LINE = re.compile(r"m=(audio|video|application) (\d{1,5})(?:/\d+)? (\S+)(?: \S+)+")
 _FOUNDATION = re.compile(r"[A-Za-z0-9+/]{1,32}")
+_CANDIDATE_CHARS = re.compile(r"[\x21-\x7e ]*")
 _MDNS_NAME = re.compile(r"[A-Za-z0-9-]{1,63}\.local")
 _EXTENSION_NAME = re.compile(r"[A-Za-z0-9-]{1,32}")
 _EXTENSION_VALUE = re.compile(r"[\x21-\x7e]{1,256}")
@@ -312,6 +313,10 @@ def validate_candidate(candidate: str) -> None:
     """Check an ICE candidate attribute (RFC 8839 §5.1), with or without ``candidate:``."""
     if len(candidate) > MAX_CANDIDATE_CHARS:
         raise SignallingError(ErrorCode.INVALID_CANDIDATE, "candidate is too long")
+    if not _CANDIDATE_CHARS.fullmatch(candidate):
+        # aiortc splits on any whitespace, this check on spaces: a tab or a newline would
+        # let the two read different fields.
+        raise SignallingError(ErrorCode.INVALID_CANDIDATE, "only printable ASCII and spaces")
     fields = candidate.removeprefix("candidate:").split(" ")
     if len(fields) < 8 or len(fields) % 2:
         raise SignallingError(ErrorCode.INVALID_CANDIDATE, "wrong number of fields")
@@ -343,6 +348,8 @@ def _check_address(text: str, related: bool = False) -> None:
     if _MDNS_NAME.fullmatch(text):
         return  # browsers hide host addresses behind mDNS names
     try:
+        if "%" in text:  # an IPv6 zone names an interface of the sender's, not an address
+            raise ValueError(text)
         address = ipaddress.ip_address(text)
     except ValueError:
         raise SignallingError(
