@@ -297,7 +297,8 @@ async def issue() -> ResponseReturnValue:
 @bp.post("/links/<int:link_id>/revoke")
 @login_required(role=_STAFF)
 async def revoke(link_id: int) -> ResponseReturnValue:
-    """Withdraw a link: it stops working at once (an open page's live feed ends too)."""
+    """Withdraw a link: it stops working at once (an open page's live feed ends too, and its
+    video connection leaves the visit within ``web.video.CREDENTIAL_CHECK_S``)."""
     state = app_state()
     session = await current_session()
     assert session is not None

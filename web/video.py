@@ -59,7 +59,7 @@ from web.app import AppState, app_state
 from web.auth import cookie_name as staff_cookie_name
 from web.auth import current_session, login_required, session_gate
 from web.kiosk import cookie_name as kiosk_cookie_name
-from web.provider import Guesses, check_form_token
+from web.provider import LINK_CHECK_S, Guesses, check_form_token
 from web.provider import cookie_name as visit_cookie_name
 from web.templating import render_template
 from web.video_messages import video_messages
@@ -71,6 +71,7 @@ bp = Blueprint("video", __name__)
 OUTGOING_QUEUE = 256  # server messages a client may leave unread before it is dropped
 POLICY_VIOLATION = 1008  # WebSocket close code (RFC 6455 §7.4.1)
 FLUSH_S = 1.0  # how long a flooding client's queued replies may take before it is dropped
+CREDENTIAL_CHECK_S = LINK_CHECK_S  # how often an open connection's visit link is re-checked
 _CLINIC = (StaffRole.NURSE, StaffRole.ADMIN)
 
 
@@ -82,6 +83,9 @@ class Caller:
     actor: str
     token: str  # what ``join.token`` must be
     patient_of: Callable[[str], Awaitable[str | None]]  # the visit's patient, if allowed
+    # Asked every ``CREDENTIAL_CHECK_S`` while connected (a visit link revoked, completed or
+    # expired meanwhile): False takes the caller out of the visit and closes the connection.
+    still_valid: Callable[[], Awaitable[bool]] | None = None
 
 
 def _connection() -> BaseRequestWebsocket:
@@ -174,7 +178,11 @@ async def _provider(token: str) -> Caller:
             return None
         return current.patient_id if current.encounter_id == visit else None
 
-    return Caller(Role.PROVIDER, link.actor, token, patient_of)
+    async def still_valid() -> bool:
+        current = await db.run_sync(state.store.connection, visit_links.by_id, link_id)
+        return current is not None and current.state(state.clock()) is LinkState.ACTIVE
+
+    return Caller(Role.PROVIDER, link.actor, token, patient_of, still_valid)
 
 
 async def _kiosk() -> Caller:
@@ -444,18 +452,32 @@ async def _serve(caller: Caller) -> ResponseReturnValue:
     await websocket.accept()
     reader = asyncio.create_task(_read(state, caller, session, send))
     tasks = [reader, asyncio.create_task(_write(outgoing)), asyncio.create_task(overflowed.wait())]
-    flooded = False
+    watcher = None
+    if caller.still_valid is not None:
+        watcher = asyncio.create_task(_until_invalid(caller.still_valid))
+        tasks.append(watcher)
+    flooded = revoked = False
     try:
         done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         flooded = reader in done and not reader.cancelled() and reader.exception() is None
+        revoked = (
+            watcher is not None
+            and watcher in done
+            and not watcher.cancelled()
+            and watcher.exception() is None
+        )
     finally:
         for task in tasks:
             task.cancel()
-        # A flooding connection leaves the visit. Any other end (the client went, the
-        # network dropped, a send stalled until the queue filled) keeps the seat for a
-        # ``resume`` on a new connection (docs/video.md).
-        closing = session.async_close() if flooded else session.async_disconnected()
+        # A flooding connection, or one whose link stopped working, leaves the visit. Any
+        # other end (the client went, the network dropped, a send stalled until the queue
+        # filled) keeps the seat for a ``resume`` on a new connection (docs/video.md).
+        leaves = flooded or revoked
+        closing = session.async_close() if leaves else session.async_disconnected()
         await asyncio.shield(closing)
+    if revoked:
+        logger.info("video signalling: %s no longer valid, taken out of the visit", caller.role)
+        send(encode_error(RoomErrorCode.NOT_ALLOWED, "this visit link no longer works"))
     for task in done:
         if not task.cancelled() and (error := task.exception()) is not None:
             logger.error("video signalling failed (%s)", type(error).__name__)
@@ -465,6 +487,14 @@ async def _serve(caller: Caller) -> ResponseReturnValue:
     # The reader stopped (a flood) or the client does not read what it is sent: drop it.
     await websocket.close(POLICY_VIOLATION)
     return ""  # ignored once accepted
+
+
+async def _until_invalid(still_valid: Callable[[], Awaitable[bool]]) -> None:
+    """Returns once ``still_valid()`` says no (asked every ``CREDENTIAL_CHECK_S``)."""
+    while True:
+        await asyncio.sleep(CREDENTIAL_CHECK_S)
+        if not await still_valid():
+            return
 
 
 async def _flush(outgoing: asyncio.Queue[bytes]) -> None:

@@ -28,6 +28,7 @@ from tests.web.conftest import NURSE, FakeClock, form_token
 from tests.web.test_kiosk import STATION, _paired
 from tests.web.test_provider import Seeded, audit_rows, issue_link, join, seed
 from tests.web.test_route_matrix import kiosk_token
+from web import video
 
 ORIGIN = {"Origin": "http://localhost"}
 
@@ -242,6 +243,42 @@ async def test_a_flooding_connection_is_closed_and_leaves_the_room(
     assert errors[-1] == "left"  # the connection left the room as it was dropped
     assert closed.value.args == (1008,) or "1008" in str(closed.value)
     await nurse.expect("left", participant=provider_id)
+
+
+async def test_a_revoked_link_takes_the_provider_out_of_the_call(
+    connected: tuple[Peer, Peer],
+    nurse: QuartClient,
+    seeded: Seeded,
+    nurse_csrf: str,
+    link: str,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Revoking a link stops it at once: an admitted provider is taken out of the visit
+    (not kept for a resume) and its connection closed, within a re-check of the link."""
+    monkeypatch.setattr(video, "CREDENTIAL_CHECK_S", 0.1)
+    nurse_ws, provider_ws = connected
+    visit = seeded.encounter_id
+    await nurse_ws.send(type="join", visit=visit, role="nurse", token=nurse_csrf)
+    await nurse_ws.expect("joined")
+    await provider_ws.send(type="join", visit=visit, role="provider", token=link)
+    provider_id = (await provider_ws.expect("joined"))["participant"]
+    await provider_ws.expect("participant", role="nurse")
+    await nurse_ws.expect("participant", participant=provider_id)
+    await nurse_ws.send(type="admit", participant=provider_id)
+    for each in (nurse_ws, provider_ws):
+        await each.expect("admitted", participant=provider_id)
+    await asyncio.sleep(0.3)  # re-checked a few times: still valid, still in
+    [(link_id,)] = await store.query("SELECT id FROM visit_links")
+    revoked = await nurse.post(f"/visit/links/{link_id}/revoke", form={"csrf_token": nurse_csrf})
+    assert revoked.status_code == 303
+    # "left", not "reconnecting": out of the visit, no seat kept for a resume.
+    await nurse_ws.expect("left", participant=provider_id)
+    messages: list[str] = []
+    with pytest.raises(WebsocketDisconnectError) as closed:
+        await _drain(provider_ws, messages)
+    assert messages[-1] == "not_allowed", messages
+    assert closed.value.args == (1008,) or "1008" in str(closed.value)
 
 
 async def test_the_nurse_page_carries_the_panel_for_an_arrival_of_today_only(
