@@ -369,6 +369,11 @@ class VideoService:
     async def _join(self, session: Session, message: Join) -> None:
         media = self._media.setdefault(message.visit, _RoomMedia())
         async with media.lock:
+            if self._media.get(message.visit) is not media:
+                # The last member left while this join waited for the lock (its leave
+                # awaits connections closing): this room's media is dropped; start afresh.
+                await self._join(session, message)
+                return
             participant_id = self._new_id()
             try:
                 events = self.rooms.join(message.visit, participant_id, message.role, self._clock())

@@ -191,6 +191,36 @@ async def test_the_room_hears_of_joins_and_admits_and_newcomers_learn_who_is_the
             each.last("admitted", participant=provider.id, by=nurse.id)
 
 
+async def test_a_join_while_the_last_member_is_leaving_gets_a_room_that_works() -> None:
+    """The leave of a room's last member awaits its connections closing while it holds the
+    room's lock; a join waiting for that lock then finds the room's media dropped. It must
+    take a seat in a new room the service knows of, not in the dropped one (a ghost seat:
+    refused at its next message, and never freed)."""
+    async with video_service() as (service, client):
+        leaver, joiner = client("leaver"), client("joiner")
+        await leaver.join("nurse")
+        await leaver.publish()
+        await wait_for(lambda: service.connections(VISIT) == 1, 10, "the leaver's publish")
+        [member] = service._media[VISIT].members.values()
+        assert member.publish is not None
+        close = member.publish.close
+
+        async def slow_close() -> None:
+            await asyncio.sleep(0.3)
+            await close()
+
+        member.publish.close = slow_close  # type: ignore[method-assign]
+        leaving = asyncio.create_task(leaver.send(type="leave"))
+        await asyncio.sleep(0.05)  # the leave holds the lock, awaiting the close
+        await joiner.join("nurse")
+        await leaving
+        assert service.rooms.get(VISIT).participant(joiner.id).role == "nurse"
+        assert list(service._media[VISIT].members) == [joiner.id]
+        await joiner.publish()
+        assert "not_allowed" not in joiner.errors(), joiner.errors()
+        await wait_for(lambda: service.connections(VISIT) == 1, 10, "the joiner's publish")
+
+
 async def test_waiting_or_unjoined_participants_cannot_publish_or_run_the_room() -> None:
     async with video_service() as (_service, client):
         stranger, nurse, patient = client("stranger"), client("nurse"), client("patient")
