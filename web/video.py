@@ -551,6 +551,11 @@ async def _take_seat(
     may not take a seat in that visit), else handed to the service; a seat taken is audited
     as a ``read`` of the Encounter with ``detail``."""
     if patient is None:
+        # Refusals are audited too (who tried which visit), as the pages' are; the patient
+        # stays unresolved: the caller may not know whose visit it is.
+        verb = "resume" if isinstance(message, Resume) else "join"
+        refused = f"video visit {verb} as {caller.role} refused"
+        await _audit(state, caller.actor, None, message.visit, Outcome.DENIED, refused)
         send(encode_error(RoomErrorCode.NOT_ALLOWED, "this link or login cannot join that"))
         return
     await session.handle(message)
@@ -569,7 +574,12 @@ async def _may_join(caller: Caller, message: Join) -> str | None:
 
 
 async def _audit(
-    state: AppState, actor: str, patient_key: bytes, visit: str, outcome: Outcome, detail: str
+    state: AppState,
+    actor: str,
+    patient_key: bytes | None,
+    visit: str,
+    outcome: Outcome,
+    detail: str,
 ) -> None:
     event = AuditEvent(
         actor,

@@ -341,6 +341,20 @@ async def test_a_nurse_cannot_see_or_join_the_visit_of_a_patient_outside_normal_
         # The patient the nurse may see is still joinable on the same connection.
         await peer.send(type="join", visit=seeded.encounter_id, role="nurse", token=nurse_csrf)
         await peer.expect("joined", role="nurse", presence="admitted")
+    # The refusal is audited (who tried which visit), as the page's is.
+    denied = await store.query(
+        "SELECT action, outcome, entity, detail FROM audit WHERE actor = ? "
+        "AND outcome = 'denied' AND detail LIKE 'video visit %'",
+        (f"user:{NURSE}",),
+    )
+    assert denied == [
+        (
+            "read",
+            "denied",
+            f"Encounter/{stranger.encounter_id}",
+            "video visit join as nurse refused",
+        )
+    ]
 
 
 class TestTheSitesIceServers:
