@@ -145,6 +145,18 @@ async def connected(
         yield Peer(nurse_ws), Peer(provider_ws)
 
 
+async def _both_in(nurse: Peer, provider: Peer, visit: str, nurse_csrf: str, link: str) -> str:
+    """The nurse joins the visit, then the provider (waiting), each told of the other; the
+    provider's participant id."""
+    await nurse.send(type="join", visit=visit, role="nurse", token=nurse_csrf)
+    await nurse.expect("joined")
+    await provider.send(type="join", visit=visit, role="provider", token=link)
+    provider_id: str = (await provider.expect("joined"))["participant"]
+    await provider.expect("participant", role="nurse")
+    await nurse.expect("participant", participant=provider_id)
+    return provider_id
+
+
 async def test_a_nurse_admits_the_provider_into_the_same_visit(
     connected: tuple[Peer, Peer], seeded: Seeded, nurse_csrf: str, link: str, store: Store
 ) -> None:
@@ -198,13 +210,7 @@ async def test_bad_frames_get_errors_and_the_room_goes_on(
     connected: tuple[Peer, Peer], seeded: Seeded, nurse_csrf: str, link: str
 ) -> None:
     nurse, provider = connected
-    visit = seeded.encounter_id
-    await nurse.send(type="join", visit=visit, role="nurse", token=nurse_csrf)
-    await nurse.expect("joined")
-    await provider.send(type="join", visit=visit, role="provider", token=link)
-    provider_id = (await provider.expect("joined"))["participant"]
-    await provider.expect("participant", role="nurse")
-    await nurse.expect("participant")
+    provider_id = await _both_in(nurse, provider, seeded.encounter_id, nurse_csrf, link)
 
     await provider.ws.send("{nope")
     await provider.expect("error", code="malformed")
@@ -226,13 +232,7 @@ async def test_a_flooding_connection_is_closed_and_leaves_the_room(
     connected: tuple[Peer, Peer], seeded: Seeded, nurse_csrf: str, link: str
 ) -> None:
     nurse, provider = connected
-    visit = seeded.encounter_id
-    await nurse.send(type="join", visit=visit, role="nurse", token=nurse_csrf)
-    await nurse.expect("joined")
-    await provider.send(type="join", visit=visit, role="provider", token=link)
-    provider_id = (await provider.expect("joined"))["participant"]
-    await provider.expect("participant", role="nurse")
-    await nurse.expect("participant")
+    provider_id = await _both_in(nurse, provider, seeded.encounter_id, nurse_csrf, link)
 
     for _ in range(400):
         await provider.ws.send("[]")
@@ -258,13 +258,7 @@ async def test_a_revoked_link_takes_the_provider_out_of_the_call(
     (not kept for a resume) and its connection closed, within a re-check of the link."""
     monkeypatch.setattr(video, "CREDENTIAL_CHECK_S", 0.1)
     nurse_ws, provider_ws = connected
-    visit = seeded.encounter_id
-    await nurse_ws.send(type="join", visit=visit, role="nurse", token=nurse_csrf)
-    await nurse_ws.expect("joined")
-    await provider_ws.send(type="join", visit=visit, role="provider", token=link)
-    provider_id = (await provider_ws.expect("joined"))["participant"]
-    await provider_ws.expect("participant", role="nurse")
-    await nurse_ws.expect("participant", participant=provider_id)
+    provider_id = await _both_in(nurse_ws, provider_ws, seeded.encounter_id, nurse_csrf, link)
     await nurse_ws.send(type="admit", participant=provider_id)
     for each in (nurse_ws, provider_ws):
         await each.expect("admitted", participant=provider_id)
