@@ -35,6 +35,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, time
+from typing import Any
 from urllib.parse import urlsplit
 
 from quart import Blueprint, Response, abort, current_app, has_websocket_context, request, websocket
@@ -172,15 +173,19 @@ async def _provider(token: str) -> Caller:
     link = await _provider_link(token)
     link_id = link.id
 
-    async def patient_of(visit: str) -> str | None:
+    async def active() -> VisitLink | None:
+        """The link as it stands now, if it still works."""
         current = await db.run_sync(state.store.connection, visit_links.by_id, link_id)
         if current is None or current.state(state.clock()) is not LinkState.ACTIVE:
             return None
-        return current.patient_id if current.encounter_id == visit else None
+        return current
+
+    async def patient_of(visit: str) -> str | None:
+        current = await active()
+        return current.patient_id if current and current.encounter_id == visit else None
 
     async def still_valid() -> bool:
-        current = await db.run_sync(state.store.connection, visit_links.by_id, link_id)
-        return current is not None and current.state(state.clock()) is LinkState.ACTIVE
+        return await active() is not None
 
     return Caller(Role.PROVIDER, link.actor, token, patient_of, still_valid)
 
@@ -459,13 +464,8 @@ async def _serve(caller: Caller) -> ResponseReturnValue:
     flooded = revoked = False
     try:
         done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        flooded = reader in done and not reader.cancelled() and reader.exception() is None
-        revoked = (
-            watcher is not None
-            and watcher in done
-            and not watcher.cancelled()
-            and watcher.exception() is None
-        )
+        flooded = _returned(reader, done)
+        revoked = watcher is not None and _returned(watcher, done)
     finally:
         for task in tasks:
             task.cancel()
@@ -487,6 +487,11 @@ async def _serve(caller: Caller) -> ResponseReturnValue:
     # The reader stopped (a flood) or the client does not read what it is sent: drop it.
     await websocket.close(POLICY_VIOLATION)
     return ""  # ignored once accepted
+
+
+def _returned(task: asyncio.Task[Any], done: set[asyncio.Task[Any]]) -> bool:
+    """``task`` ended by returning (not cancelled, no exception)."""
+    return task in done and not task.cancelled() and task.exception() is None
 
 
 async def _until_invalid(still_valid: Callable[[], Awaitable[bool]]) -> None:
