@@ -33,12 +33,14 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS = 15_000
 
 _PRAGMAS = (
+    # First: turning a new file to WAL takes a lock, and with no busy timeout yet a second
+    # process starting at the same moment (web and sync at boot) fails at once, "locked".
+    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=FULL",
     "PRAGMA secure_delete=ON",
     "PRAGMA temp_store=MEMORY",
     "PRAGMA foreign_keys=ON",
-    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
 )
 
 
