@@ -22,7 +22,9 @@ Exam cameras (a still into the record, a camera shown live in the visit) are ask
 nurse (``/video/nurse/still``, ``/video/nurse/camera``: the visit named in the form, the
 patient access rule) or by the remote provider (``/visit/<token>/video/still``,
 ``/visit/<token>/video/camera``: the link bound to this browser as for signalling, its own
-visit only, its form token ``visit_csrf``); both then run the same code under their actor.
+visit only, its form token ``visit_csrf``, and, to take a still or show a camera, the link's
+seat in the call admitted by the nurse: 409 from the waiting room or outside the call,
+audited denied); both then run the same code under their actor.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ POLICY_VIOLATION = 1008  # WebSocket close code (RFC 6455 §7.4.1)
 FLUSH_S = 1.0  # how long a flooding client's queued replies may take before it is dropped
 CREDENTIAL_CHECK_S = LINK_CHECK_S  # how often an open connection's visit link is re-checked
 _CLINIC = (StaffRole.NURSE, StaffRole.ADMIN)
+# Told (through exam_camera.js, after "No still: " or "Not shown: ") to a remote provider
+# whose seat in the call is not admitted.
+NOT_ADMITTED = "you can use the exam cameras once the nurse has admitted you to the call"
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,19 +320,40 @@ async def _provider_form(token: str) -> tuple[VisitLink, MultiDict[str, str]]:
     return link, form
 
 
+async def _not_in_the_call(link: VisitLink, asked: str) -> ResponseReturnValue | None:
+    """409 unless the link's provider has a seat admitted in the link's visit (the video
+    service's room, not the page): the waiting room is the nurse's say over when the provider
+    is with the patient, and a still or a camera shows the exam room. The refusal is audited
+    ``denied`` under the link's actor, as the link's other refusals are. None when admitted."""
+    state = app_state()
+    if state.video.is_admitted(link.encounter_id, link.actor):
+        return None
+    key = state.store.patient_key(f"Patient/{link.patient_id}")
+    detail = f"video: exam {asked} refused, not admitted to the call"
+    await _audit(state, link.actor, key, link.encounter_id, Outcome.DENIED, detail)
+    return {"error": NOT_ADMITTED}, 409
+
+
 @bp.post("/visit/<token>/video/still")
 async def provider_exam_still(token: str) -> ResponseReturnValue:
     """The remote provider's still: the link's own visit and patient (a ``visit`` in the form
-    is ignored), stored under the link's actor; otherwise as the nurse's."""
+    is ignored), stored under the link's actor, once the nurse has admitted the provider to
+    the call (else 409); otherwise as the nurse's."""
     link, form = await _provider_form(token)
+    if (refused := await _not_in_the_call(link, "still")) is not None:
+        return refused
     return await _exam_still(form.get("camera", ""), link.patient_id, link.encounter_id, link.actor)
 
 
 @bp.post("/visit/<token>/video/camera")
 async def provider_exam_camera(token: str) -> ResponseReturnValue:
-    """The remote provider shows an exam camera in the link's own visit, or stops it."""
+    """The remote provider shows an exam camera in the link's own visit, once the nurse has
+    admitted the provider to the call (else 409), or stops it (at any time: stopping only
+    takes the exam room's picture away)."""
     link, form = await _provider_form(token)
     camera, action = form.get("camera", ""), form.get("action", "")
+    if action != "stop" and (refused := await _not_in_the_call(link, "camera")) is not None:
+        return refused
     return await _exam_camera(camera, action, link.encounter_id, link.actor)
 
 

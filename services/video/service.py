@@ -242,6 +242,24 @@ class VideoService:
         subscription = media.subscriptions.get((publisher, viewer)) if media else None
         return subscription.remote if subscription else None
 
+    def is_admitted(self, visit_id: str, principal: str) -> bool:
+        """Whether a seat joined by ``principal`` (the transport's actor, as given to
+        :meth:`session`) is admitted in the visit's room now: not waiting, not left, the
+        visit not ended.
+
+        A seat whose signalling connection dropped counts while it waits for a resume: it
+        keeps its admission and its media (docs/video.md, "Resuming after the signalling
+        connection drops").
+        """
+        media = self._media.get(visit_id)
+        if media is None or visit_id not in self.rooms:
+            return False
+        admitted = {p.id for p in self.rooms.get(visit_id) if p.presence is Presence.ADMITTED}
+        return any(
+            member.principal == principal and participant_id in admitted
+            for participant_id, member in media.members.items()
+        )
+
     # -- exam cameras (services/video/camera_streams.py) ---------------------------------
 
     async def add_camera(self, visit_id: str, label: str, offer: str) -> tuple[str, str]:

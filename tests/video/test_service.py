@@ -238,6 +238,34 @@ async def test_waiting_or_unjoined_participants_cannot_publish_or_run_the_room()
         assert nurse.errors() == ["not_waiting"]
 
 
+async def test_is_admitted_asks_for_an_admitted_seat_of_that_principal_in_that_visit() -> None:
+    """What web/video.py asks before a remote provider's still or camera."""
+    link, colleague = "provider-link:7", "provider-link:8"
+    async with video_service() as (service, client):
+        nurse, provider, other = client("nurse"), client("provider"), client("colleague")
+        provider.session = service.session(provider._deliver, link)
+        other.session = service.session(other._deliver, colleague)
+        assert not service.is_admitted(VISIT, link)  # nobody in the visit
+        await nurse.join("nurse")
+        await provider.join("provider")
+        await other.join("provider")
+        assert not service.is_admitted(VISIT, link)  # in the waiting room
+        await nurse.send(type="admit", participant=other.id)
+        assert service.is_admitted(VISIT, colleague)
+        assert not service.is_admitted(VISIT, link)  # another link's seat was admitted
+
+        await nurse.send(type="admit", participant=provider.id)
+        assert service.is_admitted(VISIT, link)
+        assert not service.is_admitted(OTHER_VISIT, link)
+        # A dropped connection keeps its seat, admitted, for a resume.
+        await provider.session.async_disconnected()
+        assert service.is_admitted(VISIT, link)
+        await other.send(type="leave")
+        assert not service.is_admitted(VISIT, colleague)
+        await nurse.send(type="end")
+        assert not service.is_admitted(VISIT, link)
+
+
 async def test_leaving_tells_the_room_and_an_ended_visit_cannot_be_joined_again() -> None:
     async with video_service() as (service, client):
         nurse, patient = client("nurse"), client("patient")

@@ -1,18 +1,23 @@
-"""The web app over a real store on a temp SQLite file, with a login helper and a fake clock."""
+"""The web app over a real store on a temp SQLite file, with a login helper and a fake clock;
+and a page's video signalling WebSocket (``Peer``), for the tests that take a seat in a call."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pyotp
 import pytest
 from quart import Quart, Response
 from quart.testing import QuartClient
 from quart.typing import TestAppProtocol
+from quart.typing import TestWebsocketConnectionProtocol as WebsocketConnection
 
 from appliance import db, users
 from appliance.config import Config, demo_config
@@ -24,6 +29,7 @@ PASSWORD = "correct horse battery"
 _TOKEN = re.compile(rb'name="csrf_token" value="([^"]+)"')
 _SECRET = re.compile(rb'<code id="secret" class="secret">([A-Z2-7 ]+)</code>')
 _RECOVERY = re.compile(rb"<li><code>([a-z0-9-]{19})</code></li>")
+ORIGIN = {"Origin": "http://localhost"}  # the app's own: signalling refuses other origins
 
 
 @dataclass
@@ -116,3 +122,43 @@ async def login(client: QuartClient, username: str = NURSE, password: str = PASS
 async def logged_in(client: QuartClient) -> QuartClient:
     assert await login(client) == 302
     return client
+
+
+class Peer:
+    """One video signalling WebSocket as a page would hold it."""
+
+    def __init__(self, ws: WebsocketConnection) -> None:
+        self.ws = ws
+
+    async def send(self, **fields: object) -> None:
+        await self.ws.send(orjson.dumps(fields).decode())
+
+    async def receive(self) -> dict[str, Any]:
+        data = await asyncio.wait_for(self.ws.receive(), 5)
+        message: dict[str, Any] = orjson.loads(data)
+        return message
+
+    async def expect(self, type_: str, **fields: object) -> dict[str, Any]:
+        message = await self.receive()
+        assert message["type"] == type_, message
+        assert {k: message.get(k) for k in fields} == fields, message
+        return message
+
+
+async def both_in(nurse: Peer, provider: Peer, visit: str, nurse_csrf: str, link: str) -> str:
+    """The nurse joins the visit, then the provider (waiting), each told of the other; the
+    provider's participant id."""
+    await nurse.send(type="join", visit=visit, role="nurse", token=nurse_csrf)
+    await nurse.expect("joined")
+    await provider.send(type="join", visit=visit, role="provider", token=link)
+    provider_id: str = (await provider.expect("joined"))["participant"]
+    await provider.expect("participant", role="nurse")
+    await nurse.expect("participant", participant=provider_id)
+    return provider_id
+
+
+async def admit(nurse: Peer, provider: Peer, provider_id: str) -> None:
+    """The nurse admits the waiting provider; both are told."""
+    await nurse.send(type="admit", participant=provider_id)
+    for each in (nurse, provider):
+        await each.expect("admitted", participant=provider_id)

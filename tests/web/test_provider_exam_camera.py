@@ -3,13 +3,17 @@
 As tests/web/test_exam_still.py and test_exam_stream.py: the web app on a real store file,
 the devices process's real workers on a second connection to it, libav's test pattern in
 place of /dev/video0. The provider is a second browser of the same app that joined by the
-visit link the nurse issued (tests/web/test_provider.py).
+visit link the nurse issued (tests/web/test_provider.py), and takes a still or shows a camera
+only once it is in the visit's call, admitted by the nurse: both pages' signalling over the
+app's WebSocket routes, as tests/web/test_video_ws.py.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,11 +26,12 @@ from tests import factories
 from tests.e2e.live_server import still_worker, stream_worker
 from tests.video.peers import wait_for
 from tests.video.test_service import Client, flowing
-from tests.web.conftest import FakeClock, form_token
+from tests.web.conftest import ORIGIN, FakeClock, Peer, admit, both_in, form_token
 from tests.web.test_exam_still import CAMERA, _nurse, nurse_account, seeded  # noqa: F401
 from tests.web.test_provider import Seeded, issue_link, join, seed, visit_csrf
 from web.app import AppState
 from web.provider import GUESSES
+from web.video import NOT_ADMITTED
 
 
 def _rows(db_path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -59,6 +64,25 @@ async def _provider(nurse: QuartClient, encounter_id: str) -> tuple[QuartClient,
     return provider, token, csrf, f"provider-link:{link_id}"
 
 
+@contextlib.asynccontextmanager
+async def _in_the_call(
+    nurse: QuartClient, provider: QuartClient, token: str, visit: str, *, admitted: bool = True
+) -> AsyncIterator[tuple[Peer, Peer, str]]:
+    """The nurse's and the provider's pages in the visit's call over the app's signalling
+    WebSockets, the provider admitted by the nurse (or, ``admitted=False``, left in the
+    waiting room): (the nurse's page, the provider's, the provider's participant id)."""
+    nurse_csrf = form_token(await (await nurse.get("/mfa/")).get_data())
+    async with (
+        nurse.websocket("/video/ws", headers=ORIGIN) as nurse_ws,
+        provider.websocket(f"/visit/{token}/video", headers=ORIGIN) as provider_ws,
+    ):
+        nurse_page, provider_page = Peer(nurse_ws), Peer(provider_ws)
+        provider_id = await both_in(nurse_page, provider_page, visit, nurse_csrf, token)
+        if admitted:
+            await admit(nurse_page, provider_page, provider_id)
+        yield nurse_page, provider_page, provider_id
+
+
 async def test_the_provider_takes_a_still_of_their_own_visit(
     config: Config,
     store: Store,
@@ -78,13 +102,15 @@ async def test_the_provider_takes_a_still_of_their_own_visit(
         assert f'data-url="/visit/{token}/video/still"'.encode() in page
         assert f'data-camera="{CAMERA}"'.encode() in page
         assert f'data-visit-csrf="{csrf}"'.encode() in page
-        # A visit named in the form is not the link's: it is ignored, never acted on.
-        form = {"camera": CAMERA, "visit_csrf": csrf, "visit": stranger.encounter_id}
-        answer = await provider.post(f"/visit/{token}/video/still", form=form)
-        assert answer.status_code == 200, await answer.get_data()
-        media_id = (await answer.get_json())["media"]
-        unknown = {**form, "camera": "no such camera"}
-        assert (await provider.post(f"/visit/{token}/video/still", form=unknown)).status_code == 404
+        async with _in_the_call(nurse, provider, token, seeded.encounter_id):
+            # A visit named in the form is not the link's: it is ignored, never acted on.
+            form = {"camera": CAMERA, "visit_csrf": csrf, "visit": stranger.encounter_id}
+            answer = await provider.post(f"/visit/{token}/video/still", form=form)
+            assert answer.status_code == 200, await answer.get_data()
+            media_id = (await answer.get_json())["media"]
+            unknown = {**form, "camera": "no such camera"}
+            path = f"/visit/{token}/video/still"
+            assert (await provider.post(path, form=unknown)).status_code == 404
     media = await store.read("Media", media_id, "user:test")
     assert media["subject"] == {"reference": f"Patient/{seeded.patient_id}"}
     assert media["encounter"] == {"reference": f"Encounter/{seeded.encounter_id}"}
@@ -113,6 +139,117 @@ async def test_the_provider_takes_a_still_of_their_own_visit(
     assert await store.query(
         "SELECT count(*) FROM camera_requests WHERE encounter_id = ?", (stranger.encounter_id,)
     ) == [(0,)]
+
+
+async def _refused_before_admission(
+    provider: QuartClient, token: str, csrf: str, stage: str
+) -> None:
+    """Both the still and the camera's start answer 409 with the page's message."""
+    for route, extra in (("still", {}), ("camera", {"action": "start"})):
+        form = {"camera": CAMERA, "visit_csrf": csrf, **extra}
+        answer = await provider.post(f"/visit/{token}/video/{route}", form=form)
+        assert answer.status_code == 409, (stage, route, await answer.get_data())
+        assert await answer.get_json() == {"error": NOT_ADMITTED}, (stage, route)
+
+
+def _media_rows(db_path: Path) -> int:
+    [(count,)] = _rows(db_path, "SELECT count(*) FROM resources WHERE type = 'Media'")
+    assert isinstance(count, int)
+    return count
+
+
+async def test_a_provider_not_admitted_to_the_call_gets_no_still_and_no_camera(
+    config: Config,
+    store: Store,
+    clock: FakeClock,
+    seeded: Seeded,  # noqa: F811
+    db_path: Path,
+    kek_path: Path,
+    nurse_account: None,  # noqa: F811
+) -> None:
+    """The link and its form token are good, but the waiting room is the nurse's say over
+    when the provider is with the patient: no still and no camera until the nurse admits the
+    provider's seat in the call, and none again after the provider left it. Refused before
+    anything is asked: no request, no stream, no Media; the devices process never opens the
+    camera."""
+    async with (
+        _nurse(config, store, clock) as nurse,
+        still_worker(db_path, kek_path, config.exam_cameras, clock=clock) as stills,
+        stream_worker(db_path, kek_path, config.exam_cameras, clock=clock) as streams,
+    ):
+        provider, token, csrf, actor = await _provider(nurse, seeded.encounter_id)
+        before, media_before = _nothing_asked(db_path), _media_rows(db_path)
+        # The visit page open, not in the call at all (no signalling connection).
+        await _refused_before_admission(provider, token, csrf, "not in the call")
+        # Stopping only takes the exam room's picture away: it is answered (nothing shown).
+        stop = {"camera": CAMERA, "action": "stop", "visit_csrf": csrf}
+        stopped = await provider.post(f"/visit/{token}/video/camera", form=stop)
+        assert await stopped.get_json() == {"stopped": 0, "camera": CAMERA}
+        async with _in_the_call(nurse, provider, token, seeded.encounter_id, admitted=False) as (
+            nurse_page,
+            provider_page,
+            provider_id,
+        ):
+            # In the call, in the waiting room.
+            await _refused_before_admission(provider, token, csrf, "in the waiting room")
+            assert _nothing_asked(db_path) == before
+            assert _media_rows(db_path) == media_before
+            assert (stills.taken, stills.failed, streams.started, streams.failed) == (0, 0, 0, 0)
+
+            # Admitted by the nurse, the same browser's still is taken.
+            await admit(nurse_page, provider_page, provider_id)
+            form = {"camera": CAMERA, "visit_csrf": csrf}
+            answer = await provider.post(f"/visit/{token}/video/still", form=form)
+            assert answer.status_code == 200, await answer.get_data()
+            assert _media_rows(db_path) == media_before + 1
+
+            # Out of the call again: refused again.
+            await provider_page.send(type="leave")
+            await nurse_page.expect("left", participant=provider_id)
+            await _refused_before_admission(provider, token, csrf, "left the call")
+        assert _media_rows(db_path) == media_before + 1
+        assert (stills.taken, streams.started) == (1, 0)
+    # Each refusal is audited as denied under the link's actor, the visit and the patient.
+    denied = await store.query(
+        "SELECT action, patient_key, entity, detail FROM audit "
+        "WHERE actor = ? AND outcome = 'denied' ORDER BY id",
+        (actor,),
+    )
+    key = store.patient_key(f"Patient/{seeded.patient_id}")
+    refusals = [
+        (
+            "read",
+            key,
+            f"Encounter/{seeded.encounter_id}",
+            f"video: exam {what} refused, not admitted to the call",
+        )
+        for what in ("still", "camera")
+    ]
+    assert denied == refusals * 3
+
+
+async def test_another_link_admitted_to_the_visit_does_not_let_this_one_in(
+    config: Config,
+    store: Store,
+    clock: FakeClock,
+    seeded: Seeded,  # noqa: F811
+    db_path: Path,
+    kek_path: Path,
+    nurse_account: None,  # noqa: F811
+) -> None:
+    """Admission is the seat's, held to the link that joined: a second link of the same
+    visit, admitted, does not open the cameras to the first."""
+    async with (
+        _nurse(config, store, clock) as nurse,
+        still_worker(db_path, kek_path, config.exam_cameras, clock=clock) as stills,
+    ):
+        provider, token, csrf, _actor = await _provider(nurse, seeded.encounter_id)
+        colleague, colleague_token, _csrf, _b = await _provider(nurse, seeded.encounter_id)
+        before = _nothing_asked(db_path)
+        async with _in_the_call(nurse, colleague, colleague_token, seeded.encounter_id):
+            await _refused_before_admission(provider, token, csrf, "another link admitted")
+        assert _nothing_asked(db_path) == before
+    assert stills.taken == 0
 
 
 async def test_a_refused_link_asks_for_nothing(
@@ -223,7 +360,7 @@ async def test_unknown_tokens_count_against_the_guess_throttle(
         reached = await provider.post(
             f"/visit/{token}/video/still", form={**form, "camera": "no such camera"}
         )
-        assert reached.status_code == 404  # past the link and the token: the camera is unknown
+        assert reached.status_code == 409  # past the link and the token: not in the call
 
 
 @pytest.mark.usefixtures("loopback")
@@ -247,43 +384,47 @@ async def test_the_provider_shows_the_camera_in_their_visit_and_stops_it(
         assert f'data-stream-url="/visit/{token}/video/camera"'.encode() in page
         assert f"Show {CAMERA} in the visit".encode() in page
         state: AppState = nurse.app.extensions["appliance"]
-        in_visit = Client(state.video, "nurse's page")
+        # A second nurse's page, with media (aiortc), to see the camera's frames.
+        in_visit = Client(state.video, "a nurse's page with media")
         try:
-            await in_visit.send(type="join", visit=seeded.encounter_id, role="nurse", token="t")
-            path = f"/visit/{token}/video/camera"
-            form = {"camera": CAMERA, "action": "start", "visit_csrf": csrf}
-            for bad in ({"camera": "no such camera"}, {"action": "record"}):
-                assert (await provider.post(path, form={**form, **bad})).status_code == 404
-            started = await provider.post(path, form=form)
-            assert started.status_code == 200, await started.get_data()
-            camera = (await started.get_json())["participant"]
-            told = in_visit.last("participant", participant=camera)
-            assert (told["role"], told["label"]) == ("camera", CAMERA)
-            await flowing(in_visit.video, camera, 10)
-            assert _rows(
-                db_path, "SELECT state, requested_by, encounter_id FROM camera_streams"
-            ) == [("live", actor, seeded.encounter_id)]
-            # Another visit's provider cannot stop it: their link's visit is not this one.
-            elsewhere = await other_provider.post(
-                f"/visit/{other_token}/video/camera",
-                form={"camera": CAMERA, "action": "stop", "visit_csrf": other_csrf},
-            )
-            assert (await elsewhere.get_json()) == {"stopped": 0, "camera": CAMERA}
-            assert _rows(db_path, "SELECT state FROM camera_streams") == [("live",)]
-            # This visit's page, loaded now, offers to stop it; the other visit's does not.
-            page = await (await provider.get(f"/visit/{token}")).get_data()
-            assert f'data-stream="{CAMERA}" data-showing="true">Stop showing it'.encode() in page
-            page = await (await other_provider.get(f"/visit/{other_token}")).get_data()
-            assert f'data-showing="false">Show {CAMERA} in the visit'.encode() in page
+            async with _in_the_call(nurse, provider, token, seeded.encounter_id):
+                await in_visit.send(type="join", visit=seeded.encounter_id, role="nurse", token="t")
+                path = f"/visit/{token}/video/camera"
+                form = {"camera": CAMERA, "action": "start", "visit_csrf": csrf}
+                for bad in ({"camera": "no such camera"}, {"action": "record"}):
+                    assert (await provider.post(path, form={**form, **bad})).status_code == 404
+                started = await provider.post(path, form=form)
+                assert started.status_code == 200, await started.get_data()
+                camera = (await started.get_json())["participant"]
+                told = in_visit.last("participant", participant=camera)
+                assert (told["role"], told["label"]) == ("camera", CAMERA)
+                await flowing(in_visit.video, camera, 10)
+                assert _rows(
+                    db_path, "SELECT state, requested_by, encounter_id FROM camera_streams"
+                ) == [("live", actor, seeded.encounter_id)]
+                # Another visit's provider cannot stop it: their link's visit is not this one.
+                elsewhere = await other_provider.post(
+                    f"/visit/{other_token}/video/camera",
+                    form={"camera": CAMERA, "action": "stop", "visit_csrf": other_csrf},
+                )
+                assert (await elsewhere.get_json()) == {"stopped": 0, "camera": CAMERA}
+                assert _rows(db_path, "SELECT state FROM camera_streams") == [("live",)]
+                # This visit's page, loaded now, offers to stop it; the other visit's does not.
+                page = await (await provider.get(f"/visit/{token}")).get_data()
+                assert (
+                    f'data-stream="{CAMERA}" data-showing="true">Stop showing it'.encode() in page
+                )
+                page = await (await other_provider.get(f"/visit/{other_token}")).get_data()
+                assert f'data-showing="false">Show {CAMERA} in the visit'.encode() in page
 
-            stopped = await provider.post(path, form={**form, "action": "stop"})
-            assert (await stopped.get_json()) == {"stopped": 1, "camera": CAMERA}
-            in_visit.last("left", participant=camera)
-            await wait_for(
-                lambda: _rows(db_path, "SELECT state FROM camera_streams") == [("stopped",)],
-                10,
-                "the camera stopped",
-            )
+                stopped = await provider.post(path, form={**form, "action": "stop"})
+                assert (await stopped.get_json()) == {"stopped": 1, "camera": CAMERA}
+                in_visit.last("left", participant=camera)
+                await wait_for(
+                    lambda: _rows(db_path, "SELECT state FROM camera_streams") == [("stopped",)],
+                    10,
+                    "the camera stopped",
+                )
         finally:
             await in_visit.close()
 
@@ -306,6 +447,6 @@ async def test_a_staff_session_in_the_same_browser_also_needs_its_own_token(
         for route in ("still", "camera"):
             path = f"/visit/{token}/video/{route}"
             assert (await nurse.post(path, form=form)).status_code == 403
-            # Past both tokens: the undeclared camera is the view's own 404.
+            # Past both tokens: the link's provider is not in the call, the view's own 409.
             reached = await nurse.post(path, form=form, headers={"X-CSRF-Token": session_token})
-            assert reached.status_code == 404
+            assert reached.status_code == 409

@@ -24,9 +24,9 @@ from appliance.store import Store
 from services.video.service import VideoService
 from tests.video.peers import wait_for
 from tests.video.test_service import Client, flowing
+from tests.web.conftest import ORIGIN
 from tests.web.test_provider import Seeded
 from tests.web.test_video_ws import (  # noqa: F401 - fixtures
-    ORIGIN,
     link,
     nurse,
     nurse_csrf,

@@ -11,53 +11,28 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 from quart.testing import QuartClient, WebsocketResponseError
 from quart.testing.connections import WebsocketDisconnectError
 from quart.typing import TestAppProtocol as AppClientFactory
-from quart.typing import TestWebsocketConnectionProtocol as WebsocketConnection
 
 from appliance.config import Config, IceServerConfig, VideoConfig, demo_config
 from appliance.device_registry import DeviceRegistry, StationKind
 from appliance.store import Store
 from tests import factories
-from tests.web.conftest import NURSE, FakeClock, form_token
+from tests.web.conftest import NURSE, ORIGIN, FakeClock, Peer, admit, both_in, form_token
 from tests.web.test_kiosk import STATION, _paired
 from tests.web.test_provider import Seeded, audit_rows, issue_link, join, seed
 from tests.web.test_route_matrix import kiosk_token
 from web import video
-
-ORIGIN = {"Origin": "http://localhost"}
 
 
 async def _drain(peer: Peer, errors: list[str]) -> None:
     while True:
         message = await peer.receive()
         errors.append(message.get("code", message["type"]))
-
-
-class Peer:
-    """One WebSocket as a page would hold it."""
-
-    def __init__(self, ws: WebsocketConnection) -> None:
-        self.ws = ws
-
-    async def send(self, **fields: object) -> None:
-        await self.ws.send(orjson.dumps(fields).decode())
-
-    async def receive(self) -> dict[str, Any]:
-        data = await asyncio.wait_for(self.ws.receive(), 5)
-        message: dict[str, Any] = orjson.loads(data)
-        return message
-
-    async def expect(self, type_: str, **fields: object) -> dict[str, Any]:
-        message = await self.receive()
-        assert message["type"] == type_, message
-        assert {k: message.get(k) for k in fields} == fields, message
-        return message
 
 
 @pytest.fixture
@@ -145,18 +120,6 @@ async def connected(
         yield Peer(nurse_ws), Peer(provider_ws)
 
 
-async def _both_in(nurse: Peer, provider: Peer, visit: str, nurse_csrf: str, link: str) -> str:
-    """The nurse joins the visit, then the provider (waiting), each told of the other; the
-    provider's participant id."""
-    await nurse.send(type="join", visit=visit, role="nurse", token=nurse_csrf)
-    await nurse.expect("joined")
-    await provider.send(type="join", visit=visit, role="provider", token=link)
-    provider_id: str = (await provider.expect("joined"))["participant"]
-    await provider.expect("participant", role="nurse")
-    await nurse.expect("participant", participant=provider_id)
-    return provider_id
-
-
 async def test_a_nurse_admits_the_provider_into_the_same_visit(
     connected: tuple[Peer, Peer], seeded: Seeded, nurse_csrf: str, link: str, store: Store
 ) -> None:
@@ -210,7 +173,7 @@ async def test_bad_frames_get_errors_and_the_room_goes_on(
     connected: tuple[Peer, Peer], seeded: Seeded, nurse_csrf: str, link: str
 ) -> None:
     nurse, provider = connected
-    provider_id = await _both_in(nurse, provider, seeded.encounter_id, nurse_csrf, link)
+    provider_id = await both_in(nurse, provider, seeded.encounter_id, nurse_csrf, link)
 
     await provider.ws.send("{nope")
     await provider.expect("error", code="malformed")
@@ -232,7 +195,7 @@ async def test_a_flooding_connection_is_closed_and_leaves_the_room(
     connected: tuple[Peer, Peer], seeded: Seeded, nurse_csrf: str, link: str
 ) -> None:
     nurse, provider = connected
-    provider_id = await _both_in(nurse, provider, seeded.encounter_id, nurse_csrf, link)
+    provider_id = await both_in(nurse, provider, seeded.encounter_id, nurse_csrf, link)
 
     for _ in range(400):
         await provider.ws.send("[]")
@@ -258,10 +221,8 @@ async def test_a_revoked_link_takes_the_provider_out_of_the_call(
     (not kept for a resume) and its connection closed, within a re-check of the link."""
     monkeypatch.setattr(video, "CREDENTIAL_CHECK_S", 0.1)
     nurse_ws, provider_ws = connected
-    provider_id = await _both_in(nurse_ws, provider_ws, seeded.encounter_id, nurse_csrf, link)
-    await nurse_ws.send(type="admit", participant=provider_id)
-    for each in (nurse_ws, provider_ws):
-        await each.expect("admitted", participant=provider_id)
+    provider_id = await both_in(nurse_ws, provider_ws, seeded.encounter_id, nurse_csrf, link)
+    await admit(nurse_ws, provider_ws, provider_id)
     await asyncio.sleep(0.3)  # re-checked a few times: still valid, still in
     [(link_id,)] = await store.query("SELECT id FROM visit_links")
     revoked = await nurse.post(f"/visit/links/{link_id}/revoke", form={"csrf_token": nurse_csrf})
