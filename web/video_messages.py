@@ -66,6 +66,9 @@ ENGLISH: dict[str, str] = {
     "mediaDropped": N_("The connection dropped. Reconnecting the video…"),
     "waiting": N_("Waiting for the nurse to let you in…"),
     "left": N_("You left the video."),
+    "joinedElsewhere": N_(
+        "You joined this visit from another window or device, so this one has left the video."
+    ),
     "ended": N_("The visit has ended."),
     "streamFailed": N_("A video stream could not be opened ({error})."),
     "refused": N_("The visit refused that: {message}"),

@@ -392,6 +392,8 @@ class VideoService:
                 # awaits connections closing): this room's media is dropped; start afresh.
                 await self._join(session, message)
                 return
+            if session.principal is not None:
+                await self._replace_seats_of(session.principal, media, message.visit)
             participant_id = self._new_id()
             try:
                 events = self.rooms.join(message.visit, participant_id, message.role, self._clock())
@@ -410,6 +412,32 @@ class VideoService:
             session.send(joined)
             _send_room_state(media, room, session)
             _tell(media, events, skip=participant_id)
+
+    async def _replace_seats_of(self, principal: str, media: _RoomMedia, visit_id: str) -> None:
+        """A join by a credential that holds a seat in the visit already (another window or
+        device, a page reloaded without its resume token): the earlier seat is told
+        ``joined_elsewhere`` and leaves, so one credential holds one seat and cannot fill the
+        room. The new seat is a new join (a provider waits to be admitted again). The caller
+        holds the room's lock."""
+        for participant_id, member in list(media.members.items()):
+            if member.principal != principal:
+                continue
+            if member.expiry is not None:
+                member.expiry.cancel()
+                member.expiry = None
+            member.session.send(
+                signalling.encode_error(
+                    ErrorCode.JOINED_ELSEWHERE,
+                    "the visit was joined again with the same sign-in or link, from another "
+                    "window or device: this one has left",
+                )
+            )
+            await self._leave(member.session, media, visit_id, participant_id)
+            logger.info("video: a participant joined again; its earlier seat left")
+        if self._media.get(visit_id) is not media:
+            # It was the room's only seat: leaving dropped the room's media. The join goes on
+            # in this one (no await since the drop: nothing else saw the room missing).
+            self._media[visit_id] = media
 
     async def _resume(self, session: Session, message: Resume) -> None:
         """Seat a new connection in the place of one that dropped (docs/video.md, "Resuming

@@ -55,6 +55,8 @@ class ErrorCode(StrEnum):
     INVALID_SDP = "invalid_sdp"
     INVALID_CANDIDATE = "invalid_candidate"
     RESUME_REFUSED = "resume_refused"  # a resume token from elsewhere, used already, or late
+    # The same credential joined the visit again (another window or device): this seat left.
+    JOINED_ELSEWHERE = "joined_elsewhere"
     # A subscribe leg's viewer takes only the other video codec and the box's transcoding
     # encoders are all in use: that publisher's video is not sent to it (audio is).
     TRANSCODING_UNAVAILABLE = "transcoding_unavailable"

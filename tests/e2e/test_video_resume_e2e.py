@@ -144,3 +144,57 @@ async def test_a_reloaded_provider_page_takes_its_seat_back_without_admission(
         await patient.close()
         await provider_context.close()
         await nurse_context.close()
+
+
+async def test_a_second_window_of_the_same_link_takes_the_seat_and_the_first_stops(
+    video_app: tuple[str, AppState], store: Store, media_browser: Any
+) -> None:
+    """One credential, one seat (docs/video.md, "Rooms"): the provider opens the visit in a
+    second tab of the same browser and starts the video there. The first tab is told, stops
+    its camera and calls, and does not join back; the second waits to be admitted."""
+    base_url, state = video_app
+    encounter_id = await _arrived_patient(store)
+
+    nurse_context = await media_browser.new_context()
+    nurse = await nurse_context.new_page()
+    link_path = await issue_link(nurse, base_url)
+    await nurse.goto(f"{base_url}/video/nurse?visit={encounter_id}")
+    await nurse.click("#video-start")
+
+    provider_context = await media_browser.new_context()
+    first = await provider_context.new_page()
+    await provider_waits(first, base_url, link_path)
+
+    patient = Client(state.video, "patient")
+    try:
+        first_id = await admitted_and_seeing_each_other(nurse, first, patient, encounter_id)
+        problems = watch_problems(first)
+        second = await provider_context.new_page()
+        await second.goto(first.url)  # the visit's page, in the same (bound) browser
+        await second.click("#video-start")
+        await second.wait_for_selector("#video-status:has-text('Waiting for the nurse')")
+
+        await first.wait_for_selector(
+            "#video-status:has-text('from another window or device')", timeout=10_000
+        )
+        await first.wait_for_selector("#video-start", state="visible")
+        assert await first.locator("#video-tiles figure[data-publisher]").count() == 0
+        assert await first.locator("#video-self").is_hidden()
+        await nurse.wait_for_selector(
+            f"#video-people li[data-participant='{first_id}']", state="detached"
+        )
+        waiting = "#video-people li[data-role='provider'] button:has-text('Admit')"
+        await nurse.wait_for_selector(waiting, timeout=10_000)
+        await first.wait_for_timeout(1500)  # the first tab does not take the seat back
+        assert await second.inner_text("#video-status") == "Waiting for the nurse to let you in…"
+        provider_rows = nurse.locator("#video-people li[data-role='provider']")
+        assert await provider_rows.count() == 1
+        assert problems == []
+
+        await nurse.click(waiting)
+        await second.wait_for_selector("#video-status:has-text('In the visit')", timeout=20_000)
+        await decoded_at_least(second, patient.id, 30)
+    finally:
+        await patient.close()
+        await provider_context.close()
+        await nurse_context.close()

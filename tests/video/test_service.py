@@ -266,6 +266,72 @@ async def test_is_admitted_asks_for_an_admitted_seat_of_that_principal_in_that_v
         assert not service.is_admitted(VISIT, link)
 
 
+async def test_one_credential_holds_one_seat_a_second_join_takes_it_over() -> None:
+    """A join by a credential already in the visit (another window, a reload without its
+    token): the earlier seat is told ``joined_elsewhere`` and leaves; the new one waits to be
+    admitted. One visit link cannot fill the room and keep the nurse out."""
+    link = "provider-link:7"
+    async with video_service() as (service, client):
+        nurse = client("nurse")
+        nurse.session = service.session(nurse._deliver, "user:nurse-1")
+        await nurse.join("nurse")
+        windows = []
+        for n in range(service.rooms.capacity + 2):  # more windows than the room has seats
+            window = client(f"window-{n}")
+            window.session = service.session(window._deliver, link)
+            await window.join("provider")
+            windows.append(window)
+        *earlier, newest = windows
+        for window in earlier:
+            assert window.last("error")["code"] == "joined_elsewhere"
+            assert window.last("left", participant=window.received[0]["participant"])
+            assert not window.session.joined
+        room = service.rooms.get(VISIT)
+        assert sorted(p.id for p in room) == sorted([nurse.id, newest.id])
+        assert room.participant(newest.id).presence == "waiting"
+        assert "room_full" not in newest.errors()
+        # Another credential is another seat; the nurse can still come in.
+        colleague = client("colleague")
+        colleague.session = service.session(colleague._deliver, "provider-link:8")
+        await colleague.join("provider")
+        second_nurse = client("nurse-2")
+        second_nurse.session = service.session(second_nurse._deliver, "user:nurse-2")
+        await second_nurse.join("nurse")
+        assert len(service.rooms.get(VISIT)) == 4
+        assert nurse.errors() == []
+        assert second_nurse.errors() == []
+        # A seat whose connection dropped (waiting for a resume) is taken over too.
+        await nurse.send(type="admit", participant=newest.id)
+        dropped = newest.id
+        await newest.session.async_disconnected()
+        again = client("again")
+        again.session = service.session(again._deliver, link)
+        await again.join("provider")
+        assert dropped not in service._media[VISIT].members
+        assert dropped not in {p.id for p in service.rooms.get(VISIT)}
+        assert service.rooms.get(VISIT).participant(again.id).presence == "waiting"
+        assert not service.is_admitted(VISIT, link)
+
+
+async def test_the_only_seat_taken_over_leaves_a_room_that_works() -> None:
+    """The earlier seat was the room's only one: its leave drops the room's media, and the
+    new seat must land in media the service knows (no ghost seat)."""
+    async with video_service() as (service, client):
+        first, second = client("first"), client("second")
+        for each in (first, second):
+            each.session = service.session(each._deliver, "user:nurse-1")
+        await first.join("nurse")
+        await first.publish()
+        await wait_for(lambda: service.connections(VISIT) == 1, 10, "the first window's publish")
+        await second.join("nurse")
+        assert first.last("error")["code"] == "joined_elsewhere"
+        assert list(service._media[VISIT].members) == [second.id]
+        assert service.connections(VISIT) == 0  # the first window's connection closed
+        await second.publish()
+        assert second.errors() == [], second.errors()
+        await wait_for(lambda: service.connections(VISIT) == 1, 10, "the second window's publish")
+
+
 async def test_leaving_tells_the_room_and_an_ended_visit_cannot_be_joined_again() -> None:
     async with video_service() as (service, client):
         nurse, patient = client("nurse"), client("patient")

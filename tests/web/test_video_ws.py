@@ -236,6 +236,35 @@ async def test_a_revoked_link_takes_the_provider_out_of_the_call(
     assert closed.value.args == (1008,) or "1008" in str(closed.value)
 
 
+async def test_the_same_link_joining_again_takes_the_seat_and_the_first_window_leaves(
+    connected: tuple[Peer, Peer],
+    provider: QuartClient,
+    seeded: Seeded,
+    nurse_csrf: str,
+    link: str,
+) -> None:
+    """One credential, one seat: the provider opens the visit in a second window (the same
+    browser, the same link): the first window is told ``joined_elsewhere`` and leaves, the
+    new seat waits to be admitted again."""
+    nurse_ws, first = connected
+    visit = seeded.encounter_id
+    first_id = await both_in(nurse_ws, first, visit, nurse_csrf, link)
+    await admit(nurse_ws, first, first_id)
+    async with provider.websocket(f"/visit/{link}/video", headers=ORIGIN) as second_ws:
+        second = Peer(second_ws)
+        await second.send(type="join", visit=visit, role="provider", token=link)
+        error = await first.expect("error", code="joined_elsewhere")
+        assert "another window or device" in error["message"]
+        await first.expect("left", participant=first_id)
+        joined = await second.expect("joined", role="provider", presence="waiting")
+        assert joined["participant"] != first_id
+        await nurse_ws.expect("left", participant=first_id)
+        await nurse_ws.expect("participant", participant=joined["participant"], presence="waiting")
+        # The first window's seat is gone: it cannot act in the room any more.
+        await first.send(type="mute", participant=first_id, kind="audio", muted=True)
+        assert (await first.receive())["code"] == "not_allowed"
+
+
 async def test_the_nurse_page_carries_the_panel_for_an_arrival_of_today_only(
     nurse: QuartClient, seeded: Seeded, nurse_csrf: str
 ) -> None:

@@ -67,6 +67,7 @@
     "mediaDropped": "The connection dropped. Reconnecting the video…",
     "waiting": "Waiting for the nurse to let you in…",
     "left": "You left the video.",
+    "joinedElsewhere": "You joined this visit from another window or device, so this one has left the video.",
     "ended": "The visit has ended.",
     "streamFailed": "A video stream could not be opened ({error}).",
     "refused": "The visit refused that: {message}",
@@ -650,6 +651,16 @@
       case "error":
         if (message.code === "resume_refused") {
           rejoin();
+          break;
+        }
+        if (message.code === "joined_elsewhere") {
+          // The same sign-in or link joined from another window or device: that one has the
+          // seat. Stop here and do not join back (the two would take it from each other).
+          stopAll();
+          roster.clear();
+          say(t("joinedElsewhere"), true);
+          closing = true;
+          ws.close();
           break;
         }
         if (message.code === "invalid_candidate") {
