@@ -57,6 +57,9 @@ ALIVE_EVERY_S = 1.0  # the devices process's stamp on a live stream
 ALIVE_TTL_S = 5.0  # a stamp older than this: the devices process is gone
 WATCH_S = 0.5  # the web process's look at live streams
 KEEP_FINISHED = timedelta(days=7)
+# A still asked longer ago than this is done, expired or abandoned (still_requests: its
+# REQUEST_TTL_S and CLAIM_TTL_S, both within it); a younger one may still be being taken.
+STILL_IN_FLIGHT_S = 60.0
 DEVICES_GONE = "the devices service stopped"
 CONNECTION_FAILED = "the camera's connection to the video service failed"
 
@@ -198,6 +201,8 @@ async def submit(
         end_stale(conn, now)
         if shown_in(conn, camera) is not None:
             return 0
+        if still_in_flight(conn, camera, encounter_id, now):
+            return -1
         cursor = conn.execute(
             "INSERT INTO camera_streams (camera, encounter_id, requested_by, requested_at) "
             "VALUES (?,?,?,?)",
@@ -206,9 +211,28 @@ async def submit(
         return int(cursor.lastrowid or 0)
 
     stream_id = await store.transact(insert)
-    if not stream_id:
+    if stream_id == 0:
         raise CameraBusy(f"the {camera} is already in a visit")
+    if stream_id < 0:
+        raise CameraBusy(f"the {camera} is taking a still for another visit; try again shortly")
     return stream_id
+
+
+def still_in_flight(
+    conn: sqlite3.Connection, camera: str, encounter_id: str, now: datetime
+) -> bool:
+    """Whether a still for another visit is asked of ``camera`` and not done yet (pending or
+    being taken, asked less than :data:`STILL_IN_FLIGHT_S` ago). The devices process takes a
+    still from the live capture when the camera is streaming, so showing the camera in this
+    visit meanwhile would put this visit's patient in the other visit's record
+    (``still_requests.submit`` guards the other order). Call inside the transaction that
+    inserts the stream."""
+    row = conn.execute(
+        "SELECT 1 FROM camera_requests WHERE camera = ? AND encounter_id != ? "
+        "AND state IN ('pending', 'claimed') AND requested_at >= ? LIMIT 1",
+        (camera, encounter_id, _stamp(now - timedelta(seconds=STILL_IN_FLIGHT_S))),
+    ).fetchone()
+    return row is not None
 
 
 async def wait_offer(

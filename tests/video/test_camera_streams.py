@@ -372,3 +372,42 @@ def test_the_cameras_peer_and_vp8_encoder_run_without_writable_executable_memory
     if done.returncode == 3:
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+async def test_no_camera_shown_while_it_takes_a_still_for_another_visit(store: Store) -> None:
+    """The other order of the wrong-patient still (``still_requests.submit`` guards the
+    first): a still for visit X asked and not done yet, then the camera shown in visit Y,
+    and the devices process would take X's still from Y's live capture. The stream is
+    refused until the still is done; a still of the same visit, or a finished or long
+    abandoned one, holds nothing back."""
+    now = datetime.now(UTC)
+    asked = await still_requests.submit(store, "otoscope", "patient-x", "visit-x", NURSE, now)
+    with pytest.raises(CameraBusy, match="taking a still for another visit"):
+        await camera_streams.submit(store, "otoscope", VISIT, NURSE, now)
+    # Another camera, or the still's own visit, is not held back.
+    assert await camera_streams.submit(store, "exam-cam", VISIT, NURSE, now)
+    await still_requests.submit(store, "derm-cam", "patient-x", "visit-x", NURSE, now)
+    assert await camera_streams.submit(store, "derm-cam", "visit-x", NURSE, now)
+
+    # Being taken (claimed by the devices process) holds it back too; done, it does not.
+    claimed = await store.transact(lambda conn: still_requests.claim_next(conn, "devices", now))
+    assert claimed is not None
+    assert claimed.id == asked
+    with pytest.raises(CameraBusy):
+        await camera_streams.submit(store, "otoscope", VISIT, NURSE, now)
+    await store.transact(
+        lambda conn: still_requests.finish(
+            conn, asked, still_requests.RequestState.FAILED, now, error="test"
+        )
+    )
+    assert await camera_streams.submit(store, "otoscope", VISIT, NURSE, now)
+
+    # A still asked long ago and never finished (the devices process is gone) is not in
+    # flight: the bound covers the still side's own expiry and abandonment times.
+    assert still_requests.REQUEST_TTL_S <= camera_streams.STILL_IN_FLIGHT_S
+    assert still_requests.CLAIM_TTL_S <= camera_streams.STILL_IN_FLIGHT_S
+    late = now + timedelta(seconds=camera_streams.STILL_IN_FLIGHT_S + 1)
+    await still_requests.submit(store, "skin-cam", "patient-x", "visit-x", NURSE, now)
+    with pytest.raises(CameraBusy):
+        await camera_streams.submit(store, "skin-cam", "visit-z", NURSE, now)
+    assert await camera_streams.submit(store, "skin-cam", "visit-z", NURSE, late)
