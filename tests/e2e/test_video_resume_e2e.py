@@ -15,7 +15,9 @@ video* a reload keeps nothing and the page starts afresh.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -35,6 +37,32 @@ from tests.video.test_service import Client
 from web.app import AppState
 
 pytestmark = pytest.mark.slow
+
+
+@contextlib.asynccontextmanager
+async def _provider_waiting(
+    state: AppState, base_url: str, store: Store, media_browser: Any
+) -> AsyncIterator[tuple[str, Any, Any, Any, Client]]:
+    """A patient arrived; the nurse's page in the video; the provider's page (its own
+    browser context) joined by its link and waiting; the patient an aiortc peer, not joined
+    yet. Yields (the visit, the nurse's page, the provider's context, its page, the patient)."""
+    encounter_id = await _arrived_patient(store)
+    nurse_context = await media_browser.new_context()
+    nurse = await nurse_context.new_page()
+    link_path = await issue_link(nurse, base_url)
+    await nurse.goto(f"{base_url}/video/nurse?visit={encounter_id}")
+    await nurse.click("#video-start")
+
+    provider_context = await media_browser.new_context()
+    provider = await provider_context.new_page()
+    await provider_waits(provider, base_url, link_path)
+    patient = Client(state.video, "patient")
+    try:
+        yield encounter_id, nurse, provider_context, provider, patient
+    finally:
+        await patient.close()
+        await provider_context.close()
+        await nurse_context.close()
 
 
 async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
@@ -92,20 +120,8 @@ async def test_a_reloaded_provider_page_takes_its_seat_back_without_admission(
     video_app: tuple[str, AppState], store: Store, media_browser: Any
 ) -> None:
     base_url, state = video_app
-    encounter_id = await _arrived_patient(store)
-
-    nurse_context = await media_browser.new_context()
-    nurse = await nurse_context.new_page()
-    link_path = await issue_link(nurse, base_url)
-    await nurse.goto(f"{base_url}/video/nurse?visit={encounter_id}")
-    await nurse.click("#video-start")
-
-    provider_context = await media_browser.new_context()
-    provider = await provider_context.new_page()
-    await provider_waits(provider, base_url, link_path)
-
-    patient = Client(state.video, "patient")
-    try:
+    async with _provider_waiting(state, base_url, store, media_browser) as call:
+        encounter_id, nurse, _provider_context, provider, patient = call
         provider_id = await admitted_and_seeing_each_other(nurse, provider, patient, encounter_id)
         # In the call, the token is in the page's memory only, not in the tab's storage.
         assert await provider.evaluate("() => sessionStorage.length") == 0
@@ -140,10 +156,6 @@ async def test_a_reloaded_provider_page_takes_its_seat_back_without_admission(
         assert await provider.inner_text("#video-status") == "Not started."
         await provider.wait_for_timeout(1000)
         assert await nurse.locator(f"{provider_row}").count() == 0  # no seat taken
-    finally:
-        await patient.close()
-        await provider_context.close()
-        await nurse_context.close()
 
 
 async def test_a_second_window_of_the_same_link_takes_the_seat_and_the_first_stops(
@@ -153,20 +165,8 @@ async def test_a_second_window_of_the_same_link_takes_the_seat_and_the_first_sto
     second tab of the same browser and starts the video there. The first tab is told, stops
     its camera and calls, and does not join back; the second waits to be admitted."""
     base_url, state = video_app
-    encounter_id = await _arrived_patient(store)
-
-    nurse_context = await media_browser.new_context()
-    nurse = await nurse_context.new_page()
-    link_path = await issue_link(nurse, base_url)
-    await nurse.goto(f"{base_url}/video/nurse?visit={encounter_id}")
-    await nurse.click("#video-start")
-
-    provider_context = await media_browser.new_context()
-    first = await provider_context.new_page()
-    await provider_waits(first, base_url, link_path)
-
-    patient = Client(state.video, "patient")
-    try:
+    async with _provider_waiting(state, base_url, store, media_browser) as call:
+        encounter_id, nurse, provider_context, first, patient = call
         first_id = await admitted_and_seeing_each_other(nurse, first, patient, encounter_id)
         problems = watch_problems(first)
         second = await provider_context.new_page()
@@ -194,7 +194,3 @@ async def test_a_second_window_of_the_same_link_takes_the_seat_and_the_first_sto
         await nurse.click(waiting)
         await second.wait_for_selector("#video-status:has-text('In the visit')", timeout=20_000)
         await decoded_at_least(second, patient.id, 30)
-    finally:
-        await patient.close()
-        await provider_context.close()
-        await nurse_context.close()
