@@ -693,6 +693,31 @@ def _header_template(
     return low, changed[0]
 
 
+class _RtxHistory(dict[int, Any]):
+    """A viewer sender's RTX history (aiortc's ``__rtp_history``, which ``_retransmit`` reads
+    with ``.get`` only): each packet sent is kept as a tuple, and the ``RtpPacket`` aiortc
+    retransmits is made when a NACK asks for it. Nearly every packet is never asked for, and
+    an ``RtpPacket`` per packet per viewer cost more than the rest of keeping the history."""
+
+    __slots__ = ()
+
+    def get(self, key: int, default: Any = None) -> Any:
+        entry = super().get(key)
+        if type(entry) is not tuple:
+            return default if entry is None else entry
+        payload_type, marker, sequence_number, timestamp, ssrc, payload, extensions = entry
+        packet = RtpPacket(
+            payload_type=payload_type,
+            marker=marker,
+            sequence_number=sequence_number,
+            timestamp=timestamp,
+            ssrc=ssrc,
+            payload=payload,
+        )
+        packet.extensions = extensions
+        return packet
+
+
 class _FrameSender:
     """Replaces a viewer sender's ``_run_rtp``: each forwarded frame is sent in one go.
 
@@ -700,8 +725,9 @@ class _FrameSender:
     the RTP header (with the mid and abs-send-time extensions) is serialised by aiortc's own
     ``RtpPacket.serialize`` once per sender, then its timestamp and abs-send-time are set
     per frame and its marker bit and sequence number per packet; the payloads come
-    packetized by the relay, once for all viewers. Every packet still goes into the sender's RTX history as an ``RtpPacket`` (so
-    ``_retransmit`` answers NACKs as before) and through ``RTCDtlsTransport._send_rtp``
+    packetized by the relay, once for all viewers. Every packet still goes into the sender's RTX history (kept
+    as tuples, made into an ``RtpPacket`` on a NACK: :class:`_RtxHistory`, so ``_retransmit``
+    answers NACKs as before) and through ``RTCDtlsTransport._send_rtp``
     (SRTP, ICE, TURN); the figures the sender's RTCP SR reports (NTP and RTP timestamp,
     packet and octet counts) are kept per frame. ``wallclock`` gives Unix time.
     """
@@ -727,7 +753,7 @@ class _FrameSender:
         self._direct = direct and self._can_send_now(sender)
         self._busy = False
         # Set when the loop starts (run), as aiortc's loop sets its locals.
-        self._history: dict[int, RtpPacket] = {}
+        self._history = _RtxHistory()
         self._mid: str | None = None
         self._payload_type = 0
         self._sequence_number = 0
@@ -758,7 +784,8 @@ class _FrameSender:
         """The sender's RTP loop, started by ``RTCRtpSender.send`` as ``_run_rtp(codec)``."""
         sender = self._sender
         getattr(sender, SENDER_RTP_STARTED).set()
-        self._history = getattr(sender, SENDER_RTP_HISTORY)
+        self._history = _RtxHistory(getattr(sender, SENDER_RTP_HISTORY))
+        setattr(sender, SENDER_RTP_HISTORY, self._history)
         extensions_map: HeaderExtensionsMap = getattr(sender, SENDER_EXTENSIONS_MAP)
         self._mid = getattr(sender, SENDER_MID)
         payload_type = codec.payloadType
@@ -819,16 +846,15 @@ class _FrameSender:
             header[1] = marker << 7 | payload_type
             header[2] = sequence_number >> 8
             header[3] = sequence_number & 0xFF
-            sent = RtpPacket(
-                payload_type=payload_type,
-                marker=marker,
-                sequence_number=sequence_number,
-                timestamp=timestamp,
-                ssrc=ssrc,
-                payload=payload,
+            history[sequence_number % RTP_HISTORY_SIZE] = (
+                payload_type,
+                marker,
+                sequence_number,
+                timestamp,
+                ssrc,
+                payload,
+                extensions,
             )
-            sent.extensions = extensions
-            history[sequence_number % RTP_HISTORY_SIZE] = sent
             out.append(bytes(header) + payload)
             octets += len(payload)
             sequence_number = (sequence_number + 1) & 0xFFFF

@@ -41,6 +41,7 @@ from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
     RTCP_PSFB_PLI,
+    RTP_HISTORY_SIZE,
     HeaderExtensionsMap,
     RtcpPacket,
     RtcpPsfbPacket,
@@ -67,6 +68,7 @@ from services.video.forwarding import (
     SENDER_EXTENSIONS_MAP,
     SENDER_LOOP_STATE,
     SENDER_NTP_TIMESTAMP,
+    SENDER_RTP_HISTORY,
     SENDER_RTP_TIMESTAMP,
     AiortcInternalsChanged,
     CappedBitrateEstimator,
@@ -490,6 +492,14 @@ async def test_frame_sender_sends_the_packets_aiortcs_loop_sends() -> None:
         # Byte for byte what aiortc's own serialisation makes of the same packet.
         for data, packet in zip(sent, ours, strict=True):
             assert packet.serialize(extensions_map) == data
+        # The history (kept as tuples) gives back each packet as it was sent, as the
+        # RtpPacket aiortc's _retransmit reads; an unknown slot gives None.
+        history = getattr(sender, SENDER_RTP_HISTORY)
+        for data, packet in zip(sent, ours, strict=True):
+            kept = history.get(packet.sequence_number % RTP_HISTORY_SIZE)
+            assert isinstance(kept, RtpPacket)
+            assert kept.serialize(extensions_map) == data
+        assert history.get((first + len(sent)) % RTP_HISTORY_SIZE) is None
 
         # The RTCP SR figures and the stats, as aiortc's loop keeps them.
         stats = [s for s in (await sender.getStats()).values() if s.type == "outbound-rtp"]
