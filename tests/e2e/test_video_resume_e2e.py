@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -41,11 +41,16 @@ pytestmark = pytest.mark.slow
 
 @contextlib.asynccontextmanager
 async def _provider_waiting(
-    state: AppState, base_url: str, store: Store, media_browser: Any
+    state: AppState,
+    base_url: str,
+    store: Store,
+    media_browser: Any,
+    before_join: Callable[[Any], Awaitable[None]] | None = None,
 ) -> AsyncIterator[tuple[str, Any, Any, Any, Client]]:
     """A patient arrived; the nurse's page in the video; the provider's page (its own
-    browser context) joined by its link and waiting; the patient an aiortc peer, not joined
-    yet. Yields (the visit, the nurse's page, the provider's context, its page, the patient)."""
+    browser context; ``before_join`` run on it first) joined by its link and waiting; the
+    patient an aiortc peer, not joined yet. Yields (the visit, the nurse's page, the
+    provider's context, its page, the patient)."""
     encounter_id = await _arrived_patient(store)
     nurse_context = await media_browser.new_context()
     nurse = await nurse_context.new_page()
@@ -55,6 +60,8 @@ async def _provider_waiting(
 
     provider_context = await media_browser.new_context()
     provider = await provider_context.new_page()
+    if before_join is not None:
+        await before_join(provider)
     await provider_waits(provider, base_url, link_path)
     patient = Client(state.video, "patient")
     try:
@@ -69,27 +76,18 @@ async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
     video_app: tuple[str, AppState], store: Store, media_browser: Any
 ) -> None:
     base_url, state = video_app
-    encounter_id = await _arrived_patient(store)
-
-    nurse_context = await media_browser.new_context()
-    nurse = await nurse_context.new_page()
-    link_path = await issue_link(nurse, base_url)
-    await nurse.goto(f"{base_url}/video/nurse?visit={encounter_id}")
-    await nurse.click("#video-start")
-
-    provider_context = await media_browser.new_context()
-    provider = await provider_context.new_page()
-    problems = watch_problems(provider)
+    watched: list[list[str]] = []  # the provider page's problems, from before it joins
     sockets: list[tuple[Any, Any]] = []  # (the page's side, the server's side)
 
     def route(ws: Any) -> None:
         sockets.append((ws, ws.connect_to_server()))  # messages pass as they are
 
-    await provider.route_web_socket(re.compile(r".*/video$"), route)
-    await provider_waits(provider, base_url, link_path)
+    async def cut_in(page: Any) -> None:
+        watched.append(watch_problems(page))
+        await page.route_web_socket(re.compile(r".*/video$"), route)
 
-    patient = Client(state.video, "patient")
-    try:
+    async with _provider_waiting(state, base_url, store, media_browser, cut_in) as call:
+        encounter_id, nurse, _provider_context, provider, patient = call
         provider_id = await admitted_and_seeing_each_other(nurse, provider, patient, encounter_id)
 
         # The provider's socket dies, both ways, without a word.
@@ -109,11 +107,7 @@ async def test_the_provider_page_resumes_its_seat_after_its_socket_drops(
         seen = patient.video[provider_id]
         await wait_for(lambda: patient.video[provider_id] >= seen + 30, 30, "provider again")
         assert all(m["type"] != "left" for m in patient.received)
-        assert problems == []
-    finally:
-        await patient.close()
-        await provider_context.close()
-        await nurse_context.close()
+        assert watched == [[]]
 
 
 async def test_a_reloaded_provider_page_takes_its_seat_back_without_admission(
