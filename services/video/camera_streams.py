@@ -197,12 +197,14 @@ async def submit(
 ) -> int:
     """Ask the devices process to show ``camera`` in the visit; ``CameraBusy`` if it is on."""
 
-    def insert(conn: sqlite3.Connection) -> int:
+    def insert(conn: sqlite3.Connection) -> int | str:
+        """The new stream's id, or why the camera is busy (returned, not raised: what
+        ``end_stale`` ended stays committed)."""
         end_stale(conn, now)
         if shown_in(conn, camera) is not None:
-            return 0
+            return f"the {camera} is already in a visit"
         if still_in_flight(conn, camera, encounter_id, now):
-            return -1
+            return f"the {camera} is taking a still for another visit; try again shortly"
         cursor = conn.execute(
             "INSERT INTO camera_streams (camera, encounter_id, requested_by, requested_at) "
             "VALUES (?,?,?,?)",
@@ -210,12 +212,10 @@ async def submit(
         )
         return int(cursor.lastrowid or 0)
 
-    stream_id = await store.transact(insert)
-    if stream_id == 0:
-        raise CameraBusy(f"the {camera} is already in a visit")
-    if stream_id < 0:
-        raise CameraBusy(f"the {camera} is taking a still for another visit; try again shortly")
-    return stream_id
+    outcome = await store.transact(insert)
+    if isinstance(outcome, str):
+        raise CameraBusy(outcome)
+    return outcome
 
 
 def still_in_flight(
