@@ -24,6 +24,11 @@ A resource that points at one of ours still waiting in the outbox pulls it into 
 ahead of itself, whatever lane that one is in: an alert (lane 0) about a patient registered a
 moment ago (clinical, lane 2) must not wait for the whole clinical lane, nor block it.
 
+A row whose stored copy fails authentication (altered on disk, or sealed with a key this box
+does not hold) cannot be sent, since what it said is unknown: it is dead-lettered with a
+message saying so and a separate audit record, and the rest flows. Its dependents follow it
+as they follow a Patient the server refused.
+
 Every answer is committed at once (delivered, dead, or retry-at), so a drain interrupted
 anywhere resumes where it stopped; nothing is ever re-sent that the server acknowledged,
 except when its answer was lost — and then the resend is harmless.
@@ -60,6 +65,7 @@ import orjson
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
+from appliance.errors import TamperedDataError
 from appliance.store import Store, upstream_refs_of_pulled
 from sync_agent.upstream import Failure, UpstreamError, outcome_text, post_bundle
 
@@ -94,7 +100,13 @@ _IN_CHUNK = 500
 # Upstream references of delivered (or dead) resources never change: remembered, bounded.
 _REF_CACHE_MAX = 50_000
 _NO_LOCATION = "delivered-without-location"
-_DEAD_DEPENDENCY = "depends on a Patient the server refused"
+_DEAD_DEPENDENCY = "depends on a Patient that was dead-lettered"
+# A stored copy that fails authentication cannot be sent (we do not know what it said); it
+# is dead-lettered instead of stopping the drain, and the rest flows.
+_UNREADABLE = (
+    "the stored copy failed authentication (altered on disk, or sealed with a key this box "
+    "does not hold) and was not sent; restore it from a backup or enter it again"
+)
 # After this many bundles fitting, a size once refused as too large is tried again.
 _TOO_LARGE_MEMORY = 100
 
@@ -111,6 +123,7 @@ class Item(NamedTuple):
     attempts: int
     logical_id: str
     type: str
+    # Empty when the stored copy failed authentication (a stored resource never is).
     raw: bytes
 
     @property
@@ -135,6 +148,11 @@ class _Batch:
 
     ready: list[tuple[Item, Outgoing]]
     dead: list[tuple[Item, str]]
+
+    @property
+    def taken(self) -> tuple[Item, ...]:
+        """Every item of this bundle, sent or not: none may be read again until it is settled."""
+        return tuple(item for item, _ in self.ready) + tuple(item for item, _ in self.dead)
 
 
 @dataclass
@@ -312,10 +330,14 @@ class Deliverer:
 
     def _items(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Item]:
         # Columns: outbox id, lane, attempts, then the resource row (see _ITEM_COLUMNS).
-        decrypt = self._store.decrypt_stored_json
-        return [
-            Item(row[0], row[1], row[2], row[4], row[5], decrypt(conn, row[3:])) for row in rows
-        ]
+        return [Item(row[0], row[1], row[2], row[4], row[5], self._raw(conn, row)) for row in rows]
+
+    def _raw(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> bytes:
+        """The resource's JSON as stored; empty if it fails authentication (logged by the store)."""
+        try:
+            return self._store.decrypt_stored_json(conn, row[3:])
+        except TamperedDataError:
+            return b""
 
     def _load(
         self, conn: sqlite3.Connection, now: str, limit: int, busy: frozenset[int] = frozenset()
@@ -392,15 +414,16 @@ class Deliverer:
         items: list[Item],
         now: str,
         in_flight: frozenset[str] = frozenset(),
-    ) -> tuple[list[tuple[Item, Outgoing]], list[Item]]:
-        """Choose the items of this bundle, dependencies first.
+    ) -> tuple[list[tuple[Item, Outgoing]], list[tuple[Item, str]]]:
+        """Choose the items of this bundle, dependencies first; and those to dead-letter.
 
         A Patient or Device that a loaded item points at and that is itself due goes at the
         front (loaded from any lane when it is not among the items); the bundle then ends
         before the first item pointing at something in this same bundle or in the one still
         in flight (``in_flight``: it needs that resource's upstream id, known only from the
         answer), so a lane keeps its order. An item whose dependency is waiting out a backoff
-        is held back; one pointing at a Patient the server refused is dead-lettered.
+        is held back; one pointing at a dead-lettered Patient is dead-lettered, and so is one
+        whose stored copy fails authentication.
         """
         local = {item.outbox_id: item.local_refs() for item in items}
         refs: dict[str, str | None] = {}
@@ -424,8 +447,11 @@ class Deliverer:
             items = (ahead + rest)[: self._batch_size]
         in_batch: set[str] = set()
         ready: list[tuple[Item, Outgoing]] = []
-        blocked_dead: list[Item] = []
+        dead: list[tuple[Item, str]] = []
         for item in items:
+            if not item.raw:
+                dead.append((item, _UNREADABLE))
+                continue
             blocked = waits = held = False
             for rtype, local_id in local[item.outbox_id]:
                 target = refs.get(local_id)
@@ -440,13 +466,13 @@ class Deliverer:
             if waits:
                 break
             if blocked:
-                blocked_dead.append(item)
+                dead.append((item, _DEAD_DEPENDENCY))
                 continue
             if held:
                 continue
             ready.append((item, _outgoing(item, local[item.outbox_id], refs)))
             in_batch.add(item.logical_id)
-        return ready, blocked_dead
+        return ready, dead
 
     @staticmethod
     def _bundle(entries: list[tuple[Item, Outgoing]]) -> dict[str, Any]:
@@ -520,14 +546,25 @@ class Deliverer:
                         detail="delivered upstream",
                     )
                 )
-            if dead:
+            unreadable = sum(1 for item, _ in dead if not item.raw)
+            if len(dead) > unreadable:
                 events.append(
                     AuditEvent(
                         ACTOR,
                         AuditAction.SYNC,
                         outcome=Outcome.FAILURE,
-                        entity=f"x{len(dead)}",
+                        entity=f"x{len(dead) - unreadable}",
                         detail="refused upstream (dead letter)",
+                    )
+                )
+            if unreadable:
+                events.append(
+                    AuditEvent(
+                        ACTOR,
+                        AuditAction.SYNC,
+                        outcome=Outcome.FAILURE,
+                        entity=f"x{unreadable}",
+                        detail="stored copy failed authentication; not sent (dead letter)",
                     )
                 )
             if events:
@@ -547,10 +584,8 @@ class Deliverer:
         items = self._load(conn, now, self._batch_size, busy)
         if not items:
             return None
-        ready, blocked = self._plan(
-            conn, items, now, frozenset(item.logical_id for item in in_flight)
-        )
-        return _Batch(ready, [(item, _DEAD_DEPENDENCY) for item in blocked])
+        ready, dead = self._plan(conn, items, now, frozenset(item.logical_id for item in in_flight))
+        return _Batch(ready, dead)
 
     async def _prepare(self, in_flight: tuple[Item, ...] = ()) -> tuple[_Batch | None, datetime]:
         now = self._clock()
@@ -711,7 +746,7 @@ class Deliverer:
                 sent += 1
                 ahead: _Batch | None = None
                 if sent < max_bundles and not stop():
-                    ahead, ahead_now = await self._prepare(tuple(i for i, _ in batch.ready))
+                    ahead, ahead_now = await self._prepare(batch.taken)
                 try:
                     response = await send
                 except UpstreamError as exc:

@@ -13,7 +13,13 @@ After each drain it waits in one of three ways, decided by how the drain ended:
   loading and sealing a bundle only to fail the connect again is waste — but a cheap probe,
   ``HEAD <base>/metadata`` with a ``PROBE_TIMEOUT_S`` timeout, at intervals that grow from
   ``PROBE_BASE_S`` to ``PROBE_CAP_S`` with jitter (each wait is uniform in [c/2, c], so probes
-  never bunch up). Any HTTP answer ends the wait and a drain runs at once.
+  never bunch up). Any HTTP answer ends the wait and a drain runs at once;
+* **the store failed** (a full disk; a stored copy that fails authentication outside the
+  outbox drain, which dead-letters its own): the round stops where it was, the process stays
+  up and backs off as for a server error, with ``last_failure = "store"`` and the store's
+  one-line message in its status. Nothing is lost: what was not committed is still pending,
+  and resending what the server had applied is harmless. (Letting the error end the process
+  made it exit as for a configuration error, which is never restarted.)
 
 Why probes rather than one long backoff: a clinic's link drops for hours (cellular, rural
 DSL), and staff expect records to flow within seconds when it is back. With a plain backoff
@@ -53,6 +59,7 @@ import httpx
 
 from appliance import audit, db, runtime, sdnotify
 from appliance.config import UpstreamConfig
+from appliance.errors import StoreError, TamperedDataError
 from appliance.runtime import ProcessContext
 from sync_agent.audit_export import AuditExporter
 from sync_agent.claims_submit import ClaimsSubmitter  # claims (issue 8)
@@ -234,27 +241,21 @@ class SyncLoop:
         while wake is not Wake.STOP:
             if wake is Wake.SYNC_NOW:
                 failures = 0
-                await self.deliverer.make_due()
-            stopping = self._ctx.stopping.is_set
-            result = await self.deliverer.drain(stop=stopping)
-            self._report(result)
-            if stopping():
+            try:
+                result, more = await self._round(wake)
+            except (StoreError, TamperedDataError) as exc:
+                # The store failed under us: a full disk, or a stored copy that fails
+                # authentication outside the outbox drain. Nothing is lost (what was not
+                # committed is still pending, and its resend is harmless), and exiting would
+                # not help: keep this process up, say why, and try again with backoff.
+                failures += 1
+                wait = pacing.backoff(failures, rng)
+                self._ctx.set_status(last_failure="store", store_error=str(exc))
+                logger.error("sync round stopped by the store: %s; retrying in %.0f s", exc, wait)
+                wake = await self.wakeups.wait(wait, on_work=False)
+                continue
+            if self._ctx.stopping.is_set():
                 break  # a stop takes one exchange, not the rest of the queue
-            if not result.link_down:
-                await self._measure_rtt()
-            # -- claims (issue 8): after the drain, whatever the EHR link; never raises. -----
-            await self.claims.run_once()
-            more = False
-            if not result.link_down:
-                # Then, in priority order after the outbox lanes: version-checked updates,
-                # pull-down of schedules and home readings, and the audit trail last.
-                # None of them raises for the link; each says what happened.
-                updated = await self.updates.send_once()
-                pulled = await self.puller.pull_once(force=wake is Wake.SYNC_NOW)
-                exported = await self.exporter.drain(stop=stopping)
-                more = bool(pulled.more)
-                if updated.link_down or pulled.link_down or exported.link_down:
-                    logger.info("link failed after the outbox drain; will retry")
             if not result.link_down:
                 failures = 0
                 wake = await self.wakeups.wait(0.0 if more else pacing.interval_s, on_work=True)
@@ -264,6 +265,34 @@ class SyncLoop:
                 failures += 1
                 wait = max(pacing.backoff(failures, rng), result.retry_after_s or 0.0)
                 wake = await self.wakeups.wait(wait, on_work=False)
+
+    async def _round(self, wake: Wake) -> tuple[DrainResult, bool]:
+        """One round: the outbox drain, claims, then (online) updates, pull and audit export.
+
+        Returns the drain's result and whether the pull has more to fetch at once.
+        """
+        if wake is Wake.SYNC_NOW:
+            await self.deliverer.make_due()
+        stopping = self._ctx.stopping.is_set
+        result = await self.deliverer.drain(stop=stopping)
+        self._report(result)
+        if stopping():
+            return result, False
+        if not result.link_down:
+            await self._measure_rtt()
+        # -- claims (issue 8): after the drain, whatever the EHR link; never raises. -------
+        await self.claims.run_once()
+        if result.link_down:
+            return result, False
+        # Then, in priority order after the outbox lanes: version-checked updates, pull-down
+        # of schedules and home readings, and the audit trail last. None of them raises for
+        # the link; each says what happened.
+        updated = await self.updates.send_once()
+        pulled = await self.puller.pull_once(force=wake is Wake.SYNC_NOW)
+        exported = await self.exporter.drain(stop=stopping)
+        if updated.link_down or pulled.link_down or exported.link_down:
+            logger.info("link failed after the outbox drain; will retry")
+        return result, bool(pulled.more)
 
     async def _measure_rtt(self) -> None:
         """Time one ``HEAD metadata`` (at most every :data:`RTT_EVERY_S`); no PHI, no auth."""
@@ -310,6 +339,7 @@ class SyncLoop:
             batch_size=self.deliverer.batch_size,
             # Only the class of failure: the server's words may quote PHI.
             last_failure=None if result.error is None else result.error.split(":", 1)[0],
+            store_error=None,
         )
         if result.delivered or result.dead:
             logger.info(

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from appliance import db
 from appliance.config import load
 from appliance.runtime import ProcessContext
 from appliance.store import Lane, Store
@@ -364,6 +365,107 @@ async def test_refused_entry_is_dead_lettered_with_the_servers_message_and_the_r
     assert fhir_peer.count("Observation") == 4
 
 
+def _tamper(db_path: Path, victim: str, source: str) -> None:
+    """Copy one resource's ciphertext over another's (a row moved on disk)."""
+    conn = sqlite3.connect(db_path)
+    conn.execute(
+        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+        "WHERE logical_id = ?",
+        (source, victim),
+    )
+    conn.commit()
+    conn.close()
+
+
+def _dead(db_path: Path) -> dict[str, int]:
+    """Dead outbox rows: logical id → outbox id."""
+    conn = sqlite3.connect(db_path)
+    rows = conn.execute(
+        "SELECT r.logical_id, o.id FROM outbox o JOIN resources r ON r.id = o.resource_id "
+        "WHERE o.state = 'dead'"
+    ).fetchall()
+    conn.close()
+    return dict(rows)
+
+
+async def test_a_stored_copy_failing_authentication_is_dead_lettered_and_the_rest_flows(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    ref = await _readings(store, 3)
+    [victim, source] = await store.create(
+        [factories.bp_observation(ref, systolic=171), factories.bp_observation(ref, systolic=172)],
+        "service:devices",
+    )
+    await store.create([factories.bp_observation(ref, systolic=173)], "service:devices")
+    _tamper(db_path, victim.logical_id, source.logical_id)
+    deliverer = _deliverer(store, client, max_entries=4)
+    result = await deliverer.drain()  # before: TamperedDataError, and the sync process exited
+    assert (result.delivered, result.dead, result.error) == (6, 1, None)
+    assert fhir_peer.count("Observation") == 5
+    dead = _dead(db_path)
+    assert list(dead) == [victim.logical_id]
+    sealed = (
+        sqlite3.connect(db_path)
+        .execute("SELECT last_error FROM outbox WHERE id = ?", (dead[victim.logical_id],))
+        .fetchone()[0]
+    )
+    message = store.keyring.unseal("outbox", str(dead[victim.logical_id]), sealed)
+    assert "failed authentication" in message
+    assert "restore it from a backup" in message
+    audit_rows = (
+        sqlite3.connect(db_path)
+        .execute(
+            "SELECT outcome, entity, detail FROM audit WHERE actor = 'service:sync' "
+            "AND detail LIKE 'stored copy%'"
+        )
+        .fetchall()
+    )
+    assert audit_rows == [
+        ("failure", "x1", "stored copy failed authentication; not sent (dead letter)")
+    ]
+    # Nothing is left pending, and a later drain sends nothing again.
+    assert [state for state, _, _ in _rows(db_path)].count("pending") == 0
+    assert (await deliverer.drain()).bundles == 0
+
+
+async def test_a_patient_whose_stored_copy_fails_authentication_holds_only_its_own_readings(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    [broken, fine] = await store.create(
+        [factories.patient(mrn="T1"), factories.patient(family="Other", mrn="T2")], "user:nurse1"
+    )
+    await store.create(
+        [
+            factories.bp_observation(f"Patient/{broken.logical_id}", systolic=121),
+            factories.bp_observation(f"Patient/{fine.logical_id}", systolic=122),
+        ],
+        "service:devices",
+    )
+    _tamper(db_path, broken.logical_id, fine.logical_id)
+    deliverer = _deliverer(store, client)
+    total = await deliverer.drain()
+    total_dead = total.dead + (await deliverer.drain()).dead
+    # The Patient cannot be sent; its reading cannot stand without it; the rest lands.
+    assert total_dead == 2
+    assert fhir_peer.count("Patient") == 1
+    assert fhir_peer.count("Observation") == 1
+    dead = _dead(db_path)
+    assert len(dead) == 2
+    assert broken.logical_id in dead
+    conn = sqlite3.connect(db_path)
+    messages = {
+        lid: store.keyring.unseal(
+            "outbox",
+            str(outbox_id),
+            conn.execute("SELECT last_error FROM outbox WHERE id = ?", (outbox_id,)).fetchone()[0],
+        )
+        for lid, outbox_id in dead.items()
+    }
+    conn.close()
+    assert "failed authentication" in messages.pop(broken.logical_id)
+    assert list(messages.values()) == ["depends on a Patient that was dead-lettered"]
+
+
 async def test_413_halves_the_bundle_until_it_fits_and_everything_lands(
     store: Store, client: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer
 ) -> None:
@@ -532,6 +634,48 @@ async def test_dead_upstream_is_not_hammered_and_the_link_back_delivers_within_s
         f"({attempts} connection attempts in {window:.0f} s offline)"
     )
     assert resumed < PROBE_CAP_S + 2
+
+
+async def test_a_full_disk_stops_the_round_not_the_process_and_nothing_is_lost_or_doubled(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, tmp_path: Path, db_path: Path
+) -> None:
+    ctx = await _loop_ctx(tmp_path, store, fhir_peer.control_url, 0.5)
+    pacing = Pacing(interval_s=0.5, backoff_base_s=0.1, backoff_cap_s=0.4)
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=random.Random(4), pacing=pacing)
+    await _readings(store, 60)
+    pages = await db.run_sync(
+        store.connection, lambda c: c.execute("PRAGMA page_count").fetchone()[0]
+    )
+    # SQLite's own limit answers exactly as a full volume does (SQLITE_FULL).
+    await db.run_sync(store.connection, lambda c: c.execute(f"PRAGMA max_page_count = {pages}"))
+    task = asyncio.create_task(loop.run())
+    try:
+        deadline = time.monotonic() + 20
+        while ctx.status.get("last_failure") != "store":
+            assert not task.done(), task  # before: StoreError ended the process (exit 78)
+            assert time.monotonic() < deadline, ctx.status
+            await asyncio.sleep(0.05)
+        assert "disk is full" in str(ctx.status["store_error"])
+        await asyncio.sleep(1.0)  # a few more rounds fail the same way, and the process stays
+        assert not task.done()
+        stuck = [state for state, _, _ in _rows(db_path)].count("pending")
+        assert stuck > 0
+        # Space comes back: the rows not recorded go again, and the server answers "already
+        # there" for those it had applied.
+        await db.run_sync(
+            store.connection, lambda c: c.execute("PRAGMA max_page_count = 1073741823")
+        )
+        while [state for state, _, _ in _rows(db_path)].count("pending"):
+            assert not task.done(), task
+            assert time.monotonic() < deadline + 20
+            await asyncio.sleep(0.05)
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 10)
+    assert fhir_peer.count("Observation") == 60
+    assert fhir_peer.count("Patient") == 1
+    assert ctx.status["store_error"] is None
+    print(f"\n{stuck} of 61 rows waited for space; all delivered once")  # noqa: T201
 
 
 async def test_the_round_trip_to_the_upstream_is_published_while_online(
