@@ -9,7 +9,11 @@ FILE`` or ``--demo DATA_DIR``. Each one
 * tells systemd (or the supervisor) ``READY=1`` once it serves, and pings ``WATCHDOG=1``
   only while its heartbeat succeeds, so a wedged process is restarted;
 * stops cleanly on SIGTERM/SIGINT: the current write commits or rolls back, nothing
-  acknowledged is lost.
+  acknowledged is lost;
+* exits 78 (EX_CONFIG, never restarted) on an error of its configuration, keys or data
+  directory at start, and 75 (EX_TEMPFAIL, restarted with backoff) when the store fails it
+  while running (a full disk, a stored row that fails authentication): those can heal
+  without anyone editing the configuration.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from pathlib import Path
 
 from appliance import db, sdnotify
 from appliance.config import Config, demo_config, load
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, StoreError, TamperedDataError
 from appliance.store import Store
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 5.0
+# sysexits.h: the configuration is wrong (not restarted), or a temporary failure (restarted).
+EX_CONFIG = 78
+EX_TEMPFAIL = 75
 # /healthz calls a process stale when its heartbeat is older than this.
 HEARTBEAT_STALE_S = 15.0
 
@@ -135,7 +142,14 @@ async def serve(name: str, config: Config, main: Main) -> int:
         sdnotify.stopping()
         ctx.stopping.set()
         if main_task in done:
-            main_task.result()  # re-raise a crash so the supervisor/systemd restarts us
+            try:
+                main_task.result()  # re-raise a crash so the supervisor/systemd restarts us
+            except (StoreError, TamperedDataError) as exc:
+                # The store failed the running process (a full disk, a row that fails
+                # authentication): unlike a configuration error at start, that can heal
+                # without anyone editing anything, so the exit asks for a restart.
+                print(f"appliance-{name}: {exc}", file=sys.stderr)  # noqa: T201 - one line
+                return EX_TEMPFAIL
         else:
             try:
                 await asyncio.wait_for(main_task, 10)
@@ -165,4 +179,4 @@ def main_entry(name: str, main: Main, argv: list[str] | None = None) -> int:
     except ApplianceError as exc:
         # One clear line naming the problem; systemd shows it in `systemctl status`.
         print(f"appliance-{name}: {exc}", file=sys.stderr)  # noqa: T201 - fatal message to stderr
-        return 78  # EX_CONFIG: systemd's RestartPreventExitStatus can stop a restart loop
+        return EX_CONFIG  # systemd's RestartPreventExitStatus stops a restart loop
