@@ -103,10 +103,11 @@ _NO_LOCATION = "delivered-without-location"
 _DEAD_DEPENDENCY = "depends on a Patient that was dead-lettered"
 # A stored copy that fails authentication cannot be sent (we do not know what it said); it
 # is dead-lettered instead of stopping the drain, and the rest flows.
-_UNREADABLE = (
+UNREADABLE = (
     "the stored copy failed authentication (altered on disk, or sealed with a key this box "
     "does not hold) and was not sent; restore it from a backup or enter it again"
 )
+UNREADABLE_AUDIT = "stored copy failed authentication; not sent (dead letter)"
 # After this many bundles fitting, a size once refused as too large is tried again.
 _TOO_LARGE_MEMORY = 100
 
@@ -450,7 +451,7 @@ class Deliverer:
         dead: list[tuple[Item, str]] = []
         for item in items:
             if not item.raw:
-                dead.append((item, _UNREADABLE))
+                dead.append((item, UNREADABLE))
                 continue
             blocked = waits = held = False
             for rtype, local_id in local[item.outbox_id]:
@@ -564,7 +565,7 @@ class Deliverer:
                         AuditAction.SYNC,
                         outcome=Outcome.FAILURE,
                         entity=f"x{unreadable}",
-                        detail="stored copy failed authentication; not sent (dead letter)",
+                        detail=UNREADABLE_AUDIT,
                     )
                 )
             if events:

@@ -42,7 +42,7 @@ import orjson
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
-from appliance.errors import NotFoundError
+from appliance.errors import NotFoundError, TamperedDataError
 from appliance.keys import Keyring
 from appliance.store import (
     Lane,
@@ -53,7 +53,7 @@ from appliance.store import (
     rewrite_references,
     save_link,
 )
-from sync_agent.outbox_delivery import backoff_s
+from sync_agent.outbox_delivery import UNREADABLE, UNREADABLE_AUDIT, backoff_s
 from sync_agent.upstream import Failure, UpstreamError, exchange, outcome_text, response_json
 
 logger = logging.getLogger(__name__)
@@ -168,12 +168,20 @@ class UpdateSender:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._clock = clock
 
-    def _load(self, conn: sqlite3.Connection, now: str, limit: int) -> list[_Row]:
+    def _load(self, conn: sqlite3.Connection, now: str, limit: int) -> tuple[list[_Row], int]:
+        """The due updates, and how many were dead-lettered as unreadable (see below)."""
         rows = []
+        unreadable: list[tuple[int, str]] = []
         for outbox_id, lane, attempts, if_match, *resource_row in conn.execute(
             _LOAD_SQL, (now, limit)
         ).fetchall():
-            stored = self._store.decrypt_stored(conn, tuple(resource_row))
+            try:
+                stored = self._store.decrypt_stored(conn, tuple(resource_row))
+            except TamperedDataError:
+                # What it said is unknown, so it cannot go up; it must not hold back the
+                # updates behind it (nor, by failing the round, the pull and audit export).
+                unreadable.append((outbox_id, f"{resource_row[2]}/{resource_row[1]}"))
+                continue
             link = link_for_resource(conn, stored.row_id)
             create = conn.execute(
                 "SELECT state FROM outbox WHERE resource_id = ? AND kind = 'create' "
@@ -203,7 +211,33 @@ class UpdateSender:
                     None if create is None else str(create[0]),
                 )
             )
-        return rows
+        if unreadable:
+            self._dead_unreadable(conn, unreadable)
+        return rows, len(unreadable)
+
+    def _dead_unreadable(self, conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
+        keyring = self._store.keyring
+        with db.transaction_sync(conn):
+            for outbox_id, _entity in rows:
+                conn.execute(
+                    "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1 "
+                    "WHERE id = ? AND state = 'pending'",
+                    (keyring.seal("outbox", str(outbox_id), UNREADABLE), outbox_id),
+                )
+            audit.append(
+                conn,
+                [
+                    AuditEvent(
+                        ACTOR,
+                        AuditAction.SYNC,
+                        outcome=Outcome.FAILURE,
+                        entity=entity,
+                        detail=f"update: {UNREADABLE_AUDIT}",
+                    )
+                    for _, entity in rows
+                ],
+                now=self._clock(),
+            )
 
     async def send_once(self, *, max_items: int = 20) -> UpdateResult:
         """Send the due updates (at most ``max_items``); stops at a link failure. Never raises
@@ -211,7 +245,7 @@ class UpdateSender:
         result = UpdateResult()
         now = self._clock()
         conn = self._store.connection
-        rows = await db.run_sync(conn, self._load, fhir.utc_text(now), max_items)
+        rows, result.dead = await db.run_sync(conn, self._load, fhir.utc_text(now), max_items)
         for row in rows:
             try:
                 await self._send(row, now, result)

@@ -275,6 +275,41 @@ async def test_a_permanent_refusal_is_dead_lettered_with_the_servers_words(
     assert await ReviewQueue(store).items() == []
 
 
+async def test_an_update_whose_stored_copy_fails_authentication_is_dead_lettered_not_stuck(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    broken, _ = await _pulled_patient(store, client, family="Brokenperson")
+    fine, fine_upstream = await _pulled_patient(store, client, family="Fineperson")
+    await _edit(store, broken, "Editedbroken")
+    await _edit(store, fine, "Editedfine")
+    conn = sqlite3.connect(db_path)
+    conn.execute(  # a row moved on disk: the ciphertext of another one
+        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+        "WHERE logical_id = ?",
+        (fine, broken),
+    )
+    conn.commit()
+    conn.close()
+    # Before: TamperedDataError on every pass, holding back every update (and the pull).
+    result = await _sender(store, client).send_once()
+    assert (result.delivered, result.dead, result.error) == (1, 1, None)
+    assert (await _upstream(client, fine_upstream))["name"][0]["family"] == "Editedfine"
+    conn = sqlite3.connect(db_path)
+    [(outbox_id, sealed)] = conn.execute(
+        "SELECT id, last_error FROM outbox WHERE kind = 'update' AND state = 'dead'"
+    ).fetchall()
+    [audited] = conn.execute(
+        "SELECT entity, detail FROM audit WHERE detail LIKE 'update: stored copy%'"
+    ).fetchall()
+    conn.close()
+    assert "failed authentication" in store.keyring.unseal("outbox", str(outbox_id), sealed)
+    assert audited == (
+        f"Patient/{broken}",
+        "update: stored copy failed authentication; not sent (dead letter)",
+    )
+    assert (await _sender(store, client).send_once()).dead == 0  # once, not at every pass
+
+
 async def test_an_edit_made_while_the_update_is_on_the_wire_follows_it(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
