@@ -73,6 +73,11 @@ logger = logging.getLogger(__name__)
 
 ACTOR = "service:sync"
 MAX_BACKOFF_S = 300.0
+# No item is ever scheduled further ahead than this (backoffs stop at MAX_BACKOFF_S, a
+# server's Retry-After is capped here). A stored retry time beyond it can only come from a
+# clock that was ahead and has been set back (a box without a battery-backed clock booting
+# before NTP, then corrected): such an item is due now, not in years.
+RETRY_HORIZON = timedelta(days=1)
 # A reference to one of our own Patients or Devices, as it appears in the compact JSON the
 # store writes. FHIR ids are [A-Za-z0-9\-.]{1,64}, so nothing in one needs escaping, and in
 # valid JSON an unescaped `"reference":"` can only be a key with its string value (inside a
@@ -91,7 +96,7 @@ _ITEM_COLUMNS = "o.id, o.lane, o.attempts, r.id, r.logical_id, r.type, r.key_ver
 _PENDING_SQL = (
     f"SELECT {_ITEM_COLUMNS} FROM outbox o JOIN resources r ON r.id = o.resource_id "  # noqa: S608 - constant
     "WHERE o.state = 'pending' AND o.kind = 'create' "
-    "AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?) "
+    "AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ? OR o.next_attempt_at > ?) "
     "AND o.id NOT IN (SELECT value FROM json_each(?)) "
     "ORDER BY o.lane, o.id LIMIT ?"
 )
@@ -201,6 +206,12 @@ def backoff_s(
 
 def _iso(moment: datetime) -> str:
     return fhir.utc_text(moment)
+
+
+def due_bounds(now: str) -> tuple[str, str]:
+    """``now`` and the retry horizon after it: a row is due unless its time is in between."""
+    moment = datetime.fromisoformat(now.removesuffix("Z")).replace(tzinfo=UTC)
+    return now, _iso(moment + RETRY_HORIZON)
 
 
 def _outgoing(item: Item, refs: list[tuple[str, str]], targets: dict[str, str | None]) -> Outgoing:
@@ -345,7 +356,8 @@ class Deliverer:
     ) -> list[Item]:
         """Due items in lane order, skipping ``busy`` outbox ids (a bundle in flight)."""
         skip = orjson.dumps(sorted(busy)).decode()
-        return self._items(conn, conn.execute(_PENDING_SQL, (now, skip, limit)).fetchall())
+        rows = conn.execute(_PENDING_SQL, (*due_bounds(now), skip, limit)).fetchall()
+        return self._items(conn, rows)
 
     def _load_by_logical_id(
         self, conn: sqlite3.Connection, logical_ids: list[str], now: str
@@ -357,8 +369,9 @@ class Deliverer:
             rows += conn.execute(
                 f"SELECT {_ITEM_COLUMNS} FROM resources r JOIN outbox o ON o.resource_id = r.id "  # noqa: S608 - placeholders only
                 f"WHERE r.logical_id IN ({','.join('?' * len(chunk))}) AND o.state = 'pending' "
-                "AND o.kind = 'create' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)",
-                (*chunk, now),
+                "AND o.kind = 'create' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ? "
+                "OR o.next_attempt_at > ?)",
+                (*chunk, *due_bounds(now)),
             ).fetchall()
         return self._items(conn, sorted(rows))
 

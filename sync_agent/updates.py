@@ -53,7 +53,13 @@ from appliance.store import (
     rewrite_references,
     save_link,
 )
-from sync_agent.outbox_delivery import UNREADABLE, UNREADABLE_AUDIT, backoff_s
+from sync_agent.outbox_delivery import (
+    RETRY_HORIZON,
+    UNREADABLE,
+    UNREADABLE_AUDIT,
+    backoff_s,
+    due_bounds,
+)
 from sync_agent.upstream import Failure, UpstreamError, exchange, outcome_text, response_json
 
 logger = logging.getLogger(__name__)
@@ -68,7 +74,8 @@ _LOAD_SQL = (
     "SELECT o.id, o.lane, o.attempts, o.if_match, r.id, r.logical_id, r.type, r.key_version, "
     "r.body FROM outbox o JOIN resources r ON r.id = o.resource_id "
     "WHERE o.state = 'pending' AND o.kind = 'update' "
-    "AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?) ORDER BY o.id LIMIT ?"
+    "AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ? OR o.next_attempt_at > ?) "
+    "ORDER BY o.id LIMIT ?"
 )
 
 
@@ -173,7 +180,7 @@ class UpdateSender:
         rows = []
         unreadable: list[tuple[int, str]] = []
         for outbox_id, lane, attempts, if_match, *resource_row in conn.execute(
-            _LOAD_SQL, (now, limit)
+            _LOAD_SQL, (*due_bounds(now), limit)
         ).fetchall():
             try:
                 stored = self._store.decrypt_stored(conn, tuple(resource_row))
@@ -251,7 +258,7 @@ class UpdateSender:
                 await self._send(row, now, result)
             except UpstreamError as exc:
                 delay = (
-                    exc.retry_after_s
+                    min(exc.retry_after_s, RETRY_HORIZON.total_seconds())
                     if exc.retry_after_s is not None
                     else backoff_s(row.attempts, self._rng)
                 )

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance import db
+from appliance import db, fhir
 from appliance.config import load
 from appliance.runtime import ProcessContext
 from appliance.store import Lane, Store
@@ -710,6 +710,32 @@ def test_probe_schedule_over_a_week_offline_is_bounded() -> None:
         probes += 1
     assert longest <= PROBE_CAP_S  # the resume time stays bounded however long the outage
     assert probes <= 7 * 86_400 / (PROBE_CAP_S / 2)  # ≤ 1,440 connection attempts an hour
+
+
+async def test_a_retry_time_left_by_a_clock_that_was_ahead_does_not_hold_items_for_years(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    await _readings(store, 3)
+    now = datetime.now(UTC)
+    conn = sqlite3.connect(db_path)
+    ids = [row[0] for row in conn.execute("SELECT id FROM outbox ORDER BY id")]
+    # Retry times as written by entry-level backoffs: one while the box's clock ran five
+    # years ahead (booted without a battery-backed clock, before NTP set it back), one a
+    # genuine backoff of a few minutes from now.
+    ahead = fhir.utc_text(now + timedelta(days=5 * 365, seconds=120))
+    soon = fhir.utc_text(now + timedelta(seconds=200))
+    conn.execute("UPDATE outbox SET next_attempt_at = ? WHERE id IN (?, ?)", (ahead, *ids[:2]))
+    conn.execute("UPDATE outbox SET next_attempt_at = ? WHERE id = ?", (soon, ids[3]))
+    conn.commit()
+    conn.close()
+    result = await _deliverer(store, client).drain()
+    # Before: nothing went. The Patient was due "in five years", and every reading waits
+    # for its Patient.
+    assert (result.delivered, result.error) == (3, None)
+    assert fhir_peer.count("Patient") == 1
+    assert fhir_peer.count("Observation") == 2
+    # A genuine backoff is still respected.
+    assert [state for state, _, _ in _rows(db_path)] == ["delivered"] * 3 + ["pending"]
 
 
 async def test_sync_now_skips_the_remaining_backoff(
