@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 import pyotp
@@ -46,8 +47,23 @@ class FakeClock:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(datetime.now(UTC).replace(microsecond=0))
+def clock(config: Config) -> FakeClock:
+    """Now, but never within an hour of the site's midnight (moved forward to 01:00 then).
+
+    Tests seed check-ins minutes before "now": run just after the site's midnight (06:00 UTC
+    for the demo site's America/Chicago), those fell on "yesterday", outside today's
+    arrivals. Only forward: the store stamps its own times with the wall clock, and those
+    must not lie in the app's future (a whole run with this clock 12 h ahead passes; 12 h
+    behind, the outbox's oldest age comes out negative).
+    """
+    now = datetime.now(UTC).replace(microsecond=0)
+    local = now.astimezone(ZoneInfo(config.site.timezone))
+    if local.hour in (23, 0):
+        one_am = local.replace(hour=1, minute=0, second=0) + timedelta(
+            days=1 if local.hour == 23 else 0
+        )
+        now = one_am.astimezone(UTC)
+    return FakeClock(now)
 
 
 @pytest.fixture
