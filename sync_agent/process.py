@@ -1,6 +1,6 @@
 """The sync process: drains the outbox to the upstream EHR whenever the link allows.
 
-After each drain it waits in one of three ways, decided by how the drain ended:
+After each round it waits in one of four ways, decided by how the round ended:
 
 * **online** (the last bundle went through, or nothing was due): it waits ``interval_s`` and
   wakes early when another process adds outbox rows (``PRAGMA data_version`` moved and the
@@ -14,8 +14,8 @@ After each drain it waits in one of three ways, decided by how the drain ended:
   ``HEAD <base>/metadata`` with a ``PROBE_TIMEOUT_S`` timeout, at intervals that grow from
   ``PROBE_BASE_S`` to ``PROBE_CAP_S`` with jitter (each wait is uniform in [c/2, c], so probes
   never bunch up). Any HTTP answer ends the wait and a drain runs at once;
-* **the store failed** (a full disk; a stored copy that fails authentication outside the
-  outbox drain, which dead-letters its own): the round stops where it was, the process stays
+* **the store failed** (a full disk; a stored copy that fails authentication where nothing
+  dead-letters it, as in the pull): the round stops where it was, the process stays
   up and backs off as for a server error, with ``last_failure = "store"`` and the store's
   one-line message in its status. Nothing is lost: what was not committed is still pending,
   and resending what the server had applied is harmless. (Letting the error end the process
@@ -245,7 +245,7 @@ class SyncLoop:
                 result, more = await self._round(wake)
             except (StoreError, TamperedDataError) as exc:
                 # The store failed under us: a full disk, or a stored copy that fails
-                # authentication outside the outbox drain. Nothing is lost (what was not
+                # authentication where nothing dead-letters it. Nothing is lost (what was not
                 # committed is still pending, and its resend is harmless), and exiting would
                 # not help: keep this process up, say why, and try again with backoff.
                 failures += 1
