@@ -12,12 +12,21 @@ Fixtures for any browser test:
 * ``browser`` / ``page`` — Debian's Chromium (``/usr/bin/chromium``) through Playwright,
   never a downloaded browser (``media_browser``: with its fake camera and microphone). Skipped with a reason only when that binary is absent;
   ``make test`` installs it, so in CI these tests run.
+
+These tests serve the app on the wall clock and seed a visit's steps up to 24 minutes back
+("arrived earlier this morning"). Just after the demo site's midnight those steps would fall
+on yesterday, outside today's arrivals, so a session that starts in the half hour around
+that midnight (05:55-06:25 UTC, an hour earlier in summer) first waits until it has passed
+(:func:`live_server.wait_for_the_day`).
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,19 @@ from tests.e2e import live_server
 from web.app import AppState, create_app
 
 NURSE = "nurse-e2e"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clear_of_the_sites_midnight() -> None:
+    wait = live_server.wait_for_the_day(datetime.now(UTC))
+    if wait:
+        sys.stderr.write(
+            f"\nbrowser tests: waiting {wait / 60:.0f} min for the demo site's midnight to "
+            "pass (their seeds reach 24 minutes back)\n"
+        )
+        time.sleep(wait)
+
+
 PASSWORD = "correct horse battery staple"
 
 

@@ -27,9 +27,10 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
@@ -289,3 +290,22 @@ async def stream_worker(
             await asyncio.wait_for(task, 10)
         finally:
             await store.close()
+
+
+# The demo site's zone (appliance.config's embedded demo defaults).
+SITE_ZONE = ZoneInfo("America/Chicago")
+# Seeds reach this far back (test_nurse_arrivals_e2e: 24 minutes), plus a margin.
+_SEEDS_BACK = timedelta(minutes=25)
+_BEFORE_MIDNIGHT = timedelta(minutes=5)  # a test that straddles midnight
+
+
+def wait_for_the_day(now: datetime) -> float:
+    """Seconds until the site's day is old enough for the seeds (0: it already is)."""
+    local = now.astimezone(SITE_ZONE)
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    if local - midnight < _SEEDS_BACK:
+        return (midnight + _SEEDS_BACK - local).total_seconds()
+    next_midnight = (midnight + timedelta(days=1, hours=1)).replace(hour=0)
+    if next_midnight - local < _BEFORE_MIDNIGHT:
+        return (next_midnight + _SEEDS_BACK - local).total_seconds()
+    return 0.0
