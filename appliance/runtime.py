@@ -36,12 +36,13 @@ from appliance import db, sdnotify
 from appliance.config import Config, demo_config, load
 from appliance.errors import ApplianceError, StoreError, TamperedDataError
 from appliance.store import Store
+from appliance.supervisor import EX_CONFIG
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 5.0
-# sysexits.h: the configuration is wrong (not restarted), or a temporary failure (restarted).
-EX_CONFIG = 78
+# sysexits.h EX_TEMPFAIL: a temporary failure, restarted (EX_CONFIG, never restarted, is the
+# supervisor's, which the systemd units match).
 EX_TEMPFAIL = 75
 # /healthz calls a process stale when its heartbeat is older than this.
 HEARTBEAT_STALE_S = 15.0

@@ -78,6 +78,9 @@ MAX_BACKOFF_S = 300.0
 # clock that was ahead and has been set back (a box without a battery-backed clock booting
 # before NTP, then corrected): such an item is due now, not in years.
 RETRY_HORIZON = timedelta(days=1)
+# An outbox row (alias ``o``) is due: no retry time, one passed, or one beyond the horizon.
+# Its two parameters are :func:`due_bounds`.
+DUE_SQL = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ? OR o.next_attempt_at > ?)"
 # A reference to one of our own Patients or Devices, as it appears in the compact JSON the
 # store writes. FHIR ids are [A-Za-z0-9\-.]{1,64}, so nothing in one needs escaping, and in
 # valid JSON an unescaped `"reference":"` can only be a key with its string value (inside a
@@ -96,7 +99,7 @@ _ITEM_COLUMNS = "o.id, o.lane, o.attempts, r.id, r.logical_id, r.type, r.key_ver
 _PENDING_SQL = (
     f"SELECT {_ITEM_COLUMNS} FROM outbox o JOIN resources r ON r.id = o.resource_id "  # noqa: S608 - constant
     "WHERE o.state = 'pending' AND o.kind = 'create' "
-    "AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ? OR o.next_attempt_at > ?) "
+    f"AND {DUE_SQL} "
     "AND o.id NOT IN (SELECT value FROM json_each(?)) "
     "ORDER BY o.lane, o.id LIMIT ?"
 )
@@ -369,8 +372,7 @@ class Deliverer:
             rows += conn.execute(
                 f"SELECT {_ITEM_COLUMNS} FROM resources r JOIN outbox o ON o.resource_id = r.id "  # noqa: S608 - placeholders only
                 f"WHERE r.logical_id IN ({','.join('?' * len(chunk))}) AND o.state = 'pending' "
-                "AND o.kind = 'create' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ? "
-                "OR o.next_attempt_at > ?)",
+                f"AND o.kind = 'create' AND {DUE_SQL}",
                 (*chunk, *due_bounds(now)),
             ).fetchall()
         return self._items(conn, sorted(rows))

@@ -54,6 +54,7 @@ from appliance.store import (
     save_link,
 )
 from sync_agent.outbox_delivery import (
+    DUE_SQL,
     RETRY_HORIZON,
     UNREADABLE,
     UNREADABLE_AUDIT,
@@ -71,11 +72,10 @@ THEIRS_LABEL = "review_queue.theirs"
 _CONFLICT = (409, 412)
 _RETRY = (408, 429)
 _LOAD_SQL = (
-    "SELECT o.id, o.lane, o.attempts, o.if_match, r.id, r.logical_id, r.type, r.key_version, "
+    "SELECT o.id, o.lane, o.attempts, o.if_match, r.id, r.logical_id, r.type, r.key_version, "  # noqa: S608 - constants
     "r.body FROM outbox o JOIN resources r ON r.id = o.resource_id "
     "WHERE o.state = 'pending' AND o.kind = 'update' "
-    "AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ? OR o.next_attempt_at > ?) "
-    "ORDER BY o.id LIMIT ?"
+    f"AND {DUE_SQL} ORDER BY o.id LIMIT ?"
 )
 
 

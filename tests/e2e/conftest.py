@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -42,8 +43,9 @@ NURSE = "nurse-e2e"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _clear_of_the_sites_midnight() -> None:
-    wait = live_server.wait_for_the_day(datetime.now(UTC))
+def _clear_of_the_sites_midnight(tmp_path_factory: pytest.TempPathFactory) -> None:
+    site = demo_config(tmp_path_factory.mktemp("demo-site")).site
+    wait = live_server.wait_for_the_day(datetime.now(UTC), ZoneInfo(site.timezone))
     if wait:
         sys.stderr.write(
             f"\nbrowser tests: waiting {wait / 60:.0f} min for the demo site's midnight to "

@@ -292,16 +292,14 @@ async def stream_worker(
             await store.close()
 
 
-# The demo site's zone (appliance.config's embedded demo defaults).
-SITE_ZONE = ZoneInfo("America/Chicago")
 # Seeds reach this far back (test_nurse_arrivals_e2e: 24 minutes), plus a margin.
 _SEEDS_BACK = timedelta(minutes=25)
 _BEFORE_MIDNIGHT = timedelta(minutes=5)  # a test that straddles midnight
 
 
-def wait_for_the_day(now: datetime) -> float:
-    """Seconds until the site's day is old enough for the seeds (0: it already is)."""
-    local = now.astimezone(SITE_ZONE)
+def wait_for_the_day(now: datetime, zone: ZoneInfo) -> float:
+    """Seconds until the day in the site's ``zone`` is old enough for the seeds (0: it is)."""
+    local = now.astimezone(zone)
     midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
     if local - midnight < _SEEDS_BACK:
         return (midnight + _SEEDS_BACK - local).total_seconds()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
-from tests.e2e.live_server import SITE_ZONE, wait_for_the_day
+from tests.e2e.live_server import wait_for_the_day
+
+CHICAGO = ZoneInfo("America/Chicago")  # the demo site's zone
 
 
 def test_the_midnight_guard_waits_only_around_the_sites_midnight() -> None:
-    at = datetime(2026, 11, 29, tzinfo=SITE_ZONE)  # midnight in Chicago, 06:00 UTC
-    assert wait_for_the_day(at + timedelta(hours=9)) == 0.0
-    assert wait_for_the_day(at + timedelta(minutes=10)) == 15 * 60
-    assert wait_for_the_day(at - timedelta(minutes=2)) == 27 * 60
-    assert wait_for_the_day(at - timedelta(minutes=6)) == 0.0
-    assert wait_for_the_day(at + timedelta(minutes=25)) == 0.0
+    at = datetime(2026, 11, 29, tzinfo=CHICAGO)  # midnight in Chicago, 06:00 UTC
+    assert wait_for_the_day(at + timedelta(hours=9), CHICAGO) == 0.0
+    assert wait_for_the_day(at + timedelta(minutes=10), CHICAGO) == 15 * 60
+    assert wait_for_the_day(at - timedelta(minutes=2), CHICAGO) == 27 * 60
+    assert wait_for_the_day(at - timedelta(minutes=6), CHICAGO) == 0.0
+    assert wait_for_the_day(at + timedelta(minutes=25), CHICAGO) == 0.0
