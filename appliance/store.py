@@ -97,6 +97,10 @@ def _utcnow() -> datetime:
 # edits in place. Everything else made here is append-only.
 UPDATABLE_TYPES = frozenset({"Patient"})
 HISTORY_LABEL = "resource_history"
+# The audit detail of an upstream copy that replaced a stored copy failing authentication.
+UNREADABLE_REPLACED = (
+    "the stored copy failed authentication and was replaced (kept in unreadable_copies)"
+)
 
 
 class ReviewPendingError(StoreError):
@@ -1103,10 +1107,9 @@ class Store:
                     row_id = int(cur.lastrowid or 0)
                     link = UpstreamLink(row_id, item.reference, None, None, "pulled", stored=False)
                     kind, action = ImportOutcome.CREATED, AuditAction.CREATE
+                    healed = False
                 else:
-                    current = self._current(conn, "id = ?", (row_id,))
-                    assert current is not None  # found a moment ago, in this transaction
-                    self._keep_history(conn, current, actor, reason, stamp)
+                    healed = not self._keep_replaced(conn, row_id, item, actor, reason, stamp)
                     link = link_for_resource(conn, row_id) or UpstreamLink(
                         row_id,
                         item.reference,
@@ -1131,7 +1134,8 @@ class Store:
                         action,
                         patient_key=None if subject is None else self._patient_key(subject),
                         entity=f"{item.type}/{logical_id}",
-                        detail=f"{reason} {item.reference}",
+                        detail=f"{reason} {item.reference}"
+                        + (f"; {UNREADABLE_REPLACED}" if healed else ""),
                     )
                 )
                 results.append(Imported(item.reference, kind, row_id, logical_id, item.version_id))
@@ -1139,6 +1143,41 @@ class Store:
                 also(conn, results)
             audit.append(conn, events, now=now)
         return results
+
+    def _keep_replaced(
+        self,
+        conn: sqlite3.Connection,
+        row_id: int,
+        item: UpstreamCopy,
+        actor: str,
+        reason: str,
+        stamp: str,
+    ) -> bool:
+        """Keep the version an upstream copy replaces; False when it did not authenticate.
+
+        A readable version goes into ``resource_history``. One that fails authentication
+        (altered or moved on disk, a bad sector) cannot be read, but the upstream copy is an
+        authenticated one of the same resource: it takes its place, so the pull and what
+        queues behind it go on, and the unreadable bytes are kept as found in
+        ``unreadable_copies`` for whoever investigates. The caller audits it.
+        """
+        try:
+            current = self._current(conn, "id = ?", (row_id,))
+        except TamperedDataError:
+            conn.execute(
+                "INSERT INTO unreadable_copies (resource_id, key_version, body, found_at, "
+                "replaced_by) SELECT id, key_version, body, ?, ? FROM resources WHERE id = ?",
+                (stamp, item.reference, row_id),
+            )
+            logger.error(
+                "resource row %s failed authentication; replaced by the upstream's copy, "
+                "the unreadable bytes kept in unreadable_copies",
+                row_id,
+            )
+            return False
+        assert current is not None  # found a moment ago, in this transaction
+        self._keep_history(conn, current, actor, reason, stamp)
+        return True
 
     @staticmethod
     def _skip(

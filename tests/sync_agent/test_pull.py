@@ -15,10 +15,11 @@ import pytest
 
 from appliance.config import UpstreamConfig
 from appliance.device_registry import DeviceRegistry, Setting, Transport
-from appliance.store import Store
+from appliance.errors import TamperedDataError
+from appliance.store import UNREADABLE_REPLACED, Store
 from services.vitals import CAPTURE_SETTING_SYSTEM
 from sync_agent.outbox_delivery import Deliverer
-from sync_agent.pull import HOME_TAG, Puller
+from sync_agent.pull import ACTOR, HOME_TAG, Puller
 from sync_agent.updates import ReviewQueue, UpdateSender
 from sync_agent.upstream import FHIR_JSON
 from tests import factories
@@ -238,6 +239,60 @@ async def test_an_upstream_change_is_pulled_as_an_update_of_the_same_local_resou
     assert patient["name"][0]["family"] == "Renamedperson"
     history = await store.history("Patient", ada_local, NURSE)
     assert [h["name"][0]["family"] for h in history] == ["Adaperson"]
+
+
+async def test_a_pulled_copy_replaces_a_stored_copy_that_fails_authentication(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    booked = await _post(client, _appointment(ada, site))
+    puller = _puller(store, client, site)
+    await puller.pull_once()
+    ada_local = await _local_id(store, "Patient", ada["id"])
+    appointment_local = await _local_id(store, "Appointment", booked["id"])
+    await _enrol(store, ada_local)
+    # Ada's stored ciphertext replaced by the Appointment's (a row moved on disk).
+    conn = sqlite3.connect(db_path)
+    conn.execute(
+        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+        "WHERE logical_id = ?",
+        (appointment_local, ada_local),
+    )
+    conn.commit()
+    [(row_id, version, moved)] = conn.execute(
+        "SELECT id, key_version, body FROM resources WHERE logical_id = ?", (ada_local,)
+    ).fetchall()
+    conn.close()
+    with pytest.raises(TamperedDataError):
+        await store.read("Patient", ada_local, NURSE)
+
+    renamed = {**ada, "name": [{"family": "Renamedperson", "given": ["Ada"]}]}
+    assert (await client.put(f"Patient/{ada['id']}", json=renamed)).status_code == 200
+    result = await puller.pull_once(force=True)  # before: TamperedDataError, every pass
+    assert (result.error, result.created, result.updated) == (None, 0, 1)
+    patient = await store.read("Patient", ada_local, NURSE)
+    assert patient["name"][0]["family"] == "Renamedperson"
+    assert patient["id"] == ada_local
+    assert await store.history("Patient", ada_local, NURSE) == []  # nothing readable to keep
+    conn = sqlite3.connect(db_path)
+    kept = conn.execute(
+        "SELECT resource_id, key_version, body, replaced_by FROM unreadable_copies"
+    ).fetchall()
+    audited = conn.execute(
+        "SELECT action, entity, detail FROM audit WHERE actor = ? AND entity = ?",
+        (ACTOR, f"Patient/{ada_local}"),
+    ).fetchall()
+    conn.close()
+    assert kept == [(row_id, version, moved, f"Patient/{ada['id']}")]  # as found, byte for byte
+    assert audited[-1] == (
+        "update",
+        f"Patient/{ada_local}",
+        f"pulled Patient/{ada['id']}; {UNREADABLE_REPLACED}",
+    )
+    # The next pass finds nothing wrong and nothing new.
+    again = await puller.pull_once(force=True)
+    assert (again.error, again.created, again.updated) == (None, 0, 0)
 
 
 async def test_a_pull_interrupted_mid_page_resumes_without_loss_or_duplicates(
