@@ -51,9 +51,11 @@ from sync_agent.balp import (
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
+    bundle_entries,
     classify_response,
+    entry_outcome,
+    entry_status,
     exchange,
-    outcome_text,
     post_bundle,
     response_json,
 )
@@ -248,17 +250,6 @@ class ExportResult:
     failures: list[str] = field(default_factory=list)
 
 
-def _entry_status(entry: Any) -> int:
-    response = entry.get("response", {}) if isinstance(entry, dict) else {}
-    text = str(response.get("status", ""))
-    return int(text.split()[0]) if text[:3].isdigit() else 0
-
-
-def _entry_message(entry: Any, code: int) -> str:
-    response = entry.get("response", {}) if isinstance(entry, dict) else {}
-    return outcome_text(response.get("outcome")) or f"HTTP {code}"
-
-
 class AuditExporter:
     """Streams one store's audit chain to one upstream FHIR server, then anchors it."""
 
@@ -321,13 +312,13 @@ class AuditExporter:
             ],
         }
         response = await post_bundle(self._client, bundle)
-        entry = (response.get("entry") or [{}])[0]
-        code = _entry_status(entry)
+        entry = (bundle_entries(response) or [{}])[0]
+        code = entry_status(entry)
         if 200 <= code < 300:
             await db.run_sync(conn, _set_anchor, checkpoint.audit_id, None)
             return checkpoint.audit_id
         if 400 <= code < 500 and code not in (408, 409, 429):
-            message = _entry_message(entry, code)
+            message = entry_outcome(entry, code)
             logger.warning("upstream refused the audit checkpoint anchor: HTTP %d", code)
             await db.run_sync(conn, _set_anchor, checkpoint.audit_id, message)
             return None
@@ -387,15 +378,15 @@ class AuditExporter:
                     return self._failed(result, exc, start)
             else:
                 result.bundles = 1
-                entries = response.get("entry", [])
+                entries = bundle_entries(response)
                 for index, (row, _event) in enumerate(built):
                     entry = entries[index] if index < len(entries) else {}
-                    code = _entry_status(entry)
+                    code = entry_status(entry)
                     if 200 <= code < 300:
                         result.exported += 1
                         result.existing += code == 200
                     elif 400 <= code < 500 and code not in (408, 409, 429):
-                        refused.append((row.id, _entry_message(entry, code)))
+                        refused.append((row.id, entry_outcome(entry, code)))
                     else:
                         # Settle only up to here: the rest is resent (harmlessly) next time.
                         end = row.id - 1
@@ -464,10 +455,15 @@ async def fetch_upstream_anchor(client: httpx.AsyncClient, site_id: str) -> Chec
     body = response_json(response)
     if response.status_code >= 300:
         raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
+    return latest_anchor_of(body)
+
+
+def latest_anchor_of(body: Any) -> Checkpoint | None:
+    """The newest checkpoint anchor in a Provenance search answer (what is not one is skipped)."""
     anchors = []
-    for entry in body.get("entry", []) if isinstance(body, dict) else []:
+    for entry in bundle_entries(body):
         try:
-            anchors.append(anchor_from_provenance(entry.get("resource", {})))
+            anchors.append(anchor_from_provenance(entry.get("resource")))
         except ValueError:
             continue
     return max(anchors, key=lambda cp: cp.audit_id, default=None)

@@ -296,12 +296,21 @@ def checkpoint_provenance(
     }
 
 
-def anchor_from_provenance(resource: fhir.FhirJson) -> Checkpoint:
-    """The checkpoint an anchor Provenance carries; raises ValueError when it is not one."""
+def _items(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def anchor_from_provenance(resource: Any) -> Checkpoint:
+    """The checkpoint an anchor Provenance carries; raises ValueError when it is not one.
+
+    ``resource`` is whatever a server sent: any shape that is not an anchor is a ValueError.
+    """
+    if not isinstance(resource, dict):
+        raise ValueError("not an audit checkpoint anchor (not a resource)")
     fields: dict[str, str] = {}
-    for ext in resource.get("extension", []):
+    for ext in _items(resource.get("extension")):
         if isinstance(ext, dict) and ext.get("url") == CHECKPOINT_EXTENSION:
-            for part in ext.get("extension", []):
+            for part in _items(ext.get("extension")):
                 if isinstance(part, dict) and isinstance(part.get("valueString"), str):
                     fields[str(part.get("url"))] = part["valueString"]
     signatures = resource.get("signature") or [{}]
@@ -312,5 +321,5 @@ def anchor_from_provenance(resource: fhir.FhirJson) -> Checkpoint:
             ts=datetime.fromisoformat(fields["signedTs"]).astimezone(UTC),
             signature=base64.b64decode(signatures[0]["data"], validate=True),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"not an audit checkpoint anchor ({type(exc).__name__})") from None

@@ -67,7 +67,15 @@ from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.errors import TamperedDataError
 from appliance.store import Store, upstream_refs_of_pulled
-from sync_agent.upstream import Failure, UpstreamError, outcome_text, post_bundle
+from sync_agent.upstream import (
+    Failure,
+    UpstreamError,
+    bundle_entries,
+    entry_answer,
+    entry_outcome,
+    entry_status,
+    post_bundle,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +94,8 @@ DUE_SQL = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ? OR o.next_attemp
 # valid JSON an unescaped `"reference":"` can only be a key with its string value (inside a
 # string every quote is escaped): each match is a Reference, at any depth.
 _LOCAL_REF = re.compile(rb'"reference":"(Patient|Device)/([A-Za-z0-9\-.]{1,64})"')
+# What an entry's answer may name as the resource it made or found: ``Type/id``, FHIR's shapes.
+_UPSTREAM_REF = re.compile(r"[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}")
 _LOCAL_TYPES = ("Patient/", "Device/")
 # The store's server-owned meta, last in the object as the store writes it, with our tags
 # (where and how a reading was captured) kept. A server ignores a create's ``id`` and
@@ -299,16 +309,23 @@ def _rewrite_references(value: Any, targets: dict[str, str | None]) -> Any:
     return out
 
 
-def _entry_ref(entry: Any, answer: dict[str, Any]) -> str | None:
-    """``Type/id`` of what an entry created or found: from its location, else its resource."""
-    location = answer.get("location")
+def _entry_ref(entry: Any) -> str | None:
+    """``Type/id`` of what an entry created or found: from its location, else its resource.
+
+    None when neither names one in FHIR's shapes (the item is delivered all the same; what
+    refers to it is then sent with a parsed rewrite, see :func:`_outgoing`).
+    """
+    location = entry_answer(entry).get("location")
     if isinstance(location, str) and location:
         head, sep, rid = location.split("/_history", 1)[0].rpartition("/")
-        if sep:
-            return f"{head.rpartition('/')[2]}/{rid}"
+        ref = f"{head.rpartition('/')[2]}/{rid}"
+        if sep and _UPSTREAM_REF.fullmatch(ref):
+            return ref
     resource = entry.get("resource") if isinstance(entry, dict) else None
-    if isinstance(resource, dict) and resource.get("id"):
-        return f"{resource['resourceType']}/{resource['id']}"
+    if isinstance(resource, dict):
+        ref = f"{resource.get('resourceType')}/{resource.get('id')}"
+        if _UPSTREAM_REF.fullmatch(ref):
+            return ref
     return None
 
 
@@ -619,21 +636,15 @@ class Deliverer:
         dead = list(batch.dead)
         delivered: list[tuple[Item, str | None]] = []
         retry: list[tuple[Item, str, float]] = []
-        entries = response.get("entry")
-        if not isinstance(entries, list):
-            entries = []
+        entries = bundle_entries(response)
         for index, (item, _body) in enumerate(batch.ready):
-            entry = entries[index] if index < len(entries) else None
-            answer = entry.get("response") if isinstance(entry, dict) else None
-            if not isinstance(answer, dict):
-                answer = {}
-            status = answer.get("status")
-            code = int(status[:3]) if isinstance(status, str) and status[:3].isdigit() else 0
+            entry = entries[index] if index < len(entries) else {}
+            code = entry_status(entry)
             if 200 <= code < 300:
-                delivered.append((item, _entry_ref(entry, answer)))
+                delivered.append((item, _entry_ref(entry)))
                 result.existing += code == 200
             elif 400 <= code < 500 and code not in (401, 403, 408, 409, 429):
-                dead.append((item, outcome_text(answer.get("outcome")) or f"HTTP {code}"))
+                dead.append((item, entry_outcome(entry, code)))
             else:
                 retry.append(
                     (item, f"entry HTTP {code or 'missing'}", backoff_s(item.attempts, self._rng))

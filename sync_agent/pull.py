@@ -58,6 +58,7 @@ from sync_agent.updates import refresh_review
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
+    bundle_entries,
     classify_response,
     exchange,
     response_json,
@@ -159,7 +160,8 @@ def _copy(resource: fhir.FhirJson) -> UpstreamCopy:
 
 def _patients_of(appointment: fhir.FhirJson) -> set[str]:
     found = set()
-    for participant in appointment.get("participant", []):
+    participants = appointment.get("participant")
+    for participant in participants if isinstance(participants, list) else []:
         actor = participant.get("actor") if isinstance(participant, dict) else None
         ref = actor.get("reference") if isinstance(actor, dict) else None
         if isinstance(ref, str) and ref.startswith("Patient/") and ref.count("/") == 1:
@@ -169,8 +171,8 @@ def _patients_of(appointment: fhir.FhirJson) -> set[str]:
 
 def _captured_elsewhere(observation: fhir.FhirJson) -> bool:
     meta = observation.get("meta")
-    tags = meta.get("tag", []) if isinstance(meta, dict) else []
-    return any(
+    tags = meta.get("tag") if isinstance(meta, dict) else None
+    return isinstance(tags, list) and any(
         isinstance(t, dict)
         and t.get("system") == fhir.CAPTURE_SETTING_SYSTEM
         and t.get("code") != "home"
@@ -181,9 +183,10 @@ def _captured_elsewhere(observation: fhir.FhirJson) -> bool:
 def _entries(bundle: Any, rtype: str) -> list[fhir.FhirJson]:
     """The matches of a searchset (not included resources, not OperationOutcomes)."""
     found = []
-    for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        mode = (entry.get("search") or {}).get("mode", "match")
+    for entry in bundle_entries(bundle):
+        resource = entry.get("resource")
+        search = entry.get("search")
+        mode = search.get("mode", "match") if isinstance(search, dict) else "match"
         if (
             isinstance(resource, dict)
             and resource.get("resourceType") == rtype
@@ -195,9 +198,12 @@ def _entries(bundle: Any, rtype: str) -> list[fhir.FhirJson]:
 
 
 def _next_link(bundle: Any) -> str | None:
-    for link in bundle.get("link", []) if isinstance(bundle, dict) else []:
-        if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
-            return str(link["url"])
+    links = bundle.get("link") if isinstance(bundle, dict) else None
+    for link in links if isinstance(links, list) else []:
+        if isinstance(link, dict) and link.get("relation") == "next":
+            url = link.get("url")
+            if isinstance(url, str) and url:
+                return url
     return None
 
 

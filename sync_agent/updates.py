@@ -61,7 +61,14 @@ from sync_agent.outbox_delivery import (
     backoff_s,
     due_bounds,
 )
-from sync_agent.upstream import Failure, UpstreamError, exchange, outcome_text, response_json
+from sync_agent.upstream import (
+    Failure,
+    UpstreamError,
+    bundle_entries,
+    exchange,
+    outcome_text,
+    response_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -316,8 +323,7 @@ class UpdateSender:
         response = await exchange(self._client, "GET", f"{ref}/_history")
         if response.status_code in _RETRY or response.status_code >= 500:
             raise _transient(response)
-        body = response_json(response)
-        entries = body.get("entry", []) if isinstance(body, dict) else []
+        entries = bundle_entries(response_json(response))
         if response.status_code != 200 or len(entries) != 1:
             return None  # changed upstream since our create (or unknowable): a person decides
         return _version_of(entries[0].get("resource"))

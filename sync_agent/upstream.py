@@ -64,20 +64,64 @@ class UpstreamError(Exception):
         return f"{self.failure}: {self.message}"
 
 
+# -- reading what a server answered ---------------------------------------------------------
+# Nothing in an answer is trusted to have the shape FHIR gives it: a server, a gateway or a
+# proxy in between may send anything. These read what is usable and treat the rest as absent,
+# so a malformed answer becomes a retry or a dead letter with a plain message, never an
+# exception that ends the sync process (tests/sync_agent/test_answers.py, with hypothesis).
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def outcome_text(body: Any) -> str:
     """The diagnostics of an OperationOutcome, as one line (the server's words)."""
     if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
         parts = []
-        for issue in body.get("issue", []):
+        for item in _list(body.get("issue")):
+            issue = _dict(item)
+            details = issue.get("details")  # a CodeableConcept; some servers send a string
             text = (
                 issue.get("diagnostics")
-                or issue.get("details", {}).get("text")
+                or (details if isinstance(details, str) else _dict(details).get("text"))
                 or issue.get("code")
             )
-            if text:
+            if text and isinstance(text, str | int | float):
                 parts.append(str(text))
         return "; ".join(parts)[:500] or "OperationOutcome without diagnostics"
     return ""
+
+
+def bundle_entries(body: Any) -> list[dict[str, Any]]:
+    """A Bundle's entries in order, each a dict (``{}`` for one that is not one)."""
+    return [_dict(entry) for entry in _list(_dict(body).get("entry"))]
+
+
+def entry_answer(entry: Any) -> dict[str, Any]:
+    """An entry's ``response`` (``{}`` when it has none that is an object)."""
+    return _dict(_dict(entry).get("response"))
+
+
+def entry_status(entry: Any) -> int:
+    """The HTTP status an entry's ``response.status`` starts with ("201 Created"); 0 if none."""
+    status = entry_answer(entry).get("status")
+    if not isinstance(status, str):
+        return 0
+    head = status.strip()[:4]
+    code = head[:3]
+    if len(code) == 3 and code.isascii() and code.isdigit() and not head[3:].isdigit():
+        return int(code)
+    return 0
+
+
+def entry_outcome(entry: Any, code: int) -> str:
+    """What the server said about one refused entry, as one line."""
+    return outcome_text(entry_answer(entry).get("outcome")) or f"HTTP {code}"
 
 
 _TOO_LARGE_WORDS = ("too many", "too large", "entries", "payload too large")

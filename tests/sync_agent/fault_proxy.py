@@ -11,8 +11,10 @@ exactly-once delivery:
 ``drop``        the request is forwarded and *applied*, the answer is read, then the
                 connection is reset without a byte of it (the ambiguous case).
 ``delay``       wait ``delay_s``, then forward and answer (past the agent's timeout: ambiguous).
-``status``      answer ``status`` (500/503/429…) itself with an OperationOutcome and, when
-                given, ``Retry-After``; nothing is forwarded.
+``status``      answer ``status`` (500/503/429…) itself with an OperationOutcome (or
+                ``body``, when given) and, when given, ``Retry-After``; nothing is forwarded.
+``replace``     forward (applied), then answer ``status`` with ``body`` instead of the
+                server's answer: a gateway or a server bug answering nonsense after the fact.
 ``too_large``   answer 413 when the body is larger than ``max_body`` bytes (0: always).
 ``truncate``    forward (applied), then send the headers and half the body and close; with
                 ``fix_length`` the ``Content-Length`` is cut too, so the body is just bad JSON.
@@ -74,6 +76,7 @@ class Fault(StrEnum):
     STATUS = "status"
     TOO_LARGE = "too_large"
     TRUNCATE = "truncate"
+    REPLACE = "replace"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,7 @@ class FaultSpec:
     delay_s: float = 0.0
     max_body: int = 0
     fix_length: bool = False
+    body: bytes | None = None
     count: int | None = None  # requests left; None = until changed
 
 
@@ -263,7 +267,7 @@ class FaultProxy:
         if fault is Fault.STATUS or fault is Fault.TOO_LARGE:
             status = 413 if fault is Fault.TOO_LARGE else spec.status
             extra = [] if spec.retry_after is None else [("Retry-After", spec.retry_after)]
-            body = _outcome(status, f"injected by the fault proxy: {status}")
+            body = spec.body or _outcome(status, f"injected by the fault proxy: {status}")
             await self._respond(writer, request, status, extra, body)
             return True
         if fault is Fault.DELAY:
@@ -279,6 +283,9 @@ class FaultProxy:
         if fault is Fault.DROP:
             _reset(writer)
             return False
+        if fault is Fault.REPLACE:
+            await self._respond(writer, request, spec.status, [], spec.body or b"")
+            return True
         if fault is Fault.TRUNCATE:
             cut = body[: len(body) // 2]
             await self._respond(

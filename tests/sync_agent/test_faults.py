@@ -365,6 +365,80 @@ async def test_refused_entry_is_dead_lettered_with_the_servers_message_and_the_r
     assert fhir_peer.count("Observation") == 4
 
 
+async def test_a_refusal_whose_outcome_is_malformed_is_a_dead_letter_with_the_servers_words(
+    store: Store, client: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    ref = await _readings(store, 1)
+    deliverer = _deliverer(store, client)
+    assert (await deliverer.drain()).delivered == 2
+    await store.create([factories.bp_observation(ref, systolic=140)], "service:devices")
+    # `details` as a string, not a CodeableConcept: seen from real servers.
+    sloppy = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "invalid", "details": "Invalid subject"}],
+    }
+    await proxy.set(Fault.STATUS, status=422, body=json.dumps(sloppy).encode(), count=1)
+    refused = await deliverer.drain()  # before: AttributeError, and the sync process ended
+    assert (refused.dead, refused.error) == (1, "permanent: Invalid subject")
+    [(outbox_id, sealed)] = (
+        sqlite3.connect(db_path)
+        .execute("SELECT id, last_error FROM outbox WHERE state = 'dead'")
+        .fetchall()
+    )
+    assert store.keyring.unseal("outbox", str(outbox_id), sealed) == "Invalid subject"
+    # A gateway's 502 whose "OperationOutcome" is not one: transient, the item waits.
+    await store.create([factories.bp_observation(ref, systolic=141)], "service:devices")
+    broken = {"resourceType": "OperationOutcome", "issue": "Bad Gateway"}
+    await proxy.set(Fault.STATUS, status=502, body=json.dumps(broken).encode(), count=1)
+    failed = await deliverer.drain()
+    assert (failed.link_down, failed.error) == (
+        True,
+        "transient: OperationOutcome without diagnostics",
+    )
+    assert (await deliverer.drain()).delivered == 1
+    assert fhir_peer.count("Observation") == 2
+
+
+async def test_a_nonsense_answer_after_the_server_applied_a_bundle_loses_and_doubles_nothing(
+    store: Store, client: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    [pat] = await store.create([factories.patient()], "user:nurse1")
+    deliverer = _deliverer(store, client)
+    # Applied upstream, then answered with a location that names no resource.
+    nonsense = {
+        "resourceType": "Bundle",
+        "type": "batch-response",
+        "entry": [{"response": {"status": "201 Created", "location": "Patient/"}}],
+    }
+    await proxy.set(Fault.REPLACE, status=200, body=json.dumps(nonsense).encode(), count=1)
+    assert (await deliverer.drain()).delivered == 1
+    conn = sqlite3.connect(db_path)
+    [(upstream_ref,)] = conn.execute("SELECT upstream_ref FROM outbox").fetchall()
+    conn.close()
+    assert upstream_ref is None  # before: "Patient/", sent on as every reading's subject
+    ref = f"Patient/{pat.logical_id}"
+    await store.create(
+        [factories.bp_observation(ref, systolic=120 + i) for i in range(4)], "service:devices"
+    )
+    # Applied again, answered with entries of every wrong shape: each item is retried.
+    junk = {
+        "resourceType": "Bundle",
+        "entry": ["ok", 7, {"response": "201 Created"}, {"response": {"status": "²⁰¹ Created"}}],
+    }
+    await proxy.set(Fault.REPLACE, status=200, body=json.dumps(junk).encode(), count=1)
+    retried = await deliverer.drain()  # before: ValueError on the last status
+    assert (retried.delivered, retried.retry, retried.dead) == (0, 4, 0)
+    assert fhir_peer.count("Observation") == 4  # the server did apply them
+    await deliverer.make_due()
+    again = await deliverer.drain()
+    assert (again.delivered, again.existing) == (4, 4)  # "already there": no duplicate
+    assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 4)
+    page = (await client.get("Observation", params={"_count": "10"})).json()
+    subjects = [e["resource"]["subject"] for e in page["entry"]]
+    assert len(subjects) == 4
+    assert all(s.get("reference") != "Patient/" for s in subjects)
+
+
 def _tamper(db_path: Path, victim: str, source: str) -> None:
     """Copy one resource's ciphertext over another's (a row moved on disk)."""
     conn = sqlite3.connect(db_path)

@@ -1,0 +1,238 @@
+"""Whatever a server answers, the sync agent reads it without an exception (hypothesis).
+
+A FHIR server, a gateway or a proxy in between may answer anything: an OperationOutcome
+whose ``issue`` is a string, a Bundle whose entries are numbers, a status "201Created", a
+``location`` that names no resource. Each reader of an answer must turn what it cannot use
+into "absent" (a retry, a dead letter with a plain message, a page with nothing on it),
+never raise: an exception there ended the sync process, and the next start met the same
+answer. The property tests feed every reader arbitrary JSON shaped like the real thing; the
+peer tests in ``test_faults.py`` send such answers through the fault proxy to the real drain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sync_agent.audit_export import latest_anchor_of
+from sync_agent.balp import anchor_from_provenance
+from sync_agent.outbox_delivery import _entry_ref
+from sync_agent.pull import Cursor, _captured_elsewhere, _copy, _entries, _next_link, _patients_of
+from sync_agent.updates import _updated_of, _version_of
+from sync_agent.upstream import (
+    Failure,
+    bundle_entries,
+    classify_response,
+    entry_outcome,
+    entry_status,
+    outcome_text,
+)
+
+# The keys real answers use, so that generated objects often have the right shape with the
+# wrong content, which is where a reader trips.
+KEYS = [
+    "resourceType",
+    "id",
+    "meta",
+    "versionId",
+    "lastUpdated",
+    "entry",
+    "resource",
+    "response",
+    "status",
+    "location",
+    "outcome",
+    "issue",
+    "diagnostics",
+    "details",
+    "text",
+    "code",
+    "search",
+    "mode",
+    "link",
+    "relation",
+    "url",
+    "participant",
+    "actor",
+    "reference",
+    "tag",
+    "system",
+    "extension",
+    "valueString",
+    "signature",
+    "data",
+]
+WORDS = [
+    "Bundle",
+    "OperationOutcome",
+    "Patient",
+    "Appointment",
+    "Observation",
+    "Provenance",
+    "match",
+    "include",
+    "next",
+    "201 Created",
+    "200 OK",
+    "201Created",
+    "2013",
+    "²⁰¹",
+    " 201",
+    "412 Precondition Failed",
+    "Patient/123",
+    "Patient/123/_history/1",
+    "http://x/fhir/R4/Observation/9/_history/2",
+    "/123",
+    "Patient/",
+    "Patient/a b",
+    "2026-11-29T08:00:00Z",
+    "2026-11-29T08:00:00",
+    "0001-01-01T00:00:00+05:00",
+    "not a date",
+    "",
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.sampled_from(WORDS),
+    st.text(max_size=12),
+)
+json_st = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=6)), inner, max_size=5),
+    ),
+    max_leaves=30,
+)
+
+
+def _shaped(kind: str) -> st.SearchStrategy[dict[str, Any]]:
+    """A dict that starts as ``kind`` and has any of the keys an answer of that kind has."""
+    return st.fixed_dictionaries(
+        {"resourceType": st.one_of(st.just(kind), json_st)},
+        optional={key: json_st for key in KEYS if key != "resourceType"},
+    )
+
+
+def _entry() -> st.SearchStrategy[Any]:
+    answer = st.fixed_dictionaries(
+        {},
+        optional={
+            "status": st.one_of(st.sampled_from(WORDS), json_st),
+            "location": st.one_of(st.sampled_from(WORDS), json_st),
+            "outcome": st.one_of(_shaped("OperationOutcome"), json_st),
+        },
+    )
+    entry = st.fixed_dictionaries(
+        {},
+        optional={
+            "response": st.one_of(answer, json_st),
+            "resource": st.one_of(_shaped("Patient"), json_st),
+            "search": st.one_of(st.fixed_dictionaries({}, optional={"mode": json_st}), json_st),
+        },
+    )
+    return st.one_of(entry, json_st)
+
+
+bundles = st.one_of(
+    st.fixed_dictionaries(
+        {"resourceType": st.just("Bundle")},
+        optional={
+            "entry": st.one_of(st.lists(_entry(), max_size=5), json_st),
+            "link": st.one_of(
+                st.lists(
+                    st.one_of(st.fixed_dictionaries({"relation": json_st, "url": json_st}), json_st)
+                ),
+                json_st,
+            ),
+        },
+    ),
+    json_st,
+)
+outcomes = st.one_of(_shaped("OperationOutcome"), json_st)
+REF = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    outcomes, st.integers(min_value=100, max_value=599), st.one_of(st.none(), st.text(max_size=8))
+)
+def test_an_outcome_of_any_shape_is_one_line_and_a_class(
+    body: Any, status: int, retry_after: str | None
+) -> None:
+    text = outcome_text(body)
+    assert isinstance(text, str)
+    assert len(text) <= 500
+    error = classify_response(status, body, retry_after)
+    assert isinstance(error.failure, Failure)
+    assert error.message
+    assert error.retry_after_s is None or error.retry_after_s >= 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(bundles)
+def test_a_batch_answer_of_any_shape_gives_a_status_a_message_and_a_reference_or_none(
+    body: Any,
+) -> None:
+    entries = bundle_entries(body)
+    assert all(isinstance(e, dict) for e in entries)
+    if isinstance(body, dict) and isinstance(body.get("entry"), list):
+        assert len(entries) == len(body["entry"])  # positions kept: entry k answers item k
+    for entry in [*entries, None, 7, "x"]:
+        code = entry_status(entry)
+        assert code == 0 or 100 <= code <= 999
+        message = entry_outcome(entry, code)
+        assert isinstance(message, str)
+        assert message
+        ref = _entry_ref(entry)
+        assert ref is None or REF.fullmatch(ref), ref
+
+
+@settings(max_examples=500, deadline=None)
+@given(bundles, st.sampled_from(["Appointment", "Observation", "Patient"]))
+def test_a_search_page_of_any_shape_gives_resources_to_import_or_nothing(
+    body: Any, rtype: str
+) -> None:
+    found = _entries(body, rtype)
+    for resource in found:
+        assert resource["resourceType"] == rtype
+        assert isinstance(resource["id"], str)
+        copy = _copy(resource)
+        assert copy.reference == f"{rtype}/{resource['id']}"
+        assert copy.version_id is None or isinstance(copy.version_id, str)
+        assert all(isinstance(p, str) for p in _patients_of(resource))
+        assert isinstance(_captured_elsewhere(resource), bool)
+    cursor = Cursor().advance(found)
+    assert all(isinstance(seen, str) for seen in cursor.seen)
+    assert all(isinstance(cursor.taken(r), bool) for r in found)
+    link = _next_link(body)
+    assert link is None or (isinstance(link, str) and link)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_shaped("Patient"), json_st))
+def test_a_resource_of_any_shape_gives_a_version_and_a_time_or_none(resource: Any) -> None:
+    version = _version_of(resource)
+    assert version is None or isinstance(version, str)
+    updated = _updated_of(resource)
+    assert updated is None or isinstance(updated, str)
+    if isinstance(resource, dict):
+        assert all(isinstance(p, str) for p in _patients_of(resource))
+        assert isinstance(_captured_elsewhere(resource), bool)
+
+
+@settings(max_examples=400, deadline=None)
+@given(bundles)
+def test_an_anchor_search_of_any_shape_gives_an_anchor_or_none(body: Any) -> None:
+    for entry in bundle_entries(body):
+        with contextlib.suppress(ValueError):  # "not an anchor" is the one error it has
+            anchor_from_provenance(entry.get("resource"))
+    latest = latest_anchor_of(body)
+    assert latest is None or isinstance(latest.audit_id, int)
