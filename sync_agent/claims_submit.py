@@ -284,7 +284,9 @@ class ClaimsSubmitter:
             page = response.json()
             items = page["responses"]
             cursor = str(page.get("next", since))
-        except (ValueError, KeyError, TypeError):
+            if not isinstance(items, list):
+                raise TypeError("responses is not a list")
+        except (ValueError, KeyError, TypeError, AttributeError):
             result.errors.append("polling responses: not the documented JSON")
             return 0
         applied = 0
@@ -294,7 +296,8 @@ class ClaimsSubmitter:
                 applied += 0 if done.duplicate else 1
             except (AckError, KeyError, TypeError) as exc:
                 # Kept out of the cursor's way: a bad file is reported, the rest still apply.
-                result.errors.append(f"response {item.get('id', '?')}: {exc}")
+                ident = item.get("id", "?") if isinstance(item, dict) else "?"
+                result.errors.append(f"response {ident}: {exc}")
                 logger.warning("a claims response file could not be applied: %s", exc)
         await self._store.transact(
             lambda conn: conn.execute(

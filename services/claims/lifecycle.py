@@ -592,7 +592,12 @@ def fhir_outcome(body: Any) -> str | None:
     if body.get("resourceType") == "ClaimResponse" and body.get("outcome") == "error":
         return "the FHIR payer answered with a ClaimResponse outcome 'error'"
     if body.get("resourceType") == "OperationOutcome":
-        issues = [i for i in body.get("issue", []) if i.get("severity") in ("error", "fatal")]
+        found = body.get("issue")
+        issues = [
+            i
+            for i in (found if isinstance(found, list) else [])
+            if isinstance(i, dict) and i.get("severity") in ("error", "fatal")
+        ]
         if issues:
             codes = ", ".join(str(i.get("code", "?")) for i in issues)
             return f"the FHIR payer refused the Claim (issue codes: {codes})"

@@ -58,6 +58,8 @@ class Clearinghouse:
     reject_277: set[str] = field(default_factory=set)
     pay: dict[str, int] = field(default_factory=dict)
     drop_next: bool = False
+    # The next responses pages answered as given instead (a broken clearinghouse), in order.
+    raw_pages: list[bytes] = field(default_factory=list)
     received: list[str] = field(default_factory=list)  # 837 interchanges, in order
     claims: list[Submitted] = field(default_factory=list)
     responses: list[tuple[str, str]] = field(default_factory=list)  # (kind, body)
@@ -128,6 +130,8 @@ class Clearinghouse:
         url = urlsplit(target)
         if method == "POST" and url.path == "/x12/submissions":
             return self._submission(body.decode("ascii"))
+        if method == "GET" and url.path == "/x12/responses" and self.raw_pages:
+            return 200, "application/json", self.raw_pages.pop(0)
         if method == "GET" and url.path == "/x12/responses":
             since = int((parse_qs(url.query).get("since") or ["0"])[0] or 0)
             items = [

@@ -184,6 +184,30 @@ async def test_a_999_that_turns_up_later_settles_a_claim_in_review(
     assert len(house.received) == 1
 
 
+async def test_a_responses_page_of_the_wrong_shape_is_reported_and_the_next_good_one_applies(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    house.drop_next = True
+    sub = submitter(clocked, config)
+    await sub.submit(poll=False)
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    house.raw_pages = [
+        b'{"responses": 7, "next": "1"}',
+        b'["not", "a", "page"]',
+        b'{"responses": [5, "x"], "next": "0"}',
+    ]
+    for _ in range(3):
+        result = await sub.submit(poll=True)  # before: TypeError/AttributeError out of submit
+        assert result.errors, "a broken page is reported"
+        assert result.responses == 0
+    assert any(e.startswith("response ?:") for e in result.errors)
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW  # nothing applied from junk
+    await sub.submit(poll=True)  # the clearinghouse answers properly again
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+
+
 async def test_connection_refused_leaves_the_claim_ready_and_it_goes_later(
     clocked: Store, house: Clearinghouse
 ) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.claims.lifecycle import fhir_outcome
 from sync_agent.audit_export import latest_anchor_of
 from sync_agent.balp import anchor_from_provenance
 from sync_agent.outbox_delivery import _entry_ref
@@ -170,6 +171,8 @@ def test_an_outcome_of_any_shape_is_one_line_and_a_class(
     text = outcome_text(body)
     assert isinstance(text, str)
     assert len(text) <= 500
+    refusal = fhir_outcome(body)  # a FHIR payer's answer to a claim (issue 8)
+    assert refusal is None or isinstance(refusal, str)
     error = classify_response(status, body, retry_after)
     assert isinstance(error.failure, Failure)
     assert error.message
