@@ -299,6 +299,7 @@ def cmd_discover(args: argparse.Namespace, config: object) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m appliance.discovery --config FILE``: the discovery process."""
     from appliance.runtime import setup_logging
+    from appliance.supervisor import EX_CONFIG
 
     parser = argparse.ArgumentParser(
         prog="appliance-discovery", description="Advertise this box on the LAN (mDNS)."
@@ -313,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(async_serve(advertisement))
     except ApplianceError as exc:
         sys.stderr.write(f"appliance-discovery: {exc}\n")
-        return 78  # EX_CONFIG: the unit's RestartPreventExitStatus stops a restart loop
+        return EX_CONFIG  # the unit's RestartPreventExitStatus stops a restart loop
     return 0
 
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import ssl
 import stat
@@ -354,7 +355,12 @@ class SmartBackendAuth(httpx.Auth):
             )
         assert isinstance(body, dict)
         lifetime = body.get("expires_in", DEFAULT_TOKEN_LIFETIME_S)
-        if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0:
+        if (
+            isinstance(lifetime, bool)
+            or not isinstance(lifetime, int | float)
+            or not math.isfinite(lifetime)
+            or lifetime <= 0
+        ):
             lifetime = DEFAULT_TOKEN_LIFETIME_S
         self.tokens_fetched += 1
         logger.info("access token obtained for %s, valid %d s", self._client_id, lifetime)

@@ -291,6 +291,22 @@ async def test_token_is_refreshed_shortly_before_it_expires(smart: Smart) -> Non
     assert smart.server.auth_headers == [f"Bearer {first}"] * 2 + [f"Bearer {second}"]
 
 
+@pytest.mark.parametrize("answered", [float("nan"), float("inf"), -5, "300", True])
+async def test_an_expires_in_that_is_not_a_lifetime_counts_as_the_default(
+    smart: Smart, answered: object
+) -> None:
+    smart.server.answered_expires_in = answered  # the endpoint's own tokens last 300 s
+    async with smart.client() as client:
+        await post_bundle(client, _bundle())
+        smart.clock.advance(200)  # the default lifetime is 300 s, refreshed 60 s early
+        await post_bundle(client, _bundle())
+        assert smart.server.issued == 1  # before (NaN): a new token for every request
+        smart.clock.advance(45)
+        await post_bundle(client, _bundle())
+    assert smart.server.issued == 2
+    assert smart.server.unauthorized == 0
+
+
 async def test_a_401_for_a_revoked_token_causes_exactly_one_refresh_and_one_retry(
     smart: Smart,
 ) -> None:

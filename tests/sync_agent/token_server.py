@@ -82,6 +82,8 @@ class TokenServer:
 
     clock: FakeClock
     expires_in: int = 300
+    # What the answer says instead of ``expires_in`` when set (a sloppy endpoint's value).
+    answered_expires_in: object = None
     token_url: str = ""
     clients: dict[str, RSAKey | ECKey] = field(default_factory=dict)
     tokens: dict[str, float] = field(default_factory=dict)
@@ -191,10 +193,12 @@ class TokenServer:
         self.tokens[value] = self.clock.monotonic() + self.expires_in
         self.issued += 1
         self.scopes.append(scope)
-        body: dict[str, str | int] = {
+        body: dict[str, object] = {
             "access_token": value,
             "token_type": "bearer",
-            "expires_in": self.expires_in,
+            "expires_in": self.expires_in
+            if self.answered_expires_in is None
+            else self.answered_expires_in,
             "scope": scope,
         }
         return Response(json.dumps(body), 200, content_type="application/json")
