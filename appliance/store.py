@@ -31,7 +31,7 @@ import aiosqlite
 import orjson
 
 from appliance import audit, db, fhir
-from appliance.audit import AuditAction, AuditEvent
+from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.errors import InvalidResourceError, NotFoundError, StoreError, TamperedDataError
 from appliance.keys import Keyring, ensure_keys, load_keyring
 
@@ -59,6 +59,21 @@ class StoredResource:
     logical_id: str
     type: str
     resource: fhir.FhirJson
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What :meth:`Store.changes_since` found: the readable resources, and how far it read.
+
+    ``last_row_id`` is the caller's next cursor. It counts rows left out because their
+    stored copy failed authentication, so one such row never stops a feed (the alert engine,
+    the nurse screen) at itself.
+    """
+
+    resources: list[StoredResource]
+    last_row_id: int
+    scanned: int  # rows read, readable or not: ``limit`` of them means more may follow
+    unreadable: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +112,8 @@ def _utcnow() -> datetime:
 # edits in place. Everything else made here is append-only.
 UPDATABLE_TYPES = frozenset({"Patient"})
 HISTORY_LABEL = "resource_history"
+# The audit detail of a row left out of a read because its stored copy failed authentication.
+UNREADABLE_LEFT_OUT = "stored copy failed authentication; left out of the read"
 # The audit detail of an upstream copy that replaced a stored copy failing authentication.
 UNREADABLE_REPLACED = (
     "the stored copy failed authentication and was replaced (kept in unreadable_copies)"
@@ -577,6 +594,37 @@ class Store:
         plaintext = self._plaintext(conn, logical_id, version, blob)
         return StoredResource(row_id, logical_id, rtype, orjson.loads(plaintext))
 
+    def decrypt_readable(
+        self,
+        conn: sqlite3.Connection,
+        rows: Iterable[tuple[Any, ...]],
+        actor: str,
+        events: list[AuditEvent],
+    ) -> list[StoredResource]:
+        """``(id, logical_id, type, key_version, body)`` rows decrypted, the unreadable left out.
+
+        For reads that serve many patients at once (a feed, a batch of histories): a row whose
+        stored copy fails authentication (altered or moved on disk, a bad sector) is logged by
+        row id and gets a failure record in ``events`` (the caller appends them with its own
+        audit records), instead of failing the read for everyone else.
+        """
+        found = []
+        for row in rows:
+            try:
+                found.append(self._decrypt_row(conn, tuple(row)))
+            except TamperedDataError:
+                logger.error("resource row %s failed authentication; left out of the read", row[0])
+                events.append(
+                    AuditEvent(
+                        actor,
+                        AuditAction.READ,
+                        outcome=Outcome.FAILURE,
+                        entity=f"{row[2]}/{row[1]}",
+                        detail=UNREADABLE_LEFT_OUT,
+                    )
+                )
+        return found
+
     def _audited_read(
         self,
         conn: sqlite3.Connection,
@@ -719,36 +767,36 @@ class Store:
 
     async def changes_since(
         self, after_row_id: int, types: Iterable[str], actor: str, *, limit: int = 200
-    ) -> list[StoredResource]:
-        """Resources committed after ``after_row_id`` (the live feed of the nurse screen).
+    ) -> Changes:
+        """Resources committed after ``after_row_id`` (the nurse screen's feed, the alert engine).
 
-        Audited as one search record per call that returns anything.
+        Audited as one search record per call that returns anything. A row whose stored copy
+        fails authentication is left out (logged, with its own failure record) and the cursor
+        moves past it: see :class:`Changes`.
         """
         wanted = tuple(types)
         marks = ",".join("?" * len(wanted))
 
-        def work(conn: sqlite3.Connection) -> list[StoredResource]:
+        def work(conn: sqlite3.Connection) -> Changes:
             rows = conn.execute(
                 f"SELECT id, logical_id, type, key_version, body FROM resources "  # noqa: S608 - placeholders only
                 f"WHERE id > ? AND type IN ({marks}) ORDER BY id LIMIT ?",
                 (after_row_id, *wanted, limit),
             ).fetchall()
             if not rows:
-                return []
-            found = [self._decrypt_row(conn, row) for row in rows]
-            with db.transaction_sync(conn, self._path):
-                audit.append(
-                    conn,
-                    [
-                        AuditEvent(
-                            actor,
-                            AuditAction.SEARCH,
-                            entity=f"{'+'.join(wanted)} feed x{len(found)}",
-                        )
-                    ],
-                    now=self._clock(),
+                return Changes([], after_row_id, 0)
+            events: list[AuditEvent] = []
+            found = self.decrypt_readable(conn, rows, actor, events)
+            if found:
+                events.insert(
+                    0,
+                    AuditEvent(
+                        actor, AuditAction.SEARCH, entity=f"{'+'.join(wanted)} feed x{len(found)}"
+                    ),
                 )
-            return found
+            with db.transaction_sync(conn, self._path):
+                audit.append(conn, events, now=self._clock())
+            return Changes(found, int(rows[-1][0]), len(rows), len(rows) - len(found))
 
         return await db.run_sync(self._conn, work)
 

@@ -151,10 +151,13 @@ async def throughput(folder: Path, count: int) -> dict[str, Any]:
         started = time.perf_counter()
         after, findings, evaluated = start_cursor, 0, 0
         rules_s = 0.0
-        while rows := await store.changes_since(
-            after, ["Observation"], "service:bench", limit=BATCH
-        ):
-            after = rows[-1].row_id
+        while (
+            changes := await store.changes_since(
+                after, ["Observation"], "service:bench", limit=BATCH
+            )
+        ).scanned:
+            rows = changes.resources
+            after = changes.last_row_id
             t0 = time.perf_counter()
             for row in rows:
                 new = rpm_rules.readings_from_observation(row.resource)

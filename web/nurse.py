@@ -238,9 +238,17 @@ def _station(encounter: Mapping[str, Any]) -> str:
 
 
 def _rows(
-    conn: sqlite3.Connection, store: Store, sql: str, params: Iterable[object]
+    conn: sqlite3.Connection,
+    store: Store,
+    sql: str,
+    params: Iterable[object],
+    actor: str,
+    events: list[AuditEvent],
 ) -> list[dict[str, Any]]:
-    return [store.decrypt_stored(conn, row).resource for row in conn.execute(sql, tuple(params))]
+    """The resources ``sql`` selects; one whose stored copy fails authentication is left out
+    (logged, with a failure record in ``events``) rather than failing the whole screen."""
+    rows = conn.execute(sql, tuple(params)).fetchall()
+    return [r.resource for r in store.decrypt_readable(conn, rows, actor, events)]
 
 
 def arrivals_sync(
@@ -264,6 +272,7 @@ def arrivals_sync(
     midnight = utc_text(local_midnight(now, zone))
     keys = {store.patient_key(f"Patient/{p}"): p for p in visible}
     marks = ",".join("?" * len(keys))
+    events: list[AuditEvent] = []
     encounters = _rows(
         conn,
         store,
@@ -271,6 +280,8 @@ def arrivals_sync(
         f"WHERE type = 'Encounter' AND effective >= ? AND patient_key IN ({marks}) "
         "ORDER BY effective",
         (midnight, *keys),
+        actor,
+        events,
     )
     waiting = [e for e in encounters if e.get("status") in WAITING]
     by_patient: dict[str, list[dict[str, Any]]] = {}
@@ -278,10 +289,10 @@ def arrivals_sync(
         ref = str(encounter.get("subject", {}).get("reference", ""))
         by_patient.setdefault(ref.removeprefix("Patient/"), []).append(encounter)
     found: list[Arrival] = []
-    events: list[AuditEvent] = []
     start = local_midnight(now, zone)
     shown = [p for p in by_patient if p in visible]
     if not shown:
+        _audit(conn, events, audit_into, now)
         return found
     # One query each for every patient shown (not four per patient): names, today's
     # readings and photos counted, and their intake answers and consents.
@@ -295,8 +306,10 @@ def arrivals_sync(
             "SELECT id, logical_id, type, key_version, body FROM resources "  # noqa: S608 - placeholders only
             f"WHERE type = 'Patient' AND logical_id IN ({id_marks})",
             shown,
+            actor,
+            events,
         )
-    }
+    }  # an unreadable Patient still arrives, as "(unknown patient)"
     counted: dict[tuple[bytes, str], int] = {
         (bytes(k), str(t)): int(n)
         for k, t, n in conn.execute(
@@ -307,12 +320,14 @@ def arrivals_sync(
         )
     }
     answered: dict[bytes, list[dict[str, Any]]] = {}
-    for row in conn.execute(
+    rows = conn.execute(
         "SELECT id, logical_id, type, key_version, body, patient_key FROM resources "  # noqa: S608 - placeholders only
         f"WHERE patient_key IN ({id_marks}) AND type IN ('QuestionnaireResponse', 'Consent')",
         tuple(key_of.values()),
-    ):
-        answered.setdefault(bytes(row[5]), []).append(store.decrypt_stored(conn, row[:5]).resource)
+    ).fetchall()
+    key_by_row = {int(row[0]): bytes(row[5]) for row in rows}
+    for item in store.decrypt_readable(conn, [row[:5] for row in rows], actor, events):
+        answered.setdefault(key_by_row[item.row_id], []).append(item.resource)
 
     def today(resource: Mapping[str, Any], field: str) -> bool:
         moment = _instant(resource.get(field))
@@ -356,13 +371,23 @@ def arrivals_sync(
                 detail=f"normal access: {visible[patient_id]}",
             )
         )
+    _audit(conn, events, audit_into, now)
+    found.sort(key=lambda a: a.arrived)
+    return found
+
+
+def _audit(
+    conn: sqlite3.Connection,
+    events: list[AuditEvent],
+    audit_into: list[AuditEvent] | None,
+    now: datetime,
+) -> None:
+    """Commit ``events`` here, or hand them to the caller to commit with its own."""
     if audit_into is not None:
         audit_into.extend(events)
     elif events:
         with db.transaction_sync(conn):
             audit.append(conn, events, now=now)
-    found.sort(key=lambda a: a.arrived)
-    return found
 
 
 def _visible(conn: sqlite3.Connection, *, now: datetime, zone: ZoneInfo) -> dict[str, str]:
@@ -395,25 +420,34 @@ def patients_and_pressures_sync(
     # newest panel — the index (patient_key, type, effective) ranks them, only the
     # newest is decrypted.
     marks = ",".join("?" * len(wanted))
+    # A row whose stored copy fails authentication is left out (logged and audited by
+    # decrypt_readable): that patient or panel is missing, the screen still works.
     patients = {
-        str(row[1]): store.decrypt_stored(conn, row).resource
-        for row in conn.execute(
-            "SELECT id, logical_id, type, key_version, body FROM resources "  # noqa: S608 - placeholders only
-            f"WHERE type = 'Patient' AND logical_id IN ({marks})",
-            wanted,
+        item.logical_id: item.resource
+        for item in store.decrypt_readable(
+            conn,
+            conn.execute(
+                "SELECT id, logical_id, type, key_version, body FROM resources "  # noqa: S608 - placeholders only
+                f"WHERE type = 'Patient' AND logical_id IN ({marks})",
+                wanted,
+            ).fetchall(),
+            actor,
+            events,
         )
     }
     key_of = {p: store.patient_key(f"Patient/{p}") for p in wanted}
+    panels = conn.execute(
+        "SELECT id, logical_id, type, key_version, body, patient_key FROM ("  # noqa: S608 - placeholders only
+        "SELECT id, logical_id, type, key_version, body, patient_key, row_number() OVER "
+        "(PARTITION BY patient_key ORDER BY effective DESC, id DESC) AS rank "
+        f"FROM resources WHERE patient_key IN ({marks}) AND type = 'Observation' "
+        "AND code = ?) WHERE rank = 1",
+        (*key_of.values(), BP_PANEL_CODE),
+    ).fetchall()
+    key_by_row = {int(row[0]): bytes(row[5]) for row in panels}
     newest: dict[bytes, dict[str, Any]] = {
-        bytes(row[5]): store.decrypt_stored(conn, row[:5]).resource
-        for row in conn.execute(
-            "SELECT id, logical_id, type, key_version, body, patient_key FROM ("  # noqa: S608 - placeholders only
-            "SELECT id, logical_id, type, key_version, body, patient_key, row_number() OVER "
-            "(PARTITION BY patient_key ORDER BY effective DESC, id DESC) AS rank "
-            f"FROM resources WHERE patient_key IN ({marks}) AND type = 'Observation' "
-            "AND code = ?) WHERE rank = 1",
-            (*key_of.values(), BP_PANEL_CODE),
-        )
+        key_by_row[item.row_id]: item.resource
+        for item in store.decrypt_readable(conn, [row[:5] for row in panels], actor, events)
     }
     for patient_id in wanted:
         events.append(AuditEvent(actor, AuditAction.READ, entity=f"Patient/{patient_id}"))
@@ -430,11 +464,7 @@ def patients_and_pressures_sync(
             )
         )
         found.append((patient_id, patient, newest.get(bytes(key))))
-    if audit_into is not None:
-        audit_into.extend(events)
-    elif events:
-        with db.transaction_sync(conn):
-            audit.append(conn, events, now=store.now())
+    _audit(conn, events, audit_into, store.now())
     return found
 
 
@@ -582,7 +612,7 @@ async def _feed(state: AppState, actor: str, token: str, after: int) -> AsyncIte
                 after, ["Observation", "Encounter"], actor, limit=FEED_BATCH
             )
             touched: dict[str, int] = {}  # patient → the row id of their latest change
-            for item in batch:
+            for item in batch.resources:
                 patient_id = _subject_id(item.resource)
                 if patient_id is None:
                     continue
@@ -614,8 +644,8 @@ async def _feed(state: AppState, actor: str, token: str, after: int) -> AsyncIte
                     row_id = touched[arrival.patient_id]
                     yield f"id: {row_id}\nevent: arrival\ndata: {data}\n\n".encode()
                     next_keepalive = loop.time() + KEEPALIVE_S
-            full = len(batch) == FEED_BATCH
-            after = batch[-1].row_id if full else max(newest, batch[-1].row_id if batch else 0)
+            full = batch.scanned == FEED_BATCH
+            after = batch.last_row_id if full else max(newest, batch.last_row_id)
         if loop.time() >= next_keepalive:
             next_keepalive = loop.time() + KEEPALIVE_S
             yield b": keepalive\n\n"

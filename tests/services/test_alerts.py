@@ -13,7 +13,7 @@ import pytest
 
 from appliance import fhir
 from appliance.device_registry import DeviceRegistry, Setting, Transport
-from appliance.store import Lane, Store
+from appliance.store import UNREADABLE_LEFT_OUT, Lane, Store
 from services import alerts, vitals
 from services.alerts import (
     Alert,
@@ -567,6 +567,58 @@ async def test_a_batch_reads_each_patients_history_once_audited_per_patient(
     details = {bytes(r[0]): r[1] for r in rows}
     assert details[store.patient_key(f"Patient/{copd}")] == "2708-6 newest 10 59408-5 newest 10"
     assert len({r[2] for r in rows}) == 1  # written together, in one transaction
+
+
+def _move_ciphertext(db_path: Path, victim: str, source: str) -> None:
+    """Copy one resource's stored ciphertext over another's (a row moved on disk)."""
+    conn = sqlite3.connect(db_path)
+    conn.execute(
+        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+        "WHERE logical_id = ?",
+        (source, victim),
+    )
+    conn.commit()
+    conn.close()
+
+
+async def test_a_reading_that_fails_authentication_stops_no_ones_alerts(
+    store: Store, db_path: Path
+) -> None:
+    clock = Clock(NOW)
+    ada, bo, cy = [await _patient(store) for _ in range(3)]
+    old = await _bp(store, cy, 128, 80, NOW - timedelta(hours=2))  # Cy's history
+    engine, _start = await _engine(store, clock, batch=2)
+    await engine.run_until_idle()  # its starting point: what follows is new
+    first = await _bp(store, ada, 188, 101, NOW)  # a crisis, unreadable by the time it is read
+    decoy = await _bp(store, ada, 120, 78, NOW - timedelta(minutes=1))
+    await _bp(store, bo, 190, 102, NOW)  # a crisis behind it, in the next batch
+    await _bp(store, cy, 176, 95, NOW)  # a rise from Cy's history, whose one row is bad too
+    _move_ciphertext(db_path, first, decoy)
+    _move_ciphertext(db_path, old, decoy)
+    # Before: TamperedDataError on every pass; run() logged it and never got past the row,
+    # so no patient's reading was evaluated again, nor any time-based rule ticked.
+    await engine.run_until_idle()
+    opened = sorted((a[1], a[2]) for a in await _alerts(store))
+    assert opened == [(bo, "bp-crisis")]  # Cy's rise needed the unreadable history
+    [(last_reading,)] = await store.query(
+        "SELECT max(id) FROM resources WHERE type = 'Observation'"
+    )
+    assert await engine.cursor() == last_reading  # past the bad row, and everything after
+    failures = await store.query(
+        "SELECT actor, entity, detail FROM audit WHERE outcome = 'failure' ORDER BY id"
+    )
+    assert failures == [  # logged and audited where it was met: the feed, then histories
+        (alerts.ACTOR, f"Observation/{first}", UNREADABLE_LEFT_OUT),
+        (alerts.ACTOR, f"Observation/{first}", UNREADABLE_LEFT_OUT),
+        (alerts.ACTOR, f"Observation/{old}", UNREADABLE_LEFT_OUT),
+    ]
+    assert await engine.evaluate_new(await engine.cursor()) == await engine.cursor()
+    # The worklist shows an alert whose triggering reading became unreadable afterwards.
+    [view] = await AlertBook(store).views(NURSE)
+    trigger = view.alert.trigger_ref.removeprefix("Observation/")
+    _move_ciphertext(db_path, trigger, decoy)
+    [view] = await AlertBook(store).views(NURSE)  # before: TamperedDataError, no worklist
+    assert (view.alert.patient_id, view.summary) == (bo, "systolic ≥ 180")
 
 
 async def test_run_until_idle_on_a_fresh_engine_keeps_its_starting_point(store: Store) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from quart.testing import QuartClient
 
 from appliance.device_registry import DeviceRegistry, StationKind
-from appliance.store import Store
+from appliance.store import UNREADABLE_LEFT_OUT, Store
 from services import intake
 from tests import factories
 from tests.web.conftest import NURSE, FakeClock
@@ -339,3 +339,54 @@ async def test_event_stream_leaves_out_patients_outside_normal_access(
         await connection.disconnect()
     assert stranger.encode() not in received
     assert b'"systolic":121' in received
+
+
+def _move_ciphertext(db_path: Path, victim: str, source: str) -> None:
+    """Copy one resource's stored ciphertext over another's (a row moved on disk)."""
+    conn = sqlite3.connect(db_path)
+    conn.execute(
+        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+        "WHERE logical_id = ?",
+        (source, victim),
+    )
+    conn.commit()
+    conn.close()
+
+
+async def test_records_that_fail_authentication_leave_the_queue_and_the_stream_working(
+    logged_in: QuartClient, store: Store, clock: FakeClock, db_path: Path
+) -> None:
+    ada = await _patient(store)
+    bo = await _patient(store, family="Otherperson")
+    ada_visit = await _kiosk_visit(store, clock, ada)
+    bo_visit = await _kiosk_visit(store, clock, bo)
+    [start] = await store.create([factories.bp_observation(f"Patient/{bo}", 120, 80)], DEVICES)
+    [bad] = await store.create([factories.bp_observation(f"Patient/{ada}", 150, 95)], DEVICES)
+    [good] = await store.create([factories.bp_observation(f"Patient/{bo}", 122, 82)], DEVICES)
+    _move_ciphertext(db_path, ada, bo)  # Ada's Patient record
+    _move_ciphertext(db_path, bad.logical_id, good.logical_id)  # her newest reading
+    response = await logged_in.get("/nurse/")
+    assert response.status_code == 200  # before: 500, for every nurse, all day
+    body = (await response.get_data()).decode()
+    assert "Otherperson, Ada" in _arrival_row(body, bo_visit)
+    assert "(unknown patient)" in _arrival_row(body, ada_visit)  # she is still queued
+    assert "Testperson" not in body  # what cannot be read is not guessed at
+    # The live stream steps over the unreadable reading to the next one.
+    headers = {"Last-Event-ID": str(start.row_id)}
+    async with logged_in.request("/nurse/events", headers=headers) as connection:
+        await connection.send_complete()
+        received = await _events_until(connection, f"id: {good.row_id}\n".encode())
+        await connection.disconnect()
+    assert f"id: {bad.row_id}\n".encode() not in received
+    conn = sqlite3.connect(db_path)
+    failures = conn.execute(
+        "SELECT actor, entity, detail FROM audit WHERE outcome = 'failure'"
+    ).fetchall()
+    conn.close()
+    assert {entity for _, entity, _ in failures} == {
+        f"Patient/{ada}",
+        f"Observation/{bad.logical_id}",
+    }
+    assert {(actor, detail) for actor, _, detail in failures} == {
+        (f"user:{NURSE}", UNREADABLE_LEFT_OUT)
+    }
