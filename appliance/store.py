@@ -631,13 +631,23 @@ class Store:
         sql: str,
         params: Sequence[Any],
         event: AuditEvent | Callable[[list[StoredResource]], AuditEvent],
+        leave_out_as: str | None = None,
     ) -> list[StoredResource]:
-        """Rows decrypted, then the audit record (``event`` may name what was found)."""
+        """Rows decrypted, then the audit record (``event`` may name what was found).
+
+        With ``leave_out_as`` (the actor), a search: a row that fails authentication is left
+        out (:meth:`decrypt_readable`). Without it, one resource asked for by id: it raises
+        :class:`TamperedDataError` (an empty answer would read as "not found").
+        """
         rows = conn.execute(sql, params).fetchall()
-        found = [self._decrypt_row(conn, row) for row in rows]
+        failures: list[AuditEvent] = []
+        if leave_out_as is None:
+            found = [self._decrypt_row(conn, row) for row in rows]
+        else:
+            found = self.decrypt_readable(conn, rows, leave_out_as, failures)
         record = event if isinstance(event, AuditEvent) else event(found)
         with db.transaction_sync(conn, self._path):
-            audit.append(conn, [record], now=self._clock())
+            audit.append(conn, [record, *failures], now=self._clock())
         return found
 
     async def read(self, rtype: str, logical_id: str, actor: str) -> fhir.FhirJson:
@@ -685,6 +695,7 @@ class Store:
             f"WHERE {where} ORDER BY effective DESC LIMIT ?",
             (*params, limit),
             event,
+            actor,
         )
         return [item.resource for item in found]
 
@@ -836,6 +847,7 @@ class Store:
             "JOIN resources r ON r.id = b.resource_id WHERE b.kind = ? AND b.digest = ?",
             (kind, digest),
             event,
+            actor,
         )
         return [item.resource for item in found]
 
@@ -848,6 +860,7 @@ class Store:
             "SELECT id, logical_id, type, key_version, body FROM resources WHERE type = 'Patient' ORDER BY id",
             (),
             event,
+            actor,
         )
         return [item.resource for item in found]
 

@@ -10,7 +10,7 @@ import pytest
 
 from appliance import db
 from appliance.errors import InvalidResourceError, NotFoundError, StoreError, TamperedDataError
-from appliance.store import Lane, Store
+from appliance.store import UNREADABLE_LEFT_OUT, Lane, Store
 from tests import factories
 
 NURSE = "user:nurse1"
@@ -119,6 +119,49 @@ async def test_ciphertext_copied_into_another_row_is_rejected(store: Store, db_p
     with pytest.raises(TamperedDataError, match="failed authentication"):
         await store.read("Patient", b.logical_id, NURSE)
     assert (await store.read("Patient", a.logical_id, NURSE))["identifier"][1]["value"] == "A1"
+
+
+async def test_searches_leave_out_a_record_that_fails_authentication_and_audit_it(
+    store: Store, db_path: Path
+) -> None:
+    [a, b] = await store.create(
+        [factories.patient(mrn="A1"), factories.patient(family="Second", mrn="B2")], NURSE
+    )
+    ref = f"Patient/{a.logical_id}"
+    [older, newer] = await store.create(
+        [
+            factories.bp_observation(ref, 120, 80, effective="2026-11-26T08:00:00Z"),
+            factories.bp_observation(ref, 130, 85, effective="2026-11-26T09:00:00Z"),
+        ],
+        NURSE,
+    )
+    conn = _raw(db_path)
+    for victim, source in ((b.logical_id, a.logical_id), (newer.logical_id, older.logical_id)):
+        conn.execute(
+            "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+            "WHERE logical_id = ?",
+            (source, victim),
+        )
+    conn.commit()
+    conn.close()
+    # Every patient but the unreadable one (before: TamperedDataError, no list for anyone).
+    assert [p["id"] for p in await store.patients(NURSE)] == [a.logical_id]
+    assert await store.find_by_identifier("urn:oid:2.16.840.1.113883.3.9999.1", "B2", NURSE) == []
+    newest = await store.newest(ref, "Observation", NURSE, limit=5)
+    assert [o["id"] for o in newest] == [older.logical_id]
+    # One asked for by id still says what is wrong, rather than "not found".
+    with pytest.raises(TamperedDataError):
+        await store.read("Patient", b.logical_id, NURSE)
+    conn = _raw(db_path)
+    failures = conn.execute(
+        "SELECT actor, entity, detail FROM audit WHERE outcome = 'failure' ORDER BY id"
+    ).fetchall()
+    conn.close()
+    assert failures == [
+        (NURSE, f"Patient/{b.logical_id}", UNREADABLE_LEFT_OUT),
+        (NURSE, f"Patient/{b.logical_id}", UNREADABLE_LEFT_OUT),
+        (NURSE, f"Observation/{newer.logical_id}", UNREADABLE_LEFT_OUT),
+    ]
 
 
 async def test_flipped_ciphertext_bit_is_rejected(store: Store, db_path: Path) -> None:
