@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 X12_MEDIA = "application/edi-x12"
 CURSOR_KEY = "claims.responses_since"
 POLL_INTERVAL_S = 300.0
+# How often the sync process decides finished visits left undecided (docs/claims.md): the
+# web process decides each visit as it finishes; this catches one whose decision failed or
+# was cut off by a restart. The first pass after a start runs it at once.
+SCAN_INTERVAL_S = 3600.0
 # Refusals that say the request was not read: nothing was accepted, nothing to review.
 _UNREAD = frozenset({401, 403, 407, 408, 429})
 
@@ -122,6 +126,7 @@ class ClaimsSubmitter:
         self._clock = clock
         self._poll_interval_s = poll_interval_s
         self._last_poll: float | None = None
+        self._last_scan: float | None = None
         self._recovered = False
 
     @property
@@ -130,7 +135,24 @@ class ClaimsSubmitter:
         return self._claims.enabled and self._claims.endpoint_url is not None
 
     async def run_once(self) -> SubmitResult | None:
-        """One pass for the sync loop; never raises (a failure is logged, retried next pass)."""
+        """One pass for the sync loop; never raises (a failure is logged, retried next pass).
+
+        First, when due, the scan that decides finished visits left undecided (claims enabled,
+        with or without an endpoint: a drafted claim can be exported by hand); then, with an
+        endpoint, submission and polling.
+        """
+        if self._claims.enabled and self._scan_due():
+            try:
+                decided = await self._service.scan()
+            except Exception as exc:
+                logger.error("claims scan failed (%s); will retry", type(exc).__name__)
+            else:
+                if decided:
+                    logger.warning(
+                        "claims scan decided %d finished visit(s) left undecided: %s",
+                        sum(decided.values()),
+                        ", ".join(f"{k.value} {n}" for k, n in sorted(decided.items())),
+                    )
         if not self.configured:
             return None
         try:
@@ -139,6 +161,13 @@ class ClaimsSubmitter:
             # The type only: an exception's text may quote a claim (PHI).
             logger.error("claims submission pass failed (%s); will retry", type(exc).__name__)
             return None
+
+    def _scan_due(self) -> bool:
+        now = time.monotonic() if self._clock is None else self._clock()
+        if self._last_scan is not None and now - self._last_scan < SCAN_INTERVAL_S:
+            return False
+        self._last_scan = now
+        return True
 
     def _poll_due(self) -> bool:
         if self._clock is None:

@@ -24,7 +24,7 @@ from appliance import db, fhir
 from appliance.audit import AuditAction, AuditEvent
 from appliance.config import Config, PayerConfig, PayerKind
 from appliance.errors import ApplianceError, NotFoundError
-from appliance.store import Store
+from appliance.store import Store, StoredResource
 from services.claims import checks, eligibility
 from services.claims.fhir_claim import ICD10_SYSTEM, MBI_SYSTEM, from_fhir, to_fhir
 from services.claims.model import (
@@ -863,28 +863,29 @@ class ClaimsService:
 
             def work(
                 conn: sqlite3.Connection, after: int = after
-            ) -> list[tuple[int, dict[str, Any]]]:
+            ) -> tuple[int, list[StoredResource], list[AuditEvent]]:
                 rows = conn.execute(
                     "SELECT r.id, r.logical_id, r.type, r.key_version, r.body FROM resources r "
                     "WHERE r.type = 'Encounter' AND r.id > ? AND NOT EXISTS (SELECT 1 FROM "
                     "claim_decisions d WHERE d.encounter_id = r.logical_id) ORDER BY r.id LIMIT ?",
                     (after, batch),
                 ).fetchall()
-                return [(int(r[0]), store.decrypt_stored(conn, tuple(r)).resource) for r in rows]
+                # An Encounter that fails authentication is left out (logged, audited): it
+                # cannot be decided, and must not stop the scan for every other visit.
+                failures: list[AuditEvent] = []
+                found = store.decrypt_readable(conn, rows, actor, failures)
+                return (int(rows[-1][0]) if rows else after), found, failures
 
-            found = await _run(store, work)
-            if not found:
+            last, found, failures = await _run(store, work)
+            if last == after:
                 return counts
-            await store.transact(
-                lambda _conn: None,
-                [
-                    AuditEvent(
-                        actor, AuditAction.SEARCH, entity=f"Encounter claims scan x{len(found)}"
-                    )
-                ],
-            )
-            for row_id, encounter in found:
-                after = row_id
+            events = [
+                AuditEvent(actor, AuditAction.SEARCH, entity=f"Encounter claims scan x{len(found)}")
+            ]
+            await store.transact(lambda _conn: None, events + failures)
+            after = last
+            for item in found:
+                encounter = item.resource
                 if encounter.get("status") != "finished":
                     continue  # decided when it finishes (the upstream's newer version)
                 outcome = (await self.on_visit_finished(encounter, actor=actor)).outcome

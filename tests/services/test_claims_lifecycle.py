@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import random
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -29,7 +30,7 @@ from services.claims.lifecycle import Lifecycle
 from services.claims.model import ClaimStatus
 from services.claims.service import ClaimsError, ClaimsService
 from services.claims.x12_read import read
-from sync_agent.claims_submit import ClaimsSubmitter
+from sync_agent.claims_submit import ClaimsSubmitter, SubmitResult
 from tests.services.clearinghouse import Clearinghouse, envelope
 from tests.services.test_claims import NOW, encounter, make_mbi, patient, site_doc
 
@@ -206,6 +207,44 @@ async def test_a_responses_page_of_the_wrong_shape_is_reported_and_the_next_good
     assert await status(clocked, config, claim_id) is S.IN_REVIEW  # nothing applied from junk
     await sub.submit(poll=True)  # the clearinghouse answers properly again
     assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+
+
+async def test_the_sync_pass_decides_a_finished_visit_whose_decision_was_cut_off(
+    clocked: Store, house: Clearinghouse, db_path: Path
+) -> None:
+    config = cfg(house)
+    rng = random.Random(3)
+    [ada, bo] = await clocked.create([patient(make_mbi(rng)), patient(make_mbi(rng))], "user:test")
+    # Stored when each visit finished; the web process was restarted (or its decision
+    # failed) before deciding. docs/claims.md promises a scan decides them later.
+    [visit, broken] = await clocked.create(
+        [
+            encounter(ada.logical_id, start="2026-03-02T10:00:00-06:00"),
+            encounter(bo.logical_id, start="2026-03-03T10:00:00-06:00"),
+        ],
+        "user:test",
+    )
+    conn = sqlite3.connect(db_path)  # and one of them unreadable on disk
+    conn.execute(
+        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+        "WHERE logical_id = ?",
+        (visit.logical_id, broken.logical_id),
+    )
+    conn.commit()
+    conn.close()
+    sub = submitter(clocked, config)
+    result = await sub.run_once()  # before: no scan ran anywhere; the fee was never billed
+    assert result is not None
+    assert (result.submitted, len(house.received)) == (1, 1)
+    service = ClaimsService(clocked, config)
+    decided = await service.decision(visit.logical_id)
+    assert decided is not None
+    assert decided.claim_id is not None
+    assert await status(clocked, config, decided.claim_id) is S.ACKNOWLEDGED
+    assert await service.decision(broken.logical_id) is None  # left out, audited, not guessed
+    # Once an hour, not every pass.
+    await clocked.create([encounter(bo.logical_id, start="2026-03-04T10:00:00-06:00")], "user:test")
+    assert (await sub.run_once() or SubmitResult()).submitted == 0
 
 
 async def test_connection_refused_leaves_the_claim_ready_and_it_goes_later(
