@@ -121,7 +121,14 @@ class Lifecycle:
             return None
         form = due[0].form
         rows = [r for r in due if r.form == form][: 1 if kind == "fhir" else limit]
-        contents = await self._service.content([r.id for r in rows], actor, purpose="submission")
+        unreadable: list[int] = []
+        contents = await self._service.content(
+            [r.id for r in rows], actor, purpose="submission", unreadable=unreadable
+        )
+        if unreadable:
+            # Back to draft with a problem, out of ``due``: the others go without them.
+            await self._service.hold_unreadable(unreadable, actor)
+            return await self.take_batch(kind, limit, actor)
         datas = [(claim_id, resource_id, body) for claim_id, resource_id, body in contents]
         service = self._service
         created = service.submission_time()

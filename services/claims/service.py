@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -46,7 +47,14 @@ from services.claims.x12 import Envelope, interchange
 from services.claims.x12_validation import validate_x12
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 ACTOR = "service:claims"
+# A claim whose stored copy fails authentication (altered on disk): never sent, sent back.
+UNREADABLE_PROBLEM = Problem(
+    "stored",
+    "the stored claim failed authentication (altered on disk) and cannot be sent: "
+    "restore it from a backup, or cancel it and bill the visit by hand",
+)
 SITE_SYSTEM = "urn:telehealth-appliance:fhir:site"
 VIRTUAL_CLASSES = frozenset({"VR"})  # v3 ActCode "virtual"
 _CLAIM_COLUMNS = (
@@ -660,26 +668,53 @@ class ClaimsService:
         return found[0]
 
     async def content(
-        self, claim_ids: Sequence[int], actor: str, *, purpose: str = "read"
+        self,
+        claim_ids: Sequence[int],
+        actor: str,
+        *,
+        purpose: str = "read",
+        unreadable: list[int] | None = None,
     ) -> list[tuple[int, int, dict[str, Any]]]:
-        """``(claim id, resource row id, FHIR Claim)`` per claim, decrypted; audited per claim."""
+        """``(claim id, resource row id, FHIR Claim)`` per claim, decrypted; audited per claim.
+
+        A claim whose stored copy fails authentication raises :class:`TamperedDataError`,
+        unless ``unreadable`` is given: its id is added there (logged and audited by the
+        store) and the rest are returned, for work over many claims (:meth:`hold_unreadable`).
+        """
         store = self._store
         marks = ",".join("?" * len(claim_ids))
 
-        def work(conn: sqlite3.Connection) -> list[tuple[int, int, str, dict[str, Any]]]:
+        def work(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[tuple[int, int, str, dict[str, Any]]], list[int], list[AuditEvent]]:
             rows = conn.execute(
                 "SELECT c.id, c.patient_id, r.id, r.logical_id, r.type, r.key_version, r.body "  # noqa: S608 - placeholders
                 f"FROM claims c JOIN resources r ON r.id = c.resource_id WHERE c.id IN ({marks}) "
                 "ORDER BY c.id",
                 list(claim_ids),
             ).fetchall()
-            return [
-                (int(r[0]), int(r[2]), str(r[1]), store.decrypt_stored(conn, tuple(r[2:])).resource)
+            failures: list[AuditEvent] = []
+            if unreadable is None:
+                readable = [store.decrypt_stored(conn, tuple(r[2:])) for r in rows]
+            else:
+                readable = store.decrypt_readable(
+                    conn, [tuple(r[2:]) for r in rows], actor, failures
+                )
+            by_row = {item.row_id: item.resource for item in readable}
+            found = [
+                (int(r[0]), int(r[2]), str(r[1]), by_row[int(r[2])])
                 for r in rows
+                if int(r[2]) in by_row
             ]
+            bad = [int(r[0]) for r in rows if int(r[2]) not in by_row]
+            return found, bad, failures
 
-        found = await _run(store, work)
-        missing = set(claim_ids) - {f[0] for f in found}
+        found, bad, failures = await _run(store, work)
+        if unreadable is not None:
+            unreadable += bad
+            if failures:
+                await store.transact(lambda _conn: None, failures)
+        missing = set(claim_ids) - {f[0] for f in found} - set(bad)
         if missing:
             raise NotFoundError(f"no claim {', '.join(str(i) for i in sorted(missing))}")
         leaves = purpose in ("export", "submission")
@@ -730,6 +765,48 @@ class ClaimsService:
         await self._store.transact(work)
         return await self.claim(claim_id)
 
+    async def hold_unreadable(self, claim_ids: Sequence[int], actor: str = ACTOR) -> None:
+        """Take claims whose stored copy fails authentication out of the sending queue.
+
+        Each goes back to draft with a problem a biller can act on (void it, draft it again),
+        so one unreadable claim never holds back the others (``Lifecycle.due`` skips claims
+        with problems). Nothing is sent for it: what it said is not known.
+        """
+        now = fhir.utc_text(self._store.now())
+        problems = _problems_json([UNREADABLE_PROBLEM])
+
+        def work(conn: sqlite3.Connection) -> None:
+            for claim_id in claim_ids:
+                row = conn.execute(
+                    "SELECT status FROM claims WHERE id = ? AND sending_batch IS NULL",
+                    (claim_id,),
+                ).fetchone()
+                if row is None or row[0] not in {s.value for s in EDITABLE}:
+                    continue
+                before = ClaimStatus(row[0])
+                conn.execute(
+                    "UPDATE claims SET problems = ?, checked_at = ?, status = 'draft', "
+                    "updated_at = ? WHERE id = ?",
+                    (problems, now, now, claim_id),
+                )
+                self._event(
+                    conn,
+                    claim_id,
+                    actor,
+                    before,
+                    ClaimStatus.DRAFT,
+                    UNREADABLE_PROBLEM.message,
+                    now,
+                )
+
+        if claim_ids:
+            logger.error(
+                "%d claim(s) failed authentication and went back to draft: %s",
+                len(claim_ids),
+                ", ".join(str(i) for i in claim_ids),
+            )
+            await self._store.transact(work)
+
     async def recheck(self, claim_ids: Sequence[int] = (), actor: str = ACTOR) -> list[ClaimRow]:
         """Re-run every check on editable claims (all draft/ready ones when none are named).
 
@@ -741,7 +818,12 @@ class ClaimsService:
         rows = [r for r in await self.claims(list(EDITABLE), claim_ids) if not r.sending]
         if not rows:
             return []
-        contents = await self.content([r.id for r in rows], actor, purpose="check")
+        unreadable: list[int] = []
+        contents = await self.content(
+            [r.id for r in rows], actor, purpose="check", unreadable=unreadable
+        )
+        await self.hold_unreadable(unreadable, actor)
+        rows = [r for r in rows if r.id not in unreadable]
         updated = []
         for (claim_id, _resource_id, body), row in zip(contents, rows, strict=True):
             old = from_fhir(body)
@@ -888,7 +970,13 @@ class ClaimsService:
                 encounter = item.resource
                 if encounter.get("status") != "finished":
                     continue  # decided when it finishes (the upstream's newer version)
-                outcome = (await self.on_visit_finished(encounter, actor=actor)).outcome
+                try:
+                    outcome = (await self.on_visit_finished(encounter, actor=actor)).outcome
+                except ApplianceError as exc:
+                    # E.g. its Patient fails authentication: left undecided (tried again at
+                    # the next scan), and the visits after it are still decided.
+                    logger.error("claims scan: a visit was not decided (%s)", type(exc).__name__)
+                    continue
                 counts[outcome] = counts.get(outcome, 0) + 1
 
     # -- exporting -------------------------------------------------------------------------

@@ -214,22 +214,24 @@ async def test_the_sync_pass_decides_a_finished_visit_whose_decision_was_cut_off
 ) -> None:
     config = cfg(house)
     rng = random.Random(3)
-    [ada, bo] = await clocked.create([patient(make_mbi(rng)), patient(make_mbi(rng))], "user:test")
+    [cy, ada, bo] = await clocked.create([patient(make_mbi(rng)) for _ in range(3)], "user:test")
     # Stored when each visit finished; the web process was restarted (or its decision
     # failed) before deciding. docs/claims.md promises a scan decides them later.
-    [visit, broken] = await clocked.create(
+    [cys, visit, broken] = await clocked.create(
         [
+            encounter(cy.logical_id, start="2026-03-02T09:00:00-06:00"),
             encounter(ada.logical_id, start="2026-03-02T10:00:00-06:00"),
             encounter(bo.logical_id, start="2026-03-03T10:00:00-06:00"),
         ],
         "user:test",
     )
-    conn = sqlite3.connect(db_path)  # and one of them unreadable on disk
-    conn.execute(
-        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-        "WHERE logical_id = ?",
-        (visit.logical_id, broken.logical_id),
-    )
+    conn = sqlite3.connect(db_path)  # and some records unreadable on disk: Bo's visit, Cy
+    for victim, source in ((broken.logical_id, visit.logical_id), (cy.logical_id, ada.logical_id)):
+        conn.execute(
+            "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+            "WHERE logical_id = ?",
+            (source, victim),
+        )
     conn.commit()
     conn.close()
     sub = submitter(clocked, config)
@@ -242,9 +244,36 @@ async def test_the_sync_pass_decides_a_finished_visit_whose_decision_was_cut_off
     assert decided.claim_id is not None
     assert await status(clocked, config, decided.claim_id) is S.ACKNOWLEDGED
     assert await service.decision(broken.logical_id) is None  # left out, audited, not guessed
+    assert await service.decision(cys.logical_id) is None  # its Patient is unreadable
     # Once an hour, not every pass.
     await clocked.create([encounter(bo.logical_id, start="2026-03-04T10:00:00-06:00")], "user:test")
     assert (await sub.run_once() or SubmitResult()).submitted == 0
+
+
+async def test_a_claim_that_fails_authentication_goes_back_to_draft_and_the_rest_go(
+    clocked: Store, house: Clearinghouse, db_path: Path
+) -> None:
+    config = cfg(house)
+    [first, second] = await drafted(clocked, config, ["2026-03-02", "2026-03-03"])
+    conn = sqlite3.connect(db_path)
+    conn.execute(
+        "UPDATE resources SET body = (SELECT r.body FROM resources r JOIN claims c "
+        "ON c.resource_id = r.id WHERE c.id = ?) "
+        "WHERE id = (SELECT resource_id FROM claims WHERE id = ?)",
+        (second, first),
+    )
+    conn.commit()
+    conn.close()
+    sub = submitter(clocked, config)
+    result = await sub.submit(poll=False)  # before: TamperedDataError on every pass, none sent
+    assert (result.submitted, len(house.received)) == (1, 1)
+    assert await status(clocked, config, second) is S.ACKNOWLEDGED
+    held = await ClaimsService(clocked, config).claim(first)
+    assert held.status is S.DRAFT
+    assert [p.code for p in held.problems] == ["stored"]
+    assert "failed authentication" in held.problems[0].message
+    assert (await sub.submit(poll=False)).submitted == 0  # it stays out until a person acts
+    assert len(house.received) == 1
 
 
 async def test_connection_refused_leaves_the_claim_ready_and_it_goes_later(
