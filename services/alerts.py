@@ -44,6 +44,8 @@ from services.rpm_rules import Finding, Reading, Rule, Severity, Thresholds
 
 logger = logging.getLogger(__name__)
 
+# What the worklist shows for an alert whose sealed finding fails authentication.
+UNREADABLE_FINDING = "(the stored finding failed authentication: check the readings)"
 ACTOR = "service:rpm"
 SITE = "site"  # alerts.patient_id of site-level alerts (a patient id is a UUID: no clash)
 CURSOR_KEY = "rpm.alerts.cursor"
@@ -731,11 +733,21 @@ class AlertBook:
         keyring = self._store.keyring
         sealed_detail, sealed_note = found
         info = {"summary": "", "detail": ""}
-        if sealed_detail is not None:
-            info = orjson.loads(keyring.unseal(DETAIL_LABEL, str(alert_id), bytes(sealed_detail)))
         note = None
-        if sealed_note is not None:
-            note = keyring.unseal(NOTE_LABEL, str(alert_id), bytes(sealed_note))
+        try:
+            if sealed_detail is not None:
+                info = orjson.loads(
+                    keyring.unseal(DETAIL_LABEL, str(alert_id), bytes(sealed_detail))
+                )
+            if sealed_note is not None:
+                note = keyring.unseal(NOTE_LABEL, str(alert_id), bytes(sealed_note))
+        except TamperedDataError:
+            # The alert stays workable (acknowledge, resolve); what failed is said plainly.
+            logger.error("alert %s: a sealed field failed authentication", alert_id)
+            if info["summary"] == "":
+                info = {"summary": UNREADABLE_FINDING, "detail": ""}
+            else:
+                note = "(the stored note failed authentication)"
         return str(info["summary"]), str(info["detail"]), note
 
     async def views(self, actor: str, *, alert_ids: Sequence[int] | None = None) -> list[AlertView]:
@@ -768,7 +780,14 @@ class AlertBook:
                 alert = _alert(row)
                 info = {"summary": "", "detail": ""}
                 if row[-1] is not None:
-                    info = orjson.loads(keyring.unseal(DETAIL_LABEL, str(alert.id), bytes(row[-1])))
+                    try:
+                        info = orjson.loads(
+                            keyring.unseal(DETAIL_LABEL, str(alert.id), bytes(row[-1]))
+                        )
+                    except TamperedDataError:
+                        # Shown, so that someone still acts on it; what it said is not known.
+                        logger.error("alert %s: its sealed finding failed authentication", alert.id)
+                        info = {"summary": UNREADABLE_FINDING, "detail": ""}
                 found.append(
                     AlertView(
                         alert,

@@ -358,7 +358,8 @@ class RpmBilling:
             last = day if enrollment.ended_on is None else min(day, enrollment.ended_on)
             key = self._store.patient_key(f"Patient/{enrollment.patient_id}")
             windows.append(_Window(enrollment, key, period_on(enrollment.enrolled_on, last), last))
-        days = await db.run_sync(self._store.connection, self._home_days, windows)
+        failures: list[AuditEvent] = []
+        days = await db.run_sync(self._store.connection, self._home_days, windows, actor, failures)
         events = [
             AuditEvent(
                 actor,
@@ -368,7 +369,7 @@ class RpmBilling:
                 detail="rpm billing" + (f" for {requested_by}" if requested_by else ""),
             )
             for w in windows
-        ]
+        ] + failures
         if events:
             await self._store.transact(lambda _conn: None, events)
         time_by_patient = await self._month_time(month_start, day)
@@ -395,12 +396,17 @@ class RpmBilling:
         return found
 
     def _home_days(
-        self, conn: sqlite3.Connection, windows: Sequence[_Window]
+        self,
+        conn: sqlite3.Connection,
+        windows: Sequence[_Window],
+        actor: str,
+        failures: list[AuditEvent],
     ) -> list[tuple[date, ...]]:
         """Per window, the local days with a home reading (decrypting at most until one a day).
 
         The scan reads the index only (``patient_key, type, effective`` plus the rowid); a body
-        is fetched and decrypted only for a day not yet counted, in time order.
+        is fetched and decrypted only for a day not yet counted, in time order. A reading that
+        fails authentication does not count (it is logged, with a record in ``failures``).
         """
         store, zone = self._store, self._zone
         result = []
@@ -425,7 +431,8 @@ class RpmBilling:
                     "SELECT id, logical_id, type, key_version, body FROM resources WHERE id = ?",
                     (row_id,),
                 ).fetchone()
-                if is_home_reading(store.decrypt_stored(conn, tuple(row)).resource):
+                readable = store.decrypt_readable(conn, [row], actor, failures)
+                if readable and is_home_reading(readable[0].resource):
                     found.add(day)
             result.append(tuple(sorted(found)))
         return result

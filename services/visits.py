@@ -359,16 +359,19 @@ async def arrivals(store: Store, actor: str, since: datetime) -> list[Arrival]:
             (_utc(since),),
         ).fetchall()
         found = []
-        for row in rows:
-            body = store.decrypt_stored(conn, tuple(row)).resource
+        # One that fails authentication is left out (logged, audited): the others can
+        # still be seen by a provider.
+        failures: list[AuditEvent] = []
+        for item in store.decrypt_readable(conn, rows, actor, failures):
+            body = item.resource
             patient = fhir.patient_reference(body)
             if body.get("status") == "arrived" and patient is not None:
                 found.append(
-                    Arrival(str(row[1]), patient.removeprefix("Patient/"), arrival_start(body))
+                    Arrival(item.logical_id, patient.removeprefix("Patient/"), arrival_start(body))
                 )
         event = AuditEvent(actor, AuditAction.SEARCH, entity=f"Encounter arrived x{len(found)}")
         with db.transaction_sync(conn):
-            audit.append(conn, [event], now=store.now())
+            audit.append(conn, [event, *failures], now=store.now())
         return found
 
     return await db.run_sync(store.connection, work)

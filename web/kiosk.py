@@ -771,8 +771,14 @@ def _find_appointment(
         (APPOINTMENT_SCAN_LIMIT,),
     ).fetchall()
     found: tuple[str, str] | None = None
-    for row in rows:
-        appointment = store.decrypt_stored(conn, tuple(row)).resource
+    # Decrypted one at a time up to the match; one that fails authentication is left out
+    # (logged, audited) rather than failing every check-in by code.
+    failures: list[AuditEvent] = []
+    readable = (
+        item for row in rows for item in store.decrypt_readable(conn, [row], actor, failures)
+    )
+    for item in readable:
+        appointment = item.resource
         if appointment.get("status") in _CLOSED_APPOINTMENT:
             continue
         codes = {
@@ -807,7 +813,7 @@ def _find_appointment(
         outcome=audit.Outcome.SUCCESS,
     )
     with db.transaction_sync(conn):
-        audit.append(conn, [event], now=now)
+        audit.append(conn, [event, *failures], now=now)
     return found
 
 

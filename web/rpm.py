@@ -35,7 +35,7 @@ from zoneinfo import ZoneInfo
 from quart import Blueprint, Response, redirect, request, url_for
 from quart.typing import ResponseReturnValue
 
-from appliance.errors import ApplianceError, NotFoundError
+from appliance.errors import ApplianceError, NotFoundError, TamperedDataError
 from appliance.users import Role
 from services import alerts, rpm_rules
 from services.alerts import AlertBook, AlertError, AlertState, AlertView
@@ -495,6 +495,8 @@ async def _names_of(
             known[patient_id] = display_name(await state.store.read("Patient", patient_id, actor))
         except NotFoundError:
             known[patient_id] = "(patient not on this appliance)"
+        except TamperedDataError:
+            known[patient_id] = "(patient record unreadable)"  # logged by the store
 
 
 async def _feed(

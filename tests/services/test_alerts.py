@@ -621,6 +621,33 @@ async def test_a_reading_that_fails_authentication_stops_no_ones_alerts(
     assert (view.alert.patient_id, view.summary) == (bo, "systolic ≥ 180")
 
 
+async def test_an_alert_whose_sealed_finding_fails_authentication_stays_workable(
+    store: Store, db_path: Path
+) -> None:
+    clock = Clock(NOW)
+    ada, bo = [await _patient(store) for _ in range(2)]
+    engine, cursor = await _engine(store, clock)
+    await _bp(store, ada, 186, 100, NOW)
+    await _bp(store, bo, 188, 102, NOW)
+    await engine.evaluate_new(cursor)
+    [(first, *_), (second, *_)] = await _alerts(store)
+    conn = sqlite3.connect(db_path)  # the second alert's sealed finding moved onto the first
+    conn.execute(
+        "UPDATE alerts SET detail = (SELECT detail FROM alerts WHERE id = ?) WHERE id = ?",
+        (second, first),
+    )
+    conn.commit()
+    conn.close()
+    book = AlertBook(store)
+    views = {v.alert.id: v for v in await book.views(NURSE)}  # before: TamperedDataError
+    assert views[first].summary == alerts.UNREADABLE_FINDING
+    assert views[second].summary == "systolic ≥ 180"
+    summary, values, note = await book.detail(first, NURSE)
+    assert (summary, values, note) == (alerts.UNREADABLE_FINDING, "", None)
+    await book.acknowledge(first, NURSE)  # and it can still be worked
+    assert [a[4] for a in await _alerts(store)] == ["acknowledged", "open"]
+
+
 async def test_run_until_idle_on_a_fresh_engine_keeps_its_starting_point(store: Store) -> None:
     clock = Clock(NOW)
     patient = await _patient(store)

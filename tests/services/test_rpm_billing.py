@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from appliance.store import Store
+from appliance.store import UNREADABLE_LEFT_OUT, Store
 from services.rpm_billing import (
     NOTE_LABEL,
     Period,
@@ -131,6 +133,34 @@ async def test_sixteen_home_days_earn_99454_and_clinic_readings_never_count(
     await _readings_on(store, patient_id, [24])
     [found] = await billing.billing(date(2026, 10, 25))
     assert (len(found.days), found.device_code) == (16, "99454")
+
+
+async def test_an_unreadable_reading_does_not_count_and_the_report_still_comes(
+    store: Store, db_path: Path
+) -> None:
+    patient_id = await _enrolled_patient(store)
+    other = await _enrolled_patient(store, mrn="T0002")
+    await _readings_on(store, patient_id, [0, 1])
+    await _readings_on(store, other, [0, 1, 2])
+    conn = sqlite3.connect(db_path)  # the morning reading of day 1 unreadable (moved row)
+    [(bad, source)] = conn.execute(
+        "SELECT r.id, (SELECT min(id) FROM resources WHERE type = 'Observation') FROM resources r "
+        "WHERE r.type = 'Observation' AND r.effective LIKE '2026-10-02T13:%'"
+        " AND r.patient_key = (SELECT patient_key FROM resources WHERE id = "
+        "(SELECT min(id) FROM resources WHERE type = 'Observation'))"
+    ).fetchall()
+    conn.execute(
+        "UPDATE resources SET body = (SELECT body FROM resources WHERE id = ?) WHERE id = ?",
+        (source, bad),
+    )
+    conn.commit()
+    conn.close()
+    found = await RpmBilling(store, CHICAGO).billing(date(2026, 10, 25))  # before: raised
+    days = {b.patient_id: len(b.days) for b in found}
+    # Day 1 still counts through its evening reading; the other patient is untouched.
+    assert days == {patient_id: 2, other: 3}
+    failures = await store.query("SELECT actor, detail FROM audit WHERE outcome = 'failure'")
+    assert failures == [("service:rpm", UNREADABLE_LEFT_OUT)]
 
 
 async def test_days_are_counted_in_the_site_zone(store: Store) -> None:

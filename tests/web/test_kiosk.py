@@ -234,6 +234,42 @@ async def test_an_appointment_code_or_its_qr_content_finds_the_patient(
     assert b"A. T." not in page
 
 
+async def test_an_appointment_that_fails_authentication_does_not_stop_code_check_in(
+    kc: QuartClient, store: Store, db_path: Path
+) -> None:
+    patient_id = await _patient(store)
+    start = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+
+    def appointment(code: str) -> dict[str, object]:
+        return {
+            "resourceType": "Appointment",
+            "status": "booked",
+            "identifier": [{"system": "urn:example:appointment-code", "value": code}],
+            "start": start,
+            "end": start,
+            "participant": [
+                {"actor": {"reference": f"Patient/{patient_id}"}, "status": "accepted"}
+            ],
+        }
+
+    [mine, bad] = await store.create([appointment("K7Q-42X"), appointment("ZZZ-999")], "user:test")
+    conn = sqlite3.connect(db_path)  # the newest appointment (scanned first) is unreadable
+    conn.execute(
+        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+        "WHERE logical_id = ?",
+        (mine.logical_id, bad.logical_id),
+    )
+    conn.commit()
+    conn.close()
+    status, page = await _post(
+        kc, "/kiosk/identify", mode="code", code="K7Q-42X", birth_date="1961-04-09"
+    )
+    assert status == 200  # before: 500 for every check-in by code
+    assert b"A. T." in page
+    failures = await store.query("SELECT entity FROM audit WHERE outcome = 'failure'")
+    assert failures == [(f"Appointment/{bad.logical_id}",)]
+
+
 async def test_an_unknown_name_and_a_wrong_birth_date_get_the_same_answer(
     kc: QuartClient, store: Store
 ) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import re
+import sqlite3
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -176,6 +177,28 @@ async def test_a_link_is_for_an_arrival_of_today_only(
     assert refused.status_code == 400
     forged = await logged_in.post("/visit/new", form={"encounter": seeded.encounter_id})
     assert forged.status_code == 403  # no CSRF token
+
+
+async def test_an_arrival_that_fails_authentication_leaves_the_others_linkable(
+    logged_in: QuartClient, store: Store, seeded: Seeded, clock: FakeClock, db_path: Path
+) -> None:
+    [bad] = await store.create(
+        [intake.arrival(f"Patient/{seeded.other_id}", clock(), "kiosk-1", None)], "kiosk:kiosk-1"
+    )
+    conn = sqlite3.connect(db_path)  # a row moved on disk: the newest arrival is unreadable
+    conn.execute(
+        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+        "WHERE logical_id = ?",
+        (seeded.encounter_id, bad.logical_id),
+    )
+    conn.commit()
+    conn.close()
+    token = await issue_link(logged_in, seeded.encounter_id)  # before: /visit/new was a 500
+    assert token
+    page = await (await logged_in.get("/visit/new")).get_data()
+    assert bad.logical_id.encode() not in page
+    failures = await store.query("SELECT entity FROM audit WHERE outcome = 'failure'")
+    assert (f"Encounter/{bad.logical_id}",) in failures
 
 
 async def test_first_browser_binds_the_link_and_a_second_is_refused(
