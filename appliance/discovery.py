@@ -37,6 +37,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from appliance import __version__, sdnotify
 from appliance.errors import ApplianceError
+from appliance.numbers import small_int
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,12 @@ def _text(properties: Mapping[bytes, bytes | None], key: str) -> str:
     return value.decode("utf-8", errors="replace") if value else ""
 
 
+def _port(text: str, default: int | None) -> int | None:
+    """A TXT port as a neighbour advertised it; anything but 1..65535 in digits: ``default``."""
+    port = small_int(text, 5)
+    return port if port is not None and 0 < port < 65536 else default
+
+
 def found_box(info: AsyncServiceInfo) -> FoundBox:
     """Translate a resolved zeroconf record; a malformed TXT becomes empty fields."""
     port_text = _text(info.properties, TXT_HTTPS_PORT)
@@ -123,7 +130,7 @@ def found_box(info: AsyncServiceInfo) -> FoundBox:
         name=info.name.removesuffix("." + SERVICE_TYPE),
         site_id=_text(info.properties, TXT_SITE),
         version=_text(info.properties, TXT_VERSION),
-        https_port=int(port_text) if port_text.isdigit() else info.port,
+        https_port=_port(port_text, info.port),
         cert_sha256=_text(info.properties, TXT_CERT_SHA256),
         addresses=tuple(info.parsed_scoped_addresses()),
         server=info.server or "",

@@ -53,6 +53,39 @@ def identifier_value(logical_id: str) -> str:
     return f"urn:uuid:{logical_id}"
 
 
+# Deeper JSON is refused wherever it comes in (a vendor's hub, the upstream EHR): no real
+# resource nests this far (an extension of an extension is a handful of levels), and deep
+# input is how a parser or encoder is made to recurse until it fails (orjson's encoder stops
+# at 255 levels with a TypeError; validation would raise RecursionError).
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply ``value`` nests lists and objects, counted up to ``limit + 1`` (iterative)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_depth(value: Any, what: str = "the JSON") -> None:
+    """Raise :class:`InvalidResourceError` when ``value`` nests deeper than allowed."""
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise InvalidResourceError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+
+
 def validate(resource: Mapping[str, Any]) -> None:
     """Validate against FHIR R4(B); raises :class:`InvalidResourceError` listing every problem."""
     from fhir.resources.R4B import get_fhir_model_class
@@ -62,8 +95,9 @@ def validate(resource: Mapping[str, Any]) -> None:
         raise InvalidResourceError("resourceType: required")
     try:
         model = get_fhir_model_class(rtype)
-    except KeyError as exc:
-        raise InvalidResourceError(f"resourceType: unknown type {rtype!r}") from exc
+    except (KeyError, ValueError) as exc:  # fhir.resources raises ValueError for an unknown type
+        raise InvalidResourceError(f"resourceType: unknown type {rtype[:40]!r}") from exc
+    check_depth(resource, rtype[:40])
     try:
         model.model_validate(dict(resource))
     except ValidationError as exc:

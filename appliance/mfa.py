@@ -128,8 +128,8 @@ def qr_data_uri(uri: str) -> str:
 
 def _matching_step(secret: str, code: str, now: datetime, last_step: int) -> int | None:
     code = "".join(code.split())
-    if len(code) != DIGITS or not code.isdigit():
-        return None
+    if len(code) != DIGITS or not (code.isascii() and code.isdigit()):
+        return None  # "²²²²²²" passes isdigit(); compare_digest refuses non-ASCII text
     totp = pyotp.TOTP(secret, digits=DIGITS, interval=STEP_S)
     current = _step(now)
     found = None

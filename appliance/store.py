@@ -275,7 +275,8 @@ def _ours_by_identifier(
     Finds a resource made here whose create landed but whose answer was lost (so the outbox
     does not know its upstream id yet): it is that resource, not a new one.
     """
-    for ident in resource.get("identifier", []):
+    identifiers = resource.get("identifier")
+    for ident in identifiers if isinstance(identifiers, list) else []:  # not validated yet
         if not isinstance(ident, Mapping):
             continue
         value = ident.get("value")
@@ -897,11 +898,12 @@ class Store:
         keyring = self._keyring
         birth = body.get("birthDate")
         blind: list[tuple[str, bytes]] = []
-        for name in body.get("name", []):
+        # Validated, but FHIR JSON may carry null for an absent list (a pulled copy).
+        for name in body.get("name") or []:
             family = name.get("family")
             if isinstance(family, str) and isinstance(birth, str):
                 blind.append(("name_dob", keyring.name_birthdate_index(family, birth)))
-        for ident in body.get("identifier", []):
+        for ident in body.get("identifier") or []:
             value = ident.get("value")
             if isinstance(value, str) and ident.get("system") != fhir.IDENTIFIER_SYSTEM:
                 blind.append(

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from appliance import fhir
+from appliance.numbers import small_int
 
 QUESTIONNAIRE_URL = "urn:telehealth-appliance:questionnaire:kiosk-intake"
 QUESTIONNAIRE_VERSION = "1"
@@ -159,9 +160,10 @@ def parse_answers(form: Mapping[str, str], symptoms: Sequence[str]) -> IntakeAns
     phq2: list[int] = []
     for link, _code, _text in PHQ2_ITEMS:
         value = form.get(link, "")
-        if not value.isdigit() or int(value) >= len(PHQ2_ANSWERS):
+        answer = small_int(value)
+        if answer is None or answer >= len(PHQ2_ANSWERS):
             raise IntakeError("Please answer both questions about how you have been feeling.")
-        phq2.append(int(value))
+        phq2.append(answer)
     return IntakeAnswers(reason, chosen, (phq2[0], phq2[1]))
 
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import ssl
 import stat
@@ -72,7 +71,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 from appliance.config import UpstreamConfig
 from appliance.errors import KeyFileError
-from sync_agent.upstream import Failure, TlsAwareTransport, UpstreamError
+from sync_agent.upstream import Failure, TlsAwareTransport, UpstreamError, retry_after_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +82,8 @@ DEFAULT_SCOPE = "system/*.rs system/*.cu"
 ASSERTION_LIFETIME_S = 240
 # The spec recommends 300 s tokens; used when a server leaves expires_in out.
 DEFAULT_TOKEN_LIFETIME_S = 300
+# A token endpoint's expires_in beyond this (a year) is not believed: the default is used.
+MAX_TOKEN_LIFETIME_S = 365 * 86_400
 REFRESH_MARGIN_S = 60.0
 # RFC 7518 section 3.3: RSA keys for RS* are 2048 bits or larger.
 MIN_RSA_BITS = 2048
@@ -331,8 +332,7 @@ class SmartBackendAuth(httpx.Auth):
                 Failure.TRANSIENT, f"token endpoint: no token ({type(exc).__name__})"
             ) from None
         if response.status_code == 429 or response.status_code >= 500:
-            retry_after = response.headers.get("Retry-After")
-            delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+            delay = retry_after_seconds(response.headers.get("Retry-After"))
             raise UpstreamError(
                 Failure.TRANSIENT, f"token endpoint: {_oauth_error(response)}", delay
             )
@@ -358,8 +358,7 @@ class SmartBackendAuth(httpx.Auth):
         if (
             isinstance(lifetime, bool)
             or not isinstance(lifetime, int | float)
-            or not math.isfinite(lifetime)
-            or lifetime <= 0
+            or not 0 < lifetime <= MAX_TOKEN_LIFETIME_S  # NaN, infinity, 400 digits: no
         ):
             lifetime = DEFAULT_TOKEN_LIFETIME_S
         self.tokens_fetched += 1

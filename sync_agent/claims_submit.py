@@ -287,7 +287,7 @@ class ClaimsSubmitter:
             try:
                 applied = await self.lifecycle.apply_response(text, "sync:submission")
                 result.responses += 0 if applied.duplicate else 1
-            except AckError as exc:
+            except (AckError, ValueError, OverflowError) as exc:
                 result.errors.append(f"the answer's 999 could not be read: {exc}")
         return "submitted"
 
@@ -323,7 +323,7 @@ class ClaimsSubmitter:
             try:
                 done = await self.lifecycle.apply_response(str(item["body"]), "sync:poll")
                 applied += 0 if done.duplicate else 1
-            except (AckError, KeyError, TypeError) as exc:
+            except (AckError, KeyError, TypeError, ValueError, OverflowError) as exc:
                 # Kept out of the cursor's way: a bad file is reported, the rest still apply.
                 ident = item.get("id", "?") if isinstance(item, dict) else "?"
                 result.errors.append(f"response {ident}: {exc}")

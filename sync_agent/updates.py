@@ -68,6 +68,7 @@ from sync_agent.upstream import (
     exchange,
     outcome_text,
     response_json,
+    retry_after_seconds,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,8 +96,7 @@ def _server_message(response: httpx.Response) -> str:
 
 
 def _transient(response: httpx.Response) -> UpstreamError:
-    retry_after = response.headers.get("Retry-After")
-    delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+    delay = retry_after_seconds(response.headers.get("Retry-After"))
     return UpstreamError(Failure.TRANSIENT, _server_message(response), delay)
 
 
@@ -336,7 +336,11 @@ class UpdateSender:
         if response.status_code in _RETRY or response.status_code >= 500:
             raise _transient(response)
         theirs = response_json(response)
-        if response.status_code != 200 or not isinstance(theirs, dict):
+        if (
+            response.status_code != 200
+            or not isinstance(theirs, dict)
+            or fhir.json_depth(theirs) > fhir.MAX_JSON_DEPTH
+        ):
             message = f"version conflict, and the upstream copy is unreadable: {_server_message(response)}"
             await db.run_sync(conn, self._dead, row, message, None, now)
             result.dead += 1

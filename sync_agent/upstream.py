@@ -127,6 +127,21 @@ def entry_outcome(entry: Any, code: int) -> str:
 _TOO_LARGE_WORDS = ("too many", "too large", "entries", "payload too large")
 
 
+# The longest Retry-After taken from a server (a day, as RETRY_HORIZON in the outbox).
+MAX_RETRY_AFTER_S = 86_400.0
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` in delay-seconds (RFC 9110: ASCII digits), capped at a day; else None.
+
+    An HTTP-date, "1e400", "inf" or "²" is no delay we act on: the usual backoff applies.
+    """
+    text = (value or "").strip()
+    if not text or len(text) > 12 or not (text.isascii() and text.isdigit()):
+        return None
+    return min(float(text), MAX_RETRY_AFTER_S)
+
+
 def classify_response(status: int, body: Any, retry_after: str | None) -> UpstreamError:
     """Put a non-2xx answer to a whole request into its class."""
     text = outcome_text(body) or f"HTTP {status}"
@@ -137,13 +152,7 @@ def classify_response(status: int, body: Any, retry_after: str | None) -> Upstre
         # never by dead-lettering the records (they stay pending; staff see the reason).
         return UpstreamError(Failure.AUTH, f"the upstream refused our credentials: {text}")
     if status == 429 or status >= 500:
-        delay = None
-        if retry_after is not None:
-            try:
-                delay = max(0.0, float(retry_after))
-            except ValueError:
-                delay = None
-        return UpstreamError(Failure.TRANSIENT, text, delay)
+        return UpstreamError(Failure.TRANSIENT, text, retry_after_seconds(retry_after))
     return UpstreamError(Failure.PERMANENT, text)
 
 

@@ -14,6 +14,7 @@ from quart import Blueprint, Response, redirect, request
 from quart.typing import ResponseReturnValue
 
 from appliance import db, users
+from appliance.numbers import small_int
 from appliance.users import Role, UserError
 from web.app import app_state
 from web.auth import current_session, login_required
@@ -88,7 +89,8 @@ async def create() -> ResponseReturnValue:
 
 
 def _user_id(raw: str) -> int:
-    return int(raw) if raw.isdigit() else -1
+    found = small_int(raw)
+    return -1 if found is None else found
 
 
 @bp.post("/users/<user_id>/password")

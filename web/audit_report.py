@@ -33,6 +33,7 @@ from quart.typing import ResponseReturnValue
 
 from appliance import audit, break_glass, db
 from appliance.audit import AuditAction, AuditEvent, AuditRecord, Outcome, VerifyResult
+from appliance.numbers import small_int
 from appliance.users import Role, Session
 from web.app import AppState, app_state
 from web.auth import current_session, login_required
@@ -193,7 +194,7 @@ async def _filter(
 
 def _page_number(args: Mapping[str, str]) -> int:
     raw = args.get("page", "1")
-    return max(int(raw), 1) if raw.isdigit() else 1
+    return max(small_int(raw) or 1, 1)
 
 
 def _link(args: Mapping[str, str], **changes: str) -> str:

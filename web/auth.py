@@ -197,8 +197,11 @@ def _login_form_token(state: AppState, nonce: str) -> str:
 
 def _login_form_token_ok(state: AppState, nonce: str | None, token: str) -> bool:
     issued_text, _, mac = token.partition(".")
-    if not nonce or not issued_text.isdigit():
+    # ASCII digits of a plausible length: "²" passes isdigit() and int() refuses it.
+    if not nonce or not (issued_text.isascii() and issued_text.isdigit()) or len(issued_text) > 12:
         return False
+    if not mac.isascii():
+        return False  # compare_digest takes ASCII strings only
     issued = int(issued_text)
     age = state.clock().timestamp() - issued
     expected = _form_mac(state, nonce, issued)

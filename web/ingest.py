@@ -642,9 +642,14 @@ async def _read_json() -> Any:
         )
     data = await request.get_data(cache=False)
     try:
-        return orjson.loads(data)
+        body = orjson.loads(data)
     except orjson.JSONDecodeError:
         raise _BadRequest(refuse(400, "", "the body is not valid JSON", "structure")) from None
+    if fhir.json_depth(body) > fhir.MAX_JSON_DEPTH:
+        raise _BadRequest(
+            refuse(400, "", f"the body nests deeper than {fhir.MAX_JSON_DEPTH} levels", "structure")
+        )
+    return body
 
 
 class _BadRequest(Exception):

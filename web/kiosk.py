@@ -62,6 +62,7 @@ from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent
 from appliance.device_registry import CheckIn, DeviceRegistry, RegistryError, StationKind
 from appliance.errors import NotFoundError
+from appliance.numbers import small_int
 from appliance.store import ReviewPendingError, Store
 from appliance.users import Role
 from services import intake, visits
@@ -472,20 +473,20 @@ async def admin_post() -> ResponseReturnValue:
     assert session is not None  # login_required
     form = await request.form
     now = state.clock()
-    revoke = form.get("revoke", "")
-    if revoke.isdigit():
+    revoke = small_int(form.get("revoke", ""), 18)
+    if revoke is not None:
 
         def revoke_work(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE kiosks SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                (fhir.utc_text(now), int(revoke)),
+                (fhir.utc_text(now), revoke),
             )
 
         event = AuditEvent(
             session.user.actor, AuditAction.CONFIG, entity=f"kiosk/{revoke}", detail="revoked"
         )
         await state.store.transact(revoke_work, [event])
-        _kiosk_state().flows.pop(int(revoke), None)
+        _kiosk_state().flows.pop(revoke, None)
         return redirect("/kiosk/admin", code=303)
     station_id = form.get("station", "")
     if station_id not in {s.id for s in await DeviceRegistry(state.store).stations()}:
@@ -1154,7 +1155,7 @@ async def photo_chunk() -> ResponseReturnValue:
     flow = _flow()
     offset = request.headers.get("X-Upload-Offset", "")
     data = await request.get_data(False, False, False)
-    if not offset.isdigit() or int(offset) != len(flow.photo) or len(data) > PHOTO_CHUNK_MAX:
+    if small_int(offset) != len(flow.photo) or len(data) > PHOTO_CHUNK_MAX:
         flow.photo.clear()
         return jsonify(error=_t("The upload was interrupted. Please try again.")), 409
     if len(flow.photo) + len(data) > intake.PHOTO_MAX_BYTES:

@@ -35,6 +35,7 @@ from quart.typing import ResponseReturnValue
 from appliance import audit, db
 from appliance.audit import AuditAction, AuditEvent
 from appliance.fhir import utc_text
+from appliance.numbers import small_int
 from appliance.store import Store
 from appliance.users import Role
 from web.access import local_midnight, normal_access_reasons
@@ -549,8 +550,9 @@ async def events() -> ResponseReturnValue:
     newest = await state.store.last_row_id()
     start = newest
     asked = request.headers.get("Last-Event-ID", "").strip()
-    if asked.isdigit():
-        start = min(newest, max(int(asked), newest - MAX_REPLAY_ROWS))
+    replay_from = small_int(asked, 18)
+    if replay_from is not None:
+        start = min(newest, max(replay_from, newest - MAX_REPLAY_ROWS))
     # The stream outlives the request context: it gets everything it needs now.
     body = _feed(state, session.user.actor, token, start)
     response = Response(body, mimetype="text/event-stream")

@@ -30,6 +30,7 @@ from quart import Blueprint, abort, jsonify, redirect, request, url_for
 from quart.typing import ResponseReturnValue
 
 from appliance.errors import ApplianceError, NotFoundError
+from appliance.numbers import small_int
 from appliance.users import Role
 from services import rpm_rules
 from services.alerts import Alert, AlertBook
@@ -425,7 +426,7 @@ async def _patient(patient_id: str, actor: str) -> dict[str, Any]:
 def _choices() -> tuple[int, str]:
     """The window (days) and setting asked for; anything unknown falls back to the default."""
     window_text = request.args.get("window", "")
-    window = int(window_text) if window_text.isdigit() else DEFAULT_WINDOW
+    window = small_int(window_text) or DEFAULT_WINDOW
     if window not in WINDOWS:
         window = DEFAULT_WINDOW
     setting = request.args.get("setting", "all")
@@ -897,7 +898,8 @@ async def log_time(patient_id: str) -> ResponseReturnValue:
     form = await _form()
     await _patient(patient_id, actor)
     minutes_text = form.get("minutes", "")
-    if not minutes_text.isdigit() or not 0 < int(minutes_text) <= MAX_MINUTES:
+    minutes = small_int(minutes_text)
+    if minutes is None or not 0 < minutes <= MAX_MINUTES:
         return await _page(
             patient_id, error=f"Minutes: a whole number from 1 to {MAX_MINUTES}.", status=400
         )
@@ -912,7 +914,7 @@ async def log_time(patient_id: str) -> ResponseReturnValue:
     try:
         await RpmBilling(state.store, state.zone).log_time(
             patient_id,
-            int(minutes_text),
+            minutes,
             staff=username,
             actor=actor,
             performed_on=day,

@@ -226,6 +226,11 @@ class Ack835:
     claims: tuple[Remittance, ...]
 
 
+def _control_number(text: str | None) -> bool:
+    """An X12 control number as the 999 quotes it: 1 to 9 ASCII digits (not "²", not 20 digits)."""
+    return text is not None and 0 < len(text) <= 9 and text.isascii() and text.isdigit()
+
+
 def kind(interchange: Interchange) -> str:
     """``"999"``, ``"277CA"`` or ``"835"`` from the first group's transaction sets."""
     sets = {s.id for g in interchange.groups for s in g.sets}
@@ -274,7 +279,7 @@ def parse_999(interchange: Interchange) -> Ack999:
                     group_control = seg.get(2)
                 elif seg.id == "AK2":
                     current, messages = seg.get(2), []
-                    if not current.isdigit():
+                    if not _control_number(current):
                         raise AckError("AK2 without a numeric transaction set control number")
                 elif seg.id == "IK3":
                     where = f"segment {seg.get(1)} at position {seg.get(2)}"
@@ -296,7 +301,7 @@ def parse_999(interchange: Interchange) -> Ack999:
                         raise AckError("AK901 is not an acknowledgement code")
             if current is not None:
                 raise AckError("AK2 without its IK5")
-    if not group_control.isdigit():
+    if not _control_number(group_control):
         raise AckError("the 999 has no AK1 naming the group it answers")
     if not group_code:
         raise AckError("the 999 has no AK9")
@@ -430,7 +435,8 @@ def parse_835(interchange: Interchange) -> Ack835:
         if seg.id == "CLP":
             close()
             clp, adjustments = seg, []
-            if not seg.get(1) or not seg.get(2).isdigit():
+            status = seg.get(2)
+            if not seg.get(1) or not (status.isascii() and status.isdigit() and len(status) <= 2):
                 raise AckError("CLP without a claim number or status")
         elif seg.id in ("LX", "SE", "PLB"):
             close()

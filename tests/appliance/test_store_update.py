@@ -51,6 +51,30 @@ def _edited(resource: dict[str, Any], family: str) -> dict[str, Any]:
     return {**resource, "name": [{"family": family, "given": ["Ada"]}]}
 
 
+async def test_pulled_copies_of_odd_shapes_are_skipped_as_invalid_and_the_rest_stored(
+    store: Store,
+) -> None:
+    nested: dict[str, Any] = {"url": "urn:example:x", "valueString": "synthetic"}
+    for _ in range(130):
+        nested = {"url": "urn:example:x", "extension": [nested]}
+    deep = _upstream_patient("up-deep", "v1")
+    deep.resource["extension"] = [nested]
+    no_list = _upstream_patient("up-null", "v1")
+    no_list.resource["identifier"] = None
+    unknown = UpstreamCopy("Foo/up-foo", "v1", None, {"resourceType": "Foo", "id": "up-foo"})
+    fine = _upstream_patient("up-fine", "v1")
+    # Before: RecursionError from validation, TypeError from the identifier match and the
+    # blind index (null is a valid absent list), and ValueError for the unknown type: each
+    # failed the whole page, on every pass.
+    outcomes = await store.import_upstream([deep, no_list, unknown, fine], SYNC)
+    assert [o.outcome for o in outcomes] == [
+        ImportOutcome.INVALID,
+        ImportOutcome.CREATED,
+        ImportOutcome.INVALID,
+        ImportOutcome.CREATED,
+    ]
+
+
 async def test_a_pulled_resource_is_stored_with_its_upstream_identity_and_no_outbox_row(
     store: Store, db_path: Path
 ) -> None:

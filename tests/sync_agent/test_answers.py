@@ -31,6 +31,7 @@ from sync_agent.upstream import (
     entry_outcome,
     entry_status,
     outcome_text,
+    retry_after_seconds,
 )
 
 # The keys real answers use, so that generated objects often have the right shape with the
@@ -239,3 +240,14 @@ def test_an_anchor_search_of_any_shape_gives_an_anchor_or_none(body: Any) -> Non
             anchor_from_provenance(entry.get("resource"))
     latest = latest_anchor_of(body)
     assert latest is None or isinstance(latest.audit_id, int)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(st.none(), st.text(max_size=14), st.sampled_from(["²", "1e400", "inf", "nan", "-5"]))
+)
+def test_a_retry_after_of_any_text_is_seconds_within_a_day_or_none(value: str | None) -> None:
+    delay = retry_after_seconds(value)
+    assert delay is None or 0 <= delay <= 86_400
+    if value is not None and value.isascii() and value.isdigit() and len(value) < 6:
+        assert delay == float(value)

@@ -291,7 +291,7 @@ async def test_token_is_refreshed_shortly_before_it_expires(smart: Smart) -> Non
     assert smart.server.auth_headers == [f"Bearer {first}"] * 2 + [f"Bearer {second}"]
 
 
-@pytest.mark.parametrize("answered", [float("nan"), float("inf"), -5, "300", True])
+@pytest.mark.parametrize("answered", [float("nan"), float("inf"), -5, "300", True, 10**400, 10**12])
 async def test_an_expires_in_that_is_not_a_lifetime_counts_as_the_default(
     smart: Smart, answered: object
 ) -> None:

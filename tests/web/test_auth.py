@@ -95,6 +95,17 @@ async def test_login_form_token_expires(client: QuartClient, clock: FakeClock) -
     assert response.status_code == 403
 
 
+async def test_a_login_form_token_of_odd_digits_is_refused_not_a_500(client: QuartClient) -> None:
+    page = await client.get("/login")
+    mac = form_token(await page.get_data()).partition(".")[2]
+    for token in ("²³.x", "9" * 400 + "." + mac, "1." + "é" * 64):
+        response = await client.post(
+            "/login",
+            form={"username": NURSE, "password": "correct horse battery", "csrf_token": token},
+        )
+        assert response.status_code == 403  # before: ValueError / OverflowError / TypeError
+
+
 async def test_post_without_session_csrf_token_is_refused(logged_in: QuartClient) -> None:
     response = await logged_in.post("/logout")
     assert response.status_code == 403

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -231,6 +232,23 @@ async def test_wrong_content_type_and_bad_json_are_refused(
     assert (status, body["issue"][0]["code"]) == (415, "not-supported")
     status, body, _ = await _post(client, "/fhir/Observation", b'{"resourceType": ', key)
     assert (status, body["issue"][0]["code"]) == (400, "structure")
+    assert await _observations(store) == 0
+
+
+async def test_a_deeply_nested_body_is_refused_as_structure_not_a_500(
+    client: QuartClient, store: Store, key: str, patient_id: str, clock: FakeClock
+) -> None:
+    reading = _reading(clock, _by_mrn())
+    nested: dict[str, Any] = {"url": "urn:example:x", "valueString": "synthetic"}
+    for _ in range(100):  # valid FHIR, and small: before, it was stored (201)
+        nested = {"url": "urn:example:x", "extension": [nested]}
+    reading["extension"] = [nested]
+    raw = b'{"url":"urn:example:x","extension":[' * 120 + b"{}" + b"]}" * 120
+    for body in (json.dumps(reading).encode(), raw):  # orjson itself refuses to encode it
+        status, answer, _ = await _post(client, "/fhir/Observation", body, key)
+        # What no device sends, and what makes parsers and encoders recurse: refused first.
+        assert (status, answer["issue"][0]["code"]) == (400, "structure")
+        assert "deeper than 64 levels" in answer["issue"][0]["diagnostics"]
     assert await _observations(store) == 0
 
 

@@ -364,6 +364,10 @@ async def test_the_check_in_stores_everything_and_files_readings_to_the_patient(
 
     _status, page = await _post(kc, "/kiosk/intake", reason="Cough for a week")
     assert b"Please answer both questions" in page  # PHQ-2 is required
+    status, page = await _post(  # before: "²" passed isdigit(), int() raised: a 500
+        kc, "/kiosk/intake", reason="Cough", **{"phq2-interest": "²", "phq2-mood": "1"}
+    )
+    assert (status, b"Please answer both questions" in page) == (200, True)
     token = await _csrf(kc)
     response = await kc.post(
         "/kiosk/intake",
