@@ -14,6 +14,7 @@ under the signed-in user. Errors re-render the page with a message (no reflected
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,12 +30,16 @@ from appliance.device_registry import (
     StationKind,
     Transport,
 )
-from appliance.errors import ApplianceError, NotFoundError
+from appliance.errors import ApplianceError, NotFoundError, TamperedDataError
 from appliance.users import Role
 from web.app import app_state
 from web.auth import current_session, login_required
 from web.nurse import display_name
 from web.templating import render_template
+
+logger = logging.getLogger(__name__)
+# What the held-readings page shows for values whose sealed copy fails authentication.
+UNREADABLE_VALUES = "(the stored values failed authentication: discard it)"
 
 bp = Blueprint("devices", __name__, url_prefix="/devices")
 
@@ -298,7 +303,12 @@ async def _held_page(error: str | None = None, status: int = 200) -> ResponseRet
     views = []
     zone = app_state().zone
     for held in await registry.held():
-        observations = await registry.open_held(held.id, actor)
+        try:
+            observations = await registry.open_held(held.id, actor)
+        except TamperedDataError:
+            # Listed all the same, so that it can be discarded; what it said is not known.
+            logger.error("held reading %s: its sealed values failed authentication", held.id)
+            observations = None
         received = datetime.fromisoformat(held.received_at).astimezone(zone)
         taken = (
             datetime.fromisoformat(held.measured_at).astimezone(zone).strftime("%H:%M")
@@ -312,7 +322,9 @@ async def _held_page(error: str | None = None, status: int = 200) -> ResponseRet
                 device=devices.get(held.device_id, held.device_id),
                 station=stations.get(held.station_id or "", "—"),
                 reason=held.reason,
-                values=tuple(describe_observation(o) for o in observations),
+                values=(UNREADABLE_VALUES,)
+                if observations is None
+                else tuple(describe_observation(o) for o in observations),
                 taken=taken,
             )
         )

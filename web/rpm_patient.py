@@ -784,10 +784,12 @@ def _parse_thresholds(
                 continue
             unit = UNIT_TEXT.get(spec.unit, spec.unit)
             try:
-                number = Decimal(raw)
+                number = Decimal(raw[:40])
             except InvalidOperation:
                 number = Decimal("NaN")
-            if not number.is_finite():
+            # "1e10000000" is finite, and turning it into a Fraction took seconds on the event
+            # loop: no threshold has more than a handful of digits either side of the point.
+            if not number.is_finite() or len(raw) > 40 or abs(number.adjusted()) > 6:
                 errors[name] = f"{rule_form.title}, {label.lower()}: enter a number in {unit}."
             elif not spec.low <= Fraction(number) <= spec.high:
                 errors[name] = (

@@ -178,6 +178,35 @@ async def test_the_admin_sees_break_glass_highlighted_with_its_reason(
     assert b"Glasstest" not in body
 
 
+async def test_a_grant_whose_sealed_reason_fails_authentication_leaves_the_report_working(
+    logged_in: QuartClient,
+    app: ServedApp,
+    patient_id: str,
+    store: Store,
+    clock: FakeClock,
+    db_path: Path,
+) -> None:
+    _, location, _ = await _request(logged_in)
+    await logged_in.get(location)
+    conn = sqlite3.connect(db_path)  # the sealed reason altered on disk
+    [(grant_id, sealed)] = conn.execute("SELECT id, reason FROM break_glass").fetchall()
+    altered = bytearray(sealed)
+    altered[-1] ^= 0x01
+    conn.execute("UPDATE break_glass SET reason = ? WHERE id = ?", (bytes(altered), grant_id))
+    conn.commit()
+    conn.close()
+    await db.run_sync(
+        store.connection, users.create_user, ADMIN, ADMIN_PASSWORD, users.Role.ADMIN, now=clock()
+    )
+    admin: QuartClient = app.test_client()  # type: ignore[assignment]
+    assert await login(admin, ADMIN, ADMIN_PASSWORD) == 302
+    response = await admin.get("/audit?break_glass=1")
+    assert response.status_code == 200  # before: 500 for 30 days, the whole report
+    body = await response.get_data()
+    assert b"(the stored reason failed authentication)" in body
+    assert body.count(b'class="break-glass"') >= 3
+
+
 async def test_twins_with_the_same_name_and_birth_date_are_chosen_between(
     logged_in: QuartClient, patient_id: str, store: Store
 ) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 from datetime import UTC, datetime
+from pathlib import Path
 
 from quart.testing import QuartClient
 
@@ -16,6 +18,7 @@ from services.device_hub import DeviceHub
 from services.vitals import CaptureMethod
 from tests import factories
 from tests.web.conftest import FakeClock, form_token, login
+from web.devices import UNREADABLE_VALUES
 
 ADMIN = "admin1"
 ADMIN_PASSWORD = "admin horse battery staple"
@@ -124,6 +127,34 @@ async def test_set_aside_needs_a_reason(logged_in: QuartClient, store: Store) ->
     assert refused.status_code == 400
     done = await logged_in.post(
         f"/devices/held/{held_id}/discard", form={"csrf_token": token, "note": "test reading"}
+    )
+    assert done.status_code == 302
+    assert [h.id for h in await registry.held(HeldState.DISCARDED)] == [held_id]
+
+
+async def test_a_held_reading_whose_values_fail_authentication_can_still_be_discarded(
+    logged_in: QuartClient, store: Store, db_path: Path
+) -> None:
+    registry, _ = await _clinic(store)
+    held_id = await _held_reading(store, registry)
+    conn = sqlite3.connect(db_path)  # its sealed payload altered on disk (one byte flipped)
+    [(payload,)] = conn.execute(
+        "SELECT payload FROM unmatched_readings WHERE id = ?", (held_id,)
+    ).fetchall()
+    flipped = bytearray(payload)
+    flipped[-1] ^= 0x01
+    conn.execute(
+        "UPDATE unmatched_readings SET payload = ? WHERE id = ?", (bytes(flipped), held_id)
+    )
+    conn.commit()
+    conn.close()
+    page = await logged_in.get("/devices/held")
+    assert page.status_code == 200  # before: 500, and no held reading could be handled
+    body = await page.get_data()
+    assert UNREADABLE_VALUES.encode() in body
+    token = form_token(body)
+    done = await logged_in.post(
+        f"/devices/held/{held_id}/discard", form={"csrf_token": token, "note": "unreadable"}
     )
     assert done.status_code == 302
     assert [h.id for h in await registry.held(HeldState.DISCARDED)] == [held_id]

@@ -621,6 +621,8 @@ async def test_nurse_sets_and_clears_the_patients_own_thresholds(
             "Blood-pressure crisis, systolic at or above: must be between 140 and 250 mmHg.",
         ),
         ({"t.fever.celsius": "warm"}, "Fever, at or above: enter a number in °C."),
+        # Finite, but seconds of work on the event loop to compare (before: accepted as input)
+        ({"t.fever.celsius": "1e10000000"}, "Fever, at or above: enter a number in °C."),
         (
             {"t.spo2-low.critical_below": "93", "t.spo2-low.below": "90"},
             "Low SpO2: “critical below” (93 %) must not be above “alert below” (90 %).",
