@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 from quart import Quart, Response, current_app, redirect, request
 from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter, Map
 
 from appliance.config import Config
 from appliance.store import Store
@@ -89,6 +90,24 @@ def app_state() -> AppState:
     return state
 
 
+class RowIdConverter(IntegerConverter):
+    """``<int:...>`` in every route: at most 18 digits, so an id always binds in SQLite.
+
+    Werkzeug's own takes any number of digits, and ``/sync/review/99999999999999999999``
+    was an ``OverflowError`` (a 500) instead of a 404.
+    """
+
+    def __init__(
+        self,
+        url_map: Map,
+        fixed_digits: int = 0,
+        min: int | None = None,
+        max: int | None = None,
+        signed: bool = False,
+    ) -> None:
+        super().__init__(url_map, fixed_digits, min, 10**18 - 1 if max is None else max, signed)
+
+
 def create_app(
     config: Config,
     store: Store,
@@ -124,6 +143,8 @@ def create_app(
         template_folder=str(_HERE / "templates"),
     )
     app.jinja_options = {**app.jinja_options, "autoescape": True}
+    # Before any route is added: an id in a URL that SQLite cannot bind is "not found".
+    app.url_map.converters["int"] = RowIdConverter
     app.config.update(MAX_CONTENT_LENGTH=64 * 1024, PROPAGATE_EXCEPTIONS=False)
     app.extensions["appliance"] = AppState(
         config=config,

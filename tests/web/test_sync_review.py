@@ -173,3 +173,9 @@ async def test_a_decision_needs_the_csrf_token(
 
 async def test_an_unknown_conflict_is_a_404(logged_in: QuartClient) -> None:
     assert (await logged_in.get("/sync/review/999")).status_code == 404
+
+
+async def test_an_id_too_long_for_sqlite_is_not_found_not_a_500(logged_in: QuartClient) -> None:
+    for path in ("/sync/review/99999999999999999999", "/sync/review/999999999999999999"):
+        response = await logged_in.get(path)
+        assert response.status_code == 404  # before: OverflowError binding it, a 500
