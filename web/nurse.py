@@ -33,7 +33,7 @@ from quart import Blueprint, Response, request
 from quart.typing import ResponseReturnValue
 
 from appliance import audit, db
-from appliance.audit import AuditAction, AuditEvent
+from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.fhir import utc_text
 from appliance.numbers import small_int
 from appliance.store import Store
@@ -60,6 +60,8 @@ LATEST_SHOWN = 20
 _STAFF = (Role.NURSE, Role.ADMIN)
 WAITING = ("arrived", "in-progress")  # Encounter statuses of a patient still in the queue
 CLINIC_DAY = "checked in today"  # the normal-access reason of today's clinic patients
+# The queue's name for a patient whose stored record fails authentication (journal, audit).
+UNREADABLE_NAME = "(patient record unreadable: tell IT)"
 # How long the stream trusts its answer to "may this nurse see this patient?".
 ACCESS_CACHE_S = 10.0
 
@@ -310,7 +312,12 @@ def arrivals_sync(
             actor,
             events,
         )
-    }  # an unreadable Patient still arrives, as "(unknown patient)"
+    }  # an unreadable Patient still arrives, named as such (UNREADABLE_NAME)
+    unreadable = {
+        e.entity.removeprefix("Patient/")
+        for e in events
+        if e.outcome is Outcome.FAILURE and e.entity and e.entity.startswith("Patient/")
+    }
     counted: dict[tuple[bytes, str], int] = {
         (bytes(k), str(t)): int(n)
         for k, t, n in conn.execute(
@@ -336,7 +343,9 @@ def arrivals_sync(
 
     for patient_id in shown:
         key = key_of[patient_id]
-        name = names.get(patient_id, "(unknown patient)")
+        name = names.get(
+            patient_id, UNREADABLE_NAME if patient_id in unreadable else "(unknown patient)"
+        )
         mine_answered = answered.get(bytes(key), [])
         # Neither carries an indexed time (authored, dateTime): decrypted, then compared.
         intake = sum(

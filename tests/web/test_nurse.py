@@ -16,6 +16,7 @@ from appliance.store import UNREADABLE_LEFT_OUT, Store
 from services import intake
 from tests import factories
 from tests.web.conftest import NURSE, FakeClock
+from web.nurse import UNREADABLE_NAME
 
 DEVICES = "service:devices"
 KIOSK = "kiosk:kiosk-1"
@@ -369,7 +370,7 @@ async def test_records_that_fail_authentication_leave_the_queue_and_the_stream_w
     assert response.status_code == 200  # before: 500, for every nurse, all day
     body = (await response.get_data()).decode()
     assert "Otherperson, Ada" in _arrival_row(body, bo_visit)
-    assert "(unknown patient)" in _arrival_row(body, ada_visit)  # she is still queued
+    assert UNREADABLE_NAME in _arrival_row(body, ada_visit)  # she is still queued
     assert "Testperson" not in body  # what cannot be read is not guessed at
     # The live stream steps over the unreadable reading to the next one.
     headers = {"Last-Event-ID": str(start.row_id)}
