@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter, Map
 
 from appliance.config import Config
+from appliance.errors import TamperedDataError
 from appliance.store import Store
 from appliance.users import LoginThrottle, Role
 from services.video import still_requests
@@ -58,6 +59,11 @@ _ERROR_TEXT = {
     405: "This address does not accept that kind of request.",
 }
 _GENERIC_ERROR = "Something went wrong on the appliance. Try again; if it keeps happening, call IT."
+_UNREADABLE_ERROR = (
+    "This record could not be read: its stored copy failed the appliance's integrity check "
+    "(damaged or altered on disk). Nothing else is affected. Tell IT "
+    '(docs/troubleshooting.md, "failed authentication").'
+)
 
 
 def _utcnow() -> datetime:
@@ -258,6 +264,11 @@ async def _http_error(error: HTTPException) -> ResponseReturnValue:
 
 
 async def _unexpected_error(error: Exception) -> ResponseReturnValue:
+    if isinstance(error, TamperedDataError):
+        # One record, read by id (a chart, an alert): said plainly, and the store has logged
+        # its row. Lists and feeds leave such a record out instead (Store.decrypt_readable).
+        logger.error("%s: a record failed authentication", request.endpoint)
+        return await _error_page(500, _UNREADABLE_ERROR)
     # The type and the stack only: an exception's message may quote data (PHI).
     logger.error(
         "unhandled %s in %s\n%s",

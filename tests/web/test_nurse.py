@@ -372,6 +372,9 @@ async def test_records_that_fail_authentication_leave_the_queue_and_the_stream_w
     assert "Otherperson, Ada" in _arrival_row(body, bo_visit)
     assert UNREADABLE_NAME in _arrival_row(body, ada_visit)  # she is still queued
     assert "Testperson" not in body  # what cannot be read is not guessed at
+    chart = await logged_in.get(f"/patients/{ada}")  # her chart says why, in plain words
+    assert chart.status_code == 500
+    assert "integrity check (damaged or altered on disk)" in (await chart.get_data()).decode()
     # The live stream steps over the unreadable reading to the next one.
     headers = {"Last-Event-ID": str(start.row_id)}
     async with logged_in.request("/nurse/events", headers=headers) as connection:
