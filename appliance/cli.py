@@ -253,6 +253,19 @@ def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
         _out(
             f"re-encrypted {result.rows} rows; retired key versions: {list(result.retired_versions) or 'none'}"
         )
+        if result.unreadable or result.unreadable_sealed:
+            rows = ", ".join(str(r) for r in result.unreadable[:20])
+            more = (
+                "" if len(result.unreadable) <= 20 else f" and {len(result.unreadable) - 20} more"
+            )
+            sys.stderr.write(
+                f"{len(result.unreadable)} record(s) and {result.unreadable_sealed} sealed "
+                f"value(s) failed authentication and were left as they were "
+                f"(resources rows: {rows or 'none'}{more}); their old key is kept. "
+                "Restore them from a backup (docs/troubleshooting.md), then run "
+                "`appliance keys rotate data --resume`\n"
+            )
+            return 1
         return 0
     finally:
         conn.close()

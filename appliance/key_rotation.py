@@ -30,7 +30,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from appliance import db
-from appliance.errors import KeyFileError, WrongKeyError
+from appliance.errors import KeyFileError, TamperedDataError, WrongKeyError
 from appliance.keys import (
     KeyPurpose,
     Keyring,
@@ -139,10 +139,17 @@ def rotate_data_key(conn: sqlite3.Connection, kek: bytes) -> int:
 
 @dataclass(frozen=True, slots=True)
 class ReencryptResult:
-    """What a re-encryption pass did."""
+    """What a re-encryption pass did.
+
+    ``unreadable`` names the resource rows (and ``unreadable_sealed`` counts the sealed
+    values) that failed authentication and were left as they were: re-encrypting them would
+    need their plaintext. The key they name is kept until they are restored or removed.
+    """
 
     rows: int
     retired_versions: tuple[int, ...]
+    unreadable: tuple[int, ...] = ()
+    unreadable_sealed: int = 0
 
 
 def reencrypt(
@@ -167,15 +174,25 @@ def reencrypt(
     )
     done = 0
     batches = 0
+    after = 0  # rows are taken in id order, so one left as it was is not met again
+    unreadable: list[int] = []
     while max_batches is None or batches < max_batches:
         with db.transaction_sync(conn):
             rows = conn.execute(
-                "SELECT id, logical_id, key_version, body FROM resources WHERE key_version != ? LIMIT ?",
-                (active, batch),
+                "SELECT id, logical_id, key_version, body FROM resources "
+                "WHERE key_version != ? AND id > ? ORDER BY id LIMIT ?",
+                (active, after, batch),
             ).fetchall()
             updates = []
             for row_id, logical_id, version, blob in rows:
-                plaintext = keyring.decrypt("resources", logical_id, version, blob)
+                try:
+                    plaintext = keyring.decrypt("resources", logical_id, version, blob)
+                except TamperedDataError:
+                    # Damaged or altered on disk: its plaintext is gone, so it stays as it is
+                    # (and keeps its key); the rest of the rotation goes on.
+                    logger.error("resources row %s failed authentication; left as it is", row_id)
+                    unreadable.append(int(row_id))
+                    continue
                 updates.append(
                     (
                         active,
@@ -186,15 +203,17 @@ def reencrypt(
             conn.executemany("UPDATE resources SET key_version = ?, body = ? WHERE id = ?", updates)
         if not rows:
             break
-        done += len(rows)
+        after = int(rows[-1][0])
+        done += len(updates)
         batches += 1
         if progress is not None:
-            progress(done, total)
+            progress(done + len(unreadable), total)
     retired: tuple[int, ...] = ()
+    unreadable_sealed = 0
     if max_batches is None or batches < max_batches:
-        _reseal_columns(conn, keyring, active)
+        unreadable_sealed = _reseal_columns(conn, keyring, active)
         retired = _retire_unused(conn, active)
-    return ReencryptResult(done, retired)
+    return ReencryptResult(done, retired, tuple(unreadable), unreadable_sealed)
 
 
 # Small sealed columns (Keyring.seal): (table, key column, sealed column, label bound in the
@@ -219,8 +238,12 @@ SEALED_COLUMNS = (
 )
 
 
-def _reseal_columns(conn: sqlite3.Connection, keyring: Keyring, active: int) -> None:
-    """Re-seal every sealed column under the active key (small tables: one transaction)."""
+def _reseal_columns(conn: sqlite3.Connection, keyring: Keyring, active: int) -> int:
+    """Re-seal every sealed column under the active key (small tables: one transaction).
+
+    Returns how many sealed values failed authentication and were left as they were.
+    """
+    unreadable = 0
     with db.transaction_sync(conn):
         for table, key, column, label in SEALED_COLUMNS:
             rows = conn.execute(
@@ -231,13 +254,19 @@ def _reseal_columns(conn: sqlite3.Connection, keyring: Keyring, active: int) -> 
             updates = []
             for row_key, sealed in rows:
                 version = int.from_bytes(sealed[:4], "big")
-                plaintext = keyring.decrypt(label, str(row_key), version, sealed[4:])
+                try:
+                    plaintext = keyring.decrypt(label, str(row_key), version, sealed[4:])
+                except TamperedDataError:
+                    logger.error("%s row %s failed authentication; left as it is", table, row_key)
+                    unreadable += 1
+                    continue
                 blob = keyring.encrypt_with(active, label, str(row_key), plaintext)
                 updates.append((active.to_bytes(4, "big") + blob, row_key))
             conn.executemany(
                 f"UPDATE {table} SET {column} = ? WHERE {key} = ?",  # noqa: S608 - constant names
                 updates,
             )
+    return unreadable
 
 
 def _retire_unused(conn: sqlite3.Connection, active: int) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ import pytest
 from appliance import audit, db
 from appliance.cli import main
 from appliance.keys import generate_kek_file
+from appliance.store import Store
 from tests import factories
 
 SITE = factories.SITE_TOML
@@ -118,6 +119,30 @@ def test_keys_rotate_kek_and_data_through_the_cli(
     assert main(["keys", "rotate", "data", "--config", str(site)]) == 0
     assert "data key version" in capsys.readouterr().out
     assert main(["audit", "verify", "--quiet", "--config", str(site)]) == 0
+
+
+async def test_keys_rotate_data_names_records_it_could_not_re_encrypt(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = site.parent / "data"
+    store = await Store.open(data / "appliance.db", data / "keys" / "kek")
+    [a, b] = await store.create(
+        [factories.patient(mrn="C1"), factories.patient(mrn="C2", family="Other")], "user:test"
+    )
+    await store.close()
+    conn = sqlite3.connect(data / "appliance.db")
+    conn.execute(
+        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+        "WHERE logical_id = ?",
+        (a.logical_id, b.logical_id),
+    )
+    conn.commit()
+    conn.close()
+    assert main(["keys", "rotate", "data", "--config", str(site)]) == 1  # before: a traceback
+    captured = capsys.readouterr()
+    assert "re-encrypted 1 rows" in captured.out
+    assert f"resources rows: {b.row_id}" in captured.err
+    assert "failed authentication" in captured.err
 
 
 def test_sync_status_reports_the_outbox(site: Path, capsys: pytest.CaptureFixture[str]) -> None:

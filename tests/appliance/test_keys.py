@@ -180,6 +180,42 @@ async def test_data_key_rotation_reencrypts_resumably_and_reads_work_throughout(
     await reopened.close()
 
 
+async def test_data_key_rotation_steps_over_a_record_that_fails_authentication(
+    db_path: Path, kek_path: Path
+) -> None:
+    store = await Store.open(db_path, kek_path)
+    [a, b, c] = await store.create(
+        [factories.patient(mrn=f"K{i}", family=f"Keyperson{i}") for i in range(3)], NURSE
+    )
+    await store.close()
+    conn = db.connect_sync(db_path)
+    conn.execute(  # b's ciphertext replaced by a's (a row moved on disk)
+        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+        "WHERE logical_id = ?",
+        (a.logical_id, b.logical_id),
+    )
+    conn.commit()
+    kek = kek_path.read_bytes()
+    old_version = conn.execute("SELECT key_version FROM resources LIMIT 1").fetchone()[0]
+    new_version = key_rotation.rotate_data_key(conn, kek)
+    # Before: TamperedDataError on every run, and nothing after b was ever re-encrypted.
+    result = key_rotation.reencrypt(conn, kek, batch=1)
+    assert (result.rows, result.unreadable, result.retired_versions) == (2, (b.row_id,), ())
+    versions = dict(conn.execute("SELECT logical_id, key_version FROM resources").fetchall())
+    assert versions == {
+        a.logical_id: new_version,
+        b.logical_id: old_version,  # left as it was, and its key kept
+        c.logical_id: new_version,
+    }
+    assert conn.execute(
+        "SELECT state FROM data_keys WHERE version = ?", (old_version,)
+    ).fetchone() == ("decrypt_only",)
+    conn.close()
+    reopened = await Store.open(db_path, kek_path)
+    assert (await reopened.read("Patient", c.logical_id, NURSE))["id"] == c.logical_id
+    await reopened.close()
+
+
 async def test_data_key_rotation_reseals_upstream_error_messages(
     db_path: Path, kek_path: Path
 ) -> None:
