@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 from dataclasses import dataclass
 from enum import StrEnum
@@ -131,13 +132,17 @@ _TOO_LARGE_WORDS = ("too many", "too large", "entries", "payload too large")
 MAX_RETRY_AFTER_S = 86_400.0
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """A ``Retry-After`` in delay-seconds (RFC 9110: ASCII digits), capped at a day; else None.
+_DELAY_SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 
-    An HTTP-date, "1e400", "inf" or "²" is no delay we act on: the usual backoff applies.
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` in delay-seconds (RFC 9110: ASCII digits; a decimal fraction is
+    taken too, as some servers send one), capped at a day; else None.
+
+    An HTTP-date, "1e400", "inf", "nan" or "²" is no delay we act on: the usual backoff applies.
     """
     text = (value or "").strip()
-    if not text or len(text) > 12 or not (text.isascii() and text.isdigit()):
+    if not _DELAY_SECONDS.fullmatch(text):
         return None
     return min(float(text), MAX_RETRY_AFTER_S)
 

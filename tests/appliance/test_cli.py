@@ -13,6 +13,7 @@ from appliance.cli import main
 from appliance.keys import generate_kek_file
 from appliance.store import Store
 from tests import factories
+from tests.tamper import move_ciphertext
 
 SITE = factories.SITE_TOML
 
@@ -130,14 +131,7 @@ async def test_keys_rotate_data_names_records_it_could_not_re_encrypt(
         [factories.patient(mrn="C1"), factories.patient(mrn="C2", family="Other")], "user:test"
     )
     await store.close()
-    conn = sqlite3.connect(data / "appliance.db")
-    conn.execute(
-        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-        "WHERE logical_id = ?",
-        (a.logical_id, b.logical_id),
-    )
-    conn.commit()
-    conn.close()
+    move_ciphertext(data / "appliance.db", b.logical_id, a.logical_id)
     assert main(["keys", "rotate", "data", "--config", str(site)]) == 1  # before: a traceback
     captured = capsys.readouterr()
     assert "re-encrypted 1 rows" in captured.out

@@ -15,6 +15,7 @@ from appliance.errors import KeyFileError, WrongKeyError
 from appliance.keys import generate_kek_file, normalise_name, read_kek_file
 from appliance.store import Store
 from tests import factories
+from tests.tamper import move_ciphertext
 
 NURSE = "user:nurse1"
 
@@ -188,13 +189,8 @@ async def test_data_key_rotation_steps_over_a_record_that_fails_authentication(
         [factories.patient(mrn=f"K{i}", family=f"Keyperson{i}") for i in range(3)], NURSE
     )
     await store.close()
+    move_ciphertext(db_path, b.logical_id, a.logical_id)
     conn = db.connect_sync(db_path)
-    conn.execute(  # b's ciphertext replaced by a's (a row moved on disk)
-        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-        "WHERE logical_id = ?",
-        (a.logical_id, b.logical_id),
-    )
-    conn.commit()
     kek = kek_path.read_bytes()
     old_version = conn.execute("SELECT key_version FROM resources LIMIT 1").fetchone()[0]
     new_version = key_rotation.rotate_data_key(conn, kek)

@@ -12,6 +12,7 @@ from appliance import db
 from appliance.errors import InvalidResourceError, NotFoundError, StoreError, TamperedDataError
 from appliance.store import UNREADABLE_LEFT_OUT, Lane, Store
 from tests import factories
+from tests.tamper import move_ciphertext
 
 NURSE = "user:nurse1"
 DEVICES = "service:devices"
@@ -109,13 +110,7 @@ async def test_ciphertext_copied_into_another_row_is_rejected(store: Store, db_p
     [a, b] = await store.create(
         [factories.patient(mrn="A1"), factories.patient(family="Second", mrn="B2")], NURSE
     )
-    conn = _raw(db_path)
-    conn.execute(
-        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) WHERE logical_id = ?",
-        (a.logical_id, b.logical_id),
-    )
-    conn.commit()
-    conn.close()
+    move_ciphertext(db_path, b.logical_id, a.logical_id)
     with pytest.raises(TamperedDataError, match="failed authentication"):
         await store.read("Patient", b.logical_id, NURSE)
     assert (await store.read("Patient", a.logical_id, NURSE))["identifier"][1]["value"] == "A1"
@@ -135,15 +130,8 @@ async def test_searches_leave_out_a_record_that_fails_authentication_and_audit_i
         ],
         NURSE,
     )
-    conn = _raw(db_path)
-    for victim, source in ((b.logical_id, a.logical_id), (newer.logical_id, older.logical_id)):
-        conn.execute(
-            "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-            "WHERE logical_id = ?",
-            (source, victim),
-        )
-    conn.commit()
-    conn.close()
+    move_ciphertext(db_path, b.logical_id, a.logical_id)
+    move_ciphertext(db_path, newer.logical_id, older.logical_id)
     # Every patient but the unreadable one (before: TamperedDataError, no list for anyone).
     assert [p["id"] for p in await store.patients(NURSE)] == [a.logical_id]
     assert await store.find_by_identifier("urn:oid:2.16.840.1.113883.3.9999.1", "B2", NURSE) == []

@@ -27,6 +27,7 @@ from services.alerts import (
 from services.rpm_enrollment import Enrollments
 from services.rpm_rules import Program, Severity
 from tests import factories
+from tests.tamper import move_ciphertext
 
 NURSE = "user:nurse"
 DEVICES = "service:devices"
@@ -569,18 +570,6 @@ async def test_a_batch_reads_each_patients_history_once_audited_per_patient(
     assert len({r[2] for r in rows}) == 1  # written together, in one transaction
 
 
-def _move_ciphertext(db_path: Path, victim: str, source: str) -> None:
-    """Copy one resource's stored ciphertext over another's (a row moved on disk)."""
-    conn = sqlite3.connect(db_path)
-    conn.execute(
-        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-        "WHERE logical_id = ?",
-        (source, victim),
-    )
-    conn.commit()
-    conn.close()
-
-
 async def test_a_reading_that_fails_authentication_stops_no_ones_alerts(
     store: Store, db_path: Path
 ) -> None:
@@ -593,8 +582,8 @@ async def test_a_reading_that_fails_authentication_stops_no_ones_alerts(
     decoy = await _bp(store, ada, 120, 78, NOW - timedelta(minutes=1))
     await _bp(store, bo, 190, 102, NOW)  # a crisis behind it, in the next batch
     await _bp(store, cy, 176, 95, NOW)  # a rise from Cy's history, whose one row is bad too
-    _move_ciphertext(db_path, first, decoy)
-    _move_ciphertext(db_path, old, decoy)
+    move_ciphertext(db_path, first, decoy)
+    move_ciphertext(db_path, old, decoy)
     # Before: TamperedDataError on every pass; run() logged it and never got past the row,
     # so no patient's reading was evaluated again, nor any time-based rule ticked.
     await engine.run_until_idle()
@@ -616,7 +605,7 @@ async def test_a_reading_that_fails_authentication_stops_no_ones_alerts(
     # The worklist shows an alert whose triggering reading became unreadable afterwards.
     [view] = await AlertBook(store).views(NURSE)
     trigger = view.alert.trigger_ref.removeprefix("Observation/")
-    _move_ciphertext(db_path, trigger, decoy)
+    move_ciphertext(db_path, trigger, decoy)
     [view] = await AlertBook(store).views(NURSE)  # before: TamperedDataError, no worklist
     assert (view.alert.patient_id, view.summary) == (bo, "systolic ≥ 180")
 

@@ -33,6 +33,7 @@ from services.claims.x12_read import read
 from sync_agent.claims_submit import ClaimsSubmitter, SubmitResult
 from tests.services.clearinghouse import Clearinghouse, envelope
 from tests.services.test_claims import NOW, encounter, make_mbi, patient, site_doc
+from tests.tamper import move_ciphertext
 
 S = ClaimStatus
 
@@ -225,15 +226,9 @@ async def test_the_sync_pass_decides_a_finished_visit_whose_decision_was_cut_off
         ],
         "user:test",
     )
-    conn = sqlite3.connect(db_path)  # and some records unreadable on disk: Bo's visit, Cy
-    for victim, source in ((broken.logical_id, visit.logical_id), (cy.logical_id, ada.logical_id)):
-        conn.execute(
-            "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-            "WHERE logical_id = ?",
-            (source, victim),
-        )
-    conn.commit()
-    conn.close()
+    # And some records unreadable on disk: Bo's visit, Cy.
+    move_ciphertext(db_path, broken.logical_id, visit.logical_id)
+    move_ciphertext(db_path, cy.logical_id, ada.logical_id)
     sub = submitter(clocked, config)
     result = await sub.run_once()  # before: no scan ran anywhere; the fee was never billed
     assert result is not None

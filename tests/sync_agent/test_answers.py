@@ -244,7 +244,11 @@ def test_an_anchor_search_of_any_shape_gives_an_anchor_or_none(body: Any) -> Non
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.one_of(st.none(), st.text(max_size=14), st.sampled_from(["²", "1e400", "inf", "nan", "-5"]))
+    st.one_of(
+        st.none(),
+        st.text(max_size=14),
+        st.sampled_from(["²", "1e400", "inf", "nan", "-5", "1.5", "30"]),
+    )
 )
 def test_a_retry_after_of_any_text_is_seconds_within_a_day_or_none(value: str | None) -> None:
     delay = retry_after_seconds(value)

@@ -31,6 +31,7 @@ from sync_agent.upstream import FHIR_JSON
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.sync_agent.fault_proxy import Fault, FaultProxy
+from tests.tamper import move_ciphertext
 
 pytestmark = pytest.mark.peer
 
@@ -439,18 +440,6 @@ async def test_a_nonsense_answer_after_the_server_applied_a_bundle_loses_and_dou
     assert all(s.get("reference") != "Patient/" for s in subjects)
 
 
-def _tamper(db_path: Path, victim: str, source: str) -> None:
-    """Copy one resource's ciphertext over another's (a row moved on disk)."""
-    conn = sqlite3.connect(db_path)
-    conn.execute(
-        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-        "WHERE logical_id = ?",
-        (source, victim),
-    )
-    conn.commit()
-    conn.close()
-
-
 def _dead(db_path: Path) -> dict[str, int]:
     """Dead outbox rows: logical id → outbox id."""
     conn = sqlite3.connect(db_path)
@@ -471,7 +460,7 @@ async def test_a_stored_copy_failing_authentication_is_dead_lettered_and_the_res
         "service:devices",
     )
     await store.create([factories.bp_observation(ref, systolic=173)], "service:devices")
-    _tamper(db_path, victim.logical_id, source.logical_id)
+    move_ciphertext(db_path, victim.logical_id, source.logical_id)
     deliverer = _deliverer(store, client, max_entries=4)
     result = await deliverer.drain()  # before: TamperedDataError, and the sync process exited
     assert (result.delivered, result.dead, result.error) == (6, 1, None)
@@ -515,7 +504,7 @@ async def test_a_patient_whose_stored_copy_fails_authentication_holds_only_its_o
         ],
         "service:devices",
     )
-    _tamper(db_path, broken.logical_id, fine.logical_id)
+    move_ciphertext(db_path, broken.logical_id, fine.logical_id)
     deliverer = _deliverer(store, client)
     total = await deliverer.drain()
     total_dead = total.dead + (await deliverer.drain()).dead

@@ -24,6 +24,7 @@ from sync_agent.updates import ReviewQueue, UpdateSender
 from sync_agent.upstream import FHIR_JSON
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
+from tests.tamper import move_ciphertext
 
 pytestmark = pytest.mark.peer
 
@@ -252,14 +253,8 @@ async def test_a_pulled_copy_replaces_a_stored_copy_that_fails_authentication(
     ada_local = await _local_id(store, "Patient", ada["id"])
     appointment_local = await _local_id(store, "Appointment", booked["id"])
     await _enrol(store, ada_local)
-    # Ada's stored ciphertext replaced by the Appointment's (a row moved on disk).
+    move_ciphertext(db_path, ada_local, appointment_local)  # Ada's, now the Appointment's
     conn = sqlite3.connect(db_path)
-    conn.execute(
-        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-        "WHERE logical_id = ?",
-        (appointment_local, ada_local),
-    )
-    conn.commit()
     [(row_id, version, moved)] = conn.execute(
         "SELECT id, key_version, body FROM resources WHERE logical_id = ?", (ada_local,)
     ).fetchall()

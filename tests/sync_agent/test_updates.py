@@ -17,6 +17,7 @@ from sync_agent.outbox_delivery import Deliverer
 from sync_agent.updates import ReviewError, ReviewQueue, ReviewState, UpdateSender
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
+from tests.tamper import move_ciphertext
 
 pytestmark = pytest.mark.peer
 
@@ -282,14 +283,7 @@ async def test_an_update_whose_stored_copy_fails_authentication_is_dead_lettered
     fine, fine_upstream = await _pulled_patient(store, client, family="Fineperson")
     await _edit(store, broken, "Editedbroken")
     await _edit(store, fine, "Editedfine")
-    conn = sqlite3.connect(db_path)
-    conn.execute(  # a row moved on disk: the ciphertext of another one
-        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-        "WHERE logical_id = ?",
-        (fine, broken),
-    )
-    conn.commit()
-    conn.close()
+    move_ciphertext(db_path, broken, fine)
     # Before: TamperedDataError on every pass, holding back every update (and the pull).
     result = await _sender(store, client).send_once()
     assert (result.delivered, result.dead, result.error) == (1, 1, None)

@@ -21,6 +21,7 @@ from appliance.device_registry import DeviceRegistry, StationKind
 from appliance.store import Store
 from services import intake
 from tests import factories
+from tests.tamper import move_ciphertext
 from tests.web.conftest import PASSWORD, FakeClock, form_token, login
 from web import kiosk
 
@@ -253,14 +254,7 @@ async def test_an_appointment_that_fails_authentication_does_not_stop_code_check
         }
 
     [mine, bad] = await store.create([appointment("K7Q-42X"), appointment("ZZZ-999")], "user:test")
-    conn = sqlite3.connect(db_path)  # the newest appointment (scanned first) is unreadable
-    conn.execute(
-        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-        "WHERE logical_id = ?",
-        (mine.logical_id, bad.logical_id),
-    )
-    conn.commit()
-    conn.close()
+    move_ciphertext(db_path, bad.logical_id, mine.logical_id)  # the newest, scanned first
     status, page = await _post(
         kc, "/kiosk/identify", mode="code", code="K7Q-42X", birth_date="1961-04-09"
     )

@@ -15,6 +15,7 @@ from appliance.device_registry import DeviceRegistry, StationKind
 from appliance.store import UNREADABLE_LEFT_OUT, Store
 from services import intake
 from tests import factories
+from tests.tamper import move_ciphertext
 from tests.web.conftest import NURSE, FakeClock
 from web.nurse import UNREADABLE_NAME
 
@@ -342,18 +343,6 @@ async def test_event_stream_leaves_out_patients_outside_normal_access(
     assert b'"systolic":121' in received
 
 
-def _move_ciphertext(db_path: Path, victim: str, source: str) -> None:
-    """Copy one resource's stored ciphertext over another's (a row moved on disk)."""
-    conn = sqlite3.connect(db_path)
-    conn.execute(
-        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-        "WHERE logical_id = ?",
-        (source, victim),
-    )
-    conn.commit()
-    conn.close()
-
-
 async def test_records_that_fail_authentication_leave_the_queue_and_the_stream_working(
     logged_in: QuartClient, store: Store, clock: FakeClock, db_path: Path
 ) -> None:
@@ -364,8 +353,8 @@ async def test_records_that_fail_authentication_leave_the_queue_and_the_stream_w
     [start] = await store.create([factories.bp_observation(f"Patient/{bo}", 120, 80)], DEVICES)
     [bad] = await store.create([factories.bp_observation(f"Patient/{ada}", 150, 95)], DEVICES)
     [good] = await store.create([factories.bp_observation(f"Patient/{bo}", 122, 82)], DEVICES)
-    _move_ciphertext(db_path, ada, bo)  # Ada's Patient record
-    _move_ciphertext(db_path, bad.logical_id, good.logical_id)  # her newest reading
+    move_ciphertext(db_path, ada, bo)  # Ada's Patient record
+    move_ciphertext(db_path, bad.logical_id, good.logical_id)  # her newest reading
     response = await logged_in.get("/nurse/")
     assert response.status_code == 200  # before: 500, for every nurse, all day
     body = (await response.get_data()).decode()

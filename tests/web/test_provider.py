@@ -7,7 +7,6 @@ import asyncio
 import base64
 import hashlib
 import re
-import sqlite3
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +24,7 @@ from services.claims.service import ClaimsService
 from tests import factories
 from tests.services.test_claims import patient as medicare_patient
 from tests.services.test_claims import site_doc
+from tests.tamper import move_ciphertext
 from tests.web.conftest import FakeClock, form_token, login
 from web.app import create_app
 
@@ -185,14 +185,7 @@ async def test_an_arrival_that_fails_authentication_leaves_the_others_linkable(
     [bad] = await store.create(
         [intake.arrival(f"Patient/{seeded.other_id}", clock(), "kiosk-1", None)], "kiosk:kiosk-1"
     )
-    conn = sqlite3.connect(db_path)  # a row moved on disk: the newest arrival is unreadable
-    conn.execute(
-        "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
-        "WHERE logical_id = ?",
-        (seeded.encounter_id, bad.logical_id),
-    )
-    conn.commit()
-    conn.close()
+    move_ciphertext(db_path, bad.logical_id, seeded.encounter_id)  # the newest arrival
     token = await issue_link(logged_in, seeded.encounter_id)  # before: /visit/new was a 500
     assert token
     page = await (await logged_in.get("/visit/new")).get_data()

@@ -1,0 +1,25 @@
+"""Damage on disk as the tests make it: one stored ciphertext moved onto another row.
+
+The result is what a sector written to the wrong place, or a row copied by hand, looks like:
+well formed, sealed under a key this box holds, but bound to another record, so it fails
+authentication (ADR 0002) wherever it is read.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+
+def move_ciphertext(db_path: Path, victim: str, source: str) -> None:
+    """Copy the stored ciphertext of resource ``source`` over ``victim``'s (logical ids)."""
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.execute(
+            "UPDATE resources SET body = (SELECT body FROM resources WHERE logical_id = ?) "
+            "WHERE logical_id = ?",
+            (source, victim),
+        )
+        conn.commit()
+    finally:
+        conn.close()
