@@ -172,15 +172,21 @@ async def test_a_lost_response_goes_to_review_and_is_never_resent(
     assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
 
 
-async def test_a_999_that_turns_up_later_settles_a_claim_in_review(
-    clocked: Store, house: Clearinghouse
-) -> None:
+async def _in_review(clocked: Store, house: Clearinghouse) -> tuple[Config, int, ClaimsSubmitter]:
+    """One claim sent whose answer was lost: in review, its 999 kept by the clearinghouse."""
     config = cfg(house)
     [claim_id] = await drafted(clocked, config, ["2026-03-02"])
     house.drop_next = True
     sub = submitter(clocked, config)
     await sub.submit(poll=False)
     assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    return config, claim_id, sub
+
+
+async def test_a_999_that_turns_up_later_settles_a_claim_in_review(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config, claim_id, sub = await _in_review(clocked, house)
     await sub.submit(poll=True)  # the clearinghouse kept it: its 999 is in the responses
     assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
     assert len(house.received) == 1
@@ -189,12 +195,7 @@ async def test_a_999_that_turns_up_later_settles_a_claim_in_review(
 async def test_a_responses_page_of_the_wrong_shape_is_reported_and_the_next_good_one_applies(
     clocked: Store, house: Clearinghouse
 ) -> None:
-    config = cfg(house)
-    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
-    house.drop_next = True
-    sub = submitter(clocked, config)
-    await sub.submit(poll=False)
-    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    config, claim_id, sub = await _in_review(clocked, house)
     house.raw_pages = [
         b'{"responses": 7, "next": "1"}',
         b'["not", "a", "page"]',

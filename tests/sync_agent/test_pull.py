@@ -215,17 +215,26 @@ async def test_pull_takes_this_sites_appointments_their_patients_and_home_readin
     assert (_count(db_path, "Appointment"), _count(db_path, "Observation")) == (2, 3)
 
 
-async def test_an_upstream_change_is_pulled_as_an_update_of_the_same_local_resource(
-    store: Store, client: httpx.AsyncClient, db_path: Path
-) -> None:
+async def _pulled_ada(
+    store: Store, client: httpx.AsyncClient
+) -> tuple[Puller, dict[str, Any], dict[str, Any], str, str]:
+    """Ada and her Appointment at this site, pulled and enrolled: the puller, Ada and the
+    Appointment as the upstream holds them, and their local ids (Ada's, the Appointment's)."""
     site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
     ada = await _post(client, factories.patient(family="Adaperson"))
     booked = await _post(client, _appointment(ada, site))
     puller = _puller(store, client, site)
     await puller.pull_once()
-    appointment_local = await _local_id(store, "Appointment", booked["id"])
     ada_local = await _local_id(store, "Patient", ada["id"])
+    appointment_local = await _local_id(store, "Appointment", booked["id"])
     await _enrol(store, ada_local)
+    return puller, ada, booked, ada_local, appointment_local
+
+
+async def test_an_upstream_change_is_pulled_as_an_update_of_the_same_local_resource(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    puller, ada, booked, ada_local, appointment_local = await _pulled_ada(store, client)
 
     arrived = {**booked, "status": "arrived"}
     assert (await client.put(f"Appointment/{booked['id']}", json=arrived)).status_code == 200
@@ -245,14 +254,7 @@ async def test_an_upstream_change_is_pulled_as_an_update_of_the_same_local_resou
 async def test_a_pulled_copy_replaces_a_stored_copy_that_fails_authentication(
     store: Store, client: httpx.AsyncClient, db_path: Path
 ) -> None:
-    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
-    ada = await _post(client, factories.patient(family="Adaperson"))
-    booked = await _post(client, _appointment(ada, site))
-    puller = _puller(store, client, site)
-    await puller.pull_once()
-    ada_local = await _local_id(store, "Patient", ada["id"])
-    appointment_local = await _local_id(store, "Appointment", booked["id"])
-    await _enrol(store, ada_local)
+    puller, ada, _booked, ada_local, appointment_local = await _pulled_ada(store, client)
     move_ciphertext(db_path, ada_local, appointment_local)  # Ada's, now the Appointment's
     conn = sqlite3.connect(db_path)
     [(row_id, version, moved)] = conn.execute(
