@@ -272,6 +272,11 @@ def _reseal_columns(conn: sqlite3.Connection, keyring: Keyring, active: int) -> 
 def _retire_unused(conn: sqlite3.Connection, active: int) -> tuple[int, ...]:
     with db.transaction_sync(conn):
         used = {int(v) for (v,) in conn.execute("SELECT DISTINCT key_version FROM resources")}
+        # Unreadable copies kept for whoever investigates (0016) keep the key they name: with
+        # it, one can still show which record's ciphertext was moved there.
+        used |= {
+            int(v) for (v,) in conn.execute("SELECT DISTINCT key_version FROM unreadable_copies")
+        }
         # A sealed error written by a process that had not reloaded its keys yet still
         # names an old version: such a key stays until that row is re-sealed.
         for table, _key, column, _label in SEALED_COLUMNS:

@@ -636,9 +636,10 @@ class Store:
     ) -> list[StoredResource]:
         """Rows decrypted, then the audit record (``event`` may name what was found).
 
-        With ``leave_out_as`` (the actor), a search: a row that fails authentication is left
-        out (:meth:`decrypt_readable`). Without it, one resource asked for by id: it raises
-        :class:`TamperedDataError` (an empty answer would read as "not found").
+        With ``leave_out_as`` (the actor), a list for a screen: a row that fails authentication
+        is left out (:meth:`decrypt_readable`). Without it (a resource asked for by id, a
+        match by identifier or name) it raises :class:`TamperedDataError`: there an empty
+        answer would read as "not found".
         """
         rows = conn.execute(sql, params).fetchall()
         failures: list[AuditEvent] = []
@@ -848,7 +849,9 @@ class Store:
             "JOIN resources r ON r.id = b.resource_id WHERE b.kind = ? AND b.digest = ?",
             (kind, digest),
             event,
-            actor,
+            # No leave_out_as: callers match and de-duplicate patients by this answer, so an
+            # unreadable match must not read as "no such patient" (a second chart, a reading
+            # filed to the other twin). It raises TamperedDataError instead.
         )
         return [item.resource for item in found]
 

@@ -732,21 +732,23 @@ class AlertBook:
             raise NotFoundError(f"no alert {alert_id}")
         keyring = self._store.keyring
         sealed_detail, sealed_note = found
+        # Each sealed field on its own: one that fails authentication is said plainly, the
+        # other is still shown, and the alert stays workable (acknowledge, resolve).
         info = {"summary": "", "detail": ""}
         note = None
-        try:
-            if sealed_detail is not None:
+        if sealed_detail is not None:
+            try:
                 info = orjson.loads(
                     keyring.unseal(DETAIL_LABEL, str(alert_id), bytes(sealed_detail))
                 )
-            if sealed_note is not None:
-                note = keyring.unseal(NOTE_LABEL, str(alert_id), bytes(sealed_note))
-        except TamperedDataError:
-            # The alert stays workable (acknowledge, resolve); what failed is said plainly.
-            logger.error("alert %s: a sealed field failed authentication", alert_id)
-            if info["summary"] == "":
+            except TamperedDataError:
+                logger.error("alert %s: its sealed finding failed authentication", alert_id)
                 info = {"summary": UNREADABLE_FINDING, "detail": ""}
-            else:
+        if sealed_note is not None:
+            try:
+                note = keyring.unseal(NOTE_LABEL, str(alert_id), bytes(sealed_note))
+            except TamperedDataError:
+                logger.error("alert %s: its sealed note failed authentication", alert_id)
                 note = "(the stored note failed authentication)"
         return str(info["summary"]), str(info["detail"]), note
 

@@ -31,6 +31,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -51,6 +52,8 @@ POLL_INTERVAL_S = 300.0
 # web process decides each visit as it finishes; this catches one whose decision failed or
 # was cut off by a restart. The first pass after a start runs it at once.
 SCAN_INTERVAL_S = 3600.0
+SCAN_LOOKBACK = timedelta(days=30)  # visits that started this long ago at most
+SCAN_SETTLE = timedelta(minutes=10)  # a visit that ended since is the web process's to decide
 # Refusals that say the request was not read: nothing was accepted, nothing to review.
 _UNREAD = frozenset({401, 403, 407, 408, 429})
 
@@ -121,6 +124,9 @@ class ClaimsSubmitter:
         self._store = store
         self._claims = config.claims
         self._service = service or ClaimsService(store, config, run_pyx12=False)
+        # The scan drafts claims as the visit flow does, X12 syntax check included (a draft
+        # that passes every check may go straight to ready with auto_ready).
+        self._decider = service or ClaimsService(store, config)
         self.lifecycle = Lifecycle(self._service, store)
         self._client_factory = client_factory
         self._clock = clock
@@ -143,7 +149,9 @@ class ClaimsSubmitter:
         """
         if self._claims.enabled and self._scan_due():
             try:
-                decided = await self._service.scan()
+                decided = await self._decider.scan(
+                    since=self._store.now() - SCAN_LOOKBACK, settle=SCAN_SETTLE
+                )
             except Exception as exc:
                 logger.error("claims scan failed (%s); will retry", type(exc).__name__)
             else:

@@ -161,6 +161,18 @@ def cmd_decisions(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace, config: Config) -> int:
+    """Decide every finished visit left undecided, however old (the sync process looks back
+    30 days each hour)."""
+    decided = _with_service(config, lambda s: s.scan(_actor()))
+    if not decided:
+        sys.stdout.write("every finished visit has a decision\n")
+        return 0
+    for outcome, count in sorted(decided.items()):
+        sys.stdout.write(f"{outcome.value}: {count}\n")
+    return 0
+
+
 def cmd_ready(args: argparse.Namespace, config: Config) -> int:
     row = _with_service(config, lambda s: s.transition(args.claim_id, ClaimStatus.READY, _actor()))
     sys.stdout.write(f"claim {row.claim_number} is ready\n")
@@ -248,6 +260,7 @@ def add_commands(sub: Any, command: CommandFactory) -> None:
     p.add_argument("-o", "--output", help="write to this file (it holds patient data)")
     p = command("decisions", cmd_decisions, "why each telehealth visit was billed or not", claims)
     p.add_argument("--format", choices=("table", "json"), default="table")
+    command("scan", cmd_scan, "decide finished visits left undecided, however old", claims)
     p = command("ready", cmd_ready, "mark a checked draft ready for submission", claims)
     p.add_argument("claim_id", type=int)
     p = command(

@@ -13,9 +13,9 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
@@ -936,11 +936,26 @@ class ClaimsService:
 
     # -- the scan --------------------------------------------------------------------------
 
-    async def scan(self, actor: str = ACTOR, *, batch: int = 200) -> dict[DecisionOutcome, int]:
-        """Decide every stored Encounter not decided yet (after a restart); idempotent."""
+    async def scan(
+        self,
+        actor: str = ACTOR,
+        *,
+        batch: int = 200,
+        since: datetime | None = None,
+        settle: timedelta = timedelta(0),
+    ) -> dict[DecisionOutcome, int]:
+        """Decide every stored Encounter not decided yet (after a restart); idempotent.
+
+        ``since``: only Encounters that started after it (the sync process looks back 30
+        days, not through every arrival ever stored). ``settle``: a visit that ended less than
+        this ago is left to the process finishing it, which decides it as it commits; deciding
+        it here at the same moment would race that decision.
+        """
         counts: dict[DecisionOutcome, int] = {}
         after = 0
         store = self._store
+        since_text = None if since is None else fhir.utc_text(since)
+        settled_before = store.now() - settle
         while True:
 
             def work(
@@ -948,9 +963,10 @@ class ClaimsService:
             ) -> tuple[int, list[StoredResource], list[AuditEvent]]:
                 rows = conn.execute(
                     "SELECT r.id, r.logical_id, r.type, r.key_version, r.body FROM resources r "
-                    "WHERE r.type = 'Encounter' AND r.id > ? AND NOT EXISTS (SELECT 1 FROM "
-                    "claim_decisions d WHERE d.encounter_id = r.logical_id) ORDER BY r.id LIMIT ?",
-                    (after, batch),
+                    "WHERE r.type = 'Encounter' AND r.id > ? AND (? IS NULL OR r.effective >= ?) "
+                    "AND NOT EXISTS (SELECT 1 FROM claim_decisions d "
+                    "WHERE d.encounter_id = r.logical_id) ORDER BY r.id LIMIT ?",
+                    (after, since_text, since_text, batch),
                 ).fetchall()
                 # An Encounter that fails authentication is left out (logged, audited): it
                 # cannot be decided, and must not stop the scan for every other visit.
@@ -970,6 +986,8 @@ class ClaimsService:
                 encounter = item.resource
                 if encounter.get("status") != "finished":
                     continue  # decided when it finishes (the upstream's newer version)
+                if settle and not _ended_before(encounter, settled_before):
+                    continue  # just finished: its own process is deciding it (next scan)
                 try:
                     outcome = (await self.on_visit_finished(encounter, actor=actor)).outcome
                 except ApplianceError as exc:
@@ -1052,6 +1070,19 @@ async def _run(store: Store, work: Callable[[sqlite3.Connection], T]) -> T:
 
 def _with_number(data: ClaimData, number: str) -> ClaimData:
     return replace(data, claim_number=number)
+
+
+def _ended_before(encounter: Mapping[str, Any], moment: datetime) -> bool:
+    """Whether the Encounter's period ended before ``moment`` (no readable end: it did)."""
+    period = encounter.get("period")
+    end = period.get("end") if isinstance(period, Mapping) else None
+    if not isinstance(end, str):
+        return True
+    try:
+        ended = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    return ended.tzinfo is None or ended < moment
 
 
 def _problems_json(problems: Sequence[Problem]) -> str:

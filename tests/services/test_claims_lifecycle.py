@@ -216,14 +216,22 @@ async def test_the_sync_pass_decides_a_finished_visit_whose_decision_was_cut_off
 ) -> None:
     config = cfg(house)
     rng = random.Random(3)
-    [cy, ada, bo] = await clocked.create([patient(make_mbi(rng)) for _ in range(3)], "user:test")
+    [cy, ada, bo, dee, eve] = await clocked.create(
+        [patient(make_mbi(rng)) for _ in range(5)], "user:test"
+    )
+    just_ended = {  # ended two minutes ago: the web process is deciding it right now
+        **encounter(eve.logical_id, start="2026-03-10T14:30:00Z"),
+        "period": {"start": "2026-03-10T14:30:00Z", "end": "2026-03-10T14:58:00Z"},
+    }
     # Stored when each visit finished; the web process was restarted (or its decision
     # failed) before deciding. docs/claims.md promises a scan decides them later.
-    [cys, visit, broken] = await clocked.create(
+    [cys, visit, broken, old, busy] = await clocked.create(
         [
             encounter(cy.logical_id, start="2026-03-02T09:00:00-06:00"),
             encounter(ada.logical_id, start="2026-03-02T10:00:00-06:00"),
             encounter(bo.logical_id, start="2026-03-03T10:00:00-06:00"),
+            encounter(dee.logical_id, start="2026-01-20T10:00:00-06:00"),  # past the lookback
+            just_ended,
         ],
         "user:test",
     )
@@ -241,6 +249,8 @@ async def test_the_sync_pass_decides_a_finished_visit_whose_decision_was_cut_off
     assert await status(clocked, config, decided.claim_id) is S.ACKNOWLEDGED
     assert await service.decision(broken.logical_id) is None  # left out, audited, not guessed
     assert await service.decision(cys.logical_id) is None  # its Patient is unreadable
+    assert await service.decision(old.logical_id) is None  # 49 days back: the CLI's to scan
+    assert await service.decision(busy.logical_id) is None  # not raced: decided next hour
     # Once an hour, not every pass.
     await clocked.create([encounter(bo.logical_id, start="2026-03-04T10:00:00-06:00")], "user:test")
     assert (await sub.run_once() or SubmitResult()).submitted == 0
@@ -550,3 +560,33 @@ async def test_a_site_without_an_ehr_upstream_still_submits_its_claims(
         await asyncio.wait_for(task, 10)
     assert len(house.received) == 1
     assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+
+
+def test_cli_scan_decides_visits_however_old(
+    db_path: Path, kek_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = site_doc()
+    config = replace(
+        config,
+        paths=replace(config.paths, database=db_path),
+        keys=replace(config.keys, kek_file=kek_path),
+    )
+
+    async def stored() -> str:
+        store = await Store.open(db_path, kek_path, clock=lambda: NOW)
+        try:
+            [pat] = await store.create([patient()], "user:test")
+            [visit] = await store.create(  # older than the sync process's 30-day look-back
+                [encounter(pat.logical_id, start="2025-12-01T10:00:00-06:00")], "user:test"
+            )
+            return visit.logical_id
+        finally:
+            await store.close()
+
+    visit_id = asyncio.run(stored())
+    assert claims_cli.cmd_scan(argparse.Namespace(), config) == 0
+    assert capsys.readouterr().out.strip().endswith(": 1")
+    decided = claims_cli._with_service(config, lambda s: s.decision(visit_id))
+    assert decided is not None
+    assert claims_cli.cmd_scan(argparse.Namespace(), config) == 0
+    assert "every finished visit has a decision" in capsys.readouterr().out

@@ -13,6 +13,7 @@ import httpx
 import orjson
 import pytest
 
+from appliance import db, key_rotation
 from appliance.config import UpstreamConfig
 from appliance.device_registry import DeviceRegistry, Setting, Transport
 from appliance.errors import TamperedDataError
@@ -252,7 +253,7 @@ async def test_an_upstream_change_is_pulled_as_an_update_of_the_same_local_resou
 
 
 async def test_a_pulled_copy_replaces_a_stored_copy_that_fails_authentication(
-    store: Store, client: httpx.AsyncClient, db_path: Path
+    store: Store, client: httpx.AsyncClient, db_path: Path, kek_path: Path
 ) -> None:
     puller, ada, _booked, ada_local, appointment_local = await _pulled_ada(store, client)
     move_ciphertext(db_path, ada_local, appointment_local)  # Ada's, now the Appointment's
@@ -290,6 +291,13 @@ async def test_a_pulled_copy_replaces_a_stored_copy_that_fails_authentication(
     # The next pass finds nothing wrong and nothing new.
     again = await puller.pull_once(force=True)
     assert (again.error, again.created, again.updated) == (None, 0, 0)
+    # A data-key rotation keeps the key the kept bytes name, so they can still be examined.
+    kek = kek_path.read_bytes()
+    conn = db.connect_sync(db_path)
+    key_rotation.rotate_data_key(conn, kek)
+    rotated = key_rotation.reencrypt(conn, kek)
+    conn.close()
+    assert rotated.retired_versions == ()
 
 
 async def test_a_pull_interrupted_mid_page_resumes_without_loss_or_duplicates(
