@@ -61,7 +61,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent
 from appliance.device_registry import CheckIn, DeviceRegistry, RegistryError, StationKind
-from appliance.errors import NotFoundError
+from appliance.errors import NotFoundError, TamperedDataError
 from appliance.numbers import small_int
 from appliance.store import ReviewPendingError, Store
 from appliance.users import Role
@@ -874,7 +874,13 @@ async def identify() -> ResponseReturnValue:
     if kstate.identify_failures.exceeded(key, now):
         await _floor(started)
         return _go(Step.IDENTIFY, _TOO_MANY)
-    matches, appointment_id = await _lookup(state, kiosk, await request.form)
+    try:
+        matches, appointment_id = await _lookup(state, kiosk, await request.form)
+    except TamperedDataError:
+        # A matching record is unreadable (logged and audited by the store): a person sorts
+        # it out, rather than "not found" sending the patient on to register a second time.
+        await _floor(started)
+        return _go(Step.FRONT_DESK)
     await _floor(started)
     if not matches:
         kstate.identify_failures.hit(key, now)
@@ -926,7 +932,10 @@ async def register() -> ResponseReturnValue:
         await _floor(started)
         return _go(Step.IDENTIFY, _TOO_MANY)
     kstate.identify_failures.hit(key, now)  # each registration try counts, like a failed look-up
-    existing = await state.store.find_patients(family, birth, kiosk.actor)
+    try:
+        existing = await state.store.find_patients(family, birth, kiosk.actor)
+    except TamperedDataError:
+        existing = [{}]  # someone matches whose record is unreadable: not a second chart
     await _floor(started)
     if existing:
         return _go(Step.FRONT_DESK)

@@ -302,6 +302,27 @@ async def test_not_me_goes_to_the_front_desk(kc: QuartClient, store: Store) -> N
     assert b"Please see the front desk" in page
 
 
+async def test_an_unreadable_matching_record_sends_the_patient_to_the_front_desk(
+    kc: QuartClient, store: Store, db_path: Path
+) -> None:
+    ada = await _patient(store)
+    other = await _patient(store, family="Otherperson", given="Bo")
+    move_ciphertext(db_path, ada, other)
+    # Before: "we could not find you", then walk-in registration made a second chart.
+    _status, page = await _post(
+        kc, "/kiosk/identify", mode="name", family="Testperson", birth_date="1961-04-09"
+    )
+    assert b"Please see the front desk" in page
+    await _post(kc, "/kiosk/reset")
+    await _post(kc, "/kiosk/walk-in")
+    _status, page = await _post(
+        kc, "/kiosk/register", given="Ada", family="Testperson", birth_date="1961-04-09"
+    )
+    assert b"Please see the front desk" in page
+    rows = await store.query("SELECT count(*) FROM resources WHERE type = 'Patient'")
+    assert rows == [(2,)]  # no second chart
+
+
 # -- walk-in --------------------------------------------------------------------------------
 
 
