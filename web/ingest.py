@@ -51,7 +51,7 @@ from werkzeug.exceptions import HTTPException
 
 from appliance import fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
-from appliance.errors import ApplianceError, InvalidResourceError, StoreError
+from appliance.errors import ApplianceError, InvalidResourceError, StoreError, TamperedDataError
 from appliance.store import Store
 from services.vendor_keys import KeyScope, VendorKeys
 from services.vitals import CAPTURE_METHOD_SYSTEM, CAPTURE_SETTING_SYSTEM, TIME_SOURCE_SYSTEM
@@ -205,6 +205,17 @@ def unexpected(error: Exception, api: str, store_failed: str, failed: str) -> Re
     )
     if isinstance(error, StoreError):
         return refuse(503, "", store_failed, "transient", Retry_After="5")
+    if isinstance(error, TamperedDataError):
+        # A record the request needs (the matching patient, say) fails authentication on this
+        # appliance: the clinic restores it; until then, nothing is guessed or filed elsewhere.
+        return refuse(
+            503,
+            "",
+            "a record this request needs could not be read on the appliance (it failed its "
+            "integrity check); the clinic has to restore it: send this again later",
+            "transient",
+            Retry_After="300",
+        )
     return refuse(500, "", failed, "exception")
 
 

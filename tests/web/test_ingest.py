@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,6 +18,7 @@ from appliance.store import Store
 from services.vendor_keys import VendorKeys
 from services.vitals import CAPTURE_METHOD_SYSTEM, CAPTURE_SETTING_SYSTEM
 from tests import factories
+from tests.tamper import move_ciphertext
 from tests.web.conftest import FakeClock
 from web.ingest import VENDOR_SYSTEM, TokenBuckets
 
@@ -249,6 +251,20 @@ async def test_a_deeply_nested_body_is_refused_as_structure_not_a_500(
         # What no device sends, and what makes parsers and encoders recurse: refused first.
         assert (status, answer["issue"][0]["code"]) == (400, "structure")
         assert "deeper than 64 levels" in answer["issue"][0]["diagnostics"]
+    assert await _observations(store) == 0
+
+
+async def test_a_reading_for_a_patient_whose_record_is_unreadable_is_refused_for_now(
+    client: QuartClient, store: Store, key: str, patient_id: str, clock: FakeClock, db_path: Path
+) -> None:
+    [other] = await store.create([factories.patient(mrn="MRN-2002")], "user:admin")
+    move_ciphertext(db_path, patient_id, other.logical_id)
+    status, body, headers = await _post(
+        client, "/fhir/Observation", _reading(clock, _by_mrn()), key
+    )
+    # Before: the match read as "no such patient" (422) or a 500; never filed elsewhere.
+    assert (status, body["issue"][0]["code"], headers["Retry-After"]) == (503, "transient", "300")
+    assert "integrity check" in body["issue"][0]["diagnostics"]
     assert await _observations(store) == 0
 
 
