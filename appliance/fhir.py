@@ -143,6 +143,17 @@ def effective_utc(resource: Mapping[str, Any]) -> str | None:
     return None
 
 
+def instant(value: object) -> datetime | None:
+    """A FHIR instant or dateTime with a zone as a datetime; None for anything else."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
 def utc_text(moment: datetime) -> str:
     """Fixed-width UTC text (``2026-11-26T10:00:00.000000Z``) for plain date columns."""
     if moment.tzinfo is None:

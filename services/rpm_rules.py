@@ -34,6 +34,7 @@ from enum import StrEnum
 from fractions import Fraction
 from typing import Any
 
+from appliance import fhir
 from appliance.device_registry import Setting
 from services.vitals import CAPTURE_SETTING_SYSTEM, LOINC
 
@@ -443,13 +444,7 @@ def _effective(resource: Mapping[str, Any]) -> datetime | None:
     period = resource.get("effectivePeriod")
     if text is None and isinstance(period, Mapping):
         text = period.get("start")
-    if not isinstance(text, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
+    return fhir.instant(text)
 
 
 def _setting(resource: Mapping[str, Any]) -> Setting | None:

@@ -137,14 +137,7 @@ def _last_updated(resource: fhir.FhirJson) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _instant(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
+_instant = fhir.instant
 
 
 def _copy(resource: fhir.FhirJson) -> UpstreamCopy:

@@ -28,6 +28,7 @@ from quart.typing import ResponseReturnValue
 
 from appliance import audit, db
 from appliance.audit import AuditAction, AuditEvent
+from appliance.fhir import instant as _instant
 from appliance.store import Store
 from appliance.users import Role
 from services import intake
@@ -137,16 +138,6 @@ class Visit:
     status: str
     kind: str
     where: str
-
-
-def _instant(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
 
 
 def _shown(value: object, zone: ZoneInfo) -> str:

@@ -250,14 +250,8 @@ async def _local_version(store: Store, rtype: str, logical_id: str) -> int:
 
 def _last_modified(resource: Mapping[str, Any]) -> str | None:
     meta = resource.get("meta")
-    updated = meta.get("lastUpdated") if isinstance(meta, Mapping) else None
-    if not isinstance(updated, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(updated.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
+    moment = fhir.instant(meta.get("lastUpdated") if isinstance(meta, Mapping) else None)
+    if moment is None:
         return None
     return format_datetime(moment.astimezone(UTC).replace(microsecond=0), usegmt=True)
 

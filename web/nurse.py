@@ -34,6 +34,7 @@ from quart.typing import ResponseReturnValue
 
 from appliance import audit, db
 from appliance.audit import AuditAction, AuditEvent, Outcome
+from appliance.fhir import instant as _instant
 from appliance.fhir import utc_text
 from appliance.numbers import small_int
 from appliance.store import Store
@@ -219,16 +220,6 @@ class Arrival:
             "chart_url": f"/patients/{self.patient_id}",
             "video_url": f"/video/nurse?visit={self.encounter_id}",
         }
-
-
-def _instant(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
 
 
 def _station(encounter: Mapping[str, Any]) -> str:

@@ -1075,14 +1075,8 @@ def _with_number(data: ClaimData, number: str) -> ClaimData:
 def _ended_before(encounter: Mapping[str, Any], moment: datetime) -> bool:
     """Whether the Encounter's period ended before ``moment`` (no readable end: it did)."""
     period = encounter.get("period")
-    end = period.get("end") if isinstance(period, Mapping) else None
-    if not isinstance(end, str):
-        return True
-    try:
-        ended = datetime.fromisoformat(end.replace("Z", "+00:00"))
-    except ValueError:
-        return True
-    return ended.tzinfo is None or ended < moment
+    ended = fhir.instant(period.get("end") if isinstance(period, Mapping) else None)
+    return ended is None or ended < moment
 
 
 def _problems_json(problems: Sequence[Problem]) -> str:
