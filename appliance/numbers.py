@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# Digits of a row id as it may come in (a URL, a form, Last-Event-ID): 18 always fit SQLite's
+# 64-bit integer, where 20 do not.
+ROW_ID_DIGITS = 18
+
 
 def small_int(text: str | None, max_digits: int = 9) -> int | None:
     """``text`` as a non-negative int when it is 1 to ``max_digits`` ASCII digits, else None.

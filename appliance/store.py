@@ -73,7 +73,6 @@ class Changes:
     resources: list[StoredResource]
     last_row_id: int
     scanned: int  # rows read, readable or not: ``limit`` of them means more may follow
-    unreadable: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -809,7 +808,7 @@ class Store:
                 )
             with db.transaction_sync(conn, self._path):
                 audit.append(conn, events, now=self._clock())
-            return Changes(found, int(rows[-1][0]), len(rows), len(rows) - len(found))
+            return Changes(found, int(rows[-1][0]), len(rows))
 
         return await db.run_sync(self._conn, work)
 

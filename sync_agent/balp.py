@@ -30,6 +30,7 @@ from typing import Any
 
 from appliance import fhir
 from appliance.audit import AuditAction, Checkpoint, Outcome
+from sync_agent.upstream import as_list
 
 ACTION_SYSTEM = "urn:telehealth-appliance:fhir:audit-action"
 CHECKPOINT_EXTENSION = "urn:telehealth-appliance:fhir:audit-checkpoint"
@@ -296,10 +297,6 @@ def checkpoint_provenance(
     }
 
 
-def _items(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
 def anchor_from_provenance(resource: Any) -> Checkpoint:
     """The checkpoint an anchor Provenance carries; raises ValueError when it is not one.
 
@@ -308,9 +305,9 @@ def anchor_from_provenance(resource: Any) -> Checkpoint:
     if not isinstance(resource, dict):
         raise ValueError("not an audit checkpoint anchor (not a resource)")
     fields: dict[str, str] = {}
-    for ext in _items(resource.get("extension")):
+    for ext in as_list(resource.get("extension")):
         if isinstance(ext, dict) and ext.get("url") == CHECKPOINT_EXTENSION:
-            for part in _items(ext.get("extension")):
+            for part in as_list(ext.get("extension")):
                 if isinstance(part, dict) and isinstance(part.get("valueString"), str):
                     fields[str(part.get("url"))] = part["valueString"]
     signatures = resource.get("signature") or [{}]

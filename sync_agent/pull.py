@@ -58,6 +58,8 @@ from sync_agent.updates import refresh_review
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
+    as_dict,
+    as_list,
     bundle_entries,
     classify_response,
     exchange,
@@ -83,10 +85,10 @@ class Cursor:
     def advance(self, resources: Iterable[fhir.FhirJson]) -> Cursor:
         """The cursor after taking ``resources`` (in any order)."""
         since, seen = self.since, set(self.seen)
-        since_at = _instant(since)
+        since_at = fhir.instant(since)
         for resource in resources:
             updated = _last_updated(resource)
-            at = _instant(updated)
+            at = fhir.instant(updated)
             if at is None:
                 continue
             if since_at is None or at > since_at:
@@ -97,8 +99,8 @@ class Cursor:
 
     def taken(self, resource: fhir.FhirJson) -> bool:
         """Whether ``resource`` (this version) was taken already."""
-        at = _instant(_last_updated(resource))
-        return at is not None and at == _instant(self.since) and resource.get("id") in self.seen
+        at = fhir.instant(_last_updated(resource))
+        return at is not None and at == fhir.instant(self.since) and resource.get("id") in self.seen
 
 
 @dataclass
@@ -137,9 +139,6 @@ def _last_updated(resource: fhir.FhirJson) -> str | None:
     return value if isinstance(value, str) else None
 
 
-_instant = fhir.instant
-
-
 def _copy(resource: fhir.FhirJson) -> UpstreamCopy:
     meta = resource.get("meta")
     version = meta.get("versionId") if isinstance(meta, dict) else None
@@ -153,23 +152,19 @@ def _copy(resource: fhir.FhirJson) -> UpstreamCopy:
 
 def _patients_of(appointment: fhir.FhirJson) -> set[str]:
     found = set()
-    participants = appointment.get("participant")
-    for participant in participants if isinstance(participants, list) else []:
-        actor = participant.get("actor") if isinstance(participant, dict) else None
-        ref = actor.get("reference") if isinstance(actor, dict) else None
+    for participant in as_list(appointment.get("participant")):
+        ref = as_dict(as_dict(participant).get("actor")).get("reference")
         if isinstance(ref, str) and ref.startswith("Patient/") and ref.count("/") == 1:
             found.add(ref)
     return found
 
 
 def _captured_elsewhere(observation: fhir.FhirJson) -> bool:
-    meta = observation.get("meta")
-    tags = meta.get("tag") if isinstance(meta, dict) else None
-    return isinstance(tags, list) and any(
+    return any(
         isinstance(t, dict)
         and t.get("system") == fhir.CAPTURE_SETTING_SYSTEM
         and t.get("code") != "home"
-        for t in tags
+        for t in as_list(as_dict(observation.get("meta")).get("tag"))
     )
 
 
@@ -178,8 +173,7 @@ def _entries(bundle: Any, rtype: str) -> list[fhir.FhirJson]:
     found = []
     for entry in bundle_entries(bundle):
         resource = entry.get("resource")
-        search = entry.get("search")
-        mode = search.get("mode", "match") if isinstance(search, dict) else "match"
+        mode = as_dict(entry.get("search")).get("mode", "match")
         if (
             isinstance(resource, dict)
             and resource.get("resourceType") == rtype
@@ -191,12 +185,10 @@ def _entries(bundle: Any, rtype: str) -> list[fhir.FhirJson]:
 
 
 def _next_link(bundle: Any) -> str | None:
-    links = bundle.get("link") if isinstance(bundle, dict) else None
-    for link in links if isinstance(links, list) else []:
-        if isinstance(link, dict) and link.get("relation") == "next":
-            url = link.get("url")
-            if isinstance(url, str) and url:
-                return url
+    for link in as_list(as_dict(bundle).get("link")):
+        url = as_dict(link).get("url")
+        if as_dict(link).get("relation") == "next" and isinstance(url, str) and url:
+            return url
     return None
 
 
@@ -360,7 +352,7 @@ class Puller:
                 if changed_only:
                     oldest = min(
                         (known[r] for r in chunk),
-                        key=lambda v: _instant(v) or datetime.min.replace(tzinfo=UTC),
+                        key=lambda v: fhir.instant(v) or datetime.min.replace(tzinfo=UTC),
                     )
                     query["_lastUpdated"] = f"gt{oldest}"
                 bundle = await self._get("Patient", query)

@@ -72,11 +72,13 @@ class UpstreamError(Exception):
 # exception that ends the sync process (tests/sync_agent/test_answers.py, with hypothesis).
 
 
-def _dict(value: Any) -> dict[str, Any]:
+def as_dict(value: Any) -> dict[str, Any]:
+    """``value`` when a server sent an object there, else ``{}``."""
     return value if isinstance(value, dict) else {}
 
 
-def _list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """``value`` when a server sent an array there, else ``[]``."""
     return value if isinstance(value, list) else []
 
 
@@ -84,12 +86,12 @@ def outcome_text(body: Any) -> str:
     """The diagnostics of an OperationOutcome, as one line (the server's words)."""
     if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
         parts = []
-        for item in _list(body.get("issue")):
-            issue = _dict(item)
+        for item in as_list(body.get("issue")):
+            issue = as_dict(item)
             details = issue.get("details")  # a CodeableConcept; some servers send a string
             text = (
                 issue.get("diagnostics")
-                or (details if isinstance(details, str) else _dict(details).get("text"))
+                or (details if isinstance(details, str) else as_dict(details).get("text"))
                 or issue.get("code")
             )
             if text and isinstance(text, str | int | float):
@@ -100,12 +102,12 @@ def outcome_text(body: Any) -> str:
 
 def bundle_entries(body: Any) -> list[dict[str, Any]]:
     """A Bundle's entries in order, each a dict (``{}`` for one that is not one)."""
-    return [_dict(entry) for entry in _list(_dict(body).get("entry"))]
+    return [as_dict(entry) for entry in as_list(as_dict(body).get("entry"))]
 
 
 def entry_answer(entry: Any) -> dict[str, Any]:
     """An entry's ``response`` (``{}`` when it has none that is an object)."""
-    return _dict(_dict(entry).get("response"))
+    return as_dict(as_dict(entry).get("response"))
 
 
 def entry_status(entry: Any) -> int:

@@ -27,6 +27,7 @@ from werkzeug.routing import IntegerConverter, Map
 
 from appliance.config import Config
 from appliance.errors import TamperedDataError
+from appliance.numbers import ROW_ID_DIGITS
 from appliance.store import Store
 from appliance.users import LoginThrottle, Role
 from services.video import still_requests
@@ -97,7 +98,7 @@ def app_state() -> AppState:
 
 
 class RowIdConverter(IntegerConverter):
-    """``<int:...>`` in every route: at most 18 digits, so an id always binds in SQLite.
+    """``<int:...>`` in every route: at most :data:`ROW_ID_DIGITS` digits, so an id binds.
 
     Werkzeug's own takes any number of digits, and ``/sync/review/99999999999999999999``
     was an ``OverflowError`` (a 500) instead of a 404.
@@ -111,7 +112,8 @@ class RowIdConverter(IntegerConverter):
         max: int | None = None,
         signed: bool = False,
     ) -> None:
-        super().__init__(url_map, fixed_digits, min, 10**18 - 1 if max is None else max, signed)
+        largest = 10**ROW_ID_DIGITS - 1
+        super().__init__(url_map, fixed_digits, min, largest if max is None else max, signed)
 
 
 def create_app(

@@ -40,6 +40,7 @@ from werkzeug.sansio.response import Response as BaseResponse
 from appliance import audit, db, mfa, users
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.mfa import Challenge, ChallengePurpose
+from appliance.numbers import small_int
 from appliance.users import Role, Session, User, UserError
 from web.app import AppState, app_state
 from web.templating import render_template
@@ -197,12 +198,9 @@ def _login_form_token(state: AppState, nonce: str) -> str:
 
 def _login_form_token_ok(state: AppState, nonce: str | None, token: str) -> bool:
     issued_text, _, mac = token.partition(".")
-    # ASCII digits of a plausible length: "²" passes isdigit() and int() refuses it.
-    if not nonce or not (issued_text.isascii() and issued_text.isdigit()) or len(issued_text) > 12:
+    issued = small_int(issued_text, 12)
+    if not nonce or issued is None or not mac.isascii():  # compare_digest takes ASCII only
         return False
-    if not mac.isascii():
-        return False  # compare_digest takes ASCII strings only
-    issued = int(issued_text)
     age = state.clock().timestamp() - issued
     expected = _form_mac(state, nonce, issued)
     return 0 <= age <= LOGIN_FORM_TTL_S and hmac.compare_digest(mac, expected)

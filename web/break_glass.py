@@ -22,7 +22,7 @@ from quart.typing import ResponseReturnValue
 from appliance import audit, break_glass, db
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.break_glass import BreakGlassError, Category, Grant
-from appliance.numbers import small_int
+from appliance.numbers import ROW_ID_DIGITS, small_int
 from appliance.users import Role, Session
 from web.app import AppState, app_state
 from web.auth import current_session, login_required
@@ -219,7 +219,7 @@ async def request_access() -> ResponseReturnValue:
 async def _own_grant(grant_id: str, session: Session) -> Grant:
     state = app_state()
     found = None
-    wanted = small_int(grant_id, 18)
+    wanted = small_int(grant_id, ROW_ID_DIGITS)
     if wanted is not None:
         found = await db.run_sync(state.store.connection, break_glass.grant_by_id, wanted)
     if found is None or found.user_id != session.user.id:

@@ -62,7 +62,7 @@ from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent
 from appliance.device_registry import CheckIn, DeviceRegistry, RegistryError, StationKind
 from appliance.errors import NotFoundError, TamperedDataError
-from appliance.numbers import small_int
+from appliance.numbers import ROW_ID_DIGITS, small_int
 from appliance.store import ReviewPendingError, Store
 from appliance.users import Role
 from services import intake, visits
@@ -473,7 +473,7 @@ async def admin_post() -> ResponseReturnValue:
     assert session is not None  # login_required
     form = await request.form
     now = state.clock()
-    revoke = small_int(form.get("revoke", ""), 18)
+    revoke = small_int(form.get("revoke", ""), ROW_ID_DIGITS)
     if revoke is not None:
 
         def revoke_work(conn: sqlite3.Connection) -> None:

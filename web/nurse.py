@@ -36,7 +36,7 @@ from appliance import audit, db
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.fhir import instant as _instant
 from appliance.fhir import utc_text
-from appliance.numbers import small_int
+from appliance.numbers import ROW_ID_DIGITS, small_int
 from appliance.store import Store
 from appliance.users import Role
 from web.access import local_midnight, normal_access_reasons
@@ -550,7 +550,7 @@ async def events() -> ResponseReturnValue:
     newest = await state.store.last_row_id()
     start = newest
     asked = request.headers.get("Last-Event-ID", "").strip()
-    replay_from = small_int(asked, 18)
+    replay_from = small_int(asked, ROW_ID_DIGITS)
     if replay_from is not None:
         start = min(newest, max(replay_from, newest - MAX_REPLAY_ROWS))
     # The stream outlives the request context: it gets everything it needs now.

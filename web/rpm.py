@@ -36,7 +36,7 @@ from quart import Blueprint, Response, redirect, request, url_for
 from quart.typing import ResponseReturnValue
 
 from appliance.errors import ApplianceError, NotFoundError, TamperedDataError
-from appliance.numbers import small_int
+from appliance.numbers import ROW_ID_DIGITS, small_int
 from appliance.users import Role
 from services import alerts, rpm_rules
 from services.alerts import AlertBook, AlertError, AlertState, AlertView
@@ -475,7 +475,7 @@ async def events() -> ResponseReturnValue:
     newest = await book.last_event_id()
     start = newest
     asked = request.headers.get("Last-Event-ID", "").strip()
-    replay_from = small_int(asked, 18)
+    replay_from = small_int(asked, ROW_ID_DIGITS)
     if replay_from is not None:
         start = min(newest, max(replay_from, newest - MAX_REPLAY_EVENTS))
     # The stream outlives the request context: it gets everything it needs now.
