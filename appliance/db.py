@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import resources as importlib_resources
 from pathlib import Path
@@ -32,11 +33,13 @@ T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 15_000
 
+_WAL = "PRAGMA journal_mode=WAL"
+
 _PRAGMAS = (
-    # First: turning a new file to WAL takes a lock, and with no busy timeout yet a second
-    # process starting at the same moment (web and sync at boot) fails at once, "locked".
+    # First, so every later statement waits for a lock instead of failing at once. (The
+    # switch to WAL does not call the busy handler; _switch_to_wal waits for it.)
     f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
-    "PRAGMA journal_mode=WAL",
+    _WAL,
     "PRAGMA synchronous=FULL",
     "PRAGMA secure_delete=ON",
     "PRAGMA temp_store=MEMORY",
@@ -80,12 +83,37 @@ def translate_error(exc: sqlite3.Error, path: Path | str) -> StoreError:
 
 def _apply_pragmas(conn: sqlite3.Connection) -> None:
     for pragma in _PRAGMAS:
-        conn.execute(pragma)
+        if pragma == _WAL:
+            _switch_to_wal(conn)
+        else:
+            conn.execute(pragma)
     mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
     if mode != "wal":
         raise StoreError(
             f"journal_mode is {mode!r}, WAL is required (is the file on a network share?)"
         )
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """Turn the file to WAL, waiting out another process doing the same.
+
+    On a new file the switch needs an exclusive lock, and SQLite answers "locked" at once
+    there without calling the busy handler: web and sync opening a new database at the same
+    moment at boot would fail. So the wait the busy timeout promises is done here.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.001
+    while True:
+        try:
+            conn.execute(_WAL)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _statements(sql: str) -> list[str]:
