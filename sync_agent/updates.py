@@ -65,6 +65,7 @@ from sync_agent.upstream import (
     Failure,
     UpstreamError,
     bundle_entries,
+    classify_response,
     exchange,
     outcome_text,
     response_json,
@@ -315,7 +316,14 @@ class UpdateSender:
         elif status in _RETRY or status >= 500:
             raise _transient(response)
         else:
-            await db.run_sync(conn, self._dead, row, _server_message(response), None, now)
+            refusal = classify_response(
+                status, response_json(response), response.headers.get("Retry-After")
+            )
+            if refusal.failure not in (Failure.PERMANENT, Failure.TOO_LARGE):
+                # Credentials, or an address that does not take the request (a proxy's page,
+                # a wrong base_url): not this update's fault. It waits, with backoff.
+                raise refusal
+            await db.run_sync(conn, self._dead, row, refusal.message, None, now)
             result.dead += 1
 
     async def _own_version(self, ref: str) -> str | None:

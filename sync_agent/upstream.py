@@ -4,8 +4,12 @@ The classes follow the Medplum agent's queue (STYLE.md): **transient** (connecti
 reset, 5xx, 429) → retry later with backoff; **ambiguous** (the request went out but no answer
 came back) → resend, which is safe only because every write we send is idempotent;
 **too large** (413, or a 400 whose OperationOutcome says the bundle has too many entries) →
-send smaller bundles; **permanent** (other 4xx) → the server refused the content;
-**auth** → the two ends did not accept each other: the token endpoint refused our client
+send smaller bundles; **permanent** (a 4xx with an OperationOutcome) → the server refused
+the content; **endpoint** (a redirect, a 404/405/406/410/415, or a 4xx without an
+OperationOutcome: a proxy's HTML page, a wrong ``base_url``) → the address did not take the
+request at all, which says nothing about the items: they stay pending, as for **auth**, and
+the exchange is retried with backoff. Before, a wrong ``base_url`` made every item a dead
+letter, one at a time, with no way to send them again; **auth** → the two ends did not accept each other: the token endpoint refused our client
 (an OAuth error), the server answered 401 to a freshly obtained token, it refused our TLS
 client certificate, or we refused its certificate. That is a configuration problem for a
 person to fix, not a fault of the items: they stay pending and the exchange is retried with
@@ -47,6 +51,8 @@ class Failure(StrEnum):
     PERMANENT = "permanent"
     # Credentials or certificates refused, either way; the items are not at fault.
     AUTH = "auth"
+    # The address did not take the request (not a FHIR endpoint, or not this operation).
+    ENDPOINT = "endpoint"
 
 
 # Not frozen: Python sets ``__traceback__`` on an exception that leaves a
@@ -80,6 +86,11 @@ def as_dict(value: Any) -> dict[str, Any]:
 def as_list(value: Any) -> list[Any]:
     """``value`` when a server sent an array there, else ``[]``."""
     return value if isinstance(value, list) else []
+
+
+def is_outcome(body: Any) -> bool:
+    """Whether a parsed answer is a FHIR OperationOutcome (the server speaking FHIR)."""
+    return isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"
 
 
 def outcome_text(body: Any) -> str:
@@ -128,6 +139,13 @@ def entry_outcome(entry: Any, code: int) -> str:
 
 
 _TOO_LARGE_WORDS = ("too many", "too large", "entries", "payload too large")
+# Whole-request answers that mean "later" (timeout, conflict, locked, too early, too many).
+_RETRY_STATUSES = frozenset({408, 409, 423, 425, 429})
+# Whole-request answers about the address or the protocol, never about a resource we sent
+# (as is every redirect: the client follows none, see build_client):
+# nothing here, this method not allowed here, cannot answer in FHIR JSON, gone for good,
+# does not read FHIR JSON.
+_ENDPOINT_STATUSES = frozenset({404, 405, 406, 410, 415})
 
 
 # The longest Retry-After taken from a server (a day, as RETRY_HORIZON in the outbox).
@@ -158,8 +176,15 @@ def classify_response(status: int, body: Any, retry_after: str | None) -> Upstre
         # Credentials or permissions: fixed by a person at the EHR or in the site config,
         # never by dead-lettering the records (they stay pending; staff see the reason).
         return UpstreamError(Failure.AUTH, f"the upstream refused our credentials: {text}")
-    if status == 429 or status >= 500:
+    if status in _RETRY_STATUSES or status >= 500:
         return UpstreamError(Failure.TRANSIENT, text, retry_after_seconds(retry_after))
+    if status < 400 or status in _ENDPOINT_STATUSES or not is_outcome(body):
+        said = text if text.startswith("HTTP ") else f"HTTP {status}: {text}"
+        return UpstreamError(
+            Failure.ENDPOINT,
+            f"the upstream address did not take the request ({said}); "
+            "check base_url in the site config",
+        )
     return UpstreamError(Failure.PERMANENT, text)
 
 

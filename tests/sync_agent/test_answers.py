@@ -30,6 +30,7 @@ from sync_agent.upstream import (
     classify_response,
     entry_outcome,
     entry_status,
+    is_outcome,
     outcome_text,
     retry_after_seconds,
 )
@@ -178,6 +179,12 @@ def test_an_outcome_of_any_shape_is_one_line_and_a_class(
     assert isinstance(error.failure, Failure)
     assert error.message
     assert error.retry_after_s is None or error.retry_after_s >= 0
+    if error.failure is Failure.PERMANENT:
+        # A dead letter only on a FHIR server's own refusal of the content, never on a
+        # proxy's page, a redirect or an address that does not take the request.
+        assert 400 <= status < 500
+        assert status not in (404, 405, 406, 410, 415)
+        assert is_outcome(body)
 
 
 @settings(max_examples=500, deadline=None)

@@ -219,6 +219,22 @@ async def test_a_link_failure_leaves_the_cursor_and_the_next_export_resumes(
 
 
 @pytest.mark.peer
+async def test_an_address_that_does_not_take_the_request_passes_over_no_record(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 3)
+    fhir_peer.fault("status", status=404, count=50)  # a wrong base_url
+    for _ in range(5):
+        # Before: "permanent", so one at a time, each record refused and passed over for good.
+        failed = await AuditExporter(store, client, site_id=SITE).drain()
+        assert (failed.exported, failed.refused, failed.cursor) == (0, 0, 0)
+        assert (failed.error or "").startswith("endpoint: ")
+    fhir_peer.clear_fault()
+    resumed = await AuditExporter(store, client, site_id=SITE).drain()
+    assert (resumed.exported, resumed.refused, resumed.cursor) == (3, 0, 3)
+
+
+@pytest.mark.peer
 async def test_a_lost_answer_is_resent_without_a_duplicate(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
 ) -> None:

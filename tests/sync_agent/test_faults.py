@@ -400,6 +400,43 @@ async def test_a_refusal_whose_outcome_is_malformed_is_a_dead_letter_with_the_se
     assert fhir_peer.count("Observation") == 2
 
 
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (404, b"<html><body>404 Not Found</body></html>"),  # a wrong base_url behind nginx
+        (
+            405,
+            b'{"resourceType":"OperationOutcome","issue":[{"severity":"error",'
+            b'"code":"not-supported","diagnostics":"POST not allowed here"}]}',
+        ),
+        (400, b"<html>400 Bad Request: request header or cookie too large</html>"),
+        (302, b""),  # a redirect (to a login page): the proxy's body is an OperationOutcome
+    ],
+)
+async def test_an_address_that_does_not_take_the_request_dead_letters_nothing(
+    store: Store,
+    client: httpx.AsyncClient,
+    proxy: FaultProxy,
+    fhir_peer: FhirPeer,
+    db_path: Path,
+    status: int,
+    body: bytes,
+) -> None:
+    await _readings(store, 3)
+    deliverer = _deliverer(store, client)
+    await proxy.set(Fault.STATUS, status=status, body=body)
+    for _ in range(6):
+        # Before: "permanent", so one item at a time, each a dead letter, with no way back.
+        failed = await deliverer.drain()
+        assert (failed.delivered, failed.dead, failed.link_down) == (0, 0, True)
+        assert (failed.error or "").startswith("endpoint: "), failed.error
+        assert "check base_url" in (failed.error or "")
+    assert {state for state, _, _ in _rows(db_path)} == {"pending"}
+    await proxy.heal()
+    assert (await deliverer.drain()).delivered == 4
+    assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 3)
+
+
 async def test_a_nonsense_answer_after_the_server_applied_a_bundle_loses_and_doubles_nothing(
     store: Store, client: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
