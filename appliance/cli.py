@@ -355,6 +355,7 @@ def _sync_status_json(found: SyncStatus, messages: dict[int, str] | None) -> dic
                 "lane": d.lane,
                 "type": d.type,
                 "attempts": d.attempts,
+                "in_review": d.in_review,
                 # Opened only with --show-errors (audited): the upstream's words may quote PHI.
                 "error": None if messages is None else messages.get(d.outbox_id),
             }
@@ -440,11 +441,13 @@ def _sync_status_table(
     if found.dead_letters:
         lines += ["", f"{'Dead letter':>11}  {'Lane':<9} {'Resource':<22} {'Attempts':>8}"]
         for d in found.dead_letters:
-            lines.append(f"{d.outbox_id:>11}  {d.lane:<9} {d.type:<22} {d.attempts:>8}")
+            held = "  held for the review queue" if d.in_review else ""
+            lines.append(f"{d.outbox_id:>11}  {d.lane:<9} {d.type:<22} {d.attempts:>8}{held}")
             if messages is not None and d.outbox_id in messages:
                 lines.append(f"{'':>13}{messages[d.outbox_id] or '(no message)'}")
         if messages is None:
             lines.append("(messages hidden: --show-errors opens them, recorded in the audit trail)")
+        lines.append("(once the cause is fixed: appliance sync resend ITEM… or --all)")
     return lines
 
 
@@ -484,6 +487,38 @@ def cmd_sync_status(args: argparse.Namespace, config: Config) -> int:
     else:
         for line in _sync_status_table(found, messages, now):
             _out(line)
+    return 0
+
+
+def cmd_sync_resend(args: argparse.Namespace, config: Config) -> int:
+    from sync_agent.status import resend_dead_letters
+
+    if args.all == bool(args.outbox_ids):
+        raise ApplianceError("name the dead letters to send again (their item numbers), or --all")
+    conn = db.connect_sync(config.paths.database)  # no key needed: nothing is opened
+    try:
+        done = resend_dead_letters(
+            conn,
+            actor=_cli_actor(),
+            now=datetime.now(UTC),
+            outbox_ids=None if args.all else args.outbox_ids,
+        )
+    finally:
+        conn.close()
+    _out(
+        f"{len(done.resent)} dead letter{'' if len(done.resent) == 1 else 's'} back in the "
+        "outbox; the sync process sends them now (appliance sync status shows how it goes)"
+    )
+    if done.in_review:
+        _out(
+            "left as they are, held for the review queue (decide them at /sync/review): "
+            + ", ".join(map(str, done.in_review))
+        )
+    if done.missing:
+        raise ApplianceError(
+            "not dead letters (delivered, waiting, or no such item): "
+            + ", ".join(map(str, done.missing))
+        )
     return 0
 
 
@@ -696,6 +731,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--max-bundles", type=int, default=1000, help="stop after this many bundles")
+    p = command(
+        "resend",
+        cmd_sync_resend,
+        "put dead letters back in the outbox once the cause is fixed (a Patient takes its "
+        "readings along; audited)",
+        sync_cmd,
+    )
+    p.add_argument("outbox_ids", nargs="*", type=int, metavar="ITEM", help="dead letter numbers")
+    p.add_argument("--all", action="store_true", help="every dead letter")
 
     # Device registry, routing and decoding live with the device services (an entry point
     # may assemble the parts; STYLE.md rule 1).

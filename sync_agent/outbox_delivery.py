@@ -400,8 +400,9 @@ class Deliverer:
         """Local logical id → upstream reference (None while not delivered).
 
         ``"absent"``: not a resource of ours (the reference is left as is); ``"dead"``: ours,
-        refused upstream. Final answers are remembered, so a drain of many readings of a few
-        patients asks the database once per patient.
+        refused upstream. Upstream references are final and remembered, so a drain of many
+        readings of a few patients asks the database once per patient; "dead" is not (staff
+        may send a dead letter again: ``status.resend_dead_letters``).
         """
         found: dict[str, str | None] = {}
         unknown = []
@@ -435,7 +436,7 @@ class Deliverer:
         if len(self._refs) > _REF_CACHE_MAX:
             self._refs.clear()
         for logical_id, target in found.items():
-            if target is not None and target != "absent":
+            if target not in (None, "absent", "dead"):
                 self._refs[logical_id] = target
         return found
 

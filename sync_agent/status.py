@@ -29,6 +29,9 @@ from sync_agent.audit_export import ExportState, read_export_state
 SYNC_NOW_KEY = "sync_now"
 """``meta`` key the sync process watches: a new value makes it skip its backoff."""
 DEAD_LETTERS_SHOWN = 50
+# An outbox row (alias ``o``) held for the review queue (an update the upstream's changes
+# overtook): decided there, never sent again from the dead letters.
+_IN_REVIEW = "EXISTS (SELECT 1 FROM review_queue q WHERE q.outbox_id = o.id)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +46,26 @@ class LaneStatus:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A refused outbox item, without its (sealed) message."""
+    """A refused outbox item, without its (sealed) message.
+
+    ``in_review``: an update held because the upstream's copy had changed; it is decided in
+    the review queue, never sent again from the dead letters.
+    """
 
     outbox_id: int
     lane: str
     type: str
     attempts: int
+    in_review: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Resent:
+    """What :func:`resend_dead_letters` did, by outbox id."""
+
+    resent: tuple[int, ...]
+    in_review: tuple[int, ...]  # held for the review queue (decided there): left as is
+    missing: tuple[int, ...]  # asked for, and not a dead letter (any more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,9 +193,9 @@ def read_status(conn: sqlite3.Connection, now: datetime) -> SyncStatus:
         )
     last = conn.execute("SELECT max(delivered_at) FROM outbox").fetchone()[0]
     dead = tuple(
-        DeadLetter(int(oid), lane_name(lane), str(rtype), int(attempts))
-        for oid, lane, rtype, attempts in conn.execute(
-            "SELECT o.id, o.lane, r.type, o.attempts FROM outbox o "
+        DeadLetter(int(oid), lane_name(lane), str(rtype), int(attempts), bool(in_review))
+        for oid, lane, rtype, attempts, in_review in conn.execute(
+            f"SELECT o.id, o.lane, r.type, o.attempts, {_IN_REVIEW} FROM outbox o "  # noqa: S608 - constant
             "JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead' "
             "ORDER BY o.id DESC LIMIT ?",
             (DEAD_LETTERS_SHOWN,),
@@ -197,21 +214,106 @@ def read_status(conn: sqlite3.Connection, now: datetime) -> SyncStatus:
     )
 
 
+def _write_sync_now(conn: sqlite3.Connection, now: datetime) -> str:
+    value = now.isoformat()
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (SYNC_NOW_KEY, value),
+    )
+    return value
+
+
 def request_sync_now(conn: sqlite3.Connection, actor: str, now: datetime) -> str:
     """Write the ``sync_now`` request and its audit record in one transaction; its value."""
-    value = now.isoformat()
     with db.transaction_sync(conn):
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (SYNC_NOW_KEY, value),
-        )
+        value = _write_sync_now(conn, now)
         audit.append(
             conn,
             [AuditEvent(actor, AuditAction.SYNC, entity="outbox", detail="sync now requested")],
             now=now,
         )
     return value
+
+
+RESENT_DETAIL = "dead letter sent again"
+
+
+def resend_dead_letters(
+    conn: sqlite3.Connection,
+    *,
+    actor: str,
+    now: datetime,
+    outbox_ids: Sequence[int] | None = None,
+) -> Resent:
+    """Put dead letters back in the outbox (all, or those of ``outbox_ids``), audited.
+
+    For when what the upstream refused has been put right at the EHR (a profile, a
+    permission, a Practitioner it did not know) or on the box's side (a ``base_url``). Each
+    keeps its place in its lane (its outbox id), its attempts start again from zero, and
+    its old message goes; a resend is safe, since every create is conditional on our
+    identifier. A Patient sent again takes the patient's other dead letters with it: its
+    readings were refused because of it. An update held for the review queue stays as it
+    is: the decision there stands. One audit record per item, in the patient's name, and
+    the ``sync_now`` request, in the same transaction, so the sync process tries at once.
+    """
+    with db.transaction_sync(conn):  # chosen and changed under one write lock
+        chosen, found = _resendable(conn, outbox_ids)
+        ids = sorted(oid for oid, (_key, in_review) in chosen.items() if not in_review)
+        if ids:
+            conn.execute(
+                "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = NULL, "
+                "last_error = NULL WHERE state = 'dead' "
+                "AND id IN (SELECT value FROM json_each(?))",
+                (json.dumps(ids),),
+            )
+            _write_sync_now(conn, now)
+            audit.append(
+                conn,
+                [
+                    AuditEvent(
+                        actor,
+                        AuditAction.SYNC,
+                        patient_key=chosen[oid][0],
+                        entity=f"outbox/{oid}",
+                        detail=RESENT_DETAIL,
+                    )
+                    for oid in ids
+                ],
+                now=now,
+            )
+    held = tuple(sorted(oid for oid, (_key, in_review) in chosen.items() if in_review))
+    missing = () if outbox_ids is None else tuple(sorted(set(outbox_ids) - found))
+    return Resent(tuple(ids), held, missing)
+
+
+def _resendable(
+    conn: sqlite3.Connection, outbox_ids: Sequence[int] | None
+) -> tuple[dict[int, tuple[bytes | None, bool]], set[int]]:
+    """Dead letters asked for (and their patients' others): id → (patient key, in review);
+    and the ids asked for that are dead letters."""
+    base = (
+        f"SELECT o.id, r.type, r.patient_key, {_IN_REVIEW} FROM outbox o "  # noqa: S608 - constant
+        "JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead'"
+    )
+    if outbox_ids is None:
+        rows = conn.execute(base).fetchall()
+    else:
+        rows = conn.execute(
+            base + " AND o.id IN (SELECT value FROM json_each(?))",  # noqa: S608 - constants
+            (json.dumps(sorted(set(outbox_ids))),),
+        ).fetchall()
+    found = {int(oid) for oid, *_ in rows}
+    if outbox_ids is not None:
+        # A Patient's own dead letters come along (its readings were refused because of it).
+        patients = {bytes(key) for _oid, rtype, key, _ in rows if rtype == "Patient" and key}
+        for key in sorted(patients):
+            rows += conn.execute(base + " AND r.patient_key = ?", (key,)).fetchall()
+    chosen = {
+        int(oid): (None if key is None else bytes(key), bool(in_review))
+        for oid, _type, key, in_review in rows
+    }
+    return chosen, found
 
 
 def open_dead_letter_messages(

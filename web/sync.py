@@ -6,7 +6,10 @@
 * ``POST /sync/now`` writes the ``sync_now`` meta row with its audit record in one
   transaction; the sync process wakes on the commit and skips its backoff;
 * ``POST /sync/dead-letters/<id>/message`` opens one dead letter's sealed message (the
-  upstream's words, which may quote PHI) and shows it on this response only, audited.
+  upstream's words, which may quote PHI) and shows it on this response only, audited;
+* ``POST /sync/dead-letters/<id>/resend`` and ``POST /sync/dead-letters/resend`` (all) put
+  dead letters back in the outbox once the cause is fixed
+  (:func:`sync_agent.status.resend_dead_letters`: audited, and the sync process tries at once).
 
 The review queue (``/sync/review``) is for nurses and admins: local edits the upstream
 refused because it had changed meanwhile (412 on ``If-Match``). The list shows no PHI;
@@ -28,6 +31,7 @@ from quart.typing import ResponseReturnValue
 
 from appliance import db
 from appliance.errors import InvalidResourceError
+from appliance.numbers import small_int
 from appliance.users import Role
 from sync_agent import status
 from sync_agent.updates import ReviewError, ReviewItem, ReviewQueue
@@ -95,7 +99,14 @@ async def _page(*, opened: dict[int, str] | None = None, notice: str | None = No
 @login_required(role=_VIEWERS)
 async def overview() -> ResponseReturnValue:
     """The sync health page."""
-    return await _page()
+    resent = small_int(request.args.get("resent", ""))
+    notice = None
+    if resent is not None:
+        notice = (
+            f"{resent} dead letter{'' if resent == 1 else 's'} put back in the outbox; the "
+            "sync process sends them now. One the upstream refuses again comes back here."
+        )
+    return await _page(notice=notice)
 
 
 @bp.post("/now")
@@ -123,6 +134,39 @@ async def dead_letter_message(outbox_id: int) -> ResponseReturnValue:
     if not opened:
         return await _page(notice="That dead letter is no longer there."), 404
     return await _page(opened=opened)
+
+
+@bp.post("/dead-letters/<int:outbox_id>/resend")
+@login_required(role=Role.ADMIN)
+async def dead_letter_resend(outbox_id: int) -> ResponseReturnValue:
+    """Send one dead letter again (a Patient takes its own along); back to the page."""
+    return await _resend([outbox_id])
+
+
+@bp.post("/dead-letters/resend")
+@login_required(role=Role.ADMIN)
+async def dead_letters_resend_all() -> ResponseReturnValue:
+    """Send every dead letter again (those held for the review queue excepted)."""
+    return await _resend(None)
+
+
+async def _resend(outbox_ids: list[int] | None) -> ResponseReturnValue:
+    state = app_state()
+    actor, _ = await _actor()
+    done = await db.run_sync(
+        state.store.connection,
+        lambda conn: status.resend_dead_letters(
+            conn, actor=actor, now=state.clock(), outbox_ids=outbox_ids
+        ),
+    )
+    if outbox_ids is not None and not done.resent:
+        why = (
+            "It waits for a decision in the review queue."
+            if done.in_review
+            else "That dead letter is no longer there."
+        )
+        return await _page(notice=why), 409 if done.in_review else 404
+    return redirect(url_for("sync.overview", resent=len(done.resent)), 303)
 
 
 # -- the review queue -----------------------------------------------------------------------

@@ -82,7 +82,14 @@ def test_status_as_json_matches_the_database_and_hides_messages(
     assert status["last_success"] is None
     assert status["audit_export"]["lag"] == status["audit_export"]["head"] > 0
     assert status["dead_letters"] == [
-        {"outbox_id": 1, "lane": "clinical", "type": "Patient", "attempts": 0, "error": None}
+        {
+            "outbox_id": 1,
+            "lane": "clinical",
+            "type": "Patient",
+            "attempts": 0,
+            "in_review": False,
+            "error": None,
+        }
     ]
     assert SECRET not in json.dumps(status)
     assert _audit_reads(site) == []
@@ -162,3 +169,34 @@ def test_once_drains_the_outbox_and_the_audit_trail_then_reports_nothing_waiting
     status = json.loads(capsys.readouterr().out)
     assert status["last_success"] is not None
     assert status["audit_export"]["lag"] == 0  # the delivery's sync record went up too
+
+
+def test_resend_puts_dead_letters_back_audited_and_says_what_it_did(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fill(site)
+    capsys.readouterr()
+    assert main(["sync", "resend", "--demo", str(site)]) == 2  # neither items nor --all
+    assert "--all" in capsys.readouterr().err
+    assert main(["sync", "resend", "1", "--demo", str(site)]) == 0
+    assert "1 dead letter back in the outbox" in capsys.readouterr().out
+    raw = sqlite3.connect(_db(site))
+    try:
+        assert raw.execute("SELECT state, last_error FROM outbox WHERE id = 1").fetchone() == (
+            "pending",
+            None,
+        )
+        [(actor, entity)] = raw.execute(
+            "SELECT actor, entity FROM audit WHERE detail = 'dead letter sent again'"
+        ).fetchall()
+    finally:
+        raw.close()
+    assert actor.startswith("service:cli:")
+    assert entity == "outbox/1"
+    # Not a dead letter any more: exit 2, naming it.
+    assert main(["sync", "resend", "1", "--demo", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert "not dead letters" in err
+    assert err.rstrip().endswith(": 1")
+    assert main(["sync", "resend", "--all", "--demo", str(site)]) == 0
+    assert "0 dead letters back in the outbox" in capsys.readouterr().out

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import random
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from appliance import db
 from appliance.store import Store
+from sync_agent import status
 from sync_agent.outbox_delivery import Deliverer
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 
 pytestmark = pytest.mark.peer
+
+NURSE = "user:nurse1"
+NOW = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
 
 
 def _states(db_path: Path) -> list[tuple[str, int]]:
@@ -74,7 +80,6 @@ async def test_lost_response_is_resent_without_creating_a_duplicate(
 ) -> None:
     await _patient_with_readings(store, 2)
     clock_moves = iter(range(10_000))
-    from datetime import UTC, datetime, timedelta
 
     start = datetime(2026, 11, 26, 12, tzinfo=UTC)
     deliverer = Deliverer(
@@ -101,7 +106,6 @@ async def test_dead_upstream_keeps_everything_pending_and_recovers(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
     await _patient_with_readings(store, 2)
-    from datetime import UTC, datetime, timedelta
 
     now = [datetime(2026, 11, 26, 12, tzinfo=UTC)]
     deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1), clock=lambda: now[0])
@@ -243,3 +247,63 @@ async def test_a_stop_while_the_next_bundle_travels_waits_for_its_answer(
     rest = await deliverer.drain()
     assert (rest.delivered, rest.existing) == (14, 0)
     assert fhir_peer.count("Observation") == 30
+
+
+async def test_dead_letters_sent_again_after_the_fix_land_once_a_patient_taking_its_readings(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    refused = await _patient_with_readings(store, 0)
+    [pat] = await store.create([factories.patient(family="Refusedperson", mrn="T0002")], NURSE)
+    await store.create(
+        [factories.bp_observation(f"Patient/{pat.logical_id}", systolic=130 + i) for i in (0, 1)],
+        "service:devices",
+    )
+    await store.create([factories.bp_observation(refused)], "service:devices")
+    fhir_peer.reject("Refusedperson")  # an EHR rule the site's EHR team later relaxes
+    deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1))
+    try:
+        first = await deliverer.drain()
+        first.dead += (await deliverer.drain()).dead
+    finally:
+        fhir_peer.reject(None)
+    assert first.dead == 3  # the Patient, and its two readings that cannot stand without it
+    assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 1)
+    conn = db.connect_sync(db_path)
+    try:
+        [patient_item] = [
+            oid
+            for (oid,) in conn.execute(
+                "SELECT o.id FROM outbox o JOIN resources r ON r.id = o.resource_id "
+                "WHERE o.state = 'dead' AND r.type = 'Patient'"
+            )
+        ]
+        done = status.resend_dead_letters(
+            conn, actor="user:admin1", now=NOW, outbox_ids=[patient_item]
+        )
+        assert (len(done.resent), done.in_review, done.missing) == (3, (), ())
+        assert patient_item in done.resent
+        assert conn.execute(
+            "SELECT value FROM meta WHERE key = ?", (status.SYNC_NOW_KEY,)
+        ).fetchone()
+        audited = conn.execute(
+            "SELECT actor, entity, patient_key FROM audit WHERE detail = ?", (status.RESENT_DETAIL,)
+        ).fetchall()
+        assert sorted(entity for _, entity, _ in audited) == sorted(
+            f"outbox/{i}" for i in done.resent
+        )
+        assert {actor for actor, _, _ in audited} == {"user:admin1"}
+        assert {bytes(key) for _, _, key in audited} == {
+            store.patient_key(f"Patient/{pat.logical_id}")
+        }
+        again = await deliverer.drain()
+        assert (again.delivered, again.dead) == (3, 0)
+        assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (2, 3)
+        assert _states(db_path) == [("delivered", 5)]
+        # Nothing left to send again: asking says so, and sends nothing twice.
+        assert status.resend_dead_letters(
+            conn, actor="user:admin1", now=NOW, outbox_ids=[patient_item]
+        ) == status.Resent((), (), (patient_item,))
+        assert (await deliverer.drain()).delivered == 0
+        assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (2, 3)
+    finally:
+        conn.close()

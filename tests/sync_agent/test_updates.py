@@ -12,7 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from appliance import db
 from appliance.store import ReviewPendingError, Store, UpstreamCopy
+from sync_agent import status
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.updates import ReviewError, ReviewQueue, ReviewState, UpdateSender
 from tests import factories
@@ -148,6 +150,31 @@ async def test_a_concurrent_upstream_edit_puts_the_change_into_the_review_queue(
         await _edit(store, logical_id, "Thirdperson")
 
 
+async def test_an_update_held_for_review_is_never_sent_again_from_the_dead_letters(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Mineperson")
+    await _their_edit(client, upstream, "Theirsperson")
+    assert (await _sender(store, client).send_once()).conflicts == 1
+    conn = db.connect_sync(db_path)
+    try:
+        [(held,)] = conn.execute("SELECT id FROM outbox WHERE state = 'dead'").fetchall()
+        now = datetime(2026, 11, 29, 9, tzinfo=UTC)
+        everything = status.resend_dead_letters(conn, actor="user:admin1", now=now)
+        this_one = status.resend_dead_letters(conn, actor="user:admin1", now=now, outbox_ids=[held])
+        assert everything == this_one == status.Resent((), (held,), ())
+        assert conn.execute("SELECT state FROM outbox WHERE id = ?", (held,)).fetchone() == (
+            "dead",
+        )
+        [shown] = status.read_status(conn, now).dead_letters
+        assert (shown.outbox_id, shown.in_review) == (held, True)
+    finally:
+        conn.close()
+    # The nurse's decision is the way on; the upstream's version was not overwritten.
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Theirsperson"
+
+
 async def test_keep_mine_requeues_the_update_against_the_upstreams_version(
     store: Store, client: httpx.AsyncClient, db_path: Path
 ) -> None:
@@ -274,6 +301,23 @@ async def test_a_permanent_refusal_is_dead_lettered_with_the_servers_words(
     conn.close()
     assert "injected fault: status 422" in store.keyring.unseal("outbox", "1", error)
     assert await ReviewQueue(store).items() == []
+
+
+async def test_an_address_that_does_not_take_the_update_leaves_it_waiting(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    logical_id, upstream_ref = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    clock = Clock()
+    sender = _sender(store, client, clock)
+    fhir_peer.fault("status", status=405)  # a server (or a proxy) that takes no PUT here
+    failed = await sender.send_once()
+    # Before: a dead letter, though nothing was wrong with the edit.
+    assert (failed.dead, failed.retry, failed.link_down) == (0, 1, False)
+    assert (failed.error or "").startswith("endpoint: ")
+    clock.now += timedelta(hours=1)
+    assert (await sender.send_once()).delivered == 1
+    assert (await _upstream(client, upstream_ref))["name"][0]["family"] == "Editedperson"
 
 
 async def test_an_update_whose_stored_copy_fails_authentication_is_dead_lettered_not_stuck(

@@ -157,6 +157,60 @@ async def test_admin_opens_a_dead_letter_message_only_on_request_and_it_is_audit
     assert SECRET.encode() not in await (await admin.get("/sync/")).get_data()
 
 
+async def test_admin_sends_a_dead_letter_again_audited_and_the_sync_process_is_woken(
+    admin: QuartClient, store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    outbox_id = await _backlog(store, db_path, clock)
+    # Without the form's token: refused, nothing changes.
+    assert (await admin.post(f"/sync/dead-letters/{outbox_id}/resend")).status_code == 403
+    assert (await admin.post("/sync/dead-letters/resend")).status_code == 403
+    assert _audit_count(db_path, "sync") == 0
+    body = await (await admin.get("/sync/")).get_data()
+    assert b"Send again</button>" in body
+    assert b"Send all again</button>" in body
+    token = form_token(body)
+    sent = await admin.post(f"/sync/dead-letters/{outbox_id}/resend", form={"csrf_token": token})
+    assert sent.status_code == 303
+    assert sent.headers["Location"].endswith("/sync/?resent=1")
+    page = (await (await admin.get(sent.headers["Location"])).get_data()).decode()
+    assert "1 dead letter put back in the outbox" in page
+    assert '<td id="dead-total">0</td>' in page
+    raw = sqlite3.connect(db_path)
+    row = raw.execute(
+        "SELECT state, attempts, last_error FROM outbox WHERE id = ?", (outbox_id,)
+    ).fetchone()
+    [wake] = raw.execute("SELECT value FROM meta WHERE key = 'sync_now'").fetchone()
+    [(actor, entity)] = raw.execute(
+        "SELECT actor, entity FROM audit WHERE detail = 'dead letter sent again'"
+    ).fetchall()
+    raw.close()
+    assert row == ("pending", 0, None)
+    assert wake == clock().isoformat()
+    assert (actor, entity) == (f"user:{ADMIN}", f"outbox/{outbox_id}")
+    # Pressed twice (a second tab): it says so, and nothing changes.
+    again = await admin.post(f"/sync/dead-letters/{outbox_id}/resend", form={"csrf_token": token})
+    assert again.status_code == 404
+    assert "no longer there" in (await again.get_data()).decode()
+    everything = await admin.post("/sync/dead-letters/resend", form={"csrf_token": token})
+    assert everything.headers["Location"].endswith("/sync/?resent=0")
+
+
+async def test_a_nurse_cannot_send_dead_letters_again(
+    logged_in: QuartClient, store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    outbox_id = await _backlog(store, db_path, clock)
+    body = await (await logged_in.get("/sync/")).get_data()
+    assert b"Send again" not in body
+    token = form_token(body)
+    for path in (f"/sync/dead-letters/{outbox_id}/resend", "/sync/dead-letters/resend"):
+        assert (await logged_in.post(path, form={"csrf_token": token})).status_code == 403
+    raw = sqlite3.connect(db_path)
+    assert raw.execute("SELECT state FROM outbox WHERE id = ?", (outbox_id,)).fetchone() == (
+        "dead",
+    )
+    raw.close()
+
+
 async def test_sync_gauges_match_the_database(
     client: QuartClient, store: Store, db_path: Path, clock: FakeClock
 ) -> None:
