@@ -90,6 +90,7 @@ async def _page(*, opened: dict[int, str] | None = None, notice: str | None = No
         opened=opened or {},
         notice=notice,
         local=local,
+        local_text=lambda text: _local_text(text, state.zone),
         age_text=age_text,
         last_success_age=last_success_age,
     )

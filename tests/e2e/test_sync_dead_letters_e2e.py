@@ -1,0 +1,95 @@
+"""Dead letters in Chromium: an admin sends a refused Patient again once the EHR is fixed.
+
+The refusal is real (the Medplum peer's reject rule answers the Patient's entry 422 and the
+deliverer dead-letters its readings after it); the page is served by Hypercorn under the
+production CSP. Set ``APPLIANCE_SCREENSHOTS=DIR`` to keep screenshots of the page before and
+after.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyotp
+import pytest
+
+from appliance.users import Role
+from sync_agent.outbox_delivery import Deliverer
+from sync_agent.upstream import FHIR_JSON
+from tests import factories
+from tests.e2e import live_server
+from tests.e2e.conftest import LiveApp
+from tests.fhir_peer.peer import FhirPeer
+
+pytestmark = [pytest.mark.slow, pytest.mark.peer]
+
+ADMIN = "admin-e2e"
+ADMIN_PASSWORD = "admin horse battery staple e2e"
+
+
+@pytest.fixture
+async def upstream(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
+    fhir_peer.reset()
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
+    ) as http:
+        yield http
+
+
+async def _sign_in_as_admin(live_app: LiveApp, page: Any) -> None:
+    """The administrator's first sign-in: TOTP enrolment, then the page asked for."""
+    await live_server.create_user(live_app.store, ADMIN, ADMIN_PASSWORD, Role.ADMIN)
+    await live_app.log_in(page, "/sync/", username=ADMIN, password=ADMIN_PASSWORD)
+    assert page.url.endswith("/mfa/enrol")
+    secret = (await page.locator("#secret").text_content() or "").replace(" ", "").strip()
+    await page.fill("#code", pyotp.TOTP(secret).now())
+    async with page.expect_navigation():
+        await page.click("button[type=submit].primary")
+    await page.goto(live_app.url("/sync/"))
+
+
+async def test_an_admin_sends_a_refused_patient_again_and_it_lands_with_its_readings(
+    live_app: LiveApp, page: Any, upstream: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    problems = live_server.watch_problems(page)
+    store = live_app.store
+    [pat] = await store.create([factories.patient(family="Refusedperson")], "user:e2e")
+    await store.create(
+        [factories.bp_observation(f"Patient/{pat.logical_id}", systolic=s) for s in (131, 132)],
+        "service:devices",
+    )
+    deliverer = Deliverer(store, upstream, max_entries=8, rng=random.Random(1))
+    fhir_peer.reject("Refusedperson")  # an EHR rule, relaxed by its team later
+    try:
+        dead = (await deliverer.drain()).dead + (await deliverer.drain()).dead
+    finally:
+        fhir_peer.reject(None)
+    assert dead == 3
+
+    await _sign_in_as_admin(live_app, page)
+    assert await page.locator("#dead-total").inner_text() == "3"
+    rows = page.locator("#dead-letters tbody tr")
+    assert await rows.count() == 3
+    folder = os.environ.get("APPLIANCE_SCREENSHOTS")
+    if folder:
+        await page.screenshot(path=str(Path(folder) / "sync-dead-letters.png"), full_page=True)
+    patient_row = page.locator("#dead-letters tbody tr", has_text="Patient")
+    async with page.expect_navigation():
+        await patient_row.get_by_role("button", name="Send again").click()
+    assert page.url.endswith("/sync/?resent=3")  # the Patient took its two readings along
+    notice = await page.locator("p.notice").inner_text()
+    assert "3 dead letters put back in the outbox" in notice
+    assert await page.locator("#dead-total").inner_text() == "0"
+    assert await page.locator("#waiting").inner_text() == "3 items"
+    if folder:
+        await page.screenshot(path=str(Path(folder) / "sync-dead-letters-sent.png"), full_page=True)
+
+    delivered = await deliverer.drain()
+    assert (delivered.delivered, delivered.dead) == (3, 0)
+    assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 2)
+    assert problems == []
