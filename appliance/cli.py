@@ -262,13 +262,84 @@ def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
                 f"{len(result.unreadable)} record(s) and {result.unreadable_sealed} sealed "
                 f"value(s) failed authentication and were left as they were "
                 f"(resources rows: {rows or 'none'}{more}); their old key is kept. "
-                "Restore them from a backup (docs/troubleshooting.md), then run "
+                "Restore them from a backup (appliance store repair --from <decrypted "
+                "backup>, docs/operations.md), then run "
                 "`appliance keys rotate data --resume`\n"
             )
             return 1
         return 0
     finally:
         conn.close()
+
+
+# -- store --------------------------------------------------------------------------------
+
+
+def _progress_bar(conn: sqlite3.Connection, quiet: bool) -> Any:
+    total = int(conn.execute("SELECT count(*) FROM resources").fetchone()[0])
+    return tqdm(total=total, unit="rec", disable=quiet or not sys.stderr.isatty())
+
+
+def cmd_store_check(args: argparse.Namespace, config: Config) -> int:
+    from appliance import store_repair
+
+    conn, kek = _open(config)
+    try:
+        keyring = load_keyring(conn, kek, config.keys.kek_file)
+        with _progress_bar(conn, args.quiet) as bar:
+            total = bar.total
+            damaged = store_repair.check(
+                conn,
+                keyring,
+                actor=_cli_actor(),
+                now=datetime.now(UTC),
+                progress=lambda done, _total: bar.update(done - bar.n),
+            )
+    finally:
+        conn.close()
+    if not damaged:
+        _out(f"all {total} stored records authenticate")
+        return 0
+    _out(f"{len(damaged)} of {total} stored records fail authentication (altered or damaged):")
+    for item in damaged:
+        _out(f"  {item.reference}  (row {item.row_id})")
+    _out(
+        "Treat it as a security incident (keep a copy of the database file), then restore them "
+        "from a backup: appliance store repair --from <decrypted backup> (docs/operations.md)"
+    )
+    return 1
+
+
+def cmd_store_repair(args: argparse.Namespace, config: Config) -> int:
+    from appliance import store_repair
+
+    conn, kek = _open(config)
+    try:
+        keyring = load_keyring(conn, kek, config.keys.kek_file)
+        with _progress_bar(conn, args.quiet) as bar:
+            done = store_repair.repair(
+                conn,
+                keyring,
+                args.backup,
+                actor=_cli_actor(),
+                now=datetime.now(UTC),
+                progress=lambda count, _total: bar.update(count - bar.n),
+            )
+    finally:
+        conn.close()
+    if not done.restored and not done.left:
+        _out("nothing to repair: every stored record authenticates")
+        return 0
+    for item in done.restored:
+        _out(f"restored  {item.reference}  (row {item.row_id})")
+    for item, why in done.left:
+        _out(f"left      {item.reference}  (row {item.row_id}): {why}")
+    if done.dead_letters:
+        _out(
+            "their dead letters can now be sent: appliance sync resend "
+            + " ".join(map(str, done.dead_letters))
+        )
+    return 1 if done.left else 0
 
 
 # -- users --------------------------------------------------------------------------------
@@ -683,6 +754,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted re-encryption without a new key",
     )
+
+    store_cmd = sub.add_parser(
+        "store", help="stored records: integrity check, restore from a backup"
+    ).add_subparsers(dest="store_command", required=True, metavar="COMMAND")
+    p = command(
+        "check",
+        cmd_store_check,
+        "decrypt every stored record; exit 1 naming those that fail authentication",
+        store_cmd,
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = command(
+        "repair",
+        cmd_store_repair,
+        "restore the records that fail authentication from a decrypted backup, where its "
+        "copy is the same version; exit 1 naming any left",
+        store_cmd,
+    )
+    p.add_argument(
+        "--from", dest="backup", type=Path, required=True, help="the decrypted backup file"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     users_cmd = sub.add_parser("users", help="staff accounts").add_subparsers(
         dest="users_command", required=True, metavar="COMMAND"

@@ -23,3 +23,18 @@ def move_ciphertext(db_path: Path, victim: str, source: str) -> None:
         conn.commit()
     finally:
         conn.close()
+
+
+def flip_byte(db_path: Path, victim: str, at: int = 20) -> None:
+    """Flip one bit of resource ``victim``'s stored ciphertext (logical id): a bad sector."""
+    conn = sqlite3.connect(db_path)
+    try:
+        [body] = conn.execute(
+            "SELECT body FROM resources WHERE logical_id = ?", (victim,)
+        ).fetchone()
+        damaged = bytearray(body)
+        damaged[at] ^= 0x01
+        conn.execute("UPDATE resources SET body = ? WHERE logical_id = ?", (bytes(damaged), victim))
+        conn.commit()
+    finally:
+        conn.close()
