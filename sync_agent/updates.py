@@ -67,6 +67,7 @@ from sync_agent.upstream import (
     bundle_entries,
     classify_response,
     exchange,
+    is_outcome,
     outcome_text,
     response_json,
     retry_after_seconds,
@@ -316,14 +317,17 @@ class UpdateSender:
         elif status in _RETRY or status >= 500:
             raise _transient(response)
         else:
-            refusal = classify_response(
-                status, response_json(response), response.headers.get("Retry-After")
-            )
-            if refusal.failure not in (Failure.PERMANENT, Failure.TOO_LARGE):
-                # Credentials, or an address that does not take the request (a proxy's page,
-                # a wrong base_url): not this update's fault. It waits, with backoff.
+            body = response_json(response)
+            refusal = classify_response(status, body, response.headers.get("Retry-After"))
+            if refusal.failure in (Failure.AUTH, Failure.TRANSIENT) or (
+                # To one resource's address a 404, 410 or 405 with the server's own
+                # OperationOutcome is about that resource (deleted, merged, not updatable):
+                # a dead letter. A redirect, or such a status from something that is not the
+                # FHIR server (a proxy's page), is the address: the update waits.
+                refusal.failure is Failure.ENDPOINT and (status < 400 or not is_outcome(body))
+            ):
                 raise refusal
-            await db.run_sync(conn, self._dead, row, refusal.message, None, now)
+            await db.run_sync(conn, self._dead, row, _server_message(response), None, now)
             result.dead += 1
 
     async def _own_version(self, ref: str) -> str | None:

@@ -4,12 +4,13 @@ The classes follow the Medplum agent's queue (STYLE.md): **transient** (connecti
 reset, 5xx, 429) → retry later with backoff; **ambiguous** (the request went out but no answer
 came back) → resend, which is safe only because every write we send is idempotent;
 **too large** (413, or a 400 whose OperationOutcome says the bundle has too many entries) →
-send smaller bundles; **permanent** (a 4xx with an OperationOutcome) → the server refused
-the content; **endpoint** (a redirect, a 404/405/406/410/415, or a 4xx without an
-OperationOutcome: a proxy's HTML page, a wrong ``base_url``) → the address did not take the
-request at all, which says nothing about the items: they stay pending, as for **auth**, and
-the exchange is retried with backoff. Before, a wrong ``base_url`` made every item a dead
-letter, one at a time, with no way to send them again; **auth** → the two ends did not accept each other: the token endpoint refused our client
+send smaller bundles; **permanent** (another 4xx) → the server (or a filter in front of
+it) refused the content; **endpoint** (a redirect, or a 404/405/406/410/415 to a request
+at the server's base: a wrong ``base_url``, a login page in front of the EHR) → the address
+did not take the request at all, which says nothing about the items: they stay pending, as
+for **auth**, and the exchange is retried with backoff. Before, a wrong ``base_url`` made
+every item a dead letter, one at a time. (A bare 400 stays **permanent**: a filter in front
+of the EHR may refuse one item's content, and the rest must flow.) **auth** → the two ends did not accept each other: the token endpoint refused our client
 (an OAuth error), the server answered 401 to a freshly obtained token, it refused our TLS
 client certificate, or we refused its certificate. That is a configuration problem for a
 person to fix, not a fault of the items: they stay pending and the exchange is retried with
@@ -95,7 +96,7 @@ def is_outcome(body: Any) -> bool:
 
 def outcome_text(body: Any) -> str:
     """The diagnostics of an OperationOutcome, as one line (the server's words)."""
-    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+    if is_outcome(body):
         parts = []
         for item in as_list(body.get("issue")):
             issue = as_dict(item)
@@ -178,7 +179,7 @@ def classify_response(status: int, body: Any, retry_after: str | None) -> Upstre
         return UpstreamError(Failure.AUTH, f"the upstream refused our credentials: {text}")
     if status in _RETRY_STATUSES or status >= 500:
         return UpstreamError(Failure.TRANSIENT, text, retry_after_seconds(retry_after))
-    if status < 400 or status in _ENDPOINT_STATUSES or not is_outcome(body):
+    if status < 400 or status in _ENDPOINT_STATUSES:
         said = text if text.startswith("HTTP ") else f"HTTP {status}: {text}"
         return UpstreamError(
             Failure.ENDPOINT,

@@ -30,7 +30,6 @@ from sync_agent.upstream import (
     classify_response,
     entry_outcome,
     entry_status,
-    is_outcome,
     outcome_text,
     retry_after_seconds,
 )
@@ -180,11 +179,14 @@ def test_an_outcome_of_any_shape_is_one_line_and_a_class(
     assert error.message
     assert error.retry_after_s is None or error.retry_after_s >= 0
     if error.failure is Failure.PERMANENT:
-        # A dead letter only on a FHIR server's own refusal of the content, never on a
-        # proxy's page, a redirect or an address that does not take the request.
+        # A dead letter only on a refusal of the content, never on a redirect or an
+        # address that does not take the request.
         assert 400 <= status < 500
-        assert status not in (404, 405, 406, 410, 415)
-        assert is_outcome(body)
+        assert status not in (404, 405, 406, 408, 409, 410, 415, 423, 425, 429)
+        assert error.message == (outcome_text(body) or f"HTTP {status}")
+    if status in (404, 405, 406, 410, 415) or 300 <= status < 400:
+        assert error.failure is Failure.ENDPOINT
+        assert "check base_url" in error.message
 
 
 @settings(max_examples=500, deadline=None)

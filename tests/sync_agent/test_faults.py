@@ -409,7 +409,11 @@ async def test_a_refusal_whose_outcome_is_malformed_is_a_dead_letter_with_the_se
             b'{"resourceType":"OperationOutcome","issue":[{"severity":"error",'
             b'"code":"not-supported","diagnostics":"POST not allowed here"}]}',
         ),
-        (400, b"<html>400 Bad Request: request header or cookie too large</html>"),
+        (
+            404,
+            b'{"resourceType":"OperationOutcome","issue":[{"severity":"error",'
+            b'"code":"not-found","diagnostics":"Unknown resource type \'R4x\'"}]}',
+        ),
         (302, b""),  # a redirect (to a login page): the proxy's body is an OperationOutcome
     ],
 )

@@ -310,7 +310,7 @@ async def test_an_address_that_does_not_take_the_update_leaves_it_waiting(
     await _edit(store, logical_id, "Editedperson")
     clock = Clock()
     sender = _sender(store, client, clock)
-    fhir_peer.fault("status", status=405)  # a server (or a proxy) that takes no PUT here
+    fhir_peer.fault("status", status=302)  # a login page put in front of the EHR
     failed = await sender.send_once()
     # Before: a dead letter, though nothing was wrong with the edit.
     assert (failed.dead, failed.retry, failed.link_down) == (0, 1, False)
@@ -318,6 +318,16 @@ async def test_an_address_that_does_not_take_the_update_leaves_it_waiting(
     clock.now += timedelta(hours=1)
     assert (await sender.send_once()).delivered == 1
     assert (await _upstream(client, upstream_ref))["name"][0]["family"] == "Editedperson"
+
+
+async def test_an_update_of_a_resource_the_upstream_no_longer_has_is_a_dead_letter(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    logical_id, _ = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    fhir_peer.fault("status", status=410)  # deleted (or merged) upstream: the server says so
+    result = await _sender(store, client).send_once()
+    assert (result.dead, result.retry, result.error) == (1, 0, None)
 
 
 async def test_an_update_whose_stored_copy_fails_authentication_is_dead_lettered_not_stuck(
