@@ -48,8 +48,8 @@ class LaneStatus:
 class DeadLetter:
     """A refused outbox item, without its (sealed) message.
 
-    ``in_review``: an update held because the upstream's copy had changed; it is decided in
-    the review queue, never sent again from the dead letters.
+    ``in_review``: an update held because the upstream's copy had changed; it belongs to the
+    review queue (decided there, or waiting there), never sent again from the dead letters.
     """
 
     outbox_id: int
@@ -293,7 +293,7 @@ def _resendable(
     """Dead letters asked for (and their patients' others): id → (patient key, in review);
     and the ids asked for that are dead letters."""
     base = (
-        f"SELECT o.id, r.type, r.patient_key, {_IN_REVIEW} FROM outbox o "  # noqa: S608 - constant
+        f"SELECT o.id, r.type, r.patient_key, {_IN_REVIEW}, o.kind FROM outbox o "  # noqa: S608 - constant
         "JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead'"
     )
     if outbox_ids is None:
@@ -306,12 +306,16 @@ def _resendable(
     found = {int(oid) for oid, *_ in rows}
     if outbox_ids is not None:
         # A Patient's own dead letters come along (its readings were refused because of it).
-        patients = {bytes(key) for _oid, rtype, key, _ in rows if rtype == "Patient" and key}
+        patients = {
+            bytes(key)
+            for _oid, rtype, key, in_review, kind in rows
+            if rtype == "Patient" and kind == "create" and key and not in_review
+        }
         for key in sorted(patients):
             rows += conn.execute(base + " AND r.patient_key = ?", (key,)).fetchall()
     chosen = {
         int(oid): (None if key is None else bytes(key), bool(in_review))
-        for oid, _type, key, in_review in rows
+        for oid, _type, key, in_review, _kind in rows
     }
     return chosen, found
 

@@ -185,8 +185,8 @@ POLICY: Mapping[str, Rule] = {
     "sync.overview": _r(CLINIC, phi=True),
     "sync.sync_now": _r(ADMIN),
     "sync.dead_letter_message": _r(ADMIN, phi=True),
-    "sync.dead_letter_resend": _r(ADMIN),
-    "sync.dead_letters_resend_all": _r(ADMIN),
+    "sync.dead_letter_resend": _r(ADMIN, phi=True),  # a refusal renders the Sync page
+    "sync.dead_letters_resend_all": _r(ADMIN, phi=True),
     "sync.review_list": _r(CLINIC, phi=True),
     "sync.review_case": _r(CLINIC, phi=True),
     "sync.review_keep_mine": _r(CLINIC, phi=True),

@@ -162,7 +162,8 @@ async def _resend(outbox_ids: list[int] | None) -> ResponseReturnValue:
     )
     if outbox_ids is not None and not done.resent:
         why = (
-            "It waits for a decision in the review queue."
+            "That update belongs to the review queue: it is decided there, not sent again "
+            "from here."
             if done.in_review
             else "That dead letter is no longer there."
         )
