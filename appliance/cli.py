@@ -258,13 +258,24 @@ def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
             more = (
                 "" if len(result.unreadable) <= 20 else f" and {len(result.unreadable) - 20} more"
             )
+            advice = []
+            if result.unreadable:
+                advice.append(
+                    "Restore the records from a backup (appliance store repair --from "
+                    "<decrypted backup>, docs/operations.md), then run "
+                    "`appliance keys rotate data --resume`."
+                )
+            if result.unreadable_sealed:
+                advice.append(
+                    "The sealed values (messages, notes, earlier versions) cannot be restored "
+                    "one by one; the old key stays while they name it."
+                )
             sys.stderr.write(
                 f"{len(result.unreadable)} record(s) and {result.unreadable_sealed} sealed "
                 f"value(s) failed authentication and were left as they were "
                 f"(resources rows: {rows or 'none'}{more}); their old key is kept. "
-                "Restore them from a backup (appliance store repair --from <decrypted "
-                "backup>, docs/operations.md), then run "
-                "`appliance keys rotate data --resume`\n"
+                + " ".join(advice)
+                + "\n"
             )
             return 1
         return 0
@@ -285,12 +296,12 @@ def cmd_store_check(args: argparse.Namespace, config: Config) -> int:
 
     conn, kek = _open(config)
     try:
-        keyring = load_keyring(conn, kek, config.keys.kek_file)
+        load_keyring(conn, kek, config.keys.kek_file)  # the wrong key: one line naming the file
         with _progress_bar(conn, args.quiet) as bar:
             total = bar.total
             damaged = store_repair.check(
                 conn,
-                keyring,
+                kek,
                 actor=_cli_actor(),
                 now=datetime.now(UTC),
                 progress=lambda done, _total: bar.update(done - bar.n),
@@ -315,11 +326,11 @@ def cmd_store_repair(args: argparse.Namespace, config: Config) -> int:
 
     conn, kek = _open(config)
     try:
-        keyring = load_keyring(conn, kek, config.keys.kek_file)
+        load_keyring(conn, kek, config.keys.kek_file)  # the wrong key: one line naming the file
         with _progress_bar(conn, args.quiet) as bar:
             done = store_repair.repair(
                 conn,
-                keyring,
+                kek,
                 args.backup,
                 actor=_cli_actor(),
                 now=datetime.now(UTC),

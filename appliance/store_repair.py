@@ -10,18 +10,23 @@ throw away everything written since the last backup by restoring the whole datab
   those that fail, by type, logical id and row;
 * :func:`repair` takes each one's copy from a backup of this box's store (the decrypted
   backup file: still the store's own ciphertext) when that copy is **the same version** —
-  the same row, logical id, type and plain index columns, and as many earlier versions in
-  ``resource_history`` — and authenticates under this box's keys. The damaged bytes are
-  kept as found in ``unreadable_copies`` (for whoever investigates), the restored row is
-  audited in the patient's name, and a record changed since the backup is left alone: its
-  backup copy is an older version, and restoring it would undo a change without a word.
+  the same row, logical id, type and plain index columns, the same upstream version (for a
+  record linked to the EHR), and as many earlier versions and replaced copies
+  (``resource_history``, ``unreadable_copies``) — and authenticates under this box's keys.
+  It is sealed again under the active data key (so it depends on no older key), the
+  damaged bytes are kept as found in ``unreadable_copies`` (for whoever investigates), and
+  the restore is audited in the patient's name. A record changed since the backup is left
+  alone: its backup copy is an older version, and restoring it would undo a change without
+  a word.
 
-Both run while the appliance runs: the restore re-checks each row under the write lock, so
-a row that a pulled copy healed meanwhile is not overwritten.
+Both run while the appliance runs. Keys are read again when a row names a version this run
+has not loaded (a data-key rotation meanwhile), and the restore re-checks each row under the
+write lock, so a row that a pulled copy healed meanwhile is not overwritten.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -32,7 +37,7 @@ from pathlib import Path
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent
 from appliance.errors import ApplianceError, TamperedDataError
-from appliance.keys import Keyring
+from appliance.keys import load_keyring
 from appliance.store import TABLE
 
 logger = logging.getLogger(__name__)
@@ -65,17 +70,26 @@ class Repair:
     dead_letters: tuple[int, ...]  # outbox dead letters of restored records: send them again
 
 
-def _authenticates(keyring: Keyring, logical_id: str, version: int, body: bytes) -> bool:
-    try:
-        keyring.decrypt(TABLE, logical_id, version, body)
-    except TamperedDataError:
-        return False
-    return True
+class _Keys:
+    """The keyring, read again from the database when a row names a version not loaded."""
+
+    def __init__(self, conn: sqlite3.Connection, kek: bytes) -> None:
+        self._conn, self._kek = conn, kek
+        self.ring = load_keyring(conn, kek)
+
+    def open(self, logical_id: str, version: int, body: bytes) -> bytes | None:
+        """The plaintext, or None when the copy fails authentication."""
+        if version not in self.ring.data_keys:
+            self.ring = load_keyring(self._conn, self._kek)  # a rotation in another process
+        try:
+            return self.ring.decrypt(TABLE, logical_id, version, body)
+        except TamperedDataError:
+            return None
 
 
 def check(
     conn: sqlite3.Connection,
-    keyring: Keyring,
+    kek: bytes,
     *,
     actor: str,
     now: datetime,
@@ -86,6 +100,12 @@ def check(
     Every record is decrypted (and dropped at once): one audit record says so, with the
     counts only.
     """
+    return _check(conn, _Keys(conn, kek), actor, now, progress)
+
+
+def _check(
+    conn: sqlite3.Connection, keys: _Keys, actor: str, now: datetime, progress: Progress | None
+) -> list[Damaged]:
     total = int(conn.execute("SELECT count(*) FROM resources").fetchone()[0])
     damaged: list[Damaged] = []
     last, done = 0, 0
@@ -98,7 +118,7 @@ def check(
         if not rows:
             break
         for row_id, logical_id, rtype, version, body in rows:
-            if not _authenticates(keyring, logical_id, int(version), bytes(body)):
+            if keys.open(logical_id, int(version), bytes(body)) is None:
                 damaged.append(Damaged(int(row_id), str(rtype), str(logical_id)))
         last = int(rows[-1][0])
         done += len(rows)
@@ -123,7 +143,8 @@ def check(
 def _open_backup(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise ApplianceError(f"{path}: no such file (decrypt the backup first: docs/operations.md)")
-    source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    # Read-only and immutable: nothing is written beside the backup (no -wal, no -shm).
+    source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
     try:
         source.execute("SELECT id, logical_id, key_version, body FROM resources LIMIT 1")
     except sqlite3.DatabaseError as exc:
@@ -135,30 +156,37 @@ def _open_backup(path: Path) -> sqlite3.Connection:
     return source
 
 
-def _history_count(conn: sqlite3.Connection, row_id: int) -> int:
-    try:
-        found = conn.execute(
-            "SELECT count(*) FROM resource_history WHERE resource_id = ?", (row_id,)
-        ).fetchone()
-    except sqlite3.OperationalError:  # a backup from before the table existed
-        return 0
-    return int(found[0])
+# What changes with every new version of a record, beside its sealed body: its plain index
+# columns, its link to the upstream's version, and the versions and copies it replaced.
+_VERSION_MARKS = (
+    "SELECT logical_id, type, patient_key, code, effective FROM resources WHERE id = ?",
+    "SELECT upstream_ref, version_id, last_updated FROM upstream_links WHERE resource_id = ?",
+    "SELECT count(*) FROM resource_history WHERE resource_id = ?",
+    # A copy replaced by the upstream's is a new version; one restored from a backup is not.
+    "SELECT count(*) FROM unreadable_copies WHERE resource_id = ? "
+    "AND replaced_by NOT LIKE 'backup:%'",
+)
 
 
-_PLAIN = "SELECT logical_id, type, patient_key, code, effective FROM resources WHERE id = ?"
+def _version_marks(conn: sqlite3.Connection, row_id: int) -> list[object]:
+    marks: list[object] = []
+    for sql in _VERSION_MARKS:
+        try:
+            found = conn.execute(sql, (row_id,)).fetchone()
+        except sqlite3.OperationalError:  # a backup from before the table existed
+            found = (0,) if "count(*)" in sql else None
+        marks.append(None if found is None else tuple(found))
+    return marks
 
 
 def _candidate(
-    conn: sqlite3.Connection, source: sqlite3.Connection, keyring: Keyring, item: Damaged
-) -> tuple[int, bytes] | str:
-    """The backup's copy of ``item`` as ``(key_version, body)``, or why it cannot be used."""
-    theirs = source.execute(_PLAIN, (item.row_id,)).fetchone()
-    if theirs is None or tuple(theirs[:2]) != (item.logical_id, item.type):
+    conn: sqlite3.Connection, source: sqlite3.Connection, keys: _Keys, item: Damaged
+) -> bytes | str:
+    """The backup's copy of ``item`` as plaintext, or why it cannot be used."""
+    theirs = _version_marks(source, item.row_id)
+    if theirs[0] is None or theirs[0][:2] != (item.logical_id, item.type):  # type: ignore[index]
         return "not in this backup (stored after it was made)"
-    ours = conn.execute(_PLAIN, (item.row_id,)).fetchone()
-    if tuple(ours) != tuple(theirs) or _history_count(conn, item.row_id) != _history_count(
-        source, item.row_id
-    ):
+    if _version_marks(conn, item.row_id) != theirs:
         return (
             "changed since this backup: its copy there is an older version (enter the "
             "record again, or try a newer backup)"
@@ -166,14 +194,15 @@ def _candidate(
     version, body = source.execute(
         "SELECT key_version, body FROM resources WHERE id = ?", (item.row_id,)
     ).fetchone()
-    if not _authenticates(keyring, item.logical_id, int(version), bytes(body)):
+    plaintext = keys.open(item.logical_id, int(version), bytes(body))
+    if plaintext is None:
         return "the backup's copy does not authenticate either (or its key is gone)"
-    return int(version), bytes(body)
+    return plaintext
 
 
 def repair(
     conn: sqlite3.Connection,
-    keyring: Keyring,
+    kek: bytes,
     backup: Path,
     *,
     actor: str,
@@ -182,31 +211,34 @@ def repair(
 ) -> Repair:
     """Restore every damaged record whose backup copy is the same version (module docstring)."""
     source = _open_backup(backup)
+    keys = _Keys(conn, kek)
     try:
-        damaged = check(conn, keyring, actor=actor, now=now, progress=progress)
-        usable: list[tuple[Damaged, int, bytes]] = []
+        damaged = _check(conn, keys, actor, now, progress)
+        usable: list[tuple[Damaged, bytes]] = []
         left: list[tuple[Damaged, str]] = []
         for item in damaged:
-            found = _candidate(conn, source, keyring, item)
+            found = _candidate(conn, source, keys, item)
             if isinstance(found, str):
                 left.append((item, found))
             else:
-                usable.append((item, *found))
+                usable.append((item, found))
     finally:
         source.close()
     restored: list[Damaged] = []
     stamp = fhir.utc_text(now)
     with db.transaction_sync(conn):
         events = []
-        for item, version, body in usable:
+        keys.ring = load_keyring(conn, kek)  # under the write lock: the active key as it is
+        for item, plaintext in usable:
             row = conn.execute(
                 "SELECT key_version, body, patient_key FROM resources WHERE id = ? "
                 "AND logical_id = ?",
                 (item.row_id, item.logical_id),
             ).fetchone()
-            if row is None or _authenticates(keyring, item.logical_id, int(row[0]), bytes(row[1])):
+            if row is None or keys.open(item.logical_id, int(row[0]), bytes(row[1])) is not None:
                 left.append((item, "changed while this ran (it authenticates now)"))
                 continue
+            version, body = keys.ring.encrypt(TABLE, item.logical_id, plaintext)
             conn.execute(
                 "INSERT INTO unreadable_copies (resource_id, key_version, body, found_at, "
                 "replaced_by) VALUES (?, ?, ?, ?, ?)",
@@ -235,7 +267,7 @@ def repair(
         for (oid,) in conn.execute(
             "SELECT id FROM outbox WHERE state = 'dead' AND resource_id IN "
             "(SELECT value FROM json_each(?)) ORDER BY id",
-            (str([item.row_id for item in restored]),),
+            (json.dumps([item.row_id for item in restored]),),
         ).fetchall()
     )
     left.sort(key=lambda pair: pair[0].row_id)

@@ -16,6 +16,7 @@ import pytest
 from appliance import db
 from appliance.cli import main
 from appliance.errors import ApplianceError, TamperedDataError
+from appliance.keys import read_kek_file
 from appliance.store import Store
 from appliance.store_repair import RESTORED_DETAIL, Damaged, check, repair
 from tests import factories
@@ -52,7 +53,7 @@ async def _clinic(store: Store) -> dict[str, str]:
 
 
 async def test_check_names_each_damaged_record_and_repair_restores_the_same_versions(
-    store: Store, db_path: Path, tmp_path: Path
+    store: Store, db_path: Path, kek_path: Path, tmp_path: Path
 ) -> None:
     ids = await _clinic(store)
     backup = tmp_path / "appliance-20261129T020000Z.db"
@@ -68,14 +69,14 @@ async def test_check_names_each_damaged_record_and_repair_restores_the_same_vers
     move_ciphertext(db_path, ed.logical_id, ids["Cy"])
     conn = db.connect_sync(db_path)
     try:
-        keyring = store.keyring
-        damaged = check(conn, keyring, actor=ACTOR, now=NOW)
+        kek = read_kek_file(kek_path)
+        damaged = check(conn, kek, actor=ACTOR, now=NOW)
         assert [d.reference for d in damaged] == [
             f"Patient/{ids[f]}" for f in ("Ada", "Bea", "Di")
         ] + [f"Patient/{ed.logical_id}"]
         conn.execute("UPDATE outbox SET state = 'dead' WHERE resource_id = ?", (damaged[0].row_id,))
 
-        done = repair(conn, keyring, backup, actor=ACTOR, now=NOW)
+        done = repair(conn, kek, backup, actor=ACTOR, now=NOW)
         assert [d.reference for d in done.restored] == [f"Patient/{ids[f]}" for f in ("Ada", "Di")]
         left = {d.reference: why for d, why in done.left}
         assert "changed since this backup" in left[f"Patient/{ids['Bea']}"]
@@ -94,7 +95,7 @@ async def test_check_names_each_damaged_record_and_repair_restores_the_same_vers
         ).fetchall()
         assert checks == [(ACTOR, "integrity check: 4 fail authentication")] * 2
         # Only what could not be restored is left.
-        assert [d.reference for d in check(conn, keyring, actor=ACTOR, now=NOW)] == [
+        assert [d.reference for d in check(conn, kek, actor=ACTOR, now=NOW)] == [
             f"Patient/{ids['Bea']}",
             f"Patient/{ed.logical_id}",
         ]
@@ -107,17 +108,17 @@ async def test_check_names_each_damaged_record_and_repair_restores_the_same_vers
 
 
 async def test_repair_refuses_a_file_that_is_not_a_backup_of_the_store(
-    store: Store, db_path: Path, tmp_path: Path
+    store: Store, db_path: Path, kek_path: Path, tmp_path: Path
 ) -> None:
     await _clinic(store)
     conn = db.connect_sync(db_path)
     try:
         with pytest.raises(ApplianceError, match="no such file"):
-            repair(conn, store.keyring, tmp_path / "missing.db", actor=ACTOR, now=NOW)
+            repair(conn, read_kek_file(kek_path), tmp_path / "missing.db", actor=ACTOR, now=NOW)
         cms = tmp_path / "appliance-20261129T020000Z.db.cms"
         cms.write_bytes(b"0\x82\x01\x00 not decrypted yet")
         with pytest.raises(ApplianceError, match="not a database of this appliance"):
-            repair(conn, store.keyring, cms, actor=ACTOR, now=NOW)
+            repair(conn, read_kek_file(kek_path), cms, actor=ACTOR, now=NOW)
     finally:
         conn.close()
 
@@ -159,7 +160,7 @@ def test_the_commands_over_a_demo_site(
 
 
 async def test_a_record_healed_while_repair_runs_is_not_overwritten(
-    store: Store, db_path: Path, tmp_path: Path
+    store: Store, db_path: Path, kek_path: Path, tmp_path: Path
 ) -> None:
     ids = await _clinic(store)
     backup = tmp_path / "backup.db"
@@ -177,7 +178,7 @@ async def test_a_record_healed_while_repair_runs_is_not_overwritten(
 
     conn = db.connect_sync(db_path)
     try:
-        done = repair(conn, store.keyring, backup, actor=ACTOR, now=NOW, progress=heal)
+        done = repair(conn, read_kek_file(kek_path), backup, actor=ACTOR, now=NOW, progress=heal)
         assert done.restored == ()
         [(item, why)] = done.left
         assert item.logical_id == ids["Ada"]
@@ -186,3 +187,81 @@ async def test_a_record_healed_while_repair_runs_is_not_overwritten(
     finally:
         conn.close()
         raw.close()
+
+
+async def test_a_restore_is_sealed_under_the_active_key_and_a_later_version_is_never_undone(
+    store: Store, db_path: Path, kek_path: Path, tmp_path: Path
+) -> None:
+    ids = await _clinic(store)
+    backup = tmp_path / "backup.db"
+    _backup(db_path, backup)
+    kek = read_kek_file(kek_path)
+    conn = db.connect_sync(db_path)
+    try:
+        # Damaged twice, restored twice from the same backup: a restore is no new version.
+        for _ in range(2):
+            flip_byte(db_path, ids["Ada"])
+            [restored] = repair(conn, kek, backup, actor=ACTOR, now=NOW).restored
+            assert restored.logical_id == ids["Ada"]
+        [(version,)] = conn.execute(
+            "SELECT key_version FROM resources WHERE logical_id = ?", (ids["Ada"],)
+        ).fetchall()
+        assert version == store.keyring.active_version
+        # The upstream's copy replaced a damaged Cy since the backup (as the pull does), then
+        # Cy was damaged again: the backup's copy is older than the upstream's. Left alone.
+        [(cy_row,)] = conn.execute(
+            "SELECT id FROM resources WHERE logical_id = ?", (ids["Cy"],)
+        ).fetchall()
+        with db.transaction_sync(conn):
+            conn.execute(
+                "INSERT INTO unreadable_copies (resource_id, key_version, body, found_at, "
+                "replaced_by) VALUES (?, 1, x'00', ?, 'Patient/upstream-7')",
+                (cy_row, NOW.isoformat()),
+            )
+        flip_byte(db_path, ids["Cy"])
+        done = repair(conn, kek, backup, actor=ACTOR, now=NOW)
+        assert done.restored == ()
+        [(item, why)] = done.left
+        assert (item.logical_id, why.split(":")[0]) == (ids["Cy"], "changed since this backup")
+    finally:
+        conn.close()
+    assert (await store.read("Patient", ids["Ada"], NURSE))["name"][0]["family"] == "Ada"
+
+
+async def test_a_data_key_rotation_meanwhile_is_no_damage_and_retires_old_backups(
+    store: Store,
+    db_path: Path,
+    kek_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from appliance import key_rotation, store_repair
+
+    ids = await _clinic(store)
+    backup = tmp_path / "backup.db"
+    _backup(db_path, backup)
+    kek = read_kek_file(kek_path)
+    monkeypatch.setattr(store_repair, "BATCH", 2)
+    other = db.connect_sync(db_path)  # `appliance keys rotate data` in another terminal
+    rotated: list[int] = []
+
+    def rotate(_done: int, _total: int) -> None:
+        if not rotated:
+            rotated.append(key_rotation.rotate_data_key(other, kek))
+            key_rotation.reencrypt(other, kek)
+
+    conn = db.connect_sync(db_path)
+    try:
+        # The rows after the first two now name a key this run had not loaded: read again,
+        # not reported as damaged.
+        assert check(conn, kek, actor=ACTOR, now=NOW, progress=rotate) == []
+        assert rotated
+        # The old key is destroyed: the backup made before the rotation cannot restore.
+        flip_byte(db_path, ids["Bea"])
+        done = repair(conn, kek, backup, actor=ACTOR, now=NOW)
+        [(item, why)] = done.left
+        assert item.logical_id == ids["Bea"]
+        assert "does not authenticate either" in why
+    finally:
+        conn.close()
+        other.close()
