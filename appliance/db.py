@@ -69,7 +69,7 @@ def translate_error(exc: sqlite3.Error, path: Path | str) -> StoreError:
     if "malformed" in text or "not a database" in text:
         return StoreError(
             f"{path}: the database file is corrupt ({text}). Stop the appliance and restore "
-            "the latest backup (docs/provisioning.md, \"Backup and restore\")."
+            'the latest backup (docs/provisioning.md, "Backup and restore").'
         )
     if "locked" in text or "busy" in text:
         return StoreError(f"{path}: the database stayed locked for too long ({text}); retry.")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ import pytest
 
 from appliance.users import Role
 from sync_agent.outbox_delivery import Deliverer
-from sync_agent.upstream import FHIR_JSON
 from tests import factories
 from tests.e2e import live_server
 from tests.e2e.conftest import LiveApp
@@ -30,15 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.peer]
 
 ADMIN = "admin-e2e"
 ADMIN_PASSWORD = "admin horse battery staple e2e"
-
-
-@pytest.fixture
-async def upstream(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
-    fhir_peer.reset()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
-    ) as http:
-        yield http
 
 
 async def _sign_in_as_admin(live_app: LiveApp, page: Any) -> None:

@@ -8,7 +8,6 @@ Medplum peer); the page is served by Hypercorn under the production CSP. Set
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,11 @@ import httpx
 import pytest
 
 from sync_agent.updates import ReviewQueue
-from sync_agent.upstream import FHIR_JSON
 from tests.e2e import live_server
 from tests.e2e.conftest import LiveApp
-from tests.fhir_peer.peer import FhirPeer
 from tests.web.test_sync_review import _conflict
 
 pytestmark = [pytest.mark.slow, pytest.mark.peer]
-
-
-@pytest.fixture
-async def upstream(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
-    fhir_peer.reset()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
-    ) as http:
-        yield http
 
 
 async def test_a_nurse_compares_both_versions_and_keeps_ours(
