@@ -44,6 +44,21 @@ bp = Blueprint("sync", __name__, url_prefix="/sync")
 _VIEWERS = (Role.NURSE, Role.ADMIN)
 
 
+# The sync process reports only the class of its last failure (the server's words may quote
+# patient data); what each means for the person looking, and where to look.
+FAILURE_TEXT = {
+    "transient": "the EHR answered with errors or was busy; retrying with backoff",
+    "ambiguous": "a bundle got no answer; resending it (safe: nothing is created twice)",
+    "auth": "the EHR refused our credentials or certificate; check the site config and the "
+    "EHR's registration of this box",
+    "endpoint": "the upstream address does not take FHIR requests; check base_url in the "
+    "site config",
+    "too_large": "the EHR refused a bundle as too large; sending smaller ones",
+    "permanent": "the EHR refused an item; see the dead letters",
+    "store": "the local store failed (a full disk?); see the journal",
+}
+
+
 def age_text(seconds: float | None) -> str:
     """``42 s``, ``7 min``, ``3 h 5 min``, ``2 d 4 h`` (a dash when there is nothing)."""
     if seconds is None:
@@ -92,6 +107,7 @@ async def _page(*, opened: dict[int, str] | None = None, notice: str | None = No
         local=local,
         local_text=lambda text: _local_text(text, state.zone),
         age_text=age_text,
+        failure_text=FAILURE_TEXT,
         last_success_age=last_success_age,
     )
 

@@ -211,6 +211,34 @@ async def test_a_nurse_cannot_send_dead_letters_again(
     raw.close()
 
 
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        ("endpoint", "check base_url in the site config"),
+        ("auth", "refused our credentials"),
+        ("something-new", "last failure: something-new"),
+    ],
+)
+async def test_an_offline_link_says_what_the_failure_means(
+    logged_in: QuartClient, db_path: Path, clock: FakeClock, failure: str, said: str
+) -> None:
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.execute(
+            "INSERT INTO heartbeats (process, pid, started_at, beat_at, status) "
+            "VALUES ('sync', 1, ?, ?, ?)",
+            (
+                clock().isoformat(),
+                clock().isoformat(),
+                json.dumps({"upstream": "ehr", "online": False, "last_failure": failure}),
+            ),
+        )
+    raw.close()
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    assert "Offline" in page
+    assert said in page.split('id="last-failure">')[1].split("</span>")[0]
+
+
 async def test_sync_gauges_match_the_database(
     client: QuartClient, store: Store, db_path: Path, clock: FakeClock
 ) -> None:
@@ -241,3 +269,10 @@ async def test_sync_gauges_match_the_database(
     clock.advance(60)  # the heartbeat goes stale: no longer online
     response = await client.get("/metrics")
     assert b"appliance_sync_online 0.0" in await response.get_data()
+
+
+def test_every_failure_class_has_words_for_the_page() -> None:
+    from sync_agent.upstream import Failure
+    from web.sync import FAILURE_TEXT
+
+    assert {str(f) for f in Failure} | {"store"} == set(FAILURE_TEXT)
