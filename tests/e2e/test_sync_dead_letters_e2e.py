@@ -8,8 +8,11 @@ after.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -81,4 +84,23 @@ async def test_an_admin_sends_a_refused_patient_again_and_it_lands_with_its_read
     delivered = await deliverer.drain()
     assert (delivered.delivered, delivered.dead) == (3, 0)
     assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 2)
+
+    # Later the site's base_url is mistyped: the page says so in words, not "endpoint".
+    now = datetime.now(UTC).isoformat()
+    raw = sqlite3.connect(live_app.db_path)
+    with raw:
+        raw.execute(
+            "INSERT INTO heartbeats (process, pid, started_at, beat_at, status) "
+            "VALUES ('sync', 1, ?, ?, ?)",
+            (
+                now,
+                now,
+                json.dumps({"upstream": "ehr", "online": False, "last_failure": "endpoint"}),
+            ),
+        )
+    raw.close()
+    await page.reload()
+    assert "check base_url" in await page.locator("#last-failure").inner_text()
+    if folder:
+        await page.screenshot(path=str(Path(folder) / "sync-endpoint.png"))
     assert problems == []
