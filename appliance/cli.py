@@ -437,7 +437,6 @@ def _sync_status_json(found: SyncStatus, messages: dict[int, str] | None) -> dic
                 "lane": d.lane,
                 "type": d.type,
                 "attempts": d.attempts,
-                "in_review": d.in_review,
                 # Opened only with --show-errors (audited): the upstream's words may quote PHI.
                 "error": None if messages is None else messages.get(d.outbox_id),
             }
@@ -459,6 +458,7 @@ def _sync_status_json(found: SyncStatus, messages: dict[int, str] | None) -> dic
         "waiting": found.waiting,
         "last_success": None if found.last_success is None else found.last_success.isoformat(),
         "dead_total": found.dead_total,
+        "reviews_open": found.reviews_open,
         "audit_export": {
             "cursor": found.export.cursor,
             "head": found.export.head,
@@ -510,6 +510,7 @@ def _sync_status_table(
         f"Last success   {success}",
         f"Waiting        {found.waiting}",
         f"Dead letters   {found.dead_total}",
+        f"Review queue   {found.reviews_open} waiting for a decision (/sync/review)",
         f"Audit export   {export.lag} waiting (exported up to record {export.cursor} of "
         f"{export.head}; {export.refused} refused; checkpoint anchored at record {export.anchored})",
         f"Sync now       {found.sync_now or 'never asked'}",
@@ -523,8 +524,7 @@ def _sync_status_table(
     if found.dead_letters:
         lines += ["", f"{'Dead letter':>11}  {'Lane':<9} {'Resource':<22} {'Attempts':>8}"]
         for d in found.dead_letters:
-            held = "  held for the review queue" if d.in_review else ""
-            lines.append(f"{d.outbox_id:>11}  {d.lane:<9} {d.type:<22} {d.attempts:>8}{held}")
+            lines.append(f"{d.outbox_id:>11}  {d.lane:<9} {d.type:<22} {d.attempts:>8}")
             if messages is not None and d.outbox_id in messages:
                 lines.append(f"{'':>13}{messages[d.outbox_id] or '(no message)'}")
         if messages is None:

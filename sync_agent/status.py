@@ -30,7 +30,7 @@ SYNC_NOW_KEY = "sync_now"
 """``meta`` key the sync process watches: a new value makes it skip its backoff."""
 DEAD_LETTERS_SHOWN = 50
 # An outbox row (alias ``o``) held for the review queue (an update the upstream's changes
-# overtook): decided there, never sent again from the dead letters.
+# overtook): counted and decided there, never a dead letter, never sent again from them.
 _IN_REVIEW = "EXISTS (SELECT 1 FROM review_queue q WHERE q.outbox_id = o.id)"
 
 
@@ -46,17 +46,12 @@ class LaneStatus:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A refused outbox item, without its (sealed) message.
-
-    ``in_review``: an update held because the upstream's copy had changed; it belongs to the
-    review queue (decided there, or waiting there), never sent again from the dead letters.
-    """
+    """A refused outbox item, without its (sealed) message."""
 
     outbox_id: int
     lane: str
     type: str
     attempts: int
-    in_review: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +106,7 @@ class SyncStatus:
     export: ExportState
     sync_now: str | None
     counts: tuple[tuple[int, str, int], ...]  # (lane, state, count): the raw outbox table
+    reviews_open: int = 0  # local edits the upstream's changes overtook, waiting for a nurse
 
     @property
     def online(self) -> bool:
@@ -166,7 +162,10 @@ def read_status(conn: sqlite3.Connection, now: datetime) -> SyncStatus:
     """Read every figure (on the database thread); ``now`` is timezone-aware.
 
     Waiting items are counted through the partial index of pending rows; the oldest waiting
-    item's age comes from its resource's UUIDv7 (the outbox keeps no creation time).
+    item's age comes from its resource's UUIDv7 (the outbox keeps no creation time). An
+    update held for the review queue (the upstream's copy had changed) is counted there,
+    open or decided, never as a dead letter: it is not a refusal, and a nurse's decision
+    ends it.
     """
     counts = tuple(
         (int(lane), str(state), int(count))
@@ -174,6 +173,13 @@ def read_status(conn: sqlite3.Connection, now: datetime) -> SyncStatus:
             "SELECT lane, state, count(*) FROM outbox GROUP BY lane, state ORDER BY lane, state"
         ).fetchall()
     )
+    dead_by_lane = {
+        int(lane): int(count)
+        for lane, count in conn.execute(
+            f"SELECT o.lane, count(*) FROM outbox o WHERE o.state = 'dead' AND NOT {_IN_REVIEW} "  # noqa: S608 - constant
+            "GROUP BY o.lane"
+        ).fetchall()
+    }
     lanes = []
     for lane in Lane:
         oldest = conn.execute(
@@ -189,28 +195,32 @@ def read_status(conn: sqlite3.Connection, now: datetime) -> SyncStatus:
                 age = None
         by_state = {state: count for number, state, count in counts if number == lane}
         lanes.append(
-            LaneStatus(lane.name.lower(), by_state.get("pending", 0), age, by_state.get("dead", 0))
+            LaneStatus(
+                lane.name.lower(), by_state.get("pending", 0), age, dead_by_lane.get(lane, 0)
+            )
         )
     last = conn.execute("SELECT max(delivered_at) FROM outbox").fetchone()[0]
     dead = tuple(
-        DeadLetter(int(oid), lane_name(lane), str(rtype), int(attempts), bool(in_review))
-        for oid, lane, rtype, attempts, in_review in conn.execute(
-            f"SELECT o.id, o.lane, r.type, o.attempts, {_IN_REVIEW} FROM outbox o "  # noqa: S608 - constant
-            "JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead' "
+        DeadLetter(int(oid), lane_name(lane), str(rtype), int(attempts))
+        for oid, lane, rtype, attempts in conn.execute(
+            "SELECT o.id, o.lane, r.type, o.attempts FROM outbox o "  # noqa: S608 - constant
+            f"JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead' AND NOT {_IN_REVIEW} "
             "ORDER BY o.id DESC LIMIT ?",
             (DEAD_LETTERS_SHOWN,),
         ).fetchall()
     )
+    reviews_open = conn.execute("SELECT count(*) FROM review_queue WHERE state = 'open'")
     sync_now = conn.execute("SELECT value FROM meta WHERE key = ?", (SYNC_NOW_KEY,)).fetchone()
     return SyncStatus(
         process=_process(conn, now),
         lanes=tuple(lanes),
         last_success=_parse_time(last),
-        dead_total=sum(count for _, state, count in counts if state == "dead"),
+        dead_total=sum(dead_by_lane.values()),
         dead_letters=dead,
         export=read_export_state(conn),
         sync_now=None if sync_now is None else str(sync_now[0]),
         counts=counts,
+        reviews_open=int(reviews_open.fetchone()[0]),
     )
 
 

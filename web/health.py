@@ -83,13 +83,6 @@ class Snapshot:
         return self.database == "ok" and all(b.status == "ok" for b in self.processes.values())
 
 
-def _lane_name(lane: int) -> str:
-    try:
-        return Lane(lane).name.lower()
-    except ValueError:
-        return str(lane)
-
-
 def _uuid7_ms(logical_id: str) -> int:
     """The creation time (Unix ms) in a UUIDv7's first 48 bits (:func:`appliance.fhir.uuid7`)."""
     return int(logical_id.replace("-", "")[:12], 16)
@@ -111,14 +104,9 @@ def read_snapshot(conn: sqlite3.Connection, now: datetime) -> Snapshot:
     """Read every figure (on the database thread); a database error becomes its text."""
     try:
         processes = _heartbeats(conn, now)
-        pending: dict[str, int] = {}
-        dead: dict[str, int] = {}
-        counts = conn.execute(
-            "SELECT lane, state, count(*) FROM outbox WHERE state != 'delivered' "
-            "GROUP BY lane, state"
-        ).fetchall()
-        for lane, state, count in counts:
-            (pending if state == "pending" else dead)[_lane_name(lane)] = int(count)
+        sync = read_status(conn, now)  # waiting and dead letters per lane, as /sync shows them
+        pending = {lane.name: lane.waiting for lane in sync.lanes if lane.waiting}
+        dead = {lane.name: lane.dead for lane in sync.lanes if lane.dead}
         # The outbox has no time column; the resource's UUIDv7 id carries its creation time.
         oldest = conn.execute(
             "SELECT r.logical_id FROM outbox o JOIN resources r ON r.id = o.resource_id "
@@ -129,7 +117,6 @@ def read_snapshot(conn: sqlite3.Connection, now: datetime) -> Snapshot:
             oldest_age = round(max(0.0, now.timestamp() - _uuid7_ms(oldest[0]) / 1000), 3)
         # Audit ids are the chain positions 1..n, so the newest id is the count (O(1)).
         audit_records = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
-        sync = read_status(conn, now)
         fleet = _fleet(conn, now, audit_records)
     except (sqlite3.Error, StoreError, ValueError) as exc:
         return Snapshot({p: Heartbeat(None, None, "missing") for p in EXPECTED_PROCESSES}, str(exc))
@@ -322,6 +309,11 @@ def _sync_metrics(sync: SyncStatus) -> Iterator[GaugeMetricFamily]:
         "appliance_outbox_dead_letters",
         "Outbox items refused for good, all lanes.",
         value=sync.dead_total,
+    )
+    yield GaugeMetricFamily(
+        "appliance_sync_reviews_open",
+        "Local edits the EHR's changes overtook, waiting for a nurse's decision.",
+        value=sync.reviews_open,
     )
     last = GaugeMetricFamily(
         "appliance_sync_last_success_timestamp_seconds",

@@ -77,6 +77,7 @@ def test_status_as_json_matches_the_database_and_hides_messages(
     assert lanes["claims"]["oldest_age_s"] is None
     assert status["waiting"] == 2
     assert status["dead_total"] == 1
+    assert status["reviews_open"] == 0
     assert status["online"] is False
     assert status["sync_process"] is None
     assert status["last_success"] is None
@@ -87,7 +88,6 @@ def test_status_as_json_matches_the_database_and_hides_messages(
             "lane": "clinical",
             "type": "Patient",
             "attempts": 0,
-            "in_review": False,
             "error": None,
         }
     ]

@@ -259,6 +259,7 @@ async def test_sync_gauges_match_the_database(
     assert value("appliance_outbox_lane_oldest_pending_age_seconds", lane="clinical") > 0
     assert value("appliance_outbox_lane_oldest_pending_age_seconds", lane="alerts") == 0
     assert value("appliance_outbox_dead_letters") == 1
+    assert value("appliance_sync_reviews_open") == 0
     delivered = datetime(2026, 11, 26, 8, 0, tzinfo=UTC).timestamp()
     assert value("appliance_sync_last_success_timestamp_seconds") == delivered
     assert value("appliance_sync_online") == 1
