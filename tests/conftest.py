@@ -33,7 +33,7 @@ async def store(db_path: Path, kek_path: Path) -> AsyncIterator[Store]:
 
 
 # The Medplum FHIR peer (Node.js) on loopback, started once per session when a test asks.
-from tests.fhir_peer.fixtures import fhir_peer  # noqa: E402, F401
+from tests.fhir_peer.fixtures import fhir_peer, upstream  # noqa: E402, F401
 
 
 @pytest.fixture

@@ -31,15 +31,12 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import httpx
 import pytest
 
 from appliance.config import demo_config
 from appliance.store import Store
 from appliance.users import Role
-from sync_agent.upstream import FHIR_JSON
 from tests.e2e import live_server
-from tests.fhir_peer.peer import FhirPeer
 from web.app import AppState, create_app
 
 NURSE = "nurse-e2e"
@@ -150,13 +147,3 @@ async def video_app(
 
     async with served_app(tmp_path, store) as served:
         yield served
-
-
-@pytest.fixture
-async def upstream(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client on the Medplum FHIR peer (the EHR), reset for the test."""
-    fhir_peer.reset()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
-    ) as http:
-        yield http

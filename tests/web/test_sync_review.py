@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +14,13 @@ from quart.testing import QuartClient
 
 from appliance.store import Store, UpstreamCopy
 from sync_agent.updates import ReviewQueue, UpdateSender
-from sync_agent.upstream import FHIR_JSON
 from tests import factories
-from tests.fhir_peer.peer import FhirPeer
 from tests.web.conftest import NURSE, form_token
 from web.sync import compare
 
 pytestmark = pytest.mark.peer
 
 ACTOR = f"user:{NURSE}"
-
-
-@pytest.fixture
-async def upstream(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
-    fhir_peer.reset()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
-    ) as http:
-        yield http
 
 
 async def _conflict(store: Store, upstream: httpx.AsyncClient) -> tuple[str, dict[str, Any]]:
