@@ -209,7 +209,9 @@ def read_status(conn: sqlite3.Connection, now: datetime) -> SyncStatus:
             (DEAD_LETTERS_SHOWN,),
         ).fetchall()
     )
-    reviews_open = conn.execute("SELECT count(*) FROM review_queue WHERE state = 'open'")
+    [reviews_open] = conn.execute(
+        "SELECT count(*) FROM review_queue WHERE state = 'open'"
+    ).fetchone()
     sync_now = conn.execute("SELECT value FROM meta WHERE key = ?", (SYNC_NOW_KEY,)).fetchone()
     return SyncStatus(
         process=_process(conn, now),
@@ -220,7 +222,7 @@ def read_status(conn: sqlite3.Connection, now: datetime) -> SyncStatus:
         export=read_export_state(conn),
         sync_now=None if sync_now is None else str(sync_now[0]),
         counts=counts,
-        reviews_open=int(reviews_open.fetchone()[0]),
+        reviews_open=int(reviews_open),
     )
 
 

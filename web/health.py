@@ -83,11 +83,6 @@ class Snapshot:
         return self.database == "ok" and all(b.status == "ok" for b in self.processes.values())
 
 
-def _uuid7_ms(logical_id: str) -> int:
-    """The creation time (Unix ms) in a UUIDv7's first 48 bits (:func:`appliance.fhir.uuid7`)."""
-    return int(logical_id.replace("-", "")[:12], 16)
-
-
 def _heartbeats(conn: sqlite3.Connection, now: datetime) -> dict[str, Heartbeat]:
     found: dict[str, Heartbeat] = {}
     rows = conn.execute("SELECT process, pid, beat_at FROM heartbeats ORDER BY process")
@@ -107,14 +102,8 @@ def read_snapshot(conn: sqlite3.Connection, now: datetime) -> Snapshot:
         sync = read_status(conn, now)  # waiting and dead letters per lane, as /sync shows them
         pending = {lane.name: lane.waiting for lane in sync.lanes if lane.waiting}
         dead = {lane.name: lane.dead for lane in sync.lanes if lane.dead}
-        # The outbox has no time column; the resource's UUIDv7 id carries its creation time.
-        oldest = conn.execute(
-            "SELECT r.logical_id FROM outbox o JOIN resources r ON r.id = o.resource_id "
-            "WHERE o.state = 'pending' ORDER BY o.id LIMIT 1"
-        ).fetchone()
-        oldest_age = None
-        if oldest is not None:
-            oldest_age = round(max(0.0, now.timestamp() - _uuid7_ms(oldest[0]) / 1000), 3)
+        ages = [lane.oldest_age_s for lane in sync.lanes if lane.oldest_age_s is not None]
+        oldest_age = max(ages, default=None)  # the oldest waiting item of any lane
         # Audit ids are the chain positions 1..n, so the newest id is the count (O(1)).
         audit_records = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
         fleet = _fleet(conn, now, audit_records)
