@@ -158,23 +158,30 @@ def _open_backup(path: Path) -> sqlite3.Connection:
 
 # What changes with every new version of a record, beside its sealed body: its plain index
 # columns, its link to the upstream's version, and the versions and copies it replaced.
-_VERSION_MARKS = (
-    "SELECT logical_id, type, patient_key, code, effective FROM resources WHERE id = ?",
-    "SELECT upstream_ref, version_id, last_updated FROM upstream_links WHERE resource_id = ?",
-    "SELECT count(*) FROM resource_history WHERE resource_id = ?",
+# Each with what a backup made before its table existed has instead.
+_VERSION_MARKS: tuple[tuple[str, tuple[object, ...] | None], ...] = (
+    ("SELECT logical_id, type, patient_key, code, effective FROM resources WHERE id = ?", None),
+    (
+        "SELECT upstream_ref, version_id, last_updated FROM upstream_links WHERE resource_id = ?",
+        None,
+    ),
+    ("SELECT count(*) FROM resource_history WHERE resource_id = ?", (0,)),
     # A copy replaced by the upstream's is a new version; one restored from a backup is not.
-    "SELECT count(*) FROM unreadable_copies WHERE resource_id = ? "
-    "AND replaced_by NOT LIKE 'backup:%'",
+    (
+        "SELECT count(*) FROM unreadable_copies WHERE resource_id = ? "
+        "AND replaced_by NOT LIKE 'backup:%'",
+        (0,),
+    ),
 )
 
 
-def _version_marks(conn: sqlite3.Connection, row_id: int) -> list[object]:
-    marks: list[object] = []
-    for sql in _VERSION_MARKS:
+def _version_marks(conn: sqlite3.Connection, row_id: int) -> list[tuple[object, ...] | None]:
+    marks: list[tuple[object, ...] | None] = []
+    for sql, before in _VERSION_MARKS:
         try:
             found = conn.execute(sql, (row_id,)).fetchone()
         except sqlite3.OperationalError:  # a backup from before the table existed
-            found = (0,) if "count(*)" in sql else None
+            found = before
         marks.append(None if found is None else tuple(found))
     return marks
 
@@ -184,7 +191,7 @@ def _candidate(
 ) -> bytes | str:
     """The backup's copy of ``item`` as plaintext, or why it cannot be used."""
     theirs = _version_marks(source, item.row_id)
-    if theirs[0] is None or theirs[0][:2] != (item.logical_id, item.type):  # type: ignore[index]
+    if theirs[0] is None or theirs[0][:2] != (item.logical_id, item.type):
         return "not in this backup (stored after it was made)"
     if _version_marks(conn, item.row_id) != theirs:
         return (

@@ -10,9 +10,10 @@ at the server's base: a wrong ``base_url``, a login page in front of the EHR) �
 did not take the request at all, which says nothing about the items: they stay pending, as
 for **auth**, and the exchange is retried with backoff. Before, a wrong ``base_url`` made
 every item a dead letter, one at a time. (A bare 400 stays **permanent**: a filter in front
-of the EHR may refuse one item's content, and the rest must flow.) **auth** → the two ends did not accept each other: the token endpoint refused our client
-(an OAuth error), the server answered 401 to a freshly obtained token, it refused our TLS
-client certificate, or we refused its certificate. That is a configuration problem for a
+of the EHR may refuse one item's content, and the rest must flow.) **auth** → the two ends
+did not accept each other: the token endpoint refused our client (an OAuth error), the
+server answered 401 to a freshly obtained token, it refused our TLS client certificate, or
+we refused its certificate. That is a configuration problem for a
 person to fix, not a fault of the items: they stay pending and the exchange is retried with
 backoff (sync_agent/auth.py has the details).
 
