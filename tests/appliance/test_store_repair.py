@@ -17,7 +17,7 @@ from appliance import db
 from appliance.cli import main
 from appliance.errors import ApplianceError, TamperedDataError
 from appliance.keys import read_kek_file
-from appliance.store import Store
+from appliance.store import Store, UpstreamCopy
 from appliance.store_repair import RESTORED_DETAIL, Damaged, check, repair
 from tests import factories
 from tests.tamper import flip_byte, move_ciphertext
@@ -50,6 +50,17 @@ async def _clinic(store: Store) -> dict[str, str]:
     ids = {f: m.logical_id for f, m in zip(("Ada", "Bea", "Cy", "Di"), made, strict=True)}
     ids["reading"] = reading.logical_id
     return ids
+
+
+def _from_the_ehr(version: int) -> UpstreamCopy:
+    """Version ``version`` of a Patient the EHR holds, as the pull brings it."""
+    stamp = f"2026-11-2{version}T08:00:00Z"
+    resource = {
+        **factories.patient(family="Eve", mrn="T7"),
+        "id": "up-eve",
+        "meta": {"versionId": str(version), "lastUpdated": stamp},
+    }
+    return UpstreamCopy("Patient/up-eve", str(version), stamp, resource)
 
 
 async def test_check_names_each_damaged_record_and_repair_restores_the_same_versions(
@@ -193,6 +204,8 @@ async def test_a_restore_is_sealed_under_the_active_key_and_a_later_version_is_n
     store: Store, db_path: Path, kek_path: Path, tmp_path: Path
 ) -> None:
     ids = await _clinic(store)
+    [pulled] = await store.import_upstream([_from_the_ehr(1)], "service:sync")
+    assert pulled.logical_id is not None
     backup = tmp_path / "backup.db"
     _backup(db_path, backup)
     kek = read_kek_file(kek_path)
@@ -207,22 +220,19 @@ async def test_a_restore_is_sealed_under_the_active_key_and_a_later_version_is_n
             "SELECT key_version FROM resources WHERE logical_id = ?", (ids["Ada"],)
         ).fetchall()
         assert version == store.keyring.active_version
-        # The upstream's copy replaced a damaged Cy since the backup (as the pull does), then
-        # Cy was damaged again: the backup's copy is older than the upstream's. Left alone.
-        [(cy_row,)] = conn.execute(
-            "SELECT id FROM resources WHERE logical_id = ?", (ids["Cy"],)
-        ).fetchall()
-        with db.transaction_sync(conn):
-            conn.execute(
-                "INSERT INTO unreadable_copies (resource_id, key_version, body, found_at, "
-                "replaced_by) VALUES (?, 1, x'00', ?, 'Patient/upstream-7')",
-                (cy_row, NOW.isoformat()),
-            )
-        flip_byte(db_path, ids["Cy"])
+        # The pull's next copy replaced a damaged pulled patient since the backup (the EHR's
+        # version 2), then it was damaged again: the backup's copy (version 1) is older than
+        # the EHR's. Left alone.
+        flip_byte(db_path, pulled.logical_id)
+        await store.import_upstream([_from_the_ehr(2)], "service:sync")
+        flip_byte(db_path, pulled.logical_id)
         done = repair(conn, kek, backup, actor=ACTOR, now=NOW)
         assert done.restored == ()
         [(item, why)] = done.left
-        assert (item.logical_id, why.split(":")[0]) == (ids["Cy"], "changed since this backup")
+        assert (item.logical_id, why.split(":")[0]) == (
+            pulled.logical_id,
+            "changed since this backup",
+        )
     finally:
         conn.close()
     assert (await store.read("Patient", ids["Ada"], NURSE))["name"][0]["family"] == "Ada"

@@ -6,19 +6,11 @@ define their own ``client``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 
-from sync_agent.upstream import FHIR_JSON
-from tests.fhir_peer.peer import FhirPeer
-
 
 @pytest.fixture
-async def client(fhir_peer: FhirPeer) -> AsyncIterator[httpx.AsyncClient]:
-    fhir_peer.reset()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
-    ) as http:
-        yield http
+def client(upstream: httpx.AsyncClient) -> httpx.AsyncClient:
+    """The shared ``upstream`` fixture (tests/fhir_peer/fixtures.py) under this folder's name."""
+    return upstream

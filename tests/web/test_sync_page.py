@@ -48,17 +48,18 @@ async def _backlog(store: Store, db_path: Path, clock: FakeClock) -> int:
             "UPDATE outbox SET state = 'delivered', delivered_at = ? WHERE lane = 0",
             ("2026-11-26T08:00:00.000000Z",),
         )
-        raw.execute(
-            "INSERT INTO heartbeats (process, pid, started_at, beat_at, status) "
-            "VALUES ('sync', 1, ?, ?, ?)",
-            (
-                clock().isoformat(),
-                clock().isoformat(),
-                json.dumps({"upstream": "ehr", "online": True, "batch_size": 8}),
-            ),
-        )
+        _beat(raw, clock, {"upstream": "ehr", "online": True, "batch_size": 8})
     raw.close()
     return 1
+
+
+def _beat(raw: sqlite3.Connection, clock: FakeClock, figures: dict[str, object]) -> None:
+    """The sync process's heartbeat, as it publishes it."""
+    raw.execute(
+        "INSERT INTO heartbeats (process, pid, started_at, beat_at, status) "
+        "VALUES ('sync', 1, ?, ?, ?)",
+        (clock().isoformat(), clock().isoformat(), json.dumps(figures)),
+    )
 
 
 def _audit_count(db_path: Path, action: str) -> int:
@@ -224,15 +225,7 @@ async def test_an_offline_link_says_what_the_failure_means(
 ) -> None:
     raw = sqlite3.connect(db_path)
     with raw:
-        raw.execute(
-            "INSERT INTO heartbeats (process, pid, started_at, beat_at, status) "
-            "VALUES ('sync', 1, ?, ?, ?)",
-            (
-                clock().isoformat(),
-                clock().isoformat(),
-                json.dumps({"upstream": "ehr", "online": False, "last_failure": failure}),
-            ),
-        )
+        _beat(raw, clock, {"upstream": "ehr", "online": False, "last_failure": failure})
     raw.close()
     page = (await (await logged_in.get("/sync/")).get_data()).decode()
     assert "Offline" in page
