@@ -172,6 +172,28 @@ class UpstreamLink:
     stored: bool  # False: learnt from the outbox, not written to upstream_links yet
 
 
+def queued_at(moment: datetime) -> int:
+    """An outbox row's ``queued_at``: when it joined the queue, in Unix milliseconds."""
+    return int(moment.timestamp() * 1000)
+
+
+def oldest_waiting(conn: sqlite3.Connection) -> dict[int, datetime]:
+    """When the item waiting longest in each lane joined the outbox (lanes with none left out).
+
+    From ``queued_at`` (the index ``outbox_waiting``: one step per lane), not from the
+    resource's UUIDv7: a waiting edit of an old Patient, or a dead letter sent again, joined
+    the queue when it was queued, not when its record was made.
+    """
+    found = {}
+    for lane in Lane:
+        [ms] = conn.execute(
+            "SELECT min(queued_at) FROM outbox WHERE state = 'pending' AND lane = ?", (int(lane),)
+        ).fetchone()
+        if ms is not None:
+            found[int(lane)] = datetime.fromtimestamp(int(ms) / 1000, UTC)
+    return found
+
+
 def link_for_resource(conn: sqlite3.Connection, resource_id: int) -> UpstreamLink | None:
     """The upstream identity of a local resource: its link, else its delivered create."""
     row = conn.execute(
@@ -468,9 +490,10 @@ class Store:
                 "key_version, body) VALUES (?,?,?,?,?,?,?,?)",
                 rows,
             )
+            joined = queued_at(now)
             conn.executemany(
-                "INSERT INTO outbox (lane, resource_id) VALUES (?, ?)",
-                [(int(lane), row_id) for row_id in ids],
+                "INSERT INTO outbox (lane, resource_id, queued_at) VALUES (?, ?, ?)",
+                [(int(lane), row_id, joined) for row_id in ids],
             )
             blind = [
                 (kind, digest, row_id)
@@ -1043,9 +1066,14 @@ class Store:
             if pending is None:
                 link = link_for_resource(conn, current.row_id)
                 conn.execute(
-                    "INSERT INTO outbox (lane, resource_id, kind, if_match) "
-                    "VALUES (?, ?, 'update', ?)",
-                    (int(lane), current.row_id, None if link is None else link.version_id),
+                    "INSERT INTO outbox (lane, resource_id, kind, if_match, queued_at) "
+                    "VALUES (?, ?, 'update', ?, ?)",
+                    (
+                        int(lane),
+                        current.row_id,
+                        None if link is None else link.version_id,
+                        queued_at(now),
+                    ),
                 )
             event = AuditEvent(
                 actor,

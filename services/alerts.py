@@ -38,7 +38,7 @@ import orjson
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent
 from appliance.errors import ApplianceError, NotFoundError, TamperedDataError
-from appliance.store import Lane, Store
+from appliance.store import Lane, Store, oldest_waiting
 from services import rpm_rules
 from services.rpm_rules import Finding, Reading, Rule, Severity, Thresholds
 
@@ -1223,15 +1223,6 @@ class AlertEngine:
         return await last_readings(self._store, patient_ids, ACTOR)
 
     async def _oldest_pending(self) -> datetime | None:
-        """Creation time of the oldest resource waiting to go upstream (its UUIDv7)."""
-        rows = await self._store.query(
-            "SELECT r.logical_id FROM outbox o JOIN resources r ON r.id = o.resource_id "
-            "WHERE o.state = 'pending' AND o.kind = 'create' ORDER BY o.id LIMIT 1"
-        )
-        if not rows:
-            return None
-        try:
-            ms = int(str(rows[0][0]).replace("-", "")[:12], 16)
-        except ValueError:
-            return None
-        return datetime.fromtimestamp(ms / 1000, UTC)
+        """When the item waiting longest to go upstream joined the outbox (any lane)."""
+        joined = await db.run_sync(self._store.connection, oldest_waiting)
+        return min(joined.values(), default=None)

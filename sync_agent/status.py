@@ -23,7 +23,7 @@ from appliance.audit import AuditAction, AuditEvent
 from appliance.errors import TamperedDataError
 from appliance.keys import Keyring
 from appliance.runtime import HEARTBEAT_STALE_S
-from appliance.store import Lane
+from appliance.store import Lane, oldest_waiting, queued_at
 from sync_agent.audit_export import ExportState, read_export_state
 
 SYNC_NOW_KEY = "sync_now"
@@ -127,11 +127,6 @@ def lane_name(lane: int) -> str:
         return str(lane)
 
 
-def uuid7_seconds(logical_id: str) -> float:
-    """The creation time (Unix seconds) in a UUIDv7's first 48 bits (``fhir.uuid7``)."""
-    return int(logical_id.replace("-", "")[:12], 16) / 1000
-
-
 def _parse_time(text: object) -> datetime | None:
     if not isinstance(text, str) or not text:
         return None
@@ -162,7 +157,7 @@ def read_status(conn: sqlite3.Connection, now: datetime) -> SyncStatus:
     """Read every figure (on the database thread); ``now`` is timezone-aware.
 
     Waiting items are counted through the partial index of pending rows; the oldest waiting
-    item's age comes from its resource's UUIDv7 (the outbox keeps no creation time). An
+    item's age is from when it joined the queue (:func:`appliance.store.oldest_waiting`). An
     update held for the review queue (the upstream's copy had changed) is counted there,
     open or decided, never as a dead letter: it is not a refusal, and a nurse's decision
     ends it.
@@ -181,18 +176,10 @@ def read_status(conn: sqlite3.Connection, now: datetime) -> SyncStatus:
         ).fetchall()
     }
     lanes = []
+    joined = oldest_waiting(conn)
     for lane in Lane:
-        oldest = conn.execute(
-            "SELECT r.logical_id FROM outbox o JOIN resources r ON r.id = o.resource_id "
-            "WHERE o.state = 'pending' AND o.lane = ? ORDER BY o.id LIMIT 1",
-            (int(lane),),
-        ).fetchone()
-        age = None
-        if oldest is not None:
-            try:
-                age = round(max(0.0, now.timestamp() - uuid7_seconds(str(oldest[0]))), 3)
-            except ValueError:
-                age = None
+        since = joined.get(lane)
+        age = None if since is None else round(max(0.0, (now - since).total_seconds()), 3)
         by_state = {state: count for number, state, count in counts if number == lane}
         lanes.append(
             LaneStatus(
@@ -262,8 +249,8 @@ def resend_dead_letters(
 
     For when what the upstream refused has been put right at the EHR (a profile, a
     permission, a Practitioner it did not know) or on the box's side (a ``base_url``). Each
-    keeps its place in its lane (its outbox id), its attempts start again from zero, and
-    its old message goes; a resend is safe, since every create is conditional on our
+    keeps its place in its lane (its outbox id) but joins the queue now (its waiting age
+    starts again), its attempts start again from zero, and its old message goes; a resend is safe, since every create is conditional on our
     identifier. A Patient sent again takes the patient's other dead letters with it: its
     readings were refused because of it. An update held for the review queue stays as it
     is: the decision there stands. One audit record per item, in the patient's name, and
@@ -275,9 +262,9 @@ def resend_dead_letters(
         if ids:
             conn.execute(
                 "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = NULL, "
-                "last_error = NULL WHERE state = 'dead' "
+                "last_error = NULL, queued_at = ? WHERE state = 'dead' "
                 "AND id IN (SELECT value FROM json_each(?))",
-                (json.dumps(ids),),
+                (queued_at(now), json.dumps(ids)),
             )
             _write_sync_now(conn, now)
             audit.append(

@@ -50,6 +50,7 @@ from appliance.store import (
     UpstreamCopy,
     UpstreamLink,
     link_for_resource,
+    queued_at,
     rewrite_references,
     save_link,
 )
@@ -399,9 +400,9 @@ class UpdateSender:
             if bytes(blob) != row.blob and pending is None:
                 # Edited again while this one was on the wire: that edit goes next, on top.
                 conn.execute(
-                    "INSERT INTO outbox (lane, resource_id, kind, if_match) "
-                    "VALUES (?, ?, 'update', ?)",
-                    (row.lane, row.resource_id, version),
+                    "INSERT INTO outbox (lane, resource_id, kind, if_match, queued_at) "
+                    "VALUES (?, ?, 'update', ?, ?)",
+                    (row.lane, row.resource_id, version, queued_at(now)),
                 )
             event = AuditEvent(
                 ACTOR,
@@ -646,8 +647,14 @@ class ReviewQueue:
                 (review_id,),
             ).fetchone()
             conn.execute(
-                "INSERT INTO outbox (lane, resource_id, kind, if_match) VALUES (?, ?, 'update', ?)",
-                (int(Lane.CLINICAL) if lane is None else lane[0], resource_id, item.theirs_version),
+                "INSERT INTO outbox (lane, resource_id, kind, if_match, queued_at) "
+                "VALUES (?, ?, 'update', ?, ?)",
+                (
+                    int(Lane.CLINICAL) if lane is None else lane[0],
+                    resource_id,
+                    item.theirs_version,
+                    queued_at(self._store.now()),
+                ),
             )
             link = link_for_resource(conn, resource_id)
             if link is not None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import aiosqlite
 import pytest
 
-from appliance import db
+from appliance import db, fhir
 from appliance.errors import StoreError
 
 
@@ -93,6 +94,46 @@ def test_migration_numbers_are_contiguous_from_one() -> None:
     # later below the highest would never run on a database already past it.
     versions = [version for version, _ in db.migrations()]
     assert versions == list(range(1, len(versions) + 1))
+
+
+def test_outbox_items_waiting_before_0017_get_when_they_joined_the_queue(tmp_path: Path) -> None:
+    """0017 fills ``queued_at`` for items not yet delivered: a create from its UUIDv7, an
+    update (its record may be months old) and an id not laid out as ours from now."""
+    conn = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    for _version, sql in db.migrations()[:16]:
+        for statement in db._statements(sql):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version=16")
+    month_ago = int(time.time() * 1000) - 30 * 86_400_000
+    rows = [(1, fhir.uuid7(month_ago), "Observation"), (2, "pulled-id-7", "Patient")]
+    conn.executemany(
+        "INSERT INTO resources (id, logical_id, type, key_version, body) VALUES (?, ?, ?, 1, x'00')",
+        rows,
+    )
+    conn.executemany(
+        "INSERT INTO outbox (id, lane, resource_id, state, kind) VALUES (?, 2, ?, ?, ?)",
+        [
+            (1, 1, "pending", "create"),
+            (2, 1, "dead", "create"),
+            (3, 1, "pending", "update"),
+            (4, 2, "pending", "create"),
+            (5, 1, "delivered", "create"),
+        ],
+    )
+    conn.close()
+    before = int(time.time() * 1000)
+    migrated = db.connect_sync(tmp_path / "a.db")
+    after = int(time.time() * 1000)
+    found = dict(migrated.execute("SELECT id, queued_at FROM outbox").fetchall())
+    assert found[1] == found[2] == month_ago
+    assert before - 1000 <= found[3] <= after
+    assert before - 1000 <= found[4] <= after
+    assert found[5] is None
+    plan = migrated.execute(
+        "EXPLAIN QUERY PLAN SELECT min(queued_at) FROM outbox WHERE state = 'pending' AND lane = 2"
+    ).fetchall()
+    assert "outbox_waiting" in str(plan)
+    migrated.close()
 
 
 def test_processes_starting_together_on_a_new_database_migrate_it_once(tmp_path: Path) -> None:

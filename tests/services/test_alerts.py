@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from appliance import fhir
+from appliance import db, fhir
 from appliance.device_registry import DeviceRegistry, Setting, Transport
 from appliance.store import UNREADABLE_LEFT_OUT, Lane, Store
 from services import alerts, vitals
@@ -26,6 +26,7 @@ from services.alerts import (
 )
 from services.rpm_enrollment import Enrollments
 from services.rpm_rules import Program, Severity
+from sync_agent import status
 from tests import factories
 from tests.tamper import move_ciphertext
 
@@ -415,6 +416,47 @@ async def test_a_sync_backlog_is_a_site_alert_without_fhir(store: Store) -> None
     assert await _alert_resources(store) == []
     await store.query("SELECT 1")  # nothing delivered: it stays open
     assert [a.rule for a in await engine.book.live(NURSE)] == ["sync-backlog"]
+
+
+async def test_a_sync_backlog_counts_from_when_an_item_joined_the_queue(
+    db_path: Path, kek_path: Path
+) -> None:
+    """A waiting edit of an old record, or a dead letter sent again, is as old as its place
+    in the queue, not as its record (whose UUIDv7 says when the record was made)."""
+    clock = Clock(NOW - timedelta(days=30))
+    store = await Store.open(db_path, kek_path, clock=clock)
+    try:
+        [patient] = await store.create([factories.patient()], NURSE)
+        [reading] = await store.create(
+            [factories.bp_observation(f"Patient/{patient.logical_id}")], NURSE
+        )
+        # A month ago the Patient landed upstream and the reading was refused.
+        await store.query(
+            "UPDATE outbox SET state = 'delivered', upstream_ref = 'Patient/up-1', "
+            "delivered_at = '2026-10-30T09:00:00Z' WHERE resource_id = ?",
+            (patient.row_id,),
+        )
+        await store.query(
+            "UPDATE outbox SET state = 'dead', last_error = NULL WHERE resource_id = ?",
+            (reading.row_id,),
+        )
+        clock.now = NOW
+        edited = {**patient.resource, "gender": "female"}
+        await store.update("Patient", patient.logical_id, edited, NURSE)
+        resent = await db.run_sync(
+            store.connection, lambda conn: status.resend_dead_letters(conn, actor=NURSE, now=NOW)
+        )
+        assert len(resent.resent) == 1
+
+        sync = await db.run_sync(store.connection, status.read_status, NOW + timedelta(hours=1))
+        [clinical] = [lane for lane in sync.lanes if lane.name == "clinical"]
+        assert (clinical.waiting, clinical.oldest_age_s) == (2, 3600.0)
+        engine = AlertEngine(store, clock=clock, backlog_hours=24)
+        assert await engine.tick(NOW + timedelta(hours=23)) == []
+        [backlog] = await engine.tick(NOW + timedelta(hours=25))
+        assert (backlog.rule, backlog.severity) == ("sync-backlog", Severity.MEDIUM)
+    finally:
+        await store.close()
 
 
 async def test_readings_of_patients_not_enrolled_raise_nothing(store: Store) -> None:
