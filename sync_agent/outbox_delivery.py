@@ -156,6 +156,20 @@ class Item(NamedTuple):
         return [(t.decode(), i.decode()) for t, i in _LOCAL_REF.findall(self.raw)]
 
 
+def _patient_still_dead(conn: sqlite3.Connection, item: Item) -> bool:
+    """Whether a Patient ``item`` points at is a dead letter now (asked under the write lock)."""
+    patients = sorted({lid for rtype, lid in item.local_refs() if rtype == "Patient"})
+    return (
+        conn.execute(
+            "SELECT 1 FROM resources r JOIN outbox o ON o.resource_id = r.id "  # noqa: S608 - placeholders only
+            f"WHERE r.logical_id IN ({','.join('?' * len(patients))}) AND r.type = 'Patient' "
+            "AND o.kind = 'create' AND o.state = 'dead' LIMIT 1",
+            patients,
+        ).fetchone()
+        is not None
+    )
+
+
 # What goes in an entry's ``resource``: the stored bytes with references rewritten (the
 # common case, never parsed), or a parsed copy when it needed more than that.
 Outgoing = orjson.Fragment | fhir.FhirJson
@@ -535,9 +549,18 @@ class Deliverer:
         dead: list[tuple[Item, str]],
         retry: list[tuple[Item, str, float]],
         now: datetime,
-    ) -> None:
+    ) -> int:
+        """Commit a bundle's outcomes and its items refused without sending; returns how many
+        were dead-lettered."""
         stamp = _iso(now)
         with db.transaction_sync(conn):
+            # Planned dead for a dead-lettered Patient, which staff may have sent again
+            # since (status.resend_dead_letters): such an item stays due, and goes after it.
+            dead = [
+                (item, message)
+                for item, message in dead
+                if message != _DEAD_DEPENDENCY or _patient_still_dead(conn, item)
+            ]
             if delivered:
                 # One statement for the whole bundle (the ids and references as one JSON
                 # array): a row-by-row executemany hands the GIL back and forth with the
@@ -603,6 +626,7 @@ class Deliverer:
                 )
             if events:
                 audit.append(conn, events, now=now)
+        return len(dead)
 
     def _seal(self, item: Item, message: str) -> bytes:
         # The server's diagnostics may quote what it refused (names, identifiers): PHI,
@@ -650,13 +674,16 @@ class Deliverer:
                 retry.append(
                     (item, f"entry HTTP {code or 'missing'}", backoff_s(item.attempts, self._rng))
                 )
-        await db.run_sync(self._store.connection, self._record, delivered, dead, retry, now)
-        result.delivered, result.dead, result.retry = len(delivered), len(dead), len(retry)
+        result.dead = await db.run_sync(
+            self._store.connection, self._record, delivered, dead, retry, now
+        )
+        result.delivered, result.retry = len(delivered), len(retry)
         self._grow()
 
     async def _only_dead(self, batch: _Batch, now: datetime, result: DrainResult) -> None:
-        await db.run_sync(self._store.connection, self._record, [], batch.dead, [], now)
-        result.dead = len(batch.dead)
+        result.dead = await db.run_sync(
+            self._store.connection, self._record, [], batch.dead, [], now
+        )
 
     async def drain_once(self) -> DrainResult:
         """Send one bundle of due items; returns what happened. Never raises for the link."""
@@ -705,18 +732,17 @@ class Deliverer:
                 self._batch_size,
             )
             if dead:
-                await db.run_sync(conn, self._record, [], dead, [], now)
+                result.dead = await db.run_sync(conn, self._record, [], dead, [], now)
             return result
         if exc.failure is Failure.PERMANENT and len(ready) > 1:
             # The whole bundle was refused: send one at a time to find the entry at fault.
             self._batch_size = 1
             if dead:
-                await db.run_sync(conn, self._record, [], dead, [], now)
+                result.dead = await db.run_sync(conn, self._record, [], dead, [], now)
             return result
         if exc.failure in (Failure.PERMANENT, Failure.TOO_LARGE):
             dead.extend((item, exc.message) for item, _ in ready)
-            await db.run_sync(conn, self._record, [], dead, [], now)
-            result.dead = len(dead)
+            result.dead = await db.run_sync(conn, self._record, [], dead, [], now)
             return result
         # Transient or ambiguous: the exchange failed, not the items. Nothing is written to
         # their rows (they stay due, in order); the caller paces the next attempt.
@@ -730,8 +756,7 @@ class Deliverer:
             # A timeout may be the bundle's size: resend smaller, grow back on success.
             self._batch_size = max(1, len(ready) // 2)
         if dead:
-            await db.run_sync(conn, self._record, [], dead, [], now)
-        result.dead = len(dead)
+            result.dead = await db.run_sync(conn, self._record, [], dead, [], now)
         return result
 
     async def drain(

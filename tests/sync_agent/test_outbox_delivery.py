@@ -249,6 +249,41 @@ async def test_a_stop_while_the_next_bundle_travels_waits_for_its_answer(
     assert fhir_peer.count("Observation") == 30
 
 
+async def test_a_reading_refused_for_its_patient_stays_due_when_the_patient_is_sent_again_meanwhile(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    """The race: a drain plans a reading as dead (its Patient is a dead letter), an admin
+    sends the Patient again while that bundle is on the wire; the reading must not then be
+    recorded dead against a Patient that is no longer one."""
+    [pat] = await store.create([factories.patient(family="Refusedperson", mrn="T0002")], NURSE)
+    fhir_peer.reject("Refusedperson")
+    deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1))
+    try:
+        assert (await deliverer.drain()).dead == 1
+    finally:
+        fhir_peer.reject(None)  # the EHR team relaxed the rule
+    await store.create([factories.bp_observation(f"Patient/{pat.logical_id}")], "service:devices")
+    await _patient_with_readings(store, 1)  # someone else's: the bundle that goes out
+    sent_again: list[status.Resent] = []
+
+    async def admin_sends_the_patient_again(request: httpx.Request) -> None:
+        if request.method == "POST" and not sent_again:
+            conn = db.connect_sync(db_path)
+            try:
+                sent_again.append(status.resend_dead_letters(conn, actor="user:admin1", now=NOW))
+            finally:
+                conn.close()
+
+    client.event_hooks["request"].append(admin_sends_the_patient_again)
+    first = await deliverer.drain()
+    assert len(sent_again[0].resent) == 1  # the Patient alone: its reading was not dead yet
+    assert first.dead == 0
+    assert ("dead", 1) not in _states(db_path)
+    assert (await deliverer.drain()).dead == 0
+    assert _states(db_path) == [("delivered", 4)]
+    assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (2, 2)
+
+
 async def test_dead_letters_sent_again_after_the_fix_land_once_a_patient_taking_its_readings(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
