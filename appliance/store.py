@@ -82,6 +82,8 @@ class PatientPage:
     resources: list[fhir.FhirJson]
     total: int  # every match, on every page
     more: bool  # whether a page follows this one
+    left_out: int = 0  # rows of this page whose stored copy failed authentication
+    last_read: str | None = None  # logical id of the page's last row, readable or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -742,10 +744,13 @@ class Store:
         UTC text (``since`` inclusive, ``until`` exclusive; resources without one are left
         out when either is given) — so only the rows returned are decrypted. ``after`` is the
         logical id of the last resource of the previous page (keyset paging on effective time
-        then row id: stable while new readings arrive); one that is not among the patient's
-        resources of this type raises :class:`NotFoundError`. ``total`` counts every match
-        (an index count, nothing decrypted). Audited as one search naming every logical id
-        returned, with the patient's key.
+        then row id: stable while new readings arrive; ``last_read`` is the next page's mark);
+        one that is not among the patient's resources of this type raises
+        :class:`NotFoundError`. ``total`` counts every match (an index count, nothing
+        decrypted). A row whose stored copy fails authentication is left out and counted in
+        ``left_out`` (:meth:`decrypt_readable`), so one damaged reading does not fail every
+        search of that patient. Audited as one search naming every logical id returned, with
+        the patient's key.
         """
         key = self._patient_key(patient_ref)
         where = ["patient_key = ?", "type = ?"]
@@ -785,7 +790,8 @@ class Store:
                 f"WHERE {page_where} ORDER BY {order} DESC, id DESC LIMIT ?",
                 (*page_params, limit + 1),
             ).fetchall()
-            found = [self._decrypt_row(conn, row) for row in rows[:limit]]
+            failures: list[AuditEvent] = []
+            found = self.decrypt_readable(conn, rows[:limit], actor, failures)
             returned = ", ".join(r.logical_id for r in found) or "nothing"
             event = AuditEvent(
                 actor,
@@ -795,8 +801,15 @@ class Store:
                 detail=f"returned {rtype} {returned}",
             )
             with db.transaction_sync(conn, self._path):
-                audit.append(conn, [event], now=self._clock())
-            return PatientPage([r.resource for r in found], total, len(rows) > limit)
+                audit.append(conn, [event, *failures], now=self._clock())
+            read = rows[:limit]
+            return PatientPage(
+                [r.resource for r in found],
+                total,
+                len(rows) > limit,
+                left_out=len(read) - len(found),
+                last_read=str(read[-1][1]) if read else None,
+            )
 
         return await db.run_sync(self._conn, work)
 

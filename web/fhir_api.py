@@ -415,6 +415,7 @@ class Found:
     resources: list[fhir.FhirJson]
     total: int
     next_page: dict[str, str] | None
+    left_out: int = 0  # matches on this page that could not be read (failed authentication)
 
 
 async def _search_patients(store: Store, query: Query, actor: str) -> Found:
@@ -476,9 +477,9 @@ async def _search_observations(store: Store, query: Query, actor: str) -> Found:
         )
     except NotFoundError:
         raise SearchError("_after", "not the id of an Observation of this search") from None
-    last = page.resources[-1]["id"] if page.resources else None
-    next_page = {"_after": str(last)} if page.more and last is not None else None
-    return Found(page.resources, page.total, next_page)
+    last = page.last_read  # a page that ends on an unreadable row goes on after it
+    next_page = {"_after": last} if page.more and last is not None else None
+    return Found(page.resources, page.total, next_page, page.left_out)
 
 
 def _link(query: Query, **extra: str) -> str:
@@ -512,6 +513,19 @@ def searchset(query: Query, found: Found) -> dict[str, Any]:
             }
             for r in found.resources
         ]
+    if found.left_out:
+        # Said in the Bundle (FHIR's search mode "outcome"), not by failing the whole search.
+        issue = Issue(
+            "",
+            f"{found.left_out} matching {query.rtype} on this page could not be read on the "
+            "appliance (it failed its integrity check) and is left out; the clinic has to "
+            "restore it",
+            code="processing",
+            severity="warning",
+        )
+        bundle.setdefault("entry", []).append(
+            {"resource": operation_outcome([issue]), "search": {"mode": "outcome"}}
+        )
     return bundle
 
 

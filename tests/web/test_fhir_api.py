@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -19,6 +20,7 @@ from appliance import fhir
 from appliance.store import Store, UpstreamCopy
 from services.vendor_keys import KeyScope, VendorKeys
 from tests import factories
+from tests.tamper import flip_byte
 from tests.web.conftest import FakeClock
 from web import fhir_api
 from web.ingest import IngestLimits, TokenBuckets
@@ -430,6 +432,46 @@ async def test_observations_by_patient_page_newest_first_with_count_and_next(
 
     by_subject = await _get(client, f"/fhir/Observation?subject=Patient/{patient_id}", read_key)
     assert [e["resource"]["id"] for e in by_subject[1]["entry"]] == newest_first
+
+
+async def test_a_damaged_reading_is_left_out_of_a_search_with_an_outcome_not_a_failure(
+    client: QuartClient,
+    store: Store,
+    read_key: str,
+    patient_id: str,
+    clock: FakeClock,
+    db_path: Path,
+) -> None:
+    created = await store.create(_readings(patient_id, clock, 5), "service:devices")
+    ids = [r.logical_id for r in created]  # newest first
+    flip_byte(db_path, ids[1])  # a bad sector under the last reading of the first page
+    before = await _last_audit_id(store)
+    pages = []
+    path: str | None = f"/fhir/Observation?patient={patient_id}&_count=2"
+    while path is not None:
+        status, bundle, _ = await _get(client, path, read_key)
+        assert status == 200, bundle
+        fhir.validate(bundle)
+        pages.append(bundle)
+        following = [link["url"] for link in bundle["link"] if link["relation"] == "next"]
+        path = urlsplit(following[0])._replace(scheme="", netloc="").geturl() if following else None
+    matches = [
+        e["resource"]["id"]
+        for page in pages
+        for e in page["entry"]
+        if e["search"]["mode"] == "match"
+    ]
+    assert matches == [ids[0], *ids[2:]]  # the paging goes on past the damaged one
+    assert [page["total"] for page in pages] == [5, 5, 5]
+    [outcome] = [e for e in pages[0]["entry"] if e["search"]["mode"] == "outcome"]
+    assert _issue(outcome["resource"]) == ("processing", "")
+    assert outcome["resource"]["issue"][0]["severity"] == "warning"
+    assert "1 matching Observation" in outcome["resource"]["issue"][0]["diagnostics"]
+    assert all(e["search"]["mode"] == "match" for page in pages[1:] for e in page["entry"])
+    failures = [row for row in await _audit(store, before) if row[2] != "success"]
+    assert [(actor, entity) for actor, _a, _o, entity, _d, _k in failures] == [
+        ("vendor:ehr-bridge", f"Observation/{ids[1]}")
+    ]
 
 
 async def test_observations_by_code_and_date(
