@@ -413,6 +413,12 @@ async def exchange(
         raise UpstreamError(Failure.AMBIGUOUS, f"no response: {type(exc).__name__}") from exc
     except httpx.TransportError as exc:
         raise UpstreamError(Failure.TRANSIENT, f"transport error: {type(exc).__name__}") from exc
+    except (httpx.InvalidURL, httpx.TooManyRedirects) as exc:
+        raise UpstreamError(Failure.ENDPOINT, f"bad address: {type(exc).__name__}") from exc
+    except httpx.HTTPError as exc:
+        # The rest (an answer that cannot be decoded, say): the request left, the answer is
+        # unusable. Never let one escape: the sync loop would exit and crash-loop.
+        raise UpstreamError(Failure.AMBIGUOUS, f"no usable answer: {type(exc).__name__}") from exc
 
 
 def response_json(response: httpx.Response) -> Any:

@@ -77,6 +77,7 @@ class Fault(StrEnum):
     TOO_LARGE = "too_large"
     TRUNCATE = "truncate"
     REPLACE = "replace"
+    CORRUPT = "corrupt"  # the answer claims gzip and is not: the client cannot decode it
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +286,12 @@ class FaultProxy:
             return False
         if fault is Fault.REPLACE:
             await self._respond(writer, request, spec.status, [], spec.body or b"")
+            return True
+        if fault is Fault.CORRUPT:
+            kept = [(k, v) for k, v in headers if k.lower() != "content-encoding"]
+            await self._respond(
+                writer, request, status, [*kept, ("Content-Encoding", "gzip")], body
+            )
             return True
         if fault is Fault.TRUNCATE:
             cut = body[: len(body) // 2]

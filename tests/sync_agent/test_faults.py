@@ -339,6 +339,25 @@ async def test_truncated_answer_is_resent_without_a_duplicate(
     assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 3)
 
 
+async def test_an_answer_that_cannot_be_decoded_is_ambiguous_not_a_crash(
+    store: Store, client: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer
+) -> None:
+    # httpx raises DecodingError (not a TransportError) for a body that is not the gzip it
+    # claims: before, it escaped the sync loop and the process crash-looped under systemd.
+    await _readings(store, 2)
+    deliverer = _deliverer(store, client)
+    await proxy.set(Fault.CORRUPT, count=1)
+    lost = await deliverer.drain()
+    assert lost.link_down
+    assert lost.ambiguous == 1
+    assert lost.error is not None
+    assert "DecodingError" in lost.error
+    assert fhir_peer.count("Patient") == 1  # the server applied it; only its answer was bad
+    result = await deliverer.drain()
+    assert (result.delivered, result.existing) == (3, 1)
+    assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 2)
+
+
 # -- permanent and too large ---------------------------------------------------------------
 
 
