@@ -226,7 +226,9 @@ class Puller:
             not force
             and not self._more
             and self._last_pass is not None
-            and (now - self._last_pass).total_seconds() < self._interval_s
+            # A clock stepped back (NTP correcting a clock that ran ahead) makes it due, not
+            # "not due" until the clock catches up again, which may be days.
+            and 0 <= (now - self._last_pass).total_seconds() < self._interval_s
         ):
             return PullResult(due=False)
         self._last_pass = now

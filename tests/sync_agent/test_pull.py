@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -358,10 +359,16 @@ async def test_passes_are_paced_unless_forced(
     store: Store, client: httpx.AsyncClient, transport: Transport_
 ) -> None:
     site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
-    puller = _puller(store, client, site, interval_s=3600)
+    now = [datetime(2026, 11, 29, 9, tzinfo=UTC)]
+    puller = _puller(store, client, site, interval_s=3600, clock=lambda: now[0])
     assert (await puller.pull_once()).due
     assert not (await puller.pull_once()).due
     assert (await puller.pull_once(force=True)).due
+    now[0] += timedelta(minutes=61)
+    assert (await puller.pull_once()).due
+    now[0] -= timedelta(days=2)  # NTP steps back a clock that ran ahead: not stuck for days
+    assert (await puller.pull_once()).due
+    assert not (await puller.pull_once()).due
 
 
 async def test_a_pull_holds_back_an_upstream_version_while_a_local_edit_is_pending(
