@@ -103,6 +103,26 @@ def _transient(response: httpx.Response) -> UpstreamError:
     return UpstreamError(Failure.TRANSIENT, _server_message(response), delay)
 
 
+def _must_wait(response: httpx.Response, body: Any) -> UpstreamError | None:
+    """For a failed exchange with one resource's address: the error to raise when the
+    update must wait and be tried again (the link, a rate limit, our credentials, the
+    address itself), None when the answer is about the resource (a dead letter).
+
+    To one resource's address a 404, 410 or 405 with the server's own OperationOutcome is
+    about that resource (deleted, merged, not updatable). A redirect, or such a status from
+    something that is not the FHIR server (a proxy's page), is the address: it waits.
+    """
+    status = response.status_code
+    if status in _RETRY or status >= 500:
+        return _transient(response)
+    refusal = classify_response(status, body, response.headers.get("Retry-After"))
+    if refusal.failure in (Failure.AUTH, Failure.TRANSIENT) or (
+        refusal.failure is Failure.ENDPOINT and (status < 400 or not is_outcome(body))
+    ):
+        return refusal
+    return None
+
+
 def _content(resource: Any) -> Any:
     """A resource without what the server owns (id, meta, narrative): for "same version?"."""
     if not isinstance(resource, dict):
@@ -315,27 +335,18 @@ class UpdateSender:
             result.delivered += 1
         elif status in _CONFLICT:
             await self._conflict(row, ref, base, now, result)
-        elif status in _RETRY or status >= 500:
-            raise _transient(response)
         else:
-            body = response_json(response)
-            refusal = classify_response(status, body, response.headers.get("Retry-After"))
-            if refusal.failure in (Failure.AUTH, Failure.TRANSIENT) or (
-                # To one resource's address a 404, 410 or 405 with the server's own
-                # OperationOutcome is about that resource (deleted, merged, not updatable):
-                # a dead letter. A redirect, or such a status from something that is not the
-                # FHIR server (a proxy's page), is the address: the update waits.
-                refusal.failure is Failure.ENDPOINT and (status < 400 or not is_outcome(body))
-            ):
-                raise refusal
+            wait = _must_wait(response, response_json(response))
+            if wait is not None:
+                raise wait
             await db.run_sync(conn, self._dead, row, _server_message(response), None, now)
             result.dead += 1
 
     async def _own_version(self, ref: str) -> str | None:
         """The version of a resource we created, if nobody has changed it since (else None)."""
         response = await exchange(self._client, "GET", f"{ref}/_history")
-        if response.status_code in _RETRY or response.status_code >= 500:
-            raise _transient(response)
+        if response.status_code >= 300 and (wait := _must_wait(response, response_json(response))):
+            raise wait
         entries = bundle_entries(response_json(response))
         if response.status_code != 200 or len(entries) != 1:
             return None  # changed upstream since our create (or unknowable): a person decides
@@ -346,9 +357,11 @@ class UpdateSender:
     ) -> None:
         conn = self._store.connection
         response = await exchange(self._client, "GET", ref)
-        if response.status_code in _RETRY or response.status_code >= 500:
-            raise _transient(response)
         theirs = response_json(response)
+        if response.status_code >= 300 and (wait := _must_wait(response, theirs)):
+            # Not reading their copy (our credentials lapsed, a proxy's page) is no reason
+            # to give up on our edit: it waits, and the conflict is looked at again.
+            raise wait
         if (
             response.status_code != 200
             or not isinstance(theirs, dict)

@@ -150,6 +150,34 @@ async def test_a_concurrent_upstream_edit_puts_the_change_into_the_review_queue(
         await _edit(store, logical_id, "Thirdperson")
 
 
+@pytest.mark.parametrize("status", [401, 302, 503])
+async def test_a_conflict_whose_upstream_copy_cannot_be_read_now_waits_instead_of_dying(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path, status: int
+) -> None:
+    # The 412 is real; the GET of their copy that follows meets a lapsed token, a login page
+    # or an outage. Before, anything but 408/429/5xx made the edit a dead letter, no review.
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Mineperson")
+    await _their_edit(client, upstream, "Theirsperson")
+
+    async def fail_the_read_after_the_412(response: httpx.Response) -> None:
+        if response.request.method == "PUT" and response.status_code == 412:
+            fhir_peer.fault("status", status=status)
+
+    client.event_hooks["response"].append(fail_the_read_after_the_412)
+    clock = Clock()
+    sender = _sender(store, client, clock)
+    failed = await sender.send_once()
+    assert (failed.dead, failed.conflicts, failed.retry) == (0, 0, 1)
+    assert _outbox(db_path) == [("update", "pending", upstream["meta"]["versionId"])]
+    client.event_hooks["response"].clear()
+    clock.now += timedelta(hours=1)
+    again = await sender.send_once()
+    assert (again.dead, again.conflicts) == (0, 1)
+    [item] = await ReviewQueue(store).items()
+    assert (await ReviewQueue(store).open(item.id, NURSE)).mine["name"][0]["family"] == "Mineperson"
+
+
 async def test_an_update_held_for_review_is_never_sent_again_from_the_dead_letters(
     store: Store, client: httpx.AsyncClient, db_path: Path
 ) -> None:
