@@ -268,13 +268,23 @@ def save_link(
     )
 
 
+# A local edit the upstream refused (a dead letter) that no review has taken up: the
+# upstream's copy must not silently replace it either (the pull opens a review instead).
+REFUSED_EDIT_SQL = (
+    "SELECT o.id, o.if_match FROM outbox o WHERE o.resource_id = ? AND o.kind = 'update' "
+    "AND o.state = 'dead' AND NOT EXISTS (SELECT 1 FROM review_queue q "
+    "WHERE q.resource_id = o.resource_id AND q.outbox_id >= o.id) ORDER BY o.id DESC LIMIT 1"
+)
+
+
 def has_local_change(conn: sqlite3.Connection, resource_id: int) -> bool:
-    """Whether a local edit of the resource is still to go up, or is waiting for review."""
+    """Whether a local edit of the resource is still to go up, is waiting for review, or was
+    refused upstream and not yet decided (:data:`REFUSED_EDIT_SQL`)."""
     row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM outbox WHERE resource_id = ? AND kind = 'update' "
+        "SELECT EXISTS (SELECT 1 FROM outbox WHERE resource_id = ? AND kind = 'update' "  # noqa: S608 - constant
         "AND state = 'pending') OR EXISTS (SELECT 1 FROM review_queue WHERE resource_id = ? "
-        "AND state = 'open')",
-        (resource_id, resource_id),
+        f"AND state = 'open') OR EXISTS ({REFUSED_EDIT_SQL})",
+        (resource_id, resource_id, resource_id),
     ).fetchone()
     return bool(row[0])
 

@@ -54,7 +54,7 @@ from appliance.store import (
     link_for_resource,
     resource_for_upstream,
 )
-from sync_agent.updates import refresh_review
+from sync_agent.updates import refresh_review, review_refused_edit
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
@@ -367,7 +367,8 @@ class Puller:
         outcomes: list[Imported],
         copies: Sequence[UpstreamCopy],
     ) -> None:
-        """A newer upstream version of a resource under review goes into the review."""
+        """A newer upstream version of a resource under review goes into the review; one of a
+        resource whose local edit the upstream refused opens a review (nothing overwritten)."""
         by_ref = {c.reference: c for c in copies}
         for item in outcomes:
             if item.outcome is not ImportOutcome.HELD or item.row_id is None:
@@ -377,8 +378,13 @@ class Puller:
                 (item.row_id,),
             ).fetchone()
             copy = by_ref.get(item.reference)
-            if review is not None and copy is not None:
+            if copy is None:
+                continue
+            if review is not None:
                 refresh_review(conn, self._store.keyring, int(review[0]), copy.resource)
+            else:
+                # Held for a local edit the upstream refused: a nurse decides between them.
+                review_refused_edit(conn, self._store, item.row_id, copy.resource, self._clock())
 
 
 # -- database helpers (run on the connection's thread) --------------------------------------

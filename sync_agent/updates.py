@@ -45,6 +45,7 @@ from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.errors import NotFoundError, TamperedDataError
 from appliance.keys import Keyring
 from appliance.store import (
+    REFUSED_EDIT_SQL,
     Lane,
     Store,
     UpstreamCopy,
@@ -521,6 +522,62 @@ def _open_review(
         (keyring.seal(MINE_LABEL, str(review_id), orjson.dumps(row.resource).decode()), review_id),
     )
     refresh_review(conn, keyring, review_id, conflict.theirs)
+    return review_id
+
+
+def review_refused_edit(
+    conn: sqlite3.Connection, store: Store, resource_id: int, theirs: fhir.FhirJson, now: datetime
+) -> int | None:
+    """A review for a local edit the upstream refused (a dead letter nobody decided) now
+    that the upstream has a newer copy (the pull found it, inside its write transaction).
+
+    Neither version is dropped: ours stays here, theirs goes into the review, and a nurse
+    decides as for a version conflict. None when there is no such edit, or ours cannot be
+    read (then the upstream's copy stays held back, and the store check names the record).
+    """
+    found = conn.execute(REFUSED_EDIT_SQL, (resource_id,)).fetchone()
+    stored = conn.execute(
+        "SELECT id, logical_id, type, key_version, body FROM resources WHERE id = ?",
+        (resource_id,),
+    ).fetchone()
+    link = link_for_resource(conn, resource_id)
+    if found is None or stored is None or link is None:
+        return None
+    try:
+        mine = store.decrypt_stored(conn, tuple(stored))
+    except TamperedDataError:
+        return None
+    outbox_id, if_match = int(found[0]), found[1]
+    row = _Row(
+        outbox_id,
+        int(Lane.CLINICAL),
+        0,
+        if_match,
+        resource_id,
+        mine.logical_id,
+        mine.type,
+        bytes(stored[4]),
+        mine.resource,
+        None,
+        link,
+        None,
+    )
+    review_id = _open_review(
+        conn, store.keyring, row, _Conflict(theirs, if_match or link.version_id), fhir.utc_text(now)
+    )
+    audit.append(
+        conn,
+        [
+            AuditEvent(
+                ACTOR,
+                AuditAction.CREATE,
+                patient_key=_patient_key(store, mine.type, mine.logical_id),
+                entity=f"review/{review_id}",
+                detail=f"{mine.type}/{mine.logical_id}: refused local edit, changed upstream",
+            )
+        ],
+        now=now,
+    )
     return review_id
 
 

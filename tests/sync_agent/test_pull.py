@@ -20,6 +20,7 @@ from appliance.device_registry import DeviceRegistry, Setting, Transport
 from appliance.errors import TamperedDataError
 from appliance.store import UNREADABLE_REPLACED, Store
 from services.vitals import CAPTURE_SETTING_SYSTEM
+from sync_agent import status
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.pull import ACTOR, HOME_TAG, Puller
 from sync_agent.updates import ReviewQueue, UpdateSender
@@ -401,6 +402,47 @@ async def test_a_pull_holds_back_an_upstream_version_while_a_local_edit_is_pendi
     patient = await store.read("Patient", ada_local, NURSE)
     assert patient["name"][0]["family"] == "Theirnewestperson"
     assert (await puller.pull_once(force=True)).updated == 0  # that version is current here
+
+
+async def test_a_local_edit_the_upstream_refused_is_not_overwritten_by_a_pull_but_reviewed(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    await _post(client, _appointment(ada, site))
+    puller = _puller(store, client, site)
+    await puller.pull_once()
+    ada_local = await _local_id(store, "Patient", ada["id"])
+    await _enrol(store, ada_local)
+    current = await store.read("Patient", ada_local, NURSE)
+    await store.update("Patient", ada_local, {**current, "name": [{"family": "Mineperson"}]}, NURSE)
+    fhir_peer.fault("status", status=422)  # a rule at the EHR refuses the edit: a dead letter
+    assert (await UpdateSender(store, client, rng=random.Random(1)).send_once()).dead == 1
+    theirs = {**ada, "name": [{"family": "Theirsperson"}]}
+    assert (await client.put(f"Patient/{ada['id']}", json=theirs)).status_code == 200
+
+    pulled = await puller.pull_once(force=True)
+    # Before: the pull replaced the nurse's edit with the EHR's copy, silently.
+    assert (pulled.held, pulled.updated) == (1, 0)
+    assert (await store.read("Patient", ada_local, NURSE))["name"][0]["family"] == "Mineperson"
+    queue = ReviewQueue(store)
+    [item] = await queue.items()
+    case = await queue.open(item.id, NURSE)
+    assert case.mine["name"][0]["family"] == "Mineperson"
+    assert case.theirs["name"][0]["family"] == "Theirsperson"
+    assert item.base_version == ada["meta"]["versionId"]
+    # Counted in the review queue now, not as a dead letter; a second pass opens nothing new.
+    assert (await puller.pull_once(force=True)).held == 1
+    assert len(await queue.items()) == 1
+    conn = db.connect_sync(db_path)
+    try:
+        found = status.read_status(conn, datetime.now(UTC))
+        assert (found.dead_total, found.reviews_open) == (0, 1)
+    finally:
+        conn.close()
+    await queue.take_theirs(item.id, NURSE)
+    assert (await store.read("Patient", ada_local, NURSE))["name"][0]["family"] == "Theirsperson"
+    assert (await puller.pull_once(force=True)).held == 0
 
 
 async def test_a_local_reading_about_a_pulled_patient_points_at_the_upstream_patient(
