@@ -17,13 +17,17 @@ What is pulled, from the first configured upstream (the one the outbox delivers 
    readings found there are recognised (``OWN``) and one tagged as captured elsewhere is skipped.
 
 **Incremental.** Every stream (``Appointment``; ``Observation Patient/<id>``) pages through
-``_lastUpdated=ge<cursor>&_sort=_lastUpdated&_count=N`` (following ``Bundle.link`` *next* when
-the server gives one, to the same server only). The cursor is the newest ``meta.lastUpdated``
-taken plus the ids taken at exactly that instant, and it is written in the transaction that
-stores the page: a pass interrupted anywhere resumes at the last stored page, and a run of
-equal timestamps cut by a page boundary is neither lost (``ge``) nor taken twice (the ids).
-A full page of nothing new (more equal timestamps than a page holds, without a next link)
-doubles the page size, up to 1,000.
+``_lastUpdated=ge<cursor>&_sort=_lastUpdated&_count=N``, each page asked for afresh from the
+cursor. The server's ``next`` links are not followed: many page by offset, and a resource
+changed between two pages moves to the end of the order, so the one behind it slides into
+the offset already read and would be skipped for good. The cursor is the newest
+``meta.lastUpdated`` taken plus the ids taken at exactly that instant, and it is written in
+the transaction that stores the page: a pass interrupted anywhere resumes at the last stored
+page, and a run of equal timestamps cut by a page boundary is neither lost (``ge``) nor taken
+twice (the ids). A full page of nothing new (more equal timestamps than a page holds)
+doubles the page size, up to 1,000; past that, the server's ``next`` links (to the same
+server only) are followed through that one instant, and without one the stream says it is
+stuck.
 
 **Stored** through :meth:`appliance.store.Store.import_upstream`: encrypted, audited as
 ``service:sync``, keeping the upstream id and version (the ``If-Match`` of a later local
@@ -283,7 +287,8 @@ class Puller:
         cursor = await db.run_sync(conn, _load_cursor, self._upstream.name, stream)
         base = str(self._client.base_url).rstrip("/") + "/"
         size = self._page_size
-        next_url: str | None = None
+        next_url: str | None = None  # only inside a run of equal timestamps (below)
+        run_at: str | None = None
         for _ in range(self._max_pages):
             if next_url is not None:
                 bundle = await self._get(next_url)
@@ -320,20 +325,31 @@ class Puller:
             progressed = after != cursor
             cursor = after
             link = _next_link(bundle)
-            next_url = link if link is not None and link.startswith(base) else None
+            link = link if link is not None and link.startswith(base) else None
             if next_url is not None:
+                # Following the server's links through one instant: on while it lasts, then
+                # back to asking from the cursor.
+                next_url = link if link is not None and cursor.since == run_at else None
+                if next_url is None and link is None and len(resources) < size:
+                    return
                 continue
             if len(resources) < size:
                 return  # the last page
-            if not progressed:
-                if size >= MAX_PAGE_SIZE:
-                    logger.warning(
-                        "pull %s: more than %d resources share one lastUpdated; skipping past",
-                        rtype,
-                        MAX_PAGE_SIZE,
-                    )
-                    return
+            if progressed:
+                continue  # the next page is asked for from the cursor, never by a next link
+            if size < MAX_PAGE_SIZE:
                 size = min(MAX_PAGE_SIZE, size * 2)
+                continue
+            if link is None:
+                logger.warning(
+                    "pull %s: more than %d resources share one lastUpdated and the server "
+                    "gives no next link; this stream cannot get past them",
+                    rtype,
+                    MAX_PAGE_SIZE,
+                )
+                result.error = f"{stream}: over {MAX_PAGE_SIZE} resources share one lastUpdated"
+                return
+            next_url, run_at = link, cursor.since
         result.more = True
 
     async def _patients(self, refs: set[str]) -> list[UpstreamCopy]:

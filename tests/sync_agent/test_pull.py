@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from appliance.device_registry import DeviceRegistry, Setting, Transport
 from appliance.errors import TamperedDataError
 from appliance.store import UNREADABLE_REPLACED, Store
 from services.vitals import CAPTURE_SETTING_SYSTEM
-from sync_agent import status
+from sync_agent import pull, status
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.pull import ACTOR, HOME_TAG, Puller
 from sync_agent.updates import ReviewQueue, UpdateSender
@@ -43,9 +43,12 @@ class Transport_(httpx.AsyncBaseTransport):
         self.fail_at = fail_at
         self.add_next_links = add_next_links
         self.requests: list[httpx.URL] = []
+        self.before: Callable[[httpx.Request], Awaitable[None]] | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request.url)
+        if self.before is not None:
+            await self.before(request)
         if self.fail_at is not None and len(self.requests) == self.fail_at:
             raise httpx.ConnectError("dropped by the test", request=request)
         response = await self._inner.handle_async_request(request)
@@ -340,20 +343,63 @@ async def test_equal_timestamps_across_a_page_boundary_are_taken_once_each(
     assert (await puller.pull_once(force=True)).created == 0
 
 
-async def test_next_links_are_followed_when_the_server_gives_them(
+async def test_an_upstream_change_between_pages_loses_nothing_though_the_server_pages_by_offset(
     store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
 ) -> None:
     site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
     patient = await _post(client, factories.patient())
-    for _ in range(5):
-        await _post(client, _appointment(patient, site))
+    booked = [await _post(client, _appointment(patient, site)) for _ in range(6)]
+    transport.add_next_links = True  # offset links, as many servers give
+
+    searches: list[httpx.URL] = []
+
+    async def the_ehr_changes_the_first_after_page_one(request: httpx.Request) -> None:
+        if request.method == "GET" and request.url.path.endswith("/Appointment"):
+            searches.append(request.url)
+        if len(searches) == 2 and request.url == searches[-1]:
+            moved = {**booked[0], "status": "arrived"}
+            del moved["meta"]  # the server stamps it now: it moves to the end of the order
+            async with httpx.AsyncClient(base_url=str(client.base_url)) as ehr:
+                assert (await ehr.put(f"Appointment/{moved['id']}", json=moved)).status_code == 200
+
+    transport.before = the_ehr_changes_the_first_after_page_one
+    result = await _puller(store, client, site, page_size=3).pull_once()
+    assert result.error is None
+    # Following the offset link, the fourth (slid into the offset already read) was lost.
+    for appointment in booked:
+        await _local_id(store, "Appointment", appointment["id"])
+    assert _count(db_path, "Appointment") == 6
+    queries = [dict(parse_qsl(u.query.decode())) for u in searches]
+    assert all("_offset" not in q for q in queries)
+    assert all("_lastUpdated" in q for q in queries[1:])  # each page from the cursor
+    first = await _local_id(store, "Appointment", booked[0]["id"])
+    assert (await store.read("Appointment", first, NURSE))["status"] == "arrived"
+
+
+async def test_a_run_of_equal_timestamps_longer_than_the_largest_page_follows_next_links(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Transport_,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 4)
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patient = await _post(client, factories.patient())
+    for _ in range(7):
+        await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:00.000Z"))
+    later = await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:01.000Z"))
+    puller = _puller(store, client, site, page_size=2)
+    stuck = await puller.pull_once()
+    # No next link: the stream cannot page through that instant, and says so.
+    assert stuck.error == "Appointment: over 4 resources share one lastUpdated"
+    assert _count(db_path, "Appointment") == 4
     transport.add_next_links = True
-    start = len(transport.requests)
-    result = await _puller(store, client, site, page_size=2).pull_once()
-    assert (result.error, result.pages) == (None, 3)
-    assert _count(db_path, "Appointment") == 5
-    pages = [u for u in transport.requests[start:] if u.path.endswith("/Appointment")]
-    assert [dict(parse_qsl(u.query.decode())).get("_offset") for u in pages] == [None, "2", "4"]
+    result = await puller.pull_once(force=True)
+    assert result.error is None
+    assert _count(db_path, "Appointment") == 8
+    await _local_id(store, "Appointment", later["id"])
+    assert (await puller.pull_once(force=True)).created == 0
 
 
 async def test_passes_are_paced_unless_forced(
