@@ -29,6 +29,11 @@ doubles the page size, up to 1,000; past that, the server's ``next`` links (to t
 server only) are followed through that one instant, and without one the stream says it is
 stuck.
 
+**Failures.** The link, our credentials or the address failing stops the pass (the next one
+resumes from the cursors). A refusal of one search (a 4xx about it: a patient merged or
+restricted upstream, a parameter the server does not take) is counted in ``refused`` and the
+other streams go on, so one patient's refused search never starves everyone after it.
+
 **Stored** through :meth:`appliance.store.Store.import_upstream`: encrypted, audited as
 ``service:sync``, keeping the upstream id and version (the ``If-Match`` of a later local
 edit); a re-pulled resource replaces the local copy under the same logical id — unless a
@@ -119,6 +124,7 @@ class PullResult:
     held: int = 0
     skipped: int = 0  # ours, captured elsewhere, or invalid
     more: bool = False  # stopped at max_pages: call again soon
+    refused: int = 0  # streams whose search the upstream refused (the others went on)
     error: str | None = None
     link_down: bool = False
 
@@ -239,7 +245,7 @@ class Puller:
         result = PullResult()
         try:
             if self._upstream.location is not None:
-                await self._stream(
+                await self._guarded(
                     APPOINTMENTS, APPOINTMENTS, {"actor": self._upstream.location}, result
                 )
             enrolled = await db.run_sync(self._store.connection, _enrolled_upstream_refs)
@@ -253,7 +259,7 @@ class Puller:
                     )
                 )
             for ref in enrolled:
-                await self._stream(f"Observation {ref}", "Observation", {"subject": ref}, result)
+                await self._guarded(f"Observation {ref}", "Observation", {"subject": ref}, result)
         except UpstreamError as exc:
             result.error = str(exc)
             result.link_down = exc.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)
@@ -278,6 +284,23 @@ class Puller:
         if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
             raise UpstreamError(Failure.TRANSIENT, f"HTTP {response.status_code} without a Bundle")
         return body
+
+    async def _guarded(
+        self, stream: str, rtype: str, params: dict[str, str], result: PullResult
+    ) -> None:
+        """One stream; a refusal of this one search (a 4xx about it: a patient merged or
+        restricted upstream, a parameter the server does not take) is recorded and the other
+        streams go on. The link, our credentials or the address failing stops the pass."""
+        try:
+            await self._stream(stream, rtype, params, result)
+        except UpstreamError as exc:
+            if exc.failure is not Failure.PERMANENT:
+                raise
+            result.error = f"{stream}: {exc}"
+            result.refused += 1
+            # The type only: the stream names a patient's upstream id, the server's words
+            # may quote data.
+            logger.warning("pull of one %s stream refused by the upstream; the rest go on", rtype)
 
     async def _stream(
         self, stream: str, rtype: str, params: dict[str, str], result: PullResult

@@ -221,6 +221,57 @@ async def test_pull_takes_this_sites_appointments_their_patients_and_home_readin
     assert (_count(db_path, "Appointment"), _count(db_path, "Observation")) == (2, 3)
 
 
+async def test_one_refused_search_does_not_stop_the_other_patients_home_readings(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Transport_,
+    fhir_peer: FhirPeer,
+    db_path: Path,
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patients = [
+        await _post(client, factories.patient(family=family, mrn=mrn))
+        for family, mrn in (("Adaperson", "T0001"), ("Bobperson", "T0002"))
+    ]
+    for patient in patients:
+        await _post(client, _appointment(patient, site))
+        await _post(client, factories.bp_observation(f"Patient/{patient['id']}"))
+    puller = _puller(store, client, site)
+    await puller.pull_once()
+    registry = DeviceRegistry(store)
+    local = {}
+    for index, patient in enumerate(patients):
+        local[patient["id"]] = await _local_id(store, "Patient", patient["id"])
+        await registry.register_device(
+            f"home-bp-{index}",
+            name="Home cuff",
+            transport=Transport.HUB,
+            profile="blood_pressure",
+            address=None,
+            setting=Setting.HOME,
+            actor="user:admin",
+        )
+        await registry.assign_device(
+            f"home-bp-{index}", "user:admin", patient_id=local[patient["id"]]
+        )
+    # The first patient's search in the pass's order is refused (merged upstream, say).
+    first, second = sorted(patients, key=lambda p: local[p["id"]])
+
+    async def refuse_the_first_patients_search(request: httpx.Request) -> None:
+        if request.url.params.get("subject") == f"Patient/{first['id']}":
+            fhir_peer.fault("status", status=400)
+
+    transport.before = refuse_the_first_patients_search
+    result = await puller.pull_once(force=True)
+    # Before: the refusal ended the pass, and every patient after that one got nothing.
+    assert (result.refused, result.created, result.link_down) == (1, 1, False)
+    assert len(await store.newest(f"Patient/{local[second['id']]}", "Observation", NURSE)) == 1
+    assert await store.newest(f"Patient/{local[first['id']]}", "Observation", NURSE) == []
+    transport.before = None
+    healed = await puller.pull_once(force=True)
+    assert (healed.refused, healed.created, healed.error) == (0, 1, None)
+
+
 async def _pulled_ada(
     store: Store, client: httpx.AsyncClient
 ) -> tuple[Puller, dict[str, Any], dict[str, Any], str, str]:
