@@ -335,7 +335,7 @@ class UpdateSender:
             )
             result.delivered += 1
         elif status in _CONFLICT:
-            await self._conflict(row, ref, base, now, result)
+            await self._conflict(row, ref, base, now, result, busy=status == 409)
         else:
             wait = _must_wait(response, response_json(response))
             if wait is not None:
@@ -354,7 +354,14 @@ class UpdateSender:
         return _version_of(entries[0].get("resource"))
 
     async def _conflict(
-        self, row: _Row, ref: str, base: str | None, now: datetime, result: UpdateResult
+        self,
+        row: _Row,
+        ref: str,
+        base: str | None,
+        now: datetime,
+        result: UpdateResult,
+        *,
+        busy: bool = False,
     ) -> None:
         conn = self._store.connection
         response = await exchange(self._client, "GET", ref)
@@ -379,6 +386,10 @@ class UpdateSender:
             )
             result.delivered += 1
             return
+        if busy and base is not None and _version_of(theirs, response) == base:
+            # A 409 while their copy is still the version our edit is based on: nobody
+            # changed it (a lock, a busy server). Not for a nurse: it is tried again.
+            raise UpstreamError(Failure.TRANSIENT, "HTTP 409 on an unchanged upstream version")
         message = f"the upstream changed since version {base or 'unknown'}: held for review"
         await db.run_sync(conn, self._dead, row, message, _Conflict(theirs, base), now)
         result.conflicts += 1

@@ -318,6 +318,22 @@ async def test_a_transient_failure_retries_after_a_backoff(
     assert (await sender.send_once()).delivered == 1
 
 
+async def test_a_409_on_an_unchanged_upstream_version_is_retried_not_reviewed(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    clock = Clock()
+    sender = _sender(store, client, clock)
+    fhir_peer.fault("status", status=409)  # a lock at the EHR; nobody changed the record
+    busy = await sender.send_once()
+    assert (busy.conflicts, busy.dead, busy.retry) == (0, 0, 1)
+    assert await ReviewQueue(store).items() == []
+    clock.now += timedelta(hours=1)
+    assert (await sender.send_once()).delivered == 1
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Editedperson"
+
+
 async def test_a_permanent_refusal_is_dead_lettered_with_the_servers_words(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
