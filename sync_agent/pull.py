@@ -27,7 +27,9 @@ page, and a run of equal timestamps cut by a page boundary is neither lost (``ge
 twice (the ids). A full page of nothing new (more equal timestamps than a page holds)
 doubles the page size, up to 1,000; past that, the server's ``next`` links (to the same
 server only) are followed through that one instant, and without one the stream says it is
-stuck.
+stuck. Each pass first reads again the ten minutes before the cursor (``overlap_s``) and
+takes what is not held here: a server stamps ``lastUpdated`` when a write starts, so a write
+committed late appears behind a cursor that has already moved past it.
 
 **Failures.** The link, our credentials or the address failing stops the pass (the next one
 resumes from the cursors). A refusal of one search (a 4xx about it: a patient merged or
@@ -47,7 +49,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -214,6 +216,7 @@ class Puller:
         page_size: int = 50,
         max_pages: int = 20,
         interval_s: float = 60.0,
+        overlap_s: float = 600.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._store = store
@@ -222,6 +225,7 @@ class Puller:
         self._page_size = page_size
         self._max_pages = max_pages
         self._interval_s = interval_s
+        self._overlap_s = overlap_s
         self._clock = clock
         self._last_pass: datetime | None = None
         self._more = False
@@ -308,6 +312,8 @@ class Puller:
         """Page through one stream from its cursor, storing each page with the new cursor."""
         conn = self._store.connection
         cursor = await db.run_sync(conn, _load_cursor, self._upstream.name, stream)
+        if cursor.since is not None:
+            await self._sweep(stream, rtype, params, cursor.since, result)
         base = str(self._client.base_url).rstrip("/") + "/"
         size = self._page_size
         next_url: str | None = None  # only inside a run of equal timestamps (below)
@@ -321,30 +327,7 @@ class Puller:
                     query["_lastUpdated"] = f"ge{cursor.since}"
                 bundle = await self._get(rtype, query)
             resources = _entries(bundle, rtype)
-            fresh = [r for r in resources if not cursor.taken(r)]
-            after = cursor.advance(resources)
-            copies = [_copy(r) for r in fresh]
-            tags: list[dict[str, str]] = []
-            if rtype == APPOINTMENTS:
-                wanted = set().union(*(_patients_of(r) for r in fresh)) if fresh else set()
-                copies = await self._patients(wanted) + copies
-            elif rtype == "Observation":
-                result.skipped += sum(1 for r in fresh if _captured_elsewhere(r))
-                copies = [c for c in copies if not _captured_elsewhere(c.resource)]
-                tags = [HOME_TAG]
-
-            def also(
-                conn: sqlite3.Connection,
-                outcomes: list[Imported],
-                after: Cursor = after,
-                copies: list[UpstreamCopy] = copies,
-            ) -> None:
-                self._hold_newer(conn, outcomes, copies)
-                _save_cursor(conn, self._upstream.name, stream, after, self._clock())
-
-            outcomes = await self._store.import_upstream(copies, ACTOR, tags=tags, also=also)
-            result.count(outcomes)
-            result.pages += 1
+            after = await self._take(stream, rtype, resources, cursor, result, save=True)
             progressed = after != cursor
             cursor = after
             link = _next_link(bundle)
@@ -374,6 +357,74 @@ class Puller:
                 return
             next_url, run_at = link, cursor.since
         result.more = True
+
+    async def _take(
+        self,
+        stream: str,
+        rtype: str,
+        resources: list[fhir.FhirJson],
+        cursor: Cursor,
+        result: PullResult,
+        *,
+        save: bool,
+    ) -> Cursor:
+        """Store the resources of one page not taken yet (an Appointment's Patients with it)
+        and, with ``save``, the stream's new cursor in the same transaction; the cursor after
+        the page."""
+        fresh = [r for r in resources if not cursor.taken(r)]
+        after = cursor.advance(resources)
+        copies = [_copy(r) for r in fresh]
+        tags: list[dict[str, str]] = []
+        if rtype == APPOINTMENTS:
+            wanted = set().union(*(_patients_of(r) for r in fresh)) if fresh else set()
+            copies = await self._patients(wanted) + copies
+        elif rtype == "Observation":
+            result.skipped += sum(1 for r in fresh if _captured_elsewhere(r))
+            copies = [c for c in copies if not _captured_elsewhere(c.resource)]
+            tags = [HOME_TAG]
+
+        def also(conn: sqlite3.Connection, outcomes: list[Imported]) -> None:
+            self._hold_newer(conn, outcomes, copies)
+            if save:
+                _save_cursor(conn, self._upstream.name, stream, after, self._clock())
+
+        outcomes = await self._store.import_upstream(copies, ACTOR, tags=tags, also=also)
+        result.count(outcomes)
+        result.pages += 1
+        return after
+
+    async def _sweep(
+        self, stream: str, rtype: str, params: dict[str, str], since: str, result: PullResult
+    ) -> None:
+        """Read again the ``overlap_s`` before the cursor and take what was missed there.
+
+        A server stamps ``lastUpdated`` when a write starts, not when it commits: a write
+        that commits after a later-stamped one was read (or a server node whose clock is
+        behind) appears behind the cursor, where ``ge<cursor>`` never looks. Resources held
+        here at that version (nearly all) are left alone; the cursor does not move.
+        """
+        since_at = fhir.instant(since)
+        if since_at is None or self._overlap_s <= 0:
+            return
+        conn = self._store.connection
+        floor = Cursor(fhir.utc_text(since_at - timedelta(seconds=self._overlap_s)))
+        for _ in range(self._max_pages):
+            query = {**params, "_sort": "_lastUpdated", "_count": str(self._page_size)}
+            query["_lastUpdated"] = f"ge{floor.since}"
+            resources = _entries(await self._get(rtype, query), rtype)
+            inside = [
+                r
+                for r in resources
+                if (at := fhir.instant(_last_updated(r))) is not None and at < since_at
+            ]
+            late = await db.run_sync(conn, _not_held, inside)
+            if late:
+                logger.info("pull %s: %d resources committed late, taken now", rtype, len(late))
+                await self._take(stream, rtype, late, Cursor(), result, save=False)
+            after = floor.advance(inside)
+            if len(inside) < len(resources) or len(resources) < self._page_size or after == floor:
+                return  # reached the cursor, the end, or a run of equal timestamps: enough
+            floor = after
 
     async def _patients(self, refs: set[str]) -> list[UpstreamCopy]:
         """The Patients among ``refs`` that are not current here, fetched by id."""
@@ -470,6 +521,22 @@ def _enrolled_upstream_refs(conn: sqlite3.Connection) -> list[str]:
         if link is not None:
             refs.append(link.upstream_ref)
     return refs
+
+
+def _not_held(conn: sqlite3.Connection, resources: list[fhir.FhirJson]) -> list[fhir.FhirJson]:
+    """Those of ``resources`` not held here at that version or a newer one (a resource of
+    ours delivered upstream, whose upstream time is not recorded, counts as held)."""
+    missing = []
+    for resource in resources:
+        local = resource_for_upstream(conn, _copy(resource).reference)
+        link = None if local is None else link_for_resource(conn, local[0])
+        if link is None:
+            missing.append(resource)
+            continue
+        held, seen = fhir.instant(link.last_updated), fhir.instant(_last_updated(resource))
+        if held is not None and seen is not None and held < seen:
+            missing.append(resource)
+    return missing
 
 
 def _known_versions(conn: sqlite3.Connection, refs: list[str]) -> dict[str, str | None]:

@@ -427,6 +427,30 @@ async def test_an_upstream_change_between_pages_loses_nothing_though_the_server_
     assert (await store.read("Appointment", first, NURSE))["status"] == "arrived"
 
 
+@pytest.mark.parametrize("overlap_s", [600.0, 0.0])
+async def test_a_resource_committed_late_behind_the_cursor_is_taken_on_the_next_pass(
+    store: Store, client: httpx.AsyncClient, db_path: Path, overlap_s: float
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patient = await _post(client, factories.patient())
+    await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:00.000Z"))
+    puller = _puller(store, client, site, overlap_s=overlap_s)
+    assert (await puller.pull_once()).created == 2
+    # A write the server stamped before the one just read, committed after it was read.
+    late = await _post(client, _appointment(patient, site, updated="2026-11-26T07:58:00.000Z"))
+    again = await puller.pull_once(force=True)
+    if overlap_s == 0:  # as before: behind the cursor, never seen
+        assert again.created == 0
+        assert _count(db_path, "Appointment") == 1
+        return
+    assert again.created == 1
+    await _local_id(store, "Appointment", late["id"])
+    assert _count(db_path, "Appointment") == 2
+    # Read again on later passes, but held here: nothing is taken twice.
+    third = await puller.pull_once(force=True)
+    assert (third.created, third.updated, third.pages) == (0, 0, 1)
+
+
 async def test_a_run_of_equal_timestamps_longer_than_the_largest_page_follows_next_links(
     store: Store,
     client: httpx.AsyncClient,
