@@ -74,6 +74,8 @@ from sync_agent.upstream import (
     bundle_entries,
     classify_response,
     exchange,
+    is_outcome,
+    outcome_text,
     response_json,
 )
 
@@ -283,8 +285,14 @@ class Puller:
     async def _get(self, url: str, params: dict[str, str] | None = None) -> Any:
         response = await exchange(self._client, "GET", url, params=params)
         body = response_json(response)
-        if response.status_code >= 300:
-            raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
+        status = response.status_code
+        if status == 403 or (status in (404, 410) and is_outcome(body)):
+            # About this search, not the link: a patient restricted (403), merged or deleted
+            # (the server's own OperationOutcome) upstream. The other streams go on.
+            said = outcome_text(body) or f"HTTP {status}"
+            raise UpstreamError(Failure.PERMANENT, f"the upstream refused this search: {said}")
+        if status >= 300:
+            raise classify_response(status, body, response.headers.get("Retry-After"))
         if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
             raise UpstreamError(Failure.TRANSIENT, f"HTTP {response.status_code} without a Bundle")
         return body
@@ -292,9 +300,10 @@ class Puller:
     async def _guarded(
         self, stream: str, rtype: str, params: dict[str, str], result: PullResult
     ) -> None:
-        """One stream; a refusal of this one search (a 4xx about it: a patient merged or
-        restricted upstream, a parameter the server does not take) is recorded and the other
-        streams go on. The link, our credentials or the address failing stops the pass."""
+        """One stream; a refusal of this one search (a 4xx about it: a patient restricted
+        (403), merged or deleted (404/410 with the server's OperationOutcome) upstream, a
+        parameter the server does not take) is recorded and the other streams go on. The
+        link, our credentials (401) or the address failing stops the pass."""
         try:
             await self._stream(stream, rtype, params, result)
         except UpstreamError as exc:
@@ -334,28 +343,31 @@ class Puller:
             link = link if link is not None and link.startswith(base) else None
             if next_url is not None:
                 # Following the server's links through one instant: on while it lasts, then
-                # back to asking from the cursor.
-                next_url = link if link is not None and cursor.since == run_at else None
-                if next_url is None and link is None and len(resources) < size:
+                # back to asking from the cursor; no link, and the search is done.
+                if link is None:
                     return
+                next_url = link if cursor.since == run_at else None
                 continue
-            if len(resources) < size:
-                return  # the last page
+            if link is None and len(resources) < size:
+                return  # the last page (a short page with a next link: the server's cap)
             if progressed:
                 continue  # the next page is asked for from the cursor, never by a next link
+            if link is not None:
+                # A run of equal timestamps longer than this page (or than the server's cap
+                # on _count): through that one instant by the server's links.
+                next_url, run_at = link, cursor.since
+                continue
             if size < MAX_PAGE_SIZE:
                 size = min(MAX_PAGE_SIZE, size * 2)
                 continue
-            if link is None:
-                logger.warning(
-                    "pull %s: more than %d resources share one lastUpdated and the server "
-                    "gives no next link; this stream cannot get past them",
-                    rtype,
-                    MAX_PAGE_SIZE,
-                )
-                result.error = f"{stream}: over {MAX_PAGE_SIZE} resources share one lastUpdated"
-                return
-            next_url, run_at = link, cursor.since
+            logger.warning(
+                "pull %s: more than %d resources share one lastUpdated and the server "
+                "gives no next link; this stream cannot get past them",
+                rtype,
+                MAX_PAGE_SIZE,
+            )
+            result.error = f"{stream}: over {MAX_PAGE_SIZE} resources share one lastUpdated"
+            return
         result.more = True
 
     async def _take(
@@ -417,10 +429,18 @@ class Puller:
                 for r in resources
                 if (at := fhir.instant(_last_updated(r))) is not None and at < since_at
             ]
-            late = await db.run_sync(conn, _not_held, inside)
+            # Left out as the stream leaves them out (never stored, so never "held").
+            wanted = [r for r in inside if not (rtype == "Observation" and _captured_elsewhere(r))]
+            late = await db.run_sync(conn, _not_held, wanted)
             if late:
-                logger.info("pull %s: %d resources committed late, taken now", rtype, len(late))
+                before = result.created + result.updated
                 await self._take(stream, rtype, late, Cursor(), result, save=False)
+                if result.created + result.updated > before:
+                    logger.info(
+                        "pull %s: %d resources committed late, taken now",
+                        rtype,
+                        result.created + result.updated - before,
+                    )
             after = floor.advance(inside)
             if len(inside) < len(resources) or len(resources) < self._page_size or after == floor:
                 return  # reached the cursor, the end, or a run of equal timestamps: enough

@@ -44,11 +44,15 @@ class Transport_(httpx.AsyncBaseTransport):
         self.add_next_links = add_next_links
         self.requests: list[httpx.URL] = []
         self.before: Callable[[httpx.Request], Awaitable[None]] | None = None
+        self.cap: int | None = None  # the most _count the "server" serves per page
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request.url)
         if self.before is not None:
             await self.before(request)
+        asked = request.url.params.get("_count")
+        if self.cap is not None and asked is not None and int(asked) > self.cap:
+            request.url = request.url.copy_set_param("_count", str(self.cap))
         if self.fail_at is not None and len(self.requests) == self.fail_at:
             raise httpx.ConnectError("dropped by the test", request=request)
         response = await self._inner.handle_async_request(request)
@@ -58,8 +62,16 @@ class Transport_(httpx.AsyncBaseTransport):
         body = orjson.loads(response.content)
         query = dict(parse_qsl(request.url.query.decode()))
         count = int(query.get("_count", "0"))
-        if body.get("type") == "searchset" and count and len(body.get("entry", [])) == count:
-            query["_offset"] = str(int(query.get("_offset", "0")) + count)
+        offset = int(query.get("_offset", "0"))
+        total = body.get("total")
+        more = offset + count < total if isinstance(total, int) else True
+        if (
+            body.get("type") == "searchset"
+            and count
+            and len(body.get("entry", [])) == count
+            and more
+        ):
+            query["_offset"] = str(offset + count)
             url = request.url.copy_with(query=urlencode(query).encode())
             body["link"] = [{"relation": "next", "url": str(url)}]
         return httpx.Response(
@@ -221,12 +233,14 @@ async def test_pull_takes_this_sites_appointments_their_patients_and_home_readin
     assert (_count(db_path, "Appointment"), _count(db_path, "Observation")) == (2, 3)
 
 
+@pytest.mark.parametrize("refusal", [400, 403, 404, 410])
 async def test_one_refused_search_does_not_stop_the_other_patients_home_readings(
     store: Store,
     client: httpx.AsyncClient,
     transport: Transport_,
     fhir_peer: FhirPeer,
     db_path: Path,
+    refusal: int,
 ) -> None:
     site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
     patients = [
@@ -259,7 +273,7 @@ async def test_one_refused_search_does_not_stop_the_other_patients_home_readings
 
     async def refuse_the_first_patients_search(request: httpx.Request) -> None:
         if request.url.params.get("subject") == f"Patient/{first['id']}":
-            fhir_peer.fault("status", status=400)
+            fhir_peer.fault("status", status=refusal)  # with the server's OperationOutcome
 
     transport.before = refuse_the_first_patients_search
     result = await puller.pull_once(force=True)
@@ -475,6 +489,46 @@ async def test_a_run_of_equal_timestamps_longer_than_the_largest_page_follows_ne
     assert _count(db_path, "Appointment") == 8
     await _local_id(store, "Appointment", later["id"])
     assert (await puller.pull_once(force=True)).created == 0
+
+
+async def test_a_server_that_caps_count_is_paged_through_run_and_all(
+    store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patient = await _post(client, factories.patient())
+    for _ in range(5):
+        await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:00.000Z"))
+    later = await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:01.000Z"))
+    transport.cap, transport.add_next_links = 2, True  # asked for 8, it serves 2 a page
+    result = await _puller(store, client, site, page_size=8).pull_once()
+    # Before: the short page read as the last, and the stream stood still in that instant.
+    assert (result.error, result.more) == (None, False)
+    assert _count(db_path, "Appointment") == 6
+    await _local_id(store, "Appointment", later["id"])
+
+
+async def test_a_run_ending_the_stream_on_a_full_page_ends_the_pass(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Transport_,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 4)
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patient = await _post(client, factories.patient())
+    for _ in range(8):  # an exact multiple of the page, and nothing after it
+        await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:00.000Z"))
+    transport.add_next_links = True  # and no next link on the last, full, page
+    puller = _puller(store, client, site, page_size=4, interval_s=3600)
+    first = await puller.pull_once()
+    assert (first.error, first.more) == (None, False)
+    assert _count(db_path, "Appointment") == 8
+    start = len(transport.requests)
+    again = await puller.pull_once(force=True)
+    # Before: it walked the run again up to max_pages, reporting "more", on every pass.
+    assert (again.created, again.more) == (0, False)
+    assert len(transport.requests) - start < 10
 
 
 async def test_passes_are_paced_unless_forced(
