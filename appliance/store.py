@@ -268,12 +268,16 @@ def save_link(
     )
 
 
-# A local edit the upstream refused (a dead letter) that no review has taken up: the
-# upstream's copy must not silently replace it either (the pull opens a review instead).
+# A local edit the upstream refused (a dead letter) that no review has taken up and no later
+# edit has followed: the upstream's copy must not silently replace it either (the pull opens
+# a review instead). A later update row (pending, delivered or refused in its turn) carries
+# the resource as it is now, so only the newest one counts.
 REFUSED_EDIT_SQL = (
     "SELECT o.id, o.if_match FROM outbox o WHERE o.resource_id = ? AND o.kind = 'update' "
     "AND o.state = 'dead' AND NOT EXISTS (SELECT 1 FROM review_queue q "
-    "WHERE q.resource_id = o.resource_id AND q.outbox_id >= o.id) ORDER BY o.id DESC LIMIT 1"
+    "WHERE q.resource_id = o.resource_id AND q.outbox_id >= o.id) "
+    "AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.resource_id = o.resource_id "
+    "AND l.kind = 'update' AND l.id > o.id) ORDER BY o.id DESC LIMIT 1"
 )
 
 

@@ -82,6 +82,7 @@ REVIEW_TABLE = "review_queue"
 MINE_LABEL = "review_queue.mine"
 THEIRS_LABEL = "review_queue.theirs"
 _CONFLICT = (409, 412)
+_BUSY_TRIES = 5  # a 409 on an unchanged version: tried this often, then put to a nurse
 _RETRY = (408, 429)
 _LOAD_SQL = (
     "SELECT o.id, o.lane, o.attempts, o.if_match, r.id, r.logical_id, r.type, r.key_version, "  # noqa: S608 - constants
@@ -335,7 +336,7 @@ class UpdateSender:
             )
             result.delivered += 1
         elif status in _CONFLICT:
-            await self._conflict(row, ref, base, now, result, busy=status == 409)
+            await self._conflict(row, ref, base, now, result, busy=status == 409 and response)
         else:
             wait = _must_wait(response, response_json(response))
             if wait is not None:
@@ -346,7 +347,14 @@ class UpdateSender:
     async def _own_version(self, ref: str) -> str | None:
         """The version of a resource we created, if nobody has changed it since (else None)."""
         response = await exchange(self._client, "GET", f"{ref}/_history")
-        if response.status_code >= 300 and (wait := _must_wait(response, response_json(response))):
+        status = response.status_code
+        # A 403 here is history not offered to us, not our credentials: the version is
+        # unknowable and the conflict read below decides.
+        if (
+            status >= 300
+            and status != 403
+            and (wait := _must_wait(response, response_json(response)))
+        ):
             raise wait
         entries = bundle_entries(response_json(response))
         if response.status_code != 200 or len(entries) != 1:
@@ -361,7 +369,7 @@ class UpdateSender:
         now: datetime,
         result: UpdateResult,
         *,
-        busy: bool = False,
+        busy: httpx.Response | bool = False,
     ) -> None:
         conn = self._store.connection
         response = await exchange(self._client, "GET", ref)
@@ -386,11 +394,16 @@ class UpdateSender:
             )
             result.delivered += 1
             return
-        if busy and base is not None and _version_of(theirs, response) == base:
-            # A 409 while their copy is still the version our edit is based on: nobody
-            # changed it (a lock, a busy server). Not for a nurse: it is tried again.
-            raise UpstreamError(Failure.TRANSIENT, "HTTP 409 on an unchanged upstream version")
         message = f"the upstream changed since version {base or 'unknown'}: held for review"
+        unchanged = base is not None and _version_of(theirs, response) == base
+        if isinstance(busy, httpx.Response) and unchanged:
+            said = _server_message(busy)
+            if row.attempts + 1 < _BUSY_TRIES:
+                # A 409 while their copy is still the version our edit is based on: nobody
+                # changed it (a lock, a busy server). Tried again, not for a nurse.
+                raise UpstreamError(Failure.TRANSIENT, f"HTTP 409, version unchanged: {said}")
+            # Refused that way every time: a rule at the EHR, then, and a person decides.
+            message = f"refused {_BUSY_TRIES} times with HTTP 409 ({said}): held for review"
         await db.run_sync(conn, self._dead, row, message, _Conflict(theirs, base), now)
         result.conflicts += 1
 

@@ -620,6 +620,34 @@ async def test_a_local_edit_the_upstream_refused_is_not_overwritten_by_a_pull_bu
     assert (await puller.pull_once(force=True)).held == 0
 
 
+async def test_a_refused_edit_followed_by_one_that_landed_lets_the_pull_update_again(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    await _post(client, _appointment(ada, site))
+    puller = _puller(store, client, site)
+    await puller.pull_once()
+    ada_local = await _local_id(store, "Patient", ada["id"])
+    await _enrol(store, ada_local)
+    sender = UpdateSender(store, client, rng=random.Random(1))
+    current = await store.read("Patient", ada_local, NURSE)
+    await store.update("Patient", ada_local, {**current, "name": [{"family": "Typoperson"}]}, NURSE)
+    fhir_peer.fault("status", status=422)
+    assert (await sender.send_once()).dead == 1
+    current = await store.read("Patient", ada_local, NURSE)
+    await store.update("Patient", ada_local, {**current, "name": [{"family": "Mineperson"}]}, NURSE)
+    assert (await sender.send_once()).delivered == 1  # the nurse's correction landed
+    landed = (await client.get(f"Patient/{ada['id']}")).json()
+    theirs = {**landed, "name": [{"family": "Theirsperson"}]}
+    assert (await client.put(f"Patient/{ada['id']}", json=theirs)).status_code == 200
+    pulled = await puller.pull_once(force=True)
+    # The refused edit was overtaken by one that landed: nothing to hold back or review.
+    assert (pulled.held, pulled.updated) == (0, 1)
+    assert await ReviewQueue(store).items() == []
+    assert (await store.read("Patient", ada_local, NURSE))["name"][0]["family"] == "Theirsperson"
+
+
 async def test_a_local_reading_about_a_pulled_patient_points_at_the_upstream_patient(
     store: Store, client: httpx.AsyncClient
 ) -> None:

@@ -272,6 +272,21 @@ async def test_an_edit_of_a_patient_made_here_waits_for_its_create_then_goes_up(
     assert (link.origin, link.version_id) == ("delivered", upstream["meta"]["versionId"])
 
 
+async def test_history_not_offered_to_us_is_unknowable_not_a_credential_failure(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    [pat] = await store.create([factories.patient()], NURSE)
+    await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
+    await _edit(store, pat.logical_id, "Mineperson")
+    fhir_peer.fault("status", status=403)  # GET Patient/x/_history: not for this client
+    result = await _sender(store, client).send_once()
+    # Before: "auth", and the edit waited for ever on a permission it will never get.
+    assert (result.retry, result.error) == (0, None)
+    assert result.conflicts == 1  # unknowable: a person compares the two versions
+    [item] = await ReviewQueue(store).items()
+    assert item.logical_id == pat.logical_id
+
+
 async def test_a_patient_made_here_and_changed_upstream_meanwhile_goes_to_review(
     store: Store, client: httpx.AsyncClient
 ) -> None:
@@ -332,6 +347,29 @@ async def test_a_409_on_an_unchanged_upstream_version_is_retried_not_reviewed(
     clock.now += timedelta(hours=1)
     assert (await sender.send_once()).delivered == 1
     assert (await _upstream(client, upstream))["name"][0]["family"] == "Editedperson"
+
+
+async def test_a_409_every_time_on_an_unchanged_version_goes_to_a_nurse_with_its_words(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    logical_id, _ = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    clock = Clock()
+    sender = _sender(store, client, clock)
+    outcomes = []
+    for _ in range(5):  # a rule at the EHR answers 409 every time
+        fhir_peer.fault("status", status=409)
+        outcomes.append(await sender.send_once())
+        clock.now += timedelta(days=1)
+    assert [(o.retry, o.conflicts) for o in outcomes] == [(1, 0)] * 4 + [(0, 1)]
+    [item] = await ReviewQueue(store).items()
+    assert item.logical_id == logical_id
+    conn = sqlite3.connect(db_path)
+    error = conn.execute("SELECT last_error FROM outbox WHERE kind = 'update'").fetchone()[0]
+    conn.close()
+    said = store.keyring.unseal("outbox", "1", error)
+    assert said.startswith("refused 5 times with HTTP 409")
+    assert "injected fault: status 409" in said
 
 
 async def test_a_permanent_refusal_is_dead_lettered_with_the_servers_words(
