@@ -249,8 +249,9 @@ class ClaimsSubmitter:
             await self.lifecycle.not_sent(batch.id, f"not sent: {type(exc).__name__}")
             result.not_sent += count
             return "not sent"
-        except httpx.TransportError as exc:
-            # The request (or part of it) left the box and no answer came: it may have landed.
+        except httpx.HTTPError as exc:
+            # The request (or part of it) left the box and no answer came, or none that can
+            # be read (a body that is not the gzip it claims): it may have landed.
             await self.lifecycle.ambiguous(batch.id, f"no answer: {type(exc).__name__}")
             result.in_review += count
             return "in review (no answer)"

@@ -7,7 +7,8 @@ the 277CA and 835 of everything accepted so far ("later"). ``POST /fhir/Claim`` 
 payer that answers 201 with the Claim. Directives: ``reject_999`` (claim numbers the 999
 rejects), ``reject_277`` (the 277CA rejects), ``pay`` (claim number → cents paid: less than
 billed), ``drop_next`` (read the next submission, keep it, close without answering — the
-lost response), ``refuse_connections`` (stop listening). Every file is synthetic.
+lost response), ``garble_next`` (keep it, answer with a body that is not the gzip it claims:
+an answer that cannot be read), ``refuse_connections`` (stop listening). Every file is synthetic.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Clearinghouse:
     reject_277: set[str] = field(default_factory=set)
     pay: dict[str, int] = field(default_factory=dict)
     drop_next: bool = False
+    garble_next: bool = False
     # The next responses pages answered as given instead (a broken clearinghouse), in order.
     raw_pages: list[bytes] = field(default_factory=list)
     received: list[str] = field(default_factory=list)  # 837 interchanges, in order
@@ -113,8 +115,11 @@ class Clearinghouse:
                 writer.close()
                 return
             status, media, payload = answer
+            garbled = ""
+            if self.garble_next and method == "POST":
+                self.garble_next, garbled = False, "Content-Encoding: gzip\r\n"
             writer.write(
-                f"HTTP/1.1 {status} X\r\nContent-Type: {media}\r\nContent-Length: "
+                f"HTTP/1.1 {status} X\r\nContent-Type: {media}\r\n{garbled}Content-Length: "
                 f"{len(payload)}\r\nConnection: close\r\n\r\n".encode()
                 + payload
             )

@@ -172,6 +172,22 @@ async def test_a_lost_response_goes_to_review_and_is_never_resent(
     assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
 
 
+async def test_an_answer_that_cannot_be_read_goes_to_review_not_a_crash(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    # httpx raises DecodingError (not a TransportError) for it: before, it escaped the send
+    # and the batch stayed "sending" until the process restarted.
+    config = cfg(house, poll_responses=False)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    house.garble_next = True
+    sub = submitter(clocked, config)
+    result = await sub.submit(poll=False)
+    assert (result.in_review, len(house.received)) == (1, 1)
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    await sub.submit(poll=False)
+    assert len(house.received) == 1  # never a blind resend
+
+
 async def _in_review(clocked: Store, house: Clearinghouse) -> tuple[Config, int, ClaimsSubmitter]:
     """One claim sent whose answer was lost: in review, its 999 kept by the clearinghouse."""
     config = cfg(house)
