@@ -286,6 +286,12 @@ async def test_one_refused_search_does_not_stop_the_other_patients_home_readings
     assert (healed.refused, healed.created, healed.error) == (0, 1, None)
 
 
+async def _rename(store: Store, logical_id: str, family: str) -> None:
+    """A nurse's edit of the patient's name here."""
+    current = await store.read("Patient", logical_id, NURSE)
+    await store.update("Patient", logical_id, {**current, "name": [{"family": family}]}, NURSE)
+
+
 async def _pulled_ada(
     store: Store, client: httpx.AsyncClient
 ) -> tuple[Puller, dict[str, Any], dict[str, Any], str, str]:
@@ -550,15 +556,8 @@ async def test_passes_are_paced_unless_forced(
 async def test_a_pull_holds_back_an_upstream_version_while_a_local_edit_is_pending(
     store: Store, client: httpx.AsyncClient, db_path: Path
 ) -> None:
-    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
-    ada = await _post(client, factories.patient(family="Adaperson"))
-    await _post(client, _appointment(ada, site))
-    puller = _puller(store, client, site)
-    await puller.pull_once()
-    ada_local = await _local_id(store, "Patient", ada["id"])
-    await _enrol(store, ada_local)
-    current = await store.read("Patient", ada_local, NURSE)
-    await store.update("Patient", ada_local, {**current, "name": [{"family": "Mineperson"}]}, NURSE)
+    puller, ada, _booked, ada_local, _appointment_local = await _pulled_ada(store, client)
+    await _rename(store, ada_local, "Mineperson")
     theirs = {**ada, "name": [{"family": "Theirsperson"}]}
     assert (await client.put(f"Patient/{ada['id']}", json=theirs)).status_code == 200
 
@@ -582,15 +581,8 @@ async def test_a_pull_holds_back_an_upstream_version_while_a_local_edit_is_pendi
 async def test_a_local_edit_the_upstream_refused_is_not_overwritten_by_a_pull_but_reviewed(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
-    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
-    ada = await _post(client, factories.patient(family="Adaperson"))
-    await _post(client, _appointment(ada, site))
-    puller = _puller(store, client, site)
-    await puller.pull_once()
-    ada_local = await _local_id(store, "Patient", ada["id"])
-    await _enrol(store, ada_local)
-    current = await store.read("Patient", ada_local, NURSE)
-    await store.update("Patient", ada_local, {**current, "name": [{"family": "Mineperson"}]}, NURSE)
+    puller, ada, _booked, ada_local, _appointment_local = await _pulled_ada(store, client)
+    await _rename(store, ada_local, "Mineperson")
     fhir_peer.fault("status", status=422)  # a rule at the EHR refuses the edit: a dead letter
     assert (await UpdateSender(store, client, rng=random.Random(1)).send_once()).dead == 1
     theirs = {**ada, "name": [{"family": "Theirsperson"}]}
@@ -623,20 +615,12 @@ async def test_a_local_edit_the_upstream_refused_is_not_overwritten_by_a_pull_bu
 async def test_a_refused_edit_followed_by_one_that_landed_lets_the_pull_update_again(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
 ) -> None:
-    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
-    ada = await _post(client, factories.patient(family="Adaperson"))
-    await _post(client, _appointment(ada, site))
-    puller = _puller(store, client, site)
-    await puller.pull_once()
-    ada_local = await _local_id(store, "Patient", ada["id"])
-    await _enrol(store, ada_local)
+    puller, ada, _booked, ada_local, _appointment_local = await _pulled_ada(store, client)
     sender = UpdateSender(store, client, rng=random.Random(1))
-    current = await store.read("Patient", ada_local, NURSE)
-    await store.update("Patient", ada_local, {**current, "name": [{"family": "Typoperson"}]}, NURSE)
+    await _rename(store, ada_local, "Typoperson")
     fhir_peer.fault("status", status=422)
     assert (await sender.send_once()).dead == 1
-    current = await store.read("Patient", ada_local, NURSE)
-    await store.update("Patient", ada_local, {**current, "name": [{"family": "Mineperson"}]}, NURSE)
+    await _rename(store, ada_local, "Mineperson")
     assert (await sender.send_once()).delivered == 1  # the nurse's correction landed
     landed = (await client.get(f"Patient/{ada['id']}")).json()
     theirs = {**landed, "name": [{"family": "Theirsperson"}]}

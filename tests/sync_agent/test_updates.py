@@ -83,6 +83,16 @@ async def _their_edit(client: httpx.AsyncClient, upstream: dict[str, Any], famil
     assert response.status_code == 200
 
 
+async def _edited(
+    store: Store, client: httpx.AsyncClient
+) -> tuple[str, dict[str, Any], Clock, UpdateSender]:
+    """A pulled Patient edited here ("Editedperson"), and a sender on a clock the test moves."""
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    clock = Clock()
+    return logical_id, upstream, clock, _sender(store, client, clock)
+
+
 def _outbox(db_path: Path) -> list[tuple[str, str, str | None]]:
     conn = sqlite3.connect(db_path)
     rows = conn.execute(
@@ -303,10 +313,7 @@ async def test_a_patient_made_here_and_changed_upstream_meanwhile_goes_to_review
 async def test_a_lost_answer_is_resent_and_recognised_as_our_own_version(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
-    logical_id, upstream = await _pulled_patient(store, client)
-    await _edit(store, logical_id, "Editedperson")
-    clock = Clock()
-    sender = _sender(store, client, clock)
+    _logical_id, upstream, clock, sender = await _edited(store, client)
     fhir_peer.fault("close", after="response")  # the PUT lands, its answer is lost
     lost = await sender.send_once()
     assert (lost.delivered, lost.retry, lost.link_down) == (0, 1, False)
@@ -321,10 +328,7 @@ async def test_a_lost_answer_is_resent_and_recognised_as_our_own_version(
 async def test_a_transient_failure_retries_after_a_backoff(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
-    logical_id, _ = await _pulled_patient(store, client)
-    await _edit(store, logical_id, "Editedperson")
-    clock = Clock()
-    sender = _sender(store, client, clock)
+    _logical_id, _, clock, sender = await _edited(store, client)
     fhir_peer.fault("status", status=503)
     failed = await sender.send_once()
     assert (failed.retry, failed.link_down) == (1, True)
@@ -336,10 +340,7 @@ async def test_a_transient_failure_retries_after_a_backoff(
 async def test_a_409_on_an_unchanged_upstream_version_is_retried_not_reviewed(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
-    logical_id, upstream = await _pulled_patient(store, client)
-    await _edit(store, logical_id, "Editedperson")
-    clock = Clock()
-    sender = _sender(store, client, clock)
+    _logical_id, upstream, clock, sender = await _edited(store, client)
     fhir_peer.fault("status", status=409)  # a lock at the EHR; nobody changed the record
     busy = await sender.send_once()
     assert (busy.conflicts, busy.dead, busy.retry) == (0, 0, 1)
@@ -352,10 +353,7 @@ async def test_a_409_on_an_unchanged_upstream_version_is_retried_not_reviewed(
 async def test_a_409_every_time_on_an_unchanged_version_goes_to_a_nurse_with_its_words(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
-    logical_id, _ = await _pulled_patient(store, client)
-    await _edit(store, logical_id, "Editedperson")
-    clock = Clock()
-    sender = _sender(store, client, clock)
+    logical_id, _, clock, sender = await _edited(store, client)
     outcomes = []
     for _ in range(5):  # a rule at the EHR answers 409 every time
         fhir_peer.fault("status", status=409)
@@ -390,10 +388,7 @@ async def test_a_permanent_refusal_is_dead_lettered_with_the_servers_words(
 async def test_an_address_that_does_not_take_the_update_leaves_it_waiting(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
-    logical_id, upstream_ref = await _pulled_patient(store, client)
-    await _edit(store, logical_id, "Editedperson")
-    clock = Clock()
-    sender = _sender(store, client, clock)
+    _logical_id, upstream_ref, clock, sender = await _edited(store, client)
     fhir_peer.fault("status", status=302)  # a login page put in front of the EHR
     failed = await sender.send_once()
     # Before: a dead letter, though nothing was wrong with the edit.
