@@ -396,15 +396,24 @@ async def test_a_pull_interrupted_mid_page_resumes_without_loss_or_duplicates(
     assert (_count(db_path, "Appointment"), _count(db_path, "Patient")) == (5, 5)
 
 
+SAME_INSTANT = "2026-11-26T08:00:00.000Z"
+
+
+async def _one_instant(client: httpx.AsyncClient, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The site, and one patient's ``n`` appointments there all stamped at ``SAME_INSTANT``;
+    then one a second later. Returns the site and that later appointment."""
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patient = await _post(client, factories.patient())
+    for _ in range(n):
+        await _post(client, _appointment(patient, site, updated=SAME_INSTANT))
+    later = await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:01.000Z"))
+    return site, later
+
+
 async def test_equal_timestamps_across_a_page_boundary_are_taken_once_each(
     store: Store, client: httpx.AsyncClient, db_path: Path
 ) -> None:
-    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
-    patient = await _post(client, factories.patient())
-    same_instant = "2026-11-26T08:00:00.000Z"
-    for _ in range(5):
-        await _post(client, _appointment(patient, site, updated=same_instant))
-    later = await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:01.000Z"))
+    site, later = await _one_instant(client, 5)
     puller = _puller(store, client, site, page_size=2)
     result = await puller.pull_once()
     assert result.error is None
@@ -479,11 +488,7 @@ async def test_a_run_of_equal_timestamps_longer_than_the_largest_page_follows_ne
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 4)
-    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
-    patient = await _post(client, factories.patient())
-    for _ in range(7):
-        await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:00.000Z"))
-    later = await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:01.000Z"))
+    site, later = await _one_instant(client, 7)
     puller = _puller(store, client, site, page_size=2)
     stuck = await puller.pull_once()
     # No next link: the stream cannot page through that instant, and says so.
@@ -500,11 +505,7 @@ async def test_a_run_of_equal_timestamps_longer_than_the_largest_page_follows_ne
 async def test_a_server_that_caps_count_is_paged_through_run_and_all(
     store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
 ) -> None:
-    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
-    patient = await _post(client, factories.patient())
-    for _ in range(5):
-        await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:00.000Z"))
-    later = await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:01.000Z"))
+    site, later = await _one_instant(client, 5)
     transport.cap, transport.add_next_links = 2, True  # asked for 8, it serves 2 a page
     result = await _puller(store, client, site, page_size=8).pull_once()
     # Before: the short page read as the last, and the stream stood still in that instant.
@@ -524,7 +525,7 @@ async def test_a_run_ending_the_stream_on_a_full_page_ends_the_pass(
     site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
     patient = await _post(client, factories.patient())
     for _ in range(8):  # an exact multiple of the page, and nothing after it
-        await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:00.000Z"))
+        await _post(client, _appointment(patient, site, updated=SAME_INSTANT))
     transport.add_next_links = True  # and no next link on the last, full, page
     puller = _puller(store, client, site, page_size=4, interval_s=3600)
     first = await puller.pull_once()
