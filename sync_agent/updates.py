@@ -654,6 +654,7 @@ class ReviewCase:
     item: ReviewItem
     mine: fhir.FhirJson
     theirs: fhir.FhirJson
+    reason: str | None = None  # why it is here: the EHR's refusal, or "the upstream changed…"
 
 
 _ITEM_SQL = (
@@ -716,7 +717,23 @@ class ReviewQueue:
             item,
             orjson.loads(keyring.unseal(MINE_LABEL, str(review_id), mine)),
             orjson.loads(keyring.unseal(THEIRS_LABEL, str(review_id), theirs)),
+            await self._reason(review_id),
         )
+
+    async def _reason(self, review_id: int) -> str | None:
+        """The message its update was held with (sealed: a server's words may quote data),
+        shown with the two versions; None when there is none or it does not open."""
+        rows = await self._store.query(
+            "SELECT o.id, o.last_error FROM review_queue q JOIN outbox o ON o.id = q.outbox_id "
+            "WHERE q.id = ?",
+            (review_id,),
+        )
+        if not rows or rows[0][1] is None:
+            return None
+        try:
+            return self._store.keyring.unseal("outbox", str(rows[0][0]), bytes(rows[0][1]))
+        except TamperedDataError:
+            return None
 
     def _resolve(
         self, conn: sqlite3.Connection, review_id: int, state: ReviewState, actor: str

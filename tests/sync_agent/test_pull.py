@@ -598,6 +598,8 @@ async def test_a_local_edit_the_upstream_refused_is_not_overwritten_by_a_pull_bu
     case = await queue.open(item.id, NURSE)
     assert case.mine["name"][0]["family"] == "Mineperson"
     assert case.theirs["name"][0]["family"] == "Theirsperson"
+    assert case.reason is not None
+    assert "injected fault: status 422" in case.reason  # the EHR's refusal, for the nurse
     assert item.base_version == ada["meta"]["versionId"]
     # Counted in the review queue now, not as a dead letter; a second pass opens nothing new.
     assert (await puller.pull_once(force=True)).held == 1

@@ -100,6 +100,8 @@ async def test_opening_a_conflict_shows_both_versions_and_is_audited(
     assert "Mineperson" in row
     assert "Theirsperson" in row
     assert "differs" in row
+    reason = body.split('id="case-reason"', 1)[1].split("</p>", 1)[0]
+    assert "the upstream changed since version" in reason
     conn = sqlite3.connect(db_path)
     reads = conn.execute(
         "SELECT actor, action FROM audit WHERE entity = ?", (f"review/{item.id}",)
