@@ -72,9 +72,8 @@ from sync_agent.upstream import (
     as_dict,
     as_list,
     bundle_entries,
-    classify_response,
+    classify_for_resource,
     exchange,
-    is_outcome,
     outcome_text,
     response_json,
 )
@@ -286,13 +285,13 @@ class Puller:
         response = await exchange(self._client, "GET", url, params=params)
         body = response_json(response)
         status = response.status_code
-        if status == 403 or (status in (404, 410) and is_outcome(body)):
-            # About this search, not the link: a patient restricted (403), merged or deleted
-            # (the server's own OperationOutcome) upstream. The other streams go on.
-            said = outcome_text(body) or f"HTTP {status}"
+        if status == 403:
+            # To one search a 403 is that patient restricted upstream, not our credentials
+            # (a 401): the other streams go on (_guarded).
+            said = outcome_text(body) or "HTTP 403"
             raise UpstreamError(Failure.PERMANENT, f"the upstream refused this search: {said}")
         if status >= 300:
-            raise classify_response(status, body, response.headers.get("Retry-After"))
+            raise classify_for_resource(status, body, response.headers.get("Retry-After"))
         if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
             raise UpstreamError(Failure.TRANSIENT, f"HTTP {response.status_code} without a Bundle")
         return body

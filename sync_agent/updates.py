@@ -67,12 +67,10 @@ from sync_agent.upstream import (
     Failure,
     UpstreamError,
     bundle_entries,
-    classify_response,
+    classify_for_resource,
     exchange,
-    is_outcome,
     outcome_text,
     response_json,
-    retry_after_seconds,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,7 +81,6 @@ MINE_LABEL = "review_queue.mine"
 THEIRS_LABEL = "review_queue.theirs"
 _CONFLICT = (409, 412)
 _BUSY_TRIES = 5  # a 409 on an unchanged version: tried this often, then put to a nurse
-_RETRY = (408, 429)
 _LOAD_SQL = (
     "SELECT o.id, o.lane, o.attempts, o.if_match, r.id, r.logical_id, r.type, r.key_version, "  # noqa: S608 - constants
     "r.body FROM outbox o JOIN resources r ON r.id = o.resource_id "
@@ -100,29 +97,15 @@ def _server_message(response: httpx.Response) -> str:
     return outcome_text(response_json(response)) or f"HTTP {response.status_code}"
 
 
-def _transient(response: httpx.Response) -> UpstreamError:
-    delay = retry_after_seconds(response.headers.get("Retry-After"))
-    return UpstreamError(Failure.TRANSIENT, _server_message(response), delay)
-
-
 def _must_wait(response: httpx.Response, body: Any) -> UpstreamError | None:
     """For a failed exchange with one resource's address: the error to raise when the
     update must wait and be tried again (the link, a rate limit, our credentials, the
-    address itself), None when the answer is about the resource (a dead letter).
-
-    To one resource's address a 404, 410 or 405 with the server's own OperationOutcome is
-    about that resource (deleted, merged, not updatable). A redirect, or such a status from
-    something that is not the FHIR server (a proxy's page), is the address: it waits.
-    """
-    status = response.status_code
-    if status in _RETRY or status >= 500:
-        return _transient(response)
-    refusal = classify_response(status, body, response.headers.get("Retry-After"))
-    if refusal.failure in (Failure.AUTH, Failure.TRANSIENT) or (
-        refusal.failure is Failure.ENDPOINT and (status < 400 or not is_outcome(body))
-    ):
-        return refusal
-    return None
+    address itself), None when the answer is about the resource: a dead letter
+    (:func:`~sync_agent.upstream.classify_for_resource`)."""
+    refusal = classify_for_resource(response.status_code, body, response.headers.get("Retry-After"))
+    if refusal.failure in (Failure.PERMANENT, Failure.TOO_LARGE):
+        return None
+    return refusal
 
 
 def _content(resource: Any) -> Any:
@@ -336,7 +319,8 @@ class UpdateSender:
             )
             result.delivered += 1
         elif status in _CONFLICT:
-            await self._conflict(row, ref, base, now, result, busy=status == 409 and response)
+            busy = response if status == 409 else None
+            await self._conflict(row, ref, base, now, result, busy=busy)
         else:
             wait = _must_wait(response, response_json(response))
             if wait is not None:
@@ -369,7 +353,7 @@ class UpdateSender:
         now: datetime,
         result: UpdateResult,
         *,
-        busy: httpx.Response | bool = False,
+        busy: httpx.Response | None = None,
     ) -> None:
         conn = self._store.connection
         response = await exchange(self._client, "GET", ref)
@@ -396,7 +380,7 @@ class UpdateSender:
             return
         message = f"the upstream changed since version {base or 'unknown'}: held for review"
         unchanged = base is not None and _version_of(theirs, response) == base
-        if isinstance(busy, httpx.Response) and unchanged:
+        if busy is not None and unchanged:
             said = _server_message(busy)
             if row.attempts + 1 < _BUSY_TRIES:
                 # A 409 while their copy is still the version our edit is based on: nobody

@@ -190,6 +190,19 @@ def classify_response(status: int, body: Any, retry_after: str | None) -> Upstre
     return UpstreamError(Failure.PERMANENT, text)
 
 
+def classify_for_resource(status: int, body: Any, retry_after: str | None) -> UpstreamError:
+    """As :func:`classify_response`, for a request about one resource or one search (an
+    update, a read, a patient's readings): an address status (404, 405, 406, 410, 415)
+    answered with the server's own OperationOutcome is about that resource or search
+    (deleted, merged, not updatable, not searchable so), not the address: **permanent**.
+    A redirect, or such a status from something that is not the FHIR server (a proxy's
+    page), stays **endpoint**: the address is wrong, and what was asked waits."""
+    refusal = classify_response(status, body, retry_after)
+    if refusal.failure is Failure.ENDPOINT and status >= 400 and is_outcome(body):
+        return UpstreamError(Failure.PERMANENT, outcome_text(body) or f"HTTP {status}")
+    return refusal
+
+
 # OpenSSL's names for the alerts by which a server refuses our certificate or the handshake
 # (RFC 8446 section 6.2; TLS 1.3 sends certificate_required when none was presented). An
 # end-of-file or reset is deliberately not here: that is a lost connection, not a refusal.

@@ -27,9 +27,11 @@ from sync_agent.updates import _updated_of, _version_of
 from sync_agent.upstream import (
     Failure,
     bundle_entries,
+    classify_for_resource,
     classify_response,
     entry_outcome,
     entry_status,
+    is_outcome,
     outcome_text,
     retry_after_seconds,
 )
@@ -187,6 +189,14 @@ def test_an_outcome_of_any_shape_is_one_line_and_a_class(
     if status in (404, 405, 406, 410, 415) or 300 <= status < 400:
         assert error.failure is Failure.ENDPOINT
         assert "check base_url" in error.message
+    # About one resource or search: the same, except an address status in the server's own
+    # OperationOutcome, which is about that resource (a dead letter), not the address.
+    one = classify_for_resource(status, body, retry_after)
+    if status in (404, 405, 406, 410, 415) and is_outcome(body):
+        assert one.failure is Failure.PERMANENT
+        assert one.message == (outcome_text(body) or f"HTTP {status}")
+    else:
+        assert one.failure is error.failure
 
 
 @settings(max_examples=500, deadline=None)
