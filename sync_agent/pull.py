@@ -62,6 +62,7 @@ from appliance.store import (
     ImportOutcome,
     Store,
     UpstreamCopy,
+    UpstreamLink,
     link_for_resource,
     resource_for_upstream,
 )
@@ -542,27 +543,26 @@ def _enrolled_upstream_refs(conn: sqlite3.Connection) -> list[str]:
     return refs
 
 
+def _held_link(conn: sqlite3.Connection, ref: str) -> UpstreamLink | None:
+    """The link of the local resource that is upstream ``ref`` (None: not held here)."""
+    local = resource_for_upstream(conn, ref)
+    return None if local is None else link_for_resource(conn, local[0])
+
+
 def _not_held(conn: sqlite3.Connection, resources: list[fhir.FhirJson]) -> list[fhir.FhirJson]:
     """Those of ``resources`` not held here at that version or a newer one (a resource of
     ours delivered upstream, whose upstream time is not recorded, counts as held)."""
     missing = []
     for resource in resources:
-        local = resource_for_upstream(conn, _copy(resource).reference)
-        link = None if local is None else link_for_resource(conn, local[0])
-        if link is None:
-            missing.append(resource)
-            continue
-        held, seen = fhir.instant(link.last_updated), fhir.instant(_last_updated(resource))
-        if held is not None and seen is not None and held < seen:
+        link = _held_link(conn, _copy(resource).reference)
+        held = None if link is None else fhir.instant(link.last_updated)
+        seen = fhir.instant(_last_updated(resource))
+        if link is None or (held is not None and seen is not None and held < seen):
             missing.append(resource)
     return missing
 
 
 def _known_versions(conn: sqlite3.Connection, refs: list[str]) -> dict[str, str | None]:
     """Upstream ref → ``lastUpdated`` of the version held here (None: not held, or unknown)."""
-    found: dict[str, str | None] = {}
-    for ref in refs:
-        local = resource_for_upstream(conn, ref)
-        link = None if local is None else link_for_resource(conn, local[0])
-        found[ref] = None if link is None else link.last_updated
-    return found
+    links = {ref: _held_link(conn, ref) for ref in refs}
+    return {ref: None if link is None else link.last_updated for ref, link in links.items()}
