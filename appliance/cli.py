@@ -286,9 +286,17 @@ def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
 # -- store --------------------------------------------------------------------------------
 
 
-def _progress_bar(conn: sqlite3.Connection, quiet: bool) -> Any:
-    total = int(conn.execute("SELECT count(*) FROM resources").fetchone()[0])
-    return tqdm(total=total, unit="rec", disable=quiet or not sys.stderr.isatty())
+def _progress_bar(quiet: bool) -> Any:
+    """A bar for store_repair's ``progress(done, total)``, which says the total first."""
+    return tqdm(unit="rec", disable=quiet or not sys.stderr.isatty())
+
+
+def _advance(bar: Any) -> Callable[[int, int], None]:
+    def step(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return step
 
 
 def cmd_store_check(args: argparse.Namespace, config: Config) -> int:
@@ -297,15 +305,11 @@ def cmd_store_check(args: argparse.Namespace, config: Config) -> int:
     conn, kek = _open(config)
     try:
         load_keyring(conn, kek, config.keys.kek_file)  # the wrong key: one line naming the file
-        with _progress_bar(conn, args.quiet) as bar:
-            total = bar.total
+        with _progress_bar(args.quiet) as bar:
             damaged = store_repair.check(
-                conn,
-                kek,
-                actor=_cli_actor(),
-                now=datetime.now(UTC),
-                progress=lambda done, _total: bar.update(done - bar.n),
+                conn, kek, actor=_cli_actor(), now=datetime.now(UTC), progress=_advance(bar)
             )
+            total = bar.total
     finally:
         conn.close()
     if not damaged:
@@ -327,14 +331,14 @@ def cmd_store_repair(args: argparse.Namespace, config: Config) -> int:
     conn, kek = _open(config)
     try:
         load_keyring(conn, kek, config.keys.kek_file)  # the wrong key: one line naming the file
-        with _progress_bar(conn, args.quiet) as bar:
+        with _progress_bar(args.quiet) as bar:
             done = store_repair.repair(
                 conn,
                 kek,
                 args.backup,
                 actor=_cli_actor(),
                 now=datetime.now(UTC),
-                progress=lambda count, _total: bar.update(count - bar.n),
+                progress=_advance(bar),
             )
     finally:
         conn.close()

@@ -804,8 +804,9 @@ class Store:
                 f"WHERE {page_where} ORDER BY {order} DESC, id DESC LIMIT ?",
                 (*page_params, limit + 1),
             ).fetchall()
+            read = rows[:limit]
             failures: list[AuditEvent] = []
-            found = self.decrypt_readable(conn, rows[:limit], actor, failures)
+            found = self.decrypt_readable(conn, read, actor, failures)
             returned = ", ".join(r.logical_id for r in found) or "nothing"
             event = AuditEvent(
                 actor,
@@ -816,7 +817,6 @@ class Store:
             )
             with db.transaction_sync(conn, self._path):
                 audit.append(conn, [event, *failures], now=self._clock())
-            read = rows[:limit]
             return PatientPage(
                 [r.resource for r in found],
                 total,

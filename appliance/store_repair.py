@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 BATCH = 1000
 RESTORED_DETAIL = "stored copy failed authentication; restored from a backup (same version)"
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int], None]  # (done, total), called first with (0, total)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +107,8 @@ def _check(
     conn: sqlite3.Connection, keys: _Keys, actor: str, now: datetime, progress: Progress | None
 ) -> list[Damaged]:
     total = int(conn.execute("SELECT count(*) FROM resources").fetchone()[0])
+    if progress is not None:
+        progress(0, total)  # the total first, for a bar
     damaged: list[Damaged] = []
     last, done = 0, 0
     while True:

@@ -250,8 +250,8 @@ def resend_dead_letters(
     For when what the upstream refused has been put right at the EHR (a profile, a
     permission, a Practitioner it did not know) or on the box's side (a ``base_url``). Each
     keeps its place in its lane (its outbox id) but joins the queue now (its waiting age
-    starts again), its attempts start again from zero, and its old message goes; a resend is safe, since every create is conditional on our
-    identifier. A Patient sent again takes the patient's other dead letters with it: its
+    starts again), its attempts start again from zero, and its old message goes; a resend
+    is safe, since every create is conditional on our identifier. A Patient sent again takes the patient's other dead letters with it: its
     readings were refused because of it. An update held for the review queue stays as it
     is: the decision there stands. One audit record per item, in the patient's name, and
     the ``sync_now`` request, in the same transaction, so the sync process tries at once.

@@ -12,8 +12,9 @@
   (:func:`sync_agent.status.resend_dead_letters`: audited, and the sync process tries at once).
 
 The review queue (``/sync/review``) is for nurses and admins: local edits the upstream
-refused because it had changed meanwhile (412 on ``If-Match``). The list shows no PHI;
-opening one shows both versions field by field (audited as a read of that patient's record)
+refused because it had changed meanwhile (412 on ``If-Match``), or refused for another
+reason before it changed the record itself. The list shows no PHI; opening one shows both
+versions field by field and why it is there (audited as a read of that patient's record)
 and the nurse decides: keep ours (the update is sent again, checked against their version)
 or take theirs (it replaces ours here; ours stays in the history). Nothing is overwritten
 without that decision.
