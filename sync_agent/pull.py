@@ -491,10 +491,12 @@ class Puller:
             if copy is None:
                 continue
             if review is not None:
-                refresh_review(conn, self._store.keyring, int(review[0]), copy.resource)
+                refresh_review(
+                    conn, self._store.keyring, int(review[0]), copy.resource, copy.version_id
+                )
             else:
                 # Held for a local edit the upstream refused: a nurse decides between them.
-                review_refused_edit(conn, self._store, item.row_id, copy.resource, self._clock())
+                review_refused_edit(conn, self._store, item.row_id, copy, self._clock())
 
 
 # -- database helpers (run on the connection's thread) --------------------------------------

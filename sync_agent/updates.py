@@ -172,6 +172,9 @@ class UpdateResult:
 class _Conflict:
     theirs: fhir.FhirJson
     base: str | None
+    # The version of ``theirs``: its meta.versionId, or the ETag of the answer that carried it
+    # (a server may leave meta out of the body; "keep mine" then still goes with If-Match).
+    version: str | None
 
 
 class UpdateSender:
@@ -371,15 +374,14 @@ class UpdateSender:
             await db.run_sync(conn, self._dead, row, message, None, now)
             result.dead += 1
             return
+        version = _version_of(theirs, response)
         if _content(theirs) == _content(row.outgoing):
             # Our own earlier PUT landed and its answer was lost: nothing to review.
-            await db.run_sync(
-                conn, self._delivered, row, ref, _version_of(theirs), _updated_of(theirs), now
-            )
+            await db.run_sync(conn, self._delivered, row, ref, version, _updated_of(theirs), now)
             result.delivered += 1
             return
         message = f"the upstream changed since version {base or 'unknown'}: held for review"
-        unchanged = base is not None and _version_of(theirs, response) == base
+        unchanged = base is not None and version == base
         if busy is not None and unchanged:
             said = _server_message(busy)
             if row.attempts + 1 < _BUSY_TRIES:
@@ -388,7 +390,7 @@ class UpdateSender:
                 raise UpstreamError(Failure.TRANSIENT, f"HTTP 409, version unchanged: {said}")
             # Refused that way every time: a rule at the EHR, then, and a person decides.
             message = f"refused {_BUSY_TRIES} times with HTTP 409 ({said}): held for review"
-        await db.run_sync(conn, self._dead, row, message, _Conflict(theirs, base), now)
+        await db.run_sync(conn, self._dead, row, message, _Conflict(theirs, base, version), now)
         result.conflicts += 1
 
     # -- recording outcomes (on the database thread, one transaction each) ---------------
@@ -529,12 +531,12 @@ def _open_review(
         "UPDATE review_queue SET mine = ? WHERE id = ?",
         (keyring.seal(MINE_LABEL, str(review_id), orjson.dumps(row.resource).decode()), review_id),
     )
-    refresh_review(conn, keyring, review_id, conflict.theirs)
+    refresh_review(conn, keyring, review_id, conflict.theirs, conflict.version)
     return review_id
 
 
 def review_refused_edit(
-    conn: sqlite3.Connection, store: Store, resource_id: int, theirs: fhir.FhirJson, now: datetime
+    conn: sqlite3.Connection, store: Store, resource_id: int, theirs: UpstreamCopy, now: datetime
 ) -> int | None:
     """A review for a local edit the upstream refused (a dead letter nobody decided) now
     that the upstream has a newer copy (the pull found it, inside its write transaction).
@@ -570,9 +572,8 @@ def review_refused_edit(
         link,
         None,
     )
-    review_id = _open_review(
-        conn, store.keyring, row, _Conflict(theirs, if_match or link.version_id), fhir.utc_text(now)
-    )
+    conflict = _Conflict(theirs.resource, if_match or link.version_id, theirs.version_id)
+    review_id = _open_review(conn, store.keyring, row, conflict, fhir.utc_text(now))
     audit.append(
         conn,
         [
@@ -590,14 +591,22 @@ def review_refused_edit(
 
 
 def refresh_review(
-    conn: sqlite3.Connection, keyring: Keyring, review_id: int, theirs: fhir.FhirJson
+    conn: sqlite3.Connection,
+    keyring: Keyring,
+    review_id: int,
+    theirs: fhir.FhirJson,
+    version: str | None,
 ) -> None:
-    """Put the upstream's newest version into an open review (inside a write transaction)."""
+    """Put the upstream's newest version into an open review (inside a write transaction).
+
+    ``version`` is the one the upstream gave for it (the body's meta.versionId, or the
+    answer's ETag): "keep mine" sends the edit with ``If-Match`` on it.
+    """
     conn.execute(
         "UPDATE review_queue SET theirs = ?, theirs_version = ?, theirs_updated = ? WHERE id = ?",
         (
             keyring.seal(THEIRS_LABEL, str(review_id), orjson.dumps(theirs).decode()),
-            _version_of(theirs),
+            version,
             _updated_of(theirs),
             review_id,
         ),

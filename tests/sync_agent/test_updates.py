@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from appliance import db
@@ -469,3 +470,42 @@ async def test_readings_keep_flowing_for_a_patient_whose_edit_waits_for_review(
     assert (result.delivered, result.dead) == (1, 0)
     [sent] = [e["resource"] for e in (await client.get("Observation")).json()["entry"]]
     assert sent["subject"]["reference"] == f"Patient/{upstream['id']}"
+
+
+class _NoMetaVersion(httpx.AsyncBaseTransport):
+    """The real transport, but a read of one resource comes back without ``meta.versionId``
+    (the version only in the ETag header), as some servers answer."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if request.method != "GET" or request.url.path.count("/") != 4:  # /fhir/R4/Type/id
+            return response
+        body = orjson.loads(await response.aread())
+        body.get("meta", {}).pop("versionId", None)
+        return httpx.Response(
+            response.status_code, headers=response.headers, content=orjson.dumps(body)
+        )
+
+
+async def test_a_conflict_read_whose_version_is_only_in_the_etag_keeps_it_for_keep_mine(
+    store: Store, fhir_peer: FhirPeer, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Mineperson")
+    await _their_edit(client, upstream, "Theirsperson")
+    their_version = (await client.get(f"Patient/{upstream['id']}")).json()["meta"]["versionId"]
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url, headers=dict(client.headers), transport=_NoMetaVersion()
+    ) as bare_meta:
+        assert (await _sender(store, bare_meta).send_once()).conflicts == 1
+        queue = ReviewQueue(store)
+        [item] = await queue.items()
+        # Before: None (read from the body only), so "keep mine" went without If-Match.
+        assert item.theirs_version == their_version
+        await queue.keep_mine(item.id, NURSE)
+        assert _outbox(db_path)[-1] == ("update", "pending", their_version)
+        assert (await _sender(store, bare_meta).send_once()).delivered == 1
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Mineperson"
