@@ -134,6 +134,9 @@ class ImportOutcome(StrEnum):
     HELD = "held"  # a local edit is on its way up or waiting for review: not overwritten
     OWN = "own"  # a resource this box made (append-only): never replaced by a copy of it
     INVALID = "invalid"  # refused by validation: not stored
+    # Carries our identifier of a resource the upstream holds under another id (an EHR merge
+    # or a copy of the record): not stored over that one, audited, for a person to look at.
+    ELSEWHERE = "elsewhere"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1129,7 +1132,10 @@ class Store:
         Each copy is matched to a local resource by its upstream id only (its link, or the
         delivered create of a resource made here), never by content: a match is replaced in
         place (the old version kept in ``resource_history``) under the same logical id, else
-        a new resource is made. Not replaced: a copy of the version already held
+        a new resource is made. A copy carrying our identifier of a resource made here is that
+        resource (its create landed, the answer was lost) unless the upstream already holds
+        that one under another id (``ELSEWHERE``: an EHR merge or a copy of the record; not
+        stored, audited as a failure). Not replaced: a copy of the version already held
         (``CURRENT``), a resource with a local edit still to go up or under review (``HELD``:
         the version check upstream turns that into a review, never a silent overwrite), and a
         resource this box made other than demographics (``OWN``, append-only). References to
@@ -1173,22 +1179,63 @@ class Store:
                 before(conn)
             # Every copy's local identity first, so references between them resolve.
             local: dict[str, tuple[int | None, str]] = {}
+            elsewhere: dict[str, tuple[int, str]] = {}
             for item in copies:
-                found = resource_for_upstream(conn, item.reference) or _ours_by_identifier(
-                    conn, item.resource
-                )
+                found = resource_for_upstream(conn, item.reference)
+                if found is None:
+                    found = _ours_by_identifier(conn, item.resource)
+                    link = None if found is None else link_for_resource(conn, found[0])
+                    if (
+                        found is not None
+                        and link is not None
+                        and link.upstream_ref != item.reference
+                    ):
+                        # Not our create whose answer was lost: that one is known upstream
+                        # by another id. Storing this copy would put another upstream
+                        # record's content under that one's link.
+                        elsewhere[item.reference] = found
+                        continue
                 local[item.reference] = found if found is not None else (None, fhir.uuid7(now_ms))
 
             def to_local(ref: str) -> str | None:
                 rtype, _, rid = ref.partition("/")
                 if not rtype.isalpha() or not rid or "/" in rid:
                     return None  # absolute, contained or versioned: left as it is
-                found = local.get(ref) or resource_for_upstream(conn, ref)
+                # A record carrying our identifier under another upstream id is that
+                # person's: what points at it is filed with ours, though it is not stored.
+                found = local.get(ref) or elsewhere.get(ref) or resource_for_upstream(conn, ref)
                 return None if found is None else f"{rtype}/{found[1]}"
 
             results: list[Imported] = []
             events: list[AuditEvent] = []
             for index, item in enumerate(copies):
+                if item.reference in elsewhere:
+                    row_id, logical_id = elsewhere[item.reference]
+                    results.append(
+                        Imported(
+                            item.reference,
+                            ImportOutcome.ELSEWHERE,
+                            row_id,
+                            logical_id,
+                            item.version_id,
+                        )
+                    )
+                    held_as = link_for_resource(conn, row_id)
+                    events.append(
+                        AuditEvent(
+                            actor,
+                            AuditAction.SYNC,
+                            outcome=Outcome.FAILURE,
+                            patient_key=self._patient_key(f"Patient/{logical_id}")
+                            if item.type == "Patient"
+                            else None,
+                            entity=f"{item.type}/{logical_id}",
+                            detail=f"{reason} {item.reference}: not stored, it carries this "
+                            f"record's identifier, which the upstream holds as "
+                            f"{held_as.upstream_ref if held_as else '?'} (merged there?)",
+                        )
+                    )
+                    continue
                 row_id, logical_id = local[item.reference]
                 skip = ImportOutcome.INVALID if index in invalid else self._skip(conn, item, row_id)
                 if skip is not None:

@@ -127,6 +127,9 @@ class PullResult:
     current: int = 0
     held: int = 0
     skipped: int = 0  # ours, captured elsewhere, or invalid
+    # Copies carrying our identifier of a record the upstream holds under another id (a merge
+    # at the EHR?): not stored, audited; a person looks at both records there.
+    elsewhere: int = 0
     more: bool = False  # stopped at max_pages: call again soon
     refused: int = 0  # streams whose search the upstream refused (the others went on)
     error: str | None = None
@@ -143,6 +146,8 @@ class PullResult:
                 self.current += 1
             elif item.outcome is ImportOutcome.HELD:
                 self.held += 1
+            elif item.outcome is ImportOutcome.ELSEWHERE:
+                self.elsewhere += 1
             else:
                 self.skipped += 1
 
@@ -272,6 +277,12 @@ class Puller:
             # Only the class: a server's words may quote what it refused.
             logger.warning("pull stopped: %s", exc.failure)
         self._more = result.more
+        if result.elsewhere:
+            logger.warning(
+                "pull: %d upstream records carry the identifier of a record held here under "
+                "another upstream id (merged at the EHR?); not stored, see the audit log",
+                result.elsewhere,
+            )
         if result.created or result.updated or result.held:
             logger.info(
                 "pulled %d new, %d updated, %d held back (local edits pending), %d pages",

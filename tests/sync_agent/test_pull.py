@@ -647,3 +647,41 @@ async def test_a_local_reading_about_a_pulled_patient_points_at_the_upstream_pat
     await Deliverer(store, client, max_entries=8).drain()
     [sent] = [e["resource"] for e in (await client.get("Observation")).json()["entry"]]
     assert sent["subject"]["reference"] == f"Patient/{ada['id']}"
+
+
+async def test_a_record_carrying_our_identifier_under_another_upstream_id_is_not_stored_over_ours(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    """An EHR merge (or a copy) puts our identifier of a Patient made here on another record."""
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    [made] = await store.create([factories.patient(family="Ourperson")], NURSE)
+    await Deliverer(store, client, max_entries=8).drain()
+    ours = await store.read("Patient", made.logical_id, NURSE)
+    [held_as] = [e["resource"] for e in (await client.get("Patient")).json()["entry"]]
+    twin = factories.patient(family="Twinperson", mrn="T0009")
+    twin["identifier"].append(
+        {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{made.logical_id}"}
+    )
+    twin = await _post(client, twin)
+    visit = await _post(client, _appointment(twin, site))
+
+    result = await _puller(store, client, site).pull_once()
+    assert (result.elsewhere, result.updated, result.error) == (1, 0, None)
+    # Before: the twin's content replaced ours, under our record's link to the other id.
+    assert await store.read("Patient", made.logical_id, NURSE) == ours
+    conn = sqlite3.connect(db_path)
+    links = conn.execute("SELECT upstream_ref FROM upstream_links").fetchall()
+    failures = conn.execute(
+        "SELECT entity, detail FROM audit WHERE actor = ? AND outcome = 'failure'", (ACTOR,)
+    ).fetchall()
+    conn.close()
+    assert (f"Patient/{twin['id']}",) not in links
+    assert f"Patient/{held_as['id']}" in failures[0][1]
+    assert failures[0][0] == f"Patient/{made.logical_id}"
+    # What points at it is that person's: the appointment is filed with our record.
+    appointment = await store.read(
+        "Appointment", await _local_id(store, "Appointment", visit["id"]), NURSE
+    )
+    assert {"reference": f"Patient/{made.logical_id}"} in [
+        p["actor"] for p in appointment["participant"]
+    ]
