@@ -1210,17 +1210,17 @@ class Store:
             events: list[AuditEvent] = []
             for index, item in enumerate(copies):
                 if item.reference in elsewhere:
-                    row_id, logical_id = elsewhere[item.reference]
+                    ours_id, logical_id = elsewhere[item.reference]
                     results.append(
                         Imported(
                             item.reference,
                             ImportOutcome.ELSEWHERE,
-                            row_id,
+                            ours_id,
                             logical_id,
                             item.version_id,
                         )
                     )
-                    held_as = link_for_resource(conn, row_id)
+                    held_as = link_for_resource(conn, ours_id)
                     events.append(
                         AuditEvent(
                             actor,
