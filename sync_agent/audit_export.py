@@ -9,12 +9,15 @@ the last audit id settled upstream), in ``batch`` Bundles of conditional creates
 the event (200) instead of making a second one. The cursor moves in the same transaction
 that records the outcome; a bundle that fails leaves it. Errors are those of
 :mod:`sync_agent.upstream`: transient or ambiguous → stop, retry later; too large → smaller
-bundles; an entry the server refuses for good is recorded (:data:`REFUSED_KEY`: a count and
-the newest reasons) and passed, so one bad record never stalls the chain.
+bundles; an entry the server refuses for good (or too large even alone) is recorded
+(:data:`REFUSED_KEY`: a count and the newest reasons) and passed, so one bad record never
+stalls the chain. A 401/403, for the bundle or one entry, is our access, not the record: the
+export stops there and resends from the same place later.
 
 **Anchor.** The newest signed checkpoint (:func:`appliance.audit.latest_checkpoint`) goes up
-first, as a ``Provenance`` carrying the box's Ed25519 signature (:data:`ANCHOR_KEY` remembers
-the last one sent). :func:`verify_against_anchor` compares the upstream's newest anchor
+first in each drain, as a ``Provenance`` carrying the box's Ed25519 signature
+(:data:`ANCHOR_KEY` remembers the last one the upstream took, :data:`ANCHOR_REFUSED_KEY` the
+last it refused for good); an anchor not taken never holds the records back. :func:`verify_against_anchor` compares the upstream's newest anchor
 (:func:`fetch_upstream_anchor`) with the local chain: a local trail truncated, or rewritten
 and re-hashed, below a checkpoint held upstream is caught even when the local checkpoints
 were removed with it (``appliance/audit.py``, "What is guaranteed").
@@ -64,8 +67,13 @@ logger = logging.getLogger(__name__)
 
 CURSOR_KEY = "audit_export.cursor"
 REFUSED_KEY = "audit_export.refused"
-ANCHOR_KEY = "audit_export.anchor"
+ANCHOR_KEY = "audit_export.anchor"  # the newest checkpoint the upstream took
+ANCHOR_REFUSED_KEY = "audit_export.anchor_refused"  # the newest it refused for good (not resent)
 REFUSED_KEPT = 20  # the newest refusals kept with their reason; the count is kept in full
+
+# Entry statuses that say nothing against the record itself: our credentials or access
+# policy (401/403), a timeout, a conflict or a rate limit. The record is sent again later.
+_NOT_THE_RECORD = (401, 403, 408, 409, 429)
 
 _ROWS_SQL = (
     "SELECT id, ts, actor, action, outcome, patient_key, entity, detail, hash FROM audit "
@@ -204,12 +212,20 @@ def _record_refusals(conn: sqlite3.Connection, refused: Sequence[tuple[int, str]
 
 
 def _set_anchor(conn: sqlite3.Connection, audit_id: int, refusal: str | None) -> None:
+    """Record a checkpoint the upstream took, or refused for good (kept apart: a refused one
+    is not resent, and is not reported as anchored)."""
+    key = ANCHOR_KEY if refusal is None else ANCHOR_REFUSED_KEY
     with db.transaction_sync(conn):
-        if int(_meta(conn, ANCHOR_KEY) or 0) >= audit_id:
+        if int(_meta(conn, key) or 0) >= audit_id:
             return
-        _set_meta(conn, ANCHOR_KEY, str(audit_id))
+        _set_meta(conn, key, str(audit_id))
         if refusal is not None:
             _record_refusals(conn, [(audit_id, f"checkpoint anchor refused: {refusal}")])
+
+
+def _anchor_settled(conn: sqlite3.Connection) -> int:
+    """The newest checkpoint settled upstream, taken or refused (0: none)."""
+    return max(int(_meta(conn, ANCHOR_KEY) or 0), int(_meta(conn, ANCHOR_REFUSED_KEY) or 0))
 
 
 def _load(conn: sqlite3.Connection, limit: int) -> tuple[int, list[ExportRow]]:
@@ -244,6 +260,7 @@ class ExportResult:
     retry: int = 0
     bundles: int = 0
     anchored: int | None = None  # audit id of the checkpoint anchored by this call
+    anchor_error: str | None = None  # the anchor not taken (the records went on regardless)
     error: str | None = None
     link_down: bool = False
     cursor: int = 0
@@ -288,8 +305,8 @@ class AuditExporter:
         """
         conn = self._store.connection
         checkpoint = await db.run_sync(conn, audit.latest_checkpoint)
-        sent = await db.run_sync(conn, _meta, ANCHOR_KEY)
-        if checkpoint is None or checkpoint.audit_id <= int(sent or 0):
+        settled = await db.run_sync(conn, _anchor_settled)
+        if checkpoint is None or checkpoint.audit_id <= settled:
             return None
         resource = checkpoint_provenance(
             checkpoint,
@@ -317,12 +334,13 @@ class AuditExporter:
         if 200 <= code < 300:
             await db.run_sync(conn, _set_anchor, checkpoint.audit_id, None)
             return checkpoint.audit_id
-        if 400 <= code < 500 and code not in (408, 409, 429):
+        if 400 <= code < 500 and code not in _NOT_THE_RECORD:
             message = entry_outcome(entry, code)
             logger.warning("upstream refused the audit checkpoint anchor: HTTP %d", code)
             await db.run_sync(conn, _set_anchor, checkpoint.audit_id, message)
             return None
-        raise UpstreamError(Failure.TRANSIENT, f"checkpoint anchor: entry HTTP {code or 'missing'}")
+        failure = Failure.AUTH if code in (401, 403) else Failure.TRANSIENT
+        raise UpstreamError(failure, f"checkpoint anchor: entry HTTP {code or 'missing'}")
 
     def _bundle(self, built: Sequence[tuple[ExportRow, fhir.FhirJson]]) -> dict[str, Any]:
         system = record_system(self._site_id)
@@ -342,18 +360,26 @@ class AuditExporter:
             ],
         }
 
-    async def export_once(self) -> ExportResult:
-        """Anchor the newest checkpoint, then send one bundle of records after the cursor.
+    async def export_once(self, *, anchor: bool = True) -> ExportResult:
+        """Anchor the newest checkpoint (unless ``anchor`` is false), then send one bundle of
+        records after the cursor.
 
-        Never raises for the link: a failure is in the result and the cursor stays put.
+        Never raises for the link: a failure is in the result and the cursor stays put. An
+        anchor the upstream does not take for a reason of its own (our access to Provenance,
+        a rule of the server) is reported in ``anchor_error`` and does not hold the records
+        back; a link failure stops both.
         """
         result = ExportResult()
         conn = self._store.connection
-        try:
-            result.anchored = await self.anchor_once()
-        except UpstreamError as exc:
-            cursor = int(await db.run_sync(conn, _meta, CURSOR_KEY) or 0)
-            return self._failed(result, exc, cursor)
+        if anchor:
+            try:
+                result.anchored = await self.anchor_once()
+            except UpstreamError as exc:
+                if exc.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS):
+                    cursor = int(await db.run_sync(conn, _meta, CURSOR_KEY) or 0)
+                    return self._failed(result, exc, cursor)
+                result.anchor_error = str(exc)
+                logger.warning("audit checkpoint anchor not taken upstream: %s", exc.failure)
         start, rows = await db.run_sync(conn, _load, self._batch)
         result.cursor = start
         if not rows:
@@ -371,8 +397,9 @@ class AuditExporter:
             try:
                 response = await post_bundle(self._client, self._bundle(built))
             except UpstreamError as exc:
-                if exc.failure is Failure.PERMANENT and len(built) == 1:
-                    refused.append((built[0][0].id, exc.message))
+                if exc.failure in (Failure.PERMANENT, Failure.TOO_LARGE) and len(built) == 1:
+                    # Refused alone, or too large alone: that record will never go; pass it.
+                    refused.append((built[0][0].id, f"{exc.failure}: {exc.message}"))
                     built = []
                 else:
                     return self._failed(result, exc, start)
@@ -385,13 +412,16 @@ class AuditExporter:
                     if 200 <= code < 300:
                         result.exported += 1
                         result.existing += code == 200
-                    elif 400 <= code < 500 and code not in (408, 409, 429):
+                    elif 400 <= code < 500 and code not in _NOT_THE_RECORD:
                         refused.append((row.id, entry_outcome(entry, code)))
                     else:
                         # Settle only up to here: the rest is resent (harmlessly) next time.
+                        # A 401/403 entry is our credentials or access policy, not the
+                        # record: it waits for them to be mended, like a refused request.
                         end = row.id - 1
                         result.retry = sum(1 for r, _ in built if r.id >= row.id)
-                        result.error = f"{Failure.TRANSIENT}: entry HTTP {code or 'missing'}"
+                        failure = Failure.AUTH if code in (401, 403) else Failure.TRANSIENT
+                        result.error = f"{failure}: entry HTTP {code or 'missing'}"
                         result.failures.append(result.error)
                         break
                 self._batch = min(self._max_batch, self._batch * 2)
@@ -422,10 +452,12 @@ class AuditExporter:
         """Export until nothing is left, the link fails, ``max_bundles`` were sent, or
         ``stop()`` (asked before each bundle: the process is shutting down)."""
         total = ExportResult()
-        for _ in range(max_bundles):
+        for sent in range(max_bundles):
             if stop():
                 break
-            step = await self.export_once()
+            # The anchor once a drain: it is the newest checkpoint, not one per bundle.
+            step = await self.export_once(anchor=sent == 0)
+            total.anchor_error = total.anchor_error or step.anchor_error
             total.exported += step.exported
             total.existing += step.existing
             total.refused += step.refused

@@ -220,7 +220,8 @@ def audit_event(row: ExportRow, *, site_id: str) -> fhir.FhirJson:
         "agent": [
             requestor,
             {
-                "type": {"coding": [_coding(_DCM, "110153", "Source Role ID")]},
+                # BALP: the server accessed (this box) is the Destination; the client, the Source.
+                "type": {"coding": [_coding(_DCM, "110152", "Destination Role ID")]},
                 "who": _site_agent(site_id),
                 "requestor": False,
             },
@@ -312,7 +313,7 @@ def anchor_from_provenance(resource: Any) -> Checkpoint:
                     fields[str(part.get("url"))] = part["valueString"]
     signatures = resource.get("signature") or [{}]
     try:
-        return Checkpoint(
+        found = Checkpoint(
             audit_id=int(fields["auditId"]),
             hash=bytes.fromhex(fields["hash"]),
             ts=datetime.fromisoformat(fields["signedTs"]).astimezone(UTC),
@@ -320,3 +321,8 @@ def anchor_from_provenance(resource: Any) -> Checkpoint:
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"not an audit checkpoint anchor ({type(exc).__name__})") from None
+    # What no checkpoint of ours can be (an audit id is a SQLite rowid, a hash SHA-256): such
+    # an "anchor" would crash the signature check, or hide the real newest one.
+    if not 1 <= found.audit_id < 2**63 or len(found.hash) != 32:
+        raise ValueError("not an audit checkpoint anchor (audit id or hash out of range)")
+    return found

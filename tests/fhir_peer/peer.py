@@ -245,9 +245,10 @@ class FhirPeer:
     def clear_fault(self) -> None:
         self.fault("none")
 
-    def reject(self, marker: str | None) -> None:
-        """Refuse (entry status 422) every batch entry whose resource contains ``marker``."""
-        self._control("POST", "/__control/reject", json={"marker": marker})
+    def reject(self, marker: str | None, status: int = 422) -> None:
+        """Refuse (entry ``status``, 422 by default) every batch entry whose resource contains
+        ``marker``."""
+        self._control("POST", "/__control/reject", json={"marker": marker, "status": status})
 
     def reset(self) -> None:
         """Drop every stored resource and clear any pending fault."""

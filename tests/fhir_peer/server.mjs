@@ -43,9 +43,10 @@
 //                          "delay_ms": 0, "after": "request"|"response"} -> current fault state
 //   GET  /__control/fault -> current fault state
 //   POST /__control/reset -> drops all data and clears any fault and rejection rule
-//   POST /__control/reject {"marker": "text"|null} -> a server-side business rule: every batch
-//        entry whose resource JSON contains the marker is refused (entry status 422 with an
-//        OperationOutcome) while the other entries are processed, as EHRs refuse single entries
+//   POST /__control/reject {"marker": "text"|null, "status": 422} -> a server-side business rule:
+//        every batch entry whose resource JSON contains the marker is refused (entry status 422,
+//        or the one given, with an OperationOutcome) while the other entries are processed, as
+//        EHRs refuse single entries (a 403 entry: an access policy refusing that one)
 import http from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
@@ -152,6 +153,7 @@ router.add('GET', 'metadata', async () => [allOk, capabilityStatement()], 'capab
 const NO_FAULT = Object.freeze({ mode: 'none', status: 503, count: 0, delay_ms: 0, after: 'request' });
 let fault = { ...NO_FAULT };
 let rejectMarker = null;
+let rejectStatus = 422;
 
 // One FHIR request at a time: MemoryRepository.withTransaction is a no-op, so this is what
 // makes conditional create atomic against concurrent clients.
@@ -286,7 +288,7 @@ async function runWithRejections(req, url, rawBody, baseUrl) {
   let next = 0;
   const entry = refused.map((isRefused) =>
     isRefused
-      ? { response: { status: '422', outcome: operationOutcome(422, 'business-rule', 'refused by the test rule (reject marker)') } }
+      ? { response: { status: String(rejectStatus), outcome: operationOutcome(rejectStatus, rejectStatus === 403 ? 'forbidden' : 'business-rule', 'refused by the test rule (reject marker)') } }
       : responses[next++],
   );
   return { status: 200, body: { resourceType: 'Bundle', type: 'batch-response', entry }, headers: {} };
@@ -366,7 +368,8 @@ async function handleControl(req, res, url) {
       return;
     }
     rejectMarker = typeof spec.marker === 'string' && spec.marker ? spec.marker : null;
-    sendJson(res, 200, { marker: rejectMarker });
+    rejectStatus = Number.isInteger(spec.status) && spec.status >= 400 && spec.status < 600 ? spec.status : 422;
+    sendJson(res, 200, { marker: rejectMarker, status: rejectStatus });
     return;
   }
   if (route === 'POST /__control/fault') {

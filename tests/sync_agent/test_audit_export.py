@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from sync_agent import balp
 from sync_agent.audit_export import (
     AuditExporter,
     fetch_upstream_anchor,
+    latest_anchor_of,
     read_export_state,
     verify_against_anchor,
 )
@@ -84,6 +86,15 @@ def test_a_patient_read_has_the_balp_patient_read_shape_with_only_the_pseudonymo
     }
     assert event["action"] == "R"
     assert event["recorded"] == "2026-11-26T08:00:00.000000Z"
+    # BALP: the box (the server accessed) is the Destination Role; before, it said Source.
+    [box] = [agent for agent in event["agent"] if agent["requestor"] is False]
+    assert box["type"]["coding"] == [
+        {
+            "system": "http://dicom.nema.org/resources/ontology/DCM",
+            "code": "110152",
+            "display": "Destination Role ID",
+        }
+    ]
     patient, data = event["entity"]
     assert patient == {
         "what": {
@@ -162,6 +173,13 @@ def test_the_anchor_is_a_valid_provenance_that_round_trips(store: Store) -> None
     assert anchor_from_provenance(resource) == checkpoint
     with pytest.raises(ValueError):
         anchor_from_provenance({"resourceType": "Provenance"})
+    # An "anchor" no checkpoint can be (a server's, or anyone's with write access there): a
+    # huge id crashed the signature check and hid the real newest anchor.
+    huge = json.loads(json.dumps(resource).replace('"5"', f'"{2**64}"'))
+    with pytest.raises(ValueError):
+        anchor_from_provenance(huge)
+    found = latest_anchor_of({"entry": [{"resource": resource}, {"resource": huge}]})
+    assert found == checkpoint
 
 
 # -- against the peer ----------------------------------------------------------------------
@@ -324,3 +342,63 @@ async def test_an_anchor_signed_by_another_key_is_refused(store: Store) -> None:
     )
     assert not result.ok
     assert "signature" in (result.problem or "")
+
+
+@pytest.mark.peer
+async def test_records_the_upstream_forbids_us_wait_for_access_instead_of_being_passed_over(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 5)
+    fhir_peer.reject("audit record", status=403)  # an access policy without AuditEvent create
+    try:
+        forbidden = await AuditExporter(store, client, site_id=SITE).drain()
+    finally:
+        fhir_peer.reject(None)
+    # Before: 5 refused, the cursor at 5, and none of them ever sent once access was mended.
+    assert (forbidden.exported, forbidden.refused, forbidden.cursor) == (0, 0, 0)
+    assert (forbidden.error or "").startswith("auth: ")
+    mended = await AuditExporter(store, client, site_id=SITE).drain()
+    assert (mended.exported, mended.refused, mended.cursor) == (5, 0, 5)
+    assert fhir_peer.count("AuditEvent") == 5
+
+
+@pytest.mark.peer
+async def test_a_record_too_large_even_alone_is_passed_over_not_a_stall(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 3)
+    fhir_peer.fault("status", status=413, count=2)  # 2 → 1 entry, then the first one alone
+    result = await AuditExporter(store, client, site_id=SITE, batch=2).drain()
+    # Before: at one entry a 413 was an error on every call, and the chain stood still.
+    assert (result.exported, result.refused, result.cursor, result.error) == (2, 1, 3, None)
+    state = await db.run_sync(store.connection, read_export_state)
+    assert state.recent_refusals[0][0] == 1
+    assert state.recent_refusals[0][1].startswith("too_large: ")
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("status", [403, 422])
+async def test_an_anchor_the_upstream_does_not_take_holds_no_record_back_nor_reads_as_anchored(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, status: int
+) -> None:
+    await _records(store, 6)
+    await db.run_sync(store.connection, audit.checkpoint, store.keyring.signing_key, now=T0)
+    fhir_peer.reject(balp.CHECKPOINT_EXTENSION, status=status)  # Provenance only
+    try:
+        result = await AuditExporter(store, client, site_id=SITE).drain()
+    finally:
+        fhir_peer.reject(None)
+    # Before: a 403 anchor stopped every record behind it; either was reported as anchored.
+    assert (result.exported, result.cursor, result.anchored) == (6, 6, None)
+    assert (result.anchor_error or "").startswith("auth: ") == (status == 403)
+    state = await db.run_sync(store.connection, read_export_state)
+    assert state.anchored == 0
+    assert fhir_peer.count("Provenance") == 0
+    again = await AuditExporter(store, client, site_id=SITE).drain()
+    if status == 403:  # our access, mended since: the anchor goes now
+        assert (again.anchored, again.anchor_error) == (6, None)
+        assert fhir_peer.count("Provenance") == 1
+    else:  # refused for good: not sent again, the refusal counted
+        assert again.anchored is None
+        assert state.refused == 1
+        assert fhir_peer.count("Provenance") == 0
