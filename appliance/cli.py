@@ -509,8 +509,14 @@ def _sync_status_table(
         ago = _age((now - found.last_success).total_seconds())
         success = f"{found.last_success.isoformat(timespec='seconds')} ({ago} ago)"
     export = found.export
+    failing = {} if process is None or not process.fresh else process.steps_failing
     lines = [
         f"Upstream       {link}",
+        *(
+            [f"Held back      {', '.join(f'{k} ({v})' for k, v in failing.items())}: backing off"]
+            if failing
+            else []
+        ),
         f"Last success   {success}",
         f"Waiting        {found.waiting}",
         f"Dead letters   {found.dead_total}",

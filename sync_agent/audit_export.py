@@ -263,6 +263,7 @@ class ExportResult:
     anchor_error: str | None = None  # the anchor not taken (the records went on regardless)
     error: str | None = None
     link_down: bool = False
+    stopped_by: UpstreamError | None = None  # the exchange failure that ended the export
     cursor: int = 0
     failures: list[str] = field(default_factory=list)
 
@@ -421,7 +422,8 @@ class AuditExporter:
                         end = row.id - 1
                         result.retry = sum(1 for r, _ in built if r.id >= row.id)
                         failure = Failure.AUTH if code in (401, 403) else Failure.TRANSIENT
-                        result.error = f"{failure}: entry HTTP {code or 'missing'}"
+                        stop = UpstreamError(failure, f"entry HTTP {code or 'missing'}")
+                        result.error, result.stopped_by = str(stop), stop
                         result.failures.append(result.error)
                         break
                 self._batch = min(self._max_batch, self._batch * 2)
@@ -444,6 +446,7 @@ class AuditExporter:
             result.error = None
         else:
             result.link_down = exc.failure is Failure.TRANSIENT
+            result.stopped_by = exc
         return result
 
     async def drain(
@@ -469,6 +472,7 @@ class AuditExporter:
             idle = step.bundles == 0 and step.refused == 0 and not step.failures
             if idle or step.error is not None:
                 total.error, total.link_down = step.error, step.link_down
+                total.stopped_by = step.stopped_by
                 break
         return total
 

@@ -29,6 +29,13 @@ the resume time under ``PROBE_CAP_S`` + one drain however long the outage, while
 upstream sees at most one connection attempt per ``PROBE_CAP_S / 2`` (≤ 1,440 an hour).
 An upstream that answers, even with 503, is reachable: it gets the backoff, not the probes.
 
+The steps after the drain (version-checked updates, the pull, the audit export) each back
+off on their own when their exchange fails as a whole (no answer, 5xx, our credentials or
+the token endpoint refused, not a FHIR address): jittered, from ``BACKOFF_BASE_S`` to
+``BACKOFF_CAP_S``, never before the server's ``Retry-After``, while the drain keeps its pace.
+An empty outbox sends nothing, so without that a refusing token endpoint was asked again
+every ``interval_s``. Steps waiting out a backoff are in the status (``steps_failing``).
+
 Detecting that the link is down costs one failed connect: the drain stops at the first
 failed bundle and writes nothing to the items (see ``outbox_delivery``).
 
@@ -67,7 +74,7 @@ from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
 from sync_agent.pull import Puller
 from sync_agent.status import SYNC_NOW_KEY
 from sync_agent.updates import UpdateSender
-from sync_agent.upstream import UpstreamError, build_client
+from sync_agent.upstream import Failure, UpstreamError, build_client
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +109,48 @@ class Pacing:
         """Wait before the next probe, ``probes`` having failed (equal jitter, capped)."""
         ceiling = min(self.probe_cap_s, self.probe_base_s * 2 ** min(probes, 20))
         return rng.uniform(ceiling / 2, ceiling)
+
+
+class _Step:
+    """Backoff of one step after the outbox drain (updates, pull, audit export).
+
+    Only the drain sets the loop's own pace, and with an empty outbox it sends nothing. So a
+    step whose exchange keeps failing (the token endpoint refusing us, a 401 for ever, a 503
+    with a ``Retry-After`` of an hour) would otherwise be tried again every ``interval_s`` —
+    across a fleet, a storm of signed token requests. Each step backs off on its own instead,
+    with jitter and never before the server's ``Retry-After``, and the drain goes on at its
+    own pace. "Sync now" makes every step due again.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.failures = 0
+        self.not_before = 0.0
+        self.failure: Failure | None = None
+
+    def due(self, now: float) -> bool:
+        return now >= self.not_before
+
+    def after(
+        self, stopped_by: UpstreamError | None, now: float, pacing: Pacing, rng: random.Random
+    ) -> None:
+        if stopped_by is None or stopped_by.failure not in _STEP_STOPS:
+            self.failures, self.not_before, self.failure = 0, 0.0, None
+            return
+        self.failures += 1
+        self.failure = stopped_by.failure
+        wait = max(pacing.backoff(self.failures, rng), stopped_by.retry_after_s or 0.0)
+        self.not_before = now + wait
+        # Only the class: the server's words may quote PHI.
+        logger.warning("sync %s failed (%s); next try in %.0f s", self.name, self.failure, wait)
+
+    def reset(self) -> None:
+        self.failures, self.not_before = 0, 0.0
+
+
+# Failures of a whole exchange, which say nothing about the items: a step stopped by one
+# waits out a backoff. (Refusals of single items are handled by the step itself.)
+_STEP_STOPS = (Failure.TRANSIENT, Failure.AMBIGUOUS, Failure.AUTH, Failure.ENDPOINT)
 
 
 class Wake(Enum):
@@ -178,12 +227,17 @@ async def probe(client: httpx.AsyncClient, timeout_s: float) -> bool:
     Sent without the client's authentication: the CapabilityStatement is public, a 401 is an
     answer too, and a probe must not fetch tokens from a token endpoint while offline. A TLS
     refusal (``UpstreamError`` from the transport) is an answer as well: the drain that
-    follows reports it as an authentication problem and backs off.
+    follows reports it as an authentication problem and backs off. So is a connection made
+    whose answer is slow or odd (a server building its CapabilityStatement on each request, a
+    satellite link): only a connection that could not be made is "unreachable" — else such
+    an upstream would never be sent a bundle, which allows far longer than the probe.
     """
     try:
         await client.head("metadata", timeout=timeout_s, auth=httpx.Auth())
-    except httpx.HTTPError:
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError, httpx.PoolTimeout):
         return False
+    except httpx.HTTPError:
+        return True  # connected: the drain finds out the rest, with its own timeouts
     except UpstreamError as exc:
         return not isinstance(exc.__cause__, httpx.TransportError)
     return True
@@ -226,6 +280,7 @@ class SyncLoop:
             ctx.store, client, site_id=ctx.config.site.id, batch=upstream.max_bundle_entries
         )
         self.wakeups = Wakeups(ctx)
+        self.steps = {name: _Step(name) for name in ("updates", "pull", "audit export")}
         self.probes = 0
         self._rtt_at: float | None = None
         # -- claims (issue 8): ready claims to the payer endpoint, its acks back. ------------
@@ -287,12 +342,26 @@ class SyncLoop:
         # Then, in priority order after the outbox lanes: version-checked updates, pull-down
         # of schedules and home readings, and the audit trail last. None of them raises for
         # the link; each says what happened.
-        updated = await self.updates.send_once()
-        pulled = await self.puller.pull_once(force=wake is Wake.SYNC_NOW)
-        exported = await self.exporter.drain(stop=stopping)
-        if updated.link_down or pulled.link_down or exported.link_down:
-            logger.info("link failed after the outbox drain; will retry")
-        return result, bool(pulled.more)
+        loop = asyncio.get_running_loop()
+        if wake is Wake.SYNC_NOW:
+            for step in self.steps.values():
+                step.reset()
+        more = False
+        updates, pull, export = self.steps.values()
+        if updates.due(loop.time()):
+            updated = await self.updates.send_once()
+            updates.after(updated.stopped_by, loop.time(), self._pacing, self._rng)
+        if pull.due(loop.time()):
+            pulled = await self.puller.pull_once(force=wake is Wake.SYNC_NOW)
+            pull.after(pulled.stopped_by, loop.time(), self._pacing, self._rng)
+            more = bool(pulled.more) and pulled.stopped_by is None
+        if export.due(loop.time()):
+            exported = await self.exporter.drain(stop=stopping)
+            export.after(exported.stopped_by, loop.time(), self._pacing, self._rng)
+        self._ctx.set_status(
+            steps_failing={s.name: str(s.failure) for s in self.steps.values() if s.failures}
+        )
+        return result, more
 
     async def _measure_rtt(self) -> None:
         """Time one ``HEAD metadata`` (at most every :data:`RTT_EVERY_S`); no PHI, no auth."""

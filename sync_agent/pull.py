@@ -134,6 +134,7 @@ class PullResult:
     refused: int = 0  # streams whose search the upstream refused (the others went on)
     error: str | None = None
     link_down: bool = False
+    stopped_by: UpstreamError | None = None  # the exchange failure that ended the pass
 
     def count(self, outcomes: Sequence[Imported]) -> None:
         """Add the outcomes of one import."""
@@ -274,6 +275,7 @@ class Puller:
         except UpstreamError as exc:
             result.error = str(exc)
             result.link_down = exc.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)
+            result.stopped_by = exc
             # Only the class: a server's words may quote what it refused.
             logger.warning("pull stopped: %s", exc.failure)
         self._more = result.more

@@ -88,6 +88,15 @@ class ProcessStatus:
         return None if value is None else str(value)
 
     @property
+    def steps_failing(self) -> dict[str, str]:
+        """Steps after the outbox drain waiting out a backoff → the class of their failure
+        (updates, pull, audit export: the drain may be online while one of them is refused)."""
+        value = self.figures.get("steps_failing")
+        if not isinstance(value, dict):
+            return {}
+        return {str(k): str(v) for k, v in value.items()}
+
+    @property
     def last_failure(self) -> str | None:
         """The class of the last failure (transient, ambiguous…), never the server's words."""
         value = self.figures.get("last_failure")

@@ -166,6 +166,7 @@ class UpdateResult:
     waiting: int = 0
     error: str | None = None
     link_down: bool = False
+    stopped_by: UpstreamError | None = None  # the exchange failure that ended the pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +285,7 @@ class UpdateSender:
                 result.retry += 1
                 result.error = str(exc)
                 result.link_down = exc.failure is Failure.TRANSIENT
+                result.stopped_by = exc
                 break
         if result.delivered or result.conflicts or result.dead:
             logger.info(

@@ -896,3 +896,85 @@ async def test_sync_now_skips_the_remaining_backoff(
     finally:
         ctx.stopping.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_step_after_the_drain_refused_every_time_backs_off_instead_of_every_round(
+    store: Store,
+    client: httpx.AsyncClient,
+    wire: CountingTransport,
+    proxy: FaultProxy,
+    fhir_peer: FhirPeer,
+    tmp_path: Path,
+    db_path: Path,
+) -> None:
+    """Nothing in the outbox, audit records to export, and the upstream refusing our
+    credentials (with SMART, each attempt is also a signed request to the token endpoint)."""
+
+    class Longest(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b
+
+    [pat] = await store.create([factories.patient()], "user:nurse1")
+    await _deliverer(store, client).drain()
+    for _ in range(3):
+        await store.read("Patient", pat.logical_id, "user:nurse1")  # audit records
+    wire.sent.clear()
+    ctx = await _loop_ctx(tmp_path, store, proxy.base_url, 0.2)
+    pacing = Pacing(interval_s=0.2, backoff_base_s=1.0, backoff_cap_s=60.0)
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=Longest(), pacing=pacing)
+    await proxy.set(Fault.STATUS, status=401, count=10_000)
+    task = asyncio.create_task(loop.run())
+    try:
+        await asyncio.sleep(3.0)
+        posts = sum(1 for _, method, _ in wire.sent if method == "POST")
+        # Before: the drain (nothing to send) set the pace, so the export was refused every
+        # 0.2 s round: about 15 POSTs in 3 s. Now 1 s, 2 s, 4 s… apart.
+        assert 1 <= posts <= 3, posts
+        assert ctx.status["steps_failing"] == {"audit export": "auth"}
+        assert ctx.status["online"] is True  # the outbox drain itself had nothing to fail
+        # Mended, and staff press "sync now": every step is due at once.
+        await proxy.heal()
+        admin = sqlite3.connect(db_path, isolation_level=None)
+        request_sync_now(admin, "user:admin1", datetime.now(UTC))
+        admin.close()
+        pressed = time.monotonic()
+        while fhir_peer.count("AuditEvent") == 0:
+            await asyncio.sleep(0.05)
+            assert time.monotonic() - pressed < 5
+        while ctx.status["steps_failing"]:
+            await asyncio.sleep(0.05)
+            assert time.monotonic() - pressed < 5
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_an_upstream_whose_metadata_is_slow_still_gets_its_bundles_after_an_outage(
+    store: Store,
+    client: httpx.AsyncClient,
+    wire: CountingTransport,
+    proxy: FaultProxy,
+    fhir_peer: FhirPeer,
+    tmp_path: Path,
+) -> None:
+    ctx = await _loop_ctx(tmp_path, store, proxy.base_url, 0.5)
+    pacing = Pacing(interval_s=0.5, probe_base_s=0.2, probe_cap_s=0.5, probe_timeout_s=0.3)
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=random.Random(2), pacing=pacing)
+    await _readings(store, 3)
+    await proxy.set(Fault.REFUSE)
+    task = asyncio.create_task(loop.run())
+    try:
+        while loop.probes == 0:
+            await asyncio.sleep(0.05)
+            assert not task.done(), task
+        # Back, but every answer takes longer than the probe waits (a server building its
+        # CapabilityStatement on each request, a satellite link); a bundle allows 5 s.
+        await proxy.set(Fault.DELAY, delay_s=0.6)
+        healed = time.monotonic()
+        while fhir_peer.count("Observation") < 3:
+            await asyncio.sleep(0.05)
+            # Before: every probe "timed out", so the box stayed "unreachable" for good.
+            assert time.monotonic() - healed < 10, (loop.probes, ctx.status)
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 5)

@@ -56,7 +56,7 @@ async def _backlog(store: Store, db_path: Path, clock: FakeClock) -> int:
 def _beat(raw: sqlite3.Connection, clock: FakeClock, figures: dict[str, object]) -> None:
     """The sync process's heartbeat, as it publishes it."""
     raw.execute(
-        "INSERT INTO heartbeats (process, pid, started_at, beat_at, status) "
+        "INSERT OR REPLACE INTO heartbeats (process, pid, started_at, beat_at, status) "
         "VALUES ('sync', 1, ?, ?, ?)",
         (clock().isoformat(), clock().isoformat(), json.dumps(figures)),
     )
@@ -230,6 +230,28 @@ async def test_an_offline_link_says_what_the_failure_means(
     page = (await (await logged_in.get("/sync/")).get_data()).decode()
     assert "Offline" in page
     assert said in page.split('id="last-failure">')[1].split("</span>")[0]
+
+
+async def test_an_online_link_names_a_step_that_is_refused_and_backing_off(
+    logged_in: QuartClient, db_path: Path, clock: FakeClock
+) -> None:
+    raw = sqlite3.connect(db_path)
+    with raw:
+        _beat(raw, clock, {"upstream": "ehr", "online": True, "steps_failing": {}})
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    assert 'id="steps-failing"' not in page
+    with raw:
+        _beat(
+            raw,
+            clock,
+            {"upstream": "ehr", "online": True, "steps_failing": {"audit export": "auth"}},
+        )
+    raw.close()
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    assert "Online" in page
+    held = page.split('id="steps-failing">')[1].split("</td>")[0]
+    assert "Audit export" in held
+    assert "refused our credentials" in held
 
 
 async def test_sync_gauges_match_the_database(
