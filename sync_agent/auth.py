@@ -183,12 +183,19 @@ def client_assertion(
     return jwt.encode(header, claims, key.key, algorithms=[key.algorithm])
 
 
+def _json_or_none(response: httpx.Response) -> Any:
+    """A token endpoint's answer parsed, or None. The standard parser, which takes what a
+    sloppy endpoint writes (NaN, a 400-digit expires_in: judged later), but its
+    RecursionError on deep nesting is no ValueError and ended the sync process."""
+    try:
+        return response.json()
+    except (ValueError, RecursionError):
+        return None
+
+
 def _oauth_error(response: httpx.Response) -> str:
     """The OAuth error of a token-endpoint answer, as one line (RFC 6749 section 5.2)."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
+    body = _json_or_none(response)
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         text = body["error"]
         if isinstance(body.get("error_description"), str):
@@ -343,10 +350,7 @@ class SmartBackendAuth(httpx.Auth):
         return self._token_from(response, started)
 
     def _token_from(self, response: httpx.Response, started: float) -> _Token:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
+        body = _json_or_none(response)
         value = body.get("access_token") if isinstance(body, dict) else None
         kind = body.get("token_type", "bearer") if isinstance(body, dict) else None
         if not isinstance(value, str) or not value or str(kind).lower() != "bearer":
@@ -368,7 +372,12 @@ class SmartBackendAuth(httpx.Auth):
 
 
 def read_token_file(path: Path) -> str:
-    """The bearer token in ``path`` (surrounding whitespace removed)."""
+    """The bearer token in ``path`` (surrounding whitespace removed).
+
+    Held to the rule of the private keys (:func:`check_private_file`): the token is usable
+    against the EHR as it stands, so a file open to group or others is refused.
+    """
+    check_private_file(path, "bearer token")
     try:
         token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:

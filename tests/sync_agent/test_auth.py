@@ -307,6 +307,18 @@ async def test_an_expires_in_that_is_not_a_lifetime_counts_as_the_default(
     assert smart.server.unauthorized == 0
 
 
+async def test_a_token_answer_nested_too_deep_is_an_auth_failure_not_a_crash(
+    smart: Smart,
+) -> None:
+    smart.server.answer_raw = b"[" * 200_000
+    async with smart.client() as client:
+        with pytest.raises(UpstreamError) as caught:  # before: RecursionError, the process died
+            await post_bundle(client, _bundle())
+        assert caught.value.failure is Failure.AUTH
+        await post_bundle(client, _bundle())  # the next answer is a token again
+    assert smart.server.issued == 1
+
+
 async def test_a_401_for_a_revoked_token_causes_exactly_one_refresh_and_one_retry(
     smart: Smart,
 ) -> None:
@@ -446,6 +458,18 @@ async def test_neither_token_nor_assertion_is_logged(
 
 
 # -- static bearer token ----------------------------------------------------------------------
+
+
+def test_a_bearer_token_file_open_to_others_is_refused_naming_the_file(tmp_path: Path) -> None:
+    token_file = _write(tmp_path / "token", b"a-token\n", mode=0o644)
+    upstream = UpstreamConfig(
+        name="hie", base_url="https://127.0.0.1:1/fhir", auth=AuthKind.BEARER, token_file=token_file
+    )
+    with pytest.raises(KeyFileError) as caught:  # before: accepted, as it stood
+        build_client(upstream)
+    assert str(token_file) in str(caught.value)
+    assert "chmod 600" in str(caught.value)
+    assert "a-token" not in str(caught.value)
 
 
 async def test_bearer_token_file_is_read_again_after_a_401(tmp_path: Path) -> None:
