@@ -228,23 +228,48 @@ def _anchor_settled(conn: sqlite3.Connection) -> int:
     return max(int(_meta(conn, ANCHOR_KEY) or 0), int(_meta(conn, ANCHOR_REFUSED_KEY) or 0))
 
 
-def _load(conn: sqlite3.Connection, limit: int) -> tuple[int, list[ExportRow]]:
+def _load(
+    conn: sqlite3.Connection, limit: int
+) -> tuple[int, list[ExportRow], list[tuple[int, str]]]:
+    """The cursor, the next records after it, and those among them no AuditEvent can be
+    made of (only tampering writes them: ``audit verify`` names them) with why.
+
+    Text is read tolerantly (as ``audit.verify`` does), so a record that is not UTF-8, or a
+    value of another type than the chain writes, is passed over as refused instead of
+    raising and ending the sync process, which then restarted into the same record.
+    """
     cursor = int(_meta(conn, CURSOR_KEY) or 0)
-    rows = conn.execute(_ROWS_SQL, (cursor, limit)).fetchall()
-    return cursor, [
-        ExportRow(
-            int(rid),
-            ts,
-            actor,
-            action,
-            outcome,
-            None if pkey is None else bytes(pkey),
-            entity,
-            detail,
-            bytes(digest),
-        )
-        for rid, ts, actor, action, outcome, pkey, entity, detail, digest in rows
-    ]
+    saved = conn.text_factory
+    conn.text_factory = _tolerant_text
+    try:
+        rows = conn.execute(_ROWS_SQL, (cursor, limit)).fetchall()
+    finally:
+        conn.text_factory = saved
+    good: list[ExportRow] = []
+    bad: list[tuple[int, str]] = []
+    for rid, ts, actor, action, outcome, pkey, entity, detail, digest in rows:
+        texts = (ts, actor, action, outcome, entity, detail)
+        if (
+            not all(t is None or (isinstance(t, str) and _utf8(t)) for t in texts)
+            or not isinstance(pkey, bytes | None)
+            or not isinstance(digest, bytes)
+        ):
+            bad.append((int(rid), "stored record is not as the chain writes it (altered?)"))
+            continue
+        good.append(ExportRow(int(rid), ts, actor, action, outcome, pkey, entity, detail, digest))
+    return cursor, good, bad
+
+
+def _tolerant_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # -- the exporter ---------------------------------------------------------------------------
@@ -381,19 +406,18 @@ class AuditExporter:
                     return self._failed(result, exc, cursor)
                 result.anchor_error = str(exc)
                 logger.warning("audit checkpoint anchor not taken upstream: %s", exc.failure)
-        start, rows = await db.run_sync(conn, _load, self._batch)
+        start, rows, refused = await db.run_sync(conn, _load, self._batch)
         result.cursor = start
-        if not rows:
+        if not rows and not refused:
             return result
         built: list[tuple[ExportRow, fhir.FhirJson]] = []
-        refused: list[tuple[int, str]] = []
         for row in rows:
             try:
                 built.append((row, audit_event(row, site_id=self._site_id)))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 # Only tampering writes a record like this; verify names it. Pass it by.
                 refused.append((row.id, f"cannot be expressed as an AuditEvent: {exc}"))
-        end = rows[-1].id
+        end = max([row.id for row in rows] + [rid for rid, _ in refused])
         if built:
             try:
                 response = await post_bundle(self._client, self._bundle(built))

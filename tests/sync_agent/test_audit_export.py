@@ -314,17 +314,7 @@ async def test_the_checkpoint_goes_upstream_and_exposes_a_truncated_local_chain(
 
     # Someone with file access cuts the trail back to record 4 and removes the checkpoint
     # that would have given it away locally; the local chain alone then looks intact.
-    raw = sqlite3.connect(db_path, isolation_level=None)
-    for name, *_ in GUARDS:
-        raw.execute(f"DROP TRIGGER {name}")
-    raw.execute("DELETE FROM audit WHERE id > 4")
-    raw.execute("DELETE FROM audit_checkpoints")
-    for name, verb, table, what in GUARDS:
-        raw.execute(
-            f"CREATE TRIGGER {name} BEFORE {verb} ON {table} "
-            f"BEGIN SELECT RAISE(ABORT, '{what} are append-only'); END"
-        )
-    raw.close()
+    _unguarded(db_path, "DELETE FROM audit WHERE id > 4", "DELETE FROM audit_checkpoints")
     assert (await db.run_sync(conn, audit.verify, public)).ok
     truncated = await db.run_sync(conn, verify_against_anchor, public, anchor)
     assert not truncated.ok
@@ -402,3 +392,39 @@ async def test_an_anchor_the_upstream_does_not_take_holds_no_record_back_nor_rea
         assert again.anchored is None
         assert state.refused == 1
         assert fhir_peer.count("Provenance") == 0
+
+
+def _unguarded(db_path: Path, *statements: str) -> None:
+    """Run ``statements`` on the audit table as someone with file access would."""
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    for name, *_ in GUARDS:
+        raw.execute(f"DROP TRIGGER {name}")
+    for statement in statements:
+        raw.execute(statement)
+    for name, verb, table, what in GUARDS:
+        raw.execute(
+            f"CREATE TRIGGER {name} BEFORE {verb} ON {table} "
+            f"BEGIN SELECT RAISE(ABORT, '{what} are append-only'); END"
+        )
+    raw.close()
+
+
+@pytest.mark.peer
+async def test_altered_audit_rows_are_passed_over_as_refused_not_a_crash(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    await _records(store, 5)
+    _unguarded(
+        db_path,
+        "UPDATE audit SET patient_key = 'text now' WHERE id = 2",
+        "UPDATE audit SET detail = CAST(x'ff00fe' AS TEXT) WHERE id = 3",
+        "UPDATE audit SET hash = 'not bytes' WHERE id = 4",
+    )
+    # Before: TypeError / OperationalError out of the export, and the process restarted
+    # into the same record for ever.
+    result = await AuditExporter(store, client, site_id=SITE).drain()
+    assert (result.exported, result.refused, result.cursor, result.error) == (2, 3, 5, None)
+    state = await db.run_sync(store.connection, read_export_state)
+    assert sorted(rid for rid, _ in state.recent_refusals) == [2, 3, 4]
+    assert fhir_peer.count("AuditEvent") == 2
+    assert store.connection._conn.text_factory is str  # as it was for everyone else
