@@ -165,7 +165,30 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
 # -- audit --------------------------------------------------------------------------------
 
 
+def _upstream_anchors(config: Config) -> tuple[list[audit.Checkpoint] | None, str]:
+    """The site's newest checkpoint anchors at its first upstream, or None and why not."""
+    from sync_agent.audit_export import fetch_upstream_anchors
+    from sync_agent.upstream import UpstreamError, build_client
+
+    if not config.sync.upstreams:
+        return None, "no upstream configured"
+    upstream = config.sync.upstreams[0]
+
+    async def go() -> list[audit.Checkpoint]:
+        async with build_client(upstream) as client:
+            return await fetch_upstream_anchors(client, config.site.id)
+
+    try:
+        return asyncio.run(go()), upstream.name
+    except UpstreamError as exc:
+        # Only the class: the server's words may quote what it refused.
+        return None, f"{upstream.name} could not be asked ({exc.failure})"
+
+
 def cmd_audit_verify(args: argparse.Namespace, config: Config) -> int:
+    from sync_agent.audit_export import verify_against_anchors
+
+    anchors, where = (None, "not asked (--local)") if args.local else _upstream_anchors(config)
     conn, kek = _open(config)
     try:
         keyring = load_keyring(conn, kek, config.keys.kek_file)
@@ -176,15 +199,23 @@ def cmd_audit_verify(args: argparse.Namespace, config: Config) -> int:
                 bar.update(done - bar.n)
 
             result = audit.verify(conn, keyring.signing_public_key, progress=progress)
+            if result.ok and anchors:
+                # Every anchor held upstream, not just the newest: a trail cut back and
+                # grown again is anchored anew, and only the older anchors tell.
+                result = verify_against_anchors(conn, keyring.signing_public_key, anchors)
     finally:
         conn.close()
-    if result.ok:
-        _out(
-            f"audit trail intact: {result.records} records, {result.checkpoints} signed checkpoints"
-        )
-        return 0
-    sys.stderr.write(f"audit trail NOT intact: {result.problem}\n")
-    return 1
+    if not result.ok:
+        sys.stderr.write(f"audit trail NOT intact: {result.problem}\n")
+        return 1
+    _out(f"audit trail intact: {result.records} records, {result.checkpoints} signed checkpoints")
+    if anchors:
+        _out(f"held to the {len(anchors)} newest checkpoint anchors at {where}")
+    elif anchors is not None:
+        _out(f"no checkpoint anchored at {where} yet")
+    else:
+        sys.stderr.write(f"upstream anchors not checked: {where}\n")
+    return 0
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -469,6 +500,7 @@ def _sync_status_json(found: SyncStatus, messages: dict[int, str] | None) -> dic
             "lag": found.export.lag,
             "refused": found.export.refused,
             "anchored": found.export.anchored,
+            "breaks": found.export.breaks,
         },
         "sync_now": found.sync_now,
     }
@@ -522,7 +554,12 @@ def _sync_status_table(
         f"Dead letters   {found.dead_total}",
         f"Review queue   {found.reviews_open} waiting for a decision (/sync/review)",
         f"Audit export   {export.lag} waiting (exported up to record {export.cursor} of "
-        f"{export.head}; {export.refused} refused; checkpoint anchored at record {export.anchored})",
+        f"{export.head}; {export.refused} refused; checkpoint anchored at record {export.anchored})"
+        + (
+            f"; TRAIL CUT BACK OR REWRITTEN {export.breaks} time(s): run 'appliance audit verify'"
+            if export.breaks
+            else ""
+        ),
         f"Sync now       {found.sync_now or 'never asked'}",
         "",
         f"{'Lane':<10} {'Waiting':>8} {'Oldest':>12} {'Dead':>6}",
@@ -740,10 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "verify",
         cmd_audit_verify,
-        "check the hash chain and signed checkpoints; exit 1 naming the first bad record",
+        "check the hash chain and signed checkpoints, and hold the trail to the checkpoints "
+        "anchored upstream; exit 1 naming the first bad record",
         audit_cmd,
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--local", action="store_true", help="do not ask the upstream for its anchors")
     p = command(
         "report", cmd_audit_report, "list audit records by time window, user and patient", audit_cmd
     )

@@ -17,7 +17,11 @@ export stops there and resends from the same place later.
 **Anchor.** The newest signed checkpoint (:func:`appliance.audit.latest_checkpoint`) goes up
 first in each drain, as a ``Provenance`` carrying the box's Ed25519 signature
 (:data:`ANCHOR_KEY` remembers the last one the upstream took, :data:`ANCHOR_REFUSED_KEY` the
-last it refused for good); an anchor not taken never holds the records back. :func:`verify_against_anchor` compares the upstream's newest anchor
+last it refused for good); an anchor not taken never holds the records back. Each drain
+first checks that the trail still holds the records at its cursor and at the anchor
+(:func:`check_trail`): a trail cut back and grown again is reported and sent again, not
+anchored over in silence. :func:`verify_against_anchors` holds the trail to every anchor
+upstream (``appliance audit verify`` does, with the newest :data:`ANCHORS_CHECKED`). :func:`verify_against_anchor` compares the upstream's newest anchor
 (:func:`fetch_upstream_anchor`) with the local chain: a local trail truncated, or rewritten
 and re-hashed, below a checkpoint held upstream is caught even when the local checkpoints
 were removed with it (``appliance/audit.py``, "What is guaranteed").
@@ -41,7 +45,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance import audit, db, fhir
-from appliance.audit import Checkpoint, VerifyResult
+from appliance.audit import AuditAction, AuditEvent, Checkpoint, Outcome, VerifyResult
 from appliance.store import Store
 from sync_agent.balp import (
     ExportRow,
@@ -65,9 +69,13 @@ from sync_agent.upstream import (
 
 logger = logging.getLogger(__name__)
 
+ACTOR = "service:sync"
 CURSOR_KEY = "audit_export.cursor"
 REFUSED_KEY = "audit_export.refused"
+CURSOR_HASH_KEY = "audit_export.cursor_hash"  # the chain hash of the record at the cursor
 ANCHOR_KEY = "audit_export.anchor"  # the newest checkpoint the upstream took
+ANCHOR_HASH_KEY = "audit_export.anchor_hash"  # its chain hash
+BREAKS_KEY = "audit_export.breaks"  # times the trail was found cut back or rewritten under us
 ANCHOR_REFUSED_KEY = "audit_export.anchor_refused"  # the newest it refused for good (not resent)
 REFUSED_KEPT = 20  # the newest refusals kept with their reason; the count is kept in full
 
@@ -90,34 +98,54 @@ def verify_against_anchor(
     the (recomputed, so trustworthy) hash there must be the signed one. A trail cut back
     below the anchor, even with its local checkpoints removed and the chain re-hashed, fails.
     """
-    label = f"upstream anchor (record {anchor.audit_id}, signed {audit.ts_text(anchor.ts)})"
-    try:
-        public_key.verify(anchor.signature, anchor.message())
-    except InvalidSignature:
-        return VerifyResult(
-            False, 0, 0, anchor.audit_id, f"{label}: signature does not verify (not this box's)"
-        )
+    return verify_against_anchors(conn, public_key, [anchor])
+
+
+def verify_against_anchors(
+    conn: sqlite3.Connection, public_key: Ed25519PublicKey, anchors: Sequence[Checkpoint]
+) -> VerifyResult:
+    """:func:`verify_against_anchor` for each of ``anchors``: the first failure, else the
+    local verification. Not only the newest: a trail cut back and grown again past the
+    newest old anchor is anchored anew, and only the older anchors then tell."""
+    for anchor in anchors:  # the signatures first: they cost no walk of the chain
+        try:
+            public_key.verify(anchor.signature, anchor.message())
+        except InvalidSignature:
+            return VerifyResult(
+                False,
+                0,
+                0,
+                anchor.audit_id,
+                f"{_label(anchor)}: signature does not verify (not this box's)",
+            )
     local = audit.verify(conn, public_key)
     if not local.ok:
         return local
-    if local.records < anchor.audit_id:
-        return VerifyResult(
-            False,
-            local.records,
-            local.checkpoints,
-            local.records + 1,
-            f"{label}: the local audit trail ends at record {local.records} (truncated)",
-        )
-    row = conn.execute("SELECT hash FROM audit WHERE id = ?", (anchor.audit_id,)).fetchone()
-    if row is None or bytes(row[0]) != anchor.hash:
-        return VerifyResult(
-            False,
-            local.records,
-            local.checkpoints,
-            anchor.audit_id,
-            f"{label}: the local chain differs from the signed hash (records up to it rewritten)",
-        )
+    for anchor in anchors:
+        if local.records < anchor.audit_id:
+            return VerifyResult(
+                False,
+                local.records,
+                local.checkpoints,
+                local.records + 1,
+                f"{_label(anchor)}: the local audit trail ends at record {local.records} "
+                "(truncated)",
+            )
+        row = conn.execute("SELECT hash FROM audit WHERE id = ?", (anchor.audit_id,)).fetchone()
+        if row is None or bytes(row[0]) != anchor.hash:
+            return VerifyResult(
+                False,
+                local.records,
+                local.checkpoints,
+                anchor.audit_id,
+                f"{_label(anchor)}: the local chain differs from the signed hash (records up "
+                "to it rewritten, or cut back and grown again)",
+            )
     return local
+
+
+def _label(anchor: Checkpoint) -> str:
+    return f"upstream anchor (record {anchor.audit_id}, signed {audit.ts_text(anchor.ts)})"
 
 
 # -- state in the meta table ------------------------------------------------------------
@@ -148,6 +176,7 @@ class ExportState:
     refused: int  # records (and anchors) the upstream refused for good
     recent_refusals: tuple[tuple[int, str], ...]  # (audit id, reason), newest last
     anchored: int  # audit id of the newest checkpoint anchored upstream (0: none)
+    breaks: int = 0  # times the local trail no longer held what was exported or anchored
 
     @property
     def lag(self) -> int:
@@ -183,6 +212,7 @@ def read_export_state(conn: sqlite3.Connection) -> ExportState:
         refused=int(refused.get("count", 0)),
         recent_refusals=recent,
         anchored=int(_meta(conn, ANCHOR_KEY) or 0),
+        breaks=int(_meta(conn, BREAKS_KEY) or 0),
     )
 
 
@@ -199,6 +229,7 @@ def _settle(
         if current != start or end <= start:
             return current
         _set_meta(conn, CURSOR_KEY, str(end))
+        _set_meta(conn, CURSOR_HASH_KEY, _hash_at(conn, end))
         if refused:
             _record_refusals(conn, refused)
     return end
@@ -211,16 +242,90 @@ def _record_refusals(conn: sqlite3.Connection, refused: Sequence[tuple[int, str]
     _set_meta(conn, REFUSED_KEY, json.dumps(state))
 
 
-def _set_anchor(conn: sqlite3.Connection, audit_id: int, refusal: str | None) -> None:
+def _set_anchor(conn: sqlite3.Connection, checkpoint: Checkpoint, refusal: str | None) -> None:
     """Record a checkpoint the upstream took, or refused for good (kept apart: a refused one
     is not resent, and is not reported as anchored)."""
+    audit_id = checkpoint.audit_id
     key = ANCHOR_KEY if refusal is None else ANCHOR_REFUSED_KEY
     with db.transaction_sync(conn):
         if int(_meta(conn, key) or 0) >= audit_id:
             return
         _set_meta(conn, key, str(audit_id))
-        if refusal is not None:
+        if refusal is None:
+            _set_meta(conn, ANCHOR_HASH_KEY, checkpoint.hash.hex())
+        else:
             _record_refusals(conn, [(audit_id, f"checkpoint anchor refused: {refusal}")])
+
+
+def _hash_at(conn: sqlite3.Connection, audit_id: int) -> str:
+    row = conn.execute("SELECT hash FROM audit WHERE id = ?", (audit_id,)).fetchone()
+    return bytes(row[0]).hex() if row is not None and isinstance(row[0], bytes) else ""
+
+
+def _still_held(conn: sqlite3.Connection, id_key: str, hash_key: str) -> tuple[int, bool]:
+    """The audit id under ``id_key`` and whether the trail still holds it with the hash
+    remembered under ``hash_key`` (True when there is nothing to compare)."""
+    audit_id = int(_meta(conn, id_key) or 0)
+    remembered = _meta(conn, hash_key)
+    if audit_id == 0 or remembered is None:
+        return audit_id, True
+    return audit_id, _hash_at(conn, audit_id) == remembered
+
+
+def check_trail(conn: sqlite3.Connection, now: datetime) -> str | None:
+    """Whether the local trail still holds the records exported and anchored; None if so.
+
+    The export remembers the chain hash at its cursor and at the checkpoint anchored
+    upstream. A trail cut back below them (with its local checkpoints removed, so that
+    :func:`appliance.audit.verify` alone passes) and grown again would otherwise be exported
+    and anchored on top as if nothing had happened, its new records under ids already sent
+    skipped, and the newest anchor upstream, now of the new chain, would vouch for it.
+
+    When it no longer holds them: an audit record saying so (a failure, exported like any
+    other, so the upstream learns of it), the count under :data:`BREAKS_KEY`, an error in
+    the journal, and the export goes back to the anchored checkpoint if that still holds, else
+    to the start. Resending what the upstream has is harmless (conditional creates by chain
+    hash); the records of the new chain go up beside the old ones, and the upstream keeps both
+    chains' anchors, which :func:`verify_against_anchors` holds the trail to.
+    """
+    with db.transaction_sync(conn):
+        cursor, cursor_held = _still_held(conn, CURSOR_KEY, CURSOR_HASH_KEY)
+        anchored, anchor_held = _still_held(conn, ANCHOR_KEY, ANCHOR_HASH_KEY)
+        if cursor_held and anchor_held:
+            return None
+        lost = [
+            f"record {audit_id} as {what}"
+            for audit_id, held, what in (
+                (cursor, cursor_held, "exported"),
+                (anchored, anchor_held, "anchored upstream"),
+            )
+            if not held
+        ]
+        problem = (
+            f"the local audit trail no longer holds {' nor '.join(lost)} "
+            "(cut back or rewritten under the export)"
+        )
+        rewind = anchored if anchor_held else 0
+        _set_meta(conn, CURSOR_KEY, str(rewind))
+        _set_meta(conn, CURSOR_HASH_KEY, _hash_at(conn, rewind) if rewind else "")
+        if not anchor_held:
+            conn.execute("DELETE FROM meta WHERE key = ?", (ANCHOR_HASH_KEY,))
+        _set_meta(conn, BREAKS_KEY, str(int(_meta(conn, BREAKS_KEY) or 0) + 1))
+        audit.append(
+            conn,
+            [
+                AuditEvent(
+                    ACTOR,
+                    AuditAction.EXPORT,
+                    outcome=Outcome.FAILURE,
+                    entity="audit",
+                    detail=f"{problem}; export resent from record {rewind + 1}",
+                )
+            ],
+            now=now,
+        )
+    logger.error("%s; run 'appliance audit verify'", problem)
+    return problem
 
 
 def _anchor_settled(conn: sqlite3.Connection) -> int:
@@ -286,6 +391,7 @@ class ExportResult:
     bundles: int = 0
     anchored: int | None = None  # audit id of the checkpoint anchored by this call
     anchor_error: str | None = None  # the anchor not taken (the records went on regardless)
+    trail_broken: str | None = None  # check_trail's finding at the start of this export
     error: str | None = None
     link_down: bool = False
     stopped_by: UpstreamError | None = None  # the exchange failure that ended the export
@@ -358,12 +464,12 @@ class AuditExporter:
         entry = (bundle_entries(response) or [{}])[0]
         code = entry_status(entry)
         if 200 <= code < 300:
-            await db.run_sync(conn, _set_anchor, checkpoint.audit_id, None)
+            await db.run_sync(conn, _set_anchor, checkpoint, None)
             return checkpoint.audit_id
         if 400 <= code < 500 and code not in _NOT_THE_RECORD:
             message = entry_outcome(entry, code)
             logger.warning("upstream refused the audit checkpoint anchor: HTTP %d", code)
-            await db.run_sync(conn, _set_anchor, checkpoint.audit_id, message)
+            await db.run_sync(conn, _set_anchor, checkpoint, message)
             return None
         failure = Failure.AUTH if code in (401, 403) else Failure.TRANSIENT
         raise UpstreamError(failure, f"checkpoint anchor: entry HTTP {code or 'missing'}")
@@ -398,6 +504,7 @@ class AuditExporter:
         result = ExportResult()
         conn = self._store.connection
         if anchor:
+            result.trail_broken = await db.run_sync(conn, check_trail, self._clock())
             try:
                 result.anchored = await self.anchor_once()
             except UpstreamError as exc:
@@ -485,6 +592,7 @@ class AuditExporter:
             # The anchor once a drain: it is the newest checkpoint, not one per bundle.
             step = await self.export_once(anchor=sent == 0)
             total.anchor_error = total.anchor_error or step.anchor_error
+            total.trail_broken = total.trail_broken or step.trail_broken
             total.exported += step.exported
             total.existing += step.existing
             total.refused += step.refused
@@ -501,29 +609,47 @@ class AuditExporter:
         return total
 
 
-async def fetch_upstream_anchor(client: httpx.AsyncClient, site_id: str) -> Checkpoint | None:
-    """The newest checkpoint anchor this site has upstream (None when there is none).
+ANCHORS_CHECKED = 50  # the newest anchors upstream a verification holds the trail to
+
+
+async def fetch_upstream_anchors(
+    client: httpx.AsyncClient, site_id: str, count: int = ANCHORS_CHECKED
+) -> list[Checkpoint]:
+    """This site's newest checkpoint anchors upstream (up to ``count``), by audit id.
 
     Raises :class:`UpstreamError` when the server cannot be asked.
     """
     params = {
         "_tag": f"{checkpoint_system(site_id)}|",
         "_sort": "-recorded",
-        "_count": "10",
+        "_count": str(count),
     }
     response = await exchange(client, "GET", "Provenance", params=params)
     body = response_json(response)
     if response.status_code >= 300:
         raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
-    return latest_anchor_of(body)
+    return anchors_of(body)
 
 
-def latest_anchor_of(body: Any) -> Checkpoint | None:
-    """The newest checkpoint anchor in a Provenance search answer (what is not one is skipped)."""
+async def fetch_upstream_anchor(client: httpx.AsyncClient, site_id: str) -> Checkpoint | None:
+    """The newest checkpoint anchor this site has upstream (None when there is none)."""
+    anchors = await fetch_upstream_anchors(client, site_id)
+    return anchors[-1] if anchors else None
+
+
+def anchors_of(body: Any) -> list[Checkpoint]:
+    """The checkpoint anchors in a Provenance search answer, by audit id (what is not one is
+    skipped)."""
     anchors = []
     for entry in bundle_entries(body):
         try:
             anchors.append(anchor_from_provenance(entry.get("resource")))
         except ValueError:
             continue
-    return max(anchors, key=lambda cp: cp.audit_id, default=None)
+    return sorted(anchors, key=lambda cp: (cp.audit_id, cp.ts))
+
+
+def latest_anchor_of(body: Any) -> Checkpoint | None:
+    """The newest checkpoint anchor in a Provenance search answer (what is not one is skipped)."""
+    anchors = anchors_of(body)
+    return anchors[-1] if anchors else None

@@ -326,6 +326,12 @@ def _sync_metrics(sync: SyncStatus) -> Iterator[GaugeMetricFamily]:
         "Audit records (and checkpoint anchors) the upstream refused for good.",
         value=sync.export.refused,
     )
+    yield GaugeMetricFamily(
+        "appliance_audit_trail_breaks",
+        "Times the audit export found the local trail no longer holding records it had "
+        "exported or anchored (cut back or rewritten): alert on any.",
+        value=sync.export.breaks,
+    )
 
 
 @dataclass(frozen=True, slots=True)

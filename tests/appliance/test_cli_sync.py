@@ -14,6 +14,7 @@ from appliance.cli import main
 from appliance.store import Lane, Store
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
+from tests.tamper import unguarded
 
 SECRET = "Refused: family name Zzyzxmarkerfamily is not allowed"
 
@@ -200,3 +201,56 @@ def test_resend_puts_dead_letters_back_audited_and_says_what_it_did(
     assert err.rstrip().endswith(": 1")
     assert main(["sync", "resend", "--all", "--demo", str(site)]) == 0
     assert "0 dead letters back in the outbox" in capsys.readouterr().out
+
+
+@pytest.mark.peer
+def test_audit_verify_holds_the_trail_to_every_anchor_upstream(
+    site: Path,
+    fhir_peer: FhirPeer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from datetime import UTC, datetime
+
+    from appliance import audit, db
+
+    def checkpoint() -> None:
+        async def go() -> None:
+            store = await Store.open(_db(site), site / "keys" / "kek")
+            signer = store.keyring.signing_key
+            await db.run_sync(store.connection, audit.checkpoint, signer, now=datetime.now(UTC))
+            await store.close()
+
+        asyncio.run(go())
+
+    fhir_peer.reset()
+    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
+    _fill(site, dead_letter=False)
+    checkpoint()
+    assert main(["sync", "once", "--quiet", "--demo", str(site)]) == 0
+    capsys.readouterr()
+    assert main(["audit", "verify", "--quiet", "--demo", str(site)]) == 0
+    assert "held to the 1 newest checkpoint anchors" in capsys.readouterr().out
+
+    # Cut back past the anchor with its checkpoints, grown again, anchored anew.
+    raw = sqlite3.connect(_db(site))
+    head = raw.execute("SELECT max(audit_id) FROM audit_checkpoints").fetchone()[0]
+    raw.close()
+    unguarded(
+        _db(site), f"DELETE FROM audit WHERE id > {head - 3}", "DELETE FROM audit_checkpoints"
+    )
+    _fill(site, dead_letter=False)
+    checkpoint()
+    assert main(["sync", "once", "--quiet", "--demo", str(site)]) == 0
+    capsys.readouterr()
+    # The export itself found it when it ran, and says so until someone looks.
+    assert main(["sync", "status", "--format", "json", "--demo", str(site)]) == 0
+    assert json.loads(capsys.readouterr().out)["audit_export"]["breaks"] == 1
+    assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
+    assert "TRAIL CUT BACK OR REWRITTEN 1 time(s)" in capsys.readouterr().out
+    assert main(["audit", "verify", "--quiet", "--local", "--demo", str(site)]) == 0
+    assert "upstream anchors not checked" in capsys.readouterr().err
+    # Before: only the local chain (intact as far as it goes) was verified.
+    assert main(["audit", "verify", "--quiet", "--demo", str(site)]) == 1
+    err = capsys.readouterr().err
+    assert f"upstream anchor (record {head}" in err

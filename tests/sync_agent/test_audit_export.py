@@ -17,22 +17,19 @@ from sync_agent import balp
 from sync_agent.audit_export import (
     AuditExporter,
     fetch_upstream_anchor,
+    fetch_upstream_anchors,
     latest_anchor_of,
     read_export_state,
     verify_against_anchor,
+    verify_against_anchors,
 )
 from sync_agent.balp import ExportRow, anchor_from_provenance, audit_event, checkpoint_provenance
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
+from tests.tamper import unguarded
 
 SITE = "test-clinic"
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
-GUARDS = (
-    ("audit_no_update", "UPDATE", "audit", "audit records"),
-    ("audit_no_delete", "DELETE", "audit", "audit records"),
-    ("audit_checkpoints_no_update", "UPDATE", "audit_checkpoints", "audit checkpoints"),
-    ("audit_checkpoints_no_delete", "DELETE", "audit_checkpoints", "audit checkpoints"),
-)
 
 
 def _row(action: AuditAction, outcome: Outcome = Outcome.SUCCESS, **fields: object) -> ExportRow:
@@ -314,7 +311,7 @@ async def test_the_checkpoint_goes_upstream_and_exposes_a_truncated_local_chain(
 
     # Someone with file access cuts the trail back to record 4 and removes the checkpoint
     # that would have given it away locally; the local chain alone then looks intact.
-    _unguarded(db_path, "DELETE FROM audit WHERE id > 4", "DELETE FROM audit_checkpoints")
+    unguarded(db_path, "DELETE FROM audit WHERE id > 4", "DELETE FROM audit_checkpoints")
     assert (await db.run_sync(conn, audit.verify, public)).ok
     truncated = await db.run_sync(conn, verify_against_anchor, public, anchor)
     assert not truncated.ok
@@ -394,27 +391,12 @@ async def test_an_anchor_the_upstream_does_not_take_holds_no_record_back_nor_rea
         assert fhir_peer.count("Provenance") == 0
 
 
-def _unguarded(db_path: Path, *statements: str) -> None:
-    """Run ``statements`` on the audit table as someone with file access would."""
-    raw = sqlite3.connect(db_path, isolation_level=None)
-    for name, *_ in GUARDS:
-        raw.execute(f"DROP TRIGGER {name}")
-    for statement in statements:
-        raw.execute(statement)
-    for name, verb, table, what in GUARDS:
-        raw.execute(
-            f"CREATE TRIGGER {name} BEFORE {verb} ON {table} "
-            f"BEGIN SELECT RAISE(ABORT, '{what} are append-only'); END"
-        )
-    raw.close()
-
-
 @pytest.mark.peer
 async def test_altered_audit_rows_are_passed_over_as_refused_not_a_crash(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
     await _records(store, 5)
-    _unguarded(
+    unguarded(
         db_path,
         "UPDATE audit SET patient_key = 'text now' WHERE id = 2",
         "UPDATE audit SET detail = CAST(x'ff00fe' AS TEXT) WHERE id = 3",
@@ -428,3 +410,53 @@ async def test_altered_audit_rows_are_passed_over_as_refused_not_a_crash(
     assert sorted(rid for rid, _ in state.recent_refusals) == [2, 3, 4]
     assert fhir_peer.count("AuditEvent") == 2
     assert store.connection._conn.text_factory is str  # as it was for everyone else
+
+
+@pytest.mark.peer
+async def test_a_trail_cut_back_and_grown_again_is_caught_reported_upstream_and_resent(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    conn, keyring = store.connection, store.keyring
+    [pat] = await store.create([factories.patient()], "user:nurse1")
+    for _ in range(5):
+        await store.read("Patient", pat.logical_id, "user:nurse1")
+    await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+    first = await AuditExporter(store, client, site_id=SITE).drain()
+    assert (first.exported, first.anchored, first.trail_broken) == (6, 6, None)
+
+    # Cut back to record 4 with its checkpoints, then the clinic's day goes on: records 5-7
+    # (new ones under ids already exported) and the sync process's next checkpoint at 7.
+    unguarded(db_path, "DELETE FROM audit WHERE id > 4", "DELETE FROM audit_checkpoints")
+    for _ in range(3):
+        await store.read("Patient", pat.logical_id, "user:nurse1")
+    await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+    assert (await db.run_sync(conn, audit.verify, keyring.signing_public_key)).ok
+
+    again = await AuditExporter(store, client, site_id=SITE).drain()
+    # Before: records 5-7 were skipped (the cursor stood at 6) and the new chain anchored at
+    # 7, so the newest anchor upstream vouched for it and nothing said anything.
+    assert "no longer holds record 6 as exported nor record 6 as anchored upstream" in (
+        again.trail_broken or ""
+    )
+    state = await db.run_sync(conn, read_export_state)
+    assert (state.breaks, state.cursor, state.head, state.anchored) == (1, 8, 8, 7)
+    raw = sqlite3.connect(db_path)
+    [(said,)] = raw.execute(
+        "SELECT detail FROM audit WHERE action = 'export' AND outcome = 'failure'"
+    ).fetchall()
+    raw.close()
+    assert "resent from record 1" in said
+    # Upstream: the six first, the three new under the same ids, and the record of the break.
+    assert fhir_peer.count("AuditEvent") == 10
+    anchors = await fetch_upstream_anchors(client, SITE)
+    assert [a.audit_id for a in anchors] == [6, 7]
+    caught = await db.run_sync(conn, verify_against_anchors, keyring.signing_public_key, anchors)
+    assert not caught.ok
+    assert caught.first_bad_id == 6
+    # The newest anchor alone passes: that is why every anchor is checked.
+    newest = await db.run_sync(conn, verify_against_anchor, keyring.signing_public_key, anchors[-1])
+    assert newest.ok
+    # Found once: the export goes on from the new chain without raising it again.
+    third = await AuditExporter(store, client, site_id=SITE).drain()
+    assert third.trail_broken is None
+    assert (await db.run_sync(conn, read_export_state)).breaks == 1
