@@ -324,12 +324,14 @@ def _was_reset(exc: BaseException) -> bool:
 
 
 def tls_context(upstream: UpstreamConfig) -> ssl.SSLContext | bool:
-    """How the client verifies the server, and (mtls) the certificate it presents.
+    """How the client verifies the server, and the certificate it presents (mtls, or any
+    upstream with ``client_cert_file``).
 
     ``True`` (httpx's default CA bundle) unless the site gives ``ca_file`` or a client
     certificate. Any file that does not load is a :class:`KeyFileError` naming it.
     """
-    mtls = upstream.auth is AuthKind.MTLS
+    # Presented whenever configured: with auth = "mtls", or alongside SMART or a bearer.
+    mtls = upstream.auth is AuthKind.MTLS or upstream.client_cert_file is not None
     if upstream.ca_file is None and not mtls:
         return True
     if upstream.ca_file is None:

@@ -625,6 +625,20 @@ async def test_mtls_bundle_goes_through_with_the_configured_client_certificate(
     assert server.bundles == [["Device", "Device"]]
 
 
+async def test_a_client_certificate_is_presented_beside_a_bearer_token(
+    mtls: tuple[TokenServer, UpstreamConfig], tmp_path: Path
+) -> None:
+    server, upstream = mtls
+    server.tokens["a-token"] = float("inf")
+    both = replace(
+        upstream, auth=AuthKind.BEARER, token_file=_write(tmp_path / "token", b"a-token\n")
+    )
+    async with build_client(both) as client:  # before: the certificate was never loaded
+        answer = await post_bundle(client, _bundle(1))
+    assert answer["type"] == "batch-response"
+    assert server.auth_headers == ["Bearer a-token"]
+
+
 async def test_mtls_without_a_client_certificate_is_a_clear_auth_failure(
     mtls: tuple[TokenServer, UpstreamConfig], store: Store, db_path: Path
 ) -> None:
