@@ -2,7 +2,8 @@
 
 After each round it waits in one of four ways, decided by how the round ended:
 
-* **online** (the last bundle went through, or nothing was due): it waits ``interval_s`` and
+* **online** (the last bundle went through, or nothing was due): it waits ``interval_s``
+  (± 20 %, so a fleet that came back together does not stay in step) and
   wakes early when another process adds outbox rows (``PRAGMA data_version`` moved and the
   newest outbox id changed — other processes' heartbeats do not count);
 * **the server answered with an error** (5xx, 429, no answer to a sent bundle): full-jitter
@@ -104,6 +105,12 @@ class Pacing:
     def backoff(self, failures: int, rng: random.Random) -> float:
         """Wait after the ``failures``-th failed drain in a row (full jitter)."""
         return backoff_s(failures, rng, base=self.backoff_base_s, cap=self.backoff_cap_s)
+
+    def online_wait(self, rng: random.Random) -> float:
+        """Wait after a round that went through: ``interval_s`` ± 20 %. Boxes that came back
+        together after a shared outage (their probes all answered within a few seconds)
+        drift apart round by round instead of polling the EHR in lock-step for ever."""
+        return self.interval_s * rng.uniform(0.8, 1.2)
 
     def probe_wait(self, probes: int, rng: random.Random) -> float:
         """Wait before the next probe, ``probes`` having failed (equal jitter, capped)."""
@@ -313,7 +320,9 @@ class SyncLoop:
                 break  # a stop takes one exchange, not the rest of the queue
             if not result.link_down:
                 failures = 0
-                wake = await self.wakeups.wait(0.0 if more else pacing.interval_s, on_work=True)
+                wake = await self.wakeups.wait(
+                    0.0 if more else pacing.online_wait(rng), on_work=True
+                )
             elif result.unreachable:
                 wake = await self._until_reachable()
             else:
