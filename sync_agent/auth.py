@@ -242,6 +242,9 @@ class SmartBackendAuth(httpx.Auth):
         self._monotonic = monotonic
         self._token: _Token | None = None
         self._lock = asyncio.Lock()
+        # Fetches finished, and how the newest one failed (None: it did not).
+        self._fetches = 0
+        self._failed: UpstreamError | None = None
         self.tokens_fetched = 0
 
     @classmethod
@@ -297,7 +300,12 @@ class SmartBackendAuth(httpx.Auth):
             )
 
     async def _access_token(self, stale: str | None = None) -> str:
-        """The cached token, or a fresh one; ``stale`` is a token the server just refused."""
+        """The cached token, or a fresh one; ``stale`` is a token the server just refused.
+
+        Requests that waited while a fetch failed get that failure, not a fetch each, one
+        after the other (each up to the timeout, against an endpoint that is refusing).
+        """
+        seen = self._fetches
         async with self._lock:
             cached = self._token
             if (
@@ -306,8 +314,22 @@ class SmartBackendAuth(httpx.Auth):
                 and self._monotonic() < cached.refresh_at
             ):
                 return cached.value
+            if self._fetches != seen and self._failed is not None:
+                failed = self._failed  # a fetch failed while this request waited
+                raise UpstreamError(failed.failure, failed.message, failed.retry_after_s)
             self._token = None
-            self._token = await self._fetch()
+            try:
+                self._token = await self._fetch()
+            except UpstreamError as exc:
+                self._failed = exc
+                raise
+            except BaseException:
+                self._failed = None  # cancelled, say: the waiters try for themselves
+                raise
+            else:
+                self._failed = None
+            finally:
+                self._fetches += 1
             return self._token.value
 
     async def _fetch(self) -> _Token:

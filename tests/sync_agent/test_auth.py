@@ -406,6 +406,21 @@ async def test_concurrent_requests_share_one_token_fetch(smart: Smart) -> None:
     assert (smart.server.token_requests, smart.server.issued) == (1, 1)
 
 
+async def test_requests_waiting_on_a_failed_token_fetch_share_its_failure(smart: Smart) -> None:
+    smart.server.fail_tokens(503)
+    async with smart.client() as client:
+        outcomes = await asyncio.gather(
+            *(post_bundle(client, _bundle()) for _ in range(10)), return_exceptions=True
+        )
+        assert all(
+            isinstance(o, UpstreamError) and o.failure is Failure.TRANSIENT for o in outcomes
+        )
+        assert smart.server.token_requests == 1  # before: 10, one after the other
+        smart.server.heal()
+        await post_bundle(client, _bundle())  # a request after the failure fetches again
+    assert (smart.server.token_requests, smart.server.issued) == (2, 1)
+
+
 async def test_a_replayed_assertion_is_refused(smart: Smart) -> None:
     key = load_signing_key(smart.key_file, smart.upstream.algorithm)
     form = {
