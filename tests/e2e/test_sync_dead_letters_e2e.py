@@ -103,4 +103,26 @@ async def test_an_admin_sends_a_refused_patient_again_and_it_lands_with_its_read
     assert "check base_url" in await page.locator("#last-failure").inner_text()
     if folder:
         await page.screenshot(path=str(Path(folder) / "sync-endpoint.png"))
+
+    # Back online, but the EHR refuses the audit export (our access), and the export found
+    # the local audit trail cut back under it: both said in words.
+    raw = sqlite3.connect(live_app.db_path)
+    with raw:
+        raw.execute(
+            "UPDATE heartbeats SET status = ? WHERE process = 'sync'",
+            (
+                json.dumps(
+                    {"upstream": "ehr", "online": True, "steps_failing": {"audit export": "auth"}}
+                ),
+            ),
+        )
+        raw.execute("INSERT INTO meta (key, value) VALUES ('audit_export.breaks', '1')")
+    raw.close()
+    await page.reload()
+    held = await page.locator("#steps-failing").inner_text()
+    assert "Audit export" in held
+    assert "refused our credentials" in held
+    assert "appliance audit verify" in await page.locator("#trail-breaks").inner_text()
+    if folder:
+        await page.screenshot(path=str(Path(folder) / "sync-held-back.png"), full_page=True)
     assert problems == []

@@ -254,6 +254,21 @@ async def test_an_online_link_names_a_step_that_is_refused_and_backing_off(
     assert "refused our credentials" in held
 
 
+async def test_a_break_in_the_audit_trail_found_by_the_export_is_on_the_page(
+    logged_in: QuartClient, db_path: Path
+) -> None:
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    assert 'id="trail-breaks"' not in page
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.execute("INSERT INTO meta (key, value) VALUES ('audit_export.breaks', '1')")
+    raw.close()
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    said = page.split('id="trail-breaks">')[1].split("</div>")[0]
+    assert "cut back or rewritten" in said
+    assert "appliance audit verify" in said
+
+
 async def test_sync_gauges_match_the_database(
     client: QuartClient, store: Store, db_path: Path, clock: FakeClock
 ) -> None:
@@ -282,6 +297,7 @@ async def test_sync_gauges_match_the_database(
     head = raw.execute("SELECT max(id) FROM audit").fetchone()[0]
     raw.close()
     assert value("appliance_audit_export_lag_records") == head
+    assert value("appliance_audit_trail_breaks") == 0
     clock.advance(60)  # the heartbeat goes stale: no longer online
     response = await client.get("/metrics")
     assert b"appliance_sync_online 0.0" in await response.get_data()
