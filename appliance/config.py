@@ -10,7 +10,6 @@ paths of the files that hold them; files are not opened here but where they are 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -344,21 +343,6 @@ def _is_url(value: object) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-def _in_clear(value: object) -> bool:
-    """An ``http://`` URL to a host other than this one (credentials would cross the LAN)."""
-    if not isinstance(value, str):
-        return False
-    parts = urlsplit(value)
-    if parts.scheme != "http" or parts.hostname is None:
-        return False
-    if parts.hostname == "localhost":
-        return False
-    try:
-        return not ipaddress.ip_address(parts.hostname).is_loopback
-    except ValueError:
-        return True
-
-
 def _check_npi(value: object) -> object:
     npi = _pattern("a 10-digit NPI", r"[0-9]{10}").convert(value)
     if not npi_is_valid(str(npi)):
@@ -497,7 +481,7 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
         _F("name", _TEXT, _REQUIRED, "Unique name of the upstream (logs, sync status)."),
         _F("base_url", _URL, _REQUIRED,
            "FHIR R4 base URL (a trailing slash is dropped; https with bearer or smart, "
-           "unless on loopback)."),
+           "unless on loopback: the sync process refuses to start otherwise)."),
         _F("auth", _one_of(tuple(AuthKind), AuthKind), AuthKind.NONE, "How the box authenticates."),
         _F("token_file", _PATH, None, "File holding the bearer token (required for bearer)."),
         _F("client_id", _TEXT, None, "SMART Backend Services client id (required for smart)."),
@@ -511,7 +495,8 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
            "system/*.rs system/*.cu",
            "SMART scopes asked for (smart only); the EHR grants what the registration allows."),
         _F("client_cert_file", _PATH, None,
-           "PEM client certificate (required for mtls; presented beside bearer or smart too)."),
+           "PEM client certificate (required for mtls; presented beside bearer or smart too, "
+           "with client_key_file)."),
         _F("client_key_file", _PATH, None, "PEM key of client_cert_file (required with it)."),
         _F("ca_file", _PATH, None, "PEM CA bundle to verify the server (default: the Mozilla CA bundle of certifi)."),
         _F("max_bundle_entries", _int(1, 1000), 8, "Most entries in one transaction Bundle."),
@@ -742,19 +727,6 @@ class _Reader:
             for key in _REQUIRED_BY_AUTH.get(auth, ()):
                 if up[key] is None:
                     self.problems.append(f"{where}.{key}: required when auth is {auth.value!r}")
-            # A client certificate is presented whenever it is configured (mTLS alongside
-            # SMART or a bearer token, as some EHRs ask): then it takes both halves.
-            pair = ("client_cert_file", "client_key_file")
-            for key, other in (pair, pair[::-1]):
-                if up[key] is not None and up[other] is None and auth is not AuthKind.MTLS:
-                    self.problems.append(f"{where}.{other}: required with {key}")
-            if auth in (AuthKind.BEARER, AuthKind.SMART):
-                for key in ("base_url", "token_url"):
-                    if _in_clear(up.get(key)):
-                        self.problems.append(
-                            f"{where}.{key}: http sends the {auth.value} credentials in clear "
-                            "text; use https (http only on loopback, for tests)"
-                        )
             result.append(up)
         if len(result) > 1:
             # One outbox, one delivery state per record: a second EHR would silently get

@@ -1201,9 +1201,10 @@ class Store:
                 rtype, _, rid = ref.partition("/")
                 if not rtype.isalpha() or not rid or "/" in rid:
                     return None  # absolute, contained or versioned: left as it is
-                # A record carrying our identifier under another upstream id is that
-                # person's: what points at it is filed with ours, though it is not stored.
-                found = local.get(ref) or elsewhere.get(ref) or resource_for_upstream(conn, ref)
+                # Not a record carrying our identifier under another upstream id: a merge
+                # (the same person) or a copy (perhaps another person) looks alike from
+                # here, so what points at it is not filed with ours until a person decides.
+                found = local.get(ref) or resource_for_upstream(conn, ref)
                 return None if found is None else f"{rtype}/{found[1]}"
 
             results: list[Imported] = []
@@ -1221,14 +1222,17 @@ class Store:
                         )
                     )
                     held_as = link_for_resource(conn, ours_id)
+                    about = (
+                        f"Patient/{logical_id}"
+                        if item.type == "Patient"
+                        else _subject(rewrite_references(item.resource, to_local))
+                    )
                     events.append(
                         AuditEvent(
                             actor,
                             AuditAction.SYNC,
                             outcome=Outcome.FAILURE,
-                            patient_key=self._patient_key(f"Patient/{logical_id}")
-                            if item.type == "Patient"
-                            else None,
+                            patient_key=None if about is None else self._patient_key(about),
                             entity=f"{item.type}/{logical_id}",
                             detail=f"{reason} {item.reference}: not stored, it carries this "
                             f"record's identifier, which the upstream holds as "

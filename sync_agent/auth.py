@@ -396,10 +396,22 @@ class SmartBackendAuth(httpx.Auth):
 def read_token_file(path: Path) -> str:
     """The bearer token in ``path`` (surrounding whitespace removed).
 
-    Held to the rule of the private keys (:func:`check_private_file`): the token is usable
-    against the EHR as it stands, so a file open to group or others is refused.
+    The token is usable against the EHR as it stands, so a file open to group or others is
+    warned about in the journal (naming the file, never quoting it). It is not refused yet:
+    earlier releases did not ask for it, and refusing would stop the sync on an upgrade.
     """
-    check_private_file(path, "bearer token")
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = 0  # reading it, below, says what is wrong
+    if mode & 0o077:
+        logger.warning(
+            "%s: the bearer token is readable by group or others (mode %04o); run "
+            "'chmod 600 %s' (a later release will refuse it)",
+            path,
+            mode,
+            path,
+        )
     try:
         token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:

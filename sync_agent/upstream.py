@@ -26,18 +26,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 import ssl
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
 
 from appliance.config import AuthKind, UpstreamConfig
-from appliance.errors import KeyFileError
+from appliance.errors import ConfigError, KeyFileError
 
 logger = logging.getLogger(__name__)
 
@@ -370,14 +372,55 @@ def tls_context(upstream: UpstreamConfig) -> ssl.SSLContext | bool:
     return context
 
 
+def _in_clear(value: str | None) -> bool:
+    """An ``http://`` URL to a host other than this one (credentials would cross the LAN)."""
+    parts = urlsplit(value or "")
+    if parts.scheme != "http" or parts.hostname in (None, "localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return True
+
+
+def transport_problems(upstream: UpstreamConfig) -> list[str]:
+    """What in an upstream's config would send credentials badly: checked where they are
+    used (the sync process and the sync commands refuse to start), not by the config
+    parser, so that the clinic's web UI keeps running on a config that loaded before."""
+    where = f"sync.upstream {upstream.name!r}"
+    problems = []
+    urls = {
+        AuthKind.BEARER: (("base_url", upstream.base_url),),
+        AuthKind.SMART: (("base_url", upstream.base_url), ("token_url", upstream.token_url)),
+    }
+    if upstream.auth in urls:
+        for key, url in urls[upstream.auth]:
+            if _in_clear(url):
+                problems.append(
+                    f"{where}.{key}: http sends the {upstream.auth.value} credentials in clear "
+                    "text; use https (http only on loopback, for tests)"
+                )
+    # A client certificate is presented whenever it is configured (mTLS beside SMART or a
+    # bearer token, as some EHRs ask): then it takes both halves.
+    if (upstream.client_cert_file is None) != (upstream.client_key_file is None):
+        missing = "client_key_file" if upstream.client_key_file is None else "client_cert_file"
+        problems.append(f"{where}.{missing}: required with the other half of the certificate")
+    return problems
+
+
 def build_client(upstream: UpstreamConfig, *, auth: httpx.Auth | None = None) -> httpx.AsyncClient:
     """An HTTP client for one upstream, authenticated as the site config says.
 
     Key, token and certificate files are read here, so a bad one stops the process at start
-    with a :class:`KeyFileError` naming the file. ``auth`` replaces the configured method
-    (tests pass a :class:`sync_agent.auth.SmartBackendAuth` with an injected clock).
+    with a :class:`KeyFileError` naming the file, and credentials that would go in clear text
+    with a :class:`ConfigError` (:func:`transport_problems`). ``auth`` replaces the
+    configured method (tests pass a :class:`sync_agent.auth.SmartBackendAuth` with an
+    injected clock).
     """
     from sync_agent.auth import SmartBackendAuth, StaticBearerAuth
+
+    if problems := transport_problems(upstream):
+        raise ConfigError(problems, source=f"upstream {upstream.name!r}")
 
     headers = {"Accept": FHIR_JSON, "Content-Type": FHIR_JSON}
     timeout = httpx.Timeout(upstream.timeout_s, connect=min(10.0, upstream.timeout_s))

@@ -24,7 +24,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
 from appliance.config import AuthKind, UpstreamConfig
-from appliance.errors import KeyFileError
+from appliance.errors import ConfigError, KeyFileError
 from appliance.store import Store
 from sync_agent.auth import (
     ASSERTION_LIFETIME_S,
@@ -475,16 +475,69 @@ async def test_neither_token_nor_assertion_is_logged(
 # -- static bearer token ----------------------------------------------------------------------
 
 
-def test_a_bearer_token_file_open_to_others_is_refused_naming_the_file(tmp_path: Path) -> None:
+def test_a_bearer_token_file_open_to_others_is_warned_about_naming_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     token_file = _write(tmp_path / "token", b"a-token\n", mode=0o644)
     upstream = UpstreamConfig(
         name="hie", base_url="https://127.0.0.1:1/fhir", auth=AuthKind.BEARER, token_file=token_file
     )
-    with pytest.raises(KeyFileError) as caught:  # before: accepted, as it stood
+    with caplog.at_level(logging.WARNING, logger="sync_agent.auth"):
+        build_client(upstream)  # not refused (yet): that would stop the sync on an upgrade
+    [warned] = [r.getMessage() for r in caplog.records if "bearer token" in r.getMessage()]
+    assert str(token_file) in warned
+    assert "chmod 600" in warned
+    assert "a-token" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("base_url", "token_url", "refused"),
+    [
+        ("http://ehr.example/fhir", "https://ehr.example/token", {"base_url"}),
+        ("https://ehr.example/fhir", "http://10.0.0.5/token", {"token_url"}),
+        ("http://127.0.0.1:8080/fhir", "http://[::1]:9/token", set()),  # loopback: tests
+        ("http://localhost/fhir", "https://ehr.example/token", set()),
+    ],
+)
+def test_the_sync_refuses_to_send_credentials_in_clear_text_beyond_loopback(
+    base_url: str, token_url: str, refused: set[str], tmp_path: Path
+) -> None:
+    key_file = _write(tmp_path / "smart-key.pem", _pem(_new_key("ES384")))
+    smart = UpstreamConfig(
+        name="ehr",
+        base_url=base_url,
+        auth=AuthKind.SMART,
+        client_id=CLIENT_ID,
+        token_url=token_url,
+        private_key_file=key_file,
+        algorithm="ES384",
+    )
+    bearer = replace(smart, auth=AuthKind.BEARER, token_file=_write(tmp_path / "token", b"t\n"))
+    for upstream, expected in ((smart, refused), (bearer, refused & {"base_url"})):
+        if not expected:
+            build_client(upstream)
+            continue
+        with pytest.raises(ConfigError) as caught:
+            build_client(upstream)
+        assert {p.split(": ", 1)[0] for p in caught.value.problems} == {
+            f"sync.upstream 'ehr'.{key}" for key in expected
+        }
+        assert all("use https" in p for p in caught.value.problems)
+
+
+def test_a_client_certificate_without_its_key_is_refused_beside_any_auth(tmp_path: Path) -> None:
+    upstream = UpstreamConfig(
+        name="ehr",
+        base_url="https://127.0.0.1:1/fhir",
+        auth=AuthKind.BEARER,
+        token_file=_write(tmp_path / "token", b"t\n"),
+        client_cert_file=tmp_path / "client.pem",
+    )
+    with pytest.raises(ConfigError) as caught:  # before: the certificate silently ignored
         build_client(upstream)
-    assert str(token_file) in str(caught.value)
-    assert "chmod 600" in str(caught.value)
-    assert "a-token" not in str(caught.value)
+    assert caught.value.problems == [
+        "sync.upstream 'ehr'.client_key_file: required with the other half of the certificate"
+    ]
 
 
 async def test_bearer_token_file_is_read_again_after_a_401(tmp_path: Path) -> None:
