@@ -166,7 +166,7 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
 
 
 def _upstream_anchors(config: Config) -> tuple[list[audit.Checkpoint] | None, str]:
-    """The site's newest checkpoint anchors at its first upstream, or None and why not."""
+    """The site's checkpoint anchors at its first upstream, or None and why not."""
     from sync_agent.audit_export import fetch_upstream_anchors
     from sync_agent.upstream import UpstreamError, build_client
 
@@ -183,6 +183,8 @@ def _upstream_anchors(config: Config) -> tuple[list[audit.Checkpoint] | None, st
     except UpstreamError as exc:
         # Only the class: the server's words may quote what it refused.
         return None, f"{upstream.name} could not be asked ({exc.failure})"
+    except ApplianceError as exc:  # a credential file that does not load: the local check
+        return None, f"{upstream.name} could not be asked ({exc})"
 
 
 def cmd_audit_verify(args: argparse.Namespace, config: Config) -> int:
@@ -210,7 +212,7 @@ def cmd_audit_verify(args: argparse.Namespace, config: Config) -> int:
         return 1
     _out(f"audit trail intact: {result.records} records, {result.checkpoints} signed checkpoints")
     if anchors:
-        _out(f"held to the {len(anchors)} newest checkpoint anchors at {where}")
+        _out(f"held to the {len(anchors)} checkpoint anchors at {where}")
     elif anchors is not None:
         _out(f"no checkpoint anchored at {where} yet")
     else:

@@ -21,7 +21,7 @@ last it refused for good); an anchor not taken never holds the records back. Eac
 first checks that the trail still holds the records at its cursor and at the anchor
 (:func:`check_trail`): a trail cut back and grown again is reported and sent again, not
 anchored over in silence. :func:`verify_against_anchors` holds the trail to every anchor
-upstream (``appliance audit verify`` does, with the newest :data:`ANCHORS_CHECKED`). :func:`verify_against_anchor` compares the upstream's newest anchor
+upstream (``appliance audit verify`` does, with all of them: :func:`fetch_upstream_anchors`). :func:`verify_against_anchor` compares the upstream's newest anchor
 (:func:`fetch_upstream_anchor`) with the local chain: a local trail truncated, or rewritten
 and re-hashed, below a checkpoint held upstream is caught even when the local checkpoints
 were removed with it (``appliance/audit.py``, "What is guaranteed").
@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -229,7 +230,7 @@ def _settle(
         if current != start or end <= start:
             return current
         _set_meta(conn, CURSOR_KEY, str(end))
-        _set_meta(conn, CURSOR_HASH_KEY, _hash_at(conn, end))
+        _set_meta(conn, CURSOR_HASH_KEY, f"{end}:{_hash_at(conn, end)}")
         if refused:
             _record_refusals(conn, refused)
     return end
@@ -252,7 +253,7 @@ def _set_anchor(conn: sqlite3.Connection, checkpoint: Checkpoint, refusal: str |
             return
         _set_meta(conn, key, str(audit_id))
         if refusal is None:
-            _set_meta(conn, ANCHOR_HASH_KEY, checkpoint.hash.hex())
+            _set_meta(conn, ANCHOR_HASH_KEY, f"{audit_id}:{checkpoint.hash.hex()}")
         else:
             _record_refusals(conn, [(audit_id, f"checkpoint anchor refused: {refusal}")])
 
@@ -264,10 +265,15 @@ def _hash_at(conn: sqlite3.Connection, audit_id: int) -> str:
 
 def _still_held(conn: sqlite3.Connection, id_key: str, hash_key: str) -> tuple[int, bool]:
     """The audit id under ``id_key`` and whether the trail still holds it with the hash
-    remembered under ``hash_key`` (True when there is nothing to compare)."""
+    remembered under ``hash_key`` (True when there is nothing to compare).
+
+    The hash is kept as ``<id>:<hash>``: when the id is not the one under ``id_key`` (an
+    older release moved the cursor or the anchor and knew nothing of hashes), nothing is
+    known to compare, which is not a break.
+    """
     audit_id = int(_meta(conn, id_key) or 0)
-    remembered = _meta(conn, hash_key)
-    if audit_id == 0 or remembered is None:
+    remembered_id, _, remembered = (_meta(conn, hash_key) or "").partition(":")
+    if audit_id == 0 or not remembered or remembered_id != str(audit_id):
         return audit_id, True
     return audit_id, _hash_at(conn, audit_id) == remembered
 
@@ -307,9 +313,14 @@ def check_trail(conn: sqlite3.Connection, now: datetime) -> str | None:
         )
         rewind = anchored if anchor_held else 0
         _set_meta(conn, CURSOR_KEY, str(rewind))
-        _set_meta(conn, CURSOR_HASH_KEY, _hash_at(conn, rewind) if rewind else "")
+        _set_meta(conn, CURSOR_HASH_KEY, f"{rewind}:{_hash_at(conn, rewind)}" if rewind else "")
         if not anchor_held:
-            conn.execute("DELETE FROM meta WHERE key = ?", (ANCHOR_HASH_KEY,))
+            # The new chain's checkpoints are anchored from the start again (the old
+            # anchors stay upstream: verify_against_anchors holds the trail to them).
+            conn.execute(
+                "DELETE FROM meta WHERE key IN (?, ?, ?)",
+                (ANCHOR_KEY, ANCHOR_HASH_KEY, ANCHOR_REFUSED_KEY),
+            )
         _set_meta(conn, BREAKS_KEY, str(int(_meta(conn, BREAKS_KEY) or 0) + 1))
         audit.append(
             conn,
@@ -365,6 +376,17 @@ def _load(
     return cursor, good, bad
 
 
+# A one-record bundle larger than this refused as too large: that record is (a detail of
+# many ids, say), and it is passed over. Below it, a 413 is a limit in front of the server
+# (a proxy's body limit far under one audit record of a few KB): the export stops and
+# waits, paced, instead of passing every record over for good.
+_ALONE_TOO_LARGE = 64 * 1024
+
+
+def _alone_too_large(bundle: dict[str, Any]) -> bool:
+    return len(orjson.dumps(bundle)) > _ALONE_TOO_LARGE
+
+
 def _tolerant_text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
@@ -391,6 +413,7 @@ class ExportResult:
     bundles: int = 0
     anchored: int | None = None  # audit id of the checkpoint anchored by this call
     anchor_error: str | None = None  # the anchor not taken (the records went on regardless)
+    anchor_stopped_by: UpstreamError | None = None  # why (credentials, address…): paced
     trail_broken: str | None = None  # check_trail's finding at the start of this export
     error: str | None = None
     link_down: bool = False
@@ -512,6 +535,7 @@ class AuditExporter:
                     cursor = int(await db.run_sync(conn, _meta, CURSOR_KEY) or 0)
                     return self._failed(result, exc, cursor)
                 result.anchor_error = str(exc)
+                result.anchor_stopped_by = exc
                 logger.warning("audit checkpoint anchor not taken upstream: %s", exc.failure)
         start, rows, refused = await db.run_sync(conn, _load, self._batch)
         result.cursor = start
@@ -526,10 +550,14 @@ class AuditExporter:
                 refused.append((row.id, f"cannot be expressed as an AuditEvent: {exc}"))
         end = max([row.id for row in rows] + [rid for rid, _ in refused])
         if built:
+            bundle = self._bundle(built)
             try:
-                response = await post_bundle(self._client, self._bundle(built))
+                response = await post_bundle(self._client, bundle)
             except UpstreamError as exc:
-                if exc.failure in (Failure.PERMANENT, Failure.TOO_LARGE) and len(built) == 1:
+                if len(built) == 1 and (
+                    exc.failure is Failure.PERMANENT
+                    or (exc.failure is Failure.TOO_LARGE and _alone_too_large(bundle))
+                ):
                     # Refused alone, or too large alone: that record will never go; pass it.
                     refused.append((built[0][0].id, f"{exc.failure}: {exc.message}"))
                     built = []
@@ -592,6 +620,7 @@ class AuditExporter:
             # The anchor once a drain: it is the newest checkpoint, not one per bundle.
             step = await self.export_once(anchor=sent == 0)
             total.anchor_error = total.anchor_error or step.anchor_error
+            total.anchor_stopped_by = total.anchor_stopped_by or step.anchor_stopped_by
             total.trail_broken = total.trail_broken or step.trail_broken
             total.exported += step.exported
             total.existing += step.existing
@@ -609,26 +638,54 @@ class AuditExporter:
         return total
 
 
-ANCHORS_CHECKED = 50  # the newest anchors upstream a verification holds the trail to
+ANCHOR_PAGE = 1000  # anchors asked for per page (a few hundred bytes each)
+ANCHOR_PAGES = 500  # pages followed at most: half a million anchors, a year of minutes
 
 
 async def fetch_upstream_anchors(
-    client: httpx.AsyncClient, site_id: str, count: int = ANCHORS_CHECKED
+    client: httpx.AsyncClient,
+    site_id: str,
+    *,
+    page: int = ANCHOR_PAGE,
+    max_pages: int = ANCHOR_PAGES,
 ) -> list[Checkpoint]:
-    """This site's newest checkpoint anchors upstream (up to ``count``), by audit id.
+    """This site's checkpoint anchors upstream, all of them (through the server's ``next``
+    links, up to ``max_pages``), by audit id.
 
-    Raises :class:`UpstreamError` when the server cannot be asked.
+    All, not the newest few: the anchors of a chain cut back and grown again scroll out of
+    any window of the newest within the hour, one being anchored every minute. Raises
+    :class:`UpstreamError` when the server cannot be asked.
     """
-    params = {
+    params: dict[str, str] | None = {
         "_tag": f"{checkpoint_system(site_id)}|",
         "_sort": "-recorded",
-        "_count": str(count),
+        "_count": str(page),
     }
-    response = await exchange(client, "GET", "Provenance", params=params)
-    body = response_json(response)
-    if response.status_code >= 300:
-        raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
-    return anchors_of(body)
+    base = str(client.base_url).rstrip("/") + "/"
+    url = "Provenance"
+    anchors: list[Checkpoint] = []
+    for _ in range(max_pages):
+        response = await exchange(client, "GET", url, params=params)
+        body = response_json(response)
+        if response.status_code >= 300:
+            raise classify_response(
+                response.status_code, body, response.headers.get("Retry-After")
+            )
+        anchors += anchors_of(body)
+        link = _next_link(body)
+        if link is None or not link.startswith(base):  # never credentials to another host
+            break
+        url, params = link, None
+    return sorted(anchors, key=lambda cp: (cp.audit_id, cp.ts))
+
+
+def _next_link(bundle: Any) -> str | None:
+    links = bundle.get("link") if isinstance(bundle, dict) else None
+    for link in links if isinstance(links, list) else []:
+        if isinstance(link, dict) and link.get("relation") == "next":
+            url = link.get("url")
+            return url if isinstance(url, str) and url else None
+    return None
 
 
 async def fetch_upstream_anchor(client: httpx.AsyncClient, site_id: str) -> Checkpoint | None:

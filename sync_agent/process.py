@@ -157,7 +157,13 @@ class _Step:
 
 # Failures of a whole exchange, which say nothing about the items: a step stopped by one
 # waits out a backoff. (Refusals of single items are handled by the step itself.)
-_STEP_STOPS = (Failure.TRANSIENT, Failure.AMBIGUOUS, Failure.AUTH, Failure.ENDPOINT)
+_STEP_STOPS = (
+    Failure.TRANSIENT,
+    Failure.AMBIGUOUS,
+    Failure.AUTH,
+    Failure.ENDPOINT,
+    Failure.TOO_LARGE,  # at one entry: a limit in front of the server, not the items
+)
 
 
 class Wake(Enum):
@@ -366,7 +372,10 @@ class SyncLoop:
             more = bool(pulled.more) and pulled.stopped_by is None
         if export.due(loop.time()):
             exported = await self.exporter.drain(stop=stopping)
-            export.after(exported.stopped_by, loop.time(), self._pacing, self._rng)
+            # An anchor refused for our access or the address paces the step as well: with
+            # nothing else to export, it would be asked again every round.
+            stopped = exported.stopped_by or exported.anchor_stopped_by
+            export.after(stopped, loop.time(), self._pacing, self._rng)
         self._ctx.set_status(
             steps_failing={s.name: str(s.failure) for s in self.steps.values() if s.failures}
         )

@@ -54,7 +54,8 @@ FAILURE_TEXT = {
     "EHR's registration of this box",
     "endpoint": "the upstream address does not take FHIR requests; check base_url in the "
     "site config",
-    "too_large": "the EHR refused a bundle as too large; sending smaller ones",
+    "too_large": "the EHR, or a proxy in front of it, refused a request as too large; "
+    "sending smaller ones, or waiting if even one item is refused (check its body size limit)",
     "permanent": "the EHR refused an item; see the dead letters",
     "store": "the local store failed (a full disk?); see the journal",
 }

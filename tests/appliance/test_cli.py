@@ -181,3 +181,21 @@ def test_users_add_and_reset_mfa_are_audited_and_remove_the_factor(
         ("config", "second factor removed at the terminal"),
     ]
     assert main(["users", "reset-mfa", "nobody", "--config", str(site)]) == 2
+
+
+def test_audit_verify_checks_the_local_trail_when_the_upstream_credentials_do_not_load(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with site.open("a") as config:
+        config.write(
+            '\n[[sync.upstream]]\nname = "ehr"\nbase_url = "https://127.0.0.1:9/fhir"\n'
+            'auth = "smart"\nclient_id = "box"\ntoken_url = "https://127.0.0.1:9/token"\n'
+            f'private_key_file = "{site.parent / "missing-key.pem"}"\n'
+        )
+    _audit_rows(site, 3)
+    # Before: the missing key file ended the command before the local check.
+    assert main(["audit", "verify", "--quiet", "--config", str(site)]) == 0
+    captured = capsys.readouterr()
+    assert "3 records" in captured.out
+    assert "upstream anchors not checked: ehr could not be asked" in captured.err
+    assert "missing-key.pem" in captured.err

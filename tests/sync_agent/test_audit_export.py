@@ -24,6 +24,7 @@ from sync_agent.audit_export import (
     verify_against_anchors,
 )
 from sync_agent.balp import ExportRow, anchor_from_provenance, audit_event, checkpoint_provenance
+from sync_agent.upstream import Failure
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.tamper import unguarded
@@ -350,11 +351,34 @@ async def test_records_the_upstream_forbids_us_wait_for_access_instead_of_being_
 
 
 @pytest.mark.peer
-async def test_a_record_too_large_even_alone_is_passed_over_not_a_stall(
+async def test_a_413_on_one_small_record_is_a_limit_in_front_waited_on_not_a_refusal(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
 ) -> None:
     await _records(store, 3)
-    fhir_peer.fault("status", status=413, count=2)  # 2 → 1 entry, then the first one alone
+    fhir_peer.fault("status", status=413, count=10)  # a proxy's body limit, far too low
+    exporter = AuditExporter(store, client, site_id=SITE, batch=2)
+    stopped = await exporter.drain()
+    # Shrunk to one, still refused: it waits (paced by the sync loop), nothing passed over.
+    assert (stopped.exported, stopped.refused, stopped.cursor) == (0, 0, 0)
+    assert stopped.stopped_by is not None
+    assert stopped.stopped_by.failure is Failure.TOO_LARGE
+    fhir_peer.clear_fault()  # the proxy's limit raised
+    mended = await exporter.drain()
+    assert (mended.exported, mended.refused, mended.cursor) == (3, 0, 3)
+
+
+@pytest.mark.peer
+async def test_a_record_too_large_even_alone_is_passed_over_not_a_stall(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+
+    def work(conn: sqlite3.Connection) -> None:  # a detail naming thousands of ids
+        detail = "returned Observation " + ", ".join(f"id-{i:06d}" for i in range(8000))
+        audit.append(conn, [AuditEvent("user:nurse1", AuditAction.SEARCH, detail=detail)], now=T0)
+
+    await store.transact(work)
+    await _records(store, 2)
+    fhir_peer.fault("status", status=413, count=2)  # 2 → 1 entry, then the large one alone
     result = await AuditExporter(store, client, site_id=SITE, batch=2).drain()
     # Before: at one entry a 413 was an error on every call, and the chain stood still.
     assert (result.exported, result.refused, result.cursor, result.error) == (2, 1, 3, None)
@@ -378,6 +402,10 @@ async def test_an_anchor_the_upstream_does_not_take_holds_no_record_back_nor_rea
     # Before: a 403 anchor stopped every record behind it; either was reported as anchored.
     assert (result.exported, result.cursor, result.anchored) == (6, 6, None)
     assert (result.anchor_error or "").startswith("auth: ") == (status == 403)
+    # Our access refused: the sync loop paces the export as for any refused exchange (it
+    # was asked again every round); a refusal for good is not an exchange failure.
+    paced = result.anchor_stopped_by
+    assert (paced is not None and paced.failure is Failure.AUTH) == (status == 403)
     state = await db.run_sync(store.connection, read_export_state)
     assert state.anchored == 0
     assert fhir_peer.count("Provenance") == 0
@@ -460,3 +488,93 @@ async def test_a_trail_cut_back_and_grown_again_is_caught_reported_upstream_and_
     third = await AuditExporter(store, client, site_id=SITE).drain()
     assert third.trail_broken is None
     assert (await db.run_sync(conn, read_export_state)).breaks == 1
+
+
+@pytest.mark.peer
+async def test_a_cursor_moved_by_an_older_release_is_not_taken_for_a_break(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    await _records(store, 5)
+    await AuditExporter(store, client, site_id=SITE).drain()
+    await _records(store, 2)
+    # Rolled back for a while: that release exported 6-8 and moved the cursor, knowing
+    # nothing of the hash kept beside it (still the one of record 5).
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.execute("UPDATE meta SET value = '8' WHERE key = 'audit_export.cursor'")
+    raw.close()
+    again = await AuditExporter(store, client, site_id=SITE).drain()
+    # Before: "cut back or rewritten" on an intact trail, everything resent, a red banner.
+    assert again.trail_broken is None
+    assert (await db.run_sync(store.connection, read_export_state)).breaks == 0
+
+
+@pytest.mark.peer
+async def test_after_a_break_the_new_chains_checkpoints_are_anchored_from_the_start(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    conn, keyring = store.connection, store.keyring
+    await _records(store, 6)
+    await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+    assert (await AuditExporter(store, client, site_id=SITE).drain()).anchored == 6
+    unguarded(db_path, "DELETE FROM audit WHERE id > 4", "DELETE FROM audit_checkpoints")
+    await _records(store, 1)  # record 5 of the new chain
+    await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+    found = await AuditExporter(store, client, site_id=SITE).drain()
+    assert found.trail_broken is not None
+    # Before: the old anchor's id (6) was kept, so checkpoint 5 was never anchored.
+    assert found.anchored == 5
+    assert [a.audit_id for a in await fetch_upstream_anchors(client, SITE)] == [5, 6]
+
+
+class _TwoPerPage(httpx.AsyncBaseTransport):
+    """The real transport, but Provenance searches come two at a time with ``next`` links,
+    as a server capping ``_count`` answers (the peer itself gives no links)."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self.pages = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "GET" or not request.url.path.endswith("/Provenance"):
+            return await self._inner.handle_async_request(request)
+        self.pages += 1
+        offset = int(request.url.params.get("_offset", "0"))
+        request.url = request.url.copy_set_param("_count", "2").copy_set_param(
+            "_offset", str(offset)
+        )
+        response = await self._inner.handle_async_request(request)
+        body = json.loads(await response.aread())
+        if len(body.get("entry", [])) == 2:
+            later = request.url.copy_set_param("_offset", str(offset + 2))
+            body["link"] = [{"relation": "next", "url": str(later)}]
+        return httpx.Response(200, headers={"Content-Type": "application/fhir+json"}, json=body)
+
+
+@pytest.mark.peer
+async def test_verification_holds_the_trail_to_every_anchor_page_after_page(
+    store: Store, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    fhir_peer.reset()
+    conn, keyring = store.connection, store.keyring
+    paged = _TwoPerPage()
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url,
+        headers={"Content-Type": "application/fhir+json"},
+        transport=paged,
+    ) as client:
+        await _records(store, 6)
+        await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+        await AuditExporter(store, client, site_id=SITE).drain()
+        unguarded(db_path, "DELETE FROM audit WHERE id > 4", "DELETE FROM audit_checkpoints")
+        for _ in range(5):  # the new chain grows and is anchored again and again
+            await _records(store, 2)
+            await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+            await AuditExporter(store, client, site_id=SITE).drain()
+        anchors = await fetch_upstream_anchors(client, SITE)
+    # Before: only the newest page (of 50) was read; the old chain's anchor scrolls out.
+    assert paged.pages >= 3
+    # The old chain's 6, then the new one's (its checkpoint at 6 met the old anchor's tag).
+    assert [a.audit_id for a in anchors] == [6, 9, 11, 13, 15]
+    caught = await db.run_sync(conn, verify_against_anchors, keyring.signing_public_key, anchors)
+    assert (caught.ok, caught.first_bad_id) == (False, 6)

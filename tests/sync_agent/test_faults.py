@@ -21,10 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance import db, fhir
+from appliance import audit, db, fhir
 from appliance.config import load
 from appliance.runtime import ProcessContext
 from appliance.store import Lane, Store
+from sync_agent.audit_export import AuditExporter
 from sync_agent.outbox_delivery import Deliverer, backoff_s
 from sync_agent.process import PROBE_CAP_S, Pacing, SyncLoop
 from sync_agent.status import request_sync_now
@@ -913,6 +914,7 @@ async def test_sync_now_skips_the_remaining_backoff(
         await asyncio.wait_for(task, 5)
 
 
+@pytest.mark.parametrize("waiting", ["records", "anchor"])
 async def test_a_step_after_the_drain_refused_every_time_backs_off_instead_of_every_round(
     store: Store,
     client: httpx.AsyncClient,
@@ -921,9 +923,11 @@ async def test_a_step_after_the_drain_refused_every_time_backs_off_instead_of_ev
     fhir_peer: FhirPeer,
     tmp_path: Path,
     db_path: Path,
+    waiting: str,
 ) -> None:
-    """Nothing in the outbox, audit records to export, and the upstream refusing our
-    credentials (with SMART, each attempt is also a signed request to the token endpoint)."""
+    """Nothing in the outbox, audit records (or only a signed checkpoint) to export, and the
+    upstream refusing our credentials (with SMART, each attempt is also a signed request to
+    the token endpoint)."""
 
     class Longest(random.Random):
         def uniform(self, a: float, b: float) -> float:
@@ -933,6 +937,10 @@ async def test_a_step_after_the_drain_refused_every_time_backs_off_instead_of_ev
     await _deliverer(store, client).drain()
     for _ in range(3):
         await store.read("Patient", pat.logical_id, "user:nurse1")  # audit records
+    if waiting == "anchor":  # all exported; the 60 s checkpoint signs the head overnight
+        await AuditExporter(store, client, site_id="test-clinic").drain()
+        signer = store.keyring.signing_key
+        await db.run_sync(store.connection, audit.checkpoint, signer, now=datetime.now(UTC))
     wire.sent.clear()
     ctx = await _loop_ctx(tmp_path, store, proxy.base_url, 0.2)
     pacing = Pacing(interval_s=0.2, backoff_base_s=1.0, backoff_cap_s=60.0)
@@ -953,7 +961,8 @@ async def test_a_step_after_the_drain_refused_every_time_backs_off_instead_of_ev
         request_sync_now(admin, "user:admin1", datetime.now(UTC))
         admin.close()
         pressed = time.monotonic()
-        while fhir_peer.count("AuditEvent") == 0:
+        sent = "AuditEvent" if waiting == "records" else "Provenance"
+        while fhir_peer.count(sent) == 0:
             await asyncio.sleep(0.05)
             assert time.monotonic() - pressed < 5
         while ctx.status["steps_failing"]:
