@@ -9,7 +9,7 @@ the last audit id settled upstream), in ``batch`` Bundles of conditional creates
 the event (200) instead of making a second one. The cursor moves in the same transaction
 that records the outcome; a bundle that fails leaves it. Errors are those of
 :mod:`sync_agent.upstream`: transient or ambiguous → stop, retry later; too large → smaller
-bundles; an entry the server refuses for good (or too large even alone) is recorded
+bundles; an entry the server refuses for good (or over 64 KB and too large alone) is recorded
 (:data:`REFUSED_KEY`: a count and the newest reasons) and passed, so one bad record never
 stalls the chain. A 401/403, for the bundle or one entry, is our access, not the record: the
 export stops there and resends from the same place later.
@@ -668,9 +668,7 @@ async def fetch_upstream_anchors(
         response = await exchange(client, "GET", url, params=params)
         body = response_json(response)
         if response.status_code >= 300:
-            raise classify_response(
-                response.status_code, body, response.headers.get("Retry-After")
-            )
+            raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
         anchors += anchors_of(body)
         link = _next_link(body)
         if link is None or not link.startswith(base):  # never credentials to another host
