@@ -113,6 +113,13 @@ async def _readings(store: Store, n: int, lane: Lane = Lane.CLINICAL) -> str:
     return ref
 
 
+class Longest(random.Random):
+    """Every random wait at its longest: the pacing under test, with no luck in it."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
 def _deliverer(store: Store, client: httpx.AsyncClient, max_entries: int = 8) -> Deliverer:
     return Deliverer(store, client, max_entries=max_entries, rng=random.Random(1))
 
@@ -885,10 +892,6 @@ async def test_sync_now_skips_the_remaining_backoff(
     tmp_path: Path,
     db_path: Path,
 ) -> None:
-    class Longest(random.Random):
-        def uniform(self, a: float, b: float) -> float:
-            return b
-
     await _readings(store, 2)
     ctx = await _loop_ctx(tmp_path, store, proxy.base_url, 0.2)
     pacing = Pacing(interval_s=0.2, backoff_base_s=60.0, backoff_cap_s=60.0)
@@ -928,10 +931,6 @@ async def test_a_step_after_the_drain_refused_every_time_backs_off_instead_of_ev
     """Nothing in the outbox, audit records (or only a signed checkpoint) to export, and the
     upstream refusing our credentials (with SMART, each attempt is also a signed request to
     the token endpoint)."""
-
-    class Longest(random.Random):
-        def uniform(self, a: float, b: float) -> float:
-            return b
 
     [pat] = await store.create([factories.patient()], "user:nurse1")
     await _deliverer(store, client).drain()
