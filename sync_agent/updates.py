@@ -659,6 +659,10 @@ _ITEM_SQL = (
 )
 
 
+def _with_access(detail: str, access: str | None) -> str:
+    return detail if access is None else f"{detail}; {access}"
+
+
 def _item(row: tuple[Any, ...]) -> ReviewItem:
     return ReviewItem(
         id=row[0],
@@ -696,8 +700,14 @@ class ReviewQueue:
         mine, theirs, resource_id = sealed[0]
         return _item(rows[0]), bytes(mine), bytes(theirs), int(resource_id)
 
-    async def open(self, review_id: int, actor: str) -> ReviewCase:
-        """Both versions of a review item (audited as a read of that patient's record)."""
+    async def item(self, review_id: int) -> ReviewItem:
+        """One review item as listed (its contents stay sealed); ReviewError if none."""
+        item, _, _, _ = await self._get(review_id)
+        return item
+
+    async def open(self, review_id: int, actor: str, *, access: str | None = None) -> ReviewCase:
+        """Both versions of a review item (audited as a read of that patient's record, with
+        ``access``: the access it was opened under, as every read of a record names it)."""
         item, mine, theirs, _ = await self._get(review_id)
         keyring = self._store.keyring
         event = AuditEvent(
@@ -705,7 +715,7 @@ class ReviewQueue:
             AuditAction.READ,
             patient_key=_patient_key(self._store, item.resource_type, item.logical_id),
             entity=f"review/{review_id}",
-            detail=f"{item.resource_type}/{item.logical_id}",
+            detail=_with_access(f"{item.resource_type}/{item.logical_id}", access),
         )
         await self._store.transact(lambda _conn: None, [event])
         return ReviewCase(
@@ -741,7 +751,7 @@ class ReviewQueue:
         if cur.rowcount != 1:
             raise ReviewError(f"review item {review_id} is not open")
 
-    async def keep_mine(self, review_id: int, actor: str) -> None:
+    async def keep_mine(self, review_id: int, actor: str, *, access: str | None = None) -> None:
         """Keep our version: re-queue the update, checked against the upstream's current one."""
         item, _, _, resource_id = await self._get(review_id)
 
@@ -778,11 +788,11 @@ class ReviewQueue:
             AuditAction.UPDATE,
             patient_key=_patient_key(self._store, item.resource_type, item.logical_id),
             entity=f"review/{review_id}",
-            detail="kept the local version; update re-queued",
+            detail=_with_access("kept the local version; update re-queued", access),
         )
         await self._store.transact(work, [event])
 
-    async def take_theirs(self, review_id: int, actor: str) -> None:
+    async def take_theirs(self, review_id: int, actor: str, *, access: str | None = None) -> None:
         """Take the upstream's version: it replaces ours locally (ours stays in the history)."""
         item, _, sealed, _ = await self._get(review_id)
         theirs = orjson.loads(self._store.keyring.unseal(THEIRS_LABEL, str(review_id), sealed))
@@ -794,7 +804,7 @@ class ReviewQueue:
             AuditAction.UPDATE,
             patient_key=_patient_key(self._store, item.resource_type, item.logical_id),
             entity=f"review/{review_id}",
-            detail="took the upstream version",
+            detail=_with_access("took the upstream version", access),
         )
 
         def before(conn: sqlite3.Connection) -> None:

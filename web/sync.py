@@ -36,6 +36,7 @@ from appliance.numbers import small_int
 from appliance.users import Role
 from sync_agent import status
 from sync_agent.updates import ReviewError, ReviewItem, ReviewQueue
+from web.access import require_access
 from web.app import app_state
 from web.auth import current_session, login_required
 from web.templating import render_template
@@ -275,14 +276,28 @@ async def review_list() -> ResponseReturnValue:
     return await _review_page(notice=_NOTICES.get(request.args.get("done", "")))
 
 
+async def _review_access(review_id: int) -> str:
+    """The current user's access to the patient of a review item (its audit detail), as
+    for opening that patient's chart: normal access or break-glass, else refused (403 with
+    the break-glass offer). 404 when there is no such item."""
+    try:
+        item = await ReviewQueue(app_state().store).item(review_id)
+    except ReviewError:
+        abort(404)
+    # Demographics are the only records edited here (store.UPDATABLE_TYPES): the Patient.
+    access = await require_access(item.logical_id)
+    return access.detail
+
+
 @bp.get("/review/<int:review_id>")
 @login_required(role=_VIEWERS)
 async def review_case(review_id: int) -> ResponseReturnValue:
     """Both versions of one conflict, field by field (audited as a read of the record)."""
     state = app_state()
+    access = await _review_access(review_id)
     actor, _ = await _actor()
     try:
-        case = await ReviewQueue(state.store).open(review_id, actor)
+        case = await ReviewQueue(state.store).open(review_id, actor, access=access)
     except ReviewError:
         abort(404)
     return await _review_page(case=case, rows=compare(case.mine, case.theirs))
@@ -293,9 +308,10 @@ async def review_case(review_id: int) -> ResponseReturnValue:
 async def review_keep_mine(review_id: int) -> ResponseReturnValue:
     """Keep the version made here: the update is queued again, checked against theirs."""
     state = app_state()
+    access = await _review_access(review_id)
     actor, _ = await _actor()
     try:
-        await ReviewQueue(state.store).keep_mine(review_id, actor)
+        await ReviewQueue(state.store).keep_mine(review_id, actor, access=access)
     except ReviewError:
         return await _review_page(notice="That conflict was already decided or is gone."), 409
     return redirect(url_for("sync.review_list", done="kept"), 303)
@@ -306,9 +322,10 @@ async def review_keep_mine(review_id: int) -> ResponseReturnValue:
 async def review_take_theirs(review_id: int) -> ResponseReturnValue:
     """Take the upstream's version: it replaces the one here."""
     state = app_state()
+    access = await _review_access(review_id)
     actor, _ = await _actor()
     try:
-        await ReviewQueue(state.store).take_theirs(review_id, actor)
+        await ReviewQueue(state.store).take_theirs(review_id, actor, access=access)
     except ReviewError:
         return await _review_page(notice="That conflict was already decided or is gone."), 409
     except InvalidResourceError:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from quart.testing import QuartClient
 
+from appliance.device_registry import DeviceRegistry, StationKind
 from appliance.store import Store, UpstreamCopy
 from sync_agent.updates import ReviewQueue, UpdateSender
 from tests import factories
@@ -23,9 +24,12 @@ pytestmark = pytest.mark.peer
 ACTOR = f"user:{NURSE}"
 
 
-async def _conflict(store: Store, upstream: httpx.AsyncClient) -> tuple[str, dict[str, Any]]:
+async def _conflict(
+    store: Store, upstream: httpx.AsyncClient, *, checked_in: bool = True
+) -> tuple[str, dict[str, Any]]:
     """A pulled Patient edited here ("Mineperson") and upstream ("Theirsperson"); the sync
-    agent's update is refused with 412 and the change waits for review."""
+    agent's update is refused with 412 and the change waits for review. ``checked_in``: the
+    patient is at the clinic today (the nurse's normal access to the record)."""
     created = (await upstream.post("Patient", json=factories.patient(family="Firstperson"))).json()
     [imported] = await store.import_upstream(
         [
@@ -52,6 +56,10 @@ async def _conflict(store: Store, upstream: httpx.AsyncClient) -> tuple[str, dic
     assert (await upstream.put(f"Patient/{created['id']}", json=theirs)).status_code == 200
     sent = await UpdateSender(store, upstream, rng=random.Random(1)).send_once()
     assert sent.conflicts == 1
+    if checked_in:
+        registry = DeviceRegistry(store)
+        await registry.add_station("kiosk-1", "Kiosk 1", StationKind.KIOSK, "user:setup")
+        await registry.check_in("kiosk-1", logical_id, "user:setup")
     return logical_id, created
 
 
@@ -108,6 +116,38 @@ async def test_opening_a_conflict_shows_both_versions_and_is_audited(
     ).fetchall()
     conn.close()
     assert (ACTOR, "read") in reads
+    conn = sqlite3.connect(db_path)
+    [(detail,)] = conn.execute(
+        "SELECT detail FROM audit WHERE entity = ? AND action = 'read'", (f"review/{item.id}",)
+    ).fetchall()
+    conn.close()
+    assert "normal access: " in detail  # as every read of a record names its access
+
+
+async def test_a_conflict_about_a_patient_outside_normal_access_needs_break_glass(
+    logged_in: QuartClient, store: Store, upstream: httpx.AsyncClient, db_path: Path
+) -> None:
+    logical_id, _ = await _conflict(store, upstream, checked_in=False)
+    [item] = await ReviewQueue(store).items()
+    # Before: any nurse saw the record (name, birth date) of any patient with a conflict.
+    refused = await logged_in.get(f"/sync/review/{item.id}")
+    body = await refused.get_data(as_text=True)
+    assert refused.status_code == 403
+    assert "Mineperson" not in body
+    assert "break-glass" in body.lower()
+    page = await (await logged_in.get("/sync/review")).get_data()
+    decided = await logged_in.post(
+        f"/sync/review/{item.id}/keep-mine", form={"csrf_token": form_token(page)}
+    )
+    assert decided.status_code == 403
+    assert len(await ReviewQueue(store).items()) == 1
+    conn = sqlite3.connect(db_path)
+    denied = conn.execute(
+        "SELECT count(*) FROM audit WHERE outcome = 'denied' AND entity = ?",
+        (f"Patient/{logical_id}",),
+    ).fetchone()[0]
+    conn.close()
+    assert denied == 2
 
 
 async def test_keep_mine_requeues_the_update_which_then_lands_upstream(
