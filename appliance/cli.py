@@ -654,6 +654,8 @@ def cmd_sync_resend(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
+    import httpx
+
     from appliance.store import Store
     from sync_agent.audit_export import AuditExporter, read_export_state
     from sync_agent.outbox_delivery import Deliverer, DrainResult
@@ -703,6 +705,9 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
         finally:
             await store.close()
         summary: dict[str, object] = {k: v for k, v in total.__dict__.items() if k != "failures"}
+        # Only the class of a failure: the rest may be the server's words, which may quote
+        # what it refused (PHI), kept sealed in the outbox and opened only on an audited page.
+        summary["error"] = _failure_class(total.error)
         if exported is not None:
             summary["audit_export"] = {
                 "exported": exported.exported,
@@ -713,12 +718,23 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
             }
         _out(json.dumps(summary))
         if failure is not None:
-            # The class and our own words (cannot connect, no response, HTTP 503…).
-            sys.stderr.write(f"appliance: sync failed, the upstream link is down: {failure}\n")
+            said = _failure_class(failure)
+            stopped = None if exported is None else exported.stopped_by
+            if total.unreachable or (
+                stopped is not None
+                and isinstance(stopped.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
+            ):
+                said = f"{said} (cannot connect to {upstream.name})"
+            sys.stderr.write(f"appliance: sync failed, the upstream link is down: {said}\n")
             return 2
         return 0
 
     return asyncio.run(go())
+
+
+def _failure_class(error: str | None) -> str | None:
+    """``transient``, ``auth``… of an error text: what may be printed or logged of it."""
+    return None if error is None else error.split(":", 1)[0]
 
 
 def _add(total: DrainResult, step: DrainResult) -> None:
@@ -730,6 +746,7 @@ def _add(total: DrainResult, step: DrainResult) -> None:
     total.bundles += step.bundles
     total.batch_size = step.batch_size
     total.link_down = step.link_down
+    total.unreachable = step.unreachable
     if step.error:
         total.error = step.error
         total.failures.append(step.error)

@@ -254,3 +254,28 @@ def test_audit_verify_holds_the_trail_to_every_anchor_upstream(
     assert main(["audit", "verify", "--quiet", "--demo", str(site)]) == 1
     err = capsys.readouterr().err
     assert f"upstream anchor (record {head}" in err
+
+
+@pytest.mark.peer
+def test_once_prints_the_class_of_a_refusal_never_the_servers_words(
+    site: Path,
+    fhir_peer: FhirPeer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fhir_peer.reset()
+    _fill(site, dead_letter=False)
+    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
+    capsys.readouterr()
+    # The server's OperationOutcome quotes what it refused; a 401 stops the run.
+    fhir_peer.fault("status", status=401, count=100)
+    try:
+        assert main(["sync", "once", "--quiet", "--demo", str(site)]) == 2
+    finally:
+        fhir_peer.clear_fault()
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["error"] == "auth"
+    assert captured.err.strip().endswith("the upstream link is down: auth")
+    # Before: the server's diagnostics (the peer's "injected fault: status 401" here, a
+    # name and birth date from a real EHR) were printed as they came.
+    assert "injected fault" not in captured.out + captured.err
