@@ -597,7 +597,7 @@ def cmd_sync_status(args: argparse.Namespace, config: Config) -> int:
     now = datetime.now(UTC)
     conn, kek = _open(config)
     try:
-        found = read_status(conn, now)
+        found = read_status(conn, now, all_states=True)
         messages = None
         if args.show_errors:
             keyring = load_keyring(conn, kek, config.keys.kek_file)

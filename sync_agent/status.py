@@ -162,21 +162,34 @@ def _process(conn: sqlite3.Connection, now: datetime) -> ProcessStatus | None:
     )
 
 
-def read_status(conn: sqlite3.Connection, now: datetime) -> SyncStatus:
+def read_status(conn: sqlite3.Connection, now: datetime, *, all_states: bool = False) -> SyncStatus:
     """Read every figure (on the database thread); ``now`` is timezone-aware.
 
-    Waiting items are counted through the partial index of pending rows; the oldest waiting
-    item's age is from when it joined the queue (:func:`appliance.store.oldest_waiting`). An
+    Cheap whatever the size of the outbox (delivered rows are never pruned, and ``/healthz``
+    and ``/metrics`` answer anyone, on the web process's one database thread): waiting and
+    dead items are counted through their partial indexes. ``all_states`` adds the raw count
+    of every lane and state (``counts``: a scan of the whole outbox, for the CLI's JSON).
+    The oldest waiting item's age is from when it joined the queue (:func:`appliance.store.oldest_waiting`). An
     update held for the review queue (the upstream's copy had changed) is counted there,
     open or decided, never as a dead letter: it is not a refusal, and a nurse's decision
     ends it.
     """
-    counts = tuple(
-        (int(lane), str(state), int(count))
-        for lane, state, count in conn.execute(
-            "SELECT lane, state, count(*) FROM outbox GROUP BY lane, state ORDER BY lane, state"
-        ).fetchall()
+    counts = (
+        tuple(
+            (int(lane), str(state), int(count))
+            for lane, state, count in conn.execute(
+                "SELECT lane, state, count(*) FROM outbox GROUP BY lane, state ORDER BY lane, state"
+            ).fetchall()
+        )
+        if all_states
+        else ()
     )
+    pending_by_lane = {
+        int(lane): int(count)
+        for lane, count in conn.execute(
+            "SELECT lane, count(*) FROM outbox WHERE state = 'pending' GROUP BY lane"
+        ).fetchall()
+    }
     dead_by_lane = {
         int(lane): int(count)
         for lane, count in conn.execute(
@@ -189,10 +202,9 @@ def read_status(conn: sqlite3.Connection, now: datetime) -> SyncStatus:
     for lane in Lane:
         since = joined.get(lane)
         age = None if since is None else round(max(0.0, (now - since).total_seconds()), 3)
-        by_state = {state: count for number, state, count in counts if number == lane}
         lanes.append(
             LaneStatus(
-                lane.name.lower(), by_state.get("pending", 0), age, dead_by_lane.get(lane, 0)
+                lane.name.lower(), pending_by_lane.get(lane, 0), age, dead_by_lane.get(lane, 0)
             )
         )
     last = conn.execute("SELECT max(delivered_at) FROM outbox").fetchone()[0]

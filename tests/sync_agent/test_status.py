@@ -1,0 +1,53 @@
+"""The sync figures' cost: /healthz and /metrics answer anyone, on the web process's one
+database thread, over an outbox whose delivered rows are never pruned."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance import db
+from appliance.store import Store
+from sync_agent.status import SyncStatus, read_status
+from tests import factories
+
+
+async def test_the_figures_for_the_web_never_scan_the_outbox(store: Store, db_path: Path) -> None:
+    [pat] = await store.create([factories.patient()], "user:nurse1")
+    await store.create(
+        [factories.bp_observation(f"Patient/{pat.logical_id}") for _ in range(30)],
+        "service:devices",
+    )
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    raw.execute("UPDATE outbox SET state = 'delivered', delivered_at = '2026-11-29T00:00:00Z'")
+    raw.execute("UPDATE outbox SET state = 'pending' WHERE id % 3 = 0")
+    raw.execute("ANALYZE")
+    raw.close()
+    asked: list[str] = []
+
+    def read(conn: sqlite3.Connection, all_states: bool) -> SyncStatus:
+        conn.set_trace_callback(asked.append)
+        try:
+            return read_status(conn, datetime.now(UTC), all_states=all_states)
+        finally:
+            conn.set_trace_callback(None)
+
+    found = await db.run_sync(store.connection, read, False)
+    assert sum(lane.waiting for lane in found.lanes) == 10
+    assert found.counts == ()
+
+    def plans(conn: sqlite3.Connection) -> list[str]:
+        steps = []
+        for sql in asked:
+            if "outbox" in sql and sql.lstrip().upper().startswith("SELECT"):
+                steps += [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+        return steps
+
+    steps = await db.run_sync(store.connection, plans)
+    # Before: "SCAN outbox" for the count of every lane and state, on every scrape.
+    scans = [s for s in steps if s.startswith("SCAN") and "outbox" in s and "INDEX" not in s]
+    assert scans == [], steps
+    asked.clear()
+    full = await db.run_sync(store.connection, read, True)  # the CLI's JSON: every state
+    assert sum(count for _, state, count in full.counts if state == "delivered") == 21
