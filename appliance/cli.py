@@ -535,6 +535,13 @@ def _sync_status_table(
         link = "no upstream configured"
     elif found.online:
         link = f"online ({process.upstream})"
+    elif process.starting:
+        link = f"starting ({process.upstream}; the first round is under way)"
+    elif process.unreachable:
+        link = (
+            f"OFFLINE ({process.upstream}; no connection could be made: check this clinic's "
+            "internet link, DNS and firewall)"
+        )
     else:
         link = f"OFFLINE ({process.upstream}; last failure: {process.last_failure or 'unknown'})"
     if found.last_success is None:

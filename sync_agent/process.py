@@ -155,6 +155,25 @@ class _Step:
         self.failures, self.not_before = 0, 0.0
 
 
+def _link_seen(stops: list[UpstreamError], reached: bool | None) -> dict[str, object]:
+    """What a round whose drain sent nothing saw of the link: the steps after the drain
+    found it down (a pulled cable with an empty outbox), or the round-trip probe answered
+    or not. Nothing new: no figures (the last ones stand)."""
+    cut = [e for e in stops if e.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)]
+    if cut or reached is False:
+        no_connection = reached is False or any(
+            isinstance(e.__cause__, httpx.ConnectError | httpx.ConnectTimeout) for e in cut
+        )
+        return {
+            "online": False,
+            "unreachable": no_connection,
+            "last_failure": str(cut[0].failure) if cut else str(Failure.TRANSIENT),
+        }
+    if reached:
+        return {"online": True, "unreachable": False, "last_failure": None}
+    return {}
+
+
 # Failures of a whole exchange, which say nothing about the items: a step stopped by one
 # waits out a backoff. (Refusals of single items are handled by the step itself.)
 _STEP_STOPS = (
@@ -296,12 +315,16 @@ class SyncLoop:
         self.steps = {name: _Step(name) for name in ("updates", "pull", "audit export")}
         self.probes = 0
         self._rtt_at: float | None = None
+        self._rtt_ok = True
         # -- claims (issue 8): ready claims to the payer endpoint, its acks back. ------------
         self.claims = ClaimsSubmitter(ctx.store, ctx.config)
 
     async def run(self) -> None:
         """The loop; returns when the context is stopping."""
         pacing, rng = self._pacing, self._rng
+        # Known from the start, so the status says which upstream while the first round (a
+        # long catch-up after a restart, say) is under way, not "no upstream configured".
+        self._ctx.set_status(upstream=self._upstream.name)
         await self.wakeups.prime()
         # Randomised start: a fleet coming back after an outage does not arrive at once.
         wake = await self.wakeups.wait(rng.uniform(0, min(5.0, pacing.interval_s)), on_work=False)
@@ -318,7 +341,8 @@ class SyncLoop:
                 # not help: keep this process up, say why, and try again with backoff.
                 failures += 1
                 wait = pacing.backoff(failures, rng)
-                self._ctx.set_status(last_failure="store", store_error=str(exc))
+                # Nothing is delivered meanwhile: not "online", whatever the last round was.
+                self._ctx.set_status(online=False, last_failure="store", store_error=str(exc))
                 logger.error("sync round stopped by the store: %s; retrying in %.0f s", exc, wait)
                 wake = await self.wakeups.wait(wait, on_work=False)
                 continue
@@ -348,8 +372,7 @@ class SyncLoop:
         self._report(result)
         if stopping():
             return result, False
-        if not result.link_down:
-            await self._measure_rtt()
+        reached = None if result.link_down else await self._measure_rtt()
         # -- claims (issue 8): after the drain, whatever the EHR link; never raises. -------
         await self.claims.run_once()
         if result.link_down:
@@ -362,33 +385,46 @@ class SyncLoop:
             for step in self.steps.values():
                 step.reset()
         more = False
+        stops: list[UpstreamError] = []
         updates, pull, export = self.steps.values()
         if updates.due(loop.time()):
             updated = await self.updates.send_once()
             updates.after(updated.stopped_by, loop.time(), self._pacing, self._rng)
+            stops += [updated.stopped_by] if updated.stopped_by else []
         if pull.due(loop.time()):
             pulled = await self.puller.pull_once(force=wake is Wake.SYNC_NOW)
             pull.after(pulled.stopped_by, loop.time(), self._pacing, self._rng)
             more = bool(pulled.more) and pulled.stopped_by is None
+            stops += [pulled.stopped_by] if pulled.stopped_by else []
         if export.due(loop.time()):
             exported = await self.exporter.drain(stop=stopping)
             # An anchor refused for our access or the address paces the step as well: with
             # nothing else to export, it would be asked again every round.
             stopped = exported.stopped_by or exported.anchor_stopped_by
             export.after(stopped, loop.time(), self._pacing, self._rng)
-        self._ctx.set_status(
-            steps_failing={s.name: str(s.failure) for s in self.steps.values() if s.failures}
-        )
+            stops += [stopped] if stopped else []
+        figures: dict[str, object] = {
+            "steps_failing": {s.name: str(s.failure) for s in self.steps.values() if s.failures}
+        }
+        if result.bundles == 0 and not result.error:
+            figures |= _link_seen(stops, reached)
+        self._ctx.set_status(**figures)
         return result, more
 
-    async def _measure_rtt(self) -> None:
-        """Time one ``HEAD metadata`` (at most every :data:`RTT_EVERY_S`); no PHI, no auth."""
+    async def _measure_rtt(self) -> bool | None:
+        """Time one ``HEAD metadata`` (at most every :data:`RTT_EVERY_S`); no PHI, no auth.
+
+        Whether the upstream answered (None: not asked this round). After one that did not,
+        asked every round (one cheap ``HEAD`` an interval), so the status says "online"
+        again as soon as the link is back."""
         loop = asyncio.get_running_loop()
-        if self._rtt_at is not None and loop.time() - self._rtt_at < RTT_EVERY_S:
-            return
+        if self._rtt_ok and self._rtt_at is not None and loop.time() - self._rtt_at < RTT_EVERY_S:
+            return None
         self._rtt_at = start = loop.time()
-        if await probe(self._client, self._pacing.probe_timeout_s):
+        self._rtt_ok = await probe(self._client, self._pacing.probe_timeout_s)
+        if self._rtt_ok:
             self._ctx.set_status(upstream_rtt_ms=round((loop.time() - start) * 1000, 1))
+        return self._rtt_ok
 
     async def _until_reachable(self) -> Wake:
         logger.warning(
@@ -416,16 +452,21 @@ class SyncLoop:
             failed += 1
 
     def _report(self, result: DrainResult) -> None:
+        if result.bundles or result.link_down or result.error:
+            # Only a drain that sent something says anything of the link; an empty outbox
+            # leaves it to the round's other exchanges (_link_seen).
+            self._ctx.set_status(
+                online=not result.link_down,
+                unreachable=result.unreachable,
+                # Only the class of failure: the server's words may quote PHI.
+                last_failure=None if result.error is None else result.error.split(":", 1)[0],
+            )
         self._ctx.set_status(
             upstream=self._upstream.name,
-            online=not result.link_down,
-            unreachable=result.unreachable,
             last_delivered=result.delivered,
             dead=result.dead,
             ambiguous=result.ambiguous,
             batch_size=self.deliverer.batch_size,
-            # Only the class of failure: the server's words may quote PHI.
-            last_failure=None if result.error is None else result.error.split(":", 1)[0],
             store_error=None,
         )
         if result.delivered or result.dead:

@@ -73,8 +73,20 @@ class ProcessStatus:
 
     @property
     def fresh(self) -> bool:
-        """The process is alive (its heartbeat is recent)."""
-        return self.age_s <= HEARTBEAT_STALE_S
+        """The process is alive (its heartbeat is recent; one far in the future, from a
+        clock set back since, says nothing either)."""
+        return -HEARTBEAT_STALE_S <= self.age_s <= HEARTBEAT_STALE_S
+
+    @property
+    def starting(self) -> bool:
+        """Alive, and its first round not over yet (nothing known of the link)."""
+        return self.fresh and "online" not in self.figures
+
+    @property
+    def unreachable(self) -> bool:
+        """Its last attempt made no connection at all (the clinic's link, DNS, a firewall),
+        as opposed to an upstream that answered with an error."""
+        return self.figures.get("unreachable") is True
 
     @property
     def online(self) -> bool:
@@ -136,7 +148,8 @@ def lane_name(lane: int) -> str:
         return str(lane)
 
 
-def _parse_time(text: object) -> datetime | None:
+def parse_time(text: object) -> datetime | None:
+    """An aware ISO time, or None for anything else (a heartbeat row is anyone's to write)."""
     if not isinstance(text, str) or not text:
         return None
     try:
@@ -148,7 +161,7 @@ def _parse_time(text: object) -> datetime | None:
 
 def _process(conn: sqlite3.Connection, now: datetime) -> ProcessStatus | None:
     row = conn.execute("SELECT beat_at, status FROM heartbeats WHERE process = 'sync'").fetchone()
-    beat_at = None if row is None else _parse_time(row[0])
+    beat_at = None if row is None else parse_time(row[0])
     if row is None or beat_at is None:
         return None
     try:
@@ -224,7 +237,7 @@ def read_status(conn: sqlite3.Connection, now: datetime, *, all_states: bool = F
     return SyncStatus(
         process=_process(conn, now),
         lanes=tuple(lanes),
-        last_success=_parse_time(last),
+        last_success=parse_time(last),
         dead_total=sum(dead_by_lane.values()),
         dead_letters=dead,
         export=read_export_state(conn),

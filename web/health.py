@@ -30,7 +30,7 @@ from appliance import db
 from appliance.errors import StoreError
 from appliance.runtime import HEARTBEAT_STALE_S
 from appliance.store import Lane
-from sync_agent.status import SyncStatus, read_status
+from sync_agent.status import SyncStatus, parse_time, read_status
 from web.app import AppState, app_state
 
 bp = Blueprint("health", __name__)
@@ -87,12 +87,21 @@ def _heartbeats(conn: sqlite3.Connection, now: datetime) -> dict[str, Heartbeat]
     found: dict[str, Heartbeat] = {}
     rows = conn.execute("SELECT process, pid, beat_at FROM heartbeats ORDER BY process")
     for process, pid, beat_at in rows.fetchall():
-        age = (now - datetime.fromisoformat(beat_at)).total_seconds()
-        status = "ok" if age <= HEARTBEAT_STALE_S else "stale"
-        found[str(process)] = Heartbeat(int(pid), round(age, 3), status)
+        moment = parse_time(beat_at)
+        if moment is None:  # not a time this appliance writes: nothing known of it
+            found[str(process)] = Heartbeat(_whole(pid), None, "stale")
+            continue
+        age = (now - moment).total_seconds()
+        # A beat far ahead of now (a clock set back since) says nothing either.
+        status = "ok" if -HEARTBEAT_STALE_S <= age <= HEARTBEAT_STALE_S else "stale"
+        found[str(process)] = Heartbeat(_whole(pid), round(age, 3), status)
     for process in EXPECTED_PROCESSES:
         found.setdefault(process, Heartbeat(None, None, "missing"))
     return found
+
+
+def _whole(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def read_snapshot(conn: sqlite3.Connection, now: datetime) -> Snapshot:

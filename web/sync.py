@@ -59,6 +59,9 @@ FAILURE_TEXT = {
     "sending smaller ones, or waiting if even one item is refused (check its body size limit)",
     "permanent": "the EHR refused an item; see the dead letters",
     "store": "the local store failed (a full disk?); see the journal",
+    # No connection could be made at all: the clinic's own link, not the EHR.
+    "unreachable": "no connection to the EHR could be made: check this clinic's internet "
+    "link, DNS and firewall; records wait here and go when it is back",
 }
 
 

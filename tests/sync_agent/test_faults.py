@@ -788,6 +788,7 @@ async def test_a_full_disk_stops_the_round_not_the_process_and_nothing_is_lost_o
             assert time.monotonic() < deadline, ctx.status
             await asyncio.sleep(0.05)
         assert "disk is full" in str(ctx.status["store_error"])
+        assert ctx.status["online"] is False  # before: the last round's "online" stood
         await asyncio.sleep(1.0)  # a few more rounds fail the same way, and the process stays
         assert not task.done()
         stuck = [state for state, _, _ in _rows(db_path)].count("pending")
@@ -998,6 +999,34 @@ async def test_an_upstream_whose_metadata_is_slow_still_gets_its_bundles_after_a
             await asyncio.sleep(0.05)
             # Before: every probe "timed out", so the box stayed "unreachable" for good.
             assert time.monotonic() - healed < 10, (loop.probes, ctx.status)
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_an_empty_outbox_with_the_link_down_reads_offline_not_online(
+    store: Store, client: httpx.AsyncClient, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A pulled cable overnight, nothing to send: the drain says nothing of the link."""
+    ctx = await _loop_ctx(tmp_path, store, proxy.base_url, 0.2)
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=random.Random(4))
+    await proxy.set(Fault.REFUSE)
+    task = asyncio.create_task(loop.run())
+    try:
+        started = time.monotonic()
+        while ctx.status.get("upstream") != "ehr" or "online" in ctx.status:
+            # Said from the start (a long first round reads "starting", not "no upstream").
+            await asyncio.sleep(0.01)
+            assert time.monotonic() - started < 5, ctx.status
+        while ctx.status.get("online") is not False:
+            await asyncio.sleep(0.05)
+            # Before: "online", the drain having sent nothing, and the probe ignored.
+            assert time.monotonic() - started < 10, ctx.status
+        assert ctx.status["unreachable"] is True
+        await proxy.heal()
+        while ctx.status.get("online") is not True:
+            await asyncio.sleep(0.05)
+            assert time.monotonic() - started < 15, ctx.status  # probed each round meanwhile
     finally:
         ctx.stopping.set()
         await asyncio.wait_for(task, 5)

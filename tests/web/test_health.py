@@ -67,6 +67,37 @@ async def test_healthz_reports_a_stale_process(
     assert body["processes"]["web"]["status"] == "stale"
 
 
+async def test_an_odd_heartbeat_row_reads_stale_not_an_error(
+    client: QuartClient, db_path: Path, clock: FakeClock
+) -> None:
+    _beat(db_path, clock, "web", "devices", "sync")
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.execute("UPDATE heartbeats SET beat_at = 'junk' WHERE process = 'devices'")
+        conn.execute(  # no offset: not a time this appliance writes
+            "UPDATE heartbeats SET beat_at = '2026-11-26T08:00:00' WHERE process = 'web'"
+        )
+        conn.execute(  # a day ahead: a clock set back since the process last beat
+            "UPDATE heartbeats SET beat_at = ? WHERE process = 'sync'",
+            ((clock() + timedelta(days=1)).isoformat(),),
+        )
+    conn.close()
+    # Before: "Invalid isoformat string: 'junk'" as the database's state, every process
+    # "missing" and no sync gauges; a time without offset was a 500; a future beat "ok".
+    response = await client.get("/healthz")
+    assert response.status_code == 503
+    body = await response.get_json()
+    assert body["database"] == "ok"
+    assert {p: body["processes"][p]["status"] for p in ("web", "devices", "sync")} == {
+        "web": "stale",
+        "devices": "stale",
+        "sync": "stale",
+    }
+    metrics = await (await client.get("/metrics")).get_data(as_text=True)
+    assert "appliance_database_up 1.0" in metrics
+    assert "appliance_sync_online 0.0" in metrics
+
+
 async def test_metrics_parse_and_carry_the_outbox_gauges(
     client: QuartClient, store: Store, db_path: Path, clock: FakeClock
 ) -> None:

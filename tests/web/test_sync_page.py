@@ -232,6 +232,27 @@ async def test_an_offline_link_says_what_the_failure_means(
     assert said in page.split('id="last-failure">')[1].split("</span>")[0]
 
 
+async def test_the_link_reads_starting_then_names_a_connection_that_cannot_be_made(
+    logged_in: QuartClient, db_path: Path, clock: FakeClock
+) -> None:
+    raw = sqlite3.connect(db_path)
+    with raw:  # the process is up, its first round (a long catch-up) under way
+        _beat(raw, clock, {"upstream": "ehr"})
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    assert 'id="starting"' in page
+    with raw:
+        _beat(
+            raw,
+            clock,
+            {"upstream": "ehr", "online": False, "unreachable": True, "last_failure": "transient"},
+        )
+    raw.close()
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    said = page.split('id="last-failure">')[1].split("</span>")[0]
+    # Before: "the EHR answered with errors or was busy" for a pulled cable.
+    assert "check this clinic&#39;s internet link" in said
+
+
 async def test_an_online_link_names_a_step_that_is_refused_and_backing_off(
     logged_in: QuartClient, db_path: Path, clock: FakeClock
 ) -> None:
@@ -307,4 +328,4 @@ def test_every_failure_class_has_words_for_the_page() -> None:
     from sync_agent.upstream import Failure
     from web.sync import FAILURE_TEXT
 
-    assert {str(f) for f in Failure} | {"store"} == set(FAILURE_TEXT)
+    assert {str(f) for f in Failure} | {"store", "unreachable"} == set(FAILURE_TEXT)
