@@ -760,7 +760,11 @@ class Deliverer:
         return result
 
     async def drain(
-        self, *, max_bundles: int = 1000, stop: Callable[[], bool] = lambda: False
+        self,
+        *,
+        max_bundles: int = 1000,
+        stop: Callable[[], bool] = lambda: False,
+        on_bundle: Callable[[DrainResult], None] | None = None,
     ) -> DrainResult:
         """Drain until nothing is due, the link fails, ``max_bundles`` were sent, or ``stop()``.
 
@@ -770,6 +774,9 @@ class Deliverer:
         too: a stop that arrives while *k*'s answer is being committed and *k+1* already
         travels waits for *k+1*'s answer, so after a clean stop nothing the server applied is
         left pending here.
+
+        ``on_bundle`` is told each bundle's outcome once it is committed (the sync process
+        says "online" from the first one, not only when a long catch-up is over).
 
         Pipelined, one bundle ahead: while bundle *k* is on the wire the next one is read and
         planned (its items, and those pointing at *k*'s, left out); once *k*'s answer is in,
@@ -816,6 +823,8 @@ class Deliverer:
                     send = self._send(ahead)
                 await self._settle(batch, response, now, step)
                 _add(total, step)
+                if on_bundle is not None:
+                    on_bundle(step)
                 if stopping:
                     break
                 if ahead is not None and ahead.ready:

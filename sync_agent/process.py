@@ -368,7 +368,7 @@ class SyncLoop:
         if wake is Wake.SYNC_NOW:
             await self.deliverer.make_due()
         stopping = self._ctx.stopping.is_set
-        result = await self.deliverer.drain(stop=stopping)
+        result = await self.deliverer.drain(stop=stopping, on_bundle=self._delivering)
         self._report(result)
         if stopping():
             return result, False
@@ -450,6 +450,11 @@ class SyncLoop:
                 )
                 return Wake.TIMEOUT
             failed += 1
+
+    def _delivering(self, step: DrainResult) -> None:
+        """A bundle went through in the middle of a drain (a catch-up after an outage may
+        take minutes): the link is up now, whatever the last round said."""
+        self._ctx.set_status(online=True, unreachable=False, last_failure=None)
 
     def _report(self, result: DrainResult) -> None:
         if result.bundles or result.link_down or result.error:

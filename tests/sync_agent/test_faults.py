@@ -1030,3 +1030,30 @@ async def test_an_empty_outbox_with_the_link_down_reads_offline_not_online(
     finally:
         ctx.stopping.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_long_catch_up_after_an_outage_reads_online_from_its_first_bundle(
+    store: Store, client: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer, tmp_path: Path
+) -> None:
+    ctx = await _loop_ctx(tmp_path, store, proxy.base_url, 0.2)
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=random.Random(4))
+    await _readings(store, 40)  # six bundles of 8
+    await proxy.set(Fault.REFUSE)
+    task = asyncio.create_task(loop.run())
+    try:
+        started = time.monotonic()
+        while ctx.status.get("online") is not False:
+            await asyncio.sleep(0.02)
+            assert time.monotonic() - started < 10, ctx.status
+        await proxy.set(Fault.DELAY, delay_s=0.4)  # back, over a slow link
+        seen_online_mid_drain = False
+        while fhir_peer.count("Observation") < 40:
+            if ctx.status.get("online") is True and fhir_peer.count("Observation") < 40:
+                seen_online_mid_drain = True
+            await asyncio.sleep(0.05)
+            assert time.monotonic() - started < 30, ctx.status
+        # Before: "offline" until the whole catch-up drain was over.
+        assert seen_online_mid_drain
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 10)
