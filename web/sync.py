@@ -36,7 +36,7 @@ from appliance.numbers import small_int
 from appliance.users import Role
 from sync_agent import status
 from sync_agent.updates import ReviewError, ReviewItem, ReviewQueue
-from web.access import require_access
+from web.access import decide
 from web.app import app_state
 from web.auth import current_session, login_required
 from web.templating import render_template
@@ -280,16 +280,33 @@ async def review_list() -> ResponseReturnValue:
 
 
 async def _review_access(review_id: int) -> str:
-    """The current user's access to the patient of a review item (its audit detail), as
-    for opening that patient's chart: normal access or break-glass, else refused (403 with
-    the break-glass offer). 404 when there is no such item."""
+    """Why the current user may open a review item's two versions (its audit detail); 404
+    when there is no such item.
+
+    The access the user has to that patient (today's check-in, an enrolment, a break-glass
+    grant) when there is one; else the review queue itself, named as such in the audit
+    trail: deciding a sync conflict is work the queue gives nurses and admins, often the day
+    after the visit, and the list shows no name or birth date to ask break-glass with.
+    """
+    state = app_state()
     try:
-        item = await ReviewQueue(app_state().store).item(review_id)
+        item = await ReviewQueue(state.store).item(review_id)
     except ReviewError:
         abort(404)
+    session = await current_session()
+    assert session is not None  # login_required
     # Demographics are the only records edited here (store.UPDATABLE_TYPES): the Patient.
-    access = await require_access(item.logical_id)
-    return access.detail
+    access = await db.run_sync(
+        state.store.connection,
+        decide,
+        session.user.id,
+        item.logical_id,
+        now=state.clock(),
+        zone=state.zone,
+    )
+    if access is not None:
+        return access.detail
+    return f"review queue: deciding sync conflict {review_id}"
 
 
 @bp.get("/review/<int:review_id>")
