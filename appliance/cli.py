@@ -531,12 +531,12 @@ def _sync_status_table(
         link = (
             f"unknown: the sync process is not running (last heartbeat {_age(process.age_s)} ago)"
         )
+    elif process.starting:
+        link = f"starting ({process.upstream or 'upstream'}; the first round is under way)"
     elif process.upstream is None:
         link = "no upstream configured"
     elif found.online:
         link = f"online ({process.upstream})"
-    elif process.starting:
-        link = f"starting ({process.upstream}; the first round is under way)"
     elif process.unreachable:
         link = (
             f"OFFLINE ({process.upstream}; no connection could be made: check this clinic's "

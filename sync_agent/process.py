@@ -264,8 +264,13 @@ async def probe(client: httpx.AsyncClient, timeout_s: float) -> bool:
     satellite link): only a connection that could not be made is "unreachable" — else such
     an upstream would never be sent a bundle, which allows far longer than the probe.
     """
+    # As long to connect as a bundle gets (a satellite link's TCP and TLS take seconds); the
+    # answer itself gets ``timeout_s``, and a slow one counts as reached (below).
+    connect = max(timeout_s, client.timeout.connect or timeout_s)
     try:
-        await client.head("metadata", timeout=timeout_s, auth=httpx.Auth())
+        await client.head(
+            "metadata", timeout=httpx.Timeout(timeout_s, connect=connect), auth=httpx.Auth()
+        )
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError, httpx.PoolTimeout):
         return False
     except httpx.HTTPError:
@@ -343,6 +348,7 @@ class SyncLoop:
                 wait = pacing.backoff(failures, rng)
                 # Nothing is delivered meanwhile: not "online", whatever the last round was.
                 self._ctx.set_status(online=False, last_failure="store", store_error=str(exc))
+                self._rtt_ok = False  # the next round asks the link again, and says so
                 logger.error("sync round stopped by the store: %s; retrying in %.0f s", exc, wait)
                 wake = await self.wakeups.wait(wait, on_work=False)
                 continue
@@ -407,7 +413,10 @@ class SyncLoop:
             "steps_failing": {s.name: str(s.failure) for s in self.steps.values() if s.failures}
         }
         if result.bundles == 0 and not result.error:
-            figures |= _link_seen(stops, reached)
+            seen = _link_seen(stops, reached)
+            if seen.get("online") is False:
+                self._rtt_ok = False  # probed each round from now, to see it come back
+            figures |= seen
         self._ctx.set_status(**figures)
         return result, more
 
@@ -415,10 +424,12 @@ class SyncLoop:
         """Time one ``HEAD metadata`` (at most every :data:`RTT_EVERY_S`); no PHI, no auth.
 
         Whether the upstream answered (None: not asked this round). After one that did not,
-        asked every round (one cheap ``HEAD`` an interval), so the status says "online"
-        again as soon as the link is back."""
+        asked every round but never more often than the offline probes (``probe_cap_s / 2``,
+        however short ``interval_s``), so the status says "online" again soon after the link
+        is back."""
         loop = asyncio.get_running_loop()
-        if self._rtt_ok and self._rtt_at is not None and loop.time() - self._rtt_at < RTT_EVERY_S:
+        every = RTT_EVERY_S if self._rtt_ok else self._pacing.probe_cap_s / 2
+        if self._rtt_at is not None and loop.time() - self._rtt_at < every:
             return None
         self._rtt_at = start = loop.time()
         self._rtt_ok = await probe(self._client, self._pacing.probe_timeout_s)

@@ -78,9 +78,15 @@ class ProcessStatus:
         return -HEARTBEAT_STALE_S <= self.age_s <= HEARTBEAT_STALE_S
 
     @property
+    def no_upstream(self) -> bool:
+        """It said it has no upstream configured (records wait; claims still go)."""
+        return "upstream" in self.figures and self.figures["upstream"] is None
+
+    @property
     def starting(self) -> bool:
-        """Alive, and its first round not over yet (nothing known of the link)."""
-        return self.fresh and "online" not in self.figures
+        """Alive, and its first round not over yet (nothing known of the link; its first
+        heartbeat may come before it has said anything at all)."""
+        return self.fresh and "online" not in self.figures and not self.no_upstream
 
     @property
     def unreachable(self) -> bool:

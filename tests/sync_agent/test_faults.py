@@ -1057,3 +1057,26 @@ async def test_a_long_catch_up_after_an_outage_reads_online_from_its_first_bundl
     finally:
         ctx.stopping.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_an_empty_outbox_with_the_link_down_is_probed_at_the_offline_pace_not_each_round(
+    store: Store,
+    client: httpx.AsyncClient,
+    wire: CountingTransport,
+    proxy: FaultProxy,
+    tmp_path: Path,
+) -> None:
+    ctx = await _loop_ctx(tmp_path, store, proxy.base_url, 0.1)  # the shortest interval
+    pacing = Pacing(interval_s=0.1)  # offline probes at most every PROBE_CAP_S / 2 = 2.5 s
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=Longest(), pacing=pacing)
+    await proxy.set(Fault.REFUSE)
+    task = asyncio.create_task(loop.run())
+    try:
+        await asyncio.sleep(5.0)
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 5)
+    heads = sum(1 for _, method, _ in wire.sent if method == "HEAD")
+    # Before: a HEAD every round, about 50 in 5 s at interval_s = 0.1.
+    assert 1 <= heads <= 3, heads
+    assert ctx.status["online"] is False

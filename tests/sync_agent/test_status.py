@@ -46,7 +46,12 @@ async def test_the_figures_for_the_web_never_scan_the_outbox(store: Store, db_pa
 
     steps = await db.run_sync(store.connection, plans)
     # Before: "SCAN outbox" for the count of every lane and state, on every scrape.
-    scans = [s for s in steps if s.startswith("SCAN") and "outbox" in s and "INDEX" not in s]
+    # The outbox is aliased "o" in some statements: any scan of it not through an index.
+    scans = [
+        step
+        for step in steps
+        if step.startswith("SCAN ") and step.split()[1] in ("outbox", "o") and "USING" not in step
+    ]
     assert scans == [], steps
     asked.clear()
     full = await db.run_sync(store.connection, read, True)  # the CLI's JSON: every state

@@ -236,10 +236,16 @@ async def test_the_link_reads_starting_then_names_a_connection_that_cannot_be_ma
     logged_in: QuartClient, db_path: Path, clock: FakeClock
 ) -> None:
     raw = sqlite3.connect(db_path)
-    with raw:  # the process is up, its first round (a long catch-up) under way
-        _beat(raw, clock, {"upstream": "ehr"})
+    for figures in ({}, {"upstream": "ehr"}):  # its first beat, then its first round
+        with raw:
+            _beat(raw, clock, figures)
+        page = (await (await logged_in.get("/sync/")).get_data()).decode()
+        assert 'id="starting"' in page
+        assert "No upstream configured" not in page
+    with raw:  # and one that said it has none
+        _beat(raw, clock, {"upstream": None})
     page = (await (await logged_in.get("/sync/")).get_data()).decode()
-    assert 'id="starting"' in page
+    assert "No upstream configured" in page
     with raw:
         _beat(
             raw,
