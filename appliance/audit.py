@@ -65,7 +65,9 @@ _NULL, _TEXT, _BLOB, _OTHER = 0, 1, 2, 3
 
 # Tampered TEXT need not be UTF-8; decoding with surrogateescape keeps the exact bytes
 # (re-encoded identically by _typed) instead of letting sqlite3 raise mid-verification.
-_tolerant_text = functools.partial(str, encoding="utf-8", errors="surrogateescape")
+# Text as stored, even where only tampering could have written bytes that are not UTF-8
+# (surrogate escapes keep them): verify and the audit export read the trail with it.
+tolerant_text = functools.partial(str, encoding="utf-8", errors="surrogateescape")
 
 
 def _append_only_guard(name: str, verb: str, table: str, what: str) -> tuple[str, str]:
@@ -404,9 +406,9 @@ def _chunks(conn: sqlite3.Connection) -> Iterator[list[Any]]:
         try:
             chunk = cursor.fetchmany(_FETCH_CHUNK)
         except sqlite3.OperationalError:
-            if conn.text_factory is _tolerant_text:
+            if conn.text_factory is tolerant_text:
                 raise
-            conn.text_factory = _tolerant_text
+            conn.text_factory = tolerant_text
             if last_id is None:
                 cursor = conn.execute(select + " ORDER BY id")
             else:
@@ -510,7 +512,7 @@ def verify(
     """
     saved_text_factory = conn.text_factory
     own_snapshot = not conn.in_transaction
-    conn.text_factory = _tolerant_text  # the few schema and checkpoint rows: never raise
+    conn.text_factory = tolerant_text  # the few schema and checkpoint rows: never raise
     if own_snapshot:
         conn.execute("BEGIN")  # deferred: a read snapshot, no write lock
     try:

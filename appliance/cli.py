@@ -666,7 +666,7 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
     from appliance.store import Store
     from sync_agent.audit_export import AuditExporter, read_export_state
     from sync_agent.outbox_delivery import Deliverer, DrainResult
-    from sync_agent.upstream import build_client
+    from sync_agent.upstream import build_client, failure_class
 
     if not config.sync.upstreams:
         raise ApplianceError("no [[sync.upstream]] is configured; nothing to sync to")
@@ -714,7 +714,7 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
         summary: dict[str, object] = {k: v for k, v in total.__dict__.items() if k != "failures"}
         # Only the class of a failure: the rest may be the server's words, which may quote
         # what it refused (PHI), kept sealed in the outbox and opened only on an audited page.
-        summary["error"] = _failure_class(total.error)
+        summary["error"] = failure_class(total.error)
         if exported is not None:
             summary["audit_export"] = {
                 "exported": exported.exported,
@@ -725,7 +725,7 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
             }
         _out(json.dumps(summary))
         if failure is not None:
-            said = _failure_class(failure)
+            said = failure_class(failure)
             stopped = None if exported is None else exported.stopped_by
             if total.unreachable or (
                 stopped is not None
@@ -737,11 +737,6 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
         return 0
 
     return asyncio.run(go())
-
-
-def _failure_class(error: str | None) -> str | None:
-    """``transient``, ``auth``… of an error text: what may be printed or logged of it."""
-    return None if error is None else error.split(":", 1)[0]
 
 
 def _add(total: DrainResult, step: DrainResult) -> None:

@@ -20,11 +20,11 @@ first in each drain, as a ``Provenance`` carrying the box's Ed25519 signature
 last it refused for good); an anchor not taken never holds the records back. Each drain
 first checks that the trail still holds the records at its cursor and at the anchor
 (:func:`check_trail`): a trail cut back and grown again is reported and sent again, not
-anchored over in silence. :func:`verify_against_anchors` holds the trail to every anchor
-upstream (``appliance audit verify`` does, with all of them: :func:`fetch_upstream_anchors`). :func:`verify_against_anchor` compares the upstream's newest anchor
-(:func:`fetch_upstream_anchor`) with the local chain: a local trail truncated, or rewritten
-and re-hashed, below a checkpoint held upstream is caught even when the local checkpoints
-were removed with it (``appliance/audit.py``, "What is guaranteed").
+anchored over in silence. :func:`verify_against_anchors` compares the local chain with every
+anchor upstream (:func:`fetch_upstream_anchors`; ``appliance audit verify`` does): a local
+trail truncated, or rewritten and re-hashed, below a checkpoint held upstream is caught even
+when the local checkpoints were removed with it (``appliance/audit.py``, "What is
+guaranteed").
 
 Exporting audit records is not itself audited: they hold no PHI, and a record per export
 would leave one new record to export after every export, for ever.
@@ -64,6 +64,7 @@ from sync_agent.upstream import (
     entry_outcome,
     entry_status,
     exchange,
+    next_link,
     post_bundle,
     response_json,
 )
@@ -356,7 +357,7 @@ def _load(
     """
     cursor = int(_meta(conn, CURSOR_KEY) or 0)
     saved = conn.text_factory
-    conn.text_factory = _tolerant_text
+    conn.text_factory = audit.tolerant_text
     try:
         rows = conn.execute(_ROWS_SQL, (cursor, limit)).fetchall()
     finally:
@@ -385,10 +386,6 @@ _ALONE_TOO_LARGE = 64 * 1024
 
 def _alone_too_large(bundle: dict[str, Any]) -> bool:
     return len(orjson.dumps(bundle)) > _ALONE_TOO_LARGE
-
-
-def _tolerant_text(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
 
 
 def _utf8(text: str) -> bool:
@@ -670,26 +667,11 @@ async def fetch_upstream_anchors(
         if response.status_code >= 300:
             raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
         anchors += anchors_of(body)
-        link = _next_link(body)
+        link = next_link(body)
         if link is None or not link.startswith(base):  # never credentials to another host
             break
         url, params = link, None
     return sorted(anchors, key=lambda cp: (cp.audit_id, cp.ts))
-
-
-def _next_link(bundle: Any) -> str | None:
-    links = bundle.get("link") if isinstance(bundle, dict) else None
-    for link in links if isinstance(links, list) else []:
-        if isinstance(link, dict) and link.get("relation") == "next":
-            url = link.get("url")
-            return url if isinstance(url, str) and url else None
-    return None
-
-
-async def fetch_upstream_anchor(client: httpx.AsyncClient, site_id: str) -> Checkpoint | None:
-    """The newest checkpoint anchor this site has upstream (None when there is none)."""
-    anchors = await fetch_upstream_anchors(client, site_id)
-    return anchors[-1] if anchors else None
 
 
 def anchors_of(body: Any) -> list[Checkpoint]:
@@ -702,9 +684,3 @@ def anchors_of(body: Any) -> list[Checkpoint]:
         except ValueError:
             continue
     return sorted(anchors, key=lambda cp: (cp.audit_id, cp.ts))
-
-
-def latest_anchor_of(body: Any) -> Checkpoint | None:
-    """The newest checkpoint anchor in a Provenance search answer (what is not one is skipped)."""
-    anchors = anchors_of(body)
-    return anchors[-1] if anchors else None

@@ -75,7 +75,7 @@ from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
 from sync_agent.pull import Puller
 from sync_agent.status import SYNC_NOW_KEY
 from sync_agent.updates import UpdateSender
-from sync_agent.upstream import Failure, UpstreamError, build_client
+from sync_agent.upstream import Failure, UpstreamError, build_client, failure_class
 
 logger = logging.getLogger(__name__)
 
@@ -475,7 +475,7 @@ class SyncLoop:
                 online=not result.link_down,
                 unreachable=result.unreachable,
                 # Only the class of failure: the server's words may quote PHI.
-                last_failure=None if result.error is None else result.error.split(":", 1)[0],
+                last_failure=failure_class(result.error),
             )
         self._ctx.set_status(
             upstream=self._upstream.name,

@@ -75,6 +75,7 @@ from sync_agent.upstream import (
     bundle_entries,
     classify_for_resource,
     exchange,
+    next_link,
     outcome_text,
     response_json,
 )
@@ -202,14 +203,6 @@ def _entries(bundle: Any, rtype: str) -> list[fhir.FhirJson]:
         ):
             found.append(resource)
     return found
-
-
-def _next_link(bundle: Any) -> str | None:
-    for link in as_list(as_dict(bundle).get("link")):
-        url = as_dict(link).get("url")
-        if as_dict(link).get("relation") == "next" and isinstance(url, str) and url:
-            return url
-    return None
 
 
 class Puller:
@@ -352,7 +345,7 @@ class Puller:
             after = await self._take(stream, rtype, resources, cursor, result, save=True)
             progressed = after != cursor
             cursor = after
-            link = _next_link(bundle)
+            link = next_link(bundle)
             link = link if link is not None and link.startswith(base) else None
             if next_url is not None:
                 # Following the server's links through one instant: on while it lasts, then

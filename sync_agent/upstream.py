@@ -115,6 +115,21 @@ def outcome_text(body: Any) -> str:
     return ""
 
 
+def next_link(bundle: Any) -> str | None:
+    """The ``next`` link of a search page (any shape: None when there is none)."""
+    for link in as_list(as_dict(bundle).get("link")):
+        url = as_dict(link).get("url")
+        if as_dict(link).get("relation") == "next" and isinstance(url, str) and url:
+            return url
+    return None
+
+
+def failure_class(error: str | None) -> str | None:
+    """``transient``, ``auth``… of an error text (``str(UpstreamError)``): all of it that may
+    be shown or logged, the rest being possibly the server's words, which may quote PHI."""
+    return None if error is None else error.split(":", 1)[0]
+
+
 def bundle_entries(body: Any) -> list[dict[str, Any]]:
     """A Bundle's entries in order, each a dict (``{}`` for one that is not one)."""
     return [as_dict(entry) for entry in as_list(as_dict(body).get("entry"))]

@@ -16,9 +16,8 @@ from appliance.store import Store
 from sync_agent import balp
 from sync_agent.audit_export import (
     AuditExporter,
-    fetch_upstream_anchor,
+    anchors_of,
     fetch_upstream_anchors,
-    latest_anchor_of,
     read_export_state,
     verify_against_anchor,
     verify_against_anchors,
@@ -176,7 +175,7 @@ def test_the_anchor_is_a_valid_provenance_that_round_trips(store: Store) -> None
     huge = json.loads(json.dumps(resource).replace('"5"', f'"{2**64}"'))
     with pytest.raises(ValueError):
         anchor_from_provenance(huge)
-    found = latest_anchor_of({"entry": [{"resource": resource}, {"resource": huge}]})
+    [found] = anchors_of({"entry": [{"resource": resource}, {"resource": huge}]})
     assert found == checkpoint
 
 
@@ -304,7 +303,7 @@ async def test_the_checkpoint_goes_upstream_and_exposes_a_truncated_local_chain(
     await AuditExporter(store, client, site_id=SITE).drain()  # already anchored: not resent
     assert fhir_peer.count("Provenance") == 1
 
-    anchor = await fetch_upstream_anchor(client, SITE)
+    [anchor] = await fetch_upstream_anchors(client, SITE)
     assert anchor == checkpoint
     public = keyring.signing_public_key
     intact = await db.run_sync(conn, verify_against_anchor, public, anchor)
