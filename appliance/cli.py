@@ -220,6 +220,27 @@ def cmd_audit_verify(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_audit_acknowledge(args: argparse.Namespace, config: Config) -> int:
+    from sync_agent.audit_export import acknowledge_breaks, read_export_state
+
+    conn = db.connect_sync(config.paths.database)  # no key needed: nothing is opened
+    try:
+        found = read_export_state(conn)
+        if not found.unacknowledged_breaks:
+            _out(f"nothing to acknowledge ({found.breaks} trail break(s) found, all acknowledged)")
+            return 0
+        done = acknowledge_breaks(
+            conn, actor=_cli_actor(), now=datetime.now(UTC), seen=found.breaks
+        )
+    finally:
+        conn.close()
+    _out(
+        f"{done} audit trail break(s) acknowledged (audited); the count stays in "
+        "appliance_audit_trail_breaks, and a new break warns again"
+    )
+    return 0
+
+
 def _parse_time(value: str | None) -> datetime | None:
     if value is None:
         return None
@@ -503,6 +524,7 @@ def _sync_status_json(found: SyncStatus, messages: dict[int, str] | None) -> dic
             "refused": found.export.refused,
             "anchored": found.export.anchored,
             "breaks": found.export.breaks,
+            "breaks_acknowledged": found.export.breaks_acknowledged,
         },
         "sync_now": found.sync_now,
     }
@@ -565,7 +587,11 @@ def _sync_status_table(
         f"Audit export   {export.lag} waiting (exported up to record {export.cursor} of "
         f"{export.head}; {export.refused} refused; checkpoint anchored at record {export.anchored})"
         + (
-            f"; TRAIL CUT BACK OR REWRITTEN {export.breaks} time(s): run 'appliance audit verify'"
+            f"; TRAIL CUT BACK OR REWRITTEN {export.unacknowledged_breaks} time(s)"
+            + (" since the last acknowledgement" if export.breaks_acknowledged else "")
+            + ": run 'appliance audit verify', report it, then 'appliance audit acknowledge'"
+            if export.unacknowledged_breaks
+            else f"; {export.breaks} trail break(s), acknowledged"
             if export.breaks
             else ""
         ),
@@ -804,6 +830,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--local", action="store_true", help="do not ask the upstream for its anchors")
+    command(
+        "acknowledge",
+        cmd_audit_acknowledge,
+        "acknowledge the audit trail breaks the sync's export found, once looked into and "
+        "reported (audited; the warning on /sync and in sync status goes, the count stays)",
+        audit_cmd,
+    )
     p = command(
         "report", cmd_audit_report, "list audit records by time window, user and patient", audit_cmd
     )

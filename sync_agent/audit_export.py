@@ -78,6 +78,9 @@ CURSOR_HASH_KEY = "audit_export.cursor_hash"  # the chain hash of the record at 
 ANCHOR_KEY = "audit_export.anchor"  # the newest checkpoint the upstream took
 ANCHOR_HASH_KEY = "audit_export.anchor_hash"  # its chain hash
 BREAKS_KEY = "audit_export.breaks"  # times the trail was found cut back or rewritten under us
+# How many of those a person has acknowledged (after looking into them): the count itself only
+# grows, so the metric and the alert keep the history; the red warning goes once acknowledged.
+BREAKS_ACKNOWLEDGED_KEY = "audit_export.breaks_acknowledged"
 ANCHOR_REFUSED_KEY = "audit_export.anchor_refused"  # the newest it refused for good (not resent)
 REFUSED_KEPT = 20  # the newest refusals kept with their reason; the count is kept in full
 
@@ -179,11 +182,17 @@ class ExportState:
     recent_refusals: tuple[tuple[int, str], ...]  # (audit id, reason), newest last
     anchored: int  # audit id of the newest checkpoint anchored upstream (0: none)
     breaks: int = 0  # times the local trail no longer held what was exported or anchored
+    breaks_acknowledged: int = 0  # of those, how many a person has acknowledged
 
     @property
     def lag(self) -> int:
         """Records not yet exported."""
         return max(0, self.head - self.cursor)
+
+    @property
+    def unacknowledged_breaks(self) -> int:
+        """Breaks found since the last acknowledgement: a security incident still open."""
+        return max(0, self.breaks - self.breaks_acknowledged)
 
 
 def _refusals(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -214,8 +223,55 @@ def read_export_state(conn: sqlite3.Connection) -> ExportState:
         refused=int(refused.get("count", 0)),
         recent_refusals=recent,
         anchored=int(_meta(conn, ANCHOR_KEY) or 0),
-        breaks=int(_meta(conn, BREAKS_KEY) or 0),
+        breaks=_count(conn, BREAKS_KEY),
+        breaks_acknowledged=_count(conn, BREAKS_ACKNOWLEDGED_KEY),
     )
+
+
+def _count(conn: sqlite3.Connection, key: str) -> int:
+    """A count kept in ``meta``; 0 when absent or not a number (an altered row reads as none,
+    never as a failed status page)."""
+    text = _meta(conn, key)
+    try:
+        return max(0, int(text or 0))
+    except ValueError:
+        return 0
+
+
+ACKNOWLEDGED_DETAIL = "audit trail break acknowledged"
+
+
+def acknowledge_breaks(conn: sqlite3.Connection, *, actor: str, now: datetime, seen: int) -> int:
+    """Acknowledge the audit trail breaks found so far, up to ``seen`` (the count the person
+    was shown, so a break found since is not acknowledged unseen); audited. Returns how many
+    were newly acknowledged (0: nothing to acknowledge).
+
+    For after the incident has been looked into (``appliance audit verify``, the report to
+    the security officer): the warning on ``/sync`` and in ``sync status`` goes, the count
+    (``appliance_audit_trail_breaks``) stays, and a new break warns again.
+    """
+    with db.transaction_sync(conn):
+        breaks = _count(conn, BREAKS_KEY)
+        before = _count(conn, BREAKS_ACKNOWLEDGED_KEY)
+        upto = min(seen, breaks)
+        if upto <= before:
+            return 0
+        _set_meta(conn, BREAKS_ACKNOWLEDGED_KEY, str(upto))
+        audit.append(
+            conn,
+            [
+                AuditEvent(
+                    actor,
+                    AuditAction.CONFIG,
+                    entity="audit",
+                    detail=f"{ACKNOWLEDGED_DETAIL}: {before + 1} to {upto} of {breaks}"
+                    if upto > before + 1
+                    else f"{ACKNOWLEDGED_DETAIL}: {upto} of {breaks}",
+                )
+            ],
+            now=now,
+        )
+    return upto - before
 
 
 def _settle(
@@ -322,7 +378,7 @@ def check_trail(conn: sqlite3.Connection, now: datetime) -> str | None:
                 "DELETE FROM meta WHERE key IN (?, ?, ?)",
                 (ANCHOR_KEY, ANCHOR_HASH_KEY, ANCHOR_REFUSED_KEY),
             )
-        _set_meta(conn, BREAKS_KEY, str(int(_meta(conn, BREAKS_KEY) or 0) + 1))
+        _set_meta(conn, BREAKS_KEY, str(_count(conn, BREAKS_KEY) + 1))
         audit.append(
             conn,
             [

@@ -341,6 +341,12 @@ def _sync_metrics(sync: SyncStatus) -> Iterator[GaugeMetricFamily]:
         "exported or anchored (cut back or rewritten): alert on any.",
         value=sync.export.breaks,
     )
+    yield GaugeMetricFamily(
+        "appliance_audit_trail_breaks_unacknowledged",
+        "Audit trail breaks no one has acknowledged yet (appliance audit acknowledge, or "
+        "the button on /sync).",
+        value=sync.export.unacknowledged_breaks,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -184,6 +184,7 @@ POLICY: Mapping[str, Rule] = {
     # synchronisation (web/sync.py)
     "sync.overview": _r(CLINIC, phi=True),
     "sync.sync_now": _r(ADMIN),
+    "sync.trail_breaks_acknowledge": _r(ADMIN),
     "sync.dead_letter_message": _r(ADMIN, phi=True),
     "sync.dead_letter_resend": _r(ADMIN, phi=True),  # a refusal renders the Sync page
     "sync.dead_letters_resend_all": _r(ADMIN, phi=True),

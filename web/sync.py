@@ -9,7 +9,10 @@
   upstream's words, which may quote PHI) and shows it on this response only, audited;
 * ``POST /sync/dead-letters/<id>/resend`` and ``POST /sync/dead-letters/resend`` (all) put
   dead letters back in the outbox once the cause is fixed
-  (:func:`sync_agent.status.resend_dead_letters`: audited, and the sync process tries at once).
+  (:func:`sync_agent.status.resend_dead_letters`: audited, and the sync process tries at once);
+* ``POST /sync/trail-breaks/acknowledge`` acknowledges the audit trail breaks the export
+  found, up to the count the page showed (:func:`sync_agent.audit_export.acknowledge_breaks`:
+  audited; the count and its metric stay, a new break warns again).
 
 The review queue (``/sync/review``) is for nurses and admins: local edits the upstream
 refused because it had changed meanwhile (412 on ``If-Match``), or refused for another
@@ -35,6 +38,7 @@ from appliance.errors import InvalidResourceError
 from appliance.numbers import small_int
 from appliance.users import Role
 from sync_agent import status
+from sync_agent.audit_export import acknowledge_breaks
 from sync_agent.updates import ReviewError, ReviewItem, ReviewQueue
 from web.access import decide
 from web.app import app_state
@@ -129,7 +133,30 @@ async def overview() -> ResponseReturnValue:
             f"{resent} dead letter{'' if resent == 1 else 's'} put back in the outbox; the "
             "sync process sends them now. One the upstream refuses again comes back here."
         )
+    elif (acknowledged := small_int(request.args.get("acknowledged", ""))) is not None:
+        notice = (
+            f"{acknowledged} audit trail break{'' if acknowledged == 1 else 's'} acknowledged "
+            "(in the audit trail under your name). A new one shows here again."
+            if acknowledged
+            else "Nothing new to acknowledge."
+        )
     return await _page(notice=notice)
+
+
+@bp.post("/trail-breaks/acknowledge")
+@login_required(role=Role.ADMIN)
+async def trail_breaks_acknowledge() -> ResponseReturnValue:
+    """Acknowledge the audit trail breaks the page showed (audited); back to the page."""
+    state = app_state()
+    actor, _ = await _actor()
+    seen = small_int((await request.form).get("seen", ""))
+    if seen is None:
+        abort(400, "Which breaks: the form carries the count the page showed.")
+    done = await db.run_sync(
+        state.store.connection,
+        lambda conn: acknowledge_breaks(conn, actor=actor, now=state.clock(), seen=seen),
+    )
+    return redirect(url_for("sync.overview", acknowledged=done), 303)
 
 
 @bp.post("/now")

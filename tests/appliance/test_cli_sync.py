@@ -254,6 +254,15 @@ def test_audit_verify_holds_the_trail_to_every_anchor_upstream(
     assert main(["audit", "verify", "--quiet", "--demo", str(site)]) == 1
     err = capsys.readouterr().err
     assert f"upstream anchor (record {head}" in err
+    # Looked into and reported: acknowledged, the warning goes, the count stays.
+    assert main(["audit", "acknowledge", "--demo", str(site)]) == 0
+    assert "1 audit trail break(s) acknowledged" in capsys.readouterr().out
+    assert main(["audit", "acknowledge", "--demo", str(site)]) == 0
+    assert "nothing to acknowledge" in capsys.readouterr().out
+    assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
+    table = capsys.readouterr().out
+    assert "TRAIL CUT BACK" not in table
+    assert "1 trail break(s), acknowledged" in table
 
 
 @pytest.mark.peer

@@ -125,4 +125,11 @@ async def test_an_admin_sends_a_refused_patient_again_and_it_lands_with_its_read
     assert "appliance audit verify" in await page.locator("#trail-breaks").inner_text()
     if folder:
         await page.screenshot(path=str(Path(folder) / "sync-held-back.png"), full_page=True)
+    # Looked into and reported: the admin acknowledges it and the red warning goes.
+    async with page.expect_navigation():
+        await page.click("#trail-breaks button[type=submit]")
+    assert "1 audit trail break acknowledged" in await page.content()
+    said = await page.locator("#trail-breaks").inner_text()
+    assert "all acknowledged" in said
+    assert await page.locator("#trail-breaks .state-bad").count() == 0
     assert problems == []

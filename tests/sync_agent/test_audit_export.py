@@ -16,6 +16,7 @@ from appliance.store import Store
 from sync_agent import balp
 from sync_agent.audit_export import (
     AuditExporter,
+    acknowledge_breaks,
     anchors_of,
     fetch_upstream_anchors,
     read_export_state,
@@ -577,3 +578,50 @@ async def test_verification_holds_the_trail_to_every_anchor_page_after_page(
     assert [a.audit_id for a in anchors] == [6, 9, 11, 13, 15]
     caught = await db.run_sync(conn, verify_against_anchors, keyring.signing_public_key, anchors)
     assert (caught.ok, caught.first_bad_id) == (False, 6)
+
+
+async def test_breaks_are_acknowledged_up_to_the_count_shown_and_audited(
+    store: Store, db_path: Path
+) -> None:
+    conn = store.connection
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.execute("INSERT INTO meta (key, value) VALUES ('audit_export.breaks', '2')")
+    state = await db.run_sync(conn, read_export_state)
+    assert (state.breaks, state.unacknowledged_breaks) == (2, 2)
+
+    # The person saw one (a second was found while the page was open): only that one goes.
+    done = await db.run_sync(
+        conn, lambda c: acknowledge_breaks(c, actor="user:admin1", now=T0, seen=1)
+    )
+    assert done == 1
+    state = await db.run_sync(conn, read_export_state)
+    assert (state.breaks, state.breaks_acknowledged, state.unacknowledged_breaks) == (2, 1, 1)
+    # A stale or forged count above the real one acknowledges only what was found.
+    assert (
+        await db.run_sync(
+            conn, lambda c: acknowledge_breaks(c, actor="user:admin1", now=T0, seen=99)
+        )
+        == 1
+    )
+    assert (
+        await db.run_sync(
+            conn, lambda c: acknowledge_breaks(c, actor="user:admin1", now=T0, seen=2)
+        )
+        == 0
+    )
+    state = await db.run_sync(conn, read_export_state)
+    assert (state.breaks, state.unacknowledged_breaks) == (2, 0)
+    said = raw.execute(
+        "SELECT actor, action, detail FROM audit WHERE detail LIKE 'audit trail break%' ORDER BY id"
+    ).fetchall()
+    assert said == [
+        ("user:admin1", "config", "audit trail break acknowledged: 1 of 2"),
+        ("user:admin1", "config", "audit trail break acknowledged: 2 of 2"),
+    ]
+    # Altered counts read as none rather than failing every status page.
+    with raw:
+        raw.execute("UPDATE meta SET value = 'x' WHERE key = 'audit_export.breaks_acknowledged'")
+    raw.close()
+    state = await db.run_sync(conn, read_export_state)
+    assert (state.breaks, state.breaks_acknowledged, state.unacknowledged_breaks) == (2, 0, 2)

@@ -294,6 +294,57 @@ async def test_a_break_in_the_audit_trail_found_by_the_export_is_on_the_page(
     said = page.split('id="trail-breaks">')[1].split("</div>")[0]
     assert "cut back or rewritten" in said
     assert "appliance audit verify" in said
+    assert "Acknowledge" not in said  # a nurse sees it, only an admin acknowledges
+    token = form_token(page.encode())
+    response = await logged_in.post(
+        "/sync/trail-breaks/acknowledge", form={"csrf_token": token, "seen": "1"}
+    )
+    assert response.status_code == 403
+
+
+async def test_an_admin_acknowledges_the_breaks_shown_and_the_warning_goes(
+    admin: QuartClient, db_path: Path, client: QuartClient
+) -> None:
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.execute("INSERT INTO meta (key, value) VALUES ('audit_export.breaks', '1')")
+    body = await (await admin.get("/sync/")).get_data()
+    assert b"Acknowledge (looked into and reported)" in body
+    token = form_token(body)
+    # Without its CSRF token, or without the count shown: refused, nothing acknowledged.
+    assert (
+        await admin.post("/sync/trail-breaks/acknowledge", form={"seen": "1"})
+    ).status_code == 403
+    response = await admin.post("/sync/trail-breaks/acknowledge", form={"csrf_token": token})
+    assert response.status_code == 400
+    # A second break found while the page was open stays unacknowledged.
+    with raw:
+        raw.execute("UPDATE meta SET value = '2' WHERE key = 'audit_export.breaks'")
+    response = await admin.post(
+        "/sync/trail-breaks/acknowledge", form={"csrf_token": token, "seen": "1"}
+    )
+    assert response.status_code == 303
+    page = (await (await admin.get(response.headers["Location"])).get_data()).decode()
+    assert "1 audit trail break acknowledged" in page
+    said = page.split('id="trail-breaks">')[1].split("</div>")[0]
+    assert "found 1 time by the export since the last acknowledgement" in said
+    [(actor, detail)] = raw.execute(
+        "SELECT actor, detail FROM audit WHERE detail LIKE 'audit trail break%'"
+    ).fetchall()
+    assert (actor, detail) == (f"user:{ADMIN}", "audit trail break acknowledged: 1 of 2")
+    metrics = (await (await admin.get("/metrics")).get_data()).decode()
+    assert "appliance_audit_trail_breaks 2.0" in metrics
+    assert "appliance_audit_trail_breaks_unacknowledged 1.0" in metrics
+
+    body = await (await admin.get("/sync/")).get_data()
+    response = await admin.post(
+        "/sync/trail-breaks/acknowledge", form={"csrf_token": form_token(body), "seen": "2"}
+    )
+    page = (await (await admin.get(response.headers["Location"])).get_data()).decode()
+    said = page.split('id="trail-breaks"')[1].split("</div>")[0]
+    assert "state-bad" not in said
+    assert "2 audit trail breaks found by the export, all acknowledged" in said
+    raw.close()
 
 
 async def test_sync_gauges_match_the_database(
