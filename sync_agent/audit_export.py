@@ -52,6 +52,7 @@ from sync_agent.balp import (
     ExportRow,
     anchor_from_provenance,
     audit_event,
+    checkpoint_code,
     checkpoint_provenance,
     checkpoint_system,
     record_system,
@@ -521,7 +522,7 @@ class AuditExporter:
             site_id=self._site_id,
             public_key_hex=self._store.keyring.signing_public_key_hex(),
         )
-        tag = f"{checkpoint_system(self._site_id)}|{checkpoint.audit_id}"
+        tag = f"{checkpoint_system(self._site_id)}|{checkpoint_code(checkpoint)}"
         bundle = {
             "resourceType": "Bundle",
             "type": "batch",

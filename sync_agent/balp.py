@@ -105,8 +105,16 @@ def record_system(site_id: str) -> str:
 
 
 def checkpoint_system(site_id: str) -> str:
-    """The tag system of this site's checkpoint anchors (code = the checkpoint's audit id)."""
+    """The tag system of this site's checkpoint anchors (code: :func:`checkpoint_code`)."""
     return f"{SITE_SYSTEM}:{site_id}:audit-checkpoint"
+
+
+def checkpoint_code(checkpoint: Checkpoint) -> str:
+    """The anchor's tag code, ``<audit id>:<chain hash, hex>``: what its conditional create
+    is keyed on. Both, not the id alone: a trail cut back and grown again signs a checkpoint
+    at an id an old anchor holds, and keyed by id that new anchor met the old one (200) and
+    was never stored upstream."""
+    return f"{checkpoint.audit_id}:{checkpoint.hash.hex()}"
 
 
 def patient_key_system(site_id: str) -> str:
@@ -256,7 +264,7 @@ def checkpoint_provenance(
             "tag": [
                 {
                     "system": checkpoint_system(site_id),
-                    "code": str(checkpoint.audit_id),
+                    "code": checkpoint_code(checkpoint),
                     "display": f"audit checkpoint at record {checkpoint.audit_id}",
                 }
             ]

@@ -527,6 +527,34 @@ async def test_after_a_break_the_new_chains_checkpoints_are_anchored_from_the_st
     assert [a.audit_id for a in await fetch_upstream_anchors(client, SITE)] == [5, 6]
 
 
+@pytest.mark.peer
+async def test_a_new_chains_checkpoint_at_an_old_anchors_id_is_anchored_beside_it(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    fhir_peer.reset()
+    conn, keyring = store.connection, store.keyring
+    await _records(store, 6)
+    await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+    assert (await AuditExporter(store, client, site_id=SITE).drain()).anchored == 6
+    # Cut back to 4, grown to 6 again, signed at 6: the same id as the old anchor.
+    unguarded(db_path, "DELETE FROM audit WHERE id > 4", "DELETE FROM audit_checkpoints")
+    await _records(store, 2)
+    await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+    found = await AuditExporter(store, client, site_id=SITE).drain()
+    assert found.trail_broken is not None
+    assert found.anchored == 6
+    anchors = await fetch_upstream_anchors(client, SITE)
+    # Before: keyed by id alone, the new anchor met the old one (200) and was not stored,
+    # though the export counted it anchored.
+    assert [a.audit_id for a in anchors] == [6, 6]
+    assert len({a.hash for a in anchors}) == 2
+    newest = await db.run_sync(conn, audit.latest_checkpoint)
+    assert newest is not None
+    assert newest.hash in {a.hash for a in anchors}
+    caught = await db.run_sync(conn, verify_against_anchors, keyring.signing_public_key, anchors)
+    assert not caught.ok
+
+
 class _TwoPerPage(httpx.AsyncBaseTransport):
     """The real transport, but Provenance searches come two at a time with ``next`` links,
     as a server capping ``_count`` answers (the peer itself gives no links)."""
@@ -574,8 +602,8 @@ async def test_verification_holds_the_trail_to_every_anchor_page_after_page(
         anchors = await fetch_upstream_anchors(client, SITE)
     # Before: only the newest page (of 50) was read; the old chain's anchor scrolls out.
     assert paged.pages >= 3
-    # The old chain's 6, then the new one's (its checkpoint at 6 met the old anchor's tag).
-    assert [a.audit_id for a in anchors] == [6, 9, 11, 13, 15]
+    # The old chain's 6, then the new one's, its own 6 beside the old (keyed by id and hash).
+    assert [a.audit_id for a in anchors] == [6, 6, 9, 11, 13, 15]
     caught = await db.run_sync(conn, verify_against_anchors, keyring.signing_public_key, anchors)
     assert (caught.ok, caught.first_bad_id) == (False, 6)
 
