@@ -34,7 +34,7 @@ from appliance import audit, db
 from appliance.audit import AuditAction, AuditEvent
 from appliance.errors import TamperedDataError
 from appliance.fhir import utc_text
-from appliance.keys import Keyring
+from appliance.keys import Keyring, KeySource, keyring_of
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _grant(row: Any) -> Grant:
 
 def grant(
     conn: sqlite3.Connection,
-    keyring: Keyring,
+    keyring: KeySource,
     *,
     user_id: int,
     actor: str,
@@ -169,7 +169,7 @@ def grant(
         raise BreakGlassError(f"describe the reason in at least {MIN_REASON_LENGTH} characters")
     if len(reason) > MAX_REASON_LENGTH:
         raise BreakGlassError(f"keep the reason under {MAX_REASON_LENGTH} characters")
-    key = keyring.patient_key(f"Patient/{patient_id}")
+    key = keyring_of(keyring, conn).patient_key(f"Patient/{patient_id}")
     expires = now + timedelta(minutes=minutes)
     with db.transaction_sync(conn):
         cursor = conn.execute(
@@ -180,7 +180,7 @@ def grant(
         grant_id = int(cursor.lastrowid or 0)
         conn.execute(
             "UPDATE break_glass SET reason = ? WHERE id = ?",
-            (keyring.seal(SEAL_LABEL, str(grant_id), reason), grant_id),
+            (keyring_of(keyring, conn).seal(SEAL_LABEL, str(grant_id), reason), grant_id),
         )
         detail = f"{marker(grant_id)} opened: {checked.value}, {minutes} min"
         event = AuditEvent(
@@ -249,7 +249,7 @@ class GrantWithReason:
 
 
 def recent(
-    conn: sqlite3.Connection, keyring: Keyring, *, since: datetime, limit: int = 50
+    conn: sqlite3.Connection, keyring: KeySource, *, since: datetime, limit: int = 50
 ) -> list[GrantWithReason]:
     """Grants made since ``since``, newest first, with their reasons (caller audits)."""
     rows = conn.execute(
@@ -258,7 +258,8 @@ def recent(
         "JOIN users u ON u.id = g.user_id WHERE g.granted_at >= ? ORDER BY g.id DESC LIMIT ?",
         (utc_text(since), limit),
     ).fetchall()
-    return [GrantWithReason(_grant(tuple(row[:9])), _reason(keyring, row)) for row in rows]
+    ring = keyring_of(keyring, conn)
+    return [GrantWithReason(_grant(tuple(row[:9])), _reason(ring, row)) for row in rows]
 
 
 def _reason(keyring: Keyring, row: Sequence[Any]) -> str:

@@ -430,7 +430,6 @@ class DeviceRegistry:
         ``summary`` and ``reason`` must not hold PHI (kinds of reading, "no patient checked
         in at Kiosk 1"); the Observations themselves are sealed.
         """
-        keyring = self._store.keyring
         payload = orjson.dumps(list(resources)).decode()
 
         def work(conn: sqlite3.Connection) -> int:
@@ -447,7 +446,7 @@ class DeviceRegistry:
                 ),
             )
             held_id = int(cur.lastrowid or 0)
-            sealed = keyring.seal(UNMATCHED_TABLE, str(held_id), payload)
+            sealed = self._store.current_keyring(conn).seal(UNMATCHED_TABLE, str(held_id), payload)
             conn.execute(
                 "UPDATE unmatched_readings SET payload = ? WHERE id = ?", (sealed, held_id)
             )
@@ -474,7 +473,6 @@ class DeviceRegistry:
 
     async def open_held(self, held_id: int, actor: str) -> list[fhir.FhirJson]:
         """The Observations of a held reading (audited as a read)."""
-        keyring = self._store.keyring
 
         def work(conn: sqlite3.Connection) -> bytes | None:
             row = conn.execute(
@@ -486,8 +484,9 @@ class DeviceRegistry:
         sealed = await self._store.transact(work, [event])
         if sealed is None:
             raise NotFoundError(f"no held reading {held_id}")
+        # transact loaded any data key another process rotated in.
         resources: list[fhir.FhirJson] = orjson.loads(
-            keyring.unseal(UNMATCHED_TABLE, str(held_id), sealed)
+            self._store.keyring.unseal(UNMATCHED_TABLE, str(held_id), sealed)
         )
         return resources
 
@@ -515,9 +514,10 @@ class DeviceRegistry:
         if not note.strip():
             raise RegistryError("say why the reading is discarded")
         now = self._now()
-        sealed = self._store.keyring.seal(NOTE_LABEL, str(held_id), note.strip()[:500])
+        text = note.strip()[:500]
 
         def work(conn: sqlite3.Connection) -> None:
+            sealed = self._store.current_keyring(conn).seal(NOTE_LABEL, str(held_id), text)
             cur = conn.execute(
                 "UPDATE unmatched_readings SET state = 'discarded', note = ?, resolved_by = ?, "
                 "resolved_at = ? WHERE id = ? AND state = 'pending'",

@@ -26,6 +26,7 @@ import secrets
 import sqlite3
 import stat
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -281,6 +282,17 @@ def ensure_keys(conn: sqlite3.Connection, kek: bytes) -> bool:
         conn.execute("ROLLBACK")
         raise
     return True
+
+
+# What a function that seals or opens sealed columns on its own connection is given: the
+# keyring, or (better, in a long-running process) a way to get the current one on that
+# connection, ``Store.current_keyring``, so a data-key rotation is seen first.
+KeySource = Keyring | Callable[[sqlite3.Connection], Keyring]
+
+
+def keyring_of(source: KeySource, conn: sqlite3.Connection) -> Keyring:
+    """The keyring ``source`` gives on ``conn`` (to seal: inside the write transaction)."""
+    return source if isinstance(source, Keyring) else source(conn)
 
 
 def load_keyring(conn: sqlite3.Connection, kek: bytes, kek_path: Path | str = "kek") -> Keyring:

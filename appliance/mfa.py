@@ -35,7 +35,7 @@ import segno
 
 from appliance import db
 from appliance.fhir import utc_text
-from appliance.keys import Keyring
+from appliance.keys import KeySource, keyring_of
 
 DIGITS = 6
 STEP_S = 30
@@ -91,7 +91,7 @@ def is_enabled(conn: sqlite3.Connection, user_id: int) -> bool:
 
 
 def begin_enrolment(
-    conn: sqlite3.Connection, keyring: Keyring, user_id: int, *, now: datetime
+    conn: sqlite3.Connection, keyring: KeySource, user_id: int, *, now: datetime
 ) -> str:
     """The secret of a pending enrolment, made now if none is pending.
 
@@ -105,11 +105,15 @@ def begin_enrolment(
         if row is not None:
             if row[1] is not None:
                 raise ValueError("a second factor is already enrolled; reset it first")
-            return keyring.unseal(SEAL_LABEL, str(user_id), bytes(row[0]))
+            return keyring_of(keyring, conn).unseal(SEAL_LABEL, str(user_id), bytes(row[0]))
         secret = pyotp.random_base32(32)  # 32 base32 characters = 160 bits
         conn.execute(
             "INSERT INTO mfa_totp (user_id, secret, created_at) VALUES (?,?,?)",
-            (user_id, keyring.seal(SEAL_LABEL, str(user_id), secret), utc_text(now)),
+            (
+                user_id,
+                keyring_of(keyring, conn).seal(SEAL_LABEL, str(user_id), secret),
+                utc_text(now),
+            ),
         )
     return secret
 
@@ -160,7 +164,7 @@ def _recovery_hash(salt: bytes, normalised: str) -> bytes:
 
 
 def confirm_enrolment(
-    conn: sqlite3.Connection, keyring: Keyring, user_id: int, code: str, *, now: datetime
+    conn: sqlite3.Connection, keyring: KeySource, user_id: int, code: str, *, now: datetime
 ) -> list[str] | None:
     """Prove the pending secret with a code; returns the new recovery codes, or None."""
     with db.transaction_sync(conn):
@@ -170,7 +174,7 @@ def confirm_enrolment(
         ).fetchone()
         if row is None:
             return None
-        secret = keyring.unseal(SEAL_LABEL, str(user_id), bytes(row[0]))
+        secret = keyring_of(keyring, conn).unseal(SEAL_LABEL, str(user_id), bytes(row[0]))
         step = _matching_step(secret, code, now, int(row[1]))
         if step is None:
             return None
@@ -182,7 +186,7 @@ def confirm_enrolment(
 
 
 def verify(
-    conn: sqlite3.Connection, keyring: Keyring, user_id: int, code: str, *, now: datetime
+    conn: sqlite3.Connection, keyring: KeySource, user_id: int, code: str, *, now: datetime
 ) -> Method | None:
     """Check a TOTP code or an unused recovery code; consumes what it accepts."""
     with db.transaction_sync(conn):
@@ -192,7 +196,7 @@ def verify(
         ).fetchone()
         if row is None:
             return None
-        secret = keyring.unseal(SEAL_LABEL, str(user_id), bytes(row[0]))
+        secret = keyring_of(keyring, conn).unseal(SEAL_LABEL, str(user_id), bytes(row[0]))
         step = _matching_step(secret, code, now, int(row[1]))
         if step is not None:
             conn.execute("UPDATE mfa_totp SET last_step = ? WHERE user_id = ?", (step, user_id))

@@ -394,7 +394,23 @@ class Store:
 
     @property
     def keyring(self) -> Keyring:
-        """The keys this process holds."""
+        """The keys this process loaded (blind index, signing keys).
+
+        To seal or open a sealed column, :meth:`current_keyring`.
+        """
+        return self._keyring
+
+    def current_keyring(self, conn: sqlite3.Connection) -> Keyring:
+        """The keys to seal or open with, on the database thread (to seal: inside the write
+        transaction on ``conn``).
+
+        A data-key rotation committed by another process (``appliance keys rotate data``) is
+        seen first. Sealing with the keys this process loaded at start would use a key the
+        rotation is about to retire (the message unreadable for good once its wrapped bytes
+        are destroyed); opening with them would fail on what the rotation re-sealed under
+        the new key (a TOTP secret: no one could sign in until a restart).
+        """
+        self._check_key_generation(conn)
         return self._keyring
 
     @property
@@ -599,6 +615,8 @@ class Store:
 
         def run(conn: sqlite3.Connection) -> T:
             with db.transaction_sync(conn, self._path):
+                # ``work`` may seal with :attr:`keyring`: see a rotation first.
+                self._check_key_generation(conn)
                 result = work(conn)
                 audit.append(conn, events, now=self._clock())
             return result

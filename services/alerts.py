@@ -484,7 +484,7 @@ def _write(
     conn: sqlite3.Connection, store: Store, drafts: Sequence[_Draft], cursor: int | None
 ) -> list[int]:
     """Apply planned drafts inside the caller's transaction; raises _Conflict when stale."""
-    keyring = store.keyring
+    keyring = store.current_keyring(conn)
     events: list[AuditEvent] = []
     ids = []
     for draft in drafts:
@@ -764,7 +764,6 @@ class AlertBook:
         if alert_ids is not None and not alert_ids:
             return []
         store = self._store
-        keyring = store.keyring
         ids = tuple(alert_ids or ())
         where = (
             "a.state != 'resolved'"
@@ -777,6 +776,7 @@ class AlertBook:
                 f"SELECT {_COLUMNS}, a.detail FROM alerts a WHERE {where}",  # noqa: S608 - constant
                 ids,
             ).fetchall()
+            keyring = store.current_keyring(conn)
             found = []
             for row in rows:
                 alert = _alert(row)

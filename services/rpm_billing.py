@@ -288,7 +288,6 @@ class RpmBilling:
         if not found or day < found[0].enrolled_on:
             raise RpmError(f"patient {patient_id} was not enrolled in RPM on {day.isoformat()}")
         text = (note or "").strip()[:MAX_NOTE]
-        keyring = self._store.keyring
         logged_at = self._store.now().isoformat()
 
         def work(conn: sqlite3.Connection) -> int:
@@ -299,7 +298,7 @@ class RpmBilling:
             )
             row_id = int(cur.lastrowid or 0)
             if text:
-                sealed = keyring.seal(NOTE_LABEL, str(row_id), text)
+                sealed = self._store.current_keyring(conn).seal(NOTE_LABEL, str(row_id), text)
                 conn.execute("UPDATE rpm_time_log SET note = ? WHERE id = ?", (sealed, row_id))
             return row_id
 
@@ -326,6 +325,7 @@ class RpmBilling:
             patient_key=self._store.patient_key(f"Patient/{patient_id}"),
             entity=f"rpm-time-log/{log_id}",
         )
+        # The audit record's transaction also loads a data key another process rotated in.
         await self._store.transact(lambda _conn: None, [event])
         if sealed is None:
             return None

@@ -21,7 +21,7 @@ from datetime import datetime
 from appliance import audit, db
 from appliance.audit import AuditAction, AuditEvent
 from appliance.errors import TamperedDataError
-from appliance.keys import Keyring
+from appliance.keys import KeySource, keyring_of
 from appliance.runtime import HEARTBEAT_STALE_S
 from appliance.store import Lane, oldest_waiting, queued_at
 from sync_agent.audit_export import ExportState, read_export_state
@@ -361,7 +361,7 @@ def _resendable(
 
 def open_dead_letter_messages(
     conn: sqlite3.Connection,
-    keyring: Keyring,
+    keyring: KeySource,
     *,
     actor: str,
     now: datetime,
@@ -387,6 +387,7 @@ def open_dead_letter_messages(
     sql += " ORDER BY o.id DESC LIMIT ?"
     params.append(limit)
     rows = conn.execute(sql, params).fetchall()
+    ring = keyring_of(keyring, conn)
     messages: dict[int, str] = {}
     events = []
     for oid, sealed, patient_key in rows:
@@ -396,7 +397,7 @@ def open_dead_letter_messages(
             messages[int(oid)] = sealed
         else:
             try:
-                messages[int(oid)] = keyring.unseal("outbox", str(oid), bytes(sealed))
+                messages[int(oid)] = ring.unseal("outbox", str(oid), bytes(sealed))
             except TamperedDataError:
                 messages[int(oid)] = "(the message could not be opened)"
         events.append(

@@ -261,7 +261,7 @@ async def report() -> ResponseReturnValue:
 def _recent_grants(
     conn: sqlite3.Connection, state: AppState, actor: str, since: datetime
 ) -> list[break_glass.GrantWithReason]:
-    grants = break_glass.recent(conn, state.store.keyring, since=since)
+    grants = break_glass.recent(conn, state.store.current_keyring, since=since)
     if grants:  # the reasons may name clinical facts: reading them is an access
         with db.transaction_sync(conn):
             event = AuditEvent(

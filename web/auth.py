@@ -415,7 +415,7 @@ async def mfa_verify() -> ResponseReturnValue:
     method = await db.run_sync(
         conn,
         mfa.verify,
-        state.store.keyring,
+        state.store.current_keyring,
         challenge.user_id,
         form.get("code", ""),
         now=state.clock(),
@@ -457,7 +457,7 @@ async def _enrol_page(user: User, csrf: str, *, error: str | None, status: int) 
     secret = await db.run_sync(
         state.store.connection,
         mfa.begin_enrolment,
-        state.store.keyring,
+        state.store.current_keyring,
         user.id,
         now=state.clock(),
     )
@@ -513,7 +513,7 @@ async def mfa_enrol() -> ResponseReturnValue:
         codes = await db.run_sync(
             conn,
             mfa.confirm_enrolment,
-            state.store.keyring,
+            state.store.current_keyring,
             user.id,
             form.get("code", ""),
             now=state.clock(),
@@ -571,7 +571,7 @@ async def _own_code_ok(session: Session, code: str) -> bool:
     method = await db.run_sync(
         state.store.connection,
         mfa.verify,
-        state.store.keyring,
+        state.store.current_keyring,
         session.user.id,
         code,
         now=state.clock(),

@@ -203,7 +203,7 @@ async def request_access() -> ResponseReturnValue:
         grant = await db.run_sync(
             conn,
             break_glass.grant,
-            state.store.keyring,
+            state.store.current_keyring,
             user_id=session.user.id,
             actor=session.user.actor,
             patient_id=patient_id,

@@ -435,7 +435,8 @@ class ClaimsService:
             0, {"system": fhir.IDENTIFIER_SYSTEM, "value": fhir.identifier_value(logical_id)}
         )
         body["meta"] = {"lastUpdated": now.isoformat()}
-        version, blob = self._store.keyring.encrypt("resources", logical_id, orjson.dumps(body))
+        keyring = self._store.current_keyring(conn)  # inside the write: a rotation seen first
+        version, blob = keyring.encrypt("resources", logical_id, orjson.dumps(body))
         cur = conn.execute(
             "INSERT INTO resources (logical_id, type, patient_key, code, effective, key_version, "
             "body) VALUES (?, 'Claim', ?, ?, ?, ?, ?)",

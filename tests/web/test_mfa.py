@@ -266,3 +266,24 @@ async def test_key_rotation_reseals_the_totp_secret(
         assert keyring.unseal("mfa_totp.secret", str(user_id), after) == secret
     finally:
         conn.close()
+
+
+async def test_an_admin_signs_in_with_totp_after_a_data_key_rotation_in_another_process(
+    client: QuartClient, admin: str, clock: FakeClock, db_path: Path, kek_path: Path
+) -> None:
+    secret = await _enrolled_admin(client)
+    # `appliance keys rotate data` while the web process runs: the secret is re-sealed
+    # under the new key and the old one retired.
+    conn = db.connect_sync(db_path)
+    try:
+        kek = keys.read_kek_file(kek_path)
+        key_rotation.rotate_data_key(conn, kek)
+        assert key_rotation.reencrypt(conn, kek).retired_versions
+    finally:
+        conn.close()
+    clock.advance(60)
+    response = await submit_login(client, admin, ADMIN_PASSWORD)
+    assert response.location == "/login/mfa"
+    # Before: the web process opened it with the keys it loaded at start, which lack the
+    # new one: no admin could sign in until a restart.
+    assert await _code_step(client, pyotp.TOTP(secret).at(clock())) == 302
