@@ -58,6 +58,7 @@ from sync_agent.balp import (
     record_system,
 )
 from sync_agent.upstream import (
+    ENTRY_NOT_THE_ITEM,
     Failure,
     UpstreamError,
     bundle_entries,
@@ -85,9 +86,9 @@ BREAKS_ACKNOWLEDGED_KEY = "audit_export.breaks_acknowledged"
 ANCHOR_REFUSED_KEY = "audit_export.anchor_refused"  # the newest it refused for good (not resent)
 REFUSED_KEPT = 20  # the newest refusals kept with their reason; the count is kept in full
 
-# Entry statuses that say nothing against the record itself: our credentials or access
-# policy (401/403), a timeout, a conflict or a rate limit. The record is sent again later.
-_NOT_THE_RECORD = (401, 403, 408, 409, 429)
+# Entry statuses that say nothing against the record itself (upstream.ENTRY_NOT_THE_ITEM):
+# the record is sent again later.
+_NOT_THE_RECORD = ENTRY_NOT_THE_ITEM
 
 _ROWS_SQL = (
     "SELECT id, ts, actor, action, outcome, patient_key, entity, detail, hash FROM audit "

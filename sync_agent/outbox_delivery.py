@@ -11,14 +11,18 @@ Entries carry no ``fullUrl``: batch entries do not reference each other, and a
 Medplum peer replaces it in every string of the Bundle, identifiers included), which would
 break idempotency on the next resend.
 
-References: a resource that points at ``Patient/<local id>`` or ``Device/<local id>`` (in
-any Reference, at any depth) is sent pointing at that resource's upstream id, learnt when
-it was delivered (its outbox row keeps the ``upstream_ref``). The stored JSON bytes are
-sent with those references replaced in place, never parsed (:func:`_outgoing`). A batch therefore ends before the
-first item whose Patient or Device is not delivered yet; that resource comes earlier in
-outbox order, so it goes in this batch or the next (dependencies respected without a
-transaction). A dead-lettered Device does not hold its readings back: they go without the
-link, keeping the device's name.
+References: a resource that points at one of ours, ``<Type>/<local id>`` (in any
+Reference, at any depth: a reading's Patient and Device, an alert's implicated Observation,
+an arrival's Appointment, a recording's Encounter), is sent pointing at that resource's
+upstream id, learnt when it was delivered (its outbox row keeps the ``upstream_ref``) or
+from its upstream link when it came from the upstream (a pulled Appointment). A reference
+whose type is not that of the resource with that id is not ours and stays as it is. The
+stored JSON bytes are sent with those references replaced in place, never parsed
+(:func:`_outgoing`). A batch therefore ends before the first item whose target is not
+delivered yet; that resource comes earlier in outbox order, so it goes in this batch or the
+next (dependencies respected without a transaction). Only a dead-lettered Patient takes
+what points at it along; any other target refused (a Device, an Observation) drops the link
+and keeps the rest of the Reference (its display name).
 
 A resource that points at one of ours still waiting in the outbox pulls it into the bundle
 ahead of itself, whatever lane that one is in: an alert (lane 0) about a patient registered a
@@ -66,8 +70,10 @@ import orjson
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.errors import TamperedDataError
+from appliance.keys import Keyring
 from appliance.store import Store, upstream_refs_of_pulled
 from sync_agent.upstream import (
+    ENTRY_NOT_THE_ITEM,
     Failure,
     UpstreamError,
     bundle_entries,
@@ -89,20 +95,21 @@ RETRY_HORIZON = timedelta(days=1)
 # An outbox row (alias ``o``) is due: no retry time, one passed, or one beyond the horizon.
 # Its two parameters are :func:`due_bounds`.
 DUE_SQL = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ? OR o.next_attempt_at > ?)"
-# A reference to one of our own Patients or Devices, as it appears in the compact JSON the
-# store writes. FHIR ids are [A-Za-z0-9\-.]{1,64}, so nothing in one needs escaping, and in
-# valid JSON an unescaped `"reference":"` can only be a key with its string value (inside a
-# string every quote is escaped): each match is a Reference, at any depth.
-_LOCAL_REF = re.compile(rb'"reference":"(Patient|Device)/([A-Za-z0-9\-.]{1,64})"')
+# A relative reference, ``Type/id``, as it appears in the compact JSON the store writes:
+# perhaps one of ours (:meth:`Deliverer._upstream_refs` tells). FHIR ids are
+# [A-Za-z0-9\-.]{1,64}, so nothing in one needs escaping, and in valid JSON an unescaped
+# `"reference":"` can only be a key with its string value (inside a string every quote is
+# escaped): each match is a Reference, at any depth.
+_LOCAL_REF = re.compile(rb'"reference":"([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})"')
 # What an entry's answer may name as the resource it made or found: ``Type/id``, FHIR's shapes.
 _UPSTREAM_REF = re.compile(r"[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}")
-_LOCAL_TYPES = ("Patient/", "Device/")
 # The store's server-owned meta, last in the object as the store writes it, with our tags
 # (where and how a reading was captured) kept. A server ignores a create's ``id`` and
 # ``meta.lastUpdated`` anyway (FHIR R4 RESTful API, *create*); they are dropped so the
 # upstream copy carries only what is ours to say.
 _STORED_META = re.compile(rb',"meta":\{(?:("tag":\[[^\]]*\]),)?"lastUpdated":"[^"\\]*"\}\}')
 _DROP = object()
+_SERVER_META = frozenset({"versionId", "lastUpdated"})
 _ITEM_COLUMNS = "o.id, o.lane, o.attempts, r.id, r.logical_id, r.type, r.key_version, r.body"
 # Rows of the bundle in flight (a JSON array of outbox ids) are skipped before the join, so
 # their resources are not read twice.
@@ -128,6 +135,10 @@ UNREADABLE = (
 UNREADABLE_AUDIT = "stored copy failed authentication; not sent (dead letter)"
 # After this many bundles fitting, a size once refused as too large is tried again.
 _TOO_LARGE_MEMORY = 100
+# When every due item read waits for a dependency in a per-item backoff, the next due items
+# are read past them, up to this many held ones per bundle chosen: one Patient whose entry the
+# server keeps answering 5xx must not hold back everyone queued behind its readings.
+_LOOK_PAST_HELD = 5_000
 
 
 class Item(NamedTuple):
@@ -151,8 +162,13 @@ class Item(NamedTuple):
         parsed: fhir.FhirJson = orjson.loads(self.raw)
         return parsed
 
+    @property
+    def key(self) -> str:
+        """``Type/<logical id>``: how references name this resource here."""
+        return f"{self.type}/{self.logical_id}"
+
     def local_refs(self) -> list[tuple[str, str]]:
-        """(type, logical id) of every Patient or Device reference in the resource."""
+        """(type, id) of every relative reference in the resource (ours or not)."""
         return [(t.decode(), i.decode()) for t, i in _LOCAL_REF.findall(self.raw)]
 
 
@@ -186,6 +202,17 @@ class _Batch:
     def taken(self) -> tuple[Item, ...]:
         """Every item of this bundle, sent or not: none may be read again until it is settled."""
         return tuple(item for item, _ in self.ready) + tuple(item for item, _ in self.dead)
+
+
+class _Plan(NamedTuple):
+    """What :meth:`Deliverer._plan` chose: to send, to dead-letter, and the outbox ids of
+    items held back (a dependency waits out a per-item backoff); ``ended`` when the bundle
+    ended at an item waiting for one in this bundle or the one in flight."""
+
+    ready: list[tuple[Item, Outgoing]]
+    dead: list[tuple[Item, str]]
+    held: list[int]
+    ended: bool
 
 
 @dataclass
@@ -252,7 +279,7 @@ def _outgoing(item: Item, refs: list[tuple[str, str]], targets: dict[str, str | 
     """
     raw = item.raw
     for rtype, local_id in refs:
-        target = targets.get(local_id)
+        target = targets.get(f"{rtype}/{local_id}")
         if target == "dead" or target == _NO_LOCATION:
             return _outgoing_parsed(item, targets)
         if target is not None and target != "absent":
@@ -279,20 +306,25 @@ def _outgoing(item: Item, refs: list[tuple[str, str]], targets: dict[str, str | 
 
 def _outgoing_parsed(item: Item, targets: dict[str, str | None]) -> fhir.FhirJson:
     body: fhir.FhirJson = _rewrite_references(item.resource, targets)
-    # Server-owned meta goes; our tags (where/how a reading was captured) stay.
+    # Server-owned meta goes (the version and time are the upstream's to set); the rest is
+    # what we, or the hub that sent it, say about the resource: our tags (where and how a
+    # reading was captured), its profiles, its security labels (docs/ingest.md).
     meta = body.pop("meta", None)
-    if isinstance(meta, dict) and meta.get("tag"):
-        body["meta"] = {"tag": meta["tag"]}
+    if isinstance(meta, dict):
+        kept = {k: v for k, v in meta.items() if k not in _SERVER_META}
+        if kept:
+            body["meta"] = kept
     body.pop("id", None)
     return body
 
 
 def _rewrite_references(value: Any, targets: dict[str, str | None]) -> Any:
-    """``value`` with each Reference to our Patients and Devices as the upstream must see it.
+    """``value`` with each Reference to one of ours as the upstream must see it.
 
-    Delivered: the upstream's id. Delivered without a location: by our identifier. A Device
-    the server refused: the link goes and the rest (its display name) stays; a Reference
-    left empty goes altogether. Not ours, or not delivered yet: as it is.
+    ``targets`` is keyed by the reference (``Type/<local id>``). Delivered: the upstream's
+    id. Delivered without a location: by our identifier. Refused upstream (a Device, say):
+    the link goes and the rest (its display name) stays; a Reference left empty goes
+    altogether. Not ours, or not delivered yet: as it is.
     """
     if isinstance(value, list):
         kept = [new for part in value if (new := _rewrite_references(part, targets)) is not _DROP]
@@ -305,9 +337,9 @@ def _rewrite_references(value: Any, targets: dict[str, str | None]) -> Any:
         if new is not _DROP:
             out[key] = new
     ref = value.get("reference")
-    if isinstance(ref, str) and ref.startswith(_LOCAL_TYPES):
+    if isinstance(ref, str) and ref in targets:
         rtype, local_id = ref.split("/", 1)
-        target = targets.get(local_id)
+        target = targets[ref]
         if target == "dead":
             del out["reference"]
             return out or _DROP
@@ -408,50 +440,54 @@ class Deliverer:
             ).fetchall()
         return self._items(conn, sorted(rows))
 
-    def _upstream_refs(
-        self, conn: sqlite3.Connection, logical_ids: set[str]
-    ) -> dict[str, str | None]:
-        """Local logical id → upstream reference (None while not delivered).
+    def _upstream_refs(self, conn: sqlite3.Connection, keys: set[str]) -> dict[str, str | None]:
+        """Reference (``Type/<local id>``) → upstream reference (None while not delivered).
 
-        ``"absent"``: not a resource of ours (the reference is left as is); ``"dead"``: ours,
-        refused upstream. Upstream references are final and remembered, so a drain of many
-        readings of a few patients asks the database once per patient; "dead" is not (staff
-        may send a dead letter again: ``status.resend_dead_letters``).
+        ``"absent"``: not a resource of ours, or ours under another type (the reference is
+        left as is); ``"dead"``: ours, refused upstream. Upstream references are final and
+        remembered, so a drain of many readings of a few patients asks the database once per
+        patient; "dead" is not (staff may send a dead letter again:
+        ``status.resend_dead_letters``).
         """
         found: dict[str, str | None] = {}
-        unknown = []
-        for logical_id in logical_ids:
-            known = self._refs.get(logical_id)
-            if known is None:
-                unknown.append(logical_id)
-            else:
-                found[logical_id] = known
-        for start in range(0, len(unknown), _IN_CHUNK):
-            chunk = unknown[start : start + _IN_CHUNK]
+        unknown: dict[str, set[str]] = {}  # logical id → the types references give it
+        for key in keys:
+            known = self._refs.get(key)
+            if known is not None:
+                found[key] = known
+                continue
+            rtype, _, logical_id = key.partition("/")
+            unknown.setdefault(logical_id, set()).add(rtype)
+        ids = list(unknown)
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
             rows = conn.execute(
-                "SELECT r.logical_id, o.upstream_ref, o.state FROM resources r "  # noqa: S608 - placeholders only
+                "SELECT r.logical_id, r.type, o.upstream_ref, o.state FROM resources r "  # noqa: S608 - placeholders only
                 "JOIN outbox o ON o.resource_id = r.id "
                 f"WHERE r.logical_id IN ({','.join('?' * len(chunk))}) AND o.kind = 'create'",
                 chunk,
             ).fetchall()
-            states = {logical_id: (ref, state) for logical_id, ref, state in rows}
-            # A Patient that came from the upstream has no create row: its link says where.
+            states = {(rtype, logical_id): (ref, state) for logical_id, rtype, ref, state in rows}
+            # What came from the upstream has no create row: its link says where.
             pulled = upstream_refs_of_pulled(conn, chunk)
             for logical_id in chunk:
-                ref, state = states.get(logical_id, (None, None))
-                if state is None:
-                    found[logical_id] = pulled.get(logical_id, "absent")
-                elif state == "delivered":
-                    found[logical_id] = ref or _NO_LOCATION
-                elif state == "dead":
-                    found[logical_id] = "dead"
-                else:
-                    found[logical_id] = None
+                for rtype in unknown[logical_id]:
+                    key = f"{rtype}/{logical_id}"
+                    ref, state = states.get((rtype, logical_id), (None, None))
+                    if state is None:
+                        link = pulled.get(logical_id, "")
+                        found[key] = link if link.startswith(f"{rtype}/") else "absent"
+                    elif state == "delivered":
+                        found[key] = ref or _NO_LOCATION
+                    elif state == "dead":
+                        found[key] = "dead"
+                    else:
+                        found[key] = None
         if len(self._refs) > _REF_CACHE_MAX:
             self._refs.clear()
-        for logical_id, target in found.items():
+        for key, target in found.items():
             if target not in (None, "absent", "dead"):
-                self._refs[logical_id] = target
+                self._refs[key] = target
         return found
 
     # -- building the bundle -------------------------------------------------------------
@@ -462,65 +498,74 @@ class Deliverer:
         items: list[Item],
         now: str,
         in_flight: frozenset[str] = frozenset(),
-    ) -> tuple[list[tuple[Item, Outgoing]], list[tuple[Item, str]]]:
+    ) -> _Plan:
         """Choose the items of this bundle, dependencies first; and those to dead-letter.
 
-        A Patient or Device that a loaded item points at and that is itself due goes at the
+        One of ours that a loaded item points at and that is itself due goes at the
         front (loaded from any lane when it is not among the items); the bundle then ends
         before the first item pointing at something in this same bundle or in the one still
-        in flight (``in_flight``: it needs that resource's upstream id, known only from the
-        answer), so a lane keeps its order. An item whose dependency is waiting out a backoff
+        in flight (``in_flight``: their references, ``Type/<local id>``; it needs that
+        resource's upstream id, known only from the answer), so a lane keeps its order. An item whose dependency is waiting out a backoff
         is held back; one pointing at a dead-lettered Patient is dead-lettered, and so is one
         whose stored copy fails authentication.
         """
         local = {item.outbox_id: item.local_refs() for item in items}
         refs: dict[str, str | None] = {}
-        for _ in range(3):  # a reading → its Device → the Device's Patient
+        # An alert → its Observation → the reading's Device → the Device's Patient.
+        for _ in range(4):
             for item in items:
                 if item.outbox_id not in local:
                     local[item.outbox_id] = item.local_refs()
-            wanted = {lid for item in items for _, lid in local[item.outbox_id]} - refs.keys()
+            wanted = {
+                f"{rtype}/{lid}" for item in items for rtype, lid in local[item.outbox_id]
+            } - refs.keys()
             if not wanted:
                 break
             refs.update(self._upstream_refs(conn, wanted))
-            pending = {lid for lid in wanted if refs[lid] is None} - in_flight
+            pending = {key for key in wanted if refs[key] is None} - in_flight
             if not pending:
                 break
-            loaded = {item.logical_id: item for item in items}
-            ahead = [loaded[lid] for lid in pending if lid in loaded]
-            ahead += self._load_by_logical_id(conn, sorted(pending - loaded.keys()), now)
+            loaded = {item.key: item for item in items}
+            ahead = [loaded[key] for key in pending if key in loaded]
+            more = sorted({key.partition("/")[2] for key in pending - loaded.keys()})
+            ahead += [
+                item for item in self._load_by_logical_id(conn, more, now) if item.key in pending
+            ]
             ahead.sort(key=lambda item: item.outbox_id)
-            moved = {item.logical_id for item in ahead}
-            rest = [item for item in items if item.logical_id not in moved]
+            moved = {item.outbox_id for item in ahead}
+            rest = [item for item in items if item.outbox_id not in moved]
             items = (ahead + rest)[: self._batch_size]
         in_batch: set[str] = set()
         ready: list[tuple[Item, Outgoing]] = []
         dead: list[tuple[Item, str]] = []
+        held_ids: list[int] = []
         for item in items:
             if not item.raw:
                 dead.append((item, UNREADABLE))
                 continue
             blocked = waits = held = False
             for rtype, local_id in local[item.outbox_id]:
-                target = refs.get(local_id)
+                key = f"{rtype}/{local_id}"
+                target = refs.get(key)
                 if target == "dead":
                     # A reading stands without its device (the name stays, the link goes);
                     # nothing stands without its Patient.
                     blocked = blocked or rtype == "Patient"
-                elif local_id in in_batch or local_id in in_flight:
+                elif key in in_batch or key in in_flight:
                     waits = True  # it goes in this bundle; this item in the next one
                 elif target is None:
                     held = True  # not due yet (per-item backoff): this item waits for it
             if waits:
-                break
+                return _Plan(ready, dead, held_ids, ended=True)
             if blocked:
                 dead.append((item, _DEAD_DEPENDENCY))
                 continue
             if held:
+                held_ids.append(item.outbox_id)
                 continue
             ready.append((item, _outgoing(item, local[item.outbox_id], refs)))
-            in_batch.add(item.logical_id)
-        return ready, dead
+            in_batch.add(item.key)
+        return _Plan(ready, dead, held_ids, ended=False)
 
     @staticmethod
     def _bundle(entries: list[tuple[Item, Outgoing]]) -> dict[str, Any]:
@@ -554,6 +599,8 @@ class Deliverer:
         were dead-lettered."""
         stamp = _iso(now)
         with db.transaction_sync(conn):
+            # A data-key rotation committed meanwhile is seen before sealing the messages.
+            keyring = self._store.current_keyring(conn)
             # Planned dead for a dead-lettered Patient, which staff may have sent again
             # since (status.resend_dead_letters): such an item stays due, and goes after it.
             dead = [
@@ -578,14 +625,14 @@ class Deliverer:
             conn.executemany(
                 "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1 "
                 "WHERE id = ? AND state = 'pending'",
-                [(self._seal(item, message), item.outbox_id) for item, message in dead],
+                [(self._seal(keyring, item, message), item.outbox_id) for item, message in dead],
             )
             conn.executemany(
                 "UPDATE outbox SET last_error = ?, attempts = attempts + 1, next_attempt_at = ? "
                 "WHERE id = ? AND state = 'pending'",
                 [
                     (
-                        self._seal(item, message),
+                        self._seal(keyring, item, message),
                         _iso(now + timedelta(seconds=delay)),
                         item.outbox_id,
                     )
@@ -628,22 +675,36 @@ class Deliverer:
                 audit.append(conn, events, now=now)
         return len(dead)
 
-    def _seal(self, item: Item, message: str) -> bytes:
+    @staticmethod
+    def _seal(keyring: Keyring, item: Item, message: str) -> bytes:
         # The server's diagnostics may quote what it refused (names, identifiers): PHI,
         # so the message is stored encrypted like the resource itself (see error_message).
-        return self._store.keyring.seal("outbox", str(item.outbox_id), message)
+        return keyring.seal("outbox", str(item.outbox_id), message)
 
     # -- the drain -----------------------------------------------------------------------
 
     def _choose(
         self, conn: sqlite3.Connection, now: str, in_flight: tuple[Item, ...]
     ) -> _Batch | None:
-        busy = frozenset(item.outbox_id for item in in_flight)
-        items = self._load(conn, now, self._batch_size, busy)
-        if not items:
-            return None
-        ready, dead = self._plan(conn, items, now, frozenset(item.logical_id for item in in_flight))
-        return _Batch(ready, dead)
+        busy = {item.outbox_id for item in in_flight}
+        flying = frozenset(item.key for item in in_flight)
+        looked_past = 0
+        while True:
+            items = self._load(conn, now, self._batch_size, frozenset(busy))
+            if not items:
+                return None if not looked_past else _Batch([], [])
+            plan = self._plan(conn, items, now, flying)
+            if (
+                plan.ready
+                or plan.dead
+                or plan.ended
+                or not plan.held
+                or looked_past >= _LOOK_PAST_HELD
+            ):
+                return _Batch(plan.ready, plan.dead)
+            # Every item read waits out a dependency's backoff: read on past them.
+            busy.update(plan.held)
+            looked_past += len(plan.held)
 
     async def _prepare(self, in_flight: tuple[Item, ...] = ()) -> tuple[_Batch | None, datetime]:
         now = self._clock()
@@ -668,7 +729,7 @@ class Deliverer:
             if 200 <= code < 300:
                 delivered.append((item, _entry_ref(entry)))
                 result.existing += code == 200
-            elif 400 <= code < 500 and code not in (401, 403, 408, 409, 429):
+            elif 400 <= code < 500 and code not in ENTRY_NOT_THE_ITEM:
                 dead.append((item, entry_outcome(entry, code)))
             else:
                 retry.append(
@@ -798,7 +859,9 @@ class Deliverer:
                     await self._only_dead(batch, now, step)
                     _add(total, step)
                     if not step.dead:
-                        break  # everything due waits for something not due yet
+                        # Everything due (as far as _choose reads past held items) waits
+                        # for something not due yet, or for the bundle in flight.
+                        break
                     batch, now = await self._prepare()
                     continue
                 if send is None:

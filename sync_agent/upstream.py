@@ -165,6 +165,9 @@ _RETRY_STATUSES = frozenset({408, 409, 423, 425, 429})
 # nothing here, this method not allowed here, cannot answer in FHIR JSON, gone for good,
 # does not read FHIR JSON.
 _ENDPOINT_STATUSES = frozenset({404, 405, 406, 410, 415})
+# An entry's own 4xx that says nothing against the item itself: our credentials or access
+# policy (401/403), or "later" as above. The item is sent again, never dead-lettered.
+ENTRY_NOT_THE_ITEM = frozenset({401, 403}) | _RETRY_STATUSES
 
 
 # The longest Retry-After taken from a server (a day, as RETRY_HORIZON in the outbox).

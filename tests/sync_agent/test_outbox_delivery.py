@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from appliance import db
-from appliance.store import Store
+from appliance import db, key_rotation, keys
+from appliance.store import Lane, Store
 from sync_agent import status
 from sync_agent.outbox_delivery import Deliverer
 from tests import factories
@@ -342,3 +342,156 @@ async def test_dead_letters_sent_again_after_the_fix_land_once_a_patient_taking_
         assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (2, 3)
     finally:
         conn.close()
+
+
+async def test_a_patient_the_server_keeps_failing_does_not_hold_back_the_queue_behind_it(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    fhir_peer.reset()
+    [first] = await store.create([factories.patient(family="Stuckperson")], NURSE)
+    await store.create(
+        [
+            factories.bp_observation(f"Patient/{first.logical_id}", systolic=120 + i)
+            for i in range(4)
+        ],
+        "service:devices",
+    )
+    second = await _patient_with_readings(store, 3)
+    now = [NOW]
+    deliverer = Deliverer(store, client, max_entries=4, rng=random.Random(1), clock=lambda: now[0])
+    fhir_peer.reject("Stuckperson", status=500)  # that one entry, every time
+    try:
+        for _ in range(3):  # three rounds of the sync loop
+            await deliverer.drain()
+            now[0] += timedelta(seconds=30)
+    finally:
+        fhir_peer.reject(None)
+    # Before: the first patient's four readings, held for its backoff, filled every read
+    # of the outbox and ended each drain: nothing behind them was ever sent.
+    assert fhir_peer.count("Patient") == 1
+    assert fhir_peer.count("Observation") == 3
+    upstream = (await client.get("Observation", params={"_count": "10"})).json()
+    patient_id = (await client.get("Patient")).json()["entry"][0]["resource"]["id"]
+    assert {e["resource"]["subject"]["reference"] for e in upstream["entry"]} == {
+        f"Patient/{patient_id}"
+    }
+    assert second.startswith("Patient/")
+    assert _states(db_path) == [("delivered", 4), ("pending", 5)]
+    # Once the server takes it, the rest follows.
+    now[0] += timedelta(seconds=600)
+    await deliverer.drain()
+    assert _states(db_path) == [("delivered", 9)]
+
+
+async def test_an_alert_goes_after_the_observation_it_implicates_pointing_at_its_upstream_id(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    fhir_peer.reset()
+    [pat] = await store.create([factories.patient()], NURSE)
+    patient_ref = f"Patient/{pat.logical_id}"
+    [reading] = await store.create([factories.bp_observation(patient_ref)], "service:devices")
+    issue = {
+        "resourceType": "DetectedIssue",
+        "status": "final",
+        "patient": {"reference": patient_ref},
+        "implicated": [{"reference": f"Observation/{reading.logical_id}"}],
+        # Not ours: a reference under another type with one of our ids stays as it is.
+        "author": {"reference": f"Practitioner/{pat.logical_id}"},
+    }
+    await store.create([issue], "service:rpm", lane=Lane.ALERTS)
+    result = await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
+    assert (result.delivered, result.dead) == (3, 0)
+    [found] = (await client.get("DetectedIssue")).json()["entry"]
+    observation_id = (await client.get("Observation")).json()["entry"][0]["resource"]["id"]
+    patient_id = (await client.get("Patient")).json()["entry"][0]["resource"]["id"]
+    # Before: sent first, in the alerts lane, still pointing at our local Observation id.
+    assert found["resource"]["implicated"] == [{"reference": f"Observation/{observation_id}"}]
+    assert found["resource"]["patient"] == {"reference": f"Patient/{patient_id}"}
+    assert found["resource"]["author"] == {"reference": f"Practitioner/{pat.logical_id}"}
+    assert _states(db_path) == [("delivered", 3)]
+
+
+async def test_security_labels_and_profiles_go_upstream_with_the_resource(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    fhir_peer.reset()
+    [pat] = await store.create([factories.patient()], NURSE)
+    reading = factories.bp_observation(f"Patient/{pat.logical_id}")
+    restricted = {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}
+    reading["meta"] = {
+        "security": [restricted],
+        "profile": ["http://hl7.org/fhir/StructureDefinition/bp"],
+    }
+    await store.create([reading], "service:devices")
+    await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
+    [found] = (await client.get("Observation")).json()["entry"]
+    # Before: only meta.tag went up; a "restricted" label was lost on the way to the EHR.
+    assert restricted in found["resource"]["meta"]["security"]
+    assert found["resource"]["meta"]["profile"] == ["http://hl7.org/fhir/StructureDefinition/bp"]
+
+
+class _RotateOnPost(httpx.AsyncBaseTransport):
+    """The real transport; the first bundle POST first waits for `appliance keys rotate data`
+    to run to the end in another process (new key, everything re-sealed, old key retired)."""
+
+    def __init__(self, db_path: Path, kek_path: Path) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._db_path, self._kek_path = db_path, kek_path
+        self.rotated = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and not self.rotated:
+            self.rotated = True
+            conn = db.connect_sync(self._db_path)
+            try:
+                kek = keys.read_kek_file(self._kek_path)
+                key_rotation.rotate_data_key(conn, kek)
+                key_rotation.reencrypt(conn, kek)
+            finally:
+                conn.close()
+        return await self._inner.handle_async_request(request)
+
+
+async def test_a_refusal_answered_during_a_key_rotation_is_sealed_under_the_new_key(
+    store: Store, fhir_peer: FhirPeer, db_path: Path, kek_path: Path
+) -> None:
+    fhir_peer.reset()
+    await store.create([factories.patient(family="Refusedrotation")], NURSE)
+    transport = _RotateOnPost(db_path, kek_path)
+    fhir_peer.reject("Refusedrotation")
+    try:
+        async with httpx.AsyncClient(
+            base_url=fhir_peer.base_url,
+            headers={"Content-Type": "application/fhir+json"},
+            transport=transport,
+        ) as client:
+            result = await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
+    finally:
+        fhir_peer.reject(None)
+    assert transport.rotated
+    assert result.dead == 1
+    # Another process (the web UI, `sync status --show-errors`) opens the message. Before:
+    # it was sealed under the key the rotation had just retired, and could never be read.
+    conn = db.connect_sync(db_path)
+    try:
+        keyring = keys.load_keyring(conn, keys.read_kek_file(kek_path))
+        opened = status.open_dead_letter_messages(conn, keyring, actor=NURSE, now=NOW)
+    finally:
+        conn.close()
+    assert list(opened.values()) == ["refused by the test rule (reject marker)"]
+
+
+@pytest.mark.parametrize("code", [423, 425])
+async def test_an_entry_answered_locked_or_too_early_is_retried_not_dead_lettered(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path, code: int
+) -> None:
+    fhir_peer.reset()
+    await store.create([factories.patient(family="Lockedperson")], NURSE)
+    fhir_peer.reject("Lockedperson", status=code)
+    try:
+        result = await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
+    finally:
+        fhir_peer.reject(None)
+    # Before: dead-lettered, though the same answer to a whole request meant "later".
+    assert (result.dead, result.retry) == (0, 1)
+    assert _states(db_path) == [("pending", 1)]

@@ -36,7 +36,7 @@ OWN_ID = "01a21cac-1183-7a03-9c5b-ddc1300eb4ec"
 
 # Targets as _upstream_refs answers them; upstream ids with characters JSON must escape.
 targets_st = st.dictionaries(
-    st.sampled_from(LOCAL_IDS),
+    st.sampled_from([f"{t}/{i}" for t in ("Patient", "Device", "Observation") for i in LOCAL_IDS]),
     st.one_of(
         st.sampled_from(["absent", "dead", _NO_LOCATION, None]),
         st.builds(
@@ -52,7 +52,7 @@ reference_st = st.builds(
         "reference": f"{rtype}/{local_id}",
         **({"display": display} if display is not None else {}),
     },
-    st.sampled_from(["Patient", "Device", "Practitioner"]),
+    st.sampled_from(["Patient", "Device", "Practitioner", "Observation"]),
     st.sampled_from(LOCAL_IDS),
     st.none() | st.text(max_size=8),
 )
@@ -89,6 +89,8 @@ def stored_resources(draw: st.DrawFn) -> bytes:
         meta["tag"] = [{"system": "urn:x", "code": draw(st.sampled_from(["clinic", "home]"]))}]
     if draw(st.booleans()):
         meta["versionId"] = "3"
+    if draw(st.booleans()):
+        meta["security"] = [{"system": "urn:x", "code": "R"}]
     meta["lastUpdated"] = "2026-11-27T11:02:48.451135+00:00"
     layout = draw(st.sampled_from(["store", "id first", "shuffled", "no id", "no meta"]))
     own = {
@@ -125,7 +127,10 @@ def test_the_rewritten_bytes_say_exactly_what_the_parsed_copy_says(
     parsed = _outgoing_parsed(item, targets)
     assert orjson.loads(orjson.dumps(fast)) == parsed
     assert "id" not in parsed
-    assert set(parsed.get("meta", {})) <= {"tag"}
+    assert not set(parsed.get("meta", {})) & {"versionId", "lastUpdated"}
+    assert parsed.get("meta", {}).get("security") == orjson.loads(raw).get("meta", {}).get(
+        "security"
+    )
 
 
 def test_the_common_case_is_not_parsed_and_a_strange_layout_is() -> None:
@@ -139,12 +144,12 @@ def test_the_common_case_is_not_parsed_and_a_strange_layout_is() -> None:
         }
     )
     item = _item(stored)
-    sent = _outgoing(item, item.local_refs(), {"01a2-p1": "Patient/77"})
+    sent = _outgoing(item, item.local_refs(), {"Patient/01a2-p1": "Patient/77"})
     assert isinstance(sent, orjson.Fragment)
     assert orjson.loads(orjson.dumps(sent))["subject"] == {"reference": "Patient/77"}
     # A Device the server refused needs its Reference edited: that one is parsed.
     item = _item(stored.replace(b"Patient/01a2-p1", b"Device/01a2-d1"))
-    assert isinstance(_outgoing(item, item.local_refs(), {"01a2-d1": "dead"}), dict)
+    assert isinstance(_outgoing(item, item.local_refs(), {"Device/01a2-d1": "dead"}), dict)
 
 
 # -- on the real server ---------------------------------------------------------------------
