@@ -5,36 +5,48 @@ What is pulled, from the first configured upstream (the one the outbox delivers 
 1. **Appointments of this site**: ``Appointment?actor=<sync.upstream.location>`` — the site's
    Location on that upstream is a participant of every appointment booked here. Without a
    configured ``location`` no Appointments are pulled.
-2. **Their Patients**, fetched by id (``Patient?_id=a,b,…``) with each page of Appointments
-   and stored in the same transaction, so every pulled Appointment points at a local Patient.
-   Only Patients not already current are fetched: unknown ones, and known ones only when
-   changed since the version held (``_lastUpdated=gt…``). Enrolled RPM patients (below) are
-   refreshed the same way on every pass.
+2. **Their Patients**, fetched by id (``Patient?_id=a,b,…``, through the server's ``next``
+   links when it serves fewer a page) with each page of Appointments and stored in the same
+   transaction, so every pulled Appointment points at a local Patient — unless the upstream
+   refuses us that Patient (below): the Appointment is stored all the same, naming the
+   Patient by its upstream id. Only Patients not already current are fetched: unknown ones,
+   and known ones only when changed since the version held (``_lastUpdated=gt…``). Enrolled
+   RPM patients (below) are refreshed the same way on every pass.
 3. **Home readings of enrolled RPM patients**: ``Observation?subject=Patient/<upstream id>``
    per patient. Until the RPM issue adds an enrolment table, *enrolled* means a patient with an
    assigned home device (``devices.setting = 'home'``, not retired). They are tagged as home
    readings (capture-setting ``home``), have no outbox row, so are never sent back; our own
    readings found there are recognised (``OWN``) and one tagged as captured elsewhere is skipped.
 
-**Incremental.** Every stream (``Appointment``; ``Observation Patient/<id>``) pages through
-``_lastUpdated=ge<cursor>&_sort=_lastUpdated&_count=N``, each page asked for afresh from the
-cursor. The server's ``next`` links are not followed: many page by offset, and a resource
-changed between two pages moves to the end of the order, so the one behind it slides into
-the offset already read and would be skipped for good. The cursor is the newest
+**Incremental.** Every stream (``Appointment Location/<id>``; ``Observation Patient/<id>``)
+pages through ``_lastUpdated=ge<cursor>&_sort=_lastUpdated&_count=N``, each page asked for
+afresh from the cursor. The server's ``next`` links are not followed: many page by offset,
+and a resource changed between two pages moves to the end of the order, so the one behind it
+slides into the offset already read and would be skipped for good. The cursor is the newest
 ``meta.lastUpdated`` taken plus the ids taken at exactly that instant, and it is written in
 the transaction that stores the page: a pass interrupted anywhere resumes at the last stored
 page, and a run of equal timestamps cut by a page boundary is neither lost (``ge``) nor taken
-twice (the ids). A full page of nothing new (more equal timestamps than a page holds)
-doubles the page size, up to 1,000; past that, the server's ``next`` links (to the same
-server only) are followed through that one instant, and without one the stream says it is
-stuck. Each pass first reads again the ten minutes before the cursor (``overlap_s``) and
-takes what is not held here: a server stamps ``lastUpdated`` when a write starts, so a write
-committed late appears behind a cursor that has already moved past it.
+twice (the ids). A page wholly inside the cursor's instant (a run of equal timestamps longer
+than the page: asked again from the cursor, it would come back the same) doubles the page
+size, up to 1,000; past that, or when the server serves fewer than asked, the server's
+``next`` links (to the same server only) are followed through that one instant, and without
+one the stream says it is stuck. A walk through a run cut short by ``max_pages`` resumes at
+its next link on the next pass (kept in memory: after a restart the walk starts the run
+again), so a run of any length is passed; a link back to a page already read ends the walk.
+A pass says ``more`` (call again at once) only when a stream reached ``max_pages`` having
+moved its cursor: a pass that got nowhere waits for the next interval like any other. Each
+pass first reads again the ten minutes before the cursor (``overlap_s``) and takes what is
+not held here: a server stamps ``lastUpdated`` when a write starts, so a write committed
+late appears behind a cursor that has already moved past it.
 
 **Failures.** The link, our credentials or the address failing stops the pass (the next one
 resumes from the cursors). A refusal of one search (a 4xx about it: a patient merged or
 restricted upstream, a parameter the server does not take) is counted in ``refused`` and the
-other streams go on, so one patient's refused search never starves everyone after it.
+other streams go on, so one patient's refused search never starves everyone after it. So
+with Patients: a refused ``Patient?_id=…`` is asked again one id at a time, the refused ones
+are left out (each counted in ``refused``, and asked for alone on later passes) and the rest
+are stored; the page of Appointments and its cursor go on, as do the enrolled patients'
+readings.
 
 **Stored** through :meth:`appliance.store.Store.import_upstream`: encrypted, audited as
 ``service:sync``, keeping the upstream id and version (the ``If-Match`` of a later local
@@ -87,6 +99,26 @@ HOME_TAG = {"system": fhir.CAPTURE_SETTING_SYSTEM, "code": "home"}
 APPOINTMENTS = "Appointment"
 MAX_PAGE_SIZE = 1000
 _ID_CHUNK = 50  # ids per Patient?_id= request: keeps the URL short on every server
+
+
+def appointments_stream(location: str) -> str:
+    """The cursor's name of the Appointments at ``location`` (``Location/<id>``).
+
+    Keyed by the Location, as readings are by patient: a corrected ``sync.upstream.location``
+    starts a stream of its own from the beginning instead of taking over the cursor of the
+    wrong one (which would skip every appointment stamped before it). The stream of releases
+    before this was plain ``Appointment``; that row is left unused, so an upgrade pulls the
+    site's Appointments once more (imports are idempotent: nothing is duplicated).
+    """
+    return f"{APPOINTMENTS} {location}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Walk:
+    """Where a walk through one instant by the server's ``next`` links stopped (max_pages)."""
+
+    at: str | None  # the instant of the run (the cursor's ``since``)
+    link: str  # the next page, not read yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +262,10 @@ class Puller:
         self._clock = clock
         self._last_pass: datetime | None = None
         self._more = False
+        self._walks: dict[str, _Walk] = {}  # stream → where its walk through a run stopped
+        # Patients the upstream refused us: asked for alone, so that the others' read is one
+        # request and not a refused one followed by one per id, on every pass.
+        self._refused: set[str] = set()
 
     # -- the pass --------------------------------------------------------------------------
 
@@ -249,12 +285,12 @@ class Puller:
         self._last_pass = now
         result = PullResult()
         try:
-            if self._upstream.location is not None:
-                await self._guarded(
-                    APPOINTMENTS, APPOINTMENTS, {"actor": self._upstream.location}, result
-                )
+            if (location := self._upstream.location) is not None:
+                stream = appointments_stream(location)
+                await self._guarded(stream, APPOINTMENTS, {"actor": location}, result)
             enrolled = await db.run_sync(self._store.connection, _enrolled_upstream_refs)
-            patients = await self._patients(set(enrolled))
+            # A Patient refused here is left out (counted); every stream below still runs.
+            patients = await self._patients(set(enrolled), result)
             if patients:
                 result.count(
                     await self._store.import_upstream(
@@ -329,12 +365,16 @@ class Puller:
         cursor = await db.run_sync(conn, _load_cursor, self._upstream.name, stream)
         if cursor.since is not None:
             await self._sweep(stream, rtype, params, cursor.since, result)
-        base = str(self._client.base_url).rstrip("/") + "/"
+        start = cursor
         size = self._page_size
-        next_url: str | None = None  # only inside a run of equal timestamps (below)
-        run_at: str | None = None
+        # Following the server's links through the cursor's instant: where the last pass's
+        # walk stopped, if the cursor is still in that instant.
+        walk = self._walks.pop(stream, None)
+        next_url = walk.link if walk is not None and walk.at == cursor.since else None
+        followed: set[str] = set()
         for _ in range(self._max_pages):
             if next_url is not None:
+                followed.add(next_url)
                 bundle = await self._get(next_url)
             else:
                 query = {**params, "_sort": "_lastUpdated", "_count": str(size)}
@@ -342,39 +382,62 @@ class Puller:
                     query["_lastUpdated"] = f"ge{cursor.since}"
                 bundle = await self._get(rtype, query)
             resources = _entries(bundle, rtype)
-            after = await self._take(stream, rtype, resources, cursor, result, save=True)
-            progressed = after != cursor
-            cursor = after
-            link = next_link(bundle)
-            link = link if link is not None and link.startswith(base) else None
+            before = cursor
+            cursor = await self._take(stream, rtype, resources, cursor, result, save=True)
+            link = self._own_next(bundle)
             if next_url is not None:
-                # Following the server's links through one instant: on while it lasts, then
-                # back to asking from the cursor; no link, and the search is done.
+                # Walking through one instant: on while it lasts (a page may bring nothing
+                # new: one read by a walk before a restart), back to asking from the cursor
+                # once past it; no link, and the search is done.
                 if link is None:
                     return
-                next_url = link if cursor.since == run_at else None
+                if cursor.since != before.since:
+                    next_url = None
+                    continue
+                if link in followed:
+                    self._stuck(stream, rtype, result, "a next link leads back to a page read")
+                    return
+                next_url = link
                 continue
             if link is None and len(resources) < size:
                 return  # the last page (a short page with a next link: the server's cap)
-            if progressed:
+            if cursor.since != before.since:
                 continue  # the next page is asked for from the cursor, never by a next link
-            if link is not None:
-                # A run of equal timestamps longer than this page (or than the server's cap
-                # on _count): through that one instant by the server's links.
-                next_url, run_at = link, cursor.since
-                continue
-            if size < MAX_PAGE_SIZE:
+            # The whole page is in the cursor's instant: asked again, it would be the same.
+            if len(resources) >= size and size < MAX_PAGE_SIZE:
                 size = min(MAX_PAGE_SIZE, size * 2)
                 continue
-            logger.warning(
-                "pull %s: more than %d resources share one lastUpdated and the server "
-                "gives no next link; this stream cannot get past them",
-                rtype,
-                MAX_PAGE_SIZE,
-            )
-            result.error = f"{stream}: over {MAX_PAGE_SIZE} resources share one lastUpdated"
+            if link is not None:
+                # A run of equal timestamps longer than the largest page (or than the
+                # server's cap on _count): through that one instant by the server's links.
+                next_url = link
+                continue
+            self._stuck(stream, rtype, result, "the server gives no next link")
             return
-        result.more = True
+        if next_url is not None:
+            self._walks[stream] = _Walk(cursor.since, next_url)
+        # Cut short by max_pages: again at once, but only if this pass got somewhere (else
+        # the sync loop would ask again and again for the same pages).
+        if cursor != start:
+            result.more = True
+
+    def _own_next(self, bundle: Any) -> str | None:
+        """The ``next`` link of a page, when it stays on this upstream (never another host:
+        our credentials go with the request)."""
+        link = next_link(bundle)
+        base = str(self._client.base_url).rstrip("/") + "/"
+        return link if link is not None and link.startswith(base) else None
+
+    def _stuck(self, stream: str, rtype: str, result: PullResult, why: str) -> None:
+        """This stream cannot page through the run of equal timestamps at its cursor."""
+        logger.warning(
+            "pull %s: more than %d resources share one lastUpdated and %s; this stream "
+            "cannot get past them",
+            rtype,
+            MAX_PAGE_SIZE,
+            why,
+        )
+        result.error = f"{stream}: over {MAX_PAGE_SIZE} resources share one lastUpdated"
 
     async def _take(
         self,
@@ -395,7 +458,7 @@ class Puller:
         tags: list[dict[str, str]] = []
         if rtype == APPOINTMENTS:
             wanted = set().union(*(_patients_of(r) for r in fresh)) if fresh else set()
-            copies = await self._patients(wanted) + copies
+            copies = await self._patients(wanted, result) + copies
         elif rtype == "Observation":
             result.skipped += sum(1 for r in fresh if _captured_elsewhere(r))
             copies = [c for c in copies if not _captured_elsewhere(c.resource)]
@@ -452,30 +515,72 @@ class Puller:
                 return  # reached the cursor, the end, or a run of equal timestamps: enough
             floor = after
 
-    async def _patients(self, refs: set[str]) -> list[UpstreamCopy]:
-        """The Patients among ``refs`` that are not current here, fetched by id."""
+    async def _patients(self, refs: set[str], result: PullResult) -> list[UpstreamCopy]:
+        """The Patients among ``refs`` that are not current here, fetched by id. One the
+        upstream refuses us is left out and counted in ``refused``; the others are fetched
+        all the same."""
         if not refs:
             return []
         known = await db.run_sync(self._store.connection, _known_versions, sorted(refs))
-        unknown = sorted(r for r in refs if known.get(r) is None)
-        held = sorted(r for r in refs if known.get(r) is not None)
+        versions = {r: v for r, v in known.items() if v is not None}
+        unknown = sorted(r for r in refs if r not in versions)
         copies: list[UpstreamCopy] = []
-        for group, changed_only in ((unknown, False), (held, True)):
-            for start in range(0, len(group), _ID_CHUNK):
-                chunk = group[start : start + _ID_CHUNK]
-                query = {
-                    "_id": ",".join(r.partition("/")[2] for r in chunk),
-                    "_count": str(len(chunk)),
-                }
+        for group, changed_only in ((unknown, False), (sorted(versions), True)):
+            shared = [r for r in group if r not in self._refused]
+            chunks = [shared[i : i + _ID_CHUNK] for i in range(0, len(shared), _ID_CHUNK)]
+            chunks += [[r] for r in group if r in self._refused]
+            for chunk in chunks:
+                since = None
                 if changed_only:
-                    oldest = min(
-                        (known[r] for r in chunk),
+                    since = min(
+                        (versions[r] for r in chunk),
                         key=lambda v: fhir.instant(v) or datetime.min.replace(tzinfo=UTC),
                     )
-                    query["_lastUpdated"] = f"gt{oldest}"
-                bundle = await self._get("Patient", query)
-                copies += [_copy(r) for r in _entries(bundle, "Patient")]
+                copies += await self._patients_or_refused(chunk, since, result)
         return copies
+
+    async def _patients_or_refused(
+        self, chunk: list[str], since: str | None, result: PullResult
+    ) -> list[UpstreamCopy]:
+        """The Patients of ``chunk``; a refused read (a 4xx about it: a patient restricted,
+        merged or deleted upstream) asked again one id at a time, the refused ones counted."""
+        try:
+            found = await self._read_patients(chunk, since)
+        except UpstreamError as exc:
+            if exc.failure is not Failure.PERMANENT:
+                raise
+            if len(chunk) > 1:
+                return [
+                    c
+                    for ref in chunk
+                    for c in await self._patients_or_refused([ref], since, result)
+                ]
+            self._refused.add(chunk[0])
+            result.refused += 1
+            # The upstream id and the class only: the server's words may quote data.
+            result.error = f"{chunk[0]}: refused by the upstream ({exc.failure})"
+            logger.warning("pull of one Patient refused by the upstream; the rest go on")
+            return []
+        self._refused.difference_update(chunk)
+        return found
+
+    async def _read_patients(self, chunk: list[str], since: str | None) -> list[UpstreamCopy]:
+        """``Patient?_id=<chunk>`` (changed since ``since``), through the server's next links
+        when it serves fewer a page than asked: at most one page per id."""
+        query = {"_id": ",".join(r.partition("/")[2] for r in chunk), "_count": str(len(chunk))}
+        if since is not None:
+            query["_lastUpdated"] = f"gt{since}"
+        bundle = await self._get("Patient", query)
+        found = {c.reference: c for c in map(_copy, _entries(bundle, "Patient"))}
+        followed: set[str] = set()
+        for _ in range(len(chunk)):
+            link = self._own_next(bundle)
+            if link is None or link in followed:
+                break
+            followed.add(link)
+            bundle = await self._get(link)
+            found |= {c.reference: c for c in map(_copy, _entries(bundle, "Patient"))}
+        return list(found.values())
 
     def _hold_newer(
         self,

@@ -45,6 +45,7 @@ class Transport_(httpx.AsyncBaseTransport):
         self.requests: list[httpx.URL] = []
         self.before: Callable[[httpx.Request], Awaitable[None]] | None = None
         self.cap: int | None = None  # the most _count the "server" serves per page
+        self.self_links = False  # with add_next_links: each next link points at its own page
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request.url)
@@ -73,7 +74,9 @@ class Transport_(httpx.AsyncBaseTransport):
         ):
             query["_offset"] = str(offset + count)
             url = request.url.copy_with(query=urlencode(query).encode())
-            body["link"] = [{"relation": "next", "url": str(url)}]
+            body["link"] = [
+                {"relation": "next", "url": str(request.url if self.self_links else url)}
+            ]
         return httpx.Response(
             response.status_code, headers={"Content-Type": FHIR_JSON}, content=orjson.dumps(body)
         )
@@ -225,7 +228,10 @@ async def test_pull_takes_this_sites_appointments_their_patients_and_home_readin
     cursors = conn.execute("SELECT stream, since FROM pull_cursors ORDER BY stream").fetchall()
     conn.close()
     assert "service:sync" in actors_seen
-    assert [stream for stream, _ in cursors] == ["Appointment", f"Observation Patient/{ada['id']}"]
+    assert [stream for stream, _ in cursors] == [
+        f"Appointment Location/{site['id']}",
+        f"Observation Patient/{ada['id']}",
+    ]
 
     # A second pass finds nothing new and writes nothing.
     again = await puller.pull_once(force=True)
@@ -492,7 +498,9 @@ async def test_a_run_of_equal_timestamps_longer_than_the_largest_page_follows_ne
     puller = _puller(store, client, site, page_size=2)
     stuck = await puller.pull_once()
     # No next link: the stream cannot page through that instant, and says so.
-    assert stuck.error == "Appointment: over 4 resources share one lastUpdated"
+    assert (
+        stuck.error == f"Appointment Location/{site['id']}: over 4 resources share one lastUpdated"
+    )
     assert _count(db_path, "Appointment") == 4
     transport.add_next_links = True
     result = await puller.pull_once(force=True)
@@ -686,3 +694,233 @@ async def test_a_record_carrying_our_identifier_under_another_upstream_id_is_not
     actors = [p["actor"]["reference"] for p in appointment["participant"]]
     assert f"Patient/{twin['id']}" in actors
     assert f"Patient/{made.logical_id}" not in actors
+
+
+async def _post_all(client: httpx.AsyncClient, resources: list[dict[str, Any]]) -> None:
+    """Create ``resources`` upstream in batches (quicker than one request each)."""
+    for start in range(0, len(resources), 200):
+        entries = [
+            {"resource": r, "request": {"method": "POST", "url": r["resourceType"]}}
+            for r in resources[start : start + 200]
+        ]
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": entries}
+        response = await client.post("", json=bundle)
+        assert response.status_code == 200, response.text
+        assert all(e["response"]["status"].startswith("201") for e in response.json()["entry"])
+
+
+async def test_a_run_of_equal_timestamps_longer_than_twenty_pages_is_passed_and_the_pull_settles(
+    store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patient = await _post(client, factories.patient())
+    # One bulk load at the EHR: 1,100 appointments stamped with one instant; then one later.
+    await _post_all(client, [_appointment(patient, site, updated=SAME_INSTANT)] * 1100)
+    later = await _post(client, _appointment(patient, site, updated="2026-11-26T08:00:01.000Z"))
+    transport.add_next_links = True  # offset links
+    puller = _puller(store, client, site)  # 50 a page, 20 pages a pass
+    passes = []
+    for _ in range(5):
+        passes.append(await puller.pull_once(force=True))
+        if not passes[-1].more:
+            break
+    # Before: every pass walked the run from its start by 50s, got no further than the 20th
+    # page, and said "more" — the sync loop asked again at once, for ever.
+    assert (passes[-1].error, passes[-1].more) == (None, False)
+    assert _count(db_path, "Appointment") == 1101
+    await _local_id(store, "Appointment", later["id"])
+    start = len(transport.requests)
+    again = await puller.pull_once(force=True)
+    assert (again.created, again.more, again.error) == (0, False, None)
+    assert len(transport.requests) - start < 20
+
+
+async def test_a_run_walked_by_next_links_resumes_where_the_last_pass_stopped(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Transport_,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 2)
+    site, later = await _one_instant(client, 15)
+    transport.add_next_links = True
+    puller = _puller(store, client, site, page_size=2, max_pages=4)
+    passes = []
+    for _ in range(6):
+        passes.append(await puller.pull_once(force=True))
+        if not passes[-1].more:
+            break
+    # Before: each pass began the run again at its first page and reached the same offset.
+    assert [r.more for r in passes] == [True, True, False]
+    assert all(r.error is None for r in passes)
+    assert _count(db_path, "Appointment") == 16
+    await _local_id(store, "Appointment", later["id"])
+
+
+async def test_a_next_link_pointing_at_its_own_page_ends_the_pass_without_more(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Transport_,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 4)
+    site, _later = await _one_instant(client, 7)
+    transport.add_next_links, transport.self_links = True, True
+    puller = _puller(store, client, site, page_size=2)
+    first = await puller.pull_once()
+    start = len(transport.requests)
+    again = await puller.pull_once(force=True)
+    # Before: the link was followed to the end of max_pages, and the pass said "more".
+    for result in (first, again):
+        assert (result.more, result.error) == (
+            False,
+            f"Appointment Location/{site['id']}: over 4 resources share one lastUpdated",
+        )
+    assert _count(db_path, "Appointment") == 4
+    assert len(transport.requests) - start < 10
+
+
+async def _two_enrolled(
+    store: Store, client: httpx.AsyncClient
+) -> tuple[Puller, list[dict[str, Any]], dict[str, str]]:
+    """Two patients with an appointment here, pulled and enrolled (a home cuff each), and a
+    home reading each upstream: the puller, the patients upstream, upstream id → local id."""
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patients = [
+        await _post(client, factories.patient(family=family, mrn=mrn))
+        for family, mrn in (("Adaperson", "T0001"), ("Bobperson", "T0002"))
+    ]
+    for patient in patients:
+        await _post(client, _appointment(patient, site))
+    puller = _puller(store, client, site)
+    await puller.pull_once()
+    registry = DeviceRegistry(store)
+    local = {}
+    for index, patient in enumerate(patients):
+        local[patient["id"]] = await _local_id(store, "Patient", patient["id"])
+        await registry.register_device(
+            f"home-bp-{index}",
+            name="Home cuff",
+            transport=Transport.HUB,
+            profile="blood_pressure",
+            address=None,
+            setting=Setting.HOME,
+            actor="user:admin",
+        )
+        await registry.assign_device(
+            f"home-bp-{index}", "user:admin", patient_id=local[patient["id"]]
+        )
+        await _post(client, factories.bp_observation(f"Patient/{patient['id']}"))
+    return puller, patients, local
+
+
+def _refuse_patient_reads_naming(
+    fhir_peer: FhirPeer, upstream_id: str
+) -> Callable[[httpx.Request], Awaitable[None]]:
+    """A ``before`` hook: the EHR answers 403 to any Patient read naming that patient."""
+
+    async def refuse(request: httpx.Request) -> None:
+        if request.url.path.endswith("/Patient") and upstream_id in request.url.params.get(
+            "_id", ""
+        ).split(","):
+            fhir_peer.fault("status", status=403)
+
+    return refuse
+
+
+async def test_a_refused_patient_read_does_not_stop_the_other_enrolled_patients_home_readings(
+    store: Store, client: httpx.AsyncClient, transport: Transport_, fhir_peer: FhirPeer
+) -> None:
+    puller, (ada, bob), local = await _two_enrolled(store, client)
+    transport.before = _refuse_patient_reads_naming(fhir_peer, ada["id"])  # restricted there
+    result = await puller.pull_once(force=True)
+    # Before: the refused refresh of Ada ended the pass; nobody's readings were pulled.
+    assert (result.stopped_by, result.link_down, result.refused) == (None, False, 1)
+    assert result.error == f"Patient/{ada['id']}: refused by the upstream (permanent)"
+    for patient in (ada, bob):
+        readings = await store.newest(f"Patient/{local[patient['id']]}", "Observation", NURSE)
+        assert len(readings) == 1
+    # Ada is asked for alone from now on: the others' refresh is one request, not refused.
+    start = len(transport.requests)
+    again = await puller.pull_once(force=True)
+    assert again.refused == 1
+    reads = [u for u in transport.requests[start:] if u.path.endswith("/Patient")]
+    assert sorted(u.params["_id"] for u in reads) == sorted([ada["id"], bob["id"]])
+    transport.before = None
+    assert (await puller.pull_once(force=True)).refused == 0
+
+
+async def test_an_appointment_page_whose_patient_is_refused_stores_the_rest_and_moves_on(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Transport_,
+    fhir_peer: FhirPeer,
+    db_path: Path,
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patients = [await _post(client, factories.patient(mrn=f"T{i:04d}")) for i in range(3)]
+    booked = [
+        await _post(client, _appointment(p, site, updated=f"2026-11-26T08:00:0{i}.000Z"))
+        for i, p in enumerate(patients)
+    ]
+    restricted = patients[1]
+    transport.before = _refuse_patient_reads_naming(fhir_peer, restricted["id"])
+    puller = _puller(store, client, site, page_size=2)
+    result = await puller.pull_once()
+    # Before: the page was refused whole, the cursor never moved, nothing was pulled, ever.
+    assert (result.refused, result.stopped_by) == (1, None)
+    assert _count(db_path, "Appointment") == 3
+    assert _count(db_path, "Patient") == 2
+    for patient in (patients[0], patients[2]):
+        await _local_id(store, "Patient", patient["id"])
+    # The restricted patient's appointment is kept; it names the patient as the EHR does.
+    visit = await store.read(
+        "Appointment", await _local_id(store, "Appointment", booked[1]["id"]), NURSE
+    )
+    assert f"Patient/{restricted['id']}" in [p["actor"]["reference"] for p in visit["participant"]]
+    # The cursor moved on: later bookings are pulled.
+    newer = await _post(client, _appointment(patients[0], site))
+    again = await puller.pull_once(force=True)
+    assert (again.created, again.refused) == (1, 0)
+    await _local_id(store, "Appointment", newer["id"])
+
+
+async def test_fixing_the_location_pulls_the_appointments_stamped_before_the_old_cursor(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    right = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    wrong = await _post(client, {"resourceType": "Location", "name": "Another clinic"})
+    patient = await _post(client, factories.patient())
+    for day in range(1, 6):  # booked here weeks ago
+        await _post(client, _appointment(patient, right, updated=f"2026-11-0{day}T08:00:00.000Z"))
+    await _post(client, _appointment(patient, wrong, updated="2026-11-20T08:00:00.000Z"))
+    assert (await _puller(store, client, wrong).pull_once()).created == 2
+    fixed = await _puller(store, client, right).pull_once()
+    # Before: the wrong Location's cursor (20 November) was used, and nothing was pulled.
+    assert (fixed.created, fixed.error) == (5, None)
+    assert _count(db_path, "Appointment") == 6
+
+
+async def test_patients_beyond_a_servers_cap_on_count_are_fetched_by_next_links(
+    store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    group = [await _post(client, factories.patient(mrn=f"T{i:04d}")) for i in range(5)]
+    visit = _appointment(group[0], site)
+    visit["participant"] += [
+        {"actor": {"reference": f"Patient/{p['id']}"}, "status": "accepted"} for p in group[1:]
+    ]
+    booked = await _post(client, visit)  # a group visit: five patients
+    transport.cap, transport.add_next_links = 2, True  # asked for 5, it serves 2 a page
+    result = await _puller(store, client, site).pull_once()
+    # Before: only the first page of Patients was taken; three were never pulled.
+    assert result.error is None
+    assert _count(db_path, "Patient") == 5
+    local = {await _local_id(store, "Patient", p["id"]) for p in group}
+    stored = await store.read(
+        "Appointment", await _local_id(store, "Appointment", booked["id"]), NURSE
+    )
+    patients = {p["actor"]["reference"] for p in stored["participant"]} - {f"Location/{site['id']}"}
+    assert patients == {f"Patient/{i}" for i in local}
