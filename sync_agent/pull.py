@@ -603,7 +603,11 @@ class Puller:
                 continue
             if review is not None:
                 refresh_review(
-                    conn, self._store.keyring, int(review[0]), copy.resource, copy.version_id
+                    conn,
+                    self._store.current_keyring(conn),
+                    int(review[0]),
+                    copy.resource,
+                    copy.version_id,
                 )
             else:
                 # Held for a local edit the upstream refused: a nurse decides between them.

@@ -21,8 +21,12 @@ here whose upstream version was never read back (``if_match`` NULL) gets it from
 which is a conflict like a 412.
 
 The review queue: :meth:`ReviewQueue.keep_mine` re-queues the update against the upstream's
-current version; :meth:`ReviewQueue.take_theirs` imports the upstream's version locally (ours
-stays in ``resource_history``). Opening an item is audited as a read.
+current version; :meth:`ReviewQueue.take_theirs` makes the upstream's version the local copy
+(ours stays in ``resource_history``). Opening an item is audited as a read. A review shows our
+version as stored when it opened (an edit saved while the refused PUT was on the wire
+included), and a pull may put a newer upstream version into it while a nurse looks: a decision
+names the upstream version it was made on, and is refused (:class:`ReviewChangedError`,
+nothing changed) when the review holds another by the time it is recorded.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import logging
 import random
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -42,10 +46,12 @@ import orjson
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
-from appliance.errors import NotFoundError, TamperedDataError
+from appliance.errors import NotFoundError, StoreError, TamperedDataError
 from appliance.keys import Keyring
 from appliance.store import (
     REFUSED_EDIT_SQL,
+    Imported,
+    ImportOutcome,
     Lane,
     Store,
     UpstreamCopy,
@@ -91,6 +97,10 @@ _LOAD_SQL = (
 
 class ReviewError(NotFoundError):
     """A review item that does not exist or is no longer open."""
+
+
+class ReviewChangedError(ReviewError):
+    """A review item whose upstream version is no longer the one the decision was made on."""
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -242,8 +252,8 @@ class UpdateSender:
         return rows, len(unreadable)
 
     def _dead_unreadable(self, conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
-        keyring = self._store.keyring
         with db.transaction_sync(conn):
+            keyring = self._store.current_keyring(conn)  # a rotation seen before sealing
             for outbox_id, _entity in rows:
                 conn.execute(
                     "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1 "
@@ -447,10 +457,10 @@ class UpdateSender:
         conflict: _Conflict | None,
         now: datetime,
     ) -> None:
-        keyring = self._store.keyring
         key = _patient_key(self._store, row.type, row.logical_id)
         entity = f"{row.type}/{row.logical_id}"
         with db.transaction_sync(conn):
+            keyring = self._store.current_keyring(conn)  # a rotation seen before sealing
             conn.execute(
                 "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1 "
                 "WHERE id = ? AND state = 'pending'",
@@ -469,7 +479,8 @@ class UpdateSender:
             ]
             if conflict is not None:
                 assert row.link is not None
-                review_id = _open_review(conn, keyring, row, conflict, fhir.utc_text(now))
+                mine = self._as_stored_now(conn, row)
+                review_id = _open_review(conn, keyring, mine, conflict, fhir.utc_text(now))
                 events.append(
                     AuditEvent(
                         ACTOR,
@@ -481,11 +492,37 @@ class UpdateSender:
                 )
             audit.append(conn, events, now=now)
 
+    def _as_stored_now(self, conn: sqlite3.Connection, row: _Row) -> _Row:
+        """``row`` with the resource as stored now (inside the transaction opening a review).
+
+        An edit saved while the refused update was on the wire rides on the same outbox row
+        (as in :meth:`_delivered`), so it is what the nurse's decision keeps or replaces: the
+        review must show it, not the version read before the PUT.
+        """
+        found = conn.execute(
+            "SELECT id, logical_id, type, key_version, body FROM resources WHERE id = ?",
+            (row.resource_id,),
+        ).fetchone()
+        if found is None or bytes(found[4]) == row.blob:
+            return row
+        try:
+            stored = self._store.decrypt_stored(conn, tuple(found))
+        except TamperedDataError:
+            # Unreadable now: the review keeps the last version that could be read; the
+            # update itself is dead-lettered as unreadable if it is ever sent again.
+            logger.warning(
+                "resource row %s failed authentication while its conflict was recorded; "
+                "the review shows the version read before the update was sent",
+                row.resource_id,
+            )
+            return row
+        return replace(row, blob=bytes(found[4]), resource=stored.resource)
+
     def _retry(
         self, conn: sqlite3.Connection, row: _Row, message: str, delay: float, now: datetime
     ) -> None:
-        sealed = self._store.keyring.seal("outbox", str(row.outbox_id), message)
         with db.transaction_sync(conn):
+            sealed = self._store.current_keyring(conn).seal("outbox", str(row.outbox_id), message)
             conn.execute(
                 "UPDATE outbox SET last_error = ?, attempts = attempts + 1, next_attempt_at = ? "
                 "WHERE id = ? AND state = 'pending'",
@@ -575,7 +612,7 @@ def review_refused_edit(
         None,
     )
     conflict = _Conflict(theirs.resource, if_match or link.version_id, theirs.version_id)
-    review_id = _open_review(conn, store.keyring, row, conflict, fhir.utc_text(now))
+    review_id = _open_review(conn, store.current_keyring(conn), row, conflict, fhir.utc_text(now))
     audit.append(
         conn,
         [
@@ -711,7 +748,6 @@ class ReviewQueue:
         """Both versions of a review item (audited as a read of that patient's record, with
         ``access``: the access it was opened under, as every read of a record names it)."""
         item, mine, theirs, _ = await self._get(review_id)
-        keyring = self._store.keyring
         event = AuditEvent(
             actor,
             AuditAction.READ,
@@ -720,6 +756,7 @@ class ReviewQueue:
             detail=_with_access(f"{item.resource_type}/{item.logical_id}", access),
         )
         await self._store.transact(lambda _conn: None, [event])
+        keyring = self._store.keyring  # the transaction loaded any key rotated in meanwhile
         return ReviewCase(
             item,
             orjson.loads(keyring.unseal(MINE_LABEL, str(review_id), mine)),
@@ -743,22 +780,58 @@ class ReviewQueue:
             return None
 
     def _resolve(
-        self, conn: sqlite3.Connection, review_id: int, state: ReviewState, actor: str
-    ) -> None:
+        self,
+        conn: sqlite3.Connection,
+        review_id: int,
+        state: ReviewState,
+        actor: str,
+        shown: str | None,
+    ) -> str | None:
+        """Record the decision on an open review (inside the decision's write transaction);
+        the upstream version it was made on.
+
+        ReviewError when it is no longer open; ReviewChangedError when ``shown`` is not the
+        upstream version it holds now (a pull put a newer one in since it was shown).
+        """
+        found = conn.execute(
+            "SELECT theirs_version FROM review_queue WHERE id = ? AND state = 'open'",
+            (review_id,),
+        ).fetchone()
+        if found is None:
+            raise ReviewError(f"review item {review_id} is not open")
+        version: str | None = found[0]
+        if shown != version:
+            raise ReviewChangedError(
+                f"review item {review_id}: the upstream version changed since it was shown"
+            )
         cur = conn.execute(
             "UPDATE review_queue SET state = ?, resolved_by = ?, resolved_at = ? "
-            "WHERE id = ? AND state = 'open'",
-            (state.value, actor, fhir.utc_text(self._store.now()), review_id),
+            "WHERE id = ? AND state = 'open' AND theirs_version IS ?",
+            (state.value, actor, fhir.utc_text(self._store.now()), review_id, version),
         )
         if cur.rowcount != 1:
             raise ReviewError(f"review item {review_id} is not open")
+        return version
 
-    async def keep_mine(self, review_id: int, actor: str, *, access: str | None = None) -> None:
-        """Keep our version: re-queue the update, checked against the upstream's current one."""
+    async def keep_mine(
+        self,
+        review_id: int,
+        actor: str,
+        *,
+        access: str | None = None,
+        theirs_version: str | None,
+    ) -> None:
+        """Keep our version: re-queue the update, checked against the upstream's version.
+
+        ``theirs_version``: the upstream version the person deciding was shown. When the
+        review holds another by now, ReviewChangedError and nothing changes: keeping ours over
+        a version nobody saw would overwrite it unseen. Required: a decision always names
+        what it was made on.
+        """
         item, _, _, resource_id = await self._get(review_id)
 
         def work(conn: sqlite3.Connection) -> None:
-            self._resolve(conn, review_id, ReviewState.KEPT_MINE, actor)
+            version = self._resolve(conn, review_id, ReviewState.KEPT_MINE, actor, theirs_version)
             lane = conn.execute(
                 "SELECT o.lane FROM review_queue q JOIN outbox o ON o.id = q.outbox_id "
                 "WHERE q.id = ?",
@@ -770,7 +843,7 @@ class ReviewQueue:
                 (
                     int(Lane.CLINICAL) if lane is None else lane[0],
                     resource_id,
-                    item.theirs_version,
+                    version,
                     queued_at(self._store.now()),
                 ),
             )
@@ -780,7 +853,7 @@ class ReviewQueue:
                 save_link(
                     conn,
                     link,
-                    version_id=item.theirs_version,
+                    version_id=version,
                     last_updated=link.last_updated,
                     now=fhir.utc_text(self._store.now()),
                 )
@@ -794,10 +867,27 @@ class ReviewQueue:
         )
         await self._store.transact(work, [event])
 
-    async def take_theirs(self, review_id: int, actor: str, *, access: str | None = None) -> None:
-        """Take the upstream's version: it replaces ours locally (ours stays in the history)."""
-        item, _, sealed, _ = await self._get(review_id)
-        theirs = orjson.loads(self._store.keyring.unseal(THEIRS_LABEL, str(review_id), sealed))
+    async def take_theirs(
+        self,
+        review_id: int,
+        actor: str,
+        *,
+        access: str | None = None,
+        theirs_version: str | None,
+    ) -> None:
+        """Take the upstream's version: it becomes the local copy (ours stays in the history).
+
+        ``theirs_version`` as for :meth:`keep_mine`. Either way the copy taken is the one the
+        review holds when the decision is recorded (ReviewChangedError if a pull replaced it
+        in between).
+        """
+        item, _, sealed, resource_id = await self._get(review_id)
+        if theirs_version != item.theirs_version:
+            raise ReviewChangedError(
+                f"review item {review_id}: the upstream version changed since it was shown"
+            )
+        keyring = await db.run_sync(self._store.connection, self._store.current_keyring)
+        theirs = orjson.loads(keyring.unseal(THEIRS_LABEL, str(review_id), sealed))
         # Refused here, before the review is marked resolved.
         await asyncio.to_thread(fhir.validate, theirs)
         copy = UpstreamCopy(item.upstream_ref, item.theirs_version, _updated_of(theirs), theirs)
@@ -810,7 +900,25 @@ class ReviewQueue:
         )
 
         def before(conn: sqlite3.Connection) -> None:
-            self._resolve(conn, review_id, ReviewState.TOOK_THEIRS, actor)
+            self._resolve(conn, review_id, ReviewState.TOOK_THEIRS, actor, item.theirs_version)
+            # The link names the version our edit was based on, which may be the very one
+            # taken (a 409 every time on an unchanged version): the import would skip it as
+            # already held (CURRENT) and keep our edit. The local copy is that version plus
+            # our edit, so no upstream version; the import records theirs on the link.
+            conn.execute(
+                "UPDATE upstream_links SET version_id = NULL WHERE resource_id = ?",
+                (resource_id,),
+            )
             audit.append(conn, [event], now=self._store.now())
 
-        await self._store.import_upstream([copy], actor, reason="review", before=before)
+        def replaced(_conn: sqlite3.Connection, outcomes: list[Imported]) -> None:
+            # Resolved as "took theirs" only if their copy is now the local one.
+            if [o.outcome for o in outcomes] != [ImportOutcome.UPDATED]:
+                found = ", ".join(o.outcome.value for o in outcomes) or "nothing"
+                raise StoreError(
+                    f"review item {review_id}: the upstream version was not stored ({found})"
+                )
+
+        await self._store.import_upstream(
+            [copy], actor, reason="review", before=before, also=replaced
+        )

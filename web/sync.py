@@ -39,7 +39,7 @@ from appliance.numbers import small_int
 from appliance.users import Role
 from sync_agent import status
 from sync_agent.audit_export import acknowledge_breaks
-from sync_agent.updates import ReviewError, ReviewItem, ReviewQueue
+from sync_agent.updates import ReviewChangedError, ReviewError, ReviewItem, ReviewQueue
 from web.access import decide
 from web.app import app_state
 from web.auth import current_session, login_required
@@ -178,7 +178,11 @@ async def dead_letter_message(outbox_id: int) -> ResponseReturnValue:
     opened = await db.run_sync(
         state.store.connection,
         lambda conn: status.open_dead_letter_messages(
-            conn, state.store.keyring, actor=actor, now=state.clock(), outbox_ids=[outbox_id]
+            conn,
+            state.store.current_keyring,
+            actor=actor,
+            now=state.clock(),
+            outbox_ids=[outbox_id],
         ),
     )
     if not opened:
@@ -230,6 +234,11 @@ _NOTICES = {
     "took": "Took the upstream's version; it replaces the one here (which stays in the "
     "record's history).",
 }
+_GONE = "That conflict was already decided or is gone."
+_CHANGED = (
+    "The EHR's copy changed while this page was open, so nothing was decided; look again: "
+    "open the conflict to compare with their newest version."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,31 +359,52 @@ async def review_case(review_id: int) -> ResponseReturnValue:
     return await _review_page(case=case, rows=compare(case.mine, case.theirs))
 
 
+async def _shown_version() -> str | None:
+    """The upstream version the decision form showed (empty: the review had none); a 400
+    without it, since a decision is only ever made on the version the nurse compared."""
+    shown = (await request.form).get("theirs_version")
+    if shown is None:
+        abort(400, "Which version: the form carries the upstream version the page showed.")
+    return shown or None
+
+
 @bp.post("/review/<int:review_id>/keep-mine")
 @login_required(role=_VIEWERS)
 async def review_keep_mine(review_id: int) -> ResponseReturnValue:
-    """Keep the version made here: the update is queued again, checked against theirs."""
+    """Keep the version made here: the update is queued again, checked against the upstream
+    version the page showed (refused, 409, if the review holds a newer one by now)."""
     state = app_state()
     access = await _review_access(review_id)
+    shown = await _shown_version()
     actor, _ = await _actor()
     try:
-        await ReviewQueue(state.store).keep_mine(review_id, actor, access=access)
+        await ReviewQueue(state.store).keep_mine(
+            review_id, actor, access=access, theirs_version=shown
+        )
+    except ReviewChangedError:
+        return await _review_page(notice=_CHANGED), 409
     except ReviewError:
-        return await _review_page(notice="That conflict was already decided or is gone."), 409
+        return await _review_page(notice=_GONE), 409
     return redirect(url_for("sync.review_list", done="kept"), 303)
 
 
 @bp.post("/review/<int:review_id>/take-theirs")
 @login_required(role=_VIEWERS)
 async def review_take_theirs(review_id: int) -> ResponseReturnValue:
-    """Take the upstream's version: it replaces the one here."""
+    """Take the upstream's version the page showed: it replaces the one here (refused, 409,
+    if the review holds a newer one by now)."""
     state = app_state()
     access = await _review_access(review_id)
+    shown = await _shown_version()
     actor, _ = await _actor()
     try:
-        await ReviewQueue(state.store).take_theirs(review_id, actor, access=access)
+        await ReviewQueue(state.store).take_theirs(
+            review_id, actor, access=access, theirs_version=shown
+        )
+    except ReviewChangedError:
+        return await _review_page(notice=_CHANGED), 409
     except ReviewError:
-        return await _review_page(notice="That conflict was already decided or is gone."), 409
+        return await _review_page(notice=_GONE), 409
     except InvalidResourceError:
         return await _review_page(
             notice="The upstream's version is not valid FHIR, so it cannot replace the one "

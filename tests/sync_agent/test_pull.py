@@ -581,7 +581,7 @@ async def test_a_pull_holds_back_an_upstream_version_while_a_local_edit_is_pendi
     queue = ReviewQueue(store)
     [item] = await queue.items()
     assert (await queue.open(item.id, NURSE)).theirs["name"][0]["family"] == "Theirnewestperson"
-    await queue.take_theirs(item.id, NURSE)
+    await queue.take_theirs(item.id, NURSE, theirs_version=item.theirs_version)
     patient = await store.read("Patient", ada_local, NURSE)
     assert patient["name"][0]["family"] == "Theirnewestperson"
     assert (await puller.pull_once(force=True)).updated == 0  # that version is current here
@@ -618,7 +618,7 @@ async def test_a_local_edit_the_upstream_refused_is_not_overwritten_by_a_pull_bu
         assert (found.dead_total, found.reviews_open) == (0, 1)
     finally:
         conn.close()
-    await queue.take_theirs(item.id, NURSE)
+    await queue.take_theirs(item.id, NURSE, theirs_version=item.theirs_version)
     assert (await store.read("Patient", ada_local, NURSE))["name"][0]["family"] == "Theirsperson"
     assert (await puller.pull_once(force=True)).held == 0
 

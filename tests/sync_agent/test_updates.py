@@ -14,10 +14,19 @@ import orjson
 import pytest
 
 from appliance import db
+from appliance.config import UpstreamConfig
 from appliance.store import ReviewPendingError, Store, UpstreamCopy
 from sync_agent import status
 from sync_agent.outbox_delivery import Deliverer
-from sync_agent.updates import ReviewError, ReviewQueue, ReviewState, UpdateSender
+from sync_agent.pull import Puller
+from sync_agent.updates import (
+    ReviewChangedError,
+    ReviewError,
+    ReviewItem,
+    ReviewQueue,
+    ReviewState,
+    UpdateSender,
+)
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.tamper import move_ciphertext
@@ -225,7 +234,7 @@ async def test_keep_mine_requeues_the_update_against_the_upstreams_version(
     await _sender(store, client).send_once()
     queue = ReviewQueue(store)
     [item] = await queue.items()
-    await queue.keep_mine(item.id, NURSE)
+    await queue.keep_mine(item.id, NURSE, theirs_version=item.theirs_version)
     assert await queue.items() == []
     [resolved] = await queue.items(ReviewState.KEPT_MINE)
     assert resolved.resolved_by == NURSE
@@ -234,7 +243,9 @@ async def test_keep_mine_requeues_the_update_against_the_upstreams_version(
     assert result.delivered == 1
     assert (await _upstream(client, upstream))["name"][0]["family"] == "Mineperson"
     with pytest.raises(ReviewError):
-        await queue.take_theirs(item.id, NURSE)  # already resolved
+        await queue.take_theirs(
+            item.id, NURSE, theirs_version=item.theirs_version
+        )  # already resolved
 
 
 async def test_take_theirs_imports_the_upstreams_version_and_keeps_ours_in_the_history(
@@ -246,7 +257,7 @@ async def test_take_theirs_imports_the_upstreams_version_and_keeps_ours_in_the_h
     await _sender(store, client).send_once()
     queue = ReviewQueue(store)
     [item] = await queue.items()
-    await queue.take_theirs(item.id, NURSE)
+    await queue.take_theirs(item.id, NURSE, theirs_version=item.theirs_version)
     read = await store.read("Patient", logical_id, NURSE)
     assert read["name"][0]["family"] == "Theirsperson"
     assert read["id"] == logical_id
@@ -505,7 +516,158 @@ async def test_a_conflict_read_whose_version_is_only_in_the_etag_keeps_it_for_ke
         [item] = await queue.items()
         # Before: None (read from the body only), so "keep mine" went without If-Match.
         assert item.theirs_version == their_version
-        await queue.keep_mine(item.id, NURSE)
+        await queue.keep_mine(item.id, NURSE, theirs_version=item.theirs_version)
         assert _outbox(db_path)[-1] == ("update", "pending", their_version)
         assert (await _sender(store, bare_meta).send_once()).delivered == 1
     assert (await _upstream(client, upstream))["name"][0]["family"] == "Mineperson"
+
+
+async def _newer_version_pulled_into_the_review(
+    store: Store, client: httpx.AsyncClient, upstream: dict[str, Any], family: str
+) -> None:
+    """The EHR changes the record again while a nurse has its review open, and the next pull
+    (a new booking of the patient at this site brings the Patient along) puts that version
+    into the review."""
+    await _their_edit(client, upstream, family)
+    site = (await client.post("Location", json={"resourceType": "Location", "name": "Here"})).json()
+    booked = await client.post(
+        "Appointment",
+        json={
+            "resourceType": "Appointment",
+            "status": "booked",
+            "start": "2026-11-30T15:00:00Z",
+            "end": "2026-11-30T15:30:00Z",
+            "participant": [
+                {"actor": {"reference": f"Patient/{upstream['id']}"}, "status": "accepted"},
+                {"actor": {"reference": f"Location/{site['id']}"}, "status": "accepted"},
+            ],
+        },
+    )
+    assert booked.status_code == 201
+    config = UpstreamConfig(
+        name="ehr", base_url=str(client.base_url), location=f"Location/{site['id']}"
+    )
+    assert (await Puller(store, client, config).pull_once(force=True)).held == 1
+
+
+def _decisions(db_path: Path, review_id: int) -> list[str]:
+    conn = sqlite3.connect(db_path)
+    try:
+        rows = conn.execute(
+            "SELECT detail FROM audit WHERE entity = ? AND action = 'update'",
+            (f"review/{review_id}",),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [str(detail) for (detail,) in rows]
+
+
+async def _shown_then_changed_upstream(
+    store: Store, client: httpx.AsyncClient
+) -> tuple[str, dict[str, Any], ReviewItem, ReviewItem]:
+    """A conflict as a nurse was shown it (their "Theirsperson"), and as it is after a pull
+    put the EHR's next version ("Laterperson") into it while the page was open."""
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Mineperson")
+    await _their_edit(client, upstream, "Theirsperson")
+    assert (await _sender(store, client).send_once()).conflicts == 1
+    queue = ReviewQueue(store)
+    [shown] = await queue.items()
+    assert (await queue.open(shown.id, NURSE)).theirs["name"][0]["family"] == "Theirsperson"
+    await _newer_version_pulled_into_the_review(store, client, upstream, "Laterperson")
+    [now] = await queue.items()
+    assert now.theirs_version != shown.theirs_version
+    return logical_id, upstream, shown, now
+
+
+async def test_keep_mine_on_an_upstream_version_no_longer_in_the_review_is_refused(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    logical_id, upstream, shown, now = await _shown_then_changed_upstream(store, client)
+    link = await store.upstream_link("Patient", logical_id)
+    queue = ReviewQueue(store)
+    with pytest.raises(ReviewChangedError):
+        await queue.keep_mine(shown.id, NURSE, theirs_version=shown.theirs_version)
+    # Before: queued with If-Match on the version nobody saw; the PUT overwrote it unseen.
+    assert await queue.items() == [now]
+    assert [state for _, state, _ in _outbox(db_path)] == ["dead"]
+    assert await store.upstream_link("Patient", logical_id) == link
+    assert _decisions(db_path, shown.id) == []
+    assert (await _sender(store, client).send_once()).delivered == 0
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Laterperson"
+    # Decided again on the version the review shows now, it goes against that one.
+    await queue.keep_mine(now.id, NURSE, theirs_version=now.theirs_version)
+    assert _outbox(db_path)[-1] == ("update", "pending", now.theirs_version)
+    assert (await _sender(store, client).send_once()).delivered == 1
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Mineperson"
+
+
+async def test_take_theirs_of_an_upstream_version_no_longer_in_the_review_is_refused(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    logical_id, _upstream_copy, shown, now = await _shown_then_changed_upstream(store, client)
+    queue = ReviewQueue(store)
+    with pytest.raises(ReviewChangedError):
+        await queue.take_theirs(shown.id, NURSE, theirs_version=shown.theirs_version)
+    assert await queue.items() == [now]
+    assert (await store.read("Patient", logical_id, NURSE))["name"][0]["family"] == "Mineperson"
+    assert _decisions(db_path, shown.id) == []
+    await queue.take_theirs(now.id, NURSE, theirs_version=now.theirs_version)
+    assert (await store.read("Patient", logical_id, NURSE))["name"][0]["family"] == "Laterperson"
+
+
+def _content(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+
+
+async def test_take_theirs_of_the_very_version_our_edit_was_based_on_makes_it_the_local_copy(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    logical_id, upstream, clock, sender = await _edited(store, client)
+    for _ in range(5):  # a rule at the EHR answers 409 every time; their copy never changes
+        fhir_peer.fault("status", status=409)
+        await sender.send_once()
+        clock.now += timedelta(days=1)
+    queue = ReviewQueue(store)
+    [item] = await queue.items()
+    assert item.theirs_version == item.base_version == upstream["meta"]["versionId"]
+    await queue.take_theirs(item.id, NURSE, theirs_version=item.theirs_version)
+    # Before: marked "took the upstream version", but our edit stayed here and nothing was
+    # pending, so the two copies stayed apart for good.
+    here = await store.read("Patient", logical_id, NURSE)
+    assert _content(here) == _content(await _upstream(client, upstream))
+    assert here["name"][0]["family"] == "Upstreamperson"
+    history = await store.history("Patient", logical_id, NURSE)
+    assert history[-1]["name"][0]["family"] == "Editedperson"
+    link = await store.upstream_link("Patient", logical_id)
+    assert link is not None
+    assert link.version_id == item.theirs_version
+    assert [state for _, state, _ in _outbox(db_path)] == ["dead"]
+    assert (await queue.items(None))[0].state is ReviewState.TOOK_THEIRS
+
+
+async def test_a_review_shows_an_edit_saved_while_the_refused_update_was_on_the_wire(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Firstedit")
+    await _their_edit(client, upstream, "Theirsperson")
+    edited: list[str] = []
+
+    async def edit_again_while_the_put_is_on_the_wire(request: httpx.Request) -> None:
+        if request.method == "PUT" and not edited:
+            edited.append(request.method)
+            await _edit(store, logical_id, "Secondedit")
+
+    client.event_hooks["request"].append(edit_again_while_the_put_is_on_the_wire)
+    try:
+        assert (await _sender(store, client).send_once()).conflicts == 1
+    finally:
+        client.event_hooks["request"].remove(edit_again_while_the_put_is_on_the_wire)
+    assert edited
+    queue = ReviewQueue(store)
+    [item] = await queue.items()
+    # Before: the version read before the PUT ("Firstedit"), so taking theirs discarded the
+    # later correction unseen.
+    assert (await queue.open(item.id, NURSE)).mine["name"][0]["family"] == "Secondedit"
+    assert (await store.read("Patient", logical_id, NURSE))["name"][0]["family"] == "Secondedit"

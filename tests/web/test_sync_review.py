@@ -4,6 +4,7 @@ agent against the real Medplum FHIR peer."""
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,9 +15,11 @@ import pytest
 from quart.testing import QuartClient
 
 from appliance import break_glass, db
+from appliance.config import UpstreamConfig
 from appliance.device_registry import DeviceRegistry, StationKind
 from appliance.store import Store, UpstreamCopy
-from sync_agent.updates import ReviewQueue, UpdateSender
+from sync_agent.pull import Puller
+from sync_agent.updates import ReviewQueue, ReviewState, UpdateSender
 from tests import factories
 from tests.web.conftest import NURSE, form_token
 from web.sync import compare
@@ -63,6 +66,17 @@ async def _conflict(
         await registry.add_station("kiosk-1", "Kiosk 1", StationKind.KIOSK, "user:setup")
         await registry.check_in("kiosk-1", logical_id, "user:setup")
     return logical_id, created
+
+
+_SHOWN = re.compile(rb'name="theirs_version" value="([^"]*)"')
+
+
+def _decision(page: bytes) -> dict[str, str]:
+    """What a decision form of the page posts: its CSRF token and the upstream version the
+    page showed."""
+    shown = _SHOWN.search(page)
+    assert shown is not None, "no theirs_version field on the page"
+    return {"csrf_token": form_token(page), "theirs_version": shown.group(1).decode()}
 
 
 def test_compare_marks_the_fields_that_differ_and_skips_server_parts() -> None:
@@ -145,8 +159,7 @@ async def test_a_conflict_outside_normal_access_is_opened_under_the_review_queue
     opened = await logged_in.get(f"/sync/review/{item.id}")
     assert opened.status_code == 200
     decided = await logged_in.post(
-        f"/sync/review/{item.id}/keep-mine",
-        form={"csrf_token": form_token(await opened.get_data())},
+        f"/sync/review/{item.id}/keep-mine", form=_decision(await opened.get_data())
     )
     assert decided.status_code == 303
     read, kept = _details(db_path, f"review/{item.id}")[-2:]
@@ -187,9 +200,7 @@ async def test_keep_mine_requeues_the_update_which_then_lands_upstream(
     _, created = await _conflict(store, upstream)
     [item] = await ReviewQueue(store).items()
     page = await (await logged_in.get(f"/sync/review/{item.id}")).get_data()
-    decided = await logged_in.post(
-        f"/sync/review/{item.id}/keep-mine", form={"csrf_token": form_token(page)}
-    )
+    decided = await logged_in.post(f"/sync/review/{item.id}/keep-mine", form=_decision(page))
     assert decided.status_code == 303
     assert decided.headers["Location"].endswith("/sync/review?done=kept")
     assert await ReviewQueue(store).items() == []
@@ -198,9 +209,7 @@ async def test_keep_mine_requeues_the_update_which_then_lands_upstream(
     now_upstream = (await upstream.get(f"Patient/{created['id']}")).json()
     assert now_upstream["name"][0]["family"] == "Mineperson"
     # Deciding twice is refused, with a clear page.
-    again = await logged_in.post(
-        f"/sync/review/{item.id}/keep-mine", form={"csrf_token": form_token(page)}
-    )
+    again = await logged_in.post(f"/sync/review/{item.id}/keep-mine", form=_decision(page))
     assert again.status_code == 409
     assert "already decided" in await again.get_data(as_text=True)
 
@@ -211,9 +220,7 @@ async def test_take_theirs_replaces_ours_here(
     logical_id, _ = await _conflict(store, upstream)
     [item] = await ReviewQueue(store).items()
     page = await (await logged_in.get(f"/sync/review/{item.id}")).get_data()
-    decided = await logged_in.post(
-        f"/sync/review/{item.id}/take-theirs", form={"csrf_token": form_token(page)}
-    )
+    decided = await logged_in.post(f"/sync/review/{item.id}/take-theirs", form=_decision(page))
     assert decided.status_code == 303
     assert "Took the upstream" in await (await logged_in.get(decided.headers["Location"])).get_data(
         as_text=True
@@ -240,3 +247,80 @@ async def test_an_id_too_long_for_sqlite_is_not_found_not_a_500(logged_in: Quart
     for path in ("/sync/review/99999999999999999999", "/sync/review/999999999999999999"):
         response = await logged_in.get(path)
         assert response.status_code == 404  # before: OverflowError binding it, a 500
+
+
+async def _newer_version_pulled_into_the_review(
+    store: Store, upstream: httpx.AsyncClient, created: dict[str, Any]
+) -> None:
+    """While the page is open the EHR changes the record again ("Laterperson"), and the next
+    pull (a new booking at this site brings the Patient along) puts it into the review."""
+    theirs = (await upstream.get(f"Patient/{created['id']}")).json()
+    theirs["name"] = [{"family": "Laterperson", "given": ["Ada"]}]
+    assert (await upstream.put(f"Patient/{created['id']}", json=theirs)).status_code == 200
+    site = (
+        await upstream.post("Location", json={"resourceType": "Location", "name": "Here"})
+    ).json()
+    booked = await upstream.post(
+        "Appointment",
+        json={
+            "resourceType": "Appointment",
+            "status": "booked",
+            "start": "2026-11-30T15:00:00Z",
+            "end": "2026-11-30T15:30:00Z",
+            "participant": [
+                {"actor": {"reference": f"Patient/{created['id']}"}, "status": "accepted"},
+                {"actor": {"reference": f"Location/{site['id']}"}, "status": "accepted"},
+            ],
+        },
+    )
+    assert booked.status_code == 201
+    config = UpstreamConfig(
+        name="ehr", base_url=str(upstream.base_url), location=f"Location/{site['id']}"
+    )
+    assert (await Puller(store, upstream, config).pull_once(force=True)).held == 1
+
+
+@pytest.mark.parametrize("decision", ["keep-mine", "take-theirs"])
+async def test_a_decision_on_an_upstream_version_that_changed_while_the_page_was_open_is_refused(
+    logged_in: QuartClient,
+    store: Store,
+    upstream: httpx.AsyncClient,
+    db_path: Path,
+    decision: str,
+) -> None:
+    logical_id, created = await _conflict(store, upstream)
+    [shown] = await ReviewQueue(store).items()
+    page = await (await logged_in.get(f"/sync/review/{shown.id}")).get_data()
+    assert _decision(page)["theirs_version"] == shown.theirs_version
+    await _newer_version_pulled_into_the_review(store, upstream, created)
+    refused = await logged_in.post(f"/sync/review/{shown.id}/{decision}", form=_decision(page))
+    # Before: decided against the version the pull had just put in, which nobody had seen
+    # ("keep mine" then overwrote it upstream).
+    assert refused.status_code == 409
+    assert "changed while this page was open" in await refused.get_data(as_text=True)
+    [now] = await ReviewQueue(store).items()
+    assert (now.state, now.id) == (ReviewState.OPEN, shown.id)
+    assert now.theirs_version != shown.theirs_version
+    here = await store.read("Patient", logical_id, ACTOR)
+    assert here["name"][0]["family"] == "Mineperson"
+    assert await store.query("SELECT 1 FROM outbox WHERE state = 'pending'") == []
+    assert not [d for d in _details(db_path, f"review/{shown.id}") if "version" in d]
+    # Looked at again, the newest version is shown and the decision goes through.
+    again = await (await logged_in.get(f"/sync/review/{shown.id}")).get_data()
+    assert b"Laterperson" in again
+    decided = await logged_in.post(f"/sync/review/{shown.id}/{decision}", form=_decision(again))
+    assert decided.status_code == 303
+
+
+async def test_a_decision_that_does_not_name_the_version_it_was_made_on_is_refused(
+    logged_in: QuartClient, store: Store, upstream: httpx.AsyncClient
+) -> None:
+    await _conflict(store, upstream)
+    [item] = await ReviewQueue(store).items()
+    page = await (await logged_in.get(f"/sync/review/{item.id}")).get_data()
+    for decision in ("keep-mine", "take-theirs"):
+        refused = await logged_in.post(
+            f"/sync/review/{item.id}/{decision}", form={"csrf_token": form_token(page)}
+        )
+        assert refused.status_code == 400
+    assert [i.state for i in await ReviewQueue(store).items()] == [ReviewState.OPEN]
