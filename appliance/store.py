@@ -32,8 +32,14 @@ import orjson
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
-from appliance.errors import InvalidResourceError, NotFoundError, StoreError, TamperedDataError
-from appliance.keys import Keyring, ensure_keys, load_keyring
+from appliance.errors import (
+    InvalidResourceError,
+    NotFoundError,
+    StoreError,
+    TamperedDataError,
+    WrongKeyError,
+)
+from appliance.keys import Keyring, ensure_keys, load_keyring, read_kek_file
 
 logger = logging.getLogger(__name__)
 
@@ -368,10 +374,12 @@ class Store:
         *,
         path: Path | str = "database",
         clock: Clock = _utcnow,
+        kek_path: Path | None = None,
     ) -> None:
         self._conn = conn
         self._keyring = keyring
         self._kek = kek
+        self._kek_path = kek_path
         self._path = path
         self._clock = clock
         self._key_generation: str | None = None
@@ -390,7 +398,7 @@ class Store:
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, keyring, kek, path=db_path, clock=clock)
+        return cls(conn, keyring, kek, path=db_path, clock=clock, kek_path=kek_path)
 
     @property
     def keyring(self) -> Keyring:
@@ -484,8 +492,22 @@ class Store:
         generation = None if row is None else str(row[0])
         if generation != self._key_generation:
             if self._key_generation is not None or generation is not None:
-                self._keyring = load_keyring(conn, self._kek)
+                self._keyring = self._reload_keys(conn)
             self._key_generation = generation
+
+    def _reload_keys(self, conn: sqlite3.Connection) -> Keyring:
+        """The keys as they are now; the KEK file read again when ``keys rotate kek`` has
+        replaced it since this process started (no restart is asked for after either)."""
+        try:
+            return load_keyring(conn, self._kek)
+        except WrongKeyError:
+            if self._kek_path is None:
+                raise
+            kek = read_kek_file(self._kek_path)
+            keyring = load_keyring(conn, kek, self._kek_path)
+            self._kek = kek
+            logger.info("key-encryption key rotated: the new one read from its file")
+            return keyring
 
     def _write(
         self,
@@ -646,7 +668,7 @@ class Store:
     ) -> bytes:
         if version not in self._keyring.data_keys:
             # A rotation in another process made a key this process has not loaded yet.
-            self._keyring = load_keyring(conn, self._kek)
+            self._keyring = self._reload_keys(conn)
         return self._keyring.decrypt(TABLE, logical_id, version, blob)
 
     def _decrypt_row(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> StoredResource:
@@ -1403,6 +1425,7 @@ class Store:
                 (row[0],),
             ).fetchall()
             with db.transaction_sync(conn, self._path):
+                self._check_key_generation(conn)  # a rotation seen before opening
                 audit.append(
                     conn,
                     [AuditEvent(actor, AuditAction.READ, entity=f"{rtype}/{logical_id} history")],

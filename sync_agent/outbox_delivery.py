@@ -197,6 +197,9 @@ class _Batch:
 
     ready: list[tuple[Item, Outgoing]]
     dead: list[tuple[Item, str]]
+    # Nothing to send yet, but more due items may lie past the held ones read so far (they
+    # are remembered, so the next read starts past them).
+    more: bool = False
 
     @property
     def taken(self) -> tuple[Item, ...]:
@@ -206,12 +209,14 @@ class _Batch:
 
 class _Plan(NamedTuple):
     """What :meth:`Deliverer._plan` chose: to send, to dead-letter, and the outbox ids of
-    items held back (a dependency waits out a per-item backoff); ``ended`` when the bundle
-    ended at an item waiting for one in this bundle or the one in flight."""
+    items held back (a dependency waits out a per-item backoff) with the references they
+    wait on; ``ended`` when the bundle ended at an item waiting for one in this bundle or
+    the one in flight."""
 
     ready: list[tuple[Item, Outgoing]]
     dead: list[tuple[Item, str]]
     held: list[int]
+    waits_on: set[str]
     ended: bool
 
 
@@ -398,6 +403,11 @@ class Deliverer:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._clock = clock
         self._refs: dict[str, str] = {}
+        # Items found held for a dependency's backoff, and the references they wait on: not
+        # read again (and decrypted) for every bundle of a drain, until one of those is
+        # settled. Touched on the database thread only.
+        self._held: set[int] = set()
+        self._held_on: set[str] = set()
 
     @property
     def batch_size(self) -> int:
@@ -539,6 +549,7 @@ class Deliverer:
         ready: list[tuple[Item, Outgoing]] = []
         dead: list[tuple[Item, str]] = []
         held_ids: list[int] = []
+        waits_on: set[str] = set()
         for item in items:
             if not item.raw:
                 dead.append((item, UNREADABLE))
@@ -555,8 +566,9 @@ class Deliverer:
                     waits = True  # it goes in this bundle; this item in the next one
                 elif target is None:
                     held = True  # not due yet (per-item backoff): this item waits for it
+                    waits_on.add(key)
             if waits:
-                return _Plan(ready, dead, held_ids, ended=True)
+                return _Plan(ready, dead, held_ids, waits_on, ended=True)
             if blocked:
                 dead.append((item, _DEAD_DEPENDENCY))
                 continue
@@ -565,7 +577,7 @@ class Deliverer:
                 continue
             ready.append((item, _outgoing(item, local[item.outbox_id], refs)))
             in_batch.add(item.key)
-        return _Plan(ready, dead, held_ids, ended=False)
+        return _Plan(ready, dead, held_ids, waits_on, ended=False)
 
     @staticmethod
     def _bundle(entries: list[tuple[Item, Outgoing]]) -> dict[str, Any]:
@@ -673,7 +685,15 @@ class Deliverer:
                 )
             if events:
                 audit.append(conn, events, now=now)
+        if self._held_on and any(
+            item.key in self._held_on for item, _ in [*delivered, *dead]
+        ):  # what they waited on is settled: they are read again
+            self._forget_held()
         return len(dead)
+
+    def _forget_held(self) -> None:
+        self._held.clear()
+        self._held_on.clear()
 
     @staticmethod
     def _seal(keyring: Keyring, item: Item, message: str) -> bytes:
@@ -684,9 +704,15 @@ class Deliverer:
     # -- the drain -----------------------------------------------------------------------
 
     def _choose(
-        self, conn: sqlite3.Connection, now: str, in_flight: tuple[Item, ...]
+        self,
+        conn: sqlite3.Connection,
+        now: str,
+        in_flight: tuple[Item, ...],
+        forget_held: bool = False,
     ) -> _Batch | None:
-        busy = {item.outbox_id for item in in_flight}
+        if forget_held:  # a new drain: a dependency's backoff may have passed since
+            self._forget_held()
+        busy = {item.outbox_id for item in in_flight} | self._held
         flying = frozenset(item.key for item in in_flight)
         looked_past = 0
         while True:
@@ -694,21 +720,24 @@ class Deliverer:
             if not items:
                 return None if not looked_past else _Batch([], [])
             plan = self._plan(conn, items, now, flying)
-            if (
-                plan.ready
-                or plan.dead
-                or plan.ended
-                or not plan.held
-                or looked_past >= _LOOK_PAST_HELD
-            ):
+            self._held.update(plan.held)
+            self._held_on |= plan.waits_on
+            if plan.ready or plan.dead or plan.ended or not plan.held:
                 return _Batch(plan.ready, plan.dead)
-            # Every item read waits out a dependency's backoff: read on past them.
+            # Every item read waits out a dependency's backoff: read on past them, a bounded
+            # stretch per call (the database thread is shared).
             busy.update(plan.held)
             looked_past += len(plan.held)
+            if looked_past >= _LOOK_PAST_HELD:
+                return _Batch([], [], more=True)
 
-    async def _prepare(self, in_flight: tuple[Item, ...] = ()) -> tuple[_Batch | None, datetime]:
+    async def _prepare(
+        self, in_flight: tuple[Item, ...] = (), *, forget_held: bool = False
+    ) -> tuple[_Batch | None, datetime]:
         now = self._clock()
-        batch = await db.run_sync(self._store.connection, self._choose, _iso(now), in_flight)
+        batch = await db.run_sync(
+            self._store.connection, self._choose, _iso(now), in_flight, forget_held
+        )
         return batch, now
 
     def _send(self, batch: _Batch) -> asyncio.Task[dict[str, Any]]:
@@ -849,18 +878,19 @@ class Deliverer:
         total = DrainResult()
         send: asyncio.Task[dict[str, Any]] | None = None
         try:
-            batch, now = await self._prepare()
+            batch, now = await self._prepare(forget_held=True)
             sent = 0
             while batch is not None and sent < max_bundles:
                 if send is None and stop():
                     break  # a bundle already on the wire is waited for, below
                 step = DrainResult()
                 if not batch.ready:
-                    await self._only_dead(batch, now, step)
-                    _add(total, step)
-                    if not step.dead:
-                        # Everything due (as far as _choose reads past held items) waits
-                        # for something not due yet, or for the bundle in flight.
+                    if batch.dead:
+                        await self._only_dead(batch, now, step)
+                        _add(total, step)
+                    if not step.dead and not batch.more:
+                        # Everything due waits for something not due yet, or for the
+                        # bundle in flight.
                         break
                     batch, now = await self._prepare()
                     continue
@@ -914,6 +944,7 @@ class Deliverer:
                     "UPDATE outbox SET next_attempt_at = NULL "
                     "WHERE state = 'pending' AND next_attempt_at IS NOT NULL"
                 )
+            self._forget_held()  # everything is due now
             return int(cursor.rowcount)
 
         return await db.run_sync(self._store.connection, work)

@@ -284,13 +284,16 @@ class Puller:
             return PullResult(due=False)
         self._last_pass = now
         result = PullResult()
+        refused_before = set(self._refused)  # asked again below, once a pass
         try:
             if (location := self._upstream.location) is not None:
                 stream = appointments_stream(location)
                 await self._guarded(stream, APPOINTMENTS, {"actor": location}, result)
             enrolled = await db.run_sync(self._store.connection, _enrolled_upstream_refs)
-            # A Patient refused here is left out (counted); every stream below still runs.
-            patients = await self._patients(set(enrolled), result)
+            # A Patient refused here is left out (counted); every stream below still runs. One
+            # refused before is asked again on every pass: an Appointment pulled meanwhile
+            # names it by the upstream's id until it is here (the kiosk finds it by its link).
+            patients = await self._patients(set(enrolled) | refused_before, result)
             if patients:
                 result.count(
                     await self._store.import_upstream(

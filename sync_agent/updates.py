@@ -46,7 +46,7 @@ import orjson
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
-from appliance.errors import NotFoundError, StoreError, TamperedDataError
+from appliance.errors import NotFoundError, TamperedDataError
 from appliance.keys import Keyring
 from appliance.store import (
     REFUSED_EDIT_SQL,
@@ -101,6 +101,11 @@ class ReviewError(NotFoundError):
 
 class ReviewChangedError(ReviewError):
     """A review item whose upstream version is no longer the one the decision was made on."""
+
+
+class ReviewNotTakenError(ReviewError):
+    """Take theirs could not make their copy the local one (it is held for a local change
+    still waiting, or our identifier is on another record here): nothing was decided."""
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -915,7 +920,7 @@ class ReviewQueue:
             # Resolved as "took theirs" only if their copy is now the local one.
             if [o.outcome for o in outcomes] != [ImportOutcome.UPDATED]:
                 found = ", ".join(o.outcome.value for o in outcomes) or "nothing"
-                raise StoreError(
+                raise ReviewNotTakenError(
                     f"review item {review_id}: the upstream version was not stored ({found})"
                 )
 

@@ -63,7 +63,7 @@ from appliance.audit import AuditAction, AuditEvent
 from appliance.device_registry import CheckIn, DeviceRegistry, RegistryError, StationKind
 from appliance.errors import NotFoundError, TamperedDataError
 from appliance.numbers import ROW_ID_DIGITS, small_int
-from appliance.store import ReviewPendingError, Store
+from appliance.store import ReviewPendingError, Store, resource_for_upstream
 from appliance.users import Role
 from services import intake, visits
 from services.video.rooms import Presence
@@ -804,7 +804,7 @@ def _find_appointment(
             None,
         )
         if patient is not None:
-            found = (str(appointment["id"]), patient.removeprefix("Patient/"))
+            found = (str(appointment["id"]), _local_patient_id(conn, patient))
             break
     event = AuditEvent(
         actor,
@@ -816,6 +816,19 @@ def _find_appointment(
     with db.transaction_sync(conn):
         audit.append(conn, [event, *failures], now=now)
     return found
+
+
+def _local_patient_id(conn: sqlite3.Connection, reference: str) -> str:
+    """The local id of the Patient an appointment names. An Appointment pulled while the EHR
+    refused us its Patient names it by the EHR's id (sync_agent/pull.py); pulled since, the
+    Patient is here under an id of our own, found through its upstream link."""
+    patient_id = reference.removeprefix("Patient/")
+    here = conn.execute(
+        "SELECT 1 FROM resources WHERE logical_id = ? AND type = 'Patient'", (patient_id,)
+    ).fetchone()
+    if here is None and (linked := resource_for_upstream(conn, reference)) is not None:
+        return linked[1]
+    return patient_id
 
 
 async def _read_patient(store: Store, patient_id: str, actor: str) -> fhir.FhirJson | None:

@@ -39,7 +39,13 @@ from appliance.numbers import small_int
 from appliance.users import Role
 from sync_agent import status
 from sync_agent.audit_export import acknowledge_breaks
-from sync_agent.updates import ReviewChangedError, ReviewError, ReviewItem, ReviewQueue
+from sync_agent.updates import (
+    ReviewChangedError,
+    ReviewError,
+    ReviewItem,
+    ReviewNotTakenError,
+    ReviewQueue,
+)
 from web.access import decide
 from web.app import app_state
 from web.auth import current_session, login_required
@@ -403,6 +409,13 @@ async def review_take_theirs(review_id: int) -> ResponseReturnValue:
         )
     except ReviewChangedError:
         return await _review_page(notice=_CHANGED), 409
+    except ReviewNotTakenError:
+        return await _review_page(
+            notice="The upstream's version could not replace the one here (another change "
+            "to this record is still waiting to go up, or the EHR's copy belongs to another "
+            "record here), so nothing was decided. Look again later, or keep the version "
+            "made here."
+        ), 409
     except ReviewError:
         return await _review_page(notice=_GONE), 409
     except InvalidResourceError:

@@ -236,3 +236,28 @@ async def test_data_key_rotation_reseals_upstream_error_messages(
     assert fresh.unseal("outbox", str(outbox_id), sealed) == "Patient Testperson already exists"
     assert pat.logical_id
     conn.close()
+
+
+async def test_a_running_store_follows_a_kek_rotation_then_a_data_key_rotation(
+    db_path: Path, kek_path: Path
+) -> None:
+    store = await Store.open(db_path, kek_path)
+    [pat] = await store.create([factories.patient()], NURSE)
+    conn = db.connect_sync(db_path)
+    try:
+        # Both from the command line while the services run; neither asks for a restart.
+        key_rotation.rotate_kek(conn, kek_path)
+        new_kek = read_kek_file(kek_path)
+        key_rotation.rotate_data_key(conn, new_kek)
+        key_rotation.reencrypt(conn, new_kek)
+    finally:
+        conn.close()
+    # Before: the store reloaded its keys with the KEK it had read at start, and every
+    # write, read of a re-encrypted record and sealed field failed with WrongKeyError.
+    assert (await store.read("Patient", pat.logical_id, NURSE))["id"] == pat.logical_id
+    [pat2] = await store.create([factories.patient()], NURSE)
+    keyring = await db.run_sync(store.connection, store.current_keyring)
+    assert keyring.unseal("t", "1", keyring.seal("t", "1", "x")) == "x"
+    history = await store.history("Patient", pat2.logical_id, NURSE)
+    assert history == []
+    await store.close()

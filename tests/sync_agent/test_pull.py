@@ -28,6 +28,7 @@ from sync_agent.upstream import FHIR_JSON
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.tamper import move_ciphertext
+from web.kiosk import _find_appointment, normalise_code
 
 pytestmark = pytest.mark.peer
 
@@ -862,7 +863,11 @@ async def test_an_appointment_page_whose_patient_is_refused_stores_the_rest_and_
     site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
     patients = [await _post(client, factories.patient(mrn=f"T{i:04d}")) for i in range(3)]
     booked = [
-        await _post(client, _appointment(p, site, updated=f"2026-11-26T08:00:0{i}.000Z"))
+        await _post(
+            client,
+            _appointment(p, site, updated=f"2026-11-26T08:00:0{i}.000Z")
+            | {"identifier": [{"system": "urn:test:booking", "value": f"BOOK{i}X"}]},
+        )
         for i, p in enumerate(patients)
     ]
     restricted = patients[1]
@@ -880,11 +885,23 @@ async def test_an_appointment_page_whose_patient_is_refused_stores_the_rest_and_
         "Appointment", await _local_id(store, "Appointment", booked[1]["id"]), NURSE
     )
     assert f"Patient/{restricted['id']}" in [p["actor"]["reference"] for p in visit["participant"]]
-    # The cursor moved on: later bookings are pulled.
+    # The cursor moved on: later bookings are pulled (the refused patient asked again).
     newer = await _post(client, _appointment(patients[0], site))
     again = await puller.pull_once(force=True)
-    assert (again.created, again.refused) == (1, 0)
+    assert (again.created, again.refused) == (1, 1)
     await _local_id(store, "Appointment", newer["id"])
+    # The restriction lifted at the EHR: the patient is pulled on the next pass, though no
+    # new appointment names them, and the kiosk finds them from the appointment's code.
+    transport.before = None
+    lifted = await puller.pull_once(force=True)
+    assert (lifted.created, lifted.refused) == (1, 0)
+    local = await _local_id(store, "Patient", restricted["id"])
+    at_the_visit = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+    found = await db.run_sync(
+        store.connection, _find_appointment, store, normalise_code("BOOK1X"), at_the_visit, NURSE
+    )
+    assert found is not None
+    assert found[1] == local
 
 
 async def test_fixing_the_location_pulls_the_appointments_stamped_before_the_old_cursor(

@@ -324,3 +324,27 @@ async def test_a_decision_that_does_not_name_the_version_it_was_made_on_is_refus
         )
         assert refused.status_code == 400
     assert [i.state for i in await ReviewQueue(store).items()] == [ReviewState.OPEN]
+
+
+async def test_take_theirs_that_cannot_replace_ours_says_so_and_decides_nothing(
+    logged_in: QuartClient, store: Store, upstream: httpx.AsyncClient, db_path: Path
+) -> None:
+    logical_id, _ = await _conflict(store, upstream)
+    [item] = await ReviewQueue(store).items()
+    page = await (await logged_in.get(f"/sync/review/{item.id}")).get_data()
+    # Another change to this record is waiting to go up (queued by another path while the
+    # page was open): their copy is held back for it, so it cannot land.
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.execute(
+            "INSERT INTO outbox (lane, resource_id, kind, queued_at) SELECT 2, id, 'update', "
+            "'2026-11-29T09:00:00.000000Z' FROM resources WHERE logical_id = ?",
+            (logical_id,),
+        )
+    raw.close()
+    decided = await logged_in.post(f"/sync/review/{item.id}/take-theirs", form=_decision(page))
+    # Before: a 500 page (the store's error escaped the route).
+    assert decided.status_code == 409
+    assert "could not replace the one here" in await decided.get_data(as_text=True)
+    assert [i.id for i in await ReviewQueue(store).items()] == [item.id]
+    assert (await store.read("Patient", logical_id, ACTOR))["name"][0]["family"] == "Mineperson"
