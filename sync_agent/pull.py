@@ -123,7 +123,13 @@ class _Walk:
 
 @dataclass(frozen=True, slots=True)
 class Cursor:
-    """Where a stream stands: the newest ``lastUpdated`` taken, and the ids taken at it."""
+    """Where a stream stands: the newest ``lastUpdated`` taken, and the versions taken at it.
+
+    ``seen`` holds ``<id>@<versionId>`` (``<id>`` alone for a resource without a version, and
+    in cursors saved by releases before this one, which then stands for any version): a
+    server stamping to the second may give a record's next version the same instant (an
+    appointment booked and cancelled within one second), and that one is not taken yet.
+    """
 
     since: str | None = None
     seen: frozenset[str] = frozenset()
@@ -138,15 +144,25 @@ class Cursor:
             if at is None:
                 continue
             if since_at is None or at > since_at:
-                since, since_at, seen = updated, at, {str(resource.get("id"))}
+                since, since_at, seen = updated, at, {_seen_key(resource)}
             elif at == since_at:
-                seen.add(str(resource.get("id")))
+                seen.add(_seen_key(resource))
         return Cursor(since, frozenset(seen))
 
     def taken(self, resource: fhir.FhirJson) -> bool:
         """Whether ``resource`` (this version) was taken already."""
         at = fhir.instant(_last_updated(resource))
-        return at is not None and at == fhir.instant(self.since) and resource.get("id") in self.seen
+        if at is None or at != fhir.instant(self.since):
+            return False
+        return _seen_key(resource) in self.seen or str(resource.get("id")) in self.seen
+
+
+def _seen_key(resource: fhir.FhirJson) -> str:
+    """``<id>@<versionId>``, or the id alone when the server gives no version."""
+    rid = str(resource.get("id"))
+    meta = resource.get("meta")
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return f"{rid}@{version}" if isinstance(version, str) and version else rid
 
 
 @dataclass

@@ -941,3 +941,53 @@ async def test_patients_beyond_a_servers_cap_on_count_are_fetched_by_next_links(
     )
     patients = {p["actor"]["reference"] for p in stored["participant"]} - {f"Location/{site['id']}"}
     assert patients == {f"Patient/{i}" for i in local}
+
+
+class _StampsToTheSecond(httpx.AsyncBaseTransport):
+    """The real transport, but searches answer every resource's ``lastUpdated`` cut to the
+    whole second, as a server that stamps to the second (the peer stamps milliseconds)."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if request.method != "GET":
+            return response
+        await response.aread()
+        body = orjson.loads(response.content)
+        for entry in body.get("entry", []):
+            meta = entry.get("resource", {}).get("meta", {})
+            if "lastUpdated" in meta:
+                meta["lastUpdated"] = meta["lastUpdated"][:19] + ".000Z"
+        return httpx.Response(
+            response.status_code, headers={"Content-Type": FHIR_JSON}, content=orjson.dumps(body)
+        )
+
+
+async def test_a_second_version_stamped_in_the_same_instant_is_pulled(
+    store: Store, fhir_peer: FhirPeer
+) -> None:
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url,
+        headers={"Content-Type": FHIR_JSON},
+        transport=_StampsToTheSecond(),
+    ) as client:
+        site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+        patient = await _post(client, factories.patient())
+        booked = await _post(client, _appointment(patient, site))
+        puller = _puller(store, client, site, overlap_s=0)
+        assert (await puller.pull_once()).created == 2
+        # Cancelled within the same second as the booking (retried until it is).
+        while True:
+            cancelled = {**booked, "status": "cancelled"}
+            answer = (await client.put(f"Appointment/{booked['id']}", json=cancelled)).json()
+            if answer["meta"]["lastUpdated"][:19] == booked["meta"]["lastUpdated"][:19]:
+                break
+            booked = await _post(client, _appointment(patient, site))
+            assert (await puller.pull_once(force=True)).created == 1
+        again = await puller.pull_once(force=True)
+    # Before: taken for the same id at the cursor's instant; the booking stood here for ever.
+    assert again.updated == 1
+    local = await _local_id(store, "Appointment", booked["id"])
+    assert (await store.read("Appointment", local, NURSE))["status"] == "cancelled"
