@@ -119,6 +119,7 @@ class _Walk:
 
     at: str | None  # the instant of the run (the cursor's ``since``)
     link: str  # the next page, not read yet
+    followed: frozenset[str] = frozenset()  # the links read so far: one read again is a loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,13 +385,32 @@ class Puller:
         cursor = await db.run_sync(conn, _load_cursor, self._upstream.name, stream)
         if cursor.since is not None:
             await self._sweep(stream, rtype, params, cursor.since, result)
-        start = cursor
-        size = self._page_size
         # Following the server's links through the cursor's instant: where the last pass's
         # walk stopped, if the cursor is still in that instant.
         walk = self._walks.pop(stream, None)
-        next_url = walk.link if walk is not None and walk.at == cursor.since else None
-        followed: set[str] = set()
+        resumed = walk is not None and walk.at == cursor.since
+        next_url = walk.link if walk is not None and resumed else None
+        followed: set[str] = set(walk.followed) if walk is not None and resumed else set()
+        try:
+            await self._pages(stream, rtype, params, result, cursor, next_url, followed)
+        except BaseException:
+            if walk is not None:  # a failed pass (the link, a stop) keeps the walk's place
+                self._walks.setdefault(stream, walk)
+            raise
+
+    async def _pages(
+        self,
+        stream: str,
+        rtype: str,
+        params: dict[str, str],
+        result: PullResult,
+        cursor: Cursor,
+        next_url: str | None,
+        followed: set[str],
+    ) -> None:
+        """Up to ``max_pages`` pages of one stream from ``cursor`` (or a walk's ``next_url``)."""
+        start = cursor
+        size = self._page_size
         for _ in range(self._max_pages):
             if next_url is not None:
                 followed.add(next_url)
@@ -434,7 +454,7 @@ class Puller:
             self._stuck(stream, rtype, result, "the server gives no next link")
             return
         if next_url is not None:
-            self._walks[stream] = _Walk(cursor.since, next_url)
+            self._walks[stream] = _Walk(cursor.since, next_url, frozenset(followed))
         # Cut short by max_pages: again at once, but only if this pass got somewhere (else
         # the sync loop would ask again and again for the same pages).
         if cursor != start:

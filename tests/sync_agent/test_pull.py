@@ -991,3 +991,38 @@ async def test_a_second_version_stamped_in_the_same_instant_is_pulled(
     assert again.updated == 1
     local = await _local_id(store, "Appointment", booked["id"])
     assert (await store.read("Appointment", local, NURSE))["status"] == "cancelled"
+
+
+async def test_a_walk_through_a_run_keeps_its_place_when_a_pass_fails(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Transport_,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 2)
+    site, later = await _one_instant(client, 15)
+    transport.add_next_links = True
+    puller = _puller(store, client, site, page_size=2, max_pages=4)
+    assert (await puller.pull_once(force=True)).more
+    # The link drops on the walk's next page: that pass fails.
+    transport.fail_at = len(transport.requests) + 2
+    assert (await puller.pull_once(force=True)).link_down
+    transport.fail_at = None
+    after_failure = len(transport.requests)
+    passes = []
+    for _ in range(6):
+        passes.append(await puller.pull_once(force=True))
+        if not passes[-1].more:
+            break
+    assert [r.more for r in passes] == [True, False]
+    walked = [
+        url.params.get("_offset")
+        for url in transport.requests[after_failure:]
+        if url.path.endswith("/Appointment") and "_offset" in url.params
+    ]
+    # Before: the failed pass dropped the walk's place, and the run was walked from its first
+    # pages again (offsets 2 and 4 read a second time).
+    assert walked == ["6", "8", "10", "12", "14"]
+    assert _count(db_path, "Appointment") == 16
+    await _local_id(store, "Appointment", later["id"])
