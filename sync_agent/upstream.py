@@ -30,6 +30,7 @@ import ipaddress
 import logging
 import re
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -265,6 +266,36 @@ def tls_refusal(exc: BaseException) -> str | None:
     return None
 
 
+# The largest answer taken from an upstream: far above any page or bundle answer (a page of
+# 1,000 Patients is a few MB), far below what would starve the box of memory. A server (or a
+# proxy) streaming without end would otherwise be read into memory until the process died.
+MAX_ANSWER_BYTES = 64 * 2**20
+
+
+def _too_long() -> UpstreamError:
+    return UpstreamError(
+        Failure.TRANSIENT, f"answer over {MAX_ANSWER_BYTES // 2**20} MB, not read to its end"
+    )
+
+
+class _CappedStream(httpx.AsyncByteStream):
+    """An answer's body without a stated length, cut off past :data:`MAX_ANSWER_BYTES`."""
+
+    def __init__(self, inner: httpx.AsyncByteStream) -> None:
+        self._inner = inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = 0
+        async for chunk in self._inner:
+            read += len(chunk)
+            if read > MAX_ANSWER_BYTES:
+                raise _too_long()
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class TlsAwareTransport(httpx.AsyncBaseTransport):
     """httpx's own transport, except that a refused TLS handshake raises ``UpstreamError(AUTH)``.
 
@@ -278,9 +309,10 @@ class TlsAwareTransport(httpx.AsyncBaseTransport):
         self._inner = httpx.AsyncHTTPTransport(verify=verify)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send one request through the wrapped transport."""
+        """Send one request through the wrapped transport; an answer over
+        :data:`MAX_ANSWER_BYTES` is refused (see :class:`_CappedStream`)."""
         try:
-            return await self._inner.handle_async_request(request)
+            response = await self._inner.handle_async_request(request)
         except httpx.TransportError as exc:
             reason = tls_refusal(exc)
             if reason is None and request.url.scheme == "https" and _was_reset(exc):
@@ -289,6 +321,21 @@ class TlsAwareTransport(httpx.AsyncBaseTransport):
                 raise
             where = f"{request.url.host}:{request.url.port or 443}"
             raise UpstreamError(Failure.AUTH, f"TLS with {where}: {reason}") from None
+        length = response.headers.get("Content-Length", "")
+        if length.isascii() and length.isdigit() and len(length) < 19:
+            if int(length) > MAX_ANSWER_BYTES:
+                await response.aclose()
+                raise _too_long()
+            return response  # h11 holds the body to its stated length
+        if not isinstance(response.stream, httpx.AsyncByteStream):
+            return response
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_CappedStream(response.stream),
+            extensions=response.extensions,
+            request=request,
+        )
 
     async def aclose(self) -> None:
         """Close the wrapped transport's connections."""
