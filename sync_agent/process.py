@@ -155,11 +155,17 @@ class _Step:
         self.failures, self.not_before = 0, 0.0
 
 
-def _link_seen(stops: list[UpstreamError], reached: bool | None) -> dict[str, object]:
+def _link_seen(
+    stops: list[UpstreamError], reached: bool | None, answered: bool = False
+) -> dict[str, object]:
     """What a round whose drain sent nothing saw of the link: the steps after the drain
     found it down (a pulled cable with an empty outbox), or the round-trip probe answered
-    or not. Nothing new: no figures (the last ones stand)."""
+    or not; ``answered``: a step got the upstream's answer this round (a pull's page), which
+    says the link is up whatever the probe said (a proxy refusing ``HEAD``, a probe timing
+    out on a slow link). Nothing new: no figures (the last ones stand)."""
     cut = [e for e in stops if e.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)]
+    if not cut and answered:
+        return {"online": True, "unreachable": False, "last_failure": None}
     if cut or reached is False:
         no_connection = reached is False or any(
             isinstance(e.__cause__, httpx.ConnectError | httpx.ConnectTimeout) for e in cut
@@ -392,18 +398,22 @@ class SyncLoop:
                 step.reset()
         more = False
         stops: list[UpstreamError] = []
+        answered = False  # a step got the upstream's answer this round
         updates, pull, export = self.steps.values()
         if updates.due(loop.time()):
             updated = await self.updates.send_once()
             updates.after(updated.stopped_by, loop.time(), self._pacing, self._rng)
             stops += [updated.stopped_by] if updated.stopped_by else []
+            answered |= bool(updated.delivered or updated.conflicts or updated.dead)
         if pull.due(loop.time()):
             pulled = await self.puller.pull_once(force=wake is Wake.SYNC_NOW)
             pull.after(pulled.stopped_by, loop.time(), self._pacing, self._rng)
             more = bool(pulled.more) and pulled.stopped_by is None
             stops += [pulled.stopped_by] if pulled.stopped_by else []
+            answered |= pulled.pages > 0
         if export.due(loop.time()):
             exported = await self.exporter.drain(stop=stopping)
+            answered |= exported.bundles > 0
             # An anchor refused for our access or the address paces the step as well: with
             # nothing else to export, it would be asked again every round.
             stopped = exported.stopped_by or exported.anchor_stopped_by
@@ -413,7 +423,7 @@ class SyncLoop:
             "steps_failing": {s.name: str(s.failure) for s in self.steps.values() if s.failures}
         }
         if result.bundles == 0 and not result.error:
-            seen = _link_seen(stops, reached)
+            seen = _link_seen(stops, reached, answered)
             if seen.get("online") is False:
                 self._rtt_ok = False  # probed each round from now, to see it come back
             figures |= seen

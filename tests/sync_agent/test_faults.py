@@ -27,9 +27,9 @@ from appliance.runtime import ProcessContext
 from appliance.store import Lane, Store
 from sync_agent.audit_export import AuditExporter
 from sync_agent.outbox_delivery import Deliverer, backoff_s
-from sync_agent.process import PROBE_CAP_S, Pacing, SyncLoop
+from sync_agent.process import PROBE_CAP_S, Pacing, SyncLoop, _link_seen
 from sync_agent.status import request_sync_now
-from sync_agent.upstream import FHIR_JSON
+from sync_agent.upstream import FHIR_JSON, Failure, UpstreamError
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.sync_agent.fault_proxy import Fault, FaultProxy
@@ -1080,3 +1080,18 @@ async def test_an_empty_outbox_with_the_link_down_is_probed_at_the_offline_pace_
     # Before: a HEAD every round, about 50 in 5 s at interval_s = 0.1.
     assert 1 <= heads <= 3, heads
     assert ctx.status["online"] is False
+
+
+def test_a_round_whose_steps_got_answers_reads_online_whatever_the_probe_said() -> None:
+    # The probe got no connection (a proxy dropping HEAD, say) but the pull read its pages.
+    assert _link_seen([], False, answered=True) == {
+        "online": True,
+        "unreachable": False,
+        "last_failure": None,
+    }
+    # A step cut off this round still says offline, answers or not.
+    cut = UpstreamError(Failure.TRANSIENT, "no response")
+    assert _link_seen([cut], True, answered=True)["online"] is False
+    # Nothing answered and the probe failed: offline, as before.
+    assert _link_seen([], False)["online"] is False
+    assert _link_seen([], None) == {}
