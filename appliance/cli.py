@@ -517,6 +517,7 @@ def _sync_status_json(found: SyncStatus, messages: dict[int, str] | None) -> dic
         "last_success": None if found.last_success is None else found.last_success.isoformat(),
         "dead_total": found.dead_total,
         "reviews_open": found.reviews_open,
+        "twins": [{"theirs": t.theirs, "ours": t.ours, "at": t.at} for t in found.twins],
         "audit_export": {
             "cursor": found.export.cursor,
             "head": found.export.head,
@@ -584,6 +585,14 @@ def _sync_status_table(
         f"Waiting        {found.waiting}",
         f"Dead letters   {found.dead_total}",
         f"Review queue   {found.reviews_open} waiting for a decision (/sync/review)",
+        *(
+            [
+                f"Held twice     {len(found.twins)} EHR record(s) not pulled: they carry the "
+                "identifier of a record here held under another EHR id (see /sync)"
+            ]
+            if found.twins
+            else []
+        ),
         f"Audit export   {export.lag} waiting (exported up to record {export.cursor} of "
         f"{export.head}; {export.refused} refused; checkpoint anchored at record {export.anchored})"
         + (

@@ -78,6 +78,7 @@ from appliance.store import (
     link_for_resource,
     resource_for_upstream,
 )
+from sync_agent.status import Twin, note_twins
 from sync_agent.updates import refresh_review, review_refused_edit
 from sync_agent.upstream import (
     Failure,
@@ -316,7 +317,7 @@ class Puller:
                     await self._store.import_upstream(
                         patients,
                         ACTOR,
-                        also=lambda conn, outcomes: self._hold_newer(conn, outcomes, patients),
+                        also=lambda conn, outcomes: self._after_import(conn, outcomes, patients),
                     )
                 )
             for ref in enrolled:
@@ -331,7 +332,7 @@ class Puller:
         if result.elsewhere:
             logger.warning(
                 "pull: %d upstream records carry the identifier of a record held here under "
-                "another upstream id (merged at the EHR?); not stored, see the audit log",
+                "another upstream id (merged at the EHR?); not stored, listed on /sync",
                 result.elsewhere,
             )
         if result.created or result.updated or result.held:
@@ -504,7 +505,7 @@ class Puller:
             tags = [HOME_TAG]
 
         def also(conn: sqlite3.Connection, outcomes: list[Imported]) -> None:
-            self._hold_newer(conn, outcomes, copies)
+            self._after_import(conn, outcomes, copies)
             if save:
                 _save_cursor(conn, self._upstream.name, stream, after, self._clock())
 
@@ -620,6 +621,21 @@ class Puller:
             bundle = await self._get(link)
             found |= {c.reference: c for c in map(_copy, _entries(bundle, "Patient"))}
         return list(found.values())
+
+    def _after_import(
+        self, conn: sqlite3.Connection, outcomes: list[Imported], copies: list[UpstreamCopy]
+    ) -> None:
+        """In the import's transaction: newer copies held for review, twins noted."""
+        self._hold_newer(conn, outcomes, copies)
+        at = fhir.utc_text(self._clock())
+        note_twins(
+            conn,
+            [
+                Twin(o.reference, f"{o.reference.partition('/')[0]}/{o.logical_id}", at)
+                for o in outcomes
+                if o.outcome is ImportOutcome.ELSEWHERE
+            ],
+        )
 
     def _hold_newer(
         self,

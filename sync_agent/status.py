@@ -122,6 +122,79 @@ class ProcessStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class Twin:
+    """An upstream record left out of the pull: it carries the identifier of ``ours``, which
+    the upstream holds under another id. No PHI: references only."""
+
+    theirs: str  # the upstream reference of the record left out (``Patient/123``)
+    ours: str  # our record it names (``Patient/<local id>``)
+    at: str  # when the pull first met it (UTC text)
+
+
+# ``meta`` key of the twins (a JSON list, newest last, at most TWINS_KEPT).
+TWINS_KEY = "pull.twins"
+TWINS_KEPT = 50
+TWINS_CLEARED_DETAIL = "records held twice upstream: list cleared"
+
+
+def note_twins(conn: sqlite3.Connection, twins: Sequence[Twin]) -> None:
+    """Add upstream records left out as twins (inside the pull's import transaction); one
+    met again keeps its first time."""
+    if not twins:
+        return
+    known = list(read_twins(conn))
+    have = {t.theirs for t in known}
+    known += [t for t in twins if t.theirs not in have]
+    value = json.dumps([[t.theirs, t.ours, t.at] for t in known[-TWINS_KEPT:]])
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (TWINS_KEY, value),
+    )
+
+
+def read_twins(conn: sqlite3.Connection) -> tuple[Twin, ...]:
+    """The twins noted so far (an altered row reads as none)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (TWINS_KEY,)).fetchone()
+    try:
+        loaded = json.loads(row[0]) if row is not None else []
+    except (TypeError, ValueError):
+        return ()
+    if not isinstance(loaded, list):
+        return ()
+    return tuple(
+        Twin(*item)
+        for item in loaded
+        if isinstance(item, list) and len(item) == 3 and all(isinstance(v, str) for v in item)
+    )
+
+
+def clear_twins(conn: sqlite3.Connection, *, actor: str, now: datetime) -> int:
+    """Clear the list once the EHR team has looked at the records (audited); how many went.
+    A twin still there upstream is listed again when the pull meets it again."""
+    with db.transaction_sync(conn):
+        known = read_twins(conn)
+        if not known:
+            return 0
+        conn.execute("DELETE FROM meta WHERE key = ?", (TWINS_KEY,))
+        audit.append(
+            conn,
+            [
+                AuditEvent(
+                    actor,
+                    AuditAction.CONFIG,
+                    entity="pull",
+                    detail=f"{TWINS_CLEARED_DETAIL} ({len(known)}: "
+                    + ", ".join(t.theirs for t in known)[:400]
+                    + ")",
+                )
+            ],
+            now=now,
+        )
+    return len(known)
+
+
+@dataclass(frozen=True, slots=True)
 class SyncStatus:
     """Everything the status views show."""
 
@@ -134,6 +207,9 @@ class SyncStatus:
     sync_now: str | None
     counts: tuple[tuple[int, str, int], ...]  # (lane, state, count): the raw outbox table
     reviews_open: int = 0  # local edits the upstream's changes overtook, waiting for a nurse
+    # Upstream records the pull left out: they carry the identifier of a record held here
+    # under another upstream id (a merge at the EHR, or a copy), newest last.
+    twins: tuple[Twin, ...] = ()
 
     @property
     def online(self) -> bool:
@@ -250,6 +326,7 @@ def read_status(conn: sqlite3.Connection, now: datetime, *, all_states: bool = F
         sync_now=None if sync_now is None else str(sync_now[0]),
         counts=counts,
         reviews_open=int(reviews_open),
+        twins=read_twins(conn),
     )
 
 

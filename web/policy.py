@@ -185,6 +185,7 @@ POLICY: Mapping[str, Rule] = {
     "sync.overview": _r(CLINIC, phi=True),
     "sync.sync_now": _r(ADMIN),
     "sync.trail_breaks_acknowledge": _r(ADMIN),
+    "sync.twins_clear": _r(ADMIN),
     "sync.dead_letter_message": _r(ADMIN, phi=True),
     "sync.dead_letter_resend": _r(ADMIN, phi=True),  # a refusal renders the Sync page
     "sync.dead_letters_resend_all": _r(ADMIN, phi=True),

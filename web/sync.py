@@ -10,6 +10,8 @@
 * ``POST /sync/dead-letters/<id>/resend`` and ``POST /sync/dead-letters/resend`` (all) put
   dead letters back in the outbox once the cause is fixed
   (:func:`sync_agent.status.resend_dead_letters`: audited, and the sync process tries at once);
+* ``POST /sync/twins/clear`` clears the list of upstream records the pull left out as held
+  twice (:func:`sync_agent.status.clear_twins`: audited; one still there comes back);
 * ``POST /sync/trail-breaks/acknowledge`` acknowledges the audit trail breaks the export
   found, up to the count the page showed (:func:`sync_agent.audit_export.acknowledge_breaks`:
   audited; the count and its metric stay, a new break warns again).
@@ -147,6 +149,19 @@ async def overview() -> ResponseReturnValue:
             else "Nothing new to acknowledge."
         )
     return await _page(notice=notice)
+
+
+@bp.post("/twins/clear")
+@login_required(role=Role.ADMIN)
+async def twins_clear() -> ResponseReturnValue:
+    """Clear the list of records held twice upstream (audited); back to the page."""
+    state = app_state()
+    actor, _ = await _actor()
+    await db.run_sync(
+        state.store.connection,
+        lambda conn: status.clear_twins(conn, actor=actor, now=state.clock()),
+    )
+    return redirect(url_for("sync.overview"), 303)
 
 
 @bp.post("/trail-breaks/acknowledge")

@@ -22,6 +22,7 @@ import pytest
 
 from appliance.users import Role
 from sync_agent.outbox_delivery import Deliverer
+from sync_agent.status import Twin, note_twins
 from tests import factories
 from tests.e2e import live_server
 from tests.e2e.conftest import LiveApp
@@ -117,8 +118,11 @@ async def test_an_admin_sends_a_refused_patient_again_and_it_lands_with_its_read
             ),
         )
         raw.execute("INSERT INTO meta (key, value) VALUES ('audit_export.breaks', '1')")
+        # And the pull met an EHR record carrying our identifier under another id.
+        note_twins(raw, [Twin("Patient/77", "Patient/01a2-local", "2026-11-29T08:00:00Z")])
     raw.close()
     await page.reload()
+    assert "1 EHR record not pulled" in await page.locator("#twins").inner_text()
     held = await page.locator("#steps-failing").inner_text()
     assert "Audit export" in held
     assert "refused our credentials" in held

@@ -676,6 +676,14 @@ async def test_a_record_carrying_our_identifier_under_another_upstream_id_is_not
 
     result = await _puller(store, client, site).pull_once()
     assert (result.elsewhere, result.updated, result.error) == (1, 0, None)
+    # Listed for staff (/sync, sync status), not only in the audit trail; once, however
+    # often the pull meets it.
+    await _puller(store, client, site).pull_once()
+    [twin_seen] = await db.run_sync(store.connection, status.read_twins)
+    assert (twin_seen.theirs, twin_seen.ours) == (
+        f"Patient/{twin['id']}",
+        f"Patient/{made.logical_id}",
+    )
     # Before: the twin's content replaced ours, under our record's link to the other id.
     assert await store.read("Patient", made.logical_id, NURSE) == ours
     conn = sqlite3.connect(db_path)

@@ -13,6 +13,7 @@ from quart.testing import QuartClient
 
 from appliance import audit, db, users
 from appliance.store import Lane, Store
+from sync_agent import status as status_module
 from tests import factories
 from tests.web.conftest import FakeClock, form_token, login
 
@@ -386,3 +387,48 @@ def test_every_failure_class_has_words_for_the_page() -> None:
     from web.sync import FAILURE_TEXT
 
     assert {str(f) for f in Failure} | {"store", "unreachable"} == set(FAILURE_TEXT)
+
+
+async def test_records_held_twice_upstream_are_listed_and_an_admin_clears_the_list(
+    admin: QuartClient, db_path: Path, clock: FakeClock
+) -> None:
+    body = (await (await admin.get("/sync/")).get_data()).decode()
+    assert body.split('id="twins">')[1].split("</td>")[0].strip() == "None"
+    raw = sqlite3.connect(db_path)
+    with raw:
+        status_module.note_twins(
+            raw,
+            [status_module.Twin("Patient/77", "Patient/01a2-local", "2026-11-26T08:00:00Z")],
+        )
+    page = (await (await admin.get("/sync/")).get_data()).decode()
+    said = page.split('id="twins">')[1].split("</td>")[0]
+    assert "1 EHR record not pulled" in said
+    assert "<code>Patient/77</code> names <code>Patient/01a2-local</code>" in said
+    response = await admin.post("/sync/twins/clear", form={"csrf_token": form_token(page.encode())})
+    assert response.status_code == 303
+    page = (await (await admin.get("/sync/")).get_data()).decode()
+    assert page.split('id="twins">')[1].split("</td>")[0].strip() == "None"
+    [(actor, detail)] = raw.execute(
+        "SELECT actor, detail FROM audit WHERE detail LIKE 'records held twice%'"
+    ).fetchall()
+    raw.close()
+    assert actor == f"user:{ADMIN}"
+    assert "Patient/77" in detail
+
+
+async def test_a_nurse_sees_records_held_twice_but_cannot_clear_them(
+    logged_in: QuartClient, db_path: Path
+) -> None:
+    raw = sqlite3.connect(db_path)
+    with raw:
+        status_module.note_twins(
+            raw, [status_module.Twin("Patient/77", "Patient/01a2-local", "2026-11-26T08:00:00Z")]
+        )
+    raw.close()
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    assert "1 EHR record not pulled" in page
+    assert "Clear the list" not in page
+    response = await logged_in.post(
+        "/sync/twins/clear", form={"csrf_token": form_token(page.encode())}
+    )
+    assert response.status_code == 403
