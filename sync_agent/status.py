@@ -288,7 +288,8 @@ def read_status(conn: sqlite3.Connection, now: datetime, *, all_states: bool = F
     dead_by_lane = {
         int(lane): int(count)
         for lane, count in conn.execute(
-            f"SELECT o.lane, count(*) FROM outbox o WHERE o.state = 'dead' AND NOT {_IN_REVIEW} "  # noqa: S608 - constant
+            "SELECT o.lane, count(*) FROM outbox o INDEXED BY outbox_dead "  # noqa: S608 - constant
+            f"WHERE o.state = 'dead' AND NOT {_IN_REVIEW} "
             "GROUP BY o.lane"
         ).fetchall()
     }
@@ -306,7 +307,9 @@ def read_status(conn: sqlite3.Connection, now: datetime, *, all_states: bool = F
     dead = tuple(
         DeadLetter(int(oid), lane_name(lane), str(rtype), int(attempts))
         for oid, lane, rtype, attempts in conn.execute(
-            "SELECT o.id, o.lane, r.type, o.attempts FROM outbox o "  # noqa: S608 - constant
+            # Through the dead letters' own index: by id alone, the planner walks the whole
+            # outbox backwards looking for them once it is large (a scan on every scrape).
+            "SELECT o.id, o.lane, r.type, o.attempts FROM outbox o INDEXED BY outbox_dead "  # noqa: S608 - constant
             f"JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead' AND NOT {_IN_REVIEW} "
             "ORDER BY o.id DESC LIMIT ?",
             (DEAD_LETTERS_SHOWN,),
@@ -410,7 +413,7 @@ def _resendable(
     and the ids asked for that are dead letters."""
     base = (
         f"SELECT o.id, r.type, r.patient_key, {_IN_REVIEW}, o.kind FROM outbox o "  # noqa: S608 - constant
-        "JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead'"
+        "INDEXED BY outbox_dead JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead'"
     )
     if outbox_ids is None:
         rows = conn.execute(base).fetchall()
@@ -452,7 +455,7 @@ def open_dead_letter_messages(
     this process has not loaded, or tampering) is shown as such, and still audited.
     """
     sql = (
-        "SELECT o.id, o.last_error, r.patient_key FROM outbox o "
+        "SELECT o.id, o.last_error, r.patient_key FROM outbox o INDEXED BY outbox_dead "
         "JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead'"
     )
     params: list[int] = []

@@ -231,14 +231,20 @@ async def test_transient_failures_back_off_exponentially_then_deliver(
     await _readings(store, 2)
     ctx = await _loop_ctx(tmp_path, store, proxy.base_url, 0.2)
     pacing = Pacing(interval_s=0.2, backoff_base_s=0.1, backoff_cap_s=0.8)
-    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=random.Random(4), pacing=pacing)
+    # Every wait at its longest, min(cap, base * 2**n): the growth itself is under test.
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=Longest(), pacing=pacing)
     await proxy.set(Fault.STATUS, status=500, count=5)
     await _run_loop(loop, ctx, lambda: fhir_peer.count("Observation") == 2, 20)
     posts = [t for t, method, _ in wire.sent if method == "POST"]
     gaps = [b - a for a, b in itertools.pairwise(posts)]
     assert len(posts) >= 6  # five refused, then the one that landed
-    # Each wait is uniform(0, min(cap, base * 2**n)): never above the cap (+ scheduling slack).
-    assert all(gap <= pacing.backoff_cap_s + 0.6 for gap in gaps[:5])
+    expected = [0.2, 0.4, 0.8, 0.8, 0.8]
+    # Not shorter than the backoff (a loop that did not wait, or did not grow, fails here),
+    # nor much longer (scheduling slack).
+    assert all(
+        want * 0.8 <= gap <= want + 0.6 for want, gap in zip(expected, gaps[:5], strict=True)
+    ), gaps
+    assert gaps[0] < gaps[1] < gaps[2], gaps
     assert proxy.counts["status"] == 5
 
 

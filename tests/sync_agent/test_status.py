@@ -16,7 +16,8 @@ from tests import factories
 async def test_the_figures_for_the_web_never_scan_the_outbox(store: Store, db_path: Path) -> None:
     [pat] = await store.create([factories.patient()], "user:nurse1")
     await store.create(
-        [factories.bp_observation(f"Patient/{pat.logical_id}") for _ in range(30)],
+        # What a box holds after a while: thousands delivered (the planner chooses by size).
+        [factories.bp_observation(f"Patient/{pat.logical_id}") for _ in range(3000)],
         "service:devices",
     )
     raw = sqlite3.connect(db_path, isolation_level=None)
@@ -34,7 +35,7 @@ async def test_the_figures_for_the_web_never_scan_the_outbox(store: Store, db_pa
             conn.set_trace_callback(None)
 
     found = await db.run_sync(store.connection, read, False)
-    assert sum(lane.waiting for lane in found.lanes) == 10
+    assert sum(lane.waiting for lane in found.lanes) == 1000
     assert found.counts == ()
 
     def plans(conn: sqlite3.Connection) -> list[str]:
@@ -45,14 +46,19 @@ async def test_the_figures_for_the_web_never_scan_the_outbox(store: Store, db_pa
         return steps
 
     steps = await db.run_sync(store.connection, plans)
-    # Before: "SCAN outbox" for the count of every lane and state, on every scrape.
-    # The outbox is aliased "o" in some statements: any scan of it not through an index.
+    # Before: "SCAN outbox" for the count of every lane and state, on every scrape; then the
+    # dead letters' list walked the whole outbox by id once it held thousands of rows. A scan
+    # is allowed only through the partial indexes, which hold the waiting and dead rows alone
+    # (the outbox is aliased "o" in some statements).
+    small = ("outbox_pending", "outbox_waiting", "outbox_dead")
     scans = [
         step
         for step in steps
-        if step.startswith("SCAN ") and step.split()[1] in ("outbox", "o") and "USING" not in step
+        if step.startswith("SCAN ")
+        and step.split()[1] in ("outbox", "o")
+        and not any(f"INDEX {index}" in step for index in small)
     ]
     assert scans == [], steps
     asked.clear()
     full = await db.run_sync(store.connection, read, True)  # the CLI's JSON: every state
-    assert sum(count for _, state, count in full.counts if state == "delivered") == 21
+    assert sum(count for _, state, count in full.counts if state == "delivered") == 2001
