@@ -141,6 +141,7 @@ class FaultProxy:
         self._spec = FaultSpec()
         self._weights: list[tuple[FaultSpec, float]] = []
         self.counts: Counter[str] = Counter()
+        self.posts_in_flight = 0  # POSTs received and not yet answered (or cut)
 
     @property
     def base_url(self) -> str:
@@ -255,6 +256,14 @@ class FaultProxy:
 
     async def _handle(self, request: _Request, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False when the connection is gone."""
+        posting = request.method == "POST"
+        self.posts_in_flight += posting
+        try:
+            return await self._answer(request, writer)
+        finally:
+            self.posts_in_flight -= posting
+
+    async def _answer(self, request: _Request, writer: asyncio.StreamWriter) -> bool:
         self.counts["requests"] += 1
         spec = self._take()
         fault = spec.fault
@@ -375,5 +384,13 @@ class ProxyThread:
     def counts(self) -> dict[str, int]:
         async def snapshot() -> dict[str, int]:
             return dict(self.proxy.counts)
+
+        return self._call(snapshot())
+
+    def posts_in_flight(self) -> int:
+        """POSTs the proxy holds now (received, not yet answered)."""
+
+        async def snapshot() -> int:
+            return self.proxy.posts_in_flight
 
         return self._call(snapshot())
