@@ -249,32 +249,7 @@ async def test_one_refused_search_does_not_stop_the_other_patients_home_readings
     db_path: Path,
     refusal: int,
 ) -> None:
-    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
-    patients = [
-        await _post(client, factories.patient(family=family, mrn=mrn))
-        for family, mrn in (("Adaperson", "T0001"), ("Bobperson", "T0002"))
-    ]
-    for patient in patients:
-        await _post(client, _appointment(patient, site))
-        await _post(client, factories.bp_observation(f"Patient/{patient['id']}"))
-    puller = _puller(store, client, site)
-    await puller.pull_once()
-    registry = DeviceRegistry(store)
-    local = {}
-    for index, patient in enumerate(patients):
-        local[patient["id"]] = await _local_id(store, "Patient", patient["id"])
-        await registry.register_device(
-            f"home-bp-{index}",
-            name="Home cuff",
-            transport=Transport.HUB,
-            profile="blood_pressure",
-            address=None,
-            setting=Setting.HOME,
-            actor="user:admin",
-        )
-        await registry.assign_device(
-            f"home-bp-{index}", "user:admin", patient_id=local[patient["id"]]
-        )
+    puller, patients, local = await _two_enrolled(store, client)
     # The first patient's search in the pass's order is refused (merged upstream, say).
     first, second = sorted(patients, key=lambda p: local[p["id"]])
 

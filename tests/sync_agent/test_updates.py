@@ -522,7 +522,7 @@ async def test_a_conflict_read_whose_version_is_only_in_the_etag_keeps_it_for_ke
     assert (await _upstream(client, upstream))["name"][0]["family"] == "Mineperson"
 
 
-async def _newer_version_pulled_into_the_review(
+async def newer_version_pulled_into_the_review(
     store: Store, client: httpx.AsyncClient, upstream: dict[str, Any], family: str
 ) -> None:
     """The EHR changes the record again while a nurse has its review open, and the next pull
@@ -574,7 +574,7 @@ async def _shown_then_changed_upstream(
     queue = ReviewQueue(store)
     [shown] = await queue.items()
     assert (await queue.open(shown.id, NURSE)).theirs["name"][0]["family"] == "Theirsperson"
-    await _newer_version_pulled_into_the_review(store, client, upstream, "Laterperson")
+    await newer_version_pulled_into_the_review(store, client, upstream, "Laterperson")
     [now] = await queue.items()
     assert now.theirs_version != shown.theirs_version
     return logical_id, upstream, shown, now

@@ -15,12 +15,11 @@ import pytest
 from quart.testing import QuartClient
 
 from appliance import break_glass, db
-from appliance.config import UpstreamConfig
 from appliance.device_registry import DeviceRegistry, StationKind
 from appliance.store import Store, UpstreamCopy
-from sync_agent.pull import Puller
 from sync_agent.updates import ReviewQueue, ReviewState, UpdateSender
 from tests import factories
+from tests.sync_agent.test_updates import newer_version_pulled_into_the_review
 from tests.web.conftest import NURSE, form_token
 from web.sync import compare
 
@@ -249,37 +248,6 @@ async def test_an_id_too_long_for_sqlite_is_not_found_not_a_500(logged_in: Quart
         assert response.status_code == 404  # before: OverflowError binding it, a 500
 
 
-async def _newer_version_pulled_into_the_review(
-    store: Store, upstream: httpx.AsyncClient, created: dict[str, Any]
-) -> None:
-    """While the page is open the EHR changes the record again ("Laterperson"), and the next
-    pull (a new booking at this site brings the Patient along) puts it into the review."""
-    theirs = (await upstream.get(f"Patient/{created['id']}")).json()
-    theirs["name"] = [{"family": "Laterperson", "given": ["Ada"]}]
-    assert (await upstream.put(f"Patient/{created['id']}", json=theirs)).status_code == 200
-    site = (
-        await upstream.post("Location", json={"resourceType": "Location", "name": "Here"})
-    ).json()
-    booked = await upstream.post(
-        "Appointment",
-        json={
-            "resourceType": "Appointment",
-            "status": "booked",
-            "start": "2026-11-30T15:00:00Z",
-            "end": "2026-11-30T15:30:00Z",
-            "participant": [
-                {"actor": {"reference": f"Patient/{created['id']}"}, "status": "accepted"},
-                {"actor": {"reference": f"Location/{site['id']}"}, "status": "accepted"},
-            ],
-        },
-    )
-    assert booked.status_code == 201
-    config = UpstreamConfig(
-        name="ehr", base_url=str(upstream.base_url), location=f"Location/{site['id']}"
-    )
-    assert (await Puller(store, upstream, config).pull_once(force=True)).held == 1
-
-
 @pytest.mark.parametrize("decision", ["keep-mine", "take-theirs"])
 async def test_a_decision_on_an_upstream_version_that_changed_while_the_page_was_open_is_refused(
     logged_in: QuartClient,
@@ -292,7 +260,7 @@ async def test_a_decision_on_an_upstream_version_that_changed_while_the_page_was
     [shown] = await ReviewQueue(store).items()
     page = await (await logged_in.get(f"/sync/review/{shown.id}")).get_data()
     assert _decision(page)["theirs_version"] == shown.theirs_version
-    await _newer_version_pulled_into_the_review(store, upstream, created)
+    await newer_version_pulled_into_the_review(store, upstream, created, "Laterperson")
     refused = await logged_in.post(f"/sync/review/{shown.id}/{decision}", form=_decision(page))
     # Before: decided against the version the pull had just put in, which nobody had seen
     # ("keep mine" then overwrote it upstream).
