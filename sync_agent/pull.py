@@ -282,8 +282,10 @@ class Puller:
         self._more = False
         self._walks: dict[str, _Walk] = {}  # stream → where its walk through a run stopped
         # Patients the upstream refused us: asked for alone, so that the others' read is one
-        # request and not a refused one followed by one per id, on every pass.
+        # request and not a refused one followed by one per id, on every pass. Kept in
+        # ``meta`` (upstream references only), so a restart still asks for them again.
         self._refused: set[str] = set()
+        self._refused_loaded = False
 
     # -- the pass --------------------------------------------------------------------------
 
@@ -302,6 +304,10 @@ class Puller:
             return PullResult(due=False)
         self._last_pass = now
         result = PullResult()
+        conn = self._store.connection
+        if not self._refused_loaded:
+            self._refused = await db.run_sync(conn, _load_refused, self._upstream.name)
+            self._refused_loaded = True
         refused_before = set(self._refused)  # asked again below, once a pass
         try:
             if (location := self._upstream.location) is not None:
@@ -328,6 +334,8 @@ class Puller:
             result.stopped_by = exc
             # Only the class: a server's words may quote what it refused.
             logger.warning("pull stopped: %s", exc.failure)
+        if self._refused != refused_before:
+            await db.run_sync(conn, _save_refused, self._upstream.name, sorted(self._refused))
         self._more = result.more
         if result.elsewhere:
             logger.warning(
@@ -670,6 +678,29 @@ class Puller:
 
 
 # -- database helpers (run on the connection's thread) --------------------------------------
+
+
+def _refused_key(upstream: str) -> str:
+    return f"pull.refused_patients.{upstream}"
+
+
+def _load_refused(conn: sqlite3.Connection, upstream: str) -> set[str]:
+    """The upstream Patients refused to the pull so far (an altered row reads as none)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (_refused_key(upstream),)).fetchone()
+    try:
+        found = orjson.loads(row[0]) if row is not None else []
+    except (TypeError, orjson.JSONDecodeError):
+        return set()
+    return {r for r in found if isinstance(r, str)} if isinstance(found, list) else set()
+
+
+def _save_refused(conn: sqlite3.Connection, upstream: str, refs: list[str]) -> None:
+    with db.transaction_sync(conn):
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (_refused_key(upstream), orjson.dumps(refs).decode()),
+        )
 
 
 def _load_cursor(conn: sqlite3.Connection, upstream: str, stream: str) -> Cursor:

@@ -1009,3 +1009,24 @@ async def test_a_walk_through_a_run_keeps_its_place_when_a_pass_fails(
     assert walked == ["6", "8", "10", "12", "14"]
     assert _count(db_path, "Appointment") == 16
     await _local_id(store, "Appointment", later["id"])
+
+
+async def test_a_refused_patient_is_asked_for_again_after_a_restart(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Transport_,
+    fhir_peer: FhirPeer,
+    db_path: Path,
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    restricted = await _post(client, factories.patient(mrn="T0001"))
+    await _post(client, _appointment(restricted, site))
+    transport.before = _refuse_patient_reads_naming(fhir_peer, restricted["id"])
+    assert (await _puller(store, client, site).pull_once()).refused == 1
+    assert _count(db_path, "Patient") == 0
+    # The sync process restarts; the EHR has lifted the restriction meanwhile.
+    transport.before = None
+    restarted = await _puller(store, client, site).pull_once()
+    # Before: the refused patient lived in memory only, and no new appointment named them.
+    assert (restarted.created, restarted.refused) == (1, 0)
+    await _local_id(store, "Patient", restricted["id"])
