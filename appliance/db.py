@@ -237,6 +237,24 @@ def transaction_sync(conn: sqlite3.Connection, path: Path | str = "database") ->
         raise
 
 
+def meta_value(conn: sqlite3.Connection, key: str) -> str | None:
+    """The ``meta`` row ``key`` as text (None when absent)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        return None
+    value = row[0]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str | bytes) -> None:
+    """Write the ``meta`` row ``key`` (inside the caller's write transaction)."""
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
 async def run_sync(
     conn: aiosqlite.Connection,
     fn: Callable[..., T],

@@ -553,11 +553,7 @@ def _write(
                 )
             )
     if cursor is not None:
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (CURSOR_KEY, str(cursor)),
-        )
+        db.set_meta(conn, CURSOR_KEY, str(cursor))
     audit.append(conn, events, now=store.now())
     return ids
 

@@ -158,22 +158,6 @@ def _label(anchor: Checkpoint) -> str:
 # -- state in the meta table ------------------------------------------------------------
 
 
-def _meta(conn: sqlite3.Connection, key: str) -> str | None:
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    if row is None:
-        return None
-    value = row[0]
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (key, value),
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class ExportState:
     """Where the export stands (read without decrypting anything)."""
@@ -198,7 +182,7 @@ class ExportState:
 
 
 def _refusals(conn: sqlite3.Connection) -> dict[str, Any]:
-    text = _meta(conn, REFUSED_KEY)
+    text = db.meta_value(conn, REFUSED_KEY)
     found: dict[str, Any] = {"count": 0, "recent": []}
     if text:
         try:
@@ -220,11 +204,11 @@ def read_export_state(conn: sqlite3.Connection) -> ExportState:
         if isinstance(item, list) and len(item) == 2
     )
     return ExportState(
-        cursor=int(_meta(conn, CURSOR_KEY) or 0),
+        cursor=int(db.meta_value(conn, CURSOR_KEY) or 0),
         head=head,
         refused=int(refused.get("count", 0)),
         recent_refusals=recent,
-        anchored=int(_meta(conn, ANCHOR_KEY) or 0),
+        anchored=int(db.meta_value(conn, ANCHOR_KEY) or 0),
         breaks=_count(conn, BREAKS_KEY),
         breaks_acknowledged=_count(conn, BREAKS_ACKNOWLEDGED_KEY),
     )
@@ -233,7 +217,7 @@ def read_export_state(conn: sqlite3.Connection) -> ExportState:
 def _count(conn: sqlite3.Connection, key: str) -> int:
     """A count kept in ``meta``; 0 when absent or not a number (an altered row reads as none,
     never as a failed status page)."""
-    text = _meta(conn, key)
+    text = db.meta_value(conn, key)
     try:
         return max(0, int(text or 0))
     except ValueError:
@@ -258,7 +242,7 @@ def acknowledge_breaks(conn: sqlite3.Connection, *, actor: str, now: datetime, s
         upto = min(seen, breaks)
         if upto <= before:
             return 0
-        _set_meta(conn, BREAKS_ACKNOWLEDGED_KEY, str(upto))
+        db.set_meta(conn, BREAKS_ACKNOWLEDGED_KEY, str(upto))
         audit.append(
             conn,
             [
@@ -285,11 +269,11 @@ def _settle(
     process) may have settled the same records first; then nothing is counted twice.
     """
     with db.transaction_sync(conn):
-        current = int(_meta(conn, CURSOR_KEY) or 0)
+        current = int(db.meta_value(conn, CURSOR_KEY) or 0)
         if current != start or end <= start:
             return current
-        _set_meta(conn, CURSOR_KEY, str(end))
-        _set_meta(conn, CURSOR_HASH_KEY, f"{end}:{_hash_at(conn, end)}")
+        db.set_meta(conn, CURSOR_KEY, str(end))
+        db.set_meta(conn, CURSOR_HASH_KEY, f"{end}:{_hash_at(conn, end)}")
         if refused:
             _record_refusals(conn, refused)
     return end
@@ -299,7 +283,7 @@ def _record_refusals(conn: sqlite3.Connection, refused: Sequence[tuple[int, str]
     state = _refusals(conn)
     recent = [*state.get("recent", []), *([rid, reason[:300]] for rid, reason in refused)]
     state = {"count": int(state.get("count", 0)) + len(refused), "recent": recent[-REFUSED_KEPT:]}
-    _set_meta(conn, REFUSED_KEY, json.dumps(state))
+    db.set_meta(conn, REFUSED_KEY, json.dumps(state))
 
 
 def _set_anchor(conn: sqlite3.Connection, checkpoint: Checkpoint, refusal: str | None) -> None:
@@ -308,11 +292,11 @@ def _set_anchor(conn: sqlite3.Connection, checkpoint: Checkpoint, refusal: str |
     audit_id = checkpoint.audit_id
     key = ANCHOR_KEY if refusal is None else ANCHOR_REFUSED_KEY
     with db.transaction_sync(conn):
-        if int(_meta(conn, key) or 0) >= audit_id:
+        if int(db.meta_value(conn, key) or 0) >= audit_id:
             return
-        _set_meta(conn, key, str(audit_id))
+        db.set_meta(conn, key, str(audit_id))
         if refusal is None:
-            _set_meta(conn, ANCHOR_HASH_KEY, f"{audit_id}:{checkpoint.hash.hex()}")
+            db.set_meta(conn, ANCHOR_HASH_KEY, f"{audit_id}:{checkpoint.hash.hex()}")
         else:
             _record_refusals(conn, [(audit_id, f"checkpoint anchor refused: {refusal}")])
 
@@ -330,8 +314,8 @@ def _still_held(conn: sqlite3.Connection, id_key: str, hash_key: str) -> tuple[i
     older release moved the cursor or the anchor and knew nothing of hashes), nothing is
     known to compare, which is not a break.
     """
-    audit_id = int(_meta(conn, id_key) or 0)
-    remembered_id, _, remembered = (_meta(conn, hash_key) or "").partition(":")
+    audit_id = int(db.meta_value(conn, id_key) or 0)
+    remembered_id, _, remembered = (db.meta_value(conn, hash_key) or "").partition(":")
     if audit_id == 0 or not remembered or remembered_id != str(audit_id):
         return audit_id, True
     return audit_id, _hash_at(conn, audit_id) == remembered
@@ -371,8 +355,8 @@ def check_trail(conn: sqlite3.Connection, now: datetime) -> str | None:
             "(cut back or rewritten under the export)"
         )
         rewind = anchored if anchor_held else 0
-        _set_meta(conn, CURSOR_KEY, str(rewind))
-        _set_meta(conn, CURSOR_HASH_KEY, f"{rewind}:{_hash_at(conn, rewind)}" if rewind else "")
+        db.set_meta(conn, CURSOR_KEY, str(rewind))
+        db.set_meta(conn, CURSOR_HASH_KEY, f"{rewind}:{_hash_at(conn, rewind)}" if rewind else "")
         if not anchor_held:
             # The new chain's checkpoints are anchored from the start again (the old
             # anchors stay upstream: verify_against_anchors holds the trail to them).
@@ -380,7 +364,7 @@ def check_trail(conn: sqlite3.Connection, now: datetime) -> str | None:
                 "DELETE FROM meta WHERE key IN (?, ?, ?)",
                 (ANCHOR_KEY, ANCHOR_HASH_KEY, ANCHOR_REFUSED_KEY),
             )
-        _set_meta(conn, BREAKS_KEY, str(_count(conn, BREAKS_KEY) + 1))
+        db.set_meta(conn, BREAKS_KEY, str(_count(conn, BREAKS_KEY) + 1))
         audit.append(
             conn,
             [
@@ -400,7 +384,9 @@ def check_trail(conn: sqlite3.Connection, now: datetime) -> str | None:
 
 def _anchor_settled(conn: sqlite3.Connection) -> int:
     """The newest checkpoint settled upstream, taken or refused (0: none)."""
-    return max(int(_meta(conn, ANCHOR_KEY) or 0), int(_meta(conn, ANCHOR_REFUSED_KEY) or 0))
+    return max(
+        int(db.meta_value(conn, ANCHOR_KEY) or 0), int(db.meta_value(conn, ANCHOR_REFUSED_KEY) or 0)
+    )
 
 
 def _load(
@@ -413,7 +399,7 @@ def _load(
     value of another type than the chain writes, is passed over as refused instead of
     raising and ending the sync process, which then restarted into the same record.
     """
-    cursor = int(_meta(conn, CURSOR_KEY) or 0)
+    cursor = int(db.meta_value(conn, CURSOR_KEY) or 0)
     saved = conn.text_factory
     conn.text_factory = audit.tolerant_text
     try:
@@ -587,7 +573,7 @@ class AuditExporter:
                 result.anchored = await self.anchor_once()
             except UpstreamError as exc:
                 if exc.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS):
-                    cursor = int(await db.run_sync(conn, _meta, CURSOR_KEY) or 0)
+                    cursor = int(await db.run_sync(conn, db.meta_value, CURSOR_KEY) or 0)
                     return self._failed(result, exc, cursor)
                 result.anchor_error = str(exc)
                 result.anchor_stopped_by = exc
@@ -716,7 +702,6 @@ async def fetch_upstream_anchors(
         "_sort": "-recorded",
         "_count": str(page),
     }
-    base = str(client.base_url).rstrip("/") + "/"
     url = "Provenance"
     anchors: list[Checkpoint] = []
     for _ in range(max_pages):
@@ -725,8 +710,8 @@ async def fetch_upstream_anchors(
         if response.status_code >= 300:
             raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
         anchors += anchors_of(body)
-        link = next_link(body)
-        if link is None or not link.startswith(base):  # never credentials to another host
+        link = next_link(body, client)
+        if link is None:
             break
         url, params = link, None
     return sorted(anchors, key=lambda cp: (cp.audit_id, cp.ts))

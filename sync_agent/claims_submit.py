@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from appliance import db
 from appliance.config import AuthKind, ClaimsConfig, Config
 from appliance.errors import KeyFileError
 from appliance.store import Store
@@ -337,11 +338,5 @@ class ClaimsSubmitter:
                 ident = item.get("id", "?") if isinstance(item, dict) else "?"
                 result.errors.append(f"response {ident}: {exc}")
                 logger.warning("a claims response file could not be applied: %s", exc)
-        await self._store.transact(
-            lambda conn: conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (CURSOR_KEY, cursor.encode()),
-            )
-        )
+        await self._store.transact(lambda conn: db.set_meta(conn, CURSOR_KEY, cursor.encode()))
         return applied

@@ -432,7 +432,7 @@ class Puller:
             resources = _entries(bundle, rtype)
             before = cursor
             cursor = await self._take(stream, rtype, resources, cursor, result, save=True)
-            link = self._own_next(bundle)
+            link = next_link(bundle, self._client)
             if next_url is not None:
                 # Walking through one instant: on while it lasts (a page may bring nothing
                 # new: one read by a walk before a restart), back to asking from the cursor
@@ -468,13 +468,6 @@ class Puller:
         # the sync loop would ask again and again for the same pages).
         if cursor != start:
             result.more = True
-
-    def _own_next(self, bundle: Any) -> str | None:
-        """The ``next`` link of a page, when it stays on this upstream (never another host:
-        our credentials go with the request)."""
-        link = next_link(bundle)
-        base = str(self._client.base_url).rstrip("/") + "/"
-        return link if link is not None and link.startswith(base) else None
 
     def _stuck(self, stream: str, rtype: str, result: PullResult, why: str) -> None:
         """This stream cannot page through the run of equal timestamps at its cursor."""
@@ -622,7 +615,7 @@ class Puller:
         found = {c.reference: c for c in map(_copy, _entries(bundle, "Patient"))}
         followed: set[str] = set()
         for _ in range(len(chunk)):
-            link = self._own_next(bundle)
+            link = next_link(bundle, self._client)
             if link is None or link in followed:
                 break
             followed.add(link)
@@ -686,9 +679,8 @@ def _refused_key(upstream: str) -> str:
 
 def _load_refused(conn: sqlite3.Connection, upstream: str) -> set[str]:
     """The upstream Patients refused to the pull so far (an altered row reads as none)."""
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (_refused_key(upstream),)).fetchone()
     try:
-        found = orjson.loads(row[0]) if row is not None else []
+        found = orjson.loads(db.meta_value(conn, _refused_key(upstream)) or "[]")
     except (TypeError, orjson.JSONDecodeError):
         return set()
     return {r for r in found if isinstance(r, str)} if isinstance(found, list) else set()
@@ -696,11 +688,7 @@ def _load_refused(conn: sqlite3.Connection, upstream: str) -> set[str]:
 
 def _save_refused(conn: sqlite3.Connection, upstream: str, refs: list[str]) -> None:
     with db.transaction_sync(conn):
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (_refused_key(upstream), orjson.dumps(refs).decode()),
-        )
+        db.set_meta(conn, _refused_key(upstream), orjson.dumps(refs).decode())
 
 
 def _load_cursor(conn: sqlite3.Connection, upstream: str, stream: str) -> Cursor:

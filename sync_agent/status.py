@@ -144,20 +144,19 @@ def note_twins(conn: sqlite3.Connection, twins: Sequence[Twin]) -> None:
         return
     known = list(read_twins(conn))
     have = {t.theirs for t in known}
-    known += [t for t in twins if t.theirs not in have]
-    value = json.dumps([[t.theirs, t.ours, t.at] for t in known[-TWINS_KEPT:]])
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (TWINS_KEY, value),
+    for twin in twins:
+        if twin.theirs not in have:
+            have.add(twin.theirs)
+            known.append(twin)
+    db.set_meta(
+        conn, TWINS_KEY, json.dumps([[t.theirs, t.ours, t.at] for t in known[-TWINS_KEPT:]])
     )
 
 
 def read_twins(conn: sqlite3.Connection) -> tuple[Twin, ...]:
     """The twins noted so far (an altered row reads as none)."""
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (TWINS_KEY,)).fetchone()
     try:
-        loaded = json.loads(row[0]) if row is not None else []
+        loaded = json.loads(db.meta_value(conn, TWINS_KEY) or "[]")
     except (TypeError, ValueError):
         return ()
     if not isinstance(loaded, list):
@@ -335,11 +334,7 @@ def read_status(conn: sqlite3.Connection, now: datetime, *, all_states: bool = F
 
 def _write_sync_now(conn: sqlite3.Connection, now: datetime) -> str:
     value = now.isoformat()
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (SYNC_NOW_KEY, value),
-    )
+    db.set_meta(conn, SYNC_NOW_KEY, value)
     return value
 
 

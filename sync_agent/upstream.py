@@ -116,12 +116,15 @@ def outcome_text(body: Any) -> str:
     return ""
 
 
-def next_link(bundle: Any) -> str | None:
-    """The ``next`` link of a search page (any shape: None when there is none)."""
+def next_link(bundle: Any, client: httpx.AsyncClient) -> str | None:
+    """The ``next`` link of a search page, when it stays on ``client``'s upstream (any shape:
+    None when there is none). Never one to another host: our credentials go with the request.
+    """
+    base = str(client.base_url).rstrip("/") + "/"
     for link in as_list(as_dict(bundle).get("link")):
         url = as_dict(link).get("url")
         if as_dict(link).get("relation") == "next" and isinstance(url, str) and url:
-            return url
+            return url if url.startswith(base) else None
     return None
 
 

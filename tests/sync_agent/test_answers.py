@@ -15,6 +15,7 @@ import contextlib
 import re
 from typing import Any
 
+import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -163,6 +164,8 @@ bundles = st.one_of(
 )
 outcomes = st.one_of(_shaped("OperationOutcome"), json_st)
 REF = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}")
+# Only its base URL is used (next links are kept to the upstream): no request is made.
+_CLIENT = httpx.AsyncClient(base_url="http://ehr.test/fhir")
 
 
 @settings(max_examples=400, deadline=None)
@@ -236,7 +239,7 @@ def test_a_search_page_of_any_shape_gives_resources_to_import_or_nothing(
     cursor = Cursor().advance(found)
     assert all(isinstance(seen, str) for seen in cursor.seen)
     assert all(isinstance(cursor.taken(r), bool) for r in found)
-    link = next_link(body)
+    link = next_link(body, _CLIENT)
     assert link is None or (isinstance(link, str) and link)
 
 
@@ -276,3 +279,15 @@ def test_a_retry_after_of_any_text_is_seconds_within_a_day_or_none(value: str | 
     assert delay is None or 0 <= delay <= 86_400
     if value is not None and value.isascii() and value.isdigit() and len(value) < 6:
         assert delay == float(value)
+
+
+def test_a_next_link_is_followed_only_on_the_upstream_itself() -> None:
+    def page(url: str) -> dict[str, Any]:
+        return {"resourceType": "Bundle", "link": [{"relation": "next", "url": url}]}
+
+    on_it = "http://ehr.test/fhir/Patient?_offset=50"
+    assert next_link(page(on_it), _CLIENT) == on_it
+    # Our credentials go with the request: never to another host, nor beside the base path.
+    assert next_link(page("http://other.test/fhir/Patient?_offset=50"), _CLIENT) is None
+    assert next_link(page("http://ehr.test/fhirx/Patient?_offset=50"), _CLIENT) is None
+    assert next_link(page("https://ehr.test/fhir/Patient?_offset=50"), _CLIENT) is None
