@@ -515,9 +515,10 @@ class Deliverer:
         front (loaded from any lane when it is not among the items); the bundle then ends
         before the first item pointing at something in this same bundle or in the one still
         in flight (``in_flight``: their references, ``Type/<local id>``; it needs that
-        resource's upstream id, known only from the answer), so a lane keeps its order. An item whose dependency is waiting out a backoff
-        is held back; one pointing at a dead-lettered Patient is dead-lettered, and so is one
-        whose stored copy fails authentication.
+        resource's upstream id, known only from the answer), so a lane keeps its order. An
+        item whose dependency is waiting out a backoff is held back; one pointing at a
+        dead-lettered Patient is dead-lettered, and so is one whose stored copy fails
+        authentication.
         """
         local = {item.outbox_id: item.local_refs() for item in items}
         refs: dict[str, str | None] = {}
@@ -611,8 +612,9 @@ class Deliverer:
         were dead-lettered."""
         stamp = _iso(now)
         with db.transaction_sync(conn):
-            # A data-key rotation committed meanwhile is seen before sealing the messages.
-            keyring = self._store.current_keyring(conn)
+            # Messages to seal (nearly never, in a drain): a data-key rotation committed
+            # meanwhile is seen first.
+            keyring = self._store.current_keyring(conn) if dead or retry else None
             # Planned dead for a dead-lettered Patient, which staff may have sent again
             # since (status.resend_dead_letters): such an item stays due, and goes after it.
             dead = [
@@ -696,9 +698,10 @@ class Deliverer:
         self._held_on.clear()
 
     @staticmethod
-    def _seal(keyring: Keyring, item: Item, message: str) -> bytes:
+    def _seal(keyring: Keyring | None, item: Item, message: str) -> bytes:
         # The server's diagnostics may quote what it refused (names, identifiers): PHI,
         # so the message is stored encrypted like the resource itself (see error_message).
+        assert keyring is not None  # loaded by _record whenever there is a message
         return keyring.seal("outbox", str(item.outbox_id), message)
 
     # -- the drain -----------------------------------------------------------------------

@@ -164,7 +164,7 @@ def _link_seen(
     says the link is up whatever the probe said (a proxy refusing ``HEAD``, a probe timing
     out on a slow link). Nothing new: no figures (the last ones stand)."""
     cut = [e for e in stops if e.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)]
-    if not cut and answered:
+    if not cut and (answered or reached):
         return {"online": True, "unreachable": False, "last_failure": None}
     if cut or reached is False:
         no_connection = reached is False or any(
@@ -175,8 +175,6 @@ def _link_seen(
             "unreachable": no_connection,
             "last_failure": str(cut[0].failure) if cut else str(Failure.TRANSIENT),
         }
-    if reached:
-        return {"online": True, "unreachable": False, "last_failure": None}
     return {}
 
 
