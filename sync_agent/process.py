@@ -8,7 +8,7 @@ After each round it waits in one of four ways, decided by how the round ended:
   newest outbox id changed — other processes' heartbeats do not count);
 * **the server answered with an error** (5xx, 429, no answer to a sent bundle): full-jitter
   exponential backoff, ``BACKOFF_BASE_S`` doubling to ``BACKOFF_CAP_S``, never shorter than the
-  server's ``Retry-After``; new readings do not cut it short — an overloaded EHR is not
+  server's ``Retry-After`` (up to ``RETRY_AFTER_CAP_S``); new readings do not cut it short — an overloaded EHR is not
   hammered because a clinic is busy, nor is a fleet in lock-step;
 * **unreachable** (no connection could be made: refused, no route, DNS): no more drains —
   loading and sealing a bundle only to fail the connect again is waste — but a cheap probe,
@@ -36,6 +36,10 @@ the token endpoint refused, not a FHIR address): jittered, from ``BACKOFF_BASE_S
 ``BACKOFF_CAP_S``, never before the server's ``Retry-After``, while the drain keeps its pace.
 An empty outbox sends nothing, so without that a refusing token endpoint was asked again
 every ``interval_s``. Steps waiting out a backoff are in the status (``steps_failing``).
+A step held back only because no connection could be made is due again as soon as the link
+is seen back (a probe answered, a bundle went through): its backoff, grown to minutes over a
+night's outage, would otherwise keep today's appointments from the pull long after the
+status reads "online".
 
 Detecting that the link is down costs one failed connect: the drain stops at the first
 failed bundle and writes nothing to the items (see ``outbox_delivery``).
@@ -86,6 +90,11 @@ BACKOFF_CAP_S = 300.0
 PROBE_BASE_S = 0.5
 PROBE_CAP_S = 5.0
 PROBE_TIMEOUT_S = 2.0
+# The longest the whole loop (or one step) waits on a server's ``Retry-After``. A server may
+# ask for up to a day (upstream.MAX_RETRY_AFTER_S: each item keeps that much), but one 503
+# with ``Retry-After: 86400`` from a maintenance page or a misconfigured proxy must not stop
+# every lane, alerts first, for a day: past an hour the loop asks again.
+RETRY_AFTER_CAP_S = 3600.0
 # While online, the round trip of a ``HEAD metadata`` is measured this often and published
 # as ``upstream_rtt_ms`` (the pre-call check shows it: web/precall.py).
 RTT_EVERY_S = 60.0
@@ -105,6 +114,13 @@ class Pacing:
     def backoff(self, failures: int, rng: random.Random) -> float:
         """Wait after the ``failures``-th failed drain in a row (full jitter)."""
         return backoff_s(failures, rng, base=self.backoff_base_s, cap=self.backoff_cap_s)
+
+    def refused(self, failures: int, rng: random.Random, retry_after_s: float | None) -> float:
+        """Wait after the ``failures``-th failure in a row of an exchange the server answered
+        or not: the backoff, never shorter than the server's ``Retry-After`` up to
+        :data:`RETRY_AFTER_CAP_S`."""
+        asked = min(retry_after_s or 0.0, RETRY_AFTER_CAP_S)
+        return max(self.backoff(failures, rng), asked)
 
     def online_wait(self, rng: random.Random) -> float:
         """Wait after a round that went through: ``interval_s`` ± 20 %. Boxes that came back
@@ -126,7 +142,10 @@ class _Step:
     with a ``Retry-After`` of an hour) would otherwise be tried again every ``interval_s`` —
     across a fleet, a storm of signed token requests. Each step backs off on its own instead,
     with jitter and never before the server's ``Retry-After``, and the drain goes on at its
-    own pace. "Sync now" makes every step due again.
+    own pace. "Sync now" makes every step due again, and so does the link coming back
+    (:meth:`link_back`) for a step held only because no connection could be made: after a
+    night's outage the pull of today's appointments goes within seconds of the link, not
+    when a backoff grown to minutes runs out.
     """
 
     def __init__(self, name: str) -> None:
@@ -134,6 +153,7 @@ class _Step:
         self.failures = 0
         self.not_before = 0.0
         self.failure: Failure | None = None
+        self.cut = False  # held back only for the link (no answer, no Retry-After)
 
     def due(self, now: float) -> bool:
         return now >= self.not_before
@@ -146,13 +166,23 @@ class _Step:
             return
         self.failures += 1
         self.failure = stopped_by.failure
-        wait = max(pacing.backoff(self.failures, rng), stopped_by.retry_after_s or 0.0)
+        self.cut = stopped_by.retry_after_s is None and isinstance(
+            stopped_by.__cause__, httpx.TransportError
+        )
+        wait = pacing.refused(self.failures, rng, stopped_by.retry_after_s)
         self.not_before = now + wait
         # Only the class: the server's words may quote PHI.
         logger.warning("sync %s failed (%s); next try in %.0f s", self.name, self.failure, wait)
 
     def reset(self) -> None:
         self.failures, self.not_before = 0, 0.0
+
+    def link_back(self) -> None:
+        """The upstream answers again: due now if only the link held this step back. (Its
+        failures still count: one failing on its own keeps backing off between such
+        moments, which come at most once a probe interval.)"""
+        if self.cut:
+            self.not_before, self.cut = 0.0, False
 
 
 def _link_seen(
@@ -325,6 +355,7 @@ class SyncLoop:
         self.probes = 0
         self._rtt_at: float | None = None
         self._rtt_ok = True
+        self._link_back = False  # a probe answered after the drain found no connection
         # -- claims (issue 8): ready claims to the payer endpoint, its acks back. ------------
         self.claims = ClaimsSubmitter(ctx.store, ctx.config)
 
@@ -365,9 +396,10 @@ class SyncLoop:
                 )
             elif result.unreachable:
                 wake = await self._until_reachable()
+                self._link_back = wake is Wake.TIMEOUT  # a probe answered
             else:
                 failures += 1
-                wait = max(pacing.backoff(failures, rng), result.retry_after_s or 0.0)
+                wait = pacing.refused(failures, rng, result.retry_after_s)
                 wake = await self.wakeups.wait(wait, on_work=False)
 
     async def _round(self, wake: Wake) -> tuple[DrainResult, bool]:
@@ -383,6 +415,10 @@ class SyncLoop:
         if stopping():
             return result, False
         reached = None if result.link_down else await self._measure_rtt()
+        if result.bundles or reached or self._link_back:
+            self._link_back = False
+            for step in self.steps.values():
+                step.link_back()
         # -- claims (issue 8): after the drain, whatever the EHR link; never raises. -------
         await self.claims.run_once()
         if result.link_down:

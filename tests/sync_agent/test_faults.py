@@ -27,7 +27,7 @@ from appliance.runtime import ProcessContext
 from appliance.store import Lane, Store
 from sync_agent.audit_export import AuditExporter
 from sync_agent.outbox_delivery import Deliverer, backoff_s
-from sync_agent.process import PROBE_CAP_S, Pacing, SyncLoop, _link_seen
+from sync_agent.process import PROBE_CAP_S, RETRY_AFTER_CAP_S, Pacing, SyncLoop, _link_seen
 from sync_agent.status import request_sync_now
 from sync_agent.upstream import FHIR_JSON, Failure, UpstreamError
 from tests import factories
@@ -181,6 +181,17 @@ def test_backoff_is_full_jitter_exponential_and_capped() -> None:
         assert max(waits) > 0.8 * ceiling  # it really reaches up to the ceiling...
         assert len({round(w, 6) for w in waits}) > 150  # ...and is spread (no lock-step)
     assert max(backoff_s(50, rng) for _ in range(500)) <= 300.0
+
+
+def test_a_servers_retry_after_is_waited_out_up_to_an_hour() -> None:
+    pacing = Pacing(interval_s=5.0)
+    # Never shorter than the server asked for...
+    assert pacing.refused(1, Longest(), 120.0) == 120.0
+    assert pacing.refused(1, Longest(), None) == pacing.backoff(1, Longest())
+    # ...but one 503 with "Retry-After: 86400" (a maintenance page, a proxy) does not stop
+    # every lane, alerts first, for a day.
+    assert pacing.refused(1, Longest(), 86_400.0) == RETRY_AFTER_CAP_S == 3600.0
+    assert pacing.refused(30, Longest(), 86_400.0) == 3600.0
 
 
 async def _loop_ctx(
@@ -974,6 +985,46 @@ async def test_a_step_after_the_drain_refused_every_time_backs_off_instead_of_ev
         while ctx.status["steps_failing"]:
             await asyncio.sleep(0.05)
             assert time.monotonic() - pressed < 5
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_steps_held_back_by_an_outage_go_as_soon_as_the_link_is_back(
+    store: Store,
+    client: httpx.AsyncClient,
+    proxy: FaultProxy,
+    fhir_peer: FhirPeer,
+    tmp_path: Path,
+) -> None:
+    """Clinic closed, outbox empty, the link down for a while: the audit export (like the
+    pull of today's appointments) goes within seconds of the link coming back, not when a
+    backoff grown over the outage runs out."""
+    [pat] = await store.create([factories.patient()], "user:nurse1")
+    await _deliverer(store, client).drain()
+    for _ in range(3):
+        await store.read("Patient", pat.logical_id, "user:nurse1")  # audit records
+    ctx = await _loop_ctx(tmp_path, store, proxy.base_url, 0.2)
+    pacing = Pacing(
+        interval_s=0.2, backoff_base_s=2.0, backoff_cap_s=60.0, probe_base_s=0.2, probe_cap_s=0.5
+    )
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=Longest(), pacing=pacing)
+    await proxy.set(Fault.REFUSE)
+    task = asyncio.create_task(loop.run())
+    try:
+        # The export fails at once, then 4 s later: its next try is 8 s after that.
+        while loop.steps["audit export"].failures < 2:
+            await asyncio.sleep(0.05)
+            assert not task.done(), task
+        assert ctx.status["online"] is False
+        assert fhir_peer.count("AuditEvent") == 0
+        await proxy.heal()
+        healed = time.monotonic()
+        while fhir_peer.count("AuditEvent") == 0:
+            await asyncio.sleep(0.05)
+            # Before: when the 8 s backoff ran out.
+            assert time.monotonic() - healed < 3.0, ctx.status
+        assert not ctx.status["steps_failing"]
     finally:
         ctx.stopping.set()
         await asyncio.wait_for(task, 5)
