@@ -87,11 +87,21 @@ MINE_LABEL = "review_queue.mine"
 THEIRS_LABEL = "review_queue.theirs"
 _CONFLICT = (409, 412)
 _BUSY_TRIES = 5  # a 409 on an unchanged version: tried this often, then put to a nurse
+_CREATE_PENDING = (
+    "EXISTS (SELECT 1 FROM outbox c WHERE c.resource_id = o.resource_id "
+    "AND c.kind = 'create' AND c.state = 'pending')"
+)
 _LOAD_SQL = (
     "SELECT o.id, o.lane, o.attempts, o.if_match, r.id, r.logical_id, r.type, r.key_version, "  # noqa: S608 - constants
     "r.body FROM outbox o JOIN resources r ON r.id = o.resource_id "
     "WHERE o.state = 'pending' AND o.kind = 'update' "
-    f"AND {DUE_SQL} ORDER BY o.id LIMIT ?"
+    f"AND {DUE_SQL} AND NOT {_CREATE_PENDING} ORDER BY o.id LIMIT ?"
+)
+# Updates whose resource's create has not landed yet: counted, not loaded (20 of them loaded
+# first on every pass held back every due update behind them).
+_WAITING_SQL = (
+    "SELECT count(*) FROM outbox o "  # noqa: S608 - constants
+    f"WHERE o.state = 'pending' AND o.kind = 'update' AND {_CREATE_PENDING}"
 )
 
 
@@ -209,8 +219,9 @@ class UpdateSender:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._clock = clock
 
-    def _load(self, conn: sqlite3.Connection, now: str, limit: int) -> tuple[list[_Row], int]:
-        """The due updates, and how many were dead-lettered as unreadable (see below)."""
+    def _load(self, conn: sqlite3.Connection, now: str, limit: int) -> tuple[list[_Row], int, int]:
+        """The due updates whose create has landed, how many were dead-lettered as unreadable
+        (see below), and how many wait for their create."""
         rows = []
         unreadable: list[tuple[int, str]] = []
         for outbox_id, lane, attempts, if_match, *resource_row in conn.execute(
@@ -254,7 +265,7 @@ class UpdateSender:
             )
         if unreadable:
             self._dead_unreadable(conn, unreadable)
-        return rows, len(unreadable)
+        return rows, len(unreadable), int(conn.execute(_WAITING_SQL).fetchone()[0])
 
     def _dead_unreadable(self, conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
         with db.transaction_sync(conn):
@@ -286,7 +297,9 @@ class UpdateSender:
         result = UpdateResult()
         now = self._clock()
         conn = self._store.connection
-        rows, result.dead = await db.run_sync(conn, self._load, fhir.utc_text(now), max_items)
+        rows, result.dead, result.waiting = await db.run_sync(
+            conn, self._load, fhir.utc_text(now), max_items
+        )
         for row in rows:
             try:
                 await self._send(row, now, result)
@@ -315,7 +328,8 @@ class UpdateSender:
         conn = self._store.connection
         if row.link is None or row.outgoing is None:
             if row.create_state == "pending":
-                result.waiting += 1  # its create has not landed yet: nothing to update
+                # Its create went back into the queue since the load (sent again by staff).
+                result.waiting += 1
                 return
             why = "its create was refused upstream" if row.create_state == "dead" else "unknown"
             await db.run_sync(conn, self._dead, row, f"not on the upstream ({why})", None, now)

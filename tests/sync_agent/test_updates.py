@@ -275,6 +275,22 @@ async def test_take_theirs_imports_the_upstreams_version_and_keeps_ours_in_the_h
     assert (await _sender(store, client).send_once()).delivered == 1
 
 
+async def test_edits_waiting_for_their_creates_do_not_hold_back_the_updates_behind_them(
+    store: Store, client: httpx.AsyncClient
+) -> None:
+    # A busy morning at the kiosk: 25 walk-ins registered and given a phone while the link
+    # was down, so their creates (and these edits) wait; a pulled patient edited after them.
+    for n in range(25):
+        [pat] = await store.create([factories.patient(family=f"Walkin{chr(65 + n)}")], NURSE)
+        await _edit(store, pat.logical_id, f"Walkinedit{chr(65 + n)}")
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    result = await _sender(store, client).send_once()
+    # Before: the first 20 waiting edits filled every pass (delivered 0, waiting 20).
+    assert (result.delivered, result.waiting, result.dead) == (1, 25, 0)
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Editedperson"
+
+
 async def test_an_edit_of_a_patient_made_here_waits_for_its_create_then_goes_up(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
