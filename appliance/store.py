@@ -33,6 +33,7 @@ import orjson
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.errors import (
+    ApplianceError,
     InvalidResourceError,
     NotFoundError,
     StoreError,
@@ -129,6 +130,11 @@ UNREADABLE_REPLACED = (
 
 class ReviewPendingError(StoreError):
     """A resource with a conflict waiting for a nurse's review cannot be edited meanwhile."""
+
+
+class ChangedSinceReadError(ApplianceError):
+    """An edit built on a copy that is no longer the stored one (the pull brought the EHR's
+    newer version, or another edit landed, in between): nothing was written; read again."""
 
 
 class ImportOutcome(StrEnum):
@@ -1067,8 +1073,15 @@ class Store:
         actor: str,
         *,
         lane: Lane = Lane.CLINICAL,
+        based_on: Mapping[str, Any] | None = None,
     ) -> StoredResource:
         """A person's edit of demographics: the new version here, a version-checked update queued.
+
+        ``based_on``: the copy the edit was made from (as :meth:`read` gave it). If the stored
+        copy is another by now — the sync process pulled the EHR's newer version between the
+        read and this write — nothing is written and :class:`ChangedSinceReadError` is raised:
+        the ``If-Match`` would be the new version's, so the edit would silently undo the EHR's
+        change, here and upstream. Callers that rebuild an edit from a fresh read pass it.
 
         Validates, then in one transaction: seals the version it replaces into
         ``resource_history``, writes the new one (blind indexes follow), and queues an outbox
@@ -1087,7 +1100,15 @@ class Store:
             raise InvalidResourceError(f"resourceType: expected {rtype}")
         await asyncio.to_thread(fhir.validate, resource)
         return await db.run_sync(
-            self._conn, self._update, rtype, logical_id, resource, actor, lane, self._clock()
+            self._conn,
+            self._update,
+            rtype,
+            logical_id,
+            resource,
+            actor,
+            lane,
+            self._clock(),
+            based_on,
         )
 
     def _update(
@@ -1099,12 +1120,17 @@ class Store:
         actor: str,
         lane: Lane,
         now: datetime,
+        based_on: Mapping[str, Any] | None = None,
     ) -> StoredResource:
         with db.transaction_sync(conn, self._path):
             self._check_key_generation(conn)
             current = self._current(conn, "logical_id = ? AND type = ?", (logical_id, rtype))
             if current is None:
                 raise NotFoundError(f"{rtype}/{logical_id} not found")
+            if based_on is not None and current.resource != based_on:
+                raise ChangedSinceReadError(
+                    f"{rtype}/{logical_id} changed since it was read; read it again"
+                )
             if conn.execute(
                 "SELECT 1 FROM review_queue WHERE resource_id = ? AND state = 'open'",
                 (current.row_id,),

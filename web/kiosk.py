@@ -63,7 +63,12 @@ from appliance.audit import AuditAction, AuditEvent
 from appliance.device_registry import CheckIn, DeviceRegistry, RegistryError, StationKind
 from appliance.errors import NotFoundError, TamperedDataError
 from appliance.numbers import ROW_ID_DIGITS, small_int
-from appliance.store import ReviewPendingError, Store, resource_for_upstream
+from appliance.store import (
+    ChangedSinceReadError,
+    ReviewPendingError,
+    Store,
+    resource_for_upstream,
+)
 from appliance.users import Role
 from services import intake, visits
 from services.video.rooms import Presence
@@ -999,14 +1004,8 @@ async def details() -> ResponseReturnValue:
     phone = "".join(ch for ch in field_("phone", 30) if ch.isdigit() or ch in "+ -()")
     message = None
     changes = (phone, field_("line"), field_("city"), field_("postal", 12))
-    if any(changes):
-        patient = await _read_patient(state.store, flow.patient_id, kiosk.actor)
-        updated = None if patient is None else intake.with_contact(patient, *changes)
-        if updated is not None:
-            try:
-                await state.store.update("Patient", flow.patient_id, updated, kiosk.actor)
-            except ReviewPendingError:
-                message = "The front desk will update your details."
+    if any(changes) and not await _save_contact(state.store, flow.patient_id, kiosk, changes):
+        message = "The front desk will update your details."
     payer, member = field_("payer"), field_("member_id", 40)
     if payer and member:
         await state.store.create(
@@ -1015,6 +1014,32 @@ async def details() -> ResponseReturnValue:
             audit_each=True,
         )
     return _go(Step.INTAKE, message)
+
+
+async def _save_contact(
+    store: Store, patient_id: str, kiosk: Kiosk, changes: tuple[str, str, str, str]
+) -> bool:
+    """The patient's new contact details on the copy stored now; False: left to the desk.
+
+    Written only over the very copy it was made from: if the sync process stores the EHR's
+    newer version in between (``ChangedSinceReadError``), the change is made again on that
+    one, so what the EHR changed is never undone by a copy read a moment before.
+    """
+    for _ in range(3):
+        patient = await _read_patient(store, patient_id, kiosk.actor)
+        if patient is None:
+            return True  # nothing to update (the patient was merged away meanwhile)
+        updated = intake.with_contact(patient, *changes)
+        if updated is None:
+            return True  # nothing changes
+        try:
+            await store.update("Patient", patient_id, updated, kiosk.actor, based_on=patient)
+        except ReviewPendingError:
+            return False
+        except ChangedSinceReadError:
+            continue
+        return True
+    return False
 
 
 # -- intake questionnaire ----------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 from appliance import db, key_rotation
 from appliance.errors import InvalidResourceError, NotFoundError
 from appliance.store import (
+    ChangedSinceReadError,
     ImportOutcome,
     ReviewPendingError,
     Store,
@@ -200,6 +201,33 @@ async def test_an_edit_keeps_the_old_version_and_queues_a_version_checked_update
     conn.close()
     assert await store.find_patients("Editedperson", "1961-04-09", NURSE)
     assert await store.find_patients("Upstreamperson", "1961-04-09", NURSE) == []
+
+
+async def test_an_edit_made_on_a_copy_the_pull_replaced_meanwhile_is_refused_not_written(
+    store: Store, db_path: Path
+) -> None:
+    [imported] = await store.import_upstream([_upstream_patient("up-1", "v7")], SYNC)
+    assert imported.logical_id is not None
+    seen = await store.read("Patient", imported.logical_id, NURSE)
+    # The sync process (another OS process) stores the EHR's v8 between the read and the write.
+    await store.import_upstream([_upstream_patient("up-1", "v8", family="Theirsperson")], SYNC)
+    with pytest.raises(ChangedSinceReadError, match="changed since it was read"):
+        await store.update(
+            "Patient", imported.logical_id, _edited(seen, "Mineperson"), NURSE, based_on=seen
+        )
+    # Before: written over v8 with If-Match v8, undoing the EHR's change here and upstream.
+    now = await store.read("Patient", imported.logical_id, NURSE)
+    assert now["name"][0]["family"] == "Theirsperson"
+    conn = _raw(db_path)
+    assert conn.execute("SELECT count(*) FROM outbox WHERE kind = 'update'").fetchone() == (0,)
+    conn.close()
+    # Made again on the copy stored now, it goes.
+    await store.update(
+        "Patient", imported.logical_id, _edited(now, "Mineperson"), NURSE, based_on=now
+    )
+    assert (await store.read("Patient", imported.logical_id, NURSE))["name"][0][
+        "family"
+    ] == "Mineperson"
 
 
 async def test_a_second_edit_rides_on_the_pending_update(store: Store, db_path: Path) -> None:

@@ -10,6 +10,7 @@ import secrets
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -358,6 +359,34 @@ async def test_a_new_walk_in_is_registered(kc: QuartClient, store: Store) -> Non
 
 
 # -- the whole check-in ---------------------------------------------------------------------
+
+
+async def test_new_details_are_saved_on_the_copy_stored_now_not_over_a_change_made_meanwhile(
+    kc: QuartClient, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patient_id = await _identified(kc, store)
+    token = await _csrf(kc)  # the details page, read as it is shown
+    read = store.read
+    changed: list[str] = []
+
+    async def read_then_changed(rtype: str, logical_id: str, actor: str) -> Any:
+        found = await read(rtype, logical_id, actor)
+        if not changed:  # between the kiosk's read and its write: the nurse corrects a name
+            changed.append(logical_id)
+            await store.update(
+                rtype, logical_id, {**found, "name": [{"family": "Corrected"}]}, "user:nurse1"
+            )
+        return found
+
+    monkeypatch.setattr(store, "read", read_then_changed)
+    response = await kc.post("/kiosk/details", form={"phone": "555 0199", "csrf_token": token})
+    assert response.status_code == 303
+    monkeypatch.undo()
+    assert changed == [patient_id]
+    patient = await store.read("Patient", patient_id, "user:test")
+    # Before: the kiosk wrote its copy (read before the correction) over it.
+    assert patient["name"] == [{"family": "Corrected"}]
+    assert patient["telecom"][0]["value"] == "555 0199"
 
 
 async def test_the_check_in_stores_everything_and_files_readings_to_the_patient(
