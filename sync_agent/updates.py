@@ -72,6 +72,7 @@ from sync_agent.outbox_delivery import (
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
+    as_dict,
     bundle_entries,
     classify_for_resource,
     exchange,
@@ -331,7 +332,14 @@ class UpdateSender:
                 # Its create went back into the queue since the load (sent again by staff).
                 result.waiting += 1
                 return
-            why = "its create was refused upstream" if row.create_state == "dead" else "unknown"
+            if row.create_state == "delivered" and await self._learn_location(row):
+                result.waiting += 1  # its upstream id is known now: sent on the next pass
+                return
+            why = {
+                "dead": "its create was refused upstream",
+                "delivered": "its create was answered without a location, and no single "
+                "record upstream carries our identifier",
+            }.get(row.create_state or "", "unknown")
             await db.run_sync(conn, self._dead, row, f"not on the upstream ({why})", None, now)
             result.dead += 1
             return
@@ -361,6 +369,30 @@ class UpdateSender:
                 raise wait
             await db.run_sync(conn, self._dead, row, _server_message(response), None, now)
             result.dead += 1
+
+    async def _learn_location(self, row: _Row) -> bool:
+        """Find the upstream id of a resource whose create the server took without saying
+        where it put it (a batch answer with no ``location``): by our identifier, which every
+        create carries. Kept on the create's outbox row, where the link is read from. False
+        when no single record upstream carries it."""
+        ours = f"{fhir.IDENTIFIER_SYSTEM}|{fhir.identifier_value(row.logical_id)}"
+        response = await exchange(self._client, "GET", row.type, params={"identifier": ours})
+        body = response_json(response)
+        if response.status_code >= 300 and (wait := _must_wait(response, body)):
+            raise wait
+        found = [
+            e["resource"]
+            for e in bundle_entries(body)
+            if isinstance(e.get("resource"), dict)
+            and e["resource"].get("resourceType") == row.type
+            and isinstance(e["resource"].get("id"), str)
+            and as_dict(e.get("search")).get("mode", "match") == "match"
+        ]
+        if response.status_code != 200 or len(found) != 1:
+            return False
+        ref = f"{row.type}/{found[0]['id']}"
+        await db.run_sync(self._store.connection, _keep_location, row.resource_id, ref)
+        return True
 
     async def _own_version(self, ref: str) -> str | None:
         """The version of a resource we created, if nobody has changed it since (else None)."""
@@ -547,6 +579,16 @@ class UpdateSender:
                 "WHERE id = ? AND state = 'pending'",
                 (sealed, fhir.utc_text(now + timedelta(seconds=delay)), row.outbox_id),
             )
+
+
+def _keep_location(conn: sqlite3.Connection, resource_id: int, ref: str) -> None:
+    """The upstream id of a create answered without one, learnt by our identifier."""
+    with db.transaction_sync(conn):
+        conn.execute(
+            "UPDATE outbox SET upstream_ref = ? WHERE resource_id = ? AND kind = 'create' "
+            "AND state = 'delivered' AND upstream_ref IS NULL",
+            (ref, resource_id),
+        )
 
 
 def _to_upstream(conn: sqlite3.Connection, ref: str) -> str | None:

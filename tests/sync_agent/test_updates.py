@@ -291,6 +291,32 @@ async def test_edits_waiting_for_their_creates_do_not_hold_back_the_updates_behi
     assert (await _upstream(client, upstream))["name"][0]["family"] == "Editedperson"
 
 
+async def test_an_edit_of_a_patient_whose_create_was_answered_without_a_location_goes_up(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    [pat] = await store.create([factories.patient()], NURSE)
+    await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
+    # The server took the create but its batch answer named no location (the deliverer
+    # records it delivered all the same).
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE outbox SET upstream_ref = NULL WHERE kind = 'create'")
+    conn.commit()
+    conn.close()
+    await _edit(store, pat.logical_id, "Editedperson")
+    learnt = await _sender(store, client).send_once()
+    # Before: dead-lettered at once, "not on the upstream (unknown)", and sent again it
+    # died again; the EHR's later copy was then held back for ever with no review.
+    assert (learnt.dead, learnt.waiting) == (0, 1)
+    result = await _sender(store, client).send_once()
+    assert (result.delivered, result.dead, result.conflicts) == (1, 0, 0)
+    [upstream] = [e["resource"] for e in (await client.get("Patient")).json()["entry"]]
+    assert upstream["name"][0]["family"] == "Editedperson"
+    assert fhir_peer.count("Patient") == 1
+    link = await store.upstream_link("Patient", pat.logical_id)
+    assert link is not None
+    assert link.upstream_ref == f"Patient/{upstream['id']}"
+
+
 async def test_an_edit_of_a_patient_made_here_waits_for_its_create_then_goes_up(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
