@@ -15,6 +15,16 @@ Also the floor's CPU per item, step by step (``time.thread_time`` on the thread 
 it; ``event_loop`` is httpx, the answers and the hand-offs), beside the bare client's, which
 is httpx and reading the answer only.
 
+And two lower floors, to see whether another way of recording exactly-once could reach the
+goal (none of them is a design we could ship as it is):
+
+* ``per_bundle``: the outcome recorded as one row per bundle (the first and last outbox id,
+  the upstream ids in a blob) instead of one ``UPDATE`` per item, and the next bundle read
+  past a watermark instead of by state: the cheapest record of "delivered" there is;
+* ``least``: that, and each resource sent as decrypted, with no reference mapped and no
+  server-owned field cut (wrong upstream: the bench's endpoint does not look). What is left
+  is reading, decrypting, the Bundle, httpx and one row per bundle.
+
     python bench/sync_drain_floor.py [--quick] [--items N] [--rounds N]
 """
 
@@ -45,6 +55,12 @@ from sync_agent import outbox_delivery as od
 from sync_agent.upstream import FHIR_JSON, exchange, response_json
 
 BUNDLE = 100
+FLOORS = ("floor", "per_bundle", "least")
+# The next bundle past a watermark, for the lower floors (their rows stay 'pending').
+_PAST_MARK_SQL = od._PENDING_SQL.replace(f"AND {od.DUE_SQL} ", "").replace(
+    "AND o.id NOT IN (SELECT value FROM json_each(?)) ", "AND o.id > ? "
+)
+assert _PAST_MARK_SQL != od._PENDING_SQL
 _RECORD_SQL = (
     "UPDATE outbox SET state = 'delivered', upstream_ref = v.ref, delivered_at = ?, "
     "attempts = attempts + 1, last_error = NULL "
@@ -53,18 +69,34 @@ _RECORD_SQL = (
 )
 
 
-async def floor_drain(db_path: Path, kek: Path, base_url: str) -> tuple[float, dict[str, float]]:
-    """Items/s of the floor drain, and its CPU per item (µs) by step."""
+async def floor_drain(
+    db_path: Path, kek: Path, base_url: str, kind: str = "floor"
+) -> tuple[float, dict[str, float]]:
+    """Items/s of one floor drain (:data:`FLOORS`), and its CPU per item (µs) by step."""
     store = await Store.open(db_path, kek)
     conn = store.connection
     spent: dict[str, float] = collections.defaultdict(float)
     targets: dict[str, str | None] = {}
+    mark = [0]
+
+    def bundles_table(raw: Any) -> None:
+        raw.execute(
+            "CREATE TABLE IF NOT EXISTS bench_bundles_delivered "
+            "(first INTEGER PRIMARY KEY, last INTEGER, at TEXT, refs BLOB)"
+        )
+        raw.execute("DELETE FROM bench_bundles_delivered")
+
+    await db.run_sync(conn, bundles_table)
 
     def plan(raw: Any, busy: list[int], now: str) -> tuple[list[int], bytes] | None:
         started = time.thread_time()
-        rows = raw.execute(
-            od._PENDING_SQL, (*od.due_bounds(now), orjson.dumps(busy).decode(), BUNDLE)
-        ).fetchall()
+        if kind == "floor":
+            rows = raw.execute(
+                od._PENDING_SQL, (*od.due_bounds(now), orjson.dumps(busy).decode(), BUNDLE)
+            ).fetchall()
+        else:
+            rows = raw.execute(_PAST_MARK_SQL, (mark[0], BUNDLE)).fetchall()
+            mark[0] = rows[-1][0] if rows else mark[0]
         spent["select"] += time.thread_time() - started
         if not rows:
             return None
@@ -78,7 +110,9 @@ async def floor_drain(db_path: Path, kek: Path, base_url: str) -> tuple[float, d
             targets.update(deliverer._upstream_refs(raw, wanted))
         entries = [
             {
-                "resource": od._outgoing(item, refs[item.outbox_id], targets),
+                "resource": orjson.Fragment(item.raw)
+                if kind == "least"
+                else od._outgoing(item, refs[item.outbox_id], targets),
                 "request": {
                     "method": "POST",
                     "url": item.type,
@@ -99,10 +133,17 @@ async def floor_drain(db_path: Path, kek: Path, base_url: str) -> tuple[float, d
         moment = datetime.now(UTC)
         refs = [od._entry_ref(entry) for entry in answer["entry"]]
         with db.transaction_sync(raw):
-            raw.execute(
-                _RECORD_SQL,
-                (od._iso(moment), orjson.dumps(list(zip(ids, refs, strict=True))).decode()),
-            )
+            if kind == "floor":
+                raw.execute(
+                    _RECORD_SQL,
+                    (od._iso(moment), orjson.dumps(list(zip(ids, refs, strict=True))).decode()),
+                )
+            else:
+                raw.execute(
+                    "INSERT INTO bench_bundles_delivered (first, last, at, refs) "
+                    "VALUES (?, ?, ?, ?)",
+                    (ids[0], ids[-1], od._iso(moment), orjson.dumps(refs)),
+                )
             event = AuditEvent(
                 od.ACTOR, AuditAction.SYNC, entity=f"Observation x{len(ids)}", detail="delivered"
             )
@@ -144,9 +185,9 @@ def main() -> None:
     args = parser.parse_args()
     items = args.items or (10_000 if args.quick else 50_000)
     rounds = args.rounds or (2 if args.quick else 3)
-    rates: dict[str, list[float]] = {"agent": [], "floor": [], "bare": []}
+    rates: dict[str, list[float]] = {"agent": [], **{k: [] for k in FLOORS}, "bare": []}
     bare_cpu: list[float] = []
-    steps: dict[str, list[float]] = collections.defaultdict(list)
+    steps: dict[str, dict[str, list[float]]] = {k: collections.defaultdict(list) for k in FLOORS}
     with (
         tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp,
         sync_drain.UpstreamProcess() as upstream,
@@ -163,13 +204,14 @@ def main() -> None:
             rates["agent"].append(rate)
             upstream.record(None)
             sync_drain.requeue(db_path)
-            upstream.reset()
-            rate, split = asyncio.run(floor_drain(db_path, kek, upstream.base_url))
-            assert upstream.control.get("/__count").json()["count"] == items + 1
-            rates["floor"].append(rate)
-            for step, cpu in split.items():
-                steps[step].append(cpu)
-            sync_drain.requeue(db_path)
+            for kind in FLOORS:
+                upstream.reset()
+                rate, split = asyncio.run(floor_drain(db_path, kek, upstream.base_url, kind))
+                assert upstream.control.get("/__count").json()["count"] == items + 1
+                rates[kind].append(rate)
+                for step, cpu in split.items():
+                    steps[kind][step].append(cpu)
+                sync_drain.requeue(db_path)
             upstream.reset()
             rate, posted, cpu = asyncio.run(sync_drain.bare_post(upstream.base_url, recorded))
             assert posted == items + 1, posted
@@ -188,14 +230,20 @@ def main() -> None:
         sync_drain.emit("sync_drain_agent_items_per_s_against_the_floor", agent, "items/s", floor),
         sync_drain.emit("sync_drain_bare_cpu_us_per_item", statistics.median(bare_cpu), "µs"),
     ]
-    for step, values in steps.items():
+    for kind in FLOORS[1:]:
+        lower = statistics.median(rates[kind])
+        name = f"sync_drain_floor_{kind}_items_per_s"
         rows.append(
-            sync_drain.emit(f"sync_drain_floor_cpu_us_{step}", statistics.median(values), "µs")
+            sync_drain.emit(name, lower, "items/s", bare, "ratio >= 0.7", lower / bare >= 0.7)
         )
+    for kind in FLOORS:
+        prefix = "sync_drain_floor_cpu_us" if kind == "floor" else f"sync_drain_floor_{kind}_cpu_us"
+        for step, values in steps[kind].items():
+            rows.append(sync_drain.emit(f"{prefix}_{step}", statistics.median(values), "µs"))
+    runs = ", ".join(f"{k} {[round(r) for r in rates[k]]}" for k in rates)
     sys.stderr.write(
         f"\nsync drain floor ({items} Observations, bundles of {BUNDLE}, medians of {rounds} "
-        f"rounds; agent {[round(r) for r in rates['agent']]}, floor "
-        f"{[round(r) for r in rates['floor']]}, bare {[round(r) for r in rates['bare']]} items/s)\n"
+        f"rounds; {runs} items/s)\n"
     )
     for row in rows:
         sys.stderr.write(f"  {json.dumps(row)}\n")
