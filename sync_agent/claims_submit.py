@@ -165,11 +165,14 @@ class ClaimsSubmitter:
         if not self.configured:
             return None
         try:
-            return await self.submit(poll=None)
+            result = await self.submit(poll=None)
         except Exception as exc:
             # The type only: an exception's text may quote a claim (PHI).
             logger.error("claims submission pass failed (%s); will retry", type(exc).__name__)
             return None
+        for error in result.errors:  # our own words (no PHI); the caller keeps no result
+            logger.warning("claims: %s", error)
+        return result
 
     def _scan_due(self) -> bool:
         now = time.monotonic() if self._clock is None else self._clock()
@@ -297,8 +300,10 @@ class ClaimsSubmitter:
             try:
                 applied = await self.lifecycle.apply_response(text, "sync:submission")
                 result.responses += 0 if applied.duplicate else 1
-            except (AckError, ValueError, OverflowError) as exc:
+            except AckError as exc:
                 result.errors.append(f"the answer's 999 could not be read: {exc}")
+            except (ValueError, OverflowError) as exc:
+                result.errors.append(f"the answer's 999 could not be read ({type(exc).__name__})")
         return "submitted"
 
     async def _poll(self, client: httpx.AsyncClient, result: SubmitResult) -> int:
@@ -322,7 +327,9 @@ class ClaimsSubmitter:
         try:
             page = response.json()
             items = page["responses"]
-            cursor = str(page.get("next", since))
+            following = page.get("next")
+            # No next (absent or null): ask from the same place again.
+            cursor = since if following is None else str(following)
             if not isinstance(items, list):
                 raise TypeError("responses is not a list")
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -330,13 +337,21 @@ class ClaimsSubmitter:
             return 0
         applied = 0
         for item in items:
+            fields = item if isinstance(item, dict) else {}
+            ident = str(fields.get("id", "?"))
             try:
                 done = await self.lifecycle.apply_response(str(item["body"]), "sync:poll")
                 applied += 0 if done.duplicate else 1
-            except (AckError, KeyError, TypeError, ValueError, OverflowError) as exc:
-                # Kept out of the cursor's way: a bad file is reported, the rest still apply.
-                ident = item.get("id", "?") if isinstance(item, dict) else "?"
-                result.errors.append(f"response {ident}: {exc}")
-                logger.warning("a claims response file could not be applied: %s", exc)
+            except AckError as exc:
+                # Kept out of the cursor's way (the clearinghouse will not change the file):
+                # the rest still apply, and this one is kept on a list for staff.
+                await self.lifecycle.note_unreadable(
+                    ident, str(fields.get("kind", "?")), str(exc), str(fields.get("body", ""))
+                )
+                result.errors.append(f"response {ident}: {exc} (kept on the unreadable list)")
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                result.errors.append(
+                    f"response {ident}: not a response file ({type(exc).__name__})"
+                )
         await self._store.transact(lambda conn: db.set_meta(conn, CURSOR_KEY, cursor.encode()))
         return applied

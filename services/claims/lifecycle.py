@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from appliance import fhir
+from appliance import db, fhir
 from appliance.audit import AuditAction, AuditEvent
 from appliance.errors import NotFoundError
 from appliance.store import Store
@@ -39,6 +39,13 @@ from services.claims.x12 import interchange
 ACTOR = "service:claims-submit"
 _S = ClaimStatus
 RESOLVE_TO = {"acknowledged": _S.ACKNOWLEDGED, "ready": _S.READY}
+# ``meta`` key of the response files the poll could not apply (a JSON list, newest last, at
+# most UNREADABLE_KEPT). The file itself is not kept (it may hold PHI): the clearinghouse's id
+# for it, to download it again from its portal, what is wrong with it, when, its digest.
+UNREADABLE_KEY = "claims.unreadable_responses"
+UNREADABLE_KEPT = 50
+UNREADABLE_CLEARED_DETAIL = "unreadable claims response files: list cleared"
+_KINDS = ("999", "277CA", "835")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,17 @@ class Applied:
     moved: int
     ignored: int
     summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A response file the poll could not apply (no PHI: ids, a kind, our words)."""
+
+    source_id: str  # the clearinghouse's id for the file ("?" when it gave none)
+    kind: str  # what the clearinghouse said it is: '999', '277CA', '835' or '?'
+    error: str  # what is wrong: our words (segment positions, counts, our claim number)
+    at: str  # when the poll met it first (UTC text)
+    digest: str  # SHA-256 of the file, as claim_responses keeps for the files applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +321,46 @@ class Lifecycle:
         event = AuditEvent(received_by, AuditAction.UPDATE, entity=f"Claim {kind} {control}")
         return await self._store.transact(work, [event])
 
+    async def note_unreadable(self, source_id: str, kind: str, error: str, text: str) -> None:
+        """Keep a polled file that could not be applied on a list for staff (the poll
+        goes on past it: a file the clearinghouse will not change would hold the cursor for
+        good); the same file met again keeps its first entry."""
+        digest = hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+        entry = Unreadable(
+            source_id[:64] or "?", kind if kind in _KINDS else "?", error[:300], self._now(), digest
+        )
+
+        def work(conn: sqlite3.Connection) -> None:
+            known = list(_read_unreadable(conn))
+            if any(u.digest == digest for u in known):
+                return
+            known.append(entry)
+            rows = [[u.source_id, u.kind, u.error, u.at, u.digest] for u in known]
+            db.set_meta(conn, UNREADABLE_KEY, json.dumps(rows[-UNREADABLE_KEPT:]))
+
+        await self._store.transact(work)
+
+    async def unreadable_responses(self) -> tuple[Unreadable, ...]:
+        """Response files the poll could not apply, oldest first (at most the newest 50)."""
+        rows = await self._store.query("SELECT value FROM meta WHERE key = ?", (UNREADABLE_KEY,))
+        return _unreadable_list(rows[0][0] if rows else None)
+
+    async def clear_unreadable_responses(self, actor: str) -> int:
+        """Clear the list once a person has dealt with the files (audited); how many went."""
+
+        def work(conn: sqlite3.Connection) -> list[Unreadable]:
+            known = list(_read_unreadable(conn))
+            conn.execute("DELETE FROM meta WHERE key = ?", (UNREADABLE_KEY,))
+            return known
+
+        known = await self.unreadable_responses()
+        if not known:
+            return 0
+        ids = ", ".join(u.source_id for u in known)[:400]
+        detail = f"{UNREADABLE_CLEARED_DETAIL} ({len(known)}: {ids})"
+        event = AuditEvent(actor, AuditAction.CONFIG, entity="claims", detail=detail)
+        return len(await self._store.transact(work, [event]))
+
     # -- a person ---------------------------------------------------------------------------
 
     async def resolve(self, claim_id: int, as_: str, reason: str, actor: str) -> ClaimRow:
@@ -399,6 +457,23 @@ class Lifecycle:
         if not rows:
             raise NotFoundError(f"no batch {batch_id}")
         return None if rows[0][0] is None else str(rows[0][0])
+
+
+def _read_unreadable(conn: sqlite3.Connection) -> tuple[Unreadable, ...]:
+    return _unreadable_list(db.meta_value(conn, UNREADABLE_KEY))
+
+
+def _unreadable_list(value: str | bytes | None) -> tuple[Unreadable, ...]:
+    """The unreadable response files noted so far (an altered row reads as none)."""
+    try:
+        loaded = json.loads(value or "[]")
+    except (TypeError, ValueError):
+        return ()
+    return tuple(
+        Unreadable(*item)
+        for item in (loaded if isinstance(loaded, list) else [])
+        if isinstance(item, list) and len(item) == 5 and all(isinstance(v, str) for v in item)
+    )
 
 
 def _event(

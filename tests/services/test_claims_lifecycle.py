@@ -227,6 +227,44 @@ async def test_a_responses_page_of_the_wrong_shape_is_reported_and_the_next_good
     assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
 
 
+async def test_a_null_next_cursor_asks_from_the_same_place_again(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config, claim_id, sub = await _in_review(clocked, house)
+    house.raw_pages = [b'{"responses": [], "next": null}']
+    assert (await sub.submit(poll=True)).errors == []
+    # Before: the cursor became the text "None", and the next poll asked since=None.
+    assert (await sub.submit(poll=True)).responses == 1
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+
+
+async def test_a_response_file_that_cannot_be_applied_is_kept_on_a_list_and_the_rest_apply(
+    clocked: Store, house: Clearinghouse, caplog: pytest.LogCaptureFixture
+) -> None:
+    config, claim_id, sub = await _in_review(clocked, house)
+    body = ["835", "BPR*I*10*C", "LX*1", "CLP*Q1*1*31.85*10.00*0*MB*X*11*1", "CAS*CO*45*1.00"]
+    unbalanced = envelope("HP", "005010X221A1", [body], 3, datetime(2026, 3, 10, 12, 0))
+    house.responses.insert(0, ("835", unbalanced))  # listed first, as id 1
+    caplog.set_level("WARNING", logger="sync_agent.claims_submit")
+    result = await sub.run_once()
+    assert result is not None
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED  # the 999 after it
+    life = Lifecycle(ClaimsService(clocked, config), clocked)
+    # Before: a journal line, and nothing anywhere staff look (the pass's errors were dropped).
+    [kept] = await life.unreadable_responses()
+    assert (kept.source_id, kept.kind, kept.at) == ("1", "835", "2026-03-10T15:00:00.000000Z")
+    assert "out of balance" in kept.error
+    assert any("response 1:" in r.getMessage() for r in caplog.records)
+    await life.note_unreadable("1", "835", kept.error, unbalanced)  # met again: kept once
+    assert len(await life.unreadable_responses()) == 1
+    assert await life.clear_unreadable_responses("user:admin") == 1
+    assert await life.unreadable_responses() == ()
+    [(detail,)] = await clocked.query(
+        "SELECT detail FROM audit WHERE detail LIKE 'unreadable claims response%'"
+    )
+    assert detail == "unreadable claims response files: list cleared (1: 1)"
+
+
 async def test_the_sync_pass_decides_a_finished_visit_whose_decision_was_cut_off(
     clocked: Store, house: Clearinghouse, db_path: Path
 ) -> None:
