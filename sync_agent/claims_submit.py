@@ -11,12 +11,17 @@ Ready claims go to the payer endpoint configured for the site (``[claims] endpoi
   ``If-None-Exist: identifier=<system>|<claim number>``; a 2xx is received and acknowledged.
 
 Never twice (services/claims/lifecycle.py): the intent is written before each request, and
-the answer is classed like the Medplum agent's queue (STYLE.md): **not sent** — no
-connection could be made (refused, DNS, TLS handshake refused): the claims stay ready and the
-next pass tries again; **clear** — 2xx: submitted; 4xx: refused (401/403/407/408/429: the
-endpoint turned the request away unread, the claims stay ready); **ambiguous** — the request
-went out and no clear answer came (timeout, reset, 5xx): in_review for a person, never a
-blind resend.
+the answer is classed like the Medplum agent's queue (STYLE.md): **not sent** — nothing was
+taken: no connection could be made (refused, DNS, TLS handshake refused, a proxy that refused
+the tunnel), the request failed before it left (the bearer token file unreadable, say), or the
+endpoint turned it away unread (401/403/407/408/429, a bearer token refused; a redirect or a
+404/405/406/410/415: the address is wrong): the claims stay ready and the pass stops;
+**clear** — 2xx: submitted; another 4xx: refused; **ambiguous** — the request went out and no
+clear answer came (timeout, reset, 5xx, any other failure once it was handed to the
+transport): in_review for a person, never a blind resend, and the pass stops (the next batch
+would meet the same outage). Every batch is settled one way or the other by the process that
+sent it, whatever is raised; only a process that dies mid-send leaves one ``sending``, for
+:meth:`Lifecycle.recover` when the next process starts.
 
 Claims never enter the EHR outbox: they have their own queue (``claims.status = 'ready'``)
 and endpoint, so the outbox's lane order cannot delay them behind clinical resources and a
@@ -43,6 +48,7 @@ from appliance.store import Store
 from services.claims.acks import AckError
 from services.claims.lifecycle import Batch, Lifecycle, fhir_outcome
 from services.claims.service import ClaimsError, ClaimsService
+from sync_agent.upstream import Failure, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,31 @@ SCAN_LOOKBACK = timedelta(days=30)  # visits that started this long ago at most
 SCAN_SETTLE = timedelta(minutes=10)  # a visit that ended since is the web process's to decide
 # Refusals that say the request was not read: nothing was accepted, nothing to review.
 _UNREAD = frozenset({401, 403, 407, 408, 429})
+_CREDENTIALS = frozenset({401, 403, 407})
+# Answers that say the address is wrong, not the claims (sync_agent/upstream.py's *endpoint*
+# class): a redirect (httpx follows none: an http→https move, a captive portal) or what a
+# proxy or another server answers for a path it does not serve. Nothing was taken.
+_ADDRESS = frozenset({404, 405, 406, 410, 415})
+# Failures by which nothing reached the endpoint: no connection, a proxy that refused the
+# tunnel, a scheme httpx cannot speak.
+_NO_CONNECTION = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+)
+
+
+@dataclass(slots=True)
+class _Handed:
+    """Requests the client handed to its transport (an httpx request hook): a failure before
+    the count moved cannot have reached the endpoint."""
+
+    count: int = 0
+
+    async def hook(self, _request: httpx.Request) -> None:
+        self.count += 1
 
 
 @dataclass(slots=True)
@@ -211,6 +242,11 @@ class ClaimsSubmitter:
             return result
         kind = self._claims.endpoint_kind
         async with self._client_factory(self._claims) as client:
+            handed = _Handed()
+            client.event_hooks = {
+                **client.event_hooks,
+                "request": [*client.event_hooks["request"], handed.hook],
+            }
             while True:
                 try:
                     batch = await self.lifecycle.take_batch(kind, self._claims.batch_size)
@@ -222,10 +258,13 @@ class ClaimsSubmitter:
                 say(
                     f"sending {len(batch.claim_ids)} claim(s), interchange {batch.interchange_control:09d}"
                 )
-                state = await self._send(client, batch, result)
+                state, go_on = await self._send(client, batch, result, handed)
                 say(f"  {state}")
-                if state == "not sent":
-                    break  # the endpoint is unreachable: the rest waits for the next pass
+                if not go_on:
+                    # Not taken (unreachable, refused unread, a wrong address) or no clear
+                    # answer (an outage, a timeout): the next batch would meet the same, and
+                    # one outage would put every ready claim in review. The rest waits.
+                    break
             polling = kind == "x12" and self._claims.poll_responses
             if polling and (poll or (poll is None and self._poll_due())):
                 result.responses += await self._poll(client, result)
@@ -237,7 +276,10 @@ class ClaimsSubmitter:
             )  # fmt: skip
         return result
 
-    async def _send(self, client: httpx.AsyncClient, batch: Batch, result: SubmitResult) -> str:
+    async def _send(
+        self, client: httpx.AsyncClient, batch: Batch, result: SubmitResult, handed: _Handed
+    ) -> tuple[str, bool]:
+        """Send one batch and settle it, whatever happens: (what became of it, go on?)."""
         count = len(batch.claim_ids)
         if batch.kind == "fhir":
             headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
@@ -247,33 +289,72 @@ class ClaimsSubmitter:
         else:
             headers = {"Content-Type": X12_MEDIA, "Accept": f"{X12_MEDIA}, */*"}
             url = "submissions"
+        before = handed.count
         try:
             response = await client.post(url, content=batch.payload, headers=headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            await self.lifecycle.not_sent(batch.id, f"not sent: {type(exc).__name__}")
-            result.not_sent += count
-            return "not sent"
-        except httpx.HTTPError as exc:
-            # The request (or part of it) left the box and no answer came, or none that can
-            # be read (a body that is not the gzip it claims): it may have landed.
-            await self.lifecycle.ambiguous(batch.id, f"no answer: {type(exc).__name__}")
-            result.in_review += count
-            return "in review (no answer)"
+        except Exception as exc:
+            return await self._failed(batch, result, exc, left=handed.count > before)
         status = response.status_code
         if 200 <= status < 300:
-            return await self._received(batch, response, result)
+            return await self._received(batch, response, result), True
         if status in _UNREAD:
             await self.lifecycle.not_sent(batch.id, f"not taken: HTTP {status}")
             result.not_sent += count
-            logger.warning("claims endpoint answered HTTP %d: check [claims] auth", status)
-            return "not sent"
+            if status in _CREDENTIALS:
+                result.errors.append(
+                    f"the claims endpoint refused our credentials (HTTP {status}): check "
+                    "[claims] auth; the claims stay ready"
+                )
+            return "not sent", False
+        if 300 <= status < 400 or status in _ADDRESS:
+            what = "moved elsewhere" if status < 400 else "does not take submissions there"
+            await self.lifecycle.not_sent(batch.id, f"not taken: HTTP {status}, wrong address")
+            result.not_sent += count
+            result.errors.append(
+                f"the claims endpoint answered HTTP {status} (it {what}): check [claims] "
+                "endpoint_url; the claims stay ready"
+            )
+            return f"not sent (HTTP {status}: wrong address)", False
         if status >= 500:
             await self.lifecycle.ambiguous(batch.id, f"HTTP {status}")
             result.in_review += count
-            return f"in review (HTTP {status})"
+            return f"in review (HTTP {status})", False
         await self.lifecycle.refused(batch.id, f"HTTP {status}")
         result.refused += count
-        return f"refused (HTTP {status})"
+        return f"refused (HTTP {status})", True
+
+    async def _failed(
+        self, batch: Batch, result: SubmitResult, exc: Exception, *, left: bool
+    ) -> tuple[str, bool]:
+        """Settle a batch whose request raised (``left``: it was handed to the transport)."""
+        count = len(batch.claim_ids)
+        name = type(exc).__name__  # the type only: an exception's text may quote a claim
+        if isinstance(exc, UpstreamError) and exc.failure is Failure.AUTH:
+            # The bearer auth: the token refused again after reading the file anew, or the
+            # file unreadable. The endpoint answered 401 without reading the request.
+            await self.lifecycle.not_sent(batch.id, "not taken: credentials refused")
+            result.not_sent += count
+            result.errors.append(
+                "the claims endpoint refused our credentials (or the token file cannot be "
+                "read): check [claims] auth and token_file; the claims stay ready"
+            )
+            return "not sent", False
+        if isinstance(exc, _NO_CONNECTION) or not left:
+            await self.lifecycle.not_sent(batch.id, f"not sent: {name}")
+            result.not_sent += count
+            if not isinstance(exc, _NO_CONNECTION):  # unreachable is routine; this is not
+                result.errors.append(f"sending failed before the request left ({name})")
+            return "not sent", False
+        if isinstance(exc, httpx.HTTPError):
+            # The request (or part of it) left the box and no answer came, or none that can
+            # be read (a body that is not the gzip it claims): it may have landed.
+            outcome = f"no answer: {name}"
+        else:
+            outcome = f"failed after it left: {name}"
+            result.errors.append(f"sending failed after the request left ({name})")
+        await self.lifecycle.ambiguous(batch.id, outcome)
+        result.in_review += count
+        return f"in review ({outcome})", False
 
     async def _received(self, batch: Batch, response: httpx.Response, result: SubmitResult) -> str:
         count = len(batch.claim_ids)

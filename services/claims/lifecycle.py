@@ -4,8 +4,8 @@ Never submitted twice (docs/adr/0006-claims.md, "Lifecycle"): before a request g
 :meth:`Lifecycle.take_batch` writes the **intent** in one transaction — the batch row (state
 ``sending``, control numbers), its items, and ``claims.sending_batch`` on each claim, which
 keeps the claim out of every later batch. The answer then settles it, each in one
-transaction: a clear 2xx → ``submitted`` (:meth:`sent`); nothing left the box (connection
-refused) → still ``ready`` (:meth:`not_sent`); a clear refusal → ``rejected``
+transaction: a clear 2xx → ``submitted`` (:meth:`sent`); nothing was taken (no connection,
+or turned away unread) → still ``ready`` (:meth:`not_sent`); a clear refusal → ``rejected``
 (:meth:`refused`); anything that may have landed without a clear answer → ``in_review``
 (:meth:`ambiguous`), and at start :meth:`recover` does the same for intents a crash left
 behind. Only a person moves a claim out of ``in_review`` (:meth:`resolve`), or a 999/277CA
@@ -133,7 +133,11 @@ class Lifecycle:
         ]
 
     async def take_batch(self, kind: str, limit: int = 100, actor: str = ACTOR) -> Batch | None:
-        """Write the intent for the next batch (one form; FHIR: one claim) and build it."""
+        """Write the intent for the next batch (one form; FHIR: one claim) and build it.
+
+        The payload is built inside the intent's transaction: claims that cannot be made into
+        one raise :class:`ClaimsError` and leave nothing written (no batch, no control numbers).
+        """
         due = await self.due()
         if not due:
             return None
@@ -152,8 +156,21 @@ class Lifecycle:
         created = service.submission_time()
         usage = "P" if service.usage_production else "T"
         now = self._now()
+        ids = tuple(r.id for r in rows)
+        numbers = tuple(r.claim_number for r in rows)
 
-        def work(conn: sqlite3.Connection) -> tuple[int, int, int, list[int]]:
+        def build(isa: int, gs: int, sts: list[int]) -> tuple[bytes, str | None]:
+            if kind == "fhir":
+                body = dict(datas[0][2])
+                body["status"] = "active"
+                ident: dict[str, Any] = next(iter(body.get("identifier", [])), {})
+                token = f"{ident.get('system', '')}|{ident.get('value', '')}" if ident else None
+                return json.dumps(body).encode(), token
+            claims = [(from_fhir(body), st) for (_, _, body), st in zip(datas, sts, strict=True)]
+            text = interchange(service.envelope(isa, gs, created), Form(form), claims)
+            return text.encode("ascii"), None
+
+        def work(conn: sqlite3.Connection) -> Batch:
             for claim_id, resource_id, _ in datas:
                 fresh = conn.execute(
                     "SELECT 1 FROM claims WHERE id = ? AND status = 'ready' AND "
@@ -164,6 +181,16 @@ class Lifecycle:
                     raise ClaimsError("a claim changed while its batch was made; try again")
             isa, gs = _take(conn, "isa", 1), _take(conn, "gs", 1)
             first_st = _take(conn, "st", len(datas)) - len(datas) + 1
+            sts = [first_st + n for n in range(len(datas))]
+            # Built inside the intent's transaction: a claim that cannot be built rolls it
+            # all back (control numbers too), so no batch is ever 'sending' with nothing sent.
+            try:
+                payload, token = build(isa, gs, sts)
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                raise ClaimsError(
+                    f"claim(s) {', '.join(map(str, ids))} could not be made into a submission "
+                    f"({type(exc).__name__}): nothing was sent; a defect, report it"
+                ) from None
             batch_id = int(
                 conn.execute(
                     "INSERT INTO claim_batches (interchange_control, group_control, form, usage, "
@@ -173,7 +200,6 @@ class Lifecycle:
                 ).lastrowid
                 or 0
             )
-            sts = [first_st + n for n in range(len(datas))]
             conn.executemany(
                 "INSERT INTO claim_batch_items (batch_id, claim_id, resource_id, st_control) "
                 "VALUES (?,?,?,?)",
@@ -188,26 +214,9 @@ class Lifecycle:
                     conn, claim_id, actor, _S.READY, _S.READY,
                     f"sending ({kind}) in interchange {isa:09d}, transaction set {st:04d}", now,
                 )  # fmt: skip
-            return batch_id, isa, gs, sts
+            return Batch(batch_id, kind, ids, numbers, isa, payload, token)
 
-        batch_id, isa, gs, sts = await self._store.transact(work)
-        numbers = tuple(r.claim_number for r in rows)
-        if kind == "fhir":
-            body = dict(datas[0][2])
-            body["status"] = "active"
-            ident: dict[str, Any] = next(iter(body.get("identifier", [])), {})
-            token = f"{ident.get('system', '')}|{ident.get('value', '')}" if ident else None
-            return Batch(
-                batch_id, kind, tuple(r.id for r in rows), numbers, isa,
-                json.dumps(body).encode(), token,
-            )  # fmt: skip
-        envelope = service.envelope(isa, gs, created)
-        text = interchange(
-            envelope,
-            Form(form),
-            [(from_fhir(body), st) for (_, _, body), st in zip(datas, sts, strict=True)],
-        )
-        return Batch(batch_id, kind, tuple(r.id for r in rows), numbers, isa, text.encode("ascii"))
+        return await self._store.transact(work)
 
     async def _settle(
         self,
@@ -262,7 +271,7 @@ class Lifecycle:
         )
 
     async def not_sent(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:
-        """Nothing left the box (connection refused): the claims stay ``ready``."""
+        """Nothing was taken (no connection, or turned away unread): the claims stay ``ready``."""
         return await self._settle(batch_id, "not_sent", outcome, [], None, actor)
 
     async def refused(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:

@@ -8,7 +8,10 @@ payer that answers 201 with the Claim. Directives: ``reject_999`` (claim numbers
 rejects), ``reject_277`` (the 277CA rejects), ``pay`` (claim number → cents paid: less than
 billed), ``drop_next`` (read the next submission, keep it, close without answering — the
 lost response), ``garble_next`` (keep it, answer with a body that is not the gzip it claims:
-an answer that cannot be read), ``refuse_connections`` (stop listening). Every file is synthetic.
+an answer that cannot be read), ``token`` (a bearer token every request must carry, else
+401, unread), ``answers`` (statuses the next submissions get, unread: a redirect, a proxy's
+404, an outage's 503), and :meth:`stop` (a connection is then refused). Every file is
+synthetic.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ class Clearinghouse:
     garble_next: bool = False
     # The next responses pages answered as given instead (a broken clearinghouse), in order.
     raw_pages: list[bytes] = field(default_factory=list)
+    token: str | None = None
+    answers: list[int] = field(default_factory=list)
+    turned_away: list[int] = field(default_factory=list)  # statuses answered unread, in order
     received: list[str] = field(default_factory=list)  # 837 interchanges, in order
     claims: list[Submitted] = field(default_factory=list)
     responses: list[tuple[str, str]] = field(default_factory=list)  # (kind, body)
@@ -118,9 +124,12 @@ class Clearinghouse:
             garbled = ""
             if self.garble_next and method == "POST":
                 self.garble_next, garbled = False, "Content-Encoding: gzip\r\n"
+            moved = ""
+            if 300 <= status < 400:
+                moved = f"Location: https://127.0.0.1:{self.port}{urlsplit(target).path}\r\n"
             writer.write(
-                f"HTTP/1.1 {status} X\r\nContent-Type: {media}\r\n{garbled}Content-Length: "
-                f"{len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                f"HTTP/1.1 {status} X\r\nContent-Type: {media}\r\n{garbled}{moved}"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
                 + payload
             )
             await writer.drain()
@@ -133,6 +142,13 @@ class Clearinghouse:
         self, method: str, target: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, str, bytes] | None:
         url = urlsplit(target)
+        if self.token is not None and headers.get("authorization") != f"Bearer {self.token}":
+            self.turned_away.append(401)
+            return 401, "text/plain", b"unauthorized"
+        if method == "POST" and self.answers:
+            status = self.answers.pop(0)
+            self.turned_away.append(status)
+            return status, "text/plain", b"not here"
         if method == "POST" and url.path == "/x12/submissions":
             return self._submission(body.decode("ascii"))
         if method == "GET" and url.path == "/x12/responses" and self.raw_pages:

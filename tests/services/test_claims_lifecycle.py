@@ -18,11 +18,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.config import Config
+from appliance.config import ClaimsConfig, Config
 from appliance.store import Store
 from services.claims import acks
 from services.claims import cli as claims_cli
@@ -30,7 +31,7 @@ from services.claims.lifecycle import Lifecycle
 from services.claims.model import ClaimStatus
 from services.claims.service import ClaimsError, ClaimsService
 from services.claims.x12_read import read
-from sync_agent.claims_submit import ClaimsSubmitter, SubmitResult
+from sync_agent.claims_submit import ClaimsSubmitter, SubmitResult, build_claims_client
 from tests.services.clearinghouse import Clearinghouse, envelope
 from tests.services.test_claims import NOW, encounter, make_mbi, patient, site_doc
 from tests.tamper import move_ciphertext
@@ -366,6 +367,159 @@ async def test_a_crash_mid_send_is_recovered_as_in_review(
         await ClaimsService(clocked, config).transition(claim_id, S.CANCELLED, "user:x")
     await submitter(clocked, config).submit(poll=False)  # the next process starts
     assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    assert house.received == []
+
+
+@pytest.mark.parametrize("token", ["refused", "unreadable"])
+async def test_a_bearer_token_turned_away_leaves_the_claims_ready_and_stops_the_pass(
+    clocked: Store, house: Clearinghouse, tmp_path: Path, token: str
+) -> None:
+    token_file = tmp_path / "claims.token"
+    token_file.write_text("old-token\n")
+    token_file.chmod(0o600)
+    config = cfg(
+        house, poll_responses=False, batch_size=1, auth="bearer", token_file=str(token_file)
+    )
+    ids = await drafted(clocked, config, ["2026-03-02", "2026-03-03"])
+    house.token = "new-token"
+
+    def client(claims: ClaimsConfig) -> httpx.AsyncClient:
+        built = build_claims_client(claims)  # reads the token file
+        if token == "unreadable":
+            token_file.unlink()  # gone when the 401 makes the auth read it again
+        return built
+
+    sub = ClaimsSubmitter(
+        clocked,
+        config,
+        client_factory=client,
+        service=ClaimsService(clocked, config, run_pyx12=False),
+    )
+    for _ in range(2):
+        # Before: UpstreamError(AUTH) escaped the send; each pass left one more batch
+        # 'sending', and a restart put every claim of them in review.
+        result = await sub.run_once()
+        assert result is not None
+        assert (result.not_sent, result.in_review) == (1, 0)
+        assert "check [claims] auth" in result.errors[0]
+        token_file.write_text("old-token\n")
+    assert house.received == []
+    assert [s for (s,) in await clocked.query("SELECT state FROM claim_batches")] == [
+        "not_sent",
+        "not_sent",
+    ]
+    token_file.write_text("new-token\n")
+    restarted = ClaimsSubmitter(
+        clocked, config, service=ClaimsService(clocked, config, run_pyx12=False)
+    )
+    assert (await restarted.submit(poll=False)).submitted == 2
+    for claim_id in ids:
+        assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+        history = await Lifecycle(ClaimsService(clocked, config), clocked).history(claim_id)
+        assert "in_review" not in {e.to_status for e in history}
+
+
+@pytest.mark.parametrize("answer", [503, "no answer"])
+async def test_an_outage_stops_the_pass_after_the_first_batch_in_review(
+    clocked: Store, house: Clearinghouse, answer: int | str
+) -> None:
+    config = cfg(house, poll_responses=False, batch_size=1)
+    first, *rest = await drafted(clocked, config, ["2026-03-02", "2026-03-03", "2026-03-04"])
+    if answer == "no answer":
+        house.drop_next = True
+    else:
+        house.answers = [503, 503, 503]
+    sub = submitter(clocked, config)
+    result = await sub.submit(poll=False)
+    # Before: each batch went into the same outage, and every ready claim into review.
+    assert (result.in_review, result.submitted) == (1, 0)
+    assert len(house.received) + len(house.turned_away) == 1
+    assert await status(clocked, config, first) is S.IN_REVIEW
+    for claim_id in rest:
+        row = await ClaimsService(clocked, config).claim(claim_id)
+        assert (row.status, row.sending) == (S.READY, False)
+    house.answers.clear()
+    assert (await sub.submit(poll=False)).submitted == 2
+
+
+@pytest.mark.parametrize("answer", [301, 302, 307, 308, 404, 405, 406, 410, 415])
+async def test_a_redirect_or_a_wrong_address_leaves_the_claims_ready(
+    clocked: Store, house: Clearinghouse, answer: int
+) -> None:
+    config = cfg(house, poll_responses=False, batch_size=1)
+    if answer == 404:  # a real wrong path: the clearinghouse's own 404
+        config = cfg(house, poll_responses=False, batch_size=1, endpoint_url=f"{house.url}/v0")
+    ids = await drafted(clocked, config, ["2026-03-02", "2026-03-03"])
+    house.answers = [] if answer == 404 else [answer, answer]
+    sub = submitter(clocked, config)
+    result = await sub.submit(poll=False)
+    # Before: the claims became rejected ("correct and resubmit"), one batch after another.
+    assert (result.not_sent, result.refused) == (1, 0)
+    assert house.received == []
+    assert f"HTTP {answer}" in result.errors[0]
+    assert "check [claims] endpoint_url" in result.errors[0]
+    for claim_id in ids:
+        row = await ClaimsService(clocked, config).claim(claim_id)
+        assert (row.status, row.sending) == (S.READY, False)
+    assert [s for (s,) in await clocked.query("SELECT state FROM claim_batches")] == ["not_sent"]
+    if answer != 404:
+        assert house.turned_away == [answer]  # the pass stopped at the first
+
+
+@pytest.mark.parametrize("failing", ["before the request left", "after the request left"])
+async def test_whatever_a_send_raises_its_batch_is_settled(
+    clocked: Store, house: Clearinghouse, failing: str
+) -> None:
+    config = cfg(house, poll_responses=False, batch_size=1)
+    first, second = await drafted(clocked, config, ["2026-03-02", "2026-03-03"])
+
+    async def defect(_: object) -> None:
+        raise RuntimeError("a defect")
+
+    def client(claims: ClaimsConfig) -> httpx.AsyncClient:
+        built = build_claims_client(claims)
+        hook = "request" if failing == "before the request left" else "response"
+        built.event_hooks = {hook: [defect]}
+        return built
+
+    sub = ClaimsSubmitter(
+        clocked,
+        config,
+        client_factory=client,
+        service=ClaimsService(clocked, config, run_pyx12=False),
+    )
+    result = await sub.run_once()  # before: it escaped, and the batch stayed 'sending'
+    assert result is not None
+    assert f"sending failed {failing} (RuntimeError)" in result.errors
+    [state] = [s for (s,) in await clocked.query("SELECT state FROM claim_batches")]
+    if failing == "before the request left":
+        assert (state, house.received) == ("not_sent", [])
+        assert await status(clocked, config, first) is S.READY
+    else:
+        assert (state, len(house.received)) == ("ambiguous", 1)
+        assert await status(clocked, config, first) is S.IN_REVIEW
+    row = await ClaimsService(clocked, config).claim(second)
+    assert (row.status, row.sending) == (S.READY, False)  # the pass stopped
+
+
+async def test_a_claim_that_cannot_be_built_writes_no_intent(
+    clocked: Store, house: Clearinghouse, db_path: Path
+) -> None:
+    config = cfg(house)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    conn = sqlite3.connect(db_path)  # its row and its content disagree: interchange() raises
+    conn.execute("UPDATE claims SET form = '837I' WHERE id = ?", (claim_id,))
+    conn.commit()
+    conn.close()
+    result = await submitter(clocked, config).submit(poll=False)  # before: ValueError escaped
+    assert result.errors == [
+        f"claim(s) {claim_id} could not be made into a submission (ValueError): nothing was "
+        "sent; a defect, report it"
+    ]
+    # Before: the batch was written 'sending' with nothing sent, for review at the restart.
+    assert await clocked.query("SELECT count(*) FROM claim_batches") == [(0,)]
+    row = await ClaimsService(clocked, config).claim(claim_id)
+    assert (row.status, row.sending) == (S.READY, False)
     assert house.received == []
 
 
