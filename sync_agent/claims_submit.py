@@ -20,8 +20,10 @@ endpoint turned it away unread (401/403/407/408/429, a bearer token refused; a r
 clear answer came (timeout, reset, 5xx, any other failure once it was handed to the
 transport): in_review for a person, never a blind resend, and the pass stops (the next batch
 would meet the same outage). Every batch is settled one way or the other by the process that
-sent it, whatever is raised; only a process that dies mid-send leaves one ``sending``, for
-:meth:`Lifecycle.recover` when the next process starts.
+sent it, whatever is raised; only a process that dies mid-send leaves one ``sending``, and
+the next pass of any process turns it ambiguous once it is older than any request can take
+(:data:`RECOVER_MARGIN`): never sooner, since the sync process and ``appliance claims submit``
+send side by side.
 
 Claims never enter the EHR outbox: they have their own queue (``claims.status = 'ready'``)
 and endpoint, so the outbox's lane order cannot delay them behind clinical resources and a
@@ -31,6 +33,7 @@ before updates, pull-down and the audit export, whatever the EHR link's state.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -77,6 +80,14 @@ _NO_CONNECTION = (
     httpx.ProxyError,
     httpx.UnsupportedProtocol,
 )
+# httpx's timeout_s is per step (connect, each write, each read): a server that dribbles its
+# answer could hold a request for ever. The whole exchange, the bearer auth's one resend
+# included, is cut off at this many times timeout_s (then: ambiguous).
+SEND_LIMIT_FACTOR = 4
+# An intent older than the send limit plus this has no live process waiting for its answer:
+# recovery may take it. created_at is kept to the minute (ISA09/10), and a settle may wait
+# on the database's lock.
+RECOVER_MARGIN = timedelta(minutes=2)
 
 
 @dataclass(slots=True)
@@ -165,7 +176,9 @@ class ClaimsSubmitter:
         self._poll_interval_s = poll_interval_s
         self._last_poll: float | None = None
         self._last_scan: float | None = None
-        self._recovered = False
+        self._send_limit_s = SEND_LIMIT_FACTOR * self._claims.timeout_s
+        # How old an intent still 'sending' must be before this submitter recovers it.
+        self.stale_after = timedelta(seconds=self._send_limit_s) + RECOVER_MARGIN
 
     @property
     def configured(self) -> bool:
@@ -231,11 +244,11 @@ class ClaimsSubmitter:
         """Send every due claim in batches, then (x12) poll for responses."""
         result = SubmitResult()
         say = progress or (lambda _text: None)
-        if not self._recovered:
-            recovered = await self.lifecycle.recover()
-            if recovered:
-                logger.warning("%d claim batch(es) were interrupted mid-send: in review", recovered)
-            self._recovered = True
+        # Every pass: an intent a dead process left is taken once it is older than any
+        # request can take, and not before (another process may be sending it right now).
+        recovered = await self.lifecycle.recover(self.stale_after)
+        if recovered:
+            logger.warning("%d claim batch(es) were interrupted mid-send: in review", recovered)
         if dry_run:
             due = await self.lifecycle.due()
             say(f"{len(due)} claim(s) would be sent to the {self._claims.endpoint_kind} endpoint")
@@ -291,7 +304,8 @@ class ClaimsSubmitter:
             url = "submissions"
         before = handed.count
         try:
-            response = await client.post(url, content=batch.payload, headers=headers)
+            async with asyncio.timeout(self._send_limit_s):
+                response = await client.post(url, content=batch.payload, headers=headers)
         except Exception as exc:
             return await self._failed(batch, result, exc, left=handed.count > before)
         status = response.status_code
@@ -345,7 +359,9 @@ class ClaimsSubmitter:
             if not isinstance(exc, _NO_CONNECTION):  # unreachable is routine; this is not
                 result.errors.append(f"sending failed before the request left ({name})")
             return "not sent", False
-        if isinstance(exc, httpx.HTTPError):
+        if isinstance(exc, TimeoutError):
+            outcome = f"no answer within {self._send_limit_s:g} s"
+        elif isinstance(exc, httpx.HTTPError):
             # The request (or part of it) left the box and no answer came, or none that can
             # be read (a body that is not the gzip it claims): it may have landed.
             outcome = f"no answer: {name}"

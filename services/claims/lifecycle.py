@@ -7,9 +7,10 @@ keeps the claim out of every later batch. The answer then settles it, each in on
 transaction: a clear 2xx → ``submitted`` (:meth:`sent`); nothing was taken (no connection,
 or turned away unread) → still ``ready`` (:meth:`not_sent`); a clear refusal → ``rejected``
 (:meth:`refused`); anything that may have landed without a clear answer → ``in_review``
-(:meth:`ambiguous`), and at start :meth:`recover` does the same for intents a crash left
-behind. Only a person moves a claim out of ``in_review`` (:meth:`resolve`), or a 999/277CA
-that turns up for it.
+(:meth:`ambiguous`), and :meth:`recover` does the same for intents older than any request
+can take (a crash, a kill), leaving younger ones to the process that may be sending them. An
+answer that comes for a batch recovered anyway is recorded, not refused. Only a person
+moves a claim out of ``in_review`` (:meth:`resolve`), or an answer that turns up for it.
 
 Acknowledgement and remittance files (:mod:`.acks`) are applied by :meth:`apply_response`:
 parsed completely first (a malformed file changes nothing), then applied in one transaction
@@ -23,7 +24,7 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from appliance import db, fhir
@@ -226,6 +227,7 @@ class Lifecycle:
         to: Sequence[ClaimStatus],
         message: str | None,
         actor: str,
+        late: str,
     ) -> list[int]:
         now = self._now()
 
@@ -236,7 +238,7 @@ class Lifecycle:
                 (state, now, outcome, batch_id),
             ).rowcount
             if done != 1:
-                raise ClaimsError(f"batch {batch_id} is not being sent")
+                return _late(conn, batch_id, state, outcome, to, late, actor, now)
             ids = [
                 int(r[0])
                 for r in conn.execute(
@@ -262,23 +264,32 @@ class Lifecycle:
 
     async def sent(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:
         """The endpoint clearly received the batch (2xx): its claims are ``submitted``."""
-        return await self._settle(batch_id, "sent", outcome, [_S.SUBMITTED], None, actor)
+        late = (
+            f"the clearinghouse received it ({outcome}) after it was put in review: its 999 "
+            "settles it, or resolve it as acknowledged"
+        )
+        return await self._settle(batch_id, "sent", outcome, [_S.SUBMITTED], None, actor, late)
 
     async def delivered(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:
         """A FHIR payer endpoint took the Claim (2xx): ``submitted`` then ``acknowledged``."""
+        late = f"the FHIR payer took it ({outcome}) after it was put in review"
         return await self._settle(
-            batch_id, "sent", outcome, [_S.SUBMITTED, _S.ACKNOWLEDGED], None, actor
+            batch_id, "sent", outcome, [_S.SUBMITTED, _S.ACKNOWLEDGED], None, actor, late
         )
 
     async def not_sent(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:
         """Nothing was taken (no connection, or turned away unread): the claims stay ``ready``."""
-        return await self._settle(batch_id, "not_sent", outcome, [], None, actor)
+        late = (
+            f"the endpoint turned the request away unread ({outcome}) after it was put in "
+            "review: nothing was received; resolve it as ready"
+        )
+        return await self._settle(batch_id, "not_sent", outcome, [], None, actor, late)
 
     async def refused(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:
         """A clear refusal of the whole batch (4xx): received, not accepted → ``rejected``."""
         words = f"the endpoint refused the submission ({outcome}); correct and resubmit"
         return await self._settle(
-            batch_id, "refused", outcome, [_S.SUBMITTED, _S.REJECTED], words, actor
+            batch_id, "refused", outcome, [_S.SUBMITTED, _S.REJECTED], words, actor, words
         )
 
     async def ambiguous(self, batch_id: int, outcome: str, actor: str = ACTOR) -> list[int]:
@@ -287,14 +298,32 @@ class Lifecycle:
             f"no clear answer to the submission ({outcome}): it may have been received. Ask "
             "the clearinghouse, then resolve: acknowledged if they have it, ready if not"
         )
-        return await self._settle(batch_id, "ambiguous", outcome, [_S.IN_REVIEW], words, actor)
+        return await self._settle(
+            batch_id, "ambiguous", outcome, [_S.IN_REVIEW], words, actor, words
+        )
 
-    async def recover(self, actor: str = ACTOR) -> int:
-        """Intents a crash left ``sending`` become ambiguous (the request may have gone)."""
-        rows = await self._store.query("SELECT id FROM claim_batches WHERE state = 'sending'")
-        for (batch_id,) in rows:
-            await self.ambiguous(int(batch_id), "interrupted while sending", actor)
-        return len(rows)
+    async def recover(self, older_than: timedelta, actor: str = ACTOR) -> int:
+        """Intents left ``sending`` for longer than ``older_than`` become ambiguous (the
+        request may have gone); how many batches.
+
+        ``older_than`` must exceed the longest a request can take (the submitter bounds each
+        one), so no live process is still waiting for the answer: a crash, a kill or a
+        cancelled pass left them. A younger intent may be another process's request on the
+        wire (the sync process and ``appliance claims submit`` run side by side) and is left
+        alone. Should an answer still come for a batch recovered here (a process stalled, the
+        clock stepped forward), :meth:`sent` and the others record it instead of failing.
+        """
+        cutoff = self._store.now() - older_than
+        rows = await self._store.query(
+            "SELECT id, created_at FROM claim_batches WHERE state = 'sending' ORDER BY id"
+        )
+        recovered = 0
+        for batch_id, created_at in rows:
+            if _written_at(str(created_at)) > cutoff:
+                continue
+            if await self.ambiguous(int(batch_id), "interrupted while sending", actor):
+                recovered += 1
+        return recovered
 
     # -- answers from outside -------------------------------------------------------------
 
@@ -536,6 +565,60 @@ def _move(
     if moved != 1:
         raise ClaimsError(f"claim {claim_id} changed meanwhile; try again")
     _event(conn, claim_id, actor, before, to, detail, now)
+
+
+def _written_at(created_at: str) -> datetime:
+    """When an intent was written: its ``created_at`` (site-local, to the minute: ISA09/10)."""
+    try:
+        return datetime.fromisoformat(created_at)
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)  # not ours to judge: old enough
+
+
+def _late(
+    conn: sqlite3.Connection,
+    batch_id: int,
+    state: str,
+    outcome: str,
+    to: Sequence[ClaimStatus],
+    words: str,
+    actor: str,
+    now: str,
+) -> list[int]:
+    """An answer for a batch no longer ``sending``: :meth:`Lifecycle.recover` put it in
+    review first (its owner stalled past the recovery age, or the clock stepped). Nothing the
+    endpoint said is lost: the batch takes the answer's state, and each of its claims still in
+    review gets the answer in its history and, for a clear one, the move it allows from
+    ``in_review`` (a FHIR payer's 2xx: acknowledged; a refusal: rejected). An X12 2xx moves
+    nothing here: the 999 in its body, applied next, does. Returns the claims it spoke for.
+    """
+    row = conn.execute("SELECT state FROM claim_batches WHERE id = ?", (batch_id,)).fetchone()
+    if row is None:
+        raise ClaimsError(f"no batch {batch_id}")
+    if state == "ambiguous":
+        return []  # in review already, or an answer settled it meanwhile: nothing to add
+    if row[0] != "ambiguous":
+        raise ClaimsError(f"batch {batch_id} was answered already ({row[0]})")
+    conn.execute(
+        "UPDATE claim_batches SET state = ?, answered_at = ?, outcome = ? "
+        "WHERE id = ? AND state = 'ambiguous'",
+        (state, now, f"{outcome}, after it was put in review", batch_id),
+    )
+    ids = [
+        int(r[0])
+        for r in conn.execute(
+            "SELECT c.id FROM claim_batch_items i JOIN claims c ON c.id = i.claim_id "
+            "WHERE i.batch_id = ? AND c.status = 'in_review' AND c.sending_batch IS NULL "
+            "ORDER BY c.id",
+            (batch_id,),
+        )
+    ]
+    steps = [s for s in to if s in TRANSITIONS[_S.IN_REVIEW]][-1:]
+    for claim_id in ids:
+        _message(conn, claim_id, "submission", None, words, now, None)
+        for step in steps:
+            _move(conn, claim_id, _S.IN_REVIEW, step, actor, f"{outcome} (late answer)", now)
+    return ids
 
 
 # Which states an answer may find a claim in, and the steps that bring it to the answer's

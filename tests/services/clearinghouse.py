@@ -10,8 +10,10 @@ billed), ``drop_next`` (read the next submission, keep it, close without answeri
 lost response), ``garble_next`` (keep it, answer with a body that is not the gzip it claims:
 an answer that cannot be read), ``token`` (a bearer token every request must carry, else
 401, unread), ``answers`` (statuses the next submissions get, unread: a redirect, a proxy's
-404, an outage's 503), and :meth:`stop` (a connection is then refused). Every file is
-synthetic.
+404, an outage's 503), ``hold_next`` (read and keep the next submission, answer it once the
+event is set: a request on the wire), ``dribble_next`` (answer the next submission one byte
+per so many seconds: no read waits long, the answer never ends), and :meth:`stop` (a
+connection is then refused). Every file is synthetic.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class Clearinghouse:
     token: str | None = None
     answers: list[int] = field(default_factory=list)
     turned_away: list[int] = field(default_factory=list)  # statuses answered unread, in order
+    hold_next: asyncio.Event | None = None
+    dribble_next: float | None = None
     received: list[str] = field(default_factory=list)  # 837 interchanges, in order
     claims: list[Submitted] = field(default_factory=list)
     responses: list[tuple[str, str]] = field(default_factory=list)  # (kind, body)
@@ -120,6 +124,9 @@ class Clearinghouse:
             if answer is None:  # the lost response: taken, never answered
                 writer.close()
                 return
+            if self.hold_next is not None and method == "POST" and answer[0] < 300:
+                held, self.hold_next = self.hold_next, None
+                await held.wait()
             status, media, payload = answer
             garbled = ""
             if self.garble_next and method == "POST":
@@ -127,12 +134,20 @@ class Clearinghouse:
             moved = ""
             if 300 <= status < 400:
                 moved = f"Location: https://127.0.0.1:{self.port}{urlsplit(target).path}\r\n"
-            writer.write(
+            data = (
                 f"HTTP/1.1 {status} X\r\nContent-Type: {media}\r\n{garbled}{moved}"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
                 + payload
             )
-            await writer.drain()
+            if self.dribble_next is None or method != "POST":
+                writer.write(data)
+                await writer.drain()
+                return
+            pace, self.dribble_next = self.dribble_next, None
+            for n in range(len(data)):
+                writer.write(data[n : n + 1])
+                await writer.drain()
+                await asyncio.sleep(pace)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:

@@ -12,9 +12,9 @@ import contextlib
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,24 @@ async def house() -> AsyncIterator[Clearinghouse]:
         await ch.stop()
 
 
+class Clock:
+    """The store's clock; a test moves it (a process stalled, time gone by)."""
+
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
 @pytest.fixture
-async def clocked(db_path: Path, kek_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path, kek_path, clock=lambda: NOW)
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def clocked(db_path: Path, kek_path: Path, clock: Clock) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path, kek_path, clock=clock)
     try:
         yield opened
     finally:
@@ -353,8 +368,8 @@ async def test_connection_refused_leaves_the_claim_ready_and_it_goes_later(
     assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
 
 
-async def test_a_crash_mid_send_is_recovered_as_in_review(
-    clocked: Store, house: Clearinghouse
+async def test_a_crash_mid_send_is_recovered_as_in_review_once_no_request_can_be_alive(
+    clocked: Store, clock: Clock, house: Clearinghouse
 ) -> None:
     config = cfg(house)
     [claim_id] = await drafted(clocked, config, ["2026-03-02"])
@@ -365,14 +380,89 @@ async def test_a_crash_mid_send_is_recovered_as_in_review(
     assert (row.status, row.sending) == (S.READY, True)
     with pytest.raises(ClaimsError, match="being sent"):
         await ClaimsService(clocked, config).transition(claim_id, S.CANCELLED, "user:x")
-    await submitter(clocked, config).submit(poll=False)  # the next process starts
+    sub = submitter(clocked, config)  # the next process starts
+    # Before: recovered at once, though another process may still be waiting for its answer.
+    clock.now = NOW + timedelta(minutes=1)
+    assert (await sub.submit(poll=False)).in_review == 0
+    assert (await ClaimsService(clocked, config).claim(claim_id)).sending
+    clock.now = NOW + sub.stale_after - timedelta(seconds=1)
+    assert (await sub.submit(poll=False)).in_review == 0
+    clock.now = NOW + sub.stale_after  # no request can take this long (each one is cut off)
+    await sub.submit(poll=False)
     assert await status(clocked, config, claim_id) is S.IN_REVIEW
     assert house.received == []
 
 
+async def _until(done: Callable[[], object]) -> None:
+    for _ in range(200):
+        if done():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not reached")
+
+
+async def test_a_submit_run_beside_the_sync_process_leaves_its_request_alone(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house, poll_responses=False)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    house.hold_next = held = asyncio.Event()
+    sending = asyncio.create_task(submitter(clocked, config).submit(poll=False))
+    await _until(lambda: house.received)  # the sync process's request is on the wire
+    # 'appliance claims submit' meanwhile (before: it put that batch in review, and the
+    # answer then raised "batch 1 is not being sent": the received claim stayed in review).
+    beside = await submitter(clocked, config).submit(poll=False)
+    assert (beside.in_review, beside.submitted) == (0, 0)
+    assert (await ClaimsService(clocked, config).claim(claim_id)).sending
+    held.set()
+    assert (await sending).submitted == 1
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+    assert len(house.received) == 1
+
+
+@pytest.mark.parametrize("kind", ["x12", "fhir"])
+async def test_an_answer_that_comes_after_recovery_is_applied_not_lost(
+    clocked: Store, clock: Clock, house: Clearinghouse, kind: str
+) -> None:
+    url = house.url if kind == "x12" else house.fhir_url
+    config = cfg(house, poll_responses=False, endpoint_kind=kind, endpoint_url=url)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    house.hold_next = held = asyncio.Event()
+    sending = asyncio.create_task(submitter(clocked, config).submit(poll=False))
+    await _until(lambda: house.received or house.fhir_claims)
+    clock.now = NOW + timedelta(hours=1)  # the sync process stalled, or the clock stepped
+    assert (await submitter(clocked, config).submit(poll=False)).in_review == 0
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW  # recovered meanwhile
+    held.set()
+    result = await sending  # before: ClaimsError, and the 999 in the answer was dropped
+    assert result.submitted == 1
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+    assert [s for (s,) in await clocked.query("SELECT state FROM claim_batches")] == ["sent"]
+    words = (await Lifecycle(ClaimsService(clocked, config), clocked).messages([claim_id]))[
+        claim_id
+    ]
+    assert any("after it was put in review" in w for w in words)
+
+
+async def test_an_answer_that_never_ends_is_cut_off_and_goes_to_review(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house, poll_responses=False, timeout_s=1)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    house.dribble_next = 0.5  # a byte each half second: no read times out, it never ends
+    sub = submitter(clocked, config)
+    # Before: only each read was bounded, so no age made sure a request was over.
+    result = await asyncio.wait_for(sub.submit(poll=False), 20)
+    assert (result.in_review, len(house.received)) == (1, 1)
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    [(outcome,)] = await clocked.query("SELECT outcome FROM claim_batches")
+    assert outcome == "no answer within 4 s"
+    assert sub.stale_after > timedelta(seconds=4)
+
+
 @pytest.mark.parametrize("token", ["refused", "unreadable"])
 async def test_a_bearer_token_turned_away_leaves_the_claims_ready_and_stops_the_pass(
-    clocked: Store, house: Clearinghouse, tmp_path: Path, token: str
+    clocked: Store, clock: Clock, house: Clearinghouse, tmp_path: Path, token: str
 ) -> None:
     token_file = tmp_path / "claims.token"
     token_file.write_text("old-token\n")
@@ -409,6 +499,7 @@ async def test_a_bearer_token_turned_away_leaves_the_claims_ready_and_stops_the_
         "not_sent",
     ]
     token_file.write_text("new-token\n")
+    clock.now = NOW + timedelta(hours=2)
     restarted = ClaimsSubmitter(
         clocked, config, service=ClaimsService(clocked, config, run_pyx12=False)
     )
