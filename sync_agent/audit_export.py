@@ -14,17 +14,20 @@ bundles; an entry the server refuses for good (or over 64 KB and too large alone
 stalls the chain. A 401/403, for the bundle or one entry, is our access, not the record: the
 export stops there and resends from the same place later.
 
-**Anchor.** The newest signed checkpoint (:func:`appliance.audit.latest_checkpoint`) goes up
-first in each drain, as a ``Provenance`` carrying the box's Ed25519 signature
-(:data:`ANCHOR_KEY` remembers the last one the upstream took, :data:`ANCHOR_REFUSED_KEY` the
-last it refused for good); an anchor not taken never holds the records back. Each drain
+**Anchor.** The newest signed checkpoint fit to anchor goes up first in each drain, as a
+``Provenance`` carrying the box's Ed25519 signature: well-formed, signed by this box, and its
+record held by the trail with its hash (newer rows that are not, inserted or left behind by
+a cut, are passed over and logged; ``audit verify`` names them). :data:`ANCHOR_KEY`
+remembers the last one the upstream took, :data:`ANCHOR_REFUSED_KEY` the last it refused for
+good; an anchor not taken never holds the records back. Each drain
 first checks that the trail still holds the records at its cursor and at the anchor
-(:func:`check_trail`): a trail cut back and grown again is reported and sent again, not
-anchored over in silence. :func:`verify_against_anchors` compares the local chain with every
-anchor upstream (:func:`fetch_upstream_anchors`; ``appliance audit verify`` does): a local
-trail truncated, or rewritten and re-hashed, below a checkpoint held upstream is caught even
-when the local checkpoints were removed with it (``appliance/audit.py``, "What is
-guaranteed").
+(:func:`check_trail`): a trail cut back and grown again is reported, once, and sent again,
+not anchored over in silence. :func:`verify_against_anchors` compares the local chain with
+every anchor upstream (:func:`fetch_upstream_anchors`; ``appliance audit verify`` does): a
+local trail truncated, or rewritten and re-hashed, below a checkpoint held upstream is caught
+even when the local checkpoints were removed with it (``appliance/audit.py``, "What is
+guaranteed"). An export state altered in ``meta`` reads as none (the trail sent again, which
+the conditional creates make harmless), never as an exception that ends the sync process.
 
 Exporting audit records is not itself audited: they hold no PHI, and a record per export
 would leave one new record to export after every export, for ever.
@@ -83,6 +86,9 @@ BREAKS_KEY = "audit_export.breaks"  # times the trail was found cut back or rewr
 # How many of those a person has acknowledged (after looking into them): the count itself only
 # grows, so the metric and the alert keep the history; the red warning goes once acknowledged.
 BREAKS_ACKNOWLEDGED_KEY = "audit_export.breaks_acknowledged"
+# The places (``<id>:<hash>``) the breaks counted found lost: a break is counted once.
+BREAKS_SEEN_KEY = "audit_export.breaks_seen"
+BREAKS_SEEN_KEPT = 50
 ANCHOR_REFUSED_KEY = "audit_export.anchor_refused"  # the newest it refused for good (not resent)
 REFUSED_KEPT = 20  # the newest refusals kept with their reason; the count is kept in full
 
@@ -181,47 +187,67 @@ class ExportState:
         return max(0, self.breaks - self.breaks_acknowledged)
 
 
+def _meta_text(conn: sqlite3.Connection, key: str) -> str | None:
+    """:func:`appliance.db.meta_value`, None for a row that is not text (altered)."""
+    try:
+        return db.meta_value(conn, key)
+    except (ValueError, sqlite3.OperationalError):  # bytes or TEXT that are not UTF-8
+        return None
+
+
+def _whole(value: object) -> int:
+    """``value`` as a whole number an audit id can be (0 to 2**63 - 1), else 0."""
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0
+    return number if 0 <= number < 2**63 else 0
+
+
+def _number(conn: sqlite3.Connection, key: str) -> int:
+    """A number kept in ``meta`` (a count, the cursor, an anchored audit id); 0 when absent
+    or not one. An altered row reads as none, never as a failed status page or an exception
+    out of the export (which ended the sync process, restarted into the same row for ever).
+    Nothing is lost by it: a cursor read as 0 sends the trail again and an anchor read as 0
+    the newest checkpoint, both harmless (conditional creates)."""
+    return _whole(_meta_text(conn, key) or 0)
+
+
 def _refusals(conn: sqlite3.Connection) -> dict[str, Any]:
-    text = db.meta_value(conn, REFUSED_KEY)
-    found: dict[str, Any] = {"count": 0, "recent": []}
+    """The refusals kept under :data:`REFUSED_KEY`: ``count`` (a whole number) and
+    ``recent`` (``[audit id, reason]`` pairs); what is not so reads as none."""
+    text = _meta_text(conn, REFUSED_KEY)
+    loaded: Any = None
     if text:
         try:
             loaded = json.loads(text)
         except ValueError:
             loaded = None
-        if isinstance(loaded, dict):
-            found.update(loaded)
-    return found
+    loaded = loaded if isinstance(loaded, dict) else {}
+    recent = loaded.get("recent")
+    return {
+        "count": _whole(loaded.get("count", 0)),
+        "recent": [
+            [_whole(item[0]), str(item[1])]
+            for item in (recent if isinstance(recent, list) else [])
+            if isinstance(item, list) and len(item) == 2 and _whole(item[0]) > 0
+        ],
+    }
 
 
 def read_export_state(conn: sqlite3.Connection) -> ExportState:
     """The cursor, the chain head, the refusals and the newest anchor (cheap reads)."""
     head = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
     refused = _refusals(conn)
-    recent = tuple(
-        (int(item[0]), str(item[1]))
-        for item in refused.get("recent", [])
-        if isinstance(item, list) and len(item) == 2
-    )
     return ExportState(
-        cursor=int(db.meta_value(conn, CURSOR_KEY) or 0),
+        cursor=_number(conn, CURSOR_KEY),
         head=head,
-        refused=int(refused.get("count", 0)),
-        recent_refusals=recent,
-        anchored=int(db.meta_value(conn, ANCHOR_KEY) or 0),
-        breaks=_count(conn, BREAKS_KEY),
-        breaks_acknowledged=_count(conn, BREAKS_ACKNOWLEDGED_KEY),
+        refused=refused["count"],
+        recent_refusals=tuple((rid, reason) for rid, reason in refused["recent"]),
+        anchored=_number(conn, ANCHOR_KEY),
+        breaks=_number(conn, BREAKS_KEY),
+        breaks_acknowledged=_number(conn, BREAKS_ACKNOWLEDGED_KEY),
     )
-
-
-def _count(conn: sqlite3.Connection, key: str) -> int:
-    """A count kept in ``meta``; 0 when absent or not a number (an altered row reads as none,
-    never as a failed status page)."""
-    text = db.meta_value(conn, key)
-    try:
-        return max(0, int(text or 0))
-    except ValueError:
-        return 0
 
 
 ACKNOWLEDGED_DETAIL = "audit trail break acknowledged"
@@ -237,8 +263,8 @@ def acknowledge_breaks(conn: sqlite3.Connection, *, actor: str, now: datetime, s
     (``appliance_audit_trail_breaks``) stays, and a new break warns again.
     """
     with db.transaction_sync(conn):
-        breaks = _count(conn, BREAKS_KEY)
-        before = _count(conn, BREAKS_ACKNOWLEDGED_KEY)
+        breaks = _number(conn, BREAKS_KEY)
+        before = _number(conn, BREAKS_ACKNOWLEDGED_KEY)
         upto = min(seen, breaks)
         if upto <= before:
             return 0
@@ -269,7 +295,7 @@ def _settle(
     process) may have settled the same records first; then nothing is counted twice.
     """
     with db.transaction_sync(conn):
-        current = int(db.meta_value(conn, CURSOR_KEY) or 0)
+        current = _number(conn, CURSOR_KEY)
         if current != start or end <= start:
             return current
         db.set_meta(conn, CURSOR_KEY, str(end))
@@ -282,7 +308,7 @@ def _settle(
 def _record_refusals(conn: sqlite3.Connection, refused: Sequence[tuple[int, str]]) -> None:
     state = _refusals(conn)
     recent = [*state.get("recent", []), *([rid, reason[:300]] for rid, reason in refused)]
-    state = {"count": int(state.get("count", 0)) + len(refused), "recent": recent[-REFUSED_KEPT:]}
+    state = {"count": state["count"] + len(refused), "recent": recent[-REFUSED_KEPT:]}
     db.set_meta(conn, REFUSED_KEY, json.dumps(state))
 
 
@@ -292,7 +318,7 @@ def _set_anchor(conn: sqlite3.Connection, checkpoint: Checkpoint, refusal: str |
     audit_id = checkpoint.audit_id
     key = ANCHOR_KEY if refusal is None else ANCHOR_REFUSED_KEY
     with db.transaction_sync(conn):
-        if int(db.meta_value(conn, key) or 0) >= audit_id:
+        if _number(conn, key) >= audit_id:
             return
         db.set_meta(conn, key, str(audit_id))
         if refusal is None:
@@ -306,19 +332,28 @@ def _hash_at(conn: sqlite3.Connection, audit_id: int) -> str:
     return bytes(row[0]).hex() if row is not None and isinstance(row[0], bytes) else ""
 
 
-def _still_held(conn: sqlite3.Connection, id_key: str, hash_key: str) -> tuple[int, bool]:
-    """The audit id under ``id_key`` and whether the trail still holds it with the hash
-    remembered under ``hash_key`` (True when there is nothing to compare).
+def _still_held(conn: sqlite3.Connection, id_key: str, hash_key: str) -> tuple[int, str, bool]:
+    """The audit id under ``id_key``, the hash remembered for it under ``hash_key``, and
+    whether the trail still holds it with that hash (True when there is nothing to compare).
 
     The hash is kept as ``<id>:<hash>``: when the id is not the one under ``id_key`` (an
     older release moved the cursor or the anchor and knew nothing of hashes), nothing is
     known to compare, which is not a break.
     """
-    audit_id = int(db.meta_value(conn, id_key) or 0)
-    remembered_id, _, remembered = (db.meta_value(conn, hash_key) or "").partition(":")
+    audit_id = _number(conn, id_key)
+    remembered_id, _, remembered = (_meta_text(conn, hash_key) or "").partition(":")
     if audit_id == 0 or not remembered or remembered_id != str(audit_id):
-        return audit_id, True
-    return audit_id, _hash_at(conn, audit_id) == remembered
+        return audit_id, "", True
+    return audit_id, remembered, _hash_at(conn, audit_id) == remembered
+
+
+def _breaks_seen(conn: sqlite3.Connection) -> list[str]:
+    """The places (``<id>:<hash>``) found lost by the breaks counted, newest last."""
+    try:
+        seen = json.loads(_meta_text(conn, BREAKS_SEEN_KEY) or "[]")
+    except ValueError:
+        return []
+    return [item for item in seen if isinstance(item, str)] if isinstance(seen, list) else []
 
 
 def check_trail(conn: sqlite3.Connection, now: datetime) -> str | None:
@@ -336,20 +371,23 @@ def check_trail(conn: sqlite3.Connection, now: datetime) -> str | None:
     to the start. Resending what the upstream has is harmless (conditional creates by chain
     hash); the records of the new chain go up beside the old ones, and the upstream keeps both
     chains' anchors, which :func:`verify_against_anchors` holds the trail to.
+
+    A break is counted once: the places lost (id and hash) are kept under
+    :data:`BREAKS_SEEN_KEY`, and the same places found lost again (the cursor or the anchor
+    set back to them, by an older release say) are mended the same way without a second
+    count, audit record or finding (None).
     """
     with db.transaction_sync(conn):
-        cursor, cursor_held = _still_held(conn, CURSOR_KEY, CURSOR_HASH_KEY)
-        anchored, anchor_held = _still_held(conn, ANCHOR_KEY, ANCHOR_HASH_KEY)
+        cursor, cursor_hash, cursor_held = _still_held(conn, CURSOR_KEY, CURSOR_HASH_KEY)
+        anchored, anchor_hash, anchor_held = _still_held(conn, ANCHOR_KEY, ANCHOR_HASH_KEY)
         if cursor_held and anchor_held:
             return None
-        lost = [
-            f"record {audit_id} as {what}"
-            for audit_id, held, what in (
-                (cursor, cursor_held, "exported"),
-                (anchored, anchor_held, "anchored upstream"),
-            )
-            if not held
-        ]
+        places = (
+            (cursor, cursor_hash, cursor_held, "exported"),
+            (anchored, anchor_hash, anchor_held, "anchored upstream"),
+        )
+        lost = [f"record {audit_id} as {what}" for audit_id, _, held, what in places if not held]
+        lost_at = [f"{audit_id}:{digest}" for audit_id, digest, held, _ in places if not held]
         problem = (
             f"the local audit trail no longer holds {' nor '.join(lost)} "
             "(cut back or rewritten under the export)"
@@ -364,29 +402,108 @@ def check_trail(conn: sqlite3.Connection, now: datetime) -> str | None:
                 "DELETE FROM meta WHERE key IN (?, ?, ?)",
                 (ANCHOR_KEY, ANCHOR_HASH_KEY, ANCHOR_REFUSED_KEY),
             )
-        db.set_meta(conn, BREAKS_KEY, str(_count(conn, BREAKS_KEY) + 1))
-        audit.append(
-            conn,
-            [
-                AuditEvent(
-                    ACTOR,
-                    AuditAction.EXPORT,
-                    outcome=Outcome.FAILURE,
-                    entity="audit",
-                    detail=f"{problem}; export resent from record {rewind + 1}",
-                )
-            ],
-            now=now,
+        seen = _breaks_seen(conn)
+        counted = all(place in seen for place in lost_at)
+        if not counted:
+            seen = [*(place for place in seen if place not in lost_at), *lost_at]
+            db.set_meta(conn, BREAKS_SEEN_KEY, json.dumps(seen[-BREAKS_SEEN_KEPT:]))
+            db.set_meta(conn, BREAKS_KEY, str(_number(conn, BREAKS_KEY) + 1))
+            audit.append(
+                conn,
+                [
+                    AuditEvent(
+                        ACTOR,
+                        AuditAction.EXPORT,
+                        outcome=Outcome.FAILURE,
+                        entity="audit",
+                        detail=f"{problem}; export resent from record {rewind + 1}",
+                    )
+                ],
+                now=now,
+            )
+    if counted:
+        logger.warning(
+            "audit trail break found again (counted before); export resent from record %d",
+            rewind + 1,
         )
+        return None
     logger.error("%s; run 'appliance audit verify'", problem)
     return problem
 
 
 def _anchor_settled(conn: sqlite3.Connection) -> int:
     """The newest checkpoint settled upstream, taken or refused (0: none)."""
-    return max(
-        int(db.meta_value(conn, ANCHOR_KEY) or 0), int(db.meta_value(conn, ANCHOR_REFUSED_KEY) or 0)
-    )
+    return max(_number(conn, ANCHOR_KEY), _number(conn, ANCHOR_REFUSED_KEY))
+
+
+# Checkpoints looked at, newest first, for one fit to anchor: the few newer ones a person
+# with file access may have inserted or altered are passed over, a flood of them is not
+# read to its end on every drain (``audit verify`` names the first of them anyway).
+ANCHOR_CANDIDATES = 16
+_CHECKPOINTS_SQL = (
+    "SELECT id, audit_id, hash, ts, signature FROM audit_checkpoints ORDER BY id DESC LIMIT ?"
+)
+
+
+def _anchor_candidate(
+    conn: sqlite3.Connection, public_key: Ed25519PublicKey
+) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint fit to anchor, and why each newer one is not (ids only).
+
+    Fit: well-formed, signed by this box, and the trail holds its record with its hash.
+    Before, the newest row was anchored as it was: one with a timestamp that does not parse
+    raised out of the export (and ended the sync process, restarted into the same row for
+    ever); one whose record was cut away, or inserted far ahead, was anchored, then found
+    missing by :func:`check_trail` on every drain, a break counted and the export rewound
+    to the start each time.
+    """
+    saved = conn.text_factory
+    conn.text_factory = audit.tolerant_text
+    try:
+        rows = conn.execute(_CHECKPOINTS_SQL, (ANCHOR_CANDIDATES,)).fetchall()
+    finally:
+        conn.text_factory = saved
+    unfit: list[str] = []
+    for cp_id, audit_id, digest, ts, signature in rows:
+        found, why = _fit_checkpoint(conn, public_key, audit_id, digest, ts, signature)
+        if found is not None:
+            return found, unfit
+        unfit.append(f"checkpoint {cp_id}: {why}")
+    return None, unfit
+
+
+def _fit_checkpoint(
+    conn: sqlite3.Connection,
+    public_key: Ed25519PublicKey,
+    audit_id: object,
+    digest: object,
+    ts: object,
+    signature: object,
+) -> tuple[Checkpoint | None, str]:
+    """A stored checkpoint's values as a :class:`Checkpoint` fit to anchor, else why not."""
+    if not (
+        isinstance(audit_id, int)
+        and 0 < audit_id < 2**63
+        and isinstance(digest, bytes)
+        and len(digest) == len(audit.GENESIS)
+        and isinstance(ts, str)
+        and isinstance(signature, bytes)
+    ):
+        return None, "malformed (altered)"
+    try:
+        moment = datetime.fromisoformat(ts)
+        if moment.utcoffset() is None:
+            raise ValueError("no time zone")
+        found = Checkpoint(audit_id, digest, moment.astimezone(UTC), signature)
+    except (ValueError, OverflowError):
+        return None, f"record {audit_id}: malformed timestamp (altered)"
+    try:
+        public_key.verify(signature, found.message())
+    except InvalidSignature:
+        return None, f"record {audit_id}: signature does not verify (forged or altered)"
+    if _hash_at(conn, audit_id) != digest.hex():
+        return None, f"record {audit_id}: not held by the trail (cut away, or inserted ahead)"
+    return found, ""
 
 
 def _load(
@@ -399,7 +516,7 @@ def _load(
     value of another type than the chain writes, is passed over as refused instead of
     raising and ending the sync process, which then restarted into the same record.
     """
-    cursor = int(db.meta_value(conn, CURSOR_KEY) or 0)
+    cursor = _number(conn, CURSOR_KEY)
     saved = conn.text_factory
     conn.text_factory = audit.tolerant_text
     try:
@@ -455,6 +572,9 @@ class ExportResult:
     anchored: int | None = None  # audit id of the checkpoint anchored by this call
     anchor_error: str | None = None  # the anchor not taken (the records went on regardless)
     anchor_stopped_by: UpstreamError | None = None  # why (credentials, address…): paced
+    # Newer checkpoints not anchored: malformed, not this box's signature, or not held by
+    # the trail (``checkpoint <row id>: why``, ids only); ``audit verify`` tells more.
+    unfit_checkpoints: list[str] = field(default_factory=list)
     trail_broken: str | None = None  # check_trail's finding at the start of this export
     error: str | None = None
     link_down: bool = False
@@ -483,6 +603,7 @@ class AuditExporter:
         self._max_batch = batch
         self._batch = batch
         self._clock = clock
+        self._unfit: list[str] = []  # the unfit checkpoints last logged
 
     @property
     def batch_size(self) -> int:
@@ -494,13 +615,24 @@ class AuditExporter:
         return await db.run_sync(self._store.connection, read_export_state)
 
     async def anchor_once(self) -> int | None:
-        """Send the newest checkpoint upstream unless it is there; its audit id, else None.
+        """Send the newest checkpoint fit to anchor upstream unless it is there; its audit
+        id, else None.
 
-        Raises :class:`UpstreamError` for a link or bundle failure (nothing is recorded). A
+        Fit (:func:`_anchor_candidate`): well-formed, this box's signature, and held by the
+        trail; newer ones that are not are passed over, logged once. Raises
+        :class:`UpstreamError` for a link or bundle failure (nothing is recorded). A
         checkpoint the server refuses for good is recorded as a refusal and not retried.
         """
         conn = self._store.connection
-        checkpoint = await db.run_sync(conn, audit.latest_checkpoint)
+        checkpoint, unfit = await db.run_sync(
+            conn, _anchor_candidate, self._store.keyring.signing_public_key
+        )
+        if unfit and unfit != self._unfit:
+            logger.error(
+                "audit checkpoints not anchored: %s; run 'appliance audit verify'",
+                "; ".join(unfit),
+            )
+        self._unfit = unfit
         settled = await db.run_sync(conn, _anchor_settled)
         if checkpoint is None or checkpoint.audit_id <= settled:
             return None
@@ -573,11 +705,13 @@ class AuditExporter:
                 result.anchored = await self.anchor_once()
             except UpstreamError as exc:
                 if exc.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS):
-                    cursor = int(await db.run_sync(conn, db.meta_value, CURSOR_KEY) or 0)
+                    cursor = await db.run_sync(conn, _number, CURSOR_KEY)
                     return self._failed(result, exc, cursor)
                 result.anchor_error = str(exc)
                 result.anchor_stopped_by = exc
                 logger.warning("audit checkpoint anchor not taken upstream: %s", exc.failure)
+            finally:
+                result.unfit_checkpoints = list(self._unfit)
         start, rows, refused = await db.run_sync(conn, _load, self._batch)
         result.cursor = start
         if not rows and not refused:
@@ -662,6 +796,7 @@ class AuditExporter:
             step = await self.export_once(anchor=sent == 0)
             total.anchor_error = total.anchor_error or step.anchor_error
             total.anchor_stopped_by = total.anchor_stopped_by or step.anchor_stopped_by
+            total.unfit_checkpoints = total.unfit_checkpoints or step.unfit_checkpoints
             total.trail_broken = total.trail_broken or step.trail_broken
             total.exported += step.exported
             total.existing += step.existing

@@ -197,6 +197,24 @@ def _lose_cursor(db_path: Path) -> None:
     raw.close()
 
 
+def _raw(db_path: Path, sql: str, *params: object) -> None:
+    """One statement on the database file, as someone with file access would run it."""
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.execute(sql, params)
+    raw.close()
+
+
+def _set_meta(db_path: Path, key: str, value: str | None) -> None:
+    _raw(
+        db_path,
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        key,
+        value,
+    )
+
+
 @pytest.mark.peer
 async def test_n_records_become_n_audit_events_even_after_the_cursor_is_lost(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
@@ -507,6 +525,146 @@ async def test_a_cursor_moved_by_an_older_release_is_not_taken_for_a_break(
     # Before: "cut back or rewritten" on an intact trail, everything resent, a red banner.
     assert again.trail_broken is None
     assert (await db.run_sync(store.connection, read_export_state)).breaks == 0
+
+
+@pytest.mark.peer
+async def test_a_trail_cut_back_under_its_checkpoint_is_one_break_and_that_checkpoint_not_anchored(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    conn, keyring = store.connection, store.keyring
+    await _records(store, 6)
+    await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+    assert (await AuditExporter(store, client, site_id=SITE).drain()).anchored == 6
+    # A naive cut: the newest records only, the checkpoint at record 6 left in its table.
+    unguarded(db_path, "DELETE FROM audit WHERE id > 4")
+    found = [await AuditExporter(store, client, site_id=SITE).drain() for _ in range(4)]
+    # Before: the checkpoint at 6 was anchored again each drain, found missing on the next,
+    # the export rewound to the start and one more break counted: 4 drains, 4 breaks.
+    assert [r.trail_broken is not None for r in found] == [True, False, False, False]
+    assert {r.anchored for r in found} == {None}
+    assert found[0].unfit_checkpoints == [
+        "checkpoint 1: record 6: not held by the trail (cut away, or inserted ahead)"
+    ]
+    state = await db.run_sync(conn, read_export_state)
+    # Records 1-4 and the record of the break (5), each sent once more, no more.
+    assert (state.breaks, state.anchored, state.cursor, state.head) == (1, 0, 5, 5)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("altered", ["inserted ahead", "forged at the head"])
+async def test_a_checkpoint_row_inserted_by_hand_is_not_anchored_and_pins_nothing(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path, altered: str
+) -> None:
+    conn, keyring = store.connection, store.keyring
+    await _records(store, 30)
+    signed = await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+    assert signed is not None
+    # INSERT is not guarded by a trigger (only audit verify tells).
+    audit_id, digest = (2**62, b"\x01" * 32) if altered == "inserted ahead" else (30, signed.hash)
+    _raw(
+        db_path,
+        "INSERT INTO audit_checkpoints (audit_id, hash, ts, signature) VALUES (?, ?, ?, ?)",
+        audit_id,
+        digest,
+        audit.ts_text(T0),
+        b"\x02" * 64,
+    )
+    exporter = AuditExporter(store, client, site_id=SITE, batch=4)
+    drains = [await exporter.drain(max_bundles=3) for _ in range(3)]
+    # Before: the row was anchored as it was. Ahead, it was found missing on each drain, a
+    # break counted and the export rewound, the cursor never past 12 of 30; forged, an
+    # anchor no verification can pass went upstream, and the real one never.
+    state = await db.run_sync(conn, read_export_state)
+    assert (state.cursor, state.head, state.breaks, state.anchored) == (30, 30, 0, 30)
+    assert await fetch_upstream_anchors(client, SITE) == [signed]
+    assert drains[0].anchored == 30
+    assert drains[0].unfit_checkpoints == [
+        f"checkpoint 2: record {audit_id}: signature does not verify (forged or altered)"
+    ]
+
+
+@pytest.mark.peer
+async def test_a_break_found_again_at_the_same_place_is_not_counted_twice(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    conn, keyring = store.connection, store.keyring
+    await _records(store, 6)
+    await db.run_sync(conn, audit.checkpoint, keyring.signing_key, now=T0)
+    await AuditExporter(store, client, site_id=SITE).drain()
+    anchor_hash = await db.run_sync(conn, db.meta_value, "audit_export.anchor_hash")
+    unguarded(db_path, "DELETE FROM audit WHERE id > 4", "DELETE FROM audit_checkpoints")
+    assert (await AuditExporter(store, client, site_id=SITE).drain()).trail_broken is not None
+    # An older release beside it (appliance sync once) sets the anchor back where it was.
+    for key, value in [("audit_export.anchor", "6"), ("audit_export.anchor_hash", anchor_hash)]:
+        _set_meta(db_path, key, value)
+    again = await AuditExporter(store, client, site_id=SITE).drain()
+    # Before: a second break, a second record of it, the warning raised again.
+    assert again.trail_broken is None
+    state = await db.run_sync(conn, read_export_state)
+    assert (state.breaks, state.cursor, state.head, state.anchored) == (1, 5, 5, 0)
+    raw = sqlite3.connect(db_path)
+    said = raw.execute("SELECT count(*) FROM audit WHERE outcome = 'failure'").fetchone()[0]
+    raw.close()
+    assert said == 1
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize(
+    ("ts", "signature"),
+    [("yesterday", b"\x02" * 64), ("2026-11-26T08:00:00", b"\x02" * 64), (T0, b"short")],
+    ids=["not a time", "no time zone", "short signature"],
+)
+async def test_a_malformed_checkpoint_row_is_passed_over_not_a_crash(
+    store: Store,
+    client: httpx.AsyncClient,
+    fhir_peer: FhirPeer,
+    db_path: Path,
+    ts: str | datetime,
+    signature: bytes,
+) -> None:
+    conn = store.connection
+    await _records(store, 3)
+    signed = await db.run_sync(conn, audit.checkpoint, store.keyring.signing_key, now=T0)
+    assert signed is not None
+    stored = audit.ts_text(ts) if isinstance(ts, datetime) else ts
+    _raw(
+        db_path,
+        "INSERT INTO audit_checkpoints (audit_id, hash, ts, signature) VALUES (3, ?, ?, ?)",
+        signed.hash,
+        stored,
+        signature,
+    )
+    # Before: a ValueError out of drain(), which ended the sync process (restarted by
+    # systemd into the same row for ever: outbox, pull and claims stopped with it).
+    result = await AuditExporter(store, client, site_id=SITE).drain()
+    assert (result.exported, result.cursor, result.anchored, result.error) == (3, 3, 3, None)
+    assert await fetch_upstream_anchors(client, SITE) == [signed]  # not the altered row
+    [unfit] = result.unfit_checkpoints
+    assert unfit.startswith("checkpoint 2: record 3: ")
+
+
+@pytest.mark.peer
+async def test_altered_export_state_in_meta_reads_as_none_and_loses_nothing(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    conn = store.connection
+    await _records(store, 4)
+    await db.run_sync(conn, audit.checkpoint, store.keyring.signing_key, now=T0)
+    await AuditExporter(store, client, site_id=SITE).drain()
+    for key, value in [
+        ("audit_export.cursor", "four"),
+        ("audit_export.anchor", "1e3"),
+        ("audit_export.anchor_refused", "9" * 30),  # past any audit id SQLite can hold
+        ("audit_export.refused", '{"count": "many", "recent": [["x", 1], 2]}'),
+    ]:
+        _set_meta(db_path, key, value)
+    # Before: a ValueError on every status page and out of every drain.
+    state = await db.run_sync(conn, read_export_state)
+    assert (state.cursor, state.anchored, state.refused, state.recent_refusals) == (0, 0, 0, ())
+    again = await AuditExporter(store, client, site_id=SITE).drain()
+    # Sent again from the start and anchored again: found upstream, nothing twice.
+    assert (again.exported, again.existing, again.cursor, again.anchored) == (4, 4, 4, 4)
+    assert (fhir_peer.count("AuditEvent"), fhir_peer.count("Provenance")) == (4, 1)
 
 
 @pytest.mark.peer
