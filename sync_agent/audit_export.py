@@ -19,7 +19,8 @@ export stops there and resends from the same place later.
 record held by the trail with its hash (newer rows that are not, inserted or left behind by
 a cut, are passed over and logged; ``audit verify`` names them). :data:`ANCHOR_KEY`
 remembers the last one the upstream took, :data:`ANCHOR_REFUSED_KEY` the last it refused for
-good; an anchor not taken never holds the records back. Each drain
+good; an anchor not taken never holds the records back (an entry the upstream answered but
+did not take is sent again after a pause; only a failed exchange stops both). Each drain
 first checks that the trail still holds the records at its cursor and at the anchor
 (:func:`check_trail`): a trail cut back and grown again is reported, once, and sent again,
 not anchored over in silence. :func:`verify_against_anchors` compares the local chain with
@@ -40,7 +41,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -557,6 +558,19 @@ def _utf8(text: str) -> bool:
     return True
 
 
+class AnchorEntryError(UpstreamError):
+    """The upstream answered the anchor's bundle but did not take its entry (the entry
+    answered 5xx, 429, 401…): the exchange went through, so the records still go."""
+
+    __slots__ = ()
+
+
+# An anchor entry the upstream answered but did not take (a 5xx entry in a 200 batch) is
+# sent again after this, doubled each time up to the cap, not on every drain.
+ANCHOR_RETRY_S = 30.0
+ANCHOR_RETRY_CAP_S = 900.0
+
+
 # -- the exporter ---------------------------------------------------------------------------
 
 
@@ -604,6 +618,8 @@ class AuditExporter:
         self._batch = batch
         self._clock = clock
         self._unfit: list[str] = []  # the unfit checkpoints last logged
+        self._anchor_failures = 0  # anchor entries answered and not taken, in a row
+        self._anchor_not_before: datetime | None = None
 
     @property
     def batch_size(self) -> int:
@@ -620,7 +636,8 @@ class AuditExporter:
 
         Fit (:func:`_anchor_candidate`): well-formed, this box's signature, and held by the
         trail; newer ones that are not are passed over, logged once. Raises
-        :class:`UpstreamError` for a link or bundle failure (nothing is recorded). A
+        :class:`UpstreamError` for a failure of the exchange (nothing is recorded), and
+        :class:`AnchorEntryError` when the upstream answered but did not take the entry. A
         checkpoint the server refuses for good is recorded as a refusal and not retried.
         """
         conn = self._store.connection
@@ -668,7 +685,40 @@ class AuditExporter:
             await db.run_sync(conn, _set_anchor, checkpoint, message)
             return None
         failure = Failure.AUTH if code in (401, 403) else Failure.TRANSIENT
-        raise UpstreamError(failure, f"checkpoint anchor: entry HTTP {code or 'missing'}")
+        raise AnchorEntryError(failure, f"checkpoint anchor: entry HTTP {code or 'missing'}")
+
+    async def _anchor(self, result: ExportResult) -> UpstreamError | None:
+        """The anchor step of :meth:`export_once`: the failure that stops the records too
+        (the exchange failed: transient or ambiguous), else None."""
+        now = self._clock()
+        if self._anchor_not_before is not None and now < self._anchor_not_before:
+            return None  # an entry not taken lately: paced
+        try:
+            result.anchored = await self.anchor_once()
+        except AnchorEntryError as exc:
+            # Answered: the link is up and the records go on. Our access (401/403) paces
+            # the step in the sync loop; the upstream's own trouble with the entry (a 5xx
+            # entry in a 200 batch) paces the anchor alone, here.
+            result.anchor_error = str(exc)
+            logger.warning("audit checkpoint anchor not taken upstream: %s", exc.failure)
+            if exc.failure is Failure.AUTH:
+                result.anchor_stopped_by = exc
+            else:
+                self._anchor_failures += 1
+                wait = ANCHOR_RETRY_S * 2 ** min(self._anchor_failures - 1, 20)
+                self._anchor_not_before = now + timedelta(seconds=min(wait, ANCHOR_RETRY_CAP_S))
+            return None
+        except UpstreamError as exc:
+            if exc.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS):
+                return exc
+            result.anchor_error = str(exc)
+            result.anchor_stopped_by = exc
+            logger.warning("audit checkpoint anchor not taken upstream: %s", exc.failure)
+            return None
+        finally:
+            result.unfit_checkpoints = list(self._unfit)
+        self._anchor_failures, self._anchor_not_before = 0, None
+        return None
 
     def _bundle(self, built: Sequence[tuple[ExportRow, fhir.FhirJson]]) -> dict[str, Any]:
         system = record_system(self._site_id)
@@ -693,25 +743,18 @@ class AuditExporter:
         records after the cursor.
 
         Never raises for the link: a failure is in the result and the cursor stays put. An
-        anchor the upstream does not take for a reason of its own (our access to Provenance,
-        a rule of the server) is reported in ``anchor_error`` and does not hold the records
-        back; a link failure stops both.
+        anchor the upstream does not take (our access to Provenance, a rule of the server,
+        its own trouble with the entry) is reported in ``anchor_error`` and does not hold
+        the records back; only a failure of the whole exchange stops both.
+
         """
         result = ExportResult()
         conn = self._store.connection
         if anchor:
             result.trail_broken = await db.run_sync(conn, check_trail, self._clock())
-            try:
-                result.anchored = await self.anchor_once()
-            except UpstreamError as exc:
-                if exc.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS):
-                    cursor = await db.run_sync(conn, _number, CURSOR_KEY)
-                    return self._failed(result, exc, cursor)
-                result.anchor_error = str(exc)
-                result.anchor_stopped_by = exc
-                logger.warning("audit checkpoint anchor not taken upstream: %s", exc.failure)
-            finally:
-                result.unfit_checkpoints = list(self._unfit)
+            stop = await self._anchor(result)
+            if stop is not None:
+                return self._failed(result, stop, await db.run_sync(conn, _number, CURSOR_KEY))
         start, rows, refused = await db.run_sync(conn, _load, self._batch)
         result.cursor = start
         if not rows and not refused:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -435,6 +435,52 @@ async def test_an_anchor_the_upstream_does_not_take_holds_no_record_back_nor_rea
         assert again.anchored is None
         assert state.refused == 1
         assert fhir_peer.count("Provenance") == 0
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("status", [500, 503, 429, 409, 423, 425])
+async def test_an_anchor_entry_the_upstream_fails_in_an_answered_bundle_holds_no_record_back(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, status: int
+) -> None:
+    await _records(store, 5)
+    await db.run_sync(store.connection, audit.checkpoint, store.keyring.signing_key, now=T0)
+    now = [T0]
+    exporter = AuditExporter(store, client, site_id=SITE, clock=lambda: now[0])
+    fhir_peer.reject(balp.CHECKPOINT_EXTENSION, status=status)  # the Provenance entry only
+    try:
+        result = await exporter.drain()
+    finally:
+        fhir_peer.reject(None)
+    # Before: a transient stop before any record, every drain, and the box read offline.
+    assert (result.exported, result.cursor, result.anchored) == (5, 5, None)
+    assert (result.error, result.link_down, result.stopped_by) == (None, False, None)
+    assert (result.anchor_error or "").startswith(
+        f"transient: checkpoint anchor: entry HTTP {status}"
+    )
+    assert result.anchor_stopped_by is None  # the sync loop must not read the link as cut
+    assert fhir_peer.count("AuditEvent") == 5
+    # The anchor is paced on its own: not sent again on the next drain...
+    await _records(store, 1)
+    paced = await exporter.drain()
+    assert (paced.exported, paced.anchored, paced.anchor_error) == (1, None, None)
+    assert fhir_peer.count("Provenance") == 0
+    # ...but once its wait is over.
+    now[0] += timedelta(seconds=31)
+    again = await exporter.drain()
+    assert (again.anchored, again.anchor_error) == (5, None)
+    assert fhir_peer.count("Provenance") == 1
+
+
+@pytest.mark.peer
+async def test_a_failed_exchange_for_the_anchor_still_stops_both(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 3)
+    await db.run_sync(store.connection, audit.checkpoint, store.keyring.signing_key, now=T0)
+    fhir_peer.fault("status", status=503, count=1)  # the anchor's whole request
+    failed = await AuditExporter(store, client, site_id=SITE).drain()
+    assert (failed.exported, failed.cursor, failed.link_down) == (0, 0, True)
+    assert fhir_peer.count("AuditEvent") == 0
 
 
 @pytest.mark.peer
