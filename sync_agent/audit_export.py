@@ -14,6 +14,14 @@ bundles; an entry the server refuses for good (or over 64 KB and too large alone
 stalls the chain. A 401/403, for the bundle or one entry, is our access, not the record: the
 export stops there and resends from the same place later.
 
+**Passed over is lost**, so a refusal of a whole request counts against a record only when
+the record went alone and the FHIR server itself refused it (400 or 422 with its
+OperationOutcome), and only once a record after it has gone through
+(:meth:`AuditExporter.export_once`). A proxy's page, a 407, 426 or 431, the same answer to two
+records in a row, or :data:`REFUSED_RUN` such refusals in a row, is the exchange: the export
+stops where it is, passing none over, and is paced as for an address or credentials refused.
+(As many bad records in a row stop it too: a stall a person sees, not a trail lost unseen.)
+
 **Anchor.** The newest signed checkpoint fit to anchor goes up first in each drain, as a
 ``Provenance`` carrying the box's Ed25519 signature: well-formed, signed by this box, and its
 record held by the trail with its hash (newer rows that are not, inserted or left behind by
@@ -63,6 +71,7 @@ from sync_agent.balp import (
 )
 from sync_agent.upstream import (
     ENTRY_NOT_THE_ITEM,
+    FHIR_JSON,
     Failure,
     UpstreamError,
     bundle_entries,
@@ -70,8 +79,8 @@ from sync_agent.upstream import (
     entry_outcome,
     entry_status,
     exchange,
+    is_outcome,
     next_link,
-    post_bundle,
     response_json,
 )
 
@@ -508,10 +517,11 @@ def _fit_checkpoint(
 
 
 def _load(
-    conn: sqlite3.Connection, limit: int
+    conn: sqlite3.Connection, limit: int, after: int | None = None
 ) -> tuple[int, list[ExportRow], list[tuple[int, str]]]:
-    """The cursor, the next records after it, and those among them no AuditEvent can be
-    made of (only tampering writes them: ``audit verify`` names them) with why.
+    """The cursor, the next records after it (after ``after`` when given), and those among
+    them no AuditEvent can be made of (only tampering writes them: ``audit verify`` names
+    them) with why.
 
     Text is read tolerantly (as ``audit.verify`` does), so a record that is not UTF-8, or a
     value of another type than the chain writes, is passed over as refused instead of
@@ -521,7 +531,7 @@ def _load(
     saved = conn.text_factory
     conn.text_factory = audit.tolerant_text
     try:
-        rows = conn.execute(_ROWS_SQL, (cursor, limit)).fetchall()
+        rows = conn.execute(_ROWS_SQL, (cursor if after is None else after, limit)).fetchall()
     finally:
         conn.text_factory = saved
     good: list[ExportRow] = []
@@ -558,6 +568,57 @@ def _utf8(text: str) -> bool:
     return True
 
 
+# The whole-request refusals a FHIR server gives for what a request carries (the FHIR
+# RESTful API: 400, the resource could not be parsed or failed basic validation; 422, it
+# violates a profile or a business rule of the server), answered with its own
+# OperationOutcome. Only such a refusal of a one-record bundle can be about that record.
+# Any other (a proxy's page without an OperationOutcome, such as nginx's "400 Request
+# Header Or Cookie Too Large"; 407, a proxy's own credentials; 426, an upgrade; 431, header
+# fields; 411, 412, 414, 421, 428…) is about the exchange, and every record would get it.
+_CONTENT_REFUSALS = frozenset({400, 422})
+
+
+def _exchange_refusal(status: int, body: Any) -> UpstreamError:
+    """A whole-request refusal that is not about the records: the export stops where it is
+    and is paced, as for an address or credentials refused (no record passed over)."""
+    if status == 407:
+        return UpstreamError(
+            Failure.AUTH, "a proxy in front of the upstream asks for its own credentials (HTTP 407)"
+        )
+    said = "an OperationOutcome" if is_outcome(body) else "no OperationOutcome"
+    return UpstreamError(
+        Failure.ENDPOINT,
+        f"HTTP {status} to the whole request ({said}): about the exchange, not the records; "
+        "none passed over",
+    )
+
+
+async def _post(client: httpx.AsyncClient, bundle: dict[str, Any]) -> dict[str, Any]:
+    """:func:`sync_agent.upstream.post_bundle`, except that a refusal of the whole request
+    is **permanent** (``HTTP <status>: <the server's words>``) only when it is a 400 or 422
+    with the FHIR server's own OperationOutcome; any other is :func:`_exchange_refusal`'s.
+
+    Before, any other 4xx was permanent: at one record a bundle, a proxy refusing every POST
+    (a page of HTML, a 407, a 426, a 431) had each record passed over in turn, the cursor
+    moved past the whole trail, and for the audit export passed over is lost.
+    """
+    response = await exchange(
+        client, "POST", "", content=orjson.dumps(bundle), headers={"Content-Type": FHIR_JSON}
+    )
+    body = response_json(response)
+    status = response.status_code
+    if status >= 300:
+        refusal = classify_response(status, body, response.headers.get("Retry-After"))
+        if refusal.failure is not Failure.PERMANENT:
+            raise refusal
+        if status in _CONTENT_REFUSALS and is_outcome(body):
+            raise UpstreamError(Failure.PERMANENT, f"HTTP {status}: {refusal.message}")
+        raise _exchange_refusal(status, body)
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        raise UpstreamError(Failure.TRANSIENT, f"HTTP {status} without a response Bundle")
+    return body
+
+
 class AnchorEntryError(UpstreamError):
     """The upstream answered the anchor's bundle but did not take its entry (the entry
     answered 5xx, 429, 401…): the exchange went through, so the records still go."""
@@ -565,10 +626,30 @@ class AnchorEntryError(UpstreamError):
     __slots__ = ()
 
 
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """Records refused in a row, each alone, as a whole request, with the server's
+    OperationOutcome (see :meth:`AuditExporter.export_once`): none held against its record
+    until a record after them has gone through."""
+
+    start: int  # the cursor they were sent from
+    refused: tuple[tuple[int, UpstreamError], ...]  # (audit id, refusal), in id order
+
+    def same_answer(self, refusal: UpstreamError) -> bool:
+        """Whether one of the run got this very answer (status and the server's words)."""
+        return any(earlier.message == refusal.message for _, earlier in self.refused)
+
+
 # An anchor entry the upstream answered but did not take (a 5xx entry in a 200 batch) is
 # sent again after this, doubled each time up to the cap, not on every drain.
 ANCHOR_RETRY_S = 30.0
 ANCHOR_RETRY_CAP_S = 900.0
+# Records refused alone in a row, with other answers, before the run is taken for the
+# exchange refusing them (the same answer twice is taken so at once).
+REFUSED_RUN = 4
+# Records read past a run for the next one that can be sent alone (unreadable ones, which
+# only tampering writes, are passed over on the way).
+_CONTROL_WINDOW = 8
 
 
 # -- the exporter ---------------------------------------------------------------------------
@@ -617,6 +698,7 @@ class AuditExporter:
         self._max_batch = batch
         self._batch = batch
         self._clock = clock
+        self._run: _Run | None = None
         self._unfit: list[str] = []  # the unfit checkpoints last logged
         self._anchor_failures = 0  # anchor entries answered and not taken, in a row
         self._anchor_not_before: datetime | None = None
@@ -673,7 +755,7 @@ class AuditExporter:
                 }
             ],
         }
-        response = await post_bundle(self._client, bundle)
+        response = await _post(self._client, bundle)
         entry = (bundle_entries(response) or [{}])[0]
         code = entry_status(entry)
         if 200 <= code < 300:
@@ -747,6 +829,13 @@ class AuditExporter:
         its own trouble with the entry) is reported in ``anchor_error`` and does not hold
         the records back; only a failure of the whole exchange stops both.
 
+        A record refused alone, as a whole request, with the server's OperationOutcome
+        (:func:`_post`), is not passed over at once: the next call sends the next record
+        alone, and so on. Once the upstream answers one with a batch response, those refused
+        before it are passed over.
+        The same answer twice, or :data:`REFUSED_RUN` refusals in a row, is the exchange,
+        not the records: the export stops (**endpoint**, paced) with none passed over. With
+        no record after them yet, they wait (sent alone again next time).
         """
         result = ExportResult()
         conn = self._store.connection
@@ -755,8 +844,23 @@ class AuditExporter:
             stop = await self._anchor(result)
             if stop is not None:
                 return self._failed(result, stop, await db.run_sync(conn, _number, CURSOR_KEY))
+        run, self._run = self._run, None
         start, rows, refused = await db.run_sync(conn, _load, self._batch)
         result.cursor = start
+        if run is not None and rows and (run.start, run.refused[0][0]) == (start, rows[0].id):
+            # The next record after the run, alone: it tells the records from the exchange.
+            ids = [rid for rid, _ in run.refused]
+            _, later, bad = await db.run_sync(conn, _load, len(ids) + _CONTROL_WINDOW, start)
+            if [row.id for row in later[: len(ids)]] != ids:
+                run = None  # the trail moved under it (another exporter): judged anew
+            elif len(later) == len(ids):  # no record after it yet: it waits
+                return self._failed(result, run.refused[-1][1], start)
+            else:
+                rows = later[len(ids) : len(ids) + 1]
+                refused = [(rid, str(exc)) for rid, exc in run.refused]
+                refused += [(rid, why) for rid, why in bad if rid < rows[0].id]
+        else:
+            run = None
         if not rows and not refused:
             return result
         built: list[tuple[ExportRow, fhir.FhirJson]] = []
@@ -770,39 +874,20 @@ class AuditExporter:
         if built:
             bundle = self._bundle(built)
             try:
-                response = await post_bundle(self._client, bundle)
+                response = await _post(self._client, bundle)
             except UpstreamError as exc:
-                if len(built) == 1 and (
-                    exc.failure is Failure.PERMANENT
-                    or (exc.failure is Failure.TOO_LARGE and _alone_too_large(bundle))
-                ):
-                    # Refused alone, or too large alone: that record will never go; pass it.
-                    refused.append((built[0][0].id, f"{exc.failure}: {exc.message}"))
-                    built = []
-                else:
+                alone = built[0][0].id if len(built) == 1 else None
+                if alone is None or exc.failure not in (Failure.PERMANENT, Failure.TOO_LARGE):
                     return self._failed(result, exc, start)
+                if exc.failure is Failure.TOO_LARGE and not _alone_too_large(bundle):
+                    return self._failed(result, exc, start)  # a limit in front: it waits
+                if exc.failure is Failure.TOO_LARGE and run is None:
+                    refused.append((alone, str(exc)))  # too large alone: it will never go
+                else:
+                    return self._refused_alone(result, start, run, alone, exc)
             else:
                 result.bundles = 1
-                entries = bundle_entries(response)
-                for index, (row, _event) in enumerate(built):
-                    entry = entries[index] if index < len(entries) else {}
-                    code = entry_status(entry)
-                    if 200 <= code < 300:
-                        result.exported += 1
-                        result.existing += code == 200
-                    elif 400 <= code < 500 and code not in _NOT_THE_RECORD:
-                        refused.append((row.id, entry_outcome(entry, code)))
-                    else:
-                        # Settle only up to here: the rest is resent (harmlessly) next time.
-                        # A 401/403 entry is our credentials or access policy, not the
-                        # record: it waits for them to be mended, like a refused request.
-                        end = row.id - 1
-                        result.retry = sum(1 for r, _ in built if r.id >= row.id)
-                        failure = Failure.AUTH if code in (401, 403) else Failure.TRANSIENT
-                        stop = UpstreamError(failure, f"entry HTTP {code or 'missing'}")
-                        result.error, result.stopped_by = str(stop), stop
-                        result.failures.append(result.error)
-                        break
+                end = self._answered(result, built, response, refused, end)
                 self._batch = min(self._max_batch, self._batch * 2)
         refused = [(rid, reason) for rid, reason in refused if rid <= end]
         result.refused = len(refused)
@@ -810,6 +895,64 @@ class AuditExporter:
         if refused:
             logger.warning("upstream refused %d audit record(s); passed over", len(refused))
         return result
+
+    def _refused_alone(
+        self,
+        result: ExportResult,
+        start: int,
+        run: _Run | None,
+        record: int,
+        refusal: UpstreamError,
+    ) -> ExportResult:
+        """``record``, sent alone after ``run`` (if any), refused as a whole request: the run
+        grows, and the next call sends the next record alone; or, the same answer as one
+        before it or a run of :data:`REFUSED_RUN`, the exchange: the export stops (paced),
+        passing none over."""
+        refused = (*(run.refused if run is not None else ()), (record, refusal))
+        if (run is not None and run.same_answer(refusal)) or len(refused) >= REFUSED_RUN:
+            said = refusal.message.split(":", 1)[0]  # "HTTP 400" (not the server's words)
+            said = said if said.startswith("HTTP ") else str(refusal.failure)
+            stop = UpstreamError(
+                Failure.ENDPOINT,
+                f"records {', '.join(str(rid) for rid, _ in refused)}, each sent alone, "
+                f"refused as a whole request ({said}): the exchange, not the records; "
+                "none passed over",
+            )
+            return self._failed(result, stop, start)
+        self._run = _Run(start, refused)
+        result.failures.append(str(refusal))
+        return result  # not a stop: the next call sends the next record alone
+
+    def _answered(
+        self,
+        result: ExportResult,
+        built: Sequence[tuple[ExportRow, fhir.FhirJson]],
+        response: dict[str, Any],
+        refused: list[tuple[int, str]],
+        end: int,
+    ) -> int:
+        """Count a bundle's entry answers into ``result`` and ``refused``; the audit id to
+        settle up to (before the first entry to send again)."""
+        entries = bundle_entries(response)
+        for index, (row, _event) in enumerate(built):
+            entry = entries[index] if index < len(entries) else {}
+            code = entry_status(entry)
+            if 200 <= code < 300:
+                result.exported += 1
+                result.existing += code == 200
+            elif 400 <= code < 500 and code not in _NOT_THE_RECORD:
+                refused.append((row.id, entry_outcome(entry, code)))
+            else:
+                # Settle only up to here: the rest is resent (harmlessly) next time. A
+                # 401/403 entry is our credentials or access policy, not the record: it
+                # waits for them to be mended, like a refused request.
+                result.retry = sum(1 for r, _ in built if r.id >= row.id)
+                failure = Failure.AUTH if code in (401, 403) else Failure.TRANSIENT
+                stop = UpstreamError(failure, f"entry HTTP {code or 'missing'}")
+                result.error, result.stopped_by = str(stop), stop
+                result.failures.append(result.error)
+                return row.id - 1
+        return end
 
     def _failed(self, result: ExportResult, exc: UpstreamError, cursor: int) -> ExportResult:
         result.cursor = cursor

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from sync_agent.audit_export import (
     verify_against_anchors,
 )
 from sync_agent.balp import ExportRow, anchor_from_provenance, audit_event, checkpoint_provenance
-from sync_agent.upstream import Failure
+from sync_agent.upstream import FHIR_JSON, Failure
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
+from tests.sync_agent.fault_proxy import Fault, FaultProxy
 from tests.tamper import unguarded
 
 SITE = "test-clinic"
@@ -213,6 +215,26 @@ def _set_meta(db_path: Path, key: str, value: str | None) -> None:
         key,
         value,
     )
+
+
+@pytest.fixture
+async def proxy(fhir_peer: FhirPeer) -> AsyncIterator[FaultProxy]:
+    """The fault proxy (tests/sync_agent/fault_proxy.py) in front of a reset peer."""
+    fhir_peer.reset()
+    started = await FaultProxy(fhir_peer.control_url).start()
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+@pytest.fixture
+async def proxied(proxy: FaultProxy) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on the peer through the fault proxy."""
+    async with httpx.AsyncClient(
+        base_url=proxy.base_url, headers={"Content-Type": FHIR_JSON}, timeout=5.0
+    ) as http:
+        yield http
 
 
 @pytest.mark.peer
@@ -403,6 +425,153 @@ async def test_a_record_too_large_even_alone_is_passed_over_not_a_stall(
     state = await db.run_sync(store.connection, read_export_state)
     assert state.recent_refusals[0][0] == 1
     assert state.recent_refusals[0][1].startswith("too_large: ")
+
+
+# nginx's answer when the request's headers (a long bearer token, say) pass its limit.
+_NGINX_400 = (
+    b"<html>\r\n<head><title>400 Request Header Or Cookie Too Large</title></head>\r\n<body>\r\n"
+    b"<center><h1>400 Bad Request</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n"
+    b"</html>\r\n"
+)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize(
+    ("status", "body", "failure"),
+    [
+        (400, _NGINX_400, Failure.ENDPOINT),
+        # With an OperationOutcome (the proxy's own), still about the exchange, not a record.
+        (407, None, Failure.AUTH),
+        (426, None, Failure.ENDPOINT),
+        (431, None, Failure.ENDPOINT),
+    ],
+)
+async def test_a_refusal_of_every_request_in_front_of_the_server_passes_over_no_record(
+    store: Store,
+    proxied: httpx.AsyncClient,
+    proxy: FaultProxy,
+    fhir_peer: FhirPeer,
+    status: int,
+    body: bytes | None,
+    failure: Failure,
+) -> None:
+    await _records(store, 5)
+    await proxy.set(Fault.STATUS, status=status, body=body)  # every request, until healed
+    exporter = AuditExporter(store, proxied, site_id=SITE, batch=4)
+    for _ in range(3):
+        stopped = await exporter.drain()
+        # Before: permanent, so one at a time and each record refused alone, passed over
+        # for good: the cursor past the whole trail, none of it ever sent.
+        assert (stopped.exported, stopped.refused, stopped.cursor) == (0, 0, 0)
+        assert stopped.stopped_by is not None
+        assert stopped.stopped_by.failure is failure  # paced by the sync loop, as such
+        assert not stopped.link_down  # something answered: the box is online
+    state = await db.run_sync(store.connection, read_export_state)
+    assert (state.cursor, state.refused) == (0, 0)
+    await proxy.heal()
+    mended = await exporter.drain()
+    assert (mended.exported, mended.refused, mended.cursor) == (5, 0, 5)
+    assert fhir_peer.count("AuditEvent") == 5
+
+
+@pytest.mark.peer
+async def test_every_record_refused_alone_with_the_same_outcome_is_the_exchange_not_the_records(
+    store: Store, proxied: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer
+) -> None:
+    """A gateway that speaks FHIR refusing every bundle with its own OperationOutcome."""
+    await _records(store, 6)
+    await proxy.set(Fault.STATUS, status=400)  # an OperationOutcome, the same each time
+    exporter = AuditExporter(store, proxied, site_id=SITE, batch=4)
+    stopped = await exporter.drain()
+    # Before: every record refused alone and passed over, the trail lost upstream.
+    assert (stopped.exported, stopped.refused, stopped.cursor) == (0, 0, 0)
+    assert stopped.stopped_by is not None
+    assert stopped.stopped_by.failure is Failure.ENDPOINT
+    assert stopped.stopped_by.message.startswith(
+        "records 1, 2, each sent alone, refused as a whole request (HTTP 400): the exchange"
+    )
+    await proxy.heal()
+    mended = await exporter.drain()
+    assert (mended.exported, mended.refused, mended.cursor) == (6, 0, 6)
+
+
+class _NumberedRefusals(httpx.AsyncBaseTransport):
+    """The real transport, but the first ``refuse`` POSTs are refused as a whole with an
+    OperationOutcome naming the request, as a gateway that speaks FHIR does: never the same
+    answer twice."""
+
+    def __init__(self, refuse: int) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self.refuse = refuse
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "POST" or self.refuse <= 0:
+            return await self._inner.handle_async_request(request)
+        self.refuse -= 1
+        outcome = {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {"severity": "error", "code": "processing", "diagnostics": f"#{self.refuse}"}
+            ],
+        }
+        return httpx.Response(400, headers={"Content-Type": FHIR_JSON}, json=outcome)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize(
+    ("refuse", "after"),
+    [(2, (2, 2, 4, None)), (1000, (0, 0, 0, "endpoint: records 1, 2, 3, 4, each sent alone"))],
+)
+async def test_records_refused_alone_in_a_row_are_passed_over_only_once_a_later_one_goes(
+    store: Store, fhir_peer: FhirPeer, refuse: int, after: tuple[int, int, int, str | None]
+) -> None:
+    fhir_peer.reset()
+    await _records(store, 4)
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url,
+        headers={"Content-Type": FHIR_JSON},
+        transport=_NumberedRefusals(refuse),
+    ) as gateway:
+        result = await AuditExporter(store, gateway, site_id=SITE, batch=1).drain()
+    # Two in a row, then record 3 goes: the two were about their records, passed over. A
+    # run of them with none going: the exchange, every record kept. Before, a gateway that
+    # names each request in its answer had the whole trail passed over, one by one.
+    exported, refused, cursor, error = after
+    assert (result.exported, result.refused, result.cursor) == (exported, refused, cursor)
+    if error is None:
+        assert result.error is None
+    else:
+        assert (result.error or "").startswith(error)
+        assert not result.link_down
+    assert fhir_peer.count("AuditEvent") == exported
+
+
+@pytest.mark.peer
+async def test_a_record_refused_alone_waits_for_the_next_one_to_go_and_is_then_passed_over(
+    store: Store, proxied: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 1)
+    await proxy.set(Fault.STATUS, status=422, count=1)  # the server refusing record 1
+    exporter = AuditExporter(store, proxied, site_id=SITE, batch=1)
+    waiting = await exporter.drain()
+    # Nothing after it yet to tell the record from the exchange: kept, not passed over.
+    # Before: passed over at once.
+    assert (waiting.exported, waiting.refused, waiting.cursor) == (0, 0, 0)
+    assert waiting.stopped_by is not None
+    assert waiting.stopped_by.failure is Failure.PERMANENT
+    assert not waiting.link_down
+    await _records(store, 3)
+    await proxy.set(Fault.STATUS, status=422, count=1)  # record 1 alone, refused again
+    moved = await exporter.drain()
+    # Record 2 alone went through: the refusal was about record 1, which is passed over.
+    assert (moved.exported, moved.refused, moved.cursor, moved.error) == (3, 1, 4, None)
+    state = await db.run_sync(store.connection, read_export_state)
+    assert state.recent_refusals[0][0] == 1
+    assert state.recent_refusals[0][1].startswith("permanent: HTTP 422: ")
+    assert fhir_peer.count("AuditEvent") == 3
 
 
 @pytest.mark.peer
