@@ -74,6 +74,8 @@ from sync_agent.upstream import (
     FHIR_JSON,
     Failure,
     UpstreamError,
+    as_dict,
+    as_list,
     bundle_entries,
     classify_response,
     entry_outcome,
@@ -1016,7 +1018,10 @@ async def fetch_upstream_anchors(
 
     All, not the newest few: the anchors of a chain cut back and grown again scroll out of
     any window of the newest within the hour, one being anchored every minute. Raises
-    :class:`UpstreamError` when the server cannot be asked.
+    :class:`UpstreamError` when the server cannot be asked, when a page is not a search
+    Bundle (a login page answered 200 read as "no anchors", and the trail passed as intact),
+    and when a ``next`` link leaves the upstream (not followed: our credentials would go
+    with it; nor read as the end, which would leave the older anchors unchecked).
     """
     params: dict[str, str] | None = {
         "_tag": f"{checkpoint_system(site_id)}|",
@@ -1030,12 +1035,30 @@ async def fetch_upstream_anchors(
         body = response_json(response)
         if response.status_code >= 300:
             raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
+        if as_dict(body).get("resourceType") != "Bundle":
+            raise UpstreamError(
+                Failure.TRANSIENT,
+                f"anchor search: HTTP {response.status_code} without a search Bundle",
+            )
         anchors += anchors_of(body)
         link = next_link(body, client)
+        if link is None and _says_next(body):
+            raise UpstreamError(
+                Failure.ENDPOINT,
+                "anchor search: the next page is not on the upstream (not followed); "
+                "the anchors were not all read",
+            )
         if link is None:
             break
         url, params = link, None
     return sorted(anchors, key=lambda cp: (cp.audit_id, cp.ts))
+
+
+def _says_next(bundle: Any) -> bool:
+    """Whether a search page has a ``next`` link of any kind (see :func:`next_link`)."""
+    return any(
+        as_dict(link).get("relation") == "next" for link in as_list(as_dict(bundle).get("link"))
+    )
 
 
 def anchors_of(body: Any) -> list[Checkpoint]:

@@ -25,7 +25,7 @@ from sync_agent.audit_export import (
     verify_against_anchors,
 )
 from sync_agent.balp import ExportRow, anchor_from_provenance, audit_event, checkpoint_provenance
-from sync_agent.upstream import FHIR_JSON, Failure
+from sync_agent.upstream import FHIR_JSON, Failure, UpstreamError
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.sync_agent.fault_proxy import Fault, FaultProxy
@@ -979,6 +979,43 @@ async def test_verification_holds_the_trail_to_every_anchor_page_after_page(
     assert [a.audit_id for a in anchors] == [6, 6, 9, 11, 13, 15]
     caught = await db.run_sync(conn, verify_against_anchors, keyring.signing_public_key, anchors)
     assert (caught.ok, caught.first_bad_id) == (False, 6)
+
+
+@pytest.mark.peer
+async def test_a_page_that_is_not_a_search_bundle_is_not_read_as_no_anchors(
+    store: Store, proxied: httpx.AsyncClient, proxy: FaultProxy
+) -> None:
+    await _records(store, 2)
+    await db.run_sync(store.connection, audit.checkpoint, store.keyring.signing_key, now=T0)
+    await AuditExporter(store, proxied, site_id=SITE).drain()
+    # A single sign-on page in front of the EHR, answered 200 to the search.
+    login = b"<html><body><form action='/sso/login'>Sign in</form></body></html>"
+    await proxy.set(Fault.REPLACE, status=200, body=login, count=1)
+    # Before: no entries, so "no anchors", and `audit verify` said the trail was intact.
+    with pytest.raises(UpstreamError) as caught:
+        await fetch_upstream_anchors(proxied, SITE)
+    assert caught.value.failure is Failure.TRANSIENT
+    assert [a.audit_id for a in await fetch_upstream_anchors(proxied, SITE)] == [2]
+
+
+@pytest.mark.peer
+async def test_a_next_link_off_the_upstream_leaves_the_anchors_incomplete_not_ended(
+    store: Store, proxied: httpx.AsyncClient, proxy: FaultProxy
+) -> None:
+    await _records(store, 2)
+    await db.run_sync(store.connection, audit.checkpoint, store.keyring.signing_key, now=T0)
+    await AuditExporter(store, proxied, site_id=SITE).drain()
+    page = (
+        await proxied.get("Provenance", params={"_tag": balp.checkpoint_system(SITE) + "|"})
+    ).json()
+    # A server behind a reverse proxy naming its own host in the links.
+    page["link"] = [{"relation": "next", "url": "http://ehr.internal:8080/fhir/R4/Provenance?p=2"}]
+    await proxy.set(Fault.REPLACE, status=200, body=json.dumps(page).encode(), count=1)
+    # Before: read as the last page, the older anchors behind it never checked.
+    with pytest.raises(UpstreamError) as caught:
+        await fetch_upstream_anchors(proxied, SITE)
+    assert caught.value.failure is Failure.ENDPOINT
+    assert "not all read" in caught.value.message
 
 
 async def test_breaks_are_acknowledged_up_to_the_count_shown_and_audited(
