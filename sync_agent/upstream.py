@@ -454,20 +454,31 @@ def _in_clear(value: str | None) -> bool:
 def transport_problems(upstream: UpstreamConfig) -> list[str]:
     """What in an upstream's config would send credentials badly: checked where they are
     used (the sync process and the sync commands refuse to start), not by the config
-    parser, so that the clinic's web UI keeps running on a config that loaded before."""
+    parser, so that the clinic's web UI keeps running on a config that loaded before.
+
+    Over ``http://`` to another host a bearer token or a SMART assertion would cross the LAN
+    in clear text, and a TLS client certificate (mtls, or one beside any ``auth``) would never
+    be presented: the records would go unauthenticated and in clear text."""
     where = f"sync.upstream {upstream.name!r}"
     problems = []
     urls = {
-        AuthKind.BEARER: (("base_url", upstream.base_url),),
-        AuthKind.SMART: (("base_url", upstream.base_url), ("token_url", upstream.token_url)),
+        AuthKind.BEARER: ("base_url",),
+        AuthKind.SMART: ("base_url", "token_url"),
     }
-    if upstream.auth in urls:
-        for key, url in urls[upstream.auth]:
-            if _in_clear(url):
-                problems.append(
-                    f"{where}.{key}: http sends the {upstream.auth.value} credentials in clear "
-                    "text; use https (http only on loopback, for tests)"
-                )
+    certificate = upstream.auth is AuthKind.MTLS or upstream.client_cert_file is not None
+    for key, url in (("base_url", upstream.base_url), ("token_url", upstream.token_url)):
+        if not _in_clear(url):
+            continue
+        wrongs = []
+        if key in urls.get(upstream.auth, ()):
+            wrongs.append(f"sends the {upstream.auth.value} credentials in clear text")
+        if certificate and key == "base_url":
+            wrongs.append("presents no TLS client certificate (the records go in clear text)")
+        if wrongs:
+            problems.append(
+                f"{where}.{key}: http {' and '.join(wrongs)}; use https (http only on "
+                "loopback, for tests)"
+            )
     # A client certificate is presented whenever it is configured (mTLS beside SMART or a
     # bearer token, as some EHRs ask): then it takes both halves.
     if (upstream.client_cert_file is None) != (upstream.client_key_file is None):
@@ -481,9 +492,9 @@ def build_client(upstream: UpstreamConfig, *, auth: httpx.Auth | None = None) ->
 
     Key, token and certificate files are read here, so a bad one stops the process at start
     with a :class:`KeyFileError` naming the file, and credentials that would go in clear text
-    with a :class:`ConfigError` (:func:`transport_problems`). ``auth`` replaces the
-    configured method (tests pass a :class:`sync_agent.auth.SmartBackendAuth` with an
-    injected clock).
+    (or a client certificate that would never be presented) with a :class:`ConfigError`
+    (:func:`transport_problems`). ``auth`` replaces the configured method (tests pass a
+    :class:`sync_agent.auth.SmartBackendAuth` with an injected clock).
     """
     from sync_agent.auth import SmartBackendAuth, StaticBearerAuth
 

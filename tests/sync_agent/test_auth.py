@@ -683,6 +683,30 @@ async def mtls(pki: Pki) -> AsyncIterator[tuple[TokenServer, UpstreamConfig]]:
         yield server, upstream
 
 
+@pytest.mark.parametrize("auth", [AuthKind.MTLS, AuthKind.NONE, AuthKind.BEARER])
+def test_a_client_certificate_over_http_beyond_loopback_is_refused(
+    pki: Pki, tmp_path: Path, auth: AuthKind
+) -> None:
+    upstream = UpstreamConfig(
+        name="ehr",
+        base_url="http://ehr.example/fhir",
+        auth=auth,
+        token_file=_write(tmp_path / "token", b"a-token\n") if auth is AuthKind.BEARER else None,
+        client_cert_file=pki.client_cert,
+        client_key_file=pki.client_key,
+        ca_file=pki.ca,
+    )
+    with pytest.raises(ConfigError) as caught:  # before (mtls, none): no TLS, records in clear
+        build_client(upstream)
+    [problem] = caught.value.problems
+    assert problem.startswith("sync.upstream 'ehr'.base_url: http ")
+    assert "presents no TLS client certificate" in problem
+    assert ("bearer credentials in clear text" in problem) is (auth is AuthKind.BEARER)
+    assert problem.endswith("use https (http only on loopback, for tests)")
+    assert str(caught.value).startswith("upstream 'ehr': 1 problem\n  - sync.upstream 'ehr'")
+    build_client(replace(upstream, base_url="http://127.0.0.1:9/fhir"))  # loopback: tests
+
+
 async def test_mtls_bundle_goes_through_with_the_configured_client_certificate(
     mtls: tuple[TokenServer, UpstreamConfig],
 ) -> None:
