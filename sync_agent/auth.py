@@ -31,10 +31,15 @@ How token-endpoint failures are classed (:class:`sync_agent.upstream.Failure`):
   which may well answer while the token endpoint does not.
 * 400/401 (``invalid_client``, ``invalid_scope``…), any other answer that is not a token →
   **auth**, with the server's OAuth ``error`` and ``error_description`` (they hold no PHI).
+  So is an ``access_token`` that no ``Authorization`` header can carry (a line break, a
+  space, any character outside RFC 6750's ``b64token``): sent, it would fail before leaving
+  the box, every time, and read as a dead link.
   Not **permanent**: that class dead-letters the items, and a rejected key says nothing
   about them. They stay pending until a person fixes the registration or the key.
 
 The token, the assertion and the key are never logged, and no error message quotes them.
+A bearer token file is held to the same ``b64token`` rule when it is read
+(:func:`read_token_file`).
 
 Why the token request goes through its own short-lived client rather than being yielded to
 the FHIR client: its transport errors must be classed here (a timeout fetching a token is
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import ssl
 import stat
@@ -88,6 +94,14 @@ REFRESH_MARGIN_S = 60.0
 # RFC 7518 section 3.3: RSA keys for RS* are 2048 bits or larger.
 MIN_RSA_BITS = 2048
 _PUBLIC_PATHS = ("/metadata", "/.well-known/smart-configuration")
+# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=",
+# all that "Authorization: Bearer <token>" may carry.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def is_bearer_token(value: str) -> bool:
+    """Whether ``value`` can be sent as an RFC 6750 bearer token (its ``b64token`` syntax)."""
+    return _B64TOKEN.fullmatch(value) is not None
 
 
 def check_private_file(path: Path, what: str) -> None:
@@ -379,6 +393,14 @@ class SmartBackendAuth(httpx.Auth):
             raise UpstreamError(
                 Failure.AUTH, "token endpoint answered 200 without a bearer access_token"
             )
+        if not is_bearer_token(value):
+            # Never quoted: it is a credential, whatever its shape.
+            raise UpstreamError(
+                Failure.AUTH,
+                f"token endpoint {self._token_url} answered an access_token that cannot be "
+                "sent (a line break, a space or another character outside RFC 6750's "
+                "b64token); ask the EHR team to check the token endpoint",
+            )
         assert isinstance(body, dict)
         lifetime = body.get("expires_in", DEFAULT_TOKEN_LIFETIME_S)
         if (
@@ -399,6 +421,11 @@ def read_token_file(path: Path) -> str:
     The token is usable against the EHR as it stands, so a file open to group or others is
     warned about in the journal (naming the file, never quoting it). It is not refused yet:
     earlier releases did not ask for it, and refusing would stop the sync on an upgrade.
+
+    A token that cannot be sent (a line break inside, two tokens pasted, a space, any
+    character outside RFC 6750's ``b64token``) is a :class:`KeyFileError` naming the file,
+    never quoting it, nor chained to an error that does: sent, it would fail before leaving
+    the box, every time.
     """
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -413,12 +440,22 @@ def read_token_file(path: Path) -> str:
             path,
         )
     try:
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise KeyFileError(f"{path}: cannot read the bearer token ({reason})") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read the bearer token ({exc.strerror})") from exc
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        token = None  # raised below: the decode error holds the file's bytes
+    if token is None:
+        raise KeyFileError(f"{path}: cannot read the bearer token (not UTF-8 text)")
     if not token:
         raise KeyFileError(f"{path}: the bearer token file is empty")
+    if not is_bearer_token(token):
+        raise KeyFileError(
+            f"{path}: not one bearer token (a line break, a space or another character "
+            "outside RFC 6750's b64token); the file must hold the token alone"
+        )
     return token
 
 

@@ -6,7 +6,8 @@ came back) → resend, which is safe only because every write we send is idempot
 **too large** (413, or a 400 whose OperationOutcome says the bundle has too many entries) →
 send smaller bundles; **permanent** (another 4xx) → the server (or a filter in front of
 it) refused the content; **endpoint** (a redirect, or a 404/405/406/410/415 to a request
-at the server's base: a wrong ``base_url``, a login page in front of the EHR) → the address
+at the server's base: a wrong ``base_url``, a login page in front of the EHR; or a request
+that cannot even be formed, such as a ``base_url`` of another scheme) → the address
 did not take the request at all, which says nothing about the items: they stay pending, as
 for **auth**, and the exchange is retried with backoff. Before, a wrong ``base_url`` made
 every item a dead letter, one at a time. (A bare 400 stays **permanent**: a filter in front
@@ -533,11 +534,18 @@ async def exchange(
 
     Status codes are left to the caller (they mean different things to a search, a PUT and
     a bundle). Every request to the upstream goes through here, so the classes are one.
+
+    A request that cannot be formed (a header value HTTP does not allow, an address of
+    another scheme) is never sent, and never will be as configured: **endpoint**, for a
+    person, not a dead link to probe. Raised with neither cause nor context, as httpx's
+    text quotes the header (a credential).
     """
     try:
         return await client.request(
             method, url, params=params, json=json, content=content, headers=headers
         )
+    except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
+        unformed = type(exc).__name__  # raised below, out of this block: no __context__
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise UpstreamError(Failure.TRANSIENT, f"cannot connect: {type(exc).__name__}") from exc
     except (
@@ -556,6 +564,11 @@ async def exchange(
         # The rest (an answer that cannot be decoded, say): the request left, the answer is
         # unusable. Never let one escape: the sync loop would exit and crash-loop.
         raise UpstreamError(Failure.AMBIGUOUS, f"no usable answer: {type(exc).__name__}") from exc
+    raise UpstreamError(
+        Failure.ENDPOINT,
+        f"request not sent: it cannot be formed ({unformed}: a header value such as the "
+        "credentials, or the address, is not valid HTTP); check the upstream in the site config",
+    )
 
 
 def response_json(response: httpx.Response) -> Any:

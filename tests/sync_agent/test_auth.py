@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import random
 import sqlite3
@@ -72,6 +73,16 @@ def _states(db_path: Path) -> list[tuple[str, int]]:
     ).fetchall()
     conn.close()
     return rows
+
+
+def _chain(exc: BaseException) -> str:
+    """Every exception raised with ``exc`` (causes and contexts), as text and as repr."""
+    seen: list[str] = []
+    current: BaseException | None = exc
+    while current is not None:
+        seen += [str(current), repr(current)]
+        current = current.__cause__ or current.__context__
+    return "\n".join(seen)
 
 
 def _bundle(n: int = 1) -> dict[str, Any]:
@@ -319,6 +330,49 @@ async def test_a_token_answer_nested_too_deep_is_an_auth_failure_not_a_crash(
     assert smart.server.issued == 1
 
 
+@pytest.mark.parametrize(
+    "token",
+    [
+        "opaque-token-value\n",
+        "opaque-token-value ",
+        "opaque-token value",
+        "opaque-token-v\u00e4lue",
+        "opaque-token-value\u0000",
+        "=opaque-token-value",
+    ],
+    ids=["line-break", "trailing-space", "space", "non-ascii", "nul", "padding-first"],
+)
+async def test_an_access_token_no_header_can_carry_is_an_auth_failure_not_a_dead_link(
+    smart: Smart,
+    store: Store,
+    db_path: Path,
+    token: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await _patient_with_readings(store, 1)
+    answer = json.dumps({"access_token": token, "token_type": "bearer", "expires_in": 300})
+    smart.server.answer_raw = answer.encode()
+    caplog.set_level(logging.DEBUG)
+    async with smart.client() as client:
+        with pytest.raises(UpstreamError) as caught:
+            await post_bundle(client, _bundle())
+        smart.server.answer_raw = answer.encode()
+        result = await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
+    # Before: sent, and refused by h11 before leaving the box ("Illegal header value", with
+    # the token in it); transient with a transport error as cause: "unreachable: check the
+    # internet link", probed and drained again twice a second for ever.
+    assert caught.value.failure is Failure.AUTH
+    assert caught.value.message.startswith(f"token endpoint {smart.server.token_url} answered")
+    assert "b64token" in caught.value.message
+    assert "opaque" not in _chain(caught.value)
+    assert "opaque" not in caplog.text
+    assert smart.server.fhir_requests == 0  # never sent
+    assert result.error is not None
+    assert result.error.startswith("auth: token endpoint")
+    assert (result.link_down, result.unreachable, result.dead) == (True, False, 0)
+    assert _states(db_path) == [("pending", 2)]
+
+
 async def test_a_401_for_a_revoked_token_causes_exactly_one_refresh_and_one_retry(
     smart: Smart,
 ) -> None:
@@ -523,6 +577,59 @@ def test_the_sync_refuses_to_send_credentials_in_clear_text_beyond_loopback(
             f"sync.upstream 'ehr'.{key}" for key in expected
         }
         assert all("use https" in p for p in caught.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"first-half\nsecond-half\n", "not one bearer token"),  # two lines pasted
+        (b"first-half second-half\n", "not one bearer token"),
+        (b"first-half\tsecond-half", "not one bearer token"),
+        (b"first-half\x00\n", "not one bearer token"),
+        ("first-h\u00e4lf\n".encode(), "not one bearer token"),
+        (b"\xfffirst-half\n", "not UTF-8 text"),
+    ],
+    ids=["line-break", "space", "tab", "nul", "non-ascii", "not-utf8"],
+)
+def test_a_bearer_token_file_that_is_not_one_token_stops_the_start_naming_the_file(
+    tmp_path: Path, content: bytes, words: str
+) -> None:
+    token_file = _write(tmp_path / "token", content)
+    upstream = UpstreamConfig(
+        name="hie", base_url="https://127.0.0.1:1/fhir", auth=AuthKind.BEARER, token_file=token_file
+    )
+    with pytest.raises(KeyFileError) as caught:  # before: taken, and never sendable
+        build_client(upstream)
+    assert str(caught.value).startswith(f"{token_file}: ")
+    assert words in str(caught.value)
+    assert "first" not in _chain(caught.value)  # before (not UTF-8): the bytes, in the cause
+
+
+async def test_a_bearer_token_file_rotated_to_what_is_not_one_token_is_an_auth_failure(
+    tmp_path: Path,
+) -> None:
+    server = TokenServer(clock=FakeClock())
+    server.tokens["old-token"] = float("inf")
+    token_file = _write(tmp_path / "token", b"old-token\n")
+    async with serving(server.create_app()) as port:
+        upstream = UpstreamConfig(
+            name="hie",
+            base_url=f"http://127.0.0.1:{port}/fhir",
+            auth=AuthKind.BEARER,
+            token_file=token_file,
+        )
+        async with build_client(upstream) as client:
+            await post_bundle(client, _bundle())
+            server.revoke_all()
+            token_file.write_text("new-token\nnew-token-2\n")  # two pasted for one
+            with pytest.raises(UpstreamError) as caught:
+                await post_bundle(client, _bundle())
+    # Before: sent, refused by h11 before leaving the box, transient with the token in the
+    # cause's text: a dead link, for ever.
+    assert caught.value.failure is Failure.AUTH
+    assert str(token_file) in caught.value.message
+    assert "new-token" not in _chain(caught.value)
+    assert server.auth_headers == ["Bearer old-token", "Bearer old-token"]
 
 
 def test_a_client_certificate_without_its_key_is_refused_beside_any_auth(tmp_path: Path) -> None:
