@@ -20,7 +20,8 @@ backoff (sync_agent/auth.py has the details).
 
 TLS handshake refusals are recognised in the transport (:class:`TlsAwareTransport`), so every
 request through :func:`build_client`'s client gets them as ``UpstreamError(AUTH)`` with a
-message that says which side refused, instead of an anonymous ``ConnectError``.
+message that says which side refused, instead of an anonymous ``ConnectError``. The transport
+also bounds what an answer may take in memory, compressed or not (:data:`MAX_ANSWER_BYTES`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import ipaddress
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -270,10 +272,19 @@ def tls_refusal(exc: BaseException) -> str | None:
     return None
 
 
-# The largest answer taken from an upstream: far above any page or bundle answer (a page of
-# 1,000 Patients is a few MB), far below what would starve the box of memory. A server (or a
-# proxy) streaming without end would otherwise be read into memory until the process died.
+# The largest answer taken from an upstream, as sent and once decoded: far above any page or
+# bundle answer (a page of 1,000 Patients is a few MB), far below what would starve the box
+# of memory. A server (or a proxy) streaming without end, or a small gzip of zeros that
+# decodes to gigabytes, would otherwise be read into memory until the process died.
 MAX_ANSWER_BYTES = 64 * 2**20
+
+# The content codings asked for, and decoded by the transport itself (below), not by httpx:
+# its decoders take whatever a chunk expands to. Named here so that httpx asking for more
+# (br, zstd: when their packages are installed) changes nothing.
+ACCEPT_ENCODING = "gzip, deflate"
+# Decoded in pieces of at most this many bytes: deflate expands up to ~1,000 times, so one
+# chunk off the wire could otherwise become tens of MB before the cap is checked.
+_DECODE_STEP = 2**16
 
 
 def _too_long() -> UpstreamError:
@@ -282,26 +293,129 @@ def _too_long() -> UpstreamError:
     )
 
 
-class _CappedStream(httpx.AsyncByteStream):
-    """An answer's body without a stated length, cut off past :data:`MAX_ANSWER_BYTES`."""
+class _Inflater:
+    """One gzip or deflate coding of a body, decoded chunk by chunk in bounded pieces.
 
-    def __init__(self, inner: httpx.AsyncByteStream) -> None:
+    As httpx decodes them: ``deflate`` is the zlib format (RFC 9110), or raw deflate when it
+    does not start as zlib, as some servers send it (told apart on the first two bytes, the
+    zlib header, however the body is cut in chunks); data after the end is ignored, and so
+    is a body cut short (what it held is given).
+    """
+
+    def __init__(self, coding: str) -> None:
+        # deflate: the first bytes, until there are two to tell zlib from raw deflate.
+        self._held: bytes | None = b"" if coding == "deflate" else None
+        self._inflate = zlib.decompressobj(
+            zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS
+        )
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """What ``data`` decodes to, in pieces of at most :data:`_DECODE_STEP` bytes."""
+        if self._held is None:
+            piece = self._step(data)
+        else:
+            data, self._held = self._held + data, None
+            if len(data) < 2:
+                self._held = data
+                return
+            try:
+                piece = self._inflate.decompress(data, _DECODE_STEP)
+            except zlib.error:
+                self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+                piece = self._step(data)
+        while True:
+            if piece:
+                yield piece
+            rest = self._inflate.unconsumed_tail
+            if not rest and len(piece) < _DECODE_STEP:
+                return  # all of data read, nothing held back
+            piece = self._step(rest)
+
+    def flush(self) -> bytes:
+        """What is left at the end of the body (nothing, once :meth:`feed` was read out)."""
+        if self._held is not None:
+            return b""  # no body, or one byte: nothing in it
+        try:
+            return self._inflate.flush()
+        except zlib.error:
+            raise _undecodable() from None
+
+    def _step(self, data: bytes) -> bytes:
+        try:
+            return self._inflate.decompress(data, _DECODE_STEP)
+        except zlib.error:
+            raise _undecodable() from None
+
+
+def _undecodable() -> httpx.DecodingError:
+    # httpx's own class for it, which exchange() classes as it did when httpx decoded.
+    return httpx.DecodingError("the answer does not decode as its Content-Encoding says")
+
+
+class _Decoder:
+    """The content codings of an answer, undone in turn (the last applied first)."""
+
+    def __init__(self, codings: list[str]) -> None:
+        self._layers = [_Inflater(c) for c in reversed(codings)]
+
+    def feed(self, data: bytes, layer: int = 0) -> Iterator[bytes]:
+        """``data`` from layer ``layer`` on, decoded through the rest."""
+        if layer == len(self._layers):
+            if data:
+                yield data
+            return
+        for piece in self._layers[layer].feed(data):
+            yield from self.feed(piece, layer + 1)
+
+    def finish(self) -> Iterator[bytes]:
+        """What the layers held back at the end of the body."""
+        for layer, inflater in enumerate(self._layers):
+            yield from self.feed(inflater.flush(), layer + 1)
+
+
+def _codings(headers: httpx.Headers) -> list[str]:
+    """The answer's content codings that we decode, in the order applied; as httpx does, an
+    ``identity`` or a coding it does not know is passed over."""
+    values = (v.strip().lower() for v in headers.get_list("Content-Encoding", split_commas=True))
+    return [v for v in values if v in ("gzip", "deflate")]
+
+
+class _CappedStream(httpx.AsyncByteStream):
+    """An answer's body, decoded from its content codings when it has any, cut off when it
+    passes :data:`MAX_ANSWER_BYTES` as sent or as decoded."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, codings: list[str]) -> None:
         self._inner = inner
+        self._decoder = _Decoder(codings) if codings else None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        read = 0
+        read = decoded = 0
         async for chunk in self._inner:
             read += len(chunk)
             if read > MAX_ANSWER_BYTES:
                 raise _too_long()
-            yield chunk
+            if self._decoder is None:
+                yield chunk
+                continue
+            for piece in self._decoder.feed(chunk):
+                decoded += len(piece)
+                if decoded > MAX_ANSWER_BYTES:
+                    raise _too_long()
+                yield piece
+        if self._decoder is not None:
+            for piece in self._decoder.finish():
+                decoded += len(piece)
+                if decoded > MAX_ANSWER_BYTES:
+                    raise _too_long()
+                yield piece
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
 class TlsAwareTransport(httpx.AsyncBaseTransport):
-    """httpx's own transport, except that a refused TLS handshake raises ``UpstreamError(AUTH)``.
+    """httpx's own transport, except that a refused TLS handshake raises
+    ``UpstreamError(AUTH)``, and that an answer is held to :data:`MAX_ANSWER_BYTES`.
 
     Raised without a cause, so the sync loop backs off instead of probing: the link is up, the
     two ends just do not accept each other, and that needs a person.
@@ -314,7 +428,12 @@ class TlsAwareTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send one request through the wrapped transport; an answer over
-        :data:`MAX_ANSWER_BYTES` is refused (see :class:`_CappedStream`)."""
+        :data:`MAX_ANSWER_BYTES`, as sent or decoded, is refused (see :class:`_CappedStream`).
+
+        A compressed answer is decoded here and handed on without its ``Content-Encoding``
+        (and ``Content-Length``, which was the compressed one), so httpx does not decode it
+        again without a limit."""
+        request.headers["Accept-Encoding"] = ACCEPT_ENCODING
         try:
             response = await self._inner.handle_async_request(request)
         except httpx.TransportError as exc:
@@ -330,13 +449,18 @@ class TlsAwareTransport(httpx.AsyncBaseTransport):
             if int(length) > MAX_ANSWER_BYTES:
                 await response.aclose()
                 raise _too_long()
-            return response  # h11 holds the body to its stated length
+            if "Content-Encoding" not in response.headers:
+                return response  # h11 holds the body to its stated length
         if not isinstance(response.stream, httpx.AsyncByteStream):
             return response
+        headers = response.headers.copy()
+        if "Content-Encoding" in headers:
+            del headers["Content-Encoding"]
+            headers.pop("Content-Length", None)
         return httpx.Response(
             response.status_code,
-            headers=response.headers,
-            stream=_CappedStream(response.stream),
+            headers=headers,
+            stream=_CappedStream(response.stream, _codings(response.headers)),
             extensions=response.extensions,
             request=request,
         )
