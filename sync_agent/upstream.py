@@ -13,14 +13,16 @@ for **auth**, and the exchange is retried with backoff. Before, a wrong ``base_u
 every item a dead letter, one at a time. (A bare 400 stays **permanent**: a filter in front
 of the EHR may refuse one item's content, and the rest must flow.) **auth** → the two ends
 did not accept each other: the token endpoint refused our client (an OAuth error), the
-server answered 401 to a freshly obtained token, it refused our TLS client certificate, or
-we refused its certificate. That is a configuration problem for a
-person to fix, not a fault of the items: they stay pending and the exchange is retried with
-backoff (sync_agent/auth.py has the details).
+server answered 401 to a freshly obtained token, it refused our TLS client certificate, we
+refused its certificate, or the TLS handshake failed for another reason than a lost
+connection (https to a plain-http port, a protocol or key we do not accept). That is a
+configuration problem for a person to fix, not a fault of the items: they stay pending and
+the exchange is retried with backoff (sync_agent/auth.py has the details).
 
-TLS handshake refusals are recognised in the transport (:class:`TlsAwareTransport`), so every
-request through :func:`build_client`'s client gets them as ``UpstreamError(AUTH)`` with a
-message that says which side refused, instead of an anonymous ``ConnectError``. The transport
+TLS handshake refusals and failures are recognised in the transport
+(:class:`TlsAwareTransport`), so every request through :func:`build_client`'s client gets
+them as ``UpstreamError(AUTH)`` with a message that says which side refused, or OpenSSL's
+reason, instead of an anonymous ``ConnectError`` that reads as a dead link. The transport
 also bounds what an answer may take in memory, compressed or not (:data:`MAX_ANSWER_BYTES`).
 """
 
@@ -272,6 +274,36 @@ def tls_refusal(exc: BaseException) -> str | None:
     return None
 
 
+# ssl's errors that are a connection lost in the handshake, not a handshake refused.
+_TLS_LOST = (ssl.SSLEOFError, ssl.SSLSyscallError, ssl.SSLZeroReturnError)
+
+
+def tls_failure(exc: BaseException) -> str | None:
+    """Why a TLS handshake failed, when OpenSSL gave a reason (``exc`` being a
+    ``ConnectError``: the handshake is part of connecting), or None.
+
+    Any reason other than :func:`tls_refusal`'s: https to a port that speaks plain HTTP
+    (``WRONG_VERSION_NUMBER``), a protocol version or a key we do not accept
+    (``UNSUPPORTED_PROTOCOL``, ``DH_KEY_TOO_SMALL``)... It happens again on every try, so it
+    is for a person to mend, not a dead link to wait out. An end-of-file or a reset is not
+    one: that is a lost connection.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        # OpenSSL's reason is a name (WRONG_VERSION_NUMBER): no key material, no data.
+        lost = isinstance(current, _TLS_LOST)
+        if isinstance(current, ssl.SSLError) and not lost and current.reason:
+            return (
+                f"the TLS handshake failed ({current.reason}); check that the address "
+                "is the server's https port (not an http one) and that the server's "
+                "TLS version and keys are current ones"
+            )
+        current = current.__cause__ or current.__context__
+    return None
+
+
 # The largest answer taken from an upstream, as sent and once decoded: far above any page or
 # bundle answer (a page of 1,000 Patients is a few MB), far below what would starve the box
 # of memory. A server (or a proxy) streaming without end, or a small gzip of zeros that
@@ -414,7 +446,7 @@ class _CappedStream(httpx.AsyncByteStream):
 
 
 class TlsAwareTransport(httpx.AsyncBaseTransport):
-    """httpx's own transport, except that a refused TLS handshake raises
+    """httpx's own transport, except that a refused or failed TLS handshake raises
     ``UpstreamError(AUTH)``, and that an answer is held to :data:`MAX_ANSWER_BYTES`.
 
     Raised without a cause, so the sync loop backs off instead of probing: the link is up, the
@@ -440,6 +472,8 @@ class TlsAwareTransport(httpx.AsyncBaseTransport):
             reason = tls_refusal(exc)
             if reason is None and request.url.scheme == "https" and _was_reset(exc):
                 reason = await self._handshake_refusal(request.url)
+            if reason is None and isinstance(exc, httpx.ConnectError):
+                reason = tls_failure(exc)
             if reason is None:
                 raise
             where = f"{request.url.host}:{request.url.port or 443}"

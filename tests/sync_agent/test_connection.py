@@ -1,19 +1,28 @@
 """How an exchange that never gets a usable answer is classed: not every such failure is a
 dead link to probe for.
 
-A request that cannot be formed is for a person to mend: the drain backs off with the
-reason (``endpoint``) and the status does not say "check the internet link". Against the
-token server's FHIR front on loopback.
+A request that cannot be formed, or a TLS handshake that fails the same way every time, is
+for a person to mend: the drain backs off with the reason (``endpoint``, ``auth``) and the
+status does not say "check the internet link". Real servers on loopback: a plain-HTTP
+server written here, the token server's FHIR front.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
+import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from appliance.config import UpstreamConfig
+from appliance.store import Store
+from sync_agent.outbox_delivery import Deliverer
+from sync_agent.process import probe
 from sync_agent.upstream import Failure, UpstreamError, build_client, exchange
+from tests import factories
 from tests.sync_agent.token_server import FakeClock, TokenServer, serving
 
 
@@ -25,6 +34,23 @@ def _chain(exc: BaseException) -> str:
         seen += [str(current), repr(current)]
         current = current.__cause__ or current.__context__
     return "\n".join(seen)
+
+
+async def _readings(store: Store, n: int) -> None:
+    [pat] = await store.create([factories.patient()], "user:nurse1")
+    ref = f"Patient/{pat.logical_id}"
+    await store.create(
+        [factories.bp_observation(ref, systolic=100 + i) for i in range(n)], "service:devices"
+    )
+
+
+def _states(db_path: Path) -> list[tuple[str, int]]:
+    conn = sqlite3.connect(db_path)
+    rows = conn.execute(
+        "SELECT state, count(*) FROM outbox GROUP BY state ORDER BY state"
+    ).fetchall()
+    conn.close()
+    return rows
 
 
 # -- a request that cannot be formed ------------------------------------------------------------
@@ -64,3 +90,64 @@ async def test_a_request_that_cannot_be_formed_is_an_endpoint_failure_quoting_no
     assert (caught.value.__cause__, caught.value.__context__) == (None, None)
     assert "secret-value" not in _chain(caught.value)
     assert server.fhir_requests == 0  # nothing left the box
+
+
+# -- a TLS handshake that fails for good ----------------------------------------------------
+
+
+async def _plain_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A plain HTTP server's answer to anything (here: a TLS ClientHello)."""
+    try:
+        await reader.read(100)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def http_port() -> AsyncIterator[int]:
+    listening = await asyncio.start_server(_plain_http, "127.0.0.1", 0)
+    async with listening:
+        yield listening.sockets[0].getsockname()[1]
+
+
+async def test_https_to_a_plain_http_port_is_an_auth_failure_with_openssls_reason(
+    http_port: int, store: Store, db_path: Path
+) -> None:
+    await _readings(store, 1)
+    upstream = UpstreamConfig(name="ehr", base_url=f"https://127.0.0.1:{http_port}/fhir")
+    async with build_client(upstream) as client:
+        with pytest.raises(UpstreamError) as caught:
+            await exchange(client, "POST", "", content=b"{}")
+        result = await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
+        reached = await probe(client, 2.0)
+    # Before: "cannot connect: ConnectError", and the box said "unreachable: check the
+    # internet link" for ever, probing an upstream that answers every probe.
+    assert caught.value.failure is Failure.AUTH
+    assert caught.value.message.startswith(f"TLS with 127.0.0.1:{http_port}: ")
+    assert "(WRONG_VERSION_NUMBER)" in caught.value.message
+    assert "https port" in caught.value.message
+    assert caught.value.__cause__ is None
+    assert result.error is not None
+    assert result.error.startswith("auth: TLS with 127.0.0.1:")
+    assert (result.link_down, result.unreachable, result.dead, result.ambiguous) == (
+        True,
+        False,
+        0,
+        0,
+    )
+    assert reached  # the probe reaches it: the loop backs off and says why, no probing
+    assert _states(db_path) == [("pending", 2)]
+
+
+async def test_a_refused_connection_is_still_a_dead_link(store: Store) -> None:
+    await _readings(store, 1)
+    upstream = UpstreamConfig(name="ehr", base_url="https://127.0.0.1:9/fhir", timeout_s=2.0)
+    async with build_client(upstream) as client:
+        result = await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
+        reached = await probe(client, 2.0)
+    assert result.error == "transient: cannot connect: ConnectError"
+    assert (result.link_down, result.unreachable, reached) == (True, True, False)
