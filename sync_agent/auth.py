@@ -375,7 +375,7 @@ class SmartBackendAuth(httpx.Auth):
                 Failure.TRANSIENT, f"token endpoint: no token ({type(exc).__name__})"
             ) from None
         if response.status_code == 429 or response.status_code >= 500:
-            delay = retry_after_seconds(response.headers.get("Retry-After"))
+            delay = retry_after_seconds(response.headers.get("Retry-After"), now=self._clock())
             raise UpstreamError(
                 Failure.TRANSIENT, f"token endpoint: {_oauth_error(response)}", delay
             )

@@ -37,6 +37,8 @@ import ssl
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
@@ -186,16 +188,28 @@ MAX_RETRY_AFTER_S = 86_400.0
 _DELAY_SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """A ``Retry-After`` in delay-seconds (RFC 9110: ASCII digits; a decimal fraction is
-    taken too, as some servers send one), capped at a day; else None.
+def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
+    """A ``Retry-After`` (RFC 9110 section 10.2.3) as seconds from ``now`` (default: the
+    current time), capped at a day; else None.
 
-    An HTTP-date, "1e400", "inf", "nan" or "²" is no delay we act on: the usual backoff applies.
+    Either delay-seconds (ASCII digits; a decimal fraction is taken too, as some servers send
+    one) or an HTTP-date (``Wed, 21 Oct 2026 07:28:00 GMT``; a date without a zone is read
+    as GMT, which HTTP dates are), a date already past being 0. "1e400", "inf", "nan", "²" or
+    any other text is no delay we act on: the usual backoff applies.
     """
     text = (value or "").strip()
-    if not _DELAY_SECONDS.fullmatch(text):
+    if _DELAY_SECONDS.fullmatch(text):
+        return min(float(text), MAX_RETRY_AFTER_S)
+    if not text[:1].isalpha():
+        return None  # every HTTP-date starts with its day name
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):  # 3.11 raises TypeError
         return None
-    return min(float(text), MAX_RETRY_AFTER_S)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    delay = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(delay, 0.0), MAX_RETRY_AFTER_S)
 
 
 def classify_response(status: int, body: Any, retry_after: str | None) -> UpstreamError:

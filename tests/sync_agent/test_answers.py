@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import re
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
 import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -266,19 +269,61 @@ def test_an_anchor_search_of_any_shape_gives_an_anchor_or_none(body: Any) -> Non
     assert latest is None or isinstance(latest.audit_id, int)
 
 
+NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)
+DATES = [
+    "Thu, 26 Nov 2026 12:02:00 GMT",
+    "Sun, 06 Nov 1994 08:49:37 GMT",
+    "Sunday, 06-Nov-94 08:49:37 GMT",
+    "Sun Nov  6 08:49:37 1994",
+    "Fri, 31 Dec 9999 23:59:59 GMT",
+    "Thu, 26 Nov 2026 12:02:00 +2400",
+    "Thu, 31 Feb 2026 12:00:00 GMT",
+    "Thu, 26 Nov 2026",
+    "Thu",
+]
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.one_of(
         st.none(),
         st.text(max_size=14),
-        st.sampled_from(["²", "1e400", "inf", "nan", "-5", "1.5", "30"]),
+        st.sampled_from(["²", "1e400", "inf", "nan", "-5", "1.5", "30", *DATES]),
+        st.datetimes(timezones=st.just(UTC)).map(lambda d: format_datetime(d, usegmt=True)),
     )
 )
 def test_a_retry_after_of_any_text_is_seconds_within_a_day_or_none(value: str | None) -> None:
-    delay = retry_after_seconds(value)
+    delay = retry_after_seconds(value, now=NOW)
     assert delay is None or 0 <= delay <= 86_400
     if value is not None and value.isascii() and value.isdigit() and len(value) < 6:
         assert delay == float(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("Thu, 26 Nov 2026 12:02:00 GMT", 120.0),  # RFC 9110's IMF-fixdate
+        ("Thu, 26 Nov 2026 12:02:00 +0000", 120.0),
+        ("  Thu, 26 Nov 2026 12:00:30 GMT ", 30.0),
+        ("Thursday, 26-Nov-26 12:01:00 GMT", 60.0),  # obsolete RFC 850 form
+        ("Thu Nov 26 12:00:10 2026", 10.0),  # obsolete asctime form, read as GMT
+        ("Thu, 26 Nov 2026 11:00:00 GMT", 0.0),  # already past: now
+        ("Fri, 27 Nov 2026 13:00:00 GMT", 86_400.0),  # capped at a day, as seconds are
+        ("Thu, 31 Feb 2026 12:00:00 GMT", None),
+        ("Thu, 26 Nov 2026", None),
+        ("26 Nov 2026 12:02:00 GMT", None),  # no day name: no HTTP-date
+    ],
+)
+def test_a_retry_after_date_is_the_seconds_until_it(value: str, seconds: float | None) -> None:
+    # Before: every HTTP-date was None, and the usual backoff applied.
+    assert retry_after_seconds(value, now=NOW) == seconds
+
+
+def test_a_retry_after_date_in_a_refusal_is_read_against_the_current_time() -> None:
+    soon = format_datetime(datetime.now(UTC) + timedelta(minutes=10), usegmt=True)
+    delay = classify_response(503, None, soon).retry_after_s
+    assert delay is not None
+    assert 590 <= delay <= 600
 
 
 def test_a_next_link_is_followed_only_on_the_upstream_itself() -> None:

@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -440,6 +441,19 @@ async def test_token_endpoint_503_is_transient_and_delivery_resumes_when_it_heal
         smart.server.heal()
         assert (await deliverer.drain()).delivered == 3
     assert _states(db_path) == [("delivered", 3)]
+
+
+async def test_a_token_endpoints_retry_after_date_is_read_on_the_injected_clock(
+    smart: Smart,
+) -> None:
+    # The FakeClock stands in late 2026: read on the real clock, the delay would be off.
+    later = format_datetime(smart.clock.now() + timedelta(minutes=2), usegmt=True)
+    smart.server.fail_tokens(503, retry_after=later)
+    async with smart.client() as client:
+        with pytest.raises(UpstreamError) as caught:
+            await post_bundle(client, _bundle())
+    assert caught.value.failure is Failure.TRANSIENT
+    assert caught.value.retry_after_s == 120.0  # before: None, an HTTP-date was not read
 
 
 async def test_unreachable_token_endpoint_is_transient_and_the_outbox_stays_pending(

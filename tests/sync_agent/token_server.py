@@ -9,7 +9,8 @@ with
   registered client id, ``aud`` = this token URL, ``exp`` in the future and at most five
   minutes ahead, ``jti`` never seen before (replays are refused). Refusals are RFC 6749 error
   bodies (``invalid_client`` and so on). Tokens are opaque random strings with
-  ``expires_in``; :meth:`TokenServer.fail_tokens` makes the next answers 503 or 400.
+  ``expires_in``; :meth:`TokenServer.fail_tokens` makes the next answers 503 or 400 (with
+  a ``Retry-After`` if asked), and ``answer_raw`` the next answer's body whatever it is.
 * ``POST /fhir/`` (the FHIR base): needs ``Authorization: Bearer <a live token>`` (unless
   made with ``require_token=False``), else 401; answers a batch Bundle with a
   ``batch-response`` of ``201 Created`` entries itself, recording what it got.
@@ -98,7 +99,7 @@ class TokenServer:
     bundles: list[list[str]] = field(default_factory=list)
     auth_headers: list[str] = field(default_factory=list)
     refuse_every_token: bool = False
-    _fail: tuple[int, str | None] | None = None
+    _fail: tuple[int, str | None, str | None] | None = None
     _fail_count: int | None = None
 
     def register(self, client_id: str, public_jwk: dict[str, Any]) -> None:
@@ -114,9 +115,17 @@ class TokenServer:
         """Forget every issued token (as a server restart or a revocation does)."""
         self.tokens.clear()
 
-    def fail_tokens(self, status: int, error: str | None = None, count: int | None = None) -> None:
-        """Answer the next ``count`` token requests (None: all) with ``status``."""
-        self._fail, self._fail_count = (status, error), count
+    def fail_tokens(
+        self,
+        status: int,
+        error: str | None = None,
+        count: int | None = None,
+        *,
+        retry_after: str | None = None,
+    ) -> None:
+        """Answer the next ``count`` token requests (None: all) with ``status`` (and a
+        ``Retry-After`` header when ``retry_after`` is given)."""
+        self._fail, self._fail_count = (status, error, retry_after), count
 
     def heal(self) -> None:
         self._fail = self._fail_count = None
@@ -176,7 +185,7 @@ class TokenServer:
             raw, self.answer_raw = self.answer_raw, None  # once
             return Response(raw, 200, content_type="application/json")
         if self._fail is not None:
-            status, error = self._fail
+            status, error, retry_after = self._fail
             if self._fail_count is not None:
                 self._fail_count -= 1
                 if self._fail_count <= 0:
@@ -185,7 +194,10 @@ class TokenServer:
                 "error": error or "temporarily_unavailable",
                 "error_description": "told to fail",
             }
-            return Response(json.dumps(failure), status, content_type="application/json")
+            headers = {} if retry_after is None else {"Retry-After": retry_after}
+            return Response(
+                json.dumps(failure), status, content_type="application/json", headers=headers
+            )
         form = dict((await request.form).items())
         try:
             scope = self._check_assertion(form)
