@@ -1,8 +1,9 @@
 """An upstream FHIR server as the sync agent sees it: one HTTP client, errors put in classes.
 
 The classes follow the Medplum agent's queue (STYLE.md): **transient** (connection refused or
-reset, 5xx, 429) → retry later with backoff; **ambiguous** (the request went out but no answer
-came back) → resend, which is safe only because every write we send is idempotent;
+reset, 5xx but 504, 429) → retry later with backoff; **ambiguous** (the request went out but
+no answer came back, or a gateway answered 504: it gave up waiting on a request it may well
+have forwarded) → resend, which is safe only because every write we send is idempotent;
 **too large** (413, or a 400 whose OperationOutcome says the bundle has too many entries) →
 send smaller bundles; **permanent** (another 4xx) → the server (or a filter in front of
 it) refused the content; **endpoint** (a redirect, or a 404/405/406/410/415 to a request
@@ -221,6 +222,11 @@ def classify_response(status: int, body: Any, retry_after: str | None) -> Upstre
         # Credentials or permissions: fixed by a person at the EHR or in the site config,
         # never by dead-lettering the records (they stay pending; staff see the reason).
         return UpstreamError(Failure.AUTH, f"the upstream refused our credentials: {text}")
+    if status == 504:
+        # A gateway that gave up waiting: on a request it may have forwarded (the EHR may
+        # be applying it still), and one perhaps too slow for the gateway, which an
+        # ambiguous outcome sends again smaller. (502 and 503 say nothing of the request.)
+        return UpstreamError(Failure.AMBIGUOUS, text, retry_after_seconds(retry_after))
     if status in _RETRY_STATUSES or status >= 500:
         return UpstreamError(Failure.TRANSIENT, text, retry_after_seconds(retry_after))
     if status < 400 or status in _ENDPOINT_STATUSES:

@@ -196,6 +196,8 @@ def test_an_outcome_of_any_shape_is_one_line_and_a_class(
     if status in (404, 405, 406, 410, 415) or 300 <= status < 400:
         assert error.failure is Failure.ENDPOINT
         assert "check base_url" in error.message
+    if status == 504:  # a gateway gave up on a request it may have forwarded
+        assert error.failure is Failure.AMBIGUOUS
     # About one resource or search: the same, except an address status in the server's own
     # OperationOutcome, which is about that resource (a dead letter), not the address.
     one = classify_for_resource(status, body, retry_after)
@@ -324,6 +326,20 @@ def test_a_retry_after_date_in_a_refusal_is_read_against_the_current_time() -> N
     delay = classify_response(503, None, soon).retry_after_s
     assert delay is not None
     assert 590 <= delay <= 600
+
+
+@pytest.mark.parametrize(
+    ("status", "failure"),
+    [(502, Failure.TRANSIENT), (503, Failure.TRANSIENT), (504, Failure.AMBIGUOUS)],
+)
+def test_only_a_gateway_timeout_is_ambiguous_among_the_gateway_errors(
+    status: int, failure: Failure
+) -> None:
+    # A 504 came from a gateway that gave up waiting on a request it may have forwarded:
+    # the drain sends it again smaller (before: transient, the same bundle for ever).
+    error = classify_response(status, None, "7")
+    assert (error.failure, error.retry_after_s) == (failure, 7.0)
+    assert classify_for_resource(status, None, None).failure is failure
 
 
 def test_a_next_link_is_followed_only_on_the_upstream_itself() -> None:

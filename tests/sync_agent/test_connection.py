@@ -3,8 +3,9 @@ dead link to probe for.
 
 A request that cannot be formed, or a TLS handshake that fails the same way every time, is
 for a person to mend: the drain backs off with the reason (``endpoint``, ``auth``) and the
-status does not say "check the internet link". Real servers on loopback: a plain-HTTP
-server written here, the token server's FHIR front.
+status does not say "check the internet link". A gateway's 504 is an ambiguous outcome, as
+a timeout is: the bundle is sent again, smaller. Real servers on loopback: a plain-HTTP
+server written here, the token server's FHIR front, the Medplum peer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from appliance.config import UpstreamConfig
@@ -23,6 +25,7 @@ from sync_agent.outbox_delivery import Deliverer
 from sync_agent.process import probe
 from sync_agent.upstream import Failure, UpstreamError, build_client, exchange
 from tests import factories
+from tests.fhir_peer.peer import FhirPeer
 from tests.sync_agent.token_server import FakeClock, TokenServer, serving
 
 
@@ -151,3 +154,29 @@ async def test_a_refused_connection_is_still_a_dead_link(store: Store) -> None:
         reached = await probe(client, 2.0)
     assert result.error == "transient: cannot connect: ConnectError"
     assert (result.link_down, result.unreachable, reached) == (True, True, False)
+
+
+# -- a gateway timeout ----------------------------------------------------------------------
+
+
+@pytest.mark.peer
+async def test_a_gateway_timeout_is_ambiguous_the_bundle_shrinks_and_lands_once(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    await _readings(store, 7)
+    deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1))
+    assert (await deliverer.drain_once()).delivered == 1  # the Patient
+    # A gateway in front of the EHR gave up waiting, and the EHR applied the bundle anyway.
+    fhir_peer.fault("status", status=504, count=1, after="response")
+    failed = await deliverer.drain()
+    assert failed.error is not None
+    assert failed.error.startswith("ambiguous: ")
+    assert (failed.link_down, failed.unreachable, failed.ambiguous) == (True, False, 7)
+    # Before: transient, and the same bundle, too slow for the gateway, again for ever.
+    assert deliverer.batch_size == 3
+    assert fhir_peer.count("Observation") == 7  # it did land
+    assert _states(db_path) == [("delivered", 1), ("pending", 7)]
+    resent = await deliverer.drain()
+    assert (resent.delivered, resent.existing, resent.error) == (7, 7, None)
+    assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 7)
+    assert _states(db_path) == [("delivered", 8)]
