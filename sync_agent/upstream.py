@@ -180,6 +180,10 @@ _ENDPOINT_STATUSES = frozenset({404, 405, 406, 410, 415})
 # An entry's own 4xx that says nothing against the item itself: our credentials or access
 # policy (401/403), or "later" as above. The item is sent again, never dead-lettered.
 ENTRY_NOT_THE_ITEM = frozenset({401, 403}) | _RETRY_STATUSES
+# Whole-request answers about how the request was made, never what it carries: an upgrade
+# required (426), our request's header fields too large (431). From a proxy or the server,
+# every request gets the same: records wait, a person mends the configuration.
+_PROTOCOL_STATUSES = frozenset({426, 431})
 
 
 # The longest Retry-After taken from a server (a day, as RETRY_HORIZON in the outbox).
@@ -222,6 +226,18 @@ def classify_response(status: int, body: Any, retry_after: str | None) -> Upstre
         # Credentials or permissions: fixed by a person at the EHR or in the site config,
         # never by dead-lettering the records (they stay pending; staff see the reason).
         return UpstreamError(Failure.AUTH, f"the upstream refused our credentials: {text}")
+    if status == 407:
+        return UpstreamError(
+            Failure.AUTH,
+            "a proxy in front of the upstream asks for its own credentials (HTTP 407); "
+            "ask the site's network team",
+        )
+    if status in _PROTOCOL_STATUSES:
+        return UpstreamError(
+            Failure.ENDPOINT,
+            f"the upstream did not take the request as it was made (HTTP {status}); "
+            "check base_url and the upstream's settings in the site config",
+        )
     if status == 504:
         # A gateway that gave up waiting: on a request it may have forwarded (the EHR may
         # be applying it still), and one perhaps too slow for the gateway, which an
@@ -247,7 +263,7 @@ def classify_for_resource(status: int, body: Any, retry_after: str | None) -> Up
     A redirect, or such a status from something that is not the FHIR server (a proxy's
     page), stays **endpoint**: the address is wrong, and what was asked waits."""
     refusal = classify_response(status, body, retry_after)
-    if refusal.failure is Failure.ENDPOINT and status >= 400 and is_outcome(body):
+    if status in _ENDPOINT_STATUSES and is_outcome(body):
         return UpstreamError(Failure.PERMANENT, outcome_text(body) or f"HTTP {status}")
     return refusal
 
