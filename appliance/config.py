@@ -480,8 +480,9 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
     "sync.upstream": (
         _F("name", _TEXT, _REQUIRED, "Unique name of the upstream (logs, sync status)."),
         _F("base_url", _URL, _REQUIRED,
-           "FHIR R4 base URL (a trailing slash is dropped; https with bearer or smart, "
-           "unless on loopback: the sync process refuses to start otherwise)."),
+           "FHIR R4 base URL (a trailing slash is dropped; https with bearer, smart or a "
+           "client certificate, unless on loopback: the sync process refuses to start "
+           "otherwise)."),
         _F("auth", _one_of(tuple(AuthKind), AuthKind), AuthKind.NONE, "How the box authenticates."),
         _F("token_file", _PATH, None, "File holding the bearer token (required for bearer)."),
         _F("client_id", _TEXT, None, "SMART Backend Services client id (required for smart)."),
