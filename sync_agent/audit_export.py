@@ -582,11 +582,8 @@ _CONTENT_REFUSALS = frozenset({400, 422})
 
 def _exchange_refusal(status: int, body: Any) -> UpstreamError:
     """A whole-request refusal that is not about the records: the export stops where it is
-    and is paced, as for an address or credentials refused (no record passed over)."""
-    if status == 407:
-        return UpstreamError(
-            Failure.AUTH, "a proxy in front of the upstream asks for its own credentials (HTTP 407)"
-        )
+    and is paced, as for an address or credentials refused (no record passed over). (A 407,
+    426 or 431 never gets here: ``classify_response`` makes them auth and endpoint.)"""
     said = "an OperationOutcome" if is_outcome(body) else "no OperationOutcome"
     return UpstreamError(
         Failure.ENDPOINT,
