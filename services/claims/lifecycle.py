@@ -34,7 +34,7 @@ from appliance.store import Store
 from services.claims import acks
 from services.claims.fhir_claim import from_fhir
 from services.claims.model import TRANSITIONS, ClaimStatus, Form, money
-from services.claims.service import ClaimRow, ClaimsError, ClaimsService, _take
+from services.claims.service import BUILD_ERRORS, ClaimRow, ClaimsError, ClaimsService, _take
 from services.claims.x12 import interchange
 
 ACTOR = "service:claims-submit"
@@ -47,6 +47,15 @@ UNREADABLE_KEY = "claims.unreadable_responses"
 UNREADABLE_KEPT = 50
 UNREADABLE_CLEARED_DETAIL = "unreadable claims response files: list cleared"
 _KINDS = ("999", "277CA", "835")
+
+
+class _Unbuildable(ClaimsError):
+    """Claims of a batch that cannot be made into a submission even alone (rolls back the
+    intent; :meth:`Lifecycle.take_batch` holds them back and goes on without them)."""
+
+    def __init__(self, failed: dict[int, str]) -> None:
+        super().__init__(f"{len(failed)} claim(s) could not be made into a submission")
+        self.failed = failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +145,12 @@ class Lifecycle:
     async def take_batch(self, kind: str, limit: int = 100, actor: str = ACTOR) -> Batch | None:
         """Write the intent for the next batch (one form; FHIR: one claim) and build it.
 
-        The payload is built inside the intent's transaction: claims that cannot be made into
-        one raise :class:`ClaimsError` and leave nothing written (no batch, no control numbers).
+        The payload is built inside the intent's transaction: when it cannot be made, nothing
+        of the intent is written (no batch, no control numbers), each claim that cannot be
+        made into one alone is held back (back to draft with the problem ``build``: audited,
+        shown in the queue, :meth:`ClaimsService.hold_unbuildable`) and the batch is made of
+        the others, so one such claim never stops the rest. Should every claim build alone
+        and not together, :class:`ClaimsError` is raised, the claims left ready.
         """
         due = await self.due()
         if not due:
@@ -160,16 +173,28 @@ class Lifecycle:
         ids = tuple(r.id for r in rows)
         numbers = tuple(r.claim_number for r in rows)
 
-        def build(isa: int, gs: int, sts: list[int]) -> tuple[bytes, str | None]:
+        def build(
+            bodies: Sequence[dict[str, Any]], isa: int, gs: int, sts: list[int]
+        ) -> tuple[bytes, str | None]:
             if kind == "fhir":
-                body = dict(datas[0][2])
+                body = dict(bodies[0])
                 body["status"] = "active"
                 ident: dict[str, Any] = next(iter(body.get("identifier", [])), {})
                 token = f"{ident.get('system', '')}|{ident.get('value', '')}" if ident else None
                 return json.dumps(body).encode(), token
-            claims = [(from_fhir(body), st) for (_, _, body), st in zip(datas, sts, strict=True)]
+            claims = [(from_fhir(body), st) for body, st in zip(bodies, sts, strict=True)]
             text = interchange(service.envelope(isa, gs, created), Form(form), claims)
             return text.encode("ascii"), None
+
+        def alone() -> dict[int, str]:
+            """The claims that cannot be built even alone, with the type of what it raised."""
+            failed = {}
+            for claim_id, _, body in datas:
+                try:
+                    build([body], isa=1, gs=1, sts=[1])
+                except BUILD_ERRORS as exc:
+                    failed[claim_id] = type(exc).__name__
+            return failed
 
         def work(conn: sqlite3.Connection) -> Batch:
             for claim_id, resource_id, _ in datas:
@@ -186,8 +211,11 @@ class Lifecycle:
             # Built inside the intent's transaction: a claim that cannot be built rolls it
             # all back (control numbers too), so no batch is ever 'sending' with nothing sent.
             try:
-                payload, token = build(isa, gs, sts)
-            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                payload, token = build([body for _, _, body in datas], isa, gs, sts)
+            except BUILD_ERRORS as exc:
+                failed = alone()
+                if failed:
+                    raise _Unbuildable(failed) from None
                 raise ClaimsError(
                     f"claim(s) {', '.join(map(str, ids))} could not be made into a submission "
                     f"({type(exc).__name__}): nothing was sent; a defect, report it"
@@ -217,7 +245,12 @@ class Lifecycle:
                 )  # fmt: skip
             return Batch(batch_id, kind, ids, numbers, isa, payload, token)
 
-        return await self._store.transact(work)
+        try:
+            return await self._store.transact(work)
+        except _Unbuildable as exc:
+            # Back to draft with the problem, out of ``due``: the others go without them.
+            await self._service.hold_unbuildable(exc.failed, kind, actor)
+            return await self.take_batch(kind, limit, actor)
 
     async def _settle(
         self,

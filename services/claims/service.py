@@ -55,6 +55,9 @@ UNREADABLE_PROBLEM = Problem(
     "the stored claim failed authentication (altered on disk) and cannot be sent: "
     "restore it from a backup, or cancel it and bill the visit by hand",
 )
+# What building a claim's submission raises when its stored content or its row is not what
+# the builder expects (an altered row, a Claim missing a part): a defect, never the network.
+BUILD_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 SITE_SYSTEM = "urn:telehealth-appliance:fhir:site"
 VIRTUAL_CLASSES = frozenset({"VR"})  # v3 ActCode "virtual"
 _CLAIM_COLUMNS = (
@@ -66,6 +69,17 @@ _CLAIM_COLUMNS = (
 
 class ClaimsError(ApplianceError):
     """A claims operation that cannot be done (unknown claim, forbidden move, bad reason)."""
+
+
+def build_problem(kind: str, error: str) -> Problem:
+    """The problem of a claim that could not be made into a submission (``error``: the
+    exception's type; its text may quote the claim)."""
+    what = "a FHIR Claim" if kind == "fhir" else "an X12 837"
+    return Problem(
+        "build",
+        f"the claim could not be made into {what} ({error}) and was not sent: a defect, "
+        "report it with the claim number; cancel the claim and bill the visit by hand",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -773,13 +787,53 @@ class ClaimsService:
         so one unreadable claim never holds back the others (``Lifecycle.due`` skips claims
         with problems). Nothing is sent for it: what it said is not known.
         """
-        now = fhir.utc_text(self._store.now())
-        problems = _problems_json([UNREADABLE_PROBLEM])
+        if claim_ids:
+            logger.error(
+                "%d claim(s) failed authentication and went back to draft: %s",
+                len(claim_ids),
+                ", ".join(str(i) for i in claim_ids),
+            )
+            await self._hold(dict.fromkeys(claim_ids, UNREADABLE_PROBLEM), actor, audited=False)
 
-        def work(conn: sqlite3.Connection) -> None:
-            for claim_id in claim_ids:
+    async def hold_unbuildable(
+        self, failed: Mapping[int, str], kind: str, actor: str = ACTOR
+    ) -> list[int]:
+        """Take claims that cannot be made into a submission out of the sending queue.
+
+        ``failed``: claim id → the type of what building it raised. Each goes back to draft
+        with the problem ``build`` (:func:`build_problem`), in its history and audited, so one
+        such claim never holds back the others; nothing is sent for it. Returns those held
+        (a claim being sent or no longer draft/ready meanwhile is left as it is).
+        """
+        if not failed:
+            return []
+        problems = {claim_id: build_problem(kind, error) for claim_id, error in failed.items()}
+        held = await self._hold(problems, actor, audited=True)
+        if held:
+            # Ids and exception types only: the exception's text may quote the claim.
+            logger.error(
+                "%d claim(s) could not be made into a submission and went back to draft: %s",
+                len(held),
+                ", ".join(f"{i} ({failed[i]})" for i in held),
+            )
+        return held
+
+    async def _hold(
+        self, problems: Mapping[int, Problem], actor: str, *, audited: bool
+    ) -> list[int]:
+        """Back to draft with one problem each (draft or ready claims not being sent)."""
+        now = fhir.utc_text(self._store.now())
+        store = self._store
+        # Filled inside the transaction, which appends the records after ``work`` (in it).
+        events: list[AuditEvent] = []
+
+        def work(conn: sqlite3.Connection) -> list[int]:
+            held = []
+            for claim_id, problem in problems.items():
                 row = conn.execute(
-                    "SELECT status FROM claims WHERE id = ? AND sending_batch IS NULL",
+                    "SELECT c.status, c.patient_id, r.logical_id FROM claims c "
+                    "JOIN resources r ON r.id = c.resource_id "
+                    "WHERE c.id = ? AND c.sending_batch IS NULL",
                     (claim_id,),
                 ).fetchone()
                 if row is None or row[0] not in {s.value for s in EDITABLE}:
@@ -788,25 +842,23 @@ class ClaimsService:
                 conn.execute(
                     "UPDATE claims SET problems = ?, checked_at = ?, status = 'draft', "
                     "updated_at = ? WHERE id = ?",
-                    (problems, now, now, claim_id),
+                    (_problems_json([problem]), now, now, claim_id),
                 )
-                self._event(
-                    conn,
-                    claim_id,
-                    actor,
-                    before,
-                    ClaimStatus.DRAFT,
-                    UNREADABLE_PROBLEM.message,
-                    now,
-                )
+                self._event(conn, claim_id, actor, before, ClaimStatus.DRAFT, problem.message, now)
+                held.append(claim_id)
+                if audited:
+                    events.append(
+                        AuditEvent(
+                            actor,
+                            AuditAction.UPDATE,
+                            patient_key=store.patient_key(f"Patient/{row[1]}"),
+                            entity=f"Claim/{row[2]}",
+                            detail=f"held back from submission: problem {problem.code}",
+                        )
+                    )
+            return held
 
-        if claim_ids:
-            logger.error(
-                "%d claim(s) failed authentication and went back to draft: %s",
-                len(claim_ids),
-                ", ".join(str(i) for i in claim_ids),
-            )
-            await self._store.transact(work)
+        return await store.transact(work, events)
 
     async def recheck(self, claim_ids: Sequence[int] = (), actor: str = ACTOR) -> list[ClaimRow]:
         """Re-run every check on editable claims (all draft/ready ones when none are named).
@@ -814,7 +866,8 @@ class ClaimsService:
         The site parts (billing provider, attending, charge) are rebuilt from the current
         config, so a corrected config fixes its claims; a changed claim is a new FHIR Claim
         (resources are append-only), the old one kept. A ready claim with problems goes back
-        to draft.
+        to draft. One that cannot be made into an X12 837 goes back to draft with the problem
+        ``build`` (:meth:`hold_unbuildable`) and is returned too.
         """
         rows = [r for r in await self.claims(list(EDITABLE), claim_ids) if not r.sending]
         if not rows:
@@ -825,8 +878,16 @@ class ClaimsService:
         )
         await self.hold_unreadable(unreadable, actor)
         rows = [r for r in rows if r.id not in unreadable]
-        updated = []
-        for (claim_id, _resource_id, body), row in zip(contents, rows, strict=True):
+        # One that cannot be made into an 837 at all is held back, not checked (reading it
+        # would raise and stop the check of every other claim).
+        failed = {
+            claim_id: error
+            for (claim_id, _, body), row in zip(contents, rows, strict=True)
+            if (error := self._x12_failure(row.form, body)) is not None
+        }
+        updated = [await self.claim(i) for i in await self.hold_unbuildable(failed, "x12", actor)]
+        kept = [(c, r) for c, r in zip(contents, rows, strict=True) if c[0] not in failed]
+        for (claim_id, _resource_id, body), row in kept:
             old = from_fhir(body)
             data = self._refresh_site(old)
             problems, x12_ok = await asyncio.to_thread(
@@ -872,6 +933,15 @@ class ClaimsService:
             await self._store.transact(work)
             updated.append(await self.claim(claim_id))
         return updated
+
+    def _x12_failure(self, form: str, body: dict[str, Any]) -> str | None:
+        """What making this claim alone into an interchange of ``form`` raises (its type), or
+        None when it can be made (the claim's row names the form its batch is sent as)."""
+        try:
+            interchange(self._envelope(1, 1), Form(form), [(from_fhir(body), 1)])
+        except BUILD_ERRORS as exc:
+            return type(exc).__name__
+        return None
 
     def _refresh_site(self, data: ClaimData) -> ClaimData:
         site, claims = self._config.site, self._config.claims

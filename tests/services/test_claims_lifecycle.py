@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -593,25 +594,94 @@ async def test_whatever_a_send_raises_its_batch_is_settled(
     assert (row.status, row.sending) == (S.READY, False)  # the pass stopped
 
 
-async def test_a_claim_that_cannot_be_built_writes_no_intent(
-    clocked: Store, house: Clearinghouse, db_path: Path
+async def _reseal(store: Store, claim_id: int, change: Callable[[dict[str, Any]], None]) -> None:
+    """Seal an altered copy of the claim's stored content in its place (a Claim written by a
+    defective version, say): it decrypts fine, and is not what the builder expects."""
+    [(_, _, body)] = await ClaimsService(store, site_doc()).content([claim_id], "user:test")
+    change(body)
+
+    def work(conn: sqlite3.Connection) -> None:
+        [(row_id, logical_id)] = conn.execute(
+            "SELECT r.id, r.logical_id FROM resources r JOIN claims c ON c.resource_id = r.id "
+            "WHERE c.id = ?",
+            (claim_id,),
+        ).fetchall()
+        version, blob = store.current_keyring(conn).encrypt(
+            "resources", logical_id, orjson.dumps(body)
+        )
+        conn.execute(
+            "UPDATE resources SET key_version = ?, body = ? WHERE id = ?", (version, blob, row_id)
+        )
+
+    await store.transact(work)
+
+
+def _no_payer(body: dict[str, Any]) -> None:
+    body["contained"] = [c for c in body["contained"] if c["id"] != "payer"]
+
+
+@pytest.mark.parametrize("broken", ["its row names another form", "its Claim has no payer"])
+async def test_a_claim_that_cannot_be_built_is_held_back_and_the_others_go(
+    clocked: Store,
+    house: Clearinghouse,
+    db_path: Path,
+    broken: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level("INFO")
     config = cfg(house)
-    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
-    conn = sqlite3.connect(db_path)  # its row and its content disagree: interchange() raises
-    conn.execute("UPDATE claims SET form = '837I' WHERE id = ?", (claim_id,))
-    conn.commit()
-    conn.close()
-    result = await submitter(clocked, config).submit(poll=False)  # before: ValueError escaped
-    assert result.errors == [
-        f"claim(s) {claim_id} could not be made into a submission (ValueError): nothing was "
-        "sent; a defect, report it"
-    ]
-    # Before: the batch was written 'sending' with nothing sent, for review at the restart.
-    assert await clocked.query("SELECT count(*) FROM claim_batches") == [(0,)]
-    row = await ClaimsService(clocked, config).claim(claim_id)
-    assert (row.status, row.sending) == (S.READY, False)
-    assert house.received == []
+    first, second = await drafted(clocked, config, ["2026-03-02", "2026-03-03"])
+    if broken == "its row names another form":  # interchange() raises ValueError
+        conn = sqlite3.connect(db_path)
+        conn.execute("UPDATE claims SET form = '837I' WHERE id = ?", (first,))
+        conn.commit()
+        conn.close()
+        error = "ValueError"
+    else:  # from_fhir() raises KeyError
+        await _reseal(clocked, first, _no_payer)
+        error = "KeyError"
+    service = ClaimsService(clocked, config)
+    number = (await service.claim(second)).claim_number
+    sub = submitter(clocked, config)
+    # Before: ClaimsError on every pass ('could not be made into a submission'), none sent:
+    # the first claim stayed ready at the head of the queue, ahead of every other.
+    result = await sub.submit(poll=False)
+    assert (result.submitted, result.errors) == (1, [])
+    [sent] = house.received
+    assert f"CLM*{number}*" in sent
+    assert await status(clocked, config, second) is S.ACKNOWLEDGED
+    held = await service.claim(first)
+    assert (held.status, held.sending) == (S.DRAFT, False)
+    [problem] = held.problems
+    assert problem.code == "build"
+    assert problem.message == (
+        f"the claim could not be made into an X12 837 ({error}) and was not sent: a defect, "
+        "report it with the claim number; cancel the claim and bill the visit by hand"
+    )
+    # No intent for it: the one batch is the second claim's, and its history says why.
+    assert await clocked.query("SELECT state, claim_count FROM claim_batches") == [("sent", 1)]
+    assert await clocked.query(
+        "SELECT count(*) FROM claim_batch_items WHERE claim_id = ?", (first,)
+    ) == [(0,)]
+    history = await Lifecycle(service, clocked).history(first)
+    assert [(e.from_status, e.to_status, e.detail) for e in history][-1] == (
+        "ready",
+        "draft",
+        problem.message,
+    )
+    [(actor, detail)] = await clocked.query(
+        "SELECT actor, detail FROM audit WHERE detail LIKE 'held back%'"
+    )
+    assert (actor, detail) == ("service:claims-submit", "held back from submission: problem build")
+    # The journal names the claim and the exception's type, nothing from its content.
+    assert f"went back to draft: {first} ({error})" in caplog.text
+    for content in ("Zzyzxtestperson", "Testville", "'payer'"):  # a KeyError's text: 'payer'
+        assert content not in caplog.text
+    assert (await sub.submit(poll=False)).submitted == 0  # it stays out until a person acts
+    assert len(house.received) == 1
+    # A check finds it still cannot be made (and is not stopped by it): it stays held.
+    [checked] = await service.recheck([first])
+    assert (checked.status, [p.code for p in checked.problems]) == (S.DRAFT, ["build"])
 
 
 async def test_an_835_paying_less_than_billed_is_reconciled(

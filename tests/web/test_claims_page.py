@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from quart.testing import QuartClient
@@ -151,3 +153,20 @@ async def test_anonymous_visitors_go_to_the_login_page(client: QuartClient) -> N
     response = await client.get("/claims/")
     assert response.status_code == 302
     assert "/login" in response.headers["Location"]
+
+
+async def test_a_claim_that_cannot_be_built_shows_in_the_queue_with_its_reason(
+    logged_in: QuartClient, ids: dict[str, int], store: Store, db_path: Path
+) -> None:
+    service = ClaimsService(store, site_doc(auto_ready=False))
+    await service.transition(ids["draft"], ClaimStatus.READY, "user:biller")
+    raw = sqlite3.connect(db_path)  # its row and its content disagree: interchange() raises
+    with raw:
+        raw.execute("UPDATE claims SET form = '837I' WHERE id = ?", (ids["draft"],))
+    raw.close()
+    # Before: ClaimsError, and the claim stayed ready at the head of the queue.
+    assert await Lifecycle(service, store).take_batch("x12") is None
+    html = (await (await logged_in.get("/claims/")).get_data()).decode()
+    row = html.split(f'data-claim-id="{ids["draft"]}"')[1].split("</tr>")[0]
+    assert ">draft</span>" in row
+    assert "the claim could not be made into an X12 837 (ValueError) and was not sent" in row
