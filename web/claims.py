@@ -4,12 +4,19 @@
 words, our check problems, the clearinghouse's 999/277CA messages and the 835's amounts in
 plain words. ``GET /claims/<id>`` shows one claim with its event history. Nothing here
 decrypts a claim or a chart: the ``claims`` tables hold no PHI (docs/adr/0006-claims.md), so
-viewing needs no audit record; every action is a state move recorded in ``claim_events``
-with the user as actor.
+viewing needs no audit record; every action on a claim is a state move recorded in
+``claim_events`` with the user as actor.
+
+The queue also lists the clearinghouse's response files the poll could not apply (an 835
+out of balance, a malformed 999: :meth:`Lifecycle.unreadable_responses`): their id at the
+clearinghouse, kind, what is wrong and when, never the file. ``POST
+/claims/unreadable-responses/clear`` takes the entries the page showed off the list (an
+admin; audited).
 
 Roles: the users module has nurse, provider and admin only, so nurses and admins see the
 queue and may mark a checked draft ready (a biller's review); cancelling, resolving a claim
-in review and overriding the one-per-day rule are money decisions and need an admin.
+in review, overriding the one-per-day rule and clearing the list of response files are
+decisions for an admin.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from quart import Blueprint, abort, redirect, request, url_for
 from quart.typing import ResponseReturnValue
 
 from appliance.errors import ApplianceError, NotFoundError
+from appliance.numbers import small_int
 from appliance.users import Role
 from services.claims.lifecycle import Lifecycle
 from services.claims.model import ClaimStatus, DecisionOutcome, money
@@ -82,6 +90,7 @@ async def _queue(notice: str | None = None, error: str | None = None) -> str:
     messages = await life.messages(ids)
     payments = await life.payments(ids)
     duplicates = await service.decisions(DecisionOutcome.DUPLICATE)
+    unreadable = await life.unreadable_responses()
     _, is_admin = await _user()
     return await render_template(
         "claims.html",
@@ -89,6 +98,7 @@ async def _queue(notice: str | None = None, error: str | None = None) -> str:
         messages=messages,
         payments=payments,
         duplicates=duplicates,
+        unreadable=unreadable,
         statuses=[s.value for s in ClaimStatus],
         wanted=wanted,
         since=args.get("since", ""),
@@ -107,7 +117,16 @@ async def _queue(notice: str | None = None, error: str | None = None) -> str:
 @login_required(role=_VIEWERS)
 async def queue() -> ResponseReturnValue:
     """The claims queue with its filters."""
-    return await _queue()
+    cleared = small_int(request.args.get("cleared", ""))
+    notice = None
+    if cleared is not None:
+        notice = (
+            f"{cleared} response file{'' if cleared == 1 else 's'} taken off the list (in the "
+            "audit trail under your name)."
+            if cleared
+            else "Nothing was taken off the list."
+        )
+    return await _queue(notice=notice)
 
 
 @bp.get("/<int:claim_id>")
@@ -195,3 +214,17 @@ async def override() -> ResponseReturnValue:
     except ApplianceError as exc:
         return await _queue(error=str(exc)), 409
     return redirect(url_for("claims.detail", claim_id=decided.claim_id or 0), 303)
+
+
+@bp.post("/unreadable-responses/clear")
+@login_required(role=Role.ADMIN)
+async def clear_unreadable() -> ResponseReturnValue:
+    """Take the response files the page showed off the list once dealt with (audited).
+
+    The form carries the digest of each entry shown: one the poll noted since stays.
+    """
+    _, life = _services()
+    actor, _ = await _user()
+    seen = (await request.form).getlist("seen")
+    cleared = await life.clear_unreadable_responses(actor, seen=set(seen))
+    return redirect(url_for("claims.queue", cleared=cleared), 303)

@@ -118,6 +118,7 @@ POLICY: Mapping[str, Rule] = {
     "claims.cancel": _r(ADMIN),
     "claims.resolve": _r(ADMIN),
     "claims.override": _r(ADMIN),
+    "claims.clear_unreadable": _r(ADMIN),
     # devices and stations (web/devices.py)
     "devices.overview": _r(CLINIC, phi=True),
     "devices.check_in": _r(CLINIC),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -405,9 +405,7 @@ class Lifecycle:
             known = list(_read_unreadable(conn))
             if any(u.digest == digest for u in known):
                 return
-            known.append(entry)
-            rows = [[u.source_id, u.kind, u.error, u.at, u.digest] for u in known]
-            db.set_meta(conn, UNREADABLE_KEY, json.dumps(rows[-UNREADABLE_KEPT:]))
+            _write_unreadable(conn, [*known, entry][-UNREADABLE_KEPT:])
 
         await self._store.transact(work)
 
@@ -416,21 +414,29 @@ class Lifecycle:
         rows = await self._store.query("SELECT value FROM meta WHERE key = ?", (UNREADABLE_KEY,))
         return _unreadable_list(rows[0][0] if rows else None)
 
-    async def clear_unreadable_responses(self, actor: str) -> int:
-        """Clear the list once a person has dealt with the files (audited); how many went."""
+    async def clear_unreadable_responses(
+        self, actor: str, seen: Collection[str] | None = None
+    ) -> int:
+        """Clear the list once a person has dealt with the files (audited); how many went.
 
-        def work(conn: sqlite3.Connection) -> list[Unreadable]:
-            known = list(_read_unreadable(conn))
-            conn.execute("DELETE FROM meta WHERE key = ?", (UNREADABLE_KEY,))
-            return known
+        ``seen``: the digests of the entries the person was shown (the claims page sends
+        them): only those go, so a file noted since the page was drawn stays on the list.
+        """
+        # Filled inside the transaction, which appends the record after ``work`` (in it).
+        events: list[AuditEvent] = []
 
-        known = await self.unreadable_responses()
-        if not known:
-            return 0
-        ids = ", ".join(u.source_id for u in known)[:400]
-        detail = f"{UNREADABLE_CLEARED_DETAIL} ({len(known)}: {ids})"
-        event = AuditEvent(actor, AuditAction.CONFIG, entity="claims", detail=detail)
-        return len(await self._store.transact(work, [event]))
+        def work(conn: sqlite3.Connection) -> int:
+            known = _read_unreadable(conn)
+            gone = [u for u in known if seen is None or u.digest in seen]
+            if not gone:
+                return 0
+            _write_unreadable(conn, [u for u in known if u not in gone])
+            ids = ", ".join(u.source_id for u in gone)[:400]
+            detail = f"{UNREADABLE_CLEARED_DETAIL} ({len(gone)}: {ids})"
+            events.append(AuditEvent(actor, AuditAction.CONFIG, entity="claims", detail=detail))
+            return len(gone)
+
+        return await self._store.transact(work, events)
 
     # -- a person ---------------------------------------------------------------------------
 
@@ -532,6 +538,14 @@ class Lifecycle:
 
 def _read_unreadable(conn: sqlite3.Connection) -> tuple[Unreadable, ...]:
     return _unreadable_list(db.meta_value(conn, UNREADABLE_KEY))
+
+
+def _write_unreadable(conn: sqlite3.Connection, entries: Sequence[Unreadable]) -> None:
+    if not entries:
+        conn.execute("DELETE FROM meta WHERE key = ?", (UNREADABLE_KEY,))
+        return
+    rows = [[u.source_id, u.kind, u.error, u.at, u.digest] for u in entries]
+    db.set_meta(conn, UNREADABLE_KEY, json.dumps(rows))
 
 
 def _unreadable_list(value: str | bytes | None) -> tuple[Unreadable, ...]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
+from quart import Response
 from quart.testing import QuartClient
 
 from appliance import db, users
@@ -16,7 +19,8 @@ from services.claims.lifecycle import Lifecycle
 from services.claims.model import ClaimStatus
 from services.claims.service import ClaimsService
 from services.claims.x12_read import read
-from tests.services.clearinghouse import Clearinghouse
+from sync_agent.claims_submit import ClaimsSubmitter
+from tests.services.clearinghouse import Clearinghouse, envelope
 from tests.services.test_claims import encounter, make_mbi, patient, site_doc
 from tests.web.conftest import PASSWORD, FakeClock, form_token, login
 
@@ -170,3 +174,113 @@ async def test_a_claim_that_cannot_be_built_shows_in_the_queue_with_its_reason(
     row = html.split(f'data-claim-id="{ids["draft"]}"')[1].split("</tr>")[0]
     assert ">draft</span>" in row
     assert "the claim could not be made into an X12 837 (ValueError) and was not sent" in row
+
+
+_SEEN = re.compile(r'name="seen" value="([0-9a-f]{64})"')
+_FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def _unreadable(html: str) -> str:
+    """The list of response files that could not be applied, as the page shows it."""
+    return html.split('id="unreadable-responses"')[1].split("</section>")[0]
+
+
+async def _clear(client: QuartClient, html: str, **fields: str) -> Response:
+    """Post the page's clear form as a browser would (its token, the entries it showed)."""
+    pairs = [*fields.items()] + [("seen", d) for d in _SEEN.findall(html)]
+    return await client.post(
+        "/claims/unreadable-responses/clear", data=urlencode(pairs), headers=_FORM
+    )
+
+
+async def _poll_a_bad_835(store: Store) -> None:
+    """The sync pass polls the clearinghouse and meets an 835 that does not balance."""
+    house = Clearinghouse(when=datetime(2026, 3, 10, 12, 0))
+    body = ["835", "BPR*I*10*C", "LX*1", "CLP*Q1*1*31.85*10.00*0*MB*X*11*1", "CAS*CO*45*1.00"]
+    house.responses.append(("835", envelope("HP", "005010X221A1", [body], 3, house.when)))
+    await house.start()
+    try:
+        config = site_doc(endpoint_url=house.url)
+        service = ClaimsService(store, config, run_pyx12=False)
+        result = await ClaimsSubmitter(store, config, service=service).submit(poll=True)
+    finally:
+        await house.stop()
+    assert result.responses == 0
+    assert result.errors == [
+        "response 1: claim Q1: billed minus adjustments is not the paid amount (the 835 is out "
+        "of balance) (kept on the unreadable list)"
+    ]
+
+
+async def test_response_files_that_could_not_be_applied_are_listed_and_an_admin_clears_them(
+    client: QuartClient, ids: dict[str, int], store: Store
+) -> None:
+    assert await login(client, ADMIN) == 302
+    html = (await (await client.get("/claims/")).get_data()).decode()
+    assert 'id="unreadable-responses"' not in html  # nothing to show
+    await _poll_a_bad_835(store)
+    html = (await (await client.get("/claims/")).get_data()).decode()
+    # Before: only the journal said so; nothing here.
+    shown = _unreadable(html)
+    assert "1 file from the clearinghouse changed nothing" in shown
+    [row] = shown.split("<tbody>")[1].split("</tbody>")[0].split("</tr>")[:-1]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+    assert cells[:2] == ["<code>1</code>", "835"]
+    assert cells[2] == (
+        "claim Q1: billed minus adjustments is not the paid amount (the 835 is out of balance)"
+    )
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", cells[3])
+    assert "Clear the list" in shown
+    # Another bad file comes in while the admin reads the page: clearing leaves it alone.
+    life = Lifecycle(ClaimsService(store, site_doc()), store)
+    await life.note_unreadable("2", "999", "999: AK9 is missing", "ISA*later~")
+    done = await _clear(client, html, csrf_token=form_token(html.encode()))
+    assert done.status_code == 303
+    assert done.location == "/claims/?cleared=1"
+    html = (await (await client.get(done.location)).get_data()).decode()
+    assert "1 response file taken off the list" in html
+    assert [u.source_id for u in await life.unreadable_responses()] == ["2"]
+    assert "<code>2</code>" in _unreadable(html)
+    [(actor, detail)] = await store.query(
+        "SELECT actor, detail FROM audit WHERE detail LIKE 'unreadable claims response%'"
+    )
+    assert (actor, detail) == (
+        f"user:{ADMIN}",
+        "unreadable claims response files: list cleared (1: 1)",
+    )
+    done = await _clear(client, html, csrf_token=form_token(html.encode()))
+    html = (await (await client.get(done.location)).get_data()).decode()
+    assert await life.unreadable_responses() == ()
+    assert 'id="unreadable-responses"' not in html
+
+
+async def test_clearing_the_list_of_response_files_needs_the_csrf_token_and_an_admin(
+    client: QuartClient, ids: dict[str, int], store: Store
+) -> None:
+    await _poll_a_bad_835(store)
+    life = Lifecycle(ClaimsService(store, site_doc()), store)
+    assert await login(client) == 302  # a nurse sees the list, and cannot clear it
+    html = (await (await client.get("/claims/")).get_data()).decode()
+    shown = _unreadable(html)
+    assert "(the 835 is out of balance)" in shown
+    assert "Clear the list" not in shown
+    assert "An admin clears the list" in shown
+    token = form_token(html.encode())
+    [digest] = [u.digest for u in await life.unreadable_responses()]
+    nurse = await client.post(
+        "/claims/unreadable-responses/clear",
+        data=urlencode({"csrf_token": token, "seen": digest}),
+        headers=_FORM,
+    )
+    assert nurse.status_code == 403
+    await client.post("/logout", form={"csrf_token": token})
+    assert await login(client, ADMIN) == 302
+    html = (await (await client.get("/claims/")).get_data()).decode()
+    forged = await _clear(client, html)  # another site's form: no token
+    assert forged.status_code == 403
+    wrong = await _clear(client, html, csrf_token=token)  # the nurse's session's token
+    assert wrong.status_code == 403
+    assert len(await life.unreadable_responses()) == 1
+    assert await store.query(
+        "SELECT count(*) FROM audit WHERE detail LIKE 'unreadable claims response%'"
+    ) == [(0,)]
