@@ -143,11 +143,15 @@ def build_claims_client(claims: ClaimsConfig) -> httpx.AsyncClient:
         assert claims.token_file is not None
         auth = StaticBearerAuth(claims.token_file)
     timeout = httpx.Timeout(claims.timeout_s, connect=min(10.0, claims.timeout_s))
+    # The EHR client's transport: an answer held to 64 MB as sent and as decoded (a proxy
+    # streaming without end, a gzip bomb), a failed TLS handshake said in words.
+    from sync_agent.upstream import TlsAwareTransport
+
     return httpx.AsyncClient(
         base_url=claims.endpoint_url + "/",
         timeout=timeout,
         auth=auth,
-        verify=tls_verify(claims),
+        transport=TlsAwareTransport(tls_verify(claims)),
     )
 
 
@@ -210,6 +214,10 @@ class ClaimsSubmitter:
             return None
         try:
             result = await self.submit(poll=None)
+        except KeyFileError as exc:
+            # Names the file, never its content: what the person must mend.
+            logger.error("claims submission pass failed: %s; will retry", exc)
+            return None
         except Exception as exc:
             # The type only: an exception's text may quote a claim (PHI).
             logger.error("claims submission pass failed (%s); will retry", type(exc).__name__)
@@ -344,15 +352,18 @@ class ClaimsSubmitter:
         count = len(batch.claim_ids)
         name = type(exc).__name__  # the type only: an exception's text may quote a claim
         if isinstance(exc, UpstreamError) and exc.failure is Failure.AUTH:
-            # The bearer auth: the token refused again after reading the file anew, or the
-            # file unreadable. The endpoint answered 401 without reading the request.
-            await self.lifecycle.not_sent(batch.id, "not taken: credentials refused")
+            # The bearer auth (the token refused again after reading the file anew, or the
+            # file unreadable: the endpoint answered 401 without reading the request), or
+            # the TLS handshake failed or was refused. Its message names no claim.
+            await self.lifecycle.not_sent(batch.id, "not taken: credentials or TLS refused")
             result.not_sent += count
             result.errors.append(
-                "the claims endpoint refused our credentials (or the token file cannot be "
-                "read): check [claims] auth and token_file; the claims stay ready"
+                f"the claims endpoint did not take our credentials or TLS ({exc.message}): "
+                "check [claims] auth, token_file and the TLS files; the claims stay ready"
             )
             return "not sent", False
+        # h11 refusing to form the request (a header no request can carry) sends nothing.
+        left = left and not isinstance(exc, httpx.LocalProtocolError)
         if isinstance(exc, _NO_CONNECTION) or not left:
             await self.lifecycle.not_sent(batch.id, f"not sent: {name}")
             result.not_sent += count

@@ -594,6 +594,60 @@ async def test_whatever_a_send_raises_its_batch_is_settled(
     assert (row.status, row.sending) == (S.READY, False)  # the pass stopped
 
 
+async def test_a_request_no_header_can_carry_is_not_sent_and_says_so(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house, poll_responses=False, batch_size=1)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+
+    async def broken_header(request: httpx.Request) -> None:
+        request.headers["X-Site"] = "clinic\nname"  # h11 refuses to form the request
+
+    def client(claims: ClaimsConfig) -> httpx.AsyncClient:
+        built = build_claims_client(claims)
+        built.event_hooks = {"request": [broken_header]}
+        return built
+
+    sub = ClaimsSubmitter(
+        clocked,
+        config,
+        client_factory=client,
+        service=ClaimsService(clocked, config, run_pyx12=False),
+    )
+    result = await sub.run_once()
+    assert result is not None
+    # Before: handed to the transport, so "it may have landed": a person asked to confirm
+    # with the clearinghouse a claim that never left the box.
+    assert (result.not_sent, result.in_review, house.received) == (1, 0, [])
+    assert "sending failed before the request left (LocalProtocolError)" in result.errors
+    assert await status(clocked, config, claim_id) is S.READY
+
+
+async def test_https_to_a_plain_http_port_is_not_sent_and_names_the_tls_handshake(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    async def plain_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # a TLS ClientHello, answered as the HTTP it is not
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(plain_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = cfg(house, poll_responses=False, endpoint_url=f"https://127.0.0.1:{port}")
+        [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+        result = await submitter(clocked, config).run_once()
+    finally:
+        server.close()
+    assert result is not None
+    assert result.not_sent == 1
+    # Before: a ConnectError, taken for an unreachable endpoint, and nothing said.
+    [error] = result.errors
+    assert "TLS handshake failed (WRONG_VERSION_NUMBER)" in error
+    assert await status(clocked, config, claim_id) is S.READY
+
+
 async def _reseal(store: Store, claim_id: int, change: Callable[[dict[str, Any]], None]) -> None:
     """Seal an altered copy of the claim's stored content in its place (a Claim written by a
     defective version, say): it decrypts fine, and is not what the builder expects."""
