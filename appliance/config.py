@@ -139,6 +139,7 @@ class SyncConfig:
     """The sync process."""
 
     interval_s: float = 5.0
+    backoff_cap_s: float = 300.0
     upstreams: tuple[UpstreamConfig, ...] = ()
 
 
@@ -476,6 +477,10 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
     ),
     "sync": (
         _F("interval_s", _number(0.1, 3600), 5.0, "Seconds between outbox polls when idle."),
+        _F("backoff_cap_s", _number(1, 3600), 300.0,
+           "Longest wait, in seconds, between tries while the upstream answers with errors "
+           "(the wait doubles from 1 s up to this, with jitter; a server's Retry-After is "
+           "still honoured up to an hour). Shorten it for an EHR on the same campus network."),
     ),
     "sync.upstream": (
         _F("name", _TEXT, _REQUIRED, "Unique name of the upstream (logs, sync status)."),

@@ -7,7 +7,8 @@ After each round it waits in one of four ways, decided by how the round ended:
   wakes early when another process adds outbox rows (``PRAGMA data_version`` moved and the
   newest outbox id changed — other processes' heartbeats do not count);
 * **the server answered with an error** (5xx, 429, no answer to a sent bundle): full-jitter
-  exponential backoff, ``BACKOFF_BASE_S`` doubling to ``BACKOFF_CAP_S``, never shorter than the
+  exponential backoff, ``BACKOFF_BASE_S`` doubling to ``BACKOFF_CAP_S`` (the site config's
+  ``sync.backoff_cap_s``), never shorter than the
   server's ``Retry-After`` (up to ``RETRY_AFTER_CAP_S``); new readings do not cut it short — an overloaded EHR is not
   hammered because a clinic is busy, nor is a fleet in lock-step;
 * **unreachable** (no connection could be made: refused, no route, DNS): no more drains —
@@ -341,7 +342,9 @@ class SyncLoop:
         self._client = client
         self._upstream = upstream
         self._rng = rng
-        self._pacing = pacing or Pacing(interval_s=ctx.config.sync.interval_s)
+        self._pacing = pacing or Pacing(
+            interval_s=ctx.config.sync.interval_s, backoff_cap_s=ctx.config.sync.backoff_cap_s
+        )
         self.deliverer = Deliverer(
             ctx.store, client, max_entries=upstream.max_bundle_entries, rng=rng
         )

@@ -220,8 +220,21 @@ def test_a_servers_retry_after_is_waited_out_up_to_an_hour() -> None:
     assert pacing.refused(30, Longest(), 86_400.0) == 3600.0
 
 
+async def test_the_site_sets_the_longest_backoff(
+    store: Store, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    ctx = await _loop_ctx(tmp_path, store, "http://127.0.0.1:9", 0.2, backoff_cap_s=20.0)
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=Longest())
+    assert loop._pacing.backoff_cap_s == 20.0
+    assert loop._pacing.backoff(30, Longest()) == 20.0  # never longer, however many failures
+    default = await _loop_ctx(tmp_path, store, "http://127.0.0.1:9", 0.2)
+    assert SyncLoop(default, client, default.config.sync.upstreams[0], rng=Longest())._pacing == (
+        Pacing(interval_s=0.2)
+    )
+
+
 async def _loop_ctx(
-    tmp_path: Path, store: Store, base_url: str, interval_s: float
+    tmp_path: Path, store: Store, base_url: str, interval_s: float, backoff_cap_s: float = 300.0
 ) -> ProcessContext:
     site = tmp_path / "site.toml"
     site.write_text(
@@ -229,6 +242,7 @@ async def _loop_ctx(
         + f"""
 [sync]
 interval_s = {interval_s}
+backoff_cap_s = {backoff_cap_s}
 
 [[sync.upstream]]
 name = "ehr"
