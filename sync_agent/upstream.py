@@ -379,6 +379,8 @@ class _Inflater:
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """What ``data`` decodes to, in pieces of at most :data:`_DECODE_STEP` bytes."""
+        if self._inflate.eof:
+            return  # past the end of the data: ignored (zlib would keep it in unused_data)
         if self._held is None:
             piece = self._step(data)
         else:
@@ -394,6 +396,11 @@ class _Inflater:
         while True:
             if piece:
                 yield piece
+            if self._inflate.eof:
+                # The end of the data, and bytes after it in the same chunk (a proxy's
+                # newline, a second gzip member): ignored, as httpx does. Asked again, zlib
+                # gives nothing and keeps them as unconsumed: this loop never ended.
+                return
             rest = self._inflate.unconsumed_tail
             if not rest and len(piece) < _DECODE_STEP:
                 return  # all of data read, nothing held back

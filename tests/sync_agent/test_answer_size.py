@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import threading
 import zlib
 from collections.abc import AsyncIterator
 
@@ -163,6 +164,34 @@ def test_the_decoder_fed_in_small_chunks_gives_the_body_in_bounded_pieces(
     pieces += list(decoder.finish())
     assert b"".join(pieces) == SMALL * 5000
     assert max(map(len, pieces)) <= 2**16
+
+
+@pytest.mark.parametrize(
+    "after",
+    [b"\n", gzip.compress(b""), gzip.compress(b"a second member")],
+    ids=["newline", "empty-member", "second-member"],
+)
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_bytes_after_the_end_of_the_data_are_ignored_not_looped_on(
+    coding: str, after: bytes
+) -> None:
+    body = SMALL * 5000  # past one decoding step
+    encoded = gzip.compress(body) if coding == "gzip" else zlib.compress(body)
+    decoded: list[bytes] = []
+
+    def decode() -> None:  # in a thread: a decoder that loops never returns to asyncio
+        decoder = _Decoder([coding])
+        decoded.extend(decoder.feed(encoded + after))
+        decoded.extend(decoder.feed(b"more after the end"))
+        decoded.extend(decoder.finish())
+
+    worker = threading.Thread(target=decode, daemon=True)
+    worker.start()
+    worker.join(10)
+    # Before: the decoder asked zlib again and again for what follows the end, for ever
+    # (the sync process's event loop stood still, its memory grew).
+    assert not worker.is_alive(), "the decoder loops on the bytes after the end"
+    assert b"".join(decoded) == body
 
 
 def test_the_decoder_never_makes_one_piece_of_a_whole_bomb() -> None:
