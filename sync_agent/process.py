@@ -167,8 +167,10 @@ class _Step:
             return
         self.failures += 1
         self.failure = stopped_by.failure
+        # No connection could be made: nothing of the server's side (a read timeout, a
+        # reset, a slow search), which keeps its backoff however often the link is seen.
         self.cut = stopped_by.retry_after_s is None and isinstance(
-            stopped_by.__cause__, httpx.TransportError
+            stopped_by.__cause__, httpx.ConnectError | httpx.ConnectTimeout
         )
         wait = pacing.refused(self.failures, rng, stopped_by.retry_after_s)
         self.not_before = now + wait

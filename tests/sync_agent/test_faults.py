@@ -27,7 +27,14 @@ from appliance.runtime import ProcessContext
 from appliance.store import Lane, Store
 from sync_agent.audit_export import AuditExporter
 from sync_agent.outbox_delivery import Deliverer, backoff_s
-from sync_agent.process import PROBE_CAP_S, RETRY_AFTER_CAP_S, Pacing, SyncLoop, _link_seen
+from sync_agent.process import (
+    PROBE_CAP_S,
+    RETRY_AFTER_CAP_S,
+    Pacing,
+    SyncLoop,
+    _link_seen,
+    _Step,
+)
 from sync_agent.status import request_sync_now
 from sync_agent.upstream import FHIR_JSON, Failure, UpstreamError
 from tests import factories
@@ -207,6 +214,40 @@ def test_backoff_is_full_jitter_exponential_and_capped() -> None:
         assert max(waits) > 0.8 * ceiling  # it really reaches up to the ceiling...
         assert len({round(w, 6) for w in waits}) > 150  # ...and is spread (no lock-step)
     assert max(backoff_s(50, rng) for _ in range(500)) <= 300.0
+
+
+def _raised_from(cause: httpx.HTTPError, failure: Failure) -> UpstreamError:
+    try:
+        try:
+            raise cause
+        except httpx.HTTPError as exc:
+            raise UpstreamError(failure, type(cause).__name__) from exc
+    except UpstreamError as raised:
+        return raised
+
+
+@pytest.mark.parametrize(
+    ("cause", "failure", "freed"),
+    [
+        (httpx.ConnectError("refused"), Failure.TRANSIENT, True),
+        (httpx.ConnectTimeout("no route"), Failure.TRANSIENT, True),
+        (httpx.ReadTimeout("a slow search"), Failure.AMBIGUOUS, False),
+        (httpx.RemoteProtocolError("cut mid-answer"), Failure.AMBIGUOUS, False),
+        (httpx.ReadError("reset"), Failure.TRANSIENT, False),
+    ],
+)
+def test_only_a_step_held_for_no_connection_is_freed_when_the_link_is_back(
+    cause: httpx.HTTPError, failure: Failure, freed: bool
+) -> None:
+    pull = _Step("pull")
+    pacing = Pacing(interval_s=30.0)
+    for _ in range(5):
+        pull.after(_raised_from(cause, failure), 1000.0, pacing, Longest())
+    assert not pull.due(1001.0)
+    pull.link_back()  # a bundle went through this round, or the probe answered
+    # An EHR too slow for the pull's search keeps its backoff (before: every round of a busy
+    # clinic made the search due again); one held only by the link goes at once.
+    assert pull.due(1001.0) is freed
 
 
 def test_a_servers_retry_after_is_waited_out_up_to_an_hour() -> None:
