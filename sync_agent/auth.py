@@ -32,13 +32,13 @@ How token-endpoint failures are classed (:class:`sync_agent.upstream.Failure`):
 * 400/401 (``invalid_client``, ``invalid_scope``…), any other answer that is not a token →
   **auth**, with the server's OAuth ``error`` and ``error_description`` (they hold no PHI).
   So is an ``access_token`` that no ``Authorization`` header can carry (a line break, a
-  space, any character outside RFC 6750's ``b64token``): sent, it would fail before leaving
-  the box, every time, and read as a dead link.
+  space, a control or non-ASCII character): sent, it would fail before leaving the box,
+  every time, and read as a dead link.
   Not **permanent**: that class dead-letters the items, and a rejected key says nothing
   about them. They stay pending until a person fixes the registration or the key.
 
 The token, the assertion and the key are never logged, and no error message quotes them.
-A bearer token file is held to the same ``b64token`` rule when it is read
+A bearer token file is held to the same rule when it is read
 (:func:`read_token_file`).
 
 Why the token request goes through its own short-lived client rather than being yielded to
@@ -94,14 +94,17 @@ REFRESH_MARGIN_S = 60.0
 # RFC 7518 section 3.3: RSA keys for RS* are 2048 bits or larger.
 MIN_RSA_BITS = 2048
 _PUBLIC_PATHS = ("/metadata", "/.well-known/smart-configuration")
-# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=",
-# all that "Authorization: Bearer <token>" may carry.
-_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# What "Authorization: Bearer <token>" can carry: visible ASCII, no space (an HTTP field
+# value, RFC 9110). RFC 6750's b64token is stricter, but servers issue tokens outside it
+# (Salesforce's hold "!"; others ":" or "%"), and h11 sends them: refusing those would stop
+# a box that works.
+_SENDABLE_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 def is_bearer_token(value: str) -> bool:
-    """Whether ``value`` can be sent as an RFC 6750 bearer token (its ``b64token`` syntax)."""
-    return _B64TOKEN.fullmatch(value) is not None
+    """Whether ``value`` can go in an ``Authorization: Bearer`` header (visible ASCII, one
+    word: no line break, space, control or non-ASCII character)."""
+    return _SENDABLE_TOKEN.fullmatch(value) is not None
 
 
 def check_private_file(path: Path, what: str) -> None:
@@ -398,8 +401,8 @@ class SmartBackendAuth(httpx.Auth):
             raise UpstreamError(
                 Failure.AUTH,
                 f"token endpoint {self._token_url} answered an access_token that cannot be "
-                "sent (a line break, a space or another character outside RFC 6750's "
-                "b64token); ask the EHR team to check the token endpoint",
+                "sent (a line break, a space, a control or non-ASCII character); ask the EHR "
+                "team to check the token endpoint",
             )
         assert isinstance(body, dict)
         lifetime = body.get("expires_in", DEFAULT_TOKEN_LIFETIME_S)
@@ -423,7 +426,7 @@ def read_token_file(path: Path) -> str:
     earlier releases did not ask for it, and refusing would stop the sync on an upgrade.
 
     A token that cannot be sent (a line break inside, two tokens pasted, a space, any
-    character outside RFC 6750's ``b64token``) is a :class:`KeyFileError` naming the file,
+    control or non-ASCII character) is a :class:`KeyFileError` naming the file,
     never quoting it, nor chained to an error that does: sent, it would fail before leaving
     the box, every time.
     """
@@ -453,8 +456,8 @@ def read_token_file(path: Path) -> str:
         raise KeyFileError(f"{path}: the bearer token file is empty")
     if not is_bearer_token(token):
         raise KeyFileError(
-            f"{path}: not one bearer token (a line break, a space or another character "
-            "outside RFC 6750's b64token); the file must hold the token alone"
+            f"{path}: not one bearer token (a line break, a space, a control or non-ASCII "
+            "character); the file must hold the token alone"
         )
     return token
 
