@@ -607,7 +607,9 @@ async def _post(client: httpx.AsyncClient, bundle: dict[str, Any]) -> dict[str, 
     body = response_json(response)
     status = response.status_code
     if status >= 300:
-        refusal = classify_response(status, body, response.headers.get("Retry-After"))
+        refusal = classify_response(
+            status, body, response.headers.get("Retry-After"), served=response.headers.get("Date")
+        )
         if refusal.failure is not Failure.PERMANENT:
             raise refusal
         if status in _CONTENT_REFUSALS and is_outcome(body):
@@ -1031,7 +1033,12 @@ async def fetch_upstream_anchors(
         response = await exchange(client, "GET", url, params=params)
         body = response_json(response)
         if response.status_code >= 300:
-            raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
+            raise classify_response(
+                response.status_code,
+                body,
+                response.headers.get("Retry-After"),
+                served=response.headers.get("Date"),
+            )
         if as_dict(body).get("resourceType") != "Bundle":
             raise UpstreamError(
                 Failure.TRANSIENT,

@@ -363,7 +363,12 @@ class Puller:
             said = outcome_text(body) or "HTTP 403"
             raise UpstreamError(Failure.PERMANENT, f"the upstream refused this search: {said}")
         if status >= 300:
-            raise classify_for_resource(status, body, response.headers.get("Retry-After"))
+            raise classify_for_resource(
+                status,
+                body,
+                response.headers.get("Retry-After"),
+                served=response.headers.get("Date"),
+            )
         if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
             raise UpstreamError(Failure.TRANSIENT, f"HTTP {response.status_code} without a Bundle")
         return body

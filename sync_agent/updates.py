@@ -128,7 +128,12 @@ def _must_wait(response: httpx.Response, body: Any) -> UpstreamError | None:
     update must wait and be tried again (the link, a rate limit, our credentials, the
     address itself), None when the answer is about the resource: a dead letter
     (:func:`~sync_agent.upstream.classify_for_resource`)."""
-    refusal = classify_for_resource(response.status_code, body, response.headers.get("Retry-After"))
+    refusal = classify_for_resource(
+        response.status_code,
+        body,
+        response.headers.get("Retry-After"),
+        served=response.headers.get("Date"),
+    )
     if refusal.failure in (Failure.PERMANENT, Failure.TOO_LARGE):
         return None
     return refusal

@@ -193,32 +193,46 @@ MAX_RETRY_AFTER_S = 86_400.0
 _DELAY_SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 
 
-def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
-    """A ``Retry-After`` (RFC 9110 section 10.2.3) as seconds from ``now`` (default: the
-    current time), capped at a day; else None.
-
-    Either delay-seconds (ASCII digits; a decimal fraction is taken too, as some servers send
-    one) or an HTTP-date (``Wed, 21 Oct 2026 07:28:00 GMT``; a date without a zone is read
-    as GMT, which HTTP dates are), a date already past being 0. "1e400", "inf", "nan", "²" or
-    any other text is no delay we act on: the usual backoff applies.
-    """
+def _http_date(value: str | None) -> datetime | None:
+    """An HTTP-date (``Wed, 21 Oct 2026 07:28:00 GMT``; without a zone read as GMT, which
+    HTTP dates are), else None."""
     text = (value or "").strip()
-    if _DELAY_SECONDS.fullmatch(text):
-        return min(float(text), MAX_RETRY_AFTER_S)
     if not text[:1].isalpha():
         return None  # every HTTP-date starts with its day name
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):  # 3.11 raises TypeError
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    delay = (when - (now or datetime.now(UTC))).total_seconds()
-    return min(max(delay, 0.0), MAX_RETRY_AFTER_S)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
-def classify_response(status: int, body: Any, retry_after: str | None) -> UpstreamError:
-    """Put a non-2xx answer to a whole request into its class."""
+def retry_after_seconds(
+    value: str | None, *, now: datetime | None = None, served: str | None = None
+) -> float | None:
+    """A ``Retry-After`` (RFC 9110 section 10.2.3) as seconds, capped at a day; else None.
+
+    Either delay-seconds (ASCII digits; a decimal fraction is taken too, as some servers send
+    one) or an HTTP-date, a date already past being 0. A date is counted from the answer's own
+    ``Date`` (``served``) when it has one, as the server's clock set both: a box whose clock
+    lags (no battery clock, NTP not yet answered) would otherwise wait a day for a minute's
+    pause. Without one, from ``now`` (default: the current time). "1e400", "inf", "nan", "²"
+    or any other text is no delay we act on: the usual backoff applies.
+    """
+    text = (value or "").strip()
+    if _DELAY_SECONDS.fullmatch(text):
+        return min(float(text), MAX_RETRY_AFTER_S)
+    when = _http_date(text)
+    if when is None:
+        return None
+    since = _http_date(served) or now or datetime.now(UTC)
+    return min(max((when - since).total_seconds(), 0.0), MAX_RETRY_AFTER_S)
+
+
+def classify_response(
+    status: int, body: Any, retry_after: str | None, *, served: str | None = None
+) -> UpstreamError:
+    """Put a non-2xx answer to a whole request into its class (``served``: the answer's
+    ``Date``, for a ``Retry-After`` given as a date)."""
     text = outcome_text(body) or f"HTTP {status}"
     if status == 413 or (status == 400 and any(w in text.lower() for w in _TOO_LARGE_WORDS)):
         return UpstreamError(Failure.TOO_LARGE, text)
@@ -242,9 +256,13 @@ def classify_response(status: int, body: Any, retry_after: str | None) -> Upstre
         # A gateway that gave up waiting: on a request it may have forwarded (the EHR may
         # be applying it still), and one perhaps too slow for the gateway, which an
         # ambiguous outcome sends again smaller. (502 and 503 say nothing of the request.)
-        return UpstreamError(Failure.AMBIGUOUS, text, retry_after_seconds(retry_after))
+        return UpstreamError(
+            Failure.AMBIGUOUS, text, retry_after_seconds(retry_after, served=served)
+        )
     if status in _RETRY_STATUSES or status >= 500:
-        return UpstreamError(Failure.TRANSIENT, text, retry_after_seconds(retry_after))
+        return UpstreamError(
+            Failure.TRANSIENT, text, retry_after_seconds(retry_after, served=served)
+        )
     if status < 400 or status in _ENDPOINT_STATUSES:
         said = text if text.startswith("HTTP ") else f"HTTP {status}: {text}"
         return UpstreamError(
@@ -255,14 +273,16 @@ def classify_response(status: int, body: Any, retry_after: str | None) -> Upstre
     return UpstreamError(Failure.PERMANENT, text)
 
 
-def classify_for_resource(status: int, body: Any, retry_after: str | None) -> UpstreamError:
+def classify_for_resource(
+    status: int, body: Any, retry_after: str | None, *, served: str | None = None
+) -> UpstreamError:
     """As :func:`classify_response`, for a request about one resource or one search (an
     update, a read, a patient's readings): an address status (404, 405, 406, 410, 415)
     answered with the server's own OperationOutcome is about that resource or search
     (deleted, merged, not updatable, not searchable so), not the address: **permanent**.
     A redirect, or such a status from something that is not the FHIR server (a proxy's
     page), stays **endpoint**: the address is wrong, and what was asked waits."""
-    refusal = classify_response(status, body, retry_after)
+    refusal = classify_response(status, body, retry_after, served=served)
     if status in _ENDPOINT_STATUSES and is_outcome(body):
         return UpstreamError(Failure.PERMANENT, outcome_text(body) or f"HTTP {status}")
     return refusal
@@ -791,7 +811,12 @@ async def post_bundle(client: httpx.AsyncClient, bundle: dict[str, Any]) -> dict
     )
     body = response_json(response)
     if response.status_code >= 300:
-        raise classify_response(response.status_code, body, response.headers.get("Retry-After"))
+        raise classify_response(
+            response.status_code,
+            body,
+            response.headers.get("Retry-After"),
+            served=response.headers.get("Date"),
+        )
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
         raise UpstreamError(
             Failure.TRANSIENT, f"HTTP {response.status_code} without a response Bundle"

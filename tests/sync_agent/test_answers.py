@@ -328,6 +328,19 @@ def test_a_retry_after_date_in_a_refusal_is_read_against_the_current_time() -> N
     assert 590 <= delay <= 600
 
 
+def test_a_retry_after_date_is_counted_from_the_servers_date_not_the_boxs_clock() -> None:
+    # The box's clock a day behind (no battery clock, NTP not answered yet): the server asks
+    # for a minute, by its own clock. Before: the loop waited an hour, each item a day.
+    server_now = datetime.now(UTC) + timedelta(days=1)
+    retry = format_datetime(server_now + timedelta(seconds=60), usegmt=True)
+    served = format_datetime(server_now, usegmt=True)
+    delay = classify_response(503, None, retry, served=served).retry_after_s
+    assert delay == 60.0
+    assert classify_for_resource(429, None, retry, served=served).retry_after_s == 60.0
+    # A Date that is no date: the box's clock, as before.
+    assert classify_response(503, None, retry, served="soon").retry_after_s == 86_400.0
+
+
 @pytest.mark.parametrize(
     ("status", "failure"),
     [(502, Failure.TRANSIENT), (503, Failure.TRANSIENT), (504, Failure.AMBIGUOUS)],
