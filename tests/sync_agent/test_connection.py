@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,37 +23,11 @@ from appliance.store import Store
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.process import probe
 from sync_agent.upstream import Failure, UpstreamError, build_client, exchange
-from tests import factories
 from tests.fhir_peer.peer import FhirPeer
+from tests.sync_agent.test_auth import _chain
+from tests.sync_agent.test_faults import _readings
+from tests.sync_agent.test_outbox_delivery import _states
 from tests.sync_agent.token_server import FakeClock, TokenServer, serving
-
-
-def _chain(exc: BaseException) -> str:
-    """Every exception raised with ``exc`` (causes and contexts), as text and as repr."""
-    seen: list[str] = []
-    current: BaseException | None = exc
-    while current is not None:
-        seen += [str(current), repr(current)]
-        current = current.__cause__ or current.__context__
-    return "\n".join(seen)
-
-
-async def _readings(store: Store, n: int) -> None:
-    [pat] = await store.create([factories.patient()], "user:nurse1")
-    ref = f"Patient/{pat.logical_id}"
-    await store.create(
-        [factories.bp_observation(ref, systolic=100 + i) for i in range(n)], "service:devices"
-    )
-
-
-def _states(db_path: Path) -> list[tuple[str, int]]:
-    conn = sqlite3.connect(db_path)
-    rows = conn.execute(
-        "SELECT state, count(*) FROM outbox GROUP BY state ORDER BY state"
-    ).fetchall()
-    conn.close()
-    return rows
-
 
 # -- a request that cannot be formed ------------------------------------------------------------
 
