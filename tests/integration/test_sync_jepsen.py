@@ -47,9 +47,6 @@ SITE = (
     + """
 [sync]
 interval_s = 0.2
-# Back again within a second or two of each fault, so the faulty phase delivers (with the
-# default 5 minutes, most items waited for the heal and the faults met few of them).
-backoff_cap_s = 1
 
 [[sync.upstream]]
 name = "ehr"
