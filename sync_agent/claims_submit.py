@@ -51,7 +51,7 @@ from appliance.store import Store
 from services.claims.acks import AckError
 from services.claims.lifecycle import Batch, Lifecycle, fhir_outcome
 from services.claims.service import ClaimsError, ClaimsService
-from sync_agent.upstream import Failure, UpstreamError
+from sync_agent.upstream import Failure, TlsAwareTransport, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,6 @@ def build_claims_client(claims: ClaimsConfig) -> httpx.AsyncClient:
     timeout = httpx.Timeout(claims.timeout_s, connect=min(10.0, claims.timeout_s))
     # The EHR client's transport: an answer held to 64 MB as sent and as decoded (a proxy
     # streaming without end, a gzip bomb), a failed TLS handshake said in words.
-    from sync_agent.upstream import TlsAwareTransport
-
     return httpx.AsyncClient(
         base_url=claims.endpoint_url + "/",
         timeout=timeout,

@@ -85,12 +85,12 @@ from sync_agent.upstream import (
     UpstreamError,
     as_dict,
     as_list,
-    bundle_entries,
     classify_for_resource,
     exchange,
     next_link,
     outcome_text,
     response_json,
+    search_matches,
 )
 
 logger = logging.getLogger(__name__)
@@ -237,22 +237,6 @@ def _captured_elsewhere(observation: fhir.FhirJson) -> bool:
         and t.get("code") != "home"
         for t in as_list(as_dict(observation.get("meta")).get("tag"))
     )
-
-
-def _entries(bundle: Any, rtype: str) -> list[fhir.FhirJson]:
-    """The matches of a searchset (not included resources, not OperationOutcomes)."""
-    found = []
-    for entry in bundle_entries(bundle):
-        resource = entry.get("resource")
-        mode = as_dict(entry.get("search")).get("mode", "match")
-        if (
-            isinstance(resource, dict)
-            and resource.get("resourceType") == rtype
-            and isinstance(resource.get("id"), str)
-            and mode == "match"
-        ):
-            found.append(resource)
-    return found
 
 
 class Puller:
@@ -434,7 +418,7 @@ class Puller:
                 if cursor.since is not None:
                     query["_lastUpdated"] = f"ge{cursor.since}"
                 bundle = await self._get(rtype, query)
-            resources = _entries(bundle, rtype)
+            resources = search_matches(bundle, rtype)
             before = cursor
             cursor = await self._take(stream, rtype, resources, cursor, result, save=True)
             link = next_link(bundle, self._client)
@@ -538,7 +522,7 @@ class Puller:
         for _ in range(self._max_pages):
             query = {**params, "_sort": "_lastUpdated", "_count": str(self._page_size)}
             query["_lastUpdated"] = f"ge{floor.since}"
-            resources = _entries(await self._get(rtype, query), rtype)
+            resources = search_matches(await self._get(rtype, query), rtype)
             inside = [
                 r
                 for r in resources
@@ -617,7 +601,7 @@ class Puller:
         if since is not None:
             query["_lastUpdated"] = f"gt{since}"
         bundle = await self._get("Patient", query)
-        found = {c.reference: c for c in map(_copy, _entries(bundle, "Patient"))}
+        found = {c.reference: c for c in map(_copy, search_matches(bundle, "Patient"))}
         followed: set[str] = set()
         for _ in range(len(chunk)):
             link = next_link(bundle, self._client)
@@ -625,7 +609,7 @@ class Puller:
                 break
             followed.add(link)
             bundle = await self._get(link)
-            found |= {c.reference: c for c in map(_copy, _entries(bundle, "Patient"))}
+            found |= {c.reference: c for c in map(_copy, search_matches(bundle, "Patient"))}
         return list(found.values())
 
     def _after_import(

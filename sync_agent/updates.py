@@ -72,12 +72,12 @@ from sync_agent.outbox_delivery import (
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
-    as_dict,
     bundle_entries,
     classify_for_resource,
     exchange,
     outcome_text,
     response_json,
+    search_matches,
 )
 
 logger = logging.getLogger(__name__)
@@ -385,14 +385,7 @@ class UpdateSender:
         body = response_json(response)
         if response.status_code >= 300 and (wait := _must_wait(response, body)):
             raise wait
-        found = [
-            e["resource"]
-            for e in bundle_entries(body)
-            if isinstance(e.get("resource"), dict)
-            and e["resource"].get("resourceType") == row.type
-            and isinstance(e["resource"].get("id"), str)
-            and as_dict(e.get("search")).get("mode", "match") == "match"
-        ]
+        found = search_matches(body, row.type)
         if response.status_code != 200 or len(found) != 1:
             return False
         ref = f"{row.type}/{found[0]['id']}"

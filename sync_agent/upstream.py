@@ -147,6 +147,23 @@ def bundle_entries(body: Any) -> list[dict[str, Any]]:
     return [as_dict(entry) for entry in as_list(as_dict(body).get("entry"))]
 
 
+def search_matches(bundle: Any, rtype: str) -> list[dict[str, Any]]:
+    """The matches of a searchset of ``rtype`` with an id (not included resources, not
+    OperationOutcomes)."""
+    found = []
+    for entry in bundle_entries(bundle):
+        resource = entry.get("resource")
+        mode = as_dict(entry.get("search")).get("mode", "match")
+        if (
+            isinstance(resource, dict)
+            and resource.get("resourceType") == rtype
+            and isinstance(resource.get("id"), str)
+            and mode == "match"
+        ):
+            found.append(resource)
+    return found
+
+
 def entry_answer(entry: Any) -> dict[str, Any]:
     """An entry's ``response`` (``{}`` when it has none that is an object)."""
     return as_dict(as_dict(entry).get("response"))

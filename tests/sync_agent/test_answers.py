@@ -26,7 +26,7 @@ from services.claims.lifecycle import fhir_outcome
 from sync_agent.audit_export import anchors_of
 from sync_agent.balp import anchor_from_provenance
 from sync_agent.outbox_delivery import _entry_ref
-from sync_agent.pull import Cursor, _captured_elsewhere, _copy, _entries, _patients_of
+from sync_agent.pull import Cursor, _captured_elsewhere, _copy, _patients_of
 from sync_agent.updates import _updated_of, _version_of
 from sync_agent.upstream import (
     Failure,
@@ -39,6 +39,7 @@ from sync_agent.upstream import (
     next_link,
     outcome_text,
     retry_after_seconds,
+    search_matches,
 )
 
 # The keys real answers use, so that generated objects often have the right shape with the
@@ -232,7 +233,7 @@ def test_a_batch_answer_of_any_shape_gives_a_status_a_message_and_a_reference_or
 def test_a_search_page_of_any_shape_gives_resources_to_import_or_nothing(
     body: Any, rtype: str
 ) -> None:
-    found = _entries(body, rtype)
+    found = search_matches(body, rtype)
     for resource in found:
         assert resource["resourceType"] == rtype
         assert isinstance(resource["id"], str)
