@@ -317,8 +317,8 @@ def checkpoint(
         audit_id, digest = _head(conn)
         if audit_id == 0:
             return None
-        last = conn.execute("SELECT max(audit_id) FROM audit_checkpoints").fetchone()[0]
-        if last is not None and int(last) >= audit_id:
+        last = _last_signed(conn, signer.public_key())
+        if last is not None and last >= audit_id:
             return None
         signature = signer.sign(_checkpoint_message(audit_id, digest, ts))
         conn.execute(
@@ -326,6 +326,32 @@ def checkpoint(
             (audit_id, digest, ts, signature),
         )
     return Checkpoint(audit_id, digest, _parse_ts(ts), signature)
+
+
+def _last_signed(conn: sqlite3.Connection, public_key: Ed25519PublicKey) -> int | None:
+    """The record the newest checkpoint this box signed covers; None before the first.
+
+    Rows whose signature does not verify are passed over: a row inserted by hand far ahead
+    (INSERT is not guarded; ``audit verify`` names it) would otherwise stop every later
+    checkpoint, and the newest records would go unsigned.
+    """
+    rows = conn.execute(
+        "SELECT audit_id, hash, ts, signature FROM audit_checkpoints ORDER BY id DESC"
+    )
+    for audit_id, digest, ts, signature in rows:
+        if not (
+            isinstance(audit_id, int)
+            and isinstance(digest, bytes)
+            and isinstance(ts, str)
+            and isinstance(signature, bytes)
+        ):
+            continue
+        try:
+            public_key.verify(signature, _checkpoint_message(audit_id, digest, ts))
+        except (InvalidSignature, struct.error, ValueError):
+            continue
+        return audit_id
+    return None
 
 
 def latest_checkpoint(conn: sqlite3.Connection) -> Checkpoint | None:

@@ -568,3 +568,23 @@ def test_report_rows_show_the_patient_key_as_hex(conn: sqlite3.Connection) -> No
         "entity": "Observation/0",
         "detail": "kiosk",
     }
+
+
+@pytest.mark.parametrize("audit_id", [2**62, 2**63 - 1], ids=["far ahead", "the largest id"])
+def test_a_checkpoint_row_inserted_ahead_does_not_stop_later_checkpoints(
+    conn: sqlite3.Connection, path: Path, audit_id: int
+) -> None:
+    audit.checkpoint(conn, KEY, now=T0)
+    # INSERT is not guarded by a trigger; only verify tells.
+    with attacker(path) as raw:
+        raw.execute(
+            "INSERT INTO audit_checkpoints (audit_id, hash, ts, signature) VALUES (?, ?, ?, ?)",
+            (audit_id, b"\x01" * 32, audit.ts_text(T0), b"\x02" * 64),
+        )
+    fill(conn, 10)  # records 21-30
+    # Before: compared with the highest row, so no checkpoint signed records 21-30, ever.
+    made = audit.checkpoint(conn, KEY, now=T0 + timedelta(hours=1))
+    assert made is not None
+    assert made.audit_id == 30
+    assert audit.checkpoint(conn, KEY, now=T0 + timedelta(hours=2)) is None
+    assert_broken(check(conn), audit_id, "checkpoint 2")
