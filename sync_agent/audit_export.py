@@ -71,7 +71,6 @@ from sync_agent.balp import (
 )
 from sync_agent.upstream import (
     ENTRY_NOT_THE_ITEM,
-    FHIR_JSON,
     Failure,
     UpstreamError,
     as_dict,
@@ -81,8 +80,8 @@ from sync_agent.upstream import (
     entry_outcome,
     entry_status,
     exchange,
-    is_outcome,
     next_link,
+    post_bundle,
     response_json,
 )
 
@@ -580,11 +579,11 @@ def _utf8(text: str) -> bool:
 _CONTENT_REFUSALS = frozenset({400, 422})
 
 
-def _exchange_refusal(status: int, body: Any) -> UpstreamError:
+def _exchange_refusal(status: int, *, outcome: bool) -> UpstreamError:
     """A whole-request refusal that is not about the records: the export stops where it is
     and is paced, as for an address or credentials refused (no record passed over). (A 407,
     426 or 431 never gets here: ``classify_response`` makes them auth and endpoint.)"""
-    said = "an OperationOutcome" if is_outcome(body) else "no OperationOutcome"
+    said = "an OperationOutcome" if outcome else "no OperationOutcome"
     return UpstreamError(
         Failure.ENDPOINT,
         f"HTTP {status} to the whole request ({said}): about the exchange, not the records; "
@@ -601,23 +600,15 @@ async def _post(client: httpx.AsyncClient, bundle: dict[str, Any]) -> dict[str, 
     (a page of HTML, a 407, a 426, a 431) had each record passed over in turn, the cursor
     moved past the whole trail, and for the audit export passed over is lost.
     """
-    response = await exchange(
-        client, "POST", "", content=orjson.dumps(bundle), headers={"Content-Type": FHIR_JSON}
-    )
-    body = response_json(response)
-    status = response.status_code
-    if status >= 300:
-        refusal = classify_response(
-            status, body, response.headers.get("Retry-After"), served=response.headers.get("Date")
-        )
-        if refusal.failure is not Failure.PERMANENT:
-            raise refusal
-        if status in _CONTENT_REFUSALS and is_outcome(body):
-            raise UpstreamError(Failure.PERMANENT, f"HTTP {status}: {refusal.message}")
-        raise _exchange_refusal(status, body)
-    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
-        raise UpstreamError(Failure.TRANSIENT, f"HTTP {status} without a response Bundle")
-    return body
+    try:
+        return await post_bundle(client, bundle)
+    except UpstreamError as refusal:
+        status = refusal.status
+        if refusal.failure is not Failure.PERMANENT or status is None:
+            raise
+        if status in _CONTENT_REFUSALS and refusal.outcome:
+            raise UpstreamError(Failure.PERMANENT, f"HTTP {status}: {refusal.message}") from None
+        raise _exchange_refusal(status, outcome=refusal.outcome) from None
 
 
 class AnchorEntryError(UpstreamError):

@@ -74,11 +74,18 @@ class Failure(StrEnum):
 # compared (and hashed) by identity, as exceptions are.
 @dataclass(slots=True, eq=False)
 class UpstreamError(Exception):
-    """A failed exchange with the upstream, classified; ``message`` is free of PHI."""
+    """A failed exchange with the upstream, classified; ``message`` is free of PHI.
+
+    ``status`` is the HTTP status of an answer refusing the whole request (None when there
+    was no such answer) and ``outcome`` whether its body was a FHIR OperationOutcome: the
+    audit export holds a refusal against a record only when the FHIR server itself said so.
+    """
 
     failure: Failure
     message: str
     retry_after_s: float | None = None
+    status: int | None = None
+    outcome: bool = False
 
     def __str__(self) -> str:
         return f"{self.failure}: {self.message}"
@@ -828,12 +835,14 @@ async def post_bundle(client: httpx.AsyncClient, bundle: dict[str, Any]) -> dict
     )
     body = response_json(response)
     if response.status_code >= 300:
-        raise classify_response(
+        refusal = classify_response(
             response.status_code,
             body,
             response.headers.get("Retry-After"),
             served=response.headers.get("Date"),
         )
+        refusal.status, refusal.outcome = response.status_code, is_outcome(body)
+        raise refusal
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
         raise UpstreamError(
             Failure.TRANSIENT, f"HTTP {response.status_code} without a response Bundle"
