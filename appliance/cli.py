@@ -167,7 +167,7 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
 
 def _upstream_anchors(config: Config) -> tuple[list[audit.Checkpoint] | None, str]:
     """The site's checkpoint anchors at its first upstream, or None and why not."""
-    from sync_agent.audit_export import fetch_upstream_anchors
+    from sync_agent.audit_anchors import fetch_upstream_anchors
     from sync_agent.upstream import UpstreamError, build_client
 
     if not config.sync.upstreams:
@@ -188,7 +188,7 @@ def _upstream_anchors(config: Config) -> tuple[list[audit.Checkpoint] | None, st
 
 
 def cmd_audit_verify(args: argparse.Namespace, config: Config) -> int:
-    from sync_agent.audit_export import verify_against_anchors
+    from sync_agent.audit_anchors import verify_against_anchors
 
     anchors, where = (None, "not asked (--local)") if args.local else _upstream_anchors(config)
     conn, kek = _open(config)
@@ -221,7 +221,7 @@ def cmd_audit_verify(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_audit_acknowledge(args: argparse.Namespace, config: Config) -> int:
-    from sync_agent.audit_export import acknowledge_breaks, read_export_state
+    from sync_agent.audit_export_state import acknowledge_breaks, read_export_state
 
     conn = db.connect_sync(config.paths.database)  # no key needed: nothing is opened
     try:
@@ -699,7 +699,8 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
     import httpx
 
     from appliance.store import Store
-    from sync_agent.audit_export import AuditExporter, read_export_state
+    from sync_agent.audit_export import AuditExporter
+    from sync_agent.audit_export_state import read_export_state
     from sync_agent.outbox_delivery import Deliverer, DrainResult
     from sync_agent.upstream import build_client, failure_class
 

@@ -24,7 +24,7 @@ from appliance.errors import TamperedDataError
 from appliance.keys import KeySource, keyring_of
 from appliance.runtime import HEARTBEAT_STALE_S
 from appliance.store import Lane, oldest_waiting, queued_at
-from sync_agent.audit_export import ExportState, read_export_state
+from sync_agent.audit_export_state import ExportState, read_export_state
 
 SYNC_NOW_KEY = "sync_now"
 """``meta`` key the sync process watches: a new value makes it skip its backoff."""

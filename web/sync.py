@@ -13,7 +13,7 @@
 * ``POST /sync/twins/clear`` clears the list of upstream records the pull left out as held
   twice (:func:`sync_agent.status.clear_twins`: audited; one still there comes back);
 * ``POST /sync/trail-breaks/acknowledge`` acknowledges the audit trail breaks the export
-  found, up to the count the page showed (:func:`sync_agent.audit_export.acknowledge_breaks`:
+  found, up to the count the page showed (:func:`sync_agent.audit_export_state.acknowledge_breaks`:
   audited; the count and its metric stay, a new break warns again).
 
 The review queue (``/sync/review``) is for nurses and admins: local edits the upstream
@@ -40,7 +40,7 @@ from appliance.errors import InvalidResourceError
 from appliance.numbers import small_int
 from appliance.users import Role
 from sync_agent import status
-from sync_agent.audit_export import acknowledge_breaks
+from sync_agent.audit_export_state import acknowledge_breaks
 from sync_agent.updates import (
     ReviewChangedError,
     ReviewError,

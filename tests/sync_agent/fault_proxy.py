@@ -141,7 +141,8 @@ class FaultProxy:
         self._spec = FaultSpec()
         self._weights: list[tuple[FaultSpec, float]] = []
         self.counts: Counter[str] = Counter()
-        self.posts_in_flight = 0  # POSTs received and not yet answered (or cut)
+        self._armed = 0  # bumped by every set(): which arming a request arrived under
+        self._posts: Counter[int] = Counter()  # POSTs not yet answered (or cut), by arming
 
     @property
     def base_url(self) -> str:
@@ -186,6 +187,7 @@ class FaultProxy:
         spec = FaultSpec(Fault(fault), **params)
         self._weights = []
         self._spec = spec
+        self._armed += 1
         if spec.fault is Fault.REFUSE:
             self.counts["refuse_windows"] += 1
             await self._stop_listening()
@@ -254,14 +256,26 @@ class FaultProxy:
         body = await reader.readexactly(length) if length else b""
         return _Request(method, target, headers, body)
 
+    @property
+    def posts_in_flight(self) -> int:
+        """POSTs received since the fault was last armed and not yet answered (or cut).
+
+        A POST that arrived before (a killed agent's, still held by an earlier delay or still
+        with the server) is not counted: it is about to finish, and is not the one armed for.
+        """
+        return self._posts[self._armed]
+
     async def _handle(self, request: _Request, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False when the connection is gone."""
         posting = request.method == "POST"
-        self.posts_in_flight += posting
+        armed = self._armed
+        self._posts[armed] += posting
         try:
             return await self._answer(request, writer)
         finally:
-            self.posts_in_flight -= posting
+            self._posts[armed] -= posting
+            if not self._posts[armed]:
+                del self._posts[armed]
 
     async def _answer(self, request: _Request, writer: asyncio.StreamWriter) -> bool:
         self.counts["requests"] += 1
@@ -388,7 +402,7 @@ class ProxyThread:
         return self._call(snapshot())
 
     def posts_in_flight(self) -> int:
-        """POSTs the proxy holds now (received, not yet answered)."""
+        """POSTs the proxy holds now that arrived since the fault was last armed."""
 
         async def snapshot() -> int:
             return self.proxy.posts_in_flight

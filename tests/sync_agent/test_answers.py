@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.claims.lifecycle import fhir_outcome
-from sync_agent.audit_export import anchors_of
+from sync_agent.audit_anchors import anchors_of
 from sync_agent.balp import anchor_from_provenance
 from sync_agent.outbox_delivery import _entry_ref
 from sync_agent.pull import Cursor, _captured_elsewhere, _copy, _patients_of

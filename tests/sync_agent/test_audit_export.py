@@ -15,15 +15,14 @@ from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.store import Store
 from sync_agent import balp
-from sync_agent.audit_export import (
-    AuditExporter,
-    acknowledge_breaks,
+from sync_agent.audit_anchors import (
     anchors_of,
     fetch_upstream_anchors,
-    read_export_state,
     verify_against_anchor,
     verify_against_anchors,
 )
+from sync_agent.audit_export import AuditExporter
+from sync_agent.audit_export_state import acknowledge_breaks, read_export_state
 from sync_agent.balp import ExportRow, anchor_from_provenance, audit_event, checkpoint_provenance
 from sync_agent.upstream import FHIR_JSON, Failure, UpstreamError
 from tests import factories
