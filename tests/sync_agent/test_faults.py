@@ -1232,3 +1232,37 @@ def test_a_round_whose_steps_got_answers_reads_online_whatever_the_probe_said() 
     # Nothing answered and the probe failed: offline, as before.
     assert _link_seen([], False)["online"] is False
     assert _link_seen([], None) == {}
+
+
+async def _held(proxy: FaultProxy) -> None:
+    for _ in range(500):
+        if proxy.posts_in_flight:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no POST reached the proxy in 5 s")
+
+
+@pytest.mark.peer
+async def test_the_proxy_counts_in_flight_only_posts_that_came_after_it_was_armed(
+    proxy: FaultProxy,
+) -> None:
+    """The Jepsen test's held-POST kills rely on it: a killed process's POST still with the
+    server is not the one a new hold is waiting for (it finishes in the pause before the kill,
+    and the kill found nothing in flight)."""
+    bundle = json.dumps({"resourceType": "Bundle", "type": "batch", "entry": []})
+    async with httpx.AsyncClient(base_url=proxy.base_url, timeout=10) as http:
+        await proxy.set(Fault.DELAY, delay_s=1.0)
+        earlier = asyncio.create_task(
+            http.post("", content=bundle, headers={"Content-Type": FHIR_JSON})
+        )
+        await _held(proxy)
+        await proxy.set(Fault.DELAY, delay_s=1.0)  # armed again: the earlier POST is not ours
+        assert proxy.posts_in_flight == 0
+        later = asyncio.create_task(
+            http.post("", content=bundle, headers={"Content-Type": FHIR_JSON})
+        )
+        await _held(proxy)
+        assert proxy.posts_in_flight == 1
+        await asyncio.gather(earlier, later)  # both forwarded and answered, in the end
+        assert proxy.posts_in_flight == 0
+        assert proxy.counts["forwarded"] == 2
