@@ -274,9 +274,8 @@ class ClaimsSubmitter:
                     break
                 if batch is None:
                     break
-                say(
-                    f"sending {len(batch.claim_ids)} claim(s), interchange {batch.interchange_control:09d}"
-                )
+                count, control = len(batch.claim_ids), batch.interchange_control
+                say(f"sending {count} claim(s), interchange {control:09d}")
                 state, go_on = await self._send(client, batch, result, handed)
                 say(f"  {state}")
                 if not go_on:
