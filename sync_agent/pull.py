@@ -78,8 +78,8 @@ from appliance.store import (
     link_for_resource,
     resource_for_upstream,
 )
+from sync_agent.review_queue import refresh_review, review_refused_edit
 from sync_agent.status import Twin, note_twins
-from sync_agent.updates import refresh_review, review_refused_edit
 from sync_agent.upstream import (
     Failure,
     UpstreamError,

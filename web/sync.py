@@ -41,7 +41,7 @@ from appliance.numbers import small_int
 from appliance.users import Role
 from sync_agent import status
 from sync_agent.audit_export_state import acknowledge_breaks
-from sync_agent.updates import (
+from sync_agent.review_queue import (
     ReviewChangedError,
     ReviewError,
     ReviewItem,

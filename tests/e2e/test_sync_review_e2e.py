@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sync_agent.updates import ReviewQueue
+from sync_agent.review_queue import ReviewQueue
 from tests.e2e import live_server
 from tests.e2e.conftest import LiveApp
 from tests.web.test_sync_review import _conflict

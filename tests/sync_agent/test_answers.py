@@ -27,7 +27,8 @@ from sync_agent.audit_anchors import anchors_of
 from sync_agent.balp import anchor_from_provenance
 from sync_agent.outbox_delivery import _entry_ref
 from sync_agent.pull import Cursor, _captured_elsewhere, _copy, _patients_of
-from sync_agent.updates import _updated_of, _version_of
+from sync_agent.review_queue import updated_of
+from sync_agent.updates import _version_of
 from sync_agent.upstream import (
     Failure,
     bundle_entries,
@@ -254,7 +255,7 @@ def test_a_search_page_of_any_shape_gives_resources_to_import_or_nothing(
 def test_a_resource_of_any_shape_gives_a_version_and_a_time_or_none(resource: Any) -> None:
     version = _version_of(resource)
     assert version is None or isinstance(version, str)
-    updated = _updated_of(resource)
+    updated = updated_of(resource)
     assert updated is None or isinstance(updated, str)
     if isinstance(resource, dict):
         assert all(isinstance(p, str) for p in _patients_of(resource))

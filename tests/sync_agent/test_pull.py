@@ -23,7 +23,8 @@ from services.vitals import CAPTURE_SETTING_SYSTEM
 from sync_agent import pull, status
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.pull import ACTOR, HOME_TAG, Puller
-from sync_agent.updates import ReviewQueue, UpdateSender
+from sync_agent.review_queue import ReviewQueue
+from sync_agent.updates import UpdateSender
 from sync_agent.upstream import FHIR_JSON
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer

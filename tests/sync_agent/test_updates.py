@@ -19,14 +19,14 @@ from appliance.store import ReviewPendingError, Store, UpstreamCopy
 from sync_agent import status
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.pull import Puller
-from sync_agent.updates import (
+from sync_agent.review_queue import (
     ReviewChangedError,
     ReviewError,
     ReviewItem,
     ReviewQueue,
     ReviewState,
-    UpdateSender,
 )
+from sync_agent.updates import UpdateSender
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.tamper import move_ciphertext

@@ -17,7 +17,8 @@ from quart.testing import QuartClient
 from appliance import break_glass, db
 from appliance.device_registry import DeviceRegistry, StationKind
 from appliance.store import Store, UpstreamCopy
-from sync_agent.updates import ReviewQueue, ReviewState, UpdateSender
+from sync_agent.review_queue import ReviewQueue, ReviewState
+from sync_agent.updates import UpdateSender
 from tests import factories
 from tests.sync_agent.test_updates import newer_version_pulled_into_the_review
 from tests.web.conftest import NURSE, form_token
