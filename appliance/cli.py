@@ -573,12 +573,30 @@ def _sync_status_table(
         ago = _age((now - found.last_success).total_seconds())
         success = f"{found.last_success.isoformat(timespec='seconds')} ({ago} ago)"
     export = found.export
-    failing = {} if process is None or not process.fresh else process.steps_failing
+    failing = found.steps_failing
+    refused = found.pull_refused
     lines = [
         f"Upstream       {link}",
         *(
             [f"Held back      {', '.join(f'{k} ({v})' for k, v in failing.items())}: backing off"]
             if failing
+            else []
+        ),
+        *(
+            [
+                f"Pull           {refused} search(es) refused by the EHR in the last pass (the "
+                "others went on; check the scopes of this box's client there; the journal "
+                "names the resource type)"
+            ]
+            if refused
+            else []
+        ),
+        *(
+            [
+                "Pull           a search cannot get past over 1,000 records sharing one "
+                "lastUpdated (the journal names the resource type)"
+            ]
+            if found.pull_stuck
             else []
         ),
         f"Last success   {success}",

@@ -37,6 +37,11 @@ the token endpoint refused, not a FHIR address): jittered, from ``BACKOFF_BASE_S
 ``BACKOFF_CAP_S``, never before the server's ``Retry-After``, while the drain keeps its pace.
 An empty outbox sends nothing, so without that a refusing token endpoint was asked again
 every ``interval_s``. Steps waiting out a backoff are in the status (``steps_failing``).
+So is a pull pass in which every search was refused (``refused``: a 403 for a scope the
+box's client lacks, a 400 for ``_sort``): no exchange failed, but nothing came of it, and
+nothing will until someone acts. A pass in which only some were refused goes on with the
+others and publishes how many (``pull_refused``), and whether a stream is stuck
+(``pull_stuck``): counts only, never the server's words nor the stream's patient.
 A step held back only because no connection could be made is due again as soon as the link
 is seen back (a probe answered, a bundle went through): its backoff, grown to minutes over a
 night's outage, would otherwise keep today's appointments from the pull long after the
@@ -77,8 +82,8 @@ from appliance.runtime import ProcessContext
 from sync_agent.audit_export import AuditExporter
 from sync_agent.claims_submit import ClaimsSubmitter  # claims (issue 8)
 from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
-from sync_agent.pull import Puller
-from sync_agent.status import SYNC_NOW_KEY
+from sync_agent.pull import Puller, PullResult
+from sync_agent.status import REFUSED, STEPS, SYNC_NOW_KEY
 from sync_agent.updates import UpdateSender
 from sync_agent.upstream import Failure, UpstreamError, build_client, failure_class
 
@@ -153,29 +158,55 @@ class _Step:
         self.name = name
         self.failures = 0
         self.not_before = 0.0
-        self.failure: Failure | None = None
+        # The class of the failure (a :class:`Failure`, or :data:`REFUSED`); never the
+        # server's words, which may quote PHI.
+        self.failure: str | None = None
         self.cut = False  # held back only for the link (no answer, no Retry-After)
 
     def due(self, now: float) -> bool:
         return now >= self.not_before
 
     def after(
-        self, stopped_by: UpstreamError | None, now: float, pacing: Pacing, rng: random.Random
+        self,
+        stopped_by: UpstreamError | None,
+        now: float,
+        pacing: Pacing,
+        rng: random.Random,
+        *,
+        refused: bool = False,
     ) -> None:
-        if stopped_by is None or stopped_by.failure not in _STEP_STOPS:
+        """Pace the step by how its pass ended: ``stopped_by`` the failure of a whole
+        exchange, or (``refused``) every request of the pass answered with a refusal of that
+        request alone (the pull's searches: a 403 for a scope this box was not granted, a
+        400 for a parameter the server does not take), which no exchange failure says but
+        which gets nothing now and will get nothing next time either."""
+        if stopped_by is not None and stopped_by.failure in _STEP_STOPS:
+            # No connection could be made: nothing of the server's side (a read timeout, a
+            # reset, a slow search), which keeps its backoff however often the link is seen.
+            cut = stopped_by.retry_after_s is None and isinstance(
+                stopped_by.__cause__, httpx.ConnectError | httpx.ConnectTimeout
+            )
+            self._held(str(stopped_by.failure), stopped_by.retry_after_s, cut, now, pacing, rng)
+        elif refused:
+            self._held(REFUSED, None, False, now, pacing, rng)
+        else:
             self.failures, self.not_before, self.failure = 0, 0.0, None
-            return
+
+    def _held(
+        self,
+        failure: str,
+        retry_after_s: float | None,
+        cut: bool,
+        now: float,
+        pacing: Pacing,
+        rng: random.Random,
+    ) -> None:
         self.failures += 1
-        self.failure = stopped_by.failure
-        # No connection could be made: nothing of the server's side (a read timeout, a
-        # reset, a slow search), which keeps its backoff however often the link is seen.
-        self.cut = stopped_by.retry_after_s is None and isinstance(
-            stopped_by.__cause__, httpx.ConnectError | httpx.ConnectTimeout
-        )
-        wait = pacing.refused(self.failures, rng, stopped_by.retry_after_s)
+        self.failure, self.cut = failure, cut
+        wait = pacing.refused(self.failures, rng, retry_after_s)
         self.not_before = now + wait
         # Only the class: the server's words may quote PHI.
-        logger.warning("sync %s failed (%s); next try in %.0f s", self.name, self.failure, wait)
+        logger.warning("sync %s failed (%s); next try in %.0f s", self.name, failure, wait)
 
     def reset(self) -> None:
         self.failures, self.not_before = 0, 0.0
@@ -209,6 +240,25 @@ def _link_seen(
             "last_failure": str(cut[0].failure) if cut else str(Failure.TRANSIENT),
         }
     return {}
+
+
+def _wholly_refused(pulled: PullResult) -> bool:
+    """Every search of a pull pass that ran to its end was refused: nothing came back but
+    refusals (a token without the Appointment scope, a server that does not take
+    ``_sort=_lastUpdated``). It fails the same way on every pass until someone acts at the
+    EHR or in the site config, so the step counts as failing (and backs off)."""
+    return pulled.stopped_by is None and pulled.refused > 0 and pulled.pages == 0
+
+
+def _pull_figures(pulled: PullResult) -> dict[str, object]:
+    """What a pull pass that ran to its end publishes of its searches that got nothing: how
+    many the upstream refused (the other streams went on), and whether a stream is stuck at
+    a run of equal timestamps it cannot page through. Counts only: the refusal's words and
+    the stream's name (a patient's upstream id) stay out of the status."""
+    # The puller sets ``error`` for a refusal (counted in ``refused``), for a stuck stream
+    # and for a stop (``stopped_by``): an error with neither of the others is a stuck one.
+    stuck = pulled.error is not None and pulled.refused == 0
+    return {"pull_refused": pulled.refused, "pull_stuck": stuck}
 
 
 # Failures of a whole exchange, which say nothing about the items: a step stopped by one
@@ -356,7 +406,7 @@ class SyncLoop:
             ctx.store, client, site_id=ctx.config.site.id, batch=upstream.max_bundle_entries
         )
         self.wakeups = Wakeups(ctx)
-        self.steps = {name: _Step(name) for name in ("updates", "pull", "audit export")}
+        self.steps = {name: _Step(name) for name in STEPS}
         self.probes = 0
         self._rtt_at: float | None = None
         self._rtt_ok = True
@@ -444,9 +494,21 @@ class SyncLoop:
             updates.after(updated.stopped_by, loop.time(), self._pacing, self._rng)
             stops += [updated.stopped_by] if updated.stopped_by else []
             answered |= bool(updated.delivered or updated.conflicts or updated.dead)
+        figures: dict[str, object] = {}
         if pull.due(loop.time()):
             pulled = await self.puller.pull_once(force=wake is Wake.SYNC_NOW)
-            pull.after(pulled.stopped_by, loop.time(), self._pacing, self._rng)
+            if pulled.due:
+                # A pass not due yet (the puller's own interval) says nothing: it must not
+                # clear a failure the last pass that ran found.
+                pull.after(
+                    pulled.stopped_by,
+                    loop.time(),
+                    self._pacing,
+                    self._rng,
+                    refused=_wholly_refused(pulled),
+                )
+            if pulled.due and pulled.stopped_by is None:
+                figures |= _pull_figures(pulled)
             more = bool(pulled.more) and pulled.stopped_by is None
             stops += [pulled.stopped_by] if pulled.stopped_by else []
             answered |= pulled.pages > 0
@@ -458,8 +520,8 @@ class SyncLoop:
             stopped = exported.stopped_by or exported.anchor_stopped_by
             export.after(stopped, loop.time(), self._pacing, self._rng)
             stops += [stopped] if stopped else []
-        figures: dict[str, object] = {
-            "steps_failing": {s.name: str(s.failure) for s in self.steps.values() if s.failures}
+        figures["steps_failing"] = {
+            s.name: str(s.failure) for s in self.steps.values() if s.failures
         }
         if result.bundles == 0 and not result.error:
             seen = _link_seen(stops, reached, answered)

@@ -28,6 +28,12 @@ from sync_agent.audit_export_state import ExportState, read_export_state
 
 SYNC_NOW_KEY = "sync_now"
 """``meta`` key the sync process watches: a new value makes it skip its backoff."""
+STEPS = ("updates", "pull", "audit export")
+"""The steps after the outbox drain, each paced on its own (``steps_failing`` names them)."""
+REFUSED = "refused"
+"""The failure of a step each of whose requests the upstream refused (a pull pass with every
+search answered 403 or 400), in ``steps_failing`` beside the classes of
+:class:`sync_agent.upstream.Failure`."""
 DEAD_LETTERS_SHOWN = 50
 # An outbox row (alias ``o``) held for the review queue (an update the upstream's changes
 # overtook): counted and decided there, never a dead letter, never sent again from them.
@@ -119,6 +125,18 @@ class ProcessStatus:
         """The class of the last failure (transient, ambiguous…), never the server's words."""
         value = self.figures.get("last_failure")
         return None if value is None else str(value)
+
+    @property
+    def pull_refused(self) -> int:
+        """Searches the upstream refused in the last pull pass that ran to its end (a 4xx to
+        that one search; the others went on)."""
+        value = self.figures.get("pull_refused")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    @property
+    def pull_stuck(self) -> bool:
+        """A stream of the last pull pass cannot page past a run of equal timestamps."""
+        return self.figures.get("pull_stuck") is True
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +237,25 @@ class SyncStatus:
     def waiting(self) -> int:
         """Items waiting in every lane."""
         return sum(lane.waiting for lane in self.lanes)
+
+    @property
+    def steps_failing(self) -> dict[str, str]:
+        """Steps after the drain the sync process says are failing, while it is alive (a
+        stale heartbeat's say nothing of now)."""
+        process = self.process
+        return process.steps_failing if process is not None and process.fresh else {}
+
+    @property
+    def pull_refused(self) -> int:
+        """Searches refused in the sync process's last pull pass, while it is alive."""
+        process = self.process
+        return process.pull_refused if process is not None and process.fresh else 0
+
+    @property
+    def pull_stuck(self) -> bool:
+        """A pull stream stuck in the sync process's last pass, while it is alive."""
+        process = self.process
+        return process is not None and process.fresh and process.pull_stuck
 
 
 def lane_name(lane: int) -> str:

@@ -30,7 +30,7 @@ from appliance import db
 from appliance.errors import StoreError
 from appliance.runtime import HEARTBEAT_STALE_S
 from appliance.store import Lane
-from sync_agent.status import SyncStatus, parse_time, read_status
+from sync_agent.status import STEPS, SyncStatus, parse_time, read_status
 from web.app import AppState, app_state
 
 bp = Blueprint("health", __name__)
@@ -324,6 +324,25 @@ def _sync_metrics(sync: SyncStatus) -> Iterator[GaugeMetricFamily]:
         "appliance_sync_online",
         "1 when the sync process is alive and its last drain reached the upstream.",
         value=1.0 if sync.online else 0.0,
+    )
+    failing = GaugeMetricFamily(
+        "appliance_sync_step_failing",
+        "1 while a step after the outbox drain (updates, pull, audit export) fails and backs "
+        "off: its exchange failed as a whole, or every search of a pull pass was refused.",
+        labels=["step"],
+    )
+    for step in dict.fromkeys([*STEPS, *sync.steps_failing]):
+        failing.add_metric([step], 1.0 if step in sync.steps_failing else 0.0)
+    yield failing
+    yield GaugeMetricFamily(
+        "appliance_sync_pull_searches_refused",
+        "Searches the upstream refused in the last pull pass (the others went on).",
+        value=sync.pull_refused,
+    )
+    yield GaugeMetricFamily(
+        "appliance_sync_pull_stuck",
+        "1 when a pull search cannot page past a run of records with one lastUpdated.",
+        value=1.0 if sync.pull_stuck else 0.0,
     )
     yield GaugeMetricFamily(
         "appliance_audit_export_lag_records",

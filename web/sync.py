@@ -71,6 +71,10 @@ FAILURE_TEXT = {
     "sending smaller ones, or waiting if even one item is refused (check its body size limit)",
     "permanent": "the EHR refused an item; see the dead letters",
     "store": "the local store failed (a full disk?); see the journal",
+    # Every search of a pull pass answered with a refusal of that search (status.REFUSED).
+    "refused": "the EHR refused every search of the pull (a 403 or 400 to each): check the "
+    "scopes granted to this box's client there (Appointment, Patient, Observation read) and "
+    "that it takes the search parameters; the journal names the resource type",
     # No connection could be made at all: the clinic's own link, not the EHR.
     "unreachable": "no connection to the EHR could be made: check this clinic's internet "
     "link, DNS and firewall; records wait here and go when it is back",

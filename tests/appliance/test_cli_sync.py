@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,34 @@ def test_status_table_is_readable(site: Path, capsys: pytest.CaptureFixture[str]
     assert clinical.split()[1] == "1"
     assert "--show-errors" in out
     assert SECRET not in out
+
+
+def test_status_table_names_a_pull_the_ehr_refuses(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    figures = {
+        "upstream": "ehr",
+        "online": True,
+        "steps_failing": {"pull": "refused"},
+        "pull_refused": 1,
+        "pull_stuck": False,
+    }
+    now = datetime.now(UTC).isoformat()
+    raw = sqlite3.connect(_db(site))
+    with raw:  # the sync process's heartbeat after a pass whose Appointment search got a 403
+        raw.execute(
+            "INSERT INTO heartbeats (process, pid, started_at, beat_at, status) "
+            "VALUES ('sync', 1, ?, ?, ?)",
+            (now, now, json.dumps(figures)),
+        )
+    raw.close()
+    capsys.readouterr()
+    assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
+    out = capsys.readouterr().out
+    # Before: "online (ehr)" and nothing about the pull.
+    assert "Held back      pull (refused): backing off" in out
+    assert "Pull           1 search(es) refused by the EHR in the last pass" in out
+    assert "cannot get past" not in out
 
 
 def test_once_without_an_upstream_is_one_line_and_exit_2(

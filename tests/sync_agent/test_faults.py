@@ -275,7 +275,12 @@ async def test_the_site_sets_the_longest_backoff(
 
 
 async def _loop_ctx(
-    tmp_path: Path, store: Store, base_url: str, interval_s: float, backoff_cap_s: float = 300.0
+    tmp_path: Path,
+    store: Store,
+    base_url: str,
+    interval_s: float,
+    backoff_cap_s: float = 300.0,
+    location: str | None = None,
 ) -> ProcessContext:
     site = tmp_path / "site.toml"
     site.write_text(
@@ -291,6 +296,7 @@ base_url = "{base_url}"
 max_bundle_entries = 8
 timeout_s = 5
 """
+        + (f'location = "{location}"\n' if location else "")
     )
     config = load(site, environ={})
     return ProcessContext(name="sync", config=config, store=store)

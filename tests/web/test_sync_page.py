@@ -282,6 +282,56 @@ async def test_an_online_link_names_a_step_that_is_refused_and_backing_off(
     assert "refused our credentials" in held
 
 
+async def test_a_pull_whose_searches_the_ehr_refused_is_on_the_page_and_in_the_gauges(
+    logged_in: QuartClient, db_path: Path, clock: FakeClock
+) -> None:
+    raw = sqlite3.connect(db_path)
+    with raw:
+        _beat(raw, clock, {"upstream": "ehr", "online": True, "steps_failing": {}})
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    assert 'id="pull-searches"' not in page
+    with raw:  # as the sync process publishes a pass whose every search got a 403
+        _beat(
+            raw,
+            clock,
+            {
+                "upstream": "ehr",
+                "online": True,
+                "steps_failing": {"pull": "refused"},
+                "pull_refused": 2,
+                "pull_stuck": True,
+            },
+        )
+    raw.close()
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    # Before: "Online" and nothing else; the pull of appointments failed every pass unseen.
+    held = page.split('id="steps-failing">')[1].split("</td>")[0]
+    assert "Pull" in held
+    assert "refused every search of the pull" in held
+    searches = page.split('id="pull-searches">')[1].split("</td>")[0]
+    assert "2 searches refused by the EHR in the last pass" in searches
+    assert "cannot get past a run of records" in searches
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(
+            (await (await logged_in.get("/metrics")).get_data()).decode()
+        )
+    }
+    failing = {s.labels["step"]: s.value for s in families["appliance_sync_step_failing"].samples}
+    assert failing == {"updates": 0, "pull": 1, "audit export": 0}
+    assert families["appliance_sync_pull_searches_refused"].samples[0].value == 2
+    assert families["appliance_sync_pull_stuck"].samples[0].value == 1
+    clock.advance(60)  # a stale heartbeat says nothing of now
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(
+            (await (await logged_in.get("/metrics")).get_data()).decode()
+        )
+    }
+    assert {s.value for s in families["appliance_sync_step_failing"].samples} == {0}
+    assert families["appliance_sync_pull_searches_refused"].samples[0].value == 0
+
+
 async def test_a_break_in_the_audit_trail_found_by_the_export_is_on_the_page(
     logged_in: QuartClient, db_path: Path
 ) -> None:
@@ -386,7 +436,9 @@ def test_every_failure_class_has_words_for_the_page() -> None:
     from sync_agent.upstream import Failure
     from web.sync import FAILURE_TEXT
 
-    assert {str(f) for f in Failure} | {"store", "unreachable"} == set(FAILURE_TEXT)
+    assert {str(f) for f in Failure} | {"store", "unreachable", status_module.REFUSED} == set(
+        FAILURE_TEXT
+    )
 
 
 async def test_records_held_twice_upstream_are_listed_and_an_admin_clears_the_list(

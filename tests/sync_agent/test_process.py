@@ -1,0 +1,151 @@
+"""The sync loop's rounds as the status shows them, against the real Medplum FHIR peer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from appliance import db
+from appliance.runtime import ProcessContext, write_heartbeat
+from appliance.store import Store
+from sync_agent.process import Pacing, SyncLoop
+from sync_agent.status import SyncStatus, read_status
+from sync_agent.upstream import FHIR_JSON
+from tests import factories
+from tests.fhir_peer.peer import FhirPeer
+from tests.sync_agent.test_faults import Longest, _loop_ctx
+from tests.sync_agent.test_pull import _appointment, _post
+
+pytestmark = pytest.mark.peer
+
+
+class Refusing(httpx.AsyncBaseTransport):
+    """The real transport; ``refuse(request)`` says which requests the EHR answers with a
+    403 and its OperationOutcome (the peer's own fault, armed for that one request)."""
+
+    def __init__(self, fhir_peer: FhirPeer) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._peer = fhir_peer
+        self.refuse: Callable[[httpx.Request], bool] = lambda request: False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.refuse(request):
+            self._peer.fault("status", status=403)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.fixture
+def transport(fhir_peer: FhirPeer) -> Refusing:
+    fhir_peer.reset()
+    return Refusing(fhir_peer)
+
+
+@pytest.fixture
+async def client(fhir_peer: FhirPeer, transport: Refusing) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url,
+        headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON},
+        timeout=5.0,
+        transport=transport,
+    ) as http:
+        yield http
+
+
+def _searching(rtype: str) -> Callable[[httpx.Request], bool]:
+    return lambda request: request.method == "GET" and request.url.path.endswith(f"/{rtype}")
+
+
+async def _status(store: Store, ctx: ProcessContext) -> SyncStatus:
+    """What ``sync status``, /sync and /metrics read: the heartbeat the process writes."""
+    conn = store.connection
+    figures = json.dumps(ctx.status, default=str)
+    now = datetime.now(UTC)
+    await db.run_sync(conn, write_heartbeat, "sync", now.isoformat(), figures)
+    return await db.run_sync(conn, read_status, datetime.now(UTC))
+
+
+async def _running(
+    loop: SyncLoop, ctx: ProcessContext, until: Callable[[], bool], then: Awaitable[Any]
+) -> Any:
+    """Run the loop until ``until()`` (10 s at most), then await ``then`` with it running."""
+    task = asyncio.create_task(loop.run())
+    start = time.monotonic()
+    try:
+        while not until():
+            assert not task.done(), task
+            assert time.monotonic() - start < 10, ctx.status
+            await asyncio.sleep(0.05)
+        return await then
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_pull_whose_every_search_is_refused_shows_as_a_failing_step(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Refusing,
+    fhir_peer: FhirPeer,
+    tmp_path: Path,
+) -> None:
+    """A token without the Appointment scope: every ``Appointment?actor=…`` answered 403."""
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    await _post(client, _appointment(ada, site))
+    transport.refuse = _searching("Appointment")
+    ctx = await _loop_ctx(
+        tmp_path, store, str(client.base_url), 0.2, location=f"Location/{site['id']}"
+    )
+    pacing = Pacing(interval_s=0.2, backoff_base_s=0.5, backoff_cap_s=60.0)
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=Longest(), pacing=pacing)
+    # Before: the refusal was counted and dropped; the pull read as working, /sync "Online".
+    await _running(
+        loop,
+        ctx,
+        lambda: bool(ctx.status.get("steps_failing")),
+        asyncio.sleep(2.5),  # the step's backoff (1 s) runs out meanwhile, several rounds go
+    )
+    assert ctx.status["online"] is True  # the EHR answered: it is the pull that fails
+    found = await _status(store, ctx)
+    # Still failing once its backoff ran out: a round in which the puller's own interval
+    # had not come round (no pass) does not clear it.
+    assert found.steps_failing == {"pull": "refused"}
+    assert found.pull_refused == 1
+    assert not found.pull_stuck
+    assert "injected fault" not in json.dumps(ctx.status)  # the server's words stay out
+    assert await store.query("SELECT count(*) FROM resources WHERE type = 'Appointment'") == [(0,)]
+
+
+async def test_a_pull_pass_with_some_searches_refused_counts_them_and_the_step_goes_on(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Refusing,
+    fhir_peer: FhirPeer,
+    tmp_path: Path,
+) -> None:
+    """The appointments come, their patient's read is refused (restricted at the EHR)."""
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    await _post(client, _appointment(ada, site))
+    transport.refuse = _searching("Patient")
+    ctx = await _loop_ctx(
+        tmp_path, store, str(client.base_url), 0.2, location=f"Location/{site['id']}"
+    )
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=Longest())
+    await _running(loop, ctx, lambda: "pull_refused" in ctx.status, asyncio.sleep(0))
+    found = await _status(store, ctx)
+    # Before: nothing of it reached the status.
+    assert found.pull_refused == 1
+    assert found.steps_failing == {}  # the appointment itself came: the pull works
+    assert await store.query("SELECT count(*) FROM resources WHERE type = 'Appointment'") == [(1,)]
