@@ -518,10 +518,17 @@ def _sync_status_json(found: SyncStatus, messages: dict[int, str] | None) -> dic
         "dead_total": found.dead_total,
         "reviews_open": found.reviews_open,
         "twins": [{"theirs": t.theirs, "ours": t.ours, "at": t.at} for t in found.twins],
+        # The claims queue (they never enter the outbox: its "claims" lane stays at 0).
+        "claims": {
+            "ready": found.claims.ready,
+            "oldest_ready_age_s": found.claims.oldest_ready_age_s,
+            "in_review": found.claims.in_review,
+        },
         "audit_export": {
             "cursor": found.export.cursor,
             "head": found.export.head,
             "lag": found.export.lag,
+            "oldest_age_s": found.export_oldest_age_s,
             "refused": found.export.refused,
             "anchored": found.export.anchored,
             "breaks": found.export.breaks,
@@ -601,6 +608,17 @@ def _sync_status_table(
         ),
         f"Last success   {success}",
         f"Waiting        {found.waiting}",
+        f"Claims         {found.claims.ready} ready to submit to the payer"
+        + (
+            f" (the oldest for {_age(found.claims.oldest_ready_age_s)})"
+            if found.claims.ready
+            else ""
+        )
+        + (
+            f", {found.claims.in_review} in review (a person decides: appliance claims list)"
+            if found.claims.in_review
+            else ""
+        ),
         f"Dead letters   {found.dead_total}",
         f"Review queue   {found.reviews_open} waiting for a decision (/sync/review)",
         *(
@@ -611,7 +629,13 @@ def _sync_status_table(
             if found.twins
             else []
         ),
-        f"Audit export   {export.lag} waiting (exported up to record {export.cursor} of "
+        f"Audit export   {export.lag} waiting"
+        + (
+            f", the oldest for {_age(found.export_oldest_age_s)}"
+            if found.export_oldest_age_s is not None
+            else ""
+        )
+        + f" (exported up to record {export.cursor} of "
         f"{export.head}; {export.refused} refused; checkpoint anchored at record {export.anchored})"
         + (
             f"; TRAIL CUT BACK OR REWRITTEN {export.unacknowledged_breaks} time(s)"
@@ -626,9 +650,10 @@ def _sync_status_table(
         "",
         f"{'Lane':<10} {'Waiting':>8} {'Oldest':>12} {'Dead':>6}",
     ]
+    # The outbox's lanes; claims and the audit trail have their own lines above.
     lines += [
         f"{lane.name:<10} {lane.waiting:>8} {_age(lane.oldest_age_s):>12} {lane.dead:>6}"
-        for lane in found.lanes
+        for lane in found.outbox_lanes
     ]
     if found.dead_letters:
         lines += ["", f"{'Dead letter':>11}  {'Lane':<9} {'Resource':<22} {'Attempts':>8}"]
@@ -942,8 +967,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "status",
         cmd_sync_status,
-        "online or not, items waiting per lane and the oldest's age, last success, dead "
-        "letters, audit export lag",
+        "online or not, steps held back, items waiting per lane and the oldest's age, the "
+        "claims queue, last success, dead letters, audit export lag",
         sync_cmd,
     )
     p.add_argument(

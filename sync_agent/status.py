@@ -2,8 +2,10 @@
 
 ``appliance sync status``, the ``/sync`` page and ``/metrics`` all show what
 :func:`read_status` returns, so the three never disagree: whether the sync process is online
-(its heartbeat row), items waiting per lane and the age of the oldest, the last successful
-delivery, dead letters, the audit export's lag and the last "sync now" request.
+(its heartbeat row), items waiting per lane and the age of the oldest, the claims waiting
+for the payer (their own queue: they never enter the outbox), the last successful
+delivery, dead letters, the audit export's lag and the age of the oldest record it has not
+sent, and the last "sync now" request.
 
 Dead-letter messages are the upstream's own words and may quote the refused data (PHI), so
 they are stored sealed; :func:`open_dead_letter_messages` opens them only on request and
@@ -38,6 +40,28 @@ DEAD_LETTERS_SHOWN = 50
 # An outbox row (alias ``o``) held for the review queue (an update the upstream's changes
 # overtook): counted and decided there, never a dead letter, never sent again from them.
 _IN_REVIEW = "EXISTS (SELECT 1 FROM review_queue q WHERE q.outbox_id = o.id)"
+
+
+# Lanes no outbox row is ever put in, so their outbox counts are always 0: claims have their
+# own queue and payer endpoint (docs/adr/0006-claims.md, sync_agent/claims_submit.py), the
+# audit trail its own export with its own cursor (sync_agent/audit_export.py). ``lanes``
+# still names them (scripts read the JSON of ``sync status`` and
+# ``appliance_outbox_pending{lane}``); what staff read shows what really waits there instead:
+# :attr:`SyncStatus.claims` and the export's lag.
+NO_OUTBOX_ROWS = frozenset({Lane.CLAIMS.name.lower(), Lane.AUDIT.name.lower()})
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimsWaiting:
+    """The claims queue (``claims.status``), which the sync process submits to the payer:
+    counts and an age only, no PHI."""
+
+    ready: int  # ready to submit (a batch on its way included)
+    oldest_ready_age_s: float | None  # since the one waiting longest became ready
+    in_review: int  # sent without a clear answer: a person decides, nothing is resent
+
+
+NO_CLAIMS = ClaimsWaiting(0, None, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +251,9 @@ class SyncStatus:
     # Upstream records the pull left out: they carry the identifier of a record held here
     # under another upstream id (a merge at the EHR, or a copy), newest last.
     twins: tuple[Twin, ...] = ()
+    claims: ClaimsWaiting = NO_CLAIMS
+    # Age of the oldest audit record not exported yet (None: nothing waiting).
+    export_oldest_age_s: float | None = None
 
     @property
     def online(self) -> bool:
@@ -237,6 +264,16 @@ class SyncStatus:
     def waiting(self) -> int:
         """Items waiting in every lane."""
         return sum(lane.waiting for lane in self.lanes)
+
+    @property
+    def outbox_lanes(self) -> tuple[LaneStatus, ...]:
+        """The lanes outbox rows are put in (alerts, clinical), for the tables staff read;
+        one of the others shows only if something is there after all."""
+        return tuple(
+            lane
+            for lane in self.lanes
+            if lane.name not in NO_OUTBOX_ROWS or lane.waiting or lane.dead
+        )
 
     @property
     def steps_failing(self) -> dict[str, str]:
@@ -303,7 +340,8 @@ def read_status(conn: sqlite3.Connection, now: datetime, *, all_states: bool = F
     The oldest waiting item's age is from when it joined the queue (:func:`appliance.store.oldest_waiting`). An
     update held for the review queue (the upstream's copy had changed) is counted there,
     open or decided, never as a dead letter: it is not a refusal, and a nurse's decision
-    ends it.
+    ends it. The claims queue is read through its status index, the oldest unexported audit
+    record by its id.
     """
     counts = (
         tuple(
@@ -355,18 +393,55 @@ def read_status(conn: sqlite3.Connection, now: datetime, *, all_states: bool = F
         "SELECT count(*) FROM review_queue WHERE state = 'open'"
     ).fetchone()
     sync_now = conn.execute("SELECT value FROM meta WHERE key = ?", (SYNC_NOW_KEY,)).fetchone()
+    export = read_export_state(conn)
     return SyncStatus(
         process=_process(conn, now),
         lanes=tuple(lanes),
         last_success=parse_time(last),
         dead_total=sum(dead_by_lane.values()),
         dead_letters=dead,
-        export=read_export_state(conn),
+        export=export,
         sync_now=None if sync_now is None else str(sync_now[0]),
         counts=counts,
         reviews_open=int(reviews_open),
         twins=read_twins(conn),
+        claims=_claims_waiting(conn, now),
+        export_oldest_age_s=_age_s(now, _first_unexported(conn, export.cursor)),
     )
+
+
+def _age_s(now: datetime, text: object) -> float | None:
+    moment = parse_time(text)
+    return None if moment is None else round(max(0.0, (now - moment).total_seconds()), 3)
+
+
+def _claims_waiting(conn: sqlite3.Connection, now: datetime) -> ClaimsWaiting:
+    """Ready and in-review claims (through ``claims_by_status``) and how long the oldest
+    ready one has been ready: from its newest move into ready (``claim_events``), not from
+    ``updated_at`` nor the ``ready → ready`` event that each submission attempt which sent
+    nothing (the payer down) writes: with those, claims waiting for days read minutes old."""
+    counts = dict(
+        conn.execute(
+            "SELECT status, count(*) FROM claims WHERE status IN ('ready', 'in_review') "
+            "GROUP BY status"
+        ).fetchall()
+    )
+    [since] = conn.execute(
+        "SELECT min(coalesce((SELECT max(e.at) FROM claim_events e WHERE e.claim_id = c.id "
+        "AND e.to_status = 'ready' AND coalesce(e.from_status, '') != 'ready'), c.updated_at)) "
+        "FROM claims c WHERE c.status = 'ready'"
+    ).fetchone()
+    return ClaimsWaiting(
+        int(counts.get("ready", 0)), _age_s(now, since), int(counts.get("in_review", 0))
+    )
+
+
+def _first_unexported(conn: sqlite3.Connection, cursor: int) -> str | None:
+    """When the oldest audit record the export has not settled was written."""
+    row = conn.execute(
+        "SELECT ts FROM audit WHERE id > ? ORDER BY id LIMIT 1", (cursor,)
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _write_sync_now(conn: sqlite3.Connection, now: datetime) -> str:

@@ -4,7 +4,8 @@ Both read the same non-PHI figures from the database at request time: each proce
 heartbeat (written by :mod:`appliance.runtime`; the store is the bus), the outbox backlog
 and the audit chain's length. ``/metrics`` adds the sync health of
 :func:`sync_agent.status.read_status` (the figures of ``appliance sync status`` and the
-``/sync`` page): per-lane oldest age, last success, the sync process online, audit export lag. Neither needs a login; neither shows anything about a
+``/sync`` page): per-lane oldest age, last success, the sync process online, steps failing,
+the claims queue, audit export lag. Neither needs a login; neither shows anything about a
 patient. ``/metrics`` uses a registry of its own per app, never prometheus_client's global
 default one, so two apps in one process (tests) never share or collide on metrics.
 """
@@ -203,6 +204,8 @@ class SnapshotCollector(Collector):
         snap = self.snapshot
         if snap is None:
             return
+        # Every lane, as ever: the "claims" and "audit" lanes hold no outbox rows (their own
+        # gauges are appliance_claims_* and appliance_audit_export_*), and stay at 0.
         pending = GaugeMetricFamily(
             "appliance_outbox_pending", "Outbox items waiting for delivery.", labels=["lane"]
         )
@@ -348,6 +351,30 @@ def _sync_metrics(sync: SyncStatus) -> Iterator[GaugeMetricFamily]:
         "appliance_audit_export_lag_records",
         "Audit records not yet exported upstream.",
         value=sync.export.lag,
+    )
+    export_age = GaugeMetricFamily(
+        "appliance_audit_export_oldest_age_seconds",
+        "Age of the oldest audit record not yet exported upstream (0 when none).",
+    )
+    export_age.add_metric([], sync.export_oldest_age_s or 0.0)
+    yield export_age
+    # The claims queue: claims never enter the outbox, so appliance_outbox_pending{lane=
+    # "claims"} stays 0 whatever waits for the payer.
+    yield GaugeMetricFamily(
+        "appliance_claims_ready",
+        "Claims ready to submit to the payer (their own queue, not the outbox).",
+        value=sync.claims.ready,
+    )
+    ready_age = GaugeMetricFamily(
+        "appliance_claims_oldest_ready_age_seconds",
+        "Seconds since the claim ready longest became ready (0 when none).",
+    )
+    ready_age.add_metric([], sync.claims.oldest_ready_age_s or 0.0)
+    yield ready_age
+    yield GaugeMetricFamily(
+        "appliance_claims_in_review",
+        "Claims sent without a clear answer, waiting for a person's decision.",
+        value=sync.claims.in_review,
     )
     yield GaugeMetricFamily(
         "appliance_audit_export_refused",

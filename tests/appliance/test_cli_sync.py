@@ -15,6 +15,7 @@ from appliance.cli import main
 from appliance.store import Lane, Store
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
+from tests.sync_agent.test_status import claims_for_the_payer
 from tests.tamper import unguarded
 
 SECRET = "Refused: family name Zzyzxmarkerfamily is not allowed"
@@ -150,6 +151,38 @@ def test_status_table_names_a_pull_the_ehr_refuses(
     assert "Held back      pull (refused): backing off" in out
     assert "Pull           1 search(es) refused by the EHR in the last pass" in out
     assert "cannot get past" not in out
+
+
+def test_status_shows_the_claims_queue_and_the_audit_export_not_their_empty_lanes(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def fill() -> None:
+        store = await Store.open(_db(site), site / "keys" / "kek")
+        try:
+            await claims_for_the_payer(store)  # the payer down: two ready, one in review
+        finally:
+            await store.close()
+
+    asyncio.run(fill())
+    capsys.readouterr()
+    assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
+    out = capsys.readouterr().out
+    # Before: "claims 0 -" among the lanes, whatever waited for the payer.
+    claims = next(line for line in out.splitlines() if line.startswith("Claims "))
+    assert "2 ready to submit to the payer (the oldest for " in claims
+    assert "1 in review" in claims
+    lanes = [line.split()[0] for line in out.split("Lane ")[1].splitlines()[1:] if line]
+    assert lanes == ["alerts", "clinical"]
+    audit_line = next(line for line in out.splitlines() if line.startswith("Audit export"))
+    assert ", the oldest for " in audit_line
+    assert main(["sync", "status", "--format", "json", "--demo", str(site)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["claims"]["ready"] == 2
+    assert status["claims"]["in_review"] == 1
+    assert status["claims"]["oldest_ready_age_s"] is not None
+    assert status["audit_export"]["oldest_age_s"] is not None
+    # The JSON's lanes stay those of the outbox, all four (scripts read them).
+    assert [lane["lane"] for lane in status["lanes"]] == ["alerts", "claims", "clinical", "audit"]
 
 
 def test_once_without_an_upstream_is_one_line_and_exit_2(

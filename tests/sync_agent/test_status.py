@@ -3,14 +3,22 @@ database thread, over an outbox whose delivered rows are never pruned."""
 
 from __future__ import annotations
 
+import random
 import sqlite3
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from appliance import db
 from appliance.store import Store
+from services.claims.lifecycle import Lifecycle
+from services.claims.model import ClaimStatus
+from services.claims.service import ClaimsService
 from sync_agent.status import SyncStatus, read_status
 from tests import factories
+from tests.services.test_claims import encounter, make_mbi, patient, site_doc
 
 
 async def test_the_figures_for_the_web_never_scan_the_outbox(store: Store, db_path: Path) -> None:
@@ -62,3 +70,58 @@ async def test_the_figures_for_the_web_never_scan_the_outbox(store: Store, db_pa
     asked.clear()
     full = await db.run_sync(store.connection, read, True)  # the CLI's JSON: every state
     assert sum(count for _, state, count in full.counts if state == "delivered") == 2001
+
+
+async def claims_for_the_payer(
+    store: Store, *, meanwhile: Callable[[], None] = lambda: None
+) -> None:
+    """Three claims made ready: one sent without a clear answer (in review), two still ready
+    after a submission that sent nothing (the payer down), ``meanwhile()`` before it."""
+    service = ClaimsService(store, site_doc(auto_ready=False))
+    life = Lifecycle(service, store)
+    rng = random.Random(5)
+    ids = []
+    for day in ("02", "03", "04"):
+        [pat] = await store.create([patient(make_mbi(rng))], "user:test")
+        [enc] = await store.create(
+            [encounter(pat.logical_id, start=f"2026-03-{day}T10:00:00-06:00")], "user:test"
+        )
+        decided = await service.on_visit_finished(enc.resource)
+        assert decided.claim_id is not None
+        ids.append(decided.claim_id)
+    await service.transition(ids[0], ClaimStatus.READY, "user:biller")
+    batch = await life.take_batch("x12")
+    assert batch is not None
+    await life.ambiguous(batch.id, "no answer: ReadTimeout")
+    for claim_id in ids[1:]:
+        await service.transition(claim_id, ClaimStatus.READY, "user:biller")
+    meanwhile()
+    batch = await life.take_batch("x12")
+    assert batch is not None
+    await life.not_sent(batch.id, "no connection: ConnectError")
+
+
+async def test_claims_and_the_audit_trail_show_what_waits_for_them_not_an_empty_lane(
+    db_path: Path, kek_path: Path
+) -> None:
+    start = datetime.now(UTC)
+    moment = [start]
+    store = await Store.open(db_path, kek_path, clock=lambda: moment[0])
+    try:
+
+        def a_day_later() -> None:
+            moment[0] = start + timedelta(days=1)
+
+        await claims_for_the_payer(store, meanwhile=a_day_later)
+        later = start + timedelta(days=2)
+        found = await db.run_sync(store.connection, read_status, later)
+    finally:
+        await store.close()
+    # Before: the outbox's "claims" and "audit" lanes, always empty, were all there was.
+    assert {lane.name: lane.waiting for lane in found.lanes}["claims"] == 0
+    assert [lane.name for lane in found.outbox_lanes] == ["alerts", "clinical"]
+    assert (found.claims.ready, found.claims.in_review) == (2, 1)
+    # Ready for two days: the attempt a day later that sent nothing does not restart it.
+    assert found.claims.oldest_ready_age_s == pytest.approx(2 * 86400, abs=5)
+    assert found.export.lag > 0
+    assert found.export_oldest_age_s == pytest.approx(2 * 86400, abs=60)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from appliance import audit, db, users
 from appliance.store import Lane, Store
 from sync_agent import status as status_module
 from tests import factories
+from tests.sync_agent.test_status import claims_for_the_payer
 from tests.web.conftest import FakeClock, form_token, login
 
 ADMIN = "admin1"
@@ -430,6 +431,48 @@ async def test_sync_gauges_match_the_database(
     clock.advance(60)  # the heartbeat goes stale: no longer online
     response = await client.get("/metrics")
     assert b"appliance_sync_online 0.0" in await response.get_data()
+
+
+async def test_claims_and_the_audit_export_show_what_waits_for_them_not_empty_lanes(
+    logged_in: QuartClient, db_path: Path, kek_path: Path, clock: FakeClock
+) -> None:
+    # Two days ago, and the payer down since: two ready, one in review.
+    earlier = await Store.open(db_path, kek_path, clock=lambda: clock() - timedelta(days=2))
+    try:
+        await claims_for_the_payer(earlier)
+    finally:
+        await earlier.close()
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    claims = page.split('id="claims">')[1].split("</td>")[0]
+    assert "2 ready to submit to the payer" in claims
+    assert "(the oldest for 2 d" in claims
+    assert "1 in review" in claims
+    # Before: "claims 0 –" in the lanes, while claims waited days for the payer.
+    lanes = page.split('id="lanes">')[1].split("</table>")[0]
+    assert 'data-lane="clinical"' in lanes
+    assert 'data-lane="claims"' not in lanes
+    assert 'data-lane="audit"' not in lanes
+    audit_export = page.split('id="audit-export">')[1].split("</td>")[0]
+    assert "(the oldest for " in audit_export
+    clock.advance(60)
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(
+            (await (await logged_in.get("/metrics")).get_data()).decode()
+        )
+    }
+
+    def value(name: str, **labels: str) -> float:
+        for sample in families[name].samples:
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+        raise AssertionError(f"{name} {labels} missing")
+
+    assert value("appliance_claims_ready") == 2
+    assert value("appliance_claims_in_review") == 1
+    assert value("appliance_claims_oldest_ready_age_seconds") == pytest.approx(2 * 86400, abs=3700)
+    assert value("appliance_audit_export_oldest_age_seconds") >= 60
+    assert value("appliance_outbox_pending", lane="claims") == 0  # the outbox's, as ever
 
 
 def test_every_failure_class_has_words_for_the_page() -> None:
