@@ -6,7 +6,8 @@ non-zero exit code; nothing here prints PHI.
 
 This module is an entry point, so it is where the parts are assembled: the processes are
 started as ``python -m web.main`` / ``services.devices`` / ``sync_agent.process``, and
-``sync once`` imports the sync agent lazily (STYLE.md rule 1 keeps the core free of them).
+``sync once`` imports the sync agent lazily (STYLE.md rule 1 keeps the core free of them)
+and runs the sync process's own loop (``SyncLoop.once``), not a copy of it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from appliance.supervisor import ChildSpec
 
 if TYPE_CHECKING:  # the sync agent is imported lazily, by the commands that use it
     from sync_agent.outbox_delivery import DrainResult
-    from sync_agent.status import SyncStatus
+    from sync_agent.process import Round
+    from sync_agent.status import StillWaiting, SyncStatus
 
 PROCESS_MODULES = {"web": "web.main", "devices": "services.devices", "sync": "sync_agent.process"}
 DEMO_USERS = (("nurse", "nurse-demo-2026", "nurse"), ("admin", "admin-demo-2026", "admin"))
@@ -739,12 +741,14 @@ def cmd_sync_resend(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
-    import httpx
+    import random
 
+    from appliance.runtime import ProcessContext
     from appliance.store import Store
-    from sync_agent.audit_export import AuditExporter
     from sync_agent.audit_export_state import read_export_state
-    from sync_agent.outbox_delivery import Deliverer, DrainResult
+    from sync_agent.outbox_delivery import DrainResult
+    from sync_agent.process import SyncLoop
+    from sync_agent.status import still_waiting
     from sync_agent.upstream import build_client, failure_class
 
     if not config.sync.upstreams:
@@ -753,69 +757,131 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
 
     async def go() -> int:
         store = await Store.open(config.paths.database, config.keys.kek_file)
-        exported = None
         try:
             conn = store.connection
-            waiting = (await store.query("SELECT count(*) FROM outbox WHERE state = 'pending'"))[0][
-                0
-            ]
+            # What it will try: every item waiting (their retry delays are cleared first, as
+            # "Sync now" does), creates and edits, and the audit records not exported yet.
+            waiting = await db.run_sync(conn, still_waiting, datetime.now(UTC))
             lag = (await db.run_sync(conn, read_export_state)).lag
-            total = DrainResult()
-            failure: str | None = None
+            # The sync process's own loop, run as "Sync now" runs it; its figures stay here
+            # (this is not the sync process: no heartbeat is written).
+            ctx = ProcessContext(name="sync once", config=config, store=store)
             async with build_client(upstream) as client:
-                deliverer = Deliverer(store, client, max_entries=upstream.max_bundle_entries)
-                exporter = AuditExporter(
-                    store, client, site_id=config.site.id, batch=upstream.max_bundle_entries
-                )
+                loop = SyncLoop(ctx, client, upstream, rng=random.Random())  # noqa: S311 - jitter
                 with tqdm(
-                    total=int(waiting) + lag,
+                    total=waiting.items + lag,
                     unit="item",
-                    desc="delivered",
+                    desc="sent",
                     disable=args.quiet or not sys.stderr.isatty(),
                 ) as bar:
-                    # Deliverer.drain's loop, one bundle at a time so the bar moves.
-                    for _ in range(args.max_bundles):
-                        step = await deliverer.drain_once()
-                        _add(total, step)
+
+                    def bundle(step: DrainResult) -> None:
                         bar.update(step.delivered + step.dead)
-                        if step.link_down or step.ambiguous:
-                            failure = step.error
-                            break
-                        if step.bundles == 0 and step.dead == 0 and step.error is None:
-                            break
-                    if failure is None:
-                        exported = await exporter.drain(max_bundles=args.max_bundles)
-                        bar.update(exported.exported + exported.refused)
-                        if exported.error is not None:
-                            failure = exported.error
+
+                    def round_done(done: Round) -> None:
+                        if done.updated is not None:
+                            u = done.updated
+                            bar.update(u.delivered + u.conflicts + u.dead)
+                        if done.exported is not None:
+                            bar.update(done.exported.exported + done.exported.refused)
+                        if bar.n > bar.total:  # the audit records of this run's own sends
+                            bar.total = bar.n
+                            bar.refresh()
+
+                    rounds = await loop.once(
+                        max_bundles=args.max_bundles, on_bundle=bundle, on_round=round_done
+                    )
+            left = await db.run_sync(conn, still_waiting, datetime.now(UTC))
         finally:
             await store.close()
-        summary: dict[str, object] = {k: v for k, v in total.__dict__.items() if k != "failures"}
-        # Only the class of a failure: the rest may be the server's words, which may quote
-        # what it refused (PHI), kept sealed in the outbox and opened only on an audited page.
-        summary["error"] = failure_class(total.error)
-        if exported is not None:
-            summary["audit_export"] = {
-                "exported": exported.exported,
-                "existing": exported.existing,
-                "refused": exported.refused,
-                "cursor": exported.cursor,
-                "anchored": exported.anchored,
-            }
+        drained = DrainResult()
+        for done in rounds:
+            _add(drained, done.drained)
+        found = ctx.status.get("steps_failing")
+        failing = {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+        summary = _once_summary(rounds, drained, failing)
+        summary["waiting"] = left.items
         _out(json.dumps(summary))
-        if failure is not None:
-            said = failure_class(failure)
-            stopped = None if exported is None else exported.stopped_by
-            if total.unreachable or (
-                stopped is not None
-                and isinstance(stopped.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
-            ):
+        # One line, the reason last (scripts match its end): what is left, then why.
+        still = _still_waiting_words(left, max_reached=drained.bundles >= args.max_bundles)
+        if drained.link_down:
+            said = failure_class(drained.error)
+            if drained.unreachable:
                 said = f"{said} (cannot connect to {upstream.name})"
-            sys.stderr.write(f"appliance: sync failed, the upstream link is down: {said}\n")
+            sys.stderr.write(f"appliance: {still}sync failed, the upstream link is down: {said}\n")
             return 2
+        if failing:
+            step, said = next(iter(failing.items()))
+            how = f"at the {step}"
+            if said in ("transient", "ambiguous"):
+                how += ", the upstream link is down"
+            if ctx.status.get("unreachable") is True:
+                said = f"{said} (cannot connect to {upstream.name})"
+            sys.stderr.write(f"appliance: {still}sync failed {how}: {said}\n")
+            return 2
+        if left.items:
+            sys.stderr.write(f"appliance: {still.removesuffix('; ')}\n")
+            return 3
         return 0
 
     return asyncio.run(go())
+
+
+def _once_summary(
+    rounds: Sequence[Round], drained: DrainResult, failing: dict[str, str]
+) -> dict[str, object]:
+    """The JSON ``sync once`` prints: counts and classes only (the server's words may quote
+    what it refused, PHI: they stay sealed in the outbox, opened only on an audited page)."""
+    from sync_agent.upstream import failure_class
+
+    summary: dict[str, object] = {k: v for k, v in drained.__dict__.items() if k != "failures"}
+    summary["error"] = failure_class(drained.error)
+    updated = [d.updated for d in rounds if d.updated is not None]
+    summary["updates"] = {
+        "delivered": sum(u.delivered for u in updated),
+        "conflicts": sum(u.conflicts for u in updated),
+        "dead": sum(u.dead for u in updated),
+    }
+    pulled = [d.pulled for d in rounds if d.pulled is not None and d.pulled.due]
+    summary["pull"] = {
+        "created": sum(p.created for p in pulled),
+        "updated": sum(p.updated for p in pulled),
+        "refused": sum(p.refused for p in pulled),
+    }
+    exported = [d.exported for d in rounds if d.exported is not None]
+    if exported:
+        summary["audit_export"] = {
+            "exported": sum(e.exported for e in exported),
+            "existing": sum(e.existing for e in exported),
+            "refused": sum(e.refused for e in exported),
+            "cursor": exported[-1].cursor,
+            "anchored": next((e.anchored for e in exported if e.anchored is not None), None),
+        }
+    summary["steps_failing"] = failing
+    return summary
+
+
+def _still_waiting_words(left: StillWaiting, *, max_reached: bool) -> str:
+    """``3 items still waiting (1 edit): … (appliance sync status); `` for the line
+    ``sync once`` ends with ('' when none is)."""
+    if not left.items:
+        return ""
+    parts = []
+    if left.delayed:
+        parts.append(f"{left.delayed} waiting out a retry delay after the upstream's answer")
+    if rest := left.items - left.delayed:
+        why = (
+            "--max-bundles reached"
+            if max_reached
+            else "held behind the items they depend on, or stopped by the failure"
+        )
+        parts.append(f"{rest} not sent ({why})")
+    edits = f" ({left.edits} edit{'' if left.edits == 1 else 's'})" if left.edits else ""
+    return (
+        f"{left.items} item{'' if left.items == 1 else 's'} still waiting{edits}: "
+        + ", ".join(parts)
+        + " (see appliance sync status); "
+    )
 
 
 def _add(total: DrainResult, step: DrainResult) -> None:
@@ -985,12 +1051,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "once",
         cmd_sync_once,
-        "drain the outbox and the audit export to the first upstream now; exit 2 when the "
-        "link fails",
+        "'Sync now' once, to the end, with the first upstream: clear every retry delay, send "
+        "what waits (creates and edits), pull, export the audit trail (claims: appliance "
+        "claims submit). Exit 0 when nothing is left waiting; 2 when the link or a step "
+        "failed; 3 when items are still waiting without a failure (e.g. --max-bundles), "
+        "saying how many and why",
         sync_cmd,
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--max-bundles", type=int, default=1000, help="stop after this many bundles")
+    p.add_argument(
+        "--max-bundles",
+        type=int,
+        default=1000,
+        help="send at most this many bundles of the outbox (default 1000)",
+    )
     p = command(
         "resend",
         cmd_sync_resend,

@@ -69,6 +69,7 @@ import logging
 import random
 import sqlite3
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -79,12 +80,12 @@ from appliance import audit, db, runtime, sdnotify
 from appliance.config import UpstreamConfig
 from appliance.errors import StoreError, TamperedDataError
 from appliance.runtime import ProcessContext
-from sync_agent.audit_export import AuditExporter
+from sync_agent.audit_export import AuditExporter, ExportResult
 from sync_agent.claims_submit import ClaimsSubmitter  # claims (issue 8)
 from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
 from sync_agent.pull import Puller, PullResult
 from sync_agent.status import REFUSED, STEPS, SYNC_NOW_KEY
-from sync_agent.updates import UpdateSender
+from sync_agent.updates import UpdateResult, UpdateSender
 from sync_agent.upstream import Failure, UpstreamError, build_client, failure_class
 
 logger = logging.getLogger(__name__)
@@ -272,6 +273,31 @@ _STEP_STOPS = (
 )
 
 
+@dataclass(slots=True)
+class Round:
+    """What one round did: the loop paces itself by it, ``appliance sync once`` reports it.
+    A step left out (not due, or the drain found the link down) is None."""
+
+    drained: DrainResult
+    more: bool = False  # the pull has more to fetch at once
+    updated: UpdateResult | None = None
+    pulled: PullResult | None = None
+    exported: ExportResult | None = None
+
+    @property
+    def progressed(self) -> bool:
+        """Something went or came: another round at once may find more due (an edit whose
+        create went in this one, the next batch of edits, the pull's next pages). The audit
+        export is not counted: it drains all there is, its own records included."""
+        updated = self.updated
+        return bool(
+            self.drained.bundles
+            or self.drained.dead
+            or self.more
+            or (updated is not None and (updated.delivered or updated.conflicts or updated.dead))
+        )
+
+
 class Wake(Enum):
     """Why a wait ended."""
 
@@ -428,7 +454,8 @@ class SyncLoop:
             if wake is Wake.SYNC_NOW:
                 failures = 0
             try:
-                result, more = await self._round(wake)
+                done = await self._round(wake)
+                result, more = done.drained, done.more
             except (StoreError, TamperedDataError) as exc:
                 # The store failed under us: a full disk, or a stored copy that fails
                 # authentication where nothing dead-letters it. Nothing is lost (what was not
@@ -457,27 +484,76 @@ class SyncLoop:
                 wait = pacing.refused(failures, rng, result.retry_after_s)
                 wake = await self.wakeups.wait(wait, on_work=False)
 
-    async def _round(self, wake: Wake) -> tuple[DrainResult, bool]:
-        """One round: the outbox drain, claims, then (online) updates, pull and audit export.
+    async def once(
+        self,
+        *,
+        max_bundles: int = 1000,
+        on_bundle: Callable[[DrainResult], None] | None = None,
+        on_round: Callable[[Round], None] | None = None,
+    ) -> list[Round]:
+        """ "Sync now", once, to the end: what ``appliance sync once`` runs.
 
-        Returns the drain's result and whether the pull has more to fetch at once.
+        The round "Sync now" starts (every item's retry delay cleared, every step due, the
+        pull forced), then rounds at once while the last one got somewhere: edits go
+        ``send_once``'s batch a round, an edit whose create went in this round goes in the
+        next, a pull of many pages says ``more``. It ends when a round sends nothing more,
+        the drain finds the link down, a step fails (it would only wait out its backoff) or
+        ``max_bundles`` bundles went. No claims: they go to the payer, not this upstream
+        (``appliance claims submit``). ``on_bundle`` and ``on_round`` are told of each.
         """
+        rounds: list[Round] = []
+        wake = Wake.SYNC_NOW
+        sent = 0
+        while sent < max_bundles and not self._ctx.stopping.is_set():
+            done = await self._round(
+                wake, claims=False, max_bundles=max_bundles - sent, on_bundle=on_bundle
+            )
+            rounds.append(done)
+            if on_round is not None:
+                on_round(done)
+            sent += done.drained.bundles
+            if done.drained.link_down or any(s.failures for s in self.steps.values()):
+                break
+            if not done.progressed:
+                break
+            wake = Wake.WORK
+        return rounds
+
+    async def _round(
+        self,
+        wake: Wake,
+        *,
+        claims: bool = True,
+        max_bundles: int = 1000,
+        on_bundle: Callable[[DrainResult], None] | None = None,
+    ) -> Round:
+        """One round: the outbox drain, claims, then (online) updates, pull and audit export."""
         if wake is Wake.SYNC_NOW:
             await self.deliverer.make_due()
         stopping = self._ctx.stopping.is_set
-        result = await self.deliverer.drain(stop=stopping, on_bundle=self._delivering)
+
+        def delivering(step: DrainResult) -> None:
+            self._delivering(step)
+            if on_bundle is not None:
+                on_bundle(step)
+
+        result = await self.deliverer.drain(
+            max_bundles=max_bundles, stop=stopping, on_bundle=delivering
+        )
+        done = Round(result)
         self._report(result)
         if stopping():
-            return result, False
+            return done
         reached = None if result.link_down else await self._measure_rtt()
         if result.bundles or reached or self._link_back:
             self._link_back = False
             for step in self.steps.values():
                 step.link_back()
         # -- claims (issue 8): after the drain, whatever the EHR link; never raises. -------
-        await self.claims.run_once()
+        if claims:
+            await self.claims.run_once()
         if result.link_down:
-            return result, False
+            return done
         # Then, in priority order after the outbox lanes: version-checked updates, pull-down
         # of schedules and home readings, and the audit trail last. None of them raises for
         # the link; each says what happened.
@@ -485,18 +561,17 @@ class SyncLoop:
         if wake is Wake.SYNC_NOW:
             for step in self.steps.values():
                 step.reset()
-        more = False
         stops: list[UpstreamError] = []
         answered = False  # a step got the upstream's answer this round
         updates, pull, export = self.steps.values()
         if updates.due(loop.time()):
-            updated = await self.updates.send_once()
+            done.updated = updated = await self.updates.send_once()
             updates.after(updated.stopped_by, loop.time(), self._pacing, self._rng)
             stops += [updated.stopped_by] if updated.stopped_by else []
             answered |= bool(updated.delivered or updated.conflicts or updated.dead)
         figures: dict[str, object] = {}
         if pull.due(loop.time()):
-            pulled = await self.puller.pull_once(force=wake is Wake.SYNC_NOW)
+            done.pulled = pulled = await self.puller.pull_once(force=wake is Wake.SYNC_NOW)
             if pulled.due:
                 # A pass not due yet (the puller's own interval) says nothing: it must not
                 # clear a failure the last pass that ran found.
@@ -509,11 +584,11 @@ class SyncLoop:
                 )
             if pulled.due and pulled.stopped_by is None:
                 figures |= _pull_figures(pulled)
-            more = bool(pulled.more) and pulled.stopped_by is None
+            done.more = bool(pulled.more) and pulled.stopped_by is None
             stops += [pulled.stopped_by] if pulled.stopped_by else []
             answered |= pulled.pages > 0
         if export.due(loop.time()):
-            exported = await self.exporter.drain(stop=stopping)
+            done.exported = exported = await self.exporter.drain(stop=stopping)
             answered |= exported.bundles > 0
             # An anchor refused for our access or the address paces the step as well: with
             # nothing else to export, it would be asked again every round.
@@ -529,7 +604,7 @@ class SyncLoop:
                 self._rtt_ok = False  # probed each round from now, to see it come back
             figures |= seen
         self._ctx.set_status(**figures)
-        return result, more
+        return done
 
     async def _measure_rtt(self) -> bool | None:
         """Time one ``HEAD metadata`` (at most every :data:`RTT_EVERY_S`); no PHI, no auth.

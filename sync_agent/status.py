@@ -18,15 +18,16 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
-from appliance import audit, db
+from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent
 from appliance.errors import TamperedDataError
 from appliance.keys import KeySource, keyring_of
 from appliance.runtime import HEARTBEAT_STALE_S
 from appliance.store import Lane, oldest_waiting, queued_at
 from sync_agent.audit_export_state import ExportState, read_export_state
+from sync_agent.outbox_delivery import RETRY_HORIZON
 
 SYNC_NOW_KEY = "sync_now"
 """``meta`` key the sync process watches: a new value makes it skip its backoff."""
@@ -442,6 +443,27 @@ def _first_unexported(conn: sqlite3.Connection, cursor: int) -> str | None:
         "SELECT ts FROM audit WHERE id > ? ORDER BY id LIMIT 1", (cursor,)
     ).fetchone()
     return None if row is None else str(row[0])
+
+
+@dataclass(frozen=True, slots=True)
+class StillWaiting:
+    """Outbox items not delivered (``appliance sync once`` says why it left them)."""
+
+    items: int
+    edits: int  # of which local edits (version-checked updates)
+    delayed: int  # of which waiting out a retry delay (set by an upstream's error, or asked)
+
+
+def still_waiting(conn: sqlite3.Connection, now: datetime) -> StillWaiting:
+    """The pending outbox items and those of them not due before a retry time (one beyond the
+    retry horizon, left by a clock that was ahead, is due now: ``outbox_delivery.DUE_SQL``)."""
+    moment = now.astimezone(UTC)
+    items, edits, delayed = conn.execute(
+        "SELECT count(*), coalesce(sum(kind = 'update'), 0), coalesce(sum(next_attempt_at > ? "
+        "AND next_attempt_at <= ?), 0) FROM outbox WHERE state = 'pending'",
+        (fhir.utc_text(moment), fhir.utc_text(moment + RETRY_HORIZON)),
+    ).fetchone()
+    return StillWaiting(int(items), int(edits), int(delayed))
 
 
 def _write_sync_now(conn: sqlite3.Connection, now: datetime) -> str:

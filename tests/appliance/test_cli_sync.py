@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import socket
 import sqlite3
-from datetime import UTC, datetime
+import sys
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 from appliance.cli import main
@@ -350,3 +356,127 @@ def test_once_prints_the_class_of_a_refusal_never_the_servers_words(
     # Before: the server's diagnostics (the peer's "injected fault: status 401" here, a
     # name and birth date from a real EHR) were printed as they came.
     assert "injected fault" not in captured.out + captured.err
+
+
+def _on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> Callable[[], str]:
+    """Give the command a real pseudo-terminal for stderr (its progress bar shows only on
+    one); returns what was written there, once the command is done."""
+    master, slave = os.openpty()
+    seen: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's other side is closed
+                return
+            if not chunk:
+                return
+            seen.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    terminal = open(slave, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed below
+    monkeypatch.setattr(sys, "stderr", terminal)
+
+    def written() -> str:
+        terminal.close()
+        reader.join(5)
+        os.close(master)
+        return b"".join(seen).decode(errors="replace")
+
+    return written
+
+
+async def _edit_and_delay(site: Path) -> None:
+    """A local edit of the patient, and a new reading waiting out a retry delay an earlier
+    answer left it (an hour: far longer than the command takes)."""
+    store = await Store.open(_db(site), site / "keys" / "kek")
+    try:
+        [(logical_id,)] = await store.query(
+            "SELECT logical_id FROM resources WHERE type = 'Patient'"
+        )
+        body = dict(await store.read("Patient", logical_id, "user:nurse1"))
+        body["name"] = [{"family": "Zzyzxeditedfamily", "given": ["Jo"]}]
+        await store.update("Patient", logical_id, body, "user:nurse1")
+        [reading] = await store.create(
+            [factories.bp_observation(f"Patient/{logical_id}")], "service:devices"
+        )
+    finally:
+        await store.close()
+    later = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    raw = sqlite3.connect(_db(site))
+    with raw:
+        raw.execute(
+            "UPDATE outbox SET next_attempt_at = ?, attempts = 1 WHERE resource_id = "
+            "(SELECT id FROM resources WHERE logical_id = ?)",
+            (later, reading.logical_id),
+        )
+    raw.close()
+
+
+def _pending(site: Path) -> list[tuple[str, int]]:
+    raw = sqlite3.connect(_db(site))
+    try:
+        return raw.execute(
+            "SELECT kind, count(*) FROM outbox WHERE state = 'pending' GROUP BY kind"
+        ).fetchall()
+    finally:
+        raw.close()
+
+
+@pytest.mark.peer
+def test_once_sends_edits_and_items_waiting_out_a_retry_as_sync_now_does(
+    site: Path,
+    fhir_peer: FhirPeer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fhir_peer.reset()
+    _fill(site, dead_letter=False)
+    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
+    assert main(["sync", "once", "--quiet", "--demo", str(site)]) == 0
+    asyncio.run(_edit_and_delay(site))
+    capsys.readouterr()
+    written = _on_a_terminal(monkeypatch)
+    assert main(["sync", "once", "--demo", str(site)]) == 0
+    bar = written()
+    summary = json.loads(capsys.readouterr().out)
+    # Before: only the creates due now went; the edit never, the delayed reading not until
+    # its hour was up, and the bar stopped short of its total with exit 0.
+    assert _pending(site) == []
+    assert (summary["delivered"], summary["updates"]["delivered"]) == (1, 1)
+    assert summary["waiting"] == 0
+    found = httpx.get(
+        f"{fhir_peer.base_url}/Patient", params={"family": "Zzyzxeditedfamily"}
+    ).json()
+    assert len(found.get("entry", [])) == 1
+    done, total = map(int, re.findall(r"(\d+)/(\d+) \[", bar)[-1])
+    assert done == total >= 2  # the edit and the reading, then the audit records
+    assert "Zzyzx" not in bar
+
+
+@pytest.mark.peer
+def test_once_that_leaves_items_waiting_says_how_many_and_why_and_exits_3(
+    site: Path,
+    fhir_peer: FhirPeer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fhir_peer.reset()
+    for _ in range(5):
+        _fill(site, dead_letter=False)  # 15 items: two bundles of at most 8
+    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
+    capsys.readouterr()
+    assert main(["sync", "once", "--quiet", "--max-bundles", "1", "--demo", str(site)]) == 3
+    captured = capsys.readouterr()
+    left = json.loads(captured.out)["waiting"]
+    assert left == sum(count for _, count in _pending(site)) > 0
+    # Before: exit 0, and not a word of what was left.
+    err = captured.err.strip()
+    assert err == (
+        f"appliance: {left} items still waiting: {left} not sent (--max-bundles reached) "
+        "(see appliance sync status)"
+    )
+    assert main(["sync", "once", "--quiet", "--demo", str(site)]) == 0
+    assert _pending(site) == []
