@@ -159,6 +159,16 @@ class Cursor:
         return _seen_key(resource) in self.seen or str(resource.get("id")) in self.seen
 
 
+def _look_back(since_at: datetime, seconds: float) -> str:
+    """``seconds`` before ``since_at``, as UTC text; the earliest instant there is when that
+    falls before year 1 (a placeholder stamp on migrated data, ``0001-01-01T00:00:00Z``):
+    ``datetime`` cannot go there, and the OverflowError ended the sync process, every pass."""
+    try:
+        return fhir.utc_text(since_at - timedelta(seconds=seconds))
+    except OverflowError:
+        return fhir.utc_text(datetime.min.replace(tzinfo=UTC))
+
+
 def _seen_key(resource: fhir.FhirJson) -> str:
     """``<id>@<versionId>``, or the id alone when the server gives no version."""
     rid = str(resource.get("id"))
@@ -518,7 +528,7 @@ class Puller:
         if since_at is None or self._overlap_s <= 0:
             return
         conn = self._store.connection
-        floor = Cursor(fhir.utc_text(since_at - timedelta(seconds=self._overlap_s)))
+        floor = Cursor(_look_back(since_at, self._overlap_s))
         for _ in range(self._max_pages):
             query = {**params, "_sort": "_lastUpdated", "_count": str(self._page_size)}
             query["_lastUpdated"] = f"ge{floor.since}"

@@ -1031,3 +1031,22 @@ async def test_a_refused_patient_is_asked_for_again_after_a_restart(
     # Before: the refused patient lived in memory only, and no new appointment named them.
     assert (restarted.created, restarted.refused) == (1, 0)
     await _local_id(store, "Patient", restricted["id"])
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00.000Z", "0001-01-01T00:30:00.000+01:00"])
+async def test_a_cursor_at_year_one_does_not_end_the_pull(
+    store: Store, client: httpx.AsyncClient, db_path: Path, stamp: str
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patient = await _post(client, factories.patient())
+    # A record migrated into the EHR with a placeholder stamp: a valid FHIR instant.
+    await _post(client, _appointment(patient, site, updated=stamp))
+    puller = _puller(store, client, site)
+    assert (await puller.pull_once()).created == 2
+    later = await _post(client, _appointment(patient, site))
+    # Before: the ten minutes before that cursor are before year 1, and the OverflowError
+    # escaped pull_once on every pass (the sync process exited and restarted, for ever).
+    again = await puller.pull_once(force=True)
+    assert (again.created, again.error) == (1, None)
+    await _local_id(store, "Appointment", later["id"])
+    assert _count(db_path, "Appointment") == 2
