@@ -33,6 +33,8 @@ size, up to 1,000; past that, or when the server serves fewer than asked, the se
 one the stream says it is stuck. A walk through a run cut short by ``max_pages`` resumes at
 its next link on the next pass (kept in memory: after a restart the walk starts the run
 again), so a run of any length is passed; a link back to a page already read ends the walk.
+A link the server refuses (its search expired: HAPI answers 410, a proxy 404) ends it too:
+that pass counts the stream as refused, and the next starts the run again from the cursor.
 A pass says ``more`` (call again at once) only when a stream reached ``max_pages`` having
 moved its cursor: a pass that got nowhere waits for the next interval like any other. Each
 pass first reads again the ten minutes before the cursor (``overlap_s``) and takes what is
@@ -87,6 +89,7 @@ from sync_agent.upstream import (
     as_list,
     classify_for_resource,
     exchange,
+    is_outcome,
     next_link,
     outcome_text,
     response_json,
@@ -100,6 +103,8 @@ HOME_TAG = {"system": fhir.CAPTURE_SETTING_SYSTEM, "code": "home"}
 APPOINTMENTS = "Appointment"
 MAX_PAGE_SIZE = 1000
 _ID_CHUNK = 50  # ids per Patient?_id= request: keeps the URL short on every server
+# What drops a walk through a run: the server refused the link, or the address took it not.
+_REFUSALS = frozenset({Failure.PERMANENT, Failure.ENDPOINT})
 
 
 def appointments_stream(location: str) -> str:
@@ -355,14 +360,21 @@ class Puller:
             # To one search a 403 is that patient restricted upstream, not our credentials
             # (a 401): the other streams go on (_guarded).
             said = outcome_text(body) or "HTTP 403"
-            raise UpstreamError(Failure.PERMANENT, f"the upstream refused this search: {said}")
+            raise UpstreamError(
+                Failure.PERMANENT,
+                f"the upstream refused this search: {said}",
+                status=status,
+                outcome=is_outcome(body),
+            )
         if status >= 300:
-            raise classify_for_resource(
+            refusal = classify_for_resource(
                 status,
                 body,
                 response.headers.get("Retry-After"),
                 served=response.headers.get("Date"),
             )
+            refusal.status, refusal.outcome = status, is_outcome(body)
+            raise refusal
         if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
             raise UpstreamError(Failure.TRANSIENT, f"HTTP {response.status_code} without a Bundle")
         return body
@@ -401,8 +413,14 @@ class Puller:
         followed: set[str] = set(walk.followed) if walk is not None and resumed else set()
         try:
             await self._pages(stream, rtype, params, result, cursor, next_url, followed)
-        except BaseException:
-            if walk is not None:  # a failed pass (the link, a stop) keeps the walk's place
+        except BaseException as exc:
+            # A failed pass (the link, our credentials, a stop) keeps the walk's place. A
+            # refusal drops it: a server's next link does not live for ever (HAPI answers 410
+            # once its search has left the cache, a proxy 404), and kept, it was asked for
+            # again on every pass, the stream going nowhere. The next pass starts the run
+            # again from the cursor, with links of a fresh search.
+            refused = isinstance(exc, UpstreamError) and exc.failure in _REFUSALS
+            if walk is not None and not refused:
                 self._walks.setdefault(stream, walk)
             raise
 
@@ -422,7 +440,7 @@ class Puller:
         for _ in range(self._max_pages):
             if next_url is not None:
                 followed.add(next_url)
-                bundle = await self._get(next_url)
+                bundle = await self._next_page(next_url)
             else:
                 query = {**params, "_sort": "_lastUpdated", "_count": str(size)}
                 if cursor.since is not None:
@@ -467,6 +485,26 @@ class Puller:
         # the sync loop would ask again and again for the same pages).
         if cursor != start:
             result.more = True
+
+    async def _next_page(self, link: str) -> Any:
+        """The page at one of the server's ``next`` links. A refusal of it, or an address
+        status, is a refusal of this stream's walk (the other streams go on), not the
+        address failing: this stream's search from its cursor was answered by the same
+        server this pass (the look-back, or the page that gave the link), and a 404 or 410
+        to a link is the server's search expired, or a proxy not passing its paging on."""
+        try:
+            return await self._get(link)
+        except UpstreamError as exc:
+            if exc.failure not in _REFUSALS:
+                raise
+            # The status only: the server's words may quote data.
+            raise UpstreamError(
+                Failure.PERMANENT,
+                f"the upstream refused a next link of its own (HTTP {exc.status}; its search "
+                "expired?): the stream starts again from its cursor on the next pass",
+                status=exc.status,
+                outcome=exc.outcome,
+            ) from exc
 
     def _stuck(self, stream: str, rtype: str, result: PullResult, why: str) -> None:
         """This stream cannot page through the run of equal timestamps at its cursor."""

@@ -48,9 +48,24 @@ class Transport_(httpx.AsyncBaseTransport):
         self.before: Callable[[httpx.Request], Awaitable[None]] | None = None
         self.cap: int | None = None  # the most _count the "server" serves per page
         self.self_links = False  # with add_next_links: each next link points at its own page
+        # With add_next_links: each link names its search (as HAPI's do), and a link of a
+        # search expired (expire_searches) is answered with ``expired``.
+        self.search_ids = False
+        self.expired: Callable[[], httpx.Response] | None = None
+        self._searches = 0
+        self._expired_up_to = 0
+
+    def expire_searches(self, answer: Callable[[], httpx.Response]) -> None:
+        """Every search begun so far leaves the server's cache: its links get ``answer``."""
+        self._expired_up_to, self.expired = self._searches, answer
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request.url)
+        search = request.url.params.get("_search")
+        if search is not None:
+            request.url = request.url.copy_remove_param("_search")  # the peer's page as it is
+            if self.expired is not None and int(search) <= self._expired_up_to:
+                return self.expired()
         if self.before is not None:
             await self.before(request)
         asked = request.url.params.get("_count")
@@ -75,6 +90,11 @@ class Transport_(httpx.AsyncBaseTransport):
             and more
         ):
             query["_offset"] = str(offset + count)
+            if self.search_ids:
+                if search is None:  # a search begun here, not a page of one
+                    self._searches += 1
+                    search = str(self._searches)
+                query["_search"] = search
             url = request.url.copy_with(query=urlencode(query).encode())
             body["link"] = [
                 {"relation": "next", "url": str(request.url if self.self_links else url)}
@@ -1050,3 +1070,45 @@ async def test_a_cursor_at_year_one_does_not_end_the_pull(
     assert (again.created, again.error) == (1, None)
     await _local_id(store, "Appointment", later["id"])
     assert _count(db_path, "Appointment") == 2
+
+
+def _search_expired() -> httpx.Response:
+    """HAPI's answer to a page of a search no longer in its cache."""
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "not-found", "diagnostics": "Search expired"}],
+    }
+    return httpx.Response(410, headers={"Content-Type": FHIR_JSON}, content=orjson.dumps(outcome))
+
+
+def _proxy_not_found() -> httpx.Response:
+    """A proxy's page for a path it does not pass on (not the FHIR server speaking)."""
+    return httpx.Response(404, headers={"Content-Type": "text/html"}, content=b"<h1>Not Found</h1>")
+
+
+@pytest.mark.parametrize("expired", [_search_expired, _proxy_not_found])
+async def test_a_walk_whose_link_expired_upstream_starts_again_from_the_cursor(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Transport_,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    expired: Callable[[], httpx.Response],
+) -> None:
+    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 2)
+    site, later = await _one_instant(client, 15)
+    transport.add_next_links, transport.search_ids = True, True
+    puller = _puller(store, client, site, page_size=2, max_pages=4)
+    assert (await puller.pull_once(force=True)).more  # the walk stops mid-way, link kept
+    transport.expire_searches(expired)  # e.g. a link outage outlasting the server's cache
+    passes = [await puller.pull_once(force=True) for _ in range(5)]
+    # Before: the expired link was asked for again on every pass. A 410 refused the stream
+    # for ever (nothing new pulled); a 404 stopped every pass ("check base_url"), so the
+    # streams after it (home readings) were starved too.
+    assert [(r.refused, r.stopped_by) for r in passes[:2]] == [(1, None), (0, None)]
+    assert passes[0].error is not None
+    assert "refused a next link" in passes[0].error
+    assert "Search expired" not in passes[0].error  # its status, not the server's words
+    assert (passes[-1].error, passes[-1].more) == (None, False)
+    assert _count(db_path, "Appointment") == 16
+    await _local_id(store, "Appointment", later["id"])
