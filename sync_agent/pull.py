@@ -20,9 +20,14 @@ What is pulled, from the first configured upstream (the one the outbox delivers 
 
 **Incremental.** Every stream (``Appointment Location/<id>``; ``Observation Patient/<id>``)
 pages through ``_lastUpdated=ge<cursor>&_sort=_lastUpdated&_count=N``, each page asked for
-afresh from the cursor. The server's ``next`` links are not followed: many page by offset,
-and a resource changed between two pages moves to the end of the order, so the one behind it
-slides into the offset already read and would be skipped for good. The cursor is the newest
+afresh from the cursor, with ``Prefer: handling=strict``: by default a FHIR server ignores a
+parameter it does not support, and one ignoring ``_sort`` pages in its own order, so the
+cursor would jump past what later pages hold. A page that is not in that order anyway (its
+stamps go backwards, or one is older than the cursor by more than the look-back below) is
+refused: nothing of it is taken, the cursor stays, the stream counts in ``refused``. The
+server's ``next`` links are not followed: many page by offset, and a resource changed between
+two pages moves to the end of the order, so the one behind it slides into the offset already
+read and would be skipped for good. The cursor is the newest
 ``meta.lastUpdated`` taken plus the ids taken at exactly that instant, and it is written in
 the transaction that stores the page: a pass interrupted anywhere resumes at the last stored
 page, and a run of equal timestamps cut by a page boundary is neither lost (``ge``) nor taken
@@ -352,8 +357,16 @@ class Puller:
             )
         return result
 
-    async def _get(self, url: str, params: dict[str, str] | None = None) -> Any:
-        response = await exchange(self._client, "GET", url, params=params)
+    async def _get(
+        self, url: str, params: dict[str, str] | None = None, *, strict: bool = False
+    ) -> Any:
+        """A search page's Bundle. ``strict``: the server is asked to refuse a parameter it
+        does not support (``Prefer: handling=strict``) instead of ignoring it, which is FHIR's
+        default: a server ignoring ``_sort`` pages in its own order, one ignoring ``actor``
+        answers with every Appointment it holds. Not on a server's own ``next`` links: all in
+        them is its own."""
+        headers = {"Prefer": "handling=strict"} if strict else None
+        response = await exchange(self._client, "GET", url, params=params, headers=headers)
         body = response_json(response)
         status = response.status_code
         if status == 403:
@@ -378,6 +391,34 @@ class Puller:
         if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
             raise UpstreamError(Failure.TRANSIENT, f"HTTP {response.status_code} without a Bundle")
         return body
+
+    def _check_order(self, resources: list[fhir.FhirJson], since: str | None) -> None:
+        """Refuse a page of ``_lastUpdated=ge<since>&_sort=_lastUpdated`` that is not that: its
+        stamps go backwards, or one is before ``since`` by more than the look-back (a server
+        comparing coarser than it stamps may give a little before). Strict handling is asked
+        for, but a server may not honour it; taken, such a page moves the cursor past what
+        later pages hold before it, for good. Raised before anything of the page is taken:
+        the stream's cursor stays, and the stream is counted in ``refused``."""
+        floor = fhir.instant(since)
+        slack = timedelta(seconds=max(self._overlap_s, 0.0))
+        previous: datetime | None = None
+        for resource in resources:
+            at = fhir.instant(_last_updated(resource))
+            if at is None:
+                continue
+            if previous is not None and at < previous:
+                raise UpstreamError(
+                    Failure.PERMANENT,
+                    "the upstream did not sort the page by _lastUpdated (its stamps go "
+                    "backwards; is _sort=_lastUpdated supported?): not taken",
+                )
+            if floor is not None and floor - at > slack:
+                raise UpstreamError(
+                    Failure.PERMANENT,
+                    "the upstream did not filter the page by _lastUpdated (it holds records "
+                    "stamped well before the cursor; is _lastUpdated supported?): not taken",
+                )
+            previous = at
 
     async def _guarded(
         self, stream: str, rtype: str, params: dict[str, str], result: PullResult
@@ -445,8 +486,9 @@ class Puller:
                 query = {**params, "_sort": "_lastUpdated", "_count": str(size)}
                 if cursor.since is not None:
                     query["_lastUpdated"] = f"ge{cursor.since}"
-                bundle = await self._get(rtype, query)
+                bundle = await self._get(rtype, query, strict=True)
             resources = search_matches(bundle, rtype)
+            self._check_order(resources, cursor.since)
             before = cursor
             cursor = await self._take(stream, rtype, resources, cursor, result, save=True)
             link = next_link(bundle, self._client)
@@ -570,7 +612,8 @@ class Puller:
         for _ in range(self._max_pages):
             query = {**params, "_sort": "_lastUpdated", "_count": str(self._page_size)}
             query["_lastUpdated"] = f"ge{floor.since}"
-            resources = search_matches(await self._get(rtype, query), rtype)
+            resources = search_matches(await self._get(rtype, query, strict=True), rtype)
+            self._check_order(resources, floor.since)
             inside = [
                 r
                 for r in resources

@@ -1112,3 +1112,75 @@ async def test_a_walk_whose_link_expired_upstream_starts_again_from_the_cursor(
     assert (passes[-1].error, passes[-1].more) == (None, False)
     assert _count(db_path, "Appointment") == 16
     await _local_id(store, "Appointment", later["id"])
+
+
+def _ignoring(parameter: str) -> Callable[[httpx.Request], Awaitable[None]]:
+    """A ``before`` hook: the server ignores ``parameter`` on Appointment searches, as FHIR
+    servers do by default with one they do not support (the peer then pages in the order
+    the appointments were booked)."""
+
+    async def ignore(request: httpx.Request) -> None:
+        if request.url.path.endswith("/Appointment"):
+            request.url = request.url.copy_remove_param(parameter)
+
+    return ignore
+
+
+@pytest.mark.parametrize(
+    ("ignored", "stamps", "why"),
+    [
+        # Booked in one order, changed since in another: the server's order is not theirs.
+        ("_sort", ["05", "01", "04", "02", "03", "06"], "did not sort the page"),
+        # Sorted, but never from the cursor: page two starts where page one did.
+        ("_lastUpdated", ["01", "02", "03", "04", "05", "06"], "did not filter the page"),
+    ],
+)
+async def test_a_page_not_in_lastupdated_order_is_refused_and_the_cursor_stays(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Transport_,
+    db_path: Path,
+    ignored: str,
+    stamps: list[str],
+    why: str,
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patient = await _post(client, factories.patient())
+    for day in stamps:
+        await _post(client, _appointment(patient, site, updated=f"2026-11-{day}T08:00:00.000Z"))
+    transport.before = _ignoring(ignored)
+    puller = _puller(store, client, site, page_size=2)
+    lenient = await puller.pull_once()
+    # Before, ignoring _sort: the cursor took the newest stamp of each page, and the older
+    # records of later pages were skipped for good, unreported. Ignoring _lastUpdated: every
+    # pass read the EHR's appointments from the first, doubling the page to reach the end.
+    assert (lenient.refused, lenient.stopped_by) == (1, None)
+    assert lenient.error is not None
+    assert why in lenient.error
+    conn = sqlite3.connect(db_path)
+    [(cursor,)] = conn.execute("SELECT since FROM pull_cursors").fetchall() or [(None,)]
+    conn.close()
+    assert cursor is None or cursor <= "2026-11-02T08:00:00.000Z"  # past no page refused
+    transport.before = None  # the server mended
+    mended = await puller.pull_once(force=True)
+    assert (mended.refused, mended.error) == (0, None)
+    assert _count(db_path, "Appointment") == 6
+
+
+async def test_the_streams_searches_ask_the_server_to_be_strict(
+    store: Store, client: httpx.AsyncClient, transport: Transport_
+) -> None:
+    puller, _patients, _local = await _two_enrolled(store, client)
+    preferences: list[tuple[str, str | None]] = []
+
+    async def note(request: httpx.Request) -> None:
+        if "_sort" in request.url.params:
+            preferences.append((request.url.path, request.headers.get("Prefer")))
+
+    transport.before = note
+    await puller.pull_once(force=True)
+    # The Appointments' look-back and page from the cursor; each patient's first page of
+    # readings. Before: no Prefer, and a server ignored what it did not support.
+    searched = sorted(path.rpartition("/")[2] for path, _prefer in preferences)
+    assert searched == ["Appointment", "Appointment", "Observation", "Observation"]
+    assert {prefer for _path, prefer in preferences} == {"handling=strict"}
