@@ -18,6 +18,12 @@ What is pulled, from the first configured upstream (the one the outbox delivers 
    readings (capture-setting ``home``), have no outbox row, so are never sent back; our own
    readings found there are recognised (``OWN``) and one tagged as captured elsewhere is skipped.
 
+What a search answers is checked against what it asked for: by default a FHIR server ignores a
+parameter it does not support, and one ignoring ``actor`` would answer with every Appointment
+of the EHR. An Appointment without the site's Location among its participants, a reading
+about another patient, a Patient of an id not asked for is passed over (counted in
+``passed_over``, not stored, no Patient fetched for it); the cursor moves past it all the same.
+
 **Incremental.** Every stream (``Appointment Location/<id>``; ``Observation Patient/<id>``)
 pages through ``_lastUpdated=ge<cursor>&_sort=_lastUpdated&_count=N``, each page asked for
 afresh from the cursor, with ``Prefer: handling=strict``: by default a FHIR server ignores a
@@ -198,6 +204,10 @@ class PullResult:
     current: int = 0
     held: int = 0
     skipped: int = 0  # ours, captured elsewhere, or invalid
+    # Answered but not asked for: an Appointment without this site's Location, a reading
+    # about another patient, a Patient of another id (a server ignoring a search parameter
+    # it does not support, as FHIR servers do by default). Not stored; the cursor passes.
+    passed_over: int = 0
     # Copies carrying our identifier of a record the upstream holds under another id (a merge
     # at the EHR?): not stored, audited; a person looks at both records there.
     elsewhere: int = 0
@@ -341,6 +351,12 @@ class Puller:
         if self._refused != refused_before:
             await db.run_sync(conn, _save_refused, self._upstream.name, sorted(self._refused))
         self._more = result.more
+        if result.passed_over:
+            logger.warning(
+                "pull: %d resources the searches did not ask for passed over (not stored); "
+                "does the upstream ignore a search parameter?",
+                result.passed_over,
+            )
         if result.elsewhere:
             logger.warning(
                 "pull: %d upstream records carry the identifier of a record held here under "
@@ -490,7 +506,7 @@ class Puller:
             resources = search_matches(bundle, rtype)
             self._check_order(resources, cursor.since)
             before = cursor
-            cursor = await self._take(stream, rtype, resources, cursor, result, save=True)
+            cursor = await self._take(stream, rtype, params, resources, cursor, result, save=True)
             link = next_link(bundle, self._client)
             if next_url is not None:
                 # Walking through one instant: on while it lasts (a page may bring nothing
@@ -559,10 +575,37 @@ class Puller:
         )
         result.error = f"{stream}: over {MAX_PAGE_SIZE} resources share one lastUpdated"
 
+    def _matches(self, rtype: str, params: dict[str, str], resource: fhir.FhirJson) -> bool:
+        """Whether ``resource`` is one the stream's search asks for: an Appointment with the
+        site's Location (``actor``) among its participants, an Observation about the
+        stream's patient (``subject``). The server is not trusted to have applied them: by
+        default a FHIR server ignores a parameter it does not support, and one ignoring
+        ``actor`` answers with every Appointment of the EHR, other sites' patients too."""
+        if rtype == APPOINTMENTS and "actor" in params:
+            actors = (
+                as_dict(as_dict(p).get("actor")).get("reference")
+                for p in as_list(resource.get("participant"))
+            )
+            return params["actor"] in {self._relative(a) for a in actors}
+        if rtype == "Observation" and "subject" in params:
+            subject = as_dict(resource.get("subject")).get("reference")
+            return self._relative(subject) == params["subject"]
+        return True
+
+    def _relative(self, reference: Any) -> str | None:
+        """``<Type>/<id>`` of a reference to this upstream, relative or absolute, with or
+        without a version; any other text as it is; None when not text."""
+        if not isinstance(reference, str):
+            return None
+        base = str(self._client.base_url).rstrip("/") + "/"
+        relative: str = reference.removeprefix(base)
+        return relative.partition("/_history/")[0]
+
     async def _take(
         self,
         stream: str,
         rtype: str,
+        params: dict[str, str],
         resources: list[fhir.FhirJson],
         cursor: Cursor,
         result: PullResult,
@@ -571,8 +614,11 @@ class Puller:
     ) -> Cursor:
         """Store the resources of one page not taken yet (an Appointment's Patients with it)
         and, with ``save``, the stream's new cursor in the same transaction; the cursor after
-        the page."""
-        fresh = [r for r in resources if not cursor.taken(r)]
+        the page. One the stream's search should not have matched is passed over (counted),
+        the cursor moving past it all the same."""
+        unseen = [r for r in resources if not cursor.taken(r)]
+        fresh = [r for r in unseen if self._matches(rtype, params, r)]
+        result.passed_over += len(unseen) - len(fresh)
         after = cursor.advance(resources)
         copies = [_copy(r) for r in fresh]
         tags: list[dict[str, str]] = []
@@ -620,11 +666,16 @@ class Puller:
                 if (at := fhir.instant(_last_updated(r))) is not None and at < since_at
             ]
             # Left out as the stream leaves them out (never stored, so never "held").
-            wanted = [r for r in inside if not (rtype == "Observation" and _captured_elsewhere(r))]
+            wanted = [
+                r
+                for r in inside
+                if self._matches(rtype, params, r)
+                and not (rtype == "Observation" and _captured_elsewhere(r))
+            ]
             late = await db.run_sync(conn, _not_held, wanted)
             if late:
                 before = result.created + result.updated
-                await self._take(stream, rtype, late, Cursor(), result, save=False)
+                await self._take(stream, rtype, params, late, Cursor(), result, save=False)
                 if result.created + result.updated > before:
                     logger.info(
                         "pull %s: %d resources committed late, taken now",
@@ -666,7 +717,7 @@ class Puller:
         """The Patients of ``chunk``; a refused read (a 4xx about it: a patient restricted,
         merged or deleted upstream) asked again one id at a time, the refused ones counted."""
         try:
-            found = await self._read_patients(chunk, since)
+            found = await self._read_patients(chunk, since, result)
         except UpstreamError as exc:
             if exc.failure is not Failure.PERMANENT:
                 raise
@@ -685,14 +736,19 @@ class Puller:
         self._refused.difference_update(chunk)
         return found
 
-    async def _read_patients(self, chunk: list[str], since: str | None) -> list[UpstreamCopy]:
+    async def _read_patients(
+        self, chunk: list[str], since: str | None, result: PullResult
+    ) -> list[UpstreamCopy]:
         """``Patient?_id=<chunk>`` (changed since ``since``), through the server's next links
-        when it serves fewer a page than asked: at most one page per id."""
+        when it serves fewer a page than asked: at most one page per id. A Patient not asked
+        for (a server ignoring ``_id``) is passed over: this box holds its site's patients.
+        Not asked with strict handling: what comes back is checked against ``chunk``, and a
+        server ignoring ``_lastUpdated`` here only sends a Patient that has not changed."""
         query = {"_id": ",".join(r.partition("/")[2] for r in chunk), "_count": str(len(chunk))}
         if since is not None:
             query["_lastUpdated"] = f"gt{since}"
         bundle = await self._get("Patient", query)
-        found = {c.reference: c for c in map(_copy, search_matches(bundle, "Patient"))}
+        answered = [_copy(r) for r in search_matches(bundle, "Patient")]
         followed: set[str] = set()
         for _ in range(len(chunk)):
             link = next_link(bundle, self._client)
@@ -700,7 +756,10 @@ class Puller:
                 break
             followed.add(link)
             bundle = await self._get(link)
-            found |= {c.reference: c for c in map(_copy, search_matches(bundle, "Patient"))}
+            answered += [_copy(r) for r in search_matches(bundle, "Patient")]
+        asked = set(chunk)
+        found = {c.reference: c for c in answered if c.reference in asked}
+        result.passed_over += len({c.reference for c in answered} - asked)
         return list(found.values())
 
     def _after_import(

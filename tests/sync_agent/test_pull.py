@@ -1114,13 +1114,15 @@ async def test_a_walk_whose_link_expired_upstream_starts_again_from_the_cursor(
     await _local_id(store, "Appointment", later["id"])
 
 
-def _ignoring(parameter: str) -> Callable[[httpx.Request], Awaitable[None]]:
-    """A ``before`` hook: the server ignores ``parameter`` on Appointment searches, as FHIR
-    servers do by default with one they do not support (the peer then pages in the order
-    the appointments were booked)."""
+def _ignoring(
+    parameter: str, rtype: str = "Appointment"
+) -> Callable[[httpx.Request], Awaitable[None]]:
+    """A ``before`` hook: the server ignores ``parameter`` on searches of ``rtype``, as FHIR
+    servers do by default with one they do not support (without ``_sort``, the peer pages
+    in the order the resources were made)."""
 
     async def ignore(request: httpx.Request) -> None:
-        if request.url.path.endswith("/Appointment"):
+        if request.url.path.endswith(f"/{rtype}"):
             request.url = request.url.copy_remove_param(parameter)
 
     return ignore
@@ -1184,3 +1186,70 @@ async def test_the_streams_searches_ask_the_server_to_be_strict(
     searched = sorted(path.rpartition("/")[2] for path, _prefer in preferences)
     assert searched == ["Appointment", "Appointment", "Observation", "Observation"]
     assert {prefer for _path, prefer in preferences} == {"handling=strict"}
+
+
+async def test_other_sites_appointments_from_a_server_ignoring_actor_are_passed_over(
+    store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    other = await _post(client, {"resourceType": "Location", "name": "Another clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    eve = await _post(client, factories.patient(family="Eveperson", mrn="T0003"))
+    ours = await _post(client, _appointment(ada, site, updated="2026-11-26T08:00:00.000Z"))
+    # Ours too, naming the Location as a server may: absolute, with its version.
+    absolute = _appointment(ada, site, updated="2026-11-26T08:00:00.500Z")
+    absolute["participant"][1]["actor"]["reference"] = (
+        f"{str(client.base_url).rstrip('/')}/Location/{site['id']}/_history/1"
+    )
+    also_ours = await _post(client, absolute)
+    await _post(client, _appointment(eve, other, updated="2026-11-26T08:00:01.000Z"))
+    transport.before = _ignoring("actor")
+    puller = _puller(store, client, site)
+    result = await puller.pull_once()
+    # Before: every Appointment of the EHR was stored, its Patient fetched: another site's
+    # patient on this box.
+    assert (result.created, result.passed_over, result.error) == (3, 1, None)
+    await _local_id(store, "Appointment", ours["id"])
+    await _local_id(store, "Appointment", also_ours["id"])
+    assert (_count(db_path, "Appointment"), _count(db_path, "Patient")) == (2, 1)
+    conn = sqlite3.connect(db_path)
+    links = {row[0] for row in conn.execute("SELECT upstream_ref FROM upstream_links")}
+    [(since,)] = conn.execute("SELECT since FROM pull_cursors").fetchall()
+    conn.close()
+    assert f"Patient/{eve['id']}" not in links
+    assert since == "2026-11-26T08:00:01.000Z"  # the cursor passed it
+    again = await puller.pull_once(force=True)  # read again by the look-back: not counted
+    assert (again.created, again.passed_over) == (0, 0)
+
+
+async def test_other_patients_readings_from_a_server_ignoring_subject_are_passed_over(
+    store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
+) -> None:
+    puller, patients, local = await _two_enrolled(store, client)
+    outsider = await _post(client, factories.patient(family="Outsiderperson", mrn="T0009"))
+    await _post(client, factories.bp_observation(f"Patient/{outsider['id']}"))
+    transport.before = _ignoring("subject", "Observation")
+    result = await puller.pull_once(force=True)
+    # Before: each enrolled patient's search stored every reading of the EHR, the readings
+    # of a patient nobody enrolled here too. Each stream passes over the two not its own.
+    assert (result.created, result.passed_over, result.error) == (2, 4, None)
+    assert _count(db_path, "Observation") == 2
+    for patient in patients:
+        readings = await store.newest(f"Patient/{local[patient['id']]}", "Observation", NURSE)
+        assert len(readings) == 1
+
+
+async def test_patients_not_asked_for_from_a_server_ignoring_id_are_passed_over(
+    store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    await _post(client, factories.patient(family="Eveperson", mrn="T0003"))  # not booked here
+    await _post(client, _appointment(ada, site))
+    transport.before = _ignoring("_id", "Patient")
+    transport.add_next_links = True  # one page per id asked for: Ada, then the next
+    result = await _puller(store, client, site).pull_once()
+    # Before: every Patient the answer held was stored.
+    assert (result.created, result.passed_over, result.error) == (2, 1, None)
+    assert _count(db_path, "Patient") == 1
+    await _local_id(store, "Patient", ada["id"])
