@@ -8,8 +8,8 @@ What is pulled, from the first configured upstream (the one the outbox delivers 
 2. **Their Patients**, fetched by id (``Patient?_id=a,b,…``, through the server's ``next``
    links when it serves fewer a page) with each page of Appointments and stored in the same
    transaction, so every pulled Appointment points at a local Patient — unless the upstream
-   refuses us that Patient (below): the Appointment is stored all the same, naming the
-   Patient by its upstream id. Only Patients not already current are fetched: unknown ones,
+   refuses us that Patient or leaves it out of its answer (below): the Appointment is stored
+   all the same, naming the Patient by its upstream id. Only Patients not already current are fetched: unknown ones,
    and known ones only when changed since the version held (``_lastUpdated=gt…``). Enrolled
    RPM patients (below) are refreshed the same way on every pass.
 3. **Home readings of enrolled RPM patients**: ``Observation?subject=Patient/<upstream id>``
@@ -59,7 +59,10 @@ other streams go on, so one patient's refused search never starves everyone afte
 with Patients: a refused ``Patient?_id=…`` is asked again one id at a time, the refused ones
 are left out (each counted in ``refused``, and asked for alone on later passes) and the rest
 are stored; the page of Appointments and its cursor go on, as do the enrolled patients'
-readings.
+readings. A Patient asked for by id and missing from a 200 answer (filtered upstream, a
+replica lagging, a page of the answer lost) is handled alike: counted in
+``patients_missing`` and asked for alone on later passes until it comes. (One held here and
+asked for only if changed, ``_lastUpdated=gt…``, is absent when unchanged: not counted.)
 
 **Stored** through :meth:`appliance.store.Store.import_upstream`: encrypted, audited as
 ``service:sync``, keeping the upstream id and version (the ``If-Match`` of a later local
@@ -208,6 +211,9 @@ class PullResult:
     # about another patient, a Patient of another id (a server ignoring a search parameter
     # it does not support, as FHIR servers do by default). Not stored; the cursor passes.
     passed_over: int = 0
+    # Patients asked for by id and not in the answer (filtered, a replica lagging): their
+    # Appointments name them by the upstream id; asked for again on every pass until they come.
+    patients_missing: int = 0
     # Copies carrying our identifier of a record the upstream holds under another id (a merge
     # at the EHR?): not stored, audited; a person looks at both records there.
     elsewhere: int = 0
@@ -295,9 +301,10 @@ class Puller:
         self._last_pass: datetime | None = None
         self._more = False
         self._walks: dict[str, _Walk] = {}  # stream → where its walk through a run stopped
-        # Patients the upstream refused us: asked for alone, so that the others' read is one
-        # request and not a refused one followed by one per id, on every pass. Kept in
-        # ``meta`` (upstream references only), so a restart still asks for them again.
+        # Patients the upstream refused us, or left out of its answer: asked for alone, so
+        # that the others' read is one request and not a refused one followed by one per id,
+        # on every pass, until they come. Kept in ``meta`` (upstream references only), so a
+        # restart still asks for them again.
         self._refused: set[str] = set()
         self._refused_loaded = False
 
@@ -328,9 +335,10 @@ class Puller:
                 stream = appointments_stream(location)
                 await self._guarded(stream, APPOINTMENTS, {"actor": location}, result)
             enrolled = await db.run_sync(self._store.connection, _enrolled_upstream_refs)
-            # A Patient refused here is left out (counted); every stream below still runs. One
-            # refused before is asked again on every pass: an Appointment pulled meanwhile
-            # names it by the upstream's id until it is here (the kiosk finds it by its link).
+            # A Patient refused here (or missing from the answer) is left out (counted); every
+            # stream below still runs. One refused or missing before is asked again on every
+            # pass: an Appointment pulled meanwhile names it by the upstream's id until it is
+            # here (the kiosk finds it by its link).
             patients = await self._patients(set(enrolled) | refused_before, result)
             if patients:
                 result.count(
@@ -689,8 +697,8 @@ class Puller:
 
     async def _patients(self, refs: set[str], result: PullResult) -> list[UpstreamCopy]:
         """The Patients among ``refs`` that are not current here, fetched by id. One the
-        upstream refuses us is left out and counted in ``refused``; the others are fetched
-        all the same."""
+        upstream refuses us is left out and counted in ``refused`` (one not in its answer, in
+        ``patients_missing``); the others are fetched all the same."""
         if not refs:
             return []
         known = await db.run_sync(self._store.connection, _known_versions, sorted(refs))
@@ -715,7 +723,9 @@ class Puller:
         self, chunk: list[str], since: str | None, result: PullResult
     ) -> list[UpstreamCopy]:
         """The Patients of ``chunk``; a refused read (a 4xx about it: a patient restricted,
-        merged or deleted upstream) asked again one id at a time, the refused ones counted."""
+        merged or deleted upstream) asked again one id at a time, the refused ones counted.
+        Those refused, or asked for whatever their version and not answered, are asked for
+        alone on later passes."""
         try:
             found = await self._read_patients(chunk, since, result)
         except UpstreamError as exc:
@@ -734,6 +744,16 @@ class Puller:
             logger.warning("pull of one Patient refused by the upstream; the rest go on")
             return []
         self._refused.difference_update(chunk)
+        if since is None:  # asked for whatever its version: absent is missing
+            missing = set(chunk) - {c.reference for c in found}
+            if missing:
+                self._refused |= missing
+                result.patients_missing += len(missing)
+                logger.warning(
+                    "pull: %d Patients asked for by id were not in the upstream's answer; "
+                    "asked for again on later passes",
+                    len(missing),
+                )
         return found
 
     async def _read_patients(

@@ -1253,3 +1253,50 @@ async def test_patients_not_asked_for_from_a_server_ignoring_id_are_passed_over(
     assert (result.created, result.passed_over, result.error) == (2, 1, None)
     assert _count(db_path, "Patient") == 1
     await _local_id(store, "Patient", ada["id"])
+
+
+def _leave_out_of_patient_reads(upstream_id: str) -> Callable[[httpx.Request], Awaitable[None]]:
+    """A ``before`` hook: the EHR answers Patient reads without that patient, 200 all the
+    same (a record filtered from searches, a replica lagging behind)."""
+
+    async def leave_out(request: httpx.Request) -> None:
+        asked = request.url.params.get("_id", "").split(",")
+        if request.url.path.endswith("/Patient") and upstream_id in asked:
+            others = [i for i in asked if i != upstream_id] or ["nobody-by-that-id"]
+            request.url = request.url.copy_set_param("_id", ",".join(others))
+
+    return leave_out
+
+
+async def test_a_patient_left_out_of_a_read_is_asked_for_again_until_it_comes(
+    store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada, bob = [await _post(client, factories.patient(mrn=f"T000{i}")) for i in (1, 2)]
+    code = {"identifier": [{"system": "urn:test:booking", "value": "BOOK2X"}]}
+    await _post(client, _appointment(bob, site) | code)
+    await _post(client, _appointment(ada, site))
+    transport.before = _leave_out_of_patient_reads(bob["id"])
+    puller = _puller(store, client, site)
+    first = await puller.pull_once()
+    assert (first.created, first.patients_missing, first.refused) == (3, 1, 0)
+    # Asked for alone while missing: the others' read is not held up by it.
+    start = len(transport.requests)
+    again = await puller.pull_once(force=True)
+    assert again.patients_missing == 1
+    reads = [u.params["_id"] for u in transport.requests[start:] if u.path.endswith("/Patient")]
+    assert reads == [bob["id"]]
+    transport.before = None  # the replica caught up
+    # Before: only a refusal (4xx) was asked for again; the Appointment named an upstream
+    # Patient nobody fetched again, and the kiosk could not find the patient.
+    caught_up = await _puller(store, client, site).pull_once()  # after a restart, too
+    assert (caught_up.created, caught_up.patients_missing) == (1, 0)
+    assert _count(db_path, "Patient") == 2
+    # The kiosk finds Bob from his appointment's code (the Appointment names him by the
+    # EHR's id, which his link resolves).
+    at_the_visit = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+    found = await db.run_sync(
+        store.connection, _find_appointment, store, normalise_code("BOOK2X"), at_the_visit, NURSE
+    )
+    assert found is not None
+    assert found[1] == await _local_id(store, "Patient", bob["id"])
