@@ -68,14 +68,19 @@ asked for only if changed, ``_lastUpdated=gt…``, is absent when unchanged: not
 ``service:sync``, keeping the upstream id and version (the ``If-Match`` of a later local
 edit); a re-pulled resource replaces the local copy under the same logical id — unless a
 local edit of it is on its way up or waiting for review, in which case it is held back and an
-open review gets the upstream's newer version instead.
+open review gets the upstream's newer version instead. A copy the FHIR R4B model refuses (an
+element it does not define, such as one of R5's) is not stored: it is audited as a failure
+(its upstream id, type and the reason's class), logged (type and class), counted in
+``skipped_invalid``, and its stream's cursor moves past it (changed at the EHR, it comes
+again).
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -83,8 +88,10 @@ from typing import Any
 import httpx
 import orjson
 
-from appliance import db, fhir
+from appliance import audit, db, fhir
+from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.config import UpstreamConfig
+from appliance.errors import InvalidResourceError
 from appliance.store import (
     Imported,
     ImportOutcome,
@@ -207,6 +214,10 @@ class PullResult:
     current: int = 0
     held: int = 0
     skipped: int = 0  # ours, captured elsewhere, or invalid
+    # Of ``skipped``: copies refused by validation (an element R4B does not define...), not
+    # stored; audited and logged (type and reason class) once a version. The look-back may
+    # meet one again on later passes: counted again, as ``skipped`` always did.
+    skipped_invalid: int = 0
     # Answered but not asked for: an Appointment without this site's Location, a reading
     # about another patient, a Patient of another id (a server ignoring a search parameter
     # it does not support, as FHIR servers do by default). Not stored; the cursor passes.
@@ -238,6 +249,8 @@ class PullResult:
                 self.elsewhere += 1
             else:
                 self.skipped += 1
+                if item.outcome is ImportOutcome.INVALID:
+                    self.skipped_invalid += 1
 
 
 def _last_updated(resource: fhir.FhirJson) -> str | None:
@@ -264,6 +277,36 @@ def _patients_of(appointment: fhir.FhirJson) -> set[str]:
         if isinstance(ref, str) and ref.startswith("Patient/") and ref.count("/") == 1:
             found.add(ref)
     return found
+
+
+def _about(resource: fhir.FhirJson) -> str | None:
+    """The upstream ``Patient/<id>`` a pulled resource is about (an Appointment's first
+    Patient participant), or None."""
+    if resource.get("resourceType") == APPOINTMENTS:
+        for participant in as_list(resource.get("participant")):
+            ref = as_dict(as_dict(participant).get("actor")).get("reference")
+            if isinstance(ref, str) and ref.startswith("Patient/"):
+                return ref
+        return None
+    return fhir.patient_reference(resource)
+
+
+# pydantic's words for the two commonest refusals (fhir.validate gives "<path>: <message>").
+_REASONS = {
+    "Extra inputs are not permitted": "an element FHIR R4B does not define",
+    "Field required": "a required element missing",
+}
+
+
+def _invalid_reason(resource: fhir.FhirJson) -> str:
+    """Why ``resource`` fails validation, as classes that quote nothing of it (the paths
+    and messages may: an element's value, a key the sender chose)."""
+    try:
+        fhir.validate(resource)
+    except InvalidResourceError as exc:
+        said = {problem.rpartition(": ")[2] for problem in str(exc).split("; ")}
+        return ", ".join(sorted({_REASONS.get(s, "a value FHIR R4B does not take") for s in said}))
+    return "not FHIR R4B"  # refused by the store's check, passed here: no detail to give
 
 
 def _captured_elsewhere(observation: fhir.FhirJson) -> bool:
@@ -307,6 +350,9 @@ class Puller:
         # restart still asks for them again.
         self._refused: set[str] = set()
         self._refused_loaded = False
+        # Versions refused by validation and recorded already (``<ref>@<version>``): the
+        # look-back meets them again while the cursor is near, and they are audited once.
+        self._invalid_seen: set[str] = set()
 
     # -- the pass --------------------------------------------------------------------------
 
@@ -341,13 +387,7 @@ class Puller:
             # here (the kiosk finds it by its link).
             patients = await self._patients(set(enrolled) | refused_before, result)
             if patients:
-                result.count(
-                    await self._store.import_upstream(
-                        patients,
-                        ACTOR,
-                        also=lambda conn, outcomes: self._after_import(conn, outcomes, patients),
-                    )
-                )
+                await self._import(patients, result)
             for ref in enrolled:
                 await self._guarded(f"Observation {ref}", "Observation", {"subject": ref}, result)
         except UpstreamError as exc:
@@ -638,15 +678,47 @@ class Puller:
             copies = [c for c in copies if not _captured_elsewhere(c.resource)]
             tags = [HOME_TAG]
 
-        def also(conn: sqlite3.Connection, outcomes: list[Imported]) -> None:
-            self._after_import(conn, outcomes, copies)
+        def then(conn: sqlite3.Connection) -> None:
             if save:
                 _save_cursor(conn, self._upstream.name, stream, after, self._clock())
 
-        outcomes = await self._store.import_upstream(copies, ACTOR, tags=tags, also=also)
-        result.count(outcomes)
+        await self._import(copies, result, tags=tags, then=then)
         result.pages += 1
         return after
+
+    async def _import(
+        self,
+        copies: list[UpstreamCopy],
+        result: PullResult,
+        *,
+        tags: Sequence[Mapping[str, str]] = (),
+        then: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        """Store ``copies`` (``then`` in the same transaction: a cursor moved) and count what
+        became of them. Copies refused by validation are audited in that transaction and
+        logged once it committed, once a version (the look-back meets them again)."""
+        recorded: list[tuple[str, str, str]] = []
+
+        def also(conn: sqlite3.Connection, outcomes: list[Imported]) -> None:
+            self._after_import(conn, outcomes, copies)
+            recorded.extend(self._record_invalid(conn, outcomes, copies))
+            if then is not None:
+                then(conn)
+
+        result.count(await self._store.import_upstream(copies, ACTOR, tags=tags, also=also))
+        if len(self._invalid_seen) + len(recorded) > 10_000:
+            self._invalid_seen.clear()  # bounded: at worst one is audited again
+        self._invalid_seen.update(key for key, _rtype, _reason in recorded)
+        found = Counter((rtype, reason) for _key, rtype, reason in recorded)
+        for (rtype, reason), count in sorted(found.items()):
+            # The type and the reason's class: no id, nothing of the data.
+            logger.warning(
+                "pull: %d %s not stored, they fail validation (%s); audited, the stream "
+                "goes on past them",
+                count,
+                rtype,
+                reason,
+            )
 
     async def _sweep(
         self, stream: str, rtype: str, params: dict[str, str], since: str, result: PullResult
@@ -796,6 +868,47 @@ class Puller:
                 if o.outcome is ImportOutcome.ELSEWHERE
             ],
         )
+
+    def _record_invalid(
+        self, conn: sqlite3.Connection, outcomes: list[Imported], copies: list[UpstreamCopy]
+    ) -> list[tuple[str, str, str]]:
+        """Audit each copy refused by validation and not recorded yet (not stored, its
+        stream's cursor moves past it: a patient whose appointment never reached the kiosk
+        is explained); ``(<ref>@<version>, type, reason)`` of each. The upstream id, the type
+        and the reason's class only: the validator's words may quote the data."""
+        by_ref = {c.reference: c for c in copies}
+        recorded = []
+        events = []
+        for item in outcomes:
+            copy = by_ref.get(item.reference)
+            if item.outcome is not ImportOutcome.INVALID or copy is None:
+                continue
+            key = f"{item.reference}@{item.version_id or copy.last_updated}"
+            if key in self._invalid_seen:
+                continue
+            reason = _invalid_reason(copy.resource)
+            recorded.append((key, copy.type, reason))
+            patient = _about(copy.resource)
+            local = None if patient is None else resource_for_upstream(conn, patient)
+            events.append(
+                AuditEvent(
+                    ACTOR,
+                    AuditAction.SYNC,
+                    outcome=Outcome.FAILURE,
+                    patient_key=(
+                        None if local is None else self._store.patient_key(f"Patient/{local[1]}")
+                    ),
+                    # The local resource it would have replaced, else the type alone: an
+                    # upstream id there would read as a local one.
+                    entity=(
+                        copy.type if item.logical_id is None else f"{copy.type}/{item.logical_id}"
+                    ),
+                    detail=f"pulled {item.reference}: not stored, it fails validation ({reason})",
+                )
+            )
+        if events:
+            audit.append(conn, events, now=self._clock())
+        return recorded
 
     def _hold_newer(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1300,3 +1301,55 @@ async def test_a_patient_left_out_of_a_read_is_asked_for_again_until_it_comes(
     )
     assert found is not None
     assert found[1] == await _local_id(store, "Patient", bob["id"])
+
+
+async def test_an_appointment_the_r4b_model_refuses_is_audited_logged_and_counted(
+    store: Store, client: httpx.AsyncClient, db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sync_agent.pull")
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    # An element R5 added (an R4 server with R5 backports may send it): R4B refuses it.
+    r5 = _appointment(ada, site, updated="2026-11-26T08:00:00.000Z")
+    refused = await _post(client, r5 | {"cancellationDate": "2026-11-29T10:00:00Z"})
+    await _post(client, _appointment(ada, site, updated="2026-11-26T08:00:01.000Z"))
+    puller = _puller(store, client, site)
+    result = await puller.pull_once()
+    # Before: dropped with no trace (counted among "skipped" with our own and the clinic's
+    # readings), the cursor past it: the patient came, the kiosk had no appointment.
+    assert (result.created, result.skipped, result.skipped_invalid) == (2, 1, 1)
+    ada_local = await _local_id(store, "Patient", ada["id"])
+    conn = sqlite3.connect(db_path)
+    failures = conn.execute(
+        "SELECT action, entity, detail, patient_key FROM audit WHERE actor = ? "
+        "AND outcome = 'failure'",
+        (ACTOR,),
+    ).fetchall()
+    [(since,)] = conn.execute("SELECT since FROM pull_cursors").fetchall()
+    conn.close()
+    assert failures == [
+        (
+            "sync",
+            "Appointment",
+            f"pulled Appointment/{refused['id']}: not stored, it fails validation "
+            "(an element FHIR R4B does not define)",
+            store.patient_key(f"Patient/{ada_local}"),
+        )
+    ]
+    assert since == "2026-11-26T08:00:01.000Z"
+    # The journal names the type and the reason's class; no id, nothing of the record.
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sync_agent.pull"]
+    assert warnings == [
+        "pull: 1 Appointment not stored, they fail validation (an element FHIR R4B does not "
+        "define); audited, the stream goes on past them"
+    ]
+    # The look-back meets it again on the next pass: counted, not audited or logged again.
+    again = await puller.pull_once(force=True)
+    assert (again.created, again.skipped_invalid) == (0, 1)
+    conn = sqlite3.connect(db_path)
+    [(audited,)] = conn.execute(
+        "SELECT count(*) FROM audit WHERE actor = ? AND outcome = 'failure'", (ACTOR,)
+    ).fetchall()
+    conn.close()
+    assert audited == 1
+    assert len([r for r in caplog.records if r.name == "sync_agent.pull"]) == 1
