@@ -126,6 +126,15 @@ MAX_PAGE_SIZE = 1000
 _ID_CHUNK = 50  # ids per Patient?_id= request: keeps the URL short on every server
 # What drops a walk through a run: the server refused the link, or the address took it not.
 _REFUSALS = frozenset({Failure.PERMANENT, Failure.ENDPOINT})
+# Why a page is refused when a server searched otherwise than asked (no data in either).
+_UNSORTED = (
+    "the upstream did not sort the page by _lastUpdated (its stamps go backwards; is "
+    "_sort=_lastUpdated supported?): not taken, the stream's cursor stays"
+)
+_UNFILTERED = (
+    "the upstream did not filter the page by _lastUpdated (it holds records stamped well "
+    "before the cursor; is _lastUpdated supported?): not taken, the stream's cursor stays"
+)
 
 
 def appointments_stream(location: str) -> str:
@@ -456,7 +465,7 @@ class Puller:
             raise UpstreamError(Failure.TRANSIENT, f"HTTP {response.status_code} without a Bundle")
         return body
 
-    def _check_order(self, resources: list[fhir.FhirJson], since: str | None) -> None:
+    def _check_order(self, rtype: str, resources: list[fhir.FhirJson], since: str | None) -> None:
         """Refuse a page of ``_lastUpdated=ge<since>&_sort=_lastUpdated`` that is not that: its
         stamps go backwards, or one is before ``since`` by more than the look-back (a server
         comparing coarser than it stamps may give a little before). Strict handling is asked
@@ -470,18 +479,14 @@ class Puller:
             at = fhir.instant(_last_updated(resource))
             if at is None:
                 continue
+            why = None
             if previous is not None and at < previous:
-                raise UpstreamError(
-                    Failure.PERMANENT,
-                    "the upstream did not sort the page by _lastUpdated (its stamps go "
-                    "backwards; is _sort=_lastUpdated supported?): not taken",
-                )
-            if floor is not None and floor - at > slack:
-                raise UpstreamError(
-                    Failure.PERMANENT,
-                    "the upstream did not filter the page by _lastUpdated (it holds records "
-                    "stamped well before the cursor; is _lastUpdated supported?): not taken",
-                )
+                why = _UNSORTED
+            elif floor is not None and floor - at > slack:
+                why = _UNFILTERED
+            if why is not None:
+                logger.warning("pull of one %s stream: %s", rtype, why)  # words of ours only
+                raise UpstreamError(Failure.PERMANENT, why)
             previous = at
 
     async def _guarded(
@@ -552,7 +557,7 @@ class Puller:
                     query["_lastUpdated"] = f"ge{cursor.since}"
                 bundle = await self._get(rtype, query, strict=True)
             resources = search_matches(bundle, rtype)
-            self._check_order(resources, cursor.since)
+            self._check_order(rtype, resources, cursor.since)
             before = cursor
             cursor = await self._take(stream, rtype, params, resources, cursor, result, save=True)
             link = next_link(bundle, self._client)
@@ -595,21 +600,22 @@ class Puller:
     async def _next_page(self, link: str) -> Any:
         """The page at one of the server's ``next`` links. A refusal of it, or an address
         status, is a refusal of this stream's walk (the other streams go on), not the
-        address failing: this stream's search from its cursor was answered by the same
-        server this pass (the look-back, or the page that gave the link), and a 404 or 410
-        to a link is the server's search expired, or a proxy not passing its paging on."""
+        address failing: the server answered this stream's search from its cursor (the page
+        that gave the link, or the look-back), and a 404 or 410 to one of its links is its
+        search expired, or a proxy not passing its paging on."""
         try:
             return await self._get(link)
         except UpstreamError as exc:
             if exc.failure not in _REFUSALS:
                 raise
             # The status only: the server's words may quote data.
-            raise UpstreamError(
-                Failure.PERMANENT,
+            why = (
                 f"the upstream refused a next link of its own (HTTP {exc.status}; its search "
-                "expired?): the stream starts again from its cursor on the next pass",
-                status=exc.status,
-                outcome=exc.outcome,
+                "expired?): the stream starts again from its cursor on the next pass"
+            )
+            logger.warning("pull: %s", why)
+            raise UpstreamError(
+                Failure.PERMANENT, why, status=exc.status, outcome=exc.outcome
             ) from exc
 
     def _stuck(self, stream: str, rtype: str, result: PullResult, why: str) -> None:
@@ -739,7 +745,7 @@ class Puller:
             query = {**params, "_sort": "_lastUpdated", "_count": str(self._page_size)}
             query["_lastUpdated"] = f"ge{floor.since}"
             resources = search_matches(await self._get(rtype, query, strict=True), rtype)
-            self._check_order(resources, floor.since)
+            self._check_order(rtype, resources, floor.since)
             inside = [
                 r
                 for r in resources

@@ -1094,8 +1094,10 @@ async def test_a_walk_whose_link_expired_upstream_starts_again_from_the_cursor(
     transport: Transport_,
     db_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
     expired: Callable[[], httpx.Response],
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="sync_agent.pull")
     monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 2)
     site, later = await _one_instant(client, 15)
     transport.add_next_links, transport.search_ids = True, True
@@ -1110,6 +1112,8 @@ async def test_a_walk_whose_link_expired_upstream_starts_again_from_the_cursor(
     assert passes[0].error is not None
     assert "refused a next link" in passes[0].error
     assert "Search expired" not in passes[0].error  # its status, not the server's words
+    status = expired().status_code
+    assert f"pull: the upstream refused a next link of its own (HTTP {status}; " in caplog.text
     assert (passes[-1].error, passes[-1].more) == (None, False)
     assert _count(db_path, "Appointment") == 16
     await _local_id(store, "Appointment", later["id"])
@@ -1143,10 +1147,12 @@ async def test_a_page_not_in_lastupdated_order_is_refused_and_the_cursor_stays(
     client: httpx.AsyncClient,
     transport: Transport_,
     db_path: Path,
+    caplog: pytest.LogCaptureFixture,
     ignored: str,
     stamps: list[str],
     why: str,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="sync_agent.pull")
     site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
     patient = await _post(client, factories.patient())
     for day in stamps:
@@ -1160,6 +1166,7 @@ async def test_a_page_not_in_lastupdated_order_is_refused_and_the_cursor_stays(
     assert (lenient.refused, lenient.stopped_by) == (1, None)
     assert lenient.error is not None
     assert why in lenient.error
+    assert f"pull of one Appointment stream: the upstream {why} by _lastUpdated" in caplog.text
     conn = sqlite3.connect(db_path)
     [(cursor,)] = conn.execute("SELECT since FROM pull_cursors").fetchall() or [(None,)]
     conn.close()
