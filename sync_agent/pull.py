@@ -9,9 +9,10 @@ What is pulled, from the first configured upstream (the one the outbox delivers 
    links when it serves fewer a page) with each page of Appointments and stored in the same
    transaction, so every pulled Appointment points at a local Patient — unless the upstream
    refuses us that Patient or leaves it out of its answer (below): the Appointment is stored
-   all the same, naming the Patient by its upstream id. Only Patients not already current are fetched: unknown ones,
-   and known ones only when changed since the version held (``_lastUpdated=gt…``). Enrolled
-   RPM patients (below) are refreshed the same way on every pass.
+   all the same, naming the Patient by its upstream id. Only Patients not already current are
+   fetched: unknown ones, and known ones only when changed since the version held
+   (``_lastUpdated=gt…``). Enrolled RPM patients (below) are refreshed the same way on every
+   pass.
 3. **Home readings of enrolled RPM patients**: ``Observation?subject=Patient/<upstream id>``
    per patient. Until the RPM issue adds an enrolment table, *enrolled* means a patient with an
    assigned home device (``devices.setting = 'home'``, not retired). They are tagged as home
@@ -33,15 +34,15 @@ stamps go backwards, or one is older than the cursor by more than the look-back 
 refused: nothing of it is taken, the cursor stays, the stream counts in ``refused``. The
 server's ``next`` links are not followed: many page by offset, and a resource changed between
 two pages moves to the end of the order, so the one behind it slides into the offset already
-read and would be skipped for good. The cursor is the newest
-``meta.lastUpdated`` taken plus the ids taken at exactly that instant, and it is written in
-the transaction that stores the page: a pass interrupted anywhere resumes at the last stored
-page, and a run of equal timestamps cut by a page boundary is neither lost (``ge``) nor taken
-twice (the ids). A page wholly inside the cursor's instant (a run of equal timestamps longer
-than the page: asked again from the cursor, it would come back the same) doubles the page
-size, up to 1,000; past that, or when the server serves fewer than asked, the server's
-``next`` links (to the same server only) are followed through that one instant, and without
-one the stream says it is stuck. A walk through a run cut short by ``max_pages`` resumes at
+read and would be skipped for good. The cursor is the newest ``meta.lastUpdated`` taken plus
+the ids taken at exactly that instant, and it is written in the transaction that stores the
+page: a pass interrupted anywhere resumes at the last stored page, and a run of equal
+timestamps cut by a page boundary is neither lost (``ge``) nor taken twice (the ids). A page
+wholly inside the cursor's instant (a run of equal timestamps longer than the page: asked
+again from the cursor, it would come back the same) doubles the page size, up to 1,000; past
+that, or when the server serves fewer than asked, the server's ``next`` links (to the same
+server only) are followed through that one instant, and without one the stream says it is
+stuck. A walk through a run cut short by ``max_pages`` resumes at
 its next link on the next pass (kept in memory: after a restart the walk starts the run
 again), so a run of any length is passed; a link back to a page already read ends the walk.
 A link the server refuses (its search expired: HAPI answers 410, a proxy 404) ends it too:
@@ -60,9 +61,9 @@ with Patients: a refused ``Patient?_id=…`` is asked again one id at a time, th
 are left out (each counted in ``refused``, and asked for alone on later passes) and the rest
 are stored; the page of Appointments and its cursor go on, as do the enrolled patients'
 readings. A Patient asked for by id and missing from a 200 answer (filtered upstream, a
-replica lagging, a page of the answer lost) is handled alike: counted in
-``patients_missing`` and asked for alone on later passes until it comes. (One held here and
-asked for only if changed, ``_lastUpdated=gt…``, is absent when unchanged: not counted.)
+replica lagging, a page of the answer lost) is handled alike: counted in ``patients_missing``
+and asked for alone on later passes until it comes. (One held here and asked for only if
+changed, ``_lastUpdated=gt…``, is absent when unchanged: not counted.)
 
 **Stored** through :meth:`appliance.store.Store.import_upstream`: encrypted, audited as
 ``service:sync``, keeping the upstream id and version (the ``If-Match`` of a later local
