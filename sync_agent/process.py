@@ -256,10 +256,7 @@ def _pull_figures(pulled: PullResult) -> dict[str, object]:
     many the upstream refused (the other streams went on), and whether a stream is stuck at
     a run of equal timestamps it cannot page through. Counts only: the refusal's words and
     the stream's name (a patient's upstream id) stay out of the status."""
-    # The puller sets ``error`` for a refusal (counted in ``refused``), for a stuck stream
-    # and for a stop (``stopped_by``): an error with neither of the others is a stuck one.
-    stuck = pulled.error is not None and pulled.refused == 0
-    return {"pull_refused": pulled.refused, "pull_stuck": stuck}
+    return {"pull_refused": pulled.refused, "pull_stuck": pulled.stuck > 0}
 
 
 # Failures of a whole exchange, which say nothing about the items: a step stopped by one

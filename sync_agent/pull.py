@@ -240,6 +240,7 @@ class PullResult:
     elsewhere: int = 0
     more: bool = False  # stopped at max_pages: call again soon
     refused: int = 0  # streams whose search the upstream refused (the others went on)
+    stuck: int = 0  # streams that cannot page past a run of equal lastUpdated at their cursor
     error: str | None = None
     link_down: bool = False
     stopped_by: UpstreamError | None = None  # the exchange failure that ended the pass
@@ -629,6 +630,7 @@ class Puller:
             why,
         )
         result.error = f"{stream}: over {MAX_PAGE_SIZE} resources share one lastUpdated"
+        result.stuck += 1
 
     def _matches(self, rtype: str, params: dict[str, str], resource: fhir.FhirJson) -> bool:
         """Whether ``resource`` is one the stream's search asks for: an Appointment with the

@@ -499,6 +499,7 @@ async def test_a_run_of_equal_timestamps_longer_than_the_largest_page_follows_ne
     assert (
         stuck.error == f"Appointment Location/{site['id']}: over 4 resources share one lastUpdated"
     )
+    assert (stuck.stuck, stuck.refused) == (1, 0)  # the status reads pull_stuck from it
     assert _count(db_path, "Appointment") == 4
     transport.add_next_links = True
     result = await puller.pull_once(force=True)
