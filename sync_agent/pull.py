@@ -81,34 +81,50 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-import orjson
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.config import UpstreamConfig
-from appliance.errors import InvalidResourceError
 from appliance.store import (
     Imported,
     ImportOutcome,
     Store,
     UpstreamCopy,
-    UpstreamLink,
-    link_for_resource,
     resource_for_upstream,
+)
+from sync_agent.pull_answers import (
+    APPOINTMENTS,
+    Cursor,
+    about,
+    asked_for,
+    captured_elsewhere,
+    copy_of,
+    invalid_reason,
+    last_updated,
+    look_back,
+    order_problem,
+    patients_of,
+)
+from sync_agent.pull_state import (
+    enrolled_upstream_refs,
+    known_versions,
+    load_cursor,
+    load_refused,
+    not_held,
+    save_cursor,
+    save_refused,
 )
 from sync_agent.review_queue import refresh_review, review_refused_edit
 from sync_agent.status import Twin, note_twins
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
-    as_dict,
-    as_list,
     classify_for_resource,
     exchange,
     is_outcome,
@@ -122,20 +138,10 @@ logger = logging.getLogger(__name__)
 
 ACTOR = "service:sync"
 HOME_TAG = {"system": fhir.CAPTURE_SETTING_SYSTEM, "code": "home"}
-APPOINTMENTS = "Appointment"
 MAX_PAGE_SIZE = 1000
 _ID_CHUNK = 50  # ids per Patient?_id= request: keeps the URL short on every server
 # What drops a walk through a run: the server refused the link, or the address took it not.
 _REFUSALS = frozenset({Failure.PERMANENT, Failure.ENDPOINT})
-# Why a page is refused when a server searched otherwise than asked (no data in either).
-_UNSORTED = (
-    "the upstream did not sort the page by _lastUpdated (its stamps go backwards; is "
-    "_sort=_lastUpdated supported?): not taken, the stream's cursor stays"
-)
-_UNFILTERED = (
-    "the upstream did not filter the page by _lastUpdated (it holds records stamped well "
-    "before the cursor; is _lastUpdated supported?): not taken, the stream's cursor stays"
-)
 
 
 def appointments_stream(location: str) -> str:
@@ -157,60 +163,6 @@ class _Walk:
     at: str | None  # the instant of the run (the cursor's ``since``)
     link: str  # the next page, not read yet
     followed: frozenset[str] = frozenset()  # the links read so far: one read again is a loop
-
-
-@dataclass(frozen=True, slots=True)
-class Cursor:
-    """Where a stream stands: the newest ``lastUpdated`` taken, and the versions taken at it.
-
-    ``seen`` holds ``<id>@<versionId>`` (``<id>`` alone for a resource without a version, and
-    in cursors saved by releases before this one, which then stands for any version): a
-    server stamping to the second may give a record's next version the same instant (an
-    appointment booked and cancelled within one second), and that one is not taken yet.
-    """
-
-    since: str | None = None
-    seen: frozenset[str] = frozenset()
-
-    def advance(self, resources: Iterable[fhir.FhirJson]) -> Cursor:
-        """The cursor after taking ``resources`` (in any order)."""
-        since, seen = self.since, set(self.seen)
-        since_at = fhir.instant(since)
-        for resource in resources:
-            updated = _last_updated(resource)
-            at = fhir.instant(updated)
-            if at is None:
-                continue
-            if since_at is None or at > since_at:
-                since, since_at, seen = updated, at, {_seen_key(resource)}
-            elif at == since_at:
-                seen.add(_seen_key(resource))
-        return Cursor(since, frozenset(seen))
-
-    def taken(self, resource: fhir.FhirJson) -> bool:
-        """Whether ``resource`` (this version) was taken already."""
-        at = fhir.instant(_last_updated(resource))
-        if at is None or at != fhir.instant(self.since):
-            return False
-        return _seen_key(resource) in self.seen or str(resource.get("id")) in self.seen
-
-
-def _look_back(since_at: datetime, seconds: float) -> str:
-    """``seconds`` before ``since_at``, as UTC text; the earliest instant there is when that
-    falls before year 1 (a placeholder stamp on migrated data, ``0001-01-01T00:00:00Z``):
-    ``datetime`` cannot go there, and the OverflowError ended the sync process, every pass."""
-    try:
-        return fhir.utc_text(since_at - timedelta(seconds=seconds))
-    except OverflowError:
-        return fhir.utc_text(datetime.min.replace(tzinfo=UTC))
-
-
-def _seen_key(resource: fhir.FhirJson) -> str:
-    """``<id>@<versionId>``, or the id alone when the server gives no version."""
-    rid = str(resource.get("id"))
-    meta = resource.get("meta")
-    version = meta.get("versionId") if isinstance(meta, dict) else None
-    return f"{rid}@{version}" if isinstance(version, str) and version else rid
 
 
 @dataclass
@@ -262,71 +214,6 @@ class PullResult:
                 self.skipped += 1
                 if item.outcome is ImportOutcome.INVALID:
                     self.skipped_invalid += 1
-
-
-def _last_updated(resource: fhir.FhirJson) -> str | None:
-    meta = resource.get("meta")
-    value = meta.get("lastUpdated") if isinstance(meta, dict) else None
-    return value if isinstance(value, str) else None
-
-
-def _copy(resource: fhir.FhirJson) -> UpstreamCopy:
-    meta = resource.get("meta")
-    version = meta.get("versionId") if isinstance(meta, dict) else None
-    return UpstreamCopy(
-        f"{resource['resourceType']}/{resource['id']}",
-        version if isinstance(version, str) else None,
-        _last_updated(resource),
-        resource,
-    )
-
-
-def _patients_of(appointment: fhir.FhirJson) -> set[str]:
-    found = set()
-    for participant in as_list(appointment.get("participant")):
-        ref = as_dict(as_dict(participant).get("actor")).get("reference")
-        if isinstance(ref, str) and ref.startswith("Patient/") and ref.count("/") == 1:
-            found.add(ref)
-    return found
-
-
-def _about(resource: fhir.FhirJson) -> str | None:
-    """The upstream ``Patient/<id>`` a pulled resource is about (an Appointment's first
-    Patient participant), or None."""
-    if resource.get("resourceType") == APPOINTMENTS:
-        for participant in as_list(resource.get("participant")):
-            ref = as_dict(as_dict(participant).get("actor")).get("reference")
-            if isinstance(ref, str) and ref.startswith("Patient/"):
-                return ref
-        return None
-    return fhir.patient_reference(resource)
-
-
-# pydantic's words for the two commonest refusals (fhir.validate gives "<path>: <message>").
-_REASONS = {
-    "Extra inputs are not permitted": "an element FHIR R4B does not define",
-    "Field required": "a required element missing",
-}
-
-
-def _invalid_reason(resource: fhir.FhirJson) -> str:
-    """Why ``resource`` fails validation, as classes that quote nothing of it (the paths
-    and messages may: an element's value, a key the sender chose)."""
-    try:
-        fhir.validate(resource)
-    except InvalidResourceError as exc:
-        said = {problem.rpartition(": ")[2] for problem in str(exc).split("; ")}
-        return ", ".join(sorted({_REASONS.get(s, "a value FHIR R4B does not take") for s in said}))
-    return "not FHIR R4B"  # refused by the store's check, passed here: no detail to give
-
-
-def _captured_elsewhere(observation: fhir.FhirJson) -> bool:
-    return any(
-        isinstance(t, dict)
-        and t.get("system") == fhir.CAPTURE_SETTING_SYSTEM
-        and t.get("code") != "home"
-        for t in as_list(as_dict(observation.get("meta")).get("tag"))
-    )
 
 
 class Puller:
@@ -384,14 +271,14 @@ class Puller:
         result = PullResult()
         conn = self._store.connection
         if not self._refused_loaded:
-            self._refused = await db.run_sync(conn, _load_refused, self._upstream.name)
+            self._refused = await db.run_sync(conn, load_refused, self._upstream.name)
             self._refused_loaded = True
         refused_before = set(self._refused)  # asked again below, once a pass
         try:
             if (location := self._upstream.location) is not None:
                 stream = appointments_stream(location)
                 await self._guarded(stream, APPOINTMENTS, {"actor": location}, result)
-            enrolled = await db.run_sync(self._store.connection, _enrolled_upstream_refs)
+            enrolled = await db.run_sync(self._store.connection, enrolled_upstream_refs)
             # A Patient refused here (or missing from the answer) is left out (counted); every
             # stream below still runs. One refused or missing before is asked again on every
             # pass: an Appointment pulled meanwhile names it by the upstream's id until it is
@@ -408,7 +295,7 @@ class Puller:
             # Only the class: a server's words may quote what it refused.
             logger.warning("pull stopped: %s", exc.failure)
         if self._refused != refused_before:
-            await db.run_sync(conn, _save_refused, self._upstream.name, sorted(self._refused))
+            await db.run_sync(conn, save_refused, self._upstream.name, sorted(self._refused))
         self._more = result.more
         if result.passed_over:
             logger.warning(
@@ -468,28 +355,12 @@ class Puller:
         return body
 
     def _check_order(self, rtype: str, resources: list[fhir.FhirJson], since: str | None) -> None:
-        """Refuse a page of ``_lastUpdated=ge<since>&_sort=_lastUpdated`` that is not that: its
-        stamps go backwards, or one is before ``since`` by more than the look-back (a server
-        comparing coarser than it stamps may give a little before). Strict handling is asked
-        for, but a server may not honour it; taken, such a page moves the cursor past what
-        later pages hold before it, for good. Raised before anything of the page is taken:
-        the stream's cursor stays, and the stream is counted in ``refused``."""
-        floor = fhir.instant(since)
-        slack = timedelta(seconds=max(self._overlap_s, 0.0))
-        previous: datetime | None = None
-        for resource in resources:
-            at = fhir.instant(_last_updated(resource))
-            if at is None:
-                continue
-            why = None
-            if previous is not None and at < previous:
-                why = _UNSORTED
-            elif floor is not None and floor - at > slack:
-                why = _UNFILTERED
-            if why is not None:
-                logger.warning("pull of one %s stream: %s", rtype, why)  # words of ours only
-                raise UpstreamError(Failure.PERMANENT, why)
-            previous = at
+        """Refuse a page that is not in the order asked for (:func:`order_problem`), before
+        anything of it is taken: the stream's cursor stays, and it is counted in ``refused``."""
+        why = order_problem(resources, since, self._overlap_s)
+        if why is not None:
+            logger.warning("pull of one %s stream: %s", rtype, why)  # words of ours only
+            raise UpstreamError(Failure.PERMANENT, why)
 
     async def _guarded(
         self, stream: str, rtype: str, params: dict[str, str], result: PullResult
@@ -514,7 +385,7 @@ class Puller:
     ) -> None:
         """Page through one stream from its cursor, storing each page with the new cursor."""
         conn = self._store.connection
-        cursor = await db.run_sync(conn, _load_cursor, self._upstream.name, stream)
+        cursor = await db.run_sync(conn, load_cursor, self._upstream.name, stream)
         if cursor.since is not None:
             await self._sweep(stream, rtype, params, cursor.since, result)
         # Following the server's links through the cursor's instant: where the last pass's
@@ -633,30 +504,8 @@ class Puller:
         result.stuck += 1
 
     def _matches(self, rtype: str, params: dict[str, str], resource: fhir.FhirJson) -> bool:
-        """Whether ``resource`` is one the stream's search asks for: an Appointment with the
-        site's Location (``actor``) among its participants, an Observation about the
-        stream's patient (``subject``). The server is not trusted to have applied them: by
-        default a FHIR server ignores a parameter it does not support, and one ignoring
-        ``actor`` answers with every Appointment of the EHR, other sites' patients too."""
-        if rtype == APPOINTMENTS and "actor" in params:
-            actors = (
-                as_dict(as_dict(p).get("actor")).get("reference")
-                for p in as_list(resource.get("participant"))
-            )
-            return params["actor"] in {self._relative(a) for a in actors}
-        if rtype == "Observation" and "subject" in params:
-            subject = as_dict(resource.get("subject")).get("reference")
-            return self._relative(subject) == params["subject"]
-        return True
-
-    def _relative(self, reference: Any) -> str | None:
-        """``<Type>/<id>`` of a reference to this upstream, relative or absolute, with or
-        without a version; any other text as it is; None when not text."""
-        if not isinstance(reference, str):
-            return None
-        base = str(self._client.base_url).rstrip("/") + "/"
-        relative: str = reference.removeprefix(base)
-        return relative.partition("/_history/")[0]
+        """Whether ``resource`` is one the stream's search asked for (:func:`asked_for`)."""
+        return asked_for(rtype, params, resource, str(self._client.base_url))
 
     async def _take(
         self,
@@ -677,19 +526,19 @@ class Puller:
         fresh = [r for r in unseen if self._matches(rtype, params, r)]
         result.passed_over += len(unseen) - len(fresh)
         after = cursor.advance(resources)
-        copies = [_copy(r) for r in fresh]
+        copies = [copy_of(r) for r in fresh]
         tags: list[dict[str, str]] = []
         if rtype == APPOINTMENTS:
-            wanted = set().union(*(_patients_of(r) for r in fresh)) if fresh else set()
+            wanted = set().union(*(patients_of(r) for r in fresh)) if fresh else set()
             copies = await self._patients(wanted, result) + copies
         elif rtype == "Observation":
-            result.skipped += sum(1 for r in fresh if _captured_elsewhere(r))
-            copies = [c for c in copies if not _captured_elsewhere(c.resource)]
+            result.skipped += sum(1 for r in fresh if captured_elsewhere(r))
+            copies = [c for c in copies if not captured_elsewhere(c.resource)]
             tags = [HOME_TAG]
 
         def then(conn: sqlite3.Connection) -> None:
             if save:
-                _save_cursor(conn, self._upstream.name, stream, after, self._clock())
+                save_cursor(conn, self._upstream.name, stream, after, self._clock())
 
         await self._import(copies, result, tags=tags, then=then)
         result.pages += 1
@@ -743,7 +592,7 @@ class Puller:
         if since_at is None or self._overlap_s <= 0:
             return
         conn = self._store.connection
-        floor = Cursor(_look_back(since_at, self._overlap_s))
+        floor = Cursor(look_back(since_at, self._overlap_s))
         for _ in range(self._max_pages):
             query = {**params, "_sort": "_lastUpdated", "_count": str(self._page_size)}
             query["_lastUpdated"] = f"ge{floor.since}"
@@ -752,16 +601,16 @@ class Puller:
             inside = [
                 r
                 for r in resources
-                if (at := fhir.instant(_last_updated(r))) is not None and at < since_at
+                if (at := fhir.instant(last_updated(r))) is not None and at < since_at
             ]
             # Left out as the stream leaves them out (never stored, so never "held").
             wanted = [
                 r
                 for r in inside
                 if self._matches(rtype, params, r)
-                and not (rtype == "Observation" and _captured_elsewhere(r))
+                and not (rtype == "Observation" and captured_elsewhere(r))
             ]
-            late = await db.run_sync(conn, _not_held, wanted)
+            late = await db.run_sync(conn, not_held, wanted)
             if late:
                 before = result.created + result.updated
                 await self._take(stream, rtype, params, late, Cursor(), result, save=False)
@@ -782,7 +631,7 @@ class Puller:
         ``patients_missing``); the others are fetched all the same."""
         if not refs:
             return []
-        known = await db.run_sync(self._store.connection, _known_versions, sorted(refs))
+        known = await db.run_sync(self._store.connection, known_versions, sorted(refs))
         versions = {r: v for r, v in known.items() if v is not None}
         unknown = sorted(r for r in refs if r not in versions)
         copies: list[UpstreamCopy] = []
@@ -849,7 +698,7 @@ class Puller:
         if since is not None:
             query["_lastUpdated"] = f"gt{since}"
         bundle = await self._get("Patient", query)
-        answered = [_copy(r) for r in search_matches(bundle, "Patient")]
+        answered = [copy_of(r) for r in search_matches(bundle, "Patient")]
         followed: set[str] = set()
         for _ in range(len(chunk)):
             link = next_link(bundle, self._client)
@@ -857,7 +706,7 @@ class Puller:
                 break
             followed.add(link)
             bundle = await self._get(link)
-            answered += [_copy(r) for r in search_matches(bundle, "Patient")]
+            answered += [copy_of(r) for r in search_matches(bundle, "Patient")]
         asked = set(chunk)
         found = {c.reference: c for c in answered if c.reference in asked}
         result.passed_over += len({c.reference for c in answered} - asked)
@@ -895,9 +744,9 @@ class Puller:
             key = f"{item.reference}@{item.version_id or copy.last_updated}"
             if key in self._invalid_seen:
                 continue
-            reason = _invalid_reason(copy.resource)
+            reason = invalid_reason(copy.resource)
             recorded.append((key, copy.type, reason))
-            patient = _about(copy.resource)
+            patient = about(copy.resource)
             local = None if patient is None else resource_for_upstream(conn, patient)
             events.append(
                 AuditEvent(
@@ -949,92 +798,3 @@ class Puller:
             else:
                 # Held for a local edit the upstream refused: a nurse decides between them.
                 review_refused_edit(conn, self._store, item.row_id, copy, self._clock())
-
-
-# -- database helpers (run on the connection's thread) --------------------------------------
-
-
-def _refused_key(upstream: str) -> str:
-    return f"pull.refused_patients.{upstream}"
-
-
-def _load_refused(conn: sqlite3.Connection, upstream: str) -> set[str]:
-    """The upstream Patients refused to the pull so far (an altered row reads as none)."""
-    try:
-        found = orjson.loads(db.meta_value(conn, _refused_key(upstream)) or "[]")
-    except (TypeError, orjson.JSONDecodeError):
-        return set()
-    return {r for r in found if isinstance(r, str)} if isinstance(found, list) else set()
-
-
-def _save_refused(conn: sqlite3.Connection, upstream: str, refs: list[str]) -> None:
-    with db.transaction_sync(conn):
-        db.set_meta(conn, _refused_key(upstream), orjson.dumps(refs).decode())
-
-
-def _load_cursor(conn: sqlite3.Connection, upstream: str, stream: str) -> Cursor:
-    row = conn.execute(
-        "SELECT since, seen FROM pull_cursors WHERE upstream = ? AND stream = ?",
-        (upstream, stream),
-    ).fetchone()
-    if row is None:
-        return Cursor()
-    return Cursor(row[0], frozenset(orjson.loads(row[1])))
-
-
-def _save_cursor(
-    conn: sqlite3.Connection, upstream: str, stream: str, cursor: Cursor, now: datetime
-) -> None:
-    conn.execute(
-        "INSERT INTO pull_cursors (upstream, stream, since, seen, updated_at) "
-        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (upstream, stream) DO UPDATE SET "
-        "since = excluded.since, seen = excluded.seen, updated_at = excluded.updated_at",
-        (
-            upstream,
-            stream,
-            cursor.since,
-            orjson.dumps(sorted(cursor.seen)).decode(),
-            fhir.utc_text(now),
-        ),
-    )
-
-
-def _enrolled_upstream_refs(conn: sqlite3.Connection) -> list[str]:
-    """Upstream references of the patients with a home device (known upstream only)."""
-    refs = []
-    for (patient_id,) in conn.execute(
-        "SELECT DISTINCT patient_id FROM devices WHERE setting = 'home' "
-        "AND patient_id IS NOT NULL AND retired_at IS NULL ORDER BY patient_id"
-    ).fetchall():
-        row = conn.execute(
-            "SELECT id FROM resources WHERE logical_id = ? AND type = 'Patient'", (patient_id,)
-        ).fetchone()
-        link = None if row is None else link_for_resource(conn, int(row[0]))
-        if link is not None:
-            refs.append(link.upstream_ref)
-    return refs
-
-
-def _held_link(conn: sqlite3.Connection, ref: str) -> UpstreamLink | None:
-    """The link of the local resource that is upstream ``ref`` (None: not held here)."""
-    local = resource_for_upstream(conn, ref)
-    return None if local is None else link_for_resource(conn, local[0])
-
-
-def _not_held(conn: sqlite3.Connection, resources: list[fhir.FhirJson]) -> list[fhir.FhirJson]:
-    """Those of ``resources`` not held here at that version or a newer one (a resource of
-    ours delivered upstream, whose upstream time is not recorded, counts as held)."""
-    missing = []
-    for resource in resources:
-        link = _held_link(conn, _copy(resource).reference)
-        held = None if link is None else fhir.instant(link.last_updated)
-        seen = fhir.instant(_last_updated(resource))
-        if link is None or (held is not None and seen is not None and held < seen):
-            missing.append(resource)
-    return missing
-
-
-def _known_versions(conn: sqlite3.Connection, refs: list[str]) -> dict[str, str | None]:
-    """Upstream ref → ``lastUpdated`` of the version held here (None: not held, or unknown)."""
-    links = {ref: _held_link(conn, ref) for ref in refs}
-    return {ref: None if link is None else link.last_updated for ref, link in links.items()}

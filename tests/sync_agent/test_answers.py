@@ -26,7 +26,7 @@ from services.claims.lifecycle import fhir_outcome
 from sync_agent.audit_anchors import anchors_of
 from sync_agent.balp import anchor_from_provenance
 from sync_agent.outbox_delivery import _entry_ref
-from sync_agent.pull import Cursor, _captured_elsewhere, _copy, _patients_of
+from sync_agent.pull_answers import Cursor, captured_elsewhere, copy_of, patients_of
 from sync_agent.review_queue import updated_of
 from sync_agent.updates import _version_of
 from sync_agent.upstream import (
@@ -238,11 +238,11 @@ def test_a_search_page_of_any_shape_gives_resources_to_import_or_nothing(
     for resource in found:
         assert resource["resourceType"] == rtype
         assert isinstance(resource["id"], str)
-        copy = _copy(resource)
+        copy = copy_of(resource)
         assert copy.reference == f"{rtype}/{resource['id']}"
         assert copy.version_id is None or isinstance(copy.version_id, str)
-        assert all(isinstance(p, str) for p in _patients_of(resource))
-        assert isinstance(_captured_elsewhere(resource), bool)
+        assert all(isinstance(p, str) for p in patients_of(resource))
+        assert isinstance(captured_elsewhere(resource), bool)
     cursor = Cursor().advance(found)
     assert all(isinstance(seen, str) for seen in cursor.seen)
     assert all(isinstance(cursor.taken(r), bool) for r in found)
@@ -258,8 +258,8 @@ def test_a_resource_of_any_shape_gives_a_version_and_a_time_or_none(resource: An
     updated = updated_of(resource)
     assert updated is None or isinstance(updated, str)
     if isinstance(resource, dict):
-        assert all(isinstance(p, str) for p in _patients_of(resource))
-        assert isinstance(_captured_elsewhere(resource), bool)
+        assert all(isinstance(p, str) for p in patients_of(resource))
+        assert isinstance(captured_elsewhere(resource), bool)
 
 
 @settings(max_examples=400, deadline=None)
