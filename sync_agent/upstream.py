@@ -189,8 +189,14 @@ def entry_status(entry: Any) -> int:
 
 
 def entry_outcome(entry: Any, code: int) -> str:
-    """What the server said about one refused entry, as one line."""
-    return outcome_text(entry_answer(entry).get("outcome")) or f"HTTP {code}"
+    """What the server said about one refused entry, as one line: the OperationOutcome in its
+    ``response.outcome``, else one in its ``resource`` (where some servers put it), else the
+    status alone."""
+    return (
+        outcome_text(entry_answer(entry).get("outcome"))
+        or outcome_text(as_dict(entry).get("resource"))
+        or f"HTTP {code}"
+    )
 
 
 _TOO_LARGE_WORDS = ("too many", "too large", "entries", "payload too large")

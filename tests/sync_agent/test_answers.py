@@ -229,6 +229,23 @@ def test_a_batch_answer_of_any_shape_gives_a_status_a_message_and_a_reference_or
         assert ref is None or REF.fullmatch(ref), ref
 
 
+def test_a_refused_entrys_outcome_is_read_from_its_response_else_from_its_resource() -> None:
+    def outcome(text: str) -> dict[str, Any]:
+        issue = {"severity": "error", "code": "invalid", "diagnostics": text}
+        return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+    status = {"status": "422 Unprocessable Entity"}
+    # Before: an OperationOutcome in the entry's resource was not read; staff saw "HTTP 422".
+    assert entry_outcome({"response": status, "resource": outcome("code required")}, 422) == (
+        "code required"
+    )
+    both = {"response": {**status, "outcome": outcome("said here")}, "resource": outcome("x")}
+    assert entry_outcome(both, 422) == "said here"
+    assert entry_outcome({"response": status, "resource": {"resourceType": "Patient"}}, 422) == (
+        "HTTP 422"
+    )
+
+
 @settings(max_examples=500, deadline=None)
 @given(bundles, st.sampled_from(["Appointment", "Observation", "Patient"]))
 def test_a_search_page_of_any_shape_gives_resources_to_import_or_nothing(

@@ -532,6 +532,32 @@ async def test_a_refusal_whose_outcome_is_malformed_is_a_dead_letter_with_the_se
     assert fhir_peer.count("Observation") == 2
 
 
+async def test_an_entry_refused_with_its_outcome_as_the_resource_is_dead_with_the_servers_words(
+    store: Store, client: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    await store.create([factories.patient()], "user:nurse1")
+    # Some servers put a refused entry's OperationOutcome in entry.resource, not
+    # entry.response.outcome.
+    said = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "invalid", "diagnostics": "birthDate required"}],
+    }
+    answer = {
+        "resourceType": "Bundle",
+        "type": "batch-response",
+        "entry": [{"resource": said, "response": {"status": "422 Unprocessable Entity"}}],
+    }
+    await proxy.set(Fault.REPLACE, status=200, body=json.dumps(answer).encode(), count=1)
+    assert (await _deliverer(store, client).drain()).dead == 1
+    [(outbox_id, sealed)] = (
+        sqlite3.connect(db_path)
+        .execute("SELECT id, last_error FROM outbox WHERE state = 'dead'")
+        .fetchall()
+    )
+    # Before: "HTTP 422", and staff could not tell what to mend.
+    assert store.keyring.unseal("outbox", str(outbox_id), sealed) == "birthDate required"
+
+
 @pytest.mark.parametrize(
     ("status", "body"),
     [
