@@ -131,7 +131,7 @@ async def floor_drain(
     def record(raw: Any, ids: list[int], answer: dict[str, Any]) -> None:
         started = time.thread_time()
         moment = datetime.now(UTC)
-        refs = [od._entry_ref(entry) for entry in answer["entry"]]
+        refs = [od._entry_ref(entry, "Observation") for entry in answer["entry"]]
         with db.transaction_sync(raw):
             if kind == "floor":
                 raw.execute(

@@ -360,23 +360,27 @@ def _rewrite_references(value: Any, targets: dict[str, str | None]) -> Any:
     return out
 
 
-def _entry_ref(entry: Any) -> str | None:
-    """``Type/id`` of what an entry created or found: from its location, else its resource.
+def _entry_ref(entry: Any, rtype: str) -> str | None:
+    """``<rtype>/id`` of what an entry created or found: from its location, else its resource.
 
-    None when neither names one in FHIR's shapes (the item is delivered all the same; what
-    refers to it is then sent with a parsed rewrite, see :func:`_outgoing`).
+    Only a reference of the item's own type with an id counts: an OperationOutcome in the
+    entry, a resource without an id, or a location whose last segments are not
+    ``<rtype>/<id>`` (``https://ehr/Fhir/123``) name nothing, and were taken for the
+    resource's upstream id (``OperationOutcome/None``, ``Fhir/123``) that everything pointing
+    at it was then sent with. None when nothing does (the item is delivered all the same;
+    what refers to it is then sent by our identifier, see :func:`_outgoing`).
     """
     location = entry_answer(entry).get("location")
     if isinstance(location, str) and location:
         head, sep, rid = location.split("/_history", 1)[0].rpartition("/")
         ref = f"{head.rpartition('/')[2]}/{rid}"
-        if sep and _UPSTREAM_REF.fullmatch(ref):
+        if sep and ref.startswith(f"{rtype}/") and _UPSTREAM_REF.fullmatch(ref):
             return ref
     resource = entry.get("resource") if isinstance(entry, dict) else None
-    if isinstance(resource, dict):
-        ref = f"{resource.get('resourceType')}/{resource.get('id')}"
-        if _UPSTREAM_REF.fullmatch(ref):
-            return ref
+    if isinstance(resource, dict) and resource.get("resourceType") == rtype:
+        found = resource.get("id")
+        if isinstance(found, str) and _UPSTREAM_REF.fullmatch(f"{rtype}/{found}"):
+            return f"{rtype}/{found}"
     return None
 
 
@@ -759,7 +763,7 @@ class Deliverer:
             entry = entries[index] if index < len(entries) else {}
             code = entry_status(entry)
             if 200 <= code < 300:
-                delivered.append((item, _entry_ref(entry)))
+                delivered.append((item, _entry_ref(entry, item.type)))
                 result.existing += code == 200
             elif 400 <= code < 500 and code not in ENTRY_NOT_THE_ITEM:
                 dead.append((item, entry_outcome(entry, code)))

@@ -225,8 +225,10 @@ def test_a_batch_answer_of_any_shape_gives_a_status_a_message_and_a_reference_or
         message = entry_outcome(entry, code)
         assert isinstance(message, str)
         assert message
-        ref = _entry_ref(entry)
-        assert ref is None or REF.fullmatch(ref), ref
+        for rtype in ("Patient", "Observation"):
+            ref = _entry_ref(entry, rtype)
+            # Only the item's own type: never an OperationOutcome's, nor a path segment's.
+            assert ref is None or (REF.fullmatch(ref) and ref.startswith(f"{rtype}/")), ref
 
 
 def test_a_refused_entrys_outcome_is_read_from_its_response_else_from_its_resource() -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -637,6 +638,52 @@ async def test_a_nonsense_answer_after_the_server_applied_a_bundle_loses_and_dou
     subjects = [e["resource"]["subject"] for e in page["entry"]]
     assert len(subjects) == 4
     assert all(s.get("reference") != "Patient/" for s in subjects)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": "201 Created", "location": "https://ehr.example/Fhir/123"},
+        {"status": "201 Created", "location": "https://ehr.example/Fhir/123/_history/1"},
+        {"status": "200 OK"},  # and the OperationOutcome below as its resource
+        {"status": "201 Created", "resource": {"resourceType": "Patient"}},  # no id
+        {"status": "201 Created", "resource": {"resourceType": "Patient", "id": 123}},
+    ],
+    ids=["location-not-a-patient", "history-not-a-patient", "outcome", "no-id", "id-not-text"],
+)
+async def test_an_answer_naming_no_patient_of_ours_is_never_taken_for_its_upstream_id(
+    store: Store,
+    client: httpx.AsyncClient,
+    proxy: FaultProxy,
+    fhir_peer: FhirPeer,
+    db_path: Path,
+    answer: dict[str, Any],
+) -> None:
+    [pat] = await store.create([factories.patient()], "user:nurse1")
+    resource = answer.pop(
+        "resource",
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "information", "code": "informational"}],
+        },
+    )
+    entry = {"response": answer, "resource": resource}
+    body = {"resourceType": "Bundle", "type": "batch-response", "entry": [entry]}
+    await proxy.set(Fault.REPLACE, status=200, body=json.dumps(body).encode(), count=1)
+    deliverer = _deliverer(store, client)
+    assert (await deliverer.drain()).delivered == 1  # applied upstream: it is delivered
+    conn = sqlite3.connect(db_path)
+    [(upstream_ref,)] = conn.execute("SELECT upstream_ref FROM outbox").fetchall()
+    conn.close()
+    # Before: "Fhir/123", "OperationOutcome/None", "Patient/None", "Patient/123".
+    assert upstream_ref is None
+    await store.create([factories.bp_observation(f"Patient/{pat.logical_id}")], "service:devices")
+    assert (await deliverer.drain()).delivered == 1
+    [sent] = (await client.get("Observation")).json()["entry"]
+    # Sent by our identifier, which the server resolves, not to a made-up reference.
+    assert "reference" not in sent["resource"]["subject"]
+    assert sent["resource"]["subject"]["identifier"]["value"] == f"urn:uuid:{pat.logical_id}"
+    assert fhir_peer.count("Patient") == 1
 
 
 def _dead(db_path: Path) -> dict[str, int]:
