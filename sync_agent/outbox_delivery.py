@@ -35,7 +35,11 @@ as they follow a Patient the server refused.
 
 Every answer is committed at once (delivered, dead, or retry-at), so a drain interrupted
 anywhere resumes where it stopped; nothing is ever re-sent that the server acknowledged,
-except when its answer was lost — and then the resend is harmless.
+except when its answer was lost — and then the resend is harmless. Entry *k* of an answer is
+item *k*'s, so an answer without exactly one entry per entry sent (one dropped, a batch-level
+OperationOutcome put first) is matched to nothing: it fails as a whole (:class:`UnmatchedAnswer`,
+transient) and every item is sent again, rather than each taking its neighbour's outcome and
+upstream id.
 
 A failure of the whole exchange (no connection, no answer, 5xx, 429) says nothing about the
 items, so it writes nothing to their rows: they stay due, in lane order, and the caller (the
@@ -76,6 +80,8 @@ from sync_agent.upstream import (
     ENTRY_NOT_THE_ITEM,
     Failure,
     UpstreamError,
+    as_dict,
+    as_list,
     bundle_entries,
     entry_answer,
     entry_outcome,
@@ -139,6 +145,12 @@ _TOO_LARGE_MEMORY = 100
 # are read past them, up to this many held ones per bundle chosen: one Patient whose entry the
 # server keeps answering 5xx must not hold back everyone queued behind its readings.
 _LOOK_PAST_HELD = 5_000
+
+
+class UnmatchedAnswer(UpstreamError):
+    """A bundle's answer whose entries cannot be matched to the items sent (not one each)."""
+
+    __slots__ = ()
 
 
 class Item(NamedTuple):
@@ -748,7 +760,22 @@ class Deliverer:
         return batch, now
 
     def _send(self, batch: _Batch) -> asyncio.Task[dict[str, Any]]:
-        return asyncio.ensure_future(post_bundle(self._client, self._bundle(batch.ready)))
+        return asyncio.ensure_future(self._post(batch.ready))
+
+    async def _post(self, ready: list[tuple[Item, Outgoing]]) -> dict[str, Any]:
+        """POST the bundle; its answer, which must have one entry per entry sent."""
+        response = await post_bundle(self._client, self._bundle(ready))
+        answered = len(as_list(as_dict(response).get("entry")))
+        if answered != len(ready):
+            # Entries are matched to items by position: one answer dropped, or one extra (a
+            # batch-level OperationOutcome first), shifts every position after it, and each
+            # item would take its neighbour's outcome and upstream id. None is trusted.
+            raise UnmatchedAnswer(
+                Failure.TRANSIENT,
+                f"the answer has {answered} entries for the {len(ready)} sent; "
+                "none is taken, all are sent again",
+            )
+        return response
 
     async def _settle(
         self, batch: _Batch, response: dict[str, Any], now: datetime, result: DrainResult

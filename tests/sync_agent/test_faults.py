@@ -686,6 +686,54 @@ async def test_an_answer_naming_no_patient_of_ours_is_never_taken_for_its_upstre
     assert fhir_peer.count("Patient") == 1
 
 
+@pytest.mark.parametrize("shift", ["one-dropped", "outcome-first"])
+async def test_an_answer_without_one_entry_per_item_is_taken_for_none_of_them(
+    store: Store,
+    client: httpx.AsyncClient,
+    proxy: FaultProxy,
+    fhir_peer: FhirPeer,
+    db_path: Path,
+    shift: str,
+) -> None:
+    first = await _readings(store, 0)
+    second = await _readings(store, 0)
+    created = {"response": {"status": "201 Created", "location": "Patient/not-the-first"}}
+    outcome = {
+        "resource": {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "information", "code": "informational"}],
+        },
+        "response": {"status": "200 OK"},
+    }
+    # Applied upstream; answered with one entry too few, or a batch-level outcome first.
+    entries = [created] if shift == "one-dropped" else [outcome, created, created]
+    body = {"resourceType": "Bundle", "type": "batch-response", "entry": entries}
+    await proxy.set(Fault.REPLACE, status=200, body=json.dumps(body).encode(), count=1)
+    deliverer = _deliverer(store, client)
+    failed = await deliverer.drain()
+    # Before: the first Patient marked delivered as the second's upstream id (or as
+    # "OperationOutcome/None"), and its readings sent into that chart.
+    assert (failed.delivered, failed.link_down) == (0, True)
+    assert "entries for the 2 sent" in (failed.error or "")
+    assert _rows(db_path) == [("pending", 0, None)] * 2
+    again = await deliverer.drain()
+    assert (again.delivered, again.existing) == (2, 2)  # the resend found both: no duplicate
+    ids = {
+        e["resource"]["identifier"][0]["value"].removeprefix("urn:uuid:"): e["resource"]["id"]
+        for e in (await client.get("Patient")).json()["entry"]
+    }
+    conn = sqlite3.connect(db_path)
+    stored = dict(
+        conn.execute(
+            "SELECT r.logical_id, o.upstream_ref FROM outbox o JOIN resources r "
+            "ON r.id = o.resource_id"
+        ).fetchall()
+    )
+    conn.close()
+    assert stored == {lid: f"Patient/{rid}" for lid, rid in ids.items()}
+    assert {first.removeprefix("Patient/"), second.removeprefix("Patient/")} == ids.keys()
+
+
 def _dead(db_path: Path) -> dict[str, int]:
     """Dead outbox rows: logical id → outbox id."""
     conn = sqlite3.connect(db_path)
