@@ -777,17 +777,20 @@ class Deliverer:
             )
         return response
 
-    async def _settle(
-        self, batch: _Batch, response: dict[str, Any], now: datetime, result: DrainResult
-    ) -> None:
-        """Record each entry's outcome (delivered, dead, retry-at) in one transaction."""
+    async def _settle(self, batch: _Batch, response: dict[str, Any], result: DrainResult) -> None:
+        """Record each entry's outcome (delivered, dead, retry-at) in one transaction.
+
+        Retry times count from now, when the answer is in: the bundle was planned before the
+        previous one's answer came (one bundle ahead), and a backoff measured from then was
+        mostly spent before it began.
+        """
+        now = self._clock()
         result.bundles = 1
         dead = list(batch.dead)
         delivered: list[tuple[Item, str | None]] = []
         retry: list[tuple[Item, str, float]] = []
-        entries = bundle_entries(response)
-        for index, (item, _body) in enumerate(batch.ready):
-            entry = entries[index] if index < len(entries) else {}
+        # One entry per item (:meth:`_post` saw to it): entry k is item k's answer.
+        for (item, _body), entry in zip(batch.ready, bundle_entries(response), strict=True):
             code = entry_status(entry)
             if 200 <= code < 300:
                 delivered.append((item, _entry_ref(entry, item.type)))
@@ -821,8 +824,8 @@ class Deliverer:
         try:
             response = await self._send(batch)
         except UpstreamError as exc:
-            return await self._on_bundle_failure(exc, batch.ready, list(batch.dead), now, result)
-        await self._settle(batch, response, now, result)
+            return await self._on_bundle_failure(exc, batch.ready, list(batch.dead), result)
+        await self._settle(batch, response, result)
         return result
 
     def _grow(self) -> None:
@@ -841,10 +844,10 @@ class Deliverer:
         exc: UpstreamError,
         ready: list[tuple[Item, Outgoing]],
         dead: list[tuple[Item, str]],
-        now: datetime,
         result: DrainResult,
     ) -> DrainResult:
         conn = self._store.connection
+        now = self._clock()  # the exchange has just failed
         result.error = str(exc)
         if exc.failure is Failure.TOO_LARGE and len(ready) > 1:
             self._batch_size = max(1, len(ready) // 2)
@@ -938,7 +941,7 @@ class Deliverer:
                     response = await send
                 except UpstreamError as exc:
                     send = None
-                    await self._on_bundle_failure(exc, batch.ready, list(batch.dead), now, step)
+                    await self._on_bundle_failure(exc, batch.ready, list(batch.dead), step)
                     _add(total, step)
                     if step.link_down:
                         break
@@ -948,7 +951,7 @@ class Deliverer:
                 stopping = stop()
                 if ahead is not None and ahead.ready and not stopping:
                     send = self._send(ahead)
-                await self._settle(batch, response, now, step)
+                await self._settle(batch, response, step)
                 _add(total, step)
                 if on_bundle is not None:
                     on_bundle(step)

@@ -217,6 +217,31 @@ def test_backoff_is_full_jitter_exponential_and_capped() -> None:
     assert max(backoff_s(50, rng) for _ in range(500)) <= 300.0
 
 
+async def test_an_entrys_retry_time_counts_from_its_answer_not_from_when_it_was_planned(
+    store: Store, client: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    await store.create([factories.patient(family="Slowanswer")], "user:nurse1")
+    start = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+    now = [start]
+
+    async def ten_minutes_on_the_wire(request: httpx.Request) -> None:
+        if request.method == "POST":
+            now[0] += timedelta(minutes=10)
+
+    client.event_hooks["request"].append(ten_minutes_on_the_wire)
+    deliverer = Deliverer(store, client, max_entries=8, rng=Longest(), clock=lambda: now[0])
+    fhir_peer.reject("Slowanswer", status=500)  # that entry: 500, retried with backoff
+    try:
+        assert (await deliverer.drain()).retry == 1
+    finally:
+        fhir_peer.reject(None)
+    [(state, attempts, next_attempt_at)] = _rows(db_path)
+    assert (state, attempts) == ("pending", 1)
+    # Its first backoff (2 s at the longest) from when the answer came. Before: from when the
+    # bundle was planned, ten minutes earlier, so the item was due again at once.
+    assert next_attempt_at == fhir.utc_text(start + timedelta(minutes=10, seconds=2))
+
+
 def _raised_from(cause: httpx.HTTPError, failure: Failure) -> UpstreamError:
     try:
         try:
