@@ -14,7 +14,7 @@ import pytest
 from appliance import db, key_rotation, keys
 from appliance.store import Lane, Store
 from sync_agent import outbox_delivery, status
-from sync_agent.outbox_delivery import Deliverer
+from sync_agent.outbox_delivery import Deliverer, failing_items
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 
@@ -541,3 +541,49 @@ async def test_items_held_for_a_dependency_are_read_once_a_drain_not_once_a_bund
     assert result.bundles >= others // 10
     # Before: the held readings were read and decrypted again for every bundle (~3,300 here).
     assert decrypted < 2 * (held + others)
+
+
+async def test_an_entry_refused_for_our_access_keeps_the_servers_words_and_is_shown_as_failing(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    fhir_peer.reset()
+    await store.create([factories.patient(family="Noscope")], NURSE)
+    deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1))
+    fhir_peer.reject("Noscope", status=403)  # that entry: 403 with an OperationOutcome
+    try:
+        for _ in range(3):
+            result = await deliverer.drain()
+            assert (result.retry, result.dead) == (1, 0)  # our access: never a dead letter
+            await deliverer.make_due()
+    finally:
+        fhir_peer.reject(None)
+    conn = db.connect_sync(db_path)
+    try:
+        [(outbox_id, sealed)] = conn.execute("SELECT id, last_error FROM outbox").fetchall()
+        assert b"refused" not in sealed  # sealed, as a dead letter's message is
+        # Before: just "entry HTTP 403", the server's OperationOutcome dropped.
+        assert store.keyring.unseal("outbox", str(outbox_id), sealed) == (
+            "entry HTTP 403: refused by the test rule (reject marker)"
+        )
+        failing = failing_items(conn, min_attempts=3)
+        assert (failing.count, failing.oldest, failing.type, failing.attempts) == (
+            1,
+            outbox_id,
+            "Patient",
+            3,
+        )
+        assert failing_items(conn, min_attempts=4).count == 0
+        message = failing.open_message(conn, store.keyring, actor="user:admin1", now=NOW)
+        assert message == "entry HTTP 403: refused by the test rule (reject marker)"
+        [(actor, entity)] = conn.execute(
+            "SELECT actor, entity FROM audit WHERE detail = ?", ("failing item's message opened",)
+        ).fetchall()
+        assert (actor, entity) == ("user:admin1", f"outbox/{outbox_id}")
+    finally:
+        conn.close()
+    assert (await deliverer.drain()).delivered == 1
+    conn = db.connect_sync(db_path)
+    try:
+        assert failing_items(conn, min_attempts=1).count == 0  # delivered: no longer failing
+    finally:
+        conn.close()
