@@ -537,9 +537,14 @@ class Deliverer:
         return self._items(conn, rows)
 
     def _load_by_logical_id(
-        self, conn: sqlite3.Connection, logical_ids: list[str], now: str
+        self,
+        conn: sqlite3.Connection,
+        logical_ids: list[str],
+        now: str,
+        busy: frozenset[int] = frozenset(),
     ) -> list[Item]:
-        """Due pending creates of these resources (dependencies pulled ahead of their lane)."""
+        """Due pending creates of these resources (dependencies pulled ahead of their lane),
+        but not those in ``busy`` (in flight, or already found held in this drain)."""
         rows: list[tuple[Any, ...]] = []
         for start in range(0, len(logical_ids), _IN_CHUNK):
             chunk = logical_ids[start : start + _IN_CHUNK]
@@ -549,7 +554,7 @@ class Deliverer:
                 f"AND o.kind = 'create' AND {DUE_SQL}",
                 (*chunk, *due_bounds(now)),
             ).fetchall()
-        return self._items(conn, sorted(rows))
+        return self._items(conn, sorted(row for row in rows if row[0] not in busy))
 
     def _upstream_refs(self, conn: sqlite3.Connection, keys: set[str]) -> dict[str, str | None]:
         """Reference (``Type/<local id>``) → upstream reference (None while not delivered).
@@ -609,6 +614,7 @@ class Deliverer:
         items: list[Item],
         now: str,
         in_flight: frozenset[str] = frozenset(),
+        busy: frozenset[int] = frozenset(),
     ) -> _Plan:
         """Choose the items of this bundle, dependencies first; and those to dead-letter.
 
@@ -617,9 +623,12 @@ class Deliverer:
         before the first item pointing at something in this same bundle or in the one still
         in flight (``in_flight``: their references, ``Type/<local id>``; it needs that
         resource's upstream id, known only from the answer), so a lane keeps its order. An
-        item whose dependency is waiting out a backoff is held back; one pointing at a
-        dead-lettered Patient is dead-lettered, and so is one whose stored copy fails
-        authentication.
+        item whose dependency is waiting out a backoff is held back, and so is one whose
+        dependency is ``busy`` (found held earlier in this drain, or in flight): a busy item is
+        never pulled ahead again. (It was: an alert's reading held for its Patient's backoff
+        was pulled ahead of the alert each time, the alert cut off the bundle, and the same
+        plan was made for ever, sending nothing.) One pointing at a dead-lettered Patient is
+        dead-lettered, and so is one whose stored copy fails authentication.
         """
         local = {item.outbox_id: item.local_refs() for item in items}
         refs: dict[str, str | None] = {}
@@ -641,7 +650,9 @@ class Deliverer:
             ahead = [loaded[key] for key in pending if key in loaded]
             more = sorted({key.partition("/")[2] for key in pending - loaded.keys()})
             ahead += [
-                item for item in self._load_by_logical_id(conn, more, now) if item.key in pending
+                item
+                for item in self._load_by_logical_id(conn, more, now, busy)
+                if item.key in pending
             ]
             ahead.sort(key=lambda item: item.outbox_id)
             moved = {item.outbox_id for item in ahead}
@@ -820,10 +831,11 @@ class Deliverer:
         flying = frozenset(item.key for item in in_flight)
         looked_past = 0
         while True:
-            items = self._load(conn, now, self._batch_size, frozenset(busy))
+            skip = frozenset(busy)
+            items = self._load(conn, now, self._batch_size, skip)
             if not items:
                 return None if not looked_past else _Batch([], [])
-            plan = self._plan(conn, items, now, flying)
+            plan = self._plan(conn, items, now, flying, skip)
             self._held.update(plan.held)
             self._held_on |= plan.waits_on
             if plan.ready or plan.dead or plan.ended or not plan.held:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -587,3 +588,52 @@ async def test_an_entry_refused_for_our_access_keeps_the_servers_words_and_is_sh
         assert failing_items(conn, min_attempts=1).count == 0  # delivered: no longer failing
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize(("max_entries", "alerts"), [(1, 1), (8, 8)])
+async def test_alerts_whose_readings_wait_for_their_patients_backoff_let_the_rest_go_and_the_drain_end(
+    store: Store,
+    client: httpx.AsyncClient,
+    fhir_peer: FhirPeer,
+    db_path: Path,
+    max_entries: int,
+    alerts: int,
+) -> None:
+    fhir_peer.reset()
+    [stuck] = await store.create([factories.patient(family="Stuckperson")], NURSE)
+    stuck_ref = f"Patient/{stuck.logical_id}"
+    readings = await store.create(
+        [factories.bp_observation(stuck_ref, systolic=170 + i) for i in range(alerts)],
+        "service:devices",
+    )
+    await store.create(
+        [
+            {
+                "resourceType": "DetectedIssue",
+                "status": "final",
+                "patient": {"reference": stuck_ref},
+                "implicated": [{"reference": f"Observation/{reading.logical_id}"}],
+            }
+            for reading in readings
+        ],
+        "service:rpm",
+        lane=Lane.ALERTS,
+    )
+    await _patient_with_readings(store, 2)  # someone else's, queued behind
+    raw = sqlite3.connect(db_path)
+    with raw:  # the stuck Patient's entry was answered 5xx: it waits out its backoff
+        raw.execute(
+            "UPDATE outbox SET attempts = 8, next_attempt_at = '2026-11-29T09:04:10.000000Z' "
+            "WHERE id = 1"
+        )
+    raw.close()
+    deliverer = Deliverer(
+        store, client, max_entries=max_entries, rng=random.Random(1), clock=lambda: NOW
+    )
+    # Before: the alerts were cut off each bundle behind their held readings and the same
+    # plan was made again and again; with a fixed clock the drain never ended or sent a thing.
+    async with asyncio.timeout(60):
+        result = await deliverer.drain()
+    assert (result.delivered, result.error) == (3, None)
+    assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 2)
+    assert _states(db_path) == [("delivered", 3), ("pending", 1 + 2 * alerts)]
