@@ -45,7 +45,12 @@ A failure of the whole exchange (no connection, no answer, 5xx, 429) says nothin
 items, so it writes nothing to their rows: they stay due, in lane order, and the caller (the
 sync process) owns the pacing — it gets ``link_down``, ``unreachable`` (no connection was
 made at all) and the server's ``Retry-After``. A week offline therefore costs no writes and
-leaves no item behind a per-item backoff when the link returns. Only an entry-level answer
+leaves no item behind a per-item backoff when the link returns. One exception: the items of
+a bundle whose answer was lost (a timeout after sending, a 504) are not sent again before a
+request timeout (the upstream's ``timeout_s``) has passed, "sync now" or not — the server may
+be applying that request still, and conditional create is not atomic under concurrent
+requests on HAPI (#3141), Microsoft's FHIR server (#1382) or Medplum (#4234). The rest flows
+meanwhile. Only an entry-level answer
 that says nothing against the item (an entry's own 5xx/429/408/409/423/425, a 401/403 — our
 access, never a dead letter —, or a missing entry) schedules that one item later with
 jittered exponential backoff (:func:`backoff_s`), its last error in the server's words,
@@ -141,6 +146,9 @@ UNREADABLE = (
     "does not hold) and was not sent; restore it from a backup or enter it again"
 )
 UNREADABLE_AUDIT = "stored copy failed authentication; not sent (dead letter)"
+# Items whose answer was lost wait this long when the client has no read timeout (the
+# upstream's default timeout_s).
+_UNSURE_DEFAULT_S = 30.0
 # After this many bundles fitting, a size once refused as too large is tried again.
 _TOO_LARGE_MEMORY = 100
 # When every due item read waits for a dependency in a per-item backoff, the next due items
@@ -492,7 +500,11 @@ class Deliverer:
         max_entries: int,
         rng: random.Random | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        unsure_s: float | None = None,
     ) -> None:
+        """``unsure_s``: how long items whose answer was lost are not sent again (default:
+        ``client``'s read timeout, which :func:`sync_agent.upstream.build_client` sets to the
+        upstream's ``timeout_s``)."""
         self._store = store
         self._client = client
         self._max_entries = max_entries
@@ -509,6 +521,16 @@ class Deliverer:
         # settled. Touched on the database thread only.
         self._held: set[int] = set()
         self._held_on: set[str] = set()
+        if unsure_s is None:
+            unsure_s = client.timeout.read
+        self._unsure_s = _UNSURE_DEFAULT_S if unsure_s is None else unsure_s
+        # Outbox id → until when: items of a bundle whose answer was lost, which "sync now"
+        # must not make due early either (the server may be applying that request still).
+        self._unsure: dict[int, datetime] = {}
+        # Outbox id → the most entries of a bundle it may go in: items of a bundle that
+        # failed as a whole go in smaller ones (halved each time) until they get an answer,
+        # whatever the bundle size has grown back to meanwhile. Database thread only.
+        self._caps: dict[int, int] = {}
 
     @property
     def batch_size(self) -> int:
@@ -663,6 +685,8 @@ class Deliverer:
         dead: list[tuple[Item, str]] = []
         held_ids: list[int] = []
         waits_on: set[str] = set()
+        caps = self._caps
+        room = len(items)
         for item in items:
             if not item.raw:
                 dead.append((item, UNREADABLE))
@@ -688,6 +712,12 @@ class Deliverer:
             if held:
                 held_ids.append(item.outbox_id)
                 continue
+            if caps:
+                # An item of a bundle that failed whole goes in a smaller one (_caps); the
+                # bundle ends before an item that may not join one this large.
+                room = min(room, caps.get(item.outbox_id, room))
+                if len(ready) >= room:
+                    return _Plan(ready, dead, held_ids, waits_on, ended=True)
             ready.append((item, _outgoing(item, local[item.outbox_id], refs)))
             in_batch.add(item.key)
         return _Plan(ready, dead, held_ids, waits_on, ended=False)
@@ -803,7 +833,17 @@ class Deliverer:
             item.key in self._held_on for item, _ in [*delivered, *dead]
         ):  # what they waited on is settled: they are read again
             self._forget_held()
+        if self._caps:  # answered: back to bundles of any size
+            for answered in (delivered, dead, retry):
+                for row in answered:
+                    self._caps.pop(row[0].outbox_id, None)
         return len(dead)
+
+    def _shrink(self, ids: list[int], cap: int) -> None:
+        if len(self._caps) > _REF_CACHE_MAX:
+            self._caps.clear()  # bounded; forgetting only costs a bigger bundle failing again
+        for oid in ids:
+            self._caps[oid] = min(cap, self._caps.get(oid, cap))
 
     def _forget_held(self) -> None:
         self._held.clear()
@@ -977,9 +1017,30 @@ class Deliverer:
             result.ambiguous = len(ready)
             # A timeout may be the bundle's size: resend smaller, grow back on success.
             self._batch_size = max(1, len(ready) // 2)
+            # The request may still be with the server: a conditional create is not atomic
+            # under concurrent requests on HAPI (#3141), Microsoft's FHIR server (#1382) or
+            # Medplum (#4234), so a resend that overtakes it can create a second copy. Not
+            # before a request's timeout has passed since the answer was lost.
+            until = now + timedelta(seconds=self._unsure_s)
+            await db.run_sync(conn, self._hold_unsure, [item for item, _ in ready], until)
         if dead:
             result.dead = await db.run_sync(conn, self._record, [], dead, [], now)
         return result
+
+    def _hold_unsure(self, conn: sqlite3.Connection, items: list[Item], until: datetime) -> None:
+        """Not due before ``until`` (no attempt counted: nothing was answered), and then sent
+        in bundles of half the size (it may have been the size that took too long)."""
+        ids = [item.outbox_id for item in items]
+        self._shrink(ids, max(1, len(ids) // 2))
+        with db.transaction_sync(conn):
+            conn.execute(
+                "UPDATE outbox SET next_attempt_at = ? "
+                "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending'",
+                (_iso(until), orjson.dumps(ids).decode()),
+            )
+        now = self._clock()
+        self._unsure = {oid: end for oid, end in self._unsure.items() if end > now}
+        self._unsure.update(dict.fromkeys(ids, until))
 
     async def drain(
         self,
@@ -1068,13 +1129,21 @@ class Deliverer:
         return total
 
     async def make_due(self) -> int:
-        """Cancel every per-item backoff ("sync now"); returns how many rows were waiting."""
+        """Cancel every per-item backoff ("sync now"); returns how many rows were waiting.
+
+        Not the wait of items whose answer was lost a moment ago: the server may be applying
+        that request still, and a resend now could make a second copy.
+        """
 
         def work(conn: sqlite3.Connection) -> int:
+            now = self._clock()
+            unsure = [oid for oid, until in self._unsure.items() if until > now]
             with db.transaction_sync(conn):
                 cursor = conn.execute(
                     "UPDATE outbox SET next_attempt_at = NULL "
-                    "WHERE state = 'pending' AND next_attempt_at IS NOT NULL"
+                    "WHERE state = 'pending' AND next_attempt_at IS NOT NULL "
+                    "AND id NOT IN (SELECT value FROM json_each(?))",
+                    (orjson.dumps(unsure).decode(),),
                 )
             self._forget_held()  # everything is due now
             return int(cursor.rowcount)

@@ -128,8 +128,27 @@ class Longest(random.Random):
         return b
 
 
-def _deliverer(store: Store, client: httpx.AsyncClient, max_entries: int = 8) -> Deliverer:
-    return Deliverer(store, client, max_entries=max_entries, rng=random.Random(1))
+class Clock:
+    """A clock the test moves (the client's timeout here is 5 s, see ``client``)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def past_the_timeout(self) -> None:
+        """A request timeout on: items whose answer was lost are due again."""
+        self.now += timedelta(seconds=5)
+
+
+def _deliverer(
+    store: Store,
+    client: httpx.AsyncClient,
+    max_entries: int = 8,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Deliverer:
+    return Deliverer(store, client, max_entries=max_entries, rng=random.Random(1), clock=clock)
 
 
 # -- transient -----------------------------------------------------------------------------
@@ -404,7 +423,8 @@ async def test_response_dropped_after_apply_is_resent_as_ambiguous_and_lands_onc
     store: Store, client: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
     await _readings(store, 4)
-    deliverer = _deliverer(store, client)
+    clock = Clock()
+    deliverer = _deliverer(store, client, clock=clock)
     assert (await deliverer.drain_once()).delivered == 1  # the Patient
     await proxy.set(Fault.DROP, count=1)
     lost = await deliverer.drain()
@@ -413,22 +433,61 @@ async def test_response_dropped_after_apply_is_resent_as_ambiguous_and_lands_onc
     assert not lost.unreachable
     assert fhir_peer.count("Observation") == 4  # the server did apply the bundle
     assert [state for state, *_ in _rows(db_path)] == ["delivered"] + ["pending"] * 4
+    clock.past_the_timeout()  # the lost request cannot be with the server still
     resent = await deliverer.drain()
     assert (resent.delivered, resent.existing) == (4, 4)  # 200: already there
     assert fhir_peer.count("Observation") == 4
     assert proxy.counts["drop"] == 1
 
 
+async def test_items_whose_answer_was_lost_wait_a_request_timeout_before_they_are_sent_again(
+    store: Store,
+    client: httpx.AsyncClient,
+    proxy: FaultProxy,
+    fhir_peer: FhirPeer,
+    db_path: Path,
+    wire: CountingTransport,
+) -> None:
+    await _readings(store, 4)
+    clock = Clock()
+    deliverer = _deliverer(store, client, clock=clock)
+    assert (await deliverer.drain_once()).delivered == 1  # the Patient
+    await proxy.set(Fault.DROP, count=1)  # applied, then the answer is lost
+    lost = await deliverer.drain()
+    assert (lost.ambiguous, lost.link_down) == (4, True)
+    [unsure] = wire.bundles()[1:]
+    # The server may be applying the request still, and a conditional create racing it can
+    # make a second copy (HAPI, Microsoft's FHIR server, Medplum): a request timeout (the
+    # client's: the upstream's timeout_s) from the loss, no attempt counted.
+    until = fhir.utc_text(clock.now + timedelta(seconds=5))
+    assert _rows(db_path) == [("delivered", 1, None)] + [("pending", 0, until)] * 4
+    await _readings(store, 1)  # someone else's, queued after
+    clock.now += timedelta(seconds=4)
+    assert await deliverer.make_due() == 0  # "sync now" does not make them due either
+    meanwhile = await deliverer.drain()
+    assert (meanwhile.delivered, meanwhile.existing) == (2, 0)  # the rest flows
+    # Before: sent again at once (the sync process waits 0-2 s after a lost answer).
+    assert not set(unsure) & {lid for bundle in wire.bundles()[2:] for lid in bundle}
+    clock.now += timedelta(seconds=1)
+    sent = len(wire.bundles())
+    resent = await deliverer.drain()
+    assert (resent.delivered, resent.existing) == (4, 4)  # already there: no duplicate
+    assert [len(bundle) for bundle in wire.bundles()[sent:]] == [2, 2]  # smaller, as before
+    assert fhir_peer.count("Observation") == 5
+
+
 async def test_reset_before_the_request_reaches_the_server_is_resent_and_created_once(
     store: Store, client: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer
 ) -> None:
     await _readings(store, 2)
-    deliverer = _deliverer(store, client)
+    clock = Clock()
+    deliverer = _deliverer(store, client, clock=clock)
     await proxy.set(Fault.RESET, count=1)
     lost = await deliverer.drain()
     assert lost.link_down
     assert lost.ambiguous == 1  # the agent cannot know the server never saw it
     assert fhir_peer.count("Patient") == 0
+    clock.past_the_timeout()  # the lost request cannot be with the server still
     result = await deliverer.drain()
     assert (result.delivered, result.existing) == (3, 0)
     assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 2)
@@ -466,13 +525,15 @@ async def test_truncated_answer_is_resent_without_a_duplicate(
     failure: str,
 ) -> None:
     await _readings(store, 3)
-    deliverer = _deliverer(store, client)
+    clock = Clock()
+    deliverer = _deliverer(store, client, clock=clock)
     await proxy.set(Fault.TRUNCATE, fix_length=fix_length, count=1)
     lost = await deliverer.drain()
     assert lost.link_down
     assert lost.error is not None
     assert lost.error.startswith(failure)  # cut mid-body: no answer; cut JSON: no Bundle
     assert fhir_peer.count("Patient") == 1  # applied before the answer was cut
+    clock.past_the_timeout()  # the lost request cannot be with the server still
     result = await deliverer.drain()
     assert result.delivered == 4
     assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 3)
@@ -484,7 +545,8 @@ async def test_an_answer_that_cannot_be_decoded_is_ambiguous_not_a_crash(
     # httpx raises DecodingError (not a TransportError) for a body that is not the gzip it
     # claims: before, it escaped the sync loop and the process crash-looped under systemd.
     await _readings(store, 2)
-    deliverer = _deliverer(store, client)
+    clock = Clock()
+    deliverer = _deliverer(store, client, clock=clock)
     await proxy.set(Fault.CORRUPT, count=1)
     lost = await deliverer.drain()
     assert lost.link_down
@@ -492,6 +554,7 @@ async def test_an_answer_that_cannot_be_decoded_is_ambiguous_not_a_crash(
     assert lost.error is not None
     assert "DecodingError" in lost.error
     assert fhir_peer.count("Patient") == 1  # the server applied it; only its answer was bad
+    clock.past_the_timeout()  # the lost request cannot be with the server still
     result = await deliverer.drain()
     assert (result.delivered, result.existing) == (3, 1)
     assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 2)
