@@ -50,16 +50,28 @@ a bundle whose answer was lost (a timeout after sending, a 504) are not sent aga
 request timeout (the upstream's ``timeout_s``) has passed, "sync now" or not — the server may
 be applying that request still, and conditional create is not atomic under concurrent
 requests on HAPI (#3141), Microsoft's FHIR server (#1382) or Medplum (#4234). The rest flows
-meanwhile. Only an entry-level answer
-that says nothing against the item (an entry's own 5xx/429/408/409/423/425, a 401/403 — our
-access, never a dead letter —, or a missing entry) schedules that one item later with
-jittered exponential backoff (:func:`backoff_s`), its last error in the server's words,
-sealed; :func:`failing_items` finds the items that keep failing so, for the status.
+meanwhile. Only an entry-level answer that says nothing against the item (an entry's own
+5xx/429/408/409/423/425, a 401/403 — our access, never a dead letter —, or a missing entry)
+schedules that one item later with jittered exponential backoff (:func:`backoff_s`), its
+last error in the server's words, sealed; :func:`failing_items` finds the items that keep
+failing so, for the status.
+
+One item can make a server (or a filter in front of it) fail the whole bundle — a 500, 502
+or 403, no answer — and would stop the outbox for good, alerts included, if every drain sent
+the same first items. So a bundle failing so in a way one entry may cause
+(:func:`_may_be_an_entry`) is bisected: its items go again as they were once (a passing
+fault), then in bundles halved at each failure until each gets an answer (kept in memory).
+An item that fails alone, having failed before, is set aside and the next bundle is sent:
+if it goes through, the server fails only that item, which waits out a per-item backoff
+(counted, its last error kept, shown by :func:`failing_items`) and goes alone when due
+again; if the next bundle fails too, it is an outage, and nothing is written. Never a dead
+letter: bisecting costs requests (a dead EHR a few more per round), never an item.
 
 Bundle size: a 413 (or "too many entries") halves it and it grows back by doubling after each
 bundle that goes through, but not past a size refused before (for the next
-``_TOO_LARGE_MEMORY`` bundles); a bundle that got no answer is resent at half its size, in
-case the timeout was its size. :meth:`Deliverer.drain` works one bundle ahead (its docstring).
+``_TOO_LARGE_MEMORY`` bundles); the items of a bundle that got no answer are resent in
+bundles of half its size, in case the timeout was its size. :meth:`Deliverer.drain` works one
+bundle ahead (its docstring).
 """
 
 from __future__ import annotations
@@ -93,6 +105,7 @@ from sync_agent.upstream import (
     entry_answer,
     entry_outcome,
     entry_status,
+    failure_class,
     post_bundle,
 )
 
@@ -149,6 +162,10 @@ UNREADABLE_AUDIT = "stored copy failed authentication; not sent (dead letter)"
 # Items whose answer was lost wait this long when the client has no read timeout (the
 # upstream's default timeout_s).
 _UNSURE_DEFAULT_S = 30.0
+# At most this many items set aside in one drain (each failed alone again) while the next
+# bundle tells an item the server fails from an outage: a dead EHR costs this many requests
+# more per round of the sync loop, and this many such items in a row still let the rest flow.
+_MAX_ISOLATED = 3
 # After this many bundles fitting, a size once refused as too large is tried again.
 _TOO_LARGE_MEMORY = 100
 # When every due item read waits for a dependency in a per-item backoff, the next due items
@@ -406,6 +423,20 @@ def _entry_ref(entry: Any, rtype: str) -> str | None:
     return None
 
 
+def _may_be_an_entry(exc: UpstreamError) -> bool:
+    """Whether a bundle's failure as a whole may be one entry's doing, so that bisecting it
+    finds the entry: the server, or a filter in front of it, answered 5xx or 403 without a
+    ``Retry-After`` (a server that throws on one resource, a WAF that refuses one), an
+    answer that cannot be matched to the entries, or none at all once the request went.
+    Not a connection that could not be made, our credentials (401, 407), a pause asked
+    for (429, ``Retry-After``), or an address that does not take the request."""
+    if exc.retry_after_s is not None:
+        return False
+    if exc.failure is Failure.AMBIGUOUS or isinstance(exc, UnmatchedAnswer):
+        return True
+    return exc.status is not None and (exc.status == 403 or exc.status >= 500)
+
+
 def _not_taken(entry: Any, code: int) -> str:
     """Why an entry is sent again (an answer that says nothing against the item: our access,
     "later", a 5xx, none at all), in the server's words when it gave any. Sealed when stored,
@@ -531,6 +562,9 @@ class Deliverer:
         # failed as a whole go in smaller ones (halved each time) until they get an answer,
         # whatever the bundle size has grown back to meanwhile. Database thread only.
         self._caps: dict[int, int] = {}
+        # Items that failed alone again, set aside until the next bundle's outcome tells
+        # whether the server fails only them (outbox id → the item, its message). One drain.
+        self._isolated: dict[int, tuple[Item, str]] = {}
 
     @property
     def batch_size(self) -> int:
@@ -749,14 +783,16 @@ class Deliverer:
         dead: list[tuple[Item, str]],
         retry: list[tuple[Item, str, float]],
         now: datetime,
+        isolated: list[tuple[Item, str, float]] | None = None,
     ) -> int:
-        """Commit a bundle's outcomes and its items refused without sending; returns how many
+        """Commit a bundle's outcomes and its items refused without sending (and items set
+        aside, ``isolated``: as ``retry``, but not part of this bundle); returns how many
         were dead-lettered."""
         stamp = _iso(now)
         with db.transaction_sync(conn):
             # Messages to seal (nearly never, in a drain): a data-key rotation committed
             # meanwhile is seen first.
-            keyring = self._store.current_keyring(conn) if dead or retry else None
+            keyring = self._store.current_keyring(conn) if dead or retry or isolated else None
             # Planned dead for a dead-lettered Patient, which staff may have sent again
             # since (status.resend_dead_letters): such an item stays due, and goes after it.
             dead = [
@@ -792,7 +828,7 @@ class Deliverer:
                         _iso(now + timedelta(seconds=delay)),
                         item.outbox_id,
                     )
-                    for item, message, delay in retry
+                    for item, message, delay in [*retry, *(isolated or ())]
                 ],
             )
             events = []
@@ -837,13 +873,9 @@ class Deliverer:
             for answered in (delivered, dead, retry):
                 for row in answered:
                     self._caps.pop(row[0].outbox_id, None)
+        for item, _message, _delay in isolated or ():
+            self._caps[item.outbox_id] = 1  # alone when due again
         return len(dead)
-
-    def _shrink(self, ids: list[int], cap: int) -> None:
-        if len(self._caps) > _REF_CACHE_MAX:
-            self._caps.clear()  # bounded; forgetting only costs a bigger bundle failing again
-        for oid in ids:
-            self._caps[oid] = min(cap, self._caps.get(oid, cap))
 
     def _forget_held(self) -> None:
         self._held.clear()
@@ -867,7 +899,7 @@ class Deliverer:
     ) -> _Batch | None:
         if forget_held:  # a new drain: a dependency's backoff may have passed since
             self._forget_held()
-        busy = {item.outbox_id for item in in_flight} | self._held
+        busy = {item.outbox_id for item in in_flight} | self._held | self._isolated.keys()
         flying = frozenset(item.key for item in in_flight)
         looked_past = 0
         while True:
@@ -936,11 +968,23 @@ class Deliverer:
                 dead.append((item, entry_outcome(entry, code)))
             else:
                 retry.append((item, _not_taken(entry, code), backoff_s(item.attempts, self._rng)))
+        # Set aside after failing alone again, and this bundle went through: the server fails
+        # only them. Each waits out a per-item backoff (never less than the wait of an answer
+        # lost), goes alone when due again, and is shown (failing_items); never dead-lettered.
+        isolated = [
+            (item, message, max(backoff_s(item.attempts, self._rng), self._unsure_left(item, now)))
+            for item, message in self._isolated.values()
+        ]
+        self._isolated.clear()
         result.dead = await db.run_sync(
-            self._store.connection, self._record, delivered, dead, retry, now
+            self._store.connection, self._record, delivered, dead, retry, now, isolated
         )
-        result.delivered, result.retry = len(delivered), len(retry)
+        result.delivered, result.retry = len(delivered), len(retry) + len(isolated)
         self._grow()
+
+    def _unsure_left(self, item: Item, now: datetime) -> float:
+        until = self._unsure.get(item.outbox_id)
+        return 0.0 if until is None else max(0.0, (until - now).total_seconds())
 
     async def _only_dead(self, batch: _Batch, now: datetime, result: DrainResult) -> None:
         result.dead = await db.run_sync(
@@ -980,7 +1024,11 @@ class Deliverer:
         ready: list[tuple[Item, Outgoing]],
         dead: list[tuple[Item, str]],
         result: DrainResult,
+        *,
+        probe: bool = False,
     ) -> DrainResult:
+        """Act on a bundle that failed as a whole. ``probe``: the drain may send the next
+        bundle to tell one item the server fails from an outage (see below)."""
         conn = self._store.connection
         now = self._clock()  # the exchange has just failed
         result.error = str(exc)
@@ -1006,8 +1054,9 @@ class Deliverer:
             dead.extend((item, exc.message) for item, _ in ready)
             result.dead = await db.run_sync(conn, self._record, [], dead, [], now)
             return result
-        # Transient or ambiguous: the exchange failed, not the items. Nothing is written to
-        # their rows (they stay due, in order); the caller paces the next attempt.
+        # Transient, ambiguous, auth, endpoint: the exchange failed, not (as far as we know)
+        # the items. Nothing is written to their rows (they stay due, in order); the caller
+        # paces the next attempt.
         result.link_down = True
         result.unreachable = exc.failure is Failure.TRANSIENT and isinstance(
             exc.__cause__, httpx.TransportError
@@ -1017,30 +1066,69 @@ class Deliverer:
             result.ambiguous = len(ready)
             # A timeout may be the bundle's size: resend smaller, grow back on success.
             self._batch_size = max(1, len(ready) // 2)
-            # The request may still be with the server: a conditional create is not atomic
-            # under concurrent requests on HAPI (#3141), Microsoft's FHIR server (#1382) or
-            # Medplum (#4234), so a resend that overtakes it can create a second copy. Not
-            # before a request's timeout has passed since the answer was lost.
-            until = now + timedelta(seconds=self._unsure_s)
-            await db.run_sync(conn, self._hold_unsure, [item for item, _ in ready], until)
+        items = [item for item, _ in ready]
+        again = await db.run_sync(conn, self._failed_whole, items, exc, now)
+        if again and probe and len(self._isolated) < _MAX_ISOLATED:
+            # One item failed alone, again: set it aside for this drain and send the next
+            # bundle. If that goes through, the server is up and fails only this item, which
+            # then waits out a per-item backoff while the rest flows (_settle); if it fails
+            # too, this is an outage, and nothing is written.
+            [item] = items
+            self._isolated[item.outbox_id] = (
+                item,
+                f"the upstream failed every bundle with it, alone too, and took the next: {exc}",
+            )
+            result.link_down = False
+            logger.warning(
+                "upstream failed outbox item %d alone again (%s); sending the next items",
+                item.outbox_id,
+                failure_class(str(exc)),
+            )
+        elif self._isolated:
+            self._isolated.clear()  # the next items failed too: not one item's doing
         if dead:
             result.dead = await db.run_sync(conn, self._record, [], dead, [], now)
         return result
 
-    def _hold_unsure(self, conn: sqlite3.Connection, items: list[Item], until: datetime) -> None:
-        """Not due before ``until`` (no attempt counted: nothing was answered), and then sent
-        in bundles of half the size (it may have been the size that took too long)."""
+    def _failed_whole(
+        self, conn: sqlite3.Connection, items: list[Item], exc: UpstreamError, now: datetime
+    ) -> bool:
+        """Note a bundle that failed as a whole; whether its one item had failed before.
+
+        Its answer lost (ambiguous): its items are not due before a request timeout from now,
+        the server may be applying the request still (a conditional create is not atomic
+        under concurrent requests on HAPI #3141, Microsoft's FHIR server #1382 or Medplum
+        #4234, so a resend that overtook it could create a second copy); no attempt is
+        counted, nothing was answered. They then go in bundles of half the size (it may have
+        been the size that took too long).
+
+        Failed in a way one entry may have caused (:func:`_may_be_an_entry`): its items go
+        again as they were the first time (a passing fault), then in bundles halved at each
+        failure, until each gets an answer: bisection, so one item that makes the server or
+        a filter in front of it fail the whole bundle ends up alone, and the rest flows.
+        """
         ids = [item.outbox_id for item in items]
-        self._shrink(ids, max(1, len(ids) // 2))
-        with db.transaction_sync(conn):
-            conn.execute(
-                "UPDATE outbox SET next_attempt_at = ? "
-                "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending'",
-                (_iso(until), orjson.dumps(ids).decode()),
-            )
-        now = self._clock()
-        self._unsure = {oid: end for oid, end in self._unsure.items() if end > now}
-        self._unsure.update(dict.fromkeys(ids, until))
+        ambiguous = exc.failure is Failure.AMBIGUOUS
+        if ambiguous:
+            until = now + timedelta(seconds=self._unsure_s)
+            with db.transaction_sync(conn):
+                conn.execute(
+                    "UPDATE outbox SET next_attempt_at = ? "
+                    "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending'",
+                    (_iso(until), orjson.dumps(ids).decode()),
+                )
+            self._unsure = {oid: end for oid, end in self._unsure.items() if end > now}
+            self._unsure.update(dict.fromkeys(ids, until))
+        if not (ambiguous or _may_be_an_entry(exc)):
+            return False
+        again = len(ids) == 1 and ids[0] in self._caps
+        if len(self._caps) > _REF_CACHE_MAX:
+            self._caps.clear()  # bounded; forgetting costs only a bigger bundle failing again
+        for oid in ids:
+            seen = oid in self._caps
+            cap = len(ids) // 2 if seen or ambiguous else len(ids)
+            self._caps[oid] = max(1, min(cap, self._caps.get(oid, cap)))
+        return again
 
     async def drain(
         self,
@@ -1097,7 +1185,9 @@ class Deliverer:
                     response = await send
                 except UpstreamError as exc:
                     send = None
-                    await self._on_bundle_failure(exc, batch.ready, list(batch.dead), step)
+                    await self._on_bundle_failure(
+                        exc, batch.ready, list(batch.dead), step, probe=True
+                    )
                     _add(total, step)
                     if step.link_down:
                         break
@@ -1118,7 +1208,12 @@ class Deliverer:
                 else:
                     # Nothing read ahead, or only items waiting for this bundle's answers.
                     batch, now = await self._prepare()
+            if self._isolated:
+                # Set aside, and no bundle went through after: the failure stands, and
+                # nothing is known against those items.
+                total.link_down = True
         finally:
+            self._isolated.clear()
             if send is not None:
                 # Never sent for good (stopped, or an error): the items stay pending, and a
                 # request that did reach the server is harmless to resend.

@@ -27,7 +27,7 @@ from appliance.config import load
 from appliance.runtime import ProcessContext
 from appliance.store import Lane, Store
 from sync_agent.audit_export import AuditExporter
-from sync_agent.outbox_delivery import Deliverer, backoff_s
+from sync_agent.outbox_delivery import Deliverer, backoff_s, failing_items
 from sync_agent.process import (
     PROBE_CAP_S,
     RETRY_AFTER_CAP_S,
@@ -909,6 +909,82 @@ async def test_a_patient_whose_stored_copy_fails_authentication_holds_only_its_o
     conn.close()
     assert "failed authentication" in messages.pop(broken.logical_id)
     assert list(messages.values()) == ["depends on a Patient that was dead-lettered"]
+
+
+class FailsBundlesWith(httpx.AsyncBaseTransport):
+    """The peer behind a server (or a WAF in front of it) that fails a whole bundle with
+    ``status`` when an entry holds ``marker`` (every bundle, for b""); counts the POSTs."""
+
+    def __init__(self, marker: bytes, status: int) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.marker, self.status, self.posts = marker, status, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            self.posts += 1
+            if self.marker in request.content:
+                issue = {"severity": "fatal", "code": "exception", "diagnostics": "NullPointer"}
+                said = {"resourceType": "OperationOutcome", "issue": [issue]}
+                return httpx.Response(self.status, json=said)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("status", [500, 502, 403, 504])
+async def test_an_item_the_server_fails_whole_bundles_for_is_set_aside_but_an_outage_writes_nothing(
+    store: Store, fhir_peer: FhirPeer, db_path: Path, status: int
+) -> None:
+    fhir_peer.reset()
+    [pat] = await store.create([factories.patient()], "user:nurse1")
+    await store.create([factories.patient(family="Zzpoison")], "user:nurse1")
+    ref = f"Patient/{pat.logical_id}"
+    await store.create(
+        [factories.bp_observation(ref, systolic=120 + i) for i in range(3)], "service:devices"
+    )
+    flag = {"resourceType": "Flag", "status": "active", "code": {"text": "x"}}
+    await store.create([{**flag, "subject": {"reference": ref}}], "service:rpm", lane=Lane.ALERTS)
+    clock = Clock()
+    upstream = FailsBundlesWith(b"", status)  # first an outage: every bundle fails
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url,
+        headers={"Content-Type": FHIR_JSON},
+        timeout=5.0,
+        transport=upstream,
+    ) as client:
+        deliverer = _deliverer(store, client, clock=clock)
+        for _ in range(8):  # rounds of the sync loop, each past any backoff
+            posts = upstream.posts
+            failed = await deliverer.drain()
+            assert (failed.link_down, failed.delivered, failed.dead) == (True, 0, 0)
+            assert upstream.posts - posts <= 4  # bisecting costs a few requests, no more
+            clock.now += timedelta(minutes=10)
+        # Nothing written to any item: no attempt, no backoff left for when it is back (a
+        # 504's answer is lost: a request timeout's wait, long over).
+        rows = _rows(db_path)
+        assert [(state, attempts) for state, attempts, _ in rows] == [("pending", 0)] * 6
+        assert all(at is None or at < fhir.utc_text(clock.now) for _, _, at in rows)
+        upstream.marker = b"Zzpoison"  # back, but it fails any bundle with that Patient
+        for _ in range(6):
+            await deliverer.drain()
+            clock.now += timedelta(minutes=10)
+    # Before: every drain sent the same first items, failed for the one, and stopped; the
+    # alert and the readings never went, whatever the rounds.
+    states = [state for state, _, _ in _rows(db_path)]
+    assert states == ["delivered", "pending", "delivered", "delivered", "delivered", "delivered"]
+    assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 3)
+    assert fhir_peer.count("Flag") == 1
+    # The one it fails waits out a per-item backoff, never a dead letter, and is shown.
+    conn = db.connect_sync(db_path)
+    try:
+        failing = failing_items(conn, min_attempts=1)
+        assert (failing.count, failing.oldest, failing.type) == (1, 2, "Patient")
+        message = failing.open_message(conn, store.keyring, actor="user:admin1", now=clock.now)
+        assert message is not None
+        assert "NullPointer" in message
+    finally:
+        conn.close()
 
 
 async def test_413_halves_the_bundle_until_it_fits_and_everything_lands(
