@@ -505,8 +505,23 @@ class AuditExporter:
         end: int,
     ) -> int:
         """Count a bundle's entry answers into ``result`` and ``refused``; the audit id to
-        settle up to (before the first entry to send again)."""
+        settle up to (before the first entry to send again).
+
+        Entries answer in the order sent, one each; an answer with another count (one lost,
+        a batch-level OperationOutcome in front) cannot be matched to the records, so none
+        of it is taken: a refusal read off a neighbour's entry would pass a record over, and
+        for the audit export passed over is lost. All are sent again (harmless: conditional
+        creates)."""
         entries = bundle_entries(response)
+        if len(entries) != len(built):
+            result.retry = len(built)
+            stop = UpstreamError(
+                Failure.TRANSIENT,
+                f"the answer has {len(entries)} entries for {len(built)} records sent: none taken",
+            )
+            result.error, result.stopped_by = str(stop), stop
+            result.failures.append(result.error)
+            return built[0][0].id - 1
         for index, (row, _event) in enumerate(built):
             entry = entries[index] if index < len(entries) else {}
             code = entry_status(entry)

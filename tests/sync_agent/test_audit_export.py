@@ -1062,3 +1062,54 @@ async def test_breaks_are_acknowledged_up_to_the_count_shown_and_audited(
     raw.close()
     state = await db.run_sync(conn, read_export_state)
     assert (state.breaks, state.breaks_acknowledged, state.unacknowledged_breaks) == (2, 0, 2)
+
+
+class _MisnumberedAnswer(httpx.AsyncBaseTransport):
+    """The real transport, but the next batch answer loses its first entry, or gains a
+    batch-level OperationOutcome entry (refusing) in front: the entries no longer line up."""
+
+    def __init__(self, how: str) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self.how: str | None = how
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if request.method != "POST" or self.how is None:
+            return response
+        body = json.loads(await response.aread())
+        entries = body.get("entry", [])
+        if self.how == "one dropped":
+            entries = entries[1:]
+        else:
+            outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error"}]}
+            entries = [{"resource": outcome, "response": {"status": "400"}}, *entries]
+        body["entry"], self.how = entries, None
+        return httpx.Response(200, headers={"Content-Type": "application/fhir+json"}, json=body)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("how", ["one dropped", "an outcome in front"])
+async def test_an_answer_whose_entries_do_not_line_up_is_taken_for_no_record(
+    store: Store, fhir_peer: FhirPeer, how: str
+) -> None:
+    fhir_peer.reset()
+    await _records(store, 4)
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url,
+        headers={"Content-Type": "application/fhir+json"},
+        transport=_MisnumberedAnswer(how),
+    ) as client:
+        exporter = AuditExporter(store, client, site_id=SITE, batch=4)
+        first = await exporter.export_once()
+        # Before: matched by position. An outcome in front passed record 1 over as refused
+        # (for the audit export, lost), and one dropped settled records on others' answers.
+        assert (first.exported, first.refused, first.cursor) == (0, 0, 0)
+        answered = {"one dropped": 3, "an outcome in front": 5}[how]
+        assert first.stopped_by is not None
+        assert first.stopped_by.message == (
+            f"the answer has {answered} entries for 4 records sent: none taken"
+        )
+        again = await exporter.drain()
+    assert (again.exported, again.refused, again.cursor) == (4, 0, 4)
+    state = await db.run_sync(store.connection, read_export_state)
+    assert (state.refused, state.cursor) == (0, 4)
