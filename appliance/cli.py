@@ -518,6 +518,13 @@ def _sync_status_json(found: SyncStatus, messages: dict[int, str] | None) -> dic
         "waiting": found.waiting,
         "last_success": None if found.last_success is None else found.last_success.isoformat(),
         "dead_total": found.dead_total,
+        # Items the upstream keeps answering with an error, sent again (never dead letters).
+        "failing": {
+            "count": found.failing.count,
+            "oldest": found.failing.oldest,
+            "type": found.failing.type,
+            "attempts": found.failing.attempts,
+        },
         "reviews_open": found.reviews_open,
         "twins": [{"theirs": t.theirs, "ours": t.ours, "at": t.at} for t in found.twins],
         # The claims queue (they never enter the outbox: its "claims" lane stays at 0).
@@ -622,6 +629,15 @@ def _sync_status_table(
             else ""
         ),
         f"Dead letters   {found.dead_total}",
+        *(
+            [
+                f"Failing        {found.failing.count} item(s) the EHR keeps answering with an "
+                f"error (the oldest: {found.failing.type}, tried {found.failing.attempts} "
+                "times); sent again, never dropped (its message: /sync)"
+            ]
+            if found.failing.count
+            else []
+        ),
         f"Review queue   {found.reviews_open} waiting for a decision (/sync/review)",
         *(
             [

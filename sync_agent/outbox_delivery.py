@@ -495,11 +495,12 @@ def failing_items(conn: sqlite3.Connection, *, min_attempts: int = 3) -> Failing
     """Pending rows (creates and updates) sent at least ``min_attempts`` times that still
     carry an error (a delivery clears it). For the status; read-only.
 
-    One pass over the pending rows' index plus one row: about 20 ms at 100,000 pending (a
-    long outage), well under 1 ms at a few hundred.
+    Through the index ``outbox_failing``, which holds only the waiting rows that carry an
+    error (named: with no rows in it when ANALYZE ran, the planner took the index of every
+    waiting row instead, 20 ms a scrape at 100,000 waiting after a long outage).
     """
     count, oldest = conn.execute(
-        "SELECT count(*), min(id) FROM outbox "
+        "SELECT count(*), min(id) FROM outbox INDEXED BY outbox_failing "
         "WHERE state = 'pending' AND last_error IS NOT NULL AND attempts >= ?",
         (min_attempts,),
     ).fetchone()

@@ -27,7 +27,7 @@ from appliance.keys import KeySource, keyring_of
 from appliance.runtime import HEARTBEAT_STALE_S
 from appliance.store import Lane, oldest_waiting, queued_at
 from sync_agent.audit_export_state import ExportState, read_export_state
-from sync_agent.outbox_delivery import RETRY_HORIZON
+from sync_agent.outbox_delivery import RETRY_HORIZON, FailingItems, failing_items
 
 SYNC_NOW_KEY = "sync_now"
 """``meta`` key the sync process watches: a new value makes it skip its backoff."""
@@ -63,6 +63,7 @@ class ClaimsWaiting:
 
 
 NO_CLAIMS = ClaimsWaiting(0, None, 0)
+NO_FAILING = FailingItems(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +256,10 @@ class SyncStatus:
     claims: ClaimsWaiting = NO_CLAIMS
     # Age of the oldest audit record not exported yet (None: nothing waiting).
     export_oldest_age_s: float | None = None
+    # Items the upstream keeps answering with an error (our access refused, a 5xx of their
+    # own, or whole bundles failed for them): sent again for as long as it lasts, never
+    # dead-lettered, so this is where staff see them.
+    failing: FailingItems = NO_FAILING
 
     @property
     def online(self) -> bool:
@@ -408,6 +413,7 @@ def read_status(conn: sqlite3.Connection, now: datetime, *, all_states: bool = F
         twins=read_twins(conn),
         claims=_claims_waiting(conn, now),
         export_oldest_age_s=_age_s(now, _first_unexported(conn, export.cursor)),
+        failing=failing_items(conn),
     )
 
 

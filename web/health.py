@@ -312,6 +312,12 @@ def _sync_metrics(sync: SyncStatus) -> Iterator[GaugeMetricFamily]:
         value=sync.dead_total,
     )
     yield GaugeMetricFamily(
+        "appliance_outbox_failing_items",
+        "Outbox items the upstream keeps answering with an error (tried 3 times or more; "
+        "sent again, never dead-lettered).",
+        value=sync.failing.count,
+    )
+    yield GaugeMetricFamily(
         "appliance_sync_reviews_open",
         "Local edits the EHR's changes overtook, waiting for a nurse's decision.",
         value=sync.reviews_open,

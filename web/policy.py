@@ -188,6 +188,7 @@ POLICY: Mapping[str, Rule] = {
     "sync.trail_breaks_acknowledge": _r(ADMIN),
     "sync.twins_clear": _r(ADMIN),
     "sync.dead_letter_message": _r(ADMIN, phi=True),
+    "sync.failing_message": _r(ADMIN, phi=True),
     "sync.dead_letter_resend": _r(ADMIN, phi=True),  # a refusal renders the Sync page
     "sync.dead_letters_resend_all": _r(ADMIN, phi=True),
     "sync.review_list": _r(CLINIC, phi=True),

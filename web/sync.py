@@ -27,6 +27,7 @@ without that decision.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +42,7 @@ from appliance.numbers import small_int
 from appliance.users import Role
 from sync_agent import status
 from sync_agent.audit_export_state import acknowledge_breaks
+from sync_agent.outbox_delivery import failing_items
 from sync_agent.review_queue import (
     ReviewChangedError,
     ReviewError,
@@ -104,7 +106,12 @@ async def _actor() -> tuple[str, bool]:
     return session.user.actor, session.user.role is Role.ADMIN
 
 
-async def _page(*, opened: dict[int, str] | None = None, notice: str | None = None) -> str:
+async def _page(
+    *,
+    opened: dict[int, str] | None = None,
+    notice: str | None = None,
+    failing_message: str | None = None,
+) -> str:
     state = app_state()
     now = state.clock()
     found = await db.run_sync(state.store.connection, status.read_status, now)
@@ -125,6 +132,7 @@ async def _page(*, opened: dict[int, str] | None = None, notice: str | None = No
         status=found,
         is_admin=is_admin,
         opened=opened or {},
+        failing_message=failing_message,
         notice=notice,
         local=local,
         local_text=lambda text: _local_text(text, state.zone),
@@ -213,6 +221,25 @@ async def dead_letter_message(outbox_id: int) -> ResponseReturnValue:
     if not opened:
         return await _page(notice="That dead letter is no longer there."), 404
     return await _page(opened=opened)
+
+
+@bp.post("/failing/message")
+@login_required(role=Role.ADMIN)
+async def failing_message() -> ResponseReturnValue:
+    """Open the last error of the oldest item the upstream keeps failing, for this response
+    only (audited in the patient's name, as a dead letter's message)."""
+    state = app_state()
+    actor, _ = await _actor()
+
+    def work(conn: sqlite3.Connection) -> str | None:
+        return failing_items(conn).open_message(
+            conn, state.store.current_keyring, actor=actor, now=state.clock()
+        )
+
+    message = await db.run_sync(state.store.connection, work)
+    if message is None:
+        return await _page(notice="No item is failing now."), 404
+    return await _page(failing_message=message)
 
 
 @bp.post("/dead-letters/<int:outbox_id>/resend")

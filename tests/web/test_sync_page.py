@@ -527,3 +527,56 @@ async def test_a_nurse_sees_records_held_twice_but_cannot_clear_them(
         "/sync/twins/clear", form={"csrf_token": form_token(page.encode())}
     )
     assert response.status_code == 403
+
+
+async def test_items_the_ehr_keeps_failing_are_shown_and_an_admin_opens_the_last_answer(
+    admin: QuartClient, store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    await _backlog(store, db_path, clock)
+    raw = sqlite3.connect(db_path)
+    with raw:
+        # Outbox item 2 (a reading): its entry answered 403 five times, never dead-lettered.
+        said = "entry HTTP 403: scope system/Observation.write not granted for Zzyzxmarker"
+        raw.execute(
+            "UPDATE outbox SET attempts = 5, last_error = ? WHERE id = 2",
+            (store.keyring.seal("outbox", "2", said),),
+        )
+    raw.close()
+    page = await admin.get("/sync/")
+    body = (await page.get_data()).decode()
+    # Before: nothing showed a pending item's error; staff saw only the oldest item's age.
+    assert "1 item the EHR keeps answering with an error" in body
+    assert "the oldest: Observation, tried 5 times" in body
+    assert "Zzyzxmarker" not in body
+    reads = _audit_count(db_path, "read")
+    opened = await admin.post(
+        "/sync/failing/message", form={"csrf_token": form_token(body.encode())}
+    )
+    assert opened.status_code == 200
+    assert said in (await opened.get_data()).decode()
+    assert _audit_count(db_path, "read") == reads + 1
+    metrics = (await admin.get("/metrics")).get_data()
+    families = {f.name: f for f in text_string_to_metric_families((await metrics).decode())}
+    assert families["appliance_outbox_failing_items"].samples[0].value == 1
+    cli_json = await db.run_sync(store.connection, status_module.read_status, clock())
+    assert (cli_json.failing.count, cli_json.failing.oldest) == (1, 2)
+
+
+async def test_a_nurse_sees_failing_items_but_cannot_open_their_message(
+    logged_in: QuartClient, store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    await _backlog(store, db_path, clock)
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.execute(
+            "UPDATE outbox SET attempts = 4, last_error = ? WHERE id = 2",
+            (store.keyring.seal("outbox", "2", "entry HTTP 500"),),
+        )
+    raw.close()
+    body = (await (await logged_in.get("/sync/")).get_data()).decode()
+    assert "1 item the EHR keeps answering with an error" in body
+    assert "Show its message" not in body
+    refused = await logged_in.post(
+        "/sync/failing/message", form={"csrf_token": form_token(body.encode())}
+    )
+    assert refused.status_code == 403
