@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -137,7 +138,10 @@ async def test_a_gateway_timeout_is_ambiguous_the_bundle_shrinks_and_lands_once(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
     await _readings(store, 7)
-    deliverer = Deliverer(store, client, max_entries=8, rng=random.Random(1))
+    now = [datetime.now(UTC)]
+    deliverer = Deliverer(
+        store, client, max_entries=8, rng=random.Random(1), clock=lambda: now[0], unsure_s=5
+    )
     assert (await deliverer.drain_once()).delivered == 1  # the Patient
     # A gateway in front of the EHR gave up waiting, and the EHR applied the bundle anyway.
     fhir_peer.fault("status", status=504, count=1, after="response")
@@ -149,6 +153,9 @@ async def test_a_gateway_timeout_is_ambiguous_the_bundle_shrinks_and_lands_once(
     assert deliverer.batch_size == 3
     assert fhir_peer.count("Observation") == 7  # it did land
     assert _states(db_path) == [("delivered", 1), ("pending", 7)]
+    # Not sent again before a request timeout has passed (the EHR may be applying it still).
+    assert (await deliverer.drain()).delivered == 0
+    now[0] += timedelta(seconds=6)
     resent = await deliverer.drain()
     assert (resent.delivered, resent.existing, resent.error) == (7, 7, None)
     assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (1, 7)
