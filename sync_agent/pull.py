@@ -505,7 +505,7 @@ class Puller:
 
     def _matches(self, rtype: str, params: dict[str, str], resource: fhir.FhirJson) -> bool:
         """Whether ``resource`` is one the stream's search asked for (:func:`asked_for`)."""
-        return asked_for(rtype, params, resource, str(self._client.base_url))
+        return asked_for(rtype, params, resource)
 
     async def _take(
         self,

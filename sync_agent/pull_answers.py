@@ -173,28 +173,40 @@ def order_problem(
     return None
 
 
-def asked_for(rtype: str, params: dict[str, str], resource: fhir.FhirJson, base_url: str) -> bool:
+def asked_for(rtype: str, params: dict[str, str], resource: fhir.FhirJson) -> bool:
     """Whether ``resource`` is one the stream's search asks for: an Appointment with the
     site's Location (``actor``) among its participants, an Observation about the stream's
     patient (``subject``). The server is not trusted to have applied them: by default a FHIR
     server ignores a parameter it does not support, and one ignoring ``actor`` answers with
-    every Appointment of the EHR, other sites' patients too."""
+    every Appointment of the EHR, other sites' patients too. A reference is compared by its
+    ``<Type>/<id>`` (:func:`relative`), however it spells the server's address."""
     if rtype == APPOINTMENTS and "actor" in params:
         actors = (
             as_dict(as_dict(p).get("actor")).get("reference")
             for p in as_list(resource.get("participant"))
         )
-        return params["actor"] in {relative(a, base_url) for a in actors}
+        return params["actor"] in {relative(a) for a in actors}
     if rtype == "Observation" and "subject" in params:
         subject = as_dict(resource.get("subject")).get("reference")
-        return relative(subject, base_url) == params["subject"]
+        return relative(subject) == params["subject"]
     return True
 
 
-def relative(reference: Any, base_url: str) -> str | None:
-    """``<Type>/<id>`` of a reference to the upstream at ``base_url``, relative or absolute,
-    with or without a version; any other text as it is; None when not text."""
+def relative(reference: Any) -> str | None:
+    """``<Type>/<id>`` of a reference, without a version (``/_history/<v>``): a relative
+    one as it is, an absolute one by its last two segments; any other text as it is; None
+    when not text.
+
+    An EHR may store absolute references that spell its address otherwise than our
+    ``base_url`` (``http`` for ``https``, the host in capitals, ``:443``, an internal host
+    name behind a gateway): compared as text, every Appointment of the site was passed over
+    and the cursor moved past them for good. The search asked the server for its own
+    resources, so the ``<Type>/<id>`` tail is what it names.
+    """
     if not isinstance(reference, str):
         return None
-    found: str = reference.removeprefix(base_url.rstrip("/") + "/")
-    return found.partition("/_history/")[0]
+    found = reference.partition("/_history/")[0]
+    if "://" not in found:
+        return found
+    parts = found.rstrip("/").split("/")  # scheme:, "", host, …, Type, id
+    return "/".join(parts[-2:]) if len(parts) >= 5 else found

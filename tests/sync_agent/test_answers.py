@@ -26,7 +26,7 @@ from services.claims.lifecycle import fhir_outcome
 from sync_agent.audit_anchors import anchors_of
 from sync_agent.balp import anchor_from_provenance
 from sync_agent.outbox_delivery import _entry_ref
-from sync_agent.pull_answers import Cursor, captured_elsewhere, copy_of, patients_of
+from sync_agent.pull_answers import Cursor, asked_for, captured_elsewhere, copy_of, patients_of
 from sync_agent.review_queue import updated_of
 from sync_agent.updates import _version_of
 from sync_agent.upstream import (
@@ -386,3 +386,44 @@ def test_a_next_link_is_followed_only_on_the_upstream_itself() -> None:
     assert next_link(page("http://other.test/fhir/Patient?_offset=50"), _CLIENT) is None
     assert next_link(page("http://ehr.test/fhirx/Patient?_offset=50"), _CLIENT) is None
     assert next_link(page("https://ehr.test/fhir/Patient?_offset=50"), _CLIENT) is None
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "http://ehr.example.org/fhir/R4/Location/L1",
+        "https://EHR.example.org/fhir/R4/Location/L1",
+        "https://ehr.example.org:443/fhir/R4/Location/L1",
+        "https://internal-node-3:8080/fhir/Location/L1/_history/2",
+    ],
+)
+def test_a_reference_to_the_searched_resource_matches_however_it_spells_the_servers_address(
+    reference: str,
+) -> None:
+    """The upstream's base_url is ``https://ehr.example.org/fhir/R4/``."""
+
+    def appointment(actor: Any) -> dict[str, Any]:
+        return {
+            "resourceType": "Appointment",
+            "participant": [
+                {"actor": {"reference": "Patient/p1"}},
+                {"actor": {"reference": actor}},
+            ],
+        }
+
+    def reading(subject: str) -> dict[str, Any]:
+        return {"resourceType": "Observation", "subject": {"reference": subject}}
+
+    # Before: only the exact base_url text was stripped; an EHR storing its references as
+    # http://, in capitals, with :443 or behind a gateway had every Appointment (and every
+    # home reading) passed over, the cursor moving past them for good.
+    assert asked_for("Appointment", {"actor": "Location/L1"}, appointment(reference))
+    patient = reference.replace("Location/L1", "Patient/p1")
+    assert asked_for("Observation", {"subject": "Patient/p1"}, reading(patient))
+    assert not asked_for("Appointment", {"actor": "Location/L2"}, appointment(reference))
+    assert not asked_for("Observation", {"subject": "Patient/p2"}, reading(patient))
+    # Relative references as before; other text, or none, names nothing asked for.
+    for same in ("Location/L1", "Location/L1/_history/3"):
+        assert asked_for("Appointment", {"actor": "Location/L1"}, appointment(same))
+    for other in ("Location/L10", "L1", "https://ehr.example.org/L1", "urn:uuid:L1", 7, None):
+        assert not asked_for("Appointment", {"actor": "Location/L1"}, appointment(other))
