@@ -37,11 +37,14 @@ the token endpoint refused, not a FHIR address): jittered, from ``BACKOFF_BASE_S
 ``BACKOFF_CAP_S``, never before the server's ``Retry-After``, while the drain keeps its pace.
 An empty outbox sends nothing, so without that a refusing token endpoint was asked again
 every ``interval_s``. Steps waiting out a backoff are in the status (``steps_failing``).
-So is a pull pass in which every search was refused (``refused``: a 403 for a scope the
-box's client lacks, a 400 for ``_sort``): no exchange failed, but nothing came of it, and
-nothing will until someone acts. A pass in which only some were refused goes on with the
-others and publishes how many (``pull_refused``), and whether a stream is stuck
-(``pull_stuck``): counts only, never the server's words nor the stream's patient.
+So is a pull pass that got no page, every search refused (``refused``: a 403 for a scope
+the box's client lacks, a 400 for ``_sort``) or answered unsorted or unfiltered by
+``_lastUpdated`` (``unordered``: pages the pull does not take): no exchange failed, but
+nothing came of it, and nothing will until someone acts. A pass in which only some were
+refused or unordered goes on with the others and publishes how many (``pull_refused``,
+``pull_unordered``), and whether a stream is stuck (``pull_stuck``): counts only, never the
+server's words nor the stream's patient. A walk ended by an expired ``next`` link is neither:
+the next pass starts it again.
 A step held back only because no connection could be made is due again as soon as the link
 is seen back (a probe answered, a bundle went through): its backoff, grown to minutes over a
 night's outage, would otherwise keep today's appointments from the pull long after the
@@ -84,7 +87,7 @@ from sync_agent.audit_export import AuditExporter, ExportResult
 from sync_agent.claims_submit import ClaimsSubmitter  # claims (issue 8)
 from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
 from sync_agent.pull import Puller, PullResult
-from sync_agent.status import REFUSED, STEPS, SYNC_NOW_KEY
+from sync_agent.status import REFUSED, STEPS, SYNC_NOW_KEY, UNORDERED
 from sync_agent.updates import UpdateResult, UpdateSender
 from sync_agent.upstream import Failure, UpstreamError, build_client, failure_class
 
@@ -159,7 +162,8 @@ class _Step:
         self.name = name
         self.failures = 0
         self.not_before = 0.0
-        # The class of the failure (a :class:`Failure`, or :data:`REFUSED`); never the
+        # The class of the failure (a :class:`Failure`, :data:`REFUSED` or
+        # :data:`UNORDERED`); never the
         # server's words, which may quote PHI.
         self.failure: str | None = None
         self.cut = False  # held back only for the link (no answer, no Retry-After)
@@ -174,13 +178,14 @@ class _Step:
         pacing: Pacing,
         rng: random.Random,
         *,
-        refused: bool = False,
+        refused: str | None = None,
     ) -> None:
         """Pace the step by how its pass ended: ``stopped_by`` the failure of a whole
-        exchange, or (``refused``) every request of the pass answered with a refusal of that
-        request alone (the pull's searches: a 403 for a scope this box was not granted, a
-        400 for a parameter the server does not take), which no exchange failure says but
-        which gets nothing now and will get nothing next time either."""
+        exchange, or (``refused``, its class) every request of the pass answered with a
+        refusal of that request alone (the pull's searches: :data:`REFUSED`, a 403 for a
+        scope this box was not granted, a 400 for a parameter the server does not take;
+        :data:`UNORDERED`, pages not sorted or filtered as asked), which no exchange failure
+        says but which gets nothing now and will get nothing next time either."""
         if stopped_by is not None and stopped_by.failure in _STEP_STOPS:
             # No connection could be made: nothing of the server's side (a read timeout, a
             # reset, a slow search), which keeps its backoff however often the link is seen.
@@ -188,8 +193,8 @@ class _Step:
                 stopped_by.__cause__, httpx.ConnectError | httpx.ConnectTimeout
             )
             self._held(str(stopped_by.failure), stopped_by.retry_after_s, cut, now, pacing, rng)
-        elif refused:
-            self._held(REFUSED, None, False, now, pacing, rng)
+        elif refused is not None:
+            self._held(refused, None, False, now, pacing, rng)
         else:
             self.failures, self.not_before, self.failure = 0, 0.0, None
 
@@ -243,20 +248,31 @@ def _link_seen(
     return {}
 
 
-def _wholly_refused(pulled: PullResult) -> bool:
-    """Every search of a pull pass that ran to its end was refused: nothing came back but
-    refusals (a token without the Appointment scope, a server that does not take
-    ``_sort=_lastUpdated``). It fails the same way on every pass until someone acts at the
-    EHR or in the site config, so the step counts as failing (and backs off)."""
-    return pulled.stopped_by is None and pulled.refused > 0 and pulled.pages == 0
+def _why_no_page(pulled: PullResult) -> str | None:
+    """Why no search of a pull pass that ran to its end got a page, or None: :data:`REFUSED`
+    when one was refused (a token without the Appointment scope, a server that does not take
+    ``_sort=_lastUpdated`` strictly), else :data:`UNORDERED` when one answered pages not
+    sorted or filtered by ``_lastUpdated`` as asked. It fails the same way on every pass until
+    someone acts at the EHR or in the site config, so the step counts as failing (and backs
+    off). A walk ended by an expired next link is neither: the next pass starts it again."""
+    if pulled.stopped_by is not None or pulled.pages > 0:
+        return None
+    if pulled.refused > 0:
+        return REFUSED
+    return UNORDERED if pulled.unordered > 0 else None
 
 
 def _pull_figures(pulled: PullResult) -> dict[str, object]:
     """What a pull pass that ran to its end publishes of its searches that got nothing: how
-    many the upstream refused (the other streams went on), and whether a stream is stuck at
-    a run of equal timestamps it cannot page through. Counts only: the refusal's words and
-    the stream's name (a patient's upstream id) stay out of the status."""
-    return {"pull_refused": pulled.refused, "pull_stuck": pulled.stuck > 0}
+    many the upstream refused, how many answered pages not sorted or filtered as asked (the
+    other streams went on), and whether a stream is stuck at a run of equal timestamps it
+    cannot page through. Counts only: the refusal's words and the stream's name (a patient's
+    upstream id) stay out of the status."""
+    return {
+        "pull_refused": pulled.refused,
+        "pull_unordered": pulled.unordered,
+        "pull_stuck": pulled.stuck > 0,
+    }
 
 
 # Failures of a whole exchange, which say nothing about the items: a step stopped by one
@@ -577,7 +593,7 @@ class SyncLoop:
                     loop.time(),
                     self._pacing,
                     self._rng,
-                    refused=_wholly_refused(pulled),
+                    refused=_why_no_page(pulled),
                 )
             if pulled.due and pulled.stopped_by is None:
                 figures |= _pull_figures(pulled)

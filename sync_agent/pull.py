@@ -31,7 +31,8 @@ afresh from the cursor, with ``Prefer: handling=strict``: by default a FHIR serv
 parameter it does not support, and one ignoring ``_sort`` pages in its own order, so the
 cursor would jump past what later pages hold. A page that is not in that order anyway (its
 stamps go backwards, or one is older than the cursor by more than the look-back below) is
-refused: nothing of it is taken, the cursor stays, the stream counts in ``refused``. The
+not taken: nothing of it is stored, the cursor stays, the stream counts in ``unordered``
+(not in ``refused``: the server answered, it did not sort or filter as asked). The
 server's ``next`` links are not followed: many page by offset, and a resource changed between
 two pages moves to the end of the order, so the one behind it slides into the offset already
 read and would be skipped for good. The cursor is the newest ``meta.lastUpdated`` taken plus
@@ -46,7 +47,8 @@ stuck. A walk through a run cut short by ``max_pages`` resumes at
 its next link on the next pass (kept in memory: after a restart the walk starts the run
 again), so a run of any length is passed; a link back to a page already read ends the walk.
 A link the server refuses (its search expired: HAPI answers 410, a proxy 404) ends it too:
-that pass counts the stream as refused, and the next starts the run again from the cursor.
+that pass counts the stream in ``walks_restarted`` (not in ``refused``: nothing was refused to
+our access), and the next starts the run again from the cursor.
 A pass says ``more`` (call again at once) only when a stream reached ``max_pages`` having
 moved its cursor: a pass that got nowhere waits for the next interval like any other. Each
 pass first reads again the ten minutes before the cursor (``overlap_s``) and takes what is
@@ -144,6 +146,14 @@ _ID_CHUNK = 50  # ids per Patient?_id= request: keeps the URL short on every ser
 _REFUSALS = frozenset({Failure.PERMANENT, Failure.ENDPOINT})
 
 
+class _Unordered(UpstreamError):
+    """A page not in the order asked for (:func:`order_problem`): not taken."""
+
+
+class _LinkRefused(UpstreamError):
+    """A ``next`` link of the server's own refused (its search expired): the walk ends."""
+
+
 def appointments_stream(location: str) -> str:
     """The cursor's name of the Appointments at ``location`` (``Location/<id>``).
 
@@ -192,6 +202,12 @@ class PullResult:
     elsewhere: int = 0
     more: bool = False  # stopped at max_pages: call again soon
     refused: int = 0  # streams whose search the upstream refused (the others went on)
+    # Streams whose page the upstream did not sort or filter by _lastUpdated as asked: not
+    # taken, the cursor stays (the others went on). Not ``refused``: no scope is missing.
+    unordered: int = 0
+    # Streams whose walk through a run ended at a next link the server refused (its search
+    # expired, or a proxy not passing its paging on): started again from the cursor next pass.
+    walks_restarted: int = 0
     stuck: int = 0  # streams that cannot page past a run of equal lastUpdated at their cursor
     error: str | None = None
     link_down: bool = False
@@ -356,25 +372,34 @@ class Puller:
 
     def _check_order(self, rtype: str, resources: list[fhir.FhirJson], since: str | None) -> None:
         """Refuse a page that is not in the order asked for (:func:`order_problem`), before
-        anything of it is taken: the stream's cursor stays, and it is counted in ``refused``."""
+        anything of it is taken: the stream's cursor stays, and it is counted in
+        ``unordered``."""
         why = order_problem(resources, since, self._overlap_s)
         if why is not None:
             logger.warning("pull of one %s stream: %s", rtype, why)  # words of ours only
-            raise UpstreamError(Failure.PERMANENT, why)
+            raise _Unordered(Failure.PERMANENT, why)
 
     async def _guarded(
         self, stream: str, rtype: str, params: dict[str, str], result: PullResult
     ) -> None:
         """One stream; a refusal of this one search (a 4xx about it: a patient restricted
         (403), merged or deleted (404/410 with the server's OperationOutcome) upstream, a
-        parameter the server does not take) is recorded and the other streams go on. The
-        link, our credentials (401) or the address failing stops the pass."""
+        parameter the server does not take) is recorded and the other streams go on; so is a
+        page not sorted or filtered as asked (``unordered``) and a walk ended at a next link
+        the server refused (``walks_restarted``), each logged where it was met. The link, our
+        credentials (401) or the address failing stops the pass."""
         try:
             await self._stream(stream, rtype, params, result)
         except UpstreamError as exc:
             if exc.failure is not Failure.PERMANENT:
                 raise
             result.error = f"{stream}: {exc}"
+            if isinstance(exc, _Unordered):
+                result.unordered += 1
+                return
+            if isinstance(exc, _LinkRefused):
+                result.walks_restarted += 1
+                return
             result.refused += 1
             # The type only: the stream names a patient's upstream id, the server's words
             # may quote data.
@@ -487,7 +512,7 @@ class Puller:
                 "expired?): the stream starts again from its cursor on the next pass"
             )
             logger.warning("pull: %s", why)
-            raise UpstreamError(
+            raise _LinkRefused(
                 Failure.PERMANENT, why, status=exc.status, outcome=exc.outcome
             ) from exc
 

@@ -37,6 +37,9 @@ REFUSED = "refused"
 """The failure of a step each of whose requests the upstream refused (a pull pass with every
 search answered 403 or 400), in ``steps_failing`` beside the classes of
 :class:`sync_agent.upstream.Failure`."""
+UNORDERED = "unordered"
+"""The failure of a pull pass that got no page, its searches answered with pages not sorted or
+filtered by ``_lastUpdated`` as asked (not taken: the cursors stay), in ``steps_failing``."""
 DEAD_LETTERS_SHOWN = 50
 # An outbox row (alias ``o``) held for the review queue (an update the upstream's changes
 # overtook): counted and decided there, never a dead letter, never sent again from them.
@@ -157,6 +160,13 @@ class ProcessStatus:
         """Searches the upstream refused in the last pull pass that ran to its end (a 4xx to
         that one search; the others went on)."""
         value = self.figures.get("pull_refused")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    @property
+    def pull_unordered(self) -> int:
+        """Searches of the last pull pass that ran to its end whose page the upstream did not
+        sort or filter by ``_lastUpdated`` as asked (not taken; the others went on)."""
+        value = self.figures.get("pull_unordered")
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
     @property
@@ -293,6 +303,13 @@ class SyncStatus:
         """Searches refused in the sync process's last pull pass, while it is alive."""
         process = self.process
         return process.pull_refused if process is not None and process.fresh else 0
+
+    @property
+    def pull_unordered(self) -> int:
+        """Searches answered unsorted or unfiltered in the sync process's last pull pass,
+        while it is alive."""
+        process = self.process
+        return process.pull_unordered if process is not None and process.fresh else 0
 
     @property
     def pull_stuck(self) -> bool:

@@ -337,7 +337,8 @@ def _sync_metrics(sync: SyncStatus) -> Iterator[GaugeMetricFamily]:
     failing = GaugeMetricFamily(
         "appliance_sync_step_failing",
         "1 while a step after the outbox drain (updates, pull, audit export) fails and backs "
-        "off: its exchange failed as a whole, or every search of a pull pass was refused.",
+        "off: its exchange failed as a whole, or no search of a pull pass got a page (refused, "
+        "or answered unsorted or unfiltered by _lastUpdated).",
         labels=["step"],
     )
     for step in dict.fromkeys([*STEPS, *sync.steps_failing]):
@@ -347,6 +348,12 @@ def _sync_metrics(sync: SyncStatus) -> Iterator[GaugeMetricFamily]:
         "appliance_sync_pull_searches_refused",
         "Searches the upstream refused in the last pull pass (the others went on).",
         value=sync.pull_refused,
+    )
+    yield GaugeMetricFamily(
+        "appliance_sync_pull_searches_unordered",
+        "Searches of the last pull pass whose page the upstream did not sort or filter by "
+        "_lastUpdated as asked (not taken, the cursor stays; the others went on).",
+        value=sync.pull_unordered,
     )
     yield GaugeMetricFamily(
         "appliance_sync_pull_stuck",

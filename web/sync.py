@@ -77,6 +77,10 @@ FAILURE_TEXT = {
     "refused": "the EHR refused every search of the pull (a 403 or 400 to each): check the "
     "scopes granted to this box's client there (Appointment, Patient, Observation read) and "
     "that it takes the search parameters; the journal names the resource type",
+    # No page of a pull pass taken: the searches were answered out of order (status.UNORDERED).
+    "unordered": "the EHR does not sort or filter the pull's searches as asked "
+    "(_sort=_lastUpdated, _lastUpdated): those pages are not taken, the cursor stays; ask the "
+    "EHR team to support both on Appointment and Observation searches",
     # No connection could be made at all: the clinic's own link, not the EHR.
     "unreachable": "no connection to the EHR could be made: check this clinic's internet "
     "link, DNS and firewall; records wait here and go when it is back",

@@ -35,8 +35,11 @@ class Refusing(httpx.AsyncBaseTransport):
         self._inner = httpx.AsyncHTTPTransport()
         self._peer = fhir_peer
         self.refuse: Callable[[httpx.Request], bool] = lambda request: False
+        self.unsorted = False  # the EHR ignores _sort: pages in the order records were made
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.unsorted:
+            request.url = request.url.copy_remove_param("_sort")
         if self.refuse(request):
             self._peer.fault("status", status=403)
         return await self._inner.handle_async_request(request)
@@ -149,3 +152,30 @@ async def test_a_pull_pass_with_some_searches_refused_counts_them_and_the_step_g
     assert found.pull_refused == 1
     assert found.steps_failing == {}  # the appointment itself came: the pull works
     assert await store.query("SELECT count(*) FROM resources WHERE type = 'Appointment'") == [(1,)]
+
+
+async def test_a_pull_whose_every_search_is_answered_unsorted_fails_as_unordered_not_refused(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Refusing,
+    fhir_peer: FhirPeer,
+    tmp_path: Path,
+) -> None:
+    """An EHR ignoring ``_sort`` (strict handling asked or not): pages in its own order."""
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    for day in ("05", "01", "04"):
+        await _post(client, _appointment(ada, site, updated=f"2026-11-{day}T08:00:00.000Z"))
+    transport.unsorted = True
+    ctx = await _loop_ctx(
+        tmp_path, store, str(client.base_url), 0.2, location=f"Location/{site['id']}"
+    )
+    pacing = Pacing(interval_s=0.2, backoff_base_s=0.5, backoff_cap_s=60.0)
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=Longest(), pacing=pacing)
+    await _running(loop, ctx, lambda: bool(ctx.status.get("steps_failing")), asyncio.sleep(0))
+    found = await _status(store, ctx)
+    # Before: counted as refused; /sync said "the EHR refused every search of the pull (a 403
+    # or 400 to each): check the scopes", and appliance_sync_pull_searches_refused was 1.
+    assert found.steps_failing == {"pull": "unordered"}
+    assert (found.pull_unordered, found.pull_refused) == (1, 0)
+    assert await store.query("SELECT count(*) FROM resources WHERE type = 'Appointment'") == [(0,)]

@@ -1109,7 +1109,12 @@ async def test_a_walk_whose_link_expired_upstream_starts_again_from_the_cursor(
     # Before: the expired link was asked for again on every pass. A 410 refused the stream
     # for ever (nothing new pulled); a 404 stopped every pass ("check base_url"), so the
     # streams after it (home readings) were starved too.
-    assert [(r.refused, r.stopped_by) for r in passes[:2]] == [(1, None), (0, None)]
+    # Then (this session): counted as refused, so a pass of that one stream read as "the EHR
+    # refused every search: check the scopes"; now a walk restarted, nothing refused.
+    assert [(r.walks_restarted, r.refused, r.stopped_by) for r in passes[:2]] == [
+        (1, 0, None),
+        (0, 0, None),
+    ]
     assert passes[0].error is not None
     assert "refused a next link" in passes[0].error
     assert "Search expired" not in passes[0].error  # its status, not the server's words
@@ -1143,7 +1148,7 @@ def _ignoring(
         ("_lastUpdated", ["01", "02", "03", "04", "05", "06"], "did not filter the page"),
     ],
 )
-async def test_a_page_not_in_lastupdated_order_is_refused_and_the_cursor_stays(
+async def test_a_page_not_in_lastupdated_order_is_not_taken_and_the_cursor_stays(
     store: Store,
     client: httpx.AsyncClient,
     transport: Transport_,
@@ -1164,7 +1169,8 @@ async def test_a_page_not_in_lastupdated_order_is_refused_and_the_cursor_stays(
     # Before, ignoring _sort: the cursor took the newest stamp of each page, and the older
     # records of later pages were skipped for good, unreported. Ignoring _lastUpdated: every
     # pass read the EHR's appointments from the first, doubling the page to reach the end.
-    assert (lenient.refused, lenient.stopped_by) == (1, None)
+    # Then counted in refused (/sync: "check the scopes"); now apart, in unordered.
+    assert (lenient.unordered, lenient.refused, lenient.stopped_by) == (1, 0, None)
     assert lenient.error is not None
     assert why in lenient.error
     assert f"pull of one Appointment stream: the upstream {why} by _lastUpdated" in caplog.text
@@ -1174,7 +1180,7 @@ async def test_a_page_not_in_lastupdated_order_is_refused_and_the_cursor_stays(
     assert cursor is None or cursor <= "2026-11-02T08:00:00.000Z"  # past no page refused
     transport.before = None  # the server mended
     mended = await puller.pull_once(force=True)
-    assert (mended.refused, mended.error) == (0, None)
+    assert (mended.unordered, mended.refused, mended.error) == (0, 0, None)
     assert _count(db_path, "Appointment") == 6
 
 

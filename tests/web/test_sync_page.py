@@ -333,6 +333,42 @@ async def test_a_pull_whose_searches_the_ehr_refused_is_on_the_page_and_in_the_g
     assert families["appliance_sync_pull_searches_refused"].samples[0].value == 0
 
 
+async def test_a_pull_answered_unsorted_is_told_apart_from_a_refused_one(
+    logged_in: QuartClient, db_path: Path, clock: FakeClock
+) -> None:
+    raw = sqlite3.connect(db_path)
+    with raw:  # as the sync process publishes a pass whose every page was not sorted as asked
+        _beat(
+            raw,
+            clock,
+            {
+                "upstream": "ehr",
+                "online": True,
+                "steps_failing": {"pull": "unordered"},
+                "pull_refused": 0,
+                "pull_unordered": 1,
+            },
+        )
+    raw.close()
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    # Before: these passes read "the EHR refused every search of the pull (a 403 or 400 to
+    # each): check the scopes", which sent staff after the wrong cause.
+    held = page.split('id="steps-failing">')[1].split("</td>")[0]
+    assert "does not sort or filter the pull&#39;s searches as asked" in held
+    assert "scope" not in held
+    searches = page.split('id="pull-searches">')[1].split("</td>")[0]
+    assert "1 search not sorted or filtered as asked in the last pass" in searches
+    assert "refused" not in searches
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(
+            (await (await logged_in.get("/metrics")).get_data()).decode()
+        )
+    }
+    assert families["appliance_sync_pull_searches_unordered"].samples[0].value == 1
+    assert families["appliance_sync_pull_searches_refused"].samples[0].value == 0
+
+
 async def test_a_break_in_the_audit_trail_found_by_the_export_is_on_the_page(
     logged_in: QuartClient, db_path: Path
 ) -> None:
@@ -479,9 +515,8 @@ def test_every_failure_class_has_words_for_the_page() -> None:
     from sync_agent.upstream import Failure
     from web.sync import FAILURE_TEXT
 
-    assert {str(f) for f in Failure} | {"store", "unreachable", status_module.REFUSED} == set(
-        FAILURE_TEXT
-    )
+    step_classes = {status_module.REFUSED, status_module.UNORDERED}
+    assert {str(f) for f in Failure} | {"store", "unreachable"} | step_classes == set(FAILURE_TEXT)
 
 
 async def test_records_held_twice_upstream_are_listed_and_an_admin_clears_the_list(
