@@ -65,7 +65,10 @@ are stored; the page of Appointments and its cursor go on, as do the enrolled pa
 readings. A Patient asked for by id and missing from a 200 answer (filtered upstream, a
 replica lagging, a page of the answer lost) is handled alike: counted in ``patients_missing``
 and asked for alone on later passes until it comes. (One held here and asked for only if
-changed, ``_lastUpdated=gt…``, is absent when unchanged: not counted.)
+changed, ``_lastUpdated=gt…``, is absent when unchanged: not counted.) Each is asked again
+after a wait doubling at each miss, from a minute to a day (kept across restarts, "sync now"
+included): a Patient deleted or merged away at the EHR costs one request a day, not one a
+pass for ever. While it waits it is not asked for at all, nor counted.
 
 **Stored** through :meth:`appliance.store.Store.import_upstream`: encrypted, audited as
 ``service:sync``, keeping the upstream id and version (the ``If-Match`` of a later local
@@ -114,10 +117,12 @@ from sync_agent.pull_answers import (
     patients_of,
 )
 from sync_agent.pull_state import (
+    Missed,
     enrolled_upstream_refs,
     known_versions,
     load_cursor,
     load_refused,
+    missed_again,
     not_held,
     save_cursor,
     save_refused,
@@ -195,7 +200,8 @@ class PullResult:
     # it does not support, as FHIR servers do by default). Not stored; the cursor passes.
     passed_over: int = 0
     # Patients asked for by id and not in the answer (filtered, a replica lagging): their
-    # Appointments name them by the upstream id; asked for again on every pass until they come.
+    # Appointments name them by the upstream id; asked for again, with a growing wait (a
+    # minute doubling to a day), until they come.
     patients_missing: int = 0
     # Copies carrying our identifier of a record the upstream holds under another id (a merge
     # at the EHR?): not stored, audited; a person looks at both records there.
@@ -258,11 +264,12 @@ class Puller:
         self._last_pass: datetime | None = None
         self._more = False
         self._walks: dict[str, _Walk] = {}  # stream → where its walk through a run stopped
-        # Patients the upstream refused us, or left out of its answer: asked for alone, so
-        # that the others' read is one request and not a refused one followed by one per id,
-        # on every pass, until they come. Kept in ``meta`` (upstream references only), so a
-        # restart still asks for them again.
-        self._refused: set[str] = set()
+        # Patients the upstream refused us, or left out of its answer, and when each is due
+        # again: asked for alone, so that the others' read is one request and not a refused
+        # one followed by one per id, after a wait doubling at each miss (a deleted Patient
+        # costs a request a day, not a minute), until they come. Kept in ``meta`` (upstream
+        # references, times and counts only), so a restart keeps both.
+        self._refused: dict[str, Missed] = {}
         self._refused_loaded = False
         # Versions refused by validation and recorded already (``<ref>@<version>``): the
         # look-back meets them again while the cursor is near, and they are audited once.
@@ -289,17 +296,18 @@ class Puller:
         if not self._refused_loaded:
             self._refused = await db.run_sync(conn, load_refused, self._upstream.name)
             self._refused_loaded = True
-        refused_before = set(self._refused)  # asked again below, once a pass
+        refused_before = dict(self._refused)
+        due_again = {ref for ref, missed in self._refused.items() if missed.due <= now}
         try:
             if (location := self._upstream.location) is not None:
                 stream = appointments_stream(location)
                 await self._guarded(stream, APPOINTMENTS, {"actor": location}, result)
             enrolled = await db.run_sync(self._store.connection, enrolled_upstream_refs)
             # A Patient refused here (or missing from the answer) is left out (counted); every
-            # stream below still runs. One refused or missing before is asked again on every
-            # pass: an Appointment pulled meanwhile names it by the upstream's id until it is
-            # here (the kiosk finds it by its link).
-            patients = await self._patients(set(enrolled) | refused_before, result)
+            # stream below still runs. One refused or missing before is asked again once its
+            # wait is over: an Appointment pulled meanwhile names it by the upstream's id until
+            # it is here (the kiosk finds it by its link).
+            patients = await self._patients(set(enrolled) | due_again, result)
             if patients:
                 await self._import(patients, result)
             for ref in enrolled:
@@ -311,7 +319,7 @@ class Puller:
             # Only the class: a server's words may quote what it refused.
             logger.warning("pull stopped: %s", exc.failure)
         if self._refused != refused_before:
-            await db.run_sync(conn, save_refused, self._upstream.name, sorted(self._refused))
+            await db.run_sync(conn, save_refused, self._upstream.name, self._refused)
         self._more = result.more
         if result.passed_over:
             logger.warning(
@@ -653,7 +661,10 @@ class Puller:
     async def _patients(self, refs: set[str], result: PullResult) -> list[UpstreamCopy]:
         """The Patients among ``refs`` that are not current here, fetched by id. One the
         upstream refuses us is left out and counted in ``refused`` (one not in its answer, in
-        ``patients_missing``); the others are fetched all the same."""
+        ``patients_missing``); the others are fetched all the same. One refused or missing
+        before is left out, uncounted, until its wait is over."""
+        now = self._clock()
+        refs = {r for r in refs if (m := self._refused.get(r)) is None or m.due <= now}
         if not refs:
             return []
         known = await db.run_sync(self._store.connection, known_versions, sorted(refs))
@@ -680,7 +691,7 @@ class Puller:
         """The Patients of ``chunk``; a refused read (a 4xx about it: a patient restricted,
         merged or deleted upstream) asked again one id at a time, the refused ones counted.
         Those refused, or asked for whatever their version and not answered, are asked for
-        alone on later passes."""
+        alone on later passes, each after a wait doubling at each miss."""
         try:
             found = await self._read_patients(chunk, since, result)
         except UpstreamError as exc:
@@ -692,23 +703,27 @@ class Puller:
                     for ref in chunk
                     for c in await self._patients_or_refused([ref], since, result)
                 ]
-            self._refused.add(chunk[0])
+            self._refused[chunk[0]] = missed_again(self._refused.get(chunk[0]), self._clock())
             result.refused += 1
             # The upstream id and the class only: the server's words may quote data.
             result.error = f"{chunk[0]}: refused by the upstream ({exc.failure})"
             logger.warning("pull of one Patient refused by the upstream; the rest go on")
             return []
-        self._refused.difference_update(chunk)
-        if since is None:  # asked for whatever its version: absent is missing
-            missing = set(chunk) - {c.reference for c in found}
-            if missing:
-                self._refused |= missing
-                result.patients_missing += len(missing)
-                logger.warning(
-                    "pull: %d Patients asked for by id were not in the upstream's answer; "
-                    "asked for again on later passes",
-                    len(missing),
-                )
+        # Asked for whatever its version, absent is missing; asked only if changed since the
+        # version held, absent is unchanged.
+        missing = set(chunk) - {c.reference for c in found} if since is None else set()
+        for ref in chunk:
+            if ref in missing:
+                self._refused[ref] = missed_again(self._refused.get(ref), self._clock())
+            else:
+                self._refused.pop(ref, None)
+        if missing:
+            result.patients_missing += len(missing)
+            logger.warning(
+                "pull: %d Patients asked for by id were not in the upstream's answer; "
+                "asked for again later (after a wait doubling at each miss, up to a day)",
+                len(missing),
+            )
         return found
 
     async def _read_patients(

@@ -4,7 +4,9 @@ what of the upstream's is held here. Run on the store connection's thread."""
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import orjson
 
@@ -12,23 +14,63 @@ from appliance import db, fhir
 from appliance.store import UpstreamLink, link_for_resource, resource_for_upstream
 from sync_agent.pull_answers import Cursor, copy_of, last_updated
 
+# A Patient refused to the pull or left out of its answer is asked again after a wait that
+# doubles at each miss, from a minute (a replica lagging) to a day (deleted or merged at the
+# EHR): one that never comes costs a request a day, not one a pass (60 s) for ever.
+FIRST_WAIT_S = 60.0
+LONGEST_WAIT_S = 86_400.0
+_DUE_NOW = datetime.min.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Missed:
+    """A Patient refused to the pull, or asked for by id and not answered: asked again (alone)
+    from ``due``; ``misses`` in a row so far."""
+
+    due: datetime
+    misses: int = 0
+
+
+def missed_again(previous: Missed | None, now: datetime) -> Missed:
+    """``previous`` after one more miss at ``now``: asked again after twice the last wait."""
+    misses = 1 if previous is None else previous.misses + 1
+    wait = min(FIRST_WAIT_S * 2 ** min(misses - 1, 32), LONGEST_WAIT_S)
+    return Missed(now + timedelta(seconds=wait), misses)
+
 
 def _refused_key(upstream: str) -> str:
     return f"pull.refused_patients.{upstream}"
 
 
-def load_refused(conn: sqlite3.Connection, upstream: str) -> set[str]:
-    """The upstream Patients refused to the pull so far (an altered row reads as none)."""
+def load_refused(conn: sqlite3.Connection, upstream: str) -> dict[str, Missed]:
+    """The upstream Patients refused to the pull or missing from its answers, and when each
+    is due again (an altered row reads as none). The list releases before this one saved
+    reads as all due now."""
     try:
         found = orjson.loads(db.meta_value(conn, _refused_key(upstream)) or "[]")
     except (TypeError, orjson.JSONDecodeError):
-        return set()
-    return {r for r in found if isinstance(r, str)} if isinstance(found, list) else set()
+        return {}
+    if isinstance(found, list):
+        return {r: Missed(_DUE_NOW) for r in found if isinstance(r, str)}
+    if not isinstance(found, dict):
+        return {}
+    missed = {}
+    for ref, value in found.items():
+        entry = value if isinstance(value, dict) else {}
+        due = fhir.instant(entry.get("due"))
+        misses = entry.get("misses")
+        count = misses if isinstance(misses, int) and not isinstance(misses, bool) else 0
+        missed[ref] = Missed(due or _DUE_NOW, max(count, 0))
+    return missed
 
 
-def save_refused(conn: sqlite3.Connection, upstream: str, refs: list[str]) -> None:
+def save_refused(conn: sqlite3.Connection, upstream: str, missed: Mapping[str, Missed]) -> None:
+    """Keep ``missed`` (upstream references, a time and a count: no PHI) across restarts."""
+    value = {
+        ref: {"due": fhir.utc_text(m.due), "misses": m.misses} for ref, m in sorted(missed.items())
+    }
     with db.transaction_sync(conn):
-        db.set_meta(conn, _refused_key(upstream), orjson.dumps(refs).decode())
+        db.set_meta(conn, _refused_key(upstream), orjson.dumps(value).decode())
 
 
 def load_cursor(conn: sqlite3.Connection, upstream: str, stream: str) -> Cursor:

@@ -150,6 +150,19 @@ def _appointment(
     return body
 
 
+class _Clock:
+    """The puller's clock, moved on by the test (a Patient missed is asked again later)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
 def _puller(store: Store, client: httpx.AsyncClient, site: dict[str, Any], **kwargs: Any) -> Puller:
     upstream = UpstreamConfig(
         name="ehr", base_url=str(client.base_url), location=f"Location/{site['id']}"
@@ -790,7 +803,7 @@ async def test_a_next_link_pointing_at_its_own_page_ends_the_pass_without_more(
 
 
 async def _two_enrolled(
-    store: Store, client: httpx.AsyncClient
+    store: Store, client: httpx.AsyncClient, clock: _Clock | None = None
 ) -> tuple[Puller, list[dict[str, Any]], dict[str, str]]:
     """Two patients with an appointment here, pulled and enrolled (a home cuff each), and a
     home reading each upstream: the puller, the patients upstream, upstream id → local id."""
@@ -801,7 +814,7 @@ async def _two_enrolled(
     ]
     for patient in patients:
         await _post(client, _appointment(patient, site))
-    puller = _puller(store, client, site)
+    puller = _puller(store, client, site, clock=clock or _Clock())
     await puller.pull_once()
     registry = DeviceRegistry(store)
     local = {}
@@ -840,7 +853,8 @@ def _refuse_patient_reads_naming(
 async def test_a_refused_patient_read_does_not_stop_the_other_enrolled_patients_home_readings(
     store: Store, client: httpx.AsyncClient, transport: Transport_, fhir_peer: FhirPeer
 ) -> None:
-    puller, (ada, bob), local = await _two_enrolled(store, client)
+    clock = _Clock()
+    puller, (ada, bob), local = await _two_enrolled(store, client, clock)
     transport.before = _refuse_patient_reads_naming(fhir_peer, ada["id"])  # restricted there
     result = await puller.pull_once(force=True)
     # Before: the refused refresh of Ada ended the pass; nobody's readings were pulled.
@@ -849,13 +863,16 @@ async def test_a_refused_patient_read_does_not_stop_the_other_enrolled_patients_
     for patient in (ada, bob):
         readings = await store.newest(f"Patient/{local[patient['id']]}", "Observation", NURSE)
         assert len(readings) == 1
-    # Ada is asked for alone from now on: the others' refresh is one request, not refused.
+    # Ada is asked for alone from now on (once her wait is over): the others' refresh is
+    # one request, not refused.
+    clock.advance(60)
     start = len(transport.requests)
     again = await puller.pull_once(force=True)
     assert again.refused == 1
     reads = [u for u in transport.requests[start:] if u.path.endswith("/Patient")]
     assert sorted(u.params["_id"] for u in reads) == sorted([ada["id"], bob["id"]])
     transport.before = None
+    clock.advance(120)  # the wait doubled
     assert (await puller.pull_once(force=True)).refused == 0
 
 
@@ -878,7 +895,8 @@ async def test_an_appointment_page_whose_patient_is_refused_stores_the_rest_and_
     ]
     restricted = patients[1]
     transport.before = _refuse_patient_reads_naming(fhir_peer, restricted["id"])
-    puller = _puller(store, client, site, page_size=2)
+    clock = _Clock()
+    puller = _puller(store, client, site, page_size=2, clock=clock)
     result = await puller.pull_once()
     # Before: the page was refused whole, the cursor never moved, nothing was pulled, ever.
     assert (result.refused, result.stopped_by) == (1, None)
@@ -893,12 +911,14 @@ async def test_an_appointment_page_whose_patient_is_refused_stores_the_rest_and_
     assert f"Patient/{restricted['id']}" in [p["actor"]["reference"] for p in visit["participant"]]
     # The cursor moved on: later bookings are pulled (the refused patient asked again).
     newer = await _post(client, _appointment(patients[0], site))
+    clock.advance(60)
     again = await puller.pull_once(force=True)
     assert (again.created, again.refused) == (1, 1)
     await _local_id(store, "Appointment", newer["id"])
     # The restriction lifted at the EHR: the patient is pulled on the next pass, though no
     # new appointment names them, and the kiosk finds them from the appointment's code.
     transport.before = None
+    clock.advance(120)
     lifted = await puller.pull_once(force=True)
     assert (lifted.created, lifted.refused) == (1, 0)
     local = await _local_id(store, "Patient", restricted["id"])
@@ -1045,11 +1065,13 @@ async def test_a_refused_patient_is_asked_for_again_after_a_restart(
     restricted = await _post(client, factories.patient(mrn="T0001"))
     await _post(client, _appointment(restricted, site))
     transport.before = _refuse_patient_reads_naming(fhir_peer, restricted["id"])
-    assert (await _puller(store, client, site).pull_once()).refused == 1
+    clock = _Clock()
+    assert (await _puller(store, client, site, clock=clock).pull_once()).refused == 1
     assert _count(db_path, "Patient") == 0
     # The sync process restarts; the EHR has lifted the restriction meanwhile.
     transport.before = None
-    restarted = await _puller(store, client, site).pull_once()
+    clock.advance(60)
+    restarted = await _puller(store, client, site, clock=clock).pull_once()
     # Before: the refused patient lived in memory only, and no new appointment named them.
     assert (restarted.created, restarted.refused) == (1, 0)
     await _local_id(store, "Patient", restricted["id"])
@@ -1292,10 +1314,13 @@ async def test_a_patient_left_out_of_a_read_is_asked_for_again_until_it_comes(
     await _post(client, _appointment(bob, site) | code)
     await _post(client, _appointment(ada, site))
     transport.before = _leave_out_of_patient_reads(bob["id"])
-    puller = _puller(store, client, site)
+    clock = _Clock()
+    puller = _puller(store, client, site, clock=clock)
     first = await puller.pull_once()
     assert (first.created, first.patients_missing, first.refused) == (3, 1, 0)
-    # Asked for alone while missing: the others' read is not held up by it.
+    # Asked for alone while missing (once a minute has passed): the others' read is not
+    # held up by it.
+    clock.advance(60)
     start = len(transport.requests)
     again = await puller.pull_once(force=True)
     assert again.patients_missing == 1
@@ -1304,7 +1329,8 @@ async def test_a_patient_left_out_of_a_read_is_asked_for_again_until_it_comes(
     transport.before = None  # the replica caught up
     # Before: only a refusal (4xx) was asked for again; the Appointment named an upstream
     # Patient nobody fetched again, and the kiosk could not find the patient.
-    caught_up = await _puller(store, client, site).pull_once()  # after a restart, too
+    clock.advance(120)
+    caught_up = await _puller(store, client, site, clock=clock).pull_once()  # after a restart
     assert (caught_up.created, caught_up.patients_missing) == (1, 0)
     assert _count(db_path, "Patient") == 2
     # The kiosk finds Bob from his appointment's code (the Appointment names him by the
@@ -1367,3 +1393,42 @@ async def test_an_appointment_the_r4b_model_refuses_is_audited_logged_and_counte
     conn.close()
     assert audited == 1
     assert len([r for r in caplog.records if r.name == "sync_agent.pull"]) == 1
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    with db.transaction_sync(conn):
+        db.set_meta(conn, key, value)
+
+
+async def test_a_patient_deleted_at_the_ehr_is_asked_for_less_and_less_often_across_restarts(
+    store: Store, client: httpx.AsyncClient, transport: Transport_
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    await _post(client, _appointment({"id": "merged-away"}, site))
+    gone = "Patient/merged-away"  # the EHR no longer holds it (deleted, or merged away)
+    clock = _Clock()
+
+    def reads() -> int:
+        return sum(1 for url in transport.requests if url.path.endswith("/Patient"))
+
+    assert (await _puller(store, client, site, clock=clock).pull_once()).patients_missing == 1
+    waits = [60 * 2**n for n in range(11)] + [86_400, 86_400]  # a minute doubling to a day
+    for wait in waits:
+        clock.advance(wait - 1)
+        puller = _puller(store, client, site, clock=clock)  # restarted: the wait is kept
+        before = reads()
+        early = await puller.pull_once(force=True)  # "sync now" too
+        # Before: asked for alone on every pass (60 s) for ever, a GET and a warning each.
+        assert (reads() - before, early.patients_missing) == (0, 0)
+        clock.advance(1)
+        due = await puller.pull_once(force=True)
+        assert (reads() - before, due.patients_missing) == (1, 1)
+    kept = await db.run_sync(store.connection, db.meta_value, "pull.refused_patients.ehr")
+    assert orjson.loads(kept or "null")[gone]["misses"] == len(waits) + 1
+    # The list releases before this one kept reads as due now.
+    await db.run_sync(
+        store.connection, _set_meta, "pull.refused_patients.ehr", orjson.dumps([gone]).decode()
+    )
+    before = reads()
+    upgraded = await _puller(store, client, site, clock=clock).pull_once()
+    assert (reads() - before, upgraded.patients_missing) == (1, 1)
