@@ -238,6 +238,10 @@ class PullResult:
                     self.skipped_invalid += 1
 
 
+# A pass forced by "sync now" asks again for every Patient refused or missing before.
+_ANY_TIME = datetime.max.replace(tzinfo=UTC)
+
+
 class Puller:
     """Pulls from one upstream into one store, incrementally; call :meth:`pull_once` often."""
 
@@ -270,6 +274,7 @@ class Puller:
         # costs a request a day, not a minute), until they come. Kept in ``meta`` (upstream
         # references, times and counts only), so a restart keeps both.
         self._refused: dict[str, Missed] = {}
+        self._waits_over = datetime.min.replace(tzinfo=UTC)  # waits ending by then are over
         self._refused_loaded = False
         # Versions refused by validation and recorded already (``<ref>@<version>``): the
         # look-back meets them again while the cursor is near, and they are audited once.
@@ -297,7 +302,10 @@ class Puller:
             self._refused = await db.run_sync(conn, load_refused, self._upstream.name)
             self._refused_loaded = True
         refused_before = dict(self._refused)
-        due_again = {ref for ref, missed in self._refused.items() if missed.due <= now}
+        # "Sync now" asks every one of them again, whatever its wait: a person pressing it
+        # has often just had a restriction lifted at the EHR.
+        self._waits_over = _ANY_TIME if force else now
+        due_again = {r for r, missed in self._refused.items() if missed.due <= self._waits_over}
         try:
             if (location := self._upstream.location) is not None:
                 stream = appointments_stream(location)
@@ -662,9 +670,9 @@ class Puller:
         """The Patients among ``refs`` that are not current here, fetched by id. One the
         upstream refuses us is left out and counted in ``refused`` (one not in its answer, in
         ``patients_missing``); the others are fetched all the same. One refused or missing
-        before is left out, uncounted, until its wait is over."""
-        now = self._clock()
-        refs = {r for r in refs if (m := self._refused.get(r)) is None or m.due <= now}
+        before is left out, uncounted, until its wait is over ("sync now" ends every wait)."""
+        over = self._waits_over
+        refs = {r for r in refs if (m := self._refused.get(r)) is None or m.due <= over}
         if not refs:
             return []
         known = await db.run_sync(self._store.connection, known_versions, sorted(refs))

@@ -1417,7 +1417,7 @@ async def test_a_patient_deleted_at_the_ehr_is_asked_for_less_and_less_often_acr
         clock.advance(wait - 1)
         puller = _puller(store, client, site, clock=clock)  # restarted: the wait is kept
         before = reads()
-        early = await puller.pull_once(force=True)  # "sync now" too
+        early = await puller.pull_once()
         # Before: asked for alone on every pass (60 s) for ever, a GET and a warning each.
         assert (reads() - before, early.patients_missing) == (0, 0)
         clock.advance(1)
@@ -1425,6 +1425,10 @@ async def test_a_patient_deleted_at_the_ehr_is_asked_for_less_and_less_often_acr
         assert (reads() - before, due.patients_missing) == (1, 1)
     kept = await db.run_sync(store.connection, db.meta_value, "pull.refused_patients.ehr")
     assert orjson.loads(kept or "null")[gone]["misses"] == len(waits) + 1
+    # "Sync now" asks at once, whatever the wait (a restriction just lifted at the EHR).
+    before = reads()
+    now_asked = await _puller(store, client, site, clock=clock).pull_once(force=True)
+    assert (reads() - before, now_asked.patients_missing) == (1, 1)
     # The list releases before this one kept reads as due now.
     await db.run_sync(
         store.connection, _set_meta, "pull.refused_patients.ehr", orjson.dumps([gone]).decode()
