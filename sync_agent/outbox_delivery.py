@@ -47,8 +47,9 @@ sync process) owns the pacing — it gets ``link_down``, ``unreachable`` (no con
 made at all) and the server's ``Retry-After``. A week offline therefore costs no writes and
 leaves no item behind a per-item backoff when the link returns. One exception: the items of
 a bundle whose answer was lost (a timeout after sending, a 504) are not sent again before a
-request timeout (the upstream's ``timeout_s``) has passed, "sync now" or not — the server may
-be applying that request still, and conditional create is not atomic under concurrent
+request timeout (the upstream's ``timeout_s``) has passed, "sync now" or not, in this process
+or another (`appliance sync once`): the wait is kept in the row (``unsure_until``). The server
+may be applying that request still, and conditional create is not atomic under concurrent
 requests on HAPI (#3141), Microsoft's FHIR server (#1382) or Medplum (#4234). The rest flows
 meanwhile. Only an entry-level answer that says nothing against the item (an entry's own
 5xx/429/408/409/423/425, a 401/403 — our access, never a dead letter —, or a missing entry)
@@ -61,11 +62,16 @@ or 403, no answer — and would stop the outbox for good, alerts included, if ev
 the same first items. So a bundle failing so in a way one entry may cause
 (:func:`_may_be_an_entry`) is bisected: its items go again as they were once (a passing
 fault), then in bundles halved at each failure until each gets an answer (kept in memory).
-An item that fails alone, having failed before, is set aside and the next bundle is sent:
-if it goes through, the server fails only that item, which waits out a per-item backoff
-(counted, its last error kept, shown by :func:`failing_items`) and goes alone when due
-again; if the next bundle fails too, it is an outage, and nothing is written. Never a dead
-letter: bisecting costs requests (a dead EHR a few more per round), never an item.
+An item that fails alone, having failed before, makes the drain ask the server whether it is
+up (``GET metadata``, a CapabilityStatement): if so, the server fails only that item, which
+is set aside — it waits out a per-item backoff (counted, its last error kept, shown by
+:func:`failing_items`), goes alone when due again — and the drain goes on; if not, it is an
+outage, and nothing is written. That needs no other bundle to go through (an item may have
+nothing else due behind it but its own readings). At most ``_MAX_ISOLATED`` items set aside
+before go again per drain. Never a dead letter: bisecting costs requests (a dead EHR one
+question more per round), never an item. An upstream that fails every POST but answers its
+metadata (its database down) looks like one failing each item it is sent: a few items per
+round are set aside, each for at most ``MAX_BACKOFF_S``.
 
 Bundle size: a 413 (or "too many entries") halves it and it grows back by doubling after each
 bundle that goes through, but not past a size refused before (for the next
@@ -105,8 +111,10 @@ from sync_agent.upstream import (
     entry_answer,
     entry_outcome,
     entry_status,
+    exchange,
     failure_class,
     post_bundle,
+    response_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -162,9 +170,11 @@ UNREADABLE_AUDIT = "stored copy failed authentication; not sent (dead letter)"
 # Items whose answer was lost wait this long when the client has no read timeout (the
 # upstream's default timeout_s).
 _UNSURE_DEFAULT_S = 30.0
-# At most this many items set aside in one drain (each failed alone again) while the next
-# bundle tells an item the server fails from an outage: a dead EHR costs this many requests
-# more per round of the sync loop, and this many such items in a row still let the rest flow.
+# At most this many items set aside before are sent again (alone) in one drain; the others
+# due wait for a later drain, and the rest flows. An upstream that fails every POST but
+# answers its metadata (its database down) then costs, per round of the sync loop, at most
+# two requests (the item, the question whether the server is up) for each of these, and for
+# each item the bisection brings down to one, besides the bundle that fails.
 _MAX_ISOLATED = 3
 # After this many bundles fitting, a size once refused as too large is tried again.
 _TOO_LARGE_MEMORY = 100
@@ -556,16 +566,14 @@ class Deliverer:
         if unsure_s is None:
             unsure_s = client.timeout.read
         self._unsure_s = _UNSURE_DEFAULT_S if unsure_s is None else unsure_s
-        # Outbox id → until when: items of a bundle whose answer was lost, which "sync now"
-        # must not make due early either (the server may be applying that request still).
-        self._unsure: dict[int, datetime] = {}
         # Outbox id → the most entries of a bundle it may go in: items of a bundle that
         # failed as a whole go in smaller ones (halved each time) until they get an answer,
         # whatever the bundle size has grown back to meanwhile. Database thread only.
         self._caps: dict[int, int] = {}
-        # Items that failed alone again, set aside until the next bundle's outcome tells
-        # whether the server fails only them (outbox id → the item, its message). One drain.
-        self._isolated: dict[int, tuple[Item, str]] = {}
+        # Items set aside (failed alone again, the server up), until they get an answer; for
+        # the rest of a drain in which _MAX_ISOLATED of them were sent again, not sent.
+        self._aside: set[int] = set()
+        self._aside_barred = False
 
     @property
     def batch_size(self) -> int:
@@ -786,8 +794,8 @@ class Deliverer:
         now: datetime,
         isolated: list[tuple[Item, str, float]] | None = None,
     ) -> int:
-        """Commit a bundle's outcomes and its items refused without sending (and items set
-        aside, ``isolated``: as ``retry``, but not part of this bundle); returns how many
+        """Commit a bundle's outcomes and its items refused without sending (or an item set
+        aside, ``isolated``: as ``retry``, and sent alone when due again); returns how many
         were dead-lettered."""
         stamp = _iso(now)
         with db.transaction_sync(conn):
@@ -874,8 +882,12 @@ class Deliverer:
             for answered in (delivered, dead, retry):
                 for row in answered:
                     self._caps.pop(row[0].outbox_id, None)
+                    self._aside.discard(row[0].outbox_id)
+        if len(self._aside) > _REF_CACHE_MAX:
+            self._aside.clear()  # bounded; forgotten, one is bisected again if it fails
         for item, _message, _delay in isolated or ():
             self._caps[item.outbox_id] = 1  # alone when due again
+            self._aside.add(item.outbox_id)
         return len(dead)
 
     def _forget_held(self) -> None:
@@ -900,7 +912,9 @@ class Deliverer:
     ) -> _Batch | None:
         if forget_held:  # a new drain: a dependency's backoff may have passed since
             self._forget_held()
-        busy = {item.outbox_id for item in in_flight} | self._held | self._isolated.keys()
+        busy = {item.outbox_id for item in in_flight} | self._held
+        if self._aside_barred:
+            busy |= self._aside
         flying = frozenset(item.key for item in in_flight)
         looked_past = 0
         while True:
@@ -969,23 +983,11 @@ class Deliverer:
                 dead.append((item, entry_outcome(entry, code)))
             else:
                 retry.append((item, _not_taken(entry, code), backoff_s(item.attempts, self._rng)))
-        # Set aside after failing alone again, and this bundle went through: the server fails
-        # only them. Each waits out a per-item backoff (never less than the wait of an answer
-        # lost), goes alone when due again, and is shown (failing_items); never dead-lettered.
-        isolated = [
-            (item, message, max(backoff_s(item.attempts, self._rng), self._unsure_left(item, now)))
-            for item, message in self._isolated.values()
-        ]
-        self._isolated.clear()
         result.dead = await db.run_sync(
-            self._store.connection, self._record, delivered, dead, retry, now, isolated
+            self._store.connection, self._record, delivered, dead, retry, now
         )
-        result.delivered, result.retry = len(delivered), len(retry) + len(isolated)
+        result.delivered, result.retry = len(delivered), len(retry)
         self._grow()
-
-    def _unsure_left(self, item: Item, now: datetime) -> float:
-        until = self._unsure.get(item.outbox_id)
-        return 0.0 if until is None else max(0.0, (until - now).total_seconds())
 
     async def _only_dead(self, batch: _Batch, now: datetime, result: DrainResult) -> None:
         result.dead = await db.run_sync(
@@ -993,7 +995,9 @@ class Deliverer:
         )
 
     async def drain_once(self) -> DrainResult:
-        """Send one bundle of due items; returns what happened. Never raises for the link."""
+        """Send one bundle of due items; returns what happened. Never raises for the link.
+
+        One bundle only: an item failing alone again is not set aside here (:meth:`drain`)."""
         result = DrainResult(batch_size=self._batch_size)
         batch, now = await self._prepare()
         if batch is None:
@@ -1004,7 +1008,8 @@ class Deliverer:
         try:
             response = await self._send(batch)
         except UpstreamError as exc:
-            return await self._on_bundle_failure(exc, batch.ready, list(batch.dead), result)
+            await self._on_bundle_failure(exc, batch.ready, list(batch.dead), result)
+            return result
         await self._settle(batch, response, result)
         return result
 
@@ -1025,11 +1030,10 @@ class Deliverer:
         ready: list[tuple[Item, Outgoing]],
         dead: list[tuple[Item, str]],
         result: DrainResult,
-        *,
-        probe: bool = False,
-    ) -> DrainResult:
-        """Act on a bundle that failed as a whole. ``probe``: the drain may send the next
-        bundle to tell one item the server fails from an outage (see below)."""
+    ) -> bool:
+        """Act on a bundle that failed as a whole; whether it held one item that had failed
+        before (bisected down to it, :meth:`_failed_whole`): :meth:`drain` then asks whether
+        the server is up, to tell that item's doing from an outage."""
         conn = self._store.connection
         now = self._clock()  # the exchange has just failed
         result.error = str(exc)
@@ -1044,20 +1048,20 @@ class Deliverer:
             )
             if dead:
                 result.dead = await db.run_sync(conn, self._record, [], dead, [], now)
-            return result
+            return False
         if exc.failure is Failure.PERMANENT and len(ready) > 1:
             # The whole bundle was refused: send one at a time to find the entry at fault.
             self._batch_size = 1
             if dead:
                 result.dead = await db.run_sync(conn, self._record, [], dead, [], now)
-            return result
+            return False
         if exc.failure in (Failure.PERMANENT, Failure.TOO_LARGE):
             dead.extend((item, exc.message) for item, _ in ready)
             result.dead = await db.run_sync(conn, self._record, [], dead, [], now)
-            return result
+            return False
         # Transient, ambiguous, auth, endpoint: the exchange failed, not (as far as we know)
-        # the items. Nothing is written to their rows (they stay due, in order); the caller
-        # paces the next attempt.
+        # the items. Nothing is written to their rows (they stay due, in order; an answer lost
+        # is waited out, _failed_whole); the caller paces the next attempt.
         result.link_down = True
         result.unreachable = exc.failure is Failure.TRANSIENT and isinstance(
             exc.__cause__, httpx.TransportError
@@ -1069,27 +1073,42 @@ class Deliverer:
             self._batch_size = max(1, len(ready) // 2)
         items = [item for item, _ in ready]
         again = await db.run_sync(conn, self._failed_whole, items, exc, now)
-        if again and probe and len(self._isolated) < _MAX_ISOLATED:
-            # One item failed alone, again: set it aside for this drain and send the next
-            # bundle. If that goes through, the server is up and fails only this item, which
-            # then waits out a per-item backoff while the rest flows (_settle); if it fails
-            # too, this is an outage, and nothing is written.
-            [item] = items
-            self._isolated[item.outbox_id] = (
-                item,
-                f"the upstream failed every bundle with it, alone too, and took the next: {exc}",
-            )
-            result.link_down = False
-            logger.warning(
-                "upstream failed outbox item %d alone again (%s); sending the next items",
-                item.outbox_id,
-                failure_class(str(exc)),
-            )
-        elif self._isolated:
-            self._isolated.clear()  # the next items failed too: not one item's doing
         if dead:
             result.dead = await db.run_sync(conn, self._record, [], dead, [], now)
-        return result
+        return again
+
+    async def _server_up(self) -> bool:
+        """Whether the upstream answers ``GET metadata`` with a CapabilityStatement (2xx):
+        it is up, so a bundle it just failed was that bundle's doing. No answer, another
+        status or another body: not known to be up (an outage, a login page in front)."""
+        try:
+            response = await exchange(self._client, "GET", "metadata")
+        except UpstreamError:
+            return False
+        body = response_json(response) if 200 <= response.status_code < 300 else None
+        return as_dict(body).get("resourceType") == "CapabilityStatement"
+
+    async def _set_aside(self, item: Item, exc: UpstreamError, result: DrainResult) -> None:
+        """The server is up and failed ``item`` alone, again: it waits out a per-item backoff
+        (never shorter than the wait of an answer lost), counted, its last error in the
+        server's words (sealed), shown by :func:`failing_items`; alone when due again. Never
+        a dead letter: a 5xx, a 403 or no answer says nothing against the item itself."""
+        now = self._clock()
+        delay = backoff_s(item.attempts, self._rng)
+        if exc.failure is Failure.AMBIGUOUS:
+            delay = max(delay, self._unsure_s)
+        message = f"the upstream failed every bundle with it, alone too, and is up: {exc}"
+        await db.run_sync(
+            self._store.connection, self._record, [], [], [], now, [(item, message, delay)]
+        )
+        result.retry += 1
+        result.link_down = result.unreachable = False
+        result.retry_after_s = None
+        logger.warning(
+            "upstream failed outbox item %d alone again (%s) and is up; it waits out a backoff",
+            item.outbox_id,
+            failure_class(str(exc)),
+        )
 
     def _failed_whole(
         self, conn: sqlite3.Connection, items: list[Item], exc: UpstreamError, now: datetime
@@ -1100,8 +1119,9 @@ class Deliverer:
         the server may be applying the request still (a conditional create is not atomic
         under concurrent requests on HAPI #3141, Microsoft's FHIR server #1382 or Medplum
         #4234, so a resend that overtook it could create a second copy); no attempt is
-        counted, nothing was answered. They then go in bundles of half the size (it may have
-        been the size that took too long).
+        counted, nothing was answered. The wait is kept in the row (``unsure_until``), so
+        "sync now" leaves it alone in any process (:meth:`make_due`). They then go in bundles
+        of half the size (it may have been the size that took too long).
 
         Failed in a way one entry may have caused (:func:`_may_be_an_entry`): its items go
         again as they were the first time (a passing fault), then in bundles halved at each
@@ -1111,15 +1131,13 @@ class Deliverer:
         ids = [item.outbox_id for item in items]
         ambiguous = exc.failure is Failure.AMBIGUOUS
         if ambiguous:
-            until = now + timedelta(seconds=self._unsure_s)
+            until = _iso(now + timedelta(seconds=self._unsure_s))
             with db.transaction_sync(conn):
                 conn.execute(
-                    "UPDATE outbox SET next_attempt_at = ? "
+                    "UPDATE outbox SET next_attempt_at = ?, unsure_until = ? "
                     "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending'",
-                    (_iso(until), orjson.dumps(ids).decode()),
+                    (until, until, orjson.dumps(ids).decode()),
                 )
-            self._unsure = {oid: end for oid, end in self._unsure.items() if end > now}
-            self._unsure.update(dict.fromkeys(ids, until))
         if not (ambiguous or _may_be_an_entry(exc)):
             return False
         again = len(ids) == 1 and ids[0] in self._caps
@@ -1156,9 +1174,16 @@ class Deliverer:
         never sent before *k* succeeded, and the database work overlaps the network instead of
         adding to it. Nothing else changes: each answer is committed as it comes, a failure
         drops the bundle read ahead (unsent, still pending).
+
+        An item that fails alone, having failed before (bisected down to it), makes the drain
+        ask the server whether it is up (``GET metadata``): up, the server fails only that
+        item, which is set aside (:meth:`_set_aside`) and the drain goes on; not up, it is an
+        outage: nothing written, ``link_down``. Once :data:`_MAX_ISOLATED` items set aside
+        before failed again in a drain, the others set aside wait for the next drain.
         """
         total = DrainResult()
         send: asyncio.Task[dict[str, Any]] | None = None
+        retried = 0  # items set aside before, sent again and failed again
         try:
             batch, now = await self._prepare(forget_held=True)
             sent = 0
@@ -1186,9 +1211,14 @@ class Deliverer:
                     response = await send
                 except UpstreamError as exc:
                     send = None
-                    await self._on_bundle_failure(
-                        exc, batch.ready, list(batch.dead), step, probe=True
-                    )
+                    again = await self._on_bundle_failure(exc, batch.ready, list(batch.dead), step)
+                    if again:
+                        [(item, _)] = batch.ready
+                        retried += item.outbox_id in self._aside
+                        if await self._server_up():
+                            await self._set_aside(item, exc, step)
+                        # Enough of them for one round: the next drain takes the next ones.
+                        self._aside_barred = retried >= _MAX_ISOLATED
                     _add(total, step)
                     if step.link_down:
                         break
@@ -1209,12 +1239,8 @@ class Deliverer:
                 else:
                     # Nothing read ahead, or only items waiting for this bundle's answers.
                     batch, now = await self._prepare()
-            if self._isolated:
-                # Set aside, and no bundle went through after: the failure stands, and
-                # nothing is known against those items.
-                total.link_down = True
         finally:
-            self._isolated.clear()
+            self._aside_barred = False
             if send is not None:
                 # Never sent for good (stopped, or an error): the items stay pending, and a
                 # request that did reach the server is harmless to resend.
@@ -1227,19 +1253,22 @@ class Deliverer:
     async def make_due(self) -> int:
         """Cancel every per-item backoff ("sync now"); returns how many rows were waiting.
 
-        Not the wait of items whose answer was lost a moment ago: the server may be applying
-        that request still, and a resend now could make a second copy.
+        Not the wait of items whose answer was lost a moment ago (``unsure_until``, written
+        by any process): the server may be applying that request still, and a resend now
+        could make a second copy. Such an item is due when that wait ends, whatever backoff
+        it had on top.
         """
 
         def work(conn: sqlite3.Connection) -> int:
-            now = self._clock()
-            unsure = [oid for oid, until in self._unsure.items() if until > now]
+            # The wait stands while it is ahead, but not beyond the horizon (a clock set back).
+            bounds = due_bounds(_iso(self._clock()))
+            standing = "CASE WHEN unsure_until > ? AND unsure_until <= ? THEN unsure_until END"
             with db.transaction_sync(conn):
                 cursor = conn.execute(
-                    "UPDATE outbox SET next_attempt_at = NULL "
+                    f"UPDATE outbox SET next_attempt_at = {standing} "  # noqa: S608 - constant
                     "WHERE state = 'pending' AND next_attempt_at IS NOT NULL "
-                    "AND id NOT IN (SELECT value FROM json_each(?))",
-                    (orjson.dumps(unsure).decode(),),
+                    f"AND next_attempt_at IS NOT {standing}",
+                    (*bounds, *bounds),
                 )
             self._forget_held()  # everything is due now
             return int(cursor.rowcount)
