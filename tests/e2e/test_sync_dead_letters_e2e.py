@@ -12,7 +12,7 @@ import json
 import os
 import random
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -136,4 +136,42 @@ async def test_an_admin_sends_a_refused_patient_again_and_it_lands_with_its_read
     said = await page.locator("#trail-breaks").inner_text()
     assert "all acknowledged" in said
     assert await page.locator("#trail-breaks .state-bad").count() == 0
+    assert problems == []
+
+
+async def test_an_admin_sees_an_item_the_ehr_keeps_refusing_for_our_access_and_its_message(
+    live_app: LiveApp, page: Any, upstream: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    """A reading the EHR answers 403 on its entry (a scope missing there): never a dead
+    letter, so before the "Failing items" row nothing but the oldest age showed it."""
+    problems = live_server.watch_problems(page)
+    store = live_app.store
+    [pat] = await store.create([factories.patient(family="Scopeperson")], "user:e2e")
+    await store.create(
+        [factories.bp_observation(f"Patient/{pat.logical_id}", systolic=177)], "service:devices"
+    )
+    now = [datetime.now(UTC)]
+    deliverer = Deliverer(
+        store, upstream, max_entries=8, rng=random.Random(1), clock=lambda: now[0]
+    )
+    fhir_peer.reject("8480-6", status=403)  # every reading's entry: its LOINC code
+    try:
+        for _ in range(3):  # three tries, each once its backoff has passed
+            assert (await deliverer.drain()).retry == 1
+            now[0] += timedelta(minutes=10)
+    finally:
+        fhir_peer.reject(None)
+    assert fhir_peer.count("Patient") == 1  # the Patient went; only its reading is refused
+
+    await _sign_in_as_admin(live_app, page)
+    failing = await page.locator("#failing").inner_text()
+    assert "1 item the EHR keeps answering with an error" in failing
+    assert "the oldest: Observation, tried 3 times" in failing
+    async with page.expect_navigation():
+        await page.click("#failing-message")
+    message = await page.locator("#failing-opened + p + blockquote").inner_text()
+    assert message.startswith("entry HTTP 403")
+    folder = os.environ.get("APPLIANCE_SCREENSHOTS")
+    if folder:
+        await page.screenshot(path=str(Path(folder) / "sync-failing.png"), full_page=True)
     assert problems == []
