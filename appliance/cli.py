@@ -591,6 +591,7 @@ def _sync_status_table(
     export = found.export
     failing = found.steps_failing
     refused = found.pull_refused
+    unordered = found.pull_unordered
     lines = [
         f"Upstream       {link}",
         *(
@@ -605,6 +606,15 @@ def _sync_status_table(
                 "names the resource type)"
             ]
             if refused
+            else []
+        ),
+        *(
+            [
+                f"Pull           {unordered} page(s) the EHR did not sort or filter as asked "
+                "(_sort=_lastUpdated, _lastUpdated): not taken, those cursors stay; ask the "
+                "EHR team"
+            ]
+            if unordered
             else []
         ),
         *(

@@ -157,6 +157,33 @@ def test_status_table_names_a_pull_the_ehr_refuses(
     assert "Held back      pull (refused): backing off" in out
     assert "Pull           1 search(es) refused by the EHR in the last pass" in out
     assert "cannot get past" not in out
+    assert "did not sort" not in out
+
+
+def test_status_table_names_pages_the_ehr_did_not_sort_apart_from_refusals(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    figures = {
+        "upstream": "ehr",
+        "online": True,
+        "steps_failing": {"pull": "unordered"},
+        "pull_unordered": 2,
+    }
+    now = datetime.now(UTC).isoformat()
+    raw = sqlite3.connect(_db(site))
+    with raw:  # after a pass whose pages came in another order than asked (_sort ignored)
+        raw.execute(
+            "INSERT INTO heartbeats (process, pid, started_at, beat_at, status) "
+            "VALUES ('sync', 1, ?, ?, ?)",
+            (now, now, json.dumps(figures)),
+        )
+    raw.close()
+    capsys.readouterr()
+    assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
+    out = capsys.readouterr().out
+    # Before: only "Held back pull (unordered)", with no count and no word of what to do.
+    assert "Pull           2 page(s) the EHR did not sort or filter as asked" in out
+    assert "refused by the EHR" not in out
 
 
 def test_status_shows_the_claims_queue_and_the_audit_export_not_their_empty_lanes(
