@@ -814,8 +814,19 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
                             bar.total = bar.n
                             bar.refresh()
 
+                    def lease_busy() -> None:
+                        if not args.quiet:
+                            bar.write(
+                                "appliance: the sync process is sending; waiting for its round "
+                                "to end",
+                                file=sys.stderr,
+                            )
+
                     rounds = await loop.once(
-                        max_bundles=args.max_bundles, on_bundle=bundle, on_round=round_done
+                        max_bundles=args.max_bundles,
+                        on_bundle=bundle,
+                        on_round=round_done,
+                        on_wait=lease_busy,
                     )
             left = await db.run_sync(conn, still_waiting, datetime.now(UTC))
         finally:

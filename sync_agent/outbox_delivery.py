@@ -576,6 +576,11 @@ class Deliverer:
         self._aside_barred = False
 
     @property
+    def unsure_s(self) -> float:
+        """How long an item whose answer was lost is not sent again (the request timeout)."""
+        return self._unsure_s
+
+    @property
     def batch_size(self) -> int:
         """The current bundle size (shrinks when the server says bundles are too large)."""
         return self._batch_size

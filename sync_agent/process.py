@@ -59,6 +59,12 @@ changes, any remaining wait — backoff, probe interval or the randomised start 
 per-item backoffs are cancelled, and a drain runs at once. The check rides on the same
 ``data_version`` poll (every ``WAKE_POLL_S``), so it costs nothing while nothing is written.
 
+One sender at a time: each round holds the store's sync lease (``sync_agent.lease``), so
+``appliance sync once`` run beside this process never sends the same items at the same
+moment (a round is skipped while it holds the lease; it waits for the round under way). A
+round that finds its last holder died in one (kill -9, a crash) first waits the upstream's
+request timeout: a bundle the dead process sent may be with the server still.
+
 At start the first drain is delayed by a random fraction of the interval (≤ 5 s), so a fleet
 coming back after an outage does not arrive at once. The process also seals the audit chain
 with a signed checkpoint every minute when records were added.
@@ -85,6 +91,7 @@ from appliance.errors import StoreError, TamperedDataError
 from appliance.runtime import ProcessContext
 from sync_agent.audit_export import AuditExporter, ExportResult
 from sync_agent.claims_submit import ClaimsSubmitter  # claims (issue 8)
+from sync_agent.lease import SyncLease
 from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
 from sync_agent.pull import Puller, PullResult
 from sync_agent.status import REFUSED, STEPS, SYNC_NOW_KEY, UNORDERED
@@ -296,6 +303,7 @@ class Round:
     updated: UpdateResult | None = None
     pulled: PullResult | None = None
     exported: ExportResult | None = None
+    busy: bool = False  # another process (``appliance sync once``) held the sync lease
 
     @property
     def progressed(self) -> bool:
@@ -439,6 +447,8 @@ class SyncLoop:
         self.deliverer = Deliverer(
             ctx.store, client, max_entries=upstream.max_bundle_entries, rng=rng
         )
+        self.lease = SyncLease(ctx.store.path, unsure_s=self.deliverer.unsure_s)
+        self._busy = False  # rounds are being skipped: sync once holds the lease
         self.updates = UpdateSender(ctx.store, client, rng=rng)
         self.puller = Puller(ctx.store, client, upstream)
         self.exporter = AuditExporter(
@@ -503,6 +513,7 @@ class SyncLoop:
         max_bundles: int = 1000,
         on_bundle: Callable[[DrainResult], None] | None = None,
         on_round: Callable[[Round], None] | None = None,
+        on_wait: Callable[[], None] | None = None,
     ) -> list[Round]:
         """ "Sync now", once, to the end: what ``appliance sync once`` runs.
 
@@ -513,13 +524,20 @@ class SyncLoop:
         the drain finds the link down, a step fails (it would only wait out its backoff) or
         ``max_bundles`` bundles went. No claims: they go to the payer, not this upstream
         (``appliance claims submit``). ``on_bundle`` and ``on_round`` are told of each.
+        Each round waits for the sync lease (the sync process's round under way: ``on_wait``
+        is told when a round has to wait for it).
         """
         rounds: list[Round] = []
         wake = Wake.SYNC_NOW
         sent = 0
         while sent < max_bundles and not self._ctx.stopping.is_set():
             done = await self._round(
-                wake, claims=False, max_bundles=max_bundles - sent, on_bundle=on_bundle
+                wake,
+                claims=False,
+                max_bundles=max_bundles - sent,
+                on_bundle=on_bundle,
+                wait=True,
+                on_wait=on_wait,
             )
             rounds.append(done)
             if on_round is not None:
@@ -539,6 +557,35 @@ class SyncLoop:
         claims: bool = True,
         max_bundles: int = 1000,
         on_bundle: Callable[[DrainResult], None] | None = None,
+        wait: bool = False,
+        on_wait: Callable[[], None] | None = None,
+    ) -> Round:
+        """One round, holding the sync lease (module docstring). Another process holds it:
+        ``wait`` for it (``on_wait`` is told once), else the round is skipped (``busy``).
+        The last holder died in its round: first wait out what it may have had in flight."""
+        async with self.lease.round(wait=wait, on_wait=on_wait) as turn:
+            if turn is None:
+                if not self._busy:
+                    self._busy = True
+                    logger.info("another process (appliance sync once) is syncing; waiting")
+                return Round(DrainResult(), busy=True)
+            self._busy = False
+            if turn.wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ctx.stopping.wait(), turn.wait_s)
+                if self._ctx.stopping.is_set():
+                    return Round(DrainResult())
+            return await self._round_held(
+                wake, claims=claims, max_bundles=max_bundles, on_bundle=on_bundle
+            )
+
+    async def _round_held(
+        self,
+        wake: Wake,
+        *,
+        claims: bool,
+        max_bundles: int,
+        on_bundle: Callable[[DrainResult], None] | None,
     ) -> Round:
         """One round: the outbox drain, claims, then (online) updates, pull and audit export."""
         if wake is Wake.SYNC_NOW:

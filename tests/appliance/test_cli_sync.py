@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -265,6 +266,34 @@ def test_once_drains_the_outbox_and_the_audit_trail_then_reports_nothing_waiting
     status = json.loads(capsys.readouterr().out)
     assert status["last_success"] is not None
     assert status["audit_export"]["lag"] == 0  # the delivery's sync record went up too
+
+
+@pytest.mark.peer
+def test_once_waits_for_the_sync_process_round_under_way_and_says_so(
+    site: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    fhir_peer: FhirPeer,
+) -> None:
+    fhir_peer.reset()
+    _fill(site, dead_letter=False)
+    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
+    # The sync process in a round: its hold on the sync lease (an flock on its own open file,
+    # which excludes another open of it in this process as in another).
+    held = os.open(site / "appliance.db.sync-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    ended = threading.Timer(1.0, os.close, (held,))  # the round ends: the lock goes with it
+    ended.start()
+    capsys.readouterr()
+    try:
+        assert main(["sync", "once", "--demo", str(site)]) == 0
+    finally:
+        ended.join()
+    captured = capsys.readouterr()
+    assert "the sync process is sending; waiting for its round to end" in captured.err
+    summary = json.loads(captured.out)
+    assert (summary["delivered"], summary["dead"]) == (3, 0)
+    assert fhir_peer.count("Observation") == 2
 
 
 def test_resend_puts_dead_letters_back_audited_and_says_what_it_did(
