@@ -65,7 +65,8 @@ fault), then in bundles halved at each failure until each gets an answer (kept i
 An item that fails alone, having failed before, makes the drain ask the server whether it is
 up (``GET metadata``, a CapabilityStatement): if so, the server fails only that item, which
 is set aside — it waits out a per-item backoff (counted, its last error kept, shown by
-:func:`failing_items`), goes alone when due again — and the drain goes on; if not, it is an
+:func:`failing_items`), goes alone when due again (``outbox.alone``, so after a restart
+too) — and the drain goes on; if not, it is an
 outage, and nothing is written. That needs no other bundle to go through (an item may have
 nothing else due behind it but its own readings). At most ``_MAX_ISOLATED`` items set aside
 before go again per drain. Never a dead letter: bisecting costs requests (a dead EHR one
@@ -144,7 +145,9 @@ _UPSTREAM_REF = re.compile(r"[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}")
 _STORED_META = re.compile(rb',"meta":\{(?:("tag":\[[^\]]*\]),)?"lastUpdated":"[^"\\]*"\}\}')
 _DROP = object()
 _SERVER_META = frozenset({"versionId", "lastUpdated"})
-_ITEM_COLUMNS = "o.id, o.lane, o.attempts, r.id, r.logical_id, r.type, r.key_version, r.body"
+_ITEM_COLUMNS = (
+    "o.id, o.lane, o.attempts, o.alone, r.id, r.logical_id, r.type, r.key_version, r.body"
+)
 # Rows of the bundle in flight (a JSON array of outbox ids) are skipped before the join, so
 # their resources are not read twice.
 _PENDING_SQL = (
@@ -588,13 +591,17 @@ class Deliverer:
     # -- reading the outbox ----------------------------------------------------------------
 
     def _items(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Item]:
-        # Columns: outbox id, lane, attempts, then the resource row (see _ITEM_COLUMNS).
-        return [Item(row[0], row[1], row[2], row[4], row[5], self._raw(conn, row)) for row in rows]
+        # Columns: outbox id, lane, attempts, alone, then the resource row (_ITEM_COLUMNS).
+        for row in rows:
+            if row[3]:  # set aside (by this process or one before it): alone when due
+                self._caps[row[0]] = 1
+                self._aside.add(row[0])
+        return [Item(row[0], row[1], row[2], row[5], row[6], self._raw(conn, row)) for row in rows]
 
     def _raw(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> bytes:
         """The resource's JSON as stored; empty if it fails authentication (logged by the store)."""
         try:
-            return self._store.decrypt_stored_json(conn, row[3:])
+            return self._store.decrypt_stored_json(conn, row[4:])
         except TamperedDataError:
             return b""
 
@@ -829,20 +836,23 @@ class Deliverer:
                     ),
                 )
             conn.executemany(
-                "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1 "
-                "WHERE id = ? AND state = 'pending'",
+                "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1, "
+                "alone = 0 WHERE id = ? AND state = 'pending'",
                 [(self._seal(keyring, item, message), item.outbox_id) for item, message in dead],
             )
+            # An entry answered (retry) goes in bundles again; one set aside goes alone.
             conn.executemany(
-                "UPDATE outbox SET last_error = ?, attempts = attempts + 1, next_attempt_at = ? "
-                "WHERE id = ? AND state = 'pending'",
+                "UPDATE outbox SET last_error = ?, attempts = attempts + 1, next_attempt_at = ?, "
+                "alone = ? WHERE id = ? AND state = 'pending'",
                 [
                     (
                         self._seal(keyring, item, message),
                         _iso(now + timedelta(seconds=delay)),
+                        alone,
                         item.outbox_id,
                     )
-                    for item, message, delay in [*retry, *(isolated or ())]
+                    for alone, outcomes in ((0, retry), (1, isolated or ()))
+                    for item, message, delay in outcomes
                 ],
             )
             events = []

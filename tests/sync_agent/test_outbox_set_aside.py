@@ -263,3 +263,29 @@ async def test_a_round_with_an_item_the_server_fails_alone_goes_on_to_the_pull(
     assert [r.drained.link_down for r in rounds] == [True, False, False, False]
     assert all(r.pulled is not None for r in rounds[1:])
     assert ctx.status.get("online") is True
+
+
+async def test_an_item_set_aside_goes_alone_after_a_restart_too(
+    store: Store, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    fhir_peer.reset()
+    await store.create([factories.patient(family="Zzpoison")], "user:nurse1")
+    clock = Clock()
+    upstream = FailsBundlesWith(b"Zzpoison", 500)
+    async with _client(fhir_peer, upstream) as client:
+        await _rounds(_deliverer(store, client, clock), clock, 3)
+        assert _failing(db_path) == (1, "Patient")  # set aside
+        [other] = await store.create([factories.patient(family="Other")], "user:nurse1")
+        ref = f"Patient/{other.logical_id}"
+        await store.create(
+            [factories.bp_observation(ref, systolic=120 + i) for i in range(6)], "service:devices"
+        )
+        posts = upstream.posts
+        # The sync process restarted: a new deliverer, nothing in its memory.
+        first = await _deliverer(store, client, clock).drain()
+    # Before: it went in the first bundle of eight again, which failed whole (link down, no
+    # delivery), and the queue behind it was bisected anew over the rounds that followed.
+    assert (first.link_down, first.delivered, first.retry) == (False, 7, 1)
+    # It alone, then the other Patient, then its readings (they wait for its upstream id).
+    assert upstream.posts - posts == 3
+    assert [state for state, _, _ in _rows(db_path)] == ["pending"] + ["delivered"] * 7
