@@ -24,6 +24,10 @@ parameter it does not support, and one ignoring ``actor`` would answer with ever
 of the EHR. An Appointment without the site's Location among its participants, a reading
 about another patient, a Patient of an id not asked for is passed over (counted in
 ``passed_over``, not stored, no Patient fetched for it); the cursor moves past it all the same.
+A reference at the upstream's own address, absolute (``https://ehr/fhir/Patient/7``, however
+its host, default port or scheme are spelled), is the relative one (FHIR R4, References) and
+is stored so (:func:`~sync_agent.pull_answers.localise`): the Patient is fetched and the
+copy points at the record here. One to another server stays as it is, and is not fetched.
 
 **Incremental.** Every stream (``Appointment Location/<id>``; ``Observation Patient/<id>``)
 pages through ``_lastUpdated=ge<cursor>&_sort=_lastUpdated&_count=N``, each page asked for
@@ -112,6 +116,7 @@ from sync_agent.pull_answers import (
     copy_of,
     invalid_reason,
     last_updated,
+    localise,
     look_back,
     order_problem,
     patients_of,
@@ -566,6 +571,7 @@ class Puller:
         unseen = [r for r in resources if not cursor.taken(r)]
         fresh = [r for r in unseen if self._matches(rtype, params, r)]
         result.passed_over += len(unseen) - len(fresh)
+        fresh = [localise(r, self._upstream.base_url) for r in fresh]
         after = cursor.advance(resources)
         copies = [copy_of(r) for r in fresh]
         tags: list[dict[str, str]] = []
@@ -746,7 +752,8 @@ class Puller:
         if since is not None:
             query["_lastUpdated"] = f"gt{since}"
         bundle = await self._get("Patient", query)
-        answered = [copy_of(r) for r in search_matches(bundle, "Patient")]
+        base = self._upstream.base_url
+        answered = [copy_of(localise(r, base)) for r in search_matches(bundle, "Patient")]
         followed: set[str] = set()
         for _ in range(len(chunk)):
             link = next_link(bundle, self._client)
@@ -754,7 +761,7 @@ class Puller:
                 break
             followed.add(link)
             bundle = await self._get(link)
-            answered += [copy_of(r) for r in search_matches(bundle, "Patient")]
+            answered += [copy_of(localise(r, base)) for r in search_matches(bundle, "Patient")]
         asked = set(chunk)
         found = {c.reference: c for c in answered if c.reference in asked}
         result.passed_over += len({c.reference for c in answered} - asked)

@@ -26,7 +26,14 @@ from services.claims.lifecycle import fhir_outcome
 from sync_agent.audit_anchors import anchors_of
 from sync_agent.balp import anchor_from_provenance
 from sync_agent.outbox_delivery import _entry_ref
-from sync_agent.pull_answers import Cursor, asked_for, captured_elsewhere, copy_of, patients_of
+from sync_agent.pull_answers import (
+    Cursor,
+    asked_for,
+    captured_elsewhere,
+    copy_of,
+    localise,
+    patients_of,
+)
 from sync_agent.review_queue import updated_of
 from sync_agent.updates import _version_of
 from sync_agent.upstream import (
@@ -279,6 +286,85 @@ def test_a_resource_of_any_shape_gives_a_version_and_a_time_or_none(resource: An
     if isinstance(resource, dict):
         assert all(isinstance(p, str) for p in patients_of(resource))
         assert isinstance(captured_elsewhere(resource), bool)
+
+
+_BASE = "https://ehr.test/fhir/R4"
+references = st.one_of(
+    st.text(max_size=30),
+    st.builds(
+        lambda prefix, tail: prefix + tail,
+        st.sampled_from(
+            [
+                _BASE + "/",
+                "HTTPS://EHR.TEST:443/fhir/R4/",
+                "http://ehr.test/fhir/R4/",
+                "https://ehr.test:8443/fhir/R4/",
+                "https://ehr.test/fhir/R4b/",
+                "https://other.test/fhir/R4/",
+                "https://ehr.test/fhir/",
+                "https://[::1/fhir/R4/",
+                "ftp://ehr.test/fhir/R4/",
+            ]
+        ),
+        st.one_of(
+            st.text(max_size=20),
+            st.sampled_from(["Patient/7", "Patient/7/_history/2", "patient/7", "Patient/"]),
+        ),
+    ),
+)
+
+
+def _references(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        found = [value["reference"]] if "reference" in value else []
+        return found + [r for v in value.values() for r in _references(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _references(v)]
+    return []
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.recursive(
+        st.fixed_dictionaries({"reference": st.one_of(references, json_st)}),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEYS), inner, max_size=3)
+        ),
+        max_leaves=8,
+    )
+)
+def test_only_references_at_the_upstreams_own_address_are_made_relative(value: Any) -> None:
+    resource = {"resourceType": "Appointment", "x": value}
+    before, after = _references(resource), _references(localise(resource, _BASE))
+    assert len(before) == len(after)
+    for old, new in zip(before, after, strict=True):
+        if new == old:
+            continue
+        # Changed: an absolute address of the upstream itself, now its <Type>/<id> tail.
+        assert isinstance(old, str)
+        assert old.lower().startswith(("https://ehr.test", "http://ehr.test"))
+        assert "/fhir/R4/" in old
+        assert old.endswith("/" + new)
+        assert new.split("/")[0].isalpha()
+        assert new.count("/") in (1, 3)
+
+
+def test_a_reference_is_made_relative_at_the_upstreams_address_however_spelled() -> None:
+    refs = [
+        "HTTPS://EHR.test:443/fhir/R4/Patient/7",
+        "http://ehr.test/fhir/R4/Location/9/_history/2",
+        "https://ehr.test/fhir/R4/Patient/7?_format=json",  # a search, not a reference
+        "https://other.test/fhir/R4/Patient/7",  # another server: another person
+        "https://ehr.test/fhir/R4b/Patient/7",  # another base on the same host
+        "https://ehr.test/fhir/R4/Patient/7/extra",
+        "Patient/7",
+    ]
+    done = localise({"p": [{"reference": r} for r in refs]}, _BASE + "/")
+    assert [p["reference"] for p in done["p"]] == [
+        "Patient/7",
+        "Location/9/_history/2",
+        *refs[2:],
+    ]
 
 
 @settings(max_examples=400, deadline=None)

@@ -1259,6 +1259,44 @@ async def test_other_sites_appointments_from_a_server_ignoring_actor_are_passed_
     assert (again.created, again.passed_over) == (0, 0)
 
 
+async def test_an_appointment_naming_its_patient_by_the_ehrs_own_address_is_filed_with_it(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    bob = await _post(client, factories.patient(family="Bobperson", mrn="T0002"))
+    booked = _appointment(ada, site)
+    base = str(client.base_url).rstrip("/")
+    # The EHR's own address, its host and scheme spelled in capitals (the same address).
+    booked["participant"][0]["actor"]["reference"] = (
+        f"HTTP://{base.removeprefix('http://').upper().replace('/FHIR', '/fhir')}"
+        f"/Patient/{ada['id']}"
+    )
+    # Another server's Patient with an id the EHR also has: another person.
+    booked["participant"].append(
+        {
+            "actor": {"reference": f"https://directory.example/fhir/Patient/{bob['id']}"},
+            "status": "accepted",
+        }
+    )
+    made = await _post(client, booked)
+    result = await _puller(store, client, site).pull_once()
+    # Before: the Patient was not fetched, and the stored Appointment pointed at no record
+    # here (the kiosk could not find the patient's visit).
+    assert (result.created, result.error) == (2, None)
+    ada_local = await _local_id(store, "Patient", ada["id"])
+    appointment = await store.read(
+        "Appointment", await _local_id(store, "Appointment", made["id"]), NURSE
+    )
+    actors = [p["actor"]["reference"] for p in appointment["participant"]]
+    assert actors == [
+        f"Patient/{ada_local}",
+        f"Location/{site['id']}",
+        f"https://directory.example/fhir/Patient/{bob['id']}",  # not ours: left as it is
+    ]
+    assert _count(db_path, "Patient") == 1  # Bob was not fetched by the tail of that address
+
+
 async def test_other_patients_readings_from_a_server_ignoring_subject_are_passed_over(
     store: Store, client: httpx.AsyncClient, transport: Transport_, db_path: Path
 ) -> None:
