@@ -338,10 +338,9 @@ def test_only_references_at_the_upstreams_own_address_are_made_relative(value: A
     before, after = _references(resource), _references(localise(resource, _BASE))
     assert len(before) == len(after)
     for old, new in zip(before, after, strict=True):
-        if new == old:
-            continue
+        if new == old or not isinstance(old, str):
+            continue  # (not text: a Reference nested in one, whose own are compared too)
         # Changed: an absolute address of the upstream itself, now its <Type>/<id> tail.
-        assert isinstance(old, str)
         assert old.lower().startswith(("https://ehr.test", "http://ehr.test"))
         assert "/fhir/R4/" in old
         assert old.endswith("/" + new)
