@@ -4,7 +4,7 @@ client in the same run: where issue 5's ratio goal stands (docs/benchmarks.md, "
 The floor is a drain with nothing but the per-item work delivery cannot do without, each step
 the agent's own code: read the due rows in lane order and decrypt them
 (``Deliverer._items``), map the references and cut the server-owned fields
-(``_upstream_refs``, ``_outgoing``), encode the batch Bundle, POST it (httpx), and record
+(``_upstream_refs``, ``outgoing_body``), encode the batch Bundle, POST it (httpx), and record
 every entry's outcome with its audit record in one ``synchronous=FULL`` transaction. It has
 none of the agent's planning (dependencies pulled ahead, dead letters, per-item backoff,
 bundle sizing), and it is pipelined one bundle ahead as ``Deliverer.drain`` is. The same
@@ -52,6 +52,7 @@ from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent
 from appliance.store import Store
 from sync_agent import outbox_delivery as od
+from sync_agent.outgoing import outgoing_body
 from sync_agent.upstream import FHIR_JSON, exchange, response_json
 
 BUNDLE = 100
@@ -112,7 +113,7 @@ async def floor_drain(
             {
                 "resource": orjson.Fragment(item.raw)
                 if kind == "least"
-                else od._outgoing(item, refs[item.outbox_id], targets),
+                else outgoing_body(item, refs[item.outbox_id], targets),
                 "request": {
                     "method": "POST",
                     "url": item.type,

@@ -18,7 +18,7 @@ upstream id, learnt when it was delivered (its outbox row keeps the ``upstream_r
 from its upstream link when it came from the upstream (a pulled Appointment). A reference
 whose type is not that of the resource with that id is not ours and stays as it is. The
 stored JSON bytes are sent with those references replaced in place, never parsed
-(:func:`_outgoing`). A batch therefore ends before the first item whose target is not
+(:func:`~sync_agent.outgoing.outgoing_body`). A batch therefore ends before the first item whose target is not
 delivered yet; that resource comes earlier in outbox order, so it goes in this batch or the
 next (dependencies respected without a transaction). Only a dead-lettered Patient takes
 what points at it along; any other target refused (a Device, an Observation) drops the link
@@ -100,8 +100,9 @@ import orjson
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.errors import TamperedDataError
-from appliance.keys import Keyring, KeySource, keyring_of
+from appliance.keys import Keyring
 from appliance.store import Store, upstream_refs_of_pulled
+from sync_agent.outgoing import NO_LOCATION, Item, Outgoing, outgoing_body
 from sync_agent.upstream import (
     ENTRY_NOT_THE_ITEM,
     Failure,
@@ -130,21 +131,8 @@ RETRY_HORIZON = timedelta(days=1)
 # An outbox row (alias ``o``) is due: no retry time, one passed, or one beyond the horizon.
 # Its two parameters are :func:`due_bounds`.
 DUE_SQL = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ? OR o.next_attempt_at > ?)"
-# A relative reference, ``Type/id``, as it appears in the compact JSON the store writes:
-# perhaps one of ours (:meth:`Deliverer._upstream_refs` tells). FHIR ids are
-# [A-Za-z0-9\-.]{1,64}, so nothing in one needs escaping, and in valid JSON an unescaped
-# `"reference":"` can only be a key with its string value (inside a string every quote is
-# escaped): each match is a Reference, at any depth.
-_LOCAL_REF = re.compile(rb'"reference":"([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})"')
 # What an entry's answer may name as the resource it made or found: ``Type/id``, FHIR's shapes.
 _UPSTREAM_REF = re.compile(r"[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}")
-# The store's server-owned meta, last in the object as the store writes it, with our tags
-# (where and how a reading was captured) kept. A server ignores a create's ``id`` and
-# ``meta.lastUpdated`` anyway (FHIR R4 RESTful API, *create*); they are dropped so the
-# upstream copy carries only what is ours to say.
-_STORED_META = re.compile(rb',"meta":\{(?:("tag":\[[^\]]*\]),)?"lastUpdated":"[^"\\]*"\}\}')
-_DROP = object()
-_SERVER_META = frozenset({"versionId", "lastUpdated"})
 _ITEM_COLUMNS = (
     "o.id, o.lane, o.attempts, o.alone, r.id, r.logical_id, r.type, r.key_version, r.body"
 )
@@ -161,7 +149,6 @@ _PENDING_SQL = (
 _IN_CHUNK = 500
 # Upstream references of delivered (or dead) resources never change: remembered, bounded.
 _REF_CACHE_MAX = 50_000
-_NO_LOCATION = "delivered-without-location"
 _DEAD_DEPENDENCY = "depends on a Patient that was dead-lettered"
 # A stored copy that fails authentication cannot be sent (we do not know what it said); it
 # is dead-lettered instead of stopping the drain, and the rest flows.
@@ -193,37 +180,6 @@ class UnmatchedAnswer(UpstreamError):
     __slots__ = ()
 
 
-class Item(NamedTuple):
-    """One pending outbox row with its decrypted resource: the JSON bytes as stored.
-
-    A tuple rather than a frozen dataclass: a drain makes one per item, and a frozen
-    dataclass's ``__init__`` (``object.__setattr__`` per field) costs about three times as much.
-    """
-
-    outbox_id: int
-    lane: int
-    attempts: int
-    logical_id: str
-    type: str
-    # Empty when the stored copy failed authentication (a stored resource never is).
-    raw: bytes
-
-    @property
-    def resource(self) -> fhir.FhirJson:
-        """The resource, parsed (a fresh dict at each call)."""
-        parsed: fhir.FhirJson = orjson.loads(self.raw)
-        return parsed
-
-    @property
-    def key(self) -> str:
-        """``Type/<logical id>``: how references name this resource here."""
-        return f"{self.type}/{self.logical_id}"
-
-    def local_refs(self) -> list[tuple[str, str]]:
-        """(type, id) of every relative reference in the resource (ours or not)."""
-        return [(t.decode(), i.decode()) for t, i in _LOCAL_REF.findall(self.raw)]
-
-
 def _patient_still_dead(conn: sqlite3.Connection, item: Item) -> bool:
     """Whether a Patient ``item`` points at is a dead letter now (asked under the write lock)."""
     patients = sorted({lid for rtype, lid in item.local_refs() if rtype == "Patient"})
@@ -236,11 +192,6 @@ def _patient_still_dead(conn: sqlite3.Connection, item: Item) -> bool:
         ).fetchone()
         is not None
     )
-
-
-# What goes in an entry's ``resource``: the stored bytes with references rewritten (the
-# common case, never parsed), or a parsed copy when it needed more than that.
-Outgoing = orjson.Fragment | fhir.FhirJson
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,93 +276,6 @@ def due_bounds(now: str) -> tuple[str, str]:
     return now, _iso(moment + RETRY_HORIZON)
 
 
-def _outgoing(item: Item, refs: list[tuple[str, str]], targets: dict[str, str | None]) -> Outgoing:
-    """The resource as it goes upstream: our references to the upstream's ids, no id/meta.
-
-    Most resources are sent as the stored bytes with each reference replaced in place
-    (parsing ~1 KB of JSON into dicts and encoding it again cost more than the rest of the
-    agent's work for the item). Whatever does not fit that (a reference to a Device the
-    server refused or to a resource delivered without a location, a body not laid out as
-    the store writes it) is parsed and rewritten as a dict: same result, slower.
-    """
-    raw = item.raw
-    for rtype, local_id in refs:
-        target = targets.get(f"{rtype}/{local_id}")
-        if target == "dead" or target == _NO_LOCATION:
-            return _outgoing_parsed(item, targets)
-        if target is not None and target != "absent":
-            raw = raw.replace(
-                b'"reference":"%s/%s"' % (rtype.encode(), local_id.encode()),
-                b'"reference":' + orjson.dumps(target),
-            )
-    cut = raw.rfind(b',"meta":{')
-    meta = _STORED_META.fullmatch(raw, cut) if cut > 0 else None
-    own_id = b'"id":' + orjson.dumps(item.logical_id)
-    at = raw.find(own_id)
-    if meta is None or not 0 < at < cut or raw.count(own_id) != 1:
-        return _outgoing_parsed(item, targets)
-    end = at + len(own_id)
-    if raw[at - 1] == 0x2C:  # ,"id":"…"
-        raw = raw[: at - 1] + raw[end:cut]
-    elif at == 1 and raw[end] == 0x2C:  # {"id":"…",
-        raw = b"{" + raw[end + 1 : cut]
-    else:
-        return _outgoing_parsed(item, targets)
-    tags = meta[1]
-    return orjson.Fragment(raw + (b',"meta":{' + tags + b"}}" if tags else b"}"))
-
-
-def _outgoing_parsed(item: Item, targets: dict[str, str | None]) -> fhir.FhirJson:
-    body: fhir.FhirJson = _rewrite_references(item.resource, targets)
-    # Server-owned meta goes (the version and time are the upstream's to set); the rest is
-    # what we, or the hub that sent it, say about the resource: our tags (where and how a
-    # reading was captured), its profiles, its security labels (docs/ingest.md).
-    meta = body.pop("meta", None)
-    if isinstance(meta, dict):
-        kept = {k: v for k, v in meta.items() if k not in _SERVER_META}
-        if kept:
-            body["meta"] = kept
-    body.pop("id", None)
-    return body
-
-
-def _rewrite_references(value: Any, targets: dict[str, str | None]) -> Any:
-    """``value`` with each Reference to one of ours as the upstream must see it.
-
-    ``targets`` is keyed by the reference (``Type/<local id>``). Delivered: the upstream's
-    id. Delivered without a location: by our identifier. Refused upstream (a Device, say):
-    the link goes and the rest (its display name) stays; a Reference left empty goes
-    altogether. Not ours, or not delivered yet: as it is.
-    """
-    if isinstance(value, list):
-        kept = [new for part in value if (new := _rewrite_references(part, targets)) is not _DROP]
-        return _DROP if value and not kept else kept
-    if not isinstance(value, dict):
-        return value
-    out = {}
-    for key, part in value.items():
-        new = _rewrite_references(part, targets)
-        if new is not _DROP:
-            out[key] = new
-    ref = value.get("reference")
-    if isinstance(ref, str) and ref in targets:
-        rtype, local_id = ref.split("/", 1)
-        target = targets[ref]
-        if target == "dead":
-            del out["reference"]
-            return out or _DROP
-        if target == _NO_LOCATION:
-            del out["reference"]
-            out["type"] = rtype
-            out["identifier"] = {
-                "system": fhir.IDENTIFIER_SYSTEM,
-                "value": fhir.identifier_value(local_id),
-            }
-        elif target is not None and target != "absent":
-            out["reference"] = target
-    return out
-
-
 def _entry_ref(entry: Any, rtype: str) -> str | None:
     """``<rtype>/id`` of what an entry created or found: from its location, else its resource.
 
@@ -420,7 +284,7 @@ def _entry_ref(entry: Any, rtype: str) -> str | None:
     ``<rtype>/<id>`` (``https://ehr/Fhir/123``) name nothing, and were taken for the
     resource's upstream id (``OperationOutcome/None``, ``Fhir/123``) that everything pointing
     at it was then sent with. None when nothing does (the item is delivered all the same;
-    what refers to it is then sent by our identifier, see :func:`_outgoing`).
+    what refers to it is then sent by our identifier, see :func:`~sync_agent.outgoing.outgoing_body`).
     """
     location = entry_answer(entry).get("location")
     if isinstance(location, str) and location:
@@ -457,81 +321,6 @@ def _not_taken(entry: Any, code: int) -> str:
     head = f"entry HTTP {code}" if code else "entry answer missing"
     said = entry_outcome(entry, code)
     return head if said == f"HTTP {code}" else f"{head}: {said}"
-
-
-@dataclass(frozen=True, slots=True)
-class FailingItems:
-    """Pending outbox rows the upstream keeps answering with an error: ``count`` of them, and
-    the oldest (lowest outbox id) with its type, attempts and last error, sealed.
-
-    Such an item is never dead-lettered (a 401/403 is our access, a 5xx, 429 or no answer
-    says nothing against it): it is sent again with backoff for as long as it lasts, and
-    this is how staff get to see it.
-    """
-
-    count: int
-    oldest: int | None = None
-    type: str | None = None
-    attempts: int = 0
-    # The server's words, which may quote what it refused (PHI): opened on demand, audited.
-    sealed: bytes | str | None = field(default=None, repr=False)
-    patient_key: bytes | None = field(default=None, repr=False)
-
-    def open_message(
-        self, conn: sqlite3.Connection, keyring: KeySource, *, actor: str, now: datetime
-    ) -> str | None:
-        """The oldest one's last error in clear (None when there is none), with a ``read``
-        audit record of the opening committed first, as for a dead letter's message
-        (``status.open_dead_letter_messages``)."""
-        if self.oldest is None or self.sealed is None:
-            return None
-        if isinstance(self.sealed, str):
-            message = self.sealed
-        else:
-            try:
-                message = keyring_of(keyring, conn).unseal("outbox", str(self.oldest), self.sealed)
-            except TamperedDataError:
-                message = "(the message could not be opened)"
-        event = AuditEvent(
-            actor,
-            AuditAction.READ,
-            patient_key=self.patient_key,
-            entity=f"outbox/{self.oldest}",
-            detail="failing item's message opened",
-        )
-        with db.transaction_sync(conn):
-            audit.append(conn, [event], now=now)
-        return message
-
-
-def failing_items(conn: sqlite3.Connection, *, min_attempts: int = 3) -> FailingItems:
-    """Pending rows (creates and updates) sent at least ``min_attempts`` times that still
-    carry an error (a delivery clears it). For the status; read-only.
-
-    Through the index ``outbox_failing``, which holds only the waiting rows that carry an
-    error (named: with no rows in it when ANALYZE ran, the planner took the index of every
-    waiting row instead, 20 ms a scrape at 100,000 waiting after a long outage).
-    """
-    count, oldest = conn.execute(
-        "SELECT count(*), min(id) FROM outbox INDEXED BY outbox_failing "
-        "WHERE state = 'pending' AND last_error IS NOT NULL AND attempts >= ?",
-        (min_attempts,),
-    ).fetchone()
-    if not count:
-        return FailingItems(0)
-    rtype, attempts, sealed, patient_key = conn.execute(
-        "SELECT r.type, o.attempts, o.last_error, r.patient_key FROM outbox o "
-        "JOIN resources r ON r.id = o.resource_id WHERE o.id = ?",
-        (oldest,),
-    ).fetchone()
-    return FailingItems(
-        int(count),
-        int(oldest),
-        str(rtype),
-        int(attempts),
-        sealed if sealed is None or isinstance(sealed, str) else bytes(sealed),
-        None if patient_key is None else bytes(patient_key),
-    )
 
 
 class Deliverer:
@@ -671,7 +460,7 @@ class Deliverer:
                         link = pulled.get(logical_id, "")
                         found[key] = link if link.startswith(f"{rtype}/") else "absent"
                     elif state == "delivered":
-                        found[key] = ref or _NO_LOCATION
+                        found[key] = ref or NO_LOCATION
                     elif state == "dead":
                         found[key] = "dead"
                     else:
@@ -773,7 +562,7 @@ class Deliverer:
                 room = min(room, caps.get(item.outbox_id, room))
                 if len(ready) >= room:
                     return _Plan(ready, dead, held_ids, waits_on, ended=True)
-            ready.append((item, _outgoing(item, local[item.outbox_id], refs)))
+            ready.append((item, outgoing_body(item, local[item.outbox_id], refs)))
             in_batch.add(item.key)
         return _Plan(ready, dead, held_ids, waits_on, ended=False)
 

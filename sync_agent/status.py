@@ -27,7 +27,8 @@ from appliance.keys import KeySource, keyring_of
 from appliance.runtime import HEARTBEAT_STALE_S
 from appliance.store import Lane, oldest_waiting, queued_at
 from sync_agent.audit_export_state import ExportState, read_export_state
-from sync_agent.outbox_delivery import RETRY_HORIZON, FailingItems, failing_items
+from sync_agent.outbox_delivery import RETRY_HORIZON
+from sync_agent.outbox_failing import FailingItems, failing_items
 
 SYNC_NOW_KEY = "sync_now"
 """``meta`` key the sync process watches: a new value makes it skip its backoff."""

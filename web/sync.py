@@ -42,7 +42,7 @@ from appliance.numbers import small_int
 from appliance.users import Role
 from sync_agent import status
 from sync_agent.audit_export_state import acknowledge_breaks
-from sync_agent.outbox_delivery import failing_items
+from sync_agent.outbox_failing import failing_items
 from sync_agent.review_queue import (
     ReviewChangedError,
     ReviewError,

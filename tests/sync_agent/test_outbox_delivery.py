@@ -15,7 +15,8 @@ import pytest
 from appliance import db, key_rotation, keys
 from appliance.store import Lane, Store
 from sync_agent import outbox_delivery, status
-from sync_agent.outbox_delivery import Deliverer, failing_items
+from sync_agent.outbox_delivery import Deliverer
+from sync_agent.outbox_failing import failing_items
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 

@@ -1,7 +1,7 @@
 """What a resource looks like on its way upstream: the stored bytes rewritten, or a parsed copy.
 
 The drain sends most resources as the stored JSON with references replaced in place, and
-parses only those that need more (:func:`sync_agent.outbox_delivery._outgoing`). The two
+parses only those that need more (:func:`sync_agent.outgoing.outgoing_body`). The two
 paths must never disagree: a property test compares them on resources laid out as the store
 writes them and otherwise, with references at any depth, strings that quote reference JSON,
 and every kind of target. The peer tests show the same on a real server.
@@ -20,13 +20,8 @@ from hypothesis import strategies as st
 
 from appliance import fhir
 from appliance.store import Store
-from sync_agent.outbox_delivery import (
-    _NO_LOCATION,
-    Deliverer,
-    Item,
-    _outgoing,
-    _outgoing_parsed,
-)
+from sync_agent.outbox_delivery import Deliverer
+from sync_agent.outgoing import NO_LOCATION, Item, outgoing_body, outgoing_parsed
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.sync_agent.test_outbox_delivery import reading_from_a_device
@@ -38,7 +33,7 @@ OWN_ID = "01a21cac-1183-7a03-9c5b-ddc1300eb4ec"
 targets_st = st.dictionaries(
     st.sampled_from([f"{t}/{i}" for t in ("Patient", "Device", "Observation") for i in LOCAL_IDS]),
     st.one_of(
-        st.sampled_from(["absent", "dead", _NO_LOCATION, None]),
+        st.sampled_from(["absent", "dead", NO_LOCATION, None]),
         st.builds(
             lambda t, i: f"{t}/{i}",
             st.sampled_from(["Patient", "Device"]),
@@ -123,8 +118,8 @@ def test_the_rewritten_bytes_say_exactly_what_the_parsed_copy_says(
     raw: bytes, targets: dict[str, str | None]
 ) -> None:
     item = _item(raw)
-    fast = _outgoing(item, item.local_refs(), targets)
-    parsed = _outgoing_parsed(item, targets)
+    fast = outgoing_body(item, item.local_refs(), targets)
+    parsed = outgoing_parsed(item, targets)
     assert orjson.loads(orjson.dumps(fast)) == parsed
     assert "id" not in parsed
     assert not set(parsed.get("meta", {})) & {"versionId", "lastUpdated"}
@@ -144,12 +139,12 @@ def test_the_common_case_is_not_parsed_and_a_strange_layout_is() -> None:
         }
     )
     item = _item(stored)
-    sent = _outgoing(item, item.local_refs(), {"Patient/01a2-p1": "Patient/77"})
+    sent = outgoing_body(item, item.local_refs(), {"Patient/01a2-p1": "Patient/77"})
     assert isinstance(sent, orjson.Fragment)
     assert orjson.loads(orjson.dumps(sent))["subject"] == {"reference": "Patient/77"}
     # A Device the server refused needs its Reference edited: that one is parsed.
     item = _item(stored.replace(b"Patient/01a2-p1", b"Device/01a2-d1"))
-    assert isinstance(_outgoing(item, item.local_refs(), {"Device/01a2-d1": "dead"}), dict)
+    assert isinstance(outgoing_body(item, item.local_refs(), {"Device/01a2-d1": "dead"}), dict)
 
 
 # -- on the real server ---------------------------------------------------------------------
