@@ -625,6 +625,14 @@ def _sync_status_table(
             if found.pull_stuck
             else []
         ),
+        *(
+            [
+                f"Paused         for {_age(paused)}: appliance sync once is sending; the "
+                "sync process waits for it to end"
+            ]
+            if (paused := found.paused_for_s) is not None
+            else []
+        ),
         f"Last success   {success}",
         f"Waiting        {found.waiting}",
         f"Claims         {found.claims.ready} ready to submit to the payer"

@@ -61,9 +61,12 @@ per-item backoffs are cancelled, and a drain runs at once. The check rides on th
 
 One sender at a time: each round holds the store's sync lease (``sync_agent.lease``), so
 ``appliance sync once`` run beside this process never sends the same items at the same
-moment (a round is skipped while it holds the lease; it waits for the round under way). A
-round that finds its last holder died in one (kill -9, a crash) first waits the upstream's
-request timeout: a bundle the dead process sent may be with the server still.
+moment. It waits for the round under way; meanwhile this process skips its rounds (the
+claims still go, to the payer; a "Sync now" is kept for the first round that runs) and says
+so (``paused_since``: "Paused" on ``/sync`` and in ``sync status``, a warning in the journal
+every ``PAUSED_WARN_S``). A round that finds its last holder died in one (kill -9, a crash),
+or ended by an exception while a step was sending, first waits the upstream's request
+timeout: a bundle sent then may be with the server still.
 
 At start the first drain is delayed by a random fraction of the interval (≤ 5 s), so a fleet
 coming back after an outage does not arrive at once. The process also seals the audit chain
@@ -91,7 +94,7 @@ from appliance.errors import StoreError, TamperedDataError
 from appliance.runtime import ProcessContext
 from sync_agent.audit_export import AuditExporter, ExportResult
 from sync_agent.claims_submit import ClaimsSubmitter  # claims (issue 8)
-from sync_agent.lease import SyncLease
+from sync_agent.lease import SyncLease, Turn
 from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
 from sync_agent.pull import Puller, PullResult
 from sync_agent.status import REFUSED, STEPS, SYNC_NOW_KEY, UNORDERED
@@ -115,6 +118,9 @@ RETRY_AFTER_CAP_S = 3600.0
 # While online, the round trip of a ``HEAD metadata`` is measured this often and published
 # as ``upstream_rtt_ms`` (the pre-call check shows it: web/precall.py).
 RTT_EVERY_S = 60.0
+# Rounds skipped this long (another process holds the sync lease) are logged as a warning, and
+# again each time as long: a `sync once` suspended or stuck holds every lane back.
+PAUSED_WARN_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,7 +454,11 @@ class SyncLoop:
             ctx.store, client, max_entries=upstream.max_bundle_entries, rng=rng
         )
         self.lease = SyncLease(ctx.store.path, unsure_s=self.deliverer.unsure_s)
-        self._busy = False  # rounds are being skipped: sync once holds the lease
+        # Rounds skipped while another process (sync once) holds the lease: since when (loop
+        # time), when that was last logged, and a "Sync now" that came meanwhile.
+        self._paused_since: float | None = None
+        self._paused_told = 0.0
+        self._sync_now_kept = False
         self.updates = UpdateSender(ctx.store, client, rng=rng)
         self.puller = Puller(ctx.store, client, upstream)
         self.exporter = AuditExporter(
@@ -561,27 +571,51 @@ class SyncLoop:
         on_wait: Callable[[], None] | None = None,
     ) -> Round:
         """One round, holding the sync lease (module docstring). Another process holds it:
-        ``wait`` for it (``on_wait`` is told once), else the round is skipped (``busy``).
-        The last holder died in its round: first wait out what it may have had in flight."""
+        ``wait`` for it (``on_wait`` is told once), else the round is skipped (``busy``):
+        only the claims go (to the payer, not the EHR; ``sync once`` sends none), and a
+        "Sync now" is kept for the next round that runs. The last holder died in its round:
+        first wait out what it may have had in flight."""
         async with self.lease.round(wait=wait, on_wait=on_wait) as turn:
             if turn is None:
-                if not self._busy:
-                    self._busy = True
-                    logger.info("another process (appliance sync once) is syncing; waiting")
+                self._paused(wake)
+                if claims:
+                    await self.claims.run_once()
                 return Round(DrainResult(), busy=True)
-            self._busy = False
+            if self._paused_since is not None:
+                self._paused_since = None
+                self._ctx.set_status(paused_since=None)
+                if self._sync_now_kept:
+                    wake = Wake.SYNC_NOW
+            self._sync_now_kept = False
             if turn.wait_s > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._ctx.stopping.wait(), turn.wait_s)
                 if self._ctx.stopping.is_set():
                     return Round(DrainResult())
             return await self._round_held(
-                wake, claims=claims, max_bundles=max_bundles, on_bundle=on_bundle
+                wake, turn, claims=claims, max_bundles=max_bundles, on_bundle=on_bundle
+            )
+
+    def _paused(self, wake: Wake) -> None:
+        """A round skipped: another process (``appliance sync once``) holds the lease."""
+        now = asyncio.get_running_loop().time()
+        self._sync_now_kept |= wake is Wake.SYNC_NOW
+        if self._paused_since is None:
+            self._paused_since = self._paused_told = now
+            self._ctx.set_status(paused_since=datetime.now(UTC).isoformat(timespec="seconds"))
+            logger.info("another process (appliance sync once) is syncing; this one waits")
+        elif now - self._paused_told >= PAUSED_WARN_S:
+            self._paused_told = now
+            logger.warning(
+                "sending paused for %.0f min: another process (appliance sync once) holds the "
+                "sync lease; is it stuck (suspended, or its terminal paused)?",
+                (now - self._paused_since) / 60,
             )
 
     async def _round_held(
         self,
         wake: Wake,
+        turn: Turn,
         *,
         claims: bool,
         max_bundles: int,
@@ -597,9 +631,10 @@ class SyncLoop:
             if on_bundle is not None:
                 on_bundle(step)
 
-        result = await self.deliverer.drain(
-            max_bundles=max_bundles, stop=stopping, on_bundle=delivering
-        )
+        with turn.send():
+            result = await self.deliverer.drain(
+                max_bundles=max_bundles, stop=stopping, on_bundle=delivering
+            )
         done = Round(result)
         self._report(result)
         if stopping():
@@ -625,7 +660,8 @@ class SyncLoop:
         answered = False  # a step got the upstream's answer this round
         updates, pull, export = self.steps.values()
         if updates.due(loop.time()):
-            done.updated = updated = await self.updates.send_once()
+            with turn.send():
+                done.updated = updated = await self.updates.send_once()
             updates.after(updated.stopped_by, loop.time(), self._pacing, self._rng)
             stops += [updated.stopped_by] if updated.stopped_by else []
             answered |= bool(updated.delivered or updated.conflicts or updated.dead)
@@ -648,7 +684,8 @@ class SyncLoop:
             stops += [pulled.stopped_by] if pulled.stopped_by else []
             answered |= pulled.pages > 0
         if export.due(loop.time()):
-            done.exported = exported = await self.exporter.drain(stop=stopping)
+            with turn.send():
+                done.exported = exported = await self.exporter.drain(stop=stopping)
             answered |= exported.bundles > 0
             # An anchor refused for our access or the address paces the step as well: with
             # nothing else to export, it would be asked again every round.

@@ -313,6 +313,18 @@ class SyncStatus:
         return process.pull_unordered if process is not None and process.fresh else 0
 
     @property
+    def paused_for_s(self) -> float | None:
+        """How long the sync process has skipped its rounds, another process (``appliance
+        sync once``) holding the sync lease (None: it is not, or not alive)."""
+        process = self.process
+        if process is None or not process.fresh:
+            return None
+        since = parse_time(process.figures.get("paused_since"))
+        if since is None:
+            return None
+        return max(0.0, (process.beat_at - since).total_seconds() + process.age_s)
+
+    @property
     def pull_stuck(self) -> bool:
         """A pull stream stuck in the sync process's last pass, while it is alive."""
         process = self.process

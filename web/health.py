@@ -318,6 +318,12 @@ def _sync_metrics(sync: SyncStatus) -> Iterator[GaugeMetricFamily]:
         value=sync.failing.count,
     )
     yield GaugeMetricFamily(
+        "appliance_sync_paused_seconds",
+        "How long the sync process has skipped its rounds because another process "
+        "(appliance sync once) holds the sync lease; 0 when it is not.",
+        value=sync.paused_for_s or 0.0,
+    )
+    yield GaugeMetricFamily(
         "appliance_sync_reviews_open",
         "Local edits the EHR's changes overtook, waiting for a nurse's decision.",
         value=sync.reviews_open,

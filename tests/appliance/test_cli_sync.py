@@ -20,6 +20,7 @@ import pytest
 
 from appliance.cli import main
 from appliance.store import Lane, Store
+from sync_agent.lease import SyncLease
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.sync_agent.test_status import claims_for_the_payer
@@ -60,6 +61,19 @@ def _fill(site: Path, *, dead_letter: bool = True) -> None:
         raw.close()
 
     asyncio.run(go())
+
+
+def _heartbeat(site: Path, figures: dict[str, object]) -> None:
+    """The sync process's heartbeat with these figures, as it publishes them."""
+    now = datetime.now(UTC).isoformat()
+    raw = sqlite3.connect(_db(site))
+    with raw:
+        raw.execute(
+            "INSERT OR REPLACE INTO heartbeats (process, pid, started_at, beat_at, status) "
+            "VALUES ('sync', 1, ?, ?, ?)",
+            (now, now, json.dumps(figures)),
+        )
+    raw.close()
 
 
 def _audit_reads(site: Path) -> list[tuple[str, str]]:
@@ -142,15 +156,7 @@ def test_status_table_names_a_pull_the_ehr_refuses(
         "pull_refused": 1,
         "pull_stuck": False,
     }
-    now = datetime.now(UTC).isoformat()
-    raw = sqlite3.connect(_db(site))
-    with raw:  # the sync process's heartbeat after a pass whose Appointment search got a 403
-        raw.execute(
-            "INSERT INTO heartbeats (process, pid, started_at, beat_at, status) "
-            "VALUES ('sync', 1, ?, ?, ?)",
-            (now, now, json.dumps(figures)),
-        )
-    raw.close()
+    _heartbeat(site, figures)  # after a pass whose Appointment search got a 403
     capsys.readouterr()
     assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
     out = capsys.readouterr().out
@@ -170,21 +176,29 @@ def test_status_table_names_pages_the_ehr_did_not_sort_apart_from_refusals(
         "steps_failing": {"pull": "unordered"},
         "pull_unordered": 2,
     }
-    now = datetime.now(UTC).isoformat()
-    raw = sqlite3.connect(_db(site))
-    with raw:  # after a pass whose pages came in another order than asked (_sort ignored)
-        raw.execute(
-            "INSERT INTO heartbeats (process, pid, started_at, beat_at, status) "
-            "VALUES ('sync', 1, ?, ?, ?)",
-            (now, now, json.dumps(figures)),
-        )
-    raw.close()
+    _heartbeat(
+        site, figures
+    )  # after a pass whose pages came in another order than asked (_sort ignored)
     capsys.readouterr()
     assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
     out = capsys.readouterr().out
     # Before: only "Held back pull (unordered)", with no count and no word of what to do.
     assert "Pull           2 page(s) the EHR did not sort or filter as asked" in out
     assert "refused by the EHR" not in out
+
+
+def test_status_table_says_the_sync_process_is_paused_while_sync_once_sends(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paused_since = datetime.now(UTC) - timedelta(minutes=12)
+    _heartbeat(site, {"upstream": "ehr", "online": True, "paused_since": paused_since.isoformat()})
+    capsys.readouterr()
+    assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "Paused         for 12 min: appliance sync once is sending" in out
+    _heartbeat(site, {"upstream": "ehr", "online": True, "paused_since": None})
+    assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
+    assert "Paused" not in capsys.readouterr().out
 
 
 def test_status_shows_the_claims_queue_and_the_audit_export_not_their_empty_lanes(
@@ -279,20 +293,28 @@ def test_once_waits_for_the_sync_process_round_under_way_and_says_so(
     _fill(site, dead_letter=False)
     monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
     # The sync process in a round: its hold on the sync lease (an flock on its own open file,
-    # which excludes another open of it in this process as in another).
+    # which excludes another open of it in this process as in another). The round ends when
+    # sync once has found the lease taken: whatever the load, it meets the round under way.
     held = os.open(site / "appliance.db.sync-lock", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(held, fcntl.LOCK_EX)
-    ended = threading.Timer(1.0, os.close, (held,))  # the round ends: the lock goes with it
-    ended.start()
+    sent_before_the_round_ended: list[int] = []
+    try_lock = SyncLease._try_lock
+
+    def trying(lease: SyncLease) -> int | None:
+        fd = try_lock(lease)
+        if fd is None and not sent_before_the_round_ended:
+            sent_before_the_round_ended.append(fhir_peer.count("Observation"))
+            os.close(held)  # the round ends: the lock goes with it
+        return fd
+
+    monkeypatch.setattr(SyncLease, "_try_lock", trying)
     capsys.readouterr()
-    try:
-        assert main(["sync", "once", "--demo", str(site)]) == 0
-    finally:
-        ended.join()
+    assert main(["sync", "once", "--demo", str(site)]) == 0
     captured = capsys.readouterr()
     assert "the sync process is sending; waiting for its round to end" in captured.err
     summary = json.loads(captured.out)
     assert (summary["delivered"], summary["dead"]) == (3, 0)
+    assert sent_before_the_round_ended == [0]  # nothing went beside the sync process
     assert fhir_peer.count("Observation") == 2
 
 

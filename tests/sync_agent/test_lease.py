@@ -8,9 +8,11 @@ process holding the lease. The rounds run against the real Medplum peer.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,14 +23,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from appliance import fhir
 from appliance.errors import StoreError
 from appliance.store import Store
-from sync_agent.lease import SyncLease, lock_path
+from sync_agent.lease import RECORD_SIZE, SyncLease, lock_path, want_path
 from sync_agent.process import SyncLoop, Wake
 from sync_agent.upstream import FHIR_JSON
 from tests.fhir_peer.peer import FhirPeer
 from tests.sync_agent.test_faults import _loop_ctx, _readings
 from tests.sync_agent.test_outbox_delivery import _states
+from tests.sync_agent.test_process import _status
 
 NOON = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -42,7 +46,10 @@ class Clock:
 
 
 def _content(db_path: Path) -> bytes:
-    return lock_path(db_path).read_bytes()
+    """The lock file's record, without its padding (it is always the same size)."""
+    raw = lock_path(db_path).read_bytes()
+    assert len(raw) == RECORD_SIZE  # written in place, never truncated
+    return raw.rstrip()
 
 
 # -- the lease alone --------------------------------------------------------------------------
@@ -83,14 +90,26 @@ async def test_a_holder_to_be_that_waits_gets_the_lease_when_the_round_under_way
     assert len(told) == 1  # told once, not at every try
 
 
-async def test_a_round_ended_by_an_exception_makes_the_next_holder_wait_the_request_timeout(
+async def _round_failing(lease: SyncLease, *, while_sending: bool) -> None:
+    """A round whose store fails: after a step that sent was answered, or in the middle."""
+    async with lease.round() as turn:
+        assert turn is not None
+        with turn.send():
+            if while_sending:
+                raise StoreError("database or disk is full")
+        raise StoreError("database or disk is full")
+
+
+async def test_a_round_ended_by_an_exception_while_sending_makes_the_next_holder_wait(
     db_path: Path,
 ) -> None:
     clock = Clock()
     lease = SyncLease(db_path, unsure_s=30, clock=clock)
     with pytest.raises(StoreError):
-        async with lease.round():
-            raise StoreError("database or disk is full")
+        await _round_failing(lease, while_sending=False)  # the pull's write, say
+    assert _content(db_path) == b""  # before: every later round waited 30 s, for nothing
+    with pytest.raises(StoreError):
+        await _round_failing(lease, while_sending=True)  # a bundle may be in flight
     assert _content(db_path).startswith(b"round ")
     clock.now = NOON + timedelta(minutes=5)
     async with lease.round() as turn:
@@ -102,7 +121,7 @@ async def test_a_round_ended_by_an_exception_makes_the_next_holder_wait_the_requ
     # The wait not over is passed on: the next holder (sync once, say) keeps it.
     assert (
         _content(db_path)
-        == b"hold %s\n" % (NOON + timedelta(minutes=5, seconds=30)).isoformat().encode()
+        == b"hold %s" % (NOON + timedelta(minutes=5, seconds=30)).isoformat().encode()
     )
     async with lease.round() as turn:
         assert turn is not None
@@ -114,6 +133,61 @@ async def test_a_round_ended_by_an_exception_makes_the_next_holder_wait_the_requ
     async with lease.round() as turn:
         assert turn is not None
         assert turn.unsure_until is None
+
+
+async def test_a_lease_whose_record_cannot_be_written_is_not_had(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new lock file on a full disk: a round sending with no "round" record behind it
+    would leave no wait after a crash, so it does not run."""
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    ran = False
+    with pytest.raises(StoreError, match=r"cannot write the sync lock file .*No space left"):
+        async with SyncLease(db_path, unsure_s=30).round():
+            ran = True  # before: the warning was logged and the round ran, sending
+    assert not ran
+    monkeypatch.undo()
+    async with SyncLease(db_path, unsure_s=30).round() as turn:
+        assert turn is not None  # the lock was freed
+
+
+async def test_a_waiting_holder_to_be_gets_in_after_the_round_under_way_not_the_catch_up(
+    db_path: Path,
+) -> None:
+    """The sync process in a catch-up: round after round at once, the lease free between two
+    for no time at all. ``sync once`` waiting for it gets in after the round under way."""
+    service, once = SyncLease(db_path, unsure_s=30), SyncLease(db_path, unsure_s=30)
+    order: list[str] = []
+
+    async def catch_up() -> None:
+        for n in range(12):
+            async with service.round() as turn:
+                if turn is None:
+                    order.append("skipped")
+                    await asyncio.sleep(0.1)  # the sync loop's wait after a skipped round
+                    continue
+                order.append(f"round {n}")
+                await asyncio.sleep(0.3)
+
+    async def sync_once() -> None:
+        await asyncio.sleep(0.1)  # the catch-up's first round is under way
+        async with once.round(wait=True) as turn:
+            assert turn is not None
+            order.append("sync once")
+            await asyncio.sleep(0.2)
+
+    await asyncio.wait_for(asyncio.gather(catch_up(), sync_once()), 30)
+    # Before: "sync once" came only after all twelve rounds (each left the lease free for no
+    # longer than one step of the event loop, and a poll every 0.2 s never met it).
+    assert order.index("sync once") <= 2
+    assert "skipped" in order
+    async with SyncLease(db_path, unsure_s=30).round() as turn:
+        assert turn is not None  # the want lock was let go with the lease
+    assert want_path(db_path).exists()
 
 
 @pytest.mark.parametrize(
@@ -145,7 +219,7 @@ async def test_a_lock_file_that_cannot_be_opened_is_a_store_error_saying_which(
 ) -> None:
     lease = SyncLease(tmp_path / "missing" / "appliance.db", unsure_s=30)
     with pytest.raises(
-        StoreError, match=r"cannot open the sync lock file .*appliance\.db\.sync-lock"
+        StoreError, match=r"cannot open the sync lock file .*appliance\.db\.sync-(lock|want)"
     ):
         async with lease.round():
             pass
@@ -268,22 +342,42 @@ async def test_sync_once_beside_the_sync_process_never_sends_at_the_same_time(
 
 
 @pytest.mark.peer
-async def test_a_round_is_skipped_while_another_process_holds_the_lease(
+async def test_a_round_is_skipped_while_another_process_holds_the_lease_and_says_so(
     fhir_peer: FhirPeer, store: Store, db_path: Path, tmp_path: Path
 ) -> None:
     fhir_peer.reset()
     await _readings(store, 3)
+    raw = sqlite3.connect(db_path)
+    with raw:  # each waiting out a retry delay: only "Sync now" sends them at once
+        later = fhir.utc_text(datetime.now(UTC) + timedelta(hours=1))
+        raw.execute("UPDATE outbox SET next_attempt_at = ?", (later,))
+    raw.close()
     counts, sent = {"now": 0, "most": 0}, []
     ctx = await _loop_ctx(tmp_path, store, fhir_peer.base_url, interval_s=60)
     async with _client(fhir_peer, Watching(counts, sent), 5.0) as client:
         loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=random.Random(1))
+        claims_runs = []
+        run_claims = loop.claims.run_once
+
+        async def claims_run_once() -> None:
+            claims_runs.append(1)
+            await run_claims()
+
+        loop.claims.run_once = claims_run_once  # type: ignore[method-assign]
         async with SyncLease(db_path, unsure_s=30).round() as held:
             assert held is not None
-            skipped = await loop._round(Wake.SYNC_NOW)
+            skipped = await loop._round(Wake.SYNC_NOW)  # staff pressed "Sync now" meanwhile
+            paused = await _status(store, ctx)
         ran = await loop._round(Wake.WORK)
+        resumed = await _status(store, ctx)
     assert skipped.busy
     assert skipped.drained.bundles == 0
     assert not skipped.progressed
+    assert claims_runs == [1, 1]  # claims go to the payer, skipped round or not
+    # Before: nothing said why nothing went; and the "Sync now" was lost with the round.
+    assert paused.paused_for_s is not None
+    assert paused.paused_for_s < 60
+    assert resumed.paused_for_s is None
     assert sent
     assert ran.drained.delivered == 4
     assert _states(db_path) == [("delivered", 4)]

@@ -234,6 +234,22 @@ async def test_an_offline_link_says_what_the_failure_means(
     assert said in page.split('id="last-failure">')[1].split("</span>")[0]
 
 
+async def test_the_page_and_metrics_say_the_sync_process_is_paused_while_sync_once_sends(
+    logged_in: QuartClient, db_path: Path, clock: FakeClock
+) -> None:
+    since = (clock() - timedelta(minutes=3)).isoformat()
+    raw = sqlite3.connect(db_path)
+    with raw:
+        _beat(raw, clock, {"upstream": "ehr", "online": True, "paused_since": since})
+    raw.close()
+    page = (await (await logged_in.get("/sync/")).get_data()).decode()
+    row = page.split('id="paused">')[1].split("</td>")[0]
+    assert "Paused for 3 min" in row
+    assert "appliance sync once</code> is sending" in row
+    metrics = (await (await logged_in.get("/metrics")).get_data()).decode()
+    assert "appliance_sync_paused_seconds 180.0" in metrics
+
+
 async def test_the_link_reads_starting_then_names_a_connection_that_cannot_be_made(
     logged_in: QuartClient, db_path: Path, clock: FakeClock
 ) -> None:
