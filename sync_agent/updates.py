@@ -4,7 +4,8 @@ A person's edit of demographics (:meth:`appliance.store.Store.update`) leaves an
 ``kind='update'`` whose ``if_match`` names the upstream version the edit was based on.
 :class:`UpdateSender` sends those rows one at a time — each carries its own precondition, and
 a refusal must reach a person — as ``PUT <Type>/<upstream id>`` with ``If-Match: W/"<version>"``
-and the resource as it is *now* (so one row also carries any later edit):
+and the resource as it is *now* (so one row also carries any later edit), without its
+narrative (``text``: it describes the version before the edit):
 
 * 200/201 → delivered; the new upstream version is recorded as the base of the next edit;
 * 412 (or 409, which some servers answer for a version conflict) → the upstream changed
@@ -207,6 +208,10 @@ class UpdateSender:
             if link is not None:
                 outgoing = rewrite_references(stored.resource, lambda ref: _to_upstream(conn, ref))
                 outgoing["id"] = link.upstream_ref.partition("/")[2]
+                # The narrative is of the version before the edit (the old name, the old
+                # phone): the EHR would show it as if current. Left out, the server makes
+                # its own from the data, or has none.
+                outgoing.pop("text", None)
                 meta = outgoing.pop("meta", None)
                 if isinstance(meta, dict) and meta.get("tag"):
                     outgoing["meta"] = {"tag": meta["tag"]}

@@ -134,6 +134,47 @@ async def test_a_local_edit_goes_up_with_if_match_and_the_new_version_is_recorde
     assert (await _sender(store, client).send_once()).delivered == 1
 
 
+async def test_an_update_goes_without_the_narrative_of_the_version_before_the_edit(
+    store: Store, client: httpx.AsyncClient
+) -> None:
+    narrative = {
+        "status": "generated",
+        "div": '<div xmlns="http://www.w3.org/1999/xhtml">Ada Upstreamperson</div>',
+    }
+    response = await client.post("Patient", json={**factories.patient(), "text": narrative})
+    upstream = response.json()
+    [imported] = await store.import_upstream(
+        [
+            UpstreamCopy(
+                f"Patient/{upstream['id']}",
+                upstream["meta"]["versionId"],
+                upstream["meta"]["lastUpdated"],
+                upstream,
+            )
+        ],
+        "service:sync",
+    )
+    assert imported.logical_id is not None
+    await _edit(store, imported.logical_id, "Editedperson")
+    sent: list[dict[str, Any]] = []
+
+    async def keep_the_put(request: httpx.Request) -> None:
+        if request.method == "PUT":
+            sent.append(orjson.loads(request.content))
+
+    client.event_hooks["request"].append(keep_the_put)
+    try:
+        assert (await _sender(store, client).send_once()).delivered == 1
+    finally:
+        client.event_hooks["request"].remove(keep_the_put)
+    # Before: the old narrative went along ("Ada Upstreamperson", status generated), and
+    # the EHR showed it over the new name.
+    [put] = sent
+    assert put["name"][0]["family"] == "Editedperson"
+    assert "text" not in put
+    assert "text" not in await _upstream(client, upstream)
+
+
 async def test_a_concurrent_upstream_edit_puts_the_change_into_the_review_queue(
     store: Store, client: httpx.AsyncClient, db_path: Path
 ) -> None:
