@@ -26,9 +26,10 @@ and sends the request once more; a second 401 is ``UpstreamError(AUTH)``.
 
 How token-endpoint failures are classed (:class:`sync_agent.upstream.Failure`):
 
-* no connection, timeout, 5xx, 429 → **transient** (``Retry-After`` kept). Raised without a
-  transport error as cause, so the sync loop backs off rather than probing the FHIR server,
-  which may well answer while the token endpoint does not.
+* no connection, timeout (a 408 answer too), 5xx, 429 → **transient** (``Retry-After`` kept,
+  a date counted from the answer's own ``Date``). Raised without a transport error as cause,
+  so the sync loop backs off rather than probing the FHIR server, which may well answer
+  while the token endpoint does not.
 * 400/401 (``invalid_client``, ``invalid_scope``…), any other answer that is not a token →
   **auth**, with the server's OAuth ``error`` and ``error_description`` (they hold no PHI).
   So is an ``access_token`` that no ``Authorization`` header can carry (a line break, a
@@ -377,8 +378,14 @@ class SmartBackendAuth(httpx.Auth):
             raise UpstreamError(
                 Failure.TRANSIENT, f"token endpoint: no token ({type(exc).__name__})"
             ) from None
-        if response.status_code == 429 or response.status_code >= 500:
-            delay = retry_after_seconds(response.headers.get("Retry-After"), now=self._clock())
+        if response.status_code in (408, 429) or response.status_code >= 500:
+            # A Retry-After date counts from the answer's own Date, as for the FHIR server
+            # (retry_after_seconds): a box whose clock lags would wait the lag on top.
+            delay = retry_after_seconds(
+                response.headers.get("Retry-After"),
+                now=self._clock(),
+                served=response.headers.get("Date"),
+            )
             raise UpstreamError(
                 Failure.TRANSIENT, f"token endpoint: {_oauth_error(response)}", delay
             )

@@ -445,17 +445,33 @@ async def test_token_endpoint_503_is_transient_and_delivery_resumes_when_it_heal
     assert _states(db_path) == [("delivered", 3)]
 
 
-async def test_a_token_endpoints_retry_after_date_is_read_on_the_injected_clock(
+async def test_a_token_endpoints_retry_after_date_counts_from_its_own_date_not_our_clock(
     smart: Smart,
 ) -> None:
-    # The FakeClock stands in late 2026: read on the real clock, the delay would be off.
-    later = format_datetime(smart.clock.now() + timedelta(minutes=2), usegmt=True)
+    # The token server dates its answers by the real clock (Hypercorn's Date header); the
+    # box's clock (the FakeClock) stands days away from it, as a box without a battery
+    # clock does before NTP answers. The server asks for two minutes, on its own clock.
+    later = format_datetime(datetime.now(UTC) + timedelta(minutes=2), usegmt=True)
     smart.server.fail_tokens(503, retry_after=later)
     async with smart.client() as client:
         with pytest.raises(UpstreamError) as caught:
             await post_bundle(client, _bundle())
     assert caught.value.failure is Failure.TRANSIENT
-    assert caught.value.retry_after_s == 120.0  # before: None, an HTTP-date was not read
+    # Before: counted from the box's clock, the lag came on top (here 0 or a whole day).
+    # Both dates are whole seconds: the answer may be dated a second after ``later`` was.
+    assert caught.value.retry_after_s in (119.0, 120.0)
+
+
+async def test_a_408_from_the_token_endpoint_is_transient_not_an_auth_failure(
+    smart: Smart,
+) -> None:
+    smart.server.fail_tokens(408, retry_after="30")
+    async with smart.client() as client:
+        with pytest.raises(UpstreamError) as caught:
+            await post_bundle(client, _bundle())
+    # Before: auth ("token endpoint refused the client"), as if the registration were wrong.
+    assert caught.value.failure is Failure.TRANSIENT
+    assert caught.value.retry_after_s == 30.0
 
 
 async def test_unreachable_token_endpoint_is_transient_and_the_outbox_stays_pending(
