@@ -18,8 +18,11 @@ narrative (``text``: it describes the version before the edit):
 
 A row whose resource has no upstream id yet waits until its create lands. A resource made
 here whose upstream version was never read back (``if_match`` NULL) gets it from
-``_history``: a single version there is our own create; more means someone else changed it,
-which is a conflict like a 412.
+``_history``: a single version there whose content is what our create sent is our own
+create. More versions (or a ``total`` above one), another content, or a create whose sent
+version is not certain (an edit saved before it was delivered) go the way of a 412: one
+version alone is no proof, as a server keeping no history lists only the current one,
+whoever wrote it.
 
 The review queue itself (a nurse keeps ours or takes theirs) is
 :mod:`sync_agent.review_queue`.
@@ -36,11 +39,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import orjson
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.errors import TamperedDataError
 from appliance.store import (
+    HISTORY_LABEL,
     Store,
     UpstreamLink,
     link_for_resource,
@@ -313,7 +318,7 @@ class UpdateSender:
         ref = row.link.upstream_ref
         base = row.if_match or row.link.version_id
         if base is None:
-            base = await self._own_version(ref)
+            base = await self._own_version(row, ref)
             if base is None:
                 await self._conflict(row, ref, None, now, result)
                 return
@@ -354,8 +359,21 @@ class UpdateSender:
         await db.run_sync(self._store.connection, _keep_location, row.resource_id, ref)
         return True
 
-    async def _own_version(self, ref: str) -> str | None:
-        """The version of a resource we created, if nobody has changed it since (else None)."""
+    async def _own_version(self, row: _Row, ref: str) -> str | None:
+        """The version of a resource we created, if nobody has changed it since (else None).
+
+        From ``_history``: one version there, whose content is what our create sent. One
+        version alone proves nothing: a server that keeps no history (Azure's
+        ``no-version`` policy, HealthLake without it, history purged) lists only the
+        current version, whoever wrote it, and taking that for our create would overwrite
+        the EHR's change unseen. A ``total`` above one is a change too. When what the create
+        sent is not certain (:meth:`_created`), nothing is asked: the conflict read decides,
+        and a person if the copies differ (a false "changed" costs a review; a false
+        "unchanged" overwrites the EHR).
+        """
+        created = await db.run_sync(self._store.connection, self._created, row)
+        if created is None:
+            return None
         response = await exchange(self._client, "GET", f"{ref}/_history")
         status = response.status_code
         # A 403 here is history not offered to us, not our credentials: the version is
@@ -366,10 +384,58 @@ class UpdateSender:
             and (wait := _must_wait(response, response_json(response)))
         ):
             raise wait
-        entries = bundle_entries(response_json(response))
-        if response.status_code != 200 or len(entries) != 1:
+        body = response_json(response)
+        entries = bundle_entries(body)
+        total = body.get("total") if isinstance(body, dict) else None
+        if (
+            status != 200
+            or len(entries) != 1
+            or (isinstance(total, int) and not isinstance(total, bool) and total > 1)
+        ):
             return None  # changed upstream since our create (or unknowable): a person decides
-        return _version_of(entries[0].get("resource"))
+        resource = entries[0].get("resource")
+        if not isinstance(resource, dict) or _content(resource) != created:
+            return None  # the one version listed is not ours: someone else's change
+        return _version_of(resource)
+
+    def _created(self, conn: sqlite3.Connection, row: _Row) -> Any:
+        """The content (:func:`_content`) of what this resource's create sent, its references
+        as the upstream knows them; None when not made here, or not certain.
+
+        The create sends the resource as stored when it goes. That is the version made here
+        when no edit replaced it until the create was delivered (its first version in
+        ``resource_history`` replaced after ``delivered_at``, or no history at all); after an
+        edit before then (made offline, say), the create may have sent either: None.
+        """
+        create = conn.execute(
+            "SELECT delivered_at FROM outbox WHERE resource_id = ? AND kind = 'create' "
+            "AND state = 'delivered' ORDER BY id LIMIT 1",
+            (row.resource_id,),
+        ).fetchone()
+        if create is None or create[0] is None:
+            return None
+        first = conn.execute(
+            "SELECT id, replaced_at, body FROM resource_history WHERE resource_id = ? "
+            "ORDER BY id LIMIT 1",
+            (row.resource_id,),
+        ).fetchone()
+        if first is None:
+            made: Any = row.resource
+        elif str(first[1]) <= str(create[0]):
+            return None
+        else:
+            keyring = self._store.current_keyring(conn)
+            try:
+                made = orjson.loads(keyring.unseal(HISTORY_LABEL, str(first[0]), bytes(first[2])))
+            except (TamperedDataError, orjson.JSONDecodeError):
+                logger.warning(
+                    "resource_history row %s could not be read; what the create of resource "
+                    "row %s sent is unknown, and the conflict read decides its update",
+                    first[0],
+                    row.resource_id,
+                )
+                return None
+        return _content(rewrite_references(made, lambda ref: _to_upstream(conn, ref)))
 
     async def _conflict(
         self,

@@ -392,6 +392,108 @@ async def test_history_not_offered_to_us_is_unknowable_not_a_credential_failure(
     assert item.logical_id == pat.logical_id
 
 
+class _KeepsNoHistory(httpx.AsyncBaseTransport):
+    """The real transport, but ``_history`` lists only the current version, as a server
+    that keeps no history does (Azure's ``no-version`` policy, history purged), and the
+    methods sent are kept. ``paged``: it lists one version a page, its ``total`` saying
+    how many there are."""
+
+    def __init__(self, *, paged: bool = False) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._paged = paged
+        self.methods: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.methods.append(request.method)
+        response = await self._inner.handle_async_request(request)
+        if request.method != "GET" or not request.url.path.endswith("/_history"):
+            return response
+        body = orjson.loads(await response.aread())
+        body["total"] = len(body.get("entry", []))
+        body["entry"] = body.get("entry", [])[:1]  # newest first, as FHIR lists them
+        if not self._paged:
+            del body["total"]
+        return httpx.Response(
+            response.status_code, headers=response.headers, content=orjson.dumps(body)
+        )
+
+
+async def _made_here_and_delivered(
+    store: Store, client: httpx.AsyncClient
+) -> tuple[str, dict[str, Any]]:
+    """A Patient registered here, its create delivered (its version not read back)."""
+    [pat] = await store.create([factories.patient()], NURSE)
+    await Deliverer(store, client, max_entries=8, rng=random.Random(1)).drain()
+    [upstream] = [e["resource"] for e in (await client.get("Patient")).json()["entry"]]
+    return pat.logical_id, upstream
+
+
+async def test_a_server_keeping_no_history_does_not_pass_the_ehrs_change_for_our_create(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    logical_id, upstream = await _made_here_and_delivered(store, client)
+    # The EHR corrects the birth date; a nurse here changes the name on the copy made here.
+    fixed = await client.put(
+        f"Patient/{upstream['id']}", json={**upstream, "birthDate": "1961-09-04"}
+    )
+    assert fixed.status_code == 200
+    await _edit(store, logical_id, "Mineperson")
+    transport = _KeepsNoHistory()
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url, headers=dict(client.headers), transport=transport
+    ) as no_history:
+        result = await _sender(store, no_history).send_once()
+    # Before: the one version listed was taken for our create and the PUT overwrote the
+    # EHR's correction with the old birth date, no review.
+    assert (result.delivered, result.conflicts) == (0, 1)
+    assert "PUT" not in transport.methods
+    now_upstream = await _upstream(client, upstream)
+    assert (now_upstream["birthDate"], now_upstream["name"][0]["family"]) == (
+        "1961-09-04",
+        "Testperson",
+    )
+    [item] = await ReviewQueue(store).items()
+    case = await ReviewQueue(store).open(item.id, NURSE)
+    assert (case.theirs["birthDate"], case.mine["name"][0]["family"]) == (
+        "1961-09-04",
+        "Mineperson",
+    )
+
+
+async def test_a_history_whose_total_counts_more_versions_than_our_create_is_a_change(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    logical_id, upstream = await _made_here_and_delivered(store, client)
+    # Changed at the EHR and changed back: the newest version reads as our create did.
+    for birth_date in ("1961-09-04", upstream["birthDate"]):
+        current = await _upstream(client, upstream)
+        await client.put(f"Patient/{upstream['id']}", json={**current, "birthDate": birth_date})
+    await _edit(store, logical_id, "Mineperson")
+    transport = _KeepsNoHistory(paged=True)  # one version on the page, total 3
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url, headers=dict(client.headers), transport=transport
+    ) as one_a_page:
+        result = await _sender(store, one_a_page).send_once()
+    # Before: one entry listed was enough; the total is no proof either way, so a person looks.
+    assert (result.delivered, result.conflicts) == (0, 1)
+    assert "PUT" not in transport.methods
+
+
+async def test_on_a_server_keeping_no_history_our_unchanged_create_takes_the_edit(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    logical_id, upstream = await _made_here_and_delivered(store, client)
+    await _edit(store, logical_id, "Mineperson")
+    transport = _KeepsNoHistory()
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url, headers=dict(client.headers), transport=transport
+    ) as no_history:
+        result = await _sender(store, no_history).send_once()
+    assert (result.delivered, result.conflicts) == (1, 0)
+    assert transport.methods == ["GET", "PUT"]  # its _history, then the update on it
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Mineperson"
+
+
 async def test_a_patient_made_here_and_changed_upstream_meanwhile_goes_to_review(
     store: Store, client: httpx.AsyncClient
 ) -> None:
