@@ -9,11 +9,16 @@ narrative (``text``: it describes the version before the edit):
 
 * 200/201 → delivered; the new upstream version is recorded as the base of the next edit;
 * 412 (or 409, which some servers answer for a version conflict) → the upstream changed
-  meanwhile. Unless it now holds exactly our version (our own earlier PUT whose answer was
-  lost), the row is set aside ('dead', sealed message) and a review item keeps both versions,
-  sealed, for a nurse (:mod:`sync_agent.review_queue`). Nothing is overwritten either way;
+  meanwhile. If it now holds exactly our version (our own earlier PUT whose answer was
+  lost), the row is delivered. If it holds a version this box sent before (``outbox.sent``,
+  the digests of what each row PUT, kept before the PUT goes: that earlier PUT landed, its
+  answer lost, and the resource was edited again since), the row is sent again on that
+  version, once a pass. Otherwise the row is set aside ('dead', sealed message) and a review
+  item keeps both versions, sealed, for a nurse (:mod:`sync_agent.review_queue`). Nothing is
+  overwritten either way;
 * 5xx, 429, 408, no connection, no answer → retried later with jittered backoff. Resending a
-  PUT whose answer was lost is safe: it meets a 412, and the rule above recognises our version;
+  PUT whose answer was lost is safe: it meets a 412, and the rule above recognises our
+  version;
 * any other 4xx → dead letter with the server's message (sealed, it may quote PHI).
 
 A row whose resource has no upstream id yet waits until its create lands. A resource made
@@ -83,6 +88,7 @@ logger = logging.getLogger(__name__)
 
 _CONFLICT = (409, 412)
 _BUSY_TRIES = 5  # a 409 on an unchanged version: tried this often, then put to a nurse
+_SENT_KEPT = 8  # digests of the bodies an update row sent (outbox.sent), newest last
 _CREATE_PENDING = (
     "EXISTS (SELECT 1 FROM outbox c WHERE c.resource_id = o.resource_id "
     "AND c.kind = 'create' AND c.state = 'pending')"
@@ -126,6 +132,15 @@ def _content(resource: Any) -> Any:
     if not isinstance(resource, dict):
         return resource
     return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+
+
+def _sent_list(value: Any) -> list[str]:
+    """``outbox.sent`` as a list (empty for NULL or anything that is not a list of text)."""
+    try:
+        found = orjson.loads(value) if isinstance(value, str) else None
+    except orjson.JSONDecodeError:
+        return []
+    return [d for d in found if isinstance(d, str)] if isinstance(found, list) else []
 
 
 def _version_of(resource: Any, response: httpx.Response | None = None) -> str | None:
@@ -317,30 +332,56 @@ class UpdateSender:
             return
         ref = row.link.upstream_ref
         base = row.if_match or row.link.version_id
+        rebased = False
         if base is None:
             base = await self._own_version(row, ref)
             if base is None:
-                await self._conflict(row, ref, None, now, result)
-                return
-        response = await exchange(
-            self._client, "PUT", ref, json=row.outgoing, headers={"If-Match": f'W/"{base}"'}
-        )
-        status = response.status_code
-        if 200 <= status < 300:
-            body = response_json(response)
-            await db.run_sync(
-                conn, self._delivered, row, ref, _version_of(body, response), updated_of(body), now
+                base = await self._conflict(row, ref, None, now, result, rebase=True)
+                if base is None:
+                    return
+                rebased = True
+        digest = self._digest(row.outgoing)
+        while True:
+            # Kept before it goes: if the answer is lost, the copy upstream may be this one.
+            await db.run_sync(conn, self._sending, row, base, digest)
+            response = await exchange(
+                self._client, "PUT", ref, json=row.outgoing, headers={"If-Match": f'W/"{base}"'}
             )
-            result.delivered += 1
-        elif status in _CONFLICT:
-            busy = response if status == 409 else None
-            await self._conflict(row, ref, base, now, result, busy=busy)
-        else:
-            wait = _must_wait(response, response_json(response))
-            if wait is not None:
-                raise wait
-            await db.run_sync(conn, self._dead, row, _server_message(response), None, now)
-            result.dead += 1
+            status = response.status_code
+            if 200 <= status < 300:
+                body = response_json(response)
+                await db.run_sync(
+                    conn,
+                    self._delivered,
+                    row,
+                    ref,
+                    _version_of(body, response),
+                    updated_of(body),
+                    now,
+                )
+                result.delivered += 1
+            elif status in _CONFLICT:
+                busy = response if status == 409 else None
+                # Once a pass: a version of ours met again is looked at on the next one.
+                base = await self._conflict(
+                    row, ref, base, now, result, busy=busy, rebase=not rebased
+                )
+                if base is not None:
+                    rebased = True
+                    continue
+            else:
+                wait = _must_wait(response, response_json(response))
+                if wait is not None:
+                    raise wait
+                await db.run_sync(conn, self._dead, row, _server_message(response), None, now)
+                result.dead += 1
+            return
+
+    def _digest(self, resource: Any) -> str:
+        """A keyed digest of a resource's content (:func:`_content`), for ``outbox.sent``:
+        keyed, as the content is a patient's (like the blind indexes)."""
+        canonical = orjson.dumps(_content(resource), option=orjson.OPT_SORT_KEYS).decode()
+        return self._store.keyring.blind("update-sent", canonical).hex()
 
     async def _learn_location(self, row: _Row) -> bool:
         """Find the upstream id of a resource whose create the server took without saying
@@ -446,7 +487,12 @@ class UpdateSender:
         result: UpdateResult,
         *,
         busy: httpx.Response | None = None,
-    ) -> None:
+        rebase: bool = False,
+    ) -> str | None:
+        """Read the upstream copy after a 412/409 (or when the base is unknown) and record
+        what follows: delivered (it is our version), retried (busy), a review. Returns the
+        version to send again on instead (``rebase``): the copy upstream is one this box
+        sent (:meth:`_sending`), whose answer was lost, and a later edit rides on the row."""
         conn = self._store.connection
         response = await exchange(self._client, "GET", ref)
         theirs = response_json(response)
@@ -462,15 +508,22 @@ class UpdateSender:
             message = f"version conflict, and the upstream copy is unreadable: {_server_message(response)}"
             await db.run_sync(conn, self._dead, row, message, None, now)
             result.dead += 1
-            return
+            return None
         version = _version_of(theirs, response)
         if _content(theirs) == _content(row.outgoing):
             # Our own earlier PUT landed and its answer was lost: nothing to review.
             await db.run_sync(conn, self._delivered, row, ref, version, updated_of(theirs), now)
             result.delivered += 1
-            return
-        message = f"the upstream changed since version {base or 'unknown'}: held for review"
+            return None
         unchanged = base is not None and version == base
+        if rebase and version is not None and not unchanged:
+            sent = await db.run_sync(conn, _sent_for, row.resource_id)
+            if self._digest(theirs) in sent:
+                # An earlier PUT of ours landed, its answer lost, and the resource was edited
+                # again since: nobody else changed it, so no review of our edit against
+                # itself (whose "take theirs" would drop the later edit). It goes on that.
+                return version
+        message = f"the upstream changed since version {base or 'unknown'}: held for review"
         if busy is not None and unchanged:
             said = _server_message(busy)
             if row.attempts + 1 < _BUSY_TRIES:
@@ -481,8 +534,22 @@ class UpdateSender:
             message = f"refused {_BUSY_TRIES} times with HTTP 409 ({said}): held for review"
         await db.run_sync(conn, self._dead, row, message, Conflict(theirs, base, version), now)
         result.conflicts += 1
+        return None
 
     # -- recording outcomes (on the database thread, one transaction each) ---------------
+
+    def _sending(self, conn: sqlite3.Connection, row: _Row, base: str, digest: str) -> None:
+        """Before a PUT: the version it goes on becomes the row's ``if_match`` (the base of
+        its edit, as a review shows it), and its body's digest joins ``sent``."""
+        with db.transaction_sync(conn):
+            found = conn.execute(
+                "SELECT sent FROM outbox WHERE id = ?", (row.outbox_id,)
+            ).fetchone()
+            sent = [d for d in _sent_list(None if found is None else found[0]) if d != digest]
+            conn.execute(
+                "UPDATE outbox SET if_match = ?, sent = ? WHERE id = ? AND state = 'pending'",
+                (base, orjson.dumps([*sent, digest][-_SENT_KEPT:]).decode(), row.outbox_id),
+            )
 
     def _delivered(
         self,
@@ -614,6 +681,15 @@ class UpdateSender:
                 "WHERE id = ? AND state = 'pending'",
                 (sealed, fhir.utc_text(now + timedelta(seconds=delay)), row.outbox_id),
             )
+
+
+def _sent_for(conn: sqlite3.Connection, resource_id: int) -> set[str]:
+    """The digests of every body this box has PUT for the resource (``outbox.sent``)."""
+    rows = conn.execute(
+        "SELECT sent FROM outbox WHERE resource_id = ? AND kind = 'update' AND sent IS NOT NULL",
+        (resource_id,),
+    ).fetchall()
+    return {digest for (sent,) in rows for digest in _sent_list(sent)}
 
 
 def _keep_location(conn: sqlite3.Connection, resource_id: int, ref: str) -> None:

@@ -522,6 +522,45 @@ async def test_a_lost_answer_is_resent_and_recognised_as_our_own_version(
     assert _outbox(db_path)[0][1] == "delivered"
 
 
+async def test_a_lost_answer_then_a_later_edit_goes_on_our_own_version_not_to_review(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    logical_id, upstream, clock, sender = await _edited(store, client)
+    fhir_peer.fault("close", after="response")  # the PUT lands, its answer is lost
+    assert (await sender.send_once()).retry == 1
+    ours = await _upstream(client, upstream)
+    assert ours["name"][0]["family"] == "Editedperson"
+    # Corrected again here meanwhile: the edit rides on the same outbox row.
+    await _edit(store, logical_id, "Secondedit")
+    clock.now += timedelta(hours=1)
+    again = await sender.send_once()  # 412: the upstream holds our first edit, not this one
+    # Before: a review of our edit against our own first one ("the upstream changed since
+    # version 1"), whose "take theirs" dropped the second edit.
+    assert (again.delivered, again.conflicts) == (1, 0)
+    assert await ReviewQueue(store).items() == []
+    now_upstream = await _upstream(client, upstream)
+    assert now_upstream["name"][0]["family"] == "Secondedit"
+    # Sent again on the version our first edit made, which is now the edit's base.
+    assert _outbox(db_path) == [("update", "delivered", ours["meta"]["versionId"])]
+    link = await store.upstream_link("Patient", logical_id)
+    assert link is not None
+    assert link.version_id == now_upstream["meta"]["versionId"]
+
+
+async def test_an_upstream_change_after_our_lost_answer_still_goes_to_review(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    logical_id, upstream, clock, sender = await _edited(store, client)
+    fhir_peer.fault("close", after="response")
+    assert (await sender.send_once()).retry == 1
+    await _their_edit(client, upstream, "Theirsperson")  # on top of our first edit
+    await _edit(store, logical_id, "Secondedit")
+    clock.now += timedelta(hours=1)
+    result = await sender.send_once()
+    assert (result.delivered, result.conflicts) == (0, 1)
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Theirsperson"
+
+
 async def test_a_transient_failure_retries_after_a_backoff(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
