@@ -7,7 +7,10 @@ a refusal must reach a person — as ``PUT <Type>/<upstream id>`` with ``If-Matc
 and the resource as it is *now* (so one row also carries any later edit), without its
 narrative (``text``: it describes the version before the edit):
 
-* 200/201 → delivered; the new upstream version is recorded as the base of the next edit;
+* 200/201 → delivered; the new upstream version (from the body's ``meta``, the ETag, or a
+  ``Location``/``Content-Location`` ending ``_history/<version>``) is recorded as the base of
+  the next edit. An answer that names none leaves it unknown: the next edit takes the
+  upstream's version when its copy is what this box sent (below), else a nurse decides;
 * 412 (or 409, which some servers answer for a version conflict) → the upstream changed
   meanwhile. If it now holds exactly our version (our own earlier PUT whose answer was
   lost), the row is delivered. If it holds a version this box sent before (``outbox.sent``,
@@ -37,11 +40,13 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -151,6 +156,24 @@ def _version_of(resource: Any, response: httpx.Response | None = None) -> str | 
     etag = None if response is None else response.headers.get("ETag")
     if etag:
         return str(etag).removeprefix("W/").strip('"')
+    return None
+
+
+# FHIR's id and version id: [A-Za-z0-9\-.]{1,64}.
+_HISTORY_ID = re.compile(r"/_history/([A-Za-z0-9\-.]{1,64})/?")
+
+
+def _version_in_location(response: httpx.Response, ref: str) -> str | None:
+    """The version a write's ``Location`` or ``Content-Location`` names
+    (``…/<Type>/<id>/_history/<version>``), when it names ``ref``: where a server that
+    answers a PUT with no body and no ETag still says which version it made."""
+    for header in ("Location", "Content-Location"):
+        # Absolute or relative ("Patient/1/_history/2"): the path, from a slash.
+        path = "/" + urlsplit(response.headers.get(header, "")).path.lstrip("/")
+        at = path.rfind(f"/{ref}/_history/")
+        found = _HISTORY_ID.fullmatch(path, at + 1 + len(ref)) if at >= 0 else None
+        if found is not None:
+            return found[1]
     return None
 
 
@@ -350,15 +373,11 @@ class UpdateSender:
             status = response.status_code
             if 200 <= status < 300:
                 body = response_json(response)
-                await db.run_sync(
-                    conn,
-                    self._delivered,
-                    row,
-                    ref,
-                    _version_of(body, response),
-                    updated_of(body),
-                    now,
-                )
+                # With no version said at all, the link's version becomes unknown (the one
+                # we sent on is stale now): the next edit finds it by what this one sent
+                # (_conflict), or goes to a nurse.
+                version = _version_of(body, response) or _version_in_location(response, ref)
+                await db.run_sync(conn, self._delivered, row, ref, version, updated_of(body), now)
                 result.delivered += 1
             elif status in _CONFLICT:
                 busy = response if status == 409 else None

@@ -746,6 +746,83 @@ async def test_a_conflict_read_whose_version_is_only_in_the_etag_keeps_it_for_ke
     assert (await _upstream(client, upstream))["name"][0]["family"] == "Mineperson"
 
 
+class _PutAnsweredBare(httpx.AsyncBaseTransport):
+    """The real transport, but a PUT that succeeds is answered 200 with no body and no ETag,
+    as some servers do (``Prefer: return=minimal`` their default); ``location``: with the
+    version only in a ``Content-Location`` (``…/_history/<version>``)."""
+
+    def __init__(self, *, location: bool) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._location = location
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if request.method != "PUT" or response.status_code != 200:
+            return response
+        made = orjson.loads(await response.aread())
+        headers = {}
+        if self._location:
+            where = f"{request.url}/_history/{made['meta']['versionId']}"
+            headers["Content-Location"] = where
+        return httpx.Response(200, headers=headers)
+
+
+async def test_a_put_answered_with_its_version_only_in_content_location_keeps_it(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url,
+        headers=dict(client.headers),
+        transport=_PutAnsweredBare(location=True),
+    ) as bare:
+        assert (await _sender(store, bare).send_once()).delivered == 1
+    link = await store.upstream_link("Patient", logical_id)
+    assert link is not None
+    # Before: None (read from the body and the ETag only), the known version lost with it.
+    assert link.version_id == (await _upstream(client, upstream))["meta"]["versionId"]
+
+
+async def test_after_a_put_answered_with_no_version_the_next_edit_goes_on_what_we_sent(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url,
+        headers=dict(client.headers),
+        transport=_PutAnsweredBare(location=False),
+    ) as bare:
+        assert (await _sender(store, bare).send_once()).delivered == 1
+        link = await store.upstream_link("Patient", logical_id)
+        assert link is not None
+        assert link.version_id is None  # unknown: the version the PUT went on is stale
+        await _edit(store, logical_id, "Againperson")
+        result = await _sender(store, bare).send_once()
+    # Before: every later edit went to a nurse, though only this box had changed the record.
+    assert (result.delivered, result.conflicts) == (1, 0)
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Againperson"
+
+
+async def test_after_a_put_answered_with_no_version_an_ehr_change_still_goes_to_review(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Editedperson")
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url,
+        headers=dict(client.headers),
+        transport=_PutAnsweredBare(location=False),
+    ) as bare:
+        assert (await _sender(store, bare).send_once()).delivered == 1
+        await _their_edit(client, upstream, "Theirsperson")
+        await _edit(store, logical_id, "Againperson")
+        result = await _sender(store, bare).send_once()
+    assert (result.delivered, result.conflicts) == (0, 1)
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Theirsperson"
+
+
 async def newer_version_pulled_into_the_review(
     store: Store, client: httpx.AsyncClient, upstream: dict[str, Any], family: str
 ) -> None:
