@@ -19,9 +19,12 @@ narrative (``text``: it describes the version before the edit):
   version, once a pass. Otherwise the row is set aside ('dead', sealed message) and a review
   item keeps both versions, sealed, for a nurse (:mod:`sync_agent.review_queue`). Nothing is
   overwritten either way;
-* 5xx, 429, 408, no connection, no answer → retried later with jittered backoff. Resending a
-  PUT whose answer was lost is safe: it meets a 412, and the rule above recognises our
-  version;
+* 5xx, 429, 408, no connection, no answer → retried later with jittered backoff, and the
+  pass stops there (so it does at a 401: our credentials). Resending a PUT whose answer was
+  lost is safe: it meets a 412, and the rule above recognises our version;
+* a refusal of that one record — a 409 on a version nobody changed (a lock; after 5 of them,
+  counted apart from other tries, a nurse decides), a 423, a 403 (an access rule for it) →
+  that row is retried later and the pass goes on to the others: the link is not in question;
 * any other 4xx → dead letter with the server's message (sealed, it may quote PHI).
 
 A row whose resource has no upstream id yet waits until its create lands. A resource made
@@ -86,6 +89,7 @@ from sync_agent.upstream import (
     exchange,
     outcome_text,
     response_json,
+    retry_after_seconds,
     search_matches,
 )
 
@@ -93,14 +97,18 @@ logger = logging.getLogger(__name__)
 
 _CONFLICT = (409, 412)
 _BUSY_TRIES = 5  # a 409 on an unchanged version: tried this often, then put to a nurse
+# Refusals of one record, not of the link nor of this client as a whole (that is a 401): a
+# lock on it (a 409 on a version nobody changed, a 423), an access rule for it (a 403, as
+# the pull reads one for a search). The row waits its backoff; the other records go on.
+_RECORD_REFUSALS = frozenset({403, 409, 423})
 _SENT_KEPT = 8  # digests of the bodies an update row sent (outbox.sent), newest last
 _CREATE_PENDING = (
     "EXISTS (SELECT 1 FROM outbox c WHERE c.resource_id = o.resource_id "
     "AND c.kind = 'create' AND c.state = 'pending')"
 )
 _LOAD_SQL = (
-    "SELECT o.id, o.lane, o.attempts, o.if_match, r.id, r.logical_id, r.type, r.key_version, "  # noqa: S608 - constants
-    "r.body FROM outbox o JOIN resources r ON r.id = o.resource_id "
+    "SELECT o.id, o.lane, o.attempts, o.busy_409s, o.if_match, r.id, r.logical_id, r.type, "  # noqa: S608 - constants
+    "r.key_version, r.body FROM outbox o JOIN resources r ON r.id = o.resource_id "
     "WHERE o.state = 'pending' AND o.kind = 'update' "
     f"AND {DUE_SQL} AND NOT {_CREATE_PENDING} ORDER BY o.id LIMIT ?"
 )
@@ -116,17 +124,37 @@ def _server_message(response: httpx.Response) -> str:
     return outcome_text(response_json(response)) or f"HTTP {response.status_code}"
 
 
+class _RecordRefused(UpstreamError):
+    """A refusal of one record (:data:`_RECORD_REFUSALS`): its row waits, the pass goes on."""
+
+    __slots__ = ()
+
+
+class _Busy(_RecordRefused):
+    """A 409 on a version nobody changed: counted apart from other tries (``busy_409s``)."""
+
+    __slots__ = ()
+
+
 def _must_wait(response: httpx.Response, body: Any) -> UpstreamError | None:
     """For a failed exchange with one resource's address: the error to raise when the
     update must wait and be tried again (the link, a rate limit, our credentials, the
-    address itself), None when the answer is about the resource: a dead letter
-    (:func:`~sync_agent.upstream.classify_for_resource`)."""
+    address itself; or that record alone, :class:`_RecordRefused`), None when the answer is
+    about the resource: a dead letter (:func:`~sync_agent.upstream.classify_for_resource`)."""
+    status = response.status_code
     refusal = classify_for_resource(
-        response.status_code,
+        status,
         body,
         response.headers.get("Retry-After"),
         served=response.headers.get("Date"),
     )
+    if status in _RECORD_REFUSALS:
+        said = outcome_text(body) or f"HTTP {status}"
+        return _RecordRefused(
+            Failure.PERMANENT if status == 403 else Failure.TRANSIENT,
+            f"the upstream refused this record for now (HTTP {status}): {said}",
+            refusal.retry_after_s,
+        )
     if refusal.failure in (Failure.PERMANENT, Failure.TOO_LARGE):
         return None
     return refusal
@@ -184,7 +212,8 @@ def _version_in_location(response: httpx.Response, ref: str) -> str | None:
 class _Row:
     outbox_id: int
     lane: int
-    attempts: int
+    attempts: int  # every try, whatever ended it
+    busy_409s: int  # the 409s on a version nobody changed among them
     if_match: str | None
     resource_id: int
     logical_id: str
@@ -231,7 +260,7 @@ class UpdateSender:
         (see below), and how many wait for their create."""
         rows = []
         unreadable: list[tuple[int, str]] = []
-        for outbox_id, lane, attempts, if_match, *resource_row in conn.execute(
+        for outbox_id, lane, attempts, busy_409s, if_match, *resource_row in conn.execute(
             _LOAD_SQL, (*due_bounds(now), limit)
         ).fetchall():
             try:
@@ -263,6 +292,7 @@ class UpdateSender:
                     outbox_id,
                     lane,
                     attempts,
+                    busy_409s,
                     if_match,
                     stored.row_id,
                     stored.logical_id,
@@ -303,8 +333,10 @@ class UpdateSender:
             )
 
     async def send_once(self, *, max_items: int = 20) -> UpdateResult:
-        """Send the due updates (at most ``max_items``); stops at a link failure. Never raises
-        for the link: the result says what happened."""
+        """Send the due updates (at most ``max_items``); stops at a failure of the link, of a
+        whole server or of our credentials. A refusal of one record (locked, restricted:
+        :data:`_RECORD_REFUSALS`) has that row wait and the others go on. Never raises for
+        the link: the result says what happened."""
         result = UpdateResult()
         now = self._clock()
         conn = self._store.connection
@@ -320,9 +352,13 @@ class UpdateSender:
                     if exc.retry_after_s is not None
                     else backoff_s(row.attempts, self._rng)
                 )
-                await db.run_sync(conn, self._retry, row, exc.message, delay, now)
+                busy = isinstance(exc, _Busy)
+                await db.run_sync(conn, self._retry, row, exc.message, delay, now, busy)
                 result.retry += 1
                 result.error = str(exc)
+                if isinstance(exc, _RecordRefused):
+                    # About this record alone: the link is up, and the others are tried.
+                    continue
                 result.link_down = exc.failure is Failure.TRANSIENT
                 result.stopped_by = exc
                 break
@@ -545,10 +581,19 @@ class UpdateSender:
         message = f"the upstream changed since version {base or 'unknown'}: held for review"
         if busy is not None and unchanged:
             said = _server_message(busy)
-            if row.attempts + 1 < _BUSY_TRIES:
+            if row.busy_409s + 1 < _BUSY_TRIES:
                 # A 409 while their copy is still the version our edit is based on: nobody
-                # changed it (a lock, a busy server). Tried again, not for a nurse.
-                raise UpstreamError(Failure.TRANSIENT, f"HTTP 409, version unchanged: {said}")
+                # changed it (a lock, a busy server). Tried again, not for a nurse. Counted
+                # apart: tries the link failed are no refusals by the EHR.
+                raise _Busy(
+                    Failure.TRANSIENT,
+                    f"HTTP 409, version unchanged: {said}",
+                    retry_after_seconds(
+                        busy.headers.get("Retry-After"),
+                        now=now,
+                        served=busy.headers.get("Date"),
+                    ),
+                )
             # Refused that way every time: a rule at the EHR, then, and a person decides.
             message = f"refused {_BUSY_TRIES} times with HTTP 409 ({said}): held for review"
         await db.run_sync(conn, self._dead, row, message, Conflict(theirs, base, version), now)
@@ -691,14 +736,20 @@ class UpdateSender:
         return replace(row, blob=bytes(found[4]), resource=stored.resource)
 
     def _retry(
-        self, conn: sqlite3.Connection, row: _Row, message: str, delay: float, now: datetime
+        self,
+        conn: sqlite3.Connection,
+        row: _Row,
+        message: str,
+        delay: float,
+        now: datetime,
+        busy: bool = False,
     ) -> None:
         with db.transaction_sync(conn):
             sealed = self._store.current_keyring(conn).seal("outbox", str(row.outbox_id), message)
             conn.execute(
-                "UPDATE outbox SET last_error = ?, attempts = attempts + 1, next_attempt_at = ? "
-                "WHERE id = ? AND state = 'pending'",
-                (sealed, fhir.utc_text(now + timedelta(seconds=delay)), row.outbox_id),
+                "UPDATE outbox SET last_error = ?, attempts = attempts + 1, next_attempt_at = ?, "
+                "busy_409s = busy_409s + ? WHERE id = ? AND state = 'pending'",
+                (sealed, fhir.utc_text(now + timedelta(seconds=delay)), int(busy), row.outbox_id),
             )
 
 

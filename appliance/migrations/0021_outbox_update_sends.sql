@@ -6,3 +6,8 @@
 -- a review of our edit against itself; an edit after a PUT answered with no version finds
 -- its version the same way. NULL: nothing sent yet.
 ALTER TABLE outbox ADD COLUMN sent TEXT;
+-- How many times the EHR answered an update row 409 while its copy was still the version the
+-- edit was based on (a lock there): after 5, a nurse decides. Counted apart from attempts,
+-- which also count the link failing, so that four lost connections no longer made the first
+-- 409 read as "refused 5 times".
+ALTER TABLE outbox ADD COLUMN busy_409s INTEGER NOT NULL DEFAULT 0;

@@ -606,6 +606,75 @@ async def test_a_409_every_time_on_an_unchanged_version_goes_to_a_nurse_with_its
     assert "injected fault: status 409" in said
 
 
+async def test_link_failures_before_a_409_do_not_count_as_its_refusals(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
+) -> None:
+    _logical_id, _, clock, sender = await _edited(store, client)
+    outcomes = []
+    for fault in ["close"] * 4 + ["409"] * 5:  # four lost connections, then a lock
+        if fault == "close":
+            fhir_peer.fault("close")  # the request is not processed; no answer
+        else:
+            fhir_peer.fault("status", status=409)
+        outcomes.append(await sender.send_once())
+        clock.now += timedelta(days=1)
+    # Before: the first 409 went to a nurse as "refused 5 times with HTTP 409".
+    assert [(o.retry, o.conflicts) for o in outcomes] == [(1, 0)] * 8 + [(0, 1)]
+    conn = sqlite3.connect(db_path)
+    attempts, busy = conn.execute(
+        "SELECT attempts, busy_409s FROM outbox WHERE kind = 'update'"
+    ).fetchone()
+    conn.close()
+    assert (attempts, busy) == (9, 4)  # the fifth 409 opened the review
+
+
+class _RefusesOneRecord(httpx.AsyncBaseTransport):
+    """The real transport, but a PUT to one record is answered ``status`` with the server's
+    OperationOutcome (a lock on that record, an access rule for it)."""
+
+    def __init__(self, path: str, status: int) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._path = path
+        self._status = status
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and request.url.path.endswith(self._path):
+            outcome = {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "lock-error", "diagnostics": "locked"}],
+            }
+            return httpx.Response(self._status, json=outcome)
+        return await self._inner.handle_async_request(request)
+
+
+@pytest.mark.parametrize("refused", [409, 423, 403])
+async def test_a_refusal_of_one_record_leaves_the_other_patients_edits_going(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path, refused: int
+) -> None:
+    locked, locked_upstream = await _pulled_patient(store, client, family="Lockedperson")
+    other, other_upstream = await _pulled_patient(store, client, family="Otherperson")
+    await _edit(store, locked, "Lockededit")  # first in the queue
+    await _edit(store, other, "Otheredit")
+    clock = Clock()
+    async with httpx.AsyncClient(
+        base_url=fhir_peer.base_url,
+        headers=dict(client.headers),
+        transport=_RefusesOneRecord(f"/Patient/{locked_upstream['id']}", refused),
+    ) as ehr:
+        result = await _sender(store, ehr, clock).send_once()
+    # Before: the pass stopped at the locked record, the other edit was not tried, and the
+    # sync status read offline (link_down) or the step backed off as if the link were down.
+    assert (result.delivered, result.retry, result.conflicts, result.dead) == (1, 1, 0, 0)
+    assert (result.link_down, result.stopped_by) == (False, None)
+    assert (await _upstream(client, other_upstream))["name"][0]["family"] == "Otheredit"
+    assert (await _upstream(client, locked_upstream))["name"][0]["family"] == "Lockedperson"
+    assert _outbox(db_path)[0][1] == "pending"  # waits its backoff, then goes again
+    assert await ReviewQueue(store).items() == []
+    clock.now += timedelta(hours=1)
+    assert (await _sender(store, client, clock).send_once()).delivered == 1
+    assert (await _upstream(client, locked_upstream))["name"][0]["family"] == "Lockededit"
+
+
 async def test_a_permanent_refusal_is_dead_lettered_with_the_servers_words(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:
