@@ -570,6 +570,8 @@ def _sync_status_table(
         link = (
             f"unknown: the sync process is not running (last heartbeat {_age(process.age_s)} ago)"
         )
+    elif process.starting and found.paused_for_s is not None:
+        link = f"paused ({process.upstream or 'upstream'}; not checked yet: sync once is sending)"
     elif process.starting:
         link = f"starting ({process.upstream or 'upstream'}; the first round is under way)"
     elif process.upstream is None:

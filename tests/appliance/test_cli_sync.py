@@ -196,6 +196,12 @@ def test_status_table_says_the_sync_process_is_paused_while_sync_once_sends(
     assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
     out = capsys.readouterr().out
     assert "Paused         for 12 min: appliance sync once is sending" in out
+    # Started while sync once sends: no round has run, and that is why (not "starting").
+    _heartbeat(site, {"upstream": "ehr", "paused_since": paused_since.isoformat()})
+    assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
+    assert "Upstream       paused (ehr; not checked yet: sync once is sending)" in (
+        capsys.readouterr().out
+    )
     _heartbeat(site, {"upstream": "ehr", "online": True, "paused_since": None})
     assert main(["sync", "status", "--format", "table", "--demo", str(site)]) == 0
     assert "Paused" not in capsys.readouterr().out

@@ -20,13 +20,18 @@ import httpx
 import pyotp
 import pytest
 
+from appliance import db
+from appliance.runtime import write_heartbeat
 from appliance.users import Role
+from sync_agent.lease import SyncLease
 from sync_agent.outbox_delivery import Deliverer
+from sync_agent.process import SyncLoop, Wake
 from sync_agent.status import Twin, note_twins
 from tests import factories
 from tests.e2e import live_server
 from tests.e2e.conftest import LiveApp
 from tests.fhir_peer.peer import FhirPeer
+from tests.sync_agent.test_faults import _loop_ctx
 
 pytestmark = [pytest.mark.slow, pytest.mark.peer]
 
@@ -174,4 +179,34 @@ async def test_an_admin_sees_an_item_the_ehr_keeps_refusing_for_our_access_and_i
     folder = os.environ.get("APPLIANCE_SCREENSHOTS")
     if folder:
         await page.screenshot(path=str(Path(folder) / "sync-failing.png"), full_page=True)
+    assert problems == []
+
+
+async def test_a_nurse_sees_the_sync_process_paused_while_sync_once_sends(
+    live_app: LiveApp, page: Any, fhir_peer: FhirPeer, tmp_path: Path
+) -> None:
+    """The sync process skips its round while ``appliance sync once`` holds the sync lease,
+    and says so: before, the page read "Online" and nothing went, with no word of why."""
+    problems = live_server.watch_problems(page)
+    sync_store = await live_app.devices_store()  # the sync process's own connection
+    ctx = await _loop_ctx(tmp_path, sync_store, fhir_peer.base_url, interval_s=60)
+    async with (
+        httpx.AsyncClient(base_url=fhir_peer.base_url) as client,
+        SyncLease(live_app.db_path, unsure_s=30).round() as held,  # sync once, sending
+    ):
+        assert held is not None
+        loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=random.Random(1))
+        skipped = await loop._round(Wake.WORK)
+        assert skipped.busy
+        figures = json.dumps(ctx.status, default=str)
+        await db.run_sync(sync_store.connection, write_heartbeat, "sync", "", figures)
+        await live_app.log_in(page, "/sync/")
+        link = await page.locator("#link").inner_text()
+        assert link.startswith("Paused not checked yet")  # not "Starting": no round runs
+        paused = await page.locator("#paused").inner_text()
+        assert paused.startswith("Paused for ")
+        assert "appliance sync once is sending from this box" in paused
+        folder = os.environ.get("APPLIANCE_SCREENSHOTS")
+        if folder:
+            await page.screenshot(path=str(Path(folder) / "sync-paused.png"), full_page=True)
     assert problems == []
