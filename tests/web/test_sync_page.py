@@ -245,7 +245,7 @@ async def test_the_page_and_metrics_say_the_sync_process_is_paused_while_sync_on
     page = (await (await logged_in.get("/sync/")).get_data()).decode()
     row = page.split('id="paused">')[1].split("</td>")[0]
     assert "Paused for 3 min" in row
-    assert "appliance sync once</code> is sending" in row
+    assert "appliance sync once is sending" in row
     metrics = (await (await logged_in.get("/metrics")).get_data()).decode()
     assert "appliance_sync_paused_seconds 180.0" in metrics
 
