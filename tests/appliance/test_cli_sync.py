@@ -76,6 +76,13 @@ def _heartbeat(site: Path, figures: dict[str, object]) -> None:
     raw.close()
 
 
+def _filled_with_the_peer(site: Path, monkeypatch: pytest.MonkeyPatch, fhir_peer: FhirPeer) -> None:
+    """A patient and two readings waiting (:func:`_fill`), the demo's upstream the peer."""
+    fhir_peer.reset()
+    _fill(site, dead_letter=False)
+    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
+
+
 def _audit_reads(site: Path) -> list[tuple[str, str]]:
     raw = sqlite3.connect(_db(site))
     try:
@@ -273,9 +280,7 @@ def test_once_drains_the_outbox_and_the_audit_trail_then_reports_nothing_waiting
     monkeypatch: pytest.MonkeyPatch,
     fhir_peer: FhirPeer,
 ) -> None:
-    fhir_peer.reset()
-    _fill(site, dead_letter=False)
-    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
+    _filled_with_the_peer(site, monkeypatch, fhir_peer)
     capsys.readouterr()
     assert main(["sync", "once", "--demo", str(site)]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -295,9 +300,7 @@ def test_once_waits_for_the_sync_process_round_under_way_and_says_so(
     monkeypatch: pytest.MonkeyPatch,
     fhir_peer: FhirPeer,
 ) -> None:
-    fhir_peer.reset()
-    _fill(site, dead_letter=False)
-    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
+    _filled_with_the_peer(site, monkeypatch, fhir_peer)
     # The sync process in a round: its hold on the sync lease (an flock on its own open file,
     # which excludes another open of it in this process as in another). The round ends when
     # sync once has found the lease taken: whatever the load, it meets the round under way.
@@ -375,9 +378,7 @@ def test_audit_verify_holds_the_trail_to_every_anchor_upstream(
 
         asyncio.run(go())
 
-    fhir_peer.reset()
-    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
-    _fill(site, dead_letter=False)
+    _filled_with_the_peer(site, monkeypatch, fhir_peer)
     checkpoint()
     assert main(["sync", "once", "--quiet", "--demo", str(site)]) == 0
     capsys.readouterr()
@@ -424,9 +425,7 @@ def test_once_prints_the_class_of_a_refusal_never_the_servers_words(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    fhir_peer.reset()
-    _fill(site, dead_letter=False)
-    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
+    _filled_with_the_peer(site, monkeypatch, fhir_peer)
     capsys.readouterr()
     # The server's OperationOutcome quotes what it refused; a 401 stops the run.
     fhir_peer.fault("status", status=401, count=100)
@@ -516,9 +515,7 @@ def test_once_sends_edits_and_items_waiting_out_a_retry_as_sync_now_does(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    fhir_peer.reset()
-    _fill(site, dead_letter=False)
-    monkeypatch.setenv("APPLIANCE_DEMO_UPSTREAM", fhir_peer.base_url)
+    _filled_with_the_peer(site, monkeypatch, fhir_peer)
     assert main(["sync", "once", "--quiet", "--demo", str(site)]) == 0
     asyncio.run(_edit_and_delay(site))
     capsys.readouterr()

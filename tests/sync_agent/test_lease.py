@@ -8,6 +8,7 @@ process holding the lease. The rounds run against the real Medplum peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
@@ -25,6 +26,7 @@ import pytest
 
 from appliance import fhir
 from appliance.errors import StoreError
+from appliance.runtime import ProcessContext
 from appliance.store import Store
 from sync_agent.lease import RECORD_SIZE, SyncLease, lock_path, want_path
 from sync_agent.process import SyncLoop, Wake
@@ -300,6 +302,19 @@ def _client(fhir_peer: FhirPeer, transport: Watching, timeout_s: float) -> httpx
     )
 
 
+@contextlib.asynccontextmanager
+async def _sync_loop(
+    fhir_peer: FhirPeer, store: Store, tmp_path: Path, timeout_s: float
+) -> AsyncIterator[tuple[SyncLoop, ProcessContext, list[float]]]:
+    """The sync process's loop on ``store`` (its status in the context), and when each of
+    its POSTs went."""
+    counts = {"now": 0, "most": 0}
+    sent: list[float] = []
+    ctx = await _loop_ctx(tmp_path, store, fhir_peer.base_url, interval_s=60)
+    async with _client(fhir_peer, Watching(counts, sent), timeout_s) as client:
+        yield SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=random.Random(1)), ctx, sent
+
+
 @pytest.fixture
 async def second_store(db_path: Path, kek_path: Path) -> AsyncIterator[Store]:
     """The same database opened again, as a second process (``appliance sync once``) does."""
@@ -316,7 +331,8 @@ async def test_sync_once_beside_the_sync_process_never_sends_at_the_same_time(
 ) -> None:
     fhir_peer.reset()
     await _readings(store, 40)  # 41 items, bundles of 8: six exchanges each way at least
-    counts, sent = {"now": 0, "most": 0}, []
+    counts = {"now": 0, "most": 0}
+    sent: list[float] = []
     ctx = await _loop_ctx(tmp_path, store, fhir_peer.base_url, interval_s=60)
     other_ctx = await _loop_ctx(tmp_path, second_store, fhir_peer.base_url, interval_s=60)
     upstream = ctx.config.sync.upstreams[0]
@@ -352,10 +368,7 @@ async def test_a_round_is_skipped_while_another_process_holds_the_lease_and_says
         later = fhir.utc_text(datetime.now(UTC) + timedelta(hours=1))
         raw.execute("UPDATE outbox SET next_attempt_at = ?", (later,))
     raw.close()
-    counts, sent = {"now": 0, "most": 0}, []
-    ctx = await _loop_ctx(tmp_path, store, fhir_peer.base_url, interval_s=60)
-    async with _client(fhir_peer, Watching(counts, sent), 5.0) as client:
-        loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=random.Random(1))
+    async with _sync_loop(fhir_peer, store, tmp_path, 5.0) as (loop, ctx, sent):
         claims_runs = []
         run_claims = loop.claims.run_once
 
@@ -391,10 +404,7 @@ async def test_after_a_holder_died_in_its_round_nothing_is_sent_before_a_request
     await _readings(store, 3)
     # What a process killed in its round leaves (the kill itself: the test above).
     lock_path(db_path).write_bytes(b"round 12345 2026-11-30T12:00:00+00:00\n")
-    counts, sent = {"now": 0, "most": 0}, []
-    ctx = await _loop_ctx(tmp_path, store, fhir_peer.base_url, interval_s=60)
-    async with _client(fhir_peer, Watching(counts, sent), 1.5) as client:
-        loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=random.Random(1))
+    async with _sync_loop(fhir_peer, store, tmp_path, 1.5) as (loop, _ctx, sent):
         began = time.monotonic()
         # "Sync now" does not cut it short: the server may be applying that request still.
         done = await loop._round(Wake.SYNC_NOW)

@@ -52,10 +52,10 @@ def _sender(store: Store, client: httpx.AsyncClient, clock: Clock | None = None)
 
 
 async def _pulled_patient(
-    store: Store, client: httpx.AsyncClient, family: str = "Upstreamperson"
+    store: Store, client: httpx.AsyncClient, family: str = "Upstreamperson", **extra: Any
 ) -> tuple[str, dict[str, Any]]:
-    """A Patient on the peer, and its local copy's logical id."""
-    response = await client.post("Patient", json=factories.patient(family=family))
+    """A Patient on the peer (with ``extra`` elements), and its local copy's logical id."""
+    response = await client.post("Patient", json={**factories.patient(family=family), **extra})
     upstream = response.json()
     [imported] = await store.import_upstream(
         [
@@ -141,21 +141,8 @@ async def test_an_update_goes_without_the_narrative_of_the_version_before_the_ed
         "status": "generated",
         "div": '<div xmlns="http://www.w3.org/1999/xhtml">Ada Upstreamperson</div>',
     }
-    response = await client.post("Patient", json={**factories.patient(), "text": narrative})
-    upstream = response.json()
-    [imported] = await store.import_upstream(
-        [
-            UpstreamCopy(
-                f"Patient/{upstream['id']}",
-                upstream["meta"]["versionId"],
-                upstream["meta"]["lastUpdated"],
-                upstream,
-            )
-        ],
-        "service:sync",
-    )
-    assert imported.logical_id is not None
-    await _edit(store, imported.logical_id, "Editedperson")
+    logical_id, upstream = await _pulled_patient(store, client, text=narrative)
+    await _edit(store, logical_id, "Editedperson")
     sent: list[dict[str, Any]] = []
 
     async def keep_the_put(request: httpx.Request) -> None:
