@@ -47,6 +47,16 @@ class Clock:
         return self.now
 
 
+def _through(
+    fhir_peer: FhirPeer, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport
+) -> httpx.AsyncClient:
+    """A client like ``client`` whose requests go through ``transport`` (the peer behind a
+    server behaviour the test forces)."""
+    return httpx.AsyncClient(
+        base_url=fhir_peer.base_url, headers=dict(client.headers), transport=transport
+    )
+
+
 def _sender(store: Store, client: httpx.AsyncClient, clock: Clock | None = None) -> UpdateSender:
     return UpdateSender(store, client, rng=random.Random(1), clock=clock or Clock())
 
@@ -426,9 +436,7 @@ async def test_a_server_keeping_no_history_does_not_pass_the_ehrs_change_for_our
     assert fixed.status_code == 200
     await _edit(store, logical_id, "Mineperson")
     transport = _KeepsNoHistory()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers=dict(client.headers), transport=transport
-    ) as no_history:
+    async with _through(fhir_peer, client, transport) as no_history:
         result = await _sender(store, no_history).send_once()
     # Before: the one version listed was taken for our create and the PUT overwrote the
     # EHR's correction with the old birth date, no review.
@@ -457,9 +465,7 @@ async def test_a_history_whose_total_counts_more_versions_than_our_create_is_a_c
         await client.put(f"Patient/{upstream['id']}", json={**current, "birthDate": birth_date})
     await _edit(store, logical_id, "Mineperson")
     transport = _KeepsNoHistory(paged=True)  # one version on the page, total 3
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers=dict(client.headers), transport=transport
-    ) as one_a_page:
+    async with _through(fhir_peer, client, transport) as one_a_page:
         result = await _sender(store, one_a_page).send_once()
     # Before: one entry listed was enough; the total is no proof either way, so a person looks.
     assert (result.delivered, result.conflicts) == (0, 1)
@@ -472,9 +478,7 @@ async def test_on_a_server_keeping_no_history_our_unchanged_create_takes_the_edi
     logical_id, upstream = await _made_here_and_delivered(store, client)
     await _edit(store, logical_id, "Mineperson")
     transport = _KeepsNoHistory()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers=dict(client.headers), transport=transport
-    ) as no_history:
+    async with _through(fhir_peer, client, transport) as no_history:
         result = await _sender(store, no_history).send_once()
     assert (result.delivered, result.conflicts) == (1, 0)
     assert transport.methods == ["GET", "PUT"]  # its _history, then the update on it
@@ -643,10 +647,10 @@ async def test_a_refusal_of_one_record_leaves_the_other_patients_edits_going(
     await _edit(store, locked, "Lockededit")  # first in the queue
     await _edit(store, other, "Otheredit")
     clock = Clock()
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url,
-        headers=dict(client.headers),
-        transport=_RefusesOneRecord(f"/Patient/{locked_upstream['id']}", refused),
+    async with _through(
+        fhir_peer,
+        client,
+        _RefusesOneRecord(f"/Patient/{locked_upstream['id']}", refused),
     ) as ehr:
         result = await _sender(store, ehr, clock).send_once()
     # Before: the pass stopped at the locked record, the other edit was not tried, and the
@@ -788,9 +792,7 @@ async def test_a_conflict_read_whose_version_is_only_in_the_etag_keeps_it_for_ke
     await _edit(store, logical_id, "Mineperson")
     await _their_edit(client, upstream, "Theirsperson")
     their_version = (await client.get(f"Patient/{upstream['id']}")).json()["meta"]["versionId"]
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url, headers=dict(client.headers), transport=_NoMetaVersion()
-    ) as bare_meta:
+    async with _through(fhir_peer, client, _NoMetaVersion()) as bare_meta:
         assert (await _sender(store, bare_meta).send_once()).conflicts == 1
         queue = ReviewQueue(store)
         [item] = await queue.items()
@@ -828,10 +830,10 @@ async def test_a_put_answered_with_its_version_only_in_content_location_keeps_it
 ) -> None:
     logical_id, upstream = await _pulled_patient(store, client)
     await _edit(store, logical_id, "Editedperson")
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url,
-        headers=dict(client.headers),
-        transport=_PutAnsweredBare(location=True),
+    async with _through(
+        fhir_peer,
+        client,
+        _PutAnsweredBare(location=True),
     ) as bare:
         assert (await _sender(store, bare).send_once()).delivered == 1
     link = await store.upstream_link("Patient", logical_id)
@@ -845,10 +847,10 @@ async def test_after_a_put_answered_with_no_version_the_next_edit_goes_on_what_w
 ) -> None:
     logical_id, upstream = await _pulled_patient(store, client)
     await _edit(store, logical_id, "Editedperson")
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url,
-        headers=dict(client.headers),
-        transport=_PutAnsweredBare(location=False),
+    async with _through(
+        fhir_peer,
+        client,
+        _PutAnsweredBare(location=False),
     ) as bare:
         assert (await _sender(store, bare).send_once()).delivered == 1
         link = await store.upstream_link("Patient", logical_id)
@@ -866,10 +868,10 @@ async def test_after_a_put_answered_with_no_version_an_ehr_change_still_goes_to_
 ) -> None:
     logical_id, upstream = await _pulled_patient(store, client)
     await _edit(store, logical_id, "Editedperson")
-    async with httpx.AsyncClient(
-        base_url=fhir_peer.base_url,
-        headers=dict(client.headers),
-        transport=_PutAnsweredBare(location=False),
+    async with _through(
+        fhir_peer,
+        client,
+        _PutAnsweredBare(location=False),
     ) as bare:
         assert (await _sender(store, bare).send_once()).delivered == 1
         await _their_edit(client, upstream, "Theirsperson")
