@@ -34,11 +34,11 @@ async def _patient(store: Store, *, checked_in: bool = True, family: str = "Test
     return stored.logical_id
 
 
-async def _check_in(store: Store, patient_id: str) -> None:
+async def _check_in(store: Store, patient_id: str, station: str = "kiosk-1") -> None:
     registry = DeviceRegistry(store)
-    if "kiosk-1" not in {s.id for s in await registry.stations()}:
-        await registry.add_station("kiosk-1", "Kiosk 1", StationKind.KIOSK, "user:setup")
-    await registry.check_in("kiosk-1", patient_id, "user:setup")
+    if station not in {s.id for s in await registry.stations()}:
+        await registry.add_station(station, station.title(), StationKind.KIOSK, "user:setup")
+    await registry.check_in(station, patient_id, "user:setup")
 
 
 async def _kiosk_visit(store: Store, clock: FakeClock, patient_id: str) -> str:
@@ -347,7 +347,11 @@ async def test_records_that_fail_authentication_leave_the_queue_and_the_stream_w
     logged_in: QuartClient, store: Store, clock: FakeClock, db_path: Path
 ) -> None:
     ada = await _patient(store)
-    bo = await _patient(store, family="Otherperson")
+    # At another kiosk: checked in at Ada's, Bo would check her out at the store's clock,
+    # which is "yesterday" for the app's when the test runs in the hour before the site's
+    # midnight (the app's clock is moved past it), and she would leave today's queue.
+    bo = await _patient(store, family="Otherperson", checked_in=False)
+    await _check_in(store, bo, "kiosk-2")
     ada_visit = await _kiosk_visit(store, clock, ada)
     bo_visit = await _kiosk_visit(store, clock, bo)
     [start] = await store.create([factories.bp_observation(f"Patient/{bo}", 120, 80)], DEVICES)

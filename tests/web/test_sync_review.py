@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import re
 import sqlite3
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from sync_agent.review_queue import ReviewQueue, ReviewState
 from sync_agent.updates import UpdateSender
 from tests import factories
 from tests.sync_agent.test_updates import newer_version_pulled_into_the_review
-from tests.web.conftest import NURSE, form_token
+from tests.web.conftest import NURSE, FakeClock, form_token
 from web.sync import compare
 
 pytestmark = pytest.mark.peer
@@ -170,7 +169,11 @@ async def test_a_conflict_outside_normal_access_is_opened_under_the_review_queue
 
 
 async def test_a_conflict_opened_under_break_glass_carries_the_grant_marker_first(
-    logged_in: QuartClient, store: Store, upstream: httpx.AsyncClient, db_path: Path
+    logged_in: QuartClient,
+    store: Store,
+    upstream: httpx.AsyncClient,
+    db_path: Path,
+    clock: FakeClock,
 ) -> None:
     logical_id, _ = await _conflict(store, upstream, checked_in=False)
     [item] = await ReviewQueue(store).items()
@@ -185,7 +188,7 @@ async def test_a_conflict_opened_under_break_glass_carries_the_grant_marker_firs
             patient_id=logical_id,
             category=break_glass.Category.PATIENT_CONTACT,
             reason="the patient phoned about a wrong address on the record",
-            now=datetime.now(UTC),
+            now=clock(),  # the app's: near the site's midnight it runs ahead
         ),
     )
     assert (await logged_in.get(f"/sync/review/{item.id}")).status_code == 200
