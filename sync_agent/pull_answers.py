@@ -135,6 +135,8 @@ def localise(resource: fhir.FhirJson, base_url: str) -> fhir.FhirJson:
     reference to another server (a directory's Practitioner) is another resource, even with
     the same ``<Type>/<id>``, and stays as it is.
     """
+    if fhir.json_depth(resource) > fhir.MAX_JSON_DEPTH:
+        return resource  # refused by the store as it is (and walked, it could blow the stack)
     try:
         base = _origin(httpx.URL(base_url))
     except (httpx.InvalidURL, TypeError):

@@ -5,7 +5,8 @@ A person's edit of demographics (:meth:`appliance.store.Store.update`) leaves an
 :class:`UpdateSender` sends those rows one at a time — each carries its own precondition, and
 a refusal must reach a person — as ``PUT <Type>/<upstream id>`` with ``If-Match: W/"<version>"``
 and the resource as it is *now* (so one row also carries any later edit), without its
-narrative (``text``: it describes the version before the edit):
+generated narrative (``text``: it describes the version before the edit; one whose status
+is ``additional`` says more than the data and goes as it is):
 
 * 200/201 → delivered; the new upstream version (from the body's ``meta``, the ETag, or a
   ``Location``/``Content-Location`` ending ``_history/<version>``) is recorded as the base of
@@ -13,10 +14,12 @@ narrative (``text``: it describes the version before the edit):
   upstream's version when its copy is what this box sent (below), else a nurse decides;
 * 412 (or 409, which some servers answer for a version conflict) → the upstream changed
   meanwhile. If it now holds exactly our version (our own earlier PUT whose answer was
-  lost), the row is delivered. If it holds a version this box sent before (``outbox.sent``,
-  the digests of what each row PUT, kept before the PUT goes: that earlier PUT landed, its
-  answer lost, and the resource was edited again since), the row is sent again on that
-  version, once a pass. Otherwise the row is set aside ('dead', sealed message) and a review
+  lost), the row is delivered. If it holds the body this row sent on the very version its
+  edit is based on (``outbox.sent``, (version, keyed digest) pairs kept before each PUT
+  goes: that PUT landed, its answer lost, and the resource was edited again since), the
+  row is sent again on that version, once a pass. Nothing looser: a body sent on another
+  version or by another row may have been put back at the EHR by someone since (an undo,
+  the same change made there after a nurse took theirs), and is theirs to review. Otherwise the row is set aside ('dead', sealed message) and a review
   item keeps both versions, sealed, for a nurse (:mod:`sync_agent.review_queue`). Nothing is
   overwritten either way;
 * 5xx, 429, 408, no connection, no answer → retried later with jittered backoff, and the
@@ -24,7 +27,10 @@ narrative (``text``: it describes the version before the edit):
   lost is safe: it meets a 412, and the rule above recognises our version;
 * a refusal of that one record — a 409 on a version nobody changed (a lock; after 5 of them,
   counted apart from other tries, a nurse decides), a 423, a 403 (an access rule for it) →
-  that row is retried later and the pass goes on to the others: the link is not in question;
+  that row is retried later and the pass goes on to the others: the link is not in question.
+  But three 403s in a row with nothing taken (or every row of a shorter pass refused so)
+  is this box's client without write access (a scope at the EHR): the pass stops and the
+  step is held back as a whole, as for our credentials;
 * any other 4xx → dead letter with the server's message (sealed, it may quote PHI).
 
 A row whose resource has no upstream id yet waits until its create lands. A resource made
@@ -74,6 +80,7 @@ from sync_agent.outbox_delivery import (
     backoff_s,
     due_bounds,
 )
+from sync_agent.pull_answers import localise
 from sync_agent.review_queue import (
     ACTOR,
     Conflict,
@@ -84,6 +91,7 @@ from sync_agent.review_queue import (
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
+    as_dict,
     bundle_entries,
     classify_for_resource,
     exchange,
@@ -102,6 +110,9 @@ _BUSY_TRIES = 5  # a 409 on an unchanged version: tried this often, then put to 
 # the pull reads one for a search). The row waits its backoff; the other records go on.
 _RECORD_REFUSALS = frozenset({403, 409, 423})
 _SENT_KEPT = 8  # digests of the bodies an update row sent (outbox.sent), newest last
+# 403s one after another, nothing taken in the pass: the client lacks write access (a scope),
+# not one record a rule of the EHR's restricts; the pass stops and the step backs off.
+_FORBIDDEN_IN_A_ROW = 3
 _CREATE_PENDING = (
     "EXISTS (SELECT 1 FROM outbox c WHERE c.resource_id = o.resource_id "
     "AND c.kind = 'create' AND c.state = 'pending')"
@@ -167,13 +178,19 @@ def _content(resource: Any) -> Any:
     return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
 
 
-def _sent_list(value: Any) -> list[str]:
-    """``outbox.sent`` as a list (empty for NULL or anything that is not a list of text)."""
+def _sent_list(value: Any) -> list[tuple[str, str]]:
+    """``outbox.sent`` as (base version, digest) pairs (empty for NULL or anything else)."""
     try:
         found = orjson.loads(value) if isinstance(value, str) else None
     except orjson.JSONDecodeError:
         return []
-    return [d for d in found if isinstance(d, str)] if isinstance(found, list) else []
+    if not isinstance(found, list):
+        return []
+    return [
+        (pair[0], pair[1])
+        for pair in found
+        if isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
+    ]
 
 
 def _version_of(resource: Any, response: httpx.Response | None = None) -> str | None:
@@ -237,6 +254,10 @@ class UpdateResult:
     error: str | None = None
     link_down: bool = False
     stopped_by: UpstreamError | None = None  # the exchange failure that ended the pass
+    # Every update the pass sent (fewer than _FORBIDDEN_IN_A_ROW) was refused with a 403:
+    # perhaps the client's write access, not one record's rule; the step backs off as a
+    # whole, as it does for a pass stopped by such a run (stopped_by).
+    refused: bool = False
 
 
 class UpdateSender:
@@ -282,8 +303,11 @@ class UpdateSender:
                 outgoing["id"] = link.upstream_ref.partition("/")[2]
                 # The narrative is of the version before the edit (the old name, the old
                 # phone): the EHR would show it as if current. Left out, the server makes
-                # its own from the data, or has none.
-                outgoing.pop("text", None)
+                # its own from the data, or has none. Not one that says more than the data
+                # ("additional": an interpreter needed, say): a PUT replaces the whole
+                # resource, and leaving it out would delete that at the EHR.
+                if as_dict(outgoing.get("text")).get("status") != "additional":
+                    outgoing.pop("text", None)
                 meta = outgoing.pop("meta", None)
                 if isinstance(meta, dict) and meta.get("tag"):
                     outgoing["meta"] = {"tag": meta["tag"]}
@@ -343,6 +367,7 @@ class UpdateSender:
         rows, result.dead, result.waiting = await db.run_sync(
             conn, self._load, fhir.utc_text(now), max_items
         )
+        forbidden = in_a_row = 0
         for row in rows:
             try:
                 await self._send(row, now, result)
@@ -358,11 +383,28 @@ class UpdateSender:
                 result.error = str(exc)
                 if isinstance(exc, _RecordRefused):
                     # About this record alone: the link is up, and the others are tried.
+                    # Unless 403s come one after another with nothing taken: that is this
+                    # box's client without the write access (a scope at the EHR), and
+                    # every row would be sent again for nothing, pass after pass.
+                    is_403 = exc.failure is Failure.PERMANENT
+                    forbidden += is_403
+                    in_a_row = in_a_row + 1 if is_403 else 0
+                    taken = result.delivered or result.conflicts or result.dead
+                    if in_a_row >= _FORBIDDEN_IN_A_ROW and not taken:
+                        result.stopped_by = UpstreamError(
+                            Failure.AUTH,
+                            f"the upstream refused {in_a_row} updates in a row with HTTP "
+                            "403: does this box's client have write access (a scope) "
+                            "for them there?",
+                        )
+                        break
                     continue
                 result.link_down = exc.failure is Failure.TRANSIENT
                 result.stopped_by = exc
                 break
-        if result.delivered or result.conflicts or result.dead:
+        answered = result.delivered or result.conflicts or result.dead
+        result.refused = forbidden > 0 and forbidden == result.retry and not answered
+        if answered:
             logger.info(
                 "updates: %d delivered, %d conflicts for review, %d dead-lettered",
                 result.delivered,
@@ -564,6 +606,9 @@ class UpdateSender:
             await db.run_sync(conn, self._dead, row, message, None, now)
             result.dead += 1
             return None
+        # Its references to the EHR itself as the pull stores them (relative): so they are
+        # compared with ours, and so a nurse's "take theirs" stores them as the pull would.
+        theirs = localise(theirs, str(self._client.base_url))
         version = _version_of(theirs, response)
         if _content(theirs) == _content(row.outgoing):
             # Our own earlier PUT landed and its answer was lost: nothing to review.
@@ -572,8 +617,8 @@ class UpdateSender:
             return None
         unchanged = base is not None and version == base
         if rebase and version is not None and not unchanged:
-            sent = await db.run_sync(conn, _sent_for, row.resource_id)
-            if self._digest(theirs) in sent:
+            ours = await db.run_sync(conn, _ours_after, row, base)
+            if self._digest(theirs) in ours:
                 # An earlier PUT of ours landed, its answer lost, and the resource was edited
                 # again since: nobody else changed it, so no review of our edit against
                 # itself (whose "take theirs" would drop the later edit). It goes on that.
@@ -604,15 +649,20 @@ class UpdateSender:
 
     def _sending(self, conn: sqlite3.Connection, row: _Row, base: str, digest: str) -> None:
         """Before a PUT: the version it goes on becomes the row's ``if_match`` (the base of
-        its edit, as a review shows it), and its body's digest joins ``sent``."""
+        its edit, as a review shows it), and (that version, its body's digest) joins
+        ``sent``."""
         with db.transaction_sync(conn):
             found = conn.execute(
                 "SELECT sent FROM outbox WHERE id = ?", (row.outbox_id,)
             ).fetchone()
-            sent = [d for d in _sent_list(None if found is None else found[0]) if d != digest]
+            sent = [
+                pair
+                for pair in _sent_list(None if found is None else found[0])
+                if pair != (base, digest)
+            ]
             conn.execute(
                 "UPDATE outbox SET if_match = ?, sent = ? WHERE id = ? AND state = 'pending'",
-                (base, orjson.dumps([*sent, digest][-_SENT_KEPT:]).decode(), row.outbox_id),
+                (base, orjson.dumps([*sent, (base, digest)][-_SENT_KEPT:]).decode(), row.outbox_id),
             )
 
     def _delivered(
@@ -753,13 +803,28 @@ class UpdateSender:
             )
 
 
-def _sent_for(conn: sqlite3.Connection, resource_id: int) -> set[str]:
-    """The digests of every body this box has PUT for the resource (``outbox.sent``)."""
-    rows = conn.execute(
-        "SELECT sent FROM outbox WHERE resource_id = ? AND kind = 'update' AND sent IS NOT NULL",
-        (resource_id,),
-    ).fetchall()
-    return {digest for (sent,) in rows for digest in _sent_list(sent)}
+def _ours_after(conn: sqlite3.Connection, row: _Row, base: str | None) -> set[str]:
+    """Digests of what this box PUT that the upstream's version after ``base`` may be, its
+    answer lost (``outbox.sent``):
+
+    * on a known ``base``: what this row sent on that very version. Nothing else: a body
+      sent on another version, or by another row (delivered, refused, reviewed), may have
+      been put back by someone at the EHR since (an undo of their change, "take theirs"
+      followed by their own edit), and taking it for ours would overwrite their change;
+    * on none (the last PUT of the resource was answered with no version, and no pull has
+      brought one since): what that delivered PUT sent last.
+    """
+    if base is not None:
+        found = conn.execute("SELECT sent FROM outbox WHERE id = ?", (row.outbox_id,)).fetchone()
+        pairs = _sent_list(None if found is None else found[0])
+        return {digest for on, digest in pairs if on == base}
+    last = conn.execute(
+        "SELECT sent FROM outbox WHERE resource_id = ? AND kind = 'update' "
+        "AND state = 'delivered' ORDER BY delivered_at DESC, id DESC LIMIT 1",
+        (row.resource_id,),
+    ).fetchone()
+    pairs = _sent_list(None if last is None else last[0])
+    return {pairs[-1][1]} if pairs else set()
 
 
 def _keep_location(conn: sqlite3.Connection, resource_id: int, ref: str) -> None:

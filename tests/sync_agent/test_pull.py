@@ -1474,3 +1474,48 @@ async def test_a_patient_deleted_at_the_ehr_is_asked_for_less_and_less_often_acr
     before = reads()
     upgraded = await _puller(store, client, site, clock=clock).pull_once()
     assert (reads() - before, upgraded.patients_missing) == (1, 1)
+
+
+class _DeepAppointment(httpx.AsyncBaseTransport):
+    """The peer, with each Appointment of a search nested 600 levels deep in an extension
+    (orjson reads it; the store refuses past fhir.MAX_JSON_DEPTH)."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if request.method != "GET" or not request.url.path.endswith("/Appointment"):
+            return response
+        deep = b'{"x":' * 600 + b"1" + b"}" * 600
+        body = (await response.aread()).replace(
+            b'{"resourceType":"Appointment",',
+            b'{"resourceType":"Appointment","modifierExtension":[{"url":"u","valueX":'
+            + deep
+            + b"}],",
+        )
+        headers = {
+            k: v
+            for k, v in response.headers.items()
+            if k.lower() not in ("content-length", "content-encoding")
+        }
+        return httpx.Response(response.status_code, headers=headers, content=body)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_a_deeply_nested_pulled_resource_is_refused_not_a_crash(
+    store: Store, client: httpx.AsyncClient, db_path: Path
+) -> None:
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    ada = await _post(client, factories.patient(family="Adaperson"))
+    await _post(client, _appointment(ada, site))
+    async with httpx.AsyncClient(
+        base_url=client.base_url, headers=dict(client.headers), transport=_DeepAppointment()
+    ) as ehr:
+        result = await _puller(store, ehr, site).pull_once()
+    # Before: a RecursionError out of the pull (localising its references), which ended the
+    # sync process, and the same page again after each restart.
+    assert (result.skipped_invalid, result.error) == (1, None)
+    assert _count(db_path, "Appointment") == 0

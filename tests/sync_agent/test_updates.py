@@ -27,6 +27,7 @@ from sync_agent.review_queue import (
     ReviewState,
 )
 from sync_agent.updates import UpdateSender
+from sync_agent.upstream import Failure
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.tamper import move_ciphertext
@@ -1030,3 +1031,130 @@ async def test_a_review_shows_an_edit_saved_while_the_refused_update_was_on_the_
     # later correction unseen.
     assert (await queue.open(item.id, NURSE)).mine["name"][0]["family"] == "Secondedit"
     assert (await store.read("Patient", logical_id, NURSE))["name"][0]["family"] == "Secondedit"
+
+
+# -- what this box sent, and what it did not ---------------------------------------------------
+
+
+async def _pull(store: Store, upstream: dict[str, Any]) -> None:
+    """The pull bringing the upstream's current version here."""
+    copy = UpstreamCopy(
+        f"Patient/{upstream['id']}",
+        upstream["meta"]["versionId"],
+        upstream["meta"]["lastUpdated"],
+        upstream,
+    )
+    await store.import_upstream([copy], "service:sync")
+
+
+async def test_an_ehr_undo_back_to_what_we_once_sent_is_not_taken_for_our_own_put(
+    store: Store, client: httpx.AsyncClient
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client, family="Original")  # v1
+    clock = Clock()
+    await _edit(store, logical_id, "Edited")
+    assert (await _sender(store, client, clock).send_once()).delivered == 1  # v2: ours
+    await _their_edit(client, upstream, "Wrong")  # v3, the EHR's
+    await _pull(store, await _upstream(client, upstream))
+    await _their_edit(client, upstream, "Edited")  # v4: the EHR's undo, back to what we sent
+    current = await store.read("Patient", logical_id, NURSE)  # "Wrong", on v3
+    await store.update("Patient", logical_id, {**current, "birthDate": "1970-01-02"}, NURSE)
+    clock.now += timedelta(hours=1)
+    result = await _sender(store, client, clock).send_once()
+    # Before: v4 matched a body some row of ours had once sent, the edit went on it, and the
+    # EHR's undo was undone ("Wrong" again) with no review.
+    assert (result.delivered, result.conflicts) == (0, 1)
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Edited"
+
+
+async def test_a_refused_put_then_take_theirs_then_the_same_change_at_the_ehr_is_reviewed(
+    store: Store, client: httpx.AsyncClient
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client, family="Original")  # v1
+    clock = Clock()
+    await _their_edit(client, upstream, "Theirs")  # v2
+    await _edit(store, logical_id, "Mine")  # on v1
+    assert (await _sender(store, client, clock).send_once()).conflicts == 1  # 412: review
+    queue = ReviewQueue(store)
+    [item] = await queue.items()
+    await queue.take_theirs(item.id, NURSE, theirs_version=item.theirs_version)
+    await _their_edit(client, upstream, "Mine")  # v3: the EHR's own change, as ours was
+    current = await store.read("Patient", logical_id, NURSE)  # "Theirs", on v2
+    await store.update("Patient", logical_id, {**current, "birthDate": "1970-01-02"}, NURSE)
+    clock.now += timedelta(hours=1)
+    result = await _sender(store, client, clock).send_once()
+    # Before: v3 matched the body of our refused PUT, and the edit went on it unreviewed.
+    assert (result.delivered, result.conflicts) == (0, 1)
+    assert (await _upstream(client, upstream))["name"][0]["family"] == "Mine"
+
+
+async def test_an_additional_narrative_goes_back_with_the_edit(
+    store: Store, client: httpx.AsyncClient
+) -> None:
+    note = '<div xmlns="http://www.w3.org/1999/xhtml">Interpreter required (Amharic)</div>'
+    logical_id, upstream = await _pulled_patient(
+        store, client, text={"status": "additional", "div": note}
+    )
+    await _edit(store, logical_id, "Editedperson")
+    assert (await _sender(store, client).send_once()).delivered == 1
+    # It says what the data does not: left out of the PUT, it was deleted at the EHR.
+    assert (await _upstream(client, upstream))["text"] == {"status": "additional", "div": note}
+
+
+class _NoWriteScope(httpx.AsyncBaseTransport):
+    """The peer behind a token without write access: every PUT refused 403."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self.puts = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "PUT":
+            return await self._inner.handle_async_request(request)
+        self.puts += 1
+        issue = {"severity": "error", "code": "forbidden", "diagnostics": "scope not granted"}
+        return httpx.Response(403, json={"resourceType": "OperationOutcome", "issue": [issue]})
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.mark.parametrize("edits", [1, 10])
+async def test_403s_for_every_update_stop_the_pass_and_hold_the_step_back(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, edits: int
+) -> None:
+    for n in range(edits):
+        logical_id, _ = await _pulled_patient(store, client, family=f"Person{n}")
+        await _edit(store, logical_id, f"Edited{n}")
+    transport = _NoWriteScope()
+    async with _through(fhir_peer, client, transport) as ehr:
+        result = await _sender(store, ehr).send_once()
+    # Before: a 403 was one record's refusal, always: each pass sent every due edit, and
+    # nothing held the step back (nor said "credentials") for as long as the scope lacked.
+    assert transport.puts == min(edits, 3)
+    assert result.link_down is False
+    if edits == 1:
+        assert (result.stopped_by, result.refused) == (None, True)
+    else:
+        assert result.stopped_by is not None
+        assert result.stopped_by.failure is Failure.AUTH
+        assert "403" in result.stopped_by.message
+
+
+async def test_take_theirs_stores_the_ehrs_references_to_itself_as_the_pull_does(
+    store: Store, client: httpx.AsyncClient
+) -> None:
+    logical_id, upstream = await _pulled_patient(store, client)
+    await _edit(store, logical_id, "Mineperson")
+    theirs = await _upstream(client, upstream)
+    theirs["name"] = [{"family": "Theirsperson", "given": ["Ada"]}]
+    base = str(client.base_url).rstrip("/")
+    theirs["managingOrganization"] = {"reference": f"{base}/Organization/org-1"}
+    assert (await client.put(f"Patient/{upstream['id']}", json=theirs)).status_code == 200
+    assert (await _sender(store, client).send_once()).conflicts == 1
+    queue = ReviewQueue(store)
+    [item] = await queue.items()
+    await queue.take_theirs(item.id, NURSE, theirs_version=item.theirs_version)
+    stored = await store.read("Patient", logical_id, NURSE)
+    # Before: stored absolute, as no pulled copy is (the pull makes them relative).
+    assert stored["managingOrganization"] == {"reference": "Organization/org-1"}
