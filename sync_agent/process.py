@@ -662,13 +662,7 @@ class SyncLoop:
         if updates.due(loop.time()):
             with turn.send():
                 done.updated = updated = await self.updates.send_once()
-            updates.after(
-                updated.stopped_by,
-                loop.time(),
-                self._pacing,
-                self._rng,
-                refused=REFUSED if updated.refused else None,
-            )
+            updates.after(updated.stopped_by, loop.time(), self._pacing, self._rng)
             stops += [updated.stopped_by] if updated.stopped_by else []
             answered |= bool(updated.delivered or updated.conflicts or updated.dead)
         figures: dict[str, object] = {}

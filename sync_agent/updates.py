@@ -254,9 +254,8 @@ class UpdateResult:
     error: str | None = None
     link_down: bool = False
     stopped_by: UpstreamError | None = None  # the exchange failure that ended the pass
-    # Every update the pass sent (fewer than _FORBIDDEN_IN_A_ROW) was refused with a 403:
-    # perhaps the client's write access, not one record's rule; the step backs off as a
-    # whole, as it does for a pass stopped by such a run (stopped_by).
+    # Every update the pass sent was refused with a 403 (then stopped_by says so, as auth:
+    # this box's client without write access, the step held back as a whole).
     refused: bool = False
 
 
@@ -404,6 +403,12 @@ class UpdateSender:
                 break
         answered = result.delivered or result.conflicts or result.dead
         result.refused = forbidden > 0 and forbidden == result.retry and not answered
+        if result.refused and result.stopped_by is None:
+            result.stopped_by = UpstreamError(
+                Failure.AUTH,
+                f"the upstream refused every update of the pass ({forbidden}) with HTTP 403: "
+                "does this box's client have write access (a scope) for them there?",
+            )
         if answered:
             logger.info(
                 "updates: %d delivered, %d conflicts for review, %d dead-lettered",

@@ -66,7 +66,7 @@ FAILURE_TEXT = {
     "transient": "the EHR answered with errors or was busy; retrying with backoff",
     "ambiguous": "a bundle got no answer; resending it (safe: nothing is created twice)",
     "auth": "the EHR refused our credentials or certificate; check the site config and the "
-    "EHR's registration of this box",
+    "EHR's registration of this box (and the access, the scopes, it grants)",
     "endpoint": "the upstream address does not take FHIR requests; check base_url in the "
     "site config",
     "too_large": "the EHR, or a proxy in front of it, refused a request as too large; "
