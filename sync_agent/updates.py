@@ -49,22 +49,18 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
-import orjson
 
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent, Outcome
 from appliance.errors import TamperedDataError
 from appliance.store import (
-    HISTORY_LABEL,
     Store,
     UpstreamLink,
     link_for_resource,
@@ -88,6 +84,16 @@ from sync_agent.review_queue import (
     patient_key,
     updated_of,
 )
+from sync_agent.update_versions import (
+    content,
+    created_content,
+    digest,
+    note_sending,
+    ours_after,
+    to_upstream,
+    version_in_location,
+    version_of,
+)
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
@@ -109,7 +115,6 @@ _BUSY_TRIES = 5  # a 409 on an unchanged version: tried this often, then put to 
 # lock on it (a 409 on a version nobody changed, a 423), an access rule for it (a 403, as
 # the pull reads one for a search). The row waits its backoff; the other records go on.
 _RECORD_REFUSALS = frozenset({403, 409, 423})
-_SENT_KEPT = 8  # digests of the bodies an update row sent (outbox.sent), newest last
 # 403s one after another, nothing taken in the pass: the client lacks write access (a scope),
 # not one record a rule of the EHR's restricts; the pass stops and the step backs off.
 _FORBIDDEN_IN_A_ROW = 3
@@ -169,57 +174,6 @@ def _must_wait(response: httpx.Response, body: Any) -> UpstreamError | None:
     if refusal.failure in (Failure.PERMANENT, Failure.TOO_LARGE):
         return None
     return refusal
-
-
-def _content(resource: Any) -> Any:
-    """A resource without what the server owns (id, meta, narrative): for "same version?"."""
-    if not isinstance(resource, dict):
-        return resource
-    return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
-
-
-def _sent_list(value: Any) -> list[tuple[str, str]]:
-    """``outbox.sent`` as (base version, digest) pairs (empty for NULL or anything else)."""
-    try:
-        found = orjson.loads(value) if isinstance(value, str) else None
-    except orjson.JSONDecodeError:
-        return []
-    if not isinstance(found, list):
-        return []
-    return [
-        (pair[0], pair[1])
-        for pair in found
-        if isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
-    ]
-
-
-def _version_of(resource: Any, response: httpx.Response | None = None) -> str | None:
-    meta = resource.get("meta") if isinstance(resource, dict) else None
-    version = meta.get("versionId") if isinstance(meta, dict) else None
-    if isinstance(version, str):
-        return version
-    etag = None if response is None else response.headers.get("ETag")
-    if etag:
-        return str(etag).removeprefix("W/").strip('"')
-    return None
-
-
-# FHIR's id and version id: [A-Za-z0-9\-.]{1,64}.
-_HISTORY_ID = re.compile(r"/_history/([A-Za-z0-9\-.]{1,64})/?")
-
-
-def _version_in_location(response: httpx.Response, ref: str) -> str | None:
-    """The version a write's ``Location`` or ``Content-Location`` names
-    (``…/<Type>/<id>/_history/<version>``), when it names ``ref``: where a server that
-    answers a PUT with no body and no ETag still says which version it made."""
-    for header in ("Location", "Content-Location"):
-        # Absolute or relative ("Patient/1/_history/2"): the path, from a slash.
-        path = "/" + urlsplit(response.headers.get(header, "")).path.lstrip("/")
-        at = path.rfind(f"/{ref}/_history/")
-        found = _HISTORY_ID.fullmatch(path, at + 1 + len(ref)) if at >= 0 else None
-        if found is not None:
-            return found[1]
-    return None
 
 
 # -- the sender ------------------------------------------------------------------------------
@@ -298,7 +252,7 @@ class UpdateSender:
             ).fetchone()
             outgoing = None
             if link is not None:
-                outgoing = rewrite_references(stored.resource, lambda ref: _to_upstream(conn, ref))
+                outgoing = rewrite_references(stored.resource, lambda ref: to_upstream(conn, ref))
                 outgoing["id"] = link.upstream_ref.partition("/")[2]
                 # The narrative is of the version before the edit (the old name, the old
                 # phone): the EHR would show it as if current. Left out, the server makes
@@ -446,10 +400,10 @@ class UpdateSender:
                 if base is None:
                     return
                 rebased = True
-        digest = self._digest(row.outgoing)
+        sent_digest = digest(self._store, row.outgoing)
         while True:
             # Kept before it goes: if the answer is lost, the copy upstream may be this one.
-            await db.run_sync(conn, self._sending, row, base, digest)
+            await db.run_sync(conn, note_sending, row.outbox_id, base, sent_digest)
             response = await exchange(
                 self._client, "PUT", ref, json=row.outgoing, headers={"If-Match": f'W/"{base}"'}
             )
@@ -459,7 +413,7 @@ class UpdateSender:
                 # With no version said at all, the link's version becomes unknown (the one
                 # we sent on is stale now): the next edit finds it by what this one sent
                 # (_conflict), or goes to a nurse.
-                version = _version_of(body, response) or _version_in_location(response, ref)
+                version = version_of(body, response) or version_in_location(response, ref)
                 await db.run_sync(conn, self._delivered, row, ref, version, updated_of(body), now)
                 result.delivered += 1
             elif status in _CONFLICT:
@@ -478,12 +432,6 @@ class UpdateSender:
                 await db.run_sync(conn, self._dead, row, _server_message(response), None, now)
                 result.dead += 1
             return
-
-    def _digest(self, resource: Any) -> str:
-        """A keyed digest of a resource's content (:func:`_content`), for ``outbox.sent``:
-        keyed, as the content is a patient's (like the blind indexes)."""
-        canonical = orjson.dumps(_content(resource), option=orjson.OPT_SORT_KEYS).decode()
-        return self._store.keyring.blind("update-sent", canonical).hex()
 
     async def _learn_location(self, row: _Row) -> bool:
         """Find the upstream id of a resource whose create the server took without saying
@@ -510,11 +458,13 @@ class UpdateSender:
         ``no-version`` policy, HealthLake without it, history purged) lists only the
         current version, whoever wrote it, and taking that for our create would overwrite
         the EHR's change unseen. A ``total`` above one is a change too. When what the create
-        sent is not certain (:meth:`_created`), nothing is asked: the conflict read decides,
+        sent is not certain (:func:`~sync_agent.update_versions.created_content`), nothing is asked: the conflict read decides,
         and a person if the copies differ (a false "changed" costs a review; a false
         "unchanged" overwrites the EHR).
         """
-        created = await db.run_sync(self._store.connection, self._created, row)
+        created = await db.run_sync(
+            self._store.connection, created_content, self._store, row.resource_id, row.resource
+        )
         if created is None:
             return None
         response = await exchange(self._client, "GET", f"{ref}/_history")
@@ -537,48 +487,9 @@ class UpdateSender:
         ):
             return None  # changed upstream since our create (or unknowable): a person decides
         resource = entries[0].get("resource")
-        if not isinstance(resource, dict) or _content(resource) != created:
+        if not isinstance(resource, dict) or content(resource) != created:
             return None  # the one version listed is not ours: someone else's change
-        return _version_of(resource)
-
-    def _created(self, conn: sqlite3.Connection, row: _Row) -> Any:
-        """The content (:func:`_content`) of what this resource's create sent, its references
-        as the upstream knows them; None when not made here, or not certain.
-
-        The create sends the resource as stored when it goes. That is the version made here
-        when no edit replaced it until the create was delivered (its first version in
-        ``resource_history`` replaced after ``delivered_at``, or no history at all); after an
-        edit before then (made offline, say), the create may have sent either: None.
-        """
-        create = conn.execute(
-            "SELECT delivered_at FROM outbox WHERE resource_id = ? AND kind = 'create' "
-            "AND state = 'delivered' ORDER BY id LIMIT 1",
-            (row.resource_id,),
-        ).fetchone()
-        if create is None or create[0] is None:
-            return None
-        first = conn.execute(
-            "SELECT id, replaced_at, body FROM resource_history WHERE resource_id = ? "
-            "ORDER BY id LIMIT 1",
-            (row.resource_id,),
-        ).fetchone()
-        if first is None:
-            made: Any = row.resource
-        elif str(first[1]) <= str(create[0]):
-            return None
-        else:
-            keyring = self._store.current_keyring(conn)
-            try:
-                made = orjson.loads(keyring.unseal(HISTORY_LABEL, str(first[0]), bytes(first[2])))
-            except (TamperedDataError, orjson.JSONDecodeError):
-                logger.warning(
-                    "resource_history row %s could not be read; what the create of resource "
-                    "row %s sent is unknown, and the conflict read decides its update",
-                    first[0],
-                    row.resource_id,
-                )
-                return None
-        return _content(rewrite_references(made, lambda ref: _to_upstream(conn, ref)))
+        return version_of(resource)
 
     async def _conflict(
         self,
@@ -594,7 +505,7 @@ class UpdateSender:
         """Read the upstream copy after a 412/409 (or when the base is unknown) and record
         what follows: delivered (it is our version), retried (busy), a review. Returns the
         version to send again on instead (``rebase``): the copy upstream is one this box
-        sent (:meth:`_sending`), whose answer was lost, and a later edit rides on the row."""
+        sent (:func:`~sync_agent.update_versions.note_sending`), whose answer was lost, and a later edit rides on the row."""
         conn = self._store.connection
         response = await exchange(self._client, "GET", ref)
         theirs = response_json(response)
@@ -614,16 +525,16 @@ class UpdateSender:
         # Its references to the EHR itself as the pull stores them (relative): so they are
         # compared with ours, and so a nurse's "take theirs" stores them as the pull would.
         theirs = localise(theirs, str(self._client.base_url))
-        version = _version_of(theirs, response)
-        if _content(theirs) == _content(row.outgoing):
+        version = version_of(theirs, response)
+        if content(theirs) == content(row.outgoing):
             # Our own earlier PUT landed and its answer was lost: nothing to review.
             await db.run_sync(conn, self._delivered, row, ref, version, updated_of(theirs), now)
             result.delivered += 1
             return None
         unchanged = base is not None and version == base
         if rebase and version is not None and not unchanged:
-            ours = await db.run_sync(conn, _ours_after, row, base)
-            if self._digest(theirs) in ours:
+            ours = await db.run_sync(conn, ours_after, row.outbox_id, row.resource_id, base)
+            if digest(self._store, theirs) in ours:
                 # An earlier PUT of ours landed, its answer lost, and the resource was edited
                 # again since: nobody else changed it, so no review of our edit against
                 # itself (whose "take theirs" would drop the later edit). It goes on that.
@@ -651,24 +562,6 @@ class UpdateSender:
         return None
 
     # -- recording outcomes (on the database thread, one transaction each) ---------------
-
-    def _sending(self, conn: sqlite3.Connection, row: _Row, base: str, digest: str) -> None:
-        """Before a PUT: the version it goes on becomes the row's ``if_match`` (the base of
-        its edit, as a review shows it), and (that version, its body's digest) joins
-        ``sent``."""
-        with db.transaction_sync(conn):
-            found = conn.execute(
-                "SELECT sent FROM outbox WHERE id = ?", (row.outbox_id,)
-            ).fetchone()
-            sent = [
-                pair
-                for pair in _sent_list(None if found is None else found[0])
-                if pair != (base, digest)
-            ]
-            conn.execute(
-                "UPDATE outbox SET if_match = ?, sent = ? WHERE id = ? AND state = 'pending'",
-                (base, orjson.dumps([*sent, (base, digest)][-_SENT_KEPT:]).decode(), row.outbox_id),
-            )
 
     def _delivered(
         self,
@@ -808,30 +701,6 @@ class UpdateSender:
             )
 
 
-def _ours_after(conn: sqlite3.Connection, row: _Row, base: str | None) -> set[str]:
-    """Digests of what this box PUT that the upstream's version after ``base`` may be, its
-    answer lost (``outbox.sent``):
-
-    * on a known ``base``: what this row sent on that very version. Nothing else: a body
-      sent on another version, or by another row (delivered, refused, reviewed), may have
-      been put back by someone at the EHR since (an undo of their change, "take theirs"
-      followed by their own edit), and taking it for ours would overwrite their change;
-    * on none (the last PUT of the resource was answered with no version, and no pull has
-      brought one since): what that delivered PUT sent last.
-    """
-    if base is not None:
-        found = conn.execute("SELECT sent FROM outbox WHERE id = ?", (row.outbox_id,)).fetchone()
-        pairs = _sent_list(None if found is None else found[0])
-        return {digest for on, digest in pairs if on == base}
-    last = conn.execute(
-        "SELECT sent FROM outbox WHERE resource_id = ? AND kind = 'update' "
-        "AND state = 'delivered' ORDER BY delivered_at DESC, id DESC LIMIT 1",
-        (row.resource_id,),
-    ).fetchone()
-    pairs = _sent_list(None if last is None else last[0])
-    return {pairs[-1][1]} if pairs else set()
-
-
 def _keep_location(conn: sqlite3.Connection, resource_id: int, ref: str) -> None:
     """The upstream id of a create answered without one, learnt by our identifier."""
     with db.transaction_sync(conn):
@@ -840,13 +709,3 @@ def _keep_location(conn: sqlite3.Connection, resource_id: int, ref: str) -> None
             "AND state = 'delivered' AND upstream_ref IS NULL",
             (ref, resource_id),
         )
-
-
-def _to_upstream(conn: sqlite3.Connection, ref: str) -> str | None:
-    """``<Type>/<local id>`` → the upstream reference of that resource, when it has one."""
-    row = conn.execute(
-        "SELECT id FROM resources WHERE logical_id = ? AND type = ?",
-        (ref.partition("/")[2], ref.partition("/")[0]),
-    ).fetchone()
-    link = None if row is None else link_for_resource(conn, int(row[0]))
-    return None if link is None else link.upstream_ref

@@ -35,7 +35,7 @@ from sync_agent.pull_answers import (
     patients_of,
 )
 from sync_agent.review_queue import updated_of
-from sync_agent.updates import _version_of
+from sync_agent.update_versions import version_of
 from sync_agent.upstream import (
     Failure,
     bundle_entries,
@@ -279,7 +279,7 @@ def test_a_search_page_of_any_shape_gives_resources_to_import_or_nothing(
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(_shaped("Patient"), json_st))
 def test_a_resource_of_any_shape_gives_a_version_and_a_time_or_none(resource: Any) -> None:
-    version = _version_of(resource)
+    version = version_of(resource)
     assert version is None or isinstance(version, str)
     updated = updated_of(resource)
     assert updated is None or isinstance(updated, str)
