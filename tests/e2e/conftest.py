@@ -42,6 +42,22 @@ from web.app import AppState, create_app
 NURSE = "nurse-e2e"
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The first browser test of the run carries the wait for the site's day (the fixture
+    below, up to :func:`live_server.most_wait_for_the_day`) in its set-up: its timeout is that
+    much longer. Before, pytest-timeout ended the wait, and every browser test of a run that
+    reached them just after the demo site's midnight (06:00–06:25 UTC) errored."""
+    first = next((item for item in items if item.path.is_relative_to(_HERE)), None)
+    if first is not None:
+        usual = float(config.getini("timeout") or 0) or 300.0
+        most = live_server.most_wait_for_the_day().total_seconds()
+        first.add_marker(pytest.mark.timeout(usual + most))
+
+
+_HERE = Path(__file__).parent
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _clear_of_the_sites_midnight(tmp_path_factory: pytest.TempPathFactory) -> None:
     site = demo_config(tmp_path_factory.mktemp("demo-site")).site

@@ -297,6 +297,11 @@ _SEEDS_BACK = timedelta(minutes=25)
 _BEFORE_MIDNIGHT = timedelta(minutes=5)  # a test that straddles midnight
 
 
+def most_wait_for_the_day() -> timedelta:
+    """The longest :func:`wait_for_the_day` can ask for."""
+    return _SEEDS_BACK + _BEFORE_MIDNIGHT
+
+
 def wait_for_the_day(now: datetime, zone: ZoneInfo) -> float:
     """Seconds until the day in the site's ``zone`` is old enough for the seeds (0: it is)."""
     local = now.astimezone(zone)
