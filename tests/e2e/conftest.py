@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if first is not None:
         usual = float(config.getini("timeout") or 0) or 300.0
         most = live_server.most_wait_for_the_day().total_seconds()
-        first.add_marker(pytest.mark.timeout(usual + most))
+        first.add_marker(pytest.mark.timeout(usual + most), append=False)  # before its own
 
 
 _HERE = Path(__file__).parent
