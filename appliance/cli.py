@@ -178,7 +178,9 @@ def _upstream_anchors(config: Config) -> tuple[list[audit.Checkpoint] | None, st
 
     async def go() -> list[audit.Checkpoint]:
         async with build_client(upstream) as client:
-            return await fetch_upstream_anchors(client, config.site.id)
+            return await fetch_upstream_anchors(
+                client, config.site.id, also_known_as=upstream.also_known_as
+            )
 
     try:
         return asyncio.run(go()), upstream.name

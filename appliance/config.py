@@ -132,6 +132,7 @@ class UpstreamConfig:
     max_bundle_entries: int = 8
     timeout_s: float = 30.0
     location: str | None = None
+    also_known_as: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +373,11 @@ _TEXT = _expect("a non-empty string", _is_text)
 _BOOL = _expect("true or false", lambda v: isinstance(v, bool))
 _PATH = _expect("a file path", _is_text, Path)
 _URL = _expect("an http:// or https:// URL", _is_url, lambda v: v.rstrip("/"))
+_URLS = _expect(
+    "a list of http:// or https:// URLs",
+    lambda v: isinstance(v, list) and all(_is_url(url) for url in v),
+    lambda v: tuple(url.rstrip("/") for url in v),
+)
 _NPI = _Type("a 10-digit NPI with a valid check digit", _check_npi)
 _MONEY = _expect(
     'an amount in dollars as a string ("31.85")',
@@ -510,6 +516,11 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
         _F("location", _pattern("a reference Location/<id>", r"Location/[A-Za-z0-9.-]{1,64}"),
            None, "This site's Location on this upstream: Appointments with it as a participant "
            "(`actor`) are pulled, with their Patients. Unset: no Appointments are pulled."),
+        _F("also_known_as", _URLS, (),
+           "Other base URLs the server writes for itself, as a server behind a gateway or "
+           "proxy that does not know its public address does (http://localhost:8080/fhir): "
+           "references at them are its own, and its next links at them are followed at "
+           "base_url (nothing is ever sent to these addresses)."),
     ),
     "claims": (
         _F("enabled", _BOOL, False, "Draft a Q3014 facility-fee claim for each eligible visit."),
@@ -1028,6 +1039,8 @@ def _shown(default: object) -> str:
         return "unset"
     if isinstance(default, bool):
         return "`true`" if default else "`false`"
+    if default == ():
+        return "`[]`"
     return f'`"{default}"`' if isinstance(default, str) else f"`{default}`"
 
 

@@ -10,7 +10,7 @@ checkpoints were removed with it (``appliance/audit.py``, "What is guaranteed").
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import httpx
@@ -100,6 +100,7 @@ async def fetch_upstream_anchors(
     client: httpx.AsyncClient,
     site_id: str,
     *,
+    also_known_as: Iterable[str] = (),
     page: int = ANCHOR_PAGE,
     max_pages: int = ANCHOR_PAGES,
 ) -> list[Checkpoint]:
@@ -136,11 +137,12 @@ async def fetch_upstream_anchors(
                 f"anchor search: HTTP {response.status_code} without a search Bundle",
             )
         anchors += anchors_of(body)
-        link = next_link(body, client)
+        link = next_link(body, client, also_known_as)
         if link is None and _says_next(body):
             raise UpstreamError(
                 Failure.ENDPOINT,
-                "anchor search: the next page is not on the upstream (not followed); "
+                "anchor search: the next page is not on the upstream (not followed; if "
+                "its address is the EHR's own, list it in the upstream's also_known_as); "
                 "the anchors were not all read",
             )
         if link is None:

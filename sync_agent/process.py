@@ -459,7 +459,9 @@ class SyncLoop:
         self._paused_since: float | None = None
         self._paused_told = 0.0
         self._sync_now_kept = False
-        self.updates = UpdateSender(ctx.store, client, rng=rng)
+        self.updates = UpdateSender(
+            ctx.store, client, rng=rng, also_known_as=upstream.also_known_as
+        )
         self.puller = Puller(ctx.store, client, upstream)
         self.exporter = AuditExporter(
             ctx.store, client, site_id=ctx.config.site.id, batch=upstream.max_bundle_entries

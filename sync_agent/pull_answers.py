@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
-
 from appliance import fhir
 from appliance.errors import InvalidResourceError
 from appliance.store import UpstreamCopy
+from sync_agent.own_address import origins, own_reference
 from sync_agent.upstream import as_dict, as_list
 
 APPOINTMENTS = "Appointment"
@@ -114,32 +113,22 @@ def patients_of(appointment: fhir.FhirJson) -> set[str]:
     return found
 
 
-def _origin(url: httpx.URL) -> tuple[str, int | None, str]:
-    """(host, port, path) of a URL: the host in lower case, a scheme's default port as
-    none, the path without a trailing slash; ``http`` and ``https`` alike (a server may
-    write its own address with either behind a TLS-ending gateway)."""
-    port = url.port
-    if (url.scheme, port) in (("http", 80), ("https", 443)):
-        port = None
-    return url.host.lower(), port, url.path.rstrip("/")
-
-
-def localise(resource: fhir.FhirJson, base_url: str) -> fhir.FhirJson:
+def localise(resource: fhir.FhirJson, base_url: str, also: Iterable[str] = ()) -> fhir.FhirJson:
     """``resource`` with every absolute reference to the upstream itself made relative.
 
     FHIR R4 (References, "Literal references"): an absolute URL at the server's own base
     *is* the relative reference. An EHR may write its own resources so (``https://ehr/fhir/
     Patient/7``); left so, an Appointment's Patient was never fetched and the stored copy
     pointed at no local record (the store maps relative references only). Only the
-    upstream's own address counts, however its case, default port or scheme are spelled: a
-    reference to another server (a directory's Practitioner) is another resource, even with
-    the same ``<Type>/<id>``, and stays as it is.
+    upstream's own addresses count (``base_url``, and ``also``: those it writes for itself
+    behind a gateway, :mod:`sync_agent.own_address`), however their case, default port or
+    scheme are spelled: a reference to another server (a directory's Practitioner) is
+    another resource, even with the same ``<Type>/<id>``, and stays as it is.
     """
     if fhir.json_depth(resource) > fhir.MAX_JSON_DEPTH:
         return resource  # refused by the store as it is (and walked, it could blow the stack)
-    try:
-        base = _origin(httpx.URL(base_url))
-    except (httpx.InvalidURL, TypeError):
+    bases = origins(base_url, also)
+    if not bases:
         return resource
 
     def walk(value: Any) -> Any:
@@ -147,7 +136,7 @@ def localise(resource: fhir.FhirJson, base_url: str) -> fhir.FhirJson:
             out = {k: walk(v) for k, v in value.items()}
             ref = value.get("reference")
             if isinstance(ref, str) and "://" in ref:
-                out["reference"] = _local(ref, base) or ref
+                out["reference"] = own_reference(ref, bases) or ref
             return out
         if isinstance(value, list):
             return [walk(v) for v in value]
@@ -155,25 +144,6 @@ def localise(resource: fhir.FhirJson, base_url: str) -> fhir.FhirJson:
 
     walked: fhir.FhirJson = walk(resource)
     return walked
-
-
-def _local(reference: str, base: tuple[str, int | None, str]) -> str | None:
-    """``<Type>/<id>[/_history/<v>]`` of an absolute reference at ``base``, else None."""
-    try:
-        url = httpx.URL(reference)
-    except httpx.InvalidURL:
-        return None
-    if url.scheme not in ("http", "https") or url.query or url.fragment:
-        return None
-    host, port, path = _origin(url)
-    if (host, port) != base[:2] or not path.startswith(base[2] + "/"):
-        return None
-    tail = path[len(base[2]) + 1 :]
-    parts = tail.split("/")
-    shaped = len(parts) == 2 or (len(parts) == 4 and parts[2] == "_history")
-    if not shaped or not parts[0].isalpha() or not parts[0][:1].isupper() or not all(parts):
-        return None
-    return tail
 
 
 def about(resource: fhir.FhirJson) -> str | None:

@@ -223,9 +223,11 @@ class UpdateSender:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        also_known_as: tuple[str, ...] = (),
     ) -> None:
         self._store = store
         self._client = client
+        self._also_known_as = also_known_as  # the EHR's other addresses (own_address)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._clock = clock
 
@@ -524,7 +526,7 @@ class UpdateSender:
             return None
         # Its references to the EHR itself as the pull stores them (relative): so they are
         # compared with ours, and so a nurse's "take theirs" stores them as the pull would.
-        theirs = localise(theirs, str(self._client.base_url))
+        theirs = localise(theirs, str(self._client.base_url), self._also_known_as)
         version = version_of(theirs, response)
         if content(theirs) == content(row.outgoing):
             # Our own earlier PUT landed and its answer was lost: nothing to review.

@@ -36,7 +36,7 @@ import logging
 import re
 import ssl
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -49,6 +49,7 @@ import orjson
 
 from appliance.config import AuthKind, UpstreamConfig
 from appliance.errors import ConfigError, KeyFileError
+from sync_agent.own_address import followed
 
 logger = logging.getLogger(__name__)
 
@@ -131,15 +132,19 @@ def outcome_text(body: Any) -> str:
     return ""
 
 
-def next_link(bundle: Any, client: httpx.AsyncClient) -> str | None:
-    """The ``next`` link of a search page, when it stays on ``client``'s upstream (any shape:
-    None when there is none). Never one to another host: our credentials go with the request.
+def next_link(
+    bundle: Any, client: httpx.AsyncClient, also_known_as: Iterable[str] = ()
+) -> str | None:
+    """The URL to ask for the ``next`` link of a search page (any shape: None when there is
+    none), when it stays on ``client``'s upstream: at its base URL as it is, at one of the
+    addresses it is ``also_known_as`` under the base URL
+    (:func:`~sync_agent.own_address.followed`). Never one to another host: our credentials
+    go with the request.
     """
-    base = str(client.base_url).rstrip("/") + "/"
     for link in as_list(as_dict(bundle).get("link")):
         url = as_dict(link).get("url")
         if as_dict(link).get("relation") == "next" and isinstance(url, str) and url:
-            return url if url.startswith(base) else None
+            return followed(url, str(client.base_url), also_known_as)
     return None
 
 

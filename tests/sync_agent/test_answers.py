@@ -471,6 +471,14 @@ def test_a_next_link_is_followed_only_on_the_upstream_itself() -> None:
     assert next_link(page("http://other.test/fhir/Patient?_offset=50"), _CLIENT) is None
     assert next_link(page("http://ehr.test/fhirx/Patient?_offset=50"), _CLIENT) is None
     assert next_link(page("https://ehr.test/fhir/Patient?_offset=50"), _CLIENT) is None
+    # HAPI's paging links are queries on the base itself (they were never followed).
+    hapi = "http://ehr.test/fhir?_getpages=c9b2&_getpagesoffset=20&_count=20"
+    assert next_link(page(hapi), _CLIENT) == hapi
+    # Behind a proxy that does not pass the host on, HAPI writes its own address instead.
+    internal = "http://localhost:8080/fhir?_getpages=c9b2&_getpagesoffset=20"
+    assert next_link(page(internal), _CLIENT) is None
+    also = ["http://localhost:8080/fhir"]
+    assert next_link(page(internal), _CLIENT, also) == hapi.removesuffix("&_count=20")
 
 
 @pytest.mark.parametrize(

@@ -1017,6 +1017,29 @@ async def test_a_next_link_off_the_upstream_leaves_the_anchors_incomplete_not_en
     assert "not all read" in caught.value.message
 
 
+@pytest.mark.peer
+async def test_a_next_link_at_an_address_the_upstream_is_also_known_as_is_read_at_its_base(
+    store: Store, proxied: httpx.AsyncClient, proxy: FaultProxy
+) -> None:
+    await _records(store, 2)
+    await db.run_sync(store.connection, audit.checkpoint, store.keyring.signing_key, now=T0)
+    await AuditExporter(store, proxied, site_id=SITE).drain()
+    everything = await fetch_upstream_anchors(proxied, SITE)
+    assert [a.audit_id for a in everything] == [2]
+    # The first page holds nothing but a link at the server's internal address, to the rest.
+    tag = balp.checkpoint_system(SITE) + "|"
+    rest = httpx.URL("http://ehr.internal:8080/fhir/R4/Provenance", params={"_tag": tag})
+    page = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": [{"relation": "next", "url": str(rest)}],
+    }
+    await proxy.set(Fault.REPLACE, status=200, body=json.dumps(page).encode(), count=1)
+    # ehr.internal is never asked (it does not resolve here): the link is asked at the proxy.
+    also = ("http://EHR.internal:8080/fhir/R4/",)
+    assert await fetch_upstream_anchors(proxied, SITE, also_known_as=also) == everything
+
+
 async def test_breaks_are_acknowledged_up_to_the_count_shown_and_audited(
     store: Store, db_path: Path
 ) -> None:

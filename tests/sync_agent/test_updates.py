@@ -1139,17 +1139,22 @@ async def test_403s_for_every_update_stop_the_pass_and_hold_the_step_back(
     assert "HTTP 403" in result.stopped_by.message
 
 
+@pytest.mark.parametrize("behind_a_proxy", [False, True])
 async def test_take_theirs_stores_the_ehrs_references_to_itself_as_the_pull_does(
-    store: Store, client: httpx.AsyncClient
+    store: Store, client: httpx.AsyncClient, behind_a_proxy: bool
 ) -> None:
     logical_id, upstream = await _pulled_patient(store, client)
     await _edit(store, logical_id, "Mineperson")
     theirs = await _upstream(client, upstream)
     theirs["name"] = [{"family": "Theirsperson", "given": ["Ada"]}]
     base = str(client.base_url).rstrip("/")
-    theirs["managingOrganization"] = {"reference": f"{base}/Organization/org-1"}
+    # Behind a proxy that does not pass the host on, the EHR writes its internal address.
+    internal = "http://localhost:8080/fhir/R4"
+    at = internal if behind_a_proxy else base
+    theirs["managingOrganization"] = {"reference": f"{at}/Organization/org-1"}
     assert (await client.put(f"Patient/{upstream['id']}", json=theirs)).status_code == 200
-    assert (await _sender(store, client).send_once()).conflicts == 1
+    sender = UpdateSender(store, client, rng=random.Random(1), also_known_as=(internal,))
+    assert (await sender.send_once()).conflicts == 1
     queue = ReviewQueue(store)
     [item] = await queue.items()
     await queue.take_theirs(item.id, NURSE, theirs_version=item.theirs_version)
