@@ -170,7 +170,8 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
 def _upstream_anchors(config: Config) -> tuple[list[audit.Checkpoint] | None, str]:
     """The site's checkpoint anchors at its first upstream, or None and why not."""
     from sync_agent.audit_anchors import fetch_upstream_anchors
-    from sync_agent.upstream import UpstreamError, build_client
+    from sync_agent.transport import build_client
+    from sync_agent.upstream import UpstreamError
 
     if not config.sync.upstreams:
         return None, "no upstream configured"
@@ -787,7 +788,8 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
     from sync_agent.outbox_delivery import DrainResult
     from sync_agent.process import SyncLoop
     from sync_agent.status import still_waiting
-    from sync_agent.upstream import build_client, failure_class
+    from sync_agent.transport import build_client
+    from sync_agent.upstream import failure_class
 
     if not config.sync.upstreams:
         raise ApplianceError("no [[sync.upstream]] is configured; nothing to sync to")

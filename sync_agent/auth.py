@@ -1,6 +1,6 @@
 """Authentication to an upstream FHIR server: SMART Backend Services and a static bearer token.
 
-Both are :class:`httpx.Auth` flows on the client that :func:`sync_agent.upstream.build_client`
+Both are :class:`httpx.Auth` flows on the client that :func:`sync_agent.transport.build_client`
 makes, so every request through it (bundles, searches, audit export) is authenticated without
 its caller knowing how. Mutual TLS needs no flow: it is the client's TLS context.
 
@@ -78,7 +78,8 @@ from joserfc.jwk import ECKey, RSAKey
 
 from appliance.config import UpstreamConfig
 from appliance.errors import KeyFileError
-from sync_agent.upstream import Failure, TlsAwareTransport, UpstreamError, retry_after_seconds
+from sync_agent.transport import TlsAwareTransport
+from sync_agent.upstream import Failure, UpstreamError, retry_after_seconds
 
 logger = logging.getLogger(__name__)
 

@@ -51,7 +51,8 @@ from appliance.store import Store
 from services.claims.acks import AckError
 from services.claims.lifecycle import Batch, Lifecycle, fhir_outcome
 from services.claims.service import ClaimsError, ClaimsService
-from sync_agent.upstream import Failure, TlsAwareTransport, UpstreamError
+from sync_agent.transport import TlsAwareTransport
+from sync_agent.upstream import Failure, UpstreamError
 
 logger = logging.getLogger(__name__)
 

@@ -98,8 +98,9 @@ from sync_agent.lease import SyncLease, Turn
 from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
 from sync_agent.pull import Puller, PullResult
 from sync_agent.status import REFUSED, STEPS, SYNC_NOW_KEY, UNORDERED
+from sync_agent.transport import build_client
 from sync_agent.updates import UpdateResult, UpdateSender
-from sync_agent.upstream import Failure, UpstreamError, build_client, failure_class
+from sync_agent.upstream import Failure, UpstreamError, failure_class
 
 logger = logging.getLogger(__name__)
 

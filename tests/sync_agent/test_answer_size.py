@@ -1,4 +1,4 @@
-"""An upstream answer is read into memory only up to ``upstream.MAX_ANSWER_BYTES``, as sent
+"""An upstream answer is read into memory only up to ``transport.MAX_ANSWER_BYTES``, as sent
 and as decoded.
 
 A real HTTP server on loopback, written here: it states a huge Content-Length, or streams a
@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from appliance.config import UpstreamConfig
-from sync_agent import upstream
-from sync_agent.upstream import Failure, UpstreamError, _Decoder, build_client, exchange
+from sync_agent import transport
+from sync_agent.transport import _Decoder, build_client
+from sync_agent.upstream import Failure, UpstreamError, exchange
 
 SMALL = b'{"resourceType":"Bundle","type":"searchset","entry":[]}'
 # 8 MB of spaces in about 8 KB: past the 1 MB cap of these tests a thousand times over.
@@ -86,7 +87,7 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[str]:
 
 @pytest.fixture(autouse=True)
 def small_cap(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(upstream, "MAX_ANSWER_BYTES", 2**20, raising=False)
+    monkeypatch.setattr(transport, "MAX_ANSWER_BYTES", 2**20, raising=False)
 
 
 @pytest.mark.parametrize("server", ["stated", "endless"], indirect=True)

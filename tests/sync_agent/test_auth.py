@@ -39,7 +39,8 @@ from sync_agent.auth import (
 )
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.process import probe
-from sync_agent.upstream import Failure, UpstreamError, build_client, post_bundle
+from sync_agent.transport import build_client
+from sync_agent.upstream import Failure, UpstreamError, post_bundle
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.sync_agent.token_server import FakeClock, ServerTls, TokenServer, serving

@@ -23,7 +23,8 @@ from appliance.config import UpstreamConfig
 from appliance.store import Store
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.process import probe
-from sync_agent.upstream import Failure, UpstreamError, build_client, exchange
+from sync_agent.transport import build_client
+from sync_agent.upstream import Failure, UpstreamError, exchange
 from tests.fhir_peer.peer import FhirPeer
 from tests.sync_agent.test_auth import _chain
 from tests.sync_agent.test_faults import _readings
