@@ -96,7 +96,8 @@ from sync_agent.audit_export import AuditExporter, ExportResult
 from sync_agent.claims_submit import ClaimsSubmitter  # claims (issue 8)
 from sync_agent.lease import SyncLease, Turn
 from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
-from sync_agent.pull import Puller, PullResult
+from sync_agent.pull import Puller
+from sync_agent.pull_result import PullResult
 from sync_agent.status import REFUSED, STEPS, SYNC_NOW_KEY, UNORDERED
 from sync_agent.transport import build_client
 from sync_agent.updates import UpdateResult, UpdateSender

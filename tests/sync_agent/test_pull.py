@@ -21,9 +21,10 @@ from appliance.device_registry import DeviceRegistry, Setting, Transport
 from appliance.errors import TamperedDataError
 from appliance.store import UNREADABLE_REPLACED, Store
 from services.vitals import CAPTURE_SETTING_SYSTEM
-from sync_agent import pull, status
+from sync_agent import pull_streams, status
 from sync_agent.outbox_delivery import Deliverer
-from sync_agent.pull import ACTOR, HOME_TAG, Puller
+from sync_agent.pull import Puller
+from sync_agent.pull_import import ACTOR, HOME_TAG
 from sync_agent.review_queue import ReviewQueue
 from sync_agent.updates import UpdateSender
 from sync_agent.upstream import FHIR_JSON
@@ -504,7 +505,7 @@ async def test_a_run_of_equal_timestamps_longer_than_the_largest_page_follows_ne
     db_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 4)
+    monkeypatch.setattr(pull_streams, "MAX_PAGE_SIZE", 4)
     site, later = await _one_instant(client, 7)
     puller = _puller(store, client, site, page_size=2)
     stuck = await puller.pull_once()
@@ -541,7 +542,7 @@ async def test_a_run_ending_the_stream_on_a_full_page_ends_the_pass(
     db_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 4)
+    monkeypatch.setattr(pull_streams, "MAX_PAGE_SIZE", 4)
     site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
     patient = await _post(client, factories.patient())
     for _ in range(8):  # an exact multiple of the page, and nothing after it
@@ -762,7 +763,7 @@ async def test_a_run_walked_by_next_links_resumes_where_the_last_pass_stopped(
     db_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 2)
+    monkeypatch.setattr(pull_streams, "MAX_PAGE_SIZE", 2)
     site, later = await _one_instant(client, 15)
     transport.add_next_links = True
     puller = _puller(store, client, site, page_size=2, max_pages=4)
@@ -785,7 +786,7 @@ async def test_a_next_link_pointing_at_its_own_page_ends_the_pass_without_more(
     db_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 4)
+    monkeypatch.setattr(pull_streams, "MAX_PAGE_SIZE", 4)
     site, _later = await _one_instant(client, 7)
     transport.add_next_links, transport.self_links = True, True
     puller = _puller(store, client, site, page_size=2)
@@ -1026,7 +1027,7 @@ async def test_a_walk_through_a_run_keeps_its_place_when_a_pass_fails(
     db_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 2)
+    monkeypatch.setattr(pull_streams, "MAX_PAGE_SIZE", 2)
     site, later = await _one_instant(client, 15)
     transport.add_next_links = True
     puller = _puller(store, client, site, page_size=2, max_pages=4)
@@ -1120,8 +1121,8 @@ async def test_a_walk_whose_link_expired_upstream_starts_again_from_the_cursor(
     caplog: pytest.LogCaptureFixture,
     expired: Callable[[], httpx.Response],
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="sync_agent.pull")
-    monkeypatch.setattr(pull, "MAX_PAGE_SIZE", 2)
+    caplog.set_level(logging.WARNING, logger="sync_agent.pull_search")
+    monkeypatch.setattr(pull_streams, "MAX_PAGE_SIZE", 2)
     site, later = await _one_instant(client, 15)
     transport.add_next_links, transport.search_ids = True, True
     puller = _puller(store, client, site, page_size=2, max_pages=4)
@@ -1180,7 +1181,7 @@ async def test_a_page_not_in_lastupdated_order_is_not_taken_and_the_cursor_stays
     stamps: list[str],
     why: str,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="sync_agent.pull")
+    caplog.set_level(logging.WARNING, logger="sync_agent.pull_search")
     site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
     patient = await _post(client, factories.patient())
     for day in stamps:
@@ -1384,7 +1385,7 @@ async def test_a_patient_left_out_of_a_read_is_asked_for_again_until_it_comes(
 async def test_an_appointment_the_r4b_model_refuses_is_audited_logged_and_counted(
     store: Store, client: httpx.AsyncClient, db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="sync_agent.pull")
+    caplog.set_level(logging.WARNING, logger="sync_agent.pull_import")
     site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
     ada = await _post(client, factories.patient(family="Adaperson"))
     # An element R5 added (an R4 server with R5 backports may send it): R4B refuses it.
@@ -1416,7 +1417,7 @@ async def test_an_appointment_the_r4b_model_refuses_is_audited_logged_and_counte
     ]
     assert since == "2026-11-26T08:00:01.000Z"
     # The journal names the type and the reason's class; no id, nothing of the record.
-    warnings = [r.getMessage() for r in caplog.records if r.name == "sync_agent.pull"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sync_agent.pull_import"]
     assert warnings == [
         "pull: 1 Appointment not stored, they fail validation (an element FHIR R4B does not "
         "define); audited, the stream goes on past them"
@@ -1430,7 +1431,7 @@ async def test_an_appointment_the_r4b_model_refuses_is_audited_logged_and_counte
     ).fetchall()
     conn.close()
     assert audited == 1
-    assert len([r for r in caplog.records if r.name == "sync_agent.pull"]) == 1
+    assert len([r for r in caplog.records if r.name == "sync_agent.pull_import"]) == 1
 
 
 def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
