@@ -520,7 +520,8 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
            "Other base URLs the server writes for itself, as a server behind a gateway or "
            "proxy that does not know its public address does (http://localhost:8080/fhir): "
            "references at them are its own, and its next links at them are followed at "
-           "base_url (nothing is ever sent to these addresses)."),
+           "base_url (nothing is ever sent to these addresses). Records pulled before it "
+           "is set keep such a reference until the EHR changes them."),
     ),
     "claims": (
         _F("enabled", _BOOL, False, "Draft a Q3014 facility-fee claim for each eligible visit."),

@@ -78,7 +78,7 @@ class Importer:
         unseen = [r for r in resources if not cursor.taken(r)]
         fresh = [r for r in unseen if asked_for(rtype, params, r)]
         result.passed_over += len(unseen) - len(fresh)
-        fresh = [localise(r, self._upstream.base_url) for r in fresh]
+        fresh = [localise(r, self._upstream.base_url, self._upstream.also_known_as) for r in fresh]
         after = cursor.advance(resources)
         copies = [copy_of(r) for r in fresh]
         tags: list[dict[str, str]] = []

@@ -21,9 +21,9 @@ from appliance.config import UpstreamConfig
 from appliance.store import Store, UpstreamCopy
 from sync_agent.pull_answers import copy_of, localise
 from sync_agent.pull_result import PullResult
-from sync_agent.pull_search import search_page
+from sync_agent.pull_search import link_to_follow, search_page
 from sync_agent.pull_state import Missed, known_versions, missed_again
-from sync_agent.upstream import Failure, UpstreamError, next_link, search_matches
+from sync_agent.upstream import Failure, UpstreamError, search_matches
 
 logger = logging.getLogger(__name__)
 
@@ -130,16 +130,18 @@ class PatientFetcher:
         if since is not None:
             query["_lastUpdated"] = f"gt{since}"
         bundle = await search_page(self._client, "Patient", query)
-        base = self._upstream.base_url
-        answered = [copy_of(localise(r, base)) for r in search_matches(bundle, "Patient")]
+        base, also = self._upstream.base_url, self._upstream.also_known_as
+        answered = [copy_of(localise(r, base, also)) for r in search_matches(bundle, "Patient")]
         followed: set[str] = set()
         for _ in range(len(chunk)):
-            link = next_link(bundle, self._client)
+            link = link_to_follow(bundle, self._client, also)
             if link is None or link in followed:
                 break
             followed.add(link)
             bundle = await search_page(self._client, link)
-            answered += [copy_of(localise(r, base)) for r in search_matches(bundle, "Patient")]
+            answered += [
+                copy_of(localise(r, base, also)) for r in search_matches(bundle, "Patient")
+            ]
         asked = set(chunk)
         found = {c.reference: c for c in answered if c.reference in asked}
         result.passed_over += len({c.reference for c in answered} - asked)

@@ -11,6 +11,7 @@ streams go on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -20,9 +21,12 @@ from sync_agent.pull_answers import order_problem
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
+    as_dict,
+    as_list,
     classify_for_resource,
     exchange,
     is_outcome,
+    next_link,
     outcome_text,
     response_json,
 )
@@ -39,6 +43,41 @@ class Unordered(UpstreamError):
 
 class LinkRefused(UpstreamError):
     """A ``next`` link of the server's own refused (its search expired): the walk ends."""
+
+
+def link_to_follow(
+    bundle: Any, client: httpx.AsyncClient, also_known_as: Iterable[str]
+) -> str | None:
+    """The URL to ask for a page's ``next`` link (:func:`~sync_agent.upstream.next_link`,
+    with the addresses the upstream is also known as), or None. A link the page has but
+    that is not the upstream's is not followed, and the journal names where it pointed
+    (scheme, host and port only: its path and query may carry ids), since the cause is a
+    setting: an EHR behind a proxy writing its internal address (docs/troubleshooting.md).
+    """
+    link = next_link(bundle, client, also_known_as)
+    if link is None:
+        for entry in as_list(as_dict(bundle).get("link")):
+            url = as_dict(entry).get("url")
+            if as_dict(entry).get("relation") == "next" and isinstance(url, str) and url:
+                logger.warning(
+                    "pull: a next link at %s is not the upstream's address: not followed "
+                    "(list it in the upstream's also_known_as if it is the EHR's own)",
+                    _where(url),
+                )
+                break
+    return link
+
+
+def _where(url: str) -> str:
+    """``scheme://host[:port]`` of a URL, or a word for one that is not."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return "an address that is not a URL"
+    if not parsed.host:
+        return "an address with no host"
+    port = f":{parsed.port}" if parsed.port is not None else ""
+    return f"{parsed.scheme}://{parsed.host}{port}"
 
 
 async def search_page(

@@ -32,11 +32,12 @@ from sync_agent.pull_search import (
     LinkRefused,
     Unordered,
     check_order,
+    link_to_follow,
     next_page,
     search_page,
 )
 from sync_agent.pull_state import load_cursor, not_held
-from sync_agent.upstream import Failure, UpstreamError, next_link, search_matches
+from sync_agent.upstream import Failure, UpstreamError, search_matches
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class Streams:
             cursor = await self._importer.take(
                 stream, rtype, params, resources, cursor, result, save=True
             )
-            link = next_link(bundle, self._client)
+            link = link_to_follow(bundle, self._client, self._upstream.also_known_as)
             if next_url is not None:
                 # Walking through one instant: on while it lasts (a page may bring nothing
                 # new: one read by a walk before a restart), back to asking from the cursor

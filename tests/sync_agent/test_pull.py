@@ -53,6 +53,9 @@ class Transport_(httpx.AsyncBaseTransport):
         # With add_next_links: each link names its search (as HAPI's do), and a link of a
         # search expired (expire_searches) is answered with ``expired``.
         self.search_ids = False
+        # With add_next_links: the links at this origin instead (an EHR behind a proxy that
+        # does not pass the host on writes its internal address, as HAPI does).
+        self.link_origin: tuple[str, str, int] | None = None
         self.expired: Callable[[], httpx.Response] | None = None
         self._searches = 0
         self._expired_up_to = 0
@@ -98,6 +101,9 @@ class Transport_(httpx.AsyncBaseTransport):
                     search = str(self._searches)
                 query["_search"] = search
             url = request.url.copy_with(query=urlencode(query).encode())
+            if self.link_origin is not None:
+                scheme, host, port = self.link_origin
+                url = url.copy_with(scheme=scheme, host=host, port=port)
             body["link"] = [
                 {"relation": "next", "url": str(request.url if self.self_links else url)}
             ]
@@ -1520,3 +1526,56 @@ async def test_a_deeply_nested_pulled_resource_is_refused_not_a_crash(
     # sync process, and the same page again after each restart.
     assert (result.skipped_invalid, result.error) == (1, None)
     assert _count(db_path, "Appointment") == 0
+
+
+INTERNAL = "http://localhost:8080/fhir/R4"  # the path is the peer's: only the origin differs
+
+
+@pytest.mark.parametrize("configured", [False, True])
+async def test_an_ehr_writing_its_internal_address_is_followed_when_configured(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Transport_,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    configured: bool,
+) -> None:
+    # Behind a proxy that does not pass the public host on: a run of equal timestamps longer
+    # than the largest page, with next links and the patient's reference at that address.
+    monkeypatch.setattr(pull_streams, "MAX_PAGE_SIZE", 4)
+    caplog.set_level(logging.WARNING, logger="sync_agent.pull_search")
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    patient = await _post(client, factories.patient())
+    made = []
+    for _ in range(7):
+        booked = _appointment(patient, site, updated=SAME_INSTANT)
+        booked["participant"][0]["actor"]["reference"] = f"{INTERNAL}/Patient/{patient['id']}"
+        made.append(await _post(client, booked))
+    transport.add_next_links, transport.link_origin = True, ("http", "localhost", 8080)
+    upstream = UpstreamConfig(
+        name="ehr",
+        base_url=str(client.base_url),
+        location=f"Location/{site['id']}",
+        also_known_as=(INTERNAL,) if configured else (),
+    )
+    result = await Puller(store, client, upstream, page_size=2).pull_once()
+    # Nothing ever goes to that address: our credentials would go with it.
+    assert all(url.host != "localhost" for url in transport.requests)
+    if not configured:
+        # Not followed, and the journal says where the links pointed.
+        assert result.stuck == 1
+        assert _count(db_path, "Appointment") == 4
+        assert _count(db_path, "Patient") == 0  # another server's, by its reference
+        assert "pull: a next link at http://localhost:8080 is not the upstream's" in caplog.text
+        return
+    # Configured: its links are asked at the base URL, its references are its own.
+    assert (result.error, result.stuck) == (None, 0)
+    assert _count(db_path, "Appointment") == 7
+    assert "next link at" not in caplog.text
+    local = await _local_id(store, "Patient", patient["id"])
+    for appointment in made:
+        stored = await store.read(
+            "Appointment", await _local_id(store, "Appointment", appointment["id"]), NURSE
+        )
+        assert stored["participant"][0]["actor"]["reference"] == f"Patient/{local}"
