@@ -35,7 +35,7 @@ from appliance.runtime import add_config_arguments, config_from_args, setup_logg
 from appliance.supervisor import ChildSpec
 
 if TYPE_CHECKING:  # the sync agent is imported lazily, by the commands that use it
-    from sync_agent.outbox_delivery import DrainResult
+    from sync_agent.drain_result import DrainResult
     from sync_agent.process import Round
     from sync_agent.status import StillWaiting, SyncStatus
 
@@ -785,7 +785,7 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
     from appliance.runtime import ProcessContext
     from appliance.store import Store
     from sync_agent.audit_export_state import read_export_state
-    from sync_agent.outbox_delivery import DrainResult
+    from sync_agent.drain_result import DrainResult
     from sync_agent.process import SyncLoop
     from sync_agent.status import still_waiting
     from sync_agent.transport import build_client

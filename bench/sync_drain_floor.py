@@ -3,7 +3,7 @@ client in the same run: where issue 5's ratio goal stands (docs/benchmarks.md, "
 
 The floor is a drain with nothing but the per-item work delivery cannot do without, each step
 the agent's own code: read the due rows in lane order and decrypt them
-(``Deliverer._items``), map the references and cut the server-owned fields
+(``OutboxQueue._items``), map the references and cut the server-owned fields
 (``_upstream_refs``, ``outgoing_body``), encode the batch Bundle, POST it (httpx), and record
 every entry's outcome with its audit record in one ``synchronous=FULL`` transaction. It has
 none of the agent's planning (dependencies pulled ahead, dead letters, per-item backoff,
@@ -51,17 +51,20 @@ import sync_drain
 from appliance import audit, db, fhir
 from appliance.audit import AuditAction, AuditEvent
 from appliance.store import Store
-from sync_agent import outbox_delivery as od
+from sync_agent.outbox_bundle import entry_ref
+from sync_agent.outbox_outcomes import ACTOR
+from sync_agent.outbox_queue import _PENDING_SQL, OutboxQueue
+from sync_agent.outbox_schedule import DUE_SQL, due_bounds, iso
 from sync_agent.outgoing import outgoing_body
 from sync_agent.upstream import FHIR_JSON, exchange, response_json
 
 BUNDLE = 100
 FLOORS = ("floor", "per_bundle", "least")
 # The next bundle past a watermark, for the lower floors (their rows stay 'pending').
-_PAST_MARK_SQL = od._PENDING_SQL.replace(f"AND {od.DUE_SQL} ", "").replace(
+_PAST_MARK_SQL = _PENDING_SQL.replace(f"AND {DUE_SQL} ", "").replace(
     "AND o.id NOT IN (SELECT value FROM json_each(?)) ", "AND o.id > ? "
 )
-assert _PAST_MARK_SQL != od._PENDING_SQL
+assert _PAST_MARK_SQL != _PENDING_SQL
 _RECORD_SQL = (
     "UPDATE outbox SET state = 'delivered', upstream_ref = v.ref, delivered_at = ?, "
     "attempts = attempts + 1, last_error = NULL "
@@ -93,7 +96,7 @@ async def floor_drain(
         started = time.thread_time()
         if kind == "floor":
             rows = raw.execute(
-                od._PENDING_SQL, (*od.due_bounds(now), orjson.dumps(busy).decode(), BUNDLE)
+                _PENDING_SQL, (*due_bounds(now), orjson.dumps(busy).decode(), BUNDLE)
             ).fetchall()
         else:
             rows = raw.execute(_PAST_MARK_SQL, (mark[0], BUNDLE)).fetchall()
@@ -102,13 +105,13 @@ async def floor_drain(
         if not rows:
             return None
         started = time.thread_time()
-        items = deliverer._items(raw, rows)
+        items = queue._items(raw, rows)
         spent["decrypt"] += time.thread_time() - started
         started = time.thread_time()
         refs = {item.outbox_id: item.local_refs() for item in items}
         wanted = {lid for found in refs.values() for _, lid in found} - targets.keys()
         if wanted:
-            targets.update(deliverer._upstream_refs(raw, wanted))
+            targets.update(queue._upstream_refs(raw, wanted))
         entries = [
             {
                 "resource": orjson.Fragment(item.raw)
@@ -132,21 +135,21 @@ async def floor_drain(
     def record(raw: Any, ids: list[int], answer: dict[str, Any]) -> None:
         started = time.thread_time()
         moment = datetime.now(UTC)
-        refs = [od._entry_ref(entry, "Observation") for entry in answer["entry"]]
+        refs = [entry_ref(entry, "Observation") for entry in answer["entry"]]
         with db.transaction_sync(raw):
             if kind == "floor":
                 raw.execute(
                     _RECORD_SQL,
-                    (od._iso(moment), orjson.dumps(list(zip(ids, refs, strict=True))).decode()),
+                    (iso(moment), orjson.dumps(list(zip(ids, refs, strict=True))).decode()),
                 )
             else:
                 raw.execute(
                     "INSERT INTO bench_bundles_delivered (first, last, at, refs) "
                     "VALUES (?, ?, ?, ?)",
-                    (ids[0], ids[-1], od._iso(moment), orjson.dumps(refs)),
+                    (ids[0], ids[-1], iso(moment), orjson.dumps(refs)),
                 )
             event = AuditEvent(
-                od.ACTOR, AuditAction.SYNC, entity=f"Observation x{len(ids)}", detail="delivered"
+                ACTOR, AuditAction.SYNC, entity=f"Observation x{len(ids)}", detail="delivered"
             )
             audit.append(raw, [event], now=moment)
         spent["record"] += time.thread_time() - started
@@ -159,8 +162,8 @@ async def floor_drain(
         return answer
 
     async with sync_drain._client(base_url) as client:
-        deliverer = od.Deliverer(store, client, max_entries=BUNDLE)
-        now = od._iso(datetime.now(UTC))
+        queue = OutboxQueue(store)
+        now = iso(datetime.now(UTC))
         delivered = 0
         start, loop_cpu = time.perf_counter(), time.thread_time()
         batch = await db.run_sync(conn, plan, [], now)

@@ -8,7 +8,7 @@ fit (a reference to a resource refused upstream or delivered without a location,
 laid out as the store writes it) is parsed and rewritten (:func:`outgoing_parsed`): the same
 result, slower. ``tests/sync_agent/test_outgoing.py`` holds the two to the same answers.
 
-Pure functions of the item and the upstream ids (:class:`sync_agent.outbox_delivery.Deliverer`
+Pure functions of the item and the upstream ids (:class:`sync_agent.outbox_queue.OutboxQueue`
 finds those); no I/O.
 """
 
@@ -22,7 +22,7 @@ import orjson
 from appliance import fhir
 
 # A relative reference, ``Type/id``, as it appears in the compact JSON the store writes:
-# perhaps one of ours (:meth:`Deliverer._upstream_refs` tells). FHIR ids are
+# perhaps one of ours (:meth:`OutboxQueue._upstream_refs` tells). FHIR ids are
 # [A-Za-z0-9\-.]{1,64}, so nothing in one needs escaping, and in valid JSON an unescaped
 # `"reference":"` can only be a key with its string value (inside a string every quote is
 # escaped): each match is a Reference, at any depth.

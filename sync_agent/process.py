@@ -94,8 +94,10 @@ from appliance.errors import StoreError, TamperedDataError
 from appliance.runtime import ProcessContext
 from sync_agent.audit_export import AuditExporter, ExportResult
 from sync_agent.claims_submit import ClaimsSubmitter  # claims (issue 8)
+from sync_agent.drain_result import DrainResult
 from sync_agent.lease import SyncLease, Turn
-from sync_agent.outbox_delivery import Deliverer, DrainResult, backoff_s
+from sync_agent.outbox_delivery import Deliverer
+from sync_agent.outbox_schedule import backoff_s
 from sync_agent.pull import Puller
 from sync_agent.pull_result import PullResult
 from sync_agent.status import REFUSED, STEPS, SYNC_NOW_KEY, UNORDERED

@@ -27,8 +27,8 @@ from appliance.keys import KeySource, keyring_of
 from appliance.runtime import HEARTBEAT_STALE_S
 from appliance.store import Lane, oldest_waiting, queued_at
 from sync_agent.audit_export_state import ExportState, read_export_state
-from sync_agent.outbox_delivery import RETRY_HORIZON
 from sync_agent.outbox_failing import FailingItems, failing_items
+from sync_agent.outbox_schedule import RETRY_HORIZON
 
 SYNC_NOW_KEY = "sync_now"
 """``meta`` key the sync process watches: a new value makes it skip its backoff."""
@@ -492,7 +492,7 @@ class StillWaiting:
 
 def still_waiting(conn: sqlite3.Connection, now: datetime) -> StillWaiting:
     """The pending outbox items and those of them not due before a retry time (one beyond the
-    retry horizon, left by a clock that was ahead, is due now: ``outbox_delivery.DUE_SQL``)."""
+    retry horizon, left by a clock that was ahead, is due now: ``outbox_schedule.DUE_SQL``)."""
     moment = now.astimezone(UTC)
     items, edits, delayed = conn.execute(
         "SELECT count(*), coalesce(sum(kind = 'update'), 0), coalesce(sum(next_attempt_at > ? "

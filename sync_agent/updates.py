@@ -68,14 +68,8 @@ from appliance.store import (
     rewrite_references,
     save_link,
 )
-from sync_agent.outbox_delivery import (
-    DUE_SQL,
-    RETRY_HORIZON,
-    UNREADABLE,
-    UNREADABLE_AUDIT,
-    backoff_s,
-    due_bounds,
-)
+from sync_agent.outbox_outcomes import UNREADABLE, UNREADABLE_AUDIT
+from sync_agent.outbox_schedule import DUE_SQL, RETRY_HORIZON, backoff_s, due_bounds
 from sync_agent.pull_answers import localise
 from sync_agent.review_queue import (
     ACTOR,

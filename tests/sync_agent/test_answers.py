@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from services.claims.lifecycle import fhir_outcome
 from sync_agent.audit_anchors import anchors_of
 from sync_agent.balp import anchor_from_provenance
-from sync_agent.outbox_delivery import _entry_ref
+from sync_agent.outbox_bundle import entry_ref
 from sync_agent.pull_answers import (
     Cursor,
     asked_for,
@@ -233,7 +233,7 @@ def test_a_batch_answer_of_any_shape_gives_a_status_a_message_and_a_reference_or
         assert isinstance(message, str)
         assert message
         for rtype in ("Patient", "Observation"):
-            ref = _entry_ref(entry, rtype)
+            ref = entry_ref(entry, rtype)
             # Only the item's own type: never an OperationOutcome's, nor a path segment's.
             assert ref is None or (REF.fullmatch(ref) and ref.startswith(f"{rtype}/")), ref
 

@@ -27,8 +27,9 @@ from appliance.config import load
 from appliance.runtime import ProcessContext
 from appliance.store import Lane, Store
 from sync_agent.audit_export import AuditExporter
-from sync_agent.outbox_delivery import Deliverer, backoff_s
+from sync_agent.outbox_delivery import Deliverer
 from sync_agent.outbox_failing import failing_items
+from sync_agent.outbox_schedule import backoff_s
 from sync_agent.process import (
     PROBE_CAP_S,
     RETRY_AFTER_CAP_S,

@@ -14,7 +14,7 @@ import pytest
 
 from appliance import db, key_rotation, keys
 from appliance.store import Lane, Store
-from sync_agent import outbox_delivery, status
+from sync_agent import outbox_queue, status
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.outbox_failing import failing_items
 from tests import factories
@@ -537,7 +537,7 @@ async def test_items_held_for_a_dependency_are_read_once_a_drain_not_once_a_bund
 
     monkeypatch.setattr(store, "decrypt_stored_json", counting)
     # Read past in stretches shorter than the held run: the drain still gets to the rest.
-    monkeypatch.setattr(outbox_delivery, "_LOOK_PAST_HELD", 50)
+    monkeypatch.setattr(outbox_queue, "_LOOK_PAST_HELD", 50)
     result = await deliverer.drain()
     assert result.delivered == others
     assert result.bundles >= others // 10

@@ -19,7 +19,8 @@ import pytest
 
 from appliance import db, fhir
 from appliance.store import Lane, Store
-from sync_agent.outbox_delivery import Deliverer, DrainResult
+from sync_agent.drain_result import DrainResult
+from sync_agent.outbox_delivery import Deliverer
 from sync_agent.outbox_failing import failing_items
 from sync_agent.process import SyncLoop, Wake
 from sync_agent.upstream import FHIR_JSON
