@@ -2,9 +2,9 @@
 
 :class:`~sync_agent.updates.UpdateSender` opens a review when a version-checked update meets
 a 412 (or 409) and the upstream holds another version than ours; the pull
-(:mod:`sync_agent.pull_import`) opens one for a refused edit once the upstream has a newer copy, and
-puts each newer upstream version into an open review (:func:`refresh_review`). Both versions
-are kept sealed; nothing is overwritten either way.
+(:mod:`sync_agent.pull_import`) opens one for a refused edit once the upstream has a newer
+copy, and puts each newer upstream version into an open review (:func:`refresh_review`).
+Both versions are kept sealed; nothing is overwritten either way.
 
 :meth:`ReviewQueue.keep_mine` re-queues the update against the upstream's current version;
 :meth:`ReviewQueue.take_theirs` makes the upstream's version the local copy (ours stays in
