@@ -83,7 +83,7 @@ _NO_CONNECTION = (
 )
 # httpx's timeout_s is per step (connect, each write, each read): a server that dribbles its
 # answer could hold a request for ever. The whole exchange, the bearer auth's one resend
-# included, is cut off at this many times timeout_s (then: ambiguous).
+# included, is cut off at this many times timeout_s (then: ambiguous); a responses poll too.
 SEND_LIMIT_FACTOR = 4
 # An intent older than the send limit plus this has no live process waiting for its answer:
 # recovery may take it. created_at is kept to the minute (ISA09/10), and a settle may wait
@@ -423,7 +423,13 @@ class ClaimsSubmitter:
             else str(rows[0][0])
         )
         try:
-            response = await client.get("responses", params={"since": since})
+            # Bounded as a submission is: a page dribbled without end would hold the sync
+            # round, and the sync lease with it (every lane of the outbox), for ever.
+            async with asyncio.timeout(self._send_limit_s):
+                response = await client.get("responses", params={"since": since})
+        except TimeoutError:
+            result.errors.append(f"polling responses: no answer within {self._send_limit_s:g} s")
+            return 0
         except httpx.TransportError as exc:
             result.errors.append(f"polling responses: {type(exc).__name__}")
             return 0

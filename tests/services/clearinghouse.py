@@ -12,8 +12,8 @@ an answer that cannot be read), ``token`` (a bearer token every request must car
 401, unread), ``answers`` (statuses the next submissions get, unread: a redirect, a proxy's
 404, an outage's 503), ``hold_next`` (read and keep the next submission, answer it once the
 event is set: a request on the wire), ``dribble_next`` (answer the next submission one byte
-per so many seconds: no read waits long, the answer never ends), and :meth:`stop` (a
-connection is then refused). Every file is synthetic.
+per so many seconds: no read waits long, the answer never ends), ``dribble_poll`` (the same
+for the next responses page), and :meth:`stop` (a connection is then refused). Every file is synthetic.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class Clearinghouse:
     turned_away: list[int] = field(default_factory=list)  # statuses answered unread, in order
     hold_next: asyncio.Event | None = None
     dribble_next: float | None = None
+    dribble_poll: float | None = None
     received: list[str] = field(default_factory=list)  # 837 interchanges, in order
     claims: list[Submitted] = field(default_factory=list)
     responses: list[tuple[str, str]] = field(default_factory=list)  # (kind, body)
@@ -139,11 +140,14 @@ class Clearinghouse:
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
                 + payload
             )
-            if self.dribble_next is None or method != "POST":
+            if method == "GET" and self.dribble_poll is not None:
+                pace, self.dribble_poll = self.dribble_poll, None
+            elif method == "POST" and self.dribble_next is not None:
+                pace, self.dribble_next = self.dribble_next, None
+            else:
                 writer.write(data)
                 await writer.drain()
                 return
-            pace, self.dribble_next = self.dribble_next, None
             for n in range(len(data)):
                 writer.write(data[n : n + 1])
                 await writer.drain()

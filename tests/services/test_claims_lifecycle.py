@@ -461,6 +461,25 @@ async def test_an_answer_that_never_ends_is_cut_off_and_goes_to_review(
     assert sub.stale_after > timedelta(seconds=4)
 
 
+async def test_a_responses_page_that_never_ends_is_cut_off_and_polled_again_later(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house, timeout_s=1)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    house.drop_next = True
+    sub = submitter(clocked, config)
+    await sub.submit(poll=False)
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    house.dribble_poll = 0.5  # a byte each half second: no read times out, it never ends
+    # Before: the poll had no limit of its own; the sync round (and the sync lease, so the
+    # outbox and every lane behind it) waited on it for as long as the page dribbled.
+    result = await asyncio.wait_for(sub.submit(poll=True), 20)
+    assert result.errors == ["polling responses: no answer within 4 s"]
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    assert (await sub.submit(poll=True)).responses == 1  # asked again from the same place
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+
+
 @pytest.mark.parametrize("token", ["refused", "unreadable"])
 async def test_a_bearer_token_turned_away_leaves_the_claims_ready_and_stops_the_pass(
     clocked: Store, clock: Clock, house: Clearinghouse, tmp_path: Path, token: str
