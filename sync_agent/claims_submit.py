@@ -15,7 +15,8 @@ the answer is classed like the Medplum agent's queue (STYLE.md): **not sent** �
 taken: no connection could be made (refused, DNS, TLS handshake refused, a proxy that refused
 the tunnel), the request failed before it left (the bearer token file unreadable, say), or the
 endpoint turned it away unread (401/403/407/408/429, a bearer token refused; a redirect or a
-404/405/406/410/415: the address is wrong): the claims stay ready and the pass stops;
+404/405/406/410/415: the address is wrong): the claims stay ready and the pass stops (a 413,
+too large to be read, leaves them ready too, and the pass goes on in batches half as large);
 **clear** — 2xx: submitted; another 4xx: refused; **ambiguous** — the request went out and no
 clear answer came (timeout, reset, 5xx, any other failure once it was handed to the
 transport): in_review for a person, never a blind resend, and the pass stops (the next batch
@@ -180,6 +181,8 @@ class ClaimsSubmitter:
         self._last_poll: float | None = None
         self._last_scan: float | None = None
         self._send_limit_s = SEND_LIMIT_FACTOR * self._claims.timeout_s
+        # Claims per interchange: batch_size, halved by each 413 (a body limit in front).
+        self._batch_limit = self._claims.batch_size
         # How old an intent still 'sending' must be before this submitter recovers it.
         self.stale_after = timedelta(seconds=self._send_limit_s) + RECOVER_MARGIN
 
@@ -269,7 +272,7 @@ class ClaimsSubmitter:
             }
             while True:
                 try:
-                    batch = await self.lifecycle.take_batch(kind, self._claims.batch_size)
+                    batch = await self.lifecycle.take_batch(kind, self._batch_limit)
                 except ClaimsError as exc:
                     result.errors.append(str(exc))
                     break
@@ -326,6 +329,19 @@ class ClaimsSubmitter:
                     "[claims] auth; the claims stay ready"
                 )
             return "not sent", False
+        if status == 413:
+            # Too large to be read (a body limit in front of the endpoint): nothing was taken,
+            # nothing to correct. Smaller batches go on; one claim alone is a limit to mend.
+            await self.lifecycle.not_sent(batch.id, "not taken: HTTP 413, too large")
+            result.not_sent += count
+            if count > 1:
+                self._batch_limit = max(1, count // 2)
+                return f"not sent (HTTP 413: too large; next {self._batch_limit})", True
+            result.errors.append(
+                "the claims endpoint answered HTTP 413 (too large) to one claim alone: a body "
+                "limit in front of it; ask the clearinghouse; the claims stay ready"
+            )
+            return "not sent (HTTP 413: too large)", False
         if 300 <= status < 400 or status in _ADDRESS:
             what = "moved elsewhere" if status < 400 else "does not take submissions there"
             await self.lifecycle.not_sent(batch.id, f"not taken: HTTP {status}, wrong address")

@@ -553,6 +553,40 @@ async def test_an_outage_stops_the_pass_after_the_first_batch_in_review(
     assert (await sub.submit(poll=False)).submitted == 2
 
 
+async def test_a_413_shrinks_the_batch_and_never_rejects_the_claims(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house, poll_responses=False, batch_size=4)
+    ids = await drafted(clocked, config, ["2026-03-02", "2026-03-03", "2026-03-04", "2026-03-05"])
+    house.answers = [413, 413]  # a body limit in front of the clearinghouse: 4, then 2 too many
+    sub = submitter(clocked, config)
+    result = await sub.submit(poll=False)
+    # Before: each batch 'refused', its claims rejected ("correct and resubmit"), one batch
+    # after another: every ready claim, though the clearinghouse read none of them.
+    assert (result.refused, result.not_sent, result.submitted) == (0, 6, 4)
+    assert house.turned_away == [413, 413]
+    assert [len(read(text).groups[0].sets) for text in house.received] == [1, 1, 1, 1]
+    for claim_id in ids:
+        assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+    [(ready,)] = await clocked.query("SELECT count(*) FROM claims WHERE status = 'rejected'")
+    assert ready == 0
+
+
+async def test_a_413_for_one_claim_alone_leaves_it_ready_and_says_why(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house, poll_responses=False, batch_size=1)
+    first, second = await drafted(clocked, config, ["2026-03-02", "2026-03-03"])
+    house.answers = [413, 413]
+    result = await submitter(clocked, config).submit(poll=False)
+    assert (result.refused, result.not_sent) == (0, 1)
+    assert house.turned_away == [413]  # the pass stopped
+    assert "HTTP 413" in result.errors[0]
+    for claim_id in (first, second):
+        row = await ClaimsService(clocked, config).claim(claim_id)
+        assert (row.status, row.sending) == (S.READY, False)
+
+
 @pytest.mark.parametrize("answer", [301, 302, 307, 308, 404, 405, 406, 410, 415])
 async def test_a_redirect_or_a_wrong_address_leaves_the_claims_ready(
     clocked: Store, house: Clearinghouse, answer: int
