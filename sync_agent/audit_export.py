@@ -66,7 +66,9 @@ from sync_agent.audit_export_state import (
     meta_number,
     read_export_state,
     set_anchor,
+    set_unsure,
     settle,
+    unsure_wait,
 )
 from sync_agent.balp import (
     ExportRow,
@@ -223,6 +225,8 @@ REFUSED_RUN = 4
 # Records read past a run for the next one that can be sent alone (unreadable ones, which
 # only tampering writes, are passed over on the way).
 _CONTROL_WINDOW = 8
+# The wait after an answer lost when the client has no read timeout (the outbox's default).
+_UNSURE_DEFAULT_S = 30.0
 
 
 # -- the exporter ---------------------------------------------------------------------------
@@ -262,7 +266,10 @@ class AuditExporter:
         site_id: str,
         batch: int = 8,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        unsure_s: float | None = None,
     ) -> None:
+        """``unsure_s``: how long nothing is sent after an answer lost (default: ``client``'s
+        read timeout, the upstream's ``timeout_s``), as the outbox waits for its items."""
         if batch < 1:
             raise ValueError("batch must be at least 1")
         self._store = store
@@ -275,6 +282,9 @@ class AuditExporter:
         self._unfit: list[str] = []  # the unfit checkpoints last logged
         self._anchor_failures = 0  # anchor entries answered and not taken, in a row
         self._anchor_not_before: datetime | None = None
+        if unsure_s is None:
+            unsure_s = client.timeout.read
+        self._unsure_s = _UNSURE_DEFAULT_S if unsure_s is None else unsure_s
 
     @property
     def batch_size(self) -> int:
@@ -409,7 +419,22 @@ class AuditExporter:
         The same answer twice, or :data:`REFUSED_RUN` refusals in a row, is the exchange,
         not the records: the export stops (**endpoint**, paced) with none passed over. With
         no record after them yet, they wait (sent alone again next time).
+
+        An exchange whose answer was lost (ambiguous) is not sent again before a request
+        timeout, by this exporter or another process's (kept in ``meta``): the server may
+        be applying it still, and a resend overtaking it could make a second copy. Meanwhile
+        nothing is sent, and the call says so by sending nothing (not a failure).
         """
+        conn = self._store.connection
+        if await db.run_sync(conn, unsure_wait, self._clock(), self._unsure_s):
+            return ExportResult(cursor=await db.run_sync(conn, meta_number, CURSOR_KEY))
+        result = await self._export_once(anchor=anchor)
+        if result.stopped_by is not None and result.stopped_by.failure is Failure.AMBIGUOUS:
+            until = self._clock() + timedelta(seconds=self._unsure_s)
+            await db.run_sync(conn, set_unsure, until)
+        return result
+
+    async def _export_once(self, *, anchor: bool) -> ExportResult:
         result = ExportResult()
         conn = self._store.connection
         if anchor:

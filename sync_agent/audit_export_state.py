@@ -41,6 +41,8 @@ BREAKS_ACKNOWLEDGED_KEY = "audit_export.breaks_acknowledged"
 BREAKS_SEEN_KEY = "audit_export.breaks_seen"
 BREAKS_SEEN_KEPT = 50
 ANCHOR_REFUSED_KEY = "audit_export.anchor_refused"  # the newest it refused for good (not resent)
+# An exchange whose answer was lost: nothing is sent before this time (ISO), by any process.
+UNSURE_KEY = "audit_export.unsure_until"
 REFUSED_KEPT = 20  # the newest refusals kept with their reason; the count is kept in full
 
 
@@ -190,6 +192,28 @@ def _record_refusals(conn: sqlite3.Connection, refused: Sequence[tuple[int, str]
     recent = [*state.get("recent", []), *([rid, reason[:300]] for rid, reason in refused)]
     state = {"count": state["count"] + len(refused), "recent": recent[-REFUSED_KEPT:]}
     db.set_meta(conn, REFUSED_KEY, json.dumps(state))
+
+
+def set_unsure(conn: sqlite3.Connection, until: datetime) -> None:
+    """An export's answer was lost: nothing is sent again before ``until``, by any process
+    (the server may be applying that request still; a conditional create is not atomic under
+    concurrent requests on HAPI #3141, Microsoft's FHIR server #1382 or Medplum #4234)."""
+    with db.transaction_sync(conn):
+        db.set_meta(conn, UNSURE_KEY, until.isoformat())
+
+
+def unsure_wait(conn: sqlite3.Connection, now: datetime, longest_s: float) -> float:
+    """Seconds until the export may send after an answer lost (:func:`set_unsure`); 0 when
+    it may now. A wait longer than ``longest_s`` (a clock set back since) is not kept."""
+    text = _meta_text(conn, UNSURE_KEY)
+    try:
+        until = datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return 0.0
+    if until is None or until.tzinfo is None:
+        return 0.0
+    wait = (until - now).total_seconds()
+    return wait if 0 < wait <= longest_s else 0.0
 
 
 def set_anchor(conn: sqlite3.Connection, checkpoint: Checkpoint, refusal: str | None) -> None:

@@ -295,12 +295,61 @@ async def test_a_lost_answer_is_resent_without_a_duplicate(
 ) -> None:
     await _records(store, 3)
     fhir_peer.fault("close", after="response")  # written upstream, the answer never comes
-    first = await AuditExporter(store, client, site_id=SITE).drain()
+    first = await AuditExporter(store, client, site_id=SITE, clock=lambda: T0).drain()
     assert first.error is not None
     assert first.cursor == 0
-    again = await AuditExporter(store, client, site_id=SITE).drain()
+    later = T0 + timedelta(seconds=6)  # past the request timeout (the client's 5 s)
+    again = await AuditExporter(store, client, site_id=SITE, clock=lambda: later).drain()
     assert (again.exported, again.existing) == (3, 3)
     assert fhir_peer.count("AuditEvent") == 3
+
+
+class _Clock:
+    """The exporter's clock; a test moves it."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.mark.peer
+async def test_a_lost_answer_is_not_resent_before_a_request_timeout_by_any_exporter(
+    store: Store, proxied: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 3)
+    clock = _Clock(T0)
+    await proxy.set(Fault.DROP, count=1)  # applied upstream, the answer never comes
+    first = await AuditExporter(store, proxied, site_id=SITE, clock=clock).drain()
+    assert first.stopped_by is not None
+    assert first.stopped_by.failure is Failure.AMBIGUOUS
+    assert proxy.counts["requests"] == 1
+    # The next round a few seconds on, a 'Sync now', or 'appliance sync once' (another
+    # exporter): before, the bundle went again at once, while the server may still have been
+    # applying the first (a conditional create is not atomic under concurrent requests on
+    # HAPI, Microsoft's FHIR server or Medplum: two copies of each AuditEvent).
+    clock.now = T0 + timedelta(seconds=4)
+    waiting = await AuditExporter(store, proxied, site_id=SITE, clock=clock).drain()
+    assert (waiting.bundles, waiting.cursor, waiting.error) == (0, 0, None)
+    assert proxy.counts["requests"] == 1
+    clock.now = T0 + timedelta(seconds=6)  # past the request timeout (the client's 5 s)
+    again = await AuditExporter(store, proxied, site_id=SITE, clock=clock).drain()
+    assert (again.exported, again.existing, again.cursor) == (3, 3, 3)
+    assert fhir_peer.count("AuditEvent") == 3
+
+
+@pytest.mark.peer
+async def test_a_lost_answers_wait_is_not_kept_past_a_clock_set_back(
+    store: Store, proxied: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 2)
+    clock = _Clock(T0 + timedelta(days=365))  # a box that booted a year ahead
+    await proxy.set(Fault.DROP, count=1)
+    await AuditExporter(store, proxied, site_id=SITE, clock=clock).drain()
+    clock.now = T0  # NTP sets it right: the wait is not a year long
+    again = await AuditExporter(store, proxied, site_id=SITE, clock=clock).drain()
+    assert (again.exported, again.cursor) == (2, 2)
 
 
 @pytest.mark.peer
