@@ -356,8 +356,11 @@ class AuditExporter:
         """The anchor step of :meth:`export_once`: the failure that stops the records too
         (the exchange failed: transient or ambiguous), else None."""
         now = self._clock()
-        if self._anchor_not_before is not None and now < self._anchor_not_before:
-            return None  # an entry not taken lately: paced
+        paused = self._anchor_not_before
+        # Paced after an entry not taken lately; a pause further ahead than the longest there
+        # is was measured on a clock since set back (NTP on a box that booted ahead): over.
+        if paused is not None and now < paused <= now + timedelta(seconds=ANCHOR_RETRY_CAP_S):
+            return None
         try:
             result.anchored = await self.anchor_once()
         except AnchorEntryError as exc:

@@ -689,6 +689,26 @@ async def test_an_anchor_entry_the_upstream_fails_in_an_answered_bundle_holds_no
 
 
 @pytest.mark.peer
+async def test_an_anchors_pause_is_not_stretched_by_a_clock_set_back(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 2)
+    await db.run_sync(store.connection, audit.checkpoint, store.keyring.signing_key, now=T0)
+    now = [T0 + timedelta(days=30)]  # a box that booted with its clock a month ahead
+    exporter = AuditExporter(store, client, site_id=SITE, clock=lambda: now[0])
+    fhir_peer.reject(balp.CHECKPOINT_EXTENSION, status=503)  # the Provenance entry only
+    try:
+        assert (await exporter.drain()).anchor_error is not None  # paced: 30 s
+    finally:
+        fhir_peer.reject(None)
+    now[0] = T0 + timedelta(minutes=20)  # NTP sets it right; past the longest pause since
+    # Before: the pause ran to the wrong clock's time, a month on: the trail went unanchored.
+    again = await exporter.drain()
+    assert (again.anchored, again.anchor_error) == (2, None)
+    assert fhir_peer.count("Provenance") == 1
+
+
+@pytest.mark.peer
 async def test_a_failed_exchange_for_the_anchor_still_stops_both(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
 ) -> None:
