@@ -346,13 +346,16 @@ class Lifecycle:
         alone. Should an answer still come for a batch recovered here (a process stalled, the
         clock stepped forward), :meth:`sent` and the others record it instead of failing.
         """
-        cutoff = self._store.now() - older_than
+        now = self._store.now()
+        cutoff = now - older_than
         rows = await self._store.query(
             "SELECT id, created_at FROM claim_batches WHERE state = 'sending' ORDER BY id"
         )
         recovered = 0
         for batch_id, created_at in rows:
-            if _written_at(str(created_at)) > cutoff:
+            # Written further ahead than any request takes: on a clock since set back (NTP
+            # on a box that ran ahead), its age unknown; left, it would wait out the step.
+            if cutoff < _written_at(str(created_at)) <= now + older_than:
                 continue
             if await self.ambiguous(int(batch_id), "interrupted while sending", actor):
                 recovered += 1

@@ -394,6 +394,24 @@ async def test_a_crash_mid_send_is_recovered_as_in_review_once_no_request_can_be
     assert house.received == []
 
 
+async def test_an_intent_left_while_the_clock_was_ahead_is_recovered_once_it_is_set_back(
+    clocked: Store, clock: Clock, house: Clearinghouse
+) -> None:
+    config = cfg(house)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    clock.now = NOW + timedelta(days=30)  # the box's clock a month ahead
+    life = Lifecycle(ClaimsService(clocked, config), clocked)
+    assert await life.take_batch("x12") is not None  # the intent is written; the process dies
+    clock.now = NOW + timedelta(minutes=1)  # NTP sets the clock right; the process restarts
+    sub = submitter(clocked, config)
+    # Before: the intent looked a month young, so it stayed 'sending' for a month: the claim
+    # neither sent nor in review, and no one could cancel it ("being sent").
+    clock.now += sub.stale_after
+    await sub.submit(poll=False)
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    assert house.received == []
+
+
 async def _until(done: Callable[[], object]) -> None:
     for _ in range(200):
         if done():
