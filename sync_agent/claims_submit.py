@@ -191,12 +191,13 @@ class ClaimsSubmitter:
         """Claims are enabled and an endpoint is set."""
         return self._claims.enabled and self._claims.endpoint_url is not None
 
-    async def run_once(self) -> SubmitResult | None:
+    async def run_once(self, *, stop: Callable[[], bool] = lambda: False) -> SubmitResult | None:
         """One pass for the sync loop; never raises (a failure is logged, retried next pass).
 
         First, when due, the scan that decides finished visits left undecided (claims enabled,
         with or without an endpoint: a drafted claim can be exported by hand); then, with an
-        endpoint, submission and polling.
+        endpoint, submission and polling. ``stop()`` (the process is stopping) is asked before
+        each batch, as the outbox drain asks before each bundle.
         """
         if self._claims.enabled and self._scan_due():
             try:
@@ -215,7 +216,7 @@ class ClaimsSubmitter:
         if not self.configured:
             return None
         try:
-            result = await self.submit(poll=None)
+            result = await self.submit(poll=None, stop=stop)
         except KeyFileError as exc:
             # Names the file, never its content: what the person must mend.
             logger.error("claims submission pass failed: %s; will retry", exc)
@@ -250,8 +251,11 @@ class ClaimsSubmitter:
         poll: bool | None = True,
         dry_run: bool = False,
         progress: Callable[[str], None] | None = None,
+        stop: Callable[[], bool] = lambda: False,
     ) -> SubmitResult:
-        """Send every due claim in batches, then (x12) poll for responses."""
+        """Send every due claim in batches, then (x12) poll for responses. ``stop()`` is asked
+        before each batch and the poll: a stop takes the request on the wire, not the rest
+        (one started after it would be cut off by the runtime's stop, and put in review)."""
         result = SubmitResult()
         say = progress or (lambda _text: None)
         # Every pass: an intent a dead process left is taken once it is older than any
@@ -270,7 +274,7 @@ class ClaimsSubmitter:
                 **client.event_hooks,
                 "request": [*client.event_hooks["request"], handed.hook],
             }
-            while True:
+            while not stop():
                 try:
                     batch = await self.lifecycle.take_batch(kind, self._batch_limit)
                 except ClaimsError as exc:
@@ -288,7 +292,7 @@ class ClaimsSubmitter:
                     # one outage would put every ready claim in review. The rest waits.
                     break
             polling = kind == "x12" and self._claims.poll_responses
-            if polling and (poll or (poll is None and self._poll_due())):
+            if polling and not stop() and (poll or (poll is None and self._poll_due())):
                 result.responses += await self._poll(client, result)
         if result.submitted or result.in_review or result.refused or result.responses:
             logger.info(

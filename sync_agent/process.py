@@ -585,7 +585,7 @@ class SyncLoop:
             if turn is None:
                 self._paused(wake)
                 if claims:
-                    await self.claims.run_once()
+                    await self.claims.run_once(stop=self._ctx.stopping.is_set)
                 return Round(DrainResult(), busy=True)
             if self._paused_since is not None:
                 self._paused_since = None
@@ -652,7 +652,7 @@ class SyncLoop:
                 step.link_back()
         # -- claims (issue 8): after the drain, whatever the EHR link; never raises. -------
         if claims:
-            await self.claims.run_once()
+            await self.claims.run_once(stop=self._ctx.stopping.is_set)
         if result.link_down:
             return done
         # Then, in priority order after the outbox lanes: version-checked updates, pull-down
@@ -787,7 +787,7 @@ async def _claims_only(ctx: ProcessContext) -> None:
     """A site with no EHR upstream still submits its claims (issue 8) until stopped."""
     claims = ClaimsSubmitter(ctx.store, ctx.config)
     while not ctx.stopping.is_set():
-        await claims.run_once()
+        await claims.run_once(stop=ctx.stopping.is_set)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ctx.stopping.wait(), ctx.config.sync.interval_s)
 

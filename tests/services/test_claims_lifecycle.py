@@ -1056,6 +1056,31 @@ async def test_a_site_without_an_ehr_upstream_still_submits_its_claims(
     assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
 
 
+async def test_a_stop_during_the_claims_pass_starts_no_further_batch(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    from appliance.runtime import ProcessContext
+    from sync_agent import process
+
+    config = cfg(house, poll_responses=False, batch_size=1)
+    first, second = await drafted(clocked, config, ["2026-03-02", "2026-03-03"])
+    ctx = ProcessContext(name="sync", config=config, store=clocked)
+    house.hold_next = held = asyncio.Event()
+    task = asyncio.create_task(process.main(ctx))
+    try:
+        await _until(lambda: house.received)  # the first batch is on the wire
+        ctx.stopping.set()  # SIGTERM (a restart, an update)
+        held.set()
+    finally:
+        await asyncio.wait_for(task, 10)
+    # Before: the pass went on to the next batch after a stop, whose request the runtime
+    # then cancelled 10 s on if the clearinghouse was slow: a batch put in review unanswered.
+    assert len(house.received) == 1
+    assert await status(clocked, config, first) is S.ACKNOWLEDGED
+    row = await ClaimsService(clocked, config).claim(second)
+    assert (row.status, row.sending) == (S.READY, False)
+
+
 def test_cli_scan_decides_visits_however_old(
     db_path: Path, kek_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -17,7 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -372,9 +372,9 @@ async def test_a_round_is_skipped_while_another_process_holds_the_lease_and_says
         claims_runs = []
         run_claims = loop.claims.run_once
 
-        async def claims_run_once() -> None:
+        async def claims_run_once(*, stop: Callable[[], bool]) -> None:
             claims_runs.append(1)
-            await run_claims()
+            await run_claims(stop=stop)
 
         loop.claims.run_once = claims_run_once  # type: ignore[method-assign]
         async with SyncLease(db_path, unsure_s=30).round() as held:
