@@ -450,7 +450,12 @@ class ClaimsSubmitter:
         except TimeoutError:
             result.errors.append(f"polling responses: no answer within {self._send_limit_s:g} s")
             return 0
-        except httpx.TransportError as exc:
+        except UpstreamError as exc:
+            # A token refused or unreadable, TLS refused, an answer past 64 MB: our words,
+            # naming a file at most (what a person must mend), never a claim.
+            result.errors.append(f"polling responses: {exc.message}")
+            return 0
+        except httpx.HTTPError as exc:  # unreachable, cut off, a body that cannot be decoded
             result.errors.append(f"polling responses: {type(exc).__name__}")
             return 0
         if response.status_code != 200:

@@ -8,7 +8,7 @@ payer that answers 201 with the Claim. Directives: ``reject_999`` (claim numbers
 rejects), ``reject_277`` (the 277CA rejects), ``pay`` (claim number → cents paid: less than
 billed), ``drop_next`` (read the next submission, keep it, close without answering — the
 lost response), ``garble_next`` (keep it, answer with a body that is not the gzip it claims:
-an answer that cannot be read), ``token`` (a bearer token every request must carry, else
+an answer that cannot be read; ``garble_poll`` the same for the next responses page), ``token`` (a bearer token every request must carry, else
 401, unread), ``answers`` (statuses the next submissions get, unread: a redirect, a proxy's
 404, an outage's 503), ``hold_next`` (read and keep the next submission, answer it once the
 event is set: a request on the wire), ``dribble_next`` (answer the next submission one byte
@@ -65,6 +65,7 @@ class Clearinghouse:
     pay: dict[str, int] = field(default_factory=dict)
     drop_next: bool = False
     garble_next: bool = False
+    garble_poll: bool = False
     # The next responses pages answered as given instead (a broken clearinghouse), in order.
     raw_pages: list[bytes] = field(default_factory=list)
     token: str | None = None
@@ -132,6 +133,8 @@ class Clearinghouse:
             garbled = ""
             if self.garble_next and method == "POST":
                 self.garble_next, garbled = False, "Content-Encoding: gzip\r\n"
+            elif self.garble_poll and method == "GET":
+                self.garble_poll, garbled = False, "Content-Encoding: gzip\r\n"
             moved = ""
             if 300 <= status < 400:
                 moved = f"Location: https://127.0.0.1:{self.port}{urlsplit(target).path}\r\n"

@@ -498,6 +498,35 @@ async def test_a_responses_page_that_never_ends_is_cut_off_and_polled_again_late
     assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
 
 
+@pytest.mark.parametrize("fault", ["garbled", "token refused"])
+async def test_a_poll_that_fails_after_it_left_is_reported_not_raised(
+    clocked: Store, house: Clearinghouse, tmp_path: Path, fault: str
+) -> None:
+    token_file = tmp_path / "claims.token"
+    token_file.write_text("the-token\n")
+    token_file.chmod(0o600)
+    config = cfg(house, auth="bearer", token_file=str(token_file))
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    house.token, house.drop_next = "the-token", True
+    sub = ClaimsSubmitter(clocked, config, service=ClaimsService(clocked, config, run_pyx12=False))
+    await sub.submit(poll=False)
+    assert await status(clocked, config, claim_id) is S.IN_REVIEW
+    if fault == "garbled":
+        house.garble_poll = True  # a body that is not the gzip it claims
+    else:
+        house.token = "rotated-at-the-clearinghouse"
+    # Before: DecodingError or UpstreamError escaped the pass (the sync journal said only
+    # its type, 'appliance claims submit' ended in a traceback after its batches went).
+    result = await sub.submit(poll=True)
+    assert len(result.errors) == 1
+    assert result.errors[0].startswith("polling responses: ")
+    if fault == "token refused":
+        assert "claims.token" in result.errors[0]
+    house.token = "the-token"
+    assert (await sub.submit(poll=True)).responses == 1
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+
+
 @pytest.mark.parametrize("token", ["refused", "unreadable"])
 async def test_a_bearer_token_turned_away_leaves_the_claims_ready_and_stops_the_pass(
     clocked: Store, clock: Clock, house: Clearinghouse, tmp_path: Path, token: str
