@@ -372,9 +372,7 @@ class AuditExporter:
             if exc.failure is Failure.AUTH:
                 result.anchor_stopped_by = exc
             else:
-                self._anchor_failures += 1
-                wait = ANCHOR_RETRY_S * 2 ** min(self._anchor_failures - 1, 20)
-                self._anchor_not_before = now + timedelta(seconds=min(wait, ANCHOR_RETRY_CAP_S))
+                self._pace_anchor(now)
             return None
         except UpstreamError as exc:
             if exc.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS):
@@ -382,11 +380,21 @@ class AuditExporter:
             result.anchor_error = str(exc)
             result.anchor_stopped_by = exc
             logger.warning("audit checkpoint anchor not taken upstream: %s", exc.failure)
+            if exc.failure is Failure.PERMANENT:
+                # The FHIR server's 400/422 to the anchor's whole request: no step stop in
+                # the sync loop paces it (the records went), so it is paced here, as above.
+                self._pace_anchor(now)
             return None
         finally:
             result.unfit_checkpoints = list(self._unfit)
         self._anchor_failures, self._anchor_not_before = 0, None
         return None
+
+    def _pace_anchor(self, now: datetime) -> None:
+        """The anchor not taken again: not sent before 30 s doubled each time (at most 15 min)."""
+        self._anchor_failures += 1
+        wait = ANCHOR_RETRY_S * 2 ** min(self._anchor_failures - 1, 20)
+        self._anchor_not_before = now + timedelta(seconds=min(wait, ANCHOR_RETRY_CAP_S))
 
     def _bundle(self, built: Sequence[tuple[ExportRow, fhir.FhirJson]]) -> dict[str, Any]:
         system = record_system(self._site_id)

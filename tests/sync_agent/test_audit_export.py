@@ -709,6 +709,33 @@ async def test_an_anchors_pause_is_not_stretched_by_a_clock_set_back(
 
 
 @pytest.mark.peer
+async def test_an_anchor_refused_as_a_whole_request_is_paced_not_sent_every_round(
+    store: Store, proxied: httpx.AsyncClient, proxy: FaultProxy, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 2)
+    await db.run_sync(store.connection, audit.checkpoint, store.keyring.signing_key, now=T0)
+    now = [T0]
+    exporter = AuditExporter(store, proxied, site_id=SITE, clock=lambda: now[0])
+    await proxy.set(Fault.STATUS, status=422, count=1)  # the anchor's request, with its OO
+    first = await exporter.drain()
+    assert (first.exported, first.anchored) == (2, None)
+    assert (first.anchor_error or "").startswith("permanent: ")
+    assert proxy.counts["status"] == 1
+    for _ in range(3):  # the next rounds, 5 s apart
+        now[0] += timedelta(seconds=5)
+        await proxy.set(Fault.STATUS, status=422, count=1)
+        await exporter.drain()
+    # Before: not in the sync loop's step stops either, so the anchor went again every round
+    # (5 s), refused, with a warning in the journal each time, for as long as it lasted.
+    assert proxy.counts["status"] == 1
+    await proxy.set(Fault.NONE)
+    now[0] += timedelta(seconds=31)
+    again = await exporter.drain()
+    assert (again.anchored, again.anchor_error) == (2, None)
+    assert fhir_peer.count("Provenance") == 1
+
+
+@pytest.mark.peer
 async def test_a_failed_exchange_for_the_anchor_still_stops_both(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
 ) -> None:
