@@ -36,7 +36,7 @@ from appliance.supervisor import ChildSpec
 
 if TYPE_CHECKING:  # the sync agent is imported lazily, by the commands that use it
     from sync_agent.drain_result import DrainResult
-    from sync_agent.process import Round
+    from sync_agent.round_result import Round
     from sync_agent.status import StillWaiting, SyncStatus
 
 PROCESS_MODULES = {"web": "web.main", "devices": "services.devices", "sync": "sync_agent.process"}

@@ -52,7 +52,8 @@ from appliance.keys import generate_kek_file
 from appliance.runtime import ProcessContext
 from appliance.store import Store
 from sync_agent.outbox_delivery import Deliverer
-from sync_agent.process import PROBE_CAP_S, SyncLoop
+from sync_agent.pacing import PROBE_CAP_S
+from sync_agent.process import SyncLoop
 from sync_agent.upstream import FHIR_JSON
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer

@@ -71,6 +71,12 @@ timeout: a bundle sent then may be with the server still.
 At start the first drain is delayed by a random fraction of the interval (≤ 5 s), so a fleet
 coming back after an outage does not arrive at once. The process also seals the audit chain
 with a signed checkpoint every minute when records were added.
+
+Where the parts live: :class:`SyncLoop` (its rounds, the lease pause, the status it
+publishes) and the process entry point here; the loop's waits and each step's backoff in
+``sync_agent.pacing``; what wakes a wait in ``sync_agent.wakeups``; the probe, the
+round-trip measure and the offline probing in ``sync_agent.link_health``; what a round did
+in ``sync_agent.round_result``.
 """
 
 from __future__ import annotations
@@ -79,12 +85,9 @@ import asyncio
 import contextlib
 import logging
 import random
-import sqlite3
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import Enum
 
 import httpx
 
@@ -92,191 +95,28 @@ from appliance import audit, db, runtime, sdnotify
 from appliance.config import UpstreamConfig
 from appliance.errors import StoreError, TamperedDataError
 from appliance.runtime import ProcessContext
-from sync_agent.audit_export import AuditExporter, ExportResult
+from sync_agent.audit_export import AuditExporter
 from sync_agent.claims_submit import ClaimsSubmitter  # claims (issue 8)
 from sync_agent.drain_result import DrainResult
 from sync_agent.lease import SyncLease, Turn
+from sync_agent.link_health import LinkHealth, link_seen
 from sync_agent.outbox_delivery import Deliverer
-from sync_agent.outbox_schedule import backoff_s
+from sync_agent.pacing import Pacing, Step, why_no_page
 from sync_agent.pull import Puller
 from sync_agent.pull_result import PullResult
-from sync_agent.status import REFUSED, STEPS, SYNC_NOW_KEY, UNORDERED
+from sync_agent.round_result import Round
+from sync_agent.status import STEPS
 from sync_agent.transport import build_client
-from sync_agent.updates import UpdateResult, UpdateSender
-from sync_agent.upstream import Failure, UpstreamError, failure_class
+from sync_agent.updates import UpdateSender
+from sync_agent.upstream import UpstreamError, failure_class
+from sync_agent.wakeups import Wake, Wakeups
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_INTERVAL_S = 60.0
-WAKE_POLL_S = 0.5
-BACKOFF_BASE_S = 1.0
-BACKOFF_CAP_S = 300.0
-PROBE_BASE_S = 0.5
-PROBE_CAP_S = 5.0
-PROBE_TIMEOUT_S = 2.0
-# The longest the whole loop (or one step) waits on a server's ``Retry-After``. A server may
-# ask for up to a day (upstream.MAX_RETRY_AFTER_S: each item keeps that much), but one 503
-# with ``Retry-After: 86400`` from a maintenance page or a misconfigured proxy must not stop
-# every lane, alerts first, for a day: past an hour the loop asks again.
-RETRY_AFTER_CAP_S = 3600.0
-# While online, the round trip of a ``HEAD metadata`` is measured this often and published
-# as ``upstream_rtt_ms`` (the pre-call check shows it: web/precall.py).
-RTT_EVERY_S = 60.0
 # Rounds skipped this long (another process holds the sync lease) are logged as a warning, and
 # again each time as long: a `sync once` suspended or stuck holds every lane back.
 PAUSED_WARN_S = 600.0
-
-
-@dataclass(frozen=True, slots=True)
-class Pacing:
-    """How long the loop waits between attempts (module docstring); tests shorten it."""
-
-    interval_s: float
-    backoff_base_s: float = BACKOFF_BASE_S
-    backoff_cap_s: float = BACKOFF_CAP_S
-    probe_base_s: float = PROBE_BASE_S
-    probe_cap_s: float = PROBE_CAP_S
-    probe_timeout_s: float = PROBE_TIMEOUT_S
-
-    def backoff(self, failures: int, rng: random.Random) -> float:
-        """Wait after the ``failures``-th failed drain in a row (full jitter)."""
-        return backoff_s(failures, rng, base=self.backoff_base_s, cap=self.backoff_cap_s)
-
-    def refused(self, failures: int, rng: random.Random, retry_after_s: float | None) -> float:
-        """Wait after the ``failures``-th failure in a row of an exchange the server answered
-        or not: the backoff, never shorter than the server's ``Retry-After`` up to
-        :data:`RETRY_AFTER_CAP_S`."""
-        asked = min(retry_after_s or 0.0, RETRY_AFTER_CAP_S)
-        return max(self.backoff(failures, rng), asked)
-
-    def online_wait(self, rng: random.Random) -> float:
-        """Wait after a round that went through: ``interval_s`` ± 20 %. Boxes that came back
-        together after a shared outage (their probes all answered within a few seconds)
-        drift apart round by round instead of polling the EHR in lock-step for ever."""
-        return self.interval_s * rng.uniform(0.8, 1.2)
-
-    def probe_wait(self, probes: int, rng: random.Random) -> float:
-        """Wait before the next probe, ``probes`` having failed (equal jitter, capped)."""
-        ceiling = min(self.probe_cap_s, self.probe_base_s * 2 ** min(probes, 20))
-        return rng.uniform(ceiling / 2, ceiling)
-
-
-class _Step:
-    """Backoff of one step after the outbox drain (updates, pull, audit export).
-
-    Only the drain sets the loop's own pace, and with an empty outbox it sends nothing. So a
-    step whose exchange keeps failing (the token endpoint refusing us, a 401 for ever, a 503
-    with a ``Retry-After`` of an hour) would otherwise be tried again every ``interval_s`` —
-    across a fleet, a storm of signed token requests. Each step backs off on its own instead,
-    with jitter and never before the server's ``Retry-After``, and the drain goes on at its
-    own pace. "Sync now" makes every step due again, and so does the link coming back
-    (:meth:`link_back`) for a step held only because no connection could be made: after a
-    night's outage the pull of today's appointments goes within seconds of the link, not
-    when a backoff grown to minutes runs out.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.failures = 0
-        self.not_before = 0.0
-        # The class of the failure (a :class:`Failure`, :data:`REFUSED` or
-        # :data:`UNORDERED`); never the
-        # server's words, which may quote PHI.
-        self.failure: str | None = None
-        self.cut = False  # held back only for the link (no answer, no Retry-After)
-
-    def due(self, now: float) -> bool:
-        return now >= self.not_before
-
-    def after(
-        self,
-        stopped_by: UpstreamError | None,
-        now: float,
-        pacing: Pacing,
-        rng: random.Random,
-        *,
-        refused: str | None = None,
-    ) -> None:
-        """Pace the step by how its pass ended: ``stopped_by`` the failure of a whole
-        exchange, or (``refused``, its class) every request of the pass answered with a
-        refusal of that request alone (the pull's searches: :data:`REFUSED`, a 403 for a
-        scope this box was not granted, a 400 for a parameter the server does not take;
-        :data:`UNORDERED`, pages not sorted or filtered as asked), which no exchange failure
-        says but which gets nothing now and will get nothing next time either."""
-        if stopped_by is not None and stopped_by.failure in _STEP_STOPS:
-            # No connection could be made: nothing of the server's side (a read timeout, a
-            # reset, a slow search), which keeps its backoff however often the link is seen.
-            cut = stopped_by.retry_after_s is None and isinstance(
-                stopped_by.__cause__, httpx.ConnectError | httpx.ConnectTimeout
-            )
-            self._held(str(stopped_by.failure), stopped_by.retry_after_s, cut, now, pacing, rng)
-        elif refused is not None:
-            self._held(refused, None, False, now, pacing, rng)
-        else:
-            self.failures, self.not_before, self.failure = 0, 0.0, None
-
-    def _held(
-        self,
-        failure: str,
-        retry_after_s: float | None,
-        cut: bool,
-        now: float,
-        pacing: Pacing,
-        rng: random.Random,
-    ) -> None:
-        self.failures += 1
-        self.failure, self.cut = failure, cut
-        wait = pacing.refused(self.failures, rng, retry_after_s)
-        self.not_before = now + wait
-        # Only the class: the server's words may quote PHI.
-        logger.warning("sync %s failed (%s); next try in %.0f s", self.name, failure, wait)
-
-    def reset(self) -> None:
-        self.failures, self.not_before = 0, 0.0
-
-    def link_back(self) -> None:
-        """The upstream answers again: due now if only the link held this step back. (Its
-        failures still count: one failing on its own keeps backing off between such
-        moments, which come at most once a probe interval.)"""
-        if self.cut:
-            self.not_before, self.cut = 0.0, False
-
-
-def _link_seen(
-    stops: list[UpstreamError], reached: bool | None, answered: bool = False
-) -> dict[str, object]:
-    """What a round whose drain sent nothing saw of the link: the steps after the drain
-    found it down (a pulled cable with an empty outbox), or the round-trip probe answered
-    or not; ``answered``: a step got the upstream's answer this round (a pull's page), which
-    says the link is up whatever the probe said (a proxy refusing ``HEAD``, a probe timing
-    out on a slow link). Nothing new: no figures (the last ones stand)."""
-    cut = [e for e in stops if e.failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)]
-    if not cut and (answered or reached):
-        return {"online": True, "unreachable": False, "last_failure": None}
-    if cut or reached is False:
-        no_connection = reached is False or any(
-            isinstance(e.__cause__, httpx.ConnectError | httpx.ConnectTimeout) for e in cut
-        )
-        return {
-            "online": False,
-            "unreachable": no_connection,
-            "last_failure": str(cut[0].failure) if cut else str(Failure.TRANSIENT),
-        }
-    return {}
-
-
-def _why_no_page(pulled: PullResult) -> str | None:
-    """Why no search of a pull pass that ran to its end got a page, or None: :data:`REFUSED`
-    when one was refused (a token without the Appointment scope, a server that does not take
-    ``_sort=_lastUpdated`` strictly), else :data:`UNORDERED` when one answered pages not
-    sorted or filtered by ``_lastUpdated`` as asked. It fails the same way on every pass until
-    someone acts at the EHR or in the site config, so the step counts as failing (and backs
-    off). A walk ended by an expired next link is neither: the next pass starts it again."""
-    if pulled.stopped_by is not None or pulled.pages > 0:
-        return None
-    if pulled.refused > 0:
-        return REFUSED
-    return UNORDERED if pulled.unordered > 0 else None
 
 
 def _pull_figures(pulled: PullResult) -> dict[str, object]:
@@ -290,138 +130,6 @@ def _pull_figures(pulled: PullResult) -> dict[str, object]:
         "pull_unordered": pulled.unordered,
         "pull_stuck": pulled.stuck > 0,
     }
-
-
-# Failures of a whole exchange, which say nothing about the items: a step stopped by one
-# waits out a backoff. (Refusals of single items are handled by the step itself.)
-_STEP_STOPS = (
-    Failure.TRANSIENT,
-    Failure.AMBIGUOUS,
-    Failure.AUTH,
-    Failure.ENDPOINT,
-    Failure.TOO_LARGE,  # at one entry: a limit in front of the server, not the items
-)
-
-
-@dataclass(slots=True)
-class Round:
-    """What one round did: the loop paces itself by it, ``appliance sync once`` reports it.
-    A step left out (not due, or the drain found the link down) is None."""
-
-    drained: DrainResult
-    more: bool = False  # the pull has more to fetch at once
-    updated: UpdateResult | None = None
-    pulled: PullResult | None = None
-    exported: ExportResult | None = None
-    busy: bool = False  # another process (``appliance sync once``) held the sync lease
-
-    @property
-    def progressed(self) -> bool:
-        """Something went or came: another round at once may find more due (an edit whose
-        create went in this one, the next batch of edits, the pull's next pages). The audit
-        export is not counted: it drains all there is, its own records included."""
-        updated = self.updated
-        return bool(
-            self.drained.bundles
-            or self.drained.dead
-            or self.more
-            or (updated is not None and (updated.delivered or updated.conflicts or updated.dead))
-        )
-
-
-class Wake(Enum):
-    """Why a wait ended."""
-
-    TIMEOUT = "timeout"
-    WORK = "work"
-    SYNC_NOW = "sync_now"
-    STOP = "stop"
-
-
-def _data_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA data_version").fetchone()[0])
-
-
-def _marks(conn: sqlite3.Connection) -> tuple[int, int, bytes | str | None]:
-    """(data_version, newest outbox id, the sync-now value), read on the DB thread."""
-    version = _data_version(conn)
-    newest = int(conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0])
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (SYNC_NOW_KEY,)).fetchone()
-    return version, newest, None if row is None else row[0]
-
-
-class Wakeups:
-    """Watches the store for reasons to stop waiting: new outbox rows, a "sync now" request."""
-
-    def __init__(self, ctx: ProcessContext) -> None:
-        self._ctx = ctx
-        self._version = -1
-        self._newest = 0
-        self._sync_now: bytes | str | None = None
-
-    async def prime(self) -> None:
-        """Take the current marks as seen (a request made before we started is not new)."""
-        self._version, self._newest, self._sync_now = await db.run_sync(
-            self._ctx.store.connection, _marks
-        )
-
-    async def _check(self) -> Wake | None:
-        conn = self._ctx.store.connection
-        if await db.run_sync(conn, _data_version) == self._version:
-            return None
-        self._version, newest, sync_now = await db.run_sync(conn, _marks)
-        if sync_now != self._sync_now:
-            self._sync_now = sync_now
-            return Wake.SYNC_NOW
-        if newest != self._newest:
-            self._newest = newest
-            return Wake.WORK
-        return None
-
-    async def wait(self, seconds: float, *, on_work: bool) -> Wake:
-        """Sleep up to ``seconds``; return early on stop, "sync now" or (``on_work``) new rows."""
-        stopping = self._ctx.stopping
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while not stopping.is_set():
-            left = deadline - loop.time()
-            if left <= 0:
-                return Wake.TIMEOUT
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), min(WAKE_POLL_S, left))
-            if stopping.is_set():
-                break
-            wake = await self._check()
-            if wake is Wake.SYNC_NOW or (wake is Wake.WORK and on_work):
-                return wake
-        return Wake.STOP
-
-
-async def probe(client: httpx.AsyncClient, timeout_s: float) -> bool:
-    """Whether the upstream answers at all (``HEAD metadata``; any status counts).
-
-    Sent without the client's authentication: the CapabilityStatement is public, a 401 is an
-    answer too, and a probe must not fetch tokens from a token endpoint while offline. A TLS
-    refusal (``UpstreamError`` from the transport) is an answer as well: the drain that
-    follows reports it as an authentication problem and backs off. So is a connection made
-    whose answer is slow or odd (a server building its CapabilityStatement on each request, a
-    satellite link): only a connection that could not be made is "unreachable" — else such
-    an upstream would never be sent a bundle, which allows far longer than the probe.
-    """
-    # As long to connect as a bundle gets (a satellite link's TCP and TLS take seconds); the
-    # answer itself gets ``timeout_s``, and a slow one counts as reached (below).
-    connect = max(timeout_s, client.timeout.connect or timeout_s)
-    try:
-        await client.head(
-            "metadata", timeout=httpx.Timeout(timeout_s, connect=connect), auth=httpx.Auth()
-        )
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError, httpx.PoolTimeout):
-        return False
-    except httpx.HTTPError:
-        return True  # connected: the drain finds out the rest, with its own timeouts
-    except UpstreamError as exc:
-        return not isinstance(exc.__cause__, httpx.TransportError)
-    return True
 
 
 async def _checkpoints(ctx: ProcessContext) -> None:
@@ -471,11 +179,10 @@ class SyncLoop:
             ctx.store, client, site_id=ctx.config.site.id, batch=upstream.max_bundle_entries
         )
         self.wakeups = Wakeups(ctx)
-        self.steps = {name: _Step(name) for name in STEPS}
-        self.probes = 0
-        self._rtt_at: float | None = None
-        self._rtt_ok = True
-        self._link_back = False  # a probe answered after the drain found no connection
+        self.steps = {name: Step(name) for name in STEPS}
+        self.link = LinkHealth(
+            ctx, client, upstream, pacing=self._pacing, rng=rng, wakeups=self.wakeups
+        )
         # -- claims (issue 8): ready claims to the payer endpoint, its acks back. ------------
         self.claims = ClaimsSubmitter(ctx.store, ctx.config)
 
@@ -504,7 +211,7 @@ class SyncLoop:
                 wait = pacing.backoff(failures, rng)
                 # Nothing is delivered meanwhile: not "online", whatever the last round was.
                 self._ctx.set_status(online=False, last_failure="store", store_error=str(exc))
-                self._rtt_ok = False  # the next round asks the link again, and says so
+                self.link.rtt_ok = False  # the next round asks the link again, and says so
                 logger.error("sync round stopped by the store: %s; retrying in %.0f s", exc, wait)
                 wake = await self.wakeups.wait(wait, on_work=False)
                 continue
@@ -516,8 +223,8 @@ class SyncLoop:
                     0.0 if more else pacing.online_wait(rng), on_work=True
                 )
             elif result.unreachable:
-                wake = await self._until_reachable()
-                self._link_back = wake is Wake.TIMEOUT  # a probe answered
+                wake = await self.link.until_reachable()
+                self.link.back = wake is Wake.TIMEOUT  # a probe answered
             else:
                 failures += 1
                 wait = pacing.refused(failures, rng, result.retry_after_s)
@@ -645,9 +352,9 @@ class SyncLoop:
         self._report(result)
         if stopping():
             return done
-        reached = None if result.link_down else await self._measure_rtt()
-        if result.bundles or reached or self._link_back:
-            self._link_back = False
+        reached = None if result.link_down else await self.link.measure_rtt()
+        if result.bundles or reached or self.link.back:
+            self.link.back = False
             for step in self.steps.values():
                 step.link_back()
         # -- claims (issue 8): after the drain, whatever the EHR link; never raises. -------
@@ -682,7 +389,7 @@ class SyncLoop:
                     loop.time(),
                     self._pacing,
                     self._rng,
-                    refused=_why_no_page(pulled),
+                    refused=why_no_page(pulled),
                 )
             if pulled.due and pulled.stopped_by is None:
                 figures |= _pull_figures(pulled)
@@ -702,54 +409,12 @@ class SyncLoop:
             s.name: str(s.failure) for s in self.steps.values() if s.failures
         }
         if result.bundles == 0 and not result.error:
-            seen = _link_seen(stops, reached, answered)
+            seen = link_seen(stops, reached, answered)
             if seen.get("online") is False:
-                self._rtt_ok = False  # probed each round from now, to see it come back
+                self.link.rtt_ok = False  # probed each round from now, to see it come back
             figures |= seen
         self._ctx.set_status(**figures)
         return done
-
-    async def _measure_rtt(self) -> bool | None:
-        """Time one ``HEAD metadata`` (at most every :data:`RTT_EVERY_S`); no PHI, no auth.
-
-        Whether the upstream answered (None: not asked this round). After one that did not,
-        asked every round but never more often than the offline probes (``probe_cap_s / 2``,
-        however short ``interval_s``), so the status says "online" again soon after the link
-        is back."""
-        loop = asyncio.get_running_loop()
-        every = RTT_EVERY_S if self._rtt_ok else self._pacing.probe_cap_s / 2
-        if self._rtt_at is not None and loop.time() - self._rtt_at < every:
-            return None
-        self._rtt_at = start = loop.time()
-        self._rtt_ok = await probe(self._client, self._pacing.probe_timeout_s)
-        if self._rtt_ok:
-            self._ctx.set_status(upstream_rtt_ms=round((loop.time() - start) * 1000, 1))
-        return self._rtt_ok
-
-    async def _until_reachable(self) -> Wake:
-        logger.warning(
-            "upstream %s unreachable; probing every %.0f s at most",
-            self._upstream.name,
-            self._pacing.probe_cap_s,
-        )
-        loop = asyncio.get_running_loop()
-        since = loop.time()
-        failed = 0
-        while True:
-            wake = await self.wakeups.wait(
-                self._pacing.probe_wait(failed, self._rng), on_work=False
-            )
-            if wake is not Wake.TIMEOUT:
-                return wake
-            self.probes += 1
-            if await probe(self._client, self._pacing.probe_timeout_s):
-                logger.info(
-                    "upstream %s answers again after %.0f s",
-                    self._upstream.name,
-                    loop.time() - since,
-                )
-                return Wake.TIMEOUT
-            failed += 1
 
     def _delivering(self, step: DrainResult) -> None:
         """A bundle went through in the middle of a drain (a catch-up after an outage may
@@ -759,7 +424,7 @@ class SyncLoop:
     def _report(self, result: DrainResult) -> None:
         if result.bundles or result.link_down or result.error:
             # Only a drain that sent something says anything of the link; an empty outbox
-            # leaves it to the round's other exchanges (_link_seen).
+            # leaves it to the round's other exchanges (link_seen).
             self._ctx.set_status(
                 online=not result.link_down,
                 unreachable=result.unreachable,

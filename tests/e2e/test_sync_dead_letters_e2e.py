@@ -25,8 +25,9 @@ from appliance.runtime import write_heartbeat
 from appliance.users import Role
 from sync_agent.lease import SyncLease
 from sync_agent.outbox_delivery import Deliverer
-from sync_agent.process import SyncLoop, Wake
+from sync_agent.process import SyncLoop
 from sync_agent.status import Twin, note_twins
+from sync_agent.wakeups import Wake
 from tests import factories
 from tests.e2e import live_server
 from tests.e2e.conftest import LiveApp

@@ -37,8 +37,8 @@ from sync_agent.auth import (
     public_jwks,
     read_token_file,
 )
+from sync_agent.link_health import probe
 from sync_agent.outbox_delivery import Deliverer
-from sync_agent.process import probe
 from sync_agent.transport import build_client
 from sync_agent.upstream import Failure, UpstreamError, post_bundle
 from tests import factories

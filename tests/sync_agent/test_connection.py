@@ -21,8 +21,8 @@ import pytest
 
 from appliance.config import UpstreamConfig
 from appliance.store import Store
+from sync_agent.link_health import probe
 from sync_agent.outbox_delivery import Deliverer
-from sync_agent.process import probe
 from sync_agent.transport import build_client
 from sync_agent.upstream import Failure, UpstreamError, exchange
 from tests.fhir_peer.peer import FhirPeer

@@ -27,17 +27,12 @@ from appliance.config import load
 from appliance.runtime import ProcessContext
 from appliance.store import Lane, Store
 from sync_agent.audit_export import AuditExporter
+from sync_agent.link_health import link_seen
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.outbox_failing import failing_items
 from sync_agent.outbox_schedule import backoff_s
-from sync_agent.process import (
-    PROBE_CAP_S,
-    RETRY_AFTER_CAP_S,
-    Pacing,
-    SyncLoop,
-    _link_seen,
-    _Step,
-)
+from sync_agent.pacing import PROBE_CAP_S, RETRY_AFTER_CAP_S, Pacing, Step
+from sync_agent.process import SyncLoop
 from sync_agent.status import request_sync_now
 from sync_agent.upstream import FHIR_JSON, Failure, UpstreamError
 from tests import factories
@@ -294,7 +289,7 @@ def _raised_from(cause: httpx.HTTPError, failure: Failure) -> UpstreamError:
 def test_only_a_step_held_for_no_connection_is_freed_when_the_link_is_back(
     cause: httpx.HTTPError, failure: Failure, freed: bool
 ) -> None:
-    pull = _Step("pull")
+    pull = Step("pull")
     pacing = Pacing(interval_s=30.0)
     for _ in range(5):
         pull.after(_raised_from(cause, failure), 1000.0, pacing, Longest())
@@ -1153,7 +1148,7 @@ async def test_dead_upstream_is_not_hammered_and_the_link_back_delivers_within_s
         # most 1 + 4 + 4 attempts; a poll per commit would have made ~56.
         assert 2 <= attempts <= 9, wire.sent
         assert sum(1 for _, method, _ in wire.sent if method == "POST") == 1
-        assert loop.probes == attempts - 1
+        assert loop.link.probes == attempts - 1
         healed = time.monotonic()
         await proxy.heal()
         while fhir_peer.count("Observation") < 3:
@@ -1233,7 +1228,7 @@ async def test_the_round_trip_to_the_upstream_is_published_while_online(
     assert isinstance(rtt, float)
     assert 300 <= rtt < 2000
     assert ctx.status["online"] is True
-    assert loop.probes == 0  # a measurement while online, not an offline probe
+    assert loop.link.probes == 0  # a measurement while online, not an offline probe
 
 
 def test_a_fleet_back_together_after_an_outage_drifts_out_of_step() -> None:
@@ -1430,7 +1425,7 @@ async def test_an_upstream_whose_metadata_is_slow_still_gets_its_bundles_after_a
     await proxy.set(Fault.REFUSE)
     task = asyncio.create_task(loop.run())
     try:
-        while loop.probes == 0:
+        while loop.link.probes == 0:
             await asyncio.sleep(0.05)
             assert not task.done(), task
         # Back, but every answer takes longer than the probe waits (a server building its
@@ -1440,7 +1435,7 @@ async def test_an_upstream_whose_metadata_is_slow_still_gets_its_bundles_after_a
         while fhir_peer.count("Observation") < 3:
             await asyncio.sleep(0.05)
             # Before: every probe "timed out", so the box stayed "unreachable" for good.
-            assert time.monotonic() - healed < 10, (loop.probes, ctx.status)
+            assert time.monotonic() - healed < 10, (loop.link.probes, ctx.status)
     finally:
         ctx.stopping.set()
         await asyncio.wait_for(task, 5)
@@ -1526,17 +1521,17 @@ async def test_an_empty_outbox_with_the_link_down_is_probed_at_the_offline_pace_
 
 def test_a_round_whose_steps_got_answers_reads_online_whatever_the_probe_said() -> None:
     # The probe got no connection (a proxy dropping HEAD, say) but the pull read its pages.
-    assert _link_seen([], False, answered=True) == {
+    assert link_seen([], False, answered=True) == {
         "online": True,
         "unreachable": False,
         "last_failure": None,
     }
     # A step cut off this round still says offline, answers or not.
     cut = UpstreamError(Failure.TRANSIENT, "no response")
-    assert _link_seen([cut], True, answered=True)["online"] is False
+    assert link_seen([cut], True, answered=True)["online"] is False
     # Nothing answered and the probe failed: offline, as before.
-    assert _link_seen([], False)["online"] is False
-    assert _link_seen([], None) == {}
+    assert link_seen([], False)["online"] is False
+    assert link_seen([], None) == {}
 
 
 async def _held(proxy: FaultProxy) -> None:

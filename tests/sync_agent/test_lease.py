@@ -29,8 +29,9 @@ from appliance.errors import StoreError
 from appliance.runtime import ProcessContext
 from appliance.store import Store
 from sync_agent.lease import RECORD_SIZE, SyncLease, lock_path, want_path
-from sync_agent.process import SyncLoop, Wake
+from sync_agent.process import SyncLoop
 from sync_agent.upstream import FHIR_JSON
+from sync_agent.wakeups import Wake
 from tests.fhir_peer.peer import FhirPeer
 from tests.sync_agent.test_faults import _loop_ctx, _readings
 from tests.sync_agent.test_outbox_delivery import _states

@@ -22,8 +22,9 @@ from appliance.store import Lane, Store
 from sync_agent.drain_result import DrainResult
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.outbox_failing import failing_items
-from sync_agent.process import SyncLoop, Wake
+from sync_agent.process import SyncLoop
 from sync_agent.upstream import FHIR_JSON
+from sync_agent.wakeups import Wake
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer
 from tests.sync_agent.test_faults import Clock, FailsBundlesWith, _loop_ctx, _rows

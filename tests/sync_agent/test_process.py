@@ -16,7 +16,8 @@ import pytest
 from appliance import db
 from appliance.runtime import ProcessContext, write_heartbeat
 from appliance.store import Store
-from sync_agent.process import Pacing, SyncLoop
+from sync_agent.pacing import Pacing
+from sync_agent.process import SyncLoop
 from sync_agent.status import SyncStatus, read_status
 from sync_agent.upstream import FHIR_JSON
 from tests import factories
