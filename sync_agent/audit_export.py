@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -253,6 +254,7 @@ class ExportResult:
     stopped_by: UpstreamError | None = None  # the exchange failure that ended the export
     cursor: int = 0
     failures: list[str] = field(default_factory=list)
+    more: bool = False  # ended by its time budget, not for want of records: more at once
 
 
 class AuditExporter:
@@ -594,13 +596,24 @@ class AuditExporter:
         return result
 
     async def drain(
-        self, *, max_bundles: int = 1000, stop: Callable[[], bool] = lambda: False
+        self,
+        *,
+        max_bundles: int = 1000,
+        stop: Callable[[], bool] = lambda: False,
+        budget_s: float | None = None,
     ) -> ExportResult:
         """Export until nothing is left, the link fails, ``max_bundles`` were sent, or
-        ``stop()`` (asked before each bundle: the process is shutting down)."""
+        ``stop()`` (asked before each bundle: the process is shutting down). With
+        ``budget_s``, no bundle starts once that long has gone since the first, and the
+        result says ``more``: the audit lane is the last, and the sync loop's next round
+        drains the outbox (a new alert) before the export goes on."""
         total = ExportResult()
+        started = time.monotonic()
         for sent in range(max_bundles):
             if stop():
+                break
+            if budget_s is not None and sent and time.monotonic() - started >= budget_s:
+                total.more = True
                 break
             # The anchor once a drain: it is the newest checkpoint, not one per bundle.
             step = await self.export_once(anchor=sent == 0)

@@ -117,6 +117,10 @@ CHECKPOINT_INTERVAL_S = 60.0
 # Rounds skipped this long (another process holds the sync lease) are logged as a warning, and
 # again each time as long: a `sync once` suspended or stuck holds every lane back.
 PAUSED_WARN_S = 600.0
+# The audit export's share of a round, in seconds: past it the round ends and the next starts
+# at once, so an alert raised meanwhile waits this long at most, not a backlog's whole export
+# (1,000 bundles to a slow EHR after an outage: many minutes). DESIGN.md: audit is the last lane.
+EXPORT_BUDGET_S = 10.0
 
 
 def _pull_figures(pulled: PullResult) -> dict[str, object]:
@@ -398,7 +402,10 @@ class SyncLoop:
             answered |= pulled.pages > 0
         if export.due(loop.time()):
             with turn.send():
-                done.exported = exported = await self.exporter.drain(stop=stopping)
+                done.exported = exported = await self.exporter.drain(
+                    stop=stopping, budget_s=EXPORT_BUDGET_S
+                )
+            done.more |= exported.more
             answered |= exported.bundles > 0
             # An anchor refused for our access or the address paces the step as well: with
             # nothing else to export, it would be asked again every round.

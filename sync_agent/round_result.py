@@ -20,7 +20,7 @@ class Round:
     A step left out (not due, or the drain found the link down) is None."""
 
     drained: DrainResult
-    more: bool = False  # the pull has more to fetch at once
+    more: bool = False  # the pull has more to fetch at once, or the export was cut short
     updated: UpdateResult | None = None
     pulled: PullResult | None = None
     exported: ExportResult | None = None

@@ -237,6 +237,19 @@ async def proxied(proxy: FaultProxy) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.mark.peer
+async def test_a_drain_with_a_time_budget_ends_after_it_and_says_there_is_more(
+    store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer
+) -> None:
+    await _records(store, 11)
+    exporter = AuditExporter(store, client, site_id=SITE, batch=4)
+    cut = await exporter.drain(budget_s=0)  # past the budget at once: one bundle, no more
+    assert (cut.bundles, cut.exported, cut.more, cut.error) == (1, 4, True, None)
+    rest = await exporter.drain(budget_s=60)
+    assert (rest.bundles, rest.exported, rest.more, rest.cursor) == (2, 7, False, 11)
+    assert fhir_peer.count("AuditEvent") == 11
+
+
+@pytest.mark.peer
 async def test_n_records_become_n_audit_events_even_after_the_cursor_is_lost(
     store: Store, client: httpx.AsyncClient, fhir_peer: FhirPeer, db_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ import pytest
 from appliance import db
 from appliance.runtime import ProcessContext, write_heartbeat
 from appliance.store import Store
+from sync_agent import process
 from sync_agent.pacing import Pacing
 from sync_agent.process import SyncLoop
 from sync_agent.status import SyncStatus, read_status
@@ -37,10 +38,13 @@ class Refusing(httpx.AsyncBaseTransport):
         self._peer = fhir_peer
         self.refuse: Callable[[httpx.Request], bool] = lambda request: False
         self.unsorted = False  # the EHR ignores _sort: pages in the order records were made
+        self.before: Callable[[httpx.Request], Awaitable[None]] | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self.unsorted:
             request.url = request.url.copy_remove_param("_sort")
+        if self.before is not None:
+            await self.before(request)
         if self.refuse(request):
             self._peer.fault("status", status=403)
         return await self._inner.handle_async_request(request)
@@ -180,3 +184,39 @@ async def test_a_pull_whose_every_search_is_answered_unsorted_fails_as_unordered
     assert found.steps_failing == {"pull": "unordered"}
     assert (found.pull_unordered, found.pull_refused) == (1, 0)
     assert await store.query("SELECT count(*) FROM resources WHERE type = 'Appointment'") == [(0,)]
+
+
+async def test_an_alert_raised_during_a_long_audit_export_goes_before_the_rest_of_it(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Refusing,
+    fhir_peer: FhirPeer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The audit lane is the last (DESIGN.md): a backlog's export (after an outage, 1,000
+    bundles to a slow EHR) must not hold a new item of the outbox back until it ends."""
+    monkeypatch.setattr(process, "EXPORT_BUDGET_S", 0.0)  # every round: one export bundle
+    [patient] = await store.create([factories.patient()], "user:nurse1")
+    for _ in range(40):  # audited reads: 41 records, 6 bundles of 8
+        await store.read("Patient", patient.logical_id, "user:nurse1")
+    raised: list[str] = []
+
+    async def during_the_export(request: httpx.Request) -> None:
+        if not raised and request.method == "POST" and b'"AuditEvent"' in request.content:
+            raised.append("raised")  # an item for the outbox while the export goes on
+            await store.create([factories.patient(family="Laterperson")], "user:nurse1")
+
+    transport.before = during_the_export
+    ctx = await _loop_ctx(tmp_path, store, str(client.base_url), 0.2)
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=Longest())
+    rounds = await loop.once()
+    first, second = rounds[0].exported, rounds[1].exported
+    assert raised
+    assert first is not None
+    assert second is not None
+    assert (first.bundles, first.more) == (1, True)  # before: the whole backlog, 41 records
+    assert rounds[1].drained.delivered == 1  # the new item, before the export went on
+    assert second.bundles == 1
+    assert sum(r.exported.exported for r in rounds if r.exported is not None) >= 41
+    assert fhir_peer.count("Patient") == 2
