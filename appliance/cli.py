@@ -37,7 +37,8 @@ from appliance.supervisor import ChildSpec
 if TYPE_CHECKING:  # the sync agent is imported lazily, by the commands that use it
     from sync_agent.drain_result import DrainResult
     from sync_agent.round_result import Round
-    from sync_agent.status import StillWaiting, SyncStatus
+    from sync_agent.status import StillWaiting
+    from sync_agent.status_figures import SyncStatus
 
 PROCESS_MODULES = {"web": "web.main", "devices": "services.devices", "sync": "sync_agent.process"}
 DEMO_USERS = (("nurse", "nurse-demo-2026", "nurse"), ("admin", "admin-demo-2026", "admin"))
@@ -718,7 +719,8 @@ def _cli_actor() -> str:
 
 
 def cmd_sync_status(args: argparse.Namespace, config: Config) -> int:
-    from sync_agent.status import open_dead_letter_messages, read_status
+    from sync_agent.dead_letters import open_dead_letter_messages
+    from sync_agent.status import read_status
 
     now = datetime.now(UTC)
     conn, kek = _open(config)
@@ -748,7 +750,7 @@ def cmd_sync_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_sync_resend(args: argparse.Namespace, config: Config) -> int:
-    from sync_agent.status import resend_dead_letters
+    from sync_agent.dead_letters import resend_dead_letters
 
     if args.all == bool(args.outbox_ids):
         raise ApplianceError("name the dead letters to send again (their item numbers), or --all")

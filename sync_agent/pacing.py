@@ -15,7 +15,7 @@ import httpx
 
 from sync_agent.outbox_schedule import backoff_s
 from sync_agent.pull_result import PullResult
-from sync_agent.status import REFUSED, UNORDERED
+from sync_agent.status_figures import REFUSED, UNORDERED
 from sync_agent.upstream import Failure, UpstreamError
 
 logger = logging.getLogger(__name__)

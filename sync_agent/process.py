@@ -105,7 +105,7 @@ from sync_agent.pacing import Pacing, Step, why_no_page
 from sync_agent.pull import Puller
 from sync_agent.pull_result import PullResult
 from sync_agent.round_result import Round
-from sync_agent.status import STEPS
+from sync_agent.status_figures import STEPS
 from sync_agent.transport import build_client
 from sync_agent.updates import UpdateSender
 from sync_agent.upstream import UpstreamError, failure_class

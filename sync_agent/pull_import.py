@@ -33,8 +33,8 @@ from sync_agent.pull_answers import (
 from sync_agent.pull_patients import PatientFetcher
 from sync_agent.pull_result import PullResult
 from sync_agent.pull_state import save_cursor
+from sync_agent.pull_twins import Twin, note_twins
 from sync_agent.review_queue import refresh_review, review_refused_edit
-from sync_agent.status import Twin, note_twins
 
 logger = logging.getLogger(__name__)
 

@@ -7,347 +7,36 @@ for the payer (their own queue: they never enter the outbox), the last successfu
 delivery, dead letters, the audit export's lag and the age of the oldest record it has not
 sent, and the last "sync now" request.
 
-Dead-letter messages are the upstream's own words and may quote the refused data (PHI), so
-they are stored sealed; :func:`open_dead_letter_messages` opens them only on request and
-records an audit record per message, in the patient's name, before returning any of them.
+The figures themselves, and what each view derives from them, are
+:mod:`sync_agent.status_figures`; dead letters (opening their sealed messages, sending them
+again) are :mod:`sync_agent.dead_letters`, the records held twice upstream
+:mod:`sync_agent.pull_twins`, the "sync now" request :mod:`sync_agent.sync_now_request`.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from appliance import audit, db, fhir
-from appliance.audit import AuditAction, AuditEvent
-from appliance.errors import TamperedDataError
-from appliance.keys import KeySource, keyring_of
-from appliance.runtime import HEARTBEAT_STALE_S
-from appliance.store import Lane, oldest_waiting, queued_at
-from sync_agent.audit_export_state import ExportState, read_export_state
-from sync_agent.outbox_failing import FailingItems, failing_items
+from appliance import fhir
+from appliance.store import Lane, oldest_waiting
+from sync_agent.audit_export_state import read_export_state
+from sync_agent.dead_letters import DEAD_LETTERS_SHOWN, IN_REVIEW
+from sync_agent.outbox_failing import failing_items
 from sync_agent.outbox_schedule import RETRY_HORIZON
-
-SYNC_NOW_KEY = "sync_now"
-"""``meta`` key the sync process watches: a new value makes it skip its backoff."""
-STEPS = ("updates", "pull", "audit export")
-"""The steps after the outbox drain, each paced on its own (``steps_failing`` names them)."""
-REFUSED = "refused"
-"""The failure of a step each of whose requests the upstream refused (a pull pass with every
-search answered 403 or 400), in ``steps_failing`` beside the classes of
-:class:`sync_agent.upstream.Failure`."""
-UNORDERED = "unordered"
-"""The failure of a pull pass that got no page, its searches answered with pages not sorted or
-filtered by ``_lastUpdated`` as asked (not taken: the cursors stay), in ``steps_failing``."""
-DEAD_LETTERS_SHOWN = 50
-# An outbox row (alias ``o``) held for the review queue (an update the upstream's changes
-# overtook): counted and decided there, never a dead letter, never sent again from them.
-_IN_REVIEW = "EXISTS (SELECT 1 FROM review_queue q WHERE q.outbox_id = o.id)"
-
-
-# Lanes no outbox row is ever put in, so their outbox counts are always 0: claims have their
-# own queue and payer endpoint (docs/adr/0006-claims.md, sync_agent/claims_submit.py), the
-# audit trail its own export with its own cursor (sync_agent/audit_export.py). ``lanes``
-# still names them (scripts read the JSON of ``sync status`` and
-# ``appliance_outbox_pending{lane}``); what staff read shows what really waits there instead:
-# :attr:`SyncStatus.claims` and the export's lag.
-NO_OUTBOX_ROWS = frozenset({Lane.CLAIMS.name.lower(), Lane.AUDIT.name.lower()})
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimsWaiting:
-    """The claims queue (``claims.status``), which the sync process submits to the payer:
-    counts and an age only, no PHI."""
-
-    ready: int  # ready to submit (a batch on its way included)
-    oldest_ready_age_s: float | None  # since the one waiting longest became ready
-    in_review: int  # sent without a clear answer: a person decides, nothing is resent
-
-
-NO_CLAIMS = ClaimsWaiting(0, None, 0)
-NO_FAILING = FailingItems(0)
-
-
-@dataclass(frozen=True, slots=True)
-class LaneStatus:
-    """One outbox lane: items waiting, the oldest one's age, and refused items."""
-
-    name: str
-    waiting: int
-    oldest_age_s: float | None
-    dead: int
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A refused outbox item, without its (sealed) message."""
-
-    outbox_id: int
-    lane: str
-    type: str
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class Resent:
-    """What :func:`resend_dead_letters` did, by outbox id."""
-
-    resent: tuple[int, ...]
-    in_review: tuple[int, ...]  # held for the review queue (decided there): left as is
-    missing: tuple[int, ...]  # asked for, and not a dead letter (any more)
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessStatus:
-    """The sync process's heartbeat: when it last beat and the figures it published."""
-
-    beat_at: datetime
-    age_s: float
-    figures: dict[str, object]
-
-    @property
-    def fresh(self) -> bool:
-        """The process is alive (its heartbeat is recent; one far in the future, from a
-        clock set back since, says nothing either)."""
-        return -HEARTBEAT_STALE_S <= self.age_s <= HEARTBEAT_STALE_S
-
-    @property
-    def no_upstream(self) -> bool:
-        """It said it has no upstream configured (records wait; claims still go)."""
-        return "upstream" in self.figures and self.figures["upstream"] is None
-
-    @property
-    def starting(self) -> bool:
-        """Alive, and its first round not over yet (nothing known of the link; its first
-        heartbeat may come before it has said anything at all)."""
-        return self.fresh and "online" not in self.figures and not self.no_upstream
-
-    @property
-    def unreachable(self) -> bool:
-        """Its last attempt made no connection at all (the clinic's link, DNS, a firewall),
-        as opposed to an upstream that answered with an error."""
-        return self.figures.get("unreachable") is True
-
-    @property
-    def online(self) -> bool:
-        """Alive, with an upstream, and its last drain reached it."""
-        return self.fresh and self.figures.get("online") is True
-
-    @property
-    def upstream(self) -> str | None:
-        """The upstream's configured name (None: none configured)."""
-        value = self.figures.get("upstream")
-        return None if value is None else str(value)
-
-    @property
-    def steps_failing(self) -> dict[str, str]:
-        """Steps after the outbox drain waiting out a backoff → the class of their failure
-        (updates, pull, audit export: the drain may be online while one of them is refused)."""
-        value = self.figures.get("steps_failing")
-        if not isinstance(value, dict):
-            return {}
-        return {str(k): str(v) for k, v in value.items()}
-
-    @property
-    def last_failure(self) -> str | None:
-        """The class of the last failure (transient, ambiguous…), never the server's words."""
-        value = self.figures.get("last_failure")
-        return None if value is None else str(value)
-
-    @property
-    def pull_refused(self) -> int:
-        """Searches the upstream refused in the last pull pass that ran to its end (a 4xx to
-        that one search; the others went on)."""
-        value = self.figures.get("pull_refused")
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-    @property
-    def pull_unordered(self) -> int:
-        """Searches of the last pull pass that ran to its end whose page the upstream did not
-        sort or filter by ``_lastUpdated`` as asked (not taken; the others went on)."""
-        value = self.figures.get("pull_unordered")
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-    @property
-    def pull_stuck(self) -> bool:
-        """A stream of the last pull pass cannot page past a run of equal timestamps."""
-        return self.figures.get("pull_stuck") is True
-
-
-@dataclass(frozen=True, slots=True)
-class Twin:
-    """An upstream record left out of the pull: it carries the identifier of ``ours``, which
-    the upstream holds under another id. No PHI: references only."""
-
-    theirs: str  # the upstream reference of the record left out (``Patient/123``)
-    ours: str  # our record it names (``Patient/<local id>``)
-    at: str  # when the pull first met it (UTC text)
-
-
-# ``meta`` key of the twins (a JSON list, newest last, at most TWINS_KEPT).
-TWINS_KEY = "pull.twins"
-TWINS_KEPT = 50
-TWINS_CLEARED_DETAIL = "records held twice upstream: list cleared"
-
-
-def note_twins(conn: sqlite3.Connection, twins: Sequence[Twin]) -> None:
-    """Add upstream records left out as twins (inside the pull's import transaction); one
-    met again keeps its first time."""
-    if not twins:
-        return
-    known = list(read_twins(conn))
-    have = {t.theirs for t in known}
-    for twin in twins:
-        if twin.theirs not in have:
-            have.add(twin.theirs)
-            known.append(twin)
-    db.set_meta(
-        conn, TWINS_KEY, json.dumps([[t.theirs, t.ours, t.at] for t in known[-TWINS_KEPT:]])
-    )
-
-
-def read_twins(conn: sqlite3.Connection) -> tuple[Twin, ...]:
-    """The twins noted so far (an altered row reads as none)."""
-    try:
-        loaded = json.loads(db.meta_value(conn, TWINS_KEY) or "[]")
-    except (TypeError, ValueError):
-        return ()
-    if not isinstance(loaded, list):
-        return ()
-    return tuple(
-        Twin(*item)
-        for item in loaded
-        if isinstance(item, list) and len(item) == 3 and all(isinstance(v, str) for v in item)
-    )
-
-
-def clear_twins(conn: sqlite3.Connection, *, actor: str, now: datetime) -> int:
-    """Clear the list once the EHR team has looked at the records (audited); how many went.
-    A twin still there upstream is listed again when the pull meets it again."""
-    with db.transaction_sync(conn):
-        known = read_twins(conn)
-        if not known:
-            return 0
-        conn.execute("DELETE FROM meta WHERE key = ?", (TWINS_KEY,))
-        audit.append(
-            conn,
-            [
-                AuditEvent(
-                    actor,
-                    AuditAction.CONFIG,
-                    entity="pull",
-                    detail=f"{TWINS_CLEARED_DETAIL} ({len(known)}: "
-                    + ", ".join(t.theirs for t in known)[:400]
-                    + ")",
-                )
-            ],
-            now=now,
-        )
-    return len(known)
-
-
-@dataclass(frozen=True, slots=True)
-class SyncStatus:
-    """Everything the status views show."""
-
-    process: ProcessStatus | None
-    lanes: tuple[LaneStatus, ...]
-    last_success: datetime | None
-    dead_total: int
-    dead_letters: tuple[DeadLetter, ...]
-    export: ExportState
-    sync_now: str | None
-    counts: tuple[tuple[int, str, int], ...]  # (lane, state, count): the raw outbox table
-    reviews_open: int = 0  # local edits the upstream's changes overtook, waiting for a nurse
-    # Upstream records the pull left out: they carry the identifier of a record held here
-    # under another upstream id (a merge at the EHR, or a copy), newest last.
-    twins: tuple[Twin, ...] = ()
-    claims: ClaimsWaiting = NO_CLAIMS
-    # Age of the oldest audit record not exported yet (None: nothing waiting).
-    export_oldest_age_s: float | None = None
-    # Items the upstream keeps answering with an error (our access refused, a 5xx of their
-    # own, or whole bundles failed for them): sent again for as long as it lasts, never
-    # dead-lettered, so this is where staff see them.
-    failing: FailingItems = NO_FAILING
-
-    @property
-    def online(self) -> bool:
-        """Whether the box currently reaches its upstream."""
-        return self.process is not None and self.process.online
-
-    @property
-    def waiting(self) -> int:
-        """Items waiting in every lane."""
-        return sum(lane.waiting for lane in self.lanes)
-
-    @property
-    def outbox_lanes(self) -> tuple[LaneStatus, ...]:
-        """The lanes outbox rows are put in (alerts, clinical), for the tables staff read;
-        one of the others shows only if something is there after all."""
-        return tuple(
-            lane
-            for lane in self.lanes
-            if lane.name not in NO_OUTBOX_ROWS or lane.waiting or lane.dead
-        )
-
-    @property
-    def steps_failing(self) -> dict[str, str]:
-        """Steps after the drain the sync process says are failing, while it is alive (a
-        stale heartbeat's say nothing of now)."""
-        process = self.process
-        return process.steps_failing if process is not None and process.fresh else {}
-
-    @property
-    def pull_refused(self) -> int:
-        """Searches refused in the sync process's last pull pass, while it is alive."""
-        process = self.process
-        return process.pull_refused if process is not None and process.fresh else 0
-
-    @property
-    def pull_unordered(self) -> int:
-        """Searches answered unsorted or unfiltered in the sync process's last pull pass,
-        while it is alive."""
-        process = self.process
-        return process.pull_unordered if process is not None and process.fresh else 0
-
-    @property
-    def paused_for_s(self) -> float | None:
-        """How long the sync process has skipped its rounds, another process (``appliance
-        sync once``) holding the sync lease (None: it is not, or not alive)."""
-        process = self.process
-        if process is None or not process.fresh:
-            return None
-        since = parse_time(process.figures.get("paused_since"))
-        if since is None:
-            return None
-        return max(0.0, (process.beat_at - since).total_seconds() + process.age_s)
-
-    @property
-    def pull_stuck(self) -> bool:
-        """A pull stream stuck in the sync process's last pass, while it is alive."""
-        process = self.process
-        return process is not None and process.fresh and process.pull_stuck
-
-
-def lane_name(lane: int) -> str:
-    """``alerts``, ``claims``… (the number itself for a lane this release does not know)."""
-    try:
-        return Lane(lane).name.lower()
-    except ValueError:
-        return str(lane)
-
-
-def parse_time(text: object) -> datetime | None:
-    """An aware ISO time, or None for anything else (a heartbeat row is anyone's to write)."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
+from sync_agent.pull_twins import read_twins
+from sync_agent.status_figures import (
+    ClaimsWaiting,
+    DeadLetter,
+    LaneStatus,
+    ProcessStatus,
+    SyncStatus,
+    lane_name,
+    parse_time,
+)
+from sync_agent.sync_now_request import SYNC_NOW_KEY
 
 
 def _process(conn: sqlite3.Connection, now: datetime) -> ProcessStatus | None:
@@ -399,7 +88,7 @@ def read_status(conn: sqlite3.Connection, now: datetime, *, all_states: bool = F
         int(lane): int(count)
         for lane, count in conn.execute(
             "SELECT o.lane, count(*) FROM outbox o INDEXED BY outbox_dead "  # noqa: S608 - constant
-            f"WHERE o.state = 'dead' AND NOT {_IN_REVIEW} "
+            f"WHERE o.state = 'dead' AND NOT {IN_REVIEW} "
             "GROUP BY o.lane"
         ).fetchall()
     }
@@ -420,7 +109,7 @@ def read_status(conn: sqlite3.Connection, now: datetime, *, all_states: bool = F
             # Through the dead letters' own index: by id alone, the planner walks the whole
             # outbox backwards looking for them once it is large (a scan on every scrape).
             "SELECT o.id, o.lane, r.type, o.attempts FROM outbox o INDEXED BY outbox_dead "  # noqa: S608 - constant
-            f"JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead' AND NOT {_IN_REVIEW} "
+            f"JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead' AND NOT {IN_REVIEW} "
             "ORDER BY o.id DESC LIMIT ?",
             (DEAD_LETTERS_SHOWN,),
         ).fetchall()
@@ -500,161 +189,3 @@ def still_waiting(conn: sqlite3.Connection, now: datetime) -> StillWaiting:
         (fhir.utc_text(moment), fhir.utc_text(moment + RETRY_HORIZON)),
     ).fetchone()
     return StillWaiting(int(items), int(edits), int(delayed))
-
-
-def _write_sync_now(conn: sqlite3.Connection, now: datetime) -> str:
-    value = now.isoformat()
-    db.set_meta(conn, SYNC_NOW_KEY, value)
-    return value
-
-
-def request_sync_now(conn: sqlite3.Connection, actor: str, now: datetime) -> str:
-    """Write the ``sync_now`` request and its audit record in one transaction; its value."""
-    with db.transaction_sync(conn):
-        value = _write_sync_now(conn, now)
-        audit.append(
-            conn,
-            [AuditEvent(actor, AuditAction.SYNC, entity="outbox", detail="sync now requested")],
-            now=now,
-        )
-    return value
-
-
-RESENT_DETAIL = "dead letter sent again"
-
-
-def resend_dead_letters(
-    conn: sqlite3.Connection,
-    *,
-    actor: str,
-    now: datetime,
-    outbox_ids: Sequence[int] | None = None,
-) -> Resent:
-    """Put dead letters back in the outbox (all, or those of ``outbox_ids``), audited.
-
-    For when what the upstream refused has been put right at the EHR (a profile, a
-    permission, a Practitioner it did not know) or on the box's side (a ``base_url``). Each
-    keeps its place in its lane (its outbox id) but joins the queue now (its waiting age
-    starts again), its attempts start again from zero, and its old message goes; a resend
-    is safe, since every create is conditional on our identifier. A Patient sent again takes the patient's other dead letters with it: its
-    readings were refused because of it. An update held for the review queue stays as it
-    is: the decision there stands. One audit record per item, in the patient's name, and
-    the ``sync_now`` request, in the same transaction, so the sync process tries at once.
-    """
-    with db.transaction_sync(conn):  # chosen and changed under one write lock
-        chosen, found = _resendable(conn, outbox_ids)
-        ids = sorted(oid for oid, (_key, in_review) in chosen.items() if not in_review)
-        if ids:
-            conn.execute(
-                "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = NULL, "
-                "last_error = NULL, queued_at = ? WHERE state = 'dead' "
-                "AND id IN (SELECT value FROM json_each(?))",
-                (queued_at(now), json.dumps(ids)),
-            )
-            _write_sync_now(conn, now)
-            audit.append(
-                conn,
-                [
-                    AuditEvent(
-                        actor,
-                        AuditAction.SYNC,
-                        patient_key=chosen[oid][0],
-                        entity=f"outbox/{oid}",
-                        detail=RESENT_DETAIL,
-                    )
-                    for oid in ids
-                ],
-                now=now,
-            )
-    held = tuple(sorted(oid for oid, (_key, in_review) in chosen.items() if in_review))
-    missing = () if outbox_ids is None else tuple(sorted(set(outbox_ids) - found))
-    return Resent(tuple(ids), held, missing)
-
-
-def _resendable(
-    conn: sqlite3.Connection, outbox_ids: Sequence[int] | None
-) -> tuple[dict[int, tuple[bytes | None, bool]], set[int]]:
-    """Dead letters asked for (and their patients' others): id → (patient key, in review);
-    and the ids asked for that are dead letters."""
-    base = (
-        f"SELECT o.id, r.type, r.patient_key, {_IN_REVIEW}, o.kind FROM outbox o "  # noqa: S608 - constant
-        "INDEXED BY outbox_dead JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead'"
-    )
-    if outbox_ids is None:
-        rows = conn.execute(base).fetchall()
-    else:
-        rows = conn.execute(
-            base + " AND o.id IN (SELECT value FROM json_each(?))",  # noqa: S608 - constants
-            (json.dumps(sorted(set(outbox_ids))),),
-        ).fetchall()
-    found = {int(oid) for oid, *_ in rows}
-    if outbox_ids is not None:
-        # A Patient's own dead letters come along (its readings were refused because of it).
-        patients = {
-            bytes(key)
-            for _oid, rtype, key, in_review, kind in rows
-            if rtype == "Patient" and kind == "create" and key and not in_review
-        }
-        for key in sorted(patients):
-            rows += conn.execute(base + " AND r.patient_key = ?", (key,)).fetchall()
-    chosen = {
-        int(oid): (None if key is None else bytes(key), bool(in_review))
-        for oid, _type, key, in_review, _kind in rows
-    }
-    return chosen, found
-
-
-def open_dead_letter_messages(
-    conn: sqlite3.Connection,
-    keyring: KeySource,
-    *,
-    actor: str,
-    now: datetime,
-    outbox_ids: Sequence[int] | None = None,
-    limit: int = DEAD_LETTERS_SHOWN,
-) -> dict[int, str]:
-    """Unseal dead-letter messages (all, newest first, or those of ``outbox_ids``), audited.
-
-    One ``read`` record per message opened, carrying the patient key of the refused
-    resource, commits before any message is returned. A message that does not open (a key
-    this process has not loaded, or tampering) is shown as such, and still audited.
-    """
-    sql = (
-        "SELECT o.id, o.last_error, r.patient_key FROM outbox o INDEXED BY outbox_dead "
-        "JOIN resources r ON r.id = o.resource_id WHERE o.state = 'dead'"
-    )
-    params: list[int] = []
-    if outbox_ids is not None:
-        if not outbox_ids:
-            return {}
-        sql += f" AND o.id IN ({','.join('?' * len(outbox_ids))})"
-        params.extend(outbox_ids)
-    sql += " ORDER BY o.id DESC LIMIT ?"
-    params.append(limit)
-    rows = conn.execute(sql, params).fetchall()
-    ring = keyring_of(keyring, conn)
-    messages: dict[int, str] = {}
-    events = []
-    for oid, sealed, patient_key in rows:
-        if sealed is None:
-            messages[int(oid)] = ""
-        elif isinstance(sealed, str):
-            messages[int(oid)] = sealed
-        else:
-            try:
-                messages[int(oid)] = ring.unseal("outbox", str(oid), bytes(sealed))
-            except TamperedDataError:
-                messages[int(oid)] = "(the message could not be opened)"
-        events.append(
-            AuditEvent(
-                actor,
-                AuditAction.READ,
-                patient_key=None if patient_key is None else bytes(patient_key),
-                entity=f"outbox/{oid}",
-                detail="dead-letter message opened",
-            )
-        )
-    if events:
-        with db.transaction_sync(conn):
-            audit.append(conn, events, now=now)
-    return messages

@@ -13,7 +13,7 @@ from enum import Enum
 
 from appliance import db
 from appliance.runtime import ProcessContext
-from sync_agent.status import SYNC_NOW_KEY
+from sync_agent.sync_now_request import SYNC_NOW_KEY
 
 WAKE_POLL_S = 0.5
 

@@ -31,7 +31,8 @@ from appliance import db
 from appliance.errors import StoreError
 from appliance.runtime import HEARTBEAT_STALE_S
 from appliance.store import Lane
-from sync_agent.status import STEPS, SyncStatus, parse_time, read_status
+from sync_agent.status import read_status
+from sync_agent.status_figures import STEPS, SyncStatus, parse_time
 from web.app import AppState, app_state
 
 bp = Blueprint("health", __name__)

@@ -9,9 +9,10 @@
   upstream's words, which may quote PHI) and shows it on this response only, audited;
 * ``POST /sync/dead-letters/<id>/resend`` and ``POST /sync/dead-letters/resend`` (all) put
   dead letters back in the outbox once the cause is fixed
-  (:func:`sync_agent.status.resend_dead_letters`: audited, and the sync process tries at once);
+  (:func:`sync_agent.dead_letters.resend_dead_letters`: audited, and the sync process tries at
+  once);
 * ``POST /sync/twins/clear`` clears the list of upstream records the pull left out as held
-  twice (:func:`sync_agent.status.clear_twins`: audited; one still there comes back);
+  twice (:func:`sync_agent.pull_twins.clear_twins`: audited; one still there comes back);
 * ``POST /sync/trail-breaks/acknowledge`` acknowledges the audit trail breaks the export
   found, up to the count the page showed (:func:`sync_agent.audit_export_state.acknowledge_breaks`:
   audited; the count and its metric stay, a new break warns again).
@@ -40,7 +41,7 @@ from appliance import db
 from appliance.errors import InvalidResourceError
 from appliance.numbers import small_int
 from appliance.users import Role
-from sync_agent import status
+from sync_agent import dead_letters, pull_twins, status, sync_now_request
 from sync_agent.audit_export_state import acknowledge_breaks
 from sync_agent.outbox_failing import failing_items
 from sync_agent.review_queue import (
@@ -73,11 +74,12 @@ FAILURE_TEXT = {
     "sending smaller ones, or waiting if even one item is refused (check its body size limit)",
     "permanent": "the EHR refused an item; see the dead letters",
     "store": "the local store failed (a full disk?); see the journal",
-    # Every search of a pull pass answered with a refusal of that search (status.REFUSED).
+    # Every search of a pull pass answered with a refusal of that search (status_figures.REFUSED).
     "refused": "the EHR refused every search of the pull (a 403 or 400 to each): check the "
     "scopes granted to this box's client there (Appointment, Patient, Observation read) and "
     "that it takes the search parameters; the journal names the resource type",
-    # No page of a pull pass taken: the searches were answered out of order (status.UNORDERED).
+    # No page of a pull pass taken: the searches were answered out of order
+    # (status_figures.UNORDERED).
     "unordered": "the EHR does not sort or filter the pull's searches as asked "
     "(_sort=_lastUpdated, _lastUpdated): those pages are not taken, the cursor stays; ask the "
     "EHR team to support both on Appointment and Observation searches",
@@ -175,7 +177,7 @@ async def twins_clear() -> ResponseReturnValue:
     actor, _ = await _actor()
     await db.run_sync(
         state.store.connection,
-        lambda conn: status.clear_twins(conn, actor=actor, now=state.clock()),
+        lambda conn: pull_twins.clear_twins(conn, actor=actor, now=state.clock()),
     )
     return redirect(url_for("sync.overview"), 303)
 
@@ -202,7 +204,9 @@ async def sync_now() -> ResponseReturnValue:
     """Ask the sync process to try now (audited); back to the page."""
     state = app_state()
     actor, _ = await _actor()
-    await db.run_sync(state.store.connection, status.request_sync_now, actor, state.clock())
+    await db.run_sync(
+        state.store.connection, sync_now_request.request_sync_now, actor, state.clock()
+    )
     return redirect(url_for("sync.overview"), 303)
 
 
@@ -214,7 +218,7 @@ async def dead_letter_message(outbox_id: int) -> ResponseReturnValue:
     actor, _ = await _actor()
     opened = await db.run_sync(
         state.store.connection,
-        lambda conn: status.open_dead_letter_messages(
+        lambda conn: dead_letters.open_dead_letter_messages(
             conn,
             state.store.current_keyring,
             actor=actor,
@@ -265,7 +269,7 @@ async def _resend(outbox_ids: list[int] | None) -> ResponseReturnValue:
     actor, _ = await _actor()
     done = await db.run_sync(
         state.store.connection,
-        lambda conn: status.resend_dead_letters(
+        lambda conn: dead_letters.resend_dead_letters(
             conn, actor=actor, now=state.clock(), outbox_ids=outbox_ids
         ),
     )

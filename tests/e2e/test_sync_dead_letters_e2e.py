@@ -26,7 +26,7 @@ from appliance.users import Role
 from sync_agent.lease import SyncLease
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.process import SyncLoop
-from sync_agent.status import Twin, note_twins
+from sync_agent.pull_twins import Twin, note_twins
 from sync_agent.wakeups import Wake
 from tests import factories
 from tests.e2e import live_server

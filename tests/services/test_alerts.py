@@ -26,7 +26,7 @@ from services.alerts import (
 )
 from services.rpm_enrollment import Enrollments
 from services.rpm_rules import Program, Severity
-from sync_agent import status
+from sync_agent import dead_letters, status
 from tests import factories
 from tests.tamper import move_ciphertext
 
@@ -444,7 +444,8 @@ async def test_a_sync_backlog_counts_from_when_an_item_joined_the_queue(
         edited = {**patient.resource, "gender": "female"}
         await store.update("Patient", patient.logical_id, edited, NURSE)
         resent = await db.run_sync(
-            store.connection, lambda conn: status.resend_dead_letters(conn, actor=NURSE, now=NOW)
+            store.connection,
+            lambda conn: dead_letters.resend_dead_letters(conn, actor=NURSE, now=NOW),
         )
         assert len(resent.resent) == 1
 

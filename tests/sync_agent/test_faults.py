@@ -33,7 +33,7 @@ from sync_agent.outbox_failing import failing_items
 from sync_agent.outbox_schedule import backoff_s
 from sync_agent.pacing import PROBE_CAP_S, RETRY_AFTER_CAP_S, Pacing, Step
 from sync_agent.process import SyncLoop
-from sync_agent.status import request_sync_now
+from sync_agent.sync_now_request import request_sync_now
 from sync_agent.upstream import FHIR_JSON, Failure, UpstreamError
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer

@@ -14,7 +14,7 @@ import pytest
 
 from appliance import db, key_rotation, keys
 from appliance.store import Lane, Store
-from sync_agent import outbox_queue, status
+from sync_agent import dead_letters, outbox_queue, sync_now_request
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.outbox_failing import failing_items
 from tests import factories
@@ -266,13 +266,15 @@ async def test_a_reading_refused_for_its_patient_stays_due_when_the_patient_is_s
         fhir_peer.reject(None)  # the EHR team relaxed the rule
     await store.create([factories.bp_observation(f"Patient/{pat.logical_id}")], "service:devices")
     await _patient_with_readings(store, 1)  # someone else's: the bundle that goes out
-    sent_again: list[status.Resent] = []
+    sent_again: list[dead_letters.Resent] = []
 
     async def admin_sends_the_patient_again(request: httpx.Request) -> None:
         if request.method == "POST" and not sent_again:
             conn = db.connect_sync(db_path)
             try:
-                sent_again.append(status.resend_dead_letters(conn, actor="user:admin1", now=NOW))
+                sent_again.append(
+                    dead_letters.resend_dead_letters(conn, actor="user:admin1", now=NOW)
+                )
             finally:
                 conn.close()
 
@@ -314,16 +316,17 @@ async def test_dead_letters_sent_again_after_the_fix_land_once_a_patient_taking_
                 "WHERE o.state = 'dead' AND r.type = 'Patient'"
             )
         ]
-        done = status.resend_dead_letters(
+        done = dead_letters.resend_dead_letters(
             conn, actor="user:admin1", now=NOW, outbox_ids=[patient_item]
         )
         assert (len(done.resent), done.in_review, done.missing) == (3, (), ())
         assert patient_item in done.resent
         assert conn.execute(
-            "SELECT value FROM meta WHERE key = ?", (status.SYNC_NOW_KEY,)
+            "SELECT value FROM meta WHERE key = ?", (sync_now_request.SYNC_NOW_KEY,)
         ).fetchone()
         audited = conn.execute(
-            "SELECT actor, entity, patient_key FROM audit WHERE detail = ?", (status.RESENT_DETAIL,)
+            "SELECT actor, entity, patient_key FROM audit WHERE detail = ?",
+            (dead_letters.RESENT_DETAIL,),
         ).fetchall()
         assert sorted(entity for _, entity, _ in audited) == sorted(
             f"outbox/{i}" for i in done.resent
@@ -337,9 +340,9 @@ async def test_dead_letters_sent_again_after_the_fix_land_once_a_patient_taking_
         assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (2, 3)
         assert _states(db_path) == [("delivered", 5)]
         # Nothing left to send again: asking says so, and sends nothing twice.
-        assert status.resend_dead_letters(
+        assert dead_letters.resend_dead_letters(
             conn, actor="user:admin1", now=NOW, outbox_ids=[patient_item]
-        ) == status.Resent((), (), (patient_item,))
+        ) == dead_letters.Resent((), (), (patient_item,))
         assert (await deliverer.drain()).delivered == 0
         assert (fhir_peer.count("Patient"), fhir_peer.count("Observation")) == (2, 3)
     finally:
@@ -477,7 +480,7 @@ async def test_a_refusal_answered_during_a_key_rotation_is_sealed_under_the_new_
     conn = db.connect_sync(db_path)
     try:
         keyring = keys.load_keyring(conn, keys.read_kek_file(kek_path))
-        opened = status.open_dead_letter_messages(conn, keyring, actor=NURSE, now=NOW)
+        opened = dead_letters.open_dead_letter_messages(conn, keyring, actor=NURSE, now=NOW)
     finally:
         conn.close()
     assert list(opened.values()) == ["refused by the test rule (reject marker)"]

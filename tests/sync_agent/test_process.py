@@ -19,7 +19,8 @@ from appliance.store import Store
 from sync_agent import process
 from sync_agent.pacing import Pacing
 from sync_agent.process import SyncLoop
-from sync_agent.status import SyncStatus, read_status
+from sync_agent.status import read_status
+from sync_agent.status_figures import SyncStatus
 from sync_agent.upstream import FHIR_JSON
 from tests import factories
 from tests.fhir_peer.peer import FhirPeer

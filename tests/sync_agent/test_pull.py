@@ -21,7 +21,7 @@ from appliance.device_registry import DeviceRegistry, Setting, Transport
 from appliance.errors import TamperedDataError
 from appliance.store import UNREADABLE_REPLACED, Store
 from services.vitals import CAPTURE_SETTING_SYSTEM
-from sync_agent import pull_streams, status
+from sync_agent import pull_streams, pull_twins, status
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.pull import Puller
 from sync_agent.pull_import import ACTOR, HOME_TAG
@@ -697,7 +697,7 @@ async def test_a_record_carrying_our_identifier_under_another_upstream_id_is_not
     # Listed for staff (/sync, sync status), not only in the audit trail; once, however
     # often the pull meets it.
     await _puller(store, client, site).pull_once()
-    [twin_seen] = await db.run_sync(store.connection, status.read_twins)
+    [twin_seen] = await db.run_sync(store.connection, pull_twins.read_twins)
     assert (twin_seen.theirs, twin_seen.ours) == (
         f"Patient/{twin['id']}",
         f"Patient/{made.logical_id}",

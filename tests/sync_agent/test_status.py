@@ -16,7 +16,8 @@ from appliance.store import Store
 from services.claims.lifecycle import Lifecycle
 from services.claims.model import ClaimStatus
 from services.claims.service import ClaimsService
-from sync_agent.status import SyncStatus, read_status
+from sync_agent.status import read_status
+from sync_agent.status_figures import SyncStatus
 from tests import factories
 from tests.services.test_claims import encounter, make_mbi, patient, site_doc
 

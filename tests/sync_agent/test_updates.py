@@ -16,7 +16,7 @@ import pytest
 from appliance import db
 from appliance.config import UpstreamConfig
 from appliance.store import ReviewPendingError, Store, UpstreamCopy
-from sync_agent import status
+from sync_agent import dead_letters, status
 from sync_agent.outbox_delivery import Deliverer
 from sync_agent.pull import Puller
 from sync_agent.review_queue import (
@@ -248,9 +248,11 @@ async def test_an_update_held_for_review_is_never_sent_again_from_the_dead_lette
     try:
         [(held,)] = conn.execute("SELECT id FROM outbox WHERE state = 'dead'").fetchall()
         now = datetime(2026, 11, 29, 9, tzinfo=UTC)
-        everything = status.resend_dead_letters(conn, actor="user:admin1", now=now)
-        this_one = status.resend_dead_letters(conn, actor="user:admin1", now=now, outbox_ids=[held])
-        assert everything == this_one == status.Resent((), (held,), ())
+        everything = dead_letters.resend_dead_letters(conn, actor="user:admin1", now=now)
+        this_one = dead_letters.resend_dead_letters(
+            conn, actor="user:admin1", now=now, outbox_ids=[held]
+        )
+        assert everything == this_one == dead_letters.Resent((), (held,), ())
         assert conn.execute("SELECT state FROM outbox WHERE id = ?", (held,)).fetchone() == (
             "dead",
         )

@@ -13,6 +13,7 @@ from quart.testing import QuartClient
 
 from appliance import audit, db, users
 from appliance.store import Lane, Store
+from sync_agent import pull_twins, status_figures
 from sync_agent import status as status_module
 from tests import factories
 from tests.sync_agent.test_status import claims_for_the_payer
@@ -531,7 +532,7 @@ def test_every_failure_class_has_words_for_the_page() -> None:
     from sync_agent.upstream import Failure
     from web.sync import FAILURE_TEXT
 
-    step_classes = {status_module.REFUSED, status_module.UNORDERED}
+    step_classes = {status_figures.REFUSED, status_figures.UNORDERED}
     assert {str(f) for f in Failure} | {"store", "unreachable"} | step_classes == set(FAILURE_TEXT)
 
 
@@ -542,9 +543,9 @@ async def test_records_held_twice_upstream_are_listed_and_an_admin_clears_the_li
     assert body.split('id="twins">')[1].split("</td>")[0].strip() == "None"
     raw = sqlite3.connect(db_path)
     with raw:
-        status_module.note_twins(
+        pull_twins.note_twins(
             raw,
-            [status_module.Twin("Patient/77", "Patient/01a2-local", "2026-11-26T08:00:00Z")],
+            [pull_twins.Twin("Patient/77", "Patient/01a2-local", "2026-11-26T08:00:00Z")],
         )
     page = (await (await admin.get("/sync/")).get_data()).decode()
     said = page.split('id="twins">')[1].split("</td>")[0]
@@ -567,8 +568,8 @@ async def test_a_nurse_sees_records_held_twice_but_cannot_clear_them(
 ) -> None:
     raw = sqlite3.connect(db_path)
     with raw:
-        status_module.note_twins(
-            raw, [status_module.Twin("Patient/77", "Patient/01a2-local", "2026-11-26T08:00:00Z")]
+        pull_twins.note_twins(
+            raw, [pull_twins.Twin("Patient/77", "Patient/01a2-local", "2026-11-26T08:00:00Z")]
         )
     raw.close()
     page = (await (await logged_in.get("/sync/")).get_data()).decode()
