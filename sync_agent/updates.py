@@ -42,56 +42,39 @@ version alone is no proof, as a server keeping no history lists only the current
 whoever wrote it.
 
 The review queue itself (a nurse keeps ours or takes theirs) is
-:mod:`sync_agent.review_queue`.
+:mod:`sync_agent.review_queue`. The database thread's side (loading the due rows, recording
+each outcome) is :class:`sync_agent.update_queue.UpdateQueue`.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
-from appliance import audit, db, fhir
-from appliance.audit import AuditAction, AuditEvent, Outcome
-from appliance.errors import TamperedDataError
-from appliance.store import (
-    Store,
-    UpstreamLink,
-    link_for_resource,
-    queued_at,
-    rewrite_references,
-    save_link,
-)
-from sync_agent.outbox_outcomes import UNREADABLE, UNREADABLE_AUDIT
-from sync_agent.outbox_schedule import DUE_SQL, RETRY_HORIZON, backoff_s, due_bounds
+from appliance import db, fhir
+from appliance.store import Store
+from sync_agent.outbox_schedule import RETRY_HORIZON, backoff_s
 from sync_agent.pull_answers import localise
-from sync_agent.review_queue import (
-    ACTOR,
-    Conflict,
-    open_review,
-    patient_key,
-    updated_of,
-)
+from sync_agent.review_queue import Conflict, updated_of
+from sync_agent.update_queue import UpdateQueue, UpdateRow, keep_location
 from sync_agent.update_versions import (
     content,
     created_content,
     digest,
     note_sending,
     ours_after,
-    to_upstream,
     version_in_location,
     version_of,
 )
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
-    as_dict,
     bundle_entries,
     classify_for_resource,
     exchange,
@@ -112,22 +95,6 @@ _RECORD_REFUSALS = frozenset({403, 409, 423})
 # 403s one after another, nothing taken in the pass: the client lacks write access (a scope),
 # not one record a rule of the EHR's restricts; the pass stops and the step backs off.
 _FORBIDDEN_IN_A_ROW = 3
-_CREATE_PENDING = (
-    "EXISTS (SELECT 1 FROM outbox c WHERE c.resource_id = o.resource_id "
-    "AND c.kind = 'create' AND c.state = 'pending')"
-)
-_LOAD_SQL = (
-    "SELECT o.id, o.lane, o.attempts, o.busy_409s, o.if_match, r.id, r.logical_id, r.type, "  # noqa: S608 - constants
-    "r.key_version, r.body FROM outbox o JOIN resources r ON r.id = o.resource_id "
-    "WHERE o.state = 'pending' AND o.kind = 'update' "
-    f"AND {DUE_SQL} AND NOT {_CREATE_PENDING} ORDER BY o.id LIMIT ?"
-)
-# Updates whose resource's create has not landed yet: counted, not loaded (20 of them loaded
-# first on every pass held back every due update behind them).
-_WAITING_SQL = (
-    "SELECT count(*) FROM outbox o "  # noqa: S608 - constants
-    f"WHERE o.state = 'pending' AND o.kind = 'update' AND {_CREATE_PENDING}"
-)
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -173,23 +140,6 @@ def _must_wait(response: httpx.Response, body: Any) -> UpstreamError | None:
 # -- the sender ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
-    outbox_id: int
-    lane: int
-    attempts: int  # every try, whatever ended it
-    busy_409s: int  # the 409s on a version nobody changed among them
-    if_match: str | None
-    resource_id: int
-    logical_id: str
-    type: str
-    blob: bytes  # the ciphertext as read: a later edit changes it
-    resource: fhir.FhirJson  # local ids
-    outgoing: fhir.FhirJson | None  # upstream ids; None without an upstream id
-    link: UpstreamLink | None
-    create_state: str | None
-
-
 @dataclass
 class UpdateResult:
     """What one pass did (figures for logs and status; no PHI)."""
@@ -224,86 +174,7 @@ class UpdateSender:
         self._also_known_as = also_known_as  # the EHR's other addresses (own_address)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._clock = clock
-
-    def _load(self, conn: sqlite3.Connection, now: str, limit: int) -> tuple[list[_Row], int, int]:
-        """The due updates whose create has landed, how many were dead-lettered as unreadable
-        (see below), and how many wait for their create."""
-        rows = []
-        unreadable: list[tuple[int, str]] = []
-        for outbox_id, lane, attempts, busy_409s, if_match, *resource_row in conn.execute(
-            _LOAD_SQL, (*due_bounds(now), limit)
-        ).fetchall():
-            try:
-                stored = self._store.decrypt_stored(conn, tuple(resource_row))
-            except TamperedDataError:
-                # What it said is unknown, so it cannot go up; it must not hold back the
-                # updates behind it (nor, by failing the round, the pull and audit export).
-                unreadable.append((outbox_id, f"{resource_row[2]}/{resource_row[1]}"))
-                continue
-            link = link_for_resource(conn, stored.row_id)
-            create = conn.execute(
-                "SELECT state FROM outbox WHERE resource_id = ? AND kind = 'create' "
-                "ORDER BY id DESC LIMIT 1",
-                (stored.row_id,),
-            ).fetchone()
-            outgoing = None
-            if link is not None:
-                outgoing = rewrite_references(stored.resource, lambda ref: to_upstream(conn, ref))
-                outgoing["id"] = link.upstream_ref.partition("/")[2]
-                # The narrative is of the version before the edit (the old name, the old
-                # phone): the EHR would show it as if current. Left out, the server makes
-                # its own from the data, or has none. Not one that says more than the data
-                # ("additional": an interpreter needed, say): a PUT replaces the whole
-                # resource, and leaving it out would delete that at the EHR.
-                if as_dict(outgoing.get("text")).get("status") != "additional":
-                    outgoing.pop("text", None)
-                meta = outgoing.pop("meta", None)
-                if isinstance(meta, dict) and meta.get("tag"):
-                    outgoing["meta"] = {"tag": meta["tag"]}
-            rows.append(
-                _Row(
-                    outbox_id,
-                    lane,
-                    attempts,
-                    busy_409s,
-                    if_match,
-                    stored.row_id,
-                    stored.logical_id,
-                    stored.type,
-                    bytes(resource_row[4]),
-                    stored.resource,
-                    outgoing,
-                    link,
-                    None if create is None else str(create[0]),
-                )
-            )
-        if unreadable:
-            self._dead_unreadable(conn, unreadable)
-        return rows, len(unreadable), int(conn.execute(_WAITING_SQL).fetchone()[0])
-
-    def _dead_unreadable(self, conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
-        with db.transaction_sync(conn):
-            keyring = self._store.current_keyring(conn)  # a rotation seen before sealing
-            for outbox_id, _entity in rows:
-                conn.execute(
-                    "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1 "
-                    "WHERE id = ? AND state = 'pending'",
-                    (keyring.seal("outbox", str(outbox_id), UNREADABLE), outbox_id),
-                )
-            audit.append(
-                conn,
-                [
-                    AuditEvent(
-                        ACTOR,
-                        AuditAction.SYNC,
-                        outcome=Outcome.FAILURE,
-                        entity=entity,
-                        detail=f"update: {UNREADABLE_AUDIT}",
-                    )
-                    for _, entity in rows
-                ],
-                now=self._clock(),
-            )
+        self._queue = UpdateQueue(store, clock)  # its rows, on the database thread
 
     async def send_once(self, *, max_items: int = 20) -> UpdateResult:
         """Send the due updates (at most ``max_items``); stops at a failure of the link, of a
@@ -314,7 +185,7 @@ class UpdateSender:
         now = self._clock()
         conn = self._store.connection
         rows, result.dead, result.waiting = await db.run_sync(
-            conn, self._load, fhir.utc_text(now), max_items
+            conn, self._queue.load, fhir.utc_text(now), max_items
         )
         forbidden = in_a_row = 0
         for row in rows:
@@ -327,7 +198,7 @@ class UpdateSender:
                     else backoff_s(row.attempts, self._rng)
                 )
                 busy = isinstance(exc, _Busy)
-                await db.run_sync(conn, self._retry, row, exc.message, delay, now, busy)
+                await db.run_sync(conn, self._queue.retry, row, exc.message, delay, now, busy)
                 result.retry += 1
                 result.error = str(exc)
                 if isinstance(exc, _RecordRefused):
@@ -368,7 +239,7 @@ class UpdateSender:
             )
         return result
 
-    async def _send(self, row: _Row, now: datetime, result: UpdateResult) -> None:
+    async def _send(self, row: UpdateRow, now: datetime, result: UpdateResult) -> None:
         conn = self._store.connection
         if row.link is None or row.outgoing is None:
             if row.create_state == "pending":
@@ -383,7 +254,9 @@ class UpdateSender:
                 "delivered": "its create was answered without a location, and no single "
                 "record upstream carries our identifier",
             }.get(row.create_state or "", "unknown")
-            await db.run_sync(conn, self._dead, row, f"not on the upstream ({why})", None, now)
+            await db.run_sync(
+                conn, self._queue.dead, row, f"not on the upstream ({why})", None, now
+            )
             result.dead += 1
             return
         ref = row.link.upstream_ref
@@ -410,7 +283,9 @@ class UpdateSender:
                 # we sent on is stale now): the next edit finds it by what this one sent
                 # (_conflict), or goes to a nurse.
                 version = version_of(body, response) or version_in_location(response, ref)
-                await db.run_sync(conn, self._delivered, row, ref, version, updated_of(body), now)
+                await db.run_sync(
+                    conn, self._queue.delivered, row, ref, version, updated_of(body), now
+                )
                 result.delivered += 1
             elif status in _CONFLICT:
                 busy = response if status == 409 else None
@@ -425,11 +300,11 @@ class UpdateSender:
                 wait = _must_wait(response, response_json(response))
                 if wait is not None:
                     raise wait
-                await db.run_sync(conn, self._dead, row, _server_message(response), None, now)
+                await db.run_sync(conn, self._queue.dead, row, _server_message(response), None, now)
                 result.dead += 1
             return
 
-    async def _learn_location(self, row: _Row) -> bool:
+    async def _learn_location(self, row: UpdateRow) -> bool:
         """Find the upstream id of a resource whose create the server took without saying
         where it put it (a batch answer with no ``location``): by our identifier, which every
         create carries. Kept on the create's outbox row, where the link is read from. False
@@ -443,10 +318,10 @@ class UpdateSender:
         if response.status_code != 200 or len(found) != 1:
             return False
         ref = f"{row.type}/{found[0]['id']}"
-        await db.run_sync(self._store.connection, _keep_location, row.resource_id, ref)
+        await db.run_sync(self._store.connection, keep_location, row.resource_id, ref)
         return True
 
-    async def _own_version(self, row: _Row, ref: str) -> str | None:
+    async def _own_version(self, row: UpdateRow, ref: str) -> str | None:
         """The version of a resource we created, if nobody has changed it since (else None).
 
         From ``_history``: one version there, whose content is what our create sent. One
@@ -489,7 +364,7 @@ class UpdateSender:
 
     async def _conflict(
         self,
-        row: _Row,
+        row: UpdateRow,
         ref: str,
         base: str | None,
         now: datetime,
@@ -515,7 +390,7 @@ class UpdateSender:
             or fhir.json_depth(theirs) > fhir.MAX_JSON_DEPTH
         ):
             message = f"version conflict, and the upstream copy is unreadable: {_server_message(response)}"
-            await db.run_sync(conn, self._dead, row, message, None, now)
+            await db.run_sync(conn, self._queue.dead, row, message, None, now)
             result.dead += 1
             return None
         # Its references to the EHR itself as the pull stores them (relative): so they are
@@ -524,7 +399,9 @@ class UpdateSender:
         version = version_of(theirs, response)
         if content(theirs) == content(row.outgoing):
             # Our own earlier PUT landed and its answer was lost: nothing to review.
-            await db.run_sync(conn, self._delivered, row, ref, version, updated_of(theirs), now)
+            await db.run_sync(
+                conn, self._queue.delivered, row, ref, version, updated_of(theirs), now
+            )
             result.delivered += 1
             return None
         unchanged = base is not None and version == base
@@ -553,155 +430,8 @@ class UpdateSender:
                 )
             # Refused that way every time: a rule at the EHR, then, and a person decides.
             message = f"refused {_BUSY_TRIES} times with HTTP 409 ({said}): held for review"
-        await db.run_sync(conn, self._dead, row, message, Conflict(theirs, base, version), now)
+        await db.run_sync(
+            conn, self._queue.dead, row, message, Conflict(theirs, base, version), now
+        )
         result.conflicts += 1
         return None
-
-    # -- recording outcomes (on the database thread, one transaction each) ---------------
-
-    def _delivered(
-        self,
-        conn: sqlite3.Connection,
-        row: _Row,
-        ref: str,
-        version: str | None,
-        updated: str | None,
-        now: datetime,
-    ) -> None:
-        assert row.link is not None
-        stamp = fhir.utc_text(now)
-        with db.transaction_sync(conn):
-            conn.execute(
-                "UPDATE outbox SET state = 'delivered', upstream_ref = ?, delivered_at = ?, "
-                "attempts = attempts + 1, last_error = NULL WHERE id = ? AND state = 'pending'",
-                (ref, stamp, row.outbox_id),
-            )
-            save_link(conn, row.link, version_id=version, last_updated=updated, now=stamp)
-            blob = conn.execute(
-                "SELECT body FROM resources WHERE id = ?", (row.resource_id,)
-            ).fetchone()[0]
-            pending = conn.execute(
-                "SELECT 1 FROM outbox WHERE resource_id = ? AND kind = 'update' "
-                "AND state = 'pending'",
-                (row.resource_id,),
-            ).fetchone()
-            if bytes(blob) != row.blob and pending is None:
-                # Edited again while this one was on the wire: that edit goes next, on top.
-                conn.execute(
-                    "INSERT INTO outbox (lane, resource_id, kind, if_match, queued_at) "
-                    "VALUES (?, ?, 'update', ?, ?)",
-                    (row.lane, row.resource_id, version, queued_at(now)),
-                )
-            event = AuditEvent(
-                ACTOR,
-                AuditAction.SYNC,
-                patient_key=patient_key(self._store, row.type, row.logical_id),
-                entity=f"{row.type}/{row.logical_id}",
-                detail=f"updated upstream {ref}",
-            )
-            audit.append(conn, [event], now=now)
-
-    def _dead(
-        self,
-        conn: sqlite3.Connection,
-        row: _Row,
-        message: str,
-        conflict: Conflict | None,
-        now: datetime,
-    ) -> None:
-        key = patient_key(self._store, row.type, row.logical_id)
-        entity = f"{row.type}/{row.logical_id}"
-        with db.transaction_sync(conn):
-            keyring = self._store.current_keyring(conn)  # a rotation seen before sealing
-            conn.execute(
-                "UPDATE outbox SET state = 'dead', last_error = ?, attempts = attempts + 1 "
-                "WHERE id = ? AND state = 'pending'",
-                (keyring.seal("outbox", str(row.outbox_id), message), row.outbox_id),
-            )
-            events = [
-                AuditEvent(
-                    ACTOR,
-                    AuditAction.SYNC,
-                    outcome=Outcome.FAILURE,
-                    patient_key=key,
-                    entity=entity,
-                    detail="update refused upstream"
-                    + (" (conflict: held for review)" if conflict else " (dead letter)"),
-                )
-            ]
-            if conflict is not None:
-                assert row.link is not None
-                mine = self._as_stored_now(conn, row)
-                review_id = open_review(
-                    conn,
-                    keyring,
-                    resource_id=mine.resource_id,
-                    outbox_id=mine.outbox_id,
-                    upstream_ref=row.link.upstream_ref,
-                    mine=mine.resource,
-                    conflict=conflict,
-                    stamp=fhir.utc_text(now),
-                )
-                events.append(
-                    AuditEvent(
-                        ACTOR,
-                        AuditAction.CREATE,
-                        patient_key=key,
-                        entity=f"review/{review_id}",
-                        detail=entity,
-                    )
-                )
-            audit.append(conn, events, now=now)
-
-    def _as_stored_now(self, conn: sqlite3.Connection, row: _Row) -> _Row:
-        """``row`` with the resource as stored now (inside the transaction opening a review).
-
-        An edit saved while the refused update was on the wire rides on the same outbox row
-        (as in :meth:`_delivered`), so it is what the nurse's decision keeps or replaces: the
-        review must show it, not the version read before the PUT.
-        """
-        found = conn.execute(
-            "SELECT id, logical_id, type, key_version, body FROM resources WHERE id = ?",
-            (row.resource_id,),
-        ).fetchone()
-        if found is None or bytes(found[4]) == row.blob:
-            return row
-        try:
-            stored = self._store.decrypt_stored(conn, tuple(found))
-        except TamperedDataError:
-            # Unreadable now: the review keeps the last version that could be read; the
-            # update itself is dead-lettered as unreadable if it is ever sent again.
-            logger.warning(
-                "resource row %s failed authentication while its conflict was recorded; "
-                "the review shows the version read before the update was sent",
-                row.resource_id,
-            )
-            return row
-        return replace(row, blob=bytes(found[4]), resource=stored.resource)
-
-    def _retry(
-        self,
-        conn: sqlite3.Connection,
-        row: _Row,
-        message: str,
-        delay: float,
-        now: datetime,
-        busy: bool = False,
-    ) -> None:
-        with db.transaction_sync(conn):
-            sealed = self._store.current_keyring(conn).seal("outbox", str(row.outbox_id), message)
-            conn.execute(
-                "UPDATE outbox SET last_error = ?, attempts = attempts + 1, next_attempt_at = ?, "
-                "busy_409s = busy_409s + ? WHERE id = ? AND state = 'pending'",
-                (sealed, fhir.utc_text(now + timedelta(seconds=delay)), int(busy), row.outbox_id),
-            )
-
-
-def _keep_location(conn: sqlite3.Connection, resource_id: int, ref: str) -> None:
-    """The upstream id of a create answered without one, learnt by our identifier."""
-    with db.transaction_sync(conn):
-        conn.execute(
-            "UPDATE outbox SET upstream_ref = ? WHERE resource_id = ? AND kind = 'create' "
-            "AND state = 'delivered' AND upstream_ref IS NULL",
-            (ref, resource_id),
-        )
