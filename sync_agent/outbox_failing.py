@@ -42,7 +42,7 @@ class FailingItems:
     ) -> str | None:
         """The oldest one's last error in clear (None when there is none), with a ``read``
         audit record of the opening committed first, as for a dead letter's message
-        (``status.open_dead_letter_messages``)."""
+        (``dead_letters.open_dead_letter_messages``)."""
         if self.oldest is None or self.sealed is None:
             return None
         if isinstance(self.sealed, str):

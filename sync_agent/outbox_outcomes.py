@@ -63,7 +63,7 @@ def record_outcomes(
         # meanwhile is seen first.
         keyring = store.current_keyring(conn) if dead or retry or isolated else None
         # Planned dead for a dead-lettered Patient, which staff may have sent again
-        # since (status.resend_dead_letters): such an item stays due, and goes after it.
+        # since (dead_letters.resend_dead_letters): such an item stays due, and goes after it.
         dead = [
             (item, message)
             for item, message in dead

@@ -8,9 +8,9 @@ upstream id, learnt when it was delivered (its outbox row keeps the ``upstream_r
 from its upstream link when it came from the upstream (a pulled Appointment). A reference
 whose type is not that of the resource with that id is not ours and stays as it is. The
 stored JSON bytes are sent with those references replaced in place, never parsed
-(:func:`~sync_agent.outgoing.outgoing_body`). A batch therefore ends before the first item whose target is not
-delivered yet; that resource comes earlier in outbox order, so it goes in this batch or the
-next (dependencies respected without a transaction). Only a dead-lettered Patient takes
+(:func:`~sync_agent.outgoing.outgoing_body`). A batch therefore ends before the first item
+whose target is not delivered yet; that resource comes earlier in outbox order, so it goes
+in this batch or the next (dependencies respected without a transaction). Only a dead-lettered Patient takes
 what points at it along; any other target refused (a Device, an Observation) drops the link
 and keeps the rest of the Reference (its display name).
 
@@ -178,7 +178,7 @@ class OutboxQueue:
         left as is); ``"dead"``: ours, refused upstream. Upstream references are final and
         remembered, so a drain of many readings of a few patients asks the database once per
         patient; "dead" is not (staff may send a dead letter again:
-        ``status.resend_dead_letters``).
+        ``dead_letters.resend_dead_letters``).
         """
         found: dict[str, str | None] = {}
         unknown: dict[str, set[str]] = {}  # logical id → the types references give it

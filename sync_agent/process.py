@@ -8,8 +8,8 @@ After each round it waits in one of four ways, decided by how the round ended:
   newest outbox id changed — other processes' heartbeats do not count);
 * **the server answered with an error** (5xx, 429, no answer to a sent bundle): full-jitter
   exponential backoff, ``BACKOFF_BASE_S`` doubling to ``BACKOFF_CAP_S`` (the site config's
-  ``sync.backoff_cap_s``), never shorter than the
-  server's ``Retry-After`` (up to ``RETRY_AFTER_CAP_S``); new readings do not cut it short — an overloaded EHR is not
+  ``sync.backoff_cap_s``), never shorter than the server's ``Retry-After`` (up to
+  ``RETRY_AFTER_CAP_S``); new readings do not cut it short — an overloaded EHR is not
   hammered because a clinic is busy, nor is a fleet in lock-step;
 * **unreachable** (no connection could be made: refused, no route, DNS): no more drains —
   loading and sealing a bundle only to fail the connect again is waste — but a cheap probe,
@@ -53,7 +53,7 @@ status reads "online".
 Detecting that the link is down costs one failed connect: the drain stops at the first
 failed bundle and writes nothing to the items (see ``outbox_delivery``).
 
-"Sync now": staff (the ``/sync`` page, ``status.request_sync_now``) write the ``meta`` row
+"Sync now": staff (the ``/sync`` page, ``sync_now_request.request_sync_now``) write the ``meta`` row
 ``sync_now``; when its value
 changes, any remaining wait — backoff, probe interval or the randomised start — is skipped,
 per-item backoffs are cancelled, and a drain runs at once. The check rides on the same
