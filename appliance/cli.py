@@ -787,7 +787,7 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
     from appliance.runtime import ProcessContext
     from appliance.store import Store
     from sync_agent.audit_export_state import read_export_state
-    from sync_agent.drain_result import DrainResult
+    from sync_agent.drain_result import DrainResult, add_step
     from sync_agent.process import SyncLoop
     from sync_agent.status import still_waiting
     from sync_agent.transport import build_client
@@ -849,7 +849,7 @@ def cmd_sync_once(args: argparse.Namespace, config: Config) -> int:
             await store.close()
         drained = DrainResult()
         for done in rounds:
-            _add(drained, done.drained)
+            add_step(drained, done.drained)
         found = ctx.status.get("steps_failing")
         failing = {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
         summary = _once_summary(rounds, drained, failing)
@@ -935,21 +935,6 @@ def _still_waiting_words(left: StillWaiting, *, max_reached: bool) -> str:
         + ", ".join(parts)
         + " (see appliance sync status); "
     )
-
-
-def _add(total: DrainResult, step: DrainResult) -> None:
-    total.delivered += step.delivered
-    total.existing += step.existing
-    total.dead += step.dead
-    total.retry += step.retry
-    total.ambiguous += step.ambiguous
-    total.bundles += step.bundles
-    total.batch_size = step.batch_size
-    total.link_down = step.link_down
-    total.unreachable = step.unreachable
-    if step.error:
-        total.error = step.error
-        total.failures.append(step.error)
 
 
 # -- the parser ---------------------------------------------------------------------------

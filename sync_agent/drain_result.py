@@ -31,13 +31,15 @@ class DrainResult:
 
 
 def add_step(total: DrainResult, step: DrainResult) -> None:
-    """Add one bundle's ``step`` to a drain's ``total`` (its error, link and pause: the latest)."""
+    """Add one bundle's (or one round's) ``step`` to a drain's ``total`` (its error, link,
+    pause and bundle size: the latest)."""
     total.delivered += step.delivered
     total.existing += step.existing
     total.dead += step.dead
     total.retry += step.retry
     total.ambiguous += step.ambiguous
     total.bundles += step.bundles
+    total.batch_size = step.batch_size
     if step.error:
         total.error = step.error
         total.failures.append(step.error)
