@@ -408,8 +408,10 @@ class SyncLoop:
             done.more |= exported.more
             answered |= exported.bundles > 0
             # An anchor refused for our access or the address paces the step as well: with
-            # nothing else to export, it would be asked again every round.
-            stopped = exported.stopped_by or exported.anchor_stopped_by
+            # nothing else to export, it would be asked again every round. Not while the time
+            # budget cut the records short: paced, they would wait for the anchor.
+            anchor_stop = None if exported.more else exported.anchor_stopped_by
+            stopped = exported.stopped_by or anchor_stop
             export.after(stopped, loop.time(), self._pacing, self._rng)
             stops += [stopped] if stopped else []
         figures["steps_failing"] = {

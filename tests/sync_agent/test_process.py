@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from appliance import db
+from appliance import audit, db
 from appliance.runtime import ProcessContext, write_heartbeat
 from appliance.store import Store
-from sync_agent import process
+from sync_agent import balp, process
 from sync_agent.pacing import Pacing
 from sync_agent.process import SyncLoop
 from sync_agent.status import read_status
@@ -221,3 +221,35 @@ async def test_an_alert_raised_during_a_long_audit_export_goes_before_the_rest_o
     assert second.bundles == 1
     assert sum(r.exported.exported for r in rounds if r.exported is not None) >= 41
     assert fhir_peer.count("Patient") == 2
+
+
+async def test_an_anchor_refused_for_our_access_holds_no_record_back_across_rounds(
+    store: Store,
+    client: httpx.AsyncClient,
+    fhir_peer: FhirPeer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A token without Provenance write (the anchor's entry answered 403 in a 200 batch):
+    the records still go (audit_export: an anchor not taken never holds them back), however
+    many rounds the export's time budget cuts them into; the step says it at the end."""
+    monkeypatch.setattr(process, "EXPORT_BUDGET_S", 0.0)  # every round: one export bundle
+    [patient] = await store.create([factories.patient()], "user:nurse1")
+    for _ in range(40):  # audited reads: 41 records, 6 bundles of 8
+        await store.read("Patient", patient.logical_id, "user:nurse1")
+    signer = store.keyring.signing_key
+    await db.run_sync(store.connection, audit.checkpoint, signer, now=datetime.now(UTC))
+    ctx = await _loop_ctx(tmp_path, store, str(client.base_url), 0.2)
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=Longest())
+    fhir_peer.reject(balp.CHECKPOINT_EXTENSION, status=403)  # the Provenance entry only
+    try:
+        rounds = await loop.once()
+    finally:
+        fhir_peer.reject(None)
+    # Before: the first round's one bundle paced the step for the anchor, and 'sync once'
+    # ended there (in the sync process: the rest waited out a backoff of up to 5 min for
+    # each 10 s of export).
+    assert sum(r.exported.exported for r in rounds if r.exported is not None) >= 41
+    assert fhir_peer.count("AuditEvent") >= 41
+    assert fhir_peer.count("Provenance") == 0
+    assert loop.steps["audit export"].failure == "auth"  # said once the backlog went
