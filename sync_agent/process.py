@@ -248,7 +248,8 @@ class SyncLoop:
         pull forced), then rounds at once while the last one got somewhere: edits go
         ``send_once``'s batch a round, an edit whose create went in this round goes in the
         next, a pull of many pages says ``more``. It ends when a round sends nothing more,
-        the drain finds the link down, a step fails (it would only wait out its backoff) or
+        the drain finds the link down, a step fails (it would only wait out its backoff; not
+        while a round says ``more``: the audit export cut by its time budget goes on) or
         ``max_bundles`` bundles went. No claims: they go to the payer, not this upstream
         (``appliance claims submit``). ``on_bundle`` and ``on_round`` are told of each.
         Each round waits for the sync lease (the sync process's round under way: ``on_wait``
@@ -270,7 +271,11 @@ class SyncLoop:
             if on_round is not None:
                 on_round(done)
             sent += done.drained.bundles
-            if done.drained.link_down or any(s.failures for s in self.steps.values()):
+            if done.drained.link_down:
+                break
+            # A failing step would only wait out its backoff; but a round whose time budget
+            # cut the audit export (or the pull) short has more to send at once regardless.
+            if any(s.failures for s in self.steps.values()) and not done.more:
                 break
             if not done.progressed:
                 break

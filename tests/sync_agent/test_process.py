@@ -253,3 +253,32 @@ async def test_an_anchor_refused_for_our_access_holds_no_record_back_across_roun
     assert fhir_peer.count("AuditEvent") >= 41
     assert fhir_peer.count("Provenance") == 0
     assert loop.steps["audit export"].failure == "auth"  # said once the backlog went
+
+
+async def test_sync_once_takes_the_whole_audit_backlog_though_another_step_fails(
+    store: Store,
+    client: httpx.AsyncClient,
+    transport: Refusing,
+    fhir_peer: FhirPeer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A token without the Appointment scope (every Appointment search answered 403: the
+    pull fails, as it will next time) and an audit backlog: 'sync once' sends the backlog,
+    as it did before the export's time budget cut it into rounds, then says the pull
+    fails."""
+    monkeypatch.setattr(process, "EXPORT_BUDGET_S", 0.0)  # every round: one export bundle
+    site = await _post(client, {"resourceType": "Location", "name": "This clinic"})
+    [patient] = await store.create([factories.patient()], "user:nurse1")
+    for _ in range(40):  # audited reads: 41 records, 6 bundles of 8
+        await store.read("Patient", patient.logical_id, "user:nurse1")
+    transport.refuse = _searching("Appointment")
+    ctx = await _loop_ctx(
+        tmp_path, store, str(client.base_url), 0.2, location=f"Location/{site['id']}"
+    )
+    loop = SyncLoop(ctx, client, ctx.config.sync.upstreams[0], rng=Longest())
+    rounds = await loop.once()
+    # Before: the first round's one bundle of records, then 'sync once' ended on the pull.
+    assert sum(r.exported.exported for r in rounds if r.exported is not None) >= 41
+    assert fhir_peer.count("AuditEvent") >= 41
+    assert loop.steps["pull"].failure == "refused"
