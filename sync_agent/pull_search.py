@@ -11,6 +11,7 @@ streams go on.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,9 +51,9 @@ def link_to_follow(
 ) -> str | None:
     """The URL to ask for a page's ``next`` link (:func:`~sync_agent.upstream.next_link`,
     with the addresses the upstream is also known as), or None. A link the page has but
-    that is not the upstream's is not followed, and the journal names where it pointed
-    (scheme, host and port only: its path and query may carry ids), since the cause is a
-    setting: an EHR behind a proxy writing its internal address (docs/troubleshooting.md).
+    that is not the upstream's is not followed, and the journal names the base it is at
+    (:func:`_where`), since the cause is a setting: an EHR behind a proxy writing its
+    internal address (docs/troubleshooting.md), which is what ``also_known_as`` takes.
     """
     link = next_link(bundle, client, also_known_as)
     if link is None:
@@ -61,7 +62,8 @@ def link_to_follow(
             if as_dict(entry).get("relation") == "next" and isinstance(url, str) and url:
                 logger.warning(
                     "pull: a next link at %s is not the upstream's address: not followed "
-                    "(list it in the upstream's also_known_as if it is the EHR's own)",
+                    "(list that address in the upstream's also_known_as if it is the EHR's "
+                    "own)",
                     _where(url),
                 )
                 break
@@ -69,7 +71,10 @@ def link_to_follow(
 
 
 def _where(url: str) -> str:
-    """``scheme://host[:port]`` of a URL, or a word for one that is not."""
+    """The FHIR base a link is at, as ``also_known_as`` takes it: scheme, host, port and the
+    path before its first resource type (``Appointment``) or operation (``_history``,
+    ``$everything``), so never an id; a query (which may carry ids) is left out. HAPI's
+    ``<base>?_getpages=…`` is at ``<base>``. A word for a link that is not a URL."""
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:
@@ -77,7 +82,18 @@ def _where(url: str) -> str:
     if not parsed.host:
         return "an address with no host"
     port = f":{parsed.port}" if parsed.port is not None else ""
-    return f"{parsed.scheme}://{parsed.host}{port}"
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+    base = []
+    for segment in parsed.raw_path.decode("ascii").split("?", 1)[0].split("/"):
+        if _RESOURCE_TYPE.fullmatch(segment) or segment[:1] in ("_", "$"):
+            break
+        base.append(segment)
+    path = "/".join(base).rstrip("/")
+    return f"{parsed.scheme}://{host}{port}{path}"
+
+
+# A segment naming a resource type (Appointment, AuditEvent), not a base's own (R4, STU3).
+_RESOURCE_TYPE = re.compile(r"[A-Z][a-z][A-Za-z]*")
 
 
 async def search_page(

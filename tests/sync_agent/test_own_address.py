@@ -3,12 +3,14 @@ are the server's own (``base_url`` and ``also_known_as``)."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync_agent.own_address import followed
 from sync_agent.pull_answers import localise
+from sync_agent.pull_search import _where
 
 BASE = "https://ehr.test/fhir/R4"
 # HAPI behind a reverse proxy that does not pass the public host on writes its own address.
@@ -99,6 +101,13 @@ def test_a_followed_link_only_ever_goes_to_the_base_url(link: str) -> None:
     # is asked is under the configured base URL, or nothing is asked.
     asked = followed(link, BASE, [HAPI])
     assert asked is None or asked == BASE or asked.startswith((BASE + "/", BASE + "?"))
+    if asked is not None:
+        # And as the client will send it: the base URL's scheme, host and port, no userinfo.
+        try:
+            url = httpx.URL(asked)
+        except httpx.InvalidURL:
+            return  # not sent at all (exchange() raises before a request is made)
+        assert (url.scheme, url.host, url.port, url.userinfo) == ("https", "ehr.test", None, b"")
 
 
 def test_references_at_an_also_known_as_address_are_the_servers_own() -> None:
@@ -120,3 +129,23 @@ def test_references_at_an_also_known_as_address_are_the_servers_own() -> None:
     # Without the alias those are another server's, and stay as they are.
     alone = localise({"p": [{"reference": r} for r in refs]}, BASE)
     assert [p["reference"] for p in alone["p"]] == [refs[0], refs[1], "Patient/8", *refs[3:]]
+
+
+@pytest.mark.parametrize(
+    ("link", "said"),
+    [
+        (f"{HAPI}/R4/Appointment?_offset=2&actor=Location/1", f"{HAPI}/R4"),
+        (f"{HAPI}?_getpages=c9b2", HAPI),
+        ("http://localhost:8080/Patient?_id=p-7,p-8", "http://localhost:8080"),
+        ("https://h.test/api/FHIR/R4/Patient/p-7/_history?_count=2", "https://h.test/api/FHIR/R4"),
+        ("http://[::1]:8080/baseR4/Observation?subject=Patient/p-7", "http://[::1]:8080/baseR4"),
+        ("not a url", "an address with no host"),
+    ],
+)
+def test_a_link_not_followed_is_named_by_the_base_it_is_at_never_an_id(
+    link: str, said: str
+) -> None:
+    # The journal line: what also_known_as takes (a path before the type counts), and never
+    # a query or a path segment after the type, which may carry ids.
+    assert _where(link) == said
+    assert "p-7" not in _where(link)
