@@ -716,35 +716,61 @@ class _Apply:
         ).fetchone()
         return None if row is None else int(row[0])
 
+    def _sent_again(self, claim_id: int, batch_id: int) -> int | None:
+        """The batch id of a later interchange that carried ``claim_id`` after ``batch_id``
+        and may have been received (sent, or in review), if any."""
+        row = self.conn.execute(
+            "SELECT max(b.id) FROM claim_batch_items i JOIN claim_batches b "
+            "ON b.id = i.batch_id WHERE i.claim_id = ? AND b.purpose = 'submission' "
+            "AND b.id > ? AND b.state IN ('sending', 'sent', 'ambiguous')",
+            (claim_id, batch_id),
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
     def apply_999(self, ack: acks.Ack999) -> None:
         items = {
-            int(st): int(claim_id)
-            for st, claim_id in self.conn.execute(
-                "SELECT i.st_control, i.claim_id FROM claim_batch_items i JOIN claim_batches b "
-                "ON b.id = i.batch_id WHERE b.purpose = 'submission' AND b.group_control = ?",
+            int(st): (int(claim_id), int(batch_id))
+            for st, claim_id, batch_id in self.conn.execute(
+                "SELECT i.st_control, i.claim_id, i.batch_id FROM claim_batch_items i "
+                "JOIN claim_batches b ON b.id = i.batch_id "
+                "WHERE b.purpose = 'submission' AND b.group_control = ?",
                 (int(ack.group_control),),
             )
         }
         answered = set()
         for answer in ack.sets:
-            claim_id = items.get(int(answer.st_control))
-            if claim_id is None:
+            item = items.get(int(answer.st_control))
+            if item is None:
                 self.ignored += 1
                 continue
+            claim_id, batch_id = item
             answered.add(claim_id)
             plan = _TO_ACKNOWLEDGED if answer.accepted else _TO_REJECTED
             verdict = acks.SET_RESULTS[answer.code]
             for message in answer.messages:
                 self._note(claim_id, "999", answer.code, message)
+            again = self._sent_again(claim_id, batch_id) if answer.accepted else None
+            if again is not None:
+                # An interchange put in review, resolved as "not received" and sent again,
+                # was received after all: the payer may get the claim twice. A person
+                # must know (a duplicate is denied, CARC 18; or the clearinghouse voids one).
+                self._note(
+                    claim_id,
+                    "999",
+                    answer.code,
+                    f"999: an earlier interchange of this claim (batch {batch_id}) was "
+                    f"accepted too, and it was sent again in batch {again}: the clearinghouse "
+                    "may hold it twice; ask it to void one, or expect a duplicate denial",
+                )
             if self._walk(claim_id, plan, f"999 {verdict}"):
                 self.moved += 1
             else:
                 self.ignored += 1
         if ack.group_code not in ("A", "E", "P"):
             # The whole group was refused without a per-set answer for these.
-            for claim_id in sorted(set(items.values()) - answered):
-                self._note(claim_id, "999", ack.group_code, "999: the whole batch was rejected")
-                if self._walk(claim_id, _TO_REJECTED, "999 rejected (whole batch)"):
+            for rejected in sorted({claim for claim, _batch in items.values()} - answered):
+                self._note(rejected, "999", ack.group_code, "999: the whole batch was rejected")
+                if self._walk(rejected, _TO_REJECTED, "999 rejected (whole batch)"):
                     self.moved += 1
 
     def apply_277(self, ack: acks.Ack277) -> None:

@@ -225,6 +225,39 @@ async def test_a_999_that_turns_up_later_settles_a_claim_in_review(
     assert len(house.received) == 1
 
 
+async def test_a_claim_resolved_as_not_received_and_sent_again_is_flagged_when_both_arrived(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config, claim_id, sub = await _in_review(clocked, house)
+    life = Lifecycle(ClaimsService(clocked, config), clocked)
+    # The biller was told nothing arrived; the clearinghouse had it after all (its 999 kept).
+    await life.resolve(claim_id, "ready", "clearinghouse support says nothing arrived", "u:b")
+    await sub.submit(poll=False)
+    assert len(house.received) == 2
+    await sub.submit(poll=True)  # both interchanges' 999s come back accepted
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+    words = " ".join((await life.messages([claim_id]))[claim_id])
+    # Before: acknowledged in silence, and the payer got the claim twice.
+    assert "was accepted too, and it was sent again in batch" in words
+    assert "may hold it twice" in words
+
+
+async def test_a_claim_sent_again_after_a_batch_that_never_arrived_is_not_flagged(
+    clocked: Store, house: Clearinghouse
+) -> None:
+    config = cfg(house)
+    [claim_id] = await drafted(clocked, config, ["2026-03-02"])
+    sub = submitter(clocked, config)
+    await house.stop()
+    assert (await sub.submit(poll=False)).not_sent == 1  # no connection: nothing arrived
+    await house.start()
+    await sub.submit(poll=False)
+    await sub.submit(poll=True)
+    assert await status(clocked, config, claim_id) is S.ACKNOWLEDGED
+    life = Lifecycle(ClaimsService(clocked, config), clocked)
+    assert "twice" not in " ".join((await life.messages([claim_id]))[claim_id])
+
+
 async def test_a_responses_page_of_the_wrong_shape_is_reported_and_the_next_good_one_applies(
     clocked: Store, house: Clearinghouse
 ) -> None:
