@@ -30,12 +30,6 @@ PROBE_TIMEOUT_S = 2.0
 # with ``Retry-After: 86400`` from a maintenance page or a misconfigured proxy must not stop
 # every lane, alerts first, for a day: past an hour the loop asks again.
 RETRY_AFTER_CAP_S = 3600.0
-# While online, the round trip of a ``HEAD metadata`` is measured this often and published
-# as ``upstream_rtt_ms`` (the pre-call check shows it: web/precall.py).
-RTT_EVERY_S = 60.0
-# Rounds skipped this long (another process holds the sync lease) are logged as a warning, and
-# again each time as long: a `sync once` suspended or stuck holds every lane back.
-PAUSED_WARN_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,6 @@ its TLS and the bound on what an answer may take are in :mod:`sync_agent.transpo
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,8 +40,6 @@ import httpx
 import orjson
 
 from sync_agent.own_address import followed
-
-logger = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 
