@@ -86,6 +86,7 @@ from sync_agent.upstream import (
     bundle_entries,
     entry_outcome,
     entry_status,
+    lost_answer_wait_s,
     post_bundle,
 )
 
@@ -226,8 +227,6 @@ REFUSED_RUN = 4
 # Records read past a run for the next one that can be sent alone (unreadable ones, which
 # only tampering writes, are passed over on the way).
 _CONTROL_WINDOW = 8
-# The wait after an answer lost when the client has no read timeout (the outbox's default).
-_UNSURE_DEFAULT_S = 30.0
 
 
 # -- the exporter ---------------------------------------------------------------------------
@@ -284,9 +283,7 @@ class AuditExporter:
         self._unfit: list[str] = []  # the unfit checkpoints last logged
         self._anchor_failures = 0  # anchor entries answered and not taken, in a row
         self._anchor_not_before: datetime | None = None
-        if unsure_s is None:
-            unsure_s = client.timeout.read
-        self._unsure_s = _UNSURE_DEFAULT_S if unsure_s is None else unsure_s
+        self._unsure_s = lost_answer_wait_s(client) if unsure_s is None else unsure_s
 
     @property
     def batch_size(self) -> int:

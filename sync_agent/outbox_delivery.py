@@ -95,15 +95,13 @@ from sync_agent.upstream import (
     entry_status,
     exchange,
     failure_class,
+    lost_answer_wait_s,
     post_bundle,
     response_json,
 )
 
 logger = logging.getLogger(__name__)
 
-# Items whose answer was lost wait this long when the client has no read timeout (the
-# upstream's default timeout_s).
-_UNSURE_DEFAULT_S = 30.0
 # At most this many items set aside before are sent again (alone) in one drain; the others
 # due wait for a later drain, and the rest flows. An upstream that fails every POST but
 # answers its metadata (its database down) then costs, per round of the sync loop, at most
@@ -140,9 +138,7 @@ class Deliverer:
         self._fits_since = 0
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._clock = clock
-        if unsure_s is None:
-            unsure_s = client.timeout.read
-        self._unsure_s = _UNSURE_DEFAULT_S if unsure_s is None else unsure_s
+        self._unsure_s = lost_answer_wait_s(client) if unsure_s is None else unsure_s
         # The database thread's side: reading and planning bundles, recording outcomes.
         self._queue = OutboxQueue(store)
         # For the rest of a drain in which _MAX_ISOLATED items set aside were sent again, those

@@ -18,16 +18,15 @@ from typing import Any
 import httpx
 
 from appliance import fhir
+from sync_agent.own_address import followed
 from sync_agent.pull_answers import order_problem
 from sync_agent.upstream import (
     Failure,
     UpstreamError,
-    as_dict,
-    as_list,
     classify_for_resource,
     exchange,
     is_outcome,
-    next_link,
+    next_url,
     outcome_text,
     response_json,
 )
@@ -49,24 +48,22 @@ class LinkRefused(UpstreamError):
 def link_to_follow(
     bundle: Any, client: httpx.AsyncClient, also_known_as: Iterable[str]
 ) -> str | None:
-    """The URL to ask for a page's ``next`` link (:func:`~sync_agent.upstream.next_link`,
+    """The URL to ask for a page's ``next`` link (as :func:`~sync_agent.upstream.next_link`,
     with the addresses the upstream is also known as), or None. A link the page has but
     that is not the upstream's is not followed, and the journal names the base it is at
     (:func:`_where`), since the cause is a setting: an EHR behind a proxy writing its
     internal address (docs/troubleshooting.md), which is what ``also_known_as`` takes.
     """
-    link = next_link(bundle, client, also_known_as)
+    url = next_url(bundle)
+    if url is None:
+        return None
+    link = followed(url, str(client.base_url), also_known_as)
     if link is None:
-        for entry in as_list(as_dict(bundle).get("link")):
-            url = as_dict(entry).get("url")
-            if as_dict(entry).get("relation") == "next" and isinstance(url, str) and url:
-                logger.warning(
-                    "pull: a next link at %s is not the upstream's address: not followed "
-                    "(list that address in the upstream's also_known_as if it is the EHR's "
-                    "own)",
-                    _where(url),
-                )
-                break
+        logger.warning(
+            "pull: a next link at %s is not the upstream's address: not followed "
+            "(list that address in the upstream's also_known_as if it is the EHR's own)",
+            _where(url),
+        )
     return link
 
 

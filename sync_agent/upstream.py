@@ -120,6 +120,16 @@ def outcome_text(body: Any) -> str:
     return ""
 
 
+def next_url(bundle: Any) -> str | None:
+    """The ``next`` link of a search page as the server wrote it (any shape: None when there
+    is none). Not to be asked as it is: see :func:`next_link`."""
+    for link in as_list(as_dict(bundle).get("link")):
+        url = as_dict(link).get("url")
+        if as_dict(link).get("relation") == "next" and isinstance(url, str) and url:
+            return url
+    return None
+
+
 def next_link(
     bundle: Any, client: httpx.AsyncClient, also_known_as: Iterable[str] = ()
 ) -> str | None:
@@ -129,11 +139,21 @@ def next_link(
     (:func:`~sync_agent.own_address.followed`). Never one to another host: our credentials
     go with the request.
     """
-    for link in as_list(as_dict(bundle).get("link")):
-        url = as_dict(link).get("url")
-        if as_dict(link).get("relation") == "next" and isinstance(url, str) and url:
-            return followed(url, str(client.base_url), also_known_as)
-    return None
+    url = next_url(bundle)
+    return None if url is None else followed(url, str(client.base_url), also_known_as)
+
+
+# How long a request whose answer was lost may still be applied by the server when the
+# client has no read timeout (the upstream's default timeout_s).
+LOST_ANSWER_DEFAULT_S = 30.0
+
+
+def lost_answer_wait_s(client: httpx.AsyncClient) -> float:
+    """How long nothing that a request whose answer was lost carried is sent again: the
+    client's read timeout (:func:`sync_agent.transport.build_client` sets it to the
+    upstream's ``timeout_s``), else :data:`LOST_ANSWER_DEFAULT_S`."""
+    read = client.timeout.read
+    return LOST_ANSWER_DEFAULT_S if read is None else read
 
 
 def failure_class(error: str | None) -> str | None:
